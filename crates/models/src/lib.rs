@@ -1,0 +1,15 @@
+//! pio-models: the presets, typed Hugging Face configs, sizes computed from them, and the
+//! manifest (`pio.json`) that connects the exporter to the runtime.
+
+pub mod config;
+pub mod manifest;
+pub mod presets;
+pub mod size;
+
+pub use config::{Architecture, ModelConfig, TextConfig};
+pub use manifest::{Manifest, TargetEp};
+pub use presets::{find_preset, Preset, PRESETS};
+pub use size::{ParameterCount, Precision};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,188 @@
+//! `pio.json`: what the exporter wrote and how the runtime must drive it.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::size::Precision;
+
+pub const MANIFEST_FILE: &str = "pio.json";
+pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+
+/// Execution provider a graph is built for (it decides operator choices and dtypes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetEp {
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+impl TargetEp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetEp::Cpu => "cpu",
+            TargetEp::Cuda => "cuda",
+            TargetEp::Tensorrt => "tensorrt",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(TargetEp::Cpu),
+            "cuda" => Ok(TargetEp::Cuda),
+            "tensorrt" | "trt" => Ok(TargetEp::Tensorrt),
+            _ => bail!("unknown execution provider `{s}`; expected cpu, cuda or tensorrt"),
+        }
+    }
+}
+
+/// ONNX element types that cross the graph boundary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TensorDtype {
+    Float32,
+    Float16,
+    Bfloat16,
+    Int64,
+    Int32,
+    Uint8,
+    Int8,
+}
+
+impl TensorDtype {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            TensorDtype::Float32 | TensorDtype::Int32 => 4,
+            TensorDtype::Float16 | TensorDtype::Bfloat16 => 2,
+            TensorDtype::Int64 => 8,
+            TensorDtype::Uint8 | TensorDtype::Int8 => 1,
+        }
+    }
+}
+
+/// A graph input or output: name, dtype and shape (symbolic dims as strings).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IoSpec {
+    pub name: String,
+    pub dtype: TensorDtype,
+    pub shape: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Dimensions {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Longest sequence (prompt + generated) the graph supports: the rotary cache length.
+    pub context_length: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvCacheSpec {
+    /// `past_key_values.{layer}.key` with `{layer}` replaced.
+    pub past_key: String,
+    pub past_value: String,
+    pub present_key: String,
+    pub present_value: String,
+    pub dtype: TensorDtype,
+    /// Always `BNSH`: (batch, kv heads, sequence, head_dim).
+    pub layout: String,
+    /// Past and present share one fixed-length buffer updated in place (GPU decode kernels).
+    pub shared_buffer: bool,
+}
+
+impl KvCacheSpec {
+    pub fn name(template: &str, layer: usize) -> String {
+        template.replace("{layer}", &layer.to_string())
+    }
+}
+
+/// The switches an export was made with, recorded so benchmarks and the runtime can tell.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExportOptions {
+    /// Emit logits for the last position only.
+    pub last_token_logits: bool,
+    /// Residual add + RMSNorm as one SkipSimplifiedLayerNormalization.
+    pub fused_norms: bool,
+    /// Per-head q/k RMSNorm passed into GroupQueryAttention (GPU) instead of separate nodes.
+    pub fused_qk_norm: bool,
+    /// Gate and up projections as one MatMul.
+    pub fused_gate_up: bool,
+    /// int4 block size when precision is int4.
+    pub int4_block_size: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerationSettings {
+    pub do_sample: bool,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerSpec {
+    /// Tokenizer files copied next to the graph (tokenizer.json, tokenizer_config.json, ...).
+    pub files: Vec<String>,
+    /// Where the chat template came from (`tokenizer_config.json`, `chat_template.jinja`), if any.
+    pub chat_template_source: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub name: String,
+    pub architecture: Architecture,
+    pub model_type: String,
+    pub precision: Precision,
+    pub target_ep: TargetEp,
+    /// The decoder graph file, relative to the manifest.
+    pub decoder: String,
+    pub dims: Dimensions,
+    pub inputs: Vec<IoSpec>,
+    pub outputs: Vec<IoSpec>,
+    pub kv_cache: KvCacheSpec,
+    pub options: ExportOptions,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    pub generation: GenerationSettings,
+    pub tokenizer: Option<TokenizerSpec>,
+    /// The config.json the graph was exported from, for the runtime and for reports.
+    pub config: ModelConfig,
+    pub exported_by: String,
+    pub source: String,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("cannot read {} (is {} a folder written by pio-export?)", path.display(), dir.display())
+        })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", path.display()))?;
+        if manifest.format_version != MANIFEST_FORMAT_VERSION {
+            bail!(
+                "{}: format_version {} is not supported (this build reads {}); export again",
+                path.display(),
+                manifest.format_version,
+                MANIFEST_FORMAT_VERSION
+            );
+        }
+        Ok(manifest)
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    }
+}

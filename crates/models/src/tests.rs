@@ -1,0 +1,118 @@
+use serde_json::json;
+
+use crate::config::{Architecture, ModelConfig};
+use crate::presets::{find_preset, PRESETS};
+use crate::size::{ParameterCount, Precision};
+
+fn qwen3_hub_style() -> serde_json::Value {
+    json!({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 512,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 1024, "tie_word_embeddings": true,
+        "rope_theta": 1000000.0, "rope_scaling": null, "eos_token_id": 3
+    })
+}
+
+#[test]
+fn hub_and_transformers5_rope_styles_parse_to_the_same_config() {
+    let hub = ModelConfig::from_value(&qwen3_hub_style()).unwrap();
+    let mut v5 = qwen3_hub_style();
+    let obj = v5.as_object_mut().unwrap();
+    obj.remove("rope_theta");
+    obj.remove("rope_scaling");
+    obj.insert("rope_parameters".into(), json!({"rope_type": "default", "rope_theta": 1000000.0}));
+    let tf5 = ModelConfig::from_value(&v5).unwrap();
+    assert_eq!(hub, tf5);
+    assert_eq!(hub.text.rope.theta, 1e6);
+    assert_eq!(hub.eos_token_ids, vec![3]);
+}
+
+#[test]
+fn partial_rotary_factor_read_from_either_place() {
+    let mut top = qwen3_hub_style();
+    top["partial_rotary_factor"] = json!(0.5);
+    let mut nested = qwen3_hub_style();
+    nested.as_object_mut().unwrap().remove("rope_theta");
+    nested["rope_parameters"] = json!({"rope_theta": 1e6, "partial_rotary_factor": 0.5, "rope_type": "default"});
+    let a = ModelConfig::from_value(&top).unwrap();
+    let b = ModelConfig::from_value(&nested).unwrap();
+    assert_eq!(a.text.rotary_dim(), 16);
+    assert_eq!(b.text.rotary_dim(), 16);
+}
+
+#[test]
+fn unknown_architecture_lists_supported_ones() {
+    let mut v = qwen3_hub_style();
+    v["architectures"] = json!(["LlamaForCausalLM"]);
+    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    assert!(err.contains("LlamaForCausalLM"), "{err}");
+    for a in Architecture::ALL {
+        assert!(err.contains(a.hf_name()), "{err}");
+    }
+}
+
+#[test]
+fn missing_and_mistyped_fields_are_named() {
+    let mut v = qwen3_hub_style();
+    v.as_object_mut().unwrap().remove("hidden_size");
+    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    assert!(err.contains("`hidden_size`"), "{err}");
+    let mut v = qwen3_hub_style();
+    v["num_hidden_layers"] = json!("two");
+    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    assert!(err.contains("`num_hidden_layers`") && err.contains("two"), "{err}");
+    let mut v = qwen3_hub_style();
+    v["num_key_value_heads"] = json!(3);
+    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    assert!(err.contains("num_key_value_heads"), "{err}");
+}
+
+#[test]
+fn every_preset_config_parses_with_its_architecture() {
+    for p in PRESETS {
+        let c = p.config().unwrap_or_else(|e| panic!("{}: {e:#}", p.name));
+        let count = ParameterCount::of(&c);
+        assert!(count.total > 1_000_000_000, "{}: {}", p.name, count.total);
+        assert!(count.active <= count.total);
+    }
+    assert!(find_preset("nope").unwrap_err().to_string().contains("glm-4-7"));
+}
+
+/// Published sizes, from the model cards; our counts come from the config alone.
+#[test]
+fn parameter_counts_match_the_model_cards() {
+    let within = |name: &str, lo: f64, hi: f64, active: bool| {
+        let c = find_preset(name).unwrap().config().unwrap();
+        let n = ParameterCount::of(&c);
+        let x = if active { n.active } else { n.total } as f64 / 1e9;
+        assert!(x > lo && x < hi, "{name}: {x}B not in ({lo}, {hi})");
+    };
+    within("qwen3-4b-instruct-2507", 3.9, 4.1, false); // "4.0B"
+    within("qwen3-coder-30b", 30.0, 31.0, false); // "30.5B"
+    within("qwen3-coder-30b", 3.0, 3.6, true); // "3.3B activated"
+    within("glm-4-7", 345.0, 360.0, false); // "355B" (we skip the MTP layer)
+    within("glm-4-7", 30.0, 34.0, true); // "32B active"
+    within("qwen3-vl-2b", 1.9, 2.5, false);
+}
+
+#[test]
+fn bf16_weights_of_qwen3_4b_are_about_8_gb_and_int4_about_a_quarter() {
+    let c = find_preset("qwen3-4b-instruct-2507").unwrap().config().unwrap();
+    let n = ParameterCount::of(&c);
+    let bf16 = n.weight_bytes(Precision::Bf16) as f64 / 1e9;
+    assert!((bf16 - 8.04).abs() < 0.1, "{bf16}");
+    let int4 = n.weight_bytes(Precision::Int4) as f64 / 1e9;
+    assert!(int4 < bf16 / 2.0 && int4 > bf16 / 5.0, "{int4}");
+}
+
+#[test]
+fn moe_layer_placement_follows_each_family() {
+    let glm = find_preset("glm-4-7").unwrap().config().unwrap();
+    assert!(!glm.text.is_moe_layer(2) && glm.text.is_moe_layer(3));
+    let mut v = find_preset("qwen3-coder-30b").unwrap().config_json().unwrap();
+    v["decoder_sparse_step"] = json!(2);
+    v["mlp_only_layers"] = json!([3]);
+    let c = ModelConfig::from_value(&v).unwrap();
+    assert!(!c.text.is_moe_layer(0) && c.text.is_moe_layer(1) && !c.text.is_moe_layer(3) && c.text.is_moe_layer(5));
+}

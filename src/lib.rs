@@ -1,0 +1,1 @@
+//! Workspace root: integration tests live in `tests/`, benchmarks in `benches/`.
