@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod manifest;
+pub mod paths;
 pub mod presets;
 pub mod size;
 

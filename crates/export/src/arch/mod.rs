@@ -1,0 +1,29 @@
+//! One file per architecture, each on the shared decoder core ([`crate::decoder`]): it names the
+//! checkpoint's tensors and picks the feed-forward block; the core does the rest.
+
+use anyhow::{bail, Result};
+use pio_models::config::{Architecture, ModelConfig};
+
+use crate::decoder::DecoderBuilder;
+
+pub mod qwen3;
+
+/// The checkpoint tensors an architecture reads, with their shapes (also what a synthetic
+/// checkpoint of that architecture writes).
+pub type TensorList = Vec<(String, Vec<usize>)>;
+
+/// Builds the decoder graph of `config`'s architecture.
+pub fn build_decoder(config: &ModelConfig, b: &mut DecoderBuilder) -> Result<()> {
+    match config.architecture {
+        Architecture::Qwen3 => qwen3::build_decoder(b),
+        other => bail!("exporting {} is not implemented yet (supported now: Qwen3ForCausalLM)", other.hf_name()),
+    }
+}
+
+/// The tensors a checkpoint of `config` holds.
+pub fn checkpoint_tensors(config: &ModelConfig) -> Result<TensorList> {
+    match config.architecture {
+        Architecture::Qwen3 => Ok(qwen3::checkpoint_tensors(&config.text)),
+        other => bail!("synthetic checkpoints of {} are not implemented yet", other.hf_name()),
+    }
+}

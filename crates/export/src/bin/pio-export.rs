@@ -1,0 +1,229 @@
+//! `pio-export`: Hugging Face checkpoint (or a preset, optionally with synthetic weights) to an
+//! ONNX graph folder with a `pio.json` manifest.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use pio_export::synthetic::{self, ShapeOverrides};
+use pio_export::{export, ExportRequest, ExportSettings};
+use pio_models::presets::{find_preset, Preset, TokenizerFamily};
+use pio_models::size::Precision;
+use pio_models::TargetEp;
+
+#[derive(Parser, Debug)]
+#[command(name = "pio-export", version, about = "Export a Hugging Face checkpoint to ONNX graphs for ONNX Runtime")]
+struct Args {
+    /// A Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files).
+    #[arg(long, conflicts_with = "model")]
+    checkpoint: Option<PathBuf>,
+    /// A preset: qwen3-4b-instruct-2507, qwen3-coder-30b, qwen3-vl-2b, glm-4-7.
+    #[arg(long)]
+    model: Option<String>,
+    /// With --model: write a seeded random-weight checkpoint of the preset's shape and export it.
+    #[arg(long, requires = "model")]
+    synthetic: bool,
+    /// Seed of the synthetic weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where the synthetic checkpoint goes (default: checkpoints/<preset>-synthetic[-shape]).
+    #[arg(long)]
+    checkpoint_out: Option<PathBuf>,
+    /// Tokenizer folder copied into a synthetic checkpoint (default: the Qwen3 tokenizer fetched
+    /// by scripts/setup.sh, for Qwen3-family presets at their real vocabulary).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Shrink a synthetic checkpoint: number of decoder layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long)]
+    hidden_size: Option<usize>,
+    #[arg(long)]
+    intermediate_size: Option<usize>,
+    #[arg(long)]
+    heads: Option<usize>,
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    #[arg(long)]
+    head_dim: Option<usize>,
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    #[arg(long)]
+    experts: Option<usize>,
+    #[arg(long)]
+    moe_intermediate_size: Option<usize>,
+
+    /// Output folder (default: graphs/<name>-<precision>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Weight and activation precision: fp32 (CPU), fp16 / bf16 (CUDA), int4.
+    #[arg(long)]
+    precision: Option<String>,
+    /// Execution provider the graph targets: cpu, cuda, tensorrt.
+    #[arg(long, default_value = "cpu")]
+    ep: String,
+    /// Longest prompt + generation the graph serves (rotary table length). Default: the model's
+    /// max_position_embeddings, capped at 32768.
+    #[arg(long)]
+    context_length: Option<usize>,
+    /// Emit logits for every position instead of the last one only.
+    #[arg(long)]
+    all_logits: bool,
+    /// Keep residual add and RMSNorm as separate nodes (instead of SkipSimplifiedLayerNormalization).
+    #[arg(long)]
+    no_fused_norms: bool,
+    /// Pass Qwen3's q/k norm weights into GroupQueryAttention (CUDA only).
+    #[arg(long)]
+    fused_qk_norm: bool,
+    /// Gate and up projections as one MatMul.
+    #[arg(long)]
+    fused_gate_up: bool,
+    /// int4 quantization block size.
+    #[arg(long, default_value_t = 32)]
+    int4_block_size: usize,
+    /// Replace the output folder if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+impl Args {
+    fn overrides(&self) -> ShapeOverrides {
+        ShapeOverrides {
+            layers: self.layers,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            vocab_size: self.vocab_size,
+            experts: self.experts,
+            moe_intermediate_size: self.moe_intermediate_size,
+        }
+    }
+}
+
+/// Where a preset's real checkpoint may already be: checkpoints/<preset>, or the Hugging Face cache.
+fn find_preset_checkpoint(preset: &Preset) -> Option<PathBuf> {
+    let local = PathBuf::from("checkpoints").join(preset.name);
+    if local.join("config.json").is_file() {
+        return Some(local);
+    }
+    let hf_home = std::env::var_os("HF_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface")))?;
+    let snapshots = hf_home.join("hub").join(format!("models--{}", preset.hf_repo.replace('/', "--"))).join("snapshots");
+    std::fs::read_dir(snapshots).ok()?.flatten().map(|e| e.path()).find(|p| p.join("config.json").is_file())
+}
+
+fn synthetic_checkpoint(args: &Args, preset: &Preset) -> Result<PathBuf> {
+    let overrides = args.overrides();
+    let dir = args.checkpoint_out.clone().unwrap_or_else(|| {
+        let tag = overrides.tag();
+        let name = if tag.is_empty() { format!("{}-synthetic", preset.name) } else { format!("{}-synthetic-{tag}", preset.name) };
+        PathBuf::from("checkpoints").join(name)
+    });
+    let tokenizer = match &args.tokenizer {
+        Some(t) => Some(t.clone()),
+        // The real tokenizer only fits when the vocabulary is the preset's.
+        None if preset.tokenizer_family == TokenizerFamily::Qwen3 && args.vocab_size.is_none() => {
+            let found = pio_models::paths::qwen3_tokenizer_dir();
+            if found.is_none() {
+                tracing::warn!("Qwen3 tokenizer not found (run scripts/setup.sh); the synthetic checkpoint has none");
+            }
+            found
+        }
+        None => None,
+    };
+    tracing::info!("writing synthetic checkpoint {} (seed {})", dir.display(), args.seed);
+    synthetic::write_checkpoint(preset, &overrides, args.seed, tokenizer.as_deref(), &dir)
+}
+
+fn run(args: Args) -> Result<()> {
+    let target_ep = TargetEp::parse(&args.ep)?;
+    let precision = match &args.precision {
+        Some(p) => Precision::parse(p)?,
+        None if target_ep == TargetEp::Cpu => Precision::Fp32,
+        None => Precision::Bf16,
+    };
+    if !args.synthetic && !args.overrides().is_empty() {
+        bail!("--layers, --hidden-size and the other shape flags only apply with --synthetic");
+    }
+    let (checkpoint, base_name, source) = match (&args.checkpoint, &args.model) {
+        (Some(dir), None) => {
+            let name = dir
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "model".into());
+            (dir.clone(), name, format!("checkpoint {}", dir.display()))
+        }
+        (None, Some(model)) => {
+            let preset = find_preset(model)?;
+            if args.synthetic {
+                let dir = synthetic_checkpoint(&args, preset)?;
+                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| preset.name.into());
+                (dir, name, format!("preset {} (synthetic, seed {})", preset.name, args.seed))
+            } else {
+                let dir = find_preset_checkpoint(preset).with_context(|| {
+                    format!(
+                        "no checkpoint for preset {name}: download {repo} into checkpoints/{name} \
+                         (`huggingface-cli download {repo} --local-dir checkpoints/{name}`), pass --checkpoint DIR, \
+                         or use --synthetic for random weights at the real shape",
+                        name = preset.name,
+                        repo = preset.hf_repo
+                    )
+                })?;
+                (dir, preset.name.to_string(), format!("preset {} ({})", preset.name, preset.hf_repo))
+            }
+        }
+        _ => bail!("pass --checkpoint DIR or --model PRESET"),
+    };
+    let config = pio_models::ModelConfig::from_file(&checkpoint.join("config.json"))?;
+    let context_length = args.context_length.unwrap_or(config.text.max_position_embeddings.min(32768));
+    let out_dir = args.out.clone().unwrap_or_else(|| Path::new("graphs").join(format!("{base_name}-{}", precision.as_str())));
+    let request = ExportRequest {
+        checkpoint,
+        out_dir,
+        settings: ExportSettings {
+            precision,
+            target_ep,
+            context_length,
+            last_token_logits: !args.all_logits,
+            fused_norms: !args.no_fused_norms,
+            fused_qk_norm: args.fused_qk_norm,
+            fused_gate_up: args.fused_gate_up,
+            int4_block_size: args.int4_block_size,
+        },
+        overwrite: args.force,
+        source,
+        progress: true,
+    };
+    let summary = export(&request)?;
+    tracing::info!(
+        "wrote {} ({:.1} MB graph, {:.1} MB weights) in {:.1}s",
+        summary.out_dir.display(),
+        summary.model_bytes as f64 / 1e6,
+        summary.weight_bytes as f64 / 1e6,
+        summary.seconds
+    );
+    println!("{}", summary.out_dir.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! The shared decoder-graph core: embeddings, GroupQueryAttention with rotary inside, RMSNorms
+//! (fused with the residual add or not), SwiGLU MLPs, the lm_head and the KV-cache IO.
+//! Architecture files (`arch/*.rs`) name their tensors and choose their feed-forward blocks;
+//! everything they share is here.
+
+use anyhow::{bail, Result};
+use indicatif::ProgressBar;
+use pio_models::config::TextConfig;
+use pio_models::manifest::{KvCacheSpec, TargetEp, TensorDtype};
+use pio_models::size::Precision;
+
+use crate::checkpoint::Checkpoint;
+use crate::convert::{push_f32, to_f32_vec, write_converted, write_transposed};
+use crate::onnx::graph::{Dim, Graph};
+
+/// The graph switches chosen at export (recorded in the manifest).
+#[derive(Clone, Debug)]
+pub struct ExportSettings {
+    pub precision: Precision,
+    pub target_ep: TargetEp,
+    /// Rotary cache length: the longest prompt + generation the graph can serve.
+    pub context_length: usize,
+    pub last_token_logits: bool,
+    pub fused_norms: bool,
+    pub fused_qk_norm: bool,
+    pub fused_gate_up: bool,
+    pub int4_block_size: usize,
+}
+
+pub const PAST_KEY: &str = "past_key_values.{layer}.key";
+pub const PAST_VALUE: &str = "past_key_values.{layer}.value";
+pub const PRESENT_KEY: &str = "present.{layer}.key";
+pub const PRESENT_VALUE: &str = "present.{layer}.value";
+
+impl ExportSettings {
+    /// The dtype of activations, weights and the KV cache.
+    pub fn compute_dtype(&self) -> TensorDtype {
+        match self.precision {
+            Precision::Fp32 => TensorDtype::Float32,
+            Precision::Fp16 => TensorDtype::Float16,
+            Precision::Bf16 => TensorDtype::Bfloat16,
+            // int4 graphs keep fp16 activations (MatMulNBits' fastest CUDA path).
+            Precision::Int4 => TensorDtype::Float16,
+        }
+    }
+
+    /// Refuses combinations the target cannot run, with the reason.
+    pub fn validate(&self, text: &TextConfig) -> Result<()> {
+        if self.target_ep == TargetEp::Cpu && self.precision != Precision::Fp32 {
+            bail!(
+                "--precision {} needs --ep cuda or tensorrt: ONNX Runtime's CPU GroupQueryAttention runs fp32 only",
+                self.precision.as_str()
+            );
+        }
+        if self.precision == Precision::Int4 {
+            bail!("--precision int4 is not implemented yet (MatMulNBits export lands with the GPU work)");
+        }
+        if self.target_ep == TargetEp::Cpu && self.fused_qk_norm {
+            bail!("--fused-qk-norm needs --ep cuda: the CPU GroupQueryAttention kernel rejects q/k norm inputs");
+        }
+        if self.fused_qk_norm && !text.qk_norm {
+            bail!("--fused-qk-norm does not apply: this model has no q/k norm");
+        }
+        if self.context_length == 0 {
+            bail!("--context-length must be positive");
+        }
+        if text.head_dim % 16 != 0 {
+            bail!("head_dim {} is not a multiple of 16, which GroupQueryAttention's rotary needs", text.head_dim);
+        }
+        let half = text.rotary_dim() / 2;
+        if half % 8 != 0 || half > text.head_dim / 2 {
+            bail!(
+                "rotary dim {} (head_dim {} x partial_rotary_factor {}) must be a multiple of 16 for GroupQueryAttention",
+                text.rotary_dim(),
+                text.head_dim,
+                text.rope.partial_rotary_factor
+            );
+        }
+        if text.rope.rope_type != "default" && text.rope.rope_type != "linear" {
+            bail!("rope_type `{}` is not supported yet (supported: default, linear)", text.rope.rope_type);
+        }
+        Ok(())
+    }
+
+    pub fn kv_cache_spec(&self) -> KvCacheSpec {
+        KvCacheSpec {
+            past_key: PAST_KEY.into(),
+            past_value: PAST_VALUE.into(),
+            present_key: PRESENT_KEY.into(),
+            present_value: PRESENT_VALUE.into(),
+            dtype: self.compute_dtype(),
+            layout: "BNSH".into(),
+            shared_buffer: false,
+        }
+    }
+}
+
+/// Builds one decoder graph. Holds the graph-wide values every layer reads.
+pub struct DecoderBuilder<'a> {
+    pub g: Graph,
+    pub ck: &'a Checkpoint,
+    pub text: &'a TextConfig,
+    pub settings: &'a ExportSettings,
+    pub dtype: TensorDtype,
+    progress: &'a ProgressBar,
+    seqlens_k: String,
+    total_seq_len: String,
+    cos_cache: String,
+    sin_cache: String,
+}
+
+impl<'a> DecoderBuilder<'a> {
+    /// Declares the graph inputs and the values derived from them once for all layers.
+    pub fn new(
+        mut g: Graph,
+        ck: &'a Checkpoint,
+        text: &'a TextConfig,
+        settings: &'a ExportSettings,
+        progress: &'a ProgressBar,
+    ) -> Result<Self> {
+        let dtype = settings.compute_dtype();
+        g.input("input_ids", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("sequence_length")]);
+        let mask = g.input(
+            "attention_mask",
+            TensorDtype::Int64,
+            &[Dim::Sym("batch_size"), Dim::Sym("total_sequence_length")],
+        );
+        g.input("position_ids", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("sequence_length")]);
+        let kv_shape_past = [
+            Dim::Sym("batch_size"),
+            Dim::Fixed(text.num_key_value_heads as i64),
+            Dim::Sym("past_sequence_length"),
+            Dim::Fixed(text.head_dim as i64),
+        ];
+        for layer in 0..text.num_hidden_layers {
+            g.input(&KvCacheSpec::name(PAST_KEY, layer), dtype, &kv_shape_past);
+            g.input(&KvCacheSpec::name(PAST_VALUE, layer), dtype, &kv_shape_past);
+        }
+
+        // GroupQueryAttention's view of the mask: per-row valid length - 1, and the total length.
+        let one = g.const_i64("const_1", &[1])?;
+        let axis1 = g.const_i64("const_axis_1", &[1])?;
+        let sum = g.node("ReduceSum", "mask_lengths").inputs(&[&mask, &axis1]).attr("keepdims", 0i64).out();
+        let minus_one = g.node("Sub", "mask_lengths_minus_1").inputs(&[&sum, &one]).out();
+        let seqlens_k = g.node("Cast", "seqlens_k").inputs(&[&minus_one]).attr("to", 6i64).out();
+        let shape = g.node("Shape", "mask_shape").inputs(&[&mask]).out();
+        let idx1 = g.scalar_i64("const_scalar_1", 1)?;
+        let total = g.node("Gather", "mask_total_length").inputs(&[&shape, &idx1]).attr("axis", 0i64).out();
+        let total_seq_len = g.node("Cast", "total_sequence_length").inputs(&[&total]).attr("to", 6i64).out();
+
+        let (cos_cache, sin_cache) = Self::rotary_caches(&mut g, text, settings, dtype)?;
+        Ok(DecoderBuilder {
+            g,
+            ck,
+            text,
+            settings,
+            dtype,
+            progress,
+            seqlens_k,
+            total_seq_len,
+            cos_cache,
+            sin_cache,
+        })
+    }
+
+    /// cos/sin tables of shape (context_length, rotary_dim / 2), as transformers computes them:
+    /// inv_freq[i] = 1 / theta^(2i / rotary_dim), angle = position * inv_freq (divided by the
+    /// factor for linear scaling).
+    fn rotary_caches(g: &mut Graph, text: &TextConfig, s: &ExportSettings, dtype: TensorDtype) -> Result<(String, String)> {
+        let rotary_dim = text.rotary_dim();
+        let half = rotary_dim / 2;
+        let scale = if text.rope.rope_type == "linear" { text.rope.factor.unwrap_or(1.0) } else { 1.0 };
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / text.rope.theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(s.context_length * half * dtype.size_bytes());
+        let mut sin = Vec::with_capacity(cos.capacity());
+        for pos in 0..s.context_length {
+            // transformers computes the angle in fp32: (pos * inv_freq) with both as float32.
+            let p = (pos as f32) / scale as f32;
+            for &f in &inv_freq {
+                let angle = p * f;
+                push_f32(dtype, angle.cos(), &mut cos);
+                push_f32(dtype, angle.sin(), &mut sin);
+            }
+        }
+        let c = g.initializer("cos_cache", dtype, &[s.context_length, half], &cos)?;
+        let sn = g.initializer("sin_cache", dtype, &[s.context_length, half], &sin)?;
+        Ok((c, sn))
+    }
+
+    fn advance(&self, bytes: usize) {
+        self.progress.inc(bytes as u64);
+    }
+
+    /// A weight stored as in the checkpoint (norms, embeddings, biases), converted to the graph dtype.
+    pub fn weight(&mut self, hf_name: &str, shape: &[usize]) -> Result<String> {
+        let t = self.ck.tensor(hf_name, shape)?;
+        let dtype = self.dtype;
+        let n = t.data.len();
+        let name = self.g.initializer_with(hf_name, dtype, shape, |sink| write_converted(&t, dtype, sink))?;
+        self.advance(n);
+        Ok(name)
+    }
+
+    /// y = x @ W^T (+ b): the weight is transposed at export so the graph runs a plain MatMul.
+    pub fn linear(&mut self, x: &str, hf_prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<String> {
+        let w = self.linear_weight(&format!("{hf_prefix}.weight"), in_dim, out_dim)?;
+        let y = self.g.node("MatMul", hf_prefix).inputs(&[x, &w]).out();
+        if !bias {
+            return Ok(y);
+        }
+        let b = self.weight(&format!("{hf_prefix}.bias"), &[out_dim])?;
+        Ok(self.g.node("Add", &format!("{hf_prefix}.bias_add")).inputs(&[&y, &b]).out())
+    }
+
+    /// A (out, in) checkpoint weight stored as (in, out).
+    fn linear_weight(&mut self, hf_name: &str, in_dim: usize, out_dim: usize) -> Result<String> {
+        let t = self.ck.tensor(hf_name, &[out_dim, in_dim])?;
+        let dtype = self.dtype;
+        let n = t.data.len();
+        let name = self.g.initializer_with(hf_name, dtype, &[in_dim, out_dim], |sink| write_transposed(&t, dtype, sink))?;
+        self.advance(n);
+        Ok(name)
+    }
+
+    /// Several (out_i, in) weights concatenated along the output axis, stored as (in, sum out_i):
+    /// one MatMul instead of several (gate + up).
+    fn fused_linear_weight(&mut self, name: &str, hf_names: &[String], in_dim: usize, out_dim: usize) -> Result<String> {
+        let dtype = self.dtype;
+        let tensors = hf_names.iter().map(|n| self.ck.tensor(n, &[out_dim, in_dim])).collect::<Result<Vec<_>>>()?;
+        let total_out = out_dim * tensors.len();
+        let name = self.g.initializer_with(name, dtype, &[in_dim, total_out], |sink| {
+            // Row r of the fused (in, out) matrix is the concatenation of row r of each part.
+            let parts: Vec<Vec<f32>> = tensors.iter().map(to_f32_vec).collect();
+            let mut row = Vec::with_capacity(total_out * dtype.size_bytes());
+            for r in 0..in_dim {
+                row.clear();
+                for p in &parts {
+                    for o in 0..out_dim {
+                        push_f32(dtype, p[o * in_dim + r], &mut row);
+                    }
+                }
+                sink.write(&row)?;
+            }
+            Ok(())
+        })?;
+        self.advance(tensors.iter().map(|t| t.data.len()).sum());
+        Ok(name)
+    }
+
+    /// RMSNorm over the last axis.
+    pub fn rms_norm(&mut self, x: &str, hf_weight: &str, width: usize) -> Result<String> {
+        let w = self.weight(hf_weight, &[width])?;
+        Ok(self
+            .g
+            .node("SimplifiedLayerNormalization", hf_weight.trim_end_matches(".weight"))
+            .inputs(&[x, &w])
+            .attr("axis", -1i64)
+            .attr("epsilon", self.text.rms_norm_eps as f32)
+            .attr("stash_type", 1i64)
+            .out())
+    }
+
+    /// residual' = x + residual; returns (RMSNorm(residual'), residual'), fused into one
+    /// SkipSimplifiedLayerNormalization when `fused_norms` is on.
+    pub fn add_and_norm(&mut self, x: &str, residual: &str, hf_weight: &str) -> Result<(String, String)> {
+        let name = hf_weight.trim_end_matches(".weight");
+        if self.settings.fused_norms {
+            let w = self.weight(hf_weight, &[self.text.hidden_size])?;
+            let outs = self
+                .g
+                .node("SkipSimplifiedLayerNormalization", name)
+                .ms()
+                .inputs(&[x, residual, &w])
+                .attr("epsilon", self.text.rms_norm_eps as f32)
+                .named_outs(&[format!("{name}/out0"), String::new(), String::new(), format!("{name}/out3")]);
+            return Ok((outs[0].clone(), outs[3].clone()));
+        }
+        let sum = self.g.node("Add", &format!("{name}.residual_add")).inputs(&[x, residual]).out();
+        let normed = self.rms_norm(&sum, hf_weight, self.text.hidden_size)?;
+        Ok((normed, sum))
+    }
+
+    /// Token embeddings: Gather from the (vocab, hidden) table.
+    pub fn embed(&mut self, hf_name: &str) -> Result<(String, String)> {
+        let table = self.weight(hf_name, &[self.text.vocab_size, self.text.hidden_size])?;
+        let x = self.g.node("Gather", "embed_tokens").inputs(&[table.as_str(), "input_ids"]).out();
+        Ok((x, table))
+    }
+
+    /// Per-head RMSNorm over head_dim: (B, S, heads*D) -> (B, S, heads, D) -> norm -> back.
+    fn head_norm(&mut self, x: &str, hf_weight: &str, heads: usize) -> Result<String> {
+        let d = self.text.head_dim;
+        let split = self.g.const_i64(&format!("{hf_weight}.split_shape"), &[0, 0, heads as i64, d as i64])?;
+        let merge = self.g.const_i64(&format!("{hf_weight}.merge_shape"), &[0, 0, (heads * d) as i64])?;
+        let name = hf_weight.trim_end_matches(".weight");
+        let x4 = self.g.node("Reshape", &format!("{name}.split_heads")).inputs(&[x, &split]).out();
+        let y4 = self.rms_norm(&x4, hf_weight, d)?;
+        Ok(self.g.node("Reshape", &format!("{name}.merge_heads")).inputs(&[&y4, &merge]).out())
+    }
+
+    /// Self-attention of decoder layer `layer`, with the KV cache IO: q/k/v projections (with
+    /// bias when the config says so), per-head q/k RMSNorm, GroupQueryAttention with rotary
+    /// inside (partial rotary through the cache width), o_proj.
+    pub fn attention(&mut self, layer: usize, prefix: &str, h: &str) -> Result<String> {
+        let t = self.text;
+        let (hidden, qw, kvw) = (t.hidden_size, t.q_width(), t.kv_width());
+        let mut q = self.linear(h, &format!("{prefix}.q_proj"), hidden, qw, t.attention_bias)?;
+        let mut k = self.linear(h, &format!("{prefix}.k_proj"), hidden, kvw, t.attention_bias)?;
+        let v = self.linear(h, &format!("{prefix}.v_proj"), hidden, kvw, t.attention_bias)?;
+        let mut norm_inputs: Option<(String, String)> = None;
+        if t.qk_norm {
+            let (qn, kn) = (format!("{prefix}.q_norm.weight"), format!("{prefix}.k_norm.weight"));
+            if self.settings.fused_qk_norm {
+                norm_inputs = Some((self.weight(&qn, &[t.head_dim])?, self.weight(&kn, &[t.head_dim])?));
+            } else {
+                q = self.head_norm(&q, &qn, t.num_attention_heads)?;
+                k = self.head_norm(&k, &kn, t.num_key_value_heads)?;
+            }
+        }
+        let past_k = KvCacheSpec::name(PAST_KEY, layer);
+        let past_v = KvCacheSpec::name(PAST_VALUE, layer);
+        let present_k = KvCacheSpec::name(PRESENT_KEY, layer);
+        let present_v = KvCacheSpec::name(PRESENT_VALUE, layer);
+        let mut inputs: Vec<String> = vec![
+            q,
+            k,
+            v,
+            past_k,
+            past_v,
+            self.seqlens_k.clone(),
+            self.total_seq_len.clone(),
+            self.cos_cache.clone(),
+            self.sin_cache.clone(),
+        ];
+        // position_ids (input 9): ONNX Runtime honours it element-wise in decode and as an
+        // offset (its first element) in a first prefill, where positions run from there.
+        inputs.push("position_ids".to_string());
+        if let Some((qn, kn)) = &norm_inputs {
+            // Inputs 10..13 (attention_bias, head_sink, k_scale, v_scale) unused.
+            inputs.extend(std::iter::repeat_n(String::new(), 4));
+            inputs.push(qn.clone());
+            inputs.push(kn.clone());
+        }
+        let mut node = self
+            .g
+            .node("GroupQueryAttention", &format!("{prefix}.gqa"))
+            .ms()
+            .inputs(&inputs)
+            .attr("num_heads", t.num_attention_heads)
+            .attr("kv_num_heads", t.num_key_value_heads)
+            .attr("scale", 1.0 / (t.head_dim as f32).sqrt())
+            .attr("do_rotary", 1i64)
+            .attr("rotary_interleaved", 0i64);
+        if norm_inputs.is_some() {
+            node = node.attr("qk_norm_epsilon", t.rms_norm_eps as f32);
+        }
+        if let Some(w) = t.sliding_window {
+            node = node.attr("local_window_size", w as i64);
+        }
+        let outs = node.named_outs(&[format!("{prefix}.gqa/out0"), present_k.clone(), present_v.clone()]);
+        let kv_shape = [
+            Dim::Sym("batch_size"),
+            Dim::Fixed(t.num_key_value_heads as i64),
+            Dim::Sym("total_sequence_length"),
+            Dim::Fixed(t.head_dim as i64),
+        ];
+        self.g.output(&present_k, self.dtype, &kv_shape);
+        self.g.output(&present_v, self.dtype, &kv_shape);
+        self.linear(&outs[0], &format!("{prefix}.o_proj"), qw, hidden, false)
+    }
+
+    /// SwiGLU MLP: down(silu(gate(x)) * up(x)); gate and up as one MatMul when `fused_gate_up`.
+    pub fn swiglu_mlp(&mut self, prefix: &str, h: &str, intermediate: usize) -> Result<String> {
+        let hidden = self.text.hidden_size;
+        let (gate, up) = if self.settings.fused_gate_up {
+            let w = self.fused_linear_weight(
+                &format!("{prefix}.gate_up_proj.weight"),
+                &[format!("{prefix}.gate_proj.weight"), format!("{prefix}.up_proj.weight")],
+                hidden,
+                intermediate,
+            )?;
+            let both = self.g.node("MatMul", &format!("{prefix}.gate_up_proj")).inputs(&[h, &w]).out();
+            let parts = self
+                .g
+                .node("Split", &format!("{prefix}.gate_up_split"))
+                .inputs(&[&both])
+                .attr("axis", -1i64)
+                .attr("num_outputs", 2i64)
+                .outs(2);
+            (parts[0].clone(), parts[1].clone())
+        } else {
+            (
+                self.linear(h, &format!("{prefix}.gate_proj"), hidden, intermediate, false)?,
+                self.linear(h, &format!("{prefix}.up_proj"), hidden, intermediate, false)?,
+            )
+        };
+        let sig = self.g.node("Sigmoid", &format!("{prefix}.act_sigmoid")).inputs(&[&gate]).out();
+        let silu = self.g.node("Mul", &format!("{prefix}.act_silu")).inputs(&[&gate, &sig]).out();
+        let prod = self.g.node("Mul", &format!("{prefix}.act_mul_up")).inputs(&[&silu, &up]).out();
+        self.linear(&prod, &format!("{prefix}.down_proj"), intermediate, hidden, false)
+    }
+
+    /// The standard pre-norm decoder stack. `ffn(builder, layer, normed_hidden)` returns the
+    /// feed-forward output of a layer (dense MLP or MoE, chosen by the architecture).
+    pub fn decoder_stack(
+        &mut self,
+        embeddings: &str,
+        layer_prefix: &dyn Fn(usize) -> String,
+        final_norm: &str,
+        ffn: &mut dyn FnMut(&mut Self, usize, &str) -> Result<String>,
+    ) -> Result<String> {
+        let hidden = self.text.hidden_size;
+        let first = layer_prefix(0);
+        let mut residual = embeddings.to_string();
+        let mut h = self.rms_norm(embeddings, &format!("{first}.input_layernorm.weight"), hidden)?;
+        for layer in 0..self.text.num_hidden_layers {
+            let p = layer_prefix(layer);
+            let attn = self.attention(layer, &format!("{p}.self_attn"), &h)?;
+            let (h2, r2) = self.add_and_norm(&attn, &residual, &format!("{p}.post_attention_layernorm.weight"))?;
+            let mlp = ffn(self, layer, &h2)?;
+            let next_norm = if layer + 1 < self.text.num_hidden_layers {
+                format!("{}.input_layernorm.weight", layer_prefix(layer + 1))
+            } else {
+                final_norm.to_string()
+            };
+            let (h3, r3) = self.add_and_norm(&mlp, &r2, &next_norm)?;
+            h = h3;
+            residual = r3;
+        }
+        let _ = residual;
+        Ok(h)
+    }
+
+    /// logits = lm_head(h) for the last position (or all), as float32 output `logits`.
+    /// A tied lm_head reuses the embedding table through Gemm(transB) instead of a second copy.
+    pub fn logits(&mut self, h: &str, lm_head: Option<&str>, tied_table: &str) -> Result<()> {
+        let (hidden, vocab) = (self.text.hidden_size, self.text.vocab_size);
+        let h = if self.settings.last_token_logits {
+            let starts = self.g.const_i64("last_token_start", &[-1])?;
+            let ends = self.g.const_i64("last_token_end", &[i64::MAX])?;
+            let axes = self.g.const_i64("last_token_axes", &[1])?;
+            self.g.node("Slice", "last_token").inputs(&[h, &starts, &ends, &axes]).out()
+        } else {
+            h.to_string()
+        };
+        let logits = match lm_head {
+            Some(name) => {
+                let w = self.linear_weight(name, hidden, vocab)?;
+                self.g.node("MatMul", "lm_head").inputs(&[&h, &w]).out()
+            }
+            None => {
+                let flat_shape = self.g.const_i64("lm_head_flat_shape", &[-1, hidden as i64])?;
+                let flat = self.g.node("Reshape", "lm_head_flatten").inputs(&[&h, &flat_shape]).out();
+                let y = self
+                    .g
+                    .node("Gemm", "lm_head")
+                    .inputs(&[flat.as_str(), tied_table])
+                    .attr("transB", 1i64)
+                    .out();
+                let lead = self.g.node("Shape", "lm_head_lead_shape").inputs(&[&h]).attr("start", 0i64).attr("end", 2i64).out();
+                let v = self.g.const_i64("lm_head_vocab", &[vocab as i64])?;
+                let shape = self.g.node("Concat", "lm_head_out_shape").inputs(&[&lead, &v]).attr("axis", 0i64).out();
+                self.g.node("Reshape", "lm_head_unflatten").inputs(&[&y, &shape]).out()
+            }
+        };
+        let seq = if self.settings.last_token_logits { Dim::Fixed(1) } else { Dim::Sym("sequence_length") };
+        let shape = [Dim::Sym("batch_size"), seq, Dim::Fixed(vocab as i64)];
+        if self.dtype == TensorDtype::Float32 {
+            self.g.node("Identity", "logits_out").inputs(&[&logits]).named_outs(&["logits"]);
+        } else {
+            self.g.node("Cast", "logits_out").inputs(&[&logits]).attr("to", 1i64).named_outs(&["logits"]);
+        }
+        self.g.output("logits", TensorDtype::Float32, &shape);
+        Ok(())
+    }
+}

@@ -1,0 +1,178 @@
+//! The export driver: checkpoint in, graph folder out (written to a temporary folder and renamed
+//! at the end, so a failed export leaves nothing behind).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use pio_models::manifest::{
+    Dimensions, ExportOptions, GenerationSettings, Manifest, TokenizerSpec, MANIFEST_FORMAT_VERSION,
+};
+use pio_models::size::Precision;
+
+use crate::arch;
+use crate::checkpoint::Checkpoint;
+use crate::decoder::{DecoderBuilder, ExportSettings};
+use crate::onnx::graph::Graph;
+
+pub const MODEL_FILE: &str = "model.onnx";
+pub const WEIGHTS_FILE: &str = "model.onnx.data";
+
+pub struct ExportRequest {
+    pub checkpoint: PathBuf,
+    pub out_dir: PathBuf,
+    pub settings: ExportSettings,
+    /// Replace an existing output folder.
+    pub overwrite: bool,
+    /// Where the checkpoint came from, for the manifest (`checkpoint DIR`, `preset X (synthetic)`).
+    pub source: String,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug)]
+pub struct ExportSummary {
+    pub out_dir: PathBuf,
+    pub model_bytes: u64,
+    pub weight_bytes: u64,
+    pub seconds: f64,
+    pub had_tokenizer: bool,
+}
+
+/// Moves a finished temporary folder to `dest`, replacing what was there.
+pub fn replace_dir(tmp: tempfile::TempDir, dest: &Path) -> Result<()> {
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).with_context(|| format!("cannot replace {}", dest.display()))?;
+    }
+    let path = tmp.keep();
+    std::fs::rename(&path, dest).with_context(|| format!("cannot move {} to {}", path.display(), dest.display()))
+}
+
+/// Where the chat template lives among the copied tokenizer files, if anywhere.
+fn chat_template_source(dir: &Path) -> Option<String> {
+    if dir.join("chat_template.jinja").is_file() {
+        return Some("chat_template.jinja".into());
+    }
+    let cfg = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&cfg).ok()?;
+    v.get("chat_template").filter(|t| !t.is_null()).map(|_| "tokenizer_config.json".into())
+}
+
+pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
+    let start = Instant::now();
+    let ck = Checkpoint::open(&req.checkpoint)?;
+    let config = ck.config.clone();
+    req.settings.validate(&config.text)?;
+    if req.out_dir.exists() && !req.overwrite {
+        bail!("output folder {} already exists (pass --force to replace it)", req.out_dir.display());
+    }
+    let parent = req.out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create output folder {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".pio-export-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot write to output folder {}", parent.display()))?;
+    let name = req
+        .out_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| "model".to_string());
+
+    let progress = if req.progress { ProgressBar::new(ck.total_bytes()) } else { ProgressBar::hidden() };
+    progress.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    progress.set_message(format!("exporting {name}"));
+
+    let graph = Graph::new(&name, &tmp.path().join(WEIGHTS_FILE))?;
+    let mut builder = DecoderBuilder::new(graph, &ck, &config.text, &req.settings, &progress)?;
+    arch::build_decoder(&config, &mut builder)?;
+    let (inputs, outputs) = {
+        let (i, o) = builder.g.io();
+        (i.to_vec(), o.to_vec())
+    };
+    let model_path = tmp.path().join(MODEL_FILE);
+    let metadata = [("pio.architecture", config.architecture.hf_name().to_string()), ("pio.source", req.source.clone())];
+    let weight_bytes = builder.g.save(&model_path, env!("CARGO_PKG_VERSION"), &metadata)?;
+    progress.finish_and_clear();
+
+    // Tokenizer files travel with the graph; without them the runtime takes token ids only.
+    let mut files = Vec::new();
+    for src in ck.tokenizer_files() {
+        let file_name = src.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        std::fs::copy(&src, tmp.path().join(&file_name)).with_context(|| format!("cannot copy {}", src.display()))?;
+        files.push(file_name);
+    }
+    let had_tokenizer = files.iter().any(|f| f == "tokenizer.json");
+    if !had_tokenizer {
+        tracing::warn!(
+            "no tokenizer.json in {}: the export works, but the runtime will take token ids only",
+            req.checkpoint.display()
+        );
+    }
+    for f in ["config.json", "generation_config.json"] {
+        let src = req.checkpoint.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, tmp.path().join(f)).with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+    }
+    let gen = ck.generation.clone().unwrap_or_default();
+    let mut eos = gen.eos_token_ids.clone();
+    for id in &config.eos_token_ids {
+        if !eos.contains(id) {
+            eos.push(*id);
+        }
+    }
+    let t = &config.text;
+    let manifest = Manifest {
+        format_version: MANIFEST_FORMAT_VERSION,
+        name: name.clone(),
+        architecture: config.architecture,
+        model_type: config.model_type.clone(),
+        precision: req.settings.precision,
+        target_ep: req.settings.target_ep,
+        decoder: MODEL_FILE.into(),
+        dims: Dimensions {
+            vocab_size: t.vocab_size,
+            hidden_size: t.hidden_size,
+            num_layers: t.num_hidden_layers,
+            num_attention_heads: t.num_attention_heads,
+            num_kv_heads: t.num_key_value_heads,
+            head_dim: t.head_dim,
+            context_length: req.settings.context_length,
+        },
+        inputs,
+        outputs,
+        kv_cache: req.settings.kv_cache_spec(),
+        options: ExportOptions {
+            last_token_logits: req.settings.last_token_logits,
+            fused_norms: req.settings.fused_norms,
+            fused_qk_norm: req.settings.fused_qk_norm,
+            fused_gate_up: req.settings.fused_gate_up,
+            int4_block_size: (req.settings.precision == Precision::Int4).then_some(req.settings.int4_block_size),
+        },
+        bos_token_id: gen.bos_token_id.or(config.bos_token_id),
+        eos_token_ids: eos,
+        pad_token_id: gen.pad_token_id.or(config.pad_token_id),
+        generation: GenerationSettings {
+            do_sample: gen.do_sample.unwrap_or(false),
+            temperature: gen.temperature,
+            top_p: gen.top_p,
+            top_k: gen.top_k,
+            min_p: gen.min_p,
+            repetition_penalty: gen.repetition_penalty,
+        },
+        tokenizer: had_tokenizer.then(|| TokenizerSpec { files: files.clone(), chat_template_source: chat_template_source(tmp.path()) }),
+        config,
+        exported_by: format!("pio-export {}", env!("CARGO_PKG_VERSION")),
+        source: req.source.clone(),
+    };
+    manifest.save(tmp.path())?;
+    let model_bytes = std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0);
+    replace_dir(tmp, &req.out_dir)?;
+    Ok(ExportSummary { out_dir: req.out_dir.clone(), model_bytes, weight_bytes, seconds: start.elapsed().as_secs_f64(), had_tokenizer })
+}

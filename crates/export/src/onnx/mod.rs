@@ -1,0 +1,3 @@
+//! ONNX protobuf messages and the graph builder on top of them.
+pub mod graph;
+pub mod proto;

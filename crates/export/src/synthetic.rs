@@ -1,0 +1,190 @@
+//! Seeded random-weight checkpoints at a preset's real shape (or shrunk for tests), written in
+//! the Hugging Face layout so the exporter reads them through the same code as real ones.
+//! Speed does not depend on weight values, so these serve demos, tests and GPU benchmarks.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use half::bf16;
+use pio_models::config::ModelConfig;
+use pio_models::presets::Preset;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use safetensors::{Dtype, View};
+use serde_json::{json, Value};
+
+use crate::arch;
+
+/// Overrides that shrink a preset for tests (None keeps the real value).
+#[derive(Clone, Debug, Default)]
+pub struct ShapeOverrides {
+    pub layers: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub heads: Option<usize>,
+    pub kv_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub vocab_size: Option<usize>,
+    pub experts: Option<usize>,
+    pub moe_intermediate_size: Option<usize>,
+}
+
+impl ShapeOverrides {
+    pub fn is_empty(&self) -> bool {
+        let s = self;
+        [s.layers, s.hidden_size, s.intermediate_size, s.heads, s.kv_heads, s.head_dim, s.vocab_size, s.experts, s.moe_intermediate_size]
+            .iter()
+            .all(Option::is_none)
+    }
+
+    /// A short tag for folder names, e.g. `l2-h256`.
+    pub fn tag(&self) -> String {
+        let parts = [
+            ("l", self.layers),
+            ("h", self.hidden_size),
+            ("i", self.intermediate_size),
+            ("a", self.heads),
+            ("kv", self.kv_heads),
+            ("d", self.head_dim),
+            ("v", self.vocab_size),
+            ("e", self.experts),
+            ("mi", self.moe_intermediate_size),
+        ];
+        parts.iter().filter_map(|(k, v)| v.map(|v| format!("{k}{v}"))).collect::<Vec<_>>().join("-")
+    }
+}
+
+/// The preset's config.json with the overrides applied (in whichever object holds the text
+/// config), validated by parsing it.
+pub fn synthetic_config(preset: &Preset, o: &ShapeOverrides) -> Result<Value> {
+    let mut config = preset.config_json()?;
+    {
+        let text = if config.get("text_config").is_some() { &mut config["text_config"] } else { &mut config };
+        let set = |text: &mut Value, key: &str, v: Option<usize>| {
+            if let Some(v) = v {
+                text[key] = json!(v);
+            }
+        };
+        set(text, "num_hidden_layers", o.layers);
+        set(text, "hidden_size", o.hidden_size);
+        set(text, "intermediate_size", o.intermediate_size);
+        set(text, "num_attention_heads", o.heads);
+        set(text, "num_key_value_heads", o.kv_heads);
+        set(text, "head_dim", o.head_dim);
+        set(text, "vocab_size", o.vocab_size);
+        set(text, "moe_intermediate_size", o.moe_intermediate_size);
+        if text.get("n_routed_experts").is_some() {
+            set(text, "n_routed_experts", o.experts);
+        } else if text.get("num_experts").is_some() {
+            set(text, "num_experts", o.experts);
+        }
+    }
+    if let Some(v) = o.vocab_size {
+        config["vocab_size"] = json!(v);
+    }
+    ModelConfig::from_value(&config).context("the shrunk synthetic config is not valid")?;
+    Ok(config)
+}
+
+/// A tensor whose bytes are generated when the safetensors writer asks for them, so writing a
+/// checkpoint holds one tensor in memory at a time.
+struct RandomTensor {
+    shape: Vec<usize>,
+    seed: u64,
+    /// Norm weights are drawn around 1, everything else around 0.
+    around_one: bool,
+    scale: f32,
+}
+
+impl View for RandomTensor {
+    fn dtype(&self) -> Dtype {
+        Dtype::BF16
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let n: usize = self.shape.iter().product();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        let mut out = Vec::with_capacity(n * 2);
+        let offset = if self.around_one { 1.0 } else { 0.0 };
+        for _ in 0..n {
+            let u: f32 = rng.random::<f32>() * 2.0 - 1.0;
+            out.extend_from_slice(&bf16::from_f32(offset + u * self.scale).to_le_bytes());
+        }
+        Cow::Owned(out)
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * 2
+    }
+}
+
+/// FNV-1a, to give each tensor its own stream from one seed.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// Writes config.json, generation_config.json, model.safetensors (bf16) and, if given, the
+/// tokenizer files, into `dir` (via a temporary folder renamed at the end).
+pub fn write_checkpoint(
+    preset: &Preset,
+    overrides: &ShapeOverrides,
+    seed: u64,
+    tokenizer_dir: Option<&Path>,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let config_value = synthetic_config(preset, overrides)?;
+    let config = ModelConfig::from_value(&config_value)?;
+    let tensors = arch::checkpoint_tensors(&config)?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create folder {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".pio-synthetic-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot write to {}", parent.display()))?;
+    let write_json = |name: &str, v: &Value| -> Result<()> {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, serde_json::to_string_pretty(v)?).with_context(|| format!("cannot write {}", p.display()))
+    };
+    write_json("config.json", &config_value)?;
+    write_json("generation_config.json", &preset.generation_config_json()?)?;
+    let views: Vec<(String, RandomTensor)> = tensors
+        .into_iter()
+        .map(|(name, shape)| {
+            let around_one = name.ends_with("norm.weight") || name.ends_with("layernorm.weight");
+            // Scale like a trained model's init so activations stay O(1) through the layers.
+            let fan_in = *shape.last().unwrap_or(&1) as f32;
+            let scale = if around_one {
+                0.1
+            } else if name.contains("embed_tokens") {
+                1.0
+            } else if shape.len() == 1 {
+                0.02
+            } else {
+                (3.0 / fan_in).sqrt()
+            };
+            let seed = seed ^ name_hash(&name);
+            (name, RandomTensor { shape, seed, around_one, scale })
+        })
+        .collect();
+    let weights = tmp.path().join("model.safetensors");
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), &weights)
+        .map_err(|e| anyhow!("cannot write {}: {e}", weights.display()))?;
+    if let Some(tok) = tokenizer_dir {
+        let mut copied = 0;
+        for f in crate::checkpoint::TOKENIZER_FILES {
+            let src = tok.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, tmp.path().join(f)).with_context(|| format!("cannot copy {}", src.display()))?;
+                copied += 1;
+            }
+        }
+        if copied == 0 {
+            bail!("no tokenizer files (tokenizer.json, tokenizer_config.json) in {}", tok.display());
+        }
+    }
+    crate::export::replace_dir(tmp, dir)?;
+    Ok(dir.to_path_buf())
+}
