@@ -76,6 +76,10 @@ impl ExportSettings {
                 text.rope.partial_rotary_factor
             );
         }
+        if let Some(w) = text.sliding_window {
+            // Qwen3 slides only on layers >= max_window_layers; per-layer windows are not exported yet.
+            bail!("sliding-window attention (use_sliding_window, window {w}) is not exported yet");
+        }
         if text.rope.rope_type != "default" && text.rope.rope_type != "linear" {
             bail!("rope_type `{}` is not supported yet (supported: default, linear)", text.rope.rope_type);
         }

@@ -1,0 +1,202 @@
+//! Bad input to `pio-export`: each case must fail with a non-zero exit, an error naming the file
+//! and what is wrong, and no output folder (nor temporary folder) left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+/// Copies a fixture checkpoint into `dir` so a test can damage it.
+fn copy_fixture(name: &str, dir: &Path) -> PathBuf {
+    let dst = dir.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap().flatten() {
+        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
+    dst
+}
+
+struct Outcome {
+    code: Option<i32>,
+    stderr: String,
+}
+
+fn run_export(args: &[&str], cwd: &Path) -> Outcome {
+    let out = Command::new(env!("CARGO_BIN_EXE_pio-export")).args(args).current_dir(cwd).output().unwrap();
+    Outcome { code: out.status.code(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+}
+
+/// Runs an export of `checkpoint` into `<tmp>/out/model` that must fail with all of `needles` in
+/// its error; checks nothing was left in `<tmp>/out`.
+fn expect_failure(checkpoint: &Path, tmp: &Path, needles: &[&str]) {
+    let out_parent = tmp.join("out");
+    std::fs::create_dir_all(&out_parent).unwrap();
+    let out_dir = out_parent.join("model");
+    let o = run_export(
+        &["--checkpoint", checkpoint.to_str().unwrap(), "--out", out_dir.to_str().unwrap(), "--context-length", "64"],
+        tmp,
+    );
+    assert_ne!(o.code, Some(0), "export should fail; stderr: {}", o.stderr);
+    for n in needles {
+        assert!(o.stderr.contains(n), "error should mention `{n}`; stderr: {}", o.stderr);
+    }
+    let left: Vec<_> = std::fs::read_dir(&out_parent).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "export left {left:?} behind in {}", out_parent.display());
+}
+
+#[test]
+fn missing_config_key_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    let path = ck.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("num_attention_heads");
+    std::fs::write(&path, v.to_string()).unwrap();
+    expect_failure(&ck, tmp.path(), &["config.json", "num_attention_heads"]);
+}
+
+#[test]
+fn truncated_safetensors_is_reported_with_its_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    let path = ck.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    expect_failure(&ck, tmp.path(), &["model.safetensors", "truncated or corrupt"]);
+}
+
+#[test]
+fn corrupt_safetensors_header_is_reported_with_its_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    let path = ck.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    for b in bytes.iter_mut().skip(8).take(64) {
+        *b = b'#';
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    expect_failure(&ck, tmp.path(), &["model.safetensors"]);
+}
+
+#[test]
+fn tensor_of_the_wrong_shape_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    let path = ck.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["intermediate_size"] = serde_json::json!(256);
+    std::fs::write(&path, v.to_string()).unwrap();
+    expect_failure(&ck, tmp.path(), &["mlp.gate_proj.weight", "model.safetensors", "shape"]);
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-untied-rp", tmp.path());
+    std::fs::remove_file(ck.join("model-00002-of-00002.safetensors")).unwrap();
+    expect_failure(&ck, tmp.path(), &["model-00002-of-00002.safetensors", "missing shard"]);
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    // Untying the embeddings makes the exporter look for an lm_head the checkpoint lacks.
+    let path = ck.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["tie_word_embeddings"] = serde_json::json!(false);
+    std::fs::write(&path, v.to_string()).unwrap();
+    expect_failure(&ck, tmp.path(), &["lm_head.weight", "missing"]);
+}
+
+#[test]
+fn unknown_preset_lists_the_known_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run_export(&["--model", "llama-9000"], tmp.path());
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains("llama-9000") && o.stderr.contains("qwen3-4b-instruct-2507"), "{}", o.stderr);
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing should be written");
+}
+
+#[test]
+fn preset_without_checkpoint_says_where_to_put_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run_export(&["--model", "qwen3-4b-instruct-2507"], tmp.path());
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains("checkpoints/qwen3-4b-instruct-2507") && o.stderr.contains("--synthetic"), "{}", o.stderr);
+}
+
+#[test]
+fn unwritable_output_folder_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A regular file where the output's parent folder should be: no user (root included) can
+    // create a folder inside it.
+    let blocker = tmp.path().join("not-a-folder");
+    std::fs::write(&blocker, b"x").unwrap();
+    let out = blocker.join("model");
+    let o = run_export(&["--checkpoint", fixture("qwen3-tied-hub").to_str().unwrap(), "--out", out.to_str().unwrap()], tmp.path());
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains("not-a-folder"), "{}", o.stderr);
+    assert!(!out.exists());
+}
+
+#[test]
+fn unknown_architecture_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    let path = ck.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    std::fs::write(&path, v.to_string()).unwrap();
+    expect_failure(&ck, tmp.path(), &["MistralForCausalLM", "Qwen3ForCausalLM"]);
+}
+
+#[test]
+fn fp16_graph_for_the_cpu_is_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = run_export(
+        &["--checkpoint", fixture("qwen3-tied-hub").to_str().unwrap(), "--out", out.to_str().unwrap(), "--precision", "fp16"],
+        tmp.path(),
+    );
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains("--ep cuda"), "{}", o.stderr);
+    assert!(!out.exists());
+}
+
+#[test]
+fn existing_output_needs_force_and_is_kept_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), b"mine").unwrap();
+    let ck = fixture("qwen3-tied-hub");
+    let args = ["--checkpoint", ck.to_str().unwrap(), "--out", out.to_str().unwrap(), "--context-length", "64"];
+    let o = run_export(&args, tmp.path());
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains("--force"), "{}", o.stderr);
+    assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"mine");
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    let o = run_export(&forced, tmp.path());
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert!(out.join("pio.json").is_file() && out.join("model.onnx").is_file() && !out.join("keep.txt").exists());
+}
+
+#[test]
+fn checkpoint_without_tokenizer_exports_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = run_export(
+        &["--checkpoint", fixture("qwen3-tied-hub").to_str().unwrap(), "--out", out.to_str().unwrap(), "--context-length", "64"],
+        tmp.path(),
+    );
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert!(o.stderr.contains("no tokenizer.json"), "{}", o.stderr);
+    let manifest = pio_models::Manifest::load(&out).unwrap();
+    assert!(manifest.tokenizer.is_none());
+    assert_eq!(manifest.dims.context_length, 64);
+    assert_eq!(manifest.eos_token_ids, vec![1, 2]);
+}
