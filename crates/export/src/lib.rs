@@ -7,6 +7,7 @@ pub mod convert;
 pub mod decoder;
 pub mod export;
 pub mod onnx;
+pub mod quant;
 pub mod synthetic;
 
 pub use decoder::ExportSettings;
