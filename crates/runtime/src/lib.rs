@@ -1,0 +1,11 @@
+//! pio-runtime: ONNX Runtime sessions over exported graph folders, generation through the KV cache,
+//! Rust-side sampling, chat templates and streaming detokenization.
+
+pub mod chat_template;
+pub mod ep;
+pub mod generate;
+pub mod model;
+pub mod plugin;
+pub mod ort_lib;
+pub mod sampling;
+pub mod tokenizer;

@@ -1,0 +1,1335 @@
+//! Rust-side token sampling over the full vocabulary (e.g. 151,936 entries for Qwen3), following
+//! Hugging Face transformers' `generate` logits processors / warpers, with OpenAI/vLLM-style
+//! presence and frequency penalties on top.
+//!
+//! # Order of operations (one call = one token)
+//!
+//! 1. **Repetition penalty** (HF `RepetitionPenaltyLogitsProcessor`): for every *distinct* token
+//!    id in `previous_tokens` (prompt + generated), `logit = if logit < 0 { logit * penalty }
+//!    else { logit / penalty }`. Applied once per distinct id, however often it occurs.
+//! 2. **Frequency, then presence penalty** (OpenAI / vLLM definition), counted over the
+//!    *generated* tokens only (`previous_tokens[prompt_len..]`, see [`Sampler::set_prompt_len`]):
+//!    `logit -= frequency_penalty * count; logit -= presence_penalty * (count > 0)`.
+//! 3. **Greedy** (`temperature == 0`, see [`SamplingParams::is_greedy`]): argmax of the penalized
+//!    logits, ties broken towards the lowest token id (as `torch.argmax`). Nothing below applies.
+//! 4. **Temperature**: `logit / temperature` (a real division, as HF `TemperatureLogitsWarper`).
+//! 5. **top-k** (HF `TopKLogitsWarper`): keep tokens whose logit is `>=` the k-th largest logit,
+//!    so ties at the k-th value are all kept, exactly like HF.
+//! 6. **top-p** (HF `TopPLogitsWarper`): on the softmax of what top-k kept, keep the smallest
+//!    prefix of the tokens sorted by probability (descending) whose mass is `>= top_p`; i.e. a
+//!    token is kept iff the mass of the tokens ranked strictly before it is `< top_p`. The most
+//!    likely token is always kept (`min_tokens_to_keep = 1`).
+//! 7. **min-p** (HF `MinPLogitsWarper`): drop tokens whose probability is `< min_p * max_prob`,
+//!    measured on the post-temperature distribution (the ratio is unaffected by renormalization).
+//! 8. **Sample** from the renormalized softmax of the survivors (ChaCha8 RNG, f64 inverse CDF).
+//!
+//! Sanitization: a NaN (processed) logit is treated as `-inf` and `+inf` is clamped to `f32::MAX`,
+//! after each arithmetic step, so a single bad value can never poison the distribution.
+//!
+//! # Deviations from HF / vLLM (all deliberate, all documented here)
+//!
+//! * Ties: HF uses an unstable `torch.sort`, so which of several *equally likely* tokens survive
+//!   at the top-p boundary is unspecified there. Here the order is "probability descending, then
+//!   token id ascending", so the lower ids are kept. top-k and min-p keep all ties, as HF does.
+//! * Temperatures below [`GREEDY_TEMPERATURE_EPS`] (1e-5) are treated as 0 = greedy, like vLLM
+//!   (HF rejects temperature 0 and would overflow on tiny temperatures).
+//! * Probabilities are computed as `exp(l - max)` in f32 with a Cephes-style polynomial (max
+//!   relative error ~2e-7, not bit-identical to libm); values below `e^-87` relative to the best
+//!   token flush to 0. Masses, normalizers and the sampling CDF are accumulated in f64 (blocks of
+//!   f32 partial sums). Because summation order differs from a full sort + cumsum, a token whose
+//!   top-p prefix mass is within ~1e-6 (relative) of `top_p` may be decided differently.
+//! * Presence / frequency penalties do not exist in HF `generate`; they follow vLLM/OpenAI
+//!   (generated tokens only, applied after the repetition penalty, as vLLM does).
+//!
+//! # Log-probabilities
+//!
+//! [`Sampler::sample_with_logprobs`] returns `log_softmax` of the **penalized,
+//! temperature-scaled, unfiltered** logits (steps 1, 2 and 4 applied; top-k / top-p / min-p not
+//! applied). This sits between vLLM's `raw_logprobs` (nothing applied) and `processed_logprobs`
+//! (filters applied, so filtered tokens get `-inf`). In greedy mode there is no temperature, so
+//! the log-softmax of the penalized logits is returned.
+//!
+//! # Performance
+//!
+//! No per-token allocation in steady state: all scratch buffers live in the [`Sampler`]. The
+//! vocabulary is never fully sorted: top-k and top-n use a streaming threshold + `select_nth`,
+//! top-p finds a probability threshold band with a few vectorizable passes and only sorts the
+//! (small) band straddling the boundary, min-p is a plain threshold. Penalties touch only the
+//! distinct ids in the history through a reusable vocab-sized count table.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Temperatures strictly below this are treated as 0, i.e. greedy decoding (same as vLLM).
+pub const GREEDY_TEMPERATURE_EPS: f32 = 1e-5;
+
+/// Sampling configuration. Every filter has an "off" value, and the default is plain sampling at
+/// temperature 1 with every filter and penalty off. **Temperature 0 means greedy** (argmax).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Softmax temperature, `>= 0`. 0 (anything below [`GREEDY_TEMPERATURE_EPS`]) = greedy.
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens (ties at the k-th logit are kept). 0 = off.
+    pub top_k: usize,
+    /// Nucleus sampling mass in `(0, 1]`. 1.0 = off.
+    pub top_p: f32,
+    /// Drop tokens with `prob < min_p * max_prob`, in `[0, 1]`. 0 = off.
+    pub min_p: f32,
+    /// HF repetition penalty, `> 0`, over prompt + generated tokens. 1.0 = off.
+    pub repetition_penalty: f32,
+    /// OpenAI/vLLM presence penalty over generated tokens. 0 = off.
+    pub presence_penalty: f32,
+    /// OpenAI/vLLM frequency penalty over generated tokens. 0 = off.
+    pub frequency_penalty: f32,
+    /// RNG seed; `None` seeds from OS entropy.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding (temperature 0), no penalties.
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, ..Self::default() }
+    }
+
+    /// True when `temperature` is 0 (or below [`GREEDY_TEMPERATURE_EPS`]): argmax decoding.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_TEMPERATURE_EPS
+    }
+
+    /// Checks every field's range; the error names the field and the offending value.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(SamplingError::invalid("temperature", t, "must be a finite number >= 0 (0 = greedy)"));
+        }
+        let p = self.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(SamplingError::invalid("top_p", p, "must be in (0, 1] (1 = off)"));
+        }
+        let m = self.min_p;
+        if !(0.0..=1.0).contains(&m) {
+            return Err(SamplingError::invalid("min_p", m, "must be in [0, 1] (0 = off)"));
+        }
+        let r = self.repetition_penalty;
+        if !(r.is_finite() && r > 0.0) {
+            return Err(SamplingError::invalid("repetition_penalty", r, "must be a finite number > 0 (1 = off)"));
+        }
+        if !self.presence_penalty.is_finite() {
+            return Err(SamplingError::invalid("presence_penalty", self.presence_penalty, "must be finite (0 = off)"));
+        }
+        if !self.frequency_penalty.is_finite() {
+            return Err(SamplingError::invalid("frequency_penalty", self.frequency_penalty, "must be finite (0 = off)"));
+        }
+        Ok(())
+    }
+}
+
+/// Errors from [`SamplingParams::validate`] / [`Sampler::new`].
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    #[error("invalid sampling parameter `{field}` = {value}: {expected}")]
+    InvalidParam { field: &'static str, value: String, expected: &'static str },
+}
+
+impl SamplingError {
+    fn invalid(field: &'static str, value: f32, expected: &'static str) -> Self {
+        Self::InvalidParam { field, value: value.to_string(), expected }
+    }
+}
+
+/// One token with its log-probability (see the module docs for which distribution).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+}
+
+/// Result of [`Sampler::sample_with_logprobs`]. `top_logprobs` borrows the sampler's scratch
+/// buffer (copy it out if it must outlive the next call); sorted by logprob descending, then id.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampled<'a> {
+    pub token: u32,
+    pub logprob: f32,
+    pub top_logprobs: &'a [TokenLogprob],
+}
+
+/// A candidate token: id, processed (penalized, temperature-scaled) logit, `exp(logit - max)`.
+#[derive(Clone, Copy, Debug)]
+struct Cand {
+    idx: u32,
+    s: f32,
+    e: f32,
+}
+
+/// Elements per f32 partial sum before it is folded into an f64 total (also the CDF block size).
+const BLOCK: usize = 2048;
+/// Chunk size for the "any element above the threshold?" quick reject.
+const CHUNK: usize = 64;
+/// top-p: refine the probability band until at most this many tokens straddle the boundary.
+const BAND_MAX: usize = 2048;
+/// top-p: probability thresholds (relative to the best token) tried first: e^-2 .. e^-64.
+const LADDER: [f32; 6] = [1.353_352_8e-1, 1.831_563_9e-2, 3.354_626_3e-4, 1.125_351_7e-7, 1.266_417e-14, 1.603_810_9e-28];
+
+/// Stateful sampler: parameters, a seeded ChaCha8 RNG and reusable scratch buffers.
+///
+/// `previous_tokens` passed to the sampling methods is the full history (prompt followed by
+/// generated tokens). Its first [`prompt_len`](Sampler::set_prompt_len) entries count as prompt:
+/// they get the repetition penalty but not presence/frequency penalties. With the default
+/// `prompt_len` of 0 every previous token counts as generated.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    prompt_len: usize,
+    /// Processed logits (penalized, temperature-scaled, sanitized).
+    s: Vec<f32>,
+    /// `exp(s - max)` for the full vocabulary when a full pass is needed.
+    e: Vec<f32>,
+    /// Per vocab id: 0 = not in history, else 1 + count in generated tokens. All zero between calls.
+    marks: Vec<u32>,
+    touched: Vec<u32>,
+    idx: Vec<u32>,
+    vals: Vec<f32>,
+    band: Vec<Cand>,
+    kept: Vec<Cand>,
+    block_sums: Vec<f64>,
+    top: Vec<TokenLogprob>,
+}
+
+impl fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sampler")
+            .field("params", &self.params)
+            .field("prompt_len", &self.prompt_len)
+            .field("vocab", &self.s.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sampler {
+    /// Validates `params` and seeds the RNG from `params.seed` (or OS entropy when `None`).
+    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
+        params.validate()?;
+        let rng = match params.seed {
+            Some(seed) => ChaCha8Rng::seed_from_u64(seed),
+            None => ChaCha8Rng::from_os_rng(),
+        };
+        Ok(Self {
+            params,
+            rng,
+            prompt_len: 0,
+            s: Vec::new(),
+            e: Vec::new(),
+            marks: Vec::new(),
+            touched: Vec::new(),
+            idx: Vec::new(),
+            vals: Vec::new(),
+            band: Vec::new(),
+            kept: Vec::new(),
+            block_sums: Vec::new(),
+            top: Vec::new(),
+        })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Number of leading `previous_tokens` that are prompt (no presence/frequency penalty).
+    pub fn set_prompt_len(&mut self, prompt_len: usize) {
+        self.prompt_len = prompt_len;
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Restarts the RNG stream from `seed`.
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+    }
+
+    /// Samples one token id from `logits` (one row, full vocabulary) given the history
+    /// `previous_tokens` (prompt + generated). History ids outside the vocabulary are ignored
+    /// (with a warning). Degenerate input: empty logits, or logits that are all `-inf`/NaN,
+    /// yield token 0 and an error/warning log.
+    pub fn sample(&mut self, logits: &[f32], previous_tokens: &[u32]) -> u32 {
+        self.run(logits, previous_tokens, false, 0).0
+    }
+
+    /// Like [`sample`](Self::sample), also returning the chosen token's logprob and the `top_n`
+    /// most likely tokens with theirs (0 = none), all from `log_softmax` of the penalized,
+    /// temperature-scaled, unfiltered logits (see the module docs).
+    pub fn sample_with_logprobs(&mut self, logits: &[f32], previous_tokens: &[u32], top_n: usize) -> Sampled<'_> {
+        let (token, logprob) = self.run(logits, previous_tokens, true, top_n);
+        Sampled { token, logprob, top_logprobs: &self.top }
+    }
+
+    fn run(&mut self, logits: &[f32], previous: &[u32], want_logprobs: bool, top_n: usize) -> (u32, f32) {
+        self.top.clear();
+        if logits.is_empty() {
+            tracing::error!("sampling called with empty logits; returning token 0");
+            return (0, f32::NEG_INFINITY);
+        }
+        let greedy = self.params.is_greedy();
+        let max = self.prepare(logits, previous, greedy);
+        if max == f32::NEG_INFINITY {
+            tracing::warn!(vocab = logits.len(), "all logits are -inf or NaN; returning token 0");
+            return (0, f32::NEG_INFINITY);
+        }
+        let (token, z) = if greedy { (first_index_of(&self.s, max), None) } else { self.sample_processed(max) };
+        if !want_logprobs {
+            return (token, 0.0);
+        }
+        let z = match z {
+            Some(z) => z,
+            None => exp_sum(&self.s, max),
+        };
+        let log_z = z.ln();
+        let lp = |s: f32| ((s - max) as f64 - log_z) as f32;
+        let logprob = lp(self.s[token as usize]);
+        if top_n > 0 {
+            top_k_indices(&self.s, top_n, &mut self.idx, &mut self.vals);
+            self.band.clear();
+            self.band.extend(self.idx.iter().map(|&i| Cand { idx: i, s: self.s[i as usize], e: 0.0 }));
+            self.band.sort_unstable_by(by_prob_desc);
+            self.band.truncate(top_n);
+            self.top.extend(self.band.iter().map(|c| TokenLogprob { token: c.idx, logprob: lp(c.s) }));
+        }
+        (token, logprob)
+    }
+
+    /// Fills `self.s` with the penalized, temperature-scaled (unless greedy), sanitized logits and
+    /// returns their maximum.
+    fn prepare(&mut self, logits: &[f32], previous: &[u32], greedy: bool) -> f32 {
+        let vocab = logits.len();
+        self.s.resize(vocab, 0.0);
+        if self.marks.len() != vocab {
+            self.marks.clear();
+            self.marks.resize(vocab, 0);
+        }
+        let temp = if greedy { 1.0 } else { self.params.temperature };
+        let divide = temp != 1.0;
+        let mut max = if divide {
+            scale_sanitize_max::<true>(logits, &mut self.s, temp)
+        } else {
+            scale_sanitize_max::<false>(logits, &mut self.s, 1.0)
+        };
+
+        let rep = self.params.repetition_penalty;
+        let presence = self.params.presence_penalty;
+        let frequency = self.params.frequency_penalty;
+        if (rep == 1.0 && presence == 0.0 && frequency == 0.0) || previous.is_empty() {
+            return max;
+        }
+
+        // Count distinct history ids (and generated occurrences) in the reusable table.
+        let (prompt, generated) = previous.split_at(self.prompt_len.min(previous.len()));
+        self.touched.clear();
+        let mut out_of_range = 0usize;
+        if rep != 1.0 {
+            for &t in prompt {
+                match self.marks.get_mut(t as usize) {
+                    Some(m) if *m == 0 => {
+                        *m = 1;
+                        self.touched.push(t);
+                    }
+                    Some(_) => {}
+                    None => out_of_range += 1,
+                }
+            }
+        }
+        for &t in generated {
+            match self.marks.get_mut(t as usize) {
+                Some(m) => {
+                    if *m == 0 {
+                        self.touched.push(t);
+                        *m = 1;
+                    }
+                    *m += 1;
+                }
+                None => out_of_range += 1,
+            }
+        }
+        if out_of_range > 0 {
+            tracing::warn!(out_of_range, vocab, "previous token ids outside the vocabulary were ignored by penalties");
+        }
+
+        // Apply penalties on the raw logit (HF order), then temperature, and reset the table.
+        let mut recompute = false;
+        let mut new_max = f32::NEG_INFINITY;
+        for &t in &self.touched {
+            let i = t as usize;
+            let count = self.marks[i] - 1;
+            self.marks[i] = 0;
+            let mut x = logits[i];
+            if rep != 1.0 {
+                x = if x < 0.0 { x * rep } else { x / rep };
+            }
+            if count > 0 {
+                x -= frequency * count as f32;
+                x -= presence;
+            }
+            let y = sanitize(if divide { x / temp } else { x });
+            let old = self.s[i];
+            self.s[i] = y;
+            recompute |= old == max && y < max;
+            if y > new_max {
+                new_max = y;
+            }
+        }
+        max = if recompute { max_of(&self.s) } else { max.max(new_max) };
+        max
+    }
+
+    /// Non-greedy path on the processed logits in `self.s`. Returns the token and, when a
+    /// full-vocabulary exp pass was done, the softmax normalizer `sum(exp(s - max))`.
+    fn sample_processed(&mut self, max: f32) -> (u32, Option<f64>) {
+        let vocab = self.s.len();
+        let top_k = self.params.top_k;
+        let top_p = self.params.top_p;
+        let min_p = self.params.min_p;
+        let k_on = top_k > 0 && top_k < vocab;
+        let p_on = top_p < 1.0;
+        let m_on = min_p > 0.0;
+        self.kept.clear();
+        self.band.clear();
+
+        if k_on {
+            // top-k candidates (ties kept), then top-p / min-p on their renormalized softmax.
+            top_k_indices(&self.s, top_k, &mut self.idx, &mut self.vals);
+            let s = &self.s;
+            self.band.extend(self.idx.iter().map(|&i| {
+                let v = s[i as usize];
+                Cand { idx: i, s: v, e: fast_exp(v - max) }
+            }));
+            self.band.sort_unstable_by(by_prob_desc);
+            let z: f64 = self.band.iter().map(|c| c.e as f64).sum();
+            let target = if p_on { top_p as f64 * z } else { f64::INFINITY };
+            walk_prefix(&self.band, 0.0, target, min_p, &mut self.kept);
+            (draw(&self.kept, &mut self.rng), None)
+        } else if p_on {
+            let z = exp_pass(&self.s, max, &mut self.e, &mut self.block_sums);
+            let target = top_p as f64 * z;
+            let floor = if m_on { min_p } else { 0.0 };
+            let (t_hi, t_lo) = find_band(&self.e, target, floor);
+            // Tokens with e >= t_hi are certainly kept (their mass is < target); the band
+            // [t_lo, t_hi) contains the boundary and is the only part that gets sorted.
+            let (e, s) = (&self.e, &self.s);
+            for (ci, chunk) in e.chunks(CHUNK).enumerate() {
+                if chunk_max(chunk) < t_lo {
+                    continue;
+                }
+                let base = ci * CHUNK;
+                for (j, &x) in chunk.iter().enumerate() {
+                    if x >= t_lo {
+                        let i = base + j;
+                        let c = Cand { idx: i as u32, s: s[i], e: x };
+                        if x >= t_hi {
+                            self.kept.push(c);
+                        } else {
+                            self.band.push(c);
+                        }
+                    }
+                }
+            }
+            self.band.sort_unstable_by(by_prob_desc);
+            let above: f64 = self.kept.iter().map(|c| c.e as f64).sum();
+            walk_prefix(&self.band, above, target, min_p, &mut self.kept);
+            (draw(&self.kept, &mut self.rng), Some(z))
+        } else if m_on {
+            // min-p alone: prob >= min_p * max_prob <=> exp(s - max) >= min_p. Prefilter in log
+            // space with a margin, decide exactly on the computed probability.
+            let log_floor = (min_p as f64).ln() as f32 - 1e-3;
+            let s = &self.s;
+            for (ci, chunk) in s.chunks(CHUNK).enumerate() {
+                if chunk_max(chunk) - max < log_floor {
+                    continue;
+                }
+                let base = ci * CHUNK;
+                for (j, &x) in chunk.iter().enumerate() {
+                    let d = x - max;
+                    if d >= log_floor {
+                        let e = fast_exp(d);
+                        if e >= min_p {
+                            self.kept.push(Cand { idx: (base + j) as u32, s: x, e });
+                        }
+                    }
+                }
+            }
+            (draw(&self.kept, &mut self.rng), None)
+        } else {
+            let z = exp_pass(&self.s, max, &mut self.e, &mut self.block_sums);
+            let u = self.rng.random::<f64>() * z;
+            let token = draw_full(&self.e, &self.block_sums, u).unwrap_or_else(|| first_index_of(&self.s, max));
+            (token, Some(z))
+        }
+    }
+
+    /// Test hook: the processed logits of the last call.
+    #[cfg(test)]
+    fn processed(&self) -> &[f32] {
+        &self.s
+    }
+
+    /// Test hook: ids that survive top-k / top-p / min-p for these logits (sorted ascending).
+    /// Consumes one random draw.
+    #[cfg(test)]
+    fn kept_ids(&mut self, logits: &[f32], previous: &[u32]) -> Vec<u32> {
+        let max = self.prepare(logits, previous, false);
+        let vocab = self.s.len();
+        let (k_on, p_on, m_on) = (
+            self.params.top_k > 0 && self.params.top_k < vocab,
+            self.params.top_p < 1.0,
+            self.params.min_p > 0.0,
+        );
+        self.sample_processed(max);
+        let mut ids: Vec<u32> = if k_on || p_on || m_on {
+            self.kept.iter().map(|c| c.idx).collect()
+        } else {
+            (0..vocab as u32).collect()
+        };
+        ids.sort_unstable();
+        ids
+    }
+}
+
+/// Probability descending (processed logit descending), then token id ascending.
+fn by_prob_desc(a: &Cand, b: &Cand) -> Ordering {
+    b.s.partial_cmp(&a.s).unwrap_or(Ordering::Equal).then(a.idx.cmp(&b.idx))
+}
+
+/// Appends to `out` the prefix of `sorted` that top-p / min-p keep: a token is kept while the
+/// mass before it (starting at `mass_before`) is `< target` and its `e >= min_p`. The very first
+/// token overall is always kept.
+fn walk_prefix(sorted: &[Cand], mass_before: f64, target: f64, min_p: f32, out: &mut Vec<Cand>) {
+    let mut cum = mass_before;
+    for c in sorted {
+        if !out.is_empty() && (cum >= target || c.e < min_p) {
+            break;
+        }
+        cum += c.e as f64;
+        out.push(*c);
+    }
+}
+
+/// Inverse-CDF draw over the candidates' unnormalized probabilities.
+fn draw(kept: &[Cand], rng: &mut ChaCha8Rng) -> u32 {
+    let total: f64 = kept.iter().map(|c| c.e as f64).sum();
+    let u = rng.random::<f64>() * total;
+    let mut acc = 0.0f64;
+    for c in kept {
+        acc += c.e as f64;
+        if u < acc {
+            return c.idx;
+        }
+    }
+    // Rounding fallback: the last candidate with non-zero probability (or the first one).
+    kept.iter().rev().find(|c| c.e > 0.0).or(kept.first()).map_or(0, |c| c.idx)
+}
+
+/// Inverse-CDF draw over the full vocabulary using per-block sums; `None` only on rounding miss.
+fn draw_full(e: &[f32], block_sums: &[f64], u: f64) -> Option<u32> {
+    let mut acc = 0.0f64;
+    for (b, &bs) in block_sums.iter().enumerate() {
+        if u < acc + bs {
+            let start = b * BLOCK;
+            let block = &e[start..(start + BLOCK).min(e.len())];
+            let mut last = None;
+            for (j, &x) in block.iter().enumerate() {
+                if x > 0.0 {
+                    acc += x as f64;
+                    last = Some((start + j) as u32);
+                    if u < acc {
+                        return last;
+                    }
+                }
+            }
+            return last;
+        }
+        acc += bs;
+    }
+    None
+}
+
+#[inline(always)]
+fn sanitize(v: f32) -> f32 {
+    if v.is_nan() {
+        f32::NEG_INFINITY
+    } else if v > f32::MAX {
+        f32::MAX
+    } else {
+        v
+    }
+}
+
+/// `dst = sanitize(src / t)` (no division unless `DIV`), returning `max(dst)`.
+fn scale_sanitize_max<const DIV: bool>(src: &[f32], dst: &mut [f32], t: f32) -> f32 {
+    let (sc, sr) = src.as_chunks::<8>();
+    let (dc, dr) = dst.as_chunks_mut::<8>();
+    let mut m = [f32::NEG_INFINITY; 8];
+    for (q, o) in sc.iter().zip(dc.iter_mut()) {
+        for j in 0..8 {
+            let v = sanitize(if DIV { q[j] / t } else { q[j] });
+            o[j] = v;
+            if v > m[j] {
+                m[j] = v;
+            }
+        }
+    }
+    for (&x, o) in sr.iter().zip(dr.iter_mut()) {
+        let v = sanitize(if DIV { x / t } else { x });
+        *o = v;
+        if v > m[0] {
+            m[0] = v;
+        }
+    }
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+#[inline(always)]
+fn chunk_max(c: &[f32]) -> f32 {
+    let (ch, rest) = c.as_chunks::<8>();
+    let mut m = [f32::NEG_INFINITY; 8];
+    for q in ch {
+        for j in 0..8 {
+            if q[j] > m[j] {
+                m[j] = q[j];
+            }
+        }
+    }
+    for &x in rest {
+        if x > m[0] {
+            m[0] = x;
+        }
+    }
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+fn max_of(s: &[f32]) -> f32 {
+    chunk_max(s)
+}
+
+/// Lowest index holding `value` (the argmax when `value` is the maximum); 0 if absent.
+fn first_index_of(s: &[f32], value: f32) -> u32 {
+    for (ci, chunk) in s.chunks(CHUNK).enumerate() {
+        if chunk_max(chunk) >= value {
+            if let Some(j) = chunk.iter().position(|&x| x == value) {
+                return (ci * CHUNK + j) as u32;
+            }
+        }
+    }
+    0
+}
+
+/// `exp(x)` for `x <= 0` (Cephes `expf` polynomial, branch-free so it vectorizes). Inputs below
+/// -87 (including `-inf`) give exactly 0. Max relative error ~2e-7.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    const LO: f32 = -87.0;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let xc = if x < LO { LO } else { x };
+    let t = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = t.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let nf = t - MAGIC;
+    let r = xc - nf * 0.693_359_4 + nf * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n + 127) as u32) << 23);
+    if x < LO {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// `e = exp(s - max)` over the whole vocabulary; records per-block sums and returns the total.
+fn exp_pass(s: &[f32], max: f32, e: &mut Vec<f32>, block_sums: &mut Vec<f64>) -> f64 {
+    e.resize(s.len(), 0.0);
+    block_sums.clear();
+    let mut z = 0.0f64;
+    for (sb, eb) in s.chunks(BLOCK).zip(e.chunks_mut(BLOCK)) {
+        let (sc, sr) = sb.as_chunks::<8>();
+        let (ec, er) = eb.as_chunks_mut::<8>();
+        let mut acc = [0.0f32; 8];
+        for (q, o) in sc.iter().zip(ec.iter_mut()) {
+            for j in 0..8 {
+                let y = fast_exp(q[j] - max);
+                o[j] = y;
+                acc[j] += y;
+            }
+        }
+        for (&x, o) in sr.iter().zip(er.iter_mut()) {
+            let y = fast_exp(x - max);
+            *o = y;
+            acc[0] += y;
+        }
+        let b: f64 = acc.iter().map(|&a| a as f64).sum();
+        block_sums.push(b);
+        z += b;
+    }
+    z
+}
+
+/// `sum(exp(s - max))` without storing anything.
+fn exp_sum(s: &[f32], max: f32) -> f64 {
+    let mut z = 0.0f64;
+    for sb in s.chunks(BLOCK) {
+        let (sc, sr) = sb.as_chunks::<8>();
+        let mut acc = [0.0f32; 8];
+        for q in sc {
+            for j in 0..8 {
+                acc[j] += fast_exp(q[j] - max);
+            }
+        }
+        for &x in sr {
+            acc[0] += fast_exp(x - max);
+        }
+        z += acc.iter().map(|&a| a as f64).sum::<f64>();
+    }
+    z
+}
+
+/// Mass and count of the entries `>= t`.
+fn mass_count_ge(e: &[f32], t: f32) -> (f64, usize) {
+    let mut mass = 0.0f64;
+    let mut count = 0usize;
+    for blk in e.chunks(BLOCK) {
+        let (ch, rest) = blk.as_chunks::<8>();
+        let mut acc = [0.0f32; 8];
+        let mut cnt = [0u32; 8];
+        for q in ch {
+            for j in 0..8 {
+                let ge = q[j] >= t;
+                acc[j] += if ge { q[j] } else { 0.0 };
+                cnt[j] += ge as u32;
+            }
+        }
+        for &x in rest {
+            if x >= t {
+                acc[0] += x;
+                cnt[0] += 1;
+            }
+        }
+        mass += acc.iter().map(|&a| a as f64).sum::<f64>();
+        count += cnt.iter().map(|&c| c as usize).sum::<usize>();
+    }
+    (mass, count)
+}
+
+/// top-p threshold band on `e` (unnormalized probabilities, max exactly 1): returns
+/// `(t_hi, t_lo)` with `mass(e >= t_hi) < target`, so everything `>= t_hi` is kept, and either
+/// `mass(e >= t_lo) >= target` or `t_lo == floor` (the min-p floor), so nothing `< t_lo` is kept.
+/// Bisects until the band `[t_lo, t_hi)` holds at most [`BAND_MAX`] tokens (or cannot be split).
+fn find_band(e: &[f32], target: f64, floor: f32) -> (f32, f32) {
+    let mut t_hi = f32::INFINITY;
+    let mut c_hi = 0usize;
+    let mut lo = None;
+    for &t in &LADDER {
+        if t <= floor {
+            break;
+        }
+        let (m, c) = mass_count_ge(e, t);
+        if m >= target {
+            lo = Some((t, c));
+            break;
+        }
+        t_hi = t;
+        c_hi = c;
+    }
+    let (mut t_lo, mut c_lo) = match lo {
+        Some(x) => x,
+        None => (floor, mass_count_ge(e, floor).1),
+    };
+    let mut iters = 0;
+    while c_lo.saturating_sub(c_hi) > BAND_MAX && iters < 64 {
+        iters += 1;
+        let hi = t_hi.min(1.0);
+        let mid = if t_lo > 0.0 && hi > 2.0 * t_lo { hi.sqrt() * t_lo.sqrt() } else { 0.5 * (hi + t_lo) };
+        if !(mid > t_lo && mid < hi) {
+            break;
+        }
+        let (m, c) = mass_count_ge(e, mid);
+        if m >= target {
+            t_lo = mid;
+            c_lo = c;
+        } else {
+            t_hi = mid;
+            c_hi = c;
+        }
+    }
+    (t_hi, t_lo)
+}
+
+/// Indices of the `k` largest values of `s` plus any ties with the k-th value (HF top-k
+/// semantics), in no particular order. Streaming: a running threshold rejects most chunks.
+fn top_k_indices(s: &[f32], k: usize, out: &mut Vec<u32>, vals: &mut Vec<f32>) {
+    out.clear();
+    let k = k.max(1);
+    if k >= s.len() {
+        out.extend(0..s.len() as u32);
+        return;
+    }
+    let mut thr = f32::NEG_INFINITY;
+    let mut cap = (4 * k).max(512);
+    for (ci, chunk) in s.chunks(CHUNK).enumerate() {
+        if chunk_max(chunk) < thr {
+            continue;
+        }
+        let base = ci * CHUNK;
+        for (j, &x) in chunk.iter().enumerate() {
+            if x >= thr {
+                out.push((base + j) as u32);
+            }
+        }
+        if out.len() >= cap {
+            thr = kth_largest(s, out, k, vals);
+            out.retain(|&i| s[i as usize] >= thr);
+            if out.len() * 2 > cap {
+                cap *= 2; // many ties at the threshold
+            }
+        }
+    }
+    if out.len() > k {
+        thr = kth_largest(s, out, k, vals);
+        out.retain(|&i| s[i as usize] >= thr);
+    }
+}
+
+/// The k-th largest of `s[idx]` (requires `idx.len() >= k >= 1`).
+fn kth_largest(s: &[f32], idx: &[u32], k: usize, vals: &mut Vec<f32>) -> f32 {
+    vals.clear();
+    vals.extend(idx.iter().map(|&i| s[i as usize]));
+    let (_, kth, _) = vals.select_nth_unstable_by(k - 1, |a, b| b.partial_cmp(a).unwrap_or(Ordering::Equal));
+    *kth
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    fn rng(seed: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(seed)
+    }
+
+    fn normal(r: &mut ChaCha8Rng) -> f32 {
+        let u1: f64 = r.random::<f64>().max(1e-300);
+        let u2: f64 = r.random();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    fn random_logits(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| normal(r) * scale).collect()
+    }
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, min_p, seed: Some(7), ..SamplingParams::default() }
+    }
+
+    /// Brute-force reference: HF penalties + warpers on the full sorted vocabulary, in f64.
+    /// Returns the processed logits (f32, same arithmetic as the sampler) and the kept
+    /// distribution as (id, prob) with probs summing to 1.
+    struct Reference {
+        kept: Vec<(u32, f64)>,
+        /// For each filter boundary decision, how far (relative) it was from flipping.
+        margin: f64,
+    }
+
+    fn hf_penalize(logits: &[f32], p: &SamplingParams, prompt: &[u32], generated: &[u32]) -> Vec<f32> {
+        let mut x = logits.to_vec();
+        if p.repetition_penalty != 1.0 {
+            let mut seen = std::collections::BTreeSet::new();
+            for &t in prompt.iter().chain(generated) {
+                seen.insert(t as usize);
+            }
+            for t in seen {
+                let v = x[t];
+                x[t] = if v < 0.0 { v * p.repetition_penalty } else { v / p.repetition_penalty };
+            }
+        }
+        let mut counts = std::collections::BTreeMap::new();
+        for &t in generated {
+            *counts.entry(t as usize).or_insert(0u32) += 1;
+        }
+        for (t, c) in counts {
+            x[t] -= p.frequency_penalty * c as f32;
+            x[t] -= p.presence_penalty;
+        }
+        x
+    }
+
+    fn reference(logits: &[f32], p: &SamplingParams) -> Reference {
+        let s: Vec<f32> = logits.iter().map(|&l| sanitize(l / p.temperature)).collect();
+        let mut order: Vec<usize> = (0..s.len()).collect();
+        order.sort_by(|&a, &b| s[b].partial_cmp(&s[a]).unwrap_or(Ordering::Equal).then(a.cmp(&b)));
+        let max = s[order[0]] as f64;
+        let mut margin = f64::INFINITY;
+        // top-k: keep >= k-th value.
+        let mut n = order.len();
+        if p.top_k > 0 && p.top_k < n {
+            let kth = s[order[p.top_k - 1]];
+            n = order.iter().take_while(|&&i| s[i] >= kth).count();
+        }
+        let w: Vec<f64> = order[..n].iter().map(|&i| (s[i] as f64 - max).exp()).collect();
+        // top-p: keep while mass before < top_p.
+        if p.top_p < 1.0 {
+            let z: f64 = w.iter().sum();
+            let mut cum = 0.0;
+            let mut keep = 0;
+            let mut last_before = 0.0;
+            for (j, &x) in w.iter().enumerate() {
+                let before = cum / z;
+                if j > 0 && before >= p.top_p as f64 {
+                    // Distance of the decisive comparisons (first excluded, last kept) from flipping.
+                    margin = margin.min((before - p.top_p as f64).abs() / p.top_p as f64);
+                    break;
+                }
+                last_before = before;
+                cum += x;
+                keep += 1;
+            }
+            if keep > 1 {
+                margin = margin.min((last_before - p.top_p as f64).abs() / p.top_p as f64);
+            }
+            n = keep;
+        }
+        // min-p: keep prob >= min_p * max_prob.
+        if p.min_p > 0.0 {
+            let mut keep = 0;
+            for &x in &w[..n] {
+                if x < p.min_p as f64 {
+                    margin = margin.min((x - p.min_p as f64).abs() / p.min_p as f64);
+                    break;
+                }
+                if keep > 0 {
+                    margin = margin.min((x - p.min_p as f64).abs() / p.min_p as f64);
+                }
+                keep += 1;
+            }
+            n = keep.max(1);
+        }
+        let z: f64 = w[..n].iter().sum();
+        let kept = order[..n].iter().zip(&w).map(|(&i, &x)| (i as u32, x / z)).collect();
+        Reference { kept, margin }
+    }
+
+    #[test]
+    fn params_default_greedy_and_serde() {
+        let d = SamplingParams::default();
+        assert_eq!(d.temperature, 1.0);
+        assert!(!d.is_greedy());
+        assert!(SamplingParams::greedy().is_greedy());
+        assert!(d.validate().is_ok());
+        let parsed: SamplingParams = serde_json::from_str(r#"{"temperature":0.5,"top_p":0.9}"#).unwrap();
+        assert_eq!(parsed.temperature, 0.5);
+        assert_eq!(parsed.top_p, 0.9);
+        assert_eq!(parsed.top_k, 0);
+        assert_eq!(parsed.repetition_penalty, 1.0);
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        let cases: Vec<(SamplingParams, &str, &str)> = vec![
+            (SamplingParams { temperature: -0.5, ..Default::default() }, "temperature", "-0.5"),
+            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature", "NaN"),
+            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p", "0"),
+            (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p", "1.5"),
+            (SamplingParams { min_p: -0.1, ..Default::default() }, "min_p", "-0.1"),
+            (SamplingParams { min_p: 1.01, ..Default::default() }, "min_p", "1.01"),
+            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty", "0"),
+            (SamplingParams { repetition_penalty: -1.0, ..Default::default() }, "repetition_penalty", "-1"),
+            (SamplingParams { presence_penalty: f32::INFINITY, ..Default::default() }, "presence_penalty", "inf"),
+            (SamplingParams { frequency_penalty: f32::NAN, ..Default::default() }, "frequency_penalty", "NaN"),
+        ];
+        for (p, field, value) in cases {
+            let err = p.validate().expect_err(field);
+            let SamplingError::InvalidParam { field: f, .. } = &err;
+            assert_eq!(*f, field);
+            let msg = err.to_string();
+            assert!(msg.contains(field) && msg.contains(value), "{msg}");
+            assert!(Sampler::new(p).is_err());
+        }
+        assert!(SamplingParams { top_p: 1.0, min_p: 1.0, temperature: 0.0, ..Default::default() }.validate().is_ok());
+    }
+
+    #[test]
+    fn fast_exp_accuracy() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let got = fast_exp(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max((got - want).abs() / want);
+            x += 0.000_731;
+        }
+        assert!(worst < 4e-7, "max relative error {worst}");
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp(-100.0), 0.0);
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_lowest_index_ties() {
+        let mut r = rng(1);
+        let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+        for n in [1usize, 7, 64, 65, 1000, 151_936] {
+            for case in 0..5 {
+                let mut logits = random_logits(&mut r, n, 3.0);
+                if n > 10 && case % 2 == 0 {
+                    // Plant ties at the maximum.
+                    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) + 1.0;
+                    let a = r.random_range(0..n);
+                    let b = r.random_range(0..n);
+                    logits[a] = m;
+                    logits[b] = m;
+                }
+                if n > 10 && case == 3 {
+                    logits[r.random_range(0..n)] = f32::NAN;
+                }
+                let mut best = 0;
+                for i in 0..n {
+                    let v = if logits[i].is_nan() { f32::NEG_INFINITY } else { logits[i] };
+                    let b = if logits[best].is_nan() { f32::NEG_INFINITY } else { logits[best] };
+                    if v > b {
+                        best = i;
+                    }
+                }
+                assert_eq!(sampler.sample(&logits, &[]), best as u32, "n={n} case={case}");
+            }
+        }
+        assert_eq!(sampler.sample(&[1.0, 3.0, 3.0, 2.0], &[]), 1);
+        assert_eq!(sampler.sample(&[5.0, 5.0], &[]), 0);
+        // Degenerate input does not panic.
+        assert_eq!(sampler.sample(&[], &[]), 0);
+        assert_eq!(sampler.sample(&[f32::NAN, f32::NEG_INFINITY], &[]), 0);
+    }
+
+    #[test]
+    fn greedy_with_penalties_matches_hf() {
+        let mut r = rng(2);
+        for case in 0..20 {
+            let n = 5000;
+            let logits = random_logits(&mut r, n, 2.0);
+            let prev: Vec<u32> = (0..300).map(|_| r.random_range(0..n as u32 / 10)).collect();
+            let prompt_len = 100;
+            let p = SamplingParams {
+                temperature: 0.0,
+                repetition_penalty: [1.3f32, 0.8][case % 2],
+                presence_penalty: 0.5,
+                frequency_penalty: 0.25,
+                ..Default::default()
+            };
+            let want = hf_penalize(&logits, &p, &prev[..prompt_len], &prev[prompt_len..]);
+            let mut sampler = Sampler::new(p).unwrap();
+            sampler.set_prompt_len(prompt_len);
+            let tok = sampler.sample(&logits, &prev);
+            assert_eq!(sampler.processed(), &want[..]);
+            let best = (0..n).fold(0, |b, i| if want[i] > want[b] { i } else { b });
+            assert_eq!(tok, best as u32);
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_hf_formula_once_per_distinct_token() {
+        let logits = [2.0f32, -2.0, 0.0, 4.0, -1.0, 3.0];
+        let p = SamplingParams { temperature: 0.0, repetition_penalty: 2.0, ..Default::default() };
+        let mut s = Sampler::new(p).unwrap();
+        s.set_prompt_len(3);
+        // token 0 three times, token 1 twice, token 2 once; 3..5 never.
+        s.sample(&logits, &[0, 1, 0, 0, 2, 1]);
+        assert_eq!(s.processed(), &[1.0, -4.0, 0.0, 4.0, -1.0, 3.0]);
+        // The count table is reset between calls: a call without history is unpenalized.
+        s.sample(&logits, &[]);
+        assert_eq!(s.processed(), &logits);
+        // Penalty < 1 boosts (HF semantics).
+        let mut s = Sampler::new(SamplingParams { temperature: 0.0, repetition_penalty: 0.5, ..Default::default() }).unwrap();
+        s.sample(&logits, &[0, 1]);
+        assert_eq!(&s.processed()[..2], &[4.0, -1.0]);
+        // Out-of-range history ids are ignored.
+        s.sample(&logits, &[0, 99, u32::MAX]);
+        assert_eq!(&s.processed()[..2], &[4.0, -2.0]);
+    }
+
+    #[test]
+    fn presence_frequency_penalties_count_generated_only() {
+        let logits = [1.0f32, 1.0, 1.0, 1.0];
+        let p = SamplingParams { temperature: 0.0, presence_penalty: 0.5, frequency_penalty: 0.25, ..Default::default() };
+        let mut s = Sampler::new(p.clone()).unwrap();
+        s.set_prompt_len(2);
+        // prompt = [3, 0]; generated = [0, 1, 0]
+        s.sample(&logits, &[3, 0, 0, 1, 0]);
+        assert_eq!(s.processed(), &[1.0 - 0.5 - 0.5, 1.0 - 0.25 - 0.5, 1.0, 1.0]);
+        // prompt_len 0 (default): everything counts as generated.
+        let mut s = Sampler::new(p).unwrap();
+        s.sample(&logits, &[3, 0, 0, 1, 0]);
+        assert_eq!(s.processed(), &[1.0 - 0.75 - 0.5, 1.0 - 0.25 - 0.5, 1.0, 1.0 - 0.25 - 0.5]);
+        // Combined with repetition penalty and temperature: rep on raw, then -=, then / T.
+        let p = SamplingParams { temperature: 0.5, repetition_penalty: 2.0, presence_penalty: 0.5, frequency_penalty: 0.25, ..Default::default() };
+        let mut s = Sampler::new(p).unwrap();
+        s.set_prompt_len(1);
+        s.sample(&[3.0, -3.0, 1.0], &[2, 0, 1, 1]);
+        assert_eq!(s.processed(), &[(1.5 - 0.25 - 0.5) / 0.5, (-6.0 - 0.5 - 0.5) / 0.5, 0.5 / 0.5]);
+    }
+
+    fn total_variation(counts: &[u64], kept: &[(u32, f64)], draws: u64) -> f64 {
+        let mut want = vec![0.0; counts.len()];
+        for &(i, p) in kept {
+            want[i as usize] = p;
+        }
+        0.5 * counts.iter().zip(&want).map(|(&c, &w)| (c as f64 / draws as f64 - w).abs()).sum::<f64>()
+    }
+
+    #[test]
+    fn sampled_frequencies_match_filtered_softmax() {
+        let logits = [1.2f32, -0.3, 2.5, 0.0, 2.4, -1.7, 0.8, 1.9, -3.0, 0.4, 2.5, -0.9];
+        let configs = [
+            params(1.0, 0, 1.0, 0.0),
+            params(0.7, 0, 1.0, 0.0),
+            params(1.3, 4, 1.0, 0.0),
+            params(0.9, 0, 0.8, 0.0),
+            params(1.0, 0, 1.0, 0.15),
+            params(1.2, 7, 0.9, 0.1),
+            params(2.0, 6, 0.75, 0.02),
+        ];
+        let draws = 200_000u64;
+        for p in configs {
+            let reference = reference(&logits, &p);
+            assert!(reference.margin > 1e-3, "test logits too close to a boundary for {p:?}");
+            let mut sampler = Sampler::new(p.clone()).unwrap();
+            let mut counts = vec![0u64; logits.len()];
+            for _ in 0..draws {
+                counts[sampler.sample(&logits, &[]) as usize] += 1;
+            }
+            let allowed: Vec<u32> = reference.kept.iter().map(|k| k.0).collect();
+            for (i, &c) in counts.iter().enumerate() {
+                if !allowed.contains(&(i as u32)) {
+                    assert_eq!(c, 0, "filtered token {i} sampled under {p:?}");
+                }
+            }
+            let tv = total_variation(&counts, &reference.kept, draws);
+            assert!(tv < 0.01, "TV {tv} for {p:?}");
+        }
+    }
+
+    #[test]
+    fn sampled_frequencies_large_vocab() {
+        // A realistic-size vocabulary exercising the full-vocab paths (threshold band, CDF blocks).
+        let mut r = rng(11);
+        let n = 151_936;
+        let mut logits = random_logits(&mut r, n, 1.0);
+        let peaks = [17u32, 40_000, 77_777, 151_935, 100_001];
+        for (j, &i) in peaks.iter().enumerate() {
+            logits[i as usize] = 12.0 - j as f32 * 0.4;
+        }
+        let draws = 20_000u64;
+        for p in [params(1.0, 0, 1.0, 0.0), params(0.8, 0, 0.95, 0.0), params(1.0, 0, 1.0, 0.01), params(0.9, 3, 0.99, 0.0)] {
+            let reference = reference(&logits, &p);
+            let mut sampler = Sampler::new(p.clone()).unwrap();
+            let mut counts = vec![0u64; n];
+            for _ in 0..draws {
+                counts[sampler.sample(&logits, &[]) as usize] += 1;
+            }
+            let allowed: std::collections::HashSet<u32> = reference.kept.iter().map(|k| k.0).collect();
+            for (i, &c) in counts.iter().enumerate() {
+                assert!(c == 0 || allowed.contains(&(i as u32)), "token {i} outside kept set for {p:?}");
+            }
+            // Compare on the peaks + one "rest" bucket (few draws, so coarse buckets).
+            let mut got = [0f64; 6];
+            let mut want = [0f64; 6];
+            for (i, &c) in counts.iter().enumerate() {
+                let b = peaks.iter().position(|&q| q as usize == i).unwrap_or(5);
+                got[b] += c as f64 / draws as f64;
+            }
+            for &(i, q) in &reference.kept {
+                let b = peaks.iter().position(|&x| x == i).unwrap_or(5);
+                want[b] += q;
+            }
+            let tv = 0.5 * got.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f64>();
+            assert!(tv < 0.02, "TV {tv} for {p:?}: got {got:?} want {want:?}");
+        }
+    }
+
+    /// Checks the sampler's kept set against the brute-force reference; returns false when they
+    /// differ only because a boundary decision was within rounding distance.
+    fn check_kept(sampler: &mut Sampler, logits: &[f32], p: &SamplingParams, what: &str) -> bool {
+        let reference = reference(logits, p);
+        let mut want: Vec<u32> = reference.kept.iter().map(|k| k.0).collect();
+        want.sort_unstable();
+        let got = sampler.kept_ids(logits, &[]);
+        if got != want {
+            assert!(reference.margin < 1e-5, "{what}: kept set differs (got {} want {}) for {p:?}", got.len(), want.len());
+            return false;
+        }
+        true
+    }
+
+    #[test]
+    fn top_p_keeps_smallest_prefix_random_logits() {
+        let mut r = rng(3);
+        let mut ambiguous = 0;
+        let mut total = 0;
+        for seed in 0..300u64 {
+            let n = [10usize, 100, 3000, 20_000][seed as usize % 4];
+            let scale = [0.5f32, 2.0, 6.0][seed as usize % 3];
+            let logits = random_logits(&mut r, n, scale);
+            let top_p: f32 = r.random_range(0.01..1.0);
+            let t: f32 = r.random_range(0.3..2.0);
+            let p = SamplingParams { temperature: t, top_p, seed: Some(seed), ..Default::default() };
+            let mut sampler = Sampler::new(p.clone()).unwrap();
+            total += 1;
+            if !check_kept(&mut sampler, &logits, &p, "top-p") {
+                ambiguous += 1;
+            }
+        }
+        assert!(ambiguous <= 3, "{ambiguous}/{total} ambiguous boundaries");
+    }
+
+    #[test]
+    fn top_p_with_ties_at_boundary() {
+        // Heavily quantized logits create large tie groups straddling the boundary; lower ids win.
+        let mut r = rng(4);
+        for seed in 0..200u64 {
+            let n = [8usize, 50, 500, 6000][seed as usize % 4];
+            let levels = [1usize, 2, 3, 5][(seed as usize / 4) % 4];
+            let logits: Vec<f32> = (0..n).map(|_| r.random_range(0..levels) as f32 * 0.5).collect();
+            let top_p: f32 = r.random_range(0.05..0.999);
+            let p = SamplingParams { temperature: 1.0, top_p, seed: Some(seed), ..Default::default() };
+            let mut sampler = Sampler::new(p.clone()).unwrap();
+            check_kept(&mut sampler, &logits, &p, "top-p ties");
+        }
+        // Hand-checkable: 4 equal tokens, p = 0.5 -> the two lowest ids.
+        let p = SamplingParams { top_p: 0.5, seed: Some(1), ..Default::default() };
+        let mut sampler = Sampler::new(p).unwrap();
+        assert_eq!(sampler.kept_ids(&[0.0, 0.0, 0.0, 0.0], &[]), vec![0, 1]);
+        let p = SamplingParams { top_p: 0.51, seed: Some(1), ..Default::default() };
+        let mut sampler = Sampler::new(p).unwrap();
+        assert_eq!(sampler.kept_ids(&[0.0, 0.0, 0.0, 0.0], &[]), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn flat_distribution_forces_band_bisection() {
+        // 150k nearly-equal logits: the band search must bisect (band > BAND_MAX) and stay exact.
+        let mut r = rng(5);
+        for case in 0..4u64 {
+            let logits: Vec<f32> = if case == 3 {
+                vec![0.25; 151_936]
+            } else {
+                (0..151_936).map(|_| r.random_range(0..1000) as f32 * 1e-3).collect()
+            };
+            let p = SamplingParams { top_p: [0.3f32, 0.9, 0.999, 0.6][case as usize], seed: Some(case), ..Default::default() };
+            let mut sampler = Sampler::new(p.clone()).unwrap();
+            check_kept(&mut sampler, &logits, &p, "flat");
+        }
+    }
+
+    #[test]
+    fn top_k_min_p_and_combined_match_reference() {
+        let mut r = rng(6);
+        let mut ambiguous = 0;
+        for seed in 0..300u64 {
+            let n = [20usize, 700, 5000][seed as usize % 3];
+            let quantized = seed % 5 == 0;
+            let logits: Vec<f32> =
+                if quantized { (0..n).map(|_| r.random_range(0..6) as f32).collect() } else { random_logits(&mut r, n, 3.0) };
+            let top_k = [0usize, 1, 5, 50, 2000][seed as usize % 5];
+            let top_p = if seed % 3 == 0 { 1.0 } else { r.random_range(0.05..1.0) };
+            let min_p = if seed % 4 == 0 { 0.0 } else { r.random_range(0.001..0.5) };
+            let p = SamplingParams { temperature: r.random_range(0.5..1.5), top_k, top_p, min_p, seed: Some(seed), ..Default::default() };
+            let mut sampler = Sampler::new(p.clone()).unwrap();
+            if !check_kept(&mut sampler, &logits, &p, "combined") {
+                ambiguous += 1;
+            }
+        }
+        assert!(ambiguous <= 3, "{ambiguous} ambiguous boundaries");
+        // HF top-k keeps every tie at the k-th value.
+        let p = SamplingParams { top_k: 2, seed: Some(1), ..Default::default() };
+        let mut sampler = Sampler::new(p).unwrap();
+        assert_eq!(sampler.kept_ids(&[1.0, 3.0, 2.0, 2.0, 0.0, 2.0], &[]), vec![1, 2, 3, 5]);
+        // min_p = 1 keeps exactly the argmax (and its ties).
+        let p = SamplingParams { min_p: 1.0, seed: Some(1), ..Default::default() };
+        let mut sampler = Sampler::new(p).unwrap();
+        assert_eq!(sampler.kept_ids(&[1.0, 3.0, 2.0, 3.0], &[]), vec![1, 3]);
+    }
+
+    #[test]
+    fn same_seed_same_sequence_different_seed_differs() {
+        let mut r = rng(8);
+        let logits = random_logits(&mut r, 151_936, 2.0);
+        for base in [params(1.0, 0, 1.0, 0.0), params(0.8, 40, 0.9, 0.0), params(1.0, 0, 0.95, 0.0), params(1.0, 0, 1.0, 0.001)] {
+            let run = |seed: u64| {
+                let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..base.clone() }).unwrap();
+                (0..64).map(|_| s.sample(&logits, &[])).collect::<Vec<u32>>()
+            };
+            assert_eq!(run(42), run(42), "{base:?}");
+            assert_ne!(run(42), run(43), "{base:?}");
+            // reseed restarts the stream.
+            let mut s = Sampler::new(SamplingParams { seed: Some(42), ..base.clone() }).unwrap();
+            let first: Vec<u32> = (0..16).map(|_| s.sample(&logits, &[])).collect();
+            s.reseed(42);
+            let again: Vec<u32> = (0..16).map(|_| s.sample(&logits, &[])).collect();
+            assert_eq!(first, again);
+        }
+        // Entropy seeding works.
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert!((s.sample(&logits, &[]) as usize) < logits.len());
+    }
+
+    #[test]
+    fn logprobs_match_log_softmax_of_processed_logits() {
+        let mut r = rng(9);
+        let n = 30_000;
+        let logits = random_logits(&mut r, n, 3.0);
+        let prev: Vec<u32> = (0..200).map(|_| r.random_range(0..n as u32)).collect();
+        for p in [
+            SamplingParams { temperature: 0.0, repetition_penalty: 1.2, ..Default::default() },
+            SamplingParams { temperature: 0.7, top_p: 0.9, repetition_penalty: 1.2, frequency_penalty: 0.3, seed: Some(1), ..Default::default() },
+            SamplingParams { temperature: 1.3, top_k: 20, min_p: 0.05, presence_penalty: 0.4, seed: Some(2), ..Default::default() },
+        ] {
+            let t = if p.is_greedy() { 1.0 } else { p.temperature } as f64;
+            let pen = hf_penalize(&logits, &p, &prev[..50], &prev[50..]);
+            let x: Vec<f64> = pen.iter().map(|&v| (v as f64) / t).collect();
+            let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            let mut sampler = Sampler::new(p.clone()).unwrap();
+            sampler.set_prompt_len(50);
+            let out = sampler.sample_with_logprobs(&logits, &prev, 5);
+            let want = x[out.token as usize] - lse;
+            assert!((out.logprob as f64 - want).abs() < 1e-4, "{} vs {want} for {p:?}", out.logprob);
+            assert_eq!(out.top_logprobs.len(), 5);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| x[b].partial_cmp(&x[a]).unwrap().then(a.cmp(&b)));
+            for (k, tl) in out.top_logprobs.iter().enumerate() {
+                assert_eq!(tl.token as usize, order[k]);
+                assert!((tl.logprob as f64 - (x[order[k]] - lse)).abs() < 1e-4);
+            }
+            if p.is_greedy() {
+                assert_eq!(out.token as usize, order[0]);
+            }
+        }
+    }
+}
