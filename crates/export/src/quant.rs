@@ -32,13 +32,22 @@
 //! every element is ~14% larger (RMS), while `m / -8` only loses on elements of the opposite
 //! sign beyond 7.5 steps, rare within a block. On Gaussian weights the RMS error is 11-12%
 //! lower (relative RMS error 0.076 / 0.086 / 0.095 / 0.103 of the weights' RMS at block 16 /
-//! 32 / 64 / 128, against 0.085 / 0.097 / 0.108 / 0.117 for `absmax / 7`). The per-element error is `<= |scale| / 2`, except those clamped
-//! opposite-side elements, whose error is `<= |scale|`.
+//! 32 / 64 / 128, against 0.085 / 0.097 / 0.108 / 0.117 for `absmax / 7`). The per-element
+//! error is `<= |scale| / 2`, except those clamped opposite-side elements, whose error is
+//! `<= |scale|`.
 //!
 //! Padding: when K is not a multiple of the block size the last block's tail is quantized as
 //! zeros (code 8, dequantizes to exactly 0); ORT reads only K elements of A, so the tail never
 //! contributes. An all-zero block has scale 0 and codes 8 (no division by zero: the
 //! reciprocal of a zero scale is taken as 0, as in MLAS).
+//!
+//! ## ONNX Runtime 1.31.1 CPU kernel (tests/int4_matmulnbits.rs)
+//!
+//! * A (and scales, bias) in float32 or float16 run; bfloat16 has no CPU kernel ("Could not
+//!   find an implementation for MatMulNBits").
+//! * float32 A with `accuracy_level` 0 (and 1..3, same result) matches `A @ dequantize(W)^T`
+//!   to ~3e-7 of the output's scale; `accuracy_level` 4 quantizes A to int8 per block
+//!   (faster) and agrees only to ~1e-2. Any K (odd, or < block size) and blocks 16..256 work.
 
 use anyhow::{bail, ensure, Context, Result};
 use half::{bf16, f16};
@@ -157,8 +166,18 @@ pub fn quantize_row(
 ) -> Result<()> {
     check_scale_dtype(scale_dtype)?;
     ensure!(row.len() == layout.k, "row has {} weights, expected K={}", row.len(), layout.k);
-    ensure!(packed.len() == layout.row_bytes(), "packed row buffer has {} bytes, expected {}", packed.len(), layout.row_bytes());
-    ensure!(scales.len() == layout.k_blocks(), "scales row buffer has {} values, expected {}", scales.len(), layout.k_blocks());
+    ensure!(
+        packed.len() == layout.row_bytes(),
+        "packed row buffer has {} bytes, expected {}",
+        packed.len(),
+        layout.row_bytes()
+    );
+    ensure!(
+        scales.len() == layout.k_blocks(),
+        "scales row buffer has {} values, expected {}",
+        scales.len(),
+        layout.k_blocks()
+    );
     let bs = layout.block_size;
     for (b, (scale_out, blob)) in scales.iter_mut().zip(packed.chunks_exact_mut(layout.blob_size())).enumerate() {
         let block = &row[b * bs..((b + 1) * bs).min(layout.k)];
@@ -286,7 +305,13 @@ pub fn scales_bytes(scales: &[f32], dtype: TensorDtype) -> Result<Vec<u8>> {
 pub fn read_row_f32(t: &TensorRef, row: usize, out: &mut [f32]) -> Result<()> {
     ensure!(t.shape.len() == 2, "tensor {} should be 2-D, has shape {:?}", t.name, t.shape);
     let cols = t.shape[1];
-    ensure!(out.len() == cols && row < t.shape[0], "row {row} / buffer {} outside tensor {} {:?}", out.len(), t.name, t.shape);
+    ensure!(
+        out.len() == cols && row < t.shape[0],
+        "row {row} / buffer {} outside tensor {} {:?}",
+        out.len(),
+        t.name,
+        t.shape
+    );
     match t.dtype {
         Dtype::F32 => {
             let bytes = &t.data[row * cols * 4..(row + 1) * cols * 4];
@@ -298,10 +323,16 @@ pub fn read_row_f32(t: &TensorRef, row: usize, out: &mut [f32]) -> Result<()> {
             let bytes = &t.data[row * cols * 2..(row + 1) * cols * 2];
             let bf = t.dtype == Dtype::BF16;
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = if bf { bf16::from_le_bytes([c[0], c[1]]).to_f32() } else { f16::from_le_bytes([c[0], c[1]]).to_f32() };
+                *o = if bf {
+                    bf16::from_le_bytes([c[0], c[1]]).to_f32()
+                } else {
+                    f16::from_le_bytes([c[0], c[1]]).to_f32()
+                };
             }
         }
-        other => bail!("tensor {} in {} has dtype {other}; int4 quantization reads F32, F16, BF16", t.name, t.file.display()),
+        other => {
+            bail!("tensor {} in {} has dtype {other}; int4 quantization reads F32, F16, BF16", t.name, t.file.display())
+        }
     }
     Ok(())
 }
@@ -381,7 +412,8 @@ pub fn matmul_nbits_rows(
             .with_context(|| format!("quantizing {name}"))?;
         Ok(())
     })?;
-    let s_name = g.initializer(&format!("{name}.scales"), dtype, &layout.scales_shape(), &scales_bytes(&scales, dtype)?)?;
+    let s_name =
+        g.initializer(&format!("{name}.scales"), dtype, &layout.scales_shape(), &scales_bytes(&scales, dtype)?)?;
 
     let mut inputs: Vec<&str> = vec![x, &b_name, &s_name];
     if let Some(b) = bias {
@@ -476,7 +508,10 @@ mod tests {
                             let err = (x - y).abs();
                             let clamped = code_at(&l, &q.packed, r, c) == 15 && (x / s).abs() > 7.5;
                             let bound = if clamped { s } else { s / 2.0 };
-                            assert!(err <= bound * (1.0 + 1e-5) + 1e-30, "bs {bs} k {k} {dtype:?} ({r},{c}): w {x} dq {y} scale {s}");
+                            assert!(
+                                err <= bound * (1.0 + 1e-5) + 1e-30,
+                                "bs {bs} k {k} {dtype:?} ({r},{c}): w {x} dq {y} scale {s}"
+                            );
                         }
                     }
                     // The block's extreme element is reproduced (exactly in f32).

@@ -26,6 +26,14 @@ impl ExecutionProvider {
         }
     }
 
+    /// The GPU a session runs on (None on the CPU).
+    pub fn device_id(&self) -> Option<i32> {
+        match self {
+            ExecutionProvider::Cpu { .. } => None,
+            ExecutionProvider::Cuda { device_id } | ExecutionProvider::TensorRt { device_id } => Some(*device_id),
+        }
+    }
+
     pub fn parse(name: &str, device_id: i32) -> Result<Self> {
         match name {
             "cpu" => Ok(ExecutionProvider::Cpu { threads: None }),
