@@ -51,7 +51,10 @@ pub fn cpu_settings(last_token_logits: bool) -> ExportSettings {
         fused_norms: true,
         fused_qk_norm: false,
         fused_gate_up: false,
+        fused_qkv: false,
         int4_block_size: 32,
+        int4_lm_head: false,
+        int4_accuracy_level: 0,
     }
 }
 

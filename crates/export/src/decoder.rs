@@ -24,7 +24,14 @@ pub struct ExportSettings {
     pub fused_norms: bool,
     pub fused_qk_norm: bool,
     pub fused_gate_up: bool,
+    /// q, k and v projections as one MatMul (fed packed to GroupQueryAttention when no
+    /// separate q/k norm sits between them).
+    pub fused_qkv: bool,
     pub int4_block_size: usize,
+    /// With int4: quantize the lm_head too (embeddings stay 16-bit for Gather).
+    pub int4_lm_head: bool,
+    /// MatMulNBits accuracy_level (0: default; 4: int8 activations on the CPU).
+    pub int4_accuracy_level: i64,
 }
 
 pub const PAST_KEY: &str = "past_key_values.{layer}.key";
@@ -39,21 +46,26 @@ impl ExportSettings {
             Precision::Fp32 => TensorDtype::Float32,
             Precision::Fp16 => TensorDtype::Float16,
             Precision::Bf16 => TensorDtype::Bfloat16,
-            // int4 graphs keep fp16 activations (MatMulNBits' fastest CUDA path).
+            // int4 graphs keep fp16 activations on the GPU (MatMulNBits' fastest CUDA path)
+            // and fp32 on the CPU (its GroupQueryAttention kernel we test against is fp32).
+            Precision::Int4 if self.target_ep == TargetEp::Cpu => TensorDtype::Float32,
             Precision::Int4 => TensorDtype::Float16,
         }
     }
 
     /// Refuses combinations the target cannot run, with the reason.
     pub fn validate(&self, text: &TextConfig) -> Result<()> {
-        if self.target_ep == TargetEp::Cpu && self.precision != Precision::Fp32 {
+        if self.target_ep == TargetEp::Cpu && matches!(self.precision, Precision::Fp16 | Precision::Bf16) {
             bail!(
-                "--precision {} needs --ep cuda or tensorrt: ONNX Runtime's CPU GroupQueryAttention runs fp32 only",
+                "--precision {} needs --ep cuda or tensorrt: CPU graphs are fp32 (or int4 weights with fp32 activations)",
                 self.precision.as_str()
             );
         }
-        if self.precision == Precision::Int4 {
-            bail!("--precision int4 is not implemented yet (MatMulNBits export lands with the GPU work)");
+        if self.precision == Precision::Int4 && (self.int4_block_size < 16 || !self.int4_block_size.is_power_of_two()) {
+            bail!("--int4-block-size {} must be a power of two >= 16", self.int4_block_size);
+        }
+        if self.int4_lm_head && self.precision != Precision::Int4 {
+            bail!("--int4-lm-head only applies with --precision int4");
         }
         if self.target_ep == TargetEp::Cpu && self.fused_qk_norm {
             bail!("--fused-qk-norm needs --ep cuda: the CPU GroupQueryAttention kernel rejects q/k norm inputs");
@@ -207,50 +219,96 @@ impl<'a> DecoderBuilder<'a> {
         Ok(name)
     }
 
-    /// y = x @ W^T (+ b): the weight is transposed at export so the graph runs a plain MatMul.
+    /// y = x @ W^T (+ b): the weight is transposed at export so the graph runs a plain MatMul
+    /// (or MatMulNBits on the (out, in) weight itself with int4).
     pub fn linear(&mut self, x: &str, hf_prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<String> {
-        let w = self.linear_weight(&format!("{hf_prefix}.weight"), in_dim, out_dim)?;
-        let y = self.g.node("MatMul", hf_prefix).inputs(&[x, &w]).out();
+        self.linear_parts(x, hf_prefix, &[hf_prefix.to_string()], in_dim, &[out_dim], bias)
+    }
+
+    /// One MatMul over several projections of the same input, their output features
+    /// concatenated in order (q|k|v, gate|up); biases concatenated likewise. int4 graphs
+    /// quantize decoder projections; the lm_head only with `int4_lm_head`.
+    pub fn linear_parts(
+        &mut self,
+        x: &str,
+        node_name: &str,
+        hf_prefixes: &[String],
+        in_dim: usize,
+        out_dims: &[usize],
+        bias: bool,
+    ) -> Result<String> {
+        let quantize = self.settings.precision == Precision::Int4;
+        self.projection(x, node_name, hf_prefixes, in_dim, out_dims, bias, quantize)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn projection(
+        &mut self,
+        x: &str,
+        node_name: &str,
+        hf_prefixes: &[String],
+        in_dim: usize,
+        out_dims: &[usize],
+        bias: bool,
+        quantize: bool,
+    ) -> Result<String> {
+        let tensors = hf_prefixes
+            .iter()
+            .zip(out_dims)
+            .map(|(p, &out)| self.ck.tensor(&format!("{p}.weight"), &[out, in_dim]))
+            .collect::<Result<Vec<_>>>()?;
+        let read: usize = tensors.iter().map(|t| t.data.len()).sum();
+        let total_out: usize = out_dims.iter().sum();
+        let dtype = self.dtype;
+        let y = if quantize {
+            crate::quant::matmul_nbits_parts(
+                &mut self.g,
+                x,
+                &tensors,
+                node_name,
+                self.settings.int4_block_size,
+                dtype,
+                self.settings.int4_accuracy_level,
+                None,
+            )?
+        } else {
+            let w_name = format!("{node_name}.weight");
+            let w = if let [t] = tensors.as_slice() {
+                self.g.initializer_with(&w_name, dtype, &[in_dim, total_out], |sink| write_transposed(t, dtype, sink))?
+            } else {
+                self.g.initializer_with(&w_name, dtype, &[in_dim, total_out], |sink| {
+                    // Row r of the fused (in, out) matrix is row r of each part's transpose.
+                    let parts: Vec<Vec<f32>> = tensors.iter().map(to_f32_vec).collect();
+                    let mut row = Vec::with_capacity(total_out * dtype.size_bytes());
+                    for r in 0..in_dim {
+                        row.clear();
+                        for (p, &out) in parts.iter().zip(out_dims) {
+                            for o in 0..out {
+                                push_f32(dtype, p[o * in_dim + r], &mut row);
+                            }
+                        }
+                        sink.write(&row)?;
+                    }
+                    Ok(())
+                })?
+            };
+            self.g.node("MatMul", node_name).inputs(&[x, &w]).out()
+        };
+        self.advance(read);
         if !bias {
             return Ok(y);
         }
-        let b = self.weight(&format!("{hf_prefix}.bias"), &[out_dim])?;
-        Ok(self.g.node("Add", &format!("{hf_prefix}.bias_add")).inputs(&[&y, &b]).out())
-    }
-
-    /// A (out, in) checkpoint weight stored as (in, out).
-    fn linear_weight(&mut self, hf_name: &str, in_dim: usize, out_dim: usize) -> Result<String> {
-        let t = self.ck.tensor(hf_name, &[out_dim, in_dim])?;
-        let dtype = self.dtype;
-        let n = t.data.len();
-        let name = self.g.initializer_with(hf_name, dtype, &[in_dim, out_dim], |sink| write_transposed(&t, dtype, sink))?;
-        self.advance(n);
-        Ok(name)
-    }
-
-    /// Several (out_i, in) weights concatenated along the output axis, stored as (in, sum out_i):
-    /// one MatMul instead of several (gate + up).
-    fn fused_linear_weight(&mut self, name: &str, hf_names: &[String], in_dim: usize, out_dim: usize) -> Result<String> {
-        let dtype = self.dtype;
-        let tensors = hf_names.iter().map(|n| self.ck.tensor(n, &[out_dim, in_dim])).collect::<Result<Vec<_>>>()?;
-        let total_out = out_dim * tensors.len();
-        let name = self.g.initializer_with(name, dtype, &[in_dim, total_out], |sink| {
-            // Row r of the fused (in, out) matrix is the concatenation of row r of each part.
-            let parts: Vec<Vec<f32>> = tensors.iter().map(to_f32_vec).collect();
-            let mut row = Vec::with_capacity(total_out * dtype.size_bytes());
-            for r in 0..in_dim {
-                row.clear();
-                for p in &parts {
-                    for o in 0..out_dim {
-                        push_f32(dtype, p[o * in_dim + r], &mut row);
-                    }
-                }
-                sink.write(&row)?;
+        let mut bytes = Vec::with_capacity(total_out * dtype.size_bytes());
+        for (p, &out) in hf_prefixes.iter().zip(out_dims) {
+            let b = self.ck.tensor(&format!("{p}.bias"), &[out])?;
+            self.advance(b.data.len());
+            for v in to_f32_vec(&b) {
+                push_f32(dtype, v, &mut bytes);
             }
-            Ok(())
-        })?;
-        self.advance(tensors.iter().map(|t| t.data.len()).sum());
-        Ok(name)
+        }
+        let b = self.g.initializer(&format!("{node_name}.bias"), dtype, &[total_out], &bytes)?;
+        // A separate Add keeps MatMulNBits on its fastest CUDA path (no bias input).
+        Ok(self.g.node("Add", &format!("{node_name}.bias_add")).inputs(&[&y, &b]).out())
     }
 
     /// RMSNorm over the last axis.
@@ -310,9 +368,26 @@ impl<'a> DecoderBuilder<'a> {
     pub fn attention(&mut self, layer: usize, prefix: &str, h: &str) -> Result<String> {
         let t = self.text;
         let (hidden, qw, kvw) = (t.hidden_size, t.q_width(), t.kv_width());
-        let mut q = self.linear(h, &format!("{prefix}.q_proj"), hidden, qw, t.attention_bias)?;
-        let mut k = self.linear(h, &format!("{prefix}.k_proj"), hidden, kvw, t.attention_bias)?;
-        let v = self.linear(h, &format!("{prefix}.v_proj"), hidden, kvw, t.attention_bias)?;
+        let separate_norms = t.qk_norm && !self.settings.fused_qk_norm;
+        // GroupQueryAttention inputs 0..2; key and value stay empty when the query input
+        // carries all three packed.
+        let (mut q, mut k, v) = if self.settings.fused_qkv {
+            let names = ["q_proj", "k_proj", "v_proj"].map(|n| format!("{prefix}.{n}"));
+            let qkv = self.linear_parts(h, &format!("{prefix}.qkv_proj"), &names, hidden, &[qw, kvw, kvw], t.attention_bias)?;
+            if separate_norms {
+                let sizes = self.g.const_i64(&format!("{prefix}.qkv_split_sizes"), &[qw as i64, kvw as i64, kvw as i64])?;
+                let parts = self.g.node("Split", &format!("{prefix}.qkv_split")).inputs(&[&qkv, &sizes]).attr("axis", -1i64).outs(3);
+                (parts[0].clone(), parts[1].clone(), parts[2].clone())
+            } else {
+                (qkv, String::new(), String::new())
+            }
+        } else {
+            (
+                self.linear(h, &format!("{prefix}.q_proj"), hidden, qw, t.attention_bias)?,
+                self.linear(h, &format!("{prefix}.k_proj"), hidden, kvw, t.attention_bias)?,
+                self.linear(h, &format!("{prefix}.v_proj"), hidden, kvw, t.attention_bias)?,
+            )
+        };
         let mut norm_inputs: Option<(String, String)> = None;
         if t.qk_norm {
             let (qn, kn) = (format!("{prefix}.q_norm.weight"), format!("{prefix}.k_norm.weight"));
@@ -379,13 +454,8 @@ impl<'a> DecoderBuilder<'a> {
     pub fn swiglu_mlp(&mut self, prefix: &str, h: &str, intermediate: usize) -> Result<String> {
         let hidden = self.text.hidden_size;
         let (gate, up) = if self.settings.fused_gate_up {
-            let w = self.fused_linear_weight(
-                &format!("{prefix}.gate_up_proj.weight"),
-                &[format!("{prefix}.gate_proj.weight"), format!("{prefix}.up_proj.weight")],
-                hidden,
-                intermediate,
-            )?;
-            let both = self.g.node("MatMul", &format!("{prefix}.gate_up_proj")).inputs(&[h, &w]).out();
+            let names = [format!("{prefix}.gate_proj"), format!("{prefix}.up_proj")];
+            let both = self.linear_parts(h, &format!("{prefix}.gate_up_proj"), &names, hidden, &[intermediate, intermediate], false)?;
             let parts = self
                 .g
                 .node("Split", &format!("{prefix}.gate_up_split"))
@@ -450,9 +520,14 @@ impl<'a> DecoderBuilder<'a> {
             h.to_string()
         };
         let logits = match lm_head {
+            // MatMulNBits takes the (vocab, hidden) table as it is stored, tied or not.
+            _ if self.settings.int4_lm_head => {
+                let source = lm_head.unwrap_or(tied_table).trim_end_matches(".weight").to_string();
+                self.projection(&h, "lm_head", &[source], hidden, &[vocab], false, true)?
+            }
             Some(name) => {
-                let w = self.linear_weight(name, hidden, vocab)?;
-                self.g.node("MatMul", "lm_head").inputs(&[&h, &w]).out()
+                let prefix = name.trim_end_matches(".weight").to_string();
+                self.projection(&h, "lm_head", &[prefix], hidden, &[vocab], false, false)?
             }
             None => {
                 let flat_shape = self.g.const_i64("lm_head_flat_shape", &[-1, hidden as i64])?;

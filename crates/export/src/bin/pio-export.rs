@@ -73,15 +73,25 @@ struct Args {
     /// Keep residual add and RMSNorm as separate nodes (instead of SkipSimplifiedLayerNormalization).
     #[arg(long)]
     no_fused_norms: bool,
-    /// Pass Qwen3's q/k norm weights into GroupQueryAttention (CUDA only).
-    #[arg(long)]
-    fused_qk_norm: bool,
-    /// Gate and up projections as one MatMul.
-    #[arg(long)]
-    fused_gate_up: bool,
-    /// int4 quantization block size.
+    /// Pass the q/k norm weights into GroupQueryAttention (CUDA only). Default: on for
+    /// cuda/tensorrt graphs of models with q/k norm.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    fused_qk_norm: Option<bool>,
+    /// q, k and v projections as one MatMul. Default: on for cuda/tensorrt.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    fused_qkv: Option<bool>,
+    /// Gate and up projections as one MatMul. Default: on for cuda/tensorrt.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    fused_gate_up: Option<bool>,
+    /// int4 quantization block size (power of two >= 16).
     #[arg(long, default_value_t = 32)]
     int4_block_size: usize,
+    /// With --precision int4: quantize the lm_head too (embeddings stay 16-bit).
+    #[arg(long)]
+    int4_lm_head: bool,
+    /// MatMulNBits accuracy_level (4 = int8 activations on CPU, faster, less exact).
+    #[arg(long, default_value_t = 0)]
+    int4_accuracy_level: i64,
     /// Replace the output folder if it exists.
     #[arg(long)]
     force: bool,
@@ -180,6 +190,7 @@ fn run(args: Args) -> Result<()> {
         _ => bail!("pass --checkpoint DIR or --model PRESET"),
     };
     let config = pio_models::ModelConfig::from_file(&checkpoint.join("config.json"))?;
+    let gpu = target_ep != TargetEp::Cpu;
     let context_length = args.context_length.unwrap_or(config.text.max_position_embeddings.min(32768));
     let out_dir = args.out.clone().unwrap_or_else(|| Path::new("graphs").join(format!("{base_name}-{}", precision.as_str())));
     let request = ExportRequest {
@@ -191,9 +202,12 @@ fn run(args: Args) -> Result<()> {
             context_length,
             last_token_logits: !args.all_logits,
             fused_norms: !args.no_fused_norms,
-            fused_qk_norm: args.fused_qk_norm,
-            fused_gate_up: args.fused_gate_up,
+            fused_qk_norm: args.fused_qk_norm.unwrap_or(gpu && config.text.qk_norm),
+            fused_qkv: args.fused_qkv.unwrap_or(gpu),
+            fused_gate_up: args.fused_gate_up.unwrap_or(gpu),
             int4_block_size: args.int4_block_size,
+            int4_lm_head: args.int4_lm_head,
+            int4_accuracy_level: args.int4_accuracy_level,
         },
         overwrite: args.force,
         source,

@@ -1,0 +1,137 @@
+//! The export switches on the CPU: each changes the graph and keeps the numbers.
+//! - fused q/k/v and gate/up projections: same logits as transformers (1e-4);
+//! - int4 weights (MatMulNBits): the graph computes exactly the model whose weights are the
+//!   dequantized int4 values (checked against an fp32 export of that dequantized checkpoint);
+//! - switches that cannot apply are refused with the reason.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::*;
+use pio_export::checkpoint::Checkpoint;
+use pio_export::quant::{dequantize, quantize, Int4Layout};
+use pio_models::manifest::TensorDtype;
+use pio_models::size::Precision;
+use pio_runtime::ep::ExecutionProvider;
+use pio_runtime::model::DecoderModel;
+
+fn prefill_last(graphs: &Path, prompt: &[u32]) -> Vec<f32> {
+    let mut model = DecoderModel::load(graphs, &ExecutionProvider::default()).unwrap();
+    let mut cache = model.new_cache().unwrap();
+    model.forward(prompt, &mut cache).unwrap().last().to_vec()
+}
+
+#[test]
+fn fused_qkv_and_gate_up_keep_transformers_logits() {
+    for name in ["qwen3-tied-hub", "qwen3-untied-rp"] {
+        let fixture = fixtures_dir().join(name);
+        let reference = load_reference(&fixture);
+        let tmp = tempfile::tempdir().unwrap();
+        let mut settings = cpu_settings(true);
+        settings.fused_qkv = true;
+        settings.fused_gate_up = true;
+        export_to(&fixture, &tmp.path().join("g"), settings);
+        let graph = std::fs::read(tmp.path().join("g/model.onnx")).unwrap();
+        let text = String::from_utf8_lossy(&graph);
+        assert!(text.contains("qkv_proj") && text.contains("gate_up_proj"), "{name}: fused projections missing from the graph");
+        let got = prefill_last(&tmp.path().join("g"), &reference.prompt_ids);
+        let diff = max_abs_diff(&got, reference.prefill_logits.last().unwrap());
+        assert!(diff <= 1e-4, "{name}: max |diff| {diff}");
+    }
+}
+
+/// Writes a copy of `fixture` whose 2-D projection weights are replaced by their int4
+/// round trip (what MatMulNBits computes with), as fp32.
+fn dequantized_checkpoint(fixture: &Path, dst: &Path, block: usize) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(fixture.join(f), dst.join(f)).unwrap();
+    }
+    let ck = Checkpoint::open(fixture).unwrap();
+    let mut tensors: HashMap<String, (Vec<usize>, Vec<u8>)> = HashMap::new();
+    let names: Vec<String> = ck.tensor_names().map(str::to_string).collect();
+    for name in names {
+        let t = ck.tensor_any_shape(&name).unwrap();
+        let values = pio_export::convert::to_f32_vec(&t);
+        let projection = t.shape.len() == 2 && name.contains("_proj");
+        let values = if projection {
+            let layout = Int4Layout::new(t.shape[0], t.shape[1], block).unwrap();
+            let q = quantize(&layout, &values, TensorDtype::Float32).unwrap();
+            dequantize(&layout, &q.packed, &q.scales)
+        } else {
+            values
+        };
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.insert(name, (t.shape.clone(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, (shape, bytes))| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn int4_graph_computes_the_dequantized_model() {
+    let name = "qwen3-untied-rp";
+    let fixture = fixtures_dir().join(name);
+    let reference = load_reference(&fixture);
+    let tmp = tempfile::tempdir().unwrap();
+    let block = 32;
+
+    let mut int4 = cpu_settings(true);
+    int4.precision = Precision::Int4;
+    int4.int4_block_size = block;
+    int4.fused_qkv = true;
+    export_to(&fixture, &tmp.path().join("int4"), int4);
+    let manifest = pio_models::Manifest::load(&tmp.path().join("int4")).unwrap();
+    assert_eq!(manifest.precision, Precision::Int4);
+    assert_eq!(manifest.options.int4_block_size, Some(block));
+
+    dequantized_checkpoint(&fixture, &tmp.path().join("dq"), block);
+    export_to(&tmp.path().join("dq"), &tmp.path().join("dq-fp32"), cpu_settings(true));
+
+    let got = prefill_last(&tmp.path().join("int4"), &reference.prompt_ids);
+    let expected = prefill_last(&tmp.path().join("dq-fp32"), &reference.prompt_ids);
+    let diff = max_abs_diff(&got, &expected);
+    assert!(diff <= 1e-3, "int4 graph vs dequantized fp32 graph: max |diff| {diff}");
+    // And int4 stays close to the unquantized model (a loose, quantization-sized bound).
+    let to_reference = max_abs_diff(&got, reference.prefill_logits.last().unwrap());
+    let spread = reference.prefill_logits.last().unwrap().iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(to_reference < 0.25 * spread, "int4 vs transformers: {to_reference} (logit scale {spread})");
+}
+
+#[test]
+fn switches_that_cannot_apply_are_refused_with_the_reason() {
+    let fixture = fixtures_dir().join("qwen3-tied-hub");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut settings = cpu_settings(true);
+    settings.fused_qk_norm = true;
+    let err = pio_export::export(&pio_export::ExportRequest {
+        checkpoint: fixture.clone(),
+        out_dir: tmp.path().join("g"),
+        settings,
+        overwrite: false,
+        source: "test".into(),
+        progress: false,
+    })
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("CPU"), "{err:#}");
+    let mut settings = cpu_settings(true);
+    settings.int4_lm_head = true;
+    let err = pio_export::export(&pio_export::ExportRequest {
+        checkpoint: fixture,
+        out_dir: tmp.path().join("g"),
+        settings,
+        overwrite: false,
+        source: "test".into(),
+        progress: false,
+    })
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("int4"), "{err:#}");
+    assert!(!tmp.path().join("g").exists());
+}
