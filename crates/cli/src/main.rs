@@ -1,5 +1,7 @@
 //! `pio`: run, chat with and list models exported by pio-export.
 
+mod bench;
+
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -31,6 +33,67 @@ enum Command {
     Chat(ChatArgs),
     /// The presets with their sizes computed from their configs.
     Models,
+    /// Benchmark graphs on one or more execution providers: time to first token, decode
+    /// throughput, memory, power, accuracy, optimization switches, and a transformers baseline.
+    Bench(BenchArgs),
+}
+
+#[derive(ClapArgs)]
+struct BenchArgs {
+    /// Graph folders to benchmark (repeatable); each is a row per execution provider.
+    #[arg(long)]
+    graphs: Vec<PathBuf>,
+    /// Or a preset: export it (with --synthetic: random weights at its real shape) and benchmark.
+    #[arg(long, conflicts_with = "graphs")]
+    model: Option<String>,
+    #[arg(long, requires = "model")]
+    synthetic: bool,
+    /// Shrink the synthetic model's depth (e.g. GLM-4.7's dense layers plus a few MoE layers).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Precisions to export for GPU providers with --model (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "bf16")]
+    precision: Vec<String>,
+    /// Also export and measure the graph switches one by one (fused norms, fused projections,
+    /// last-token logits) with --model.
+    #[arg(long)]
+    switches: bool,
+    /// Execution providers, comma-separated: cpu, cuda, tensorrt. One that cannot start is a
+    /// row saying why.
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    ep: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+    /// CUDA graphs for the decode step: on, off or both (both: a row each).
+    #[arg(long, default_value = "both")]
+    cuda_graph: String,
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048,8192")]
+    prompt_lens: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
+    decode_prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batches: Vec<usize>,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// An fp32 CPU graph of the same checkpoint: each GPU graph's logits are compared with it
+    /// over a teacher-forced sequence.
+    #[arg(long)]
+    accuracy_reference: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    accuracy_tokens: usize,
+    /// Run scripts/hf_baseline.py (transformers, bf16, eager generate) on this checkpoint in the
+    /// same run and print our decode speed against it.
+    #[arg(long)]
+    hf_baseline: Option<PathBuf>,
+    #[arg(long, default_value = "scripts/hf_baseline.py")]
+    hf_script: PathBuf,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "bench.json")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(ClapArgs, Clone)]
@@ -300,6 +363,208 @@ fn models() -> Result<()> {
     Ok(())
 }
 
+/// Exports (or reuses) a graph of `checkpoint` for a target; returns its folder.
+fn export_for_bench(checkpoint: &std::path::Path, out: PathBuf, precision: Precision, ep: pio_models::TargetEp, variant: &str) -> Result<PathBuf> {
+    if out.join("pio.json").is_file() {
+        tracing::info!("reusing {}", out.display());
+        return Ok(out);
+    }
+    let config = pio_models::ModelConfig::from_file(&checkpoint.join("config.json"))?;
+    let gpu = ep != pio_models::TargetEp::Cpu;
+    let mut settings = pio_export::ExportSettings {
+        precision,
+        target_ep: ep,
+        context_length: config.text.max_position_embeddings.min(8192 + 512),
+        last_token_logits: true,
+        fused_norms: true,
+        fused_qk_norm: gpu && config.text.qk_norm,
+        fused_qkv: gpu,
+        fused_gate_up: gpu,
+        int4_block_size: 32,
+        int4_lm_head: false,
+        int4_accuracy_level: 0,
+    };
+    match variant {
+        "default" => {}
+        "no-fused-norms" => settings.fused_norms = false,
+        "unfused-projections" => {
+            settings.fused_qkv = false;
+            settings.fused_gate_up = false;
+            settings.fused_qk_norm = false;
+        }
+        "all-logits" => settings.last_token_logits = false,
+        other => bail!("unknown graph variant {other}"),
+    }
+    pio_export::export(&pio_export::ExportRequest {
+        checkpoint: checkpoint.to_path_buf(),
+        out_dir: out.clone(),
+        settings,
+        overwrite: true,
+        source: format!("pio bench ({variant})"),
+        progress: true,
+    })?;
+    Ok(out)
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let plan = bench::BenchPlan {
+        prompt_lens: args.prompt_lens.clone(),
+        decode_prompt_len: args.decode_prompt_len,
+        decode_tokens: args.decode_tokens,
+        batches: args.batches.clone(),
+        repeats: args.repeats.max(1),
+        cuda_graph: false,
+        seed: args.seed,
+    };
+    let eps: Vec<ExecutionProvider> =
+        args.ep.iter().map(|e| ExecutionProvider::parse(e, args.device_id)).collect::<Result<_>>()?;
+    // (label, graph folder, the provider it is for or None for any)
+    let mut graphs: Vec<(String, PathBuf, Option<String>)> = Vec::new();
+    let mut checkpoint = None;
+    if let Some(model) = &args.model {
+        let preset = pio_models::find_preset(model)?;
+        if !args.synthetic {
+            bail!("pio bench --model needs --synthetic (or export a real checkpoint and pass --graphs)");
+        }
+        let overrides = pio_export::synthetic::ShapeOverrides { layers: args.layers, ..Default::default() };
+        let tag = overrides.tag();
+        let name = if tag.is_empty() { format!("{}-synthetic", preset.name) } else { format!("{}-synthetic-{tag}", preset.name) };
+        let ck = PathBuf::from("checkpoints").join(&name);
+        if !ck.join("config.json").is_file() {
+            tracing::info!("writing synthetic checkpoint {}", ck.display());
+            pio_export::synthetic::write_checkpoint(preset, &overrides, args.seed, None, &ck)?;
+        }
+        for ep in &args.ep {
+            let target = pio_models::TargetEp::parse(ep)?;
+            let precisions: Vec<Precision> = if target == pio_models::TargetEp::Cpu {
+                vec![Precision::Fp32]
+            } else {
+                args.precision.iter().map(|p| Precision::parse(p)).collect::<Result<_>>()?
+            };
+            for (i, p) in precisions.iter().enumerate() {
+                let mut variants = vec!["default"];
+                if args.switches && i == 0 && target != pio_models::TargetEp::Cpu {
+                    variants.extend(["no-fused-norms", "unfused-projections", "all-logits"]);
+                }
+                for v in variants {
+                    let dir = PathBuf::from("graphs").join(format!("{name}-{}-{}-{v}", target.as_str(), p.as_str()));
+                    let dir = export_for_bench(&ck, dir, *p, target, v)?;
+                    graphs.push((format!("{}-{v}", p.as_str()), dir, Some(ep.clone())));
+                }
+            }
+        }
+        checkpoint = Some(ck);
+    } else {
+        if args.graphs.is_empty() {
+            bail!("pass --graphs DIR (repeatable) or --model PRESET --synthetic");
+        }
+        for g in &args.graphs {
+            let label = g.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            graphs.push((label, g.clone(), None));
+        }
+    }
+
+    let mut runs = Vec::new();
+    for ep in &eps {
+        for (label, dir, only_for) in &graphs {
+            if only_for.as_deref().is_some_and(|o| o != ep.name()) {
+                continue;
+            }
+            let graph_modes: Vec<bool> = match (ep, args.cuda_graph.as_str()) {
+                (ExecutionProvider::Cuda { .. }, "both") => vec![false, true],
+                (ExecutionProvider::Cuda { .. }, "on") => vec![true],
+                (_, "on" | "off" | "both") => vec![false],
+                (_, other) => bail!("--cuda-graph takes on, off or both, not {other}"),
+            };
+            for cuda_graph in graph_modes {
+                let mut ep = ep.clone();
+                ep.set_cuda_graph(cuda_graph);
+                let plan = bench::BenchPlan { cuda_graph, ..plan.clone() };
+                tracing::info!("benchmarking {label} on {} (cuda graph {cuda_graph})", ep.name());
+                runs.push(bench::bench_one(dir, label, &ep, &plan));
+            }
+        }
+    }
+    // Switches this preset cannot take are rows that say why, not silent omissions.
+    let mut refused = vec![serde_json::json!({
+        "switch": "int8 KV cache",
+        "reason": "not exported yet: GroupQueryAttention's quantized cache (k_scale/v_scale, kv_cache_bit_width) is not wired in this build"
+    })];
+    if let Some((_, dir, _)) = graphs.first() {
+        if let Ok(m) = pio_models::Manifest::load(dir) {
+            if m.config.text.sliding_window.is_none() {
+                refused.push(serde_json::json!({"switch": "sliding-window attention", "reason": format!("{} has no sliding window (use_sliding_window is off)", m.config.architecture.hf_name())}));
+            }
+        }
+    }
+    let mut accuracy = Vec::new();
+    if let Some(reference) = &args.accuracy_reference {
+        for r in runs.iter().filter(|r| r.error.is_none() && !r.cuda_graph && r.ep != "cpu") {
+            let ep = ExecutionProvider::parse(&r.ep, args.device_id)?;
+            match bench::accuracy(reference, &ExecutionProvider::default(), &r.graphs, &ep, args.accuracy_tokens, args.seed) {
+                Ok(a) => accuracy.push(serde_json::to_value(a)?),
+                Err(e) => accuracy.push(serde_json::json!({"candidate": r.graphs, "error": format!("{e:#}")})),
+            }
+        }
+    }
+    let baseline = match &args.hf_baseline {
+        Some(ck) => {
+            let device = if eps.iter().any(|e| e.device_id().is_some()) { "cuda" } else { "cpu" };
+            match bench::hf_baseline(&args.hf_script, ck, args.decode_prompt_len, args.decode_tokens, device) {
+                Ok(v) => Some(v),
+                Err(e) => Some(serde_json::json!({"error": format!("{e:#}")})),
+            }
+        }
+        None => None,
+    };
+    bench::print_table(&runs, &plan);
+    for a in &accuracy {
+        println!("accuracy vs fp32 CPU: {a}");
+    }
+    for r in &refused {
+        println!("switch not measured: {} ({})", r["switch"], r["reason"].as_str().unwrap_or_default());
+    }
+    if let Some(b) = &baseline {
+        if let Some(hf) = b.get("tokens_per_s").and_then(|v| v.as_f64()) {
+            println!("transformers baseline ({}): {hf:.1} tokens/s decode at batch 1", b.get("device_name").and_then(|v| v.as_str()).unwrap_or("?"));
+            for r in runs.iter().filter(|r| r.error.is_none()) {
+                if let Some(d) = r.decode.iter().find(|d| d.batch == 1) {
+                    println!("  {} {} cuda graph {}: {:.2}x the baseline", r.label, r.ep, r.cuda_graph, d.tokens_per_s / hf);
+                }
+            }
+        } else {
+            println!("transformers baseline: {b}");
+        }
+    }
+    let report = serde_json::json!({
+        "machine": machine_description(),
+        "date": chrono_like_now(),
+        "plan": plan,
+        "checkpoint": checkpoint,
+        "runs": runs,
+        "accuracy": accuracy,
+        "switches_not_measured": refused,
+        "hf_baseline": baseline,
+    });
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// CPU model and GPU name (from NVML when there is one), for the report.
+fn machine_description() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
+    let gpu = pio_runtime::gpu_monitor::device_info(0).ok().map(|(name, mem, driver)| serde_json::json!({"name": name, "memory_bytes": mem, "driver": driver}));
+    serde_json::json!({"cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "gpu": gpu})
+}
+
+fn chrono_like_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("unix {secs}")
+}
+
 fn main() -> ExitCode {
     pio_models::logging::init();
     let cli = Cli::parse();
@@ -307,6 +572,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat(a),
         Command::Models => models(),
+        Command::Bench(a) => run_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -185,6 +185,22 @@ impl Checkpoint {
         })
     }
 
+    /// Drops a tensor's pages from this process's resident set once it has been written out
+    /// (they stay in the page cache), so peak memory does not grow with the checkpoint.
+    pub fn release(&self, name: &str) {
+        let Some(entry) = self.index.get(name) else { return };
+        let shard = &self.shards[entry.shard];
+        let page = 4096;
+        let start = entry.range.start / page * page;
+        let len = entry.range.end - start;
+        // SAFETY: the mapping is a read-only shared file mapping; MADV_DONTNEED only drops this
+        // process's page-table entries, and a later read faults the file's pages back in.
+        let result = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+        if let Err(e) = result {
+            tracing::debug!("madvise(DONTNEED) on {}: {e}", shard.path.display());
+        }
+    }
+
     /// Tokenizer files present in the folder.
     pub fn tokenizer_files(&self) -> Vec<PathBuf> {
         TOKENIZER_FILES.iter().map(|f| self.dir.join(f)).filter(|p| p.is_file()).collect()

@@ -1,0 +1,373 @@
+//! `pio bench`: time to first token, decode throughput (batch 1 and larger), memory, power and
+//! accuracy, for every requested execution provider and graph variant in one run, printed as a
+//! table and written as JSON.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use pio_runtime::ep::ExecutionProvider;
+use pio_runtime::gpu_monitor::{host_peak_rss_bytes, GpuMonitor};
+use pio_runtime::model::{DecoderModel, KvCache, Logits};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+/// What to measure.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchPlan {
+    pub prompt_lens: Vec<usize>,
+    /// Prompt length before the decode measurements.
+    pub decode_prompt_len: usize,
+    pub decode_tokens: usize,
+    pub batches: Vec<usize>,
+    /// Timed repetitions of each time-to-first-token measurement (the median is reported).
+    pub repeats: usize,
+    /// Replay the decode step from a captured CUDA graph (CUDA only).
+    pub cuda_graph: bool,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TtftRow {
+    pub prompt_len: usize,
+    pub ms: f64,
+    pub prefill_tokens_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeRow {
+    pub batch: usize,
+    /// Output tokens per second over all sequences.
+    pub tokens_per_s: f64,
+    pub ms_per_step: f64,
+    pub avg_power_w: Option<f64>,
+    pub tokens_per_joule: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SkipRow {
+    pub what: String,
+    pub reason: String,
+}
+
+/// One (graph, execution provider, runtime switches) combination.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRun {
+    pub graphs: PathBuf,
+    pub label: String,
+    pub ep: String,
+    pub precision: String,
+    pub options: serde_json::Value,
+    pub cuda_graph: bool,
+    /// None when the run worked; otherwise why it could not start or stopped.
+    pub error: Option<String>,
+    pub load_s: f64,
+    pub ttft: Vec<TtftRow>,
+    pub decode: Vec<DecodeRow>,
+    pub skipped: Vec<SkipRow>,
+    pub gpu_peak_memory_bytes: Option<u64>,
+    pub host_peak_rss_bytes: Option<u64>,
+    pub weight_bytes: u64,
+    pub kv_bytes_per_token: u64,
+}
+
+fn random_tokens(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<u32> {
+    // Avoid the special-token range at the top of real vocabularies.
+    let hi = (vocab * 9 / 10).max(2) as u32;
+    (0..n).map(|_| rng.random_range(1..hi)).collect()
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|it| it.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+struct Runner<'a> {
+    model: DecoderModel,
+    plan: &'a BenchPlan,
+    rng: ChaCha8Rng,
+    gpu_index: Option<u32>,
+}
+
+impl Runner<'_> {
+    fn step(&mut self, tokens: &[u32], cache: &mut KvCache, graph: bool) -> Result<Logits> {
+        if graph && tokens.len() == cache.batch && cache.len > 0 {
+            self.model.decode_step_graph(tokens, cache)
+        } else {
+            self.model.forward_batch(tokens, cache.batch, cache)
+        }
+    }
+
+    /// Prefill of `len` tokens then the first greedy token: the time a user waits.
+    fn ttft(&mut self, len: usize) -> Result<TtftRow> {
+        let vocab = self.model.vocab_size();
+        let mut times = Vec::new();
+        for rep in 0..=self.plan.repeats {
+            let prompt = random_tokens(&mut self.rng, len, vocab);
+            let mut cache = self.model.new_batch_cache(1, len + 1)?;
+            let start = Instant::now();
+            let logits = self.model.forward(&prompt, &mut cache)?;
+            std::hint::black_box(argmax(logits.last()));
+            let t = start.elapsed().as_secs_f64();
+            if rep > 0 {
+                times.push(t); // the first run warms up kernels and allocations
+            }
+        }
+        let s = median(times);
+        Ok(TtftRow { prompt_len: len, ms: s * 1e3, prefill_tokens_per_s: len as f64 / s })
+    }
+
+    /// `decode_tokens` greedy steps for `batch` sequences after a prompt of `decode_prompt_len`.
+    fn decode(&mut self, batch: usize) -> Result<DecodeRow> {
+        let vocab = self.model.vocab_size();
+        let p = self.plan.decode_prompt_len;
+        let n = self.plan.decode_tokens;
+        let graph = self.plan.cuda_graph;
+        let prompt = random_tokens(&mut self.rng, batch * p, vocab);
+        // Warm-up pass (captures the CUDA graph when on), then the timed pass.
+        let mut result = None;
+        for timed in [false, true] {
+            let mut cache = self.model.new_batch_cache(batch, p + n + 1)?;
+            let logits = self.model.forward_batch(&prompt, batch, &mut cache)?;
+            let mut next: Vec<u32> = (0..batch).map(|b| argmax(logits.last_of(b))).collect();
+            let steps = if timed { n } else { n.min(4) };
+            let monitor = match (timed, self.gpu_index) {
+                (true, Some(i)) => GpuMonitor::start(i, Duration::from_millis(20)).ok(),
+                _ => None,
+            };
+            let start = Instant::now();
+            for _ in 0..steps {
+                let logits = self.step(&next, &mut cache, graph)?;
+                next = (0..batch).map(|b| argmax(logits.last_of(b))).collect();
+            }
+            let secs = start.elapsed().as_secs_f64();
+            if timed {
+                let stats = monitor.map(|m| m.stop());
+                let tokens = (batch * steps) as f64;
+                let energy = stats.as_ref().map(|s| s.energy_joules).filter(|e| *e > 0.0);
+                result = Some(DecodeRow {
+                    batch,
+                    tokens_per_s: tokens / secs,
+                    ms_per_step: secs * 1e3 / steps as f64,
+                    avg_power_w: stats.as_ref().map(|s| s.avg_power_w),
+                    tokens_per_joule: energy.map(|e| tokens / e),
+                });
+            }
+        }
+        result.ok_or_else(|| anyhow!("no decode measurement"))
+    }
+}
+
+/// Benchmarks one graph folder on one execution provider. Failures become the row's `error`.
+pub fn bench_one(graphs: &Path, label: &str, ep: &ExecutionProvider, plan: &BenchPlan) -> BenchRun {
+    let manifest = pio_models::Manifest::load(graphs).ok();
+    let mut run = BenchRun {
+        graphs: graphs.to_path_buf(),
+        label: label.to_string(),
+        ep: ep.name().to_string(),
+        precision: manifest.as_ref().map(|m| m.precision.as_str().to_string()).unwrap_or_default(),
+        options: manifest.as_ref().and_then(|m| serde_json::to_value(&m.options).ok()).unwrap_or_default(),
+        cuda_graph: plan.cuda_graph,
+        error: None,
+        load_s: 0.0,
+        ttft: vec![],
+        decode: vec![],
+        skipped: vec![],
+        gpu_peak_memory_bytes: None,
+        host_peak_rss_bytes: None,
+        weight_bytes: dir_bytes(graphs),
+        kv_bytes_per_token: manifest
+            .as_ref()
+            .map(|m| {
+                2 * (m.dims.num_layers * m.dims.num_kv_heads * m.dims.head_dim * m.kv_cache.dtype.size_bytes()) as u64
+            })
+            .unwrap_or(0),
+    };
+    let gpu_index = ep.device_id().map(|d| d.max(0) as u32);
+    // One monitor over the whole run gives the peak GPU memory.
+    let whole_run = gpu_index.and_then(|i| GpuMonitor::start(i, Duration::from_millis(50)).ok());
+    if let Err(e) = bench_into(&mut run, graphs, ep, plan, gpu_index) {
+        run.error = Some(format!("{e:#}"));
+    }
+    if let Some(m) = whole_run {
+        run.gpu_peak_memory_bytes = Some(m.stop().peak_memory_bytes);
+    }
+    run.host_peak_rss_bytes = host_peak_rss_bytes();
+    run
+}
+
+fn bench_into(run: &mut BenchRun, graphs: &Path, ep: &ExecutionProvider, plan: &BenchPlan, gpu_index: Option<u32>) -> Result<()> {
+    if plan.cuda_graph && !matches!(ep, ExecutionProvider::Cuda { .. }) {
+        bail!("CUDA graphs apply to the CUDA execution provider only");
+    }
+    let start = Instant::now();
+    let model = DecoderModel::load(graphs, ep)?;
+    run.load_s = start.elapsed().as_secs_f64();
+    let context = model.context_length();
+    let mut runner = Runner { model, plan, rng: ChaCha8Rng::seed_from_u64(plan.seed), gpu_index };
+    for &len in &plan.prompt_lens {
+        if len + 1 > context {
+            run.skipped.push(SkipRow { what: format!("ttft {len}"), reason: format!("over the graph's context length {context}") });
+            continue;
+        }
+        let row = runner.ttft(len).with_context(|| format!("time to first token at {len} tokens"))?;
+        tracing::info!("{} {}: ttft {len} tokens: {:.1} ms", run.label, run.ep, row.ms);
+        run.ttft.push(row);
+    }
+    for &batch in &plan.batches {
+        match runner.decode(batch) {
+            Ok(row) => {
+                tracing::info!("{} {}: decode batch {batch}: {:.1} tokens/s", run.label, run.ep, row.tokens_per_s);
+                run.decode.push(row);
+            }
+            // A batch that does not fit is a row saying why, not the end of the run.
+            Err(e) => run.skipped.push(SkipRow { what: format!("decode batch {batch}"), reason: format!("{e:#}") }),
+        }
+    }
+    Ok(())
+}
+
+/// Teacher-forced comparison of two graphs of the same checkpoint (e.g. bf16 on CUDA against
+/// fp32 on the CPU): the same token sequence through both, position by position.
+#[derive(Clone, Debug, Serialize)]
+pub struct AccuracyReport {
+    pub reference: PathBuf,
+    pub candidate: PathBuf,
+    pub tokens: usize,
+    pub max_abs_diff: f32,
+    pub top1_agreement: f64,
+    pub mean_kl: f64,
+}
+
+/// Logits for every position of `tokens`: one prefill when the graph emits all logits,
+/// else one step per token.
+fn all_position_logits(model: &mut DecoderModel, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+    let mut cache = model.new_batch_cache(1, tokens.len() + 1)?;
+    if !model.manifest.options.last_token_logits {
+        let l = model.forward(tokens, &mut cache)?;
+        return Ok((0..l.rows).map(|i| l.row(i).to_vec()).collect());
+    }
+    tokens.iter().map(|&t| Ok(model.forward(&[t], &mut cache)?.last().to_vec())).collect()
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+pub fn accuracy(
+    reference: &Path,
+    reference_ep: &ExecutionProvider,
+    candidate: &Path,
+    candidate_ep: &ExecutionProvider,
+    tokens: usize,
+    seed: u64,
+) -> Result<AccuracyReport> {
+    let mut cand = DecoderModel::load(candidate, candidate_ep)?;
+    let vocab = cand.vocab_size();
+    let seq = random_tokens(&mut ChaCha8Rng::seed_from_u64(seed), tokens, vocab);
+    let got = all_position_logits(&mut cand, &seq)?;
+    drop(cand);
+    let mut refm = DecoderModel::load(reference, reference_ep)?;
+    if refm.vocab_size() != vocab {
+        bail!("the two graphs have different vocabularies ({} and {vocab})", refm.vocab_size());
+    }
+    let want = all_position_logits(&mut refm, &seq)?;
+    let (mut max_abs, mut agree, mut kl) = (0f32, 0usize, 0f64);
+    for (g, w) in got.iter().zip(&want) {
+        for (a, b) in g.iter().zip(w) {
+            max_abs = max_abs.max((a - b).abs());
+        }
+        agree += (argmax(g) == argmax(w)) as usize;
+        let (lp, lq) = (log_softmax(w), log_softmax(g));
+        kl += lp.iter().zip(&lq).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
+    }
+    let n = got.len().max(1);
+    Ok(AccuracyReport {
+        reference: reference.to_path_buf(),
+        candidate: candidate.to_path_buf(),
+        tokens,
+        max_abs_diff: max_abs,
+        top1_agreement: agree as f64 / n as f64,
+        mean_kl: kl / n as f64,
+    })
+}
+
+/// The transformers baseline (scripts/hf_baseline.py), run in the same invocation.
+pub fn hf_baseline(script: &Path, checkpoint: &Path, prompt_len: usize, new_tokens: usize, device: &str) -> Result<serde_json::Value> {
+    let out = tempfile::NamedTempFile::new()?;
+    let dtype = if device == "cpu" { "fp32" } else { "bf16" };
+    let status = std::process::Command::new(std::env::var("PIO_PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(script)
+        .args(["--checkpoint", &checkpoint.to_string_lossy()])
+        .args(["--prompt-len", &prompt_len.to_string(), "--new-tokens", &new_tokens.to_string()])
+        .args(["--device", device, "--dtype", dtype, "--out", &out.path().to_string_lossy()])
+        .status()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
+    }
+    let text = std::fs::read_to_string(out.path())?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn fmt_opt(x: Option<f64>, digits: usize) -> String {
+    x.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
+}
+
+/// The table printed after a run.
+pub fn print_table(runs: &[BenchRun], plan: &BenchPlan) {
+    let mut header = format!("{:<28} {:<9} {:<6} {:>6}", "graph", "ep", "prec", "graph");
+    for l in &plan.prompt_lens {
+        header.push_str(&format!(" {:>10}", format!("ttft@{l}")));
+    }
+    for b in &plan.batches {
+        header.push_str(&format!(" {:>11}", format!("tok/s@b{b}")));
+    }
+    header.push_str(&format!(" {:>9} {:>8} {:>8}", "gpu mem", "W@b1", "tok/J@b1"));
+    println!("{header}");
+    for r in runs {
+        let mut line = format!("{:<28} {:<9} {:<6} {:>6}", r.label, r.ep, r.precision, if r.cuda_graph { "on" } else { "off" });
+        if let Some(e) = &r.error {
+            println!("{line}  not run: {e}");
+            continue;
+        }
+        for l in &plan.prompt_lens {
+            let v = r.ttft.iter().find(|t| t.prompt_len == *l).map(|t| t.ms);
+            line.push_str(&format!(" {:>10}", v.map(|v| format!("{v:.1}ms")).unwrap_or_else(|| "-".into())));
+        }
+        for b in &plan.batches {
+            let v = r.decode.iter().find(|d| d.batch == *b).map(|d| d.tokens_per_s);
+            line.push_str(&format!(" {:>11}", fmt_opt(v, 1)));
+        }
+        let b1 = r.decode.iter().find(|d| d.batch == 1);
+        line.push_str(&format!(
+            " {:>9} {:>8} {:>8}",
+            r.gpu_peak_memory_bytes.map(pio_models::size::format_bytes).unwrap_or_else(|| "-".into()),
+            fmt_opt(b1.and_then(|d| d.avg_power_w), 0),
+            fmt_opt(b1.and_then(|d| d.tokens_per_joule), 2)
+        ));
+        println!("{line}");
+        for s in &r.skipped {
+            println!("    skipped {}: {}", s.what, s.reason);
+        }
+    }
+}

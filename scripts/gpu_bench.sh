@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU benchmark run behind the README's numbers, for a machine with an NVIDIA GPU, CUDA 13
+# and ONNX Runtime 1.31.1's CUDA build (ORT_DYLIB_PATH set; see README "GPU").
+#
+#   scripts/gpu_bench.sh [smoke|full]      (results and logs in $OUT, default bench-out/)
+#
+# smoke: a 2-layer model at Qwen3-4B width, to check every path starts.
+# full:  Qwen3-4B-Instruct-2507 at its real shape with synthetic weights: bf16 and int4 on CUDA
+#        (CUDA graphs off and on), TensorRT (a row saying why when its libraries are missing),
+#        the transformers baseline; then, at real width with 12 of the 36 layers, each graph
+#        switch on and off, the CPU row, and accuracy against the fp32 CPU graph.
+set -uo pipefail
+mode=${1:-full}
+bin=${PIO_BIN_DIR:-target/release}
+out=${OUT:-bench-out}
+mkdir -p "$out"
+export RUST_LOG=${RUST_LOG:-info,ort=warn}
+log() { echo "[$(date +%T)] $*" | tee -a "$out/steps.log"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$out/gpu.csv" 2>&1
+log "GPU: $(tail -n 1 "$out/gpu.csv")"
+
+if [[ $mode == smoke ]]; then
+  log "smoke: 2-layer model, bf16 + int4, cuda graph off/on, tensorrt row"
+  "$bin/pio" bench --model qwen3-4b-instruct-2507 --synthetic --layers 2 --ep cuda,tensorrt \
+    --precision bf16,int4 --prompt-lens 128,2048 --batches 1,8 --decode-tokens 32 --repeats 1 \
+    --out "$out/smoke.json" 2>&1 | tee "$out/smoke.log"
+  exit 0
+fi
+
+log "full model: bf16 + int4 on cuda (graphs off/on), tensorrt, transformers baseline"
+"$bin/pio" bench --model qwen3-4b-instruct-2507 --synthetic --ep cuda,tensorrt --precision bf16,int4 \
+  --prompt-lens 128,512,2048,8192 --batches 1,8,32 --decode-tokens 128 --repeats 3 \
+  --hf-baseline checkpoints/qwen3-4b-instruct-2507-synthetic \
+  --out "$out/qwen3-4b.json" 2>&1 | tee "$out/qwen3-4b.log"
+# The full-depth graphs are not needed again; the disk holds the next ones.
+rm -rf graphs/qwen3-4b-instruct-2507-synthetic-* checkpoints/qwen3-4b-instruct-2507-synthetic
+
+log "12 layers at real width: switches on/off, accuracy vs fp32 CPU"
+ck=checkpoints/qwen3-4b-instruct-2507-synthetic-l12
+"$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic --layers 12 --checkpoint-out "$ck" \
+  --out graphs/l12-cpu-fp32-all-logits --ep cpu --precision fp32 --all-logits --context-length 1024 --force \
+  2>&1 | tee "$out/export-reference.log"
+"$bin/pio" bench --model qwen3-4b-instruct-2507 --synthetic --layers 12 --ep cuda --precision bf16,int4 --switches \
+  --prompt-lens 128,2048,8192 --batches 1,32 --decode-tokens 128 --repeats 3 \
+  --accuracy-reference graphs/l12-cpu-fp32-all-logits --accuracy-tokens 256 \
+  --out "$out/switches-l12.json" 2>&1 | tee "$out/switches-l12.log"
+"$bin/pio" bench --graphs graphs/l12-cpu-fp32-all-logits --ep cpu --prompt-lens 128 --batches 1,8 \
+  --decode-tokens 16 --repeats 1 --out "$out/cpu-l12.json" 2>&1 | tee "$out/cpu-l12.log"
+log "done"
