@@ -85,3 +85,102 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "logit rows differ in length");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// The parity bar against transformers (fp32 on the CPU): max |logit diff|.
+pub const LOGIT_TOLERANCE: f32 = 1e-4;
+
+/// Largest |diff| seen by [`check_logit_parity`].
+#[derive(Debug)]
+pub struct ParityDiffs {
+    pub prefill: f32,
+    pub steps: f32,
+}
+
+/// Exports fixture `name` (fp32, CPU, every position's logits) and checks the prefill logits
+/// at every prompt position and each single-token step through the KV cache against the
+/// reference: max |diff| <= [`LOGIT_TOLERANCE`] and the same argmax everywhere.
+pub fn check_logit_parity(name: &str) -> ParityDiffs {
+    use pio_runtime::ep::ExecutionProvider;
+    use pio_runtime::model::DecoderModel;
+
+    let fixture = fixtures_dir().join(name);
+    let reference = load_reference(&fixture);
+    let tmp = tempfile::tempdir().unwrap();
+    let graphs = tmp.path().join(name);
+    export_to(&fixture, &graphs, cpu_settings(false));
+    let mut model = DecoderModel::load(&graphs, &ExecutionProvider::default()).unwrap();
+
+    let mut diffs = ParityDiffs { prefill: 0.0, steps: 0.0 };
+    let mut cache = model.new_cache().unwrap();
+    let logits = model.forward(&reference.prompt_ids, &mut cache).unwrap();
+    assert_eq!(logits.rows, reference.prompt_ids.len());
+    for (pos, expected) in reference.prefill_logits.iter().enumerate() {
+        let diff = max_abs_diff(logits.row(pos), expected);
+        assert!(diff <= LOGIT_TOLERANCE, "{name}: prefill position {pos}: max |diff| {diff}");
+        assert_eq!(argmax(logits.row(pos)), argmax(expected), "{name}: prefill position {pos}: argmax");
+        diffs.prefill = diffs.prefill.max(diff);
+    }
+    for (i, step) in reference.steps.iter().enumerate() {
+        assert_eq!(cache.len, step.position, "{name}: step {i} position");
+        let logits = model.forward(&[step.input_id], &mut cache).unwrap();
+        let diff = max_abs_diff(logits.last(), &step.logits);
+        assert!(diff <= LOGIT_TOLERANCE, "{name}: cached step {i}: max |diff| {diff}");
+        assert_eq!(argmax(logits.last()), argmax(&step.logits), "{name}: cached step {i}: argmax");
+        diffs.steps = diffs.steps.max(diff);
+    }
+    eprintln!("{name}: max |logit diff| prefill {:.2e}, cached steps {:.2e}", diffs.prefill, diffs.steps);
+    diffs
+}
+
+/// Greedy decoding of `n` tokens after `prompt`, fed as one prefill or token by token.
+pub fn greedy(model: &mut pio_runtime::model::DecoderModel, prompt: &[u32], n: usize, token_by_token: bool) -> Vec<u32> {
+    let mut cache = model.new_cache().unwrap();
+    let mut last = if token_by_token {
+        let mut logits = None;
+        for &t in prompt {
+            logits = Some(model.forward(&[t], &mut cache).unwrap());
+        }
+        logits.expect("empty prompt")
+    } else {
+        model.forward(prompt, &mut cache).unwrap()
+    };
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = argmax(last.last()) as u32;
+        out.push(next);
+        last = model.forward(&[next], &mut cache).unwrap();
+    }
+    out
+}
+
+/// Exports fixture `name` the default way (last-position logits) and checks greedy decoding
+/// against transformers' `generate`, from one prefill and token by token.
+pub fn check_greedy_parity(name: &str) {
+    use pio_runtime::ep::ExecutionProvider;
+    use pio_runtime::model::DecoderModel;
+
+    let fixture = fixtures_dir().join(name);
+    let reference = load_reference(&fixture);
+    let tmp = tempfile::tempdir().unwrap();
+    let graphs = tmp.path().join(name);
+    export_to(&fixture, &graphs, cpu_settings(true));
+    let mut model = DecoderModel::load(&graphs, &ExecutionProvider::default()).unwrap();
+    let g = &reference.greedy;
+    let prefilled = greedy(&mut model, &g.prompt_ids, g.max_new_tokens, false);
+    assert_eq!(prefilled, g.generated_ids, "{name}: greedy from one prefill");
+    let stepwise = greedy(&mut model, &g.prompt_ids, g.max_new_tokens, true);
+    assert_eq!(stepwise, reference.greedy_token_by_token, "{name}: greedy token by token");
+}
+
+/// The fixtures (folders with a reference.json) whose names start with `prefix`, sorted.
+pub fn fixtures_named(prefix: &str) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(fixtures_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("reference.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    found.sort();
+    found
+}

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod convert;
 pub mod decoder;
 pub mod export;
+pub mod moe;
 pub mod onnx;
 pub mod quant;
 pub mod synthetic;

@@ -263,7 +263,7 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn parse_rope(f: &Fields, default_theta: f64) -> Result<RopeConfig> {
+fn parse_rope(f: &Fields, default_theta: f64, default_partial_rotary_factor: f64) -> Result<RopeConfig> {
     // transformers 5 writes `rope_parameters`; the hub's configs use top-level keys and
     // `rope_scaling`. Values inside rope_parameters win over top-level ones.
     let params = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
@@ -282,7 +282,7 @@ fn parse_rope(f: &Fields, default_theta: f64) -> Result<RopeConfig> {
         f.opt_f64(key)
     };
     let theta = pick_f64("rope_theta")?.unwrap_or(default_theta);
-    let partial_rotary_factor = pick_f64("partial_rotary_factor")?.unwrap_or(1.0);
+    let partial_rotary_factor = pick_f64("partial_rotary_factor")?.unwrap_or(default_partial_rotary_factor);
     if !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
         bail!("field `partial_rotary_factor` in {} must be in (0, 1], got {partial_rotary_factor}", f.section);
     }
@@ -314,7 +314,10 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
     let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / num_attention_heads);
     let moe = match arch {
         Architecture::Qwen3Moe => Some(MoeConfig {
-            num_experts: f.usize("num_experts")?,
+            // transformers 5 writes `num_local_experts` (the attribute_map target) instead.
+            num_experts: f.opt_usize("num_experts")?.or(f.opt_usize("num_local_experts")?).ok_or_else(|| {
+                anyhow!("missing field `num_experts` (or `num_local_experts`) in {}", f.section)
+            })?,
             num_experts_per_tok: f.usize("num_experts_per_tok")?,
             moe_intermediate_size: f.usize("moe_intermediate_size")?,
             norm_topk_prob: f.opt_bool("norm_topk_prob")?.unwrap_or(false),
@@ -373,7 +376,8 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
             _ => true,
         },
         hidden_act: f.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into()),
-        rope: parse_rope(f, 10000.0)?,
+        // Glm4MoeConfig defaults partial_rotary_factor to 0.5; everything else rotates all dims.
+        rope: parse_rope(f, 10000.0, if arch == Architecture::Glm4Moe { 0.5 } else { 1.0 })?,
         sliding_window: if f.opt_bool("use_sliding_window")?.unwrap_or(false) { f.opt_usize("sliding_window")? } else { None },
         moe,
         num_nextn_predict_layers: f.opt_usize("num_nextn_predict_layers")?.unwrap_or(0),

@@ -6,7 +6,9 @@ use pio_models::config::{Architecture, ModelConfig};
 
 use crate::decoder::DecoderBuilder;
 
+pub mod glm4_moe;
 pub mod qwen3;
+pub mod qwen3_moe;
 
 /// The checkpoint tensors an architecture reads, with their shapes (also what a synthetic
 /// checkpoint of that architecture writes).
@@ -16,7 +18,12 @@ pub type TensorList = Vec<(String, Vec<usize>)>;
 pub fn build_decoder(config: &ModelConfig, b: &mut DecoderBuilder) -> Result<()> {
     match config.architecture {
         Architecture::Qwen3 => qwen3::build_decoder(b),
-        other => bail!("exporting {} is not implemented yet (supported now: Qwen3ForCausalLM)", other.hf_name()),
+        Architecture::Qwen3Moe => qwen3_moe::build_decoder(b),
+        Architecture::Glm4Moe => glm4_moe::build_decoder(b),
+        other => bail!(
+            "exporting {} is not implemented yet (supported now: Qwen3ForCausalLM, Qwen3MoeForCausalLM, Glm4MoeForCausalLM)",
+            other.hf_name()
+        ),
     }
 }
 
@@ -24,6 +31,8 @@ pub fn build_decoder(config: &ModelConfig, b: &mut DecoderBuilder) -> Result<()>
 pub fn checkpoint_tensors(config: &ModelConfig) -> Result<TensorList> {
     match config.architecture {
         Architecture::Qwen3 => Ok(qwen3::checkpoint_tensors(&config.text)),
+        Architecture::Qwen3Moe => Ok(qwen3_moe::checkpoint_tensors(&config.text)),
+        Architecture::Glm4Moe => Ok(glm4_moe::checkpoint_tensors(&config.text)),
         other => bail!("synthetic checkpoints of {} are not implemented yet", other.hf_name()),
     }
 }
