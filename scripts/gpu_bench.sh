@@ -2,13 +2,15 @@
 # The GPU benchmark run behind the README's numbers, for a machine with an NVIDIA GPU, CUDA 13
 # and ONNX Runtime 1.31.1's CUDA build (ORT_DYLIB_PATH set; see README "GPU").
 #
-#   scripts/gpu_bench.sh [smoke|full]      (results and logs in $OUT, default bench-out/)
+#   scripts/gpu_bench.sh [smoke|full|moe]      (results and logs in $OUT, default bench-out/)
 #
 # smoke: a 2-layer model at Qwen3-4B width, to check every path starts.
 # full:  Qwen3-4B-Instruct-2507 at its real shape with synthetic weights: bf16 and int4 on CUDA
 #        (CUDA graphs off and on), TensorRT (a row saying why when its libraries are missing),
 #        the transformers baseline; then, at real width with 12 of the 36 layers, each graph
 #        switch on and off, the CPU row, and accuracy against the fp32 CPU graph.
+# moe:   Qwen3-Coder-30B-A3B at real shape in int4, and GLM-4.7 at real width cut to 3 and 4
+#        layers (its 3 dense layers, then one MoE layer) to measure the cost of an MoE layer.
 set -uo pipefail
 mode=${1:-full}
 bin=${PIO_BIN_DIR:-target/release}
@@ -19,6 +21,27 @@ log() { echo "[$(date +%T)] $*" | tee -a "$out/steps.log"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$out/gpu.csv" 2>&1
 log "GPU: $(tail -n 1 "$out/gpu.csv")"
+
+if [[ $mode == moe ]]; then
+  # Checkpoints of these sizes do not fit the disk next to their graphs: they go to RAM.
+  shm=${PIO_SHM:-/dev/shm/pio}
+  mkdir -p "$shm"
+  df -h "$shm" /  | tee -a "$out/steps.log"
+  log "Qwen3-Coder-30B-A3B, real shape, int4 experts (QMoE)"
+  "$bin/pio" bench --model qwen3-coder-30b --synthetic --checkpoint-out "$shm/coder" --ep cuda --precision int4 \
+    --prompt-lens 128,2048 --batches 1,8 --decode-tokens 128 --repeats 3 \
+    --out "$out/coder-int4.json" 2>&1 | tee "$out/coder-int4.log"
+  rm -rf "$shm/coder" graphs/qwen3-coder-30b-synthetic-*
+  for layers in 3 4; do
+    log "GLM-4.7 at real width, $layers layers (3 dense + $((layers - 3)) MoE)"
+    "$bin/pio" bench --model glm-4-7 --synthetic --layers "$layers" --checkpoint-out "$shm/glm-l$layers" --ep cuda \
+      --precision int4,bf16 --prompt-lens 128,2048 --batches 1,8 --decode-tokens 64 --repeats 3 \
+      --out "$out/glm-l$layers.json" 2>&1 | tee "$out/glm-l$layers.log"
+    rm -rf "$shm/glm-l$layers" graphs/glm-4-7-synthetic-*
+  done
+  log "done"
+  exit 0
+fi
 
 if [[ $mode == smoke ]]; then
   log "smoke: 2-layer model, bf16 + int4, cuda graph off/on, tensorrt row"

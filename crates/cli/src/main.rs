@@ -51,6 +51,13 @@ struct BenchArgs {
     /// Shrink the synthetic model's depth (e.g. GLM-4.7's dense layers plus a few MoE layers).
     #[arg(long)]
     layers: Option<usize>,
+    /// Where the synthetic checkpoint goes (default checkpoints/<preset>-synthetic[-shape]); a
+    /// RAM disk such as /dev/shm keeps large ones off a small disk.
+    #[arg(long, requires = "model")]
+    checkpoint_out: Option<PathBuf>,
+    /// Where exported graphs go (default graphs/).
+    #[arg(long, default_value = "graphs")]
+    graphs_dir: PathBuf,
     /// Precisions to export for GPU providers with --model (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "bf16")]
     precision: Vec<String>,
@@ -429,7 +436,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         let overrides = pio_export::synthetic::ShapeOverrides { layers: args.layers, ..Default::default() };
         let tag = overrides.tag();
         let name = if tag.is_empty() { format!("{}-synthetic", preset.name) } else { format!("{}-synthetic-{tag}", preset.name) };
-        let ck = PathBuf::from("checkpoints").join(&name);
+        let ck = args.checkpoint_out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(&name));
         if !ck.join("config.json").is_file() {
             tracing::info!("writing synthetic checkpoint {}", ck.display());
             pio_export::synthetic::write_checkpoint(preset, &overrides, args.seed, None, &ck)?;
@@ -447,7 +454,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
                     variants.extend(["no-fused-norms", "unfused-projections", "all-logits"]);
                 }
                 for v in variants {
-                    let dir = PathBuf::from("graphs").join(format!("{name}-{}-{}-{v}", target.as_str(), p.as_str()));
+                    let dir = args.graphs_dir.join(format!("{name}-{}-{}-{v}", target.as_str(), p.as_str()));
                     let dir = export_for_bench(&ck, dir, *p, target, v)?;
                     graphs.push((format!("{}-{v}", p.as_str()), dir, Some(ep.clone())));
                 }

@@ -105,13 +105,41 @@ impl View for RandomTensor {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
+        // Chunks are generated in parallel, each from its own stream, so the bytes depend on
+        // the seed alone (not on the thread count) and real-shape checkpoints write quickly.
+        const CHUNK: usize = 1 << 20;
         let n: usize = self.shape.iter().product();
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-        let mut out = Vec::with_capacity(n * 2);
+        let mut out = vec![0u8; n * 2];
         let offset = if self.around_one { 1.0 } else { 0.0 };
-        for _ in 0..n {
-            let u: f32 = rng.random::<f32>() * 2.0 - 1.0;
-            out.extend_from_slice(&bf16::from_f32(offset + u * self.scale).to_le_bytes());
+        let fill = |chunk_index: usize, bytes: &mut [u8]| {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ (chunk_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for pair in bytes.chunks_exact_mut(2) {
+                let u: f32 = rng.random::<f32>() * 2.0 - 1.0;
+                pair.copy_from_slice(&bf16::from_f32(offset + u * self.scale).to_le_bytes());
+            }
+        };
+        let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1);
+        let chunks: Vec<(usize, &mut [u8])> = out.chunks_mut(CHUNK * 2).enumerate().collect();
+        if threads <= 1 || chunks.len() <= 1 {
+            for (i, c) in chunks {
+                fill(i, c);
+            }
+        } else {
+            let per_thread = chunks.len().div_ceil(threads);
+            let mut groups: Vec<Vec<(usize, &mut [u8])>> = Vec::new();
+            let mut it = chunks.into_iter().peekable();
+            while it.peek().is_some() {
+                groups.push(it.by_ref().take(per_thread).collect());
+            }
+            std::thread::scope(|scope| {
+                for group in groups {
+                    scope.spawn(|| {
+                        for (i, c) in group {
+                            fill(i, c);
+                        }
+                    });
+                }
+            });
         }
         Cow::Owned(out)
     }

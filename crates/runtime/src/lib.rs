@@ -4,6 +4,7 @@
 pub mod chat_template;
 pub mod ep;
 pub mod generate;
+pub mod gpu_monitor;
 pub mod model;
 pub mod plugin;
 pub mod ort_lib;
