@@ -205,7 +205,8 @@ impl<'a> DecoderBuilder<'a> {
         Ok((c, sn))
     }
 
-    fn advance(&self, bytes: usize) {
+    /// Counts checkpoint bytes consumed, for the progress bar.
+    pub fn advance(&self, bytes: usize) {
         self.progress.inc(bytes as u64);
     }
 
@@ -215,6 +216,7 @@ impl<'a> DecoderBuilder<'a> {
         let dtype = self.dtype;
         let n = t.data.len();
         let name = self.g.initializer_with(hf_name, dtype, shape, |sink| write_converted(&t, dtype, sink))?;
+        self.ck.release(hf_name);
         self.advance(n);
         Ok(name)
     }
@@ -294,6 +296,9 @@ impl<'a> DecoderBuilder<'a> {
             };
             self.g.node("MatMul", node_name).inputs(&[x, &w]).out()
         };
+        for p in hf_prefixes {
+            self.ck.release(&format!("{p}.weight"));
+        }
         self.advance(read);
         if !bias {
             return Ok(y);

@@ -272,7 +272,10 @@ impl TokenizerConfig {
                             message: format!("`{key}` is null"),
                         }
                     })?;
-                    let special = entry.get("special").and_then(Value::as_bool).unwrap_or(false);
+                    let special = entry
+                        .get("special")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
                     config
                         .added_tokens_decoder
                         .insert(id, AddedTokenInfo { content, special });
@@ -290,7 +293,9 @@ impl TokenizerConfig {
         if map_path.is_file() {
             if let Value::Object(map) = read_json(&map_path)? {
                 for name in SpecialTokens::NAMES {
-                    if let (Some(value), Some(slot)) = (map.get(name), config.special_tokens.slot(name)) {
+                    if let (Some(value), Some(slot)) =
+                        (map.get(name), config.special_tokens.slot(name))
+                    {
                         if slot.is_none() {
                             *slot = token_content(value, &map_path, name)?;
                         }
@@ -303,7 +308,10 @@ impl TokenizerConfig {
         let mut files = BTreeMap::new();
         let default_path = dir.join(CHAT_TEMPLATE_FILE);
         if default_path.is_file() {
-            files.insert("default".to_string(), python_text(read_text(&default_path)?));
+            files.insert(
+                "default".to_string(),
+                python_text(read_text(&default_path)?),
+            );
         }
         let extra_dir = dir.join(CHAT_TEMPLATE_DIR);
         if extra_dir.is_dir() {
@@ -365,7 +373,10 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(TokenizerError::MissingFile {
                 dir: dir.to_path_buf(),
-                hint: format!("{} not found (is this a Hugging Face tokenizer folder?)", path.display()),
+                hint: format!(
+                    "{} not found (is this a Hugging Face tokenizer folder?)",
+                    path.display()
+                ),
             });
         }
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
@@ -544,7 +555,10 @@ impl IncrementalDecoder {
             && text.starts_with(self.prefix_text.as_str());
         if complete || held >= Self::MAX_HELD_TOKENS {
             if !complete {
-                tracing::debug!(held, "incremental decoder: emitting held-back text that ends in U+FFFD");
+                tracing::debug!(
+                    held,
+                    "incremental decoder: emitting held-back text that ends in U+FFFD"
+                );
             }
             self.emit(text).map(Some)
         } else {
@@ -672,7 +686,9 @@ pub(crate) mod tests {
         assert_eq!(tok.eos_token_id(), Some(151645));
         assert_eq!(tok.token_to_id("<|im_start|>"), Some(151644));
         assert_eq!(tok.id_to_token(151644).as_deref(), Some("<|im_start|>"));
-        assert!(matches!(tok.chat_template_source(), Some(ChatTemplateSource::Single(s)) if s.contains("<|im_start|>")));
+        assert!(
+            matches!(tok.chat_template_source(), Some(ChatTemplateSource::Single(s)) if s.contains("<|im_start|>"))
+        );
         let info = &tok.config().added_tokens_decoder[&151645];
         assert_eq!(info.content, "<|im_end|>");
         assert!(info.special);
@@ -699,7 +715,10 @@ pub(crate) mod tests {
             .iter()
             .filter(|&&id| tok.decode(&[id], false).unwrap().contains(REPLACEMENT))
             .count();
-        assert!(partial > 0, "expected tokens holding partial UTF-8 characters");
+        assert!(
+            partial > 0,
+            "expected tokens holding partial UTF-8 characters"
+        );
         let (deltas, tail) = stream(&tok, &ids, false);
         for d in &deltas {
             assert!(!d.contains(REPLACEMENT), "delta {d:?} contains U+FFFD");
@@ -717,7 +736,11 @@ pub(crate) mod tests {
         for n in 0..=ids.len() {
             let (deltas, tail) = stream(&tok, &ids[..n], false);
             let full = tok.decode(&ids[..n], false).unwrap();
-            assert_eq!(format!("{}{}", deltas.concat(), tail), full, "prefix of {n} ids");
+            assert_eq!(
+                format!("{}{}", deltas.concat(), tail),
+                full,
+                "prefix of {n} ids"
+            );
             assert!(deltas.iter().all(|d| !d.contains(REPLACEMENT)));
         }
     }
@@ -734,7 +757,10 @@ pub(crate) mod tests {
             assert!(deltas.iter().all(|d| !d.contains(REPLACEMENT)));
             if skip {
                 // <think> is an added but not special token in Qwen3: it stays.
-                assert_eq!(got, "assistant\n<think>\n推理过程🤔\n</think>\n\n答案是 42。");
+                assert_eq!(
+                    got,
+                    "assistant\n<think>\n推理过程🤔\n</think>\n\n答案是 42。"
+                );
             } else {
                 assert_eq!(got, text);
             }
@@ -748,14 +774,20 @@ pub(crate) mod tests {
         let ids = tok.encode("ok 👨‍👩‍👧", false).unwrap();
         let cut = ids.len() - 1;
         let (deltas, tail) = stream(&tok, &ids[..cut], false);
-        assert_eq!(format!("{}{}", deltas.concat(), tail), tok.decode(&ids[..cut], false).unwrap());
+        assert_eq!(
+            format!("{}{}", deltas.concat(), tail),
+            tok.decode(&ids[..cut], false).unwrap()
+        );
         // A long run of lone continuation bytes (garbage): bounded hold-back, still consistent here.
         let cont = tok.token_to_id("\u{80}").or_else(|| tok.token_to_id("Ģ"));
         if let Some(cont) = cont {
             let mut garbage = vec![cont; 100];
             garbage.extend(tok.encode("end", false).unwrap());
             let (deltas, tail) = stream(&tok, &garbage, false);
-            assert_eq!(format!("{}{}", deltas.concat(), tail), tok.decode(&garbage, false).unwrap());
+            assert_eq!(
+                format!("{}{}", deltas.concat(), tail),
+                tok.decode(&garbage, false).unwrap()
+            );
         }
         let mut dec = tok.incremental_decoder(false);
         assert_eq!(dec.push_many(&ids).unwrap(), "ok 👨‍👩‍👧");
@@ -772,9 +804,18 @@ pub(crate) mod tests {
         std::fs::write(dir.path().join(TOKENIZER_FILE), "{not json").unwrap();
         let err = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains("tokenizer.json"), "{err}");
-        std::fs::write(dir.path().join(TOKENIZER_CONFIG_FILE), r#"{"eos_token": 5}"#).unwrap();
-        let err = TokenizerConfig::from_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("tokenizer_config.json") && err.contains("eos_token"), "{err}");
+        std::fs::write(
+            dir.path().join(TOKENIZER_CONFIG_FILE),
+            r#"{"eos_token": 5}"#,
+        )
+        .unwrap();
+        let err = TokenizerConfig::from_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tokenizer_config.json") && err.contains("eos_token"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -791,17 +832,74 @@ pub(crate) mod tests {
         assert_eq!(cfg.special_tokens.bos_token.as_deref(), Some("<s>"));
         assert_eq!(cfg.special_tokens.eos_token.as_deref(), Some("</s>"));
         assert_eq!(cfg.special_tokens.unk_token, None);
-        let ChatTemplateSource::Named(named) = cfg.chat_template.unwrap() else { panic!() };
+        let ChatTemplateSource::Named(named) = cfg.chat_template.unwrap() else {
+            panic!()
+        };
         assert_eq!(named["default"], "D");
         assert_eq!(named["tool_use"], "T");
         // chat_template.jinja wins over the config, with Python's universal newlines.
         std::fs::write(dir.path().join(CHAT_TEMPLATE_FILE), "a\r\nb\rc").unwrap();
         let cfg = TokenizerConfig::from_dir(dir.path()).unwrap();
-        assert_eq!(cfg.chat_template, Some(ChatTemplateSource::Single("a\nb\nc".into())));
+        assert_eq!(
+            cfg.chat_template,
+            Some(ChatTemplateSource::Single("a\nb\nc".into()))
+        );
         std::fs::create_dir(dir.path().join(CHAT_TEMPLATE_DIR)).unwrap();
         std::fs::write(dir.path().join(CHAT_TEMPLATE_DIR).join("rag.jinja"), "R").unwrap();
         let cfg = TokenizerConfig::from_dir(dir.path()).unwrap();
-        let Some(ChatTemplateSource::Named(named)) = cfg.chat_template else { panic!() };
+        let Some(ChatTemplateSource::Named(named)) = cfg.chat_template else {
+            panic!()
+        };
         assert_eq!(named.keys().collect::<Vec<_>>(), ["default", "rag"]);
+    }
+
+    /// A tiny SentencePiece-style tokenizer (byte fallback, `▁` spaces) with the given decoder.
+    fn sentencepiece_like(decoder: &str) -> Tokenizer {
+        let json = format!(
+            r#"{{"version": "1.0", "truncation": null, "padding": null,
+               "added_tokens": [{{"id": 0, "content": "<s>", "single_word": false, "lstrip": false,
+                                 "rstrip": false, "normalized": false, "special": true}}],
+               "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+               "decoder": {decoder},
+               "model": {{"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                         "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                         "vocab": {{"<s>": 0, "▁Hello": 1, "▁world": 2, "!": 3, "<0xE4>": 4, "<0xB8>": 5,
+                                   "<0xAD>": 6, "▁": 7, "a": 8, "<0xF0>": 9, "<0x9F>": 10, "<0x98>": 11,
+                                   "<0x80>": 12}},
+                         "merges": []}}}}"#
+        );
+        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
+        Tokenizer::from_tokenizers(inner, TokenizerConfig::default())
+    }
+
+    #[test]
+    fn tokenizer_incremental_sentencepiece_style_decoders() {
+        let llama2 = r#"{"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}"#;
+        let metaspace = r#"{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true}"#;
+        // "Hello world! 中a😀<s> Hello" with 中 and 😀 as byte-fallback pieces.
+        let ids = [1, 2, 3, 7, 4, 5, 6, 8, 9, 10, 11, 12, 0, 1, 7, 1];
+        for decoder in [llama2, metaspace] {
+            let tok = sentencepiece_like(decoder);
+            for skip in [false, true] {
+                for n in 0..=ids.len() {
+                    let (deltas, tail) = stream(&tok, &ids[..n], skip);
+                    let full = tok.decode(&ids[..n], skip).unwrap();
+                    assert_eq!(
+                        format!("{}{tail}", deltas.concat()),
+                        full,
+                        "{decoder} skip={skip} n={n}"
+                    );
+                    assert!(deltas.iter().all(|d| !d.contains(REPLACEMENT)));
+                }
+            }
+        }
+        let tok = sentencepiece_like(llama2);
+        assert_eq!(
+            tok.decode(&ids, true).unwrap(),
+            "Hello world! 中a😀 Hello  Hello"
+        );
     }
 }

@@ -1,0 +1,421 @@
+//! The generation loop (`pio_runtime::generate::Generator`) end to end on exported graphs:
+//! greedy decoding against transformers' `generate`, every stop condition (stop token ids, the
+//! manifest's eos ids, max tokens, the context length, stop strings), seeded sampling, and
+//! streaming with the real Qwen3 tokenizer (deltas never split a character and add up to the
+//! full decode).
+//!
+//! The small Qwen3 fixtures (tests/fixtures/qwen3-*, random weights, vocab of a few hundred, no
+//! tokenizer) cover everything that works on token ids; the text paths use a synthetic Qwen3
+//! checkpoint at the real vocabulary with the real tokenizer (`scripts/setup.sh` fetches it).
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::*;
+use pio_export::synthetic::{write_checkpoint, ShapeOverrides};
+use pio_models::presets::find_preset;
+use pio_runtime::chat_template::RenderOptions;
+use pio_runtime::ep::ExecutionProvider;
+use pio_runtime::generate::{FinishReason, GenerateOptions, GenerationOutput, Generator, TokenEvent};
+use pio_runtime::sampling::SamplingParams;
+use serde_json::json;
+
+/// The fixtures with a transformers reference whose name passes `keep`, sorted.
+fn fixtures_where(keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("reference.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| keep(n))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The dense Qwen3 fixtures (the same list the parity tests check).
+fn qwen3_fixtures() -> Vec<String> {
+    let names = fixtures_where(|n| n.starts_with("qwen3-"));
+    assert!(!names.is_empty(), "no Qwen3 fixtures in {}", fixtures_dir().display());
+    names
+}
+
+/// Exports a fixture (last-token logits, fp32, CPU) into `tmp` and loads it.
+fn load_fixture(name: &str, tmp: &Path, context_length: usize) -> (Generator, Reference) {
+    let fixture = fixtures_dir().join(name);
+    let reference = load_reference(&fixture);
+    let graphs = tmp.join(name);
+    let mut settings = cpu_settings(true);
+    settings.context_length = context_length;
+    export_to(&fixture, &graphs, settings);
+    let generator = Generator::load(&graphs, &ExecutionProvider::default())
+        .unwrap_or_else(|e| panic!("{name}: loading the export failed: {e:#}"));
+    (generator, reference)
+}
+
+fn greedy_options(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions { max_tokens, sampling: SamplingParams::greedy(), ignore_eos: true, ..Default::default() }
+}
+
+/// Runs `generate`, collecting every streamed event.
+fn run(generator: &mut Generator, prompt: &[u32], opts: &GenerateOptions) -> (GenerationOutput, Vec<TokenEvent>) {
+    let mut events = Vec::new();
+    let out = generator
+        .generate(prompt, opts, |e| {
+            events.push(e.clone());
+            ControlFlow::Continue(())
+        })
+        .unwrap_or_else(|e| panic!("generate failed: {e:#}"));
+    (out, events)
+}
+
+/// Greedy `Generator::generate` on `name` equals transformers' `generate(do_sample=False)`.
+fn check_greedy_generate(name: &str, tmp: &Path) {
+    let (mut generator, reference) = load_fixture(name, tmp, 256);
+    let g = &reference.greedy;
+    let (out, events) = run(&mut generator, &g.prompt_ids, &greedy_options(g.max_new_tokens));
+    assert_eq!(out.generated_ids, g.generated_ids, "{name}: greedy ids differ from transformers generate");
+    assert_eq!(out.finish_reason, FinishReason::Length, "{name}");
+    assert_eq!(out.prompt_ids, g.prompt_ids, "{name}");
+    // One event per generated token, in order (no tokenizer: no text, no tail event).
+    let streamed: Vec<u32> = events.iter().map(|e| e.token_id).collect();
+    assert_eq!(streamed, out.generated_ids, "{name}: streamed token ids");
+    assert!(events.iter().all(|e| e.text.is_empty()), "{name}: no tokenizer, so no text");
+    assert_eq!(out.timings.generated_tokens, g.max_new_tokens, "{name}");
+    assert_eq!(out.timings.prompt_tokens, g.prompt_ids.len(), "{name}");
+}
+
+/// (a) Greedy through the generation loop (sampler in greedy mode, KV cache, one prefill) equals
+/// transformers' `generate(do_sample=False)` for 32 tokens on every Qwen3 fixture.
+#[test]
+fn greedy_generate_matches_transformers_on_every_qwen3_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in qwen3_fixtures() {
+        check_greedy_generate(&name, tmp.path());
+    }
+}
+
+/// The same on the MoE fixtures (Qwen3-MoE, GLM-4 MoE), whatever fixtures exist.
+#[test]
+fn greedy_generate_matches_transformers_on_every_moe_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in fixtures_where(|n| !n.starts_with("qwen3-")) {
+        check_greedy_generate(&name, tmp.path());
+    }
+}
+
+/// The first index >= `from` whose token does not occur earlier, so that stopping on it stops
+/// exactly there.
+fn first_new_token_at_or_after(ids: &[u32], from: usize) -> usize {
+    (from..ids.len())
+        .find(|&i| !ids[..i].contains(&ids[i]))
+        .expect("the greedy reference has no token that does not occur earlier")
+}
+
+/// (b) A stop token id ends generation right at that token, which is the last id returned; the
+/// manifest's eos ids do the same unless `ignore_eos`.
+#[test]
+fn stop_token_ids_and_eos_ids_stop_right_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "qwen3-tied-hub";
+    let (mut generator, reference) = load_fixture(name, tmp.path(), 256);
+    let g = &reference.greedy;
+    let stop_at = first_new_token_at_or_after(&g.generated_ids, 4);
+    let stop_id = g.generated_ids[stop_at];
+
+    let opts = GenerateOptions { stop_token_ids: vec![stop_id], ..greedy_options(32) };
+    let (out, events) = run(&mut generator, &g.prompt_ids, &opts);
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert_eq!(out.generated_ids, g.generated_ids[..=stop_at].to_vec(), "stopped somewhere else");
+    assert_eq!(*out.generated_ids.last().unwrap(), stop_id);
+    assert_eq!(events.last().unwrap().token_id, stop_id, "the stop token is streamed too");
+
+    // The manifest's eos ids: make the same token the model's eos by editing pio.json.
+    let graphs = tmp.path().join(name);
+    let manifest_path = graphs.join("pio.json");
+    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest["eos_token_ids"] = json!([stop_id]);
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    let mut generator = Generator::load(&graphs, &ExecutionProvider::default()).unwrap();
+    let with_eos = GenerateOptions { ignore_eos: false, ..greedy_options(32) };
+    let (out, _) = run(&mut generator, &g.prompt_ids, &with_eos);
+    assert_eq!(out.finish_reason, FinishReason::Stop, "eos from pio.json did not stop generation");
+    assert_eq!(out.generated_ids, g.generated_ids[..=stop_at].to_vec());
+    // ignore_eos keeps going past it.
+    let (out, _) = run(&mut generator, &g.prompt_ids, &greedy_options(32));
+    assert_eq!(out.finish_reason, FinishReason::Length);
+    assert_eq!(out.generated_ids, g.generated_ids);
+}
+
+/// (c) `max_tokens` ends generation with `Length`, after exactly that many tokens.
+#[test]
+fn max_tokens_finishes_with_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut generator, reference) = load_fixture("qwen3-untied-rp", tmp.path(), 256);
+    let g = &reference.greedy;
+    for n in [1, 5, 17] {
+        let (out, events) = run(&mut generator, &g.prompt_ids, &greedy_options(n));
+        assert_eq!(out.finish_reason, FinishReason::Length, "max_tokens {n}");
+        assert_eq!(out.generated_ids, g.generated_ids[..n].to_vec(), "max_tokens {n}");
+        assert_eq!(events.len(), n);
+        assert_eq!(out.timings.generated_tokens, n);
+    }
+}
+
+/// (d) A prompt that does not fit the graph's context length is refused with an error naming the
+/// context length; a generation that runs into it finishes with `ContextLength`.
+#[test]
+fn context_length_is_enforced() {
+    const CONTEXT: usize = 16;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut generator, reference) = load_fixture("qwen3-tied-hub", tmp.path(), CONTEXT);
+    assert_eq!(generator.model.context_length(), CONTEXT);
+    let g = &reference.greedy;
+
+    let long_prompt: Vec<u32> = g.prompt_ids.iter().cycle().take(CONTEXT + 4).copied().collect();
+    let err = generator
+        .generate(&long_prompt, &greedy_options(4), |_| ControlFlow::Continue(()))
+        .expect_err("a prompt longer than the context length must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("context length") && msg.contains(&CONTEXT.to_string()), "unclear error: {msg}");
+    assert!(msg.contains(&long_prompt.len().to_string()), "the error should say how long the prompt is: {msg}");
+
+    let exact: Vec<u32> = long_prompt[..CONTEXT].to_vec();
+    let err = generator.generate(&exact, &greedy_options(4), |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(format!("{err:#}").contains("context length"), "a prompt filling the whole context: {err:#}");
+
+    let err = generator.generate(&[], &greedy_options(4), |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(format!("{err:#}").contains("empty"), "empty prompt: {err:#}");
+
+    // The prompt fits, max_tokens does not: stops at the context length, on the greedy path.
+    let (out, _) = run(&mut generator, &g.prompt_ids, &greedy_options(100));
+    assert_eq!(out.finish_reason, FinishReason::ContextLength);
+    let total = g.prompt_ids.len() + out.generated_ids.len();
+    // Every token but the last one sampled went through the graph.
+    assert!((CONTEXT..=CONTEXT + 1).contains(&total), "{total} tokens in all with context {CONTEXT}");
+    assert_eq!(out.generated_ids, g.generated_ids[..out.generated_ids.len()].to_vec());
+}
+
+/// (e) Sampling with a seed is reproducible; another seed gives another sequence.
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut generator, reference) = load_fixture("qwen3-fp16", tmp.path(), 256);
+    let prompt = &reference.greedy.prompt_ids;
+    let sampled = |generator: &mut Generator, sampling: SamplingParams| {
+        let opts = GenerateOptions { max_tokens: 32, sampling, ignore_eos: true, ..Default::default() };
+        run(generator, prompt, &opts).0.generated_ids
+    };
+    for base in [
+        SamplingParams { temperature: 1.0, ..Default::default() },
+        SamplingParams { temperature: 0.7, top_k: 20, top_p: 0.8, repetition_penalty: 1.1, ..Default::default() },
+    ] {
+        let a = sampled(&mut generator, SamplingParams { seed: Some(7), ..base.clone() });
+        let b = sampled(&mut generator, SamplingParams { seed: Some(7), ..base.clone() });
+        let c = sampled(&mut generator, SamplingParams { seed: Some(8), ..base.clone() });
+        assert_eq!(a.len(), 32);
+        assert_eq!(a, b, "same seed, different tokens ({base:?})");
+        assert_ne!(a, c, "seeds 7 and 8 gave the same 32 tokens ({base:?})");
+        assert_ne!(a, reference.greedy.generated_ids, "sampling gave exactly the greedy sequence ({base:?})");
+    }
+}
+
+/// A synthetic Qwen3 checkpoint at the real vocabulary with the real tokenizer, exported once per
+/// test process into the cargo target's tmp folder (replaced on every run).
+fn real_tokenizer_graphs() -> &'static Path {
+    static GRAPHS: OnceLock<PathBuf> = OnceLock::new();
+    GRAPHS.get_or_init(|| {
+        let tokenizer = pio_models::paths::qwen3_tokenizer_dir().unwrap_or_else(|| {
+            panic!("the Qwen3 tokenizer is missing (.cache/pio/tokenizers/qwen3/tokenizer.json): run scripts/setup.sh first")
+        });
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("generation-qwen3-real-tokenizer");
+        let preset = find_preset("qwen3-4b-instruct-2507").unwrap();
+        let shape = ShapeOverrides {
+            layers: Some(1),
+            hidden_size: Some(64),
+            intermediate_size: Some(128),
+            heads: Some(2),
+            kv_heads: Some(1),
+            head_dim: Some(32),
+            ..Default::default()
+        };
+        let checkpoint = write_checkpoint(preset, &shape, 1234, Some(&tokenizer), &root.join("checkpoint"))
+            .unwrap_or_else(|e| panic!("synthetic checkpoint: {e:#}"));
+        let graphs = root.join("graphs");
+        export_to(&checkpoint, &graphs, cpu_settings(true));
+        graphs
+    })
+}
+
+/// Sampling hot enough to get varied text from the random-weight model. With tied embeddings and
+/// untrained layers, a token's own embedding dominates the last hidden state, so at temperature 1
+/// or below the model repeats the prompt's last token (`\n`) forever; at 3 the tokens are close to
+/// uniform over the vocabulary.
+fn hot() -> SamplingParams {
+    SamplingParams { temperature: 3.0, ..Default::default() }
+}
+
+fn load_real_tokenizer_model() -> Generator {
+    let generator = Generator::load(real_tokenizer_graphs(), &ExecutionProvider::default()).unwrap();
+    assert!(generator.tokenizer.is_some(), "the export lost the tokenizer");
+    assert!(generator.chat_template.is_some(), "the export lost the chat template");
+    generator
+}
+
+fn chat_ids(generator: &Generator, text: &str) -> Vec<u32> {
+    let (rendered, ids) =
+        generator.chat_prompt(&[json!({"role": "user", "content": text})], &RenderOptions::generation()).unwrap();
+    assert!(rendered.contains(text) && rendered.contains("<|im_start|>assistant"), "rendered prompt: {rendered}");
+    ids
+}
+
+/// (f) Streaming with the real tokenizer: the deltas add up to the returned text and to the
+/// tokenizer's decode of the generated ids (stop ids left out, special tokens skipped), no delta
+/// holds a broken character, and the timings are filled in.
+#[test]
+fn streaming_deltas_add_up_to_the_decode_and_never_split_characters() {
+    let mut generator = load_real_tokenizer_model();
+    let tokenizer = generator.tokenizer.clone().unwrap();
+    let prompt = chat_ids(&generator, "Write a haiku about the sea. 海の俳句を書いてください。");
+    let eos = generator.model.manifest.eos_token_ids.clone();
+    assert!(!eos.is_empty(), "the export has no eos ids");
+    let mut split_characters_held_back = 0;
+    let mut clean_runs = 0;
+    // Hot sampling from random weights gives near-uniform tokens over the 151,936-entry
+    // vocabulary, byte-level pieces of multi-byte characters included; several seeds make it
+    // likely that some character spans two tokens. (At temperature <= 1 the untrained model with
+    // tied embeddings just repeats the prompt's last token: see HOT below.)
+    for seed in 0..8u64 {
+        let opts = GenerateOptions {
+            max_tokens: 40,
+            sampling: SamplingParams { seed: Some(seed), ..hot() },
+            ..Default::default()
+        };
+        let (out, events) = run(&mut generator, &prompt, &opts);
+        let streamed: String = events.iter().map(|e| e.text.as_str()).collect();
+        assert_eq!(streamed, out.text, "seed {seed}: streamed deltas differ from the returned text");
+        let answer_ids: Vec<u32> = out.generated_ids.iter().copied().filter(|id| !eos.contains(id)).collect();
+        let decoded = tokenizer.decode(&answer_ids, true).unwrap();
+        assert_eq!(out.text, decoded, "seed {seed}: returned text differs from decode(generated ids)");
+        match out.finish_reason {
+            FinishReason::Length => assert_eq!(out.generated_ids.len(), 40),
+            FinishReason::Stop => assert!(eos.contains(out.generated_ids.last().unwrap()), "seed {seed}"),
+            other => panic!("seed {seed}: unexpected finish reason {other:?}"),
+        }
+        // One event per token (the text of a held-back character comes with a later token), plus
+        // at most one tail event (token id u32::MAX) for text still held at the end.
+        let token_events: Vec<u32> = events.iter().map(|e| e.token_id).filter(|&t| t != u32::MAX).collect();
+        assert_eq!(token_events, out.generated_ids, "seed {seed}");
+        assert!(events.len() <= out.generated_ids.len() + 1, "seed {seed}");
+        if !decoded.contains('\u{FFFD}') {
+            clean_runs += 1;
+            for (i, e) in events.iter().enumerate() {
+                assert!(!e.text.contains('\u{FFFD}'), "seed {seed}: delta {i} {:?} splits a character", e.text);
+            }
+        }
+        for e in &events {
+            if e.token_id != u32::MAX && !eos.contains(&e.token_id) {
+                let alone = tokenizer.decode(&[e.token_id], true).unwrap();
+                if alone.contains('\u{FFFD}') && e.text.is_empty() {
+                    split_characters_held_back += 1;
+                }
+            }
+        }
+        let t = &out.timings;
+        assert_eq!(t.prompt_tokens, prompt.len());
+        assert_eq!(t.generated_tokens, out.generated_ids.len());
+        assert!(t.time_to_first_token_ms > 0.0, "{t:?}");
+        assert!(t.prefill_tokens_per_s > 0.0, "{t:?}");
+        assert!(t.total_ms >= t.time_to_first_token_ms, "{t:?}");
+        if out.generated_ids.len() > 1 {
+            assert!(t.decode_tokens_per_s > 0.0, "{t:?}");
+        }
+        if seed >= 2 && clean_runs > 0 && split_characters_held_back > 0 {
+            break; // three runs, both cases seen: enough (sampling over the full vocabulary is slow in debug builds)
+        }
+    }
+    assert!(clean_runs > 0, "every run decoded to text with U+FFFD; the no-split check never ran");
+    assert!(split_characters_held_back > 0, "no token was a partial character, so holding back was never exercised");
+}
+
+/// (g) A stop string cuts the text right before it (not streamed, not returned) and finishes with
+/// `Stop`; the tokens are those of the unconstrained run up to the one that completed it.
+///
+/// The text is learned from a first run with the same seed (seeded sampling is reproducible, so
+/// the second run makes the same choices until it stops); a greedy run would do as well, but the
+/// untrained model's greedy text is the same token over and over.
+#[test]
+fn stop_strings_cut_the_text_right_before_them() {
+    let mut generator = load_real_tokenizer_model();
+    let prompt = chat_ids(&generator, "Count from one to ten.");
+    let learn = GenerateOptions {
+        max_tokens: 40,
+        sampling: SamplingParams { seed: Some(11), ..hot() },
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let (full, _) = run(&mut generator, &prompt, &learn);
+    let text = full.text.clone();
+    // A few characters from the middle of the text, none of them U+FFFD or whitespace only.
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    assert!(chars.len() >= 8, "greedy text too short to pick a stop string from: {text:?}");
+    let stop = (chars.len() / 2..chars.len() - 3)
+        .chain((1..chars.len() / 2).rev())
+        .map(|i| {
+            let end = chars.get(i + 3).map(|c| c.0).unwrap_or(text.len());
+            &text[chars[i].0..end]
+        })
+        .find(|s| !s.contains('\u{FFFD}') && !s.trim().is_empty())
+        .unwrap_or_else(|| panic!("no usable stop string in {text:?}"))
+        .to_string();
+    let cut = text.find(&stop).unwrap();
+    let expected = &text[..cut];
+
+    let opts = GenerateOptions { stop: vec![stop.clone()], ..learn.clone() };
+    let (out, events) = run(&mut generator, &prompt, &opts);
+    assert_eq!(out.finish_reason, FinishReason::Stop, "stop string {stop:?} in {text:?}");
+    assert_eq!(out.text, expected, "stop string {stop:?}: text not cut right before it");
+    let streamed: String = events.iter().map(|e| e.text.as_str()).collect();
+    assert_eq!(streamed, expected, "the stop string (or text after it) was streamed");
+    assert!(out.generated_ids.len() < full.generated_ids.len(), "generation did not stop early");
+    assert_eq!(out.generated_ids, full.generated_ids[..out.generated_ids.len()].to_vec());
+    // The last token is the one that completed the stop string: without it, the text is cut short of it.
+    let tokenizer = generator.tokenizer.as_ref().unwrap();
+    let before_last = tokenizer.decode(&out.generated_ids[..out.generated_ids.len() - 1], true).unwrap();
+    let with_last = tokenizer.decode(&out.generated_ids, true).unwrap();
+    assert!(!before_last.contains(&stop) && with_last.contains(&stop), "stopped on the wrong token");
+
+    // A stop string that never occurs changes nothing.
+    let opts = GenerateOptions { stop: vec!["\u{1F980}never\u{1F980}".into()], ..learn.clone() };
+    let (out, _) = run(&mut generator, &prompt, &opts);
+    assert_eq!(out.text, text);
+    assert_eq!(out.finish_reason, FinishReason::Length);
+}
+
+/// The callback can cancel; stop strings without a tokenizer are refused.
+#[test]
+fn cancel_from_the_callback_and_stop_strings_need_a_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut generator, reference) = load_fixture("qwen3-tied-hub", tmp.path(), 256);
+    let g = &reference.greedy;
+    let mut seen = 0;
+    let out = generator
+        .generate(&g.prompt_ids, &greedy_options(32), |_| {
+            seen += 1;
+            if seen == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Cancelled);
+    assert_eq!(out.generated_ids, g.generated_ids[..3].to_vec());
+
+    let opts = GenerateOptions { stop: vec!["x".into()], ..greedy_options(4) };
+    let err = generator.generate(&g.prompt_ids, &opts, |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(format!("{err:#}").contains("tokenizer"), "{err:#}");
+}
