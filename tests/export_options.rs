@@ -6,13 +6,9 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use common::*;
-use pio_export::checkpoint::Checkpoint;
-use pio_export::quant::{dequantize, quantize, Int4Layout};
-use pio_models::manifest::TensorDtype;
 use pio_models::size::Precision;
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::model::DecoderModel;
@@ -42,39 +38,6 @@ fn fused_qkv_and_gate_up_keep_transformers_logits() {
     }
 }
 
-/// Writes a copy of `fixture` whose 2-D projection weights are replaced by their int4
-/// round trip (what MatMulNBits computes with), as fp32.
-fn dequantized_checkpoint(fixture: &Path, dst: &Path, block: usize) {
-    std::fs::create_dir_all(dst).unwrap();
-    for f in ["config.json", "generation_config.json"] {
-        std::fs::copy(fixture.join(f), dst.join(f)).unwrap();
-    }
-    let ck = Checkpoint::open(fixture).unwrap();
-    let mut tensors: HashMap<String, (Vec<usize>, Vec<u8>)> = HashMap::new();
-    let names: Vec<String> = ck.tensor_names().map(str::to_string).collect();
-    for name in names {
-        let t = ck.tensor_any_shape(&name).unwrap();
-        let values = pio_export::convert::to_f32_vec(&t);
-        let projection = t.shape.len() == 2 && name.contains("_proj");
-        let values = if projection {
-            let layout = Int4Layout::new(t.shape[0], t.shape[1], block).unwrap();
-            let q = quantize(&layout, &values, TensorDtype::Float32).unwrap();
-            dequantize(&layout, &q.packed, &q.scales)
-        } else {
-            values
-        };
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        tensors.insert(name, (t.shape.clone(), bytes));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, (shape, bytes))| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).unwrap())
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
-}
-
 #[test]
 fn int4_graph_computes_the_dequantized_model() {
     let name = "qwen3-untied-rp";
@@ -92,7 +55,7 @@ fn int4_graph_computes_the_dequantized_model() {
     assert_eq!(manifest.precision, Precision::Int4);
     assert_eq!(manifest.options.int4_block_size, Some(block));
 
-    dequantized_checkpoint(&fixture, &tmp.path().join("dq"), block);
+    int4_round_trip_checkpoint(&fixture, &tmp.path().join("dq"), block);
     export_to(&tmp.path().join("dq"), &tmp.path().join("dq-fp32"), cpu_settings(true));
 
     let got = prefill_last(&tmp.path().join("int4"), &reference.prompt_ids);

@@ -13,10 +13,8 @@ use std::path::Path;
 
 use common::*;
 use pio_export::checkpoint::Checkpoint;
-use pio_export::quant::{dequantize, quantize, Int4Layout};
 use pio_export::synthetic::{write_checkpoint, ShapeOverrides};
 use pio_models::config::{Architecture, ModelConfig};
-use pio_models::manifest::TensorDtype;
 use pio_models::presets::find_preset;
 use pio_models::size::Precision;
 use pio_runtime::ep::ExecutionProvider;
@@ -135,39 +133,6 @@ fn moe_config_aliases_and_defaults() {
     .unwrap();
     q.as_object_mut().unwrap().remove("partial_rotary_factor");
     assert_eq!(ModelConfig::from_value(&q).unwrap().text.rope.partial_rotary_factor, 1.0);
-}
-
-/// A float32 copy of checkpoint `src` in `dst` whose projection weights (`*_proj*`: attention,
-/// dense MLPs, experts, shared experts; not routers, embeddings or the lm_head) are replaced by
-/// their int4 round trip at `block`: the weights MatMulNBits and QMoE compute with.
-fn int4_round_trip_checkpoint(src: &Path, dst: &Path, block: usize) {
-    std::fs::create_dir_all(dst).unwrap();
-    for f in ["config.json", "generation_config.json"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    let ck = Checkpoint::open(src).unwrap();
-    let names: Vec<String> = ck.tensor_names().map(str::to_string).collect();
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = names
-        .into_iter()
-        .map(|name| {
-            let t = ck.tensor_any_shape(&name).unwrap();
-            let mut values = pio_export::convert::to_f32_vec(&t);
-            if t.shape.len() == 2 && name.contains("_proj") {
-                let layout = Int4Layout::new(t.shape[0], t.shape[1], block).unwrap();
-                let q = quantize(&layout, &values, TensorDtype::Float32).unwrap();
-                values = dequantize(&layout, &q.packed, &q.scales);
-            }
-            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name, t.shape.clone(), bytes)
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, shape, bytes)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).unwrap())
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
 }
 
 /// Every position's logits of `prompt` and of two cached steps after it.

@@ -184,3 +184,37 @@ pub fn fixtures_named(prefix: &str) -> Vec<String> {
     found.sort();
     found
 }
+
+/// A float32 copy of checkpoint `src` in `dst` whose projection weights (`*_proj*`: attention,
+/// dense MLPs, experts, shared experts; not routers, embeddings or the lm_head) are replaced by
+/// their int4 round trip at `block`: the weights MatMulNBits and QMoE compute with.
+pub fn int4_round_trip_checkpoint(src: &Path, dst: &Path, block: usize) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let ck = pio_export::checkpoint::Checkpoint::open(src).unwrap();
+    let names: Vec<String> = ck.tensor_names().map(str::to_string).collect();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = names
+        .into_iter()
+        .map(|name| {
+            let t = ck.tensor_any_shape(&name).unwrap();
+            let mut values = pio_export::convert::to_f32_vec(&t);
+            if t.shape.len() == 2 && name.contains("_proj") {
+                let layout = pio_export::quant::Int4Layout::new(t.shape[0], t.shape[1], block).unwrap();
+                let q = pio_export::quant::quantize(&layout, &values, pio_models::manifest::TensorDtype::Float32).unwrap();
+                values = pio_export::quant::dequantize(&layout, &q.packed, &q.scales);
+            }
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, t.shape.clone(), bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, bytes)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+}
+

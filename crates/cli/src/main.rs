@@ -71,6 +71,9 @@ struct BenchArgs {
     ep: Vec<String>,
     #[arg(long, default_value_t = 0)]
     device_id: i32,
+    /// Execution provider option KEY=VALUE (repeatable), applied to every provider it fits.
+    #[arg(long = "ep-option")]
+    ep_options: Vec<String>,
     /// CUDA graphs for the decode step: on, off or both (both: a row each).
     #[arg(long, default_value = "both")]
     cuda_graph: String,
@@ -116,11 +119,15 @@ struct ModelArgs {
     /// CPU intra-op threads (default: ONNX Runtime's choice).
     #[arg(long)]
     threads: Option<usize>,
+    /// Execution provider option KEY=VALUE (repeatable): cuda_graph=1, gpu_mem_limit=BYTES,
+    /// trt_fp16=1, trt_engine_cache_path=DIR, fallback=cuda, or any ONNX Runtime provider option.
+    #[arg(long = "ep-option")]
+    ep_options: Vec<String>,
 }
 
 impl ModelArgs {
     fn load(&self) -> Result<Generator> {
-        let mut ep = ExecutionProvider::parse(&self.ep, self.device_id)?;
+        let mut ep = ExecutionProvider::from_cli(&self.ep, self.device_id, &self.ep_options)?;
         if let (ExecutionProvider::Cpu { threads }, Some(n)) = (&mut ep, self.threads) {
             *threads = Some(n);
         }
@@ -423,8 +430,15 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         cuda_graph: false,
         seed: args.seed,
     };
-    let eps: Vec<ExecutionProvider> =
-        args.ep.iter().map(|e| ExecutionProvider::parse(e, args.device_id)).collect::<Result<_>>()?;
+    let eps: Vec<ExecutionProvider> = args
+        .ep
+        .iter()
+        .map(|e| {
+            // CPU takes no provider options; the GPU providers each take what fits them.
+            let options: &[String] = if e == "cpu" { &[] } else { &args.ep_options };
+            ExecutionProvider::from_cli(e, args.device_id, options)
+        })
+        .collect::<Result<_>>()?;
     // (label, graph folder, the provider it is for or None for any)
     let mut graphs: Vec<(String, PathBuf, Option<String>)> = Vec::new();
     let mut checkpoint = None;

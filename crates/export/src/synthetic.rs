@@ -182,11 +182,14 @@ pub fn write_checkpoint(
         .map(|(name, shape)| {
             let around_one = name.ends_with("norm.weight") || name.ends_with("layernorm.weight");
             // Scale like a trained model's init so activations stay O(1) through the layers.
+            // Embeddings (and a tied lm_head) get std about 0.02, as transformers initializes
+            // them: with a larger table the tied lm_head scores the input token itself so high
+            // that an untrained model only repeats its last token.
             let fan_in = *shape.last().unwrap_or(&1) as f32;
             let scale = if around_one {
                 0.1
-            } else if name.contains("embed_tokens") {
-                1.0
+            } else if name.contains("embed_tokens") || name.starts_with("lm_head") {
+                0.02 * 3f32.sqrt()
             } else if shape.len() == 1 {
                 0.02
             } else {

@@ -82,6 +82,20 @@ pub struct Dimensions {
     pub context_length: usize,
 }
 
+impl Dimensions {
+    pub fn of(text: &crate::config::TextConfig, context_length: usize) -> Self {
+        Dimensions {
+            vocab_size: text.vocab_size,
+            hidden_size: text.hidden_size,
+            num_layers: text.num_hidden_layers,
+            num_attention_heads: text.num_attention_heads,
+            num_kv_heads: text.num_key_value_heads,
+            head_dim: text.head_dim,
+            context_length,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KvCacheSpec {
     /// `past_key_values.{layer}.key` with `{layer}` replaced.

@@ -1354,15 +1354,7 @@ mod tests {
             precision: Precision::Fp16,
             target_ep: TargetEp::Tensorrt,
             decoder: "model.onnx".into(),
-            dims: Dimensions {
-                vocab_size: t.vocab_size,
-                hidden_size: t.hidden_size,
-                num_layers: t.num_hidden_layers,
-                num_attention_heads: t.num_attention_heads,
-                num_kv_heads: t.num_key_value_heads,
-                head_dim: t.head_dim,
-                context_length: 512,
-            },
+            dims: Dimensions::of(t, 512),
             inputs,
             outputs: vec![],
             kv_cache: KvCacheSpec {
