@@ -237,3 +237,53 @@ fn chat_over_piped_stdin_streams_a_reply_and_exits_cleanly() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("chat template"), "{}", text(&out.stderr));
 }
+
+/// `pio bench` on the CPU: the JSON report has its documented shape, the CPU row has every
+/// requested measurement, and a provider that cannot start (CUDA with the CPU build of ONNX
+/// Runtime here; or, on a GPU machine, TensorRT without its libraries) is a row saying why,
+/// not a failure of the run.
+#[test]
+fn bench_writes_a_report_with_a_row_per_provider() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bench.json");
+    let o = pio(&[
+        "bench",
+        "--graphs",
+        fixture_graphs().to_str().unwrap(),
+        "--ep",
+        "cpu,tensorrt",
+        "--prompt-lens",
+        "8,16,100000",
+        "--batches",
+        "1,2",
+        "--decode-tokens",
+        "3",
+        "--repeats",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for key in ["machine", "plan", "runs", "accuracy", "switches_not_measured", "hf_baseline"] {
+        assert!(report.get(key).is_some(), "report lacks `{key}`: {report}");
+    }
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{report}");
+    let cpu = &runs[0];
+    assert_eq!(cpu["ep"], "cpu");
+    assert!(cpu["error"].is_null(), "{cpu}");
+    let ttft: Vec<u64> = cpu["ttft"].as_array().unwrap().iter().map(|t| t["prompt_len"].as_u64().unwrap()).collect();
+    assert_eq!(ttft, [8, 16]);
+    assert!(cpu["ttft"].as_array().unwrap().iter().all(|t| t["ms"].as_f64().unwrap() > 0.0));
+    // The prompt over the graph's context length is a skipped row with the reason.
+    assert!(cpu["skipped"].to_string().contains("context length"), "{cpu}");
+    let batches: Vec<u64> = cpu["decode"].as_array().unwrap().iter().map(|d| d["batch"].as_u64().unwrap()).collect();
+    assert_eq!(batches, [1, 2]);
+    assert!(cpu["decode"].as_array().unwrap().iter().all(|d| d["tokens_per_s"].as_f64().unwrap() > 0.0));
+    let trt = &runs[1];
+    assert_eq!(trt["ep"], "tensorrt");
+    let why = trt["error"].as_str().unwrap_or_default();
+    assert!(why.contains("TensorRT"), "the TensorRT row should say why it did not run: {trt}");
+    assert!(text(&o.stdout).contains("not run"), "{}", text(&o.stdout));
+}

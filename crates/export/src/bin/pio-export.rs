@@ -24,6 +24,9 @@ struct Args {
     /// With --model: write a seeded random-weight checkpoint of the preset's shape and export it.
     #[arg(long, requires = "model")]
     synthetic: bool,
+    /// With --synthetic: write the checkpoint and stop (no export).
+    #[arg(long, requires = "synthetic")]
+    checkpoint_only: bool,
     /// Seed of the synthetic weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -172,6 +175,10 @@ fn run(args: Args) -> Result<()> {
             let preset = find_preset(model)?;
             if args.synthetic {
                 let dir = synthetic_checkpoint(&args, preset)?;
+                if args.checkpoint_only {
+                    println!("{}", dir.display());
+                    return Ok(());
+                }
                 let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| preset.name.into());
                 (dir, name, format!("preset {} (synthetic, seed {})", preset.name, args.seed))
             } else {
