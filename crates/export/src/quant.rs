@@ -213,21 +213,45 @@ pub fn quantize_rows(
     mut write_packed: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<Vec<f32>> {
     check_scale_dtype(scale_dtype)?;
-    let (rb, kb) = (layout.row_bytes(), layout.k_blocks());
+    let (rb, kb, k) = (layout.row_bytes(), layout.k_blocks(), layout.k);
     let rows_per_chunk = (ROW_CHUNK_BYTES / rb).clamp(1, layout.n);
-    let mut row = vec![0f32; layout.k];
+    let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1).min(rows_per_chunk);
+    let mut rows = vec![0f32; rows_per_chunk * k];
     let mut packed = vec![0u8; rows_per_chunk * rb];
     let mut scales = vec![0f32; layout.scales_len()];
     let mut n0 = 0;
     while n0 < layout.n {
         let n1 = (n0 + rows_per_chunk).min(layout.n);
-        for n in n0..n1 {
-            read_row(n, &mut row)?;
-            let p = &mut packed[(n - n0) * rb..(n - n0 + 1) * rb];
-            quantize_row(layout, &row, scale_dtype, p, &mut scales[n * kb..(n + 1) * kb])
-                .with_context(|| format!("quantizing row {n}"))?;
+        let count = n1 - n0;
+        // Rows are read in order (the source may be a stream); quantizing them is pure, so the
+        // chunk's rows are split over the cores.
+        for (i, n) in (n0..n1).enumerate() {
+            read_row(n, &mut rows[i * k..(i + 1) * k])?;
         }
-        write_packed(&packed[..(n1 - n0) * rb])?;
+        let per_thread = count.div_ceil(threads);
+        let chunk_scales = &mut scales[n0 * kb..n1 * kb];
+        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = rows[..count * k]
+                .chunks(per_thread * k)
+                .zip(packed[..count * rb].chunks_mut(per_thread * rb))
+                .zip(chunk_scales.chunks_mut(per_thread * kb))
+                .enumerate()
+                .map(|(t, ((src, dst), sc))| {
+                    scope.spawn(move || -> Result<()> {
+                        for (i, ((row, p), s)) in src.chunks(k).zip(dst.chunks_mut(rb)).zip(sc.chunks_mut(kb)).enumerate() {
+                            let n = n0 + t * per_thread + i;
+                            quantize_row(layout, row, scale_dtype, p, s).with_context(|| format!("quantizing row {n}"))?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("quantization thread panicked")))).collect()
+        });
+        for r in results {
+            r?;
+        }
+        write_packed(&packed[..count * rb])?;
         n0 = n1;
     }
     Ok(scales)
