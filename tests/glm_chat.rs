@@ -449,3 +449,38 @@ fn glm_chat_generation_end_to_end() {
     }
     assert_eq!(stopped, 2, "both eos paths must be exercised");
 }
+
+/// With the tokenizer in the checkpoint, the fixture's transformers reference (greedy 32 tokens from
+/// random prompt ids, eos ignored) still holds, and the stream now carries text: the deltas add up to
+/// the decode of the generated ids (special tokens skipped), with at most one tail event.
+#[test]
+fn glm_reference_greedy_streams_text_with_the_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let graphs = tmp.path().join(FIXTURE);
+    export_to(&fixture(), &graphs, cpu_settings(true));
+    let mut generator = Generator::load(&graphs, &ExecutionProvider::default()).unwrap();
+    let tok = generator.tokenizer.clone().unwrap();
+    let g = load_reference(&fixture()).greedy;
+    let opts = GenerateOptions {
+        max_tokens: g.max_new_tokens,
+        sampling: SamplingParams::greedy(),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut events: Vec<TokenEvent> = Vec::new();
+    let out = generator
+        .generate(&g.prompt_ids, &opts, |e| {
+            events.push(e.clone());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(out.generated_ids, g.generated_ids, "greedy ids differ from transformers generate");
+    assert_eq!(out.finish_reason, FinishReason::Length);
+    let token_events: Vec<u32> = events.iter().map(|e| e.token_id).filter(|&t| t != u32::MAX).collect();
+    assert_eq!(token_events, out.generated_ids);
+    assert!(events.len() <= out.generated_ids.len() + 1);
+    let streamed: String = events.iter().map(|e| e.text.as_str()).collect();
+    assert_eq!(streamed, out.text);
+    assert_eq!(out.text, tok.decode(&out.generated_ids, true).unwrap());
+    assert!(!out.text.is_empty());
+}

@@ -60,7 +60,12 @@ pub enum FinishReason {
     Cancelled,
 }
 
-/// One generated token as streamed to the caller.
+/// `token_id` of the one event that may follow the last token: text the detokenizer or the
+/// stop-string matcher still held when generation ended (no token of its own).
+pub const TEXT_TAIL_TOKEN: u32 = u32::MAX;
+
+/// One generated token as streamed to the caller (or, with `token_id == TEXT_TAIL_TOKEN`, the
+/// final text that was still held back when generation ended).
 #[derive(Clone, Debug, Serialize)]
 pub struct TokenEvent {
     pub token_id: u32,
@@ -277,7 +282,7 @@ impl Generator {
             tail.push_str(&stops.flush());
             if !tail.is_empty() {
                 text.push_str(&tail);
-                let _ = on_token(&TokenEvent { token_id: u32::MAX, text: tail, logprob: None, top_logprobs: vec![] });
+                let _ = on_token(&TokenEvent { token_id: TEXT_TAIL_TOKEN, text: tail, logprob: None, top_logprobs: vec![] });
             }
         }
         let end = Instant::now();
