@@ -98,3 +98,36 @@ fn switches_that_cannot_apply_are_refused_with_the_reason() {
     assert!(format!("{err:#}").contains("int4"), "{err:#}");
     assert!(!tmp.path().join("g").exists());
 }
+
+/// The int8 KV cache (GroupQueryAttention's quantized cache, per-channel scales estimated from
+/// the weights): the cache crosses the graph boundary as int8 and the logits stay close to
+/// transformers' through the prefill and the cached steps.
+#[test]
+fn int8_kv_cache_stays_close_to_transformers() {
+    for name in ["qwen3-tied-hub", "glm4moe-a"] {
+        let fixture = fixtures_dir().join(name);
+        let reference = load_reference(&fixture);
+        let tmp = tempfile::tempdir().unwrap();
+        let mut settings = cpu_settings(true);
+        settings.kv_cache_int8 = true;
+        export_to(&fixture, &tmp.path().join("g"), settings);
+        let manifest = pio_models::Manifest::load(&tmp.path().join("g")).unwrap();
+        assert_eq!(manifest.kv_cache.dtype, pio_models::manifest::TensorDtype::Int8);
+        assert!(manifest.options.kv_cache_int8);
+        let present = manifest.outputs.iter().find(|o| o.name == "present.0.key").unwrap();
+        assert_eq!(present.dtype, pio_models::manifest::TensorDtype::Int8);
+
+        let mut model = DecoderModel::load(&tmp.path().join("g"), &ExecutionProvider::default()).unwrap();
+        let mut cache = model.new_cache().unwrap();
+        let spread = reference.prefill_logits.last().unwrap().iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut diffs = vec![max_abs_diff(model.forward(&reference.prompt_ids, &mut cache).unwrap().last(), reference.prefill_logits.last().unwrap())];
+        for step in &reference.steps {
+            diffs.push(max_abs_diff(model.forward(&[step.input_id], &mut cache).unwrap().last(), &step.logits));
+        }
+        let worst = diffs.iter().fold(0f32, |m, &d| m.max(d));
+        eprintln!("{name}: int8 KV cache, max |diff| per position {diffs:?} (logit scale {spread})");
+        // Quantization-sized, not parity-sized: a few percent of the logit scale.
+        assert!(worst < 0.1 * spread, "{name}: int8 KV cache max |diff| {worst} (logit scale {spread})");
+        assert!(worst > 0.0, "{name}: an int8 cache that changes nothing was not quantized");
+    }
+}

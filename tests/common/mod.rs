@@ -55,6 +55,7 @@ pub fn cpu_settings(last_token_logits: bool) -> ExportSettings {
         int4_block_size: 32,
         int4_lm_head: false,
         int4_accuracy_level: 0,
+        kv_cache_int8: false,
     }
 }
 

@@ -397,6 +397,7 @@ fn export_for_bench(checkpoint: &std::path::Path, out: PathBuf, precision: Preci
         int4_block_size: 32,
         int4_lm_head: false,
         int4_accuracy_level: 0,
+        kv_cache_int8: false,
     };
     match variant {
         "default" => {}
@@ -407,6 +408,7 @@ fn export_for_bench(checkpoint: &std::path::Path, out: PathBuf, precision: Preci
             settings.fused_qk_norm = false;
         }
         "all-logits" => settings.last_token_logits = false,
+        "kv-int8" => settings.kv_cache_int8 = true,
         other => bail!("unknown graph variant {other}"),
     }
     pio_export::export(&pio_export::ExportRequest {
@@ -465,7 +467,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             for (i, p) in precisions.iter().enumerate() {
                 let mut variants = vec!["default"];
                 if args.switches && i == 0 && target != pio_models::TargetEp::Cpu {
-                    variants.extend(["no-fused-norms", "unfused-projections", "all-logits"]);
+                    variants.extend(["no-fused-norms", "unfused-projections", "all-logits", "kv-int8"]);
                 }
                 for v in variants {
                     let dir = args.graphs_dir.join(format!("{name}-{}-{}-{v}", target.as_str(), p.as_str()));
@@ -507,10 +509,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         }
     }
     // Switches this preset cannot take are rows that say why, not silent omissions.
-    let mut refused = vec![serde_json::json!({
-        "switch": "int8 KV cache",
-        "reason": "not exported yet: GroupQueryAttention's quantized cache (k_scale/v_scale, kv_cache_bit_width) is not wired in this build"
-    })];
+    let mut refused = Vec::new();
     if let Some((_, dir, _)) = graphs.first() {
         if let Ok(m) = pio_models::Manifest::load(dir) {
             if m.config.text.sliding_window.is_none() {

@@ -32,7 +32,13 @@ pub struct ExportSettings {
     pub int4_lm_head: bool,
     /// MatMulNBits accuracy_level (0: default; 4: int8 activations on the CPU).
     pub int4_accuracy_level: i64,
+    /// KV cache stored as int8 with per-channel scales (GroupQueryAttention's quantized cache).
+    pub kv_cache_int8: bool,
 }
+
+/// Standard deviations covered by an int8 KV scale: values beyond clip (about 6e-5 of a
+/// Gaussian channel).
+const KV_SCALE_SIGMAS: f32 = 4.0;
 
 pub const PAST_KEY: &str = "past_key_values.{layer}.key";
 pub const PAST_VALUE: &str = "past_key_values.{layer}.value";
@@ -98,13 +104,22 @@ impl ExportSettings {
         Ok(())
     }
 
+    /// The dtype of the KV cache tensors.
+    pub fn kv_dtype(&self) -> TensorDtype {
+        if self.kv_cache_int8 {
+            TensorDtype::Int8
+        } else {
+            self.compute_dtype()
+        }
+    }
+
     pub fn kv_cache_spec(&self) -> KvCacheSpec {
         KvCacheSpec {
             past_key: PAST_KEY.into(),
             past_value: PAST_VALUE.into(),
             present_key: PRESENT_KEY.into(),
             present_value: PRESENT_VALUE.into(),
-            dtype: self.compute_dtype(),
+            dtype: self.kv_dtype(),
             layout: "BNSH".into(),
             shared_buffer: false,
         }
@@ -149,8 +164,8 @@ impl<'a> DecoderBuilder<'a> {
             Dim::Fixed(text.head_dim as i64),
         ];
         for layer in 0..text.num_hidden_layers {
-            g.input(&KvCacheSpec::name(PAST_KEY, layer), dtype, &kv_shape_past);
-            g.input(&KvCacheSpec::name(PAST_VALUE, layer), dtype, &kv_shape_past);
+            g.input(&KvCacheSpec::name(PAST_KEY, layer), settings.kv_dtype(), &kv_shape_past);
+            g.input(&KvCacheSpec::name(PAST_VALUE, layer), settings.kv_dtype(), &kv_shape_past);
         }
 
         // GroupQueryAttention's view of the mask: per-row valid length - 1, and the total length.
@@ -421,9 +436,14 @@ impl<'a> DecoderBuilder<'a> {
         // position_ids (input 9): ONNX Runtime honours it element-wise in decode and as an
         // offset (its first element) in a first prefill, where positions run from there.
         inputs.push("position_ids".to_string());
+        // Inputs 10..11 (attention_bias, head_sink) unused; 12..13 the int8 cache's scales.
+        let kv_scales = if self.settings.kv_cache_int8 { Some(self.kv_scales(prefix)?) } else { None };
+        if kv_scales.is_some() || norm_inputs.is_some() {
+            inputs.extend([String::new(), String::new()]);
+            let (ks, vs) = kv_scales.clone().unwrap_or_default();
+            inputs.extend([ks, vs]);
+        }
         if let Some((qn, kn)) = &norm_inputs {
-            // Inputs 10..13 (attention_bias, head_sink, k_scale, v_scale) unused.
-            inputs.extend(std::iter::repeat_n(String::new(), 4));
             inputs.push(qn.clone());
             inputs.push(kn.clone());
         }
@@ -440,6 +460,9 @@ impl<'a> DecoderBuilder<'a> {
         if norm_inputs.is_some() {
             node = node.attr("qk_norm_epsilon", t.rms_norm_eps as f32);
         }
+        if kv_scales.is_some() {
+            node = node.attr("k_quant_type", "PER_CHANNEL").attr("v_quant_type", "PER_CHANNEL").attr("kv_cache_bit_width", 8i64);
+        }
         if let Some(w) = t.sliding_window {
             node = node.attr("local_window_size", w as i64);
         }
@@ -450,9 +473,53 @@ impl<'a> DecoderBuilder<'a> {
             Dim::Sym("total_sequence_length"),
             Dim::Fixed(t.head_dim as i64),
         ];
-        self.g.output(&present_k, self.dtype, &kv_shape);
-        self.g.output(&present_v, self.dtype, &kv_shape);
+        self.g.output(&present_k, self.settings.kv_dtype(), &kv_shape);
+        self.g.output(&present_v, self.settings.kv_dtype(), &kv_shape);
         self.linear(&outs[0], &format!("{prefix}.o_proj"), qw, hidden, false)
+    }
+
+    /// Per-channel int8 scales of a layer's K and V cache, (kv_heads, 1, head_dim) each, from the
+    /// weights alone (no calibration data): the attention input is RMS-normalized, so each of its
+    /// elements is about N(0, gamma_c^2), and a projected channel j has standard deviation
+    /// sqrt(sum_c (W[j, c] gamma_c)^2) (+ |bias_j|). With a per-head q/k norm, K channel d is
+    /// about N(0, k_norm_d^2) instead. Rotary mixes the channel pairs (d, d + rotary/2), so both
+    /// take the larger of the two. The scale covers KV_SCALE_SIGMAS deviations.
+    fn kv_scales(&mut self, prefix: &str) -> Result<(String, String)> {
+        let t = self.text;
+        let (h, kvw, d) = (t.hidden_size, t.kv_width(), t.head_dim);
+        let layer = prefix.trim_end_matches(".self_attn");
+        let gamma = to_f32_vec(&self.ck.tensor(&format!("{layer}.input_layernorm.weight"), &[h])?);
+        let projected_std = |b: &Self, name: &str| -> Result<Vec<f32>> {
+            let w = to_f32_vec(&b.ck.tensor(&format!("{prefix}.{name}.weight"), &[kvw, h])?);
+            let bias = if t.attention_bias { to_f32_vec(&b.ck.tensor(&format!("{prefix}.{name}.bias"), &[kvw])?) } else { vec![0.0; kvw] };
+            Ok((0..kvw)
+                .map(|j| {
+                    let var: f32 = (0..h).map(|c| (w[j * h + c] * gamma[c]).powi(2)).sum();
+                    var.sqrt() + bias[j].abs()
+                })
+                .collect())
+        };
+        let mut k_std = if t.qk_norm {
+            let k_norm = to_f32_vec(&self.ck.tensor(&format!("{prefix}.k_norm.weight"), &[d])?);
+            (0..kvw).map(|j| k_norm[j % d].abs()).collect()
+        } else {
+            projected_std(self, "k_proj")?
+        };
+        let half = t.rotary_dim() / 2;
+        for head in 0..t.num_key_value_heads {
+            for i in 0..half {
+                let (a, b) = (head * d + i, head * d + i + half);
+                let m = k_std[a].max(k_std[b]);
+                k_std[a] = m;
+                k_std[b] = m;
+            }
+        }
+        let v_std = projected_std(self, "v_proj")?;
+        let to_scales = |std: Vec<f32>| -> Vec<f32> { std.into_iter().map(|s| (KV_SCALE_SIGMAS * s / 127.0).max(1e-8)).collect() };
+        let shape = [t.num_key_value_heads, 1, d];
+        let ks = self.g.const_f32(&format!("{prefix}.k_cache_scale"), &shape, &to_scales(k_std))?;
+        let vs = self.g.const_f32(&format!("{prefix}.v_cache_scale"), &shape, &to_scales(v_std))?;
+        Ok((ks, vs))
     }
 
     /// SwiGLU MLP: down(silu(gate(x)) * up(x)); gate and up as one MatMul when `fused_gate_up`.

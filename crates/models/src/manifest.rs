@@ -129,6 +129,9 @@ pub struct ExportOptions {
     pub fused_gate_up: bool,
     /// int4 block size when precision is int4.
     pub int4_block_size: Option<usize>,
+    /// KV cache in int8 with per-channel scales inside the graph.
+    #[serde(default)]
+    pub kv_cache_int8: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1372,6 +1372,7 @@ mod tests {
                 fused_qk_norm: false,
                 fused_gate_up: false,
                 int4_block_size: None,
+                kv_cache_int8: false,
             },
             bos_token_id: None,
             eos_token_ids: vec![1],

@@ -106,6 +106,7 @@ fn device_tensor(alloc: &Allocator, dtype: TensorDtype, shape: &[usize]) -> Resu
         TensorDtype::Float32 => Tensor::<f32>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
         TensorDtype::Float16 => Tensor::<f16>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
         TensorDtype::Bfloat16 => Tensor::<bf16>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
+        TensorDtype::Int8 => Tensor::<i8>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
         other => bail!("no device tensors of {other:?}"),
     })
 }
@@ -116,6 +117,7 @@ fn empty_host_tensor(dtype: TensorDtype, shape: Vec<i64>) -> Result<DynValue> {
         TensorDtype::Float32 => Tensor::from_array((shape, Vec::<f32>::new())).map_err(ort_err)?.into_dyn(),
         TensorDtype::Float16 => Tensor::from_array((shape, Vec::<f16>::new())).map_err(ort_err)?.into_dyn(),
         TensorDtype::Bfloat16 => Tensor::from_array((shape, Vec::<bf16>::new())).map_err(ort_err)?.into_dyn(),
+        TensorDtype::Int8 => Tensor::from_array((shape, Vec::<i8>::new())).map_err(ort_err)?.into_dyn(),
         other => bail!("no KV cache of {other:?}"),
     })
 }
@@ -125,7 +127,7 @@ impl DecoderModel {
     pub fn load(dir: &Path, ep: &ExecutionProvider) -> Result<Self> {
         let manifest = Manifest::load(dir)?;
         let on_cpu = matches!(ep, ExecutionProvider::Cpu { .. });
-        if manifest.kv_cache.dtype != TensorDtype::Float32 && on_cpu {
+        if matches!(manifest.precision, pio_models::Precision::Fp16 | pio_models::Precision::Bf16) && on_cpu {
             bail!(
                 "{} is a {} graph built for {}; on the CPU use an fp32 export (pio-export --precision fp32 --ep cpu)",
                 dir.display(),

@@ -95,6 +95,10 @@ struct Args {
     /// MatMulNBits accuracy_level (4 = int8 activations on CPU, faster, less exact).
     #[arg(long, default_value_t = 0)]
     int4_accuracy_level: i64,
+    /// Store the KV cache as int8 with per-channel scales (GroupQueryAttention's quantized
+    /// cache): half the cache memory of bf16; scales estimated from the weights.
+    #[arg(long)]
+    kv_cache_int8: bool,
     /// Replace the output folder if it exists.
     #[arg(long)]
     force: bool,
@@ -215,6 +219,7 @@ fn run(args: Args) -> Result<()> {
             int4_block_size: args.int4_block_size,
             int4_lm_head: args.int4_lm_head,
             int4_accuracy_level: args.int4_accuracy_level,
+            kv_cache_int8: args.kv_cache_int8,
         },
         overwrite: args.force,
         source,
