@@ -131,3 +131,47 @@ fn int8_kv_cache_stays_close_to_transformers() {
         assert!(worst > 0.0, "{name}: an int8 cache that changes nothing was not quantized");
     }
 }
+
+/// int4 embeddings (GatherBlockQuantized) with a tied int4 lm_head: one quantized table serves
+/// both, and the graph computes exactly the model whose projections and embedding table are
+/// their int4 round trip.
+#[test]
+fn int4_embeddings_share_one_table_with_a_tied_lm_head() {
+    let name = "qwen3-tied-hub";
+    let fixture = fixtures_dir().join(name);
+    let reference = load_reference(&fixture);
+    let tmp = tempfile::tempdir().unwrap();
+    let block = 32;
+    let mut int4 = cpu_settings(true);
+    int4.precision = Precision::Int4;
+    int4.int4_block_size = block;
+    int4.int4_lm_head = true;
+    int4.int4_embeddings = true;
+    export_to(&fixture, &tmp.path().join("int4"), int4.clone());
+    let graph = std::fs::read(tmp.path().join("int4/model.onnx")).unwrap();
+    let text = String::from_utf8_lossy(&graph);
+    assert!(text.contains("GatherBlockQuantized"), "no quantized embedding lookup in the graph");
+    // The name appears three times: the initializer, the lookup's reshape input, the lm_head's input.
+    assert_eq!(text.matches("embed_tokens.weight_q4").count(), 3, "one int4 table for the lookup and the lm_head");
+    assert!(!text.contains("lm_head.weight_q4"), "a tied lm_head must reuse the embedding table");
+
+    int4_round_trip_checkpoint_where(&fixture, &tmp.path().join("dq"), block, |n| n.contains("_proj") || n.contains("embed_tokens"));
+    export_to(&tmp.path().join("dq"), &tmp.path().join("dq-fp32"), cpu_settings(true));
+    let got = prefill_last(&tmp.path().join("int4"), &reference.prompt_ids);
+    let expected = prefill_last(&tmp.path().join("dq-fp32"), &reference.prompt_ids);
+    let diff = max_abs_diff(&got, &expected);
+    assert!(diff <= 1e-3, "int4 graph (embeddings + lm_head) vs dequantized fp32 graph: max |diff| {diff}");
+
+    // Tied embeddings in int4 without an int4 lm_head would need a second table: refused.
+    int4.int4_lm_head = false;
+    let err = pio_export::export(&pio_export::ExportRequest {
+        checkpoint: fixture,
+        out_dir: tmp.path().join("refused"),
+        settings: int4,
+        overwrite: false,
+        source: "test".into(),
+        progress: false,
+    })
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("--int4-lm-head"), "{err:#}");
+}

@@ -56,6 +56,7 @@ pub fn cpu_settings(last_token_logits: bool) -> ExportSettings {
         int4_lm_head: false,
         int4_accuracy_level: 0,
         kv_cache_int8: false,
+        int4_embeddings: false,
     }
 }
 
@@ -190,6 +191,11 @@ pub fn fixtures_named(prefix: &str) -> Vec<String> {
 /// dense MLPs, experts, shared experts; not routers, embeddings or the lm_head) are replaced by
 /// their int4 round trip at `block`: the weights MatMulNBits and QMoE compute with.
 pub fn int4_round_trip_checkpoint(src: &Path, dst: &Path, block: usize) {
+    int4_round_trip_checkpoint_where(src, dst, block, |name| name.contains("_proj"))
+}
+
+/// [`int4_round_trip_checkpoint`] for the 2-D tensors `quantized(name)` selects.
+pub fn int4_round_trip_checkpoint_where(src: &Path, dst: &Path, block: usize, quantized: impl Fn(&str) -> bool) {
     std::fs::create_dir_all(dst).unwrap();
     for f in ["config.json", "generation_config.json"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
@@ -201,7 +207,7 @@ pub fn int4_round_trip_checkpoint(src: &Path, dst: &Path, block: usize) {
         .map(|name| {
             let t = ck.tensor_any_shape(&name).unwrap();
             let mut values = pio_export::convert::to_f32_vec(&t);
-            if t.shape.len() == 2 && name.contains("_proj") {
+            if t.shape.len() == 2 && quantized(&name) {
                 let layout = pio_export::quant::Int4Layout::new(t.shape[0], t.shape[1], block).unwrap();
                 let q = pio_export::quant::quantize(&layout, &values, pio_models::manifest::TensorDtype::Float32).unwrap();
                 values = pio_export::quant::dequantize(&layout, &q.packed, &q.scales);

@@ -32,6 +32,9 @@ pub struct ExportSettings {
     pub int4_lm_head: bool,
     /// MatMulNBits accuracy_level (0: default; 4: int8 activations on the CPU).
     pub int4_accuracy_level: i64,
+    /// With int4: the embedding table in int4 too, read by GatherBlockQuantized (and shared
+    /// with a tied, int4 lm_head).
+    pub int4_embeddings: bool,
     /// KV cache stored as int8 with per-channel scales (GroupQueryAttention's quantized cache).
     pub kv_cache_int8: bool,
 }
@@ -72,6 +75,21 @@ impl ExportSettings {
         }
         if self.int4_lm_head && self.precision != Precision::Int4 {
             bail!("--int4-lm-head only applies with --precision int4");
+        }
+        if self.int4_embeddings {
+            if self.precision != Precision::Int4 {
+                bail!("--int4-embeddings only applies with --precision int4");
+            }
+            if text.hidden_size % self.int4_block_size != 0 {
+                bail!(
+                    "--int4-embeddings needs hidden_size ({}) to be a multiple of --int4-block-size ({})",
+                    text.hidden_size,
+                    self.int4_block_size
+                );
+            }
+            if text.tie_word_embeddings && !self.int4_lm_head {
+                bail!("--int4-embeddings on a model with tied embeddings needs --int4-lm-head: the two share one table");
+            }
         }
         if self.target_ep == TargetEp::Cpu && self.fused_qk_norm {
             bail!("--fused-qk-norm needs --ep cuda: the CPU GroupQueryAttention kernel rejects q/k norm inputs");
@@ -138,6 +156,8 @@ pub struct DecoderBuilder<'a> {
     total_seq_len: String,
     cos_cache: String,
     sin_cache: String,
+    /// The int4 embedding table's (packed, scales) initializers, for a tied int4 lm_head.
+    int4_embedding: Option<(String, String)>,
 }
 
 impl<'a> DecoderBuilder<'a> {
@@ -191,6 +211,7 @@ impl<'a> DecoderBuilder<'a> {
             total_seq_len,
             cos_cache,
             sin_cache,
+            int4_embedding: None,
         })
     }
 
@@ -366,9 +387,35 @@ impl<'a> DecoderBuilder<'a> {
 
     /// Token embeddings: Gather from the (vocab, hidden) table.
     pub fn embed(&mut self, hf_name: &str) -> Result<(String, String)> {
-        let table = self.weight(hf_name, &[self.text.vocab_size, self.text.hidden_size])?;
-        let x = self.g.node("Gather", "embed_tokens").inputs(&[table.as_str(), "input_ids"]).out();
-        Ok((x, table))
+        let (vocab, hidden) = (self.text.vocab_size, self.text.hidden_size);
+        if !self.settings.int4_embeddings {
+            let table = self.weight(hf_name, &[vocab, hidden])?;
+            let x = self.g.node("Gather", "embed_tokens").inputs(&[table.as_str(), "input_ids"]).out();
+            return Ok((x, table));
+        }
+        // int4 rows, quantized as MatMulNBits stores them: GatherBlockQuantized reads the same
+        // bytes viewed as (vocab, hidden/2) with the default zero point 8.
+        let t = self.ck.tensor(hf_name, &[vocab, hidden])?;
+        let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)?;
+        let (packed, scales) = crate::quant::int4_initializers(&mut self.g, "embed_tokens", &layout, self.dtype, |n, row| {
+            crate::quant::read_row_f32(&t, n, row)
+        })?;
+        self.advance(t.data.len());
+        self.ck.release(hf_name);
+        let view = self.g.const_i64("embed_tokens.packed_shape", &[vocab as i64, (hidden / 2) as i64])?;
+        let rows = self.g.node("Reshape", "embed_tokens.packed_rows").inputs(&[&packed, &view]).out();
+        let x = self
+            .g
+            .node("GatherBlockQuantized", "embed_tokens")
+            .ms()
+            .inputs(&[rows.as_str(), "input_ids", scales.as_str()])
+            .attr("bits", 4i64)
+            .attr("block_size", self.settings.int4_block_size)
+            .attr("gather_axis", 0i64)
+            .attr("quantize_axis", 1i64)
+            .out();
+        self.int4_embedding = Some((packed, scales));
+        Ok((x, String::new()))
     }
 
     /// Per-head RMSNorm over head_dim: (B, S, heads*D) -> (B, S, heads, D) -> norm -> back.
@@ -593,6 +640,13 @@ impl<'a> DecoderBuilder<'a> {
         };
         let logits = match lm_head {
             // MatMulNBits takes the (vocab, hidden) table as it is stored, tied or not.
+            // A tied lm_head reads the int4 embedding table itself: one copy for both.
+            None if self.settings.int4_lm_head && self.int4_embedding.is_some() => {
+                let (packed, scales) = self.int4_embedding.clone().unwrap_or_default();
+                let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)?;
+                let level = self.settings.int4_accuracy_level;
+                crate::quant::matmul_nbits_node(&mut self.g, &h, "lm_head", &layout, &packed, &scales, level, None)?
+            }
             _ if self.settings.int4_lm_head => {
                 let source = lm_head.unwrap_or(tied_table).trim_end_matches(".weight").to_string();
                 self.projection(&h, "lm_head", &[source], hidden, &[vocab], false, true)?

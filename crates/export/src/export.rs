@@ -147,6 +147,8 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
             fused_gate_up: req.settings.fused_gate_up,
             int4_block_size: (req.settings.precision == Precision::Int4).then_some(req.settings.int4_block_size),
             kv_cache_int8: req.settings.kv_cache_int8,
+            int4_lm_head: req.settings.int4_lm_head,
+            int4_embeddings: req.settings.int4_embeddings,
         },
         bos_token_id: gen.bos_token_id.or(config.bos_token_id),
         eos_token_ids: eos,

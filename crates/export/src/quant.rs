@@ -428,8 +428,21 @@ pub fn matmul_nbits_rows(
     bias: Option<&str>,
     read_row: impl FnMut(usize, &mut [f32]) -> Result<()>,
 ) -> Result<String> {
+    let (b_name, s_name) = int4_initializers(g, name, layout, dtype, read_row)?;
+    matmul_nbits_node(g, x, name, layout, &b_name, &s_name, accuracy_level, bias)
+}
+
+/// Quantizes an (N, K) weight streamed row by row into the two initializers MatMulNBits (and
+/// GatherBlockQuantized, viewed as (N, K/2)) read: `<name>.weight_q4` uint8 (N, k_blocks,
+/// block/2) and `<name>.scales` (N, k_blocks) in `dtype`. Returns their names.
+pub fn int4_initializers(
+    g: &mut Graph,
+    name: &str,
+    layout: &Int4Layout,
+    dtype: TensorDtype,
+    read_row: impl FnMut(usize, &mut [f32]) -> Result<()>,
+) -> Result<(String, String)> {
     check_scale_dtype(dtype)?;
-    ensure!((0..=4).contains(&accuracy_level), "{name}: accuracy_level must be 0..=4, got {accuracy_level}");
     let mut scales = Vec::new();
     let b_name = g.initializer_with(&format!("{name}.weight_q4"), TensorDtype::Uint8, &layout.b_shape(), |sink| {
         scales = quantize_rows(layout, dtype, read_row, |bytes| sink.write(bytes))
@@ -438,8 +451,23 @@ pub fn matmul_nbits_rows(
     })?;
     let s_name =
         g.initializer(&format!("{name}.scales"), dtype, &layout.scales_shape(), &scales_bytes(&scales, dtype)?)?;
+    Ok((b_name, s_name))
+}
 
-    let mut inputs: Vec<&str> = vec![x, &b_name, &s_name];
+/// A MatMulNBits node over initializers written by [`int4_initializers`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nbits_node(
+    g: &mut Graph,
+    x: &str,
+    name: &str,
+    layout: &Int4Layout,
+    b_name: &str,
+    s_name: &str,
+    accuracy_level: i64,
+    bias: Option<&str>,
+) -> Result<String> {
+    ensure!((0..=4).contains(&accuracy_level), "{name}: accuracy_level must be 0..=4, got {accuracy_level}");
+    let mut inputs: Vec<&str> = vec![x, b_name, s_name];
     if let Some(b) = bias {
         // zero_points (3) and g_idx (4) omitted.
         inputs.extend(["", "", b]);

@@ -132,6 +132,11 @@ pub struct ExportOptions {
     /// KV cache in int8 with per-channel scales inside the graph.
     #[serde(default)]
     pub kv_cache_int8: bool,
+    /// int4 graphs: the lm_head and the embedding table quantized too.
+    #[serde(default)]
+    pub int4_lm_head: bool,
+    #[serde(default)]
+    pub int4_embeddings: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1373,6 +1373,8 @@ mod tests {
                 fused_gate_up: false,
                 int4_block_size: None,
                 kv_cache_int8: false,
+                int4_lm_head: false,
+                int4_embeddings: false,
             },
             bos_token_id: None,
             eos_token_ids: vec![1],

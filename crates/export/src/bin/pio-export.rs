@@ -99,6 +99,10 @@ struct Args {
     /// cache): half the cache memory of bf16; scales estimated from the weights.
     #[arg(long)]
     kv_cache_int8: bool,
+    /// With --precision int4: the embedding table in int4 too (GatherBlockQuantized); a tied
+    /// model also needs --int4-lm-head, and the two then share one table.
+    #[arg(long)]
+    int4_embeddings: bool,
     /// Replace the output folder if it exists.
     #[arg(long)]
     force: bool,
@@ -220,6 +224,7 @@ fn run(args: Args) -> Result<()> {
             int4_lm_head: args.int4_lm_head,
             int4_accuracy_level: args.int4_accuracy_level,
             kv_cache_int8: args.kv_cache_int8,
+            int4_embeddings: args.int4_embeddings,
         },
         overwrite: args.force,
         source,
