@@ -74,28 +74,12 @@ fn switches_that_cannot_apply_are_refused_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let mut settings = cpu_settings(true);
     settings.fused_qk_norm = true;
-    let err = pio_export::export(&pio_export::ExportRequest {
-        checkpoint: fixture.clone(),
-        out_dir: tmp.path().join("g"),
-        settings,
-        overwrite: false,
-        source: "test".into(),
-        progress: false,
-    })
-    .unwrap_err();
-    assert!(format!("{err:#}").contains("CPU"), "{err:#}");
+    let err = export_error(&fixture, &tmp.path().join("g"), settings);
+    assert!(err.contains("CPU"), "{err}");
     let mut settings = cpu_settings(true);
     settings.int4_lm_head = true;
-    let err = pio_export::export(&pio_export::ExportRequest {
-        checkpoint: fixture,
-        out_dir: tmp.path().join("g"),
-        settings,
-        overwrite: false,
-        source: "test".into(),
-        progress: false,
-    })
-    .unwrap_err();
-    assert!(format!("{err:#}").contains("int4"), "{err:#}");
+    let err = export_error(&fixture, &tmp.path().join("g"), settings);
+    assert!(err.contains("int4"), "{err}");
     assert!(!tmp.path().join("g").exists());
 }
 
@@ -164,14 +148,6 @@ fn int4_embeddings_share_one_table_with_a_tied_lm_head() {
 
     // Tied embeddings in int4 without an int4 lm_head would need a second table: refused.
     int4.int4_lm_head = false;
-    let err = pio_export::export(&pio_export::ExportRequest {
-        checkpoint: fixture,
-        out_dir: tmp.path().join("refused"),
-        settings: int4,
-        overwrite: false,
-        source: "test".into(),
-        progress: false,
-    })
-    .unwrap_err();
-    assert!(format!("{err:#}").contains("--int4-lm-head"), "{err:#}");
+    let err = export_error(&fixture, &tmp.path().join("refused"), int4);
+    assert!(err.contains("--int4-lm-head"), "{err}");
 }

@@ -73,6 +73,21 @@ pub fn export_to(checkpoint: &Path, out: &Path, settings: ExportSettings) {
     .unwrap_or_else(|e| panic!("export of {} failed: {e:#}", checkpoint.display()));
 }
 
+/// Exports `checkpoint` into `out` with settings that must be refused; returns the error text.
+pub fn export_error(checkpoint: &Path, out: &Path, settings: ExportSettings) -> String {
+    match export(&ExportRequest {
+        checkpoint: checkpoint.to_path_buf(),
+        out_dir: out.to_path_buf(),
+        settings,
+        overwrite: false,
+        source: "test".into(),
+        progress: false,
+    }) {
+        Ok(_) => panic!("export of {} should have been refused", checkpoint.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
 pub fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
