@@ -15,8 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::*;
-use pio_export::synthetic::{write_checkpoint, ShapeOverrides};
-use pio_models::presets::find_preset;
 use pio_runtime::chat_template::RenderOptions;
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::generate::{FinishReason, GenerateOptions, GenerationOutput, Generator, TokenEvent};
@@ -240,25 +238,7 @@ fn seeded_sampling_is_reproducible() {
 fn real_tokenizer_graphs() -> &'static Path {
     static GRAPHS: OnceLock<PathBuf> = OnceLock::new();
     GRAPHS.get_or_init(|| {
-        let tokenizer = pio_models::paths::qwen3_tokenizer_dir().unwrap_or_else(|| {
-            panic!("the Qwen3 tokenizer is missing (.cache/pio/tokenizers/qwen3/tokenizer.json): run scripts/setup.sh first")
-        });
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("generation-qwen3-real-tokenizer");
-        let preset = find_preset("qwen3-4b-instruct-2507").unwrap();
-        let shape = ShapeOverrides {
-            layers: Some(1),
-            hidden_size: Some(64),
-            intermediate_size: Some(128),
-            heads: Some(2),
-            kv_heads: Some(1),
-            head_dim: Some(32),
-            ..Default::default()
-        };
-        let checkpoint = write_checkpoint(preset, &shape, 1234, Some(&tokenizer), &root.join("checkpoint"))
-            .unwrap_or_else(|e| panic!("synthetic checkpoint: {e:#}"));
-        let graphs = root.join("graphs");
-        export_to(&checkpoint, &graphs, cpu_settings(true));
-        graphs
+        export_real_tokenizer_qwen3(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("generation-qwen3-real-tokenizer"), 1234)
     })
 }
 

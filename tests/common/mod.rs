@@ -88,6 +88,30 @@ pub fn export_error(checkpoint: &Path, out: &Path, settings: ExportSettings) -> 
     }
 }
 
+/// Writes a small synthetic Qwen3 checkpoint (1 layer, hidden 64) at the real 151,936-token
+/// vocabulary with the real Qwen3 tokenizer into `root/checkpoint`, exports it (fp32, CPU) into
+/// `root/graphs` and returns that folder.
+pub fn export_real_tokenizer_qwen3(root: &Path, seed: u64) -> PathBuf {
+    let tokenizer = pio_models::paths::qwen3_tokenizer_dir().unwrap_or_else(|| {
+        panic!("the Qwen3 tokenizer is missing (.cache/pio/tokenizers/qwen3/tokenizer.json): run scripts/setup.sh first")
+    });
+    let shape = pio_export::synthetic::ShapeOverrides {
+        layers: Some(1),
+        hidden_size: Some(64),
+        intermediate_size: Some(128),
+        heads: Some(2),
+        kv_heads: Some(1),
+        head_dim: Some(32),
+        ..Default::default()
+    };
+    let preset = pio_models::presets::find_preset("qwen3-4b-instruct-2507").unwrap();
+    let checkpoint = pio_export::synthetic::write_checkpoint(preset, &shape, seed, Some(&tokenizer), &root.join("checkpoint"))
+        .unwrap_or_else(|e| panic!("synthetic checkpoint: {e:#}"));
+    let graphs = root.join("graphs");
+    export_to(&checkpoint, &graphs, cpu_settings(true));
+    graphs
+}
+
 pub fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {

@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use pio_export::synthetic::{write_checkpoint, ShapeOverrides};
-use pio_models::presets::find_preset;
 use serde_json::Value;
 
 // The workspace tests' export helpers (fp32 CPU settings kept in step with ExportSettings).
@@ -42,24 +40,7 @@ fn fixture_graphs() -> &'static Path {
 fn real_tokenizer_graphs() -> &'static Path {
     static GRAPHS: OnceLock<PathBuf> = OnceLock::new();
     GRAPHS.get_or_init(|| {
-        let tokenizer = pio_models::paths::qwen3_tokenizer_dir().unwrap_or_else(|| {
-            panic!("the Qwen3 tokenizer is missing (.cache/pio/tokenizers/qwen3/tokenizer.json): run scripts/setup.sh first")
-        });
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-qwen3-real-tokenizer");
-        let shape = ShapeOverrides {
-            layers: Some(1),
-            hidden_size: Some(64),
-            intermediate_size: Some(128),
-            heads: Some(2),
-            kv_heads: Some(1),
-            head_dim: Some(32),
-            ..Default::default()
-        };
-        let preset = find_preset("qwen3-4b-instruct-2507").unwrap();
-        let checkpoint = write_checkpoint(preset, &shape, 99, Some(&tokenizer), &root.join("checkpoint")).unwrap();
-        let graphs = root.join("graphs");
-        export_into(&checkpoint, &graphs);
-        graphs
+        common::export_real_tokenizer_qwen3(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-qwen3-real-tokenizer"), 99)
     })
 }
 
