@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::gpu_monitor::{host_peak_rss_bytes, GpuMonitor};
-use pio_runtime::model::{DecoderModel, KvCache, Logits};
+use pio_runtime::model::{argmax, DecoderModel, Fetch, KvCache};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -25,6 +25,13 @@ pub struct BenchPlan {
     pub repeats: usize,
     /// Replay the decode step from a captured CUDA graph (CUDA only).
     pub cuda_graph: bool,
+    /// Greedy tokens from the logits on the host (the whole batch x vocab copied back each step)
+    /// instead of the graph's own argmax output.
+    pub host_argmax: bool,
+    /// Prompt tokens per forward pass (None: a whole prompt at once).
+    pub prefill_chunk: Option<usize>,
+    /// Also compare chunked with whole-prompt prefill logits at the longest prompt length.
+    pub check_chunked_prefill: bool,
     pub seed: u64,
 }
 
@@ -60,6 +67,8 @@ pub struct BenchRun {
     pub precision: String,
     pub options: serde_json::Value,
     pub cuda_graph: bool,
+    pub host_argmax: bool,
+    pub prefill_chunk: Option<usize>,
     /// None when the run worked; otherwise why it could not start or stopped.
     pub error: Option<String>,
     pub load_s: f64,
@@ -70,22 +79,22 @@ pub struct BenchRun {
     pub host_peak_rss_bytes: Option<u64>,
     pub weight_bytes: u64,
     pub kv_bytes_per_token: u64,
+    pub chunked_prefill_check: Option<ChunkCheck>,
+}
+
+/// Chunked against whole-prompt prefill: the same prompt's last logits both ways.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChunkCheck {
+    pub prompt_len: usize,
+    pub chunk: usize,
+    pub max_abs_diff: f32,
+    pub same_argmax: bool,
 }
 
 fn random_tokens(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<u32> {
     // Avoid the special-token range at the top of real vocabularies.
     let hi = (vocab * 9 / 10).max(2) as u32;
     (0..n).map(|_| rng.random_range(1..hi)).collect()
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -107,12 +116,23 @@ struct Runner<'a> {
 }
 
 impl Runner<'_> {
-    fn step(&mut self, tokens: &[u32], cache: &mut KvCache, graph: bool) -> Result<Logits> {
-        if graph && tokens.len() == cache.batch && cache.len > 0 {
-            self.model.decode_step_graph(tokens, cache)
+    fn fetch(&self) -> Fetch {
+        if self.plan.host_argmax {
+            Fetch::Logits
         } else {
-            self.model.forward_batch(tokens, cache.batch, cache)
+            Fetch::Greedy
         }
+    }
+
+    /// One step; each sequence's greedy next token.
+    fn step(&mut self, tokens: &[u32], cache: &mut KvCache, graph: bool) -> Result<Vec<u32>> {
+        let fetch = self.fetch();
+        let out = if graph && tokens.len() == cache.batch && cache.len > 0 {
+            self.model.decode_step_graph(tokens, cache, fetch)?
+        } else {
+            self.model.step(tokens, cache.batch, cache, fetch)?
+        };
+        Ok(out.greedy())
     }
 
     /// Prefill of `len` tokens then the first greedy token: the time a user waits.
@@ -123,8 +143,7 @@ impl Runner<'_> {
             let prompt = random_tokens(&mut self.rng, len, vocab);
             let mut cache = self.model.new_batch_cache(1, len + 1)?;
             let start = Instant::now();
-            let logits = self.model.forward(&prompt, &mut cache)?;
-            std::hint::black_box(argmax(logits.last()));
+            std::hint::black_box(self.step(&prompt, &mut cache, false)?);
             let t = start.elapsed().as_secs_f64();
             if rep > 0 {
                 times.push(t); // the first run warms up kernels and allocations
@@ -145,8 +164,7 @@ impl Runner<'_> {
         let mut result = None;
         for timed in [false, true] {
             let mut cache = self.model.new_batch_cache(batch, p + n + 1)?;
-            let logits = self.model.forward_batch(&prompt, batch, &mut cache)?;
-            let mut next: Vec<u32> = (0..batch).map(|b| argmax(logits.last_of(b))).collect();
+            let mut next = self.step(&prompt, &mut cache, false)?;
             let steps = if timed { n } else { n.min(4) };
             let monitor = match (timed, self.gpu_index) {
                 (true, Some(i)) => GpuMonitor::start(i, Duration::from_millis(20)).ok(),
@@ -154,8 +172,7 @@ impl Runner<'_> {
             };
             let start = Instant::now();
             for _ in 0..steps {
-                let logits = self.step(&next, &mut cache, graph)?;
-                next = (0..batch).map(|b| argmax(logits.last_of(b))).collect();
+                next = self.step(&next, &mut cache, graph)?;
             }
             let secs = start.elapsed().as_secs_f64();
             if timed {
@@ -173,6 +190,21 @@ impl Runner<'_> {
         }
         result.ok_or_else(|| anyhow!("no decode measurement"))
     }
+
+    /// The last logits of one prompt prefilled in chunks and whole.
+    fn check_chunked_prefill(&mut self, len: usize, chunk: usize) -> Result<ChunkCheck> {
+        let prompt = random_tokens(&mut self.rng, len, self.model.vocab_size());
+        let mut last = Vec::new();
+        for chunking in [Some(chunk), None] {
+            self.model.prefill_chunk = chunking;
+            let mut cache = self.model.new_batch_cache(1, len)?;
+            let logits = self.model.forward(&prompt, &mut cache)?;
+            last.push(logits.last().to_vec());
+        }
+        self.model.prefill_chunk = self.plan.prefill_chunk;
+        let max_abs_diff = last[0].iter().zip(&last[1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        Ok(ChunkCheck { prompt_len: len, chunk, max_abs_diff, same_argmax: argmax(&last[0]) == argmax(&last[1]) })
+    }
 }
 
 /// Benchmarks one graph folder on one execution provider. Failures become the row's `error`.
@@ -185,6 +217,8 @@ pub fn bench_one(graphs: &Path, label: &str, ep: &ExecutionProvider, plan: &Benc
         precision: manifest.as_ref().map(|m| m.precision.as_str().to_string()).unwrap_or_default(),
         options: manifest.as_ref().and_then(|m| serde_json::to_value(&m.options).ok()).unwrap_or_default(),
         cuda_graph: plan.cuda_graph,
+        host_argmax: plan.host_argmax,
+        prefill_chunk: plan.prefill_chunk,
         error: None,
         load_s: 0.0,
         ttft: vec![],
@@ -199,6 +233,7 @@ pub fn bench_one(graphs: &Path, label: &str, ep: &ExecutionProvider, plan: &Benc
                 2 * (m.dims.num_layers * m.dims.num_kv_heads * m.dims.head_dim * m.kv_cache.dtype.size_bytes()) as u64
             })
             .unwrap_or(0),
+        chunked_prefill_check: None,
     };
     let gpu_index = ep.device_id().map(|d| d.max(0) as u32);
     // One monitor over the whole run gives the peak GPU memory.
@@ -218,7 +253,8 @@ fn bench_into(run: &mut BenchRun, graphs: &Path, ep: &ExecutionProvider, plan: &
         bail!("CUDA graphs apply to the CUDA execution provider only");
     }
     let start = Instant::now();
-    let model = DecoderModel::load(graphs, ep)?;
+    let mut model = DecoderModel::load(graphs, ep)?;
+    model.prefill_chunk = plan.prefill_chunk;
     run.load_s = start.elapsed().as_secs_f64();
     let context = model.context_length();
     let mut runner = Runner { model, plan, rng: ChaCha8Rng::seed_from_u64(plan.seed), gpu_index };
@@ -239,6 +275,15 @@ fn bench_into(run: &mut BenchRun, graphs: &Path, ep: &ExecutionProvider, plan: &
             }
             // A batch that does not fit is a row saying why, not the end of the run.
             Err(e) => run.skipped.push(SkipRow { what: format!("decode batch {batch}"), reason: format!("{e:#}") }),
+        }
+    }
+    // Last: a whole-prompt prefill may raise the peak memory the chunked rows were measured at.
+    let longest = plan.prompt_lens.iter().copied().filter(|&l| l < context).max();
+    if let (true, Some(chunk), Some(len)) = (plan.check_chunked_prefill, plan.prefill_chunk, longest) {
+        if len > chunk {
+            let check = runner.check_chunked_prefill(len, chunk).context("chunked prefill check")?;
+            tracing::info!("{} {}: chunked vs whole prefill of {len} tokens: max |diff| {}", run.label, run.ep, check.max_abs_diff);
+            run.chunked_prefill_check = Some(check);
         }
     }
     Ok(())
@@ -345,7 +390,14 @@ pub fn print_table(runs: &[BenchRun], plan: &BenchPlan) {
     header.push_str(&format!(" {:>9} {:>8} {:>8}", "gpu mem", "W@b1", "tok/J@b1"));
     println!("{header}");
     for r in runs {
-        let mut line = format!("{:<28} {:<9} {:<6} {:>6}", r.label, r.ep, r.precision, if r.cuda_graph { "on" } else { "off" });
+        let mut label = r.label.clone();
+        if r.host_argmax {
+            label.push_str(" host-argmax");
+        }
+        if let Some(c) = r.prefill_chunk.filter(|&c| plan.prompt_lens.iter().any(|&l| l > c)) {
+            label.push_str(&format!(" chunk{c}"));
+        }
+        let mut line = format!("{:<28} {:<9} {:<6} {:>6}", label, r.ep, r.precision, if r.cuda_graph { "on" } else { "off" });
         if let Some(e) = &r.error {
             println!("{line}  not run: {e}");
             continue;
@@ -368,6 +420,12 @@ pub fn print_table(runs: &[BenchRun], plan: &BenchPlan) {
         println!("{line}");
         for s in &r.skipped {
             println!("    skipped {}: {}", s.what, s.reason);
+        }
+        if let Some(c) = &r.chunked_prefill_check {
+            println!(
+                "    {}-token prefill in chunks of {} vs whole: max |logit diff| {:.3e}, same argmax: {}",
+                c.prompt_len, c.chunk, c.max_abs_diff, c.same_argmax
+            );
         }
     }
 }

@@ -77,6 +77,16 @@ struct BenchArgs {
     /// CUDA graphs for the decode step: on, off or both (both: a row each).
     #[arg(long, default_value = "both")]
     cuda_graph: String,
+    /// Where greedy tokens are chosen: device (the graph's argmax output; only token ids come
+    /// back), host (all logits copied back, argmax on the CPU) or both (a row each).
+    #[arg(long, default_value = "device")]
+    argmax: String,
+    /// Prompt tokens per forward pass, comma-separated for a row each (0: whole prompts).
+    #[arg(long, value_delimiter = ',', default_value = "2048")]
+    prefill_chunk: Vec<usize>,
+    /// Compare chunked with whole-prompt prefill logits at the longest prompt length.
+    #[arg(long)]
+    check_chunked_prefill: bool,
     #[arg(long, value_delimiter = ',', default_value = "128,512,2048,8192")]
     prompt_lens: Vec<usize>,
     #[arg(long, default_value_t = 128)]
@@ -123,6 +133,9 @@ struct ModelArgs {
     /// trt_fp16=1, trt_engine_cache_path=DIR, fallback=cuda, or any ONNX Runtime provider option.
     #[arg(long = "ep-option")]
     ep_options: Vec<String>,
+    /// Prompt tokens per forward pass; longer prompts run in chunks (0: whole prompts).
+    #[arg(long, default_value_t = pio_runtime::model::DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
 }
 
 impl ModelArgs {
@@ -131,7 +144,9 @@ impl ModelArgs {
         if let (ExecutionProvider::Cpu { threads }, Some(n)) = (&mut ep, self.threads) {
             *threads = Some(n);
         }
-        Generator::load(&self.graphs, &ep)
+        let mut generator = Generator::load(&self.graphs, &ep)?;
+        generator.model.prefill_chunk = (self.prefill_chunk > 0).then_some(self.prefill_chunk);
+        Ok(generator)
     }
 }
 
@@ -431,7 +446,16 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         batches: args.batches.clone(),
         repeats: args.repeats.max(1),
         cuda_graph: false,
+        host_argmax: false,
+        prefill_chunk: None,
+        check_chunked_prefill: args.check_chunked_prefill,
         seed: args.seed,
+    };
+    let argmax_modes: Vec<bool> = match args.argmax.as_str() {
+        "device" => vec![false],
+        "host" => vec![true],
+        "both" => vec![false, true],
+        other => bail!("--argmax takes device, host or both, not {other}"),
     };
     let eps: Vec<ExecutionProvider> = args
         .ep
@@ -501,11 +525,19 @@ fn run_bench(args: BenchArgs) -> Result<()> {
                 (_, other) => bail!("--cuda-graph takes on, off or both, not {other}"),
             };
             for cuda_graph in graph_modes {
-                let mut ep = ep.clone();
-                ep.set_cuda_graph(cuda_graph);
-                let plan = bench::BenchPlan { cuda_graph, ..plan.clone() };
-                tracing::info!("benchmarking {label} on {} (cuda graph {cuda_graph})", ep.name());
-                runs.push(bench::bench_one(dir, label, &ep, &plan));
+                for &host_argmax in &argmax_modes {
+                    for &chunk in &args.prefill_chunk {
+                        let mut ep = ep.clone();
+                        ep.set_cuda_graph(cuda_graph);
+                        let prefill_chunk = (chunk > 0).then_some(chunk);
+                        let plan = bench::BenchPlan { cuda_graph, host_argmax, prefill_chunk, ..plan.clone() };
+                        tracing::info!(
+                            "benchmarking {label} on {} (cuda graph {cuda_graph}, host argmax {host_argmax}, prefill chunk {chunk})",
+                            ep.name()
+                        );
+                        runs.push(bench::bench_one(dir, label, &ep, &plan));
+                    }
+                }
             }
         }
     }

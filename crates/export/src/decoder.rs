@@ -47,6 +47,8 @@ pub const PAST_KEY: &str = "past_key_values.{layer}.key";
 pub const PAST_VALUE: &str = "past_key_values.{layer}.value";
 pub const PRESENT_KEY: &str = "present.{layer}.key";
 pub const PRESENT_VALUE: &str = "present.{layer}.value";
+/// Output holding each position's argmax token id (int64, batch x positions).
+pub const GREEDY_TOKENS: &str = pio_models::manifest::GREEDY_TOKENS_OUTPUT;
 
 impl ExportSettings {
     /// The dtype of activations, weights and the KV cache.
@@ -678,6 +680,16 @@ impl<'a> DecoderBuilder<'a> {
             self.g.node("Cast", "logits_out").inputs(&[&logits]).attr("to", 1i64).named_outs(&["logits"]);
         }
         self.g.output("logits", TensorDtype::Float32, &shape);
+        // The greedy choice computed next to the logits: a greedy decode then brings
+        // batch x 1 token ids to the host instead of batch x vocab floats, and the runtime
+        // skips a host argmax. ArgMax keeps the first of equal maxima, like the host argmax.
+        self.g
+            .node("ArgMax", "greedy_tokens_argmax")
+            .inputs(&["logits"])
+            .attr("axis", -1i64)
+            .attr("keepdims", 0i64)
+            .named_outs(&[GREEDY_TOKENS]);
+        self.g.output(GREEDY_TOKENS, TensorDtype::Int64, &shape[..2]);
         Ok(())
     }
 }

@@ -10,6 +10,9 @@ use crate::size::Precision;
 
 pub const MANIFEST_FILE: &str = "pio.json";
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+/// The decoder output with the argmax token id of every logits row (graphs exported since it
+/// was added; older graphs lack it and the runtime takes the argmax on the host).
+pub const GREEDY_TOKENS_OUTPUT: &str = "greedy_tokens";
 
 /// Execution provider a graph is built for (it decides operator choices and dtypes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -184,6 +187,11 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Whether the decoder emits [`GREEDY_TOKENS_OUTPUT`].
+    pub fn has_greedy_output(&self) -> bool {
+        self.outputs.iter().any(|o| o.name == GREEDY_TOKENS_OUTPUT)
+    }
+
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| {

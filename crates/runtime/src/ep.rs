@@ -99,6 +99,12 @@ pub struct CudaOptions {
     pub use_tf32: bool,
     /// `do_copy_in_default_stream` (default true; false may race, see ONNX Runtime issue #4829).
     pub copy_in_default_stream: bool,
+    /// int4 MatMulNBits through ONNX Runtime's CUTLASS weight-only kernels (from TensorRT-LLM)
+    /// instead of its generic ones. Not a provider option: ONNX Runtime reads the
+    /// `ORT_FPA_INTB_GEMM` environment variable (and the `ep.cuda.fpa_intb_gemm` session entry)
+    /// when it builds the kernels. Its default build covers what `pio-export --precision int4`
+    /// writes: fp16 activations, symmetric int4, blocks of 32.
+    pub fpa_intb_gemm: bool,
     /// Further provider options passed through as given; a key here replaces a typed option's.
     pub extra: Vec<(String, String)>,
 }
@@ -114,6 +120,7 @@ impl Default for CudaOptions {
             prefer_nhwc: false,
             use_tf32: true,
             copy_in_default_stream: true,
+            fpa_intb_gemm: true,
             extra: Vec::new(),
         }
     }
@@ -156,6 +163,7 @@ impl CudaOptions {
             "copy_in_default_stream" | "do_copy_in_default_stream" => {
                 self.copy_in_default_stream = parse_bool(key, value)?
             }
+            "fpa_intb_gemm" | "int4_cutlass" => self.fpa_intb_gemm = parse_bool(key, value)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -470,6 +478,10 @@ pub struct ProviderPlan {
     pub fallback_to_cuda: bool,
     /// Warnings to log (e.g. the TensorRT -> CUDA fallback).
     pub warnings: Vec<String>,
+    /// Session configuration entries (`key`, `value`).
+    pub session_config: Vec<(String, String)>,
+    /// Environment variables ONNX Runtime's kernels read when the session is built.
+    pub env: Vec<(String, String)>,
 }
 
 /// What [`ExecutionProvider::configure`] asks of the machine; tests substitute their own.
@@ -681,7 +693,8 @@ impl ExecutionProvider {
                 Ok(ProviderPlan {
                     providers: vec![ProviderSpec { provider: GpuProvider::Cuda, options: o.provider_options() }],
                     ..Default::default()
-                })
+                }
+                .with_kernel_switches(o))
             }
             ExecutionProvider::TensorRt(o) => {
                 o.validate()?;
@@ -718,7 +731,8 @@ impl ExecutionProvider {
                         providers: vec![cuda],
                         warnings: vec![format!("{why}; falling back to the CUDA execution provider (fallback=cuda)")],
                         ..Default::default()
-                    });
+                    }
+                    .with_kernel_switches(&o.cuda_options()));
                 }
                 o.prepare_dirs()?;
                 Ok(ProviderPlan {
@@ -728,7 +742,8 @@ impl ExecutionProvider {
                     ],
                     fallback_to_cuda: o.fallback_to_cuda,
                     ..Default::default()
-                })
+                }
+                .with_kernel_switches(&o.cuda_options()))
             }
         }
     }
@@ -750,10 +765,27 @@ impl ExecutionProvider {
 }
 
 impl ProviderPlan {
-    /// Applies the plan: threads, then each provider in order with `error_on_failure`.
+    /// The CUDA kernel choices ONNX Runtime takes from the environment and session entries.
+    fn with_kernel_switches(mut self, cuda: &CudaOptions) -> Self {
+        let on = flag(cuda.fpa_intb_gemm).to_string();
+        self.env.push(("ORT_FPA_INTB_GEMM".into(), on.clone()));
+        self.session_config.push(("ep.cuda.fpa_intb_gemm".into(), on));
+        self
+    }
+
+    /// Applies the plan: threads, kernel switches, then each provider in order with `error_on_failure`.
     pub fn apply(&self, mut builder: SessionBuilder, probe: &dyn SystemProbe) -> Result<SessionBuilder> {
         if let Some(n) = self.intra_threads {
             builder = builder.with_intra_threads(n).map_err(|e| anyhow!("cannot set {n} intra-op threads: {e}"))?;
+        }
+        for (key, value) in &self.env {
+            // Read by ONNX Runtime while it builds this session's kernels, on this thread.
+            std::env::set_var(key, value);
+        }
+        for (key, value) in &self.session_config {
+            builder = builder
+                .with_config_entry(key, value)
+                .map_err(|e| anyhow!("cannot set session entry {key}={value}: {e}"))?;
         }
         let has_cuda_after = |i: usize| self.providers[i + 1..].iter().any(|p| p.provider == GpuProvider::Cuda);
         for (i, spec) in self.providers.iter().enumerate() {
@@ -1118,6 +1150,7 @@ mod tests {
             prefer_nhwc: true,
             use_tf32: false,
             copy_in_default_stream: false,
+            fpa_intb_gemm: false,
             extra: kv(&[("cudnn_conv_algo_search", "HEURISTIC"), ("use_tf32", "1")]),
         }
         .provider_options();
@@ -1536,6 +1569,24 @@ mod tests {
         // The CPU needs nothing.
         let plan = ExecutionProvider::Cpu { threads: Some(2) }.plan(&FakeProbe::cpu_build()).unwrap();
         assert_eq!(plan, ProviderPlan { intra_threads: Some(2), ..Default::default() });
+    }
+
+    #[test]
+    fn weight_only_int4_kernels_are_switched_through_env_and_session_entry() {
+        let probe = FakeProbe::gpu_build(&[]);
+        let pairs = |plan: &ProviderPlan| (plan.env.clone(), plan.session_config.clone());
+        let on = ExecutionProvider::parse("cuda", 0).unwrap().plan(&probe).unwrap();
+        assert_eq!(pairs(&on), (kv(&[("ORT_FPA_INTB_GEMM", "1")]), kv(&[("ep.cuda.fpa_intb_gemm", "1")])));
+        // Not a provider option: ONNX Runtime's CUDA EP would refuse an unknown key.
+        assert!(on.providers[0].options.iter().all(|(k, _)| !k.contains("fpa")));
+        let off = ExecutionProvider::from_cli("cuda", 0, &opts(&["fpa_intb_gemm=0"])).unwrap().plan(&probe).unwrap();
+        assert_eq!(pairs(&off), (kv(&[("ORT_FPA_INTB_GEMM", "0")]), kv(&[("ep.cuda.fpa_intb_gemm", "0")])));
+        // The CUDA EP behind TensorRT gets the same switch.
+        let trt = ExecutionProvider::from_cli("tensorrt", 0, &opts(&["fallback=cuda", "fpa_intb_gemm=0"])).unwrap();
+        let plan = trt.plan(&FakeProbe::gpu_build(TENSORRT_LIBRARIES)).unwrap();
+        assert_eq!(pairs(&plan).0, kv(&[("ORT_FPA_INTB_GEMM", "0")]));
+        let err = ExecutionProvider::from_cli("cuda", 0, &opts(&["fpa_intb_gemm=maybe"])).unwrap_err().to_string();
+        assert!(err.contains("fpa_intb_gemm=maybe"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde_json::Value as Json;
 
 use crate::chat_template::{ChatTemplate, RenderOptions};
 use crate::ep::ExecutionProvider;
-use crate::model::{DecoderModel, KvCache};
+use crate::model::{DecoderModel, Fetch, KvCache, StepOutput};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 
@@ -220,7 +220,9 @@ impl Generator {
 
         let mut cache: KvCache = self.model.new_cache()?;
         let mut history: Vec<u32> = prompt_ids.to_vec();
-        let mut logits = self.model.forward(prompt_ids, &mut cache)?;
+        // Plain greedy decoding needs no logits on the host: the graph's argmax comes back instead.
+        let fetch = if opts.sampling.is_plain_argmax() && opts.logprobs.is_none() { Fetch::Greedy } else { Fetch::Logits };
+        let mut step = self.model.step(prompt_ids, 1, &mut cache, fetch)?;
         let prefill_done = Instant::now();
         let mut first_token_at = None;
         let mut text = String::new();
@@ -229,12 +231,13 @@ impl Generator {
         let mut generated = 0usize;
         let mut stopped_by_string = false;
         while generated < opts.max_tokens {
-            let (token, logprob, top) = match opts.logprobs {
-                Some(n) => {
+            let (token, logprob, top) = match (&step, opts.logprobs) {
+                (StepOutput::Greedy(tokens), _) => (*tokens.first().context("the step returned no token")?, None, vec![]),
+                (StepOutput::Logits(logits), Some(n)) => {
                     let s = sampler.sample_with_logprobs(logits.last(), &history, n);
                     (s.token, Some(s.logprob), s.top_logprobs.to_vec())
                 }
-                None => (sampler.sample(logits.last(), &history), None, vec![]),
+                (StepOutput::Logits(logits), None) => (sampler.sample(logits.last(), &history), None, vec![]),
             };
             first_token_at.get_or_insert_with(Instant::now);
             generated += 1;
@@ -270,7 +273,7 @@ impl Generator {
                 finish = FinishReason::ContextLength;
                 break;
             }
-            logits = self.model.forward(&[token], &mut cache)?;
+            step = self.model.step(&[token], 1, &mut cache, fetch)?;
         }
         if !stopped_by_string {
             // Whatever the decoder and the stop matcher still hold is final now.

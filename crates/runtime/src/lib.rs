@@ -2,6 +2,7 @@
 //! Rust-side sampling, chat templates and streaming detokenization.
 
 pub mod chat_template;
+pub mod cuda_rt;
 pub mod ep;
 pub mod generate;
 pub mod gpu_monitor;

@@ -1,29 +1,36 @@
 //! A loaded graph folder: the manifest, one ONNX Runtime session over the decoder, and the
 //! forward step through the KV cache.
 //!
-//! Two cache layouts, chosen by where the session runs:
-//! - host (CPU): each step's `present.*` outputs become the next step's `past_key_values.*`
-//!   (GroupQueryAttention concatenates, so the past grows by the new tokens);
-//! - device (CUDA, TensorRT): one fixed (batch, kv_heads, capacity, head_dim) buffer per layer
-//!   and direction, bound through I/O binding as both past and present, which
-//!   GroupQueryAttention updates in place (its shared-buffer mode, the one its fast decode
-//!   kernels need). The cache never leaves the GPU; only the logits come to the host.
+//! Two cache layouts, chosen by the graph and where the session runs:
+//! - growing: each step's `present.*` outputs become the next step's `past_key_values.*` (the
+//!   attention concatenates, so the past grows by the new tokens). The outputs stay where the
+//!   session made them: host memory on the CPU, device memory on a GPU. CPU graphs and graphs
+//!   exported without fused attention use it;
+//! - shared (CUDA, TensorRT with GroupQueryAttention): one fixed (batch, kv_heads, capacity,
+//!   head_dim) buffer per layer and direction, bound through I/O binding as both past and
+//!   present, which GroupQueryAttention updates in place (its shared-buffer mode, the one its
+//!   fast decode kernels need).
+//!
+//! Either way the cache never leaves the GPU; a step brings back the logits, or with
+//! [`Fetch::Greedy`] only each sequence's argmax token (the graph's `greedy_tokens` output),
+//! which is what keeps large-batch greedy decode off the host. Long prompts are run in chunks
+//! of [`DecoderModel::prefill_chunk`] tokens, which bounds the activation memory of a prefill.
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::{RunOptions, Session, SessionInputValue};
+use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, Tensor};
-use pio_models::manifest::{KvCacheSpec, Manifest, TensorDtype};
+use pio_models::manifest::{KvCacheSpec, Manifest, TensorDtype, GREEDY_TOKENS_OUTPUT};
 
+use crate::cuda_rt::CudaRuntime;
 use crate::ep::ExecutionProvider;
 
 enum KvStore {
-    /// Each layer's last `present` (dynamic length).
-    Host { keys: Vec<DynValue>, values: Vec<DynValue> },
+    /// Each layer's last `present` (dynamic length), on the host or the device.
+    Growing { keys: Vec<DynValue>, values: Vec<DynValue> },
     /// Fixed-capacity device buffers, past and present at once.
     Device { keys: Vec<DynValue>, values: Vec<DynValue>, capacity: usize },
 }
@@ -40,11 +47,12 @@ impl KvCache {
     /// How many tokens the cache can hold (None: grows as needed).
     pub fn capacity(&self) -> Option<usize> {
         match &self.store {
-            KvStore::Host { .. } => None,
+            KvStore::Growing { .. } => None,
             KvStore::Device { capacity, .. } => Some(*capacity),
         }
     }
-    pub fn on_device(&self) -> bool {
+    /// Whether the cache is GroupQueryAttention's fixed-capacity shared buffer.
+    pub fn is_shared_buffer(&self) -> bool {
         matches!(self.store, KvStore::Device { .. })
     }
 }
@@ -76,12 +84,61 @@ impl Logits {
     }
 }
 
-/// Inputs of a CUDA-graph decode step, kept at fixed device addresses between steps.
+/// What a step brings back to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// Every logits row the graph emits (the last position, or all new positions).
+    Logits,
+    /// Each sequence's argmax token at its last position. From the graph's `greedy_tokens`
+    /// output when it has one (the logits stay on the device), else from host logits.
+    Greedy,
+}
+
+/// The result of a step: logits, or greedy tokens when those were fetched.
+pub enum StepOutput {
+    Logits(Logits),
+    Greedy(Vec<u32>),
+}
+
+impl StepOutput {
+    /// Each sequence's greedy token: the argmax of its last logits row.
+    pub fn greedy(&self) -> Vec<u32> {
+        match self {
+            StepOutput::Greedy(tokens) => tokens.clone(),
+            StepOutput::Logits(l) => (0..l.batch).map(|b| argmax(l.last_of(b))).collect(),
+        }
+    }
+
+    pub fn into_logits(self) -> Result<Logits> {
+        match self {
+            StepOutput::Logits(l) => Ok(l),
+            StepOutput::Greedy(_) => bail!("this step fetched greedy tokens, not logits"),
+        }
+    }
+}
+
+/// Index of the first largest value (ONNX ArgMax's choice among equal maxima).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Prompt tokens per forward pass when a prefill is split (llama.cpp's default batch, vLLM's
+/// chunked-prefill budget): long prompts then cost the activation memory of 2048 tokens.
+pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
+
+/// Inputs and outputs of a CUDA-graph decode step, kept at fixed device addresses between steps.
 struct GraphDecodeState {
     input_ids: Tensor<i64>,
     position_ids: Tensor<i64>,
     attention_mask: Tensor<i64>,
     logits: Tensor<f32>,
+    greedy: Option<Tensor<i64>>,
     batch: usize,
     capacity: usize,
 }
@@ -93,6 +150,8 @@ pub struct DecoderModel {
     pub ep: ExecutionProvider,
     device_allocator: Option<Allocator>,
     graph_state: Option<GraphDecodeState>,
+    /// Longest piece a prompt is run in (None: the whole prompt in one pass).
+    pub prefill_chunk: Option<usize>,
 }
 
 fn ort_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
@@ -155,7 +214,15 @@ impl DecoderModel {
             ),
             None => None,
         };
-        Ok(DecoderModel { manifest, dir: dir.to_path_buf(), session, ep: ep.clone(), device_allocator, graph_state: None })
+        Ok(DecoderModel {
+            manifest,
+            dir: dir.to_path_buf(),
+            session,
+            ep: ep.clone(),
+            device_allocator,
+            graph_state: None,
+            prefill_chunk: Some(DEFAULT_PREFILL_CHUNK),
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -180,7 +247,7 @@ impl DecoderModel {
         let mut keys = Vec::with_capacity(layers);
         let mut values = Vec::with_capacity(layers);
         let store = match &self.device_allocator {
-            Some(alloc) => {
+            Some(alloc) if self.manifest.kv_cache.shared_buffer => {
                 let capacity = capacity.min(self.context_length());
                 let shape = [batch, d.num_kv_heads, capacity, d.head_dim];
                 for _ in 0..layers {
@@ -189,13 +256,14 @@ impl DecoderModel {
                 }
                 KvStore::Device { keys, values, capacity }
             }
-            None => {
+            _ => {
+                // A zero-length past; ONNX Runtime moves it to the device if the session runs there.
                 let shape = vec![batch as i64, d.num_kv_heads as i64, 0, d.head_dim as i64];
                 for _ in 0..layers {
                     keys.push(empty_host_tensor(dtype, shape.clone())?);
                     values.push(empty_host_tensor(dtype, shape.clone())?);
                 }
-                KvStore::Host { keys, values }
+                KvStore::Growing { keys, values }
             }
         };
         Ok(KvCache { store, batch, len: 0 })
@@ -208,16 +276,98 @@ impl DecoderModel {
         self.forward_batch(tokens, 1, cache)
     }
 
+    /// `batch` sequences of equal length, `tokens` row-major (batch, s), all after `cache.len`.
+    pub fn forward_batch(
+        &mut self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+    ) -> Result<Logits> {
+        self.step(tokens, batch, cache, Fetch::Logits)?
+            .into_logits()
+    }
+
+    /// Like [`forward_batch`](Self::forward_batch), returning each sequence's greedy next token.
+    pub fn greedy_batch(
+        &mut self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<u32>> {
+        Ok(self.step(tokens, batch, cache, Fetch::Greedy)?.greedy())
+    }
+
+    /// One forward pass of `batch` sequences over `tokens` (row-major (batch, s)); prompts longer
+    /// than [`prefill_chunk`](Self::prefill_chunk) run as consecutive chunks through the cache.
+    pub fn step(
+        &mut self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        fetch: Fetch,
+    ) -> Result<StepOutput> {
+        let s = self.check_step(tokens, batch, cache)?;
+        let chunk = match self.prefill_chunk {
+            Some(c) if c > 0 && s > c => c,
+            _ => return self.run_step(tokens, batch, cache, fetch),
+        };
+        let all_rows = !self.manifest.options.last_token_logits && fetch == Fetch::Logits;
+        let mut pieces = Vec::new();
+        for start in (0..s).step_by(chunk) {
+            let end = (start + chunk).min(s);
+            let piece: Vec<u32> = (0..batch)
+                .flat_map(|b| tokens[b * s + start..b * s + end].iter().copied())
+                .collect();
+            // Only the last chunk's output is the answer, unless every row was asked for.
+            let want = if end == s || all_rows {
+                fetch
+            } else {
+                Fetch::Greedy
+            };
+            pieces.push(self.run_step(&piece, batch, cache, want)?);
+        }
+        if !all_rows {
+            return pieces
+                .pop()
+                .ok_or_else(|| anyhow!("a prefill of {s} tokens ran no chunk"));
+        }
+        let pieces = pieces
+            .into_iter()
+            .map(StepOutput::into_logits)
+            .collect::<Result<Vec<_>>>()?;
+        let vocab = self.vocab_size();
+        let mut data = Vec::with_capacity(batch * s * vocab);
+        for b in 0..batch {
+            for p in &pieces {
+                data.extend_from_slice(&p.data[b * p.rows * vocab..(b + 1) * p.rows * vocab]);
+            }
+        }
+        Ok(StepOutput::Logits(Logits {
+            data,
+            batch,
+            rows: s,
+            vocab,
+        }))
+    }
+
     fn check_step(&self, tokens: &[u32], batch: usize, cache: &KvCache) -> Result<usize> {
         if tokens.is_empty() || batch == 0 || tokens.len() % batch != 0 {
-            bail!("a step needs the same positive number of tokens for each of the {batch} sequences");
+            bail!(
+                "a step needs the same positive number of tokens for each of the {batch} sequences"
+            );
         }
         if cache.batch != batch {
-            bail!("the cache holds {} sequences, the step has {batch}", cache.batch);
+            bail!(
+                "the cache holds {} sequences, the step has {batch}",
+                cache.batch
+            );
         }
         let s = tokens.len() / batch;
         let total = cache.len + s;
-        let limit = cache.capacity().unwrap_or(usize::MAX).min(self.context_length());
+        let limit = cache
+            .capacity()
+            .unwrap_or(usize::MAX)
+            .min(self.context_length());
         if total > limit {
             bail!(
                 "sequence of {total} tokens exceeds the context length {limit} (graph context {}; export with a larger --context-length)",
@@ -231,58 +381,110 @@ impl DecoderModel {
         Ok(s)
     }
 
-    /// `batch` sequences of equal length, `tokens` row-major (batch, s), all after `cache.len`.
-    pub fn forward_batch(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache) -> Result<Logits> {
+    /// Where a growing cache's `present` outputs are kept: on the session's device.
+    fn cache_memory(device_id: Option<i32>) -> Result<MemoryInfo<'static>> {
+        match device_id {
+            Some(id) => MemoryInfo::new(
+                AllocationDevice::CUDA,
+                id,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )
+            .map_err(ort_err),
+            None => Ok(MemoryInfo::default()),
+        }
+    }
+
+    /// One session run over `tokens` (no chunking).
+    fn run_step(
+        &mut self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        fetch: Fetch,
+    ) -> Result<StepOutput> {
         let s = self.check_step(tokens, batch, cache)?;
         let total = cache.len + s;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let positions: Vec<i64> = (0..batch).flat_map(|_| cache.len as i64..total as i64).collect();
+        let positions: Vec<i64> = (0..batch)
+            .flat_map(|_| cache.len as i64..total as i64)
+            .collect();
         let mask = vec![1i64; batch * total];
         let (b, s, t) = (batch as i64, s as i64, total as i64);
         let input_ids = Tensor::from_array((vec![b, s], ids)).map_err(ort_err)?;
         let attention_mask = Tensor::from_array((vec![b, t], mask)).map_err(ort_err)?;
         let position_ids = Tensor::from_array((vec![b, s], positions)).map_err(ort_err)?;
         let kv = self.manifest.kv_cache.clone();
-        let layers = self.manifest.dims.num_layers;
         let vocab = self.vocab_size();
-        let logits = match &mut cache.store {
-            KvStore::Host { keys, values } => {
-                let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
-                    ("input_ids".into(), input_ids.into()),
-                    ("attention_mask".into(), attention_mask.into()),
-                    ("position_ids".into(), position_ids.into()),
-                ];
-                for layer in 0..layers {
-                    inputs.push((KvCacheSpec::name(&kv.past_key, layer).into(), (&keys[layer]).into()));
-                    inputs.push((KvCacheSpec::name(&kv.past_value, layer).into(), (&values[layer]).into()));
+        let host = MemoryInfo::default();
+        let device = Self::cache_memory(self.ep.device_id())?;
+        let greedy_output = fetch == Fetch::Greedy && self.manifest.has_greedy_output();
+
+        let mut binding = self.session.create_binding().map_err(ort_err)?;
+        binding
+            .bind_input("input_ids", &input_ids)
+            .map_err(ort_err)?;
+        binding
+            .bind_input("attention_mask", &attention_mask)
+            .map_err(ort_err)?;
+        binding
+            .bind_input("position_ids", &position_ids)
+            .map_err(ort_err)?;
+        match &mut cache.store {
+            KvStore::Device { keys, values, .. } => Self::bind_kv(&mut binding, &kv, keys, values)?,
+            KvStore::Growing { keys, values } => {
+                for (layer, (k, v)) in keys.iter().zip(values.iter()).enumerate() {
+                    binding
+                        .bind_input(KvCacheSpec::name(&kv.past_key, layer), k)
+                        .map_err(ort_err)?;
+                    binding
+                        .bind_input(KvCacheSpec::name(&kv.past_value, layer), v)
+                        .map_err(ort_err)?;
+                    binding
+                        .bind_output_to_device(KvCacheSpec::name(&kv.present_key, layer), &device)
+                        .map_err(ort_err)?;
+                    binding
+                        .bind_output_to_device(KvCacheSpec::name(&kv.present_value, layer), &device)
+                        .map_err(ort_err)?;
                 }
-                let mut outputs = self.session.run(inputs).map_err(|e| anyhow!("decoder step failed: {e}"))?;
-                let logits = Self::read_logits(outputs.remove("logits"), vocab)?;
-                for layer in 0..layers {
-                    let name_k = KvCacheSpec::name(&kv.present_key, layer);
-                    let name_v = KvCacheSpec::name(&kv.present_value, layer);
-                    keys[layer] = outputs.remove(&name_k).with_context(|| format!("missing output {name_k}"))?;
-                    values[layer] = outputs.remove(&name_v).with_context(|| format!("missing output {name_v}"))?;
-                }
-                logits
             }
-            KvStore::Device { keys, values, .. } => {
-                let mut binding = self.session.create_binding().map_err(ort_err)?;
-                binding.bind_input("input_ids", &input_ids).map_err(ort_err)?;
-                binding.bind_input("attention_mask", &attention_mask).map_err(ort_err)?;
-                binding.bind_input("position_ids", &position_ids).map_err(ort_err)?;
-                Self::bind_kv(&mut binding, &kv, keys, values)?;
-                // Logits come back to host memory: [batch, 1, vocab] floats, not the cache.
-                binding.bind_output_to_device("logits", &MemoryInfo::default()).map_err(ort_err)?;
-                let mut outputs = self
-                    .session
-                    .run_binding_with_options(&binding, &Self::no_graph_options()?)
-                    .map_err(|e| anyhow!("decoder step failed: {e}"))?;
-                Self::read_logits(outputs.remove("logits"), vocab)?
-            }
+        }
+        if greedy_output {
+            // The logits stay where they were computed; batch x rows token ids come back.
+            binding
+                .bind_output_to_device("logits", &device)
+                .map_err(ort_err)?;
+            binding
+                .bind_output_to_device(GREEDY_TOKENS_OUTPUT, &host)
+                .map_err(ort_err)?;
+        } else {
+            binding
+                .bind_output_to_device("logits", &host)
+                .map_err(ort_err)?;
+        }
+        let mut outputs = self
+            .session
+            .run_binding_with_options(&binding, &Self::no_graph_options()?)
+            .map_err(|e| anyhow!("decoder step failed: {e}"))?;
+        let result = if greedy_output {
+            StepOutput::Greedy(Self::read_greedy(outputs.remove(GREEDY_TOKENS_OUTPUT))?)
+        } else {
+            StepOutput::Logits(Self::read_logits(outputs.remove("logits"), vocab)?)
         };
+        if let KvStore::Growing { keys, values } = &mut cache.store {
+            for layer in 0..keys.len() {
+                let name_k = KvCacheSpec::name(&kv.present_key, layer);
+                let name_v = KvCacheSpec::name(&kv.present_value, layer);
+                keys[layer] = outputs
+                    .remove(&name_k)
+                    .with_context(|| format!("missing output {name_k}"))?;
+                values[layer] = outputs
+                    .remove(&name_v)
+                    .with_context(|| format!("missing output {name_v}"))?;
+            }
+        }
         cache.len = total;
-        Ok(logits)
+        Ok(result)
     }
 
     /// Binds each layer's device buffer as both past and present (GroupQueryAttention's shared buffer).
@@ -314,61 +516,176 @@ impl DecoderModel {
         Ok(Logits { data: data.to_vec(), batch, rows, vocab })
     }
 
+    /// The last position's token of each sequence from a (batch, rows) `greedy_tokens` output.
+    fn read_greedy(value: Option<DynValue>) -> Result<Vec<u32>> {
+        let value =
+            value.with_context(|| format!("the graph has no `{GREEDY_TOKENS_OUTPUT}` output"))?;
+        let (shape, data) = value.try_extract_tensor::<i64>().map_err(ort_err)?;
+        let rows = shape.get(1).copied().unwrap_or(1).max(1) as usize;
+        Ok(data
+            .chunks(rows)
+            .filter_map(|row| row.last())
+            .map(|&t| t as u32)
+            .collect())
+    }
+
     /// One decode step (one token per sequence) replayed from a captured CUDA graph. Needs the
-    /// CUDA execution provider with `cuda_graph` on and a device cache; every input lives at a
-    /// fixed device address (the attention mask spans the whole cache capacity), so ONNX Runtime
-    /// captures the step once and replays it.
-    pub fn decode_step_graph(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<Logits> {
+    /// CUDA execution provider with `cuda_graph` on and a shared-buffer cache; every input and
+    /// output lives at a fixed device address (the attention mask spans the whole cache
+    /// capacity), so ONNX Runtime captures the step once and replays it.
+    pub fn decode_step_graph(
+        &mut self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        fetch: Fetch,
+    ) -> Result<StepOutput> {
         let batch = cache.batch;
         if tokens.len() != batch {
-            bail!("a decode step takes one token per sequence ({batch}), got {}", tokens.len());
+            bail!(
+                "a decode step takes one token per sequence ({batch}), got {}",
+                tokens.len()
+            );
         }
         self.check_step(tokens, batch, cache)?;
-        let alloc = self.device_allocator.as_ref().ok_or_else(|| anyhow!("CUDA-graph decode needs a CUDA session"))?;
-        let KvStore::Device { keys, values, capacity } = &mut cache.store else {
-            bail!("CUDA-graph decode needs a device cache");
+        let device = self.ep.device_id().unwrap_or(0);
+        let alloc = self
+            .device_allocator
+            .as_ref()
+            .ok_or_else(|| anyhow!("CUDA-graph decode needs a CUDA session"))?;
+        let KvStore::Device {
+            keys,
+            values,
+            capacity,
+        } = &mut cache.store
+        else {
+            bail!(
+                "CUDA-graph decode needs GroupQueryAttention's fixed-size cache; {} was exported without fused attention",
+                self.dir.display()
+            );
         };
         let capacity = *capacity;
         let vocab = self.manifest.dims.vocab_size;
-        let rebuild = self.graph_state.as_ref().is_none_or(|s| s.batch != batch || s.capacity != capacity);
+        let has_greedy = self.manifest.has_greedy_output();
+        let rebuild = self
+            .graph_state
+            .as_ref()
+            .is_none_or(|s| s.batch != batch || s.capacity != capacity);
         if rebuild {
             self.graph_state = Some(GraphDecodeState {
                 input_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
                 position_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
                 attention_mask: Tensor::<i64>::new(alloc, [batch, capacity]).map_err(ort_err)?,
                 logits: Tensor::<f32>::new(alloc, [batch, 1, vocab]).map_err(ort_err)?,
+                greedy: if has_greedy {
+                    Some(Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?)
+                } else {
+                    None
+                },
                 batch,
                 capacity,
             });
         }
-        let state = self.graph_state.as_mut().ok_or_else(|| anyhow!("graph state"))?;
+        let state = self
+            .graph_state
+            .as_mut()
+            .ok_or_else(|| anyhow!("graph state"))?;
         let pos = cache.len as i64;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let mut mask = vec![0i64; batch * capacity];
         for row in 0..batch {
             mask[row * capacity..row * capacity + cache.len + 1].fill(1);
         }
-        let host_ids = Tensor::from_array((vec![batch as i64, 1], ids)).map_err(ort_err)?;
-        let host_pos = Tensor::from_array((vec![batch as i64, 1], vec![pos; batch])).map_err(ort_err)?;
-        let host_mask = Tensor::from_array((vec![batch as i64, capacity as i64], mask)).map_err(ort_err)?;
-        host_ids.copy_into(&mut state.input_ids).map_err(ort_err)?;
-        host_pos.copy_into(&mut state.position_ids).map_err(ort_err)?;
-        host_mask.copy_into(&mut state.attention_mask).map_err(ort_err)?;
+        let positions = vec![pos; batch];
+        match CudaRuntime::get() {
+            Some(rt) => {
+                // SAFETY: the three tensors are device allocations of exactly these sizes.
+                unsafe {
+                    rt.host_to_device(device, state.input_ids.data_ptr_mut(), &ids)?;
+                    rt.host_to_device(device, state.position_ids.data_ptr_mut(), &positions)?;
+                    rt.host_to_device(device, state.attention_mask.data_ptr_mut(), &mask)?;
+                }
+                rt.synchronize(device)?;
+            }
+            None => {
+                let host = |shape: Vec<i64>, data: Vec<i64>| {
+                    Tensor::from_array((shape, data)).map_err(ort_err)
+                };
+                host(vec![batch as i64, 1], ids)?
+                    .copy_into(&mut state.input_ids)
+                    .map_err(ort_err)?;
+                host(vec![batch as i64, 1], positions)?
+                    .copy_into(&mut state.position_ids)
+                    .map_err(ort_err)?;
+                host(vec![batch as i64, capacity as i64], mask)?
+                    .copy_into(&mut state.attention_mask)
+                    .map_err(ort_err)?;
+            }
+        }
 
         let kv = self.manifest.kv_cache.clone();
         let mut binding = self.session.create_binding().map_err(ort_err)?;
-        binding.bind_input("input_ids", &state.input_ids).map_err(ort_err)?;
-        binding.bind_input("position_ids", &state.position_ids).map_err(ort_err)?;
-        binding.bind_input("attention_mask", &state.attention_mask).map_err(ort_err)?;
+        binding
+            .bind_input("input_ids", &state.input_ids)
+            .map_err(ort_err)?;
+        binding
+            .bind_input("position_ids", &state.position_ids)
+            .map_err(ort_err)?;
+        binding
+            .bind_input("attention_mask", &state.attention_mask)
+            .map_err(ort_err)?;
         Self::bind_kv(&mut binding, &kv, keys, values)?;
-        binding.bind_output("logits", &mut state.logits).map_err(ort_err)?;
+        binding
+            .bind_output("logits", &mut state.logits)
+            .map_err(ort_err)?;
+        if let Some(greedy) = state.greedy.as_mut() {
+            binding
+                .bind_output(GREEDY_TOKENS_OUTPUT, greedy)
+                .map_err(ort_err)?;
+        }
         let mut options = RunOptions::new().map_err(ort_err)?;
-        options.set("gpu_graph_id", &format!("{}", 1 + batch)).map_err(ort_err)?;
-        self.session.run_binding_with_options(&binding, &options).map_err(|e| anyhow!("decode step failed: {e}"))?;
-        let mut host_logits = Tensor::<f32>::new(&Allocator::default(), [batch, 1, vocab]).map_err(ort_err)?;
-        state.logits.copy_into(&mut host_logits).map_err(ort_err)?;
-        let (_, data) = host_logits.try_extract_tensor::<f32>().map_err(ort_err)?;
+        options
+            .set("gpu_graph_id", &format!("{}", 1 + batch))
+            .map_err(ort_err)?;
+        self.session
+            .run_binding_with_options(&binding, &options)
+            .map_err(|e| anyhow!("decode step failed: {e}"))?;
         cache.len += 1;
-        Ok(Logits { data: data.to_vec(), batch, rows: 1, vocab })
+
+        let out = match (&state.greedy, fetch) {
+            (Some(greedy), Fetch::Greedy) => {
+                let mut tokens = vec![0i64; batch];
+                Self::copy_to_host(device, greedy, &mut tokens)?;
+                StepOutput::Greedy(tokens.into_iter().map(|t| t as u32).collect())
+            }
+            _ => {
+                let mut data = vec![0f32; batch * vocab];
+                Self::copy_to_host(device, &state.logits, &mut data)?;
+                StepOutput::Logits(Logits {
+                    data,
+                    batch,
+                    rows: 1,
+                    vocab,
+                })
+            }
+        };
+        Ok(out)
+    }
+
+    /// Copies a whole device tensor into `dst` (its length).
+    fn copy_to_host<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug>(
+        device: i32,
+        src: &Tensor<T>,
+        dst: &mut [T],
+    ) -> Result<()> {
+        if let Some(rt) = CudaRuntime::get() {
+            // SAFETY: `src` is a device tensor of dst.len() elements.
+            return unsafe { rt.device_to_host(device, dst, src.data_ptr()) };
+        }
+        let shape: Vec<usize> = src.shape().iter().map(|&d| d as usize).collect();
+        let mut host = Tensor::<T>::new(&Allocator::default(), shape).map_err(ort_err)?;
+        src.copy_into(&mut host).map_err(ort_err)?;
+        let (_, data) = host.try_extract_tensor::<T>().map_err(ort_err)?;
+        dst.copy_from_slice(data);
+        Ok(())
     }
 }

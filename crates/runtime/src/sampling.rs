@@ -151,6 +151,12 @@ impl SamplingParams {
         self.temperature < GREEDY_TEMPERATURE_EPS
     }
 
+    /// Greedy with no penalty either: the choice is the plain argmax of the logits, which the
+    /// graph can make itself (see [`crate::model::Fetch::Greedy`]).
+    pub fn is_plain_argmax(&self) -> bool {
+        self.is_greedy() && self.repetition_penalty == 1.0 && self.presence_penalty == 0.0 && self.frequency_penalty == 0.0
+    }
+
     /// Checks every field's range; the error names the field and the offending value.
     pub fn validate(&self) -> Result<(), SamplingError> {
         let t = self.temperature;

@@ -1,0 +1,127 @@
+//! Plain host<->device copies through the CUDA runtime library, for the buffers a CUDA-graph
+//! decode step reads and writes at fixed addresses.
+//!
+//! `ort`'s `Tensor::copy_into` copies by running a cached one-node Identity session, which
+//! costs a session run per copy; a decode step copies its token ids, positions and mask in
+//! and its result out, so that overhead lands on every token. `cudaMemcpy` is one driver
+//! call. The library is opened at first use (the one ONNX Runtime's CUDA provider already
+//! loaded into the process); without it the caller falls back to `copy_into`.
+
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Result};
+
+const CUDA_MEMCPY_HOST_TO_DEVICE: i32 = 1;
+const CUDA_MEMCPY_DEVICE_TO_HOST: i32 = 2;
+
+type MemcpyFn = unsafe extern "C" fn(*mut c_void, *const c_void, usize, i32) -> i32;
+type SetDeviceFn = unsafe extern "C" fn(i32) -> i32;
+type SynchronizeFn = unsafe extern "C" fn() -> i32;
+
+pub struct CudaRuntime {
+    memcpy: MemcpyFn,
+    set_device: SetDeviceFn,
+    synchronize: SynchronizeFn,
+    // Keeps the symbols above valid.
+    _lib: libloading::Library,
+}
+
+/// Sonames tried in order: CUDA 13 (the ONNX Runtime build we ship for), then 12.
+const SONAMES: &[&str] = &["libcudart.so.13", "libcudart.so.12", "libcudart.so"];
+
+impl CudaRuntime {
+    /// The process's CUDA runtime, or None when no libcudart can be opened.
+    pub fn get() -> Option<&'static CudaRuntime> {
+        static RT: OnceLock<Option<CudaRuntime>> = OnceLock::new();
+        RT.get_or_init(|| {
+            let found = SONAMES.iter().find_map(|name| Self::open(name).ok());
+            if found.is_none() {
+                tracing::debug!(
+                    "no libcudart found ({SONAMES:?}); device copies go through ONNX Runtime"
+                );
+            }
+            found
+        })
+        .as_ref()
+    }
+
+    fn open(name: &str) -> Result<CudaRuntime> {
+        // SAFETY: libcudart is NVIDIA's CUDA runtime, already loaded by ONNX Runtime's CUDA
+        // provider when this runs; opening it again only adds a reference.
+        let lib = unsafe { libloading::Library::new(name)? };
+        // SAFETY: the signatures are the CUDA runtime API's (cudaError_t is a C enum, i32).
+        let (memcpy, set_device, synchronize) = unsafe {
+            (
+                *lib.get::<MemcpyFn>(b"cudaMemcpy\0")?,
+                *lib.get::<SetDeviceFn>(b"cudaSetDevice\0")?,
+                *lib.get::<SynchronizeFn>(b"cudaDeviceSynchronize\0")?,
+            )
+        };
+        Ok(CudaRuntime {
+            memcpy,
+            set_device,
+            synchronize,
+            _lib: lib,
+        })
+    }
+
+    fn check(code: i32, what: &str) -> Result<()> {
+        if code != 0 {
+            bail!("{what} failed (cudaError {code})");
+        }
+        Ok(())
+    }
+
+    /// Copies `src` into device memory at `dst` (which must hold `size_of_val(src)` bytes).
+    ///
+    /// # Safety
+    /// `dst` must be a device allocation of `device` at least as large as `src`.
+    pub unsafe fn host_to_device<T: Copy>(
+        &self,
+        device: i32,
+        dst: *mut c_void,
+        src: &[T],
+    ) -> Result<()> {
+        Self::check((self.set_device)(device), "cudaSetDevice")?;
+        let bytes = std::mem::size_of_val(src);
+        Self::check(
+            (self.memcpy)(dst, src.as_ptr().cast(), bytes, CUDA_MEMCPY_HOST_TO_DEVICE),
+            "cudaMemcpy to the device",
+        )
+    }
+
+    /// Waits until every copy and kernel on `device` is done. A copy from pageable host memory
+    /// may still be in flight when `cudaMemcpy` returns, and ONNX Runtime's stream does not
+    /// wait for the legacy stream the copy ran on.
+    pub fn synchronize(&self, device: i32) -> Result<()> {
+        // SAFETY: plain CUDA runtime calls without pointers.
+        unsafe {
+            Self::check((self.set_device)(device), "cudaSetDevice")?;
+            Self::check((self.synchronize)(), "cudaDeviceSynchronize")
+        }
+    }
+
+    /// Copies device memory at `src` into `dst`. Synchronous: the data is there on return.
+    ///
+    /// # Safety
+    /// `src` must be a device allocation of `device` at least as large as `dst`.
+    pub unsafe fn device_to_host<T: Copy>(
+        &self,
+        device: i32,
+        dst: &mut [T],
+        src: *const c_void,
+    ) -> Result<()> {
+        Self::check((self.set_device)(device), "cudaSetDevice")?;
+        let bytes = std::mem::size_of_val(dst);
+        Self::check(
+            (self.memcpy)(
+                dst.as_mut_ptr().cast(),
+                src,
+                bytes,
+                CUDA_MEMCPY_DEVICE_TO_HOST,
+            ),
+            "cudaMemcpy to the host",
+        )
+    }
+}

@@ -1,0 +1,159 @@
+//! How the runtime drives a graph, checked against transformers: prompts run in chunks through
+//! the cache, and greedy tokens taken from the graph's own argmax output instead of host logits.
+
+mod common;
+
+use common::*;
+use pio_runtime::ep::ExecutionProvider;
+use pio_runtime::model::{DecoderModel, Fetch, StepOutput};
+
+/// One dense, one Qwen3-MoE and one GLM-4-MoE fixture.
+const FIXTURES: [&str; 3] = ["qwen3-tied-hub", "qwen3moe-a", "glm4moe-a"];
+
+fn load(name: &str, last_token_logits: bool, tmp: &tempfile::TempDir) -> (DecoderModel, Reference) {
+    let fixture = fixtures_dir().join(name);
+    let graphs = tmp.path().join(name);
+    export_to(&fixture, &graphs, cpu_settings(last_token_logits));
+    (
+        DecoderModel::load(&graphs, &ExecutionProvider::default()).unwrap(),
+        load_reference(&fixture),
+    )
+}
+
+#[test]
+fn prefill_in_chunks_matches_transformers_at_every_position() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let (mut model, reference) = load(name, false, &tmp);
+        // 8 prompt tokens in chunks of 3: 3 + 3 + 2, the later ones attending to the cache.
+        model.prefill_chunk = Some(3);
+        let mut cache = model.new_cache().unwrap();
+        let logits = model.forward(&reference.prompt_ids, &mut cache).unwrap();
+        assert_eq!(
+            logits.rows,
+            reference.prompt_ids.len(),
+            "{name}: one row per prompt token"
+        );
+        assert_eq!(cache.len, reference.prompt_ids.len());
+        for (pos, expected) in reference.prefill_logits.iter().enumerate() {
+            let diff = max_abs_diff(logits.row(pos), expected);
+            assert!(
+                diff <= LOGIT_TOLERANCE,
+                "{name}: chunked prefill position {pos}: max |diff| {diff}"
+            );
+            assert_eq!(
+                argmax(logits.row(pos)),
+                argmax(expected),
+                "{name}: chunked prefill position {pos}"
+            );
+        }
+        let step = &reference.steps[0];
+        let next = model.forward(&[step.input_id], &mut cache).unwrap();
+        let diff = max_abs_diff(next.last(), &step.logits);
+        assert!(
+            diff <= LOGIT_TOLERANCE,
+            "{name}: step after a chunked prefill: max |diff| {diff}"
+        );
+    }
+}
+
+#[test]
+fn chunked_prefill_greedy_matches_transformers_generate() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let (mut model, reference) = load(name, true, &tmp);
+        model.prefill_chunk = Some(5);
+        let g = &reference.greedy;
+        assert_eq!(
+            greedy(&mut model, &g.prompt_ids, g.max_new_tokens, false),
+            g.generated_ids,
+            "{name}"
+        );
+    }
+}
+
+/// Greedy decoding through `Fetch::Greedy` only: no logits come back at all.
+fn graph_greedy(model: &mut DecoderModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = model.new_cache().unwrap();
+    let mut out = Vec::new();
+    let mut next = model.greedy_batch(prompt, 1, &mut cache).unwrap();
+    for _ in 0..n {
+        out.push(next[0]);
+        next = model.greedy_batch(&next, 1, &mut cache).unwrap();
+    }
+    out
+}
+
+#[test]
+fn greedy_tokens_output_decodes_like_transformers_generate() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        for last_token_logits in [true, false] {
+            let (mut model, reference) = load(name, last_token_logits, &tmp);
+            assert!(
+                model.manifest.has_greedy_output(),
+                "{name}: the export has a greedy_tokens output"
+            );
+            let g = &reference.greedy;
+            let got = graph_greedy(&mut model, &g.prompt_ids, g.max_new_tokens);
+            assert_eq!(
+                got, g.generated_ids,
+                "{name} (last-token logits {last_token_logits})"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_fetch_brings_back_tokens_not_logits_and_agrees_per_sequence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut model, reference) = load("qwen3moe-a", false, &tmp);
+    let prompt = &reference.prompt_ids;
+    // Two different sequences in one batch.
+    let mut second: Vec<u32> = prompt.clone();
+    second.reverse();
+    let tokens: Vec<u32> = prompt.iter().chain(&second).copied().collect();
+    let mut cache = model.new_batch_cache(2, 64).unwrap();
+    let out = model.step(&tokens, 2, &mut cache, Fetch::Greedy).unwrap();
+    let StepOutput::Greedy(greedy) = out else {
+        panic!("a graph with greedy_tokens returns tokens")
+    };
+    let mut cache = model.new_batch_cache(2, 64).unwrap();
+    let logits = model.forward_batch(&tokens, 2, &mut cache).unwrap();
+    let expected: Vec<u32> = (0..2).map(|b| argmax(logits.last_of(b)) as u32).collect();
+    assert_eq!(greedy, expected);
+    assert_eq!(
+        expected[0],
+        argmax(reference.prefill_logits.last().unwrap()) as u32,
+        "sequence 0 is the reference prompt"
+    );
+}
+
+#[test]
+fn graphs_without_a_greedy_output_fall_back_to_host_argmax() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, reference) = load("qwen3-tied-hub", true, &tmp);
+    // A graph exported before the output existed: drop it from the manifest.
+    let dir = model.dir.clone();
+    drop(model);
+    let mut manifest = pio_models::Manifest::load(&dir).unwrap();
+    manifest
+        .outputs
+        .retain(|o| o.name != pio_models::manifest::GREEDY_TOKENS_OUTPUT);
+    manifest.save(&dir).unwrap();
+    let mut model = DecoderModel::load(&dir, &ExecutionProvider::default()).unwrap();
+    assert!(!model.manifest.has_greedy_output());
+    let mut cache = model.new_cache().unwrap();
+    let out = model
+        .step(&reference.greedy.prompt_ids, 1, &mut cache, Fetch::Greedy)
+        .unwrap();
+    assert!(
+        matches!(out, StepOutput::Logits(_)),
+        "without the output the logits come back"
+    );
+    let g = &reference.greedy;
+    assert_eq!(
+        graph_greedy(&mut model, &g.prompt_ids, g.max_new_tokens),
+        g.generated_ids
+    );
+}
