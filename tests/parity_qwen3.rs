@@ -9,7 +9,7 @@ use common::*;
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::model::DecoderModel;
 
-const FIXTURES: &[&str] = &["qwen3-tied-hub", "qwen3-untied-rp", "qwen3-fp16"];
+const FIXTURES: &[&str] = &["qwen3-tied-hub", "qwen3-untied-rp", "qwen3-fp16", "qwen3-sliding"];
 
 #[test]
 fn fixtures_are_all_covered() {
@@ -32,6 +32,13 @@ fn qwen3_untied_sharded_transformers5_style_logits_match_transformers() {
 #[test]
 fn qwen3_fp16_checkpoint_logits_match_transformers() {
     check_logit_parity("qwen3-fp16");
+}
+
+/// Window 8 on layers 1 and 2 (max_window_layers 1) over a 20-token prompt, 4 cached steps and
+/// 32 greedy tokens: every part of the reference reaches past the window.
+#[test]
+fn qwen3_sliding_window_logits_match_transformers() {
+    check_logit_parity("qwen3-sliding");
 }
 
 #[test]

@@ -57,6 +57,7 @@ pub fn cpu_settings(last_token_logits: bool) -> ExportSettings {
         int4_accuracy_level: 0,
         kv_cache_int8: false,
         int4_embeddings: false,
+        sliding_window: true,
     }
 }
 

@@ -37,6 +37,9 @@ pub struct ExportSettings {
     pub int4_embeddings: bool,
     /// KV cache stored as int8 with per-channel scales (GroupQueryAttention's quantized cache).
     pub kv_cache_int8: bool,
+    /// Sliding-window layers attend within their window; false (`--no-sliding-window`) gives
+    /// every layer full attention, which differs from the model once a sequence outgrows the window.
+    pub sliding_window: bool,
 }
 
 /// Standard deviations covered by an int8 KV scale: values beyond clip (about 6e-5 of a
@@ -62,8 +65,17 @@ impl ExportSettings {
         }
     }
 
-    /// Refuses combinations the target cannot run, with the reason.
-    pub fn validate(&self, text: &TextConfig) -> Result<()> {
+    /// The attention window of decoder layer `layer` in the graph (None: full attention).
+    pub fn layer_window(&self, text: &TextConfig, layer: usize) -> Option<usize> {
+        text.layer_window(layer).filter(|_| self.sliding_window)
+    }
+
+    pub fn layer_windows(&self, text: &TextConfig) -> Vec<Option<usize>> {
+        (0..text.num_hidden_layers).map(|i| self.layer_window(text, i)).collect()
+    }
+
+    /// Refuses combinations the target cannot run, with the reason; `model` names the checkpoint.
+    pub fn validate(&self, model: &str, text: &TextConfig) -> Result<()> {
         if self.target_ep == TargetEp::Cpu && matches!(self.precision, Precision::Fp16 | Precision::Bf16) {
             bail!(
                 "--precision {} needs --ep cuda or tensorrt: CPU graphs are fp32 (or int4 weights with fp32 activations)",
@@ -112,9 +124,12 @@ impl ExportSettings {
                 text.rope.partial_rotary_factor
             );
         }
-        if let Some(w) = text.sliding_window {
-            // Qwen3 slides only on layers >= max_window_layers; per-layer windows are not exported yet.
-            bail!("sliding-window attention (use_sliding_window, window {w}) is not exported yet");
+        if !self.sliding_window && !text.has_sliding_layers() {
+            let why = match text.sliding_window {
+                None => "use_sliding_window is false".to_string(),
+                Some(w) => format!("window {w}, but every layer is full_attention"),
+            };
+            bail!("--no-sliding-window does not apply: {model} has no sliding-window layers ({why})");
         }
         if text.rope.rope_type != "default" && text.rope.rope_type != "linear" {
             bail!("rope_type `{}` is not supported yet (supported: default, linear)", text.rope.rope_type);
@@ -510,7 +525,12 @@ impl<'a> DecoderBuilder<'a> {
         if kv_scales.is_some() {
             node = node.attr("k_quant_type", "PER_CHANNEL").attr("v_quant_type", "PER_CHANNEL").attr("kv_cache_bit_width", 8i64);
         }
-        if let Some(w) = t.sliding_window {
+        // transformers' window W keeps the keys t with pos - W < t <= pos: W keys, the query's
+        // own included. ONNX Runtime 1.31's local_window_size counts the same W keys (its CPU
+        // kernel softmaxes the last local_window_size scores); older kernels kept
+        // local_window_size + 1, for which W - 1 would be right. The qwen3-sliding fixture
+        // tells the two apart (W - 1 fails at prompt position W - 1).
+        if let Some(w) = self.settings.layer_window(t, layer) {
             node = node.attr("local_window_size", w as i64);
         }
         let outs = node.named_outs(&[format!("{prefix}.gqa/out0"), present_k.clone(), present_v.clone()]);

@@ -137,6 +137,10 @@ pub struct ExportOptions {
     pub int4_lm_head: bool,
     #[serde(default)]
     pub int4_embeddings: bool,
+    /// Each layer's attention window as exported (null: full attention). Empty in manifests
+    /// written before sliding windows were exported, when every layer had full attention.
+    #[serde(default)]
+    pub layer_windows: Vec<Option<usize>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1375,6 +1375,7 @@ mod tests {
                 kv_cache_int8: false,
                 int4_lm_head: false,
                 int4_embeddings: false,
+                layer_windows: vec![],
             },
             bos_token_id: None,
             eos_token_ids: vec![1],

@@ -103,6 +103,10 @@ struct Args {
     /// model also needs --int4-lm-head, and the two then share one table.
     #[arg(long)]
     int4_embeddings: bool,
+    /// Full attention on every layer of a model with sliding-window layers (outputs then differ
+    /// from the model's once a sequence outgrows the window).
+    #[arg(long)]
+    no_sliding_window: bool,
     /// Replace the output folder if it exists.
     #[arg(long)]
     force: bool,
@@ -225,6 +229,7 @@ fn run(args: Args) -> Result<()> {
             int4_accuracy_level: args.int4_accuracy_level,
             kv_cache_int8: args.kv_cache_int8,
             int4_embeddings: args.int4_embeddings,
+            sliding_window: !args.no_sliding_window,
         },
         overwrite: args.force,
         source,
