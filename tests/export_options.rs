@@ -182,3 +182,22 @@ fn no_sliding_window_gives_full_attention_and_needs_a_window() {
     let why = "qwen3-tied-hub (Qwen3ForCausalLM) has no sliding-window layers (use_sliding_window is false)";
     assert!(err.contains("--no-sliding-window") && err.contains(why), "{err}");
 }
+
+/// Manifests written before the attention options existed load with the values those graphs
+/// had: GroupQueryAttention, no per-layer windows recorded, full attention everywhere.
+#[test]
+fn manifests_without_the_attention_options_still_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let graphs = tmp.path().join("g");
+    export_to(&fixtures_dir().join("qwen3-tied-hub"), &graphs, cpu_settings(true));
+    let path = graphs.join("pio.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (section, key) in [("options", "layer_windows"), ("options", "fused_attention")] {
+        assert!(v[section].as_object_mut().unwrap().remove(key).is_some(), "{key} not written");
+    }
+    assert!(v["config"]["text"].as_object_mut().unwrap().remove("layer_types").is_some());
+    std::fs::write(&path, v.to_string()).unwrap();
+    let manifest = pio_models::Manifest::load(&graphs).unwrap();
+    assert!(manifest.options.fused_attention && manifest.options.layer_windows.is_empty());
+    assert!(manifest.config.text.layer_types.is_empty() && !manifest.config.text.has_sliding_layers());
+}

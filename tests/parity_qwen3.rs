@@ -48,6 +48,16 @@ fn qwen3_greedy_32_tokens_match_transformers_generate() {
     }
 }
 
+/// The same bar with attention from standard ONNX ops (`--no-fused-attention`): every
+/// position's logits, the cached steps, greedy from one prefill and token by token.
+#[test]
+fn unfused_attention_matches_transformers() {
+    for name in FIXTURES {
+        check_logit_parity_with(name, unfused_attention);
+        check_greedy_parity_with(name, unfused_attention);
+    }
+}
+
 /// The unfused-norm graph (Add + SimplifiedLayerNormalization) computes the same logits.
 #[test]
 fn unfused_norms_give_the_same_logits() {

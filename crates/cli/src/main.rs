@@ -400,6 +400,7 @@ fn export_for_bench(checkpoint: &std::path::Path, out: PathBuf, precision: Preci
         kv_cache_int8: false,
         int4_embeddings: false,
         sliding_window: true,
+        fused_attention: true,
     };
     match variant {
         "default" => {}

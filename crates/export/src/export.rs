@@ -164,6 +164,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
             int4_lm_head: req.settings.int4_lm_head,
             int4_embeddings: req.settings.int4_embeddings,
             layer_windows: req.settings.layer_windows(t),
+            fused_attention: req.settings.fused_attention,
         },
         bos_token_id: gen.bos_token_id.or(config.bos_token_id),
         eos_token_ids: eos,

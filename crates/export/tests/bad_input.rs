@@ -223,3 +223,22 @@ fn no_sliding_window_is_refused_on_a_model_without_one_and_warns_on_one_with_it(
     assert!(o.stderr.contains("WARN") && o.stderr.contains("8-token window"), "{}", o.stderr);
     assert_eq!(pio_models::Manifest::load(&out).unwrap().options.layer_windows, [None, None, None]);
 }
+
+#[test]
+fn no_fused_attention_refuses_the_switches_of_group_query_attention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let refused: [&[&str]; 2] = [&["--kv-cache-int8"], &["--fused-qk-norm", "--ep", "cuda"]];
+    for flags in refused {
+        let flags = [&["--no-fused-attention"], flags].concat();
+        let needles = ["--no-fused-attention", flags[1]];
+        let (o, out) = export_with_flags("qwen3-tied-hub", &flags, tmp.path());
+        assert_ne!(o.code, Some(0), "{flags:?} should be refused");
+        assert!(needles.iter().all(|n| o.stderr.contains(n)), "{flags:?}: {}", o.stderr);
+        assert!(!out.exists());
+    }
+    // Without an explicit --fused-qk-norm, a GPU graph's q/k norm default follows the attention.
+    let (o, out) = export_with_flags("qwen3-tied-hub", &["--no-fused-attention", "--ep", "cuda"], tmp.path());
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let options = pio_models::Manifest::load(&out).unwrap().options;
+    assert!(!options.fused_attention && !options.fused_qk_norm);
+}

@@ -1376,6 +1376,7 @@ mod tests {
                 int4_lm_head: false,
                 int4_embeddings: false,
                 layer_windows: vec![],
+                fused_attention: true,
             },
             bos_token_id: None,
             eos_token_ids: vec![1],
