@@ -97,7 +97,7 @@ impl ExportSettings {
             if self.precision != Precision::Int4 {
                 bail!("--int4-embeddings only applies with --precision int4");
             }
-            if text.hidden_size % self.int4_block_size != 0 {
+            if !text.hidden_size.is_multiple_of(self.int4_block_size) {
                 bail!(
                     "--int4-embeddings needs hidden_size ({}) to be a multiple of --int4-block-size ({})",
                     text.hidden_size,

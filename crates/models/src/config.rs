@@ -156,7 +156,7 @@ impl TextConfig {
                 RouterScoring::Softmax => {
                     m.num_experts > 0
                         && !m.mlp_only_layers.contains(&idx)
-                        && (idx + 1) % m.decoder_sparse_step.max(1) == 0
+                        && (idx + 1).is_multiple_of(m.decoder_sparse_step.max(1))
                 }
                 RouterScoring::SigmoidGrouped => idx >= m.first_k_dense_replace,
             },
