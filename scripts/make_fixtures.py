@@ -54,6 +54,8 @@ MIN_MARGIN = 0.02  # min gap between top-1 and top-2 logit at every greedy decis
 MIN_LOGIT_STD = 0.5  # logits must have a decent spread over the vocab
 MIN_DISTINCT_GENERATED = 6  # avoid degenerate "same token forever" generations
 MAX_SEED_TRIES = 64
+# Sliding-window fixtures: full attention must move some logit past the window by this much.
+MIN_WINDOW_EFFECT = 0.1
 
 # Tolerances for the internal sanity checks (all float32 on CPU).
 ATOL = 1e-4
@@ -129,6 +131,32 @@ FIXTURES = {
         config_style="hub",
         storage_dtype=torch.float16,
         shards=1,
+    ),
+    # Hub style with sliding-window attention: window 8 on layers >= max_window_layers (1, 2),
+    # and a 20-token prompt, so the prefill, the cached steps and the greedy tokens all reach
+    # past the window (where full attention would give other logits; checked when it is made).
+    "qwen3-sliding": dict(
+        seed=8002,
+        config=dict(
+            vocab_size=384,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+        ),
+        rope_theta=10000,
+        config_style="hub",
+        storage_dtype=torch.bfloat16,
+        shards=1,
+        prompt_len=20,
     ),
     # ---- Mixture-of-experts fixtures (family != "qwen3"); see scripts/README.md. ----
     # Qwen3-MoE, Hub style, untied, bf16; layer 1 is a dense MLP through mlp_only_layers.
@@ -299,7 +327,7 @@ def hub_config_dict(spec: dict) -> dict:
         "initializer_range": 0.02,
         "intermediate_size": c["intermediate_size"],
         "max_position_embeddings": c["max_position_embeddings"],
-        "max_window_layers": c["num_hidden_layers"],
+        "max_window_layers": c.get("max_window_layers", c["num_hidden_layers"]),
         "model_type": "qwen3",
         "num_attention_heads": c["num_attention_heads"],
         "num_hidden_layers": c["num_hidden_layers"],
@@ -307,12 +335,12 @@ def hub_config_dict(spec: dict) -> dict:
         "rms_norm_eps": c["rms_norm_eps"],
         "rope_scaling": None,
         "rope_theta": spec["rope_theta"],
-        "sliding_window": None,
+        "sliding_window": c.get("sliding_window"),
         "tie_word_embeddings": c["tie_word_embeddings"],
         "torch_dtype": DTYPE_NAMES[spec["storage_dtype"]],
         "transformers_version": HUB_TRANSFORMERS_VERSION,
         "use_cache": True,
-        "use_sliding_window": False,
+        "use_sliding_window": c.get("use_sliding_window", False),
         "vocab_size": c["vocab_size"],
     }
     return d
@@ -425,12 +453,11 @@ def make_config(spec: dict):
 
 
 def make_qwen3_config(spec: dict) -> Qwen3Config:
-    c = spec["config"]
+    c = {"use_sliding_window": False, **spec["config"]}
     cfg = Qwen3Config(
         **c,
         hidden_act="silu",
         attention_bias=False,
-        use_sliding_window=False,
         rope_parameters={"rope_type": "default", "rope_theta": float(spec["rope_theta"])},
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
@@ -767,7 +794,9 @@ def check_loaded(model: Qwen3ForCausalLM, tensors: dict[str, torch.Tensor], spec
     assert cfg.rope_parameters["rope_theta"] == float(spec["rope_theta"]), cfg.rope_parameters
     for k, v in spec["config"].items():
         assert getattr(cfg, k) == v, (k, getattr(cfg, k), v)
-    assert cfg.sliding_window is None and all(t == "full_attention" for t in cfg.layer_types)
+    windows = layer_windows(json.loads((Path(cfg.name_or_path) / "config.json").read_text()))
+    assert cfg.layer_types == ["sliding_attention" if w else "full_attention" for w in windows], cfg.layer_types
+    assert cfg.sliding_window == next((w for w in windows if w), None), cfg.sliding_window
     # Rotary inverse frequencies must reflect the on-disk theta.
     hd = spec["config"]["head_dim"]
     expected_inv = 1.0 / (
@@ -814,8 +843,9 @@ def compute_reference(model: Qwen3ForCausalLM, prompt: list[int]) -> tuple[dict,
     steps = []
     next_id = int(prefill[-1].argmax())
     decisions.append(prefill[-1])
+    prompt_len = len(prompt)
     for i in range(NUM_STEPS):
-        pos = PROMPT_LEN + i
+        pos = prompt_len + i
         out = model(
             input_ids=torch.tensor([[next_id]]),
             past_key_values=cache,
@@ -831,9 +861,9 @@ def compute_reference(model: Qwen3ForCausalLM, prompt: list[int]) -> tuple[dict,
     # 2. Sanity: a single no-cache forward over prompt + step inputs gives the same logits.
     full_ids = torch.tensor([prompt + [s["input_id"] for s in steps]])
     full = model(input_ids=full_ids, use_cache=False).logits[0].float()
-    max_diff = max(max_diff, assert_close(full[:PROMPT_LEN], prefill, "no-cache vs prefill"))
+    max_diff = max(max_diff, assert_close(full[:prompt_len], prefill, "no-cache vs prefill"))
     for i, s in enumerate(steps):
-        max_diff = max(max_diff, assert_close(full[PROMPT_LEN + i], s["logits"], f"no-cache vs step {i}"))
+        max_diff = max(max_diff, assert_close(full[prompt_len + i], s["logits"], f"no-cache vs step {i}"))
 
     # 3. Token-by-token: prompt fed one token at a time through the cache, then greedy decode.
     cache = DynamicCache(config=model.config)
@@ -849,7 +879,7 @@ def compute_reference(model: Qwen3ForCausalLM, prompt: list[int]) -> tuple[dict,
         logits = out.logits[0, -1].float()
         max_diff = max(max_diff, assert_close(logits, prefill[pos], f"token-by-token prompt pos {pos}"))
     tbt = []
-    pos = PROMPT_LEN
+    pos = prompt_len
     for i in range(MAX_NEW_TOKENS):
         if i > 0:
             decisions.append(logits)
@@ -900,7 +930,7 @@ def compute_reference(model: Qwen3ForCausalLM, prompt: list[int]) -> tuple[dict,
         attention_mask=torch.ones_like(ids),
         generation_config=gen_cfg,
     )
-    generated = [int(t) for t in gen[0, PROMPT_LEN:].tolist()]
+    generated = [int(t) for t in gen[0, prompt_len:].tolist()]
     assert len(generated) == MAX_NEW_TOKENS, generated
     assert generated == tbt, f"generate {generated} != token-by-token {tbt}"
 
@@ -1008,6 +1038,27 @@ def load_numpy_weights(folder: Path) -> dict[str, np.ndarray]:
     return w
 
 
+def layer_windows(cfg: dict) -> list[int | None]:
+    """Each Qwen3 layer's attention window from config.json (None: full attention), as
+    Qwen3Config resolves it: only with use_sliding_window; an explicit layer_types list, else
+    the layers from max_window_layers (default 28) on."""
+    n = cfg["num_hidden_layers"]
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= cfg.get("max_window_layers", 28) else "full_attention"
+        for i in range(n)
+    ]
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def causal_mask(T: int, window: int | None) -> np.ndarray:
+    """Additive (T, T) mask: query i sees keys j <= i, and with a window W only j > i - W
+    (the last W positions, its own included)."""
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    seen = (j <= i) & ((j > i - window) if window else True)
+    return np.where(seen, 0.0, -np.inf)
+
+
 def numpy_forward(folder: Path, ids: list[int]) -> np.ndarray:
     cfg = json.loads((folder / "config.json").read_text())
     if cfg["model_type"] != "qwen3":
@@ -1031,8 +1082,8 @@ def numpy_forward(folder: Path, ids: list[int]) -> np.ndarray:
         return x * cos + rot * sin
 
     x = w["model.embed_tokens.weight"][ids]
-    mask = np.triu(np.full((T, T), -np.inf), 1)
-    for i in range(cfg["num_hidden_layers"]):
+    for i, window in enumerate(layer_windows(cfg)):
+        mask = causal_mask(T, window)
         p = f"model.layers.{i}."
         h = rms(x, w[p + "input_layernorm.weight"])
         q = rms((h @ w[p + "self_attn.q_proj.weight"].T).reshape(T, H, D), w[p + "self_attn.q_norm.weight"])
@@ -1215,6 +1266,28 @@ def numpy_forward_moe(folder: Path, ids: list[int], trace: list | None = None) -
     return x @ lm_head.T
 
 
+@torch.no_grad()
+def window_effect(folder: Path) -> float:
+    """For a fixture with sliding layers: max |logit diff| between the reference and the same
+    weights with full attention, over the positions past the window (asserting the positions
+    inside it agree), so a graph that ignores the window cannot pass the parity test."""
+    ref = json.loads((folder / "reference.json").read_text())
+    window = min(w for w in layer_windows(json.loads((folder / "config.json").read_text())) if w)
+    ids = ref["prompt_ids"] + [s["input_id"] for s in ref["steps"]]
+    expected = torch.tensor(ref["prefill_logits"] + [s["logits"] for s in ref["steps"]])
+    with tempfile.TemporaryDirectory(prefix="fixture-full-attention-") as tmp:
+        for f in folder.iterdir():
+            shutil.copyfile(f, Path(tmp) / f.name)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["use_sliding_window"] = False
+        write_json_pretty(cfg, Path(tmp) / "config.json")
+        full = load_from_folder(Path(tmp))
+    assert full.config.sliding_window is None
+    logits = full(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+    assert_close(logits[:window], expected[:window], "full attention within the window")
+    return (logits[window:] - expected[window:]).abs().max().item()
+
+
 def numpy_cross_check(folder: Path) -> float:
     ref = json.loads((folder / "reference.json").read_text())
     prompt = ref["prompt_ids"]
@@ -1236,10 +1309,11 @@ def numpy_cross_check(folder: Path) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def make_prompt(seed: int, vocab: int) -> list[int]:
+def make_prompt(seed: int, spec: dict) -> list[int]:
     g = torch.Generator().manual_seed(seed + 7)
     # avoid the special ids 0..2
-    return [int(x) for x in torch.randint(3, vocab, (PROMPT_LEN,), generator=g).tolist()]
+    length = spec.get("prompt_len", PROMPT_LEN)
+    return [int(x) for x in torch.randint(3, spec["config"]["vocab_size"], (length,), generator=g).tolist()]
 
 
 def candidate_ok(stats: dict) -> tuple[bool, str]:
@@ -1274,7 +1348,7 @@ def make_fixture(name: str, spec: dict) -> None:
             tensors = write_checkpoint(spec, seed, tmp)
             model = load_from_folder(tmp)
             check_loaded(model, tensors, spec)
-            prompt = make_prompt(seed, vocab)
+            prompt = make_prompt(seed, spec)
             ref, stats = compute_reference(model, prompt)
             ok, why = candidate_ok(stats)
             if not ok:
@@ -1293,13 +1367,18 @@ def make_fixture(name: str, spec: dict) -> None:
         ref2, _ = compute_reference(model, prompt)
         assert reference_json_text(ref2) == (final / "reference.json").read_text(), "non-deterministic"
         np_diff = numpy_cross_check(final)
+        window_note = ""
+        if spec["config"].get("use_sliding_window"):
+            effect = window_effect(final)
+            assert effect > MIN_WINDOW_EFFECT, f"the window changes the logits by only {effect}"
+            window_note = f"full attention past the window differs by {effect:.2f}, "
         total = sum(f.stat().st_size for f in final.iterdir())
         print(
             f"  [{name}] seed {seed}: prompt {prompt}\n"
             f"      generated {ref['greedy']['generated_ids']}\n"
             f"      min margin {stats['min_margin']:.4f}, min logit std {stats['min_logit_std']:.3f}, "
             f"max |logit| {stats['max_abs_logit']:.2f}, sanity max diff {stats['max_sanity_diff']:.2e}, "
-            f"numpy-f64 max diff {np_diff:.2e}, "
+            f"numpy-f64 max diff {np_diff:.2e}, {window_note}"
             f"{total / 1024:.0f} KiB"
         )
         assert total < 1_500_000, f"{name} is too large: {total} bytes"
@@ -1386,7 +1465,7 @@ def make_moe_fixture(name: str, spec: dict) -> None:
             write_weights(tensors, spec, tmp)
             model, unexpected = load_moe_from_folder(tmp, spec)
             check_loaded_moe(model, unexpected, tensors, spec)
-            prompt = make_prompt(seed, vocab)
+            prompt = make_prompt(seed, spec)
             ref, stats = compute_reference(model, prompt)
             ok, why = candidate_ok(stats)
             if ok:

@@ -151,3 +151,53 @@ fn int4_embeddings_share_one_table_with_a_tied_lm_head() {
     let err = export_error(&fixture, &tmp.path().join("refused"), int4);
     assert!(err.contains("--int4-lm-head"), "{err}");
 }
+
+/// `--no-sliding-window` on a model with sliding layers: full attention on every layer, recorded
+/// in the manifest, so the logits agree with transformers inside the window and not past it. On
+/// a model without sliding layers the switch is refused, naming the model.
+#[test]
+fn no_sliding_window_gives_full_attention_and_needs_a_window() {
+    let fixture = fixtures_dir().join("qwen3-sliding");
+    let reference = load_reference(&fixture);
+    let tmp = tempfile::tempdir().unwrap();
+    export_to(&fixture, &tmp.path().join("sliding"), cpu_settings(false));
+    let manifest = pio_models::Manifest::load(&tmp.path().join("sliding")).unwrap();
+    assert_eq!(manifest.options.layer_windows, [None, Some(8), Some(8)]);
+
+    let mut settings = cpu_settings(false);
+    settings.sliding_window = false;
+    export_to(&fixture, &tmp.path().join("full"), settings);
+    let manifest = pio_models::Manifest::load(&tmp.path().join("full")).unwrap();
+    assert_eq!(manifest.options.layer_windows, [None, None, None]);
+    let mut model = DecoderModel::load(&tmp.path().join("full"), &ExecutionProvider::default()).unwrap();
+    let mut cache = model.new_cache().unwrap();
+    let logits = model.forward(&reference.prompt_ids, &mut cache).unwrap();
+    let diffs: Vec<f32> = (0..logits.rows).map(|p| max_abs_diff(logits.row(p), &reference.prefill_logits[p])).collect();
+    assert!(diffs[..8].iter().all(|&d| d <= LOGIT_TOLERANCE), "inside the window: {diffs:?}");
+    assert!(diffs[8..].iter().any(|&d| d > 0.1), "full attention past the window changed nothing: {diffs:?}");
+
+    let mut settings = cpu_settings(true);
+    settings.sliding_window = false;
+    let err = export_error(&fixtures_dir().join("qwen3-tied-hub"), &tmp.path().join("refused"), settings);
+    let why = "qwen3-tied-hub (Qwen3ForCausalLM) has no sliding-window layers (use_sliding_window is false)";
+    assert!(err.contains("--no-sliding-window") && err.contains(why), "{err}");
+}
+
+/// Manifests written before the attention options existed load with the values those graphs
+/// had: GroupQueryAttention, no per-layer windows recorded, full attention everywhere.
+#[test]
+fn manifests_without_the_attention_options_still_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let graphs = tmp.path().join("g");
+    export_to(&fixtures_dir().join("qwen3-tied-hub"), &graphs, cpu_settings(true));
+    let path = graphs.join("pio.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (section, key) in [("options", "layer_windows"), ("options", "fused_attention")] {
+        assert!(v[section].as_object_mut().unwrap().remove(key).is_some(), "{key} not written");
+    }
+    assert!(v["config"]["text"].as_object_mut().unwrap().remove("layer_types").is_some());
+    std::fs::write(&path, v.to_string()).unwrap();
+    let manifest = pio_models::Manifest::load(&graphs).unwrap();
+    assert!(manifest.options.fused_attention && manifest.options.layer_windows.is_empty());
+    assert!(manifest.config.text.layer_types.is_empty() && !manifest.config.text.has_sliding_layers());
+}

@@ -64,6 +64,16 @@ fn glm4moe_greedy_32_tokens_match_transformers_generate() {
     check_greedy_parity("glm4moe-b");
 }
 
+/// The same bar with attention from standard ONNX ops (`--no-fused-attention`), GLM's partial
+/// rotary and q/k/v bias included.
+#[test]
+fn unfused_attention_matches_transformers() {
+    for name in FIXTURES {
+        check_logit_parity_with(name, unfused_attention);
+        check_greedy_parity_with(name, unfused_attention);
+    }
+}
+
 /// The export switches (fused q/k/v with bias and q/k norm, fused gate/up in dense and shared
 /// experts, unfused norms) keep the MoE models' logits.
 #[test]

@@ -9,7 +9,7 @@ use common::*;
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::model::DecoderModel;
 
-const FIXTURES: &[&str] = &["qwen3-tied-hub", "qwen3-untied-rp", "qwen3-fp16"];
+const FIXTURES: &[&str] = &["qwen3-tied-hub", "qwen3-untied-rp", "qwen3-fp16", "qwen3-sliding"];
 
 #[test]
 fn fixtures_are_all_covered() {
@@ -34,10 +34,27 @@ fn qwen3_fp16_checkpoint_logits_match_transformers() {
     check_logit_parity("qwen3-fp16");
 }
 
+/// Window 8 on layers 1 and 2 (max_window_layers 1) over a 20-token prompt, 4 cached steps and
+/// 32 greedy tokens: every part of the reference reaches past the window.
+#[test]
+fn qwen3_sliding_window_logits_match_transformers() {
+    check_logit_parity("qwen3-sliding");
+}
+
 #[test]
 fn qwen3_greedy_32_tokens_match_transformers_generate() {
     for name in FIXTURES {
         check_greedy_parity(name);
+    }
+}
+
+/// The same bar with attention from standard ONNX ops (`--no-fused-attention`): every
+/// position's logits, the cached steps, greedy from one prefill and token by token.
+#[test]
+fn unfused_attention_matches_transformers() {
+    for name in FIXTURES {
+        check_logit_parity_with(name, unfused_attention);
+        check_greedy_parity_with(name, unfused_attention);
     }
 }
 

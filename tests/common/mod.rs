@@ -57,7 +57,15 @@ pub fn cpu_settings(last_token_logits: bool) -> ExportSettings {
         int4_accuracy_level: 0,
         kv_cache_int8: false,
         int4_embeddings: false,
+        sliding_window: true,
+        fused_attention: true,
     }
+}
+
+/// A settings knob for the parity checks: attention from standard ONNX ops instead of
+/// GroupQueryAttention (`--no-fused-attention`).
+pub fn unfused_attention(settings: &mut ExportSettings) {
+    settings.fused_attention = false;
 }
 
 /// Exports `checkpoint` into `out` with the given settings.
@@ -141,6 +149,11 @@ pub struct ParityDiffs {
 /// at every prompt position and each single-token step through the KV cache against the
 /// reference: max |diff| <= [`LOGIT_TOLERANCE`] and the same argmax everywhere.
 pub fn check_logit_parity(name: &str) -> ParityDiffs {
+    check_logit_parity_with(name, |_| {})
+}
+
+/// [`check_logit_parity`] with the export settings changed by `knob`.
+pub fn check_logit_parity_with(name: &str, knob: impl Fn(&mut ExportSettings)) -> ParityDiffs {
     use pio_runtime::ep::ExecutionProvider;
     use pio_runtime::model::DecoderModel;
 
@@ -148,7 +161,9 @@ pub fn check_logit_parity(name: &str) -> ParityDiffs {
     let reference = load_reference(&fixture);
     let tmp = tempfile::tempdir().unwrap();
     let graphs = tmp.path().join(name);
-    export_to(&fixture, &graphs, cpu_settings(false));
+    let mut settings = cpu_settings(false);
+    knob(&mut settings);
+    export_to(&fixture, &graphs, settings);
     let mut model = DecoderModel::load(&graphs, &ExecutionProvider::default()).unwrap();
 
     let mut diffs = ParityDiffs { prefill: 0.0, steps: 0.0 };
@@ -197,6 +212,11 @@ pub fn greedy(model: &mut pio_runtime::model::DecoderModel, prompt: &[u32], n: u
 /// Exports fixture `name` the default way (last-position logits) and checks greedy decoding
 /// against transformers' `generate`, from one prefill and token by token.
 pub fn check_greedy_parity(name: &str) {
+    check_greedy_parity_with(name, |_| {})
+}
+
+/// [`check_greedy_parity`] with the export settings changed by `knob`.
+pub fn check_greedy_parity_with(name: &str, knob: impl Fn(&mut ExportSettings)) {
     use pio_runtime::ep::ExecutionProvider;
     use pio_runtime::model::DecoderModel;
 
@@ -204,7 +224,9 @@ pub fn check_greedy_parity(name: &str) {
     let reference = load_reference(&fixture);
     let tmp = tempfile::tempdir().unwrap();
     let graphs = tmp.path().join(name);
-    export_to(&fixture, &graphs, cpu_settings(true));
+    let mut settings = cpu_settings(true);
+    knob(&mut settings);
+    export_to(&fixture, &graphs, settings);
     let mut model = DecoderModel::load(&graphs, &ExecutionProvider::default()).unwrap();
     let g = &reference.greedy;
     let prefilled = greedy(&mut model, &g.prompt_ids, g.max_new_tokens, false);

@@ -414,6 +414,8 @@ fn export_for_bench(checkpoint: &std::path::Path, out: PathBuf, precision: Preci
         int4_accuracy_level: 0,
         kv_cache_int8: false,
         int4_embeddings: false,
+        sliding_window: true,
+        fused_attention: true,
     };
     match variant {
         "default" => {}

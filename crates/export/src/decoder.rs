@@ -1,5 +1,6 @@
-//! The shared decoder-graph core: embeddings, GroupQueryAttention with rotary inside, RMSNorms
-//! (fused with the residual add or not), SwiGLU MLPs, the lm_head and the KV-cache IO.
+//! The shared decoder-graph core: embeddings, GroupQueryAttention with rotary inside (or the
+//! standard-op attention of [`crate::unfused_attention`]), RMSNorms (fused with the residual add
+//! or not), SwiGLU MLPs, the lm_head and the KV-cache IO.
 //! Architecture files (`arch/*.rs`) name their tensors and choose their feed-forward blocks;
 //! everything they share is here.
 
@@ -12,6 +13,7 @@ use pio_models::size::Precision;
 use crate::checkpoint::Checkpoint;
 use crate::convert::{push_f32, to_f32_vec, write_converted, write_transposed};
 use crate::onnx::graph::{Dim, Graph};
+use crate::unfused_attention::UnfusedInputs;
 
 /// The graph switches chosen at export (recorded in the manifest).
 #[derive(Clone, Debug)]
@@ -37,6 +39,12 @@ pub struct ExportSettings {
     pub int4_embeddings: bool,
     /// KV cache stored as int8 with per-channel scales (GroupQueryAttention's quantized cache).
     pub kv_cache_int8: bool,
+    /// Sliding-window layers attend within their window; false (`--no-sliding-window`) gives
+    /// every layer full attention, which differs from the model once a sequence outgrows the window.
+    pub sliding_window: bool,
+    /// Attention as com.microsoft GroupQueryAttention; false (`--no-fused-attention`) builds it
+    /// from standard ONNX ops instead, to measure what the fused kernel buys.
+    pub fused_attention: bool,
 }
 
 /// Standard deviations covered by an int8 KV scale: values beyond clip (about 6e-5 of a
@@ -64,8 +72,17 @@ impl ExportSettings {
         }
     }
 
-    /// Refuses combinations the target cannot run, with the reason.
-    pub fn validate(&self, text: &TextConfig) -> Result<()> {
+    /// The attention window of decoder layer `layer` in the graph (None: full attention).
+    pub fn layer_window(&self, text: &TextConfig, layer: usize) -> Option<usize> {
+        text.layer_window(layer).filter(|_| self.sliding_window)
+    }
+
+    pub fn layer_windows(&self, text: &TextConfig) -> Vec<Option<usize>> {
+        (0..text.num_hidden_layers).map(|i| self.layer_window(text, i)).collect()
+    }
+
+    /// Refuses combinations the target cannot run, with the reason; `model` names the checkpoint.
+    pub fn validate(&self, model: &str, text: &TextConfig) -> Result<()> {
         if self.target_ep == TargetEp::Cpu && matches!(self.precision, Precision::Fp16 | Precision::Bf16) {
             bail!(
                 "--precision {} needs --ep cuda or tensorrt: CPU graphs are fp32 (or int4 weights with fp32 activations)",
@@ -82,7 +99,7 @@ impl ExportSettings {
             if self.precision != Precision::Int4 {
                 bail!("--int4-embeddings only applies with --precision int4");
             }
-            if text.hidden_size % self.int4_block_size != 0 {
+            if !text.hidden_size.is_multiple_of(self.int4_block_size) {
                 bail!(
                     "--int4-embeddings needs hidden_size ({}) to be a multiple of --int4-block-size ({})",
                     text.hidden_size,
@@ -93,6 +110,15 @@ impl ExportSettings {
                 bail!("--int4-embeddings on a model with tied embeddings needs --int4-lm-head: the two share one table");
             }
         }
+        if !self.fused_attention && self.kv_cache_int8 {
+            bail!("--kv-cache-int8 needs fused attention (drop --no-fused-attention): the int8 cache is GroupQueryAttention's");
+        }
+        if !self.fused_attention && self.fused_qk_norm {
+            bail!(
+                "--fused-qk-norm conflicts with --no-fused-attention: the q/k norm weights are inputs of \
+                 GroupQueryAttention, which --no-fused-attention replaces"
+            );
+        }
         if self.target_ep == TargetEp::Cpu && self.fused_qk_norm {
             bail!("--fused-qk-norm needs --ep cuda: the CPU GroupQueryAttention kernel rejects q/k norm inputs");
         }
@@ -102,21 +128,31 @@ impl ExportSettings {
         if self.context_length == 0 {
             bail!("--context-length must be positive");
         }
-        if text.head_dim % 16 != 0 {
-            bail!("head_dim {} is not a multiple of 16, which GroupQueryAttention's rotary needs", text.head_dim);
-        }
-        let half = text.rotary_dim() / 2;
-        if half % 8 != 0 || half > text.head_dim / 2 {
+        let rotary_dim = text.rotary_dim();
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             bail!(
-                "rotary dim {} (head_dim {} x partial_rotary_factor {}) must be a multiple of 16 for GroupQueryAttention",
-                text.rotary_dim(),
+                "rotary dim {rotary_dim} (head_dim {} x partial_rotary_factor {}) must be positive and even",
                 text.head_dim,
                 text.rope.partial_rotary_factor
             );
         }
-        if let Some(w) = text.sliding_window {
-            // Qwen3 slides only on layers >= max_window_layers; per-layer windows are not exported yet.
-            bail!("sliding-window attention (use_sliding_window, window {w}) is not exported yet");
+        // The unfused attention rotates any even width; GroupQueryAttention's kernels need these.
+        if self.fused_attention && !text.head_dim.is_multiple_of(16) {
+            bail!("head_dim {} is not a multiple of 16, which GroupQueryAttention's rotary needs", text.head_dim);
+        }
+        if self.fused_attention && !rotary_dim.is_multiple_of(16) {
+            bail!(
+                "rotary dim {rotary_dim} (head_dim {} x partial_rotary_factor {}) must be a multiple of 16 for GroupQueryAttention",
+                text.head_dim,
+                text.rope.partial_rotary_factor
+            );
+        }
+        if !self.sliding_window && !text.has_sliding_layers() {
+            let why = match text.sliding_window {
+                None => "use_sliding_window is false".to_string(),
+                Some(w) => format!("window {w}, but every layer is full_attention"),
+            };
+            bail!("--no-sliding-window does not apply: {model} has no sliding-window layers ({why})");
         }
         if text.rope.rope_type != "default" && text.rope.rope_type != "linear" {
             bail!("rope_type `{}` is not supported yet (supported: default, linear)", text.rope.rope_type);
@@ -141,9 +177,22 @@ impl ExportSettings {
             present_value: PRESENT_VALUE.into(),
             dtype: self.kv_dtype(),
             layout: "BNSH".into(),
-            shared_buffer: false,
+            // GroupQueryAttention can update one fixed buffer in place; the unfused graph's
+            // present is Concat(past, new), a cache that grows every step.
+            shared_buffer: self.fused_attention,
         }
     }
+}
+
+/// What every layer's attention reads, built once per graph.
+#[derive(Clone)]
+enum AttentionInputs {
+    /// GroupQueryAttention's mask lengths (it rotates q and k itself, from the cos/sin caches).
+    Fused {
+        seqlens_k: String,
+        total_seq_len: String,
+    },
+    Unfused(UnfusedInputs),
 }
 
 /// Builds one decoder graph. Holds the graph-wide values every layer reads.
@@ -154,8 +203,7 @@ pub struct DecoderBuilder<'a> {
     pub settings: &'a ExportSettings,
     pub dtype: TensorDtype,
     progress: &'a ProgressBar,
-    seqlens_k: String,
-    total_seq_len: String,
+    attention_inputs: AttentionInputs,
     cos_cache: String,
     sin_cache: String,
     /// The int4 embedding table's (packed, scales) initializers, for a tied int4 lm_head.
@@ -190,18 +238,22 @@ impl<'a> DecoderBuilder<'a> {
             g.input(&KvCacheSpec::name(PAST_VALUE, layer), settings.kv_dtype(), &kv_shape_past);
         }
 
-        // GroupQueryAttention's view of the mask: per-row valid length - 1, and the total length.
-        let one = g.const_i64("const_1", &[1])?;
-        let axis1 = g.const_i64("const_axis_1", &[1])?;
-        let sum = g.node("ReduceSum", "mask_lengths").inputs(&[&mask, &axis1]).attr("keepdims", 0i64).out();
-        let minus_one = g.node("Sub", "mask_lengths_minus_1").inputs(&[&sum, &one]).out();
-        let seqlens_k = g.node("Cast", "seqlens_k").inputs(&[&minus_one]).attr("to", 6i64).out();
         let shape = g.node("Shape", "mask_shape").inputs(&[&mask]).out();
         let idx1 = g.scalar_i64("const_scalar_1", 1)?;
         let total = g.node("Gather", "mask_total_length").inputs(&[&shape, &idx1]).attr("axis", 0i64).out();
-        let total_seq_len = g.node("Cast", "total_sequence_length").inputs(&[&total]).attr("to", 6i64).out();
-
         let (cos_cache, sin_cache) = Self::rotary_caches(&mut g, text, settings, dtype)?;
+        let attention_inputs = if settings.fused_attention {
+            // GroupQueryAttention's view of the mask: per-row valid length - 1, and the total length.
+            let one = g.const_i64("const_1", &[1])?;
+            let axis1 = g.const_i64("const_axis_1", &[1])?;
+            let sum = g.node("ReduceSum", "mask_lengths").inputs(&[&mask, &axis1]).attr("keepdims", 0i64).out();
+            let minus_one = g.node("Sub", "mask_lengths_minus_1").inputs(&[&sum, &one]).out();
+            let seqlens_k = g.node("Cast", "seqlens_k").inputs(&[&minus_one]).attr("to", 6i64).out();
+            let total_seq_len = g.node("Cast", "total_sequence_length").inputs(&[&total]).attr("to", 6i64).out();
+            AttentionInputs::Fused { seqlens_k, total_seq_len }
+        } else {
+            AttentionInputs::Unfused(UnfusedInputs::new(&mut g, text, settings, &mask, &total, &cos_cache, &sin_cache)?)
+        };
         Ok(DecoderBuilder {
             g,
             ck,
@@ -209,8 +261,7 @@ impl<'a> DecoderBuilder<'a> {
             settings,
             dtype,
             progress,
-            seqlens_k,
-            total_seq_len,
+            attention_inputs,
             cos_cache,
             sin_cache,
             int4_embedding: None,
@@ -420,43 +471,91 @@ impl<'a> DecoderBuilder<'a> {
         Ok((x, String::new()))
     }
 
+    /// (B, S, heads * D) -> (B, S, heads, D).
+    pub fn split_heads(&mut self, x: &str, heads: usize, name: &str) -> Result<String> {
+        let shape =
+            self.g.const_i64(&format!("{name}.split_shape"), &[0, 0, heads as i64, self.text.head_dim as i64])?;
+        Ok(self.g.node("Reshape", &format!("{name}.split_heads")).inputs(&[x, &shape]).out())
+    }
+
     /// Per-head RMSNorm over head_dim: (B, S, heads*D) -> (B, S, heads, D) -> norm -> back.
     fn head_norm(&mut self, x: &str, hf_weight: &str, heads: usize) -> Result<String> {
         let d = self.text.head_dim;
-        let split = self.g.const_i64(&format!("{hf_weight}.split_shape"), &[0, 0, heads as i64, d as i64])?;
-        let merge = self.g.const_i64(&format!("{hf_weight}.merge_shape"), &[0, 0, (heads * d) as i64])?;
         let name = hf_weight.trim_end_matches(".weight");
-        let x4 = self.g.node("Reshape", &format!("{name}.split_heads")).inputs(&[x, &split]).out();
+        let x4 = self.split_heads(x, heads, name)?;
         let y4 = self.rms_norm(&x4, hf_weight, d)?;
+        let merge = self.g.const_i64(&format!("{name}.merge_shape"), &[0, 0, (heads * d) as i64])?;
         Ok(self.g.node("Reshape", &format!("{name}.merge_heads")).inputs(&[&y4, &merge]).out())
     }
 
-    /// Self-attention of decoder layer `layer`, with the KV cache IO: q/k/v projections (with
-    /// bias when the config says so), per-head q/k RMSNorm, GroupQueryAttention with rotary
-    /// inside (partial rotary through the cache width), o_proj.
-    pub fn attention(&mut self, layer: usize, prefix: &str, h: &str) -> Result<String> {
+    /// q, k and v of `h` (with bias when the config says so). With `fused_qkv` they come from
+    /// one MatMul: left packed in q (k and v empty) when `packed` is allowed, else split.
+    pub fn qkv_projections(&mut self, prefix: &str, h: &str, packed: bool) -> Result<(String, String, String)> {
         let t = self.text;
         let (hidden, qw, kvw) = (t.hidden_size, t.q_width(), t.kv_width());
-        let separate_norms = t.qk_norm && !self.settings.fused_qk_norm;
-        // GroupQueryAttention inputs 0..2; key and value stay empty when the query input
-        // carries all three packed.
-        let (mut q, mut k, v) = if self.settings.fused_qkv {
-            let names = ["q_proj", "k_proj", "v_proj"].map(|n| format!("{prefix}.{n}"));
-            let qkv = self.linear_parts(h, &format!("{prefix}.qkv_proj"), &names, hidden, &[qw, kvw, kvw], t.attention_bias)?;
-            if separate_norms {
-                let sizes = self.g.const_i64(&format!("{prefix}.qkv_split_sizes"), &[qw as i64, kvw as i64, kvw as i64])?;
-                let parts = self.g.node("Split", &format!("{prefix}.qkv_split")).inputs(&[&qkv, &sizes]).attr("axis", -1i64).outs(3);
-                (parts[0].clone(), parts[1].clone(), parts[2].clone())
-            } else {
-                (qkv, String::new(), String::new())
-            }
-        } else {
-            (
+        if !self.settings.fused_qkv {
+            return Ok((
                 self.linear(h, &format!("{prefix}.q_proj"), hidden, qw, t.attention_bias)?,
                 self.linear(h, &format!("{prefix}.k_proj"), hidden, kvw, t.attention_bias)?,
                 self.linear(h, &format!("{prefix}.v_proj"), hidden, kvw, t.attention_bias)?,
-            )
+            ));
+        }
+        let names = ["q_proj", "k_proj", "v_proj"].map(|n| format!("{prefix}.{n}"));
+        let qkv =
+            self.linear_parts(h, &format!("{prefix}.qkv_proj"), &names, hidden, &[qw, kvw, kvw], t.attention_bias)?;
+        if packed {
+            return Ok((qkv, String::new(), String::new()));
+        }
+        let sizes = self.g.const_i64(&format!("{prefix}.qkv_split_sizes"), &[qw as i64, kvw as i64, kvw as i64])?;
+        let parts =
+            self.g.node("Split", &format!("{prefix}.qkv_split")).inputs(&[&qkv, &sizes]).attr("axis", -1i64).outs(3);
+        Ok((parts[0].clone(), parts[1].clone(), parts[2].clone()))
+    }
+
+    /// Layer `layer`'s cache tensors: past key, past value, present key, present value. The
+    /// present ones are declared as graph outputs, (batch, kv_heads, total, head_dim).
+    pub fn cache_io(&mut self, layer: usize) -> [String; 4] {
+        let t = self.text;
+        let kv_shape = [
+            Dim::Sym("batch_size"),
+            Dim::Fixed(t.num_key_value_heads as i64),
+            Dim::Sym("total_sequence_length"),
+            Dim::Fixed(t.head_dim as i64),
+        ];
+        let names = [PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE].map(|n| KvCacheSpec::name(n, layer));
+        self.g.output(&names[2], self.settings.kv_dtype(), &kv_shape);
+        self.g.output(&names[3], self.settings.kv_dtype(), &kv_shape);
+        names
+    }
+
+    /// Self-attention of decoder layer `layer`, with the KV cache IO, then o_proj.
+    pub fn attention(&mut self, layer: usize, prefix: &str, h: &str) -> Result<String> {
+        let context = match self.attention_inputs.clone() {
+            AttentionInputs::Fused { seqlens_k, total_seq_len } => {
+                self.fused_attention(layer, prefix, h, &seqlens_k, &total_seq_len)?
+            }
+            AttentionInputs::Unfused(inputs) => self.unfused_attention(&inputs, layer, prefix, h)?,
         };
+        let (hidden, qw) = (self.text.hidden_size, self.text.q_width());
+        self.linear(&context, &format!("{prefix}.o_proj"), qw, hidden, false)
+    }
+
+    /// q/k/v projections, per-head q/k RMSNorm (as nodes, or as GroupQueryAttention inputs with
+    /// `fused_qk_norm`), GroupQueryAttention with rotary inside (partial rotary through the
+    /// cache width). Returns the attention output, (B, S, heads * D).
+    fn fused_attention(
+        &mut self,
+        layer: usize,
+        prefix: &str,
+        h: &str,
+        seqlens_k: &str,
+        total_seq_len: &str,
+    ) -> Result<String> {
+        let t = self.text;
+        let separate_norms = t.qk_norm && !self.settings.fused_qk_norm;
+        // GroupQueryAttention inputs 0..2; key and value stay empty when the query input
+        // carries all three packed.
+        let (mut q, mut k, v) = self.qkv_projections(prefix, h, !separate_norms)?;
         let mut norm_inputs: Option<(String, String)> = None;
         if t.qk_norm {
             let (qn, kn) = (format!("{prefix}.q_norm.weight"), format!("{prefix}.k_norm.weight"));
@@ -467,18 +566,15 @@ impl<'a> DecoderBuilder<'a> {
                 k = self.head_norm(&k, &kn, t.num_key_value_heads)?;
             }
         }
-        let past_k = KvCacheSpec::name(PAST_KEY, layer);
-        let past_v = KvCacheSpec::name(PAST_VALUE, layer);
-        let present_k = KvCacheSpec::name(PRESENT_KEY, layer);
-        let present_v = KvCacheSpec::name(PRESENT_VALUE, layer);
+        let [past_k, past_v, present_k, present_v] = self.cache_io(layer);
         let mut inputs: Vec<String> = vec![
             q,
             k,
             v,
             past_k,
             past_v,
-            self.seqlens_k.clone(),
-            self.total_seq_len.clone(),
+            seqlens_k.to_string(),
+            total_seq_len.to_string(),
             self.cos_cache.clone(),
             self.sin_cache.clone(),
         ];
@@ -512,19 +608,16 @@ impl<'a> DecoderBuilder<'a> {
         if kv_scales.is_some() {
             node = node.attr("k_quant_type", "PER_CHANNEL").attr("v_quant_type", "PER_CHANNEL").attr("kv_cache_bit_width", 8i64);
         }
-        if let Some(w) = t.sliding_window {
+        // transformers' window W keeps the keys t with pos - W < t <= pos: W keys, the query's
+        // own included. ONNX Runtime 1.31's local_window_size counts the same W keys (its CPU
+        // kernel softmaxes the last local_window_size scores); older kernels kept
+        // local_window_size + 1, for which W - 1 would be right. The qwen3-sliding fixture
+        // tells the two apart (W - 1 fails at prompt position W - 1).
+        if let Some(w) = self.settings.layer_window(t, layer) {
             node = node.attr("local_window_size", w as i64);
         }
-        let outs = node.named_outs(&[format!("{prefix}.gqa/out0"), present_k.clone(), present_v.clone()]);
-        let kv_shape = [
-            Dim::Sym("batch_size"),
-            Dim::Fixed(t.num_key_value_heads as i64),
-            Dim::Sym("total_sequence_length"),
-            Dim::Fixed(t.head_dim as i64),
-        ];
-        self.g.output(&present_k, self.settings.kv_dtype(), &kv_shape);
-        self.g.output(&present_v, self.settings.kv_dtype(), &kv_shape);
-        self.linear(&outs[0], &format!("{prefix}.o_proj"), qw, hidden, false)
+        let outs = node.named_outs(&[format!("{prefix}.gqa/out0"), present_k, present_v]);
+        Ok(outs[0].clone())
     }
 
     /// Per-channel int8 scales of a layer's K and V cache, (kv_heads, 1, head_dim) each, from the

@@ -10,6 +10,7 @@ use pio_models::manifest::{
     Dimensions, ExportOptions, GenerationSettings, Manifest, TokenizerSpec, MANIFEST_FORMAT_VERSION,
 };
 use pio_models::size::Precision;
+use pio_models::ModelConfig;
 
 use crate::arch;
 use crate::checkpoint::Checkpoint;
@@ -59,11 +60,24 @@ fn chat_template_source(dir: &Path) -> Option<String> {
     v.get("chat_template").filter(|t| !t.is_null()).map(|_| "tokenizer_config.json".into())
 }
 
+/// How errors name the model: the checkpoint folder and its architecture.
+fn model_name(checkpoint: &Path, config: &ModelConfig) -> String {
+    let dir = checkpoint.canonicalize().unwrap_or_else(|_| checkpoint.to_path_buf());
+    let folder = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "the model".into());
+    format!("{folder} ({})", config.architecture.hf_name())
+}
+
 pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     let start = Instant::now();
     let ck = Checkpoint::open(&req.checkpoint)?;
     let config = ck.config.clone();
-    req.settings.validate(&config.text)?;
+    req.settings.validate(&model_name(&req.checkpoint, &config), &config.text)?;
+    if let (false, Some(w)) = (req.settings.sliding_window, config.text.sliding_window) {
+        tracing::warn!(
+            "--no-sliding-window: every layer attends to the whole sequence, so outputs differ from the model's \
+             once a sequence is longer than its {w}-token window"
+        );
+    }
     if req.out_dir.exists() && !req.overwrite {
         bail!("output folder {} already exists (pass --force to replace it)", req.out_dir.display());
     }
@@ -149,6 +163,8 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
             kv_cache_int8: req.settings.kv_cache_int8,
             int4_lm_head: req.settings.int4_lm_head,
             int4_embeddings: req.settings.int4_embeddings,
+            layer_windows: req.settings.layer_windows(t),
+            fused_attention: req.settings.fused_attention,
         },
         bos_token_id: gen.bos_token_id.or(config.bos_token_id),
         eos_token_ids: eos,

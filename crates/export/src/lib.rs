@@ -10,6 +10,7 @@ pub mod moe;
 pub mod onnx;
 pub mod quant;
 pub mod synthetic;
+pub mod unfused_attention;
 
 pub use decoder::ExportSettings;
 pub use export::{export, ExportRequest, ExportSummary};

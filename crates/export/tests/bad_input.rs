@@ -200,3 +200,45 @@ fn checkpoint_without_tokenizer_exports_with_a_warning() {
     assert_eq!(manifest.dims.context_length, 64);
     assert_eq!(manifest.eos_token_ids, vec![1, 2]);
 }
+
+/// Runs `pio-export` on fixture `name` with extra `flags`; returns the outcome and the output folder.
+fn export_with_flags(name: &str, flags: &[&str], tmp: &Path) -> (Outcome, PathBuf) {
+    let out = tmp.join("out");
+    let ck = fixture(name);
+    let mut args = vec!["--checkpoint", ck.to_str().unwrap(), "--out", out.to_str().unwrap(), "--context-length", "64"];
+    args.extend_from_slice(flags);
+    (run_export(&args, tmp), out)
+}
+
+#[test]
+fn no_sliding_window_is_refused_on_a_model_without_one_and_warns_on_one_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (o, out) = export_with_flags("qwen3-tied-hub", &["--no-sliding-window"], tmp.path());
+    let why = "qwen3-tied-hub (Qwen3ForCausalLM) has no sliding-window layers (use_sliding_window is false)";
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains(why), "{}", o.stderr);
+    assert!(!out.exists());
+    let (o, out) = export_with_flags("qwen3-sliding", &["--no-sliding-window"], tmp.path());
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert!(o.stderr.contains("WARN") && o.stderr.contains("8-token window"), "{}", o.stderr);
+    assert_eq!(pio_models::Manifest::load(&out).unwrap().options.layer_windows, [None, None, None]);
+}
+
+#[test]
+fn no_fused_attention_refuses_the_switches_of_group_query_attention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let refused: [&[&str]; 2] = [&["--kv-cache-int8"], &["--fused-qk-norm", "--ep", "cuda"]];
+    for flags in refused {
+        let flags = [&["--no-fused-attention"], flags].concat();
+        let needles = ["--no-fused-attention", flags[1]];
+        let (o, out) = export_with_flags("qwen3-tied-hub", &flags, tmp.path());
+        assert_ne!(o.code, Some(0), "{flags:?} should be refused");
+        assert!(needles.iter().all(|n| o.stderr.contains(n)), "{flags:?}: {}", o.stderr);
+        assert!(!out.exists());
+    }
+    // Without an explicit --fused-qk-norm, a GPU graph's q/k norm default follows the attention.
+    let (o, out) = export_with_flags("qwen3-tied-hub", &["--no-fused-attention", "--ep", "cuda"], tmp.path());
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let options = pio_models::Manifest::load(&out).unwrap().options;
+    assert!(!options.fused_attention && !options.fused_qk_norm);
+}

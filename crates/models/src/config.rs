@@ -87,6 +87,15 @@ pub enum RouterScoring {
     SigmoidGrouped,
 }
 
+/// The attention of one decoder layer, named as transformers' `layer_types` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerAttention {
+    FullAttention,
+    /// Attends to the last `sliding_window` positions, its own included.
+    SlidingAttention,
+}
+
 /// The decoder (text) part of any supported architecture.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TextConfig {
@@ -106,7 +115,13 @@ pub struct TextConfig {
     pub qk_norm: bool,
     pub hidden_act: String,
     pub rope: RopeConfig,
+    /// The window of sliding layers; set only when `use_sliding_window` is on.
     pub sliding_window: Option<usize>,
+    /// Each decoder layer's attention: config.json's `layer_types`, or what transformers derives
+    /// without it (see `parse_layer_types`). Empty in manifests written before it existed, whose
+    /// layers all had full attention.
+    #[serde(default)]
+    pub layer_types: Vec<LayerAttention>,
     pub moe: Option<MoeConfig>,
     /// GLM multi-token-prediction layers stored after the decoder layers; skipped on load.
     pub num_nextn_predict_layers: usize,
@@ -123,6 +138,16 @@ impl TextConfig {
     pub fn rotary_dim(&self) -> usize {
         (self.head_dim as f64 * self.rope.partial_rotary_factor).round() as usize
     }
+    /// The attention window of decoder layer `idx` (None: full attention).
+    pub fn layer_window(&self, idx: usize) -> Option<usize> {
+        match self.layer_types.get(idx) {
+            Some(LayerAttention::SlidingAttention) => self.sliding_window,
+            _ => None,
+        }
+    }
+    pub fn has_sliding_layers(&self) -> bool {
+        (0..self.num_hidden_layers).any(|i| self.layer_window(i).is_some())
+    }
     /// Whether decoder layer `idx` has a sparse MoE block rather than a dense MLP.
     pub fn is_moe_layer(&self, idx: usize) -> bool {
         match &self.moe {
@@ -131,7 +156,7 @@ impl TextConfig {
                 RouterScoring::Softmax => {
                     m.num_experts > 0
                         && !m.mlp_only_layers.contains(&idx)
-                        && (idx + 1) % m.decoder_sparse_step.max(1) == 0
+                        && (idx + 1).is_multiple_of(m.decoder_sparse_step.max(1))
                 }
                 RouterScoring::SigmoidGrouped => idx >= m.first_k_dense_replace,
             },
@@ -250,6 +275,21 @@ impl<'a> Fields<'a> {
             Some(v) => bail!("field `{key}` in {} must be a list of integers, got {v}", self.section),
         }
     }
+    fn opt_str_list(&self, key: &str) -> Result<Option<Vec<String>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| anyhow!("field `{key}` in {} must hold strings, got {v}", self.section))
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => bail!("field `{key}` in {} must be a list of strings, got {v}", self.section),
+        }
+    }
     /// An id or a list of ids (HF writes `eos_token_id` either way).
     fn ids(&self, key: &str) -> Result<Vec<u32>> {
         match self.get(key) {
@@ -296,6 +336,64 @@ fn parse_rope(f: &Fields, default_theta: f64, default_partial_rotary_factor: f64
         None => ("default".to_string(), None, None, false),
     };
     Ok(RopeConfig { theta, rope_type, factor, partial_rotary_factor, mrope_section, mrope_interleaved })
+}
+
+/// The sliding window and each layer's attention, as transformers resolves them:
+/// * Qwen3: the window applies when `use_sliding_window` is on; an explicit `layer_types` list
+///   says which layers slide, otherwise layers from `max_window_layers` (default 28) on do;
+/// * Qwen3-MoE: with `use_sliding_window` every layer slides (its modeling code reads neither
+///   `max_window_layers` nor `layer_types`);
+/// * GLM-4-MoE and Qwen3-VL have no sliding window.
+fn parse_layer_types(f: &Fields, arch: Architecture, layers: usize) -> Result<(Option<usize>, Vec<LayerAttention>)> {
+    use LayerAttention::{FullAttention, SlidingAttention};
+    let window = match arch {
+        Architecture::Qwen3 | Architecture::Qwen3Moe if f.opt_bool("use_sliding_window")?.unwrap_or(false) => {
+            f.opt_usize("sliding_window")?
+        }
+        _ => None,
+    };
+    if window == Some(0) {
+        bail!("field `sliding_window` in {} must be positive", f.section);
+    }
+    let types = match (arch, f.opt_str_list("layer_types")?) {
+        (Architecture::Qwen3, Some(names)) => {
+            if names.len() != layers {
+                bail!(
+                    "field `layer_types` in {} lists {} layers, but `num_hidden_layers` is {layers}",
+                    f.section,
+                    names.len()
+                );
+            }
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    serde_json::from_value::<LayerAttention>(Value::from(n.as_str())).map_err(|_| {
+                        anyhow!(
+                            "field `layer_types` in {}: layer {i} is `{n}`; supported: full_attention, sliding_attention",
+                            f.section
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+        (Architecture::Qwen3, None) => {
+            let first = f.opt_usize("max_window_layers")?.unwrap_or(28);
+            (0..layers).map(|i| if window.is_some() && i >= first { SlidingAttention } else { FullAttention }).collect()
+        }
+        (Architecture::Qwen3Moe, _) if window.is_some() => vec![SlidingAttention; layers],
+        _ => vec![FullAttention; layers],
+    };
+    if window.is_none() {
+        if let Some(i) = types.iter().position(|t| *t == SlidingAttention) {
+            bail!(
+                "field `layer_types` in {} makes layer {i} sliding_attention, but there is no window \
+                 (use_sliding_window is false or sliding_window is unset)",
+                f.section
+            );
+        }
+    }
+    Ok((window, types))
 }
 
 fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
@@ -359,11 +457,13 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
             bail!("`n_group` ({}) / `topk_group` ({}) in {} do not divide {} experts", m.n_group, m.topk_group, f.section, m.num_experts);
         }
     }
+    let num_hidden_layers = f.usize("num_hidden_layers")?;
+    let (sliding_window, layer_types) = parse_layer_types(f, arch, num_hidden_layers)?;
     let text = TextConfig {
         vocab_size: f.usize("vocab_size")?,
         hidden_size,
         intermediate_size: f.usize("intermediate_size")?,
-        num_hidden_layers: f.usize("num_hidden_layers")?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
@@ -378,7 +478,8 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
         hidden_act: f.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into()),
         // Glm4MoeConfig defaults partial_rotary_factor to 0.5; everything else rotates all dims.
         rope: parse_rope(f, 10000.0, if arch == Architecture::Glm4Moe { 0.5 } else { 1.0 })?,
-        sliding_window: if f.opt_bool("use_sliding_window")?.unwrap_or(false) { f.opt_usize("sliding_window")? } else { None },
+        sliding_window,
+        layer_types,
         moe,
         num_nextn_predict_layers: f.opt_usize("num_nextn_predict_layers")?.unwrap_or(0),
     };

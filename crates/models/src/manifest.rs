@@ -109,7 +109,9 @@ pub struct KvCacheSpec {
     pub dtype: TensorDtype,
     /// Always `BNSH`: (batch, kv heads, sequence, head_dim).
     pub layout: String,
-    /// Past and present share one fixed-length buffer updated in place (GPU decode kernels).
+    /// Past and present may share one fixed-length buffer updated in place (GroupQueryAttention;
+    /// the runtime binds one on the GPU, for the fast decode kernels). False when the graph's
+    /// present is Concat(past, new): each step's present, one longer, is the next step's past.
     pub shared_buffer: bool,
 }
 
@@ -140,6 +142,18 @@ pub struct ExportOptions {
     pub int4_lm_head: bool,
     #[serde(default)]
     pub int4_embeddings: bool,
+    /// Each layer's attention window as exported (null: full attention). Empty in manifests
+    /// written before sliding windows were exported, when every layer had full attention.
+    #[serde(default)]
+    pub layer_windows: Vec<Option<usize>>,
+    /// Attention as com.microsoft GroupQueryAttention; false: built from standard ONNX ops
+    /// (`--no-fused-attention`), whose present cache is Concat(past, new).
+    #[serde(default = "default_true")]
+    pub fused_attention: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -116,3 +116,55 @@ fn moe_layer_placement_follows_each_family() {
     let c = ModelConfig::from_value(&v).unwrap();
     assert!(!c.text.is_moe_layer(0) && c.text.is_moe_layer(1) && !c.text.is_moe_layer(3) && c.text.is_moe_layer(5));
 }
+
+#[test]
+fn sliding_layers_follow_transformers_per_architecture() {
+    use crate::config::LayerAttention::{FullAttention as F, SlidingAttention as S};
+    // Qwen3 without use_sliding_window: no window, whatever sliding_window says.
+    let mut v = qwen3_hub_style();
+    v["num_hidden_layers"] = json!(3);
+    v["sliding_window"] = json!(8);
+    v["max_window_layers"] = json!(1);
+    let off = ModelConfig::from_value(&v).unwrap().text;
+    assert_eq!((off.sliding_window, off.layer_types.as_slice()), (None, [F, F, F].as_slice()));
+    assert!(!off.has_sliding_layers());
+    // With it, layers from max_window_layers on slide.
+    v["use_sliding_window"] = json!(true);
+    let on = ModelConfig::from_value(&v).unwrap().text;
+    assert_eq!(on.layer_types, [F, S, S]);
+    assert_eq!((0..3).map(|i| on.layer_window(i)).collect::<Vec<_>>(), [None, Some(8), Some(8)]);
+    // An explicit layer_types list wins over max_window_layers.
+    v["layer_types"] = json!(["sliding_attention", "full_attention", "sliding_attention"]);
+    assert_eq!(ModelConfig::from_value(&v).unwrap().text.layer_types, [S, F, S]);
+    // Qwen3-MoE slides on every layer; GLM-4-MoE never does.
+    let mut moe = find_preset("qwen3-coder-30b").unwrap().config_json().unwrap();
+    moe["use_sliding_window"] = json!(true);
+    moe["sliding_window"] = json!(4096);
+    let moe = ModelConfig::from_value(&moe).unwrap().text;
+    assert!((0..moe.num_hidden_layers).all(|i| moe.layer_window(i) == Some(4096)));
+    let mut glm = find_preset("glm-4-7").unwrap().config_json().unwrap();
+    glm["use_sliding_window"] = json!(true);
+    glm["sliding_window"] = json!(4096);
+    assert!(!ModelConfig::from_value(&glm).unwrap().text.has_sliding_layers());
+}
+
+#[test]
+fn bad_layer_types_are_named() {
+    let mut v = qwen3_hub_style();
+    v["use_sliding_window"] = json!(true);
+    v["sliding_window"] = json!(8);
+    v["layer_types"] = json!(["full_attention", "linear_attention"]);
+    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    assert!(err.contains("layer_types") && err.contains("linear_attention") && err.contains("layer 1"), "{err}");
+    v["layer_types"] = json!(["full_attention"]);
+    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    assert!(err.contains("layer_types") && err.contains("num_hidden_layers"), "{err}");
+    v["layer_types"] = json!(["full_attention", "sliding_attention"]);
+    v["use_sliding_window"] = json!(false);
+    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    assert!(err.contains("layer 1") && err.contains("use_sliding_window"), "{err}");
+    v["use_sliding_window"] = json!(true);
+    v["sliding_window"] = json!(0);
+    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    assert!(err.contains("`sliding_window`"), "{err}");
+}

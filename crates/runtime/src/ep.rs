@@ -1408,6 +1408,8 @@ mod tests {
                 kv_cache_int8: false,
                 int4_lm_head: false,
                 int4_embeddings: false,
+                layer_windows: vec![],
+                fused_attention: true,
             },
             bos_token_id: None,
             eos_token_ids: vec![1],

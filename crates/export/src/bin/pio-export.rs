@@ -77,7 +77,7 @@ struct Args {
     #[arg(long)]
     no_fused_norms: bool,
     /// Pass the q/k norm weights into GroupQueryAttention (CUDA only). Default: on for
-    /// cuda/tensorrt graphs of models with q/k norm.
+    /// cuda/tensorrt graphs of models with q/k norm, unless --no-fused-attention.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     fused_qk_norm: Option<bool>,
     /// q, k and v projections as one MatMul. Default: on for cuda/tensorrt.
@@ -103,6 +103,14 @@ struct Args {
     /// model also needs --int4-lm-head, and the two then share one table.
     #[arg(long)]
     int4_embeddings: bool,
+    /// Attention from standard ONNX ops instead of GroupQueryAttention (slower; measures what
+    /// the fused kernel buys). Not with --kv-cache-int8 or --fused-qk-norm.
+    #[arg(long)]
+    no_fused_attention: bool,
+    /// Full attention on every layer of a model with sliding-window layers (outputs then differ
+    /// from the model's once a sequence outgrows the window).
+    #[arg(long)]
+    no_sliding_window: bool,
     /// Replace the output folder if it exists.
     #[arg(long)]
     force: bool,
@@ -217,7 +225,7 @@ fn run(args: Args) -> Result<()> {
             context_length,
             last_token_logits: !args.all_logits,
             fused_norms: !args.no_fused_norms,
-            fused_qk_norm: args.fused_qk_norm.unwrap_or(gpu && config.text.qk_norm),
+            fused_qk_norm: args.fused_qk_norm.unwrap_or(gpu && config.text.qk_norm && !args.no_fused_attention),
             fused_qkv: args.fused_qkv.unwrap_or(gpu),
             fused_gate_up: args.fused_gate_up.unwrap_or(gpu),
             int4_block_size: args.int4_block_size,
@@ -225,6 +233,8 @@ fn run(args: Args) -> Result<()> {
             int4_accuracy_level: args.int4_accuracy_level,
             kv_cache_int8: args.kv_cache_int8,
             int4_embeddings: args.int4_embeddings,
+            sliding_window: !args.no_sliding_window,
+            fused_attention: !args.no_fused_attention,
         },
         overwrite: args.force,
         source,
