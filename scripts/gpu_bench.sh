@@ -2,17 +2,20 @@
 # The GPU benchmark run behind the README's numbers, for a machine with an NVIDIA GPU, CUDA 13
 # and ONNX Runtime 1.31.1's CUDA build (ORT_DYLIB_PATH set; see README "GPU").
 #
-#   scripts/gpu_bench.sh [smoke|full|moe]      (results and logs in $OUT, default bench-out/)
+#   scripts/gpu_bench.sh [smoke|full|switches|moe]   (results and logs in $OUT, default bench-out/)
 #
 # smoke: a 2-layer model at Qwen3-4B width, to check every path starts.
 # full:  Qwen3-4B-Instruct-2507 at its real shape with synthetic weights: bf16 and int4 on CUDA
 #        (CUDA graphs off and on), TensorRT (a row saying why when its libraries are missing),
-#        the transformers baseline; then, at real width with 12 of the 36 layers, each graph
-#        switch on and off, the CPU row, and accuracy against the fp32 CPU graph.
+#        the transformers baseline; then the runtime switches on the same graphs: greedy tokens
+#        from host logits, whole-prompt prefill, int4 through the generic MatMulNBits kernels.
+# switches: at real width with 12 of the 36 layers, each graph switch on and off, the CPU row,
+#        and accuracy against the fp32 CPU graph.
 # moe:   Qwen3-Coder-30B-A3B at real shape in int4, and GLM-4.7 at real width cut to 3 and 4
 #        layers (its 3 dense layers, then one MoE layer) to measure the cost of an MoE layer.
 set -uo pipefail
 mode=${1:-full}
+case $mode in smoke | full | switches | moe) ;; *) echo "usage: scripts/gpu_bench.sh [smoke|full|switches|moe]" >&2; exit 2 ;; esac
 bin=${PIO_BIN_DIR:-target/release}
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -51,23 +54,43 @@ if [[ $mode == smoke ]]; then
   exit 0
 fi
 
-log "full model: bf16 + int4 on cuda (graphs off/on), tensorrt, transformers baseline"
-"$bin/pio" bench --model qwen3-4b-instruct-2507 --synthetic --ep cuda,tensorrt --precision bf16,int4 \
-  --prompt-lens 128,512,2048,8192 --batches 1,8,32 --decode-tokens 128 --repeats 3 \
-  --hf-baseline checkpoints/qwen3-4b-instruct-2507-synthetic \
-  --out "$out/qwen3-4b.json" 2>&1 | tee "$out/qwen3-4b.log"
-# The full-depth graphs are not needed again; the disk holds the next ones.
-rm -rf graphs/qwen3-4b-instruct-2507-synthetic-* checkpoints/qwen3-4b-instruct-2507-synthetic
+shm=${PIO_SHM:-/dev/shm/pio}
+mkdir -p "$shm"
+if [[ $mode == full ]]; then
+  ck=$shm/qwen3-4b-synthetic
+  g=$shm/graphs
+  log "full model: bf16 + int4 on cuda (graphs off/on), tensorrt, transformers baseline"
+  "$bin/pio" bench --model qwen3-4b-instruct-2507 --synthetic --checkpoint-out "$ck" --graphs-dir "$g" \
+    --ep cuda,tensorrt --precision bf16,int4 \
+    --prompt-lens 128,512,2048,8192 --batches 1,8,32 --decode-tokens 128 --repeats 3 \
+    --hf-baseline "$ck" --out "$out/qwen3-4b.json" 2>&1 | tee "$out/qwen3-4b.log"
+  bf16=$g/qwen3-4b-instruct-2507-synthetic-cuda-bf16-default
+  int4=$g/qwen3-4b-instruct-2507-synthetic-cuda-int4-default
+  log "greedy tokens from host logits instead of the graph's argmax"
+  "$bin/pio" bench --graphs "$bf16" --ep cuda --cuda-graph both --argmax host --prompt-lens 128 --batches 1,32 \
+    --decode-tokens 128 --out "$out/host-argmax.json" 2>&1 | tee "$out/host-argmax.log"
+  log "whole-prompt against chunked prefill: memory, and the logits both ways"
+  "$bin/pio" bench --graphs "$bf16" --ep cuda --cuda-graph off --prefill-chunk 0,2048 --check-chunked-prefill \
+    --prompt-lens 128,8192 --batches 1 --decode-tokens 32 --out "$out/prefill-chunk.json" 2>&1 | tee "$out/prefill-chunk.log"
+  log "int4 with ONNX Runtime's generic MatMulNBits kernels (fpa_intb_gemm=0)"
+  "$bin/pio" bench --graphs "$int4" --ep cuda --cuda-graph both --ep-option fpa_intb_gemm=0 \
+    --prompt-lens 128,2048,8192 --batches 1,8,32 --decode-tokens 128 --out "$out/int4-generic.json" 2>&1 | tee "$out/int4-generic.log"
+  rm -rf "$ck" "$g"
+  log "done"
+  exit 0
+fi
 
+# switches: 12 of the 36 layers at real width.
+ck=$shm/qwen3-4b-synthetic-l12
 log "12 layers at real width: switches on/off, accuracy vs fp32 CPU"
-ck=checkpoints/qwen3-4b-instruct-2507-synthetic-l12
 "$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic --layers 12 --checkpoint-out "$ck" \
-  --out graphs/l12-cpu-fp32-all-logits --ep cpu --precision fp32 --all-logits --context-length 1024 --force \
+  --out "$shm/l12-cpu-fp32-all-logits" --ep cpu --precision fp32 --all-logits --context-length 1024 --force \
   2>&1 | tee "$out/export-reference.log"
-"$bin/pio" bench --model qwen3-4b-instruct-2507 --synthetic --layers 12 --ep cuda --precision bf16,int4 --switches \
+"$bin/pio" bench --model qwen3-4b-instruct-2507 --synthetic --layers 12 --checkpoint-out "$ck" --graphs-dir "$shm/graphs" \
+  --ep cuda --precision bf16,int4 --switches \
   --prompt-lens 128,2048,8192 --batches 1,32 --decode-tokens 128 --repeats 3 \
-  --accuracy-reference graphs/l12-cpu-fp32-all-logits --accuracy-tokens 256 \
+  --accuracy-reference "$shm/l12-cpu-fp32-all-logits" --accuracy-tokens 256 \
   --out "$out/switches-l12.json" 2>&1 | tee "$out/switches-l12.log"
-"$bin/pio" bench --graphs graphs/l12-cpu-fp32-all-logits --ep cpu --prompt-lens 128 --batches 1,8 \
+"$bin/pio" bench --graphs "$shm/l12-cpu-fp32-all-logits" --ep cpu --prompt-lens 128 --batches 1,8 \
   --decode-tokens 16 --repeats 1 --out "$out/cpu-l12.json" 2>&1 | tee "$out/cpu-l12.log"
 log "done"

@@ -76,6 +76,9 @@ pub struct BenchRun {
     pub decode: Vec<DecodeRow>,
     pub skipped: Vec<SkipRow>,
     pub gpu_peak_memory_bytes: Option<u64>,
+    /// GPU memory in use once the session is loaded, before any step: the weights, the CUDA
+    /// context and libraries' workspaces.
+    pub gpu_memory_after_load_bytes: Option<u64>,
     pub host_peak_rss_bytes: Option<u64>,
     pub weight_bytes: u64,
     pub kv_bytes_per_token: u64,
@@ -225,6 +228,7 @@ pub fn bench_one(graphs: &Path, label: &str, ep: &ExecutionProvider, plan: &Benc
         decode: vec![],
         skipped: vec![],
         gpu_peak_memory_bytes: None,
+        gpu_memory_after_load_bytes: None,
         host_peak_rss_bytes: None,
         weight_bytes: dir_bytes(graphs),
         kv_bytes_per_token: manifest
@@ -256,6 +260,8 @@ fn bench_into(run: &mut BenchRun, graphs: &Path, ep: &ExecutionProvider, plan: &
     let mut model = DecoderModel::load(graphs, ep)?;
     model.prefill_chunk = plan.prefill_chunk;
     run.load_s = start.elapsed().as_secs_f64();
+    run.gpu_memory_after_load_bytes =
+        gpu_index.and_then(|i| pio_runtime::gpu_monitor::device_memory(i).ok()).map(|(used, _, _)| used);
     let context = model.context_length();
     let mut runner = Runner { model, plan, rng: ChaCha8Rng::seed_from_u64(plan.seed), gpu_index };
     for &len in &plan.prompt_lens {

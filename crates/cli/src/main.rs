@@ -62,7 +62,7 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "bf16")]
     precision: Vec<String>,
     /// Also export and measure the graph switches one by one (fused norms, fused projections,
-    /// last-token logits) with --model.
+    /// fused attention, last-token logits, int8 KV cache) with --model.
     #[arg(long)]
     switches: bool,
     /// Execution providers, comma-separated: cpu, cuda, tensorrt. One that cannot start is a
@@ -427,6 +427,11 @@ fn export_for_bench(checkpoint: &std::path::Path, out: PathBuf, precision: Preci
         }
         "all-logits" => settings.last_token_logits = false,
         "kv-int8" => settings.kv_cache_int8 = true,
+        // Attention from standard ops; its q/k norm cannot go into GroupQueryAttention.
+        "unfused-attention" => {
+            settings.fused_attention = false;
+            settings.fused_qk_norm = false;
+        }
         other => bail!("unknown graph variant {other}"),
     }
     pio_export::export(&pio_export::ExportRequest {
@@ -494,7 +499,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             for (i, p) in precisions.iter().enumerate() {
                 let mut variants = vec!["default"];
                 if args.switches && i == 0 && target != pio_models::TargetEp::Cpu {
-                    variants.extend(["no-fused-norms", "unfused-projections", "all-logits", "kv-int8"]);
+                    variants.extend(["no-fused-norms", "unfused-projections", "unfused-attention", "all-logits", "kv-int8"]);
                 }
                 for v in variants {
                     let dir = args.graphs_dir.join(format!("{name}-{}-{}-{v}", target.as_str(), p.as_str()));

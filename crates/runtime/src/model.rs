@@ -247,7 +247,9 @@ impl DecoderModel {
         let mut keys = Vec::with_capacity(layers);
         let mut values = Vec::with_capacity(layers);
         let store = match &self.device_allocator {
-            Some(alloc) if self.manifest.kv_cache.shared_buffer => {
+            // GroupQueryAttention graphs take the shared buffer (graphs exported before the
+            // manifest said so have `shared_buffer` false, hence the attention switch here).
+            Some(alloc) if self.manifest.options.fused_attention => {
                 let capacity = capacity.min(self.context_length());
                 let shape = [batch, d.num_kv_heads, capacity, d.head_dim];
                 for _ in 0..layers {
