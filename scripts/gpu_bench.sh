@@ -72,9 +72,9 @@ if [[ $mode == full ]]; then
   log "whole-prompt against chunked prefill: memory, and the logits both ways"
   "$bin/pio" bench --graphs "$bf16" --ep cuda --cuda-graph off --prefill-chunk 0,2048 --check-chunked-prefill \
     --prompt-lens 128,8192 --batches 1 --decode-tokens 32 --out "$out/prefill-chunk.json" 2>&1 | tee "$out/prefill-chunk.log"
-  log "int4 with ONNX Runtime's generic MatMulNBits kernels (fpa_intb_gemm=0)"
-  "$bin/pio" bench --graphs "$int4" --ep cuda --cuda-graph both --ep-option fpa_intb_gemm=0 \
-    --prompt-lens 128,2048,8192 --batches 1,8,32 --decode-tokens 128 --out "$out/int4-generic.json" 2>&1 | tee "$out/int4-generic.log"
+  log "int4 through the CUTLASS weight-only kernels (fpa_intb_gemm=1)"
+  "$bin/pio" bench --graphs "$int4" --ep cuda --cuda-graph both --ep-option fpa_intb_gemm=1 \
+    --prompt-lens 128,2048,8192 --batches 1,8,32 --decode-tokens 128 --out "$out/int4-cutlass.json" 2>&1 | tee "$out/int4-cutlass.log"
   rm -rf "$ck" "$g"
   log "done"
   exit 0

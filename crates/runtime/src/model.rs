@@ -464,10 +464,14 @@ impl DecoderModel {
                 .bind_output_to_device("logits", &host)
                 .map_err(ort_err)?;
         }
-        let mut outputs = self
-            .session
-            .run_binding_with_options(&binding, &Self::no_graph_options()?)
-            .map_err(|e| anyhow!("decoder step failed: {e}"))?;
+        let mut options = Self::no_graph_options()?;
+        let shrink = self.ep.cuda_options().filter(|o| o.shrink_arena && s > 1);
+        if let Some(o) = shrink {
+            // After a prefill, hand the arena's free regions back to the device.
+            options.set("memory.enable_memory_arena_shrinkage", format!("gpu:{}", o.device_id)).map_err(ort_err)?;
+        }
+        let mut outputs =
+            self.session.run_binding_with_options(&binding, &options).map_err(|e| anyhow!("decoder step failed: {e}"))?;
         let result = if greedy_output {
             StepOutput::Greedy(Self::read_greedy(outputs.remove(GREEDY_TOKENS_OUTPUT))?)
         } else {
