@@ -157,3 +157,65 @@ fn graphs_without_a_greedy_output_fall_back_to_host_argmax() {
         g.generated_ids
     );
 }
+
+/// Logits of the last position of each sequence, run alone from an empty cache.
+fn alone(model: &mut DecoderModel, prompts: &[Vec<u32>], then: &[u32]) -> Vec<(Vec<f32>, Vec<f32>)> {
+    prompts
+        .iter()
+        .zip(then)
+        .map(|(p, &t)| {
+            let mut cache = model.new_cache().unwrap();
+            let first = model.forward(p, &mut cache).unwrap().last().to_vec();
+            let next = model.forward(&[t], &mut cache).unwrap().last().to_vec();
+            (first, next)
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_prompt_longer_than_a_chunk_runs_each_sequence_through_the_shared_buffer() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["qwen3-tied-hub", "glm4moe-a"] {
+        let (mut model, reference) = load(name, true, &tmp);
+        let first = reference.prompt_ids.clone();
+        let mut second = first.clone();
+        second.reverse();
+        let prompts = [first, second];
+        let then = [7u32, 11];
+        let expected = alone(&mut model, &prompts, &then);
+        let tokens: Vec<u32> = prompts.concat();
+        // GroupQueryAttention refuses several tokens of several sequences after a past, so the
+        // 3 + 3 + 2 chunks run per sequence through batch-1 views of the (host) shared buffer.
+        model.prefill_chunk = Some(3);
+        let mut cache = model.new_shared_host_cache(2, 64).unwrap();
+        let logits = model.forward_batch(&tokens, 2, &mut cache).unwrap();
+        assert_eq!((logits.batch, cache.len), (2, 8));
+        let next = model.forward_batch(&then, 2, &mut cache).unwrap();
+        for (b, (want_first, want_next)) in expected.iter().enumerate() {
+            let d = max_abs_diff(logits.last_of(b), want_first);
+            assert!(d <= LOGIT_TOLERANCE, "{name} sequence {b}: chunked batch prefill differs by {d}");
+            let d = max_abs_diff(next.last_of(b), want_next);
+            assert!(d <= LOGIT_TOLERANCE, "{name} sequence {b}: the batched step after it differs by {d}");
+        }
+        // Greedy fetches take the same path.
+        let mut cache = model.new_shared_host_cache(2, 64).unwrap();
+        let tokens_out = model.greedy_batch(&tokens, 2, &mut cache).unwrap();
+        let want: Vec<u32> = expected.iter().map(|(f, _)| argmax(f) as u32).collect();
+        assert_eq!(tokens_out, want, "{name}");
+        // A multi-token step of both sequences after a past, in one go.
+        let more = [3u32, 4, 5, 6];
+        let out = model.forward_batch(&more, 2, &mut cache).unwrap();
+        assert_eq!((out.batch, cache.len), (2, 10));
+
+        // The growing (CPU default) cache runs such a prompt whole, and refuses a multi-token
+        // batch step after a past with a message saying what to do instead.
+        let mut cache = model.new_batch_cache(2, 64).unwrap();
+        let whole = model.forward_batch(&tokens, 2, &mut cache).unwrap();
+        for (b, (want_first, _)) in expected.iter().enumerate() {
+            assert!(max_abs_diff(whole.last_of(b), want_first) <= LOGIT_TOLERANCE, "{name} sequence {b}");
+        }
+        let Err(err) = model.forward_batch(&more, 2, &mut cache) else { panic!("{name}: a multi-token batch step after a past") };
+        let err = err.to_string();
+        assert!(err.contains("only into an empty cache"), "{err}");
+    }
+}

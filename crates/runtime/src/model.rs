@@ -31,8 +31,9 @@ use crate::ep::ExecutionProvider;
 enum KvStore {
     /// Each layer's last `present` (dynamic length), on the host or the device.
     Growing { keys: Vec<DynValue>, values: Vec<DynValue> },
-    /// Fixed-capacity device buffers, past and present at once.
-    Device { keys: Vec<DynValue>, values: Vec<DynValue>, capacity: usize },
+    /// Fixed-capacity buffers, past and present at once (GroupQueryAttention's shared buffer),
+    /// with each buffer's data address for batch-1 views of one sequence.
+    Device { keys: Vec<DynValue>, values: Vec<DynValue>, capacity: usize, addrs: Vec<(usize, usize)>, memory: MemoryInfo<'static> },
 }
 
 /// The KV cache of `batch` sequences of equal length.
@@ -158,15 +159,73 @@ fn ort_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("{e}")
 }
 
-/// An uninitialized device tensor of the graph's KV dtype.
-fn device_tensor(alloc: &Allocator, dtype: TensorDtype, shape: &[usize]) -> Result<DynValue> {
+/// An uninitialized tensor of the graph's KV dtype from `alloc`, and its data address.
+fn device_tensor(alloc: &Allocator, dtype: TensorDtype, shape: &[usize]) -> Result<(DynValue, usize)> {
     let shape = shape.to_vec();
+    macro_rules! new {
+        ($t:ty) => {{
+            let mut t = Tensor::<$t>::new(alloc, shape).map_err(ort_err)?;
+            let addr = t.data_ptr_mut() as usize;
+            (t.into_dyn(), addr)
+        }};
+    }
     Ok(match dtype {
-        TensorDtype::Float32 => Tensor::<f32>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
-        TensorDtype::Float16 => Tensor::<f16>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
-        TensorDtype::Bfloat16 => Tensor::<bf16>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
-        TensorDtype::Int8 => Tensor::<i8>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
-        other => bail!("no device tensors of {other:?}"),
+        TensorDtype::Float32 => new!(f32),
+        TensorDtype::Float16 => new!(f16),
+        TensorDtype::Bfloat16 => new!(bf16),
+        TensorDtype::Int8 => new!(i8),
+        other => bail!("no KV cache tensors of {other:?}"),
+    })
+}
+
+/// Binds `value` as input `name` without a copy. (`IoBinding::bind_input` copies any tensor it
+/// does not own, such as a view, since the binding could outlive it; the caller keeps `value`
+/// alive until the run is over.)
+fn bind_input_in_place(binding: &mut ort::session::IoBinding, name: &str, value: &ort::value::DynValueRefMut<'_>) -> Result<()> {
+    use ort::AsPointer;
+    let c_name = std::ffi::CString::new(name).map_err(|_| anyhow!("input name {name:?} has a NUL byte"))?;
+    let api = ort::api();
+    // SAFETY: both pointers are live ONNX Runtime objects; ONNX Runtime copies the name.
+    let status = unsafe { (api.BindInput)(binding.ptr_mut(), c_name.as_ptr(), value.ptr()) };
+    if status.0.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null status holds a message and must be released once.
+    let message = unsafe {
+        let text = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)).to_string_lossy().into_owned();
+        (api.ReleaseStatus)(status.0);
+        text
+    };
+    bail!("cannot bind the cache view {name}: {message}")
+}
+
+/// A (1, kv_heads, capacity, head_dim) view of sequence `seq` in the shared buffer at `addr`
+/// (sequences are the outermost axis, so each one's rows are contiguous).
+///
+/// # Safety
+/// `addr` must be the data of a live (batch > seq, kv_heads, capacity, head_dim) tensor of
+/// `dtype` in `memory`, which must outlive the view.
+unsafe fn sequence_view<'a>(
+    memory: &MemoryInfo<'static>,
+    dtype: TensorDtype,
+    addr: usize,
+    seq: usize,
+    [kv_heads, capacity, head_dim]: [usize; 3],
+) -> Result<ort::value::DynValueRefMut<'a>> {
+    let per_sequence = kv_heads * capacity * head_dim;
+    let ptr = (addr + seq * per_sequence * dtype.size_bytes()) as *mut std::ffi::c_void;
+    let shape = ort::value::Shape::new([1, kv_heads as i64, capacity as i64, head_dim as i64]);
+    macro_rules! view {
+        ($t:ty) => {
+            ort::value::TensorRefMut::<$t>::from_raw(memory.clone(), ptr, shape).map_err(ort_err)?.into_dyn()
+        };
+    }
+    Ok(match dtype {
+        TensorDtype::Float32 => view!(f32),
+        TensorDtype::Float16 => view!(f16),
+        TensorDtype::Bfloat16 => view!(bf16),
+        TensorDtype::Int8 => view!(i8),
+        other => bail!("no KV cache tensors of {other:?}"),
     })
 }
 
@@ -241,34 +300,53 @@ impl DecoderModel {
     /// An empty cache for `batch` sequences. On a GPU it holds `capacity` tokens per sequence
     /// (at most the context length), allocated once on the device.
     pub fn new_batch_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
-        let d = &self.manifest.dims;
-        let dtype = self.manifest.kv_cache.dtype;
-        let layers = d.num_layers;
-        let mut keys = Vec::with_capacity(layers);
-        let mut values = Vec::with_capacity(layers);
-        let store = match &self.device_allocator {
+        match &self.device_allocator {
             // GroupQueryAttention graphs take the shared buffer (graphs exported before the
             // manifest said so have `shared_buffer` false, hence the attention switch here).
             Some(alloc) if self.manifest.options.fused_attention => {
-                let capacity = capacity.min(self.context_length());
-                let shape = [batch, d.num_kv_heads, capacity, d.head_dim];
-                for _ in 0..layers {
-                    keys.push(device_tensor(alloc, dtype, &shape)?);
-                    values.push(device_tensor(alloc, dtype, &shape)?);
-                }
-                KvStore::Device { keys, values, capacity }
+                let memory = Self::cache_memory(self.ep.device_id())?;
+                self.shared_cache(alloc, memory, batch, capacity)
             }
-            _ => {
-                // A zero-length past; ONNX Runtime moves it to the device if the session runs there.
-                let shape = vec![batch as i64, d.num_kv_heads as i64, 0, d.head_dim as i64];
-                for _ in 0..layers {
-                    keys.push(empty_host_tensor(dtype, shape.clone())?);
-                    values.push(empty_host_tensor(dtype, shape.clone())?);
-                }
-                KvStore::Growing { keys, values }
-            }
-        };
-        Ok(KvCache { store, batch, len: 0 })
+            _ => self.growing_cache(batch),
+        }
+    }
+
+    /// GroupQueryAttention's fixed-capacity shared-buffer cache in host memory: what a GPU
+    /// session uses, on the CPU (whose default is the growing cache), for tests of that path.
+    pub fn new_shared_host_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        if !self.manifest.options.fused_attention {
+            bail!("{} has no GroupQueryAttention (exported with --no-fused-attention): its cache grows", self.dir.display());
+        }
+        self.shared_cache(&Allocator::default(), MemoryInfo::default(), batch, capacity)
+    }
+
+    fn shared_cache(&self, alloc: &Allocator, memory: MemoryInfo<'static>, batch: usize, capacity: usize) -> Result<KvCache> {
+        let d = &self.manifest.dims;
+        let dtype = self.manifest.kv_cache.dtype;
+        let capacity = capacity.min(self.context_length());
+        let shape = [batch, d.num_kv_heads, capacity, d.head_dim];
+        let (mut keys, mut values, mut addrs) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..d.num_layers {
+            let (k, k_addr) = device_tensor(alloc, dtype, &shape)?;
+            let (v, v_addr) = device_tensor(alloc, dtype, &shape)?;
+            keys.push(k);
+            values.push(v);
+            addrs.push((k_addr, v_addr));
+        }
+        Ok(KvCache { store: KvStore::Device { keys, values, capacity, addrs, memory }, batch, len: 0 })
+    }
+
+    fn growing_cache(&self, batch: usize) -> Result<KvCache> {
+        let d = &self.manifest.dims;
+        let dtype = self.manifest.kv_cache.dtype;
+        // A zero-length past; ONNX Runtime moves it to the device if the session runs there.
+        let shape = vec![batch as i64, d.num_kv_heads as i64, 0, d.head_dim as i64];
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for _ in 0..d.num_layers {
+            keys.push(empty_host_tensor(dtype, shape.clone())?);
+            values.push(empty_host_tensor(dtype, shape.clone())?);
+        }
+        Ok(KvCache { store: KvStore::Growing { keys, values }, batch, len: 0 })
     }
 
     /// Runs `tokens` (batch 1) after what `cache` holds, at positions cache.len.., and moves
@@ -301,42 +379,64 @@ impl DecoderModel {
 
     /// One forward pass of `batch` sequences over `tokens` (row-major (batch, s)); prompts longer
     /// than [`prefill_chunk`](Self::prefill_chunk) run as consecutive chunks through the cache.
-    pub fn step(
-        &mut self,
-        tokens: &[u32],
-        batch: usize,
-        cache: &mut KvCache,
-        fetch: Fetch,
-    ) -> Result<StepOutput> {
-        let s = self.check_step(tokens, batch, cache)?;
+    ///
+    /// GroupQueryAttention takes several new tokens of several sequences only into an empty
+    /// cache ("batch_size must be 1 when sequence_length > 1 and past context is given"), so a
+    /// batch whose step has a past (a later chunk, or a step of several tokens after a prefill)
+    /// runs one sequence at a time through batch-1 views of the shared buffer.
+    pub fn step(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache, fetch: Fetch) -> Result<StepOutput> {
+        let s = self.check_step(tokens, batch, cache, None)?;
+        let chunked = self.prefill_chunk.is_some_and(|c| c > 0 && s > c);
+        let gqa_needs_one_sequence = batch > 1 && s > 1 && self.manifest.options.fused_attention && (cache.len > 0 || chunked);
+        if !gqa_needs_one_sequence {
+            return self.run_chunked(tokens, batch, cache, fetch, None);
+        }
+        if !cache.is_shared_buffer() {
+            if cache.len > 0 {
+                bail!(
+                    "GroupQueryAttention takes {s} new tokens for each of {batch} sequences only into an empty cache; \
+                     step the sequences one token at a time, or one sequence at a time"
+                );
+            }
+            // A growing (host) cache has no per-sequence views: the prompt runs whole.
+            return self.run_step(tokens, batch, cache, fetch, None);
+        }
+        let start_len = cache.len;
+        let mut outputs = Vec::with_capacity(batch);
+        for seq in 0..batch {
+            cache.len = start_len;
+            outputs.push(self.run_chunked(&tokens[seq * s..(seq + 1) * s], 1, cache, fetch, Some(seq))?);
+        }
+        cache.len = start_len + s;
+        if outputs.iter().all(|o| matches!(o, StepOutput::Greedy(_))) {
+            return Ok(StepOutput::Greedy(outputs.iter().flat_map(StepOutput::greedy).collect()));
+        }
+        let parts = outputs.into_iter().map(StepOutput::into_logits).collect::<Result<Vec<_>>>()?;
+        let (rows, vocab) = (parts[0].rows, parts[0].vocab);
+        let data = parts.into_iter().flat_map(|p| p.data).collect();
+        Ok(StepOutput::Logits(Logits { data, batch, rows, vocab }))
+    }
+
+    /// [`run_step`](Self::run_step) over chunks of at most `prefill_chunk` tokens per sequence.
+    fn run_chunked(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache, fetch: Fetch, seq: Option<usize>) -> Result<StepOutput> {
+        let s = tokens.len() / batch;
         let chunk = match self.prefill_chunk {
             Some(c) if c > 0 && s > c => c,
-            _ => return self.run_step(tokens, batch, cache, fetch),
+            _ => return self.run_step(tokens, batch, cache, fetch, seq),
         };
         let all_rows = !self.manifest.options.last_token_logits && fetch == Fetch::Logits;
         let mut pieces = Vec::new();
         for start in (0..s).step_by(chunk) {
             let end = (start + chunk).min(s);
-            let piece: Vec<u32> = (0..batch)
-                .flat_map(|b| tokens[b * s + start..b * s + end].iter().copied())
-                .collect();
+            let piece: Vec<u32> = (0..batch).flat_map(|b| tokens[b * s + start..b * s + end].iter().copied()).collect();
             // Only the last chunk's output is the answer, unless every row was asked for.
-            let want = if end == s || all_rows {
-                fetch
-            } else {
-                Fetch::Greedy
-            };
-            pieces.push(self.run_step(&piece, batch, cache, want)?);
+            let want = if end == s || all_rows { fetch } else { Fetch::Greedy };
+            pieces.push(self.run_step(&piece, batch, cache, want, seq)?);
         }
         if !all_rows {
-            return pieces
-                .pop()
-                .ok_or_else(|| anyhow!("a prefill of {s} tokens ran no chunk"));
+            return pieces.pop().ok_or_else(|| anyhow!("a prefill of {s} tokens ran no chunk"));
         }
-        let pieces = pieces
-            .into_iter()
-            .map(StepOutput::into_logits)
-            .collect::<Result<Vec<_>>>()?;
+        let pieces = pieces.into_iter().map(StepOutput::into_logits).collect::<Result<Vec<_>>>()?;
         let vocab = self.vocab_size();
         let mut data = Vec::with_capacity(batch * s * vocab);
         for b in 0..batch {
@@ -344,25 +444,19 @@ impl DecoderModel {
                 data.extend_from_slice(&p.data[b * p.rows * vocab..(b + 1) * p.rows * vocab]);
             }
         }
-        Ok(StepOutput::Logits(Logits {
-            data,
-            batch,
-            rows: s,
-            vocab,
-        }))
+        Ok(StepOutput::Logits(Logits { data, batch, rows: s, vocab }))
     }
 
-    fn check_step(&self, tokens: &[u32], batch: usize, cache: &KvCache) -> Result<usize> {
+    /// Checks a step and returns its tokens per sequence. `seq`: the step runs only that
+    /// sequence of the cache (batch 1).
+    fn check_step(&self, tokens: &[u32], batch: usize, cache: &KvCache, seq: Option<usize>) -> Result<usize> {
         if tokens.is_empty() || batch == 0 || tokens.len() % batch != 0 {
-            bail!(
-                "a step needs the same positive number of tokens for each of the {batch} sequences"
-            );
+            bail!("a step needs the same positive number of tokens for each of the {batch} sequences");
         }
-        if cache.batch != batch {
-            bail!(
-                "the cache holds {} sequences, the step has {batch}",
-                cache.batch
-            );
+        match seq {
+            None if cache.batch != batch => bail!("the cache holds {} sequences, the step has {batch}", cache.batch),
+            Some(b) if batch != 1 || b >= cache.batch => bail!("sequence {b} of a cache of {} sequences", cache.batch),
+            _ => {}
         }
         let s = tokens.len() / batch;
         let total = cache.len + s;
@@ -398,14 +492,9 @@ impl DecoderModel {
     }
 
     /// One session run over `tokens` (no chunking).
-    fn run_step(
-        &mut self,
-        tokens: &[u32],
-        batch: usize,
-        cache: &mut KvCache,
-        fetch: Fetch,
-    ) -> Result<StepOutput> {
-        let s = self.check_step(tokens, batch, cache)?;
+    /// `seq`: run only that sequence of a shared-buffer cache, through batch-1 views of it.
+    fn run_step(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache, fetch: Fetch, seq: Option<usize>) -> Result<StepOutput> {
+        let s = self.check_step(tokens, batch, cache, seq)?;
         let total = cache.len + s;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let positions: Vec<i64> = (0..batch)
@@ -432,8 +521,28 @@ impl DecoderModel {
         binding
             .bind_input("position_ids", &position_ids)
             .map_err(ort_err)?;
+        // Per-sequence cache views bound as inputs: they must outlive the run.
+        let mut held_views = Vec::new();
         match &mut cache.store {
-            KvStore::Device { keys, values, .. } => Self::bind_kv(&mut binding, &kv, keys, values)?,
+            KvStore::Device { keys, values, capacity, addrs, memory } => match seq {
+                None => Self::bind_kv(&mut binding, &kv, keys, values)?,
+                Some(seq) => {
+                    let d = &self.manifest.dims;
+                    let dims = [d.num_kv_heads, *capacity, d.head_dim];
+                    for (layer, &(k_addr, v_addr)) in addrs.iter().enumerate() {
+                        // SAFETY: the addresses are the data of `keys`/`values`, alive for this
+                        // call, of this shape and dtype; the views live until the run is over.
+                        let view = |addr| unsafe { sequence_view(memory, kv.dtype, addr, seq, dims) };
+                        for (name, addr) in [(&kv.past_key, k_addr), (&kv.past_value, v_addr)] {
+                            let input = view(addr)?;
+                            bind_input_in_place(&mut binding, &KvCacheSpec::name(name, layer), &input)?;
+                            held_views.push(input);
+                        }
+                        binding.bind_output(KvCacheSpec::name(&kv.present_key, layer), view(k_addr)?).map_err(ort_err)?;
+                        binding.bind_output(KvCacheSpec::name(&kv.present_value, layer), view(v_addr)?).map_err(ort_err)?;
+                    }
+                }
+            },
             KvStore::Growing { keys, values } => {
                 for (layer, (k, v)) in keys.iter().zip(values.iter()).enumerate() {
                     binding
@@ -477,6 +586,7 @@ impl DecoderModel {
         } else {
             StepOutput::Logits(Self::read_logits(outputs.remove("logits"), vocab)?)
         };
+        drop(held_views);
         if let KvStore::Growing { keys, values } = &mut cache.store {
             for layer in 0..keys.len() {
                 let name_k = KvCacheSpec::name(&kv.present_key, layer);
@@ -552,17 +662,13 @@ impl DecoderModel {
                 tokens.len()
             );
         }
-        self.check_step(tokens, batch, cache)?;
+        self.check_step(tokens, batch, cache, None)?;
         let device = self.ep.device_id().unwrap_or(0);
         let alloc = self
             .device_allocator
             .as_ref()
             .ok_or_else(|| anyhow!("CUDA-graph decode needs a CUDA session"))?;
-        let KvStore::Device {
-            keys,
-            values,
-            capacity,
-        } = &mut cache.store
+        let KvStore::Device { keys, values, capacity, .. } = &mut cache.store
         else {
             bail!(
                 "CUDA-graph decode needs GroupQueryAttention's fixed-size cache; {} was exported without fused attention",
