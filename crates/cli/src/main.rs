@@ -1,6 +1,7 @@
 //! `pio`: run, chat with and list models exported by pio-export.
 
 mod bench;
+mod serve;
 
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
@@ -31,6 +32,8 @@ enum Command {
     Run(RunArgs),
     /// Interactive multi-turn chat in the terminal, streaming tokens as they come.
     Chat(ChatArgs),
+    /// An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models.
+    Serve(ServeArgs),
     /// The presets with their sizes computed from their configs.
     Models,
     /// Benchmark graphs on one or more execution providers: time to first token, decode
@@ -246,6 +249,21 @@ struct RunArgs {
     /// Print one JSON object (prompt_ids, generated_ids, text, finish_reason, timings) instead of streaming.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(ClapArgs)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// The model name clients pass and /v1/models lists (default: the graph's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
 }
 
 #[derive(ClapArgs)]
@@ -631,6 +649,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat(a),
+        Command::Serve(a) => a.model.load().and_then(|g| serve::run(g, a.served_model_name, &a.host, a.port)),
         Command::Models => models(),
         Command::Bench(a) => run_bench(a),
     };
