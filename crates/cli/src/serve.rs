@@ -259,7 +259,8 @@ fn finish_reason(reason: FinishReason) -> &'static str {
 
 fn usage(output: &GenerationOutput) -> Json {
     let (p, c) = (output.prompt_ids.len(), output.generated_ids.len());
-    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+           "prompt_tokens_details": {"cached_tokens": output.timings.cached_prompt_tokens}})
 }
 
 fn completion_id(chat: bool) -> String {

@@ -79,6 +79,9 @@ pub struct TokenEvent {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Timings {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the previous generation's cache (prefix caching).
+    #[serde(default)]
+    pub cached_prompt_tokens: usize,
     pub generated_tokens: usize,
     /// From the call to the first generated token (prefill + first sample).
     pub time_to_first_token_ms: f64,
@@ -144,6 +147,17 @@ pub struct Generator {
     pub model: DecoderModel,
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
+    /// Keep the last generation's KV cache and start the next prompt after the longest prefix
+    /// it shares with it (a chat's earlier turns, a repeated system prompt). Applies to
+    /// GroupQueryAttention's shared buffer, the GPU's cache; on by default.
+    pub prefix_caching: bool,
+    prefix: Option<CachedPrefix>,
+}
+
+/// A cache kept from the last generation, and the tokens it holds.
+struct CachedPrefix {
+    cache: KvCache,
+    tokens: Vec<u32>,
 }
 
 impl Generator {
@@ -159,7 +173,21 @@ impl Generator {
         } else {
             (None, None)
         };
-        Ok(Generator { model, tokenizer, chat_template })
+        Ok(Generator { model, tokenizer, chat_template, prefix_caching: true, prefix: None })
+    }
+
+    /// The cache for `prompt` and how many of its tokens it already holds: the last
+    /// generation's cache cut to the longest prefix it shares with `prompt` (at most all but the
+    /// prompt's last token, which must run to give the next token's logits), or a new one.
+    fn cache_for(&mut self, prompt: &[u32]) -> Result<(KvCache, usize)> {
+        if let Some(CachedPrefix { mut cache, tokens }) = self.prefix.take().filter(|_| self.prefix_caching) {
+            let shared = tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+            let reuse = shared.min(prompt.len().saturating_sub(1));
+            if cache.capacity().is_some_and(|c| c >= prompt.len()) && cache.truncate(reuse).is_ok() {
+                return Ok((cache, reuse));
+            }
+        }
+        Ok((self.model.new_cache()?, 0))
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
@@ -218,11 +246,11 @@ impl Generator {
         let mut decoder = self.tokenizer.as_ref().map(|t| t.incremental_decoder(opts.skip_special_tokens));
         let mut stops = StopMatcher::new(&opts.stop);
 
-        let mut cache: KvCache = self.model.new_cache()?;
+        let (mut cache, cached) = self.cache_for(prompt_ids)?;
         let mut history: Vec<u32> = prompt_ids.to_vec();
         // Plain greedy decoding needs no logits on the host: the graph's argmax comes back instead.
         let fetch = if opts.sampling.is_plain_argmax() && opts.logprobs.is_none() { Fetch::Greedy } else { Fetch::Logits };
-        let mut step = self.model.step(prompt_ids, 1, &mut cache, fetch)?;
+        let mut step = self.model.step(&prompt_ids[cached..], 1, &mut cache, fetch)?;
         let prefill_done = Instant::now();
         let mut first_token_at = None;
         let mut text = String::new();
@@ -288,12 +316,18 @@ impl Generator {
                 let _ = on_token(&TokenEvent { token_id: TEXT_TAIL_TOKEN, text: tail, logprob: None, top_logprobs: vec![] });
             }
         }
+        if self.prefix_caching && cache.is_shared_buffer() {
+            // The cache holds the prompt and every generated token but the last.
+            let tokens = history[..cache.len].to_vec();
+            self.prefix = Some(CachedPrefix { cache, tokens });
+        }
         let end = Instant::now();
         let first = first_token_at.unwrap_or(end);
         let prefill_s = (prefill_done - start).as_secs_f64();
         let decode_s = (end - first).as_secs_f64();
         let timings = Timings {
             prompt_tokens: prompt_ids.len(),
+            cached_prompt_tokens: cached,
             generated_tokens: generated,
             time_to_first_token_ms: (first - start).as_secs_f64() * 1e3,
             prefill_tokens_per_s: if prefill_s > 0.0 { prompt_ids.len() as f64 / prefill_s } else { 0.0 },

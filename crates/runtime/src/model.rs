@@ -56,6 +56,20 @@ impl KvCache {
     pub fn is_shared_buffer(&self) -> bool {
         matches!(self.store, KvStore::Device { .. })
     }
+
+    /// Keeps the first `len` tokens of each sequence: the next step writes from there. Only a
+    /// shared buffer can drop tokens (the attention mask hides what lies beyond `len`); a
+    /// growing cache's tensors are exactly as long as what they hold.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len > self.len {
+            bail!("cannot truncate a cache of {} tokens to {len}", self.len);
+        }
+        if len < self.len && !self.is_shared_buffer() {
+            bail!("a growing cache cannot drop tokens (only GroupQueryAttention's shared buffer can)");
+        }
+        self.len = len;
+        Ok(())
+    }
 }
 
 /// Logits of one forward step: per sequence, `rows` positions (the last one only, or every new
@@ -153,6 +167,9 @@ pub struct DecoderModel {
     graph_state: Option<GraphDecodeState>,
     /// Longest piece a prompt is run in (None: the whole prompt in one pass).
     pub prefill_chunk: Option<usize>,
+    /// On the CPU, give GroupQueryAttention graphs the GPU's fixed-capacity shared buffer
+    /// instead of a growing cache (tests of that path; it allocates the whole capacity).
+    pub shared_cache_on_host: bool,
 }
 
 fn ort_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
@@ -281,6 +298,7 @@ impl DecoderModel {
             device_allocator,
             graph_state: None,
             prefill_chunk: Some(DEFAULT_PREFILL_CHUNK),
+            shared_cache_on_host: false,
         })
     }
 
@@ -307,6 +325,7 @@ impl DecoderModel {
                 let memory = Self::cache_memory(self.ep.device_id())?;
                 self.shared_cache(alloc, memory, batch, capacity)
             }
+            None if self.shared_cache_on_host => self.new_shared_host_cache(batch, capacity),
             _ => self.growing_cache(batch),
         }
     }
