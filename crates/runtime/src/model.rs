@@ -469,7 +469,7 @@ impl DecoderModel {
     /// Checks a step and returns its tokens per sequence. `seq`: the step runs only that
     /// sequence of the cache (batch 1).
     fn check_step(&self, tokens: &[u32], batch: usize, cache: &KvCache, seq: Option<usize>) -> Result<usize> {
-        if tokens.is_empty() || batch == 0 || tokens.len() % batch != 0 {
+        if tokens.is_empty() || batch == 0 || !tokens.len().is_multiple_of(batch) {
             bail!("a step needs the same positive number of tokens for each of the {batch} sequences");
         }
         match seq {
@@ -775,7 +775,7 @@ impl DecoderModel {
         }
         let mut options = RunOptions::new().map_err(ort_err)?;
         options
-            .set("gpu_graph_id", &format!("{}", 1 + batch))
+            .set("gpu_graph_id", format!("{}", 1 + batch))
             .map_err(ort_err)?;
         self.session
             .run_binding_with_options(&binding, &options)
