@@ -139,6 +139,9 @@ struct ModelArgs {
     /// Prompt tokens per forward pass; longer prompts run in chunks (0: whole prompts).
     #[arg(long, default_value_t = pio_runtime::model::DEFAULT_PREFILL_CHUNK)]
     prefill_chunk: usize,
+    /// Do not keep the last generation's KV cache for the next prompt's shared prefix.
+    #[arg(long)]
+    no_prefix_cache: bool,
 }
 
 impl ModelArgs {
@@ -149,6 +152,7 @@ impl ModelArgs {
         }
         let mut generator = Generator::load(&self.graphs, &ep)?;
         generator.model.prefill_chunk = (self.prefill_chunk > 0).then_some(self.prefill_chunk);
+        generator.prefix_caching = !self.no_prefix_cache;
         Ok(generator)
     }
 }
