@@ -165,8 +165,12 @@ impl Runner<'_> {
         let prompt = random_tokens(&mut self.rng, batch * p, vocab);
         // Warm-up pass (captures the CUDA graph when on), then the timed pass.
         let mut result = None;
+        // One cache for both passes: the CUDA graph captured in the warm-up holds its addresses.
+        let mut cache = self.model.new_batch_cache(batch, p + n + 1)?;
         for timed in [false, true] {
-            let mut cache = self.model.new_batch_cache(batch, p + n + 1)?;
+            if cache.truncate(0).is_err() {
+                cache = self.model.new_batch_cache(batch, p + n + 1)?; // a growing cache starts over
+            }
             let mut next = self.step(&prompt, &mut cache, false)?;
             let steps = if timed { n } else { n.min(4) };
             let monitor = match (timed, self.gpu_index) {

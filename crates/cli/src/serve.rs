@@ -3,13 +3,14 @@
 //! `POST /v1/chat/completions` (chat template applied), `POST /v1/completions` (raw text or
 //! token ids), `GET /v1/models`, `GET /health`. `"stream": true` answers with server-sent
 //! events, one `data:` chunk per piece of text and `data: [DONE]` last, as OpenAI's API does.
-//! One model, one session: requests are answered in the order they come, one generation at a
-//! time (each request is read on its own thread, so `/v1/models` and `/health` answer while
-//! a generation runs). A client that disconnects mid-stream stops its generation.
+//! One model, one session: one request is parsed and generated at a time, the others wait for
+//! the model's lock (each connection has its own thread, so `/v1/models` and `/health` answer
+//! while a generation runs). A client that disconnects, or stops reading, mid-stream stops its
+//! generation.
 
 use std::io::Write;
 use std::ops::ControlFlow;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
@@ -221,7 +222,10 @@ fn parse_job(generator: &Generator, body: &Json, chat: bool, model_name: &str) -
     }
     sampling.seed = opt_u64(body, "seed")?;
     // The sampler's own check names the field and the value.
-    sampling.validate().map_err(|e| BadRequest { message: e.to_string(), param: None })?;
+    sampling.validate().map_err(|e| {
+        let pio_runtime::sampling::SamplingError::InvalidParam { field, .. } = &e;
+        BadRequest { message: e.to_string(), param: Some(*field) }
+    })?;
     let stop = match body.get("stop") {
         None | Some(Json::Null) => vec![],
         Some(Json::String(s)) => vec![s.clone()],
@@ -336,16 +340,28 @@ fn sse(value: &Json) -> Vec<u8> {
     format!("data: {value}\n\n").into_bytes()
 }
 
-/// Server-sent events written straight to the socket, one HTTP chunk each, flushed as they
-/// come (tiny_http's own chunked body buffers 8 KB before it sends anything).
+/// Events a streamed response may have waiting for a slow client before its generation is
+/// stopped (so a client that stops reading cannot hold the model).
+const STREAM_BACKLOG: usize = 256;
+
+/// Server-sent events written straight to the socket, one HTTP chunk each, flushed as they come
+/// (tiny_http's own chunked body buffers 8 KB before it sends anything). A writer thread owns
+/// the socket; generation hands it events without waiting, and stops when the client is gone
+/// or has fallen `STREAM_BACKLOG` events behind.
 fn stream(state: &ServerState, request: Request, job: Job) {
     let mut socket = request.into_writer();
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
-    let connected_head = socket.write_all(head.as_bytes()).and_then(|_| socket.flush()).is_ok();
-    let mut send = |bytes: &[u8]| {
-        let framed = [format!("{:x}\r\n", bytes.len()).as_bytes(), bytes, b"\r\n"].concat();
-        socket.write_all(&framed).and_then(|_| socket.flush()).is_ok()
-    };
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(STREAM_BACKLOG);
+    let writer = std::thread::spawn(move || {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
+        socket.write_all(head.as_bytes()).and_then(|_| socket.flush())?;
+        for bytes in rx {
+            let framed = [format!("{:x}\r\n", bytes.len()).as_bytes(), &bytes, b"\r\n"].concat();
+            socket.write_all(&framed).and_then(|_| socket.flush())?;
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    // False once the writer is gone or the client is too far behind.
+    let send = |bytes: Vec<u8>| tx.try_send(bytes).is_ok();
     let id = completion_id(job.chat);
     let created = now();
     let object = if job.chat { "chat.completion.chunk" } else { "text_completion" };
@@ -366,10 +382,10 @@ fn stream(state: &ServerState, request: Request, job: Job) {
         }
         sse(&v)
     };
-    let mut connected = connected_head && (!job.chat || send(&chunk(None, None, None)));
+    let mut connected = !job.chat || send(chunk(None, None, None));
     let result = generate(state, &job, |e| {
         if !e.text.is_empty() {
-            connected = connected && send(&chunk(Some(&e.text), None, None));
+            connected = connected && send(chunk(Some(&e.text), None, None));
         }
         // A client that hung up gets no more tokens.
         if connected {
@@ -383,8 +399,14 @@ fn stream(state: &ServerState, request: Request, job: Job) {
         Err(e) => sse(&error_body(&format!("{e:#}"), "server_error", None)),
     };
     // The zero-length chunk ends the body; the connection stays open for the next request.
-    if !(send(&last) && send(b"data: [DONE]\n\n") && send(b"")) {
-        tracing::debug!("the client left before the end of its stream");
+    if !(send(last) && send(b"data: [DONE]\n\n".to_vec()) && send(Vec::new())) {
+        tracing::debug!("the client left or fell behind before the end of its stream");
+    }
+    drop(tx);
+    match writer.join() {
+        Ok(Err(e)) => tracing::debug!("stream to the client ended early: {e}"),
+        Err(_) => tracing::warn!("the stream writer panicked"),
+        Ok(Ok(())) => {}
     }
 }
 

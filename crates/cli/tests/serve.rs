@@ -158,6 +158,8 @@ fn bad_requests_are_400s_naming_the_field() {
         assert_eq!(error["error"]["type"], "invalid_request_error");
         assert!(error["error"]["message"].as_str().unwrap().contains(expected), "{body}: {text}");
     }
+    let (_, text) = server.post("/v1/completions", &json!({"prompt": "x", "top_p": 2}).to_string());
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["param"], "top_p", "{text}");
     let (status, text) = server.post("/v1/chat/completions", "{not json");
     assert_eq!(status, 400, "{text}");
     let (status, text) = server.post("/v1/chat/completions", &json!({"messages": []}).to_string());

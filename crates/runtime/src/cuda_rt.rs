@@ -4,8 +4,9 @@
 //! `ort`'s `Tensor::copy_into` copies by running a cached one-node Identity session, which
 //! costs a session run per copy; a decode step copies its token ids, positions and mask in
 //! and its result out, so that overhead lands on every token. `cudaMemcpy` is one driver
-//! call. The library is opened at first use (the one ONNX Runtime's CUDA provider already
-//! loaded into the process); without it the caller falls back to `copy_into`.
+//! call. The library used is the one ONNX Runtime's CUDA provider already loaded into the
+//! process (found with `RTLD_NOLOAD`, never loaded anew, so it cannot be another CUDA), and only
+//! if it answers `cudaGetDeviceCount`; otherwise the caller falls back to `copy_into`.
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -18,6 +19,7 @@ const CUDA_MEMCPY_DEVICE_TO_HOST: i32 = 2;
 type MemcpyFn = unsafe extern "C" fn(*mut c_void, *const c_void, usize, i32) -> i32;
 type SetDeviceFn = unsafe extern "C" fn(i32) -> i32;
 type SynchronizeFn = unsafe extern "C" fn() -> i32;
+type DeviceCountFn = unsafe extern "C" fn(*mut i32) -> i32;
 
 pub struct CudaRuntime {
     memcpy: MemcpyFn,
@@ -27,43 +29,49 @@ pub struct CudaRuntime {
     _lib: libloading::Library,
 }
 
-/// Sonames tried in order: CUDA 13 (the ONNX Runtime build we ship for), then 12.
+/// Sonames looked for in order: CUDA 13 (the ONNX Runtime build we ship for), then 12.
 const SONAMES: &[&str] = &["libcudart.so.13", "libcudart.so.12", "libcudart.so"];
 
 impl CudaRuntime {
-    /// The process's CUDA runtime, or None when no libcudart can be opened.
+    /// The CUDA runtime already in the process, or None (then ONNX Runtime copies instead).
     pub fn get() -> Option<&'static CudaRuntime> {
         static RT: OnceLock<Option<CudaRuntime>> = OnceLock::new();
         RT.get_or_init(|| {
             let found = SONAMES.iter().find_map(|name| Self::open(name).ok());
             if found.is_none() {
-                tracing::debug!(
-                    "no libcudart found ({SONAMES:?}); device copies go through ONNX Runtime"
-                );
+                tracing::debug!("no loaded libcudart ({SONAMES:?}); device copies go through ONNX Runtime");
             }
             found
         })
         .as_ref()
     }
 
+    #[cfg(unix)]
     fn open(name: &str) -> Result<CudaRuntime> {
-        // SAFETY: libcudart is NVIDIA's CUDA runtime, already loaded by ONNX Runtime's CUDA
-        // provider when this runs; opening it again only adds a reference.
-        let lib = unsafe { libloading::Library::new(name)? };
+        use libloading::os::unix::{Library, RTLD_NOW};
+        // Succeed only if the library is already loaded (Linux's and macOS's RTLD_NOLOAD).
+        const RTLD_NOLOAD: i32 = if cfg!(target_os = "macos") { 0x10 } else { 0x4 };
+        // SAFETY: with RTLD_NOLOAD nothing new is loaded and no initializer runs: this only adds
+        // a reference to the CUDA runtime that ONNX Runtime's provider loaded.
+        let lib: libloading::Library = unsafe { Library::open(Some(name), RTLD_NOW | RTLD_NOLOAD)? }.into();
         // SAFETY: the signatures are the CUDA runtime API's (cudaError_t is a C enum, i32).
-        let (memcpy, set_device, synchronize) = unsafe {
+        let (memcpy, set_device, synchronize, device_count) = unsafe {
             (
                 *lib.get::<MemcpyFn>(b"cudaMemcpy\0")?,
                 *lib.get::<SetDeviceFn>(b"cudaSetDevice\0")?,
                 *lib.get::<SynchronizeFn>(b"cudaDeviceSynchronize\0")?,
+                *lib.get::<DeviceCountFn>(b"cudaGetDeviceCount\0")?,
             )
         };
-        Ok(CudaRuntime {
-            memcpy,
-            set_device,
-            synchronize,
-            _lib: lib,
-        })
+        let mut devices = 0;
+        // SAFETY: writes one int.
+        Self::check(unsafe { device_count(&mut devices) }, "cudaGetDeviceCount")?;
+        Ok(CudaRuntime { memcpy, set_device, synchronize, _lib: lib })
+    }
+
+    #[cfg(not(unix))]
+    fn open(name: &str) -> Result<CudaRuntime> {
+        bail!("{name}: copies through the CUDA runtime are implemented on Unix only")
     }
 
     fn check(code: i32, what: &str) -> Result<()> {
@@ -77,18 +85,10 @@ impl CudaRuntime {
     ///
     /// # Safety
     /// `dst` must be a device allocation of `device` at least as large as `src`.
-    pub unsafe fn host_to_device<T: Copy>(
-        &self,
-        device: i32,
-        dst: *mut c_void,
-        src: &[T],
-    ) -> Result<()> {
+    pub unsafe fn host_to_device<T: Copy>(&self, device: i32, dst: *mut c_void, src: &[T]) -> Result<()> {
         Self::check((self.set_device)(device), "cudaSetDevice")?;
         let bytes = std::mem::size_of_val(src);
-        Self::check(
-            (self.memcpy)(dst, src.as_ptr().cast(), bytes, CUDA_MEMCPY_HOST_TO_DEVICE),
-            "cudaMemcpy to the device",
-        )
+        Self::check((self.memcpy)(dst, src.as_ptr().cast(), bytes, CUDA_MEMCPY_HOST_TO_DEVICE), "cudaMemcpy to the device")
     }
 
     /// Waits until every copy and kernel on `device` is done. A copy from pageable host memory
@@ -106,22 +106,24 @@ impl CudaRuntime {
     ///
     /// # Safety
     /// `src` must be a device allocation of `device` at least as large as `dst`.
-    pub unsafe fn device_to_host<T: Copy>(
-        &self,
-        device: i32,
-        dst: &mut [T],
-        src: *const c_void,
-    ) -> Result<()> {
+    pub unsafe fn device_to_host<T: Copy>(&self, device: i32, dst: &mut [T], src: *const c_void) -> Result<()> {
         Self::check((self.set_device)(device), "cudaSetDevice")?;
         let bytes = std::mem::size_of_val(dst);
-        Self::check(
-            (self.memcpy)(
-                dst.as_mut_ptr().cast(),
-                src,
-                bytes,
-                CUDA_MEMCPY_DEVICE_TO_HOST,
-            ),
-            "cudaMemcpy to the host",
-        )
+        Self::check((self.memcpy)(dst.as_mut_ptr().cast(), src, bytes, CUDA_MEMCPY_DEVICE_TO_HOST), "cudaMemcpy to the host")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cuda_runtime_that_is_not_loaded_is_not_loaded_anew() {
+        // This process has not loaded libcudart (no GPU session here), so nothing is found,
+        // even where a libcudart file exists on the loader path.
+        let loaded = std::fs::read_to_string("/proc/self/maps").map(|m| m.contains("libcudart")).unwrap_or(false);
+        if !loaded {
+            assert!(CudaRuntime::get().is_none());
+        }
     }
 }

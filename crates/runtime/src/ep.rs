@@ -103,16 +103,18 @@ pub struct CudaOptions {
     /// instead of its generic ones. Not a provider option: ONNX Runtime reads the
     /// `ORT_FPA_INTB_GEMM` environment variable (and the `ep.cuda.fpa_intb_gemm` session entry)
     /// when it builds the kernels. Its default build covers what `pio-export --precision int4`
-    /// writes: fp16 activations, symmetric int4, blocks of 32. Off by default: on an H100 it
-    /// decodes batches of 8 and 32 faster (+20%, +46%) but batch 1 slower (253 against 301
-    /// tokens/s) and prefills slower (TTFT at 2048 tokens 59 against 40 ms).
-    pub fpa_intb_gemm: bool,
+    /// writes: fp16 activations, symmetric int4, blocks of 32. None leaves ONNX Runtime's
+    /// choice (off unless `ORT_FPA_INTB_GEMM` is set): on an H100 it decodes batches of 8 and 32
+    /// faster (+20%, +46%) but batch 1 slower (253 against 301 tokens/s) and prefills slower
+    /// (TTFT at 2048 tokens 59 against 40 ms).
+    pub fpa_intb_gemm: Option<bool>,
     /// ONNX Runtime's memory pattern (one planned block per input shape, the session default).
     /// Off, activations are allocated tensor by tensor, which a prefill run in chunks of
     /// changing past length can reuse better. A session option, not a provider option.
     pub memory_pattern: bool,
-    /// Return the arena's unused memory to the device after each prefill (run option
-    /// `memory.enable_memory_arena_shrinkage`), so a long prompt's activations do not stay held.
+    /// Return the arena's unused memory to the device after each multi-token run (each prefill
+    /// chunk; run option `memory.enable_memory_arena_shrinkage`), so a long prompt's activations
+    /// do not stay held. Not with `cuda_graph`: a captured graph keeps using its memory.
     pub shrink_arena: bool,
     /// Further provider options passed through as given; a key here replaces a typed option's.
     pub extra: Vec<(String, String)>,
@@ -129,7 +131,7 @@ impl Default for CudaOptions {
             prefer_nhwc: false,
             use_tf32: true,
             copy_in_default_stream: true,
-            fpa_intb_gemm: false,
+            fpa_intb_gemm: None,
             memory_pattern: true,
             shrink_arena: false,
             extra: Vec::new(),
@@ -161,6 +163,14 @@ impl CudaOptions {
         merge_extra(o, &self.extra)
     }
 
+    /// Refuses combinations that cannot work together.
+    pub fn validate(&self) -> Result<()> {
+        if self.shrink_arena && self.cuda_graph {
+            bail!("shrink_arena=1 cannot be combined with cuda_graph=1: a captured CUDA graph keeps using memory the shrinking would free");
+        }
+        Ok(())
+    }
+
     /// Applies one well-known `key=value` (the CLI names and ONNX Runtime's); false if the key is not one of them.
     fn apply(&mut self, key: &str, value: &str) -> Result<bool> {
         match key {
@@ -174,7 +184,7 @@ impl CudaOptions {
             "copy_in_default_stream" | "do_copy_in_default_stream" => {
                 self.copy_in_default_stream = parse_bool(key, value)?
             }
-            "fpa_intb_gemm" | "int4_cutlass" => self.fpa_intb_gemm = parse_bool(key, value)?,
+            "fpa_intb_gemm" | "int4_cutlass" => self.fpa_intb_gemm = Some(parse_bool(key, value)?),
             "memory_pattern" | "mem_pattern" => self.memory_pattern = parse_bool(key, value)?,
             "shrink_arena" | "arena_shrinkage" => self.shrink_arena = parse_bool(key, value)?,
             _ => return Ok(false),
@@ -713,6 +723,7 @@ impl ExecutionProvider {
         match self {
             ExecutionProvider::Cpu { threads } => Ok(ProviderPlan { intra_threads: *threads, ..Default::default() }),
             ExecutionProvider::Cuda(o) => {
+                o.validate()?;
                 require_compiled_in(probe, GpuProvider::Cuda)?;
                 Ok(ProviderPlan {
                     providers: vec![ProviderSpec { provider: GpuProvider::Cuda, options: o.provider_options() }],
@@ -722,6 +733,7 @@ impl ExecutionProvider {
             }
             ExecutionProvider::TensorRt(o) => {
                 o.validate()?;
+                o.cuda_options().validate()?;
                 let cuda = ProviderSpec { provider: GpuProvider::Cuda, options: o.cuda_options().provider_options() };
                 let trt_missing = if !probe.provider_compiled_in(TENSORRT_EP_NAME)? {
                     Some(format!(
@@ -791,9 +803,10 @@ impl ExecutionProvider {
 impl ProviderPlan {
     /// The CUDA kernel choices ONNX Runtime takes from the environment and session entries.
     fn with_kernel_switches(mut self, cuda: &CudaOptions) -> Self {
-        let on = flag(cuda.fpa_intb_gemm).to_string();
-        self.env.push(("ORT_FPA_INTB_GEMM".into(), on.clone()));
-        self.session_config.push(("ep.cuda.fpa_intb_gemm".into(), on));
+        if let Some(on) = cuda.fpa_intb_gemm {
+            self.env.push(("ORT_FPA_INTB_GEMM".into(), flag(on).to_string()));
+            self.session_config.push(("ep.cuda.fpa_intb_gemm".into(), flag(on).to_string()));
+        }
         self.memory_pattern = (!cuda.memory_pattern).then_some(false);
         self
     }
@@ -804,8 +817,11 @@ impl ProviderPlan {
             builder = builder.with_intra_threads(n).map_err(|e| anyhow!("cannot set {n} intra-op threads: {e}"))?;
         }
         for (key, value) in &self.env {
-            // Read by ONNX Runtime while it builds this session's kernels, on this thread.
-            std::env::set_var(key, value);
+            // Read by ONNX Runtime while it builds this session's kernels, on this thread; set
+            // only when asked for (`fpa_intb_gemm=...`), so a user's own setting stands otherwise.
+            if std::env::var(key).ok().as_deref() != Some(value) {
+                std::env::set_var(key, value);
+            }
         }
         if let Some(on) = self.memory_pattern {
             builder = builder.with_memory_pattern(on).map_err(|e| anyhow!("cannot set the memory pattern: {e}"))?;
@@ -1178,7 +1194,7 @@ mod tests {
             prefer_nhwc: true,
             use_tf32: false,
             copy_in_default_stream: false,
-            fpa_intb_gemm: false,
+            fpa_intb_gemm: Some(false),
             memory_pattern: false,
             shrink_arena: true,
             extra: kv(&[("cudnn_conv_algo_search", "HEURISTIC"), ("use_tf32", "1")]),
@@ -1607,7 +1623,10 @@ mod tests {
     fn weight_only_int4_kernels_are_switched_through_env_and_session_entry() {
         let probe = FakeProbe::gpu_build(&[]);
         let pairs = |plan: &ProviderPlan| (plan.env.clone(), plan.session_config.clone());
+        // By default nothing is set: ONNX Runtime's default (off), or the user's own variable.
         let off = ExecutionProvider::parse("cuda", 0).unwrap().plan(&probe).unwrap();
+        assert_eq!(pairs(&off), (vec![], vec![]));
+        let off = ExecutionProvider::from_cli("cuda", 0, &opts(&["fpa_intb_gemm=0"])).unwrap().plan(&probe).unwrap();
         assert_eq!(pairs(&off), (kv(&[("ORT_FPA_INTB_GEMM", "0")]), kv(&[("ep.cuda.fpa_intb_gemm", "0")])));
         // Not a provider option: ONNX Runtime's CUDA EP would refuse an unknown key.
         assert!(off.providers[0].options.iter().all(|(k, _)| !k.contains("fpa")));
@@ -1621,6 +1640,9 @@ mod tests {
         let lean = ExecutionProvider::from_cli("cuda", 0, &opts(&["memory_pattern=0", "shrink_arena=1"])).unwrap();
         assert_eq!(lean.plan(&probe).unwrap().memory_pattern, Some(false));
         assert!(lean.cuda_options().unwrap().shrink_arena && !lean.provider_options().iter().any(|(k, _)| k.contains("shrink")));
+        let both = ExecutionProvider::from_cli("cuda", 0, &opts(&["shrink_arena=1", "cuda_graph=1"])).unwrap();
+        let err = both.plan(&probe).unwrap_err().to_string();
+        assert!(err.contains("shrink_arena=1 cannot be combined with cuda_graph=1"), "{err}");
         let err = ExecutionProvider::from_cli("cuda", 0, &opts(&["fpa_intb_gemm=maybe"])).unwrap_err().to_string();
         assert!(err.contains("fpa_intb_gemm=maybe"), "{err}");
     }

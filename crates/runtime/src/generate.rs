@@ -330,7 +330,8 @@ impl Generator {
             cached_prompt_tokens: cached,
             generated_tokens: generated,
             time_to_first_token_ms: (first - start).as_secs_f64() * 1e3,
-            prefill_tokens_per_s: if prefill_s > 0.0 { prompt_ids.len() as f64 / prefill_s } else { 0.0 },
+            // Only the tokens that ran: a prefix from the cache costs nothing.
+            prefill_tokens_per_s: if prefill_s > 0.0 { (prompt_ids.len() - cached) as f64 / prefill_s } else { 0.0 },
             decode_tokens_per_s: if generated > 1 && decode_s > 0.0 { (generated - 1) as f64 / decode_s } else { 0.0 },
             total_ms: (end - start).as_secs_f64() * 1e3,
         };

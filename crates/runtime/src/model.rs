@@ -148,14 +148,19 @@ pub fn argmax(x: &[f32]) -> u32 {
 pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 
 /// Inputs and outputs of a CUDA-graph decode step, kept at fixed device addresses between steps.
+/// A captured graph also holds the addresses of the cache it ran on, so each cache gets its
+/// own capture (`graph_id`); [`KvCache::truncate`] lets one cache serve many generations.
 struct GraphDecodeState {
+    /// Every layer's key and value buffer, and the batch and capacity: the cache the graph
+    /// was captured on. (A new cache at exactly these addresses is the same memory, so the
+    /// capture serves it too.)
+    cache: (Vec<(usize, usize)>, usize, usize),
+    graph_id: usize,
     input_ids: Tensor<i64>,
     position_ids: Tensor<i64>,
     attention_mask: Tensor<i64>,
     logits: Tensor<f32>,
     greedy: Option<Tensor<i64>>,
-    batch: usize,
-    capacity: usize,
 }
 
 pub struct DecoderModel {
@@ -164,7 +169,8 @@ pub struct DecoderModel {
     session: Session,
     pub ep: ExecutionProvider,
     device_allocator: Option<Allocator>,
-    graph_state: Option<GraphDecodeState>,
+    /// One captured decode step per cache it ran on (ONNX Runtime keeps every capture).
+    graph_states: Vec<GraphDecodeState>,
     /// Longest piece a prompt is run in (None: the whole prompt in one pass).
     pub prefill_chunk: Option<usize>,
     /// On the CPU, give GroupQueryAttention graphs the GPU's fixed-capacity shared buffer
@@ -296,7 +302,7 @@ impl DecoderModel {
             session,
             ep: ep.clone(),
             device_allocator,
-            graph_state: None,
+            graph_states: Vec::new(),
             prefill_chunk: Some(DEFAULT_PREFILL_CHUNK),
             shared_cache_on_host: false,
         })
@@ -315,8 +321,9 @@ impl DecoderModel {
         self.new_batch_cache(1, self.context_length())
     }
 
-    /// An empty cache for `batch` sequences. On a GPU it holds `capacity` tokens per sequence
-    /// (at most the context length), allocated once on the device.
+    /// An empty cache for `batch` sequences. For a GroupQueryAttention graph on a GPU it holds
+    /// `capacity` tokens per sequence (at most the context length), allocated once on the
+    /// device; otherwise it grows with each step.
     pub fn new_batch_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         match &self.device_allocator {
             // GroupQueryAttention graphs take the shared buffer (graphs exported before the
@@ -687,7 +694,7 @@ impl DecoderModel {
             .device_allocator
             .as_ref()
             .ok_or_else(|| anyhow!("CUDA-graph decode needs a CUDA session"))?;
-        let KvStore::Device { keys, values, capacity, .. } = &mut cache.store
+        let KvStore::Device { keys, values, capacity, addrs, .. } = &mut cache.store
         else {
             bail!(
                 "CUDA-graph decode needs GroupQueryAttention's fixed-size cache; {} was exported without fused attention",
@@ -697,29 +704,25 @@ impl DecoderModel {
         let capacity = *capacity;
         let vocab = self.manifest.dims.vocab_size;
         let has_greedy = self.manifest.has_greedy_output();
-        let rebuild = self
-            .graph_state
-            .as_ref()
-            .is_none_or(|s| s.batch != batch || s.capacity != capacity);
-        if rebuild {
-            self.graph_state = Some(GraphDecodeState {
-                input_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
-                position_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
-                attention_mask: Tensor::<i64>::new(alloc, [batch, capacity]).map_err(ort_err)?,
-                logits: Tensor::<f32>::new(alloc, [batch, 1, vocab]).map_err(ort_err)?,
-                greedy: if has_greedy {
-                    Some(Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?)
-                } else {
-                    None
-                },
-                batch,
-                capacity,
-            });
-        }
-        let state = self
-            .graph_state
-            .as_mut()
-            .ok_or_else(|| anyhow!("graph state"))?;
+        let cache_key = (addrs.clone(), batch, capacity);
+        let index = match self.graph_states.iter().position(|g| g.cache == cache_key) {
+            Some(i) => i,
+            None => {
+                // A new cache: new fixed inputs and a new capture. Graph ids start at 1.
+                let graph_id = 1 + self.graph_states.iter().map(|g| g.graph_id).max().unwrap_or(0);
+                self.graph_states.push(GraphDecodeState {
+                    cache: cache_key,
+                    graph_id,
+                    input_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
+                    position_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
+                    attention_mask: Tensor::<i64>::new(alloc, [batch, capacity]).map_err(ort_err)?,
+                    logits: Tensor::<f32>::new(alloc, [batch, 1, vocab]).map_err(ort_err)?,
+                    greedy: if has_greedy { Some(Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?) } else { None },
+                });
+                self.graph_states.len() - 1
+            }
+        };
+        let state = &mut self.graph_states[index];
         let pos = cache.len as i64;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let mut mask = vec![0i64; batch * capacity];
@@ -775,7 +778,7 @@ impl DecoderModel {
         }
         let mut options = RunOptions::new().map_err(ort_err)?;
         options
-            .set("gpu_graph_id", format!("{}", 1 + batch))
+            .set("gpu_graph_id", state.graph_id.to_string())
             .map_err(ort_err)?;
         self.session
             .run_binding_with_options(&binding, &options)
