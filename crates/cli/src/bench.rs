@@ -83,6 +83,16 @@ pub struct BenchRun {
     pub weight_bytes: u64,
     pub kv_bytes_per_token: u64,
     pub chunked_prefill_check: Option<ChunkCheck>,
+    /// With CUDA graphs: the greedy tokens of replayed steps against the same steps run without
+    /// the graph, from the same prompt.
+    pub cuda_graph_check: Option<GraphCheck>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GraphCheck {
+    pub batch: usize,
+    pub steps: usize,
+    pub same_tokens: bool,
 }
 
 /// Chunked against whole-prompt prefill: the same prompt's last logits both ways.
@@ -198,6 +208,24 @@ impl Runner<'_> {
         result.ok_or_else(|| anyhow!("no decode measurement"))
     }
 
+    /// `steps` greedy steps for `batch` sequences replayed from the CUDA graph, and the same
+    /// steps run without it: the replay must choose the same tokens.
+    fn check_cuda_graph(&mut self, batch: usize, steps: usize) -> Result<GraphCheck> {
+        let prompt = random_tokens(&mut self.rng, batch * 16, self.model.vocab_size());
+        let mut runs = Vec::new();
+        for graph in [true, false] {
+            let mut cache = self.model.new_batch_cache(batch, 16 + steps + 1)?;
+            let mut next = self.step(&prompt, &mut cache, false)?;
+            let mut tokens = next.clone();
+            for _ in 0..steps {
+                next = self.step(&next, &mut cache, graph)?;
+                tokens.extend_from_slice(&next);
+            }
+            runs.push(tokens);
+        }
+        Ok(GraphCheck { batch, steps, same_tokens: runs[0] == runs[1] })
+    }
+
     /// The last logits of one prompt prefilled in chunks and whole.
     fn check_chunked_prefill(&mut self, len: usize, chunk: usize) -> Result<ChunkCheck> {
         let prompt = random_tokens(&mut self.rng, len, self.model.vocab_size());
@@ -242,6 +270,7 @@ pub fn bench_one(graphs: &Path, label: &str, ep: &ExecutionProvider, plan: &Benc
             })
             .unwrap_or(0),
         chunked_prefill_check: None,
+        cuda_graph_check: None,
     };
     let gpu_index = ep.device_id().map(|d| d.max(0) as u32);
     // One monitor over the whole run gives the peak GPU memory.
@@ -286,6 +315,14 @@ fn bench_into(run: &mut BenchRun, graphs: &Path, ep: &ExecutionProvider, plan: &
             // A batch that does not fit is a row saying why, not the end of the run.
             Err(e) => run.skipped.push(SkipRow { what: format!("decode batch {batch}"), reason: format!("{e:#}") }),
         }
+    }
+    if plan.cuda_graph {
+        let batch = plan.batches.iter().copied().max().unwrap_or(1);
+        let check = runner.check_cuda_graph(batch, 16).context("CUDA-graph check")?;
+        if !check.same_tokens {
+            tracing::warn!("{} {}: CUDA-graph replay chose other tokens than the same steps without it", run.label, run.ep);
+        }
+        run.cuda_graph_check = Some(check);
     }
     // Last: a whole-prompt prefill may raise the peak memory the chunked rows were measured at.
     let longest = plan.prompt_lens.iter().copied().filter(|&l| l < context).max();
@@ -430,6 +467,9 @@ pub fn print_table(runs: &[BenchRun], plan: &BenchPlan) {
         println!("{line}");
         for s in &r.skipped {
             println!("    skipped {}: {}", s.what, s.reason);
+        }
+        if let Some(c) = &r.cuda_graph_check {
+            println!("    CUDA graph replay vs no graph, batch {}, {} steps: same tokens: {}", c.batch, c.steps, c.same_tokens);
         }
         if let Some(c) = &r.chunked_prefill_check {
             println!(
