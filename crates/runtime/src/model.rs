@@ -182,23 +182,38 @@ fn ort_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("{e}")
 }
 
+/// `$body` with `$t` standing for the Rust element type of a KV cache dtype.
+macro_rules! with_kv_element {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            TensorDtype::Float32 => {
+                type $t = f32;
+                $body
+            }
+            TensorDtype::Float16 => {
+                type $t = f16;
+                $body
+            }
+            TensorDtype::Bfloat16 => {
+                type $t = bf16;
+                $body
+            }
+            TensorDtype::Int8 => {
+                type $t = i8;
+                $body
+            }
+            other => bail!("no KV cache tensors of {other:?}"),
+        }
+    };
+}
+
 /// An uninitialized tensor of the graph's KV dtype from `alloc`, and its data address.
 fn device_tensor(alloc: &Allocator, dtype: TensorDtype, shape: &[usize]) -> Result<(DynValue, usize)> {
-    let shape = shape.to_vec();
-    macro_rules! new {
-        ($t:ty) => {{
-            let mut t = Tensor::<$t>::new(alloc, shape).map_err(ort_err)?;
-            let addr = t.data_ptr_mut() as usize;
-            (t.into_dyn(), addr)
-        }};
-    }
-    Ok(match dtype {
-        TensorDtype::Float32 => new!(f32),
-        TensorDtype::Float16 => new!(f16),
-        TensorDtype::Bfloat16 => new!(bf16),
-        TensorDtype::Int8 => new!(i8),
-        other => bail!("no KV cache tensors of {other:?}"),
-    })
+    Ok(with_kv_element!(dtype, T => {
+        let mut t = Tensor::<T>::new(alloc, shape.to_vec()).map_err(ort_err)?;
+        let addr = t.data_ptr_mut() as usize;
+        (t.into_dyn(), addr)
+    }))
 }
 
 /// Binds `value` as input `name` without a copy. (`IoBinding::bind_input` copies any tensor it
@@ -238,29 +253,12 @@ unsafe fn sequence_view<'a>(
     let per_sequence = kv_heads * capacity * head_dim;
     let ptr = (addr + seq * per_sequence * dtype.size_bytes()) as *mut std::ffi::c_void;
     let shape = ort::value::Shape::new([1, kv_heads as i64, capacity as i64, head_dim as i64]);
-    macro_rules! view {
-        ($t:ty) => {
-            ort::value::TensorRefMut::<$t>::from_raw(memory.clone(), ptr, shape).map_err(ort_err)?.into_dyn()
-        };
-    }
-    Ok(match dtype {
-        TensorDtype::Float32 => view!(f32),
-        TensorDtype::Float16 => view!(f16),
-        TensorDtype::Bfloat16 => view!(bf16),
-        TensorDtype::Int8 => view!(i8),
-        other => bail!("no KV cache tensors of {other:?}"),
-    })
+    Ok(with_kv_element!(dtype, T => ort::value::TensorRefMut::<T>::from_raw(memory.clone(), ptr, shape).map_err(ort_err)?.into_dyn()))
 }
 
 /// An empty host tensor (zero-length past) of the graph's KV dtype.
 fn empty_host_tensor(dtype: TensorDtype, shape: Vec<i64>) -> Result<DynValue> {
-    Ok(match dtype {
-        TensorDtype::Float32 => Tensor::from_array((shape, Vec::<f32>::new())).map_err(ort_err)?.into_dyn(),
-        TensorDtype::Float16 => Tensor::from_array((shape, Vec::<f16>::new())).map_err(ort_err)?.into_dyn(),
-        TensorDtype::Bfloat16 => Tensor::from_array((shape, Vec::<bf16>::new())).map_err(ort_err)?.into_dyn(),
-        TensorDtype::Int8 => Tensor::from_array((shape, Vec::<i8>::new())).map_err(ort_err)?.into_dyn(),
-        other => bail!("no KV cache of {other:?}"),
-    })
+    Ok(with_kv_element!(dtype, T => Tensor::from_array((shape, Vec::<T>::new())).map_err(ort_err)?.into_dyn()))
 }
 
 impl DecoderModel {
