@@ -6,18 +6,10 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 use pio_models::size::Precision;
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::model::DecoderModel;
-
-fn prefill_last(graphs: &Path, prompt: &[u32]) -> Vec<f32> {
-    let mut model = DecoderModel::load(graphs, &ExecutionProvider::default()).unwrap();
-    let mut cache = model.new_cache().unwrap();
-    model.forward(prompt, &mut cache).unwrap().last().to_vec()
-}
 
 #[test]
 fn fused_qkv_and_gate_up_keep_transformers_logits() {
@@ -169,9 +161,7 @@ fn no_sliding_window_gives_full_attention_and_needs_a_window() {
     export_to(&fixture, &tmp.path().join("full"), settings);
     let manifest = pio_models::Manifest::load(&tmp.path().join("full")).unwrap();
     assert_eq!(manifest.options.layer_windows, [None, None, None]);
-    let mut model = DecoderModel::load(&tmp.path().join("full"), &ExecutionProvider::default()).unwrap();
-    let mut cache = model.new_cache().unwrap();
-    let logits = model.forward(&reference.prompt_ids, &mut cache).unwrap();
+    let logits = prefill(&tmp.path().join("full"), &reference.prompt_ids);
     let diffs: Vec<f32> = (0..logits.rows).map(|p| max_abs_diff(logits.row(p), &reference.prefill_logits[p])).collect();
     assert!(diffs[..8].iter().all(|&d| d <= LOGIT_TOLERANCE), "inside the window: {diffs:?}");
     assert!(diffs[8..].iter().any(|&d| d > 0.1), "full attention past the window changed nothing: {diffs:?}");

@@ -87,9 +87,7 @@ fn export_switches_keep_moe_logits() {
         settings.fused_gate_up = true;
         settings.fused_norms = false;
         export_to(&fixture, &tmp.path().join("g"), settings);
-        let mut model = DecoderModel::load(&tmp.path().join("g"), &ExecutionProvider::default()).unwrap();
-        let mut cache = model.new_cache().unwrap();
-        let logits = model.forward(&reference.prompt_ids, &mut cache).unwrap();
+        let logits = prefill(&tmp.path().join("g"), &reference.prompt_ids);
         let diff = max_abs_diff(logits.last(), reference.prefill_logits.last().unwrap());
         assert!(diff <= LOGIT_TOLERANCE, "{name}: max |diff| {diff}");
     }

@@ -6,8 +6,6 @@
 mod common;
 
 use common::*;
-use pio_runtime::ep::ExecutionProvider;
-use pio_runtime::model::DecoderModel;
 
 const FIXTURES: &[&str] = &["qwen3-tied-hub", "qwen3-untied-rp", "qwen3-fp16", "qwen3-sliding"];
 
@@ -69,9 +67,7 @@ fn unfused_norms_give_the_same_logits() {
     settings.fused_norms = false;
     settings.fused_gate_up = true;
     export_to(&fixture, &tmp.path().join("g"), settings);
-    let mut model = DecoderModel::load(&tmp.path().join("g"), &ExecutionProvider::default()).unwrap();
-    let mut cache = model.new_cache().unwrap();
-    let logits = model.forward(&reference.prompt_ids, &mut cache).unwrap();
+    let logits = prefill(&tmp.path().join("g"), &reference.prompt_ids);
     assert_eq!(logits.rows, 1);
     let expected = reference.prefill_logits.last().unwrap();
     let diff = max_abs_diff(logits.last(), expected);

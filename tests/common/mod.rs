@@ -43,23 +43,8 @@ pub fn load_reference(fixture: &Path) -> Reference {
 }
 
 pub fn cpu_settings(last_token_logits: bool) -> ExportSettings {
-    ExportSettings {
-        precision: Precision::Fp32,
-        target_ep: TargetEp::Cpu,
-        context_length: 256,
-        last_token_logits,
-        fused_norms: true,
-        fused_qk_norm: false,
-        fused_gate_up: false,
-        fused_qkv: false,
-        int4_block_size: 32,
-        int4_lm_head: false,
-        int4_accuracy_level: 0,
-        kv_cache_int8: false,
-        int4_embeddings: false,
-        sliding_window: true,
-        fused_attention: true,
-    }
+    // The CPU takes no q/k norm inside attention, so whether the model has one does not matter.
+    ExportSettings { last_token_logits, ..ExportSettings::for_target(Precision::Fp32, TargetEp::Cpu, 256, false) }
 }
 
 /// A settings knob for the parity checks: attention from standard ONNX ops instead of
@@ -118,6 +103,19 @@ pub fn export_real_tokenizer_qwen3(root: &Path, seed: u64) -> PathBuf {
     let graphs = root.join("graphs");
     export_to(&checkpoint, &graphs, cpu_settings(true));
     graphs
+}
+
+/// The logits of one CPU prefill of `prompt` through the graphs in `graphs`.
+pub fn prefill(graphs: &Path, prompt: &[u32]) -> pio_runtime::model::Logits {
+    let ep = pio_runtime::ep::ExecutionProvider::default();
+    let mut model = pio_runtime::model::DecoderModel::load(graphs, &ep).unwrap();
+    let mut cache = model.new_cache().unwrap();
+    model.forward(prompt, &mut cache).unwrap()
+}
+
+/// The last position's logits of [`prefill`].
+pub fn prefill_last(graphs: &Path, prompt: &[u32]) -> Vec<f32> {
+    prefill(graphs, prompt).last().to_vec()
 }
 
 pub fn argmax(x: &[f32]) -> usize {

@@ -421,24 +421,9 @@ fn export_for_bench(checkpoint: &std::path::Path, out: PathBuf, precision: Preci
         return Ok(out);
     }
     let config = pio_models::ModelConfig::from_file(&checkpoint.join("config.json"))?;
-    let gpu = ep != pio_models::TargetEp::Cpu;
-    let mut settings = pio_export::ExportSettings {
-        precision,
-        target_ep: ep,
-        context_length: config.text.max_position_embeddings.min(8192 + 512),
-        last_token_logits: true,
-        fused_norms: true,
-        fused_qk_norm: gpu && config.text.qk_norm,
-        fused_qkv: gpu,
-        fused_gate_up: gpu,
-        int4_block_size: 32,
-        int4_lm_head: false,
-        int4_accuracy_level: 0,
-        kv_cache_int8: false,
-        int4_embeddings: false,
-        sliding_window: true,
-        fused_attention: true,
-    };
+    // pio-export's defaults for the target, with room for the longest TTFT prompt (8192).
+    let context_length = config.text.max_position_embeddings.min(8192 + 512);
+    let mut settings = pio_export::ExportSettings::for_target(precision, ep, context_length, config.text.qk_norm);
     match variant {
         "default" => {}
         "no-fused-norms" => settings.fused_norms = false,

@@ -59,6 +59,32 @@ pub const PRESENT_VALUE: &str = "present.{layer}.value";
 pub const GREEDY_TOKENS: &str = pio_models::manifest::GREEDY_TOKENS_OUTPUT;
 
 impl ExportSettings {
+    /// The defaults for a target, `pio-export`'s without flags: last-token logits, fused
+    /// norms, the model's sliding windows and GroupQueryAttention everywhere; for the GPU also
+    /// fused q/k/v and gate/up projections, and the q/k norm inside GroupQueryAttention when the
+    /// model has one (`model_has_qk_norm`); int4 in blocks of 32 with the lm_head and embeddings
+    /// kept 16-bit.
+    pub fn for_target(precision: Precision, target_ep: TargetEp, context_length: usize, model_has_qk_norm: bool) -> Self {
+        let gpu = target_ep != TargetEp::Cpu;
+        ExportSettings {
+            precision,
+            target_ep,
+            context_length,
+            last_token_logits: true,
+            fused_norms: true,
+            fused_qk_norm: gpu && model_has_qk_norm,
+            fused_gate_up: gpu,
+            fused_qkv: gpu,
+            int4_block_size: 32,
+            int4_lm_head: false,
+            int4_accuracy_level: 0,
+            int4_embeddings: false,
+            kv_cache_int8: false,
+            sliding_window: true,
+            fused_attention: true,
+        }
+    }
+
     /// The dtype of activations, weights and the KV cache.
     pub fn compute_dtype(&self) -> TensorDtype {
         match self.precision {

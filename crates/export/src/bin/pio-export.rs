@@ -213,21 +213,21 @@ fn run(args: Args) -> Result<()> {
         _ => bail!("pass --checkpoint DIR or --model PRESET"),
     };
     let config = pio_models::ModelConfig::from_file(&checkpoint.join("config.json"))?;
-    let gpu = target_ep != TargetEp::Cpu;
     let context_length = args.context_length.unwrap_or(config.text.max_position_embeddings.min(32768));
+    // Flags override the target's defaults; the q/k norm cannot go into attention that is not
+    // GroupQueryAttention.
+    let defaults =
+        ExportSettings::for_target(precision, target_ep, context_length, config.text.qk_norm && !args.no_fused_attention);
     let out_dir = args.out.clone().unwrap_or_else(|| Path::new("graphs").join(format!("{base_name}-{}", precision.as_str())));
     let request = ExportRequest {
         checkpoint,
         out_dir,
         settings: ExportSettings {
-            precision,
-            target_ep,
-            context_length,
             last_token_logits: !args.all_logits,
             fused_norms: !args.no_fused_norms,
-            fused_qk_norm: args.fused_qk_norm.unwrap_or(gpu && config.text.qk_norm && !args.no_fused_attention),
-            fused_qkv: args.fused_qkv.unwrap_or(gpu),
-            fused_gate_up: args.fused_gate_up.unwrap_or(gpu),
+            fused_qk_norm: args.fused_qk_norm.unwrap_or(defaults.fused_qk_norm),
+            fused_qkv: args.fused_qkv.unwrap_or(defaults.fused_qkv),
+            fused_gate_up: args.fused_gate_up.unwrap_or(defaults.fused_gate_up),
             int4_block_size: args.int4_block_size,
             int4_lm_head: args.int4_lm_head,
             int4_accuracy_level: args.int4_accuracy_level,
@@ -235,6 +235,7 @@ fn run(args: Args) -> Result<()> {
             int4_embeddings: args.int4_embeddings,
             sliding_window: !args.no_sliding_window,
             fused_attention: !args.no_fused_attention,
+            ..defaults
         },
         overwrite: args.force,
         source,
