@@ -23,7 +23,10 @@ fn fused_qkv_and_gate_up_keep_transformers_logits() {
         export_to(&fixture, &tmp.path().join("g"), settings);
         let graph = std::fs::read(tmp.path().join("g/model.onnx")).unwrap();
         let text = String::from_utf8_lossy(&graph);
-        assert!(text.contains("qkv_proj") && text.contains("gate_up_proj"), "{name}: fused projections missing from the graph");
+        assert!(
+            text.contains("qkv_proj") && text.contains("gate_up_proj"),
+            "{name}: fused projections missing from the graph"
+        );
         let got = prefill_last(&tmp.path().join("g"), &reference.prompt_ids);
         let diff = max_abs_diff(&got, reference.prefill_logits.last().unwrap());
         assert!(diff <= 1e-4, "{name}: max |diff| {diff}");
@@ -96,7 +99,10 @@ fn int8_kv_cache_stays_close_to_transformers() {
         let mut model = DecoderModel::load(&tmp.path().join("g"), &ExecutionProvider::default()).unwrap();
         let mut cache = model.new_cache().unwrap();
         let spread = reference.prefill_logits.last().unwrap().iter().fold(0f32, |m, v| m.max(v.abs()));
-        let mut diffs = vec![max_abs_diff(model.forward(&reference.prompt_ids, &mut cache).unwrap().last(), reference.prefill_logits.last().unwrap())];
+        let mut diffs = vec![max_abs_diff(
+            model.forward(&reference.prompt_ids, &mut cache).unwrap().last(),
+            reference.prefill_logits.last().unwrap(),
+        )];
         for step in &reference.steps {
             diffs.push(max_abs_diff(model.forward(&[step.input_id], &mut cache).unwrap().last(), &step.logits));
         }
@@ -131,7 +137,9 @@ fn int4_embeddings_share_one_table_with_a_tied_lm_head() {
     assert_eq!(text.matches("embed_tokens.weight_q4").count(), 3, "one int4 table for the lookup and the lm_head");
     assert!(!text.contains("lm_head.weight_q4"), "a tied lm_head must reuse the embedding table");
 
-    int4_round_trip_checkpoint_where(&fixture, &tmp.path().join("dq"), block, |n| n.contains("_proj") || n.contains("embed_tokens"));
+    int4_round_trip_checkpoint_where(&fixture, &tmp.path().join("dq"), block, |n| {
+        n.contains("_proj") || n.contains("embed_tokens")
+    });
     export_to(&tmp.path().join("dq"), &tmp.path().join("dq-fp32"), cpu_settings(true));
     let got = prefill_last(&tmp.path().join("int4"), &reference.prompt_ids);
     let expected = prefill_last(&tmp.path().join("dq-fp32"), &reference.prompt_ids);

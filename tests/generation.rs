@@ -146,7 +146,8 @@ fn stop_token_ids_and_eos_ids_stop_right_there() {
     // The manifest's eos ids: make the same token the model's eos by editing pio.json.
     let graphs = tmp.path().join(name);
     let manifest_path = graphs.join("pio.json");
-    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
     manifest["eos_token_ids"] = json!([stop_id]);
     std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
     let mut generator = Generator::load(&graphs, &ExecutionProvider::default()).unwrap();
@@ -238,7 +239,10 @@ fn seeded_sampling_is_reproducible() {
 fn real_tokenizer_graphs() -> &'static Path {
     static GRAPHS: OnceLock<PathBuf> = OnceLock::new();
     GRAPHS.get_or_init(|| {
-        export_real_tokenizer_qwen3(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("generation-qwen3-real-tokenizer"), 1234)
+        export_real_tokenizer_qwen3(
+            &Path::new(env!("CARGO_TARGET_TMPDIR")).join("generation-qwen3-real-tokenizer"),
+            1234,
+        )
     })
 }
 

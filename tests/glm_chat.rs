@@ -433,11 +433,14 @@ fn glm_chat_generation_end_to_end() {
     assert_eq!(manifest.pad_token_id, Some(id(&tok, "<|endoftext|>")));
     assert_eq!(manifest.bos_token_id, None);
     let spec = manifest.tokenizer.as_ref().expect("no tokenizer in pio.json");
-    assert!(spec.files.iter().any(|f| f == "tokenizer.json") && spec.files.iter().any(|f| f == "tokenizer_config.json"));
+    assert!(
+        spec.files.iter().any(|f| f == "tokenizer.json") && spec.files.iter().any(|f| f == "tokenizer_config.json")
+    );
     assert_eq!(spec.chat_template_source.as_deref(), Some("tokenizer_config.json"));
 
     // Any message: consistent whichever way it ends.
-    for (message, thinking) in [("Hello! 你好 😀", None), ("Tell me a story.", Some(true)), ("谢谢", Some(false))] {
+    for (message, thinking) in [("Hello! 你好 😀", None), ("Tell me a story.", Some(true)), ("谢谢", Some(false))]
+    {
         chat_generate(&mut generator, message, thinking);
     }
     // Known continuations: two stop at an eos id (<|user|>, <|observation|>), one runs to the limit.

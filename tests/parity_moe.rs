@@ -102,7 +102,10 @@ fn glm4moe_mtp_layer_on_disk_is_skipped() {
     assert_eq!(ck.config.text.num_hidden_layers, 4);
     assert_eq!(ck.config.text.num_nextn_predict_layers, 1);
     let mtp: Vec<&str> = ck.tensor_names().filter(|n| n.starts_with("model.layers.4.")).collect();
-    assert!(mtp.iter().any(|n| n.ends_with("eh_proj.weight")) && mtp.len() > 20, "fixture lacks its MTP layer: {mtp:?}");
+    assert!(
+        mtp.iter().any(|n| n.ends_with("eh_proj.weight")) && mtp.len() > 20,
+        "fixture lacks its MTP layer: {mtp:?}"
+    );
 
     let tmp = tempfile::tempdir().unwrap();
     export_to(&fixture, &tmp.path().join("g"), cpu_settings(true));
@@ -110,7 +113,10 @@ fn glm4moe_mtp_layer_on_disk_is_skipped() {
     assert_eq!(manifest.dims.num_layers, 4);
     let graph = std::fs::read(tmp.path().join("g/model.onnx")).unwrap();
     let text = String::from_utf8_lossy(&graph);
-    assert!(text.contains("model.layers.3.mlp.experts") && !text.contains("model.layers.4."), "the graph reads the MTP layer");
+    assert!(
+        text.contains("model.layers.3.mlp.experts") && !text.contains("model.layers.4."),
+        "the graph reads the MTP layer"
+    );
 }
 
 /// Config resolution transformers does and the fixtures rely on.

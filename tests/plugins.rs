@@ -31,10 +31,10 @@ const B: f64 = 1e9;
 /// Public sizes from the model cards, as (total, active) ranges in billions of parameters.
 fn expected_size(name: &str) -> ((f64, f64), (f64, f64)) {
     match name {
-        "qwen3-4b-instruct-2507" => ((3.8, 4.2), (3.8, 4.2)),       // 4.0B dense
-        "qwen3-coder-30b" => ((30.0, 31.0), (3.0, 3.6)),            // 30.5B total, 3.3B active
-        "qwen3-vl-2b" => ((1.9, 2.4), (1.9, 2.4)),                  // ~2B with the vision encoder
-        "glm-4-7" => ((340.0, 370.0), (30.0, 35.0)),                // ~355B total, ~32B active
+        "qwen3-4b-instruct-2507" => ((3.8, 4.2), (3.8, 4.2)), // 4.0B dense
+        "qwen3-coder-30b" => ((30.0, 31.0), (3.0, 3.6)),      // 30.5B total, 3.3B active
+        "qwen3-vl-2b" => ((1.9, 2.4), (1.9, 2.4)),            // ~2B with the vision encoder
+        "glm-4-7" => ((340.0, 370.0), (30.0, 35.0)),          // ~355B total, ~32B active
         other => panic!("preset {other} has no expected size in this test: add it"),
     }
 }
@@ -60,9 +60,18 @@ fn every_preset_has_a_plugin_with_computed_metadata() {
         let ((tlo, thi), (alo, ahi)) = expected_size(preset.name);
         let (total, active) = (p.total as f64 / B, p.active as f64 / B);
         assert!((tlo..=thi).contains(&total), "{}: {total:.2}B total parameters, expected {tlo}..{thi}B", preset.name);
-        assert!((alo..=ahi).contains(&active), "{}: {active:.2}B active parameters, expected {alo}..{ahi}B", preset.name);
+        assert!(
+            (alo..=ahi).contains(&active),
+            "{}: {active:.2}B active parameters, expected {alo}..{ahi}B",
+            preset.name
+        );
         let is_moe = config.text.moe.is_some();
-        assert_eq!(p.active < p.total, is_moe, "{}: only MoE models have fewer active than total parameters", preset.name);
+        assert_eq!(
+            p.active < p.total,
+            is_moe,
+            "{}: only MoE models have fewer active than total parameters",
+            preset.name
+        );
         assert_eq!(p.vision > 0, config.vision.is_some(), "{}: vision parameters", preset.name);
 
         // Memory: one entry per precision, consistent with each other.
@@ -86,14 +95,22 @@ fn every_preset_has_a_plugin_with_computed_metadata() {
         assert!(m.kv_bytes_per_token_bf16 > 0, "{}", preset.name);
         assert_eq!(
             m.kv_bytes_per_token_bf16,
-            2 * config.text.num_hidden_layers as u64 * (config.text.num_key_value_heads * config.text.head_dim) as u64 * 2,
+            2 * config.text.num_hidden_layers as u64
+                * (config.text.num_key_value_heads * config.text.head_dim) as u64
+                * 2,
             "{}: KV bytes per token (bf16 keys and values, all layers)",
             preset.name
         );
 
         // Modalities: text everywhere, images for the VL model only.
         assert!(m.modalities.contains(&Modality::Text), "{}", preset.name);
-        assert_eq!(m.modalities.contains(&Modality::Image), preset.name == "qwen3-vl-2b", "{}: {:?}", preset.name, m.modalities);
+        assert_eq!(
+            m.modalities.contains(&Modality::Image),
+            preset.name == "qwen3-vl-2b",
+            "{}: {:?}",
+            preset.name,
+            m.modalities
+        );
 
         // The metadata serializes (services hand it out as JSON).
         let v = serde_json::to_value(m).unwrap();
@@ -149,7 +166,10 @@ fn synthetic_export(preset_name: &str, root: &Path) -> anyhow::Result<PathBuf> {
     Ok(graphs)
 }
 
-fn collect(plugin: &mut Box<dyn ModelPlugin>, request: &GenerateRequest) -> anyhow::Result<(pio_runtime::generate::GenerationOutput, Vec<TokenEvent>)> {
+fn collect(
+    plugin: &mut Box<dyn ModelPlugin>,
+    request: &GenerateRequest,
+) -> anyhow::Result<(pio_runtime::generate::GenerationOutput, Vec<TokenEvent>)> {
     let mut events = Vec::new();
     let out = plugin.generate(request, &mut |e: &TokenEvent| {
         events.push(e.clone());
@@ -161,7 +181,12 @@ fn collect(plugin: &mut Box<dyn ModelPlugin>, request: &GenerateRequest) -> anyh
 fn greedy_request(prompt: Prompt, max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         prompt,
-        options: GenerateOptions { max_tokens, sampling: SamplingParams::greedy(), ignore_eos: true, ..Default::default() },
+        options: GenerateOptions {
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            ignore_eos: true,
+            ..Default::default()
+        },
         render: RenderOptions::generation(),
     }
 }
@@ -233,7 +258,10 @@ fn plugin_life_cycle(preset_name: &str, graphs: &Path) {
     assert!(!plugin.is_loaded());
     let err = collect(&mut plugin, &greedy_request(Prompt::Ids(vec![1, 2, 3]), 2)).expect_err("generate after unload");
     let msg = format!("{err:#}");
-    assert!(msg.contains(preset_name) && msg.contains("no model loaded") && msg.contains("load"), "unclear error: {msg}");
+    assert!(
+        msg.contains(preset_name) && msg.contains("no model loaded") && msg.contains("load"),
+        "unclear error: {msg}"
+    );
     assert!(plugin.infer("Hello", 2).is_err());
 
     // load works again after unload.
@@ -266,10 +294,7 @@ fn check_preset(preset_name: &str, expect: Expect) {
         }
         Err(e) => {
             let msg = format!("{e:#}");
-            assert!(
-                expect == Expect::NotImplementedYet,
-                "{preset_name}: the synthetic export failed: {msg}"
-            );
+            assert!(expect == Expect::NotImplementedYet, "{preset_name}: the synthetic export failed: {msg}");
             assert!(
                 msg.contains("not implemented yet") && msg.contains(architecture.hf_name()),
                 "{preset_name}: the export failed without saying that {} is not implemented yet: {msg}",
@@ -315,7 +340,9 @@ fn loading_a_graph_of_the_wrong_family_is_refused() {
         let err = plugin.load(&graphs).expect_err("a Qwen3 graph must not load into another family's plugin");
         let msg = format!("{err:#}");
         assert!(
-            msg.contains(Architecture::Qwen3.hf_name()) && msg.contains(other) && msg.contains(&graphs.display().to_string()),
+            msg.contains(Architecture::Qwen3.hf_name())
+                && msg.contains(other)
+                && msg.contains(&graphs.display().to_string()),
             "unclear error: {msg}"
         );
         assert!(!plugin.is_loaded());
@@ -331,7 +358,10 @@ fn loading_a_graph_of_the_wrong_family_is_refused() {
     plugin.initialize(ExecutionProvider::default()).unwrap();
     let err = plugin.load(&moe_graphs).expect_err("a Qwen3-MoE graph must not load into the Qwen3 plugin");
     let msg = format!("{err:#}");
-    assert!(msg.contains(Architecture::Qwen3Moe.hf_name()) && msg.contains("qwen3-4b-instruct-2507"), "unclear error: {msg}");
+    assert!(
+        msg.contains(Architecture::Qwen3Moe.hf_name()) && msg.contains("qwen3-4b-instruct-2507"),
+        "unclear error: {msg}"
+    );
     plugin.load(&graphs).unwrap();
     assert!(plugin.is_loaded());
     // A folder that is not an export names pio.json.
@@ -370,7 +400,13 @@ mod readme_example {
             prompt: Prompt::Chat(vec![json!({"role": "user", "content": "Name three rivers."})]),
             options: GenerateOptions {
                 max_tokens: 64,
-                sampling: SamplingParams { temperature: 0.7, top_k: 20, top_p: 0.8, seed: Some(1), ..Default::default() },
+                sampling: SamplingParams {
+                    temperature: 0.7,
+                    top_k: 20,
+                    top_p: 0.8,
+                    seed: Some(1),
+                    ..Default::default()
+                },
                 stop: vec!["\n\n".into()],
                 ..Default::default()
             },
@@ -380,7 +416,12 @@ mod readme_example {
             print!("{}", event.text); // the text this token completed; return ControlFlow::Break(()) to cancel
             ControlFlow::Continue(())
         })?;
-        println!("\n{:?} after {} tokens, {:.1} tokens/s", output.finish_reason, output.generated_ids.len(), output.timings.decode_tokens_per_s);
+        println!(
+            "\n{:?} after {} tokens, {:.1} tokens/s",
+            output.finish_reason,
+            output.generated_ids.len(),
+            output.timings.decode_tokens_per_s
+        );
 
         plugin.unload();
         Ok(())

@@ -14,10 +14,7 @@ fn load(name: &str, last_token_logits: bool, tmp: &tempfile::TempDir) -> (Decode
     let fixture = fixtures_dir().join(name);
     let graphs = tmp.path().join(name);
     export_to(&fixture, &graphs, cpu_settings(last_token_logits));
-    (
-        DecoderModel::load(&graphs, &ExecutionProvider::default()).unwrap(),
-        load_reference(&fixture),
-    )
+    (DecoderModel::load(&graphs, &ExecutionProvider::default()).unwrap(), load_reference(&fixture))
 }
 
 #[test]
@@ -29,31 +26,17 @@ fn prefill_in_chunks_matches_transformers_at_every_position() {
         model.prefill_chunk = Some(3);
         let mut cache = model.new_cache().unwrap();
         let logits = model.forward(&reference.prompt_ids, &mut cache).unwrap();
-        assert_eq!(
-            logits.rows,
-            reference.prompt_ids.len(),
-            "{name}: one row per prompt token"
-        );
+        assert_eq!(logits.rows, reference.prompt_ids.len(), "{name}: one row per prompt token");
         assert_eq!(cache.len, reference.prompt_ids.len());
         for (pos, expected) in reference.prefill_logits.iter().enumerate() {
             let diff = max_abs_diff(logits.row(pos), expected);
-            assert!(
-                diff <= LOGIT_TOLERANCE,
-                "{name}: chunked prefill position {pos}: max |diff| {diff}"
-            );
-            assert_eq!(
-                argmax(logits.row(pos)),
-                argmax(expected),
-                "{name}: chunked prefill position {pos}"
-            );
+            assert!(diff <= LOGIT_TOLERANCE, "{name}: chunked prefill position {pos}: max |diff| {diff}");
+            assert_eq!(argmax(logits.row(pos)), argmax(expected), "{name}: chunked prefill position {pos}");
         }
         let step = &reference.steps[0];
         let next = model.forward(&[step.input_id], &mut cache).unwrap();
         let diff = max_abs_diff(next.last(), &step.logits);
-        assert!(
-            diff <= LOGIT_TOLERANCE,
-            "{name}: step after a chunked prefill: max |diff| {diff}"
-        );
+        assert!(diff <= LOGIT_TOLERANCE, "{name}: step after a chunked prefill: max |diff| {diff}");
     }
 }
 
@@ -64,11 +47,7 @@ fn chunked_prefill_greedy_matches_transformers_generate() {
         let (mut model, reference) = load(name, true, &tmp);
         model.prefill_chunk = Some(5);
         let g = &reference.greedy;
-        assert_eq!(
-            greedy(&mut model, &g.prompt_ids, g.max_new_tokens, false),
-            g.generated_ids,
-            "{name}"
-        );
+        assert_eq!(greedy(&mut model, &g.prompt_ids, g.max_new_tokens, false), g.generated_ids, "{name}");
     }
 }
 
@@ -90,16 +69,10 @@ fn greedy_tokens_output_decodes_like_transformers_generate() {
     for name in FIXTURES {
         for last_token_logits in [true, false] {
             let (mut model, reference) = load(name, last_token_logits, &tmp);
-            assert!(
-                model.manifest.has_greedy_output(),
-                "{name}: the export has a greedy_tokens output"
-            );
+            assert!(model.manifest.has_greedy_output(), "{name}: the export has a greedy_tokens output");
             let g = &reference.greedy;
             let got = graph_greedy(&mut model, &g.prompt_ids, g.max_new_tokens);
-            assert_eq!(
-                got, g.generated_ids,
-                "{name} (last-token logits {last_token_logits})"
-            );
+            assert_eq!(got, g.generated_ids, "{name} (last-token logits {last_token_logits})");
         }
     }
 }
@@ -115,9 +88,7 @@ fn greedy_fetch_brings_back_tokens_not_logits_and_agrees_per_sequence() {
     let tokens: Vec<u32> = prompt.iter().chain(&second).copied().collect();
     let mut cache = model.new_batch_cache(2, 64).unwrap();
     let out = model.step(&tokens, 2, &mut cache, Fetch::Greedy).unwrap();
-    let StepOutput::Greedy(greedy) = out else {
-        panic!("a graph with greedy_tokens returns tokens")
-    };
+    let StepOutput::Greedy(greedy) = out else { panic!("a graph with greedy_tokens returns tokens") };
     let mut cache = model.new_batch_cache(2, 64).unwrap();
     let logits = model.forward_batch(&tokens, 2, &mut cache).unwrap();
     let expected: Vec<u32> = (0..2).map(|b| argmax(logits.last_of(b)) as u32).collect();
@@ -137,25 +108,15 @@ fn graphs_without_a_greedy_output_fall_back_to_host_argmax() {
     let dir = model.dir.clone();
     drop(model);
     let mut manifest = pio_models::Manifest::load(&dir).unwrap();
-    manifest
-        .outputs
-        .retain(|o| o.name != pio_models::manifest::GREEDY_TOKENS_OUTPUT);
+    manifest.outputs.retain(|o| o.name != pio_models::manifest::GREEDY_TOKENS_OUTPUT);
     manifest.save(&dir).unwrap();
     let mut model = DecoderModel::load(&dir, &ExecutionProvider::default()).unwrap();
     assert!(!model.manifest.has_greedy_output());
     let mut cache = model.new_cache().unwrap();
-    let out = model
-        .step(&reference.greedy.prompt_ids, 1, &mut cache, Fetch::Greedy)
-        .unwrap();
-    assert!(
-        matches!(out, StepOutput::Logits(_)),
-        "without the output the logits come back"
-    );
+    let out = model.step(&reference.greedy.prompt_ids, 1, &mut cache, Fetch::Greedy).unwrap();
+    assert!(matches!(out, StepOutput::Logits(_)), "without the output the logits come back");
     let g = &reference.greedy;
-    assert_eq!(
-        graph_greedy(&mut model, &g.prompt_ids, g.max_new_tokens),
-        g.generated_ids
-    );
+    assert_eq!(graph_greedy(&mut model, &g.prompt_ids, g.max_new_tokens), g.generated_ids);
 }
 
 /// Logits of the last position of each sequence, run alone from an empty cache.
@@ -214,7 +175,9 @@ fn a_batch_prompt_longer_than_a_chunk_runs_each_sequence_through_the_shared_buff
         for (b, (want_first, _)) in expected.iter().enumerate() {
             assert!(max_abs_diff(whole.last_of(b), want_first) <= LOGIT_TOLERANCE, "{name} sequence {b}");
         }
-        let Err(err) = model.forward_batch(&more, 2, &mut cache) else { panic!("{name}: a multi-token batch step after a past") };
+        let Err(err) = model.forward_batch(&more, 2, &mut cache) else {
+            panic!("{name}: a multi-token batch step after a past")
+        };
         let err = err.to_string();
         assert!(err.contains("only into an empty cache"), "{err}");
     }

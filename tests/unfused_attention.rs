@@ -238,7 +238,8 @@ fn other_switches_combine_with_unfused_attention() {
         export_to(&fixture, &tmp.path().join("switches"), settings);
         assert!(op_types(&tmp.path().join("switches")).contains(&"Split".to_string()));
         let prompt = &reference.prompt_ids;
-        let diff = max_abs_diff(&prefill_last(&tmp.path().join("switches"), prompt), reference.prefill_logits.last().unwrap());
+        let diff =
+            max_abs_diff(&prefill_last(&tmp.path().join("switches"), prompt), reference.prefill_logits.last().unwrap());
         assert!(diff <= LOGIT_TOLERANCE, "{name}: fused q/k/v and gate/up, unfused norms: max |diff| {diff}");
 
         for fused in [true, false] {
@@ -246,8 +247,10 @@ fn other_switches_combine_with_unfused_attention() {
             (settings.precision, settings.fused_attention) = (Precision::Int4, fused);
             export_to(&fixture, &tmp.path().join(format!("int4-{fused}")), settings);
         }
-        let diff =
-            max_abs_diff(&prefill_last(&tmp.path().join("int4-false"), prompt), &prefill_last(&tmp.path().join("int4-true"), prompt));
+        let diff = max_abs_diff(
+            &prefill_last(&tmp.path().join("int4-false"), prompt),
+            &prefill_last(&tmp.path().join("int4-true"), prompt),
+        );
         assert!(diff <= LOGIT_TOLERANCE, "{name}: int4 with unfused vs fused attention: max |diff| {diff}");
     }
 }

@@ -86,7 +86,9 @@ pub fn export_error(checkpoint: &Path, out: &Path, settings: ExportSettings) -> 
 /// `root/graphs` and returns that folder.
 pub fn export_real_tokenizer_qwen3(root: &Path, seed: u64) -> PathBuf {
     let tokenizer = pio_models::paths::qwen3_tokenizer_dir().unwrap_or_else(|| {
-        panic!("the Qwen3 tokenizer is missing (.cache/pio/tokenizers/qwen3/tokenizer.json): run scripts/setup.sh first")
+        panic!(
+            "the Qwen3 tokenizer is missing (.cache/pio/tokenizers/qwen3/tokenizer.json): run scripts/setup.sh first"
+        )
     });
     let shape = pio_export::synthetic::ShapeOverrides {
         layers: Some(1),
@@ -98,8 +100,9 @@ pub fn export_real_tokenizer_qwen3(root: &Path, seed: u64) -> PathBuf {
         ..Default::default()
     };
     let preset = pio_models::presets::find_preset("qwen3-4b-instruct-2507").unwrap();
-    let checkpoint = pio_export::synthetic::write_checkpoint(preset, &shape, seed, Some(&tokenizer), &root.join("checkpoint"))
-        .unwrap_or_else(|e| panic!("synthetic checkpoint: {e:#}"));
+    let checkpoint =
+        pio_export::synthetic::write_checkpoint(preset, &shape, seed, Some(&tokenizer), &root.join("checkpoint"))
+            .unwrap_or_else(|e| panic!("synthetic checkpoint: {e:#}"));
     let graphs = root.join("graphs");
     export_to(&checkpoint, &graphs, cpu_settings(true));
     graphs
@@ -187,7 +190,12 @@ pub fn check_logit_parity_with(name: &str, knob: impl Fn(&mut ExportSettings)) -
 }
 
 /// Greedy decoding of `n` tokens after `prompt`, fed as one prefill or token by token.
-pub fn greedy(model: &mut pio_runtime::model::DecoderModel, prompt: &[u32], n: usize, token_by_token: bool) -> Vec<u32> {
+pub fn greedy(
+    model: &mut pio_runtime::model::DecoderModel,
+    prompt: &[u32],
+    n: usize,
+    token_by_token: bool,
+) -> Vec<u32> {
     let mut cache = model.new_cache().unwrap();
     let mut last = if token_by_token {
         let mut logits = None;
@@ -268,7 +276,8 @@ pub fn int4_round_trip_checkpoint_where(src: &Path, dst: &Path, block: usize, qu
             let mut values = pio_export::convert::to_f32_vec(&t);
             if t.shape.len() == 2 && quantized(&name) {
                 let layout = pio_export::quant::Int4Layout::new(t.shape[0], t.shape[1], block).unwrap();
-                let q = pio_export::quant::quantize(&layout, &values, pio_models::manifest::TensorDtype::Float32).unwrap();
+                let q =
+                    pio_export::quant::quantize(&layout, &values, pio_models::manifest::TensorDtype::Float32).unwrap();
                 values = pio_export::quant::dequantize(&layout, &q.packed, &q.scales);
             }
             let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -283,4 +292,3 @@ pub fn int4_round_trip_checkpoint_where(src: &Path, dst: &Path, block: usize, qu
         .collect();
     safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
 }
-

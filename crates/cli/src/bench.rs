@@ -285,7 +285,13 @@ pub fn bench_one(graphs: &Path, label: &str, ep: &ExecutionProvider, plan: &Benc
     run
 }
 
-fn bench_into(run: &mut BenchRun, graphs: &Path, ep: &ExecutionProvider, plan: &BenchPlan, gpu_index: Option<u32>) -> Result<()> {
+fn bench_into(
+    run: &mut BenchRun,
+    graphs: &Path,
+    ep: &ExecutionProvider,
+    plan: &BenchPlan,
+    gpu_index: Option<u32>,
+) -> Result<()> {
     if plan.cuda_graph && !matches!(ep, ExecutionProvider::Cuda { .. }) {
         bail!("CUDA graphs apply to the CUDA execution provider only");
     }
@@ -299,7 +305,10 @@ fn bench_into(run: &mut BenchRun, graphs: &Path, ep: &ExecutionProvider, plan: &
     let mut runner = Runner { model, plan, rng: ChaCha8Rng::seed_from_u64(plan.seed), gpu_index };
     for &len in &plan.prompt_lens {
         if len + 1 > context {
-            run.skipped.push(SkipRow { what: format!("ttft {len}"), reason: format!("over the graph's context length {context}") });
+            run.skipped.push(SkipRow {
+                what: format!("ttft {len}"),
+                reason: format!("over the graph's context length {context}"),
+            });
             continue;
         }
         let row = runner.ttft(len).with_context(|| format!("time to first token at {len} tokens"))?;
@@ -320,7 +329,11 @@ fn bench_into(run: &mut BenchRun, graphs: &Path, ep: &ExecutionProvider, plan: &
         let batch = plan.batches.iter().copied().max().unwrap_or(1);
         let check = runner.check_cuda_graph(batch, 16).context("CUDA-graph check")?;
         if !check.same_tokens {
-            tracing::warn!("{} {}: CUDA-graph replay chose other tokens than the same steps without it", run.label, run.ep);
+            tracing::warn!(
+                "{} {}: CUDA-graph replay chose other tokens than the same steps without it",
+                run.label,
+                run.ep
+            );
         }
         run.cuda_graph_check = Some(check);
     }
@@ -329,7 +342,12 @@ fn bench_into(run: &mut BenchRun, graphs: &Path, ep: &ExecutionProvider, plan: &
     if let (true, Some(chunk), Some(len)) = (plan.check_chunked_prefill, plan.prefill_chunk, longest) {
         if len > chunk {
             let check = runner.check_chunked_prefill(len, chunk).context("chunked prefill check")?;
-            tracing::info!("{} {}: chunked vs whole prefill of {len} tokens: max |diff| {}", run.label, run.ep, check.max_abs_diff);
+            tracing::info!(
+                "{} {}: chunked vs whole prefill of {len} tokens: max |diff| {}",
+                run.label,
+                run.ep,
+                check.max_abs_diff
+            );
             run.chunked_prefill_check = Some(check);
         }
     }
@@ -404,7 +422,13 @@ pub fn accuracy(
 }
 
 /// The transformers baseline (scripts/hf_baseline.py), run in the same invocation.
-pub fn hf_baseline(script: &Path, checkpoint: &Path, prompt_len: usize, new_tokens: usize, device: &str) -> Result<serde_json::Value> {
+pub fn hf_baseline(
+    script: &Path,
+    checkpoint: &Path,
+    prompt_len: usize,
+    new_tokens: usize,
+    device: &str,
+) -> Result<serde_json::Value> {
     let out = tempfile::NamedTempFile::new()?;
     let dtype = if device == "cpu" { "fp32" } else { "bf16" };
     let status = std::process::Command::new(std::env::var("PIO_PYTHON").unwrap_or_else(|_| "python3".into()))
@@ -444,7 +468,8 @@ pub fn print_table(runs: &[BenchRun], plan: &BenchPlan) {
         if let Some(c) = r.prefill_chunk.filter(|&c| plan.prompt_lens.iter().any(|&l| l > c)) {
             label.push_str(&format!(" chunk{c}"));
         }
-        let mut line = format!("{:<28} {:<9} {:<6} {:>6}", label, r.ep, r.precision, if r.cuda_graph { "on" } else { "off" });
+        let mut line =
+            format!("{:<28} {:<9} {:<6} {:>6}", label, r.ep, r.precision, if r.cuda_graph { "on" } else { "off" });
         if let Some(e) = &r.error {
             println!("{line}  not run: {e}");
             continue;
@@ -469,7 +494,10 @@ pub fn print_table(runs: &[BenchRun], plan: &BenchPlan) {
             println!("    skipped {}: {}", s.what, s.reason);
         }
         if let Some(c) = &r.cuda_graph_check {
-            println!("    CUDA graph replay vs no graph, batch {}, {} steps: same tokens: {}", c.batch, c.steps, c.same_tokens);
+            println!(
+                "    CUDA graph replay vs no graph, batch {}, {} steps: same tokens: {}",
+                c.batch, c.steps, c.same_tokens
+            );
         }
         if let Some(c) = &r.chunked_prefill_check {
             println!(

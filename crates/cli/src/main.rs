@@ -349,7 +349,12 @@ fn chat(args: ChatArgs) -> Result<()> {
     if let Some(s) = &args.system {
         messages.push(json!({"role": "system", "content": s}));
     }
-    eprintln!("chatting with {} ({} on {}); /reset clears the history, /exit or Ctrl-D quits", generator.model.manifest.name, generator.model.manifest.precision.as_str(), args.model.ep);
+    eprintln!(
+        "chatting with {} ({} on {}); /reset clears the history, /exit or Ctrl-D quits",
+        generator.model.manifest.name,
+        generator.model.manifest.precision.as_str(),
+        args.model.ep
+    );
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
     loop {
@@ -385,8 +390,8 @@ fn chat(args: ChatArgs) -> Result<()> {
 
 fn models() -> Result<()> {
     println!(
-        "{:<24} {:<36} {:>9} {:>9} {:>10} {:>10} {:>10}  {}",
-        "preset", "hugging face repo", "params", "active", "bf16", "int4", "kv/token", "fits one 80 GB GPU"
+        "{:<24} {:<36} {:>9} {:>9} {:>10} {:>10} {:>10}  fits one 80 GB GPU",
+        "preset", "hugging face repo", "params", "active", "bf16", "int4", "kv/token"
     );
     for preset in PRESETS {
         let meta = PluginMetadata::of(preset).with_context(|| format!("preset {}", preset.name))?;
@@ -415,7 +420,13 @@ fn models() -> Result<()> {
 }
 
 /// Exports (or reuses) a graph of `checkpoint` for a target; returns its folder.
-fn export_for_bench(checkpoint: &std::path::Path, out: PathBuf, precision: Precision, ep: pio_models::TargetEp, variant: &str) -> Result<PathBuf> {
+fn export_for_bench(
+    checkpoint: &std::path::Path,
+    out: PathBuf,
+    precision: Precision,
+    ep: pio_models::TargetEp,
+    variant: &str,
+) -> Result<PathBuf> {
     if out.join("pio.json").is_file() {
         tracing::info!("reusing {}", out.display());
         return Ok(out);
@@ -490,7 +501,11 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         }
         let overrides = pio_export::synthetic::ShapeOverrides { layers: args.layers, ..Default::default() };
         let tag = overrides.tag();
-        let name = if tag.is_empty() { format!("{}-synthetic", preset.name) } else { format!("{}-synthetic-{tag}", preset.name) };
+        let name = if tag.is_empty() {
+            format!("{}-synthetic", preset.name)
+        } else {
+            format!("{}-synthetic-{tag}", preset.name)
+        };
         let ck = args.checkpoint_out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(&name));
         if !ck.join("config.json").is_file() {
             tracing::info!("writing synthetic checkpoint {}", ck.display());
@@ -506,7 +521,13 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             for (i, p) in precisions.iter().enumerate() {
                 let mut variants = vec!["default"];
                 if args.switches && i == 0 && target != pio_models::TargetEp::Cpu {
-                    variants.extend(["no-fused-norms", "unfused-projections", "unfused-attention", "all-logits", "kv-int8"]);
+                    variants.extend([
+                        "no-fused-norms",
+                        "unfused-projections",
+                        "unfused-attention",
+                        "all-logits",
+                        "kv-int8",
+                    ]);
                 }
                 for v in variants {
                     let dir = args.graphs_dir.join(format!("{name}-{}-{}-{v}", target.as_str(), p.as_str()));
@@ -568,7 +589,14 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     if let Some(reference) = &args.accuracy_reference {
         for r in runs.iter().filter(|r| r.error.is_none() && !r.cuda_graph && r.ep != "cpu") {
             let ep = ExecutionProvider::parse(&r.ep, args.device_id)?;
-            match bench::accuracy(reference, &ExecutionProvider::default(), &r.graphs, &ep, args.accuracy_tokens, args.seed) {
+            match bench::accuracy(
+                reference,
+                &ExecutionProvider::default(),
+                &r.graphs,
+                &ep,
+                args.accuracy_tokens,
+                args.seed,
+            ) {
                 Ok(a) => accuracy.push(serde_json::to_value(a)?),
                 Err(e) => accuracy.push(serde_json::json!({"candidate": r.graphs, "error": format!("{e:#}")})),
             }
@@ -593,10 +621,19 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     }
     if let Some(b) = &baseline {
         if let Some(hf) = b.get("tokens_per_s").and_then(|v| v.as_f64()) {
-            println!("transformers baseline ({}): {hf:.1} tokens/s decode at batch 1", b.get("device_name").and_then(|v| v.as_str()).unwrap_or("?"));
+            println!(
+                "transformers baseline ({}): {hf:.1} tokens/s decode at batch 1",
+                b.get("device_name").and_then(|v| v.as_str()).unwrap_or("?")
+            );
             for r in runs.iter().filter(|r| r.error.is_none()) {
                 if let Some(d) = r.decode.iter().find(|d| d.batch == 1) {
-                    println!("  {} {} cuda graph {}: {:.2}x the baseline", r.label, r.ep, r.cuda_graph, d.tokens_per_s / hf);
+                    println!(
+                        "  {} {} cuda graph {}: {:.2}x the baseline",
+                        r.label,
+                        r.ep,
+                        r.cuda_graph,
+                        d.tokens_per_s / hf
+                    );
                 }
             }
         } else {
@@ -613,17 +650,20 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         "switches_not_measured": refused,
         "hf_baseline": baseline,
     });
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", args.out.display()))?;
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
     Ok(())
 }
 
 /// CPU model and GPU name (from NVML when there is one), for the report.
 fn machine_description() -> serde_json::Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|t| {
+        t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
+    let gpu = pio_runtime::gpu_monitor::device_info(0)
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
-    let gpu = pio_runtime::gpu_monitor::device_info(0).ok().map(|(name, mem, driver)| serde_json::json!({"name": name, "memory_bytes": mem, "driver": driver}));
+        .map(|(name, mem, driver)| serde_json::json!({"name": name, "memory_bytes": mem, "driver": driver}));
     serde_json::json!({"cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "gpu": gpu})
 }
 

@@ -55,7 +55,9 @@ pub fn serve(generator: Generator, model_name: String, addr: &str) -> Result<()>
     let server = Server::http(addr).map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
     let bound = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_else(|| addr.to_string());
     println!("listening on http://{bound}");
-    tracing::info!("serving {model_name} on http://{bound} (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health)");
+    tracing::info!(
+        "serving {model_name} on http://{bound} (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health)"
+    );
     let state = Arc::new(ServerState { generator: Mutex::new(generator), model_name, created: now() });
     for request in server.incoming_requests() {
         let state = Arc::clone(&state);
@@ -69,7 +71,8 @@ fn json_header() -> Header {
 }
 
 fn respond_json(request: Request, status: u16, body: &Json) {
-    let response = Response::from_string(body.to_string()).with_status_code(StatusCode(status)).with_header(json_header());
+    let response =
+        Response::from_string(body.to_string()).with_status_code(StatusCode(status)).with_header(json_header());
     if let Err(e) = request.respond(response) {
         tracing::debug!("client went away before the response: {e}");
     }
@@ -97,7 +100,11 @@ fn handle(state: &ServerState, mut request: Request) {
             let chat = path == "/v1/chat/completions";
             let mut text = String::new();
             if let Err(e) = request.as_reader().read_to_string(&mut text) {
-                return respond_json(request, 400, &error_body(&format!("cannot read the body: {e}"), "invalid_request_error", None));
+                return respond_json(
+                    request,
+                    400,
+                    &error_body(&format!("cannot read the body: {e}"), "invalid_request_error", None),
+                );
             }
             let job = match serde_json::from_str::<Json>(&text) {
                 Ok(body) => {
@@ -115,9 +122,11 @@ fn handle(state: &ServerState, mut request: Request) {
                 Err(e) => respond_json(request, 400, &error_body(&e.message, "invalid_request_error", e.param)),
             }
         }
-        (_, "/health" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
-            respond_json(request, 405, &error_body(&format!("{method} is not allowed on {path}"), "invalid_request_error", None))
-        }
+        (_, "/health" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => respond_json(
+            request,
+            405,
+            &error_body(&format!("{method} is not allowed on {path}"), "invalid_request_error", None),
+        ),
         _ => respond_json(request, 404, &error_body(&format!("no route {method} {path}"), "not_found_error", None)),
     }
 }
@@ -125,14 +134,18 @@ fn handle(state: &ServerState, mut request: Request) {
 fn opt_f32(body: &Json, key: &'static str) -> Result<Option<f32>, BadRequest> {
     match body.get(key) {
         None | Some(Json::Null) => Ok(None),
-        Some(v) => v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| bad(key, format!("`{key}` must be a number, got {v}"))),
+        Some(v) => {
+            v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| bad(key, format!("`{key}` must be a number, got {v}")))
+        }
     }
 }
 
 fn opt_u64(body: &Json, key: &'static str) -> Result<Option<u64>, BadRequest> {
     match body.get(key) {
         None | Some(Json::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| bad(key, format!("`{key}` must be a non-negative integer, got {v}"))),
+        Some(v) => {
+            v.as_u64().map(Some).ok_or_else(|| bad(key, format!("`{key}` must be a non-negative integer, got {v}")))
+        }
     }
 }
 
@@ -147,21 +160,33 @@ fn opt_bool(body: &Json, key: &'static str) -> Result<Option<bool>, BadRequest> 
 /// completion prompt (a string, or token ids).
 fn prompt_ids(generator: &Generator, body: &Json, chat: bool) -> Result<Vec<u32>, BadRequest> {
     if chat {
-        let messages = body.get("messages").and_then(Json::as_array).ok_or_else(|| bad("messages", "`messages` must be an array of messages"))?;
+        let messages = body
+            .get("messages")
+            .and_then(Json::as_array)
+            .ok_or_else(|| bad("messages", "`messages` must be an array of messages"))?;
         if messages.is_empty() {
             return Err(bad("messages", "`messages` is empty"));
         }
         if generator.chat_template.is_none() {
             return Err(bad("messages", "this model has no chat template; use /v1/completions"));
         }
-        let render = RenderOptions { enable_thinking: opt_bool(body, "enable_thinking")?, ..RenderOptions::generation() };
-        return generator.chat_prompt(messages, &render).map(|(_, ids)| ids).map_err(|e| bad("messages", format!("{e:#}")));
+        let render =
+            RenderOptions { enable_thinking: opt_bool(body, "enable_thinking")?, ..RenderOptions::generation() };
+        return generator
+            .chat_prompt(messages, &render)
+            .map(|(_, ids)| ids)
+            .map_err(|e| bad("messages", format!("{e:#}")));
     }
     match body.get("prompt") {
         Some(Json::String(text)) => generator.encode(text).map_err(|e| bad("prompt", format!("{e:#}"))),
-        Some(Json::Array(items)) if !items.is_empty() && items.iter().all(Json::is_u64) => {
-            items.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()).ok_or_else(|| bad("prompt", "token ids must fit in 32 bits"))).collect()
-        }
+        Some(Json::Array(items)) if !items.is_empty() && items.iter().all(Json::is_u64) => items
+            .iter()
+            .map(|t| {
+                t.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(|| bad("prompt", "token ids must fit in 32 bits"))
+            })
+            .collect(),
         Some(Json::Array(items)) if items.len() == 1 && items[0].is_string() => {
             generator.encode(items[0].as_str().unwrap_or_default()).map_err(|e| bad("prompt", format!("{e:#}")))
         }
@@ -189,7 +214,10 @@ fn parse_job(generator: &Generator, body: &Json, chat: bool, model_name: &str) -
     if prompt_ids.is_empty() || prompt_ids.len() >= context {
         return Err(bad(
             if chat { "messages" } else { "prompt" },
-            format!("the prompt has {} tokens; the model's context is {context} tokens and must leave room for one more", prompt_ids.len()),
+            format!(
+                "the prompt has {} tokens; the model's context is {context} tokens and must leave room for one more",
+                prompt_ids.len()
+            ),
         ));
     }
     let room = context - prompt_ids.len();
@@ -273,7 +301,11 @@ fn completion_id(chat: bool) -> String {
 }
 
 /// Runs one generation with the model locked; `on_token` sees each event.
-fn generate(state: &ServerState, job: &Job, on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>) -> Result<GenerationOutput> {
+fn generate(
+    state: &ServerState,
+    job: &Job,
+    on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
+) -> Result<GenerationOutput> {
     let mut generator = match state.generator.lock() {
         Ok(g) => g,
         // A panic in an earlier request leaves the model as it was between steps.
@@ -297,7 +329,8 @@ fn logprobs_json(events: &[TokenEvent]) -> Json {
         .iter()
         .filter_map(|e| {
             e.logprob.map(|lp| {
-                let top: Vec<Json> = e.top_logprobs.iter().map(|t| json!({"token_id": t.token, "logprob": t.logprob})).collect();
+                let top: Vec<Json> =
+                    e.top_logprobs.iter().map(|t| json!({"token_id": t.token, "logprob": t.logprob})).collect();
                 json!({"token_id": e.token_id, "logprob": lp, "top_logprobs": top})
             })
         })
@@ -376,7 +409,8 @@ fn stream(state: &ServerState, request: Request, job: Job) {
         } else {
             json!({"index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": finish})
         };
-        let mut v = json!({"id": id, "object": object, "created": created, "model": state.model_name, "choices": [choice]});
+        let mut v =
+            json!({"id": id, "object": object, "created": created, "model": state.model_name, "choices": [choice]});
         if let Some(u) = usage {
             v["usage"] = u;
         }

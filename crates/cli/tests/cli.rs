@@ -40,7 +40,10 @@ fn fixture_graphs() -> &'static Path {
 fn real_tokenizer_graphs() -> &'static Path {
     static GRAPHS: OnceLock<PathBuf> = OnceLock::new();
     GRAPHS.get_or_init(|| {
-        common::export_real_tokenizer_qwen3(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-qwen3-real-tokenizer"), 99)
+        common::export_real_tokenizer_qwen3(
+            &Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-qwen3-real-tokenizer"),
+            99,
+        )
     })
 }
 
@@ -88,7 +91,8 @@ fn run_json_prints_one_object_matching_transformers_greedy() {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "pio run failed: {stderr}");
     // The whole of stdout is one JSON object (logs go to stderr).
-    let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"));
+    let v: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"));
     let obj = v.as_object().expect("a JSON object");
     for key in ["prompt_ids", "generated_ids", "text", "finish_reason", "timings"] {
         assert!(obj.contains_key(key), "missing key {key}: {stdout}");
@@ -124,7 +128,10 @@ fn models_lists_every_preset_and_what_fits_one_gpu() {
     }
     let line = |name: &str| stdout.lines().find(|l| l.starts_with(name)).unwrap().to_string();
     let glm = line("glm-4-7");
-    assert!(glm.contains("no:") && glm.contains("GPUs"), "glm-4-7 must be reported as not fitting one 80 GB GPU: {glm}");
+    assert!(
+        glm.contains("no:") && glm.contains("GPUs"),
+        "glm-4-7 must be reported as not fitting one 80 GB GPU: {glm}"
+    );
     assert!(line("qwen3-4b-instruct-2507").contains("yes"), "{stdout}");
     assert!(stdout.lines().next().unwrap().contains("80 GB"), "header: {stdout}");
 }
@@ -143,7 +150,9 @@ fn a_missing_graph_folder_is_an_error_naming_it_and_pio_json() {
 #[test]
 fn bad_sampling_options_are_rejected_by_name() {
     let graphs = fixture_graphs().to_str().unwrap();
-    for (flag, value, field) in [("--top-p", "1.5", "top_p"), ("--temperature", "-1", "temperature"), ("--min-p", "2", "min_p")] {
+    for (flag, value, field) in
+        [("--top-p", "1.5", "top_p"), ("--temperature", "-1", "temperature"), ("--min-p", "2", "min_p")]
+    {
         let arg = format!("{flag}={value}");
         let out = pio(&["run", "--graphs", graphs, "--prompt-ids", "1,2,3", "--max-tokens", "2", &arg]);
         assert!(!out.status.success(), "{flag} {value} was accepted");
@@ -172,13 +181,25 @@ fn run_with_a_text_prompt_streams_text_and_seeds_reproduce() {
     // Hot sampling: at the checkpoint's default temperature the untrained model only repeats the
     // prompt's last token (a newline).
     let args = [
-        "run", "--graphs", graphs, "--prompt", "Hello!", "--max-tokens", "12", "--seed", "5", "--temperature", "3",
-        "--ignore-eos", "--json",
+        "run",
+        "--graphs",
+        graphs,
+        "--prompt",
+        "Hello!",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "5",
+        "--temperature",
+        "3",
+        "--ignore-eos",
+        "--json",
     ];
     let a = pio(&args);
     assert!(a.status.success(), "{}", text(&a.stderr));
     let b = pio(&args);
-    let (va, vb): (Value, Value) = (serde_json::from_slice(&a.stdout).unwrap(), serde_json::from_slice(&b.stdout).unwrap());
+    let (va, vb): (Value, Value) =
+        (serde_json::from_slice(&a.stdout).unwrap(), serde_json::from_slice(&b.stdout).unwrap());
     assert_eq!(va["generated_ids"], vb["generated_ids"], "the same seed gave different tokens");
     assert_eq!(va["generated_ids"].as_array().unwrap().len(), 12);
     assert_eq!(va["finish_reason"], "length");
@@ -209,7 +230,8 @@ fn chat_over_piped_stdin_streams_a_reply_and_exits_cleanly() {
     assert!(reply.ends_with('\n') && !reply.trim().is_empty(), "no reply streamed: {stdout:?}");
 
     // End of input (Ctrl-D) also ends the chat cleanly; /reset is accepted.
-    let out = pio_with_stdin(&["chat", "--graphs", graphs, "--max-tokens", "4", "--seed", "2"], Some("hi\n/reset\nagain\n"));
+    let out =
+        pio_with_stdin(&["chat", "--graphs", graphs, "--max-tokens", "4", "--seed", "2"], Some("hi\n/reset\nagain\n"));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).matches("> ").count() >= 3, "{}", text(&out.stdout));
 

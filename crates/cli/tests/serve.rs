@@ -14,7 +14,9 @@ mod common;
 /// A synthetic Qwen3 checkpoint at the real vocabulary with the real tokenizer, exported once.
 fn graphs() -> &'static Path {
     static GRAPHS: OnceLock<PathBuf> = OnceLock::new();
-    GRAPHS.get_or_init(|| common::export_real_tokenizer_qwen3(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-qwen3"), 7))
+    GRAPHS.get_or_init(|| {
+        common::export_real_tokenizer_qwen3(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-qwen3"), 7)
+    })
 }
 
 /// A running `pio serve` on a free port, stopped when dropped.
@@ -33,13 +35,18 @@ impl Server {
             .expect("cannot start pio serve");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let base = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
         Server { child, base }
     }
 
     /// POSTs `body`; (status, response text).
     fn post(&self, path: &str, body: &str) -> (u16, String) {
-        let result = ureq::post(&format!("{}{path}", self.base)).set("Content-Type", "application/json").send_string(body);
+        let result =
+            ureq::post(&format!("{}{path}", self.base)).set("Content-Type", "application/json").send_string(body);
         match result {
             Ok(r) => (r.status(), r.into_string().unwrap()),
             Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
@@ -82,23 +89,31 @@ fn events(stream: &str) -> Vec<String> {
 fn completions_and_chat_answer_what_pio_run_answers() {
     let server = Server::start();
     let run = pio_run(&["--prompt", "Hello there", "--raw", "--max-tokens", "8"]);
-    let got = server.post_json("/v1/completions", json!({"model": "test-model", "prompt": "Hello there", "max_tokens": 8, "temperature": 0}));
+    let got = server.post_json(
+        "/v1/completions",
+        json!({"model": "test-model", "prompt": "Hello there", "max_tokens": 8, "temperature": 0}),
+    );
     assert_eq!(got["object"], "text_completion");
     assert_eq!(got["choices"][0]["text"], run["text"]);
     assert_eq!(got["choices"][0]["finish_reason"], "length");
     let prompt_tokens = run["prompt_ids"].as_array().unwrap().len();
     assert_eq!(got["usage"]["prompt_tokens"], prompt_tokens);
-    assert_eq!((got["usage"]["completion_tokens"].as_u64(), got["usage"]["total_tokens"].as_u64()), (Some(8), Some(prompt_tokens as u64 + 8)));
+    assert_eq!(
+        (got["usage"]["completion_tokens"].as_u64(), got["usage"]["total_tokens"].as_u64()),
+        (Some(8), Some(prompt_tokens as u64 + 8))
+    );
     // On the CPU the cache grows and is not kept between requests (prefix caching is the GPU's).
     assert_eq!(got["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
 
     // Token ids as the prompt give the same answer.
-    let got_ids = server.post_json("/v1/completions", json!({"prompt": run["prompt_ids"], "max_tokens": 8, "temperature": 0}));
+    let got_ids =
+        server.post_json("/v1/completions", json!({"prompt": run["prompt_ids"], "max_tokens": 8, "temperature": 0}));
     assert_eq!(got_ids["choices"][0]["text"], run["text"]);
 
     let run = pio_run(&["--prompt", "What is 2+2?", "--max-tokens", "6"]);
     let messages = json!([{"role": "user", "content": "What is 2+2?"}]);
-    let chat = server.post_json("/v1/chat/completions", json!({"messages": messages, "max_tokens": 6, "temperature": 0}));
+    let chat =
+        server.post_json("/v1/chat/completions", json!({"messages": messages, "max_tokens": 6, "temperature": 0}));
     assert_eq!(chat["object"], "chat.completion");
     assert_eq!(chat["choices"][0]["message"], json!({"role": "assistant", "content": run["text"]}));
     assert_eq!(chat["usage"]["prompt_tokens"], run["prompt_ids"].as_array().unwrap().len());
@@ -107,7 +122,8 @@ fn completions_and_chat_answer_what_pio_run_answers() {
 #[test]
 fn a_stream_adds_up_to_the_answer_and_ends_with_done() {
     let server = Server::start();
-    let request = json!({"messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 12, "temperature": 0});
+    let request =
+        json!({"messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 12, "temperature": 0});
     let whole = server.post_json("/v1/chat/completions", request.clone());
     let mut streamed = request;
     streamed["stream"] = json!(true);
@@ -125,12 +141,17 @@ fn a_stream_adds_up_to_the_answer_and_ends_with_done() {
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
 
     // Completions stream text pieces the same way.
-    let (_, text) = server.post("/v1/completions", &json!({"prompt": "Once", "max_tokens": 5, "temperature": 0, "stream": true}).to_string());
+    let (_, text) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "Once", "max_tokens": 5, "temperature": 0, "stream": true}).to_string(),
+    );
     let whole = server.post_json("/v1/completions", json!({"prompt": "Once", "max_tokens": 5, "temperature": 0}));
     let pieces: String = events(&text)
         .iter()
         .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap_or_default().to_string())
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap_or_default().to_string()
+        })
         .collect();
     assert_eq!(pieces, whole["choices"][0]["text"].as_str().unwrap());
 }
@@ -138,7 +159,9 @@ fn a_stream_adds_up_to_the_answer_and_ends_with_done() {
 #[test]
 fn bad_requests_are_400s_naming_the_field() {
     let server = Server::start();
-    let models: Value = serde_json::from_str(&ureq::get(&format!("{}/v1/models", server.base)).call().unwrap().into_string().unwrap()).unwrap();
+    let models: Value =
+        serde_json::from_str(&ureq::get(&format!("{}/v1/models", server.base)).call().unwrap().into_string().unwrap())
+            .unwrap();
     assert_eq!(models["data"][0]["id"], "test-model");
     assert_eq!(ureq::get(&format!("{}/health", server.base)).call().unwrap().status(), 200);
 

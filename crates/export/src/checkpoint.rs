@@ -77,16 +77,22 @@ impl Checkpoint {
         for path in files {
             let mmap = map_file(&path)?;
             // deserialize validates the header against the file length (catches truncation).
-            SafeTensors::deserialize(&mmap)
-                .map_err(|e| anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            SafeTensors::deserialize(&mmap).map_err(|e| {
+                anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display())
+            })?;
+            let (header_len, metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| anyhow!("{}: {e}", path.display()))?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let (start, end) = info.data_offsets;
                 index.insert(
                     name.clone(),
-                    Entry { shard: shards.len(), dtype: info.dtype, shape: info.shape.clone(), range: data_start + start..data_start + end },
+                    Entry {
+                        shard: shards.len(),
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        range: data_start + start..data_start + end,
+                    },
                 );
             }
             shards.push(Shard { path, mmap });
@@ -100,17 +106,17 @@ impl Checkpoint {
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path)
                 .with_context(|| format!("cannot read {}", index_path.display()))?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not valid JSON", index_path.display()))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
             let map = value
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| anyhow!("{} has no `weight_map` object", index_path.display()))?;
             let mut files: Vec<String> = Vec::new();
             for (tensor, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| anyhow!("{}: weight_map entry for {tensor} is not a file name", index_path.display()))?;
+                let file = file.as_str().ok_or_else(|| {
+                    anyhow!("{}: weight_map entry for {tensor} is not a file name", index_path.display())
+                })?;
                 if file.contains('/') || file.contains("..") {
                     bail!("{}: weight_map entry for {tensor} points outside the folder: {file}", index_path.display());
                 }
@@ -171,10 +177,7 @@ impl Checkpoint {
         let shard = &self.shards[entry.shard];
         match entry.dtype {
             Dtype::F32 | Dtype::F16 | Dtype::BF16 => {}
-            other => bail!(
-                "tensor {name} in {} has dtype {other}; supported: F32, F16, BF16",
-                shard.path.display()
-            ),
+            other => bail!("tensor {name} in {} has dtype {other}; supported: F32, F16, BF16", shard.path.display()),
         }
         Ok(TensorRef {
             name: key,

@@ -50,7 +50,10 @@ pub fn is_float(dtype: TensorDtype) -> bool {
 }
 
 fn same_type(src: Dtype, dst: TensorDtype) -> bool {
-    matches!((src, dst), (Dtype::F32, TensorDtype::Float32) | (Dtype::F16, TensorDtype::Float16) | (Dtype::BF16, TensorDtype::Bfloat16))
+    matches!(
+        (src, dst),
+        (Dtype::F32, TensorDtype::Float32) | (Dtype::F16, TensorDtype::Float16) | (Dtype::BF16, TensorDtype::Bfloat16)
+    )
 }
 
 /// Writes the tensor converted to `dst`, as stored (row-major).

@@ -64,7 +64,12 @@ impl ExportSettings {
     /// fused q/k/v and gate/up projections, and the q/k norm inside GroupQueryAttention when the
     /// model has one (`model_has_qk_norm`); int4 in blocks of 32 with the lm_head and embeddings
     /// kept 16-bit.
-    pub fn for_target(precision: Precision, target_ep: TargetEp, context_length: usize, model_has_qk_norm: bool) -> Self {
+    pub fn for_target(
+        precision: Precision,
+        target_ep: TargetEp,
+        context_length: usize,
+        model_has_qk_norm: bool,
+    ) -> Self {
         let gpu = target_ep != TargetEp::Cpu;
         ExportSettings {
             precision,
@@ -133,7 +138,9 @@ impl ExportSettings {
                 );
             }
             if text.tie_word_embeddings && !self.int4_lm_head {
-                bail!("--int4-embeddings on a model with tied embeddings needs --int4-lm-head: the two share one table");
+                bail!(
+                    "--int4-embeddings on a model with tied embeddings needs --int4-lm-head: the two share one table"
+                );
             }
         }
         if !self.fused_attention && self.kv_cache_int8 {
@@ -247,11 +254,8 @@ impl<'a> DecoderBuilder<'a> {
     ) -> Result<Self> {
         let dtype = settings.compute_dtype();
         g.input("input_ids", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("sequence_length")]);
-        let mask = g.input(
-            "attention_mask",
-            TensorDtype::Int64,
-            &[Dim::Sym("batch_size"), Dim::Sym("total_sequence_length")],
-        );
+        let mask =
+            g.input("attention_mask", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("total_sequence_length")]);
         g.input("position_ids", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("sequence_length")]);
         let kv_shape_past = [
             Dim::Sym("batch_size"),
@@ -297,13 +301,17 @@ impl<'a> DecoderBuilder<'a> {
     /// cos/sin tables of shape (context_length, rotary_dim / 2), as transformers computes them:
     /// inv_freq[i] = 1 / theta^(2i / rotary_dim), angle = position * inv_freq (divided by the
     /// factor for linear scaling).
-    fn rotary_caches(g: &mut Graph, text: &TextConfig, s: &ExportSettings, dtype: TensorDtype) -> Result<(String, String)> {
+    fn rotary_caches(
+        g: &mut Graph,
+        text: &TextConfig,
+        s: &ExportSettings,
+        dtype: TensorDtype,
+    ) -> Result<(String, String)> {
         let rotary_dim = text.rotary_dim();
         let half = rotary_dim / 2;
         let scale = if text.rope.rope_type == "linear" { text.rope.factor.unwrap_or(1.0) } else { 1.0 };
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / text.rope.theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32)
-            .collect();
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| (1.0 / text.rope.theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect();
         let mut cos = Vec::with_capacity(s.context_length * half * dtype.size_bytes());
         let mut sin = Vec::with_capacity(cos.capacity());
         for pos in 0..s.context_length {
@@ -391,7 +399,8 @@ impl<'a> DecoderBuilder<'a> {
         } else {
             let w_name = format!("{node_name}.weight");
             let w = if let [t] = tensors.as_slice() {
-                self.g.initializer_with(&w_name, dtype, &[in_dim, total_out], |sink| write_transposed(t, dtype, sink))?
+                self.g
+                    .initializer_with(&w_name, dtype, &[in_dim, total_out], |sink| write_transposed(t, dtype, sink))?
             } else {
                 self.g.initializer_with(&w_name, dtype, &[in_dim, total_out], |sink| {
                     // Row r of the fused (in, out) matrix is row r of each part's transpose.
@@ -476,9 +485,10 @@ impl<'a> DecoderBuilder<'a> {
         // bytes viewed as (vocab, hidden/2) with the default zero point 8.
         let t = self.ck.tensor(hf_name, &[vocab, hidden])?;
         let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)?;
-        let (packed, scales) = crate::quant::int4_initializers(&mut self.g, "embed_tokens", &layout, self.dtype, |n, row| {
-            crate::quant::read_row_f32(&t, n, row)
-        })?;
+        let (packed, scales) =
+            crate::quant::int4_initializers(&mut self.g, "embed_tokens", &layout, self.dtype, |n, row| {
+                crate::quant::read_row_f32(&t, n, row)
+            })?;
         self.advance(t.data.len());
         self.ck.release(hf_name);
         let view = self.g.const_i64("embed_tokens.packed_shape", &[vocab as i64, (hidden / 2) as i64])?;
@@ -632,7 +642,10 @@ impl<'a> DecoderBuilder<'a> {
             node = node.attr("qk_norm_epsilon", t.rms_norm_eps as f32);
         }
         if kv_scales.is_some() {
-            node = node.attr("k_quant_type", "PER_CHANNEL").attr("v_quant_type", "PER_CHANNEL").attr("kv_cache_bit_width", 8i64);
+            node = node
+                .attr("k_quant_type", "PER_CHANNEL")
+                .attr("v_quant_type", "PER_CHANNEL")
+                .attr("kv_cache_bit_width", 8i64);
         }
         // transformers' window W keeps the keys t with pos - W < t <= pos: W keys, the query's
         // own included. ONNX Runtime 1.31's local_window_size counts the same W keys (its CPU
@@ -659,7 +672,11 @@ impl<'a> DecoderBuilder<'a> {
         let gamma = to_f32_vec(&self.ck.tensor(&format!("{layer}.input_layernorm.weight"), &[h])?);
         let projected_std = |b: &Self, name: &str| -> Result<Vec<f32>> {
             let w = to_f32_vec(&b.ck.tensor(&format!("{prefix}.{name}.weight"), &[kvw, h])?);
-            let bias = if t.attention_bias { to_f32_vec(&b.ck.tensor(&format!("{prefix}.{name}.bias"), &[kvw])?) } else { vec![0.0; kvw] };
+            let bias = if t.attention_bias {
+                to_f32_vec(&b.ck.tensor(&format!("{prefix}.{name}.bias"), &[kvw])?)
+            } else {
+                vec![0.0; kvw]
+            };
             Ok((0..kvw)
                 .map(|j| {
                     let var: f32 = (0..h).map(|c| (w[j * h + c] * gamma[c]).powi(2)).sum();
@@ -683,7 +700,8 @@ impl<'a> DecoderBuilder<'a> {
             }
         }
         let v_std = projected_std(self, "v_proj")?;
-        let to_scales = |std: Vec<f32>| -> Vec<f32> { std.into_iter().map(|s| (KV_SCALE_SIGMAS * s / 127.0).max(1e-8)).collect() };
+        let to_scales =
+            |std: Vec<f32>| -> Vec<f32> { std.into_iter().map(|s| (KV_SCALE_SIGMAS * s / 127.0).max(1e-8)).collect() };
         let shape = [t.num_key_value_heads, 1, d];
         let ks = self.g.const_f32(&format!("{prefix}.k_cache_scale"), &shape, &to_scales(k_std))?;
         let vs = self.g.const_f32(&format!("{prefix}.v_cache_scale"), &shape, &to_scales(v_std))?;
@@ -695,7 +713,14 @@ impl<'a> DecoderBuilder<'a> {
         let hidden = self.text.hidden_size;
         let (gate, up) = if self.settings.fused_gate_up {
             let names = [format!("{prefix}.gate_proj"), format!("{prefix}.up_proj")];
-            let both = self.linear_parts(h, &format!("{prefix}.gate_up_proj"), &names, hidden, &[intermediate, intermediate], false)?;
+            let both = self.linear_parts(
+                h,
+                &format!("{prefix}.gate_up_proj"),
+                &names,
+                hidden,
+                &[intermediate, intermediate],
+                false,
+            )?;
             let parts = self
                 .g
                 .node("Split", &format!("{prefix}.gate_up_split"))
@@ -779,13 +804,14 @@ impl<'a> DecoderBuilder<'a> {
             None => {
                 let flat_shape = self.g.const_i64("lm_head_flat_shape", &[-1, hidden as i64])?;
                 let flat = self.g.node("Reshape", "lm_head_flatten").inputs(&[&h, &flat_shape]).out();
-                let y = self
+                let y = self.g.node("Gemm", "lm_head").inputs(&[flat.as_str(), tied_table]).attr("transB", 1i64).out();
+                let lead = self
                     .g
-                    .node("Gemm", "lm_head")
-                    .inputs(&[flat.as_str(), tied_table])
-                    .attr("transB", 1i64)
+                    .node("Shape", "lm_head_lead_shape")
+                    .inputs(&[&h])
+                    .attr("start", 0i64)
+                    .attr("end", 2i64)
                     .out();
-                let lead = self.g.node("Shape", "lm_head_lead_shape").inputs(&[&h]).attr("start", 0i64).attr("end", 2i64).out();
                 let v = self.g.const_i64("lm_head_vocab", &[vocab as i64])?;
                 let shape = self.g.node("Concat", "lm_head_out_shape").inputs(&[&lead, &v]).attr("axis", 0i64).out();
                 self.g.node("Reshape", "lm_head_unflatten").inputs(&[&y, &shape]).out()

@@ -87,12 +87,8 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
         .prefix(".pio-export-")
         .tempdir_in(parent)
         .with_context(|| format!("cannot write to output folder {}", parent.display()))?;
-    let name = req
-        .out_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map(str::to_string)
-        .unwrap_or_else(|| "model".to_string());
+    let name =
+        req.out_dir.file_name().and_then(|n| n.to_str()).map(str::to_string).unwrap_or_else(|| "model".to_string());
 
     let progress = if req.progress { ProgressBar::new(ck.total_bytes()) } else { ProgressBar::hidden() };
     progress.set_style(
@@ -110,7 +106,8 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
         (i.to_vec(), o.to_vec())
     };
     let model_path = tmp.path().join(MODEL_FILE);
-    let metadata = [("pio.architecture", config.architecture.hf_name().to_string()), ("pio.source", req.source.clone())];
+    let metadata =
+        [("pio.architecture", config.architecture.hf_name().to_string()), ("pio.source", req.source.clone())];
     let weight_bytes = builder.g.save(&model_path, env!("CARGO_PKG_VERSION"), &metadata)?;
     progress.finish_and_clear();
 
@@ -177,7 +174,8 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
             min_p: gen.min_p,
             repetition_penalty: gen.repetition_penalty,
         },
-        tokenizer: had_tokenizer.then(|| TokenizerSpec { files: files.clone(), chat_template_source: chat_template_source(tmp.path()) }),
+        tokenizer: had_tokenizer
+            .then(|| TokenizerSpec { files: files.clone(), chat_template_source: chat_template_source(tmp.path()) }),
         config,
         exported_by: format!("pio-export {}", env!("CARGO_PKG_VERSION")),
         source: req.source.clone(),
@@ -185,5 +183,11 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     manifest.save(tmp.path())?;
     let model_bytes = std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0);
     replace_dir(tmp, &req.out_dir)?;
-    Ok(ExportSummary { out_dir: req.out_dir.clone(), model_bytes, weight_bytes, seconds: start.elapsed().as_secs_f64(), had_tokenizer })
+    Ok(ExportSummary {
+        out_dir: req.out_dir.clone(),
+        model_bytes,
+        weight_bytes,
+        seconds: start.elapsed().as_secs_f64(),
+        had_tokenizer,
+    })
 }

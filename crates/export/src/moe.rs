@@ -158,9 +158,9 @@ impl DecoderBuilder<'_> {
         let name = format!("{mlp}.gate.weight");
         let t = self.ck.tensor(&name, &[e, hidden])?;
         let read = t.data.len();
-        let w = self
-            .g
-            .initializer_with(&format!("{mlp}.router.weight"), dtype, &[hidden, e], |sink| write_transposed(&t, dtype, sink))?;
+        let w = self.g.initializer_with(&format!("{mlp}.router.weight"), dtype, &[hidden, e], |sink| {
+            write_transposed(&t, dtype, sink)
+        })?;
         self.ck.release(&name);
         self.advance(read);
         let x = self.cast(tokens, self.dtype, dtype, &format!("{mlp}.router.cast_in"));
@@ -204,13 +204,25 @@ impl DecoderBuilder<'_> {
         // Group mask (T, G): ones scattered at the kept groups into zeros (ConstantOfShape,
         // not x * 0, which is NaN at infinite scores).
         let gs_shape = self.g.node("Shape", &format!("{p}_scores_shape")).inputs(&[&group_scores]).out();
-        let zeros =
-            self.g.node("ConstantOfShape", &format!("{p}_zeros")).inputs(&[&gs_shape]).attr("value", f32_value(0.0)).out();
+        let zeros = self
+            .g
+            .node("ConstantOfShape", &format!("{p}_zeros"))
+            .inputs(&[&gs_shape])
+            .attr("value", f32_value(0.0))
+            .out();
         let kept_shape = self.g.node("Shape", &format!("{p}_kept_shape")).inputs(&[&kept[1]]).out();
-        let ones =
-            self.g.node("ConstantOfShape", &format!("{p}_ones")).inputs(&[&kept_shape]).attr("value", f32_value(1.0)).out();
-        let group_mask =
-            self.g.node("ScatterElements", &format!("{p}_mask")).inputs(&[&zeros, &kept[1], &ones]).attr("axis", 1i64).out();
+        let ones = self
+            .g
+            .node("ConstantOfShape", &format!("{p}_ones"))
+            .inputs(&[&kept_shape])
+            .attr("value", f32_value(1.0))
+            .out();
+        let group_mask = self
+            .g
+            .node("ScatterElements", &format!("{p}_mask"))
+            .inputs(&[&zeros, &kept[1], &ones])
+            .attr("axis", 1i64)
+            .out();
         // (T, G) -> (T, G, 1) -> (T, G, E/G) -> (T, E): each expert takes its group's flag.
         let axes = self.g.const_i64(&format!("{p}_mask_axes"), &[-1])?;
         let mask3 = self.g.node("Unsqueeze", &format!("{p}_mask_unsqueeze")).inputs(&[&group_mask, &axes]).out();
@@ -289,7 +301,8 @@ impl DecoderBuilder<'_> {
             Routing::Chosen { choice, weights, normalize } => {
                 // The log-weight trick: log(w) at the k chosen experts, -inf elsewhere.
                 let kk = self.g.const_i64(&format!("{name}.topk_k"), &[k as i64])?;
-                let top = self.g.node("TopK", &format!("{name}.topk")).inputs(&[&choice, &kk]).attr("axis", -1i64).outs(2);
+                let top =
+                    self.g.node("TopK", &format!("{name}.topk")).inputs(&[&choice, &kk]).attr("axis", -1i64).outs(2);
                 let chosen = &top[1];
                 let w = self
                     .g
@@ -338,7 +351,8 @@ impl DecoderBuilder<'_> {
         let names = |proj: &str| (0..e).map(|i| format!("{mlp}.experts.{i}.{proj}.weight")).collect::<Vec<_>>();
         let (gate_names, up_names, down_names) = (names("gate_proj"), names("up_proj"), names("down_proj"));
         let ck = self.ck;
-        let fetch = |names: &[String], shape: &[usize]| names.iter().map(|n| ck.tensor(n, shape)).collect::<Result<Vec<_>>>();
+        let fetch =
+            |names: &[String], shape: &[usize]| names.iter().map(|n| ck.tensor(n, shape)).collect::<Result<Vec<_>>>();
         let gates = fetch(&gate_names, &[inter, hidden])?;
         let ups = fetch(&up_names, &[inter, hidden])?;
         let downs = fetch(&down_names, &[hidden, inter])?;

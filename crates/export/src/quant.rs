@@ -238,15 +238,21 @@ pub fn quantize_rows(
                 .enumerate()
                 .map(|(t, ((src, dst), sc))| {
                     scope.spawn(move || -> Result<()> {
-                        for (i, ((row, p), s)) in src.chunks(k).zip(dst.chunks_mut(rb)).zip(sc.chunks_mut(kb)).enumerate() {
+                        for (i, ((row, p), s)) in
+                            src.chunks(k).zip(dst.chunks_mut(rb)).zip(sc.chunks_mut(kb)).enumerate()
+                        {
                             let n = n0 + t * per_thread + i;
-                            quantize_row(layout, row, scale_dtype, p, s).with_context(|| format!("quantizing row {n}"))?;
+                            quantize_row(layout, row, scale_dtype, p, s)
+                                .with_context(|| format!("quantizing row {n}"))?;
                         }
                         Ok(())
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("quantization thread panicked")))).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("quantization thread panicked"))))
+                .collect()
         });
         for r in results {
             r?;

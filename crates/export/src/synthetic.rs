@@ -33,9 +33,19 @@ pub struct ShapeOverrides {
 impl ShapeOverrides {
     pub fn is_empty(&self) -> bool {
         let s = self;
-        [s.layers, s.hidden_size, s.intermediate_size, s.heads, s.kv_heads, s.head_dim, s.vocab_size, s.experts, s.moe_intermediate_size]
-            .iter()
-            .all(Option::is_none)
+        [
+            s.layers,
+            s.hidden_size,
+            s.intermediate_size,
+            s.heads,
+            s.kv_heads,
+            s.head_dim,
+            s.vocab_size,
+            s.experts,
+            s.moe_intermediate_size,
+        ]
+        .iter()
+        .all(Option::is_none)
     }
 
     /// A short tag for folder names, e.g. `l2-h256`.
@@ -112,7 +122,8 @@ impl View for RandomTensor {
         let mut out = vec![0u8; n * 2];
         let offset = if self.around_one { 1.0 } else { 0.0 };
         let fill = |chunk_index: usize, bytes: &mut [u8]| {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ (chunk_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(self.seed ^ (chunk_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             for pair in bytes.chunks_exact_mut(2) {
                 let u: f32 = rng.random::<f32>() * 2.0 - 1.0;
                 pair.copy_from_slice(&bf16::from_f32(offset + u * self.scale).to_le_bytes());

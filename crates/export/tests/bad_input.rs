@@ -125,7 +125,11 @@ fn preset_without_checkpoint_says_where_to_put_one() {
     let tmp = tempfile::tempdir().unwrap();
     let o = run_export(&["--model", "qwen3-4b-instruct-2507"], tmp.path());
     assert_ne!(o.code, Some(0));
-    assert!(o.stderr.contains("checkpoints/qwen3-4b-instruct-2507") && o.stderr.contains("--synthetic"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("checkpoints/qwen3-4b-instruct-2507") && o.stderr.contains("--synthetic"),
+        "{}",
+        o.stderr
+    );
 }
 
 #[test]
@@ -136,7 +140,10 @@ fn unwritable_output_folder_is_named() {
     let blocker = tmp.path().join("not-a-folder");
     std::fs::write(&blocker, b"x").unwrap();
     let out = blocker.join("model");
-    let o = run_export(&["--checkpoint", fixture("qwen3-tied-hub").to_str().unwrap(), "--out", out.to_str().unwrap()], tmp.path());
+    let o = run_export(
+        &["--checkpoint", fixture("qwen3-tied-hub").to_str().unwrap(), "--out", out.to_str().unwrap()],
+        tmp.path(),
+    );
     assert_ne!(o.code, Some(0));
     assert!(o.stderr.contains("not-a-folder"), "{}", o.stderr);
     assert!(!out.exists());
@@ -158,7 +165,14 @@ fn fp16_graph_for_the_cpu_is_refused_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let o = run_export(
-        &["--checkpoint", fixture("qwen3-tied-hub").to_str().unwrap(), "--out", out.to_str().unwrap(), "--precision", "fp16"],
+        &[
+            "--checkpoint",
+            fixture("qwen3-tied-hub").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--precision",
+            "fp16",
+        ],
         tmp.path(),
     );
     assert_ne!(o.code, Some(0));
@@ -190,7 +204,14 @@ fn checkpoint_without_tokenizer_exports_with_a_warning() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let o = run_export(
-        &["--checkpoint", fixture("qwen3-tied-hub").to_str().unwrap(), "--out", out.to_str().unwrap(), "--context-length", "64"],
+        &[
+            "--checkpoint",
+            fixture("qwen3-tied-hub").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--context-length",
+            "64",
+        ],
         tmp.path(),
     );
     assert_eq!(o.code, Some(0), "{}", o.stderr);

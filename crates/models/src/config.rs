@@ -225,9 +225,10 @@ impl<'a> Fields<'a> {
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-                anyhow!("field `{key}` in {} must be a non-negative integer, got {v}", self.section)
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| anyhow!("field `{key}` in {} must be a non-negative integer, got {v}", self.section)),
         }
     }
     fn f64(&self, key: &str) -> Result<f64> {
@@ -266,9 +267,9 @@ impl<'a> Fields<'a> {
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|v| {
-                    v.as_u64().map(|n| n as usize).ok_or_else(|| {
-                        anyhow!("field `{key}` in {} must hold integers, got {v}", self.section)
-                    })
+                    v.as_u64()
+                        .map(|n| n as usize)
+                        .ok_or_else(|| anyhow!("field `{key}` in {} must hold integers, got {v}", self.section))
                 })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
@@ -413,9 +414,10 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
     let moe = match arch {
         Architecture::Qwen3Moe => Some(MoeConfig {
             // transformers 5 writes `num_local_experts` (the attribute_map target) instead.
-            num_experts: f.opt_usize("num_experts")?.or(f.opt_usize("num_local_experts")?).ok_or_else(|| {
-                anyhow!("missing field `num_experts` (or `num_local_experts`) in {}", f.section)
-            })?,
+            num_experts: f
+                .opt_usize("num_experts")?
+                .or(f.opt_usize("num_local_experts")?)
+                .ok_or_else(|| anyhow!("missing field `num_experts` (or `num_local_experts`) in {}", f.section))?,
             num_experts_per_tok: f.usize("num_experts_per_tok")?,
             moe_intermediate_size: f.usize("moe_intermediate_size")?,
             norm_topk_prob: f.opt_bool("norm_topk_prob")?.unwrap_or(false),
@@ -454,7 +456,13 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
             );
         }
         if m.n_group == 0 || m.num_experts % m.n_group != 0 || m.topk_group > m.n_group {
-            bail!("`n_group` ({}) / `topk_group` ({}) in {} do not divide {} experts", m.n_group, m.topk_group, f.section, m.num_experts);
+            bail!(
+                "`n_group` ({}) / `topk_group` ({}) in {} do not divide {} experts",
+                m.n_group,
+                m.topk_group,
+                f.section,
+                m.num_experts
+            );
         }
     }
     let num_hidden_layers = f.usize("num_hidden_layers")?;

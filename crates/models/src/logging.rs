@@ -8,5 +8,6 @@ pub fn init() {
     let filter = tracing_subscriber::EnvFilter::try_new(directives.as_deref().unwrap_or(DEFAULT_FILTER))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
     // A second init (tests calling main paths) is harmless: keep the first subscriber.
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }

@@ -80,9 +80,8 @@ fn decoder_params(t: &TextConfig) -> (u64, u64, u64) {
     let q = t.q_width() as u64;
     let kv = t.kv_width() as u64;
     let attn_linear = h * q + 2 * h * kv + q * h;
-    let attn_other = if t.attention_bias { q + 2 * kv } else { 0 }
-        + if t.qk_norm { 2 * t.head_dim as u64 } else { 0 }
-        + 2 * h; // input and post-attention norms
+    let attn_other =
+        if t.attention_bias { q + 2 * kv } else { 0 } + if t.qk_norm { 2 * t.head_dim as u64 } else { 0 } + 2 * h; // input and post-attention norms
     let (mut linear, mut active, mut other) = (0u64, 0u64, 0u64);
     for idx in 0..t.num_hidden_layers {
         linear += attn_linear;

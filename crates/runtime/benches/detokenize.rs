@@ -22,9 +22,7 @@ fn build_text(tokenizer: &Tokenizer, target_tokens: usize) -> Vec<u32> {
     let mut text = String::new();
     loop {
         text.push_str(PARAGRAPH);
-        let ids = tokenizer
-            .encode(&text, false)
-            .unwrap_or_else(|e| panic!("encode: {e}"));
+        let ids = tokenizer.encode(&text, false).unwrap_or_else(|e| panic!("encode: {e}"));
         if ids.len() >= target_tokens {
             return ids[..target_tokens].to_vec();
         }
@@ -44,10 +42,7 @@ fn bench(c: &mut Criterion) {
             let mut decoder = tokenizer.incremental_decoder(true);
             let mut bytes = 0usize;
             for &id in &ids {
-                if let Some(delta) = decoder
-                    .push(black_box(id))
-                    .unwrap_or_else(|e| panic!("{e}"))
-                {
+                if let Some(delta) = decoder.push(black_box(id)).unwrap_or_else(|e| panic!("{e}")) {
                     bytes += delta.len();
                 }
             }
@@ -73,10 +68,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut len = 0usize;
             for n in 1..=ids.len() {
-                len = tokenizer
-                    .decode(black_box(&ids[..n]), true)
-                    .unwrap_or_else(|e| panic!("{e}"))
-                    .len();
+                len = tokenizer.decode(black_box(&ids[..n]), true).unwrap_or_else(|e| panic!("{e}")).len();
             }
             black_box(len)
         })

@@ -32,13 +32,7 @@ fn realistic_logits(seed: u64) -> (Vec<f32>, Vec<u32>) {
     }
     // 1024 previous tokens: half drawn from the peak tokens (repetition), half anywhere.
     let previous: Vec<u32> = (0..1024)
-        .map(|j| {
-            if j % 2 == 0 {
-                peaks[r.random_range(0..peaks.len())]
-            } else {
-                r.random_range(0..VOCAB as u32)
-            }
-        })
+        .map(|j| if j % 2 == 0 { peaks[r.random_range(0..peaks.len())] } else { r.random_range(0..VOCAB as u32) })
         .collect();
     (logits, previous)
 }
@@ -49,10 +43,7 @@ fn flat_logits(seed: u64) -> Vec<f32> {
 }
 
 fn sampler(p: SamplingParams) -> Sampler {
-    match Sampler::new(SamplingParams {
-        seed: Some(1234),
-        ..p
-    }) {
+    match Sampler::new(SamplingParams { seed: Some(1234), ..p }) {
         Ok(s) => s,
         Err(e) => panic!("bench params invalid: {e}"),
     }
@@ -72,97 +63,33 @@ fn bench_sampling(c: &mut Criterion) {
     let mut g = c.benchmark_group("sampling_151936");
     let cases: Vec<(&str, SamplingParams, &[f32], &[u32])> = vec![
         ("greedy", SamplingParams::greedy(), &logits, none),
-        (
-            "greedy+penalties_1024",
-            SamplingParams {
-                temperature: 0.0,
-                ..penalties.clone()
-            },
-            &logits,
-            &previous,
-        ),
-        (
-            "temperature_1.0_full",
-            SamplingParams::default(),
-            &logits,
-            none,
-        ),
-        (
-            "top_k_50",
-            SamplingParams {
-                top_k: 50,
-                ..Default::default()
-            },
-            &logits,
-            none,
-        ),
-        (
-            "top_p_0.9_t0.7",
-            SamplingParams {
-                temperature: 0.7,
-                top_p: 0.9,
-                ..Default::default()
-            },
-            &logits,
-            none,
-        ),
+        ("greedy+penalties_1024", SamplingParams { temperature: 0.0, ..penalties.clone() }, &logits, &previous),
+        ("temperature_1.0_full", SamplingParams::default(), &logits, none),
+        ("top_k_50", SamplingParams { top_k: 50, ..Default::default() }, &logits, none),
+        ("top_p_0.9_t0.7", SamplingParams { temperature: 0.7, top_p: 0.9, ..Default::default() }, &logits, none),
         (
             "top_p_0.9+top_k_50+penalties_1024",
-            SamplingParams {
-                temperature: 0.7,
-                top_p: 0.9,
-                top_k: 50,
-                ..penalties.clone()
-            },
+            SamplingParams { temperature: 0.7, top_p: 0.9, top_k: 50, ..penalties.clone() },
             &logits,
             &previous,
         ),
         (
             "top_p_0.9+penalties_1024",
-            SamplingParams {
-                temperature: 0.7,
-                top_p: 0.9,
-                ..penalties.clone()
-            },
+            SamplingParams { temperature: 0.7, top_p: 0.9, ..penalties.clone() },
             &logits,
             &previous,
         ),
-        (
-            "min_p_0.05_t0.7",
-            SamplingParams {
-                temperature: 0.7,
-                min_p: 0.05,
-                ..Default::default()
-            },
-            &logits,
-            none,
-        ),
-        (
-            "flat_top_p_0.95_t1.5",
-            SamplingParams {
-                temperature: 1.5,
-                top_p: 0.95,
-                ..Default::default()
-            },
-            &flat,
-            none,
-        ),
+        ("min_p_0.05_t0.7", SamplingParams { temperature: 0.7, min_p: 0.05, ..Default::default() }, &logits, none),
+        ("flat_top_p_0.95_t1.5", SamplingParams { temperature: 1.5, top_p: 0.95, ..Default::default() }, &flat, none),
     ];
     for (name, params, l, prev) in cases {
         let mut s = sampler(params);
         s.set_prompt_len(prev.len() / 2);
         g.bench_function(name, |b| b.iter(|| s.sample(black_box(l), black_box(prev))));
     }
-    let mut s = sampler(SamplingParams {
-        temperature: 0.7,
-        top_p: 0.9,
-        ..Default::default()
-    });
+    let mut s = sampler(SamplingParams { temperature: 0.7, top_p: 0.9, ..Default::default() });
     g.bench_function("top_p_0.9_t0.7+logprobs_top5", |b| {
-        b.iter(|| {
-            s.sample_with_logprobs(black_box(&logits), black_box(none), 5)
-                .token
-        })
+        b.iter(|| s.sample_with_logprobs(black_box(&logits), black_box(none), 5).token)
     });
     g.finish();
 }

@@ -37,9 +37,7 @@ use minijinja::value::{from_args, Kwargs, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, State, UndefinedBehavior, Value};
 use serde_json::Value as Json;
 
-use crate::tokenizer::{
-    ChatTemplateSource, SpecialTokens, Tokenizer, TokenizerConfig, TokenizerError,
-};
+use crate::tokenizer::{ChatTemplateSource, SpecialTokens, Tokenizer, TokenizerConfig, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatTemplateError {
@@ -48,13 +46,8 @@ pub enum ChatTemplateError {
     #[error("{0} has no chat template (no `chat_template` in tokenizer_config.json, no chat_template.jinja)")]
     NoTemplate(String),
     #[error("chat template {name:?} not found; available: {available:?}")]
-    UnknownTemplate {
-        name: String,
-        available: Vec<String>,
-    },
-    #[error(
-        "several chat templates and none named `default`; pass a template name (available: {0:?})"
-    )]
+    UnknownTemplate { name: String, available: Vec<String> },
+    #[error("several chat templates and none named `default`; pass a template name (available: {0:?})")]
     NoDefault(Vec<String>),
     #[error("chat template {name:?} does not compile: {message}")]
     Syntax { name: String, message: String },
@@ -84,10 +77,7 @@ pub struct RenderOptions {
 
 impl RenderOptions {
     pub fn generation() -> Self {
-        Self {
-            add_generation_prompt: true,
-            ..Default::default()
-        }
+        Self { add_generation_prompt: true, ..Default::default() }
     }
 }
 
@@ -118,10 +108,7 @@ impl ChatTemplate {
             eos_token: eos_token.map(str::to_string),
             ..Default::default()
         };
-        Self::from_source(
-            &ChatTemplateSource::Single(source.to_string()),
-            special_tokens,
-        )
+        Self::from_source(&ChatTemplateSource::Single(source.to_string()), special_tokens)
     }
 
     /// Template(s) and the special tokens all templates see.
@@ -139,11 +126,7 @@ impl ChatTemplate {
                 Some(map.keys().cloned().collect())
             }
         };
-        Ok(Self {
-            env,
-            named,
-            special_tokens,
-        })
+        Ok(Self { env, named, special_tokens })
     }
 
     /// From `tokenizer_config.json` / `chat_template.jinja` in a tokenizer folder (tokenizer.json is not read).
@@ -151,26 +134,20 @@ impl ChatTemplate {
         let dir = dir.as_ref();
         let config = TokenizerConfig::from_dir(dir)?;
         Self::from_config(&config).map_err(|e| match e {
-            ChatTemplateError::NoTemplate(_) => {
-                ChatTemplateError::NoTemplate(dir.display().to_string())
-            }
+            ChatTemplateError::NoTemplate(_) => ChatTemplateError::NoTemplate(dir.display().to_string()),
             e => e,
         })
     }
 
     pub fn from_config(config: &TokenizerConfig) -> Result<Self> {
-        let source = config
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| ChatTemplateError::NoTemplate("the tokenizer".into()))?;
+        let source =
+            config.chat_template.as_ref().ok_or_else(|| ChatTemplateError::NoTemplate("the tokenizer".into()))?;
         Self::from_source(source, config.special_tokens.clone())
     }
 
     pub fn from_tokenizer(tokenizer: &Tokenizer) -> Result<Self> {
         Self::from_config(tokenizer.config()).map_err(|e| match e {
-            ChatTemplateError::NoTemplate(_) => {
-                ChatTemplateError::NoTemplate(tokenizer.dir().display().to_string())
-            }
+            ChatTemplateError::NoTemplate(_) => ChatTemplateError::NoTemplate(tokenizer.dir().display().to_string()),
             e => e,
         })
     }
@@ -191,20 +168,12 @@ impl ChatTemplate {
         let template = self
             .env
             .get_template(name)
-            .map_err(|e| ChatTemplateError::Render {
-                name: name.to_string(),
-                message: error_message(&e),
-            })?;
+            .map_err(|e| ChatTemplateError::Render { name: name.to_string(), message: error_message(&e) })?;
         let ctx = build_context(messages, opts, &self.special_tokens)?;
-        tracing::trace!(
-            template = name,
-            messages = messages.len(),
-            "rendering chat template"
-        );
-        template.render(ctx).map_err(|e| ChatTemplateError::Render {
-            name: name.to_string(),
-            message: error_message(&e),
-        })
+        tracing::trace!(template = name, messages = messages.len(), "rendering chat template");
+        template
+            .render(ctx)
+            .map_err(|e| ChatTemplateError::Render { name: name.to_string(), message: error_message(&e) })
     }
 
     fn select<'a>(&'a self, opts: &'a RenderOptions) -> Result<&'a str> {
@@ -216,10 +185,7 @@ impl ChatTemplate {
             return if has(name) {
                 Ok(name)
             } else {
-                Err(ChatTemplateError::UnknownTemplate {
-                    name: name.clone(),
-                    available: names.clone(),
-                })
+                Err(ChatTemplateError::UnknownTemplate { name: name.clone(), available: names.clone() })
             };
         }
         if opts.tools.is_some() && has("tool_use") {
@@ -244,10 +210,7 @@ fn error_message(e: &Error) -> String {
 
 fn add_template(env: &mut Environment<'static>, name: &str, source: &str) -> Result<()> {
     env.add_template_owned(name.to_string(), rewrite_generation_tags(source))
-        .map_err(|e| ChatTemplateError::Syntax {
-            name: name.to_string(),
-            message: error_message(&e),
-        })
+        .map_err(|e| ChatTemplateError::Syntax { name: name.to_string(), message: error_message(&e) })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -258,16 +221,11 @@ const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning
 
 fn normalize_message(i: usize, message: &Json) -> Result<serde_json::Map<String, Json>> {
     let Json::Object(map) = message else {
-        return Err(ChatTemplateError::InvalidInput(format!(
-            "messages[{i}] must be a JSON object, got {message}"
-        )));
+        return Err(ChatTemplateError::InvalidInput(format!("messages[{i}] must be a JSON object, got {message}")));
     };
     // `_normalize_chat_messages`: drop keys whose value is None.
-    let map: serde_json::Map<String, Json> = map
-        .iter()
-        .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let map: serde_json::Map<String, Json> =
+        map.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
     // `_alias_reasoning_fields`: {"thinking": r, **message, "reasoning_content": r}.
     let reasoning = REASONING_FIELDS.iter().find_map(|k| map.get(*k)).cloned();
     let Some(reasoning) = reasoning else {
@@ -282,15 +240,9 @@ fn normalize_message(i: usize, message: &Json) -> Result<serde_json::Map<String,
     Ok(aliased)
 }
 
-fn build_context(
-    messages: &[Json],
-    opts: &RenderOptions,
-    special: &SpecialTokens,
-) -> Result<Value> {
+fn build_context(messages: &[Json], opts: &RenderOptions, special: &SpecialTokens) -> Result<Value> {
     if messages.is_empty() {
-        return Err(ChatTemplateError::InvalidInput(
-            "cannot apply a chat template to an empty conversation".into(),
-        ));
+        return Err(ChatTemplateError::InvalidInput("cannot apply a chat template to an empty conversation".into()));
     }
     let messages = messages
         .iter()
@@ -299,22 +251,9 @@ fn build_context(
         .collect::<Result<Vec<_>>>()?;
     let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
     ctx.insert("messages".into(), Value::from_serialize(&messages));
-    ctx.insert(
-        "tools".into(),
-        opts.tools
-            .as_ref()
-            .map_or(Value::from(()), Value::from_serialize),
-    );
-    ctx.insert(
-        "documents".into(),
-        opts.documents
-            .as_ref()
-            .map_or(Value::from(()), Value::from_serialize),
-    );
-    ctx.insert(
-        "add_generation_prompt".into(),
-        Value::from(opts.add_generation_prompt),
-    );
+    ctx.insert("tools".into(), opts.tools.as_ref().map_or(Value::from(()), Value::from_serialize));
+    ctx.insert("documents".into(), opts.documents.as_ref().map_or(Value::from(()), Value::from_serialize));
+    ctx.insert("add_generation_prompt".into(), Value::from(opts.add_generation_prompt));
     for (name, token) in special.iter() {
         ctx.insert(name.into(), Value::from(token));
     }
@@ -412,13 +351,10 @@ fn build_environment() -> Environment<'static> {
             Value::from(py_str(value))
         }
     });
-    env.add_filter(
-        "trim",
-        |value: &Value, chars: Option<String>| -> Result<Value, Error> {
-            let s = py_str(value);
-            Ok(Value::from(py_strip(&s, chars.as_deref(), true, true)))
-        },
-    );
+    env.add_filter("trim", |value: &Value, chars: Option<String>| -> Result<Value, Error> {
+        let s = py_str(value);
+        Ok(Value::from(py_strip(&s, chars.as_deref(), true, true)))
+    });
     // Jinja2's Undefined has len() 0.
     let length = |value: &Value| -> Result<Value, Error> {
         if value.is_undefined() {
@@ -440,31 +376,16 @@ fn build_environment() -> Environment<'static> {
         }
         let marg = width - len;
         let left = marg / 2 + (marg & width & 1);
-        Value::from(format!(
-            "{}{s}{}",
-            " ".repeat(left),
-            " ".repeat(marg - left)
-        ))
+        Value::from(format!("{}{s}{}", " ".repeat(left), " ".repeat(marg - left)))
     });
     // Jinja2's `sequence` test is "has len() and []": strings and dicts pass too.
     env.add_test("sequence", |value: &Value| {
-        matches!(
-            value.kind(),
-            ValueKind::String | ValueKind::Seq | ValueKind::Map
-        )
+        matches!(value.kind(), ValueKind::String | ValueKind::Seq | ValueKind::Map)
     });
-    env.add_function(
-        "raise_exception",
-        |message: Value| -> Result<Value, Error> {
-            Err(Error::new(
-                ErrorKind::InvalidOperation,
-                format!("template raised an exception: {}", py_str(&message)),
-            ))
-        },
-    );
-    env.add_function("strftime_now", |format: String| -> Value {
-        Value::from(strftime(&format, SystemTime::now()))
+    env.add_function("raise_exception", |message: Value| -> Result<Value, Error> {
+        Err(Error::new(ErrorKind::InvalidOperation, format!("template raised an exception: {}", py_str(&message))))
     });
+    env.add_function("strftime_now", |format: String| -> Value { Value::from(strftime(&format, SystemTime::now())) });
     env
 }
 
@@ -513,11 +434,7 @@ fn get_path(value: &Value, path: &Value) -> Result<Value, Error> {
 
 /// Jinja2's `round(value, precision=0, method='common')`: 'common' is Python's `round` (ties to even on the
 /// exact binary value), and the result is a float.
-fn round_filter(
-    value: &Value,
-    precision: Option<i32>,
-    method: Option<String>,
-) -> Result<Value, Error> {
+fn round_filter(value: &Value, precision: Option<i32>, method: Option<String>) -> Result<Value, Error> {
     let x = f64::try_from(value.clone())?;
     let precision = precision.unwrap_or(0);
     let factor = 10f64.powi(precision);
@@ -556,11 +473,7 @@ pub(crate) fn py_float_repr(x: f64) -> String {
         return if x < 0.0 { "-inf".into() } else { "inf".into() };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() {
-            "-0.0".into()
-        } else {
-            "0.0".into()
-        };
+        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
     }
     // Rust's `{:e}` gives the shortest round-trip digits: "-1.2345e-7".
     let sci = format!("{x:e}");
@@ -586,11 +499,7 @@ pub(crate) fn py_float_repr(x: f64) -> String {
         }
     } else {
         let (a, b) = digits.split_at(1);
-        let frac = if b.is_empty() {
-            String::new()
-        } else {
-            format!(".{b}")
-        };
+        let frac = if b.is_empty() { String::new() } else { format!(".{b}") };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{a}{frac}e{esign}{:02}", exp.abs())
     }
@@ -632,11 +541,7 @@ fn py_printable(c: char) -> bool {
 
 /// Python's `repr(str)`.
 fn py_repr_str(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(quote);
     for c in s.chars() {
@@ -673,9 +578,7 @@ fn py_seq_repr(value: &Value) -> Option<String> {
 
 fn py_map_repr(value: &Value) -> Option<String> {
     let pairs = value.as_object()?.try_iter_pairs()?;
-    let items: Vec<String> = pairs
-        .map(|(k, v)| format!("{}: {}", py_repr(&k), py_repr(&v)))
-        .collect();
+    let items: Vec<String> = pairs.map(|(k, v)| format!("{}: {}", py_repr(&k), py_repr(&v))).collect();
     Some(format!("{{{}}}", items.join(", ")))
 }
 
@@ -695,9 +598,7 @@ pub(crate) fn py_str(value: &Value) -> String {
         ValueKind::Bool => if value.is_true() { "True" } else { "False" }.into(),
         ValueKind::Number if is_float(value) => py_float_repr(as_f64(value)),
         ValueKind::String => value.as_str().unwrap_or_default().to_string(),
-        ValueKind::Seq | ValueKind::Iterable => {
-            py_seq_repr(value).unwrap_or_else(|| value.to_string())
-        }
+        ValueKind::Seq | ValueKind::Iterable => py_seq_repr(value).unwrap_or_else(|| value.to_string()),
         ValueKind::Map => py_map_repr(value).unwrap_or_else(|| value.to_string()),
         _ => value.to_string(),
     }
@@ -715,13 +616,7 @@ struct JsonStyle {
 }
 
 fn tojson_filter(value: &Value, args: &[Value]) -> Result<Value, Error> {
-    type Args = (
-        Option<Value>,
-        Option<Value>,
-        Option<Value>,
-        Option<Value>,
-        Kwargs,
-    );
+    type Args = (Option<Value>, Option<Value>, Option<Value>, Option<Value>, Kwargs);
     let (ensure_ascii, indent, separators, sort_keys, kwargs): Args = from_args(args)?;
     let pick = |positional: Option<Value>, name: &str| -> Result<Option<Value>, Error> {
         let kw: Option<Value> = kwargs.get(name)?;
@@ -745,16 +640,11 @@ fn tojson_filter(value: &Value, args: &[Value]) -> Result<Value, Error> {
         Some(v) => Some(match v.kind() {
             ValueKind::String => v.as_str().unwrap_or_default().to_string(),
             ValueKind::Bool => if v.is_true() { " " } else { "" }.to_string(),
-            ValueKind::Number if v.is_integer() => {
-                " ".repeat(v.as_i64().unwrap_or(0).clamp(0, 1 << 16) as usize)
-            }
+            ValueKind::Number if v.is_integer() => " ".repeat(v.as_i64().unwrap_or(0).clamp(0, 1 << 16) as usize),
             _ => {
                 return Err(Error::new(
                     ErrorKind::InvalidOperation,
-                    format!(
-                        "tojson(): indent must be an int or a string, not {}",
-                        v.kind()
-                    ),
+                    format!("tojson(): indent must be an int or a string, not {}", v.kind()),
                 ))
             }
         }),
@@ -763,10 +653,9 @@ fn tojson_filter(value: &Value, args: &[Value]) -> Result<Value, Error> {
         Some(v) if !v.is_none() => {
             let parts: Vec<Value> = v.try_iter()?.collect();
             match parts.as_slice() {
-                [a, b] if a.kind() == ValueKind::String && b.kind() == ValueKind::String => (
-                    a.as_str().unwrap_or_default().to_string(),
-                    b.as_str().unwrap_or_default().to_string(),
-                ),
+                [a, b] if a.kind() == ValueKind::String && b.kind() == ValueKind::String => {
+                    (a.as_str().unwrap_or_default().to_string(), b.as_str().unwrap_or_default().to_string())
+                }
                 _ => {
                     return Err(Error::new(
                         ErrorKind::InvalidOperation,
@@ -778,13 +667,7 @@ fn tojson_filter(value: &Value, args: &[Value]) -> Result<Value, Error> {
         _ if indent.is_some() => (",".into(), ": ".into()),
         _ => (", ".into(), ": ".into()),
     };
-    let style = JsonStyle {
-        ensure_ascii,
-        indent,
-        item_sep,
-        key_sep,
-        sort_keys,
-    };
+    let style = JsonStyle { ensure_ascii, indent, item_sep, key_sep, sort_keys };
     let mut out = String::new();
     write_json(value, &style, 0, &mut out)?;
     Ok(Value::from(out))
@@ -795,10 +678,7 @@ fn not_serializable(value: &Value) -> Error {
         ValueKind::Undefined => "Undefined".to_string(),
         k => k.to_string(),
     };
-    Error::new(
-        ErrorKind::InvalidOperation,
-        format!("Object of type {ty} is not JSON serializable"),
-    )
+    Error::new(ErrorKind::InvalidOperation, format!("Object of type {ty} is not JSON serializable"))
 }
 
 fn write_json_str(s: &str, ensure_ascii: bool, out: &mut String) {
@@ -862,12 +742,7 @@ fn write_newline(style: &JsonStyle, level: usize, out: &mut String) {
     }
 }
 
-fn write_json(
-    value: &Value,
-    style: &JsonStyle,
-    level: usize,
-    out: &mut String,
-) -> Result<(), Error> {
+fn write_json(value: &Value, style: &JsonStyle, level: usize, out: &mut String) -> Result<(), Error> {
     match value.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -875,14 +750,10 @@ fn write_json(
         ValueKind::Number => {
             let _ = write!(out, "{value}");
         }
-        ValueKind::String => {
-            write_json_str(value.as_str().unwrap_or_default(), style.ensure_ascii, out)
+        ValueKind::String => write_json_str(value.as_str().unwrap_or_default(), style.ensure_ascii, out),
+        ValueKind::Bytes => {
+            write_json_str(&String::from_utf8_lossy(value.as_bytes().unwrap_or_default()), style.ensure_ascii, out)
         }
-        ValueKind::Bytes => write_json_str(
-            &String::from_utf8_lossy(value.as_bytes().unwrap_or_default()),
-            style.ensure_ascii,
-            out,
-        ),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             if items.is_empty() {
@@ -901,13 +772,8 @@ fn write_json(
             out.push(']');
         }
         ValueKind::Map => {
-            let pairs = value
-                .as_object()
-                .and_then(|o| o.try_iter_pairs())
-                .ok_or_else(|| not_serializable(value))?;
-            let mut items = pairs
-                .map(|(k, v)| json_key(&k).map(|k| (k, v)))
-                .collect::<Result<Vec<_>, Error>>()?;
+            let pairs = value.as_object().and_then(|o| o.try_iter_pairs()).ok_or_else(|| not_serializable(value))?;
+            let mut items = pairs.map(|(k, v)| json_key(&k).map(|k| (k, v))).collect::<Result<Vec<_>, Error>>()?;
             if items.is_empty() {
                 out.push_str("{}");
                 return Ok(());
@@ -953,38 +819,22 @@ fn py_strip(s: &str, chars: Option<&str>, left: bool, right: bool) -> String {
 }
 
 /// `str.split` / `str.rsplit` (CPython's algorithm, including `maxsplit` with whitespace splitting).
-fn py_split(
-    s: &str,
-    sep: Option<&str>,
-    maxsplit: i64,
-    from_right: bool,
-) -> Result<Vec<String>, Error> {
-    let max = if maxsplit < 0 {
-        usize::MAX
-    } else {
-        maxsplit as usize
-    };
+fn py_split(s: &str, sep: Option<&str>, maxsplit: i64, from_right: bool) -> Result<Vec<String>, Error> {
+    let max = if maxsplit < 0 { usize::MAX } else { maxsplit as usize };
     match sep {
-        Some("") => Err(Error::new(
-            ErrorKind::InvalidOperation,
-            "ValueError: empty separator",
-        )),
+        Some("") => Err(Error::new(ErrorKind::InvalidOperation, "ValueError: empty separator")),
         Some(sep) => Ok(if from_right {
             let mut v: Vec<String> = if max == usize::MAX {
                 s.rsplit(sep).map(str::to_string).collect()
             } else {
-                s.rsplitn(max.saturating_add(1), sep)
-                    .map(str::to_string)
-                    .collect()
+                s.rsplitn(max.saturating_add(1), sep).map(str::to_string).collect()
             };
             v.reverse();
             v
         } else if max == usize::MAX {
             s.split(sep).map(str::to_string).collect()
         } else {
-            s.splitn(max.saturating_add(1), sep)
-                .map(str::to_string)
-                .collect()
+            s.splitn(max.saturating_add(1), sep).map(str::to_string).collect()
         }),
         None => {
             let chars: Vec<(usize, char)> = s.char_indices().collect();
@@ -1047,15 +897,7 @@ fn py_splitlines(s: &str, keepends: bool) -> Vec<String> {
     let is_break = |c: char| {
         matches!(
             c,
-            '\n' | '\r'
-                | '\u{b}'
-                | '\u{c}'
-                | '\u{1c}'
-                | '\u{1d}'
-                | '\u{1e}'
-                | '\u{85}'
-                | '\u{2028}'
-                | '\u{2029}'
+            '\n' | '\r' | '\u{b}' | '\u{c}' | '\u{1c}' | '\u{1d}' | '\u{1e}' | '\u{85}' | '\u{2028}' | '\u{2029}'
         )
     };
     let mut out = Vec::new();
@@ -1070,14 +912,7 @@ fn py_splitlines(s: &str, keepends: bool) -> Vec<String> {
                     end += 1;
                 }
             }
-            out.push(
-                if keepends {
-                    &s[start..end]
-                } else {
-                    &s[start..i]
-                }
-                .to_string(),
-            );
+            out.push(if keepends { &s[start..end] } else { &s[start..i] }.to_string());
             start = end;
         }
     }
@@ -1093,20 +928,12 @@ fn opt_str(v: Option<&Value>) -> Result<Option<String>, Error> {
         None => Ok(None),
         Some(v) if v.is_none() => Ok(None),
         Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidOperation,
-                format!("expected a string argument, got {}", v.kind()),
-            )
+            Error::new(ErrorKind::InvalidOperation, format!("expected a string argument, got {}", v.kind()))
         }),
     }
 }
 
-fn python_methods(
-    state: &State,
-    value: &Value,
-    method: &str,
-    args: &[Value],
-) -> Result<Value, Error> {
+fn python_methods(state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
     if let (ValueKind::String, Some(s)) = (value.kind(), value.as_str()) {
         match method {
             "strip" | "lstrip" | "rstrip" => {
@@ -1120,16 +947,12 @@ fn python_methods(
                 return Ok(Value::from(py_strip(s, chars.as_deref(), l, r)));
             }
             "split" | "rsplit" => {
-                let (sep, maxsplit, kwargs): (Option<Value>, Option<i64>, Kwargs) =
-                    from_args(args)?;
+                let (sep, maxsplit, kwargs): (Option<Value>, Option<i64>, Kwargs) = from_args(args)?;
                 let sep = match kwargs.get::<Option<Value>>("sep")? {
                     Some(v) => opt_str(Some(&v))?,
                     None => opt_str(sep.as_ref())?,
                 };
-                let maxsplit = kwargs
-                    .get::<Option<i64>>("maxsplit")?
-                    .or(maxsplit)
-                    .unwrap_or(-1);
+                let maxsplit = kwargs.get::<Option<i64>>("maxsplit")?.or(maxsplit).unwrap_or(-1);
                 kwargs.assert_all_used()?;
                 let parts = py_split(s, sep.as_deref(), maxsplit, method == "rsplit")?;
                 return Ok(Value::from(parts));
@@ -1152,30 +975,17 @@ fn python_methods(
             }
             "index" | "rindex" => {
                 let (sub,): (&str,) = from_args(args)?;
-                let found = if method == "index" {
-                    s.find(sub)
-                } else {
-                    s.rfind(sub)
-                };
+                let found = if method == "index" { s.find(sub) } else { s.rfind(sub) };
                 return match found {
                     Some(b) => Ok(Value::from(s[..b].chars().count())),
-                    None => Err(Error::new(
-                        ErrorKind::InvalidOperation,
-                        "ValueError: substring not found",
-                    )),
+                    None => Err(Error::new(ErrorKind::InvalidOperation, "ValueError: substring not found")),
                 };
             }
             "find" | "rfind" => {
                 // Python counts characters, not bytes.
                 let (sub,): (&str,) = from_args(args)?;
-                let found = if method == "find" {
-                    s.find(sub)
-                } else {
-                    s.rfind(sub)
-                };
-                return Ok(Value::from(
-                    found.map_or(-1, |b| s[..b].chars().count() as i64),
-                ));
+                let found = if method == "find" { s.find(sub) } else { s.rfind(sub) };
+                return Ok(Value::from(found.map_or(-1, |b| s[..b].chars().count() as i64)));
             }
             _ => {}
         }
@@ -1203,15 +1013,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// C/Python `strftime` for UTC `now`: %a %A %b %B %c %d %D %e %F %H %I %j %m %M %p %S %T %u %w %x %X %y %Y
 /// %z %Z %%, and glibc's `%-d`-style unpadded variants. Unknown directives are kept as written.
 pub(crate) fn strftime(format: &str, now: SystemTime) -> String {
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     const MONTHS: [&str; 12] = [
         "January",
         "February",
@@ -1323,14 +1125,7 @@ mod tests {
     fn render_str(src: &str, ctx: Json) -> String {
         let t = ChatTemplate::new(src, Some("<s>"), Some("</s>")).unwrap();
         let Json::Object(extra) = ctx else { panic!() };
-        t.render(
-            &[json!({"role": "user", "content": "x"})],
-            &RenderOptions {
-                extra,
-                ..Default::default()
-            },
-        )
-        .unwrap()
+        t.render(&[json!({"role": "user", "content": "x"})], &RenderOptions { extra, ..Default::default() }).unwrap()
     }
 
     #[test]
@@ -1363,32 +1158,19 @@ mod tests {
             "{\n  \"b\": [\n    1,\n    2.5,\n    \"é\\\"<>&'\\n\",\n    null,\n    true\n  ],\n  \"a\": {},\n  \"c\": []\n}"
         );
         assert_eq!(
-            render_str(
-                "{{ v|tojson(separators=(',', ':'), sort_keys=true) }}",
-                ctx.clone()
-            ),
+            render_str("{{ v|tojson(separators=(',', ':'), sort_keys=true) }}", ctx.clone()),
             r#"{"a":{},"b":[1,2.5,"é\"<>&'\n",null,true],"c":[]}"#
         );
         // HF's tojson takes ensure_ascii first: `tojson(true)` escapes non-ASCII.
-        assert_eq!(
-            render_str("{{ 'é😀'|tojson(true) }}", json!({})),
-            r#""\u00e9\ud83d\ude00""#
-        );
-        assert_eq!(
-            render_str("{{ v|tojson(indent=0) }}", json!({"v": [1]})),
-            "[\n1\n]"
-        );
+        assert_eq!(render_str("{{ 'é😀'|tojson(true) }}", json!({})), r#""\u00e9\ud83d\ude00""#);
+        assert_eq!(render_str("{{ v|tojson(indent=0) }}", json!({"v": [1]})), "[\n1\n]");
     }
 
     #[test]
     fn chat_template_prints_python_str() {
-        let ctx =
-            json!({"l": ["a", "it's", 1, 1.0, true, null], "d": {"k": "v", "n": 1e-5}, "f": 1e16});
+        let ctx = json!({"l": ["a", "it's", 1, 1.0, true, null], "d": {"k": "v", "n": 1e-5}, "f": 1e16});
         assert_eq!(
-            render_str(
-                "{{ l }}|{{ d }}|{{ f }}|{{ true }}|{{ none }}|{{ undefined_var }}|{{ l|string }}",
-                ctx
-            ),
+            render_str("{{ l }}|{{ d }}|{{ f }}|{{ true }}|{{ none }}|{{ undefined_var }}|{{ l|string }}", ctx),
             r#"['a', "it's", 1, 1.0, True, None]|{'k': 'v', 'n': 1e-05}|1e+16|True|None||['a', "it's", 1, 1.0, True, None]"#
         );
     }
@@ -1397,46 +1179,28 @@ mod tests {
     fn chat_template_python_string_methods() {
         let ctx = json!({"s": "\u{1c} a  b\tc \n", "p": "<think>x</think>\n\nanswer"});
         assert_eq!(render_str("[{{ s.strip() }}]", ctx.clone()), "[a  b\tc]");
+        assert_eq!(render_str("{{ s.split() }}", ctx.clone()), "['a', 'b', 'c']");
+        assert_eq!(render_str("{{ s.split(None, 1) }}", ctx.clone()), "['a', 'b\\tc \\n']");
+        assert_eq!(render_str("{{ s.rsplit(maxsplit=1) }}", ctx.clone()), "['\\x1c a  b', 'c']");
+        assert_eq!(render_str("{{ 'a,b,c'.rsplit(',', 1) }}", ctx.clone()), "['a,b', 'c']");
         assert_eq!(
-            render_str("{{ s.split() }}", ctx.clone()),
-            "['a', 'b', 'c']"
-        );
-        assert_eq!(
-            render_str("{{ s.split(None, 1) }}", ctx.clone()),
-            "['a', 'b\\tc \\n']"
-        );
-        assert_eq!(
-            render_str("{{ s.rsplit(maxsplit=1) }}", ctx.clone()),
-            "['\\x1c a  b', 'c']"
-        );
-        assert_eq!(
-            render_str("{{ 'a,b,c'.rsplit(',', 1) }}", ctx.clone()),
-            "['a,b', 'c']"
-        );
-        assert_eq!(
-            render_str("{{ p.split('</think>')[-1].lstrip('\\n') }}|{{ p.split('</think>')[0].split('<think>')[-1] }}", ctx.clone()),
+            render_str(
+                "{{ p.split('</think>')[-1].lstrip('\\n') }}|{{ p.split('</think>')[0].split('<think>')[-1] }}",
+                ctx.clone()
+            ),
             "answer|x"
         );
         assert_eq!(
-            render_str(
-                "{{ p.startswith('<think>') }} {{ p.endswith(('x', 'answer')) }}",
-                ctx.clone()
-            ),
+            render_str("{{ p.startswith('<think>') }} {{ p.endswith(('x', 'answer')) }}", ctx.clone()),
             "True True"
         );
-        assert_eq!(
-            render_str("{{ 'a\\r\\nb\\x0bc'.splitlines() }}", ctx.clone()),
-            "['a', 'b', 'c']"
-        );
+        assert_eq!(render_str("{{ 'a\\r\\nb\\x0bc'.splitlines() }}", ctx.clone()), "['a', 'b', 'c']");
+        assert_eq!(render_str("{{ 'xyz'.removeprefix('x') }}{{ 'éa'.find('a') }}", ctx.clone()), "yz1");
         assert_eq!(
             render_str(
-                "{{ 'xyz'.removeprefix('x') }}{{ 'éa'.find('a') }}",
-                ctx.clone()
+                "{% for k, v in {'a': 1, 'b': 2}.items() %}{{ k }}={{ v }};{% endfor %}{{ {'a': 1}.get('z', 'd') }}",
+                ctx
             ),
-            "yz1"
-        );
-        assert_eq!(
-            render_str("{% for k, v in {'a': 1, 'b': 2}.items() %}{{ k }}={{ v }};{% endfor %}{{ {'a': 1}.get('z', 'd') }}", ctx),
             "a=1;b=2;d"
         );
     }
@@ -1446,16 +1210,10 @@ mod tests {
         // trim_blocks + lstrip_blocks, keep_trailing_newline=False, loop controls, namespace, raise_exception.
         let src = "{% for m in messages %}\n    {% if m.role == 'skip' %}{% continue %}{% endif %}\n[{{ m.content }}]\n{% endfor %}\n";
         let t = ChatTemplate::new(src, None, None).unwrap();
-        let msgs = [
-            json!({"role": "user", "content": "a"}),
-            json!({"role": "skip", "content": "b"}),
-        ];
+        let msgs = [json!({"role": "user", "content": "a"}), json!({"role": "skip", "content": "b"})];
         assert_eq!(t.render(&msgs, &RenderOptions::default()).unwrap(), "[a]\n");
         let t = ChatTemplate::new("{{ raise_exception('bad role') }}", None, None).unwrap();
-        let err = t
-            .render(&msgs, &RenderOptions::default())
-            .unwrap_err()
-            .to_string();
+        let err = t.render(&msgs, &RenderOptions::default()).unwrap_err().to_string();
         assert!(err.contains("bad role"), "{err}");
         let t = ChatTemplate::new(
             "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}{{ bos_token }}{{ eos_token }}{{ strftime_now('%Y')|length }}",
@@ -1463,12 +1221,14 @@ mod tests {
             Some("</s>"),
         )
         .unwrap();
-        assert_eq!(
-            t.render(&msgs, &RenderOptions::default()).unwrap(),
-            "2<s></s>4"
-        );
+        assert_eq!(t.render(&msgs, &RenderOptions::default()).unwrap(), "2<s></s>4");
         // {% generation %} blocks render their body.
-        let t = ChatTemplate::new("{% for m in messages %}\n{% generation %}\n{{ m.content }}\n{%- endgeneration %}\n{% endfor %}", None, None).unwrap();
+        let t = ChatTemplate::new(
+            "{% for m in messages %}\n{% generation %}\n{{ m.content }}\n{%- endgeneration %}\n{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(t.render(&msgs, &RenderOptions::default()).unwrap(), "ab");
     }
 
@@ -1496,31 +1256,17 @@ mod tests {
     #[test]
     fn chat_template_named_selection() {
         let mut named = BTreeMap::new();
-        named.insert(
-            "default".to_string(),
-            "D{{ 'none' if tools is none else tools|length }}".to_string(),
-        );
+        named.insert("default".to_string(), "D{{ 'none' if tools is none else tools|length }}".to_string());
         named.insert("tool_use".to_string(), "T{{ tools|length }}".to_string());
-        let t =
-            ChatTemplate::from_source(&ChatTemplateSource::Named(named), SpecialTokens::default())
-                .unwrap();
+        let t = ChatTemplate::from_source(&ChatTemplateSource::Named(named), SpecialTokens::default()).unwrap();
         let msgs = [json!({"role": "user", "content": "x"})];
         assert_eq!(t.render(&msgs, &RenderOptions::default()).unwrap(), "Dnone");
-        let opts = RenderOptions {
-            tools: Some(vec![]),
-            ..Default::default()
-        };
+        let opts = RenderOptions { tools: Some(vec![]), ..Default::default() };
         assert_eq!(t.render(&msgs, &opts).unwrap(), "T0");
-        let opts = RenderOptions {
-            template_name: Some("default".into()),
-            tools: Some(vec![json!({})]),
-            ..Default::default()
-        };
+        let opts =
+            RenderOptions { template_name: Some("default".into()), tools: Some(vec![json!({})]), ..Default::default() };
         assert_eq!(t.render(&msgs, &opts).unwrap(), "D1");
-        let opts = RenderOptions {
-            template_name: Some("nope".into()),
-            ..Default::default()
-        };
+        let opts = RenderOptions { template_name: Some("nope".into()), ..Default::default() };
         assert!(t.render(&msgs, &opts).is_err());
     }
 
@@ -1538,8 +1284,7 @@ mod tests {
     // ---- Byte-identical comparison with transformers' apply_chat_template (tests/fixtures/chat) ----
 
     fn fixture_path() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/chat/qwen3_chat_references.json")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/chat/qwen3_chat_references.json")
     }
 
     #[test]
@@ -1547,12 +1292,8 @@ mod tests {
         let tok = crate::tokenizer::tests::qwen3();
         let template = ChatTemplate::from_tokenizer(&tok).unwrap();
         let path = fixture_path();
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (regenerate with scripts/make_chat_references.py)",
-                path.display()
-            )
-        });
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (regenerate with scripts/make_chat_references.py)", path.display()));
         let cases: Vec<Json> = serde_json::from_str(&text).unwrap();
         assert!(cases.len() >= 8, "expected the full reference set");
         for case in &cases {
@@ -1567,21 +1308,12 @@ mod tests {
             if let Some(Json::Object(extra)) = case.get("extra") {
                 opts.extra = extra.clone();
             }
-            let got = template
-                .render(messages, &opts)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let got = template.render(messages, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
             let expected = case["expected"].as_str().unwrap();
-            assert_eq!(
-                got, expected,
-                "case {name}: rendered text differs from transformers"
-            );
+            assert_eq!(got, expected, "case {name}: rendered text differs from transformers");
             let ids = tok.encode(&got, false).unwrap();
-            let expected_ids: Vec<u32> =
-                serde_json::from_value(case["expected_ids"].clone()).unwrap();
-            assert_eq!(
-                ids, expected_ids,
-                "case {name}: token ids differ from transformers"
-            );
+            let expected_ids: Vec<u32> = serde_json::from_value(case["expected_ids"].clone()).unwrap();
+            assert_eq!(ids, expected_ids, "case {name}: token ids differ from transformers");
         }
     }
 
@@ -1589,12 +1321,8 @@ mod tests {
     fn chat_template_quirks_match_transformers() {
         let tok = crate::tokenizer::tests::qwen3();
         let path = fixture_path().with_file_name("template_quirks.json");
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (regenerate with scripts/make_chat_references.py)",
-                path.display()
-            )
-        });
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (regenerate with scripts/make_chat_references.py)", path.display()));
         let cases: Vec<Json> = serde_json::from_str(&text).unwrap();
         let mut failures = Vec::new();
         for case in &cases {
@@ -1612,9 +1340,7 @@ mod tests {
             let expected = case["expected"].as_str().unwrap();
             match template.render(case["messages"].as_array().unwrap(), &opts) {
                 Ok(got) if got == expected => {}
-                Ok(got) => failures.push(format!(
-                    "{name}:\n  expected {expected:?}\n  got      {got:?}"
-                )),
+                Ok(got) => failures.push(format!("{name}:\n  expected {expected:?}\n  got      {got:?}")),
                 Err(e) => failures.push(format!("{name}: {e}")),
             }
         }

@@ -88,7 +88,10 @@ impl CudaRuntime {
     pub unsafe fn host_to_device<T: Copy>(&self, device: i32, dst: *mut c_void, src: &[T]) -> Result<()> {
         Self::check((self.set_device)(device), "cudaSetDevice")?;
         let bytes = std::mem::size_of_val(src);
-        Self::check((self.memcpy)(dst, src.as_ptr().cast(), bytes, CUDA_MEMCPY_HOST_TO_DEVICE), "cudaMemcpy to the device")
+        Self::check(
+            (self.memcpy)(dst, src.as_ptr().cast(), bytes, CUDA_MEMCPY_HOST_TO_DEVICE),
+            "cudaMemcpy to the device",
+        )
     }
 
     /// Waits until every copy and kernel on `device` is done. A copy from pageable host memory
@@ -109,7 +112,10 @@ impl CudaRuntime {
     pub unsafe fn device_to_host<T: Copy>(&self, device: i32, dst: &mut [T], src: *const c_void) -> Result<()> {
         Self::check((self.set_device)(device), "cudaSetDevice")?;
         let bytes = std::mem::size_of_val(dst);
-        Self::check((self.memcpy)(dst.as_mut_ptr().cast(), src, bytes, CUDA_MEMCPY_DEVICE_TO_HOST), "cudaMemcpy to the host")
+        Self::check(
+            (self.memcpy)(dst.as_mut_ptr().cast(), src, bytes, CUDA_MEMCPY_DEVICE_TO_HOST),
+            "cudaMemcpy to the host",
+        )
     }
 }
 

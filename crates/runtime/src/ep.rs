@@ -1639,7 +1639,10 @@ mod tests {
         assert_eq!(off.memory_pattern, None, "ONNX Runtime's default unless asked");
         let lean = ExecutionProvider::from_cli("cuda", 0, &opts(&["memory_pattern=0", "shrink_arena=1"])).unwrap();
         assert_eq!(lean.plan(&probe).unwrap().memory_pattern, Some(false));
-        assert!(lean.cuda_options().unwrap().shrink_arena && !lean.provider_options().iter().any(|(k, _)| k.contains("shrink")));
+        assert!(
+            lean.cuda_options().unwrap().shrink_arena
+                && !lean.provider_options().iter().any(|(k, _)| k.contains("shrink"))
+        );
         let both = ExecutionProvider::from_cli("cuda", 0, &opts(&["shrink_arena=1", "cuda_graph=1"])).unwrap();
         let err = both.plan(&probe).unwrap_err().to_string();
         assert!(err.contains("shrink_arena=1 cannot be combined with cuda_graph=1"), "{err}");

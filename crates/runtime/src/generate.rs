@@ -164,7 +164,8 @@ impl Generator {
     pub fn load(dir: &Path, ep: &ExecutionProvider) -> Result<Self> {
         let model = DecoderModel::load(dir, ep)?;
         let (tokenizer, chat_template) = if dir.join("tokenizer.json").is_file() {
-            let tok = Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
+            let tok =
+                Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
             let template = match tok.chat_template_source() {
                 Some(_) => Some(ChatTemplate::from_config(tok.config()).map_err(|e| anyhow!("{e}"))?),
                 None => None,
@@ -199,7 +200,10 @@ impl Generator {
     /// Renders chat messages with the checkpoint's own template and tokenizes the result.
     pub fn chat_prompt(&self, messages: &[Json], opts: &RenderOptions) -> Result<(String, Vec<u32>)> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
-            anyhow!("{} has no chat template (tokenizer_config.json without chat_template); use a raw prompt", self.model.dir.display())
+            anyhow!(
+                "{} has no chat template (tokenizer_config.json without chat_template); use a raw prompt",
+                self.model.dir.display()
+            )
         })?;
         let text = template.render(messages, opts).map_err(|e| anyhow!("{e}"))?;
         // Templates write special tokens as text; they are parsed back as special tokens here.
@@ -249,7 +253,8 @@ impl Generator {
         let (mut cache, cached) = self.cache_for(prompt_ids)?;
         let mut history: Vec<u32> = prompt_ids.to_vec();
         // Plain greedy decoding needs no logits on the host: the graph's argmax comes back instead.
-        let fetch = if opts.sampling.is_plain_argmax() && opts.logprobs.is_none() { Fetch::Greedy } else { Fetch::Logits };
+        let fetch =
+            if opts.sampling.is_plain_argmax() && opts.logprobs.is_none() { Fetch::Greedy } else { Fetch::Logits };
         let mut step = self.model.step(&prompt_ids[cached..], 1, &mut cache, fetch)?;
         let prefill_done = Instant::now();
         let mut first_token_at = None;
@@ -260,7 +265,9 @@ impl Generator {
         let mut stopped_by_string = false;
         while generated < opts.max_tokens {
             let (token, logprob, top) = match (&step, opts.logprobs) {
-                (StepOutput::Greedy(tokens), _) => (*tokens.first().context("the step returned no token")?, None, vec![]),
+                (StepOutput::Greedy(tokens), _) => {
+                    (*tokens.first().context("the step returned no token")?, None, vec![])
+                }
                 (StepOutput::Logits(logits), Some(n)) => {
                     let s = sampler.sample_with_logprobs(logits.last(), &history, n);
                     (s.token, Some(s.logprob), s.top_logprobs.to_vec())
@@ -313,7 +320,12 @@ impl Generator {
             tail.push_str(&stops.flush());
             if !tail.is_empty() {
                 text.push_str(&tail);
-                let _ = on_token(&TokenEvent { token_id: TEXT_TAIL_TOKEN, text: tail, logprob: None, top_logprobs: vec![] });
+                let _ = on_token(&TokenEvent {
+                    token_id: TEXT_TAIL_TOKEN,
+                    text: tail,
+                    logprob: None,
+                    top_logprobs: vec![],
+                });
             }
         }
         if self.prefix_caching && cache.is_shared_buffer() {

@@ -7,7 +7,7 @@ pub mod ep;
 pub mod generate;
 pub mod gpu_monitor;
 pub mod model;
-pub mod plugin;
 pub mod ort_lib;
+pub mod plugin;
 pub mod sampling;
 pub mod tokenizer;

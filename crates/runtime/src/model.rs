@@ -33,7 +33,13 @@ enum KvStore {
     Growing { keys: Vec<DynValue>, values: Vec<DynValue> },
     /// Fixed-capacity buffers, past and present at once (GroupQueryAttention's shared buffer),
     /// with each buffer's data address for batch-1 views of one sequence.
-    Device { keys: Vec<DynValue>, values: Vec<DynValue>, capacity: usize, addrs: Vec<(usize, usize)>, memory: MemoryInfo<'static> },
+    Device {
+        keys: Vec<DynValue>,
+        values: Vec<DynValue>,
+        capacity: usize,
+        addrs: Vec<(usize, usize)>,
+        memory: MemoryInfo<'static>,
+    },
 }
 
 /// The KV cache of `batch` sequences of equal length.
@@ -219,7 +225,11 @@ fn device_tensor(alloc: &Allocator, dtype: TensorDtype, shape: &[usize]) -> Resu
 /// Binds `value` as input `name` without a copy. (`IoBinding::bind_input` copies any tensor it
 /// does not own, such as a view, since the binding could outlive it; the caller keeps `value`
 /// alive until the run is over.)
-fn bind_input_in_place(binding: &mut ort::session::IoBinding, name: &str, value: &ort::value::DynValueRefMut<'_>) -> Result<()> {
+fn bind_input_in_place(
+    binding: &mut ort::session::IoBinding,
+    name: &str,
+    value: &ort::value::DynValueRefMut<'_>,
+) -> Result<()> {
     use ort::AsPointer;
     let c_name = std::ffi::CString::new(name).map_err(|_| anyhow!("input name {name:?} has a NUL byte"))?;
     let api = ort::api();
@@ -253,7 +263,9 @@ unsafe fn sequence_view<'a>(
     let per_sequence = kv_heads * capacity * head_dim;
     let ptr = (addr + seq * per_sequence * dtype.size_bytes()) as *mut std::ffi::c_void;
     let shape = ort::value::Shape::new([1, kv_heads as i64, capacity as i64, head_dim as i64]);
-    Ok(with_kv_element!(dtype, T => ort::value::TensorRefMut::<T>::from_raw(memory.clone(), ptr, shape).map_err(ort_err)?.into_dyn()))
+    Ok(
+        with_kv_element!(dtype, T => ort::value::TensorRefMut::<T>::from_raw(memory.clone(), ptr, shape).map_err(ort_err)?.into_dyn()),
+    )
 }
 
 /// An empty host tensor (zero-length past) of the graph's KV dtype.
@@ -281,14 +293,14 @@ impl DecoderModel {
         let env = crate::ort_lib::environment()?;
         let builder = Session::builder(env).map_err(ort_err)?;
         let mut builder = ep.configure(builder)?;
-        let session = builder
-            .commit_from_file(&model_path)
-            .map_err(|e| anyhow!("cannot load {}: {e}", model_path.display()))?;
+        let session =
+            builder.commit_from_file(&model_path).map_err(|e| anyhow!("cannot load {}: {e}", model_path.display()))?;
         let device_allocator = match ep.device_id() {
             Some(id) => Some(
                 Allocator::new(
                     &session,
-                    MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err)?,
+                    MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)
+                        .map_err(ort_err)?,
                 )
                 .map_err(|e| anyhow!("cannot allocate on CUDA device {id}: {e}"))?,
             ),
@@ -339,12 +351,21 @@ impl DecoderModel {
     /// session uses, on the CPU (whose default is the growing cache), for tests of that path.
     pub fn new_shared_host_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         if !self.manifest.options.fused_attention {
-            bail!("{} has no GroupQueryAttention (exported with --no-fused-attention): its cache grows", self.dir.display());
+            bail!(
+                "{} has no GroupQueryAttention (exported with --no-fused-attention): its cache grows",
+                self.dir.display()
+            );
         }
         self.shared_cache(&Allocator::default(), MemoryInfo::default(), batch, capacity)
     }
 
-    fn shared_cache(&self, alloc: &Allocator, memory: MemoryInfo<'static>, batch: usize, capacity: usize) -> Result<KvCache> {
+    fn shared_cache(
+        &self,
+        alloc: &Allocator,
+        memory: MemoryInfo<'static>,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<KvCache> {
         let d = &self.manifest.dims;
         let dtype = self.manifest.kv_cache.dtype;
         let capacity = capacity.min(self.context_length());
@@ -381,23 +402,12 @@ impl DecoderModel {
     }
 
     /// `batch` sequences of equal length, `tokens` row-major (batch, s), all after `cache.len`.
-    pub fn forward_batch(
-        &mut self,
-        tokens: &[u32],
-        batch: usize,
-        cache: &mut KvCache,
-    ) -> Result<Logits> {
-        self.step(tokens, batch, cache, Fetch::Logits)?
-            .into_logits()
+    pub fn forward_batch(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache) -> Result<Logits> {
+        self.step(tokens, batch, cache, Fetch::Logits)?.into_logits()
     }
 
     /// Like [`forward_batch`](Self::forward_batch), returning each sequence's greedy next token.
-    pub fn greedy_batch(
-        &mut self,
-        tokens: &[u32],
-        batch: usize,
-        cache: &mut KvCache,
-    ) -> Result<Vec<u32>> {
+    pub fn greedy_batch(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache) -> Result<Vec<u32>> {
         Ok(self.step(tokens, batch, cache, Fetch::Greedy)?.greedy())
     }
 
@@ -411,7 +421,8 @@ impl DecoderModel {
     pub fn step(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache, fetch: Fetch) -> Result<StepOutput> {
         let s = self.check_step(tokens, batch, cache, None)?;
         let chunked = self.prefill_chunk.is_some_and(|c| c > 0 && s > c);
-        let gqa_needs_one_sequence = batch > 1 && s > 1 && self.manifest.options.fused_attention && (cache.len > 0 || chunked);
+        let gqa_needs_one_sequence =
+            batch > 1 && s > 1 && self.manifest.options.fused_attention && (cache.len > 0 || chunked);
         if !gqa_needs_one_sequence {
             return self.run_chunked(tokens, batch, cache, fetch, None);
         }
@@ -442,7 +453,14 @@ impl DecoderModel {
     }
 
     /// [`run_step`](Self::run_step) over chunks of at most `prefill_chunk` tokens per sequence.
-    fn run_chunked(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache, fetch: Fetch, seq: Option<usize>) -> Result<StepOutput> {
+    fn run_chunked(
+        &mut self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        fetch: Fetch,
+        seq: Option<usize>,
+    ) -> Result<StepOutput> {
         let s = tokens.len() / batch;
         let chunk = match self.prefill_chunk {
             Some(c) if c > 0 && s > c => c,
@@ -484,10 +502,7 @@ impl DecoderModel {
         }
         let s = tokens.len() / batch;
         let total = cache.len + s;
-        let limit = cache
-            .capacity()
-            .unwrap_or(usize::MAX)
-            .min(self.context_length());
+        let limit = cache.capacity().unwrap_or(usize::MAX).min(self.context_length());
         if total > limit {
             bail!(
                 "sequence of {total} tokens exceeds the context length {limit} (graph context {}; export with a larger --context-length)",
@@ -504,26 +519,27 @@ impl DecoderModel {
     /// Where a growing cache's `present` outputs are kept: on the session's device.
     fn cache_memory(device_id: Option<i32>) -> Result<MemoryInfo<'static>> {
         match device_id {
-            Some(id) => MemoryInfo::new(
-                AllocationDevice::CUDA,
-                id,
-                AllocatorType::Device,
-                MemoryType::Default,
-            )
-            .map_err(ort_err),
+            Some(id) => {
+                MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err)
+            }
             None => Ok(MemoryInfo::default()),
         }
     }
 
     /// One session run over `tokens` (no chunking).
     /// `seq`: run only that sequence of a shared-buffer cache, through batch-1 views of it.
-    fn run_step(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache, fetch: Fetch, seq: Option<usize>) -> Result<StepOutput> {
+    fn run_step(
+        &mut self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        fetch: Fetch,
+        seq: Option<usize>,
+    ) -> Result<StepOutput> {
         let s = self.check_step(tokens, batch, cache, seq)?;
         let total = cache.len + s;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let positions: Vec<i64> = (0..batch)
-            .flat_map(|_| cache.len as i64..total as i64)
-            .collect();
+        let positions: Vec<i64> = (0..batch).flat_map(|_| cache.len as i64..total as i64).collect();
         let mask = vec![1i64; batch * total];
         let (b, s, t) = (batch as i64, s as i64, total as i64);
         let input_ids = Tensor::from_array((vec![b, s], ids)).map_err(ort_err)?;
@@ -536,15 +552,9 @@ impl DecoderModel {
         let greedy_output = fetch == Fetch::Greedy && self.manifest.has_greedy_output();
 
         let mut binding = self.session.create_binding().map_err(ort_err)?;
-        binding
-            .bind_input("input_ids", &input_ids)
-            .map_err(ort_err)?;
-        binding
-            .bind_input("attention_mask", &attention_mask)
-            .map_err(ort_err)?;
-        binding
-            .bind_input("position_ids", &position_ids)
-            .map_err(ort_err)?;
+        binding.bind_input("input_ids", &input_ids).map_err(ort_err)?;
+        binding.bind_input("attention_mask", &attention_mask).map_err(ort_err)?;
+        binding.bind_input("position_ids", &position_ids).map_err(ort_err)?;
         // Per-sequence cache views bound as inputs: they must outlive the run.
         let mut held_views = Vec::new();
         match &mut cache.store {
@@ -562,19 +572,19 @@ impl DecoderModel {
                             bind_input_in_place(&mut binding, &KvCacheSpec::name(name, layer), &input)?;
                             held_views.push(input);
                         }
-                        binding.bind_output(KvCacheSpec::name(&kv.present_key, layer), view(k_addr)?).map_err(ort_err)?;
-                        binding.bind_output(KvCacheSpec::name(&kv.present_value, layer), view(v_addr)?).map_err(ort_err)?;
+                        binding
+                            .bind_output(KvCacheSpec::name(&kv.present_key, layer), view(k_addr)?)
+                            .map_err(ort_err)?;
+                        binding
+                            .bind_output(KvCacheSpec::name(&kv.present_value, layer), view(v_addr)?)
+                            .map_err(ort_err)?;
                     }
                 }
             },
             KvStore::Growing { keys, values } => {
                 for (layer, (k, v)) in keys.iter().zip(values.iter()).enumerate() {
-                    binding
-                        .bind_input(KvCacheSpec::name(&kv.past_key, layer), k)
-                        .map_err(ort_err)?;
-                    binding
-                        .bind_input(KvCacheSpec::name(&kv.past_value, layer), v)
-                        .map_err(ort_err)?;
+                    binding.bind_input(KvCacheSpec::name(&kv.past_key, layer), k).map_err(ort_err)?;
+                    binding.bind_input(KvCacheSpec::name(&kv.past_value, layer), v).map_err(ort_err)?;
                     binding
                         .bind_output_to_device(KvCacheSpec::name(&kv.present_key, layer), &device)
                         .map_err(ort_err)?;
@@ -586,16 +596,10 @@ impl DecoderModel {
         }
         if greedy_output {
             // The logits stay where they were computed; batch x rows token ids come back.
-            binding
-                .bind_output_to_device("logits", &device)
-                .map_err(ort_err)?;
-            binding
-                .bind_output_to_device(GREEDY_TOKENS_OUTPUT, &host)
-                .map_err(ort_err)?;
+            binding.bind_output_to_device("logits", &device).map_err(ort_err)?;
+            binding.bind_output_to_device(GREEDY_TOKENS_OUTPUT, &host).map_err(ort_err)?;
         } else {
-            binding
-                .bind_output_to_device("logits", &host)
-                .map_err(ort_err)?;
+            binding.bind_output_to_device("logits", &host).map_err(ort_err)?;
         }
         let mut options = Self::no_graph_options()?;
         let shrink = self.ep.cuda_options().filter(|o| o.shrink_arena && s > 1);
@@ -603,8 +607,10 @@ impl DecoderModel {
             // After a prefill, hand the arena's free regions back to the device.
             options.set("memory.enable_memory_arena_shrinkage", format!("gpu:{}", o.device_id)).map_err(ort_err)?;
         }
-        let mut outputs =
-            self.session.run_binding_with_options(&binding, &options).map_err(|e| anyhow!("decoder step failed: {e}"))?;
+        let mut outputs = self
+            .session
+            .run_binding_with_options(&binding, &options)
+            .map_err(|e| anyhow!("decoder step failed: {e}"))?;
         let result = if greedy_output {
             StepOutput::Greedy(Self::read_greedy(outputs.remove(GREEDY_TOKENS_OUTPUT))?)
         } else {
@@ -615,12 +621,8 @@ impl DecoderModel {
             for layer in 0..keys.len() {
                 let name_k = KvCacheSpec::name(&kv.present_key, layer);
                 let name_v = KvCacheSpec::name(&kv.present_value, layer);
-                keys[layer] = outputs
-                    .remove(&name_k)
-                    .with_context(|| format!("missing output {name_k}"))?;
-                values[layer] = outputs
-                    .remove(&name_v)
-                    .with_context(|| format!("missing output {name_v}"))?;
+                keys[layer] = outputs.remove(&name_k).with_context(|| format!("missing output {name_k}"))?;
+                values[layer] = outputs.remove(&name_v).with_context(|| format!("missing output {name_v}"))?;
             }
         }
         cache.len = total;
@@ -628,7 +630,12 @@ impl DecoderModel {
     }
 
     /// Binds each layer's device buffer as both past and present (GroupQueryAttention's shared buffer).
-    fn bind_kv(binding: &mut ort::session::IoBinding, kv: &KvCacheSpec, keys: &mut [DynValue], values: &mut [DynValue]) -> Result<()> {
+    fn bind_kv(
+        binding: &mut ort::session::IoBinding,
+        kv: &KvCacheSpec,
+        keys: &mut [DynValue],
+        values: &mut [DynValue],
+    ) -> Result<()> {
         for (layer, (k, v)) in keys.iter_mut().zip(values.iter_mut()).enumerate() {
             binding.bind_input(KvCacheSpec::name(&kv.past_key, layer), &*k).map_err(ort_err)?;
             binding.bind_input(KvCacheSpec::name(&kv.past_value, layer), &*v).map_err(ort_err)?;
@@ -658,42 +665,25 @@ impl DecoderModel {
 
     /// The last position's token of each sequence from a (batch, rows) `greedy_tokens` output.
     fn read_greedy(value: Option<DynValue>) -> Result<Vec<u32>> {
-        let value =
-            value.with_context(|| format!("the graph has no `{GREEDY_TOKENS_OUTPUT}` output"))?;
+        let value = value.with_context(|| format!("the graph has no `{GREEDY_TOKENS_OUTPUT}` output"))?;
         let (shape, data) = value.try_extract_tensor::<i64>().map_err(ort_err)?;
         let rows = shape.get(1).copied().unwrap_or(1).max(1) as usize;
-        Ok(data
-            .chunks(rows)
-            .filter_map(|row| row.last())
-            .map(|&t| t as u32)
-            .collect())
+        Ok(data.chunks(rows).filter_map(|row| row.last()).map(|&t| t as u32).collect())
     }
 
     /// One decode step (one token per sequence) replayed from a captured CUDA graph. Needs the
     /// CUDA execution provider with `cuda_graph` on and a shared-buffer cache; every input and
     /// output lives at a fixed device address (the attention mask spans the whole cache
     /// capacity), so ONNX Runtime captures the step once and replays it.
-    pub fn decode_step_graph(
-        &mut self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        fetch: Fetch,
-    ) -> Result<StepOutput> {
+    pub fn decode_step_graph(&mut self, tokens: &[u32], cache: &mut KvCache, fetch: Fetch) -> Result<StepOutput> {
         let batch = cache.batch;
         if tokens.len() != batch {
-            bail!(
-                "a decode step takes one token per sequence ({batch}), got {}",
-                tokens.len()
-            );
+            bail!("a decode step takes one token per sequence ({batch}), got {}", tokens.len());
         }
         self.check_step(tokens, batch, cache, None)?;
         let device = self.ep.device_id().unwrap_or(0);
-        let alloc = self
-            .device_allocator
-            .as_ref()
-            .ok_or_else(|| anyhow!("CUDA-graph decode needs a CUDA session"))?;
-        let KvStore::Device { keys, values, capacity, addrs, .. } = &mut cache.store
-        else {
+        let alloc = self.device_allocator.as_ref().ok_or_else(|| anyhow!("CUDA-graph decode needs a CUDA session"))?;
+        let KvStore::Device { keys, values, capacity, addrs, .. } = &mut cache.store else {
             bail!(
                 "CUDA-graph decode needs GroupQueryAttention's fixed-size cache; {} was exported without fused attention",
                 self.dir.display()
@@ -715,7 +705,11 @@ impl DecoderModel {
                     position_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
                     attention_mask: Tensor::<i64>::new(alloc, [batch, capacity]).map_err(ort_err)?,
                     logits: Tensor::<f32>::new(alloc, [batch, 1, vocab]).map_err(ort_err)?,
-                    greedy: if has_greedy { Some(Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?) } else { None },
+                    greedy: if has_greedy {
+                        Some(Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?)
+                    } else {
+                        None
+                    },
                 });
                 self.graph_states.len() - 1
             }
@@ -739,15 +733,9 @@ impl DecoderModel {
                 rt.synchronize(device)?;
             }
             None => {
-                let host = |shape: Vec<i64>, data: Vec<i64>| {
-                    Tensor::from_array((shape, data)).map_err(ort_err)
-                };
-                host(vec![batch as i64, 1], ids)?
-                    .copy_into(&mut state.input_ids)
-                    .map_err(ort_err)?;
-                host(vec![batch as i64, 1], positions)?
-                    .copy_into(&mut state.position_ids)
-                    .map_err(ort_err)?;
+                let host = |shape: Vec<i64>, data: Vec<i64>| Tensor::from_array((shape, data)).map_err(ort_err);
+                host(vec![batch as i64, 1], ids)?.copy_into(&mut state.input_ids).map_err(ort_err)?;
+                host(vec![batch as i64, 1], positions)?.copy_into(&mut state.position_ids).map_err(ort_err)?;
                 host(vec![batch as i64, capacity as i64], mask)?
                     .copy_into(&mut state.attention_mask)
                     .map_err(ort_err)?;
@@ -756,31 +744,17 @@ impl DecoderModel {
 
         let kv = self.manifest.kv_cache.clone();
         let mut binding = self.session.create_binding().map_err(ort_err)?;
-        binding
-            .bind_input("input_ids", &state.input_ids)
-            .map_err(ort_err)?;
-        binding
-            .bind_input("position_ids", &state.position_ids)
-            .map_err(ort_err)?;
-        binding
-            .bind_input("attention_mask", &state.attention_mask)
-            .map_err(ort_err)?;
+        binding.bind_input("input_ids", &state.input_ids).map_err(ort_err)?;
+        binding.bind_input("position_ids", &state.position_ids).map_err(ort_err)?;
+        binding.bind_input("attention_mask", &state.attention_mask).map_err(ort_err)?;
         Self::bind_kv(&mut binding, &kv, keys, values)?;
-        binding
-            .bind_output("logits", &mut state.logits)
-            .map_err(ort_err)?;
+        binding.bind_output("logits", &mut state.logits).map_err(ort_err)?;
         if let Some(greedy) = state.greedy.as_mut() {
-            binding
-                .bind_output(GREEDY_TOKENS_OUTPUT, greedy)
-                .map_err(ort_err)?;
+            binding.bind_output(GREEDY_TOKENS_OUTPUT, greedy).map_err(ort_err)?;
         }
         let mut options = RunOptions::new().map_err(ort_err)?;
-        options
-            .set("gpu_graph_id", state.graph_id.to_string())
-            .map_err(ort_err)?;
-        self.session
-            .run_binding_with_options(&binding, &options)
-            .map_err(|e| anyhow!("decode step failed: {e}"))?;
+        options.set("gpu_graph_id", state.graph_id.to_string()).map_err(ort_err)?;
+        self.session.run_binding_with_options(&binding, &options).map_err(|e| anyhow!("decode step failed: {e}"))?;
         cache.len += 1;
 
         let out = match (&state.greedy, fetch) {
@@ -792,12 +766,7 @@ impl DecoderModel {
             _ => {
                 let mut data = vec![0f32; batch * vocab];
                 Self::copy_to_host(device, &state.logits, &mut data)?;
-                StepOutput::Logits(Logits {
-                    data,
-                    batch,
-                    rows: 1,
-                    vocab,
-                })
+                StepOutput::Logits(Logits { data, batch, rows: 1, vocab })
             }
         };
         Ok(out)

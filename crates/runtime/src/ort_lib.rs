@@ -104,10 +104,7 @@ impl SearchOptions {
         if let Ok(cwd) = std::env::current_dir() {
             start_dirs.push(cwd);
         }
-        if let Some(exe_dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-        {
+        if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
             start_dirs.push(exe_dir);
         }
         start_dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
@@ -116,9 +113,7 @@ impl SearchOptions {
             Some(p) => Some(p),
             None => Some(OsString::from("python3")),
         };
-        let flavor = std::env::var(ENV_PIO_ORT_FLAVOR)
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+        let flavor = std::env::var(ENV_PIO_ORT_FLAVOR).unwrap_or_default().to_ascii_lowercase();
         Self {
             dylib_path: non_empty(ENV_ORT_DYLIB_PATH).map(PathBuf::from),
             cache_dir: non_empty(ENV_PIO_CACHE_DIR).map(PathBuf::from),
@@ -159,11 +154,7 @@ impl SearchOptions {
 /// The cache roots of this process (see [`SearchOptions::cache_roots`]) that exist, e.g. to find
 /// `tokenizers/qwen3/tokenizer.json` fetched by `scripts/setup.sh`.
 pub fn cache_roots() -> Vec<PathBuf> {
-    SearchOptions::from_env()
-        .cache_roots()
-        .into_iter()
-        .filter(|p| p.is_dir())
-        .collect()
+    SearchOptions::from_env().cache_roots().into_iter().filter(|p| p.is_dir()).collect()
 }
 
 /// Finds `libonnxruntime.so` for this process (see the [module docs](self) for the order).
@@ -205,30 +196,24 @@ pub fn find_onnxruntime_library_with(opts: &SearchOptions) -> Result<PathBuf> {
     let mut looked = Vec::<String>::new();
     let mut fallback: Option<Candidate> = None;
     let mut rejected = Vec::<(PathBuf, String)>::new();
-    let visit = |dir: &Path,
-                 fallback: &mut Option<Candidate>,
-                 rejected: &mut Vec<(PathBuf, String)>|
-     -> Option<PathBuf> {
-        let scan = scan_dir(dir, preferred);
-        rejected.extend(scan.rejected);
-        match scan.best {
-            Some(c) if c.is_preferred(preferred) => Some(c.path),
-            Some(c) => {
-                if fallback.is_none() {
-                    *fallback = Some(c);
+    let visit =
+        |dir: &Path, fallback: &mut Option<Candidate>, rejected: &mut Vec<(PathBuf, String)>| -> Option<PathBuf> {
+            let scan = scan_dir(dir, preferred);
+            rejected.extend(scan.rejected);
+            match scan.best {
+                Some(c) if c.is_preferred(preferred) => Some(c.path),
+                Some(c) => {
+                    if fallback.is_none() {
+                        *fallback = Some(c);
+                    }
+                    None
                 }
-                None
+                None => None,
             }
-            None => None,
-        }
-    };
+        };
 
     // 2. Cache folders.
-    let flavors: [&str; 2] = if opts.prefer_gpu {
-        ["ort-gpu", "ort"]
-    } else {
-        ["ort", "ort-gpu"]
-    };
+    let flavors: [&str; 2] = if opts.prefer_gpu { ["ort-gpu", "ort"] } else { ["ort", "ort-gpu"] };
     let roots = opts.cache_roots();
     for root in &roots {
         for flavor in flavors {
@@ -238,10 +223,7 @@ pub fn find_onnxruntime_library_with(opts: &SearchOptions) -> Result<PathBuf> {
         }
     }
     if let Some(dir) = &opts.cache_dir {
-        looked.push(format!(
-            "{ENV_PIO_CACHE_DIR}: {}/{{ort,ort-gpu}}/",
-            dir.display()
-        ));
+        looked.push(format!("{ENV_PIO_CACHE_DIR}: {}/{{ort,ort-gpu}}/", dir.display()));
     } else {
         looked.push(format!("{ENV_PIO_CACHE_DIR}: not set"));
     }
@@ -252,21 +234,16 @@ pub fn find_onnxruntime_library_with(opts: &SearchOptions) -> Result<PathBuf> {
         .collect();
     looked.push(format!(
         "{PROJECT_CACHE_DIR}/{{ort,ort-gpu}}/ in each of: {}",
-        if project_roots.is_empty() {
-            "(no start directories)".to_string()
-        } else {
-            project_roots.join(", ")
-        }
+        if project_roots.is_empty() { "(no start directories)".to_string() } else { project_roots.join(", ") }
     ));
 
     // 3. pip-installed onnxruntime.
     match &opts.python {
         None => looked.push("python: not probed".to_string()),
         Some(python) => match python_onnxruntime_dirs(python) {
-            Ok(dirs) if dirs.is_empty() => looked.push(format!(
-                "{}: no onnxruntime package installed",
-                python.to_string_lossy()
-            )),
+            Ok(dirs) if dirs.is_empty() => {
+                looked.push(format!("{}: no onnxruntime package installed", python.to_string_lossy()))
+            }
             Ok(dirs) => {
                 for dir in &dirs {
                     if let Some(found) = visit(dir, &mut fallback, &mut rejected) {
@@ -274,11 +251,7 @@ pub fn find_onnxruntime_library_with(opts: &SearchOptions) -> Result<PathBuf> {
                     }
                 }
                 let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-                looked.push(format!(
-                    "{} site-packages: {}",
-                    python.to_string_lossy(),
-                    list.join(", ")
-                ));
+                looked.push(format!("{} site-packages: {}", python.to_string_lossy(), list.join(", ")));
             }
             Err(e) => looked.push(format!("{}: {e:#}", python.to_string_lossy())),
         },
@@ -336,9 +309,7 @@ pub fn init_environment(opts: &SearchOptions) -> Result<&'static Environment> {
     if let Some(g) = GLOBAL.get() {
         return Ok(&g.env);
     }
-    let _guard = INIT_LOCK
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(g) = GLOBAL.get() {
         return Ok(&g.env);
     }
@@ -351,12 +322,7 @@ pub fn init_environment(opts: &SearchOptions) -> Result<&'static Environment> {
         .with_name("pio")
         .with_telemetry(false)
         .build()
-        .map_err(|e| {
-            anyhow!(
-                "failed to create the ONNX Runtime environment ({}): {e}",
-                path.display()
-            )
-        })?;
+        .map_err(|e| anyhow!("failed to create the ONNX Runtime environment ({}): {e}", path.display()))?;
     tracing::info!(path = %path.display(), "ONNX Runtime environment ready");
     let g = GLOBAL.get_or_init(|| Global { env, path });
     Ok(&g.env)
@@ -383,10 +349,7 @@ impl Candidate {
 
     fn warn_if_not_preferred(&self, preferred: &str) {
         if !self.is_preferred(preferred) {
-            let found = self
-                .version
-                .as_ref()
-                .map_or("an unknown version", |v| v.text.as_str());
+            let found = self.version.as_ref().map_or("an unknown version", |v| v.text.as_str());
             tracing::warn!(
                 path = %self.path.display(),
                 "using ONNX Runtime {found}, not {preferred} which this project is tested with \
@@ -404,14 +367,8 @@ struct Version {
 
 impl Version {
     fn parse(text: &str) -> Option<Self> {
-        let parts = text
-            .split('.')
-            .map(|p| p.parse::<u32>().ok())
-            .collect::<Option<Vec<_>>>()?;
-        (parts.len() >= 2).then(|| Self {
-            text: text.to_string(),
-            parts,
-        })
+        let parts = text.split('.').map(|p| p.parse::<u32>().ok()).collect::<Option<Vec<_>>>()?;
+        (parts.len() >= 2).then(|| Self { text: text.to_string(), parts })
     }
 
     /// ort refuses libraries older than the API version it was built for.
@@ -433,17 +390,12 @@ fn lib_suffix(name: &str) -> Option<&str> {
         return Some("");
     }
     let rest = rest.strip_prefix('.')?;
-    rest.split('.')
-        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        .then_some(rest)
+    rest.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())).then_some(rest)
 }
 
 /// The best library in `dir`: the preferred version, else the newest supported one, else one of unknown version.
 fn scan_dir(dir: &Path, preferred: &str) -> DirScan {
-    let mut scan = DirScan {
-        best: None,
-        rejected: Vec::new(),
-    };
+    let mut scan = DirScan { best: None, rejected: Vec::new() };
     let Ok(entries) = std::fs::read_dir(dir) else {
         return scan;
     };
@@ -459,12 +411,10 @@ fn scan_dir(dir: &Path, preferred: &str) -> DirScan {
             continue; // a dangling symlink or a folder
         }
         // `libonnxruntime.so` / `.so.1` are usually links to the fully versioned file.
-        let version = Version::parse(suffix)
-            .filter(|v| v.parts.len() >= 3)
-            .or_else(|| {
-                let target = std::fs::canonicalize(&path).ok()?;
-                Version::parse(lib_suffix(target.file_name()?.to_str()?)?)
-            });
+        let version = Version::parse(suffix).filter(|v| v.parts.len() >= 3).or_else(|| {
+            let target = std::fs::canonicalize(&path).ok()?;
+            Version::parse(lib_suffix(target.file_name()?.to_str()?)?)
+        });
         match &version {
             Some(v) if !v.is_supported() => scan.rejected.push((
                 path,
@@ -545,12 +495,8 @@ for p in list(sys.path) + extra:
 
 /// Runs `cmd`, returning its stdout; kills it after `timeout`.
 fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("could not run it")?;
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("could not run it")?;
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -595,20 +541,14 @@ mod tests {
     }
 
     fn opts(start_dirs: Vec<PathBuf>) -> SearchOptions {
-        SearchOptions {
-            start_dirs,
-            ..SearchOptions::default()
-        }
+        SearchOptions { start_dirs, ..SearchOptions::default() }
     }
 
     #[test]
     fn ort_dylib_path_to_missing_file_is_a_named_error() {
         let tmp = tempfile::tempdir().unwrap();
         let missing = tmp.path().join("nope/libonnxruntime.so.1.31.1");
-        let o = SearchOptions {
-            dylib_path: Some(missing.clone()),
-            ..opts(vec![tmp.path().to_path_buf()])
-        };
+        let o = SearchOptions { dylib_path: Some(missing.clone()), ..opts(vec![tmp.path().to_path_buf()]) };
         let err = find_onnxruntime_library_with(&o).unwrap_err().to_string();
         assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
         assert!(err.contains(&missing.display().to_string()), "{err}");
@@ -620,10 +560,7 @@ mod tests {
         let explicit = tmp.path().join("elsewhere/libonnxruntime.so.1.40.0");
         touch(&explicit);
         touch(&tmp.path().join(".cache/pio/ort/libonnxruntime.so.1.31.1"));
-        let o = SearchOptions {
-            dylib_path: Some(explicit.clone()),
-            ..opts(vec![tmp.path().to_path_buf()])
-        };
+        let o = SearchOptions { dylib_path: Some(explicit.clone()), ..opts(vec![tmp.path().to_path_buf()]) };
         assert_eq!(find_onnxruntime_library_with(&o).unwrap(), explicit);
     }
 
@@ -632,10 +569,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let lib = tmp.path().join(".cache/pio/ort/libonnxruntime.so.1.31.1");
         touch(&lib);
-        touch(
-            &tmp.path()
-                .join(".cache/pio/ort/libonnxruntime_providers_shared.so"),
-        );
+        touch(&tmp.path().join(".cache/pio/ort/libonnxruntime_providers_shared.so"));
         let nested = tmp.path().join("target/debug/deps");
         std::fs::create_dir_all(&nested).unwrap();
         let found = find_onnxruntime_library_with(&opts(vec![nested])).unwrap();
@@ -649,9 +583,7 @@ mod tests {
         let near = tmp.path().join("a/b");
         touch(&near.join(".cache/pio/ort/libonnxruntime.so.1.20.0"));
         touch(&tmp.path().join("a/.cache/pio/ort/libonnxruntime.so.1.32.0"));
-        let exact = tmp
-            .path()
-            .join(".cache/pio/ort-gpu/libonnxruntime.so.1.31.1");
+        let exact = tmp.path().join(".cache/pio/ort-gpu/libonnxruntime.so.1.31.1");
         touch(&exact);
         let found = find_onnxruntime_library_with(&opts(vec![near.clone()])).unwrap();
         assert_eq!(normalize(&found), normalize(&exact));
@@ -659,17 +591,11 @@ mod tests {
         // Without the preferred version, the supported other one is taken.
         std::fs::remove_file(&exact).unwrap();
         let found = find_onnxruntime_library_with(&opts(vec![near.clone()])).unwrap();
-        assert!(
-            found.ends_with("a/.cache/pio/ort/libonnxruntime.so.1.32.0"),
-            "{}",
-            found.display()
-        );
+        assert!(found.ends_with("a/.cache/pio/ort/libonnxruntime.so.1.32.0"), "{}", found.display());
 
         // Only the old one: an error that names it and says how to get a good one.
         std::fs::remove_file(tmp.path().join("a/.cache/pio/ort/libonnxruntime.so.1.32.0")).unwrap();
-        let err = find_onnxruntime_library_with(&opts(vec![near]))
-            .unwrap_err()
-            .to_string();
+        let err = find_onnxruntime_library_with(&opts(vec![near])).unwrap_err().to_string();
         assert!(err.contains("libonnxruntime.so.1.20.0"), "{err}");
         assert!(err.contains("scripts/setup.sh"), "{err}");
         assert!(err.contains("pip install onnxruntime==1.31.1"), "{err}");
@@ -684,19 +610,10 @@ mod tests {
         let gpu = custom.join("ort-gpu/libonnxruntime.so.1.31.1");
         touch(&cpu);
         touch(&gpu);
-        touch(
-            &tmp.path()
-                .join("proj/.cache/pio/ort/libonnxruntime.so.1.31.1"),
-        );
-        let o = SearchOptions {
-            cache_dir: Some(custom),
-            ..opts(vec![tmp.path().join("proj")])
-        };
+        touch(&tmp.path().join("proj/.cache/pio/ort/libonnxruntime.so.1.31.1"));
+        let o = SearchOptions { cache_dir: Some(custom), ..opts(vec![tmp.path().join("proj")]) };
         assert_eq!(find_onnxruntime_library_with(&o).unwrap(), cpu);
-        let o = SearchOptions {
-            prefer_gpu: true,
-            ..o
-        };
+        let o = SearchOptions { prefer_gpu: true, ..o };
         assert_eq!(find_onnxruntime_library_with(&o).unwrap(), gpu);
     }
 
@@ -717,14 +634,9 @@ mod tests {
     #[test]
     fn nothing_found_lists_the_places_searched() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = find_onnxruntime_library_with(&opts(vec![tmp.path().to_path_buf()]))
-            .unwrap_err()
-            .to_string();
+        let err = find_onnxruntime_library_with(&opts(vec![tmp.path().to_path_buf()])).unwrap_err().to_string();
         eprintln!("{err}");
-        assert!(
-            err.contains(&normalize(tmp.path()).display().to_string()),
-            "{err}"
-        );
+        assert!(err.contains(&normalize(tmp.path()).display().to_string()), "{err}");
         assert!(err.contains(".cache/pio/{ort,ort-gpu}/"), "{err}");
     }
 
@@ -743,19 +655,9 @@ mod tests {
         touch(&lib);
         // A python3 whose sys.path includes our fake site-packages, without touching this process's environment.
         let wrapper = tmp.path().join("python");
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nPYTHONPATH='{}' exec python3 \"$@\"\n",
-                site.display()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&wrapper, format!("#!/bin/sh\nPYTHONPATH='{}' exec python3 \"$@\"\n", site.display())).unwrap();
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let o = SearchOptions {
-            python: Some(wrapper.into_os_string()),
-            ..opts(vec![tmp.path().join("elsewhere")])
-        };
+        let o = SearchOptions { python: Some(wrapper.into_os_string()), ..opts(vec![tmp.path().join("elsewhere")]) };
         let found = find_onnxruntime_library_with(&o).unwrap();
         assert_eq!(normalize(&found), normalize(&lib));
     }
@@ -775,33 +677,21 @@ mod tests {
     /// Skipped when no library is found, except under CI (`CI` set), where setup.sh has run and it must pass.
     #[test]
     fn environment_runs_a_tiny_model() -> Result<()> {
-        const TINY_ADD: &[u8] = include_bytes!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/tiny_add.onnx"
-        ));
-        let in_ci =
-            std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
+        const TINY_ADD: &[u8] =
+            include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny_add.onnx"));
+        let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
         if let Err(e) = find_onnxruntime_library() {
             if in_ci {
-                return Err(e.context(
-                    "CI is set, so ONNX Runtime must be available (did scripts/setup.sh run?)",
-                ));
+                return Err(e.context("CI is set, so ONNX Runtime must be available (did scripts/setup.sh run?)"));
             }
             eprintln!("skipping environment_runs_a_tiny_model: {e:#}");
             return Ok(());
         }
 
         let env = environment()?;
-        assert!(
-            std::ptr::eq(env, environment()?),
-            "environment() is created once"
-        );
+        assert!(std::ptr::eq(env, environment()?), "environment() is created once");
         let path = loaded_library_path().expect("loaded");
-        assert!(path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with("libonnxruntime.so"));
+        assert!(path.file_name().unwrap().to_string_lossy().starts_with("libonnxruntime.so"));
 
         let mut session = ort::session::Session::builder(env)
             .map_err(|e| anyhow!("{e}"))?
@@ -812,16 +702,11 @@ mod tests {
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         assert_eq!(names, ["a", "b"]);
 
-        let a = ort::value::Tensor::from_array((vec![3_i64], vec![1.0_f32, 2.0, 3.0]))
-            .map_err(|e| anyhow!("{e}"))?;
-        let b = ort::value::Tensor::from_array((vec![3_i64], vec![10.0_f32, 20.0, 30.0]))
-            .map_err(|e| anyhow!("{e}"))?;
-        let outputs = session
-            .run(ort::inputs!["a" => a, "b" => b])
-            .map_err(|e| anyhow!("{e}"))?;
-        let (shape, c) = outputs["c"]
-            .try_extract_tensor::<f32>()
-            .map_err(|e| anyhow!("{e}"))?;
+        let a = ort::value::Tensor::from_array((vec![3_i64], vec![1.0_f32, 2.0, 3.0])).map_err(|e| anyhow!("{e}"))?;
+        let b =
+            ort::value::Tensor::from_array((vec![3_i64], vec![10.0_f32, 20.0, 30.0])).map_err(|e| anyhow!("{e}"))?;
+        let outputs = session.run(ort::inputs!["a" => a, "b" => b]).map_err(|e| anyhow!("{e}"))?;
+        let (shape, c) = outputs["c"].try_extract_tensor::<f32>().map_err(|e| anyhow!("{e}"))?;
         assert_eq!(shape.to_vec(), vec![3_i64]);
         assert_eq!(c, [11.0, 22.0, 33.0]);
         Ok(())

@@ -140,10 +140,7 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding (temperature 0), no penalties.
     pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            ..Self::default()
-        }
+        Self { temperature: 0.0, ..Self::default() }
     }
 
     /// True when `temperature` is 0 (or below [`GREEDY_TEMPERATURE_EPS`]): argmax decoding.
@@ -154,49 +151,32 @@ impl SamplingParams {
     /// Greedy with no penalty either: the choice is the plain argmax of the logits, which the
     /// graph can make itself (see [`crate::model::Fetch::Greedy`]).
     pub fn is_plain_argmax(&self) -> bool {
-        self.is_greedy() && self.repetition_penalty == 1.0 && self.presence_penalty == 0.0 && self.frequency_penalty == 0.0
+        self.is_greedy()
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
     }
 
     /// Checks every field's range; the error names the field and the offending value.
     pub fn validate(&self) -> Result<(), SamplingError> {
         let t = self.temperature;
         if !(t.is_finite() && t >= 0.0) {
-            return Err(SamplingError::invalid(
-                "temperature",
-                t,
-                "must be a finite number >= 0 (0 = greedy)",
-            ));
+            return Err(SamplingError::invalid("temperature", t, "must be a finite number >= 0 (0 = greedy)"));
         }
         let p = self.top_p;
         if !(p > 0.0 && p <= 1.0) {
-            return Err(SamplingError::invalid(
-                "top_p",
-                p,
-                "must be in (0, 1] (1 = off)",
-            ));
+            return Err(SamplingError::invalid("top_p", p, "must be in (0, 1] (1 = off)"));
         }
         let m = self.min_p;
         if !(0.0..=1.0).contains(&m) {
-            return Err(SamplingError::invalid(
-                "min_p",
-                m,
-                "must be in [0, 1] (0 = off)",
-            ));
+            return Err(SamplingError::invalid("min_p", m, "must be in [0, 1] (0 = off)"));
         }
         let r = self.repetition_penalty;
         if !(r.is_finite() && r > 0.0) {
-            return Err(SamplingError::invalid(
-                "repetition_penalty",
-                r,
-                "must be a finite number > 0 (1 = off)",
-            ));
+            return Err(SamplingError::invalid("repetition_penalty", r, "must be a finite number > 0 (1 = off)"));
         }
         if !self.presence_penalty.is_finite() {
-            return Err(SamplingError::invalid(
-                "presence_penalty",
-                self.presence_penalty,
-                "must be finite (0 = off)",
-            ));
+            return Err(SamplingError::invalid("presence_penalty", self.presence_penalty, "must be finite (0 = off)"));
         }
         if !self.frequency_penalty.is_finite() {
             return Err(SamplingError::invalid(
@@ -213,20 +193,12 @@ impl SamplingParams {
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum SamplingError {
     #[error("invalid sampling parameter `{field}` = {value}: {expected}")]
-    InvalidParam {
-        field: &'static str,
-        value: String,
-        expected: &'static str,
-    },
+    InvalidParam { field: &'static str, value: String, expected: &'static str },
 }
 
 impl SamplingError {
     fn invalid(field: &'static str, value: f32, expected: &'static str) -> Self {
-        Self::InvalidParam {
-            field,
-            value: value.to_string(),
-            expected,
-        }
+        Self::InvalidParam { field, value: value.to_string(), expected }
     }
 }
 
@@ -359,27 +331,12 @@ impl Sampler {
     /// Like [`sample`](Self::sample), also returning the chosen token's logprob and the `top_n`
     /// most likely tokens with theirs (0 = none), all from `log_softmax` of the penalized,
     /// temperature-scaled, unfiltered logits (see the module docs).
-    pub fn sample_with_logprobs(
-        &mut self,
-        logits: &[f32],
-        previous_tokens: &[u32],
-        top_n: usize,
-    ) -> Sampled<'_> {
+    pub fn sample_with_logprobs(&mut self, logits: &[f32], previous_tokens: &[u32], top_n: usize) -> Sampled<'_> {
         let (token, logprob) = self.run(logits, previous_tokens, true, top_n);
-        Sampled {
-            token,
-            logprob,
-            top_logprobs: &self.top,
-        }
+        Sampled { token, logprob, top_logprobs: &self.top }
     }
 
-    fn run(
-        &mut self,
-        logits: &[f32],
-        previous: &[u32],
-        want_logprobs: bool,
-        top_n: usize,
-    ) -> (u32, f32) {
+    fn run(&mut self, logits: &[f32], previous: &[u32], want_logprobs: bool, top_n: usize) -> (u32, f32) {
         self.top.clear();
         if logits.is_empty() {
             tracing::error!("sampling called with empty logits; returning token 0");
@@ -388,17 +345,10 @@ impl Sampler {
         let greedy = self.params.is_greedy();
         let max = self.prepare(logits, previous, greedy);
         if max == f32::NEG_INFINITY {
-            tracing::warn!(
-                vocab = logits.len(),
-                "all logits are -inf or NaN; returning token 0"
-            );
+            tracing::warn!(vocab = logits.len(), "all logits are -inf or NaN; returning token 0");
             return (0, f32::NEG_INFINITY);
         }
-        let (token, z) = if greedy {
-            (first_index_of(&self.s, max), None)
-        } else {
-            self.sample_processed(max)
-        };
+        let (token, z) = if greedy { (first_index_of(&self.s, max), None) } else { self.sample_processed(max) };
         if !want_logprobs {
             return (token, 0.0);
         }
@@ -412,17 +362,10 @@ impl Sampler {
         if top_n > 0 {
             top_k_indices(&self.s, top_n, &mut self.idx, &mut self.vals);
             self.band.clear();
-            self.band.extend(self.idx.iter().map(|&i| Cand {
-                idx: i,
-                s: self.s[i as usize],
-                e: 0.0,
-            }));
+            self.band.extend(self.idx.iter().map(|&i| Cand { idx: i, s: self.s[i as usize], e: 0.0 }));
             self.band.sort_unstable_by(by_prob_desc);
             self.band.truncate(top_n);
-            self.top.extend(self.band.iter().map(|c| TokenLogprob {
-                token: c.idx,
-                logprob: lp(c.s),
-            }));
+            self.top.extend(self.band.iter().map(|c| TokenLogprob { token: c.idx, logprob: lp(c.s) }));
         }
         (token, logprob)
     }
@@ -438,11 +381,7 @@ impl Sampler {
         }
         let temp = if greedy { 1.0 } else { self.params.temperature };
         let divide = temp != 1.0;
-        let mut max = if divide {
-            scale_max(logits, &mut self.s, temp)
-        } else {
-            copy_max(logits, &mut self.s)
-        };
+        let mut max = if divide { scale_max(logits, &mut self.s, temp) } else { copy_max(logits, &mut self.s) };
 
         let rep = self.params.repetition_penalty;
         let presence = self.params.presence_penalty;
@@ -480,11 +419,7 @@ impl Sampler {
             }
         }
         if out_of_range > 0 {
-            tracing::warn!(
-                out_of_range,
-                vocab,
-                "previous token ids outside the vocabulary were ignored by penalties"
-            );
+            tracing::warn!(out_of_range, vocab, "previous token ids outside the vocabulary were ignored by penalties");
         }
 
         // Apply penalties on the raw logit (HF order), then temperature, and reset the table.
@@ -510,11 +445,7 @@ impl Sampler {
                 new_max = y;
             }
         }
-        max = if recompute {
-            max_of(&self.s)
-        } else {
-            max.max(new_max)
-        };
+        max = if recompute { max_of(&self.s) } else { max.max(new_max) };
         max
     }
 
@@ -537,39 +468,23 @@ impl Sampler {
             let s = &self.s;
             self.band.extend(self.idx.iter().map(|&i| {
                 let v = s[i as usize];
-                Cand {
-                    idx: i,
-                    s: v,
-                    e: fast_exp(v - max),
-                }
+                Cand { idx: i, s: v, e: fast_exp(v - max) }
             }));
             self.band.sort_unstable_by(by_prob_desc);
             let z: f64 = self.band.iter().map(|c| c.e as f64).sum();
-            let target = if p_on {
-                top_p as f64 * z
-            } else {
-                f64::INFINITY
-            };
+            let target = if p_on { top_p as f64 * z } else { f64::INFINITY };
             walk_prefix(&self.band, 0.0, target, min_p, &mut self.kept);
             (draw(&self.kept, &mut self.rng), None)
         } else if p_on {
             // Work in log space, d = s - max. While computing the normalizer z, collect every
             // token with d >= TOP_P_GATHER; if their mass reaches top_p * z, the kept prefix lies
             // inside them (anything below is less likely than all of them), else widen.
-            let floor = if m_on {
-                (min_p as f64).ln() as f32 - 1e-3
-            } else {
-                f32::NEG_INFINITY
-            };
+            let floor = if m_on { (min_p as f64).ln() as f32 - 1e-3 } else { f32::NEG_INFINITY };
             let mut d_lo = TOP_P_GATHER.max(floor);
             let z = exp_sum_gather(&self.s, max, d_lo, &mut self.band);
             let target = top_p as f64 * z;
             while d_lo > floor && self.band.iter().map(|c| c.e as f64).sum::<f64>() < target {
-                d_lo = TOP_P_WIDEN
-                    .iter()
-                    .copied()
-                    .find(|&t| t < d_lo && t > floor)
-                    .unwrap_or(floor);
+                d_lo = TOP_P_WIDEN.iter().copied().find(|&t| t < d_lo && t > floor).unwrap_or(floor);
                 self.band.clear();
                 gather_ge(&self.s, max, d_lo, &mut self.band);
             }
@@ -623,8 +538,7 @@ impl Sampler {
         } else {
             let z = exp_pass(&self.s, max, &mut self.e, &mut self.block_sums);
             let u = self.rng.random::<f64>() * z;
-            let token = draw_full(&self.e, &self.block_sums, u)
-                .unwrap_or_else(|| first_index_of(&self.s, max));
+            let token = draw_full(&self.e, &self.block_sums, u).unwrap_or_else(|| first_index_of(&self.s, max));
             (token, Some(z))
         }
     }
@@ -641,17 +555,11 @@ impl Sampler {
     fn kept_ids(&mut self, logits: &[f32], previous: &[u32]) -> Vec<u32> {
         let max = self.prepare(logits, previous, false);
         let vocab = self.s.len();
-        let (k_on, p_on, m_on) = (
-            self.params.top_k > 0 && self.params.top_k < vocab,
-            self.params.top_p < 1.0,
-            self.params.min_p > 0.0,
-        );
+        let (k_on, p_on, m_on) =
+            (self.params.top_k > 0 && self.params.top_k < vocab, self.params.top_p < 1.0, self.params.min_p > 0.0);
         self.sample_processed(max);
-        let mut ids: Vec<u32> = if k_on || p_on || m_on {
-            self.kept.iter().map(|c| c.idx).collect()
-        } else {
-            (0..vocab as u32).collect()
-        };
+        let mut ids: Vec<u32> =
+            if k_on || p_on || m_on { self.kept.iter().map(|c| c.idx).collect() } else { (0..vocab as u32).collect() };
         ids.sort_unstable();
         ids
     }
@@ -672,11 +580,7 @@ fn gather_ge_impl(s: &[f32], max: f32, d_lo: f32, out: &mut Vec<Cand>) {
         for (j, &x) in chunk.iter().enumerate() {
             let d = x - max;
             if d >= d_lo {
-                out.push(Cand {
-                    idx: (base + j) as u32,
-                    s: x,
-                    e: fast_exp(d),
-                });
+                out.push(Cand { idx: (base + j) as u32, s: x, e: fast_exp(d) });
             }
         }
     }
@@ -699,11 +603,7 @@ fn gather_min_p_impl(s: &[f32], max: f32, log_floor: f32, min_p: f32, kept: &mut
             if d >= log_floor {
                 let e = fast_exp(d);
                 if e >= min_p {
-                    kept.push(Cand {
-                        idx: (base + j) as u32,
-                        s: x,
-                        e,
-                    });
+                    kept.push(Cand { idx: (base + j) as u32, s: x, e });
                 }
             }
         }
@@ -713,18 +613,15 @@ fn gather_min_p_impl(s: &[f32], max: f32, log_floor: f32, min_p: f32, kept: &mut
 /// Range `(min, max)` of `d = s - max` over the candidates, with `d` clamped to `>= -88` (where
 /// the probability is 0 anyway).
 fn d_range(c: &[Cand], max: f32) -> (f32, f32) {
-    c.iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), c| {
-            let d = (c.s - max).max(-88.0);
-            (lo.min(d), hi.max(d))
-        })
+    c.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), c| {
+        let d = (c.s - max).max(-88.0);
+        (lo.min(d), hi.max(d))
+    })
 }
 
 /// Probability descending (processed logit descending), then token id ascending.
 fn by_prob_desc(a: &Cand, b: &Cand) -> Ordering {
-    b.s.partial_cmp(&a.s)
-        .unwrap_or(Ordering::Equal)
-        .then(a.idx.cmp(&b.idx))
+    b.s.partial_cmp(&a.s).unwrap_or(Ordering::Equal).then(a.idx.cmp(&b.idx))
 }
 
 /// Appends to `out` the prefix of `sorted` that top-p / min-p keep: a token is kept while the
@@ -753,11 +650,7 @@ fn draw(kept: &[Cand], rng: &mut ChaCha8Rng) -> u32 {
         }
     }
     // Rounding fallback: the last candidate with non-zero probability (or the first one).
-    kept.iter()
-        .rev()
-        .find(|c| c.e > 0.0)
-        .or(kept.first())
-        .map_or(0, |c| c.idx)
+    kept.iter().rev().find(|c| c.e > 0.0).or(kept.first()).map_or(0, |c| c.idx)
 }
 
 /// Inverse-CDF draw over the full vocabulary using per-block sums; `None` only on rounding miss.
@@ -827,8 +720,7 @@ fn scale_sanitize_max<const DIV: bool>(src: &[f32], dst: &mut [f32], t: f32) -> 
             m[0] = v;
         }
     }
-    m.iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 #[inline(always)]
@@ -847,8 +739,7 @@ fn chunk_max(c: &[f32]) -> f32 {
             m[0] = x;
         }
     }
-    m.iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    m.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 dispatch_avx2! {
@@ -974,11 +865,7 @@ fn exp_sum_gather_impl(s: &[f32], max: f32, d0: f32, out: &mut Vec<Cand>) -> f64
             let base = b * BLOCK + ci * CHUNK;
             for (j, (&x, &e)) in sc.iter().zip(ec).enumerate() {
                 if x - max >= d0 {
-                    out.push(Cand {
-                        idx: (base + j) as u32,
-                        s: x,
-                        e,
-                    });
+                    out.push(Cand { idx: (base + j) as u32, s: x, e });
                 }
             }
         }
@@ -1030,8 +917,7 @@ fn top_k_indices_impl(s: &[f32], k: usize, out: &mut Vec<u32>, vals: &mut Vec<f3
 fn kth_largest(s: &[f32], idx: &[u32], k: usize, vals: &mut Vec<f32>) -> f32 {
     vals.clear();
     vals.extend(idx.iter().map(|&i| s[i as usize]));
-    let (_, kth, _) =
-        vals.select_nth_unstable_by(k - 1, |a, b| b.partial_cmp(a).unwrap_or(Ordering::Equal));
+    let (_, kth, _) = vals.select_nth_unstable_by(k - 1, |a, b| b.partial_cmp(a).unwrap_or(Ordering::Equal));
     *kth
 }
 
@@ -1055,14 +941,7 @@ mod tests {
     }
 
     fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            seed: Some(7),
-            ..SamplingParams::default()
-        }
+        SamplingParams { temperature, top_k, top_p, min_p, seed: Some(7), ..SamplingParams::default() }
     }
 
     /// Brute-force reference: HF penalties + warpers on the full sorted vocabulary, in f64.
@@ -1074,12 +953,7 @@ mod tests {
         margin: f64,
     }
 
-    fn hf_penalize(
-        logits: &[f32],
-        p: &SamplingParams,
-        prompt: &[u32],
-        generated: &[u32],
-    ) -> Vec<f32> {
+    fn hf_penalize(logits: &[f32], p: &SamplingParams, prompt: &[u32], generated: &[u32]) -> Vec<f32> {
         let mut x = logits.to_vec();
         if p.repetition_penalty != 1.0 {
             let mut seen = std::collections::BTreeSet::new();
@@ -1088,11 +962,7 @@ mod tests {
             }
             for t in seen {
                 let v = x[t];
-                x[t] = if v < 0.0 {
-                    v * p.repetition_penalty
-                } else {
-                    v / p.repetition_penalty
-                };
+                x[t] = if v < 0.0 { v * p.repetition_penalty } else { v / p.repetition_penalty };
             }
         }
         let mut counts = std::collections::BTreeMap::new();
@@ -1107,16 +977,9 @@ mod tests {
     }
 
     fn reference(logits: &[f32], p: &SamplingParams) -> Reference {
-        let s: Vec<f32> = logits
-            .iter()
-            .map(|&l| sanitize(l / p.temperature))
-            .collect();
+        let s: Vec<f32> = logits.iter().map(|&l| sanitize(l / p.temperature)).collect();
         let mut order: Vec<usize> = (0..s.len()).collect();
-        order.sort_by(|&a, &b| {
-            s[b].partial_cmp(&s[a])
-                .unwrap_or(Ordering::Equal)
-                .then(a.cmp(&b))
-        });
+        order.sort_by(|&a, &b| s[b].partial_cmp(&s[a]).unwrap_or(Ordering::Equal).then(a.cmp(&b)));
         let max = s[order[0]] as f64;
         let mut margin = f64::INFINITY;
         // top-k: keep >= k-th value.
@@ -1125,10 +988,7 @@ mod tests {
             let kth = s[order[p.top_k - 1]];
             n = order.iter().take_while(|&&i| s[i] >= kth).count();
         }
-        let w: Vec<f64> = order[..n]
-            .iter()
-            .map(|&i| (s[i] as f64 - max).exp())
-            .collect();
+        let w: Vec<f64> = order[..n].iter().map(|&i| (s[i] as f64 - max).exp()).collect();
         // top-p: keep while mass before < top_p.
         if p.top_p < 1.0 {
             let z: f64 = w.iter().sum();
@@ -1167,11 +1027,7 @@ mod tests {
             n = keep.max(1);
         }
         let z: f64 = w[..n].iter().sum();
-        let kept = order[..n]
-            .iter()
-            .zip(&w)
-            .map(|(&i, &x)| (i as u32, x / z))
-            .collect();
+        let kept = order[..n].iter().zip(&w).map(|(&i, &x)| (i as u32, x / z)).collect();
         Reference { kept, margin }
     }
 
@@ -1182,8 +1038,7 @@ mod tests {
         assert!(!d.is_greedy());
         assert!(SamplingParams::greedy().is_greedy());
         assert!(d.validate().is_ok());
-        let parsed: SamplingParams =
-            serde_json::from_str(r#"{"temperature":0.5,"top_p":0.9}"#).unwrap();
+        let parsed: SamplingParams = serde_json::from_str(r#"{"temperature":0.5,"top_p":0.9}"#).unwrap();
         assert_eq!(parsed.temperature, 0.5);
         assert_eq!(parsed.top_p, 0.9);
         assert_eq!(parsed.top_k, 0);
@@ -1193,86 +1048,16 @@ mod tests {
     #[test]
     fn validation_errors_name_the_field() {
         let cases: Vec<(SamplingParams, &str, &str)> = vec![
-            (
-                SamplingParams {
-                    temperature: -0.5,
-                    ..Default::default()
-                },
-                "temperature",
-                "-0.5",
-            ),
-            (
-                SamplingParams {
-                    temperature: f32::NAN,
-                    ..Default::default()
-                },
-                "temperature",
-                "NaN",
-            ),
-            (
-                SamplingParams {
-                    top_p: 0.0,
-                    ..Default::default()
-                },
-                "top_p",
-                "0",
-            ),
-            (
-                SamplingParams {
-                    top_p: 1.5,
-                    ..Default::default()
-                },
-                "top_p",
-                "1.5",
-            ),
-            (
-                SamplingParams {
-                    min_p: -0.1,
-                    ..Default::default()
-                },
-                "min_p",
-                "-0.1",
-            ),
-            (
-                SamplingParams {
-                    min_p: 1.01,
-                    ..Default::default()
-                },
-                "min_p",
-                "1.01",
-            ),
-            (
-                SamplingParams {
-                    repetition_penalty: 0.0,
-                    ..Default::default()
-                },
-                "repetition_penalty",
-                "0",
-            ),
-            (
-                SamplingParams {
-                    repetition_penalty: -1.0,
-                    ..Default::default()
-                },
-                "repetition_penalty",
-                "-1",
-            ),
-            (
-                SamplingParams {
-                    presence_penalty: f32::INFINITY,
-                    ..Default::default()
-                },
-                "presence_penalty",
-                "inf",
-            ),
-            (
-                SamplingParams {
-                    frequency_penalty: f32::NAN,
-                    ..Default::default()
-                },
-                "frequency_penalty",
-                "NaN",
-            ),
+            (SamplingParams { temperature: -0.5, ..Default::default() }, "temperature", "-0.5"),
+            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature", "NaN"),
+            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p", "0"),
+            (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p", "1.5"),
+            (SamplingParams { min_p: -0.1, ..Default::default() }, "min_p", "-0.1"),
+            (SamplingParams { min_p: 1.01, ..Default::default() }, "min_p", "1.01"),
+            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty", "0"),
+            (SamplingParams { repetition_penalty: -1.0, ..Default::default() }, "repetition_penalty", "-1"),
+            (SamplingParams { presence_penalty: f32::INFINITY, ..Default::default() }, "presence_penalty", "inf"),
+            (SamplingParams { frequency_penalty: f32::NAN, ..Default::default() }, "frequency_penalty", "NaN"),
         ];
         for (p, field, value) in cases {
             let err = p.validate().expect_err(field);
@@ -1282,14 +1067,7 @@ mod tests {
             assert!(msg.contains(field) && msg.contains(value), "{msg}");
             assert!(Sampler::new(p).is_err());
         }
-        assert!(SamplingParams {
-            top_p: 1.0,
-            min_p: 1.0,
-            temperature: 0.0,
-            ..Default::default()
-        }
-        .validate()
-        .is_ok());
+        assert!(SamplingParams { top_p: 1.0, min_p: 1.0, temperature: 0.0, ..Default::default() }.validate().is_ok());
     }
 
     #[test]
@@ -1328,25 +1106,13 @@ mod tests {
                 }
                 let mut best = 0;
                 for i in 0..n {
-                    let v = if logits[i].is_nan() {
-                        f32::NEG_INFINITY
-                    } else {
-                        logits[i]
-                    };
-                    let b = if logits[best].is_nan() {
-                        f32::NEG_INFINITY
-                    } else {
-                        logits[best]
-                    };
+                    let v = if logits[i].is_nan() { f32::NEG_INFINITY } else { logits[i] };
+                    let b = if logits[best].is_nan() { f32::NEG_INFINITY } else { logits[best] };
                     if v > b {
                         best = i;
                     }
                 }
-                assert_eq!(
-                    sampler.sample(&logits, &[]),
-                    best as u32,
-                    "n={n} case={case}"
-                );
+                assert_eq!(sampler.sample(&logits, &[]), best as u32, "n={n} case={case}");
             }
         }
         assert_eq!(sampler.sample(&[1.0, 3.0, 3.0, 2.0], &[]), 1);
@@ -1384,11 +1150,7 @@ mod tests {
     #[test]
     fn repetition_penalty_hf_formula_once_per_distinct_token() {
         let logits = [2.0f32, -2.0, 0.0, 4.0, -1.0, 3.0];
-        let p = SamplingParams {
-            temperature: 0.0,
-            repetition_penalty: 2.0,
-            ..Default::default()
-        };
+        let p = SamplingParams { temperature: 0.0, repetition_penalty: 2.0, ..Default::default() };
         let mut s = Sampler::new(p).unwrap();
         s.set_prompt_len(3);
         // token 0 three times, token 1 twice, token 2 once; 3..5 never.
@@ -1398,12 +1160,8 @@ mod tests {
         s.sample(&logits, &[]);
         assert_eq!(s.processed(), &logits);
         // Penalty < 1 boosts (HF semantics).
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 0.0,
-            repetition_penalty: 0.5,
-            ..Default::default()
-        })
-        .unwrap();
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 0.0, repetition_penalty: 0.5, ..Default::default() }).unwrap();
         s.sample(&logits, &[0, 1]);
         assert_eq!(&s.processed()[..2], &[4.0, -1.0]);
         // Out-of-range history ids are ignored.
@@ -1414,27 +1172,17 @@ mod tests {
     #[test]
     fn presence_frequency_penalties_count_generated_only() {
         let logits = [1.0f32, 1.0, 1.0, 1.0];
-        let p = SamplingParams {
-            temperature: 0.0,
-            presence_penalty: 0.5,
-            frequency_penalty: 0.25,
-            ..Default::default()
-        };
+        let p =
+            SamplingParams { temperature: 0.0, presence_penalty: 0.5, frequency_penalty: 0.25, ..Default::default() };
         let mut s = Sampler::new(p.clone()).unwrap();
         s.set_prompt_len(2);
         // prompt = [3, 0]; generated = [0, 1, 0]
         s.sample(&logits, &[3, 0, 0, 1, 0]);
-        assert_eq!(
-            s.processed(),
-            &[1.0 - 0.5 - 0.5, 1.0 - 0.25 - 0.5, 1.0, 1.0]
-        );
+        assert_eq!(s.processed(), &[1.0 - 0.5 - 0.5, 1.0 - 0.25 - 0.5, 1.0, 1.0]);
         // prompt_len 0 (default): everything counts as generated.
         let mut s = Sampler::new(p).unwrap();
         s.sample(&logits, &[3, 0, 0, 1, 0]);
-        assert_eq!(
-            s.processed(),
-            &[1.0 - 0.75 - 0.5, 1.0 - 0.25 - 0.5, 1.0, 1.0 - 0.25 - 0.5]
-        );
+        assert_eq!(s.processed(), &[1.0 - 0.75 - 0.5, 1.0 - 0.25 - 0.5, 1.0, 1.0 - 0.25 - 0.5]);
         // Combined with repetition penalty and temperature: rep on raw, then -=, then / T.
         let p = SamplingParams {
             temperature: 0.5,
@@ -1446,14 +1194,7 @@ mod tests {
         let mut s = Sampler::new(p).unwrap();
         s.set_prompt_len(1);
         s.sample(&[3.0, -3.0, 1.0], &[2, 0, 1, 1]);
-        assert_eq!(
-            s.processed(),
-            &[
-                (1.5 - 0.25 - 0.5) / 0.5,
-                (-6.0 - 0.5 - 0.5) / 0.5,
-                0.5 / 0.5
-            ]
-        );
+        assert_eq!(s.processed(), &[(1.5 - 0.25 - 0.5) / 0.5, (-6.0 - 0.5 - 0.5) / 0.5, 0.5 / 0.5]);
     }
 
     fn total_variation(counts: &[u64], kept: &[(u32, f64)], draws: u64) -> f64 {
@@ -1461,18 +1202,12 @@ mod tests {
         for &(i, p) in kept {
             want[i as usize] = p;
         }
-        0.5 * counts
-            .iter()
-            .zip(&want)
-            .map(|(&c, &w)| (c as f64 / draws as f64 - w).abs())
-            .sum::<f64>()
+        0.5 * counts.iter().zip(&want).map(|(&c, &w)| (c as f64 / draws as f64 - w).abs()).sum::<f64>()
     }
 
     #[test]
     fn sampled_frequencies_match_filtered_softmax() {
-        let logits = [
-            1.2f32, -0.3, 2.5, 0.0, 2.4, -1.7, 0.8, 1.9, -3.0, 0.4, 2.5, -0.9,
-        ];
+        let logits = [1.2f32, -0.3, 2.5, 0.0, 2.4, -1.7, 0.8, 1.9, -3.0, 0.4, 2.5, -0.9];
         let configs = [
             params(1.0, 0, 1.0, 0.0),
             params(0.7, 0, 1.0, 0.0),
@@ -1485,10 +1220,7 @@ mod tests {
         let draws = 200_000u64;
         for p in configs {
             let reference = reference(&logits, &p);
-            assert!(
-                reference.margin > 1e-3,
-                "test logits too close to a boundary for {p:?}"
-            );
+            assert!(reference.margin > 1e-3, "test logits too close to a boundary for {p:?}");
             let mut sampler = Sampler::new(p.clone()).unwrap();
             let mut counts = vec![0u64; logits.len()];
             for _ in 0..draws {
@@ -1517,25 +1249,18 @@ mod tests {
             logits[i as usize] = 12.0 - j as f32 * 0.4;
         }
         let draws = 3_000u64;
-        for p in [
-            params(1.0, 0, 1.0, 0.0),
-            params(0.8, 0, 0.95, 0.0),
-            params(1.0, 0, 1.0, 0.01),
-            params(0.9, 3, 0.99, 0.0),
-        ] {
+        for p in
+            [params(1.0, 0, 1.0, 0.0), params(0.8, 0, 0.95, 0.0), params(1.0, 0, 1.0, 0.01), params(0.9, 3, 0.99, 0.0)]
+        {
             let reference = reference(&logits, &p);
             let mut sampler = Sampler::new(p.clone()).unwrap();
             let mut counts = vec![0u64; n];
             for _ in 0..draws {
                 counts[sampler.sample(&logits, &[]) as usize] += 1;
             }
-            let allowed: std::collections::HashSet<u32> =
-                reference.kept.iter().map(|k| k.0).collect();
+            let allowed: std::collections::HashSet<u32> = reference.kept.iter().map(|k| k.0).collect();
             for (i, &c) in counts.iter().enumerate() {
-                assert!(
-                    c == 0 || allowed.contains(&(i as u32)),
-                    "token {i} outside kept set for {p:?}"
-                );
+                assert!(c == 0 || allowed.contains(&(i as u32)), "token {i} outside kept set for {p:?}");
             }
             // Compare on the peaks + one "rest" bucket (few draws, so coarse buckets).
             let mut got = [0f64; 6];
@@ -1548,12 +1273,7 @@ mod tests {
                 let b = peaks.iter().position(|&x| x == i).unwrap_or(5);
                 want[b] += q;
             }
-            let tv = 0.5
-                * got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .sum::<f64>();
+            let tv = 0.5 * got.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f64>();
             assert!(tv < 0.045, "TV {tv} for {p:?}: got {got:?} want {want:?}");
         }
     }
@@ -1589,12 +1309,7 @@ mod tests {
             let logits = random_logits(&mut r, n, scale);
             let top_p: f32 = r.random_range(0.01..1.0);
             let t: f32 = r.random_range(0.3..2.0);
-            let p = SamplingParams {
-                temperature: t,
-                top_p,
-                seed: Some(seed),
-                ..Default::default()
-            };
+            let p = SamplingParams { temperature: t, top_p, seed: Some(seed), ..Default::default() };
             let mut sampler = Sampler::new(p.clone()).unwrap();
             total += 1;
             if !check_kept(&mut sampler, &logits, &p, "top-p") {
@@ -1611,32 +1326,17 @@ mod tests {
         for seed in 0..200u64 {
             let n = [8usize, 50, 500, 6000][seed as usize % 4];
             let levels = [1usize, 2, 3, 5][(seed as usize / 4) % 4];
-            let logits: Vec<f32> = (0..n)
-                .map(|_| r.random_range(0..levels) as f32 * 0.5)
-                .collect();
+            let logits: Vec<f32> = (0..n).map(|_| r.random_range(0..levels) as f32 * 0.5).collect();
             let top_p: f32 = r.random_range(0.05..0.999);
-            let p = SamplingParams {
-                temperature: 1.0,
-                top_p,
-                seed: Some(seed),
-                ..Default::default()
-            };
+            let p = SamplingParams { temperature: 1.0, top_p, seed: Some(seed), ..Default::default() };
             let mut sampler = Sampler::new(p.clone()).unwrap();
             check_kept(&mut sampler, &logits, &p, "top-p ties");
         }
         // Hand-checkable: 4 equal tokens, p = 0.5 -> the two lowest ids.
-        let p = SamplingParams {
-            top_p: 0.5,
-            seed: Some(1),
-            ..Default::default()
-        };
+        let p = SamplingParams { top_p: 0.5, seed: Some(1), ..Default::default() };
         let mut sampler = Sampler::new(p).unwrap();
         assert_eq!(sampler.kept_ids(&[0.0, 0.0, 0.0, 0.0], &[]), vec![0, 1]);
-        let p = SamplingParams {
-            top_p: 0.51,
-            seed: Some(1),
-            ..Default::default()
-        };
+        let p = SamplingParams { top_p: 0.51, seed: Some(1), ..Default::default() };
         let mut sampler = Sampler::new(p).unwrap();
         assert_eq!(sampler.kept_ids(&[0.0, 0.0, 0.0, 0.0], &[]), vec![0, 1, 2]);
     }
@@ -1649,9 +1349,7 @@ mod tests {
             let logits: Vec<f32> = if case == 3 {
                 vec![0.25; 151_936]
             } else {
-                (0..151_936)
-                    .map(|_| r.random_range(0..1000) as f32 * 1e-3)
-                    .collect()
+                (0..151_936).map(|_| r.random_range(0..1000) as f32 * 1e-3).collect()
             };
             let p = SamplingParams {
                 top_p: [0.3f32, 0.9, 0.999, 0.6][case as usize],
@@ -1675,12 +1373,7 @@ mod tests {
             logits[r.random_range(0..n)] = [20.0f32, 35.0, 60.0][case as usize % 3];
             let top_p = [0.9999f32, 0.999_99, 0.5][case as usize / 3 % 3];
             let min_p = if case >= 9 { 1e-12 } else { 0.0 };
-            let p = SamplingParams {
-                top_p,
-                min_p,
-                seed: Some(case),
-                ..Default::default()
-            };
+            let p = SamplingParams { top_p, min_p, seed: Some(case), ..Default::default() };
             let mut sampler = Sampler::new(p.clone()).unwrap();
             if !check_kept(&mut sampler, &logits, &p, "tail") {
                 ambiguous += 1;
@@ -1716,10 +1409,7 @@ mod tests {
                 let t = sampler.sample(&logits, &[]) as usize;
                 assert!(allowed[t], "masked token {t} sampled under {p:?}");
             }
-            let sanitized: Vec<f32> = logits
-                .iter()
-                .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
-                .collect();
+            let sanitized: Vec<f32> = logits.iter().map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x }).collect();
             check_kept(&mut sampler, &sanitized, &p, "masked");
         }
     }
@@ -1732,33 +1422,18 @@ mod tests {
         let max = max_of(&s);
         assert_eq!(max, chunk_max(&s));
         let (mut g1, mut g2) = (Vec::new(), Vec::new());
-        assert_eq!(
-            exp_sum_gather(&s, max, -6.0, &mut g1),
-            exp_sum_gather_impl(&s, max, -6.0, &mut g2)
-        );
+        assert_eq!(exp_sum_gather(&s, max, -6.0, &mut g1), exp_sum_gather_impl(&s, max, -6.0, &mut g2));
         let key = |c: &Cand| (c.idx, c.s.to_bits(), c.e.to_bits());
-        assert_eq!(
-            g1.iter().map(key).collect::<Vec<_>>(),
-            g2.iter().map(key).collect::<Vec<_>>()
-        );
+        assert_eq!(g1.iter().map(key).collect::<Vec<_>>(), g2.iter().map(key).collect::<Vec<_>>());
         let mut g3 = Vec::new();
         gather_ge(&s, max, -6.0, &mut g3);
-        assert_eq!(
-            g1.iter().map(key).collect::<Vec<_>>(),
-            g3.iter().map(key).collect::<Vec<_>>()
-        );
+        assert_eq!(g1.iter().map(key).collect::<Vec<_>>(), g3.iter().map(key).collect::<Vec<_>>());
         assert_eq!(exp_sum(&s, max), exp_sum_impl(&s, max));
         let (mut e1, mut e2, mut b1, mut b2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        assert_eq!(
-            exp_pass(&s, max, &mut e1, &mut b1),
-            exp_pass_impl(&s, max, &mut e2, &mut b2)
-        );
+        assert_eq!(exp_pass(&s, max, &mut e1, &mut b1), exp_pass_impl(&s, max, &mut e2, &mut b2));
         assert_eq!((e1, b1), (e2, b2));
         let (mut d1, mut d2) = (vec![0.0; s.len()], vec![0.0; s.len()]);
-        assert_eq!(
-            scale_max(&s, &mut d1, 0.7),
-            scale_sanitize_max::<true>(&s, &mut d2, 0.7)
-        );
+        assert_eq!(scale_max(&s, &mut d1, 0.7), scale_sanitize_max::<true>(&s, &mut d2, 0.7));
         assert_eq!(d1, d2);
         let (mut i1, mut i2, mut v) = (Vec::new(), Vec::new(), Vec::new());
         top_k_indices(&s, 37, &mut i1, &mut v);
@@ -1781,16 +1456,8 @@ mod tests {
                 random_logits(&mut r, n, 3.0)
             };
             let top_k = [0usize, 1, 5, 50, 2000][seed as usize % 5];
-            let top_p = if seed % 3 == 0 {
-                1.0
-            } else {
-                r.random_range(0.05..1.0)
-            };
-            let min_p = if seed % 4 == 0 {
-                0.0
-            } else {
-                r.random_range(0.001..0.5)
-            };
+            let top_p = if seed % 3 == 0 { 1.0 } else { r.random_range(0.05..1.0) };
+            let min_p = if seed % 4 == 0 { 0.0 } else { r.random_range(0.001..0.5) };
             let p = SamplingParams {
                 temperature: r.random_range(0.5..1.5),
                 top_k,
@@ -1806,22 +1473,11 @@ mod tests {
         }
         assert!(ambiguous <= 3, "{ambiguous} ambiguous boundaries");
         // HF top-k keeps every tie at the k-th value.
-        let p = SamplingParams {
-            top_k: 2,
-            seed: Some(1),
-            ..Default::default()
-        };
+        let p = SamplingParams { top_k: 2, seed: Some(1), ..Default::default() };
         let mut sampler = Sampler::new(p).unwrap();
-        assert_eq!(
-            sampler.kept_ids(&[1.0, 3.0, 2.0, 2.0, 0.0, 2.0], &[]),
-            vec![1, 2, 3, 5]
-        );
+        assert_eq!(sampler.kept_ids(&[1.0, 3.0, 2.0, 2.0, 0.0, 2.0], &[]), vec![1, 2, 3, 5]);
         // min_p = 1 keeps exactly the argmax (and its ties).
-        let p = SamplingParams {
-            min_p: 1.0,
-            seed: Some(1),
-            ..Default::default()
-        };
+        let p = SamplingParams { min_p: 1.0, seed: Some(1), ..Default::default() };
         let mut sampler = Sampler::new(p).unwrap();
         assert_eq!(sampler.kept_ids(&[1.0, 3.0, 2.0, 3.0], &[]), vec![1, 3]);
     }
@@ -1830,30 +1486,17 @@ mod tests {
     fn same_seed_same_sequence_different_seed_differs() {
         let mut r = rng(8);
         let logits = random_logits(&mut r, 20_000, 2.0);
-        for base in [
-            params(1.0, 0, 1.0, 0.0),
-            params(0.8, 40, 0.9, 0.0),
-            params(1.0, 0, 0.95, 0.0),
-            params(1.0, 0, 1.0, 0.001),
-        ] {
+        for base in
+            [params(1.0, 0, 1.0, 0.0), params(0.8, 40, 0.9, 0.0), params(1.0, 0, 0.95, 0.0), params(1.0, 0, 1.0, 0.001)]
+        {
             let run = |seed: u64| {
-                let mut s = Sampler::new(SamplingParams {
-                    seed: Some(seed),
-                    ..base.clone()
-                })
-                .unwrap();
-                (0..32)
-                    .map(|_| s.sample(&logits, &[]))
-                    .collect::<Vec<u32>>()
+                let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..base.clone() }).unwrap();
+                (0..32).map(|_| s.sample(&logits, &[])).collect::<Vec<u32>>()
             };
             assert_eq!(run(42), run(42), "{base:?}");
             assert_ne!(run(42), run(43), "{base:?}");
             // reseed restarts the stream.
-            let mut s = Sampler::new(SamplingParams {
-                seed: Some(42),
-                ..base.clone()
-            })
-            .unwrap();
+            let mut s = Sampler::new(SamplingParams { seed: Some(42), ..base.clone() }).unwrap();
             let first: Vec<u32> = (0..16).map(|_| s.sample(&logits, &[])).collect();
             s.reseed(42);
             let again: Vec<u32> = (0..16).map(|_| s.sample(&logits, &[])).collect();
@@ -1871,11 +1514,7 @@ mod tests {
         let logits = random_logits(&mut r, n, 3.0);
         let prev: Vec<u32> = (0..200).map(|_| r.random_range(0..n as u32)).collect();
         for p in [
-            SamplingParams {
-                temperature: 0.0,
-                repetition_penalty: 1.2,
-                ..Default::default()
-            },
+            SamplingParams { temperature: 0.0, repetition_penalty: 1.2, ..Default::default() },
             SamplingParams {
                 temperature: 0.7,
                 top_p: 0.9,
@@ -1902,11 +1541,7 @@ mod tests {
             sampler.set_prompt_len(50);
             let out = sampler.sample_with_logprobs(&logits, &prev, 5);
             let want = x[out.token as usize] - lse;
-            assert!(
-                (out.logprob as f64 - want).abs() < 1e-4,
-                "{} vs {want} for {p:?}",
-                out.logprob
-            );
+            assert!((out.logprob as f64 - want).abs() < 1e-4, "{} vs {want} for {p:?}", out.logprob);
             assert_eq!(out.top_logprobs.len(), 5);
             let mut order: Vec<usize> = (0..n).collect();
             order.sort_by(|&a, &b| x[b].partial_cmp(&x[a]).unwrap().then(a.cmp(&b)));

@@ -80,15 +80,8 @@ pub struct SpecialTokens {
 
 impl SpecialTokens {
     /// Names HF's `SPECIAL_TOKENS_ATTRIBUTES`, in its order.
-    pub const NAMES: [&'static str; 7] = [
-        "bos_token",
-        "eos_token",
-        "unk_token",
-        "sep_token",
-        "pad_token",
-        "cls_token",
-        "mask_token",
-    ];
+    pub const NAMES: [&'static str; 7] =
+        ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
     fn slot(&mut self, name: &str) -> Option<&mut Option<String>> {
         Some(match name {
@@ -114,10 +107,7 @@ impl SpecialTokens {
             &self.cls_token,
             &self.mask_token,
         ];
-        Self::NAMES
-            .into_iter()
-            .zip(values)
-            .filter_map(|(name, value)| value.as_deref().map(|v| (name, v)))
+        Self::NAMES.into_iter().zip(values).filter_map(|(name, value)| value.as_deref().map(|v| (name, v)))
     }
 }
 
@@ -140,10 +130,7 @@ pub const CHAT_TEMPLATE_DIR: &str = "additional_chat_templates";
 pub const SPECIAL_TOKENS_MAP_FILE: &str = "special_tokens_map.json";
 
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })
 }
 
 /// Python's `open(path, encoding="utf-8").read()` uses universal newlines: `\r\n` and lone `\r` become `\n`.
@@ -156,10 +143,7 @@ fn python_text(s: String) -> String {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = read_text(path)?;
-    serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+    serde_json::from_str(&text).map_err(|source| TokenizerError::Json { path: path.to_path_buf(), source })
 }
 
 /// A special token value as HF stores it: `"<s>"`, `null`, or an AddedToken object `{"content": "<s>", ...}`.
@@ -182,10 +166,7 @@ fn token_content(value: &Value, path: &Path, key: &str) -> Result<Option<String>
 }
 
 fn parse_chat_template(value: &Value, path: &Path) -> Result<Option<ChatTemplateSource>> {
-    let invalid = |message: String| TokenizerError::InvalidConfig {
-        path: path.to_path_buf(),
-        message,
-    };
+    let invalid = |message: String| TokenizerError::InvalidConfig { path: path.to_path_buf(), message };
     match value {
         Value::Null => Ok(None),
         Value::String(s) => Ok(Some(ChatTemplateSource::Single(s.clone()))),
@@ -210,9 +191,8 @@ fn parse_chat_template(value: &Value, path: &Path) -> Result<Option<ChatTemplate
         Value::Object(map) => {
             let mut named = BTreeMap::new();
             for (name, template) in map {
-                let template = template
-                    .as_str()
-                    .ok_or_else(|| invalid(format!("`chat_template.{name}` must be a string")))?;
+                let template =
+                    template.as_str().ok_or_else(|| invalid(format!("`chat_template.{name}` must be a string")))?;
                 named.insert(name.clone(), template.to_string());
             }
             Ok(Some(ChatTemplateSource::Named(named)))
@@ -228,10 +208,7 @@ impl TokenizerConfig {
     /// `special_tokens_map.json` from `dir`; each is optional.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let mut config = TokenizerConfig {
-            raw: Value::Null,
-            ..Default::default()
-        };
+        let mut config = TokenizerConfig { raw: Value::Null, ..Default::default() };
 
         let config_path = dir.join(TOKENIZER_CONFIG_FILE);
         if config_path.is_file() {
@@ -267,18 +244,10 @@ impl TokenizerConfig {
                     })?;
                     let key = format!("added_tokens_decoder.{id}");
                     let content = token_content(entry, &config_path, &key)?.ok_or_else(|| {
-                        TokenizerError::InvalidConfig {
-                            path: config_path.clone(),
-                            message: format!("`{key}` is null"),
-                        }
+                        TokenizerError::InvalidConfig { path: config_path.clone(), message: format!("`{key}` is null") }
                     })?;
-                    let special = entry
-                        .get("special")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false);
-                    config
-                        .added_tokens_decoder
-                        .insert(id, AddedTokenInfo { content, special });
+                    let special = entry.get("special").and_then(Value::as_bool).unwrap_or(false);
+                    config.added_tokens_decoder.insert(id, AddedTokenInfo { content, special });
                 }
             }
             config.add_bos_token = map.get("add_bos_token").and_then(Value::as_bool);
@@ -293,9 +262,7 @@ impl TokenizerConfig {
         if map_path.is_file() {
             if let Value::Object(map) = read_json(&map_path)? {
                 for name in SpecialTokens::NAMES {
-                    if let (Some(value), Some(slot)) =
-                        (map.get(name), config.special_tokens.slot(name))
-                    {
+                    if let (Some(value), Some(slot)) = (map.get(name), config.special_tokens.slot(name)) {
                         if slot.is_none() {
                             *slot = token_content(value, &map_path, name)?;
                         }
@@ -308,22 +275,14 @@ impl TokenizerConfig {
         let mut files = BTreeMap::new();
         let default_path = dir.join(CHAT_TEMPLATE_FILE);
         if default_path.is_file() {
-            files.insert(
-                "default".to_string(),
-                python_text(read_text(&default_path)?),
-            );
+            files.insert("default".to_string(), python_text(read_text(&default_path)?));
         }
         let extra_dir = dir.join(CHAT_TEMPLATE_DIR);
         if extra_dir.is_dir() {
-            let entries = std::fs::read_dir(&extra_dir).map_err(|source| TokenizerError::Io {
-                path: extra_dir.clone(),
-                source,
-            })?;
+            let entries = std::fs::read_dir(&extra_dir)
+                .map_err(|source| TokenizerError::Io { path: extra_dir.clone(), source })?;
             for entry in entries {
-                let entry = entry.map_err(|source| TokenizerError::Io {
-                    path: extra_dir.clone(),
-                    source,
-                })?;
+                let entry = entry.map_err(|source| TokenizerError::Io { path: extra_dir.clone(), source })?;
                 let path = entry.path();
                 let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                     continue;
@@ -373,16 +332,11 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(TokenizerError::MissingFile {
                 dir: dir.to_path_buf(),
-                hint: format!(
-                    "{} not found (is this a Hugging Face tokenizer folder?)",
-                    path.display()
-                ),
+                hint: format!("{} not found (is this a Hugging Face tokenizer folder?)", path.display()),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| TokenizerError::Load { path: path.clone(), message: e.to_string() })?;
         let config = TokenizerConfig::from_dir(dir)?;
         tracing::debug!(
             path = %path.display(),
@@ -390,20 +344,12 @@ impl Tokenizer {
             chat_template = config.chat_template.is_some(),
             "loaded tokenizer"
         );
-        Ok(Self {
-            inner: Arc::new(inner),
-            config: Arc::new(config),
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { inner: Arc::new(inner), config: Arc::new(config), dir: dir.to_path_buf() })
     }
 
     /// Wraps an already built `tokenizers::Tokenizer` (no config: no special tokens, no chat template).
     pub fn from_tokenizers(inner: tokenizers::Tokenizer, config: TokenizerConfig) -> Self {
-        Self {
-            inner: Arc::new(inner),
-            config: Arc::new(config),
-            dir: PathBuf::new(),
-        }
+        Self { inner: Arc::new(inner), config: Arc::new(config), dir: PathBuf::new() }
     }
 
     pub fn dir(&self) -> &Path {
@@ -438,9 +384,7 @@ impl Tokenizer {
 
     /// Text of `ids`, like HF's `decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| TokenizerError::Decode(e.to_string()))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -458,20 +402,12 @@ impl Tokenizer {
 
     /// Id of the configured `eos_token`, if it is set and in the vocabulary.
     pub fn eos_token_id(&self) -> Option<u32> {
-        self.config
-            .special_tokens
-            .eos_token
-            .as_deref()
-            .and_then(|t| self.token_to_id(t))
+        self.config.special_tokens.eos_token.as_deref().and_then(|t| self.token_to_id(t))
     }
 
     /// Id of the configured `bos_token`, if it is set and in the vocabulary.
     pub fn bos_token_id(&self) -> Option<u32> {
-        self.config
-            .special_tokens
-            .bos_token
-            .as_deref()
-            .and_then(|t| self.token_to_id(t))
+        self.config.special_tokens.bos_token.as_deref().and_then(|t| self.token_to_id(t))
     }
 
     /// A streaming detokenizer over this tokenizer.
@@ -555,10 +491,7 @@ impl IncrementalDecoder {
             && text.starts_with(self.prefix_text.as_str());
         if complete || held >= Self::MAX_HELD_TOKENS {
             if !complete {
-                tracing::debug!(
-                    held,
-                    "incremental decoder: emitting held-back text that ends in U+FFFD"
-                );
+                tracing::debug!(held, "incremental decoder: emitting held-back text that ends in U+FFFD");
             }
             self.emit(text).map(Some)
         } else {
@@ -711,14 +644,8 @@ pub(crate) mod tests {
         let tok = qwen3();
         let ids = tok.encode(MIXED, false).unwrap();
         // The test is only meaningful if some characters span several byte-level tokens.
-        let partial = ids
-            .iter()
-            .filter(|&&id| tok.decode(&[id], false).unwrap().contains(REPLACEMENT))
-            .count();
-        assert!(
-            partial > 0,
-            "expected tokens holding partial UTF-8 characters"
-        );
+        let partial = ids.iter().filter(|&&id| tok.decode(&[id], false).unwrap().contains(REPLACEMENT)).count();
+        assert!(partial > 0, "expected tokens holding partial UTF-8 characters");
         let (deltas, tail) = stream(&tok, &ids, false);
         for d in &deltas {
             assert!(!d.contains(REPLACEMENT), "delta {d:?} contains U+FFFD");
@@ -736,11 +663,7 @@ pub(crate) mod tests {
         for n in 0..=ids.len() {
             let (deltas, tail) = stream(&tok, &ids[..n], false);
             let full = tok.decode(&ids[..n], false).unwrap();
-            assert_eq!(
-                format!("{}{}", deltas.concat(), tail),
-                full,
-                "prefix of {n} ids"
-            );
+            assert_eq!(format!("{}{}", deltas.concat(), tail), full, "prefix of {n} ids");
             assert!(deltas.iter().all(|d| !d.contains(REPLACEMENT)));
         }
     }
@@ -757,10 +680,7 @@ pub(crate) mod tests {
             assert!(deltas.iter().all(|d| !d.contains(REPLACEMENT)));
             if skip {
                 // <think> is an added but not special token in Qwen3: it stays.
-                assert_eq!(
-                    got,
-                    "assistant\n<think>\n推理过程🤔\n</think>\n\n答案是 42。"
-                );
+                assert_eq!(got, "assistant\n<think>\n推理过程🤔\n</think>\n\n答案是 42。");
             } else {
                 assert_eq!(got, text);
             }
@@ -774,20 +694,14 @@ pub(crate) mod tests {
         let ids = tok.encode("ok 👨‍👩‍👧", false).unwrap();
         let cut = ids.len() - 1;
         let (deltas, tail) = stream(&tok, &ids[..cut], false);
-        assert_eq!(
-            format!("{}{}", deltas.concat(), tail),
-            tok.decode(&ids[..cut], false).unwrap()
-        );
+        assert_eq!(format!("{}{}", deltas.concat(), tail), tok.decode(&ids[..cut], false).unwrap());
         // A long run of lone continuation bytes (garbage): bounded hold-back, still consistent here.
         let cont = tok.token_to_id("\u{80}").or_else(|| tok.token_to_id("Ģ"));
         if let Some(cont) = cont {
             let mut garbage = vec![cont; 100];
             garbage.extend(tok.encode("end", false).unwrap());
             let (deltas, tail) = stream(&tok, &garbage, false);
-            assert_eq!(
-                format!("{}{}", deltas.concat(), tail),
-                tok.decode(&garbage, false).unwrap()
-            );
+            assert_eq!(format!("{}{}", deltas.concat(), tail), tok.decode(&garbage, false).unwrap());
         }
         let mut dec = tok.incremental_decoder(false);
         assert_eq!(dec.push_many(&ids).unwrap(), "ok 👨‍👩‍👧");
@@ -804,18 +718,9 @@ pub(crate) mod tests {
         std::fs::write(dir.path().join(TOKENIZER_FILE), "{not json").unwrap();
         let err = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains("tokenizer.json"), "{err}");
-        std::fs::write(
-            dir.path().join(TOKENIZER_CONFIG_FILE),
-            r#"{"eos_token": 5}"#,
-        )
-        .unwrap();
-        let err = TokenizerConfig::from_dir(dir.path())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("tokenizer_config.json") && err.contains("eos_token"),
-            "{err}"
-        );
+        std::fs::write(dir.path().join(TOKENIZER_CONFIG_FILE), r#"{"eos_token": 5}"#).unwrap();
+        let err = TokenizerConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("tokenizer_config.json") && err.contains("eos_token"), "{err}");
     }
 
     #[test]
@@ -832,24 +737,17 @@ pub(crate) mod tests {
         assert_eq!(cfg.special_tokens.bos_token.as_deref(), Some("<s>"));
         assert_eq!(cfg.special_tokens.eos_token.as_deref(), Some("</s>"));
         assert_eq!(cfg.special_tokens.unk_token, None);
-        let ChatTemplateSource::Named(named) = cfg.chat_template.unwrap() else {
-            panic!()
-        };
+        let ChatTemplateSource::Named(named) = cfg.chat_template.unwrap() else { panic!() };
         assert_eq!(named["default"], "D");
         assert_eq!(named["tool_use"], "T");
         // chat_template.jinja wins over the config, with Python's universal newlines.
         std::fs::write(dir.path().join(CHAT_TEMPLATE_FILE), "a\r\nb\rc").unwrap();
         let cfg = TokenizerConfig::from_dir(dir.path()).unwrap();
-        assert_eq!(
-            cfg.chat_template,
-            Some(ChatTemplateSource::Single("a\nb\nc".into()))
-        );
+        assert_eq!(cfg.chat_template, Some(ChatTemplateSource::Single("a\nb\nc".into())));
         std::fs::create_dir(dir.path().join(CHAT_TEMPLATE_DIR)).unwrap();
         std::fs::write(dir.path().join(CHAT_TEMPLATE_DIR).join("rag.jinja"), "R").unwrap();
         let cfg = TokenizerConfig::from_dir(dir.path()).unwrap();
-        let Some(ChatTemplateSource::Named(named)) = cfg.chat_template else {
-            panic!()
-        };
+        let Some(ChatTemplateSource::Named(named)) = cfg.chat_template else { panic!() };
         assert_eq!(named.keys().collect::<Vec<_>>(), ["default", "rag"]);
     }
 
@@ -887,19 +785,12 @@ pub(crate) mod tests {
                 for n in 0..=ids.len() {
                     let (deltas, tail) = stream(&tok, &ids[..n], skip);
                     let full = tok.decode(&ids[..n], skip).unwrap();
-                    assert_eq!(
-                        format!("{}{tail}", deltas.concat()),
-                        full,
-                        "{decoder} skip={skip} n={n}"
-                    );
+                    assert_eq!(format!("{}{tail}", deltas.concat()), full, "{decoder} skip={skip} n={n}");
                     assert!(deltas.iter().all(|d| !d.contains(REPLACEMENT)));
                 }
             }
         }
         let tok = sentencepiece_like(llama2);
-        assert_eq!(
-            tok.decode(&ids, true).unwrap(),
-            "Hello world! 中a😀 Hello  Hello"
-        );
+        assert_eq!(tok.decode(&ids, true).unwrap(), "Hello world! 中a😀 Hello  Hello");
     }
 }

@@ -46,7 +46,12 @@ pub fn checkpoint_tensors(t: &TextConfig) -> TensorList {
             moe::routed_experts_tensors(t, m, mlp, out);
             out.push((format!("{mlp}.gate.e_score_correction_bias"), vec![m.num_experts]));
             if m.n_shared_experts > 0 {
-                mlp_tensors(t.hidden_size, m.moe_intermediate_size * m.n_shared_experts, &format!("{mlp}.shared_experts"), out);
+                mlp_tensors(
+                    t.hidden_size,
+                    m.moe_intermediate_size * m.n_shared_experts,
+                    &format!("{mlp}.shared_experts"),
+                    out,
+                );
             }
         }
     })

@@ -141,7 +141,8 @@ fn find_preset_checkpoint(preset: &Preset) -> Option<PathBuf> {
     let hf_home = std::env::var_os("HF_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface")))?;
-    let snapshots = hf_home.join("hub").join(format!("models--{}", preset.hf_repo.replace('/', "--"))).join("snapshots");
+    let snapshots =
+        hf_home.join("hub").join(format!("models--{}", preset.hf_repo.replace('/', "--"))).join("snapshots");
     std::fs::read_dir(snapshots).ok()?.flatten().map(|e| e.path()).find(|p| p.join("config.json").is_file())
 }
 
@@ -149,7 +150,11 @@ fn synthetic_checkpoint(args: &Args, preset: &Preset) -> Result<PathBuf> {
     let overrides = args.overrides();
     let dir = args.checkpoint_out.clone().unwrap_or_else(|| {
         let tag = overrides.tag();
-        let name = if tag.is_empty() { format!("{}-synthetic", preset.name) } else { format!("{}-synthetic-{tag}", preset.name) };
+        let name = if tag.is_empty() {
+            format!("{}-synthetic", preset.name)
+        } else {
+            format!("{}-synthetic-{tag}", preset.name)
+        };
         PathBuf::from("checkpoints").join(name)
     });
     let tokenizer = match &args.tokenizer {
@@ -195,7 +200,8 @@ fn run(args: Args) -> Result<()> {
                     println!("{}", dir.display());
                     return Ok(());
                 }
-                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| preset.name.into());
+                let name =
+                    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| preset.name.into());
                 (dir, name, format!("preset {} (synthetic, seed {})", preset.name, args.seed))
             } else {
                 let dir = find_preset_checkpoint(preset).with_context(|| {
@@ -216,9 +222,14 @@ fn run(args: Args) -> Result<()> {
     let context_length = args.context_length.unwrap_or(config.text.max_position_embeddings.min(32768));
     // Flags override the target's defaults; the q/k norm cannot go into attention that is not
     // GroupQueryAttention.
-    let defaults =
-        ExportSettings::for_target(precision, target_ep, context_length, config.text.qk_norm && !args.no_fused_attention);
-    let out_dir = args.out.clone().unwrap_or_else(|| Path::new("graphs").join(format!("{base_name}-{}", precision.as_str())));
+    let defaults = ExportSettings::for_target(
+        precision,
+        target_ep,
+        context_length,
+        config.text.qk_norm && !args.no_fused_attention,
+    );
+    let out_dir =
+        args.out.clone().unwrap_or_else(|| Path::new("graphs").join(format!("{base_name}-{}", precision.as_str())));
     let request = ExportRequest {
         checkpoint,
         out_dir,

@@ -256,22 +256,14 @@ impl Graph {
 
     pub fn input(&mut self, name: &str, dtype: TensorDtype, shape: &[Dim]) -> String {
         self.inputs.push(Self::value_info(name, dtype, shape));
-        self.io_inputs.push(IoSpec {
-            name: name.to_string(),
-            dtype,
-            shape: shape.iter().map(Dim::to_json).collect(),
-        });
+        self.io_inputs.push(IoSpec { name: name.to_string(), dtype, shape: shape.iter().map(Dim::to_json).collect() });
         name.to_string()
     }
 
     /// Declares a graph output. The producing node must name its output `name`.
     pub fn output(&mut self, name: &str, dtype: TensorDtype, shape: &[Dim]) {
         self.outputs.push(Self::value_info(name, dtype, shape));
-        self.io_outputs.push(IoSpec {
-            name: name.to_string(),
-            dtype,
-            shape: shape.iter().map(Dim::to_json).collect(),
-        });
+        self.io_outputs.push(IoSpec { name: name.to_string(), dtype, shape: shape.iter().map(Dim::to_json).collect() });
     }
 
     pub fn io(&self) -> (&[IoSpec], &[IoSpec]) {
@@ -367,7 +359,8 @@ impl Graph {
         if uses_ms {
             opset_import.push(OperatorSetIdProto { domain: MS_DOMAIN.into(), version: 1 });
         }
-        let weight_bytes = self.weights.finish().with_context(|| format!("finishing {}", self.weight_path.display()))?;
+        let weight_bytes =
+            self.weights.finish().with_context(|| format!("finishing {}", self.weight_path.display()))?;
         let model = ModelProto {
             ir_version: 10,
             opset_import,
