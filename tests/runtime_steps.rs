@@ -23,7 +23,7 @@ fn prefill_in_chunks_matches_transformers_at_every_position() {
     for name in FIXTURES {
         let (mut model, reference) = load(name, false, &tmp);
         // 8 prompt tokens in chunks of 3: 3 + 3 + 2, the later ones attending to the cache.
-        model.prefill_chunk = Some(3);
+        model.set_prefill_chunk(Some(3));
         let mut cache = model.new_cache().unwrap();
         let logits = model.forward(&reference.prompt_ids, &mut cache).unwrap();
         assert_eq!(logits.rows, reference.prompt_ids.len(), "{name}: one row per prompt token");
@@ -45,7 +45,7 @@ fn chunked_prefill_greedy_matches_transformers_generate() {
     let tmp = tempfile::tempdir().unwrap();
     for name in FIXTURES {
         let (mut model, reference) = load(name, true, &tmp);
-        model.prefill_chunk = Some(5);
+        model.set_prefill_chunk(Some(5));
         let g = &reference.greedy;
         assert_eq!(greedy(&mut model, &g.prompt_ids, g.max_new_tokens, false), g.generated_ids, "{name}");
     }
@@ -147,7 +147,7 @@ fn a_batch_prompt_longer_than_a_chunk_runs_each_sequence_through_the_shared_buff
         let tokens: Vec<u32> = prompts.concat();
         // GroupQueryAttention refuses several tokens of several sequences after a past, so the
         // 3 + 3 + 2 chunks run per sequence through batch-1 views of the (host) shared buffer.
-        model.prefill_chunk = Some(3);
+        model.set_prefill_chunk(Some(3));
         let mut cache = model.new_shared_host_cache(2, 64).unwrap();
         let logits = model.forward_batch(&tokens, 2, &mut cache).unwrap();
         assert_eq!((logits.batch, cache.len), (2, 8));
@@ -180,57 +180,5 @@ fn a_batch_prompt_longer_than_a_chunk_runs_each_sequence_through_the_shared_buff
         };
         let err = err.to_string();
         assert!(err.contains("only into an empty cache"), "{err}");
-    }
-}
-
-/// Greedy generation of `n` tokens, with the number of prompt tokens the cache already held.
-fn generate(g: &mut pio_runtime::generate::Generator, prompt: &[u32], n: usize) -> (Vec<u32>, usize) {
-    let options = pio_runtime::generate::GenerateOptions {
-        max_tokens: n,
-        sampling: pio_runtime::sampling::SamplingParams::greedy(),
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let out = g.generate(prompt, &options, |_| std::ops::ControlFlow::Continue(())).unwrap();
-    (out.generated_ids, out.timings.cached_prompt_tokens)
-}
-
-#[test]
-fn prefix_caching_reuses_the_shared_prefix_and_answers_as_a_fresh_cache_does() {
-    let tmp = tempfile::tempdir().unwrap();
-    for name in ["qwen3-tied-hub", "qwen3moe-a"] {
-        let graphs = tmp.path().join(name);
-        export_to(&fixtures_dir().join(name), &graphs, cpu_settings(true));
-        let load = |prefix_caching| {
-            let mut g = pio_runtime::generate::Generator::load(&graphs, &ExecutionProvider::default()).unwrap();
-            // The GPU's shared buffer, on the CPU: the cache prefix caching works on.
-            g.model.shared_cache_on_host = true;
-            g.prefix_caching = prefix_caching;
-            g
-        };
-        let (mut cached, mut fresh) = (load(true), load(false));
-        let first: Vec<u32> = load_reference(&fixtures_dir().join(name)).prompt_ids;
-        let (answer, reused) = generate(&mut cached, &first, 6);
-        assert_eq!(reused, 0, "{name}: nothing to reuse yet");
-        assert_eq!(answer, generate(&mut fresh, &first, 6).0, "{name}");
-        // A follow-up turn: the first prompt, the answer, then new tokens. The cache holds the
-        // prompt and all of the answer but its last token.
-        let follow_up: Vec<u32> = first.iter().chain(&answer).chain(&[5, 9, 13]).copied().collect();
-        let (got, reused) = generate(&mut cached, &follow_up, 8);
-        assert_eq!(reused, first.len() + answer.len() - 1, "{name}");
-        assert_eq!(got, generate(&mut fresh, &follow_up, 8).0, "{name}: follow-up");
-        // A prompt that leaves the cached one after 3 tokens reuses 3.
-        let diverging: Vec<u32> = first[..3].iter().chain(&[21, 22, 23, 24]).copied().collect();
-        let (got, reused) = generate(&mut cached, &diverging, 8);
-        assert_eq!(reused, 3, "{name}");
-        assert_eq!(got, generate(&mut fresh, &diverging, 8).0, "{name}: diverging prompt");
-        // The same prompt again: all but its last token come from the cache.
-        let (got, reused) = generate(&mut cached, &diverging, 8);
-        assert_eq!(reused, diverging.len() - 1, "{name}");
-        assert_eq!(got, generate(&mut fresh, &diverging, 8).0, "{name}: repeated prompt");
-        // The growing cache (the CPU's default) keeps nothing.
-        let mut growing = pio_runtime::generate::Generator::load(&graphs, &ExecutionProvider::default()).unwrap();
-        generate(&mut growing, &first, 2);
-        assert_eq!(generate(&mut growing, &first, 2).1, 0, "{name}: a growing cache is not reused");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod chat_template;
 pub mod cuda_rt;
+pub mod engine;
 pub mod ep;
 pub mod generate;
 pub mod gpu_monitor;
@@ -10,4 +11,5 @@ pub mod model;
 pub mod ort_lib;
 pub mod plugin;
 pub mod sampling;
+pub mod step_inputs;
 pub mod tokenizer;
