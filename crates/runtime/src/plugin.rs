@@ -195,7 +195,7 @@ impl ModelPlugin for DecoderPlugin {
         let mut clock = Clock::new(Instant::now());
         let mut handle = self.loaded()?.submit(request.clone())?;
         let mut seen = OutputBuilder::default();
-        while let Some(event) = handle.next() {
+        while let Some(event) = handle.blocking_next() {
             match event? {
                 Event::Token(token) => {
                     clock.first_token.get_or_insert_with(Instant::now);

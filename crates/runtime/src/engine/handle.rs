@@ -1,5 +1,5 @@
-//! A submitted request's end of the engine: its events as an async [`Stream`] or a blocking
-//! [`Iterator`]. Dropping it cancels the request.
+//! A submitted request's end of the engine: its events as an async [`Stream`], or blocking
+//! ([`RequestHandle::blocking_next`], or `for event in handle`). Dropping it cancels the request.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -17,8 +17,10 @@ use super::request::Event;
 /// The events of one request: `Ok(Event::Token)` per token, then `Ok(Event::Finished)`, or an
 /// `Err` instead; nothing after either.
 ///
-/// Use it as a [`Stream`] in async code, or as an [`Iterator`] (blocking; not from inside an
-/// async runtime, where it panics as tokio's `blocking_recv` does). Dropping the handle, or
+/// Use it as a [`Stream`] (or [`next_event`](Self::next_event), [`output`](Self::output)) in
+/// async code, or blocking: [`blocking_next`](Self::blocking_next), [`wait`](Self::wait), or
+/// `for event in handle` (it is [`IntoIterator`]); not from inside an async runtime, where the
+/// blocking calls panic as tokio's `blocking_recv` does. Dropping the handle, or
 /// [`cancel`](Self::cancel), cancels the request: the engine notices within one step and gives
 /// its slot back.
 pub struct RequestHandle {
@@ -26,6 +28,7 @@ pub struct RequestHandle {
     prompt_ids: Arc<[u32]>,
     events: UnboundedReceiver<Result<Event, EngineError>>,
     done: bool,
+    cancelled: bool,
 }
 
 impl std::fmt::Debug for RequestHandle {
@@ -36,7 +39,7 @@ impl std::fmt::Debug for RequestHandle {
 
 impl RequestHandle {
     pub(crate) fn new(id: u64, prompt_ids: Arc<[u32]>, events: UnboundedReceiver<Result<Event, EngineError>>) -> Self {
-        RequestHandle { id, prompt_ids, events, done: false }
+        RequestHandle { id, prompt_ids, events, done: false, cancelled: false }
     }
 
     /// The engine's id of the request.
@@ -49,18 +52,20 @@ impl RequestHandle {
         &self.prompt_ids
     }
 
-    /// Cancels the request; events already sent can still be read.
+    /// Cancels the request; events already sent can still be read, then `Cancelled` ends them.
     pub fn cancel(&mut self) {
+        self.cancelled = true;
         self.events.close();
     }
 
     /// What the channel gave, ended after `Finished` or an error; a channel closed without
-    /// either means the engine stopped.
+    /// either means the request was cancelled, or else that the engine stopped.
     fn settle(&mut self, received: Option<Result<Event, EngineError>>) -> Option<Result<Event, EngineError>> {
         if self.done {
             return None;
         }
-        let item = received.unwrap_or(Err(EngineError::Shutdown));
+        let ended = if self.cancelled { EngineError::Cancelled } else { EngineError::Shutdown };
+        let item = received.unwrap_or(Err(ended));
         self.done = matches!(item, Ok(Event::Finished(_)) | Err(_));
         Some(item)
     }
@@ -90,9 +95,18 @@ impl RequestHandle {
         Err(EngineError::Shutdown)
     }
 
+    /// The next event, blocking until it is there (None after the last).
+    pub fn blocking_next(&mut self) -> Option<Result<Event, EngineError>> {
+        if self.done {
+            return None;
+        }
+        let received = self.events.blocking_recv();
+        self.settle(received)
+    }
+
     /// Blocks until the whole output is there, skipping the token events.
-    pub fn wait(self) -> Result<GenerationOutput, EngineError> {
-        for event in self {
+    pub fn wait(mut self) -> Result<GenerationOutput, EngineError> {
+        while let Some(event) = self.blocking_next() {
             if let Event::Finished(output) = event? {
                 return Ok(output);
             }
@@ -101,16 +115,24 @@ impl RequestHandle {
     }
 }
 
-impl Iterator for RequestHandle {
+/// A request's events, blocking for each ([`RequestHandle`]'s `IntoIterator`).
+#[derive(Debug)]
+pub struct BlockingEvents(RequestHandle);
+
+impl Iterator for BlockingEvents {
     type Item = Result<Event, EngineError>;
 
-    /// Blocks until the next event.
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        let received = self.events.blocking_recv();
-        self.settle(received)
+        self.0.blocking_next()
+    }
+}
+
+impl IntoIterator for RequestHandle {
+    type Item = Result<Event, EngineError>;
+    type IntoIter = BlockingEvents;
+
+    fn into_iter(self) -> BlockingEvents {
+        BlockingEvents(self)
     }
 }
 

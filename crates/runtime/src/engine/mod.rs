@@ -42,7 +42,7 @@ use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 pub use error::{EngineError, ModelFailure};
-pub use handle::RequestHandle;
+pub use handle::{BlockingEvents, RequestHandle};
 pub use kv_pool::{plan_pool, PoolLimits, PoolPlan, PoolSettings};
 pub use metrics::{
     FinishedRequests, Histogram, MetricsSnapshot, INTER_TOKEN_LATENCY_BUCKETS, TIME_TO_FIRST_TOKEN_BUCKETS,
