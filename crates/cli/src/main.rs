@@ -1,5 +1,6 @@
 //! `pio`: run, chat with and list models exported by pio-export.
 
+mod batch;
 mod bench;
 mod serve;
 
@@ -12,7 +13,7 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use pio_models::presets::PRESETS;
 use pio_models::size::{format_bytes, format_params, Precision};
 use pio_runtime::chat_template::RenderOptions;
-use pio_runtime::engine::{Engine, EngineConfig, EngineError, Event, ModelInfo, Prompt, Request};
+use pio_runtime::engine::{Engine, EngineConfig, EngineConfigBuilder, EngineError, Event, ModelInfo, Prompt, Request};
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::generate::{GenerateOptions, GenerationOutput};
 use pio_runtime::plugin::PluginMetadata;
@@ -158,7 +159,8 @@ struct ModelArgs {
     /// Do not reuse KV across requests (prefix caching).
     #[arg(long)]
     no_prefix_cache: bool,
-    /// Prefix cache size in GiB (default: a quarter of the KV pool; at most 2 GiB on the CPU).
+    /// Prefix cache size in GiB (default: on a GPU what the KV memory leaves after the pool, or a
+    /// quarter of --kv-cache-gb; on the CPU as much as the pool, at most 2 GiB).
     #[arg(long)]
     prefix_cache_gb: Option<f64>,
 }
@@ -174,6 +176,15 @@ fn gib(flag: &str, value: f64) -> Result<u64> {
 impl ModelArgs {
     /// Starts the engine over the graph folder. `served_model_name`: `pio serve`'s.
     fn start(&self, served_model_name: Option<&str>) -> Result<Engine> {
+        let mut config = self.config()?;
+        if let Some(name) = served_model_name {
+            config = config.served_model_name(name);
+        }
+        Ok(Engine::start(config.build()?)?)
+    }
+
+    /// The engine settings these options give.
+    fn config(&self) -> Result<EngineConfigBuilder> {
         let mut ep = ExecutionProvider::from_cli(&self.ep, self.device_id, &self.ep_options)?;
         if let (ExecutionProvider::Cpu { threads }, Some(n)) = (&mut ep, self.threads) {
             *threads = Some(n);
@@ -195,10 +206,7 @@ impl ModelArgs {
         if let Some(gb) = self.prefix_cache_gb {
             config = config.prefix_cache_bytes(gib("prefix-cache-gb", gb)?);
         }
-        if let Some(name) = served_model_name {
-            config = config.served_model_name(name);
-        }
-        Ok(Engine::start(config.build()?)?)
+        Ok(config)
     }
 }
 
@@ -234,6 +242,10 @@ struct SamplingArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Report each generated token's logprob (`logprobs` in the --json output), computed with
+    /// this many alternatives.
+    #[arg(long)]
+    logprobs: Option<usize>,
 }
 
 impl SamplingArgs {
@@ -269,6 +281,7 @@ impl SamplingArgs {
             sampling: p,
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs,
             ..Default::default()
         })
     }
@@ -298,6 +311,12 @@ struct RunArgs {
     /// Print one JSON object (prompt_ids, generated_ids, text, finish_reason, timings) instead of streaming.
     #[arg(long)]
     json: bool,
+    /// Run the prompts of a JSON-lines file together, batched by the engine: one object per line
+    /// with `prompt_ids`, `prompt` (a user message unless --raw) or `messages`, and optionally
+    /// `max_tokens` and `seed` (over the options given here). Prints one JSON object per line, in
+    /// the file's order.
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_ids"])]
+    batch: Option<PathBuf>,
 }
 
 #[derive(ClapArgs)]
@@ -347,7 +366,29 @@ fn generate_streaming(engine: &Engine, request: Request, stream: bool) -> Result
     Err(EngineError::Shutdown.into())
 }
 
+/// What `pio run --json` prints for one generation.
+fn output_json(output: &GenerationOutput) -> serde_json::Value {
+    let mut value = json!({
+        "prompt_ids": output.prompt_ids,
+        "generated_ids": output.generated_ids,
+        "text": output.text,
+        "finish_reason": output.finish_reason,
+        "timings": output.timings,
+    });
+    if output.logprobs.iter().any(Option::is_some) {
+        value["logprobs"] = json!(output.logprobs);
+    }
+    value
+}
+
 fn run(args: RunArgs) -> Result<()> {
+    if let Some(file) = &args.batch {
+        let lines = batch::read(file, args.raw, args.system.as_deref())?;
+        // Every line is queued at once.
+        let engine = Engine::start(args.model.config()?.max_waiting(lines.len().max(1)).build()?)?;
+        let options = args.sampling.options(engine.model_info())?;
+        return batch::run(&engine, lines, &options, &render_options(args.thinking));
+    }
     let engine = args.model.start(None)?;
     let options = args.sampling.options(engine.model_info())?;
     let prompt = match (&args.prompt, &args.prompt_ids) {
@@ -368,14 +409,7 @@ fn run(args: RunArgs) -> Result<()> {
     let output = generate_streaming(&engine, request, streaming)?;
     let mut stdout = std::io::stdout().lock();
     if args.json {
-        let value = json!({
-            "prompt_ids": output.prompt_ids,
-            "generated_ids": output.generated_ids,
-            "text": output.text,
-            "finish_reason": output.finish_reason,
-            "timings": output.timings,
-        });
-        writeln!(stdout, "{}", serde_json::to_string_pretty(&value)?)?;
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&output_json(&output))?)?;
     } else if streaming {
         writeln!(stdout)?;
     } else {

@@ -178,8 +178,9 @@ impl EngineConfigBuilder {
         self.config.prefix_caching = on;
         self
     }
-    /// Bytes the prefix cache may hold (default: a quarter of the KV pool; at most 2 GiB on the
-    /// CPU).
+    /// Bytes the prefix cache may hold (default: on a GPU, what the measured KV memory leaves
+    /// after the pool (a fifth of it when the pool is sized from it), or a quarter of
+    /// `kv_cache_bytes` on top of it; on the CPU as much as the pool, at most 2 GiB).
     pub fn prefix_cache_bytes(mut self, bytes: u64) -> Self {
         self.config.prefix_cache_bytes = Some(bytes);
         self
@@ -534,15 +535,15 @@ fn start_runner(config: &EngineConfig) -> Result<Runner, EngineError> {
     let mut model = DecoderModel::load(&config.graphs, &config.ep)
         .map_err(|e| EngineError::model(format!("cannot load the model in {}", config.graphs.display()), e))?;
     let on_gpu = model.device_id().is_some();
-    let fully_set = config.pool.max_seqs.is_some() && config.pool.max_model_len.is_some();
-    let measured = if on_gpu && config.pool.kv_cache_bytes.is_none() && !fully_set {
+    let measured = if on_gpu && config.pool.kv_cache_bytes.is_none() {
         Runner::measure_free_kv_bytes(&mut model, config.prefill_budget, config.gpu_memory_utilization)
             .map_err(|e| EngineError::model("cannot measure the GPU memory for the KV cache", e))?
     } else {
         None
     };
-    let prefix_share = config.prefix_caching && config.prefix_cache_bytes.is_none();
-    // Sized from measured memory, the prefix cache (a quarter of the pool) comes out of it too.
+    let pool_sized_by_memory = config.pool.max_seqs.is_none() || config.pool.max_model_len.is_none();
+    let prefix_share = config.prefix_caching && config.prefix_cache_bytes.is_none() && pool_sized_by_memory;
+    // A pool sized from measured memory leaves a fifth of it to the prefix cache.
     let pool_budget = measured.map(|b| if prefix_share { b / 5 * 4 } else { b });
     let limits = PoolLimits {
         context_length: model.context_length(),
@@ -554,11 +555,14 @@ fn start_runner(config: &EngineConfig) -> Result<Runner, EngineError> {
     };
     let plan = plan_pool(config.pool, limits)?;
     let pool_bytes = plan.bytes(model.kv_bytes_per_token());
-    let prefix_bytes = match (config.prefix_caching, config.prefix_cache_bytes) {
-        (false, _) => None,
-        (true, Some(bytes)) => Some(bytes),
-        (true, None) if on_gpu => Some(pool_bytes / 4),
-        (true, None) => Some((pool_bytes / 4).min(CPU_PREFIX_CACHE_CAP)),
+    let prefix_bytes = match (config.prefix_caching, config.prefix_cache_bytes, measured) {
+        (false, ..) => None,
+        (true, Some(bytes), _) => Some(bytes),
+        // What the measured KV budget leaves after the pool.
+        (true, None, Some(budget)) => Some(budget.saturating_sub(pool_bytes)),
+        // The GPU with --kv-cache-gb: a quarter of it, on top.
+        (true, None, None) if on_gpu => Some(pool_bytes / 4),
+        (true, None, None) => Some(pool_bytes.min(CPU_PREFIX_CACHE_CAP)),
     };
     tracing::info!(
         "KV pool: {} sequences of {} tokens, {} ({} per token){}",
