@@ -109,6 +109,8 @@ fn concurrent_requests_give_exactly_what_each_gives_alone() {
     let batched = engine(8, 24, false);
     let handles: Vec<_> = requests.iter().map(|r| batched.submit(r.clone()).unwrap()).collect();
     let together: Vec<GenerationOutput> = handles.into_iter().map(|h| h.wait().unwrap()).collect();
+    // The metrics are published after each step: once the slots are free, they count everything.
+    wait_idle(&batched);
     let metrics = batched.metrics();
 
     let alone_engine = engine(1, 24, false);

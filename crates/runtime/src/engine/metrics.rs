@@ -40,6 +40,15 @@ impl Histogram {
         self.sum += value;
     }
 
+    /// Adds `other`'s observations (over the same bounds).
+    pub(crate) fn absorb(&mut self, other: &Histogram) {
+        for (c, o) in self.counts.iter_mut().zip(&other.counts) {
+            *c += o;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+    }
+
     /// Observations at most each bound, in order (Prometheus' `_bucket{le=...}`), then all.
     pub fn cumulative(&self) -> Vec<u64> {
         self.counts
@@ -75,6 +84,14 @@ impl FinishedRequests {
 
     pub fn total(&self) -> u64 {
         self.stop + self.length + self.context_length + self.cancelled + self.error
+    }
+
+    fn absorb(&mut self, other: &FinishedRequests) {
+        self.stop += other.stop;
+        self.length += other.length;
+        self.context_length += other.context_length;
+        self.cancelled += other.cancelled;
+        self.error += other.error;
     }
 }
 
@@ -122,6 +139,17 @@ impl MetricsSnapshot {
             time_to_first_token: Histogram::new(TIME_TO_FIRST_TOKEN_BUCKETS),
             inter_token_latency: Histogram::new(INTER_TOKEN_LATENCY_BUCKETS),
         }
+    }
+
+    /// Adds the counters and histograms of `other` (what part of a step recorded apart).
+    pub(crate) fn absorb(&mut self, other: &MetricsSnapshot) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.generation_tokens += other.generation_tokens;
+        self.prefix_cache_queried_tokens += other.prefix_cache_queried_tokens;
+        self.prefix_cache_hit_tokens += other.prefix_cache_hit_tokens;
+        self.finished.absorb(&other.finished);
+        self.time_to_first_token.absorb(&other.time_to_first_token);
+        self.inter_token_latency.absorb(&other.inter_token_latency);
     }
 }
 

@@ -582,3 +582,17 @@ fn start_runner(config: &EngineConfig) -> Result<Runner, EngineError> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<Engine>();
+        send_sync::<EngineError>();
+        send::<RequestHandle>();
+    }
+}

@@ -26,6 +26,10 @@ use super::runner::{DecodeRow, Runner};
 use super::scheduler::{plan_step, Phase, Running, StepPlan, Waiting};
 use super::sequence::{Choice, Sequence};
 
+/// Sampling threads take at least this many sequences each (a thread costs more to start than
+/// a few samples take).
+const SEQUENCES_PER_SAMPLING_THREAD: usize = 4;
+
 pub(crate) enum Command {
     Submit(Box<Sequence>),
     Shutdown,
@@ -208,11 +212,11 @@ impl Worker {
         let fetch = if all_greedy { Fetch::Greedy } else { Fetch::Logits };
         match self.runner.decode(&rows, fetch) {
             Ok(output) => {
-                for seq in self.running.iter_mut().filter(|s| decoding(s)) {
+                let mut decoded: Vec<&mut Sequence> = self.running.iter_mut().filter(|s| decoding(s)).collect();
+                for seq in decoded.iter_mut() {
                     seq.filled += 1;
-                    let slot = seq.slot;
-                    Self::choose(seq, &output, slot, &mut self.metrics);
                 }
+                Self::choose_all(&mut decoded, &output, &mut self.metrics);
             }
             Err(e) => {
                 let error = EngineError::model("the batched decode step failed", e);
@@ -244,6 +248,44 @@ impl Worker {
         }
     }
 
+    /// Each sequence chooses its next token from its slot's row of a decode step. Sampling from
+    /// logits (a full-vocabulary pass per sequence) runs on several threads when many sequences
+    /// sample: each has a sampler and seed of its own, so the split changes nothing they choose.
+    fn choose_all(seqs: &mut [&mut Sequence], output: &StepOutput, metrics: &mut MetricsSnapshot) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = match output {
+            StepOutput::Logits(_) => seqs.len().div_ceil(SEQUENCES_PER_SAMPLING_THREAD).min(cores),
+            StepOutput::Greedy(_) => 1,
+        };
+        if threads <= 1 {
+            for seq in seqs.iter_mut() {
+                let row = seq.slot;
+                Self::choose(seq, output, row, metrics);
+            }
+            return;
+        }
+        let per_thread = seqs.len().div_ceil(threads);
+        let partials: Vec<MetricsSnapshot> = std::thread::scope(|scope| {
+            let workers: Vec<_> = seqs
+                .chunks_mut(per_thread)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        let mut m = MetricsSnapshot::new();
+                        for seq in chunk.iter_mut() {
+                            let row = seq.slot;
+                            Self::choose(seq, output, row, &mut m);
+                        }
+                        m
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        });
+        for partial in &partials {
+            metrics.absorb(partial);
+        }
+    }
+
     /// `seq` chooses its next token from row `row` of a step's output.
     fn choose(seq: &mut Sequence, output: &StepOutput, row: usize, metrics: &mut MetricsSnapshot) {
         let choice = match output {
@@ -267,11 +309,12 @@ impl Worker {
         self.metrics.requests_running = self.running.iter().filter(|s| s.phase != Phase::Finished).count();
         self.metrics.kv_cache_usage = used as f64 / pool.plan().slots.max(1) as f64;
         self.metrics.prefix_cache_bytes = self.runner.prefix_cache_bytes();
-        self.shared.active.store(used, Ordering::Release);
         match self.shared.metrics.lock() {
             Ok(mut m) => *m = self.metrics.clone(),
             Err(poisoned) => *poisoned.into_inner() = self.metrics.clone(),
         }
+        // After the metrics: whoever sees the slots free sees the metrics of that step.
+        self.shared.active.store(used, Ordering::Release);
     }
 
     /// Ends every request with `Shutdown`.
