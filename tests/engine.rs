@@ -387,3 +387,59 @@ fn a_graph_without_group_query_attention_serves_one_sequence_at_a_time() {
     let err = Engine::start(EngineConfig::builder(&graphs).max_seqs(2).build().unwrap()).err().unwrap();
     assert!(err.to_string().contains("--no-fused-attention"), "{err}");
 }
+
+// The example of the README's "The engine" section, verbatim: keep the two in step.
+mod readme_example {
+    use std::path::Path;
+
+    use pio_runtime::engine::{Engine, EngineConfig, Event, Prompt, Request};
+    use pio_runtime::generate::GenerateOptions;
+    use pio_runtime::sampling::SamplingParams;
+
+    pub fn four_at_once(graphs: &Path) -> anyhow::Result<()> {
+        let engine = Engine::start(EngineConfig::builder(graphs).max_seqs(8).build()?)?; // the CPU; .ep(...) for a GPU
+        let info = engine.model_info();
+        println!("{}: {} sequences of {} tokens", info.served_name, info.max_seqs, info.max_model_len);
+
+        // Submitting checks and tokenizes here; the engine batches whatever runs at the same time.
+        let mut handles = Vec::new();
+        for seed in 0..4 {
+            let options = GenerateOptions {
+                max_tokens: Some(16),
+                sampling: SamplingParams { temperature: 0.7, seed: Some(seed), ..Default::default() },
+                ..Default::default()
+            };
+            handles.push(engine.submit(Request::new(Prompt::Ids(vec![1, 2, 3])).with_options(options))?);
+        }
+        for handle in handles {
+            // Blocking; in async code `handle.next_event().await`, or the handle as a Stream.
+            for event in handle {
+                match event? {
+                    Event::Token(token) => print!("{} ", token.token_id),
+                    Event::Finished(output) => println!("({:?})", output.finish_reason),
+                }
+            }
+        }
+        println!("{:?}", engine.metrics().finished);
+        Ok(())
+    }
+}
+
+#[test]
+fn the_readme_engine_example_runs() {
+    readme_example::four_at_once(graphs()).unwrap_or_else(|e| panic!("the README example failed: {e:#}"));
+    let trimmed = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| l.trim().replace("pub fn four_at_once(", "fn four_at_once("))
+            .filter(|l| !l.is_empty())
+            .collect()
+    };
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start =
+        readme.find("fn four_at_once(graphs: &Path)").expect("the README's engine example is gone: update this test");
+    let end = start + readme[start..].find("```").unwrap();
+    let source = std::fs::read_to_string(file!()).unwrap();
+    let start_src = source.find("pub fn four_at_once(graphs: &Path)").unwrap();
+    let end_src = start_src + source[start_src..].find("\n    }\n}\n").unwrap() + "\n    }\n".len();
+    assert_eq!(trimmed(&readme[start..end]), trimmed(&source[start_src..end_src]), "README example and test differ");
+}
