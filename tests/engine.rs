@@ -84,7 +84,7 @@ fn options_for(i: usize, max_tokens: usize) -> GenerateOptions {
         max_tokens: Some(max_tokens),
         sampling,
         ignore_eos: true,
-        logprobs: (i % 5 == 0).then_some(3),
+        logprobs: i.is_multiple_of(5).then_some(3),
         ..Default::default()
     }
 }
