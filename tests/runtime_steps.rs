@@ -182,3 +182,52 @@ fn a_batch_prompt_longer_than_a_chunk_runs_each_sequence_through_the_shared_buff
         assert!(err.contains("only into an empty cache"), "{err}");
     }
 }
+
+/// What the serving engine does with a shared buffer: rows with lengths of their own decode in
+/// one run, and rows that are not decoding run a dummy token at their own next position (a free
+/// row at 0, a row between prefill chunks where its next chunk starts), which must corrupt
+/// nothing: every row's logits equal the same sequence run alone.
+#[test]
+fn rows_of_different_lengths_decode_together_and_idle_rows_corrupt_nothing() {
+    use pio_runtime::step_inputs::StepInputs;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut model, reference) = load("qwen3-tied-hub", true, &tmp);
+    let decoding: Vec<u32> = reference.prompt_ids.clone(); // 8 tokens
+    let prefilling: Vec<u32> = (20..32).collect(); // 12 tokens, prefilled 5 + 7
+    let logits = |out: pio_runtime::model::StepOutput, row: usize| out.into_logits().unwrap().last_of(row).to_vec();
+    // Alone: each from an empty one-row cache, the prompt then one token at a time.
+    let alone = |model: &mut DecoderModel, prompt: &[u32], then: &[u32]| {
+        let mut cache = model.new_shared_host_cache(1, 64).unwrap();
+        let mut out = vec![model.forward(prompt, &mut cache).unwrap().last().to_vec()];
+        for &t in then {
+            out.push(model.forward(&[t], &mut cache).unwrap().last().to_vec());
+        }
+        out
+    };
+    let want_decoding = alone(&mut model, &decoding, &[7, 7]);
+    let want_prefilling = alone(&mut model, &prefilling, &[9]);
+
+    // Three rows: 0 decodes, 1 is between prefill chunks, 2 is free (holding stale values).
+    let mut cache = model.new_shared_host_cache(3, 64).unwrap();
+    let run = |model: &mut DecoderModel, cache: &mut _, tokens: Vec<u32>, past: Vec<usize>, first: usize| {
+        let inputs = StepInputs::new(tokens, past).unwrap();
+        model.run_rows(&inputs, cache, first, Fetch::Logits).unwrap()
+    };
+    run(&mut model, &mut cache, vec![3; 30], vec![0], 2); // stale contents in the free row
+    let first = logits(run(&mut model, &mut cache, decoding.clone(), vec![0], 0), 0);
+    assert!(max_abs_diff(&first, &want_decoding[0]) <= LOGIT_TOLERANCE);
+    run(&mut model, &mut cache, prefilling[..5].to_vec(), vec![0], 1);
+    // The decode: row 0 at 8 tokens, row 1 idle at 5, row 2 idle at 0.
+    let out = run(&mut model, &mut cache, vec![7, 0, 0], vec![8, 5, 0], 0);
+    let d = max_abs_diff(&logits(out, 0), &want_decoding[1]);
+    assert!(d <= LOGIT_TOLERANCE, "the decoding row beside idle rows differs by {d}");
+    // Row 1's next chunk overwrites where its idle token went, and it answers as alone.
+    let first = logits(run(&mut model, &mut cache, prefilling[5..].to_vec(), vec![5], 1), 0);
+    let d = max_abs_diff(&first, &want_prefilling[0]);
+    assert!(d <= LOGIT_TOLERANCE, "a prefill after an idle row differs by {d}");
+    // Both decode together at different lengths.
+    let out = run(&mut model, &mut cache, vec![7, 9], vec![9, 12], 0).into_logits().unwrap();
+    assert!(max_abs_diff(out.last_of(0), &want_decoding[2]) <= LOGIT_TOLERANCE);
+    assert!(max_abs_diff(out.last_of(1), &want_prefilling[1]) <= LOGIT_TOLERANCE);
+}
