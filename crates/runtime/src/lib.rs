@@ -1,5 +1,7 @@
-//! pio-runtime: ONNX Runtime sessions over exported graph folders, generation through the KV cache,
-//! Rust-side sampling, chat templates and streaming detokenization.
+//! pio-runtime: ONNX Runtime sessions over exported graph folders, the forward step through the KV
+//! cache (`model`), the serving engine that runs many requests at once over it (`engine`: continuous
+//! batching, KV slots, prefix caching), Rust-side sampling, chat templates and streaming
+//! detokenization.
 
 pub mod chat_template;
 pub mod cuda_rt;

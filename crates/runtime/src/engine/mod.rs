@@ -212,7 +212,8 @@ impl EngineConfigBuilder {
     }
 }
 
-/// The engine's handle: cheap to clone, `Send + Sync`. The last clone dropped shuts it down.
+/// The engine's handle: cheap to clone, `Send + Sync`. Dropping the last clone shuts the engine
+/// down as [`shutdown`](Engine::shutdown) does (it waits for the worker to finish its step).
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
@@ -482,8 +483,9 @@ impl Engine {
         Ok(Admitted { prompt, options, sampler, max_tokens, stop_ids, tokenizer: self.inner.tokenizer.clone() })
     }
 
-    /// Stops taking requests, ends those in flight with [`EngineError::Shutdown`], and waits for
-    /// the worker to stop (the model is dropped there). Later calls do nothing.
+    /// Stops taking requests, ends those in flight with [`EngineError::Shutdown`], and blocks
+    /// until the worker has finished its step and stopped (the model is dropped there). Later
+    /// calls do nothing.
     pub fn shutdown(&self) {
         self.inner.shutdown();
     }
