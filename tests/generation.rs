@@ -1,8 +1,8 @@
-//! The generation loop (`pio_runtime::generate::Generator`) end to end on exported graphs:
-//! greedy decoding against transformers' `generate`, every stop condition (stop token ids, the
-//! manifest's eos ids, max tokens, the context length, stop strings), seeded sampling, and
-//! streaming with the real Qwen3 tokenizer (deltas never split a character and add up to the
-//! full decode).
+//! Generation through the serving engine (`pio_runtime::engine`), one request at a time, end to
+//! end on exported graphs: greedy decoding against transformers' `generate`, every stop condition
+//! (stop token ids, the manifest's eos ids, max tokens, the sequence's room, stop strings), seeded
+//! sampling, and streaming with the real Qwen3 tokenizer (deltas never split a character and add
+//! up to the full decode). Many requests at once: tests/engine.rs.
 //!
 //! The small Qwen3 fixtures (tests/fixtures/qwen3-*, random weights, vocab of a few hundred, no
 //! tokenizer) cover everything that works on token ids; the text paths use a synthetic Qwen3
@@ -10,14 +10,13 @@
 
 mod common;
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::*;
 use pio_runtime::chat_template::RenderOptions;
-use pio_runtime::ep::ExecutionProvider;
-use pio_runtime::generate::{FinishReason, GenerateOptions, GenerationOutput, Generator, TokenEvent};
+use pio_runtime::engine::{Engine, EngineError, Prompt, Request};
+use pio_runtime::generate::{FinishReason, GenerateOptions, GenerationOutput, TokenEvent};
 use pio_runtime::sampling::SamplingParams;
 use serde_json::json;
 
@@ -41,40 +40,27 @@ fn qwen3_fixtures() -> Vec<String> {
     names
 }
 
-/// Exports a fixture (last-token logits, fp32, CPU) into `tmp` and loads it.
-fn load_fixture(name: &str, tmp: &Path, context_length: usize) -> (Generator, Reference) {
+/// Exports a fixture (last-token logits, fp32, CPU) into `tmp` and starts an engine on it.
+fn load_fixture(name: &str, tmp: &Path, context_length: usize) -> (Engine, Reference) {
     let fixture = fixtures_dir().join(name);
     let reference = load_reference(&fixture);
     let graphs = tmp.join(name);
     let mut settings = cpu_settings(true);
     settings.context_length = context_length;
     export_to(&fixture, &graphs, settings);
-    let generator = Generator::load(&graphs, &ExecutionProvider::default())
-        .unwrap_or_else(|e| panic!("{name}: loading the export failed: {e:#}"));
-    (generator, reference)
+    (start_engine(&graphs, 2, None, true), reference)
 }
 
-fn greedy_options(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions { max_tokens, sampling: SamplingParams::greedy(), ignore_eos: true, ..Default::default() }
+/// Runs `prompt` ids with `opts`, collecting every streamed event.
+fn run(engine: &Engine, prompt: &[u32], opts: &GenerateOptions) -> (GenerationOutput, Vec<TokenEvent>) {
+    generate_collect(engine, ids_request(prompt, opts.clone()))
 }
 
-/// Runs `generate`, collecting every streamed event.
-fn run(generator: &mut Generator, prompt: &[u32], opts: &GenerateOptions) -> (GenerationOutput, Vec<TokenEvent>) {
-    let mut events = Vec::new();
-    let out = generator
-        .generate(prompt, opts, |e| {
-            events.push(e.clone());
-            ControlFlow::Continue(())
-        })
-        .unwrap_or_else(|e| panic!("generate failed: {e:#}"));
-    (out, events)
-}
-
-/// Greedy `Generator::generate` on `name` equals transformers' `generate(do_sample=False)`.
+/// Greedy generation through the engine on `name` equals transformers' `generate(do_sample=False)`.
 fn check_greedy_generate(name: &str, tmp: &Path) {
-    let (mut generator, reference) = load_fixture(name, tmp, 256);
+    let (engine, reference) = load_fixture(name, tmp, 256);
     let g = &reference.greedy;
-    let (out, events) = run(&mut generator, &g.prompt_ids, &greedy_options(g.max_new_tokens));
+    let (out, events) = run(&engine, &g.prompt_ids, &greedy_options(g.max_new_tokens));
     assert_eq!(out.generated_ids, g.generated_ids, "{name}: greedy ids differ from transformers generate");
     assert_eq!(out.finish_reason, FinishReason::Length, "{name}");
     assert_eq!(out.prompt_ids, g.prompt_ids, "{name}");
@@ -83,7 +69,7 @@ fn check_greedy_generate(name: &str, tmp: &Path) {
     let streamed: Vec<u32> = events.iter().map(|e| e.token_id).filter(|&t| t != u32::MAX).collect();
     assert_eq!(streamed, out.generated_ids, "{name}: streamed token ids");
     assert!(events.len() <= out.generated_ids.len() + 1, "{name}");
-    match &generator.tokenizer {
+    match engine.tokenizer() {
         // No tokenizer: no text, no tail event.
         None => assert!(events.iter().all(|e| e.text.is_empty()), "{name}: no tokenizer, so no text"),
         // A tokenizer in the checkpoint (glm4moe-a): the deltas add up to the decode (eos ignored,
@@ -131,13 +117,13 @@ fn first_new_token_at_or_after(ids: &[u32], from: usize) -> usize {
 fn stop_token_ids_and_eos_ids_stop_right_there() {
     let tmp = tempfile::tempdir().unwrap();
     let name = "qwen3-tied-hub";
-    let (mut generator, reference) = load_fixture(name, tmp.path(), 256);
+    let (engine, reference) = load_fixture(name, tmp.path(), 256);
     let g = &reference.greedy;
     let stop_at = first_new_token_at_or_after(&g.generated_ids, 4);
     let stop_id = g.generated_ids[stop_at];
 
     let opts = GenerateOptions { stop_token_ids: vec![stop_id], ..greedy_options(32) };
-    let (out, events) = run(&mut generator, &g.prompt_ids, &opts);
+    let (out, events) = run(&engine, &g.prompt_ids, &opts);
     assert_eq!(out.finish_reason, FinishReason::Stop);
     assert_eq!(out.generated_ids, g.generated_ids[..=stop_at].to_vec(), "stopped somewhere else");
     assert_eq!(*out.generated_ids.last().unwrap(), stop_id);
@@ -150,13 +136,13 @@ fn stop_token_ids_and_eos_ids_stop_right_there() {
         serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
     manifest["eos_token_ids"] = json!([stop_id]);
     std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
-    let mut generator = Generator::load(&graphs, &ExecutionProvider::default()).unwrap();
+    let engine = start_engine(&graphs, 2, None, true);
     let with_eos = GenerateOptions { ignore_eos: false, ..greedy_options(32) };
-    let (out, _) = run(&mut generator, &g.prompt_ids, &with_eos);
+    let (out, _) = run(&engine, &g.prompt_ids, &with_eos);
     assert_eq!(out.finish_reason, FinishReason::Stop, "eos from pio.json did not stop generation");
     assert_eq!(out.generated_ids, g.generated_ids[..=stop_at].to_vec());
     // ignore_eos keeps going past it.
-    let (out, _) = run(&mut generator, &g.prompt_ids, &greedy_options(32));
+    let (out, _) = run(&engine, &g.prompt_ids, &greedy_options(32));
     assert_eq!(out.finish_reason, FinishReason::Length);
     assert_eq!(out.generated_ids, g.generated_ids);
 }
@@ -165,10 +151,10 @@ fn stop_token_ids_and_eos_ids_stop_right_there() {
 #[test]
 fn max_tokens_finishes_with_length() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut generator, reference) = load_fixture("qwen3-untied-rp", tmp.path(), 256);
+    let (engine, reference) = load_fixture("qwen3-untied-rp", tmp.path(), 256);
     let g = &reference.greedy;
     for n in [1, 5, 17] {
-        let (out, events) = run(&mut generator, &g.prompt_ids, &greedy_options(n));
+        let (out, events) = run(&engine, &g.prompt_ids, &greedy_options(n));
         assert_eq!(out.finish_reason, FinishReason::Length, "max_tokens {n}");
         assert_eq!(out.generated_ids, g.generated_ids[..n].to_vec(), "max_tokens {n}");
         assert_eq!(events.len(), n);
@@ -176,57 +162,68 @@ fn max_tokens_finishes_with_length() {
     }
 }
 
-/// (d) A prompt that does not fit the graph's context length is refused with an error naming the
-/// context length; a generation that runs into it finishes with `ContextLength`.
+/// (d) A prompt plus `max_tokens` over the graph's context length is refused when submitted,
+/// with the numbers; a request without `max_tokens` runs until the sequence is full and finishes
+/// with `ContextLength`.
 #[test]
 fn context_length_is_enforced() {
     const CONTEXT: usize = 16;
     let tmp = tempfile::tempdir().unwrap();
-    let (mut generator, reference) = load_fixture("qwen3-tied-hub", tmp.path(), CONTEXT);
-    assert_eq!(generator.model.context_length(), CONTEXT);
+    let (engine, reference) = load_fixture("qwen3-tied-hub", tmp.path(), CONTEXT);
+    assert_eq!(engine.model_info().context_length, CONTEXT);
     let g = &reference.greedy;
+    let refused = |prompt: &[u32], opts: GenerateOptions| {
+        engine.submit(ids_request(prompt, opts)).expect_err("the request must be refused when submitted")
+    };
 
     let long_prompt: Vec<u32> = g.prompt_ids.iter().cycle().take(CONTEXT + 4).copied().collect();
-    let err = generator
-        .generate(&long_prompt, &greedy_options(4), |_| ControlFlow::Continue(()))
-        .expect_err("a prompt longer than the context length must be refused");
-    let msg = format!("{err:#}");
-    assert!(msg.contains("context length") && msg.contains(&CONTEXT.to_string()), "unclear error: {msg}");
+    let err = refused(&long_prompt, greedy_options(4));
+    assert!(
+        matches!(err, EngineError::ContextLength { prompt_tokens: 20, max_tokens: Some(4), limit: CONTEXT }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&CONTEXT.to_string()) && msg.contains("24"), "unclear error: {msg}");
     assert!(msg.contains(&long_prompt.len().to_string()), "the error should say how long the prompt is: {msg}");
 
+    // The prompt fits, max_tokens does not.
+    let err = refused(&g.prompt_ids, greedy_options(100));
+    assert!(matches!(err, EngineError::ContextLength { max_tokens: Some(100), .. }), "{err:?}");
+    // A prompt filling the whole context leaves no room, even without max_tokens.
     let exact: Vec<u32> = long_prompt[..CONTEXT].to_vec();
-    let err = generator.generate(&exact, &greedy_options(4), |_| ControlFlow::Continue(())).unwrap_err();
-    assert!(format!("{err:#}").contains("context length"), "a prompt filling the whole context: {err:#}");
+    let err = refused(&exact, GenerateOptions { max_tokens: None, ..greedy_options(1) });
+    assert!(matches!(err, EngineError::ContextLength { max_tokens: None, .. }), "{err:?}");
+    let err = refused(&[], greedy_options(4));
+    assert!(matches!(err, EngineError::InvalidRequest { field: "prompt", .. }), "empty prompt: {err:?}");
 
-    let err = generator.generate(&[], &greedy_options(4), |_| ControlFlow::Continue(())).unwrap_err();
-    assert!(format!("{err:#}").contains("empty"), "empty prompt: {err:#}");
-
-    // The prompt fits, max_tokens does not: stops at the context length, on the greedy path.
-    let (out, _) = run(&mut generator, &g.prompt_ids, &greedy_options(100));
+    // No max_tokens: the rest of the sequence, on the greedy path.
+    let (out, _) = run(&engine, &g.prompt_ids, &GenerateOptions { max_tokens: None, ..greedy_options(1) });
     assert_eq!(out.finish_reason, FinishReason::ContextLength);
-    let total = g.prompt_ids.len() + out.generated_ids.len();
-    // Every token but the last one sampled went through the graph.
-    assert!((CONTEXT..=CONTEXT + 1).contains(&total), "{total} tokens in all with context {CONTEXT}");
+    assert_eq!(g.prompt_ids.len() + out.generated_ids.len(), CONTEXT);
     assert_eq!(out.generated_ids, g.generated_ids[..out.generated_ids.len()].to_vec());
+    // Exactly filling the context is allowed.
+    let fill = CONTEXT - g.prompt_ids.len();
+    let (out, _) = run(&engine, &g.prompt_ids, &greedy_options(fill));
+    assert_eq!((out.finish_reason, out.generated_ids.len()), (FinishReason::Length, fill));
 }
 
 /// (e) Sampling with a seed is reproducible; another seed gives another sequence.
 #[test]
 fn seeded_sampling_is_reproducible() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut generator, reference) = load_fixture("qwen3-fp16", tmp.path(), 256);
+    let (engine, reference) = load_fixture("qwen3-fp16", tmp.path(), 256);
     let prompt = &reference.greedy.prompt_ids;
-    let sampled = |generator: &mut Generator, sampling: SamplingParams| {
-        let opts = GenerateOptions { max_tokens: 32, sampling, ignore_eos: true, ..Default::default() };
-        run(generator, prompt, &opts).0.generated_ids
+    let sampled = |engine: &Engine, sampling: SamplingParams| {
+        let opts = GenerateOptions { max_tokens: Some(32), sampling, ignore_eos: true, ..Default::default() };
+        run(engine, prompt, &opts).0.generated_ids
     };
     for base in [
         SamplingParams { temperature: 1.0, ..Default::default() },
         SamplingParams { temperature: 0.7, top_k: 20, top_p: 0.8, repetition_penalty: 1.1, ..Default::default() },
     ] {
-        let a = sampled(&mut generator, SamplingParams { seed: Some(7), ..base.clone() });
-        let b = sampled(&mut generator, SamplingParams { seed: Some(7), ..base.clone() });
-        let c = sampled(&mut generator, SamplingParams { seed: Some(8), ..base.clone() });
+        let a = sampled(&engine, SamplingParams { seed: Some(7), ..base.clone() });
+        let b = sampled(&engine, SamplingParams { seed: Some(7), ..base.clone() });
+        let c = sampled(&engine, SamplingParams { seed: Some(8), ..base.clone() });
         assert_eq!(a.len(), 32);
         assert_eq!(a, b, "same seed, different tokens ({base:?})");
         assert_ne!(a, c, "seeds 7 and 8 gave the same 32 tokens ({base:?})");
@@ -252,17 +249,20 @@ fn hot() -> SamplingParams {
     SamplingParams { temperature: 3.0, ..Default::default() }
 }
 
-fn load_real_tokenizer_model() -> Generator {
-    let generator = Generator::load(real_tokenizer_graphs(), &ExecutionProvider::default()).unwrap();
-    assert!(generator.tokenizer.is_some(), "the export lost the tokenizer");
-    assert!(generator.chat_template.is_some(), "the export lost the chat template");
-    generator
+fn load_real_tokenizer_model() -> Engine {
+    let engine = start_engine(real_tokenizer_graphs(), 2, None, true);
+    assert!(engine.tokenizer().is_some(), "the export lost the tokenizer");
+    assert!(engine.chat_template().is_some(), "the export lost the chat template");
+    engine
 }
 
-fn chat_ids(generator: &Generator, text: &str) -> Vec<u32> {
-    let (rendered, ids) =
-        generator.chat_prompt(&[json!({"role": "user", "content": text})], &RenderOptions::generation()).unwrap();
+fn chat_ids(engine: &Engine, text: &str) -> Vec<u32> {
+    let messages = vec![json!({"role": "user", "content": text})];
+    let render = RenderOptions::generation();
+    let rendered = engine.chat_template().unwrap().render(&messages, &render).unwrap();
     assert!(rendered.contains(text) && rendered.contains("<|im_start|>assistant"), "rendered prompt: {rendered}");
+    let ids = engine.tokenize(&Prompt::Chat(messages), &render).unwrap();
+    assert_eq!(ids, engine.tokenizer().unwrap().encode(&rendered, false).unwrap());
     ids
 }
 
@@ -271,10 +271,10 @@ fn chat_ids(generator: &Generator, text: &str) -> Vec<u32> {
 /// holds a broken character, and the timings are filled in.
 #[test]
 fn streaming_deltas_add_up_to_the_decode_and_never_split_characters() {
-    let mut generator = load_real_tokenizer_model();
-    let tokenizer = generator.tokenizer.clone().unwrap();
-    let prompt = chat_ids(&generator, "Write a haiku about the sea. 海の俳句を書いてください。");
-    let eos = generator.model.manifest.eos_token_ids.clone();
+    let engine = load_real_tokenizer_model();
+    let tokenizer = engine.tokenizer().unwrap().clone();
+    let prompt = chat_ids(&engine, "Write a haiku about the sea. 海の俳句を書いてください。");
+    let eos = engine.model_info().eos_token_ids.clone();
     assert!(!eos.is_empty(), "the export has no eos ids");
     let mut split_characters_held_back = 0;
     let mut clean_runs = 0;
@@ -284,11 +284,11 @@ fn streaming_deltas_add_up_to_the_decode_and_never_split_characters() {
     // tied embeddings just repeats the prompt's last token: see HOT below.)
     for seed in 0..8u64 {
         let opts = GenerateOptions {
-            max_tokens: 40,
+            max_tokens: Some(40),
             sampling: SamplingParams { seed: Some(seed), ..hot() },
             ..Default::default()
         };
-        let (out, events) = run(&mut generator, &prompt, &opts);
+        let (out, events) = run(&engine, &prompt, &opts);
         let streamed: String = events.iter().map(|e| e.text.as_str()).collect();
         assert_eq!(streamed, out.text, "seed {seed}: streamed deltas differ from the returned text");
         let answer_ids: Vec<u32> = out.generated_ids.iter().copied().filter(|id| !eos.contains(id)).collect();
@@ -343,15 +343,15 @@ fn streaming_deltas_add_up_to_the_decode_and_never_split_characters() {
 /// untrained model's greedy text is the same token over and over.
 #[test]
 fn stop_strings_cut_the_text_right_before_them() {
-    let mut generator = load_real_tokenizer_model();
-    let prompt = chat_ids(&generator, "Count from one to ten.");
+    let engine = load_real_tokenizer_model();
+    let prompt = chat_ids(&engine, "Count from one to ten.");
     let learn = GenerateOptions {
-        max_tokens: 40,
+        max_tokens: Some(40),
         sampling: SamplingParams { seed: Some(11), ..hot() },
         ignore_eos: true,
         ..Default::default()
     };
-    let (full, _) = run(&mut generator, &prompt, &learn);
+    let (full, _) = run(&engine, &prompt, &learn);
     let text = full.text.clone();
     // A few characters from the middle of the text, none of them U+FFFD or whitespace only.
     let chars: Vec<(usize, char)> = text.char_indices().collect();
@@ -369,7 +369,7 @@ fn stop_strings_cut_the_text_right_before_them() {
     let expected = &text[..cut];
 
     let opts = GenerateOptions { stop: vec![stop.clone()], ..learn.clone() };
-    let (out, events) = run(&mut generator, &prompt, &opts);
+    let (out, events) = run(&engine, &prompt, &opts);
     assert_eq!(out.finish_reason, FinishReason::Stop, "stop string {stop:?} in {text:?}");
     assert_eq!(out.text, expected, "stop string {stop:?}: text not cut right before it");
     let streamed: String = events.iter().map(|e| e.text.as_str()).collect();
@@ -377,39 +377,30 @@ fn stop_strings_cut_the_text_right_before_them() {
     assert!(out.generated_ids.len() < full.generated_ids.len(), "generation did not stop early");
     assert_eq!(out.generated_ids, full.generated_ids[..out.generated_ids.len()].to_vec());
     // The last token is the one that completed the stop string: without it, the text is cut short of it.
-    let tokenizer = generator.tokenizer.as_ref().unwrap();
+    let tokenizer = engine.tokenizer().unwrap();
     let before_last = tokenizer.decode(&out.generated_ids[..out.generated_ids.len() - 1], true).unwrap();
     let with_last = tokenizer.decode(&out.generated_ids, true).unwrap();
     assert!(!before_last.contains(&stop) && with_last.contains(&stop), "stopped on the wrong token");
 
     // A stop string that never occurs changes nothing.
     let opts = GenerateOptions { stop: vec!["\u{1F980}never\u{1F980}".into()], ..learn.clone() };
-    let (out, _) = run(&mut generator, &prompt, &opts);
+    let (out, _) = run(&engine, &prompt, &opts);
     assert_eq!(out.text, text);
     assert_eq!(out.finish_reason, FinishReason::Length);
 }
 
-/// The callback can cancel; stop strings without a tokenizer are refused.
+/// What needs a tokenizer is refused without one, naming the field.
 #[test]
-fn cancel_from_the_callback_and_stop_strings_need_a_tokenizer() {
+fn stop_strings_and_text_prompts_need_a_tokenizer() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut generator, reference) = load_fixture("qwen3-tied-hub", tmp.path(), 256);
+    let (engine, reference) = load_fixture("qwen3-tied-hub", tmp.path(), 256);
     let g = &reference.greedy;
-    let mut seen = 0;
-    let out = generator
-        .generate(&g.prompt_ids, &greedy_options(32), |_| {
-            seen += 1;
-            if seen == 3 {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })
-        .unwrap();
-    assert_eq!(out.finish_reason, FinishReason::Cancelled);
-    assert_eq!(out.generated_ids, g.generated_ids[..3].to_vec());
-
     let opts = GenerateOptions { stop: vec!["x".into()], ..greedy_options(4) };
-    let err = generator.generate(&g.prompt_ids, &opts, |_| ControlFlow::Continue(())).unwrap_err();
-    assert!(format!("{err:#}").contains("tokenizer"), "{err:#}");
+    let err = engine.submit(ids_request(&g.prompt_ids, opts)).unwrap_err();
+    assert!(matches!(&err, EngineError::InvalidRequest { field: "stop", .. }), "{err:?}");
+    assert!(err.to_string().contains("tokenizer"), "{err}");
+    let err = engine.submit(Request::new(Prompt::Text("hello".into()))).unwrap_err();
+    assert!(matches!(&err, EngineError::InvalidRequest { field: "prompt", .. }), "{err:?}");
+    let err = engine.submit(Request::new(Prompt::Chat(vec![json!({"role": "user", "content": "hi"})]))).unwrap_err();
+    assert!(matches!(&err, EngineError::InvalidRequest { field: "messages", .. }), "{err:?}");
 }

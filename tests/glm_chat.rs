@@ -15,13 +15,12 @@
 
 mod common;
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use common::*;
 use pio_runtime::chat_template::{ChatTemplate, RenderOptions};
-use pio_runtime::ep::ExecutionProvider;
-use pio_runtime::generate::{FinishReason, GenerateOptions, Generator, TokenEvent};
+use pio_runtime::engine::{Engine, Prompt, Request};
+use pio_runtime::generate::{FinishReason, GenerateOptions};
 use pio_runtime::sampling::SamplingParams;
 use pio_runtime::tokenizer::Tokenizer;
 use serde_json::{json, Value};
@@ -357,10 +356,12 @@ const MAX_TOKENS: usize = 16;
 
 /// Renders the chat prompt, generates greedily with eos on, and checks that the stream, the returned text
 /// and the finish reason agree, whichever way generation ends. Returns the generated ids.
-fn chat_generate(generator: &mut Generator, message: &str, enable_thinking: Option<bool>) -> Vec<u32> {
-    let tok = generator.tokenizer.clone().unwrap();
-    let eos = generator.model.manifest.eos_token_ids.clone();
-    let (text, prompt) = generator.chat_prompt(&[user(message)], &options(true, enable_thinking)).unwrap();
+fn chat_generate(engine: &Engine, message: &str, enable_thinking: Option<bool>) -> Vec<u32> {
+    let tok = engine.tokenizer().unwrap().clone();
+    let eos = engine.model_info().eos_token_ids.clone();
+    let render = options(true, enable_thinking);
+    let text = engine.chat_template().unwrap().render(&[user(message)], &render).unwrap();
+    let prompt = engine.tokenize(&Prompt::Chat(vec![user(message)]), &render).unwrap();
     assert!(text.starts_with(&format!("[gMASK]<sop><|user|>\n{message}<|assistant|>")), "{text:?}");
     if enable_thinking == Some(false) {
         assert!(text.ends_with("<|assistant|>\n<think></think>"), "{text:?}");
@@ -371,18 +372,13 @@ fn chat_generate(generator: &mut Generator, message: &str, enable_thinking: Opti
     assert_eq!(&prompt[..2], &[id(&tok, "[gMASK]"), id(&tok, "<sop>")]);
 
     let opts = GenerateOptions {
-        max_tokens: MAX_TOKENS,
+        max_tokens: Some(MAX_TOKENS),
         sampling: SamplingParams::greedy(),
         ignore_eos: false,
         ..Default::default()
     };
-    let mut events: Vec<TokenEvent> = Vec::new();
-    let out = generator
-        .generate(&prompt, &opts, |e| {
-            events.push(e.clone());
-            ControlFlow::Continue(())
-        })
-        .unwrap_or_else(|e| panic!("{message:?}: generate failed: {e:#}"));
+    let request = Request::new(Prompt::Chat(vec![user(message)])).with_options(opts).with_render(render);
+    let (out, events) = generate_collect(engine, request);
     let ids = out.generated_ids.clone();
     assert_eq!(out.prompt_ids, prompt);
     assert!(!ids.is_empty() && ids.len() <= MAX_TOKENS);
@@ -423,11 +419,11 @@ fn glm_chat_generation_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let graphs = tmp.path().join(FIXTURE);
     export_to(&fixture(), &graphs, cpu_settings(true));
-    let mut generator = Generator::load(&graphs, &ExecutionProvider::default()).unwrap();
-    let tok = generator.tokenizer.clone().expect("the export lost the tokenizer");
-    assert!(generator.chat_template.is_some(), "the export lost the chat template");
+    let engine = start_engine(&graphs, 2, None, true);
+    let tok = engine.tokenizer().expect("the export lost the tokenizer").clone();
+    assert!(engine.chat_template().is_some(), "the export lost the chat template");
 
-    let manifest = &generator.model.manifest;
+    let manifest = pio_models::Manifest::load(&graphs).unwrap();
     let glm_eos: Vec<u32> = EOS_TOKENS.iter().map(|t| id(&tok, t)).collect();
     assert_eq!(manifest.eos_token_ids, glm_eos, "the manifest's eos ids are not GLM's eos set");
     assert_eq!(manifest.pad_token_id, Some(id(&tok, "<|endoftext|>")));
@@ -441,12 +437,12 @@ fn glm_chat_generation_end_to_end() {
     // Any message: consistent whichever way it ends.
     for (message, thinking) in [("Hello! 你好 😀", None), ("Tell me a story.", Some(true)), ("谢谢", Some(false))]
     {
-        chat_generate(&mut generator, message, thinking);
+        chat_generate(&engine, message, thinking);
     }
     // Known continuations: two stop at an eos id (<|user|>, <|observation|>), one runs to the limit.
     let mut stopped = 0;
     for (message, thinking, expected) in GENERATIONS {
-        let ids = chat_generate(&mut generator, message, thinking);
+        let ids = chat_generate(&engine, message, thinking);
         assert_eq!(ids, expected, "{message:?}: greedy ids differ from transformers' generate");
         stopped += usize::from(glm_eos.contains(ids.last().unwrap()));
     }
@@ -461,22 +457,10 @@ fn glm_reference_greedy_streams_text_with_the_tokenizer() {
     let tmp = tempfile::tempdir().unwrap();
     let graphs = tmp.path().join(FIXTURE);
     export_to(&fixture(), &graphs, cpu_settings(true));
-    let mut generator = Generator::load(&graphs, &ExecutionProvider::default()).unwrap();
-    let tok = generator.tokenizer.clone().unwrap();
+    let engine = start_engine(&graphs, 2, None, true);
+    let tok = engine.tokenizer().unwrap().clone();
     let g = load_reference(&fixture()).greedy;
-    let opts = GenerateOptions {
-        max_tokens: g.max_new_tokens,
-        sampling: SamplingParams::greedy(),
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let mut events: Vec<TokenEvent> = Vec::new();
-    let out = generator
-        .generate(&g.prompt_ids, &opts, |e| {
-            events.push(e.clone());
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    let (out, events) = generate_collect(&engine, ids_request(&g.prompt_ids, greedy_options(g.max_new_tokens)));
     assert_eq!(out.generated_ids, g.generated_ids, "greedy ids differ from transformers generate");
     assert_eq!(out.finish_reason, FinishReason::Length);
     let token_events: Vec<u32> = events.iter().map(|e| e.token_id).filter(|&t| t != u32::MAX).collect();

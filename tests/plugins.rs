@@ -20,9 +20,10 @@ use pio_models::config::Architecture;
 use pio_models::presets::{find_preset, TokenizerFamily, PRESETS};
 use pio_models::size::Precision;
 use pio_runtime::chat_template::RenderOptions;
+use pio_runtime::engine::{Prompt, Request};
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::generate::{FinishReason, GenerateOptions, TokenEvent};
-use pio_runtime::plugin::{plugin_for_preset, Family, GenerateRequest, Modality, ModelPlugin, Prompt};
+use pio_runtime::plugin::{plugin_for_preset, Family, Modality, ModelPlugin};
 use pio_runtime::sampling::SamplingParams;
 use serde_json::json;
 
@@ -168,7 +169,7 @@ fn synthetic_export(preset_name: &str, root: &Path) -> anyhow::Result<PathBuf> {
 
 fn collect(
     plugin: &mut Box<dyn ModelPlugin>,
-    request: &GenerateRequest,
+    request: &Request,
 ) -> anyhow::Result<(pio_runtime::generate::GenerationOutput, Vec<TokenEvent>)> {
     let mut events = Vec::new();
     let out = plugin.generate(request, &mut |e: &TokenEvent| {
@@ -178,11 +179,11 @@ fn collect(
     Ok((out, events))
 }
 
-fn greedy_request(prompt: Prompt, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
+fn greedy_request(prompt: Prompt, max_tokens: usize) -> Request {
+    Request {
         prompt,
         options: GenerateOptions {
-            max_tokens,
+            max_tokens: Some(max_tokens),
             sampling: SamplingParams::greedy(),
             ignore_eos: true,
             ..Default::default()
@@ -202,6 +203,8 @@ fn plugin_life_cycle(preset_name: &str, graphs: &Path) {
     plugin.initialize(ExecutionProvider::default()).unwrap();
     plugin.load(graphs).unwrap_or_else(|e| panic!("{preset_name}: load: {e:#}"));
     assert!(plugin.is_loaded());
+    let engine = plugin.engine().expect("a loaded plugin hands out its engine");
+    assert_eq!(engine.model_info().graphs, graphs);
     let has_tokenizer = graphs.join("tokenizer.json").is_file();
 
     // infer: prompt in, text out (the checkpoint's own sampling defaults, the chat template).
@@ -255,7 +258,7 @@ fn plugin_life_cycle(preset_name: &str, graphs: &Path) {
     assert_eq!(out.generated_ids.len(), 2);
 
     plugin.unload();
-    assert!(!plugin.is_loaded());
+    assert!(!plugin.is_loaded() && plugin.engine().is_none());
     let err = collect(&mut plugin, &greedy_request(Prompt::Ids(vec![1, 2, 3]), 2)).expect_err("generate after unload");
     let msg = format!("{err:#}");
     assert!(
@@ -377,9 +380,10 @@ mod readme_example {
     use std::path::Path;
 
     use pio_runtime::chat_template::RenderOptions;
+    use pio_runtime::engine::{Prompt, Request};
     use pio_runtime::ep::ExecutionProvider;
     use pio_runtime::generate::GenerateOptions;
-    use pio_runtime::plugin::{plugin_for_preset, GenerateRequest, ModelPlugin, Prompt};
+    use pio_runtime::plugin::{plugin_for_preset, ModelPlugin};
     use pio_runtime::sampling::SamplingParams;
     use serde_json::json;
 
@@ -396,10 +400,10 @@ mod readme_example {
         println!("{answer}");
 
         // Chat messages, sampling, stop strings, streaming.
-        let request = GenerateRequest {
+        let request = Request {
             prompt: Prompt::Chat(vec![json!({"role": "user", "content": "Name three rivers."})]),
             options: GenerateOptions {
-                max_tokens: 64,
+                max_tokens: Some(64),
                 sampling: SamplingParams {
                     temperature: 0.7,
                     top_k: 20,

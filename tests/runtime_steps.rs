@@ -23,7 +23,7 @@ fn prefill_in_chunks_matches_transformers_at_every_position() {
     for name in FIXTURES {
         let (mut model, reference) = load(name, false, &tmp);
         // 8 prompt tokens in chunks of 3: 3 + 3 + 2, the later ones attending to the cache.
-        model.prefill_chunk = Some(3);
+        model.set_prefill_chunk(Some(3));
         let mut cache = model.new_cache().unwrap();
         let logits = model.forward(&reference.prompt_ids, &mut cache).unwrap();
         assert_eq!(logits.rows, reference.prompt_ids.len(), "{name}: one row per prompt token");
@@ -45,7 +45,7 @@ fn chunked_prefill_greedy_matches_transformers_generate() {
     let tmp = tempfile::tempdir().unwrap();
     for name in FIXTURES {
         let (mut model, reference) = load(name, true, &tmp);
-        model.prefill_chunk = Some(5);
+        model.set_prefill_chunk(Some(5));
         let g = &reference.greedy;
         assert_eq!(greedy(&mut model, &g.prompt_ids, g.max_new_tokens, false), g.generated_ids, "{name}");
     }
@@ -147,7 +147,7 @@ fn a_batch_prompt_longer_than_a_chunk_runs_each_sequence_through_the_shared_buff
         let tokens: Vec<u32> = prompts.concat();
         // GroupQueryAttention refuses several tokens of several sequences after a past, so the
         // 3 + 3 + 2 chunks run per sequence through batch-1 views of the (host) shared buffer.
-        model.prefill_chunk = Some(3);
+        model.set_prefill_chunk(Some(3));
         let mut cache = model.new_shared_host_cache(2, 64).unwrap();
         let logits = model.forward_batch(&tokens, 2, &mut cache).unwrap();
         assert_eq!((logits.batch, cache.len), (2, 8));
@@ -183,54 +183,51 @@ fn a_batch_prompt_longer_than_a_chunk_runs_each_sequence_through_the_shared_buff
     }
 }
 
-/// Greedy generation of `n` tokens, with the number of prompt tokens the cache already held.
-fn generate(g: &mut pio_runtime::generate::Generator, prompt: &[u32], n: usize) -> (Vec<u32>, usize) {
-    let options = pio_runtime::generate::GenerateOptions {
-        max_tokens: n,
-        sampling: pio_runtime::sampling::SamplingParams::greedy(),
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let out = g.generate(prompt, &options, |_| std::ops::ControlFlow::Continue(())).unwrap();
-    (out.generated_ids, out.timings.cached_prompt_tokens)
-}
-
+/// What the serving engine does with a shared buffer: rows with lengths of their own decode in
+/// one run, and rows that are not decoding run a dummy token at their own next position (a free
+/// row at 0, a row between prefill chunks where its next chunk starts), which must corrupt
+/// nothing: every row's logits equal the same sequence run alone.
 #[test]
-fn prefix_caching_reuses_the_shared_prefix_and_answers_as_a_fresh_cache_does() {
+fn rows_of_different_lengths_decode_together_and_idle_rows_corrupt_nothing() {
+    use pio_runtime::step_inputs::StepInputs;
+
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["qwen3-tied-hub", "qwen3moe-a"] {
-        let graphs = tmp.path().join(name);
-        export_to(&fixtures_dir().join(name), &graphs, cpu_settings(true));
-        let load = |prefix_caching| {
-            let mut g = pio_runtime::generate::Generator::load(&graphs, &ExecutionProvider::default()).unwrap();
-            // The GPU's shared buffer, on the CPU: the cache prefix caching works on.
-            g.model.shared_cache_on_host = true;
-            g.prefix_caching = prefix_caching;
-            g
-        };
-        let (mut cached, mut fresh) = (load(true), load(false));
-        let first: Vec<u32> = load_reference(&fixtures_dir().join(name)).prompt_ids;
-        let (answer, reused) = generate(&mut cached, &first, 6);
-        assert_eq!(reused, 0, "{name}: nothing to reuse yet");
-        assert_eq!(answer, generate(&mut fresh, &first, 6).0, "{name}");
-        // A follow-up turn: the first prompt, the answer, then new tokens. The cache holds the
-        // prompt and all of the answer but its last token.
-        let follow_up: Vec<u32> = first.iter().chain(&answer).chain(&[5, 9, 13]).copied().collect();
-        let (got, reused) = generate(&mut cached, &follow_up, 8);
-        assert_eq!(reused, first.len() + answer.len() - 1, "{name}");
-        assert_eq!(got, generate(&mut fresh, &follow_up, 8).0, "{name}: follow-up");
-        // A prompt that leaves the cached one after 3 tokens reuses 3.
-        let diverging: Vec<u32> = first[..3].iter().chain(&[21, 22, 23, 24]).copied().collect();
-        let (got, reused) = generate(&mut cached, &diverging, 8);
-        assert_eq!(reused, 3, "{name}");
-        assert_eq!(got, generate(&mut fresh, &diverging, 8).0, "{name}: diverging prompt");
-        // The same prompt again: all but its last token come from the cache.
-        let (got, reused) = generate(&mut cached, &diverging, 8);
-        assert_eq!(reused, diverging.len() - 1, "{name}");
-        assert_eq!(got, generate(&mut fresh, &diverging, 8).0, "{name}: repeated prompt");
-        // The growing cache (the CPU's default) keeps nothing.
-        let mut growing = pio_runtime::generate::Generator::load(&graphs, &ExecutionProvider::default()).unwrap();
-        generate(&mut growing, &first, 2);
-        assert_eq!(generate(&mut growing, &first, 2).1, 0, "{name}: a growing cache is not reused");
-    }
+    let (mut model, reference) = load("qwen3-tied-hub", true, &tmp);
+    let decoding: Vec<u32> = reference.prompt_ids.clone(); // 8 tokens
+    let prefilling: Vec<u32> = (20..32).collect(); // 12 tokens, prefilled 5 + 7
+    let logits = |out: pio_runtime::model::StepOutput, row: usize| out.into_logits().unwrap().last_of(row).to_vec();
+    // Alone: each from an empty one-row cache, the prompt then one token at a time.
+    let alone = |model: &mut DecoderModel, prompt: &[u32], then: &[u32]| {
+        let mut cache = model.new_shared_host_cache(1, 64).unwrap();
+        let mut out = vec![model.forward(prompt, &mut cache).unwrap().last().to_vec()];
+        for &t in then {
+            out.push(model.forward(&[t], &mut cache).unwrap().last().to_vec());
+        }
+        out
+    };
+    let want_decoding = alone(&mut model, &decoding, &[7, 7]);
+    let want_prefilling = alone(&mut model, &prefilling, &[9]);
+
+    // Three rows: 0 decodes, 1 is between prefill chunks, 2 is free (holding stale values).
+    let mut cache = model.new_shared_host_cache(3, 64).unwrap();
+    let run = |model: &mut DecoderModel, cache: &mut _, tokens: Vec<u32>, past: Vec<usize>, first: usize| {
+        let inputs = StepInputs::new(tokens, past).unwrap();
+        model.run_rows(&inputs, cache, first, Fetch::Logits).unwrap()
+    };
+    run(&mut model, &mut cache, vec![3; 30], vec![0], 2); // stale contents in the free row
+    let first = logits(run(&mut model, &mut cache, decoding.clone(), vec![0], 0), 0);
+    assert!(max_abs_diff(&first, &want_decoding[0]) <= LOGIT_TOLERANCE);
+    run(&mut model, &mut cache, prefilling[..5].to_vec(), vec![0], 1);
+    // The decode: row 0 at 8 tokens, row 1 idle at 5, row 2 idle at 0.
+    let out = run(&mut model, &mut cache, vec![7, 0, 0], vec![8, 5, 0], 0);
+    let d = max_abs_diff(&logits(out, 0), &want_decoding[1]);
+    assert!(d <= LOGIT_TOLERANCE, "the decoding row beside idle rows differs by {d}");
+    // Row 1's next chunk overwrites where its idle token went, and it answers as alone.
+    let first = logits(run(&mut model, &mut cache, prefilling[5..].to_vec(), vec![5], 1), 0);
+    let d = max_abs_diff(&first, &want_prefilling[0]);
+    assert!(d <= LOGIT_TOLERANCE, "a prefill after an idle row differs by {d}");
+    // Both decode together at different lengths.
+    let out = run(&mut model, &mut cache, vec![7, 9], vec![9, 12], 0).into_logits().unwrap();
+    assert!(max_abs_diff(out.last_of(0), &want_decoding[2]) <= LOGIT_TOLERANCE);
+    assert!(max_abs_diff(out.last_of(1), &want_prefilling[1]) <= LOGIT_TOLERANCE);
 }

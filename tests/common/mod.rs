@@ -292,3 +292,52 @@ pub fn int4_round_trip_checkpoint_where(src: &Path, dst: &Path, block: usize, qu
         .collect();
     safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
 }
+
+/// An engine over `graphs` on the CPU: `max_seqs` slots of `max_model_len` tokens (None: the
+/// graph's context), with or without prefix caching.
+pub fn start_engine(
+    graphs: &Path,
+    max_seqs: usize,
+    max_model_len: Option<usize>,
+    prefix_caching: bool,
+) -> pio_runtime::engine::Engine {
+    let mut config =
+        pio_runtime::engine::EngineConfig::builder(graphs).max_seqs(max_seqs).prefix_caching(prefix_caching);
+    if let Some(n) = max_model_len {
+        config = config.max_model_len(n);
+    }
+    pio_runtime::engine::Engine::start(config.build().unwrap())
+        .unwrap_or_else(|e| panic!("cannot start an engine on {}: {e:#}", graphs.display()))
+}
+
+/// Runs `request` to the end, collecting its token events and its output.
+pub fn generate_collect(
+    engine: &pio_runtime::engine::Engine,
+    request: pio_runtime::engine::Request,
+) -> (pio_runtime::generate::GenerationOutput, Vec<pio_runtime::generate::TokenEvent>) {
+    use pio_runtime::engine::Event;
+    let mut events = Vec::new();
+    let handle = engine.submit(request).unwrap_or_else(|e| panic!("submit failed: {e:#}"));
+    for event in handle {
+        match event.unwrap_or_else(|e| panic!("generation failed: {e:#}")) {
+            Event::Token(t) => events.push(t),
+            Event::Finished(output) => return (output, events),
+        }
+    }
+    panic!("the request ended without an output")
+}
+
+/// A request for `prompt` ids with `options`.
+pub fn ids_request(prompt: &[u32], options: pio_runtime::generate::GenerateOptions) -> pio_runtime::engine::Request {
+    pio_runtime::engine::Request::new(pio_runtime::engine::Prompt::Ids(prompt.to_vec())).with_options(options)
+}
+
+/// Greedy decoding of `max_tokens`, eos ignored.
+pub fn greedy_options(max_tokens: usize) -> pio_runtime::generate::GenerateOptions {
+    pio_runtime::generate::GenerateOptions {
+        max_tokens: Some(max_tokens),
+        sampling: pio_runtime::sampling::SamplingParams::greedy(),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}

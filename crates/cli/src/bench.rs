@@ -231,12 +231,12 @@ impl Runner<'_> {
         let prompt = random_tokens(&mut self.rng, len, self.model.vocab_size());
         let mut last = Vec::new();
         for chunking in [Some(chunk), None] {
-            self.model.prefill_chunk = chunking;
+            self.model.set_prefill_chunk(chunking);
             let mut cache = self.model.new_batch_cache(1, len)?;
             let logits = self.model.forward(&prompt, &mut cache)?;
             last.push(logits.last().to_vec());
         }
-        self.model.prefill_chunk = self.plan.prefill_chunk;
+        self.model.set_prefill_chunk(self.plan.prefill_chunk);
         let max_abs_diff = last[0].iter().zip(&last[1]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         Ok(ChunkCheck { prompt_len: len, chunk, max_abs_diff, same_argmax: argmax(&last[0]) == argmax(&last[1]) })
     }
@@ -297,7 +297,7 @@ fn bench_into(
     }
     let start = Instant::now();
     let mut model = DecoderModel::load(graphs, ep)?;
-    model.prefill_chunk = plan.prefill_chunk;
+    model.set_prefill_chunk(plan.prefill_chunk);
     run.load_s = start.elapsed().as_secs_f64();
     run.gpu_memory_after_load_bytes =
         gpu_index.and_then(|i| pio_runtime::gpu_monitor::device_memory(i).ok()).map(|(used, _, _)| used);

@@ -1,10 +1,10 @@
 //! `pio`: run, chat with and list models exported by pio-export.
 
+mod batch;
 mod bench;
 mod serve;
 
 use std::io::{BufRead, Write};
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -13,9 +13,10 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use pio_models::presets::PRESETS;
 use pio_models::size::{format_bytes, format_params, Precision};
 use pio_runtime::chat_template::RenderOptions;
+use pio_runtime::engine::{Engine, EngineConfig, EngineConfigBuilder, EngineError, Event, ModelInfo, Prompt, Request};
 use pio_runtime::ep::ExecutionProvider;
-use pio_runtime::generate::{GenerateOptions, Generator};
-use pio_runtime::plugin::{DecoderPlugin, PluginMetadata};
+use pio_runtime::generate::{GenerateOptions, GenerationOutput};
+use pio_runtime::plugin::PluginMetadata;
 use pio_runtime::sampling::SamplingParams;
 use serde_json::json;
 
@@ -136,24 +137,76 @@ struct ModelArgs {
     /// trt_fp16=1, trt_engine_cache_path=DIR, fallback=cuda, or any ONNX Runtime provider option.
     #[arg(long = "ep-option")]
     ep_options: Vec<String>,
-    /// Prompt tokens per forward pass; longer prompts run in chunks (0: whole prompts).
-    #[arg(long, default_value_t = pio_runtime::model::DEFAULT_PREFILL_CHUNK)]
-    prefill_chunk: usize,
-    /// Do not keep the last generation's KV cache for the next prompt's shared prefix.
+    /// Prompt tokens prefilled per engine step at most; longer prompts run in chunks, between
+    /// the decode steps of running sequences.
+    #[arg(long, alias = "prefill-chunk", default_value_t = pio_runtime::engine::DEFAULT_PREFILL_BUDGET)]
+    prefill_budget: usize,
+    /// Sequences the KV pool holds at once (default: what the GPU's free memory holds, at most
+    /// 256; 4 on the CPU).
+    #[arg(long)]
+    max_seqs: Option<usize>,
+    /// KV pool size in GiB (default: the GPU's free memory times --gpu-memory-utilization, after
+    /// the weights and a profiling prefill).
+    #[arg(long)]
+    kv_cache_gb: Option<f64>,
+    /// Tokens one sequence can hold, prompt plus generated (default: the graph's context length,
+    /// capped on a GPU so that at least 32 sequences fit).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// The share of the GPU's memory the engine may fill.
+    #[arg(long, default_value_t = pio_runtime::engine::DEFAULT_GPU_MEMORY_UTILIZATION)]
+    gpu_memory_utilization: f64,
+    /// Do not reuse KV across requests (prefix caching).
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Prefix cache size in GiB (default: on a GPU what the KV memory leaves after the pool, or a
+    /// quarter of --kv-cache-gb; on the CPU as much as the pool, at most 2 GiB).
+    #[arg(long)]
+    prefix_cache_gb: Option<f64>,
+}
+
+/// GiB as bytes, refusing what is not a positive size.
+fn gib(flag: &str, value: f64) -> Result<u64> {
+    if !(value.is_finite() && value > 0.0) {
+        bail!("--{flag} {value}: must be a positive number of GiB");
+    }
+    Ok((value * (1u64 << 30) as f64) as u64)
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<Generator> {
+    /// Starts the engine over the graph folder. `served_model_name`: `pio serve`'s.
+    fn start(&self, served_model_name: Option<&str>) -> Result<Engine> {
+        let mut config = self.config()?;
+        if let Some(name) = served_model_name {
+            config = config.served_model_name(name);
+        }
+        Ok(Engine::start(config.build()?)?)
+    }
+
+    /// The engine settings these options give.
+    fn config(&self) -> Result<EngineConfigBuilder> {
         let mut ep = ExecutionProvider::from_cli(&self.ep, self.device_id, &self.ep_options)?;
         if let (ExecutionProvider::Cpu { threads }, Some(n)) = (&mut ep, self.threads) {
             *threads = Some(n);
         }
-        let mut generator = Generator::load(&self.graphs, &ep)?;
-        generator.model.prefill_chunk = (self.prefill_chunk > 0).then_some(self.prefill_chunk);
-        generator.prefix_caching = !self.no_prefix_cache;
-        Ok(generator)
+        let mut config = EngineConfig::builder(&self.graphs)
+            .ep(ep)
+            .prefill_budget(self.prefill_budget)
+            .gpu_memory_utilization(self.gpu_memory_utilization)
+            .prefix_caching(!self.no_prefix_cache);
+        if let Some(n) = self.max_seqs {
+            config = config.max_seqs(n);
+        }
+        if let Some(gb) = self.kv_cache_gb {
+            config = config.kv_cache_bytes(gib("kv-cache-gb", gb)?);
+        }
+        if let Some(n) = self.max_model_len {
+            config = config.max_model_len(n);
+        }
+        if let Some(gb) = self.prefix_cache_gb {
+            config = config.prefix_cache_bytes(gib("prefix-cache-gb", gb)?);
+        }
+        Ok(config)
     }
 }
 
@@ -189,11 +242,15 @@ struct SamplingArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Report each generated token's logprob (`logprobs` in the --json output), computed with
+    /// this many alternatives.
+    #[arg(long)]
+    logprobs: Option<usize>,
 }
 
 impl SamplingArgs {
-    fn options(&self, generator: &Generator) -> Result<GenerateOptions> {
-        let mut p = if self.greedy { SamplingParams::greedy() } else { DecoderPlugin::default_sampling(generator) };
+    fn options(&self, model: &ModelInfo) -> Result<GenerateOptions> {
+        let mut p = if self.greedy { SamplingParams::greedy() } else { model.default_sampling.clone() };
         if !self.greedy {
             if let Some(t) = self.temperature {
                 p.temperature = t;
@@ -218,12 +275,13 @@ impl SamplingArgs {
             p.frequency_penalty = v;
         }
         p.seed = self.seed;
-        p.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        p.validate()?;
         Ok(GenerateOptions {
-            max_tokens: self.max_tokens,
+            max_tokens: Some(self.max_tokens),
             sampling: p,
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs,
             ..Default::default()
         })
     }
@@ -253,6 +311,12 @@ struct RunArgs {
     /// Print one JSON object (prompt_ids, generated_ids, text, finish_reason, timings) instead of streaming.
     #[arg(long)]
     json: bool,
+    /// Run the prompts of a JSON-lines file together, batched by the engine: one object per line
+    /// with `prompt_ids`, `prompt` (a user message unless --raw) or `messages`, and optionally
+    /// `max_tokens` and `seed` (over the options given here). Prints one JSON object per line, in
+    /// the file's order.
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_ids"])]
+    batch: Option<PathBuf>,
 }
 
 #[derive(ClapArgs)]
@@ -286,40 +350,66 @@ fn render_options(thinking: Option<bool>) -> RenderOptions {
     RenderOptions { enable_thinking: thinking, ..RenderOptions::generation() }
 }
 
+/// Submits `request` and streams its text to stdout as it comes (when `stream`).
+fn generate_streaming(engine: &Engine, request: Request, stream: bool) -> Result<GenerationOutput> {
+    let mut stdout = std::io::stdout().lock();
+    for event in engine.submit(request)? {
+        match event? {
+            Event::Token(token) if stream => {
+                stdout.write_all(token.text.as_bytes())?;
+                stdout.flush()?;
+            }
+            Event::Token(_) => {}
+            Event::Finished(output) => return Ok(output),
+        }
+    }
+    Err(EngineError::Shutdown.into())
+}
+
+/// What `pio run --json` prints for one generation.
+fn output_json(output: &GenerationOutput) -> serde_json::Value {
+    let mut value = json!({
+        "prompt_ids": output.prompt_ids,
+        "generated_ids": output.generated_ids,
+        "text": output.text,
+        "finish_reason": output.finish_reason,
+        "timings": output.timings,
+    });
+    if output.logprobs.iter().any(Option::is_some) {
+        value["logprobs"] = json!(output.logprobs);
+    }
+    value
+}
+
 fn run(args: RunArgs) -> Result<()> {
-    let mut generator = args.model.load()?;
-    let options = args.sampling.options(&generator)?;
-    let prompt_ids = match (&args.prompt, &args.prompt_ids) {
-        (_, Some(ids)) => ids.clone(),
-        (Some(text), None) if args.raw => generator.encode(text)?,
+    if let Some(file) = &args.batch {
+        let lines = batch::read(file, args.raw, args.system.as_deref())?;
+        // Every line is queued at once.
+        let engine = Engine::start(args.model.config()?.max_waiting(lines.len().max(1)).build()?)?;
+        let options = args.sampling.options(engine.model_info())?;
+        return batch::run(&engine, lines, &options, &render_options(args.thinking));
+    }
+    let engine = args.model.start(None)?;
+    let options = args.sampling.options(engine.model_info())?;
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (_, Some(ids)) => Prompt::Ids(ids.clone()),
+        (Some(text), None) if args.raw => Prompt::Text(text.clone()),
         (Some(text), None) => {
             let mut messages = Vec::new();
             if let Some(s) = &args.system {
                 messages.push(json!({"role": "system", "content": s}));
             }
             messages.push(json!({"role": "user", "content": text}));
-            generator.chat_prompt(&messages, &render_options(args.thinking))?.1
+            Prompt::Chat(messages)
         }
         (None, None) => bail!("pass --prompt TEXT or --prompt-ids 1,2,3"),
     };
-    let streaming = !args.json && generator.tokenizer.is_some();
+    let request = Request::new(prompt).with_options(options).with_render(render_options(args.thinking));
+    let streaming = !args.json && engine.tokenizer().is_some();
+    let output = generate_streaming(&engine, request, streaming)?;
     let mut stdout = std::io::stdout().lock();
-    let output = generator.generate(&prompt_ids, &options, |event| {
-        if streaming {
-            let _ = stdout.write_all(event.text.as_bytes());
-            let _ = stdout.flush();
-        }
-        ControlFlow::Continue(())
-    })?;
     if args.json {
-        let value = json!({
-            "prompt_ids": output.prompt_ids,
-            "generated_ids": output.generated_ids,
-            "text": output.text,
-            "finish_reason": output.finish_reason,
-            "timings": output.timings,
-        });
-        writeln!(stdout, "{}", serde_json::to_string_pretty(&value)?)?;
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&output_json(&output))?)?;
     } else if streaming {
         writeln!(stdout)?;
     } else {
@@ -339,21 +429,20 @@ fn run(args: RunArgs) -> Result<()> {
 }
 
 fn chat(args: ChatArgs) -> Result<()> {
-    let mut generator = args.model.load()?;
-    if generator.chat_template.is_none() {
+    let engine = args.model.start(None)?;
+    if engine.chat_template().is_none() {
         bail!("{} has no chat template; use `pio run --raw`", args.model.graphs.display());
     }
-    let options = args.sampling.options(&generator)?;
+    let options = args.sampling.options(engine.model_info())?;
     let render = render_options(args.thinking);
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
         messages.push(json!({"role": "system", "content": s}));
     }
+    let info = engine.model_info();
     eprintln!(
         "chatting with {} ({} on {}); /reset clears the history, /exit or Ctrl-D quits",
-        generator.model.manifest.name,
-        generator.model.manifest.precision.as_str(),
-        args.model.ep
+        info.served_name, info.precision, args.model.ep
     );
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();
@@ -376,12 +465,12 @@ fn chat(args: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(json!({"role": "user", "content": line}));
-        let (_, ids) = generator.chat_prompt(&messages, &render)?;
-        let output = generator.generate(&ids, &options, |event| {
-            let _ = stdout.write_all(event.text.as_bytes());
-            let _ = stdout.flush();
-            ControlFlow::Continue(())
-        })?;
+        // The reply gets what the sequence has room for, up to --max-tokens.
+        let prompt = Prompt::Chat(messages.clone());
+        let room = info.max_model_len.saturating_sub(engine.tokenize(&prompt, &render)?.len());
+        let options = GenerateOptions { max_tokens: options.max_tokens.map(|n| n.min(room.max(1))), ..options.clone() };
+        let request = Request::new(prompt).with_options(options).with_render(render.clone());
+        let output = generate_streaming(&engine, request, true)?;
         writeln!(stdout)?;
         tracing::debug!("{:.1} tokens/s", output.timings.decode_tokens_per_s);
         messages.push(json!({"role": "assistant", "content": output.text}));
@@ -672,13 +761,26 @@ fn chrono_like_now() -> String {
     format!("unix {secs}")
 }
 
+/// 2 for what the user can fix in the command (a request or setting the engine refuses), 1 for
+/// everything else.
+fn exit_code(error: &anyhow::Error) -> ExitCode {
+    match error.downcast_ref::<EngineError>() {
+        Some(EngineError::InvalidRequest { .. } | EngineError::ContextLength { .. } | EngineError::Config { .. }) => {
+            ExitCode::from(2)
+        }
+        _ => ExitCode::FAILURE,
+    }
+}
+
 fn main() -> ExitCode {
     pio_models::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat(a),
-        Command::Serve(a) => a.model.load().and_then(|g| serve::run(g, a.served_model_name, &a.host, a.port)),
+        Command::Serve(a) => {
+            a.model.start(a.served_model_name.as_deref()).and_then(|engine| serve::run(engine, &a.host, a.port))
+        }
         Command::Models => models(),
         Command::Bench(a) => run_bench(a),
     };
@@ -686,7 +788,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::FAILURE
+            exit_code(&e)
         }
     }
 }

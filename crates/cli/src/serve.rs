@@ -3,20 +3,19 @@
 //! `POST /v1/chat/completions` (chat template applied), `POST /v1/completions` (raw text or
 //! token ids), `GET /v1/models`, `GET /health`. `"stream": true` answers with server-sent
 //! events, one `data:` chunk per piece of text and `data: [DONE]` last, as OpenAI's API does.
-//! One model, one session: one request is parsed and generated at a time, the others wait for
-//! the model's lock (each connection has its own thread, so `/v1/models` and `/health` answer
-//! while a generation runs). A client that disconnects, or stops reading, mid-stream stops its
-//! generation.
+//! Requests go to the serving engine (`pio_runtime::engine`), which batches them; each
+//! connection has its own thread, waiting on its request's events. A client that disconnects,
+//! or stops reading, mid-stream cancels its request.
 
 use std::io::Write;
 use std::ops::ControlFlow;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
 use pio_runtime::chat_template::RenderOptions;
-use pio_runtime::generate::{FinishReason, GenerateOptions, GenerationOutput, Generator, TokenEvent};
-use pio_runtime::plugin::DecoderPlugin;
+use pio_runtime::engine::{Engine, EngineError, Event, Prompt, Request as EngineRequest, RequestHandle};
+use pio_runtime::generate::{FinishReason, GenerateOptions, GenerationOutput, TokenEvent};
 use serde_json::{json, Value as Json};
 use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
 
@@ -32,14 +31,13 @@ fn bad(param: &'static str, message: impl Into<String>) -> BadRequest {
 
 /// What a completion request asks for, parsed and checked before the model is touched.
 struct Job {
-    prompt_ids: Vec<u32>,
-    options: GenerateOptions,
+    request: EngineRequest,
     stream: bool,
     chat: bool,
 }
 
 pub struct ServerState {
-    generator: Mutex<Generator>,
+    engine: Engine,
     /// The name clients pass as `model` and see in `/v1/models`.
     model_name: String,
     created: u64,
@@ -51,14 +49,15 @@ fn now() -> u64 {
 
 /// Serves on `addr` (e.g. `127.0.0.1:8000`; port 0 picks a free one) until the process ends.
 /// Prints `listening on http://HOST:PORT` on stdout once the socket is bound.
-pub fn serve(generator: Generator, model_name: String, addr: &str) -> Result<()> {
+pub fn serve(engine: Engine, addr: &str) -> Result<()> {
+    let model_name = engine.model_info().served_name.clone();
     let server = Server::http(addr).map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
     let bound = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_else(|| addr.to_string());
     println!("listening on http://{bound}");
     tracing::info!(
         "serving {model_name} on http://{bound} (POST /v1/chat/completions, /v1/completions; GET /v1/models, /health)"
     );
-    let state = Arc::new(ServerState { generator: Mutex::new(generator), model_name, created: now() });
+    let state = Arc::new(ServerState { engine, model_name, created: now() });
     for request in server.incoming_requests() {
         let state = Arc::clone(&state);
         std::thread::spawn(move || handle(&state, request));
@@ -107,13 +106,7 @@ fn handle(state: &ServerState, mut request: Request) {
                 );
             }
             let job = match serde_json::from_str::<Json>(&text) {
-                Ok(body) => {
-                    let generator = match state.generator.lock() {
-                        Ok(g) => g,
-                        Err(poisoned) => poisoned.into_inner(),
-                    };
-                    parse_job(&generator, &body, chat, &state.model_name)
-                }
+                Ok(body) => parse_job(&state.engine, &body, chat, &state.model_name),
                 Err(e) => Err(BadRequest { message: format!("the body is not JSON: {e}"), param: None }),
             };
             match job {
@@ -156,9 +149,9 @@ fn opt_bool(body: &Json, key: &'static str) -> Result<Option<bool>, BadRequest> 
     }
 }
 
-/// The request's prompt as token ids: chat messages through the chat template, or a
-/// completion prompt (a string, or token ids).
-fn prompt_ids(generator: &Generator, body: &Json, chat: bool) -> Result<Vec<u32>, BadRequest> {
+/// The request's prompt: chat messages (through the chat template), or a completion prompt (a
+/// string, or token ids).
+fn prompt(engine: &Engine, body: &Json, chat: bool) -> Result<Prompt, BadRequest> {
     if chat {
         let messages = body
             .get("messages")
@@ -167,18 +160,13 @@ fn prompt_ids(generator: &Generator, body: &Json, chat: bool) -> Result<Vec<u32>
         if messages.is_empty() {
             return Err(bad("messages", "`messages` is empty"));
         }
-        if generator.chat_template.is_none() {
+        if engine.chat_template().is_none() {
             return Err(bad("messages", "this model has no chat template; use /v1/completions"));
         }
-        let render =
-            RenderOptions { enable_thinking: opt_bool(body, "enable_thinking")?, ..RenderOptions::generation() };
-        return generator
-            .chat_prompt(messages, &render)
-            .map(|(_, ids)| ids)
-            .map_err(|e| bad("messages", format!("{e:#}")));
+        return Ok(Prompt::Chat(messages.clone()));
     }
     match body.get("prompt") {
-        Some(Json::String(text)) => generator.encode(text).map_err(|e| bad("prompt", format!("{e:#}"))),
+        Some(Json::String(text)) => Ok(Prompt::Text(text.clone())),
         Some(Json::Array(items)) if !items.is_empty() && items.iter().all(Json::is_u64) => items
             .iter()
             .map(|t| {
@@ -186,15 +174,16 @@ fn prompt_ids(generator: &Generator, body: &Json, chat: bool) -> Result<Vec<u32>
                     .and_then(|t| u32::try_from(t).ok())
                     .ok_or_else(|| bad("prompt", "token ids must fit in 32 bits"))
             })
-            .collect(),
+            .collect::<Result<Vec<u32>, BadRequest>>()
+            .map(Prompt::Ids),
         Some(Json::Array(items)) if items.len() == 1 && items[0].is_string() => {
-            generator.encode(items[0].as_str().unwrap_or_default()).map_err(|e| bad("prompt", format!("{e:#}")))
+            Ok(Prompt::Text(items[0].as_str().unwrap_or_default().to_string()))
         }
         _ => Err(bad("prompt", "`prompt` must be a string or an array of token ids (one prompt per request)")),
     }
 }
 
-fn parse_job(generator: &Generator, body: &Json, chat: bool, model_name: &str) -> Result<Job, BadRequest> {
+fn parse_job(engine: &Engine, body: &Json, chat: bool, model_name: &str) -> Result<Job, BadRequest> {
     if let Some(model) = body.get("model").and_then(Json::as_str) {
         if model != model_name {
             return Err(bad("model", format!("model `{model}` is not served here; this server serves `{model_name}`")));
@@ -205,28 +194,14 @@ fn parse_job(generator: &Generator, body: &Json, chat: bool, model_name: &str) -
             return Err(bad("n", format!("`n` must be 1 (one choice per request), got {n}")));
         }
     }
-    let prompt_ids = prompt_ids(generator, body, chat)?;
-    let vocab = generator.model.vocab_size();
-    if let Some(bad_id) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(bad("prompt", format!("token id {bad_id} is outside the vocabulary (size {vocab})")));
-    }
-    let context = generator.model.context_length();
-    if prompt_ids.is_empty() || prompt_ids.len() >= context {
-        return Err(bad(
-            if chat { "messages" } else { "prompt" },
-            format!(
-                "the prompt has {} tokens; the model's context is {context} tokens and must leave room for one more",
-                prompt_ids.len()
-            ),
-        ));
-    }
-    let room = context - prompt_ids.len();
+    let prompt = prompt(engine, body, chat)?;
     let max_tokens = match opt_u64(body, "max_completion_tokens")?.or(opt_u64(body, "max_tokens")?) {
         Some(0) => return Err(bad("max_tokens", "`max_tokens` must be at least 1")),
-        Some(n) => (n as usize).min(room),
-        None => room,
+        Some(n) => Some(n as usize),
+        // The rest of the sequence.
+        None => None,
     };
-    let mut sampling = DecoderPlugin::default_sampling(generator);
+    let mut sampling = engine.model_info().default_sampling.clone();
     if let Some(t) = opt_f32(body, "temperature")? {
         sampling.temperature = t;
     }
@@ -262,7 +237,7 @@ fn parse_job(generator: &Generator, body: &Json, chat: bool, model_name: &str) -
         }
         Some(v) => return Err(bad("stop", format!("`stop` must be a string or up to 4 strings, got {v}"))),
     };
-    if !stop.is_empty() && generator.tokenizer.is_none() {
+    if !stop.is_empty() && engine.tokenizer().is_none() {
         return Err(bad("stop", "stop strings need a tokenizer, and this model has none"));
     }
     // Chat: `logprobs: true` + `top_logprobs: N`; completions: `logprobs: N`.
@@ -275,11 +250,12 @@ fn parse_job(generator: &Generator, body: &Json, chat: bool, model_name: &str) -
         opt_u64(body, "logprobs")?.map(|n| n.min(20) as usize)
     };
     let stream = opt_bool(body, "stream")?.unwrap_or(false);
-    if stream && generator.tokenizer.is_none() {
+    if stream && engine.tokenizer().is_none() {
         return Err(bad("stream", "streaming text needs a tokenizer, and this model has none"));
     }
+    let render = RenderOptions { enable_thinking: opt_bool(body, "enable_thinking")?, ..RenderOptions::generation() };
     let options = GenerateOptions { max_tokens, sampling, stop, logprobs, ..Default::default() };
-    Ok(Job { prompt_ids, options, stream, chat })
+    Ok(Job { request: EngineRequest::new(prompt).with_options(options).with_render(render), stream, chat })
 }
 
 fn finish_reason(reason: FinishReason) -> &'static str {
@@ -300,18 +276,38 @@ fn completion_id(chat: bool) -> String {
     format!("{}-{nanos:x}", if chat { "chatcmpl" } else { "cmpl" })
 }
 
-/// Runs one generation with the model locked; `on_token` sees each event.
+/// How the server answers an engine's refusal or failure: (HTTP status, OpenAI error type, param).
+fn engine_error_status(e: &EngineError, job: &Job) -> (u16, &'static str, Option<&'static str>) {
+    match e {
+        EngineError::InvalidRequest { field, .. } => (400, "invalid_request_error", Some(*field)),
+        EngineError::ContextLength { max_tokens: Some(_), .. } => (400, "invalid_request_error", Some("max_tokens")),
+        EngineError::ContextLength { .. } => {
+            (400, "invalid_request_error", Some(if job.chat { "messages" } else { "prompt" }))
+        }
+        EngineError::Overloaded { .. } => (429, "rate_limit_error", None),
+        EngineError::Shutdown | EngineError::Cancelled => (503, "server_error", None),
+        EngineError::Config { .. } | EngineError::Model { .. } => (500, "server_error", None),
+    }
+}
+
+/// Reads a submitted generation's events; `on_token` sees each and may cancel it.
 fn generate(
-    state: &ServerState,
-    job: &Job,
-    on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
-) -> Result<GenerationOutput> {
-    let mut generator = match state.generator.lock() {
-        Ok(g) => g,
-        // A panic in an earlier request leaves the model as it was between steps.
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    let output = generator.generate(&job.prompt_ids, &job.options, on_token)?;
+    handle: RequestHandle,
+    mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
+) -> Result<GenerationOutput, EngineError> {
+    let mut output = None;
+    for event in handle {
+        match event? {
+            Event::Token(token) => {
+                if on_token(&token).is_break() {
+                    // Dropping the handle cancels the request.
+                    return Err(EngineError::Cancelled);
+                }
+            }
+            Event::Finished(o) => output = Some(o),
+        }
+    }
+    let output = output.ok_or(EngineError::Shutdown)?;
     let t = &output.timings;
     tracing::info!(
         "{} prompt + {} generated tokens ({:?}): first token {:.1} ms, {:.1} tokens/s",
@@ -338,10 +334,23 @@ fn logprobs_json(events: &[TokenEvent]) -> Json {
     json!({ "content": content })
 }
 
+/// Submits the job; a refusal is answered as an HTTP error (and None returned).
+fn submit(state: &ServerState, request: Request, job: &Job) -> Option<(Request, RequestHandle)> {
+    match state.engine.submit(job.request.clone()) {
+        Ok(handle) => Some((request, handle)),
+        Err(e) => {
+            let (status, kind, param) = engine_error_status(&e, job);
+            respond_json(request, status, &error_body(&error_text(&e), kind, param));
+            None
+        }
+    }
+}
+
 fn complete(state: &ServerState, request: Request, job: Job) {
+    let Some((request, handle)) = submit(state, request, &job) else { return };
     let mut events = Vec::new();
-    let keep = job.options.logprobs.is_some();
-    let result = generate(state, &job, |e| {
+    let keep = job.request.options.logprobs.is_some();
+    let result = generate(handle, |e| {
         if keep && e.logprob.is_some() {
             events.push(e.clone());
         }
@@ -349,7 +358,10 @@ fn complete(state: &ServerState, request: Request, job: Job) {
     });
     let output = match result {
         Ok(o) => o,
-        Err(e) => return respond_json(request, 500, &error_body(&format!("{e:#}"), "server_error", None)),
+        Err(e) => {
+            let (status, kind, param) = engine_error_status(&e, &job);
+            return respond_json(request, status, &error_body(&error_text(&e), kind, param));
+        }
     };
     let logprobs = if keep { logprobs_json(&events) } else { Json::Null };
     let choice = if job.chat {
@@ -382,6 +394,7 @@ const STREAM_BACKLOG: usize = 256;
 /// the socket; generation hands it events without waiting, and stops when the client is gone
 /// or has fallen `STREAM_BACKLOG` events behind.
 fn stream(state: &ServerState, request: Request, job: Job) {
+    let Some((request, handle)) = submit(state, request, &job) else { return };
     let mut socket = request.into_writer();
     let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(STREAM_BACKLOG);
     let writer = std::thread::spawn(move || {
@@ -417,7 +430,7 @@ fn stream(state: &ServerState, request: Request, job: Job) {
         sse(&v)
     };
     let mut connected = !job.chat || send(chunk(None, None, None));
-    let result = generate(state, &job, |e| {
+    let result = generate(handle, |e| {
         if !e.text.is_empty() {
             connected = connected && send(chunk(Some(&e.text), None, None));
         }
@@ -430,7 +443,10 @@ fn stream(state: &ServerState, request: Request, job: Job) {
     });
     let last = match result {
         Ok(output) => chunk(None, Some(finish_reason(output.finish_reason)), Some(usage(&output))),
-        Err(e) => sse(&error_body(&format!("{e:#}"), "server_error", None)),
+        Err(e) => {
+            let (_, kind, param) = engine_error_status(&e, &job);
+            sse(&error_body(&error_text(&e), kind, param))
+        }
     };
     // The zero-length chunk ends the body; the connection stays open for the next request.
     if !(send(last) && send(b"data: [DONE]\n\n".to_vec()) && send(Vec::new())) {
@@ -444,8 +460,12 @@ fn stream(state: &ServerState, request: Request, job: Job) {
     }
 }
 
-/// Loads what `pio serve` serves and runs the server.
-pub fn run(generator: Generator, model_name: Option<String>, host: &str, port: u16) -> Result<()> {
-    let name = model_name.unwrap_or_else(|| generator.model.manifest.name.clone());
-    serve(generator, name, &format!("{host}:{port}")).context("pio serve")
+/// An error's message with its causes, for an error body.
+fn error_text(e: &EngineError) -> String {
+    format!("{:#}", anyhow::Error::new(e.clone()))
+}
+
+/// Runs the server over a started engine.
+pub fn run(engine: Engine, host: &str, port: u16) -> Result<()> {
+    serve(engine, &format!("{host}:{port}")).context("pio serve")
 }

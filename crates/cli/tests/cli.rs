@@ -114,6 +114,56 @@ fn run_json_prints_one_object_matching_transformers_greedy() {
     assert_eq!(text(&out.stdout).trim(), join_ids(&expected[..7]));
 }
 
+/// `pio run --batch`: the lines run together on the engine and come out in order, each as
+/// `pio run --json` would print it alone; a bad line is refused by number.
+#[test]
+fn run_batch_prints_one_line_per_prompt_in_order() {
+    let graphs = fixture_graphs().to_str().unwrap();
+    let (prompt, expected) = reference_greedy("qwen3-tied-hub");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompts.jsonl");
+    let lines = [
+        serde_json::json!({"prompt_ids": [5, 6, 7], "max_tokens": 3}),
+        serde_json::json!({"prompt_ids": prompt, "max_tokens": 6}),
+        serde_json::json!({"prompt_ids": [9, 8], "max_tokens": 4, "seed": 3}),
+    ];
+    let contents: String = lines.iter().map(|l| format!("{l}\n\n")).collect();
+    std::fs::write(&file, contents).unwrap();
+    let batch =
+        ["run", "--graphs", graphs, "--batch", file.to_str().unwrap(), "--greedy", "--ignore-eos", "--logprobs", "2"];
+    let out = pio(&batch);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let outputs: Vec<Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(outputs.len(), 3);
+    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<u32>>();
+    assert_eq!(ids(&outputs[1]["generated_ids"]), expected[..6].to_vec());
+    assert_eq!(ids(&outputs[0]["prompt_ids"]), [5, 6, 7]);
+    for (o, n) in outputs.iter().zip([3, 6, 4]) {
+        assert_eq!(o["generated_ids"].as_array().unwrap().len(), n);
+        assert_eq!(o["logprobs"].as_array().unwrap().len(), n, "--logprobs reports each token's");
+    }
+    // Each line alone gives what the batch gave.
+    let alone = pio(&[
+        "run",
+        "--graphs",
+        graphs,
+        "--prompt-ids",
+        "9,8",
+        "--max-tokens",
+        "4",
+        "--greedy",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let alone: Value = serde_json::from_slice(&alone.stdout).unwrap();
+    assert_eq!(alone["generated_ids"], outputs[2]["generated_ids"]);
+
+    std::fs::write(&file, "{\"prompt_ids\": [1]}\n{\"prompt_ids\": [1], \"prompt\": \"x\"}\n").unwrap();
+    let out = pio(&batch);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("line 2"), "{}", text(&out.stderr));
+}
+
 #[test]
 fn models_lists_every_preset_and_what_fits_one_gpu() {
     let out = pio(&["models"]);

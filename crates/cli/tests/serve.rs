@@ -102,7 +102,7 @@ fn completions_and_chat_answer_what_pio_run_answers() {
         (got["usage"]["completion_tokens"].as_u64(), got["usage"]["total_tokens"].as_u64()),
         (Some(8), Some(prompt_tokens as u64 + 8))
     );
-    // On the CPU the cache grows and is not kept between requests (prefix caching is the GPU's).
+    // The server's first request: nothing to reuse yet.
     assert_eq!(got["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
 
     // Token ids as the prompt give the same answer.

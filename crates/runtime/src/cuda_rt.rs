@@ -1,5 +1,6 @@
-//! Plain host<->device copies through the CUDA runtime library, for the buffers a CUDA-graph
-//! decode step reads and writes at fixed addresses.
+//! Plain copies through the CUDA runtime library: host<->device for the buffers a CUDA-graph
+//! decode step reads and writes at fixed addresses, strided device<->device copies of KV cache
+//! rows (the engine's prefix cache), and the device's free memory (the engine's KV pool size).
 //!
 //! `ort`'s `Tensor::copy_into` copies by running a cached one-node Identity session, which
 //! costs a session run per copy; a decode step copies its token ids, positions and mask in
@@ -15,14 +16,53 @@ use anyhow::{bail, Result};
 
 const CUDA_MEMCPY_HOST_TO_DEVICE: i32 = 1;
 const CUDA_MEMCPY_DEVICE_TO_HOST: i32 = 2;
+const CUDA_MEMCPY_DEVICE_TO_DEVICE: i32 = 3;
+/// The legacy default stream: ordered after everything earlier on the device's blocking streams.
+/// Copies on it are waited for with [`CudaRuntime::synchronize`] before the next session run.
+const DEFAULT_STREAM: *mut c_void = std::ptr::null_mut();
 
 type MemcpyFn = unsafe extern "C" fn(*mut c_void, *const c_void, usize, i32) -> i32;
+/// `cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream)`.
+type Memcpy2dAsyncFn =
+    unsafe extern "C" fn(*mut c_void, usize, *const c_void, usize, usize, usize, i32, *mut c_void) -> i32;
+/// `cudaMemGetInfo(free, total)`.
+type MemGetInfoFn = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
 type SetDeviceFn = unsafe extern "C" fn(i32) -> i32;
 type SynchronizeFn = unsafe extern "C" fn() -> i32;
 type DeviceCountFn = unsafe extern "C" fn(*mut i32) -> i32;
 
+/// One strided copy: `height` runs of `width` bytes, `src_pitch` apart at `src` and
+/// `dst_pitch` apart at `dst` (cudaMemcpy2D's arguments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copy2d {
+    pub dst: usize,
+    pub dst_pitch: usize,
+    pub src: usize,
+    pub src_pitch: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Copy2d {
+    /// Copies on the host (both sides host memory).
+    ///
+    /// # Safety
+    /// Both regions must be live host memory of this extent, and must not overlap.
+    pub unsafe fn run_on_host(&self) {
+        for row in 0..self.height {
+            std::ptr::copy_nonoverlapping(
+                (self.src + row * self.src_pitch) as *const u8,
+                (self.dst + row * self.dst_pitch) as *mut u8,
+                self.width,
+            );
+        }
+    }
+}
+
 pub struct CudaRuntime {
     memcpy: MemcpyFn,
+    memcpy_2d_async: Memcpy2dAsyncFn,
+    mem_get_info: MemGetInfoFn,
     set_device: SetDeviceFn,
     synchronize: SynchronizeFn,
     // Keeps the symbols above valid.
@@ -55,9 +95,11 @@ impl CudaRuntime {
         // a reference to the CUDA runtime that ONNX Runtime's provider loaded.
         let lib: libloading::Library = unsafe { Library::open(Some(name), RTLD_NOW | RTLD_NOLOAD)? }.into();
         // SAFETY: the signatures are the CUDA runtime API's (cudaError_t is a C enum, i32).
-        let (memcpy, set_device, synchronize, device_count) = unsafe {
+        let (memcpy, memcpy_2d_async, mem_get_info, set_device, synchronize, device_count) = unsafe {
             (
                 *lib.get::<MemcpyFn>(b"cudaMemcpy\0")?,
+                *lib.get::<Memcpy2dAsyncFn>(b"cudaMemcpy2DAsync\0")?,
+                *lib.get::<MemGetInfoFn>(b"cudaMemGetInfo\0")?,
                 *lib.get::<SetDeviceFn>(b"cudaSetDevice\0")?,
                 *lib.get::<SynchronizeFn>(b"cudaDeviceSynchronize\0")?,
                 *lib.get::<DeviceCountFn>(b"cudaGetDeviceCount\0")?,
@@ -66,7 +108,7 @@ impl CudaRuntime {
         let mut devices = 0;
         // SAFETY: writes one int.
         Self::check(unsafe { device_count(&mut devices) }, "cudaGetDeviceCount")?;
-        Ok(CudaRuntime { memcpy, set_device, synchronize, _lib: lib })
+        Ok(CudaRuntime { memcpy, memcpy_2d_async, mem_get_info, set_device, synchronize, _lib: lib })
     }
 
     #[cfg(not(unix))]
@@ -103,6 +145,47 @@ impl CudaRuntime {
             Self::check((self.set_device)(device), "cudaSetDevice")?;
             Self::check((self.synchronize)(), "cudaDeviceSynchronize")
         }
+    }
+
+    /// Free and total memory of `device`, bytes (`cudaMemGetInfo`).
+    pub fn memory_info(&self, device: i32) -> Result<(usize, usize)> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: selects a device and writes two size_t.
+        unsafe {
+            Self::check((self.set_device)(device), "cudaSetDevice")?;
+            Self::check((self.mem_get_info)(&mut free, &mut total), "cudaMemGetInfo")?;
+        }
+        Ok((free, total))
+    }
+
+    /// Queues strided device-to-device copies on the legacy default stream (one
+    /// `cudaMemcpy2DAsync` each); call [`synchronize`](Self::synchronize) before the memory is
+    /// used by the next session run.
+    ///
+    /// # Safety
+    /// Every copy's regions must be live device memory of `device` of that extent, and must
+    /// not overlap.
+    pub unsafe fn device_copies_2d(&self, device: i32, copies: &[Copy2d]) -> Result<()> {
+        Self::check((self.set_device)(device), "cudaSetDevice")?;
+        for c in copies {
+            if c.width > c.dst_pitch || c.width > c.src_pitch {
+                bail!("a 2D copy of {} bytes per row with pitches {} and {}", c.width, c.dst_pitch, c.src_pitch);
+            }
+            Self::check(
+                (self.memcpy_2d_async)(
+                    c.dst as *mut c_void,
+                    c.dst_pitch,
+                    c.src as *const c_void,
+                    c.src_pitch,
+                    c.width,
+                    c.height,
+                    CUDA_MEMCPY_DEVICE_TO_DEVICE,
+                    DEFAULT_STREAM,
+                ),
+                "cudaMemcpy2DAsync on the device",
+            )?;
+        }
+        Ok(())
     }
 
     /// Copies device memory at `src` into `dst`. Synchronous: the data is there on return.

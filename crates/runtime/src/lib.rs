@@ -1,8 +1,11 @@
-//! pio-runtime: ONNX Runtime sessions over exported graph folders, generation through the KV cache,
-//! Rust-side sampling, chat templates and streaming detokenization.
+//! pio-runtime: ONNX Runtime sessions over exported graph folders, the forward step through the KV
+//! cache (`model`), the serving engine that runs many requests at once over it (`engine`: continuous
+//! batching, KV slots, prefix caching), Rust-side sampling, chat templates and streaming
+//! detokenization.
 
 pub mod chat_template;
 pub mod cuda_rt;
+pub mod engine;
 pub mod ep;
 pub mod generate;
 pub mod gpu_monitor;
@@ -10,4 +13,5 @@ pub mod model;
 pub mod ort_lib;
 pub mod plugin;
 pub mod sampling;
+pub mod step_inputs;
 pub mod tokenizer;

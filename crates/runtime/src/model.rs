@@ -15,6 +15,10 @@
 //! [`Fetch::Greedy`] only each sequence's argmax token (the graph's `greedy_tokens` output),
 //! which is what keeps large-batch greedy decode off the host. Long prompts are run in chunks
 //! of [`DecoderModel::prefill_chunk`] tokens, which bounds the activation memory of a prefill.
+//!
+//! The rows of a shared buffer can also run with lengths of their own ([`DecoderModel::run_rows`]:
+//! each row's mask row and positions say where its new tokens go), which is what the serving
+//! engine's slots are (`crate::engine`).
 
 use std::path::{Path, PathBuf};
 
@@ -27,19 +31,59 @@ use pio_models::manifest::{KvCacheSpec, Manifest, TensorDtype, GREEDY_TOKENS_OUT
 
 use crate::cuda_rt::CudaRuntime;
 use crate::ep::ExecutionProvider;
+use crate::step_inputs::StepInputs;
 
 enum KvStore {
     /// Each layer's last `present` (dynamic length), on the host or the device.
     Growing { keys: Vec<DynValue>, values: Vec<DynValue> },
     /// Fixed-capacity buffers, past and present at once (GroupQueryAttention's shared buffer),
-    /// with each buffer's data address for batch-1 views of one sequence.
+    /// with each buffer's data address for views of some of its sequences.
     Device {
-        keys: Vec<DynValue>,
-        values: Vec<DynValue>,
-        capacity: usize,
-        addrs: Vec<(usize, usize)>,
+        // Owned here; bound through views at `addrs`.
+        _keys: Vec<DynValue>,
+        _values: Vec<DynValue>,
+        layout: SharedLayout,
         memory: MemoryInfo<'static>,
     },
+}
+
+/// Where a shared buffer's rows live: per layer a key and a value buffer of (rows, kv_heads,
+/// capacity, head_dim) elements. Row r, head h, position p is element ((r * kv_heads + h) *
+/// capacity + p) * head_dim, so one row's positions of one head are contiguous, and a range of
+/// positions of one row is `kv_heads` runs `capacity * head_dim` elements apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedLayout {
+    /// Each layer's key and value buffer data addresses.
+    pub layers: Vec<(usize, usize)>,
+    pub rows: usize,
+    pub kv_heads: usize,
+    pub capacity: usize,
+    pub head_dim: usize,
+    pub element_bytes: usize,
+    /// None: host memory; Some(id): memory of that CUDA device.
+    pub device: Option<i32>,
+}
+
+impl SharedLayout {
+    /// Bytes of one position of one head.
+    pub fn position_bytes(&self) -> usize {
+        self.head_dim * self.element_bytes
+    }
+
+    /// Bytes between one head's runs (and between the heads of consecutive rows).
+    pub fn head_pitch(&self) -> usize {
+        self.capacity * self.position_bytes()
+    }
+
+    /// Address of `row`'s head 0 at `position` in a buffer at `base`.
+    pub fn address(&self, base: usize, row: usize, position: usize) -> usize {
+        base + (row * self.kv_heads * self.capacity + position) * self.position_bytes()
+    }
+
+    /// Bytes of the keys and values of one position, all layers.
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.layers.len() * self.kv_heads * self.position_bytes()
+    }
 }
 
 /// The KV cache of `batch` sequences of equal length.
@@ -53,14 +97,19 @@ pub struct KvCache {
 impl KvCache {
     /// How many tokens the cache can hold (None: grows as needed).
     pub fn capacity(&self) -> Option<usize> {
-        match &self.store {
-            KvStore::Growing { .. } => None,
-            KvStore::Device { capacity, .. } => Some(*capacity),
-        }
+        self.shared_layout().map(|l| l.capacity)
     }
     /// Whether the cache is GroupQueryAttention's fixed-capacity shared buffer.
     pub fn is_shared_buffer(&self) -> bool {
         matches!(self.store, KvStore::Device { .. })
+    }
+
+    /// Where a shared buffer's rows live (None for a growing cache).
+    pub fn shared_layout(&self) -> Option<&SharedLayout> {
+        match &self.store {
+            KvStore::Growing { .. } => None,
+            KvStore::Device { layout, .. } => Some(layout),
+        }
     }
 
     /// Keeps the first `len` tokens of each sequence: the next step writes from there. Only a
@@ -154,12 +203,13 @@ pub fn argmax(x: &[f32]) -> u32 {
 pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 
 /// Inputs and outputs of a CUDA-graph decode step, kept at fixed device addresses between steps.
-/// A captured graph also holds the addresses of the cache it ran on, so each cache gets its
-/// own capture (`graph_id`); [`KvCache::truncate`] lets one cache serve many generations.
+/// A captured graph also holds the addresses of the cache rows it ran on, so each cache and each
+/// number of rows gets its own capture (`graph_id`); [`KvCache::truncate`] lets one cache serve
+/// many generations, and the engine's slots one capture per padded batch size.
 struct GraphDecodeState {
-    /// Every layer's key and value buffer, and the batch and capacity: the cache the graph
-    /// was captured on. (A new cache at exactly these addresses is the same memory, so the
-    /// capture serves it too.)
+    /// Every layer's key and value buffer, the rows and the capacity: the cache the graph was
+    /// captured on. (A new cache at exactly these addresses is the same memory, so the capture
+    /// serves it too.)
     cache: (Vec<(usize, usize)>, usize, usize),
     graph_id: usize,
     input_ids: Tensor<i64>,
@@ -175,17 +225,16 @@ pub struct DecoderModel {
     session: Session,
     pub ep: ExecutionProvider,
     device_allocator: Option<Allocator>,
-    /// One captured decode step per cache it ran on (ONNX Runtime keeps every capture).
+    /// One captured decode step per cache (and number of rows) it ran on (ONNX Runtime keeps
+    /// every capture).
     graph_states: Vec<GraphDecodeState>,
-    /// Longest piece a prompt is run in (None: the whole prompt in one pass).
-    pub prefill_chunk: Option<usize>,
-    /// On the CPU, give GroupQueryAttention graphs the GPU's fixed-capacity shared buffer
-    /// instead of a growing cache (tests of that path; it allocates the whole capacity).
-    pub shared_cache_on_host: bool,
+    /// Longest piece [`DecoderModel::step`] runs a prompt in (None: the whole prompt in one pass).
+    prefill_chunk: Option<usize>,
 }
 
-fn ort_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("{e}")
+/// An ONNX Runtime error, kept as the source of an anyhow chain.
+fn ort_err(e: ort::Error) -> anyhow::Error {
+    anyhow::Error::new(e)
 }
 
 /// `$body` with `$t` standing for the Rust element type of a KV cache dtype.
@@ -247,22 +296,23 @@ fn bind_input_in_place(
     bail!("cannot bind the cache view {name}: {message}")
 }
 
-/// A (1, kv_heads, capacity, head_dim) view of sequence `seq` in the shared buffer at `addr`
-/// (sequences are the outermost axis, so each one's rows are contiguous).
+/// A (rows, kv_heads, capacity, head_dim) view of rows `first..first + rows` of the shared buffer
+/// at `base` (rows are the outermost axis, so consecutive rows are one contiguous block).
 ///
 /// # Safety
-/// `addr` must be the data of a live (batch > seq, kv_heads, capacity, head_dim) tensor of
+/// `base` must be the data of a live (>= first + rows, kv_heads, capacity, head_dim) tensor of
 /// `dtype` in `memory`, which must outlive the view.
-unsafe fn sequence_view<'a>(
+unsafe fn rows_view<'a>(
     memory: &MemoryInfo<'static>,
     dtype: TensorDtype,
-    addr: usize,
-    seq: usize,
-    [kv_heads, capacity, head_dim]: [usize; 3],
+    layout: &SharedLayout,
+    base: usize,
+    first: usize,
+    rows: usize,
 ) -> Result<ort::value::DynValueRefMut<'a>> {
-    let per_sequence = kv_heads * capacity * head_dim;
-    let ptr = (addr + seq * per_sequence * dtype.size_bytes()) as *mut std::ffi::c_void;
-    let shape = ort::value::Shape::new([1, kv_heads as i64, capacity as i64, head_dim as i64]);
+    let ptr = layout.address(base, first, 0) as *mut std::ffi::c_void;
+    let shape =
+        ort::value::Shape::new([rows as i64, layout.kv_heads as i64, layout.capacity as i64, layout.head_dim as i64]);
     Ok(
         with_kv_element!(dtype, T => ort::value::TensorRefMut::<T>::from_raw(memory.clone(), ptr, shape).map_err(ort_err)?.into_dyn()),
     )
@@ -271,6 +321,23 @@ unsafe fn sequence_view<'a>(
 /// An empty host tensor (zero-length past) of the graph's KV dtype.
 fn empty_host_tensor(dtype: TensorDtype, shape: Vec<i64>) -> Result<DynValue> {
     Ok(with_kv_element!(dtype, T => Tensor::from_array((shape, Vec::<T>::new())).map_err(ort_err)?.into_dyn()))
+}
+
+/// An uninitialized byte buffer where the session keeps its KV cache (device memory on a GPU,
+/// host memory on the CPU): the engine's prefix cache stores KV there.
+pub struct KvBuffer {
+    _value: Tensor<u8>,
+    addr: usize,
+    bytes: usize,
+}
+
+impl KvBuffer {
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 impl DecoderModel {
@@ -293,8 +360,10 @@ impl DecoderModel {
         let env = crate::ort_lib::environment()?;
         let builder = Session::builder(env).map_err(ort_err)?;
         let mut builder = ep.configure(builder)?;
-        let session =
-            builder.commit_from_file(&model_path).map_err(|e| anyhow!("cannot load {}: {e}", model_path.display()))?;
+        let session = builder
+            .commit_from_file(&model_path)
+            .map_err(ort_err)
+            .with_context(|| format!("cannot load {}", model_path.display()))?;
         let device_allocator = match ep.device_id() {
             Some(id) => Some(
                 Allocator::new(
@@ -302,7 +371,8 @@ impl DecoderModel {
                     MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)
                         .map_err(ort_err)?,
                 )
-                .map_err(|e| anyhow!("cannot allocate on CUDA device {id}: {e}"))?,
+                .map_err(ort_err)
+                .with_context(|| format!("cannot allocate on CUDA device {id}"))?,
             ),
             None => None,
         };
@@ -314,7 +384,6 @@ impl DecoderModel {
             device_allocator,
             graph_states: Vec::new(),
             prefill_chunk: Some(DEFAULT_PREFILL_CHUNK),
-            shared_cache_on_host: false,
         })
     }
 
@@ -324,6 +393,33 @@ impl DecoderModel {
 
     pub fn context_length(&self) -> usize {
         self.manifest.dims.context_length
+    }
+
+    /// Longest piece [`step`](Self::step) runs a prompt in (None: whole prompts).
+    pub fn prefill_chunk(&self) -> Option<usize> {
+        self.prefill_chunk
+    }
+
+    /// Sets the longest piece [`step`](Self::step) runs a prompt in (None or 0: whole prompts).
+    pub fn set_prefill_chunk(&mut self, chunk: Option<usize>) {
+        self.prefill_chunk = chunk.filter(|&c| c > 0);
+    }
+
+    /// The CUDA device the session runs on (None on the CPU).
+    pub fn device_id(&self) -> Option<i32> {
+        self.device_allocator.as_ref().and(self.ep.device_id())
+    }
+
+    /// Whether this graph's cache is GroupQueryAttention's fixed-capacity shared buffer (else it
+    /// grows step by step: `--no-fused-attention` exports).
+    pub fn has_shared_buffer(&self) -> bool {
+        self.manifest.options.fused_attention
+    }
+
+    /// Bytes of the keys and values of one token, all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let d = &self.manifest.dims;
+        2 * d.num_layers * d.num_kv_heads * d.head_dim * self.manifest.kv_cache.dtype.size_bytes()
     }
 
     /// An empty cache for one sequence (see [`DecoderModel::new_batch_cache`]).
@@ -338,31 +434,66 @@ impl DecoderModel {
         match &self.device_allocator {
             // GroupQueryAttention graphs take the shared buffer (graphs exported before the
             // manifest said so have `shared_buffer` false, hence the attention switch here).
-            Some(alloc) if self.manifest.options.fused_attention => {
+            Some(alloc) if self.has_shared_buffer() => {
                 let memory = Self::cache_memory(self.ep.device_id())?;
-                self.shared_cache(alloc, memory, batch, capacity)
+                self.shared_cache(alloc, memory, self.ep.device_id(), batch, capacity)
             }
-            None if self.shared_cache_on_host => self.new_shared_host_cache(batch, capacity),
             _ => self.growing_cache(batch),
+        }
+    }
+
+    /// GroupQueryAttention's fixed-capacity shared buffer wherever the session runs: on the
+    /// device of a GPU session, in host memory on the CPU (where GroupQueryAttention updates it
+    /// in place too; [`new_batch_cache`](Self::new_batch_cache) gives the CPU a growing cache).
+    pub fn new_shared_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        if !self.has_shared_buffer() {
+            bail!(
+                "{} has no GroupQueryAttention (exported with --no-fused-attention): its cache grows",
+                self.dir.display()
+            );
+        }
+        match &self.device_allocator {
+            Some(alloc) => {
+                self.shared_cache(alloc, Self::cache_memory(self.ep.device_id())?, self.ep.device_id(), batch, capacity)
+            }
+            None => self.new_shared_host_cache(batch, capacity),
         }
     }
 
     /// GroupQueryAttention's fixed-capacity shared-buffer cache in host memory: what a GPU
     /// session uses, on the CPU (whose default is the growing cache), for tests of that path.
     pub fn new_shared_host_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
-        if !self.manifest.options.fused_attention {
+        if !self.has_shared_buffer() {
             bail!(
                 "{} has no GroupQueryAttention (exported with --no-fused-attention): its cache grows",
                 self.dir.display()
             );
         }
-        self.shared_cache(&Allocator::default(), MemoryInfo::default(), batch, capacity)
+        self.shared_cache(&Allocator::default(), MemoryInfo::default(), None, batch, capacity)
+    }
+
+    /// An uninitialized buffer of `bytes` where the session's KV cache lives (see [`KvBuffer`]).
+    pub fn new_kv_buffer(&self, bytes: usize) -> Result<KvBuffer> {
+        let alloc_default;
+        let alloc = match &self.device_allocator {
+            Some(a) => a,
+            None => {
+                alloc_default = Allocator::default();
+                &alloc_default
+            }
+        };
+        let mut value = Tensor::<u8>::new(alloc, [bytes.max(1)])
+            .map_err(ort_err)
+            .with_context(|| format!("cannot allocate {bytes} bytes for the KV cache"))?;
+        let addr = value.data_ptr_mut() as usize;
+        Ok(KvBuffer { _value: value, addr, bytes })
     }
 
     fn shared_cache(
         &self,
         alloc: &Allocator,
         memory: MemoryInfo<'static>,
+        device: Option<i32>,
         batch: usize,
         capacity: usize,
     ) -> Result<KvCache> {
@@ -370,15 +501,24 @@ impl DecoderModel {
         let dtype = self.manifest.kv_cache.dtype;
         let capacity = capacity.min(self.context_length());
         let shape = [batch, d.num_kv_heads, capacity, d.head_dim];
-        let (mut keys, mut values, mut addrs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut keys, mut values, mut layers) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..d.num_layers {
             let (k, k_addr) = device_tensor(alloc, dtype, &shape)?;
             let (v, v_addr) = device_tensor(alloc, dtype, &shape)?;
             keys.push(k);
             values.push(v);
-            addrs.push((k_addr, v_addr));
+            layers.push((k_addr, v_addr));
         }
-        Ok(KvCache { store: KvStore::Device { keys, values, capacity, addrs, memory }, batch, len: 0 })
+        let layout = SharedLayout {
+            layers,
+            rows: batch,
+            kv_heads: d.num_kv_heads,
+            capacity,
+            head_dim: d.head_dim,
+            element_bytes: dtype.size_bytes(),
+            device,
+        };
+        Ok(KvCache { store: KvStore::Device { _keys: keys, _values: values, layout, memory }, batch, len: 0 })
     }
 
     fn growing_cache(&self, batch: usize) -> Result<KvCache> {
@@ -419,12 +559,13 @@ impl DecoderModel {
     /// batch whose step has a past (a later chunk, or a step of several tokens after a prefill)
     /// runs one sequence at a time through batch-1 views of the shared buffer.
     pub fn step(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache, fetch: Fetch) -> Result<StepOutput> {
-        let s = self.check_step(tokens, batch, cache, None)?;
-        let chunked = self.prefill_chunk.is_some_and(|c| c > 0 && s > c);
-        let gqa_needs_one_sequence =
-            batch > 1 && s > 1 && self.manifest.options.fused_attention && (cache.len > 0 || chunked);
+        let whole = StepInputs::uniform(tokens.to_vec(), batch, cache.len)?;
+        self.check_rows(&whole, cache, 0)?;
+        let s = whole.seq_len();
+        let chunked = self.prefill_chunk.is_some_and(|c| s > c);
+        let gqa_needs_one_sequence = batch > 1 && s > 1 && self.has_shared_buffer() && (cache.len > 0 || chunked);
         if !gqa_needs_one_sequence {
-            return self.run_chunked(tokens, batch, cache, fetch, None);
+            return self.run_chunked(tokens, batch, cache, fetch, 0);
         }
         if !cache.is_shared_buffer() {
             if cache.len > 0 {
@@ -434,13 +575,13 @@ impl DecoderModel {
                 );
             }
             // A growing (host) cache has no per-sequence views: the prompt runs whole.
-            return self.run_step(tokens, batch, cache, fetch, None);
+            return self.run_uniform(tokens, batch, cache, fetch, 0);
         }
         let start_len = cache.len;
         let mut outputs = Vec::with_capacity(batch);
         for seq in 0..batch {
             cache.len = start_len;
-            outputs.push(self.run_chunked(&tokens[seq * s..(seq + 1) * s], 1, cache, fetch, Some(seq))?);
+            outputs.push(self.run_chunked(&tokens[seq * s..(seq + 1) * s], 1, cache, fetch, seq)?);
         }
         cache.len = start_len + s;
         if outputs.iter().all(|o| matches!(o, StepOutput::Greedy(_))) {
@@ -452,19 +593,19 @@ impl DecoderModel {
         Ok(StepOutput::Logits(Logits { data, batch, rows, vocab }))
     }
 
-    /// [`run_step`](Self::run_step) over chunks of at most `prefill_chunk` tokens per sequence.
+    /// [`run_uniform`](Self::run_uniform) over chunks of at most `prefill_chunk` tokens per sequence.
     fn run_chunked(
         &mut self,
         tokens: &[u32],
         batch: usize,
         cache: &mut KvCache,
         fetch: Fetch,
-        seq: Option<usize>,
+        first: usize,
     ) -> Result<StepOutput> {
         let s = tokens.len() / batch;
         let chunk = match self.prefill_chunk {
-            Some(c) if c > 0 && s > c => c,
-            _ => return self.run_step(tokens, batch, cache, fetch, seq),
+            Some(c) if s > c => c,
+            _ => return self.run_uniform(tokens, batch, cache, fetch, first),
         };
         let all_rows = !self.manifest.options.last_token_logits && fetch == Fetch::Logits;
         let mut pieces = Vec::new();
@@ -473,7 +614,7 @@ impl DecoderModel {
             let piece: Vec<u32> = (0..batch).flat_map(|b| tokens[b * s + start..b * s + end].iter().copied()).collect();
             // Only the last chunk's output is the answer, unless every row was asked for.
             let want = if end == s || all_rows { fetch } else { Fetch::Greedy };
-            pieces.push(self.run_step(&piece, batch, cache, want, seq)?);
+            pieces.push(self.run_uniform(&piece, batch, cache, want, first)?);
         }
         if !all_rows {
             return pieces.pop().ok_or_else(|| anyhow!("a prefill of {s} tokens ran no chunk"));
@@ -489,19 +630,42 @@ impl DecoderModel {
         Ok(StepOutput::Logits(Logits { data, batch, rows: s, vocab }))
     }
 
-    /// Checks a step and returns its tokens per sequence. `seq`: the step runs only that
-    /// sequence of the cache (batch 1).
-    fn check_step(&self, tokens: &[u32], batch: usize, cache: &KvCache, seq: Option<usize>) -> Result<usize> {
-        if tokens.is_empty() || batch == 0 || !tokens.len().is_multiple_of(batch) {
-            bail!("a step needs the same positive number of tokens for each of the {batch} sequences");
-        }
-        match seq {
-            None if cache.batch != batch => bail!("the cache holds {} sequences, the step has {batch}", cache.batch),
-            Some(b) if batch != 1 || b >= cache.batch => bail!("sequence {b} of a cache of {} sequences", cache.batch),
+    /// One run of `batch` rows from row `first`, all at `cache.len`, which then moves forward.
+    fn run_uniform(
+        &mut self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        fetch: Fetch,
+        first: usize,
+    ) -> Result<StepOutput> {
+        let past = cache.len;
+        let inputs = StepInputs::uniform(tokens.to_vec(), batch, past)?;
+        let out = self.run_rows(&inputs, cache, first, fetch)?;
+        cache.len = past + inputs.seq_len();
+        Ok(out)
+    }
+
+    /// Checks a step over rows `first..first + inputs.rows()` of `cache`.
+    fn check_rows(&self, inputs: &StepInputs, cache: &KvCache, first: usize) -> Result<()> {
+        let rows = inputs.rows();
+        match cache.shared_layout() {
+            Some(layout) if first + rows > layout.rows => {
+                bail!("rows {first}..{} of a cache of {} sequences", first + rows, layout.rows)
+            }
+            None if first != 0 || rows != cache.batch => {
+                bail!("the cache holds {} sequences, the step has {rows} (from row {first})", cache.batch)
+            }
+            None if inputs.past_lens().iter().any(|&p| p != cache.len) => {
+                bail!(
+                    "a growing cache holds {} tokens for every sequence; the step says {:?}",
+                    cache.len,
+                    inputs.past_lens()
+                )
+            }
             _ => {}
         }
-        let s = tokens.len() / batch;
-        let total = cache.len + s;
+        let total = inputs.total_len();
         let limit = cache.capacity().unwrap_or(usize::MAX).min(self.context_length());
         if total > limit {
             bail!(
@@ -510,10 +674,10 @@ impl DecoderModel {
             );
         }
         let vocab = self.vocab_size();
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        if let Some(&bad) = inputs.tokens().iter().find(|&&t| t as usize >= vocab) {
             bail!("token id {bad} is outside the vocabulary (size {vocab})");
         }
-        Ok(s)
+        Ok(())
     }
 
     /// Where a growing cache's `present` outputs are kept: on the session's device.
@@ -526,25 +690,30 @@ impl DecoderModel {
         }
     }
 
-    /// One session run over `tokens` (no chunking).
-    /// `seq`: run only that sequence of a shared-buffer cache, through batch-1 views of it.
-    fn run_step(
+    /// One session run of `inputs` (no chunking) over rows `first..first + inputs.rows()` of
+    /// `cache`, each row writing its new tokens after its own past.
+    ///
+    /// A shared buffer is bound through a view of those rows (rows are its outermost axis, so
+    /// the view is a pointer and a shape; no copy), past and present at once; its `len` is left
+    /// alone (each row has a length of its own). A growing cache runs whole at its one length
+    /// and grows by the step's tokens (`len` follows).
+    ///
+    /// GroupQueryAttention takes several new tokens per row after a past only for one row; a
+    /// decode step (one token per row) takes any rows.
+    pub fn run_rows(
         &mut self,
-        tokens: &[u32],
-        batch: usize,
+        inputs: &StepInputs,
         cache: &mut KvCache,
+        first: usize,
         fetch: Fetch,
-        seq: Option<usize>,
     ) -> Result<StepOutput> {
-        let s = self.check_step(tokens, batch, cache, seq)?;
-        let total = cache.len + s;
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let positions: Vec<i64> = (0..batch).flat_map(|_| cache.len as i64..total as i64).collect();
-        let mask = vec![1i64; batch * total];
-        let (b, s, t) = (batch as i64, s as i64, total as i64);
-        let input_ids = Tensor::from_array((vec![b, s], ids)).map_err(ort_err)?;
-        let attention_mask = Tensor::from_array((vec![b, t], mask)).map_err(ort_err)?;
-        let position_ids = Tensor::from_array((vec![b, s], positions)).map_err(ort_err)?;
+        self.check_rows(inputs, cache, first)?;
+        let (rows, s) = (inputs.rows() as i64, inputs.seq_len() as i64);
+        let width = inputs.total_len();
+        let input_ids = Tensor::from_array((vec![rows, s], inputs.input_ids())).map_err(ort_err)?;
+        let attention_mask =
+            Tensor::from_array((vec![rows, width as i64], inputs.attention_mask(width))).map_err(ort_err)?;
+        let position_ids = Tensor::from_array((vec![rows, s], inputs.position_ids())).map_err(ort_err)?;
         let kv = self.manifest.kv_cache.clone();
         let vocab = self.vocab_size();
         let host = MemoryInfo::default();
@@ -555,32 +724,12 @@ impl DecoderModel {
         binding.bind_input("input_ids", &input_ids).map_err(ort_err)?;
         binding.bind_input("attention_mask", &attention_mask).map_err(ort_err)?;
         binding.bind_input("position_ids", &position_ids).map_err(ort_err)?;
-        // Per-sequence cache views bound as inputs: they must outlive the run.
+        // Cache views bound as inputs: they must outlive the run.
         let mut held_views = Vec::new();
         match &mut cache.store {
-            KvStore::Device { keys, values, capacity, addrs, memory } => match seq {
-                None => Self::bind_kv(&mut binding, &kv, keys, values)?,
-                Some(seq) => {
-                    let d = &self.manifest.dims;
-                    let dims = [d.num_kv_heads, *capacity, d.head_dim];
-                    for (layer, &(k_addr, v_addr)) in addrs.iter().enumerate() {
-                        // SAFETY: the addresses are the data of `keys`/`values`, alive for this
-                        // call, of this shape and dtype; the views live until the run is over.
-                        let view = |addr| unsafe { sequence_view(memory, kv.dtype, addr, seq, dims) };
-                        for (name, addr) in [(&kv.past_key, k_addr), (&kv.past_value, v_addr)] {
-                            let input = view(addr)?;
-                            bind_input_in_place(&mut binding, &KvCacheSpec::name(name, layer), &input)?;
-                            held_views.push(input);
-                        }
-                        binding
-                            .bind_output(KvCacheSpec::name(&kv.present_key, layer), view(k_addr)?)
-                            .map_err(ort_err)?;
-                        binding
-                            .bind_output(KvCacheSpec::name(&kv.present_value, layer), view(v_addr)?)
-                            .map_err(ort_err)?;
-                    }
-                }
-            },
+            KvStore::Device { layout, memory, .. } => {
+                held_views = Self::bind_rows(&mut binding, &kv, layout, memory, first, inputs.rows())?;
+            }
             KvStore::Growing { keys, values } => {
                 for (layer, (k, v)) in keys.iter().zip(values.iter()).enumerate() {
                     binding.bind_input(KvCacheSpec::name(&kv.past_key, layer), k).map_err(ort_err)?;
@@ -595,7 +744,7 @@ impl DecoderModel {
             }
         }
         if greedy_output {
-            // The logits stay where they were computed; batch x rows token ids come back.
+            // The logits stay where they were computed; rows x positions token ids come back.
             binding.bind_output_to_device("logits", &device).map_err(ort_err)?;
             binding.bind_output_to_device(GREEDY_TOKENS_OUTPUT, &host).map_err(ort_err)?;
         } else {
@@ -610,7 +759,8 @@ impl DecoderModel {
         let mut outputs = self
             .session
             .run_binding_with_options(&binding, &options)
-            .map_err(|e| anyhow!("decoder step failed: {e}"))?;
+            .map_err(ort_err)
+            .context("decoder step failed")?;
         let result = if greedy_output {
             StepOutput::Greedy(Self::read_greedy(outputs.remove(GREEDY_TOKENS_OUTPUT))?)
         } else {
@@ -624,25 +774,36 @@ impl DecoderModel {
                 keys[layer] = outputs.remove(&name_k).with_context(|| format!("missing output {name_k}"))?;
                 values[layer] = outputs.remove(&name_v).with_context(|| format!("missing output {name_v}"))?;
             }
+            cache.len += inputs.seq_len();
         }
-        cache.len = total;
         Ok(result)
     }
 
-    /// Binds each layer's device buffer as both past and present (GroupQueryAttention's shared buffer).
-    fn bind_kv(
+    /// Binds rows `first..first + rows` of every layer's shared buffer as both past and present
+    /// (GroupQueryAttention's shared buffer, updated in place). Returns the input views, which
+    /// must outlive the run.
+    fn bind_rows<'a>(
         binding: &mut ort::session::IoBinding,
         kv: &KvCacheSpec,
-        keys: &mut [DynValue],
-        values: &mut [DynValue],
-    ) -> Result<()> {
-        for (layer, (k, v)) in keys.iter_mut().zip(values.iter_mut()).enumerate() {
-            binding.bind_input(KvCacheSpec::name(&kv.past_key, layer), &*k).map_err(ort_err)?;
-            binding.bind_input(KvCacheSpec::name(&kv.past_value, layer), &*v).map_err(ort_err)?;
-            binding.bind_output(KvCacheSpec::name(&kv.present_key, layer), &mut *k).map_err(ort_err)?;
-            binding.bind_output(KvCacheSpec::name(&kv.present_value, layer), &mut *v).map_err(ort_err)?;
+        layout: &SharedLayout,
+        memory: &MemoryInfo<'static>,
+        first: usize,
+        rows: usize,
+    ) -> Result<Vec<ort::value::DynValueRefMut<'a>>> {
+        let mut held = Vec::with_capacity(2 * layout.layers.len());
+        for (layer, &(k_addr, v_addr)) in layout.layers.iter().enumerate() {
+            // SAFETY: the addresses are the data of the cache's buffers, alive while the cache
+            // is borrowed for the run, of this layout and dtype; the views live until it ends.
+            let view = |addr| unsafe { rows_view(memory, kv.dtype, layout, addr, first, rows) };
+            for (name, addr) in [(&kv.past_key, k_addr), (&kv.past_value, v_addr)] {
+                let input = view(addr)?;
+                bind_input_in_place(binding, &KvCacheSpec::name(name, layer), &input)?;
+                held.push(input);
+            }
+            binding.bind_output(KvCacheSpec::name(&kv.present_key, layer), view(k_addr)?).map_err(ort_err)?;
+            binding.bind_output(KvCacheSpec::name(&kv.present_value, layer), view(v_addr)?).map_err(ort_err)?;
         }
-        Ok(())
+        Ok(held)
     }
 
     /// Run options that keep a step out of CUDA-graph capture (shapes vary between prefills).
@@ -671,57 +832,71 @@ impl DecoderModel {
         Ok(data.chunks(rows).filter_map(|row| row.last()).map(|&t| t as u32).collect())
     }
 
-    /// One decode step (one token per sequence) replayed from a captured CUDA graph. Needs the
-    /// CUDA execution provider with `cuda_graph` on and a shared-buffer cache; every input and
-    /// output lives at a fixed device address (the attention mask spans the whole cache
-    /// capacity), so ONNX Runtime captures the step once and replays it.
+    /// Whether decode steps can replay a captured CUDA graph: the CUDA execution provider with
+    /// `cuda_graph` on, and GroupQueryAttention's shared buffer.
+    pub fn can_replay_graphs(&self) -> bool {
+        matches!(self.ep, ExecutionProvider::Cuda(_))
+            && self.ep.cuda_graph()
+            && self.device_allocator.is_some()
+            && self.has_shared_buffer()
+    }
+
+    /// One decode step (one token per sequence, all at `cache.len`) replayed from a captured
+    /// CUDA graph; see [`run_rows_graph`](Self::run_rows_graph).
     pub fn decode_step_graph(&mut self, tokens: &[u32], cache: &mut KvCache, fetch: Fetch) -> Result<StepOutput> {
-        let batch = cache.batch;
-        if tokens.len() != batch {
-            bail!("a decode step takes one token per sequence ({batch}), got {}", tokens.len());
+        if tokens.len() != cache.batch {
+            bail!("a decode step takes one token per sequence ({}), got {}", cache.batch, tokens.len());
         }
-        self.check_step(tokens, batch, cache, None)?;
+        let past = cache.len;
+        let inputs = StepInputs::uniform(tokens.to_vec(), cache.batch, past)?;
+        let out = self.run_rows_graph(&inputs, cache, fetch)?;
+        cache.len = past + 1;
+        Ok(out)
+    }
+
+    /// One decode step (one token per row, each after its own past) over rows 0..inputs.rows()
+    /// of a shared-buffer cache, replayed from a captured CUDA graph. Needs
+    /// [`can_replay_graphs`](Self::can_replay_graphs); every input and output lives at a fixed
+    /// device address (the attention mask spans the whole capacity), so ONNX Runtime captures the
+    /// step once per cache and number of rows and replays it. Leaves `cache.len` alone.
+    pub fn run_rows_graph(&mut self, inputs: &StepInputs, cache: &mut KvCache, fetch: Fetch) -> Result<StepOutput> {
+        if inputs.seq_len() != 1 {
+            bail!("a CUDA-graph step decodes one token per sequence, got {}", inputs.seq_len());
+        }
+        self.check_rows(inputs, cache, 0)?;
+        let rows = inputs.rows();
         let device = self.ep.device_id().unwrap_or(0);
         let alloc = self.device_allocator.as_ref().ok_or_else(|| anyhow!("CUDA-graph decode needs a CUDA session"))?;
-        let KvStore::Device { keys, values, capacity, addrs, .. } = &mut cache.store else {
+        let KvStore::Device { layout, memory, .. } = &mut cache.store else {
             bail!(
                 "CUDA-graph decode needs GroupQueryAttention's fixed-size cache; {} was exported without fused attention",
                 self.dir.display()
             );
         };
-        let capacity = *capacity;
+        let capacity = layout.capacity;
         let vocab = self.manifest.dims.vocab_size;
         let has_greedy = self.manifest.has_greedy_output();
-        let cache_key = (addrs.clone(), batch, capacity);
+        let cache_key = (layout.layers.clone(), rows, capacity);
         let index = match self.graph_states.iter().position(|g| g.cache == cache_key) {
             Some(i) => i,
             None => {
-                // A new cache: new fixed inputs and a new capture. Graph ids start at 1.
+                // New rows or a new cache: new fixed inputs and a new capture. Graph ids start at 1.
                 let graph_id = 1 + self.graph_states.iter().map(|g| g.graph_id).max().unwrap_or(0);
+                let tensor = |shape: Vec<usize>| Tensor::<i64>::new(alloc, shape).map_err(ort_err);
                 self.graph_states.push(GraphDecodeState {
                     cache: cache_key,
                     graph_id,
-                    input_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
-                    position_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
-                    attention_mask: Tensor::<i64>::new(alloc, [batch, capacity]).map_err(ort_err)?,
-                    logits: Tensor::<f32>::new(alloc, [batch, 1, vocab]).map_err(ort_err)?,
-                    greedy: if has_greedy {
-                        Some(Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?)
-                    } else {
-                        None
-                    },
+                    input_ids: tensor(vec![rows, 1])?,
+                    position_ids: tensor(vec![rows, 1])?,
+                    attention_mask: tensor(vec![rows, capacity])?,
+                    logits: Tensor::<f32>::new(alloc, [rows, 1, vocab]).map_err(ort_err)?,
+                    greedy: if has_greedy { Some(tensor(vec![rows, 1])?) } else { None },
                 });
                 self.graph_states.len() - 1
             }
         };
         let state = &mut self.graph_states[index];
-        let pos = cache.len as i64;
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let mut mask = vec![0i64; batch * capacity];
-        for row in 0..batch {
-            mask[row * capacity..row * capacity + cache.len + 1].fill(1);
-        }
-        let positions = vec![pos; batch];
+        let (ids, positions, mask) = (inputs.input_ids(), inputs.position_ids(), inputs.attention_mask(capacity));
         match CudaRuntime::get() {
             Some(rt) => {
                 // SAFETY: the three tensors are device allocations of exactly these sizes.
@@ -734,9 +909,9 @@ impl DecoderModel {
             }
             None => {
                 let host = |shape: Vec<i64>, data: Vec<i64>| Tensor::from_array((shape, data)).map_err(ort_err);
-                host(vec![batch as i64, 1], ids)?.copy_into(&mut state.input_ids).map_err(ort_err)?;
-                host(vec![batch as i64, 1], positions)?.copy_into(&mut state.position_ids).map_err(ort_err)?;
-                host(vec![batch as i64, capacity as i64], mask)?
+                host(vec![rows as i64, 1], ids)?.copy_into(&mut state.input_ids).map_err(ort_err)?;
+                host(vec![rows as i64, 1], positions)?.copy_into(&mut state.position_ids).map_err(ort_err)?;
+                host(vec![rows as i64, capacity as i64], mask)?
                     .copy_into(&mut state.attention_mask)
                     .map_err(ort_err)?;
             }
@@ -747,26 +922,29 @@ impl DecoderModel {
         binding.bind_input("input_ids", &state.input_ids).map_err(ort_err)?;
         binding.bind_input("position_ids", &state.position_ids).map_err(ort_err)?;
         binding.bind_input("attention_mask", &state.attention_mask).map_err(ort_err)?;
-        Self::bind_kv(&mut binding, &kv, keys, values)?;
+        let held_views = Self::bind_rows(&mut binding, &kv, layout, memory, 0, rows)?;
         binding.bind_output("logits", &mut state.logits).map_err(ort_err)?;
         if let Some(greedy) = state.greedy.as_mut() {
             binding.bind_output(GREEDY_TOKENS_OUTPUT, greedy).map_err(ort_err)?;
         }
         let mut options = RunOptions::new().map_err(ort_err)?;
         options.set("gpu_graph_id", state.graph_id.to_string()).map_err(ort_err)?;
-        self.session.run_binding_with_options(&binding, &options).map_err(|e| anyhow!("decode step failed: {e}"))?;
-        cache.len += 1;
+        self.session
+            .run_binding_with_options(&binding, &options)
+            .map_err(ort_err)
+            .context("decode step (CUDA graph) failed")?;
+        drop(held_views);
 
         let out = match (&state.greedy, fetch) {
             (Some(greedy), Fetch::Greedy) => {
-                let mut tokens = vec![0i64; batch];
+                let mut tokens = vec![0i64; rows];
                 Self::copy_to_host(device, greedy, &mut tokens)?;
                 StepOutput::Greedy(tokens.into_iter().map(|t| t as u32).collect())
             }
             _ => {
-                let mut data = vec![0f32; batch * vocab];
+                let mut data = vec![0f32; rows * vocab];
                 Self::copy_to_host(device, &state.logits, &mut data)?;
-                StepOutput::Logits(Logits { data, batch, rows: 1, vocab })
+                StepOutput::Logits(Logits { data, batch: rows, rows: 1, vocab })
             }
         };
         Ok(out)

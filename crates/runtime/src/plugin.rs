@@ -1,24 +1,25 @@
 //! The model plugin interface: what a service embeds to serve one model family.
 //!
 //! One trait, [`ModelPlugin`]: metadata (computed from the preset's config), initialize (the
-//! ONNX Runtime environment and the execution provider), load (a graph folder), infer (prompt in,
-//! text out), generate (full options, streaming), unload. One plugin per preset family, made by
-//! [`plugin_for_preset`].
+//! ONNX Runtime environment and the execution provider), load (a graph folder, started as an
+//! [`Engine`]), infer (prompt in, text out), generate (full options, streaming), unload. One
+//! plugin per preset family, made by [`plugin_for_preset`]. A loaded plugin hands out its
+//! [`Engine`] for concurrent requests.
 
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use pio_models::config::Architecture;
 use pio_models::presets::{find_preset, Preset};
 use pio_models::size::{ParameterCount, Precision};
 use serde::Serialize;
-use serde_json::{json, Value as Json};
+use serde_json::json;
 
-use crate::chat_template::RenderOptions;
+use crate::engine::{Engine, EngineConfig, Event, Prompt, Request};
 use crate::ep::ExecutionProvider;
-use crate::generate::{GenerateOptions, GenerationOutput, Generator, TokenEvent};
-use crate::sampling::SamplingParams;
+use crate::generate::{Clock, FinishReason, GenerateOptions, GenerationOutput, OutputBuilder, TokenEvent};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,21 +97,6 @@ impl PluginMetadata {
     }
 }
 
-/// A prompt: plain text (no template), chat messages (the model's template), or token ids.
-#[derive(Clone, Debug)]
-pub enum Prompt {
-    Text(String),
-    Chat(Vec<Json>),
-    Ids(Vec<u32>),
-}
-
-#[derive(Clone, Debug)]
-pub struct GenerateRequest {
-    pub prompt: Prompt,
-    pub options: GenerateOptions,
-    pub render: RenderOptions,
-}
-
 pub trait ModelPlugin: Send {
     fn metadata(&self) -> &PluginMetadata;
     /// Loads ONNX Runtime and remembers the execution provider to run on.
@@ -121,12 +107,16 @@ pub trait ModelPlugin: Send {
     /// Prompt in, text out: the chat template when the model has one, the checkpoint's sampling
     /// defaults, up to `max_tokens`.
     fn infer(&mut self, prompt: &str, max_tokens: usize) -> Result<String>;
+    /// Generates for `request`, calling `on_token` with each event as it comes; returning
+    /// `ControlFlow::Break(())` cancels the request (the output then holds what was seen).
     fn generate(
         &mut self,
-        request: &GenerateRequest,
+        request: &Request,
         on_token: &mut dyn FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<GenerationOutput>;
-    /// Drops the session and its memory; `load` may be called again.
+    /// The loaded model's engine, for many requests at once (None before `load`).
+    fn engine(&self) -> Option<&Engine>;
+    /// Drops the engine, its session and its memory; `load` may be called again.
     fn unload(&mut self);
 }
 
@@ -134,43 +124,17 @@ pub trait ModelPlugin: Send {
 pub struct DecoderPlugin {
     meta: PluginMetadata,
     ep: Option<ExecutionProvider>,
-    generator: Option<Generator>,
+    engine: Option<Engine>,
 }
 
 pub fn plugin_for_preset(name: &str) -> Result<Box<dyn ModelPlugin>> {
     let preset = find_preset(name)?;
-    Ok(Box::new(DecoderPlugin { meta: PluginMetadata::of(preset)?, ep: None, generator: None }))
+    Ok(Box::new(DecoderPlugin { meta: PluginMetadata::of(preset)?, ep: None, engine: None }))
 }
 
 impl DecoderPlugin {
-    fn generator(&mut self) -> Result<&mut Generator> {
-        let name = self.meta.name.clone();
-        self.generator.as_mut().ok_or_else(|| anyhow!("plugin {name}: no model loaded (call load first)"))
-    }
-
-    /// Sampling defaults from the checkpoint's generation_config.json (greedy when it says so).
-    pub fn default_sampling(generator: &Generator) -> SamplingParams {
-        let g = &generator.model.manifest.generation;
-        if !g.do_sample {
-            return SamplingParams::greedy();
-        }
-        let mut p = SamplingParams::default();
-        if let Some(t) = g.temperature {
-            p.temperature = t as f32;
-        }
-        if let Some(t) = g.top_p {
-            p.top_p = t as f32;
-        }
-        if let Some(k) = g.top_k {
-            p.top_k = k;
-        }
-        if let Some(m) = g.min_p {
-            p.min_p = m as f32;
-        }
-        if let Some(r) = g.repetition_penalty {
-            p.repetition_penalty = r as f32;
-        }
-        p
+    fn loaded(&self) -> Result<&Engine> {
+        self.engine.as_ref().ok_or_else(|| anyhow!("plugin {}: no model loaded (call load first)", self.meta.name))
     }
 }
 
@@ -197,45 +161,62 @@ impl ModelPlugin for DecoderPlugin {
                 self.meta.family
             );
         }
-        self.generator = Some(Generator::load(graphs, &ep)?);
+        // Unload first: the old engine's memory goes before the new one takes its own.
+        self.engine = None;
+        self.engine = Some(Engine::start(EngineConfig::builder(graphs).ep(ep).build()?)?);
         Ok(())
     }
 
     fn is_loaded(&self) -> bool {
-        self.generator.is_some()
+        self.engine.is_some()
     }
 
     fn infer(&mut self, prompt: &str, max_tokens: usize) -> Result<String> {
-        let generator = self.generator()?;
-        let sampling = Self::default_sampling(generator);
-        let prompt = if generator.chat_template.is_some() {
+        let engine = self.loaded()?;
+        let info = engine.model_info();
+        let prompt = if info.has_chat_template {
             Prompt::Chat(vec![json!({"role": "user", "content": prompt})])
         } else {
             Prompt::Text(prompt.to_string())
         };
-        let request = GenerateRequest {
-            prompt,
-            options: GenerateOptions { max_tokens, sampling, ..Default::default() },
-            render: RenderOptions::generation(),
+        let options = GenerateOptions {
+            max_tokens: Some(max_tokens),
+            sampling: info.default_sampling.clone(),
+            ..Default::default()
         };
-        Ok(self.generate(&request, &mut |_| ControlFlow::Continue(()))?.text)
+        Ok(engine.generate(Request::new(prompt).with_options(options))?.text)
     }
 
     fn generate(
         &mut self,
-        request: &GenerateRequest,
+        request: &Request,
         on_token: &mut dyn FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<GenerationOutput> {
-        let generator = self.generator()?;
-        let ids = match &request.prompt {
-            Prompt::Ids(ids) => ids.clone(),
-            Prompt::Text(text) => generator.encode(text)?,
-            Prompt::Chat(messages) => generator.chat_prompt(messages, &request.render)?.1,
-        };
-        generator.generate(&ids, &request.options, on_token)
+        let mut clock = Clock::new(Instant::now());
+        let mut handle = self.loaded()?.submit(request.clone())?;
+        let mut seen = OutputBuilder::default();
+        while let Some(event) = handle.blocking_next() {
+            match event? {
+                Event::Token(token) => {
+                    clock.first_token.get_or_insert_with(Instant::now);
+                    seen.push(&token);
+                    if on_token(&token).is_break() {
+                        let prompt = handle.prompt_ids().to_vec();
+                        handle.cancel();
+                        return Ok(seen.finish(prompt, 0, FinishReason::Cancelled, clock));
+                    }
+                }
+                Event::Finished(output) => return Ok(output),
+            }
+        }
+        bail!("plugin {}: the engine ended the request without an output", self.meta.name)
+    }
+
+    fn engine(&self) -> Option<&Engine> {
+        self.engine.as_ref()
     }
 
     fn unload(&mut self) {
-        self.generator = None;
+        self.engine = None;
     }
 }

@@ -143,6 +143,32 @@ impl SamplingParams {
         Self { temperature: 0.0, ..Self::default() }
     }
 
+    /// A checkpoint's `generation_config.json` sampling (as recorded in `pio.json`): greedy where
+    /// it says `do_sample: false`, else its temperature, top-k, top-p, min-p and repetition
+    /// penalty over the defaults.
+    pub fn from_generation_config(g: &pio_models::manifest::GenerationSettings) -> Self {
+        if !g.do_sample {
+            return Self::greedy();
+        }
+        let mut p = Self::default();
+        if let Some(t) = g.temperature {
+            p.temperature = t as f32;
+        }
+        if let Some(t) = g.top_p {
+            p.top_p = t as f32;
+        }
+        if let Some(k) = g.top_k {
+            p.top_k = k;
+        }
+        if let Some(m) = g.min_p {
+            p.min_p = m as f32;
+        }
+        if let Some(r) = g.repetition_penalty {
+            p.repetition_penalty = r as f32;
+        }
+        p
+    }
+
     /// True when `temperature` is 0 (or below [`GREEDY_TEMPERATURE_EPS`]): argmax decoding.
     pub fn is_greedy(&self) -> bool {
         self.temperature < GREEDY_TEMPERATURE_EPS

@@ -1,0 +1,94 @@
+//! `pio run --batch FILE`: the prompts of a JSON-lines file submitted together, so the engine
+//! batches them (offline batch inference); one JSON object per line comes out, in order.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use pio_runtime::chat_template::RenderOptions;
+use pio_runtime::engine::{Engine, Prompt, Request};
+use pio_runtime::generate::GenerateOptions;
+use serde::Deserialize;
+use serde_json::{json, Value as Json};
+
+/// One line of a batch file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    prompt_ids: Option<Vec<u32>>,
+    prompt: Option<String>,
+    messages: Option<Vec<Json>>,
+    max_tokens: Option<usize>,
+    seed: Option<u64>,
+}
+
+/// A prompt and what it overrides of the command line's options.
+pub struct BatchRequest {
+    prompt: Prompt,
+    max_tokens: Option<usize>,
+    seed: Option<u64>,
+}
+
+/// Reads `path` (blank lines skipped). `prompt` is a user message (after `system`) unless `raw`.
+pub fn read(path: &Path, raw: bool, system: Option<&str>) -> Result<Vec<BatchRequest>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut requests = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let line: Line = serde_json::from_str(line).with_context(at)?;
+        let prompt = match (line.prompt_ids, line.prompt, line.messages) {
+            (Some(ids), None, None) => Prompt::Ids(ids),
+            (None, Some(text), None) if raw => Prompt::Text(text),
+            (None, Some(text), None) => {
+                let mut messages: Vec<Json> =
+                    system.map(|s| json!({"role": "system", "content": s})).into_iter().collect();
+                messages.push(json!({"role": "user", "content": text}));
+                Prompt::Chat(messages)
+            }
+            (None, None, Some(messages)) => Prompt::Chat(messages),
+            _ => bail!("{}: give exactly one of prompt_ids, prompt and messages", at()),
+        };
+        requests.push(BatchRequest { prompt, max_tokens: line.max_tokens, seed: line.seed });
+    }
+    if requests.is_empty() {
+        bail!("{} has no prompts", path.display());
+    }
+    Ok(requests)
+}
+
+/// Submits every request, then prints each output as one JSON line, in order, and a summary on
+/// stderr.
+pub fn run(
+    engine: &Engine,
+    requests: Vec<BatchRequest>,
+    options: &GenerateOptions,
+    render: &RenderOptions,
+) -> Result<()> {
+    let start = Instant::now();
+    let count = requests.len();
+    let handles = requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut options = options.clone();
+            options.max_tokens = r.max_tokens.or(options.max_tokens);
+            options.sampling.seed = r.seed.or(options.sampling.seed);
+            let request = Request::new(r.prompt).with_options(options).with_render(render.clone());
+            engine.submit(request).with_context(|| format!("batch request {}", i + 1))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut stdout = std::io::stdout().lock();
+    let mut generated = 0;
+    for (i, handle) in handles.into_iter().enumerate() {
+        let output = handle.wait().with_context(|| format!("batch request {}", i + 1))?;
+        generated += output.generated_ids.len();
+        writeln!(stdout, "{}", crate::output_json(&output))?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    tracing::info!(
+        "{count} requests, {generated} tokens generated in {secs:.2} s ({:.1} tokens/s)",
+        generated as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}

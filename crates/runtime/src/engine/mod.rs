@@ -1,0 +1,600 @@
+//! The serving engine: many requests at once over one model, with continuous batching, a KV
+//! pool of fixed slots, and KV reuse across requests.
+//!
+//! [`Engine`] is a cheap, `Send + Sync` handle (clone it freely); the model lives on one worker
+//! thread. [`Engine::submit`] checks and tokenizes a [`Request`] on the caller's thread (a bad
+//! request, or one that cannot fit a sequence, is refused there with a typed [`EngineError`]),
+//! then queues it; the [`RequestHandle`] it returns streams [`Event`]s, async or blocking, and
+//! cancels the request when dropped.
+//!
+//! Each engine step decodes every running sequence in one batched run over the KV pool's first
+//! slots, each row with its own length, and prefills new prompts in chunks under a per-step
+//! token budget (see [`scheduler`] for the rules and [`worker`] for the step). The modules:
+//! `kv_pool` (the slots and their sizing), `prefix_cache` (block-hash index of reusable KV),
+//! `runner` (running steps and KV copies on the model), `sequence` (one request's sampling,
+//! detokenizing and stop conditions).
+
+mod error;
+mod handle;
+mod kv_pool;
+mod metrics;
+mod prefix_cache;
+mod request;
+mod runner;
+pub mod scheduler;
+mod sequence;
+mod stop_matcher;
+mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use pio_models::manifest::Manifest;
+
+use crate::chat_template::{ChatTemplate, RenderOptions};
+use crate::ep::ExecutionProvider;
+use crate::generate::GenerationOutput;
+use crate::model::DecoderModel;
+use crate::sampling::{Sampler, SamplingError, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+pub use error::{EngineError, ModelFailure};
+pub use handle::{BlockingEvents, RequestHandle};
+pub use kv_pool::{plan_pool, PoolLimits, PoolPlan, PoolSettings};
+pub use metrics::{
+    FinishedRequests, Histogram, MetricsSnapshot, INTER_TOKEN_LATENCY_BUCKETS, TIME_TO_FIRST_TOKEN_BUCKETS,
+};
+pub use prefix_cache::BLOCK_TOKENS as PREFIX_BLOCK_TOKENS;
+pub use request::{Event, ModelInfo, Prompt, Request};
+
+use runner::Runner;
+use sequence::{Admitted, Sequence};
+use worker::{Command, Shared};
+
+/// Prompt tokens prefilled per engine step unless configured: one step then costs one decode
+/// plus at most this much prefill, which bounds what a long prompt adds to running streams'
+/// inter-token latency (on an H100, about 9 ms for Qwen3-4B bf16).
+pub const DEFAULT_PREFILL_BUDGET: usize = 512;
+/// Requests that may wait for a slot before `submit` answers `Overloaded`, unless configured.
+pub const DEFAULT_MAX_WAITING: usize = 1024;
+/// The share of the GPU's memory the engine may fill (weights, activations and KV), as vLLM's
+/// `gpu_memory_utilization`.
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
+/// Top logprobs a request may ask for at most (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// On a GPU, a default slot capacity leaves room for at least this many sequences.
+const GPU_MIN_SLOTS: usize = 32;
+/// On the CPU, without settings: this many slots of the whole context (host memory is
+/// committed only as sequences fill it).
+const CPU_DEFAULT_SLOTS: usize = 4;
+/// Slots at most unless `max_seqs` says otherwise (vLLM's `max_num_seqs`).
+const MAX_DEFAULT_SLOTS: usize = 256;
+/// The prefix cache's default size on the CPU at most.
+const CPU_PREFIX_CACHE_CAP: u64 = 2 << 30;
+
+/// How to start an [`Engine`]. Build it with [`EngineConfig::builder`].
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    graphs: PathBuf,
+    ep: ExecutionProvider,
+    served_model_name: Option<String>,
+    pool: PoolSettings,
+    gpu_memory_utilization: f64,
+    prefill_budget: usize,
+    prefix_caching: bool,
+    prefix_cache_bytes: Option<u64>,
+    max_waiting: usize,
+}
+
+impl EngineConfig {
+    /// Settings for the graph folder `graphs` (written by pio-export), with the defaults: the
+    /// CPU, the KV pool sized automatically, [`DEFAULT_PREFILL_BUDGET`], prefix caching on.
+    pub fn builder(graphs: impl Into<PathBuf>) -> EngineConfigBuilder {
+        EngineConfigBuilder {
+            config: EngineConfig {
+                graphs: graphs.into(),
+                ep: ExecutionProvider::default(),
+                served_model_name: None,
+                pool: PoolSettings::default(),
+                gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
+                prefill_budget: DEFAULT_PREFILL_BUDGET,
+                prefix_caching: true,
+                prefix_cache_bytes: None,
+                max_waiting: DEFAULT_MAX_WAITING,
+            },
+        }
+    }
+
+    pub fn graphs(&self) -> &Path {
+        &self.graphs
+    }
+    pub fn ep(&self) -> &ExecutionProvider {
+        &self.ep
+    }
+    pub fn pool(&self) -> PoolSettings {
+        self.pool
+    }
+    pub fn prefill_budget(&self) -> usize {
+        self.prefill_budget
+    }
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix_caching
+    }
+    pub fn max_waiting(&self) -> usize {
+        self.max_waiting
+    }
+}
+
+/// Builds an [`EngineConfig`]; [`build`](Self::build) checks the values.
+#[derive(Clone, Debug)]
+pub struct EngineConfigBuilder {
+    config: EngineConfig,
+}
+
+impl EngineConfigBuilder {
+    /// Where the model runs (default: the CPU).
+    pub fn ep(mut self, ep: ExecutionProvider) -> Self {
+        self.config.ep = ep;
+        self
+    }
+    /// The model name clients use (default: the graph's name).
+    pub fn served_model_name(mut self, name: impl Into<String>) -> Self {
+        self.config.served_model_name = Some(name.into());
+        self
+    }
+    /// Sequences the KV pool holds at once (default: as many as the memory holds, up to 256, on
+    /// a GPU; 4 on the CPU).
+    pub fn max_seqs(mut self, n: usize) -> Self {
+        self.config.pool.max_seqs = Some(n);
+        self
+    }
+    /// Bytes of the KV pool (default: measured free GPU memory; see `gpu_memory_utilization`).
+    pub fn kv_cache_bytes(mut self, bytes: u64) -> Self {
+        self.config.pool.kv_cache_bytes = Some(bytes);
+        self
+    }
+    /// Tokens one sequence can hold, prompt and generated (default: the graph's context length,
+    /// capped so that at least 32 sequences fit in the KV pool on a GPU).
+    pub fn max_model_len(mut self, tokens: usize) -> Self {
+        self.config.pool.max_model_len = Some(tokens);
+        self
+    }
+    /// The share of the GPU's memory the engine may fill, in (0, 1] (default 0.9).
+    pub fn gpu_memory_utilization(mut self, share: f64) -> Self {
+        self.config.gpu_memory_utilization = share;
+        self
+    }
+    /// Prompt tokens prefilled per step at most (default [`DEFAULT_PREFILL_BUDGET`]).
+    pub fn prefill_budget(mut self, tokens: usize) -> Self {
+        self.config.prefill_budget = tokens;
+        self
+    }
+    /// Reuse KV across requests (default on).
+    pub fn prefix_caching(mut self, on: bool) -> Self {
+        self.config.prefix_caching = on;
+        self
+    }
+    /// Bytes the prefix cache may hold (default: on a GPU, what the measured KV memory leaves
+    /// after the pool (a fifth of it when the pool is sized from it), or a quarter of
+    /// `kv_cache_bytes` on top of it; on the CPU as much as the pool, at most 2 GiB).
+    pub fn prefix_cache_bytes(mut self, bytes: u64) -> Self {
+        self.config.prefix_cache_bytes = Some(bytes);
+        self
+    }
+    /// Requests that may wait for a slot before `submit` answers `Overloaded` (default 1024).
+    pub fn max_waiting(mut self, n: usize) -> Self {
+        self.config.max_waiting = n;
+        self
+    }
+
+    pub fn build(self) -> Result<EngineConfig, EngineError> {
+        let c = self.config;
+        if c.prefill_budget == 0 {
+            return Err(EngineError::config("prefill_budget", "must be at least 1 token"));
+        }
+        if !(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0) {
+            return Err(EngineError::config(
+                "gpu_memory_utilization",
+                format!("{} is not in (0, 1]", c.gpu_memory_utilization),
+            ));
+        }
+        if c.pool.max_seqs == Some(0) {
+            return Err(EngineError::config("max_seqs", "must be at least 1"));
+        }
+        if c.pool.kv_cache_bytes == Some(0) {
+            return Err(EngineError::config("kv_cache_bytes", "must be more than 0"));
+        }
+        Ok(c)
+    }
+}
+
+/// The engine's handle: cheap to clone, `Send + Sync`. Dropping the last clone shuts the engine
+/// down as [`shutdown`](Engine::shutdown) does (it waits for the worker to finish its step).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    info: ModelInfo,
+    tokenizer: Option<Tokenizer>,
+    chat_template: Option<ChatTemplate>,
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    max_waiting: usize,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// What the worker reports once the model is loaded and the pool allocated.
+struct Started {
+    plan: PoolPlan,
+    kv_cache_bytes: u64,
+    graph_sizes: Vec<usize>,
+    prefix_caching: bool,
+}
+
+impl Engine {
+    /// Loads the graph folder on a worker thread, sizes and allocates the KV pool, and returns
+    /// once the engine takes requests.
+    pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+        let dir = config.graphs.clone();
+        let manifest = Manifest::load(&dir)
+            .map_err(|e| EngineError::model(format!("cannot load the graphs in {}", dir.display()), e))?;
+        let (tokenizer, chat_template) = load_tokenizer(&dir)?;
+        let shared = Arc::new(Shared::new());
+        let (commands, receiver) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let worker_shared = Arc::clone(&shared);
+        let worker_config = config.clone();
+        let worker = std::thread::Builder::new()
+            .name("pio-engine".into())
+            .spawn(move || {
+                let runner = match start_runner(&worker_config) {
+                    Ok(runner) => runner,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let plan = runner.pool().plan();
+                let started = Started {
+                    plan,
+                    kv_cache_bytes: plan.bytes(runner.model().kv_bytes_per_token()),
+                    graph_sizes: runner.graph_sizes().to_vec(),
+                    prefix_caching: runner.prefix_caching(),
+                };
+                if ready_tx.send(Ok(started)).is_ok() {
+                    worker::run(runner, receiver, worker_shared, worker_config.prefill_budget);
+                }
+            })
+            .map_err(|e| EngineError::model("cannot start the engine's thread", anyhow::Error::new(e)))?;
+        let started = match ready_rx.recv() {
+            Ok(Ok(started)) => started,
+            Ok(Err(e)) => {
+                let _ = worker.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = worker.join();
+                return Err(EngineError::model(
+                    "the engine's thread stopped while loading the model",
+                    anyhow::anyhow!("it panicked (see the log)"),
+                ));
+            }
+        };
+        let info = ModelInfo {
+            served_name: config.served_model_name.clone().unwrap_or_else(|| manifest.name.clone()),
+            graphs: dir,
+            architecture: manifest.architecture.hf_name().to_string(),
+            precision: manifest.precision.as_str().to_string(),
+            execution_provider: config.ep.name().to_string(),
+            context_length: manifest.dims.context_length,
+            max_model_len: started.plan.capacity,
+            max_seqs: started.plan.slots,
+            kv_cache_bytes: started.kv_cache_bytes,
+            prefill_budget: config.prefill_budget,
+            prefix_caching: started.prefix_caching,
+            cuda_graph_batch_sizes: started.graph_sizes,
+            vocab_size: manifest.dims.vocab_size,
+            eos_token_ids: manifest.eos_token_ids.clone(),
+            default_sampling: SamplingParams::from_generation_config(&manifest.generation),
+            has_tokenizer: tokenizer.is_some(),
+            has_chat_template: chat_template.is_some(),
+        };
+        tracing::info!(
+            "engine ready: {} on {}, {} sequences of {} tokens ({} of KV), prefill budget {} tokens/step, prefix caching {}{}",
+            info.served_name,
+            info.execution_provider,
+            info.max_seqs,
+            info.max_model_len,
+            pio_models::size::format_bytes(info.kv_cache_bytes),
+            info.prefill_budget,
+            if info.prefix_caching { "on" } else { "off" },
+            if info.cuda_graph_batch_sizes.is_empty() {
+                String::new()
+            } else {
+                format!(", CUDA graphs for decode batches {:?}", info.cuda_graph_batch_sizes)
+            }
+        );
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                info,
+                tokenizer,
+                chat_template,
+                commands,
+                shared,
+                worker: Mutex::new(Some(worker)),
+                max_waiting: config.max_waiting,
+                next_id: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.inner.info
+    }
+
+    /// The model's tokenizer (None when the export has none: token ids only).
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.inner.tokenizer.as_ref()
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.inner.chat_template.as_ref()
+    }
+
+    /// A snapshot of the engine's gauges, counters and histograms.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.inner.shared.snapshot()
+    }
+
+    /// Sequences holding a KV slot now.
+    pub fn active_sequences(&self) -> usize {
+        self.inner.shared.active.load(Ordering::Acquire)
+    }
+
+    /// The token ids of `prompt`: chat messages through the chat template (`render`), text
+    /// through the tokenizer, ids as they are.
+    pub fn tokenize(&self, prompt: &Prompt, render: &RenderOptions) -> Result<Vec<u32>, EngineError> {
+        let tokenizer = || {
+            self.inner.tokenizer.as_ref().ok_or_else(|| {
+                EngineError::invalid(
+                    prompt.field(),
+                    format!(
+                        "{} has no tokenizer.json: pass token ids instead of text",
+                        self.inner.info.graphs.display()
+                    ),
+                )
+            })
+        };
+        match prompt {
+            Prompt::Ids(ids) => Ok(ids.clone()),
+            Prompt::Text(text) => tokenizer()?
+                .encode(text, false)
+                .map_err(|e| EngineError::invalid_because("prompt", "cannot tokenize the prompt", e)),
+            Prompt::Chat(messages) => {
+                let template = self.inner.chat_template.as_ref().ok_or_else(|| {
+                    EngineError::invalid(
+                        "messages",
+                        format!(
+                            "{} has no chat template (tokenizer_config.json without chat_template): send a raw prompt",
+                            self.inner.info.graphs.display()
+                        ),
+                    )
+                })?;
+                let text = template
+                    .render(messages, render)
+                    .map_err(|e| EngineError::invalid_because("messages", "the chat template cannot render them", e))?;
+                // Templates write special tokens as text; they are parsed back as special tokens.
+                tokenizer()?
+                    .encode(&text, false)
+                    .map_err(|e| EngineError::invalid_because("messages", "cannot tokenize the rendered chat", e))
+            }
+        }
+    }
+
+    /// Checks, tokenizes and queues `request`. Refused here: an invalid field
+    /// ([`EngineError::InvalidRequest`]), a prompt plus `max_tokens` over what one sequence holds
+    /// ([`EngineError::ContextLength`]), a full queue ([`EngineError::Overloaded`]), a stopped
+    /// engine ([`EngineError::Shutdown`]).
+    pub fn submit(&self, request: Request) -> Result<RequestHandle, EngineError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(EngineError::Shutdown);
+        }
+        let submitted = Instant::now();
+        let prompt = self.tokenize(&request.prompt, &request.render)?;
+        let admitted = self.check(prompt, request)?;
+        let prompt_ids: Arc<[u32]> = admitted.prompt.clone().into();
+        let waiting = inner
+            .shared
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < inner.max_waiting).then_some(w + 1));
+        if let Err(waiting) = waiting {
+            return Err(EngineError::Overloaded { waiting, limit: inner.max_waiting });
+        }
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let sequence = Sequence::new(id, admitted, events, submitted);
+        if inner.commands.send(Command::Submit(Box::new(sequence))).is_err() {
+            inner.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Shutdown);
+        }
+        Ok(RequestHandle::new(id, prompt_ids, receiver))
+    }
+
+    /// [`submit`](Self::submit), then blocks until the output is there.
+    pub fn generate(&self, request: Request) -> Result<GenerationOutput, EngineError> {
+        self.submit(request)?.wait()
+    }
+
+    /// The request's options checked against the model and the pool.
+    fn check(&self, prompt: Vec<u32>, request: Request) -> Result<Admitted, EngineError> {
+        let info = &self.inner.info;
+        let field = request.prompt.field();
+        let options = request.options;
+        if prompt.is_empty() {
+            return Err(EngineError::invalid(field, "the prompt is empty"));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(EngineError::invalid(
+                field,
+                format!("token id {bad} is outside the vocabulary (size {})", info.vocab_size),
+            ));
+        }
+        if options.max_tokens == Some(0) {
+            return Err(EngineError::invalid("max_tokens", "must be at least 1"));
+        }
+        let limit = info.max_model_len;
+        let room = limit.saturating_sub(prompt.len());
+        let max_tokens = match options.max_tokens {
+            Some(n) if n <= room => n,
+            None if room > 0 => room,
+            max_tokens => {
+                return Err(EngineError::ContextLength { prompt_tokens: prompt.len(), max_tokens, limit });
+            }
+        };
+        let sampler = Sampler::new(options.sampling.clone()).map_err(|e| {
+            let SamplingError::InvalidParam { field, .. } = &e;
+            let field = *field;
+            EngineError::invalid_because(field, "out of range", e)
+        })?;
+        if !options.stop.is_empty() && self.inner.tokenizer.is_none() {
+            return Err(EngineError::invalid("stop", "stop strings need a tokenizer, and this model has none"));
+        }
+        if let Some(n) = options.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::invalid("top_logprobs", format!("{n} is over the limit of {MAX_TOP_LOGPROBS}")));
+        }
+        if let Some(&bad) = options.stop_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(EngineError::invalid(
+                "stop_token_ids",
+                format!("token id {bad} is outside the vocabulary (size {})", info.vocab_size),
+            ));
+        }
+        let mut stop_ids = if options.ignore_eos { vec![] } else { info.eos_token_ids.clone() };
+        stop_ids.extend(&options.stop_token_ids);
+        Ok(Admitted { prompt, options, sampler, max_tokens, stop_ids, tokenizer: self.inner.tokenizer.clone() })
+    }
+
+    /// Stops taking requests, ends those in flight with [`EngineError::Shutdown`], and blocks
+    /// until the worker has finished its step and stopped (the model is dropped there). Later
+    /// calls do nothing.
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+}
+
+impl Inner {
+    fn shutdown(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.commands.send(Command::Shutdown);
+        let worker = match self.worker.lock() {
+            Ok(mut w) => w.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(worker) = worker {
+            if worker.join().is_err() {
+                tracing::error!("the engine's worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The tokenizer and chat template of a graph folder, when it has them.
+fn load_tokenizer(dir: &Path) -> Result<(Option<Tokenizer>, Option<ChatTemplate>), EngineError> {
+    if !dir.join("tokenizer.json").is_file() {
+        return Ok((None, None));
+    }
+    let failed = |what: &str, e: anyhow::Error| EngineError::model(format!("{what} in {}", dir.display()), e);
+    let tokenizer = Tokenizer::from_dir(dir).map_err(|e| failed("cannot load the tokenizer", e.into()))?;
+    let template = match tokenizer.chat_template_source() {
+        Some(_) => Some(
+            ChatTemplate::from_config(tokenizer.config())
+                .map_err(|e| failed("cannot compile the chat template", e.into()))?,
+        ),
+        None => None,
+    };
+    Ok((Some(tokenizer), template))
+}
+
+/// Loads the model on the worker thread and sizes the pool.
+fn start_runner(config: &EngineConfig) -> Result<Runner, EngineError> {
+    let mut model = DecoderModel::load(&config.graphs, &config.ep)
+        .map_err(|e| EngineError::model(format!("cannot load the model in {}", config.graphs.display()), e))?;
+    let on_gpu = model.device_id().is_some();
+    let measured = if on_gpu && config.pool.kv_cache_bytes.is_none() {
+        Runner::measure_free_kv_bytes(&mut model, config.prefill_budget, config.gpu_memory_utilization)
+            .map_err(|e| EngineError::model("cannot measure the GPU memory for the KV cache", e))?
+    } else {
+        None
+    };
+    let pool_sized_by_memory = config.pool.max_seqs.is_none() || config.pool.max_model_len.is_none();
+    let prefix_share = config.prefix_caching && config.prefix_cache_bytes.is_none() && pool_sized_by_memory;
+    // A pool sized from measured memory leaves a fifth of it to the prefix cache.
+    let pool_budget = measured.map(|b| if prefix_share { b / 5 * 4 } else { b });
+    let limits = PoolLimits {
+        context_length: model.context_length(),
+        bytes_per_token: model.kv_bytes_per_token(),
+        measured_bytes: pool_budget,
+        min_slots: if on_gpu { GPU_MIN_SLOTS } else { CPU_DEFAULT_SLOTS },
+        max_slots: MAX_DEFAULT_SLOTS,
+        shared_buffer: model.has_shared_buffer(),
+    };
+    let plan = plan_pool(config.pool, limits)?;
+    let pool_bytes = plan.bytes(model.kv_bytes_per_token());
+    let prefix_bytes = match (config.prefix_caching, config.prefix_cache_bytes, measured) {
+        (false, ..) => None,
+        (true, Some(bytes), _) => Some(bytes),
+        // What the measured KV budget leaves after the pool.
+        (true, None, Some(budget)) => Some(budget.saturating_sub(pool_bytes)),
+        // The GPU with --kv-cache-gb: a quarter of it, on top.
+        (true, None, None) if on_gpu => Some(pool_bytes / 4),
+        (true, None, None) => Some(pool_bytes.min(CPU_PREFIX_CACHE_CAP)),
+    };
+    tracing::info!(
+        "KV pool: {} sequences of {} tokens, {} ({} per token){}",
+        plan.slots,
+        plan.capacity,
+        pio_models::size::format_bytes(pool_bytes),
+        pio_models::size::format_bytes(model.kv_bytes_per_token() as u64),
+        match prefix_bytes {
+            Some(b) => format!("; prefix cache up to {}", pio_models::size::format_bytes(b)),
+            None => String::new(),
+        }
+    );
+    Runner::new(model, plan, prefix_bytes).map_err(|e| {
+        EngineError::model(
+            format!("cannot allocate the KV pool ({} sequences of {} tokens)", plan.slots, plan.capacity),
+            e,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<Engine>();
+        send_sync::<EngineError>();
+        send::<RequestHandle>();
+    }
+}

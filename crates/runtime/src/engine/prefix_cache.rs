@@ -1,0 +1,345 @@
+//! KV reuse across requests: system prompts, earlier chat turns, shared few-shot blocks.
+//!
+//! Keyed like vLLM's: a token sequence is cut into blocks of [`BLOCK_TOKENS`] tokens, and block
+//! i's key hashes block i-1's key with block i's tokens, so a key stands for the whole prefix up
+//! to its block. A lookup walks the keys of a prompt and stops at the first block the cache does
+//! not hold (each hit block's tokens and parent are compared too, so a hash collision cannot
+//! hand out another prefix's KV). Only full blocks are cached.
+//!
+//! Storage is by extent: the new blocks of one finished sequence are stored together, per layer
+//! and direction as (kv_heads, tokens, head_dim), so a hit is one strided copy per layer and
+//! direction for each extent it spans, not one per block. A sequence that extends an earlier
+//! one (the next chat turn) stores only the blocks after what it reused, as an extent whose
+//! parent is the earlier one's. The cache is bounded in bytes and evicts the least recently used
+//! extent first, together with the extents that continue it (they can no longer be reached).
+//!
+//! This module keeps the index; where the bytes live (`S`) and the copies are the runner's.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// Tokens per block: the granularity of prefix matches (vLLM's default block size).
+pub const BLOCK_TOKENS: usize = 16;
+
+pub type BlockHash = u64;
+type ExtentId = u64;
+
+/// The keys of `tokens`' full blocks, each covering the whole prefix up to its block.
+pub fn block_hashes(tokens: &[u32]) -> Vec<BlockHash> {
+    let mut parent = None;
+    tokens
+        .chunks_exact(BLOCK_TOKENS)
+        .map(|block| {
+            let mut h = DefaultHasher::new();
+            parent.hash(&mut h);
+            block.hash(&mut h);
+            let key = h.finish();
+            parent = Some(key);
+            key
+        })
+        .collect()
+}
+
+struct Block {
+    extent: ExtentId,
+    /// Position of the block inside its extent.
+    index: usize,
+    parent: Option<BlockHash>,
+    tokens: Box<[u32]>,
+}
+
+pub struct Extent<S> {
+    pub storage: S,
+    /// Blocks stored (their tokens are the extent's length).
+    pub blocks: usize,
+    keys: Vec<BlockHash>,
+    parent: Option<ExtentId>,
+    children: Vec<ExtentId>,
+    last_used: u64,
+}
+
+/// Blocks `first..first + blocks` of an extent, which hold the sequence's blocks
+/// `to..to + blocks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HitPiece {
+    pub extent: ExtentId,
+    pub first: usize,
+    pub blocks: usize,
+    pub to: usize,
+}
+
+/// Room made for a sequence's blocks `first_block..first_block + blocks` (those the cache does
+/// not hold yet); [`PrefixCache::commit`] stores them once their bytes are copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub first_block: usize,
+    pub blocks: usize,
+    pub(super) parent: Option<ExtentId>,
+}
+
+pub struct PrefixCache<S> {
+    blocks: HashMap<BlockHash, Block>,
+    extents: HashMap<ExtentId, Extent<S>>,
+    block_bytes: u64,
+    limit_bytes: u64,
+    used_bytes: u64,
+    clock: u64,
+    next_extent: ExtentId,
+}
+
+impl<S> PrefixCache<S> {
+    /// A cache of at most `limit_bytes`, each block costing `block_bytes`.
+    pub fn new(limit_bytes: u64, block_bytes: u64) -> Self {
+        PrefixCache {
+            blocks: HashMap::new(),
+            extents: HashMap::new(),
+            block_bytes: block_bytes.max(1),
+            limit_bytes,
+            used_bytes: 0,
+            clock: 0,
+            next_extent: 0,
+        }
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes
+    }
+
+    pub fn extent(&self, id: ExtentId) -> Option<&Extent<S>> {
+        self.extents.get(&id)
+    }
+
+    /// The blocks of the longest cached prefix of `tokens`, with the extent each is in.
+    fn walk(&self, tokens: &[u32], keys: &[BlockHash]) -> Vec<(BlockHash, ExtentId, usize)> {
+        let mut found = Vec::new();
+        let mut parent = None;
+        for (i, &key) in keys.iter().enumerate() {
+            let Some(block) = self.blocks.get(&key) else { break };
+            let want = &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS];
+            if block.parent != parent || &*block.tokens != want {
+                break;
+            }
+            found.push((key, block.extent, block.index));
+            parent = Some(key);
+        }
+        found
+    }
+
+    /// How many leading tokens of `tokens` (whole blocks) the cache holds; does not count as a
+    /// use. `keys` are [`block_hashes`] of `tokens`.
+    pub fn lookup(&self, tokens: &[u32], keys: &[BlockHash]) -> usize {
+        self.walk(tokens, keys).len() * BLOCK_TOKENS
+    }
+
+    fn touch(&mut self, extent: ExtentId) {
+        self.clock += 1;
+        if let Some(e) = self.extents.get_mut(&extent) {
+            e.last_used = self.clock;
+        }
+    }
+
+    /// The cached prefix of `tokens` (at most `max_blocks` blocks) as runs of consecutive blocks
+    /// of one extent, marked as just used.
+    pub fn acquire(&mut self, tokens: &[u32], keys: &[BlockHash], max_blocks: usize) -> Vec<HitPiece> {
+        let mut pieces: Vec<HitPiece> = Vec::new();
+        for (to, (_, extent, index)) in self.walk(tokens, keys).into_iter().take(max_blocks).enumerate() {
+            match pieces.last_mut() {
+                Some(p) if p.extent == extent && p.first + p.blocks == index => p.blocks += 1,
+                _ => pieces.push(HitPiece { extent, first: index, blocks: 1, to }),
+            }
+        }
+        for p in &pieces {
+            self.touch(p.extent);
+        }
+        pieces
+    }
+
+    /// Makes room for the blocks of `tokens` the cache does not hold, evicting least recently
+    /// used extents (not those `tokens` runs through). None when every block is cached already or
+    /// nothing fits. Fewer blocks than are new are reserved when not all fit (the earliest).
+    pub fn reserve(&mut self, tokens: &[u32], keys: &[BlockHash]) -> Option<Reservation> {
+        let held = self.walk(tokens, keys);
+        let chain: HashSet<ExtentId> = held.iter().map(|&(_, e, _)| e).collect();
+        for &e in &chain {
+            self.touch(e);
+        }
+        let first_block = held.len();
+        let new = keys.len() - first_block;
+        if new == 0 {
+            return None;
+        }
+        let need = new as u64 * self.block_bytes;
+        while self.used_bytes + need > self.limit_bytes {
+            let victim = self
+                .extents
+                .iter()
+                .filter(|(id, _)| !chain.contains(id))
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(&id, _)| id);
+            match victim {
+                Some(id) => self.evict(id),
+                None => break,
+            }
+        }
+        let room = ((self.limit_bytes.saturating_sub(self.used_bytes)) / self.block_bytes) as usize;
+        let blocks = new.min(room);
+        let parent = held.last().map(|&(_, e, _)| e);
+        (blocks > 0).then_some(Reservation { first_block, blocks, parent })
+    }
+
+    /// Stores the reserved blocks of `tokens`, whose bytes are in `storage`.
+    pub fn commit(&mut self, reservation: Reservation, tokens: &[u32], keys: &[BlockHash], storage: S) -> ExtentId {
+        let id = self.next_extent;
+        self.next_extent += 1;
+        let Reservation { first_block, blocks, parent } = reservation;
+        let extent_keys: Vec<BlockHash> = keys[first_block..first_block + blocks].to_vec();
+        for (index, &key) in extent_keys.iter().enumerate() {
+            let b = first_block + index;
+            let block_parent = b.checked_sub(1).map(|p| keys[p]);
+            let block_tokens = tokens[b * BLOCK_TOKENS..(b + 1) * BLOCK_TOKENS].into();
+            self.blocks.insert(key, Block { extent: id, index, parent: block_parent, tokens: block_tokens });
+        }
+        // A parent evicted since the reservation would leave this extent unreachable: it is
+        // reachable only while its parent is (see `evict`).
+        let parent = parent.filter(|p| self.extents.contains_key(p));
+        if let Some(p) = parent.and_then(|p| self.extents.get_mut(&p)) {
+            p.children.push(id);
+        }
+        self.clock += 1;
+        self.used_bytes += blocks as u64 * self.block_bytes;
+        self.extents.insert(
+            id,
+            Extent { storage, blocks, keys: extent_keys, parent, children: Vec::new(), last_used: self.clock },
+        );
+        id
+    }
+
+    /// Drops an extent and every extent that continues it.
+    fn evict(&mut self, id: ExtentId) {
+        let Some(extent) = self.extents.remove(&id) else { return };
+        for key in &extent.keys {
+            if self.blocks.get(key).is_some_and(|b| b.extent == id) {
+                self.blocks.remove(key);
+            }
+        }
+        self.used_bytes -= extent.blocks as u64 * self.block_bytes;
+        if let Some(p) = extent.parent.and_then(|p| self.extents.get_mut(&p)) {
+            p.children.retain(|&c| c != id);
+        }
+        for child in extent.children {
+            self.evict(child);
+        }
+    }
+
+    #[cfg(test)]
+    pub fn extents(&self) -> usize {
+        self.extents.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: usize = BLOCK_TOKENS;
+
+    fn tokens(seed: u32, n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| seed * 1000 + i).collect()
+    }
+
+    fn insert(cache: &mut PrefixCache<()>, t: &[u32]) -> Option<Reservation> {
+        let keys = block_hashes(t);
+        let r = cache.reserve(t, &keys)?;
+        cache.commit(r, t, &keys, ());
+        Some(r)
+    }
+
+    #[test]
+    fn keys_cover_the_whole_prefix() {
+        let a = tokens(1, 3 * B + 5);
+        let mut b = a.clone();
+        b[0] += 1; // same later blocks, another first block
+        let (ka, kb) = (block_hashes(&a), block_hashes(&b));
+        assert_eq!(ka.len(), 3, "only full blocks");
+        assert!(ka.iter().zip(&kb).all(|(x, y)| x != y), "a different start changes every key");
+        assert_eq!(block_hashes(&a[..2 * B]), ka[..2], "a prefix has the prefix's keys");
+    }
+
+    #[test]
+    fn an_earlier_requests_prefix_is_found_after_unrelated_ones() {
+        let mut cache = PrefixCache::new(1 << 20, 1);
+        let system = tokens(1, 8 * B);
+        insert(&mut cache, &system);
+        insert(&mut cache, &tokens(2, 5 * B)); // unrelated
+        let mut c = system.clone();
+        c.extend(tokens(3, 2 * B + 7));
+        let keys = block_hashes(&c);
+        assert_eq!(cache.lookup(&c, &keys), 8 * B);
+        let pieces = cache.acquire(&c, &keys, usize::MAX);
+        assert_eq!(pieces.len(), 1, "one extent, one piece: {pieces:?}");
+        assert_eq!((pieces[0].first, pieces[0].blocks, pieces[0].to), (0, 8, 0));
+        assert_eq!(cache.acquire(&c, &keys, 3)[0].blocks, 3, "capped at max_blocks");
+    }
+
+    #[test]
+    fn a_continuation_stores_only_its_new_blocks_and_a_hit_spans_both_extents() {
+        let mut cache = PrefixCache::new(1 << 20, 1);
+        let turn1 = tokens(1, 4 * B);
+        insert(&mut cache, &turn1);
+        let mut turn2 = turn1.clone();
+        turn2.extend(tokens(2, 3 * B));
+        let r = insert(&mut cache, &turn2).unwrap();
+        assert_eq!((r.first_block, r.blocks), (4, 3));
+        assert_eq!(cache.used_bytes(), 7);
+        assert!(insert(&mut cache, &turn2).is_none(), "nothing new the second time");
+        let mut turn3 = turn2.clone();
+        turn3.extend(tokens(3, B));
+        let keys = block_hashes(&turn3);
+        let pieces = cache.acquire(&turn3, &keys, usize::MAX);
+        let shape: Vec<(usize, usize, usize)> = pieces.iter().map(|p| (p.first, p.blocks, p.to)).collect();
+        assert_eq!(shape, [(0, 4, 0), (0, 3, 4)]);
+    }
+
+    #[test]
+    fn a_block_with_the_same_tokens_after_another_prefix_is_not_a_hit() {
+        let mut cache = PrefixCache::new(1 << 20, 1);
+        let a = tokens(1, 2 * B);
+        insert(&mut cache, &a);
+        // b's second block equals a's second block, but its first does not.
+        let mut b = tokens(9, B);
+        b.extend_from_slice(&a[B..]);
+        assert_eq!(cache.lookup(&b, &block_hashes(&b)), 0);
+    }
+
+    #[test]
+    fn the_least_recently_used_extent_goes_first_with_what_continues_it() {
+        let mut cache = PrefixCache::new(10, 1);
+        let (a, b) = (tokens(1, 4 * B), tokens(2, 4 * B));
+        insert(&mut cache, &a);
+        insert(&mut cache, &b);
+        let mut a2 = a.clone();
+        a2.extend(tokens(3, 2 * B));
+        insert(&mut cache, &a2); // 10 bytes: full
+        assert_eq!(cache.used_bytes(), 10);
+        // Use b, so a (and its continuation) are the least recently used.
+        cache.acquire(&b, &block_hashes(&b), usize::MAX);
+        let c = tokens(4, 3 * B);
+        insert(&mut cache, &c);
+        assert_eq!(cache.lookup(&a, &block_hashes(&a)), 0, "a was evicted");
+        assert_eq!(cache.lookup(&a2, &block_hashes(&a2)), 0, "and its continuation with it");
+        assert_eq!(cache.lookup(&b, &block_hashes(&b)), 4 * B);
+        assert_eq!(cache.lookup(&c, &block_hashes(&c)), 3 * B);
+        assert_eq!((cache.used_bytes(), cache.extents()), (7, 2));
+    }
+
+    #[test]
+    fn what_does_not_fit_is_cut_to_the_earliest_blocks() {
+        let mut cache = PrefixCache::new(3, 1);
+        let long = tokens(1, 5 * B);
+        let r = insert(&mut cache, &long).unwrap();
+        assert_eq!((r.first_block, r.blocks), (0, 3));
+        assert_eq!(cache.lookup(&long, &block_hashes(&long)), 3 * B);
+        let mut zero = PrefixCache::<()>::new(0, 1);
+        assert!(insert(&mut zero, &long).is_none());
+    }
+}

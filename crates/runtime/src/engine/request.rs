@@ -1,0 +1,97 @@
+//! What a caller submits ([`Request`]) and what comes back ([`Event`]), and what the engine
+//! says about the model it serves ([`ModelInfo`]).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::chat_template::RenderOptions;
+use crate::generate::{GenerateOptions, GenerationOutput, TokenEvent};
+use crate::sampling::SamplingParams;
+
+/// A prompt: plain text (tokenized as is, no template), chat messages (through the model's chat
+/// template), or token ids.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    Text(String),
+    Chat(Vec<Json>),
+    Ids(Vec<u32>),
+}
+
+impl Prompt {
+    /// The request field the prompt came in (for errors): `messages` or `prompt`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Prompt::Chat(_) => "messages",
+            Prompt::Text(_) | Prompt::Ids(_) => "prompt",
+        }
+    }
+}
+
+/// One generation: the prompt, what to generate, and how chat messages are rendered.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Prompt,
+    pub options: GenerateOptions,
+    /// Chat-template arguments (only read for [`Prompt::Chat`]).
+    pub render: RenderOptions,
+}
+
+impl Request {
+    /// `prompt` with the default options (256 tokens at most, sampling at temperature 1) and a
+    /// generation prompt after chat messages.
+    pub fn new(prompt: Prompt) -> Self {
+        Request { prompt, options: GenerateOptions::default(), render: RenderOptions::generation() }
+    }
+
+    pub fn with_options(mut self, options: GenerateOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn with_render(mut self, render: RenderOptions) -> Self {
+        self.render = render;
+        self
+    }
+}
+
+/// What a request's handle yields: one `Token` per generated token (and possibly one last
+/// `Token` with [`TEXT_TAIL_TOKEN`](crate::generate::TEXT_TAIL_TOKEN) for text held back until
+/// the end), then `Finished` with the whole output. Errors end the stream instead.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Token(TokenEvent),
+    Finished(GenerationOutput),
+}
+
+/// The model an engine serves and how the engine was sized.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    /// The name clients use (the graph's name unless configured).
+    pub served_name: String,
+    pub graphs: PathBuf,
+    pub architecture: String,
+    pub precision: String,
+    pub execution_provider: String,
+    /// The graph's context length.
+    pub context_length: usize,
+    /// Tokens one sequence can hold (prompt plus generated): each slot's capacity.
+    pub max_model_len: usize,
+    /// Sequences the KV pool holds at once.
+    pub max_seqs: usize,
+    /// Bytes of the KV pool (every slot).
+    pub kv_cache_bytes: u64,
+    /// Prompt tokens prefilled per engine step at most.
+    pub prefill_budget: usize,
+    /// Whether KV is reused across requests.
+    pub prefix_caching: bool,
+    /// Decode batch sizes with a captured CUDA graph (empty: no CUDA graphs).
+    pub cuda_graph_batch_sizes: Vec<usize>,
+    pub vocab_size: usize,
+    pub eos_token_ids: Vec<u32>,
+    /// Sampling from the checkpoint's generation_config.json (greedy where it says so).
+    pub default_sampling: SamplingParams,
+    pub has_tokenizer: bool,
+    pub has_chat_template: bool,
+}

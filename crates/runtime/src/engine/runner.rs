@@ -1,0 +1,331 @@
+//! The model runner: owns the model, the KV pool and the prefix cache's storage, and runs what a
+//! step plan says: one batched decode over the first slots, prefill chunks batch-1 into their
+//! slots, and prefix copies into and out of slots.
+//!
+//! Every step's inputs are built through [`StepInputs`] (the decode batch in [`Runner::decode`],
+//! a prefill chunk in [`Runner::prefill`]), so inputs beyond text extend those two places.
+
+use anyhow::{anyhow, Context, Result};
+
+use crate::cuda_rt::{Copy2d, CudaRuntime};
+use crate::model::{DecoderModel, Fetch, KvBuffer, SharedLayout, StepOutput};
+use crate::step_inputs::StepInputs;
+
+use super::kv_pool::{KvMemory, KvPool, PoolPlan};
+use super::prefix_cache::{HitPiece, PrefixCache, Reservation, BLOCK_TOKENS};
+
+/// One row of a decode batch: the token it runs and the tokens its slot holds before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DecodeRow {
+    pub token: u32,
+    pub past: usize,
+}
+
+impl DecodeRow {
+    /// A row whose slot is not decoding (free, or between prefill chunks): it writes its token's
+    /// KV at position `filled`, which the slot's next prefill chunk (or whoever takes a free
+    /// slot) overwrites before anything attends to it.
+    pub(crate) fn idle(filled: usize) -> Self {
+        DecodeRow { token: 0, past: filled }
+    }
+}
+
+/// Decode batch sizes with a CUDA graph of their own, up to `max_seqs` (vLLM's capture sizes:
+/// 1, 2, 4, then multiples of 8), and `max_seqs` itself.
+pub(crate) fn graph_batch_sizes(max_seqs: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> = [1, 2, 4].into_iter().chain((8..).step_by(8)).take_while(|&s| s < max_seqs).collect();
+    sizes.push(max_seqs);
+    sizes
+}
+
+/// The prefix cache's index and where its extents' bytes live.
+struct PrefixStore {
+    cache: PrefixCache<KvBuffer>,
+    memory: KvMemory,
+}
+
+pub(crate) struct Runner {
+    model: DecoderModel,
+    pool: KvPool,
+    prefix: Option<PrefixStore>,
+    /// Empty without CUDA graphs.
+    graph_sizes: Vec<usize>,
+}
+
+impl Runner {
+    /// `prefix_cache_bytes`: None or 0 turns prefix caching off. Refused (off, with a warning)
+    /// where KV cannot be copied: a growing cache, or a GPU without the CUDA runtime loaded.
+    pub(crate) fn new(model: DecoderModel, plan: PoolPlan, prefix_cache_bytes: Option<u64>) -> Result<Self> {
+        let pool = KvPool::new(&model, plan)?;
+        let memory = pool.layout().and_then(KvMemory::of);
+        let prefix = match (prefix_cache_bytes.filter(|&b| b > 0), memory, pool.layout()) {
+            (Some(bytes), Some(memory), Some(layout)) => Some(PrefixStore {
+                cache: PrefixCache::new(bytes, (BLOCK_TOKENS * layout.bytes_per_token()) as u64),
+                memory,
+            }),
+            (Some(_), _, None) => {
+                tracing::warn!("prefix caching is off: this graph's KV cache grows step by step (no shared buffer)");
+                None
+            }
+            (Some(_), None, Some(_)) => {
+                tracing::warn!("prefix caching is off: the CUDA runtime is not loaded in this process");
+                None
+            }
+            (None, ..) => None,
+        };
+        let graph_sizes = if model.can_replay_graphs() { graph_batch_sizes(plan.slots) } else { Vec::new() };
+        Ok(Runner { model, pool, prefix, graph_sizes })
+    }
+
+    pub(crate) fn model(&self) -> &DecoderModel {
+        &self.model
+    }
+
+    pub(crate) fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    pub(crate) fn pool_mut(&mut self) -> &mut KvPool {
+        &mut self.pool
+    }
+
+    pub(crate) fn graph_sizes(&self) -> &[usize] {
+        &self.graph_sizes
+    }
+
+    pub(crate) fn prefix_caching(&self) -> bool {
+        self.prefix.is_some()
+    }
+
+    pub(crate) fn prefix_cache_bytes(&self) -> u64 {
+        self.prefix.as_ref().map_or(0, |p| p.cache.used_bytes())
+    }
+
+    /// Gives `slot` back to the pool.
+    pub(crate) fn release(&mut self, slot: usize) -> Result<()> {
+        self.pool.release(&self.model, slot)
+    }
+
+    /// How many rows a decode over slots 0..n runs: n, or the smallest CUDA-graph batch size
+    /// that holds n (the rows past n are idle slots).
+    pub(crate) fn decode_rows(&self, n: usize) -> usize {
+        self.graph_sizes.iter().copied().find(|&s| s >= n).unwrap_or(n)
+    }
+
+    /// One batched decode step over slots 0..rows.len() (a row per slot, `rows.len()` from
+    /// [`decode_rows`](Self::decode_rows)), each row after its own past.
+    pub(crate) fn decode(&mut self, rows: &[DecodeRow], fetch: Fetch) -> Result<StepOutput> {
+        let inputs = StepInputs::new(rows.iter().map(|r| r.token).collect(), rows.iter().map(|r| r.past).collect())?;
+        let cache = self.pool.cache();
+        if self.graph_sizes.contains(&rows.len()) {
+            self.model.run_rows_graph(&inputs, cache, fetch)
+        } else {
+            self.model.run_rows(&inputs, cache, 0, fetch)
+        }
+    }
+
+    /// One prefill chunk: `tokens` into `slot` after the `past` tokens it holds (batch 1).
+    pub(crate) fn prefill(&mut self, slot: usize, tokens: &[u32], past: usize, fetch: Fetch) -> Result<StepOutput> {
+        let inputs = StepInputs::new(tokens.to_vec(), vec![past])?;
+        self.model.run_rows(&inputs, self.pool.cache(), slot, fetch)
+    }
+
+    /// Prompt tokens of `tokens` the prefix cache holds (whole blocks; no use recorded).
+    pub(crate) fn lookup(&self, tokens: &[u32], keys: &[u64]) -> usize {
+        self.prefix.as_ref().map_or(0, |p| p.cache.lookup(tokens, keys))
+    }
+
+    /// Copies the cached KV of the first `want` tokens of `tokens` into `slot`; returns how many
+    /// tokens it provided (`want`, which a [`lookup`](Self::lookup) in the same step found).
+    pub(crate) fn load_prefix(&mut self, slot: usize, tokens: &[u32], keys: &[u64], want: usize) -> Result<usize> {
+        let (Some(store), Some(layout)) = (self.prefix.as_mut(), self.pool.layout()) else { return Ok(0) };
+        if want == 0 {
+            return Ok(0);
+        }
+        let blocks = want.div_ceil(BLOCK_TOKENS);
+        let pieces = store.cache.acquire(tokens, keys, blocks);
+        let got: usize = pieces.iter().map(|p| p.blocks).sum();
+        if got < blocks {
+            return Err(anyhow!("the prefix cache holds {got} blocks of {blocks} looked up in this step"));
+        }
+        let mut copies = Vec::with_capacity(pieces.len() * 2 * layout.layers.len());
+        for piece in &pieces {
+            let extent = store.cache.extent(piece.extent).context("a prefix-cache extent vanished")?;
+            copies.extend(hit_copies(layout, slot, piece, extent.blocks, extent.storage.addr()));
+        }
+        // SAFETY: each copy reads an extent's buffer and writes positions of `slot` of the pool,
+        // both live and of the sizes computed from their layouts; they do not overlap.
+        unsafe { store.memory.copy(&copies) }.context("copying cached KV into a slot")?;
+        Ok(want)
+    }
+
+    /// Offers the KV of `tokens` (what `slot` holds) to the prefix cache: the full blocks it
+    /// does not hold yet are copied out of the slot into a new extent.
+    pub(crate) fn store_prefix(&mut self, slot: usize, tokens: &[u32]) -> Result<()> {
+        let Some(store) = self.prefix.as_mut() else { return Ok(()) };
+        let Some(layout) = self.pool.layout() else { return Ok(()) };
+        let keys = super::prefix_cache::block_hashes(tokens);
+        let Some(reservation) = store.cache.reserve(tokens, &keys) else { return Ok(()) };
+        let bytes = reservation.blocks * BLOCK_TOKENS * layout.bytes_per_token();
+        let buffer = self.model.new_kv_buffer(bytes)?;
+        let copies = store_copies(layout, slot, &reservation, buffer.addr());
+        // SAFETY: each copy reads positions of `slot` of the pool and writes the new buffer,
+        // both live and of the sizes computed from their layouts; they do not overlap.
+        unsafe { store.memory.copy(&copies) }.context("copying KV from a slot into the prefix cache")?;
+        store.cache.commit(reservation, tokens, &keys, buffer);
+        Ok(())
+    }
+
+    /// Bytes free for the KV pool on the session's GPU: free memory less the share
+    /// `1 - utilization` of the total kept back for activations and everything else. Measured
+    /// after one prefill of `prefill_tokens` tokens, so that the largest activations of a step
+    /// are already allocated (ONNX Runtime's arena keeps them). None on the CPU.
+    pub(crate) fn measure_free_kv_bytes(
+        model: &mut DecoderModel,
+        prefill_tokens: usize,
+        utilization: f64,
+    ) -> Result<Option<u64>> {
+        let Some(device) = model.device_id() else { return Ok(None) };
+        let runtime = CudaRuntime::get().context(
+            "cannot measure the GPU's free memory (the CUDA runtime is not loaded): set --max-seqs or --kv-cache-gb",
+        )?;
+        let tokens = prefill_tokens.clamp(1, model.context_length() - 1);
+        let mut cache = model.new_batch_cache(1, tokens)?;
+        let profile = StepInputs::new(vec![0; tokens], vec![0])?;
+        model.run_rows(&profile, &mut cache, 0, Fetch::Logits).context("the profiling prefill failed")?;
+        drop(cache);
+        let (free, total) = runtime.memory_info(device)?;
+        let keep = ((1.0 - utilization) * total as f64) as u64;
+        let budget = (free as u64).saturating_sub(keep);
+        tracing::info!(
+            "GPU {device}: {} free of {} after a {tokens}-token profiling prefill; {} for the KV cache (utilization {utilization})",
+            pio_models::size::format_bytes(free as u64),
+            pio_models::size::format_bytes(total as u64),
+            pio_models::size::format_bytes(budget)
+        );
+        Ok(Some(budget))
+    }
+}
+
+/// Byte offset of layer `layer`'s keys (`direction` 0) or values (1) in an extent of `tokens`
+/// tokens: per layer and direction (kv_heads, tokens, head_dim).
+fn extent_region(layout: &SharedLayout, tokens: usize, layer: usize, direction: usize) -> usize {
+    (layer * 2 + direction) * layout.kv_heads * tokens * layout.position_bytes()
+}
+
+/// The pool buffer of `layer`'s keys (`direction` 0) or values (1).
+fn pool_buffer(layout: &SharedLayout, layer: usize, direction: usize) -> usize {
+    let (k, v) = layout.layers[layer];
+    if direction == 0 {
+        k
+    } else {
+        v
+    }
+}
+
+/// Copies of a hit piece from its extent (`extent_blocks` long, at `extent_addr`) into `slot`:
+/// one strided copy per layer and direction, a run of the piece's tokens per head.
+fn hit_copies(
+    layout: &SharedLayout,
+    slot: usize,
+    piece: &HitPiece,
+    extent_blocks: usize,
+    extent_addr: usize,
+) -> Vec<Copy2d> {
+    let extent_tokens = extent_blocks * BLOCK_TOKENS;
+    let pb = layout.position_bytes();
+    let mut copies = Vec::with_capacity(2 * layout.layers.len());
+    for layer in 0..layout.layers.len() {
+        for direction in 0..2 {
+            copies.push(Copy2d {
+                dst: layout.address(pool_buffer(layout, layer, direction), slot, piece.to * BLOCK_TOKENS),
+                dst_pitch: layout.head_pitch(),
+                src: extent_addr
+                    + extent_region(layout, extent_tokens, layer, direction)
+                    + piece.first * BLOCK_TOKENS * pb,
+                src_pitch: extent_tokens * pb,
+                width: piece.blocks * BLOCK_TOKENS * pb,
+                height: layout.kv_heads,
+            });
+        }
+    }
+    copies
+}
+
+/// Copies of a reservation's blocks from `slot` into a new extent at `extent_addr`.
+fn store_copies(layout: &SharedLayout, slot: usize, reservation: &Reservation, extent_addr: usize) -> Vec<Copy2d> {
+    let tokens = reservation.blocks * BLOCK_TOKENS;
+    let pb = layout.position_bytes();
+    let mut copies = Vec::with_capacity(2 * layout.layers.len());
+    for layer in 0..layout.layers.len() {
+        for direction in 0..2 {
+            copies.push(Copy2d {
+                dst: extent_addr + extent_region(layout, tokens, layer, direction),
+                dst_pitch: tokens * pb,
+                src: layout.address(
+                    pool_buffer(layout, layer, direction),
+                    slot,
+                    reservation.first_block * BLOCK_TOKENS,
+                ),
+                src_pitch: layout.head_pitch(),
+                width: tokens * pb,
+                height: layout.kv_heads,
+            });
+        }
+    }
+    copies
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn graph_batch_sizes_follow_vllm_and_end_at_max_seqs() {
+        assert_eq!(graph_batch_sizes(1), [1]);
+        assert_eq!(graph_batch_sizes(6), [1, 2, 4, 6]);
+        assert_eq!(graph_batch_sizes(32), [1, 2, 4, 8, 16, 24, 32]);
+        assert_eq!(graph_batch_sizes(33), [1, 2, 4, 8, 16, 24, 32, 33]);
+    }
+
+    /// A host "pool" of 3 slots and an extent, filled with recognizable bytes: a slot's blocks
+    /// stored and copied back into another slot land at the same positions, every layer, key
+    /// and value.
+    #[test]
+    fn store_and_hit_copies_round_trip_between_slots() {
+        let (layers, kv_heads, capacity, head_dim, rows) = (2, 3, 64, 4, 3);
+        let per_buffer = rows * kv_heads * capacity * head_dim;
+        let mut buffers: Vec<Vec<u8>> =
+            (0..layers * 2).map(|b| (0..per_buffer).map(|i| ((i * 7 + b * 13) % 251) as u8).collect()).collect();
+        let layout = SharedLayout {
+            layers: (0..layers)
+                .map(|l| (buffers[2 * l].as_mut_ptr() as usize, buffers[2 * l + 1].as_mut_ptr() as usize))
+                .collect(),
+            rows,
+            kv_heads,
+            capacity,
+            head_dim,
+            element_bytes: 1,
+            device: None,
+        };
+        let reservation = Reservation { first_block: 1, blocks: 2, parent: None };
+        let mut extent = vec![0u8; 2 * BLOCK_TOKENS * layout.bytes_per_token()];
+        let stored = store_copies(&layout, 1, &reservation, extent.as_mut_ptr() as usize);
+        assert_eq!(stored.len(), 2 * layers, "one copy per layer and direction");
+        // SAFETY: the regions are inside `buffers` and `extent`, computed from their shapes.
+        unsafe { KvMemory::Host.copy(&stored) }.unwrap();
+        let piece = HitPiece { extent: 0, first: 0, blocks: 2, to: 1 };
+        let hit = hit_copies(&layout, 2, &piece, 2, extent.as_ptr() as usize);
+        // SAFETY: as above.
+        unsafe { KvMemory::Host.copy(&hit) }.unwrap();
+        for buffer in &buffers {
+            for h in 0..kv_heads {
+                let at = |slot: usize| ((slot * kv_heads + h) * capacity + BLOCK_TOKENS) * head_dim;
+                let span = 2 * BLOCK_TOKENS * head_dim;
+                assert_eq!(buffer[at(1)..at(1) + span], buffer[at(2)..at(2) + span], "head {h}");
+                // Positions before the copied blocks are untouched.
+                assert_ne!(buffer[at(1) - head_dim..at(1)], buffer[at(2) - head_dim..at(2)]);
+            }
+        }
+    }
+}

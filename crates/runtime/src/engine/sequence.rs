@@ -1,0 +1,229 @@
+//! One request inside the engine: its prompt, its own sampler (and seed), the streaming
+//! detokenizer and stop conditions that turn each chosen token into an event, and where its KV
+//! is (slot, tokens filled).
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::generate::{Clock, FinishReason, GenerateOptions, OutputBuilder, TokenEvent, TEXT_TAIL_TOKEN};
+use crate::model::Fetch;
+use crate::sampling::Sampler;
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+
+use super::error::EngineError;
+use super::metrics::MetricsSnapshot;
+use super::prefix_cache::{block_hashes, BlockHash};
+use super::request::Event;
+use super::scheduler::{Phase, SeqId};
+use super::stop_matcher::StopMatcher;
+
+pub(crate) type EventSender = UnboundedSender<Result<Event, EngineError>>;
+
+/// What a step gave a sequence to choose its next token from.
+pub(crate) enum Choice<'a> {
+    /// The graph's argmax (plain greedy, no logprobs).
+    Token(u32),
+    /// The logits row of its last position.
+    Logits(&'a [f32]),
+}
+
+/// How a submitted request is to be generated, checked and tokenized on the caller's thread.
+pub(crate) struct Admitted {
+    pub prompt: Vec<u32>,
+    pub options: GenerateOptions,
+    pub sampler: Sampler,
+    /// Tokens it may generate: `max_tokens`, or what the sequence has room for.
+    pub max_tokens: usize,
+    pub stop_ids: Vec<u32>,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+pub(crate) struct Sequence {
+    pub id: SeqId,
+    events: EventSender,
+    /// Block keys of the prompt (prefix-cache lookups).
+    pub prompt_keys: Vec<BlockHash>,
+    prompt_len: usize,
+    /// Prompt and generated tokens.
+    history: Vec<u32>,
+    sampler: Sampler,
+    decoder: Option<IncrementalDecoder>,
+    stops: StopMatcher,
+    stop_ids: Vec<u32>,
+    max_tokens: usize,
+    /// Why it ends when `max_tokens` is reached: `Length`, or `ContextLength` when the request
+    /// set no maximum.
+    full_reason: FinishReason,
+    logprobs: Option<usize>,
+    pub fetch: Fetch,
+    output: OutputBuilder,
+    clock: Clock,
+    last_token_at: Option<Instant>,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached: usize,
+    pub slot: usize,
+    /// Tokens whose KV the slot holds: history[..filled].
+    pub filled: usize,
+    pub phase: Phase,
+    /// Whether its KV has been offered to the prefix cache when it finished, or must never be
+    /// (a failed step may have left it half written).
+    pub stored: bool,
+}
+
+impl Sequence {
+    pub(crate) fn new(id: SeqId, a: Admitted, events: EventSender, submitted: Instant) -> Self {
+        let plain_greedy = a.options.sampling.is_plain_argmax() && a.options.logprobs.is_none();
+        let mut sampler = a.sampler;
+        sampler.set_prompt_len(a.prompt.len());
+        Sequence {
+            id,
+            events,
+            prompt_keys: block_hashes(&a.prompt),
+            prompt_len: a.prompt.len(),
+            decoder: a.tokenizer.as_ref().map(|t| t.incremental_decoder(a.options.skip_special_tokens)),
+            stops: StopMatcher::new(&a.options.stop),
+            stop_ids: a.stop_ids,
+            max_tokens: a.max_tokens,
+            full_reason: if a.options.max_tokens.is_some() {
+                FinishReason::Length
+            } else {
+                FinishReason::ContextLength
+            },
+            logprobs: a.options.logprobs,
+            fetch: if plain_greedy { Fetch::Greedy } else { Fetch::Logits },
+            history: a.prompt,
+            sampler,
+            output: OutputBuilder::default(),
+            clock: Clock::new(submitted),
+            last_token_at: None,
+            cached: 0,
+            slot: 0,
+            filled: 0,
+            phase: Phase::Prefill { done: 0, prompt_len: 0 },
+            stored: false,
+        }
+    }
+
+    pub(crate) fn prompt(&self) -> &[u32] {
+        &self.history[..self.prompt_len]
+    }
+
+    /// The tokens whose KV the slot holds.
+    pub(crate) fn kv_tokens(&self) -> &[u32] {
+        &self.history[..self.filled]
+    }
+
+    /// The token the next decode step runs (the last one chosen).
+    pub(crate) fn next_input(&self) -> u32 {
+        self.history.last().copied().unwrap_or(0)
+    }
+
+    /// Whether the caller dropped its handle.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// Takes `slot`, whose first `cached` positions the prefix cache filled.
+    pub(crate) fn admit(&mut self, slot: usize, cached: usize) {
+        self.slot = slot;
+        self.cached = cached;
+        self.filled = cached;
+        self.phase = Phase::Prefill { done: cached, prompt_len: self.prompt_len };
+        self.clock.admitted = Some(Instant::now());
+    }
+
+    /// Chooses the next token from `choice`, streams it, and says whether the sequence is done.
+    pub(crate) fn accept(&mut self, choice: Choice<'_>, metrics: &mut MetricsSnapshot) -> Result<bool, EngineError> {
+        let (token, logprob, top_logprobs) = match (choice, self.logprobs) {
+            (Choice::Token(t), _) => (t, None, vec![]),
+            (Choice::Logits(row), Some(n)) => {
+                let s = self.sampler.sample_with_logprobs(row, &self.history, n);
+                (s.token, Some(s.logprob), s.top_logprobs.to_vec())
+            }
+            (Choice::Logits(row), None) => (self.sampler.sample(row, &self.history), None, vec![]),
+        };
+        let now = Instant::now();
+        match self.last_token_at {
+            None => {
+                self.clock.first_token = Some(now);
+                metrics.time_to_first_token.observe((now - self.clock.submitted).as_secs_f64());
+            }
+            Some(last) => metrics.inter_token_latency.observe((now - last).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        metrics.generation_tokens += 1;
+        self.history.push(token);
+        let is_stop_id = self.stop_ids.contains(&token);
+        let mut text = String::new();
+        let mut hit_stop_string = false;
+        if let Some(d) = self.decoder.as_mut() {
+            // A stop id is not part of the answer's text.
+            if !is_stop_id {
+                let piece = d
+                    .push(token)
+                    .map_err(|e| EngineError::model("detokenizing a generated token", anyhow::Error::new(e)))?
+                    .unwrap_or_default();
+                let (emit, hit) = self.stops.push(&piece);
+                text = emit;
+                hit_stop_string = hit;
+            }
+        }
+        self.emit(TokenEvent { token_id: token, text, logprob, top_logprobs });
+        if is_stop_id || hit_stop_string {
+            self.finish(FinishReason::Stop, !hit_stop_string, metrics)?;
+            return Ok(true);
+        }
+        if self.output.generated() == self.max_tokens {
+            self.finish(self.full_reason, true, metrics)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn emit(&mut self, event: TokenEvent) {
+        self.output.push(&event);
+        // A closed channel is a cancellation, which the next step notices.
+        let _ = self.events.send(Ok(Event::Token(event)));
+    }
+
+    /// Ends the sequence: the text still held back (unless a stop string cut it), then the
+    /// output. `Cancelled` sends nothing (no one is listening).
+    pub(crate) fn finish(
+        &mut self,
+        reason: FinishReason,
+        flush: bool,
+        metrics: &mut MetricsSnapshot,
+    ) -> Result<(), EngineError> {
+        self.phase = Phase::Finished;
+        metrics.finished.count(reason);
+        if reason == FinishReason::Cancelled {
+            return Ok(());
+        }
+        if flush {
+            let mut tail = String::new();
+            if let Some(d) = self.decoder.as_mut() {
+                let rest =
+                    d.flush().map_err(|e| EngineError::model("detokenizing the last tokens", anyhow::Error::new(e)))?;
+                tail.push_str(&self.stops.push(&rest).0);
+            }
+            tail.push_str(&self.stops.flush());
+            if !tail.is_empty() {
+                self.emit(TokenEvent { token_id: TEXT_TAIL_TOKEN, text: tail, logprob: None, top_logprobs: vec![] });
+            }
+        }
+        let output = std::mem::take(&mut self.output).finish(self.prompt().to_vec(), self.cached, reason, self.clock);
+        let _ = self.events.send(Ok(Event::Finished(output)));
+        Ok(())
+    }
+
+    /// Ends the sequence with an error.
+    pub(crate) fn fail(&mut self, error: EngineError, metrics: &mut MetricsSnapshot) {
+        if self.phase != Phase::Finished {
+            metrics.finished.error += 1;
+        }
+        self.phase = Phase::Finished;
+        self.stored = true;
+        let _ = self.events.send(Err(error));
+    }
+}

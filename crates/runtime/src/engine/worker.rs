@@ -1,0 +1,334 @@
+//! The engine's worker thread: it owns the model (through the [`Runner`]) and loops over steps
+//! while there is work, and sleeps on its command channel when there is none.
+//!
+//! One step:
+//! 1. take new requests; drop waiting requests whose handle is gone; mark running sequences
+//!    whose handle is gone as cancelled;
+//! 2. offer the KV of finished sequences to the prefix cache (their slots are still theirs);
+//! 3. look up the prefix cache for the requests that could be admitted, and plan the step
+//!    ([`plan_step`]): release finished sequences' slots, admit waiting requests (copying their
+//!    cached prefix into the slot);
+//! 4. one batched decode over slots 0..n for every decoding sequence, each choosing its token
+//!    with its own sampler;
+//! 5. the planned prefill chunks, batch 1 each; a chunk that ends a prompt gives its first token.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+
+use crate::generate::FinishReason;
+use crate::model::{Fetch, StepOutput};
+
+use super::error::EngineError;
+use super::metrics::MetricsSnapshot;
+use super::runner::{DecodeRow, Runner};
+use super::scheduler::{plan_step, Phase, Running, StepPlan, Waiting};
+use super::sequence::{Choice, Sequence};
+
+/// Sampling threads take at least this many sequences each (a thread costs more to start than
+/// a few samples take).
+const SEQUENCES_PER_SAMPLING_THREAD: usize = 4;
+
+pub(crate) enum Command {
+    Submit(Box<Sequence>),
+    Shutdown,
+}
+
+/// What the worker shares with the engine's handles.
+pub(crate) struct Shared {
+    pub metrics: Mutex<MetricsSnapshot>,
+    /// Requests submitted and not yet admitted (the admission queue's length).
+    pub waiting: AtomicUsize,
+    /// Slots held by sequences.
+    pub active: AtomicUsize,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Self {
+        Shared {
+            metrics: Mutex::new(MetricsSnapshot::new()),
+            waiting: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> MetricsSnapshot {
+        let mut m = match self.metrics.lock() {
+            Ok(m) => m.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        m.requests_waiting = self.waiting.load(Ordering::Acquire);
+        m
+    }
+}
+
+struct Worker {
+    runner: Runner,
+    shared: Arc<Shared>,
+    prefill_budget: usize,
+    waiting: VecDeque<Sequence>,
+    /// Sequences holding a slot, in admission order.
+    running: Vec<Sequence>,
+    metrics: MetricsSnapshot,
+}
+
+/// Runs steps until shut down (a `Shutdown` command, or every engine handle gone).
+pub(crate) fn run(runner: Runner, commands: Receiver<Command>, shared: Arc<Shared>, prefill_budget: usize) {
+    let metrics = shared.snapshot();
+    let mut worker = Worker { runner, shared, prefill_budget, waiting: VecDeque::new(), running: Vec::new(), metrics };
+    loop {
+        if worker.waiting.is_empty() && worker.running.is_empty() {
+            match commands.recv() {
+                Ok(Command::Submit(seq)) => worker.waiting.push_back(*seq),
+                Ok(Command::Shutdown) | Err(_) => break,
+            }
+        }
+        let shutdown = loop {
+            match commands.try_recv() {
+                Ok(Command::Submit(seq)) => worker.waiting.push_back(*seq),
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => break true,
+                Err(TryRecvError::Empty) => break false,
+            }
+        };
+        if shutdown {
+            break;
+        }
+        worker.step();
+        worker.publish();
+    }
+    worker.shut_down();
+}
+
+impl Worker {
+    fn step(&mut self) {
+        self.drop_cancelled();
+        self.store_finished_prefixes();
+        let plan = self.plan();
+        self.apply(&plan);
+        if !plan.decode.is_empty() {
+            self.decode(&plan);
+        }
+        for chunk in &plan.prefill {
+            self.prefill(chunk.id, chunk.start, chunk.len);
+        }
+        self.metrics.steps += 1;
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.is_cancelled());
+        let gone = before - self.waiting.len();
+        if gone > 0 {
+            self.shared.waiting.fetch_sub(gone, Ordering::AcqRel);
+            self.metrics.finished.cancelled += gone as u64;
+        }
+        for seq in &mut self.running {
+            if seq.phase != Phase::Finished && seq.is_cancelled() {
+                // Nothing is sent: no one listens.
+                let _ = seq.finish(FinishReason::Cancelled, false, &mut self.metrics);
+            }
+        }
+    }
+
+    /// Offers finished sequences' KV to the prefix cache before their slots are given back.
+    fn store_finished_prefixes(&mut self) {
+        for seq in self.running.iter_mut().filter(|s| s.phase == Phase::Finished && !s.stored) {
+            seq.stored = true;
+            if let Err(e) = self.runner.store_prefix(seq.slot, seq.kv_tokens()) {
+                tracing::warn!("the prefix cache could not keep a finished sequence's KV: {e:#}");
+            }
+        }
+    }
+
+    fn plan(&mut self) -> StepPlan {
+        let finished = self.running.iter().filter(|s| s.phase == Phase::Finished).count();
+        let free = self.runner.pool().free_slots();
+        // Only the requests that could get a slot this step are looked up.
+        let admissible = free.len() + finished;
+        let waiting: Vec<Waiting> = self
+            .waiting
+            .iter()
+            .take(admissible)
+            .map(|s| Waiting {
+                id: s.id,
+                prompt_len: s.prompt().len(),
+                cached: self.runner.lookup(s.prompt(), &s.prompt_keys),
+            })
+            .collect();
+        let running: Vec<Running> =
+            self.running.iter().map(|s| Running { id: s.id, slot: s.slot, phase: s.phase }).collect();
+        plan_step(&waiting, &running, &free, self.prefill_budget)
+    }
+
+    /// Releases and admissions.
+    fn apply(&mut self, plan: &StepPlan) {
+        for &(id, slot) in &plan.released {
+            self.running.retain(|s| s.id != id);
+            if let Err(e) = self.runner.release(slot) {
+                tracing::error!("cannot reset slot {slot}: {e:#}");
+            }
+        }
+        for admission in &plan.admitted {
+            // The plan admits from the front, in order.
+            let Some(mut seq) = self.waiting.pop_front() else { break };
+            debug_assert_eq!(seq.id, admission.id);
+            self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.runner.pool_mut().take(admission.slot);
+            self.metrics.prompt_tokens += seq.prompt().len() as u64;
+            self.metrics.prefix_cache_queried_tokens += seq.prompt().len() as u64;
+            let cached = match self.runner.load_prefix(admission.slot, seq.prompt(), &seq.prompt_keys, admission.cached)
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    seq.admit(admission.slot, 0);
+                    seq.fail(EngineError::model("copying cached KV into the request's slot", e), &mut self.metrics);
+                    self.running.push(seq);
+                    continue;
+                }
+            };
+            self.metrics.prefix_cache_hit_tokens += cached as u64;
+            seq.admit(admission.slot, cached);
+            self.running.push(seq);
+        }
+    }
+
+    fn decode(&mut self, plan: &StepPlan) {
+        let decoding = |s: &Sequence| s.phase == Phase::Decode && plan.decode.contains(&s.id);
+        let n = self.running.iter().filter(|s| decoding(s)).map(|s| s.slot + 1).max().unwrap_or(0);
+        let rows_len = self.runner.decode_rows(n);
+        let mut rows = vec![DecodeRow::idle(0); rows_len];
+        for seq in &self.running {
+            if seq.slot >= rows_len || seq.phase == Phase::Finished {
+                continue;
+            }
+            rows[seq.slot] = if decoding(seq) {
+                DecodeRow { token: seq.next_input(), past: seq.filled }
+            } else {
+                DecodeRow::idle(seq.filled)
+            };
+        }
+        let all_greedy = self.running.iter().filter(|s| decoding(s)).all(|s| s.fetch == Fetch::Greedy);
+        let fetch = if all_greedy { Fetch::Greedy } else { Fetch::Logits };
+        match self.runner.decode(&rows, fetch) {
+            Ok(output) => {
+                let mut decoded: Vec<&mut Sequence> = self.running.iter_mut().filter(|s| decoding(s)).collect();
+                for seq in decoded.iter_mut() {
+                    seq.filled += 1;
+                }
+                Self::choose_all(&mut decoded, &output, &mut self.metrics);
+            }
+            Err(e) => {
+                let error = EngineError::model("the batched decode step failed", e);
+                for seq in self.running.iter_mut().filter(|s| decoding(s)) {
+                    seq.fail(error.clone(), &mut self.metrics);
+                }
+            }
+        }
+    }
+
+    fn prefill(&mut self, id: u64, start: usize, len: usize) {
+        let Some(seq) = self.running.iter_mut().find(|s| s.id == id && s.phase != Phase::Finished) else { return };
+        let prompt_len = seq.prompt().len();
+        debug_assert_eq!(start, seq.filled);
+        let last = start + len == prompt_len;
+        let fetch = if last { seq.fetch } else { Fetch::Greedy };
+        let tokens = seq.prompt()[start..start + len].to_vec();
+        match self.runner.prefill(seq.slot, &tokens, start, fetch) {
+            Ok(output) => {
+                seq.filled = start + len;
+                if last {
+                    seq.phase = Phase::Decode;
+                    Self::choose(seq, &output, 0, &mut self.metrics);
+                } else {
+                    seq.phase = Phase::Prefill { done: start + len, prompt_len };
+                }
+            }
+            Err(e) => seq.fail(EngineError::model("a prefill chunk failed", e), &mut self.metrics),
+        }
+    }
+
+    /// Each sequence chooses its next token from its slot's row of a decode step. Sampling from
+    /// logits (a full-vocabulary pass per sequence) runs on several threads when many sequences
+    /// sample: each has a sampler and seed of its own, so the split changes nothing they choose.
+    fn choose_all(seqs: &mut [&mut Sequence], output: &StepOutput, metrics: &mut MetricsSnapshot) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = match output {
+            StepOutput::Logits(_) => seqs.len().div_ceil(SEQUENCES_PER_SAMPLING_THREAD).min(cores),
+            StepOutput::Greedy(_) => 1,
+        };
+        if threads <= 1 {
+            for seq in seqs.iter_mut() {
+                let row = seq.slot;
+                Self::choose(seq, output, row, metrics);
+            }
+            return;
+        }
+        let per_thread = seqs.len().div_ceil(threads);
+        let partials: Vec<MetricsSnapshot> = std::thread::scope(|scope| {
+            let workers: Vec<_> = seqs
+                .chunks_mut(per_thread)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        let mut m = MetricsSnapshot::new();
+                        for seq in chunk.iter_mut() {
+                            let row = seq.slot;
+                            Self::choose(seq, output, row, &mut m);
+                        }
+                        m
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        });
+        for partial in &partials {
+            metrics.absorb(partial);
+        }
+    }
+
+    /// `seq` chooses its next token from row `row` of a step's output.
+    fn choose(seq: &mut Sequence, output: &StepOutput, row: usize, metrics: &mut MetricsSnapshot) {
+        let choice = match output {
+            StepOutput::Greedy(tokens) => tokens.get(row).copied().map(Choice::Token),
+            StepOutput::Logits(logits) => (row < logits.batch).then(|| Choice::Logits(logits.last_of(row))),
+        };
+        let result = match choice {
+            Some(choice) => seq.accept(choice, metrics).map(|_| ()),
+            None => {
+                Err(EngineError::model("reading a step's output", anyhow::anyhow!("the step returned no row {row}")))
+            }
+        };
+        if let Err(e) = result {
+            seq.fail(e, metrics);
+        }
+    }
+
+    fn publish(&mut self) {
+        let pool = self.runner.pool();
+        let used = pool.slots_in_use();
+        self.metrics.requests_running = self.running.iter().filter(|s| s.phase != Phase::Finished).count();
+        self.metrics.kv_cache_usage = used as f64 / pool.plan().slots.max(1) as f64;
+        self.metrics.prefix_cache_bytes = self.runner.prefix_cache_bytes();
+        match self.shared.metrics.lock() {
+            Ok(mut m) => *m = self.metrics.clone(),
+            Err(poisoned) => *poisoned.into_inner() = self.metrics.clone(),
+        }
+        // After the metrics: whoever sees the slots free sees the metrics of that step.
+        self.shared.active.store(used, Ordering::Release);
+    }
+
+    /// Ends every request with `Shutdown`.
+    fn shut_down(&mut self) {
+        let waiting = self.waiting.len();
+        for seq in self.waiting.iter_mut().chain(self.running.iter_mut()) {
+            if seq.phase != Phase::Finished {
+                seq.fail(EngineError::Shutdown, &mut self.metrics);
+            }
+        }
+        self.shared.waiting.fetch_sub(waiting, Ordering::AcqRel);
+        self.waiting.clear();
+        self.running.clear();
+        self.publish();
+        self.shared.active.store(0, Ordering::Release);
+    }
+}
