@@ -85,16 +85,18 @@ impl<'a> DecoderBuilder<'a> {
         let shape = g.node("Shape", "mask_shape").inputs(&[&mask]).out();
         let idx1 = g.scalar_i64("const_scalar_1", 1)?;
         let total = g.node("Gather", "mask_total_length").inputs(&[&shape, &idx1]).attr("axis", 0i64).out();
-        // Text models rotate from static caches read at `position_ids`; a multimodal decoder
-        // computes each token's rows, (batch, sequence, rotary_dim / 2), from its 3D positions.
-        let caches =
-            if multimodal { None } else { Some(rotary::static_caches(&mut g, text, settings.context_length, dtype)?) };
+        // Rotary tables indexed by position, (context_length, rotary_dim / 2). Text models read
+        // them at `position_ids`; a multimodal decoder reads each frequency at the position of
+        // its axis (interleaved MRoPE).
+        let caches = rotary::static_caches(&mut g, text, settings.context_length, dtype)?;
+        let mrope_positions = if multimodal { Some(rotary::mrope_positions(&mut g, text)?) } else { None };
+        // Each token's rotary rows, (batch, sequence, rotary_dim / 2).
         let token_rows = |g: &mut Graph| -> Result<(String, String)> {
-            match &caches {
-                None => rotary::mrope_token_rows(g, text, dtype),
-                Some((cos, sin)) => Ok((
-                    g.node("Gather", "rotary_cos").inputs(&[cos, &positions]).out(),
-                    g.node("Gather", "rotary_sin").inputs(&[sin, &positions]).out(),
+            match &mrope_positions {
+                Some(p) => rotary::mrope_token_rows(g, text, p, &caches),
+                None => Ok((
+                    g.node("Gather", "rotary_cos").inputs(&[&caches.0, &positions]).out(),
+                    g.node("Gather", "rotary_sin").inputs(&[&caches.1, &positions]).out(),
                 )),
             }
         };
@@ -106,22 +108,14 @@ impl<'a> DecoderBuilder<'a> {
             let last_slot = g.node("Sub", "mask_lengths_minus_1").inputs(&[&sum, &one]).out();
             let seqlens_k = g.node("Cast", "seqlens_k").inputs(&[&last_slot]).attr("to", 6i64).out();
             let total_seq_len = g.node("Cast", "total_sequence_length").inputs(&[&total]).attr("to", 6i64).out();
-            let (cos_cache, sin_cache, position_ids) = match caches.clone() {
+            let (cos_cache, sin_cache, position_ids) = match &mrope_positions {
                 // position_ids (input 9): ONNX Runtime honours it element-wise in decode and as an
                 // offset (its first element) in a first prefill, where positions run from there.
-                Some((c, s)) => (c, s, Some(positions.clone())),
-                None => {
-                    let (token_cos, token_sin) = token_rows(&mut g)?;
+                None => (caches.0.clone(), caches.1.clone(), Some(positions.clone())),
+                Some(p) => {
                     let ids_shape = g.node("Shape", "input_ids_shape").inputs(&[&ids]).out();
                     let step = g.node("Gather", "step_length").inputs(&[&ids_shape, &idx1]).attr("axis", 0i64).out();
-                    let (c, s) = rotary::slot_tables(
-                        &mut g,
-                        &token_cos,
-                        &token_sin,
-                        &last_slot,
-                        &step,
-                        settings.context_length,
-                    )?;
+                    let (c, s) = rotary::slot_tables(&mut g, p, &caches, &last_slot, &step, settings.context_length)?;
                     (c, s, None)
                 }
             };

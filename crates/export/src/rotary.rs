@@ -8,7 +8,7 @@ use pio_models::config::TextConfig;
 use pio_models::manifest::TensorDtype;
 
 use crate::convert::push_f32;
-use crate::onnx::graph::{onnx_type, Graph};
+use crate::onnx::graph::Graph;
 
 /// inv_freq[i] = 1 / theta^(2i / rotary_dim), i < rotary_dim / 2, as transformers' default rope.
 pub fn inv_freq(theta: f64, rotary_dim: usize) -> Vec<f32> {
@@ -58,37 +58,41 @@ pub fn interleaved_mrope_axes(section: &[usize], half: usize) -> Result<Vec<i64>
         .collect())
 }
 
-/// Each token's cos and sin rows, (batch, sequence, rotary_dim / 2) in `dtype`, from the graph
-/// input `position_ids` (3, batch, sequence): frequency i of a token rotates by its position on
-/// axis `interleaved_mrope_axes[i]` times inv_freq[i], the angle taken in float32 as transformers
-/// does.
-pub fn mrope_token_rows(g: &mut Graph, text: &TextConfig, dtype: TensorDtype) -> Result<(String, String)> {
+/// Each token's position for each rotary frequency, (batch, sequence, rotary_dim / 2) int64,
+/// from the graph input `position_ids` (3, batch, sequence): frequency i reads the axis
+/// `interleaved_mrope_axes[i]`.
+pub fn mrope_positions(g: &mut Graph, text: &TextConfig) -> Result<String> {
     let section = text.rope.mrope_section.as_deref().unwrap_or_default();
-    let rotary_dim = text.rotary_dim();
-    let half = rotary_dim / 2;
-    let axes = interleaved_mrope_axes(section, half)?;
+    let axes = interleaved_mrope_axes(section, text.rotary_dim() / 2)?;
     let axes = g.const_i64("mrope.axis_of_frequency", &axes)?;
-    let freqs = g.const_f32("mrope.inv_freq", &[half], &inv_freq(text.rope.theta, rotary_dim))?;
     let per_token =
         g.node("Transpose", "mrope.positions_per_token").inputs(&["position_ids"]).attr("perm", vec![1i64, 2, 0]).out();
-    let chosen = g.node("Gather", "mrope.position_per_frequency").inputs(&[&per_token, &axes]).attr("axis", 2i64).out();
-    let chosen = g
-        .node("Cast", "mrope.position_f32")
-        .inputs(&[&chosen])
-        .attr("to", onnx_type(TensorDtype::Float32) as i64)
-        .out();
-    let angle = g.node("Mul", "mrope.angle").inputs(&[&chosen, &freqs]).out();
-    let mut rows = Vec::with_capacity(2);
-    for op in ["Cos", "Sin"] {
-        let name = format!("mrope.{}", op.to_lowercase());
-        let r = g.node(op, &name).inputs(&[&angle]).out();
-        rows.push(if dtype == TensorDtype::Float32 {
-            r
-        } else {
-            g.node("Cast", &format!("{name}.cast")).inputs(&[&r]).attr("to", onnx_type(dtype) as i64).out()
-        });
+    Ok(g.node("Gather", "mrope.position_per_frequency").inputs(&[&per_token, &axes]).attr("axis", 2i64).out())
+}
+
+/// Each token's cos and sin rows, (batch, sequence, rotary_dim / 2), read from the static caches
+/// at each frequency's position (`mrope_positions`): cos(position[i] * inv_freq[i]) is entry
+/// (position[i], i) of the text models' table.
+pub fn mrope_token_rows(
+    g: &mut Graph,
+    text: &TextConfig,
+    positions: &str,
+    caches: &(String, String),
+) -> Result<(String, String)> {
+    // GatherElements reads a table of its own rank: the positions as rows of rotary_dim / 2.
+    let shape = g.node("Shape", "mrope.positions_shape").inputs(&[positions]).out();
+    let rows_shape = g.const_i64("mrope.positions_rows_shape", &[-1, (text.rotary_dim() / 2) as i64])?;
+    let rows = g.node("Reshape", "mrope.positions_rows").inputs(&[positions, &rows_shape]).out();
+    let mut out = Vec::with_capacity(2);
+    for (table, name) in [(&caches.0, "cos"), (&caches.1, "sin")] {
+        let r = g
+            .node("GatherElements", &format!("mrope.{name}_rows"))
+            .inputs(&[table.as_str(), &rows])
+            .attr("axis", 0i64)
+            .out();
+        out.push(g.node("Reshape", &format!("mrope.{name}_token_rows")).inputs(&[&r, &shape]).out());
     }
-    Ok((rows[0].clone(), rows[1].clone()))
+    Ok((out[0].clone(), out[1].clone()))
 }
 
 /// GroupQueryAttention's cos/sin caches for one step of a multimodal decoder: (context_length,
@@ -98,42 +102,44 @@ pub fn mrope_token_rows(g: &mut Graph, text: &TextConfig, dtype: TensorDtype) ->
 /// chunks, decode), so the table works whether or not a kernel reads `position_ids`. Rows
 /// outside the step repeat its first or last row and are never read.
 ///
-/// `last_slot` is each sequence's total length - 1 (int64, (batch,)). Built from constants and
-/// device tensors only (no shape-dependent host copies), so a captured CUDA graph replays it.
+/// `positions` is [`mrope_positions`]' output, `caches` the static (context_length, half)
+/// tables, `last_slot` each sequence's total length - 1 (int64, (batch,)), `step_length` S (a
+/// scalar from the input's shape). Built from constants and device tensors only (no
+/// shape-dependent host copies), so a captured CUDA graph replays it.
 pub fn slot_tables(
     g: &mut Graph,
-    token_cos: &str,
-    token_sin: &str,
+    positions: &str,
+    caches: &(String, String),
     last_slot: &str,
     step_length: &str,
     context_length: usize,
 ) -> Result<(String, String)> {
     let first = g.scalar_i64("mrope.first_sequence", 0)?;
+    let own = g.node("Gather", "mrope.first_sequence_positions").inputs(&[positions, &first]).attr("axis", 0i64).out();
+    // The step's tokens counted from its last one: row r of the table holds token
+    // s = r - past, which is index last - r of the reversed rows.
+    let starts = g.const_i64("mrope.reverse_starts", &[-1])?;
+    let ends = g.const_i64("mrope.reverse_ends", &[i64::MIN])?;
+    let axes = g.const_i64("mrope.reverse_axes", &[0])?;
+    let steps = g.const_i64("mrope.reverse_steps", &[-1])?;
+    let reversed = g.node("Slice", "mrope.positions_reversed").inputs(&[&own, &starts, &ends, &axes, &steps]).out();
     let slot = g.node("Gather", "mrope.last_slot").inputs(&[last_slot, &first]).attr("axis", 0i64).out();
     let rows: Vec<i64> = (0..context_length as i64).collect();
     let rows = g.const_i64("mrope.table_rows", &rows)?;
-    // Row r holds the token s = r - past; counted from the step's last token, j = last - r,
-    // which indexes the step's rows reversed.
     let from_last = g.node("Sub", "mrope.rows_from_last").inputs(&[&slot, &rows]).out();
     let zero = g.scalar_i64("mrope.zero", 0)?;
     let one = g.scalar_i64("mrope.one", 1)?;
     let last_index = g.node("Sub", "mrope.step_last_index").inputs(&[step_length, &one]).out();
     let index = g.node("Clip", "mrope.row_index").inputs(&[&from_last, &zero, &last_index]).out();
-    let starts = g.const_i64("mrope.reverse_starts", &[-1])?;
-    let ends = g.const_i64("mrope.reverse_ends", &[i64::MIN])?;
-    let axes = g.const_i64("mrope.reverse_axes", &[0])?;
-    let steps = g.const_i64("mrope.reverse_steps", &[-1])?;
     let mut tables = Vec::with_capacity(2);
-    for (rows_in, name) in [(token_cos, "cos"), (token_sin, "sin")] {
-        let seq0 = g
-            .node("Gather", &format!("mrope.{name}_first_sequence"))
-            .inputs(&[rows_in, &first])
+    for (table, name) in [(&caches.0, "cos"), (&caches.1, "sin")] {
+        let own_rows = g
+            .node("GatherElements", &format!("mrope.{name}_step_rows"))
+            .inputs(&[table.as_str(), &reversed])
             .attr("axis", 0i64)
             .out();
-        let reversed =
-            g.node("Slice", &format!("mrope.{name}_reversed")).inputs(&[&seq0, &starts, &ends, &axes, &steps]).out();
         tables.push(
-            g.node("Gather", &format!("mrope.{name}_cache")).inputs(&[&reversed, &index]).attr("axis", 0i64).out(),
+            g.node("Gather", &format!("mrope.{name}_cache")).inputs(&[&own_rows, &index]).attr("axis", 0i64).out(),
         );
     }
     Ok((tables[0].clone(), tables[1].clone()))

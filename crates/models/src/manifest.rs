@@ -250,6 +250,15 @@ impl Manifest {
         self.outputs.iter().any(|o| o.name == GREEDY_TOKENS_OUTPUT)
     }
 
+    /// Position axes per token: 3 for a multimodal rotary (Qwen3-VL's t, h, w `position_ids`
+    /// of shape (3, batch, sequence)), else 1.
+    pub fn position_axes(&self) -> usize {
+        match self.inputs.iter().find(|i| i.name == "position_ids") {
+            Some(io) if io.shape.len() == 3 => 3,
+            _ => 1,
+        }
+    }
+
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| {

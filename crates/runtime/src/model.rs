@@ -544,7 +544,8 @@ impl DecoderModel {
         let (b, s, t) = (batch as i64, s as i64, total as i64);
         let input_ids = Tensor::from_array((vec![b, s], ids)).map_err(ort_err)?;
         let attention_mask = Tensor::from_array((vec![b, t], mask)).map_err(ort_err)?;
-        let position_ids = Tensor::from_array((vec![b, s], positions)).map_err(ort_err)?;
+        let position_ids = self.position_tensor(positions, b, s)?;
+        let image_inputs = self.empty_image_inputs()?;
         let kv = self.manifest.kv_cache.clone();
         let vocab = self.vocab_size();
         let host = MemoryInfo::default();
@@ -555,6 +556,9 @@ impl DecoderModel {
         binding.bind_input("input_ids", &input_ids).map_err(ort_err)?;
         binding.bind_input("attention_mask", &attention_mask).map_err(ort_err)?;
         binding.bind_input("position_ids", &position_ids).map_err(ort_err)?;
+        for (name, value) in &image_inputs {
+            binding.bind_input(name, value).map_err(ort_err)?;
+        }
         // Per-sequence cache views bound as inputs: they must outlive the run.
         let mut held_views = Vec::new();
         match &mut cache.store {
@@ -627,6 +631,30 @@ impl DecoderModel {
         }
         cache.len = total;
         Ok(result)
+    }
+
+    /// `position_ids` of a step at `positions` ((batch, s) row-major): (batch, s), or for a
+    /// multimodal rotary (3, batch, s) with the same positions on t, h and w, as text tokens
+    /// have them (rope delta 0: this runtime runs text steps only so far).
+    fn position_tensor(&self, positions: Vec<i64>, batch: i64, s: i64) -> Result<Tensor<i64>> {
+        let axes = self.manifest.position_axes();
+        if axes == 1 {
+            return Tensor::from_array((vec![batch, s], positions)).map_err(ort_err);
+        }
+        let repeated = positions.iter().copied().cycle().take(axes * positions.len()).collect::<Vec<_>>();
+        Tensor::from_array((vec![axes as i64, batch, s], repeated)).map_err(ort_err)
+    }
+
+    /// A vision-language decoder's image inputs with no rows: a step without image tokens
+    /// (the runtime does not feed images yet). Empty for text models.
+    fn empty_image_inputs(&self) -> Result<Vec<(String, DynValue)>> {
+        let mut out = Vec::new();
+        for io in self.manifest.inputs.iter().filter(|io| io.name == "image_embeds" || io.name == "deepstack_embeds") {
+            // The symbolic dimension is the number of image rows: 0.
+            let shape = io.shape.iter().map(|d| d.as_i64().unwrap_or(0)).collect();
+            out.push((io.name.clone(), empty_host_tensor(io.dtype, shape)?));
+        }
+        Ok(out)
     }
 
     /// Binds each layer's device buffer as both past and present (GroupQueryAttention's shared buffer).
@@ -702,7 +730,8 @@ impl DecoderModel {
                     cache: cache_key,
                     graph_id,
                     input_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
-                    position_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
+                    position_ids: Tensor::<i64>::new(alloc, [self.manifest.position_axes(), batch, 1])
+                        .map_err(ort_err)?,
                     attention_mask: Tensor::<i64>::new(alloc, [batch, capacity]).map_err(ort_err)?,
                     logits: Tensor::<f32>::new(alloc, [batch, 1, vocab]).map_err(ort_err)?,
                     greedy: if has_greedy {
@@ -714,6 +743,7 @@ impl DecoderModel {
                 self.graph_states.len() - 1
             }
         };
+        let image_inputs = self.empty_image_inputs()?;
         let state = &mut self.graph_states[index];
         let pos = cache.len as i64;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
@@ -721,7 +751,7 @@ impl DecoderModel {
         for row in 0..batch {
             mask[row * capacity..row * capacity + cache.len + 1].fill(1);
         }
-        let positions = vec![pos; batch];
+        let positions = vec![pos; self.manifest.position_axes() * batch];
         match CudaRuntime::get() {
             Some(rt) => {
                 // SAFETY: the three tensors are device allocations of exactly these sizes.
@@ -735,7 +765,8 @@ impl DecoderModel {
             None => {
                 let host = |shape: Vec<i64>, data: Vec<i64>| Tensor::from_array((shape, data)).map_err(ort_err);
                 host(vec![batch as i64, 1], ids)?.copy_into(&mut state.input_ids).map_err(ort_err)?;
-                host(vec![batch as i64, 1], positions)?.copy_into(&mut state.position_ids).map_err(ort_err)?;
+                let shape = vec![self.manifest.position_axes() as i64, batch as i64, 1];
+                host(shape, positions)?.copy_into(&mut state.position_ids).map_err(ort_err)?;
                 host(vec![batch as i64, capacity as i64], mask)?
                     .copy_into(&mut state.attention_mask)
                     .map_err(ort_err)?;
@@ -747,6 +778,9 @@ impl DecoderModel {
         binding.bind_input("input_ids", &state.input_ids).map_err(ort_err)?;
         binding.bind_input("position_ids", &state.position_ids).map_err(ort_err)?;
         binding.bind_input("attention_mask", &state.attention_mask).map_err(ort_err)?;
+        for (name, value) in &image_inputs {
+            binding.bind_input(name, value).map_err(ort_err)?;
+        }
         Self::bind_kv(&mut binding, &kv, keys, values)?;
         binding.bind_output("logits", &mut state.logits).map_err(ort_err)?;
         if let Some(greedy) = state.greedy.as_mut() {

@@ -100,13 +100,10 @@ impl ImageRows {
             .enumerate()
             .map(|(k, p)| g.node("Reshape", &format!("image.feature_{k}")).inputs(&[p, &token_shape]).out())
             .collect();
-        // Text rows keep their embedding (times 1, plus a zero row); pad rows become the image's.
-        let keep = g.node("Not", "image.is_text").inputs(&[&is_image]).out();
-        let keep = g.node("Cast", "image.keep").inputs(&[&keep]).attr("to", onnx_type(dtype) as i64).out();
+        // Pad rows take the image's rows; text rows keep their token embeddings.
         let axes_last = g.const_i64("image.axes_last", &[-1])?;
-        let keep = g.node("Unsqueeze", "image.keep_per_row").inputs(&[&keep, &axes_last]).out();
-        let kept = g.node("Mul", "image.text_embeddings").inputs(&[token_embeds, &keep]).out();
-        let embeddings = g.node("Add", "image.merged_embeddings").inputs(&[&kept, &parts[0]]).out();
+        let pad_rows = g.node("Unsqueeze", "image.is_pad_row").inputs(&[&is_image, &axes_last]).out();
+        let embeddings = g.node("Where", "image.merged_embeddings").inputs(&[&pad_rows, &parts[0], token_embeds]).out();
         Ok(ImageRows { embeddings, deepstack: parts[1..].to_vec() })
     }
 }
