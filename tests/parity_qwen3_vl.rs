@@ -19,10 +19,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use common::*;
+use inference_pio::vl::{rope_index, Cache, CacheKind, MultimodalDecoder, VisionEncoder};
 use ort::session::Session;
-use ort::value::{DynValue, Tensor};
 use pio_export::ExportSettings;
-use pio_models::manifest::{KvCacheSpec, Manifest};
+use pio_models::manifest::Manifest;
+use pio_runtime::ep::ExecutionProvider;
 use serde::Deserialize;
 
 const FIXTURES: &[&str] = &["qwen3vl-a", "qwen3vl-b"];
@@ -112,248 +113,85 @@ fn concat_deepstack(per_image: &[&[f32]], n: usize) -> Vec<f32> {
     out
 }
 
-fn session(path: &Path) -> Session {
-    let env = pio_runtime::ort_lib::environment().unwrap();
-    let builder = pio_runtime::ep::ExecutionProvider::default().configure(Session::builder(env).unwrap()).unwrap();
-    let mut builder = builder;
-    builder.commit_from_file(path).unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
+fn cpu() -> ExecutionProvider {
+    ExecutionProvider::default()
 }
 
-fn f32_tensor(shape: &[usize], data: Vec<f32>) -> DynValue {
-    Tensor::from_array((shape.to_vec(), data)).unwrap().into_dyn()
-}
-
-fn i64_tensor(shape: &[usize], data: Vec<i64>) -> DynValue {
-    Tensor::from_array((shape.to_vec(), data)).unwrap().into_dyn()
-}
-
-fn extract(outputs: &mut ort::session::SessionOutputs, name: &str) -> Vec<f32> {
-    let value = outputs.remove(name).unwrap_or_else(|| panic!("no output {name}"));
-    value.try_extract_tensor::<f32>().unwrap().1.to_vec()
-}
-
-/// The vision graph, one image per run.
-struct Vision {
-    session: Session,
-    patch_dim: usize,
-}
-
-impl Vision {
-    fn load(graphs: &Path) -> Self {
-        let manifest = Manifest::load(graphs).unwrap();
-        let spec = manifest.vision.expect("a Qwen3-VL export has a vision section");
-        Vision { session: session(&graphs.join(&spec.encoder)), patch_dim: spec.patch_dim }
+/// A prefill of `case` in chunks ending at `cuts` (and the prompt's end), each chunk given the
+/// image rows of its own pad tokens; returns every chunk's logits rows, concatenated.
+fn prefill(
+    decoder: &mut MultimodalDecoder,
+    cache: &mut Cache,
+    case: &Case,
+    image: &[f32],
+    deepstack: &[f32],
+    cuts: &[usize],
+) -> Vec<f32> {
+    let (hidden, layers) = (decoder.hidden(), decoder.deepstack());
+    let token = decoder.image_token();
+    let n = case.input_ids.len();
+    let total_rows = image.len() / hidden;
+    let mut ends: Vec<usize> = cuts.iter().copied().filter(|&c| c > 0 && c < n).collect();
+    ends.push(n);
+    let (mut start, mut row) = (0, 0);
+    let mut logits = Vec::new();
+    for end in ends {
+        let ids = &case.input_ids[start..end];
+        let pads = ids.iter().filter(|&&t| t == token).count();
+        let chunk_image = &image[row * hidden..(row + pads) * hidden];
+        let chunk_deepstack: Vec<f32> = (0..layers)
+            .flat_map(|l| {
+                let base = l * total_rows * hidden;
+                deepstack[base + row * hidden..base + (row + pads) * hidden].to_vec()
+            })
+            .collect();
+        let positions: Vec<Vec<i64>> = case.position_ids.iter().map(|axis| axis[start..end].to_vec()).collect();
+        let rows = decoder.image_rows(chunk_image, &chunk_deepstack).unwrap();
+        logits.extend(decoder.step(cache, ids, &positions, &rows).unwrap().0);
+        start = end;
+        row += pads;
     }
-
-    /// (image_embeds, deepstack_embeds) of one image.
-    fn encode(&mut self, pixels: &[f32], grid: [i64; 3]) -> (Vec<f32>, Vec<f32>) {
-        let rows = pixels.len() / self.patch_dim;
-        let mut outputs = self
-            .session
-            .run(ort::inputs![
-                "pixel_values" => f32_tensor(&[rows, self.patch_dim], pixels.to_vec()),
-                "image_grid_thw" => i64_tensor(&[1, 3], grid.to_vec()),
-            ])
-            .unwrap();
-        (extract(&mut outputs, "image_embeds"), extract(&mut outputs, "deepstack_embeds"))
-    }
+    logits
 }
 
-/// How the decoder's KV cache is kept between steps.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum CacheKind {
-    /// Each step's present is the next step's past (the CPU runtime's default).
-    Growing,
-    /// One (1, kv_heads, capacity, head_dim) buffer bound as past and present (the GPU's), the
-    /// attention mask as long as the sequence.
-    Shared,
-    /// The shared buffer with a mask spanning the whole capacity, zeros past the sequence (what
-    /// CUDA-graph decode binds).
-    SharedFullMask,
-}
-
-struct Cache {
-    keys: Vec<DynValue>,
-    values: Vec<DynValue>,
-    len: usize,
-    kind: CacheKind,
-    capacity: usize,
-}
-
-/// The multimodal decoder graph.
-struct Decoder {
-    session: Session,
-    layers: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    hidden: usize,
-    vocab: usize,
-    deepstack: usize,
-    kv: KvCacheSpec,
-}
-
-/// One step's output: logits rows and the graph's greedy tokens.
-struct Step {
-    logits: Vec<f32>,
-    greedy: Vec<i64>,
-}
-
-impl Decoder {
-    fn load(graphs: &Path) -> Self {
-        let m = Manifest::load(graphs).unwrap();
-        let deepstack = m.vision.as_ref().map_or(0, |v| v.deepstack_visual_indexes.len());
-        Decoder {
-            session: session(&graphs.join(&m.decoder)),
-            layers: m.dims.num_layers,
-            kv_heads: m.dims.num_kv_heads,
-            head_dim: m.dims.head_dim,
-            hidden: m.dims.hidden_size,
-            vocab: m.dims.vocab_size,
-            deepstack,
-            kv: m.kv_cache,
-        }
+/// 32 greedy tokens after `case`'s prompt: decode steps at cache length + rope delta on all
+/// three axes, with no image rows; the graph's greedy_tokens output must be the logits' argmax.
+fn greedy_tokens(decoder: &mut MultimodalDecoder, kind: CacheKind, case: &Case, image: &[f32], deepstack: &[f32]) -> Vec<u32> {
+    let n = case.input_ids.len();
+    let vocab = decoder.vocab();
+    let mut cache = decoder.new_cache(kind, n + case.greedy.max_new_tokens).unwrap();
+    let logits = prefill(decoder, &mut cache, case, image, deepstack, &[]);
+    let mut next = argmax(&logits[logits.len() - vocab..]) as u32;
+    let mut out = vec![next];
+    let none = decoder.no_image_rows().unwrap();
+    for _ in 1..case.greedy.max_new_tokens {
+        let p = cache.len as i64 + case.rope_delta;
+        let (logits, greedy) = decoder.step(&mut cache, &[next], &[vec![p], vec![p], vec![p]], &none).unwrap();
+        next = argmax(&logits) as u32;
+        assert_eq!(greedy, vec![next as i64], "greedy_tokens output differs from the logits' argmax");
+        out.push(next);
     }
-
-    fn new_cache(&self, kind: CacheKind, capacity: usize) -> Cache {
-        let buffer = || -> DynValue {
-            if kind == CacheKind::Growing {
-                f32_tensor(&[1, self.kv_heads, 0, self.head_dim], vec![])
-            } else {
-                // Bound as an output too: ONNX Runtime takes only tensors it allocated.
-                let shape = [1, self.kv_heads, capacity, self.head_dim];
-                Tensor::<f32>::new(&ort::memory::Allocator::default(), shape).unwrap().into_dyn()
-            }
-        };
-        Cache {
-            keys: (0..self.layers).map(|_| buffer()).collect(),
-            values: (0..self.layers).map(|_| buffer()).collect(),
-            len: 0,
-            kind,
-            capacity,
-        }
-    }
-
-    /// Runs `ids` after what `cache` holds, at `positions` (3 rows of ids.len()), with the
-    /// image rows of this step's pad tokens (`image` M x hidden, `deepstack` n x M x hidden).
-    fn step(
-        &mut self,
-        cache: &mut Cache,
-        ids: &[u32],
-        positions: &[Vec<i64>],
-        image: &[f32],
-        deepstack: &[f32],
-    ) -> Step {
-        let s = ids.len();
-        let total = cache.len + s;
-        assert!(total <= cache.capacity, "the test cache holds {} tokens", cache.capacity);
-        let mask_len = if cache.kind == CacheKind::SharedFullMask { cache.capacity } else { total };
-        let mask: Vec<i64> = (0..mask_len).map(|i| (i < total) as i64).collect();
-        let rows = image.len() / self.hidden;
-        let pos: Vec<i64> = positions.iter().flatten().copied().collect();
-        let inputs = [
-            ("input_ids", i64_tensor(&[1, s], ids.iter().map(|&t| t as i64).collect())),
-            ("attention_mask", i64_tensor(&[1, mask_len], mask)),
-            ("position_ids", i64_tensor(&[3, 1, s], pos)),
-            ("image_embeds", f32_tensor(&[rows, self.hidden], image.to_vec())),
-            ("deepstack_embeds", f32_tensor(&[self.deepstack, rows, self.hidden], deepstack.to_vec())),
-        ];
-        let host = ort::memory::MemoryInfo::default();
-        let mut binding = self.session.create_binding().unwrap();
-        for (name, value) in &inputs {
-            binding.bind_input(*name, value).unwrap();
-        }
-        let names = |layer| {
-            [&self.kv.past_key, &self.kv.past_value, &self.kv.present_key, &self.kv.present_value]
-                .map(|t| KvCacheSpec::name(t, layer))
-        };
-        for layer in 0..self.layers {
-            let [pk, pv, k, v] = names(layer);
-            if cache.kind == CacheKind::Growing {
-                binding.bind_input(pk, &cache.keys[layer]).unwrap();
-                binding.bind_input(pv, &cache.values[layer]).unwrap();
-                binding.bind_output_to_device(k, &host).unwrap();
-                binding.bind_output_to_device(v, &host).unwrap();
-            } else {
-                binding.bind_input(pk, &cache.keys[layer]).unwrap();
-                binding.bind_input(pv, &cache.values[layer]).unwrap();
-                binding.bind_output(k, &mut cache.keys[layer]).unwrap();
-                binding.bind_output(v, &mut cache.values[layer]).unwrap();
-            }
-        }
-        binding.bind_output_to_device("logits", &host).unwrap();
-        binding.bind_output_to_device("greedy_tokens", &host).unwrap();
-        let mut outputs = self.session.run_binding(&binding).unwrap();
-        let logits = extract(&mut outputs, "logits");
-        let greedy = outputs.remove("greedy_tokens").unwrap().try_extract_tensor::<i64>().unwrap().1.to_vec();
-        if cache.kind == CacheKind::Growing {
-            for layer in 0..self.layers {
-                let [_, _, k, v] = names(layer);
-                cache.keys[layer] = outputs.remove(&k).unwrap();
-                cache.values[layer] = outputs.remove(&v).unwrap();
-            }
-        }
-        cache.len = total;
-        Step { logits, greedy }
-    }
-
-    /// A prefill of `case` in chunks ending at `cuts` (and the prompt's end), each chunk given
-    /// the image rows of its own pad tokens; returns every chunk's logits rows, concatenated.
-    fn prefill(
-        &mut self,
-        cache: &mut Cache,
-        case: &Case,
-        image_token: u32,
-        image: &[f32],
-        deepstack: &[f32],
-        cuts: &[usize],
-    ) -> Vec<f32> {
-        let n = case.input_ids.len();
-        let total_rows = image.len() / self.hidden;
-        let mut ends: Vec<usize> = cuts.iter().copied().filter(|&c| c > 0 && c < n).collect();
-        ends.push(n);
-        let (mut start, mut row) = (0, 0);
-        let mut logits = Vec::new();
-        for end in ends {
-            let ids = &case.input_ids[start..end];
-            let pads = ids.iter().filter(|&&t| t == image_token).count();
-            let chunk_image = &image[row * self.hidden..(row + pads) * self.hidden];
-            let chunk_deepstack: Vec<f32> = (0..self.deepstack)
-                .flat_map(|l| {
-                    let base = l * total_rows * self.hidden;
-                    deepstack[base + row * self.hidden..base + (row + pads) * self.hidden].to_vec()
-                })
-                .collect();
-            let positions: Vec<Vec<i64>> = case.position_ids.iter().map(|axis| axis[start..end].to_vec()).collect();
-            logits.extend(self.step(cache, ids, &positions, chunk_image, &chunk_deepstack).logits);
-            start = end;
-            row += pads;
-        }
-        logits
-    }
-
-    /// 32 greedy tokens after `case`'s prompt: decode steps at cache length + rope delta on
-    /// all three axes, with no image rows.
-    fn greedy(&mut self, kind: CacheKind, case: &Case, image_token: u32, image: &[f32], deepstack: &[f32]) -> Vec<u32> {
-        let n = case.input_ids.len();
-        let mut cache = self.new_cache(kind, n + case.greedy.max_new_tokens);
-        let logits = self.prefill(&mut cache, case, image_token, image, deepstack, &[]);
-        let mut next = argmax(&logits[logits.len() - self.vocab..]) as u32;
-        let mut out = vec![next];
-        for _ in 1..case.greedy.max_new_tokens {
-            let p = cache.len as i64 + case.rope_delta;
-            let step = self.step(&mut cache, &[next], &[vec![p], vec![p], vec![p]], &[], &[]);
-            let chosen = argmax(&step.logits) as u32;
-            assert_eq!(step.greedy, vec![chosen as i64], "greedy_tokens output differs from the logits' argmax");
-            next = chosen;
-            out.push(next);
-        }
-        out
-    }
+    out
 }
 
 fn image_token(fixture: &Fixture) -> u32 {
     let config = pio_models::ModelConfig::from_file(&fixture.dir.join("config.json")).unwrap();
     config.vision_tokens.unwrap().image_token_id
+}
+
+/// The harness's rope index (what the runtime will compute) reproduces transformers' positions
+/// and rope delta for every prompt.
+#[test]
+fn rope_index_matches_transformers() {
+    for name in FIXTURES {
+        let fixture = Fixture::load(name);
+        let token = image_token(&fixture);
+        for (case_name, case) in &fixture.reference.cases {
+            let (positions, delta) = rope_index(&case.input_ids, token, &case.image_grid_thw, 2).unwrap();
+            assert_eq!(positions, case.position_ids, "{name} {case_name}: positions");
+            assert_eq!(delta, case.rope_delta, "{name} {case_name}: rope delta");
+        }
+    }
 }
 
 #[test]
@@ -373,13 +211,13 @@ fn vision_embeddings_match_transformers() {
         let fixture = Fixture::load(name);
         let tmp = tempfile::tempdir().unwrap();
         fixture.export(tmp.path(), cpu_settings(true));
-        let mut vision = Vision::load(tmp.path());
+        let mut vision = VisionEncoder::load(tmp.path(), &cpu()).unwrap();
         let mut checked = 0;
         let mut worst = 0f32;
         for (case_name, case) in &fixture.reference.cases {
             for (i, grid) in case.image_grid_thw.iter().enumerate() {
                 let key = format!("{case_name}.%.{i}");
-                let (embeds, deepstack) = vision.encode(fixture.floats(&key.replace('%', "pixel_values")), *grid);
+                let (embeds, deepstack) = vision.encode_to_host(fixture.floats(&key.replace('%', "pixel_values")), *grid).unwrap();
                 for (got, what) in [(&embeds, "image_embeds"), (&deepstack, "deepstack_embeds")] {
                     let diff = max_abs_diff(got, fixture.floats(&key.replace('%', what)));
                     assert!(diff <= TOLERANCE, "{name} {case_name} image {i} {what}: max |diff| {diff}");
@@ -389,7 +227,7 @@ fn vision_embeddings_match_transformers() {
             }
         }
         if let Some(frames) = &fixture.reference.frames {
-            let (embeds, deepstack) = vision.encode(fixture.floats("frames.pixel_values"), frames.image_grid_thw[0]);
+            let (embeds, deepstack) = vision.encode_to_host(fixture.floats("frames.pixel_values"), frames.image_grid_thw[0]).unwrap();
             for (got, what) in [(&embeds, "image_embeds"), (&deepstack, "deepstack_embeds")] {
                 let diff = max_abs_diff(got, fixture.floats(&format!("frames.{what}")));
                 assert!(diff <= TOLERANCE, "{name} two frames {what}: max |diff| {diff}");
@@ -404,23 +242,25 @@ fn vision_embeddings_match_transformers() {
 /// Every position's logits of a whole-prompt prefill fed transformers' image features.
 fn check_prefill_logits(name: &str, settings: ExportSettings) {
     let fixture = Fixture::load(name);
-    let token = image_token(&fixture);
     let tmp = tempfile::tempdir().unwrap();
     fixture.export(tmp.path(), settings);
-    let mut decoder = Decoder::load(tmp.path());
+    let mut decoder = MultimodalDecoder::load(tmp.path(), &cpu()).unwrap();
+    let mut worst = 0f32;
     for (case_name, case) in &fixture.reference.cases {
         let (image, deepstack) = fixture.image_features(case_name, case.image_grid_thw.len());
-        let mut cache = decoder.new_cache(CacheKind::Growing, case.input_ids.len());
-        let logits = decoder.prefill(&mut cache, case, token, &image, &deepstack, &[]);
+        let mut cache = decoder.new_cache(CacheKind::Growing, case.input_ids.len()).unwrap();
+        let logits = prefill(&mut decoder, &mut cache, case, &image, &deepstack, &[]);
         let expected = fixture.floats(&format!("{case_name}.prefill_logits"));
-        let vocab = decoder.vocab;
+        let vocab = decoder.vocab();
         assert_eq!(logits.len(), expected.len(), "{name} {case_name}: logits rows");
         for (pos, (got, want)) in logits.chunks(vocab).zip(expected.chunks(vocab)).enumerate() {
             let diff = max_abs_diff(got, want);
             assert!(diff <= TOLERANCE, "{name} {case_name}: position {pos}: max |diff| {diff}");
             assert_eq!(argmax(got), argmax(want), "{name} {case_name}: position {pos}: argmax");
+            worst = worst.max(diff);
         }
     }
+    eprintln!("{name}: prefill logits max |diff| {worst:.2e}");
 }
 
 #[test]
@@ -449,17 +289,17 @@ fn chunked_prefill_equals_the_whole_prefill() {
     let token = image_token(&fixture);
     let tmp = tempfile::tempdir().unwrap();
     fixture.export(tmp.path(), cpu_settings(false));
-    let mut decoder = Decoder::load(tmp.path());
+    let mut decoder = MultimodalDecoder::load(tmp.path(), &cpu()).unwrap();
     let case = &fixture.reference.cases["two_images"];
     let (image, deepstack) = fixture.image_features("two_images", case.image_grid_thw.len());
     let pads: Vec<usize> = case.input_ids.iter().enumerate().filter(|(_, &t)| t == token).map(|(i, _)| i).collect();
     // Inside the first image's run, between the images, inside the second image's run.
     let cuts = [pads[3], pads[12] - 1, pads[17]];
-    let mut whole_cache = decoder.new_cache(CacheKind::Growing, case.input_ids.len());
-    let whole = decoder.prefill(&mut whole_cache, case, token, &image, &deepstack, &[]);
+    let mut whole_cache = decoder.new_cache(CacheKind::Growing, case.input_ids.len()).unwrap();
+    let whole = prefill(&mut decoder, &mut whole_cache, case, &image, &deepstack, &[]);
     for kind in [CacheKind::Growing, CacheKind::Shared] {
-        let mut cache = decoder.new_cache(kind, case.input_ids.len() + 4);
-        let chunked = decoder.prefill(&mut cache, case, token, &image, &deepstack, &cuts);
+        let mut cache = decoder.new_cache(kind, case.input_ids.len() + 4).unwrap();
+        let chunked = prefill(&mut decoder, &mut cache, case, &image, &deepstack, &cuts);
         let diff = max_abs_diff(&chunked, &whole);
         assert!(diff <= 1e-5, "{kind:?}: chunked prefill differs from the whole one by {diff}");
     }
@@ -471,23 +311,22 @@ fn chunked_prefill_equals_the_whole_prefill() {
 fn greedy_32_tokens_match_transformers_generate() {
     for name in FIXTURES {
         let fixture = Fixture::load(name);
-        let token = image_token(&fixture);
         let tmp = tempfile::tempdir().unwrap();
         fixture.export(tmp.path(), cpu_settings(true));
-        let mut vision = Vision::load(tmp.path());
-        let mut decoder = Decoder::load(tmp.path());
+        let mut vision = VisionEncoder::load(tmp.path(), &cpu()).unwrap();
+        let mut decoder = MultimodalDecoder::load(tmp.path(), &cpu()).unwrap();
         for (case_name, case) in &fixture.reference.cases {
             let encoded: Vec<(Vec<f32>, Vec<f32>)> = case
                 .image_grid_thw
                 .iter()
                 .enumerate()
-                .map(|(i, grid)| vision.encode(fixture.floats(&format!("{case_name}.pixel_values.{i}")), *grid))
+                .map(|(i, grid)| vision.encode_to_host(fixture.floats(&format!("{case_name}.pixel_values.{i}")), *grid).unwrap())
                 .collect();
             let image: Vec<f32> = encoded.iter().flat_map(|(e, _)| e.clone()).collect();
             let per_image: Vec<&[f32]> = encoded.iter().map(|(_, d)| d.as_slice()).collect();
-            let deepstack = concat_deepstack(&per_image, decoder.deepstack);
+            let deepstack = concat_deepstack(&per_image, decoder.deepstack());
             for kind in [CacheKind::Growing, CacheKind::Shared, CacheKind::SharedFullMask] {
-                let got = decoder.greedy(kind, case, token, &image, &deepstack);
+                let got = greedy_tokens(&mut decoder, kind, case, &image, &deepstack);
                 assert_eq!(got, case.greedy.generated_ids, "{name} {case_name} ({kind:?}): greedy tokens");
             }
         }
@@ -556,7 +395,6 @@ fn runtime_runs_the_text_steps_of_a_multimodal_export() {
 #[test]
 fn int4_export_quantizes_the_decoder_only() {
     let fixture = Fixture::load("qwen3vl-a");
-    let token = image_token(&fixture);
     let tmp = tempfile::tempdir().unwrap();
     let block = 32;
     let mut int4 = cpu_settings(false);
@@ -569,15 +407,15 @@ fn int4_export_quantizes_the_decoder_only() {
 
     let case = &fixture.reference.cases["one_image"];
     let pixels = fixture.floats("one_image.pixel_values.0");
-    let (int4_embeds, _) = Vision::load(&tmp.path().join("int4")).encode(pixels, case.image_grid_thw[0]);
-    let (fp32_embeds, _) = Vision::load(&tmp.path().join("dq-fp32")).encode(pixels, case.image_grid_thw[0]);
+    let (int4_embeds, _) = VisionEncoder::load(&tmp.path().join("int4"), &cpu()).unwrap().encode_to_host(pixels, case.image_grid_thw[0]).unwrap();
+    let (fp32_embeds, _) = VisionEncoder::load(&tmp.path().join("dq-fp32"), &cpu()).unwrap().encode_to_host(pixels, case.image_grid_thw[0]).unwrap();
     assert_eq!(int4_embeds, fp32_embeds, "the int4 export's vision graph differs from the fp32 one's");
 
     let (image, deepstack) = fixture.image_features("one_image", 1);
     let run = |dir: &Path| {
-        let mut decoder = Decoder::load(dir);
-        let mut cache = decoder.new_cache(CacheKind::Growing, case.input_ids.len());
-        decoder.prefill(&mut cache, case, token, &image, &deepstack, &[])
+        let mut decoder = MultimodalDecoder::load(dir, &cpu()).unwrap();
+        let mut cache = decoder.new_cache(CacheKind::Growing, case.input_ids.len()).unwrap();
+        prefill(&mut decoder, &mut cache, case, &image, &deepstack, &[])
     };
     let (got, expected) = (run(&tmp.path().join("int4")), run(&tmp.path().join("dq-fp32")));
     let diff = max_abs_diff(&got, &expected);
@@ -644,7 +482,6 @@ fn synthetic_qwen3_vl_preset_exports_and_runs() {
     assert_eq!(config.text.rope.mrope_section.as_deref(), Some(&[6, 5, 5][..]), "mrope_section fit to head_dim 32");
     let grid = [1, 4, 6];
     let pixels: Vec<f32> = (0..24 * vision.patch_dim()).map(|i| ((i % 97) as f32 / 48.0) - 1.0).collect();
-    let image_token = config.vision_tokens.as_ref().unwrap().image_token_id;
     for precision in [pio_models::Precision::Fp32, pio_models::Precision::Int4] {
         let mut settings = cpu_settings(true);
         settings.precision = precision;
@@ -652,12 +489,12 @@ fn synthetic_qwen3_vl_preset_exports_and_runs() {
         export_to(&ck, &out, settings);
         let manifest = Manifest::load(&out).unwrap();
         assert_eq!(manifest.vision.as_ref().unwrap().preprocessor_files, vec!["preprocessor_config.json"]);
-        let (image, deepstack) = Vision::load(&out).encode(&pixels, grid);
+        let (image, deepstack) = VisionEncoder::load(&out, &cpu()).unwrap().encode_to_host(&pixels, grid).unwrap();
         assert_eq!(image.len(), 6 * 64);
         for v in [&image, &deepstack] {
             assert!(v.iter().all(|x| x.is_finite()) && v.iter().any(|&x| x != v[0]), "{precision:?}: vision output");
         }
-        let mut decoder = Decoder::load(&out);
+        let mut decoder = MultimodalDecoder::load(&out, &cpu()).unwrap();
         // Vocabulary 512: the image token id of the preset (151655) is outside it, so this prompt
         // has no pad tokens; the image rows still take the graph's path with 0 rows.
         let case = Case {
@@ -667,8 +504,8 @@ fn synthetic_qwen3_vl_preset_exports_and_runs() {
             rope_delta: 0,
             greedy: GreedyReference { max_new_tokens: 2, generated_ids: vec![] },
         };
-        let mut cache = decoder.new_cache(CacheKind::Growing, 8);
-        let logits = decoder.prefill(&mut cache, &case, image_token, &[], &[], &[]);
+        let mut cache = decoder.new_cache(CacheKind::Growing, 8).unwrap();
+        let logits = prefill(&mut decoder, &mut cache, &case, &[], &[], &[]);
         assert!(
             logits.iter().all(|x| x.is_finite()) && logits.iter().any(|&x| x != logits[0]),
             "{precision:?}: logits"

@@ -95,24 +95,26 @@ pub fn mrope_token_rows(
     Ok((out[0].clone(), out[1].clone()))
 }
 
-/// GroupQueryAttention's cos/sin caches for one step of a multimodal decoder: (context_length,
-/// rotary_dim / 2) tables whose rows past..past+S hold the step's S tokens' rows (of the first
-/// sequence), `past` being the cache length before the step. GroupQueryAttention rotates the
+/// GroupQueryAttention's cos/sin caches for one step of a multimodal decoder: (T, rotary_dim / 2)
+/// tables, T the attention mask's length (GroupQueryAttention wants at least total_sequence_length
+/// rows), whose rows past..past+S hold the step's S tokens' rows (of the first sequence), `past`
+/// being the cache length before the step. GroupQueryAttention rotates the
 /// token at cache slot past + s with row past + s in every kernel path (first prompt, later
 /// chunks, decode), so the table works whether or not a kernel reads `position_ids`. Rows
 /// outside the step repeat its first or last row and are never read.
 ///
 /// `positions` is [`mrope_positions`]' output, `caches` the static (context_length, half)
-/// tables, `last_slot` each sequence's total length - 1 (int64, (batch,)), `step_length` S (a
-/// scalar from the input's shape). Built from constants and device tensors only (no
-/// shape-dependent host copies), so a captured CUDA graph replays it.
+/// tables, `last_slot` each sequence's total length - 1 (int64, (batch,)), `step_length` S and
+/// `mask_length` T scalars from the inputs' shapes. The shapes only set kernel sizes (read on the
+/// host, as Range and Clip take them); the values come from device tensors, so a captured CUDA
+/// graph replays the step.
 pub fn slot_tables(
     g: &mut Graph,
     positions: &str,
     caches: &(String, String),
     last_slot: &str,
     step_length: &str,
-    context_length: usize,
+    mask_length: &str,
 ) -> Result<(String, String)> {
     let first = g.scalar_i64("mrope.first_sequence", 0)?;
     let own = g.node("Gather", "mrope.first_sequence_positions").inputs(&[positions, &first]).attr("axis", 0i64).out();
@@ -124,11 +126,10 @@ pub fn slot_tables(
     let steps = g.const_i64("mrope.reverse_steps", &[-1])?;
     let reversed = g.node("Slice", "mrope.positions_reversed").inputs(&[&own, &starts, &ends, &axes, &steps]).out();
     let slot = g.node("Gather", "mrope.last_slot").inputs(&[last_slot, &first]).attr("axis", 0i64).out();
-    let rows: Vec<i64> = (0..context_length as i64).collect();
-    let rows = g.const_i64("mrope.table_rows", &rows)?;
-    let from_last = g.node("Sub", "mrope.rows_from_last").inputs(&[&slot, &rows]).out();
     let zero = g.scalar_i64("mrope.zero", 0)?;
     let one = g.scalar_i64("mrope.one", 1)?;
+    let rows = g.node("Range", "mrope.table_rows").inputs(&[&zero, mask_length, &one]).out();
+    let from_last = g.node("Sub", "mrope.rows_from_last").inputs(&[&slot, &rows]).out();
     let last_index = g.node("Sub", "mrope.step_last_index").inputs(&[step_length, &one]).out();
     let index = g.node("Clip", "mrope.row_index").inputs(&[&from_last, &zero, &last_index]).out();
     let mut tables = Vec::with_capacity(2);
