@@ -89,7 +89,8 @@ struct Inputs {
 impl Inputs {
     fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not safetensors", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{} is not safetensors", path.display()))?;
         let mut names: Vec<String> =
             st.names().iter().filter_map(|n| n.strip_suffix(".pixel_values").map(str::to_string)).collect();
         names.sort();
@@ -98,7 +99,8 @@ impl Inputs {
             let pixels = st.tensor(&format!("{name}.pixel_values"))?;
             let grid = st.tensor(&format!("{name}.image_grid_thw"))?;
             let pixels = pixels.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            let grid: Vec<i64> = grid.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect();
+            let grid: Vec<i64> =
+                grid.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect();
             let grid: [i64; 3] = grid.try_into().map_err(|g| anyhow::anyhow!("{name}: grid {g:?} is not (t, h, w)"))?;
             images.push((name, pixels, grid));
         }
@@ -155,7 +157,14 @@ fn image_prompt(decoder: &MultimodalDecoder, grid: [i64; 3], question: usize) ->
     Ok(ids)
 }
 
-fn ttft(ep: &ExecutionProvider, graphs: &Path, inputs: &Path, image: &str, question: usize, repeats: usize) -> Result<Value> {
+fn ttft(
+    ep: &ExecutionProvider,
+    graphs: &Path,
+    inputs: &Path,
+    image: &str,
+    question: usize,
+    repeats: usize,
+) -> Result<Value> {
     let inputs = Inputs::load(inputs)?;
     let (_, pixels, grid) =
         inputs.images.iter().find(|(n, _, _)| n == image).with_context(|| format!("no image {image} in the inputs"))?;
@@ -181,7 +190,10 @@ fn ttft(ep: &ExecutionProvider, graphs: &Path, inputs: &Path, image: &str, quest
     let runs: Vec<(f64, f64, f64)> = (0..repeats).map(|_| run()).collect::<Result<_>>()?;
     let pick = |f: fn(&(f64, f64, f64)) -> f64| median_ms(runs.iter().map(f).collect());
     let (total, vision, prefill) = (pick(|r| r.0), pick(|r| r.1), pick(|r| r.2));
-    eprintln!("ttft {image} + {question} tokens ({} in all): {total:.1} ms (vision {vision:.1}, prefill {prefill:.1})", ids.len());
+    eprintln!(
+        "ttft {image} + {question} tokens ({} in all): {total:.1} ms (vision {vision:.1}, prefill {prefill:.1})",
+        ids.len()
+    );
     Ok(json!({"ttft_ms": total, "vision_ms": vision, "prefill_ms": prefill, "prompt_tokens": ids.len(),
         "image": image, "grid_thw": grid, "question_tokens": question, "repeats": repeats, "graphs": graphs}))
 }
@@ -287,8 +299,11 @@ fn fixture(ep: &ExecutionProvider, graphs: &Path, fixture: &Path) -> Result<Valu
              {agree}/{} greedy tokens agree",
             expected_tokens.len()
         );
-        report.insert(name.clone(), json!({"vision_max_rel_diff": vision_rel, "last_logits_max_rel_diff": logits_rel,
-            "greedy_tokens_agreeing": agree, "tokens": expected_tokens.len(), "generated": generated}));
+        report.insert(
+            name.clone(),
+            json!({"vision_max_rel_diff": vision_rel, "last_logits_max_rel_diff": logits_rel,
+            "greedy_tokens_agreeing": agree, "tokens": expected_tokens.len(), "generated": generated}),
+        );
     }
     Ok(json!({"fixture": fixture, "graphs": graphs, "cases": report}))
 }

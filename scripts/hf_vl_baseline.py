@@ -14,17 +14,14 @@ throughput is (new_tokens - 1) / (t_total - t_first).
 
 import argparse
 import inspect
-import json
-import statistics
 import sys
-import time
 
 import torch
 import transformers
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, GenerationConfig
+from transformers import AutoModelForImageTextToText
 
-from hf_baseline import DTYPES, device_name
+from hf_baseline import DTYPES, device_name, time_generation, write_json
 
 
 def parse_args(argv=None):
@@ -71,32 +68,8 @@ def main(argv=None):
     if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:
         kwargs["mm_token_type_ids"] = (input_ids == cfg.image_token_id).to(torch.int32)
 
-    eos = model.generation_config.eos_token_id
-    first_eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def generate(n):
-        sync()
-        t = time.perf_counter()
-        gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos, pad_token_id=first_eos)
-        out = model.generate(input_ids=input_ids, generation_config=gc, **kwargs)
-        sync()
-        if out.shape[1] != len(ids) + n:
-            raise RuntimeError(f"generate returned {out.shape[1] - len(ids)} new tokens, not {n}")
-        return time.perf_counter() - t
-
-    with torch.inference_mode():
-        generate(2)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t_first = statistics.median(generate(1) for _ in range(a.repeats))
-        t_total = statistics.median(generate(a.new_tokens) for _ in range(a.repeats))
+    t_first, t_total = time_generation(model, device, dict(input_ids=input_ids, **kwargs), a.new_tokens, a.repeats)
     decode_s = t_total - t_first
-    if decode_s <= 0:
-        sys.exit("hf_vl_baseline: the long generate was not slower than the one-token one; raise --new-tokens")
     result = {
         "ttft_ms": t_first * 1e3,
         "tokens_per_s": (a.new_tokens - 1) / decode_s,
@@ -115,9 +88,7 @@ def main(argv=None):
         "repeats": a.repeats,
         "checkpoint": a.checkpoint,
     }
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_json(result, a.out)
     print(f"hf_vl_baseline: ttft {result['ttft_ms']:.1f} ms, {result['tokens_per_s']:.1f} tokens/s decode "
           f"({result['device_name']})")
 

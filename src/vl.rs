@@ -40,11 +40,13 @@ pub fn host_tensor(dtype: TensorDtype, shape: &[usize], data: &[f32]) -> Result<
     let shape = shape.to_vec();
     Ok(match dtype {
         TensorDtype::Float32 => Tensor::from_array((shape, data.to_vec())).map_err(ort_err)?.into_dyn(),
-        TensorDtype::Float16 => {
-            Tensor::from_array((shape, data.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>())).map_err(ort_err)?.into_dyn()
-        }
+        TensorDtype::Float16 => Tensor::from_array((shape, data.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()))
+            .map_err(ort_err)?
+            .into_dyn(),
         TensorDtype::Bfloat16 => {
-            Tensor::from_array((shape, data.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())).map_err(ort_err)?.into_dyn()
+            Tensor::from_array((shape, data.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()))
+                .map_err(ort_err)?
+                .into_dyn()
         }
         other => bail!("no float tensors of {other:?}"),
     })
@@ -259,7 +261,9 @@ impl MultimodalDecoder {
         if self.deepstack() > 0 {
             binding.bind_input("deepstack_embeds", &image.deepstack).map_err(ort_err)?;
         }
-        let names = |layer| [&kv.past_key, &kv.past_value, &kv.present_key, &kv.present_value].map(|t| KvCacheSpec::name(t, layer));
+        let names = |layer| {
+            [&kv.past_key, &kv.past_value, &kv.present_key, &kv.present_value].map(|t| KvCacheSpec::name(t, layer))
+        };
         for layer in 0..cache.keys.len() {
             let [pk, pv, k, v] = names(layer);
             binding.bind_input(pk, &cache.keys[layer]).map_err(ort_err)?;
@@ -296,7 +300,7 @@ impl MultimodalDecoder {
 /// after it resumes at start + max(h, w) / merge. Returns the three position rows and the rope
 /// delta (max position + 1 - length) that decode steps add to their cache position.
 pub fn rope_index(ids: &[u32], image_token: u32, grids: &[[i64; 3]], merge: i64) -> Result<(Vec<Vec<i64>>, i64)> {
-    let mut rows = vec![Vec::with_capacity(ids.len()); 3];
+    let mut rows: Vec<Vec<i64>> = (0..3).map(|_| Vec::with_capacity(ids.len())).collect();
     let (mut next, mut i, mut images) = (0i64, 0usize, grids.iter());
     while i < ids.len() {
         if ids[i] != image_token {

@@ -156,7 +156,13 @@ fn prefill(
 
 /// 32 greedy tokens after `case`'s prompt: decode steps at cache length + rope delta on all
 /// three axes, with no image rows; the graph's greedy_tokens output must be the logits' argmax.
-fn greedy_tokens(decoder: &mut MultimodalDecoder, kind: CacheKind, case: &Case, image: &[f32], deepstack: &[f32]) -> Vec<u32> {
+fn greedy_tokens(
+    decoder: &mut MultimodalDecoder,
+    kind: CacheKind,
+    case: &Case,
+    image: &[f32],
+    deepstack: &[f32],
+) -> Vec<u32> {
     let n = case.input_ids.len();
     let vocab = decoder.vocab();
     let mut cache = decoder.new_cache(kind, n + case.greedy.max_new_tokens).unwrap();
@@ -217,7 +223,8 @@ fn vision_embeddings_match_transformers() {
         for (case_name, case) in &fixture.reference.cases {
             for (i, grid) in case.image_grid_thw.iter().enumerate() {
                 let key = format!("{case_name}.%.{i}");
-                let (embeds, deepstack) = vision.encode_to_host(fixture.floats(&key.replace('%', "pixel_values")), *grid).unwrap();
+                let (embeds, deepstack) =
+                    vision.encode_to_host(fixture.floats(&key.replace('%', "pixel_values")), *grid).unwrap();
                 for (got, what) in [(&embeds, "image_embeds"), (&deepstack, "deepstack_embeds")] {
                     let diff = max_abs_diff(got, fixture.floats(&key.replace('%', what)));
                     assert!(diff <= TOLERANCE, "{name} {case_name} image {i} {what}: max |diff| {diff}");
@@ -227,7 +234,8 @@ fn vision_embeddings_match_transformers() {
             }
         }
         if let Some(frames) = &fixture.reference.frames {
-            let (embeds, deepstack) = vision.encode_to_host(fixture.floats("frames.pixel_values"), frames.image_grid_thw[0]).unwrap();
+            let (embeds, deepstack) =
+                vision.encode_to_host(fixture.floats("frames.pixel_values"), frames.image_grid_thw[0]).unwrap();
             for (got, what) in [(&embeds, "image_embeds"), (&deepstack, "deepstack_embeds")] {
                 let diff = max_abs_diff(got, fixture.floats(&format!("frames.{what}")));
                 assert!(diff <= TOLERANCE, "{name} two frames {what}: max |diff| {diff}");
@@ -320,7 +328,9 @@ fn greedy_32_tokens_match_transformers_generate() {
                 .image_grid_thw
                 .iter()
                 .enumerate()
-                .map(|(i, grid)| vision.encode_to_host(fixture.floats(&format!("{case_name}.pixel_values.{i}")), *grid).unwrap())
+                .map(|(i, grid)| {
+                    vision.encode_to_host(fixture.floats(&format!("{case_name}.pixel_values.{i}")), *grid).unwrap()
+                })
                 .collect();
             let image: Vec<f32> = encoded.iter().flat_map(|(e, _)| e.clone()).collect();
             let per_image: Vec<&[f32]> = encoded.iter().map(|(_, d)| d.as_slice()).collect();
@@ -407,8 +417,14 @@ fn int4_export_quantizes_the_decoder_only() {
 
     let case = &fixture.reference.cases["one_image"];
     let pixels = fixture.floats("one_image.pixel_values.0");
-    let (int4_embeds, _) = VisionEncoder::load(&tmp.path().join("int4"), &cpu()).unwrap().encode_to_host(pixels, case.image_grid_thw[0]).unwrap();
-    let (fp32_embeds, _) = VisionEncoder::load(&tmp.path().join("dq-fp32"), &cpu()).unwrap().encode_to_host(pixels, case.image_grid_thw[0]).unwrap();
+    let (int4_embeds, _) = VisionEncoder::load(&tmp.path().join("int4"), &cpu())
+        .unwrap()
+        .encode_to_host(pixels, case.image_grid_thw[0])
+        .unwrap();
+    let (fp32_embeds, _) = VisionEncoder::load(&tmp.path().join("dq-fp32"), &cpu())
+        .unwrap()
+        .encode_to_host(pixels, case.image_grid_thw[0])
+        .unwrap();
     assert_eq!(int4_embeds, fp32_embeds, "the int4 export's vision graph differs from the fp32 one's");
 
     let (image, deepstack) = fixture.image_features("one_image", 1);

@@ -161,20 +161,6 @@ impl<'a> DecoderBuilder<'a> {
         bias: bool,
     ) -> Result<String> {
         let quantize = self.settings.precision == Precision::Int4;
-        self.projection(x, node_name, hf_prefixes, in_dim, out_dims, bias, quantize)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn projection(
-        &mut self,
-        x: &str,
-        node_name: &str,
-        hf_prefixes: &[String],
-        in_dim: usize,
-        out_dims: &[usize],
-        bias: bool,
-        quantize: bool,
-    ) -> Result<String> {
         self.weights().projection(&mut self.g, x, node_name, hf_prefixes, in_dim, out_dims, bias, quantize)
     }
 
@@ -545,11 +531,11 @@ impl<'a> DecoderBuilder<'a> {
             }
             _ if self.settings.int4_lm_head => {
                 let source = lm_head.unwrap_or(tied_table).trim_end_matches(".weight").to_string();
-                self.projection(&h, "lm_head", &[source], hidden, &[vocab], false, true)?
+                self.weights().projection(&mut self.g, &h, "lm_head", &[source], hidden, &[vocab], false, true)?
             }
             Some(name) => {
                 let prefix = name.trim_end_matches(".weight").to_string();
-                self.projection(&h, "lm_head", &[prefix], hidden, &[vocab], false, false)?
+                self.weights().projection(&mut self.g, &h, "lm_head", &[prefix], hidden, &[vocab], false, false)?
             }
             None => {
                 let flat_shape = self.g.const_i64("lm_head_flat_shape", &[-1, hidden as i64])?;

@@ -83,16 +83,21 @@ pub fn mrope_token_rows(
     let shape = g.node("Shape", "mrope.positions_shape").inputs(&[positions]).out();
     let rows_shape = g.const_i64("mrope.positions_rows_shape", &[-1, (text.rotary_dim() / 2) as i64])?;
     let rows = g.node("Reshape", "mrope.positions_rows").inputs(&[positions, &rows_shape]).out();
-    let mut out = Vec::with_capacity(2);
-    for (table, name) in [(&caches.0, "cos"), (&caches.1, "sin")] {
-        let r = g
-            .node("GatherElements", &format!("mrope.{name}_rows"))
-            .inputs(&[table.as_str(), &rows])
+    let [cos, sin] = table_entries(g, caches, &rows, "rows");
+    let cos = g.node("Reshape", "mrope.cos_token_rows").inputs(&[&cos, &shape]).out();
+    let sin = g.node("Reshape", "mrope.sin_token_rows").inputs(&[&sin, &shape]).out();
+    Ok((cos, sin))
+}
+
+/// Entry (positions[r, i], i) of the cos and of the sin table for every (r, i): each row of
+/// `positions` (rows, rotary_dim / 2) read frequency by frequency.
+fn table_entries(g: &mut Graph, caches: &(String, String), positions: &str, what: &str) -> [String; 2] {
+    [(&caches.0, "cos"), (&caches.1, "sin")].map(|(table, name)| {
+        g.node("GatherElements", &format!("mrope.{name}_{what}"))
+            .inputs(&[table.as_str(), positions])
             .attr("axis", 0i64)
-            .out();
-        out.push(g.node("Reshape", &format!("mrope.{name}_token_rows")).inputs(&[&r, &shape]).out());
-    }
-    Ok((out[0].clone(), out[1].clone()))
+            .out()
+    })
 }
 
 /// GroupQueryAttention's cos/sin caches for one step of a multimodal decoder: (T, rotary_dim / 2)
@@ -132,16 +137,9 @@ pub fn slot_tables(
     let from_last = g.node("Sub", "mrope.rows_from_last").inputs(&[&slot, &rows]).out();
     let last_index = g.node("Sub", "mrope.step_last_index").inputs(&[step_length, &one]).out();
     let index = g.node("Clip", "mrope.row_index").inputs(&[&from_last, &zero, &last_index]).out();
-    let mut tables = Vec::with_capacity(2);
-    for (table, name) in [(&caches.0, "cos"), (&caches.1, "sin")] {
-        let own_rows = g
-            .node("GatherElements", &format!("mrope.{name}_step_rows"))
-            .inputs(&[table.as_str(), &reversed])
-            .attr("axis", 0i64)
-            .out();
-        tables.push(
-            g.node("Gather", &format!("mrope.{name}_cache")).inputs(&[&own_rows, &index]).attr("axis", 0i64).out(),
-        );
-    }
-    Ok((tables[0].clone(), tables[1].clone()))
+    let [cos, sin] = table_entries(g, caches, &reversed, "step_rows");
+    let slot_rows = |g: &mut Graph, rows: &str, name: &str| {
+        g.node("Gather", &format!("mrope.{name}_cache")).inputs(&[rows, &index]).attr("axis", 0i64).out()
+    };
+    Ok((slot_rows(g, &cos, "cos"), slot_rows(g, &sin, "sin")))
 }

@@ -84,11 +84,6 @@ pub fn synthetic_config(preset: &Preset, o: &ShapeOverrides) -> Result<Value> {
     let mut config = preset.config_json()?;
     {
         let text = if config.get("text_config").is_some() { &mut config["text_config"] } else { &mut config };
-        let set = |text: &mut Value, key: &str, v: Option<usize>| {
-            if let Some(v) = v {
-                text[key] = json!(v);
-            }
-        };
         set(text, "num_hidden_layers", o.layers);
         set(text, "hidden_size", o.hidden_size);
         set(text, "intermediate_size", o.intermediate_size);
@@ -114,6 +109,13 @@ pub fn synthetic_config(preset: &Preset, o: &ShapeOverrides) -> Result<Value> {
     Ok(config)
 }
 
+/// Sets `object[key]` to `v` when an override is given.
+fn set(object: &mut Value, key: &str, v: Option<usize>) {
+    if let Some(v) = v {
+        object[key] = json!(v);
+    }
+}
+
 /// Scales a multimodal rotary section (`mrope_section` in `rope_scaling` or `rope_parameters`)
 /// to a changed head_dim so it still covers head_dim / 2 frequencies: h and w keep their share,
 /// t takes the rest.
@@ -137,11 +139,6 @@ fn fit_mrope_section(text: &mut Value) {
 /// text hidden size. With `vision_layers` the deepstack mergers, min(their number, layers) of
 /// them, move to blocks k * layers / n (k < n), spread over the shorter stack.
 fn shrink_vision(vision: &mut Value, o: &ShapeOverrides) {
-    let set = |vision: &mut Value, key: &str, v: Option<usize>| {
-        if let Some(v) = v {
-            vision[key] = json!(v);
-        }
-    };
     set(vision, "depth", o.vision_layers);
     set(vision, "hidden_size", o.vision_hidden_size);
     set(vision, "intermediate_size", o.vision_intermediate_size);

@@ -180,7 +180,10 @@ fn qwen3_vl_hub_and_transformers5_configs_parse_to_the_same_config() {
     assert_eq!(hub.text.rope.theta, 5e6);
     assert!(hub.text.tie_word_embeddings);
     let vision = hub.vision.as_ref().unwrap();
-    assert_eq!((vision.rope_theta, vision.head_dim(), vision.patch_dim(), vision.position_grid_side()), (1e4, 64, 1536, 48));
+    assert_eq!(
+        (vision.rope_theta, vision.head_dim(), vision.patch_dim(), vision.position_grid_side()),
+        (1e4, 64, 1536, 48)
+    );
     // transformers 5: rope_parameters in text_config, tie_word_embeddings at the top level only,
     // the vision rope theta in vision_config.rope_parameters.
     let mut v5 = qwen3_vl_hub_style();
