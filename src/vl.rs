@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
@@ -15,22 +15,16 @@ use ort::value::{DynTensorValueType, DynValue, Tensor};
 use pio_models::manifest::{KvCacheSpec, Manifest, TensorDtype};
 use pio_runtime::ep::ExecutionProvider;
 
-fn ort_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("{e}")
-}
-
 fn session(path: &Path, ep: &ExecutionProvider) -> Result<Session> {
     let env = pio_runtime::ort_lib::environment()?;
-    let mut builder = ep.configure(Session::builder(env).map_err(ort_err)?)?;
-    builder.commit_from_file(path).map_err(|e| anyhow!("cannot load {}: {e}", path.display()))
+    let mut builder = ep.configure(Session::builder(env)?)?;
+    builder.commit_from_file(path).with_context(|| format!("cannot load {}", path.display()))
 }
 
 /// Where a session's outputs and the KV buffers live.
 fn device_memory(ep: &ExecutionProvider) -> Result<MemoryInfo<'static>> {
     match ep.device_id() {
-        Some(id) => {
-            MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err)
-        }
+        Some(id) => Ok(MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)?),
         None => Ok(MemoryInfo::default()),
     }
 }
@@ -39,30 +33,28 @@ fn device_memory(ep: &ExecutionProvider) -> Result<MemoryInfo<'static>> {
 pub fn host_tensor(dtype: TensorDtype, shape: &[usize], data: &[f32]) -> Result<DynValue> {
     let shape = shape.to_vec();
     Ok(match dtype {
-        TensorDtype::Float32 => Tensor::from_array((shape, data.to_vec())).map_err(ort_err)?.into_dyn(),
-        TensorDtype::Float16 => Tensor::from_array((shape, data.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()))
-            .map_err(ort_err)?
-            .into_dyn(),
+        TensorDtype::Float32 => Tensor::from_array((shape, data.to_vec()))?.into_dyn(),
+        TensorDtype::Float16 => {
+            Tensor::from_array((shape, data.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()))?.into_dyn()
+        }
         TensorDtype::Bfloat16 => {
-            Tensor::from_array((shape, data.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()))
-                .map_err(ort_err)?
-                .into_dyn()
+            Tensor::from_array((shape, data.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()))?.into_dyn()
         }
         other => bail!("no float tensors of {other:?}"),
     })
 }
 
 fn i64_tensor(shape: &[usize], data: Vec<i64>) -> Result<DynValue> {
-    Ok(Tensor::from_array((shape.to_vec(), data)).map_err(ort_err)?.into_dyn())
+    Ok(Tensor::from_array((shape.to_vec(), data))?.into_dyn())
 }
 
 /// A float tensor's values as float32, copied to the host if it lives on a device.
 pub fn to_f32_vec(value: &DynValue) -> Result<Vec<f32>> {
-    let tensor = value.view().downcast::<DynTensorValueType>().map_err(ort_err)?;
+    let tensor = value.view().downcast::<DynTensorValueType>()?;
     let host = if tensor.memory_info().is_cpu_accessible() {
         None
     } else {
-        Some(tensor.to(AllocationDevice::CPU, 0).map_err(ort_err)?.into_dyn())
+        Some(tensor.to(AllocationDevice::CPU, 0)?.into_dyn())
     };
     let v = host.as_ref().unwrap_or(value);
     if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
@@ -71,7 +63,7 @@ pub fn to_f32_vec(value: &DynValue) -> Result<Vec<f32>> {
     if let Ok((_, d)) = v.try_extract_tensor::<f16>() {
         return Ok(d.iter().map(|x| x.to_f32()).collect());
     }
-    let (_, d) = v.try_extract_tensor::<bf16>().map_err(ort_err)?;
+    let (_, d) = v.try_extract_tensor::<bf16>()?;
     Ok(d.iter().map(|x| x.to_f32()).collect())
 }
 
@@ -98,12 +90,12 @@ impl VisionEncoder {
         let rows = pixels.len() / self.patch_dim;
         let pixel_values = host_tensor(TensorDtype::Float32, &[rows, self.patch_dim], pixels)?;
         let grid = i64_tensor(&[1, 3], grid.to_vec())?;
-        let mut binding = self.session.create_binding().map_err(ort_err)?;
-        binding.bind_input("pixel_values", &pixel_values).map_err(ort_err)?;
-        binding.bind_input("image_grid_thw", &grid).map_err(ort_err)?;
-        binding.bind_output_to_device("image_embeds", &self.memory).map_err(ort_err)?;
-        binding.bind_output_to_device("deepstack_embeds", &self.memory).map_err(ort_err)?;
-        let mut out = self.session.run_binding(&binding).map_err(|e| anyhow!("vision encoder: {e}"))?;
+        let mut binding = self.session.create_binding()?;
+        binding.bind_input("pixel_values", &pixel_values)?;
+        binding.bind_input("image_grid_thw", &grid)?;
+        binding.bind_output_to_device("image_embeds", &self.memory)?;
+        binding.bind_output_to_device("deepstack_embeds", &self.memory)?;
+        let mut out = self.session.run_binding(&binding).context("the vision encoder failed")?;
         let embeds = out.remove("image_embeds").context("no image_embeds output")?;
         let deepstack = out.remove("deepstack_embeds").context("no deepstack_embeds output")?;
         Ok((embeds, deepstack))
@@ -161,7 +153,7 @@ impl MultimodalDecoder {
         let session = session(&graphs.join(&manifest.decoder), ep)?;
         let memory = device_memory(ep)?;
         let allocator = match ep.device_id() {
-            Some(_) => Some(Allocator::new(&session, memory.clone()).map_err(ort_err)?),
+            Some(_) => Some(Allocator::new(&session, memory.clone())?),
             None => None,
         };
         Ok(MultimodalDecoder { session, memory, allocator, manifest, dir: graphs.to_path_buf() })
@@ -213,9 +205,9 @@ impl MultimodalDecoder {
                 None => &Allocator::default(),
             };
             Ok(match dtype {
-                TensorDtype::Float32 => Tensor::<f32>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
-                TensorDtype::Float16 => Tensor::<f16>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
-                TensorDtype::Bfloat16 => Tensor::<bf16>::new(alloc, shape).map_err(ort_err)?.into_dyn(),
+                TensorDtype::Float32 => Tensor::<f32>::new(alloc, shape)?.into_dyn(),
+                TensorDtype::Float16 => Tensor::<f16>::new(alloc, shape)?.into_dyn(),
+                TensorDtype::Bfloat16 => Tensor::<bf16>::new(alloc, shape)?.into_dyn(),
                 other => bail!("no KV cache of {other:?} here"),
             })
         };
@@ -253,35 +245,35 @@ impl MultimodalDecoder {
         let position_ids = i64_tensor(&[3, 1, s], positions.iter().flatten().copied().collect())?;
         let host = MemoryInfo::default();
         let kv = self.manifest.kv_cache.clone();
-        let mut binding = self.session.create_binding().map_err(ort_err)?;
-        binding.bind_input("input_ids", &input_ids).map_err(ort_err)?;
-        binding.bind_input("attention_mask", &attention_mask).map_err(ort_err)?;
-        binding.bind_input("position_ids", &position_ids).map_err(ort_err)?;
-        binding.bind_input("image_embeds", &image.embeds).map_err(ort_err)?;
+        let mut binding = self.session.create_binding()?;
+        binding.bind_input("input_ids", &input_ids)?;
+        binding.bind_input("attention_mask", &attention_mask)?;
+        binding.bind_input("position_ids", &position_ids)?;
+        binding.bind_input("image_embeds", &image.embeds)?;
         if self.deepstack() > 0 {
-            binding.bind_input("deepstack_embeds", &image.deepstack).map_err(ort_err)?;
+            binding.bind_input("deepstack_embeds", &image.deepstack)?;
         }
         let names = |layer| {
             [&kv.past_key, &kv.past_value, &kv.present_key, &kv.present_value].map(|t| KvCacheSpec::name(t, layer))
         };
         for layer in 0..cache.keys.len() {
             let [pk, pv, k, v] = names(layer);
-            binding.bind_input(pk, &cache.keys[layer]).map_err(ort_err)?;
-            binding.bind_input(pv, &cache.values[layer]).map_err(ort_err)?;
+            binding.bind_input(pk, &cache.keys[layer])?;
+            binding.bind_input(pv, &cache.values[layer])?;
             if cache.kind == CacheKind::Growing {
-                binding.bind_output_to_device(k, &self.memory).map_err(ort_err)?;
-                binding.bind_output_to_device(v, &self.memory).map_err(ort_err)?;
+                binding.bind_output_to_device(k, &self.memory)?;
+                binding.bind_output_to_device(v, &self.memory)?;
             } else {
-                binding.bind_output(k, &mut cache.keys[layer]).map_err(ort_err)?;
-                binding.bind_output(v, &mut cache.values[layer]).map_err(ort_err)?;
+                binding.bind_output(k, &mut cache.keys[layer])?;
+                binding.bind_output(v, &mut cache.values[layer])?;
             }
         }
-        binding.bind_output_to_device("logits", &host).map_err(ort_err)?;
-        binding.bind_output_to_device("greedy_tokens", &host).map_err(ort_err)?;
-        let mut out = self.session.run_binding(&binding).map_err(|e| anyhow!("decoder step: {e}"))?;
+        binding.bind_output_to_device("logits", &host)?;
+        binding.bind_output_to_device("greedy_tokens", &host)?;
+        let mut out = self.session.run_binding(&binding).context("the decoder step failed")?;
         let logits = to_f32_vec(&out.remove("logits").context("no logits output")?)?;
         let greedy = out.remove("greedy_tokens").context("no greedy_tokens output")?;
-        let greedy = greedy.try_extract_tensor::<i64>().map_err(ort_err)?.1.to_vec();
+        let greedy = greedy.try_extract_tensor::<i64>()?.1.to_vec();
         if cache.kind == CacheKind::Growing {
             for layer in 0..cache.keys.len() {
                 let [_, _, k, v] = names(layer);

@@ -545,7 +545,7 @@ impl DecoderModel {
         let input_ids = Tensor::from_array((vec![b, s], ids)).map_err(ort_err)?;
         let attention_mask = Tensor::from_array((vec![b, t], mask)).map_err(ort_err)?;
         let position_ids = self.position_tensor(positions, b, s)?;
-        let image_inputs = self.empty_image_inputs()?;
+        let image_inputs = self.empty_image_inputs(None)?;
         let kv = self.manifest.kv_cache.clone();
         let vocab = self.vocab_size();
         let host = MemoryInfo::default();
@@ -557,7 +557,7 @@ impl DecoderModel {
         binding.bind_input("attention_mask", &attention_mask).map_err(ort_err)?;
         binding.bind_input("position_ids", &position_ids).map_err(ort_err)?;
         for (name, value) in &image_inputs {
-            binding.bind_input(name, value).map_err(ort_err)?;
+            binding.bind_input(name, value)?;
         }
         // Per-sequence cache views bound as inputs: they must outlive the run.
         let mut held_views = Vec::new();
@@ -639,20 +639,36 @@ impl DecoderModel {
     fn position_tensor(&self, positions: Vec<i64>, batch: i64, s: i64) -> Result<Tensor<i64>> {
         let axes = self.manifest.position_axes();
         if axes == 1 {
-            return Tensor::from_array((vec![batch, s], positions)).map_err(ort_err);
+            return Ok(Tensor::from_array((vec![batch, s], positions))?);
         }
         let repeated = positions.iter().copied().cycle().take(axes * positions.len()).collect::<Vec<_>>();
-        Tensor::from_array((vec![axes as i64, batch, s], repeated)).map_err(ort_err)
+        Ok(Tensor::from_array((vec![axes as i64, batch, s], repeated))?)
+    }
+
+    /// `position_ids`' shape in a decode step of `batch` sequences: (batch, 1), or (3, batch, 1).
+    fn decode_position_shape(&self, batch: usize) -> Vec<usize> {
+        match self.manifest.position_axes() {
+            1 => vec![batch, 1],
+            axes => vec![axes, batch, 1],
+        }
     }
 
     /// A vision-language decoder's image inputs with no rows: a step without image tokens
-    /// (the runtime does not feed images yet). Empty for text models.
-    fn empty_image_inputs(&self) -> Result<Vec<(String, DynValue)>> {
+    /// (the runtime does not feed images yet). Empty for text models. On the host, or from
+    /// `device` (a captured CUDA graph takes no host inputs).
+    fn empty_image_inputs(&self, device: Option<&Allocator>) -> Result<Vec<(String, DynValue)>> {
         let mut out = Vec::new();
         for io in self.manifest.inputs.iter().filter(|io| io.name == "image_embeds" || io.name == "deepstack_embeds") {
             // The symbolic dimension is the number of image rows: 0.
-            let shape = io.shape.iter().map(|d| d.as_i64().unwrap_or(0)).collect();
-            out.push((io.name.clone(), empty_host_tensor(io.dtype, shape)?));
+            let shape: Vec<i64> = io.shape.iter().map(|d| d.as_i64().unwrap_or(0)).collect();
+            let value = match device {
+                None => empty_host_tensor(io.dtype, shape)?,
+                Some(alloc) => {
+                    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                    device_tensor(alloc, io.dtype, &shape)?.0
+                }
+            };
+            out.push((io.name.clone(), value));
         }
         Ok(out)
     }
@@ -730,8 +746,7 @@ impl DecoderModel {
                     cache: cache_key,
                     graph_id,
                     input_ids: Tensor::<i64>::new(alloc, [batch, 1]).map_err(ort_err)?,
-                    position_ids: Tensor::<i64>::new(alloc, [self.manifest.position_axes(), batch, 1])
-                        .map_err(ort_err)?,
+                    position_ids: Tensor::<i64>::new(alloc, self.decode_position_shape(batch))?,
                     attention_mask: Tensor::<i64>::new(alloc, [batch, capacity]).map_err(ort_err)?,
                     logits: Tensor::<f32>::new(alloc, [batch, 1, vocab]).map_err(ort_err)?,
                     greedy: if has_greedy {
@@ -743,7 +758,8 @@ impl DecoderModel {
                 self.graph_states.len() - 1
             }
         };
-        let image_inputs = self.empty_image_inputs()?;
+        let image_inputs = self.empty_image_inputs(Some(alloc))?;
+        let position_shape = self.decode_position_shape(batch);
         let state = &mut self.graph_states[index];
         let pos = cache.len as i64;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
@@ -765,8 +781,8 @@ impl DecoderModel {
             None => {
                 let host = |shape: Vec<i64>, data: Vec<i64>| Tensor::from_array((shape, data)).map_err(ort_err);
                 host(vec![batch as i64, 1], ids)?.copy_into(&mut state.input_ids).map_err(ort_err)?;
-                let shape = vec![self.manifest.position_axes() as i64, batch as i64, 1];
-                host(shape, positions)?.copy_into(&mut state.position_ids).map_err(ort_err)?;
+                let shape = position_shape.iter().map(|&d| d as i64).collect();
+                host(shape, positions)?.copy_into(&mut state.position_ids)?;
                 host(vec![batch as i64, capacity as i64], mask)?
                     .copy_into(&mut state.attention_mask)
                     .map_err(ort_err)?;
@@ -779,7 +795,7 @@ impl DecoderModel {
         binding.bind_input("position_ids", &state.position_ids).map_err(ort_err)?;
         binding.bind_input("attention_mask", &state.attention_mask).map_err(ort_err)?;
         for (name, value) in &image_inputs {
-            binding.bind_input(name, value).map_err(ort_err)?;
+            binding.bind_input(name, value)?;
         }
         Self::bind_kv(&mut binding, &kv, keys, values)?;
         binding.bind_output("logits", &mut state.logits).map_err(ort_err)?;
