@@ -1,7 +1,13 @@
 //! Rotary position tables. Text models read static cos/sin caches indexed by position; Qwen3-VL
-//! computes each token's rows once per step from its (t, h, w) positions (interleaved MRoPE) and
-//! hands GroupQueryAttention a table indexed by cache slot, so the rotary stays fused inside the
+//! reads each token's rows once per step at its (t, h, w) positions (interleaved MRoPE) and hands
+//! GroupQueryAttention a table indexed by cache slot, so the rotary stays fused inside the
 //! attention kernel and no layer pays for the three position axes.
+//!
+//! Why by cache slot and not through GroupQueryAttention's `position_ids` input (a table of the
+//! step's rows and position_ids = row indices): ONNX Runtime's CUDA kernels do not read
+//! `position_ids` on every path. Flash decoding rotates inside the flash kernel at the cache slot,
+//! and outside the fused unpack kernel the query is rotated at the slot while the key follows
+//! `position_ids`; every path agrees on the slot. The CPU kernel was checked both ways.
 
 use anyhow::{bail, Result};
 use pio_models::config::TextConfig;
