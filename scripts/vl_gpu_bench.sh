@@ -2,8 +2,12 @@
 # Qwen3-VL-2B on the GPU: the measurements of README "Qwen3-VL" (issue 11), for a machine with an NVIDIA GPU,
 # CUDA 13, ONNX Runtime 1.31.1's CUDA build (ORT_DYLIB_PATH) and python3 with torch + transformers.
 #
-#   scripts/vl_gpu_bench.sh [full|cpu-smoke]   (results in $OUT, default bench-out/; checkpoints and graphs in
-#                                               $PIO_SHM, default /dev/shm/pio)
+#   scripts/vl_gpu_bench.sh [full|cpu-smoke] [STAGES]   (results in $OUT, default bench-out/; checkpoints and
+#                                                        graphs in $PIO_SHM, default /dev/shm/pio)
+#
+# STAGES (comma-separated, default all of them in this order): export, checks, vision, decode, baseline, summary,
+# clean. Later stages reuse what earlier ones left in $PIO_SHM and $OUT, so a long run can be split over several
+# calls on the same machine (`export,checks` then `vision,decode` then `baseline,summary,clean`).
 #
 # cpu-smoke runs every step on the CPU at a cut shape (fp32 for bf16, 1 repeat), to check the plumbing anywhere.
 #
@@ -29,6 +33,8 @@ case $mode in
       --vision-hidden-size 64 --vision-intermediate-size 128 --vision-heads 4) ;;
   *) echo "usage: scripts/vl_gpu_bench.sh [full|cpu-smoke]" >&2; exit 2 ;;
 esac
+stages=",${2:-export,checks,vision,decode,baseline,summary,clean},"
+stage() { [[ $stages == *",$1,"* ]]; }
 bin=${PIO_BIN_DIR:-target/release}
 vl_bench=${VL_BENCH:-$bin/examples/vl_bench}
 out=${OUT:-bench-out}
@@ -55,6 +61,7 @@ python3 -c "import torch, transformers; print(f'torch {torch.__version__}, trans
 ck=$shm/qwen3-vl-2b-synthetic
 text_ck=$shm/qwen3-vl-2b-text
 g=$shm/vl-graphs
+if stage export; then
 log "export: qwen3-vl-2b synthetic ${shape[*]:-(real shape)} and its text decoder as Qwen3: ${precisions[*]} for $ep"
 run synthetic-checkpoint "$bin/pio-export" --model qwen3-vl-2b --synthetic "${shape[@]}" --checkpoint-out "$ck" \
   --checkpoint-only
@@ -65,7 +72,10 @@ for p in "${precisions[@]}"; do
 done
 run patches python3 scripts/vl_bench_inputs.py patches --checkpoint "$ck" --sizes 448x448,1024x1024,1920x1080 \
   --out "$out/patches.safetensors"
+fi
 
+
+if stage checks; then
 log "checks: multimodal vs text decoder on a text prompt; the fixtures against transformers"
 for p in "${precisions[@]}"; do
   run compare-$p "$vl_bench" --ep $ep compare --vl "$g/vl-$p" --text "$g/text-$p" --prompt-len 128 --tokens 32 \
@@ -81,6 +91,9 @@ for f in qwen3vl-a qwen3vl-b; do
   done
 done
 
+fi
+
+if stage vision; then
 log "vision encoder latency and time to first token (1024x1024 image + 64-token question)"
 for p in "${precisions[@]}"; do
   run vision-$p "$vl_bench" --ep $ep vision --graphs "$g/vl-$p" --inputs "$out/patches.safetensors" \
@@ -89,6 +102,9 @@ for p in "${precisions[@]}"; do
     --question-tokens 64 --repeats "${repeats[1]}" --out "$out/ttft-$p.json"
 done
 
+fi
+
+if stage decode; then
 log "decode: multimodal decoder vs the same-shape text decoder (pio bench, CUDA graphs off and on)"
 graph_modes=both
 [[ $ep == cpu ]] && graph_modes=off
@@ -97,11 +113,17 @@ for p in "${precisions[@]}"; do
     --prompt-lens 128,1088 --batches 1,8 --decode-tokens 128 --repeats "${repeats[2]}" --out "$out/decode-$p.json"
 done
 
+fi
+
+if stage baseline; then
 log "transformers $hf_dtype eager: same image and question"
 run hf-$hf_dtype python3 scripts/hf_vl_baseline.py --checkpoint "$ck" --inputs "$out/patches.safetensors" \
   --image 1024x1024 --question-tokens 64 --new-tokens 128 --dtype $hf_dtype --attn eager \
   --device $([[ $ep == cuda ]] && echo cuda || echo cpu) --repeats "${repeats[2]}" --out "$out/hf.json"
 
+fi
+
+if stage summary; then
 log "summary"
 python3 - "$out" <<'EOF' | tee -a "$out/steps.log"
 import json, sys
@@ -140,7 +162,9 @@ for p in ["bf16", "fp32", "int4"]:
                 decode[f"batch{batch}_cuda_graph_{graph}"]["speedup_vs_transformers"] = v / hf["tokens_per_s"]
         s["decode"] = decode
     if (c := load(f"compare-{p}.json")):
-        s["multimodal_vs_text_agreement"] = c["report"]["compare"]
+        s["multimodal_vs_text_agreement"] = {
+            mode: {k: v for k, v in r.items() if not k.endswith("_tokens")} for mode, r in c["report"]["compare"].items()
+        }
     if s:
         summary[p] = s
 if hf:
@@ -149,5 +173,9 @@ summary["fixtures"] = {f.stem: json.loads(f.read_text())["report"]["cases"] for 
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2)[:4000])
 EOF
-rm -rf "$ck" "$text_ck" "$g"
-log "done"
+fi
+
+if stage clean; then
+  rm -rf "$ck" "$text_ck" "$g"
+fi
+log "done: $stages"
