@@ -68,6 +68,52 @@ def device_name(device):
     return platform.processor() or platform.machine()
 
 
+def time_generation(model, device, inputs, new_tokens, repeats):
+    """(t_first, t_total) in seconds: the medians of `repeats` greedy generates of one and of `new_tokens` new
+    tokens (`min_new_tokens`, so end-of-sequence does not stop them) from `inputs`, after a short warm-up, the GPU
+    synchronized around each; the peak-memory counter is reset after the warm-up. Exits when the long generate is
+    not slower than the short one (decode speed would be meaningless)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    # A fresh greedy config: the checkpoint's sampling settings would only draw warnings.
+    base = model.generation_config
+    eos = base.eos_token_id if base.eos_token_id is not None else getattr(cfg, "eos_token_id", None)
+    first_eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    pad = base.pad_token_id if base.pad_token_id is not None else (first_eos if first_eos is not None else 0)
+    prompt_len = inputs["input_ids"].shape[1]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def generate(n):
+        sync()
+        t = time.perf_counter()
+        gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
+        out = model.generate(**inputs, generation_config=gc)
+        sync()
+        dt = time.perf_counter() - t
+        if out.shape[1] != prompt_len + n:
+            raise RuntimeError(f"generate returned {out.shape[1] - prompt_len} new tokens, not {n}")
+        return dt
+
+    with torch.inference_mode():
+        generate(min(4, new_tokens))  # warm-up: kernels, allocator, caches
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t_first = statistics.median(generate(1) for _ in range(repeats))
+        t_total = statistics.median(generate(new_tokens) for _ in range(repeats))
+    if t_total <= t_first:
+        sys.exit(f"the {new_tokens}-token generate ({t_total:.4f}s) was not slower than the 1-token one "
+                 f"({t_first:.4f}s); use more --new-tokens or --repeats")
+    return t_first, t_total
+
+
+def write_json(result, path):
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
 def main(argv=None):
     a = parse_args(argv)
     device = torch.device(a.device)
@@ -83,38 +129,9 @@ def main(argv=None):
     input_ids = torch.randint(0, cfg.vocab_size, (a.batch, a.prompt_len), generator=gen).to(device)
     attention_mask = torch.ones_like(input_ids)
 
-    # A fresh greedy config: the checkpoint's sampling settings would only draw warnings.
-    base = model.generation_config
-    eos = base.eos_token_id if base.eos_token_id is not None else getattr(cfg, "eos_token_id", None)
-    first_eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-    pad = base.pad_token_id if base.pad_token_id is not None else (first_eos if first_eos is not None else 0)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def generate(n):
-        sync()
-        t = time.perf_counter()
-        gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gc)
-        sync()
-        dt = time.perf_counter() - t
-        if out.shape[1] != a.prompt_len + n:
-            raise RuntimeError(f"generate returned {out.shape[1] - a.prompt_len} new tokens, not {n}")
-        return dt
-
-    with torch.inference_mode():
-        generate(min(4, a.new_tokens))  # warm-up: kernels, allocator, caches
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t_first = statistics.median(generate(1) for _ in range(a.repeats))
-        t_total = statistics.median(generate(a.new_tokens) for _ in range(a.repeats))
-
+    t_first, t_total = time_generation(model, device, dict(input_ids=input_ids, attention_mask=attention_mask),
+                                       a.new_tokens, a.repeats)
     decode_s = t_total - t_first
-    if decode_s <= 0:
-        sys.exit(f"hf_baseline: the {a.new_tokens}-token generate ({t_total:.4f}s) was not slower than the "
-                 f"1-token one ({t_first:.4f}s); use more --new-tokens or --repeats")
     if device.type == "cuda":
         peak, peak_kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     else:
@@ -139,9 +156,7 @@ def main(argv=None):
         "repeats": a.repeats,
         "seed": a.seed,
     }
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_json(result, a.out)
     print(f"hf_baseline: {result['tokens_per_s']:.1f} tokens/s decode, ttft {result['ttft_ms']:.1f} ms, "
           f"peak {peak / 2**20:.0f} MiB ({result['device_name']})")
 

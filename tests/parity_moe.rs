@@ -203,6 +203,7 @@ fn synthetic_preset_runs(preset: &str, layers: usize) {
         vocab_size: Some(256),
         experts: Some(16),
         moe_intermediate_size: Some(32),
+        ..Default::default()
     };
     let tmp = tempfile::tempdir().unwrap();
     let ck = write_checkpoint(find_preset(preset).unwrap(), &overrides, 7, None, &tmp.path().join("ck")).unwrap();

@@ -23,6 +23,15 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "merges.txt",
 ];
 
+/// Image-processor files of a vision-language checkpoint, copied into its export (the chat
+/// template, `chat_template.json`, travels with the tokenizer files).
+pub const PROCESSOR_FILES: &[&str] =
+    &["preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json"];
+
+/// Checkpoint tensors by name with their shapes: what an architecture reads (and what a
+/// synthetic checkpoint of it writes).
+pub type TensorList = Vec<(String, Vec<usize>)>;
+
 /// One memory-mapped safetensors file.
 struct Shard {
     path: PathBuf,
@@ -206,6 +215,15 @@ impl Checkpoint {
 
     /// Tokenizer files present in the folder.
     pub fn tokenizer_files(&self) -> Vec<PathBuf> {
-        TOKENIZER_FILES.iter().map(|f| self.dir.join(f)).filter(|p| p.is_file()).collect()
+        self.present(TOKENIZER_FILES)
+    }
+
+    /// Image-processor files present in the folder.
+    pub fn processor_files(&self) -> Vec<PathBuf> {
+        self.present(PROCESSOR_FILES)
+    }
+
+    fn present(&self, files: &[&str]) -> Vec<PathBuf> {
+        files.iter().map(|f| self.dir.join(f)).filter(|p| p.is_file()).collect()
     }
 }

@@ -4,226 +4,35 @@
 //! Architecture files (`arch/*.rs`) name their tensors and choose their feed-forward blocks;
 //! everything they share is here.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use indicatif::ProgressBar;
 use pio_models::config::TextConfig;
-use pio_models::manifest::{KvCacheSpec, TargetEp, TensorDtype};
+use pio_models::manifest::{KvCacheSpec, TensorDtype};
 use pio_models::size::Precision;
 
 use crate::checkpoint::Checkpoint;
-use crate::convert::{push_f32, to_f32_vec, write_converted, write_transposed};
+use crate::convert::to_f32_vec;
 use crate::onnx::graph::{Dim, Graph};
-use crate::unfused_attention::UnfusedInputs;
-
-/// The graph switches chosen at export (recorded in the manifest).
-#[derive(Clone, Debug)]
-pub struct ExportSettings {
-    pub precision: Precision,
-    pub target_ep: TargetEp,
-    /// Rotary cache length: the longest prompt + generation the graph can serve.
-    pub context_length: usize,
-    pub last_token_logits: bool,
-    pub fused_norms: bool,
-    pub fused_qk_norm: bool,
-    pub fused_gate_up: bool,
-    /// q, k and v projections as one MatMul (fed packed to GroupQueryAttention when no
-    /// separate q/k norm sits between them).
-    pub fused_qkv: bool,
-    pub int4_block_size: usize,
-    /// With int4: quantize the lm_head too (embeddings stay 16-bit for Gather).
-    pub int4_lm_head: bool,
-    /// MatMulNBits accuracy_level (0: default; 4: int8 activations on the CPU).
-    pub int4_accuracy_level: i64,
-    /// With int4: the embedding table in int4 too, read by GatherBlockQuantized (and shared
-    /// with a tied, int4 lm_head).
-    pub int4_embeddings: bool,
-    /// KV cache stored as int8 with per-channel scales (GroupQueryAttention's quantized cache).
-    pub kv_cache_int8: bool,
-    /// Sliding-window layers attend within their window; false (`--no-sliding-window`) gives
-    /// every layer full attention, which differs from the model once a sequence outgrows the window.
-    pub sliding_window: bool,
-    /// Attention as com.microsoft GroupQueryAttention; false (`--no-fused-attention`) builds it
-    /// from standard ONNX ops instead, to measure what the fused kernel buys.
-    pub fused_attention: bool,
-}
+use crate::rotary;
+use crate::settings::{ExportSettings, GREEDY_TOKENS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE};
+use crate::unfused_inputs::UnfusedInputs;
+use crate::weights::WeightSource;
 
 /// Standard deviations covered by an int8 KV scale: values beyond clip (about 6e-5 of a
 /// Gaussian channel).
 const KV_SCALE_SIGMAS: f32 = 4.0;
 
-pub const PAST_KEY: &str = "past_key_values.{layer}.key";
-pub const PAST_VALUE: &str = "past_key_values.{layer}.value";
-pub const PRESENT_KEY: &str = "present.{layer}.key";
-pub const PRESENT_VALUE: &str = "present.{layer}.value";
-/// Output holding each position's argmax token id (int64, batch x positions).
-pub const GREEDY_TOKENS: &str = pio_models::manifest::GREEDY_TOKENS_OUTPUT;
-
-impl ExportSettings {
-    /// The defaults for a target, `pio-export`'s without flags: last-token logits, fused
-    /// norms, the model's sliding windows and GroupQueryAttention everywhere; for the GPU also
-    /// fused q/k/v and gate/up projections, and the q/k norm inside GroupQueryAttention when the
-    /// model has one (`model_has_qk_norm`); int4 in blocks of 32 with the lm_head and embeddings
-    /// kept 16-bit.
-    pub fn for_target(
-        precision: Precision,
-        target_ep: TargetEp,
-        context_length: usize,
-        model_has_qk_norm: bool,
-    ) -> Self {
-        let gpu = target_ep != TargetEp::Cpu;
-        ExportSettings {
-            precision,
-            target_ep,
-            context_length,
-            last_token_logits: true,
-            fused_norms: true,
-            fused_qk_norm: gpu && model_has_qk_norm,
-            fused_gate_up: gpu,
-            fused_qkv: gpu,
-            int4_block_size: 32,
-            int4_lm_head: false,
-            int4_accuracy_level: 0,
-            int4_embeddings: false,
-            kv_cache_int8: false,
-            sliding_window: true,
-            fused_attention: true,
-        }
-    }
-
-    /// The dtype of activations, weights and the KV cache.
-    pub fn compute_dtype(&self) -> TensorDtype {
-        match self.precision {
-            Precision::Fp32 => TensorDtype::Float32,
-            Precision::Fp16 => TensorDtype::Float16,
-            Precision::Bf16 => TensorDtype::Bfloat16,
-            // int4 graphs keep fp16 activations on the GPU (MatMulNBits' fastest CUDA path)
-            // and fp32 on the CPU (its GroupQueryAttention kernel we test against is fp32).
-            Precision::Int4 if self.target_ep == TargetEp::Cpu => TensorDtype::Float32,
-            Precision::Int4 => TensorDtype::Float16,
-        }
-    }
-
-    /// The attention window of decoder layer `layer` in the graph (None: full attention).
-    pub fn layer_window(&self, text: &TextConfig, layer: usize) -> Option<usize> {
-        text.layer_window(layer).filter(|_| self.sliding_window)
-    }
-
-    pub fn layer_windows(&self, text: &TextConfig) -> Vec<Option<usize>> {
-        (0..text.num_hidden_layers).map(|i| self.layer_window(text, i)).collect()
-    }
-
-    /// Refuses combinations the target cannot run, with the reason; `model` names the checkpoint.
-    pub fn validate(&self, model: &str, text: &TextConfig) -> Result<()> {
-        if self.target_ep == TargetEp::Cpu && matches!(self.precision, Precision::Fp16 | Precision::Bf16) {
-            bail!(
-                "--precision {} needs --ep cuda or tensorrt: CPU graphs are fp32 (or int4 weights with fp32 activations)",
-                self.precision.as_str()
-            );
-        }
-        if self.precision == Precision::Int4 && (self.int4_block_size < 16 || !self.int4_block_size.is_power_of_two()) {
-            bail!("--int4-block-size {} must be a power of two >= 16", self.int4_block_size);
-        }
-        if self.int4_lm_head && self.precision != Precision::Int4 {
-            bail!("--int4-lm-head only applies with --precision int4");
-        }
-        if self.int4_embeddings {
-            if self.precision != Precision::Int4 {
-                bail!("--int4-embeddings only applies with --precision int4");
-            }
-            if !text.hidden_size.is_multiple_of(self.int4_block_size) {
-                bail!(
-                    "--int4-embeddings needs hidden_size ({}) to be a multiple of --int4-block-size ({})",
-                    text.hidden_size,
-                    self.int4_block_size
-                );
-            }
-            if text.tie_word_embeddings && !self.int4_lm_head {
-                bail!(
-                    "--int4-embeddings on a model with tied embeddings needs --int4-lm-head: the two share one table"
-                );
-            }
-        }
-        if !self.fused_attention && self.kv_cache_int8 {
-            bail!("--kv-cache-int8 needs fused attention (drop --no-fused-attention): the int8 cache is GroupQueryAttention's");
-        }
-        if !self.fused_attention && self.fused_qk_norm {
-            bail!(
-                "--fused-qk-norm conflicts with --no-fused-attention: the q/k norm weights are inputs of \
-                 GroupQueryAttention, which --no-fused-attention replaces"
-            );
-        }
-        if self.target_ep == TargetEp::Cpu && self.fused_qk_norm {
-            bail!("--fused-qk-norm needs --ep cuda: the CPU GroupQueryAttention kernel rejects q/k norm inputs");
-        }
-        if self.fused_qk_norm && !text.qk_norm {
-            bail!("--fused-qk-norm does not apply: this model has no q/k norm");
-        }
-        if self.context_length == 0 {
-            bail!("--context-length must be positive");
-        }
-        let rotary_dim = text.rotary_dim();
-        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
-            bail!(
-                "rotary dim {rotary_dim} (head_dim {} x partial_rotary_factor {}) must be positive and even",
-                text.head_dim,
-                text.rope.partial_rotary_factor
-            );
-        }
-        // The unfused attention rotates any even width; GroupQueryAttention's kernels need these.
-        if self.fused_attention && !text.head_dim.is_multiple_of(16) {
-            bail!("head_dim {} is not a multiple of 16, which GroupQueryAttention's rotary needs", text.head_dim);
-        }
-        if self.fused_attention && !rotary_dim.is_multiple_of(16) {
-            bail!(
-                "rotary dim {rotary_dim} (head_dim {} x partial_rotary_factor {}) must be a multiple of 16 for GroupQueryAttention",
-                text.head_dim,
-                text.rope.partial_rotary_factor
-            );
-        }
-        if !self.sliding_window && !text.has_sliding_layers() {
-            let why = match text.sliding_window {
-                None => "use_sliding_window is false".to_string(),
-                Some(w) => format!("window {w}, but every layer is full_attention"),
-            };
-            bail!("--no-sliding-window does not apply: {model} has no sliding-window layers ({why})");
-        }
-        if text.rope.rope_type != "default" && text.rope.rope_type != "linear" {
-            bail!("rope_type `{}` is not supported yet (supported: default, linear)", text.rope.rope_type);
-        }
-        Ok(())
-    }
-
-    /// The dtype of the KV cache tensors.
-    pub fn kv_dtype(&self) -> TensorDtype {
-        if self.kv_cache_int8 {
-            TensorDtype::Int8
-        } else {
-            self.compute_dtype()
-        }
-    }
-
-    pub fn kv_cache_spec(&self) -> KvCacheSpec {
-        KvCacheSpec {
-            past_key: PAST_KEY.into(),
-            past_value: PAST_VALUE.into(),
-            present_key: PRESENT_KEY.into(),
-            present_value: PRESENT_VALUE.into(),
-            dtype: self.kv_dtype(),
-            layout: "BNSH".into(),
-            // GroupQueryAttention can update one fixed buffer in place; the unfused graph's
-            // present is Concat(past, new), a cache that grows every step.
-            shared_buffer: self.fused_attention,
-        }
-    }
-}
-
 /// What every layer's attention reads, built once per graph.
 #[derive(Clone)]
 enum AttentionInputs {
-    /// GroupQueryAttention's mask lengths (it rotates q and k itself, from the cos/sin caches).
+    /// GroupQueryAttention's mask lengths and the cos/sin caches it rotates q and k from, with
+    /// the positions that index them (None: the cache slots, GroupQueryAttention's default).
     Fused {
         seqlens_k: String,
         total_seq_len: String,
+        cos_cache: String,
+        sin_cache: String,
+        position_ids: Option<String>,
     },
     Unfused(UnfusedInputs),
 }
@@ -237,14 +46,14 @@ pub struct DecoderBuilder<'a> {
     pub dtype: TensorDtype,
     progress: &'a ProgressBar,
     attention_inputs: AttentionInputs,
-    cos_cache: String,
-    sin_cache: String,
     /// The int4 embedding table's (packed, scales) initializers, for a tied int4 lm_head.
     int4_embedding: Option<(String, String)>,
 }
 
 impl<'a> DecoderBuilder<'a> {
     /// Declares the graph inputs and the values derived from them once for all layers.
+    /// `position_ids` is (batch, sequence), or (3, batch, sequence) for a config with an
+    /// `mrope_section` (Qwen3-VL's t, h, w positions).
     pub fn new(
         mut g: Graph,
         ck: &'a Checkpoint,
@@ -253,10 +62,15 @@ impl<'a> DecoderBuilder<'a> {
         progress: &'a ProgressBar,
     ) -> Result<Self> {
         let dtype = settings.compute_dtype();
-        g.input("input_ids", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("sequence_length")]);
+        let multimodal = text.rope.mrope_section.is_some();
+        let ids = g.input("input_ids", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("sequence_length")]);
         let mask =
             g.input("attention_mask", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("total_sequence_length")]);
-        g.input("position_ids", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("sequence_length")]);
+        let mut position_shape = vec![Dim::Sym("batch_size"), Dim::Sym("sequence_length")];
+        if multimodal {
+            position_shape.insert(0, Dim::Fixed(3));
+        }
+        let positions = g.input("position_ids", TensorDtype::Int64, &position_shape);
         let kv_shape_past = [
             Dim::Sym("batch_size"),
             Dim::Fixed(text.num_key_value_heads as i64),
@@ -271,61 +85,51 @@ impl<'a> DecoderBuilder<'a> {
         let shape = g.node("Shape", "mask_shape").inputs(&[&mask]).out();
         let idx1 = g.scalar_i64("const_scalar_1", 1)?;
         let total = g.node("Gather", "mask_total_length").inputs(&[&shape, &idx1]).attr("axis", 0i64).out();
-        let (cos_cache, sin_cache) = Self::rotary_caches(&mut g, text, settings, dtype)?;
+        // Rotary tables indexed by position, (context_length, rotary_dim / 2). Text models read
+        // them at `position_ids`; a multimodal decoder reads each frequency at the position of
+        // its axis (interleaved MRoPE).
+        let caches = rotary::static_caches(&mut g, text, settings.context_length, dtype)?;
+        let mrope_positions = if multimodal { Some(rotary::mrope_positions(&mut g, text)?) } else { None };
+        // Each token's rotary rows, (batch, sequence, rotary_dim / 2).
+        let token_rows = |g: &mut Graph| -> Result<(String, String)> {
+            match &mrope_positions {
+                Some(p) => rotary::mrope_token_rows(g, text, p, &caches),
+                None => Ok((
+                    g.node("Gather", "rotary_cos").inputs(&[&caches.0, &positions]).out(),
+                    g.node("Gather", "rotary_sin").inputs(&[&caches.1, &positions]).out(),
+                )),
+            }
+        };
         let attention_inputs = if settings.fused_attention {
             // GroupQueryAttention's view of the mask: per-row valid length - 1, and the total length.
             let one = g.const_i64("const_1", &[1])?;
             let axis1 = g.const_i64("const_axis_1", &[1])?;
             let sum = g.node("ReduceSum", "mask_lengths").inputs(&[&mask, &axis1]).attr("keepdims", 0i64).out();
-            let minus_one = g.node("Sub", "mask_lengths_minus_1").inputs(&[&sum, &one]).out();
-            let seqlens_k = g.node("Cast", "seqlens_k").inputs(&[&minus_one]).attr("to", 6i64).out();
+            let last_slot = g.node("Sub", "mask_lengths_minus_1").inputs(&[&sum, &one]).out();
+            let seqlens_k = g.node("Cast", "seqlens_k").inputs(&[&last_slot]).attr("to", 6i64).out();
             let total_seq_len = g.node("Cast", "total_sequence_length").inputs(&[&total]).attr("to", 6i64).out();
-            AttentionInputs::Fused { seqlens_k, total_seq_len }
+            let (cos_cache, sin_cache, position_ids) = match &mrope_positions {
+                // position_ids (input 9): ONNX Runtime honours it element-wise in decode and as an
+                // offset (its first element) in a first prefill, where positions run from there.
+                None => (caches.0.clone(), caches.1.clone(), Some(positions.clone())),
+                Some(p) => {
+                    let ids_shape = g.node("Shape", "input_ids_shape").inputs(&[&ids]).out();
+                    let step = g.node("Gather", "step_length").inputs(&[&ids_shape, &idx1]).attr("axis", 0i64).out();
+                    let (c, s) = rotary::slot_tables(&mut g, p, &caches, &last_slot, &step, &total)?;
+                    (c, s, None)
+                }
+            };
+            AttentionInputs::Fused { seqlens_k, total_seq_len, cos_cache, sin_cache, position_ids }
         } else {
-            AttentionInputs::Unfused(UnfusedInputs::new(&mut g, text, settings, &mask, &total, &cos_cache, &sin_cache)?)
+            let (token_cos, token_sin) = token_rows(&mut g)?;
+            AttentionInputs::Unfused(UnfusedInputs::new(&mut g, text, settings, &mask, &total, &token_cos, &token_sin)?)
         };
-        Ok(DecoderBuilder {
-            g,
-            ck,
-            text,
-            settings,
-            dtype,
-            progress,
-            attention_inputs,
-            cos_cache,
-            sin_cache,
-            int4_embedding: None,
-        })
+        Ok(DecoderBuilder { g, ck, text, settings, dtype, progress, attention_inputs, int4_embedding: None })
     }
 
-    /// cos/sin tables of shape (context_length, rotary_dim / 2), as transformers computes them:
-    /// inv_freq[i] = 1 / theta^(2i / rotary_dim), angle = position * inv_freq (divided by the
-    /// factor for linear scaling).
-    fn rotary_caches(
-        g: &mut Graph,
-        text: &TextConfig,
-        s: &ExportSettings,
-        dtype: TensorDtype,
-    ) -> Result<(String, String)> {
-        let rotary_dim = text.rotary_dim();
-        let half = rotary_dim / 2;
-        let scale = if text.rope.rope_type == "linear" { text.rope.factor.unwrap_or(1.0) } else { 1.0 };
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| (1.0 / text.rope.theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32).collect();
-        let mut cos = Vec::with_capacity(s.context_length * half * dtype.size_bytes());
-        let mut sin = Vec::with_capacity(cos.capacity());
-        for pos in 0..s.context_length {
-            // transformers computes the angle in fp32: (pos * inv_freq) with both as float32.
-            let p = (pos as f32) / scale as f32;
-            for &f in &inv_freq {
-                let angle = p * f;
-                push_f32(dtype, angle.cos(), &mut cos);
-                push_f32(dtype, angle.sin(), &mut sin);
-            }
-        }
-        let c = g.initializer("cos_cache", dtype, &[s.context_length, half], &cos)?;
-        let sn = g.initializer("sin_cache", dtype, &[s.context_length, half], &sin)?;
-        Ok((c, sn))
+    /// Where this graph's weights come from.
+    pub fn weights(&self) -> WeightSource<'a> {
+        WeightSource { ck: self.ck, dtype: self.dtype, settings: self.settings, progress: self.progress }
     }
 
     /// Counts checkpoint bytes consumed, for the progress bar.
@@ -335,13 +139,7 @@ impl<'a> DecoderBuilder<'a> {
 
     /// A weight stored as in the checkpoint (norms, embeddings, biases), converted to the graph dtype.
     pub fn weight(&mut self, hf_name: &str, shape: &[usize]) -> Result<String> {
-        let t = self.ck.tensor(hf_name, shape)?;
-        let dtype = self.dtype;
-        let n = t.data.len();
-        let name = self.g.initializer_with(hf_name, dtype, shape, |sink| write_converted(&t, dtype, sink))?;
-        self.ck.release(hf_name);
-        self.advance(n);
-        Ok(name)
+        self.weights().weight(&mut self.g, hf_name, shape)
     }
 
     /// y = x @ W^T (+ b): the weight is transposed at export so the graph runs a plain MatMul
@@ -363,81 +161,7 @@ impl<'a> DecoderBuilder<'a> {
         bias: bool,
     ) -> Result<String> {
         let quantize = self.settings.precision == Precision::Int4;
-        self.projection(x, node_name, hf_prefixes, in_dim, out_dims, bias, quantize)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn projection(
-        &mut self,
-        x: &str,
-        node_name: &str,
-        hf_prefixes: &[String],
-        in_dim: usize,
-        out_dims: &[usize],
-        bias: bool,
-        quantize: bool,
-    ) -> Result<String> {
-        let tensors = hf_prefixes
-            .iter()
-            .zip(out_dims)
-            .map(|(p, &out)| self.ck.tensor(&format!("{p}.weight"), &[out, in_dim]))
-            .collect::<Result<Vec<_>>>()?;
-        let read: usize = tensors.iter().map(|t| t.data.len()).sum();
-        let total_out: usize = out_dims.iter().sum();
-        let dtype = self.dtype;
-        let y = if quantize {
-            crate::quant::matmul_nbits_parts(
-                &mut self.g,
-                x,
-                &tensors,
-                node_name,
-                self.settings.int4_block_size,
-                dtype,
-                self.settings.int4_accuracy_level,
-                None,
-            )?
-        } else {
-            let w_name = format!("{node_name}.weight");
-            let w = if let [t] = tensors.as_slice() {
-                self.g
-                    .initializer_with(&w_name, dtype, &[in_dim, total_out], |sink| write_transposed(t, dtype, sink))?
-            } else {
-                self.g.initializer_with(&w_name, dtype, &[in_dim, total_out], |sink| {
-                    // Row r of the fused (in, out) matrix is row r of each part's transpose.
-                    let parts: Vec<Vec<f32>> = tensors.iter().map(to_f32_vec).collect();
-                    let mut row = Vec::with_capacity(total_out * dtype.size_bytes());
-                    for r in 0..in_dim {
-                        row.clear();
-                        for (p, &out) in parts.iter().zip(out_dims) {
-                            for o in 0..out {
-                                push_f32(dtype, p[o * in_dim + r], &mut row);
-                            }
-                        }
-                        sink.write(&row)?;
-                    }
-                    Ok(())
-                })?
-            };
-            self.g.node("MatMul", node_name).inputs(&[x, &w]).out()
-        };
-        for p in hf_prefixes {
-            self.ck.release(&format!("{p}.weight"));
-        }
-        self.advance(read);
-        if !bias {
-            return Ok(y);
-        }
-        let mut bytes = Vec::with_capacity(total_out * dtype.size_bytes());
-        for (p, &out) in hf_prefixes.iter().zip(out_dims) {
-            let b = self.ck.tensor(&format!("{p}.bias"), &[out])?;
-            self.advance(b.data.len());
-            for v in to_f32_vec(&b) {
-                push_f32(dtype, v, &mut bytes);
-            }
-        }
-        let b = self.g.initializer(&format!("{node_name}.bias"), dtype, &[total_out], &bytes)?;
-        // A separate Add keeps MatMulNBits on its fastest CUDA path (no bias input).
-        Ok(self.g.node("Add", &format!("{node_name}.bias_add")).inputs(&[&y, &b]).out())
+        self.weights().projection(&mut self.g, x, node_name, hf_prefixes, in_dim, out_dims, bias, quantize)
     }
 
     /// RMSNorm over the last axis.
@@ -567,8 +291,8 @@ impl<'a> DecoderBuilder<'a> {
     /// Self-attention of decoder layer `layer`, with the KV cache IO, then o_proj.
     pub fn attention(&mut self, layer: usize, prefix: &str, h: &str) -> Result<String> {
         let context = match self.attention_inputs.clone() {
-            AttentionInputs::Fused { seqlens_k, total_seq_len } => {
-                self.fused_attention(layer, prefix, h, &seqlens_k, &total_seq_len)?
+            AttentionInputs::Fused { seqlens_k, total_seq_len, cos_cache, sin_cache, position_ids } => {
+                self.fused_attention(layer, prefix, h, [seqlens_k, total_seq_len, cos_cache, sin_cache], position_ids)?
             }
             AttentionInputs::Unfused(inputs) => self.unfused_attention(&inputs, layer, prefix, h)?,
         };
@@ -578,14 +302,16 @@ impl<'a> DecoderBuilder<'a> {
 
     /// q/k/v projections, per-head q/k RMSNorm (as nodes, or as GroupQueryAttention inputs with
     /// `fused_qk_norm`), GroupQueryAttention with rotary inside (partial rotary through the
-    /// cache width). Returns the attention output, (B, S, heads * D).
+    /// cache width). `graph_inputs`: seqlens_k, total_sequence_length, cos_cache, sin_cache
+    /// (GroupQueryAttention inputs 5..8); `position_ids` its input 9 (None: the cache slots).
+    /// Returns the attention output, (B, S, heads * D).
     fn fused_attention(
         &mut self,
         layer: usize,
         prefix: &str,
         h: &str,
-        seqlens_k: &str,
-        total_seq_len: &str,
+        graph_inputs: [String; 4],
+        position_ids: Option<String>,
     ) -> Result<String> {
         let t = self.text;
         let separate_norms = t.qk_norm && !self.settings.fused_qk_norm;
@@ -603,20 +329,9 @@ impl<'a> DecoderBuilder<'a> {
             }
         }
         let [past_k, past_v, present_k, present_v] = self.cache_io(layer);
-        let mut inputs: Vec<String> = vec![
-            q,
-            k,
-            v,
-            past_k,
-            past_v,
-            seqlens_k.to_string(),
-            total_seq_len.to_string(),
-            self.cos_cache.clone(),
-            self.sin_cache.clone(),
-        ];
-        // position_ids (input 9): ONNX Runtime honours it element-wise in decode and as an
-        // offset (its first element) in a first prefill, where positions run from there.
-        inputs.push("position_ids".to_string());
+        let mut inputs: Vec<String> = vec![q, k, v, past_k, past_v];
+        inputs.extend(graph_inputs);
+        inputs.push(position_ids.unwrap_or_default());
         // Inputs 10..11 (attention_bias, head_sink) unused; 12..13 the int8 cache's scales.
         let kv_scales = if self.settings.kv_cache_int8 { Some(self.kv_scales(prefix)?) } else { None };
         if kv_scales.is_some() || norm_inputs.is_some() {
@@ -627,6 +342,10 @@ impl<'a> DecoderBuilder<'a> {
         if let Some((qn, kn)) = &norm_inputs {
             inputs.push(qn.clone());
             inputs.push(kn.clone());
+        }
+        // Optional inputs left out at the end are not listed.
+        while inputs.last().is_some_and(String::is_empty) {
+            inputs.pop();
         }
         let mut node = self
             .g
@@ -750,6 +469,19 @@ impl<'a> DecoderBuilder<'a> {
         final_norm: &str,
         ffn: &mut dyn FnMut(&mut Self, usize, &str) -> Result<String>,
     ) -> Result<String> {
+        self.decoder_stack_with_addends(embeddings, layer_prefix, final_norm, ffn, &mut |_, _| Ok(None))
+    }
+
+    /// [`decoder_stack`](Self::decoder_stack) where `addend(builder, layer)` may return a
+    /// tensor added to that layer's output hidden states (Qwen3-VL's deepstack features).
+    pub fn decoder_stack_with_addends(
+        &mut self,
+        embeddings: &str,
+        layer_prefix: &dyn Fn(usize) -> String,
+        final_norm: &str,
+        ffn: &mut dyn FnMut(&mut Self, usize, &str) -> Result<String>,
+        addend: &mut dyn FnMut(&mut Self, usize) -> Result<Option<String>>,
+    ) -> Result<String> {
         let hidden = self.text.hidden_size;
         let first = layer_prefix(0);
         let mut residual = embeddings.to_string();
@@ -757,8 +489,12 @@ impl<'a> DecoderBuilder<'a> {
         for layer in 0..self.text.num_hidden_layers {
             let p = layer_prefix(layer);
             let attn = self.attention(layer, &format!("{p}.self_attn"), &h)?;
-            let (h2, r2) = self.add_and_norm(&attn, &residual, &format!("{p}.post_attention_layernorm.weight"))?;
+            let (h2, mut r2) = self.add_and_norm(&attn, &residual, &format!("{p}.post_attention_layernorm.weight"))?;
             let mlp = ffn(self, layer, &h2)?;
+            // The layer's output is r2 + mlp; an addend joins it before the next norm.
+            if let Some(extra) = addend(self, layer)? {
+                r2 = self.g.node("Add", &format!("{p}.output_addend")).inputs(&[&r2, &extra]).out();
+            }
             let next_norm = if layer + 1 < self.text.num_hidden_layers {
                 format!("{}.input_layernorm.weight", layer_prefix(layer + 1))
             } else {
@@ -795,11 +531,11 @@ impl<'a> DecoderBuilder<'a> {
             }
             _ if self.settings.int4_lm_head => {
                 let source = lm_head.unwrap_or(tied_table).trim_end_matches(".weight").to_string();
-                self.projection(&h, "lm_head", &[source], hidden, &[vocab], false, true)?
+                self.weights().projection(&mut self.g, &h, "lm_head", &[source], hidden, &[vocab], false, true)?
             }
             Some(name) => {
                 let prefix = name.trim_end_matches(".weight").to_string();
-                self.projection(&h, "lm_head", &[prefix], hidden, &[vocab], false, false)?
+                self.weights().projection(&mut self.g, &h, "lm_head", &[prefix], hidden, &[vocab], false, false)?
             }
             None => {
                 let flat_shape = self.g.const_i64("lm_head_flat_shape", &[-1, hidden as i64])?;

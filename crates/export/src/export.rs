@@ -14,8 +14,10 @@ use pio_models::ModelConfig;
 
 use crate::arch;
 use crate::checkpoint::Checkpoint;
-use crate::decoder::{DecoderBuilder, ExportSettings};
+use crate::decoder::DecoderBuilder;
 use crate::onnx::graph::Graph;
+use crate::settings::ExportSettings;
+use crate::vision_export::write_vision;
 
 pub const MODEL_FILE: &str = "model.onnx";
 pub const WEIGHTS_FILE: &str = "model.onnx.data";
@@ -50,10 +52,25 @@ pub fn replace_dir(tmp: tempfile::TempDir, dest: &Path) -> Result<()> {
     std::fs::rename(&path, dest).with_context(|| format!("cannot move {} to {}", path.display(), dest.display()))
 }
 
-/// Where the chat template lives among the copied tokenizer files, if anywhere.
+/// Copies `sources` into `dir`; returns their file names.
+fn copy_files(sources: &[PathBuf], dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::with_capacity(sources.len());
+    for src in sources {
+        let file_name = src.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        std::fs::copy(src, dir.join(&file_name)).with_context(|| format!("cannot copy {}", src.display()))?;
+        names.push(file_name);
+    }
+    Ok(names)
+}
+
+/// Where the chat template lives among the copied tokenizer files, if anywhere: a processor's
+/// own template (chat_template.jinja or chat_template.json, as vision-language checkpoints ship
+/// it) before the tokenizer's.
 fn chat_template_source(dir: &Path) -> Option<String> {
-    if dir.join("chat_template.jinja").is_file() {
-        return Some("chat_template.jinja".into());
+    for file in ["chat_template.jinja", "chat_template.json"] {
+        if dir.join(file).is_file() {
+            return Some(file.into());
+        }
     }
     let cfg = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&cfg).ok()?;
@@ -108,16 +125,22 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     let model_path = tmp.path().join(MODEL_FILE);
     let metadata =
         [("pio.architecture", config.architecture.hf_name().to_string()), ("pio.source", req.source.clone())];
-    let weight_bytes = builder.g.save(&model_path, env!("CARGO_PKG_VERSION"), &metadata)?;
+    let weights = builder.weights();
+    let mut weight_bytes = builder.g.save(&model_path, env!("CARGO_PKG_VERSION"), &metadata)?;
+    let mut model_bytes = std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0);
+    let vision = if config.vision.is_some() {
+        let processor_files = copy_files(&ck.processor_files(), tmp.path())?;
+        let v = write_vision(tmp.path(), &name, &config, weights, &metadata, processor_files)?;
+        weight_bytes += v.weight_bytes;
+        model_bytes += v.model_bytes;
+        Some(v.spec)
+    } else {
+        None
+    };
     progress.finish_and_clear();
 
     // Tokenizer files travel with the graph; without them the runtime takes token ids only.
-    let mut files = Vec::new();
-    for src in ck.tokenizer_files() {
-        let file_name = src.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        std::fs::copy(&src, tmp.path().join(&file_name)).with_context(|| format!("cannot copy {}", src.display()))?;
-        files.push(file_name);
-    }
+    let files = copy_files(&ck.tokenizer_files(), tmp.path())?;
     let had_tokenizer = files.iter().any(|f| f == "tokenizer.json");
     if !had_tokenizer {
         tracing::warn!(
@@ -177,11 +200,11 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
         tokenizer: had_tokenizer
             .then(|| TokenizerSpec { files: files.clone(), chat_template_source: chat_template_source(tmp.path()) }),
         config,
+        vision,
         exported_by: format!("pio-export {}", env!("CARGO_PKG_VERSION")),
         source: req.source.clone(),
     };
     manifest.save(tmp.path())?;
-    let model_bytes = std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0);
     replace_dir(tmp, &req.out_dir)?;
     Ok(ExportSummary {
         out_dir: req.out_dir.clone(),

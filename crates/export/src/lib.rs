@@ -9,8 +9,13 @@ pub mod export;
 pub mod moe;
 pub mod onnx;
 pub mod quant;
+pub mod rotary;
+pub mod settings;
 pub mod synthetic;
 pub mod unfused_attention;
+pub mod unfused_inputs;
+pub mod vision_export;
+pub mod weights;
 
-pub use decoder::ExportSettings;
 pub use export::{export, ExportRequest, ExportSummary};
+pub use settings::ExportSettings;

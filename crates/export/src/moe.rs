@@ -23,8 +23,7 @@ use pio_models::manifest::TensorDtype;
 use pio_models::size::Precision;
 
 use crate::arch::qwen3::{attention_tensors, mlp_tensors};
-use crate::arch::TensorList;
-use crate::checkpoint::TensorRef;
+use crate::checkpoint::{TensorList, TensorRef};
 use crate::convert::{push_f32, write_transposed};
 use crate::decoder::DecoderBuilder;
 use crate::onnx::graph::{onnx_type, Attr};

@@ -28,6 +28,11 @@ pub struct ShapeOverrides {
     pub vocab_size: Option<usize>,
     pub experts: Option<usize>,
     pub moe_intermediate_size: Option<usize>,
+    /// Vision encoder (Qwen3-VL): blocks, hidden size, MLP width and heads.
+    pub vision_layers: Option<usize>,
+    pub vision_hidden_size: Option<usize>,
+    pub vision_intermediate_size: Option<usize>,
+    pub vision_heads: Option<usize>,
 }
 
 impl ShapeOverrides {
@@ -43,6 +48,10 @@ impl ShapeOverrides {
             s.vocab_size,
             s.experts,
             s.moe_intermediate_size,
+            s.vision_layers,
+            s.vision_hidden_size,
+            s.vision_intermediate_size,
+            s.vision_heads,
         ]
         .iter()
         .all(Option::is_none)
@@ -60,6 +69,10 @@ impl ShapeOverrides {
             ("v", self.vocab_size),
             ("e", self.experts),
             ("mi", self.moe_intermediate_size),
+            ("vl", self.vision_layers),
+            ("vh", self.vision_hidden_size),
+            ("vi", self.vision_intermediate_size),
+            ("va", self.vision_heads),
         ];
         parts.iter().filter_map(|(k, v)| v.map(|v| format!("{k}{v}"))).collect::<Vec<_>>().join("-")
     }
@@ -71,11 +84,6 @@ pub fn synthetic_config(preset: &Preset, o: &ShapeOverrides) -> Result<Value> {
     let mut config = preset.config_json()?;
     {
         let text = if config.get("text_config").is_some() { &mut config["text_config"] } else { &mut config };
-        let set = |text: &mut Value, key: &str, v: Option<usize>| {
-            if let Some(v) = v {
-                text[key] = json!(v);
-            }
-        };
         set(text, "num_hidden_layers", o.layers);
         set(text, "hidden_size", o.hidden_size);
         set(text, "intermediate_size", o.intermediate_size);
@@ -89,12 +97,65 @@ pub fn synthetic_config(preset: &Preset, o: &ShapeOverrides) -> Result<Value> {
         } else if text.get("num_experts").is_some() {
             set(text, "num_experts", o.experts);
         }
+        fit_mrope_section(text);
     }
     if let Some(v) = o.vocab_size {
         config["vocab_size"] = json!(v);
     }
+    if let Some(vision) = config.get_mut("vision_config") {
+        shrink_vision(vision, o);
+    }
     ModelConfig::from_value(&config).context("the shrunk synthetic config is not valid")?;
     Ok(config)
+}
+
+/// Sets `object[key]` to `v` when an override is given.
+fn set(object: &mut Value, key: &str, v: Option<usize>) {
+    if let Some(v) = v {
+        object[key] = json!(v);
+    }
+}
+
+/// Scales a multimodal rotary section (`mrope_section` in `rope_scaling` or `rope_parameters`)
+/// to a changed head_dim so it still covers head_dim / 2 frequencies: h and w keep their share,
+/// t takes the rest.
+fn fit_mrope_section(text: &mut Value) {
+    let heads = text["num_attention_heads"].as_u64().unwrap_or(1).max(1);
+    let head_dim = text["head_dim"].as_u64().unwrap_or(text["hidden_size"].as_u64().unwrap_or(0) / heads);
+    let half = head_dim / 2;
+    for key in ["rope_scaling", "rope_parameters"] {
+        let Some(section) = text.get_mut(key).and_then(|r| r.get_mut("mrope_section")) else { continue };
+        let parts: Vec<u64> =
+            section.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+        let sum: u64 = parts.iter().sum();
+        if parts.len() == 3 && sum != half && sum > 0 {
+            let (h, w) = (parts[1] * half / sum, parts[2] * half / sum);
+            *section = json!([half - h - w, h, w]);
+        }
+    }
+}
+
+/// Applies the vision overrides to a Qwen3-VL `vision_config`; its output width follows the
+/// text hidden size. With `vision_layers` the deepstack mergers, min(their number, layers) of
+/// them, move to blocks k * layers / n (k < n), spread over the shorter stack.
+fn shrink_vision(vision: &mut Value, o: &ShapeOverrides) {
+    set(vision, "depth", o.vision_layers);
+    set(vision, "hidden_size", o.vision_hidden_size);
+    set(vision, "intermediate_size", o.vision_intermediate_size);
+    set(vision, "num_heads", o.vision_heads);
+    set(vision, "out_hidden_size", o.hidden_size);
+    if let Some(layers) = o.vision_layers {
+        let count = vision["deepstack_visual_indexes"].as_array().map_or(0, Vec::len).min(layers);
+        let spread: Vec<usize> = (0..count).map(|k| k * layers / count).collect();
+        vision["deepstack_visual_indexes"] = json!(spread);
+    }
+}
+
+/// Whether a checkpoint tensor is a norm's scale (drawn around 1): `*norm*.weight`, as in
+/// `input_layernorm`, `q_norm`, the vision blocks' `norm1`/`norm2` and the mergers' `norm`.
+fn is_norm_scale(name: &str) -> bool {
+    let mut parts = name.rsplit('.');
+    parts.next() == Some("weight") && parts.next().is_some_and(|module| module.contains("norm"))
 }
 
 /// A tensor whose bytes are generated when the safetensors writer asks for them, so writing a
@@ -191,15 +252,16 @@ pub fn write_checkpoint(
     let views: Vec<(String, RandomTensor)> = tensors
         .into_iter()
         .map(|(name, shape)| {
-            let around_one = name.ends_with("norm.weight") || name.ends_with("layernorm.weight");
+            let around_one = is_norm_scale(&name);
             // Scale like a trained model's init so activations stay O(1) through the layers.
-            // Embeddings (and a tied lm_head) get std about 0.02, as transformers initializes
-            // them: with a larger table the tied lm_head scores the input token itself so high
-            // that an untrained model only repeats its last token.
-            let fan_in = *shape.last().unwrap_or(&1) as f32;
+            // Embeddings (and a tied lm_head, and the vision position table) get std about
+            // 0.02, as transformers initializes them: with a larger table the tied lm_head
+            // scores the input token itself so high that an untrained model only repeats its
+            // last token. A weight's fan-in is all but its first dimension (a Conv3d's too).
+            let fan_in = shape.iter().skip(1).product::<usize>().max(1) as f32;
             let scale = if around_one {
                 0.1
-            } else if name.contains("embed_tokens") || name.starts_with("lm_head") {
+            } else if name.contains("embed_tokens") || name.starts_with("lm_head") || name.contains("pos_embed") {
                 0.02 * 3f32.sqrt()
             } else if shape.len() == 1 {
                 0.02
@@ -214,6 +276,10 @@ pub fn write_checkpoint(
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(metadata), &weights)
         .map_err(|e| anyhow!("cannot write {}: {e}", weights.display()))?;
+    for (file, content) in preset.processor_files {
+        let p = tmp.path().join(file);
+        std::fs::write(&p, content).with_context(|| format!("cannot write {}", p.display()))?;
+    }
     if let Some(tok) = tokenizer_dir {
         let mut copied = 0;
         for f in crate::checkpoint::TOKENIZER_FILES {

@@ -263,3 +263,26 @@ fn no_fused_attention_refuses_the_switches_of_group_query_attention() {
     let options = pio_models::Manifest::load(&out).unwrap().options;
     assert!(!options.fused_attention && !options.fused_qk_norm);
 }
+
+#[test]
+fn unsupported_vision_activation_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3vl-a", tmp.path());
+    let path = ck.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["vision_config"]["hidden_act"] = serde_json::json!("relu");
+    std::fs::write(&path, v.to_string()).unwrap();
+    expect_failure(&ck, tmp.path(), &["hidden_act", "vision_config", "relu"]);
+}
+
+#[test]
+fn missing_vision_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3vl-a", tmp.path());
+    // One more vision block than the checkpoint has.
+    let path = ck.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["vision_config"]["depth"] = serde_json::json!(4);
+    std::fs::write(&path, v.to_string()).unwrap();
+    expect_failure(&ck, tmp.path(), &["model.visual.blocks.3", "missing"]);
+}

@@ -179,6 +179,32 @@ pub struct VisionConfig {
     pub num_position_embeddings: usize,
     pub deepstack_visual_indexes: Vec<usize>,
     pub hidden_act: String,
+    /// Theta of the 2D rotary over patch rows and columns (`rope_parameters.rope_theta` or
+    /// `rope_theta` in vision_config; transformers' default 10000).
+    #[serde(default = "default_vision_rope_theta")]
+    pub rope_theta: f64,
+}
+
+fn default_vision_rope_theta() -> f64 {
+    10000.0
+}
+
+impl VisionConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+    /// Values of one flattened patch row: channels x temporal patch x patch x patch.
+    pub fn patch_dim(&self) -> usize {
+        self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+    /// Width of a merged token before the merger MLP: hidden x merge^2.
+    pub fn merged_dim(&self) -> usize {
+        self.hidden_size * self.spatial_merge_size * self.spatial_merge_size
+    }
+    /// Side of the square learned position table (48 for 2304 entries).
+    pub fn position_grid_side(&self) -> usize {
+        (self.num_position_embeddings as f64).sqrt().round() as usize
+    }
 }
 
 /// Token ids of Qwen3-VL's image placeholders.
@@ -485,7 +511,12 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
         },
         hidden_act: f.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into()),
         // Glm4MoeConfig defaults partial_rotary_factor to 0.5; everything else rotates all dims.
-        rope: parse_rope(f, 10000.0, if arch == Architecture::Glm4Moe { 0.5 } else { 1.0 })?,
+        // Qwen3VLTextConfig's default theta is 500000, the others' 10000.
+        rope: parse_rope(
+            f,
+            if arch == Architecture::Qwen3Vl { 500000.0 } else { 10000.0 },
+            if arch == Architecture::Glm4Moe { 0.5 } else { 1.0 },
+        )?,
         sliding_window,
         layer_types,
         moe,
@@ -501,7 +532,11 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
 }
 
 fn parse_vision(f: &Fields) -> Result<VisionConfig> {
-    Ok(VisionConfig {
+    let rope_theta = match f.get("rope_parameters") {
+        Some(v) => Fields::new(v, "config.json vision_config.rope_parameters")?.opt_f64("rope_theta")?,
+        None => None,
+    };
+    let v = VisionConfig {
         depth: f.usize("depth")?,
         hidden_size: f.usize("hidden_size")?,
         intermediate_size: f.usize("intermediate_size")?,
@@ -514,7 +549,34 @@ fn parse_vision(f: &Fields) -> Result<VisionConfig> {
         num_position_embeddings: f.usize("num_position_embeddings")?,
         deepstack_visual_indexes: f.opt_usize_list("deepstack_visual_indexes")?.unwrap_or_default(),
         hidden_act: f.opt_str("hidden_act")?.unwrap_or_else(|| "gelu_pytorch_tanh".into()),
-    })
+        rope_theta: rope_theta.or(f.opt_f64("rope_theta")?).unwrap_or_else(default_vision_rope_theta),
+    };
+    let section = f.section;
+    if v.depth == 0 || v.hidden_size == 0 || v.num_heads == 0 || v.patch_size == 0 || v.in_channels == 0 {
+        bail!("`depth`, `hidden_size`, `num_heads`, `patch_size` and `in_channels` in {section} must be positive");
+    }
+    if v.temporal_patch_size == 0 || v.spatial_merge_size == 0 {
+        bail!("`temporal_patch_size` and `spatial_merge_size` in {section} must be positive");
+    }
+    // The 2D rotary splits head_dim / 2 frequencies between rows and columns.
+    if !v.hidden_size.is_multiple_of(v.num_heads) || !v.head_dim().is_multiple_of(4) {
+        bail!(
+            "`hidden_size` ({}) in {section} must be `num_heads` ({}) times a head size divisible by 4",
+            v.hidden_size,
+            v.num_heads
+        );
+    }
+    let side = v.position_grid_side();
+    if side * side != v.num_position_embeddings {
+        bail!(
+            "`num_position_embeddings` ({}) in {section} must be a square (the learned position grid)",
+            v.num_position_embeddings
+        );
+    }
+    if let Some(&bad) = v.deepstack_visual_indexes.iter().find(|&&i| i >= v.depth) {
+        bail!("`deepstack_visual_indexes` in {section} holds block {bad}, but `depth` is {}", v.depth);
+    }
+    Ok(v)
 }
 
 impl ModelConfig {
@@ -556,7 +618,21 @@ impl ModelConfig {
                 vision_start_token_id: f.usize("vision_start_token_id")? as u32,
                 vision_end_token_id: f.usize("vision_end_token_id")? as u32,
             };
-            (text, Some(parse_vision(&vf)?), Some(tokens), tv)
+            let vision = parse_vision(&vf)?;
+            // Qwen3VLTextRotaryEmbedding falls back to [24, 20, 20] when the section is absent.
+            let section = text.rope.mrope_section.get_or_insert_with(|| vec![24, 20, 20]);
+            if section.len() != 3 {
+                bail!("`mrope_section` in config.json text_config must hold 3 numbers (t, h, w), got {section:?}");
+            }
+            if vision.out_hidden_size != text.hidden_size {
+                bail!(
+                    "`out_hidden_size` ({}) in config.json vision_config must equal text_config `hidden_size` ({}): \
+                     image embeddings replace token embeddings",
+                    vision.out_hidden_size,
+                    text.hidden_size
+                );
+            }
+            (text, Some(vision), Some(tokens), tv)
         } else {
             (parse_text(&f, architecture)?, None, None, value)
         };

@@ -174,6 +174,47 @@ pub struct TokenizerSpec {
     pub chat_template_source: Option<String>,
 }
 
+/// The vision encoder of a vision-language export (Qwen3-VL) and what the runtime needs to drive
+/// it and the decoder's image inputs. The IO contract (README "Qwen3-VL"):
+///
+/// * the encoder runs once per image: `pixel_values` (patches, patch_dim) float32 rows in the
+///   processor's order and `image_grid_thw` (1, 3) int64 in; `image_embeds`
+///   (patches / merge^2, hidden) and `deepstack_embeds` (deepstack, patches / merge^2, hidden) out,
+///   in the decoder's dtype;
+/// * the decoder takes `position_ids` (3, batch, sequence): the t, h, w rope positions of each
+///   token; `image_embeds` (M, hidden) and `deepstack_embeds` (deepstack, M, hidden): the rows of
+///   the M image-pad tokens of this step, in order (0 rows when the step has none). Its rotary
+///   table is built once per step from the first sequence's positions, so every sequence of a
+///   batched step must have the same positions; GroupQueryAttention's KV cache IO is the text
+///   models' own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VisionSpec {
+    /// The encoder graph file, relative to the manifest.
+    pub encoder: String,
+    pub inputs: Vec<IoSpec>,
+    pub outputs: Vec<IoSpec>,
+    /// Images per encoder run (the graph's attention spans one image: the runtime loops).
+    pub images_per_run: usize,
+    pub image_token_id: u32,
+    pub video_token_id: u32,
+    pub vision_start_token_id: u32,
+    pub vision_end_token_id: u32,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    pub spatial_merge_size: usize,
+    pub in_channels: usize,
+    /// Values per `pixel_values` row: in_channels x temporal_patch_size x patch_size^2.
+    pub patch_dim: usize,
+    /// Vision blocks whose output feeds a deepstack merger, in order.
+    pub deepstack_visual_indexes: Vec<usize>,
+    /// Decoder layers after which the deepstack features are added (the first n of them).
+    pub deepstack_decoder_layers: Vec<usize>,
+    /// The text rotary's split of head_dim / 2 frequencies over (t, h, w), interleaved.
+    pub mrope_section: Vec<usize>,
+    /// Image processor files copied from the checkpoint (preprocessor_config.json, ...).
+    pub preprocessor_files: Vec<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
@@ -196,6 +237,9 @@ pub struct Manifest {
     pub tokenizer: Option<TokenizerSpec>,
     /// The config.json the graph was exported from, for the runtime and for reports.
     pub config: ModelConfig,
+    /// The vision encoder of a vision-language export; absent for text models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision: Option<VisionSpec>,
     pub exported_by: String,
     pub source: String,
 }
@@ -204,6 +248,15 @@ impl Manifest {
     /// Whether the decoder emits [`GREEDY_TOKENS_OUTPUT`].
     pub fn has_greedy_output(&self) -> bool {
         self.outputs.iter().any(|o| o.name == GREEDY_TOKENS_OUTPUT)
+    }
+
+    /// Position axes per token: 3 for a multimodal rotary (Qwen3-VL's t, h, w `position_ids`
+    /// of shape (3, batch, sequence)), else 1.
+    pub fn position_axes(&self) -> usize {
+        match self.inputs.iter().find(|i| i.name == "position_ids") {
+            Some(io) if io.shape.len() == 3 => 3,
+            _ => 1,
+        }
     }
 
     pub fn load(dir: &Path) -> Result<Self> {

@@ -19,6 +19,9 @@ pub struct Preset {
     generation_config_json: &'static str,
     /// Which tokenizer family the preset uses (for synthetic checkpoints and tests).
     pub tokenizer_family: TokenizerFamily,
+    /// Processor files of the repository (file name, content) that synthetic checkpoints carry:
+    /// a vision-language model's image-processor config and chat template.
+    pub processor_files: &'static [(&'static str, &'static str)],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +51,7 @@ pub const PRESETS: &[Preset] = &[
         hf_repo: "Qwen/Qwen3-4B-Instruct-2507",
         description: "Qwen3 4B dense, instruct (non-thinking), 256K context",
         tokenizer_family: TokenizerFamily::Qwen3,
+        processor_files: &[],
         config_json: r#"{
   "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
   "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
@@ -66,6 +70,7 @@ pub const PRESETS: &[Preset] = &[
         hf_repo: "Qwen/Qwen3-Coder-30B-A3B-Instruct",
         description: "Qwen3 MoE coder, 30.5B total / 3.3B active, 128 experts top-8",
         tokenizer_family: TokenizerFamily::Qwen3,
+        processor_files: &[],
         config_json: r#"{
   "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
   "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643, "decoder_sparse_step": 1,
@@ -86,6 +91,12 @@ pub const PRESETS: &[Preset] = &[
         hf_repo: "Qwen/Qwen3-VL-2B-Instruct",
         description: "Qwen3-VL 2B vision-language, 24-block vision encoder with DeepStack",
         tokenizer_family: TokenizerFamily::Qwen3,
+        // The Qwen3-VL instruct repositories' files (the chat template is 5,292 bytes, SHA-256
+        // 3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4).
+        processor_files: &[
+            ("preprocessor_config.json", include_str!("../assets/qwen3-vl/preprocessor_config.json")),
+            ("chat_template.json", include_str!("../assets/qwen3-vl/chat_template.json")),
+        ],
         config_json: r#"{
   "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
   "image_token_id": 151655, "video_token_id": 151656,
@@ -114,6 +125,7 @@ pub const PRESETS: &[Preset] = &[
         hf_repo: "zai-org/GLM-4.7",
         description: "GLM-4.7 MoE, about 355B total / 32B active, 160 experts top-8",
         tokenizer_family: TokenizerFamily::Glm4,
+        processor_files: &[],
         config_json: r#"{
   "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
   "attention_bias": true, "attention_dropout": 0.0, "eos_token_id": [151329, 151336, 151338],

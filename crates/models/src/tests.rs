@@ -168,3 +168,62 @@ fn bad_layer_types_are_named() {
     let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
     assert!(err.contains("`sliding_window`"), "{err}");
 }
+
+fn qwen3_vl_hub_style() -> serde_json::Value {
+    find_preset("qwen3-vl-2b").unwrap().config_json().unwrap()
+}
+
+#[test]
+fn qwen3_vl_hub_and_transformers5_configs_parse_to_the_same_config() {
+    let hub = ModelConfig::from_value(&qwen3_vl_hub_style()).unwrap();
+    assert_eq!(hub.text.rope.mrope_section.as_deref(), Some(&[24, 20, 20][..]));
+    assert_eq!(hub.text.rope.theta, 5e6);
+    assert!(hub.text.tie_word_embeddings);
+    let vision = hub.vision.as_ref().unwrap();
+    assert_eq!(
+        (vision.rope_theta, vision.head_dim(), vision.patch_dim(), vision.position_grid_side()),
+        (1e4, 64, 1536, 48)
+    );
+    // transformers 5: rope_parameters in text_config, tie_word_embeddings at the top level only,
+    // the vision rope theta in vision_config.rope_parameters.
+    let mut v5 = qwen3_vl_hub_style();
+    let text = v5["text_config"].as_object_mut().unwrap();
+    let scaling = text.remove("rope_scaling").unwrap();
+    text.remove("rope_theta");
+    text.remove("tie_word_embeddings");
+    let mut params = scaling;
+    params["rope_theta"] = json!(5000000.0);
+    text.insert("rope_parameters".into(), params);
+    v5["vision_config"]["rope_parameters"] = json!({"rope_type": "axial", "rope_theta": 10000.0});
+    assert_eq!(ModelConfig::from_value(&v5).unwrap(), hub);
+}
+
+#[test]
+fn qwen3_vl_defaults_and_bad_fields_are_named() {
+    // transformers' defaults: mrope_section [24, 20, 20], text rope theta 500000.
+    let mut v = qwen3_vl_hub_style();
+    v["text_config"].as_object_mut().unwrap().remove("rope_scaling");
+    v["text_config"].as_object_mut().unwrap().remove("rope_theta");
+    let c = ModelConfig::from_value(&v).unwrap();
+    assert_eq!(c.text.rope.mrope_section.as_deref(), Some(&[24, 20, 20][..]));
+    assert_eq!(c.text.rope.theta, 500000.0);
+    let error = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = qwen3_vl_hub_style();
+        edit(&mut v);
+        format!("{:#}", ModelConfig::from_value(&v).unwrap_err())
+    };
+    let e = error(&|v| v["text_config"]["rope_scaling"]["mrope_section"] = json!([32, 32]));
+    assert!(e.contains("mrope_section"), "{e}");
+    let e = error(&|v| v["vision_config"]["out_hidden_size"] = json!(1024));
+    assert!(e.contains("out_hidden_size") && e.contains("hidden_size"), "{e}");
+    let e = error(&|v| v["vision_config"]["num_position_embeddings"] = json!(2300));
+    assert!(e.contains("num_position_embeddings") && e.contains("square"), "{e}");
+    let e = error(&|v| v["vision_config"]["deepstack_visual_indexes"] = json!([5, 24]));
+    assert!(e.contains("deepstack_visual_indexes") && e.contains("24"), "{e}");
+    let e = error(&|v| v["vision_config"]["num_heads"] = json!(12));
+    assert!(e.contains("num_heads"), "{e}");
+    let e = error(&|v| {
+        v.as_object_mut().unwrap().remove("image_token_id");
+    });
+    assert!(e.contains("image_token_id"), "{e}");
+}

@@ -1470,6 +1470,7 @@ mod tests {
             },
             tokenizer: None,
             config,
+            vision: None,
             exported_by: "test".into(),
             source: "test".into(),
         }

@@ -713,7 +713,8 @@ impl DecoderModel {
         let input_ids = Tensor::from_array((vec![rows, s], inputs.input_ids())).map_err(ort_err)?;
         let attention_mask =
             Tensor::from_array((vec![rows, width as i64], inputs.attention_mask(width))).map_err(ort_err)?;
-        let position_ids = Tensor::from_array((vec![rows, s], inputs.position_ids())).map_err(ort_err)?;
+        let position_ids = self.position_tensor(inputs.position_ids(), rows, s)?;
+        let image_inputs = self.empty_image_inputs(None)?;
         let kv = self.manifest.kv_cache.clone();
         let vocab = self.vocab_size();
         let host = MemoryInfo::default();
@@ -724,6 +725,9 @@ impl DecoderModel {
         binding.bind_input("input_ids", &input_ids).map_err(ort_err)?;
         binding.bind_input("attention_mask", &attention_mask).map_err(ort_err)?;
         binding.bind_input("position_ids", &position_ids).map_err(ort_err)?;
+        for (name, value) in &image_inputs {
+            binding.bind_input(name, value).map_err(ort_err)?;
+        }
         // Cache views bound as inputs: they must outlive the run.
         let mut held_views = Vec::new();
         match &mut cache.store {
@@ -777,6 +781,46 @@ impl DecoderModel {
             cache.len += inputs.seq_len();
         }
         Ok(result)
+    }
+
+    /// `position_ids` of a step at `positions` ((batch, s) row-major): (batch, s), or for a
+    /// multimodal rotary (3, batch, s) with the same positions on t, h and w, as text tokens
+    /// have them (rope delta 0: this runtime runs text steps only so far).
+    fn position_tensor(&self, positions: Vec<i64>, batch: i64, s: i64) -> Result<Tensor<i64>> {
+        let axes = self.manifest.position_axes();
+        if axes == 1 {
+            return Ok(Tensor::from_array((vec![batch, s], positions))?);
+        }
+        let repeated = positions.iter().copied().cycle().take(axes * positions.len()).collect::<Vec<_>>();
+        Ok(Tensor::from_array((vec![axes as i64, batch, s], repeated))?)
+    }
+
+    /// `position_ids`' shape in a decode step of `batch` sequences: (batch, 1), or (3, batch, 1).
+    fn decode_position_shape(&self, batch: usize) -> Vec<usize> {
+        match self.manifest.position_axes() {
+            1 => vec![batch, 1],
+            axes => vec![axes, batch, 1],
+        }
+    }
+
+    /// A vision-language decoder's image inputs with no rows: a step without image tokens
+    /// (the runtime does not feed images yet). Empty for text models. On the host, or from
+    /// `device` (a captured CUDA graph takes no host inputs).
+    fn empty_image_inputs(&self, device: Option<&Allocator>) -> Result<Vec<(String, DynValue)>> {
+        let mut out = Vec::new();
+        for io in self.manifest.inputs.iter().filter(|io| io.name == "image_embeds" || io.name == "deepstack_embeds") {
+            // The symbolic dimension is the number of image rows: 0.
+            let shape: Vec<i64> = io.shape.iter().map(|d| d.as_i64().unwrap_or(0)).collect();
+            let value = match device {
+                None => empty_host_tensor(io.dtype, shape)?,
+                Some(alloc) => {
+                    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                    device_tensor(alloc, io.dtype, &shape)?.0
+                }
+            };
+            out.push((io.name.clone(), value));
+        }
+        Ok(out)
     }
 
     /// Binds rows `first..first + rows` of every layer's shared buffer as both past and present
@@ -887,7 +931,7 @@ impl DecoderModel {
                     cache: cache_key,
                     graph_id,
                     input_ids: tensor(vec![rows, 1])?,
-                    position_ids: tensor(vec![rows, 1])?,
+                    position_ids: tensor(self.decode_position_shape(rows))?,
                     attention_mask: tensor(vec![rows, capacity])?,
                     logits: Tensor::<f32>::new(alloc, [rows, 1, vocab]).map_err(ort_err)?,
                     greedy: if has_greedy { Some(tensor(vec![rows, 1])?) } else { None },
@@ -895,8 +939,12 @@ impl DecoderModel {
                 self.graph_states.len() - 1
             }
         };
+        let image_inputs = self.empty_image_inputs(Some(alloc))?;
+        let position_shape = self.decode_position_shape(rows);
         let state = &mut self.graph_states[index];
-        let (ids, positions, mask) = (inputs.input_ids(), inputs.position_ids(), inputs.attention_mask(capacity));
+        let (ids, mask) = (inputs.input_ids(), inputs.attention_mask(capacity));
+        // A multimodal rotary takes the same position on its t, h and w rows for text tokens.
+        let positions: Vec<i64> = inputs.position_ids().repeat(position_shape.len().saturating_sub(1).max(1));
         match CudaRuntime::get() {
             Some(rt) => {
                 // SAFETY: the three tensors are device allocations of exactly these sizes.
@@ -910,7 +958,8 @@ impl DecoderModel {
             None => {
                 let host = |shape: Vec<i64>, data: Vec<i64>| Tensor::from_array((shape, data)).map_err(ort_err);
                 host(vec![rows as i64, 1], ids)?.copy_into(&mut state.input_ids).map_err(ort_err)?;
-                host(vec![rows as i64, 1], positions)?.copy_into(&mut state.position_ids).map_err(ort_err)?;
+                let shape = position_shape.iter().map(|&d| d as i64).collect();
+                host(shape, positions)?.copy_into(&mut state.position_ids).map_err(ort_err)?;
                 host(vec![rows as i64, capacity as i64], mask)?
                     .copy_into(&mut state.attention_mask)
                     .map_err(ort_err)?;
@@ -922,6 +971,9 @@ impl DecoderModel {
         binding.bind_input("input_ids", &state.input_ids).map_err(ort_err)?;
         binding.bind_input("position_ids", &state.position_ids).map_err(ort_err)?;
         binding.bind_input("attention_mask", &state.attention_mask).map_err(ort_err)?;
+        for (name, value) in &image_inputs {
+            binding.bind_input(name, value).map_err(ort_err)?;
+        }
         let held_views = Self::bind_rows(&mut binding, &kv, layout, memory, 0, rows)?;
         binding.bind_output("logits", &mut state.logits).map_err(ort_err)?;
         if let Some(greedy) = state.greedy.as_mut() {

@@ -16,7 +16,7 @@ use pio_models::config::TextConfig;
 use pio_models::manifest::TensorDtype;
 
 use super::qwen3::mlp_tensors;
-use super::TensorList;
+use crate::checkpoint::TensorList;
 use crate::decoder::DecoderBuilder;
 use crate::moe::{self, Routing};
 

@@ -5,21 +5,34 @@
 use anyhow::Result;
 use pio_models::config::TextConfig;
 
-use super::TensorList;
+use crate::checkpoint::TensorList;
 use crate::decoder::DecoderBuilder;
-
-fn layer_prefix(i: usize) -> String {
-    format!("model.layers.{i}")
-}
 
 pub fn build_decoder(b: &mut DecoderBuilder) -> Result<()> {
     let (x, table) = b.embed("model.embed_tokens.weight")?;
-    let intermediate = b.text.intermediate_size;
-    let h = b.decoder_stack(&x, &layer_prefix, "model.norm.weight", &mut |b, i, h| {
-        b.swiglu_mlp(&format!("{}.mlp", layer_prefix(i)), h, intermediate)
-    })?;
+    let h = dense_stack(b, "model", &x, &mut |_, _| Ok(None))?;
     let lm_head = if b.text.tie_word_embeddings { None } else { Some("lm_head.weight") };
     b.logits(&h, lm_head, &table)
+}
+
+/// The dense layers under `root` (`{root}.layers.N`, SwiGLU MLPs) and the final norm
+/// `{root}.norm`, from the embeddings `x`; `addend` as in
+/// [`DecoderBuilder::decoder_stack_with_addends`]. Returns the normed hidden states.
+pub fn dense_stack(
+    b: &mut DecoderBuilder,
+    root: &str,
+    x: &str,
+    addend: &mut dyn FnMut(&mut DecoderBuilder, usize) -> Result<Option<String>>,
+) -> Result<String> {
+    let intermediate = b.text.intermediate_size;
+    let layer_prefix = |i: usize| format!("{root}.layers.{i}");
+    b.decoder_stack_with_addends(
+        x,
+        &layer_prefix,
+        &format!("{root}.norm.weight"),
+        &mut |b, i, h| b.swiglu_mlp(&format!("{}.mlp", layer_prefix(i)), h, intermediate),
+        addend,
+    )
 }
 
 /// Attention tensors of one layer (shared with the other Qwen3-family and GLM files).
@@ -47,16 +60,28 @@ pub fn mlp_tensors(hidden: usize, intermediate: usize, prefix: &str, out: &mut T
     out.push((format!("{prefix}.down_proj.weight"), vec![hidden, intermediate]));
 }
 
-pub fn checkpoint_tensors(t: &TextConfig) -> TensorList {
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![t.vocab_size, t.hidden_size])];
+/// The dense Qwen3 decoder's tensors under `root` (`model`; Qwen3-VL's `model.language_model`):
+/// embeddings, layers, final norm. The lm_head is the caller's.
+pub fn decoder_tensors(t: &TextConfig, root: &str, out: &mut TensorList) {
+    out.push((format!("{root}.embed_tokens.weight"), vec![t.vocab_size, t.hidden_size]));
     for i in 0..t.num_hidden_layers {
-        let p = layer_prefix(i);
-        attention_tensors(t, &p, &mut out);
-        mlp_tensors(t.hidden_size, t.intermediate_size, &format!("{p}.mlp"), &mut out);
+        let p = format!("{root}.layers.{i}");
+        attention_tensors(t, &p, out);
+        mlp_tensors(t.hidden_size, t.intermediate_size, &format!("{p}.mlp"), out);
     }
-    out.push(("model.norm.weight".to_string(), vec![t.hidden_size]));
+    out.push((format!("{root}.norm.weight"), vec![t.hidden_size]));
+}
+
+/// `lm_head.weight`, unless the embeddings are tied.
+pub fn lm_head_tensors(t: &TextConfig, out: &mut TensorList) {
     if !t.tie_word_embeddings {
         out.push(("lm_head.weight".to_string(), vec![t.vocab_size, t.hidden_size]));
     }
+}
+
+pub fn checkpoint_tensors(t: &TextConfig) -> TensorList {
+    let mut out = TensorList::new();
+    decoder_tensors(t, "model", &mut out);
+    lm_head_tensors(t, &mut out);
     out
 }

@@ -7,7 +7,7 @@
 use anyhow::Result;
 use pio_models::config::TextConfig;
 
-use super::TensorList;
+use crate::checkpoint::TensorList;
 use crate::decoder::DecoderBuilder;
 use crate::moe::{self, Routing};
 

@@ -56,6 +56,16 @@ struct Args {
     experts: Option<usize>,
     #[arg(long)]
     moe_intermediate_size: Option<usize>,
+    /// Shrink a synthetic vision-language checkpoint's vision encoder: number of blocks (the
+    /// deepstack mergers spread over them).
+    #[arg(long)]
+    vision_layers: Option<usize>,
+    #[arg(long)]
+    vision_hidden_size: Option<usize>,
+    #[arg(long)]
+    vision_intermediate_size: Option<usize>,
+    #[arg(long)]
+    vision_heads: Option<usize>,
 
     /// Output folder (default: graphs/<name>-<precision>).
     #[arg(long)]
@@ -128,6 +138,10 @@ impl Args {
             vocab_size: self.vocab_size,
             experts: self.experts,
             moe_intermediate_size: self.moe_intermediate_size,
+            vision_layers: self.vision_layers,
+            vision_hidden_size: self.vision_hidden_size,
+            vision_intermediate_size: self.vision_intermediate_size,
+            vision_heads: self.vision_heads,
         }
     }
 }

@@ -219,6 +219,8 @@ pub struct Graph {
     io_inputs: Vec<IoSpec>,
     io_outputs: Vec<IoSpec>,
     node_names: HashSet<String>,
+    /// Initializer names: a second one of the same name would shadow the first.
+    initializer_names: HashSet<String>,
     weights: WeightSink,
     weight_path: PathBuf,
     uses_ms_domain: bool,
@@ -236,6 +238,7 @@ impl Graph {
             io_inputs: vec![],
             io_outputs: vec![],
             node_names: HashSet::new(),
+            initializer_names: HashSet::new(),
             weights: WeightSink::create(weight_path)?,
             weight_path: weight_path.to_path_buf(),
             uses_ms_domain: false,
@@ -284,6 +287,14 @@ impl Graph {
         }
     }
 
+    /// Claims an initializer name; a builder that asks for one twice has a bug.
+    fn claim_initializer(&mut self, name: &str) -> Result<()> {
+        if !self.initializer_names.insert(name.to_string()) {
+            bail!("graph {}: initializer {name} is written twice", self.name);
+        }
+        Ok(())
+    }
+
     fn tensor_proto(name: &str, dtype: TensorDtype, dims: &[usize]) -> TensorProto {
         TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
@@ -302,6 +313,7 @@ impl Graph {
         dims: &[usize],
         fill: impl FnOnce(&mut WeightSink) -> Result<()>,
     ) -> Result<String> {
+        self.claim_initializer(name)?;
         let expected = dims.iter().product::<usize>() as u64 * dtype.size_bytes() as u64;
         let offset = self.weights.begin()?;
         fill(&mut self.weights)?;
@@ -324,6 +336,7 @@ impl Graph {
     /// Adds an initializer from bytes already in memory (small ones inline, others external).
     pub fn initializer(&mut self, name: &str, dtype: TensorDtype, dims: &[usize], bytes: &[u8]) -> Result<String> {
         if bytes.len() <= INLINE_LIMIT {
+            self.claim_initializer(name)?;
             let expected = dims.iter().product::<usize>() * dtype.size_bytes();
             if bytes.len() != expected {
                 bail!("initializer {name}: {} bytes, expected {expected} for shape {dims:?}", bytes.len());

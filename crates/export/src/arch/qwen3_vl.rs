@@ -1,0 +1,120 @@
+//! Qwen3-VL (`Qwen3VLForConditionalGeneration`), the text decoder: the Qwen3 decoder (per-head
+//! q/k RMSNorm, half-split rotary, SwiGLU) under `model.language_model`, with
+//! * token embeddings gathered in the graph, the rows of image-pad tokens replaced, in order, by
+//!   the `image_embeds` input (transformers' `masked_scatter`);
+//! * interleaved MRoPE from `position_ids` (3, batch, sequence) ([`crate::rotary`]);
+//! * the deepstack features (`deepstack_embeds`) added at the image positions to the outputs of
+//!   the first decoder layers (transformers' `_deepstack_process`).
+//!
+//! The vision encoder is a graph of its own ([`super::qwen3_vl_vision`]). A step's image inputs
+//! hold the rows of the image-pad tokens of that step only, so a prompt can be prefilled in
+//! chunks; steps without image tokens pass 0 rows.
+
+use anyhow::{Context, Result};
+use pio_models::config::{ModelConfig, VisionConfig};
+use pio_models::manifest::TensorDtype;
+
+use super::qwen3::{dense_stack, lm_head_tensors};
+use super::qwen3_vl_vision;
+use crate::checkpoint::TensorList;
+use crate::decoder::DecoderBuilder;
+use crate::onnx::graph::{onnx_type, Dim};
+
+/// Where the checkpoint keeps the text decoder.
+pub const TEXT_ROOT: &str = "model.language_model";
+pub const IMAGE_EMBEDS: &str = "image_embeds";
+pub const DEEPSTACK_EMBEDS: &str = "deepstack_embeds";
+
+/// The decoder layers that receive deepstack features: the first n, n being the number of
+/// deepstack mergers (features beyond the decoder's depth are never added, as in transformers).
+pub fn deepstack_decoder_layers(config: &ModelConfig) -> Vec<usize> {
+    let n = config.vision.as_ref().map_or(0, |v| v.deepstack_visual_indexes.len());
+    (0..n.min(config.text.num_hidden_layers)).collect()
+}
+
+pub fn build_decoder(b: &mut DecoderBuilder, config: &ModelConfig) -> Result<()> {
+    let vision = config.vision.as_ref().context("config.json has no vision_config")?;
+    let tokens = config.vision_tokens.as_ref().context("config.json has no image_token_id")?;
+    let (token_embeds, table) = b.embed(&format!("{TEXT_ROOT}.embed_tokens.weight"))?;
+    let images = ImageRows::new(b, tokens.image_token_id, vision.deepstack_visual_indexes.len(), &token_embeds)?;
+    let layers = deepstack_decoder_layers(config);
+    let h = dense_stack(b, TEXT_ROOT, &images.embeddings, &mut |_, layer| {
+        Ok(layers.contains(&layer).then(|| images.deepstack[layer].clone()))
+    })?;
+    let lm_head = if b.text.tie_word_embeddings { None } else { Some("lm_head.weight") };
+    b.logits(&h, lm_head, &table)
+}
+
+/// The image inputs spread over the step's token positions.
+struct ImageRows {
+    /// Token embeddings with the image-pad rows replaced by the image embeddings, (B, S, hidden).
+    embeddings: String,
+    /// Deepstack feature k at the image positions and zeros elsewhere, (B, S, hidden).
+    deepstack: Vec<String>,
+}
+
+impl ImageRows {
+    /// Declares `image_embeds` (M, hidden) and `deepstack_embeds` (n, M, hidden) and gathers
+    /// their rows at the image-pad tokens of `input_ids`: the k-th pad token (row-major over
+    /// batch and sequence) takes row k, every other token a zero row.
+    fn new(b: &mut DecoderBuilder, image_token_id: u32, deepstack: usize, token_embeds: &str) -> Result<Self> {
+        let (dtype, hidden) = (b.dtype, b.text.hidden_size);
+        let rows = Dim::Sym("num_image_tokens");
+        let image = b.g.input(IMAGE_EMBEDS, dtype, &[rows.clone(), Dim::Fixed(hidden as i64)]);
+        let g = &mut b.g;
+        let pad_id = g.scalar_i64("image.token_id", image_token_id as i64)?;
+        let is_image = g.node("Equal", "image.is_pad").inputs(&["input_ids", &pad_id]).out();
+        // 1-based rank of each pad token among the step's pad tokens, 0 for other tokens: row 0
+        // of the padded inputs below is the zero row.
+        let flat_shape = g.const_i64("image.flat_shape", &[-1])?;
+        let flat = g.node("Reshape", "image.is_pad_flat").inputs(&[&is_image, &flat_shape]).out();
+        let flat =
+            g.node("Cast", "image.is_pad_i64").inputs(&[&flat]).attr("to", onnx_type(TensorDtype::Int64) as i64).out();
+        let axis0 = g.scalar_i64("image.axis_0", 0)?;
+        let rank = g.node("CumSum", "image.pad_rank").inputs(&[&flat, &axis0]).out();
+        let row = g.node("Mul", "image.row_of_token").inputs(&[&rank, &flat]).out();
+
+        let axes0 = g.const_i64("image.axes_0", &[0])?;
+        let mut stacked = g.node("Unsqueeze", "image.embeds_stacked").inputs(&[&image, &axes0]).out();
+        if deepstack > 0 {
+            let features =
+                g.input(DEEPSTACK_EMBEDS, dtype, &[Dim::Fixed(deepstack as i64), rows, Dim::Fixed(hidden as i64)]);
+            stacked = g.node("Concat", "image.all_features").inputs(&[&stacked, &features]).attr("axis", 0i64).out();
+        }
+        let zeros = vec![0u8; (deepstack + 1) * hidden * dtype.size_bytes()];
+        let zero_rows = g.initializer("image.zero_rows", dtype, &[deepstack + 1, 1, hidden], &zeros)?;
+        let padded = g.node("Concat", "image.padded").inputs(&[&zero_rows, &stacked]).attr("axis", 1i64).out();
+        let spread = g.node("Gather", "image.spread").inputs(&[&padded, &row]).attr("axis", 1i64).out();
+        let parts = if deepstack > 0 {
+            g.node("Split", "image.split_features")
+                .inputs(&[&spread])
+                .attr("axis", 0i64)
+                .attr("num_outputs", deepstack as i64 + 1)
+                .outs(deepstack + 1)
+        } else {
+            vec![spread]
+        };
+        let token_shape = g.node("Shape", "image.token_shape").inputs(&[token_embeds]).out();
+        let parts: Vec<String> = parts
+            .iter()
+            .enumerate()
+            .map(|(k, p)| g.node("Reshape", &format!("image.feature_{k}")).inputs(&[p, &token_shape]).out())
+            .collect();
+        // Pad rows take the image's rows; text rows keep their token embeddings.
+        let axes_last = g.const_i64("image.axes_last", &[-1])?;
+        let pad_rows = g.node("Unsqueeze", "image.is_pad_row").inputs(&[&is_image, &axes_last]).out();
+        let embeddings = g.node("Where", "image.merged_embeddings").inputs(&[&pad_rows, &parts[0], token_embeds]).out();
+        Ok(ImageRows { embeddings, deepstack: parts[1..].to_vec() })
+    }
+}
+
+/// The tensors of a Qwen3-VL checkpoint: the text decoder, the lm_head unless tied, the vision
+/// encoder.
+pub fn checkpoint_tensors(config: &ModelConfig) -> Result<TensorList> {
+    let vision: &VisionConfig = config.vision.as_ref().context("config.json has no vision_config")?;
+    let mut out = TensorList::new();
+    super::qwen3::decoder_tensors(&config.text, TEXT_ROOT, &mut out);
+    lm_head_tensors(&config.text, &mut out);
+    qwen3_vl_vision::checkpoint_tensors(vision, &mut out);
+    Ok(out)
+}

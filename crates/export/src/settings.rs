@@ -1,0 +1,205 @@
+//! The export settings: the graph switches chosen at export, their defaults per target, the
+//! combinations a target cannot run, and the KV-cache names and dtype they imply.
+
+use anyhow::{bail, Result};
+use pio_models::config::TextConfig;
+use pio_models::manifest::{KvCacheSpec, TargetEp, TensorDtype};
+use pio_models::size::Precision;
+
+/// The graph switches chosen at export (recorded in the manifest).
+#[derive(Clone, Debug)]
+pub struct ExportSettings {
+    pub precision: Precision,
+    pub target_ep: TargetEp,
+    /// Rotary cache length: the longest prompt + generation the graph can serve.
+    pub context_length: usize,
+    pub last_token_logits: bool,
+    pub fused_norms: bool,
+    pub fused_qk_norm: bool,
+    pub fused_gate_up: bool,
+    /// q, k and v projections as one MatMul (fed packed to GroupQueryAttention when no
+    /// separate q/k norm sits between them).
+    pub fused_qkv: bool,
+    pub int4_block_size: usize,
+    /// With int4: quantize the lm_head too (embeddings stay 16-bit for Gather).
+    pub int4_lm_head: bool,
+    /// MatMulNBits accuracy_level (0: default; 4: int8 activations on the CPU).
+    pub int4_accuracy_level: i64,
+    /// With int4: the embedding table in int4 too, read by GatherBlockQuantized (and shared
+    /// with a tied, int4 lm_head).
+    pub int4_embeddings: bool,
+    /// KV cache stored as int8 with per-channel scales (GroupQueryAttention's quantized cache).
+    pub kv_cache_int8: bool,
+    /// Sliding-window layers attend within their window; false (`--no-sliding-window`) gives
+    /// every layer full attention, which differs from the model once a sequence outgrows the window.
+    pub sliding_window: bool,
+    /// Attention as com.microsoft GroupQueryAttention; false (`--no-fused-attention`) builds it
+    /// from standard ONNX ops instead, to measure what the fused kernel buys.
+    pub fused_attention: bool,
+}
+
+pub const PAST_KEY: &str = "past_key_values.{layer}.key";
+pub const PAST_VALUE: &str = "past_key_values.{layer}.value";
+pub const PRESENT_KEY: &str = "present.{layer}.key";
+pub const PRESENT_VALUE: &str = "present.{layer}.value";
+/// Output holding each position's argmax token id (int64, batch x positions).
+pub const GREEDY_TOKENS: &str = pio_models::manifest::GREEDY_TOKENS_OUTPUT;
+
+impl ExportSettings {
+    /// The defaults for a target, `pio-export`'s without flags: last-token logits, fused
+    /// norms, the model's sliding windows and GroupQueryAttention everywhere; for the GPU also
+    /// fused q/k/v and gate/up projections, and the q/k norm inside GroupQueryAttention when the
+    /// model has one (`model_has_qk_norm`); int4 in blocks of 32 with the lm_head and embeddings
+    /// kept 16-bit.
+    pub fn for_target(
+        precision: Precision,
+        target_ep: TargetEp,
+        context_length: usize,
+        model_has_qk_norm: bool,
+    ) -> Self {
+        let gpu = target_ep != TargetEp::Cpu;
+        ExportSettings {
+            precision,
+            target_ep,
+            context_length,
+            last_token_logits: true,
+            fused_norms: true,
+            fused_qk_norm: gpu && model_has_qk_norm,
+            fused_gate_up: gpu,
+            fused_qkv: gpu,
+            int4_block_size: 32,
+            int4_lm_head: false,
+            int4_accuracy_level: 0,
+            int4_embeddings: false,
+            kv_cache_int8: false,
+            sliding_window: true,
+            fused_attention: true,
+        }
+    }
+
+    /// The dtype of activations, weights and the KV cache.
+    pub fn compute_dtype(&self) -> TensorDtype {
+        match self.precision {
+            Precision::Fp32 => TensorDtype::Float32,
+            Precision::Fp16 => TensorDtype::Float16,
+            Precision::Bf16 => TensorDtype::Bfloat16,
+            // int4 graphs keep fp16 activations on the GPU (MatMulNBits' fastest CUDA path)
+            // and fp32 on the CPU (its GroupQueryAttention kernel we test against is fp32).
+            Precision::Int4 if self.target_ep == TargetEp::Cpu => TensorDtype::Float32,
+            Precision::Int4 => TensorDtype::Float16,
+        }
+    }
+
+    /// The attention window of decoder layer `layer` in the graph (None: full attention).
+    pub fn layer_window(&self, text: &TextConfig, layer: usize) -> Option<usize> {
+        text.layer_window(layer).filter(|_| self.sliding_window)
+    }
+
+    pub fn layer_windows(&self, text: &TextConfig) -> Vec<Option<usize>> {
+        (0..text.num_hidden_layers).map(|i| self.layer_window(text, i)).collect()
+    }
+
+    /// Refuses combinations the target cannot run, with the reason; `model` names the checkpoint.
+    pub fn validate(&self, model: &str, text: &TextConfig) -> Result<()> {
+        if self.target_ep == TargetEp::Cpu && matches!(self.precision, Precision::Fp16 | Precision::Bf16) {
+            bail!(
+                "--precision {} needs --ep cuda or tensorrt: CPU graphs are fp32 (or int4 weights with fp32 activations)",
+                self.precision.as_str()
+            );
+        }
+        if self.precision == Precision::Int4 && (self.int4_block_size < 16 || !self.int4_block_size.is_power_of_two()) {
+            bail!("--int4-block-size {} must be a power of two >= 16", self.int4_block_size);
+        }
+        if self.int4_lm_head && self.precision != Precision::Int4 {
+            bail!("--int4-lm-head only applies with --precision int4");
+        }
+        if self.int4_embeddings {
+            if self.precision != Precision::Int4 {
+                bail!("--int4-embeddings only applies with --precision int4");
+            }
+            if !text.hidden_size.is_multiple_of(self.int4_block_size) {
+                bail!(
+                    "--int4-embeddings needs hidden_size ({}) to be a multiple of --int4-block-size ({})",
+                    text.hidden_size,
+                    self.int4_block_size
+                );
+            }
+            if text.tie_word_embeddings && !self.int4_lm_head {
+                bail!(
+                    "--int4-embeddings on a model with tied embeddings needs --int4-lm-head: the two share one table"
+                );
+            }
+        }
+        if !self.fused_attention && self.kv_cache_int8 {
+            bail!("--kv-cache-int8 needs fused attention (drop --no-fused-attention): the int8 cache is GroupQueryAttention's");
+        }
+        if !self.fused_attention && self.fused_qk_norm {
+            bail!(
+                "--fused-qk-norm conflicts with --no-fused-attention: the q/k norm weights are inputs of \
+                 GroupQueryAttention, which --no-fused-attention replaces"
+            );
+        }
+        if self.target_ep == TargetEp::Cpu && self.fused_qk_norm {
+            bail!("--fused-qk-norm needs --ep cuda: the CPU GroupQueryAttention kernel rejects q/k norm inputs");
+        }
+        if self.fused_qk_norm && !text.qk_norm {
+            bail!("--fused-qk-norm does not apply: this model has no q/k norm");
+        }
+        if self.context_length == 0 {
+            bail!("--context-length must be positive");
+        }
+        let rotary_dim = text.rotary_dim();
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            bail!(
+                "rotary dim {rotary_dim} (head_dim {} x partial_rotary_factor {}) must be positive and even",
+                text.head_dim,
+                text.rope.partial_rotary_factor
+            );
+        }
+        // The unfused attention rotates any even width; GroupQueryAttention's kernels need these.
+        if self.fused_attention && !text.head_dim.is_multiple_of(16) {
+            bail!("head_dim {} is not a multiple of 16, which GroupQueryAttention's rotary needs", text.head_dim);
+        }
+        if self.fused_attention && !rotary_dim.is_multiple_of(16) {
+            bail!(
+                "rotary dim {rotary_dim} (head_dim {} x partial_rotary_factor {}) must be a multiple of 16 for GroupQueryAttention",
+                text.head_dim,
+                text.rope.partial_rotary_factor
+            );
+        }
+        if !self.sliding_window && !text.has_sliding_layers() {
+            let why = match text.sliding_window {
+                None => "use_sliding_window is false".to_string(),
+                Some(w) => format!("window {w}, but every layer is full_attention"),
+            };
+            bail!("--no-sliding-window does not apply: {model} has no sliding-window layers ({why})");
+        }
+        if text.rope.rope_type != "default" && text.rope.rope_type != "linear" {
+            bail!("rope_type `{}` is not supported yet (supported: default, linear)", text.rope.rope_type);
+        }
+        Ok(())
+    }
+
+    /// The dtype of the KV cache tensors.
+    pub fn kv_dtype(&self) -> TensorDtype {
+        if self.kv_cache_int8 {
+            TensorDtype::Int8
+        } else {
+            self.compute_dtype()
+        }
+    }
+
+    pub fn kv_cache_spec(&self) -> KvCacheSpec {
+        KvCacheSpec {
+            past_key: PAST_KEY.into(),
+            past_value: PAST_VALUE.into(),
+            present_key: PRESENT_KEY.into(),
+            present_value: PRESENT_VALUE.into(),
+            dtype: self.kv_dtype(),
+            layout: "BNSH".into(),
+            // GroupQueryAttention can update one fixed buffer in place; the unfused graph's
+            // present is Concat(past, new), a cache that grows every step.
+            shared_buffer: self.fused_attention,
+        }
+    }
+}
