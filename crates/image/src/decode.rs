@@ -1,0 +1,118 @@
+//! Encoded bytes to RGB pixels: format sniffing, the pixel budget, the per-format decoders, Pillow's RGB
+//! conversion and the EXIF orientation.
+
+use std::io::Cursor;
+
+use image::codecs::{bmp::BmpDecoder, png::PngDecoder, webp::WebPDecoder};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, RgbImage};
+
+use crate::error::ImageError;
+use crate::format::{sniff, ImageFormat, Sniffed};
+use crate::input::ImageInput;
+use crate::limits::{check_dimensions, DecodeLimits};
+use crate::to_rgb::to_rgb_like_pillow;
+
+/// Decodes an image to 8-bit RGB, upright, as transformers' `load_image` sees it: Pillow's
+/// `ImageOps.exif_transpose` then `convert("RGB")` (see [`crate::to_rgb`] for the conversions).
+///
+/// JPEG, PNG, WebP, GIF (first frame) and BMP; the format is sniffed from the bytes. Before any pixel is decoded,
+/// the header's width x height is checked against `limits` (decompression bombs) and zero sizes are refused.
+/// Never panics on any input.
+pub fn decode(input: &ImageInput, limits: &DecodeLimits) -> Result<RgbImage, ImageError> {
+    input.read(limits)?.decode(limits)
+}
+
+pub(crate) fn decode_bytes(bytes: &[u8], input: &str, limits: &DecodeLimits) -> Result<RgbImage, ImageError> {
+    let format = match sniff(bytes) {
+        Sniffed::Supported(format) => format,
+        Sniffed::Unsupported(detected) => {
+            return Err(ImageError::UnsupportedFormat { input: input.to_string(), detected })
+        }
+    };
+    let image_error = |source: image::ImageError| {
+        if is_unexpected_eof(&source) {
+            ImageError::Truncated { input: input.to_string(), format }
+        } else {
+            ImageError::Decode { input: input.to_string(), format, source }
+        }
+    };
+    let mut codec_limits = image::Limits::default();
+    codec_limits.max_alloc = Some(limits.decoder_alloc_bytes());
+    let reader = Cursor::new(bytes);
+    let (rgb, orientation) = match format {
+        ImageFormat::Jpeg => crate::jpeg::decode(bytes, input, limits)?,
+        ImageFormat::Gif => (crate::gif::decode(bytes, input, limits)?, None),
+        ImageFormat::Png => {
+            let decoder = PngDecoder::with_limits(reader, codec_limits).map_err(image_error)?;
+            decode_with(decoder, format, input, limits).map_err(|e| e.into_image_error(image_error))?
+        }
+        ImageFormat::WebP => {
+            let mut decoder = WebPDecoder::new(reader).map_err(image_error)?;
+            decoder.set_limits(codec_limits).map_err(image_error)?;
+            decode_with(decoder, format, input, limits).map_err(|e| e.into_image_error(image_error))?
+        }
+        ImageFormat::Bmp => {
+            let mut decoder = BmpDecoder::new(reader).map_err(image_error)?;
+            decoder.set_limits(codec_limits).map_err(image_error)?;
+            decode_with(decoder, format, input, limits).map_err(|e| e.into_image_error(image_error))?
+        }
+    };
+    Ok(match orientation {
+        None | Some(Orientation::NoTransforms) => rgb,
+        Some(orientation) => {
+            let mut image = DynamicImage::ImageRgb8(rgb);
+            image.apply_orientation(orientation);
+            image.into_rgb8()
+        }
+    })
+}
+
+/// A failure inside [`decode_with`]: ours (already an [`ImageError`]) or the codec's.
+enum DecodeWithError {
+    Ours(ImageError),
+    Codec(image::ImageError),
+}
+
+impl DecodeWithError {
+    fn into_image_error(self, codec: impl FnOnce(image::ImageError) -> ImageError) -> ImageError {
+        match self {
+            DecodeWithError::Ours(error) => error,
+            DecodeWithError::Codec(error) => codec(error),
+        }
+    }
+}
+
+fn decode_with<D: ImageDecoder>(
+    mut decoder: D,
+    format: ImageFormat,
+    input: &str,
+    limits: &DecodeLimits,
+) -> Result<(RgbImage, Option<Orientation>), DecodeWithError> {
+    let (width, height) = decoder.dimensions();
+    check_dimensions(width.into(), height.into(), format, input, limits).map_err(DecodeWithError::Ours)?;
+    // An unreadable EXIF block means no orientation, as in Pillow.
+    let orientation = decoder.orientation().ok();
+    let original = decoder.original_color_type();
+    let image = DynamicImage::from_decoder(decoder).map_err(DecodeWithError::Codec)?;
+    let rgb = to_rgb_like_pillow(image, original).ok_or_else(|| {
+        DecodeWithError::Ours(ImageError::UnsupportedVariant {
+            input: input.to_string(),
+            format,
+            what: format!("pixel type {original:?}"),
+        })
+    })?;
+    Ok((rgb, orientation))
+}
+
+/// Whether an error, or one of its sources, is an I/O end-of-file: the codecs' way of saying "truncated".
+pub(crate) fn is_unexpected_eof(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof) {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
