@@ -44,10 +44,21 @@ pub(crate) fn decode_bytes(bytes: &[u8], input: &str, limits: &DecodeLimits) -> 
         ImageFormat::Jpeg => crate::jpeg::decode(bytes, input, limits)?,
         ImageFormat::Gif => (crate::gif::decode(bytes, input, limits)?, None),
         ImageFormat::Png => {
+            // The png crate compares the picture's size with its allocation limit before anything else and
+            // would report a bomb as a limit error; IHDR (always the first chunk) is checked here first.
+            if let Some((width, height)) = png_header_size(bytes) {
+                check_dimensions(width.into(), height.into(), format, input, limits)?;
+            }
             let decoder = PngDecoder::with_limits(reader, codec_limits).map_err(image_error)?;
             decode_with(decoder, format, input, limits).map_err(|e| e.into_image_error(image_error))?
         }
         ImageFormat::WebP => {
+            // The RIFF header gives the file's length: a shorter file is truncated (image-webp would report
+            // a corrupt bitstream).
+            let declared = bytes.get(4..8).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])) + 8);
+            if declared.is_some_and(|declared| (bytes.len() as u64) < declared) {
+                return Err(ImageError::Truncated { input: input.to_string(), format });
+            }
             let mut decoder = WebPDecoder::new(reader).map_err(image_error)?;
             decoder.set_limits(codec_limits).map_err(image_error)?;
             decode_with(decoder, format, input, limits).map_err(|e| e.into_image_error(image_error))?
@@ -66,6 +77,15 @@ pub(crate) fn decode_bytes(bytes: &[u8], input: &str, limits: &DecodeLimits) -> 
             image.into_rgb8()
         }
     })
+}
+
+/// Width and height from a PNG's IHDR chunk (signature, length, "IHDR", width, height: all big-endian).
+fn png_header_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    if bytes.get(12..16)? != b"IHDR" {
+        return None;
+    }
+    let be = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    Some((be(16)?, be(20)?))
 }
 
 /// A failure inside [`decode_with`]: ours (already an [`ImageError`]) or the codec's.
@@ -105,11 +125,16 @@ fn decode_with<D: ImageDecoder>(
     Ok((rgb, orientation))
 }
 
-/// Whether an error, or one of its sources, is an I/O end-of-file: the codecs' way of saying "truncated".
+/// Whether an error, or one of its sources, says the data ended early: the codecs' way of saying "truncated".
+/// (`image::ImageError::IoError` and gif's `UnexpectedEof` do not expose it through `source()`.)
 pub(crate) fn is_unexpected_eof(error: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::UnexpectedEof;
     let mut current = Some(error);
     while let Some(error) = current {
-        if error.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof) {
+        let eof = error.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == UnexpectedEof)
+            || matches!(error.downcast_ref::<image::ImageError>(), Some(image::ImageError::IoError(io)) if io.kind() == UnexpectedEof)
+            || matches!(error.downcast_ref::<gif::DecodingError>(), Some(gif::DecodingError::UnexpectedEof));
+        if eof {
             return true;
         }
         current = error.source();

@@ -26,8 +26,8 @@ pub(crate) fn decode(bytes: &[u8], input: &str, limits: &DecodeLimits) -> Result
     let memory = NonZeroU64::new(limits.decoder_alloc_bytes()).unwrap_or(NonZeroU64::MIN);
     options.set_memory_limit(gif::MemoryLimit::Bytes(memory));
     let mut decoder = options.read_info(bytes).map_err(gif_error)?;
+    // Nothing canvas-sized is allocated before the size check below, which covers the screen and the frame.
     let (screen_width, screen_height) = (u64::from(decoder.width()), u64::from(decoder.height()));
-    check_dimensions(screen_width, screen_height, ImageFormat::Gif, input, limits)?;
 
     let global_palette = decoder.global_palette().map(<[u8]>::to_vec);
     let frame = decoder.next_frame_info().map_err(gif_error)?.ok_or_else(|| ImageError::UnsupportedVariant {
