@@ -28,9 +28,11 @@ mod hash;
 mod input;
 mod jpeg;
 mod limits;
+mod normalize;
 mod processor;
 mod resample;
 mod smart_resize;
+mod stream;
 mod to_rgb;
 
 pub use config::{ConfigError, ImageProcessorConfig};

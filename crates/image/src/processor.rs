@@ -5,8 +5,10 @@ use image::RgbImage;
 
 use crate::config::ImageProcessorConfig;
 use crate::error::ImageError;
-use crate::resample::resize_bicubic;
+use crate::normalize::Normalization;
+use crate::resample::Resampled;
 use crate::smart_resize::{smart_resize, SmartResizeError, MAX_ASPECT_RATIO};
+use crate::stream::{self, append_copies};
 
 /// An image's size in patches: `t` frames (1 for an image) x `h` x `w` patches; `image_grid_thw` in
 /// transformers.
@@ -30,7 +32,7 @@ impl GridThw {
 
 /// The processor's output for a batch of images: transformers' `pixel_values` ([rows, cols] f32, row-major;
 /// the images' patches one after the other) and `image_grid_thw` (one grid per image).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PixelBatch {
     pixel_values: Vec<f32>,
     rows: usize,
@@ -68,15 +70,13 @@ impl PixelBatch {
 #[derive(Clone, Debug)]
 pub struct ImageProcessor {
     config: ImageProcessorConfig,
-    /// The normalized value of each 8-bit level, per channel: the resampled image is 8-bit, so rescale and
-    /// normalize reduce to a lookup, computed in transformers' f32 arithmetic.
-    levels: [[f32; 256]; 3],
+    normalization: Normalization,
 }
 
 impl ImageProcessor {
     pub fn new(config: ImageProcessorConfig) -> ImageProcessor {
-        let levels = normalization_levels(&config);
-        ImageProcessor { config, levels }
+        let normalization = Normalization::from_config(&config);
+        ImageProcessor { config, normalization }
     }
 
     pub fn config(&self) -> &ImageProcessorConfig {
@@ -99,6 +99,22 @@ impl ImageProcessor {
     /// transformers' `image_processor(images=[...])`: every image is checked (size, aspect ratio) before any
     /// is resampled; the rows of all images are concatenated in order, with one grid each.
     pub fn preprocess(&self, images: &[RgbImage]) -> Result<PixelBatch, ImageError> {
+        let mut batch = PixelBatch::default();
+        self.preprocess_into(images, &mut batch)?;
+        Ok(batch)
+    }
+
+    /// [`ImageProcessor::preprocess`] into an earlier batch, reusing its allocation. `pixel_values` is large
+    /// (50 MB for a 1080p image at Qwen3-VL's settings) and writing fresh memory costs page faults, about as
+    /// much as the rest of preprocessing; a caller that preprocesses repeatedly can keep one batch. On error the
+    /// batch is left empty.
+    pub fn preprocess_into(&self, images: &[RgbImage], batch: &mut PixelBatch) -> Result<(), ImageError> {
+        // What the last batch wrote is mapped and cached-out memory: the place for streaming stores.
+        let written_before = batch.pixel_values.len();
+        batch.pixel_values.clear();
+        batch.grids.clear();
+        batch.rows = 0;
+        batch.cols = self.config.patch_dim();
         if images.is_empty() {
             return Err(ImageError::NoImages);
         }
@@ -108,26 +124,21 @@ impl ImageProcessor {
             .map(|(index, image)| self.target_size(index, image.width(), image.height()))
             .collect::<Result<Vec<_>, _>>()?;
         let grids: Vec<GridThw> = targets.iter().map(|&(w, h)| self.grid_of(w, h)).collect();
-        let cols = self.config.patch_dim();
         let rows: usize = grids.iter().map(GridThw::num_patches).sum();
-        let len = rows.checked_mul(cols).ok_or(ImageError::BatchTooLarge { bytes: u64::MAX })?;
-        let mut pixel_values = Vec::new();
-        pixel_values
+        let len = rows.checked_mul(batch.cols).ok_or(ImageError::BatchTooLarge { bytes: u64::MAX })?;
+        let warm_until = if batch.pixel_values.capacity() >= len { written_before } else { 0 };
+        batch
+            .pixel_values
             .try_reserve_exact(len)
             .map_err(|_| ImageError::BatchTooLarge { bytes: (len as u64).saturating_mul(4) })?;
-        pixel_values.resize(len, 0.0);
-
-        let mut rest = pixel_values.as_mut_slice();
         for ((image, &(width, height)), grid) in images.iter().zip(&targets).zip(&grids) {
-            let (out, tail) = rest.split_at_mut(grid.num_patches() * cols);
-            rest = tail;
-            if image.dimensions() == (width, height) {
-                self.write_patches(image, *grid, out);
-            } else {
-                self.write_patches(&resize_bicubic(image, width, height), *grid, out);
-            }
+            let resampled = Resampled::new(image, width, height);
+            self.append_patches(&resampled, *grid, &mut batch.pixel_values, warm_until);
         }
-        Ok(PixelBatch { pixel_values, rows, cols, grids })
+        stream::finish();
+        batch.rows = rows;
+        batch.grids = grids;
+        Ok(())
     }
 
     /// `(width, height)` after smart resize (or the image's own size, checked, when do_resize is off).
@@ -173,62 +184,42 @@ impl ImageProcessor {
         GridThw { t: 1, h: height / patch, w: width / patch }
     }
 
-    /// transformers' `patchify`: rows in merge-block order (block row, block column, row in block, column in
-    /// block), each row laid out as (channel, frame, y, x) with the image repeated in every frame.
-    fn write_patches(&self, image: &RgbImage, grid: GridThw, out: &mut [f32]) {
+    /// transformers' `patchify`, appending to `out`: rows in merge-block order (block row, block column, row in
+    /// block, column in block), each row laid out as (channel, frame, y, x) with the image repeated in every
+    /// frame. Works one block row (merge_size x patch_size image rows) at a time: resampled, normalized into
+    /// channel planes, then cut into patches, while it is in cache; writes in output order, each value once.
+    fn append_patches(&self, image: &Resampled<'_>, grid: GridThw, out: &mut Vec<f32>, warm_until: usize) {
         let patch = self.config.patch_size() as usize;
         let merge = self.config.merge_size() as usize;
         let frames = self.config.temporal_patch_size() as usize;
-        let (grid_h, grid_w) = (grid.h as usize, grid.w as usize);
-        let src = image.as_raw();
-        let stride = image.width() as usize * 3;
-        let plane = patch * patch;
-        let mut rows = out.chunks_exact_mut(3 * frames * plane);
-        for block_y in 0..grid_h / merge {
-            for block_x in 0..grid_w / merge {
+        let width = grid.w as usize * patch;
+        let band_rows = merge * patch;
+        let channel_len = band_rows * width;
+        let mut scratch = Vec::new();
+        let mut planes = vec![0.0f32; 3 * channel_len];
+        let mut patch_plane = vec![0.0f32; patch * patch];
+        for block_y in 0..grid.h as usize / merge {
+            let band = image.band(block_y * band_rows..(block_y + 1) * band_rows, &mut scratch);
+            let (red, rest) = planes.split_at_mut(channel_len);
+            let (green, blue) = rest.split_at_mut(channel_len);
+            let rows = band.chunks_exact(width * 3).zip(red.chunks_exact_mut(width));
+            for ((rgb, r), (g, b)) in rows.zip(green.chunks_exact_mut(width).zip(blue.chunks_exact_mut(width))) {
+                self.normalization.row_to_planes(rgb, r, g, b);
+            }
+            for block_x in 0..grid.w as usize / merge {
                 for in_y in 0..merge {
                     for in_x in 0..merge {
-                        let Some(row) = rows.next() else { return };
-                        let y0 = (block_y * merge + in_y) * patch;
                         let x0 = (block_x * merge + in_x) * patch;
-                        for (channel, channel_block) in row.chunks_exact_mut(frames * plane).enumerate() {
-                            let levels = &self.levels[channel];
-                            let (first, repeats) = channel_block.split_at_mut(plane);
-                            for (py, line) in first.chunks_exact_mut(patch).enumerate() {
-                                let start = (y0 + py) * stride + x0 * 3 + channel;
-                                let pixels = src[start..].iter().step_by(3);
-                                for (value, &level) in line.iter_mut().zip(pixels) {
-                                    *value = levels[usize::from(level)];
-                                }
+                        for channel in planes.chunks_exact(channel_len) {
+                            for (py, line) in patch_plane.chunks_exact_mut(patch).enumerate() {
+                                let start = (in_y * patch + py) * width + x0;
+                                line.copy_from_slice(&channel[start..start + patch]);
                             }
-                            for frame in repeats.chunks_exact_mut(plane) {
-                                frame.copy_from_slice(first);
-                            }
+                            append_copies(out, &patch_plane, frames, warm_until);
                         }
                     }
                 }
             }
         }
     }
-}
-
-/// transformers' `rescale_and_normalize` on each 8-bit level, in its f32 arithmetic: with both steps on it
-/// folds the rescale into the constants (`mean / rescale_factor`, `std / rescale_factor`, as f32 products) and
-/// computes `(x - mean') / std'`; normalize alone is `(x - mean) / std`; rescale alone is `x * rescale_factor`.
-fn normalization_levels(config: &ImageProcessorConfig) -> [[f32; 256]; 3] {
-    let mut levels = [[0.0f32; 256]; 3];
-    let inverse_rescale = (1.0 / config.rescale_factor()) as f32;
-    for (channel, channel_levels) in levels.iter_mut().enumerate() {
-        let (mean, std) = (config.image_mean()[channel] as f32, config.image_std()[channel] as f32);
-        for (level, value) in channel_levels.iter_mut().enumerate() {
-            let x = level as f32;
-            *value = match (config.do_rescale(), config.do_normalize()) {
-                (true, true) => (x - mean * inverse_rescale) / (std * inverse_rescale),
-                (false, true) => (x - mean) / std,
-                (true, false) => x * config.rescale_factor() as f32,
-                (false, false) => x,
-            };
-        }
-    }
-    levels
 }
