@@ -175,6 +175,11 @@ fn aspect_ratio_over_200_is_refused_before_resampling() {
 fn processor_refusals() {
     let processor = ImageProcessor::new(ImageProcessorConfig::default());
     assert!(matches!(processor.preprocess(&[]), Err(ImageError::NoImages)));
+    // A failed preprocess_into leaves the reused batch empty, not holding the previous images.
+    let mut batch = processor.preprocess(&[RgbImage::new(64, 64)]).unwrap();
+    assert!(batch.rows() > 0);
+    assert!(processor.preprocess_into(&[RgbImage::new(2010, 10)], &mut batch).is_err());
+    assert_eq!((batch.rows(), batch.pixel_values().len(), batch.grids().len()), (0, 0, 0));
 
     let dir = tempfile::tempdir().unwrap();
     let write = |json: &str| {

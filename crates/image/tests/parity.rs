@@ -160,9 +160,15 @@ fn pixel_values_match_transformers() {
             "{config_name}: config read differently from transformers"
         );
         let processor = ImageProcessor::new(config);
+        // One batch reused across the images (and each image done twice), as a runtime would: the second pass
+        // writes into memory written before, which takes the streaming-store path.
+        let mut batch = PixelBatch::default();
         for (name, expected) in &reference.images {
             let image = decode(&source(name), &DecodeLimits::default()).expect("fixture decodes");
-            let batch = processor.preprocess(&[image]).expect("fixture preprocesses");
+            let fresh = processor.preprocess(std::slice::from_ref(&image)).expect("fixture preprocesses");
+            processor.preprocess_into(std::slice::from_ref(&image), &mut batch).expect("fixture preprocesses");
+            processor.preprocess_into(std::slice::from_ref(&image), &mut batch).expect("fixture preprocesses");
+            assert_eq!(batch, fresh, "{config_name}/{name}: a reused batch differs from a fresh one");
             let grid = batch.grids()[0];
             if grid.as_array() != expected.grid_thw || (batch.rows(), batch.cols()) != (expected.rows, expected.cols) {
                 failures.push(format!(

@@ -227,3 +227,58 @@ fn vertical_row_avx2(lines: &[&[u8]], weights: &[i16], rounding: i32, precision:
     }
     columns
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{horizontal_row_scalar, vertical_columns_scalar, AxisFilter, CHANNELS};
+    use super::*;
+
+    /// Each kernel (SSE2 always, AVX2 when the CPU has it) against the scalar one, on awkward sizes: tails,
+    /// one-pixel rows, odd tap counts, upscales and large downscales.
+    #[test]
+    fn kernels_match_scalar() {
+        let avx2 = is_x86_feature_detected!("avx2");
+        let mut state = 0x1234_5678_9ABC_DEF1u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for &(in_size, out_size) in &[(1, 7), (7, 1), (5, 3), (33, 17), (100, 37), (1000, 31), (64, 200), (97, 96)] {
+            let filter = AxisFilter::new(in_size, out_size);
+            let src: Vec<u8> = (0..in_size * CHANNELS + ROW_PADDING).map(|_| next() as u8).collect();
+            let mut expected = vec![0u8; out_size * CHANNELS];
+            horizontal_row_scalar(&src, &filter, &mut expected);
+            let mut got = vec![0u8; out_size * CHANNELS];
+            horizontal_row_sse2(&src, &filter, &mut got);
+            assert_eq!(got, expected, "SSE2 horizontal {in_size} -> {out_size}");
+            if avx2 {
+                // SAFETY: the CPU supports AVX2.
+                unsafe { horizontal_row_avx2(&src, &filter, &mut got) };
+                assert_eq!(got, expected, "AVX2 horizontal {in_size} -> {out_size}");
+            }
+
+            for width in [1usize, 15, 16, 17, 31, 32, 33, 70] {
+                let rows: Vec<Vec<u8>> = (0..in_size).map(|_| (0..width).map(|_| next() as u8).collect()).collect();
+                for y in 0..out_size {
+                    let lines: Vec<&[u8]> =
+                        (0..filter.weights(y).len()).map(|k| rows[filter.start(y) + k].as_slice()).collect();
+                    let (weights, rounding, precision) = (filter.weights(y), filter.rounding(), filter.precision);
+                    let mut expected = vec![0u8; width];
+                    vertical_columns_scalar(&lines, weights, rounding, precision, &mut expected, 0);
+                    let mut got = vec![0u8; width];
+                    let done = vertical_row_sse2(&lines, weights, rounding, precision, &mut got);
+                    vertical_columns_scalar(&lines, weights, rounding, precision, &mut got, done);
+                    assert_eq!(got, expected, "SSE2 vertical {in_size} -> {out_size}, width {width}, row {y}");
+                    if avx2 {
+                        // SAFETY: the CPU supports AVX2.
+                        let done = unsafe { vertical_row_avx2(&lines, weights, rounding, precision, &mut got) };
+                        vertical_columns_scalar(&lines, weights, rounding, precision, &mut got, done);
+                        assert_eq!(got, expected, "AVX2 vertical {in_size} -> {out_size}, width {width}, row {y}");
+                    }
+                }
+            }
+        }
+    }
+}
