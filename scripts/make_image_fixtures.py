@@ -379,6 +379,22 @@ def main() -> None:
             }
         batch = {}
         if config_name == "qwen2vl-clamp":
+            # transformers' other route: handing the processor the opened PIL image (no EXIF transpose; in 5.25,
+            # transparency composited onto white), against the reference route, for every source image.
+            for name, array in decoded.items():
+                reference_values, _ = run(processor, [array])
+                with Image.open(OUT / "source" / name) as opened:
+                    try:
+                        values, _ = run(processor, [opened])
+                    except Exception as error:  # noqa: BLE001 - recorded, not fatal
+                        summary["images"][name]["pil_object_route"] = f"fails ({type(error).__name__})"
+                        continue
+                if values.shape != reference_values.shape:
+                    verdict = f"differs: shape {list(values.shape)}"
+                else:
+                    diff = float(np.abs(values - reference_values).max())
+                    verdict = "equal" if diff == 0 else f"differs: max |diff| {diff:.3g}"
+                summary["images"][name]["pil_object_route"] = verdict
             pixel_values, grids = run(processor, [decoded[name] for name in CLAMP_BATCH])
             singles = [run(processor, [decoded[name]])[0] for name in CLAMP_BATCH]
             assert np.array_equal(pixel_values, np.concatenate(singles)), "batch is not the concatenation"

@@ -5,7 +5,8 @@
 //!   pixel budget checked from the header before decoding.
 //! - [`ImageProcessor`]: the Qwen2-VL / Qwen2.5-VL / Qwen3-VL image processor as transformers runs it by default
 //!   (the torchvision backend): smart resize, antialiased bicubic, rescale and normalize, patches →
-//!   `pixel_values` [N, 3·T·P·P] and `image_grid_thw`. Bit-exact with transformers on every fixture.
+//!   `pixel_values` [N, 3·T·P·P] and `image_grid_thw`. Bit-exact with transformers on every fixture (README,
+//!   "Image preprocessing").
 //! - [`ImageHash`]: a content hash for caching vision encodings.
 //!
 //! ```no_run
@@ -14,8 +15,8 @@
 //! let config = ImageProcessorConfig::from_checkpoint_dir("checkpoints/qwen3-vl-2b")?;
 //! let processor = ImageProcessor::new(config);
 //! let image = decode(&ImageInput::Path("photo.jpg".into()), &DecodeLimits::default())?;
-//! let batch = processor.preprocess(&[image])?;
-//! let pads = processor.image_pad_tokens(batch.grids()[0]);
+//! let batch = processor.preprocess(&[image])?; // pixel_values [rows, 3·T·P·P] f32 + one grid per image
+//! let pads = processor.image_pad_tokens(batch.grids()[0]); // <|image_pad|> tokens for this image
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
