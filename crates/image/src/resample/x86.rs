@@ -146,87 +146,64 @@ pub(super) fn vertical_row_simd(
     }
 }
 
-fn vertical_row_sse2(lines: &[&[u8]], weights: &[i16], rounding: i32, precision: u32, dst: &mut [u8]) -> usize {
-    const STEP: usize = 16;
-    let columns = dst.len() / STEP * STEP;
-    // SAFETY: SSE2 is part of the x86_64 baseline. Every load reads lines[k][x..x + 16] and every store writes
-    // dst[x..x + 16] with x + 16 <= columns <= dst.len() <= lines[k].len() (asserted by the caller).
-    unsafe {
-        let zero = _mm_setzero_si128();
-        let shift = _mm_cvtsi32_si128(precision as i32);
-        for x in (0..columns).step_by(STEP) {
-            let mut sums = [_mm_set1_epi32(rounding); 4];
-            let mut k = 0;
-            while k < lines.len() {
-                let a = _mm_loadu_si128(lines[k].as_ptr().add(x).cast());
-                let (b, pair) = if k + 1 < lines.len() {
-                    (_mm_loadu_si128(lines[k + 1].as_ptr().add(x).cast()), weight_pair(weights[k], weights[k + 1]))
-                } else {
-                    (zero, weight_pair(weights[k], 0))
-                };
-                let pair = _mm_set1_epi32(pair);
-                let (a_lo, a_hi) = (_mm_unpacklo_epi8(a, zero), _mm_unpackhi_epi8(a, zero));
-                let (b_lo, b_hi) = (_mm_unpacklo_epi8(b, zero), _mm_unpackhi_epi8(b, zero));
-                let products = [
-                    _mm_madd_epi16(_mm_unpacklo_epi16(a_lo, b_lo), pair),
-                    _mm_madd_epi16(_mm_unpackhi_epi16(a_lo, b_lo), pair),
-                    _mm_madd_epi16(_mm_unpacklo_epi16(a_hi, b_hi), pair),
-                    _mm_madd_epi16(_mm_unpackhi_epi16(a_hi, b_hi), pair),
-                ];
-                for (sum, product) in sums.iter_mut().zip(products) {
-                    *sum = _mm_add_epi32(*sum, product);
+/// The vertical kernel, written once for two register widths: `$step` columns at a time with the given
+/// intrinsics. In AVX2 the unpacks and packs work within 128-bit lanes, symmetrically, so the columns come back in
+/// order.
+macro_rules! vertical_kernel {
+    ($(#[$attribute:meta])* $name:ident: $step:literal columns, $zero:ident, $set1:ident, $load:ident, $store:ident,
+     $unpacklo8:ident, $unpackhi8:ident, $unpacklo16:ident, $unpackhi16:ident, $madd:ident, $add:ident,
+     $sra:ident, $packs:ident, $packus:ident) => {
+        $(#[$attribute])*
+        fn $name(lines: &[&[u8]], weights: &[i16], rounding: i32, precision: u32, dst: &mut [u8]) -> usize {
+            let columns = dst.len() / $step * $step;
+            // SAFETY: the instruction set is available (SSE2: the x86_64 baseline; AVX2: enabled for this function,
+            // whose caller checked the CPU). Every load reads lines[k][x..x + $step] and every store writes
+            // dst[x..x + $step] with x + $step <= columns <= dst.len() <= lines[k].len() (asserted by the caller).
+            unsafe {
+                let zero = $zero();
+                let shift = _mm_cvtsi32_si128(precision as i32);
+                for x in (0..columns).step_by($step) {
+                    let mut sums = [$set1(rounding); 4];
+                    let mut k = 0;
+                    while k < lines.len() {
+                        let a = $load(lines[k].as_ptr().add(x).cast());
+                        let (b, pair) = if k + 1 < lines.len() {
+                            ($load(lines[k + 1].as_ptr().add(x).cast()), weight_pair(weights[k], weights[k + 1]))
+                        } else {
+                            (zero, weight_pair(weights[k], 0))
+                        };
+                        let pair = $set1(pair);
+                        let (a_lo, a_hi) = ($unpacklo8(a, zero), $unpackhi8(a, zero));
+                        let (b_lo, b_hi) = ($unpacklo8(b, zero), $unpackhi8(b, zero));
+                        let products = [
+                            $madd($unpacklo16(a_lo, b_lo), pair),
+                            $madd($unpackhi16(a_lo, b_lo), pair),
+                            $madd($unpacklo16(a_hi, b_hi), pair),
+                            $madd($unpackhi16(a_hi, b_hi), pair),
+                        ];
+                        for (sum, product) in sums.iter_mut().zip(products) {
+                            *sum = $add(*sum, product);
+                        }
+                        k += 2;
+                    }
+                    let [s0, s1, s2, s3] = sums.map(|sum| $sra(sum, shift));
+                    let packed = $packus($packs(s0, s1), $packs(s2, s3));
+                    $store(dst.as_mut_ptr().add(x).cast(), packed);
                 }
-                k += 2;
             }
-            let [s0, s1, s2, s3] = sums.map(|sum| _mm_sra_epi32(sum, shift));
-            let packed = _mm_packus_epi16(_mm_packs_epi32(s0, s1), _mm_packs_epi32(s2, s3));
-            _mm_storeu_si128(dst.as_mut_ptr().add(x).cast(), packed);
+            columns
         }
-    }
-    columns
+    };
 }
 
-/// The SSE2 kernel on 32 columns at a time. Unpacks and packs work within 128-bit lanes, symmetrically, so the
-/// columns come back in order.
-#[target_feature(enable = "avx2")]
-fn vertical_row_avx2(lines: &[&[u8]], weights: &[i16], rounding: i32, precision: u32, dst: &mut [u8]) -> usize {
-    const STEP: usize = 32;
-    let columns = dst.len() / STEP * STEP;
-    // SAFETY: as in vertical_row_sse2, with 32-byte loads and stores within x + 32 <= columns.
-    unsafe {
-        let zero = _mm256_setzero_si256();
-        let shift = _mm_cvtsi32_si128(precision as i32);
-        for x in (0..columns).step_by(STEP) {
-            let mut sums = [_mm256_set1_epi32(rounding); 4];
-            let mut k = 0;
-            while k < lines.len() {
-                let a = _mm256_loadu_si256(lines[k].as_ptr().add(x).cast());
-                let (b, pair) = if k + 1 < lines.len() {
-                    (_mm256_loadu_si256(lines[k + 1].as_ptr().add(x).cast()), weight_pair(weights[k], weights[k + 1]))
-                } else {
-                    (zero, weight_pair(weights[k], 0))
-                };
-                let pair = _mm256_set1_epi32(pair);
-                let (a_lo, a_hi) = (_mm256_unpacklo_epi8(a, zero), _mm256_unpackhi_epi8(a, zero));
-                let (b_lo, b_hi) = (_mm256_unpacklo_epi8(b, zero), _mm256_unpackhi_epi8(b, zero));
-                let products = [
-                    _mm256_madd_epi16(_mm256_unpacklo_epi16(a_lo, b_lo), pair),
-                    _mm256_madd_epi16(_mm256_unpackhi_epi16(a_lo, b_lo), pair),
-                    _mm256_madd_epi16(_mm256_unpacklo_epi16(a_hi, b_hi), pair),
-                    _mm256_madd_epi16(_mm256_unpackhi_epi16(a_hi, b_hi), pair),
-                ];
-                for (sum, product) in sums.iter_mut().zip(products) {
-                    *sum = _mm256_add_epi32(*sum, product);
-                }
-                k += 2;
-            }
-            let [s0, s1, s2, s3] = sums.map(|sum| _mm256_sra_epi32(sum, shift));
-            let packed = _mm256_packus_epi16(_mm256_packs_epi32(s0, s1), _mm256_packs_epi32(s2, s3));
-            _mm256_storeu_si256(dst.as_mut_ptr().add(x).cast(), packed);
-        }
-    }
-    columns
-}
+vertical_kernel!(vertical_row_sse2: 16 columns, _mm_setzero_si128, _mm_set1_epi32, _mm_loadu_si128,
+    _mm_storeu_si128, _mm_unpacklo_epi8, _mm_unpackhi_epi8, _mm_unpacklo_epi16, _mm_unpackhi_epi16, _mm_madd_epi16,
+    _mm_add_epi32, _mm_sra_epi32, _mm_packs_epi32, _mm_packus_epi16);
+
+vertical_kernel!(#[target_feature(enable = "avx2")] vertical_row_avx2: 32 columns, _mm256_setzero_si256,
+    _mm256_set1_epi32, _mm256_loadu_si256, _mm256_storeu_si256, _mm256_unpacklo_epi8, _mm256_unpackhi_epi8,
+    _mm256_unpacklo_epi16, _mm256_unpackhi_epi16, _mm256_madd_epi16, _mm256_add_epi32, _mm256_sra_epi32,
+    _mm256_packs_epi32, _mm256_packus_epi16);
 
 #[cfg(test)]
 mod tests {
