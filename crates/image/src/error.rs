@@ -40,6 +40,13 @@ pub enum ImageError {
     /// libjpeg-turbo stopped; its message says why (corrupt data, an unsupported precision, ...).
     #[error("{input}: cannot decode JPEG: {message}")]
     Jpeg { input: String, message: String },
+    /// The mozjpeg wrapper's own failure around libjpeg (reading scanlines, finishing).
+    #[error("{input}: cannot decode JPEG: {source}")]
+    JpegReader {
+        input: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{input}: cannot decode GIF: {source}")]
     Gif {
         input: String,

@@ -56,7 +56,13 @@ fn decode_unguarded(
     input: &str,
     limits: &DecodeLimits,
 ) -> Result<(RgbImage, Option<Orientation>), ImageError> {
-    let io_error = |source: std::io::Error| ImageError::Jpeg { input: input.to_string(), message: source.to_string() };
+    let io_error = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::UnexpectedEof {
+            ImageError::Truncated { input: input.to_string(), format: ImageFormat::Jpeg }
+        } else {
+            ImageError::JpegReader { input: input.to_string(), source }
+        }
+    };
     let decompress = Decompress::builder()
         .with_err(error_manager())
         .with_markers(&[Marker::APP(1), Marker::APP(14)])
