@@ -159,8 +159,9 @@ def with_exif(image: Image.Image, orientation: int) -> bytes:
     return exif.tobytes()
 
 
-def png16(array: np.ndarray) -> bytes:
-    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA) written by hand: Pillow cannot write 16-bit colour."""
+def png16(array: np.ndarray, transparent_grey: int | None = None) -> bytes:
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA; grey optionally with a tRNS colour) written by hand: Pillow
+    cannot write 16-bit colour."""
     height, width = array.shape[:2]
     channels = 1 if array.ndim == 2 else array.shape[2]
     color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
@@ -170,7 +171,9 @@ def png16(array: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    trns = chunk(b"tRNS", struct.pack(">H", transparent_grey)) if transparent_grey is not None else b""
+    idat = chunk(b"IDAT", zlib.compress(raw, 9))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + trns + idat + chunk(b"IEND", b"")
 
 
 def gif_with_offset_frame() -> bytes:
@@ -221,6 +224,8 @@ def source_images() -> dict[str, bytes]:
     first, second = photo(3, 64, 48), photo(4, 64, 48)
     animated = io.BytesIO()
     first.quantize(64).save(animated, "GIF", save_all=True, append_images=[second.quantize(64)], duration=100)
+    animated_webp = io.BytesIO()
+    first.save(animated_webp, "WEBP", save_all=True, append_images=[second], duration=100, lossless=True)
     return {
         "photo-landscape.jpg": save(photo(1, 320, 240), "JPEG", quality=85),
         "photo-portrait.jpg": save(photo(2, 180, 240), "JPEG", quality=92, subsampling=0),
@@ -241,12 +246,14 @@ def source_images() -> dict[str, bytes]:
         "palette-trns.png": save(base.quantize(32), "PNG", transparency=5),
         "bilevel.png": save(base.convert("1"), "PNG"),
         "grey16.png": png16(grey16),
+        "grey16-trns.png": png16(grey16, transparent_grey=int(grey16[10, 10])),
         "rgb16.png": png16(np.stack([grey16, 65535 - grey16, grey16 // 3], axis=2)),
         "exif-rot8.png": save(base, "PNG", exif=with_exif(base, 8)),
         "animated.gif": animated.getvalue(),
         "offset-trns.gif": gif_with_offset_frame(),
         "lossy.webp": save(photo(12, 128, 96), "WEBP", quality=80, method=4),
         "lossless-rgba.webp": save(base_rgba, "WEBP", lossless=True),
+        "animated.webp": animated_webp.getvalue(),
         "rgb24.bmp": save(base, "BMP"),
         "palette8.bmp": save(base.quantize(100), "BMP"),
     }

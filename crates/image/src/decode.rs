@@ -11,7 +11,7 @@ use crate::error::ImageError;
 use crate::format::{sniff, ImageFormat, Sniffed};
 use crate::input::ImageInput;
 use crate::limits::{check_dimensions, DecodeLimits};
-use crate::to_rgb::to_rgb_like_pillow;
+use crate::to_rgb::{to_rgb_like_pillow, GreySixteen};
 
 /// Decodes an image to 8-bit RGB, upright, as transformers' `load_image` sees it: Pillow's
 /// `ImageOps.exif_transpose` then `convert("RGB")` (see [`crate::to_rgb`] for the conversions).
@@ -46,11 +46,13 @@ pub(crate) fn decode_bytes(bytes: &[u8], input: &str, limits: &DecodeLimits) -> 
         ImageFormat::Png => {
             // The png crate compares the picture's size with its allocation limit before anything else and
             // would report a bomb as a limit error; IHDR (always the first chunk) is checked here first.
-            if let Some((width, height)) = png_header_size(bytes) {
-                check_dimensions(width.into(), height.into(), format, input, limits)?;
+            let header = png_header(bytes);
+            if let Some(header) = header {
+                check_dimensions(header.width.into(), header.height.into(), format, input, limits)?;
             }
+            let grey = GreySixteen::from_png_header(header);
             let decoder = PngDecoder::with_limits(reader, codec_limits).map_err(image_error)?;
-            decode_with(decoder, format, input, limits).map_err(|e| e.into_image_error(image_error))?
+            decode_with(decoder, format, input, limits, grey).map_err(|e| e.into_image_error(image_error))?
         }
         ImageFormat::WebP => {
             // The RIFF header gives the file's length: a shorter file is truncated (image-webp would report
@@ -61,12 +63,14 @@ pub(crate) fn decode_bytes(bytes: &[u8], input: &str, limits: &DecodeLimits) -> 
             }
             let mut decoder = WebPDecoder::new(reader).map_err(image_error)?;
             decoder.set_limits(codec_limits).map_err(image_error)?;
-            decode_with(decoder, format, input, limits).map_err(|e| e.into_image_error(image_error))?
+            decode_with(decoder, format, input, limits, GreySixteen::HighByte)
+                .map_err(|e| e.into_image_error(image_error))?
         }
         ImageFormat::Bmp => {
             let mut decoder = BmpDecoder::new(reader).map_err(image_error)?;
             decoder.set_limits(codec_limits).map_err(image_error)?;
-            decode_with(decoder, format, input, limits).map_err(|e| e.into_image_error(image_error))?
+            decode_with(decoder, format, input, limits, GreySixteen::HighByte)
+                .map_err(|e| e.into_image_error(image_error))?
         }
     };
     Ok(match orientation {
@@ -79,13 +83,34 @@ pub(crate) fn decode_bytes(bytes: &[u8], input: &str, limits: &DecodeLimits) -> 
     })
 }
 
-/// Width and height from a PNG's IHDR chunk (signature, length, "IHDR", width, height: all big-endian).
-fn png_header_size(bytes: &[u8]) -> Option<(u32, u32)> {
+/// The fields of a PNG's IHDR chunk that decoding looks at.
+#[derive(Clone, Copy)]
+struct PngHeader {
+    width: u32,
+    height: u32,
+    bit_depth: u8,
+    color_type: u8,
+}
+
+/// IHDR is always the first chunk: signature (8 bytes), length, "IHDR", width, height (big-endian), bit depth,
+/// colour type.
+fn png_header(bytes: &[u8]) -> Option<PngHeader> {
     if bytes.get(12..16)? != b"IHDR" {
         return None;
     }
     let be = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-    Some((be(16)?, be(20)?))
+    Some(PngHeader { width: be(16)?, height: be(20)?, bit_depth: *bytes.get(24)?, color_type: *bytes.get(25)? })
+}
+
+impl GreySixteen {
+    /// 16-bit greyscale PNGs without an alpha channel (colour type 0, with or without a tRNS colour) are
+    /// Pillow's mode "I;16"; its grey+alpha ones (colour type 4) it reads as 8-bit.
+    fn from_png_header(header: Option<PngHeader>) -> GreySixteen {
+        match header {
+            Some(PngHeader { bit_depth: 16, color_type: 0, .. }) => GreySixteen::Clamp,
+            _ => GreySixteen::HighByte,
+        }
+    }
 }
 
 /// A failure inside [`decode_with`]: ours (already an [`ImageError`]) or the codec's.
@@ -108,6 +133,7 @@ fn decode_with<D: ImageDecoder>(
     format: ImageFormat,
     input: &str,
     limits: &DecodeLimits,
+    grey: GreySixteen,
 ) -> Result<(RgbImage, Option<Orientation>), DecodeWithError> {
     let (width, height) = decoder.dimensions();
     check_dimensions(width.into(), height.into(), format, input, limits).map_err(DecodeWithError::Ours)?;
@@ -115,7 +141,7 @@ fn decode_with<D: ImageDecoder>(
     let orientation = decoder.orientation().ok();
     let original = decoder.original_color_type();
     let image = DynamicImage::from_decoder(decoder).map_err(DecodeWithError::Codec)?;
-    let rgb = to_rgb_like_pillow(image, original).ok_or_else(|| {
+    let rgb = to_rgb_like_pillow(image, grey).ok_or_else(|| {
         DecodeWithError::Ours(ImageError::UnsupportedVariant {
             input: input.to_string(),
             format,

@@ -6,21 +6,31 @@
 //! - 16-bit grey without an alpha channel is Pillow's mode "I;16", whose conversion to RGB clamps values to 255
 //!   rather than scaling them: a 16-bit grey photo comes out nearly white, exactly as it does in transformers.
 
-use image::{DynamicImage, ExtendedColorType, RgbImage};
+use image::{DynamicImage, RgbImage};
+
+/// How 16-bit grey samples become 8-bit: which of Pillow's modes the file would open in. The decoded pixel type
+/// cannot tell (a grey PNG with a tRNS colour decodes as grey+alpha, yet Pillow opens it as "I;16").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GreySixteen {
+    /// Mode "I;16": clamped to 255.
+    Clamp,
+    /// An 8-bit mode: the high byte.
+    HighByte,
+}
 
 /// `None` for float images, which the formats pio-image decodes never produce.
-pub(crate) fn to_rgb_like_pillow(image: DynamicImage, original: ExtendedColorType) -> Option<RgbImage> {
+pub(crate) fn to_rgb_like_pillow(image: DynamicImage, grey: GreySixteen) -> Option<RgbImage> {
     let (width, height) = (image.width(), image.height());
     let rgb: Vec<u8> = match image {
         DynamicImage::ImageRgb8(rgb) => return Some(rgb),
         DynamicImage::ImageRgba8(rgba) => rgba.as_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
         DynamicImage::ImageLuma8(grey) => grey.as_raw().iter().flat_map(|&v| [v, v, v]).collect(),
         DynamicImage::ImageLumaA8(grey) => grey.as_raw().chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
-        DynamicImage::ImageLuma16(grey) => {
-            grey.as_raw().iter().map(|&v| grey16(v, original)).flat_map(|v| [v, v, v]).collect()
+        DynamicImage::ImageLuma16(samples) => {
+            samples.as_raw().iter().map(|&v| grey16(v, grey)).flat_map(|v| [v, v, v]).collect()
         }
-        DynamicImage::ImageLumaA16(grey) => {
-            grey.as_raw().chunks_exact(2).map(|p| grey16(p[0], original)).flat_map(|v| [v, v, v]).collect()
+        DynamicImage::ImageLumaA16(samples) => {
+            samples.as_raw().chunks_exact(2).map(|p| grey16(p[0], grey)).flat_map(|v| [v, v, v]).collect()
         }
         DynamicImage::ImageRgb16(rgb) => rgb.as_raw().iter().map(|&v| high_byte(v)).collect(),
         DynamicImage::ImageRgba16(rgba) => {
@@ -31,12 +41,10 @@ pub(crate) fn to_rgb_like_pillow(image: DynamicImage, original: ExtendedColorTyp
     RgbImage::from_raw(width, height, rgb)
 }
 
-/// A 16-bit grey sample: "I;16" (grey, possibly with a tRNS colour) clamps; grey+alpha keeps the high byte.
-fn grey16(value: u16, original: ExtendedColorType) -> u8 {
-    if original == ExtendedColorType::L16 {
-        value.min(255) as u8
-    } else {
-        high_byte(value)
+fn grey16(value: u16, grey: GreySixteen) -> u8 {
+    match grey {
+        GreySixteen::Clamp => value.min(255) as u8,
+        GreySixteen::HighByte => high_byte(value),
     }
 }
 
