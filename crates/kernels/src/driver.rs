@@ -245,7 +245,9 @@ impl DeviceBuffer {
     pub fn to_host<T: Copy + Default>(&self) -> Result<Vec<T>> {
         let mut out = vec![T::default(); self.bytes / std::mem::size_of::<T>()];
         // SAFETY: copies at most the allocation's size into a live buffer (synchronous).
-        check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), self.ptr, out.len() * std::mem::size_of::<T>()) })?;
+        check("cuMemcpyDtoH", unsafe {
+            sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), self.ptr, out.len() * std::mem::size_of::<T>())
+        })?;
         Ok(out)
     }
 

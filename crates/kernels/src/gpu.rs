@@ -97,7 +97,9 @@ impl LinearKernels {
             module.function(&name(4))?,
         ];
         let dequant = match format {
-            WeightFormat::Int4 { block_size } => Some(module.function(&source::dequant_name(dtype, block_size, false))?),
+            WeightFormat::Int4 { block_size } => {
+                Some(module.function(&source::dequant_name(dtype, block_size, false))?)
+            }
             WeightFormat::Dense => None,
         };
         let swiglu_rows = module.function(&source::swiglu_rows_name(dtype))?;
@@ -121,19 +123,14 @@ impl LinearKernels {
             return Ok(());
         }
         if m > MAX_TOKENS {
-            return Err(KernelError::bad_input("linear", format!("{m} tokens in one tile launch (at most {MAX_TOKENS})")));
+            return Err(KernelError::bad_input(
+                "linear",
+                format!("{m} tokens in one tile launch (at most {MAX_TOKENS})"),
+            ));
         }
         let tiles = m.div_ceil(8);
-        let args = LinearArgs {
-            x,
-            w,
-            scales,
-            y,
-            m: dim(m, "M")?,
-            n: dim(n, "N")?,
-            k: dim(k, "K")?,
-            act: swiglu as i32,
-        };
+        let args =
+            LinearArgs { x, w, scales, y, m: dim(m, "M")?, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
         let config = LaunchConfig {
             grid: ((n / TILE_ROWS) as u32, 1),
             block: 32 * warps,
@@ -146,7 +143,12 @@ impl LinearKernels {
     ///
     /// # Safety
     /// As [`Self::launch_tiles`].
-    pub unsafe fn launch_dequant(&self, stream: Stream, (w, scales, out): (u64, u64, u64), (n, k): (usize, usize)) -> Result<()> {
+    pub unsafe fn launch_dequant(
+        &self,
+        stream: Stream,
+        (w, scales, out): (u64, u64, u64),
+        (n, k): (usize, usize),
+    ) -> Result<()> {
         let f = self.dequant.ok_or_else(|| KernelError::bad_input("linear", "dense weights have no dequantization"))?;
         let pieces = n * k.div_ceil(CHUNK_K) * 4;
         let args = DequantArgs { w, scales, out, n: dim(n, "N")?, k: dim(k, "K")? };
@@ -408,7 +410,12 @@ impl MoeKernels {
             k: dim(s.k, "k")?,
             normalize: normalize as i32,
         };
-        launch(self.topk, LaunchConfig { grid: (tokens.div_ceil(8) as u32, 1), block: 256, shared_bytes: 0 }, stream, &topk)?;
+        launch(
+            self.topk,
+            LaunchConfig { grid: (tokens.div_ceil(8) as u32, 1), block: 256, shared_bytes: 0 },
+            stream,
+            &topk,
+        )?;
         let plan = MoePlanArgs {
             topk_expert: scratch.topk_expert,
             pair_token: scratch.pair_token,
@@ -487,10 +494,20 @@ impl ProbeKernels {
     ///
     /// # Safety
     /// As [`LinearKernels::launch_tiles`].
-    pub unsafe fn launch_dequant_f32(&self, stream: Stream, (w, scales, out): (u64, u64, u64), (n, k): (usize, usize)) -> Result<()> {
+    pub unsafe fn launch_dequant_f32(
+        &self,
+        stream: Stream,
+        (w, scales, out): (u64, u64, u64),
+        (n, k): (usize, usize),
+    ) -> Result<()> {
         let pieces = n * k.div_ceil(CHUNK_K) * 4;
         let args = DequantArgs { w, scales, out, n: dim(n, "N")?, k: dim(k, "K")? };
-        launch(self.dequant_f32, LaunchConfig { grid: (pieces.div_ceil(256) as u32, 1), block: 256, shared_bytes: 0 }, stream, &args)
+        launch(
+            self.dequant_f32,
+            LaunchConfig { grid: (pieces.div_ceil(256) as u32, 1), block: 256, shared_bytes: 0 },
+            stream,
+            &args,
+        )
     }
 
     /// Reads `bytes` (a multiple of 16) at `buf` once.
@@ -499,12 +516,13 @@ impl ProbeKernels {
     /// `buf` must hold `bytes`; `sink` 4 bytes.
     pub unsafe fn launch_read(&self, stream: Stream, buf: u64, bytes: usize, sink: u64) -> Result<()> {
         let (mut p, mut n, mut s) = (buf, (bytes / 16) as i64, sink);
-        let mut params = [
-            (&mut p as *mut u64).cast(),
-            (&mut n as *mut i64).cast(),
-            (&mut s as *mut u64).cast(),
-        ];
+        let mut params = [(&mut p as *mut u64).cast(), (&mut n as *mut i64).cast(), (&mut s as *mut u64).cast()];
         let grid = (self.sm_count.max(1) as u32) * 8;
-        launch_raw(self.read_bandwidth, LaunchConfig { grid: (grid, 1), block: 256, shared_bytes: 0 }, stream, &mut params)
+        launch_raw(
+            self.read_bandwidth,
+            LaunchConfig { grid: (grid, 1), block: 256, shared_bytes: 0 },
+            stream,
+            &mut params,
+        )
     }
 }

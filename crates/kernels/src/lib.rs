@@ -12,6 +12,8 @@
 
 pub mod cublas;
 pub mod driver;
+#[cfg(test)]
+mod emulator;
 pub mod error;
 pub mod gpu;
 pub mod layout;

@@ -270,7 +270,9 @@ impl Nvrtc {
         });
         // SAFETY: destroyed once.
         let _ = unsafe { nvrtc::destroy_program(prog) };
-        if std::env::var_os("PIO_PTXAS_LOG").is_some() { eprintln!("{log}"); }
+        if std::env::var_os("PIO_PTXAS_LOG").is_some() {
+            eprintln!("{log}");
+        }
         if cubin.is_ok() && !log.trim().is_empty() {
             tracing::debug!("NVRTC log for {family}:\n{log}");
         }
@@ -318,7 +320,8 @@ fn store(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let err = |source| KernelError::Cache { path: path.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(err)?;
-    let tmp = dir.join(format!(".{}.{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("cubin"), std::process::id()));
+    let tmp =
+        dir.join(format!(".{}.{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("cubin"), std::process::id()));
     std::fs::write(&tmp, bytes).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
 }

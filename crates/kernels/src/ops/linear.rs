@@ -53,7 +53,9 @@ impl Spec {
         let swiglu = match kctx.get::<i64>("activation").unwrap_or(ACTIVATION_NONE) {
             ACTIVATION_NONE => false,
             ACTIVATION_SWIGLU => true,
-            other => return Err(KernelError::bad_input(op, format!("activation {other} is not 0 (none) or 1 (SwiGLU)"))),
+            other => {
+                return Err(KernelError::bad_input(op, format!("activation {other} is not 0 (none) or 1 (SwiGLU)")))
+            }
         };
         if swiglu && !n.is_multiple_of(16) {
             return Err(KernelError::bad_input(op, format!("SwiGLU needs N ({n}) in groups of 16 rows")));
@@ -83,7 +85,10 @@ impl Spec {
             None => self.n * self.k,
         };
         if numel(w) != expected {
-            return Err(KernelError::bad_input(self.op, format!("weight has shape {w:?}, {expected} elements expected")));
+            return Err(KernelError::bad_input(
+                self.op,
+                format!("weight has shape {w:?}, {expected} elements expected"),
+            ));
         }
         if let (Some(s), Some(shape)) = (self.int4_shape(), scales) {
             if numel(shape) != s.scales_len() {
@@ -137,7 +142,9 @@ macro_rules! linear_operator {
                 let spec = Spec::read(kctx, $name, $int4).map_err(ort::Error::wrap)?;
                 Ok(match self.0 {
                     Placement::Cpu => Box::new(CpuLinear { spec }),
-                    Placement::Cuda(dtype) => Box::new(CudaLinear::new(spec, dtype, device_ordinal(kctx)).map_err(ort::Error::wrap)?),
+                    Placement::Cuda(dtype) => {
+                        Box::new(CudaLinear::new(spec, dtype, device_ordinal(kctx)).map_err(ort::Error::wrap)?)
+                    }
                 })
             }
         }
@@ -155,7 +162,8 @@ struct CpuLinear {
 impl CpuLinear {
     fn run(&self, ctx: &ComputeContext) -> Result<()> {
         let s = self.spec;
-        let input = |i: usize| ctx.input(i)?.ok_or_else(|| KernelError::bad_input(s.op, format!("input {i} is missing")));
+        let input =
+            |i: usize| ctx.input(i)?.ok_or_else(|| KernelError::bad_input(s.op, format!("input {i} is missing")));
         let x = input(0)?;
         let w = input(1)?;
         let (out_shape, m) = s.output_shape(&shape_of(&x, s.op, "input A")?)?;
@@ -232,7 +240,8 @@ impl CudaLinear {
 
     fn run(&mut self, ctx: &ComputeContext) -> Result<()> {
         let s = self.spec;
-        let input = |i: usize| ctx.input(i)?.ok_or_else(|| KernelError::bad_input(s.op, format!("input {i} is missing")));
+        let input =
+            |i: usize| ctx.input(i)?.ok_or_else(|| KernelError::bad_input(s.op, format!("input {i} is missing")));
         let x = input(0)?;
         let w = input(1)?;
         let scales = if s.int4_shape().is_some() { Some(input(2)?) } else { None };
@@ -284,7 +293,13 @@ impl CudaLinear {
 
     /// cuBLAS with ONNX Runtime's handle; scratch from the provider's allocator (freed when the
     /// call returns: later users of that memory are ordered after this work on the same stream).
-    fn run_cublas(&self, ctx: &ComputeContext, stream: Stream, (x, w, scales, y): (u64, u64, u64, u64), m: usize) -> Result<()> {
+    fn run_cublas(
+        &self,
+        ctx: &ComputeContext,
+        stream: Stream,
+        (x, w, scales, y): (u64, u64, u64, u64),
+        m: usize,
+    ) -> Result<()> {
         let s = self.spec;
         let cublas = Cublas::get()?;
         let handle = ctx.resource(ort::ep::cuda::resource::CuBLASHandle)?;
@@ -293,7 +308,8 @@ impl CudaLinear {
         }
         let dequant_bytes = if s.int4_shape().is_some() { s.n * s.k * 2 } else { 0 };
         let gu_bytes = if s.swiglu { m * s.n * 2 } else { 0 };
-        let info = MemoryInfo::new(AllocationDevice::CUDA, self.device.ordinal, AllocatorType::Device, MemoryType::Default)?;
+        let info =
+            MemoryInfo::new(AllocationDevice::CUDA, self.device.ordinal, AllocatorType::Device, MemoryType::Default)?;
         let allocator = ctx.allocator(&info)?;
         let scratch = if dequant_bytes + gu_bytes > 0 {
             Some(allocator.alloc::<u8>(dequant_bytes.div_ceil(256) * 256 + gu_bytes)?)

@@ -198,7 +198,8 @@ impl CudaMoe {
         let group = call.tokens.min(MOE_TOKENS_PER_GROUP);
         let dtype_bytes = 2;
         let (bytes, _) = s.scratch_layout(group, dtype_bytes);
-        let info = MemoryInfo::new(AllocationDevice::CUDA, self.device.ordinal, AllocatorType::Device, MemoryType::Default)?;
+        let info =
+            MemoryInfo::new(AllocationDevice::CUDA, self.device.ordinal, AllocatorType::Device, MemoryType::Default)?;
         let allocator = ctx.allocator(&info)?;
         // Freed when the call returns: later users of the memory are ordered after this work on the stream.
         let block = allocator.alloc::<u8>(bytes)?;
