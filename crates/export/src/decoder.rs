@@ -45,6 +45,9 @@ pub struct ExportSettings {
     /// Attention as com.microsoft GroupQueryAttention; false (`--no-fused-attention`) builds it
     /// from standard ONNX ops instead, to measure what the fused kernel buys.
     pub fused_attention: bool,
+    /// Inference-PIO's own operators (`--pio-kernels`, the `pio-kernels` crate) instead of ONNX
+    /// Runtime's for projections, SwiGLU and int4 experts.
+    pub pio_kernels: crate::pio_ops::PioKernels,
 }
 
 /// Standard deviations covered by an int8 KV scale: values beyond clip (about 6e-5 of a
@@ -87,6 +90,7 @@ impl ExportSettings {
             kv_cache_int8: false,
             sliding_window: true,
             fused_attention: true,
+            pio_kernels: crate::pio_ops::PioKernels::none(),
         }
     }
 
@@ -187,6 +191,7 @@ impl ExportSettings {
             };
             bail!("--no-sliding-window does not apply: {model} has no sliding-window layers ({why})");
         }
+        self.pio_kernels.validate(self.precision, self.target_ep, self.int4_block_size)?;
         if text.rope.rope_type != "default" && text.rope.rope_type != "linear" {
             bail!("rope_type `{}` is not supported yet (supported: default, linear)", text.rope.rope_type);
         }
@@ -241,6 +246,8 @@ pub struct DecoderBuilder<'a> {
     sin_cache: String,
     /// The int4 embedding table's (packed, scales) initializers, for a tied int4 lm_head.
     int4_embedding: Option<(String, String)>,
+    /// The `--pio-kernels` families that produced nodes (for the manifest).
+    pub pio_usage: crate::pio_ops::PioUsage,
 }
 
 impl<'a> DecoderBuilder<'a> {
@@ -295,6 +302,7 @@ impl<'a> DecoderBuilder<'a> {
             cos_cache,
             sin_cache,
             int4_embedding: None,
+            pio_usage: Default::default(),
         })
     }
 
@@ -385,7 +393,9 @@ impl<'a> DecoderBuilder<'a> {
         let read: usize = tensors.iter().map(|t| t.data.len()).sum();
         let total_out: usize = out_dims.iter().sum();
         let dtype = self.dtype;
-        let y = if quantize {
+        let y = if let Some(y) = self.pio_projection(x, node_name, &tensors, (in_dim, total_out), quantize)? {
+            y
+        } else if quantize {
             crate::quant::matmul_nbits_parts(
                 &mut self.g,
                 x,
@@ -711,6 +721,9 @@ impl<'a> DecoderBuilder<'a> {
     /// SwiGLU MLP: down(silu(gate(x)) * up(x)); gate and up as one MatMul when `fused_gate_up`.
     pub fn swiglu_mlp(&mut self, prefix: &str, h: &str, intermediate: usize) -> Result<String> {
         let hidden = self.text.hidden_size;
+        if let Some(act) = self.pio_swiglu(prefix, h, intermediate)? {
+            return self.linear(&act, &format!("{prefix}.down_proj"), intermediate, hidden, false);
+        }
         let (gate, up) = if self.settings.fused_gate_up {
             let names = [format!("{prefix}.gate_proj"), format!("{prefix}.up_proj")];
             let both = self.linear_parts(
@@ -801,6 +814,7 @@ impl<'a> DecoderBuilder<'a> {
                 let prefix = name.trim_end_matches(".weight").to_string();
                 self.projection(&h, "lm_head", &[prefix], hidden, &[vocab], false, false)?
             }
+            None if self.pio_tied_lm_head(&h, tied_table).is_some() => "lm_head/out0".to_string(),
             None => {
                 let flat_shape = self.g.const_i64("lm_head_flat_shape", &[-1, hidden as i64])?;
                 let flat = self.g.node("Reshape", "lm_head_flatten").inputs(&[&h, &flat_shape]).out();

@@ -106,8 +106,20 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
         (i.to_vec(), o.to_vec())
     };
     let model_path = tmp.path().join(MODEL_FILE);
-    let metadata =
-        [("pio.architecture", config.architecture.hf_name().to_string()), ("pio.source", req.source.clone())];
+    let pio_families = builder.pio_usage.families();
+    let mut metadata =
+        vec![("pio.architecture", config.architecture.hf_name().to_string()), ("pio.source", req.source.clone())];
+    if !pio_families.is_empty() {
+        // What a user loading this graph elsewhere sees next to ONNX Runtime's "not a registered op".
+        metadata.push((
+            "pio.custom_ops",
+            format!(
+                "domain {} ({}): Inference-PIO's own kernels; load this graph with pio / pio-runtime, which registers them",
+                pio_kernels::ops::DOMAIN,
+                pio_families.join(", ")
+            ),
+        ));
+    }
     let weight_bytes = builder.g.save(&model_path, env!("CARGO_PKG_VERSION"), &metadata)?;
     progress.finish_and_clear();
 
@@ -162,6 +174,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
             int4_embeddings: req.settings.int4_embeddings,
             layer_windows: req.settings.layer_windows(t),
             fused_attention: req.settings.fused_attention,
+            pio_kernels: pio_families,
         },
         bos_token_id: gen.bos_token_id.or(config.bos_token_id),
         eos_token_ids: eos,

@@ -8,9 +8,11 @@ pub mod decoder;
 pub mod export;
 pub mod moe;
 pub mod onnx;
+pub mod pio_ops;
 pub mod quant;
 pub mod synthetic;
 pub mod unfused_attention;
 
 pub use decoder::ExportSettings;
 pub use export::{export, ExportRequest, ExportSummary};
+pub use pio_ops::PioKernels;

@@ -4,6 +4,9 @@
 //! of the PTX ISA (independently of how the kernel maps k). It agreeing with [`crate::reference`]
 //! is what says the kernels' fragment mapping, packing and epilogues are right without a GPU.
 
+// Lanes are indices by nature here (lane -> (groupID, threadID_in_group)).
+#![allow(clippy::needless_range_loop)]
+
 use half::{bf16, f16};
 
 use crate::source::{CHUNK_K, TILE_ROWS};
@@ -21,7 +24,7 @@ impl Dt {
             Dt::Bf16 => bf16::from_bits(h).to_f32(),
         }
     }
-    pub fn from_f32(self, v: f32) -> u16 {
+    pub fn bits_of(self, v: f32) -> u16 {
         match self {
             Dt::F16 => f16::from_f32(v).to_bits(),
             Dt::Bf16 => bf16::from_f32(v).to_bits(),
@@ -30,7 +33,7 @@ impl Dt {
     /// `fma.rn.{f16,bf16}x2 d, a, b, c` on packed pairs.
     fn fma2(self, a: u32, b: u32, c: u32) -> u32 {
         let lane = |x: u32, i: u32| self.to_f32((x >> (16 * i)) as u16);
-        let r = |i: u32| self.from_f32(lane(a, i).mul_add(lane(b, i), lane(c, i))) as u32;
+        let r = |i: u32| self.bits_of(lane(a, i).mul_add(lane(b, i), lane(c, i))) as u32;
         r(0) | (r(1) << 16)
     }
 }
@@ -250,7 +253,7 @@ pub fn linear(
             for idx in 0..TILE_ROWS * cols {
                 let (r, mm) = (idx % TILE_ROWS, idx / TILE_ROWS);
                 if mm < m {
-                    y[mm * n + n0 + r] = dt.from_f32(fin[r * cols + mm]);
+                    y[mm * n + n0 + r] = dt.bits_of(fin[r * cols + mm]);
                 }
             }
         } else {
@@ -258,7 +261,7 @@ pub fn linear(
                 let (r, mm) = (idx % 8, idx / 8);
                 if mm < m {
                     let (gate, up) = (fin[r * cols + mm], fin[(r + 8) * cols + mm]);
-                    y[mm * out_n + n0 / 2 + r] = dt.from_f32(crate::reference::silu_mul(gate, up));
+                    y[mm * out_n + n0 / 2 + r] = dt.bits_of(crate::reference::silu_mul(gate, up));
                 }
             }
         }
@@ -323,13 +326,14 @@ pub fn moe_topk(
     (experts, weights)
 }
 
+/// A slot: (expert, first pair, pairs).
+pub type Slot = (usize, usize, usize);
+/// (pair_token, pair_slot_of, slots).
+pub type MoePlan = (Vec<usize>, Vec<usize>, Vec<Slot>);
+
 /// `pio_moe_plan` (with a sequential scatter: the kernel's atomic order within an expert changes
 /// no result). Returns (pair_token, pair_slot_of, slots as (expert, begin, count)).
-pub fn moe_plan(
-    topk_expert: &[usize],
-    k: usize,
-    experts: usize,
-) -> (Vec<usize>, Vec<usize>, Vec<(usize, usize, usize)>) {
+pub fn moe_plan(topk_expert: &[usize], k: usize, experts: usize) -> MoePlan {
     let mut count = vec![0usize; experts];
     for &e in topk_expert {
         count[e] += 1;
@@ -414,7 +418,7 @@ pub fn moe(
                 if m < n {
                     let cols = 8 * tiles;
                     let v = crate::reference::silu_mul(fin[r * cols + m], fin[(r + 8) * cols + m]);
-                    h[(begin + m) * inter + n0 / 2 + r] = dt.from_f32(v);
+                    h[(begin + m) * inter + n0 / 2 + r] = dt.bits_of(v);
                 }
             }
         }
@@ -438,7 +442,7 @@ pub fn moe(
         for c in 0..hidden {
             let sum: f32 =
                 (0..k).map(|j| topk_weight[t * k + j] * pair_out[pair_slot_of[t * k + j] * hidden + c]).sum();
-            y[t * hidden + c] = dt.from_f32(sum);
+            y[t * hidden + c] = dt.bits_of(sum);
         }
     }
     y
@@ -454,7 +458,7 @@ mod tests {
 
     /// Random values already representable in `dt` (bits, and their f32 values).
     fn values(rng: &mut ChaCha8Rng, dt: Dt, n: usize, scale: f32) -> (Vec<u16>, Vec<f32>) {
-        let bits: Vec<u16> = (0..n).map(|_| dt.from_f32(rng.random_range(-scale..scale))).collect();
+        let bits: Vec<u16> = (0..n).map(|_| dt.bits_of(rng.random_range(-scale..scale))).collect();
         let f = bits.iter().map(|&b| dt.to_f32(b)).collect();
         (bits, f)
     }
@@ -607,8 +611,8 @@ mod tests {
                 let (pb, pf) = values(&mut rng, dt, tokens * experts, 2.0);
                 let (rwb, rwf) = values(&mut rng, dt, tokens * experts, 1.0);
                 let (rwb, rwf): (Vec<u16>, Vec<f32>) = (
-                    rwb.iter().map(|&b| dt.from_f32(dt.to_f32(b).abs() + 0.01)).collect(),
-                    rwf.iter().map(|v| dt.to_f32(dt.from_f32(v.abs() + 0.01))).collect(),
+                    rwb.iter().map(|&b| dt.bits_of(dt.to_f32(b).abs() + 0.01)).collect(),
+                    rwf.iter().map(|v| dt.to_f32(dt.bits_of(v.abs() + 0.01))).collect(),
                 );
                 let e1 = Experts { packed: &p1, scales: &sb1, rows: 2 * inter, k: hidden, block_size: 32 };
                 let e2 = Experts { packed: &p2, scales: &sb2, rows: hidden, k: inter, block_size: 32 };
@@ -616,7 +620,7 @@ mod tests {
                 let routing = reference::route(&pf, with_rw.then_some(&rwf[..]), tokens, experts, k, normalize);
                 let w1 = reference::ExpertWeights { shape: fc1[0].shape, packed: &p1, scales: &s1 };
                 let w2 = reference::ExpertWeights { shape: fc2[0].shape, packed: &p2, scales: &s2 };
-                let round = |v: f32| dt.to_f32(dt.from_f32(v));
+                let round = |v: f32| dt.to_f32(dt.bits_of(v));
                 let expected = reference::moe_int4(&xf, tokens, &w1, &w2, (&routing.0, &routing.1), k, round);
                 assert_close(dt, &y, &expected, &format!("{dt:?} MoE E={experts} k={k} T={tokens}"));
             }

@@ -293,6 +293,12 @@ impl DecoderModel {
         let env = crate::ort_lib::environment()?;
         let builder = Session::builder(env).map_err(ort_err)?;
         let mut builder = ep.configure(builder)?;
+        if !manifest.options.pio_kernels.is_empty() {
+            // The graph uses Inference-PIO's own operators (pio-export --pio-kernels): CUDA kernels
+            // compiled now for this GPU, or their CPU references.
+            let domain = pio_kernels::ops::operator_domain().map_err(ort_err)?;
+            builder = builder.with_operators(domain).map_err(ort_err)?;
+        }
         let session =
             builder.commit_from_file(&model_path).map_err(|e| anyhow!("cannot load {}: {e}", model_path.display()))?;
         let device_allocator = match ep.device_id() {

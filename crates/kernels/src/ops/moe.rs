@@ -141,7 +141,7 @@ struct CpuMoe {
     attrs: Attrs,
 }
 
-fn f32s<'v>(v: &'v DynValue) -> Result<&'v [f32]> {
+fn f32s(v: &DynValue) -> Result<&[f32]> {
     Ok(v.try_extract_tensor::<f32>()?.1)
 }
 
