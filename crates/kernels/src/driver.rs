@@ -266,27 +266,107 @@ impl Drop for DeviceBuffer {
     }
 }
 
+/// Copies `len` elements at device address `src` to the host (synchronous).
+///
+/// # Safety
+/// `src` must be device memory of the current context holding `len` elements of `T`.
+pub unsafe fn copy_to_host<T: Copy + Default>(src: u64, len: usize) -> Result<Vec<T>> {
+    let mut out = vec![T::default(); len];
+    check("cuMemcpyDtoH", sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), src, len * std::mem::size_of::<T>()))?;
+    Ok(out)
+}
+
+/// Copies `src` to device address `dst` (synchronous).
+///
+/// # Safety
+/// `dst` must be device memory of the current context holding `src.len()` bytes.
+pub unsafe fn copy_to_device(dst: u64, src: &[u8]) -> Result<()> {
+    check("cuMemcpyHtoD", sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len()))
+}
+
 /// Waits for all work of the current context.
 pub fn synchronize() -> Result<()> {
     // SAFETY: no arguments.
     check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
 }
 
-/// GPU time of `f`'s launches on the default stream, in milliseconds (events around it).
-pub fn time_ms(f: impl FnOnce() -> Result<()>) -> Result<f32> {
+/// The installed driver's CUDA version (13000 for 13.0).
+pub fn driver_version() -> Result<i32> {
+    driver()?;
+    let mut v = 0;
+    // SAFETY: writes one int.
+    check("cuDriverGetVersion", unsafe { sys::cuDriverGetVersion(&mut v) })?;
+    Ok(v)
+}
+
+/// GPU time of `f`'s launches on `stream`, in milliseconds (events around it).
+pub fn time_ms(stream: &OwnedStream, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+    let stream = stream.0;
     let (mut start, mut end) = (std::ptr::null_mut(), std::ptr::null_mut());
-    // SAFETY: events created, recorded on the default stream, waited on and destroyed here.
+    // SAFETY: events created, recorded on `stream`, waited on and destroyed here.
     unsafe {
         check("cuEventCreate", sys::cuEventCreate(&mut start, 0))?;
         check("cuEventCreate", sys::cuEventCreate(&mut end, 0))?;
-        check("cuEventRecord", sys::cuEventRecord(start, std::ptr::null_mut()))?;
+        check("cuEventRecord", sys::cuEventRecord(start, stream))?;
         let r = f();
-        check("cuEventRecord", sys::cuEventRecord(end, std::ptr::null_mut()))?;
+        check("cuEventRecord", sys::cuEventRecord(end, stream))?;
         check("cuEventSynchronize", sys::cuEventSynchronize(end))?;
         let mut ms = 0f32;
         check("cuEventElapsedTime", sys::cuEventElapsedTime_v2(&mut ms, start, end))?;
         let _ = sys::cuEventDestroy_v2(start);
         let _ = sys::cuEventDestroy_v2(end);
         r.map(|()| ms)
+    }
+}
+
+/// A stream of the GPU check (destroyed on drop).
+pub struct OwnedStream(pub Stream);
+
+impl OwnedStream {
+    pub fn new() -> Result<OwnedStream> {
+        let mut s = std::ptr::null_mut();
+        // SAFETY: creates a non-blocking stream in the current context.
+        check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut s, 1) })?;
+        Ok(OwnedStream(s))
+    }
+}
+
+impl Drop for OwnedStream {
+    fn drop(&mut self) {
+        // SAFETY: destroyed once.
+        unsafe {
+            let _ = sys::cuStreamDestroy_v2(self.0);
+        }
+    }
+}
+
+/// Mean GPU time per call of `launch` (which enqueues on the stream it is given), in
+/// microseconds: `calls` launches captured into one CUDA graph, replayed `replays` times, so the
+/// kernels run back to back as in a CUDA-graph decode step, without CPU launch costs. `launch(i)`
+/// is told the call index (to rotate weight copies past the L2 cache).
+pub fn graph_time_us(calls: usize, replays: usize, launch: impl Fn(Stream, usize) -> Result<()>) -> Result<f64> {
+    let stream = OwnedStream::new()?;
+    let s = stream.0;
+    let (mut graph, mut exec) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: capture on our own stream; the graph objects are destroyed below.
+    unsafe {
+        check(
+            "cuStreamBeginCapture",
+            sys::cuStreamBeginCapture_v2(s, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED),
+        )?;
+        let captured = (0..calls).try_for_each(|i| launch(s, i));
+        check("cuStreamEndCapture", sys::cuStreamEndCapture(s, &mut graph))?;
+        captured?;
+        check("cuGraphInstantiate", sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0))?;
+        let run = || -> Result<()> {
+            check("cuGraphLaunch", sys::cuGraphLaunch(exec, s))?;
+            check("cuStreamSynchronize", sys::cuStreamSynchronize(s))
+        };
+        run()?; // warm-up
+        let ms =
+            time_ms(&stream, || (0..replays).try_for_each(|_| check("cuGraphLaunch", sys::cuGraphLaunch(exec, s))));
+        let _ = sys::cuGraphExecDestroy(exec);
+        let _ = sys::cuGraphDestroy(graph);
+        Ok(ms? as f64 * 1000.0 / (calls * replays) as f64)
     }
 }

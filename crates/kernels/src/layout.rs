@@ -126,10 +126,39 @@ pub fn pack_row(shape: &Int4Shape, code: impl Fn(usize) -> u8, out: &mut [u8]) {
 }
 
 /// Repacks one MatMulNBits row (`matmulnbits_row_bytes`: codes along K, the even k in the low
-/// nibble) into the kernels' layout.
+/// nibble) into the kernels' layout, a word at a time (the same result as [`pack_row`] over its
+/// codes, tested).
 pub fn repack_matmulnbits_row(shape: &Int4Shape, mnb_row: &[u8], out: &mut [u8]) {
     debug_assert_eq!(mnb_row.len(), shape.matmulnbits_row_bytes());
-    pack_row(shape, |k| (mnb_row[k / 2] >> (4 * (k % 2))) & 0x0F, out);
+    debug_assert_eq!(out.len(), shape.row_bytes());
+    // Low nibbles of 4 bytes into 16 bits, in byte order.
+    fn squeeze(x: u32) -> u32 {
+        let y = (x | (x >> 4)) & 0x00FF_00FF;
+        (y | (y >> 8)) & 0xFFFF
+    }
+    for c in 0..shape.padded_k() / CHUNK_K {
+        for t in 0..4 {
+            for j in 0..4 {
+                let k0 = CHUNK_K * c + 32 * j + 8 * t;
+                // Codes k0..k0+8 are the 4 bytes at k0/2 (K is a multiple of 32, so a word is
+                // either all real or all padding).
+                let word = if k0 < shape.k {
+                    let v = u32::from_le_bytes([
+                        mnb_row[k0 / 2],
+                        mnb_row[k0 / 2 + 1],
+                        mnb_row[k0 / 2 + 2],
+                        mnb_row[k0 / 2 + 3],
+                    ]);
+                    // Even elements (low nibbles) to nibble positions 0..3, odd ones to 4..7.
+                    squeeze(v & 0x0F0F_0F0F) | (squeeze((v >> 4) & 0x0F0F_0F0F) << 16)
+                } else {
+                    0x8888_8888
+                };
+                let at = 64 * c + 16 * t + 4 * j;
+                out[at..at + 4].copy_from_slice(&word.to_le_bytes());
+            }
+        }
+    }
 }
 
 /// One row of MatMulNBits scales (`matmulnbits_blocks` values of `elem` bytes each) padded with
@@ -217,6 +246,9 @@ mod tests {
             let expected = (mnb[k / 2] >> (4 * (k % 2))) & 0x0F;
             assert_eq!(code_at(&ours, k), expected, "k {k}");
         }
+        let mut slow = vec![0u8; shape.row_bytes()];
+        pack_row(&shape, |k| (mnb[k / 2] >> (4 * (k % 2))) & 0x0F, &mut slow);
+        assert_eq!(ours, slow, "the word-level repack equals packing code by code");
         let mut scales = vec![0xAAu8; shape.scale_cols() * 2];
         pad_scales_row(&shape, &[1, 2, 3, 4, 5, 6], 2, &mut scales);
         assert_eq!(scales, [1, 2, 3, 4, 5, 6, 0, 0]);

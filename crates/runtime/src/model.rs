@@ -225,7 +225,7 @@ fn device_tensor(alloc: &Allocator, dtype: TensorDtype, shape: &[usize]) -> Resu
 /// Binds `value` as input `name` without a copy. (`IoBinding::bind_input` copies any tensor it
 /// does not own, such as a view, since the binding could outlive it; the caller keeps `value`
 /// alive until the run is over.)
-fn bind_input_in_place(
+pub fn bind_input_in_place(
     binding: &mut ort::session::IoBinding,
     name: &str,
     value: &ort::value::DynValueRefMut<'_>,
