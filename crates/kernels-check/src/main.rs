@@ -48,7 +48,7 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_delimiter = ',', default_value = "all")]
         presets: Vec<String>,
-        /// Token counts for Qwen3-4B (the first preset).
+        /// Token counts for Qwen3-4B (the first preset) and for every MoE layer.
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         tokens: Vec<usize>,
         /// Token counts for the other presets.

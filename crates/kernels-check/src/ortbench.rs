@@ -111,6 +111,8 @@ pub fn run(out: &Path, presets: &[String], main_tokens: &[usize], other_tokens: 
         }
         let mut rows = Vec::new();
         for kind in &kinds {
+            // Experts at every batch (the MoE target is per batch size), projections as asked.
+            let tokens = if matches!(kind, Kind::Moe(_)) { main_tokens } else { tokens };
             for &m in tokens {
                 let label = case_label(kind, m);
                 eprintln!("[pio-kernels-check] {label}");
