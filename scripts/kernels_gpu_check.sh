@@ -5,22 +5,24 @@
 #   source .gpu/ort-env.sh            # ONNX Runtime's GPU build (ORT_DYLIB_PATH, LD_LIBRARY_PATH)
 #   OUT=/path/to/results bash scripts/kernels_gpu_check.sh
 #
-# Binaries: pio, pio-export, pio-kernels-check from .gpu/ (else target/release/). Needs python3
+# Binaries: pio, pio-export, pio-kernels-check from .gpu/ (else target/release/). Exported graphs go
+# to PIO_CHECK_WORK (default /dev/shm/pio-kernels-check, about 25 GB at most; removed at the end
+# unless PIO_CHECK_KEEP=1). Needs python3
 # (stdlib; torch only for the cross-check of the bandwidth) and libnvrtc (/usr/local/cuda/lib64,
 # or PIO_NVRTC_PATH). Every step writes under $OUT (JSON + a log each); a step that fails or runs
 # out of time is logged in $OUT/steps.jsonl and the next one runs. $OUT/summary.json and the
 # printed summary put it together.
 #
-# Steps (budget: PIO_CHECK_BUDGET seconds in all, default 470):
+# Steps, in this order (budget: PIO_CHECK_BUDGET seconds in all, default 480):
 #   1. device + read bandwidth: torch (a large read), and the kernels' own read kernel (probe);
 #   2. probe: int4 dequantization bit for bit; every preset projection through the tile kernels
 #      directly (M = 1, 8, 32; warps per CTA swept), checked against the CPU reference;
-#   3. ops: every operator against ONNX Runtime's counterpart inside ONNX Runtime with CUDA graphs
-#      (MatMulNBits, MatMul/cuBLAS, the 5-node SwiGLU, QMoE): max relative error, us/op, TB/s;
-#   4. a synthetic Qwen3-4B exported four ways (bf16 / int4, stock / --pio-kernels), pio bench at
+#   3. a synthetic Qwen3-4B exported four ways (bf16 / int4, stock / --pio-kernels), pio bench at
 #      batch 1/8/32 with CUDA graphs (its CUDA-graph check replays the pio kernels too);
-#   5. greedy equality over 64 tokens, stock against --pio-kernels, bf16 and int4 (plus the
+#   4. greedy equality over 64 tokens, stock against --pio-kernels, bf16 and int4 (plus the
 #      teacher-forced logits);
+#   5. ops: every operator against ONNX Runtime's counterpart inside ONNX Runtime with CUDA graphs
+#      (MatMulNBits, MatMul/cuBLAS, the 5-node SwiGLU, QMoE): max relative error, us/op, TB/s;
 #   6. if time is left: Qwen3-Coder-30B-A3B cut to 4 layers, int4, QMoE against MoEInt4 at batch 1.
 set -uo pipefail
 
@@ -28,7 +30,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/kernels-check-out}"
 mkdir -p "$OUT"
-BUDGET="${PIO_CHECK_BUDGET:-470}"
+BUDGET="${PIO_CHECK_BUDGET:-480}"
 START=$(date +%s)
 WORK="${PIO_CHECK_WORK:-/dev/shm/pio-kernels-check}"
 if ! mkdir -p "$WORK" 2>/dev/null; then WORK="$OUT/work"; mkdir -p "$WORK"; fi
@@ -98,10 +100,7 @@ step torch_bandwidth 40 torch_bandwidth
 # 2. Probe: bandwidth, exact dequantization, the tile kernels on every projection shape.
 step probe 110 "$CHECK" probe --out "$OUT/probe.json" --tokens 1,8,32
 
-# 3. Each operator against ONNX Runtime's counterpart.
-step ops 170 "$CHECK" ops --out "$OUT/ops.json" --tokens 1,8,32 --other-tokens 1
-
-# 4. Qwen3-4B, four graphs, pio bench.
+# 3. Qwen3-4B, four graphs, pio bench.
 CK="$WORK/qwen3-4b-ck"
 step checkpoint 60 "$EXPORT" --model qwen3-4b-instruct-2507 --synthetic --checkpoint-only --checkpoint-out "$CK"
 export_pair() {  # precision: the stock and the --pio-kernels graph, side by side
@@ -118,6 +117,7 @@ export CK
 export -f export_pair
 step export_bf16 80 export_pair bf16
 step export_int4 80 export_pair int4
+rm -rf "$CK"  # the graphs are all that is needed from here on (keeps /dev/shm small)
 GRAPHS=()
 for g in q4b-bf16-stock q4b-bf16-pio q4b-int4-stock q4b-int4-pio; do
   [ -f "$WORK/$g/pio.json" ] && GRAPHS+=(--graphs "$WORK/$g")
@@ -127,13 +127,17 @@ if [ ${#GRAPHS[@]} -gt 0 ]; then
     --decode-prompt-len 128 --decode-tokens 64 --repeats 1 --out "$OUT/bench.json"
 fi
 
-# 5. Greedy equality, stock against --pio-kernels.
+# 4. Greedy equality, stock against --pio-kernels.
 for p in bf16 int4; do
   if [ -f "$WORK/q4b-$p-stock/pio.json" ] && [ -f "$WORK/q4b-$p-pio/pio.json" ]; then
     step "greedy_$p" 60 "$CHECK" greedy --stock "$WORK/q4b-$p-stock" --pio "$WORK/q4b-$p-pio" --tokens 64 \
       --out "$OUT/greedy-$p.json"
   fi
 done
+
+# 5. Each operator against ONNX Runtime's counterpart (last of the main steps: it saves after every
+#    case, so a cut-short run keeps Qwen3-4B's cases, which come first).
+step ops 200 "$CHECK" ops --out "$OUT/ops.json" --tokens 1,8,32 --other-tokens 1
 
 # 6. MoE at the model level, if time is left: Qwen3-Coder-30B-A3B, 4 of 48 layers, int4.
 if [ "$(left)" -gt 90 ]; then
@@ -150,6 +154,7 @@ if [ "$(left)" -gt 90 ]; then
   export MCK
   export -f moe_exports
   step moe_export 40 moe_exports
+  rm -rf "$MCK"
   step moe_bench 60 "$PIO" bench --graphs "$WORK/coder-int4-stock" --graphs "$WORK/coder-int4-pio" --ep cuda \
     --cuda-graph on --batches 1,8 --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 64 --repeats 1 \
     --out "$OUT/moe-bench.json"
@@ -159,4 +164,5 @@ fi
 
 # The summary (stdlib python).
 "$PY" "$ROOT/scripts/kernels_gpu_summary.py" "$OUT" "$WORK" | tee "$OUT/summary.txt"
+if [ "${PIO_CHECK_KEEP:-0}" != 1 ]; then rm -rf "$WORK"; fi  # PIO_CHECK_KEEP=1 keeps the exported graphs
 echo "[kernels-check] done in $(( $(date +%s) - START ))s; results in $OUT"
