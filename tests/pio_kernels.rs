@@ -1,9 +1,10 @@
 //! Graphs exported with `--pio-kernels` (Inference-PIO's own operators, domain ai.pio), run on
 //! the CPU, where each operator is its Rust reference:
-//! * fp32 (`linear` + `swiglu`: every projection, the fused SwiGLU MLPs, the tied lm_head over the
-//!   embedding table): logits within 1e-4 of transformers at every prefill position and cached
+//! * fp32 (`linear`, `lm_head`, `swiglu`: every projection, the fused SwiGLU MLPs, the tied lm_head
+//!   over the embedding table): logits within 1e-4 of transformers at every prefill position and cached
 //!   step, and greedy 32 tokens equal to `generate`, on Qwen3 and both MoE architectures;
-//! * int4 (`linear`, `swiglu`, `moe`: the kernels' int4 layout, MoEInt4 for the experts): the
+//! * int4 (`linear`, `lm_head`, `swiglu`, `moe`: the kernels' int4 layout, the 16-bit lm_head,
+//!   MoEInt4 for the experts): the
 //!   same logits as ONNX Runtime's MatMulNBits / QMoE graph of the same checkpoint (both compute
 //!   the same dequantized weights), and the same greedy tokens;
 //! * such a graph names its operators in the manifest, and an ONNX Runtime session that did not
@@ -64,7 +65,8 @@ fn int4_graphs_with_pio_kernels_match_onnx_runtime_int4() {
         export_to(&fixture, &stock, int4_settings(false));
         export_to(&fixture, &pio, int4_settings(true));
         let moe = name.contains("moe");
-        let expected_families = if moe { vec!["linear", "moe", "swiglu"] } else { vec!["linear", "swiglu"] };
+        let expected_families =
+            if moe { vec!["linear", "lm_head", "moe", "swiglu"] } else { vec!["linear", "lm_head", "swiglu"] };
         assert_eq!(families(&pio), expected_families, "{name}: families in the manifest");
         assert!(families(&stock).is_empty(), "{name}: the stock graph uses no pio kernels");
         let graph = String::from_utf8_lossy(&std::fs::read(pio.join("model.onnx")).unwrap()).into_owned();

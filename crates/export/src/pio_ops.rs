@@ -1,9 +1,11 @@
 //! Nodes for Inference-PIO's own operators (domain `ai.pio`, implemented by the `pio-kernels`
 //! crate), chosen at export with `--pio-kernels`:
 //!
-//! * `linear`: projections (q/k/v, o, down, the lm_head, and gate/up when `swiglu` is off) as
-//!   `ai.pio.LinearInt4` (int4, the kernels' layout) or `ai.pio.Linear` (16-bit, the weight as
-//!   the checkpoint stores it, (out, in); a tied lm_head reads the embedding table itself);
+//! * `linear`: the decoder layers' projections (q/k/v, o, down, and gate/up when `swiglu` is off)
+//!   as `ai.pio.LinearInt4` (int4, the kernels' layout) or `ai.pio.Linear` (16-bit, the weight as
+//!   the checkpoint stores it, (out, in));
+//! * `lm_head`: the lm_head likewise (16-bit unless `--int4-lm-head`; a tied one reads the
+//!   embedding table itself);
 //! * `swiglu`: gate and up as one such node whose epilogue is `silu(gate) * up` (rows grouped by
 //!   16), replacing MatMul + Split + Sigmoid + Mul + Mul;
 //! * `moe`: the routed int4 experts as `ai.pio.MoEInt4` instead of com.microsoft QMoE.
@@ -30,11 +32,13 @@ use crate::quant::{self, Int4Layout};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PioKernels {
     pub linear: bool,
+    pub lm_head: bool,
     pub swiglu: bool,
     pub moe: bool,
 }
 
 pub const LINEAR: &str = "linear";
+pub const LM_HEAD: &str = "lm_head";
 pub const SWIGLU: &str = "swiglu";
 pub const MOE: &str = "moe";
 
@@ -45,26 +49,29 @@ impl PioKernels {
 
     /// Every family that applies to `precision` (MoEInt4 is int4 only).
     pub fn all_for(precision: Precision) -> Self {
-        PioKernels { linear: true, swiglu: true, moe: precision == Precision::Int4 }
+        PioKernels { linear: true, lm_head: true, swiglu: true, moe: precision == Precision::Int4 }
     }
 
-    /// `all`, or a comma-separated list of `linear`, `swiglu`, `moe`.
+    /// `all`, or a comma-separated list of `linear`, `lm_head`, `swiglu`, `moe`.
     pub fn parse(list: &str, precision: Precision) -> Result<Self> {
         let mut k = PioKernels::none();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match item {
                 "all" => k = PioKernels::all_for(precision),
                 LINEAR => k.linear = true,
+                LM_HEAD => k.lm_head = true,
                 SWIGLU => k.swiglu = true,
                 MOE => k.moe = true,
-                other => bail!("unknown --pio-kernels family `{other}`; known: all, {LINEAR}, {SWIGLU}, {MOE}"),
+                other => {
+                    bail!("unknown --pio-kernels family `{other}`; known: all, {LINEAR}, {LM_HEAD}, {SWIGLU}, {MOE}")
+                }
             }
         }
         Ok(k)
     }
 
     pub fn any(&self) -> bool {
-        self.linear || self.swiglu || self.moe
+        self.linear || self.lm_head || self.swiglu || self.moe
     }
 
     /// Refuses what the kernels cannot serve.
@@ -260,8 +267,9 @@ pub fn moe_node(
 }
 
 impl crate::decoder::DecoderBuilder<'_> {
-    /// A projection as an `ai.pio` node when `--pio-kernels linear` applies to it (None: the
-    /// caller writes ONNX Runtime's MatMul / MatMulNBits). `tensors` are the (out_i, in) parts.
+    /// A projection as an `ai.pio` node when `--pio-kernels linear` (or `lm_head`, for the node
+    /// named `lm_head`) applies to it (None: the caller writes ONNX Runtime's MatMul /
+    /// MatMulNBits). `tensors` are the (out_i, in) parts.
     pub(crate) fn pio_projection(
         &mut self,
         x: &str,
@@ -270,11 +278,16 @@ impl crate::decoder::DecoderBuilder<'_> {
         (in_dim, total_out): (usize, usize),
         quantize: bool,
     ) -> Result<Option<String>> {
-        if !self.settings.pio_kernels.linear {
+        let (wanted, family) = if node_name == "lm_head" {
+            (self.settings.pio_kernels.lm_head, LM_HEAD)
+        } else {
+            (self.settings.pio_kernels.linear, LINEAR)
+        };
+        if !wanted {
             return Ok(None);
         }
         if let Some(why) = fallback_reason(node_name, total_out, in_dim) {
-            tracing::warn!("--pio-kernels linear: {why}");
+            tracing::warn!("--pio-kernels {family}: {why}");
             return Ok(None);
         }
         let (dtype, bs) = (self.dtype, self.settings.int4_block_size);
@@ -286,7 +299,7 @@ impl crate::decoder::DecoderBuilder<'_> {
             let w = dense_initializer(&mut self.g, node_name, (total_out, in_dim), dtype, stacked_rows(tensors))?;
             linear_node(&mut self.g, x, node_name, &w, (total_out, in_dim), false)
         };
-        self.pio_usage.used(LINEAR);
+        self.pio_usage.used(family);
         Ok(Some(y))
     }
 
@@ -324,14 +337,14 @@ impl crate::decoder::DecoderBuilder<'_> {
     /// The tied 16-bit lm_head as `ai.pio.Linear` over the embedding table itself.
     pub(crate) fn pio_tied_lm_head(&mut self, h: &str, table: &str) -> Option<String> {
         let (hidden, vocab) = (self.text.hidden_size, self.text.vocab_size);
-        if !self.settings.pio_kernels.linear || table.is_empty() {
+        if !self.settings.pio_kernels.lm_head || table.is_empty() {
             return None;
         }
         if let Some(why) = fallback_reason("lm_head", vocab, hidden) {
-            tracing::warn!("--pio-kernels linear: {why}");
+            tracing::warn!("--pio-kernels {LM_HEAD}: {why}");
             return None;
         }
-        self.pio_usage.used(LINEAR);
+        self.pio_usage.used(LM_HEAD);
         Some(linear_node(&mut self.g, h, "lm_head", table, (vocab, hidden), false))
     }
 
@@ -401,11 +414,11 @@ mod tests {
     #[test]
     fn families_parse_and_validate() {
         let all = PioKernels::parse("all", Precision::Int4).unwrap();
-        assert_eq!(all, PioKernels { linear: true, swiglu: true, moe: true });
+        assert_eq!(all, PioKernels { linear: true, lm_head: true, swiglu: true, moe: true });
         assert!(!PioKernels::parse("all", Precision::Bf16).unwrap().moe, "MoEInt4 is int4 only");
         assert_eq!(
             PioKernels::parse("linear, moe", Precision::Int4).unwrap(),
-            PioKernels { linear: true, swiglu: false, moe: true }
+            PioKernels { linear: true, lm_head: false, swiglu: false, moe: true }
         );
         let e = PioKernels::parse("linear,gemm", Precision::Int4).unwrap_err().to_string();
         assert!(e.contains("`gemm`"), "{e}");

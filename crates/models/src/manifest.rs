@@ -151,7 +151,7 @@ pub struct ExportOptions {
     #[serde(default = "default_true")]
     pub fused_attention: bool,
     /// Families of Inference-PIO's own operators (domain `ai.pio`) the graph uses: `linear`,
-    /// `swiglu`, `moe`. Non-empty: the runtime registers the domain (pio-kernels) when it loads
+    /// `lm_head`, `swiglu`, `moe`. Non-empty: the runtime registers the domain (pio-kernels) when it loads
     /// the graph. Empty in graphs of ONNX Runtime's operators only.
     #[serde(default)]
     pub pio_kernels: Vec<String>,
