@@ -797,6 +797,9 @@ impl<'a> DecoderBuilder<'a> {
         } else {
             h.to_string()
         };
+        // A tied 16-bit lm_head as ai.pio.Linear over the table (`--pio-kernels lm_head`).
+        let pio_tied =
+            if lm_head.is_none() && !self.settings.int4_lm_head { self.pio_tied_lm_head(&h, tied_table) } else { None };
         let logits = match lm_head {
             // MatMulNBits takes the (vocab, hidden) table as it is stored, tied or not.
             // A tied lm_head reads the int4 embedding table itself: one copy for both.
@@ -814,7 +817,7 @@ impl<'a> DecoderBuilder<'a> {
                 let prefix = name.trim_end_matches(".weight").to_string();
                 self.projection(&h, "lm_head", &[prefix], hidden, &[vocab], false, false)?
             }
-            None if self.pio_tied_lm_head(&h, tied_table).is_some() => "lm_head/out0".to_string(),
+            None if pio_tied.is_some() => pio_tied.clone().unwrap_or_default(),
             None => {
                 let flat_shape = self.g.const_i64("lm_head_flat_shape", &[-1, hidden as i64])?;
                 let flat = self.g.node("Reshape", "lm_head_flatten").inputs(&[&h, &flat_shape]).out();
