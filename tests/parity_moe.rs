@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 use pio_export::checkpoint::Checkpoint;
 use pio_export::synthetic::{write_checkpoint, ShapeOverrides};
@@ -147,18 +145,6 @@ fn moe_config_aliases_and_defaults() {
     .unwrap();
     q.as_object_mut().unwrap().remove("partial_rotary_factor");
     assert_eq!(ModelConfig::from_value(&q).unwrap().text.rope.partial_rotary_factor, 1.0);
-}
-
-/// Every position's logits of `prompt` and of two cached steps after it.
-fn logits_with_steps(graphs: &Path, prompt: &[u32], steps: &[u32]) -> Vec<Vec<f32>> {
-    let mut model = DecoderModel::load(graphs, &ExecutionProvider::default()).unwrap();
-    let mut cache = model.new_cache().unwrap();
-    let prefill = model.forward(prompt, &mut cache).unwrap();
-    let mut rows: Vec<Vec<f32>> = (0..prefill.rows).map(|i| prefill.row(i).to_vec()).collect();
-    for &t in steps {
-        rows.push(model.forward(&[t], &mut cache).unwrap().last().to_vec());
-    }
-    rows
 }
 
 /// QMoE (int4 experts; GLM routing through its `router_weights` input) computes exactly the

@@ -341,3 +341,16 @@ pub fn greedy_options(max_tokens: usize) -> pio_runtime::generate::GenerateOptio
         ..Default::default()
     }
 }
+
+/// Every position's logits of `prompt`, then of each cached step in `steps`.
+pub fn logits_with_steps(graphs: &Path, prompt: &[u32], steps: &[u32]) -> Vec<Vec<f32>> {
+    let mut model =
+        pio_runtime::model::DecoderModel::load(graphs, &pio_runtime::ep::ExecutionProvider::default()).unwrap();
+    let mut cache = model.new_cache().unwrap();
+    let prefill = model.forward(prompt, &mut cache).unwrap();
+    let mut rows: Vec<Vec<f32>> = (0..prefill.rows).map(|i| prefill.row(i).to_vec()).collect();
+    for &t in steps {
+        rows.push(model.forward(&[t], &mut cache).unwrap().last().to_vec());
+    }
+    rows
+}

@@ -48,6 +48,8 @@ pub struct DecoderBuilder<'a> {
     attention_inputs: AttentionInputs,
     /// The int4 embedding table's (packed, scales) initializers, for a tied int4 lm_head.
     int4_embedding: Option<(String, String)>,
+    /// The `--pio-kernels` families that produced nodes (for the manifest).
+    pub pio_usage: crate::pio_ops::PioUsage,
 }
 
 impl<'a> DecoderBuilder<'a> {
@@ -124,7 +126,17 @@ impl<'a> DecoderBuilder<'a> {
             let (token_cos, token_sin) = token_rows(&mut g)?;
             AttentionInputs::Unfused(UnfusedInputs::new(&mut g, text, settings, &mask, &total, &token_cos, &token_sin)?)
         };
-        Ok(DecoderBuilder { g, ck, text, settings, dtype, progress, attention_inputs, int4_embedding: None })
+        Ok(DecoderBuilder {
+            g,
+            ck,
+            text,
+            settings,
+            dtype,
+            progress,
+            attention_inputs,
+            int4_embedding: None,
+            pio_usage: Default::default(),
+        })
     }
 
     /// Where this graph's weights come from.
@@ -161,7 +173,17 @@ impl<'a> DecoderBuilder<'a> {
         bias: bool,
     ) -> Result<String> {
         let quantize = self.settings.precision == Precision::Int4;
-        self.weights().projection(&mut self.g, x, node_name, hf_prefixes, in_dim, out_dims, bias, quantize)
+        self.weights().projection(
+            &mut self.g,
+            Some(&mut self.pio_usage),
+            x,
+            node_name,
+            hf_prefixes,
+            in_dim,
+            out_dims,
+            bias,
+            quantize,
+        )
     }
 
     /// RMSNorm over the last axis.
@@ -430,6 +452,9 @@ impl<'a> DecoderBuilder<'a> {
     /// SwiGLU MLP: down(silu(gate(x)) * up(x)); gate and up as one MatMul when `fused_gate_up`.
     pub fn swiglu_mlp(&mut self, prefix: &str, h: &str, intermediate: usize) -> Result<String> {
         let hidden = self.text.hidden_size;
+        if let Some(act) = self.pio_swiglu(prefix, h, intermediate)? {
+            return self.linear(&act, &format!("{prefix}.down_proj"), intermediate, hidden, false);
+        }
         let (gate, up) = if self.settings.fused_gate_up {
             let names = [format!("{prefix}.gate_proj"), format!("{prefix}.up_proj")];
             let both = self.linear_parts(
@@ -520,6 +545,9 @@ impl<'a> DecoderBuilder<'a> {
         } else {
             h.to_string()
         };
+        // A tied 16-bit lm_head as ai.pio.Linear over the table (`--pio-kernels lm_head`).
+        let pio_tied =
+            if lm_head.is_none() && !self.settings.int4_lm_head { self.pio_tied_lm_head(&h, tied_table) } else { None };
         let logits = match lm_head {
             // MatMulNBits takes the (vocab, hidden) table as it is stored, tied or not.
             // A tied lm_head reads the int4 embedding table itself: one copy for both.
@@ -531,12 +559,33 @@ impl<'a> DecoderBuilder<'a> {
             }
             _ if self.settings.int4_lm_head => {
                 let source = lm_head.unwrap_or(tied_table).trim_end_matches(".weight").to_string();
-                self.weights().projection(&mut self.g, &h, "lm_head", &[source], hidden, &[vocab], false, true)?
+                self.weights().projection(
+                    &mut self.g,
+                    Some(&mut self.pio_usage),
+                    &h,
+                    "lm_head",
+                    &[source],
+                    hidden,
+                    &[vocab],
+                    false,
+                    true,
+                )?
             }
             Some(name) => {
                 let prefix = name.trim_end_matches(".weight").to_string();
-                self.weights().projection(&mut self.g, &h, "lm_head", &[prefix], hidden, &[vocab], false, false)?
+                self.weights().projection(
+                    &mut self.g,
+                    Some(&mut self.pio_usage),
+                    &h,
+                    "lm_head",
+                    &[prefix],
+                    hidden,
+                    &[vocab],
+                    false,
+                    false,
+                )?
             }
+            None if pio_tied.is_some() => pio_tied.clone().unwrap_or_default(),
             None => {
                 let flat_shape = self.g.const_i64("lm_head_flat_shape", &[-1, hidden as i64])?;
                 let flat = self.g.node("Reshape", "lm_head_flatten").inputs(&[&h, &flat_shape]).out();

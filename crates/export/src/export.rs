@@ -123,8 +123,20 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
         (i.to_vec(), o.to_vec())
     };
     let model_path = tmp.path().join(MODEL_FILE);
-    let metadata =
-        [("pio.architecture", config.architecture.hf_name().to_string()), ("pio.source", req.source.clone())];
+    let pio_families = builder.pio_usage.families();
+    let mut metadata =
+        vec![("pio.architecture", config.architecture.hf_name().to_string()), ("pio.source", req.source.clone())];
+    if !pio_families.is_empty() {
+        // What a user loading this graph elsewhere sees next to ONNX Runtime's "not a registered op".
+        metadata.push((
+            "pio.custom_ops",
+            format!(
+                "domain {} ({}): Inference-PIO's own kernels; load this graph with pio / pio-runtime, which registers them",
+                pio_kernels::ops::DOMAIN,
+                pio_families.join(", ")
+            ),
+        ));
+    }
     let weights = builder.weights();
     let mut weight_bytes = builder.g.save(&model_path, env!("CARGO_PKG_VERSION"), &metadata)?;
     let mut model_bytes = std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0);
@@ -185,6 +197,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
             int4_embeddings: req.settings.int4_embeddings,
             layer_windows: req.settings.layer_windows(t),
             fused_attention: req.settings.fused_attention,
+            pio_kernels: pio_families,
         },
         bos_token_id: gen.bos_token_id.or(config.bos_token_id),
         eos_token_ids: eos,

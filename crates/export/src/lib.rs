@@ -8,6 +8,7 @@ pub mod decoder;
 pub mod export;
 pub mod moe;
 pub mod onnx;
+pub mod pio_ops;
 pub mod quant;
 pub mod rotary;
 pub mod settings;
@@ -18,4 +19,5 @@ pub mod vision_export;
 pub mod weights;
 
 pub use export::{export, ExportRequest, ExportSummary};
+pub use pio_ops::PioKernels;
 pub use settings::ExportSettings;

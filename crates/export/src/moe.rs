@@ -242,6 +242,11 @@ impl DecoderBuilder<'_> {
         let quantized = self.settings.precision == Precision::Int4;
         let name = format!("{mlp}.experts");
         let r = self.op_routing(routing, &name, m.num_experts_per_tok, quantized)?;
+        if let Some(y) =
+            self.pio_routed_experts(tokens, mlp, &name, (&r.probs, r.router_weights.as_deref(), r.normalize))?
+        {
+            return Ok(y); // quantized routing never rescales (QMoE takes the weights directly)
+        }
         let weights = self.expert_weights(mlp, &name, &m, quantized)?;
 
         let mut inputs = vec![tokens.to_string(), r.probs];

@@ -36,6 +36,9 @@ pub struct ExportSettings {
     /// Attention as com.microsoft GroupQueryAttention; false (`--no-fused-attention`) builds it
     /// from standard ONNX ops instead, to measure what the fused kernel buys.
     pub fused_attention: bool,
+    /// Inference-PIO's own operators (`--pio-kernels`, the `pio-kernels` crate) instead of ONNX
+    /// Runtime's for projections, SwiGLU and int4 experts.
+    pub pio_kernels: crate::pio_ops::PioKernels,
 }
 
 pub const PAST_KEY: &str = "past_key_values.{layer}.key";
@@ -74,6 +77,7 @@ impl ExportSettings {
             kv_cache_int8: false,
             sliding_window: true,
             fused_attention: true,
+            pio_kernels: crate::pio_ops::PioKernels::none(),
         }
     }
 
@@ -174,6 +178,7 @@ impl ExportSettings {
             };
             bail!("--no-sliding-window does not apply: {model} has no sliding-window layers ({why})");
         }
+        self.pio_kernels.validate(self.precision, self.target_ep, self.int4_block_size)?;
         if text.rope.rope_type != "default" && text.rope.rope_type != "linear" {
             bail!("rope_type `{}` is not supported yet (supported: default, linear)", text.rope.rope_type);
         }

@@ -46,6 +46,7 @@ impl WeightSource<'_> {
     pub fn projection(
         &self,
         g: &mut Graph,
+        pio_usage: Option<&mut crate::pio_ops::PioUsage>,
         x: &str,
         node_name: &str,
         hf_prefixes: &[String],
@@ -62,7 +63,23 @@ impl WeightSource<'_> {
         let read: usize = tensors.iter().map(|t| t.data.len()).sum();
         let total_out: usize = out_dims.iter().sum();
         let dtype = self.dtype;
-        let y = if quantize {
+        // `--pio-kernels`: Inference-PIO's own operator where it applies (decoder graphs only).
+        let pio = match pio_usage {
+            Some(usage) => crate::pio_ops::projection(
+                g,
+                self.settings,
+                usage,
+                x,
+                node_name,
+                &tensors,
+                (in_dim, total_out),
+                quantize,
+            )?,
+            None => None,
+        };
+        let y = if let Some(y) = pio {
+            y
+        } else if quantize {
             crate::quant::matmul_nbits_parts(
                 g,
                 x,

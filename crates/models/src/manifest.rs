@@ -150,6 +150,11 @@ pub struct ExportOptions {
     /// (`--no-fused-attention`), whose present cache is Concat(past, new).
     #[serde(default = "default_true")]
     pub fused_attention: bool,
+    /// Families of Inference-PIO's own operators (domain `ai.pio`) the graph uses: `linear`,
+    /// `lm_head`, `swiglu`, `moe`. Non-empty: the runtime registers the domain (pio-kernels) when it loads
+    /// the graph. Empty in graphs of ONNX Runtime's operators only.
+    #[serde(default)]
+    pub pio_kernels: Vec<String>,
 }
 
 fn default_true() -> bool {

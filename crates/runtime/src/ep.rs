@@ -1456,6 +1456,7 @@ mod tests {
                 int4_embeddings: false,
                 layer_windows: vec![],
                 fused_attention: true,
+                pio_kernels: vec![],
             },
             bos_token_id: None,
             eos_token_ids: vec![1],

@@ -237,6 +237,12 @@ fn ort_err(e: ort::Error) -> anyhow::Error {
     anyhow::Error::new(e)
 }
 
+/// A session builder's error without the builder it carries back (which is not `Send`): the
+/// same ONNX Runtime code and message.
+fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
+    ort_err(ort::Error::new_with_code(e.code(), e.message()))
+}
+
 /// `$body` with `$t` standing for the Rust element type of a KV cache dtype.
 macro_rules! with_kv_element {
     ($dtype:expr, $t:ident => $body:expr) => {
@@ -274,7 +280,7 @@ fn device_tensor(alloc: &Allocator, dtype: TensorDtype, shape: &[usize]) -> Resu
 /// Binds `value` as input `name` without a copy. (`IoBinding::bind_input` copies any tensor it
 /// does not own, such as a view, since the binding could outlive it; the caller keeps `value`
 /// alive until the run is over.)
-fn bind_input_in_place(
+pub fn bind_input_in_place(
     binding: &mut ort::session::IoBinding,
     name: &str,
     value: &ort::value::DynValueRefMut<'_>,
@@ -360,6 +366,12 @@ impl DecoderModel {
         let env = crate::ort_lib::environment()?;
         let builder = Session::builder(env).map_err(ort_err)?;
         let mut builder = ep.configure(builder)?;
+        if !manifest.options.pio_kernels.is_empty() {
+            // The graph uses Inference-PIO's own operators (pio-export --pio-kernels): CUDA kernels
+            // compiled now for this GPU, or their CPU references.
+            let domain = pio_kernels::ops::operator_domain().map_err(ort_err)?;
+            builder = builder.with_operators(domain).map_err(builder_err)?;
+        }
         let session = builder
             .commit_from_file(&model_path)
             .map_err(ort_err)

@@ -386,7 +386,7 @@ impl VisionBuilder<'_> {
     }
 
     fn linear(&mut self, x: &str, prefix: &str, in_dim: usize, out_dim: usize) -> Result<String> {
-        self.w.projection(&mut self.g, x, prefix, &[prefix.to_string()], in_dim, &[out_dim], true, false)
+        self.w.projection(&mut self.g, None, x, prefix, &[prefix.to_string()], in_dim, &[out_dim], true, false)
     }
 
     /// Attention of one block on its normed input (1, N, hidden): qkv with bias, rotary on q
@@ -442,7 +442,7 @@ impl VisionBuilder<'_> {
     /// act(x @ W^T + bias) with the bias added inside the activation op.
     fn biased_activation(&mut self, x: &str, prefix: &str, in_dim: usize, out_dim: usize, op: &str) -> Result<String> {
         let names = [prefix.to_string()];
-        let y = self.w.projection(&mut self.g, x, prefix, &names, in_dim, &[out_dim], false, false)?;
+        let y = self.w.projection(&mut self.g, None, x, prefix, &names, in_dim, &[out_dim], false, false)?;
         let bias = self.w.bias(&mut self.g, prefix, &names, &[out_dim])?;
         Ok(self.g.node(op, &format!("{prefix}.act")).ms().inputs(&[&y, &bias]).out())
     }

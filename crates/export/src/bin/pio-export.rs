@@ -121,6 +121,12 @@ struct Args {
     /// from the model's once a sequence outgrows the window).
     #[arg(long)]
     no_sliding_window: bool,
+    /// Inference-PIO's own kernels (custom operators of domain ai.pio, compiled for the GPU when
+    /// the graph loads): `all` (the default when the flag has no value) or a comma-separated list
+    /// of linear (the layers' projections), lm_head, swiglu (gate/up with the SwiGLU in the kernel's
+    /// epilogue), moe (int4 experts). The graph then needs pio to run.
+    #[arg(long, num_args = 0..=1, default_missing_value = "all")]
+    pio_kernels: Option<String>,
     /// Replace the output folder if it exists.
     #[arg(long)]
     force: bool,
@@ -242,6 +248,10 @@ fn run(args: Args) -> Result<()> {
         context_length,
         config.text.qk_norm && !args.no_fused_attention,
     );
+    let pio_kernels = match &args.pio_kernels {
+        Some(list) => pio_export::PioKernels::parse(list, precision)?,
+        None => pio_export::PioKernels::none(),
+    };
     let out_dir =
         args.out.clone().unwrap_or_else(|| Path::new("graphs").join(format!("{base_name}-{}", precision.as_str())));
     let request = ExportRequest {
@@ -260,6 +270,7 @@ fn run(args: Args) -> Result<()> {
             int4_embeddings: args.int4_embeddings,
             sliding_window: !args.no_sliding_window,
             fused_attention: !args.no_fused_attention,
+            pio_kernels,
             ..defaults
         },
         overwrite: args.force,

@@ -186,6 +186,11 @@ impl<'g> NodeBuilder<'g> {
         self.proto.domain = MS_DOMAIN.to_string();
         self
     }
+    /// Marks the node as an op of another domain (Inference-PIO's `ai.pio`).
+    pub fn domain(mut self, domain: &str) -> Self {
+        self.proto.domain = domain.to_string();
+        self
+    }
     pub fn attr(mut self, name: &str, value: impl Into<Attr>) -> Self {
         self.proto.attribute.push(attribute(name, value.into()));
         self
@@ -371,6 +376,13 @@ impl Graph {
         let mut opset_import = vec![OperatorSetIdProto { domain: String::new(), version: ONNX_OPSET }];
         if uses_ms {
             opset_import.push(OperatorSetIdProto { domain: MS_DOMAIN.into(), version: 1 });
+        }
+        // Custom domains (version 1 each), in order of first use.
+        for node in &self.nodes {
+            let d = &node.domain;
+            if !d.is_empty() && d != MS_DOMAIN && !opset_import.iter().any(|o| &o.domain == d) {
+                opset_import.push(OperatorSetIdProto { domain: d.clone(), version: 1 });
+            }
         }
         let weight_bytes =
             self.weights.finish().with_context(|| format!("finishing {}", self.weight_path.display()))?;

@@ -1,0 +1,94 @@
+//! `pio-kernels-check`: the GPU check of Inference-PIO's kernels (scripts/kernels_gpu_check.sh
+//! runs it on the GPU host). Each subcommand writes one JSON report, saved after every section.
+//!
+//! * `probe`: the device, its read bandwidth, int4 dequantization bit for bit, and the tile
+//!   kernels timed directly on every projection shape of the presets (warps per CTA swept),
+//!   checked against the CPU reference;
+//! * `ops`: each operator against its ONNX Runtime counterpart inside ONNX Runtime (CUDA graphs):
+//!   max relative error, µs per op, TB/s, speed-up;
+//! * `greedy`: a `--pio-kernels` graph against the stock graph of the same checkpoint: greedy
+//!   tokens and teacher-forced logits.
+
+mod data;
+mod greedy;
+mod ortbench;
+mod probe;
+mod report;
+mod shapes;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pio-kernels-check", about = "GPU check of Inference-PIO's kernels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Device, bandwidth, dequantization exactness, direct kernel timings.
+    Probe {
+        #[arg(long)]
+        out: PathBuf,
+        /// Token counts (M) of the kernel timings.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        tokens: Vec<usize>,
+        /// Presets whose projections are timed (`all` or preset names).
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        presets: Vec<String>,
+    },
+    /// Each operator against ONNX Runtime's counterpart.
+    Ops {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        presets: Vec<String>,
+        /// Token counts for Qwen3-4B (the first preset) and for every MoE layer.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        tokens: Vec<usize>,
+        /// Token counts for the other presets.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        other_tokens: Vec<usize>,
+        /// GiB of device memory for the weight copies of the timing graphs.
+        #[arg(long, default_value_t = 4.5)]
+        pool_gib: f64,
+    },
+    /// Greedy tokens and teacher-forced logits of a --pio-kernels graph against the stock one.
+    Greedy {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        stock: PathBuf,
+        #[arg(long)]
+        pio: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        #[arg(long, default_value_t = 32)]
+        prompt_tokens: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    pio_models::logging::init();
+    let result: Result<()> = match Cli::parse().command {
+        Command::Probe { out, tokens, presets } => probe::run(&out, &tokens, &presets),
+        Command::Ops { out, presets, tokens, other_tokens, pool_gib } => {
+            ortbench::run(&out, &presets, &tokens, &other_tokens, pool_gib)
+        }
+        Command::Greedy { out, stock, pio, tokens, prompt_tokens } => {
+            greedy::run(&out, &stock, &pio, tokens, prompt_tokens)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pio-kernels-check: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! `pio-kernels-check probe`: the device, its read bandwidth, the exactness of the int4
+//! dequantization, and the tile kernels timed directly (CUDA-graph replays of back-to-back
+//! launches over weight copies larger than the L2 cache, for several warps per CTA), each checked
+//! against the CPU reference.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use pio_kernels::driver::{self, Device, DeviceBuffer};
+use pio_kernels::gpu::{default_warps, LinearKernels, ProbeKernels, WeightFormat};
+use pio_kernels::layout::Int4Shape;
+use pio_kernels::nvrtc::Nvrtc;
+use pio_kernels::reference;
+use pio_kernels::source::{ActDtype, INT4_BLOCK_SIZES};
+use serde_json::{json, Value};
+
+use crate::data::{diff, to_f32, values, Int4Weight, Rng};
+use crate::report::Report;
+use crate::shapes::{projections, Projection, PRESETS};
+
+/// Bytes of weight copies the timing loops rotate through (well past the 50 MB L2 cache).
+const ROTATION_BYTES: usize = 1 << 30;
+
+pub fn run(out: &Path, tokens: &[usize], presets: &[String]) -> Result<()> {
+    let mut report = Report::new(out);
+    let device = Device::get(0)?;
+    device.make_current()?;
+    let nvrtc = Nvrtc::get()?;
+    report.set(
+        "device",
+        json!({
+            "name": device.name,
+            "arch": format!("sm_{}", device.arch),
+            "sms": device.sm_count,
+            "driver_cuda_version": driver::driver_version()?,
+            "nvrtc": nvrtc.version_string(),
+            "nvrtc_location": nvrtc.location.display().to_string(),
+        }),
+    )?;
+    let bw = report.section("bandwidth", || bandwidth(device));
+    let tbps = bw.as_ref().and_then(|v| v["best_tb_per_s"].as_f64());
+    report.section("dequant_exact", || dequant_exact(device));
+    report.section("tile_kernels", || tile_kernels(device, tokens, presets, tbps));
+    report.save()
+}
+
+/// The best and median of 10 full reads of a 4 GiB buffer.
+fn bandwidth(device: &Device) -> Result<Value> {
+    let probe = ProbeKernels::new(device, ActDtype::F16, 32)?;
+    let bytes = 4usize << 30;
+    let buf = DeviceBuffer::new(bytes)?;
+    buf.zero()?;
+    let sink = DeviceBuffer::new(16)?;
+    let stream = driver::OwnedStream::new()?;
+    let mut times = Vec::new();
+    for _ in 0..11 {
+        // SAFETY: `buf` holds `bytes`, `sink` 16 bytes; both outlive the synchronous timing.
+        let ms = driver::time_ms(&stream, || unsafe { probe.launch_read(stream.0, buf.ptr, bytes, sink.ptr) })?;
+        times.push(ms as f64);
+    }
+    times.remove(0); // first touch
+    times.sort_by(f64::total_cmp);
+    let tb = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e12;
+    Ok(json!({
+        "bytes": bytes,
+        "best_ms": times[0],
+        "median_ms": times[times.len() / 2],
+        "best_tb_per_s": tb(times[0]),
+        "median_tb_per_s": tb(times[times.len() / 2]),
+    }))
+}
+
+/// The f32 dequantization kernel against the CPU's (q - 8) * scale, bit for bit, and the 16-bit
+/// dequantization (the cuBLAS path) against its rounding.
+fn dequant_exact(device: &Device) -> Result<Value> {
+    let mut rows = Vec::new();
+    let mut rng = Rng::new(3);
+    for dtype in [ActDtype::F16, ActDtype::Bf16] {
+        for bs in INT4_BLOCK_SIZES {
+            let shape = Int4Shape::new(512, 2560 + 96, bs)?; // a partial last chunk too
+            let w = Int4Weight::random(&mut rng, dtype, shape);
+            let (packed, scales) = w.to_pio(|r| r);
+            let scales_f32: Vec<f32> = scales.iter().map(|&h| to_f32(dtype, h)).collect();
+            let expected = reference::dequantize(&shape, &packed, &scales_f32);
+            let (dp, ds) = (DeviceBuffer::from_host(&packed)?, DeviceBuffer::from_host(&scales)?);
+            let out32 = DeviceBuffer::new(shape.n * shape.k * 4)?;
+            let out16 = DeviceBuffer::new(shape.n * shape.k * 2)?;
+            let probe = ProbeKernels::new(device, dtype, bs)?;
+            let lin = LinearKernels::new(device, WeightFormat::Int4 { block_size: bs }, dtype)?;
+            let null = std::ptr::null_mut();
+            // SAFETY: buffers of the shape's sizes; synchronized before reading.
+            unsafe {
+                probe.launch_dequant_f32(null, (dp.ptr, ds.ptr, out32.ptr), (shape.n, shape.k))?;
+                lin.launch_dequant(null, (dp.ptr, ds.ptr, out16.ptr), (shape.n, shape.k))?;
+            }
+            driver::synchronize()?;
+            let got32: Vec<f32> = out32.to_host()?;
+            let got16: Vec<u16> = out16.to_host()?;
+            let mismatch32 = got32.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            let mismatch16 = got16.iter().zip(&expected).filter(|(&a, &b)| a != crate::data::to_bits(dtype, b)).count();
+            rows.push(json!({
+                "dtype": dtype.tag(), "block_size": bs, "n": shape.n, "k": shape.k,
+                "f32_mismatches": mismatch32, "rounded_mismatches": mismatch16, "elements": expected.len(),
+                "bit_exact": mismatch32 == 0 && mismatch16 == 0,
+            }));
+        }
+    }
+    Ok(Value::Array(rows))
+}
+
+/// One projection at one token count, both formats, several warp counts.
+fn tile_kernels(device: &Device, tokens: &[usize], presets: &[String], tbps: Option<f64>) -> Result<Value> {
+    let mut rows = Vec::new();
+    let mut rng = Rng::new(5);
+    // One rotation pool for every case: random bytes (weights of the timing copies).
+    let pool = DeviceBuffer::from_host(&rng.bytes(ROTATION_BYTES + (256 << 20)))?;
+    for (preset, _) in PRESETS.iter().filter(|(p, _)| presets.iter().any(|s| s == p || s == "all")) {
+        for proj in projections(preset)? {
+            for format in [WeightFormat::Int4 { block_size: 32 }, WeightFormat::Dense] {
+                let dtype = match format {
+                    WeightFormat::Int4 { .. } => ActDtype::F16,
+                    WeightFormat::Dense => ActDtype::Bf16,
+                };
+                let kernels = LinearKernels::new(device, format, dtype)?;
+                for &m in tokens {
+                    let label = format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format));
+                    match tile_case(&kernels, &proj, m, &pool, &mut rng, tbps) {
+                        Ok(v) => rows.push(v),
+                        Err(e) => rows.push(json!({ "case": label, "error": format!("{e:#}") })),
+                    }
+                }
+            }
+        }
+    }
+    Ok(Value::Array(rows))
+}
+
+fn kernel_label(format: WeightFormat) -> &'static str {
+    match format {
+        WeightFormat::Int4 { .. } => "int4-f16",
+        WeightFormat::Dense => "dense-bf16",
+    }
+}
+
+/// (weight bytes, scale bytes) of one copy.
+fn weight_bytes(format: WeightFormat, n: usize, k: usize) -> (usize, usize) {
+    match format {
+        WeightFormat::Int4 { block_size } => {
+            let s = Int4Shape { n, k, block_size };
+            (s.packed_len(), s.scales_len() * 2)
+        }
+        WeightFormat::Dense => (n * k * 2, 0),
+    }
+}
+
+fn tile_case(
+    kernels: &LinearKernels,
+    proj: &Projection,
+    m: usize,
+    pool: &DeviceBuffer,
+    rng: &mut Rng,
+    tbps: Option<f64>,
+) -> Result<Value> {
+    let (format, dtype) = (kernels.format, kernels.dtype);
+    let (n, k) = (proj.n, proj.k);
+    let x = values(rng, dtype, m * k, 1.0);
+    let xf: Vec<f32> = x.iter().map(|&h| to_f32(dtype, h)).collect();
+    let dx = DeviceBuffer::from_host(&x)?;
+    let out_n = if proj.swiglu { n / 2 } else { n };
+    let dy = DeviceBuffer::new(m * out_n * 2)?;
+
+    // Correctness on the first rows (the same kernel on a smaller N), against the reference.
+    let check_n = n.min(512);
+    let (expected, (dw, ds)) = match format {
+        WeightFormat::Int4 { block_size } => {
+            let shape = Int4Shape::new(check_n, k, block_size)?;
+            let w = Int4Weight::random(rng, dtype, shape);
+            let (packed, scales) = w.to_pio(|r| r);
+            let sf: Vec<f32> = scales.iter().map(|&h| to_f32(dtype, h)).collect();
+            let y = reference::linear_int4(&xf, m, &shape, &packed, &sf);
+            (y, (DeviceBuffer::from_host(&packed)?, DeviceBuffer::from_host(&scales)?))
+        }
+        WeightFormat::Dense => {
+            let w = values(rng, dtype, check_n * k, 1.0 / (k as f32).sqrt());
+            let wf: Vec<f32> = w.iter().map(|&h| to_f32(dtype, h)).collect();
+            (reference::linear_dense(&xf, m, check_n, k, &wf), (DeviceBuffer::from_host(&w)?, DeviceBuffer::new(16)?))
+        }
+    };
+    let expected = if proj.swiglu { reference::swiglu_grouped(&expected, m, check_n) } else { expected };
+    let check_out = if proj.swiglu { check_n / 2 } else { check_n };
+    let dcheck = DeviceBuffer::new(m * check_out * 2)?;
+    let warps = default_warps(format, k);
+    // SAFETY: buffers of the sizes the shapes imply; synchronized before reading.
+    unsafe {
+        kernels.launch_tiles(
+            std::ptr::null_mut(),
+            (dx.ptr, dw.ptr, ds.ptr, dcheck.ptr),
+            (m, check_n, k),
+            proj.swiglu,
+            warps,
+        )?;
+    }
+    driver::synchronize()?;
+    let got: Vec<f32> = dcheck.to_host::<u16>()?.iter().map(|&h| to_f32(dtype, h)).collect();
+    let correctness = diff(&got, &expected);
+
+    // Timing over rotating copies of the full weight.
+    let (wbytes, sbytes) = weight_bytes(format, n, k);
+    let per_copy = (wbytes + sbytes).div_ceil(256) * 256;
+    let copies = (ROTATION_BYTES / per_copy).clamp(1, 256);
+    let calls = copies.max(32);
+    let mut timings = Vec::new();
+    let mut candidates = vec![warps, 2, 4, 8];
+    candidates.dedup();
+    candidates.sort();
+    candidates.dedup();
+    for w in candidates {
+        let us = driver::graph_time_us(calls, 10, |stream, i| {
+            let base = pool.ptr + ((i % copies) * per_copy) as u64;
+            // SAFETY: the copy lies inside the pool (copies * per_copy <= ROTATION_BYTES + slack).
+            unsafe {
+                kernels.launch_tiles(stream, (dx.ptr, base, base + wbytes as u64, dy.ptr), (m, n, k), proj.swiglu, w)
+            }
+        })
+        .with_context(|| format!("timing with {w} warps"))?;
+        let bytes = (wbytes + sbytes + m * k * 2 + m * out_n * 2) as f64;
+        let tb = bytes / (us * 1e-6) / 1e12;
+        timings.push(json!({
+            "warps": w, "default": w == warps, "us": us, "tb_per_s": tb,
+            "fraction_of_bandwidth": tbps.map(|b| tb / b),
+        }));
+    }
+    Ok(json!({
+        "case": format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format)),
+        "preset": proj.preset, "projection": proj.name, "format": kernel_label(format), "n": n, "k": k, "m": m,
+        "swiglu": proj.swiglu, "weight_bytes": wbytes + sbytes, "copies_rotated": copies,
+        "max_rel_error_vs_cpu_reference": correctness.max_rel_error, "correctness": correctness,
+        "timings": timings,
+    }))
+}

@@ -1,0 +1,528 @@
+//! Launching the kernels on raw device pointers: what the CUDA operators do inside ONNX Runtime,
+//! and what the GPU check calls directly. Every launch is asynchronous on the given stream, with
+//! no allocation or synchronization (CUDA-graph safe); scratch comes from the caller.
+
+use std::sync::Arc;
+
+use crate::driver::{launch, launch_raw, Device, Function, LaunchConfig, Module, Stream};
+use crate::error::{KernelError, Result};
+use crate::source::{self, ActDtype, Family, KernelSet, CHUNK_K, MAX_TILES, TILE_ROWS};
+
+/// How a projection's weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// The int4 layout of [`crate::layout`].
+    Int4 { block_size: usize },
+    /// (N, K) in the activation dtype.
+    Dense,
+}
+
+/// Tokens one launch of the tile kernels takes.
+pub const MAX_TOKENS: usize = 8 * MAX_TILES;
+
+/// Warps per CTA (they split K): enough chunks per warp to keep 4 loads in flight (int4) or one
+/// 4-KB chunk (dense) without leaving warps idle; at most 8 (256 threads).
+pub fn default_warps(format: WeightFormat, k: usize) -> u32 {
+    let chunks = k.div_ceil(CHUNK_K);
+    let per_warp = match format {
+        WeightFormat::Int4 { .. } => 4,
+        WeightFormat::Dense => 2,
+    };
+    chunks.div_ceil(per_warp).clamp(1, 8) as u32
+}
+
+/// Shared memory of a tile kernel: a [16][8 * tiles] f32 block per warp plus the final sums.
+fn tile_shared_bytes(warps: u32, tiles: usize) -> u32 {
+    ((warps as usize + 1) * TILE_ROWS * 8 * tiles * 4) as u32
+}
+
+#[repr(C)]
+struct LinearArgs {
+    x: u64,
+    w: u64,
+    scales: u64,
+    y: u64,
+    m: i32,
+    n: i32,
+    k: i32,
+    act: i32,
+}
+
+#[repr(C)]
+struct DequantArgs {
+    w: u64,
+    scales: u64,
+    out: u64,
+    n: i32,
+    k: i32,
+}
+
+#[repr(C)]
+struct SwigluArgs {
+    gu: u64,
+    y: u64,
+    m: i32,
+    n: i32,
+}
+
+fn dim(v: usize, what: &'static str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| KernelError::bad_input("kernel launch", format!("{what} = {v} is too large")))
+}
+
+/// The projection kernels of one weight format and dtype.
+pub struct LinearKernels {
+    pub format: WeightFormat,
+    pub dtype: ActDtype,
+    _module: Arc<Module>,
+    tiles: [Function; MAX_TILES],
+    dequant: Option<Function>,
+    swiglu_rows: Function,
+}
+
+impl LinearKernels {
+    pub fn new(device: &Device, format: WeightFormat, dtype: ActDtype) -> Result<Self> {
+        let family = match format {
+            WeightFormat::Int4 { block_size } => Family::LinearInt4 { block_size },
+            WeightFormat::Dense => Family::LinearDense,
+        };
+        let module = device.module(KernelSet { family, dtype })?;
+        let name = |t: usize| match format {
+            WeightFormat::Int4 { block_size } => source::linear_int4_name(dtype, t, block_size),
+            WeightFormat::Dense => source::linear_dense_name(dtype, t),
+        };
+        let tiles = [
+            module.function(&name(1))?,
+            module.function(&name(2))?,
+            module.function(&name(3))?,
+            module.function(&name(4))?,
+        ];
+        let dequant = match format {
+            WeightFormat::Int4 { block_size } => {
+                Some(module.function(&source::dequant_name(dtype, block_size, false))?)
+            }
+            WeightFormat::Dense => None,
+        };
+        let swiglu_rows = module.function(&source::swiglu_rows_name(dtype))?;
+        Ok(LinearKernels { format, dtype, _module: module, tiles, dequant, swiglu_rows })
+    }
+
+    /// y = x W^T (or its SwiGLU with `swiglu`) for `m` <= 32 tokens: one CTA per 16 rows of W.
+    ///
+    /// # Safety
+    /// Device pointers of the sizes the shapes imply, live until the launch has run.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn launch_tiles(
+        &self,
+        stream: Stream,
+        (x, w, scales, y): (u64, u64, u64, u64),
+        (m, n, k): (usize, usize, usize),
+        swiglu: bool,
+        warps: u32,
+    ) -> Result<()> {
+        if m == 0 {
+            return Ok(());
+        }
+        if m > MAX_TOKENS {
+            return Err(KernelError::bad_input(
+                "linear",
+                format!("{m} tokens in one tile launch (at most {MAX_TOKENS})"),
+            ));
+        }
+        let tiles = m.div_ceil(8);
+        let args =
+            LinearArgs { x, w, scales, y, m: dim(m, "M")?, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
+        let config = LaunchConfig {
+            grid: ((n / TILE_ROWS) as u32, 1),
+            block: 32 * warps,
+            shared_bytes: tile_shared_bytes(warps, tiles),
+        };
+        launch(self.tiles[tiles - 1], config, stream, &args)
+    }
+
+    /// The int4 weight dequantized into `out` (N, K) of the dtype (the cuBLAS path).
+    ///
+    /// # Safety
+    /// As [`Self::launch_tiles`].
+    pub unsafe fn launch_dequant(
+        &self,
+        stream: Stream,
+        (w, scales, out): (u64, u64, u64),
+        (n, k): (usize, usize),
+    ) -> Result<()> {
+        let f = self.dequant.ok_or_else(|| KernelError::bad_input("linear", "dense weights have no dequantization"))?;
+        let pieces = n * k.div_ceil(CHUNK_K) * 4;
+        let args = DequantArgs { w, scales, out, n: dim(n, "N")?, k: dim(k, "K")? };
+        let config = LaunchConfig { grid: (pieces.div_ceil(256) as u32, 1), block: 256, shared_bytes: 0 };
+        launch(f, config, stream, &args)
+    }
+
+    /// y (M, N/2) = the SwiGLU of a grouped gate/up product gu (M, N).
+    ///
+    /// # Safety
+    /// As [`Self::launch_tiles`].
+    pub unsafe fn launch_swiglu_rows(&self, stream: Stream, (gu, y): (u64, u64), (m, n): (usize, usize)) -> Result<()> {
+        let args = SwigluArgs { gu, y, m: dim(m, "M")?, n: dim(n, "N")? };
+        let total = m * n / 2;
+        let config = LaunchConfig { grid: (total.div_ceil(256) as u32, 1), block: 256, shared_bytes: 0 };
+        launch(self.swiglu_rows, config, stream, &args)
+    }
+}
+
+/// Device scratch of one MoE launch group, carved from one allocation.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeScratch {
+    pub topk_expert: u64,
+    pub topk_weight: u64,
+    pub pair_token: u64,
+    pub pair_slot_of: u64,
+    pub slot_expert: u64,
+    pub slot_begin: u64,
+    pub slot_count: u64,
+    pub num_slots: u64,
+    /// (P, I) intermediate in the dtype.
+    pub hidden: u64,
+    /// (P, H) per-pair expert outputs in f32.
+    pub pair_out: u64,
+}
+
+/// Shape of an MoE layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeShape {
+    pub experts: usize,
+    pub k: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub block_size: usize,
+}
+
+impl MoeShape {
+    /// Slots (groups of <= 32 pairs of one expert) `tokens` can need.
+    pub fn max_slots(&self, tokens: usize) -> usize {
+        let pairs = tokens * self.k;
+        pairs.div_ceil(32) + self.experts.min(pairs)
+    }
+
+    /// Bytes of scratch for `tokens`, and where each part starts (offsets from the base).
+    pub fn scratch_layout(&self, tokens: usize, dtype_bytes: usize) -> (usize, [usize; 10]) {
+        let pairs = tokens * self.k;
+        let slots = self.max_slots(tokens);
+        let sizes = [
+            pairs * 4,
+            pairs * 4,
+            pairs * 4,
+            pairs * 4,
+            slots * 4,
+            slots * 4,
+            slots * 4,
+            4,
+            pairs * self.inter * dtype_bytes,
+            pairs * self.hidden * 4,
+        ];
+        let mut offsets = [0usize; 10];
+        let mut at = 0;
+        for (o, s) in offsets.iter_mut().zip(sizes) {
+            *o = at;
+            at += s.div_ceil(256) * 256;
+        }
+        (at, offsets)
+    }
+
+    pub fn scratch_at(&self, base: u64, tokens: usize, dtype_bytes: usize) -> MoeScratch {
+        let (_, o) = self.scratch_layout(tokens, dtype_bytes);
+        let p = |i: usize| base + o[i] as u64;
+        MoeScratch {
+            topk_expert: p(0),
+            topk_weight: p(1),
+            pair_token: p(2),
+            pair_slot_of: p(3),
+            slot_expert: p(4),
+            slot_begin: p(5),
+            slot_count: p(6),
+            num_slots: p(7),
+            hidden: p(8),
+            pair_out: p(9),
+        }
+    }
+}
+
+#[repr(C)]
+struct MoeTopkArgs {
+    probs: u64,
+    router_weights: u64,
+    topk_expert: u64,
+    topk_weight: u64,
+    t: i32,
+    e: i32,
+    k: i32,
+    normalize: i32,
+}
+
+#[repr(C)]
+struct MoePlanArgs {
+    topk_expert: u64,
+    pair_token: u64,
+    pair_slot_of: u64,
+    slot_expert: u64,
+    slot_begin: u64,
+    slot_count: u64,
+    num_slots: u64,
+    p: i32,
+    k: i32,
+    e: i32,
+    max_slots: i32,
+}
+
+#[repr(C)]
+struct MoeExpertArgs {
+    x: u64,
+    w: u64,
+    scales: u64,
+    pair_token: u64,
+    slot_expert: u64,
+    slot_begin: u64,
+    slot_count: u64,
+    num_slots: u64,
+    out: u64,
+    rows: i32,
+    k: i32,
+}
+
+#[repr(C)]
+struct MoeCombineArgs {
+    pair_out: u64,
+    topk_weight: u64,
+    pair_slot_of: u64,
+    y: u64,
+    t: i32,
+    k: i32,
+    h: i32,
+}
+
+/// Largest expert count and top-k the routing kernel takes.
+pub const MOE_MAX_EXPERTS: usize = 256;
+pub const MOE_MAX_TOP_K: usize = 8;
+/// Tokens per launch group (bounds the scratch: per-pair outputs are f32).
+pub const MOE_TOKENS_PER_GROUP: usize = 256;
+
+/// The MoE kernels of one dtype and block size.
+pub struct MoeKernels {
+    pub dtype: ActDtype,
+    pub block_size: usize,
+    _module: Arc<Module>,
+    topk: Function,
+    plan: Function,
+    fc1: [Function; MAX_TILES],
+    fc2: [Function; MAX_TILES],
+    combine: Function,
+}
+
+/// Device pointers of one MoE call.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeTensors {
+    pub x: u64,
+    pub probs: u64,
+    /// 0 when absent.
+    pub router_weights: u64,
+    pub fc1: u64,
+    pub fc1_scales: u64,
+    pub fc2: u64,
+    pub fc2_scales: u64,
+    pub y: u64,
+}
+
+impl MoeShape {
+    /// Refuses what the routing kernel cannot take.
+    pub fn validate(&self) -> Result<()> {
+        if self.experts > MOE_MAX_EXPERTS || self.k == 0 || self.k > MOE_MAX_TOP_K || self.k > self.experts {
+            return Err(KernelError::bad_input(
+                "MoEInt4",
+                format!(
+                    "{} experts, top-{}: the kernels take up to {MOE_MAX_EXPERTS} experts and top-{MOE_MAX_TOP_K}",
+                    self.experts, self.k
+                ),
+            ));
+        }
+        if let Some(why) = crate::layout::swiglu_unsupported_reason(self.inter, self.hidden) {
+            return Err(KernelError::bad_input("MoEInt4", format!("fc1: {why}")));
+        }
+        if let Some(why) = crate::layout::unsupported_reason(self.hidden, self.inter) {
+            return Err(KernelError::bad_input("MoEInt4", format!("fc2: {why}")));
+        }
+        Ok(())
+    }
+}
+
+impl MoeKernels {
+    pub fn new(device: &Device, dtype: ActDtype, block_size: usize) -> Result<Self> {
+        let bs = block_size;
+        let module = device.module(KernelSet { family: Family::Moe { block_size: bs }, dtype })?;
+        let fc = |fc1: bool| -> Result<[Function; MAX_TILES]> {
+            Ok([
+                module.function(&source::moe_fc_name(fc1, dtype, 1, bs))?,
+                module.function(&source::moe_fc_name(fc1, dtype, 2, bs))?,
+                module.function(&source::moe_fc_name(fc1, dtype, 3, bs))?,
+                module.function(&source::moe_fc_name(fc1, dtype, 4, bs))?,
+            ])
+        };
+        Ok(MoeKernels {
+            dtype,
+            block_size,
+            topk: module.function(&source::moe_topk_name(dtype))?,
+            plan: module.function(source::MOE_PLAN)?,
+            fc1: fc(true)?,
+            fc2: fc(false)?,
+            combine: module.function(&source::moe_combine_name(dtype))?,
+            _module: module,
+        })
+    }
+
+    /// The routed experts of `tokens` (<= [`MOE_TOKENS_PER_GROUP`]) rows: five launches.
+    /// `t` holds this group's rows (x, probs, router weights and y already offset).
+    ///
+    /// # Safety
+    /// Device pointers of the sizes the shapes imply; `scratch` laid out by
+    /// [`MoeShape::scratch_at`] for `tokens`; all live until the launches have run.
+    pub unsafe fn launch(
+        &self,
+        stream: Stream,
+        s: &MoeShape,
+        t: &MoeTensors,
+        scratch: &MoeScratch,
+        tokens: usize,
+        normalize: bool,
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        if s.block_size != self.block_size {
+            return Err(KernelError::bad_input("MoEInt4", "block size differs from the compiled kernels'"));
+        }
+        s.validate()?;
+        let pairs = tokens * s.k;
+        let max_slots = s.max_slots(tokens);
+        let topk = MoeTopkArgs {
+            probs: t.probs,
+            router_weights: t.router_weights,
+            topk_expert: scratch.topk_expert,
+            topk_weight: scratch.topk_weight,
+            t: dim(tokens, "tokens")?,
+            e: dim(s.experts, "experts")?,
+            k: dim(s.k, "k")?,
+            normalize: normalize as i32,
+        };
+        launch(
+            self.topk,
+            LaunchConfig { grid: (tokens.div_ceil(8) as u32, 1), block: 256, shared_bytes: 0 },
+            stream,
+            &topk,
+        )?;
+        let plan = MoePlanArgs {
+            topk_expert: scratch.topk_expert,
+            pair_token: scratch.pair_token,
+            pair_slot_of: scratch.pair_slot_of,
+            slot_expert: scratch.slot_expert,
+            slot_begin: scratch.slot_begin,
+            slot_count: scratch.slot_count,
+            num_slots: scratch.num_slots,
+            p: dim(pairs, "pairs")?,
+            k: dim(s.k, "k")?,
+            e: dim(s.experts, "experts")?,
+            max_slots: dim(max_slots, "slots")?,
+        };
+        launch(self.plan, LaunchConfig { grid: (1, 1), block: 1024, shared_bytes: 0 }, stream, &plan)?;
+        // A slot holds at most one pair per token, so at most min(tokens, 32) pairs.
+        let tiles = tokens.min(MAX_TOKENS).div_ceil(8);
+        let fc = |fc1: bool, x: u64, w: u64, scales: u64, out: u64, rows: usize, k: usize| -> Result<()> {
+            let args = MoeExpertArgs {
+                x,
+                w,
+                scales,
+                pair_token: scratch.pair_token,
+                slot_expert: scratch.slot_expert,
+                slot_begin: scratch.slot_begin,
+                slot_count: scratch.slot_count,
+                num_slots: scratch.num_slots,
+                out,
+                rows: dim(rows, "rows")?,
+                k: dim(k, "K")?,
+            };
+            let warps = default_warps(WeightFormat::Int4 { block_size: s.block_size }, k);
+            let config = LaunchConfig {
+                grid: ((rows / TILE_ROWS) as u32, max_slots as u32),
+                block: 32 * warps,
+                shared_bytes: tile_shared_bytes(warps, tiles),
+            };
+            let f = if fc1 { self.fc1[tiles - 1] } else { self.fc2[tiles - 1] };
+            launch(f, config, stream, &args)
+        };
+        fc(true, t.x, t.fc1, t.fc1_scales, scratch.hidden, 2 * s.inter, s.hidden)?;
+        fc(false, scratch.hidden, t.fc2, t.fc2_scales, scratch.pair_out, s.hidden, s.inter)?;
+        let combine = MoeCombineArgs {
+            pair_out: scratch.pair_out,
+            topk_weight: scratch.topk_weight,
+            pair_slot_of: scratch.pair_slot_of,
+            y: t.y,
+            t: dim(tokens, "tokens")?,
+            k: dim(s.k, "k")?,
+            h: dim(s.hidden, "hidden")?,
+        };
+        let grid = (s.hidden.div_ceil(256) as u32, tokens as u32);
+        launch(self.combine, LaunchConfig { grid, block: 256, shared_bytes: 0 }, stream, &combine)
+    }
+}
+
+/// The GPU check's probes: exact f32 dequantization and the read-bandwidth kernel.
+pub struct ProbeKernels {
+    _module: Arc<Module>,
+    dequant_f32: Function,
+    read_bandwidth: Function,
+    sm_count: i32,
+}
+
+impl ProbeKernels {
+    pub fn new(device: &Device, dtype: ActDtype, block_size: usize) -> Result<Self> {
+        let module = device.module(KernelSet { family: Family::Probe { block_size }, dtype })?;
+        Ok(ProbeKernels {
+            dequant_f32: module.function(&source::dequant_name(dtype, block_size, true))?,
+            read_bandwidth: module.function(source::READ_BANDWIDTH)?,
+            sm_count: device.sm_count,
+            _module: module,
+        })
+    }
+
+    /// (q - 8) * scale as f32 into `out` (N, K).
+    ///
+    /// # Safety
+    /// As [`LinearKernels::launch_tiles`].
+    pub unsafe fn launch_dequant_f32(
+        &self,
+        stream: Stream,
+        (w, scales, out): (u64, u64, u64),
+        (n, k): (usize, usize),
+    ) -> Result<()> {
+        let pieces = n * k.div_ceil(CHUNK_K) * 4;
+        let args = DequantArgs { w, scales, out, n: dim(n, "N")?, k: dim(k, "K")? };
+        launch(
+            self.dequant_f32,
+            LaunchConfig { grid: (pieces.div_ceil(256) as u32, 1), block: 256, shared_bytes: 0 },
+            stream,
+            &args,
+        )
+    }
+
+    /// Reads `bytes` (a multiple of 16) at `buf` once.
+    ///
+    /// # Safety
+    /// `buf` must hold `bytes`; `sink` 4 bytes.
+    pub unsafe fn launch_read(&self, stream: Stream, buf: u64, bytes: usize, sink: u64) -> Result<()> {
+        let (mut p, mut n, mut s) = (buf, (bytes / 16) as i64, sink);
+        let mut params = [(&mut p as *mut u64).cast(), (&mut n as *mut i64).cast(), (&mut s as *mut u64).cast()];
+        let grid = (self.sm_count.max(1) as u32) * 8;
+        launch_raw(
+            self.read_bandwidth,
+            LaunchConfig { grid: (grid, 1), block: 256, shared_bytes: 0 },
+            stream,
+            &mut params,
+        )
+    }
+}

@@ -1,0 +1,199 @@
+//! The CUDA source and which of its templates a module instantiates. One module per kernel set
+//! (a family for one activation dtype and int4 block size), compiled on first use.
+
+/// The CUDA source of every kernel (templates; `KernelSet::source` adds the instantiations).
+pub const KERNELS_CU: &str = include_str!("cuda/pio_kernels.cu");
+
+/// Token tiles of 8 a kernel handles in one pass: M <= 32 tokens.
+pub const MAX_TILES: usize = 4;
+/// Rows of W one CTA computes.
+pub const TILE_ROWS: usize = 16;
+/// K per chunk (a warp's unit of work; int4 rows are padded to it).
+pub const CHUNK_K: usize = 128;
+/// int4 block sizes the kernels take.
+pub const INT4_BLOCK_SIZES: [usize; 3] = [32, 64, 128];
+
+/// The activation (and scale) dtype a kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActDtype {
+    F16,
+    Bf16,
+}
+
+impl ActDtype {
+    pub fn tag(self) -> &'static str {
+        match self {
+            ActDtype::F16 => "f16",
+            ActDtype::Bf16 => "bf16",
+        }
+    }
+    fn macro_name(self) -> &'static str {
+        match self {
+            ActDtype::F16 => "DT_F16",
+            ActDtype::Bf16 => "DT_BF16",
+        }
+    }
+}
+
+/// A group of kernels compiled together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// int4 projections: the tile kernels for 1..=4 token tiles, the dequantization for the
+    /// cuBLAS path and the SwiGLU over a cuBLAS gate/up product.
+    LinearInt4 { block_size: usize },
+    /// 16-bit projections: the tile kernels and the SwiGLU over a cuBLAS product.
+    LinearDense,
+    /// int4 experts: routing, planning, fc1 + SwiGLU, fc2, the weighted sum.
+    Moe { block_size: usize },
+    /// The GPU check's probes: the exact (f32) dequantization and the read-bandwidth kernel.
+    Probe { block_size: usize },
+}
+
+/// A family compiled for one dtype: one CUDA module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelSet {
+    pub family: Family,
+    pub dtype: ActDtype,
+}
+
+pub fn linear_int4_name(dtype: ActDtype, tiles: usize, block_size: usize) -> String {
+    format!("pio_linear_int4_{}_t{tiles}_b{block_size}", dtype.tag())
+}
+pub fn linear_dense_name(dtype: ActDtype, tiles: usize) -> String {
+    format!("pio_linear_dense_{}_t{tiles}", dtype.tag())
+}
+pub fn dequant_name(dtype: ActDtype, block_size: usize, to_f32: bool) -> String {
+    let f32_tag = if to_f32 { "f32_" } else { "" };
+    format!("pio_dequant_{f32_tag}{}_b{block_size}", dtype.tag())
+}
+pub fn swiglu_rows_name(dtype: ActDtype) -> String {
+    format!("pio_swiglu_rows_{}", dtype.tag())
+}
+pub fn moe_topk_name(dtype: ActDtype) -> String {
+    format!("pio_moe_topk_{}", dtype.tag())
+}
+pub const MOE_PLAN: &str = "pio_moe_plan";
+pub fn moe_fc_name(fc1: bool, dtype: ActDtype, tiles: usize, block_size: usize) -> String {
+    format!("pio_moe_fc{}_{}_t{tiles}_b{block_size}", if fc1 { 1 } else { 2 }, dtype.tag())
+}
+pub fn moe_combine_name(dtype: ActDtype) -> String {
+    format!("pio_moe_combine_{}", dtype.tag())
+}
+pub const READ_BANDWIDTH: &str = "pio_read_bandwidth";
+
+impl KernelSet {
+    /// A short name for logs and cache files: `linear-int4-f16-b32`.
+    pub fn name(&self) -> String {
+        let dt = self.dtype.tag();
+        match self.family {
+            Family::LinearInt4 { block_size } => format!("linear-int4-{dt}-b{block_size}"),
+            Family::LinearDense => format!("linear-dense-{dt}"),
+            Family::Moe { block_size } => format!("moe-int4-{dt}-b{block_size}"),
+            Family::Probe { block_size } => format!("probe-{dt}-b{block_size}"),
+        }
+    }
+
+    /// (kernel name, instantiation line) of every kernel of the set.
+    fn instances(&self) -> Vec<(String, String)> {
+        let (dt, dtm) = (self.dtype, self.dtype.macro_name());
+        let mut out = Vec::new();
+        let tiles = 1..=MAX_TILES;
+        match self.family {
+            Family::LinearInt4 { block_size: bs } => {
+                for t in tiles {
+                    let n = linear_int4_name(dt, t, bs);
+                    out.push((n.clone(), format!("PIO_LINEAR({n}, {dtm}, FMT_INT4, {t}, {bs})")));
+                }
+                let n = dequant_name(dt, bs, false);
+                out.push((n.clone(), format!("PIO_DEQUANT({n}, {dtm}, {bs}, false)")));
+                let n = swiglu_rows_name(dt);
+                out.push((n.clone(), format!("PIO_SWIGLU_ROWS({n}, {dtm})")));
+            }
+            Family::LinearDense => {
+                for t in tiles {
+                    let n = linear_dense_name(dt, t);
+                    // The block size is unused by the dense format.
+                    out.push((n.clone(), format!("PIO_LINEAR({n}, {dtm}, FMT_DENSE, {t}, 32)")));
+                }
+                let n = swiglu_rows_name(dt);
+                out.push((n.clone(), format!("PIO_SWIGLU_ROWS({n}, {dtm})")));
+            }
+            Family::Moe { block_size: bs } => {
+                let n = moe_topk_name(dt);
+                out.push((n.clone(), format!("PIO_MOE_TOPK({n}, {dtm})")));
+                out.push((MOE_PLAN.to_string(), String::new()));
+                for t in tiles {
+                    for fc1 in [true, false] {
+                        let n = moe_fc_name(fc1, dt, t, bs);
+                        let mac = if fc1 { "PIO_MOE_FC1" } else { "PIO_MOE_FC2" };
+                        out.push((n.clone(), format!("{mac}({n}, {dtm}, {t}, {bs})")));
+                    }
+                }
+                let n = moe_combine_name(dt);
+                out.push((n.clone(), format!("PIO_MOE_COMBINE({n}, {dtm})")));
+            }
+            Family::Probe { block_size: bs } => {
+                let n = dequant_name(dt, bs, true);
+                out.push((n.clone(), format!("PIO_DEQUANT({n}, {dtm}, {bs}, true)")));
+                out.push((READ_BANDWIDTH.to_string(), String::new()));
+            }
+        }
+        out
+    }
+
+    /// The kernels this set's module holds.
+    pub fn kernel_names(&self) -> Vec<String> {
+        self.instances().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// The full source: the templates and this set's `extern "C"` instantiations.
+    pub fn source(&self) -> String {
+        let mut s = String::with_capacity(KERNELS_CU.len() + 1024);
+        s.push_str(KERNELS_CU);
+        s.push_str("\n// Instantiations of this module.\n");
+        for (_, line) in self.instances() {
+            if !line.is_empty() {
+                s.push_str(&line);
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    /// Every set the operators may need (for the compile check).
+    pub fn all() -> Vec<KernelSet> {
+        let mut out = Vec::new();
+        for dtype in [ActDtype::F16, ActDtype::Bf16] {
+            out.push(KernelSet { family: Family::LinearDense, dtype });
+            for bs in INT4_BLOCK_SIZES {
+                out.push(KernelSet { family: Family::LinearInt4 { block_size: bs }, dtype });
+                out.push(KernelSet { family: Family::Moe { block_size: bs }, dtype });
+                out.push(KernelSet { family: Family::Probe { block_size: bs }, dtype });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_set_instantiates_distinct_named_kernels() {
+        for set in KernelSet::all() {
+            let names = set.kernel_names();
+            let mut unique = names.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), names.len(), "{}", set.name());
+            let src = set.source();
+            for n in &names {
+                assert!(src.contains(n.as_str()), "{} lacks {n}", set.name());
+            }
+        }
+        let set = KernelSet { family: Family::LinearInt4 { block_size: 64 }, dtype: ActDtype::Bf16 };
+        assert_eq!(set.name(), "linear-int4-bf16-b64");
+        assert!(set.source().contains("PIO_LINEAR(pio_linear_int4_bf16_t3_b64, DT_BF16, FMT_INT4, 3, 64)"));
+    }
+}
