@@ -10,18 +10,7 @@ use memmap2::Mmap;
 use pio_models::config::{GenerationDefaults, ModelConfig};
 use safetensors::{Dtype, SafeTensors};
 
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
-pub const SINGLE_FILE: &str = "model.safetensors";
-/// Tokenizer files copied into an export when present.
-pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-];
+pub use pio_models::files::{INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES};
 
 /// One memory-mapped safetensors file.
 struct Shard {
@@ -106,25 +95,7 @@ impl Checkpoint {
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path)
                 .with_context(|| format!("cannot read {}", index_path.display()))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
-            let map = value
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| anyhow!("{} has no `weight_map` object", index_path.display()))?;
-            let mut files: Vec<String> = Vec::new();
-            for (tensor, file) in map {
-                let file = file.as_str().ok_or_else(|| {
-                    anyhow!("{}: weight_map entry for {tensor} is not a file name", index_path.display())
-                })?;
-                if file.contains('/') || file.contains("..") {
-                    bail!("{}: weight_map entry for {tensor} points outside the folder: {file}", index_path.display());
-                }
-                if !files.iter().any(|f| f == file) {
-                    files.push(file.to_string());
-                }
-            }
-            files.sort();
+            let files = pio_models::files::shard_files(&text, &index_path)?;
             let mut paths = Vec::new();
             for f in files {
                 let p = dir.join(&f);
