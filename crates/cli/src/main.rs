@@ -1,6 +1,7 @@
 //! `pio`: run, chat with and list models exported by pio-export.
 
 mod bench;
+mod download;
 mod serve;
 
 use std::io::{BufRead, Write};
@@ -36,6 +37,8 @@ enum Command {
     Serve(ServeArgs),
     /// The presets with their sizes computed from their configs.
     Models,
+    /// Download a preset's (or any) checkpoint into the Hugging Face cache: only what pio-export reads.
+    Download(download::DownloadArgs),
     /// Benchmark graphs on one or more execution providers: time to first token, decode
     /// throughput, memory, power, accuracy, optimization switches, and a transformers baseline.
     Bench(BenchArgs),
@@ -680,6 +683,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => chat(a),
         Command::Serve(a) => a.model.load().and_then(|g| serve::run(g, a.served_model_name, &a.host, a.port)),
         Command::Models => models(),
+        Command::Download(a) => download::run(a),
         Command::Bench(a) => run_bench(a),
     };
     match result {

@@ -38,7 +38,8 @@ pub enum HubError {
     #[error("{url} answered HTTP {status}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
     Status { url: String, status: u16, message: String },
     #[error(
-        "cannot reach {url} (no network? set HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 to use the cache only)"
+        "cannot reach {} (no network? set HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 to use the cache only)",
+        crate::http::origin(url)
     )]
     Connection {
         url: String,

@@ -38,7 +38,7 @@ pub(crate) struct Http {
 }
 
 /// `scheme://host[:port]` of a URL.
-fn origin(url: &str) -> &str {
+pub(crate) fn origin(url: &str) -> &str {
     let after_scheme = url.find("://").map(|i| i + 3).unwrap_or(0);
     match url[after_scheme..].find('/') {
         Some(i) => &url[..after_scheme + i],
