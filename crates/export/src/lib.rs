@@ -9,6 +9,7 @@ pub mod export;
 pub mod moe;
 pub mod onnx;
 pub mod quant;
+pub mod scratch;
 pub mod synthetic;
 pub mod unfused_attention;
 

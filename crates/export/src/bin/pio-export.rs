@@ -263,6 +263,9 @@ fn run(args: Args) -> Result<()> {
 
 fn main() -> ExitCode {
     pio_models::logging::init();
+    if let Err(e) = pio_export::scratch::clean_up_on_signals() {
+        tracing::warn!("{e:#}: an interrupted export may leave a hidden .pio-export-* folder behind");
+    }
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
