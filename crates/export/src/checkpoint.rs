@@ -44,6 +44,39 @@ pub struct Checkpoint {
     index: HashMap<String, Entry>,
 }
 
+/// One tensor as a safetensors header describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Where its bytes are in the file.
+    pub range: std::ops::Range<usize>,
+}
+
+/// The tensors of a safetensors file (`bytes`; `path` only names it in errors), after checking
+/// its header against the file: every range lies inside `bytes` and fits its dtype and shape.
+pub fn read_tensor_entries(bytes: &[u8], path: &Path) -> Result<Vec<TensorEntry>> {
+    // deserialize validates the header against the file length (catches truncation).
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let data_start = 8 + header_len;
+    Ok(metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let (start, end) = info.data_offsets;
+            TensorEntry {
+                name,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                range: data_start + start..data_start + end,
+            }
+        })
+        .collect())
+}
+
 fn map_file(path: &Path) -> Result<Mmap> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: the checkpoint is treated as read-only input; a file changed underneath us while
@@ -65,24 +98,13 @@ impl Checkpoint {
         let mut index = HashMap::new();
         for path in files {
             let mmap = map_file(&path)?;
-            // deserialize validates the header against the file length (catches truncation).
-            SafeTensors::deserialize(&mmap).map_err(|e| {
-                anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display())
-            })?;
-            let (header_len, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            let data_start = 8 + header_len;
-            for (name, info) in metadata.tensors() {
-                let (start, end) = info.data_offsets;
-                index.insert(
-                    name.clone(),
-                    Entry {
-                        shard: shards.len(),
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        range: data_start + start..data_start + end,
-                    },
-                );
+            for tensor in read_tensor_entries(&mmap, &path)? {
+                let entry =
+                    Entry { shard: shards.len(), dtype: tensor.dtype, shape: tensor.shape, range: tensor.range };
+                if let Some(earlier) = index.insert(tensor.name.clone(), entry) {
+                    let first: &Shard = &shards[earlier.shard];
+                    bail!("tensor {} is in both {} and {}", tensor.name, first.path.display(), path.display());
+                }
             }
             shards.push(Shard { path, mmap });
         }
