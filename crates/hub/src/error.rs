@@ -48,6 +48,14 @@ pub enum HubError {
     },
     #[error("{url}: unexpected answer from the hub: {problem}")]
     Protocol { url: String, problem: String },
+    #[error("the answer from {url} broke off")]
+    Read {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the HTTP client")]
+    Client(#[source] Box<hf_hub::api::sync::ApiError>),
 
     #[error("{repo} has no config.json at revision {revision}: not a transformers checkpoint")]
     NoConfig { repo: String, revision: String },

@@ -52,17 +52,16 @@ pub struct Snapshot {
 }
 
 impl Hub {
-    pub(crate) fn new(config: HubConfig) -> Self {
+    pub(crate) fn new(config: HubConfig) -> Result<Self, HubError> {
         let http = Http::new(&config.endpoint, config.token.clone());
         let api = ApiBuilder::from_cache(config.cache.clone())
             .with_endpoint(config.endpoint.clone())
             .with_token(config.token.clone())
             .with_progress(false)
             .with_user_agent("pio-hub", env!("CARGO_PKG_VERSION"))
-            .build();
-        // ApiBuilder::build only fails setting up native TLS, which is not compiled in.
-        let api = api.unwrap_or_else(|e| unreachable!("hf-hub client without native TLS: {e}"));
-        Hub { config, http, api }
+            .build()
+            .map_err(|e| HubError::Client(Box::new(e)))?;
+        Ok(Hub { config, http, api })
     }
 
     /// The cache folder (`$HF_HOME/hub`).
@@ -179,15 +178,8 @@ impl Hub {
             let url = self.resolve_url(repo_id, commit, INDEX_FILE);
             let target = Target { repo: repo_id, revision: commit, file: Some(INDEX_FILE) };
             let mut text = String::new();
-            self.http.get(&url, 0, target)?.into_reader().take(INDEX_LIMIT).read_to_string(&mut text).map_err(
-                |source| HubError::Interrupted {
-                    repo: repo_id.into(),
-                    file: INDEX_FILE.into(),
-                    got: text.len() as u64,
-                    size: 0,
-                    source,
-                },
-            )?;
+            let body = self.http.get(&url, 0, target)?.into_reader();
+            body.take(INDEX_LIMIT).read_to_string(&mut text).map_err(|source| HubError::Read { url, source })?;
             text
         };
         Ok(shard_files(&text, Path::new(INDEX_FILE))?)
@@ -252,7 +244,7 @@ impl Hub {
                             size: sibling.size(),
                             lfs_sha256: sibling.lfs.as_ref().map(|l| l.sha256.as_str()),
                         };
-                        match transfers.fetch(&job, &mut bars.file()) {
+                        match transfers.fetch(&job, &mut bars.file(job.file)) {
                             Ok(Fetched::Done | Fetched::Cancelled) => {}
                             Err(e) => {
                                 cancel.store(true, Ordering::Relaxed);

@@ -29,15 +29,18 @@ impl Bars {
         };
         let multi = MultiProgress::with_draw_target(target);
         let overall = multi.add(ProgressBar::new(total));
-        overall.set_style(style("{msg:>32} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)"));
+        overall.set_style(style(
+            "{msg:>32} [{bar:40}] {decimal_bytes}/{decimal_total_bytes} ({decimal_bytes_per_sec}, {eta} left)",
+        ));
         overall.set_message(format!("{files} files"));
         Bars { multi, overall, done: Arc::new(AtomicU64::new(0)) }
     }
 
     /// A bar for one file; it implements hf-hub's progress interface.
-    pub(crate) fn file(&self) -> FileBar {
+    pub(crate) fn file(&self, name: &str) -> FileBar {
         let bar = self.multi.add(ProgressBar::new(0));
-        bar.set_style(style("{msg:>32} [{bar:40}] {bytes}/{total_bytes}"));
+        bar.set_style(style("{msg:>32} [{bar:40}] {decimal_bytes}/{decimal_total_bytes}"));
+        bar.set_message(short_name(name));
         FileBar { bar, overall: self.overall.clone(), done: self.done.clone(), position: 0 }
     }
 

@@ -125,7 +125,7 @@ impl HubBuilder {
         if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
             return Err(HubError::InvalidEndpoint(self.endpoint));
         }
-        Ok(Hub::new(crate::hub::HubConfig {
+        Hub::new(crate::hub::HubConfig {
             cache: hf_hub::Cache::new(self.hf_home.join("hub")),
             endpoint: self.endpoint,
             token: self.token,
@@ -134,7 +134,7 @@ impl HubBuilder {
             retry_wait: self.retry_wait,
             parallel: self.parallel,
             progress: self.progress,
-        }))
+        })
     }
 }
 
