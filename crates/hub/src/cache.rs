@@ -42,6 +42,10 @@ impl RepoCache {
         self.root.join("snapshots").join(commit)
     }
 
+    pub(crate) fn ref_file(&self, revision: &str) -> PathBuf {
+        self.root.join("refs").join(revision)
+    }
+
     pub(crate) fn blob(&self, etag: &str) -> PathBuf {
         self.root.join("blobs").join(etag)
     }

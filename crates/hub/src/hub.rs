@@ -142,13 +142,14 @@ impl Hub {
                 .cache
                 .repo(repo.clone())
                 .create_ref(&commit)
-                .map_err(HubError::io("write the ref of", repo.revision()))?;
+                .map_err(HubError::io("write", cache.ref_file(revision)))?;
         }
         Ok(Snapshot { dir: snapshot, commit })
     }
 
     fn repo_info(&self, repo_id: &str, repo: &Repo) -> Result<RepoInfo, HubError> {
-        let request = self.api.repo(repo.clone()).info_request().query("blobs", "true");
+        let request =
+            self.api.repo(repo.clone()).info_request().query("blobs", "true").timeout(Duration::from_secs(120));
         let url = request.url().to_string();
         let target = Target { repo: repo_id, revision: repo.revision(), file: None };
         let response = self.http.send(request, target)?;
