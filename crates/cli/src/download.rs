@@ -5,6 +5,8 @@ use anyhow::Result;
 use pio_models::presets::find_preset;
 
 #[derive(clap::Args)]
+#[command(after_help = "Environment: HF_HOME (the cache root, default ~/.cache/huggingface), HF_TOKEN (else the \
+token file under HF_HOME), HF_ENDPOINT (a mirror), HF_HUB_OFFLINE=1 (the cache only).")]
 pub struct DownloadArgs {
     /// A preset (see `pio models`) or a Hugging Face repository id (owner/name).
     model: String,

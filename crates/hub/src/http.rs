@@ -143,7 +143,8 @@ impl Http {
     pub(crate) fn get(&self, url: &str, from: u64, target: Target) -> Result<ureq::Response, HubError> {
         let mut url = url.to_string();
         for _ in 0..MAX_REDIRECTS {
-            let mut request = self.request("GET", &url);
+            // Bytes as stored: sizes, ranges and hashes are of the file, not of a compressed body.
+            let mut request = self.request("GET", &url).set("Accept-Encoding", "identity");
             if from > 0 {
                 request = request.set("Range", &format!("bytes={from}-"));
             }
