@@ -59,7 +59,6 @@ Random weights produce random text. To talk to it interactively anyway:
   target/release/pio chat --graphs $GRAPHS
 
 The same with the real Qwen3-4B-Instruct-2507 (about 8 GB download, 16 GB of fp32 graph on the CPU):
-  huggingface-cli download Qwen/Qwen3-4B-Instruct-2507 --local-dir checkpoints/qwen3-4b-instruct-2507
-  target/release/pio-export --model qwen3-4b-instruct-2507
+  target/release/pio-export --model qwen3-4b-instruct-2507      # downloads it into the Hugging Face cache first
   target/release/pio chat --graphs graphs/qwen3-4b-instruct-2507-fp32
 EOF

@@ -100,6 +100,9 @@ pub fn export_real_tokenizer_qwen3(root: &Path, seed: u64) -> PathBuf {
         ..Default::default()
     };
     let preset = pio_models::presets::find_preset("qwen3-4b-instruct-2507").unwrap();
+    // `root` outlives test runs (CARGO_TARGET_TMPDIR); a checkpoint from before synthetic
+    // checkpoints carried their marker would be refused as "not a synthetic checkpoint".
+    let _ = std::fs::remove_dir_all(root.join("checkpoint"));
     let checkpoint =
         pio_export::synthetic::write_checkpoint(preset, &shape, seed, Some(&tokenizer), &root.join("checkpoint"))
             .unwrap_or_else(|e| panic!("synthetic checkpoint: {e:#}"));

@@ -2,6 +2,7 @@
 
 mod batch;
 mod bench;
+mod download;
 mod serve;
 
 use std::io::{BufRead, Write};
@@ -37,6 +38,8 @@ enum Command {
     Serve(ServeArgs),
     /// The presets with their sizes computed from their configs.
     Models,
+    /// Download a preset's (or any) checkpoint into the Hugging Face cache: only what pio-export reads.
+    Download(download::DownloadArgs),
     /// Benchmark graphs on one or more execution providers: time to first token, decode
     /// throughput, memory, power, accuracy, optimization switches, and a transformers baseline.
     Bench(BenchArgs),
@@ -782,6 +785,7 @@ fn main() -> ExitCode {
             a.model.start(a.served_model_name.as_deref()).and_then(|engine| serve::run(engine, &a.host, a.port))
         }
         Command::Models => models(),
+        Command::Download(a) => download::run(a),
         Command::Bench(a) => run_bench(a),
     };
     match result {

@@ -10,18 +10,7 @@ use memmap2::Mmap;
 use pio_models::config::{GenerationDefaults, ModelConfig};
 use safetensors::{Dtype, SafeTensors};
 
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
-pub const SINGLE_FILE: &str = "model.safetensors";
-/// Tokenizer files copied into an export when present.
-pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-];
+pub use pio_models::files::{INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES};
 
 /// Image-processor files of a vision-language checkpoint, copied into its export (the chat
 /// template, `chat_template.json`, travels with the tokenizer files).
@@ -64,6 +53,39 @@ pub struct Checkpoint {
     index: HashMap<String, Entry>,
 }
 
+/// One tensor as a safetensors header describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Where its bytes are in the file.
+    pub range: std::ops::Range<usize>,
+}
+
+/// The tensors of a safetensors file (`bytes`; `path` only names it in errors), after checking
+/// its header against the file: every range lies inside `bytes` and fits its dtype and shape.
+pub fn read_tensor_entries(bytes: &[u8], path: &Path) -> Result<Vec<TensorEntry>> {
+    // deserialize validates the header against the file length (catches truncation).
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let data_start = 8 + header_len;
+    Ok(metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let (start, end) = info.data_offsets;
+            TensorEntry {
+                name,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                range: data_start + start..data_start + end,
+            }
+        })
+        .collect())
+}
+
 fn map_file(path: &Path) -> Result<Mmap> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: the checkpoint is treated as read-only input; a file changed underneath us while
@@ -85,24 +107,13 @@ impl Checkpoint {
         let mut index = HashMap::new();
         for path in files {
             let mmap = map_file(&path)?;
-            // deserialize validates the header against the file length (catches truncation).
-            SafeTensors::deserialize(&mmap).map_err(|e| {
-                anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display())
-            })?;
-            let (header_len, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            let data_start = 8 + header_len;
-            for (name, info) in metadata.tensors() {
-                let (start, end) = info.data_offsets;
-                index.insert(
-                    name.clone(),
-                    Entry {
-                        shard: shards.len(),
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        range: data_start + start..data_start + end,
-                    },
-                );
+            for tensor in read_tensor_entries(&mmap, &path)? {
+                let entry =
+                    Entry { shard: shards.len(), dtype: tensor.dtype, shape: tensor.shape, range: tensor.range };
+                if let Some(earlier) = index.insert(tensor.name.clone(), entry) {
+                    let first: &Shard = &shards[earlier.shard];
+                    bail!("tensor {} is in both {} and {}", tensor.name, first.path.display(), path.display());
+                }
             }
             shards.push(Shard { path, mmap });
         }
@@ -115,25 +126,7 @@ impl Checkpoint {
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path)
                 .with_context(|| format!("cannot read {}", index_path.display()))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
-            let map = value
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| anyhow!("{} has no `weight_map` object", index_path.display()))?;
-            let mut files: Vec<String> = Vec::new();
-            for (tensor, file) in map {
-                let file = file.as_str().ok_or_else(|| {
-                    anyhow!("{}: weight_map entry for {tensor} is not a file name", index_path.display())
-                })?;
-                if file.contains('/') || file.contains("..") {
-                    bail!("{}: weight_map entry for {tensor} points outside the folder: {file}", index_path.display());
-                }
-                if !files.iter().any(|f| f == file) {
-                    files.push(file.to_string());
-                }
-            }
-            files.sort();
+            let files = pio_models::files::shard_files(&text, &index_path)?;
             let mut paths = Vec::new();
             for f in files {
                 let p = dir.join(&f);

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use pio_models::manifest::{
     Dimensions, ExportOptions, GenerationSettings, Manifest, TokenizerSpec, MANIFEST_FORMAT_VERSION,
@@ -16,6 +16,7 @@ use crate::arch;
 use crate::checkpoint::Checkpoint;
 use crate::decoder::DecoderBuilder;
 use crate::onnx::graph::Graph;
+use crate::scratch::{OutputKind, ScratchDir};
 use crate::settings::ExportSettings;
 use crate::vision_export::write_vision;
 
@@ -26,7 +27,7 @@ pub struct ExportRequest {
     pub checkpoint: PathBuf,
     pub out_dir: PathBuf,
     pub settings: ExportSettings,
-    /// Replace an existing output folder.
+    /// Replace an existing output folder, if it is an earlier export (it has `pio.json`).
     pub overwrite: bool,
     /// Where the checkpoint came from, for the manifest (`checkpoint DIR`, `preset X (synthetic)`).
     pub source: String,
@@ -41,15 +42,6 @@ pub struct ExportSummary {
     pub weight_bytes: u64,
     pub seconds: f64,
     pub had_tokenizer: bool,
-}
-
-/// Moves a finished temporary folder to `dest`, replacing what was there.
-pub fn replace_dir(tmp: tempfile::TempDir, dest: &Path) -> Result<()> {
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).with_context(|| format!("cannot replace {}", dest.display()))?;
-    }
-    let path = tmp.keep();
-    std::fs::rename(&path, dest).with_context(|| format!("cannot move {} to {}", path.display(), dest.display()))
 }
 
 /// Copies `sources` into `dir`; returns their file names.
@@ -95,15 +87,9 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
              once a sequence is longer than its {w}-token window"
         );
     }
-    if req.out_dir.exists() && !req.overwrite {
-        bail!("output folder {} already exists (pass --force to replace it)", req.out_dir.display());
-    }
+    OutputKind::Export.check_destination(&req.out_dir, req.overwrite)?;
     let parent = req.out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create output folder {}", parent.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".pio-export-")
-        .tempdir_in(parent)
-        .with_context(|| format!("cannot write to output folder {}", parent.display()))?;
+    let tmp = ScratchDir::new_in(parent, OutputKind::Export)?;
     let name =
         req.out_dir.file_name().and_then(|n| n.to_str()).map(str::to_string).unwrap_or_else(|| "model".to_string());
 
@@ -218,7 +204,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
         source: req.source.clone(),
     };
     manifest.save(tmp.path())?;
-    replace_dir(tmp, &req.out_dir)?;
+    tmp.persist(&req.out_dir, req.overwrite)?;
     Ok(ExportSummary {
         out_dir: req.out_dir.clone(),
         model_bytes,

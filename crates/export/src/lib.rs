@@ -11,6 +11,7 @@ pub mod onnx;
 pub mod pio_ops;
 pub mod quant;
 pub mod rotary;
+pub mod scratch;
 pub mod settings;
 pub mod synthetic;
 pub mod unfused_attention;

@@ -15,6 +15,7 @@ use safetensors::{Dtype, View};
 use serde_json::{json, Value};
 
 use crate::arch;
+use crate::scratch::{OutputKind, ScratchDir, SYNTHETIC_MARKER};
 
 /// Overrides that shrink a preset for tests (None keeps the real value).
 #[derive(Clone, Debug, Default)]
@@ -237,18 +238,16 @@ pub fn write_checkpoint(
     let config_value = synthetic_config(preset, overrides)?;
     let config = ModelConfig::from_value(&config_value)?;
     let tensors = arch::checkpoint_tensors(&config)?;
+    OutputKind::SyntheticCheckpoint.check_destination(dir, true)?;
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create folder {}", parent.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".pio-synthetic-")
-        .tempdir_in(parent)
-        .with_context(|| format!("cannot write to {}", parent.display()))?;
+    let tmp = ScratchDir::new_in(parent, OutputKind::SyntheticCheckpoint)?;
     let write_json = |name: &str, v: &Value| -> Result<()> {
         let p = tmp.path().join(name);
         std::fs::write(&p, serde_json::to_string_pretty(v)?).with_context(|| format!("cannot write {}", p.display()))
     };
     write_json("config.json", &config_value)?;
     write_json("generation_config.json", &preset.generation_config_json()?)?;
+    write_json(SYNTHETIC_MARKER, &json!({"preset": preset.name, "seed": seed, "shape": overrides.tag()}))?;
     let views: Vec<(String, RandomTensor)> = tensors
         .into_iter()
         .map(|(name, shape)| {
@@ -293,6 +292,6 @@ pub fn write_checkpoint(
             bail!("no tokenizer files (tokenizer.json, tokenizer_config.json) in {}", tok.display());
         }
     }
-    crate::export::replace_dir(tmp, dir)?;
+    tmp.persist(dir, true)?;
     Ok(dir.to_path_buf())
 }

@@ -181,22 +181,37 @@ fn fp16_graph_for_the_cpu_is_refused_with_the_reason() {
 }
 
 #[test]
-fn existing_output_needs_force_and_is_kept_intact() {
+fn force_replaces_only_an_earlier_export() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep.txt"), b"mine").unwrap();
     let ck = fixture("qwen3-tied-hub");
     let args = ["--checkpoint", ck.to_str().unwrap(), "--out", out.to_str().unwrap(), "--context-length", "64"];
-    let o = run_export(&args, tmp.path());
-    assert_ne!(o.code, Some(0));
-    assert!(o.stderr.contains("--force"), "{}", o.stderr);
-    assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"mine");
     let mut forced = args.to_vec();
     forced.push("--force");
+    let left = || -> Vec<_> { std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect() };
+
+    let o = run_export(&args, tmp.path());
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains("already exists (pass --force"), "{}", o.stderr);
+    // A folder that is not an earlier export (no pio.json) survives --force.
     let o = run_export(&forced, tmp.path());
-    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains("--force replaces only an earlier pio-export output"), "{}", o.stderr);
+    assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"mine");
+    assert_eq!(left(), ["out"], "no scratch folder left");
+
+    // An empty folder holds nothing to lose: it takes the export without --force.
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::create_dir(&out).unwrap();
+    let o = run_export(&args, tmp.path());
+    assert_eq!(o.code, Some(0), "an empty folder takes the export: {}", o.stderr);
+    std::fs::write(out.join("keep.txt"), b"inside an export").unwrap();
+    let o = run_export(&forced, tmp.path());
+    assert_eq!(o.code, Some(0), "an earlier export is replaced: {}", o.stderr);
     assert!(out.join("pio.json").is_file() && out.join("model.onnx").is_file() && !out.join("keep.txt").exists());
+    assert_eq!(left(), ["out"], "the earlier export is gone too");
 }
 
 #[test]

@@ -231,6 +231,13 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
 }
 
+/// The largest integer a config field may hold (token ids are u32, and widths, vocabularies and
+/// context lengths are far smaller): products of two fields then stay inside 64 bits.
+const MAX_FIELD: u64 = u32::MAX as u64;
+/// The most decoder layers a config may have (the largest models have about 130); per-layer
+/// lists are allocated from it.
+const MAX_LAYERS: usize = 1 << 16;
+
 /// Field access on a JSON object with errors that name the field and the file's section.
 struct Fields<'a> {
     obj: &'a serde_json::Map<String, Value>,
@@ -249,12 +256,14 @@ impl<'a> Fields<'a> {
         self.opt_usize(key)?.ok_or_else(|| anyhow!("missing field `{key}` in {}", self.section))
     }
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| anyhow!("field `{key}` in {} must be a non-negative integer, got {v}", self.section)),
+        self.get(key).map(|v| self.integer(key, v)).transpose()
+    }
+    /// A non-negative integer of at most [`MAX_FIELD`].
+    fn integer(&self, key: &str, v: &Value) -> Result<usize> {
+        match v.as_u64() {
+            Some(n) if n <= MAX_FIELD => Ok(n as usize),
+            Some(_) => bail!("field `{key}` in {} is {v}, more than any model has (at most {MAX_FIELD})", self.section),
+            None => bail!("field `{key}` in {} must be a non-negative integer, got {v}", self.section),
         }
     }
     fn f64(&self, key: &str) -> Result<f64> {
@@ -290,15 +299,9 @@ impl<'a> Fields<'a> {
     fn opt_usize_list(&self, key: &str) -> Result<Option<Vec<usize>>> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| {
-                    v.as_u64()
-                        .map(|n| n as usize)
-                        .ok_or_else(|| anyhow!("field `{key}` in {} must hold integers, got {v}", self.section))
-                })
-                .collect::<Result<Vec<_>>>()
-                .map(Some),
+            Some(Value::Array(items)) => {
+                items.iter().map(|v| self.integer(key, v)).collect::<Result<Vec<_>>>().map(Some)
+            }
             Some(v) => bail!("field `{key}` in {} must be a list of integers, got {v}", self.section),
         }
     }
@@ -321,10 +324,7 @@ impl<'a> Fields<'a> {
     fn ids(&self, key: &str) -> Result<Vec<u32>> {
         match self.get(key) {
             None => Ok(vec![]),
-            Some(Value::Number(n)) => Ok(vec![n
-                .as_u64()
-                .ok_or_else(|| anyhow!("field `{key}` in {} must be a token id, got {n}", self.section))?
-                as u32]),
+            Some(v @ Value::Number(_)) => Ok(vec![self.integer(key, v)? as u32]),
             Some(_) => Ok(self.opt_usize_list(key)?.unwrap_or_default().into_iter().map(|n| n as u32).collect()),
         }
     }
@@ -492,6 +492,9 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
         }
     }
     let num_hidden_layers = f.usize("num_hidden_layers")?;
+    if num_hidden_layers > MAX_LAYERS {
+        bail!("`num_hidden_layers` ({num_hidden_layers}) in {} is more than {MAX_LAYERS}", f.section);
+    }
     let (sliding_window, layer_types) = parse_layer_types(f, arch, num_hidden_layers)?;
     let text = TextConfig {
         vocab_size: f.usize("vocab_size")?,

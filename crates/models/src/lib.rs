@@ -2,6 +2,7 @@
 //! manifest (`pio.json`) that connects the exporter to the runtime.
 
 pub mod config;
+pub mod files;
 pub mod logging;
 pub mod manifest;
 pub mod paths;

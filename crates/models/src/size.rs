@@ -1,5 +1,7 @@
 //! Parameter counts and memory needs, computed from a config (never typed in).
 
+use std::num::Saturating as S;
+
 use serde::Serialize;
 
 use crate::config::{ModelConfig, TextConfig};
@@ -54,52 +56,70 @@ impl ParameterCount {
     pub fn of(config: &ModelConfig) -> Self {
         let t = &config.text;
         let (linear, linear_active, other) = decoder_params(t);
-        let embedding = t.vocab_size as u64 * t.hidden_size as u64 * if t.tie_word_embeddings { 1 } else { 2 };
-        let vision = config.vision.as_ref().map(vision_params).unwrap_or(0);
-        let final_norm = t.hidden_size as u64;
+        let embedding = n(t.vocab_size) * n(t.hidden_size) * S(if t.tie_word_embeddings { 1 } else { 2 });
+        let vision = config.vision.as_ref().map(vision_params).unwrap_or(S(0));
+        let final_norm = n(t.hidden_size);
         let total = embedding + linear + other + vision + final_norm;
         let active = embedding + linear_active + other + vision + final_norm;
-        ParameterCount { embedding, decoder_linear: linear, decoder_other: other + final_norm, vision, total, active }
+        ParameterCount {
+            embedding: embedding.0,
+            decoder_linear: linear.0,
+            decoder_other: (other + final_norm).0,
+            vision: vision.0,
+            total: total.0,
+            active: active.0,
+        }
     }
 
     /// Bytes of weights at a precision. int4 quantizes the decoder's linear weights (4 bits plus
     /// a 16-bit scale per block of 32); embeddings, lm_head, norms and vision stay 16-bit.
     pub fn weight_bytes(&self, precision: Precision) -> u64 {
-        let rest = self.embedding + self.decoder_other + self.vision;
-        match precision {
-            Precision::Fp32 => self.total * 4,
-            Precision::Fp16 | Precision::Bf16 => self.total * 2,
-            Precision::Int4 => self.decoder_linear / 2 + self.decoder_linear / INT4_ESTIMATE_BLOCK * 2 + rest * 2,
-        }
+        let rest = S(self.embedding) + S(self.decoder_other) + S(self.vision);
+        let linear = S(self.decoder_linear);
+        let bytes = match precision {
+            Precision::Fp32 => S(self.total) * S(4),
+            Precision::Fp16 | Precision::Bf16 => S(self.total) * S(2),
+            Precision::Int4 => linear / S(2) + linear / S(INT4_ESTIMATE_BLOCK) * S(2) + rest * S(2),
+        };
+        bytes.0
     }
 }
 
+/// Counts saturate instead of overflowing: a config.json is input, and one with absurd sizes
+/// must give absurd numbers, not a panic.
+type Count = S<u64>;
+
+fn n(x: usize) -> Count {
+    S(x as u64)
+}
+
 /// (linear weights, linear weights one token touches, norms and biases) over the decoder layers.
-fn decoder_params(t: &TextConfig) -> (u64, u64, u64) {
-    let h = t.hidden_size as u64;
-    let q = t.q_width() as u64;
-    let kv = t.kv_width() as u64;
-    let attn_linear = h * q + 2 * h * kv + q * h;
-    let attn_other =
-        if t.attention_bias { q + 2 * kv } else { 0 } + if t.qk_norm { 2 * t.head_dim as u64 } else { 0 } + 2 * h; // input and post-attention norms
-    let (mut linear, mut active, mut other) = (0u64, 0u64, 0u64);
+fn decoder_params(t: &TextConfig) -> (Count, Count, Count) {
+    let h = n(t.hidden_size);
+    let q = n(t.q_width());
+    let kv = n(t.kv_width());
+    let attn_linear = h * q + S(2) * h * kv + q * h;
+    let bias = if t.attention_bias { q + S(2) * kv } else { S(0) };
+    let qk_norm = if t.qk_norm { S(2) * n(t.head_dim) } else { S(0) };
+    let attn_other = bias + qk_norm + S(2) * h; // input and post-attention norms
+    let (mut linear, mut active, mut other) = (S(0), S(0), S(0));
     for idx in 0..t.num_hidden_layers {
         linear += attn_linear;
         active += attn_linear;
         other += attn_other;
         match (&t.moe, t.is_moe_layer(idx)) {
             (Some(m), true) => {
-                let expert = 3 * h * m.moe_intermediate_size as u64;
-                let router = m.num_experts as u64 * h;
-                let shared = expert * m.n_shared_experts as u64;
-                linear += expert * m.num_experts as u64 + router + shared;
-                active += expert * m.num_experts_per_tok as u64 + router + shared;
+                let expert = S(3) * h * n(m.moe_intermediate_size);
+                let router = n(m.num_experts) * h;
+                let shared = expert * n(m.n_shared_experts);
+                linear += expert * n(m.num_experts) + router + shared;
+                active += expert * n(m.num_experts_per_tok) + router + shared;
                 if m.scoring == crate::config::RouterScoring::SigmoidGrouped {
-                    other += m.num_experts as u64; // e_score_correction_bias
+                    other += n(m.num_experts); // e_score_correction_bias
                 }
             }
             _ => {
-                let mlp = 3 * h * t.intermediate_size as u64;
+                let mlp = S(3) * h * n(t.intermediate_size);
                 linear += mlp;
                 active += mlp;
             }
@@ -108,22 +128,22 @@ fn decoder_params(t: &TextConfig) -> (u64, u64, u64) {
     (linear, active, other)
 }
 
-fn vision_params(v: &crate::config::VisionConfig) -> u64 {
-    let hv = v.hidden_size as u64;
-    let iv = v.intermediate_size as u64;
-    let out = v.out_hidden_size as u64;
-    let patch_in = (v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size) as u64;
-    let merged = hv * (v.spatial_merge_size * v.spatial_merge_size) as u64;
-    let block = (3 * hv * hv + 3 * hv) + (hv * hv + hv) + (hv * iv + iv) + (iv * hv + hv) + 4 * hv;
+fn vision_params(v: &crate::config::VisionConfig) -> Count {
+    let hv = n(v.hidden_size);
+    let iv = n(v.intermediate_size);
+    let out = n(v.out_hidden_size);
+    let patch_in = n(v.in_channels) * n(v.temporal_patch_size) * n(v.patch_size) * n(v.patch_size);
+    let merged = hv * n(v.spatial_merge_size) * n(v.spatial_merge_size);
+    let block = (S(3) * hv * hv + S(3) * hv) + (hv * hv + hv) + (hv * iv + iv) + (iv * hv + hv) + S(4) * hv;
     let merger_mlp = merged * merged + merged + merged * out + out;
-    let merger = 2 * hv + merger_mlp;
-    let deepstack = (2 * merged + merger_mlp) * v.deepstack_visual_indexes.len() as u64;
-    patch_in * hv + hv + v.num_position_embeddings as u64 * hv + v.depth as u64 * block + merger + deepstack
+    let merger = S(2) * hv + merger_mlp;
+    let deepstack = (S(2) * merged + merger_mlp) * n(v.deepstack_visual_indexes.len());
+    patch_in * hv + hv + n(v.num_position_embeddings) * hv + n(v.depth) * block + merger + deepstack
 }
 
 /// Bytes of KV cache per token of context (all layers, keys and values).
 pub fn kv_bytes_per_token(t: &TextConfig, bytes_per_element: u64) -> u64 {
-    2 * t.num_hidden_layers as u64 * t.kv_width() as u64 * bytes_per_element
+    (S(2) * n(t.num_hidden_layers) * n(t.kv_width()) * S(bytes_per_element)).0
 }
 
 /// Human-readable byte count (GB = 1e9 bytes, as model cards count).

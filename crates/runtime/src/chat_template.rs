@@ -171,9 +171,18 @@ impl ChatTemplate {
             .map_err(|e| ChatTemplateError::Render { name: name.to_string(), message: error_message(&e) })?;
         let ctx = build_context(messages, opts, &self.special_tokens)?;
         tracing::trace!(template = name, messages = messages.len(), "rendering chat template");
-        template
-            .render(ctx)
-            .map_err(|e| ChatTemplateError::Render { name: name.to_string(), message: error_message(&e) })
+        // A template is input, and minijinja 2.24 can panic on some (a reversed slice of an empty
+        // string or list, `x[::-1]`, indexes past the end; fixed in minijinja 3): such a panic is
+        // this template's error, not the caller's crash (found by fuzz/fuzz_targets/chat_template.rs).
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| template.render(ctx)));
+        let rendered = rendered.map_err(|panic| {
+            let what = panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied());
+            ChatTemplateError::Render {
+                name: name.to_string(),
+                message: format!("the template engine failed ({})", what.unwrap_or("a panic")),
+            }
+        })?;
+        rendered.map_err(|e| ChatTemplateError::Render { name: name.to_string(), message: error_message(&e) })
     }
 
     fn select<'a>(&'a self, opts: &'a RenderOptions) -> Result<&'a str> {

@@ -152,18 +152,23 @@ impl Args {
     }
 }
 
-/// Where a preset's real checkpoint may already be: checkpoints/<preset>, or the Hugging Face cache.
-fn find_preset_checkpoint(preset: &Preset) -> Option<PathBuf> {
+/// A preset's real checkpoint: `checkpoints/<preset>` if it is there, else the Hugging Face
+/// cache, downloading what is missing (unless HF_HUB_OFFLINE is set).
+fn preset_checkpoint(preset: &Preset) -> Result<PathBuf> {
     let local = PathBuf::from("checkpoints").join(preset.name);
     if local.join("config.json").is_file() {
-        return Some(local);
+        return Ok(local);
     }
-    let hf_home = std::env::var_os("HF_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface")))?;
-    let snapshots =
-        hf_home.join("hub").join(format!("models--{}", preset.hf_repo.replace('/', "--"))).join("snapshots");
-    std::fs::read_dir(snapshots).ok()?.flatten().map(|e| e.path()).find(|p| p.join("config.json").is_file())
+    let hub = pio_hub::HubBuilder::from_env()?.progress(true).build()?;
+    let snapshot = hub.snapshot(preset.hf_repo, "main").with_context(|| {
+        format!(
+            "preset {name} reads {repo} from checkpoints/{name} or the Hugging Face cache (pass --checkpoint DIR \
+             for another folder, or --synthetic for random weights at its real shape)",
+            name = preset.name,
+            repo = preset.hf_repo
+        )
+    })?;
+    Ok(snapshot.dir)
 }
 
 fn synthetic_checkpoint(args: &Args, preset: &Preset) -> Result<PathBuf> {
@@ -224,15 +229,7 @@ fn run(args: Args) -> Result<()> {
                     dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| preset.name.into());
                 (dir, name, format!("preset {} (synthetic, seed {})", preset.name, args.seed))
             } else {
-                let dir = find_preset_checkpoint(preset).with_context(|| {
-                    format!(
-                        "no checkpoint for preset {name}: download {repo} into checkpoints/{name} \
-                         (`huggingface-cli download {repo} --local-dir checkpoints/{name}`), pass --checkpoint DIR, \
-                         or use --synthetic for random weights at the real shape",
-                        name = preset.name,
-                        repo = preset.hf_repo
-                    )
-                })?;
+                let dir = preset_checkpoint(preset)?;
                 (dir, preset.name.to_string(), format!("preset {} ({})", preset.name, preset.hf_repo))
             }
         }
@@ -291,6 +288,9 @@ fn run(args: Args) -> Result<()> {
 
 fn main() -> ExitCode {
     pio_models::logging::init();
+    if let Err(e) = pio_export::scratch::clean_up_on_signals() {
+        tracing::warn!("{e:#}: an interrupted export may leave a hidden .pio-export-* folder behind");
+    }
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,256 @@
+//! Hidden scratch folders beside an output (`.pio-export-<pid>-*` for graphs,
+//! `.pio-synthetic-<pid>-*` for synthetic checkpoints): the output is written there and renamed
+//! into place at the end, so an output folder is either complete or absent.
+//!
+//! A failed run removes its scratch folder (on drop); Ctrl-C, SIGTERM and SIGHUP remove it too
+//! once [`clean_up_on_signals`] is installed; one left by a killed process (SIGKILL, power
+//! loss) is removed by the next run writing beside it, once the process id in its name is gone.
+//! An existing output is replaced only if it is of the same kind (an earlier pio-export output
+//! with its `pio.json`, or a synthetic checkpoint with its marker), never any other folder.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+/// Scratch folders of this process that a signal must remove.
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The marker a synthetic checkpoint carries, so that only such a folder is ever replaced by a
+/// new one.
+pub const SYNTHETIC_MARKER: &str = "pio-synthetic.json";
+
+/// What is being written, which decides the scratch folder's name and what it may replace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputKind {
+    /// A graph folder (replaceable: a folder with `pio.json`).
+    Export,
+    /// A synthetic checkpoint (replaceable: a folder with [`SYNTHETIC_MARKER`]).
+    SyntheticCheckpoint,
+}
+
+impl OutputKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            OutputKind::Export => ".pio-export-",
+            OutputKind::SyntheticCheckpoint => ".pio-synthetic-",
+        }
+    }
+
+    fn marker(self) -> &'static str {
+        match self {
+            OutputKind::Export => pio_models::manifest::MANIFEST_FILE,
+            OutputKind::SyntheticCheckpoint => SYNTHETIC_MARKER,
+        }
+    }
+
+    /// Refuses a `dest` that exists unless `replace` is set and it is an output of this kind.
+    pub fn check_destination(self, dest: &Path, replace: bool) -> Result<()> {
+        // A folder made empty for the output (`mkdir out`, a temporary folder) holds nothing to lose.
+        let empty_dir = dest.symlink_metadata().is_ok_and(|m| m.is_dir())
+            && std::fs::read_dir(dest).is_ok_and(|mut entries| entries.next().is_none());
+        if dest.symlink_metadata().is_err() || empty_dir {
+            return Ok(());
+        }
+        match self {
+            OutputKind::Export if !replace => {
+                bail!("output folder {} already exists (pass --force to replace it)", dest.display())
+            }
+            _ if dest.is_dir() && dest.join(self.marker()).is_file() => Ok(()),
+            OutputKind::Export => bail!(
+                "--force replaces only an earlier pio-export output (a folder with {}); {} is not one and was left \
+                 as it is: remove it yourself or choose another --out",
+                self.marker(),
+                dest.display()
+            ),
+            OutputKind::SyntheticCheckpoint => bail!(
+                "{} exists and is not a synthetic checkpoint written by pio-export (no {}); it was left as it is: \
+                 remove it yourself or choose another --checkpoint-out",
+                dest.display(),
+                self.marker()
+            ),
+        }
+    }
+}
+
+/// A scratch folder of this process, removed on drop and on a signal.
+pub struct ScratchDir {
+    dir: TempDir,
+    kind: OutputKind,
+}
+
+impl ScratchDir {
+    /// Creates `<parent>/.pio-<kind>-<pid>-XXXXXX`, after removing stale ones in `parent`.
+    pub fn new_in(parent: &Path, kind: OutputKind) -> Result<Self> {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create folder {}", parent.display()))?;
+        remove_stale(parent);
+        let mut live = live();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}{}-", kind.prefix(), std::process::id()))
+            .tempdir_in(parent)
+            .with_context(|| format!("cannot write to folder {}", parent.display()))?;
+        live.push(dir.path().to_path_buf());
+        Ok(ScratchDir { dir, kind })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Renames the finished folder to `dest`. An existing `dest` (which must pass
+    /// [`OutputKind::check_destination`]) is first moved into a scratch folder of its own, so
+    /// the swap leaves either the old or the new output in place, never neither.
+    pub fn persist(self, dest: &Path, replace: bool) -> Result<()> {
+        self.kind.check_destination(dest, replace)?;
+        let parent = self.dir.path().parent().unwrap_or(Path::new("."));
+        let previous = if dest.symlink_metadata().is_ok() {
+            let holder = ScratchDir::new_in(parent, self.kind)?;
+            std::fs::rename(dest, holder.path())
+                .with_context(|| format!("cannot move the earlier {} aside", dest.display()))?;
+            Some(holder)
+        } else {
+            None
+        };
+        if let Err(e) = std::fs::rename(self.path(), dest) {
+            if let Some(holder) = &previous {
+                let _ = std::fs::rename(holder.path(), dest);
+            }
+            return Err(e).with_context(|| format!("cannot move {} to {}", self.path().display(), dest.display()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        // TempDir removes the folder (or finds it renamed away); it only leaves the registry.
+        live().retain(|p| p != self.dir.path());
+    }
+}
+
+/// Removes `path` even while another thread is still writing files into it.
+fn remove_tree(path: &Path) {
+    for _ in 0..5 {
+        match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => std::thread::yield_now(),
+            _ => return,
+        }
+    }
+}
+
+/// Whether a process with this id exists (one of another user counts as existing).
+fn process_exists(pid: i32) -> bool {
+    match rustix::process::Pid::from_raw(pid) {
+        Some(pid) => !matches!(rustix::process::test_kill_process(pid), Err(rustix::io::Errno::SRCH)),
+        None => true,
+    }
+}
+
+/// Removes scratch folders in `parent` whose process is gone. Folders of running processes,
+/// and names without a process id, are left alone.
+pub fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) =
+            [OutputKind::Export, OutputKind::SyntheticCheckpoint].iter().find_map(|k| name.strip_prefix(k.prefix()))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        if pid as u32 != std::process::id() && !process_exists(pid) {
+            tracing::info!("removing {} left by an interrupted pio-export (process {pid})", entry.path().display());
+            remove_tree(&entry.path());
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: removes this process's scratch folders, then dies of the
+/// signal as it would have without the handler.
+pub fn clean_up_on_signals() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("pio-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                // The registry stays locked: no new scratch folder appears while we exit.
+                let live = live();
+                for path in live.iter() {
+                    remove_tree(path);
+                }
+                let _ = signal_hook::low_level::emulate_default_handler(signal);
+                std::process::exit(128 + signal);
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_scratch_folders_of_gone_processes_are_removed() {
+        let parent = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let mine = std::process::id();
+        let names = [
+            format!(".pio-export-{gone}-abc"),
+            format!(".pio-synthetic-{gone}-abc"),
+            format!(".pio-export-{mine}-abc"),
+            ".pio-export-1-abc".to_string(),  // init: always running
+            ".pio-export-XyZ123".to_string(), // an older name without a process id
+            "graphs".to_string(),
+        ];
+        for n in &names {
+            std::fs::create_dir(parent.path().join(n)).unwrap();
+        }
+        remove_stale(parent.path());
+        let mut left: Vec<String> =
+            std::fs::read_dir(parent.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        let mut expected = names[2..].to_vec();
+        expected.sort();
+        assert_eq!(left, expected);
+    }
+
+    #[test]
+    fn replacing_an_output_needs_its_marker() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("out");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("precious.txt"), "keep").unwrap();
+        let err = OutputKind::Export.check_destination(&dest, false).unwrap_err().to_string();
+        assert!(err.contains("already exists (pass --force"), "{err}");
+        let err = OutputKind::Export.check_destination(&dest, true).unwrap_err().to_string();
+        assert!(err.contains("--force replaces only an earlier pio-export output"), "{err}");
+        let err = OutputKind::SyntheticCheckpoint.check_destination(&dest, true).unwrap_err().to_string();
+        assert!(err.contains("not a synthetic checkpoint"), "{err}");
+
+        let scratch = ScratchDir::new_in(root.path(), OutputKind::Export).unwrap();
+        std::fs::write(scratch.path().join("pio.json"), "{}").unwrap();
+        assert!(scratch.persist(&dest, true).is_err());
+        assert_eq!(std::fs::read_to_string(dest.join("precious.txt")).unwrap(), "keep");
+
+        std::fs::write(dest.join("pio.json"), "{}").unwrap();
+        let scratch = ScratchDir::new_in(root.path(), OutputKind::Export).unwrap();
+        std::fs::write(scratch.path().join("new"), "").unwrap();
+        scratch.persist(&dest, true).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["out"], "no scratch folder left");
+        assert!(dest.join("new").exists() && !dest.join("precious.txt").exists());
+    }
+}
