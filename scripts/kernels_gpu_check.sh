@@ -13,7 +13,8 @@
 # out of time is logged in $OUT/steps.jsonl and the next one runs. $OUT/summary.json and the
 # printed summary put it together.
 #
-# Steps, in this order (budget: PIO_CHECK_BUDGET seconds in all, default 480):
+# Steps, in this order (budget: PIO_CHECK_BUDGET seconds in all, default 480; PIO_CHECK_SKIP=ops,moe_model,...
+# skips steps by name; PIO_CHECK_KEEP_CHECKPOINT=1 keeps the synthetic Qwen3-4B checkpoint in the work folder):
 #   1. device + read bandwidth: torch (a large read), and the kernels' own read kernel (probe);
 #   2. probe: int4 dequantization bit for bit; every preset projection through the tile kernels
 #      directly (M = 1, 8, 32; warps per CTA swept), checked against the CPU reference;
@@ -53,6 +54,11 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # step NAME MAX_SECONDS CMD...: runs CMD with a timeout of min(MAX_SECONDS, time left), logs it.
 step() {
   local name=$1 max=$2; shift 2
+  if [[ ",${PIO_CHECK_SKIP:-}," == *",$name,"* ]]; then
+    echo "{\"step\":\"$name\",\"skipped\":\"PIO_CHECK_SKIP\"}" >>"$OUT/steps.jsonl"
+    echo "[kernels-check] $name: skipped (PIO_CHECK_SKIP)"
+    return 0
+  fi
   local remaining; remaining=$(left)
   local t=$(( max < remaining ? max : remaining ))
   if [ "$t" -lt 5 ]; then
@@ -117,14 +123,16 @@ export CK
 export -f export_pair
 step export_bf16 80 export_pair bf16
 step export_int4 80 export_pair int4
-rm -rf "$CK"  # the graphs are all that is needed from here on (keeps /dev/shm small)
+# The graphs are all that is needed from here on (keeps /dev/shm small), unless the caller keeps the
+# checkpoint for another tool (PIO_CHECK_KEEP_CHECKPOINT=1: e.g. scripts/genai_baseline.py next).
+[ "${PIO_CHECK_KEEP_CHECKPOINT:-0}" = 1 ] || rm -rf "$CK"
 GRAPHS=()
 for g in q4b-bf16-stock q4b-bf16-pio q4b-int4-stock q4b-int4-pio; do
   [ -f "$WORK/$g/pio.json" ] && GRAPHS+=(--graphs "$WORK/$g")
 done
 if [ ${#GRAPHS[@]} -gt 0 ]; then
   step bench 110 "$PIO" bench "${GRAPHS[@]}" --ep cuda --cuda-graph on --batches 1,8,32 --prompt-lens 128 \
-    --decode-prompt-len 128 --decode-tokens 64 --repeats 1 --out "$OUT/bench.json"
+    --decode-prompt-len 128 --decode-tokens 128 --repeats 1 --out "$OUT/bench.json"
 fi
 
 # 4. Greedy equality, stock against --pio-kernels.
@@ -140,7 +148,7 @@ done
 step ops 200 "$CHECK" ops --out "$OUT/ops.json" --tokens 1,8,32 --other-tokens 1
 
 # 6. MoE at the model level, if time is left: Qwen3-Coder-30B-A3B, 4 of 48 layers, int4.
-if [ "$(left)" -gt 90 ]; then
+if [ "$(left)" -gt 90 ] && [[ ",${PIO_CHECK_SKIP:-}," != *",moe_model,"* ]]; then
   MCK="$WORK/coder-ck"
   step moe_checkpoint 40 "$EXPORT" --model qwen3-coder-30b --synthetic --layers 4 --checkpoint-only --checkpoint-out "$MCK"
   moe_exports() {
