@@ -370,3 +370,133 @@ impl SamplingOverrides {
         base
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    const CHAT: &str = r#"{"model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}], "max_completion_tokens": 16, "temperature": 0.7, "top_p": 0.9, "seed": -3, "stop": ["\n\n"], "stream": true, "stream_options": {"include_usage": "true"}, "logprobs": true, "top_logprobs": 3, "chat_template_kwargs": {"enable_thinking": false}, "user": "u1"}"#;
+    const COMPLETION: &str = r#"{"prompt": [1, 2, 3], "max_tokens": 8, "top_k": -1, "logprobs": 2, "return_token_ids": true, "ignore_eos": true, "n": 1, "stop": "x"}"#;
+
+    #[test]
+    fn valid_bodies_become_typed_requests() {
+        let chat = parse_chat_completion(CHAT.as_bytes()).unwrap();
+        assert_eq!(chat.messages.len(), 2);
+        assert_eq!(chat.messages[0].role, Role::System);
+        let parts = vec![ContentPart::Text("Hi".into()), ContentPart::Text("there".into())];
+        assert_eq!(chat.messages[1].content, Some(MessageContent::Parts(parts)));
+        let p = &chat.params;
+        assert_eq!((p.max_tokens, p.max_tokens_field), (Some(16), "max_completion_tokens"));
+        assert_eq!(p.stream, Some(StreamSettings { include_usage: true }));
+        assert_eq!((p.logprobs, p.sampling.seed), (Some(3), Some((-3i64) as u64)));
+        assert_eq!(chat.template.enable_thinking, Some(false));
+        assert!(chat.template.add_generation_prompt);
+
+        let completion = parse_completion(COMPLETION.as_bytes()).unwrap();
+        assert_eq!(completion.prompt, CompletionPrompt::Ids(vec![1, 2, 3]));
+        let p = &completion.params;
+        assert_eq!((p.logprobs, p.sampling.top_k, p.stop.as_slice()), (Some(2), Some(0), ["x".to_string()].as_slice()));
+        assert!(p.return_token_ids && p.ignore_eos && p.stream.is_none());
+        for (body, prompt) in [
+            (r#"{"prompt": "a"}"#, CompletionPrompt::Text("a".into())),
+            (r#"{"prompt": ["a"]}"#, CompletionPrompt::Text("a".into())),
+            (r#"{"prompt": [[4, 5]]}"#, CompletionPrompt::Ids(vec![4, 5])),
+        ] {
+            assert_eq!(parse_completion(body.as_bytes()).unwrap().prompt, prompt, "{body}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let param = |r: Result<ChatCompletionRequest, ApiError>| r.unwrap_err().param();
+        let chat = |extra: &str| format!(r#"{{"messages": [{{"role": "user", "content": "x"}}]{extra}}}"#);
+        assert_eq!(
+            param(parse_chat_completion(chat(r#", "max_tokens": "8""#).as_bytes())).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(param(parse_chat_completion(chat(r#", "stop": [1]"#).as_bytes())).as_deref(), Some("stop[0]"));
+        assert_eq!(param(parse_chat_completion(chat(r#", "logprobs": 2"#).as_bytes())).as_deref(), Some("logprobs"));
+        assert_eq!(param(parse_chat_completion(chat(r#", "top_k": -2"#).as_bytes())).as_deref(), Some("top_k"));
+        assert_eq!(param(parse_chat_completion(chat(r#", "min_p": 2"#).as_bytes())).as_deref(), Some("min_p"));
+        let wrong_part = br#"{"messages": [{"role": "user", "content": [{"type": "text"}]}]}"#;
+        assert_eq!(param(parse_chat_completion(wrong_part)).as_deref(), Some("messages[0].content[0].text"));
+        let tail = format!("{} trailing", chat(""));
+        assert!(matches!(parse_chat_completion(tail.as_bytes()), Err(ApiError::Json { path: None, .. })));
+    }
+
+    /// Mutates valid bodies at random (seeded): every outcome is a typed request that keeps the
+    /// parser's promises, or a 4xx; nothing panics. (A cargo-fuzz target would drive the same
+    /// functions with coverage feedback.)
+    #[test]
+    fn mutated_bodies_give_requests_or_4xx_never_a_panic() {
+        let corpus: Vec<Vec<u8>> =
+            [CHAT, COMPLETION, r#"{"messages": [{"role": "assistant", "content": null, "tool_calls": []}]}"#]
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect();
+        let splices: [&[u8]; 12] = [
+            b"null",
+            b"-1",
+            b"1e999",
+            b"\"\\u0000\"",
+            b"[]",
+            b"{}",
+            b"\"",
+            b"\xff",
+            b"0.5",
+            b"true",
+            b"[[1]]",
+            b"9999999999999999999999",
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(2026);
+        let mut accepted = 0;
+        for _ in 0..4000 {
+            let mut body = corpus[rng.random_range(0..corpus.len())].clone();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..=body.len());
+                match rng.random_range(0..5) {
+                    0 if at < body.len() => body[at] = rng.random(),
+                    1 if at < body.len() => {
+                        body.remove(at);
+                    }
+                    2 => body.truncate(at),
+                    3 => {
+                        let splice = splices[rng.random_range(0..splices.len())];
+                        body.splice(at..at, splice.iter().copied());
+                    }
+                    _ => {
+                        let other = &corpus[rng.random_range(0..corpus.len())];
+                        let from = rng.random_range(0..other.len());
+                        body.splice(at..at, other[from..].iter().copied().take(rng.random_range(1..24)));
+                    }
+                }
+            }
+            match parse_chat_completion(&body) {
+                Ok(chat) => {
+                    accepted += 1;
+                    assert!(!chat.messages.is_empty());
+                    check_params(&chat.params);
+                }
+                Err(e) => assert!(e.status().is_client_error(), "{e}: {}", String::from_utf8_lossy(&body)),
+            }
+            match parse_completion(&body) {
+                Ok(completion) => {
+                    accepted += 1;
+                    check_params(&completion.params);
+                }
+                Err(e) => assert!(e.status().is_client_error(), "{e}: {}", String::from_utf8_lossy(&body)),
+            }
+        }
+        // Some mutations keep a body valid: both outcomes were exercised.
+        assert!(accepted > 50, "{accepted} accepted");
+    }
+
+    fn check_params(p: &GenerationParams) {
+        assert!(p.max_tokens.is_none_or(|n| n >= 1));
+        assert!(p.logprobs.is_none_or(|n| n <= MAX_TOP_LOGPROBS));
+        assert!(p.sampling.apply(SamplingParams::default()).validate().is_ok());
+    }
+}

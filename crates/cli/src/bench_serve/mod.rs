@@ -210,6 +210,7 @@ impl BenchServeArgs {
 
 pub fn run(args: BenchServeArgs) -> Result<()> {
     args.check()?;
+    let remote = args.url.as_deref().map(|url| Target::from_url(url, args.api_key.clone())).transpose()?;
     let manifest = pio_models::Manifest::load(&args.model.graphs)?;
     let vocab = manifest.dims.vocab_size;
     let slo = Slo { ttft_ms: args.slo_ttft_ms, itl_ms: args.slo_itl_ms };
@@ -260,8 +261,8 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let (target, server) = match &args.url {
-            Some(url) => (Target::from_url(url, args.api_key.clone())?, None),
+        let (target, server) = match remote {
+            Some(target) => (target, None),
             None => {
                 let (target, server) = start_server(&args.model).await?;
                 (target, Some(server))
