@@ -20,6 +20,8 @@
 # LAYERS=12 exports Qwen3-4B at real width with 12 of its 36 layers (faster; default: all).
 # EP=cpu runs the same steps on the CPU on a tiny fp32 Qwen3 (1 layer, hidden 64; CUDA graphs
 # skipped): a dry run of this script, not a measurement.
+# GRAPHS=DIR uses that bf16 export of Qwen3-4B instead of exporting one (scripts/serve_gpu_bench.sh
+# passes its own).
 # Writes $OUT/engine-check.json (the summary) and the runs' JSON lines and logs next to it.
 set -euo pipefail
 bin=${PIO_BIN_DIR:-target/release}
@@ -45,10 +47,14 @@ elif [[ -n ${LAYERS:-} ]]; then
   tag=l$LAYERS
 fi
 ck=$shm/qwen3-4b-synthetic-$tag
-g=$shm/engine-graphs-$tag-$precision
-log "exporting a synthetic Qwen3-4B ($tag) in $precision for $ep"
-"$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic "${shape[@]}" --checkpoint-out "$ck" \
-  --ep "$ep" --precision $precision --out "$g" --force > "$out/export.log" 2>&1
+g=${GRAPHS:-$shm/engine-graphs-$tag-$precision}
+if [[ -n ${GRAPHS:-} ]]; then
+  log "using the export in $g"
+else
+  log "exporting a synthetic Qwen3-4B ($tag) in $precision for $ep"
+  "$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic "${shape[@]}" --checkpoint-out "$ck" \
+    --ep "$ep" --precision $precision --out "$g" --force > "$out/export.log" 2>&1
+fi
 
 log "writing the prompts"
 python3 - "$out" <<'PY'

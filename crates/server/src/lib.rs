@@ -114,3 +114,29 @@ pub async fn shutdown_signal() {
         _ = terminate => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// README's `pio_server` example is this crate's documentation example (compiled by
+    /// `cargo test` as a doctest): the same lines.
+    #[test]
+    fn the_readme_example_is_the_doc_example() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let source = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
+        let readme = std::fs::read_to_string(root.join("../../README.md")).unwrap();
+        let example: Vec<&str> = source
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```no_run"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .filter_map(|l| l.strip_prefix("//! "))
+            .filter(|l| !l.starts_with('#'))
+            .collect();
+        assert_eq!(example.len(), 4, "{example:?}");
+        assert!(
+            readme.contains(&example.join("\n")),
+            "README.md's pio_server example differs from lib.rs's:\n{}",
+            example.join("\n")
+        );
+    }
+}

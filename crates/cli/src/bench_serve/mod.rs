@@ -7,12 +7,12 @@
 //!   first, in the same process, as the reference the serving figures are read against;
 //! - `concurrency`: for each level c, c streams at once of `--prompt-len` prompt tokens and
 //!   `--max-tokens` new ones;
-//! - `sweep`: Poisson arrivals at each of `--rates` requests/s for `--sweep-duration` seconds,
-//!   prompt lengths drawn uniformly from `--sweep-prompt-lens`;
 //! - `prefix`: a `--prefix-len`-token shared prefix (a system prompt), time to first token on
 //!   a prefix-cache hit against a cold prefix of the same length;
 //! - `long-prefill`: `--long-streams` streams decoding while a `--long-prompt`-token prompt is
-//!   prefilled: their inter-token latency during that prefill and outside it.
+//!   prefilled: their inter-token latency during that prefill and outside it;
+//! - `sweep` (last): Poisson arrivals at each of `--rates` requests/s for `--sweep-duration`
+//!   seconds, prompt lengths drawn uniformly from `--sweep-prompt-lens`.
 //!
 //! Every request is a streamed, greedy `/v1/completions` request over random token ids (fixed
 //! `--seed`), eos ignored, each token's id returned so that each token arrives as a chunk.
@@ -394,6 +394,13 @@ async fn run_sections(
         }
         out.push(("concurrency", json!(levels)));
     }
+    if args.wants(Section::Prefix) && !load.past_deadline() {
+        out.push(("shared_prefix", shared_prefix(args, load, random).await));
+    }
+    if args.wants(Section::LongPrefill) && !load.past_deadline() {
+        out.push(("long_prefill", long_prefill(args, load, random).await));
+    }
+    // The sweep last: its highest rates may queue past --max-duration.
     if args.wants(Section::Sweep) {
         let mut rates = Vec::new();
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed);
@@ -422,12 +429,6 @@ async fn run_sections(
             rates.push(json!({"rate": rate, "summary": summarize(&traces, started, load.slo)}));
         }
         out.push(("sweep", json!(rates)));
-    }
-    if args.wants(Section::Prefix) && !load.past_deadline() {
-        out.push(("shared_prefix", shared_prefix(args, load, random).await));
-    }
-    if args.wants(Section::LongPrefill) && !load.past_deadline() {
-        out.push(("long_prefill", long_prefill(args, load, random).await));
     }
     Ok(out)
 }
