@@ -26,7 +26,8 @@
 # 0: never). Its summary comes back as engine-check.json.
 #
 # EP=cpu runs the same steps on the CPU on a tiny fp32 Qwen3 (1 layer, hidden 64) with small
-# sizes: a dry run of this script, not a measurement.
+# sizes: a dry run of this script, not a measurement. LAYERS=N cuts the model to N layers. The
+# export goes to $PIO_SHM (default /dev/shm/pio) and is reused (scripts/synthetic_qwen3.sh).
 #
 # $OUT gets at most 6 files: serve-bench.json (the report: every section, and "checks" with the
 # targets' ratios), serve-bench.log, export.log, gpu.csv, and with the engine check
@@ -43,8 +44,6 @@ log() { echo "[$(date +%T)] $*" | tee -a "$out/serve-bench.log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true
 ep=${EP:-cuda}
 if [[ $ep == cpu ]]; then
-  shape=(--layers 1 --hidden-size 64 --intermediate-size 128 --heads 2 --kv-heads 1 --head-dim 32)
-  tag=cpu-dry-run precision=fp32
   # Small sizes: the same sections, in seconds.
   sizes=(
     --max-seqs 8 --max-model-len 640 --concurrency 1,4 --prompt-len 16 --max-tokens 16 --offline-batch 4
@@ -52,8 +51,6 @@ if [[ $ep == cpu ]]; then
     --long-stream-tokens 64 --rates 4,8 --sweep-duration 1 --sweep-prompt-lens 16..512 --sweep-max-tokens 8
   )
 else
-  shape=()
-  tag=full precision=bf16
   # 64 slots of 4,352 tokens (a 4,096-token prompt and 256 new): 41 GB of KV in bf16.
   sizes=(
     --max-seqs 64 --max-model-len 4352 --concurrency 1,8,32,64 --prompt-len 128 --max-tokens 256
@@ -62,15 +59,11 @@ else
     --rates 1,2,4,8,16,32,64 --sweep-duration 6 --sweep-prompt-lens 64..4096 --sweep-max-tokens 128
   )
 fi
-ck=$shm/qwen3-4b-synthetic-$tag
-g=$shm/serve-graphs-$tag-$precision
-if [[ -f $g/pio.json ]]; then
-  log "reusing the export in $g"
-else
-  log "exporting a synthetic Qwen3-4B ($tag) in $precision for $ep"
-  "$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic "${shape[@]}" --checkpoint-out "$ck" \
-    --ep "$ep" --precision $precision --out "$g" --force > "$out/export.log" 2>&1
-fi
+# shellcheck source=scripts/synthetic_qwen3.sh
+source "$(dirname "${BASH_SOURCE[0]}")/synthetic_qwen3.sh"
+log "the synthetic Qwen3-4B for $ep (exported once into $shm)"
+export_synthetic_qwen3 "$ep" qwen3-4b-graphs "$out/export.log"
+g=$graphs
 
 bench=("$bin/pio" bench serve --graphs "$g" --ep "$ep" "${sizes[@]}" --max-duration 400 --out "$out/serve-bench.json")
 graphs_option=()
@@ -93,7 +86,8 @@ if [[ $check == 1 || ($check == auto && $left -ge 200) ]]; then
   [[ $check == auto ]] && limit=(timeout $((left - 10)))
   log "the engine's GPU check on the same export (${limit[*]:-unbounded})"
   engine_out=$(mktemp -d)
-  if "${limit[@]}" env OUT="$engine_out" GRAPHS="$g" EP="$ep" PIO_BIN_DIR="$bin" bash scripts/engine_gpu_check.sh \
+  if "${limit[@]}" env OUT="$engine_out" EP="$ep" PIO_BIN_DIR="$bin" PIO_SHM="$shm" \
+    bash "$(dirname "${BASH_SOURCE[0]}")/engine_gpu_check.sh" \
     > "$out/engine-check.log" 2>&1; then
     cp "$engine_out/engine-check.json" "$out/"
   else

@@ -28,12 +28,7 @@ pub(crate) async fn chat_completions(
     deadline: Option<Extension<Deadline>>,
     body: Body,
 ) -> Response {
-    let result = async {
-        let bytes = read_body(body, limit.map(|l| l.0)).await?;
-        chat_job(parse_chat_completion(&bytes)?, app.engine.model_info())
-    }
-    .await;
-    respond(app, result, deadline.map(|d| d.0)).await
+    generation(Endpoint::ChatCompletions, app, limit.map(|l| l.0), deadline.map(|d| d.0), body).await
 }
 
 pub(crate) async fn completions(
@@ -42,12 +37,26 @@ pub(crate) async fn completions(
     deadline: Option<Extension<Deadline>>,
     body: Body,
 ) -> Response {
-    let result = async {
-        let bytes = read_body(body, limit.map(|l| l.0)).await?;
-        completion_job(parse_completion(&bytes)?, app.engine.model_info())
+    generation(Endpoint::Completions, app, limit.map(|l| l.0), deadline.map(|d| d.0), body).await
+}
+
+async fn generation(
+    endpoint: Endpoint,
+    app: App,
+    limit: Option<BodyLimit>,
+    deadline: Option<Deadline>,
+    body: Body,
+) -> Response {
+    let job = async {
+        let bytes = read_body(body, limit).await?;
+        let info = app.engine.model_info();
+        match endpoint {
+            Endpoint::ChatCompletions => chat_job(parse_chat_completion(&bytes)?, info),
+            Endpoint::Completions => completion_job(parse_completion(&bytes)?, info),
+        }
     }
     .await;
-    respond(app, result, deadline.map(|d| d.0)).await
+    respond(app, job, deadline).await
 }
 
 async fn respond(app: App, job: Result<Job, ApiError>, deadline: Option<Deadline>) -> Response {

@@ -283,7 +283,6 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         if let Some(server) = server {
             server.stop().await;
         }
-        let sections = sections?;
         for (key, value) in sections {
             report[key] = value;
         }
@@ -372,11 +371,7 @@ impl Load {
 
 type Sections = Vec<(&'static str, Value)>;
 
-async fn run_sections(
-    args: &BenchServeArgs,
-    load: &Load,
-    random: &mut impl FnMut(usize) -> Vec<u32>,
-) -> Result<Sections> {
+async fn run_sections(args: &BenchServeArgs, load: &Load, random: &mut impl FnMut(usize) -> Vec<u32>) -> Sections {
     let mut out: Sections = Vec::new();
     if args.wants(Section::Concurrency) {
         let mut levels = Vec::new();
@@ -430,7 +425,7 @@ async fn run_sections(
         }
         out.push(("sweep", json!(rates)));
     }
-    Ok(out)
+    out
 }
 
 /// Time to first token with a shared prefix from the cache, against a cold prefix of the same
