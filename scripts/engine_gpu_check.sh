@@ -20,6 +20,8 @@
 # LAYERS=12 exports Qwen3-4B at real width with 12 of its 36 layers (faster; default: all).
 # EP=cpu runs the same steps on the CPU on a tiny fp32 Qwen3 (1 layer, hidden 64; CUDA graphs
 # skipped): a dry run of this script, not a measurement.
+# The export goes to $PIO_SHM (default /dev/shm/pio) and is reused by later runs and by
+# scripts/serve_gpu_bench.sh (scripts/synthetic_qwen3.sh).
 # Writes $OUT/engine-check.json (the summary) and the runs' JSON lines and logs next to it.
 set -euo pipefail
 bin=${PIO_BIN_DIR:-target/release}
@@ -31,24 +33,13 @@ log() { echo "[$(date +%T)] $*" | tee -a "$out/steps.log"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true
 ep=${EP:-cuda}
-shape=()
-tag=full
 graph_modes=(off on)
-precision=bf16
-if [[ $ep == cpu ]]; then
-  shape=(--layers 1 --hidden-size 64 --intermediate-size 128 --heads 2 --kv-heads 1 --head-dim 32)
-  tag=cpu-dry-run
-  graph_modes=(off)
-  precision=fp32
-elif [[ -n ${LAYERS:-} ]]; then
-  shape=(--layers "$LAYERS")
-  tag=l$LAYERS
-fi
-ck=$shm/qwen3-4b-synthetic-$tag
-g=$shm/engine-graphs-$tag-$precision
-log "exporting a synthetic Qwen3-4B ($tag) in $precision for $ep"
-"$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic "${shape[@]}" --checkpoint-out "$ck" \
-  --ep "$ep" --precision $precision --out "$g" --force > "$out/export.log" 2>&1
+[[ $ep == cpu ]] && graph_modes=(off)
+# shellcheck source=scripts/synthetic_qwen3.sh
+source "$(dirname "${BASH_SOURCE[0]}")/synthetic_qwen3.sh"
+log "the synthetic Qwen3-4B for $ep (exported once into $shm)"
+export_synthetic_qwen3 "$ep" qwen3-4b-graphs "$out/export.log"
+g=$graphs
 
 log "writing the prompts"
 python3 - "$out" <<'PY'

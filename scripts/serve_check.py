@@ -42,9 +42,10 @@ def conversation(pio, graphs, ep, extra):
         turn2 = turn1 + [answer1["choices"][0]["message"], {"role": "user", "content": "And then?"}]
         raw2, t2 = post(base, {"messages": turn2, "max_tokens": 24, "temperature": 0})
         answer2 = json.loads(raw2)
-        raw_stream, _ = post(base, {"messages": turn2, "max_tokens": 24, "temperature": 0, "stream": True})
+        raw_stream, _ = post(base, {"messages": turn2, "max_tokens": 24, "temperature": 0, "stream": True,
+                                "stream_options": {"include_usage": True}})
         chunks = [json.loads(line[6:]) for line in raw_stream.splitlines() if line.startswith("data: {")]
-        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
         return {
             "turn1": answer1["choices"][0]["message"]["content"], "turn1_usage": answer1["usage"], "turn1_s": t1,
             "turn2": answer2["choices"][0]["message"]["content"], "turn2_usage": answer2["usage"], "turn2_s": t2,

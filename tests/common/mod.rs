@@ -82,9 +82,14 @@ pub fn export_error(checkpoint: &Path, out: &Path, settings: ExportSettings) -> 
 }
 
 /// Writes a small synthetic Qwen3 checkpoint (1 layer, hidden 64) at the real 151,936-token
-/// vocabulary with the real Qwen3 tokenizer into `root/checkpoint`, exports it (fp32, CPU) into
-/// `root/graphs` and returns that folder.
+/// vocabulary with the real Qwen3 tokenizer into `root/checkpoint`, exports it (fp32, CPU, a
+/// 256-token context) into `root/graphs` and returns that folder.
 pub fn export_real_tokenizer_qwen3(root: &Path, seed: u64) -> PathBuf {
+    export_real_tokenizer_qwen3_with_context(root, seed, 256)
+}
+
+/// [`export_real_tokenizer_qwen3`] with a context of `context_length` tokens.
+pub fn export_real_tokenizer_qwen3_with_context(root: &Path, seed: u64, context_length: usize) -> PathBuf {
     let tokenizer = pio_models::paths::qwen3_tokenizer_dir().unwrap_or_else(|| {
         panic!(
             "the Qwen3 tokenizer is missing (.cache/pio/tokenizers/qwen3/tokenizer.json): run scripts/setup.sh first"
@@ -107,7 +112,7 @@ pub fn export_real_tokenizer_qwen3(root: &Path, seed: u64) -> PathBuf {
         pio_export::synthetic::write_checkpoint(preset, &shape, seed, Some(&tokenizer), &root.join("checkpoint"))
             .unwrap_or_else(|e| panic!("synthetic checkpoint: {e:#}"));
     let graphs = root.join("graphs");
-    export_to(&checkpoint, &graphs, cpu_settings(true));
+    export_to(&checkpoint, &graphs, ExportSettings { context_length, ..cpu_settings(true) });
     graphs
 }
 

@@ -104,7 +104,7 @@ pub struct ChunkCheck {
     pub same_argmax: bool,
 }
 
-fn random_tokens(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<u32> {
+pub(crate) fn random_tokens(rng: &mut ChaCha8Rng, n: usize, vocab: usize) -> Vec<u32> {
     // Avoid the special-token range at the top of real vocabularies.
     let hi = (vocab * 9 / 10).max(2) as u32;
     (0..n).map(|_| rng.random_range(1..hi)).collect()

@@ -2,6 +2,7 @@
 
 mod batch;
 mod bench;
+mod bench_serve;
 mod download;
 mod serve;
 
@@ -35,14 +36,32 @@ enum Command {
     /// Interactive multi-turn chat in the terminal, streaming tokens as they come.
     Chat(ChatArgs),
     /// An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models.
-    Serve(ServeArgs),
+    Serve(serve::ServeArgs),
     /// The presets with their sizes computed from their configs.
     Models,
     /// Download a preset's (or any) checkpoint into the Hugging Face cache: only what pio-export reads.
     Download(download::DownloadArgs),
     /// Benchmark graphs on one or more execution providers: time to first token, decode
     /// throughput, memory, power, accuracy, optimization switches, and a transformers baseline.
-    Bench(BenchArgs),
+    /// `pio bench serve`: load `pio serve` with concurrent streams and arrival-rate sweeps.
+    Bench(Box<BenchCommand>),
+}
+
+#[derive(ClapArgs)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCommand {
+    #[command(subcommand)]
+    load: Option<BenchLoad>,
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchLoad {
+    /// A load generator for `pio serve` (loopback only, bounded): concurrency levels, a Poisson
+    /// arrival-rate sweep, shared-prefix TTFT and latency during a long prefill, with the offline
+    /// batched decode of the same graph as the reference.
+    Serve(bench_serve::BenchServeArgs),
 }
 
 #[derive(ClapArgs)]
@@ -124,7 +143,7 @@ struct BenchArgs {
 }
 
 #[derive(ClapArgs, Clone)]
-struct ModelArgs {
+pub struct ModelArgs {
     /// A graph folder written by pio-export (holds pio.json).
     #[arg(long)]
     graphs: PathBuf,
@@ -177,23 +196,24 @@ fn gib(flag: &str, value: f64) -> Result<u64> {
 }
 
 impl ModelArgs {
-    /// Starts the engine over the graph folder. `served_model_name`: `pio serve`'s.
-    fn start(&self, served_model_name: Option<&str>) -> Result<Engine> {
-        let mut config = self.config()?;
-        if let Some(name) = served_model_name {
-            config = config.served_model_name(name);
-        }
-        Ok(Engine::start(config.build()?)?)
+    /// Starts the engine over the graph folder.
+    fn start(&self) -> Result<Engine> {
+        Ok(Engine::start(self.config()?.build()?)?)
     }
 
-    /// The engine settings these options give.
-    fn config(&self) -> Result<EngineConfigBuilder> {
+    /// The execution provider these options give.
+    pub fn ep(&self) -> Result<ExecutionProvider> {
         let mut ep = ExecutionProvider::from_cli(&self.ep, self.device_id, &self.ep_options)?;
         if let (ExecutionProvider::Cpu { threads }, Some(n)) = (&mut ep, self.threads) {
             *threads = Some(n);
         }
+        Ok(ep)
+    }
+
+    /// The engine settings these options give.
+    pub fn config(&self) -> Result<EngineConfigBuilder> {
         let mut config = EngineConfig::builder(&self.graphs)
-            .ep(ep)
+            .ep(self.ep()?)
             .prefill_budget(self.prefill_budget)
             .gpu_memory_utilization(self.gpu_memory_utilization)
             .prefix_caching(!self.no_prefix_cache);
@@ -323,21 +343,6 @@ struct RunArgs {
 }
 
 #[derive(ClapArgs)]
-struct ServeArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    /// Port to listen on (0: any free port; the address is printed).
-    #[arg(long, default_value_t = 8000)]
-    port: u16,
-    /// The model name clients pass and /v1/models lists (default: the graph's name).
-    #[arg(long)]
-    served_model_name: Option<String>,
-}
-
-#[derive(ClapArgs)]
 struct ChatArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -392,7 +397,7 @@ fn run(args: RunArgs) -> Result<()> {
         let options = args.sampling.options(engine.model_info())?;
         return batch::run(&engine, lines, &options, &render_options(args.thinking));
     }
-    let engine = args.model.start(None)?;
+    let engine = args.model.start()?;
     let options = args.sampling.options(engine.model_info())?;
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (_, Some(ids)) => Prompt::Ids(ids.clone()),
@@ -432,7 +437,7 @@ fn run(args: RunArgs) -> Result<()> {
 }
 
 fn chat(args: ChatArgs) -> Result<()> {
-    let engine = args.model.start(None)?;
+    let engine = args.model.start()?;
     if engine.chat_template().is_none() {
         bail!("{} has no chat template; use `pio run --raw`", args.model.graphs.display());
     }
@@ -781,12 +786,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat(a),
-        Command::Serve(a) => {
-            a.model.start(a.served_model_name.as_deref()).and_then(|engine| serve::run(engine, &a.host, a.port))
-        }
+        Command::Serve(a) => serve::run(a),
         Command::Models => models(),
         Command::Download(a) => download::run(a),
-        Command::Bench(a) => run_bench(a),
+        Command::Bench(bench) => match *bench {
+            BenchCommand { load: Some(BenchLoad::Serve(a)), .. } => bench_serve::run(a),
+            BenchCommand { load: None, args } => run_bench(args),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,80 @@
+"""The official `openai` Python package against a running `pio serve` (run by
+crates/cli/tests/serve.rs in a venv under .cache/): models, chat, streaming, completions,
+logprobs and errors, as an application would call them. Prints one JSON object with what it saw;
+exits non-zero (with the traceback) when the SDK raises where it should not.
+
+    python openai_client.py BASE_URL API_KEY
+"""
+import json
+import sys
+
+import openai
+
+base, key = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+out = {"sdk_version": openai.__version__}
+
+out["models"] = [m.id for m in client.models.list().data]
+model = out["models"][0]
+messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
+
+chat = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+out["chat"] = {
+    "object": chat.object,
+    "content": chat.choices[0].message.content,
+    "role": chat.choices[0].message.role,
+    "finish_reason": chat.choices[0].finish_reason,
+    "usage": chat.usage.model_dump(),
+}
+
+# The SDK's own content-part list (what it sends for multi-part messages).
+parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+         {"role": "user", "content": [{"type": "text", "text": "Name a river."}]}]
+out["chat_parts_content"] = client.chat.completions.create(
+    model=model, messages=parts, max_tokens=8, temperature=0).choices[0].message.content
+
+stream = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, stream=True,
+                                        stream_options={"include_usage": True})
+pieces, usage, finish = [], None, None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage.model_dump()
+    for choice in chunk.choices:
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+        finish = choice.finish_reason or finish
+out["chat_stream"] = {"content": "".join(pieces), "usage": usage, "finish_reason": finish}
+
+with_logprobs = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0,
+                                               logprobs=True, top_logprobs=2)
+content = with_logprobs.choices[0].logprobs.content
+out["chat_logprobs"] = [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes,
+                         "top": [a.token for a in t.top_logprobs]} for t in content]
+
+completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0,
+                                       logprobs=2)
+out["completion"] = {
+    "object": completion.object,
+    "text": completion.choices[0].text,
+    "tokens": completion.choices[0].logprobs.tokens,
+    "text_offset": completion.choices[0].logprobs.text_offset,
+    "usage": completion.usage.model_dump(),
+}
+streamed = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True)
+out["completion_stream_text"] = "".join(c.choices[0].text for c in streamed if c.choices)
+
+errors = {}
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)
+except openai.NotFoundError as e:
+    errors["unknown_model"] = {"status": e.status_code, "param": e.body.get("param"), "code": e.code}
+try:
+    client.chat.completions.create(model=model, messages=messages, max_tokens=0)
+except openai.BadRequestError as e:
+    errors["max_tokens_0"] = {"status": e.status_code, "param": e.body.get("param")}
+try:
+    openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+except openai.AuthenticationError as e:
+    errors["wrong_key"] = {"status": e.status_code, "code": e.code}
+out["errors"] = errors
+print(json.dumps(out))

@@ -1,0 +1,100 @@
+//! The router: the routes, their layers and the state they share.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::from_fn_with_state;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pio_runtime::engine::Engine;
+
+use crate::completion::{chat_completions, completions};
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+use crate::layers::{limit_body, require_api_key, time_limit, ApiKey, BodyLimit};
+use crate::protocol::response::{ModelCard, ModelList};
+use crate::token_text::TokenText;
+
+/// What every handler reads.
+pub(crate) struct AppState {
+    pub engine: Engine,
+    /// When the server started (seconds since 1970), `created` of the model.
+    pub created: u64,
+    /// Part of every response id, so ids differ across restarts.
+    pub instance: u64,
+    pub token_text: TokenText,
+}
+
+pub(crate) type App = Arc<AppState>;
+
+pub(crate) fn unix_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The server's routes over `engine`:
+///
+/// - `POST /v1/chat/completions`, `POST /v1/completions`: generation, behind the API key (if
+///   any), the request timeout and the body limit;
+/// - `GET /v1/models`: the served model, behind the API key;
+/// - `GET /health`, `GET /metrics`: open (probes and scrapers send no key).
+pub fn router(engine: Engine, config: &ServerConfig) -> Router {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let state = Arc::new(AppState {
+        token_text: TokenText::new(engine.tokenizer()),
+        engine,
+        created: unix_seconds(),
+        instance: nanos,
+    });
+    let mut v1 = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route_layer(from_fn_with_state(BodyLimit(config.body_limit()), limit_body));
+    if let Some(limit) = config.request_timeout() {
+        v1 = v1.route_layer(from_fn_with_state(limit, time_limit));
+    }
+    v1 = v1.route("/v1/models", get(models));
+    if let Some(key) = config.api_key() {
+        v1 = v1.route_layer(from_fn_with_state(ApiKey(key.into()), require_api_key));
+    }
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(v1)
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let text = crate::metrics::render(&app.engine.metrics(), app.engine.model_info());
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
+async fn models(State(app): State<App>) -> Json<ModelList> {
+    let info = app.engine.model_info();
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: info.served_name.clone(),
+            object: "model",
+            created: app.created,
+            owned_by: "pio",
+            max_model_len: info.max_model_len,
+        }],
+    })
+}
+
+async fn no_route(request: Request) -> ApiError {
+    ApiError::NoRoute { method: request.method().to_string(), path: request.uri().path().to_string() }
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed { method: request.method().to_string(), path: request.uri().path().to_string() }
+}

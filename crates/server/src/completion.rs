@@ -1,0 +1,194 @@
+//! The generation routes: read and check the body, submit it to the engine, and answer with
+//! one JSON response or a stream ([`crate::stream`]).
+//!
+//! A client that disconnects drops the handler's future (or, streaming, the response body),
+//! and with it the engine's handle, which cancels the sequence; the engine frees its slot in
+//! its next step.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use pio_runtime::engine::{Event, RequestHandle};
+use pio_runtime::generate::{FinishReason, GenerationOutput, TokenEvent};
+
+use crate::app::{unix_seconds, App};
+use crate::convert::{chat_job, completion_job, Job};
+use crate::error::{ApiError, RequestError};
+use crate::layers::{read_body, BodyLimit, Deadline};
+use crate::parse::{parse_chat_completion, parse_completion, Endpoint};
+use crate::protocol::response::{
+    AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, CompletionLogprobs, TextChoice, TextCompletion, Usage,
+    UsageField,
+};
+
+pub(crate) async fn chat_completions(
+    State(app): State<App>,
+    limit: Option<Extension<BodyLimit>>,
+    deadline: Option<Extension<Deadline>>,
+    body: Body,
+) -> Response {
+    generation(Endpoint::ChatCompletions, app, limit.map(|l| l.0), deadline.map(|d| d.0), body).await
+}
+
+pub(crate) async fn completions(
+    State(app): State<App>,
+    limit: Option<Extension<BodyLimit>>,
+    deadline: Option<Extension<Deadline>>,
+    body: Body,
+) -> Response {
+    generation(Endpoint::Completions, app, limit.map(|l| l.0), deadline.map(|d| d.0), body).await
+}
+
+async fn generation(
+    endpoint: Endpoint,
+    app: App,
+    limit: Option<BodyLimit>,
+    deadline: Option<Deadline>,
+    body: Body,
+) -> Response {
+    let job = async {
+        let bytes = read_body(body, limit).await?;
+        let info = app.engine.model_info();
+        match endpoint {
+            Endpoint::ChatCompletions => chat_job(parse_chat_completion(&bytes)?, info),
+            Endpoint::Completions => completion_job(parse_completion(&bytes)?, info),
+        }
+    }
+    .await;
+    respond(app, job, deadline).await
+}
+
+async fn respond(app: App, job: Result<Job, ApiError>, deadline: Option<Deadline>) -> Response {
+    let job = match job {
+        Ok(job) => job,
+        Err(e) => return RequestError::from(e).into_response(),
+    };
+    let fields = Some(job.fields);
+    let handle = match submit(&app, &job).await {
+        Ok(handle) => handle,
+        Err(error) => return RequestError { error, fields }.into_response(),
+    };
+    match job.params.stream {
+        Some(settings) => crate::stream::response(app, job, handle, settings, deadline),
+        None => match complete(&app, &job, handle).await {
+            Ok(response) => response,
+            Err(error) => RequestError { error, fields }.into_response(),
+        },
+    }
+}
+
+/// Submits the job on a blocking thread: the engine renders the chat template and tokenizes
+/// there, which a long prompt makes slow.
+async fn submit(app: &App, job: &Job) -> Result<RequestHandle, ApiError> {
+    let engine = app.engine.clone();
+    let request = job.request.clone();
+    let handle = tokio::task::spawn_blocking(move || engine.submit(request))
+        .await
+        .map_err(|source| ApiError::Submit { source })??;
+    Ok(handle)
+}
+
+/// A response id: chat's `chatcmpl-...`, completions' `cmpl-...`.
+pub(crate) fn response_id(app: &App, endpoint: Endpoint, handle: &RequestHandle) -> String {
+    let prefix = match endpoint {
+        Endpoint::ChatCompletions => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
+    format!("{prefix}-{:x}{:06x}", app.instance, handle.id())
+}
+
+pub(crate) fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::ContextLength => "length",
+        FinishReason::Cancelled => "abort",
+    }
+}
+
+pub(crate) fn log_finished(output: &GenerationOutput) {
+    let t = &output.timings;
+    tracing::info!(
+        "{} prompt tokens ({} cached) + {} generated ({:?}): first token {:.1} ms, {:.1} tokens/s",
+        t.prompt_tokens,
+        t.cached_prompt_tokens,
+        t.generated_tokens,
+        output.finish_reason,
+        t.time_to_first_token_ms,
+        t.decode_tokens_per_s
+    );
+}
+
+/// Waits for the whole answer and sends it as one JSON object.
+async fn complete(app: &App, job: &Job, mut handle: RequestHandle) -> Result<Response, ApiError> {
+    let id = response_id(app, job.endpoint, &handle);
+    let want_logprobs = job.params.logprobs.is_some();
+    let mut events: Vec<TokenEvent> = Vec::new();
+    let output = loop {
+        match handle.next_event().await {
+            Some(Ok(Event::Token(token))) if want_logprobs => events.push(token),
+            Some(Ok(Event::Token(_))) => {}
+            Some(Ok(Event::Finished(output))) => break output,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(pio_runtime::engine::EngineError::Shutdown.into()),
+        }
+    };
+    log_finished(&output);
+    let ids = job.params.return_token_ids;
+    let model = app.engine.model_info().served_name.clone();
+    let usage = Usage::from(output.usage());
+    let reason = finish_reason(output.finish_reason);
+    let response = match job.endpoint {
+        Endpoint::ChatCompletions => {
+            let logprobs = want_logprobs.then(|| {
+                let mut l = ChatLogprobs::default();
+                events.iter().for_each(|e| l.push(e, &app.token_text));
+                l
+            });
+            Json(ChatCompletion {
+                id,
+                object: "chat.completion",
+                created: unix_seconds(),
+                model,
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage { role: "assistant", content: output.text },
+                    logprobs,
+                    finish_reason: reason,
+                    token_ids: ids.then_some(output.generated_ids),
+                }],
+                usage,
+                prompt_token_ids: ids.then_some(output.prompt_ids),
+            })
+            .into_response()
+        }
+        Endpoint::Completions => {
+            let logprobs = want_logprobs.then(|| {
+                let mut l = CompletionLogprobs::default();
+                let mut offset = 0;
+                for e in &events {
+                    l.push(e, offset, &app.token_text);
+                    offset += e.text.chars().count();
+                }
+                l
+            });
+            Json(TextCompletion {
+                id,
+                object: "text_completion",
+                created: unix_seconds(),
+                model,
+                choices: vec![TextChoice {
+                    index: 0,
+                    text: output.text,
+                    logprobs,
+                    finish_reason: Some(reason),
+                    prompt_token_ids: ids.then_some(output.prompt_ids),
+                    token_ids: ids.then_some(output.generated_ids),
+                }],
+                usage: UsageField::Usage(usage),
+            })
+            .into_response()
+        }
+    };
+    Ok(response)
+}

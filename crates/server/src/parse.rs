@@ -1,0 +1,502 @@
+//! Request bodies to typed requests: bytes in, a [`ChatCompletionRequest`] or
+//! [`CompletionRequest`] out, or the 4xx [`ApiError`] naming what is wrong. Nothing here needs
+//! the model (the served name, the context and the sampling defaults are checked by
+//! [`crate::convert`]), so these functions are what a fuzzer drives.
+
+use pio_runtime::engine::MAX_TOP_LOGPROBS;
+use pio_runtime::sampling::{SamplingError, SamplingParams};
+use serde_json::Value as Json;
+
+use crate::error::ApiError;
+use crate::protocol::request::{
+    ChatCompletionRequest, ChatMessage, CompletionPrompt, CompletionRequest, ContentPart, GenerationParams,
+    MessageContent, Role, SamplingOverrides, StreamSettings, TemplateArgs,
+};
+use crate::protocol::wire::{WireContent, WireLogprobs, WireMessage, WireRequest};
+
+/// Which endpoint a body was sent to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+        }
+    }
+}
+
+/// A `/v1/chat/completions` body, checked.
+pub fn parse_chat_completion(body: &[u8]) -> Result<ChatCompletionRequest, ApiError> {
+    let mut wire = wire_request(body)?;
+    refuse_fields_of_the_other_endpoint(&wire, Endpoint::ChatCompletions)?;
+    let params = generation_params(&mut wire, Endpoint::ChatCompletions)?;
+    let messages = match wire.messages.take() {
+        None => return Err(ApiError::field("messages", "is required: a list of messages")),
+        Some(m) if m.is_empty() => return Err(ApiError::field("messages", "is empty")),
+        Some(m) => m.into_iter().enumerate().map(|(i, m)| message(i, m)).collect::<Result<Vec<_>, _>>()?,
+    };
+    if wire.continue_final_message == Some(true) {
+        return Err(ApiError::field("continue_final_message", "is not supported"));
+    }
+    let mut extra = wire.chat_template_kwargs.take().unwrap_or_default();
+    let kwargs_thinking = match extra.remove("enable_thinking") {
+        None | Some(Json::Null) => None,
+        Some(Json::Bool(b)) => Some(b),
+        Some(other) => {
+            return Err(ApiError::field(
+                "chat_template_kwargs.enable_thinking",
+                format!("must be true or false, not {other}"),
+            ))
+        }
+    };
+    let template = TemplateArgs {
+        add_generation_prompt: wire.add_generation_prompt.unwrap_or(true),
+        enable_thinking: wire.enable_thinking.or(kwargs_thinking),
+        extra,
+    };
+    Ok(ChatCompletionRequest { messages, template, params })
+}
+
+/// A `/v1/completions` body, checked.
+pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    let mut wire = wire_request(body)?;
+    refuse_fields_of_the_other_endpoint(&wire, Endpoint::Completions)?;
+    let params = generation_params(&mut wire, Endpoint::Completions)?;
+    if wire.echo == Some(true) {
+        return Err(ApiError::field("echo", "is not supported (the prompt is not repeated in the answer)"));
+    }
+    if let Some(n) = wire.best_of.filter(|&n| n != 1) {
+        return Err(ApiError::field("best_of", format!("only 1 is supported, not {n}")));
+    }
+    match &wire.suffix {
+        None | Some(Json::Null) => {}
+        Some(Json::String(s)) if s.is_empty() => {}
+        Some(_) => return Err(ApiError::field("suffix", "is not supported")),
+    }
+    let prompt = completion_prompt(wire.prompt.take())?;
+    Ok(CompletionRequest { prompt, params })
+}
+
+/// The body as JSON, with the path of a value of the wrong type; fields neither endpoint knows
+/// are logged and skipped.
+fn wire_request(body: &[u8]) -> Result<WireRequest, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|source| ApiError::NotUtf8 { source })?;
+    let mut json = serde_json::Deserializer::from_str(text);
+    let mut ignored = Vec::new();
+    let parsed = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut json, &mut |path| {
+        ignored.push(path.to_string())
+    }));
+    let wire: WireRequest = parsed.map_err(|e| {
+        let path = e.path().to_string();
+        // "." is the body itself, "?" a position serde cannot name (a malformed key), and a
+        // path from a list at the top is no field either.
+        let named = !matches!(path.as_str(), "" | "." | "?") && !path.starts_with('[');
+        ApiError::Json { path: named.then_some(path), source: e.into_inner() }
+    })?;
+    json.end().map_err(|source| ApiError::Json { path: None, source })?;
+    if !ignored.is_empty() {
+        tracing::warn!("ignoring unknown request fields: {}", ignored.join(", "));
+    }
+    Ok(wire)
+}
+
+/// A chat body with completion fields, or the other way round, is refused by name (answering
+/// without them would ignore what the client asked for).
+fn refuse_fields_of_the_other_endpoint(wire: &WireRequest, endpoint: Endpoint) -> Result<(), ApiError> {
+    let foreign: &[(&str, bool)] = match endpoint {
+        Endpoint::ChatCompletions => &[
+            ("prompt", wire.prompt.is_some()),
+            ("echo", wire.echo.is_some()),
+            ("best_of", wire.best_of.is_some()),
+            ("suffix", wire.suffix.is_some()),
+        ],
+        Endpoint::Completions => &[
+            ("messages", wire.messages.is_some()),
+            ("max_completion_tokens", wire.max_completion_tokens.is_some()),
+            ("top_logprobs", wire.top_logprobs.is_some()),
+            ("chat_template_kwargs", wire.chat_template_kwargs.is_some()),
+            ("enable_thinking", wire.enable_thinking.is_some()),
+            ("add_generation_prompt", wire.add_generation_prompt.is_some()),
+            ("continue_final_message", wire.continue_final_message.is_some()),
+            ("tools", wire.tools.is_some()),
+            ("tool_choice", wire.tool_choice.is_some()),
+        ],
+    };
+    let other = match endpoint {
+        Endpoint::ChatCompletions => Endpoint::Completions,
+        Endpoint::Completions => Endpoint::ChatCompletions,
+    };
+    match foreign.iter().find(|(_, present)| *present) {
+        Some((field, _)) => {
+            Err(ApiError::field(*field, format!("is a field of {}, not of {}", other.path(), endpoint.path())))
+        }
+        None => Ok(()),
+    }
+}
+
+/// What both endpoints ask of a generation, checked.
+fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<GenerationParams, ApiError> {
+    refuse_unsupported(wire)?;
+    if let Some(n) = wire.n.filter(|&n| n != 1) {
+        return Err(ApiError::field("n", format!("only one choice per request is supported (n = 1), not {n}")));
+    }
+    let (max_tokens_field, max_tokens) = match (wire.max_completion_tokens, wire.max_tokens) {
+        (Some(n), _) => ("max_completion_tokens", Some(n)),
+        (None, n) => ("max_tokens", n),
+    };
+    let max_tokens = match max_tokens {
+        None => None,
+        Some(n) if n < 1 => return Err(ApiError::field(max_tokens_field, format!("must be at least 1, not {n}"))),
+        Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+    };
+    let top_k = match wire.top_k {
+        None => None,
+        // vLLM's "off" values.
+        Some(-1 | 0) => Some(0),
+        Some(k) if k < 0 => {
+            return Err(ApiError::field("top_k", format!("must be -1 or 0 (off) or positive, not {k}")))
+        }
+        Some(k) => Some(usize::try_from(k).unwrap_or(usize::MAX)),
+    };
+    let sampling = SamplingOverrides {
+        temperature: wire.temperature,
+        top_p: wire.top_p,
+        top_k,
+        min_p: wire.min_p,
+        presence_penalty: wire.presence_penalty,
+        frequency_penalty: wire.frequency_penalty,
+        repetition_penalty: wire.repetition_penalty,
+        // OpenAI's seed is any 64-bit integer; negative ones are taken modulo 2^64.
+        seed: wire.seed.map(|s| s as u64),
+    };
+    // Out-of-range values are refused whatever the model's defaults are.
+    sampling.apply(SamplingParams::default()).validate().map_err(|e| {
+        let SamplingError::InvalidParam { field, .. } = &e;
+        ApiError::field(*field, e.to_string())
+    })?;
+    let stop = match wire.stop.take() {
+        None | Some(Json::Null) => vec![],
+        Some(Json::String(s)) => vec![s],
+        Some(Json::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                Json::String(s) => Ok(s),
+                other => Err(ApiError::field(format!("stop[{i}]"), format!("must be a string, not {other}"))),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(ApiError::field("stop", format!("must be a string or a list of strings, not {other}")))
+        }
+    };
+    let stream = match (wire.stream.unwrap_or(false), &wire.stream_options) {
+        (false, Some(_)) => return Err(ApiError::field("stream_options", "is only allowed with `stream: true`")),
+        (false, None) => None,
+        (true, options) => {
+            Some(StreamSettings { include_usage: options.as_ref().and_then(|o| o.include_usage).unwrap_or(false) })
+        }
+    };
+    let top = |field: &'static str, n: i64| match usize::try_from(n) {
+        Ok(n) if n <= MAX_TOP_LOGPROBS => Ok(n),
+        _ => Err(ApiError::field(field, format!("must be between 0 and {MAX_TOP_LOGPROBS}, not {n}"))),
+    };
+    let logprobs = match (endpoint, wire.logprobs, wire.top_logprobs) {
+        (Endpoint::ChatCompletions, Some(WireLogprobs::Flag(true)), n) => Some(top("top_logprobs", n.unwrap_or(0))?),
+        (Endpoint::ChatCompletions, Some(WireLogprobs::Flag(false)) | None, Some(_)) => {
+            return Err(ApiError::field("top_logprobs", "needs `logprobs: true`"))
+        }
+        (Endpoint::ChatCompletions, Some(WireLogprobs::Count(n)), _) => {
+            return Err(ApiError::field(
+                "logprobs",
+                format!("is true or false in chat (`top_logprobs` sets the alternatives), not {n}"),
+            ))
+        }
+        (Endpoint::Completions, Some(WireLogprobs::Count(n)), _) => Some(top("logprobs", n)?),
+        (Endpoint::Completions, Some(WireLogprobs::Flag(true)), _) => {
+            return Err(ApiError::field("logprobs", "is the number of alternatives per token in completions, not true"))
+        }
+        (_, Some(WireLogprobs::Flag(false)) | None, _) => None,
+    };
+    Ok(GenerationParams {
+        model: wire.model.take(),
+        max_tokens,
+        max_tokens_field,
+        sampling,
+        stop,
+        stop_token_ids: wire.stop_token_ids.take().unwrap_or_default(),
+        stream,
+        logprobs,
+        ignore_eos: wire.ignore_eos.unwrap_or(false),
+        skip_special_tokens: wire.skip_special_tokens.unwrap_or(true),
+        return_token_ids: wire.return_token_ids.unwrap_or(false),
+    })
+}
+
+/// Fields the server knows and cannot honour, unless they are set to what they do by default.
+fn refuse_unsupported(wire: &WireRequest) -> Result<(), ApiError> {
+    let absent = |v: &Option<Json>| match v {
+        None | Some(Json::Null) => true,
+        Some(Json::Array(a)) => a.is_empty(),
+        _ => false,
+    };
+    if !absent(&wire.tools) || !absent(&wire.functions) {
+        let field = if absent(&wire.tools) { "functions" } else { "tools" };
+        return Err(ApiError::field(field, "tool calling is not supported yet"));
+    }
+    for (field, value) in [("tool_choice", &wire.tool_choice), ("function_call", &wire.function_call)] {
+        match value {
+            None | Some(Json::Null) => {}
+            Some(Json::String(s)) if s == "none" => {}
+            Some(_) => return Err(ApiError::field(field, "tool calling is not supported yet (only \"none\")")),
+        }
+    }
+    match &wire.response_format {
+        None | Some(Json::Null) => {}
+        Some(f) if f.get("type").and_then(Json::as_str) == Some("text") => {}
+        Some(_) => return Err(ApiError::field("response_format", "only {\"type\": \"text\"} is supported")),
+    }
+    if wire.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(ApiError::field("logit_bias", "is not supported"));
+    }
+    if !absent(&wire.prompt_logprobs) {
+        return Err(ApiError::field("prompt_logprobs", "is not supported"));
+    }
+    Ok(())
+}
+
+fn message(i: usize, m: WireMessage) -> Result<ChatMessage, ApiError> {
+    let content = match m.content {
+        None => None,
+        Some(WireContent::Text(t)) => Some(MessageContent::Text(t)),
+        Some(WireContent::Parts(parts)) => Some(MessageContent::Parts(
+            parts
+                .into_iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    let at = |field: &str| format!("messages[{i}].content[{j}]{field}");
+                    match p.kind.as_str() {
+                        "text" => {
+                            p.text.map(ContentPart::Text).ok_or_else(|| ApiError::field(at(".text"), "is required"))
+                        }
+                        "image_url" => p
+                            .image_url
+                            .map(|u| ContentPart::ImageUrl { url: u.url, detail: u.detail })
+                            .ok_or_else(|| ApiError::field(at(".image_url"), "is required")),
+                        other => Err(ApiError::field(
+                            at(".type"),
+                            format!(
+                                "content part type `{other}` is not supported (`text`; `image_url` for vision models)"
+                            ),
+                        )),
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        )),
+    };
+    let needs_content = match m.role {
+        Role::Assistant => m.tool_calls.is_none(),
+        _ => true,
+    };
+    if content.is_none() && needs_content {
+        return Err(ApiError::field(format!("messages[{i}].content"), "is required"));
+    }
+    Ok(ChatMessage {
+        role: m.role,
+        content,
+        name: m.name,
+        tool_calls: m.tool_calls,
+        tool_call_id: m.tool_call_id,
+        reasoning_content: m.reasoning_content,
+    })
+}
+
+/// `prompt`: a string, token ids, or a list holding one of either (several prompts in one
+/// request are refused: send one request each).
+fn completion_prompt(prompt: Option<Json>) -> Result<CompletionPrompt, ApiError> {
+    let ids = |items: &[Json], field: &str| -> Result<Vec<u32>, ApiError> {
+        items
+            .iter()
+            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| ApiError::field(field, "token ids must be integers from 0 to 4294967295"))
+    };
+    match prompt {
+        None | Some(Json::Null) => Err(ApiError::field("prompt", "is required: a string or a list of token ids")),
+        Some(Json::String(s)) => Ok(CompletionPrompt::Text(s)),
+        Some(Json::Array(items)) => match items.as_slice() {
+            [] => Err(ApiError::field("prompt", "is empty")),
+            [Json::String(s)] => Ok(CompletionPrompt::Text(s.clone())),
+            [Json::Array(inner)] => ids(inner, "prompt[0]").map(CompletionPrompt::Ids),
+            [Json::String(_) | Json::Array(_), ..] => {
+                Err(ApiError::field("prompt", "holds several prompts: send one request per prompt"))
+            }
+            items => ids(items, "prompt").map(CompletionPrompt::Ids),
+        },
+        Some(other) => Err(ApiError::field("prompt", format!("must be a string or a list of token ids, not {other}"))),
+    }
+}
+
+impl SamplingOverrides {
+    /// `base` with the values the request set.
+    pub fn apply(&self, mut base: SamplingParams) -> SamplingParams {
+        let s = self;
+        if let Some(v) = s.temperature {
+            base.temperature = v;
+        }
+        if let Some(v) = s.top_p {
+            base.top_p = v;
+        }
+        if let Some(v) = s.top_k {
+            base.top_k = v;
+        }
+        if let Some(v) = s.min_p {
+            base.min_p = v;
+        }
+        if let Some(v) = s.presence_penalty {
+            base.presence_penalty = v;
+        }
+        if let Some(v) = s.frequency_penalty {
+            base.frequency_penalty = v;
+        }
+        if let Some(v) = s.repetition_penalty {
+            base.repetition_penalty = v;
+        }
+        base.seed = s.seed;
+        base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    const CHAT: &str = r#"{"model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}], "max_completion_tokens": 16, "temperature": 0.7, "top_p": 0.9, "seed": -3, "stop": ["\n\n"], "stream": true, "stream_options": {"include_usage": "true"}, "logprobs": true, "top_logprobs": 3, "chat_template_kwargs": {"enable_thinking": false}, "user": "u1"}"#;
+    const COMPLETION: &str = r#"{"prompt": [1, 2, 3], "max_tokens": 8, "top_k": -1, "logprobs": 2, "return_token_ids": true, "ignore_eos": true, "n": 1, "stop": "x"}"#;
+
+    #[test]
+    fn valid_bodies_become_typed_requests() {
+        let chat = parse_chat_completion(CHAT.as_bytes()).unwrap();
+        assert_eq!(chat.messages.len(), 2);
+        assert_eq!(chat.messages[0].role, Role::System);
+        let parts = vec![ContentPart::Text("Hi".into()), ContentPart::Text("there".into())];
+        assert_eq!(chat.messages[1].content, Some(MessageContent::Parts(parts)));
+        let p = &chat.params;
+        assert_eq!((p.max_tokens, p.max_tokens_field), (Some(16), "max_completion_tokens"));
+        assert_eq!(p.stream, Some(StreamSettings { include_usage: true }));
+        assert_eq!((p.logprobs, p.sampling.seed), (Some(3), Some((-3i64) as u64)));
+        assert_eq!(chat.template.enable_thinking, Some(false));
+        assert!(chat.template.add_generation_prompt);
+
+        let completion = parse_completion(COMPLETION.as_bytes()).unwrap();
+        assert_eq!(completion.prompt, CompletionPrompt::Ids(vec![1, 2, 3]));
+        let p = &completion.params;
+        assert_eq!((p.logprobs, p.sampling.top_k, p.stop.as_slice()), (Some(2), Some(0), ["x".to_string()].as_slice()));
+        assert!(p.return_token_ids && p.ignore_eos && p.stream.is_none());
+        for (body, prompt) in [
+            (r#"{"prompt": "a"}"#, CompletionPrompt::Text("a".into())),
+            (r#"{"prompt": ["a"]}"#, CompletionPrompt::Text("a".into())),
+            (r#"{"prompt": [[4, 5]]}"#, CompletionPrompt::Ids(vec![4, 5])),
+        ] {
+            assert_eq!(parse_completion(body.as_bytes()).unwrap().prompt, prompt, "{body}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let param = |r: Result<ChatCompletionRequest, ApiError>| r.unwrap_err().param();
+        let chat = |extra: &str| format!(r#"{{"messages": [{{"role": "user", "content": "x"}}]{extra}}}"#);
+        assert_eq!(
+            param(parse_chat_completion(chat(r#", "max_tokens": "8""#).as_bytes())).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(param(parse_chat_completion(chat(r#", "stop": [1]"#).as_bytes())).as_deref(), Some("stop[0]"));
+        assert_eq!(param(parse_chat_completion(chat(r#", "logprobs": 2"#).as_bytes())).as_deref(), Some("logprobs"));
+        assert_eq!(param(parse_chat_completion(chat(r#", "top_k": -2"#).as_bytes())).as_deref(), Some("top_k"));
+        assert_eq!(param(parse_chat_completion(chat(r#", "min_p": 2"#).as_bytes())).as_deref(), Some("min_p"));
+        let wrong_part = br#"{"messages": [{"role": "user", "content": [{"type": "text"}]}]}"#;
+        assert_eq!(param(parse_chat_completion(wrong_part)).as_deref(), Some("messages[0].content[0].text"));
+        let tail = format!("{} trailing", chat(""));
+        assert!(matches!(parse_chat_completion(tail.as_bytes()), Err(ApiError::Json { path: None, .. })));
+    }
+
+    /// Mutates valid bodies at random (seeded): every outcome is a typed request that keeps the
+    /// parser's promises, or a 4xx; nothing panics. (A cargo-fuzz target would drive the same
+    /// functions with coverage feedback.)
+    #[test]
+    fn mutated_bodies_give_requests_or_4xx_never_a_panic() {
+        let corpus: Vec<Vec<u8>> =
+            [CHAT, COMPLETION, r#"{"messages": [{"role": "assistant", "content": null, "tool_calls": []}]}"#]
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect();
+        let splices: [&[u8]; 12] = [
+            b"null",
+            b"-1",
+            b"1e999",
+            b"\"\\u0000\"",
+            b"[]",
+            b"{}",
+            b"\"",
+            b"\xff",
+            b"0.5",
+            b"true",
+            b"[[1]]",
+            b"9999999999999999999999",
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(2026);
+        let mut accepted = 0;
+        for _ in 0..4000 {
+            let mut body = corpus[rng.random_range(0..corpus.len())].clone();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..=body.len());
+                match rng.random_range(0..5) {
+                    0 if at < body.len() => body[at] = rng.random(),
+                    1 if at < body.len() => {
+                        body.remove(at);
+                    }
+                    2 => body.truncate(at),
+                    3 => {
+                        let splice = splices[rng.random_range(0..splices.len())];
+                        body.splice(at..at, splice.iter().copied());
+                    }
+                    _ => {
+                        let other = &corpus[rng.random_range(0..corpus.len())];
+                        let from = rng.random_range(0..other.len());
+                        body.splice(at..at, other[from..].iter().copied().take(rng.random_range(1..24)));
+                    }
+                }
+            }
+            match parse_chat_completion(&body) {
+                Ok(chat) => {
+                    accepted += 1;
+                    assert!(!chat.messages.is_empty());
+                    check_params(&chat.params);
+                }
+                Err(e) => assert!(e.status().is_client_error(), "{e}: {}", String::from_utf8_lossy(&body)),
+            }
+            match parse_completion(&body) {
+                Ok(completion) => {
+                    accepted += 1;
+                    check_params(&completion.params);
+                }
+                Err(e) => assert!(e.status().is_client_error(), "{e}: {}", String::from_utf8_lossy(&body)),
+            }
+        }
+        // Some mutations keep a body valid: both outcomes were exercised.
+        assert!(accepted > 50, "{accepted} accepted");
+    }
+
+    fn check_params(p: &GenerationParams) {
+        assert!(p.max_tokens.is_none_or(|n| n >= 1));
+        assert!(p.logprobs.is_none_or(|n| n <= MAX_TOP_LOGPROBS));
+        assert!(p.sampling.apply(SamplingParams::default()).validate().is_ok());
+    }
+}

@@ -1,0 +1,135 @@
+//! The requests, checked and typed: what [`crate::parse`] makes of a body, before the model is
+//! consulted (the served name, the sampling defaults and the context are applied by
+//! [`crate::convert`]).
+
+use serde::Deserialize;
+use serde_json::{Map, Value as Json};
+
+/// A chat message's author. `developer` (OpenAI's newer name for system instructions) reaches
+/// the chat template as `system`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    /// The role the chat template sees.
+    pub fn template_name(self) -> &'static str {
+        match self {
+            Role::System | Role::Developer => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+/// One part of a message's content.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ContentPart {
+    Text(String),
+    /// An image by URL (or `data:` URL). Parsed so that a model with a vision encoder can take
+    /// it; the text models served today refuse it by name.
+    ImageUrl {
+        url: String,
+        detail: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatMessage {
+    pub role: Role,
+    /// None only for an assistant message that carries `tool_calls`.
+    pub content: Option<MessageContent>,
+    pub name: Option<String>,
+    pub tool_calls: Option<Vec<Json>>,
+    pub tool_call_id: Option<String>,
+    pub reasoning_content: Option<String>,
+}
+
+/// `/v1/completions`' prompt: text (no chat template) or token ids.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CompletionPrompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// Sampling values the request sets; the rest come from the checkpoint's generation config.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplingOverrides {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// 0: off.
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+/// How a streamed answer is sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// `stream_options.include_usage`: a last chunk with the usage (and `"usage": null` in the
+    /// others).
+    pub include_usage: bool,
+}
+
+/// What both endpoints ask of a generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationParams {
+    /// The model the client names (None: the served one).
+    pub model: Option<String>,
+    /// At least 1; None: the rest of the sequence.
+    pub max_tokens: Option<usize>,
+    /// The field `max_tokens` came in (`max_tokens` or `max_completion_tokens`), for errors.
+    pub max_tokens_field: &'static str,
+    pub sampling: SamplingOverrides,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    /// None: one JSON answer.
+    pub stream: Option<StreamSettings>,
+    /// Each token's logprob with this many alternatives (None: no logprobs).
+    pub logprobs: Option<usize>,
+    pub ignore_eos: bool,
+    pub skip_special_tokens: bool,
+    /// vLLM's `return_token_ids`: the prompt's and the answer's token ids in the response.
+    pub return_token_ids: bool,
+}
+
+/// Chat-template arguments a chat request may set.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TemplateArgs {
+    pub add_generation_prompt: bool,
+    pub enable_thinking: Option<bool>,
+    /// `chat_template_kwargs` besides `enable_thinking`.
+    pub extra: Map<String, Json>,
+}
+
+/// A checked `/v1/chat/completions` body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatCompletionRequest {
+    /// Not empty.
+    pub messages: Vec<ChatMessage>,
+    pub template: TemplateArgs,
+    pub params: GenerationParams,
+}
+
+/// A checked `/v1/completions` body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompletionRequest {
+    pub prompt: CompletionPrompt,
+    pub params: GenerationParams,
+}

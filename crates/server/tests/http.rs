@@ -1,0 +1,771 @@
+//! `pio-server` over HTTP, in-process on the CPU, over a small random-weight Qwen3 with the
+//! real tokenizer (1 layer, hidden 64, a 4,096-token context):
+//! - isolation: 32 concurrent streams (different prompts, lengths, sampling settings and
+//!   seeds) each give what the same request gives alone (on the qwen3-tied-hub fixture, whose
+//!   512-token vocabulary keeps sampling in a debug build fast);
+//! - cancellation: every disconnect (streaming, not streaming, waiting) and every request
+//!   timeout frees its slot (`/metrics` reports 0 running and 0 waiting after);
+//! - prefix reuse across requests: A, an unrelated B, then C sharing A's 2,000-token prefix:
+//!   C's usage reports the cached tokens and its tokens equal a cold server's;
+//! - bad input: each case gets its 4xx naming the field, and the next request succeeds; a
+//!   50 MB body is refused before it is sent; 401 without the key; 429 with a full queue;
+//!   `include_usage` on and off; HTTP/1.0 and keep-alive; both endpoints' logprobs shapes;
+//!   the metrics the model-server protocol reads.
+
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier, OnceLock};
+use std::time::{Duration, Instant};
+
+use pio_runtime::engine::{Engine, EngineConfig};
+use pio_server::{Server, ServerConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+/// The model, exported once per test process.
+fn graphs() -> &'static Path {
+    static GRAPHS: OnceLock<PathBuf> = OnceLock::new();
+    GRAPHS.get_or_init(|| {
+        common::export_real_tokenizer_qwen3_with_context(
+            &Path::new(env!("CARGO_TARGET_TMPDIR")).join("server-http-qwen3"),
+            11,
+            4096,
+        )
+    })
+}
+
+/// The qwen3-tied-hub fixture (vocabulary 512, no tokenizer), exported once per test process.
+fn small_vocab_graphs() -> &'static Path {
+    static GRAPHS: OnceLock<PathBuf> = OnceLock::new();
+    GRAPHS.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("server-http-qwen3-tied-hub");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3-tied-hub");
+        common::export_to(&fixture, &out, common::cpu_settings(true));
+        out
+    })
+}
+
+/// Ordinary token ids of the Qwen3 vocabulary (no special tokens).
+fn random_ids(rng: &mut ChaCha8Rng, n: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..151_643)).collect()
+}
+
+/// A server in this process on 127.0.0.1, stopped when dropped.
+struct Served {
+    base: String,
+    address: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+struct Settings {
+    graphs: &'static Path,
+    max_seqs: usize,
+    prefill_budget: usize,
+    prefix_caching: bool,
+    max_waiting: usize,
+    server: ServerConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let server = ServerConfig::builder().port(0).build().unwrap();
+        Settings { graphs: graphs(), max_seqs: 4, prefill_budget: 512, prefix_caching: true, max_waiting: 64, server }
+    }
+}
+
+fn serve(settings: Settings) -> Served {
+    let config = EngineConfig::builder(settings.graphs)
+        .max_seqs(settings.max_seqs)
+        .prefill_budget(settings.prefill_budget)
+        .prefix_caching(settings.prefix_caching)
+        .max_waiting(settings.max_waiting)
+        .build()
+        .unwrap();
+    let engine = Engine::start(config).unwrap_or_else(|e| panic!("{e:#}"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let server = runtime.block_on(Server::bind(engine, &settings.server)).unwrap();
+    let address = server.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    runtime.spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    Served { base: format!("http://{address}"), address, runtime: Some(runtime), stop: Some(stop) }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Served {
+    /// POSTs `body` (bytes as they are); (status, response text).
+    fn post_bytes(&self, path: &str, body: &[u8], key: Option<&str>) -> (u16, String) {
+        let mut request = ureq::post(&format!("{}{path}", self.base)).set("Content-Type", "application/json");
+        if let Some(key) = key {
+            request = request.set("Authorization", &format!("Bearer {key}"));
+        }
+        match request.send_bytes(body) {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.post_bytes(path, body.to_string().as_bytes(), None);
+        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}")))
+    }
+
+    /// POSTs `body`, expecting 200.
+    fn answer(&self, path: &str, body: &Value) -> Value {
+        let (status, answer) = self.post(path, body);
+        assert_eq!(status, 200, "{path} {body}: {answer}");
+        answer
+    }
+
+    fn get(&self, path: &str, key: Option<&str>) -> (u16, String) {
+        let mut request = ureq::get(&format!("{}{path}", self.base));
+        if let Some(key) = key {
+            request = request.set("Authorization", &format!("Bearer {key}"));
+        }
+        match request.call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    /// A streamed request's `data:` events, `[DONE]` included.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let response = ureq::post(&format!("{}{path}", self.base))
+            .send_string(&body.to_string())
+            .unwrap_or_else(|e| panic!("{path} {body}: {e}"));
+        assert_eq!(response.header("content-type"), Some("text/event-stream"));
+        let mut events = Vec::new();
+        for line in BufReader::new(response.into_reader()).lines() {
+            if let Some(data) = line.unwrap().strip_prefix("data: ") {
+                events.push(data.to_string());
+            }
+        }
+        events
+    }
+
+    /// A sample of `/metrics` (the one without labels other than the model's).
+    fn metric(&self, name: &str) -> f64 {
+        let (status, text) = self.get("/metrics", None);
+        assert_eq!(status, 200);
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.split('}').next().is_some_and(|h| !h.contains(',')))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
+    fn cancelled(&self) -> f64 {
+        let (_, text) = self.get("/metrics", None);
+        let line = text.lines().find(|l| l.contains("finished_reason=\"cancelled\"")).expect("no cancelled count");
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    /// Waits until `/metrics` says the engine runs nothing and nothing waits.
+    fn wait_idle(&self) {
+        self.wait_until("no request running or waiting", |s| {
+            s.metric("pio_num_requests_running") == 0.0 && s.metric("pio_num_requests_waiting") == 0.0
+        });
+    }
+
+    fn wait_until(&self, what: &str, done: impl Fn(&Served) -> bool) {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A raw connection that has sent `body` to `path` as HTTP/1.1.
+    fn send_raw(&self, path: &str, body: &Value) -> TcpStream {
+        let mut socket = TcpStream::connect(self.address).unwrap();
+        let body = body.to_string();
+        write!(socket, "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        socket
+    }
+}
+
+/// The JSON chunks of a stream (all but `[DONE]`, which must be last).
+fn chunks(events: &[String]) -> Vec<Value> {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect()
+}
+
+/// What a response (or the chunks of a stream) says about its one choice: the generated ids,
+/// the text, and each token's logprob.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    ids: Vec<u64>,
+    text: String,
+    logprobs: Vec<f64>,
+    finish_reason: String,
+}
+
+fn answer_of(choice: &Value, chat: bool) -> Answer {
+    let text = if chat { &choice["message"]["content"] } else { &choice["text"] };
+    let logprobs = if chat {
+        choice["logprobs"]["content"].as_array().map(|c| c.iter().map(|t| t["logprob"].as_f64().unwrap()).collect())
+    } else {
+        choice["logprobs"]["token_logprobs"].as_array().map(|c| c.iter().map(|l| l.as_f64().unwrap()).collect())
+    };
+    Answer {
+        ids: choice["token_ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap()).collect(),
+        text: text.as_str().unwrap().to_string(),
+        logprobs: logprobs.unwrap_or_default(),
+        finish_reason: choice["finish_reason"].as_str().unwrap().to_string(),
+    }
+}
+
+fn streamed_answer(chunks: &[Value], chat: bool) -> Answer {
+    let mut answer = Answer { ids: vec![], text: String::new(), logprobs: vec![], finish_reason: String::new() };
+    for c in chunks.iter().filter(|c| !c["choices"].as_array().unwrap().is_empty()) {
+        let choice = &c["choices"][0];
+        answer.ids.extend(choice["token_ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap()));
+        let text = if chat { &choice["delta"]["content"] } else { &choice["text"] };
+        answer.text.push_str(text.as_str().unwrap_or_default());
+        let lp = if chat { &choice["logprobs"]["content"] } else { &choice["logprobs"]["token_logprobs"] };
+        if let Some(lp) = lp.as_array() {
+            answer.logprobs.extend(lp.iter().map(|l| if chat { &l["logprob"] } else { l }.as_f64().unwrap()));
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            answer.finish_reason = reason.to_string();
+        }
+    }
+    answer
+}
+
+#[test]
+fn concurrent_streams_answer_as_each_alone() {
+    // 8 slots for 32 requests: they wait, get slots as others finish, and prefill in chunks of
+    // at most 24 tokens per step beside the running decodes.
+    // No prefix cache: the requests run again alone, and a prefix hit computes the prompt's last
+    // token in another chunk, which changes logprobs in their last bits.
+    let settings = Settings {
+        graphs: small_vocab_graphs(),
+        max_seqs: 8,
+        prefill_budget: 24,
+        prefix_caching: false,
+        ..Default::default()
+    };
+    let server = Arc::new(serve(settings));
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let requests: Vec<Value> = (0..32)
+        .map(|i| {
+            let mut body = match i % 4 {
+                0 => json!({"temperature": 0}),
+                1 => json!({"temperature": 0.8, "top_k": 20, "seed": 100 + i}),
+                2 => json!({"temperature": 1.3, "top_p": 0.9, "min_p": 0.02, "seed": 100 + i}),
+                _ => json!({"temperature": 0, "repetition_penalty": 1.3, "frequency_penalty": 0.2}),
+            };
+            // 2 to 61 prompt tokens, 3 to 26 new ones.
+            body["prompt"] = json!((0..2 + (i * 7) % 60).map(|_| rng.random_range(0..512u32)).collect::<Vec<_>>());
+            body["max_tokens"] = json!(3 + (i * 5) % 24);
+            body["ignore_eos"] = json!(true);
+            body["return_token_ids"] = json!(true);
+            if i % 5 == 0 {
+                body["logprobs"] = json!(2);
+            }
+            body
+        })
+        .collect();
+
+    let start = Arc::new(Barrier::new(requests.len()));
+    let streams: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|mut body| {
+            let (server, start) = (Arc::clone(&server), Arc::clone(&start));
+            std::thread::spawn(move || {
+                body["stream"] = json!(true);
+                start.wait();
+                server.stream("/v1/completions", &body)
+            })
+        })
+        .collect();
+    let streamed: Vec<Vec<String>> = streams.into_iter().map(|t| t.join().unwrap()).collect();
+    let steps = server.metric("pio_engine_steps_total");
+
+    let mut generated = 0;
+    for (i, (body, events)) in requests.iter().zip(&streamed).enumerate() {
+        let got = streamed_answer(&chunks(events), false);
+        let alone = answer_of(&server.answer("/v1/completions", body)["choices"][0], false);
+        assert_eq!(got, alone, "request {i}: streamed together vs alone");
+        assert_eq!(got.ids.len() as u64, body["max_tokens"].as_u64().unwrap(), "request {i}");
+        assert_eq!(got.finish_reason, "length");
+        if body.get("logprobs").is_some() {
+            assert_eq!(got.logprobs.len(), got.ids.len(), "request {i}: a token without its logprob");
+        }
+        generated += got.ids.len();
+    }
+    // They ran batched: far fewer engine steps than tokens.
+    assert!(steps < generated as f64 * 0.75, "{steps} steps for {generated} tokens");
+    // Seeds matter: the same sampled request with another seed differs.
+    let mut reseeded = requests[1].clone();
+    reseeded["seed"] = json!(1);
+    let other = answer_of(&server.answer("/v1/completions", &reseeded)["choices"][0], false);
+    assert_ne!(other.ids, streamed_answer(&chunks(&streamed[1]), false).ids);
+}
+
+#[test]
+fn disconnects_and_timeouts_cancel_their_sequences() {
+    let server = serve(Settings { max_seqs: 1, ..Default::default() });
+    let long = json!({"prompt": [1, 2, 3], "max_tokens": 4000, "ignore_eos": true});
+
+    // Streaming: read a few chunks, then hang up.
+    let mut streaming = long.clone();
+    streaming["stream"] = json!(true);
+    let socket = server.send_raw("/v1/completions", &streaming);
+    let mut reader = BufReader::new(socket);
+    let mut data_lines = 0;
+    while data_lines < 3 {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        data_lines += usize::from(line.starts_with("data: "));
+    }
+    assert_eq!(server.metric("pio_num_requests_running"), 1.0);
+    drop(reader);
+    server.wait_idle();
+    assert_eq!(server.cancelled(), 1.0);
+
+    // Not streaming: one running, one waiting for the slot; both hang up.
+    let running = server.send_raw("/v1/completions", &long);
+    server.wait_until("the first request runs", |s| s.metric("pio_num_requests_running") == 1.0);
+    let waiting = server.send_raw("/v1/completions", &long);
+    server.wait_until("the second request waits", |s| s.metric("pio_num_requests_waiting") == 1.0);
+    drop(waiting);
+    server.wait_until("the waiting request is gone", |s| s.metric("pio_num_requests_waiting") == 0.0);
+    assert_eq!(server.metric("pio_num_requests_running"), 1.0);
+    drop(running);
+    server.wait_idle();
+    assert_eq!(server.cancelled(), 3.0);
+    // The slot serves the next request.
+    let next = server.answer("/v1/completions", &json!({"prompt": [5, 6], "max_tokens": 2}));
+    assert_eq!(next["usage"]["completion_tokens"], 2);
+
+    // The request timeout: a 504 not streaming, an error event streaming; both cancelled.
+    let timeout = ServerConfig::builder().port(0).request_timeout(Some(Duration::from_millis(500))).build().unwrap();
+    let server = serve(Settings { max_seqs: 2, server: timeout, ..Default::default() });
+    let start = Instant::now();
+    let (status, body) = server.post("/v1/completions", &long);
+    assert_eq!((status, &body["error"]["code"]), (504, &json!("timeout")), "{body}");
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    let events = server.stream("/v1/completions", &streaming);
+    let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "timeout", "{error}");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    server.wait_idle();
+    assert_eq!(server.cancelled(), 2.0);
+}
+
+#[test]
+fn a_shared_prefix_is_reused_across_requests_and_answers_as_cold() {
+    let cached = serve(Settings::default());
+    let cold = serve(Settings { prefix_caching: false, ..Default::default() });
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let shared = random_ids(&mut rng, 2000);
+    let with_shared = |rng: &mut ChaCha8Rng, extra: usize| [shared.clone(), random_ids(rng, extra)].concat();
+    let (a, b, c) = (with_shared(&mut rng, 20), random_ids(&mut rng, 300), with_shared(&mut rng, 30));
+    let body = |prompt: &[u32]| json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": true});
+    let cached_tokens = |answer: &Value| answer["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert_eq!(cached_tokens(&cached.answer("/v1/completions", &body(&a))), 0);
+    assert_eq!(cached_tokens(&cached.answer("/v1/completions", &body(&b))), 0, "B shares nothing");
+    let hit = cached.answer("/v1/completions", &body(&c));
+    let want = cold.answer("/v1/completions", &body(&c));
+    // A's 2,000 shared tokens are 125 blocks of 16.
+    assert_eq!(cached_tokens(&hit), 2000);
+    assert_eq!(cached_tokens(&want), 0);
+    assert_eq!(hit["choices"][0]["token_ids"], want["choices"][0]["token_ids"]);
+    assert_eq!(hit["choices"][0]["text"], want["choices"][0]["text"]);
+    // Streamed with include_usage, the hit is in the usage chunk too.
+    let mut streamed = body(&c);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = chunks(&cached.stream("/v1/completions", &streamed));
+    let usage = &events.last().unwrap()["usage"];
+    assert!(cached_tokens(&json!({"usage": usage})) >= 2000, "{usage}");
+    assert!(cached.metric("pio_prefix_cache_hits_total") >= 2000.0);
+}
+
+#[test]
+fn bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on() {
+    let server = serve(Settings::default());
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body.to_string().into_bytes()
+    };
+    let too_long: Vec<u32> = (0..5000).map(|i| i % 1000).collect();
+    // (route, body, status, param, a part of the message)
+    type Case<'a> = (&'a str, Vec<u8>, u16, Option<&'a str>, &'a str);
+    let cases: Vec<Case> = vec![
+        ("/v1/chat/completions", b"{not json".to_vec(), 400, None, "not valid JSON"),
+        ("/v1/chat/completions", b"[1, 2]".to_vec(), 400, None, "not a request object"),
+        ("/v1/chat/completions", b"{}".to_vec(), 400, Some("messages"), "required"),
+        ("/v1/chat/completions", br#"{"messages": []}"#.to_vec(), 400, Some("messages"), "empty"),
+        ("/v1/chat/completions", br#"{"messages": "hi"}"#.to_vec(), 400, Some("messages"), "invalid type"),
+        (
+            "/v1/chat/completions",
+            br#"{"messages": [{"role": "robot", "content": "x"}]}"#.to_vec(),
+            400,
+            Some("messages[0].role"),
+            "robot",
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"messages": [{"role": "user"}]}"#.to_vec(),
+            400,
+            Some("messages[0].content"),
+            "required",
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}"#.to_vec(),
+            400,
+            Some("messages[0].content[0].type"),
+            "input_audio",
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}"#
+                .to_vec(),
+            400,
+            Some("messages[0].content[0].type"),
+            "text only",
+        ),
+        ("/v1/chat/completions", chat(json!({"temperature": "hot"})), 400, Some("temperature"), "invalid type"),
+        ("/v1/chat/completions", chat(json!({"model": "gpt-4"})), 404, Some("model"), "gpt-4"),
+        ("/v1/chat/completions", chat(json!({"max_tokens": 0})), 400, Some("max_tokens"), "at least 1"),
+        (
+            "/v1/chat/completions",
+            chat(json!({"max_completion_tokens": -5})),
+            400,
+            Some("max_completion_tokens"),
+            "at least 1",
+        ),
+        ("/v1/chat/completions", chat(json!({"max_tokens": 100000})), 400, Some("max_tokens"), "4096"),
+        ("/v1/chat/completions", chat(json!({"n": 2})), 400, Some("n"), "n = 1"),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            400,
+            Some("tools"),
+            "not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"stream_options": {"include_usage": true}})),
+            400,
+            Some("stream_options"),
+            "stream",
+        ),
+        ("/v1/chat/completions", chat(json!({"top_logprobs": 2})), 400, Some("top_logprobs"), "logprobs: true"),
+        ("/v1/chat/completions", chat(json!({"prompt": "x"})), 400, Some("prompt"), "/v1/completions"),
+        ("/v1/completions", json!({"prompt": too_long}).to_string().into_bytes(), 400, Some("prompt"), "5000 tokens"),
+        ("/v1/completions", br#"{"prompt": [1, -3]}"#.to_vec(), 400, Some("prompt"), "token ids"),
+        ("/v1/completions", br#"{"prompt": [1, 99999999]}"#.to_vec(), 400, Some("prompt"), "outside the vocabulary"),
+        ("/v1/completions", br#"{"prompt": ["a", "b"]}"#.to_vec(), 400, Some("prompt"), "several prompts"),
+        ("/v1/completions", br#"{"max_tokens": 3}"#.to_vec(), 400, Some("prompt"), "required"),
+        ("/v1/completions", br#"{"prompt": "x", "top_p": 2}"#.to_vec(), 400, Some("top_p"), "(0, 1]"),
+        ("/v1/completions", br#"{"prompt": "x", "stop": 5}"#.to_vec(), 400, Some("stop"), "string"),
+        ("/v1/completions", br#"{"prompt": "x", "logprobs": 21}"#.to_vec(), 400, Some("logprobs"), "20"),
+        (
+            "/v1/completions",
+            br#"{"messages": [{"role": "user", "content": "x"}]}"#.to_vec(),
+            400,
+            Some("messages"),
+            "/v1/chat/completions",
+        ),
+        ("/v1/completions", b"{\"prompt\": \"\xff\xfe\"}".to_vec(), 400, None, "not UTF-8"),
+    ];
+    let good = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    for (path, body, status, param, fragment) in cases {
+        let shown = String::from_utf8_lossy(&body).chars().take(120).collect::<String>();
+        let (got, text) = server.post_bytes(path, &body, None);
+        assert_eq!(got, status, "{path} {shown}: {text}");
+        let error: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{shown}: {e}: {text}"));
+        assert_eq!(error["error"]["param"].as_str(), param, "{path} {shown}: {text}");
+        assert!(error["error"]["message"].as_str().unwrap().contains(fragment), "{path} {shown}: {text}");
+        let kind = error["error"]["type"].as_str().unwrap();
+        assert_eq!(kind, "invalid_request_error", "{text}");
+        // The server goes on serving.
+        server.answer("/v1/chat/completions", &good);
+    }
+    assert_eq!(server.post_bytes("/v1/embeddings", b"{}", None).0, 404);
+    assert_eq!(server.get("/v1/chat/completions", None).0, 405);
+
+    // Content as a list of text parts (what the openai SDKs send) is the joined text.
+    let parts = json!([{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]);
+    let greedy = |content: Value| {
+        let body = json!({"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0});
+        server.answer("/v1/chat/completions", &body)
+    };
+    let from_parts = greedy(parts);
+    let from_text = greedy(json!("Hello\nthere"));
+    assert_eq!(from_parts["choices"][0]["message"], from_text["choices"][0]["message"]);
+    assert_eq!(from_parts["usage"], from_text["usage"]);
+    // An unknown role was silently dropped before; `developer` is a system message.
+    let developer = json!({"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0});
+    let system = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0});
+    let (developer, system) =
+        (server.answer("/v1/chat/completions", &developer), server.answer("/v1/chat/completions", &system));
+    assert_eq!(developer["usage"]["prompt_tokens"], system["usage"]["prompt_tokens"]);
+    assert_eq!(developer["choices"][0]["message"], system["choices"][0]["message"]);
+    // The second found the first's prompt in the prefix cache: the same tokens.
+    assert!(system["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+}
+
+/// Sends a `total`-byte body on another thread (announced or chunked) and reads the answer
+/// here; (the answer's first line, the bytes sent when the writer stopped).
+fn send_huge_body(address: SocketAddr, total: usize, chunked: bool) -> (String, usize) {
+    let mut socket = TcpStream::connect(address).unwrap();
+    let head = if chunked {
+        "POST /v1/completions HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n".to_string()
+    } else {
+        format!("POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Length: {total}\r\n\r\n")
+    };
+    socket.write_all(head.as_bytes()).unwrap();
+    let mut writer = socket.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let block = vec![b'x'; 1 << 16];
+        let mut sent = 0;
+        while sent < total {
+            let ok = if chunked {
+                writer.write_all(format!("{:x}\r\n", block.len()).as_bytes()).is_ok()
+                    && writer.write_all(&block).is_ok()
+                    && writer.write_all(b"\r\n").is_ok()
+            } else {
+                writer.write_all(&block).is_ok()
+            };
+            if !ok {
+                break;
+            }
+            sent += block.len();
+        }
+        sent
+    });
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut answer = String::new();
+    BufReader::new(&socket).read_line(&mut answer).unwrap();
+    let sent = sender.join().unwrap();
+    (answer.trim().to_string(), sent)
+}
+
+#[test]
+fn a_huge_body_is_refused_before_it_is_all_sent() {
+    let server = serve(Settings::default());
+    let total = 50 << 20;
+    // Announced as 50 MB: refused from the headers, before any of the body is read.
+    let mut socket = TcpStream::connect(server.address).unwrap();
+    write!(socket, "POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Length: {total}\r\n\r\n").unwrap();
+    let mut head = [0u8; 512];
+    let n = socket.read(&mut head).unwrap();
+    let text = String::from_utf8_lossy(&head[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    drop(socket);
+    for chunked in [false, true] {
+        let (status, sent) = send_huge_body(server.address, total, chunked);
+        assert!(status.starts_with("HTTP/1.1 413"), "chunked {chunked}: {status}");
+        // The server stopped reading at the 8 MiB limit and closed: the rest never went out.
+        assert!(sent < total, "chunked {chunked}: the whole body was sent");
+    }
+    server.answer("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1}));
+}
+
+#[test]
+fn the_api_key_guards_v1_and_leaves_health_and_metrics_open() {
+    let config = ServerConfig::builder().port(0).api_key(Some("sekrit".into())).build().unwrap();
+    let server = serve(Settings { server: config, ..Default::default() });
+    assert_eq!(server.get("/health", None), (200, "ok".to_string()));
+    assert_eq!(server.get("/metrics", None).0, 200);
+    let (status, text) = server.get("/v1/models", None);
+    assert_eq!(status, 401, "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["code"], "invalid_api_key");
+    assert_eq!(server.get("/v1/models", Some("wrong")).0, 401);
+    let (status, models) = server.get("/v1/models", Some("sekrit"));
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 4096);
+    let body = br#"{"prompt": "Hi", "max_tokens": 1}"#;
+    assert_eq!(server.post_bytes("/v1/completions", body, None).0, 401);
+    assert_eq!(server.post_bytes("/v1/completions", body, Some("sekrit")).0, 200);
+}
+
+#[test]
+fn a_full_queue_answers_429() {
+    let server = serve(Settings { max_seqs: 1, max_waiting: 1, ..Default::default() });
+    let long = json!({"prompt": [1, 2, 3], "max_tokens": 4000, "ignore_eos": true});
+    let running = server.send_raw("/v1/completions", &long);
+    server.wait_until("one runs", |s| s.metric("pio_num_requests_running") == 1.0);
+    let waiting = server.send_raw("/v1/completions", &long);
+    server.wait_until("one waits", |s| s.metric("pio_num_requests_waiting") == 1.0);
+    let response = ureq::post(&format!("{}/v1/completions", server.base)).send_string(&long.to_string());
+    let Err(ureq::Error::Status(429, response)) = response else { panic!("expected a 429: {response:?}") };
+    assert_eq!(response.header("retry-after"), Some("1"));
+    let error: Value = serde_json::from_str(&response.into_string().unwrap()).unwrap();
+    assert_eq!((&error["error"]["type"], &error["error"]["code"]), (&json!("rate_limit_error"), &json!("overloaded")));
+    drop((running, waiting));
+    server.wait_idle();
+}
+
+#[test]
+fn usage_is_streamed_only_when_asked_for() {
+    let server = serve(Settings::default());
+    for (path, mut body) in [
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "Hi"}]})),
+        ("/v1/completions", json!({"prompt": "Once upon"})),
+    ] {
+        body["max_tokens"] = json!(5);
+        body["temperature"] = json!(0);
+        let whole = server.answer(path, &body);
+        body["stream"] = json!(true);
+        let plain = chunks(&server.stream(path, &body));
+        assert!(plain.iter().all(|c| c.get("usage").is_none()), "{path}: usage without include_usage: {plain:?}");
+        assert!(plain.iter().all(|c| c["choices"].as_array().unwrap().len() == 1));
+        body["stream_options"] = json!({"include_usage": true});
+        let with = chunks(&server.stream(path, &body));
+        let (last, rest) = with.split_last().unwrap();
+        assert!(rest.iter().all(|c| c["usage"].is_null() && c.get("usage").is_some()), "{path}: {rest:?}");
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!(last["usage"], whole["usage"], "{path}");
+        let chat = path.contains("chat");
+        assert_eq!(rest[0]["object"], if chat { "chat.completion.chunk" } else { "text_completion" });
+        if chat {
+            assert_eq!(rest[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        }
+    }
+}
+
+/// Reads an HTTP/1.1 response with a Content-Length body from `reader`; (head, body).
+fn read_response(reader: &mut BufReader<TcpStream>) -> (String, String) {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("no content-length in {head}"));
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+#[test]
+fn http_1_0_and_keep_alive_work_as_hyper_does() {
+    let server = serve(Settings::default());
+    let exchange = |request: &str| {
+        let mut socket = TcpStream::connect(server.address).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        socket.write_all(request.as_bytes()).unwrap();
+        let mut all = String::new();
+        // HTTP/1.0: the server closes the connection after the answer.
+        socket.read_to_string(&mut all).unwrap();
+        all
+    };
+    let health = exchange("GET /health HTTP/1.0\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.0 200") && health.ends_with("ok"), "{health}");
+    for stream in [false, true] {
+        let body = json!({"prompt": "Hi", "max_tokens": 3, "stream": stream}).to_string();
+        let answer =
+            exchange(&format!("POST /v1/completions HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
+        assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+        assert!(answer.contains(if stream { "data: [DONE]" } else { "\"text_completion\"" }), "{answer}");
+    }
+    // HTTP/1.1 keeps the connection for the next request.
+    let mut socket = TcpStream::connect(server.address).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut reader = BufReader::new(socket.try_clone().unwrap());
+    for _ in 0..2 {
+        let body = json!({"prompt": "Hi", "max_tokens": 2}).to_string();
+        write!(socket, "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            .unwrap();
+        let (head, body) = read_response(&mut reader);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["usage"]["completion_tokens"], 2);
+    }
+}
+
+#[test]
+fn logprobs_have_each_endpoints_shape_and_metrics_the_protocols() {
+    let server = serve(Settings::default());
+    let chat = server.answer(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "logprobs": true, "top_logprobs": 3, "ignore_eos": true}),
+    );
+    let content = chat["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 6);
+    for t in content {
+        let bytes: Vec<u8> = t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        assert_eq!(t["token"].as_str().unwrap(), String::from_utf8_lossy(&bytes), "{t}");
+        let logprob = t["logprob"].as_f64().unwrap();
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{t}");
+        assert!(logprob <= 0.0 && logprob <= top[0]["logprob"].as_f64().unwrap() + 1e-6, "{t}");
+        assert!(top.iter().all(|a| a["token"].is_string() && a["bytes"].is_array()));
+    }
+    let text = server
+        .answer("/v1/completions", &json!({"prompt": "Once", "max_tokens": 6, "logprobs": 2, "ignore_eos": true}));
+    let choice = &text["choices"][0];
+    let lp = &choice["logprobs"];
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(lp[key].as_array().map(Vec::len), Some(6), "{key}: {lp}");
+    }
+    let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]) && offsets[0] == 0, "{offsets:?}");
+    assert!(*offsets.last().unwrap() as usize <= choice["text"].as_str().unwrap().chars().count());
+    assert!(lp["top_logprobs"].as_array().unwrap().iter().all(|m| (1..=2).contains(&m.as_object().unwrap().len())));
+
+    // The engine publishes a step's counters after the step: wait for the last one's.
+    server.wait_until("both requests counted", |s| s.metric("pio_generation_tokens_total") == 12.0);
+    let (_, metrics) = server.get("/metrics", None);
+    // The model-server protocol's gauges, under pio's and vLLM's names.
+    for (name, kind) in [
+        ("vllm:num_requests_waiting", "gauge"),
+        ("vllm:num_requests_running", "gauge"),
+        ("vllm:kv_cache_usage_perc", "gauge"),
+        ("pio_num_requests_waiting", "gauge"),
+        ("pio_num_requests_running", "gauge"),
+        ("pio_kv_cache_usage_ratio", "gauge"),
+        ("pio_time_to_first_token_seconds", "histogram"),
+        ("pio_inter_token_latency_seconds", "histogram"),
+        ("pio_prompt_tokens_total", "counter"),
+        ("pio_generation_tokens_total", "counter"),
+        ("pio_prefix_cache_hits_total", "counter"),
+        ("pio_prefix_cache_queries_total", "counter"),
+    ] {
+        assert!(metrics.contains(&format!("# TYPE {name} {kind}\n")), "{name} {kind}:\n{metrics}");
+    }
+    assert_eq!(server.metric("pio_time_to_first_token_seconds_count"), 2.0);
+    assert_eq!(server.metric("vllm:kv_cache_usage_perc"), 0.0);
+    assert!(
+        metrics.contains("pio_requests_finished_total{model_name=\"graphs\",finished_reason=\"length\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pio_time_to_first_token_seconds_bucket{model_name=\"graphs\",le=\"+Inf\"} 2"),
+        "{metrics}"
+    );
+}
