@@ -153,10 +153,7 @@ pub fn slot_tables(
     let starts = g.const_i64("mrope.table_start", &[0])?;
     let ends = g.node("Unsqueeze", "mrope.table_end").inputs(&[mask_length, &axes0]).out();
     let table = |g: &mut Graph, cache: &str, rows: &str, name: &str| {
-        let base = g
-            .node("Slice", &format!("mrope.{name}_static_rows"))
-            .inputs(&[cache, &starts, &ends, &axes0])
-            .out();
+        let base = g.node("Slice", &format!("mrope.{name}_static_rows")).inputs(&[cache, &starts, &ends, &axes0]).out();
         g.node("ScatterND", &format!("mrope.{name}_cache")).inputs(&[&base, &indices, rows]).out()
     };
     Ok((table(g, &caches.0, &cos_rows, "cos"), table(g, &caches.1, &sin_rows, "sin")))

@@ -68,8 +68,11 @@ impl ImageRows {
         // of the padded inputs below is the zero row.
         let flat_shape = g.const_i64("image.flat_shape", &[-1])?;
         let flat_pad = g.node("Reshape", "image.is_pad_flat").inputs(&[&is_image, &flat_shape]).out();
-        let flat =
-            g.node("Cast", "image.is_pad_i64").inputs(&[&flat_pad]).attr("to", onnx_type(TensorDtype::Int64) as i64).out();
+        let flat = g
+            .node("Cast", "image.is_pad_i64")
+            .inputs(&[&flat_pad])
+            .attr("to", onnx_type(TensorDtype::Int64) as i64)
+            .out();
         let axis0 = g.scalar_i64("image.axis_0", 0)?;
         let rank = g.node("CumSum", "image.pad_rank").inputs(&[&flat, &axis0]).out();
         // Pad tokens past the M rows given (a generated pad token in a decode step, which has no

@@ -94,4 +94,6 @@ pub struct ModelInfo {
     pub default_sampling: SamplingParams,
     pub has_tokenizer: bool,
     pub has_chat_template: bool,
+    /// Whether chat messages may carry images (a vision-language export).
+    pub takes_images: bool,
 }
