@@ -8,6 +8,8 @@ use pio_models::size::Precision;
 use pio_models::TargetEp;
 use serde::Deserialize;
 
+pub mod vl_fixture;
+
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
 }
