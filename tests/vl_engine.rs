@@ -343,10 +343,14 @@ fn rows_clashing_at_a_slot_run_apart_and_equal_each_alone() {
     let text = || ids_request(&text_ids, greedy_options(32));
     let text_alone = run(&engine(fx, |c| c.prefix_caching(false)), text());
     let engine = engine(fx, |c| c.prefix_caching(false));
-    let (image, text) = (engine.submit(chat_request(fx, case)).unwrap(), engine.submit(text()).unwrap());
-    let (image, text) = (image.wait().unwrap(), text.wait().unwrap());
+    // Queued together, they are admitted and prefilled in one step, and decode at the same slots.
+    let mut handles = engine.submit_batch(vec![chat_request(fx, case), text()]).unwrap().into_iter();
+    let (image, text) = (handles.next().unwrap().wait().unwrap(), handles.next().unwrap().wait().unwrap());
     assert_eq!(image.generated_ids, case.greedy.generated_ids);
     assert_eq!(text.generated_ids, text_alone.generated_ids);
+    // One row apart in every decode step.
+    wait_idle(&engine);
+    assert_eq!(engine.metrics().decode_rows_run_apart, 31);
 }
 
 /// The plugin's `infer_with_images` hands its images to the engine: a path and the same file's

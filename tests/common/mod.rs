@@ -343,3 +343,17 @@ pub fn greedy_options(max_tokens: usize) -> pio_runtime::generate::GenerateOptio
         ..Default::default()
     }
 }
+
+/// Waits until the engine holds no slot and no request waits (the worker notices cancellations
+/// within a step; the bound only keeps a broken engine from hanging the test).
+pub fn wait_idle(engine: &pio_runtime::engine::Engine) {
+    let start = std::time::Instant::now();
+    while engine.active_sequences() > 0 || engine.metrics().requests_waiting > 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the engine did not free its slots: {:?}",
+            engine.metrics()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}

@@ -119,6 +119,10 @@ pub struct MetricsSnapshot {
     /// Images the vision encoder ran for, and images whose encoding came from the encoder cache.
     pub images_encoded: u64,
     pub encoder_cache_hits: u64,
+    /// Decoding rows run apart from their step's batch: their (t, h, w) position clashed with
+    /// another row's at the same cache slot (rope deltas of prompts with images; see the engine's
+    /// `decode_rows`).
+    pub decode_rows_run_apart: u64,
     pub finished: FinishedRequests,
     /// Engine steps run (each: one batched decode and up to the prefill budget of prompt tokens).
     pub steps: u64,
@@ -142,6 +146,7 @@ impl MetricsSnapshot {
             prefix_cache_hit_tokens: 0,
             images_encoded: 0,
             encoder_cache_hits: 0,
+            decode_rows_run_apart: 0,
             finished: FinishedRequests::default(),
             steps: 0,
             time_to_first_token: Histogram::new(TIME_TO_FIRST_TOKEN_BUCKETS),
@@ -157,6 +162,7 @@ impl MetricsSnapshot {
         self.prefix_cache_hit_tokens += other.prefix_cache_hit_tokens;
         self.images_encoded += other.images_encoded;
         self.encoder_cache_hits += other.encoder_cache_hits;
+        self.decode_rows_run_apart += other.decode_rows_run_apart;
         self.finished.absorb(&other.finished);
         self.time_to_first_token.absorb(&other.time_to_first_token);
         self.inter_token_latency.absorb(&other.inter_token_latency);

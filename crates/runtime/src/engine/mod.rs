@@ -425,33 +425,56 @@ impl Engine {
     }
 
     /// Checks, tokenizes and queues `request`. Refused here: an invalid field
-    /// ([`EngineError::InvalidRequest`]), a prompt plus `max_tokens` over what one sequence holds
-    /// ([`EngineError::ContextLength`]), a full queue ([`EngineError::Overloaded`]), a stopped
-    /// engine ([`EngineError::Shutdown`]).
+    /// ([`EngineError::InvalidRequest`]; a bad image names its content part), a prompt plus
+    /// `max_tokens` over what one sequence holds ([`EngineError::ContextLength`]), a full queue
+    /// ([`EngineError::Overloaded`]), a stopped engine ([`EngineError::Shutdown`]).
+    ///
+    /// A chat with images reads and decodes them here, on the caller's thread (tens of
+    /// milliseconds for a large photo): an async server should call it where blocking is fine
+    /// (`spawn_blocking`).
     pub fn submit(&self, request: Request) -> Result<RequestHandle, EngineError> {
+        let mut handles = self.submit_batch(vec![request])?;
+        handles.pop().ok_or(EngineError::Shutdown)
+    }
+
+    /// [`submit`](Self::submit) for several requests at once, all or none: each is checked and
+    /// tokenized first, then all are queued together, so the engine admits them in the same step
+    /// as far as slots and the prefill budget allow (FIFO, in this order).
+    pub fn submit_batch(&self, requests: Vec<Request>) -> Result<Vec<RequestHandle>, EngineError> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(EngineError::Shutdown);
         }
         let submitted = Instant::now();
-        let prepared = inner.preparer.prepare(&request.prompt, &request.render)?;
-        let admitted = self.check(prepared.ids, prepared.images, request)?;
-        let prompt_ids: Arc<[u32]> = admitted.prompt.clone().into();
+        let admitted = requests
+            .into_iter()
+            .map(|request| {
+                let prepared = inner.preparer.prepare(&request.prompt, &request.render)?;
+                self.check(prepared.ids, prepared.images, request)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = admitted.len();
         let waiting = inner
             .shared
             .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < inner.max_waiting).then_some(w + 1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w + n <= inner.max_waiting).then_some(w + n));
         if let Err(waiting) = waiting {
             return Err(EngineError::Overloaded { waiting, limit: inner.max_waiting });
         }
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-        let sequence = Sequence::new(id, admitted, events, submitted);
-        if inner.commands.send(Command::Submit(Box::new(sequence))).is_err() {
-            inner.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+        let mut sequences = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
+        for admitted in admitted {
+            let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let prompt_ids: Arc<[u32]> = admitted.prompt.clone().into();
+            let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+            sequences.push(Sequence::new(id, admitted, events, submitted));
+            handles.push(RequestHandle::new(id, prompt_ids, receiver));
+        }
+        if inner.commands.send(Command::Submit(sequences)).is_err() {
+            inner.shared.waiting.fetch_sub(n, Ordering::AcqRel);
             return Err(EngineError::Shutdown);
         }
-        Ok(RequestHandle::new(id, prompt_ids, receiver))
+        Ok(handles)
     }
 
     /// [`submit`](Self::submit), then blocks until the output is there.

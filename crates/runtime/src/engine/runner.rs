@@ -120,7 +120,8 @@ impl Runner {
     /// [`decode_rows`](Self::decode_rows)), each row after its own past at its own rope delta.
     /// A decoding row whose position clashes with another's at the same cache slot (see
     /// `decode_rows`) runs alone right after; its output takes its row's place.
-    pub(crate) fn decode(&mut self, rows: &[DecodeRow], fetch: Fetch) -> Result<StepOutput> {
+    /// Returns the output and how many rows ran apart.
+    pub(crate) fn decode(&mut self, rows: &[DecodeRow], fetch: Fetch) -> Result<(StepOutput, usize)> {
         let mut rows = rows.to_vec();
         let apart = if self.model.manifest.position_axes() == 3 { separate_clashes(&mut rows) } else { Vec::new() };
         let inputs = StepInputs::new(rows.iter().map(|r| r.token).collect(), rows.iter().map(|r| r.past).collect())?
@@ -131,12 +132,12 @@ impl Runner {
         } else {
             self.model.run_rows(&inputs, cache, 0, fetch)?
         };
-        for (slot, row) in apart {
+        for &(slot, row) in &apart {
             let alone = StepInputs::new(vec![row.token], vec![row.past])?.with_rope_deltas(vec![row.delta])?;
             let own = self.model.run_rows(&alone, self.pool.cache(), slot, fetch)?;
             replace_row(&mut output, slot, own)?;
         }
-        Ok(output)
+        Ok((output, apart.len()))
     }
 
     /// One prefill chunk: `tokens` into `slot` after the `past` tokens it holds (batch 1). A

@@ -32,7 +32,8 @@ use super::sequence::{Choice, Sequence};
 const SEQUENCES_PER_SAMPLING_THREAD: usize = 4;
 
 pub(crate) enum Command {
-    Submit(Box<Sequence>),
+    /// Requests queued together (in order).
+    Submit(Vec<Sequence>),
     Shutdown,
 }
 
@@ -81,13 +82,13 @@ pub(crate) fn run(runner: Runner, commands: Receiver<Command>, shared: Arc<Share
     loop {
         if worker.waiting.is_empty() && worker.running.is_empty() {
             match commands.recv() {
-                Ok(Command::Submit(seq)) => worker.waiting.push_back(*seq),
+                Ok(Command::Submit(seqs)) => worker.waiting.extend(seqs),
                 Ok(Command::Shutdown) | Err(_) => break,
             }
         }
         let shutdown = loop {
             match commands.try_recv() {
-                Ok(Command::Submit(seq)) => worker.waiting.push_back(*seq),
+                Ok(Command::Submit(seqs)) => worker.waiting.extend(seqs),
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => break true,
                 Err(TryRecvError::Empty) => break false,
             }
@@ -212,7 +213,8 @@ impl Worker {
         let all_greedy = self.running.iter().filter(|s| decoding(s)).all(|s| s.fetch == Fetch::Greedy);
         let fetch = if all_greedy { Fetch::Greedy } else { Fetch::Logits };
         match self.runner.decode(&rows, fetch) {
-            Ok(output) => {
+            Ok((output, apart)) => {
+                self.metrics.decode_rows_run_apart += apart as u64;
                 let mut decoded: Vec<&mut Sequence> = self.running.iter_mut().filter(|s| decoding(s)).collect();
                 for seq in decoded.iter_mut() {
                     seq.filled += 1;
