@@ -10,8 +10,14 @@ use serde::Deserialize;
 
 pub mod vl_fixture;
 
+/// The workspace's tests/fixtures (the crates' tests include this file too, from their own
+/// manifest folders).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .map(|dir| dir.join("tests").join("fixtures"))
+        .find(|dir| dir.is_dir())
+        .unwrap_or_else(|| here.join("tests").join("fixtures"))
 }
 
 /// The transformers reference written by scripts/make_fixtures.py.
