@@ -332,6 +332,47 @@ mod tests {
         assert_eq!(bad(json!({"type": "image"})).part, "messages[0].content[1]");
     }
 
+    /// Serves `body` once over HTTP on a local port; returns the URL.
+    fn serve_once(body: Vec<u8>) -> String {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/picture.png", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let mut request = [0u8; 1024];
+                let _ = std::io::Read::read(&mut stream, &mut request);
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body);
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn remote_images_are_fetched_when_allowed_within_the_input_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.png");
+        RgbImage::from_fn(40, 30, |x, y| [x as u8, y as u8, 9].into()).save(&file).unwrap();
+        let png = std::fs::read(&file).unwrap();
+        let processor = ImageProcessor::new(pio_image::ImageProcessorConfig::default());
+        let fetch =
+            ImageSettings { remote: RemoteImages::Fetch { timeout: Duration::from_secs(10) }, ..Default::default() };
+        let remote = |url: String| ChatImage {
+            part: "messages[0].content[0].image_url".into(),
+            source: ImageSource::Remote(url),
+        };
+        let loaded = remote(serve_once(png.clone())).load(&fetch, &processor).unwrap();
+        assert_eq!(loaded.hash, ImageHash::of_encoded(&png), "the fetched bytes are the file's");
+        assert_eq!((loaded.pixels.width(), loaded.pixels.height()), (40, 30));
+        let small = ImageSettings { limits: DecodeLimits::default().with_max_input_bytes(50), ..fetch.clone() };
+        let e = remote(serve_once(png)).load(&small, &processor).unwrap_err();
+        assert!(e.to_string().contains("over the image input limit of 50 bytes"), "{e}");
+        // Nothing listens there: the error names the URL and keeps the transport's.
+        let e = remote("http://127.0.0.1:9/none.png".into()).load(&fetch, &processor).unwrap_err();
+        assert!(e.to_string().contains("cannot fetch http://127.0.0.1:9/none.png") && e.source.is_some(), "{e}");
+    }
+
     #[test]
     fn remote_urls_and_local_files_follow_the_settings() {
         let processor = ImageProcessor::new(pio_image::ImageProcessorConfig::default());

@@ -75,3 +75,37 @@ impl EncoderCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Features of `tokens` rows of 2 floats and no deepstack: 8 bytes a token.
+    fn features(tokens: usize) -> Arc<ImageFeatures> {
+        crate::ort_lib::environment().unwrap(); // tensors need ONNX Runtime loaded
+        let grid = pio_image::GridThw { t: 1, h: 2, w: 2 };
+        Arc::new(ImageFeatures::from_host_f32(vec![0.5; tokens * 2], vec![], 2, 0, grid).unwrap())
+    }
+
+    fn hash(n: u8) -> ImageHash {
+        ImageHash::of_encoded(&[n])
+    }
+
+    #[test]
+    fn the_least_recently_used_encoding_goes_first_and_what_cannot_fit_is_not_kept() {
+        let mut cache = EncoderCache::new(80);
+        cache.insert(hash(1), features(4)); // 32 bytes
+        cache.insert(hash(2), features(4));
+        assert!(cache.get(&hash(1)).is_some(), "1 is now the most recently used");
+        cache.insert(hash(3), features(4)); // 96 > 80: 2 goes
+        assert!(cache.get(&hash(2)).is_none());
+        assert!(cache.get(&hash(1)).is_some() && cache.get(&hash(3)).is_some());
+        assert_eq!((cache.len(), cache.used_bytes()), (2, 64));
+        cache.insert(hash(4), features(20)); // 160 bytes: over the whole cache
+        assert!(cache.get(&hash(4)).is_none());
+        assert_eq!(cache.len(), 2);
+        let mut none = EncoderCache::new(0);
+        none.insert(hash(1), features(1));
+        assert!(none.is_empty());
+    }
+}
