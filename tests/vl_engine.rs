@@ -377,3 +377,38 @@ fn the_plugin_infers_with_images() {
     let e = plugin.infer_with_images(&case.text, &[bad], 4).unwrap_err();
     assert!(format!("{e:#}").contains("messages[0].content[0]"), "{e:#}");
 }
+
+/// README "Images (Qwen3-VL)": the engine example, as written there.
+mod readme_example {
+    use pio_runtime::engine::{Engine, EngineConfig, Prompt, Request};
+    use pio_runtime::generate::GenerateOptions;
+    use pio_runtime::sampling::SamplingParams;
+    use serde_json::json;
+
+    pub fn describe(graphs: &std::path::Path, photo: &std::path::Path) -> anyhow::Result<String> {
+        let engine = Engine::start(EngineConfig::builder(graphs).build()?)?;
+        let message = json!({"role": "user", "content": [
+            {"type": "image", "image": photo},
+            {"type": "text", "text": "What is in this picture?"},
+        ]});
+        let options =
+            GenerateOptions { max_tokens: Some(32), sampling: SamplingParams::greedy(), ..Default::default() };
+        let output = engine.generate(Request::new(Prompt::Chat(vec![message])).with_options(options))?;
+        let images = output.timings.images.as_ref().map_or(0, |i| i.images);
+        println!("{} prompt tokens, {images} image(s): {}", output.prompt_ids.len(), output.text);
+        Ok(output.text)
+    }
+}
+
+#[test]
+fn the_readme_example_describes_a_picture() {
+    let fx = export("qwen3vl-a");
+    let case = fx.case("one_image");
+    assert_eq!(case.text, "What is in this picture?", "the example asks the fixture's question");
+    let text = readme_example::describe(&fx.graphs, &fx.fixture.join(&case.image_files[0])).unwrap();
+    let tokenizer = pio_runtime::tokenizer::Tokenizer::from_dir(&fx.graphs).unwrap();
+    // Greedy until the first eos id (the example does not ignore it): transformers' tokens up to there.
+    let eos = [fx.reference.special_tokens["<|im_end|>"], fx.reference.special_tokens["<|endoftext|>"]];
+    let until_eos: Vec<u32> = case.greedy.generated_ids.iter().copied().take_while(|t| !eos.contains(t)).collect();
+    assert_eq!(text, tokenizer.decode(&until_eos, true).unwrap());
+}
