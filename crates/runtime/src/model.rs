@@ -686,8 +686,14 @@ impl DecoderModel {
         if !multimodal && !inputs.has_plain_positions() {
             bail!("{} has a one-axis rotary: its steps take no rope deltas or (t, h, w) positions", self.dir.display());
         }
-        if !self.takes_images() && inputs.images().is_some() {
-            bail!("{} takes no image rows (it is not a vision-language decoder)", self.dir.display());
+        if let Some(images) = inputs.images() {
+            let Some(vision) = self.manifest.vision.as_ref().filter(|_| self.takes_images()) else {
+                bail!("{} takes no image rows (it is not a vision-language decoder)", self.dir.display());
+            };
+            let pads = inputs.tokens().iter().filter(|&&t| t == vision.image_token_id).count();
+            if pads != images.tokens() {
+                bail!("the step has {pads} image tokens but {} image rows", images.tokens());
+            }
         }
         // The fused attention's rotary table is indexed by cache slot (see the export's rotary.rs).
         if multimodal && self.has_shared_buffer() {
@@ -849,9 +855,8 @@ impl DecoderModel {
         }
     }
 
-    /// A vision-language decoder's image inputs with no rows: a step without image tokens.
-    /// Empty for text models. On the host, or from
-    /// `device` (a captured CUDA graph takes no host inputs).
+    /// A vision-language decoder's image inputs with no rows: a step without image tokens. Empty
+    /// for text models. On the host, or from `device` (a captured CUDA graph takes no host inputs).
     fn empty_image_inputs(&self, device: Option<&Allocator>) -> Result<Vec<(String, DynValue)>> {
         let mut out = Vec::new();
         let image_input =
@@ -955,6 +960,9 @@ impl DecoderModel {
         if inputs.seq_len() != 1 {
             bail!("a CUDA-graph step decodes one token per sequence, got {}", inputs.seq_len());
         }
+        if inputs.images().is_some() {
+            bail!("a CUDA-graph decode step takes no image rows");
+        }
         self.check_rows(inputs, cache, 0)?;
         let rows = inputs.rows();
         let device = self.ep.device_id().unwrap_or(0);
@@ -987,9 +995,6 @@ impl DecoderModel {
                 self.graph_states.len() - 1
             }
         };
-        if inputs.images().is_some() {
-            bail!("a CUDA-graph decode step takes no image rows");
-        }
         let image_inputs = self.empty_image_inputs(Some(alloc))?;
         let position_shape = self.decode_position_shape(rows);
         let state = &mut self.graph_states[index];
