@@ -331,6 +331,25 @@ fn a_batched_decode_of_rows_with_other_lengths_and_deltas_equals_each_alone() {
     assert!(format!("{e:#}").contains("cache slot 30"), "{e:#}");
 }
 
+/// A generated `<|image_pad|>` is fed back in a decode step without image rows: it keeps its token
+/// embedding (as in transformers) instead of indexing past the step's zero image rows, which
+/// failed the whole batched step before.
+#[test]
+fn a_generated_image_pad_token_decodes_like_any_token() {
+    let fx = export("qwen3vl-a");
+    let mut model = DecoderModel::load(&fx.graphs, &ExecutionProvider::default()).unwrap();
+    let mut cache = model.new_shared_host_cache(2, 64).unwrap();
+    for row in 0..2 {
+        prefill_row(&mut model, &mut cache, fx, "text_only", row);
+    }
+    let past = fx.case("text_only").input_ids.len();
+    let pad = fx.image_token();
+    let step = StepInputs::new(vec![pad, 5], vec![past, past]).unwrap();
+    let logits = model.run_rows(&step, &mut cache, 0, Fetch::Logits).unwrap().into_logits().unwrap();
+    assert!(logits.data.iter().all(|x| x.is_finite()));
+    assert_ne!(logits.last_of(0), logits.last_of(1), "the pad token is a token of its own");
+}
+
 /// A text prompt as long as the one-image prompt decodes at the same slots with another rope
 /// delta: the engine runs one of them apart every step; both equal their runs alone.
 #[test]
