@@ -53,6 +53,9 @@ struct Args {
     /// Tokens one sequence holds (the KV slot): room for the largest image and the answer.
     #[arg(long, default_value_t = 4096)]
     max_model_len: usize,
+    /// Prompt tokens per engine step: the default runs every prompt here in one prefill.
+    #[arg(long, default_value_t = 4096)]
+    prefill_budget: usize,
     /// Where the JSON report goes.
     #[arg(long)]
     out: PathBuf,
@@ -116,6 +119,7 @@ fn main() -> Result<()> {
         .ep(ep)
         .max_seqs(1)
         .max_model_len(args.max_model_len)
+        .prefill_budget(args.prefill_budget)
         .prefix_caching(false)
         .encoder_cache_bytes(0)
         .build()?;
@@ -164,6 +168,7 @@ fn main() -> Result<()> {
     let info = engine.model_info();
     let report: Value = json!({
         "graphs": args.graphs,
+        "prefill_budget": args.prefill_budget,
         "ep": info.execution_provider,
         "precision": info.precision,
         "cuda_graph_batch_sizes": info.cuda_graph_batch_sizes,
