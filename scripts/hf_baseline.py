@@ -72,14 +72,16 @@ def time_generation(model, device, inputs, new_tokens, repeats):
     """(t_first, t_total) in seconds: the medians of `repeats` greedy generates of one and of `new_tokens` new
     tokens (`min_new_tokens`, so end-of-sequence does not stop them) from `inputs`, after a short warm-up, the GPU
     synchronized around each; the peak-memory counter is reset after the warm-up. Exits when the long generate is
-    not slower than the short one (decode speed would be meaningless)."""
+    not slower than the short one (decode speed would be meaningless). `inputs` is the generate's keyword
+    arguments, or a function making them, called inside each timed run (an image read and processed each time)."""
+    make_inputs = inputs if callable(inputs) else (lambda: inputs)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     # A fresh greedy config: the checkpoint's sampling settings would only draw warnings.
     base = model.generation_config
     eos = base.eos_token_id if base.eos_token_id is not None else getattr(cfg, "eos_token_id", None)
     first_eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
     pad = base.pad_token_id if base.pad_token_id is not None else (first_eos if first_eos is not None else 0)
-    prompt_len = inputs["input_ids"].shape[1]
+    prompt_len = make_inputs()["input_ids"].shape[1]
 
     def sync():
         if device.type == "cuda":
@@ -89,7 +91,7 @@ def time_generation(model, device, inputs, new_tokens, repeats):
         sync()
         t = time.perf_counter()
         gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
-        out = model.generate(**inputs, generation_config=gc)
+        out = model.generate(**make_inputs(), generation_config=gc)
         sync()
         dt = time.perf_counter() - t
         if out.shape[1] != prompt_len + n:

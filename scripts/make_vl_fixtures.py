@@ -6,8 +6,11 @@ vision encoder and the multimodal decoder (tests/parity_qwen3_vl.rs).
 The prompts go through transformers' real processor: the Qwen3 tokenizer fetched by
 scripts/setup.sh (it has the vision tokens), the Qwen3-VL instruct chat template
 (crates/models/assets/qwen3-vl/chat_template.json, checked by SHA-256) and Qwen2VLImageProcessor
-on small synthetic images. The model's vocabulary is cut to a few hundred ids, so each fixture
-maps the Qwen3 ids its prompts use onto 0..n (the map is in reference.json).
+on small synthetic images, saved as PNG files in the fixture (<case>.<i>.png) and given to the
+processor by path, as a chat message carries them. The model's vocabulary is cut to a few hundred
+ids, so each fixture maps the Qwen3 ids its prompts use onto 0..n (the map is in reference.json;
+the Rust tests permute the Qwen3 tokenizer's ids with it, so the rendered prompt tokenizes to the
+fixture's ids). Each case records its image files and its text, for the runtime's own path.
 
 Usage:
     python3 scripts/make_vl_fixtures.py                   # all fixtures
@@ -160,8 +163,21 @@ CASES = {
 }
 
 
-def messages_of(case: dict) -> list[dict]:
-    content = [{"type": "image", "image": synthetic_image(*im)} for im in case["images"]]
+def image_files(name: str, case: dict) -> list[str]:
+    """The file names of a case's images in the fixture folder."""
+    return [f"{name}.{i}.png" for i in range(len(case["images"]))]
+
+
+def write_images(name: str, case: dict, folder: Path) -> None:
+    """A case's synthetic images as PNG files (lossless: the pixels are the generated ones)."""
+    for file, im in zip(image_files(name, case), case["images"]):
+        synthetic_image(*im).save(folder / file, format="PNG")
+
+
+def messages_of(name: str, case: dict, folder: Path) -> list[dict]:
+    """The user message: the image files (by path, as a chat message carries them; transformers
+    reads them itself), then the text."""
+    content = [{"type": "image", "path": str(folder / file)} for file in image_files(name, case)]
     content.append({"type": "text", "text": case["text"]})
     return [{"role": "user", "content": content}]
 
@@ -187,8 +203,8 @@ def make_processor() -> Qwen3VLProcessor:
     )
 
 
-def run_processor(processor: Qwen3VLProcessor, case: dict) -> dict:
-    messages = messages_of(case)
+def run_processor(processor: Qwen3VLProcessor, name: str, case: dict, folder: Path) -> dict:
+    messages = messages_of(name, case, folder)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     out = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
@@ -426,7 +442,10 @@ def make_fixture(name: str, spec: dict, out_root: Path) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     processor = make_processor()
-    processed = {case: run_processor(processor, CASES[case]) for case in spec["cases"]}
+    images_dir = Path(tempfile.mkdtemp(prefix="vl-images-"))
+    for case in spec["cases"]:
+        write_images(case, CASES[case], images_dir)
+    processed = {case: run_processor(processor, case, CASES[case], images_dir) for case in spec["cases"]}
     real_to_fixture = token_map(processor, processed)
     special = dict(zip(SPECIAL_TOKENS, processor.tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)))
     ids = {tok: real_to_fixture[real] for tok, real in special.items()}
@@ -441,6 +460,10 @@ def make_fixture(name: str, spec: dict, out_root: Path) -> None:
             cases, floats, problems = {}, {}, []
             for case, p in processed.items():
                 ref, case_floats, stats = compute_case(model, cfg, p, real_to_fixture, eos)
+                # What the runtime's own path starts from: the files and the text of the message.
+                ref.update(image_files=image_files(case, CASES[case]), text=CASES[case]["text"])
+                for file in image_files(case, CASES[case]):
+                    shutil.copy(images_dir / file, folder / file)
                 cases[case] = ref
                 floats.update({f"{case}.{k}": v for k, v in case_floats.items()})
                 if stats["margin"] < MIN_MARGIN:
@@ -477,6 +500,7 @@ def make_fixture(name: str, spec: dict, out_root: Path) -> None:
             shutil.copytree(folder, dest)
             size = sum(f.stat().st_size for f in dest.iterdir())
             print(f"{name}: seed {seed}, {size / 1024:.0f} KiB -> {dest}")
+            shutil.rmtree(images_dir)
             return
     raise SystemExit(f"{name}: no acceptable seed in {MAX_SEED_TRIES} tries")
 

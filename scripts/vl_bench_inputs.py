@@ -1,10 +1,9 @@
 #!/usr/bin/env python3
 """Inputs of the Qwen3-VL GPU benchmark (scripts/vl_gpu_bench.sh):
 
-    python3 scripts/vl_bench_inputs.py patches --checkpoint DIR --sizes 448x448,1024x1024,1920x1080 --out FILE
-        transformers' image processor (the checkpoint's preprocessor_config.json) on one synthetic
-        photo-like image per size (width x height): `<W>x<H>.pixel_values` (float32 patch rows) and
-        `<W>x<H>.image_grid_thw` (int64 (t, h, w)) in a safetensors file, what the vision graph reads.
+    python3 scripts/vl_bench_inputs.py images --sizes 448x448,1024x1024,1920x1080 --out DIR
+        one synthetic photo-like JPEG per size (width x height) as DIR/<W>x<H>.jpg (quality 90, 4:2:0): what
+        `vl_bench` hands the engine and `hf_vl_baseline.py` hands transformers' processor.
 
     python3 scripts/vl_bench_inputs.py text-checkpoint --checkpoint VL_DIR --out DIR
         the text decoder of a Qwen3VLForConditionalGeneration checkpoint as a Qwen3ForCausalLM checkpoint
@@ -19,7 +18,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -38,19 +36,14 @@ def synthetic_photo(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
-def patches(args) -> None:
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(args.checkpoint)
-    tensors = {}
+def images(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for i, size in enumerate(args.sizes.split(",")):
         width, height = (int(v) for v in size.lower().split("x"))
-        out = processor(images=[synthetic_photo(width, height, i)], return_tensors="pt")
-        tensors[f"{size}.pixel_values"] = out["pixel_values"].float().contiguous()
-        tensors[f"{size}.image_grid_thw"] = out["image_grid_thw"][0].to(torch.int64).contiguous()
-        t, h, w = out["image_grid_thw"][0].tolist()
-        print(f"{size}: grid {t}x{h}x{w}, {t * h * w} patches, {t * h * w // 4} image tokens")
-    save_file(tensors, args.out)
+        path = out / f"{size}.jpg"
+        synthetic_photo(width, height, i).save(path, format="JPEG", quality=90)
+        print(f"{path}: {width}x{height}, {path.stat().st_size} bytes")
 
 
 def text_checkpoint(args) -> None:
@@ -78,15 +71,14 @@ def text_checkpoint(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("patches")
-    p.add_argument("--checkpoint", required=True, help="a folder with preprocessor_config.json")
+    p = sub.add_parser("images")
     p.add_argument("--sizes", default="448x448,1024x1024,1920x1080")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a folder for the JPEG files")
     t = sub.add_parser("text-checkpoint")
     t.add_argument("--checkpoint", required=True)
     t.add_argument("--out", required=True)
     args = ap.parse_args()
-    {"patches": patches, "text-checkpoint": text_checkpoint}[args.command](args)
+    {"images": images, "text-checkpoint": text_checkpoint}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-//! Drivers of a Qwen3-VL export's two graphs for the tests and benchmarks, until the runtime
-//! drives them: the vision encoder (one image per run), the multimodal decoder step over a KV
-//! cache (growing, or one shared buffer as on the GPU), and transformers' rope index.
+//! A driver of a Qwen3-VL export's multimodal decoder graph for the parity tests: one step of
+//! batch 1 over a KV cache (growing, or one shared buffer as on the GPU, with the mask as long as
+//! the sequence or the whole capacity as CUDA-graph decode binds it), fed positions and image rows
+//! directly, so the graph is checked against transformers apart from the engine. The vision
+//! encoder and the rope index are the runtime's (`pio_runtime::vision`).
 //!
-//! IO as `pio_models::manifest::VisionSpec` describes it. Image features stay where the encoder
-//! wrote them (the GPU with CUDA) and are handed to the decoder as they are.
+//! IO as `pio_models::manifest::VisionSpec` describes it.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,7 @@ use ort::session::Session;
 use ort::value::{DynTensorValueType, DynValue, Tensor};
 use pio_models::manifest::{KvCacheSpec, Manifest, TensorDtype};
 use pio_runtime::ep::ExecutionProvider;
+use pio_runtime::vision::to_f32_vec;
 
 fn session(path: &Path, ep: &ExecutionProvider) -> Result<Session> {
     let env = pio_runtime::ort_lib::environment()?;
@@ -46,66 +48,6 @@ pub fn host_tensor(dtype: TensorDtype, shape: &[usize], data: &[f32]) -> Result<
 
 fn i64_tensor(shape: &[usize], data: Vec<i64>) -> Result<DynValue> {
     Ok(Tensor::from_array((shape.to_vec(), data))?.into_dyn())
-}
-
-/// A float tensor's values as float32, copied to the host if it lives on a device.
-pub fn to_f32_vec(value: &DynValue) -> Result<Vec<f32>> {
-    let tensor = value.view().downcast::<DynTensorValueType>()?;
-    let host = if tensor.memory_info().is_cpu_accessible() {
-        None
-    } else {
-        Some(tensor.to(AllocationDevice::CPU, 0)?.into_dyn())
-    };
-    let v = host.as_ref().unwrap_or(value);
-    if let Ok((_, d)) = v.try_extract_tensor::<f32>() {
-        return Ok(d.to_vec());
-    }
-    if let Ok((_, d)) = v.try_extract_tensor::<f16>() {
-        return Ok(d.iter().map(|x| x.to_f32()).collect());
-    }
-    let (_, d) = v.try_extract_tensor::<bf16>()?;
-    Ok(d.iter().map(|x| x.to_f32()).collect())
-}
-
-/// The vision encoder graph, one image per run.
-pub struct VisionEncoder {
-    session: Session,
-    memory: MemoryInfo<'static>,
-    pub patch_dim: usize,
-}
-
-impl VisionEncoder {
-    pub fn load(graphs: &Path, ep: &ExecutionProvider) -> Result<Self> {
-        let manifest = Manifest::load(graphs)?;
-        let spec = manifest.vision.with_context(|| format!("{} has no vision encoder", graphs.display()))?;
-        Ok(VisionEncoder {
-            session: session(&graphs.join(&spec.encoder), ep)?,
-            memory: device_memory(ep)?,
-            patch_dim: spec.patch_dim,
-        })
-    }
-
-    /// (image_embeds, deepstack_embeds) of one image's patch rows, left on the session's device.
-    pub fn encode(&mut self, pixels: &[f32], grid: [i64; 3]) -> Result<(DynValue, DynValue)> {
-        let rows = pixels.len() / self.patch_dim;
-        let pixel_values = host_tensor(TensorDtype::Float32, &[rows, self.patch_dim], pixels)?;
-        let grid = i64_tensor(&[1, 3], grid.to_vec())?;
-        let mut binding = self.session.create_binding()?;
-        binding.bind_input("pixel_values", &pixel_values)?;
-        binding.bind_input("image_grid_thw", &grid)?;
-        binding.bind_output_to_device("image_embeds", &self.memory)?;
-        binding.bind_output_to_device("deepstack_embeds", &self.memory)?;
-        let mut out = self.session.run_binding(&binding).context("the vision encoder failed")?;
-        let embeds = out.remove("image_embeds").context("no image_embeds output")?;
-        let deepstack = out.remove("deepstack_embeds").context("no deepstack_embeds output")?;
-        Ok((embeds, deepstack))
-    }
-
-    /// [`encode`](Self::encode) with the outputs as float32 host vectors.
-    pub fn encode_to_host(&mut self, pixels: &[f32], grid: [i64; 3]) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (e, d) = self.encode(pixels, grid)?;
-        Ok((to_f32_vec(&e)?, to_f32_vec(&d)?))
-    }
 }
 
 /// How the decoder's KV cache is kept between steps.
@@ -271,7 +213,8 @@ impl MultimodalDecoder {
         binding.bind_output_to_device("logits", &host)?;
         binding.bind_output_to_device("greedy_tokens", &host)?;
         let mut out = self.session.run_binding(&binding).context("the decoder step failed")?;
-        let logits = to_f32_vec(&out.remove("logits").context("no logits output")?)?;
+        let logits = out.remove("logits").context("no logits output")?.downcast::<DynTensorValueType>()?;
+        let logits = to_f32_vec(&logits)?;
         let greedy = out.remove("greedy_tokens").context("no greedy_tokens output")?;
         let greedy = greedy.try_extract_tensor::<i64>()?.1.to_vec();
         if cache.kind == CacheKind::Growing {
@@ -284,42 +227,4 @@ impl MultimodalDecoder {
         cache.len = total;
         Ok((logits, greedy))
     }
-}
-
-/// transformers' `get_rope_index` for a prompt of text and images (one grid (t, h, w) per image
-/// run of `image_token` ids, in order): text tokens count on on all three axes; an image's
-/// tokens sit at (start + t, start + row, start + column) of its merged grid, and the text
-/// after it resumes at start + max(h, w) / merge. Returns the three position rows and the rope
-/// delta (max position + 1 - length) that decode steps add to their cache position.
-pub fn rope_index(ids: &[u32], image_token: u32, grids: &[[i64; 3]], merge: i64) -> Result<(Vec<Vec<i64>>, i64)> {
-    let mut rows: Vec<Vec<i64>> = (0..3).map(|_| Vec::with_capacity(ids.len())).collect();
-    let (mut next, mut i, mut images) = (0i64, 0usize, grids.iter());
-    while i < ids.len() {
-        if ids[i] != image_token {
-            for r in rows.iter_mut() {
-                r.push(next);
-            }
-            next += 1;
-            i += 1;
-            continue;
-        }
-        let [t, h, w] = *images.next().context("more image runs in the prompt than grids")?;
-        let (gh, gw) = (h / merge, w / merge);
-        let count = (t * gh * gw) as usize;
-        if ids[i..].len() < count || ids[i..i + count].iter().any(|&x| x != image_token) {
-            bail!("an image of grid {t}x{h}x{w} needs {count} consecutive image tokens at {i}");
-        }
-        for k in 0..t * gh * gw {
-            rows[0].push(next + k / (gh * gw));
-            rows[1].push(next + (k / gw) % gh);
-            rows[2].push(next + k % gw);
-        }
-        next += gh.max(gw);
-        i += count;
-    }
-    if images.next().is_some() {
-        bail!("fewer image runs in the prompt than grids");
-    }
-    let max = rows.iter().flatten().copied().max().unwrap_or(-1);
-    Ok((rows, max + 1 - ids.len() as i64))
 }

@@ -60,16 +60,6 @@ fn random_prompt(rng: &mut ChaCha8Rng, len: usize) -> Vec<u32> {
     (0..len).map(|_| rng.random_range(0..VOCAB)).collect()
 }
 
-/// Waits until the engine holds no slot and no request waits (the worker notices cancellations
-/// within a step; the bound only keeps a broken engine from hanging the test).
-fn wait_idle(engine: &Engine) {
-    let start = Instant::now();
-    while engine.active_sequences() > 0 || engine.metrics().requests_waiting > 0 {
-        assert!(start.elapsed() < Duration::from_secs(60), "the engine did not free its slots: {:?}", engine.metrics());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 /// Sampling settings of request `i`: greedy, hot and filtered samplers, penalties (which need the
 /// logits), some with logprobs; each sampler with a seed of its own.
 fn options_for(i: usize, max_tokens: usize) -> GenerateOptions {

@@ -11,7 +11,9 @@
 //!   at position cache length + rope delta on all three axes (both cache kinds, and the
 //!   whole-capacity mask of CUDA-graph decode).
 //!
-//! The runtime does not drive these graphs yet: the small helpers below do what it will.
+//! The decoder runs through the small driver of `inference_pio::vl` (positions and image rows fed
+//! directly); the vision encoder and the rope index are the runtime's. The engine's own path
+//! (image files, chat template, preprocessing, the engine's steps) is `tests/vl_engine.rs`.
 
 mod common;
 
@@ -19,11 +21,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use common::*;
-use inference_pio::vl::{rope_index, Cache, CacheKind, MultimodalDecoder, VisionEncoder};
+use inference_pio::vl::{Cache, CacheKind, MultimodalDecoder};
 use ort::session::Session;
 use pio_export::ExportSettings;
 use pio_models::manifest::Manifest;
 use pio_runtime::ep::ExecutionProvider;
+use pio_runtime::vision::{rope_index, VisionEncoder};
 use serde::Deserialize;
 
 const FIXTURES: &[&str] = &["qwen3vl-a", "qwen3vl-b"];
@@ -113,6 +116,12 @@ fn concat_deepstack(per_image: &[&[f32]], n: usize) -> Vec<f32> {
     out
 }
 
+/// One image's features through the vision graph, as float32 host vectors.
+fn encode_host(vision: &mut VisionEncoder, pixels: &[f32], grid: [i64; 3]) -> (Vec<f32>, Vec<f32>) {
+    let [t, h, w] = grid.map(|d| u32::try_from(d).unwrap());
+    vision.encode(pixels, pio_image::GridThw { t, h, w }).unwrap().to_host().unwrap()
+}
+
 fn cpu() -> ExecutionProvider {
     ExecutionProvider::default()
 }
@@ -193,9 +202,9 @@ fn rope_index_matches_transformers() {
         let fixture = Fixture::load(name);
         let token = image_token(&fixture);
         for (case_name, case) in &fixture.reference.cases {
-            let (positions, delta) = rope_index(&case.input_ids, token, &case.image_grid_thw, 2).unwrap();
-            assert_eq!(positions, case.position_ids, "{name} {case_name}: positions");
-            assert_eq!(delta, case.rope_delta, "{name} {case_name}: rope delta");
+            let index = rope_index(&case.input_ids, token, &case.image_grid_thw, 2).unwrap();
+            assert_eq!(index.positions.to_vec(), case.position_ids, "{name} {case_name}: positions");
+            assert_eq!(index.delta, case.rope_delta, "{name} {case_name}: rope delta");
         }
     }
 }
@@ -224,7 +233,7 @@ fn vision_embeddings_match_transformers() {
             for (i, grid) in case.image_grid_thw.iter().enumerate() {
                 let key = format!("{case_name}.%.{i}");
                 let (embeds, deepstack) =
-                    vision.encode_to_host(fixture.floats(&key.replace('%', "pixel_values")), *grid).unwrap();
+                    encode_host(&mut vision, fixture.floats(&key.replace('%', "pixel_values")), *grid);
                 for (got, what) in [(&embeds, "image_embeds"), (&deepstack, "deepstack_embeds")] {
                     let diff = max_abs_diff(got, fixture.floats(&key.replace('%', what)));
                     assert!(diff <= TOLERANCE, "{name} {case_name} image {i} {what}: max |diff| {diff}");
@@ -235,7 +244,7 @@ fn vision_embeddings_match_transformers() {
         }
         if let Some(frames) = &fixture.reference.frames {
             let (embeds, deepstack) =
-                vision.encode_to_host(fixture.floats("frames.pixel_values"), frames.image_grid_thw[0]).unwrap();
+                encode_host(&mut vision, fixture.floats("frames.pixel_values"), frames.image_grid_thw[0]);
             for (got, what) in [(&embeds, "image_embeds"), (&deepstack, "deepstack_embeds")] {
                 let diff = max_abs_diff(got, fixture.floats(&format!("frames.{what}")));
                 assert!(diff <= TOLERANCE, "{name} two frames {what}: max |diff| {diff}");
@@ -329,7 +338,7 @@ fn greedy_32_tokens_match_transformers_generate() {
                 .iter()
                 .enumerate()
                 .map(|(i, grid)| {
-                    vision.encode_to_host(fixture.floats(&format!("{case_name}.pixel_values.{i}")), *grid).unwrap()
+                    encode_host(&mut vision, fixture.floats(&format!("{case_name}.pixel_values.{i}")), *grid)
                 })
                 .collect();
             let image: Vec<f32> = encoded.iter().flat_map(|(e, _)| e.clone()).collect();
@@ -425,14 +434,10 @@ fn int4_export_quantizes_the_decoder_only() {
 
     let case = &fixture.reference.cases["one_image"];
     let pixels = fixture.floats("one_image.pixel_values.0");
-    let (int4_embeds, _) = VisionEncoder::load(&tmp.path().join("int4"), &cpu())
-        .unwrap()
-        .encode_to_host(pixels, case.image_grid_thw[0])
-        .unwrap();
-    let (fp32_embeds, _) = VisionEncoder::load(&tmp.path().join("dq-fp32"), &cpu())
-        .unwrap()
-        .encode_to_host(pixels, case.image_grid_thw[0])
-        .unwrap();
+    let encode =
+        |dir: &Path| encode_host(&mut VisionEncoder::load(dir, &cpu()).unwrap(), pixels, case.image_grid_thw[0]);
+    let (int4_embeds, _) = encode(&tmp.path().join("int4"));
+    let (fp32_embeds, _) = encode(&tmp.path().join("dq-fp32"));
     assert_eq!(int4_embeds, fp32_embeds, "the int4 export's vision graph differs from the fp32 one's");
 
     let (image, deepstack) = fixture.image_features("one_image", 1);
@@ -513,7 +518,7 @@ fn synthetic_qwen3_vl_preset_exports_and_runs() {
         export_to(&ck, &out, settings);
         let manifest = Manifest::load(&out).unwrap();
         assert_eq!(manifest.vision.as_ref().unwrap().preprocessor_files, vec!["preprocessor_config.json"]);
-        let (image, deepstack) = VisionEncoder::load(&out, &cpu()).unwrap().encode_to_host(&pixels, grid).unwrap();
+        let (image, deepstack) = encode_host(&mut VisionEncoder::load(&out, &cpu()).unwrap(), &pixels, grid);
         assert_eq!(image.len(), 6 * 64);
         for v in [&image, &deepstack] {
             assert!(v.iter().all(|x| x.is_finite()) && v.iter().any(|&x| x != v[0]), "{precision:?}: vision output");

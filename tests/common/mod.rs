@@ -8,8 +8,16 @@ use pio_models::size::Precision;
 use pio_models::TargetEp;
 use serde::Deserialize;
 
+pub mod vl_fixture;
+
+/// The workspace's tests/fixtures (the crates' tests include this file too, from their own
+/// manifest folders).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .map(|dir| dir.join("tests").join("fixtures"))
+        .find(|dir| dir.is_dir())
+        .unwrap_or_else(|| here.join("tests").join("fixtures"))
 }
 
 /// The transformers reference written by scripts/make_fixtures.py.
@@ -361,4 +369,18 @@ pub fn logits_with_steps(graphs: &Path, prompt: &[u32], steps: &[u32]) -> Vec<Ve
         rows.push(model.forward(&[t], &mut cache).unwrap().last().to_vec());
     }
     rows
+}
+
+/// Waits until the engine holds no slot and no request waits (the worker notices cancellations
+/// within a step; the bound only keeps a broken engine from hanging the test).
+pub fn wait_idle(engine: &pio_runtime::engine::Engine) {
+    let start = std::time::Instant::now();
+    while engine.active_sequences() > 0 || engine.metrics().requests_waiting > 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the engine did not free its slots: {:?}",
+            engine.metrics()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }

@@ -3,10 +3,11 @@
 mod batch;
 mod bench;
 mod bench_serve;
+mod chat;
 mod download;
 mod serve;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,6 +21,7 @@ use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::generate::{GenerateOptions, GenerationOutput};
 use pio_runtime::plugin::PluginMetadata;
 use pio_runtime::sampling::SamplingParams;
+use pio_runtime::vision::{LocalImageFiles, RemoteImages};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -185,6 +187,24 @@ pub struct ModelArgs {
     /// quarter of --kv-cache-gb; on the CPU as much as the pool, at most 2 GiB).
     #[arg(long)]
     prefix_cache_gb: Option<f64>,
+    /// Vision-language models: GiB of image encodings kept across requests (0: none; default
+    /// 0.5).
+    #[arg(long)]
+    encoder_cache_gb: Option<f64>,
+    /// Vision-language models: where local image paths in messages may point: `any`, `none`, or a
+    /// folder they must be under (default: `any`; for `pio serve`, `none`, since its clients
+    /// must not read the server's files).
+    #[arg(long)]
+    local_images: Option<String>,
+    /// Vision-language models: fetch http(s) image URLs in messages (refused otherwise), each
+    /// within this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    fetch_remote_images: Option<u64>,
+    /// Vision-language models: the most encoded bytes and pixels an image may have.
+    #[arg(long, default_value_t = pio_image::DEFAULT_MAX_INPUT_BYTES)]
+    max_image_bytes: u64,
+    #[arg(long, default_value_t = pio_image::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
 }
 
 /// GiB as bytes, refusing what is not a positive size.
@@ -210,8 +230,14 @@ impl ModelArgs {
         Ok(ep)
     }
 
-    /// The engine settings these options give.
+    /// The engine settings these options give (local image files: `any` unless
+    /// `--local-images` says otherwise).
     pub fn config(&self) -> Result<EngineConfigBuilder> {
+        self.config_with_local_images("any")
+    }
+
+    /// Every engine setting but where local image files may be read from.
+    fn base_config(&self) -> Result<EngineConfigBuilder> {
         let mut config = EngineConfig::builder(&self.graphs)
             .ep(self.ep()?)
             .prefill_budget(self.prefill_budget)
@@ -228,6 +254,30 @@ impl ModelArgs {
         }
         if let Some(gb) = self.prefix_cache_gb {
             config = config.prefix_cache_bytes(gib("prefix-cache-gb", gb)?);
+        }
+        if let Some(gb) = self.encoder_cache_gb {
+            let bytes = if gb == 0.0 { 0 } else { gib("encoder-cache-gb", gb)? };
+            config = config.encoder_cache_bytes(bytes);
+        }
+        Ok(config)
+    }
+
+    /// [`config`](Self::config) with `default_local_images` when `--local-images` is not given.
+    pub fn config_with_local_images(&self, default_local_images: &str) -> Result<EngineConfigBuilder> {
+        let mut config = self.base_config()?;
+        let local = match self.local_images.as_deref().unwrap_or(default_local_images) {
+            "any" => LocalImageFiles::Any,
+            "none" => LocalImageFiles::Refused,
+            dir if std::path::Path::new(dir).is_dir() => LocalImageFiles::Under(dir.into()),
+            other => bail!("--local-images {other}: not `any`, `none` or a folder"),
+        };
+        config = config.local_image_files(local).image_limits(
+            pio_image::DecodeLimits::default()
+                .with_max_input_bytes(self.max_image_bytes)
+                .with_max_pixels(self.max_image_pixels),
+        );
+        if let Some(secs) = self.fetch_remote_images {
+            config = config.remote_images(RemoteImages::Fetch { timeout: std::time::Duration::from_secs(secs) });
         }
         Ok(config)
     }
@@ -325,6 +375,10 @@ struct RunArgs {
     /// Use the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
+    /// An image file for a vision-language model (repeatable): the user message holds the
+    /// images, in order, then the prompt.
+    #[arg(long = "image", value_name = "PATH", conflicts_with_all = ["prompt_ids", "raw"])]
+    images: Vec<PathBuf>,
     /// A system message for the chat template.
     #[arg(long)]
     system: Option<String>,
@@ -343,7 +397,7 @@ struct RunArgs {
 }
 
 #[derive(ClapArgs)]
-struct ChatArgs {
+pub(crate) struct ChatArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -372,6 +426,17 @@ fn generate_streaming(engine: &Engine, request: Request, stream: bool) -> Result
         }
     }
     Err(EngineError::Shutdown.into())
+}
+
+/// A user message: `text` alone, or the images (transformers' `image` parts, by path) then the
+/// text.
+fn user_message(text: &str, images: &[PathBuf]) -> serde_json::Value {
+    if images.is_empty() {
+        return json!({"role": "user", "content": text});
+    }
+    let mut content: Vec<serde_json::Value> = images.iter().map(|p| json!({"type": "image", "path": p})).collect();
+    content.push(json!({"type": "text", "text": text}));
+    json!({"role": "user", "content": content})
 }
 
 /// What `pio run --json` prints for one generation.
@@ -407,7 +472,7 @@ fn run(args: RunArgs) -> Result<()> {
             if let Some(s) = &args.system {
                 messages.push(json!({"role": "system", "content": s}));
             }
-            messages.push(json!({"role": "user", "content": text}));
+            messages.push(user_message(text, &args.images));
             Prompt::Chat(messages)
         }
         (None, None) => bail!("pass --prompt TEXT or --prompt-ids 1,2,3"),
@@ -434,55 +499,6 @@ fn run(args: RunArgs) -> Result<()> {
         t.decode_tokens_per_s
     );
     Ok(())
-}
-
-fn chat(args: ChatArgs) -> Result<()> {
-    let engine = args.model.start()?;
-    if engine.chat_template().is_none() {
-        bail!("{} has no chat template; use `pio run --raw`", args.model.graphs.display());
-    }
-    let options = args.sampling.options(engine.model_info())?;
-    let render = render_options(args.thinking);
-    let mut messages = Vec::new();
-    if let Some(s) = &args.system {
-        messages.push(json!({"role": "system", "content": s}));
-    }
-    let info = engine.model_info();
-    eprintln!(
-        "chatting with {} ({} on {}); /reset clears the history, /exit or Ctrl-D quits",
-        info.served_name, info.precision, args.model.ep
-    );
-    let stdin = std::io::stdin();
-    let mut stdout = std::io::stdout();
-    loop {
-        write!(stdout, "> ")?;
-        stdout.flush()?;
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            writeln!(stdout)?;
-            return Ok(());
-        }
-        let line = line.trim();
-        match line {
-            "" => continue,
-            "/exit" | "/quit" => return Ok(()),
-            "/reset" => {
-                messages.retain(|m| m["role"] == "system");
-                continue;
-            }
-            _ => {}
-        }
-        messages.push(json!({"role": "user", "content": line}));
-        // The reply gets what the sequence has room for, up to --max-tokens.
-        let prompt = Prompt::Chat(messages.clone());
-        let room = info.max_model_len.saturating_sub(engine.tokenize(&prompt, &render)?.len());
-        let options = GenerateOptions { max_tokens: options.max_tokens.map(|n| n.min(room.max(1))), ..options.clone() };
-        let request = Request::new(prompt).with_options(options).with_render(render.clone());
-        let output = generate_streaming(&engine, request, true)?;
-        writeln!(stdout)?;
-        tracing::debug!("{:.1} tokens/s", output.timings.decode_tokens_per_s);
-        messages.push(json!({"role": "assistant", "content": output.text}));
-    }
 }
 
 fn models() -> Result<()> {
@@ -785,7 +801,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
-        Command::Chat(a) => chat(a),
+        Command::Chat(a) => chat::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Models => models(),
         Command::Download(a) => download::run(a),

@@ -58,7 +58,8 @@ impl ServeArgs {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = args.server_config()?;
-    let mut engine_config = args.model.config()?.max_waiting(args.max_waiting);
+    // Clients must not read the server's files: local image paths only where --local-images says.
+    let mut engine_config = args.model.config_with_local_images("none")?.max_waiting(args.max_waiting);
     if let Some(name) = &args.served_model_name {
         engine_config = engine_config.served_model_name(name);
     }

@@ -291,6 +291,64 @@ fn chat_over_piped_stdin_streams_a_reply_and_exits_cleanly() {
     assert!(text(&out.stderr).contains("chat template"), "{}", text(&out.stderr));
 }
 
+/// `pio run --image` on the Qwen3-VL fixtures: the image files and the prompt through the chat
+/// template, pio-image and the vision graph give transformers' greedy tokens, for one image and
+/// for two images of different sizes; `--image` wants a chat prompt.
+#[test]
+fn run_with_images_matches_transformers_greedy() {
+    for (fixture, case_name) in [("qwen3vl-a", "one_image"), ("qwen3vl-b", "two_images")] {
+        let vl = common::vl_fixture::VlExport::new(fixture);
+        let case = vl.case(case_name);
+        let graphs = vl.graphs.to_str().unwrap();
+        let mut args = vec!["run", "--graphs", graphs, "--prompt", &case.text, "--greedy", "--ignore-eos"];
+        let images: Vec<String> = case.image_files.iter().map(|f| vl.fixture.join(f).display().to_string()).collect();
+        for image in &images {
+            args.extend(["--image", image.as_str()]);
+        }
+        args.extend(["--max-tokens", "32", "--json"]);
+        let out = pio(&args);
+        assert!(out.status.success(), "{fixture}: {}", text(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<u32>>();
+        assert_eq!(ids(&v["prompt_ids"]), case.input_ids, "{fixture}: prompt ids");
+        assert_eq!(ids(&v["generated_ids"]), case.greedy.generated_ids, "{fixture}: greedy tokens");
+        assert_eq!(v["timings"]["images"]["images"], images.len(), "{fixture}: {v}");
+        assert_eq!(v["timings"]["images"]["encoded"], images.len(), "{fixture}: {v}");
+    }
+    let vl = common::vl_fixture::VlExport::new("qwen3vl-a");
+    let image = vl.fixture.join("one_image.0.png").display().to_string();
+    let out = pio(&["run", "--graphs", vl.graphs.to_str().unwrap(), "--prompt-ids", "1,2", "--image", &image]);
+    assert!(!out.status.success() && text(&out.stderr).contains("--image"), "{}", text(&out.stderr));
+    // A bad image is a request error (exit code 2) naming the file.
+    let missing = vl.fixture.join("missing.png").display().to_string();
+    let out = pio(&["run", "--graphs", vl.graphs.to_str().unwrap(), "--prompt", "hi", "--image", &missing]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("missing.png"), "{}", text(&out.stderr));
+}
+
+/// `pio chat` with `/image PATH`: the image joins the next message (the reply is transformers'
+/// greedy answer to that message); a bad image is reported and the chat goes on.
+#[test]
+fn chat_attaches_images_to_the_next_message() {
+    let vl = common::vl_fixture::VlExport::new("qwen3vl-a");
+    let case = vl.case("one_image");
+    let tokenizer = pio_runtime::tokenizer::Tokenizer::from_dir(&vl.graphs).unwrap();
+    let expected = tokenizer.decode(&case.greedy.generated_ids, true).unwrap();
+    let script = format!(
+        "/image {}\nfirst\n/image {}\n{}\n/exit\n",
+        vl.fixture.join("missing.png").display(),
+        vl.fixture.join(&case.image_files[0]).display(),
+        case.text
+    );
+    let args = ["chat", "--graphs", vl.graphs.to_str().unwrap(), "--greedy", "--ignore-eos", "--max-tokens", "32"];
+    let out = pio_with_stdin(&args, Some(&script));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("/image PATH"), "the banner tells about /image: {stderr}");
+    assert!(stderr.contains("messages[0].content[0].path") && stderr.contains("missing.png"), "{stderr}");
+    assert!(stdout.contains(&expected), "the reply to the image is transformers' answer {expected:?}: {stdout:?}");
+}
+
 /// `pio bench` on the CPU: the JSON report has its documented shape, the CPU row has every
 /// requested measurement, and a provider that cannot start (CUDA with the CPU build of ONNX
 /// Runtime here; or, on a GPU machine, TensorRT without its libraries) is a row saying why,

@@ -117,7 +117,7 @@ impl<'a> DecoderBuilder<'a> {
                 Some(p) => {
                     let ids_shape = g.node("Shape", "input_ids_shape").inputs(&[&ids]).out();
                     let step = g.node("Gather", "step_length").inputs(&[&ids_shape, &idx1]).attr("axis", 0i64).out();
-                    let (c, s) = rotary::slot_tables(&mut g, p, &caches, &last_slot, &step, &total)?;
+                    let (c, s) = rotary::slot_tables(&mut g, text, p, &caches, &sum, &step, &total)?;
                     (c, s, None)
                 }
             };

@@ -108,44 +108,53 @@ fn table_entries(g: &mut Graph, caches: &(String, String), positions: &str, what
 
 /// GroupQueryAttention's cos/sin caches for one step of a multimodal decoder: (T, rotary_dim / 2)
 /// tables, T the attention mask's length (GroupQueryAttention wants at least total_sequence_length
-/// rows), whose rows past..past+S hold the step's S tokens' rows (of the first sequence), `past`
-/// being the cache length before the step. GroupQueryAttention rotates the
-/// token at cache slot past + s with row past + s in every kernel path (first prompt, later
-/// chunks, decode), so the table works whether or not a kernel reads `position_ids`. Rows
-/// outside the step repeat its first or last row and are never read.
+/// rows), indexed by cache slot. GroupQueryAttention rotates row b's token s, which lands at cache
+/// slot past_b + s, with table row past_b + s in every kernel path (first prompt, later chunks,
+/// decode), whether or not a kernel reads `position_ids`. So the table starts as the static
+/// table's first T rows (what a text token at slot p has: position p on all three axes) and each
+/// (b, s) token's MRoPE rows are scattered to slot past_b + s, past_b being row b's cache length
+/// before the step (its mask length - S).
+///
+/// Rows of a batch that share a slot (different lengths are the rule in a batched decode; equal
+/// lengths put every row at the same slot) must carry identical rows there: ScatterND leaves the
+/// order of duplicate writes undefined. The runtime sees to it (`pio_runtime::model` checks every
+/// step; its engine gives idle rows the position the table holds at their slot, and runs a
+/// decoding row alone when it shares a slot with another at a different position).
 ///
 /// `positions` is [`mrope_positions`]' output, `caches` the static (context_length, half)
-/// tables, `last_slot` each sequence's total length - 1 (int64, (batch,)), `step_length` S and
+/// tables, `lengths` each sequence's total length after the step (int64, (batch,)), `step_length` S and
 /// `mask_length` T scalars from the inputs' shapes. The shapes only set kernel sizes (read on the
-/// host, as Range and Clip take them); the values come from device tensors, so a captured CUDA
+/// host, as Range and Slice take them); the values come from device tensors, so a captured CUDA
 /// graph replays the step.
 pub fn slot_tables(
     g: &mut Graph,
+    text: &TextConfig,
     positions: &str,
     caches: &(String, String),
-    last_slot: &str,
+    lengths: &str,
     step_length: &str,
     mask_length: &str,
 ) -> Result<(String, String)> {
-    let first = g.scalar_i64("mrope.first_sequence", 0)?;
-    let own = g.node("Gather", "mrope.first_sequence_positions").inputs(&[positions, &first]).attr("axis", 0i64).out();
-    // The step's tokens counted from its last one: row r of the table holds token
-    // s = r - past, which is index last - r of the reversed rows.
-    let starts = g.const_i64("mrope.reverse_starts", &[-1])?;
-    let ends = g.const_i64("mrope.reverse_ends", &[i64::MIN])?;
-    let axes = g.const_i64("mrope.reverse_axes", &[0])?;
-    let steps = g.const_i64("mrope.reverse_steps", &[-1])?;
-    let reversed = g.node("Slice", "mrope.positions_reversed").inputs(&[&own, &starts, &ends, &axes, &steps]).out();
-    let slot = g.node("Gather", "mrope.last_slot").inputs(&[last_slot, &first]).attr("axis", 0i64).out();
+    // The step's tokens' rows, (batch * S, half), in (b, s) order.
+    let rows_shape = g.const_i64("mrope.step_rows_shape", &[-1, (text.rotary_dim() / 2) as i64])?;
+    let rows = g.node("Reshape", "mrope.step_positions_rows").inputs(&[positions, &rows_shape]).out();
+    let [cos_rows, sin_rows] = table_entries(g, caches, &rows, "step_rows");
+    // Slot of token (b, s): length[b] - (S - s), as (batch * S, 1) ScatterND indices.
     let zero = g.scalar_i64("mrope.zero", 0)?;
-    let one = g.scalar_i64("mrope.one", 1)?;
-    let rows = g.node("Range", "mrope.table_rows").inputs(&[&zero, mask_length, &one]).out();
-    let from_last = g.node("Sub", "mrope.rows_from_last").inputs(&[&slot, &rows]).out();
-    let last_index = g.node("Sub", "mrope.step_last_index").inputs(&[step_length, &one]).out();
-    let index = g.node("Clip", "mrope.row_index").inputs(&[&from_last, &zero, &last_index]).out();
-    let [cos, sin] = table_entries(g, caches, &reversed, "step_rows");
-    let slot_rows = |g: &mut Graph, rows: &str, name: &str| {
-        g.node("Gather", &format!("mrope.{name}_cache")).inputs(&[rows, &index]).attr("axis", 0i64).out()
+    let minus_one = g.scalar_i64("mrope.minus_one", -1)?;
+    let back = g.node("Range", "mrope.step_offsets_from_end").inputs(&[step_length, &zero, &minus_one]).out();
+    let column = g.const_i64("mrope.axes_1", &[1])?;
+    let lengths = g.node("Unsqueeze", "mrope.lengths_column").inputs(&[lengths, &column]).out();
+    let slots = g.node("Sub", "mrope.token_slots").inputs(&[&lengths, &back]).out();
+    let index_shape = g.const_i64("mrope.slot_index_shape", &[-1, 1])?;
+    let indices = g.node("Reshape", "mrope.slot_indices").inputs(&[&slots, &index_shape]).out();
+    // The static table's first T rows, with the step's rows scattered over their slots.
+    let axes0 = g.const_i64("mrope.axes_0", &[0])?;
+    let starts = g.const_i64("mrope.table_start", &[0])?;
+    let ends = g.node("Unsqueeze", "mrope.table_end").inputs(&[mask_length, &axes0]).out();
+    let table = |g: &mut Graph, cache: &str, rows: &str, name: &str| {
+        let base = g.node("Slice", &format!("mrope.{name}_static_rows")).inputs(&[cache, &starts, &ends, &axes0]).out();
+        g.node("ScatterND", &format!("mrope.{name}_cache")).inputs(&[&base, &indices, rows]).out()
     };
-    Ok((slot_rows(g, &cos, "cos"), slot_rows(g, &sin, "sin")))
+    Ok((table(g, &caches.0, &cos_rows, "cos"), table(g, &caches.1, &sin_rows, "sin")))
 }

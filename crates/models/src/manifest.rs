@@ -189,9 +189,9 @@ pub struct TokenizerSpec {
 /// * the decoder takes `position_ids` (3, batch, sequence): the t, h, w rope positions of each
 ///   token; `image_embeds` (M, hidden) and `deepstack_embeds` (deepstack, M, hidden): the rows of
 ///   the M image-pad tokens of this step, in order (0 rows when the step has none). Its rotary
-///   table is built once per step from the first sequence's positions, so every sequence of a
-///   batched step must have the same positions; GroupQueryAttention's KV cache IO is the text
-///   models' own.
+///   table is built once per step and indexed by cache slot, so rows of a batched step that
+///   share a slot must have the same positions there; GroupQueryAttention's KV cache IO is the
+///   text models' own.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VisionSpec {
     /// The encoder graph file, relative to the manifest.

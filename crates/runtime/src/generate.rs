@@ -103,6 +103,27 @@ pub struct Timings {
     /// Tokens after the first, over the time after the first.
     pub decode_tokens_per_s: f64,
     pub total_ms: f64,
+    /// The prompt's images (None: it had none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImageTimings>,
+}
+
+/// What a prompt's images cost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageTimings {
+    /// Images in the prompt, and the prompt tokens that stand for them.
+    pub images: usize,
+    pub image_tokens: usize,
+    /// Images the vision encoder ran for; the others came from the encoder cache
+    /// (`encoder_cache_hits`) or lay inside a prefix-cache hit (no encoding needed).
+    pub encoded: usize,
+    pub encoder_cache_hits: usize,
+    /// Reading, hashing and decoding the images, when the request was submitted.
+    pub decode_ms: f64,
+    /// The image processor (resize, normalize, patches) of the images encoded.
+    pub preprocess_ms: f64,
+    /// The vision encoder's runs.
+    pub encode_ms: f64,
 }
 
 /// Token counts the way OpenAI's `usage` reports them.
@@ -197,6 +218,7 @@ impl OutputBuilder {
             },
             decode_tokens_per_s: if generated > 1 && decode_s > 0.0 { (generated - 1) as f64 / decode_s } else { 0.0 },
             total_ms: (end - clock.submitted).as_secs_f64() * 1e3,
+            images: None,
         };
         GenerationOutput {
             prompt_ids,

@@ -15,3 +15,4 @@ pub mod plugin;
 pub mod sampling;
 pub mod step_inputs;
 pub mod tokenizer;
+pub mod vision;

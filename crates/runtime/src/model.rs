@@ -198,6 +198,11 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+/// The decoder input of a step's image rows, (M, hidden).
+pub const IMAGE_EMBEDS_INPUT: &str = "image_embeds";
+/// The decoder input of a step's deepstack features, (n, M, hidden).
+pub const DEEPSTACK_EMBEDS_INPUT: &str = "deepstack_embeds";
+
 /// Prompt tokens per forward pass when a prefill is split (llama.cpp's default batch, vLLM's
 /// chunked-prefill budget): long prompts then cost the activation memory of 2048 tokens.
 pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
@@ -689,6 +694,28 @@ impl DecoderModel {
         if let Some(&bad) = inputs.tokens().iter().find(|&&t| t as usize >= vocab) {
             bail!("token id {bad} is outside the vocabulary (size {vocab})");
         }
+        let multimodal = self.manifest.position_axes() == 3;
+        if !multimodal && !inputs.has_plain_positions() {
+            bail!("{} has a one-axis rotary: its steps take no rope deltas or (t, h, w) positions", self.dir.display());
+        }
+        if let Some(images) = inputs.images() {
+            let Some(vision) = self.manifest.vision.as_ref().filter(|_| self.takes_images()) else {
+                bail!("{} takes no image rows (it is not a vision-language decoder)", self.dir.display());
+            };
+            let pads = inputs.tokens().iter().filter(|&&t| t == vision.image_token_id).count();
+            if pads != images.tokens() {
+                bail!("the step has {pads} image tokens but {} image rows", images.tokens());
+            }
+        }
+        // The fused attention's rotary table is indexed by cache slot (see the export's rotary.rs).
+        if multimodal && self.has_shared_buffer() {
+            if let Some((a, b, slot)) = inputs.slot_conflict() {
+                bail!(
+                    "rows {a} and {b} of the step put different (t, h, w) positions at cache slot {slot}; \
+                     the rotary table holds one per slot: run them in separate steps"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -725,8 +752,11 @@ impl DecoderModel {
         let input_ids = Tensor::from_array((vec![rows, s], inputs.input_ids())).map_err(ort_err)?;
         let attention_mask =
             Tensor::from_array((vec![rows, width as i64], inputs.attention_mask(width))).map_err(ort_err)?;
-        let position_ids = self.position_tensor(inputs.position_ids(), rows, s)?;
-        let image_inputs = self.empty_image_inputs(None)?;
+        let position_ids = self.position_tensor(inputs, rows, s)?;
+        let image_inputs = match inputs.images() {
+            Some(_) => Vec::new(),
+            None => self.empty_image_inputs(None)?,
+        };
         let kv = self.manifest.kv_cache.clone();
         let vocab = self.vocab_size();
         let host = MemoryInfo::default();
@@ -739,6 +769,12 @@ impl DecoderModel {
         binding.bind_input("position_ids", &position_ids).map_err(ort_err)?;
         for (name, value) in &image_inputs {
             binding.bind_input(name, value).map_err(ort_err)?;
+        }
+        if let Some(images) = inputs.images() {
+            binding.bind_input(IMAGE_EMBEDS_INPUT, images.embeds()).map_err(ort_err)?;
+            if self.takes_deepstack() {
+                binding.bind_input(DEEPSTACK_EMBEDS_INPUT, images.deepstack()).map_err(ort_err)?;
+            }
         }
         // Cache views bound as inputs: they must outlive the run.
         let mut held_views = Vec::new();
@@ -795,16 +831,14 @@ impl DecoderModel {
         Ok(result)
     }
 
-    /// `position_ids` of a step at `positions` ((batch, s) row-major): (batch, s), or for a
-    /// multimodal rotary (3, batch, s) with the same positions on t, h and w, as text tokens
-    /// have them (rope delta 0: this runtime runs text steps only so far).
-    fn position_tensor(&self, positions: Vec<i64>, batch: i64, s: i64) -> Result<Tensor<i64>> {
+    /// `position_ids` of a step: (batch, s), or for a multimodal rotary (3, batch, s) with each
+    /// token's t, h and w positions (see [`StepInputs`]).
+    fn position_tensor(&self, inputs: &StepInputs, batch: i64, s: i64) -> Result<Tensor<i64>> {
         let axes = self.manifest.position_axes();
         if axes == 1 {
-            return Ok(Tensor::from_array((vec![batch, s], positions))?);
+            return Ok(Tensor::from_array((vec![batch, s], inputs.position_ids()))?);
         }
-        let repeated = positions.iter().copied().cycle().take(axes * positions.len()).collect::<Vec<_>>();
-        Ok(Tensor::from_array((vec![axes as i64, batch, s], repeated))?)
+        Ok(Tensor::from_array((vec![axes as i64, batch, s], inputs.axis_position_ids()))?)
     }
 
     /// `position_ids`' shape in a decode step of `batch` sequences: (batch, 1), or (3, batch, 1).
@@ -815,12 +849,31 @@ impl DecoderModel {
         }
     }
 
-    /// A vision-language decoder's image inputs with no rows: a step without image tokens
-    /// (the runtime does not feed images yet). Empty for text models. On the host, or from
-    /// `device` (a captured CUDA graph takes no host inputs).
+    /// Whether the decoder takes image rows (`image_embeds`): a vision-language decoder.
+    pub fn takes_images(&self) -> bool {
+        self.manifest.inputs.iter().any(|io| io.name == IMAGE_EMBEDS_INPUT)
+    }
+
+    fn takes_deepstack(&self) -> bool {
+        self.manifest.inputs.iter().any(|io| io.name == DEEPSTACK_EMBEDS_INPUT)
+    }
+
+    /// An uninitialized tensor of `dtype` (a float or KV dtype) where the session runs (the
+    /// device of a GPU session, else host memory), and its data address: a step's image rows.
+    pub fn new_tensor(&self, dtype: TensorDtype, shape: &[usize]) -> Result<(DynValue, usize)> {
+        match &self.device_allocator {
+            Some(alloc) => device_tensor(alloc, dtype, shape),
+            None => device_tensor(&Allocator::default(), dtype, shape),
+        }
+    }
+
+    /// A vision-language decoder's image inputs with no rows: a step without image tokens. Empty
+    /// for text models. On the host, or from `device` (a captured CUDA graph takes no host inputs).
     fn empty_image_inputs(&self, device: Option<&Allocator>) -> Result<Vec<(String, DynValue)>> {
         let mut out = Vec::new();
-        for io in self.manifest.inputs.iter().filter(|io| io.name == "image_embeds" || io.name == "deepstack_embeds") {
+        let image_input =
+            |io: &&pio_models::manifest::IoSpec| io.name == IMAGE_EMBEDS_INPUT || io.name == DEEPSTACK_EMBEDS_INPUT;
+        for io in self.manifest.inputs.iter().filter(image_input) {
             // The symbolic dimension is the number of image rows: 0.
             let shape: Vec<i64> = io.shape.iter().map(|d| d.as_i64().unwrap_or(0)).collect();
             let value = match device {
@@ -919,6 +972,9 @@ impl DecoderModel {
         if inputs.seq_len() != 1 {
             bail!("a CUDA-graph step decodes one token per sequence, got {}", inputs.seq_len());
         }
+        if inputs.images().is_some() {
+            bail!("a CUDA-graph decode step takes no image rows");
+        }
         self.check_rows(inputs, cache, 0)?;
         let rows = inputs.rows();
         let device = self.ep.device_id().unwrap_or(0);
@@ -955,8 +1011,7 @@ impl DecoderModel {
         let position_shape = self.decode_position_shape(rows);
         let state = &mut self.graph_states[index];
         let (ids, mask) = (inputs.input_ids(), inputs.attention_mask(capacity));
-        // A multimodal rotary takes the same position on its t, h and w rows for text tokens.
-        let positions: Vec<i64> = inputs.position_ids().repeat(position_shape.len().saturating_sub(1).max(1));
+        let positions = if position_shape.len() == 3 { inputs.axis_position_ids() } else { inputs.position_ids() };
         match CudaRuntime::get() {
             Some(rt) => {
                 // SAFETY: the three tensors are device allocations of exactly these sizes.

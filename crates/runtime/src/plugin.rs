@@ -2,7 +2,8 @@
 //!
 //! One trait, [`ModelPlugin`]: metadata (computed from the preset's config), initialize (the
 //! ONNX Runtime environment and the execution provider), load (a graph folder, started as an
-//! [`Engine`]), infer (prompt in, text out), generate (full options, streaming), unload. One
+//! [`Engine`]), infer (prompt in, text out; `infer_with_images` with images for a
+//! vision-language model), generate (full options, streaming), unload. One
 //! plugin per preset family, made by [`plugin_for_preset`]. A loaded plugin hands out its
 //! [`Engine`] for concurrent requests.
 
@@ -11,6 +12,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
+use pio_image::ImageInput;
 use pio_models::config::Architecture;
 use pio_models::presets::{find_preset, Preset};
 use pio_models::size::{ParameterCount, Precision};
@@ -107,6 +109,9 @@ pub trait ModelPlugin: Send {
     /// Prompt in, text out: the chat template when the model has one, the checkpoint's sampling
     /// defaults, up to `max_tokens`.
     fn infer(&mut self, prompt: &str, max_tokens: usize) -> Result<String>;
+    /// [`infer`](Self::infer) with images: one user message holding the images, in order, then
+    /// the prompt (a vision-language model; others refuse images).
+    fn infer_with_images(&mut self, prompt: &str, images: &[ImageInput], max_tokens: usize) -> Result<String>;
     /// Generates for `request`, calling `on_token` with each event as it comes; returning
     /// `ControlFlow::Break(())` cancels the request (the output then holds what was seen).
     fn generate(
@@ -118,6 +123,19 @@ pub trait ModelPlugin: Send {
     fn engine(&self) -> Option<&Engine>;
     /// Drops the engine, its session and its memory; `load` may be called again.
     fn unload(&mut self);
+}
+
+/// A chat content part carrying `image`: a path as transformers' `path`, bytes as `base64`, a data
+/// URI as OpenAI's `image_url`.
+fn image_part(image: &ImageInput) -> serde_json::Value {
+    use base64::Engine as _;
+    match image {
+        ImageInput::Path(path) => json!({"type": "image", "path": path}),
+        ImageInput::Bytes(bytes) => {
+            json!({"type": "image", "base64": base64::engine::general_purpose::STANDARD.encode(bytes)})
+        }
+        ImageInput::DataUri(uri) => json!({"type": "image_url", "image_url": {"url": uri}}),
+    }
 }
 
 /// The plugin of every text-decoding family (the family decides what it accepts and reports).
@@ -172,12 +190,22 @@ impl ModelPlugin for DecoderPlugin {
     }
 
     fn infer(&mut self, prompt: &str, max_tokens: usize) -> Result<String> {
+        self.infer_with_images(prompt, &[], max_tokens)
+    }
+
+    fn infer_with_images(&mut self, prompt: &str, images: &[ImageInput], max_tokens: usize) -> Result<String> {
         let engine = self.loaded()?;
         let info = engine.model_info();
-        let prompt = if info.has_chat_template {
+        let prompt = if info.has_chat_template && !images.is_empty() {
+            let mut content: Vec<serde_json::Value> = images.iter().map(image_part).collect();
+            content.push(json!({"type": "text", "text": prompt}));
+            Prompt::Chat(vec![json!({"role": "user", "content": content})])
+        } else if info.has_chat_template {
             Prompt::Chat(vec![json!({"role": "user", "content": prompt})])
-        } else {
+        } else if images.is_empty() {
             Prompt::Text(prompt.to_string())
+        } else {
+            bail!("{} has no chat template: images go into a chat message", info.graphs.display());
         };
         let options = GenerateOptions {
             max_tokens: Some(max_tokens),

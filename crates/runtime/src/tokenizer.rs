@@ -10,6 +10,9 @@
 //!   objects HF writes for several named templates).
 //! * `chat_template.jinja` and `additional_chat_templates/*.jinja` (optional): templates as transformers
 //!   >= 4.50 / 5 save them; as in transformers they take priority over `chat_template` in the config.
+//! * `chat_template.json` (optional): a processor's template (`{"chat_template": "..."}`, as
+//!   vision-language checkpoints such as Qwen3-VL ship it); it is the chat's template, over
+//!   `tokenizer_config.json`'s, unless a `.jinja` file is there.
 //! * `special_tokens_map.json` (optional, legacy): fills named special tokens the config leaves unset.
 
 use std::collections::BTreeMap;
@@ -127,6 +130,8 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 pub const CHAT_TEMPLATE_DIR: &str = "additional_chat_templates";
+/// A processor's chat template (`{"chat_template": "..."}`), as vision-language checkpoints ship it.
+pub const PROCESSOR_CHAT_TEMPLATE_FILE: &str = "chat_template.json";
 pub const SPECIAL_TOKENS_MAP_FILE: &str = "special_tokens_map.json";
 
 fn read_text(path: &Path) -> Result<String> {
@@ -289,6 +294,25 @@ impl TokenizerConfig {
                 };
                 if let Some(stem) = name.strip_suffix(".jinja") {
                     files.insert(stem.to_string(), python_text(read_text(&path)?));
+                }
+            }
+        }
+        // A processor's template (vision-language checkpoints): `chat_template.json`, transformers'
+        // older file for it, is the template of the model's chat; `chat_template.jinja` wins.
+        let processor_path = dir.join(PROCESSOR_CHAT_TEMPLATE_FILE);
+        if files.is_empty() && processor_path.is_file() {
+            let value = read_json(&processor_path)?;
+            match value.get("chat_template") {
+                Some(template) => {
+                    if let Some(template) = parse_chat_template(template, &processor_path)? {
+                        config.chat_template = Some(template);
+                    }
+                }
+                None => {
+                    return Err(TokenizerError::InvalidConfig {
+                        path: processor_path,
+                        message: "expected an object with a `chat_template` string".into(),
+                    })
                 }
             }
         }
@@ -721,6 +745,24 @@ pub(crate) mod tests {
         std::fs::write(dir.path().join(TOKENIZER_CONFIG_FILE), r#"{"eos_token": 5}"#).unwrap();
         let err = TokenizerConfig::from_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains("tokenizer_config.json") && err.contains("eos_token"), "{err}");
+    }
+
+    #[test]
+    fn a_processors_chat_template_json_is_the_chat_template_unless_a_jinja_file_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(TOKENIZER_CONFIG_FILE), r#"{"chat_template": "tokenizer's"}"#).unwrap();
+        std::fs::write(dir.path().join(PROCESSOR_CHAT_TEMPLATE_FILE), r#"{"chat_template": "processor's"}"#).unwrap();
+        let single = |cfg: TokenizerConfig| match cfg.chat_template {
+            Some(ChatTemplateSource::Single(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(single(TokenizerConfig::from_dir(dir.path()).unwrap()), "processor's");
+        std::fs::write(dir.path().join(CHAT_TEMPLATE_FILE), "jinja's").unwrap();
+        assert_eq!(single(TokenizerConfig::from_dir(dir.path()).unwrap()), "jinja's");
+        std::fs::remove_file(dir.path().join(CHAT_TEMPLATE_FILE)).unwrap();
+        std::fs::write(dir.path().join(PROCESSOR_CHAT_TEMPLATE_FILE), r#"{"template": "x"}"#).unwrap();
+        let err = TokenizerConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("chat_template.json") && err.contains("`chat_template` string"), "{err}");
     }
 
     #[test]

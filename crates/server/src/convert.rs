@@ -1,5 +1,5 @@
 //! Typed requests to engine requests, against the model served: its name, its chat template,
-//! what it takes (text only, today), and its sampling defaults.
+//! what it takes (text, and images for a vision-language model), and its sampling defaults.
 
 use pio_runtime::chat_template::RenderOptions;
 use pio_runtime::engine::{ModelInfo, Prompt, Request};
@@ -30,7 +30,12 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo) -> Result<
             "this model has no chat template (tokenizer_config.json without chat_template): use /v1/completions",
         ));
     }
-    let messages = chat.messages.iter().enumerate().map(|(i, m)| template_message(i, m)).collect::<Result<_, _>>()?;
+    let messages = chat
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| template_message(i, m, info.takes_images))
+        .collect::<Result<_, _>>()?;
     let render = RenderOptions {
         add_generation_prompt: chat.template.add_generation_prompt,
         enable_thinking: chat.template.enable_thinking,
@@ -81,13 +86,26 @@ fn options(params: &GenerationParams, info: &ModelInfo) -> Result<GenerateOption
 }
 
 /// A message as the chat template reads it: text content as one string (text parts joined by
-/// newlines, as vLLM does for templates that take strings).
-fn template_message(i: usize, m: &ChatMessage) -> Result<Json, ApiError> {
+/// newlines, as vLLM does for templates that take strings). A vision-language model takes the
+/// parts as they came (OpenAI's `image_url` parts): the engine reads the images, within the
+/// server's image settings, and hands the template its image placeholders.
+fn template_message(i: usize, m: &ChatMessage, takes_images: bool) -> Result<Json, ApiError> {
     let mut out = Map::new();
     out.insert("role".into(), json!(m.role.template_name()));
+    let has_images = matches!(&m.content, Some(MessageContent::Parts(parts))
+        if parts.iter().any(|p| matches!(p, ContentPart::ImageUrl { .. })));
     let content = match &m.content {
         None => Json::Null,
         Some(MessageContent::Text(t)) => json!(t),
+        Some(MessageContent::Parts(parts)) if has_images && takes_images => Json::Array(
+            parts
+                .iter()
+                .map(|part| match part {
+                    ContentPart::Text(t) => json!({"type": "text", "text": t}),
+                    ContentPart::ImageUrl { url, .. } => json!({"type": "image_url", "image_url": {"url": url}}),
+                })
+                .collect(),
+        ),
         Some(MessageContent::Parts(parts)) => {
             let mut texts = Vec::with_capacity(parts.len());
             for (j, part) in parts.iter().enumerate() {

@@ -109,7 +109,10 @@ impl ApiError {
             ApiError::InvalidField { param, .. } => Some(param.clone()),
             ApiError::Json { path, .. } => path.clone(),
             ApiError::ModelNotFound { .. } => Some("model".into()),
-            ApiError::Engine(EngineError::InvalidRequest { field, .. }) => Some((*field).into()),
+            // The part inside the field when the engine names one (`messages[1].content[0].image_url`).
+            ApiError::Engine(EngineError::InvalidRequest { field, part, .. }) => {
+                Some(part.clone().unwrap_or_else(|| (*field).to_string()))
+            }
             ApiError::Engine(EngineError::ContextLength { .. }) => None,
             _ => None,
         }
@@ -247,6 +250,7 @@ mod tests {
     fn engine_errors_map_to_statuses_and_name_their_field() {
         let invalid = ApiError::from(EngineError::InvalidRequest {
             field: "top_p",
+            part: None,
             message: "out of range".into(),
             source: None,
         });

@@ -67,12 +67,25 @@ impl ImageRows {
         // 1-based rank of each pad token among the step's pad tokens, 0 for other tokens: row 0
         // of the padded inputs below is the zero row.
         let flat_shape = g.const_i64("image.flat_shape", &[-1])?;
-        let flat = g.node("Reshape", "image.is_pad_flat").inputs(&[&is_image, &flat_shape]).out();
-        let flat =
-            g.node("Cast", "image.is_pad_i64").inputs(&[&flat]).attr("to", onnx_type(TensorDtype::Int64) as i64).out();
+        let flat_pad = g.node("Reshape", "image.is_pad_flat").inputs(&[&is_image, &flat_shape]).out();
+        let flat = g
+            .node("Cast", "image.is_pad_i64")
+            .inputs(&[&flat_pad])
+            .attr("to", onnx_type(TensorDtype::Int64) as i64)
+            .out();
         let axis0 = g.scalar_i64("image.axis_0", 0)?;
         let rank = g.node("CumSum", "image.pad_rank").inputs(&[&flat, &axis0]).out();
-        let row = g.node("Mul", "image.row_of_token").inputs(&[&rank, &flat]).out();
+        // Pad tokens past the M rows given (a generated pad token in a decode step, which has no
+        // image rows) keep their token embedding, as in transformers, rather than index past
+        // the rows.
+        let image_shape = g.node("Shape", "image.rows_shape").inputs(&[&image]).out();
+        let given = g.node("Gather", "image.rows_given").inputs(&[&image_shape, &axis0]).attr("axis", 0i64).out();
+        let within = g.node("LessOrEqual", "image.rank_within_rows").inputs(&[&rank, &given]).out();
+        let fed = g.node("And", "image.is_fed_pad").inputs(&[&flat_pad, &within]).out();
+        let no_row = g.scalar_i64("image.no_row", 0)?;
+        let row = g.node("Where", "image.row_of_token").inputs(&[&fed, &rank, &no_row]).out();
+        let ids_shape = g.node("Shape", "image.ids_shape").inputs(&["input_ids"]).out();
+        let is_image = g.node("Reshape", "image.is_fed_pad_tokens").inputs(&[&fed, &ids_shape]).out();
 
         let axes0 = g.const_i64("image.axes_0", &[0])?;
         let mut stacked = g.node("Unsqueeze", "image.embeds_stacked").inputs(&[&image, &axes0]).out();

@@ -10,10 +10,13 @@ use std::sync::Arc;
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum EngineError {
     /// A request the engine cannot take as written. `field` names it as OpenAI's API does
-    /// (`prompt`, `messages`, `max_tokens`, `temperature`, `stop`, `top_logprobs`, ...).
-    #[error("invalid request: `{field}`: {message}")]
+    /// (`prompt`, `messages`, `max_tokens`, `temperature`, `stop`, `top_logprobs`, ...); `part`,
+    /// when the error is about one content part of a message, names that part
+    /// (`messages[1].content[0].image_url`).
+    #[error("invalid request: `{}`: {message}", part.as_deref().unwrap_or(field))]
     InvalidRequest {
         field: &'static str,
+        part: Option<String>,
         message: String,
         #[source]
         source: Option<Arc<dyn StdError + Send + Sync>>,
@@ -65,7 +68,7 @@ fn context_length_message(prompt: usize, max_tokens: Option<usize>, limit: usize
 
 impl EngineError {
     pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        EngineError::InvalidRequest { field, message: message.into(), source: None }
+        EngineError::InvalidRequest { field, part: None, message: message.into(), source: None }
     }
 
     pub(crate) fn invalid_because(
@@ -73,7 +76,18 @@ impl EngineError {
         message: impl Into<String>,
         source: impl StdError + Send + Sync + 'static,
     ) -> Self {
-        EngineError::InvalidRequest { field, message: message.into(), source: Some(Arc::new(source)) }
+        EngineError::InvalidRequest { field, part: None, message: message.into(), source: Some(Arc::new(source)) }
+    }
+
+    /// A chat message's content part (an image) the engine cannot take.
+    pub(crate) fn content(error: crate::vision::ContentError) -> Self {
+        let crate::vision::ContentError { part, message, source } = error;
+        EngineError::InvalidRequest {
+            field: "messages",
+            part: Some(part),
+            message,
+            source: source.map(|s| -> Arc<dyn StdError + Send + Sync> { Arc::from(s) }),
+        }
     }
 
     pub(crate) fn model(context: impl Into<String>, source: anyhow::Error) -> Self {

@@ -151,7 +151,12 @@ pub(crate) enum KvMemory {
 impl KvMemory {
     /// The copier for a pool's memory; None on a GPU without the CUDA runtime in the process.
     pub(crate) fn of(layout: &SharedLayout) -> Option<KvMemory> {
-        match layout.device {
+        Self::on(layout.device)
+    }
+
+    /// The copier for memory of CUDA device `device` (None: host memory).
+    pub(crate) fn on(device: Option<i32>) -> Option<KvMemory> {
+        match device {
             None => Some(KvMemory::Host),
             Some(device) => CudaRuntime::get().map(|runtime| KvMemory::Cuda { device, runtime }),
         }

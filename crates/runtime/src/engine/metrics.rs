@@ -107,6 +107,8 @@ pub struct MetricsSnapshot {
     pub kv_cache_usage: f64,
     /// Bytes the prefix cache holds.
     pub prefix_cache_bytes: u64,
+    /// Bytes of vision encodings the encoder cache holds.
+    pub encoder_cache_bytes: u64,
     /// Prompt tokens of admitted requests, and generated tokens.
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
@@ -114,6 +116,13 @@ pub struct MetricsSnapshot {
     /// `prefix_cache_queries` / `prefix_cache_hits`).
     pub prefix_cache_queried_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
+    /// Images the vision encoder ran for, and images whose encoding came from the encoder cache.
+    pub images_encoded: u64,
+    pub encoder_cache_hits: u64,
+    /// Decoding rows run apart from their step's batch: their (t, h, w) position clashed with
+    /// another row's at the same cache slot (rope deltas of prompts with images; see the engine's
+    /// `decode_rows`).
+    pub decode_rows_run_apart: u64,
     pub finished: FinishedRequests,
     /// Engine steps run (each: one batched decode and up to the prefill budget of prompt tokens).
     pub steps: u64,
@@ -130,10 +139,14 @@ impl MetricsSnapshot {
             requests_waiting: 0,
             kv_cache_usage: 0.0,
             prefix_cache_bytes: 0,
+            encoder_cache_bytes: 0,
             prompt_tokens: 0,
             generation_tokens: 0,
             prefix_cache_queried_tokens: 0,
             prefix_cache_hit_tokens: 0,
+            images_encoded: 0,
+            encoder_cache_hits: 0,
+            decode_rows_run_apart: 0,
             finished: FinishedRequests::default(),
             steps: 0,
             time_to_first_token: Histogram::new(TIME_TO_FIRST_TOKEN_BUCKETS),
@@ -147,6 +160,9 @@ impl MetricsSnapshot {
         self.generation_tokens += other.generation_tokens;
         self.prefix_cache_queried_tokens += other.prefix_cache_queried_tokens;
         self.prefix_cache_hit_tokens += other.prefix_cache_hit_tokens;
+        self.images_encoded += other.images_encoded;
+        self.encoder_cache_hits += other.encoder_cache_hits;
+        self.decode_rows_run_apart += other.decode_rows_run_apart;
         self.finished.absorb(&other.finished);
         self.time_to_first_token.absorb(&other.time_to_first_token);
         self.inter_token_latency.absorb(&other.inter_token_latency);

@@ -12,13 +12,23 @@
 //! token budget (see [`scheduler`] for the rules and [`worker`] for the step). The modules:
 //! `kv_pool` (the slots and their sizing), `prefix_cache` (block-hash index of reusable KV),
 //! `runner` (running steps and KV copies on the model), `sequence` (one request's sampling,
-//! detokenizing and stop conditions).
+//! detokenizing and stop conditions), `prepare` (prompts to tokens and images at submission),
+//! `images` (a request's images and the worker's vision encoder), `decode_rows` (which rows of a
+//! decode step run together).
+//!
+//! A vision-language model (Qwen3-VL) takes images in chat messages (OpenAI `image_url` and
+//! transformers `image` content parts): they are decoded at submission, encoded on the worker
+//! before the prefill chunk that needs them (once per image content: the encoder cache), and
+//! requests with and without images share every step.
 
+mod decode_rows;
 mod error;
 mod handle;
+mod images;
 mod kv_pool;
 mod metrics;
 mod prefix_cache;
+mod prepare;
 mod request;
 mod runner;
 pub mod scheduler;
@@ -34,12 +44,15 @@ use std::time::Instant;
 
 use pio_models::manifest::Manifest;
 
+use pio_image::{DecodeLimits, ImageProcessor};
+
 use crate::chat_template::{ChatTemplate, RenderOptions};
 use crate::ep::ExecutionProvider;
 use crate::generate::GenerationOutput;
 use crate::model::DecoderModel;
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::tokenizer::Tokenizer;
+use crate::vision::{ImageSettings, LocalImageFiles, RemoteImages, VisionEncoder};
 
 pub use error::{EngineError, ModelFailure};
 pub use handle::{BlockingEvents, RequestHandle};
@@ -50,6 +63,8 @@ pub use metrics::{
 pub use prefix_cache::BLOCK_TOKENS as PREFIX_BLOCK_TOKENS;
 pub use request::{Event, ModelInfo, Prompt, Request};
 
+use images::{SequenceImages, VisionRuntime};
+use prepare::Preparer;
 use runner::Runner;
 use sequence::{Admitted, Sequence};
 use worker::{Command, Shared};
@@ -75,6 +90,9 @@ const CPU_DEFAULT_SLOTS: usize = 4;
 const MAX_DEFAULT_SLOTS: usize = 256;
 /// The prefix cache's default size on the CPU at most.
 const CPU_PREFIX_CACHE_CAP: u64 = 2 << 30;
+/// Bytes of vision encodings kept unless configured: 32 images of 1024x1024 for Qwen3-VL-2B in
+/// bf16 (1024 tokens of 4 x 2048 features each).
+pub const DEFAULT_ENCODER_CACHE_BYTES: u64 = 512 << 20;
 
 /// How to start an [`Engine`]. Build it with [`EngineConfig::builder`].
 #[derive(Clone, Debug)]
@@ -88,6 +106,7 @@ pub struct EngineConfig {
     prefix_caching: bool,
     prefix_cache_bytes: Option<u64>,
     max_waiting: usize,
+    images: ImageSettings,
 }
 
 impl EngineConfig {
@@ -105,6 +124,7 @@ impl EngineConfig {
                 prefix_caching: true,
                 prefix_cache_bytes: None,
                 max_waiting: DEFAULT_MAX_WAITING,
+                images: ImageSettings::default(),
             },
         }
     }
@@ -126,6 +146,9 @@ impl EngineConfig {
     }
     pub fn max_waiting(&self) -> usize {
         self.max_waiting
+    }
+    pub fn images(&self) -> &ImageSettings {
+        &self.images
     }
 }
 
@@ -190,6 +213,29 @@ impl EngineConfigBuilder {
         self.config.max_waiting = n;
         self
     }
+    /// Limits on a request's images: encoded bytes and pixels (default: pio-image's, 64 MiB and
+    /// Pillow's 89,478,485 pixels).
+    pub fn image_limits(mut self, limits: DecodeLimits) -> Self {
+        self.config.images.limits = limits;
+        self
+    }
+    /// Where local image paths in messages may point (default: anywhere the process can read;
+    /// a server should restrict them or refuse them).
+    pub fn local_image_files(mut self, policy: LocalImageFiles) -> Self {
+        self.config.images.local_files = policy;
+        self
+    }
+    /// Whether http(s) image URLs are fetched (default: refused).
+    pub fn remote_images(mut self, policy: RemoteImages) -> Self {
+        self.config.images.remote = policy;
+        self
+    }
+    /// Bytes of vision encodings kept across requests (default [`DEFAULT_ENCODER_CACHE_BYTES`];
+    /// 0: every image is encoded each time).
+    pub fn encoder_cache_bytes(mut self, bytes: u64) -> Self {
+        self.config.images.encoder_cache_bytes = Some(bytes);
+        self
+    }
 
     pub fn build(self) -> Result<EngineConfig, EngineError> {
         let c = self.config;
@@ -208,6 +254,11 @@ impl EngineConfigBuilder {
         if c.pool.kv_cache_bytes == Some(0) {
             return Err(EngineError::config("kv_cache_bytes", "must be more than 0"));
         }
+        if let RemoteImages::Fetch { timeout } = c.images.remote {
+            if timeout.is_zero() {
+                return Err(EngineError::config("remote_images", "the fetch timeout must be more than 0"));
+            }
+        }
         Ok(c)
     }
 }
@@ -221,8 +272,7 @@ pub struct Engine {
 
 struct Inner {
     info: ModelInfo,
-    tokenizer: Option<Tokenizer>,
-    chat_template: Option<ChatTemplate>,
+    preparer: Preparer,
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     worker: Mutex<Option<JoinHandle<()>>>,
@@ -247,15 +297,17 @@ impl Engine {
         let manifest = Manifest::load(&dir)
             .map_err(|e| EngineError::model(format!("cannot load the graphs in {}", dir.display()), e))?;
         let (tokenizer, chat_template) = load_tokenizer(&dir)?;
+        let preparer = Preparer::new(dir.clone(), &manifest, tokenizer, chat_template, config.images.clone())?;
         let shared = Arc::new(Shared::new());
         let (commands, receiver) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let worker_shared = Arc::clone(&shared);
         let worker_config = config.clone();
+        let processor = preparer.image_processor().cloned();
         let worker = std::thread::Builder::new()
             .name("pio-engine".into())
             .spawn(move || {
-                let runner = match start_runner(&worker_config) {
+                let runner = match start_runner(&worker_config, processor) {
                     Ok(runner) => runner,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -304,8 +356,9 @@ impl Engine {
             vocab_size: manifest.dims.vocab_size,
             eos_token_ids: manifest.eos_token_ids.clone(),
             default_sampling: SamplingParams::from_generation_config(&manifest.generation),
-            has_tokenizer: tokenizer.is_some(),
-            has_chat_template: chat_template.is_some(),
+            has_tokenizer: preparer.tokenizer().is_some(),
+            has_chat_template: preparer.chat_template().is_some(),
+            takes_images: manifest.vision.is_some(),
         };
         tracing::info!(
             "engine ready: {} on {}, {} sequences of {} tokens ({} of KV), prefill budget {} tokens/step, prefix caching {}{}",
@@ -325,8 +378,7 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(Inner {
                 info,
-                tokenizer,
-                chat_template,
+                preparer,
                 commands,
                 shared,
                 worker: Mutex::new(Some(worker)),
@@ -343,11 +395,16 @@ impl Engine {
 
     /// The model's tokenizer (None when the export has none: token ids only).
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
-        self.inner.tokenizer.as_ref()
+        self.inner.preparer.tokenizer()
     }
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
-        self.inner.chat_template.as_ref()
+        self.inner.preparer.chat_template()
+    }
+
+    /// A vision-language model's image processor (None for text models).
+    pub fn image_processor(&self) -> Option<&ImageProcessor> {
+        self.inner.preparer.image_processor()
     }
 
     /// A snapshot of the engine's gauges, counters and histograms.
@@ -360,74 +417,64 @@ impl Engine {
         self.inner.shared.active.load(Ordering::Acquire)
     }
 
-    /// The token ids of `prompt`: chat messages through the chat template (`render`), text
+    /// The token ids of `prompt`: chat messages through the chat template (`render`), with each
+    /// image's placeholder expanded to its token count (its file decoded to know that), text
     /// through the tokenizer, ids as they are.
     pub fn tokenize(&self, prompt: &Prompt, render: &RenderOptions) -> Result<Vec<u32>, EngineError> {
-        let tokenizer = || {
-            self.inner.tokenizer.as_ref().ok_or_else(|| {
-                EngineError::invalid(
-                    prompt.field(),
-                    format!(
-                        "{} has no tokenizer.json: pass token ids instead of text",
-                        self.inner.info.graphs.display()
-                    ),
-                )
-            })
-        };
-        match prompt {
-            Prompt::Ids(ids) => Ok(ids.clone()),
-            Prompt::Text(text) => tokenizer()?
-                .encode(text, false)
-                .map_err(|e| EngineError::invalid_because("prompt", "cannot tokenize the prompt", e)),
-            Prompt::Chat(messages) => {
-                let template = self.inner.chat_template.as_ref().ok_or_else(|| {
-                    EngineError::invalid(
-                        "messages",
-                        format!(
-                            "{} has no chat template (tokenizer_config.json without chat_template): send a raw prompt",
-                            self.inner.info.graphs.display()
-                        ),
-                    )
-                })?;
-                let text = template
-                    .render(messages, render)
-                    .map_err(|e| EngineError::invalid_because("messages", "the chat template cannot render them", e))?;
-                // Templates write special tokens as text; they are parsed back as special tokens.
-                tokenizer()?
-                    .encode(&text, false)
-                    .map_err(|e| EngineError::invalid_because("messages", "cannot tokenize the rendered chat", e))
-            }
-        }
+        Ok(self.inner.preparer.prepare(prompt, render)?.ids)
     }
 
     /// Checks, tokenizes and queues `request`. Refused here: an invalid field
-    /// ([`EngineError::InvalidRequest`]), a prompt plus `max_tokens` over what one sequence holds
-    /// ([`EngineError::ContextLength`]), a full queue ([`EngineError::Overloaded`]), a stopped
-    /// engine ([`EngineError::Shutdown`]).
+    /// ([`EngineError::InvalidRequest`]; a bad image names its content part), a prompt plus
+    /// `max_tokens` over what one sequence holds ([`EngineError::ContextLength`]), a full queue
+    /// ([`EngineError::Overloaded`]), a stopped engine ([`EngineError::Shutdown`]).
+    ///
+    /// A chat with images reads and decodes them here, on the caller's thread (tens of
+    /// milliseconds for a large photo): an async server should call it where blocking is fine
+    /// (`spawn_blocking`).
     pub fn submit(&self, request: Request) -> Result<RequestHandle, EngineError> {
+        let mut handles = self.submit_batch(vec![request])?;
+        handles.pop().ok_or(EngineError::Shutdown)
+    }
+
+    /// [`submit`](Self::submit) for several requests at once, all or none: each is checked and
+    /// tokenized first, then all are queued together, so the engine admits them in the same step
+    /// as far as slots and the prefill budget allow (FIFO, in this order).
+    pub fn submit_batch(&self, requests: Vec<Request>) -> Result<Vec<RequestHandle>, EngineError> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(EngineError::Shutdown);
         }
         let submitted = Instant::now();
-        let prompt = self.tokenize(&request.prompt, &request.render)?;
-        let admitted = self.check(prompt, request)?;
-        let prompt_ids: Arc<[u32]> = admitted.prompt.clone().into();
+        let admitted = requests
+            .into_iter()
+            .map(|request| {
+                let prepared = inner.preparer.prepare(&request.prompt, &request.render)?;
+                self.check(prepared.ids, prepared.images, request)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = admitted.len();
         let waiting = inner
             .shared
             .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < inner.max_waiting).then_some(w + 1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w + n <= inner.max_waiting).then_some(w + n));
         if let Err(waiting) = waiting {
             return Err(EngineError::Overloaded { waiting, limit: inner.max_waiting });
         }
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-        let sequence = Sequence::new(id, admitted, events, submitted);
-        if inner.commands.send(Command::Submit(Box::new(sequence))).is_err() {
-            inner.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+        let mut sequences = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
+        for admitted in admitted {
+            let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let prompt_ids: Arc<[u32]> = admitted.prompt.clone().into();
+            let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+            sequences.push(Sequence::new(id, admitted, events, submitted));
+            handles.push(RequestHandle::new(id, prompt_ids, receiver));
+        }
+        if inner.commands.send(Command::Submit(sequences)).is_err() {
+            inner.shared.waiting.fetch_sub(n, Ordering::AcqRel);
             return Err(EngineError::Shutdown);
         }
-        Ok(RequestHandle::new(id, prompt_ids, receiver))
+        Ok(handles)
     }
 
     /// [`submit`](Self::submit), then blocks until the output is there.
@@ -436,7 +483,12 @@ impl Engine {
     }
 
     /// The request's options checked against the model and the pool.
-    fn check(&self, prompt: Vec<u32>, request: Request) -> Result<Admitted, EngineError> {
+    fn check(
+        &self,
+        prompt: Vec<u32>,
+        images: Option<SequenceImages>,
+        request: Request,
+    ) -> Result<Admitted, EngineError> {
         let info = &self.inner.info;
         let field = request.prompt.field();
         let options = request.options;
@@ -466,7 +518,7 @@ impl Engine {
             let field = *field;
             EngineError::invalid_because(field, "out of range", e)
         })?;
-        if !options.stop.is_empty() && self.inner.tokenizer.is_none() {
+        if !options.stop.is_empty() && self.tokenizer().is_none() {
             return Err(EngineError::invalid("stop", "stop strings need a tokenizer, and this model has none"));
         }
         if let Some(n) = options.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
@@ -480,7 +532,7 @@ impl Engine {
         }
         let mut stop_ids = if options.ignore_eos { vec![] } else { info.eos_token_ids.clone() };
         stop_ids.extend(&options.stop_token_ids);
-        Ok(Admitted { prompt, options, sampler, max_tokens, stop_ids, tokenizer: self.inner.tokenizer.clone() })
+        Ok(Admitted { prompt, options, sampler, max_tokens, stop_ids, tokenizer: self.tokenizer().cloned(), images })
     }
 
     /// Stops taking requests, ends those in flight with [`EngineError::Shutdown`], and blocks
@@ -532,8 +584,9 @@ fn load_tokenizer(dir: &Path) -> Result<(Option<Tokenizer>, Option<ChatTemplate>
     Ok((Some(tokenizer), template))
 }
 
-/// Loads the model on the worker thread and sizes the pool.
-fn start_runner(config: &EngineConfig) -> Result<Runner, EngineError> {
+/// Loads the model (and a vision-language model's encoder, with `processor` its image processor)
+/// on the worker thread and sizes the pool.
+fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Result<Runner, EngineError> {
     let mut model = DecoderModel::load(&config.graphs, &config.ep)
         .map_err(|e| EngineError::model(format!("cannot load the model in {}", config.graphs.display()), e))?;
     let on_gpu = model.device_id().is_some();
@@ -556,6 +609,21 @@ fn start_runner(config: &EngineConfig) -> Result<Runner, EngineError> {
         shared_buffer: model.has_shared_buffer(),
     };
     let plan = plan_pool(config.pool, limits)?;
+    let vision = match model.manifest.vision {
+        None => None,
+        Some(_) => {
+            let loaded = VisionEncoder::load_with(&config.graphs, &model.manifest, &config.ep)
+                .map_err(|e| EngineError::model("cannot load the vision encoder", e.into()))?;
+            let processor = processor.ok_or_else(|| {
+                EngineError::model(
+                    "a vision-language model without an image processor",
+                    anyhow::anyhow!("none was read"),
+                )
+            })?;
+            let cache_bytes = config.images.encoder_cache_bytes.unwrap_or(DEFAULT_ENCODER_CACHE_BYTES);
+            Some(VisionRuntime::new(loaded, processor, cache_bytes))
+        }
+    };
     let pool_bytes = plan.bytes(model.kv_bytes_per_token());
     let prefix_bytes = match (config.prefix_caching, config.prefix_cache_bytes, measured) {
         (false, ..) => None,
@@ -577,7 +645,7 @@ fn start_runner(config: &EngineConfig) -> Result<Runner, EngineError> {
             None => String::new(),
         }
     );
-    Runner::new(model, plan, prefix_bytes).map_err(|e| {
+    Runner::new(model, plan, prefix_bytes, vision).map_err(|e| {
         EngineError::model(
             format!("cannot allocate the KV pool ({} sequences of {} tokens)", plan.slots, plan.capacity),
             e,

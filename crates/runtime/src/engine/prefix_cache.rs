@@ -13,31 +13,63 @@
 //! parent is the earlier one's. The cache is bounded in bytes and evicts the least recently used
 //! extent first, together with the extents that continue it (they can no longer be reached).
 //!
+//! Images: every image's pad tokens have the same id, so two prompts that differ only in an
+//! image have the same tokens. As vLLM's extra keys do, the content hash of each image whose pad
+//! tokens fall in a block goes into that block's key (and so into every later block's), and is
+//! compared on a hit like the tokens.
+//!
 //! This module keeps the index; where the bytes live (`S`) and the copies are the runner's.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::ops::Range;
 
 /// Tokens per block: the granularity of prefix matches (vLLM's default block size).
 pub const BLOCK_TOKENS: usize = 16;
 
 pub type BlockHash = u64;
 type ExtentId = u64;
+/// A content hash a block's key covers besides its tokens (an image's SHA-256).
+pub type ExtraKey = [u8; 32];
 
-/// The keys of `tokens`' full blocks, each covering the whole prefix up to its block.
-pub fn block_hashes(tokens: &[u32]) -> Vec<BlockHash> {
+/// The key of one full block: the hash of the whole prefix up to it, and the content hashes of
+/// the images whose tokens fall in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockKey {
+    pub hash: BlockHash,
+    pub extra: Box<[ExtraKey]>,
+}
+
+/// The keys of `tokens`' full blocks, each covering the whole prefix up to its block; `extra`
+/// gives the token ranges of content the tokens do not show (an image's pad tokens) with its
+/// hash.
+pub fn block_keys(tokens: &[u32], extra: &[(Range<usize>, ExtraKey)]) -> Vec<BlockKey> {
     let mut parent = None;
     tokens
         .chunks_exact(BLOCK_TOKENS)
-        .map(|block| {
+        .enumerate()
+        .map(|(i, block)| {
+            let span = i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS;
+            let extra: Box<[ExtraKey]> = extra
+                .iter()
+                .filter(|(range, _)| range.start < span.end && span.start < range.end)
+                .map(|(_, key)| *key)
+                .collect();
             let mut h = DefaultHasher::new();
             parent.hash(&mut h);
             block.hash(&mut h);
-            let key = h.finish();
-            parent = Some(key);
-            key
+            extra.hash(&mut h);
+            let hash = h.finish();
+            parent = Some(hash);
+            BlockKey { hash, extra }
         })
         .collect()
+}
+
+/// [`block_keys`] of tokens without images.
+#[cfg(test)]
+pub fn block_hashes(tokens: &[u32]) -> Vec<BlockKey> {
+    block_keys(tokens, &[])
 }
 
 struct Block {
@@ -46,6 +78,7 @@ struct Block {
     index: usize,
     parent: Option<BlockHash>,
     tokens: Box<[u32]>,
+    extra: Box<[ExtraKey]>,
 }
 
 pub struct Extent<S> {
@@ -110,24 +143,24 @@ impl<S> PrefixCache<S> {
     }
 
     /// The blocks of the longest cached prefix of `tokens`, with the extent each is in.
-    fn walk(&self, tokens: &[u32], keys: &[BlockHash]) -> Vec<(BlockHash, ExtentId, usize)> {
+    fn walk(&self, tokens: &[u32], keys: &[BlockKey]) -> Vec<(BlockHash, ExtentId, usize)> {
         let mut found = Vec::new();
         let mut parent = None;
-        for (i, &key) in keys.iter().enumerate() {
-            let Some(block) = self.blocks.get(&key) else { break };
+        for (i, key) in keys.iter().enumerate() {
+            let Some(block) = self.blocks.get(&key.hash) else { break };
             let want = &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS];
-            if block.parent != parent || &*block.tokens != want {
+            if block.parent != parent || &*block.tokens != want || block.extra != key.extra {
                 break;
             }
-            found.push((key, block.extent, block.index));
-            parent = Some(key);
+            found.push((key.hash, block.extent, block.index));
+            parent = Some(key.hash);
         }
         found
     }
 
     /// How many leading tokens of `tokens` (whole blocks) the cache holds; does not count as a
     /// use. `keys` are [`block_hashes`] of `tokens`.
-    pub fn lookup(&self, tokens: &[u32], keys: &[BlockHash]) -> usize {
+    pub fn lookup(&self, tokens: &[u32], keys: &[BlockKey]) -> usize {
         self.walk(tokens, keys).len() * BLOCK_TOKENS
     }
 
@@ -140,7 +173,7 @@ impl<S> PrefixCache<S> {
 
     /// The cached prefix of `tokens` (at most `max_blocks` blocks) as runs of consecutive blocks
     /// of one extent, marked as just used.
-    pub fn acquire(&mut self, tokens: &[u32], keys: &[BlockHash], max_blocks: usize) -> Vec<HitPiece> {
+    pub fn acquire(&mut self, tokens: &[u32], keys: &[BlockKey], max_blocks: usize) -> Vec<HitPiece> {
         let mut pieces: Vec<HitPiece> = Vec::new();
         for (to, (_, extent, index)) in self.walk(tokens, keys).into_iter().take(max_blocks).enumerate() {
             match pieces.last_mut() {
@@ -157,7 +190,7 @@ impl<S> PrefixCache<S> {
     /// Makes room for the blocks of `tokens` the cache does not hold, evicting least recently
     /// used extents (not those `tokens` runs through). None when every block is cached already or
     /// nothing fits. Fewer blocks than are new are reserved when not all fit (the earliest).
-    pub fn reserve(&mut self, tokens: &[u32], keys: &[BlockHash]) -> Option<Reservation> {
+    pub fn reserve(&mut self, tokens: &[u32], keys: &[BlockKey]) -> Option<Reservation> {
         let held = self.walk(tokens, keys);
         let chain: HashSet<ExtentId> = held.iter().map(|&(_, e, _)| e).collect();
         for &e in &chain {
@@ -188,16 +221,18 @@ impl<S> PrefixCache<S> {
     }
 
     /// Stores the reserved blocks of `tokens`, whose bytes are in `storage`.
-    pub fn commit(&mut self, reservation: Reservation, tokens: &[u32], keys: &[BlockHash], storage: S) -> ExtentId {
+    pub fn commit(&mut self, reservation: Reservation, tokens: &[u32], keys: &[BlockKey], storage: S) -> ExtentId {
         let id = self.next_extent;
         self.next_extent += 1;
         let Reservation { first_block, blocks, parent } = reservation;
-        let extent_keys: Vec<BlockHash> = keys[first_block..first_block + blocks].to_vec();
-        for (index, &key) in extent_keys.iter().enumerate() {
+        let extent_keys: Vec<BlockHash> = keys[first_block..first_block + blocks].iter().map(|k| k.hash).collect();
+        for (index, key) in keys[first_block..first_block + blocks].iter().enumerate() {
             let b = first_block + index;
-            let block_parent = b.checked_sub(1).map(|p| keys[p]);
+            let block_parent = b.checked_sub(1).map(|p| keys[p].hash);
             let block_tokens = tokens[b * BLOCK_TOKENS..(b + 1) * BLOCK_TOKENS].into();
-            self.blocks.insert(key, Block { extent: id, index, parent: block_parent, tokens: block_tokens });
+            let block =
+                Block { extent: id, index, parent: block_parent, tokens: block_tokens, extra: key.extra.clone() };
+            self.blocks.insert(key.hash, block);
         }
         // A parent evicted since the reservation would leave this extent unreachable: it is
         // reachable only while its parent is (see `evict`).
@@ -263,6 +298,26 @@ mod tests {
         assert_eq!(ka.len(), 3, "only full blocks");
         assert!(ka.iter().zip(&kb).all(|(x, y)| x != y), "a different start changes every key");
         assert_eq!(block_hashes(&a[..2 * B]), ka[..2], "a prefix has the prefix's keys");
+    }
+
+    #[test]
+    fn an_image_hash_keys_the_blocks_its_tokens_fall_in_and_every_later_one() {
+        let mut cache = PrefixCache::new(1 << 20, 1);
+        // Text, then an image's pad tokens over blocks 1 and 2, then text.
+        let prompt = tokens(1, 4 * B);
+        let image = |byte: u8| [(B + 5..3 * B - 2, [byte; 32])];
+        let (a, b) = (block_keys(&prompt, &image(1)), block_keys(&prompt, &image(2)));
+        assert_eq!(a[0], b[0], "the block before the image is shared");
+        assert!(a[1..].iter().zip(&b[1..]).all(|(x, y)| x.hash != y.hash), "the image's blocks and those after differ");
+        assert_eq!((a[1].extra.len(), a[3].extra.len()), (1, 0));
+        let r = cache.reserve(&prompt, &a).unwrap();
+        cache.commit(r, &prompt, &a, ());
+        assert_eq!(cache.lookup(&prompt, &a), 4 * B);
+        assert_eq!(cache.lookup(&prompt, &b), B, "another image: only the text before it is a hit");
+        // A key hash that collides but carries another image is no hit either.
+        let mut forged = b.clone();
+        forged[1].hash = a[1].hash;
+        assert_eq!(cache.lookup(&prompt, &forged), B);
     }
 
     #[test]

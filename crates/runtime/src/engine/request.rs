@@ -11,7 +11,9 @@ use crate::generate::{GenerateOptions, GenerationOutput, TokenEvent};
 use crate::sampling::SamplingParams;
 
 /// A prompt: plain text (tokenized as is, no template), chat messages (through the model's chat
-/// template), or token ids.
+/// template; a message's `content` is a string or a list of OpenAI / transformers content parts,
+/// and a vision-language model takes image parts: see [`crate::vision::chat_images`]), or token
+/// ids.
 #[derive(Clone, Debug)]
 pub enum Prompt {
     Text(String),
@@ -94,4 +96,6 @@ pub struct ModelInfo {
     pub default_sampling: SamplingParams,
     pub has_tokenizer: bool,
     pub has_chat_template: bool,
+    /// Whether chat messages may carry images (a vision-language export).
+    pub takes_images: bool,
 }

@@ -3,32 +3,24 @@
 //! slots, and prefix copies into and out of slots.
 //!
 //! Every step's inputs are built through [`StepInputs`] (the decode batch in [`Runner::decode`],
-//! a prefill chunk in [`Runner::prefill`]), so inputs beyond text extend those two places.
+//! a prefill chunk in [`Runner::prefill`]): rope deltas of rows whose prompt had images, and a
+//! chunk's (t, h, w) positions and image rows (from the [`VisionRuntime`]).
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 
 use crate::cuda_rt::{Copy2d, CudaRuntime};
 use crate::model::{DecoderModel, Fetch, KvBuffer, SharedLayout, StepOutput};
 use crate::step_inputs::StepInputs;
+use crate::vision::ImageFeatures;
 
+use super::decode_rows::{separate_clashes, DecodeRow};
+use super::images::{SequenceImages, VisionRuntime};
 use super::kv_pool::{KvMemory, KvPool, PoolPlan};
-use super::prefix_cache::{HitPiece, PrefixCache, Reservation, BLOCK_TOKENS};
-
-/// One row of a decode batch: the token it runs and the tokens its slot holds before it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct DecodeRow {
-    pub token: u32,
-    pub past: usize,
-}
-
-impl DecodeRow {
-    /// A row whose slot is not decoding (free, or between prefill chunks): it writes its token's
-    /// KV at position `filled`, which the slot's next prefill chunk (or whoever takes a free
-    /// slot) overwrites before anything attends to it.
-    pub(crate) fn idle(filled: usize) -> Self {
-        DecodeRow { token: 0, past: filled }
-    }
-}
+use super::metrics::MetricsSnapshot;
+use super::prefix_cache::{BlockKey, HitPiece, PrefixCache, Reservation, BLOCK_TOKENS};
 
 /// Decode batch sizes with a CUDA graph of their own, up to `max_seqs` (vLLM's capture sizes:
 /// 1, 2, 4, then multiples of 8), and `max_seqs` itself.
@@ -50,12 +42,19 @@ pub(crate) struct Runner {
     prefix: Option<PrefixStore>,
     /// Empty without CUDA graphs.
     graph_sizes: Vec<usize>,
+    /// A vision-language model's encoder side.
+    vision: Option<VisionRuntime>,
 }
 
 impl Runner {
     /// `prefix_cache_bytes`: None or 0 turns prefix caching off. Refused (off, with a warning)
     /// where KV cannot be copied: a growing cache, or a GPU without the CUDA runtime loaded.
-    pub(crate) fn new(model: DecoderModel, plan: PoolPlan, prefix_cache_bytes: Option<u64>) -> Result<Self> {
+    pub(crate) fn new(
+        model: DecoderModel,
+        plan: PoolPlan,
+        prefix_cache_bytes: Option<u64>,
+        vision: Option<VisionRuntime>,
+    ) -> Result<Self> {
         let pool = KvPool::new(&model, plan)?;
         let memory = pool.layout().and_then(KvMemory::of);
         let prefix = match (prefix_cache_bytes.filter(|&b| b > 0), memory, pool.layout()) {
@@ -74,7 +73,7 @@ impl Runner {
             (None, ..) => None,
         };
         let graph_sizes = if model.can_replay_graphs() { graph_batch_sizes(plan.slots) } else { Vec::new() };
-        Ok(Runner { model, pool, prefix, graph_sizes })
+        Ok(Runner { model, pool, prefix, graph_sizes, vision })
     }
 
     pub(crate) fn model(&self) -> &DecoderModel {
@@ -101,6 +100,11 @@ impl Runner {
         self.prefix.as_ref().map_or(0, |p| p.cache.used_bytes())
     }
 
+    /// Bytes of vision encodings the encoder cache holds.
+    pub(crate) fn encoder_cache_bytes(&self) -> u64 {
+        self.vision.as_ref().map_or(0, VisionRuntime::cache_bytes)
+    }
+
     /// Gives `slot` back to the pool.
     pub(crate) fn release(&mut self, slot: usize) -> Result<()> {
         self.pool.release(&self.model, slot)
@@ -113,31 +117,69 @@ impl Runner {
     }
 
     /// One batched decode step over slots 0..rows.len() (a row per slot, `rows.len()` from
-    /// [`decode_rows`](Self::decode_rows)), each row after its own past.
-    pub(crate) fn decode(&mut self, rows: &[DecodeRow], fetch: Fetch) -> Result<StepOutput> {
-        let inputs = StepInputs::new(rows.iter().map(|r| r.token).collect(), rows.iter().map(|r| r.past).collect())?;
+    /// [`decode_rows`](Self::decode_rows)), each row after its own past at its own rope delta.
+    /// A decoding row whose position clashes with another's at the same cache slot (see
+    /// `decode_rows`) runs alone right after; its output takes its row's place.
+    /// Returns the output and how many rows ran apart.
+    pub(crate) fn decode(&mut self, rows: &[DecodeRow], fetch: Fetch) -> Result<(StepOutput, usize)> {
+        let mut rows = rows.to_vec();
+        let apart = if self.model.manifest.position_axes() == 3 { separate_clashes(&mut rows) } else { Vec::new() };
+        let inputs = StepInputs::new(rows.iter().map(|r| r.token).collect(), rows.iter().map(|r| r.past).collect())?
+            .with_rope_deltas(rows.iter().map(|r| r.delta).collect())?;
         let cache = self.pool.cache();
-        if self.graph_sizes.contains(&rows.len()) {
-            self.model.run_rows_graph(&inputs, cache, fetch)
+        let mut output = if self.graph_sizes.contains(&rows.len()) {
+            self.model.run_rows_graph(&inputs, cache, fetch)?
         } else {
-            self.model.run_rows(&inputs, cache, 0, fetch)
+            self.model.run_rows(&inputs, cache, 0, fetch)?
+        };
+        for &(slot, row) in &apart {
+            let alone = StepInputs::new(vec![row.token], vec![row.past])?.with_rope_deltas(vec![row.delta])?;
+            let own = self.model.run_rows(&alone, self.pool.cache(), slot, fetch)?;
+            replace_row(&mut output, slot, own)?;
         }
+        Ok((output, apart.len()))
     }
 
-    /// One prefill chunk: `tokens` into `slot` after the `past` tokens it holds (batch 1).
-    pub(crate) fn prefill(&mut self, slot: usize, tokens: &[u32], past: usize, fetch: Fetch) -> Result<StepOutput> {
-        let inputs = StepInputs::new(tokens.to_vec(), vec![past])?;
+    /// One prefill chunk: `tokens` into `slot` after the `past` tokens it holds (batch 1). A
+    /// prompt with images gives the chunk's (t, h, w) positions and image rows.
+    pub(crate) fn prefill(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        past: usize,
+        fetch: Fetch,
+        images: Option<(&mut SequenceImages, &mut MetricsSnapshot)>,
+    ) -> Result<StepOutput> {
+        let mut inputs = StepInputs::new(tokens.to_vec(), vec![past])?;
+        if let Some((images, metrics)) = images {
+            let range = past..past + tokens.len();
+            inputs = inputs.with_axis_positions(images.prompt.positions(range.clone()))?;
+            if let Some(rows) = self.chunk_rows(images, range, metrics)? {
+                inputs = inputs.with_images(rows);
+            }
+        }
         self.model.run_rows(&inputs, self.pool.cache(), slot, fetch)
     }
 
+    /// The image rows of prompt tokens `range`, encoding their images first if need be.
+    fn chunk_rows(
+        &mut self,
+        images: &mut SequenceImages,
+        range: Range<usize>,
+        metrics: &mut MetricsSnapshot,
+    ) -> Result<Option<Arc<ImageFeatures>>> {
+        let vision = self.vision.as_mut().context("a prompt with images on a model without a vision encoder")?;
+        vision.chunk_rows(&self.model, images, range, metrics)
+    }
+
     /// Prompt tokens of `tokens` the prefix cache holds (whole blocks; no use recorded).
-    pub(crate) fn lookup(&self, tokens: &[u32], keys: &[u64]) -> usize {
+    pub(crate) fn lookup(&self, tokens: &[u32], keys: &[BlockKey]) -> usize {
         self.prefix.as_ref().map_or(0, |p| p.cache.lookup(tokens, keys))
     }
 
     /// Copies the cached KV of the first `want` tokens of `tokens` into `slot`; returns how many
     /// tokens it provided (`want`, which a [`lookup`](Self::lookup) in the same step found).
-    pub(crate) fn load_prefix(&mut self, slot: usize, tokens: &[u32], keys: &[u64], want: usize) -> Result<usize> {
+    pub(crate) fn load_prefix(&mut self, slot: usize, tokens: &[u32], keys: &[BlockKey], want: usize) -> Result<usize> {
         let (Some(store), Some(layout)) = (self.prefix.as_mut(), self.pool.layout()) else { return Ok(0) };
         if want == 0 {
             return Ok(0);
@@ -159,20 +201,19 @@ impl Runner {
         Ok(want)
     }
 
-    /// Offers the KV of `tokens` (what `slot` holds) to the prefix cache: the full blocks it
-    /// does not hold yet are copied out of the slot into a new extent.
-    pub(crate) fn store_prefix(&mut self, slot: usize, tokens: &[u32]) -> Result<()> {
+    /// Offers the KV of `tokens` (what `slot` holds; `keys` their block keys) to the prefix
+    /// cache: the full blocks it does not hold yet are copied out of the slot into a new extent.
+    pub(crate) fn store_prefix(&mut self, slot: usize, tokens: &[u32], keys: &[BlockKey]) -> Result<()> {
         let Some(store) = self.prefix.as_mut() else { return Ok(()) };
         let Some(layout) = self.pool.layout() else { return Ok(()) };
-        let keys = super::prefix_cache::block_hashes(tokens);
-        let Some(reservation) = store.cache.reserve(tokens, &keys) else { return Ok(()) };
+        let Some(reservation) = store.cache.reserve(tokens, keys) else { return Ok(()) };
         let bytes = reservation.blocks * BLOCK_TOKENS * layout.bytes_per_token();
         let buffer = self.model.new_kv_buffer(bytes)?;
         let copies = store_copies(layout, slot, &reservation, buffer.addr());
         // SAFETY: each copy reads positions of `slot` of the pool and writes the new buffer,
         // both live and of the sizes computed from their layouts; they do not overlap.
         unsafe { store.memory.copy(&copies) }.context("copying KV from a slot into the prefix cache")?;
-        store.cache.commit(reservation, tokens, &keys, buffer);
+        store.cache.commit(reservation, tokens, keys, buffer);
         Ok(())
     }
 
@@ -205,6 +246,26 @@ impl Runner {
         );
         Ok(Some(budget))
     }
+}
+
+/// Puts row 0 of `own` (a step of one row) in row `row` of `output` (a batched step's).
+fn replace_row(output: &mut StepOutput, row: usize, own: StepOutput) -> Result<()> {
+    match (output, own) {
+        (StepOutput::Greedy(tokens), StepOutput::Greedy(mine)) => {
+            let (slot, mine) = (tokens.get_mut(row), mine.first());
+            *slot.context("a decode step without the row run apart")? =
+                *mine.context("a step of one row gave no token")?;
+        }
+        (StepOutput::Logits(all), StepOutput::Logits(mine)) => {
+            let width = all.rows * all.vocab;
+            if row >= all.batch || mine.data.len() != width {
+                return Err(anyhow!("a row run apart does not fit the batch's logits"));
+            }
+            all.data[row * width..(row + 1) * width].copy_from_slice(&mine.data);
+        }
+        _ => return Err(anyhow!("a row run apart brought back other outputs than the batch")),
+    }
+    Ok(())
 }
 
 /// Byte offset of layer `layer`'s keys (`direction` 0) or values (1) in an extent of `tokens`

@@ -12,8 +12,9 @@ use crate::sampling::Sampler;
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 use super::error::EngineError;
+use super::images::SequenceImages;
 use super::metrics::MetricsSnapshot;
-use super::prefix_cache::{block_hashes, BlockHash};
+use super::prefix_cache::{block_keys, BlockKey};
 use super::request::Event;
 use super::scheduler::{Phase, SeqId};
 use super::stop_matcher::StopMatcher;
@@ -37,13 +38,17 @@ pub(crate) struct Admitted {
     pub max_tokens: usize,
     pub stop_ids: Vec<u32>,
     pub tokenizer: Option<Tokenizer>,
+    /// The prompt's images (None: a text prompt).
+    pub images: Option<SequenceImages>,
 }
 
 pub(crate) struct Sequence {
     pub id: SeqId,
     events: EventSender,
     /// Block keys of the prompt (prefix-cache lookups).
-    pub prompt_keys: Vec<BlockHash>,
+    pub prompt_keys: Vec<BlockKey>,
+    /// The prompt's images (None: a text prompt).
+    pub images: Option<SequenceImages>,
     prompt_len: usize,
     /// Prompt and generated tokens.
     history: Vec<u32>,
@@ -79,7 +84,8 @@ impl Sequence {
         Sequence {
             id,
             events,
-            prompt_keys: block_hashes(&a.prompt),
+            prompt_keys: block_keys(&a.prompt, &a.images.as_ref().map(SequenceImages::extra_keys).unwrap_or_default()),
+            images: a.images,
             prompt_len: a.prompt.len(),
             decoder: a.tokenizer.as_ref().map(|t| t.incremental_decoder(a.options.skip_special_tokens)),
             stops: StopMatcher::new(&a.options.stop),
@@ -114,9 +120,19 @@ impl Sequence {
         &self.history[..self.filled]
     }
 
+    /// The keys of the tokens whose KV the slot holds (offering them to the prefix cache).
+    pub(crate) fn kv_keys(&self) -> Vec<BlockKey> {
+        block_keys(self.kv_tokens(), &self.images.as_ref().map(SequenceImages::extra_keys).unwrap_or_default())
+    }
+
     /// The token the next decode step runs (the last one chosen).
     pub(crate) fn next_input(&self) -> u32 {
         self.history.last().copied().unwrap_or(0)
+    }
+
+    /// Added to its generated tokens' positions on every axis (0 without images).
+    pub(crate) fn rope_delta(&self) -> i64 {
+        self.images.as_ref().map_or(0, SequenceImages::rope_delta)
     }
 
     /// Whether the caller dropped its handle.
@@ -131,6 +147,9 @@ impl Sequence {
         self.filled = cached;
         self.phase = Phase::Prefill { done: cached, prompt_len: self.prompt_len };
         self.clock.admitted = Some(Instant::now());
+        if let Some(images) = self.images.as_mut() {
+            images.skip_cached(cached);
+        }
     }
 
     /// Chooses the next token from `choice`, streams it, and says whether the sequence is done.
@@ -212,7 +231,9 @@ impl Sequence {
                 self.emit(TokenEvent { token_id: TEXT_TAIL_TOKEN, text: tail, logprob: None, top_logprobs: vec![] });
             }
         }
-        let output = std::mem::take(&mut self.output).finish(self.prompt().to_vec(), self.cached, reason, self.clock);
+        let mut output =
+            std::mem::take(&mut self.output).finish(self.prompt().to_vec(), self.cached, reason, self.clock);
+        output.timings.images = self.images.as_ref().map(|i| i.timings.clone());
         let _ = self.events.send(Ok(Event::Finished(output)));
         Ok(())
     }

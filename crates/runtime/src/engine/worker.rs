@@ -20,9 +20,10 @@ use std::sync::{Arc, Mutex};
 use crate::generate::FinishReason;
 use crate::model::{Fetch, StepOutput};
 
+use super::decode_rows::DecodeRow;
 use super::error::EngineError;
 use super::metrics::MetricsSnapshot;
-use super::runner::{DecodeRow, Runner};
+use super::runner::Runner;
 use super::scheduler::{plan_step, Phase, Running, StepPlan, Waiting};
 use super::sequence::{Choice, Sequence};
 
@@ -31,7 +32,8 @@ use super::sequence::{Choice, Sequence};
 const SEQUENCES_PER_SAMPLING_THREAD: usize = 4;
 
 pub(crate) enum Command {
-    Submit(Box<Sequence>),
+    /// Requests queued together (in order).
+    Submit(Vec<Sequence>),
     Shutdown,
 }
 
@@ -80,13 +82,13 @@ pub(crate) fn run(runner: Runner, commands: Receiver<Command>, shared: Arc<Share
     loop {
         if worker.waiting.is_empty() && worker.running.is_empty() {
             match commands.recv() {
-                Ok(Command::Submit(seq)) => worker.waiting.push_back(*seq),
+                Ok(Command::Submit(seqs)) => worker.waiting.extend(seqs),
                 Ok(Command::Shutdown) | Err(_) => break,
             }
         }
         let shutdown = loop {
             match commands.try_recv() {
-                Ok(Command::Submit(seq)) => worker.waiting.push_back(*seq),
+                Ok(Command::Submit(seqs)) => worker.waiting.extend(seqs),
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => break true,
                 Err(TryRecvError::Empty) => break false,
             }
@@ -135,7 +137,7 @@ impl Worker {
     fn store_finished_prefixes(&mut self) {
         for seq in self.running.iter_mut().filter(|s| s.phase == Phase::Finished && !s.stored) {
             seq.stored = true;
-            if let Err(e) = self.runner.store_prefix(seq.slot, seq.kv_tokens()) {
+            if let Err(e) = self.runner.store_prefix(seq.slot, seq.kv_tokens(), &seq.kv_keys()) {
                 tracing::warn!("the prefix cache could not keep a finished sequence's KV: {e:#}");
             }
         }
@@ -203,7 +205,7 @@ impl Worker {
                 continue;
             }
             rows[seq.slot] = if decoding(seq) {
-                DecodeRow { token: seq.next_input(), past: seq.filled }
+                DecodeRow::decode(seq.next_input(), seq.filled, seq.rope_delta())
             } else {
                 DecodeRow::idle(seq.filled)
             };
@@ -211,7 +213,8 @@ impl Worker {
         let all_greedy = self.running.iter().filter(|s| decoding(s)).all(|s| s.fetch == Fetch::Greedy);
         let fetch = if all_greedy { Fetch::Greedy } else { Fetch::Logits };
         match self.runner.decode(&rows, fetch) {
-            Ok(output) => {
+            Ok((output, apart)) => {
+                self.metrics.decode_rows_run_apart += apart as u64;
                 let mut decoded: Vec<&mut Sequence> = self.running.iter_mut().filter(|s| decoding(s)).collect();
                 for seq in decoded.iter_mut() {
                     seq.filled += 1;
@@ -234,7 +237,8 @@ impl Worker {
         let last = start + len == prompt_len;
         let fetch = if last { seq.fetch } else { Fetch::Greedy };
         let tokens = seq.prompt()[start..start + len].to_vec();
-        match self.runner.prefill(seq.slot, &tokens, start, fetch) {
+        let images = seq.images.as_mut().map(|images| (images, &mut self.metrics));
+        match self.runner.prefill(seq.slot, &tokens, start, fetch, images) {
             Ok(output) => {
                 seq.filled = start + len;
                 if last {
@@ -309,6 +313,7 @@ impl Worker {
         self.metrics.requests_running = self.running.iter().filter(|s| s.phase != Phase::Finished).count();
         self.metrics.kv_cache_usage = used as f64 / pool.plan().slots.max(1) as f64;
         self.metrics.prefix_cache_bytes = self.runner.prefix_cache_bytes();
+        self.metrics.encoder_cache_bytes = self.runner.encoder_cache_bytes();
         match self.shared.metrics.lock() {
             Ok(mut m) => *m = self.metrics.clone(),
             Err(poisoned) => *poisoned.into_inner() = self.metrics.clone(),
