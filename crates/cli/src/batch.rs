@@ -12,6 +12,8 @@ use pio_runtime::generate::GenerateOptions;
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 
+use crate::preflight::GraphFolder;
+
 /// One line of a batch file.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +27,10 @@ struct Line {
 
 /// A prompt and what it overrides of the command line's options.
 pub struct BatchRequest {
+    /// Its line in the file, from 1.
+    line: usize,
+    /// Which of `prompt_ids`, `prompt` and `messages` the line gave.
+    field: &'static str,
     prompt: Prompt,
     max_tokens: Option<usize>,
     seed: Option<u64>,
@@ -37,24 +43,42 @@ pub fn read(path: &Path, raw: bool, system: Option<&str>) -> Result<Vec<BatchReq
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = || format!("{} line {}", path.display(), i + 1);
         let line: Line = serde_json::from_str(line).with_context(at)?;
-        let prompt = match (line.prompt_ids, line.prompt, line.messages) {
-            (Some(ids), None, None) => Prompt::Ids(ids),
-            (None, Some(text), None) if raw => Prompt::Text(text),
+        let (field, prompt) = match (line.prompt_ids, line.prompt, line.messages) {
+            (Some(ids), None, None) => ("prompt_ids", Prompt::Ids(ids)),
+            (None, Some(text), None) if raw => ("prompt", Prompt::Text(text)),
             (None, Some(text), None) => {
                 let mut messages: Vec<Json> =
                     system.map(|s| json!({"role": "system", "content": s})).into_iter().collect();
                 messages.push(json!({"role": "user", "content": text}));
-                Prompt::Chat(messages)
+                ("prompt", Prompt::Chat(messages))
             }
-            (None, None, Some(messages)) => Prompt::Chat(messages),
+            (None, None, Some(messages)) => ("messages", Prompt::Chat(messages)),
             _ => bail!("{}: give exactly one of prompt_ids, prompt and messages", at()),
         };
-        requests.push(BatchRequest { prompt, max_tokens: line.max_tokens, seed: line.seed });
+        let (max_tokens, seed) = (line.max_tokens, line.seed);
+        requests.push(BatchRequest { line: i + 1, field, prompt, max_tokens, seed });
     }
     if requests.is_empty() {
         bail!("{} has no prompts", path.display());
     }
     Ok(requests)
+}
+
+/// Refuses the file if a line's prompt cannot run on `graphs` (see [`GraphFolder::check_prompt`];
+/// `max_tokens`: the command line's, for lines without their own), naming the line.
+pub fn check(
+    path: &Path,
+    requests: &[BatchRequest],
+    graphs: &GraphFolder,
+    max_tokens: usize,
+    max_model_len: Option<usize>,
+) -> Result<()> {
+    for r in requests {
+        graphs
+            .check_prompt(&r.prompt, r.field, r.max_tokens.unwrap_or(max_tokens), max_model_len)
+            .with_context(|| format!("{} line {}", path.display(), r.line))?;
+    }
+    Ok(())
 }
 
 /// Submits every request, then prints each output as one JSON line, in order, and a summary on

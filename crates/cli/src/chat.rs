@@ -6,11 +6,12 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use pio_runtime::engine::{EngineError, Prompt, Request};
 use pio_runtime::generate::GenerateOptions;
 use serde_json::json;
 
+use crate::preflight::GraphFolder;
 use crate::{generate_streaming, render_options, user_message, ChatArgs};
 
 /// What a line of input asks for.
@@ -45,10 +46,10 @@ fn is_request_error(error: &anyhow::Error) -> bool {
 }
 
 pub(crate) fn run(args: ChatArgs) -> Result<()> {
+    let graphs = GraphFolder::inspect(&args.model.graphs)?;
+    graphs.check_chat()?;
+    graphs.check_stop(&args.sampling.stop)?;
     let engine = args.model.start()?;
-    if engine.chat_template().is_none() {
-        bail!("{} has no chat template; use `pio run --raw`", args.model.graphs.display());
-    }
     let options = args.sampling.options(engine.model_info())?;
     let render = render_options(args.thinking);
     let mut messages = Vec::new();

@@ -5,6 +5,7 @@ mod bench;
 mod bench_serve;
 mod chat;
 mod download;
+mod preflight;
 mod serve;
 
 use std::io::Write;
@@ -12,7 +13,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args as ClapArgs, Parser, Subcommand};
+use clap::builder::TypedValueParser;
+use clap::{ArgGroup, Args as ClapArgs, CommandFactory, FromArgMatches, Parser, Subcommand};
+use pio_models::cli_args::NumberRange;
 use pio_models::presets::PRESETS;
 use pio_models::size::{format_bytes, format_params, Precision};
 use pio_runtime::chat_template::RenderOptions;
@@ -20,9 +23,11 @@ use pio_runtime::engine::{Engine, EngineConfig, EngineConfigBuilder, EngineError
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::generate::{GenerateOptions, GenerationOutput};
 use pio_runtime::plugin::PluginMetadata;
-use pio_runtime::sampling::SamplingParams;
+use pio_runtime::sampling::{SamplingError, SamplingParams};
 use pio_runtime::vision::{LocalImageFiles, RemoteImages};
 use serde_json::json;
+
+use preflight::{GraphFolder, Refused};
 
 #[derive(Parser)]
 #[command(name = "pio", version, about = "Run LLMs exported by pio-export on ONNX Runtime")]
@@ -71,13 +76,16 @@ struct BenchArgs {
     /// Graph folders to benchmark (repeatable); each is a row per execution provider.
     #[arg(long)]
     graphs: Vec<PathBuf>,
-    /// Or a preset: export it (with --synthetic: random weights at its real shape) and benchmark.
-    #[arg(long, conflicts_with = "graphs")]
+    /// Or a preset with --synthetic: random weights at its real shape, exported and benchmarked.
+    #[arg(long, conflicts_with = "graphs", requires = "synthetic")]
     model: Option<String>,
+    /// With --model: write a seeded random-weight checkpoint of the preset's shape (pio-export
+    /// --synthetic) instead of reading a real one.
     #[arg(long, requires = "model")]
     synthetic: bool,
-    /// Shrink the synthetic model's depth (e.g. GLM-4.7's dense layers plus a few MoE layers).
-    #[arg(long)]
+    /// Shrink the synthetic model's depth (e.g. GLM-4.7's dense layers plus a few MoE layers); at
+    /// least 1.
+    #[arg(long, requires = "model", value_parser = NumberRange::at_least(1usize))]
     layers: Option<usize>,
     /// Where the synthetic checkpoint goes (default checkpoints/<preset>-synthetic[-shape]); a
     /// RAM disk such as /dev/shm keeps large ones off a small disk.
@@ -86,9 +94,9 @@ struct BenchArgs {
     /// Where exported graphs go (default graphs/).
     #[arg(long, default_value = "graphs")]
     graphs_dir: PathBuf,
-    /// Precisions to export for GPU providers with --model (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "bf16")]
-    precision: Vec<String>,
+    /// Precisions to export for GPU providers with --model (comma-separated): fp16, bf16, int4.
+    #[arg(long, value_delimiter = ',', default_value = "bf16", value_parser = Precision::parse)]
+    precision: Vec<Precision>,
     /// Also export and measure the graph switches one by one (fused norms, fused projections,
     /// fused attention, last-token logits, int8 KV cache) with --model.
     #[arg(long)]
@@ -97,50 +105,61 @@ struct BenchArgs {
     /// row saying why.
     #[arg(long, value_delimiter = ',', default_value = "cpu")]
     ep: Vec<String>,
-    #[arg(long, default_value_t = 0)]
+    /// The GPU the cuda and tensorrt rows run on (>= 0).
+    #[arg(long, default_value_t = 0, value_parser = NumberRange::at_least(0i32))]
     device_id: i32,
     /// Execution provider option KEY=VALUE (repeatable), applied to every provider it fits.
     #[arg(long = "ep-option")]
     ep_options: Vec<String>,
     /// CUDA graphs for the decode step: on, off or both (both: a row each).
-    #[arg(long, default_value = "both")]
+    #[arg(long, default_value = "both", value_parser = ["on", "off", "both"])]
     cuda_graph: String,
     /// Where greedy tokens are chosen: device (the graph's argmax output; only token ids come
     /// back), host (all logits copied back, argmax on the CPU) or both (a row each).
-    #[arg(long, default_value = "device")]
+    #[arg(long, default_value = "device", value_parser = ["device", "host", "both"])]
     argmax: String,
     /// Prompt tokens per forward pass, comma-separated for a row each (0: whole prompts).
-    #[arg(long, value_delimiter = ',', default_value = "2048")]
+    #[arg(long, value_delimiter = ',', default_value = "2048", value_parser = NumberRange::at_least(0usize))]
     prefill_chunk: Vec<usize>,
     /// Compare chunked with whole-prompt prefill logits at the longest prompt length.
     #[arg(long)]
     check_chunked_prefill: bool,
-    #[arg(long, value_delimiter = ',', default_value = "128,512,2048,8192")]
+    /// Prompt lengths whose time to first token is measured, comma-separated (each >= 1; those
+    /// over the graph's context length are skipped rows).
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048,8192", value_parser = NumberRange::at_least(1usize))]
     prompt_lens: Vec<usize>,
-    #[arg(long, default_value_t = 128)]
+    /// Prompt tokens before the decode measurements (>= 1).
+    #[arg(long, default_value_t = 128, value_parser = NumberRange::at_least(1usize))]
     decode_prompt_len: usize,
-    #[arg(long, default_value_t = 128)]
+    /// Greedy decode steps timed per batch size (>= 1).
+    #[arg(long, default_value_t = 128, value_parser = NumberRange::at_least(1usize))]
     decode_tokens: usize,
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    /// Decode batch sizes, comma-separated (each >= 1).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = NumberRange::at_least(1usize))]
     batches: Vec<usize>,
-    #[arg(long, default_value_t = 3)]
+    /// Timed repetitions of each time-to-first-token measurement, after a warm-up (>= 1; the
+    /// median is reported).
+    #[arg(long, default_value_t = 3, value_parser = NumberRange::at_least(1usize))]
     repeats: usize,
     /// An fp32 CPU graph of the same checkpoint: each GPU graph's logits are compared with it
     /// over a teacher-forced sequence.
     #[arg(long)]
     accuracy_reference: Option<PathBuf>,
-    #[arg(long, default_value_t = 256)]
+    /// Tokens of the teacher-forced sequence of the accuracy comparison (>= 1).
+    #[arg(long, default_value_t = 256, value_parser = NumberRange::at_least(1usize))]
     accuracy_tokens: usize,
     /// Run scripts/hf_baseline.py (transformers, bf16, eager generate) on this checkpoint in the
     /// same run and print our decode speed against it.
     #[arg(long)]
     hf_baseline: Option<PathBuf>,
-    #[arg(long, default_value = "scripts/hf_baseline.py")]
+    /// The transformers baseline script --hf-baseline runs (with $PIO_PYTHON, default python3).
+    #[arg(long, default_value = "scripts/hf_baseline.py", requires = "hf_baseline")]
     hf_script: PathBuf,
     /// Where the JSON report goes.
     #[arg(long, default_value = "bench.json")]
     out: PathBuf,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the random prompts (and of the synthetic weights with --model).
+    #[arg(long, default_value_t = 0, value_parser = NumberRange::<u64>::any())]
     seed: u64,
 }
 
@@ -152,44 +171,54 @@ pub struct ModelArgs {
     /// Execution provider: cpu, cuda, tensorrt.
     #[arg(long, default_value = "cpu")]
     ep: String,
-    #[arg(long, default_value_t = 0)]
+    /// The GPU to run on with cuda and tensorrt (>= 0).
+    #[arg(long, default_value_t = 0, value_parser = NumberRange::at_least(0i32))]
     device_id: i32,
-    /// CPU intra-op threads (default: ONNX Runtime's choice).
-    #[arg(long)]
+    /// CPU intra-op threads, >= 1 (default: ONNX Runtime's choice).
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     threads: Option<usize>,
     /// Execution provider option KEY=VALUE (repeatable): cuda_graph=1, gpu_mem_limit=BYTES,
     /// trt_fp16=1, trt_engine_cache_path=DIR, fallback=cuda, or any ONNX Runtime provider option.
     #[arg(long = "ep-option")]
     ep_options: Vec<String>,
-    /// Prompt tokens prefilled per engine step at most; longer prompts run in chunks, between
-    /// the decode steps of running sequences.
-    #[arg(long, alias = "prefill-chunk", default_value_t = pio_runtime::engine::DEFAULT_PREFILL_BUDGET)]
+    /// Prompt tokens prefilled per engine step at most (>= 1); longer prompts run in chunks,
+    /// between the decode steps of running sequences.
+    #[arg(
+        long,
+        alias = "prefill-chunk",
+        default_value_t = pio_runtime::engine::DEFAULT_PREFILL_BUDGET,
+        value_parser = NumberRange::at_least(1usize)
+    )]
     prefill_budget: usize,
-    /// Sequences the KV pool holds at once (default: what the GPU's free memory holds, at most
-    /// 256; 4 on the CPU).
-    #[arg(long)]
+    /// Sequences the KV pool holds at once, >= 1 (default: what the GPU's free memory holds, at
+    /// most 256; 4 on the CPU).
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     max_seqs: Option<usize>,
-    /// KV pool size in GiB (default: the GPU's free memory times --gpu-memory-utilization, after
-    /// the weights and a profiling prefill).
-    #[arg(long)]
+    /// KV pool size in GiB, > 0 (default: the GPU's free memory times --gpu-memory-utilization,
+    /// after the weights and a profiling prefill).
+    #[arg(long, value_parser = NumberRange::above(0.0))]
     kv_cache_gb: Option<f64>,
-    /// Tokens one sequence can hold, prompt plus generated (default: the graph's context length,
-    /// capped on a GPU so that at least 32 sequences fit).
-    #[arg(long)]
+    /// Tokens one sequence can hold, prompt plus generated, >= 1 (default: the graph's context
+    /// length, capped on a GPU so that at least 32 sequences fit).
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     max_model_len: Option<usize>,
-    /// The share of the GPU's memory the engine may fill.
-    #[arg(long, default_value_t = pio_runtime::engine::DEFAULT_GPU_MEMORY_UTILIZATION)]
+    /// The share of the GPU's memory the engine may fill, in (0, 1].
+    #[arg(
+        long,
+        default_value_t = pio_runtime::engine::DEFAULT_GPU_MEMORY_UTILIZATION,
+        value_parser = NumberRange::above_up_to(0.0, 1.0)
+    )]
     gpu_memory_utilization: f64,
     /// Do not reuse KV across requests (prefix caching).
     #[arg(long)]
     no_prefix_cache: bool,
-    /// Prefix cache size in GiB (default: on a GPU what the KV memory leaves after the pool, or a
-    /// quarter of --kv-cache-gb; on the CPU as much as the pool, at most 2 GiB).
-    #[arg(long)]
+    /// Prefix cache size in GiB, > 0 (default: on a GPU what the KV memory leaves after the
+    /// pool, or a quarter of --kv-cache-gb; on the CPU as much as the pool, at most 2 GiB).
+    #[arg(long, conflicts_with = "no_prefix_cache", value_parser = NumberRange::above(0.0))]
     prefix_cache_gb: Option<f64>,
-    /// Vision-language models: GiB of image encodings kept across requests (0: none; default
-    /// 0.5).
-    #[arg(long)]
+    /// Vision-language models: GiB of image encodings kept across requests, >= 0 (0: none;
+    /// default 0.5).
+    #[arg(long, value_parser = NumberRange::at_least(0.0))]
     encoder_cache_gb: Option<f64>,
     /// Vision-language models: where local image paths in messages may point: `any`, `none`, or a
     /// folder they must be under (default: `any`; for `pio serve`, `none`, since its clients
@@ -197,22 +226,20 @@ pub struct ModelArgs {
     #[arg(long)]
     local_images: Option<String>,
     /// Vision-language models: fetch http(s) image URLs in messages (refused otherwise), each
-    /// within this many seconds.
-    #[arg(long, value_name = "SECONDS")]
+    /// within this many seconds (>= 1).
+    #[arg(long, value_name = "SECONDS", value_parser = NumberRange::at_least(1u64))]
     fetch_remote_images: Option<u64>,
-    /// Vision-language models: the most encoded bytes and pixels an image may have.
-    #[arg(long, default_value_t = pio_image::DEFAULT_MAX_INPUT_BYTES)]
+    /// Vision-language models: the most encoded bytes an image file or URL may have (>= 1).
+    #[arg(long, default_value_t = pio_image::DEFAULT_MAX_INPUT_BYTES, value_parser = NumberRange::at_least(1u64))]
     max_image_bytes: u64,
-    #[arg(long, default_value_t = pio_image::DEFAULT_MAX_PIXELS)]
+    /// Vision-language models: the most pixels a decoded image may have (>= 1).
+    #[arg(long, default_value_t = pio_image::DEFAULT_MAX_PIXELS, value_parser = NumberRange::at_least(1u64))]
     max_image_pixels: u64,
 }
 
-/// GiB as bytes, refusing what is not a positive size.
-fn gib(flag: &str, value: f64) -> Result<u64> {
-    if !(value.is_finite() && value > 0.0) {
-        bail!("--{flag} {value}: must be a positive number of GiB");
-    }
-    Ok((value * (1u64 << 30) as f64) as u64)
+/// GiB as bytes (the flags' parsers keep the values finite and >= 0).
+fn gib(value: f64) -> u64 {
+    (value * (1u64 << 30) as f64) as u64
 }
 
 impl ModelArgs {
@@ -247,17 +274,16 @@ impl ModelArgs {
             config = config.max_seqs(n);
         }
         if let Some(gb) = self.kv_cache_gb {
-            config = config.kv_cache_bytes(gib("kv-cache-gb", gb)?);
+            config = config.kv_cache_bytes(gib(gb));
         }
         if let Some(n) = self.max_model_len {
             config = config.max_model_len(n);
         }
         if let Some(gb) = self.prefix_cache_gb {
-            config = config.prefix_cache_bytes(gib("prefix-cache-gb", gb)?);
+            config = config.prefix_cache_bytes(gib(gb));
         }
         if let Some(gb) = self.encoder_cache_gb {
-            let bytes = if gb == 0.0 { 0 } else { gib("encoder-cache-gb", gb)? };
-            config = config.encoder_cache_bytes(bytes);
+            config = config.encoder_cache_bytes(gib(gb));
         }
         Ok(config)
     }
@@ -285,40 +311,61 @@ impl ModelArgs {
 
 #[derive(ClapArgs, Clone)]
 struct SamplingArgs {
-    /// Greedy decoding (argmax); overrides the sampling options.
+    /// Greedy decoding (argmax); overrides temperature, top-k, top-p and min-p.
     #[arg(long)]
     greedy: bool,
-    /// Default: the checkpoint's generation_config.json.
-    #[arg(long)]
+    /// Logits / T, >= 0 (0: greedy). Each sampling option defaults to the checkpoint's
+    /// generation_config.json.
+    #[arg(long, value_parser = sampling_value(|p, v| p.temperature = v))]
     temperature: Option<f32>,
-    #[arg(long)]
+    /// Keep the K most likely tokens, >= 0 (0: off).
+    #[arg(long, value_parser = NumberRange::at_least(0usize))]
     top_k: Option<usize>,
-    #[arg(long)]
+    /// Keep the most likely tokens whose probabilities add up to P, in (0, 1] (1: off).
+    #[arg(long, value_parser = sampling_value(|p, v| p.top_p = v))]
     top_p: Option<f32>,
-    #[arg(long)]
+    /// Drop tokens less likely than P times the most likely one, in [0, 1] (0: off).
+    #[arg(long, value_parser = sampling_value(|p, v| p.min_p = v))]
     min_p: Option<f32>,
-    #[arg(long)]
+    /// Hugging Face's repetition penalty over prompt and output, > 0 (1: off).
+    #[arg(long, value_parser = sampling_value(|p, v| p.repetition_penalty = v))]
     repetition_penalty: Option<f32>,
-    #[arg(long)]
+    /// Subtract X from the logits of tokens generated at least once, finite (0: off).
+    #[arg(long, value_parser = sampling_value(|p, v| p.presence_penalty = v))]
     presence_penalty: Option<f32>,
-    #[arg(long)]
+    /// Subtract X times each token's count in the output, finite (0: off).
+    #[arg(long, value_parser = sampling_value(|p, v| p.frequency_penalty = v))]
     frequency_penalty: Option<f32>,
-    /// Seed for reproducible sampling.
-    #[arg(long)]
+    /// Seed for reproducible sampling (a whole number >= 0; default: from the OS).
+    #[arg(long, value_parser = NumberRange::<u64>::any())]
     seed: Option<u64>,
-    /// Maximum tokens to generate.
-    #[arg(long, default_value_t = 256)]
+    /// Maximum tokens to generate (>= 1).
+    #[arg(long, default_value_t = 256, value_parser = NumberRange::at_least(1usize))]
     max_tokens: usize,
-    /// Stop when the output contains this string (repeatable).
+    /// Stop when the output contains this string (repeatable; needs a tokenizer).
     #[arg(long)]
     stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
     /// Report each generated token's logprob (`logprobs` in the --json output), computed with
-    /// this many alternatives.
-    #[arg(long)]
+    /// this many alternatives (0 to 20).
+    #[arg(long, value_parser = NumberRange::between(0, pio_runtime::engine::MAX_TOP_LOGPROBS))]
     logprobs: Option<usize>,
+}
+
+/// A sampling flag's value, checked by the runtime's own rule for it: the message gives the
+/// range and the value that turns it off (`must be in (0, 1] (1 = off)`).
+fn sampling_value(set: fn(&mut SamplingParams, f32)) -> impl TypedValueParser<Value = f32> {
+    move |text: &str| -> Result<f32, String> {
+        let value: f32 = text.trim().parse().map_err(|_| "must be a number".to_string())?;
+        let mut params = SamplingParams::default();
+        set(&mut params, value);
+        match params.validate() {
+            Ok(()) => Ok(value),
+            Err(SamplingError::InvalidParam { expected, .. }) => Err(expected.to_string()),
+        }
+    }
 }
 
 impl SamplingArgs {
@@ -361,6 +408,7 @@ impl SamplingArgs {
 }
 
 #[derive(ClapArgs)]
+#[command(group(ArgGroup::new("input").required(true).args(["prompt", "prompt_ids", "batch"])))]
 struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -370,20 +418,20 @@ struct RunArgs {
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
     /// Comma-separated token ids (needs no tokenizer).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = NumberRange::<u32>::any())]
     prompt_ids: Option<Vec<u32>>,
     /// Use the prompt as is, without the chat template.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prompt_ids")]
     raw: bool,
     /// An image file for a vision-language model (repeatable): the user message holds the
     /// images, in order, then the prompt.
-    #[arg(long = "image", value_name = "PATH", conflicts_with_all = ["prompt_ids", "raw"])]
+    #[arg(long = "image", value_name = "PATH", conflicts_with_all = ["prompt_ids", "raw", "batch"])]
     images: Vec<PathBuf>,
     /// A system message for the chat template.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["prompt_ids", "raw"])]
     system: Option<String>,
     /// Qwen3 templates: `enable_thinking` (true/false); default: the template's own.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["prompt_ids", "raw"])]
     thinking: Option<bool>,
     /// Print one JSON object (prompt_ids, generated_ids, text, finish_reason, timings) instead of streaming.
     #[arg(long)]
@@ -402,8 +450,10 @@ pub(crate) struct ChatArgs {
     model: ModelArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// A system message, kept through /reset.
     #[arg(long)]
     system: Option<String>,
+    /// Qwen3 templates: `enable_thinking` (true/false); default: the template's own.
     #[arg(long)]
     thinking: Option<bool>,
 }
@@ -455,28 +505,36 @@ fn output_json(output: &GenerationOutput) -> serde_json::Value {
 }
 
 fn run(args: RunArgs) -> Result<()> {
+    // Everything the command line gets wrong is refused before the model loads.
+    let graphs = GraphFolder::inspect(&args.model.graphs)?;
+    graphs.check_stop(&args.sampling.stop)?;
+    let (max_tokens, max_model_len) = (args.sampling.max_tokens, args.model.max_model_len);
     if let Some(file) = &args.batch {
         let lines = batch::read(file, args.raw, args.system.as_deref())?;
+        batch::check(file, &lines, &graphs, max_tokens, max_model_len)?;
         // Every line is queued at once.
         let engine = Engine::start(args.model.config()?.max_waiting(lines.len().max(1)).build()?)?;
         let options = args.sampling.options(engine.model_info())?;
         return batch::run(&engine, lines, &options, &render_options(args.thinking));
     }
-    let engine = args.model.start()?;
-    let options = args.sampling.options(engine.model_info())?;
-    let prompt = match (&args.prompt, &args.prompt_ids) {
-        (_, Some(ids)) => Prompt::Ids(ids.clone()),
-        (Some(text), None) if args.raw => Prompt::Text(text.clone()),
+    let (prompt, flag) = match (&args.prompt, &args.prompt_ids) {
+        (_, Some(ids)) => (Prompt::Ids(ids.clone()), "--prompt-ids"),
+        (Some(text), None) if args.raw => (Prompt::Text(text.clone()), "--prompt"),
         (Some(text), None) => {
             let mut messages = Vec::new();
             if let Some(s) = &args.system {
                 messages.push(json!({"role": "system", "content": s}));
             }
             messages.push(user_message(text, &args.images));
-            Prompt::Chat(messages)
+            (Prompt::Chat(messages), "--prompt")
         }
+        // clap requires one of --prompt, --prompt-ids and --batch.
         (None, None) => bail!("pass --prompt TEXT or --prompt-ids 1,2,3"),
     };
+    graphs.check_prompt(&prompt, flag, max_tokens, max_model_len)?;
+    graphs.check_images(&args.images)?;
+    let engine = args.model.start()?;
+    let options = args.sampling.options(engine.model_info())?;
     let request = Request::new(prompt).with_options(options).with_render(render_options(args.thinking));
     let streaming = !args.json && engine.tokenizer().is_some();
     let output = generate_streaming(&engine, request, streaming)?;
@@ -577,12 +635,20 @@ fn export_for_bench(
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
+    // The inputs of every row, before the first one loads.
+    for dir in args.graphs.iter().chain(&args.accuracy_reference) {
+        GraphFolder::inspect(dir)?;
+    }
+    if let Some(checkpoint) = &args.hf_baseline {
+        preflight::check_file("--hf-baseline", &checkpoint.join("config.json"))?;
+        preflight::check_file("--hf-script", &args.hf_script)?;
+    }
     let plan = bench::BenchPlan {
         prompt_lens: args.prompt_lens.clone(),
         decode_prompt_len: args.decode_prompt_len,
         decode_tokens: args.decode_tokens,
         batches: args.batches.clone(),
-        repeats: args.repeats.max(1),
+        repeats: args.repeats,
         cuda_graph: false,
         host_argmax: false,
         prefill_chunk: None,
@@ -608,10 +674,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let mut graphs: Vec<(String, PathBuf, Option<String>)> = Vec::new();
     let mut checkpoint = None;
     if let Some(model) = &args.model {
+        // clap requires --synthetic with --model (a real checkpoint is exported with pio-export).
         let preset = pio_models::find_preset(model)?;
-        if !args.synthetic {
-            bail!("pio bench --model needs --synthetic (or export a real checkpoint and pass --graphs)");
-        }
         let overrides = pio_export::synthetic::ShapeOverrides { layers: args.layers, ..Default::default() };
         let tag = overrides.tag();
         let name = if tag.is_empty() {
@@ -626,11 +690,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         }
         for ep in &args.ep {
             let target = pio_models::TargetEp::parse(ep)?;
-            let precisions: Vec<Precision> = if target == pio_models::TargetEp::Cpu {
-                vec![Precision::Fp32]
-            } else {
-                args.precision.iter().map(|p| Precision::parse(p)).collect::<Result<_>>()?
-            };
+            let precisions: Vec<Precision> =
+                if target == pio_models::TargetEp::Cpu { vec![Precision::Fp32] } else { args.precision.clone() };
             for (i, p) in precisions.iter().enumerate() {
                 let mut variants = vec!["default"];
                 if args.switches && i == 0 && target != pio_models::TargetEp::Cpu {
@@ -785,9 +846,12 @@ fn chrono_like_now() -> String {
     format!("unix {secs}")
 }
 
-/// 2 for what the user can fix in the command (a request or setting the engine refuses), 1 for
-/// everything else.
+/// 2 for what the user can fix in the command (an argument refused before the model loads, a
+/// request or setting the engine refuses), 1 for everything else.
 fn exit_code(error: &anyhow::Error) -> ExitCode {
+    if error.downcast_ref::<Refused>().is_some() {
+        return ExitCode::from(2);
+    }
     match error.downcast_ref::<EngineError>() {
         Some(EngineError::InvalidRequest { .. } | EngineError::ContextLength { .. } | EngineError::Config { .. }) => {
             ExitCode::from(2)
@@ -796,9 +860,14 @@ fn exit_code(error: &anyhow::Error) -> ExitCode {
     }
 }
 
+/// The command line, reading `-1` as a flag's value so that its parser names the range.
+fn command() -> clap::Command {
+    pio_models::cli_args::negative_numbers_as_values(Cli::command())
+}
+
 fn main() -> ExitCode {
     pio_models::logging::init();
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.format(&mut command()).exit());
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat::run(a),
@@ -816,5 +885,18 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             exit_code(&e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag of every subcommand has help text, and every numeric flag answers `-1` with the
+    /// range it takes.
+    #[test]
+    fn every_flag_is_documented_and_names_its_range() {
+        let problems = pio_models::cli_args::lint(command());
+        assert!(problems.is_empty(), "{problems:#?}");
     }
 }

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args as ClapArgs;
+use pio_models::cli_args::NumberRange;
 use pio_server::{Server, ServerConfig};
 
 use crate::ModelArgs;
@@ -17,8 +18,8 @@ pub struct ServeArgs {
     /// Address to listen on (an IP address or host name; 0.0.0.0 for every interface).
     #[arg(long, default_value = pio_server::DEFAULT_HOST)]
     pub host: String,
-    /// Port to listen on (0: any free port; the address is printed).
-    #[arg(long, default_value_t = pio_server::DEFAULT_PORT)]
+    /// Port to listen on, 0 to 65535 (0: any free port; the address is printed).
+    #[arg(long, default_value_t = pio_server::DEFAULT_PORT, value_parser = NumberRange::<u16>::any())]
     pub port: u16,
     /// The model name clients pass and /v1/models lists (default: the graph's name).
     #[arg(long)]
@@ -26,25 +27,28 @@ pub struct ServeArgs {
     /// Requests to /v1/... must send `Authorization: Bearer KEY` (/health and /metrics stay open).
     #[arg(long, env = "PIO_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Largest request body in MiB; a larger one is refused with 413 while it is read.
-    #[arg(long, default_value_t = (pio_server::DEFAULT_BODY_LIMIT >> 20) as f64)]
+    /// Largest request body in MiB, > 0; a larger one is refused with 413 while it is read.
+    #[arg(
+        long,
+        default_value_t = (pio_server::DEFAULT_BODY_LIMIT >> 20) as f64,
+        value_parser = NumberRange::above(0.0)
+    )]
     pub body_limit_mb: f64,
-    /// Seconds a request may take, body to last token, before it is cancelled (0: no limit).
-    #[arg(long, default_value_t = pio_server::DEFAULT_REQUEST_TIMEOUT.as_secs_f64())]
+    /// Seconds a request may take, body to last token, before it is cancelled, >= 0 (0: no limit).
+    #[arg(
+        long,
+        default_value_t = pio_server::DEFAULT_REQUEST_TIMEOUT.as_secs_f64(),
+        value_parser = NumberRange::at_least(0.0)
+    )]
     pub request_timeout: f64,
-    /// Requests that may wait for a sequence slot; more are answered 429.
-    #[arg(long, default_value_t = pio_runtime::engine::DEFAULT_MAX_WAITING)]
+    /// Requests that may wait for a sequence slot, >= 1; more are answered 429.
+    #[arg(long, default_value_t = pio_runtime::engine::DEFAULT_MAX_WAITING, value_parser = NumberRange::at_least(1usize))]
     pub max_waiting: usize,
 }
 
 impl ServeArgs {
+    /// The server's settings (the flags' parsers have checked their ranges).
     pub fn server_config(&self) -> Result<ServerConfig> {
-        if !(self.body_limit_mb.is_finite() && self.body_limit_mb > 0.0) {
-            bail!("--body-limit-mb {}: must be a positive number of MiB", self.body_limit_mb);
-        }
-        if !(self.request_timeout.is_finite() && self.request_timeout >= 0.0) {
-            bail!("--request-timeout {}: must be a number of seconds >= 0 (0: no limit)", self.request_timeout);
-        }
         let timeout = (self.request_timeout > 0.0).then(|| Duration::from_secs_f64(self.request_timeout));
         Ok(ServerConfig::builder()
             .host(&self.host)
@@ -58,6 +62,9 @@ impl ServeArgs {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = args.server_config()?;
+    // A busy port or a mistyped host is refused before the model loads.
+    crate::preflight::GraphFolder::inspect(&args.model.graphs)?;
+    crate::preflight::check_address(config.host(), config.port())?;
     // Clients must not read the server's files: local image paths only where --local-images says.
     let mut engine_config = args.model.config_with_local_images("none")?.max_waiting(args.max_waiting);
     if let Some(name) = &args.served_model_name {

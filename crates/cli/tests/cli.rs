@@ -107,6 +107,8 @@ fn run_json_prints_one_object_matching_transformers_greedy() {
     assert!(t["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{t}");
     assert_eq!(t["prompt_tokens"].as_u64().unwrap() as usize, prompt.len());
     assert_eq!(t["generated_tokens"].as_u64().unwrap(), 5);
+    // The mark that a model load began, which the pre-load checks' tests look for.
+    assert!(stderr.contains(LOAD_STARTED) && stderr.contains("engine ready"), "{stderr}");
 
     // Without --json and without a tokenizer: the ids, comma-separated.
     let out = pio(&["run", "--graphs", graphs, "--prompt-ids", &prompt_arg, "--max-tokens", "7", "--greedy"]);
@@ -197,32 +199,173 @@ fn a_missing_graph_folder_is_an_error_naming_it_and_pio_json() {
     assert!(text(&out.stdout).trim().is_empty(), "nothing on stdout on error");
 }
 
+/// What the engine logs once it starts loading the model: an error that comes without it cost no
+/// load time (the successful run above shows that a load logs it).
+const LOAD_STARTED: &str = "loading ONNX Runtime";
+
+/// A numeric flag out of range is refused by clap (exit code 2) with the flag and its range:
+/// negative values too (clap alone calls `-1` an unexpected argument), before anything is read.
 #[test]
-fn bad_sampling_options_are_rejected_by_name() {
-    let graphs = fixture_graphs().to_str().unwrap();
-    for (flag, value, field) in
-        [("--top-p", "1.5", "top_p"), ("--temperature", "-1", "temperature"), ("--min-p", "2", "min_p")]
-    {
-        let arg = format!("{flag}={value}");
-        let out = pio(&["run", "--graphs", graphs, "--prompt-ids", "1,2,3", "--max-tokens", "2", &arg]);
-        assert!(!out.status.success(), "{flag} {value} was accepted");
-        let stderr = text(&out.stderr);
-        assert!(stderr.contains(field) && stderr.contains(value), "{flag} {value}: unclear error: {stderr}");
+fn numeric_flags_out_of_range_name_the_flag_and_the_range() {
+    // Nothing is read: the folder need not exist.
+    const GRAPHS: &str = "no-such-folder";
+    let graphs = GRAPHS;
+    fn run<'a>(flag: &'a str, value: &'a str) -> Vec<&'a str> {
+        vec!["run", "--graphs", GRAPHS, "--prompt-ids", "1,2,3", flag, value]
     }
-    // Arguments clap already refuses: exit code 2 with a usage message.
-    let out = pio(&["run", "--prompt-ids", "1,2,3"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("--graphs"), "{}", text(&out.stderr));
-    let out = pio(&["run", "--graphs", graphs, "--prompt-ids", "1,x,3"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (run("--max-tokens", "-1"), "--max-tokens", "must be a whole number >= 1"),
+        (run("--max-tokens", "0"), "--max-tokens", "must be a whole number >= 1"),
+        (run("--top-p", "1.5"), "--top-p", "must be in (0, 1] (1 = off)"),
+        (run("--top-p", "0"), "--top-p", "must be in (0, 1] (1 = off)"),
+        (run("--temperature", "-1"), "--temperature", "must be a finite number >= 0 (0 = greedy)"),
+        (run("--min-p", "2"), "--min-p", "must be in [0, 1] (0 = off)"),
+        (run("--repetition-penalty", "0"), "--repetition-penalty", "must be a finite number > 0"),
+        (run("--presence-penalty", "inf"), "--presence-penalty", "must be finite"),
+        (run("--top-k", "-1"), "--top-k", "must be a whole number >= 0"),
+        (run("--logprobs", "21"), "--logprobs", "must be a whole number in [0, 20]"),
+        (run("--seed", "-1"), "--seed", "must be a whole number in [0, 18446744073709551615]"),
+        (run("--threads", "0"), "--threads", "must be a whole number >= 1"),
+        (run("--max-seqs", "-3"), "--max-seqs", "must be a whole number >= 1"),
+        (run("--max-model-len", "0"), "--max-model-len", "must be a whole number >= 1"),
+        (run("--prefill-budget", "0"), "--prefill-budget", "must be a whole number >= 1"),
+        (run("--kv-cache-gb", "0"), "--kv-cache-gb", "must be a number > 0"),
+        (run("--prefix-cache-gb", "-1"), "--prefix-cache-gb", "must be a number > 0"),
+        (run("--encoder-cache-gb", "-0.5"), "--encoder-cache-gb", "must be a number >= 0"),
+        (run("--gpu-memory-utilization", "1.5"), "--gpu-memory-utilization", "must be a number in (0, 1]"),
+        (run("--device-id", "-1"), "--device-id", "must be a whole number >= 0"),
+        (
+            vec!["run", "--graphs", graphs, "--prompt-ids", "1,-2"],
+            "--prompt-ids",
+            "must be a whole number in [0, 4294967295]",
+        ),
+        (vec!["serve", "--graphs", graphs, "--port", "70000"], "--port", "must be a whole number in [0, 65535]"),
+        (vec!["serve", "--graphs", graphs, "--port", "-1"], "--port", "must be a whole number in [0, 65535]"),
+        (vec!["serve", "--graphs", graphs, "--body-limit-mb", "0"], "--body-limit-mb", "must be a number > 0"),
+        (vec!["serve", "--graphs", graphs, "--request-timeout", "-1"], "--request-timeout", "must be a number >= 0"),
+        (vec!["serve", "--graphs", graphs, "--max-waiting", "0"], "--max-waiting", "must be a whole number >= 1"),
+        (vec!["chat", "--graphs", graphs, "--max-tokens", "-5"], "--max-tokens", "must be a whole number >= 1"),
+        (vec!["bench", "--graphs", graphs, "--batches", "1,-8"], "--batches", "must be a whole number >= 1"),
+        (vec!["bench", "--graphs", graphs, "--repeats", "0"], "--repeats", "must be a whole number >= 1"),
+        (
+            vec!["bench", "serve", "--graphs", graphs, "--concurrency", "0"],
+            "--concurrency",
+            "must be a whole number >= 1",
+        ),
+        (vec!["bench", "serve", "--graphs", graphs, "--rates", "-2"], "--rates", "must be a number > 0"),
+    ];
+    for (args, flag, range) in cases {
+        let out = pio(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(&format!("for '{flag} <")) && stderr.contains(range), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn usage_errors_and_conflicting_flags_are_refused_by_clap() {
+    let graphs = fixture_graphs().to_str().unwrap();
+    let refused = |args: &[&str], needle: &str| {
+        let out = pio(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?} should mention {needle}: {stderr}");
+    };
+    refused(&["run", "--prompt-ids", "1,2,3"], "--graphs");
+    refused(&["run", "--graphs", graphs, "--prompt-ids", "1,x,3"], "--prompt-ids");
     // No prompt at all.
-    let out = pio(&["run", "--graphs", graphs, "--max-tokens", "2"]);
-    assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("--prompt"), "{}", text(&out.stderr));
-    // Text prompts need a tokenizer, and the fixture has none.
-    let out = pio(&["run", "--graphs", graphs, "--prompt", "hello", "--raw", "--max-tokens", "2"]);
-    assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("tokenizer"), "{}", text(&out.stderr));
+    refused(&["run", "--graphs", graphs, "--max-tokens", "2"], "--prompt");
+    // Options that would be ignored.
+    refused(&["run", "--graphs", graphs, "--prompt-ids", "1", "--system", "be brief"], "--system");
+    refused(&["run", "--graphs", graphs, "--prompt", "hi", "--raw", "--thinking", "false"], "--thinking");
+    refused(&["run", "--graphs", graphs, "--batch", "x.jsonl", "--image", "a.png"], "--image");
+    refused(
+        &["run", "--graphs", graphs, "--prompt-ids", "1", "--no-prefix-cache", "--prefix-cache-gb", "1"],
+        "--no-prefix-cache",
+    );
+    refused(&["bench", "--model", "qwen3-4b-instruct-2507"], "--synthetic");
+    refused(&["bench", "--graphs", graphs, "--cuda-graph", "maybe"], "--cuda-graph");
+}
+
+/// Mistakes the graph folder can reveal are refused before the model loads: with a valid graph
+/// folder, each error arrives without the engine's first load message. The fixture has no
+/// tokenizer, so text prompts, chat prompts and stop strings cannot run on it.
+#[test]
+fn arguments_and_prompts_are_checked_before_the_model_loads() {
+    let graphs = fixture_graphs().to_str().unwrap();
+    let manifest = pio_models::Manifest::load(fixture_graphs()).unwrap();
+    let (vocab, context) = (manifest.dims.vocab_size, manifest.dims.context_length);
+    let tmp = tempfile::tempdir().unwrap();
+    let bad_batch = tmp.path().join("prompts.jsonl");
+    std::fs::write(&bad_batch, "{\"prompt_ids\": [1, 2]}\n{\"prompt\": \"hello\"}\n").unwrap();
+    let missing_batch = tmp.path().join("missing.jsonl");
+    let out_of_vocab = format!("1,{vocab}");
+    let fill = (0..context - 4).map(|_| "1").collect::<Vec<_>>().join(",");
+    let mut cases: Vec<(Vec<&str>, Vec<String>, Option<i32>)> = vec![
+        (vec!["--prompt", "hello", "--raw"], vec!["--prompt".into(), "tokenizer.json".into()], Some(2)),
+        (vec!["--prompt", "hello"], vec!["--prompt".into(), "tokenizer.json".into()], Some(2)),
+        (vec!["--prompt-ids", &out_of_vocab], vec![format!("token id {vocab} is outside the vocabulary")], Some(2)),
+        (
+            vec!["--prompt-ids", &fill, "--max-tokens", "5"],
+            vec![format!("a sequence holds at most {context}")],
+            Some(2),
+        ),
+        (vec!["--prompt-ids", "1,2", "--max-model-len", "6", "--max-tokens", "5"], vec!["at most 6".into()], Some(2)),
+        (vec!["--prompt-ids", "1,2", "--stop", "x"], vec!["--stop".into(), "tokenizer.json".into()], Some(2)),
+        (
+            vec!["--batch", bad_batch.to_str().unwrap(), "--max-tokens", "2"],
+            vec!["line 2".into(), "tokenizer.json".into()],
+            Some(2),
+        ),
+        (vec!["--batch", missing_batch.to_str().unwrap()], vec!["missing.jsonl".into()], None),
+        (
+            vec!["--prompt-ids", "1", "--max-tokens", "2", "--local-images", "/no/such/folder"],
+            vec!["--local-images".into()],
+            None,
+        ),
+    ];
+    // The same through `pio chat` (a chat template is needed).
+    let mut all: Vec<(Vec<&str>, Vec<String>, Option<i32>)> = cases
+        .drain(..)
+        .map(|(args, needles, code)| ([vec!["run", "--graphs", graphs], args].concat(), needles, code))
+        .collect();
+    all.push((vec!["chat", "--graphs", graphs], vec!["chat template".into()], Some(2)));
+    for (args, needles, code) in all {
+        let out = pio(&args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        if let Some(code) = code {
+            assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        }
+        for needle in &needles {
+            assert!(stderr.contains(needle.as_str()), "{args:?} should mention {needle}: {stderr}");
+        }
+        assert!(!stderr.contains(LOAD_STARTED), "{args:?} loaded the model first: {stderr}");
+        assert!(text(&out.stdout).is_empty(), "{args:?}: {}", text(&out.stdout));
+    }
+}
+
+/// `pio serve` on a port in use, and `pio bench` with one missing graph folder among good ones,
+/// fail before any model loads.
+#[test]
+fn serve_and_bench_refuse_their_inputs_before_loading() {
+    let graphs = fixture_graphs().to_str().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let out = pio(&["serve", "--graphs", graphs, "--port", &port]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{stderr}");
+    assert!(!stderr.contains(LOAD_STARTED), "{stderr}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing-graphs");
+    let report = tmp.path().join("bench.json");
+    let args = ["bench", "--graphs", graphs, "--graphs", missing.to_str().unwrap(), "--out", report.to_str().unwrap()];
+    let out = pio(&args);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("missing-graphs"), "{stderr}");
+    assert!(!stderr.contains(LOAD_STARTED) && !report.exists(), "{stderr}");
 }
 
 #[test]
@@ -319,11 +462,18 @@ fn run_with_images_matches_transformers_greedy() {
     let image = vl.fixture.join("one_image.0.png").display().to_string();
     let out = pio(&["run", "--graphs", vl.graphs.to_str().unwrap(), "--prompt-ids", "1,2", "--image", &image]);
     assert!(!out.status.success() && text(&out.stderr).contains("--image"), "{}", text(&out.stderr));
-    // A bad image is a request error (exit code 2) naming the file.
+    // A missing image is a usage error (exit code 2) naming the file, before the model loads;
+    // so is an image for a text model.
     let missing = vl.fixture.join("missing.png").display().to_string();
     let out = pio(&["run", "--graphs", vl.graphs.to_str().unwrap(), "--prompt", "hi", "--image", &missing]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("missing.png"), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--image") && stderr.contains("missing.png"), "{stderr}");
+    assert!(!stderr.contains(LOAD_STARTED), "{stderr}");
+    let out = pio(&["run", "--graphs", real_tokenizer_graphs().to_str().unwrap(), "--prompt", "hi", "--image", &image]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("takes no images") && !stderr.contains(LOAD_STARTED), "{stderr}");
 }
 
 /// `pio chat` with `/image PATH`: the image joins the next message (the reply is transformers'

@@ -301,3 +301,42 @@ fn missing_vision_tensor_is_named() {
     std::fs::write(&path, v.to_string()).unwrap();
     expect_failure(&ck, tmp.path(), &["model.visual.blocks.3", "missing"]);
 }
+
+/// A numeric flag out of range is refused by clap (exit code 2) with the flag and its range,
+/// negative values included (clap would otherwise call `-1` an unexpected argument).
+#[test]
+fn numeric_flags_out_of_range_name_the_flag_and_the_range() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = fixture("qwen3-tied-hub");
+    for (flag, value, range) in [
+        ("--context-length", "0", "must be a whole number >= 1"),
+        ("--context-length", "-1", "must be a whole number >= 1"),
+        ("--int4-block-size", "24", "must be a power of two >= 16"),
+        ("--int4-accuracy-level", "5", "must be a whole number in [0, 4]"),
+        ("--int4-accuracy-level", "-1", "must be a whole number in [0, 4]"),
+        ("--seed", "-3", "must be a whole number in [0, 18446744073709551615]"),
+    ] {
+        let o = run_export(&["--checkpoint", ck.to_str().unwrap(), flag, value], tmp.path());
+        assert_eq!(o.code, Some(2), "{flag} {value}: {}", o.stderr);
+        assert!(o.stderr.contains(flag) && o.stderr.contains(range), "{flag} {value}: {}", o.stderr);
+    }
+    assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none(), "nothing written");
+}
+
+/// Logs written to a pipe or a file carry no ANSI colour codes (stderr is not a terminal here,
+/// and NO_COLOR is unset).
+#[test]
+fn piped_logs_carry_no_colour_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing");
+    let out = Command::new(env!("CARGO_BIN_EXE_pio-export"))
+        .args(["--checkpoint", missing.to_str().unwrap()])
+        .current_dir(tmp.path())
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ERROR") && stderr.contains("config.json"), "{stderr}");
+    assert!(!out.stderr.contains(&0x1b), "colour codes in piped logs: {stderr:?}");
+}

@@ -1,6 +1,7 @@
 //! pio-models: the presets, typed Hugging Face configs, sizes computed from them, and the
 //! manifest (`pio.json`) that connects the exporter to the runtime.
 
+pub mod cli_args;
 pub mod config;
 pub mod files;
 pub mod logging;

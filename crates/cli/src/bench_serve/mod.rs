@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use pio_models::cli_args::NumberRange;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -54,58 +55,59 @@ pub struct BenchServeArgs {
     /// Which sections to run, comma-separated: offline, concurrency, sweep, prefix, long-prefill.
     #[arg(long, value_delimiter = ',', default_value = "offline,concurrency,sweep,prefix,long-prefill")]
     sections: Vec<Section>,
-    /// Streams at once, one level each.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    /// Streams at once, one level each (each >= 1).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64", value_parser = NumberRange::at_least(1usize))]
     concurrency: Vec<usize>,
-    /// Prompt tokens of each concurrency-level request (and of the offline reference).
-    #[arg(long, default_value_t = 128)]
+    /// Prompt tokens of each concurrency-level request (and of the offline reference), >= 1.
+    #[arg(long, default_value_t = 128, value_parser = NumberRange::at_least(1usize))]
     prompt_len: usize,
-    /// New tokens of each concurrency-level request (and of the offline reference).
-    #[arg(long, default_value_t = 256)]
+    /// New tokens of each concurrency-level request (and of the offline reference), >= 1.
+    #[arg(long, default_value_t = 256, value_parser = NumberRange::at_least(1usize))]
     max_tokens: usize,
-    /// Poisson arrival rates, requests per second.
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    /// Poisson arrival rates, requests per second (each > 0).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64", value_parser = NumberRange::above(0.0))]
     rates: Vec<f64>,
-    /// Seconds of arrivals per rate (then the requests in flight finish).
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds of arrivals per rate, > 0 (then the requests in flight finish).
+    #[arg(long, default_value_t = 10.0, value_parser = NumberRange::above(0.0))]
     sweep_duration: f64,
     /// Prompt lengths of the sweep, drawn uniformly: MIN..MAX tokens.
     #[arg(long, default_value = "64..4096")]
     sweep_prompt_lens: TokenRange,
-    /// New tokens of each sweep request.
-    #[arg(long, default_value_t = 128)]
+    /// New tokens of each sweep request (>= 1).
+    #[arg(long, default_value_t = 128, value_parser = NumberRange::at_least(1usize))]
     sweep_max_tokens: usize,
-    /// Goodput counts the requests whose time to first token is at most this...
-    #[arg(long, default_value_t = 2000.0)]
+    /// Goodput counts the requests whose time to first token is at most this (> 0)...
+    #[arg(long, default_value_t = 2000.0, value_parser = NumberRange::above(0.0))]
     slo_ttft_ms: f64,
-    /// ...and whose mean inter-token latency is at most this.
-    #[arg(long, default_value_t = 100.0)]
+    /// ...and whose mean inter-token latency is at most this (> 0).
+    #[arg(long, default_value_t = 100.0, value_parser = NumberRange::above(0.0))]
     slo_itl_ms: f64,
-    /// Tokens of the shared prefix (a system prompt).
-    #[arg(long, default_value_t = 2048)]
+    /// Tokens of the shared prefix (a system prompt), >= 1.
+    #[arg(long, default_value_t = 2048, value_parser = NumberRange::at_least(1usize))]
     prefix_len: usize,
-    /// Tokens after the prefix, different in each request.
-    #[arg(long, default_value_t = 64)]
+    /// Tokens after the prefix, different in each request (>= 1).
+    #[arg(long, default_value_t = 64, value_parser = NumberRange::at_least(1usize))]
     prefix_suffix: usize,
-    /// Prefix hits (and as many cold prefixes) measured.
-    #[arg(long, default_value_t = 5)]
+    /// Prefix hits (and as many cold prefixes) measured, >= 1.
+    #[arg(long, default_value_t = 5, value_parser = NumberRange::at_least(1usize))]
     prefix_requests: usize,
-    /// Tokens of the long prompt prefilled while streams decode.
-    #[arg(long, default_value_t = 4096)]
+    /// Tokens of the long prompt prefilled while streams decode (>= 1).
+    #[arg(long, default_value_t = 4096, value_parser = NumberRange::at_least(1usize))]
     long_prompt: usize,
-    /// Streams decoding meanwhile (prompts of --prompt-len tokens).
-    #[arg(long, default_value_t = 31)]
+    /// Streams decoding meanwhile (prompts of --prompt-len tokens), >= 1.
+    #[arg(long, default_value_t = 31, value_parser = NumberRange::at_least(1usize))]
     long_streams: usize,
-    /// New tokens of each of those streams (they must outlast the long prefill).
-    #[arg(long, default_value_t = 256)]
+    /// New tokens of each of those streams (they must outlast the long prefill), >= 1.
+    #[arg(long, default_value_t = 256, value_parser = NumberRange::at_least(1usize))]
     long_stream_tokens: usize,
-    /// The offline reference's batch (its decode rate and step time).
-    #[arg(long, default_value_t = 32)]
+    /// The offline reference's batch (its decode rate and step time), >= 1.
+    #[arg(long, default_value_t = 32, value_parser = NumberRange::at_least(1usize))]
     offline_batch: usize,
-    /// The whole run stops after this many seconds, reporting what finished.
-    #[arg(long, default_value_t = 900.0)]
+    /// The whole run stops after this many seconds (> 0), reporting what finished.
+    #[arg(long, default_value_t = 900.0, value_parser = NumberRange::above(0.0))]
     max_duration: f64,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the random prompts.
+    #[arg(long, default_value_t = 0, value_parser = NumberRange::<u64>::any())]
     seed: u64,
     /// Where the JSON report goes.
     #[arg(long, default_value = "serve-bench.json")]
@@ -156,37 +158,6 @@ impl FromStr for TokenRange {
 }
 
 impl BenchServeArgs {
-    fn check(&self) -> Result<()> {
-        if self.concurrency.contains(&0) {
-            bail!("--concurrency: levels must be at least 1");
-        }
-        if self.rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
-            bail!("--rates: each rate must be a positive number of requests per second");
-        }
-        if !(self.sweep_duration.is_finite() && self.sweep_duration > 0.0) {
-            bail!("--sweep-duration: must be a positive number of seconds");
-        }
-        if !(self.max_duration.is_finite() && self.max_duration > 0.0) {
-            bail!("--max-duration: must be a positive number of seconds");
-        }
-        let counts = [
-            ("--prompt-len", self.prompt_len),
-            ("--max-tokens", self.max_tokens),
-            ("--sweep-max-tokens", self.sweep_max_tokens),
-            ("--prefix-len", self.prefix_len),
-            ("--prefix-suffix", self.prefix_suffix),
-            ("--prefix-requests", self.prefix_requests),
-            ("--long-prompt", self.long_prompt),
-            ("--long-streams", self.long_streams),
-            ("--long-stream-tokens", self.long_stream_tokens),
-            ("--offline-batch", self.offline_batch),
-        ];
-        if let Some((flag, _)) = counts.iter().find(|(_, n)| *n == 0) {
-            bail!("{flag}: must be at least 1 (leave the section out with --sections instead)");
-        }
-        Ok(())
-    }
-
     fn wants(&self, section: Section) -> bool {
         self.sections.contains(&section)
     }
@@ -209,7 +180,6 @@ impl BenchServeArgs {
 }
 
 pub fn run(args: BenchServeArgs) -> Result<()> {
-    args.check()?;
     let remote = args.url.as_deref().map(|url| Target::from_url(url, args.api_key.clone())).transpose()?;
     let manifest = pio_models::Manifest::load(&args.model.graphs)?;
     let vocab = manifest.dims.vocab_size;

@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use pio_export::synthetic::{self, ShapeOverrides};
 use pio_export::{export, ExportRequest, ExportSettings};
+use pio_models::cli_args::NumberRange;
 use pio_models::presets::{find_preset, Preset, TokenizerFamily};
 use pio_models::size::Precision;
 use pio_models::TargetEp;
 
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "pio-export", version, about = "Export a Hugging Face checkpoint to ONNX graphs for ONNX Runtime")]
 struct Args {
     /// A Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files).
@@ -28,7 +29,7 @@ struct Args {
     #[arg(long, requires = "synthetic")]
     checkpoint_only: bool,
     /// Seed of the synthetic weights.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = NumberRange::<u64>::any())]
     seed: u64,
     /// Where the synthetic checkpoint goes (default: checkpoints/<preset>-synthetic[-shape]).
     #[arg(long)]
@@ -37,34 +38,45 @@ struct Args {
     /// by scripts/setup.sh, for Qwen3-family presets at their real vocabulary).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Shrink a synthetic checkpoint: number of decoder layers.
-    #[arg(long)]
+    /// Shrink a synthetic checkpoint: number of decoder layers (>= 1, as every shape flag).
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     layers: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic checkpoint: hidden size.
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     hidden_size: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic checkpoint: the dense MLP's intermediate size.
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     intermediate_size: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic checkpoint: attention heads (a multiple of --kv-heads).
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     heads: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic checkpoint: key/value heads.
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     kv_heads: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic checkpoint: the size of one attention head.
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     head_dim: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic checkpoint: vocabulary size (the real tokenizer is then left out).
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     vocab_size: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic mixture-of-experts checkpoint: routed experts per layer.
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     experts: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic mixture-of-experts checkpoint: each expert's intermediate size.
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     moe_intermediate_size: Option<usize>,
     /// Shrink a synthetic vision-language checkpoint's vision encoder: number of blocks (the
     /// deepstack mergers spread over them).
-    #[arg(long)]
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     vision_layers: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic vision-language checkpoint's vision encoder: hidden size.
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     vision_hidden_size: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic vision-language checkpoint's vision encoder: MLP intermediate size.
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     vision_intermediate_size: Option<usize>,
-    #[arg(long)]
+    /// Shrink a synthetic vision-language checkpoint's vision encoder: attention heads.
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     vision_heads: Option<usize>,
 
     /// Output folder (default: graphs/<name>-<precision>).
@@ -76,9 +88,9 @@ struct Args {
     /// Execution provider the graph targets: cpu, cuda, tensorrt.
     #[arg(long, default_value = "cpu")]
     ep: String,
-    /// Longest prompt + generation the graph serves (rotary table length). Default: the model's
-    /// max_position_embeddings, capped at 32768.
-    #[arg(long)]
+    /// Longest prompt + generation the graph serves (rotary table length), >= 1. Default: the
+    /// model's max_position_embeddings, capped at 32768.
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
     context_length: Option<usize>,
     /// Emit logits for every position instead of the last one only.
     #[arg(long)]
@@ -97,13 +109,13 @@ struct Args {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     fused_gate_up: Option<bool>,
     /// int4 quantization block size (power of two >= 16).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = int4_block_size)]
     int4_block_size: usize,
     /// With --precision int4: quantize the lm_head too (embeddings stay 16-bit).
     #[arg(long)]
     int4_lm_head: bool,
-    /// MatMulNBits accuracy_level (4 = int8 activations on CPU, faster, less exact).
-    #[arg(long, default_value_t = 0)]
+    /// MatMulNBits accuracy_level, 0 to 4 (4 = int8 activations on CPU, faster, less exact).
+    #[arg(long, default_value_t = 0, value_parser = NumberRange::between(0i64, 4))]
     int4_accuracy_level: i64,
     /// Store the KV cache as int8 with per-channel scales (GroupQueryAttention's quantized
     /// cache): half the cache memory of bf16; scales estimated from the weights.
@@ -130,6 +142,14 @@ struct Args {
     /// Replace the output folder if it exists.
     #[arg(long)]
     force: bool,
+}
+
+/// `--int4-block-size`: MatMulNBits takes power-of-two blocks of 16 or more.
+fn int4_block_size(text: &str) -> Result<usize, String> {
+    match NumberRange::at_least(16usize).parse(text) {
+        Ok(n) if n.is_power_of_two() => Ok(n),
+        _ => Err("must be a power of two >= 16".to_string()),
+    }
 }
 
 impl Args {
@@ -286,16 +306,34 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// The command line, reading `-1` as a flag's value so that its parser names the range.
+fn command() -> clap::Command {
+    pio_models::cli_args::negative_numbers_as_values(Args::command())
+}
+
 fn main() -> ExitCode {
     pio_models::logging::init();
     if let Err(e) = pio_export::scratch::clean_up_on_signals() {
         tracing::warn!("{e:#}: an interrupted export may leave a hidden .pio-export-* folder behind");
     }
-    match run(Args::parse()) {
+    let args = Args::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.format(&mut command()).exit());
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag has help text, and every numeric flag answers `-1` with the range it takes.
+    #[test]
+    fn every_flag_is_documented_and_names_its_range() {
+        let problems = pio_models::cli_args::lint(command());
+        assert!(problems.is_empty(), "{problems:#?}");
     }
 }
