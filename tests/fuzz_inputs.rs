@@ -260,3 +260,23 @@ fn chat_templates_with_adversarial_messages() {
     let seeds = files("seeds", "chat_template").into_iter().map(|(_, d)| d);
     run("chat_template", seeds.chain(inputs), |data| entry::chat_template(&templates, data));
 }
+
+/// The seeds themselves (each one accepted by its endpoint, so the mutations start from requests
+/// the server takes), then their mutations.
+#[test]
+fn openai_requests() {
+    let seeds = files("seeds", "openai_request");
+    for (path, data) in &seeds {
+        let name = path.file_name().unwrap().to_string_lossy();
+        let accepted = if name.starts_with("chat_") {
+            pio_server::parse::parse_chat_completion(data).map(drop)
+        } else {
+            pio_server::parse::parse_completion(data).map(drop)
+        };
+        if let Err(e) = accepted {
+            panic!("the seed {name} is refused: {e}");
+        }
+    }
+    let inputs = seeds.into_iter().map(|(_, d)| d).chain(mutated_inputs("openai_request", true));
+    run("openai_request", inputs, entry::openai_request);
+}

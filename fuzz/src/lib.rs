@@ -13,6 +13,11 @@ use arbitrary::{Arbitrary, Unstructured};
 use pio_models::size::Precision;
 use pio_models::TargetEp;
 use pio_runtime::chat_template::{ChatTemplate, RenderOptions};
+use pio_runtime::engine::MAX_TOP_LOGPROBS;
+use pio_runtime::sampling::SamplingParams;
+use pio_server::parse::{parse_chat_completion, parse_completion};
+use pio_server::protocol::request::GenerationParams;
+use pio_server::ApiError;
 use serde_json::{json, Map, Value};
 
 /// A safetensors file as pio-export reads each shard: the header checked against the data.
@@ -70,6 +75,47 @@ pub fn model_config(data: &[u8]) {
     let stored = serde_json::to_value(&config).expect("a parsed config serializes");
     let read: pio_models::ModelConfig = serde_json::from_value(stored).expect("a stored config reads back");
     assert_eq!(read, config);
+}
+
+/// An OpenAI request body as `pio serve` parses one for each endpoint (the functions its handlers
+/// call): a typed request that keeps the parser's promises (what the conversion for the engine
+/// relies on), or a 4xx error whose OpenAI body (`{"error": {...}}`, what the client gets) has a
+/// message. A refused JSON object names the field at fault (`param`, also in the message); only a
+/// body that is no JSON object at all (not UTF-8, not JSON, an array...) may be refused as a whole.
+pub fn openai_request(data: &[u8]) {
+    let is_object = matches!(serde_json::from_slice::<Value>(data), Ok(Value::Object(_)));
+    match parse_chat_completion(data) {
+        Ok(chat) => {
+            assert!(!chat.messages.is_empty(), "a chat without messages");
+            check_generation_params(&chat.params);
+        }
+        Err(e) => check_client_error(&e, is_object),
+    }
+    match parse_completion(data) {
+        Ok(completion) => check_generation_params(&completion.params),
+        Err(e) => check_client_error(&e, is_object),
+    }
+}
+
+fn check_generation_params(p: &GenerationParams) {
+    assert!(p.max_tokens.is_none_or(|n| n >= 1), "max_tokens {:?}", p.max_tokens);
+    assert!(p.logprobs.is_none_or(|n| n <= MAX_TOP_LOGPROBS), "logprobs {:?}", p.logprobs);
+    // The engine's sampler takes every accepted combination (whatever the model's defaults).
+    let sampling = p.sampling.apply(SamplingParams::default());
+    assert!(sampling.validate().is_ok(), "{sampling:?}");
+}
+
+fn check_client_error(e: &ApiError, is_object: bool) {
+    assert!(e.status().is_client_error(), "{e}: status {}", e.status());
+    let body = serde_json::to_value(e.body(None)).expect("an error body serializes");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.is_empty(), "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    if is_object {
+        let param = body["error"]["param"].as_str().unwrap_or_default();
+        assert!(!param.is_empty(), "a refused request object names no field: {body}");
+        assert!(message.contains(&format!("`{param}`")), "the message does not name `{param}`: {body}");
+    }
 }
 
 /// The chat templates rendering is fuzzed with: the real Qwen3 and GLM templates and the

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::builder::TypedValueParser;
-use clap::{ArgGroup, Args as ClapArgs, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
 use pio_models::cli_args::NumberRange;
 use pio_models::presets::PRESETS;
 use pio_models::size::{format_bytes, format_params, Precision};
@@ -860,14 +860,9 @@ fn exit_code(error: &anyhow::Error) -> ExitCode {
     }
 }
 
-/// The command line, reading `-1` as a flag's value so that its parser names the range.
-fn command() -> clap::Command {
-    pio_models::cli_args::negative_numbers_as_values(Cli::command())
-}
-
 fn main() -> ExitCode {
     pio_models::logging::init();
-    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.format(&mut command()).exit());
+    let cli: Cli = pio_models::cli_args::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat::run(a),
@@ -896,7 +891,7 @@ mod tests {
     /// range it takes.
     #[test]
     fn every_flag_is_documented_and_names_its_range() {
-        let problems = pio_models::cli_args::lint(command());
+        let problems = pio_models::cli_args::lint(pio_models::cli_args::command::<Cli>());
         assert!(problems.is_empty(), "{problems:#?}");
     }
 }

@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use clap::builder::TypedValueParser;
 use clap::error::ErrorKind;
-use clap::{Arg, Command};
+use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
 /// The number types a [`NumberRange`] takes.
 pub trait Number: Copy + PartialOrd + Display + FromStr + Send + Sync + 'static {
@@ -155,6 +155,17 @@ impl<T: Number + Clone> TypedValueParser for NumberRange<T> {
     }
 }
 
+/// `P`'s command line as the commands read it: with [`negative_numbers_as_values`].
+pub fn command<P: CommandFactory>() -> Command {
+    negative_numbers_as_values(P::command())
+}
+
+/// Parses the process's arguments into `P` with [`command`], exiting with clap's message and exit
+/// code 2 on a usage error (as `P::parse()` does).
+pub fn parse<P: CommandFactory + FromArgMatches>() -> P {
+    P::from_arg_matches(&command::<P>().get_matches()).unwrap_or_else(|e| e.format(&mut command::<P>()).exit())
+}
+
 /// `cmd` with every flag that takes a value reading one that looks like a negative number (`-1`,
 /// `-0.5`) as its value rather than as an unknown flag, in every subcommand: the value parser
 /// then answers with the range the flag takes. A comma-separated list of numbers (`--batches
@@ -172,7 +183,7 @@ pub fn negative_numbers_as_values(cmd: Command) -> Command {
     .mut_subcommands(negative_numbers_as_values)
 }
 
-/// What is wrong with the command line `cmd` (after [`negative_numbers_as_values`]), one line
+/// What is wrong with the command line `cmd` (from [`command`]), one line
 /// per problem naming the subcommand and the flag: a flag without help text, or a numeric flag
 /// that refuses `-1` as an unknown argument or without saying which values it takes.
 pub fn lint(cmd: Command) -> Vec<String> {
@@ -291,8 +302,7 @@ mod tests {
 
     #[test]
     fn negative_values_reach_the_parser_and_the_lint_finds_what_is_missing() {
-        use clap::CommandFactory;
-        let cmd = negative_numbers_as_values(Demo::command());
+        let cmd = command::<Demo>();
         let error = cmd.clone().try_get_matches_from(["demo", "good", "--tokens", "-1"]).unwrap_err();
         assert_eq!(error.kind(), ErrorKind::ValueValidation);
         let text = error.to_string();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{CommandFactory, FromArgMatches};
+use clap::Parser;
 use pio_export::synthetic::{self, ShapeOverrides};
 use pio_export::{export, ExportRequest, ExportSettings};
 use pio_models::cli_args::NumberRange;
@@ -13,7 +13,7 @@ use pio_models::presets::{find_preset, Preset, TokenizerFamily};
 use pio_models::size::Precision;
 use pio_models::TargetEp;
 
-#[derive(clap::Parser, Debug)]
+#[derive(Parser, Debug)]
 #[command(name = "pio-export", version, about = "Export a Hugging Face checkpoint to ONNX graphs for ONNX Runtime")]
 struct Args {
     /// A Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files).
@@ -306,18 +306,12 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// The command line, reading `-1` as a flag's value so that its parser names the range.
-fn command() -> clap::Command {
-    pio_models::cli_args::negative_numbers_as_values(Args::command())
-}
-
 fn main() -> ExitCode {
     pio_models::logging::init();
     if let Err(e) = pio_export::scratch::clean_up_on_signals() {
         tracing::warn!("{e:#}: an interrupted export may leave a hidden .pio-export-* folder behind");
     }
-    let args = Args::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.format(&mut command()).exit());
-    match run(args) {
+    match run(pio_models::cli_args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -333,7 +327,7 @@ mod tests {
     /// Every flag has help text, and every numeric flag answers `-1` with the range it takes.
     #[test]
     fn every_flag_is_documented_and_names_its_range() {
-        let problems = pio_models::cli_args::lint(command());
+        let problems = pio_models::cli_args::lint(pio_models::cli_args::command::<Args>());
         assert!(problems.is_empty(), "{problems:#?}");
     }
 }
