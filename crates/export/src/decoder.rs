@@ -4,7 +4,6 @@
 //! Architecture files (`arch/*.rs`) name their tensors and choose their feed-forward blocks;
 //! everything they share is here.
 
-use anyhow::Result;
 use indicatif::ProgressBar;
 use pio_models::config::TextConfig;
 use pio_models::manifest::{KvCacheSpec, TensorDtype};
@@ -12,6 +11,7 @@ use pio_models::size::Precision;
 
 use crate::checkpoint::Checkpoint;
 use crate::convert::to_f32_vec;
+use crate::error::{from_rotary, BuildError, BuildResult as Result};
 use crate::onnx::graph::{Dim, Graph};
 use crate::rotary;
 use crate::settings::{ExportSettings, GREEDY_TOKENS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE};
@@ -90,12 +90,13 @@ impl<'a> DecoderBuilder<'a> {
         // Rotary tables indexed by position, (context_length, rotary_dim / 2). Text models read
         // them at `position_ids`; a multimodal decoder reads each frequency at the position of
         // its axis (interleaved MRoPE).
-        let caches = rotary::static_caches(&mut g, text, settings.context_length, dtype)?;
-        let mrope_positions = if multimodal { Some(rotary::mrope_positions(&mut g, text)?) } else { None };
+        let caches = rotary::static_caches(&mut g, text, settings.context_length, dtype).map_err(from_rotary)?;
+        let mrope_positions =
+            if multimodal { Some(rotary::mrope_positions(&mut g, text).map_err(from_rotary)?) } else { None };
         // Each token's rotary rows, (batch, sequence, rotary_dim / 2).
         let token_rows = |g: &mut Graph| -> Result<(String, String)> {
             match &mrope_positions {
-                Some(p) => rotary::mrope_token_rows(g, text, p, &caches),
+                Some(p) => rotary::mrope_token_rows(g, text, p, &caches).map_err(from_rotary),
                 None => Ok((
                     g.node("Gather", "rotary_cos").inputs(&[&caches.0, &positions]).out(),
                     g.node("Gather", "rotary_sin").inputs(&[&caches.1, &positions]).out(),
@@ -117,7 +118,8 @@ impl<'a> DecoderBuilder<'a> {
                 Some(p) => {
                     let ids_shape = g.node("Shape", "input_ids_shape").inputs(&[&ids]).out();
                     let step = g.node("Gather", "step_length").inputs(&[&ids_shape, &idx1]).attr("axis", 0i64).out();
-                    let (c, s) = rotary::slot_tables(&mut g, p, &caches, &last_slot, &step, &total)?;
+                    let (c, s) =
+                        rotary::slot_tables(&mut g, p, &caches, &last_slot, &step, &total).map_err(from_rotary)?;
                     (c, s, None)
                 }
             };
@@ -230,7 +232,8 @@ impl<'a> DecoderBuilder<'a> {
         // int4 rows, quantized as MatMulNBits stores them: GatherBlockQuantized reads the same
         // bytes viewed as (vocab, hidden/2) with the default zero point 8.
         let t = self.ck.tensor(hf_name, &[vocab, hidden])?;
-        let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)?;
+        let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)
+            .map_err(BuildError::quantize("embed_tokens"))?;
         let (packed, scales) =
             crate::quant::int4_initializers(&mut self.g, "embed_tokens", &layout, self.dtype, |n, row| {
                 crate::quant::read_row_f32(&t, n, row)
@@ -553,7 +556,8 @@ impl<'a> DecoderBuilder<'a> {
             // A tied lm_head reads the int4 embedding table itself: one copy for both.
             None if self.settings.int4_lm_head && self.int4_embedding.is_some() => {
                 let (packed, scales) = self.int4_embedding.clone().unwrap_or_default();
-                let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)?;
+                let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)
+                    .map_err(BuildError::quantize("lm_head"))?;
                 let level = self.settings.int4_accuracy_level;
                 crate::quant::matmul_nbits_node(&mut self.g, &h, "lm_head", &layout, &packed, &scales, level, None)?
             }
