@@ -10,6 +10,7 @@ use pio_models::config::{GenerationDefaults, ModelConfig};
 use pio_models::files::{CONFIG_FILE, GENERATION_CONFIG_FILE};
 use safetensors::{Dtype, SafeTensors};
 
+use crate::error::fs_error;
 pub use crate::error::CheckpointError;
 /// `PROCESSOR_FILES`: the image-processor files of a vision-language checkpoint, copied into its export (the chat
 /// template, `chat_template.json`, travels with the tokenizer files).
@@ -88,11 +89,10 @@ pub fn read_tensor_entries(bytes: &[u8], path: &Path) -> Result<Vec<TensorEntry>
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {
-    let io = |action| move |source| CheckpointError::Io { action, file: path.to_path_buf(), source };
-    let file = File::open(path).map_err(io("open"))?;
+    let file = File::open(path).map_err(fs_error("open", path))?;
     // SAFETY: the checkpoint is treated as read-only input; a file changed underneath us while
     // exporting is outside what we can guard against (as with every mmap-based loader).
-    unsafe { Mmap::map(&file) }.map_err(io("map"))
+    Ok(unsafe { Mmap::map(&file) }.map_err(fs_error("map", path))?)
 }
 
 impl Checkpoint {
@@ -130,11 +130,7 @@ impl Checkpoint {
     fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let index_path = dir.join(INDEX_FILE);
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|source| CheckpointError::Io {
-                action: "read",
-                file: index_path.clone(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(&index_path).map_err(fs_error("read", &index_path))?;
             let files = pio_models::files::shard_files(&text, &index_path)?;
             let mut paths = Vec::new();
             for f in files {

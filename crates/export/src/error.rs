@@ -1,13 +1,30 @@
 //! The errors of pio-export. Each names the file or folder it is about, and the tensor, field or flag where one is
 //! involved; causes (I/O, JSON, safetensors, config errors) are kept as sources.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pio_models::error::{ConfigError, ManifestError, PresetError};
 use pio_models::files::IndexError;
 use pio_models::manifest::TensorDtype;
 use pio_models::size::{format_bytes, Precision};
 use safetensors::{Dtype, SafeTensorError};
+
+/// A filesystem operation on `path` that failed ("cannot copy ...", "cannot create folder ..."); the io::Error is
+/// the source.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action} {}", path.display())]
+pub struct FsError {
+    pub action: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The error of `action` on `path`, for `map_err`: `fs::copy(from, to).map_err(fs_error("copy", from))?` (the
+/// path is copied only when there is an error).
+pub(crate) fn fs_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> FsError + 'a {
+    move |source| FsError { action, path: path.to_path_buf(), source }
+}
 
 /// What [`crate::export()`] and [`crate::synthetic::write_checkpoint`] can run into. An error leaves no output
 /// folder behind (see [`crate::scratch`]).
@@ -32,7 +49,7 @@ pub enum ExportError {
         source: Box<BuildError>,
     },
     /// The shape flags of a synthetic checkpoint make its config.json invalid (e.g. heads that do not divide).
-    #[error("the shape flags give preset {preset} an invalid config.json")]
+    #[error("the shape flags make the config.json of preset {preset} invalid")]
     SyntheticShape {
         preset: &'static str,
         #[source]
@@ -42,9 +59,9 @@ pub enum ExportError {
     /// count alone was refused, before the sizes were computed.
     #[error(
         "a synthetic checkpoint of preset {preset} with these shape flags would hold {tensors} tensors{}, more than \
-         pio-export writes (at most {} tensors and {})",
+         pio-export writes (at most {} tensors and 1 PiB)",
         if *bytes > 0 { format!(" of {} in all", format_bytes(*bytes)) } else { " or more".to_string() },
-        crate::synthetic::MAX_SYNTHETIC_TENSORS, format_bytes(crate::synthetic::MAX_SYNTHETIC_BYTES)
+        crate::synthetic::MAX_SYNTHETIC_TENSORS
     )]
     SyntheticTooLarge { preset: &'static str, tensors: u64, bytes: u64 },
     #[error("no tokenizer files (tokenizer.json, tokenizer_config.json) in {}", dir.display())]
@@ -61,21 +78,11 @@ pub enum ExportError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FsError),
 }
 
 impl ExportError {
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ExportError {
-        let path = path.into();
-        move |source| ExportError::Io { action, path, source }
-    }
-
     /// A build error of `graph`, with a checkpoint error (a tensor missing, of the wrong shape or dtype) lifted
     /// out: it is about the input, whichever graph found it.
     pub(crate) fn build(graph: impl Into<PathBuf>) -> impl FnOnce(BuildError) -> ExportError {
@@ -103,13 +110,8 @@ pub enum CheckpointError {
     MissingShard { shard: PathBuf, index: PathBuf },
     #[error("no weights in {}: expected {} or {}", dir.display(), crate::checkpoint::SINGLE_FILE, crate::checkpoint::INDEX_FILE)]
     NoWeights { dir: PathBuf },
-    #[error("cannot {action} {}", file.display())]
-    Io {
-        action: &'static str,
-        file: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FsError),
     /// A header that does not parse or does not fit the file (the safetensors error says which).
     #[error("{} is not a valid safetensors file (truncated or corrupt?)", file.display())]
     Safetensors {
@@ -182,7 +184,10 @@ pub enum SettingsError {
     HeadDim { head_dim: usize },
     #[error("--no-sliding-window does not apply: {model} has no sliding-window layers ({why})")]
     NoSlidingLayers { model: String, why: String },
-    #[error("config.json: rope_type `{rope_type}` is not supported yet (supported: default, linear)")]
+    #[error(
+        "config.json: rope type `{rope_type}` (`rope_scaling.rope_type` or `rope_parameters.rope_type`) is not \
+         supported yet (supported: default, linear)"
+    )]
     UnsupportedRope { rope_type: String },
     #[error("unknown --pio-kernels family `{family}`; known: all, linear, lm_head, swiglu, moe")]
     UnknownPioKernel { family: String },
@@ -216,13 +221,8 @@ pub enum OutputError {
         dest.display(), crate::scratch::SYNTHETIC_MARKER
     )]
     NotASyntheticCheckpoint { dest: PathBuf },
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FsError),
     #[error("cannot move {} to {}", from.display(), to.display())]
     Rename {
         from: PathBuf,
@@ -244,13 +244,8 @@ pub enum BuildError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     /// Writing the graph or its weight file.
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FsError),
     /// A weight that cannot be stored as int4; `weight` names the tensor (or the fused node it feeds).
     #[error("cannot quantize {weight} to int4")]
     Quantize {

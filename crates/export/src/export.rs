@@ -14,7 +14,7 @@ use pio_models::ModelConfig;
 use crate::arch;
 use crate::checkpoint::Checkpoint;
 use crate::decoder::DecoderBuilder;
-use crate::error::ExportError;
+use crate::error::{fs_error, ExportError};
 use crate::onnx::graph::Graph;
 use crate::scratch::{OutputKind, ScratchDir};
 use crate::settings::ExportSettings;
@@ -51,7 +51,7 @@ fn copy_files(sources: &[PathBuf], dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::with_capacity(sources.len());
     for src in sources {
         let file_name = src.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        std::fs::copy(src, dir.join(&file_name)).map_err(ExportError::io("copy", src))?;
+        std::fs::copy(src, dir.join(&file_name)).map_err(fs_error("copy", src))?;
         names.push(file_name);
     }
     Ok(names)
@@ -162,7 +162,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     for f in ["config.json", "generation_config.json"] {
         let src = req.checkpoint.join(f);
         if src.is_file() {
-            std::fs::copy(&src, tmp.path().join(f)).map_err(ExportError::io("copy", &src))?;
+            std::fs::copy(&src, tmp.path().join(f)).map_err(fs_error("copy", &src))?;
         }
     }
     let gen = ck.generation.clone().unwrap_or_default();

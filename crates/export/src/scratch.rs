@@ -13,6 +13,7 @@ use std::sync::Mutex;
 
 use tempfile::TempDir;
 
+use crate::error::fs_error;
 pub use crate::error::OutputError;
 
 type Result<T> = std::result::Result<T, OutputError>;
@@ -79,13 +80,13 @@ pub struct ScratchDir {
 impl ScratchDir {
     /// Creates `<parent>/.pio-<kind>-<pid>-XXXXXX`, after removing stale ones in `parent`.
     pub fn new_in(parent: &Path, kind: OutputKind) -> Result<Self> {
-        std::fs::create_dir_all(parent).map_err(io("create folder", parent))?;
+        std::fs::create_dir_all(parent).map_err(fs_error("create folder", parent))?;
         remove_stale(parent);
         let mut live = live();
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}{}-", kind.prefix(), std::process::id()))
             .tempdir_in(parent)
-            .map_err(io("write to folder", parent))?;
+            .map_err(fs_error("write to folder", parent))?;
         live.push(dir.path().to_path_buf());
         Ok(ScratchDir { dir, kind })
     }
@@ -186,11 +187,6 @@ pub fn clean_up_on_signals() -> Result<()> {
         })
         .map_err(OutputError::Signals)?;
     Ok(())
-}
-
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OutputError {
-    let path = path.to_path_buf();
-    move |source| OutputError::Io { action, path, source }
 }
 
 #[cfg(test)]

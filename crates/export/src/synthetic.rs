@@ -14,7 +14,7 @@ use safetensors::{Dtype, View};
 use serde_json::{json, Value};
 
 use crate::arch;
-use crate::error::ExportError;
+use crate::error::{fs_error, ExportError};
 use crate::scratch::{OutputKind, ScratchDir, SYNTHETIC_MARKER};
 
 type Result<T> = std::result::Result<T, ExportError>;
@@ -274,7 +274,7 @@ pub fn write_checkpoint(
         let p = tmp.path().join(name);
         let text =
             serde_json::to_string_pretty(v).map_err(|source| ExportError::SerializeJson { file: p.clone(), source })?;
-        std::fs::write(&p, text).map_err(ExportError::io("write", &p))
+        Ok(std::fs::write(&p, text).map_err(fs_error("write", &p))?)
     };
     write_json("config.json", &config_value)?;
     write_json("generation_config.json", &preset.generation_config_json()?)?;
@@ -308,14 +308,14 @@ pub fn write_checkpoint(
         .map_err(|source| ExportError::WriteSafetensors { file: weights.clone(), source })?;
     for (file, content) in preset.processor_files {
         let p = tmp.path().join(file);
-        std::fs::write(&p, content).map_err(ExportError::io("write", &p))?;
+        std::fs::write(&p, content).map_err(fs_error("write", &p))?;
     }
     if let Some(tok) = tokenizer_dir {
         let mut copied = 0;
         for f in crate::checkpoint::TOKENIZER_FILES {
             let src = tok.join(f);
             if src.is_file() {
-                std::fs::copy(&src, tmp.path().join(f)).map_err(ExportError::io("copy", &src))?;
+                std::fs::copy(&src, tmp.path().join(f)).map_err(fs_error("copy", &src))?;
                 copied += 1;
             }
         }

@@ -263,3 +263,23 @@ fn qwen3_vl_defaults_and_bad_fields_are_named() {
     });
     assert!(e.contains("image_token_id"), "{e}");
 }
+
+#[test]
+fn manifest_errors_name_the_file_and_what_to_do() {
+    use crate::error::ManifestError;
+    use crate::manifest::{Manifest, MANIFEST_FILE};
+    let dir = std::env::temp_dir().join(format!("pio-models-manifest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(MANIFEST_FILE);
+    let err = Manifest::load(&dir).unwrap_err();
+    assert!(matches!(&err, ManifestError::Read { file: f, .. } if *f == file), "{err:?}");
+    assert!(err.to_string().contains("a folder written by pio-export?"), "{err}");
+    std::fs::write(&file, r#"{"format_version": 2, "name": "from the future"}"#).unwrap();
+    let err = Manifest::load(&dir).unwrap_err();
+    assert!(matches!(err, ManifestError::UnsupportedVersion { found: 2, supported: 1, .. }), "{err:?}");
+    assert!(err.to_string().ends_with("export again"), "{err}");
+    std::fs::write(&file, r#"{"format_version": 1, "name": 3}"#).unwrap();
+    let err = Manifest::load(&dir).unwrap_err();
+    assert!(matches!(err, ManifestError::Parse { .. }), "{err:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

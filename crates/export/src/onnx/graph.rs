@@ -13,7 +13,7 @@ use pio_models::manifest::{IoSpec, TensorDtype};
 use prost::Message;
 
 use super::proto::*;
-use crate::error::{BuildError, BuildResult as Result};
+use crate::error::{fs_error, BuildError, BuildResult as Result};
 
 /// Opset of the default ONNX domain the graphs target (supported by ONNX Runtime 1.31).
 pub const ONNX_OPSET: i64 = 21;
@@ -140,7 +140,7 @@ impl WeightSink {
             path.file_name().and_then(|n| n.to_str()).map(str::to_string).ok_or_else(|| {
                 BuildError::Internal(format!("weight file {} has no UTF-8 file name", path.display()))
             })?;
-        let file = File::create(path).map_err(io_error("create", path))?;
+        let file = File::create(path).map_err(fs_error("create", path))?;
         Ok(WeightSink {
             writer: BufWriter::with_capacity(8 << 20, file),
             path: path.to_path_buf(),
@@ -159,23 +159,18 @@ impl WeightSink {
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.writer.write_all(bytes).map_err(io_error("write", &self.path))?;
+        self.writer.write_all(bytes).map_err(fs_error("write", &self.path))?;
         self.offset += bytes.len() as u64;
         Ok(())
     }
 
     fn finish(self) -> Result<u64> {
-        let io = io_error("finish", &self.path);
-        let mut file = self.writer.into_inner().map_err(|e| io(e.into_error()))?;
-        let end = file.stream_position().map_err(io_error("finish", &self.path))?;
+        let finishing = fs_error("finish", &self.path);
+        let mut file = self.writer.into_inner().map_err(|e| finishing(e.into_error()))?;
+        let end = file.stream_position().map_err(fs_error("finish", &self.path))?;
         file.sync_all().ok();
         Ok(end)
     }
-}
-
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
-    let path = path.to_path_buf();
-    move |source| BuildError::Io { action, path, source }
 }
 
 /// A node under construction: `g.node("MatMul", "layers.0.attn.q_proj").inputs(&[..]).out()`.
@@ -414,7 +409,7 @@ impl Graph {
             ..Default::default()
         };
         let bytes = model.encode_to_vec();
-        std::fs::write(model_path, bytes).map_err(io_error("write", model_path))?;
+        std::fs::write(model_path, bytes).map_err(fs_error("write", model_path))?;
         Ok(weight_bytes)
     }
 }
