@@ -82,6 +82,29 @@ fn model_name(checkpoint: &Path, config: &ModelConfig) -> String {
 /// dtype) and the settings against it before anything is written, then writes the graphs, the weights, the
 /// copied files and `pio.json` to a scratch folder that is renamed to `req.out_dir` at the end. On an error
 /// nothing is left behind; the error names the file and the field, tensor or flag.
+///
+/// ```no_run
+/// use pio_export::{export, CheckpointError, ExportError, ExportRequest, ExportSettings};
+/// use pio_models::{size::Precision, TargetEp};
+///
+/// let request = ExportRequest {
+///     checkpoint: "checkpoints/my-model".into(),
+///     out_dir: "graphs/my-model-fp32".into(),
+///     settings: ExportSettings::for_target(Precision::Fp32, TargetEp::Cpu, 4096, true),
+///     overwrite: false,
+///     source: "checkpoint checkpoints/my-model".into(),
+///     progress: false,
+/// };
+/// match export(&request) {
+///     Ok(summary) => println!("{}", summary.out_dir.display()),
+///     Err(ExportError::Checkpoint(CheckpointError::MissingTensor { tensor, dir })) => {
+///         eprintln!("{} lacks {tensor}", dir.display())
+///     }
+///     // The message names the file and the field, tensor or flag; each source() adds a cause (an io::Error, a
+///     // serde_json::Error, a safetensors error, ...).
+///     Err(other) => eprintln!("{other}"),
+/// }
+/// ```
 pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     let start = Instant::now();
     let ck = Checkpoint::open(&req.checkpoint)?;

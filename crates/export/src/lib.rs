@@ -20,7 +20,7 @@ pub mod unfused_inputs;
 pub mod vision_export;
 pub mod weights;
 
-pub use error::{BuildError, CheckpointError, ExportError, OutputError, QuantError, SettingsError};
+pub use error::{BuildError, CheckpointError, ExportError, FsError, OutputError, QuantError, SettingsError};
 pub use export::{export, ExportRequest, ExportSummary};
 pub use pio_ops::PioKernels;
 pub use settings::ExportSettings;

@@ -386,12 +386,7 @@ fn parse_moe(f: &Fields, arch: Architecture) -> Result<Option<MoeConfig>> {
 }
 
 fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
-    let positive = |key: &str| -> Result<usize> {
-        match f.usize(key)? {
-            0 => Err(f.invalid(key, 0, "must be positive")),
-            n => Ok(n),
-        }
-    };
+    let positive = |key: &str| f.positive(key, None);
     let hidden_size = positive("hidden_size")?;
     let num_attention_heads = positive("num_attention_heads")?;
     let num_key_value_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
@@ -461,13 +456,7 @@ fn parse_vision(f: &Fields) -> Result<VisionConfig> {
         Some(params) => params.opt_f64("rope_theta")?,
         None => None,
     };
-    let positive = |key: &str, default: Option<usize>| -> Result<usize> {
-        match f.opt_usize(key)?.or(default) {
-            None => Err(f.missing(key)),
-            Some(0) => Err(f.invalid(key, 0, "must be positive")),
-            Some(n) => Ok(n),
-        }
-    };
+    let positive = |key: &str, default: Option<usize>| f.positive(key, default);
     let v = VisionConfig {
         depth: positive("depth", None)?,
         hidden_size: positive("hidden_size", None)?,

@@ -94,6 +94,15 @@ impl<'a> Fields<'a> {
         self.opt_usize(key)?.ok_or_else(|| self.missing(key))
     }
 
+    /// A positive integer; `default` when the field is absent (None: the field is required).
+    pub(crate) fn positive(&self, key: &str, default: Option<usize>) -> Result<usize> {
+        match self.opt_usize(key)?.or(default) {
+            None => Err(self.missing(key)),
+            Some(0) => Err(self.invalid(key, 0, "must be positive")),
+            Some(n) => Ok(n),
+        }
+    }
+
     pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         self.get(key).map(|v| self.integer(key, v)).transpose()
     }
