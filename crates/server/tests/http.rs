@@ -61,6 +61,7 @@ struct Served {
     address: SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    engine: Engine,
 }
 
 struct Settings {
@@ -89,13 +90,13 @@ fn serve(settings: Settings) -> Served {
         .unwrap();
     let engine = Engine::start(config).unwrap_or_else(|e| panic!("{e:#}"));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let server = runtime.block_on(Server::bind(engine, &settings.server)).unwrap();
+    let server = runtime.block_on(Server::bind(engine.clone(), &settings.server)).unwrap();
     let address = server.local_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     runtime.spawn(server.run(async {
         let _ = stopped.await;
     }));
-    Served { base: format!("http://{address}"), address, runtime: Some(runtime), stop: Some(stop) }
+    Served { base: format!("http://{address}"), address, runtime: Some(runtime), stop: Some(stop), engine }
 }
 
 impl Drop for Served {
@@ -604,6 +605,18 @@ fn a_huge_body_is_refused_before_it_is_all_sent() {
         assert!(sent < total, "chunked {chunked}: the whole body was sent");
     }
     server.answer("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 1}));
+}
+
+#[test]
+fn health_reports_an_engine_that_has_stopped_and_requests_get_503() {
+    let server = serve(Settings::default());
+    assert_eq!(server.get("/health", None), (200, "ok".to_string()));
+    server.engine.shutdown();
+    assert_eq!(server.get("/health", None), (503, "the engine has stopped".to_string()));
+    let (status, body) = server.post("/v1/completions", &json!({"prompt": [1, 2, 3], "max_tokens": 2}));
+    assert_eq!(status, 503, "{body}");
+    // The server itself goes on answering.
+    assert_eq!(server.get("/v1/models", None).0, 200);
 }
 
 #[test]

@@ -412,6 +412,21 @@ impl Engine {
         self.inner.shared.snapshot()
     }
 
+    /// Whether the worker thread still runs: false once the engine is shut down or its worker has
+    /// stopped (a model failure it could not survive, or a panic), so that a health probe can tell
+    /// a server whose engine is gone from one that serves.
+    pub fn is_running(&self) -> bool {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let worker = match inner.worker.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        worker.as_ref().is_some_and(|w| !w.is_finished())
+    }
+
     /// Sequences holding a KV slot now.
     pub fn active_sequences(&self) -> usize {
         self.inner.shared.active.load(Ordering::Acquire)
