@@ -280,3 +280,8 @@ fn openai_requests() {
     let inputs = seeds.into_iter().map(|(_, d)| d).chain(mutated_inputs("openai_request", true));
     run("openai_request", inputs, entry::openai_request);
 }
+
+#[test]
+fn image_decoding() {
+    run("image_decode", mutated_inputs("image_decode", false), entry::image_decode);
+}

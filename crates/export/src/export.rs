@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use pio_models::manifest::{
     Dimensions, ExportOptions, GenerationSettings, Manifest, TokenizerSpec, MANIFEST_FORMAT_VERSION,
@@ -15,10 +14,13 @@ use pio_models::ModelConfig;
 use crate::arch;
 use crate::checkpoint::Checkpoint;
 use crate::decoder::DecoderBuilder;
+use crate::error::{fs_error, ExportError};
 use crate::onnx::graph::Graph;
 use crate::scratch::{OutputKind, ScratchDir};
 use crate::settings::ExportSettings;
-use crate::vision_export::write_vision;
+use crate::vision_export::{write_vision, VISION_FILE};
+
+type Result<T> = std::result::Result<T, ExportError>;
 
 pub const MODEL_FILE: &str = "model.onnx";
 pub const WEIGHTS_FILE: &str = "model.onnx.data";
@@ -49,7 +51,7 @@ fn copy_files(sources: &[PathBuf], dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::with_capacity(sources.len());
     for src in sources {
         let file_name = src.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        std::fs::copy(src, dir.join(&file_name)).with_context(|| format!("cannot copy {}", src.display()))?;
+        std::fs::copy(src, dir.join(&file_name)).map_err(fs_error("copy", src))?;
         names.push(file_name);
     }
     Ok(names)
@@ -76,11 +78,39 @@ fn model_name(checkpoint: &Path, config: &ModelConfig) -> String {
     format!("{folder} ({})", config.architecture.hf_name())
 }
 
+/// Exports a checkpoint: opens and checks it (config, shards, every tensor the graphs read, with its shape and
+/// dtype) and the settings against it before anything is written, then writes the graphs, the weights, the
+/// copied files and `pio.json` to a scratch folder that is renamed to `req.out_dir` at the end. On an error
+/// nothing is left behind; the error names the file and the field, tensor or flag.
+///
+/// ```no_run
+/// use pio_export::{export, CheckpointError, ExportError, ExportRequest, ExportSettings};
+/// use pio_models::{size::Precision, TargetEp};
+///
+/// let request = ExportRequest {
+///     checkpoint: "checkpoints/my-model".into(),
+///     out_dir: "graphs/my-model-fp32".into(),
+///     settings: ExportSettings::for_target(Precision::Fp32, TargetEp::Cpu, 4096, true),
+///     overwrite: false,
+///     source: "checkpoint checkpoints/my-model".into(),
+///     progress: false,
+/// };
+/// match export(&request) {
+///     Ok(summary) => println!("{}", summary.out_dir.display()),
+///     Err(ExportError::Checkpoint(CheckpointError::MissingTensor { tensor, dir })) => {
+///         eprintln!("{} lacks {tensor}", dir.display())
+///     }
+///     // The message names the file and the field, tensor or flag; each source() adds a cause (an io::Error, a
+///     // serde_json::Error, a safetensors error, ...).
+///     Err(other) => eprintln!("{other}"),
+/// }
+/// ```
 pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     let start = Instant::now();
     let ck = Checkpoint::open(&req.checkpoint)?;
     let config = ck.config.clone();
     req.settings.validate(&model_name(&req.checkpoint, &config), &config.text)?;
+    ck.check_tensors(arch::min_tensor_count(&config), || arch::checkpoint_tensors(&config))?;
     if let (false, Some(w)) = (req.settings.sliding_window, config.text.sliding_window) {
         tracing::warn!(
             "--no-sliding-window: every layer attends to the whole sequence, so outputs differ from the model's \
@@ -101,9 +131,11 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     );
     progress.set_message(format!("exporting {name}"));
 
-    let graph = Graph::new(&name, &tmp.path().join(WEIGHTS_FILE))?;
-    let mut builder = DecoderBuilder::new(graph, &ck, &config.text, &req.settings, &progress)?;
-    arch::build_decoder(&config, &mut builder)?;
+    let decoder_error = ExportError::build(req.out_dir.join(MODEL_FILE));
+    let graph = Graph::new(&name, &tmp.path().join(WEIGHTS_FILE)).map_err(decoder_error)?;
+    let mut builder = DecoderBuilder::new(graph, &ck, &config.text, &req.settings, &progress)
+        .map_err(ExportError::build(req.out_dir.join(MODEL_FILE)))?;
+    arch::build_decoder(&config, &mut builder).map_err(ExportError::build(req.out_dir.join(MODEL_FILE)))?;
     let (inputs, outputs) = {
         let (i, o) = builder.g.io();
         (i.to_vec(), o.to_vec())
@@ -124,11 +156,15 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
         ));
     }
     let weights = builder.weights();
-    let mut weight_bytes = builder.g.save(&model_path, env!("CARGO_PKG_VERSION"), &metadata)?;
+    let mut weight_bytes = builder
+        .g
+        .save(&model_path, env!("CARGO_PKG_VERSION"), &metadata)
+        .map_err(ExportError::build(req.out_dir.join(MODEL_FILE)))?;
     let mut model_bytes = std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0);
     let vision = if config.vision.is_some() {
         let processor_files = copy_files(&ck.processor_files(), tmp.path())?;
-        let v = write_vision(tmp.path(), &name, &config, weights, &metadata, processor_files)?;
+        let v = write_vision(tmp.path(), &name, &config, weights, &metadata, processor_files)
+            .map_err(ExportError::build(req.out_dir.join(VISION_FILE)))?;
         weight_bytes += v.weight_bytes;
         model_bytes += v.model_bytes;
         Some(v.spec)
@@ -149,7 +185,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     for f in ["config.json", "generation_config.json"] {
         let src = req.checkpoint.join(f);
         if src.is_file() {
-            std::fs::copy(&src, tmp.path().join(f)).with_context(|| format!("cannot copy {}", src.display()))?;
+            std::fs::copy(&src, tmp.path().join(f)).map_err(fs_error("copy", &src))?;
         }
     }
     let gen = ck.generation.clone().unwrap_or_default();

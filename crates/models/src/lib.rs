@@ -3,7 +3,9 @@
 
 pub mod cli_args;
 pub mod config;
+pub mod error;
 pub mod files;
+mod json_fields;
 pub mod logging;
 pub mod manifest;
 pub mod paths;
@@ -11,6 +13,7 @@ pub mod presets;
 pub mod size;
 
 pub use config::{Architecture, ModelConfig, TextConfig};
+pub use error::{ConfigError, ManifestError, PresetError, UnknownNameError};
 pub use manifest::{Manifest, TargetEp};
 pub use presets::{find_preset, Preset, PRESETS};
 pub use size::{ParameterCount, Precision};

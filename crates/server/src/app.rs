@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -68,8 +68,15 @@ pub fn router(engine: Engine, config: &ServerConfig) -> Router {
         .with_state(state)
 }
 
-async fn health() -> &'static str {
-    "ok"
+/// 200 `ok` while the engine's worker runs; 503 once it has stopped, so that a load balancer or
+/// an orchestrator's liveness probe takes the server out rather than sending it requests that
+/// can only fail.
+async fn health(State(app): State<App>) -> (StatusCode, &'static str) {
+    if app.engine.is_running() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped")
+    }
 }
 
 async fn metrics(State(app): State<App>) -> Response {

@@ -215,7 +215,7 @@ fn synthetic_checkpoint(args: &Args, preset: &Preset) -> Result<PathBuf> {
         None => None,
     };
     tracing::info!("writing synthetic checkpoint {} (seed {})", dir.display(), args.seed);
-    synthetic::write_checkpoint(preset, &overrides, args.seed, tokenizer.as_deref(), &dir)
+    Ok(synthetic::write_checkpoint(preset, &overrides, args.seed, tokenizer.as_deref(), &dir)?)
 }
 
 fn run(args: Args) -> Result<()> {

@@ -295,7 +295,7 @@ impl Engine {
     pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
         let dir = config.graphs.clone();
         let manifest = Manifest::load(&dir)
-            .map_err(|e| EngineError::model(format!("cannot load the graphs in {}", dir.display()), e))?;
+            .map_err(|e| EngineError::model(format!("cannot load the graphs in {}", dir.display()), e.into()))?;
         let (tokenizer, chat_template) = load_tokenizer(&dir)?;
         let preparer = Preparer::new(dir.clone(), &manifest, tokenizer, chat_template, config.images.clone())?;
         let shared = Arc::new(Shared::new());
@@ -410,6 +410,21 @@ impl Engine {
     /// A snapshot of the engine's gauges, counters and histograms.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.inner.shared.snapshot()
+    }
+
+    /// Whether the worker thread still runs: false once the engine is shut down or its worker has
+    /// stopped (a model failure it could not survive, or a panic), so that a health probe can tell
+    /// a server whose engine is gone from one that serves.
+    pub fn is_running(&self) -> bool {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let worker = match inner.worker.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        worker.as_ref().is_some_and(|w| !w.is_finished())
     }
 
     /// Sequences holding a KV slot now.
