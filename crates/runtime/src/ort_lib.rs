@@ -775,7 +775,7 @@ mod tests {
 
         let mut session = ort::session::Session::builder(env)?
             .with_intra_threads(1)
-            .map_err(ort::Error::from)?
+            .map_err(ort::Error::<()>::from)?
             .commit_from_memory(TINY_ADD)?;
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         assert_eq!(names, ["a", "b"]);
