@@ -24,7 +24,7 @@ mod error;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-pub use error::{EpError, StartHints, TensorRtMissing};
+pub use error::{EpError, LibraryLoadError, StartHints, TensorRtMissing};
 use ort::ep::ArbitrarilyConfigurableExecutionProvider as _;
 use ort::session::builder::SessionBuilder;
 use pio_models::manifest::Manifest;
@@ -516,8 +516,8 @@ pub trait SystemProbe {
     /// Whether the loaded ONNX Runtime was built with the provider (`CUDAExecutionProvider`, ...). True does not
     /// mean it can start: that needs CUDA, cuDNN (and TensorRT) libraries and a GPU.
     fn provider_compiled_in(&self, ort_name: &str) -> Result<bool>;
-    /// Tries to load a shared library by file name; `Err` holds the loader's message.
-    fn load_library(&self, name: &str) -> std::result::Result<(), String>;
+    /// Tries to load a shared library by file name; `Err` holds the loader's error.
+    fn load_library(&self, name: &str) -> Result<(), LibraryLoadError>;
 }
 
 /// The real machine: ONNX Runtime's provider list and `dlopen`.
@@ -537,28 +537,18 @@ impl SystemProbe for LiveSystem {
     /// Loads `name` through the system loader, then from the folder of the loaded `libonnxruntime.so` (where ONNX
     /// Runtime's provider libraries, whose RUNPATH is `$ORIGIN`, would find it). A library found stays loaded, so the
     /// provider's own load finds the same one.
-    fn load_library(&self, name: &str) -> std::result::Result<(), String> {
-        let mut candidates = vec![PathBuf::from(name)];
+    fn load_library(&self, name: &str) -> Result<(), LibraryLoadError> {
+        // SAFETY: loading runs the library's initializers; these are NVIDIA's CUDA/TensorRT libraries, which ONNX
+        // Runtime's provider would load into this process anyway.
+        let load = |path: &Path| unsafe { libloading::Library::new(path) }.map(std::mem::forget);
+        // The system loader's error is the one reported: it names the library as the user would look for it.
+        let Err(first) = load(Path::new(name)) else { return Ok(()) };
         if let Some(dir) = crate::ort_lib::loaded_library_path().and_then(Path::parent) {
-            candidates.push(dir.join(name));
-        }
-        let mut first_err = None;
-        for c in candidates {
-            // SAFETY: loading runs the library's initializers; these are NVIDIA's CUDA/TensorRT libraries, which ONNX
-            // Runtime's provider would load into this process anyway.
-            match unsafe { libloading::Library::new(&c) } {
-                Ok(lib) => {
-                    std::mem::forget(lib);
-                    return Ok(());
-                }
-                Err(e) => {
-                    // libloading's message is "dlopen failed"; the loader's own text is its source.
-                    let detail = std::error::Error::source(&e).map(|s| s.to_string());
-                    first_err.get_or_insert_with(|| detail.unwrap_or_else(|| format!("{name}: {e}")));
-                }
+            if load(&dir.join(name)).is_ok() {
+                return Ok(());
             }
         }
-        Err(first_err.unwrap_or_else(|| format!("{name} not found")))
+        Err(LibraryLoadError { name: name.to_string(), source: Box::new(first) })
     }
 }
 
@@ -740,10 +730,8 @@ impl ExecutionProvider {
                 let trt_missing = if !probe.provider_compiled_in(TENSORRT_EP_NAME)? {
                     Some(TensorRtMissing::NotCompiledIn { library: loaded_library() })
                 } else {
-                    let missing: Vec<(String, String)> = TENSORRT_LIBRARIES
-                        .iter()
-                        .filter_map(|l| probe.load_library(l).err().map(|e| (l.to_string(), e)))
-                        .collect();
+                    let missing: Vec<LibraryLoadError> =
+                        TENSORRT_LIBRARIES.iter().filter_map(|l| probe.load_library(l).err()).collect();
                     (!missing.is_empty()).then_some(TensorRtMissing::Libraries { missing })
                 };
                 if let Some(why) = trt_missing {
@@ -1117,10 +1105,11 @@ mod tests {
         fn provider_compiled_in(&self, ort_name: &str) -> Result<bool> {
             Ok(self.compiled.contains(ort_name))
         }
-        fn load_library(&self, name: &str) -> std::result::Result<(), String> {
+        fn load_library(&self, name: &str) -> Result<(), LibraryLoadError> {
             self.asked.borrow_mut().push(name.to_string());
             if self.missing.contains(name) {
-                Err(format!("{name}: cannot open shared object file: No such file or directory"))
+                let message = format!("{name}: cannot open shared object file: No such file or directory");
+                Err(LibraryLoadError { name: name.to_string(), source: message.into() })
             } else {
                 Ok(())
             }
@@ -1686,7 +1675,9 @@ mod tests {
     fn live_probe_loads_real_libraries_only() {
         assert!(LiveSystem.load_library("libc.so.6").is_ok());
         let err = LiveSystem.load_library("libpio-no-such-library.so.1").unwrap_err();
-        assert!(err.contains("libpio-no-such-library.so.1"), "{err}");
+        assert_eq!(err.name, "libpio-no-such-library.so.1");
+        assert!(err.source.is::<libloading::Error>(), "{err:?}");
+        assert!(err.loader_message().contains("libpio-no-such-library.so.1"), "{}", err.loader_message());
     }
 
     /// With the real ONNX Runtime of this checkout (the CPU build here): the CPU configures; CUDA and TensorRT fail

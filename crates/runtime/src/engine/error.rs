@@ -157,9 +157,8 @@ mod tests {
         let io = std::io::Error::other("the disk is gone");
         let err = EngineError::model_failed("detokenizing a generated token", io);
         assert_eq!(chain(&err), ["detokenizing a generated token", "the disk is gone"]);
-        let source = err.source().expect("a cause");
-        let failure = source.downcast_ref::<ModelFailure>().expect("the cause is a ModelFailure");
-        assert!(failure.0.downcast_ref::<std::io::Error>().is_some(), "the io::Error itself, not its text");
+        let EngineError::Model { source, .. } = &err else { panic!("{err:?}") };
+        assert!(source.0.downcast_ref::<std::io::Error>().is_some(), "the io::Error itself, not its text");
     }
 
     #[test]

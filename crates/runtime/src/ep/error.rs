@@ -2,6 +2,7 @@
 //! value), options that cannot work together, a TensorRT profile that does not fit the graph, a machine without the
 //! provider, and ONNX Runtime refusing a session setting (its error kept as the source).
 
+use std::error::Error as StdError;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -132,7 +133,7 @@ pub enum EpError {
 }
 
 /// Why TensorRT cannot run here (an error, or with `fallback=cuda` a warning before the CUDA EP runs alone).
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum TensorRtMissing {
     /// The loaded ONNX Runtime (`library`, when known) has no TensorRT provider.
     #[error(
@@ -140,9 +141,31 @@ pub enum TensorRtMissing {
         library_note(library.as_deref())
     )]
     NotCompiledIn { library: Option<PathBuf> },
-    /// TensorRT's libraries do not load: each with the loader's message.
+    /// TensorRT's libraries do not load, each with the loader's error.
     #[error("{}", missing_libraries(missing))]
-    Libraries { missing: Vec<(String, String)> },
+    Libraries { missing: Vec<LibraryLoadError> },
+}
+
+/// A shared library that does not load ([`SystemProbe::load_library`](super::SystemProbe::load_library)): its file
+/// name and the loader's error.
+#[derive(Debug, thiserror::Error)]
+#[error("{name} cannot be loaded")]
+pub struct LibraryLoadError {
+    pub name: String,
+    #[source]
+    pub source: Box<dyn StdError + Send + Sync + 'static>,
+}
+
+impl LibraryLoadError {
+    /// The loader's own words (`libnvinfer.so.10: cannot open shared object file: ...`): the innermost cause, as
+    /// `libloading` puts `dlerror`'s text under a plain "dlopen failed".
+    pub fn loader_message(&self) -> String {
+        let mut innermost: &(dyn StdError + 'static) = &*self.source;
+        while let Some(next) = innermost.source() {
+            innermost = next;
+        }
+        innermost.to_string()
+    }
 }
 
 /// What is missing for a GPU provider that failed to start: libraries that do not load, and the provider library
@@ -184,15 +207,15 @@ fn library_note(library: Option<&Path>) -> String {
     library.map(|p| format!(" ({})", p.display())).unwrap_or_default()
 }
 
-fn missing_libraries(missing: &[(String, String)]) -> String {
-    let names: Vec<&str> = missing.iter().map(|(l, _)| l.as_str()).collect();
+fn missing_libraries(missing: &[LibraryLoadError]) -> String {
+    let names: Vec<&str> = missing.iter().map(|e| e.name.as_str()).collect();
     let mut text = format!(
         "TensorRT libraries ({}) not found: install TensorRT 10 for CUDA 13 or use --ep cuda",
         names.join(", ")
     );
     // The loader's words: a library present but missing a dependency reads differently.
-    for (_, message) in missing {
-        let _ = write!(text, "\n  {message}");
+    for error in missing {
+        let _ = write!(text, "\n  {}", error.loader_message());
     }
     text
 }
