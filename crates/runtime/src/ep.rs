@@ -579,8 +579,6 @@ impl ExecutionProvider {
         }
     }
 
-    /// Turns CUDA graphs on or off (`enable_cuda_graph` for CUDA, `trt_cuda_graph_enable` for TensorRT); nothing on
-    /// the CPU.
     /// The CUDA EP's options (also TensorRT's fallback EP); None on the CPU.
     pub fn cuda_options(&self) -> Option<CudaOptions> {
         match self {
@@ -590,6 +588,8 @@ impl ExecutionProvider {
         }
     }
 
+    /// Turns CUDA graphs on or off (`enable_cuda_graph` for CUDA, `trt_cuda_graph_enable` for TensorRT); nothing on
+    /// the CPU.
     pub fn set_cuda_graph(&mut self, on: bool) {
         match self {
             ExecutionProvider::Cpu { .. } => {}
