@@ -669,7 +669,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             let options: &[String] = if e == "cpu" { &[] } else { &args.ep_options };
             ExecutionProvider::from_cli(e, args.device_id, options)
         })
-        .collect::<Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     // (label, graph folder, the provider it is for or None for any)
     let mut graphs: Vec<(String, PathBuf, Option<String>)> = Vec::new();
     let mut checkpoint = None;

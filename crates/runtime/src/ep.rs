@@ -16,12 +16,15 @@
 //!   `trt_dump_ep_context_model`, `trt_ep_context_file_path` are there for ONNX Runtime 1.31).
 //!
 //! Before TensorRT is registered, [`ExecutionProvider::configure`] checks that the TensorRT libraries can be loaded
-//! (ONNX Runtime's own failure there is obscure), through a [`SystemProbe`] that tests replace.
+//! (ONNX Runtime's own failure there is obscure), through a [`SystemProbe`] that tests replace. Every failure is an
+//! [`EpError`].
+
+mod error;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+pub use error::{EpError, LibraryLoadError, StartHints, TensorRtMissing};
 use ort::ep::ArbitrarilyConfigurableExecutionProvider as _;
 use ort::session::builder::SessionBuilder;
 use pio_models::manifest::Manifest;
@@ -33,6 +36,8 @@ pub const CUDA_EP_NAME: &str = "CUDAExecutionProvider";
 pub const TENSORRT_EP_NAME: &str = "TensorrtExecutionProvider";
 /// The TensorRT 10 libraries ONNX Runtime's TensorRT provider links against (its ONNX parser is built in).
 pub const TENSORRT_LIBRARIES: &[&str] = &["libnvinfer.so.10", "libnvinfer_plugin.so.10"];
+
+type Result<T, E = EpError> = std::result::Result<T, E>;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "ep", rename_all = "lowercase")]
@@ -166,7 +171,7 @@ impl CudaOptions {
     /// Refuses combinations that cannot work together.
     pub fn validate(&self) -> Result<()> {
         if self.shrink_arena && self.cuda_graph {
-            bail!("shrink_arena=1 cannot be combined with cuda_graph=1: a captured CUDA graph keeps using memory the shrinking would free");
+            return Err(EpError::ShrinkArenaWithCudaGraph);
         }
         Ok(())
     }
@@ -298,7 +303,7 @@ impl TensorRtOptions {
     pub fn validate(&self) -> Result<()> {
         if let Some(level) = self.builder_optimization_level {
             if level > 5 {
-                bail!("trt_builder_optimization_level must be 0..=5, not {level}");
+                return Err(EpError::OptimizationLevel(level));
             }
         }
         match (&self.profile_min_shapes, &self.profile_opt_shapes, &self.profile_max_shapes) {
@@ -308,35 +313,34 @@ impl TensorRtOptions {
                 let opt_p = parse_profile_shapes("trt_profile_opt_shapes", opt)?;
                 let max_p = parse_profile_shapes("trt_profile_max_shapes", max)?;
                 for (name, min_dims) in &min_p {
-                    let find = |p: &[(String, Vec<i64>)], which: &str| -> Result<Vec<i64>> {
+                    let find = |p: &[(String, Vec<i64>)], which: &'static str| -> Result<Vec<i64>> {
                         p.iter()
                             .find(|(n, _)| n == name)
                             .map(|(_, d)| d.clone())
-                            .ok_or_else(|| anyhow!("input `{name}` has a min profile shape but no {which} shape"))
+                            .ok_or_else(|| EpError::ProfileMissingShape { input: name.clone(), which })
                     };
                     let opt_dims = find(&opt_p, "opt")?;
                     let max_dims = find(&max_p, "max")?;
                     if opt_dims.len() != min_dims.len() || max_dims.len() != min_dims.len() {
-                        bail!("input `{name}`: the min, opt and max profile shapes have different ranks");
+                        return Err(EpError::ProfileRanks { input: name.clone() });
                     }
                     for i in 0..min_dims.len() {
                         if !(min_dims[i] <= opt_dims[i] && opt_dims[i] <= max_dims[i]) {
-                            bail!(
-                                "input `{name}`, dimension {i}: profile shapes need min <= opt <= max, got {} / {} / {}",
-                                min_dims[i],
-                                opt_dims[i],
-                                max_dims[i]
-                            );
+                            return Err(EpError::ProfileOrder {
+                                input: name.clone(),
+                                dim: i,
+                                min: min_dims[i],
+                                opt: opt_dims[i],
+                                max: max_dims[i],
+                            });
                         }
                     }
                 }
                 if opt_p.len() != min_p.len() || max_p.len() != min_p.len() {
-                    bail!("trt_profile_min/opt/max_shapes must name the same inputs");
+                    return Err(EpError::ProfileInputsDiffer);
                 }
             }
-            _ => bail!(
-                "trt_profile_min_shapes, trt_profile_opt_shapes and trt_profile_max_shapes must be given together"
-            ),
+            _ => return Err(EpError::ProfileIncomplete),
         }
         for (what, path) in [
             ("trt_engine_cache_path", &self.engine_cache_dir),
@@ -345,10 +349,10 @@ impl TensorRtOptions {
         ] {
             if let Some(p) = path {
                 if p.as_os_str().is_empty() {
-                    bail!("{what} is empty");
+                    return Err(EpError::EmptyPath { key: what });
                 }
                 if p.to_str().is_none() {
-                    bail!("{what} '{}' is not valid UTF-8", p.display());
+                    return Err(EpError::NonUtf8Path { key: what, path: p.clone() });
                 }
             }
         }
@@ -450,12 +454,10 @@ struct TrtParseState {
 impl TrtParseState {
     fn resolve(self, o: &mut TensorRtOptions) -> Result<()> {
         let resolve =
-            |enable: Option<bool>, path: &mut Option<PathBuf>, enable_key: &str, path_key: &str| -> Result<()> {
+            |enable: Option<bool>, path: &mut Option<PathBuf>, enable_key: &'static str, path_key: &'static str| {
                 match enable {
                     Some(false) => *path = None,
-                    Some(true) if path.is_none() => {
-                        bail!("{enable_key}=1 needs a folder: add --ep-option {path_key}=DIR")
-                    }
+                    Some(true) if path.is_none() => return Err(EpError::EnabledWithoutPath { enable_key, path_key }),
                     _ => {}
                 }
                 Ok(())
@@ -514,8 +516,8 @@ pub trait SystemProbe {
     /// Whether the loaded ONNX Runtime was built with the provider (`CUDAExecutionProvider`, ...). True does not
     /// mean it can start: that needs CUDA, cuDNN (and TensorRT) libraries and a GPU.
     fn provider_compiled_in(&self, ort_name: &str) -> Result<bool>;
-    /// Tries to load a shared library by file name; `Err` holds the loader's message.
-    fn load_library(&self, name: &str) -> std::result::Result<(), String>;
+    /// Tries to load a shared library by file name; `Err` holds the loader's error.
+    fn load_library(&self, name: &str) -> Result<(), LibraryLoadError>;
 }
 
 /// The real machine: ONNX Runtime's provider list and `dlopen`.
@@ -527,36 +529,26 @@ impl SystemProbe for LiveSystem {
         let r = match ort_name {
             CUDA_EP_NAME => ort::ep::CUDA::is_available(),
             TENSORRT_EP_NAME => ort::ep::TensorRT::is_available(),
-            other => bail!("unknown execution provider {other}"),
+            other => return Err(EpError::UnknownOrtProvider(other.to_string())),
         };
-        r.map_err(|e| anyhow!("cannot list ONNX Runtime's execution providers: {e}"))
+        r.map_err(EpError::ListProviders)
     }
 
     /// Loads `name` through the system loader, then from the folder of the loaded `libonnxruntime.so` (where ONNX
     /// Runtime's provider libraries, whose RUNPATH is `$ORIGIN`, would find it). A library found stays loaded, so the
     /// provider's own load finds the same one.
-    fn load_library(&self, name: &str) -> std::result::Result<(), String> {
-        let mut candidates = vec![PathBuf::from(name)];
+    fn load_library(&self, name: &str) -> Result<(), LibraryLoadError> {
+        // SAFETY: loading runs the library's initializers; these are NVIDIA's CUDA/TensorRT libraries, which ONNX
+        // Runtime's provider would load into this process anyway.
+        let load = |path: &Path| unsafe { libloading::Library::new(path) }.map(std::mem::forget);
+        // The system loader's error is the one reported: it names the library as the user would look for it.
+        let Err(first) = load(Path::new(name)) else { return Ok(()) };
         if let Some(dir) = crate::ort_lib::loaded_library_path().and_then(Path::parent) {
-            candidates.push(dir.join(name));
-        }
-        let mut first_err = None;
-        for c in candidates {
-            // SAFETY: loading runs the library's initializers; these are NVIDIA's CUDA/TensorRT libraries, which ONNX
-            // Runtime's provider would load into this process anyway.
-            match unsafe { libloading::Library::new(&c) } {
-                Ok(lib) => {
-                    std::mem::forget(lib);
-                    return Ok(());
-                }
-                Err(e) => {
-                    // libloading's message is "dlopen failed"; the loader's own text is its source.
-                    let detail = std::error::Error::source(&e).map(|s| s.to_string());
-                    first_err.get_or_insert_with(|| detail.unwrap_or_else(|| format!("{name}: {e}")));
-                }
+            if load(&dir.join(name)).is_ok() {
+                return Ok(());
             }
         }
-        Err(first_err.unwrap_or_else(|| format!("{name} not found")))
+        Err(LibraryLoadError { name: name.to_string(), source: Box::new(first) })
     }
 }
 
@@ -587,8 +579,6 @@ impl ExecutionProvider {
         }
     }
 
-    /// Turns CUDA graphs on or off (`enable_cuda_graph` for CUDA, `trt_cuda_graph_enable` for TensorRT); nothing on
-    /// the CPU.
     /// The CUDA EP's options (also TensorRT's fallback EP); None on the CPU.
     pub fn cuda_options(&self) -> Option<CudaOptions> {
         match self {
@@ -598,6 +588,8 @@ impl ExecutionProvider {
         }
     }
 
+    /// Turns CUDA graphs on or off (`enable_cuda_graph` for CUDA, `trt_cuda_graph_enable` for TensorRT); nothing on
+    /// the CPU.
     pub fn set_cuda_graph(&mut self, on: bool) {
         match self {
             ExecutionProvider::Cpu { .. } => {}
@@ -625,16 +617,16 @@ impl ExecutionProvider {
     pub fn from_cli(name: &str, device_id: i32, options: &[String]) -> Result<Self> {
         let mut pairs = Vec::with_capacity(options.len());
         for o in options {
-            let (k, v) = o.split_once('=').ok_or_else(|| anyhow!("--ep-option `{o}` is not key=value"))?;
+            let (k, v) = o.split_once('=').ok_or_else(|| EpError::NotKeyValue { option: o.clone() })?;
             let k = k.trim();
             if k.is_empty() {
-                bail!("--ep-option `{o}` has an empty key");
+                return Err(EpError::EmptyKey { option: o.clone() });
             }
             pairs.push((k.to_string(), v.trim().to_string()));
         }
         let name = name.trim().to_ascii_lowercase();
         if device_id < 0 && name != "cpu" {
-            bail!("device id {device_id} is negative");
+            return Err(EpError::NegativeDeviceId(device_id));
         }
         match name.as_str() {
             "cpu" => {
@@ -648,7 +640,7 @@ impl ExecutionProvider {
                             }
                             threads = Some(n);
                         }
-                        _ => bail!("--ep-option {k}={v}: the cpu execution provider takes only threads=N"),
+                        _ => return Err(EpError::NotACpuOption { key: k.clone(), value: v.clone() }),
                     }
                 }
                 Ok(ExecutionProvider::Cpu { threads })
@@ -657,7 +649,7 @@ impl ExecutionProvider {
                 let mut o = CudaOptions::new(device_id);
                 for (k, v) in pairs {
                     if k.starts_with("trt_") || k == "fallback" {
-                        bail!("--ep-option {k}={v} is a TensorRT option; use --ep tensorrt");
+                        return Err(EpError::TensorRtOptionOnCuda { key: k, value: v });
                     }
                     let k = k.strip_prefix("cuda.").unwrap_or(&k).to_string();
                     if !o.apply(&k, &v)? {
@@ -680,7 +672,7 @@ impl ExecutionProvider {
                 o.validate()?;
                 Ok(ExecutionProvider::TensorRt(o))
             }
-            other => bail!("unknown execution provider `{other}`; expected cpu, cuda or tensorrt"),
+            other => Err(EpError::UnknownProvider(other.to_string())),
         }
     }
 
@@ -736,31 +728,15 @@ impl ExecutionProvider {
                 o.cuda_options().validate()?;
                 let cuda = ProviderSpec { provider: GpuProvider::Cuda, options: o.cuda_options().provider_options() };
                 let trt_missing = if !probe.provider_compiled_in(TENSORRT_EP_NAME)? {
-                    Some(format!(
-                        "the loaded ONNX Runtime{} was built without the TensorRT execution provider",
-                        loaded_library_note()
-                    ))
+                    Some(TensorRtMissing::NotCompiledIn { library: loaded_library() })
                 } else {
-                    let missing: Vec<(&str, String)> = TENSORRT_LIBRARIES
-                        .iter()
-                        .filter_map(|l| probe.load_library(l).err().map(|e| (*l, e)))
-                        .collect();
-                    (!missing.is_empty()).then(|| {
-                        let names: Vec<&str> = missing.iter().map(|(l, _)| *l).collect();
-                        let mut why = format!(
-                            "TensorRT libraries ({}) not found: install TensorRT 10 for CUDA 13 or use --ep cuda",
-                            names.join(", ")
-                        );
-                        // The loader's words: a library present but missing a dependency reads differently.
-                        for (_, e) in &missing {
-                            let _ = write!(why, "\n  {e}");
-                        }
-                        why
-                    })
+                    let missing: Vec<LibraryLoadError> =
+                        TENSORRT_LIBRARIES.iter().filter_map(|l| probe.load_library(l).err()).collect();
+                    (!missing.is_empty()).then_some(TensorRtMissing::Libraries { missing })
                 };
                 if let Some(why) = trt_missing {
                     if !o.fallback_to_cuda {
-                        bail!("{why}");
+                        return Err(EpError::TensorRtUnavailable(why));
                     }
                     require_compiled_in(probe, GpuProvider::Cuda)?;
                     return Ok(ProviderPlan {
@@ -814,7 +790,8 @@ impl ProviderPlan {
     /// Applies the plan: threads, kernel switches, then each provider in order with `error_on_failure`.
     pub fn apply(&self, mut builder: SessionBuilder, probe: &dyn SystemProbe) -> Result<SessionBuilder> {
         if let Some(n) = self.intra_threads {
-            builder = builder.with_intra_threads(n).map_err(|e| anyhow!("cannot set {n} intra-op threads: {e}"))?;
+            builder =
+                builder.with_intra_threads(n).map_err(|e| EpError::IntraThreads { threads: n, source: e.into() })?;
         }
         for (key, value) in &self.env {
             // Read by ONNX Runtime while it builds this session's kernels, on this thread; set
@@ -824,12 +801,14 @@ impl ProviderPlan {
             }
         }
         if let Some(on) = self.memory_pattern {
-            builder = builder.with_memory_pattern(on).map_err(|e| anyhow!("cannot set the memory pattern: {e}"))?;
+            builder = builder.with_memory_pattern(on).map_err(|e| EpError::MemoryPattern(e.into()))?;
         }
         for (key, value) in &self.session_config {
-            builder = builder
-                .with_config_entry(key, value)
-                .map_err(|e| anyhow!("cannot set session entry {key}={value}: {e}"))?;
+            builder = builder.with_config_entry(key, value).map_err(|e| EpError::SessionEntry {
+                key: key.clone(),
+                value: value.clone(),
+                source: e.into(),
+            })?;
         }
         let has_cuda_after = |i: usize| self.providers[i + 1..].iter().any(|p| p.provider == GpuProvider::Cuda);
         for (i, spec) in self.providers.iter().enumerate() {
@@ -859,11 +838,11 @@ impl ProviderPlan {
                     e.recover()
                 }
                 Err(e) => {
-                    let what = match spec.provider {
-                        GpuProvider::Cuda => "CUDA",
-                        GpuProvider::TensorRt => "TensorRT",
-                    };
-                    bail!("cannot start the {what} execution provider: {e}{}", diagnose(spec.provider, probe));
+                    return Err(EpError::StartProvider {
+                        provider: spec.provider,
+                        hints: diagnose(spec.provider, probe),
+                        source: e.into(),
+                    });
                 }
             };
         }
@@ -886,9 +865,9 @@ pub fn trt_profile_shapes(
     batch: (usize, usize, usize),
     seq: (usize, usize, usize),
 ) -> Result<(String, String, String)> {
-    let check = |what: &str, (min, opt, max): (usize, usize, usize)| -> Result<()> {
+    let check = |what: &'static str, (min, opt, max): (usize, usize, usize)| -> Result<()> {
         if min == 0 || min > opt || opt > max {
-            bail!("{what} range ({min}, {opt}, {max}) must satisfy 1 <= min <= opt <= max");
+            return Err(EpError::ProfileRange { what, min, opt, max });
         }
         Ok(())
     };
@@ -896,12 +875,12 @@ pub fn trt_profile_shapes(
     check("sequence", seq)?;
     let ctx = manifest.dims.context_length;
     if seq.2 > ctx {
-        bail!("the maximum sequence length {} exceeds the graph's context length {ctx}", seq.2);
+        return Err(EpError::ProfileBeyondContext { max: seq.2, context_length: ctx });
     }
     let (mut min_s, mut opt_s, mut max_s) = (Vec::new(), Vec::new(), Vec::new());
     for input in &manifest.inputs {
         if input.name.contains([',', ':']) || input.name.is_empty() {
-            bail!("input name `{}` cannot be written in a TensorRT profile string", input.name);
+            return Err(EpError::ProfileInputName { input: input.name.clone() });
         }
         if input.shape.iter().all(|d| d.is_number()) {
             continue; // static: TensorRT needs no profile
@@ -910,8 +889,10 @@ pub fn trt_profile_shapes(
         for (axis, d) in input.shape.iter().enumerate() {
             let range = match d {
                 serde_json::Value::Number(n) => {
-                    let v = n.as_u64().ok_or_else(|| {
-                        anyhow!("input `{}` axis {axis}: fixed dimension {n} is not a non-negative integer", input.name)
+                    let v = n.as_u64().ok_or_else(|| EpError::ProfileFixedDimension {
+                        input: input.name.clone(),
+                        axis,
+                        value: n.clone(),
                     })? as usize;
                     (v, v, v)
                 }
@@ -921,13 +902,17 @@ pub fn trt_profile_shapes(
                     "total_sequence_length" | "total_seq_len" => seq,
                     "past_sequence_length" | "past_seq_len" => (0, seq.1 - 1, seq.2 - 1),
                     "max_sequence_length" | "max_seq_len" => (seq.2, seq.2, seq.2),
-                    other => bail!(
-                        "input `{}` axis {axis}: unknown symbolic dimension `{other}` (known: batch_size, \
-                         sequence_length, total_sequence_length, past_sequence_length, max_sequence_length)",
-                        input.name
-                    ),
+                    other => {
+                        return Err(EpError::ProfileUnknownSymbol {
+                            input: input.name.clone(),
+                            axis,
+                            symbol: other.to_string(),
+                        })
+                    }
                 },
-                other => bail!("input `{}` axis {axis}: dimension {other} is neither a number nor a name", input.name),
+                other => {
+                    return Err(EpError::ProfileBadDimension { input: input.name.clone(), axis, value: other.clone() })
+                }
             };
             dims[0].push(range.0.to_string());
             dims[1].push(range.1.to_string());
@@ -952,13 +937,11 @@ pub fn parse_profile_shapes(key: &str, s: &str) -> Result<Vec<(String, Vec<i64>)
             .split('x')
             .map(|d| d.trim().parse::<i64>().ok().filter(|&v| v >= 0))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| {
-                anyhow!("--ep-option {key}: `{entry}` has a dimension that is not a non-negative integer")
-            })?;
+            .ok_or_else(|| EpError::ProfileDimension { key: key.to_string(), entry: entry.to_string() })?;
         let name = name.trim().to_string();
         if out.iter().any(|(n, _)| *n == name) {
             // ONNX Runtime reads repeated names as further profiles; this module builds one profile.
-            bail!("--ep-option {key}: input `{name}` appears twice (only one optimization profile is supported)");
+            return Err(EpError::ProfileInputTwice { key: key.to_string(), input: name });
         }
         out.push((name, dims));
     }
@@ -967,51 +950,38 @@ pub fn parse_profile_shapes(key: &str, s: &str) -> Result<Vec<(String, Vec<i64>)
 
 fn require_compiled_in(probe: &dyn SystemProbe, provider: GpuProvider) -> Result<()> {
     if !probe.provider_compiled_in(provider.ort_name())? {
-        bail!(
-            "the loaded ONNX Runtime{} was built without the {}: use the GPU build (scripts/setup.sh --gpu, or \
-             PIO_ORT_FLAVOR=gpu / ORT_DYLIB_PATH pointing at onnxruntime-gpu's libonnxruntime.so)",
-            loaded_library_note(),
-            match provider {
-                GpuProvider::Cuda => "CUDA execution provider",
-                GpuProvider::TensorRt => "TensorRT execution provider",
-            }
-        );
+        return Err(EpError::NotCompiledIn { provider, library: loaded_library() });
     }
     Ok(())
 }
 
-fn loaded_library_note() -> String {
-    crate::ort_lib::loaded_library_path().map(|p| format!(" ({})", p.display())).unwrap_or_default()
+fn loaded_library() -> Option<PathBuf> {
+    crate::ort_lib::loaded_library_path().map(Path::to_path_buf)
 }
 
 /// Hints for a provider that failed to register: libraries that cannot be loaded, a missing provider library.
-fn diagnose(provider: GpuProvider, probe: &dyn SystemProbe) -> String {
+fn diagnose(provider: GpuProvider, probe: &dyn SystemProbe) -> StartHints {
     let mut wanted: Vec<&str> = ort::ep::cuda::CUDA_DYLIBS.iter().chain(ort::ep::cuda::CUDNN_DYLIBS).copied().collect();
     if provider == GpuProvider::TensorRt {
         wanted.extend(TENSORRT_LIBRARIES);
     }
-    let missing: Vec<&str> = wanted.into_iter().filter(|l| probe.load_library(l).is_err()).collect();
-    let mut hint = String::new();
-    if !missing.is_empty() {
-        let _ = write!(hint, "\n  these libraries cannot be loaded: {}", missing.join(", "));
-    }
-    if let Some(dir) = crate::ort_lib::loaded_library_path().and_then(Path::parent) {
+    let unloadable_libraries =
+        wanted.into_iter().filter(|l| probe.load_library(l).is_err()).map(str::to_string).collect();
+    let provider_library_missing = crate::ort_lib::loaded_library_path().and_then(Path::parent).and_then(|dir| {
         let lib = match provider {
             GpuProvider::Cuda => "libonnxruntime_providers_cuda.so",
             GpuProvider::TensorRt => "libonnxruntime_providers_tensorrt.so",
         };
-        if !dir.join(lib).exists() {
-            let _ = write!(hint, "\n  {lib} is not next to the loaded ONNX Runtime in {}", dir.display());
-        }
-    }
-    hint
+        (!dir.join(lib).exists()).then(|| (lib.to_string(), dir.to_path_buf()))
+    });
+    StartHints { unloadable_libraries, provider_library_missing }
 }
 
-fn ensure_dir(dir: &Path, what: &str) -> Result<()> {
+fn ensure_dir(dir: &Path, what: &'static str) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
-        bail!("{what} '{}' is a file, not a folder", dir.display());
+        return Err(EpError::NotAFolder { what, path: dir.to_path_buf() });
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the {what} folder '{}'", dir.display()))
+    std::fs::create_dir_all(dir).map_err(|source| EpError::CreateFolder { what, path: dir.to_path_buf(), source })
 }
 
 fn push(o: &mut Vec<(String, String)>, key: &str, value: impl std::fmt::Display) {
@@ -1038,8 +1008,8 @@ fn merge_extra(mut o: Vec<(String, String)>, extra: &[(String, String)]) -> Vec<
     o
 }
 
-fn bad_value(key: &str, value: &str, expected: &str) -> anyhow::Error {
-    anyhow!("invalid --ep-option {key}={value}: expected {expected}")
+fn bad_value(key: &str, value: &str, expected: &'static str) -> EpError {
+    EpError::InvalidValue { key: key.to_string(), value: value.to_string(), expected }
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool> {
@@ -1135,10 +1105,11 @@ mod tests {
         fn provider_compiled_in(&self, ort_name: &str) -> Result<bool> {
             Ok(self.compiled.contains(ort_name))
         }
-        fn load_library(&self, name: &str) -> std::result::Result<(), String> {
+        fn load_library(&self, name: &str) -> Result<(), LibraryLoadError> {
             self.asked.borrow_mut().push(name.to_string());
             if self.missing.contains(name) {
-                Err(format!("{name}: cannot open shared object file: No such file or directory"))
+                let message = format!("{name}: cannot open shared object file: No such file or directory");
+                Err(LibraryLoadError { name: name.to_string(), source: message.into() })
             } else {
                 Ok(())
             }
@@ -1379,6 +1350,54 @@ mod tests {
             panic!()
         };
         assert_eq!(t.engine_cache_dir, None);
+    }
+
+    #[test]
+    fn ep_option_errors_are_typed_and_keep_the_key_and_value() {
+        let err = |name: &str, o: &[&str]| ExecutionProvider::from_cli(name, 0, &opts(o)).unwrap_err();
+        assert!(matches!(err("cuda", &["gpu_mem_limit=lots"]), EpError::InvalidValue { key, value, .. }
+                if key == "gpu_mem_limit" && value == "lots"));
+        assert!(matches!(err("cuda", &["novalue"]), EpError::NotKeyValue { option } if option == "novalue"));
+        assert!(matches!(err("cuda", &["=1"]), EpError::EmptyKey { option } if option == "=1"));
+        assert!(matches!(err("gpu", &[]), EpError::UnknownProvider(name) if name == "gpu"));
+        assert!(
+            matches!(err("cpu", &["arena=same"]), EpError::NotACpuOption { key, value } if key == "arena" && value == "same")
+        );
+        let e = err(
+            "tensorrt",
+            &["trt_profile_min_shapes=a:1xq", "trt_profile_opt_shapes=a:1x1", "trt_profile_max_shapes=a:1x1"],
+        );
+        assert!(
+            matches!(&e, EpError::ProfileDimension { key, entry } if key == "trt_profile_min_shapes" && entry == "a:1xq"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_cache_folder_that_cannot_be_created_keeps_the_io_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let t = TensorRtOptions { timing_cache_dir: Some(file.join("sub")), ..Default::default() };
+        let err = t.prepare_dirs().unwrap_err();
+        assert!(matches!(&err, EpError::CreateFolder { path, .. } if *path == file.join("sub")), "{err:?}");
+        assert!(err.to_string().contains(&file.join("sub").display().to_string()), "{err}");
+        let source = std::error::Error::source(&err).expect("the io::Error is kept");
+        assert!(source.downcast_ref::<std::io::Error>().is_some(), "{source:?}");
+    }
+
+    #[test]
+    fn start_hints_name_what_is_missing() {
+        assert_eq!(StartHints::default().to_string(), "");
+        let hints = StartHints {
+            unloadable_libraries: vec!["libcudnn.so.9".into(), "libcublas.so.13".into()],
+            provider_library_missing: Some(("libonnxruntime_providers_cuda.so".into(), PathBuf::from("/opt/ort"))),
+        };
+        assert_eq!(
+            hints.to_string(),
+            " (these libraries cannot be loaded: libcudnn.so.9, libcublas.so.13; libonnxruntime_providers_cuda.so is \
+             not next to the loaded ONNX Runtime in /opt/ort)"
+        );
     }
 
     #[test]
@@ -1656,20 +1675,22 @@ mod tests {
     fn live_probe_loads_real_libraries_only() {
         assert!(LiveSystem.load_library("libc.so.6").is_ok());
         let err = LiveSystem.load_library("libpio-no-such-library.so.1").unwrap_err();
-        assert!(err.contains("libpio-no-such-library.so.1"), "{err}");
+        assert_eq!(err.name, "libpio-no-such-library.so.1");
+        assert!(err.source.is::<libloading::Error>(), "{err:?}");
+        assert!(err.loader_message().contains("libpio-no-such-library.so.1"), "{}", err.loader_message());
     }
 
     /// With the real ONNX Runtime of this checkout (the CPU build here): the CPU configures; CUDA and TensorRT fail
     /// with an error that names the missing build or libraries rather than falling back to the CPU. Skipped when no
     /// ONNX Runtime library is found.
     #[test]
-    fn configure_with_the_real_onnx_runtime() -> Result<()> {
+    fn configure_with_the_real_onnx_runtime() -> anyhow::Result<()> {
         if let Err(e) = crate::ort_lib::find_onnxruntime_library() {
-            eprintln!("skipping configure_with_the_real_onnx_runtime: {e:#}");
+            eprintln!("skipping configure_with_the_real_onnx_runtime: {e}");
             return Ok(());
         }
         let env = crate::ort_lib::environment()?;
-        let builder = || ort::session::Session::builder(env).map_err(|e| anyhow!("{e}"));
+        let builder = || ort::session::Session::builder(env);
         ExecutionProvider::Cpu { threads: Some(1) }.configure(builder()?)?;
         let cuda_built = LiveSystem.provider_compiled_in(CUDA_EP_NAME)?;
         let trt_built = LiveSystem.provider_compiled_in(TENSORRT_EP_NAME)?;

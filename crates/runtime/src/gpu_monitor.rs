@@ -9,7 +9,7 @@
 //! // ... run the benchmark ...
 //! let stats = monitor.stop();
 //! println!("{:.1} W average, {:.1} J, peak {} bytes", stats.avg_power_w, stats.energy_joules, stats.peak_memory_bytes);
-//! # Ok::<(), anyhow::Error>(())
+//! # Ok::<(), pio_runtime::gpu_monitor::GpuMonitorError>(())
 //! ```
 
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -17,11 +17,43 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context as _, Result};
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
 use serde::Serialize;
+
+/// Why GPU monitoring cannot start or read a device; NVML's error (or the thread spawn's) is the source.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuMonitorError {
+    /// No NVIDIA driver here: `libnvidia-ml.so.1` does not load.
+    #[error(
+        "NVML is not available (cannot load libnvidia-ml.so.1); GPU power and memory monitoring needs the NVIDIA driver"
+    )]
+    NvmlUnavailable(#[source] NvmlError),
+    #[error("cannot initialize NVML")]
+    Init(#[source] NvmlError),
+    /// No GPU `index`, or NVML may not open it.
+    #[error("NVML cannot open GPU {index}")]
+    OpenDevice {
+        index: u32,
+        #[source]
+        source: NvmlError,
+    },
+    /// `what` is the reading: `memory`, `name`.
+    #[error("NVML cannot read the {what} of GPU {index}")]
+    Read {
+        what: &'static str,
+        index: u32,
+        #[source]
+        source: NvmlError,
+    },
+    #[error("NVML cannot read the driver version")]
+    DriverVersion(#[source] NvmlError),
+    #[error("cannot start the GPU monitor thread")]
+    Thread(#[source] std::io::Error),
+}
+
+type Result<T, E = GpuMonitorError> = std::result::Result<T, E>;
 
 /// One reading of the device.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -74,10 +106,12 @@ impl GpuMonitor {
         let nvml = Arc::new(init_nvml()?);
         let t0 = Instant::now();
         let first = {
-            let device = nvml
-                .device_by_index(device_index)
-                .map_err(|e| nvml_error(e, &format!("cannot open GPU {device_index}")))?;
-            sample(&device, t0).map_err(|e| nvml_error(e, &format!("cannot read the memory of GPU {device_index}")))?
+            let device = open(&nvml, device_index)?;
+            sample(&device, t0).map_err(|source| GpuMonitorError::Read {
+                what: "memory",
+                index: device_index,
+                source,
+            })?
         };
         let interval = interval.max(Duration::from_millis(1));
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -102,7 +136,7 @@ impl GpuMonitor {
                     }
                 }
             })
-            .context("cannot start the GPU monitor thread")?;
+            .map_err(GpuMonitorError::Thread)?;
         Ok(GpuMonitor { stop_tx, handle })
     }
 
@@ -117,18 +151,18 @@ impl GpuMonitor {
 /// Name, total memory (bytes) and driver version of GPU `index`.
 pub fn device_info(index: u32) -> Result<(String, u64, String)> {
     let nvml = init_nvml()?;
-    let device = nvml.device_by_index(index).map_err(|e| nvml_error(e, &format!("cannot open GPU {index}")))?;
-    let name = device.name().map_err(|e| nvml_error(e, "cannot read the GPU name"))?;
-    let total = device.memory_info().map_err(|e| nvml_error(e, "cannot read the GPU memory"))?.total;
-    let driver = nvml.sys_driver_version().map_err(|e| nvml_error(e, "cannot read the driver version"))?;
+    let device = open(&nvml, index)?;
+    let name = device.name().map_err(|source| GpuMonitorError::Read { what: "name", index, source })?;
+    let total = device.memory_info().map_err(|source| GpuMonitorError::Read { what: "memory", index, source })?.total;
+    let driver = nvml.sys_driver_version().map_err(GpuMonitorError::DriverVersion)?;
     Ok((name, total, driver))
 }
 
 /// Used, free and total memory of GPU `index` now, bytes.
 pub fn device_memory(index: u32) -> Result<(u64, u64, u64)> {
     let nvml = init_nvml()?;
-    let device = nvml.device_by_index(index).map_err(|e| nvml_error(e, &format!("cannot open GPU {index}")))?;
-    let m = device.memory_info().map_err(|e| nvml_error(e, "cannot read the GPU memory"))?;
+    let m =
+        open(&nvml, index)?.memory_info().map_err(|source| GpuMonitorError::Read { what: "memory", index, source })?;
     Ok((used_bytes(&m), m.free, m.total))
 }
 
@@ -163,19 +197,16 @@ fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
 
 fn init_nvml() -> Result<Nvml> {
     Nvml::init().map_err(|e| match e {
-        NvmlError::LibloadingError(inner) => anyhow!(
-            "NVML is not available (cannot load libnvidia-ml.so.1: {inner}); GPU power and memory monitoring needs \
-             the NVIDIA driver"
-        ),
-        other => nvml_error(other, "cannot initialize NVML"),
+        NvmlError::LibloadingError(_) => GpuMonitorError::NvmlUnavailable(e),
+        other => GpuMonitorError::Init(other),
     })
 }
 
-fn nvml_error(e: NvmlError, what: &str) -> anyhow::Error {
-    anyhow!("{what}: NVML error: {e}")
+fn open(nvml: &Nvml, index: u32) -> Result<Device<'_>> {
+    nvml.device_by_index(index).map_err(|source| GpuMonitorError::OpenDevice { index, source })
 }
 
-fn sample(device: &Device<'_>, t0: Instant) -> std::result::Result<GpuSample, NvmlError> {
+fn sample(device: &Device<'_>, t0: Instant) -> Result<GpuSample, NvmlError> {
     let t_s = t0.elapsed().as_secs_f64();
     let memory_used_bytes = used_bytes(&device.memory_info()?);
     let pid = std::process::id();
@@ -323,9 +354,10 @@ mod tests {
     fn monitor_starts_or_names_nvml() {
         match GpuMonitor::start(0, Duration::from_millis(10)) {
             Err(e) => {
-                let msg = format!("{e:#}");
+                let msg = e.to_string();
                 eprintln!("no GPU monitoring here: {msg}");
                 assert!(msg.contains("NVML"), "{msg}");
+                assert!(std::error::Error::source(&e).is_some_and(|s| s.is::<NvmlError>()), "{e:?}");
                 assert!(device_info(0).unwrap_err().to_string().contains("NVML"));
             }
             Ok(m) => {
@@ -341,8 +373,9 @@ mod tests {
                 eprintln!("GPU 0: {name}, {total} bytes, driver {driver}");
                 assert!(!name.is_empty() && total >= st.peak_memory_bytes && !driver.is_empty());
                 // A device that does not exist is an error naming it.
-                let err = GpuMonitor::start(999, Duration::from_millis(10)).err().unwrap().to_string();
-                assert!(err.contains("GPU 999"), "{err}");
+                let err = GpuMonitor::start(999, Duration::from_millis(10)).err().unwrap();
+                assert!(matches!(err, GpuMonitorError::OpenDevice { index: 999, .. }), "{err:?}");
+                assert!(err.to_string().contains("GPU 999"), "{err}");
             }
         }
     }

@@ -6,11 +6,8 @@
 //!
 //! ```no_run
 //! let env = pio_runtime::ort_lib::environment()?;
-//! let session = ort::session::Session::builder(env)
-//!     .map_err(|e| anyhow::anyhow!("{e}"))?
-//!     .commit_from_file("graphs/model.onnx")
-//!     .map_err(|e| anyhow::anyhow!("{e}"))?;
-//! # Ok::<(), anyhow::Error>(())
+//! let session = ort::session::Session::builder(env)?.commit_from_file("graphs/model.onnx")?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! **Call [`environment()`] before anything else in `ort`** (tensor creation included): an `ort` call made before
@@ -29,6 +26,9 @@
 //! Across all of these, a file named for the preferred version ([`ORT_VERSION`], or `PIO_ORT_VERSION`) wins; failing
 //! that, the first other `libonnxruntime.so.1.x` with `x >=` [`ort::MINOR_VERSION`] is used with a warning. Older
 //! libraries are skipped (ort would refuse them) and reported in the error.
+//!
+//! Failures are [`OrtLibError`]s: one variant per way `ORT_DYLIB_PATH` can be wrong, one for nothing found (listing
+//! where it looked), and the loading and environment failures with `ort`'s error as their source.
 
 use std::{
     collections::HashSet,
@@ -41,7 +41,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context as _, Result};
 use ort::environment::Environment;
 
 /// The ONNX Runtime release this project is built and tested against (what `scripts/setup.sh` downloads).
@@ -62,6 +61,57 @@ pub const ENV_PIO_PYTHON: &str = "PIO_PYTHON";
 pub const PROJECT_CACHE_DIR: &str = ".cache/pio";
 
 const PYTHON_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why ONNX Runtime could not be found or loaded. Each message names the path or the places searched and says how
+/// to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum OrtLibError {
+    /// `ORT_DYLIB_PATH` names a folder without a usable `libonnxruntime.so` (`rejected`: files found but too old).
+    #[error(
+        "{ENV_ORT_DYLIB_PATH} is set to the folder '{}', which holds no usable libonnxruntime.so{}; point it to the \
+         library file (e.g. libonnxruntime.so.{preferred}) or unset it",
+        dir.display(),
+        describe_rejected(rejected)
+    )]
+    DylibPathNoLibrary { dir: PathBuf, preferred: String, rejected: Vec<(PathBuf, String)> },
+    /// `ORT_DYLIB_PATH` names a file that does not exist.
+    #[error(
+        "{ENV_ORT_DYLIB_PATH} is set to '{}', but that file does not exist; point it to a libonnxruntime.so (e.g. \
+         from scripts/setup.sh: .cache/pio/ort/libonnxruntime.so.{ORT_VERSION}) or unset it",
+        path.display()
+    )]
+    DylibPathMissing { path: PathBuf },
+    /// No library anywhere: `report` lists the places searched, the libraries found but refused, and how to get one.
+    #[error("{report}")]
+    NotFound { report: String },
+    /// The library was found but could not be loaded (not a library, a missing dependency, too old a version).
+    #[error("failed to load ONNX Runtime from '{}'", path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: ort::LoadDynamicError,
+    },
+    /// The library loaded, but ONNX Runtime refused to create its environment.
+    #[error("failed to create the ONNX Runtime environment ({})", path.display())]
+    Environment {
+        path: PathBuf,
+        #[source]
+        source: ort::Error,
+    },
+}
+
+/// Why asking `python` for its `onnxruntime` package failed (one line of [`OrtLibError::NotFound`]'s report).
+#[derive(Debug, thiserror::Error)]
+enum PythonProbeError {
+    #[error("could not run it")]
+    Spawn(#[source] std::io::Error),
+    #[error("could not wait for it")]
+    Wait(#[source] std::io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("exited with {0}")]
+    Failed(std::process::ExitStatus),
+}
 
 /// Where to look for the library. [`SearchOptions::from_env`] gives what [`find_onnxruntime_library`] uses; tests
 /// and callers with their own configuration (a `--ort-lib` flag, say) build one by hand.
@@ -158,12 +208,12 @@ pub fn cache_roots() -> Vec<PathBuf> {
 }
 
 /// Finds `libonnxruntime.so` for this process (see the [module docs](self) for the order).
-pub fn find_onnxruntime_library() -> Result<PathBuf> {
+pub fn find_onnxruntime_library() -> Result<PathBuf, OrtLibError> {
     find_onnxruntime_library_with(&SearchOptions::from_env())
 }
 
 /// [`find_onnxruntime_library`] with explicit locations.
-pub fn find_onnxruntime_library_with(opts: &SearchOptions) -> Result<PathBuf> {
+pub fn find_onnxruntime_library_with(opts: &SearchOptions) -> Result<PathBuf, OrtLibError> {
     let preferred = opts.preferred_version.as_str();
 
     // 1. ORT_DYLIB_PATH: explicit, so it must exist and nothing else is tried.
@@ -175,20 +225,15 @@ pub fn find_onnxruntime_library_with(opts: &SearchOptions) -> Result<PathBuf> {
                     c.warn_if_not_preferred(preferred);
                     Ok(absolute(&c.path))
                 }
-                None => bail!(
-                    "{ENV_ORT_DYLIB_PATH} is set to the folder '{}', which holds no usable libonnxruntime.so{}; \
-                     point it to the library file (e.g. libonnxruntime.so.{preferred}) or unset it",
-                    path.display(),
-                    describe_rejected(&scan.rejected)
-                ),
+                None => Err(OrtLibError::DylibPathNoLibrary {
+                    dir: path.clone(),
+                    preferred: preferred.to_string(),
+                    rejected: scan.rejected,
+                }),
             };
         }
         if !path.exists() {
-            bail!(
-                "{ENV_ORT_DYLIB_PATH} is set to '{}', but that file does not exist; point it to a \
-                 libonnxruntime.so (e.g. from scripts/setup.sh: .cache/pio/ort/libonnxruntime.so.{ORT_VERSION}) or unset it",
-                path.display()
-            );
+            return Err(OrtLibError::DylibPathMissing { path: path.clone() });
         }
         return Ok(absolute(path));
     }
@@ -253,7 +298,7 @@ pub fn find_onnxruntime_library_with(opts: &SearchOptions) -> Result<PathBuf> {
                 let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
                 looked.push(format!("{} site-packages: {}", python.to_string_lossy(), list.join(", ")));
             }
-            Err(e) => looked.push(format!("{}: {e:#}", python.to_string_lossy())),
+            Err(e) => looked.push(format!("{}: {}", python.to_string_lossy(), error_chain(&e))),
         },
     }
 
@@ -280,7 +325,7 @@ pub fn find_onnxruntime_library_with(opts: &SearchOptions) -> Result<PathBuf> {
          - pip install onnxruntime=={ORT_VERSION} (or onnxruntime-gpu=={ORT_VERSION})\n  \
          - set {ENV_ORT_DYLIB_PATH}=/path/to/libonnxruntime.so.{ORT_VERSION}"
     );
-    Err(anyhow!(msg))
+    Err(OrtLibError::NotFound { report: msg })
 }
 
 const ORT_CRATE_VERSION: &str = "2.0.0-rc.15";
@@ -295,7 +340,7 @@ static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// The process-wide ONNX Runtime environment, loading the library found by [`find_onnxruntime_library`] on the first
 /// call. Later calls return the same environment; a failed first call is retried by the next one.
-pub fn environment() -> Result<&'static Environment> {
+pub fn environment() -> Result<&'static Environment, OrtLibError> {
     if let Some(g) = GLOBAL.get() {
         return Ok(&g.env);
     }
@@ -305,7 +350,7 @@ pub fn environment() -> Result<&'static Environment> {
 /// Like [`environment`], but searches with `opts` if the environment is not created yet (e.g. a CLI `--ort-lib`
 /// flag: `SearchOptions { dylib_path: Some(path), ..SearchOptions::from_env() }`). If it already exists, it is
 /// returned as is.
-pub fn init_environment(opts: &SearchOptions) -> Result<&'static Environment> {
+pub fn init_environment(opts: &SearchOptions) -> Result<&'static Environment, OrtLibError> {
     if let Some(g) = GLOBAL.get() {
         return Ok(&g.env);
     }
@@ -317,12 +362,11 @@ pub fn init_environment(opts: &SearchOptions) -> Result<&'static Environment> {
     tracing::info!(path = %path.display(), "loading ONNX Runtime");
     // `ort::init_from` dlopens the library and checks its version (>= 1.MINOR_VERSION); it only loads once per
     // process, so a retry after a failed `build` reuses the already loaded library.
-    let env = ort::init_from(&path)
-        .map_err(|e| anyhow!("failed to load ONNX Runtime from '{}': {e}", path.display()))?
-        .with_name("pio")
-        .with_telemetry(false)
-        .build()
-        .map_err(|e| anyhow!("failed to create the ONNX Runtime environment ({}): {e}", path.display()))?;
+    let env = match ort::init_from(&path) {
+        Ok(builder) => builder.with_name("pio").with_telemetry(false).build(),
+        Err(source) => return Err(OrtLibError::Load { path, source }),
+    };
+    let env = env.map_err(|source| OrtLibError::Environment { path: path.clone(), source })?;
     tracing::info!(path = %path.display(), "ONNX Runtime environment ready");
     let g = GLOBAL.get_or_init(|| Global { env, path });
     Ok(&g.env)
@@ -458,7 +502,7 @@ fn describe_rejected(rejected: &[(PathBuf, String)]) -> String {
 /// Folders `.../onnxruntime/capi/` of the `onnxruntime` (or `onnxruntime-gpu`, same package name) that `python`
 /// would import, then of every `sys.path` / site-packages entry; existing ones only. The package is located with
 /// `importlib.util.find_spec`, so it is not imported (fast, and no native code runs).
-fn python_onnxruntime_dirs(python: &OsString) -> Result<Vec<PathBuf>> {
+fn python_onnxruntime_dirs(python: &OsString) -> Result<Vec<PathBuf>, PythonProbeError> {
     const SCRIPT: &str = r#"
 import importlib.util, sys
 try:
@@ -494,9 +538,13 @@ for p in list(sys.path) + extra:
 }
 
 /// Runs `cmd`, returning its stdout; kills it after `timeout`.
-fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<String> {
-    let mut child =
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("could not run it")?;
+fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<String, PythonProbeError> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(PythonProbeError::Spawn)?;
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -505,21 +553,32 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<String> {
     });
     let deadline = Instant::now() + timeout;
     let status = loop {
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child.try_wait().map_err(PythonProbeError::Wait)? {
             break status;
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("timed out after {timeout:?}");
+            return Err(PythonProbeError::Timeout(timeout));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
     let out = reader.join().unwrap_or_default();
     if !status.success() {
-        bail!("exited with {status}");
+        return Err(PythonProbeError::Failed(status));
     }
     Ok(out)
+}
+
+/// `error` and its sources, `: `-separated (one line of a report that lists many places).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let _ = write!(text, ": {e}");
+        source = e.source();
+    }
+    text
 }
 
 /// Absolute, with `.`/`..` resolved lexically where possible (no symlink resolution; missing paths are fine).
@@ -549,9 +608,27 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let missing = tmp.path().join("nope/libonnxruntime.so.1.31.1");
         let o = SearchOptions { dylib_path: Some(missing.clone()), ..opts(vec![tmp.path().to_path_buf()]) };
-        let err = find_onnxruntime_library_with(&o).unwrap_err().to_string();
+        let err = find_onnxruntime_library_with(&o).unwrap_err();
+        assert!(matches!(&err, OrtLibError::DylibPathMissing { path } if *path == missing), "{err:?}");
+        let err = err.to_string();
         assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
         assert!(err.contains(&missing.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn ort_dylib_path_to_a_folder_without_a_library_names_the_folder_and_what_was_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = tmp.path().join("libonnxruntime.so.1.20.0");
+        touch(&old);
+        let o = SearchOptions { dylib_path: Some(tmp.path().to_path_buf()), ..SearchOptions::default() };
+        let err = find_onnxruntime_library_with(&o).unwrap_err();
+        assert!(
+            matches!(&err, OrtLibError::DylibPathNoLibrary { dir, rejected, .. }
+            if dir == tmp.path() && rejected.len() == 1),
+            "{err:?}"
+        );
+        let err = err.to_string();
+        assert!(err.contains(&tmp.path().display().to_string()) && err.contains("libonnxruntime.so.1.20.0"), "{err}");
     }
 
     #[test]
@@ -634,7 +711,9 @@ mod tests {
     #[test]
     fn nothing_found_lists_the_places_searched() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = find_onnxruntime_library_with(&opts(vec![tmp.path().to_path_buf()])).unwrap_err().to_string();
+        let err = find_onnxruntime_library_with(&opts(vec![tmp.path().to_path_buf()])).unwrap_err();
+        assert!(matches!(err, OrtLibError::NotFound { .. }), "{err:?}");
+        let err = err.to_string();
         eprintln!("{err}");
         assert!(err.contains(&normalize(tmp.path()).display().to_string()), "{err}");
         assert!(err.contains(".cache/pio/{ort,ort-gpu}/"), "{err}");
@@ -676,15 +755,16 @@ mod tests {
     /// `tests/fixtures/tiny_add.onnx` (c = a + b over float[n]; made with the `onnx` python package, opset 13).
     /// Skipped when no library is found, except under CI (`CI` set), where setup.sh has run and it must pass.
     #[test]
-    fn environment_runs_a_tiny_model() -> Result<()> {
+    fn environment_runs_a_tiny_model() -> anyhow::Result<()> {
         const TINY_ADD: &[u8] =
             include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny_add.onnx"));
         let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
         if let Err(e) = find_onnxruntime_library() {
             if in_ci {
-                return Err(e.context("CI is set, so ONNX Runtime must be available (did scripts/setup.sh run?)"));
+                return Err(anyhow::Error::new(e)
+                    .context("CI is set, so ONNX Runtime must be available (did scripts/setup.sh run?)"));
             }
-            eprintln!("skipping environment_runs_a_tiny_model: {e:#}");
+            eprintln!("skipping environment_runs_a_tiny_model: {e}");
             return Ok(());
         }
 
@@ -693,22 +773,52 @@ mod tests {
         let path = loaded_library_path().expect("loaded");
         assert!(path.file_name().unwrap().to_string_lossy().starts_with("libonnxruntime.so"));
 
-        let mut session = ort::session::Session::builder(env)
-            .map_err(|e| anyhow!("{e}"))?
+        let mut session = ort::session::Session::builder(env)?
             .with_intra_threads(1)
-            .map_err(|e| anyhow!("{e}"))?
-            .commit_from_memory(TINY_ADD)
-            .map_err(|e| anyhow!("{e}"))?;
+            .map_err(ort::Error::<()>::from)?
+            .commit_from_memory(TINY_ADD)?;
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         assert_eq!(names, ["a", "b"]);
 
-        let a = ort::value::Tensor::from_array((vec![3_i64], vec![1.0_f32, 2.0, 3.0])).map_err(|e| anyhow!("{e}"))?;
-        let b =
-            ort::value::Tensor::from_array((vec![3_i64], vec![10.0_f32, 20.0, 30.0])).map_err(|e| anyhow!("{e}"))?;
-        let outputs = session.run(ort::inputs!["a" => a, "b" => b]).map_err(|e| anyhow!("{e}"))?;
-        let (shape, c) = outputs["c"].try_extract_tensor::<f32>().map_err(|e| anyhow!("{e}"))?;
+        let a = ort::value::Tensor::from_array((vec![3_i64], vec![1.0_f32, 2.0, 3.0]))?;
+        let b = ort::value::Tensor::from_array((vec![3_i64], vec![10.0_f32, 20.0, 30.0]))?;
+        let outputs = session.run(ort::inputs!["a" => a, "b" => b])?;
+        let (shape, c) = outputs["c"].try_extract_tensor::<f32>()?;
         assert_eq!(shape.to_vec(), vec![3_i64]);
         assert_eq!(c, [11.0, 22.0, 33.0]);
         Ok(())
+    }
+
+    /// A file that is no library: the load fails with `ort`'s error as the source, naming the path. Runs in a child
+    /// process (ort loads one library per process, and this one must not be the real one's).
+    #[test]
+    fn a_file_that_is_no_library_fails_to_load_with_the_ort_error_as_source() {
+        if std::env::var_os("PIO_TEST_BAD_LIBRARY_CHILD").is_none() {
+            let tmp = tempfile::tempdir().unwrap();
+            let bogus = tmp.path().join("libonnxruntime.so.1.31.1");
+            touch(&bogus);
+            let out = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "ort_lib::tests::a_file_that_is_no_library_fails_to_load_with_the_ort_error_as_source",
+                ])
+                .args(["--nocapture", "--test-threads=1"])
+                .env("PIO_TEST_BAD_LIBRARY_CHILD", &bogus)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{text}");
+            assert!(text.contains("checked the load error"), "{text}");
+            return;
+        }
+        let bogus = PathBuf::from(std::env::var_os("PIO_TEST_BAD_LIBRARY_CHILD").unwrap());
+        let err = init_environment(&SearchOptions { dylib_path: Some(bogus.clone()), ..SearchOptions::default() })
+            .unwrap_err();
+        assert!(matches!(&err, OrtLibError::Load { path, .. } if *path == absolute(&bogus)), "{err:?}");
+        assert!(err.to_string().contains(&bogus.display().to_string()), "{err}");
+        let source = std::error::Error::source(&err).expect("the load error keeps ort's error");
+        assert!(source.downcast_ref::<ort::LoadDynamicError>().is_some(), "{source:?}");
+        assert!(source.to_string().contains(&bogus.display().to_string()), "{source}");
+        eprintln!("checked the load error: {err}: {source}");
     }
 }

@@ -5,23 +5,56 @@
 //! [`Engine`]), infer (prompt in, text out; `infer_with_images` with images for a
 //! vision-language model), generate (full options, streaming), unload. One
 //! plugin per preset family, made by [`plugin_for_preset`]. A loaded plugin hands out its
-//! [`Engine`] for concurrent requests.
+//! [`Engine`] for concurrent requests. Every failure is a [`PluginError`].
 
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Result};
 use pio_image::ImageInput;
 use pio_models::config::Architecture;
 use pio_models::presets::{find_preset, Preset};
 use pio_models::size::{ParameterCount, Precision};
+use pio_models::{ManifestError, PresetError};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::engine::{Engine, EngineConfig, Event, Prompt, Request};
+use crate::engine::{Engine, EngineConfig, EngineError, Event, Prompt, Request};
 use crate::ep::ExecutionProvider;
 use crate::generate::{Clock, FinishReason, GenerateOptions, GenerationOutput, OutputBuilder, TokenEvent};
+use crate::ort_lib::OrtLibError;
+
+/// What a [`ModelPlugin`] refuses or fails at: the plugin (named) used out of order, a graph folder of another
+/// family, and the preset's, ONNX Runtime's, the manifest's and the engine's own errors.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// An unknown preset, or a built-in config that does not parse.
+    #[error(transparent)]
+    Preset(#[from] PresetError),
+    /// ONNX Runtime could not be found or loaded (`initialize`).
+    #[error(transparent)]
+    OrtLib(#[from] OrtLibError),
+    /// The graph folder's `pio.json` (`load`).
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The engine refused the request or failed; its own variants tell which.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("plugin {plugin}: initialize before load")]
+    NotInitialized { plugin: String },
+    #[error("plugin {plugin}: no model loaded (call load first)")]
+    NotLoaded { plugin: String },
+    /// `graphs` holds another family's export.
+    #[error("{} holds a {architecture} graph, but plugin {plugin} serves the {family:?} family", graphs.display())]
+    WrongFamily { graphs: PathBuf, architecture: &'static str, plugin: String, family: Family },
+    /// Images need a chat message, so a model without a chat template cannot take them.
+    #[error("{} has no chat template: images go into a chat message", graphs.display())]
+    ImagesWithoutChatTemplate { graphs: PathBuf },
+    #[error("plugin {plugin}: the engine ended the request without an output")]
+    NoOutput { plugin: String },
+}
+
+type Result<T, E = PluginError> = std::result::Result<T, E>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -78,7 +111,7 @@ pub struct PluginMetadata {
 }
 
 impl PluginMetadata {
-    pub fn of(preset: &Preset) -> Result<Self> {
+    pub fn of(preset: &Preset) -> Result<Self, PresetError> {
         let config = preset.config()?;
         let parameters = ParameterCount::of(&config);
         let memory = Precision::ALL
@@ -152,7 +185,7 @@ pub fn plugin_for_preset(name: &str) -> Result<Box<dyn ModelPlugin>> {
 
 impl DecoderPlugin {
     fn loaded(&self) -> Result<&Engine> {
-        self.engine.as_ref().ok_or_else(|| anyhow!("plugin {}: no model loaded (call load first)", self.meta.name))
+        self.engine.as_ref().ok_or_else(|| PluginError::NotLoaded { plugin: self.meta.name.clone() })
     }
 }
 
@@ -168,16 +201,15 @@ impl ModelPlugin for DecoderPlugin {
     }
 
     fn load(&mut self, graphs: &Path) -> Result<()> {
-        let ep = self.ep.clone().ok_or_else(|| anyhow!("plugin {}: initialize before load", self.meta.name))?;
+        let ep = self.ep.clone().ok_or_else(|| PluginError::NotInitialized { plugin: self.meta.name.clone() })?;
         let manifest = pio_models::Manifest::load(graphs)?;
         if Family::of(manifest.architecture) != self.meta.family {
-            bail!(
-                "{} holds a {} graph, but plugin {} serves the {:?} family",
-                graphs.display(),
-                manifest.architecture.hf_name(),
-                self.meta.name,
-                self.meta.family
-            );
+            return Err(PluginError::WrongFamily {
+                graphs: graphs.to_path_buf(),
+                architecture: manifest.architecture.hf_name(),
+                plugin: self.meta.name.clone(),
+                family: self.meta.family,
+            });
         }
         // Unload first: the old engine's memory goes before the new one takes its own.
         self.engine = None;
@@ -205,7 +237,7 @@ impl ModelPlugin for DecoderPlugin {
         } else if images.is_empty() {
             Prompt::Text(prompt.to_string())
         } else {
-            bail!("{} has no chat template: images go into a chat message", info.graphs.display());
+            return Err(PluginError::ImagesWithoutChatTemplate { graphs: info.graphs.clone() });
         };
         let options = GenerateOptions {
             max_tokens: Some(max_tokens),
@@ -237,7 +269,7 @@ impl ModelPlugin for DecoderPlugin {
                 Event::Finished(output) => return Ok(output),
             }
         }
-        bail!("plugin {}: the engine ended the request without an output", self.meta.name)
+        Err(PluginError::NoOutput { plugin: self.meta.name.clone() })
     }
 
     fn engine(&self) -> Option<&Engine> {
@@ -246,5 +278,26 @@ impl ModelPlugin for DecoderPlugin {
 
     fn unload(&mut self) {
         self.engine = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_errors_are_typed_and_name_the_plugin() {
+        let err = plugin_for_preset("llama-7b").err().expect("an unknown preset is refused");
+        assert!(matches!(&err, PluginError::Preset(PresetError::Unknown { name }) if name == "llama-7b"), "{err:?}");
+
+        let mut plugin = plugin_for_preset("qwen3-4b-instruct-2507").unwrap();
+        let err = plugin.load(Path::new("graphs/nowhere")).unwrap_err();
+        assert!(
+            matches!(&err, PluginError::NotInitialized { plugin } if plugin == "qwen3-4b-instruct-2507"),
+            "{err:?}"
+        );
+        let err = plugin.infer("Hello", 4).unwrap_err();
+        assert!(matches!(err, PluginError::NotLoaded { .. }), "{err:?}");
+        assert_eq!(err.to_string(), "plugin qwen3-4b-instruct-2507: no model loaded (call load first)");
     }
 }

@@ -90,8 +90,18 @@ impl EngineError {
         }
     }
 
+    /// A failure of the model layer, which still reports `anyhow` errors (`crate::model`, the runner, the KV pool);
+    /// the chain of `source` is kept.
     pub(crate) fn model(context: impl Into<String>, source: anyhow::Error) -> Self {
-        EngineError::Model { context: context.into(), source: Arc::new(ModelFailure(source)) }
+        Self::model_failed(context, source)
+    }
+
+    /// A failure underneath the engine (a tokenizer, ONNX Runtime, the model layer) with `source` as its cause.
+    pub(crate) fn model_failed(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn StdError + Send + Sync + 'static>>,
+    ) -> Self {
+        EngineError::Model { context: context.into(), source: Arc::new(ModelFailure(source.into())) }
     }
 
     pub(crate) fn config(setting: &'static str, message: impl Into<String>) -> Self {
@@ -99,9 +109,9 @@ impl EngineError {
     }
 }
 
-/// A failure reported by the model layer (`crate::model`, ONNX Runtime): its message, with the
-/// causes underneath as the [`source`](StdError::source) chain.
-pub struct ModelFailure(anyhow::Error);
+/// A failure reported by the model layer (`crate::model`, ONNX Runtime, the tokenizer): its
+/// message, with the causes underneath as the [`source`](StdError::source) chain.
+pub struct ModelFailure(Box<dyn StdError + Send + Sync + 'static>);
 
 impl fmt::Debug for ModelFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -117,7 +127,7 @@ impl fmt::Display for ModelFailure {
 
 impl StdError for ModelFailure {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.0.chain().nth(1)
+        self.0.source()
     }
 }
 
@@ -125,17 +135,30 @@ impl StdError for ModelFailure {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_model_failure_keeps_its_cause_chain() {
-        let io = std::io::Error::other("the disk is gone");
-        let err = EngineError::model("the decode step failed", anyhow::Error::new(io).context("reading logits"));
+    fn chain(err: &dyn StdError) -> Vec<String> {
         let mut chain = vec![err.to_string()];
         let mut source = err.source();
         while let Some(e) = source {
             chain.push(e.to_string());
             source = e.source();
         }
-        assert_eq!(chain, ["the decode step failed", "reading logits", "the disk is gone"]);
+        chain
+    }
+
+    #[test]
+    fn a_model_failure_keeps_its_cause_chain() {
+        let io = std::io::Error::other("the disk is gone");
+        let err = EngineError::model("the decode step failed", anyhow::Error::new(io).context("reading logits"));
+        assert_eq!(chain(&err), ["the decode step failed", "reading logits", "the disk is gone"]);
+    }
+
+    #[test]
+    fn a_typed_cause_is_kept_as_it_is() {
+        let io = std::io::Error::other("the disk is gone");
+        let err = EngineError::model_failed("detokenizing a generated token", io);
+        assert_eq!(chain(&err), ["detokenizing a generated token", "the disk is gone"]);
+        let EngineError::Model { source, .. } = &err else { panic!("{err:?}") };
+        assert!(source.0.downcast_ref::<std::io::Error>().is_some(), "the io::Error itself, not its text");
     }
 
     #[test]

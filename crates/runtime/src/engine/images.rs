@@ -11,18 +11,41 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use ort::value::DynTensorValueType;
-use pio_image::{ImageProcessor, PixelBatch, RgbImage};
+use pio_image::{ImageError, ImageProcessor, PixelBatch, RgbImage};
 
 use crate::cuda_rt::Copy2d;
 use crate::generate::ImageTimings;
 use crate::model::DecoderModel;
-use crate::vision::{EncoderCache, ImageFeatures, LoadedImage, MultimodalPrompt, VisionEncoder};
+use crate::vision::{EncoderCache, ImageFeatures, LoadedImage, MultimodalPrompt, VisionEncoder, VisionError};
 
 use super::kv_pool::KvMemory;
 use super::metrics::MetricsSnapshot;
 use super::prefix_cache::ExtraKey;
+
+/// Why image `index` of a request could not be turned into features.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ImageEncodeError {
+    /// The engine's own bookkeeping failed: the pixels were dropped before the image was encoded.
+    #[error("image {index}'s pixels are gone before it was encoded")]
+    PixelsGone { index: usize },
+    #[error("preprocessing image {index}")]
+    Preprocess {
+        index: usize,
+        #[source]
+        source: ImageError,
+    },
+    #[error("encoding image {index}")]
+    Encode {
+        index: usize,
+        #[source]
+        source: VisionError,
+    },
+    /// The encoder and the prompt disagree on the image's size.
+    #[error("image {index} encodes to {encoded} tokens, its prompt holds {placed}")]
+    TokenCount { index: usize, encoded: usize, placed: usize },
+}
 
 /// A request's images: where they sit in its prompt, their pixels until encoded, their
 /// features once encoded.
@@ -87,7 +110,9 @@ impl VisionRuntime {
     }
 
     /// The image rows of prompt tokens `range` of a request (None when the range holds no image
-    /// token), encoding the images they come from first if need be.
+    /// token), encoding the images they come from first if need be. An `anyhow` error still: the
+    /// row gathering's tensors and copies come from the model layer and the KV pool, which report
+    /// `anyhow` errors, and the runner returns this as its own.
     pub(crate) fn chunk_rows(
         &mut self,
         model: &DecoderModel,
@@ -117,7 +142,7 @@ impl VisionRuntime {
         images: &mut SequenceImages,
         index: usize,
         metrics: &mut MetricsSnapshot,
-    ) -> Result<Arc<ImageFeatures>> {
+    ) -> Result<Arc<ImageFeatures>, ImageEncodeError> {
         let hash = images.prompt.images[index].hash;
         if let Some(features) = self.cache.get(&hash) {
             images.timings.encoder_cache_hits += 1;
@@ -125,23 +150,25 @@ impl VisionRuntime {
             images.pixels[index] = None;
             return Ok(features);
         }
-        let pixels = images.pixels[index]
-            .take()
-            .ok_or_else(|| anyhow!("image {index}'s pixels are gone before it was encoded"))?;
+        let pixels = images.pixels[index].take().ok_or(ImageEncodeError::PixelsGone { index })?;
         let start = Instant::now();
         self.processor
             .preprocess_into(std::slice::from_ref(&pixels), &mut self.batch)
-            .with_context(|| format!("preprocessing image {index}"))?;
+            .map_err(|source| ImageEncodeError::Preprocess { index, source })?;
         let grid = self.batch.grids()[0];
         let encoded = Instant::now();
         images.timings.preprocess_ms += (encoded - start).as_secs_f64() * 1e3;
-        let features = Arc::new(self.encoder.encode(self.batch.pixel_values(), grid)?);
+        let features = Arc::new(
+            self.encoder
+                .encode(self.batch.pixel_values(), grid)
+                .map_err(|source| ImageEncodeError::Encode { index, source })?,
+        );
         images.timings.encode_ms += encoded.elapsed().as_secs_f64() * 1e3;
         images.timings.encoded += 1;
         metrics.images_encoded += 1;
         let placed = images.prompt.images[index].tokens.len();
         if features.tokens() != placed {
-            return Err(anyhow!("image {index} encodes to {} tokens, its prompt holds {placed}", features.tokens()));
+            return Err(ImageEncodeError::TokenCount { index, encoded: features.tokens(), placed });
         }
         self.cache.insert(hash, Arc::clone(&features));
         Ok(features)

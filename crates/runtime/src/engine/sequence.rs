@@ -181,7 +181,7 @@ impl Sequence {
             if !is_stop_id {
                 let piece = d
                     .push(token)
-                    .map_err(|e| EngineError::model("detokenizing a generated token", anyhow::Error::new(e)))?
+                    .map_err(|e| EngineError::model_failed("detokenizing a generated token", e))?
                     .unwrap_or_default();
                 let (emit, hit) = self.stops.push(&piece);
                 text = emit;
@@ -222,8 +222,7 @@ impl Sequence {
         if flush {
             let mut tail = String::new();
             if let Some(d) = self.decoder.as_mut() {
-                let rest =
-                    d.flush().map_err(|e| EngineError::model("detokenizing the last tokens", anyhow::Error::new(e)))?;
+                let rest = d.flush().map_err(|e| EngineError::model_failed("detokenizing the last tokens", e))?;
                 tail.push_str(&self.stops.push(&rest).0);
             }
             tail.push_str(&self.stops.flush());
