@@ -226,6 +226,21 @@ fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
+/// Which tensors a synthetic checkpoint holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CheckpointContents {
+    /// Every tensor the architecture reads.
+    #[default]
+    All,
+    /// All but the decoder layers' projections, which an int4 export with `--direct-int4`
+    /// draws as int4 codes itself (`crate::random_int4`): a real-shape checkpoint of a few GB
+    /// instead of hundreds.
+    WithoutQuantized,
+}
+
+/// The marker's key recording [`CheckpointContents::WithoutQuantized`].
+pub const OMITS_QUANTIZED: &str = "omits_quantized_weights";
+
 /// Writes config.json, generation_config.json, model.safetensors (bf16) and, if given, the
 /// tokenizer files, into `dir` (via a temporary folder renamed at the end).
 pub fn write_checkpoint(
@@ -235,9 +250,25 @@ pub fn write_checkpoint(
     tokenizer_dir: Option<&Path>,
     dir: &Path,
 ) -> Result<PathBuf> {
+    write_checkpoint_with(preset, overrides, seed, tokenizer_dir, dir, CheckpointContents::All)
+}
+
+/// [`write_checkpoint`] holding `contents`.
+pub fn write_checkpoint_with(
+    preset: &Preset,
+    overrides: &ShapeOverrides,
+    seed: u64,
+    tokenizer_dir: Option<&Path>,
+    dir: &Path,
+    contents: CheckpointContents,
+) -> Result<PathBuf> {
     let config_value = synthetic_config(preset, overrides)?;
     let config = ModelConfig::from_value(&config_value)?;
-    let tensors = arch::checkpoint_tensors(&config)?;
+    let mut tensors = arch::checkpoint_tensors(&config)?;
+    let omits = contents == CheckpointContents::WithoutQuantized;
+    if omits {
+        tensors.retain(|(name, _)| !crate::random_int4::is_drawn(name));
+    }
     OutputKind::SyntheticCheckpoint.check_destination(dir, true)?;
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = ScratchDir::new_in(parent, OutputKind::SyntheticCheckpoint)?;
@@ -247,7 +278,10 @@ pub fn write_checkpoint(
     };
     write_json("config.json", &config_value)?;
     write_json("generation_config.json", &preset.generation_config_json()?)?;
-    write_json(SYNTHETIC_MARKER, &json!({"preset": preset.name, "seed": seed, "shape": overrides.tag()}))?;
+    write_json(
+        SYNTHETIC_MARKER,
+        &json!({"preset": preset.name, "seed": seed, "shape": overrides.tag(), OMITS_QUANTIZED: omits}),
+    )?;
     let views: Vec<(String, RandomTensor)> = tensors
         .into_iter()
         .map(|(name, shape)| {

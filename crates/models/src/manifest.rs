@@ -220,6 +220,36 @@ pub struct VisionSpec {
     pub preprocessor_files: Vec<String>,
 }
 
+/// One stage of a decoder exported in stages (`pio-export --stages N`): a graph over the
+/// contiguous decoder layers `layers`, run in a session of its own (on a device of its own).
+///
+/// Its inputs are the step's (`input_ids` in the first stage only, `attention_mask`,
+/// `position_ids`, a vision-language decoder's image rows in the first stage), the KV cache of
+/// its layers (named as in an unstaged graph), and values an earlier stage outputs (the
+/// hidden states between stages: [`STAGE_HIDDEN_STATES`], with fused norms
+/// [`STAGE_HIDDEN_STATES_NORMED`]; Qwen3-VL's deepstack features for layers past the first
+/// stage). The last stage outputs the logits and the greedy tokens; every stage outputs its
+/// layers' present KV.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageSpec {
+    /// The stage's graph file, relative to the manifest (its weights beside it, `<file>.data`).
+    pub file: String,
+    /// The decoder layers the stage holds, `start..end`.
+    pub layers: std::ops::Range<usize>,
+    pub inputs: Vec<IoSpec>,
+    pub outputs: Vec<IoSpec>,
+    /// Bytes of the stage's weights (its external data file).
+    pub weight_bytes: u64,
+}
+
+/// The residual stream between two stages, (batch, sequence, hidden) in the graph's dtype: what
+/// enters the next stage's first layer before its input norm.
+pub const STAGE_HIDDEN_STATES: &str = "hidden_states";
+/// With fused norms: that stream through the next stage's first input norm, computed with the
+/// residual add in one SkipSimplifiedLayerNormalization (recomputing it from the rounded
+/// stream would differ in 16-bit graphs).
+pub const STAGE_HIDDEN_STATES_NORMED: &str = "hidden_states_normed";
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
@@ -245,6 +275,11 @@ pub struct Manifest {
     /// The vision encoder of a vision-language export; absent for text models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vision: Option<VisionSpec>,
+    /// A decoder exported in stages: their graphs in order (empty: one graph, `decoder`).
+    /// `decoder` then names the first stage, and `inputs` / `outputs` are the whole decoder's
+    /// (the stages' together, without what passes between them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageSpec>,
     pub exported_by: String,
     pub source: String,
 }

@@ -1472,6 +1472,7 @@ mod tests {
             tokenizer: None,
             config,
             vision: None,
+            stages: vec![],
             exported_by: "test".into(),
             source: "test".into(),
         }
