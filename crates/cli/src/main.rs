@@ -21,6 +21,7 @@ use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::generate::{GenerateOptions, GenerationOutput};
 use pio_runtime::plugin::PluginMetadata;
 use pio_runtime::sampling::SamplingParams;
+use pio_runtime::stages::StageOptions;
 use pio_runtime::vision::{LocalImageFiles, RemoteImages};
 use serde_json::json;
 
@@ -140,6 +141,8 @@ struct BenchArgs {
     /// Where the JSON report goes.
     #[arg(long, default_value = "bench.json")]
     out: PathBuf,
+    #[command(flatten)]
+    stages: StageArgs,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -205,6 +208,34 @@ pub struct ModelArgs {
     max_image_bytes: u64,
     #[arg(long, default_value_t = pio_image::DEFAULT_MAX_PIXELS)]
     max_image_pixels: u64,
+    #[command(flatten)]
+    stages: StageArgs,
+}
+
+/// Where a staged export's stages run (`pio-export --stages N`).
+#[derive(ClapArgs, Clone)]
+struct StageArgs {
+    /// A staged export's GPUs, comma-separated (0,1): with as many as stages one each, with fewer
+    /// consecutive stages share one. Default: every stage on --device-id.
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    devices: Vec<i32>,
+    /// Micro-batches a batched decode step is cut into, so that stages on different GPUs work at
+    /// once (default: one per GPU the stages use; 1 turns micro-batching off).
+    #[arg(long)]
+    micro_batches: Option<usize>,
+}
+
+impl StageArgs {
+    fn options(&self) -> Result<StageOptions> {
+        let mut options = StageOptions::new().with_devices(self.devices.clone());
+        if let Some(n) = self.micro_batches {
+            if n == 0 {
+                bail!("--micro-batches must be at least 1");
+            }
+            options = options.with_micro_batches(n);
+        }
+        Ok(options)
+    }
 }
 
 /// GiB as bytes, refusing what is not a positive size.
@@ -242,7 +273,8 @@ impl ModelArgs {
             .ep(self.ep()?)
             .prefill_budget(self.prefill_budget)
             .gpu_memory_utilization(self.gpu_memory_utilization)
-            .prefix_caching(!self.no_prefix_cache);
+            .prefix_caching(!self.no_prefix_cache)
+            .stages(self.stages.options()?);
         if let Some(n) = self.max_seqs {
             config = config.max_seqs(n);
         }
@@ -588,6 +620,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         prefill_chunk: None,
         check_chunked_prefill: args.check_chunked_prefill,
         seed: args.seed,
+        stages: args.stages.options()?,
     };
     let argmax_modes: Vec<bool> = match args.argmax.as_str() {
         "device" => vec![false],

@@ -12,7 +12,7 @@
 use anyhow::Result;
 use indicatif::ProgressBar;
 use pio_models::config::TextConfig;
-use pio_models::manifest::{KvCacheSpec, TensorDtype, STAGE_HIDDEN_STATES, STAGE_HIDDEN_STATES_NORMED};
+use pio_models::manifest::{stage_hidden_states, stage_hidden_states_normed, KvCacheSpec, TensorDtype};
 use pio_models::size::Precision;
 
 use crate::checkpoint::Checkpoint;
@@ -83,9 +83,9 @@ impl<'a> DecoderBuilder<'a> {
         let ids = if scope.is_first() {
             g.input("input_ids", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("sequence_length")])
         } else {
-            let stream = g.input(STAGE_HIDDEN_STATES, dtype, &hidden_shape);
+            let stream = g.input(&stage_hidden_states(scope.layers.start), dtype, &hidden_shape);
             if settings.fused_norms {
-                g.input(STAGE_HIDDEN_STATES_NORMED, dtype, &hidden_shape);
+                g.input(&stage_hidden_states_normed(scope.layers.start), dtype, &hidden_shape);
             }
             stream
         };
@@ -261,7 +261,14 @@ impl<'a> DecoderBuilder<'a> {
         let (packed, scales) = match self.settings.random_int4 {
             Some(seed) => {
                 let magnitude = crate::random_int4::init_magnitude(1) * 0.02;
-                crate::random_int4::int4_initializers(&mut self.g, "embed_tokens", &layout, self.dtype, magnitude, seed)?
+                crate::random_int4::int4_initializers(
+                    &mut self.g,
+                    "embed_tokens",
+                    &layout,
+                    self.dtype,
+                    magnitude,
+                    seed,
+                )?
             }
             None => {
                 let t = self.ck.tensor(hf_name, &[vocab, hidden])?;
@@ -583,7 +590,7 @@ impl<'a> DecoderBuilder<'a> {
     /// tensor added to that layer's output hidden states (Qwen3-VL's deepstack features).
     ///
     /// The first stage starts from `embeddings`, a later one from the previous stage's
-    /// [`STAGE_HIDDEN_STATES`] (and with fused norms its [`STAGE_HIDDEN_STATES_NORMED`]). The
+    /// [`stage_hidden_states`] (and with fused norms [`stage_hidden_states_normed`]). The
     /// last stage returns the final-normed hidden states; any other ends with its residual
     /// stream as an output (with fused norms also that stream through the next stage's first
     /// input norm, computed in the same fused node as in an unstaged graph) and returns None.
@@ -601,9 +608,13 @@ impl<'a> DecoderBuilder<'a> {
         let (mut residual, mut h) = match embeddings {
             Some(x) => (x.to_string(), self.rms_norm(x, &first_norm, hidden)?),
             None if self.settings.fused_norms => {
-                (STAGE_HIDDEN_STATES.to_string(), STAGE_HIDDEN_STATES_NORMED.to_string())
+                (stage_hidden_states(layers.start), stage_hidden_states_normed(layers.start))
             }
-            None => (STAGE_HIDDEN_STATES.to_string(), self.rms_norm(STAGE_HIDDEN_STATES, &first_norm, hidden)?),
+            None => {
+                let stream = stage_hidden_states(layers.start);
+                let h = self.rms_norm(&stream, &first_norm, hidden)?;
+                (stream, h)
+            }
         };
         // The last layer of a stage that hands its hidden states on.
         let stage_end = if self.scope.is_last() { None } else { Some(layers.end - 1) };
@@ -633,9 +644,9 @@ impl<'a> DecoderBuilder<'a> {
         if self.scope.is_last() {
             return Ok(Some(h));
         }
-        self.carried_output(&residual, STAGE_HIDDEN_STATES);
+        self.carried_output(&residual, &stage_hidden_states(layers.end));
         if self.settings.fused_norms {
-            self.carried_output(&h, STAGE_HIDDEN_STATES_NORMED);
+            self.carried_output(&h, &stage_hidden_states_normed(layers.end));
         }
         Ok(None)
     }

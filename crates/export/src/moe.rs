@@ -359,8 +359,10 @@ impl DecoderBuilder<'_> {
             }
             let (fc1, fc2) = (format!("{name}.fc1"), format!("{name}.fc2"));
             let s = self.settings;
-            let (fc1_q, fc1_scales) = crate::random_int4::expert_initializers(&mut self.g, &fc1, (e, 2 * inter, hidden), s, seed)?;
-            let (fc2_q, fc2_scales) = crate::random_int4::expert_initializers(&mut self.g, &fc2, (e, hidden, inter), s, seed)?;
+            let (fc1_q, fc1_scales) =
+                crate::random_int4::expert_initializers(&mut self.g, &fc1, (e, 2 * inter, hidden), s, seed)?;
+            let (fc2_q, fc2_scales) =
+                crate::random_int4::expert_initializers(&mut self.g, &fc2, (e, hidden, inter), s, seed)?;
             return Ok(vec![fc1_q, fc1_scales, String::new(), fc2_q, fc2_scales]);
         }
         let names = |proj: &str| (0..e).map(|i| format!("{mlp}.experts.{i}.{proj}.weight")).collect::<Vec<_>>();

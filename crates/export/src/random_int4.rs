@@ -115,7 +115,7 @@ fn write_random(seed: u64, len: usize, sink: &mut WeightSink) -> Result<()> {
 fn random_scales(seed: u64, count: usize, magnitude: f32, dtype: TensorDtype) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(count * dtype.size_bytes());
     for i in 0..count {
-        let w = word(seed ^ 0x5CA1_E5, i as u64);
+        let w = word(seed ^ 0x005C_A1E5, i as u64);
         let jitter = 0.97 + 0.03 * ((w >> 11) as f32 / (1u64 << 53) as f32);
         let sign = if w & 1 == 0 { 1.0 } else { -1.0 };
         push_f32(dtype, sign * jitter * magnitude / 8.0, &mut bytes);

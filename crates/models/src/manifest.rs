@@ -226,8 +226,8 @@ pub struct VisionSpec {
 /// Its inputs are the step's (`input_ids` in the first stage only, `attention_mask`,
 /// `position_ids`, a vision-language decoder's image rows in the first stage), the KV cache of
 /// its layers (named as in an unstaged graph), and values an earlier stage outputs (the
-/// hidden states between stages: [`STAGE_HIDDEN_STATES`], with fused norms
-/// [`STAGE_HIDDEN_STATES_NORMED`]; Qwen3-VL's deepstack features for layers past the first
+/// hidden states between stages: [`stage_hidden_states`], with fused norms
+/// [`stage_hidden_states_normed`]; Qwen3-VL's deepstack features for layers past the first
 /// stage). The last stage outputs the logits and the greedy tokens; every stage outputs its
 /// layers' present KV.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -242,13 +242,19 @@ pub struct StageSpec {
     pub weight_bytes: u64,
 }
 
-/// The residual stream between two stages, (batch, sequence, hidden) in the graph's dtype: what
-/// enters the next stage's first layer before its input norm.
-pub const STAGE_HIDDEN_STATES: &str = "hidden_states";
-/// With fused norms: that stream through the next stage's first input norm, computed with the
-/// residual add in one SkipSimplifiedLayerNormalization (recomputing it from the rounded
-/// stream would differ in 16-bit graphs).
-pub const STAGE_HIDDEN_STATES_NORMED: &str = "hidden_states_normed";
+/// The residual stream between two stages as it enters decoder layer `layer` (the next
+/// stage's first), before its input norm: `hidden_states.{layer}`, (batch, sequence, hidden) in
+/// the graph's dtype. Named by layer so that a middle stage's input and output differ.
+pub fn stage_hidden_states(layer: usize) -> String {
+    format!("hidden_states.{layer}")
+}
+
+/// With fused norms: that stream through layer `layer`'s input norm, computed with the residual
+/// add in one SkipSimplifiedLayerNormalization (recomputing it from the rounded stream would
+/// differ in 16-bit graphs): `hidden_states_normed.{layer}`.
+pub fn stage_hidden_states_normed(layer: usize) -> String {
+    format!("hidden_states_normed.{layer}")
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

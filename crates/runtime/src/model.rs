@@ -37,9 +37,9 @@ use pio_models::manifest::{IoSpec, Manifest, TensorDtype};
 
 use crate::cuda_rt::CudaRuntime;
 use crate::ep::ExecutionProvider;
-pub(crate) use crate::kv_cache::{bind_rows, device_tensor, empty_host_tensor};
-pub use crate::kv_cache::{bind_input_in_place, KvBuffer, KvCache, SharedLayout};
 use crate::kv_cache::KvStore;
+pub use crate::kv_cache::{bind_input_in_place, KvBuffer, KvCache, SharedLayout};
+pub(crate) use crate::kv_cache::{bind_rows, device_tensor, empty_host_tensor};
 use crate::stages::{execute, lanes, stage_eps, MicroStep, PipelineMode, StageOptions, StageSession, StageTimings};
 use crate::step_inputs::StepInputs;
 
@@ -123,7 +123,6 @@ pub const DEEPSTACK_EMBEDS_INPUT: &str = "deepstack_embeds";
 /// chunked-prefill budget): long prompts then cost the activation memory of 2048 tokens.
 pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 
-
 pub struct DecoderModel {
     pub manifest: Manifest,
     pub dir: PathBuf,
@@ -155,7 +154,9 @@ pub(crate) fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) 
 /// Where outputs that stay with a session are kept: on its device (None: host memory).
 pub(crate) fn cache_memory(device_id: Option<i32>) -> Result<MemoryInfo<'static>> {
     match device_id {
-        Some(id) => MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err),
+        Some(id) => {
+            MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err)
+        }
         None => Ok(MemoryInfo::default()),
     }
 }
@@ -180,7 +181,8 @@ pub(crate) fn read_logits(value: Option<DynValue>, vocab: usize) -> Result<Logit
 
 /// The last position's token of each sequence from a (batch, rows) `greedy_tokens` output.
 pub(crate) fn read_greedy(value: Option<DynValue>) -> Result<Vec<u32>> {
-    let value = value.with_context(|| format!("the graph has no `{}` output", pio_models::manifest::GREEDY_TOKENS_OUTPUT))?;
+    let value =
+        value.with_context(|| format!("the graph has no `{}` output", pio_models::manifest::GREEDY_TOKENS_OUTPUT))?;
     let (shape, data) = value.try_extract_tensor::<i64>().map_err(ort_err)?;
     let rows = shape.get(1).copied().unwrap_or(1).max(1) as usize;
     Ok(data.chunks(rows).filter_map(|row| row.last()).map(|&t| t as u32).collect())
@@ -264,7 +266,12 @@ fn stage_plans(manifest: &Manifest, dir: &Path) -> Result<Vec<StagePlan>> {
     Ok(manifest
         .stages
         .iter()
-        .map(|s| StagePlan { file: s.file.clone(), layers: s.layers.clone(), inputs: s.inputs.clone(), outputs: s.outputs.clone() })
+        .map(|s| StagePlan {
+            file: s.file.clone(),
+            layers: s.layers.clone(),
+            inputs: s.inputs.clone(),
+            outputs: s.outputs.clone(),
+        })
         .collect())
 }
 
@@ -291,7 +298,8 @@ impl DecoderModel {
         let eps = stage_eps(ep, options.devices(), plans.len())?;
         let mut stages = Vec::with_capacity(plans.len());
         for (plan, ep) in plans.iter().zip(&eps) {
-            let stage = StageSession::load(dir, &plan.file, plan.layers.clone(), (&plan.inputs, &plan.outputs), &manifest, ep)?;
+            let stage =
+                StageSession::load(dir, &plan.file, plan.layers.clone(), (&plan.inputs, &plan.outputs), &manifest, ep)?;
             stages.push(stage);
         }
         Self::link_stages(&mut stages, dir)?;
@@ -608,11 +616,16 @@ impl DecoderModel {
         let mut steps = Vec::with_capacity(groups.len() * pieces.len());
         for &(first, rows) in &groups {
             for piece in &pieces {
-                let part: Vec<u32> =
-                    (first..first + rows).flat_map(|b| tokens[b * s + piece.start..b * s + piece.end].iter().copied()).collect();
+                let part: Vec<u32> = (first..first + rows)
+                    .flat_map(|b| tokens[b * s + piece.start..b * s + piece.end].iter().copied())
+                    .collect();
                 // Only the last chunk's output is the answer, unless every row was asked for.
                 let want = if piece.end == s || all_rows { fetch } else { Fetch::Greedy };
-                steps.push(MicroStep { inputs: StepInputs::uniform(part, rows, start + piece.start)?, first, fetch: want });
+                steps.push(MicroStep {
+                    inputs: StepInputs::uniform(part, rows, start + piece.start)?,
+                    first,
+                    fetch: want,
+                });
             }
         }
         let mut outputs = self.run_steps(steps, cache, false)?.into_iter();
@@ -776,7 +789,9 @@ impl DecoderModel {
     /// provider with `cuda_graph` on, GroupQueryAttention's shared buffer, and, with several
     /// stages, the CUDA runtime to hand hidden states between their fixed buffers.
     pub fn can_replay_graphs(&self) -> bool {
-        self.stages.iter().all(|s| matches!(s.ep, ExecutionProvider::Cuda(_)) && s.ep.cuda_graph() && s.device().is_some())
+        self.stages
+            .iter()
+            .all(|s| matches!(s.ep, ExecutionProvider::Cuda(_)) && s.ep.cuda_graph() && s.device().is_some())
             && self.has_shared_buffer()
             && (self.stages.len() == 1 || CudaRuntime::get().is_some())
     }

@@ -133,7 +133,10 @@ impl StepInputs {
             seq_len: self.seq_len,
             past_lens: self.past_lens[rows.clone()].to_vec(),
             rope_deltas: self.rope_deltas[rows].to_vec(),
-            axis_positions: self.axis_positions.as_ref().map(|axes| axes.clone().map(|axis| axis[tokens.clone()].to_vec())),
+            axis_positions: self
+                .axis_positions
+                .as_ref()
+                .map(|axes| axes.clone().map(|axis| axis[tokens.clone()].to_vec())),
             images: None,
         })
     }
@@ -218,7 +221,10 @@ mod tests {
             .with_axis_positions([vec![0, 1, 2, 3, 4, 5], vec![6, 7, 8, 9, 10, 11], vec![0; 6]])
             .unwrap();
         let tail = step.select_rows(1..3).unwrap();
-        assert_eq!((tail.tokens(), tail.past_lens(), tail.rope_deltas()), (&[3, 4, 5, 6][..], &[0, 7][..], &[-1, 2][..]));
+        assert_eq!(
+            (tail.tokens(), tail.past_lens(), tail.rope_deltas()),
+            (&[3, 4, 5, 6][..], &[0, 7][..], &[-1, 2][..])
+        );
         assert_eq!(tail.axis_position_ids(), vec![2, 3, 4, 5, 8, 9, 10, 11, 0, 0, 0, 0]);
         assert!(step.select_rows(2..4).is_err());
         assert!(step.select_rows(1..1).is_err());

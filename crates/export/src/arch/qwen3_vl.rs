@@ -49,7 +49,8 @@ pub fn build_decoder(b: &mut DecoderBuilder, config: &ModelConfig) -> Result<()>
     let images = match b.embed_in_first_stage(&embed_name)? {
         None => None,
         Some(token_embeds) => {
-            let images = ImageRows::new(b, tokens.image_token_id, vision.deepstack_visual_indexes.len(), &token_embeds)?;
+            let images =
+                ImageRows::new(b, tokens.image_token_id, vision.deepstack_visual_indexes.len(), &token_embeds)?;
             let own = b.scope.layers.clone();
             for &layer in layers.iter().filter(|l| !own.contains(l)) {
                 b.carried_output(&images.deepstack[layer], &deepstack_carried(layer));

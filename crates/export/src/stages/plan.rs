@@ -173,7 +173,7 @@ impl StageSplit {
         let layers = bytes.layers.len();
         self.validate(layers)?;
         Ok(match self {
-            StageSplit::Single => vec![0..layers],
+            StageSplit::Single => std::iter::once(0..layers).collect(),
             StageSplit::Count(n) => balanced(bytes, *n).0,
             StageSplit::Boundaries(b) => {
                 let starts: Vec<usize> = std::iter::once(0).chain(b.iter().copied()).collect();

@@ -83,7 +83,8 @@ pub fn write_decoder(
             );
         }
     }
-    let graphs = write_in_parallel(&scopes, |scope| write_graph(dir, name, ck, config, settings, progress, scope, metadata))?;
+    let graphs =
+        write_in_parallel(&scopes, |scope| write_graph(dir, name, ck, config, settings, progress, scope, metadata))?;
     Ok(decoder_files(graphs))
 }
 
@@ -122,7 +123,8 @@ fn write_in_parallel(
         match slot {
             Some(Ok(g)) => graphs.push(g),
             Some(Err(e)) => {
-                first_error.get_or_insert(e.context(format!("writing stage {} (layers {:?})", scope.index, scope.layers)));
+                first_error
+                    .get_or_insert(e.context(format!("writing stage {} (layers {:?})", scope.index, scope.layers)));
             }
             None => {}
         }

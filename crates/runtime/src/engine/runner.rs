@@ -56,9 +56,9 @@ impl Runner {
     ) -> Result<Self> {
         let pool = KvPool::new(&model, plan)?;
         let prefix = match (prefix_cache_bytes.filter(|&b| b > 0), pool.layout()) {
-            (Some(bytes), Some(layout)) if KvMemory::available(layout) => Some(PrefixStore {
-                cache: PrefixCache::new(bytes, (BLOCK_TOKENS * layout.bytes_per_token()) as u64),
-            }),
+            (Some(bytes), Some(layout)) if KvMemory::available(layout) => {
+                Some(PrefixStore { cache: PrefixCache::new(bytes, (BLOCK_TOKENS * layout.bytes_per_token()) as u64) })
+            }
             (Some(_), None) => {
                 tracing::warn!("prefix caching is off: this graph's KV cache grows step by step (no shared buffer)");
                 None
@@ -318,9 +318,8 @@ fn hit_copies(
             let copy = Copy2d {
                 dst: layout.address(pool_buffer(layout, layer, direction), slot, piece.to * BLOCK_TOKENS),
                 dst_pitch: layout.head_pitch(),
-                src: extent.address(
-                    extent_region(layout, extent_tokens, layer, direction) + piece.first * BLOCK_TOKENS * pb,
-                ),
+                src: extent
+                    .address(extent_region(layout, extent_tokens, layer, direction) + piece.first * BLOCK_TOKENS * pb),
                 src_pitch: extent_tokens * pb,
                 width: piece.blocks * BLOCK_TOKENS * pb,
                 height: layout.kv_heads,

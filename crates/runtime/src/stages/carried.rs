@@ -67,7 +67,8 @@ fn data_of(value: &DynValue) -> Result<(usize, usize)> {
 }
 
 fn runtime() -> Result<&'static CudaRuntime> {
-    CudaRuntime::get().context("copying hidden states between GPUs needs the CUDA runtime loaded (ONNX Runtime's CUDA provider)")
+    CudaRuntime::get()
+        .context("copying hidden states between GPUs needs the CUDA runtime loaded (ONNX Runtime's CUDA provider)")
 }
 
 impl Carried {
@@ -90,14 +91,15 @@ impl Carried {
     /// lives there, else a peer copy on `device`, complete on return.
     pub(crate) fn bound_on(&self, name: &str, device: Option<i32>, alloc: Option<&Allocator>) -> Result<Bound<'_>> {
         let v = self.get(name)?;
-        let Held::Value(value) = &v.held else {
-            bail!("`{name}` is a CUDA-graph buffer, not a value to bind")
-        };
+        let Held::Value(value) = &v.held else { bail!("`{name}` is a CUDA-graph buffer, not a value to bind") };
         if v.device == device {
             return Ok(Bound::Same(value));
         }
         let (Some(src), Some(dst), Some(alloc)) = (v.device, device, alloc) else {
-            bail!("`{name}` is on {:?} and its stage on {device:?}: stages share the host or are all on GPUs", v.device);
+            bail!(
+                "`{name}` is on {:?} and its stage on {device:?}: stages share the host or are all on GPUs",
+                v.device
+            );
         };
         let shape: Vec<usize> = value.shape().iter().map(|&d| d as usize).collect();
         let (copy, addr) = device_tensor(alloc, element_dtype(*value.data_type())?, &shape)?;

@@ -31,7 +31,7 @@ pub(crate) use session::{StageKv, StageSession};
 /// the `with_*` methods; the default places every stage on the execution provider's device,
 /// overlaps stages on different devices, and cuts batched steps into one micro-batch per group
 /// of stages sharing a device.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StageOptions {
     devices: Vec<i32>,
     pipeline: PipelineMode,

@@ -132,9 +132,8 @@ fn run_lane(
         let mut last = None;
         for (i, stage) in stages.iter_mut().enumerate() {
             let start = Instant::now();
-            last = run_stage(stage, &mut kv[i], &steps[k], &mut carried, graph).map_err(|e| {
-                LaneError::Failed(e.context(format!("stage over layers {:?}", stage.layers)))
-            })?;
+            last = run_stage(stage, &mut kv[i], &steps[k], &mut carried, graph)
+                .map_err(|e| LaneError::Failed(e.context(format!("stage over layers {:?}", stage.layers))))?;
             busy[i] += start.elapsed();
         }
         match &output {
@@ -234,7 +233,8 @@ mod tests {
     #[test]
     fn the_bubble_is_the_devices_idle_share() {
         let ms = Duration::from_millis;
-        let t = StageTimings { devices: vec![Some(0), Some(1)], busy: vec![ms(50), ms(50)], wall: ms(100), micro_steps: 2 };
+        let t =
+            StageTimings { devices: vec![Some(0), Some(1)], busy: vec![ms(50), ms(50)], wall: ms(100), micro_steps: 2 };
         assert!((t.bubble() - 0.5).abs() < 1e-9);
         let overlapped = StageTimings { wall: ms(60), ..t.clone() };
         assert!((overlapped.bubble() - (1.0 - 100.0 / 120.0)).abs() < 1e-9);

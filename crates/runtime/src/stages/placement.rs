@@ -50,7 +50,7 @@ pub(crate) fn stage_eps(ep: &ExecutionProvider, devices: &[i32], stages: usize) 
 pub(crate) fn lanes(eps: &[ExecutionProvider], mode: PipelineMode) -> Vec<Range<usize>> {
     let n = eps.len();
     match mode {
-        PipelineMode::Sequential => vec![0..n],
+        PipelineMode::Sequential => std::iter::once(0..n).collect(),
         PipelineMode::PerStage => (0..n).map(|i| i..i + 1).collect(),
         PipelineMode::PerDevice => {
             let mut lanes: Vec<Range<usize>> = Vec::new();

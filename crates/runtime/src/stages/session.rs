@@ -14,11 +14,11 @@ use super::carried::{Carried, Held};
 use super::pipeline::MicroStep;
 use crate::cuda_rt::CudaRuntime;
 use crate::ep::ExecutionProvider;
+use crate::model::Fetch;
 use crate::model::{
     bind_rows, builder_err, cache_memory, copy_to_host, device_tensor, empty_host_tensor, no_graph_options, ort_err,
     read_greedy, read_logits, Logits, SharedLayout, StepOutput, DEEPSTACK_EMBEDS_INPUT, IMAGE_EMBEDS_INPUT,
 };
-use crate::model::Fetch;
 
 /// A stage's part of the KV cache for one micro-step.
 pub(crate) enum StageKv<'a> {
@@ -112,12 +112,14 @@ impl StageSession {
         };
         let kv = manifest.kv_cache.clone();
         let is_kv_input = |name: &str| {
-            layers.clone().any(|l| name == KvCacheSpec::name(&kv.past_key, l) || name == KvCacheSpec::name(&kv.past_value, l))
-        };
-        let is_kv_output = |name: &str| {
             layers
                 .clone()
-                .any(|l| name == KvCacheSpec::name(&kv.present_key, l) || name == KvCacheSpec::name(&kv.present_value, l))
+                .any(|l| name == KvCacheSpec::name(&kv.past_key, l) || name == KvCacheSpec::name(&kv.past_value, l))
+        };
+        let is_kv_output = |name: &str| {
+            layers.clone().any(|l| {
+                name == KvCacheSpec::name(&kv.present_key, l) || name == KvCacheSpec::name(&kv.present_value, l)
+            })
         };
         let is_image = |name: &str| name == IMAGE_EMBEDS_INPUT || name == DEEPSTACK_EMBEDS_INPUT;
         let ends = outputs.iter().any(|o| o.name == "logits");
@@ -201,7 +203,12 @@ impl StageSession {
     /// cache of its layers, and the carried values of earlier stages in; its carried outputs
     /// into `carried` (on this stage's device), its cache out; the logits or greedy tokens from
     /// the last stage.
-    pub(crate) fn run(&mut self, step: &MicroStep, kv: &mut StageKv, carried: &mut Carried) -> Result<Option<StepOutput>> {
+    pub(crate) fn run(
+        &mut self,
+        step: &MicroStep,
+        kv: &mut StageKv,
+        carried: &mut Carried,
+    ) -> Result<Option<StepOutput>> {
         let inputs = &step.inputs;
         let (rows, s) = (inputs.rows() as i64, inputs.seq_len() as i64);
         let width = inputs.total_len();
@@ -249,8 +256,15 @@ impl StageSession {
         let mut held_views = Vec::new();
         match kv {
             StageKv::Shared { layout, memories } => {
-                held_views =
-                    bind_rows(&mut binding, &self.kv, layout, memories, self.layers.clone(), step.first, inputs.rows())?;
+                held_views = bind_rows(
+                    &mut binding,
+                    &self.kv,
+                    layout,
+                    memories,
+                    self.layers.clone(),
+                    step.first,
+                    inputs.rows(),
+                )?;
             }
             StageKv::Growing { keys, values } => {
                 for (i, (k, v)) in keys.iter().zip(values.iter()).enumerate() {
@@ -350,8 +364,16 @@ impl StageSession {
             attention_mask: tensor(vec![rows, layout.capacity])?,
             images: self.empty_images(Some(alloc))?,
             carried_in: self.carried_in.iter().map(|io| Self::fixed_carried(alloc, io, rows)).collect::<Result<_>>()?,
-            carried_out: self.carried_out.iter().map(|io| Self::fixed_carried(alloc, io, rows)).collect::<Result<_>>()?,
-            logits: if self.ends { Some(Tensor::<f32>::new(alloc, [rows, 1, self.vocab]).map_err(ort_err)?) } else { None },
+            carried_out: self
+                .carried_out
+                .iter()
+                .map(|io| Self::fixed_carried(alloc, io, rows))
+                .collect::<Result<_>>()?,
+            logits: if self.ends {
+                Some(Tensor::<f32>::new(alloc, [rows, 1, self.vocab]).map_err(ort_err)?)
+            } else {
+                None
+            },
             greedy: if self.ends && self.has_greedy { Some(tensor(vec![rows, 1])?) } else { None },
         };
         self.graph_states.push(state);
@@ -402,7 +424,9 @@ impl StageSession {
                     host(vec![rows as i64, 1], ids)?.copy_into(t).map_err(ort_err)?;
                 }
                 host(position_shape, positions)?.copy_into(&mut state.position_ids).map_err(ort_err)?;
-                host(vec![rows as i64, capacity as i64], mask)?.copy_into(&mut state.attention_mask).map_err(ort_err)?;
+                host(vec![rows as i64, capacity as i64], mask)?
+                    .copy_into(&mut state.attention_mask)
+                    .map_err(ort_err)?;
             }
         }
         let state = &mut self.graph_states[index];
