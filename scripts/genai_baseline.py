@@ -115,12 +115,24 @@ def main():
     checkpoint = Path(a.checkpoint)
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     rows = []
+
+    def save():  # after every row, so a run cut short keeps what it measured
+        result = {
+            "what": "onnxruntime-genai generate, its own builder's graphs, greedy, min_length = max_length",
+            "onnxruntime_genai": getattr(og, "__version__", "unknown"),
+            "python": platform.python_version(),
+            "checkpoint": str(checkpoint),
+            "rows": rows,
+        }
+        Path(a.out).write_text(json.dumps(result, indent=2))
+
     for precision in a.precisions.split(","):
         model_dir = Path(a.work) / precision
         try:
             build(checkpoint, model_dir, precision, a.ep)
         except Exception as e:  # a failed build is a row, not the end of the run
             rows.append({"precision": precision, "error": f"build failed: {e}"})
+            save()
             continue
         for batch in [int(b) for b in a.batches.split(",")]:
             graph_modes = [a.cuda_graph == "on", False] if a.cuda_graph == "on" and a.ep == "cuda" else [False]
@@ -130,18 +142,13 @@ def main():
                     row["precision"] = precision
                     print(json.dumps(row), flush=True)
                     rows.append(row)
+                    save()
                     break
                 except Exception as e:
                     rows.append({"precision": precision, "batch": batch, "cuda_graph": graph, "error": str(e)})
+                    save()
                     print(f"precision {precision} batch {batch} cuda_graph {graph}: {e}", flush=True)
-    result = {
-        "what": "onnxruntime-genai generate, its own builder's graphs, greedy, min_length = max_length",
-        "onnxruntime_genai": og.__version__ if hasattr(og, "__version__") else "unknown",
-        "python": platform.python_version(),
-        "checkpoint": str(checkpoint),
-        "rows": rows,
-    }
-    Path(a.out).write_text(json.dumps(result, indent=2))
+    save()
 
 
 if __name__ == "__main__":

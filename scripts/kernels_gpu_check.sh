@@ -111,9 +111,9 @@ CK="$WORK/qwen3-4b-ck"
 step checkpoint 60 "$EXPORT" --model qwen3-4b-instruct-2507 --synthetic --checkpoint-only --checkpoint-out "$CK"
 export_pair() {  # precision: the stock and the --pio-kernels graph, side by side
   local p=$1
-  "$EXPORT" --checkpoint "$CK" --ep cuda --precision "$p" --context-length 4096 --force --out "$WORK/q4b-$p-stock" &
+  "$EXPORT" --checkpoint "$CK" --ep cuda --precision "$p" --context-length 8192 --force --out "$WORK/q4b-$p-stock" &
   local a=$!
-  "$EXPORT" --checkpoint "$CK" --ep cuda --precision "$p" --context-length 4096 --force --pio-kernels \
+  "$EXPORT" --checkpoint "$CK" --ep cuda --precision "$p" --context-length 8192 --force --pio-kernels \
     --out "$WORK/q4b-$p-pio"
   local rb=$?
   wait $a; local ra=$?

@@ -260,3 +260,8 @@ fn chat_templates_with_adversarial_messages() {
     let seeds = files("seeds", "chat_template").into_iter().map(|(_, d)| d);
     run("chat_template", seeds.chain(inputs), |data| entry::chat_template(&templates, data));
 }
+
+#[test]
+fn image_decoding() {
+    run("image_decode", mutated_inputs("image_decode", false), entry::image_decode);
+}

@@ -10,6 +10,7 @@
 use std::path::Path;
 
 use arbitrary::{Arbitrary, Unstructured};
+use pio_image::{decode, DecodeLimits, ImageError, ImageInput, ImageProcessor, ImageProcessorConfig};
 use pio_models::size::Precision;
 use pio_models::TargetEp;
 use pio_runtime::chat_template::{ChatTemplate, RenderOptions};
@@ -70,6 +71,52 @@ pub fn model_config(data: &[u8]) {
     let stored = serde_json::to_value(&config).expect("a parsed config serializes");
     let read: pio_models::ModelConfig = serde_json::from_value(stored).expect("a stored config reads back");
     assert_eq!(read, config);
+}
+
+/// The decode budget of the image target: small, so that every execution is quick (the seeds are at most 160 x
+/// 120) and the limits themselves are exercised.
+pub const IMAGE_MAX_PIXELS: u64 = 1 << 16;
+pub const IMAGE_MAX_INPUT_BYTES: u64 = 1 << 20;
+
+/// An image as a chat message carries it: bytes starting with `data:` as a data URI, any others as the encoded
+/// file. What decodes goes through the Qwen3-VL and the Qwen2-VL image processors (with small pixel ranges), and
+/// the batch must be what the prompt builder and the vision encoder rely on: one grid per image, equal to
+/// `grid()`, `grid.num_patches()` rows of `patch_dim` values, every value finite.
+pub fn image_decode(data: &[u8]) {
+    let input = match std::str::from_utf8(data) {
+        Ok(uri) if uri.starts_with("data:") => ImageInput::DataUri(uri.to_string()),
+        _ => ImageInput::Bytes(data.to_vec()),
+    };
+    let limits = DecodeLimits::default().with_max_pixels(IMAGE_MAX_PIXELS).with_max_input_bytes(IMAGE_MAX_INPUT_BYTES);
+    let Ok(image) = decode(&input, &limits) else { return };
+    let (width, height) = image.dimensions();
+    assert!(width > 0 && height > 0, "decoded an empty {width}x{height} image");
+    assert!(u64::from(width) * u64::from(height) <= IMAGE_MAX_PIXELS, "{width}x{height} is over the pixel budget");
+    let qwen3_vl = ImageProcessorConfig::from_json(
+        r#"{"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": 0.5, "image_std": 0.5}"#,
+        Path::new("qwen3-vl preprocessor_config.json"),
+    )
+    .expect("a valid config");
+    let processors = [
+        ImageProcessor::new(qwen3_vl.with_pixel_range(32 * 32, 32 * 32 * 16)),
+        ImageProcessor::new(ImageProcessorConfig::default().with_pixel_range(28 * 28, 28 * 28 * 16)),
+    ];
+    for processor in &processors {
+        let batch = match processor.preprocess(std::slice::from_ref(&image)) {
+            Ok(batch) => batch,
+            // transformers refuses an aspect ratio over 200 too; nothing else may fail on a decoded image.
+            Err(ImageError::AspectRatio { .. }) => continue,
+            Err(e) => panic!("{width}x{height}: {e}"),
+        };
+        let grid = processor.grid(width, height).expect("grid() agrees with preprocess()");
+        assert_eq!(batch.grids(), [grid]);
+        assert_eq!(batch.cols(), processor.config().patch_dim());
+        assert_eq!(batch.rows(), grid.num_patches());
+        assert_eq!(batch.pixel_values().len(), batch.rows() * batch.cols());
+        assert!(batch.pixel_values().iter().all(|v| v.is_finite()), "non-finite pixel values");
+        let merge = processor.config().merge_size() as usize;
+        assert_eq!(processor.image_pad_tokens(grid) * merge * merge, grid.num_patches());
+    }
 }
 
 /// The chat templates rendering is fuzzed with: the real Qwen3 and GLM templates and the

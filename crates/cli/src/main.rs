@@ -662,7 +662,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             let precisions: Vec<Precision> = if target == pio_models::TargetEp::Cpu {
                 vec![Precision::Fp32]
             } else {
-                args.precision.iter().map(|p| Precision::parse(p)).collect::<Result<_>>()?
+                args.precision.iter().map(|p| Precision::parse(p)).collect::<Result<_, _>>()?
             };
             for (i, p) in precisions.iter().enumerate() {
                 let mut variants = vec!["default"];

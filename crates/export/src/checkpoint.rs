@@ -5,17 +5,18 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use pio_models::config::{GenerationDefaults, ModelConfig};
+use pio_models::files::{CONFIG_FILE, GENERATION_CONFIG_FILE};
 use safetensors::{Dtype, SafeTensors};
 
-pub use pio_models::files::{INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES};
-
-/// Image-processor files of a vision-language checkpoint, copied into its export (the chat
+use crate::error::fs_error;
+pub use crate::error::CheckpointError;
+/// `PROCESSOR_FILES`: the image-processor files of a vision-language checkpoint, copied into its export (the chat
 /// template, `chat_template.json`, travels with the tokenizer files).
-pub const PROCESSOR_FILES: &[&str] =
-    &["preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json"];
+pub use pio_models::files::{INDEX_FILE, PROCESSOR_FILES, SINGLE_FILE, TOKENIZER_FILES};
+
+type Result<T> = std::result::Result<T, CheckpointError>;
 
 /// Checkpoint tensors by name with their shapes: what an architecture reads (and what a
 /// synthetic checkpoint of it writes).
@@ -66,10 +67,11 @@ pub struct TensorEntry {
 /// The tensors of a safetensors file (`bytes`; `path` only names it in errors), after checking
 /// its header against the file: every range lies inside `bytes` and fits its dtype and shape.
 pub fn read_tensor_entries(bytes: &[u8], path: &Path) -> Result<Vec<TensorEntry>> {
+    let invalid = |source| CheckpointError::Safetensors { file: path.to_path_buf(), source };
     // deserialize validates the header against the file length (catches truncation).
-    SafeTensors::deserialize(bytes)
-        .map_err(|e| anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
-    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    SafeTensors::deserialize(bytes).map_err(invalid)?;
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(invalid)?;
+    // Both cannot overflow: deserialize checked that the header and every range lie inside `bytes`.
     let data_start = 8 + header_len;
     Ok(metadata
         .tensors()
@@ -87,23 +89,25 @@ pub fn read_tensor_entries(bytes: &[u8], path: &Path) -> Result<Vec<TensorEntry>
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file = File::open(path).map_err(fs_error("open", path))?;
     // SAFETY: the checkpoint is treated as read-only input; a file changed underneath us while
     // exporting is outside what we can guard against (as with every mmap-based loader).
-    unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))
+    Ok(unsafe { Mmap::map(&file) }.map_err(fs_error("map", path))?)
 }
 
 impl Checkpoint {
+    /// Opens a checkpoint folder: reads and validates config.json (and generation_config.json if present), maps
+    /// the safetensors files and checks their headers. Errors name the file and the field or tensor.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            bail!("checkpoint folder {} does not exist", dir.display());
+            return Err(CheckpointError::NoFolder { dir: dir.to_path_buf() });
         }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let gen_path = dir.join("generation_config.json");
+        let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let gen_path = dir.join(GENERATION_CONFIG_FILE);
         let generation = if gen_path.exists() { Some(GenerationDefaults::from_file(&gen_path)?) } else { None };
 
         let files = Self::weight_files(dir)?;
-        let mut shards = Vec::new();
+        let mut shards: Vec<Shard> = Vec::new();
         let mut index = HashMap::new();
         for path in files {
             let mmap = map_file(&path)?;
@@ -111,8 +115,10 @@ impl Checkpoint {
                 let entry =
                     Entry { shard: shards.len(), dtype: tensor.dtype, shape: tensor.shape, range: tensor.range };
                 if let Some(earlier) = index.insert(tensor.name.clone(), entry) {
-                    let first: &Shard = &shards[earlier.shard];
-                    bail!("tensor {} is in both {} and {}", tensor.name, first.path.display(), path.display());
+                    // A tensor seen twice in one file cannot happen (the header is a JSON object); across
+                    // files the earlier one is in a shard already pushed.
+                    let first = shards.get(earlier.shard).map_or_else(|| path.clone(), |s| s.path.clone());
+                    return Err(CheckpointError::DuplicateTensor { tensor: tensor.name, first, second: path });
                 }
             }
             shards.push(Shard { path, mmap });
@@ -124,14 +130,13 @@ impl Checkpoint {
     fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let index_path = dir.join(INDEX_FILE);
         if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let text = std::fs::read_to_string(&index_path).map_err(fs_error("read", &index_path))?;
             let files = pio_models::files::shard_files(&text, &index_path)?;
             let mut paths = Vec::new();
             for f in files {
                 let p = dir.join(&f);
                 if !p.exists() {
-                    bail!("missing shard {} (listed in {})", p.display(), index_path.display());
+                    return Err(CheckpointError::MissingShard { shard: p, index: index_path });
                 }
                 paths.push(p);
             }
@@ -141,7 +146,29 @@ impl Checkpoint {
         if single.exists() {
             return Ok(vec![single]);
         }
-        bail!("no weights in {}: expected {SINGLE_FILE} or {INDEX_FILE}", dir.display())
+        Err(CheckpointError::NoWeights { dir: dir.to_path_buf() })
+    }
+
+    /// Checks that every tensor of `expected` (the architecture's list for this config) is present with its
+    /// shape and a supported dtype, before any graph is built: a checkpoint that does not match its config
+    /// fails here, naming the first tensor that is missing or wrong. `needed` is a lower bound of the list's
+    /// length (layers and experts), compared with the tensors present before the list is built, so that a
+    /// config describing absurdly many layers or experts costs nothing.
+    pub fn check_tensors(&self, needed: u64, expected: impl FnOnce() -> Result<TensorList>) -> Result<()> {
+        if needed > self.index.len() as u64 {
+            let t = &self.config.text;
+            return Err(CheckpointError::TooFewTensors {
+                dir: self.dir.clone(),
+                needed,
+                layers: t.num_hidden_layers,
+                experts: t.moe.as_ref().map_or(0, |m| m.num_experts),
+                held: self.index.len(),
+            });
+        }
+        for (name, shape) in expected()? {
+            self.tensor(&name, &shape)?;
+        }
+        Ok(())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -161,40 +188,41 @@ impl Checkpoint {
     pub fn tensor(&self, name: &str, expected_shape: &[usize]) -> Result<TensorRef<'_>> {
         let t = self.tensor_any_shape(name)?;
         if t.shape != expected_shape {
-            bail!(
-                "tensor {name} in {} has shape {:?}, but config.json implies {:?}",
-                t.file.display(),
-                t.shape,
-                expected_shape
-            );
+            return Err(CheckpointError::WrongShape {
+                tensor: name.to_string(),
+                file: t.file.to_path_buf(),
+                shape: t.shape,
+                expected: expected_shape.to_vec(),
+            });
         }
         Ok(t)
     }
 
+    /// Looks up a tensor of a floating dtype (F32, F16, BF16), whatever its shape.
     pub fn tensor_any_shape(&self, name: &str) -> Result<TensorRef<'_>> {
-        let (key, entry) = self
-            .index
-            .get_key_value(name)
-            .ok_or_else(|| anyhow!("tensor {name} is missing from the checkpoint in {}", self.dir.display()))?;
-        let shard = &self.shards[entry.shard];
+        let missing = || CheckpointError::MissingTensor { tensor: name.to_string(), dir: self.dir.clone() };
+        let (key, entry) = self.index.get_key_value(name).ok_or_else(missing)?;
+        let shard = self.shards.get(entry.shard).ok_or_else(missing)?;
         match entry.dtype {
             Dtype::F32 | Dtype::F16 | Dtype::BF16 => {}
-            other => bail!("tensor {name} in {} has dtype {other}; supported: F32, F16, BF16", shard.path.display()),
+            dtype => {
+                return Err(CheckpointError::UnsupportedDtype {
+                    tensor: name.to_string(),
+                    file: shard.path.clone(),
+                    dtype,
+                })
+            }
         }
-        Ok(TensorRef {
-            name: key,
-            file: &shard.path,
-            dtype: entry.dtype,
-            shape: entry.shape.clone(),
-            data: &shard.mmap[entry.range.clone()],
-        })
+        // The range was checked against this mapping when the header was read.
+        let data = shard.mmap.get(entry.range.clone()).ok_or_else(missing)?;
+        Ok(TensorRef { name: key, file: &shard.path, dtype: entry.dtype, shape: entry.shape.clone(), data })
     }
 
     /// Drops a tensor's pages from this process's resident set once it has been written out
     /// (they stay in the page cache), so peak memory does not grow with the checkpoint.
     pub fn release(&self, name: &str) {
         let Some(entry) = self.index.get(name) else { return };
-        let shard = &self.shards[entry.shard];
+        let Some(shard) = self.shards.get(entry.shard) else { return };
         let page = 4096;
         let start = entry.range.start / page * page;
         let len = entry.range.end - start;

@@ -1,12 +1,12 @@
 //! Element conversion between checkpoint dtypes and graph dtypes, streamed in chunks so that
 //! converting a tensor never holds more than a bounded buffer (plus the mmap it reads from).
 
-use anyhow::{bail, Result};
 use half::{bf16, f16};
 use pio_models::manifest::TensorDtype;
 use safetensors::Dtype;
 
 use crate::checkpoint::TensorRef;
+use crate::error::{BuildError, BuildResult as Result};
 use crate::onnx::graph::WeightSink;
 
 /// Elements converted per chunk.
@@ -56,10 +56,15 @@ fn same_type(src: Dtype, dst: TensorDtype) -> bool {
     )
 }
 
+/// Tensors are converted to the graph's floating dtype only; anything else is a caller's bug.
+fn not_a_float(t: &TensorRef, dst: TensorDtype) -> BuildError {
+    BuildError::Internal(format!("cannot convert tensor {} to {dst:?}", t.name))
+}
+
 /// Writes the tensor converted to `dst`, as stored (row-major).
 pub fn write_converted(t: &TensorRef, dst: TensorDtype, sink: &mut WeightSink) -> Result<()> {
     if !is_float(dst) {
-        bail!("cannot convert tensor {} to {dst:?}", t.name);
+        return Err(not_a_float(t, dst));
     }
     if same_type(t.dtype, dst) {
         return sink.write(t.data);
@@ -82,13 +87,15 @@ pub fn write_converted(t: &TensorRef, dst: TensorDtype, sink: &mut WeightSink) -
 /// Writes a 2-D tensor (rows, cols) transposed to (cols, rows), converted to `dst`.
 /// Hugging Face linear weights are (out, in); ONNX MatMul wants (in, out).
 pub fn write_transposed(t: &TensorRef, dst: TensorDtype, sink: &mut WeightSink) -> Result<()> {
-    if t.shape.len() != 2 {
-        bail!("tensor {} in {} should be 2-D, has shape {:?}", t.name, t.file.display(), t.shape);
-    }
+    let [rows, cols] = t.shape[..] else {
+        return Err(BuildError::Internal(format!(
+            "tensor {} should be 2-D to transpose, has shape {:?}",
+            t.name, t.shape
+        )));
+    };
     if !is_float(dst) {
-        bail!("cannot convert tensor {} to {dst:?}", t.name);
+        return Err(not_a_float(t, dst));
     }
-    let (rows, cols) = (t.shape[0], t.shape[1]);
     // Output rows (one per input column) are produced in blocks, reading the source in
     // cache-friendly tiles, so memory stays at one block however large the tensor is.
     let block = (CHUNK / rows.max(1)).clamp(1, cols.max(1));

@@ -9,7 +9,6 @@
 //! stage's hidden states instead of the embeddings and, unless it is the last, ends with its
 //! hidden states instead of the logits.
 
-use anyhow::Result;
 use indicatif::ProgressBar;
 use pio_models::config::TextConfig;
 use pio_models::manifest::{stage_hidden_states, stage_hidden_states_normed, KvCacheSpec, TensorDtype};
@@ -17,6 +16,7 @@ use pio_models::size::Precision;
 
 use crate::checkpoint::Checkpoint;
 use crate::convert::to_f32_vec;
+use crate::error::{BuildError, BuildResult as Result};
 use crate::onnx::graph::{Dim, Graph};
 use crate::rotary;
 use crate::settings::{ExportSettings, GREEDY_TOKENS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE};
@@ -257,7 +257,8 @@ impl<'a> DecoderBuilder<'a> {
         }
         // int4 rows, quantized as MatMulNBits stores them: GatherBlockQuantized reads the same
         // bytes viewed as (vocab, hidden/2) with the default zero point 8.
-        let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)?;
+        let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)
+            .map_err(BuildError::quantize("embed_tokens"))?;
         let (packed, scales) = match self.settings.random_int4 {
             Some(seed) => {
                 let magnitude = crate::random_int4::init_magnitude(1) * 0.02;
@@ -671,7 +672,8 @@ impl<'a> DecoderBuilder<'a> {
             // A tied lm_head reads the int4 embedding table itself: one copy for both.
             None if self.settings.int4_lm_head && self.int4_embedding.is_some() => {
                 let (packed, scales) = self.int4_embedding.clone().unwrap_or_default();
-                let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)?;
+                let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)
+                    .map_err(BuildError::quantize("lm_head"))?;
                 let level = self.settings.int4_accuracy_level;
                 crate::quant::matmul_nbits_node(&mut self.g, &h, "lm_head", &layout, &packed, &scales, level, None)?
             }

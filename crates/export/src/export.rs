@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use pio_models::manifest::{
     Dimensions, ExportOptions, GenerationSettings, Manifest, TokenizerSpec, MANIFEST_FORMAT_VERSION,
@@ -13,11 +12,14 @@ use pio_models::size::Precision;
 use pio_models::ModelConfig;
 
 use crate::checkpoint::Checkpoint;
+use crate::error::{fs_error, ExportError};
 use crate::scratch::{OutputKind, ScratchDir};
 use crate::settings::ExportSettings;
 use crate::stages::write_decoder;
-use crate::vision_export::write_vision;
+use crate::vision_export::{write_vision, VISION_FILE};
 use crate::weights::WeightSource;
+
+type Result<T> = std::result::Result<T, ExportError>;
 
 pub const MODEL_FILE: &str = "model.onnx";
 pub const WEIGHTS_FILE: &str = "model.onnx.data";
@@ -48,7 +50,7 @@ fn copy_files(sources: &[PathBuf], dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::with_capacity(sources.len());
     for src in sources {
         let file_name = src.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        std::fs::copy(src, dir.join(&file_name)).with_context(|| format!("cannot copy {}", src.display()))?;
+        std::fs::copy(src, dir.join(&file_name)).map_err(fs_error("copy", src))?;
         names.push(file_name);
     }
     Ok(names)
@@ -75,12 +77,41 @@ fn model_name(checkpoint: &Path, config: &ModelConfig) -> String {
     format!("{folder} ({})", config.architecture.hf_name())
 }
 
+/// Exports a checkpoint: opens and checks it (config, shards, every tensor the graphs read, with its shape and
+/// dtype) and the settings against it before anything is written, then writes the graphs, the weights, the
+/// copied files and `pio.json` to a scratch folder that is renamed to `req.out_dir` at the end. On an error
+/// nothing is left behind; the error names the file and the field, tensor or flag.
+///
+/// ```no_run
+/// use pio_export::{export, CheckpointError, ExportError, ExportRequest, ExportSettings};
+/// use pio_models::{size::Precision, TargetEp};
+///
+/// let request = ExportRequest {
+///     checkpoint: "checkpoints/my-model".into(),
+///     out_dir: "graphs/my-model-fp32".into(),
+///     settings: ExportSettings::for_target(Precision::Fp32, TargetEp::Cpu, 4096, true),
+///     overwrite: false,
+///     source: "checkpoint checkpoints/my-model".into(),
+///     progress: false,
+/// };
+/// match export(&request) {
+///     Ok(summary) => println!("{}", summary.out_dir.display()),
+///     Err(ExportError::Checkpoint(CheckpointError::MissingTensor { tensor, dir })) => {
+///         eprintln!("{} lacks {tensor}", dir.display())
+///     }
+///     // The message names the file and the field, tensor or flag; each source() adds a cause (an io::Error, a
+///     // serde_json::Error, a safetensors error, ...).
+///     Err(other) => eprintln!("{other}"),
+/// }
+/// ```
 pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     let start = Instant::now();
     let ck = Checkpoint::open(&req.checkpoint)?;
     crate::random_int4::check_checkpoint(&req.checkpoint, &req.settings)?;
     let config = ck.config.clone();
     req.settings.validate(&model_name(&req.checkpoint, &config), &config.text)?;
+    let (needed, read_tensors) = crate::random_int4::read_tensors(&config, &req.settings);
+    ck.check_tensors(needed, read_tensors)?;
     if let (false, Some(w)) = (req.settings.sliding_window, config.text.sliding_window) {
         tracing::warn!(
             "--no-sliding-window: every layer attends to the whole sequence, so outputs differ from the model's \
@@ -103,13 +134,14 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
 
     let metadata =
         vec![("pio.architecture", config.architecture.hf_name().to_string()), ("pio.source", req.source.clone())];
-    let decoder = write_decoder(tmp.path(), &name, &ck, &config, &req.settings, &progress, &metadata)?;
+    let decoder = write_decoder(tmp.path(), &req.out_dir, &name, &ck, &config, &req.settings, &progress, &metadata)?;
     let (mut weight_bytes, mut model_bytes) = (decoder.weight_bytes, decoder.model_bytes);
     let weights =
         WeightSource { ck: &ck, dtype: req.settings.compute_dtype(), settings: &req.settings, progress: &progress };
     let vision = if config.vision.is_some() {
         let processor_files = copy_files(&ck.processor_files(), tmp.path())?;
-        let v = write_vision(tmp.path(), &name, &config, weights, &metadata, processor_files)?;
+        let v = write_vision(tmp.path(), &name, &config, weights, &metadata, processor_files)
+            .map_err(ExportError::build(req.out_dir.join(VISION_FILE)))?;
         weight_bytes += v.weight_bytes;
         model_bytes += v.model_bytes;
         Some(v.spec)
@@ -130,7 +162,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     for f in ["config.json", "generation_config.json"] {
         let src = req.checkpoint.join(f);
         if src.is_file() {
-            std::fs::copy(&src, tmp.path().join(f)).with_context(|| format!("cannot copy {}", src.display()))?;
+            std::fs::copy(&src, tmp.path().join(f)).map_err(fs_error("copy", &src))?;
         }
     }
     let gen = ck.generation.clone().unwrap_or_default();

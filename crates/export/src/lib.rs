@@ -5,6 +5,7 @@ pub mod arch;
 pub mod checkpoint;
 pub mod convert;
 pub mod decoder;
+pub mod error;
 pub mod export;
 pub mod moe;
 pub mod onnx;
@@ -21,6 +22,7 @@ pub mod unfused_inputs;
 pub mod vision_export;
 pub mod weights;
 
+pub use error::{BuildError, CheckpointError, ExportError, FsError, OutputError, QuantError, SettingsError};
 pub use export::{export, ExportRequest, ExportSummary};
 pub use pio_ops::PioKernels;
 pub use settings::ExportSettings;

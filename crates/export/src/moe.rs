@@ -17,7 +17,6 @@
 //! * `QMoE` int4 weights are `(E, N, K/2)` uint8 with MatMulNBits' nibble order and default
 //!   zero point 8, block-wise scales `(E, N, K/block)` in the activations' dtype.
 
-use anyhow::{bail, ensure, Context, Result};
 use pio_models::config::{MoeConfig, TextConfig};
 use pio_models::manifest::TensorDtype;
 use pio_models::size::Precision;
@@ -26,6 +25,7 @@ use crate::arch::qwen3::{attention_tensors, mlp_tensors};
 use crate::checkpoint::{TensorList, TensorRef};
 use crate::convert::{push_f32, write_transposed};
 use crate::decoder::DecoderBuilder;
+use crate::error::{BuildError, BuildResult as Result};
 use crate::onnx::graph::{onnx_type, Attr};
 use crate::onnx::proto::TensorProto;
 use crate::quant::{self, Int4Layout};
@@ -47,7 +47,7 @@ pub fn layer_prefix(i: usize) -> String {
 
 /// The MoE settings of a config that the caller knows to be MoE.
 pub fn moe_config(text: &TextConfig) -> Result<MoeConfig> {
-    text.moe.clone().context("config.json has no mixture-of-experts settings")
+    text.moe.clone().ok_or_else(|| BuildError::Internal("a MoE layer of a config without MoE settings".into()))
 }
 
 /// A Hugging Face MoE decoder: `model.embed_tokens`, `model.layers.N` (dense layers with the
@@ -184,7 +184,11 @@ impl DecoderBuilder<'_> {
             return Ok((biased, scores)); // every group is kept: no masking
         }
         let (groups, per_group) = (m.n_group, e / m.n_group);
-        ensure!(per_group >= 2, "{e} experts in {groups} groups: a group's score is the sum of its best 2 experts");
+        if per_group < 2 {
+            // pio_models::config refuses such a config.
+            let problem = format!("{e} experts in {groups} groups: a group's score is the sum of its best 2 experts");
+            return Err(BuildError::Internal(problem));
+        }
         let p = format!("{mlp}.router.group");
         let grouped_shape = self.g.const_i64(&format!("{p}_shape"), &[-1, groups as i64, per_group as i64])?;
         let grouped = self.g.node("Reshape", &format!("{p}_split")).inputs(&[&biased, &grouped_shape]).out();
@@ -353,10 +357,7 @@ impl DecoderBuilder<'_> {
         let (e, hidden, inter) = (m.num_experts, self.text.hidden_size, m.moe_intermediate_size);
         if let (true, Some(seed)) = (quantized, self.settings.random_int4) {
             // Drawn as int4 codes, never read (`--direct-int4`).
-            let bs = self.settings.int4_block_size;
-            if hidden % bs != 0 || inter % bs != 0 {
-                bail!("--int4-block-size {bs} must divide hidden_size {hidden} and moe_intermediate_size {inter} (QMoE blocks)");
-            }
+            // Settings validation has checked that the block size divides both (SettingsError::Int4ExpertBlock).
             let (fc1, fc2) = (format!("{name}.fc1"), format!("{name}.fc2"));
             let s = self.settings;
             let (fc1_q, fc1_scales) =
@@ -368,8 +369,9 @@ impl DecoderBuilder<'_> {
         let names = |proj: &str| (0..e).map(|i| format!("{mlp}.experts.{i}.{proj}.weight")).collect::<Vec<_>>();
         let (gate_names, up_names, down_names) = (names("gate_proj"), names("up_proj"), names("down_proj"));
         let ck = self.ck;
-        let fetch =
-            |names: &[String], shape: &[usize]| names.iter().map(|n| ck.tensor(n, shape)).collect::<Result<Vec<_>>>();
+        let fetch = |names: &[String], shape: &[usize]| {
+            names.iter().map(|n| Ok(ck.tensor(n, shape)?)).collect::<Result<Vec<_>>>()
+        };
         let gates = fetch(&gate_names, &[inter, hidden])?;
         let ups = fetch(&up_names, &[inter, hidden])?;
         let downs = fetch(&down_names, &[hidden, inter])?;
@@ -380,7 +382,10 @@ impl DecoderBuilder<'_> {
         let inputs = if quantized {
             let bs = self.settings.int4_block_size;
             if hidden % bs != 0 || inter % bs != 0 {
-                bail!("--int4-block-size {bs} must divide hidden_size {hidden} and moe_intermediate_size {inter} (QMoE blocks)");
+                // ExportSettings::validate refuses such a block size.
+                let problem =
+                    format!("int4 block {bs} does not divide hidden_size {hidden} and moe_intermediate_size {inter}");
+                return Err(BuildError::Internal(problem));
             }
             let (fc1_q, fc1_scales) = self.int4_expert_weights(&fc1, e, 2 * inter, hidden, &fc1_row)?;
             let (fc2_q, fc2_scales) = self.int4_expert_weights(&fc2, e, hidden, inter, &fc2_row)?;
@@ -436,7 +441,7 @@ impl DecoderBuilder<'_> {
         row: &dyn Fn(usize, usize) -> (&'t TensorRef<'t>, usize),
     ) -> Result<(String, String)> {
         let (dtype, bs) = (self.dtype, self.settings.int4_block_size);
-        let layout = Int4Layout::new(experts * rows, cols, bs).with_context(|| format!("{name}: int4 layout"))?;
+        let layout = Int4Layout::new(experts * rows, cols, bs).map_err(BuildError::quantize(name))?;
         let mut scales = Vec::new();
         let q_shape = [experts, rows, cols / 2];
         let q = self.g.initializer_with(&format!("{name}.weight_q4"), TensorDtype::Uint8, &q_shape, |sink| {
@@ -444,11 +449,10 @@ impl DecoderBuilder<'_> {
                 let (t, i) = row(n / rows, n % rows);
                 quant::read_row_f32(t, i, buf)
             };
-            scales = quant::quantize_rows(&layout, dtype, read_row, |bytes| sink.write(bytes))
-                .with_context(|| format!("quantizing {name}"))?;
+            scales = quant::quantize_rows(name, &layout, dtype, read_row, |bytes| sink.write(bytes))?;
             Ok(())
         })?;
-        let scales = quant::scales_bytes(&scales, dtype)?;
+        let scales = quant::scales_bytes(&scales, dtype).map_err(BuildError::quantize(name))?;
         let s = self.g.initializer(&format!("{name}.scales"), dtype, &[experts, rows, cols / bs], &scales)?;
         Ok((q, s))
     }

@@ -17,7 +17,6 @@
 
 use std::collections::BTreeSet;
 
-use anyhow::{bail, ensure, Context, Result};
 use pio_kernels::layout::{self, swiglu_row_source, GateUp, Int4Shape};
 use pio_kernels::ops;
 use pio_models::manifest::{TargetEp, TensorDtype};
@@ -25,6 +24,7 @@ use pio_models::size::Precision;
 
 use crate::checkpoint::TensorRef;
 use crate::convert::push_f32;
+use crate::error::{BuildError, BuildResult as Result, SettingsError};
 use crate::onnx::graph::Graph;
 use crate::quant::{self, Int4Layout};
 
@@ -53,7 +53,7 @@ impl PioKernels {
     }
 
     /// `all`, or a comma-separated list of `linear`, `lm_head`, `swiglu`, `moe`.
-    pub fn parse(list: &str, precision: Precision) -> Result<Self> {
+    pub fn parse(list: &str, precision: Precision) -> std::result::Result<Self, SettingsError> {
         let mut k = PioKernels::none();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match item {
@@ -62,9 +62,7 @@ impl PioKernels {
                 LM_HEAD => k.lm_head = true,
                 SWIGLU => k.swiglu = true,
                 MOE => k.moe = true,
-                other => {
-                    bail!("unknown --pio-kernels family `{other}`; known: all, {LINEAR}, {LM_HEAD}, {SWIGLU}, {MOE}")
-                }
+                other => return Err(SettingsError::UnknownPioKernel { family: other.to_string() }),
             }
         }
         Ok(k)
@@ -75,24 +73,26 @@ impl PioKernels {
     }
 
     /// Refuses what the kernels cannot serve.
-    pub fn validate(&self, precision: Precision, target: TargetEp, block_size: usize) -> Result<()> {
+    pub fn validate(
+        &self,
+        precision: Precision,
+        target: TargetEp,
+        block_size: usize,
+    ) -> std::result::Result<(), SettingsError> {
         if !self.any() {
             return Ok(());
         }
         if target == TargetEp::Tensorrt {
-            bail!("--pio-kernels needs --ep cuda (or cpu): TensorRT does not run ONNX Runtime custom operators");
+            return Err(SettingsError::PioKernelsOnTensorrt);
         }
         if target == TargetEp::Cuda && precision == Precision::Fp32 {
-            bail!("--pio-kernels on CUDA needs --precision bf16, fp16 or int4 (the kernels are 16-bit)");
+            return Err(SettingsError::PioKernelsNeedHalf);
         }
         if self.moe && precision != Precision::Int4 {
-            bail!("--pio-kernels moe needs --precision int4 (MoEInt4 runs int4 experts)");
+            return Err(SettingsError::PioMoeNeedsInt4);
         }
         if precision == Precision::Int4 && !pio_kernels::source::INT4_BLOCK_SIZES.contains(&block_size) {
-            bail!(
-                "--pio-kernels with int4 needs --int4-block-size 32, 64 or 128 (got {block_size}); the kernels \
-                 read one scale per 32-wide sub-block"
-            );
+            return Err(SettingsError::PioKernelsBlockSize { block_size });
         }
         Ok(())
     }
@@ -155,21 +155,22 @@ pub fn int4_initializers(
 ) -> Result<(String, String)> {
     let n = lead.iter().product::<usize>() * rows;
     let shape = Int4Shape { n, k, block_size };
-    let mnb = Int4Layout::new(n, k, block_size)?;
+    let mnb = Int4Layout::new(n, k, block_size).map_err(BuildError::quantize(name))?;
     let (mnb_row, our_row) = (shape.matmulnbits_row_bytes(), shape.row_bytes());
-    ensure!(mnb.row_bytes() == mnb_row, "{name}: MatMulNBits row length {} != {mnb_row}", mnb.row_bytes());
+    if mnb.row_bytes() != mnb_row {
+        return Err(BuildError::Internal(format!("{name}: MatMulNBits row length {} != {mnb_row}", mnb.row_bytes())));
+    }
     let mut scales = Vec::new();
     let packed_dims: Vec<usize> = lead.iter().copied().chain([rows, our_row]).collect();
     let b = g.initializer_with(&format!("{name}.weight_pio4"), TensorDtype::Uint8, &packed_dims, |sink| {
         let mut row = vec![0u8; our_row];
-        scales = quant::quantize_rows(&mnb, dtype, read_row, |bytes| {
+        scales = quant::quantize_rows(name, &mnb, dtype, read_row, |bytes| {
             for mnb_bytes in bytes.chunks_exact(mnb_row) {
                 layout::repack_matmulnbits_row(&shape, mnb_bytes, &mut row);
                 sink.write(&row)?;
             }
             Ok(())
-        })
-        .with_context(|| format!("quantizing {name}"))?;
+        })?;
         Ok(())
     })?;
     let (real, cols) = (shape.matmulnbits_blocks(), shape.scale_cols());
@@ -179,7 +180,8 @@ pub fn int4_initializers(
         padded.extend(std::iter::repeat_n(0.0, cols - real));
     }
     let scale_dims: Vec<usize> = lead.iter().copied().chain([rows, cols]).collect();
-    let s = g.initializer(&format!("{name}.scales"), dtype, &scale_dims, &quant::scales_bytes(&padded, dtype)?)?;
+    let scale_bytes = quant::scales_bytes(&padded, dtype).map_err(BuildError::quantize(name))?;
+    let s = g.initializer(&format!("{name}.scales"), dtype, &scale_dims, &scale_bytes)?;
     Ok((b, s))
 }
 
@@ -373,7 +375,7 @@ impl crate::decoder::DecoderBuilder<'_> {
         let names = |proj: &str| (0..e).map(|i| format!("{mlp}.experts.{i}.{proj}.weight")).collect::<Vec<_>>();
         let (gate_names, up_names, down_names) = (names("gate_proj"), names("up_proj"), names("down_proj"));
         let ck = self.ck;
-        let fetch = |n: &[String], s: &[usize]| n.iter().map(|x| ck.tensor(x, s)).collect::<Result<Vec<_>>>();
+        let fetch = |n: &[String], s: &[usize]| n.iter().map(|x| Ok(ck.tensor(x, s)?)).collect::<Result<Vec<_>>>();
         let gates = fetch(&gate_names, &[inter, hidden])?;
         let ups = fetch(&up_names, &[inter, hidden])?;
         let downs = fetch(&down_names, &[hidden, inter])?;

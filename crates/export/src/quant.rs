@@ -49,13 +49,13 @@
 //!   to ~3e-7 of the output's scale; `accuracy_level` 4 quantizes A to int8 per block
 //!   (faster) and agrees only to ~1e-2. Any K (odd, or < block size) and blocks 16..256 work.
 
-use anyhow::{bail, ensure, Context, Result};
 use half::{bf16, f16};
 use pio_models::manifest::TensorDtype;
 use safetensors::Dtype;
 
 use crate::checkpoint::TensorRef;
 use crate::convert::{is_float, push_f32};
+use crate::error::{BuildError, BuildResult as Result, CheckpointError, QuantError};
 use crate::onnx::graph::Graph;
 
 /// Bits per weight.
@@ -78,12 +78,13 @@ pub struct Int4Layout {
 
 impl Int4Layout {
     /// Checks the shape and block size.
-    pub fn new(n: usize, k: usize, block_size: usize) -> Result<Self> {
-        ensure!(n > 0 && k > 0, "int4 weight must be non-empty, got N={n}, K={k}");
-        ensure!(
-            block_size >= MIN_BLOCK_SIZE && block_size.is_power_of_two(),
-            "int4 block size must be a power of two >= {MIN_BLOCK_SIZE}, got {block_size}"
-        );
+    pub fn new(n: usize, k: usize, block_size: usize) -> std::result::Result<Self, QuantError> {
+        if n == 0 || k == 0 {
+            return Err(QuantError::Empty { n, k });
+        }
+        if block_size < MIN_BLOCK_SIZE || !block_size.is_power_of_two() {
+            return Err(QuantError::BlockSize { block_size });
+        }
         Ok(Int4Layout { n, k, block_size })
     }
 
@@ -130,8 +131,17 @@ pub fn round_to_dtype(x: f32, dtype: TensorDtype) -> f32 {
     }
 }
 
-fn check_scale_dtype(dtype: TensorDtype) -> Result<()> {
-    ensure!(is_float(dtype), "MatMulNBits scales must be float32, float16 or bfloat16 (A's dtype), got {dtype:?}");
+fn check_scale_dtype(dtype: TensorDtype) -> std::result::Result<(), QuantError> {
+    if !is_float(dtype) {
+        return Err(QuantError::ScaleDtype { dtype });
+    }
+    Ok(())
+}
+
+fn check_length(what: &'static str, got: usize, expected: usize) -> std::result::Result<(), QuantError> {
+    if got != expected {
+        return Err(QuantError::Length { what, got, expected });
+    }
     Ok(())
 }
 
@@ -154,39 +164,30 @@ fn code(w: f32, reciprocal: f32) -> u8 {
     (w * reciprocal + ZERO_POINT as f32).round().clamp(0.0, 15.0) as u8
 }
 
-/// Quantizes one output row of K weights into `packed` (`row_bytes` bytes) and `scales`
-/// (`k_blocks` values, exactly representable in `scale_dtype`). Fails on non-finite weights
-/// or scales that overflow `scale_dtype`.
+/// Quantizes output row `index` of K weights (`row`) into `packed` (`row_bytes` bytes) and
+/// `scales` (`k_blocks` values, exactly representable in `scale_dtype`). Fails on non-finite
+/// weights or scales that overflow `scale_dtype`, naming the row (`index`) and the column.
 pub fn quantize_row(
     layout: &Int4Layout,
+    index: usize,
     row: &[f32],
     scale_dtype: TensorDtype,
     packed: &mut [u8],
     scales: &mut [f32],
-) -> Result<()> {
+) -> std::result::Result<(), QuantError> {
     check_scale_dtype(scale_dtype)?;
-    ensure!(row.len() == layout.k, "row has {} weights, expected K={}", row.len(), layout.k);
-    ensure!(
-        packed.len() == layout.row_bytes(),
-        "packed row buffer has {} bytes, expected {}",
-        packed.len(),
-        layout.row_bytes()
-    );
-    ensure!(
-        scales.len() == layout.k_blocks(),
-        "scales row buffer has {} values, expected {}",
-        scales.len(),
-        layout.k_blocks()
-    );
+    check_length("the row", row.len(), layout.k)?;
+    check_length("the packed row buffer", packed.len(), layout.row_bytes())?;
+    check_length("the scales row buffer", scales.len(), layout.k_blocks())?;
     let bs = layout.block_size;
     for (b, (scale_out, blob)) in scales.iter_mut().zip(packed.chunks_exact_mut(layout.blob_size())).enumerate() {
         let block = &row[b * bs..((b + 1) * bs).min(layout.k)];
         if let Some(bad) = block.iter().position(|v| !v.is_finite()) {
-            bail!("weight at k={} is {} (not finite); cannot quantize", b * bs + bad, block[bad]);
+            return Err(QuantError::NotFinite { row: index, column: b * bs + bad, value: block[bad] });
         }
         let scale = block_scale(block, scale_dtype);
         if !scale.is_finite() {
-            bail!("block {b} (k={}..) has a scale that overflows {scale_dtype:?}", b * bs);
+            return Err(QuantError::ScaleOverflow { row: index, block: b, dtype: scale_dtype });
         }
         *scale_out = scale;
         let reciprocal = if scale != 0.0 { 1.0 / scale } else { 0.0 };
@@ -206,13 +207,15 @@ const ROW_CHUNK_BYTES: usize = 1 << 20;
 /// `n`; packed bytes go to `write_packed` in row order (`N * row_bytes` in all). Returns the
 /// scales (`N * k_blocks`, row-major, exactly representable in `scale_dtype`): they are small
 /// (1/16..1/128 of the weights' element count) and are written as their own initializer.
+/// `weight` names the weight in errors.
 pub fn quantize_rows(
+    weight: &str,
     layout: &Int4Layout,
     scale_dtype: TensorDtype,
     mut read_row: impl FnMut(usize, &mut [f32]) -> Result<()>,
     mut write_packed: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<Vec<f32>> {
-    check_scale_dtype(scale_dtype)?;
+    check_scale_dtype(scale_dtype).map_err(BuildError::quantize(weight))?;
     let (rb, kb, k) = (layout.row_bytes(), layout.k_blocks(), layout.k);
     let rows_per_chunk = (ROW_CHUNK_BYTES / rb).clamp(1, layout.n);
     let threads = std::thread::available_parallelism().map(|t| t.get()).unwrap_or(1).min(rows_per_chunk);
@@ -230,32 +233,27 @@ pub fn quantize_rows(
         }
         let per_thread = count.div_ceil(threads);
         let chunk_scales = &mut scales[n0 * kb..n1 * kb];
-        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let results: Vec<std::result::Result<(), QuantError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = rows[..count * k]
                 .chunks(per_thread * k)
                 .zip(packed[..count * rb].chunks_mut(per_thread * rb))
                 .zip(chunk_scales.chunks_mut(per_thread * kb))
                 .enumerate()
                 .map(|(t, ((src, dst), sc))| {
-                    scope.spawn(move || -> Result<()> {
+                    scope.spawn(move || {
                         for (i, ((row, p), s)) in
                             src.chunks(k).zip(dst.chunks_mut(rb)).zip(sc.chunks_mut(kb)).enumerate()
                         {
-                            let n = n0 + t * per_thread + i;
-                            quantize_row(layout, row, scale_dtype, p, s)
-                                .with_context(|| format!("quantizing row {n}"))?;
+                            quantize_row(layout, n0 + t * per_thread + i, row, scale_dtype, p, s)?;
                         }
                         Ok(())
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("quantization thread panicked"))))
-                .collect()
+            handles.into_iter().map(|h| h.join().unwrap_or(Err(QuantError::ThreadPanicked))).collect()
         });
         for r in results {
-            r?;
+            r.map_err(BuildError::quantize(weight))?;
         }
         write_packed(&packed[..count * rb])?;
         n0 = n1;
@@ -273,12 +271,14 @@ pub struct Int4Weights {
     pub scales: Vec<f32>,
 }
 
-/// Quantizes a row-major (N, K) f32 matrix.
+/// Quantizes a row-major (N, K) f32 matrix (named "the weights" in errors).
 pub fn quantize(layout: &Int4Layout, weights: &[f32], scale_dtype: TensorDtype) -> Result<Int4Weights> {
-    ensure!(weights.len() == layout.n * layout.k, "{} weights, expected N*K={}", weights.len(), layout.n * layout.k);
+    const NAME: &str = "the weights";
+    check_length("the weights", weights.len(), layout.n * layout.k).map_err(BuildError::quantize(NAME))?;
     let mut packed = Vec::with_capacity(layout.packed_len());
     let k = layout.k;
     let scales = quantize_rows(
+        NAME,
         layout,
         scale_dtype,
         |n, buf| {
@@ -322,7 +322,7 @@ pub fn dequantize(layout: &Int4Layout, packed: &[u8], scales: &[f32]) -> Vec<f32
 }
 
 /// Scales as little-endian bytes of `dtype` (exact: the values came from that dtype).
-pub fn scales_bytes(scales: &[f32], dtype: TensorDtype) -> Result<Vec<u8>> {
+pub fn scales_bytes(scales: &[f32], dtype: TensorDtype) -> std::result::Result<Vec<u8>, QuantError> {
     check_scale_dtype(dtype)?;
     let mut out = Vec::with_capacity(scales.len() * dtype.size_bytes());
     for &s in scales {
@@ -333,15 +333,13 @@ pub fn scales_bytes(scales: &[f32], dtype: TensorDtype) -> Result<Vec<u8>> {
 
 /// Reads row `row` of a 2-D F32/F16/BF16 tensor as f32 into `out` (length = columns).
 pub fn read_row_f32(t: &TensorRef, row: usize, out: &mut [f32]) -> Result<()> {
-    ensure!(t.shape.len() == 2, "tensor {} should be 2-D, has shape {:?}", t.name, t.shape);
-    let cols = t.shape[1];
-    ensure!(
-        out.len() == cols && row < t.shape[0],
-        "row {row} / buffer {} outside tensor {} {:?}",
-        out.len(),
-        t.name,
-        t.shape
-    );
+    let [rows, cols] = t.shape[..] else {
+        return Err(BuildError::Internal(format!("tensor {} should be 2-D, has shape {:?}", t.name, t.shape)));
+    };
+    if out.len() != cols || row >= rows {
+        let problem = format!("row {row} / buffer {} outside tensor {} {:?}", out.len(), t.name, t.shape);
+        return Err(BuildError::Internal(problem));
+    }
     match t.dtype {
         Dtype::F32 => {
             let bytes = &t.data[row * cols * 4..(row + 1) * cols * 4];
@@ -360,8 +358,9 @@ pub fn read_row_f32(t: &TensorRef, row: usize, out: &mut [f32]) -> Result<()> {
                 };
             }
         }
-        other => {
-            bail!("tensor {} in {} has dtype {other}; int4 quantization reads F32, F16, BF16", t.name, t.file.display())
+        dtype => {
+            let file = t.file.to_path_buf();
+            return Err(CheckpointError::UnsupportedDtype { tensor: t.name.to_string(), file, dtype }.into());
         }
     }
     Ok(())
@@ -398,16 +397,18 @@ pub fn matmul_nbits_parts(
     accuracy_level: i64,
     bias: Option<&str>,
 ) -> Result<String> {
-    ensure!(!parts.is_empty(), "{name}: no weights to quantize");
-    for t in parts {
-        ensure!(t.shape.len() == 2, "tensor {} in {} should be 2-D, has shape {:?}", t.name, t.file.display(), t.shape);
-    }
-    let k = parts[0].shape[1];
-    if let Some(t) = parts.iter().find(|t| t.shape[1] != k) {
-        bail!("{name}: tensor {} has {} input features, {} has {k}", t.name, t.shape[1], parts[0].name);
+    let internal = |problem: String| BuildError::Internal(format!("{name}: {problem}"));
+    let Some(k) = parts.first().and_then(|t| t.shape.get(1).copied()) else {
+        return Err(internal(format!(
+            "no 2-D weights to quantize: {:?}",
+            parts.iter().map(|t| &t.shape).collect::<Vec<_>>()
+        )));
+    };
+    if let Some(t) = parts.iter().find(|t| t.shape.len() != 2 || t.shape[1] != k) {
+        return Err(internal(format!("tensor {} has shape {:?}, the others {k} input features", t.name, t.shape)));
     }
     let n: usize = parts.iter().map(|t| t.shape[0]).sum();
-    let layout = Int4Layout::new(n, k, block_size).with_context(|| format!("{name}: int4 layout"))?;
+    let layout = Int4Layout::new(n, k, block_size).map_err(BuildError::quantize(name))?;
     // Global row -> (part, row in part).
     let mut starts = Vec::with_capacity(parts.len());
     let mut acc = 0;
@@ -448,15 +449,14 @@ pub fn int4_initializers(
     dtype: TensorDtype,
     read_row: impl FnMut(usize, &mut [f32]) -> Result<()>,
 ) -> Result<(String, String)> {
-    check_scale_dtype(dtype)?;
+    check_scale_dtype(dtype).map_err(BuildError::quantize(name))?;
     let mut scales = Vec::new();
     let b_name = g.initializer_with(&format!("{name}.weight_q4"), TensorDtype::Uint8, &layout.b_shape(), |sink| {
-        scales = quantize_rows(layout, dtype, read_row, |bytes| sink.write(bytes))
-            .with_context(|| format!("quantizing {name}"))?;
+        scales = quantize_rows(name, layout, dtype, read_row, |bytes| sink.write(bytes))?;
         Ok(())
     })?;
-    let s_name =
-        g.initializer(&format!("{name}.scales"), dtype, &layout.scales_shape(), &scales_bytes(&scales, dtype)?)?;
+    let scale_bytes = scales_bytes(&scales, dtype).map_err(BuildError::quantize(name))?;
+    let s_name = g.initializer(&format!("{name}.scales"), dtype, &layout.scales_shape(), &scale_bytes)?;
     Ok((b_name, s_name))
 }
 
@@ -472,7 +472,9 @@ pub fn matmul_nbits_node(
     accuracy_level: i64,
     bias: Option<&str>,
 ) -> Result<String> {
-    ensure!((0..=4).contains(&accuracy_level), "{name}: accuracy_level must be 0..=4, got {accuracy_level}");
+    if !(0..=4).contains(&accuracy_level) {
+        return Err(BuildError::Internal(format!("{name}: accuracy_level must be 0..=4, got {accuracy_level}")));
+    }
     let mut inputs: Vec<&str> = vec![x, b_name, s_name];
     if let Some(b) = bias {
         // zero_points (3) and g_idx (4) omitted.
@@ -638,15 +640,21 @@ mod tests {
 
     #[test]
     fn rejects_bad_inputs() {
-        assert!(Int4Layout::new(4, 64, 8).is_err());
-        assert!(Int4Layout::new(4, 64, 48).is_err());
-        assert!(Int4Layout::new(0, 64, 32).is_err());
-        let l = Int4Layout::new(1, 16, 16).unwrap();
-        let mut w = vec![1.0f32; 16];
-        w[3] = f32::NAN;
-        assert!(quantize(&l, &w, F32).is_err());
-        assert!(quantize(&l, &[1e6f32; 16], TensorDtype::Float16).is_err(), "scale 1.25e5 overflows f16");
-        assert!(quantize(&l, &[1.0f32; 16], TensorDtype::Int64).is_err());
+        assert_eq!(Int4Layout::new(4, 64, 8), Err(QuantError::BlockSize { block_size: 8 }));
+        assert_eq!(Int4Layout::new(4, 64, 48), Err(QuantError::BlockSize { block_size: 48 }));
+        assert_eq!(Int4Layout::new(0, 64, 32), Err(QuantError::Empty { n: 0, k: 64 }));
+        let cause = |result: Result<Int4Weights>| match result {
+            Err(BuildError::Quantize { weight, source }) if weight == "the weights" => source,
+            other => panic!("expected a quantization error, got {other:?}"),
+        };
+        let l = Int4Layout::new(2, 16, 16).unwrap();
+        let mut w = vec![1.0f32; 32];
+        w[16 + 3] = f32::NAN;
+        assert!(matches!(cause(quantize(&l, &w, F32)), QuantError::NotFinite { row: 1, column: 3, .. }));
+        let overflow = cause(quantize(&l, &[1e6f32; 32], TensorDtype::Float16)); // scale 1.25e5
+        assert_eq!(overflow, QuantError::ScaleOverflow { row: 0, block: 0, dtype: TensorDtype::Float16 });
+        let dtype = cause(quantize(&l, &[1.0f32; 32], TensorDtype::Int64));
+        assert_eq!(dtype, QuantError::ScaleDtype { dtype: TensorDtype::Int64 });
     }
 
     /// Documents the choice of `m / -8` over `absmax / 7`: lower RMS error on Gaussian weights
@@ -683,6 +691,7 @@ mod tests {
         let mut calls = 0;
         let mut bytes = Vec::new();
         let scales = quantize_rows(
+            "w",
             &l,
             TensorDtype::Float16,
             |n, buf| {

@@ -16,11 +16,11 @@
 //! tensor's bytes depend on the seed alone, chunks are generated on all cores at once, and
 //! stage graphs are written by parallel writers (`crate::stages::write`).
 
-use anyhow::{bail, Result};
 use pio_models::manifest::TensorDtype;
 use pio_models::size::Precision;
 
 use crate::convert::push_f32;
+use crate::error::{BuildError, BuildResult as Result, CheckpointError, SettingsError};
 use crate::onnx::graph::{Graph, WeightSink};
 use crate::quant::{matmul_nbits_node, Int4Layout};
 use crate::settings::ExportSettings;
@@ -29,18 +29,20 @@ use crate::settings::ExportSettings;
 const CHUNK_BYTES: usize = 64 << 20;
 
 /// Refuses settings the direct int4 path cannot serve, naming the flag.
-pub fn validate(s: &ExportSettings) -> Result<()> {
+pub fn validate(s: &ExportSettings) -> std::result::Result<(), SettingsError> {
     if s.random_int4.is_none() {
         return Ok(());
     }
     if s.precision != Precision::Int4 {
-        bail!("--direct-int4 draws int4 weights: it needs --precision int4, not {}", s.precision.as_str());
+        return Err(SettingsError::DirectInt4Precision { precision: s.precision });
     }
     if s.pio_kernels.any() {
-        bail!("--direct-int4 does not apply with --pio-kernels (their weights are packed from checkpoint values)");
+        let why = "their weights are packed from checkpoint values";
+        return Err(SettingsError::DirectInt4Conflict { flag: "--pio-kernels", why });
     }
     if s.kv_cache_int8 {
-        bail!("--direct-int4 does not apply with --kv-cache-int8 (its scales are estimated from the k/v weights)");
+        let why = "its scales are estimated from the k/v weights";
+        return Err(SettingsError::DirectInt4Conflict { flag: "--kv-cache-int8", why });
     }
     Ok(())
 }
@@ -53,7 +55,7 @@ pub fn is_drawn(name: &str) -> bool {
 
 /// Refuses to export a checkpoint written without its quantized weights unless they are
 /// drawn (`--direct-int4`): its projections are missing.
-pub fn check_checkpoint(dir: &std::path::Path, settings: &ExportSettings) -> Result<()> {
+pub fn check_checkpoint(dir: &std::path::Path, settings: &ExportSettings) -> std::result::Result<(), CheckpointError> {
     let marker = dir.join(crate::scratch::SYNTHETIC_MARKER);
     let Ok(text) = std::fs::read_to_string(&marker) else { return Ok(()) };
     let omits = serde_json::from_str::<serde_json::Value>(&text)
@@ -61,14 +63,32 @@ pub fn check_checkpoint(dir: &std::path::Path, settings: &ExportSettings) -> Res
         .and_then(|v| v.get(crate::synthetic::OMITS_QUANTIZED).and_then(|o| o.as_bool()))
         .unwrap_or(false);
     if omits && settings.random_int4.is_none() {
-        bail!(
-            "{} was written for --direct-int4 (its {} says it omits the decoder's projections): export it with \
-             --precision int4 --direct-int4, or write a full synthetic checkpoint",
-            dir.display(),
-            crate::scratch::SYNTHETIC_MARKER
-        );
+        return Err(CheckpointError::OmitsQuantizedWeights { dir: dir.to_path_buf() });
     }
     Ok(())
+}
+
+/// The tensors an export with `settings` reads from a checkpoint of `config` (the drawn ones left out), and
+/// how many it has at least (see [`crate::arch::min_tensor_count`]).
+pub fn read_tensors<'a>(
+    config: &'a pio_models::ModelConfig,
+    settings: &ExportSettings,
+) -> (u64, impl FnOnce() -> std::result::Result<crate::checkpoint::TensorList, CheckpointError> + 'a) {
+    let drawn = settings.random_int4.is_some();
+    // Without its projections a layer still has its norms.
+    let needed = if drawn {
+        config.text.num_hidden_layers as u64 + config.vision.as_ref().map_or(0, |v| v.depth as u64)
+    } else {
+        crate::arch::min_tensor_count(config)
+    };
+    let list = move || {
+        let mut tensors = crate::arch::checkpoint_tensors(config)?;
+        if drawn {
+            tensors.retain(|(name, _)| !is_drawn(name));
+        }
+        Ok(tensors)
+    };
+    (needed, list)
 }
 
 /// SplitMix64: the i-th word of the stream of `seed`.
@@ -177,7 +197,7 @@ pub fn matmul_nbits(
     settings: &ExportSettings,
     seed: u64,
 ) -> Result<String> {
-    let layout = Int4Layout::new(n, k, settings.int4_block_size)?;
+    let layout = Int4Layout::new(n, k, settings.int4_block_size).map_err(BuildError::quantize(name))?;
     let dtype = settings.compute_dtype();
     let (q, s) = int4_initializers(g, name, &layout, dtype, init_magnitude(k), seed)?;
     matmul_nbits_node(g, x, name, &layout, &q, &s, settings.int4_accuracy_level, None)
@@ -193,7 +213,7 @@ pub fn expert_initializers(
     seed: u64,
 ) -> Result<(String, String)> {
     let bs = settings.int4_block_size;
-    let layout = Int4Layout::new(experts * rows, cols, bs)?;
+    let layout = Int4Layout::new(experts * rows, cols, bs).map_err(BuildError::quantize(name))?;
     let shape = [experts, rows, cols / 2];
     let scales_shape = [experts, rows, cols / bs];
     initializers(g, name, &layout, &shape, &scales_shape, settings.compute_dtype(), init_magnitude(cols), seed)

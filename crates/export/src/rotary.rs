@@ -9,7 +9,7 @@
 //! and outside the fused unpack kernel the query is rotated at the slot while the key follows
 //! `position_ids`; every path agrees on the slot. The CPU kernel was checked both ways.
 
-use anyhow::{bail, Result};
+use crate::error::{BuildError, BuildResult as Result};
 use pio_models::config::TextConfig;
 use pio_models::manifest::TensorDtype;
 
@@ -53,7 +53,8 @@ pub fn static_caches(
 /// from 1 below 3 * section[1], and w at every third index from 2 below 3 * section[2].
 pub fn interleaved_mrope_axes(section: &[usize], half: usize) -> Result<Vec<i64>> {
     let [_, h, w] = section else {
-        bail!("mrope_section must hold 3 numbers (t, h, w), got {section:?}");
+        // The config reader refuses any other length, naming the field.
+        return Err(BuildError::Internal(format!("mrope_section must hold 3 numbers (t, h, w), got {section:?}")));
     };
     Ok((0..half)
         .map(|i| match i % 3 {

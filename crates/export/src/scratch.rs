@@ -11,8 +11,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
+
+use crate::error::fs_error;
+pub use crate::error::OutputError;
+
+type Result<T> = std::result::Result<T, OutputError>;
 
 /// Scratch folders of this process that a signal must remove.
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -57,23 +61,12 @@ impl OutputKind {
         if dest.symlink_metadata().is_err() || empty_dir {
             return Ok(());
         }
+        let dest = dest.to_path_buf();
         match self {
-            OutputKind::Export if !replace => {
-                bail!("output folder {} already exists (pass --force to replace it)", dest.display())
-            }
+            OutputKind::Export if !replace => Err(OutputError::Exists { dest }),
             _ if dest.is_dir() && dest.join(self.marker()).is_file() => Ok(()),
-            OutputKind::Export => bail!(
-                "--force replaces only an earlier pio-export output (a folder with {}); {} is not one and was left \
-                 as it is: remove it yourself or choose another --out",
-                self.marker(),
-                dest.display()
-            ),
-            OutputKind::SyntheticCheckpoint => bail!(
-                "{} exists and is not a synthetic checkpoint written by pio-export (no {}); it was left as it is: \
-                 remove it yourself or choose another --checkpoint-out",
-                dest.display(),
-                self.marker()
-            ),
+            OutputKind::Export => Err(OutputError::NotAnExport { dest }),
+            OutputKind::SyntheticCheckpoint => Err(OutputError::NotASyntheticCheckpoint { dest }),
         }
     }
 }
@@ -87,13 +80,13 @@ pub struct ScratchDir {
 impl ScratchDir {
     /// Creates `<parent>/.pio-<kind>-<pid>-XXXXXX`, after removing stale ones in `parent`.
     pub fn new_in(parent: &Path, kind: OutputKind) -> Result<Self> {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create folder {}", parent.display()))?;
+        std::fs::create_dir_all(parent).map_err(fs_error("create folder", parent))?;
         remove_stale(parent);
         let mut live = live();
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}{}-", kind.prefix(), std::process::id()))
             .tempdir_in(parent)
-            .with_context(|| format!("cannot write to folder {}", parent.display()))?;
+            .map_err(fs_error("write to folder", parent))?;
         live.push(dir.path().to_path_buf());
         Ok(ScratchDir { dir, kind })
     }
@@ -110,17 +103,20 @@ impl ScratchDir {
         let parent = self.dir.path().parent().unwrap_or(Path::new("."));
         let previous = if dest.symlink_metadata().is_ok() {
             let holder = ScratchDir::new_in(parent, self.kind)?;
-            std::fs::rename(dest, holder.path())
-                .with_context(|| format!("cannot move the earlier {} aside", dest.display()))?;
+            std::fs::rename(dest, holder.path()).map_err(|source| OutputError::Rename {
+                from: dest.to_path_buf(),
+                to: holder.path().to_path_buf(),
+                source,
+            })?;
             Some(holder)
         } else {
             None
         };
-        if let Err(e) = std::fs::rename(self.path(), dest) {
+        if let Err(source) = std::fs::rename(self.path(), dest) {
             if let Some(holder) = &previous {
                 let _ = std::fs::rename(holder.path(), dest);
             }
-            return Err(e).with_context(|| format!("cannot move {} to {}", self.path().display(), dest.display()));
+            return Err(OutputError::Rename { from: self.path().to_path_buf(), to: dest.to_path_buf(), source });
         }
         Ok(())
     }
@@ -175,8 +171,7 @@ pub fn remove_stale(parent: &Path) {
 /// signal as it would have without the handler.
 pub fn clean_up_on_signals() -> Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(OutputError::Signals)?;
     std::thread::Builder::new()
         .name("pio-signals".into())
         .spawn(move || {
@@ -190,7 +185,7 @@ pub fn clean_up_on_signals() -> Result<()> {
                 std::process::exit(128 + signal);
             }
         })
-        .context("cannot start the signal thread")?;
+        .map_err(OutputError::Signals)?;
     Ok(())
 }
 

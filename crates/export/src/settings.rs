@@ -1,10 +1,11 @@
 //! The export settings: the graph switches chosen at export, their defaults per target, the
 //! combinations a target cannot run, and the KV-cache names and dtype they imply.
 
-use anyhow::{bail, Result};
 use pio_models::config::TextConfig;
 use pio_models::manifest::{KvCacheSpec, TargetEp, TensorDtype};
 use pio_models::size::Precision;
+
+pub use crate::error::SettingsError;
 
 /// The graph switches chosen at export (recorded in the manifest).
 #[derive(Clone, Debug)]
@@ -52,6 +53,9 @@ pub const PAST_KEY: &str = "past_key_values.{layer}.key";
 pub const PAST_VALUE: &str = "past_key_values.{layer}.value";
 pub const PRESENT_KEY: &str = "present.{layer}.key";
 pub const PRESENT_VALUE: &str = "present.{layer}.value";
+/// The most bytes the cos and sin tables may take together (`--context-length` x rotary dim x 4 bytes x 2): 4 GiB,
+/// 64 times what Qwen3's 256K context needs.
+pub const MAX_ROTARY_TABLE_BYTES: u64 = 1 << 32;
 /// Output holding each position's argmax token id (int64, batch x positions).
 pub const GREEDY_TOKENS: &str = pio_models::manifest::GREEDY_TOKENS_OUTPUT;
 
@@ -113,85 +117,96 @@ impl ExportSettings {
     }
 
     /// Refuses combinations the target cannot run, with the reason; `model` names the checkpoint.
-    pub fn validate(&self, model: &str, text: &TextConfig) -> Result<()> {
+    pub fn validate(&self, model: &str, text: &TextConfig) -> Result<(), SettingsError> {
+        use SettingsError as E;
+        let int4 = self.precision == Precision::Int4;
         if self.target_ep == TargetEp::Cpu && matches!(self.precision, Precision::Fp16 | Precision::Bf16) {
-            bail!(
-                "--precision {} needs --ep cuda or tensorrt: CPU graphs are fp32 (or int4 weights with fp32 activations)",
-                self.precision.as_str()
-            );
+            return Err(E::PrecisionNeedsGpu { precision: self.precision });
         }
-        if self.precision == Precision::Int4 && (self.int4_block_size < 16 || !self.int4_block_size.is_power_of_two()) {
-            bail!("--int4-block-size {} must be a power of two >= 16", self.int4_block_size);
+        if int4 && (self.int4_block_size < 16 || !self.int4_block_size.is_power_of_two()) {
+            return Err(E::Int4BlockSize { block_size: self.int4_block_size });
         }
-        if self.int4_lm_head && self.precision != Precision::Int4 {
-            bail!("--int4-lm-head only applies with --precision int4");
+        if !(0..=4).contains(&self.int4_accuracy_level) {
+            return Err(E::Int4AccuracyLevel { level: self.int4_accuracy_level });
+        }
+        if self.int4_lm_head && !int4 {
+            return Err(E::NeedsInt4 { flag: "--int4-lm-head" });
         }
         if self.int4_embeddings {
-            if self.precision != Precision::Int4 {
-                bail!("--int4-embeddings only applies with --precision int4");
+            if !int4 {
+                return Err(E::NeedsInt4 { flag: "--int4-embeddings" });
             }
             if !text.hidden_size.is_multiple_of(self.int4_block_size) {
-                bail!(
-                    "--int4-embeddings needs hidden_size ({}) to be a multiple of --int4-block-size ({})",
-                    text.hidden_size,
-                    self.int4_block_size
-                );
+                return Err(E::Int4EmbeddingsBlock { hidden_size: text.hidden_size, block_size: self.int4_block_size });
             }
             if text.tie_word_embeddings && !self.int4_lm_head {
-                bail!(
-                    "--int4-embeddings on a model with tied embeddings needs --int4-lm-head: the two share one table"
-                );
+                return Err(E::Int4EmbeddingsTied);
+            }
+        }
+        if let (true, Some(m)) = (int4, &text.moe) {
+            // The experts' int4 weights (QMoE, MoEInt4) have no padded last block.
+            let bs = self.int4_block_size;
+            if !text.hidden_size.is_multiple_of(bs) || !m.moe_intermediate_size.is_multiple_of(bs) {
+                return Err(E::Int4ExpertBlock {
+                    block_size: bs,
+                    hidden_size: text.hidden_size,
+                    moe_intermediate_size: m.moe_intermediate_size,
+                });
             }
         }
         if !self.fused_attention && self.kv_cache_int8 {
-            bail!("--kv-cache-int8 needs fused attention (drop --no-fused-attention): the int8 cache is GroupQueryAttention's");
+            return Err(E::NeedsFusedAttention { flag: "--kv-cache-int8", why: "the int8 cache is its own" });
         }
         if !self.fused_attention && self.fused_qk_norm {
-            bail!(
-                "--fused-qk-norm conflicts with --no-fused-attention: the q/k norm weights are inputs of \
-                 GroupQueryAttention, which --no-fused-attention replaces"
-            );
+            return Err(E::NeedsFusedAttention { flag: "--fused-qk-norm", why: "the q/k norm weights are its inputs" });
         }
         if self.target_ep == TargetEp::Cpu && self.fused_qk_norm {
-            bail!("--fused-qk-norm needs --ep cuda: the CPU GroupQueryAttention kernel rejects q/k norm inputs");
+            return Err(E::FusedQkNormOnCpu);
         }
         if self.fused_qk_norm && !text.qk_norm {
-            bail!("--fused-qk-norm does not apply: this model has no q/k norm");
+            return Err(E::NoQkNorm);
         }
         if self.context_length == 0 {
-            bail!("--context-length must be positive");
+            return Err(E::ZeroContextLength);
         }
         let rotary_dim = text.rotary_dim();
+        let rotary = |requirement| E::RotaryDim {
+            rotary_dim,
+            head_dim: text.head_dim,
+            partial_rotary_factor: text.rope.partial_rotary_factor,
+            requirement,
+        };
         if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
-            bail!(
-                "rotary dim {rotary_dim} (head_dim {} x partial_rotary_factor {}) must be positive and even",
-                text.head_dim,
-                text.rope.partial_rotary_factor
-            );
+            return Err(rotary("positive and even"));
         }
         // The unfused attention rotates any even width; GroupQueryAttention's kernels need these.
         if self.fused_attention && !text.head_dim.is_multiple_of(16) {
-            bail!("head_dim {} is not a multiple of 16, which GroupQueryAttention's rotary needs", text.head_dim);
+            return Err(E::HeadDim { head_dim: text.head_dim });
         }
         if self.fused_attention && !rotary_dim.is_multiple_of(16) {
-            bail!(
-                "rotary dim {rotary_dim} (head_dim {} x partial_rotary_factor {}) must be a multiple of 16 for GroupQueryAttention",
-                text.head_dim,
-                text.rope.partial_rotary_factor
-            );
+            return Err(rotary("a multiple of 16 for GroupQueryAttention"));
+        }
+        // cos and sin: (context_length, rotary_dim / 2) each, at most 4 bytes an element.
+        let table_bytes = (self.context_length as u64).saturating_mul(rotary_dim as u64).saturating_mul(4);
+        if table_bytes > MAX_ROTARY_TABLE_BYTES {
+            return Err(E::ContextTooLong {
+                context_length: self.context_length,
+                bytes: table_bytes,
+                max: MAX_ROTARY_TABLE_BYTES,
+            });
         }
         if !self.sliding_window && !text.has_sliding_layers() {
             let why = match text.sliding_window {
                 None => "use_sliding_window is false".to_string(),
                 Some(w) => format!("window {w}, but every layer is full_attention"),
             };
-            bail!("--no-sliding-window does not apply: {model} has no sliding-window layers ({why})");
+            return Err(E::NoSlidingLayers { model: model.to_string(), why });
         }
         self.pio_kernels.validate(self.precision, self.target_ep, self.int4_block_size)?;
         self.stages.validate(text.num_hidden_layers)?;
         crate::random_int4::validate(self)?;
         if text.rope.rope_type != "default" && text.rope.rope_type != "linear" {
-            bail!("rope_type `{}` is not supported yet (supported: default, linear)", text.rope.rope_type);
+            return Err(E::UnsupportedRope { rope_type: text.rope.rope_type.clone() });
         }
         Ok(())
     }

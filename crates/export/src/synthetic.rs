@@ -5,7 +5,6 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
 use half::bf16;
 use pio_models::config::ModelConfig;
 use pio_models::presets::Preset;
@@ -15,7 +14,15 @@ use safetensors::{Dtype, View};
 use serde_json::{json, Value};
 
 use crate::arch;
+use crate::error::{fs_error, ExportError};
 use crate::scratch::{OutputKind, ScratchDir, SYNTHETIC_MARKER};
+
+type Result<T> = std::result::Result<T, ExportError>;
+
+/// The most tensors a synthetic checkpoint may hold (GLM-4.7 at full size has about 44,000).
+pub const MAX_SYNTHETIC_TENSORS: u64 = 1 << 22;
+/// The most bytes a synthetic checkpoint may hold: 1 PiB, far beyond any preset at full size.
+pub const MAX_SYNTHETIC_BYTES: u64 = 1 << 50;
 
 /// Overrides that shrink a preset for tests (None keeps the real value).
 #[derive(Clone, Debug, Default)]
@@ -82,6 +89,11 @@ impl ShapeOverrides {
 /// The preset's config.json with the overrides applied (in whichever object holds the text
 /// config), validated by parsing it.
 pub fn synthetic_config(preset: &Preset, o: &ShapeOverrides) -> Result<Value> {
+    synthetic_model(preset, o).map(|(value, _)| value)
+}
+
+/// The shrunk config.json and its parsed form.
+fn synthetic_model(preset: &Preset, o: &ShapeOverrides) -> Result<(Value, ModelConfig)> {
     let mut config = preset.config_json()?;
     {
         let text = if config.get("text_config").is_some() { &mut config["text_config"] } else { &mut config };
@@ -106,8 +118,9 @@ pub fn synthetic_config(preset: &Preset, o: &ShapeOverrides) -> Result<Value> {
     if let Some(vision) = config.get_mut("vision_config") {
         shrink_vision(vision, o);
     }
-    ModelConfig::from_value(&config).context("the shrunk synthetic config is not valid")?;
-    Ok(config)
+    let parsed = ModelConfig::from_value(&config)
+        .map_err(|source| ExportError::SyntheticShape { preset: preset.name, source })?;
+    Ok((config, parsed))
 }
 
 /// Sets `object[key]` to `v` when an override is given.
@@ -130,7 +143,9 @@ fn fit_mrope_section(text: &mut Value) {
             section.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
         let sum: u64 = parts.iter().sum();
         if parts.len() == 3 && sum != half && sum > 0 {
-            let (h, w) = (parts[1] * half / sum, parts[2] * half / sum);
+            // parts[1] + parts[2] <= sum, so h + w <= half; in u128 the products cannot overflow.
+            let share = |p: u64| (u128::from(p) * u128::from(half) / u128::from(sum)) as u64;
+            let (h, w) = (share(parts[1]), share(parts[2]));
             *section = json!([half - h - w, h, w]);
         }
     }
@@ -147,7 +162,8 @@ fn shrink_vision(vision: &mut Value, o: &ShapeOverrides) {
     set(vision, "out_hidden_size", o.hidden_size);
     if let Some(layers) = o.vision_layers {
         let count = vision["deepstack_visual_indexes"].as_array().map_or(0, Vec::len).min(layers);
-        let spread: Vec<usize> = (0..count).map(|k| k * layers / count).collect();
+        // k < count <= layers: k * layers / count < layers, computed without overflow.
+        let spread: Vec<u64> = (0..count).map(|k| (k as u128 * layers as u128 / count as u128) as u64).collect();
         vision["deepstack_visual_indexes"] = json!(spread);
     }
 }
@@ -262,19 +278,34 @@ pub fn write_checkpoint_with(
     dir: &Path,
     contents: CheckpointContents,
 ) -> Result<PathBuf> {
-    let config_value = synthetic_config(preset, overrides)?;
-    let config = ModelConfig::from_value(&config_value)?;
+    let (config_value, config) = synthetic_model(preset, overrides)?;
+    let too_large = |tensors, bytes| ExportError::SyntheticTooLarge { preset: preset.name, tensors, bytes };
+    // The tensor list grows with layers x experts: its length is bounded before it is built.
+    let at_least = arch::min_tensor_count(&config);
+    if at_least > MAX_SYNTHETIC_TENSORS {
+        return Err(too_large(at_least, 0));
+    }
     let mut tensors = arch::checkpoint_tensors(&config)?;
     let omits = contents == CheckpointContents::WithoutQuantized;
     if omits {
         tensors.retain(|(name, _)| !crate::random_int4::is_drawn(name));
     }
+    let bytes = tensors.iter().try_fold(0u64, |total, (_, shape)| {
+        let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64))?;
+        total.checked_add(elements.checked_mul(2)?)
+    });
+    let bytes = bytes
+        .filter(|&b| b <= MAX_SYNTHETIC_BYTES)
+        .ok_or_else(|| too_large(tensors.len() as u64, bytes.unwrap_or(u64::MAX)))?;
+    tracing::debug!("synthetic checkpoint: {} tensors, {bytes} bytes", tensors.len());
     OutputKind::SyntheticCheckpoint.check_destination(dir, true)?;
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = ScratchDir::new_in(parent, OutputKind::SyntheticCheckpoint)?;
     let write_json = |name: &str, v: &Value| -> Result<()> {
         let p = tmp.path().join(name);
-        std::fs::write(&p, serde_json::to_string_pretty(v)?).with_context(|| format!("cannot write {}", p.display()))
+        let text =
+            serde_json::to_string_pretty(v).map_err(|source| ExportError::SerializeJson { file: p.clone(), source })?;
+        Ok(std::fs::write(&p, text).map_err(fs_error("write", &p))?)
     };
     write_json("config.json", &config_value)?;
     write_json("generation_config.json", &preset.generation_config_json()?)?;
@@ -308,22 +339,22 @@ pub fn write_checkpoint_with(
     let weights = tmp.path().join("model.safetensors");
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(metadata), &weights)
-        .map_err(|e| anyhow!("cannot write {}: {e}", weights.display()))?;
+        .map_err(|source| ExportError::WriteSafetensors { file: weights.clone(), source })?;
     for (file, content) in preset.processor_files {
         let p = tmp.path().join(file);
-        std::fs::write(&p, content).with_context(|| format!("cannot write {}", p.display()))?;
+        std::fs::write(&p, content).map_err(fs_error("write", &p))?;
     }
     if let Some(tok) = tokenizer_dir {
         let mut copied = 0;
         for f in crate::checkpoint::TOKENIZER_FILES {
             let src = tok.join(f);
             if src.is_file() {
-                std::fs::copy(&src, tmp.path().join(f)).with_context(|| format!("cannot copy {}", src.display()))?;
+                std::fs::copy(&src, tmp.path().join(f)).map_err(fs_error("copy", &src))?;
                 copied += 1;
             }
         }
         if copied == 0 {
-            bail!("no tokenizer files (tokenizer.json, tokenizer_config.json) in {}", tok.display());
+            return Err(ExportError::NoTokenizerFiles { dir: tok.to_path_buf() });
         }
     }
     tmp.persist(dir, true)?;

@@ -10,10 +10,10 @@
 //! scores = q kᵀ cast to float32 and scaled, + an additive mask, Softmax, back to the graph dtype,
 //! · v, heads merged. The values every layer shares are in [`crate::unfused_inputs`].
 
-use anyhow::Result;
 use pio_models::manifest::TensorDtype;
 
 use crate::decoder::DecoderBuilder;
+use crate::error::BuildResult as Result;
 use crate::unfused_inputs::UnfusedInputs;
 
 impl DecoderBuilder<'_> {

@@ -2,9 +2,9 @@
 //! [`crate::unfused_attention`]) reads, built once per graph: each token's rotary rows broadcast
 //! over heads, the reshapes that group query heads by kv head, and one additive mask per window.
 
-use anyhow::{anyhow, Result};
 use pio_models::config::TextConfig;
 
+use crate::error::{BuildError, BuildResult as Result};
 use crate::onnx::graph::Graph;
 use crate::settings::ExportSettings;
 
@@ -134,6 +134,6 @@ impl UnfusedInputs {
             .iter()
             .find(|(w, _)| *w == window)
             .map(|(_, m)| m.as_str())
-            .ok_or_else(|| anyhow!("no attention mask was built for window {window:?}"))
+            .ok_or_else(|| BuildError::Internal(format!("no attention mask was built for window {window:?}")))
     }
 }

@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use pio_models::manifest::VisionSpec;
 use pio_models::ModelConfig;
 
 use crate::arch::{qwen3_vl, qwen3_vl_vision};
+use crate::error::BuildResult as Result;
 use crate::onnx::graph::Graph;
 use crate::weights::WeightSource;
 
@@ -34,8 +34,7 @@ pub fn write_vision(
     metadata: &[(&str, String)],
     processor_files: Vec<String>,
 ) -> Result<VisionExport> {
-    let v = config.vision.as_ref().context("config.json has no vision_config")?;
-    let tokens = config.vision_tokens.as_ref().context("config.json has no image token ids")?;
+    let (v, tokens) = crate::arch::qwen3_vl::vision_parts(config)?;
     let graph = Graph::new(&format!("{name}-vision"), &dir.join(VISION_WEIGHTS_FILE))?;
     let graph = qwen3_vl_vision::build(graph, w, v, w.settings.fused_norms)?;
     let (inputs, outputs) = {

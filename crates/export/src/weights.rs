@@ -2,12 +2,12 @@
 //! and the vision encoder): weights converted to the graph dtype, projections as a MatMul on the
 //! transposed weight (or MatMulNBits on the stored one), biases.
 
-use anyhow::Result;
 use indicatif::ProgressBar;
 use pio_models::manifest::TensorDtype;
 
 use crate::checkpoint::Checkpoint;
 use crate::convert::{push_f32, to_f32_vec, write_converted, write_transposed};
+use crate::error::BuildResult as Result;
 use crate::onnx::graph::Graph;
 use crate::settings::ExportSettings;
 
@@ -65,7 +65,7 @@ impl WeightSource<'_> {
             .iter()
             .zip(out_dims)
             .map(|(p, &out)| self.ck.tensor(&format!("{p}.weight"), &[out, in_dim]))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let read: usize = tensors.iter().map(|t| t.data.len()).sum();
         let total_out: usize = out_dims.iter().sum();
         let dtype = self.dtype;

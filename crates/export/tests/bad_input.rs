@@ -1,22 +1,12 @@
 //! Bad input to `pio-export`: each case must fail with a non-zero exit, an error naming the file
 //! and what is wrong, and no output folder (nor temporary folder) left behind.
 
+mod checkpoint_fixtures;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
-}
-
-/// Copies a fixture checkpoint into `dir` so a test can damage it.
-fn copy_fixture(name: &str, dir: &Path) -> PathBuf {
-    let dst = dir.join(name);
-    std::fs::create_dir_all(&dst).unwrap();
-    for entry in std::fs::read_dir(fixture(name)).unwrap().flatten() {
-        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
-    }
-    dst
-}
+use checkpoint_fixtures::{copy_fixture, edit_json, edit_safetensors_header, fixture, poison_weight};
 
 struct Outcome {
     code: Option<i32>,
@@ -50,10 +40,9 @@ fn expect_failure(checkpoint: &Path, tmp: &Path, needles: &[&str]) {
 fn missing_config_key_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = copy_fixture("qwen3-tied-hub", tmp.path());
-    let path = ck.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v.as_object_mut().unwrap().remove("num_attention_heads");
-    std::fs::write(&path, v.to_string()).unwrap();
+    edit_json(&ck.join("config.json"), |v| {
+        v.as_object_mut().unwrap().remove("num_attention_heads");
+    });
     expect_failure(&ck, tmp.path(), &["config.json", "num_attention_heads"]);
 }
 
@@ -84,10 +73,9 @@ fn corrupt_safetensors_header_is_reported_with_its_file() {
 fn tensor_of_the_wrong_shape_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = copy_fixture("qwen3-tied-hub", tmp.path());
-    let path = ck.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v["intermediate_size"] = serde_json::json!(256);
-    std::fs::write(&path, v.to_string()).unwrap();
+    edit_json(&ck.join("config.json"), |v| {
+        v["intermediate_size"] = serde_json::json!(256);
+    });
     expect_failure(&ck, tmp.path(), &["mlp.gate_proj.weight", "model.safetensors", "shape"]);
 }
 
@@ -104,10 +92,9 @@ fn missing_tensor_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = copy_fixture("qwen3-tied-hub", tmp.path());
     // Untying the embeddings makes the exporter look for an lm_head the checkpoint lacks.
-    let path = ck.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v["tie_word_embeddings"] = serde_json::json!(false);
-    std::fs::write(&path, v.to_string()).unwrap();
+    edit_json(&ck.join("config.json"), |v| {
+        v["tie_word_embeddings"] = serde_json::json!(false);
+    });
     expect_failure(&ck, tmp.path(), &["lm_head.weight", "missing"]);
 }
 
@@ -153,10 +140,9 @@ fn unwritable_output_folder_is_named() {
 fn unknown_architecture_is_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = copy_fixture("qwen3-tied-hub", tmp.path());
-    let path = ck.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v["architectures"] = serde_json::json!(["MistralForCausalLM"]);
-    std::fs::write(&path, v.to_string()).unwrap();
+    edit_json(&ck.join("config.json"), |v| {
+        v["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    });
     expect_failure(&ck, tmp.path(), &["MistralForCausalLM", "Qwen3ForCausalLM"]);
 }
 
@@ -283,10 +269,9 @@ fn no_fused_attention_refuses_the_switches_of_group_query_attention() {
 fn unsupported_vision_activation_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = copy_fixture("qwen3vl-a", tmp.path());
-    let path = ck.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v["vision_config"]["hidden_act"] = serde_json::json!("relu");
-    std::fs::write(&path, v.to_string()).unwrap();
+    edit_json(&ck.join("config.json"), |v| {
+        v["vision_config"]["hidden_act"] = serde_json::json!("relu");
+    });
     expect_failure(&ck, tmp.path(), &["hidden_act", "vision_config", "relu"]);
 }
 
@@ -295,9 +280,107 @@ fn missing_vision_tensor_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = copy_fixture("qwen3vl-a", tmp.path());
     // One more vision block than the checkpoint has.
-    let path = ck.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    v["vision_config"]["depth"] = serde_json::json!(4);
-    std::fs::write(&path, v.to_string()).unwrap();
+    edit_json(&ck.join("config.json"), |v| {
+        v["vision_config"]["depth"] = serde_json::json!(4);
+    });
     expect_failure(&ck, tmp.path(), &["model.visual.blocks.3", "missing"]);
+}
+
+#[test]
+fn config_that_is_not_a_json_object_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    std::fs::write(ck.join("config.json"), "{\"architectures\": [").unwrap();
+    expect_failure(&ck, tmp.path(), &["config.json is not valid JSON", "EOF while parsing"]);
+    std::fs::write(ck.join("config.json"), "[1, 2]").unwrap();
+    expect_failure(&ck, tmp.path(), &["config.json: the file must be a JSON object, got [1,2]"]);
+}
+
+#[test]
+fn generation_config_field_of_the_wrong_type_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    edit_json(&ck.join("generation_config.json"), |v| v["temperature"] = serde_json::json!("hot"));
+    expect_failure(&ck, tmp.path(), &["generation_config.json: field `temperature` must be a number, got \"hot\""]);
+}
+
+#[test]
+fn index_naming_a_file_outside_the_folder_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-untied-rp", tmp.path());
+    edit_json(&ck.join("model.safetensors.index.json"), |v| {
+        v["weight_map"]["lm_head.weight"] = serde_json::json!("../model-00002-of-00002.safetensors");
+    });
+    expect_failure(&ck, tmp.path(), &["model.safetensors.index.json", "lm_head.weight", "../model-00002"]);
+}
+
+#[test]
+fn tensor_stored_in_two_shards_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-untied-rp", tmp.path());
+    // A third shard holding the second one's tensors again.
+    std::fs::copy(ck.join("model-00002-of-00002.safetensors"), ck.join("extra.safetensors")).unwrap();
+    edit_json(&ck.join("model.safetensors.index.json"), |v| {
+        v["weight_map"]["extra.tensor"] = serde_json::json!("extra.safetensors");
+    });
+    expect_failure(&ck, tmp.path(), &["is in both", "extra.safetensors", "model-00002-of-00002.safetensors"]);
+}
+
+#[test]
+fn tensor_of_an_unsupported_dtype_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    // I16 has BF16's size, so the header stays consistent with the data.
+    edit_safetensors_header(&ck.join("model.safetensors"), |h| {
+        h["model.norm.weight"]["dtype"] = serde_json::json!("I16");
+    });
+    expect_failure(&ck, tmp.path(), &["model.norm.weight", "model.safetensors", "dtype I16"]);
+}
+
+#[test]
+fn config_with_absurdly_many_experts_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3moe-a", tmp.path());
+    // 4 billion experts: the checkpoint's tensor list would not fit in memory, so the count of tensors the
+    // config needs is compared with the checkpoint's before the list is built.
+    edit_json(&ck.join("config.json"), |v| v["num_experts"] = serde_json::json!(u32::MAX));
+    expect_failure(&ck, tmp.path(), &["config.json in", "describes at least", "4294967295 experts", "holds"]);
+}
+
+#[test]
+fn weight_that_cannot_be_quantized_is_named_with_its_row_and_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    poison_weight(&ck.join("model.safetensors"), "model.layers.1.self_attn.q_proj.weight", 3, 5);
+    let out_parent = tmp.path().join("out");
+    std::fs::create_dir_all(&out_parent).unwrap();
+    let out = out_parent.join("model");
+    let o = run_export(
+        &["--checkpoint", ck.to_str().unwrap(), "--out", out.to_str().unwrap(), "--precision", "int4"],
+        tmp.path(),
+    );
+    assert_ne!(o.code, Some(0));
+    let expected = "cannot quantize model.layers.1.self_attn.q_proj to int4: row 3: the weight in column 5 is NaN";
+    assert!(o.stderr.contains(expected) && o.stderr.contains("model.onnx"), "{}", o.stderr);
+    assert_eq!(std::fs::read_dir(&out_parent).unwrap().count(), 0, "nothing left behind");
+}
+
+#[test]
+fn settings_out_of_range_are_refused_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = fixture("qwen3-tied-hub");
+    let out = tmp.path().join("out");
+    let cases: [(&[&str], &str); 3] = [
+        (&["--context-length", "100000000000"], "--context-length 100000000000 makes rotary tables of"),
+        (&["--precision", "int4", "--int4-accuracy-level", "7"], "--int4-accuracy-level 7 must be between 0 and 4"),
+        (&["--precision", "int4", "--int4-block-size", "24"], "--int4-block-size 24 must be a power of two"),
+    ];
+    for (flags, expected) in cases {
+        let mut args = vec!["--checkpoint", ck.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let o = run_export(&args, tmp.path());
+        assert_ne!(o.code, Some(0), "{flags:?}");
+        assert!(o.stderr.contains(expected), "{flags:?}: {}", o.stderr);
+        assert!(!out.exists());
+    }
 }

@@ -6,9 +6,13 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::error::ConfigError;
+use crate::json_fields::{Fields, MAX_FIELD};
+
+type Result<T> = std::result::Result<T, ConfigError>;
 
 /// The architectures the exporter knows, by their `architectures[0]` name in config.json.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,11 +41,9 @@ impl Architecture {
         }
     }
 
-    pub fn from_hf_name(name: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|a| a.hf_name() == name).ok_or_else(|| {
-            let supported: Vec<_> = Self::ALL.iter().map(|a| a.hf_name()).collect();
-            anyhow!("unsupported architecture `{name}`; supported: {}", supported.join(", "))
-        })
+    /// The architecture transformers names `name`, if it is one of [`Architecture::ALL`].
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.hf_name() == name)
     }
 }
 
@@ -231,128 +233,31 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
 }
 
-/// The largest integer a config field may hold (token ids are u32, and widths, vocabularies and
-/// context lengths are far smaller): products of two fields then stay inside 64 bits.
-const MAX_FIELD: u64 = u32::MAX as u64;
 /// The most decoder layers a config may have (the largest models have about 130); per-layer
 /// lists are allocated from it.
 const MAX_LAYERS: usize = 1 << 16;
 
-/// Field access on a JSON object with errors that name the field and the file's section.
-struct Fields<'a> {
-    obj: &'a serde_json::Map<String, Value>,
-    section: &'a str,
-}
-
-impl<'a> Fields<'a> {
-    fn new(value: &'a Value, section: &'a str) -> Result<Self> {
-        let obj = value.as_object().ok_or_else(|| anyhow!("{section} is not a JSON object"))?;
-        Ok(Fields { obj, section })
-    }
-    fn get(&self, key: &str) -> Option<&'a Value> {
-        self.obj.get(key).filter(|v| !v.is_null())
-    }
-    fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?.ok_or_else(|| anyhow!("missing field `{key}` in {}", self.section))
-    }
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        self.get(key).map(|v| self.integer(key, v)).transpose()
-    }
-    /// A non-negative integer of at most [`MAX_FIELD`].
-    fn integer(&self, key: &str, v: &Value) -> Result<usize> {
-        match v.as_u64() {
-            Some(n) if n <= MAX_FIELD => Ok(n as usize),
-            Some(_) => bail!("field `{key}` in {} is {v}, more than any model has (at most {MAX_FIELD})", self.section),
-            None => bail!("field `{key}` in {} must be a non-negative integer, got {v}", self.section),
-        }
-    }
-    fn f64(&self, key: &str) -> Result<f64> {
-        self.opt_f64(key)?.ok_or_else(|| anyhow!("missing field `{key}` in {}", self.section))
-    }
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| anyhow!("field `{key}` in {} must be a number, got {v}", self.section)),
-        }
-    }
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| anyhow!("field `{key}` in {} must be true or false, got {v}", self.section)),
-        }
-    }
-    fn opt_str(&self, key: &str) -> Result<Option<String>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(|s| Some(s.to_string()))
-                .ok_or_else(|| anyhow!("field `{key}` in {} must be a string, got {v}", self.section)),
-        }
-    }
-    fn opt_usize_list(&self, key: &str) -> Result<Option<Vec<usize>>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Array(items)) => {
-                items.iter().map(|v| self.integer(key, v)).collect::<Result<Vec<_>>>().map(Some)
-            }
-            Some(v) => bail!("field `{key}` in {} must be a list of integers, got {v}", self.section),
-        }
-    }
-    fn opt_str_list(&self, key: &str) -> Result<Option<Vec<String>>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| anyhow!("field `{key}` in {} must hold strings, got {v}", self.section))
-                })
-                .collect::<Result<Vec<_>>>()
-                .map(Some),
-            Some(v) => bail!("field `{key}` in {} must be a list of strings, got {v}", self.section),
-        }
-    }
-    /// An id or a list of ids (HF writes `eos_token_id` either way).
-    fn ids(&self, key: &str) -> Result<Vec<u32>> {
-        match self.get(key) {
-            None => Ok(vec![]),
-            Some(v @ Value::Number(_)) => Ok(vec![self.integer(key, v)? as u32]),
-            Some(_) => Ok(self.opt_usize_list(key)?.unwrap_or_default().into_iter().map(|n| n as u32).collect()),
-        }
-    }
-}
-
 fn parse_rope(f: &Fields, default_theta: f64, default_partial_rotary_factor: f64) -> Result<RopeConfig> {
     // transformers 5 writes `rope_parameters`; the hub's configs use top-level keys and
     // `rope_scaling`. Values inside rope_parameters win over top-level ones.
-    let params = f.get("rope_parameters").or_else(|| f.get("rope_scaling"));
-    let section_name = if f.get("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
-    let section = format!("{}.{section_name}", f.section);
-    let nested = match params {
-        Some(v) => Some(Fields::new(v, &section)?),
-        None => None,
+    let nested = match f.section("rope_parameters")? {
+        Some(n) => Some(n),
+        None => f.section("rope_scaling")?,
     };
-    let pick_f64 = |key: &str| -> Result<Option<f64>> {
+    let pick_f64 = |key: &str| -> Result<Option<(f64, &Fields)>> {
         if let Some(n) = &nested {
             if let Some(v) = n.opt_f64(key)? {
-                return Ok(Some(v));
+                return Ok(Some((v, n)));
             }
         }
-        f.opt_f64(key)
+        Ok(f.opt_f64(key)?.map(|v| (v, f)))
     };
-    let theta = pick_f64("rope_theta")?.unwrap_or(default_theta);
-    let partial_rotary_factor = pick_f64("partial_rotary_factor")?.unwrap_or(default_partial_rotary_factor);
-    if !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
-        bail!("field `partial_rotary_factor` in {} must be in (0, 1], got {partial_rotary_factor}", f.section);
-    }
+    let theta = pick_f64("rope_theta")?.map_or(default_theta, |(v, _)| v);
+    let partial_rotary_factor = match pick_f64("partial_rotary_factor")? {
+        Some((v, _)) if v > 0.0 && v <= 1.0 => v,
+        Some((v, from)) => return Err(from.invalid("partial_rotary_factor", v, "must be in (0, 1]")),
+        None => default_partial_rotary_factor,
+    };
     let (rope_type, factor, mrope_section, mrope_interleaved) = match &nested {
         Some(n) => (
             n.opt_str("rope_type")?.or(n.opt_str("type")?).unwrap_or_else(|| "default".into()),
@@ -362,6 +267,11 @@ fn parse_rope(f: &Fields, default_theta: f64, default_partial_rotary_factor: f64
         ),
         None => ("default".to_string(), None, None, false),
     };
+    if let (Some(section), Some(n)) = (&mrope_section, &nested) {
+        if section.len() != 3 {
+            return Err(n.invalid("mrope_section", format!("{section:?}"), "must hold 3 numbers (t, h, w)"));
+        }
+    }
     Ok(RopeConfig { theta, rope_type, factor, partial_rotary_factor, mrope_section, mrope_interleaved })
 }
 
@@ -380,26 +290,23 @@ fn parse_layer_types(f: &Fields, arch: Architecture, layers: usize) -> Result<(O
         _ => None,
     };
     if window == Some(0) {
-        bail!("field `sliding_window` in {} must be positive", f.section);
+        return Err(f.invalid("sliding_window", 0, "must be positive"));
     }
     let types = match (arch, f.opt_str_list("layer_types")?) {
         (Architecture::Qwen3, Some(names)) => {
             if names.len() != layers {
-                bail!(
-                    "field `layer_types` in {} lists {} layers, but `num_hidden_layers` is {layers}",
-                    f.section,
-                    names.len()
-                );
+                return Err(f.invalid(
+                    "layer_types",
+                    format!("a list of {} layers", names.len()),
+                    format!("must list `num_hidden_layers` ({layers}) layers"),
+                ));
             }
             names
                 .iter()
                 .enumerate()
-                .map(|(i, n)| {
-                    serde_json::from_value::<LayerAttention>(Value::from(n.as_str())).map_err(|_| {
-                        anyhow!(
-                            "field `layer_types` in {}: layer {i} is `{n}`; supported: full_attention, sliding_attention",
-                            f.section
-                        )
+                .map(|(i, name)| {
+                    serde_json::from_value::<LayerAttention>(Value::from(name.as_str())).map_err(|_| {
+                        f.unsupported(&format!("layer_types[{i}]"), name, "full_attention, sliding_attention")
                     })
                 })
                 .collect::<Result<Vec<_>>>()?
@@ -413,37 +320,24 @@ fn parse_layer_types(f: &Fields, arch: Architecture, layers: usize) -> Result<(O
     };
     if window.is_none() {
         if let Some(i) = types.iter().position(|t| *t == SlidingAttention) {
-            bail!(
-                "field `layer_types` in {} makes layer {i} sliding_attention, but there is no window \
-                 (use_sliding_window is false or sliding_window is unset)",
-                f.section
-            );
+            return Err(f.invalid(
+                &format!("layer_types[{i}]"),
+                "sliding_attention",
+                "needs a window, and there is none (use_sliding_window is false or sliding_window is unset)",
+            ));
         }
     }
     Ok((window, types))
 }
 
-fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
-    let hidden_size = f.usize("hidden_size")?;
-    let num_attention_heads = f.usize("num_attention_heads")?;
-    if num_attention_heads == 0 || hidden_size == 0 {
-        bail!("`hidden_size` and `num_attention_heads` in {} must be positive", f.section);
-    }
-    let num_key_value_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
-    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-        bail!(
-            "`num_attention_heads` ({num_attention_heads}) in {} must be a multiple of `num_key_value_heads` ({num_key_value_heads})",
-            f.section
-        );
-    }
-    let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / num_attention_heads);
+fn parse_moe(f: &Fields, arch: Architecture) -> Result<Option<MoeConfig>> {
     let moe = match arch {
-        Architecture::Qwen3Moe => Some(MoeConfig {
+        Architecture::Qwen3Moe => MoeConfig {
             // transformers 5 writes `num_local_experts` (the attribute_map target) instead.
-            num_experts: f
-                .opt_usize("num_experts")?
-                .or(f.opt_usize("num_local_experts")?)
-                .ok_or_else(|| anyhow!("missing field `num_experts` (or `num_local_experts`) in {}", f.section))?,
+            num_experts: match f.opt_usize("num_experts")? {
+                Some(n) => n,
+                None => f.opt_usize("num_local_experts")?.ok_or_else(|| f.missing("num_experts"))?,
+            },
             num_experts_per_tok: f.usize("num_experts_per_tok")?,
             moe_intermediate_size: f.usize("moe_intermediate_size")?,
             norm_topk_prob: f.opt_bool("norm_topk_prob")?.unwrap_or(false),
@@ -455,8 +349,8 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
             topk_group: 1,
             routed_scaling_factor: 1.0,
             scoring: RouterScoring::Softmax,
-        }),
-        Architecture::Glm4Moe => Some(MoeConfig {
+        },
+        Architecture::Glm4Moe => MoeConfig {
             num_experts: f.usize("n_routed_experts")?,
             num_experts_per_tok: f.usize("num_experts_per_tok")?,
             moe_intermediate_size: f.usize("moe_intermediate_size")?,
@@ -469,35 +363,62 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
             topk_group: f.opt_usize("topk_group")?.unwrap_or(1),
             routed_scaling_factor: f.opt_f64("routed_scaling_factor")?.unwrap_or(1.0),
             scoring: RouterScoring::SigmoidGrouped,
-        }),
-        _ => None,
+        },
+        _ => return Ok(None),
     };
-    if let Some(m) = &moe {
-        if m.num_experts_per_tok == 0 || m.num_experts_per_tok > m.num_experts {
-            bail!(
-                "`num_experts_per_tok` ({}) in {} must be between 1 and the number of experts ({})",
-                m.num_experts_per_tok,
-                f.section,
-                m.num_experts
-            );
-        }
-        if m.n_group == 0 || m.num_experts % m.n_group != 0 || m.topk_group > m.n_group {
-            bail!(
-                "`n_group` ({}) / `topk_group` ({}) in {} do not divide {} experts",
-                m.n_group,
-                m.topk_group,
-                f.section,
-                m.num_experts
-            );
-        }
+    let m = &moe;
+    if m.num_experts_per_tok == 0 || m.num_experts_per_tok > m.num_experts {
+        let requirement = format!("must be between 1 and the number of experts ({})", m.num_experts);
+        return Err(f.invalid("num_experts_per_tok", m.num_experts_per_tok, requirement));
     }
-    let num_hidden_layers = f.usize("num_hidden_layers")?;
+    if m.n_group == 0 || !m.num_experts.is_multiple_of(m.n_group) {
+        return Err(f.invalid("n_group", m.n_group, format!("must divide the {} experts", m.num_experts)));
+    }
+    if m.topk_group == 0 || m.topk_group > m.n_group {
+        return Err(f.invalid("topk_group", m.topk_group, format!("must be between 1 and `n_group` ({})", m.n_group)));
+    }
+    // Group-limited routing scores a group by the sum of its best two experts.
+    if m.n_group > 1 && m.topk_group < m.n_group && m.num_experts / m.n_group < 2 {
+        let requirement = format!("leaves fewer than 2 of the {} experts per group", m.num_experts);
+        return Err(f.invalid("n_group", m.n_group, requirement));
+    }
+    Ok(Some(moe))
+}
+
+fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
+    let positive = |key: &str| f.positive(key, None);
+    let hidden_size = positive("hidden_size")?;
+    let num_attention_heads = positive("num_attention_heads")?;
+    let num_key_value_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+    if num_key_value_heads == 0 || !num_attention_heads.is_multiple_of(num_key_value_heads) {
+        return Err(f.invalid(
+            "num_key_value_heads",
+            num_key_value_heads,
+            format!("must divide `num_attention_heads` ({num_attention_heads})"),
+        ));
+    }
+    let head_dim = match f.opt_usize("head_dim")? {
+        Some(0) => return Err(f.invalid("head_dim", 0, "must be positive")),
+        Some(d) => d,
+        None if hidden_size >= num_attention_heads => hidden_size / num_attention_heads,
+        None => {
+            let requirement =
+                format!("must be at least `num_attention_heads` ({num_attention_heads}) without `head_dim`");
+            return Err(f.invalid("hidden_size", hidden_size, requirement));
+        }
+    };
+    let moe = parse_moe(f, arch)?;
+    let num_hidden_layers = positive("num_hidden_layers")?;
     if num_hidden_layers > MAX_LAYERS {
-        bail!("`num_hidden_layers` ({num_hidden_layers}) in {} is more than {MAX_LAYERS}", f.section);
+        return Err(f.too_large("num_hidden_layers", num_hidden_layers as u64, MAX_LAYERS as u64));
     }
     let (sliding_window, layer_types) = parse_layer_types(f, arch, num_hidden_layers)?;
-    let text = TextConfig {
-        vocab_size: f.usize("vocab_size")?,
+    let hidden_act = f.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into());
+    if hidden_act != "silu" {
+        return Err(f.unsupported("hidden_act", &hidden_act, "silu (the decoder's SwiGLU)"));
+    }
+    Ok(TextConfig {
+        vocab_size: positive("vocab_size")?,
         hidden_size,
         intermediate_size: f.usize("intermediate_size")?,
         num_hidden_layers,
@@ -512,7 +433,7 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
             Architecture::Glm4Moe => f.opt_bool("use_qk_norm")?.unwrap_or(false),
             _ => true,
         },
-        hidden_act: f.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into()),
+        hidden_act,
         // Glm4MoeConfig defaults partial_rotary_factor to 0.5; everything else rotates all dims.
         // Qwen3VLTextConfig's default theta is 500000, the others' 10000.
         rope: parse_rope(
@@ -524,128 +445,157 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
         layer_types,
         moe,
         num_nextn_predict_layers: f.opt_usize("num_nextn_predict_layers")?.unwrap_or(0),
-    };
-    if text.head_dim == 0 || text.num_hidden_layers == 0 || text.vocab_size == 0 {
-        bail!("`head_dim`, `num_hidden_layers` and `vocab_size` in {} must be positive", f.section);
-    }
-    if text.hidden_act != "silu" {
-        bail!("field `hidden_act` in {} is `{}`; only `silu` is supported for the decoder", f.section, text.hidden_act);
-    }
-    Ok(text)
+    })
 }
 
+/// The vision MLP activations the exporter implements (FastGelu for the tanh forms, BiasGelu for the exact one).
+pub const VISION_ACTIVATIONS: &[&str] = &["gelu_pytorch_tanh", "gelu_new", "gelu"];
+
 fn parse_vision(f: &Fields) -> Result<VisionConfig> {
-    let rope_theta = match f.get("rope_parameters") {
-        Some(v) => Fields::new(v, "config.json vision_config.rope_parameters")?.opt_f64("rope_theta")?,
+    let rope_theta = match f.section("rope_parameters")? {
+        Some(params) => params.opt_f64("rope_theta")?,
         None => None,
     };
+    let positive = |key: &str, default: Option<usize>| f.positive(key, default);
     let v = VisionConfig {
-        depth: f.usize("depth")?,
-        hidden_size: f.usize("hidden_size")?,
+        depth: positive("depth", None)?,
+        hidden_size: positive("hidden_size", None)?,
         intermediate_size: f.usize("intermediate_size")?,
-        num_heads: f.usize("num_heads")?,
-        in_channels: f.opt_usize("in_channels")?.unwrap_or(3),
-        patch_size: f.usize("patch_size")?,
-        temporal_patch_size: f.opt_usize("temporal_patch_size")?.unwrap_or(2),
-        spatial_merge_size: f.opt_usize("spatial_merge_size")?.unwrap_or(2),
+        num_heads: positive("num_heads", None)?,
+        in_channels: positive("in_channels", Some(3))?,
+        patch_size: positive("patch_size", None)?,
+        temporal_patch_size: positive("temporal_patch_size", Some(2))?,
+        spatial_merge_size: positive("spatial_merge_size", Some(2))?,
         out_hidden_size: f.usize("out_hidden_size")?,
         num_position_embeddings: f.usize("num_position_embeddings")?,
         deepstack_visual_indexes: f.opt_usize_list("deepstack_visual_indexes")?.unwrap_or_default(),
         hidden_act: f.opt_str("hidden_act")?.unwrap_or_else(|| "gelu_pytorch_tanh".into()),
-        rope_theta: rope_theta.or(f.opt_f64("rope_theta")?).unwrap_or_else(default_vision_rope_theta),
+        rope_theta: match rope_theta {
+            Some(theta) => theta,
+            None => f.opt_f64("rope_theta")?.unwrap_or_else(default_vision_rope_theta),
+        },
     };
-    let section = f.section;
-    if v.depth == 0 || v.hidden_size == 0 || v.num_heads == 0 || v.patch_size == 0 || v.in_channels == 0 {
-        bail!("`depth`, `hidden_size`, `num_heads`, `patch_size` and `in_channels` in {section} must be positive");
-    }
-    if v.temporal_patch_size == 0 || v.spatial_merge_size == 0 {
-        bail!("`temporal_patch_size` and `spatial_merge_size` in {section} must be positive");
+    if !VISION_ACTIVATIONS.contains(&v.hidden_act.as_str()) {
+        return Err(f.unsupported("hidden_act", &v.hidden_act, "gelu_pytorch_tanh, gelu_new, gelu"));
     }
     // The 2D rotary splits head_dim / 2 frequencies between rows and columns.
     if !v.hidden_size.is_multiple_of(v.num_heads) || !v.head_dim().is_multiple_of(4) {
-        bail!(
-            "`hidden_size` ({}) in {section} must be `num_heads` ({}) times a head size divisible by 4",
-            v.hidden_size,
-            v.num_heads
-        );
+        let requirement = format!("must be `num_heads` ({}) times a head size divisible by 4", v.num_heads);
+        return Err(f.invalid("hidden_size", v.hidden_size, requirement));
     }
     let side = v.position_grid_side();
     if side * side != v.num_position_embeddings {
-        bail!(
-            "`num_position_embeddings` ({}) in {section} must be a square (the learned position grid)",
-            v.num_position_embeddings
-        );
+        let requirement = "must be a square (the learned position grid)";
+        return Err(f.invalid("num_position_embeddings", v.num_position_embeddings, requirement));
     }
     if let Some(&bad) = v.deepstack_visual_indexes.iter().find(|&&i| i >= v.depth) {
-        bail!("`deepstack_visual_indexes` in {section} holds block {bad}, but `depth` is {}", v.depth);
+        let requirement = format!("holds block {bad}, but `depth` is {}", v.depth);
+        return Err(f.invalid("deepstack_visual_indexes", format!("{:?}", v.deepstack_visual_indexes), requirement));
+    }
+    // Widths derived from several fields (a patch row, a merged token) are tensor dimensions: they must be
+    // sizes too, and their products must not overflow.
+    let patch_dim = [v.temporal_patch_size, v.patch_size, v.patch_size]
+        .into_iter()
+        .try_fold(v.in_channels as u64, |acc, d| acc.checked_mul(d as u64));
+    if patch_dim.is_none_or(|d| d > MAX_FIELD) {
+        let requirement = format!(
+            "makes a patch row of `in_channels` x `temporal_patch_size` x `patch_size`^2 = {} x {} x {}^2 values, \
+             more than any model has (at most {MAX_FIELD})",
+            v.in_channels, v.temporal_patch_size, v.patch_size
+        );
+        return Err(f.invalid("patch_size", v.patch_size, requirement));
+    }
+    let merged_dim = (v.hidden_size as u64).checked_mul(v.spatial_merge_size as u64 * v.spatial_merge_size as u64);
+    if merged_dim.is_none_or(|d| d > MAX_FIELD) {
+        let requirement = format!(
+            "makes merged tokens of `hidden_size` x `spatial_merge_size`^2 = {} x {}^2 values, more than any model \
+             has (at most {MAX_FIELD})",
+            v.hidden_size, v.spatial_merge_size
+        );
+        return Err(f.invalid("spatial_merge_size", v.spatial_merge_size, requirement));
     }
     Ok(v)
 }
 
+/// Reads the whole JSON text of `file`.
+fn read_json(file: &Path) -> Result<Value> {
+    let text = std::fs::read(file).map_err(|source| ConfigError::Read { file: file.to_path_buf(), source })?;
+    serde_json::from_slice(&text).map_err(|source| ConfigError::Json { file: file.to_path_buf(), source })
+}
+
 impl ModelConfig {
-    /// Reads and validates `config.json`; every error names the file.
+    /// Reads and validates `config.json`; every error names the file, and past its syntax the field.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let value: Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-        Self::from_value(&value).with_context(|| format!("invalid model config {}", path.display()))
+        Self::parse(&read_json(path)?, path)
     }
 
+    /// Validates a parsed `config.json` (errors name the file `config.json`).
     pub fn from_value(value: &Value) -> Result<Self> {
-        let f = Fields::new(value, "config.json")?;
+        Self::parse(value, Path::new(crate::files::CONFIG_FILE))
+    }
+
+    fn parse(value: &Value, file: &Path) -> Result<Self> {
+        let f = Fields::root(value, file)?;
         let arch_name = match f.get("architectures") {
-            Some(Value::Array(a)) if !a.is_empty() => {
-                a[0].as_str().ok_or_else(|| anyhow!("`architectures` in config.json must hold strings"))?.to_string()
-            }
-            _ => bail!(
-                "missing field `architectures` in config.json (expected one of: {})",
-                Architecture::ALL.iter().map(|a| a.hf_name()).collect::<Vec<_>>().join(", ")
-            ),
+            Some(Value::Array(names)) if !names.is_empty() => match &names[0] {
+                Value::String(name) => name.clone(),
+                other => {
+                    return Err(ConfigError::WrongType {
+                        file: file.to_path_buf(),
+                        field: "architectures[0]".into(),
+                        expected: "a string",
+                        value: crate::error::json_excerpt(other),
+                    })
+                }
+            },
+            _ => return Err(ConfigError::NoArchitecture { file: file.to_path_buf() }),
         };
-        let architecture = Architecture::from_hf_name(&arch_name)?;
+        let architecture = Architecture::from_hf_name(&arch_name)
+            .ok_or_else(|| ConfigError::UnsupportedArchitecture { file: file.to_path_buf(), name: arch_name })?;
         let model_type = f.opt_str("model_type")?.unwrap_or_default();
-        let torch_dtype = f.opt_str("torch_dtype")?.or(f.opt_str("dtype")?);
+        let torch_dtype = match f.opt_str("torch_dtype")? {
+            Some(dtype) => Some(dtype),
+            None => f.opt_str("dtype")?,
+        };
         let (text, vision, vision_tokens, ids_from) = if architecture == Architecture::Qwen3Vl {
-            let tv = f.get("text_config").ok_or_else(|| anyhow!("missing field `text_config` in config.json"))?;
-            let vv = f.get("vision_config").ok_or_else(|| anyhow!("missing field `vision_config` in config.json"))?;
-            let tf = Fields::new(tv, "config.json text_config")?;
-            let vf = Fields::new(vv, "config.json vision_config")?;
+            let tf = f.required_section("text_config")?;
+            let vf = f.required_section("vision_config")?;
             let mut text = parse_text(&tf, architecture)?;
             // Qwen3-VL stores `tie_word_embeddings` at the top level in some exports.
             if let Some(t) = f.opt_bool("tie_word_embeddings")? {
                 text.tie_word_embeddings = t;
             }
+            let id = |key: &str| f.first_id(key)?.ok_or_else(|| f.missing(key));
             let tokens = VisionTokens {
-                image_token_id: f.usize("image_token_id")? as u32,
-                video_token_id: f.opt_usize("video_token_id")?.unwrap_or(0) as u32,
-                vision_start_token_id: f.usize("vision_start_token_id")? as u32,
-                vision_end_token_id: f.usize("vision_end_token_id")? as u32,
+                image_token_id: id("image_token_id")?,
+                video_token_id: f.first_id("video_token_id")?.unwrap_or(0),
+                vision_start_token_id: id("vision_start_token_id")?,
+                vision_end_token_id: id("vision_end_token_id")?,
             };
             let vision = parse_vision(&vf)?;
             // Qwen3VLTextRotaryEmbedding falls back to [24, 20, 20] when the section is absent.
-            let section = text.rope.mrope_section.get_or_insert_with(|| vec![24, 20, 20]);
-            if section.len() != 3 {
-                bail!("`mrope_section` in config.json text_config must hold 3 numbers (t, h, w), got {section:?}");
-            }
+            text.rope.mrope_section.get_or_insert_with(|| vec![24, 20, 20]);
             if vision.out_hidden_size != text.hidden_size {
-                bail!(
-                    "`out_hidden_size` ({}) in config.json vision_config must equal text_config `hidden_size` ({}): \
-                     image embeddings replace token embeddings",
-                    vision.out_hidden_size,
+                let requirement = format!(
+                    "must equal `text_config.hidden_size` ({}): image embeddings replace token embeddings",
                     text.hidden_size
                 );
+                return Err(vf.invalid("out_hidden_size", vision.out_hidden_size, requirement));
             }
-            (text, Some(vision), Some(tokens), tv)
+            (text, Some(vision), Some(tokens), tf)
         } else {
-            (parse_text(&f, architecture)?, None, None, value)
+            (parse_text(&f, architecture)?, None, None, Fields::root(value, file)?)
         };
-        let idf = Fields::new(ids_from, "config.json")?;
-        let mut eos_token_ids = idf.ids("eos_token_id")?;
+        let mut eos_token_ids = ids_from.ids("eos_token_id")?;
         if eos_token_ids.is_empty() {
             eos_token_ids = f.ids("eos_token_id")?;
         }
-        let bos_token_id = idf.ids("bos_token_id")?.first().copied().or(f.ids("bos_token_id")?.first().copied());
-        let pad_token_id = idf.ids("pad_token_id")?.first().copied().or(f.ids("pad_token_id")?.first().copied());
+        let first_id = |key: &str| -> Result<Option<u32>> {
+            match ids_from.first_id(key)? {
+                Some(id) => Ok(Some(id)),
+                None => f.first_id(key),
+            }
+        };
         Ok(ModelConfig {
             architecture,
             model_type,
@@ -653,9 +603,9 @@ impl ModelConfig {
             vision,
             vision_tokens,
             torch_dtype,
-            bos_token_id,
+            bos_token_id: first_id("bos_token_id")?,
             eos_token_ids,
-            pad_token_id,
+            pad_token_id: first_id("pad_token_id")?,
         })
     }
 }
@@ -675,24 +625,20 @@ pub struct GenerationDefaults {
 }
 
 impl GenerationDefaults {
+    /// Reads `generation_config.json`; errors name the file and the field.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let value: Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let f = Fields::new(&value, "generation_config.json").with_context(|| path.display().to_string())?;
-        let parse = || -> Result<Self> {
-            Ok(GenerationDefaults {
-                do_sample: f.opt_bool("do_sample")?,
-                temperature: f.opt_f64("temperature")?,
-                top_p: f.opt_f64("top_p")?,
-                top_k: f.opt_usize("top_k")?,
-                min_p: f.opt_f64("min_p")?,
-                repetition_penalty: f.opt_f64("repetition_penalty")?,
-                eos_token_ids: f.ids("eos_token_id")?,
-                bos_token_id: f.ids("bos_token_id")?.first().copied(),
-                pad_token_id: f.ids("pad_token_id")?.first().copied(),
-            })
-        };
-        parse().with_context(|| format!("invalid generation config {}", path.display()))
+        let value = read_json(path)?;
+        let f = Fields::root(&value, path)?;
+        Ok(GenerationDefaults {
+            do_sample: f.opt_bool("do_sample")?,
+            temperature: f.opt_f64("temperature")?,
+            top_p: f.opt_f64("top_p")?,
+            top_k: f.opt_usize("top_k")?,
+            min_p: f.opt_f64("min_p")?,
+            repetition_penalty: f.opt_f64("repetition_penalty")?,
+            eos_token_ids: f.ids("eos_token_id")?,
+            bos_token_id: f.first_id("bos_token_id")?,
+            pad_token_id: f.first_id("pad_token_id")?,
+        })
     }
 }

@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Architecture, ModelConfig};
+use crate::error::{ManifestError, UnknownNameError};
 use crate::size::Precision;
 
 pub const MANIFEST_FILE: &str = "pio.json";
@@ -31,12 +31,16 @@ impl TargetEp {
             TargetEp::Tensorrt => "tensorrt",
         }
     }
-    pub fn parse(s: &str) -> Result<Self> {
+    pub fn parse(s: &str) -> Result<Self, UnknownNameError> {
         match s {
             "cpu" => Ok(TargetEp::Cpu),
             "cuda" => Ok(TargetEp::Cuda),
             "tensorrt" | "trt" => Ok(TargetEp::Tensorrt),
-            _ => bail!("unknown execution provider `{s}`; expected cpu, cuda or tensorrt"),
+            _ => Err(UnknownNameError {
+                what: "execution provider",
+                value: s.to_string(),
+                expected: "cpu, cuda or tensorrt",
+            }),
         }
     }
 }
@@ -305,27 +309,37 @@ impl Manifest {
         }
     }
 
-    pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("cannot read {} (is {} a folder written by pio-export?)", path.display(), dir.display())
+    /// Reads `pio.json` from a graph folder. A manifest of another format version is refused before its fields
+    /// are read (they may have changed), with the advice to export again.
+    pub fn load(dir: &Path) -> Result<Self, ManifestError> {
+        let file = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Read {
+            file: file.clone(),
+            dir: dir.to_path_buf(),
+            source,
         })?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", path.display()))?;
-        if manifest.format_version != MANIFEST_FORMAT_VERSION {
-            bail!(
-                "{}: format_version {} is not supported (this build reads {}); export again",
-                path.display(),
-                manifest.format_version,
-                MANIFEST_FORMAT_VERSION
-            );
+        let parse_error = |source| ManifestError::Parse { file: file.clone(), source };
+        let version: FormatVersion = serde_json::from_str(&text).map_err(parse_error)?;
+        if version.format_version != u64::from(MANIFEST_FORMAT_VERSION) {
+            return Err(ManifestError::UnsupportedVersion {
+                file,
+                found: version.format_version,
+                supported: MANIFEST_FORMAT_VERSION,
+            });
         }
-        Ok(manifest)
+        serde_json::from_str(&text).map_err(parse_error)
     }
 
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(MANIFEST_FILE);
-        let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    pub fn save(&self, dir: &Path) -> Result<(), ManifestError> {
+        let file = dir.join(MANIFEST_FILE);
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|source| ManifestError::Serialize { file: file.clone(), source })?;
+        std::fs::write(&file, text).map_err(|source| ManifestError::Write { file, source })
     }
+}
+
+/// The one field every manifest format has.
+#[derive(Deserialize)]
+struct FormatVersion {
+    format_version: u64,
 }

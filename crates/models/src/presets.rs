@@ -2,10 +2,10 @@
 //! `config.json` (as published), so sizes are computed and synthetic checkpoints built at the
 //! real shape without downloading anything.
 
-use anyhow::{anyhow, Result};
 use serde_json::Value;
 
 use crate::config::ModelConfig;
+use crate::error::PresetError;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Preset {
@@ -31,17 +31,20 @@ pub enum TokenizerFamily {
 }
 
 impl Preset {
-    pub fn config(&self) -> Result<ModelConfig> {
-        let value: Value = serde_json::from_str(self.config_json)
-            .map_err(|e| anyhow!("built-in config of preset {} is not JSON: {e}", self.name))?;
-        ModelConfig::from_value(&value)
+    /// The repository's config.json, parsed and validated.
+    pub fn config(&self) -> Result<ModelConfig, PresetError> {
+        ModelConfig::from_value(&self.config_json()?)
+            .map_err(|source| PresetError::BuiltInConfig { preset: self.name, source })
     }
-    pub fn config_json(&self) -> Result<Value> {
-        serde_json::from_str(self.config_json).map_err(|e| anyhow!("built-in config of preset {}: {e}", self.name))
+    /// The repository's config.json as JSON (what a synthetic checkpoint writes, shrunk or not).
+    pub fn config_json(&self) -> Result<Value, PresetError> {
+        self.parse_built_in("config.json", self.config_json)
     }
-    pub fn generation_config_json(&self) -> Result<Value> {
-        serde_json::from_str(self.generation_config_json)
-            .map_err(|e| anyhow!("built-in generation config of preset {}: {e}", self.name))
+    pub fn generation_config_json(&self) -> Result<Value, PresetError> {
+        self.parse_built_in("generation_config.json", self.generation_config_json)
+    }
+    fn parse_built_in(&self, file: &'static str, text: &str) -> Result<Value, PresetError> {
+        serde_json::from_str(text).map_err(|source| PresetError::BuiltInJson { preset: self.name, file, source })
     }
 }
 
@@ -144,9 +147,7 @@ pub const PRESETS: &[Preset] = &[
     },
 ];
 
-pub fn find_preset(name: &str) -> Result<&'static Preset> {
-    PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
-        let names: Vec<_> = PRESETS.iter().map(|p| p.name).collect();
-        anyhow!("unknown preset `{name}`; known presets: {}", names.join(", "))
-    })
+/// The preset called `name`; the error lists the known ones.
+pub fn find_preset(name: &str) -> Result<&'static Preset, PresetError> {
+    PRESETS.iter().find(|p| p.name == name).ok_or_else(|| PresetError::Unknown { name: name.to_string() })
 }

@@ -5,6 +5,7 @@ use std::num::Saturating as S;
 use serde::Serialize;
 
 use crate::config::{ModelConfig, TextConfig};
+use crate::error::UnknownNameError;
 
 /// Weight storage precisions the exporter writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
@@ -26,11 +27,12 @@ impl Precision {
             Precision::Int4 => "int4",
         }
     }
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|p| p.as_str() == s)
-            .ok_or_else(|| anyhow::anyhow!("unknown precision `{s}`; expected one of fp32, fp16, bf16, int4"))
+    pub fn parse(s: &str) -> Result<Self, UnknownNameError> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| UnknownNameError {
+            what: "precision",
+            value: s.to_string(),
+            expected: "one of fp32, fp16, bf16, int4",
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 use serde_json::json;
 
 use crate::config::{Architecture, ModelConfig};
+use crate::error::{ConfigError, PresetError};
 use crate::presets::{find_preset, PRESETS};
 use crate::size::{ParameterCount, Precision};
 
@@ -45,7 +46,7 @@ fn partial_rotary_factor_read_from_either_place() {
 fn unknown_architecture_lists_supported_ones() {
     let mut v = qwen3_hub_style();
     v["architectures"] = json!(["LlamaForCausalLM"]);
-    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    let err = ModelConfig::from_value(&v).unwrap_err().to_string();
     assert!(err.contains("LlamaForCausalLM"), "{err}");
     for a in Architecture::ALL {
         assert!(err.contains(a.hf_name()), "{err}");
@@ -56,16 +57,46 @@ fn unknown_architecture_lists_supported_ones() {
 fn missing_and_mistyped_fields_are_named() {
     let mut v = qwen3_hub_style();
     v.as_object_mut().unwrap().remove("hidden_size");
-    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
-    assert!(err.contains("`hidden_size`"), "{err}");
+    let err = ModelConfig::from_value(&v).unwrap_err();
+    assert!(matches!(&err, ConfigError::MissingField { field, .. } if field == "hidden_size"), "{err:?}");
+    assert_eq!(err.to_string(), "config.json: missing field `hidden_size`");
     let mut v = qwen3_hub_style();
     v["num_hidden_layers"] = json!("two");
-    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
-    assert!(err.contains("`num_hidden_layers`") && err.contains("two"), "{err}");
+    let err = ModelConfig::from_value(&v).unwrap_err();
+    assert!(matches!(&err, ConfigError::WrongType { field, .. } if field == "num_hidden_layers"), "{err:?}");
+    assert_eq!(err.to_string(), r#"config.json: field `num_hidden_layers` must be a non-negative integer, got "two""#);
     let mut v = qwen3_hub_style();
     v["num_key_value_heads"] = json!(3);
-    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
-    assert!(err.contains("num_key_value_heads"), "{err}");
+    let err = ModelConfig::from_value(&v).unwrap_err();
+    assert_eq!(err.field(), Some("num_key_value_heads"));
+    assert_eq!(
+        err.to_string(),
+        "config.json: field `num_key_value_heads` is 3, but it must divide `num_attention_heads` (4)"
+    );
+}
+
+#[test]
+fn errors_of_a_file_name_it_and_keep_their_source() {
+    use std::error::Error;
+    let dir = std::env::temp_dir().join(format!("pio-models-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.json");
+    std::fs::write(&path, "{\"architectures\": [\"Qwen3ForCausalLM\"], ").unwrap();
+    let err = ModelConfig::from_file(&path).unwrap_err();
+    assert!(matches!(err, ConfigError::Json { .. }), "{err:?}");
+    assert_eq!(err.file(), path);
+    assert!(err.source().is_some_and(|s| s.is::<serde_json::Error>()), "the JSON error is kept as the source");
+    let mut v = qwen3_hub_style();
+    v["rope_scaling"] = json!({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 1.5});
+    std::fs::write(&path, v.to_string()).unwrap();
+    let err = ModelConfig::from_file(&path).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!("{}: field `rope_scaling.partial_rotary_factor` is 1.5, but it must be in (0, 1]", path.display())
+    );
+    let err = ModelConfig::from_file(&dir.join("absent.json")).unwrap_err();
+    assert!(matches!(&err, ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -76,7 +107,9 @@ fn every_preset_config_parses_with_its_architecture() {
         assert!(count.total > 1_000_000_000, "{}: {}", p.name, count.total);
         assert!(count.active <= count.total);
     }
-    assert!(find_preset("nope").unwrap_err().to_string().contains("glm-4-7"));
+    let err = find_preset("nope").unwrap_err();
+    assert!(matches!(&err, PresetError::Unknown { name } if name == "nope"), "{err:?}");
+    assert!(err.to_string().contains("glm-4-7"), "{err}");
 }
 
 /// Published sizes, from the model cards; our counts come from the config alone.
@@ -154,18 +187,21 @@ fn bad_layer_types_are_named() {
     v["use_sliding_window"] = json!(true);
     v["sliding_window"] = json!(8);
     v["layer_types"] = json!(["full_attention", "linear_attention"]);
-    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
-    assert!(err.contains("layer_types") && err.contains("linear_attention") && err.contains("layer 1"), "{err}");
+    let err = ModelConfig::from_value(&v).unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::Unsupported { field, value, .. } if field == "layer_types[1]" && value == "linear_attention"),
+        "{err:?}"
+    );
     v["layer_types"] = json!(["full_attention"]);
-    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    let err = ModelConfig::from_value(&v).unwrap_err().to_string();
     assert!(err.contains("layer_types") && err.contains("num_hidden_layers"), "{err}");
     v["layer_types"] = json!(["full_attention", "sliding_attention"]);
     v["use_sliding_window"] = json!(false);
-    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
-    assert!(err.contains("layer 1") && err.contains("use_sliding_window"), "{err}");
+    let err = ModelConfig::from_value(&v).unwrap_err().to_string();
+    assert!(err.contains("`layer_types[1]`") && err.contains("use_sliding_window"), "{err}");
     v["use_sliding_window"] = json!(true);
     v["sliding_window"] = json!(0);
-    let err = format!("{:#}", ModelConfig::from_value(&v).unwrap_err());
+    let err = ModelConfig::from_value(&v).unwrap_err().to_string();
     assert!(err.contains("`sliding_window`"), "{err}");
 }
 
@@ -210,7 +246,7 @@ fn qwen3_vl_defaults_and_bad_fields_are_named() {
     let error = |edit: &dyn Fn(&mut serde_json::Value)| {
         let mut v = qwen3_vl_hub_style();
         edit(&mut v);
-        format!("{:#}", ModelConfig::from_value(&v).unwrap_err())
+        ModelConfig::from_value(&v).unwrap_err().to_string()
     };
     let e = error(&|v| v["text_config"]["rope_scaling"]["mrope_section"] = json!([32, 32]));
     assert!(e.contains("mrope_section"), "{e}");
@@ -226,4 +262,24 @@ fn qwen3_vl_defaults_and_bad_fields_are_named() {
         v.as_object_mut().unwrap().remove("image_token_id");
     });
     assert!(e.contains("image_token_id"), "{e}");
+}
+
+#[test]
+fn manifest_errors_name_the_file_and_what_to_do() {
+    use crate::error::ManifestError;
+    use crate::manifest::{Manifest, MANIFEST_FILE};
+    let dir = std::env::temp_dir().join(format!("pio-models-manifest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(MANIFEST_FILE);
+    let err = Manifest::load(&dir).unwrap_err();
+    assert!(matches!(&err, ManifestError::Read { file: f, .. } if *f == file), "{err:?}");
+    assert!(err.to_string().contains("a folder written by pio-export?"), "{err}");
+    std::fs::write(&file, r#"{"format_version": 2, "name": "from the future"}"#).unwrap();
+    let err = Manifest::load(&dir).unwrap_err();
+    assert!(matches!(err, ManifestError::UnsupportedVersion { found: 2, supported: 1, .. }), "{err:?}");
+    assert!(err.to_string().ends_with("export again"), "{err}");
+    std::fs::write(&file, r#"{"format_version": 1, "name": 3}"#).unwrap();
+    let err = Manifest::load(&dir).unwrap_err();
+    assert!(matches!(err, ManifestError::Parse { .. }), "{err:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

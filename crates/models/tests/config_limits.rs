@@ -20,7 +20,7 @@ fn qwen3(overrides: Value) -> Value {
 }
 
 fn error(overrides: Value) -> String {
-    format!("{:#}", ModelConfig::from_value(&qwen3(overrides)).unwrap_err())
+    ModelConfig::from_value(&qwen3(overrides)).unwrap_err().to_string()
 }
 
 #[test]
@@ -28,7 +28,7 @@ fn absurd_sizes_are_refused_naming_the_field() {
     let e = error(json!({"num_attention_heads": 1u64 << 40}));
     assert!(e.contains("`num_attention_heads`") && e.contains("at most 4294967295"), "{e}");
     let e = error(json!({"num_hidden_layers": 100_000}));
-    assert!(e.contains("`num_hidden_layers` (100000)"), "{e}");
+    assert!(e.contains("`num_hidden_layers` is 100000") && e.contains("at most 65536"), "{e}");
     let e = error(json!({"eos_token_id": 1u64 << 33}));
     assert!(e.contains("`eos_token_id`"), "a token id that does not fit u32 is refused, not truncated: {e}");
     let e = error(json!({"eos_token_id": [1, -2]}));
@@ -47,4 +47,22 @@ fn sizes_of_huge_configs_saturate() {
     assert_eq!(count.total, u64::MAX);
     assert_eq!(count.weight_bytes(Precision::Fp32), u64::MAX);
     assert_eq!(kv_bytes_per_token(&config.text, 2), u64::MAX);
+}
+
+/// The vision encoder's widths multiply several fields (a merged token is `hidden_size` x
+/// `spatial_merge_size`^2 values): each field within its limit could still overflow the product,
+/// which the exporter's tensor list computed with a panic (fuzz/regressions/model_config/
+/// vision-merge-size-overflow.json).
+#[test]
+fn vision_widths_that_overflow_are_refused_naming_the_field() {
+    let preset = pio_models::find_preset("qwen3-vl-2b").unwrap();
+    let mut config = preset.config_json().unwrap();
+    config["vision_config"]["spatial_merge_size"] = json!(u32::MAX);
+    let e = ModelConfig::from_value(&config).unwrap_err();
+    assert_eq!(e.field(), Some("vision_config.spatial_merge_size"), "{e}");
+    assert!(e.to_string().contains("hidden_size` x `spatial_merge_size`^2"), "{e}");
+    let mut config = preset.config_json().unwrap();
+    config["vision_config"]["patch_size"] = json!(1u64 << 31);
+    let e = ModelConfig::from_value(&config).unwrap_err();
+    assert_eq!(e.field(), Some("vision_config.patch_size"), "{e}");
 }

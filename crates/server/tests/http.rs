@@ -219,6 +219,23 @@ struct Answer {
     finish_reason: String,
 }
 
+impl Answer {
+    /// Tokens, text and finish reason equal; logprobs within fp32 rounding. Batched and lone runs
+    /// put different row counts through the same GEMMs, so a logprob may move in its last bits
+    /// (seen: 2e-6) while every token stays the same.
+    fn assert_same_as(&self, other: &Answer, what: &str) {
+        assert_eq!(
+            (&self.ids, &self.text, &self.finish_reason),
+            (&other.ids, &other.text, &other.finish_reason),
+            "{what}"
+        );
+        assert_eq!(self.logprobs.len(), other.logprobs.len(), "{what}: logprob count");
+        for (k, (a, b)) in self.logprobs.iter().zip(&other.logprobs).enumerate() {
+            assert!((a - b).abs() <= 1e-4, "{what}: logprob {k}: {a} vs {b}\n{self:?}\n{other:?}");
+        }
+    }
+}
+
 fn answer_of(choice: &Value, chat: bool) -> Answer {
     let text = if chat { &choice["message"]["content"] } else { &choice["text"] };
     let logprobs = if chat {
@@ -307,7 +324,7 @@ fn concurrent_streams_answer_as_each_alone() {
     for (i, (body, events)) in requests.iter().zip(&streamed).enumerate() {
         let got = streamed_answer(&chunks(events), false);
         let alone = answer_of(&server.answer("/v1/completions", body)["choices"][0], false);
-        assert_eq!(got, alone, "request {i}: streamed together vs alone");
+        got.assert_same_as(&alone, &format!("request {i}: streamed together vs alone"));
         assert_eq!(got.ids.len() as u64, body["max_tokens"].as_u64().unwrap(), "request {i}");
         assert_eq!(got.finish_reason, "length");
         if body.get("logprobs").is_some() {

@@ -11,13 +11,13 @@
 //! `moe_intermediate_size * n_shared_experts`, unweighted. The multi-token-prediction layer
 //! stored as `model.layers.{num_hidden_layers}.*` is not part of the decoder and is never read.
 
-use anyhow::Result;
 use pio_models::config::TextConfig;
 use pio_models::manifest::TensorDtype;
 
 use super::qwen3::mlp_tensors;
 use crate::checkpoint::TensorList;
 use crate::decoder::DecoderBuilder;
+use crate::error::BuildResult as Result;
 use crate::moe::{self, Routing};
 
 pub fn build_decoder(b: &mut DecoderBuilder) -> Result<()> {

@@ -2,11 +2,11 @@
 //! half-split rotary, no biases, SwiGLU MLP; the lm_head is tied to the embeddings when
 //! `tie_word_embeddings` is set (Qwen3-4B).
 
-use anyhow::Result;
 use pio_models::config::TextConfig;
 
 use crate::checkpoint::TensorList;
 use crate::decoder::DecoderBuilder;
+use crate::error::BuildResult as Result;
 
 pub fn build_decoder(b: &mut DecoderBuilder) -> Result<()> {
     let x = b.embed_in_first_stage("model.embed_tokens.weight")?;

@@ -4,11 +4,11 @@
 //! the k when `norm_topk_prob`: exactly what com.microsoft MoE does with the router logits.
 //! No shared expert, no scaling factor.
 
-use anyhow::Result;
 use pio_models::config::TextConfig;
 
 use crate::checkpoint::TensorList;
 use crate::decoder::DecoderBuilder;
+use crate::error::BuildResult as Result;
 use crate::moe::{self, Routing};
 
 pub fn build_decoder(b: &mut DecoderBuilder) -> Result<()> {

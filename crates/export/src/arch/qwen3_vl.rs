@@ -10,14 +10,14 @@
 //! hold the rows of the image-pad tokens of that step only, so a prompt can be prefilled in
 //! chunks; steps without image tokens pass 0 rows.
 
-use anyhow::{Context, Result};
-use pio_models::config::{ModelConfig, VisionConfig};
+use pio_models::config::{ModelConfig, VisionConfig, VisionTokens};
 use pio_models::manifest::TensorDtype;
 
 use super::qwen3::{dense_stack, lm_head_tensors};
 use super::qwen3_vl_vision;
 use crate::checkpoint::TensorList;
 use crate::decoder::DecoderBuilder;
+use crate::error::{BuildResult as Result, CheckpointError};
 use crate::onnx::graph::{onnx_type, Dim};
 
 /// Where the checkpoint keeps the text decoder.
@@ -38,9 +38,16 @@ pub fn deepstack_carried(layer: usize) -> String {
     format!("deepstack_features.{layer}")
 }
 
+/// The vision encoder's config and the image token ids of a Qwen3-VL config (a parsed config.json has both).
+pub fn vision_parts(config: &ModelConfig) -> std::result::Result<(&VisionConfig, &VisionTokens), CheckpointError> {
+    match (&config.vision, &config.vision_tokens) {
+        (Some(vision), Some(tokens)) => Ok((vision, tokens)),
+        _ => Err(CheckpointError::NoVisionConfig { architecture: config.architecture.hf_name() }),
+    }
+}
+
 pub fn build_decoder(b: &mut DecoderBuilder, config: &ModelConfig) -> Result<()> {
-    let vision = config.vision.as_ref().context("config.json has no vision_config")?;
-    let tokens = config.vision_tokens.as_ref().context("config.json has no image_token_id")?;
+    let (vision, tokens) = vision_parts(config)?;
     let embed_name = format!("{TEXT_ROOT}.embed_tokens.weight");
     let layers = deepstack_decoder_layers(config);
     // The image rows live in the first stage: the token embeddings with image rows merged in,
@@ -148,8 +155,8 @@ impl ImageRows {
 
 /// The tensors of a Qwen3-VL checkpoint: the text decoder, the lm_head unless tied, the vision
 /// encoder.
-pub fn checkpoint_tensors(config: &ModelConfig) -> Result<TensorList> {
-    let vision: &VisionConfig = config.vision.as_ref().context("config.json has no vision_config")?;
+pub fn checkpoint_tensors(config: &ModelConfig) -> std::result::Result<TensorList, CheckpointError> {
+    let (vision, _) = vision_parts(config)?;
     let mut out = TensorList::new();
     super::qwen3::decoder_tensors(&config.text, TEXT_ROOT, &mut out);
     lm_head_tensors(&config.text, &mut out);

@@ -16,12 +16,12 @@
 //! (patches / merge^2, out_hidden) and `deepstack_embeds` (deepstack, patches / merge^2,
 //! out_hidden), in the graph dtype, ready for the decoder's inputs of the same names.
 
-use anyhow::{bail, Result};
 use pio_models::config::VisionConfig;
 use pio_models::manifest::TensorDtype;
 
 use crate::checkpoint::TensorList;
 use crate::convert::write_transposed;
+use crate::error::{BuildError, BuildResult as Result};
 use crate::onnx::graph::{onnx_type, Dim, Graph};
 use crate::weights::WeightSource;
 
@@ -79,9 +79,8 @@ fn activation_op(hidden_act: &str) -> Result<&'static str> {
         "gelu_pytorch_tanh" | "gelu_new" => Ok("FastGelu"),
         // The exact (erf) GELU: com.microsoft BiasGelu.
         "gelu" => Ok("BiasGelu"),
-        other => bail!(
-            "field `hidden_act` in config.json vision_config is `{other}`; supported: gelu_pytorch_tanh, gelu_new, gelu"
-        ),
+        // pio_models::config refuses any other (config::VISION_ACTIVATIONS).
+        other => Err(BuildError::Internal(format!("vision activation `{other}`"))),
     }
 }
 

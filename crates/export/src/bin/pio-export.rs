@@ -233,7 +233,7 @@ fn synthetic_checkpoint(args: &Args, preset: &Preset) -> Result<PathBuf> {
     };
     tracing::info!("writing synthetic checkpoint {} (seed {})", dir.display(), args.seed);
     let contents = if args.direct_int4 { CheckpointContents::WithoutQuantized } else { CheckpointContents::All };
-    synthetic::write_checkpoint_with(preset, &overrides, args.seed, tokenizer.as_deref(), &dir, contents)
+    Ok(synthetic::write_checkpoint_with(preset, &overrides, args.seed, tokenizer.as_deref(), &dir, contents)?)
 }
 
 fn run(args: Args) -> Result<()> {

@@ -9,11 +9,11 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use pio_models::manifest::{IoSpec, TensorDtype};
 use prost::Message;
 
 use super::proto::*;
+use crate::error::{fs_error, BuildError, BuildResult as Result};
 
 /// Opset of the default ONNX domain the graphs target (supported by ONNX Runtime 1.31).
 pub const ONNX_OPSET: i64 = 21;
@@ -129,42 +129,45 @@ fn attribute(name: &str, value: Attr) -> AttributeProto {
 /// Appends initializer bytes to the external-data file, aligned.
 pub struct WeightSink {
     writer: BufWriter<File>,
+    path: PathBuf,
     file_name: String,
     offset: u64,
 }
 
 impl WeightSink {
     fn create(path: &Path) -> Result<Self> {
-        let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-        let file_name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_string)
-            .with_context(|| format!("bad weight file name {}", path.display()))?;
-        Ok(WeightSink { writer: BufWriter::with_capacity(8 << 20, file), file_name, offset: 0 })
+        let file_name =
+            path.file_name().and_then(|n| n.to_str()).map(str::to_string).ok_or_else(|| {
+                BuildError::Internal(format!("weight file {} has no UTF-8 file name", path.display()))
+            })?;
+        let file = File::create(path).map_err(fs_error("create", path))?;
+        Ok(WeightSink {
+            writer: BufWriter::with_capacity(8 << 20, file),
+            path: path.to_path_buf(),
+            file_name,
+            offset: 0,
+        })
     }
 
     /// Starts a tensor at an aligned offset; returns that offset.
     fn begin(&mut self) -> Result<u64> {
         let pad = (EXTERNAL_ALIGNMENT - self.offset % EXTERNAL_ALIGNMENT) % EXTERNAL_ALIGNMENT;
         if pad > 0 {
-            self.writer.write_all(&vec![0u8; pad as usize])?;
-            self.offset += pad;
+            self.write(&[0u8; EXTERNAL_ALIGNMENT as usize][..pad as usize])?;
         }
         Ok(self.offset)
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.writer.write_all(bytes).context("writing external weight data")?;
+        self.writer.write_all(bytes).map_err(fs_error("write", &self.path))?;
         self.offset += bytes.len() as u64;
         Ok(())
     }
 
-    fn finish(mut self) -> Result<u64> {
-        self.writer.flush()?;
-        let mut file = self.writer.into_inner().map_err(|e| e.into_error())?;
-        file.flush()?;
-        let end = file.stream_position()?;
+    fn finish(self) -> Result<u64> {
+        let finishing = fs_error("finish", &self.path);
+        let mut file = self.writer.into_inner().map_err(|e| finishing(e.into_error()))?;
+        let end = file.stream_position().map_err(fs_error("finish", &self.path))?;
         file.sync_all().ok();
         Ok(end)
     }
@@ -227,7 +230,6 @@ pub struct Graph {
     /// Initializer names: a second one of the same name would shadow the first.
     initializer_names: HashSet<String>,
     weights: WeightSink,
-    weight_path: PathBuf,
     uses_ms_domain: bool,
 }
 
@@ -245,7 +247,6 @@ impl Graph {
             node_names: HashSet::new(),
             initializer_names: HashSet::new(),
             weights: WeightSink::create(weight_path)?,
-            weight_path: weight_path.to_path_buf(),
             uses_ms_domain: false,
         })
     }
@@ -295,7 +296,7 @@ impl Graph {
     /// Claims an initializer name; a builder that asks for one twice has a bug.
     fn claim_initializer(&mut self, name: &str) -> Result<()> {
         if !self.initializer_names.insert(name.to_string()) {
-            bail!("graph {}: initializer {name} is written twice", self.name);
+            return Err(BuildError::Internal(format!("graph {}: initializer {name} is written twice", self.name)));
         }
         Ok(())
     }
@@ -324,7 +325,8 @@ impl Graph {
         fill(&mut self.weights)?;
         let written = self.weights.offset - offset;
         if written != expected {
-            bail!("initializer {name}: wrote {written} bytes, expected {expected} for shape {dims:?}");
+            let problem = format!("initializer {name}: wrote {written} bytes, expected {expected} for shape {dims:?}");
+            return Err(BuildError::Internal(problem));
         }
         let mut t = Self::tensor_proto(name, dtype, dims);
         t.data_location = DATA_LOCATION_EXTERNAL;
@@ -344,7 +346,9 @@ impl Graph {
             self.claim_initializer(name)?;
             let expected = dims.iter().product::<usize>() * dtype.size_bytes();
             if bytes.len() != expected {
-                bail!("initializer {name}: {} bytes, expected {expected} for shape {dims:?}", bytes.len());
+                let problem =
+                    format!("initializer {name}: {} bytes, expected {expected} for shape {dims:?}", bytes.len());
+                return Err(BuildError::Internal(problem));
             }
             let mut t = Self::tensor_proto(name, dtype, dims);
             t.raw_data = bytes.to_vec();
@@ -384,8 +388,7 @@ impl Graph {
                 opset_import.push(OperatorSetIdProto { domain: d.clone(), version: 1 });
             }
         }
-        let weight_bytes =
-            self.weights.finish().with_context(|| format!("finishing {}", self.weight_path.display()))?;
+        let weight_bytes = self.weights.finish()?;
         let model = ModelProto {
             ir_version: 10,
             opset_import,
@@ -406,7 +409,7 @@ impl Graph {
             ..Default::default()
         };
         let bytes = model.encode_to_vec();
-        std::fs::write(model_path, bytes).with_context(|| format!("cannot write {}", model_path.display()))?;
+        std::fs::write(model_path, bytes).map_err(fs_error("write", model_path))?;
         Ok(weight_bytes)
     }
 }

@@ -9,11 +9,11 @@
 
 use std::ops::Range;
 
-use anyhow::{bail, Result};
 use pio_models::config::ModelConfig;
-use pio_models::size::{format_bytes, Precision};
+use pio_models::size::Precision;
 
 use crate::arch;
+use crate::error::{CheckpointError, SettingsError};
 use crate::settings::ExportSettings;
 
 /// How the decoder is cut into stage graphs.
@@ -99,7 +99,7 @@ pub(crate) fn layer_of(name: &str) -> Option<usize> {
 
 /// The bytes of `config`'s decoder weights as `settings` export them: 16/32-bit as the graph's
 /// dtype, int4 projections (and lm_head / embeddings when asked) as codes plus block scales.
-pub fn decoder_bytes(config: &ModelConfig, settings: &ExportSettings) -> Result<DecoderBytes> {
+pub fn decoder_bytes(config: &ModelConfig, settings: &ExportSettings) -> Result<DecoderBytes, CheckpointError> {
     let t = &config.text;
     let dtype_bytes = settings.compute_dtype().size_bytes();
     let int4 = settings.precision == Precision::Int4;
@@ -138,38 +138,29 @@ pub fn decoder_bytes(config: &ModelConfig, settings: &ExportSettings) -> Result<
 
 impl StageSplit {
     /// Checks the settings against a decoder of `layers` layers, naming the flag.
-    pub fn validate(&self, layers: usize) -> Result<()> {
+    pub fn validate(&self, layers: usize) -> Result<(), SettingsError> {
         match self {
-            StageSplit::Single => {}
-            StageSplit::Count(0) => bail!("--stages 0: a decoder needs at least one stage"),
-            StageSplit::Count(n) if *n > layers => {
-                bail!("--stages {n}: the decoder has {layers} layers, and each stage holds at least one")
-            }
-            StageSplit::Count(_) => {}
-            StageSplit::MemoryBudget(0) => bail!("--stage-memory-gb must be more than 0"),
-            StageSplit::MemoryBudget(_) => {}
+            StageSplit::Single | StageSplit::MemoryBudget(1..) => Ok(()),
+            StageSplit::Count(0) => Err(SettingsError::ZeroStages),
+            StageSplit::Count(n) if *n > layers => Err(SettingsError::MoreStagesThanLayers { stages: *n, layers }),
+            StageSplit::Count(_) => Ok(()),
+            StageSplit::MemoryBudget(0) => Err(SettingsError::ZeroStageMemory),
+            StageSplit::Boundaries(b) if b.is_empty() => Err(SettingsError::NoStageBoundaries),
             StageSplit::Boundaries(b) => {
-                if b.is_empty() {
-                    bail!("--stage-boundaries needs at least one layer (the first layer of the second stage)");
-                }
                 let mut previous = 0;
                 for &layer in b {
                     if layer <= previous || layer >= layers {
-                        bail!(
-                            "--stage-boundaries {}: each boundary is the first layer of a stage, increasing, \
-                             within 1..{layers} (the decoder has {layers} layers); {layer} is not",
-                            b.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
-                        );
+                        return Err(SettingsError::StageBoundary { boundaries: b.clone(), layer, layers });
                     }
                     previous = layer;
                 }
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// The stages' layer ranges for a decoder weighing `bytes` (one range: an unstaged graph).
-    pub fn plan(&self, bytes: &DecoderBytes) -> Result<Vec<Range<usize>>> {
+    pub fn plan(&self, bytes: &DecoderBytes) -> Result<Vec<Range<usize>>, SettingsError> {
         let layers = bytes.layers.len();
         self.validate(layers)?;
         Ok(match self {
@@ -192,13 +183,7 @@ impl StageSplit {
                     .map(|r| (r.clone(), bytes.stage(r.clone(), layers)))
                     .max_by_key(|(_, w)| *w)
                     .unwrap_or((0..0, 0));
-                bail!(
-                    "--stage-memory-gb {}: even one layer per stage does not fit: layer {} with what its stage \
-                     holds besides (embeddings, lm_head) weighs {}",
-                    format_bytes(*budget),
-                    worst.start,
-                    format_bytes(weight)
-                )
+                return Err(SettingsError::StageMemoryTooSmall { budget: *budget, layer: worst.start, bytes: weight });
             }
         })
     }

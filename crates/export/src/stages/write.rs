@@ -2,11 +2,10 @@
 //! (`model.stage{i}.onnx`, each with its weights in `<file>.data`), the stages written in
 //! parallel (each streams its own weight file), and what the manifest says about them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use anyhow::{anyhow, Result};
 use indicatif::ProgressBar;
 use pio_models::manifest::{IoSpec, StageSpec};
 use pio_models::ModelConfig;
@@ -15,6 +14,7 @@ use super::plan::{decoder_bytes, StageScope};
 use crate::arch;
 use crate::checkpoint::Checkpoint;
 use crate::decoder::DecoderBuilder;
+use crate::error::{BuildError, ExportError};
 use crate::export::MODEL_FILE;
 use crate::onnx::graph::Graph;
 use crate::settings::ExportSettings;
@@ -55,11 +55,15 @@ pub fn stage_file(scope: &StageScope) -> String {
     }
 }
 
+type Result<T> = std::result::Result<T, ExportError>;
+
 /// Writes `config`'s decoder into `dir` as `settings` say: one graph, or the stages of
 /// `settings.stages` in parallel. `metadata` goes into every graph (with the stage and the
-/// custom operators it needs added).
+/// custom operators it needs added). Errors name the graph as it will be in `out_dir`.
+#[allow(clippy::too_many_arguments)]
 pub fn write_decoder(
     dir: &Path,
+    out_dir: &Path,
     name: &str,
     ck: &Checkpoint,
     config: &ModelConfig,
@@ -83,8 +87,10 @@ pub fn write_decoder(
             );
         }
     }
-    let graphs =
-        write_in_parallel(&scopes, |scope| write_graph(dir, name, ck, config, settings, progress, scope, metadata))?;
+    let graphs = write_in_parallel(&scopes, |scope| {
+        let graph_error = ExportError::build(out_dir.join(stage_file(scope)));
+        write_graph(dir, name, ck, config, settings, progress, scope, metadata).map_err(graph_error)
+    })?;
     Ok(decoder_files(graphs))
 }
 
@@ -116,24 +122,29 @@ fn write_in_parallel(
             });
         }
     });
-    let slots = results.into_inner().map_err(|_| anyhow!("a stage writer panicked"))?;
+    // A writer that panicked has already made `thread::scope` panic: the lock is not poisoned here.
+    let slots = results.into_inner().map_err(|_| internal("a stage writer panicked"))?;
     let mut graphs = Vec::with_capacity(scopes.len());
     let mut first_error = None;
-    for (slot, scope) in slots.into_iter().zip(scopes) {
+    for slot in slots {
         match slot {
             Some(Ok(g)) => graphs.push(g),
             Some(Err(e)) => {
-                first_error
-                    .get_or_insert(e.context(format!("writing stage {} (layers {:?})", scope.index, scope.layers)));
+                first_error.get_or_insert(e);
             }
             None => {}
         }
     }
     match first_error {
         Some(e) => Err(e),
-        None if graphs.len() != scopes.len() => Err(anyhow!("a stage writer stopped without a result")),
+        None if graphs.len() != scopes.len() => Err(internal("a stage writer stopped without a result")),
         None => Ok(graphs),
     }
+}
+
+/// A broken invariant of the parallel writers (a bug), named after the decoder's first graph.
+fn internal(what: &str) -> ExportError {
+    ExportError::Build { graph: PathBuf::from(MODEL_FILE), source: Box::new(BuildError::Internal(what.to_string())) }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -146,7 +157,7 @@ fn write_graph(
     progress: &ProgressBar,
     scope: &StageScope,
     metadata: &[(&str, String)],
-) -> Result<GraphFiles> {
+) -> std::result::Result<GraphFiles, BuildError> {
     let file = stage_file(scope);
     let graph_name = if scope.count == 1 { name.to_string() } else { format!("{name}-stage{}", scope.index) };
     let graph = Graph::new(&graph_name, &dir.join(format!("{file}.data")))?;

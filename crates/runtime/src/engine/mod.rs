@@ -311,7 +311,7 @@ impl Engine {
     pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
         let dir = config.graphs.clone();
         let manifest = Manifest::load(&dir)
-            .map_err(|e| EngineError::model(format!("cannot load the graphs in {}", dir.display()), e))?;
+            .map_err(|e| EngineError::model(format!("cannot load the graphs in {}", dir.display()), e.into()))?;
         let (tokenizer, chat_template) = load_tokenizer(&dir)?;
         let preparer = Preparer::new(dir.clone(), &manifest, tokenizer, chat_template, config.images.clone())?;
         let shared = Arc::new(Shared::new());

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# One GPU lease, in the calls it is made of: every figure of the issues' GPU sections that one H100/H200 can give,
+# each call within the device tool's 10 minutes and its 8 returned files (each part tars its results).
+#
+#   scripts/gpu_session.sh torch     PyTorch baseline: Qwen3-4B decode, static cache, whole step in one CUDA graph
+#   scripts/gpu_session.sh setup     ONNX Runtime's CUDA build (from the two halves .gpu-a/ort.part00 and
+#                                    .gpu-b/ort.part01, since the whole archive and the tree exceed one call's
+#                                    64 MiB), the binaries (.gpu-b/*.xz into .gpu/) and the Qwen3 tokenizer
+#   scripts/gpu_session.sh kernels   scripts/kernels_gpu_check.sh: read bandwidth, the kernels on every projection
+#                                    shape, synthetic Qwen3-4B bf16/int4 stock vs --pio-kernels (pio bench at batch
+#                                    1/8/32, greedy equality); keeps the checkpoint and graphs for the parts below
+#   scripts/gpu_session.sh serve     pio bench serve on the stock bf16 graph of `kernels` (offline batch 32, streams
+#                                    at concurrency 1/8/32/64, shared-prefix TTFT, ITL during a 4,096-token
+#                                    prefill, Poisson arrivals)
+#   scripts/gpu_session.sh engine    scripts/engine_gpu_check.sh at 12 layers: batched vs alone, prefix hit vs cold
+#   scripts/gpu_session.sh vl        scripts/vl_gpu_bench.sh full (Qwen3-VL-2B bf16 + its text twin + transformers)
+#   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the `kernels` checkpoint (bf16, int4;
+#                                    batch 1 and 32; .gpu-genai holds its wheels)
+#
+# Results go to $OUT (one tar.gz per part plus its summary JSON). Parts after `setup` need it to have run on the
+# same machine (the device keeps ignored files between calls while it stays warm).
+set -uo pipefail
+part=${1:?usage: scripts/gpu_session.sh torch|setup|kernels|serve|engine|vl|genai}
+out=${OUT:?OUT must be set}
+work=/dev/shm/pio-kernels-check
+mkdir -p "$out"
+export RUST_LOG=${RUST_LOG:-info,ort=warn} NO_COLOR=1 PYTHONUNBUFFERED=1
+[[ -f .gpu-b/ort-env.sh && -f /opt/pio-ort/libonnxruntime.so.1.31.1 ]] && source .gpu-b/ort-env.sh
+
+pack() { # pack NAME DIR: DIR as $out/NAME.tar.gz
+  tar -C "$(dirname "$2")" -czf "$out/$1.tar.gz" "$(basename "$2")" && rm -rf "$2"
+}
+
+case $part in
+  torch)
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.csv"
+    python3 scripts/torch_cudagraph_baseline.py --config .gpu-a/qwen3-4b-config.json --batches 1,32 \
+      --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/torch.json"
+    ;;
+  setup)
+    cat .gpu-a/ort.part00 .gpu-b/ort.part01 > .gpu-b/ort-cuda-sm90.tar.xz && source .gpu-b/ort-env.sh
+    mkdir -p .gpu .gpu/examples .cache/pio/tokenizers/qwen3
+    for f in .gpu-b/*.xz; do
+      name=$(basename "$f" .xz)
+      [[ $name == tokenizer.json ]] && continue
+      dest=.gpu/$name
+      [[ $name == vl_bench ]] && dest=.gpu/examples/vl_bench
+      xz -dc "$f" > "$dest" && chmod +x "$dest"
+    done
+    xz -dc .gpu-b/tokenizer.json.xz > .cache/pio/tokenizers/qwen3/tokenizer.json
+    cp .gpu-b/tokenizer_config.json .cache/pio/tokenizers/qwen3/
+    ls -la .gpu .gpu/examples /opt/pio-ort | tee "$out/setup.txt"
+    ;;
+  kernels)
+    k=$out/kernels
+    OUT=$k PIO_CHECK_BUDGET=${PIO_CHECK_BUDGET:-320} PIO_CHECK_SKIP=${PIO_CHECK_SKIP:-ops,moe_model,greedy_int4} \
+      PIO_CHECK_KEEP=1 PIO_CHECK_KEEP_CHECKPOINT=1 PIO_CHECK_WORK=$work bash scripts/kernels_gpu_check.sh
+    cp "$k/summary.json" "$out/kernels-summary.json" 2>/dev/null
+    pack kernels "$k"
+    ;;
+  serve)
+    mkdir -p /dev/shm/pio "$out/serve"
+    g=$work/q4b-bf16-stock
+    .gpu/pio bench serve --graphs "$g" --ep cuda --ep-option cuda_graph=1 --max-seqs 64 --max-model-len 4352 \
+      --concurrency 1,8,32,64 --prompt-len 128 --max-tokens 256 --offline-batch 32 --prefix-len 2048 \
+      --prefix-suffix 64 --prefix-requests 5 --long-prompt 4096 --long-streams 31 --long-stream-tokens 256 \
+      --rates ${RATES:-1,4,16,64} --sweep-duration ${SWEEP_SECONDS:-5} --sweep-prompt-lens 64..4096 \
+      --sweep-max-tokens 128 --max-duration ${SERVE_SECONDS:-220} --out "$out/serve-bench.json" \
+      > "$out/serve/serve-bench.log" 2>&1
+    echo "pio bench serve: rc=$?"
+    tail -n 40 "$out/serve/serve-bench.log"
+    pack serve "$out/serve"
+    ;;
+  engine)
+    OUT=$out/engine PIO_BIN_DIR=.gpu LAYERS=${LAYERS:-12} bash scripts/engine_gpu_check.sh
+    cp "$out/engine/engine-check.json" "$out/engine-check.json" 2>/dev/null
+    pack engine "$out/engine"
+    ;;
+  vl)
+    OUT=$out/vl PIO_BIN_DIR=.gpu bash scripts/vl_gpu_bench.sh full
+    cp "$out/vl/summary.json" "$out/vl-summary.json" 2>/dev/null
+    pack vl "$out/vl"
+    ;;
+  genai)
+    ck=$work/qwen3-4b-ck
+    cp .cache/pio/tokenizers/qwen3/tokenizer.json .cache/pio/tokenizers/qwen3/tokenizer_config.json "$ck/" 2>/dev/null
+    source scripts/genai_setup.sh .gpu-genai /tmp/genai-env || exit 1
+    set +e
+    python3 scripts/genai_baseline.py --checkpoint "$ck" --work /tmp/genai-work --precisions ${GENAI_PRECISIONS:-bf16,int4} \
+      --batches 1,32 --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/genai.json" 2>&1 \
+      | grep -v -E "Saving|quantiz|it/s" | tail -n 30
+    ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac
