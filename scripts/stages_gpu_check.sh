@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# Pipeline stages on ONE GPU (issue 14, "On one GPU"): the synthetic Qwen3-4B at its real shape,
+# bf16, exported as one graph and in 2 stages (pio-export --stages 2), both run on the same device.
+#
+#   1. greedy equality: `pio run --greedy` over 64 new tokens from the same prompt, one graph
+#      against 2 stages (the tokens must be the same; the first divergence is reported if not);
+#   2. the cost of a stage boundary: `pio bench` on both graphs side by side with CUDA graphs
+#      (decode tok/s at batch 1 and 8, time to first token at 128 and 1,024 tokens), and the
+#      staged run's pipeline report (each stage's busy time, the bubble).
+#
+#   OUT=/path/to/results PIO_BIN_DIR=.gpu bash scripts/stages_gpu_check.sh
+#
+# About 3-4 minutes on one H200 (PIO_CHECK_BUDGET, default 240 s; a step that would start after
+# the budget is skipped and logged). Needs the release binaries `pio` and `pio-export`
+# ($PIO_BIN_DIR, default target/release), ONNX Runtime's CUDA build (ORT_DYLIB_PATH, see README
+# "GPU") and python3 (stdlib). The checkpoint and the one-graph export go to $PIO_SHM (default
+# /dev/shm/pio) through scripts/synthetic_qwen3.sh, so they are shared with engine_gpu_check.sh and
+# serve_gpu_bench.sh (reused when there); the staged export goes next to them. LAYERS=N exports N
+# of the 36 layers at real width.
+# EP=cpu runs the same steps on a tiny fp32 Qwen3 (2 layers, hidden 64; no CUDA graphs, fewer
+# tokens): a dry run of this script, not a measurement.
+#
+# Writes $OUT/summary.json (the verdict and the numbers side by side), $OUT/bench.json (pio bench's
+# report), $OUT/greedy-*.json (pio run's output), $OUT/steps.jsonl and a log per step.
+set -uo pipefail
+bin=${PIO_BIN_DIR:-target/release}
+out=${OUT:-stages-check-out}
+shm=${PIO_SHM:-/dev/shm/pio}
+ep=${EP:-cuda}
+budget=${PIO_CHECK_BUDGET:-240}
+mkdir -p "$out" "$shm"
+out=$(cd "$out" && pwd)
+export RUST_LOG=${RUST_LOG:-info,ort=warn} NO_COLOR=1
+start=$(date +%s)
+: > "$out/steps.jsonl"
+left() { echo $(( budget - ($(date +%s) - start) )); }
+
+# step NAME MAX_SECONDS CMD...: CMD under a timeout of min(MAX_SECONDS, time left), logged.
+step() {
+  local name=$1 max=$2; shift 2
+  local remaining t s rc
+  remaining=$(left)
+  t=$(( max < remaining ? max : remaining ))
+  if (( t < 5 )); then
+    echo "{\"step\":\"$name\",\"skipped\":\"out of time\"}" >> "$out/steps.jsonl"
+    echo "[stages-check] $name: skipped (out of time)"
+    return 0
+  fi
+  echo "[stages-check] $name (up to ${t}s) ..."
+  s=$(date +%s)
+  timeout --kill-after=10 "$t" bash -c '"$@"' _ "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  echo "{\"step\":\"$name\",\"rc\":$rc,\"seconds\":$(( $(date +%s) - s )),\"timeout\":$t}" >> "$out/steps.jsonl"
+  echo "[stages-check] $name: rc=$rc in $(( $(date +%s) - s ))s"
+  (( rc == 0 )) || tail -5 "$out/$name.log" | sed 's/^/    /'
+  return 0
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true
+
+# The synthetic checkpoint's shape flags: the real shape (or LAYERS of its layers) on the GPU.
+shape_flags() {
+  if [[ $ep == cpu ]]; then
+    echo --layers 2 --hidden-size 64 --intermediate-size 128 --heads 2 --kv-heads 1 --head-dim 32
+  elif [[ -n ${LAYERS:-} ]]; then
+    echo --layers "$LAYERS"
+  fi
+}
+
+# 1. The one-graph export (and its checkpoint), shared with the other GPU scripts.
+if [[ $ep == cpu ]]; then
+  # Two layers, so that there is a boundary to cut at (synthetic_qwen3.sh's dry run has one).
+  tag=cpu-stages-dry-run precision=fp32
+  ck=$shm/qwen3-4b-synthetic-$tag
+  single=$shm/qwen3-4b-graphs-$tag-$precision
+  export_single() {
+    [[ -f $single/pio.json ]] && { echo "reusing $single"; return 0; }
+    # shellcheck disable=SC2086
+    "$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic $(shape_flags) --checkpoint-out "$ck" --ep cpu \
+      --precision fp32 --out "$single" --force
+  }
+  tokens=16 batches=1,4 prompt_lens=16,64 decode_prompt=16 decode_tokens=8 cuda_graph=off
+else
+  # shellcheck source=scripts/synthetic_qwen3.sh
+  source "$(dirname "${BASH_SOURCE[0]}")/synthetic_qwen3.sh"
+  tag=full precision=bf16
+  [[ -n ${LAYERS:-} ]] && tag=l$LAYERS
+  ck=$shm/qwen3-4b-synthetic-$tag
+  single=$shm/qwen3-4b-graphs-$tag-$precision
+  export_single() { export_synthetic_qwen3 cuda qwen3-4b-graphs /dev/stdout; }
+  tokens=64 batches=1,8 prompt_lens=128,1024 decode_prompt=128 decode_tokens=64 cuda_graph=on
+fi
+staged=$shm/qwen3-4b-graphs-$tag-$precision-stages2
+export bin ep shm ck single staged precision tag LAYERS
+export -f export_single shape_flags
+[[ $ep == cpu ]] || export -f export_synthetic_qwen3
+step export_single 110 export_single
+
+# 2. The same checkpoint in 2 stages (balanced by bytes: stage 0 holds the embeddings, stage 1 the
+#    lm_head). A one-graph export reused from an earlier run may have lost its checkpoint: rewrite it.
+export_staged() {
+  if [[ -f $staged/pio.json ]]; then echo "reusing $staged"; return 0; fi
+  if [[ ! -f $ck/config.json ]]; then
+    # shellcheck disable=SC2086
+    "$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic $(shape_flags) --checkpoint-only \
+      --checkpoint-out "$ck" || return 1
+  fi
+  # The one-graph export's context length, so that both graphs are the same but for the cut.
+  local context
+  context=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["dims"]["context_length"])' \
+    "$single/pio.json") || return 1
+  "$bin/pio-export" --checkpoint "$ck" --ep "$ep" --precision "$precision" --context-length "$context" --stages 2 \
+    --out "$staged" --force
+}
+export -f export_staged
+step export_staged 110 export_staged
+
+# 3. Greedy equality over $tokens new tokens, the same prompt through both.
+prompt=$(python3 -c 'print(",".join(str((i * 7919 + 13) % 150000) for i in range(48)))')
+greedy() {
+  "$bin/pio" run --graphs "$1" --ep "$ep" --prompt-ids "$prompt" --max-tokens "$tokens" --greedy --ignore-eos \
+    --json > "$2"
+}
+export prompt tokens
+export -f greedy
+step greedy_single 60 greedy "$single" "$out/greedy-single.json"
+step greedy_stages 60 greedy "$staged" "$out/greedy-stages.json"
+
+# 4. The boundary's cost: both graphs in one pio bench (same device, same settings), then the staged
+#    one's pipeline report is in the same bench.json.
+graphs=()
+for g in "$single" "$staged"; do [[ -f $g/pio.json ]] && graphs+=(--graphs "$g"); done
+if (( ${#graphs[@]} > 0 )); then
+  step bench 150 "$bin/pio" bench "${graphs[@]}" --ep "$ep" --cuda-graph "$cuda_graph" --batches "$batches" \
+    --prompt-lens "$prompt_lens" --decode-prompt-len "$decode_prompt" --decode-tokens "$decode_tokens" --repeats 1 \
+    --out "$out/bench.json"
+fi
+
+# 5. The summary.
+python3 - "$out" "$single" "$staged" "$(( $(date +%s) - start ))" "$ep" <<'PY' | tee "$out/summary.txt"
+import json, os, sys
+out, single, staged, seconds, ep = sys.argv[1:6]
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+a, b = load(f"{out}/greedy-single.json"), load(f"{out}/greedy-stages.json")
+greedy = {"ran": bool(a and b)}
+if a and b:
+    x, y = a.get("generated_ids", []), b.get("generated_ids", [])
+    diverge = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
+    if diverge is None and len(x) != len(y):
+        diverge = min(len(x), len(y))
+    greedy.update(tokens=len(x), equal=(x == y and len(x) > 0), first_divergence=diverge)
+
+bench = load(f"{out}/bench.json") or {}
+runs = {}
+for run in bench.get("runs", []):
+    key = "stages" if os.path.realpath(run.get("graphs", "")) == os.path.realpath(staged) else "single"
+    runs[key] = run
+
+def decode(run, batch):
+    return next((r["tokens_per_s"] for r in run.get("decode", []) if r["batch"] == batch), None)
+
+def ttft(run, n):
+    return next((r["ms"] for r in run.get("ttft", []) if r["prompt_len"] == n), None)
+
+def overhead(s, t, higher_is_better):
+    if s is None or t is None or s == 0:
+        return None
+    return round(100.0 * ((s - t) / s if higher_is_better else (t - s) / s), 2)
+
+rows = []
+one, two = runs.get("single", {}), runs.get("stages", {})
+batches = sorted({r["batch"] for r in one.get("decode", []) + two.get("decode", [])})
+lens = sorted({r["prompt_len"] for r in one.get("ttft", []) + two.get("ttft", [])})
+for batch in batches:
+    s, t = decode(one, batch), decode(two, batch)
+    rows.append({"what": f"decode tok/s, batch {batch}", "single": s, "stages2": t, "overhead_pct": overhead(s, t, True)})
+for n in lens:
+    s, t = ttft(one, n), ttft(two, n)
+    rows.append({"what": f"ttft ms, {n} tokens", "single": s, "stages2": t, "overhead_pct": overhead(s, t, False)})
+
+summary = {
+    "ep": ep,
+    "seconds": int(seconds),
+    "graphs": {"single": single, "stages2": staged},
+    "stage_layers": (load(f"{staged}/pio.json") or {}).get("stages") and
+        [s["layers"] for s in load(f"{staged}/pio.json")["stages"]],
+    "greedy": greedy,
+    "boundary_cost": rows,
+    "pipeline": two.get("pipeline"),
+    "errors": {k: r.get("error") for k, r in runs.items() if r.get("error")},
+    "steps": [json.loads(l) for l in open(f"{out}/steps.jsonl") if l.strip()],
+}
+json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
+print(f"greedy over {greedy.get('tokens')} tokens, one graph vs 2 stages: "
+      f"{'EQUAL' if greedy.get('equal') else 'DIFFERENT (first at ' + str(greedy.get('first_divergence')) + ')' if greedy['ran'] else 'not run'}")
+print(f"{'':28} {'1 graph':>10} {'2 stages':>10} {'overhead':>9}")
+for r in rows:
+    f = lambda v: "-" if v is None else f"{v:10.1f}"
+    o = "-" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f}%"
+    print(f"{r['what']:28} {f(r['single'])} {f(r['stages2'])} {o:>9}")
+for row in (summary["pipeline"] or {}).get("rows", []):
+    print(f"pipeline {row['what']} ({row['mode']}): stage busy ms {row['stage_busy_ms']}, bubble {row['bubble']:.3f}")
+PY
+echo "[stages-check] done in $(( $(date +%s) - start ))s; results in $out"
