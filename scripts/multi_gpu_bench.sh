@@ -22,7 +22,8 @@
 # Room: GLM-4.7's int4 graphs are about 190 GB on the host (and as much GPU memory in all: 4 x H100
 # or 2 x H200 at least); the Qwen3-Coder part holds its 61 GB checkpoint and one 61 GB export at a
 # time (the one-graph export is removed before the staged one is written). PIO_MULTI_WORK (default
-# /dev/shm/pio-multi) is the work folder; it is kept for the next part unless PIO_MULTI_CLEAN=1.
+# /dev/shm/pio-multi) is the work folder, kept for the next run (exports there are reused);
+# PIO_MULTI_CLEAN=1 removes the Qwen3-Coder checkpoint once both its exports are written.
 # GPUS=0,1,.. picks the GPUs (default: all that nvidia-smi lists).
 #
 # Cut sizes for a dry run (not a measurement): GLM_LAYERS=N keeps N of GLM-4.7's layers (the first 3
@@ -45,19 +46,9 @@ export RUST_LOG=${RUST_LOG:-info,ort=warn} NO_COLOR=1
 start=$(date +%s)
 touch "$out/steps.jsonl"
 
-# step NAME MAX_SECONDS CMD...: CMD under a timeout, logged; returns CMD's status.
-step() {
-  local name=$1 max=$2; shift 2
-  local s rc
-  echo "[multi-gpu] $name (up to ${max}s) ..."
-  s=$(date +%s)
-  timeout --kill-after=10 "$max" bash -c '"$@"' _ "$@" > "$out/$name.log" 2>&1
-  rc=$?
-  echo "{\"step\":\"$name\",\"rc\":$rc,\"seconds\":$(( $(date +%s) - s )),\"timeout\":$max}" >> "$out/steps.jsonl"
-  echo "[multi-gpu] $name: rc=$rc in $(( $(date +%s) - s ))s"
-  (( rc == 0 )) || tail -5 "$out/$name.log" | sed 's/^/    /'
-  return $rc
-}
+step_tag=multi-gpu
+# shellcheck source=scripts/gpu_steps.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_steps.sh"
 
 if [[ $ep == cpu ]]; then
   gpus=(cpu cpu)
@@ -149,20 +140,27 @@ coder_part() {
     --decode-tokens 64 --repeats 1)
   [[ $ep == cpu ]] && bench=(--ep cpu --cuda-graph off --batches 1,4 --prompt-lens 64 --decode-prompt-len 16
     --decode-tokens 8 --repeats 1)
-  if [[ ! -f $staged/pio.json ]]; then
+  checkpoint() {
     [[ -f $ck/config.json ]] || "$bin/pio-export" --model qwen3-coder-30b --synthetic "${layers[@]}" --checkpoint-only \
       --checkpoint-out "$ck" > "$out/coder-checkpoint.log" 2>&1 || { echo "coder checkpoint failed"; return 1; }
-    # One graph on GPU 0, measured and removed before the staged export (room for one 61 GB export).
+  }
+  # One graph on GPU 0 (unless this $OUT has its results), removed before the staged export: room for
+  # one 61 GB export at a time.
+  if [[ ! -f $out/coder-greedy-single.json || ! -f $out/coder-bench-single.json ]]; then
+    checkpoint || return 1
     "$bin/pio-export" --checkpoint "$ck" --ep "$ep" --precision "$precision" --context-length 4096 --out "$single" \
       --force > "$out/coder-export-single.log" 2>&1 || { echo "coder export failed"; return 1; }
     greedy_tokens "$single" "$out/coder-greedy-single.json" || return 1
     with_memory_log "$out/coder-memory-single.csv" "$bin/pio" bench --graphs "$single" "${bench[@]}" \
       --out "$out/coder-bench-single.json" > "$out/coder-bench-single.log" 2>&1 || return 1
     rm -rf "$single"
+  fi
+  if [[ ! -f $staged/pio.json ]]; then
+    checkpoint || return 1
     "$bin/pio-export" --checkpoint "$ck" --ep "$ep" --precision "$precision" --context-length 4096 --stages 2 \
       --out "$staged" --force > "$out/coder-export-stages.log" 2>&1 || { echo "coder staged export failed"; return 1; }
-    [[ ${PIO_MULTI_CLEAN:-0} == 1 ]] && rm -rf "$ck"
   fi
+  [[ ${PIO_MULTI_CLEAN:-0} == 1 ]] && rm -rf "$ck"
   # 2 stages on one GPU, then on two.
   greedy_tokens "$staged" "$out/coder-greedy-stages-1gpu.json" || return 1
   with_memory_log "$out/coder-memory-stages-1gpu.csv" "$bin/pio" bench --graphs "$staged" "${bench[@]}" \
@@ -182,10 +180,10 @@ export -f run_part
 
 status=0
 if [[ $part == glm || $part == all ]]; then
-  step glm 580 run_part glm_part || status=1
+  run_step glm 580 run_part glm_part || status=1
 fi
 if [[ $part == coder || $part == all ]]; then
-  step coder 580 run_part coder_part || status=1
+  run_step coder 580 run_part coder_part || status=1
 fi
 
 python3 - "$out" "$part" "$ep" <<'PY' | tee -a "$out/summary.txt"

@@ -35,25 +35,21 @@ start=$(date +%s)
 : > "$out/steps.jsonl"
 left() { echo $(( budget - ($(date +%s) - start) )); }
 
-# step NAME MAX_SECONDS CMD...: CMD under a timeout of min(MAX_SECONDS, time left), logged.
+step_tag=stages-check
+# shellcheck source=scripts/gpu_steps.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_steps.sh"
+# step NAME MAX_SECONDS CMD...: run_step with a timeout of min(MAX_SECONDS, time left); skipped when
+# the budget is spent. The next step runs whatever this one returned.
 step() {
-  local name=$1 max=$2; shift 2
-  local remaining t s rc
+  local name=$1 max=$2 remaining t; shift 2
   remaining=$(left)
   t=$(( max < remaining ? max : remaining ))
   if (( t < 5 )); then
     echo "{\"step\":\"$name\",\"skipped\":\"out of time\"}" >> "$out/steps.jsonl"
-    echo "[stages-check] $name: skipped (out of time)"
+    echo "[$step_tag] $name: skipped (out of time)"
     return 0
   fi
-  echo "[stages-check] $name (up to ${t}s) ..."
-  s=$(date +%s)
-  timeout --kill-after=10 "$t" bash -c '"$@"' _ "$@" > "$out/$name.log" 2>&1
-  rc=$?
-  echo "{\"step\":\"$name\",\"rc\":$rc,\"seconds\":$(( $(date +%s) - s )),\"timeout\":$t}" >> "$out/steps.jsonl"
-  echo "[stages-check] $name: rc=$rc in $(( $(date +%s) - s ))s"
-  (( rc == 0 )) || tail -5 "$out/$name.log" | sed 's/^/    /'
-  return 0
+  run_step "$name" "$t" "$@" || true
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" 2>&1 || true

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use pio_export::stages::StageSplit;
-use pio_export::synthetic::{write_checkpoint_with, CheckpointContents, ShapeOverrides};
+use pio_export::synthetic::{write_checkpoint_with, CheckpointContents};
 use pio_export::ExportSettings;
 use pio_models::find_preset;
 use pio_runtime::engine::{Engine, EngineConfig};
@@ -156,18 +156,7 @@ fn two_and_three_stages_give_the_single_graphs_logits_for_every_text_fixture() {
 /// GLM-4.7's preset cut to 5 layers of small width: 3 dense layers (first_k_dense_replace), then 2
 /// MoE layers with grouped sigmoid routing and a shared expert.
 fn glm_checkpoint(root: &Path, contents: CheckpointContents) -> PathBuf {
-    let shape = ShapeOverrides {
-        layers: Some(5),
-        hidden_size: Some(64),
-        intermediate_size: Some(96),
-        heads: Some(4),
-        kv_heads: Some(2),
-        head_dim: Some(32),
-        vocab_size: Some(256),
-        experts: Some(8),
-        moe_intermediate_size: Some(32),
-        ..Default::default()
-    };
+    let shape = small_shape(5, 8);
     write_checkpoint_with(find_preset("glm-4-7").unwrap(), &shape, 11, None, &root.join("ck"), contents).unwrap()
 }
 
