@@ -256,21 +256,26 @@ mod tests {
         assert_eq!(ranges.len(), 3);
         let ranges = StageSplit::MemoryBudget(20).plan(&b).unwrap();
         assert!(ranges.iter().all(|r| b.stage(r.clone(), ranges.len()) <= 20), "{ranges:?}");
-        let err = StageSplit::MemoryBudget(9).plan(&b).unwrap_err().to_string();
-        assert!(err.contains("--stage-memory-gb") && err.contains("layer"), "{err}");
+        let err = StageSplit::MemoryBudget(9).plan(&b).unwrap_err();
+        assert!(matches!(err, SettingsError::StageMemoryTooSmall { budget: 9, layer: 7, bytes: 14 }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains("--stage-memory-gb") && message.contains("layer 7"), "{message}");
     }
 
     #[test]
     fn boundaries_are_taken_as_given_and_bad_ones_refused_by_name() {
         let b = bytes(&[1; 5], 0, 0);
         assert_eq!(StageSplit::Boundaries(vec![1, 3]).plan(&b).unwrap(), vec![0..1, 1..3, 3..5]);
-        for bad in [vec![], vec![0], vec![3, 2], vec![5], vec![2, 2]] {
-            let err = StageSplit::Boundaries(bad.clone()).plan(&b).unwrap_err().to_string();
-            assert!(err.contains("--stage-boundaries"), "{bad:?}: {err}");
+        assert_eq!(StageSplit::Boundaries(vec![]).plan(&b), Err(SettingsError::NoStageBoundaries));
+        for (bad, layer) in [(vec![0], 0), (vec![3, 2], 2), (vec![5], 5), (vec![2, 2], 2)] {
+            let err = StageSplit::Boundaries(bad.clone()).plan(&b).unwrap_err();
+            assert_eq!(err, SettingsError::StageBoundary { boundaries: bad.clone(), layer, layers: 5 });
+            assert!(err.to_string().contains("--stage-boundaries"), "{bad:?}: {err}");
         }
-        assert!(StageSplit::Count(0).plan(&b).unwrap_err().to_string().contains("--stages 0"));
+        assert_eq!(StageSplit::Count(0).plan(&b), Err(SettingsError::ZeroStages));
+        assert_eq!(StageSplit::Count(6).plan(&b), Err(SettingsError::MoreStagesThanLayers { stages: 6, layers: 5 }));
         assert!(StageSplit::Count(6).plan(&b).unwrap_err().to_string().contains("5 layers"));
-        assert!(StageSplit::MemoryBudget(0).plan(&b).unwrap_err().to_string().contains("--stage-memory-gb"));
+        assert_eq!(StageSplit::MemoryBudget(0).plan(&b), Err(SettingsError::ZeroStageMemory));
     }
 
     #[test]
