@@ -13,10 +13,10 @@
 # About 3-4 minutes on one H200 (PIO_CHECK_BUDGET, default 240 s; a step that would start after
 # the budget is skipped and logged). Needs the release binaries `pio` and `pio-export`
 # ($PIO_BIN_DIR, default target/release), ONNX Runtime's CUDA build (ORT_DYLIB_PATH, see README
-# "GPU") and python3 (stdlib). The checkpoint and the one-graph export go to $PIO_SHM (default
-# /dev/shm/pio) through scripts/synthetic_qwen3.sh, so they are shared with engine_gpu_check.sh and
-# serve_gpu_bench.sh (reused when there); the staged export goes next to them. LAYERS=N exports N
-# of the 36 layers at real width.
+# "GPU") and python3 (stdlib). The checkpoint and both exports go to $PIO_SHM (default /dev/shm/pio,
+# about 24 GB), named as scripts/synthetic_qwen3.sh names them, so they are shared with
+# engine_gpu_check.sh and serve_gpu_bench.sh (reused when there). LAYERS=N exports N of the 36
+# layers at real width.
 # EP=cpu runs the same steps on a tiny fp32 Qwen3 (2 layers, hidden 64; no CUDA graphs, fewer
 # tokens): a dry run of this script, not a measurement.
 #
@@ -63,53 +63,49 @@ shape_flags() {
   fi
 }
 
-# 1. The one-graph export (and its checkpoint), shared with the other GPU scripts.
+# 1. The checkpoint, then the one graph and the 2 stages (balanced by bytes: stage 0 holds the
+#    embeddings, stage 1 the lm_head) exported side by side. The folder names are those of
+#    scripts/synthetic_qwen3.sh, so a one-graph export or checkpoint from engine_gpu_check.sh or
+#    serve_gpu_bench.sh is reused (and the staged one is used by the next run).
 if [[ $ep == cpu ]]; then
-  # Two layers, so that there is a boundary to cut at (synthetic_qwen3.sh's dry run has one).
+  # Two layers, so that there is a boundary to cut at.
   tag=cpu-stages-dry-run precision=fp32
-  ck=$shm/qwen3-4b-synthetic-$tag
-  single=$shm/qwen3-4b-graphs-$tag-$precision
-  export_single() {
-    [[ -f $single/pio.json ]] && { echo "reusing $single"; return 0; }
-    # shellcheck disable=SC2086
-    "$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic $(shape_flags) --checkpoint-out "$ck" --ep cpu \
-      --precision fp32 --out "$single" --force
-  }
   tokens=16 batches=1,4 prompt_lens=16,64 decode_prompt=16 decode_tokens=8 cuda_graph=off
 else
-  # shellcheck source=scripts/synthetic_qwen3.sh
-  source "$(dirname "${BASH_SOURCE[0]}")/synthetic_qwen3.sh"
   tag=full precision=bf16
   [[ -n ${LAYERS:-} ]] && tag=l$LAYERS
-  ck=$shm/qwen3-4b-synthetic-$tag
-  single=$shm/qwen3-4b-graphs-$tag-$precision
-  export_single() { export_synthetic_qwen3 cuda qwen3-4b-graphs /dev/stdout; }
   tokens=64 batches=1,8 prompt_lens=128,1024 decode_prompt=128 decode_tokens=64 cuda_graph=on
 fi
-staged=$shm/qwen3-4b-graphs-$tag-$precision-stages2
-export bin ep shm ck single staged precision tag LAYERS
-export -f export_single shape_flags
-[[ $ep == cpu ]] || export -f export_synthetic_qwen3
-step export_single 110 export_single
-
-# 2. The same checkpoint in 2 stages (balanced by bytes: stage 0 holds the embeddings, stage 1 the
-#    lm_head). A one-graph export reused from an earlier run may have lost its checkpoint: rewrite it.
-export_staged() {
-  if [[ -f $staged/pio.json ]]; then echo "reusing $staged"; return 0; fi
-  if [[ ! -f $ck/config.json ]]; then
-    # shellcheck disable=SC2086
-    "$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic $(shape_flags) --checkpoint-only \
-      --checkpoint-out "$ck" || return 1
-  fi
-  # The one-graph export's context length, so that both graphs are the same but for the cut.
-  local context
-  context=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["dims"]["context_length"])' \
-    "$single/pio.json") || return 1
-  "$bin/pio-export" --checkpoint "$ck" --ep "$ep" --precision "$precision" --context-length "$context" --stages 2 \
-    --out "$staged" --force
+ck=$shm/qwen3-4b-synthetic-$tag
+single=$shm/qwen3-4b-graphs-$tag-$precision
+staged=$single-stages2
+checkpoint() {
+  if [[ -f $single/pio.json && -f $staged/pio.json ]]; then echo "both exports are there"; return 0; fi
+  if [[ -f $ck/config.json ]]; then echo "reusing $ck"; return 0; fi
+  # shellcheck disable=SC2086
+  "$bin/pio-export" --model qwen3-4b-instruct-2507 --synthetic $(shape_flags) --checkpoint-only --checkpoint-out "$ck"
 }
-export -f export_staged
-step export_staged 110 export_staged
+exports() {
+  local context=() pid=
+  # A reused one-graph export sets the context length, so that both graphs differ only by the cut.
+  [[ -f $single/pio.json ]] && context=(--context-length "$(python3 -c \
+    'import json,sys; print(json.load(open(sys.argv[1]))["dims"]["context_length"])' "$single/pio.json")")
+  if [[ ! -f $single/pio.json ]]; then
+    "$bin/pio-export" --checkpoint "$ck" --ep "$ep" --precision "$precision" --out "$single" --force &
+    pid=$!
+  fi
+  local rc=0
+  if [[ ! -f $staged/pio.json ]]; then
+    "$bin/pio-export" --checkpoint "$ck" --ep "$ep" --precision "$precision" "${context[@]}" --stages 2 \
+      --out "$staged" --force || rc=1
+  fi
+  if [[ -n $pid ]]; then wait "$pid" || rc=1; fi
+  return $rc
+}
+export bin ep shm ck single staged precision tag LAYERS
+export -f shape_flags checkpoint exports
+step checkpoint 70 checkpoint
+step exports 110 exports
 
 # 3. Greedy equality over $tokens new tokens, the same prompt through both.
 prompt=$(python3 -c 'print(",".join(str((i * 7919 + 13) % 150000) for i in range(48)))')
