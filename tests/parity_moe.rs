@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use pio_export::checkpoint::Checkpoint;
-use pio_export::synthetic::{write_checkpoint, ShapeOverrides};
+use pio_export::synthetic::write_checkpoint;
 use pio_models::config::{Architecture, ModelConfig};
 use pio_models::presets::find_preset;
 use pio_models::size::Precision;
@@ -179,18 +179,7 @@ fn int4_qmoe_graph_computes_the_dequantized_model() {
 /// `pio-export --model <preset> --synthetic` at a shrunk shape: the synthetic writer lists
 /// the architecture's tensors, the export reads them, and the graph runs (fp32 and int4).
 fn synthetic_preset_runs(preset: &str, layers: usize) {
-    let overrides = ShapeOverrides {
-        layers: Some(layers),
-        hidden_size: Some(64),
-        intermediate_size: Some(96),
-        heads: Some(4),
-        kv_heads: Some(2),
-        head_dim: Some(32),
-        vocab_size: Some(256),
-        experts: Some(16),
-        moe_intermediate_size: Some(32),
-        ..Default::default()
-    };
+    let overrides = small_shape(layers, 16);
     let tmp = tempfile::tempdir().unwrap();
     let ck = write_checkpoint(find_preset(preset).unwrap(), &overrides, 7, None, &tmp.path().join("ck")).unwrap();
     let config = Checkpoint::open(&ck).unwrap().config;

@@ -124,6 +124,23 @@ pub fn export_real_tokenizer_qwen3_with_context(root: &Path, seed: u64, context_
     graphs
 }
 
+/// A preset's shape shrunk for CPU tests: `layers` layers of width 64 (4 heads, 2 KV heads of 32),
+/// a 256-token vocabulary and, for MoE presets, `experts` experts of width 32.
+pub fn small_shape(layers: usize, experts: usize) -> pio_export::synthetic::ShapeOverrides {
+    pio_export::synthetic::ShapeOverrides {
+        layers: Some(layers),
+        hidden_size: Some(64),
+        intermediate_size: Some(96),
+        heads: Some(4),
+        kv_heads: Some(2),
+        head_dim: Some(32),
+        vocab_size: Some(256),
+        experts: Some(experts),
+        moe_intermediate_size: Some(32),
+        ..Default::default()
+    }
+}
+
 /// The logits of one CPU prefill of `prompt` through the graphs in `graphs`.
 pub fn prefill(graphs: &Path, prompt: &[u32]) -> pio_runtime::model::Logits {
     let ep = pio_runtime::ep::ExecutionProvider::default();

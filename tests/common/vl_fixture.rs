@@ -51,12 +51,17 @@ pub struct VlExport {
 
 impl VlExport {
     pub fn new(name: &str) -> Self {
+        Self::with_settings(name, cpu_settings(true))
+    }
+
+    /// The fixture exported with `settings` (CPU ones) and its permuted tokenizer.
+    pub fn with_settings(name: &str, settings: pio_export::ExportSettings) -> Self {
         let fixture = fixtures_dir().join(name);
         let text = std::fs::read_to_string(fixture.join("reference.json")).unwrap();
         let reference: VlReference = serde_json::from_str(&text).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let graphs = dir.path().join("graphs");
-        export_to(&fixture, &graphs, cpu_settings(true));
+        export_to(&fixture, &graphs, settings);
         write_permuted_tokenizer(&reference.token_map, &graphs);
         VlExport { fixture, graphs, reference, _dir: dir }
     }

@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::gpu_monitor::{host_peak_rss_bytes, GpuMonitor};
 use pio_runtime::model::{argmax, DecoderModel, Fetch, KvCache};
+use pio_runtime::stages::{PipelineMode, StageOptions, StageTimings};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -33,6 +34,8 @@ pub struct BenchPlan {
     /// Also compare chunked with whole-prompt prefill logits at the longest prompt length.
     pub check_chunked_prefill: bool,
     pub seed: u64,
+    /// Where a staged export's stages run (`--devices`, `--micro-batches`).
+    pub stages: StageOptions,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -86,6 +89,36 @@ pub struct BenchRun {
     /// With CUDA graphs: the greedy tokens of replayed steps against the same steps run without
     /// the graph, from the same prompt.
     pub cuda_graph_check: Option<GraphCheck>,
+    /// A staged export: its stages, and each measurement with the stages overlapped and run one
+    /// after the other.
+    pub pipeline: Option<PipelineReport>,
+}
+
+/// A staged export's pipeline: where its stages ran and what overlapping them bought.
+#[derive(Clone, Debug, Serialize)]
+pub struct PipelineReport {
+    pub stages: usize,
+    pub stage_layers: Vec<std::ops::Range<usize>>,
+    pub stage_devices: Vec<Option<i32>>,
+    pub micro_batches: usize,
+    pub rows: Vec<PipelineRow>,
+}
+
+/// One measurement of a staged export under one pipeline mode.
+#[derive(Clone, Debug, Serialize)]
+pub struct PipelineRow {
+    /// `decode b8`, `prefill 2048`.
+    pub what: String,
+    pub mode: PipelineMode,
+    /// Pipeline threads.
+    pub threads: usize,
+    /// Wall time per decode step, or of the prefill.
+    pub ms: f64,
+    pub tokens_per_s: f64,
+    /// Each stage's busy time over the measurement (session runs and the copies into them).
+    pub stage_busy_ms: Vec<f64>,
+    /// The share of the devices' time idle: 1 - their busy time / (devices x wall time).
+    pub bubble: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -226,6 +259,67 @@ impl Runner<'_> {
         Ok(GraphCheck { batch, steps, same_tokens: runs[0] == runs[1] })
     }
 
+    /// One measurement's row from the stage timings it left.
+    fn pipeline_row(&self, what: String, secs: f64, tokens: usize, per: usize) -> PipelineRow {
+        let t: &StageTimings = self.model.stage_timings();
+        let (mode, threads) = self.model.pipeline();
+        PipelineRow {
+            what,
+            mode,
+            threads,
+            ms: secs * 1e3 / per.max(1) as f64,
+            tokens_per_s: tokens as f64 / secs,
+            stage_busy_ms: t.busy.iter().map(|b| b.as_secs_f64() * 1e3).collect(),
+            bubble: t.bubble(),
+        }
+    }
+
+    /// A staged export's decode (each batch) and prefill (the longest prompt) with the stages
+    /// run one after the other and overlapped (`mode`), with each stage's busy time.
+    fn pipeline(&mut self, mode: PipelineMode) -> Result<PipelineReport> {
+        let vocab = self.model.vocab_size();
+        let (p, n) = (self.plan.decode_prompt_len, self.plan.decode_tokens.max(1));
+        let context = self.model.context_length();
+        let mut rows = Vec::new();
+        for m in [PipelineMode::Sequential, mode] {
+            self.model.set_pipeline(m);
+            for &batch in &self.plan.batches {
+                let prompt = random_tokens(&mut self.rng, batch * p, vocab);
+                let mut cache = self.model.new_batch_cache(batch, p + n + 3)?;
+                let mut next = self.step(&prompt, &mut cache, false)?;
+                for _ in 0..2 {
+                    next = self.step(&next, &mut cache, self.plan.cuda_graph)?; // warm-up (and capture)
+                }
+                self.model.reset_stage_timings();
+                let start = Instant::now();
+                for _ in 0..n {
+                    next = self.step(&next, &mut cache, self.plan.cuda_graph)?;
+                }
+                let secs = start.elapsed().as_secs_f64();
+                rows.push(self.pipeline_row(format!("decode b{batch}"), secs, batch * n, n));
+            }
+            if let Some(len) = self.plan.prompt_lens.iter().copied().filter(|&l| l < context).max() {
+                let prompt = random_tokens(&mut self.rng, len, vocab);
+                let mut cache = self.model.new_batch_cache(1, len + 1)?;
+                self.step(&prompt, &mut cache, false)?; // warm-up
+                cache = self.model.new_batch_cache(1, len + 1)?;
+                self.model.reset_stage_timings();
+                let start = Instant::now();
+                self.step(&prompt, &mut cache, false)?;
+                let secs = start.elapsed().as_secs_f64();
+                rows.push(self.pipeline_row(format!("prefill {len}"), secs, len, 1));
+            }
+        }
+        self.model.set_pipeline(mode);
+        Ok(PipelineReport {
+            stages: self.model.stage_count(),
+            stage_layers: self.model.stage_layers(),
+            stage_devices: self.model.stage_devices(),
+            micro_batches: self.model.micro_batches(),
+            rows,
+        })
+    }
+
     /// The last logits of one prompt prefilled in chunks and whole.
     fn check_chunked_prefill(&mut self, len: usize, chunk: usize) -> Result<ChunkCheck> {
         let prompt = random_tokens(&mut self.rng, len, self.model.vocab_size());
@@ -271,6 +365,7 @@ pub fn bench_one(graphs: &Path, label: &str, ep: &ExecutionProvider, plan: &Benc
             .unwrap_or(0),
         chunked_prefill_check: None,
         cuda_graph_check: None,
+        pipeline: None,
     };
     let gpu_index = ep.device_id().map(|d| d.max(0) as u32);
     // One monitor over the whole run gives the peak GPU memory.
@@ -296,7 +391,7 @@ fn bench_into(
         bail!("CUDA graphs apply to the CUDA execution provider only");
     }
     let start = Instant::now();
-    let mut model = DecoderModel::load(graphs, ep)?;
+    let mut model = DecoderModel::load_with(graphs, ep, &plan.stages)?;
     model.set_prefill_chunk(plan.prefill_chunk);
     run.load_s = start.elapsed().as_secs_f64();
     run.gpu_memory_after_load_bytes =
@@ -336,6 +431,22 @@ fn bench_into(
             );
         }
         run.cuda_graph_check = Some(check);
+    }
+    if runner.model.stage_count() > 1 {
+        let mode = plan.stages.pipeline();
+        let report = runner.pipeline(mode).context("pipeline measurement")?;
+        for r in &report.rows {
+            tracing::info!(
+                "{} {}: {} {:?}: {:.2} ms, bubble {:.0}%",
+                run.label,
+                run.ep,
+                r.what,
+                r.mode,
+                r.ms,
+                r.bubble * 100.0
+            );
+        }
+        run.pipeline = Some(report);
     }
     // Last: a whole-prompt prefill may raise the peak memory the chunked rows were measured at.
     let longest = plan.prompt_lens.iter().copied().filter(|&l| l < context).max();
@@ -498,6 +609,24 @@ pub fn print_table(runs: &[BenchRun], plan: &BenchPlan) {
                 "    CUDA graph replay vs no graph, batch {}, {} steps: same tokens: {}",
                 c.batch, c.steps, c.same_tokens
             );
+        }
+        if let Some(p) = &r.pipeline {
+            println!(
+                "    {} stages (layers {:?}) on devices {:?}, {} micro-batch(es):",
+                p.stages, p.stage_layers, p.stage_devices, p.micro_batches
+            );
+            for row in &p.rows {
+                let busy: Vec<String> = row.stage_busy_ms.iter().map(|b| format!("{b:.1}")).collect();
+                println!(
+                    "      {:<14} {:<11} {:>9.2} ms {:>10.1} tok/s  stage busy ms [{}]  bubble {:.0}%",
+                    row.what,
+                    format!("{:?}", row.mode),
+                    row.ms,
+                    row.tokens_per_s,
+                    busy.join(", "),
+                    row.bubble * 100.0
+                );
+            }
         }
         if let Some(c) = &r.chunked_prefill_check {
             println!(

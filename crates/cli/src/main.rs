@@ -24,6 +24,7 @@ use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::generate::{GenerateOptions, GenerationOutput};
 use pio_runtime::plugin::PluginMetadata;
 use pio_runtime::sampling::{SamplingError, SamplingParams};
+use pio_runtime::stages::StageOptions;
 use pio_runtime::vision::{LocalImageFiles, RemoteImages};
 use serde_json::json;
 
@@ -158,6 +159,8 @@ struct BenchArgs {
     /// Where the JSON report goes.
     #[arg(long, default_value = "bench.json")]
     out: PathBuf,
+    #[command(flatten)]
+    stages: StageArgs,
     /// Seed of the random prompts (and of the synthetic weights with --model).
     #[arg(long, default_value_t = 0, value_parser = NumberRange::<u64>::any())]
     seed: u64,
@@ -235,6 +238,31 @@ pub struct ModelArgs {
     /// Vision-language models: the most pixels a decoded image may have (>= 1).
     #[arg(long, default_value_t = pio_image::DEFAULT_MAX_PIXELS, value_parser = NumberRange::at_least(1u64))]
     max_image_pixels: u64,
+    #[command(flatten)]
+    stages: StageArgs,
+}
+
+/// Where a staged export's stages run (`pio-export --stages N`).
+#[derive(ClapArgs, Clone)]
+struct StageArgs {
+    /// A staged export's GPUs, comma-separated ids >= 0 (0,1): with as many as stages one each, with
+    /// fewer consecutive stages share one. Default: every stage on --device-id.
+    #[arg(long, value_delimiter = ',', value_name = "IDS", value_parser = NumberRange::at_least(0i32))]
+    devices: Vec<i32>,
+    /// Micro-batches a batched decode step is cut into, >= 1, so that stages on different GPUs work
+    /// at once (default: one per GPU the stages use; 1 turns micro-batching off).
+    #[arg(long, value_parser = NumberRange::at_least(1usize))]
+    micro_batches: Option<usize>,
+}
+
+impl StageArgs {
+    fn options(&self) -> StageOptions {
+        let options = StageOptions::new().with_devices(self.devices.clone());
+        match self.micro_batches {
+            Some(n) => options.with_micro_batches(n),
+            None => options,
+        }
+    }
 }
 
 /// GiB as bytes (the flags' parsers keep the values finite and >= 0).
@@ -269,7 +297,8 @@ impl ModelArgs {
             .ep(self.ep()?)
             .prefill_budget(self.prefill_budget)
             .gpu_memory_utilization(self.gpu_memory_utilization)
-            .prefix_caching(!self.no_prefix_cache);
+            .prefix_caching(!self.no_prefix_cache)
+            .stages(self.stages.options());
         if let Some(n) = self.max_seqs {
             config = config.max_seqs(n);
         }
@@ -654,6 +683,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         prefill_chunk: None,
         check_chunked_prefill: args.check_chunked_prefill,
         seed: args.seed,
+        stages: args.stages.options(),
     };
     let argmax_modes: Vec<bool> = match args.argmax.as_str() {
         "device" => vec![false],

@@ -3,10 +3,15 @@
 //! or not), SwiGLU MLPs, the lm_head and the KV-cache IO.
 //! Architecture files (`arch/*.rs`) name their tensors and choose their feed-forward blocks;
 //! everything they share is here.
+//!
+//! A builder writes one graph over the layers of its [`StageScope`]: the whole decoder, or one
+//! stage of a decoder exported in stages (`crate::stages`), which starts from the previous
+//! stage's hidden states instead of the embeddings and, unless it is the last, ends with its
+//! hidden states instead of the logits.
 
 use indicatif::ProgressBar;
 use pio_models::config::TextConfig;
-use pio_models::manifest::{KvCacheSpec, TensorDtype};
+use pio_models::manifest::{stage_hidden_states, stage_hidden_states_normed, KvCacheSpec, TensorDtype};
 use pio_models::size::Precision;
 
 use crate::checkpoint::Checkpoint;
@@ -15,6 +20,7 @@ use crate::error::{BuildError, BuildResult as Result};
 use crate::onnx::graph::{Dim, Graph};
 use crate::rotary;
 use crate::settings::{ExportSettings, GREEDY_TOKENS, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE};
+use crate::stages::StageScope;
 use crate::unfused_inputs::UnfusedInputs;
 use crate::weights::WeightSource;
 
@@ -50,22 +56,39 @@ pub struct DecoderBuilder<'a> {
     int4_embedding: Option<(String, String)>,
     /// The `--pio-kernels` families that produced nodes (for the manifest).
     pub pio_usage: crate::pio_ops::PioUsage,
+    /// The layers this graph holds, and whether it starts from the embeddings and ends with
+    /// the logits.
+    pub scope: StageScope,
+    /// The embedding table's initializer, when this graph holds it (a tied lm_head reads it).
+    embed_table: Option<String>,
 }
 
 impl<'a> DecoderBuilder<'a> {
-    /// Declares the graph inputs and the values derived from them once for all layers.
-    /// `position_ids` is (batch, sequence), or (3, batch, sequence) for a config with an
-    /// `mrope_section` (Qwen3-VL's t, h, w positions).
+    /// Declares the graph inputs and the values derived from them once for all layers of
+    /// `scope`. `position_ids` is (batch, sequence), or (3, batch, sequence) for a config with an
+    /// `mrope_section` (Qwen3-VL's t, h, w positions). The first stage takes `input_ids`, later
+    /// ones the previous stage's hidden states.
     pub fn new(
         mut g: Graph,
         ck: &'a Checkpoint,
         text: &'a TextConfig,
         settings: &'a ExportSettings,
         progress: &'a ProgressBar,
+        scope: StageScope,
     ) -> Result<Self> {
         let dtype = settings.compute_dtype();
         let multimodal = text.rope.mrope_section.is_some();
-        let ids = g.input("input_ids", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("sequence_length")]);
+        let hidden_shape = [Dim::Sym("batch_size"), Dim::Sym("sequence_length"), Dim::Fixed(text.hidden_size as i64)];
+        // A (batch, sequence, ...) input whose shape gives the step's length.
+        let ids = if scope.is_first() {
+            g.input("input_ids", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("sequence_length")])
+        } else {
+            let stream = g.input(&stage_hidden_states(scope.layers.start), dtype, &hidden_shape);
+            if settings.fused_norms {
+                g.input(&stage_hidden_states_normed(scope.layers.start), dtype, &hidden_shape);
+            }
+            stream
+        };
         let mask =
             g.input("attention_mask", TensorDtype::Int64, &[Dim::Sym("batch_size"), Dim::Sym("total_sequence_length")]);
         let mut position_shape = vec![Dim::Sym("batch_size"), Dim::Sym("sequence_length")];
@@ -79,7 +102,7 @@ impl<'a> DecoderBuilder<'a> {
             Dim::Sym("past_sequence_length"),
             Dim::Fixed(text.head_dim as i64),
         ];
-        for layer in 0..text.num_hidden_layers {
+        for layer in scope.layers.clone() {
             g.input(&KvCacheSpec::name(PAST_KEY, layer), settings.kv_dtype(), &kv_shape_past);
             g.input(&KvCacheSpec::name(PAST_VALUE, layer), settings.kv_dtype(), &kv_shape_past);
         }
@@ -124,7 +147,9 @@ impl<'a> DecoderBuilder<'a> {
             AttentionInputs::Fused { seqlens_k, total_seq_len, cos_cache, sin_cache, position_ids }
         } else {
             let (token_cos, token_sin) = token_rows(&mut g)?;
-            AttentionInputs::Unfused(UnfusedInputs::new(&mut g, text, settings, &mask, &total, &token_cos, &token_sin)?)
+            AttentionInputs::Unfused(UnfusedInputs::new(
+                &mut g, text, settings, &ids, &mask, &total, &token_cos, &token_sin,
+            )?)
         };
         Ok(DecoderBuilder {
             g,
@@ -136,6 +161,8 @@ impl<'a> DecoderBuilder<'a> {
             attention_inputs,
             int4_embedding: None,
             pio_usage: Default::default(),
+            scope,
+            embed_table: None,
         })
     }
 
@@ -225,19 +252,36 @@ impl<'a> DecoderBuilder<'a> {
         if !self.settings.int4_embeddings {
             let table = self.weight(hf_name, &[vocab, hidden])?;
             let x = self.g.node("Gather", "embed_tokens").inputs(&[table.as_str(), "input_ids"]).out();
+            self.embed_table = Some(table.clone());
             return Ok((x, table));
         }
         // int4 rows, quantized as MatMulNBits stores them: GatherBlockQuantized reads the same
         // bytes viewed as (vocab, hidden/2) with the default zero point 8.
-        let t = self.ck.tensor(hf_name, &[vocab, hidden])?;
         let layout = crate::quant::Int4Layout::new(vocab, hidden, self.settings.int4_block_size)
             .map_err(BuildError::quantize("embed_tokens"))?;
-        let (packed, scales) =
-            crate::quant::int4_initializers(&mut self.g, "embed_tokens", &layout, self.dtype, |n, row| {
-                crate::quant::read_row_f32(&t, n, row)
-            })?;
-        self.advance(t.data.len());
-        self.ck.release(hf_name);
+        let (packed, scales) = match self.settings.random_int4 {
+            Some(seed) => {
+                let magnitude = crate::random_int4::init_magnitude(1) * 0.02;
+                crate::random_int4::int4_initializers(
+                    &mut self.g,
+                    "embed_tokens",
+                    &layout,
+                    self.dtype,
+                    magnitude,
+                    seed,
+                )?
+            }
+            None => {
+                let t = self.ck.tensor(hf_name, &[vocab, hidden])?;
+                let written =
+                    crate::quant::int4_initializers(&mut self.g, "embed_tokens", &layout, self.dtype, |n, row| {
+                        crate::quant::read_row_f32(&t, n, row)
+                    })?;
+                self.advance(t.data.len());
+                self.ck.release(hf_name);
+                written
+            }
+        };
         let view = self.g.const_i64("embed_tokens.packed_shape", &[vocab as i64, (hidden / 2) as i64])?;
         let rows = self.g.node("Reshape", "embed_tokens.packed_rows").inputs(&[&packed, &view]).out();
         let x = self
@@ -251,7 +295,51 @@ impl<'a> DecoderBuilder<'a> {
             .attr("quantize_axis", 1i64)
             .out();
         self.int4_embedding = Some((packed, scales));
+        self.embed_table = Some(String::new());
         Ok((x, String::new()))
+    }
+
+    /// The token embeddings (`hf_name`) in the graph that holds them, the first stage; None in
+    /// later stages, which start from the previous stage's hidden states.
+    pub fn embed_in_first_stage(&mut self, hf_name: &str) -> Result<Option<String>> {
+        if !self.scope.is_first() {
+            return Ok(None);
+        }
+        Ok(Some(self.embed(hf_name)?.0))
+    }
+
+    /// The last stage's logits from its normed hidden states `h` (None in other stages, which
+    /// end with their hidden states: nothing to do). `lm_head` is the lm_head's weight, None
+    /// when it is tied to `embed_name`: then it reads this graph's embedding table, or in a last
+    /// stage of its own a copy of it (or, in int4, the table quantized again).
+    pub fn logits_in_last_stage(&mut self, h: Option<String>, lm_head: Option<&str>, embed_name: &str) -> Result<()> {
+        let Some(h) = h else { return Ok(()) };
+        let table = match (&self.embed_table, lm_head) {
+            (Some(table), _) => table.clone(),
+            (None, Some(_)) => String::new(),
+            // Quantized from the checkpoint's table by name.
+            (None, None) if self.settings.int4_lm_head => embed_name.to_string(),
+            (None, None) => {
+                let (vocab, hidden) = (self.text.vocab_size, self.text.hidden_size);
+                self.weight(embed_name, &[vocab, hidden])?
+            }
+        };
+        self.logits(&h, lm_head, &table)
+    }
+
+    /// Declares a value an earlier stage outputs as an input of this graph, (batch, sequence,
+    /// hidden) in the graph dtype.
+    pub fn carried_input(&mut self, name: &str) -> String {
+        let shape = [Dim::Sym("batch_size"), Dim::Sym("sequence_length"), Dim::Fixed(self.text.hidden_size as i64)];
+        self.g.input(name, self.dtype, &shape)
+    }
+
+    /// Makes `value`, (batch, sequence, hidden) in the graph dtype, an output `name` of this
+    /// graph for a later stage.
+    pub fn carried_output(&mut self, value: &str, name: &str) {
+        let shape = [Dim::Sym("batch_size"), Dim::Sym("sequence_length"), Dim::Fixed(self.text.hidden_size as i64)];
+        self.g.node("Identity", &format!("{name}.stage_output")).inputs(&[value]).named_outs(&[name]);
+        self.g.output(name, self.dtype, &shape);
     }
 
     /// (B, S, heads * D) -> (B, S, heads, D).
@@ -486,33 +574,52 @@ impl<'a> DecoderBuilder<'a> {
         self.linear(&prod, &format!("{prefix}.down_proj"), intermediate, hidden, false)
     }
 
-    /// The standard pre-norm decoder stack. `ffn(builder, layer, normed_hidden)` returns the
-    /// feed-forward output of a layer (dense MLP or MoE, chosen by the architecture).
+    /// The standard pre-norm decoder stack over the scope's layers. `ffn(builder, layer,
+    /// normed_hidden)` returns the feed-forward output of a layer (dense MLP or MoE, chosen by
+    /// the architecture). See [`decoder_stack_with_addends`](Self::decoder_stack_with_addends).
     pub fn decoder_stack(
         &mut self,
-        embeddings: &str,
+        embeddings: Option<&str>,
         layer_prefix: &dyn Fn(usize) -> String,
         final_norm: &str,
         ffn: &mut dyn FnMut(&mut Self, usize, &str) -> Result<String>,
-    ) -> Result<String> {
+    ) -> Result<Option<String>> {
         self.decoder_stack_with_addends(embeddings, layer_prefix, final_norm, ffn, &mut |_, _| Ok(None))
     }
 
     /// [`decoder_stack`](Self::decoder_stack) where `addend(builder, layer)` may return a
     /// tensor added to that layer's output hidden states (Qwen3-VL's deepstack features).
+    ///
+    /// The first stage starts from `embeddings`, a later one from the previous stage's
+    /// [`stage_hidden_states`] (and with fused norms [`stage_hidden_states_normed`]). The
+    /// last stage returns the final-normed hidden states; any other ends with its residual
+    /// stream as an output (with fused norms also that stream through the next stage's first
+    /// input norm, computed in the same fused node as in an unstaged graph) and returns None.
     pub fn decoder_stack_with_addends(
         &mut self,
-        embeddings: &str,
+        embeddings: Option<&str>,
         layer_prefix: &dyn Fn(usize) -> String,
         final_norm: &str,
         ffn: &mut dyn FnMut(&mut Self, usize, &str) -> Result<String>,
         addend: &mut dyn FnMut(&mut Self, usize) -> Result<Option<String>>,
-    ) -> Result<String> {
+    ) -> Result<Option<String>> {
         let hidden = self.text.hidden_size;
-        let first = layer_prefix(0);
-        let mut residual = embeddings.to_string();
-        let mut h = self.rms_norm(embeddings, &format!("{first}.input_layernorm.weight"), hidden)?;
-        for layer in 0..self.text.num_hidden_layers {
+        let layers = self.scope.layers.clone();
+        let first_norm = format!("{}.input_layernorm.weight", layer_prefix(layers.start));
+        let (mut residual, mut h) = match embeddings {
+            Some(x) => (x.to_string(), self.rms_norm(x, &first_norm, hidden)?),
+            None if self.settings.fused_norms => {
+                (stage_hidden_states(layers.start), stage_hidden_states_normed(layers.start))
+            }
+            None => {
+                let stream = stage_hidden_states(layers.start);
+                let h = self.rms_norm(&stream, &first_norm, hidden)?;
+                (stream, h)
+            }
+        };
+        // The last layer of a stage that hands its hidden states on.
+        let stage_end = if self.scope.is_last() { None } else { Some(layers.end - 1) };
+        for layer in layers.clone() {
             let p = layer_prefix(layer);
             let attn = self.attention(layer, &format!("{p}.self_attn"), &h)?;
             let (h2, mut r2) = self.add_and_norm(&attn, &residual, &format!("{p}.post_attention_layernorm.weight"))?;
@@ -520,6 +627,11 @@ impl<'a> DecoderBuilder<'a> {
             // The layer's output is r2 + mlp; an addend joins it before the next norm.
             if let Some(extra) = addend(self, layer)? {
                 r2 = self.g.node("Add", &format!("{p}.output_addend")).inputs(&[&r2, &extra]).out();
+            }
+            if stage_end == Some(layer) && !self.settings.fused_norms {
+                // The next stage norms the stream itself, as the unfused graph does after this Add.
+                residual = self.g.node("Add", &format!("{p}.stage_output_add")).inputs(&[&mlp, &r2]).out();
+                break;
             }
             let next_norm = if layer + 1 < self.text.num_hidden_layers {
                 format!("{}.input_layernorm.weight", layer_prefix(layer + 1))
@@ -530,8 +642,14 @@ impl<'a> DecoderBuilder<'a> {
             h = h3;
             residual = r3;
         }
-        let _ = residual;
-        Ok(h)
+        if self.scope.is_last() {
+            return Ok(Some(h));
+        }
+        self.carried_output(&residual, &stage_hidden_states(layers.end));
+        if self.settings.fused_norms {
+            self.carried_output(&h, &stage_hidden_states_normed(layers.end));
+        }
+        Ok(None)
     }
 
     /// logits = lm_head(h) for the last position (or all), as float32 output `logits`.

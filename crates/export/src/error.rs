@@ -136,6 +136,13 @@ pub enum CheckpointError {
     /// A Qwen3-VL config without its vision part (possible only for a config built in code).
     #[error("config.json of a {architecture} checkpoint has no vision_config")]
     NoVisionConfig { architecture: &'static str },
+    /// A synthetic checkpoint written for `--direct-int4` (without the decoder's projections) exported without it.
+    #[error(
+        "{} was written for --direct-int4 (its {} says it omits the decoder's projections): export it with \
+         --precision int4 --direct-int4, or write a full synthetic checkpoint",
+        dir.display(), crate::scratch::SYNTHETIC_MARKER
+    )]
+    OmitsQuantizedWeights { dir: PathBuf },
 }
 
 /// A combination of export settings the target or the model cannot run; the message names the flag.
@@ -202,6 +209,32 @@ pub enum SettingsError {
          scale per 32-wide sub-block"
     )]
     PioKernelsBlockSize { block_size: usize },
+    #[error("--stages 0: a decoder needs at least one stage")]
+    ZeroStages,
+    #[error("--stages {stages}: the decoder has {layers} layers, and each stage holds at least one")]
+    MoreStagesThanLayers { stages: usize, layers: usize },
+    #[error("--stage-memory-gb must be more than 0")]
+    ZeroStageMemory,
+    #[error("--stage-boundaries needs at least one layer (the first layer of the second stage)")]
+    NoStageBoundaries,
+    #[error(
+        "--stage-boundaries {}: each boundary is the first layer of a stage, increasing, within 1..{layers} (the \
+         decoder has {layers} layers); {layer} is not",
+        boundaries.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+    )]
+    StageBoundary { boundaries: Vec<usize>, layer: usize, layers: usize },
+    /// No split fits the budget: `layer`'s stage, with what it holds besides (embeddings, lm_head), weighs `bytes`.
+    #[error(
+        "--stage-memory-gb {}: even one layer per stage does not fit: layer {layer} with what its stage holds \
+         besides (embeddings, lm_head) weighs {}",
+        format_bytes(*budget), format_bytes(*bytes)
+    )]
+    StageMemoryTooSmall { budget: u64, layer: usize, bytes: u64 },
+    #[error("--direct-int4 draws int4 weights: it needs --precision int4, not {}", precision.as_str())]
+    DirectInt4Precision { precision: Precision },
+    /// `flag` (--pio-kernels, --kv-cache-int8) reads checkpoint values that --direct-int4 never has; `why` says which.
+    #[error("--direct-int4 does not apply with {flag} ({why})")]
+    DirectInt4Conflict { flag: &'static str, why: &'static str },
 }
 
 /// An output folder that cannot be written or replaced; it is left as it was.

@@ -11,14 +11,13 @@ use pio_models::manifest::{
 use pio_models::size::Precision;
 use pio_models::ModelConfig;
 
-use crate::arch;
 use crate::checkpoint::Checkpoint;
-use crate::decoder::DecoderBuilder;
 use crate::error::{fs_error, ExportError};
-use crate::onnx::graph::Graph;
 use crate::scratch::{OutputKind, ScratchDir};
 use crate::settings::ExportSettings;
+use crate::stages::write_decoder;
 use crate::vision_export::{write_vision, VISION_FILE};
+use crate::weights::WeightSource;
 
 type Result<T> = std::result::Result<T, ExportError>;
 
@@ -108,9 +107,11 @@ fn model_name(checkpoint: &Path, config: &ModelConfig) -> String {
 pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     let start = Instant::now();
     let ck = Checkpoint::open(&req.checkpoint)?;
+    crate::random_int4::check_checkpoint(&req.checkpoint, &req.settings)?;
     let config = ck.config.clone();
     req.settings.validate(&model_name(&req.checkpoint, &config), &config.text)?;
-    ck.check_tensors(arch::min_tensor_count(&config), || arch::checkpoint_tensors(&config))?;
+    let (needed, read_tensors) = crate::random_int4::read_tensors(&config, &req.settings);
+    ck.check_tensors(needed, read_tensors)?;
     if let (false, Some(w)) = (req.settings.sliding_window, config.text.sliding_window) {
         tracing::warn!(
             "--no-sliding-window: every layer attends to the whole sequence, so outputs differ from the model's \
@@ -131,36 +132,12 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     );
     progress.set_message(format!("exporting {name}"));
 
-    let decoder_error = ExportError::build(req.out_dir.join(MODEL_FILE));
-    let graph = Graph::new(&name, &tmp.path().join(WEIGHTS_FILE)).map_err(decoder_error)?;
-    let mut builder = DecoderBuilder::new(graph, &ck, &config.text, &req.settings, &progress)
-        .map_err(ExportError::build(req.out_dir.join(MODEL_FILE)))?;
-    arch::build_decoder(&config, &mut builder).map_err(ExportError::build(req.out_dir.join(MODEL_FILE)))?;
-    let (inputs, outputs) = {
-        let (i, o) = builder.g.io();
-        (i.to_vec(), o.to_vec())
-    };
-    let model_path = tmp.path().join(MODEL_FILE);
-    let pio_families = builder.pio_usage.families();
-    let mut metadata =
+    let metadata =
         vec![("pio.architecture", config.architecture.hf_name().to_string()), ("pio.source", req.source.clone())];
-    if !pio_families.is_empty() {
-        // What a user loading this graph elsewhere sees next to ONNX Runtime's "not a registered op".
-        metadata.push((
-            "pio.custom_ops",
-            format!(
-                "domain {} ({}): Inference-PIO's own kernels; load this graph with pio / pio-runtime, which registers them",
-                pio_kernels::ops::DOMAIN,
-                pio_families.join(", ")
-            ),
-        ));
-    }
-    let weights = builder.weights();
-    let mut weight_bytes = builder
-        .g
-        .save(&model_path, env!("CARGO_PKG_VERSION"), &metadata)
-        .map_err(ExportError::build(req.out_dir.join(MODEL_FILE)))?;
-    let mut model_bytes = std::fs::metadata(&model_path).map(|m| m.len()).unwrap_or(0);
+    let decoder = write_decoder(tmp.path(), &req.out_dir, &name, &ck, &config, &req.settings, &progress, &metadata)?;
+    let (mut weight_bytes, mut model_bytes) = (decoder.weight_bytes, decoder.model_bytes);
+    let weights =
+        WeightSource { ck: &ck, dtype: req.settings.compute_dtype(), settings: &req.settings, progress: &progress };
     let vision = if config.vision.is_some() {
         let processor_files = copy_files(&ck.processor_files(), tmp.path())?;
         let v = write_vision(tmp.path(), &name, &config, weights, &metadata, processor_files)
@@ -203,10 +180,10 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
         model_type: config.model_type.clone(),
         precision: req.settings.precision,
         target_ep: req.settings.target_ep,
-        decoder: MODEL_FILE.into(),
+        decoder: decoder.decoder,
         dims: Dimensions::of(t, req.settings.context_length),
-        inputs,
-        outputs,
+        inputs: decoder.inputs,
+        outputs: decoder.outputs,
         kv_cache: req.settings.kv_cache_spec(),
         options: ExportOptions {
             last_token_logits: req.settings.last_token_logits,
@@ -219,7 +196,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
             int4_embeddings: req.settings.int4_embeddings,
             layer_windows: req.settings.layer_windows(t),
             fused_attention: req.settings.fused_attention,
-            pio_kernels: pio_families,
+            pio_kernels: decoder.pio_families,
         },
         bos_token_id: gen.bos_token_id.or(config.bos_token_id),
         eos_token_ids: eos,
@@ -236,6 +213,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
             .then(|| TokenizerSpec { files: files.clone(), chat_template_source: chat_template_source(tmp.path()) }),
         config,
         vision,
+        stages: decoder.stages,
         exported_by: format!("pio-export {}", env!("CARGO_PKG_VERSION")),
         source: req.source.clone(),
     };

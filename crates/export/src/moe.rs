@@ -58,9 +58,9 @@ pub fn build_decoder(
     b: &mut DecoderBuilder,
     sparse_block: &mut dyn FnMut(&mut DecoderBuilder, &str, &str) -> Result<String>,
 ) -> Result<()> {
-    let (x, table) = b.embed("model.embed_tokens.weight")?;
+    let x = b.embed_in_first_stage("model.embed_tokens.weight")?;
     let intermediate = b.text.intermediate_size;
-    let h = b.decoder_stack(&x, &layer_prefix, "model.norm.weight", &mut |b, i, h| {
+    let h = b.decoder_stack(x.as_deref(), &layer_prefix, "model.norm.weight", &mut |b, i, h| {
         let mlp = format!("{}.mlp", layer_prefix(i));
         if b.text.is_moe_layer(i) {
             sparse_block(b, &mlp, h)
@@ -68,8 +68,7 @@ pub fn build_decoder(
             b.swiglu_mlp(&mlp, h, intermediate)
         }
     })?;
-    let lm_head = if b.text.tie_word_embeddings { None } else { Some("lm_head.weight") };
-    b.logits(&h, lm_head, &table)
+    b.logits_in_last_stage(h, crate::arch::qwen3::lm_head_weight(b.text), "model.embed_tokens.weight")
 }
 
 /// The tensors [`build_decoder`] reads; `sparse_tensors(text, mlp_prefix, out)` lists a sparse
@@ -356,6 +355,17 @@ impl DecoderBuilder<'_> {
     /// `{mlp}.experts.{e}.{gate,up}_proj` (I, H) and `down_proj` (H, I).
     fn expert_weights(&mut self, mlp: &str, name: &str, m: &MoeConfig, quantized: bool) -> Result<Vec<String>> {
         let (e, hidden, inter) = (m.num_experts, self.text.hidden_size, m.moe_intermediate_size);
+        if let (true, Some(seed)) = (quantized, self.settings.random_int4) {
+            // Drawn as int4 codes, never read (`--direct-int4`).
+            // Settings validation has checked that the block size divides both (SettingsError::Int4ExpertBlock).
+            let (fc1, fc2) = (format!("{name}.fc1"), format!("{name}.fc2"));
+            let s = self.settings;
+            let (fc1_q, fc1_scales) =
+                crate::random_int4::expert_initializers(&mut self.g, &fc1, (e, 2 * inter, hidden), s, seed)?;
+            let (fc2_q, fc2_scales) =
+                crate::random_int4::expert_initializers(&mut self.g, &fc2, (e, hidden, inter), s, seed)?;
+            return Ok(vec![fc1_q, fc1_scales, String::new(), fc2_q, fc2_scales]);
+        }
         let names = |proj: &str| (0..e).map(|i| format!("{mlp}.experts.{i}.{proj}.weight")).collect::<Vec<_>>();
         let (gate_names, up_names, down_names) = (names("gate_proj"), names("up_proj"), names("down_proj"));
         let ck = self.ck;

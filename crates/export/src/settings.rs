@@ -40,6 +40,13 @@ pub struct ExportSettings {
     /// Inference-PIO's own operators (`--pio-kernels`, the `pio-kernels` crate) instead of ONNX
     /// Runtime's for projections, SwiGLU and int4 experts.
     pub pio_kernels: crate::pio_ops::PioKernels,
+    /// One graph, or the decoder in stages (`--stages`, `--stage-memory-gb`,
+    /// `--stage-boundaries`; see `crate::stages`).
+    pub stages: crate::stages::StageSplit,
+    /// With int4: the quantized weights drawn as random int4 codes and scales (this seed) at
+    /// export, never read from the checkpoint, which then holds only the weights that stay
+    /// 16-bit (`--direct-int4` synthetic checkpoints; see `crate::random_int4`).
+    pub random_int4: Option<u64>,
 }
 
 pub const PAST_KEY: &str = "past_key_values.{layer}.key";
@@ -82,6 +89,8 @@ impl ExportSettings {
             sliding_window: true,
             fused_attention: true,
             pio_kernels: crate::pio_ops::PioKernels::none(),
+            stages: crate::stages::StageSplit::Single,
+            random_int4: None,
         }
     }
 
@@ -194,6 +203,8 @@ impl ExportSettings {
             return Err(E::NoSlidingLayers { model: model.to_string(), why });
         }
         self.pio_kernels.validate(self.precision, self.target_ep, self.int4_block_size)?;
+        self.stages.validate(text.num_hidden_layers)?;
+        crate::random_int4::validate(self)?;
         if text.rope.rope_type != "default" && text.rope.rope_type != "linear" {
             return Err(E::UnsupportedRope { rope_type: text.rope.rope_type.clone() });
         }

@@ -242,6 +242,21 @@ fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
+/// Which tensors a synthetic checkpoint holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CheckpointContents {
+    /// Every tensor the architecture reads.
+    #[default]
+    All,
+    /// All but the decoder layers' projections, which an int4 export with `--direct-int4`
+    /// draws as int4 codes itself (`crate::random_int4`): a real-shape checkpoint of a few GB
+    /// instead of hundreds.
+    WithoutQuantized,
+}
+
+/// The marker's key recording [`CheckpointContents::WithoutQuantized`].
+pub const OMITS_QUANTIZED: &str = "omits_quantized_weights";
+
 /// Writes config.json, generation_config.json, model.safetensors (bf16) and, if given, the
 /// tokenizer files, into `dir` (via a temporary folder renamed at the end).
 pub fn write_checkpoint(
@@ -251,6 +266,18 @@ pub fn write_checkpoint(
     tokenizer_dir: Option<&Path>,
     dir: &Path,
 ) -> Result<PathBuf> {
+    write_checkpoint_with(preset, overrides, seed, tokenizer_dir, dir, CheckpointContents::All)
+}
+
+/// [`write_checkpoint`] holding `contents`.
+pub fn write_checkpoint_with(
+    preset: &Preset,
+    overrides: &ShapeOverrides,
+    seed: u64,
+    tokenizer_dir: Option<&Path>,
+    dir: &Path,
+    contents: CheckpointContents,
+) -> Result<PathBuf> {
     let (config_value, config) = synthetic_model(preset, overrides)?;
     let too_large = |tensors, bytes| ExportError::SyntheticTooLarge { preset: preset.name, tensors, bytes };
     // The tensor list grows with layers x experts: its length is bounded before it is built.
@@ -258,7 +285,11 @@ pub fn write_checkpoint(
     if at_least > MAX_SYNTHETIC_TENSORS {
         return Err(too_large(at_least, 0));
     }
-    let tensors = arch::checkpoint_tensors(&config)?;
+    let mut tensors = arch::checkpoint_tensors(&config)?;
+    let omits = contents == CheckpointContents::WithoutQuantized;
+    if omits {
+        tensors.retain(|(name, _)| !crate::random_int4::is_drawn(name));
+    }
     let bytes = tensors.iter().try_fold(0u64, |total, (_, shape)| {
         let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64))?;
         total.checked_add(elements.checked_mul(2)?)
@@ -278,7 +309,10 @@ pub fn write_checkpoint(
     };
     write_json("config.json", &config_value)?;
     write_json("generation_config.json", &preset.generation_config_json()?)?;
-    write_json(SYNTHETIC_MARKER, &json!({"preset": preset.name, "seed": seed, "shape": overrides.tag()}))?;
+    write_json(
+        SYNTHETIC_MARKER,
+        &json!({"preset": preset.name, "seed": seed, "shape": overrides.tag(), OMITS_QUANTIZED: omits}),
+    )?;
     let views: Vec<(String, RandomTensor)> = tensors
         .into_iter()
         .map(|(name, shape)| {

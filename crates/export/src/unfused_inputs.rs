@@ -31,12 +31,15 @@ pub struct UnfusedInputs {
 }
 
 impl UnfusedInputs {
-    /// `mask` is the attention_mask input, `total` its length T (a scalar); `token_cos` and
-    /// `token_sin` each token's rotary rows, (B, S, rotary_dim / 2).
+    /// `step` is a (B, S, ...) graph input whose shape gives the step's length S (`input_ids`,
+    /// or a later stage's hidden states), `mask` the attention_mask input, `total` its length T
+    /// (a scalar); `token_cos` and `token_sin` each token's rotary rows, (B, S, rotary_dim / 2).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         g: &mut Graph,
         text: &TextConfig,
         settings: &ExportSettings,
+        step: &str,
         mask: &str,
         total: &str,
         token_cos: &str,
@@ -63,7 +66,7 @@ impl UnfusedInputs {
             grouped_shape: g.const_i64("attention_grouped_shape", &[0, kv_heads, -1, d])?,
             heads_shape: g.const_i64("attention_heads_shape", &[0, heads, -1, d])?,
             merged_shape: g.const_i64("attention_merged_shape", &[0, 0, heads * d])?,
-            masks: Self::masks(g, text, &windows, mask, total, &axis1)?,
+            masks: Self::masks(g, text, &windows, step, mask, total, &axis1)?,
         })
     }
 
@@ -75,11 +78,12 @@ impl UnfusedInputs {
         g: &mut Graph,
         text: &TextConfig,
         windows: &[Option<usize>],
+        step: &str,
         mask: &str,
         total: &str,
         axis1: &str,
     ) -> Result<Vec<(Option<usize>, String)>> {
-        let ids_shape = g.node("Shape", "input_ids_shape").inputs(&["input_ids"]).out();
+        let ids_shape = g.node("Shape", "input_ids_shape").inputs(&[step]).out();
         let idx1 = g.scalar_i64("unfused.index_1", 1)?;
         let seq = g.node("Gather", "sequence_length").inputs(&[&ids_shape, &idx1]).attr("axis", 0i64).out();
         let past = g.node("Sub", "past_sequence_length").inputs(&[total, &seq]).out();

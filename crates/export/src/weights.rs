@@ -55,6 +55,12 @@ impl WeightSource<'_> {
         bias: bool,
         quantize: bool,
     ) -> Result<String> {
+        if let (true, Some(seed)) = (quantize, self.settings.random_int4) {
+            // Drawn as int4 codes, never read (`--direct-int4`: the checkpoint does not hold it).
+            let n = out_dims.iter().sum();
+            let y = crate::random_int4::matmul_nbits(g, x, node_name, (n, in_dim), self.settings, seed)?;
+            return self.with_bias(g, y, node_name, hf_prefixes, out_dims, bias);
+        }
         let tensors = hf_prefixes
             .iter()
             .zip(out_dims)
@@ -117,6 +123,19 @@ impl WeightSource<'_> {
             self.ck.release(&format!("{p}.weight"));
         }
         self.advance(read);
+        self.with_bias(g, y, node_name, hf_prefixes, out_dims, bias)
+    }
+
+    /// `y` plus the projections' concatenated biases when `bias`.
+    fn with_bias(
+        &self,
+        g: &mut Graph,
+        y: String,
+        node_name: &str,
+        hf_prefixes: &[String],
+        out_dims: &[usize],
+        bias: bool,
+    ) -> Result<String> {
         if !bias {
             return Ok(y);
         }

@@ -224,6 +224,42 @@ pub struct VisionSpec {
     pub preprocessor_files: Vec<String>,
 }
 
+/// One stage of a decoder exported in stages (`pio-export --stages N`): a graph over the
+/// contiguous decoder layers `layers`, run in a session of its own (on a device of its own).
+///
+/// Its inputs are the step's (`input_ids` in the first stage only, `attention_mask`,
+/// `position_ids`, a vision-language decoder's image rows in the first stage), the KV cache of
+/// its layers (named as in an unstaged graph), and values an earlier stage outputs (the
+/// hidden states between stages: [`stage_hidden_states`], with fused norms
+/// [`stage_hidden_states_normed`]; Qwen3-VL's deepstack features for layers past the first
+/// stage). The last stage outputs the logits and the greedy tokens; every stage outputs its
+/// layers' present KV.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageSpec {
+    /// The stage's graph file, relative to the manifest (its weights beside it, `<file>.data`).
+    pub file: String,
+    /// The decoder layers the stage holds, `start..end`.
+    pub layers: std::ops::Range<usize>,
+    pub inputs: Vec<IoSpec>,
+    pub outputs: Vec<IoSpec>,
+    /// Bytes of the stage's weights (its external data file).
+    pub weight_bytes: u64,
+}
+
+/// The residual stream between two stages as it enters decoder layer `layer` (the next
+/// stage's first), before its input norm: `hidden_states.{layer}`, (batch, sequence, hidden) in
+/// the graph's dtype. Named by layer so that a middle stage's input and output differ.
+pub fn stage_hidden_states(layer: usize) -> String {
+    format!("hidden_states.{layer}")
+}
+
+/// With fused norms: that stream through layer `layer`'s input norm, computed with the residual
+/// add in one SkipSimplifiedLayerNormalization (recomputing it from the rounded stream would
+/// differ in 16-bit graphs): `hidden_states_normed.{layer}`.
+pub fn stage_hidden_states_normed(layer: usize) -> String {
+    format!("hidden_states_normed.{layer}")
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
@@ -249,6 +285,11 @@ pub struct Manifest {
     /// The vision encoder of a vision-language export; absent for text models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vision: Option<VisionSpec>,
+    /// A decoder exported in stages: their graphs in order (empty: one graph, `decoder`).
+    /// `decoder` then names the first stage, and `inputs` / `outputs` are the whole decoder's
+    /// (the stages' together, without what passes between them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageSpec>,
     pub exported_by: String,
     pub source: String,
 }

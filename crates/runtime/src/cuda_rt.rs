@@ -1,6 +1,8 @@
 //! Plain copies through the CUDA runtime library: host<->device for the buffers a CUDA-graph
 //! decode step reads and writes at fixed addresses, strided device<->device copies of KV cache
-//! rows (the engine's prefix cache), and the device's free memory (the engine's KV pool size).
+//! rows (the engine's prefix cache), copies of hidden states between the devices of a staged
+//! model (peer to peer: `crate::stages`), and the device's free memory (the engine's KV pool
+//! size).
 //!
 //! `ort`'s `Tensor::copy_into` copies by running a cached one-node Identity session, which
 //! costs a session run per copy; a decode step copies its token ids, positions and mask in
@@ -30,6 +32,14 @@ type MemGetInfoFn = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
 type SetDeviceFn = unsafe extern "C" fn(i32) -> i32;
 type SynchronizeFn = unsafe extern "C" fn() -> i32;
 type DeviceCountFn = unsafe extern "C" fn(*mut i32) -> i32;
+/// `cudaMemcpyPeerAsync(dst, dst_device, src, src_device, count, stream)`.
+type MemcpyPeerAsyncFn = unsafe extern "C" fn(*mut c_void, i32, *const c_void, i32, usize, *mut c_void) -> i32;
+/// `cudaDeviceCanAccessPeer(can_access, device, peer)`.
+type CanAccessPeerFn = unsafe extern "C" fn(*mut i32, i32, i32) -> i32;
+/// `cudaDeviceEnablePeerAccess(peer, flags)` (for the current device).
+type EnablePeerAccessFn = unsafe extern "C" fn(i32, u32) -> i32;
+/// `cudaErrorPeerAccessAlreadyEnabled`.
+const PEER_ACCESS_ALREADY_ENABLED: i32 = 704;
 
 /// One strided copy: `height` runs of `width` bytes, `src_pitch` apart at `src` and
 /// `dst_pitch` apart at `dst` (cudaMemcpy2D's arguments).
@@ -65,6 +75,9 @@ pub struct CudaRuntime {
     mem_get_info: MemGetInfoFn,
     set_device: SetDeviceFn,
     synchronize: SynchronizeFn,
+    memcpy_peer_async: MemcpyPeerAsyncFn,
+    can_access_peer: CanAccessPeerFn,
+    enable_peer_access: EnablePeerAccessFn,
     // Keeps the symbols above valid.
     _lib: libloading::Library,
 }
@@ -105,10 +118,28 @@ impl CudaRuntime {
                 *lib.get::<DeviceCountFn>(b"cudaGetDeviceCount\0")?,
             )
         };
+        // SAFETY: as above.
+        let (memcpy_peer_async, can_access_peer, enable_peer_access) = unsafe {
+            (
+                *lib.get::<MemcpyPeerAsyncFn>(b"cudaMemcpyPeerAsync\0")?,
+                *lib.get::<CanAccessPeerFn>(b"cudaDeviceCanAccessPeer\0")?,
+                *lib.get::<EnablePeerAccessFn>(b"cudaDeviceEnablePeerAccess\0")?,
+            )
+        };
         let mut devices = 0;
         // SAFETY: writes one int.
         Self::check(unsafe { device_count(&mut devices) }, "cudaGetDeviceCount")?;
-        Ok(CudaRuntime { memcpy, memcpy_2d_async, mem_get_info, set_device, synchronize, _lib: lib })
+        Ok(CudaRuntime {
+            memcpy,
+            memcpy_2d_async,
+            mem_get_info,
+            set_device,
+            synchronize,
+            memcpy_peer_async,
+            can_access_peer,
+            enable_peer_access,
+            _lib: lib,
+        })
     }
 
     #[cfg(not(unix))]
@@ -186,6 +217,54 @@ impl CudaRuntime {
             )?;
         }
         Ok(())
+    }
+
+    /// Lets `device` read and write `peer`'s memory directly (NVLink or PCIe peer to peer), so
+    /// copies between them do not stage through the host. Returns whether the devices can; an
+    /// earlier call having enabled it counts as success.
+    pub fn enable_peer_access(&self, device: i32, peer: i32) -> Result<bool> {
+        let mut can = 0;
+        // SAFETY: plain CUDA runtime calls; writes one int.
+        unsafe {
+            Self::check((self.can_access_peer)(&mut can, device, peer), "cudaDeviceCanAccessPeer")?;
+            if can == 0 {
+                return Ok(false);
+            }
+            Self::check((self.set_device)(device), "cudaSetDevice")?;
+            let code = (self.enable_peer_access)(peer, 0);
+            if code != PEER_ACCESS_ALREADY_ENABLED {
+                Self::check(code, "cudaDeviceEnablePeerAccess")?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Queues a copy of `bytes` from `src` on `src_device` to `dst` on `dst_device` on the
+    /// destination's legacy default stream: a peer copy between two GPUs, a plain device copy
+    /// on one. Call [`synchronize`](Self::synchronize) on `dst_device` before the data is used.
+    ///
+    /// # Safety
+    /// `src` and `dst` must be live device allocations of their devices of at least `bytes`,
+    /// not overlapping.
+    pub unsafe fn device_to_device(
+        &self,
+        dst_device: i32,
+        dst: *mut c_void,
+        src_device: i32,
+        src: *const c_void,
+        bytes: usize,
+    ) -> Result<()> {
+        Self::check((self.set_device)(dst_device), "cudaSetDevice")?;
+        if dst_device == src_device {
+            return Self::check(
+                (self.memcpy_2d_async)(dst, bytes, src, bytes, bytes, 1, CUDA_MEMCPY_DEVICE_TO_DEVICE, DEFAULT_STREAM),
+                "cudaMemcpy2DAsync on the device",
+            );
+        }
+        Self::check(
+            (self.memcpy_peer_async)(dst, dst_device, src, src_device, bytes, DEFAULT_STREAM),
+            "cudaMemcpyPeerAsync",
+        )
     }
 
     /// Copies device memory at `src` into `dst`. Synchronous: the data is there on return.

@@ -1491,6 +1491,7 @@ mod tests {
             tokenizer: None,
             config,
             vision: None,
+            stages: vec![],
             exported_by: "test".into(),
             source: "test".into(),
         }

@@ -1,7 +1,8 @@
-//! A loaded graph folder: the manifest, one ONNX Runtime session over the decoder, and the
-//! forward step through the KV cache.
+//! A loaded graph folder: the manifest, the ONNX Runtime sessions over the decoder (one, or
+//! one per stage of a decoder exported in stages: `crate::stages`), and the forward step
+//! through the KV cache.
 //!
-//! Two cache layouts, chosen by the graph and where the session runs:
+//! Two cache layouts, chosen by the graph and where the sessions run ([`crate::kv_cache`]):
 //! - growing: each step's `present.*` outputs become the next step's `past_key_values.*` (the
 //!   attention concatenates, so the past grows by the new tokens). The outputs stay where the
 //!   session made them: host memory on the CPU, device memory on a GPU. CPU graphs and graphs
@@ -11,121 +12,36 @@
 //!   present, which GroupQueryAttention updates in place (its shared-buffer mode, the one its
 //!   fast decode kernels need).
 //!
-//! Either way the cache never leaves the GPU; a step brings back the logits, or with
-//! [`Fetch::Greedy`] only each sequence's argmax token (the graph's `greedy_tokens` output),
-//! which is what keeps large-batch greedy decode off the host. Long prompts are run in chunks
-//! of [`DecoderModel::prefill_chunk`] tokens, which bounds the activation memory of a prefill.
+//! Either way the cache never leaves the GPU (each layer's on the device of its stage); a step
+//! brings back the logits, or with [`Fetch::Greedy`] only each sequence's argmax token (the
+//! graph's `greedy_tokens` output), which is what keeps large-batch greedy decode off the host.
+//! Long prompts are run in chunks of [`DecoderModel::prefill_chunk`] tokens, which bounds the
+//! activation memory of a prefill.
 //!
 //! The rows of a shared buffer can also run with lengths of their own ([`DecoderModel::run_rows`]:
 //! each row's mask row and positions say where its new tokens go), which is what the serving
 //! engine's slots are (`crate::engine`).
+//!
+//! A step is run as micro-steps (its prefill chunks, its sequences when GroupQueryAttention
+//! takes them one at a time, and, with several pipeline threads, row groups of a batched decode)
+//! through the stages by `crate::stages`; a staged model presents the same steps as one graph.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use half::{bf16, f16};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::{RunOptions, Session};
+use ort::session::RunOptions;
 use ort::value::{DynValue, Tensor};
-use pio_models::manifest::{KvCacheSpec, Manifest, TensorDtype, GREEDY_TOKENS_OUTPUT};
+use pio_models::manifest::{IoSpec, Manifest, TensorDtype};
 
 use crate::cuda_rt::CudaRuntime;
 use crate::ep::ExecutionProvider;
+use crate::kv_cache::KvStore;
+pub use crate::kv_cache::{bind_input_in_place, KvBuffer, KvCache, SharedLayout};
+pub(crate) use crate::kv_cache::{bind_rows, device_tensor, empty_host_tensor};
+use crate::stages::{execute, lanes, stage_eps, MicroStep, PipelineMode, StageOptions, StageSession, StageTimings};
 use crate::step_inputs::StepInputs;
-
-enum KvStore {
-    /// Each layer's last `present` (dynamic length), on the host or the device.
-    Growing { keys: Vec<DynValue>, values: Vec<DynValue> },
-    /// Fixed-capacity buffers, past and present at once (GroupQueryAttention's shared buffer),
-    /// with each buffer's data address for views of some of its sequences.
-    Device {
-        // Owned here; bound through views at `addrs`.
-        _keys: Vec<DynValue>,
-        _values: Vec<DynValue>,
-        layout: SharedLayout,
-        memory: MemoryInfo<'static>,
-    },
-}
-
-/// Where a shared buffer's rows live: per layer a key and a value buffer of (rows, kv_heads,
-/// capacity, head_dim) elements. Row r, head h, position p is element ((r * kv_heads + h) *
-/// capacity + p) * head_dim, so one row's positions of one head are contiguous, and a range of
-/// positions of one row is `kv_heads` runs `capacity * head_dim` elements apart.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SharedLayout {
-    /// Each layer's key and value buffer data addresses.
-    pub layers: Vec<(usize, usize)>,
-    pub rows: usize,
-    pub kv_heads: usize,
-    pub capacity: usize,
-    pub head_dim: usize,
-    pub element_bytes: usize,
-    /// None: host memory; Some(id): memory of that CUDA device.
-    pub device: Option<i32>,
-}
-
-impl SharedLayout {
-    /// Bytes of one position of one head.
-    pub fn position_bytes(&self) -> usize {
-        self.head_dim * self.element_bytes
-    }
-
-    /// Bytes between one head's runs (and between the heads of consecutive rows).
-    pub fn head_pitch(&self) -> usize {
-        self.capacity * self.position_bytes()
-    }
-
-    /// Address of `row`'s head 0 at `position` in a buffer at `base`.
-    pub fn address(&self, base: usize, row: usize, position: usize) -> usize {
-        base + (row * self.kv_heads * self.capacity + position) * self.position_bytes()
-    }
-
-    /// Bytes of the keys and values of one position, all layers.
-    pub fn bytes_per_token(&self) -> usize {
-        2 * self.layers.len() * self.kv_heads * self.position_bytes()
-    }
-}
-
-/// The KV cache of `batch` sequences of equal length.
-pub struct KvCache {
-    store: KvStore,
-    pub batch: usize,
-    /// Tokens each sequence holds.
-    pub len: usize,
-}
-
-impl KvCache {
-    /// How many tokens the cache can hold (None: grows as needed).
-    pub fn capacity(&self) -> Option<usize> {
-        self.shared_layout().map(|l| l.capacity)
-    }
-    /// Whether the cache is GroupQueryAttention's fixed-capacity shared buffer.
-    pub fn is_shared_buffer(&self) -> bool {
-        matches!(self.store, KvStore::Device { .. })
-    }
-
-    /// Where a shared buffer's rows live (None for a growing cache).
-    pub fn shared_layout(&self) -> Option<&SharedLayout> {
-        match &self.store {
-            KvStore::Growing { .. } => None,
-            KvStore::Device { layout, .. } => Some(layout),
-        }
-    }
-
-    /// Keeps the first `len` tokens of each sequence: the next step writes from there. Only a
-    /// shared buffer can drop tokens (the attention mask hides what lies beyond `len`); a
-    /// growing cache's tensors are exactly as long as what they hold.
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len > self.len {
-            bail!("cannot truncate a cache of {} tokens to {len}", self.len);
-        }
-        if len < self.len && !self.is_shared_buffer() {
-            bail!("a growing cache cannot drop tokens (only GroupQueryAttention's shared buffer can)");
-        }
-        self.len = len;
-        Ok(())
-    }
-}
 
 /// Logits of one forward step: per sequence, `rows` positions (the last one only, or every new
 /// token) by `vocab`.
@@ -207,153 +123,167 @@ pub const DEEPSTACK_EMBEDS_INPUT: &str = "deepstack_embeds";
 /// chunked-prefill budget): long prompts then cost the activation memory of 2048 tokens.
 pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 
-/// Inputs and outputs of a CUDA-graph decode step, kept at fixed device addresses between steps.
-/// A captured graph also holds the addresses of the cache rows it ran on, so each cache and each
-/// number of rows gets its own capture (`graph_id`); [`KvCache::truncate`] lets one cache serve
-/// many generations, and the engine's slots one capture per padded batch size.
-struct GraphDecodeState {
-    /// Every layer's key and value buffer, the rows and the capacity: the cache the graph was
-    /// captured on. (A new cache at exactly these addresses is the same memory, so the capture
-    /// serves it too.)
-    cache: (Vec<(usize, usize)>, usize, usize),
-    graph_id: usize,
-    input_ids: Tensor<i64>,
-    position_ids: Tensor<i64>,
-    attention_mask: Tensor<i64>,
-    logits: Tensor<f32>,
-    greedy: Option<Tensor<i64>>,
-}
-
 pub struct DecoderModel {
     pub manifest: Manifest,
     pub dir: PathBuf,
-    session: Session,
+    /// The execution provider (of the first stage, for a staged model on several devices).
     pub ep: ExecutionProvider,
-    device_allocator: Option<Allocator>,
-    /// One captured decode step per cache (and number of rows) it ran on (ONNX Runtime keeps
-    /// every capture).
-    graph_states: Vec<GraphDecodeState>,
+    /// The graph's sessions: one per stage (one for an unstaged graph), in layer order.
+    stages: Vec<StageSession>,
+    /// The pipeline's threads: the stages each runs.
+    lanes: Vec<Range<usize>>,
+    pipeline: PipelineMode,
+    /// Row groups a batched decode step is cut into when the pipeline has several threads.
+    micro_batches: usize,
     /// Longest piece [`DecoderModel::step`] runs a prompt in (None: the whole prompt in one pass).
     prefill_chunk: Option<usize>,
+    timings: StageTimings,
 }
 
 /// An ONNX Runtime error, kept as the source of an anyhow chain.
-fn ort_err(e: ort::Error) -> anyhow::Error {
+pub(crate) fn ort_err(e: ort::Error) -> anyhow::Error {
     anyhow::Error::new(e)
 }
 
 /// A session builder's error without the builder it carries back (which is not `Send`): the
 /// same ONNX Runtime code and message.
-fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
+pub(crate) fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
     ort_err(ort::Error::new_with_code(e.code(), e.message()))
 }
 
-/// `$body` with `$t` standing for the Rust element type of a KV cache dtype.
-macro_rules! with_kv_element {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            TensorDtype::Float32 => {
-                type $t = f32;
-                $body
-            }
-            TensorDtype::Float16 => {
-                type $t = f16;
-                $body
-            }
-            TensorDtype::Bfloat16 => {
-                type $t = bf16;
-                $body
-            }
-            TensorDtype::Int8 => {
-                type $t = i8;
-                $body
-            }
-            other => bail!("no KV cache tensors of {other:?}"),
+/// Where outputs that stay with a session are kept: on its device (None: host memory).
+pub(crate) fn cache_memory(device_id: Option<i32>) -> Result<MemoryInfo<'static>> {
+    match device_id {
+        Some(id) => {
+            MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err)
         }
-    };
+        None => Ok(MemoryInfo::default()),
+    }
 }
 
-/// An uninitialized tensor of the graph's KV dtype from `alloc`, and its data address.
-fn device_tensor(alloc: &Allocator, dtype: TensorDtype, shape: &[usize]) -> Result<(DynValue, usize)> {
-    Ok(with_kv_element!(dtype, T => {
-        let mut t = Tensor::<T>::new(alloc, shape.to_vec()).map_err(ort_err)?;
-        let addr = t.data_ptr_mut() as usize;
-        (t.into_dyn(), addr)
-    }))
+/// Run options that keep a step out of CUDA-graph capture (shapes vary between prefills).
+pub(crate) fn no_graph_options() -> Result<RunOptions> {
+    let mut options = RunOptions::new().map_err(ort_err)?;
+    options.set("gpu_graph_id", "-1").map_err(ort_err)?;
+    Ok(options)
 }
 
-/// Binds `value` as input `name` without a copy. (`IoBinding::bind_input` copies any tensor it
-/// does not own, such as a view, since the binding could outlive it; the caller keeps `value`
-/// alive until the run is over.)
-pub fn bind_input_in_place(
-    binding: &mut ort::session::IoBinding,
-    name: &str,
-    value: &ort::value::DynValueRefMut<'_>,
+pub(crate) fn read_logits(value: Option<DynValue>, vocab: usize) -> Result<Logits> {
+    let value = value.context("the graph has no `logits` output")?;
+    let (shape, data) = value.try_extract_tensor::<f32>().map_err(ort_err)?;
+    let batch = shape.first().copied().unwrap_or(1).max(1) as usize;
+    let rows = shape.get(1).copied().unwrap_or(1).max(1) as usize;
+    if data.len() != batch * rows * vocab {
+        bail!("logits of shape {shape:?} do not match vocabulary {vocab}");
+    }
+    Ok(Logits { data: data.to_vec(), batch, rows, vocab })
+}
+
+/// The last position's token of each sequence from a (batch, rows) `greedy_tokens` output.
+pub(crate) fn read_greedy(value: Option<DynValue>) -> Result<Vec<u32>> {
+    let value =
+        value.with_context(|| format!("the graph has no `{}` output", pio_models::manifest::GREEDY_TOKENS_OUTPUT))?;
+    let (shape, data) = value.try_extract_tensor::<i64>().map_err(ort_err)?;
+    let rows = shape.get(1).copied().unwrap_or(1).max(1) as usize;
+    Ok(data.chunks(rows).filter_map(|row| row.last()).map(|&t| t as u32).collect())
+}
+
+/// Copies a whole device tensor into `dst` (its length).
+pub(crate) fn copy_to_host<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug>(
+    device: i32,
+    src: &Tensor<T>,
+    dst: &mut [T],
 ) -> Result<()> {
-    use ort::AsPointer;
-    let c_name = std::ffi::CString::new(name).map_err(|_| anyhow!("input name {name:?} has a NUL byte"))?;
-    let api = ort::api();
-    // SAFETY: both pointers are live ONNX Runtime objects; ONNX Runtime copies the name.
-    let status = unsafe { (api.BindInput)(binding.ptr_mut(), c_name.as_ptr(), value.ptr()) };
-    if status.0.is_null() {
-        return Ok(());
+    if let Some(rt) = CudaRuntime::get() {
+        // SAFETY: `src` is a device tensor of dst.len() elements.
+        return unsafe { rt.device_to_host(device, dst, src.data_ptr()) };
     }
-    // SAFETY: a non-null status holds a message and must be released once.
-    let message = unsafe {
-        let text = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)).to_string_lossy().into_owned();
-        (api.ReleaseStatus)(status.0);
-        text
-    };
-    bail!("cannot bind the cache view {name}: {message}")
+    let shape: Vec<usize> = src.shape().iter().map(|&d| d as usize).collect();
+    let mut host = Tensor::<T>::new(&Allocator::default(), shape).map_err(ort_err)?;
+    src.copy_into(&mut host).map_err(ort_err)?;
+    let (_, data) = host.try_extract_tensor::<T>().map_err(ort_err)?;
+    dst.copy_from_slice(data);
+    Ok(())
 }
 
-/// A (rows, kv_heads, capacity, head_dim) view of rows `first..first + rows` of the shared buffer
-/// at `base` (rows are the outermost axis, so consecutive rows are one contiguous block).
-///
-/// # Safety
-/// `base` must be the data of a live (>= first + rows, kv_heads, capacity, head_dim) tensor of
-/// `dtype` in `memory`, which must outlive the view.
-unsafe fn rows_view<'a>(
-    memory: &MemoryInfo<'static>,
-    dtype: TensorDtype,
-    layout: &SharedLayout,
-    base: usize,
-    first: usize,
-    rows: usize,
-) -> Result<ort::value::DynValueRefMut<'a>> {
-    let ptr = layout.address(base, first, 0) as *mut std::ffi::c_void;
-    let shape =
-        ort::value::Shape::new([rows as i64, layout.kv_heads as i64, layout.capacity as i64, layout.head_dim as i64]);
-    Ok(
-        with_kv_element!(dtype, T => ort::value::TensorRefMut::<T>::from_raw(memory.clone(), ptr, shape).map_err(ort_err)?.into_dyn()),
-    )
-}
-
-/// An empty host tensor (zero-length past) of the graph's KV dtype.
-fn empty_host_tensor(dtype: TensorDtype, shape: Vec<i64>) -> Result<DynValue> {
-    Ok(with_kv_element!(dtype, T => Tensor::from_array((shape, Vec::<T>::new())).map_err(ort_err)?.into_dyn()))
-}
-
-/// An uninitialized byte buffer where the session keeps its KV cache (device memory on a GPU,
-/// host memory on the CPU): the engine's prefix cache stores KV there.
-pub struct KvBuffer {
-    _value: Tensor<u8>,
-    addr: usize,
-    bytes: usize,
-}
-
-impl KvBuffer {
-    pub fn addr(&self) -> usize {
-        self.addr
+/// Joins the outputs of a step's row groups (in row order) into the step's.
+fn join_rows(parts: Vec<StepOutput>) -> Result<StepOutput> {
+    if parts.len() == 1 {
+        return parts.into_iter().next().ok_or_else(|| anyhow!("a step without output"));
     }
-    pub fn bytes(&self) -> usize {
-        self.bytes
+    if parts.iter().all(|o| matches!(o, StepOutput::Greedy(_))) {
+        return Ok(StepOutput::Greedy(parts.iter().flat_map(StepOutput::greedy).collect()));
     }
+    let parts = parts.into_iter().map(StepOutput::into_logits).collect::<Result<Vec<_>>>()?;
+    let (rows, vocab) = (parts[0].rows, parts[0].vocab);
+    if parts.iter().any(|p| p.rows != rows || p.vocab != vocab) {
+        bail!("row groups of a step brought back logits of different shapes");
+    }
+    let batch = parts.iter().map(|p| p.batch).sum();
+    let data = parts.into_iter().flat_map(|p| p.data).collect();
+    Ok(StepOutput::Logits(Logits { data, batch, rows, vocab }))
+}
+
+/// `rows` rows cut into `groups` contiguous groups of near-equal size.
+fn row_groups(rows: usize, groups: usize) -> Vec<Range<usize>> {
+    let groups = groups.clamp(1, rows.max(1));
+    (0..groups).map(|g| rows * g / groups..rows * (g + 1) / groups).collect()
+}
+
+/// A stage of the manifest: its file, layers and IO (an unstaged graph is one).
+struct StagePlan {
+    file: String,
+    layers: Range<usize>,
+    inputs: Vec<IoSpec>,
+    outputs: Vec<IoSpec>,
+}
+
+fn stage_plans(manifest: &Manifest, dir: &Path) -> Result<Vec<StagePlan>> {
+    let layers = manifest.dims.num_layers;
+    if manifest.stages.is_empty() {
+        return Ok(vec![StagePlan {
+            file: manifest.decoder.clone(),
+            layers: 0..layers,
+            inputs: manifest.inputs.clone(),
+            outputs: manifest.outputs.clone(),
+        }]);
+    }
+    let mut next = 0;
+    for s in &manifest.stages {
+        if s.layers.start != next || s.layers.end <= s.layers.start {
+            bail!(
+                "{}: stage {} holds layers {:?}, but the stages must cover the decoder's layers in order from {next}",
+                dir.join("pio.json").display(),
+                s.file,
+                s.layers
+            );
+        }
+        next = s.layers.end;
+    }
+    if next != layers {
+        bail!("{}: the stages end at layer {next}, the decoder has {layers}", dir.join("pio.json").display());
+    }
+    Ok(manifest
+        .stages
+        .iter()
+        .map(|s| StagePlan {
+            file: s.file.clone(),
+            layers: s.layers.clone(),
+            inputs: s.inputs.clone(),
+            outputs: s.outputs.clone(),
+        })
+        .collect())
 }
 
 impl DecoderModel {
-    /// Loads `dir/pio.json` and creates the decoder session on `ep`.
+    /// Loads `dir/pio.json` and creates the decoder session(s) on `ep` (every stage of a staged
+    /// export on its one device).
     pub fn load(dir: &Path, ep: &ExecutionProvider) -> Result<Self> {
+        Self::load_with(dir, ep, &StageOptions::default())
+    }
+
+    /// Loads `dir/pio.json` with the stages placed and overlapped as `options` say.
+    pub fn load_with(dir: &Path, ep: &ExecutionProvider, options: &StageOptions) -> Result<Self> {
         let manifest = Manifest::load(dir)?;
         let on_cpu = matches!(ep, ExecutionProvider::Cpu { .. });
         if matches!(manifest.precision, pio_models::Precision::Fp16 | pio_models::Precision::Bf16) && on_cpu {
@@ -364,44 +294,85 @@ impl DecoderModel {
                 manifest.target_ep.as_str()
             );
         }
-        let model_path = dir.join(&manifest.decoder);
-        if !model_path.is_file() {
-            bail!("{} is missing (listed as the decoder in {})", model_path.display(), dir.join("pio.json").display());
+        let plans = stage_plans(&manifest, dir)?;
+        let eps = stage_eps(ep, options.devices(), plans.len())?;
+        let mut stages = Vec::with_capacity(plans.len());
+        for (plan, ep) in plans.iter().zip(&eps) {
+            let stage =
+                StageSession::load(dir, &plan.file, plan.layers.clone(), (&plan.inputs, &plan.outputs), &manifest, ep)?;
+            stages.push(stage);
         }
-        let env = crate::ort_lib::environment()?;
-        let builder = Session::builder(env).map_err(ort_err)?;
-        let mut builder = ep.configure(builder)?;
-        if !manifest.options.pio_kernels.is_empty() {
-            // The graph uses Inference-PIO's own operators (pio-export --pio-kernels): CUDA kernels
-            // compiled now for this GPU, or their CPU references.
-            let domain = pio_kernels::ops::operator_domain().map_err(ort_err)?;
-            builder = builder.with_operators(domain).map_err(builder_err)?;
+        Self::link_stages(&mut stages, dir)?;
+        Self::enable_peer_access(&stages);
+        let lanes = lanes(&eps, options.pipeline());
+        let micro_batches = options.micro_batches().unwrap_or(lanes.len()).max(1);
+        let timings = StageTimings::new(stages.iter().map(StageSession::device).collect());
+        if stages.len() > 1 {
+            tracing::info!(
+                "{} stages on {:?}; {} pipeline thread(s), {micro_batches} micro-batch(es) per batched decode",
+                stages.len(),
+                stages.iter().map(|s| s.ep.device_id()).collect::<Vec<_>>(),
+                lanes.len()
+            );
         }
-        let session = builder
-            .commit_from_file(&model_path)
-            .map_err(ort_err)
-            .with_context(|| format!("cannot load {}", model_path.display()))?;
-        let device_allocator = match ep.device_id() {
-            Some(id) => Some(
-                Allocator::new(
-                    &session,
-                    MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)
-                        .map_err(ort_err)?,
-                )
-                .map_err(ort_err)
-                .with_context(|| format!("cannot allocate on CUDA device {id}"))?,
-            ),
-            None => None,
-        };
         Ok(DecoderModel {
+            ep: eps[0].clone(),
             manifest,
             dir: dir.to_path_buf(),
-            session,
-            ep: ep.clone(),
-            device_allocator,
-            graph_states: Vec::new(),
+            stages,
+            lanes,
+            pipeline: options.pipeline(),
+            micro_batches,
             prefill_chunk: Some(DEFAULT_PREFILL_CHUNK),
+            timings,
         })
+    }
+
+    /// Checks that each stage's carried inputs come from earlier stages and that the last one
+    /// gives the logits; records what each stage must hand on.
+    fn link_stages(stages: &mut [StageSession], dir: &Path) -> Result<()> {
+        for (i, stage) in stages.iter().enumerate() {
+            for io in &stage.carried_in {
+                if !stages[..i].iter().any(|s| s.carried_out.iter().any(|o| o.name == io.name)) {
+                    bail!(
+                        "{}: the stage over layers {:?} takes `{}`, which no earlier stage outputs",
+                        dir.display(),
+                        stage.layers,
+                        io.name
+                    );
+                }
+            }
+        }
+        for i in 0..stages.len() {
+            let later: Vec<String> =
+                stages[i + 1..].iter().flat_map(|s| s.carried_in.iter().map(|io| io.name.clone())).collect();
+            stages[i].keep_after = later;
+        }
+        Ok(())
+    }
+
+    /// Lets every pair of the stages' GPUs copy to each other directly, where they can.
+    fn enable_peer_access(stages: &[StageSession]) {
+        let mut devices: Vec<i32> = stages.iter().filter_map(StageSession::device).collect();
+        devices.dedup();
+        if devices.len() < 2 {
+            return;
+        }
+        let Some(rt) = CudaRuntime::get() else {
+            tracing::warn!("the CUDA runtime is not loaded: hidden states cannot be copied between GPUs");
+            return;
+        };
+        for &a in &devices {
+            for &b in devices.iter().filter(|&&b| b != a) {
+                match rt.enable_peer_access(a, b) {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(
+                        "GPU {a} cannot access GPU {b} directly: hidden states between them are staged by the driver"
+                    ),
+                    Err(e) => tracing::warn!("peer access from GPU {a} to GPU {b}: {e:#}"),
+                }
+            }
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -422,9 +393,59 @@ impl DecoderModel {
         self.prefill_chunk = chunk.filter(|&c| c > 0);
     }
 
-    /// The CUDA device the session runs on (None on the CPU).
+    /// The CUDA device the (first) session runs on (None on the CPU).
     pub fn device_id(&self) -> Option<i32> {
-        self.device_allocator.as_ref().and(self.ep.device_id())
+        self.stages[0].device()
+    }
+
+    /// Stages of the graph (1 for an unstaged export).
+    pub fn stage_count(&self) -> usize {
+        self.stages.len()
+    }
+
+    /// Each stage's decoder layers.
+    pub fn stage_layers(&self) -> Vec<Range<usize>> {
+        self.stages.iter().map(|s| s.layers.clone()).collect()
+    }
+
+    /// Each stage's CUDA device (None: the CPU).
+    pub fn stage_devices(&self) -> Vec<Option<i32>> {
+        self.stages.iter().map(StageSession::device).collect()
+    }
+
+    /// The execution provider each stage runs on.
+    pub fn stage_eps(&self) -> Vec<ExecutionProvider> {
+        self.stages.iter().map(|s| s.ep.clone()).collect()
+    }
+
+    /// How the stages overlap, and the pipeline's threads.
+    pub fn pipeline(&self) -> (PipelineMode, usize) {
+        (self.pipeline, self.lanes.len())
+    }
+
+    /// Changes how the stages overlap (for `pio bench`: the same steps with and without overlap).
+    pub fn set_pipeline(&mut self, mode: PipelineMode) {
+        let eps = self.stage_eps();
+        self.lanes = lanes(&eps, mode);
+        self.pipeline = mode;
+    }
+
+    /// Row groups a batched decode step is cut into when the pipeline has several threads.
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+
+    pub fn set_micro_batches(&mut self, n: usize) {
+        self.micro_batches = n.max(1);
+    }
+
+    /// Where the stages' time went since the last [`reset_stage_timings`](Self::reset_stage_timings).
+    pub fn stage_timings(&self) -> &StageTimings {
+        &self.timings
+    }
+
+    pub fn reset_stage_timings(&mut self) {
+        self.timings = StageTimings::new(self.stage_devices());
     }
 
     /// Whether this graph's cache is GroupQueryAttention's fixed-capacity shared buffer (else it
@@ -446,85 +467,74 @@ impl DecoderModel {
 
     /// An empty cache for `batch` sequences. For a GroupQueryAttention graph on a GPU it holds
     /// `capacity` tokens per sequence (at most the context length), allocated once on the
-    /// device; otherwise it grows with each step.
+    /// devices; otherwise it grows with each step.
     pub fn new_batch_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
-        match &self.device_allocator {
-            // GroupQueryAttention graphs take the shared buffer (graphs exported before the
-            // manifest said so have `shared_buffer` false, hence the attention switch here).
-            Some(alloc) if self.has_shared_buffer() => {
-                let memory = Self::cache_memory(self.ep.device_id())?;
-                self.shared_cache(alloc, memory, self.ep.device_id(), batch, capacity)
-            }
-            _ => self.growing_cache(batch),
+        // GroupQueryAttention graphs take the shared buffer (graphs exported before the
+        // manifest said so have `shared_buffer` false, hence the attention switch here).
+        if self.device_id().is_some() && self.has_shared_buffer() {
+            return self.shared_cache(false, batch, capacity);
         }
+        self.growing_cache(batch)
     }
 
-    /// GroupQueryAttention's fixed-capacity shared buffer wherever the session runs: on the
-    /// device of a GPU session, in host memory on the CPU (where GroupQueryAttention updates it
+    /// GroupQueryAttention's fixed-capacity shared buffer wherever the sessions run: on the
+    /// devices of GPU sessions, in host memory on the CPU (where GroupQueryAttention updates it
     /// in place too; [`new_batch_cache`](Self::new_batch_cache) gives the CPU a growing cache).
     pub fn new_shared_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
-        if !self.has_shared_buffer() {
-            bail!(
-                "{} has no GroupQueryAttention (exported with --no-fused-attention): its cache grows",
-                self.dir.display()
-            );
-        }
-        match &self.device_allocator {
-            Some(alloc) => {
-                self.shared_cache(alloc, Self::cache_memory(self.ep.device_id())?, self.ep.device_id(), batch, capacity)
-            }
-            None => self.new_shared_host_cache(batch, capacity),
-        }
+        self.require_shared_buffer()?;
+        self.shared_cache(false, batch, capacity)
     }
 
     /// GroupQueryAttention's fixed-capacity shared-buffer cache in host memory: what a GPU
     /// session uses, on the CPU (whose default is the growing cache), for tests of that path.
     pub fn new_shared_host_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        self.require_shared_buffer()?;
+        self.shared_cache(true, batch, capacity)
+    }
+
+    fn require_shared_buffer(&self) -> Result<()> {
         if !self.has_shared_buffer() {
             bail!(
                 "{} has no GroupQueryAttention (exported with --no-fused-attention): its cache grows",
                 self.dir.display()
             );
         }
-        self.shared_cache(&Allocator::default(), MemoryInfo::default(), None, batch, capacity)
+        Ok(())
     }
 
-    /// An uninitialized buffer of `bytes` where the session's KV cache lives (see [`KvBuffer`]).
+    /// An uninitialized buffer of `bytes` where the model's KV cache lives (see [`KvBuffer`]):
+    /// a part per stage, on its device.
     pub fn new_kv_buffer(&self, bytes: usize) -> Result<KvBuffer> {
-        let alloc_default;
-        let alloc = match &self.device_allocator {
-            Some(a) => a,
-            None => {
-                alloc_default = Allocator::default();
-                &alloc_default
-            }
-        };
-        let mut value = Tensor::<u8>::new(alloc, [bytes.max(1)])
-            .map_err(ort_err)
-            .with_context(|| format!("cannot allocate {bytes} bytes for the KV cache"))?;
-        let addr = value.data_ptr_mut() as usize;
-        Ok(KvBuffer { _value: value, addr, bytes })
+        let host = Allocator::default();
+        let stages: Vec<(Range<usize>, &Allocator)> =
+            self.stages.iter().map(|s| (s.layers.clone(), s.allocator().unwrap_or(&host))).collect();
+        KvBuffer::allocate(bytes, self.manifest.dims.num_layers, &stages)
     }
 
-    fn shared_cache(
-        &self,
-        alloc: &Allocator,
-        memory: MemoryInfo<'static>,
-        device: Option<i32>,
-        batch: usize,
-        capacity: usize,
-    ) -> Result<KvCache> {
+    /// The shared buffer of every layer on its stage's device (`host`: all in host memory).
+    fn shared_cache(&self, host: bool, batch: usize, capacity: usize) -> Result<KvCache> {
         let d = &self.manifest.dims;
         let dtype = self.manifest.kv_cache.dtype;
         let capacity = capacity.min(self.context_length());
         let shape = [batch, d.num_kv_heads, capacity, d.head_dim];
-        let (mut keys, mut values, mut layers) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..d.num_layers {
-            let (k, k_addr) = device_tensor(alloc, dtype, &shape)?;
-            let (v, v_addr) = device_tensor(alloc, dtype, &shape)?;
-            keys.push(k);
-            values.push(v);
-            layers.push((k_addr, v_addr));
+        let host_alloc = Allocator::default();
+        let (mut keys, mut values, mut layers, mut memories, mut devices) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for stage in &self.stages {
+            let (alloc, device) = match (host, stage.allocator()) {
+                (false, Some(alloc)) => (alloc, stage.device()),
+                _ => (&host_alloc, None),
+            };
+            let memory = cache_memory(device)?;
+            for _ in stage.layers.clone() {
+                let (k, k_addr) = device_tensor(alloc, dtype, &shape)?;
+                let (v, v_addr) = device_tensor(alloc, dtype, &shape)?;
+                keys.push(k);
+                values.push(v);
+                layers.push((k_addr, v_addr));
+                memories.push(memory.clone());
+                devices.push(device);
+            }
         }
         let layout = SharedLayout {
             layers,
@@ -533,9 +543,9 @@ impl DecoderModel {
             capacity,
             head_dim: d.head_dim,
             element_bytes: dtype.size_bytes(),
-            device,
+            devices,
         };
-        Ok(KvCache { store: KvStore::Device { _keys: keys, _values: values, layout, memory }, batch, len: 0 })
+        Ok(KvCache { store: KvStore::Device { _keys: keys, _values: values, layout, memories }, batch, len: 0 })
     }
 
     fn growing_cache(&self, batch: usize) -> Result<KvCache> {
@@ -575,16 +585,17 @@ impl DecoderModel {
     /// cache ("batch_size must be 1 when sequence_length > 1 and past context is given"), so a
     /// batch whose step has a past (a later chunk, or a step of several tokens after a prefill)
     /// runs one sequence at a time through batch-1 views of the shared buffer.
+    ///
+    /// The chunks (and sequences) are micro-steps: on a staged model over several devices a
+    /// chunk enters the first stage while the one before it runs in the next.
     pub fn step(&mut self, tokens: &[u32], batch: usize, cache: &mut KvCache, fetch: Fetch) -> Result<StepOutput> {
         let whole = StepInputs::uniform(tokens.to_vec(), batch, cache.len)?;
         self.check_rows(&whole, cache, 0)?;
         let s = whole.seq_len();
         let chunked = self.prefill_chunk.is_some_and(|c| s > c);
         let gqa_needs_one_sequence = batch > 1 && s > 1 && self.has_shared_buffer() && (cache.len > 0 || chunked);
-        if !gqa_needs_one_sequence {
-            return self.run_chunked(tokens, batch, cache, fetch, 0);
-        }
-        if !cache.is_shared_buffer() {
+        let start = cache.len;
+        if gqa_needs_one_sequence && !cache.is_shared_buffer() {
             if cache.len > 0 {
                 bail!(
                     "GroupQueryAttention takes {s} new tokens for each of {batch} sequences only into an empty cache; \
@@ -592,75 +603,84 @@ impl DecoderModel {
                 );
             }
             // A growing (host) cache has no per-sequence views: the prompt runs whole.
-            return self.run_uniform(tokens, batch, cache, fetch, 0);
+            let out = self.run_steps(vec![MicroStep { inputs: whole, first: 0, fetch }], cache, false)?;
+            cache.len = start + s;
+            return join_rows(out);
         }
-        let start_len = cache.len;
-        let mut outputs = Vec::with_capacity(batch);
-        for seq in 0..batch {
-            cache.len = start_len;
-            outputs.push(self.run_chunked(&tokens[seq * s..(seq + 1) * s], 1, cache, fetch, seq)?);
+        // Groups of rows run together: every sequence at once, or one at a time.
+        let groups: Vec<(usize, usize)> =
+            if gqa_needs_one_sequence { (0..batch).map(|b| (b, 1)).collect() } else { vec![(0, batch)] };
+        let all_rows = !self.manifest.options.last_token_logits && fetch == Fetch::Logits;
+        let chunk = self.prefill_chunk.filter(|&c| s > c).unwrap_or(s);
+        let pieces: Vec<Range<usize>> = (0..s).step_by(chunk).map(|a| a..(a + chunk).min(s)).collect();
+        let mut steps = Vec::with_capacity(groups.len() * pieces.len());
+        for &(first, rows) in &groups {
+            for piece in &pieces {
+                let part: Vec<u32> = (first..first + rows)
+                    .flat_map(|b| tokens[b * s + piece.start..b * s + piece.end].iter().copied())
+                    .collect();
+                // Only the last chunk's output is the answer, unless every row was asked for.
+                let want = if piece.end == s || all_rows { fetch } else { Fetch::Greedy };
+                steps.push(MicroStep {
+                    inputs: StepInputs::uniform(part, rows, start + piece.start)?,
+                    first,
+                    fetch: want,
+                });
+            }
         }
-        cache.len = start_len + s;
-        if outputs.iter().all(|o| matches!(o, StepOutput::Greedy(_))) {
-            return Ok(StepOutput::Greedy(outputs.iter().flat_map(StepOutput::greedy).collect()));
+        let mut outputs = self.run_steps(steps, cache, false)?.into_iter();
+        cache.len = start + s;
+        let mut per_group = Vec::with_capacity(groups.len());
+        for &(_, rows) in &groups {
+            let group: Vec<StepOutput> = outputs.by_ref().take(pieces.len()).collect();
+            per_group.push(self.join_chunks(group, rows, s, all_rows)?);
         }
-        let parts = outputs.into_iter().map(StepOutput::into_logits).collect::<Result<Vec<_>>>()?;
-        let (rows, vocab) = (parts[0].rows, parts[0].vocab);
-        let data = parts.into_iter().flat_map(|p| p.data).collect();
-        Ok(StepOutput::Logits(Logits { data, batch, rows, vocab }))
+        join_rows(per_group)
     }
 
-    /// [`run_uniform`](Self::run_uniform) over chunks of at most `prefill_chunk` tokens per sequence.
-    fn run_chunked(
-        &mut self,
-        tokens: &[u32],
-        batch: usize,
-        cache: &mut KvCache,
-        fetch: Fetch,
-        first: usize,
-    ) -> Result<StepOutput> {
-        let s = tokens.len() / batch;
-        let chunk = match self.prefill_chunk {
-            Some(c) if s > c => c,
-            _ => return self.run_uniform(tokens, batch, cache, fetch, first),
-        };
-        let all_rows = !self.manifest.options.last_token_logits && fetch == Fetch::Logits;
-        let mut pieces = Vec::new();
-        for start in (0..s).step_by(chunk) {
-            let end = (start + chunk).min(s);
-            let piece: Vec<u32> = (0..batch).flat_map(|b| tokens[b * s + start..b * s + end].iter().copied()).collect();
-            // Only the last chunk's output is the answer, unless every row was asked for.
-            let want = if end == s || all_rows { fetch } else { Fetch::Greedy };
-            pieces.push(self.run_uniform(&piece, batch, cache, want, first)?);
+    /// A group's output from its chunks' (in order): the last chunk's, or every chunk's rows
+    /// side by side per sequence when all rows were asked for.
+    fn join_chunks(&self, mut chunks: Vec<StepOutput>, rows: usize, s: usize, all_rows: bool) -> Result<StepOutput> {
+        if !all_rows || chunks.len() == 1 {
+            return chunks.pop().ok_or_else(|| anyhow!("a prefill of {s} tokens ran no chunk"));
         }
-        if !all_rows {
-            return pieces.pop().ok_or_else(|| anyhow!("a prefill of {s} tokens ran no chunk"));
-        }
-        let pieces = pieces.into_iter().map(StepOutput::into_logits).collect::<Result<Vec<_>>>()?;
+        let chunks = chunks.into_iter().map(StepOutput::into_logits).collect::<Result<Vec<_>>>()?;
         let vocab = self.vocab_size();
-        let mut data = Vec::with_capacity(batch * s * vocab);
-        for b in 0..batch {
-            for p in &pieces {
+        let mut data = Vec::with_capacity(rows * s * vocab);
+        for b in 0..rows {
+            for p in &chunks {
                 data.extend_from_slice(&p.data[b * p.rows * vocab..(b + 1) * p.rows * vocab]);
             }
         }
-        Ok(StepOutput::Logits(Logits { data, batch, rows: s, vocab }))
+        Ok(StepOutput::Logits(Logits { data, batch: rows, rows: s, vocab }))
     }
 
-    /// One run of `batch` rows from row `first`, all at `cache.len`, which then moves forward.
-    fn run_uniform(
-        &mut self,
-        tokens: &[u32],
-        batch: usize,
-        cache: &mut KvCache,
-        fetch: Fetch,
-        first: usize,
-    ) -> Result<StepOutput> {
-        let past = cache.len;
-        let inputs = StepInputs::uniform(tokens.to_vec(), batch, past)?;
-        let out = self.run_rows(&inputs, cache, first, fetch)?;
-        cache.len = past + inputs.seq_len();
-        Ok(out)
+    /// Runs `steps` through the stages (CUDA-graph replays with `graph`), cutting batched
+    /// decode steps into row groups when the pipeline has several threads; each step's output.
+    fn run_steps(&mut self, steps: Vec<MicroStep>, cache: &mut KvCache, graph: bool) -> Result<Vec<StepOutput>> {
+        let split = self.micro_batches > 1 && cache.is_shared_buffer();
+        let mut micro = Vec::with_capacity(steps.len());
+        let mut counts = Vec::with_capacity(steps.len());
+        for step in steps {
+            let rows = step.inputs.rows();
+            let separable = step.inputs.images().is_none()
+                && (step.inputs.seq_len() == 1 || step.inputs.past_lens().iter().all(|&p| p == 0));
+            if !split || rows < 2 || !separable {
+                counts.push(1);
+                micro.push(step);
+                continue;
+            }
+            let groups = row_groups(rows, self.micro_batches);
+            counts.push(groups.len());
+            for g in groups {
+                let inputs = step.inputs.select_rows(g.clone())?;
+                micro.push(MicroStep { inputs, first: step.first + g.start, fetch: step.fetch });
+            }
+        }
+        let views = cache.stage_views(&self.stage_layers());
+        let outputs = execute(&mut self.stages, &self.lanes, views, &micro, graph, &mut self.timings)?;
+        let mut outputs = outputs.into_iter();
+        counts.into_iter().map(|n| join_rows(outputs.by_ref().take(n).collect())).collect()
     }
 
     /// Checks a step over rows `first..first + inputs.rows()` of `cache`.
@@ -719,16 +739,6 @@ impl DecoderModel {
         Ok(())
     }
 
-    /// Where a growing cache's `present` outputs are kept: on the session's device.
-    fn cache_memory(device_id: Option<i32>) -> Result<MemoryInfo<'static>> {
-        match device_id {
-            Some(id) => {
-                MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err)
-            }
-            None => Ok(MemoryInfo::default()),
-        }
-    }
-
     /// One session run of `inputs` (no chunking) over rows `first..first + inputs.rows()` of
     /// `cache`, each row writing its new tokens after its own past.
     ///
@@ -747,106 +757,11 @@ impl DecoderModel {
         fetch: Fetch,
     ) -> Result<StepOutput> {
         self.check_rows(inputs, cache, first)?;
-        let (rows, s) = (inputs.rows() as i64, inputs.seq_len() as i64);
-        let width = inputs.total_len();
-        let input_ids = Tensor::from_array((vec![rows, s], inputs.input_ids())).map_err(ort_err)?;
-        let attention_mask =
-            Tensor::from_array((vec![rows, width as i64], inputs.attention_mask(width))).map_err(ort_err)?;
-        let position_ids = self.position_tensor(inputs, rows, s)?;
-        let image_inputs = match inputs.images() {
-            Some(_) => Vec::new(),
-            None => self.empty_image_inputs(None)?,
-        };
-        let kv = self.manifest.kv_cache.clone();
-        let vocab = self.vocab_size();
-        let host = MemoryInfo::default();
-        let device = Self::cache_memory(self.ep.device_id())?;
-        let greedy_output = fetch == Fetch::Greedy && self.manifest.has_greedy_output();
-
-        let mut binding = self.session.create_binding().map_err(ort_err)?;
-        binding.bind_input("input_ids", &input_ids).map_err(ort_err)?;
-        binding.bind_input("attention_mask", &attention_mask).map_err(ort_err)?;
-        binding.bind_input("position_ids", &position_ids).map_err(ort_err)?;
-        for (name, value) in &image_inputs {
-            binding.bind_input(name, value).map_err(ort_err)?;
-        }
-        if let Some(images) = inputs.images() {
-            binding.bind_input(IMAGE_EMBEDS_INPUT, images.embeds()).map_err(ort_err)?;
-            if self.takes_deepstack() {
-                binding.bind_input(DEEPSTACK_EMBEDS_INPUT, images.deepstack()).map_err(ort_err)?;
-            }
-        }
-        // Cache views bound as inputs: they must outlive the run.
-        let mut held_views = Vec::new();
-        match &mut cache.store {
-            KvStore::Device { layout, memory, .. } => {
-                held_views = Self::bind_rows(&mut binding, &kv, layout, memory, first, inputs.rows())?;
-            }
-            KvStore::Growing { keys, values } => {
-                for (layer, (k, v)) in keys.iter().zip(values.iter()).enumerate() {
-                    binding.bind_input(KvCacheSpec::name(&kv.past_key, layer), k).map_err(ort_err)?;
-                    binding.bind_input(KvCacheSpec::name(&kv.past_value, layer), v).map_err(ort_err)?;
-                    binding
-                        .bind_output_to_device(KvCacheSpec::name(&kv.present_key, layer), &device)
-                        .map_err(ort_err)?;
-                    binding
-                        .bind_output_to_device(KvCacheSpec::name(&kv.present_value, layer), &device)
-                        .map_err(ort_err)?;
-                }
-            }
-        }
-        if greedy_output {
-            // The logits stay where they were computed; rows x positions token ids come back.
-            binding.bind_output_to_device("logits", &device).map_err(ort_err)?;
-            binding.bind_output_to_device(GREEDY_TOKENS_OUTPUT, &host).map_err(ort_err)?;
-        } else {
-            binding.bind_output_to_device("logits", &host).map_err(ort_err)?;
-        }
-        let mut options = Self::no_graph_options()?;
-        let shrink = self.ep.cuda_options().filter(|o| o.shrink_arena && s > 1);
-        if let Some(o) = shrink {
-            // After a prefill, hand the arena's free regions back to the device.
-            options.set("memory.enable_memory_arena_shrinkage", format!("gpu:{}", o.device_id)).map_err(ort_err)?;
-        }
-        let mut outputs = self
-            .session
-            .run_binding_with_options(&binding, &options)
-            .map_err(ort_err)
-            .context("decoder step failed")?;
-        let result = if greedy_output {
-            StepOutput::Greedy(Self::read_greedy(outputs.remove(GREEDY_TOKENS_OUTPUT))?)
-        } else {
-            StepOutput::Logits(Self::read_logits(outputs.remove("logits"), vocab)?)
-        };
-        drop(held_views);
-        if let KvStore::Growing { keys, values } = &mut cache.store {
-            for layer in 0..keys.len() {
-                let name_k = KvCacheSpec::name(&kv.present_key, layer);
-                let name_v = KvCacheSpec::name(&kv.present_value, layer);
-                keys[layer] = outputs.remove(&name_k).with_context(|| format!("missing output {name_k}"))?;
-                values[layer] = outputs.remove(&name_v).with_context(|| format!("missing output {name_v}"))?;
-            }
+        let out = self.run_steps(vec![MicroStep { inputs: inputs.clone(), first, fetch }], cache, false)?;
+        if !cache.is_shared_buffer() {
             cache.len += inputs.seq_len();
         }
-        Ok(result)
-    }
-
-    /// `position_ids` of a step: (batch, s), or for a multimodal rotary (3, batch, s) with each
-    /// token's t, h and w positions (see [`StepInputs`]).
-    fn position_tensor(&self, inputs: &StepInputs, batch: i64, s: i64) -> Result<Tensor<i64>> {
-        let axes = self.manifest.position_axes();
-        if axes == 1 {
-            return Ok(Tensor::from_array((vec![batch, s], inputs.position_ids()))?);
-        }
-        Ok(Tensor::from_array((vec![axes as i64, batch, s], inputs.axis_position_ids()))?)
-    }
-
-    /// `position_ids`' shape in a decode step of `batch` sequences: (batch, 1), or (3, batch, 1).
-    fn decode_position_shape(&self, batch: usize) -> Vec<usize> {
-        match self.manifest.position_axes() {
-            1 => vec![batch, 1],
-            axes => vec![axes, batch, 1],
-        }
+        join_rows(out)
     }
 
     /// Whether the decoder takes image rows (`image_embeds`): a vision-language decoder.
@@ -854,100 +769,31 @@ impl DecoderModel {
         self.manifest.inputs.iter().any(|io| io.name == IMAGE_EMBEDS_INPUT)
     }
 
-    fn takes_deepstack(&self) -> bool {
-        self.manifest.inputs.iter().any(|io| io.name == DEEPSTACK_EMBEDS_INPUT)
-    }
-
-    /// An uninitialized tensor of `dtype` (a float or KV dtype) where the session runs (the
-    /// device of a GPU session, else host memory), and its data address: a step's image rows.
+    /// An uninitialized tensor of `dtype` (a float or KV dtype) where the image rows are read
+    /// (the device of the stage taking them, else host memory), and its data address: a step's
+    /// image rows.
     pub fn new_tensor(&self, dtype: TensorDtype, shape: &[usize]) -> Result<(DynValue, usize)> {
-        match &self.device_allocator {
+        let stage = self.stages.iter().find(|s| s.takes_images()).unwrap_or(&self.stages[0]);
+        match stage.allocator() {
             Some(alloc) => device_tensor(alloc, dtype, shape),
             None => device_tensor(&Allocator::default(), dtype, shape),
         }
     }
 
-    /// A vision-language decoder's image inputs with no rows: a step without image tokens. Empty
-    /// for text models. On the host, or from `device` (a captured CUDA graph takes no host inputs).
-    fn empty_image_inputs(&self, device: Option<&Allocator>) -> Result<Vec<(String, DynValue)>> {
-        let mut out = Vec::new();
-        let image_input =
-            |io: &&pio_models::manifest::IoSpec| io.name == IMAGE_EMBEDS_INPUT || io.name == DEEPSTACK_EMBEDS_INPUT;
-        for io in self.manifest.inputs.iter().filter(image_input) {
-            // The symbolic dimension is the number of image rows: 0.
-            let shape: Vec<i64> = io.shape.iter().map(|d| d.as_i64().unwrap_or(0)).collect();
-            let value = match device {
-                None => empty_host_tensor(io.dtype, shape)?,
-                Some(alloc) => {
-                    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-                    device_tensor(alloc, io.dtype, &shape)?.0
-                }
-            };
-            out.push((io.name.clone(), value));
-        }
-        Ok(out)
+    /// The execution provider of the stage that takes image rows (a vision encoder's place).
+    pub fn image_ep(&self) -> &ExecutionProvider {
+        &self.stages.iter().find(|s| s.takes_images()).unwrap_or(&self.stages[0]).ep
     }
 
-    /// Binds rows `first..first + rows` of every layer's shared buffer as both past and present
-    /// (GroupQueryAttention's shared buffer, updated in place). Returns the input views, which
-    /// must outlive the run.
-    fn bind_rows<'a>(
-        binding: &mut ort::session::IoBinding,
-        kv: &KvCacheSpec,
-        layout: &SharedLayout,
-        memory: &MemoryInfo<'static>,
-        first: usize,
-        rows: usize,
-    ) -> Result<Vec<ort::value::DynValueRefMut<'a>>> {
-        let mut held = Vec::with_capacity(2 * layout.layers.len());
-        for (layer, &(k_addr, v_addr)) in layout.layers.iter().enumerate() {
-            // SAFETY: the addresses are the data of the cache's buffers, alive while the cache
-            // is borrowed for the run, of this layout and dtype; the views live until it ends.
-            let view = |addr| unsafe { rows_view(memory, kv.dtype, layout, addr, first, rows) };
-            for (name, addr) in [(&kv.past_key, k_addr), (&kv.past_value, v_addr)] {
-                let input = view(addr)?;
-                bind_input_in_place(binding, &KvCacheSpec::name(name, layer), &input)?;
-                held.push(input);
-            }
-            binding.bind_output(KvCacheSpec::name(&kv.present_key, layer), view(k_addr)?).map_err(ort_err)?;
-            binding.bind_output(KvCacheSpec::name(&kv.present_value, layer), view(v_addr)?).map_err(ort_err)?;
-        }
-        Ok(held)
-    }
-
-    /// Run options that keep a step out of CUDA-graph capture (shapes vary between prefills).
-    fn no_graph_options() -> Result<RunOptions> {
-        let mut options = RunOptions::new().map_err(ort_err)?;
-        options.set("gpu_graph_id", "-1").map_err(ort_err)?;
-        Ok(options)
-    }
-
-    fn read_logits(value: Option<DynValue>, vocab: usize) -> Result<Logits> {
-        let value = value.context("the graph has no `logits` output")?;
-        let (shape, data) = value.try_extract_tensor::<f32>().map_err(ort_err)?;
-        let batch = shape.first().copied().unwrap_or(1).max(1) as usize;
-        let rows = shape.get(1).copied().unwrap_or(1).max(1) as usize;
-        if data.len() != batch * rows * vocab {
-            bail!("logits of shape {shape:?} do not match vocabulary {vocab}");
-        }
-        Ok(Logits { data: data.to_vec(), batch, rows, vocab })
-    }
-
-    /// The last position's token of each sequence from a (batch, rows) `greedy_tokens` output.
-    fn read_greedy(value: Option<DynValue>) -> Result<Vec<u32>> {
-        let value = value.with_context(|| format!("the graph has no `{GREEDY_TOKENS_OUTPUT}` output"))?;
-        let (shape, data) = value.try_extract_tensor::<i64>().map_err(ort_err)?;
-        let rows = shape.get(1).copied().unwrap_or(1).max(1) as usize;
-        Ok(data.chunks(rows).filter_map(|row| row.last()).map(|&t| t as u32).collect())
-    }
-
-    /// Whether decode steps can replay a captured CUDA graph: the CUDA execution provider with
-    /// `cuda_graph` on, and GroupQueryAttention's shared buffer.
+    /// Whether decode steps can replay captured CUDA graphs: every stage on the CUDA execution
+    /// provider with `cuda_graph` on, GroupQueryAttention's shared buffer, and, with several
+    /// stages, the CUDA runtime to hand hidden states between their fixed buffers.
     pub fn can_replay_graphs(&self) -> bool {
-        matches!(self.ep, ExecutionProvider::Cuda(_))
-            && self.ep.cuda_graph()
-            && self.device_allocator.is_some()
+        self.stages
+            .iter()
+            .all(|s| matches!(s.ep, ExecutionProvider::Cuda(_)) && s.ep.cuda_graph() && s.device().is_some())
             && self.has_shared_buffer()
+            && (self.stages.len() == 1 || CudaRuntime::get().is_some())
     }
 
     /// One decode step (one token per sequence, all at `cache.len`) replayed from a captured
@@ -964,10 +810,11 @@ impl DecoderModel {
     }
 
     /// One decode step (one token per row, each after its own past) over rows 0..inputs.rows()
-    /// of a shared-buffer cache, replayed from a captured CUDA graph. Needs
-    /// [`can_replay_graphs`](Self::can_replay_graphs); every input and output lives at a fixed
-    /// device address (the attention mask spans the whole capacity), so ONNX Runtime captures the
-    /// step once per cache and number of rows and replays it. Leaves `cache.len` alone.
+    /// of a shared-buffer cache, replayed from captured CUDA graphs (one per stage and
+    /// micro-batch). Needs [`can_replay_graphs`](Self::can_replay_graphs); every input and
+    /// output lives at a fixed device address (the attention mask spans the whole capacity),
+    /// so ONNX Runtime captures the step once per cache and rows and replays it. Leaves
+    /// `cache.len` alone.
     pub fn run_rows_graph(&mut self, inputs: &StepInputs, cache: &mut KvCache, fetch: Fetch) -> Result<StepOutput> {
         if inputs.seq_len() != 1 {
             bail!("a CUDA-graph step decodes one token per sequence, got {}", inputs.seq_len());
@@ -976,114 +823,16 @@ impl DecoderModel {
             bail!("a CUDA-graph decode step takes no image rows");
         }
         self.check_rows(inputs, cache, 0)?;
-        let rows = inputs.rows();
-        let device = self.ep.device_id().unwrap_or(0);
-        let alloc = self.device_allocator.as_ref().ok_or_else(|| anyhow!("CUDA-graph decode needs a CUDA session"))?;
-        let KvStore::Device { layout, memory, .. } = &mut cache.store else {
+        if !self.can_replay_graphs() {
+            bail!("CUDA-graph decode needs the CUDA execution provider with cuda_graph=1 on every stage");
+        }
+        if !cache.is_shared_buffer() {
             bail!(
                 "CUDA-graph decode needs GroupQueryAttention's fixed-size cache; {} was exported without fused attention",
                 self.dir.display()
             );
-        };
-        let capacity = layout.capacity;
-        let vocab = self.manifest.dims.vocab_size;
-        let has_greedy = self.manifest.has_greedy_output();
-        let cache_key = (layout.layers.clone(), rows, capacity);
-        let index = match self.graph_states.iter().position(|g| g.cache == cache_key) {
-            Some(i) => i,
-            None => {
-                // New rows or a new cache: new fixed inputs and a new capture. Graph ids start at 1.
-                let graph_id = 1 + self.graph_states.iter().map(|g| g.graph_id).max().unwrap_or(0);
-                let tensor = |shape: Vec<usize>| Tensor::<i64>::new(alloc, shape).map_err(ort_err);
-                self.graph_states.push(GraphDecodeState {
-                    cache: cache_key,
-                    graph_id,
-                    input_ids: tensor(vec![rows, 1])?,
-                    position_ids: tensor(self.decode_position_shape(rows))?,
-                    attention_mask: tensor(vec![rows, capacity])?,
-                    logits: Tensor::<f32>::new(alloc, [rows, 1, vocab]).map_err(ort_err)?,
-                    greedy: if has_greedy { Some(tensor(vec![rows, 1])?) } else { None },
-                });
-                self.graph_states.len() - 1
-            }
-        };
-        let image_inputs = self.empty_image_inputs(Some(alloc))?;
-        let position_shape = self.decode_position_shape(rows);
-        let state = &mut self.graph_states[index];
-        let (ids, mask) = (inputs.input_ids(), inputs.attention_mask(capacity));
-        let positions = if position_shape.len() == 3 { inputs.axis_position_ids() } else { inputs.position_ids() };
-        match CudaRuntime::get() {
-            Some(rt) => {
-                // SAFETY: the three tensors are device allocations of exactly these sizes.
-                unsafe {
-                    rt.host_to_device(device, state.input_ids.data_ptr_mut(), &ids)?;
-                    rt.host_to_device(device, state.position_ids.data_ptr_mut(), &positions)?;
-                    rt.host_to_device(device, state.attention_mask.data_ptr_mut(), &mask)?;
-                }
-                rt.synchronize(device)?;
-            }
-            None => {
-                let host = |shape: Vec<i64>, data: Vec<i64>| Tensor::from_array((shape, data)).map_err(ort_err);
-                host(vec![rows as i64, 1], ids)?.copy_into(&mut state.input_ids).map_err(ort_err)?;
-                let shape = position_shape.iter().map(|&d| d as i64).collect();
-                host(shape, positions)?.copy_into(&mut state.position_ids).map_err(ort_err)?;
-                host(vec![rows as i64, capacity as i64], mask)?
-                    .copy_into(&mut state.attention_mask)
-                    .map_err(ort_err)?;
-            }
         }
-
-        let kv = self.manifest.kv_cache.clone();
-        let mut binding = self.session.create_binding().map_err(ort_err)?;
-        binding.bind_input("input_ids", &state.input_ids).map_err(ort_err)?;
-        binding.bind_input("position_ids", &state.position_ids).map_err(ort_err)?;
-        binding.bind_input("attention_mask", &state.attention_mask).map_err(ort_err)?;
-        for (name, value) in &image_inputs {
-            binding.bind_input(name, value).map_err(ort_err)?;
-        }
-        let held_views = Self::bind_rows(&mut binding, &kv, layout, memory, 0, rows)?;
-        binding.bind_output("logits", &mut state.logits).map_err(ort_err)?;
-        if let Some(greedy) = state.greedy.as_mut() {
-            binding.bind_output(GREEDY_TOKENS_OUTPUT, greedy).map_err(ort_err)?;
-        }
-        let mut options = RunOptions::new().map_err(ort_err)?;
-        options.set("gpu_graph_id", state.graph_id.to_string()).map_err(ort_err)?;
-        self.session
-            .run_binding_with_options(&binding, &options)
-            .map_err(ort_err)
-            .context("decode step (CUDA graph) failed")?;
-        drop(held_views);
-
-        let out = match (&state.greedy, fetch) {
-            (Some(greedy), Fetch::Greedy) => {
-                let mut tokens = vec![0i64; rows];
-                Self::copy_to_host(device, greedy, &mut tokens)?;
-                StepOutput::Greedy(tokens.into_iter().map(|t| t as u32).collect())
-            }
-            _ => {
-                let mut data = vec![0f32; rows * vocab];
-                Self::copy_to_host(device, &state.logits, &mut data)?;
-                StepOutput::Logits(Logits { data, batch: rows, rows: 1, vocab })
-            }
-        };
-        Ok(out)
-    }
-
-    /// Copies a whole device tensor into `dst` (its length).
-    fn copy_to_host<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug>(
-        device: i32,
-        src: &Tensor<T>,
-        dst: &mut [T],
-    ) -> Result<()> {
-        if let Some(rt) = CudaRuntime::get() {
-            // SAFETY: `src` is a device tensor of dst.len() elements.
-            return unsafe { rt.device_to_host(device, dst, src.data_ptr()) };
-        }
-        let shape: Vec<usize> = src.shape().iter().map(|&d| d as usize).collect();
-        let mut host = Tensor::<T>::new(&Allocator::default(), shape).map_err(ort_err)?;
-        src.copy_into(&mut host).map_err(ort_err)?;
-        let (_, data) = host.try_extract_tensor::<T>().map_err(ort_err)?;
-        dst.copy_from_slice(data);
-        Ok(())
+        let out = self.run_steps(vec![MicroStep { inputs: inputs.clone(), first: 0, fetch }], cache, true)?;
+        join_rows(out)
     }
 }

@@ -19,7 +19,7 @@ use anyhow::{bail, Result};
 
 use crate::vision::ImageFeatures;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct StepInputs {
     /// Row-major (rows, seq_len).
     tokens: Vec<u32>,
@@ -118,6 +118,29 @@ impl StepInputs {
         self.past_lens.iter().max().copied().unwrap_or(0) + self.seq_len
     }
 
+    /// Rows `rows` of this step as a step of their own (a micro-batch of a pipelined step). A
+    /// step with image rows is not split (its image rows follow its tokens across rows).
+    pub(crate) fn select_rows(&self, rows: std::ops::Range<usize>) -> Result<StepInputs> {
+        if self.images.is_some() {
+            bail!("a step with image rows runs whole");
+        }
+        if rows.is_empty() || rows.end > self.rows() {
+            bail!("rows {rows:?} of a step of {} rows", self.rows());
+        }
+        let tokens = rows.start * self.seq_len..rows.end * self.seq_len;
+        Ok(StepInputs {
+            tokens: self.tokens[tokens.clone()].to_vec(),
+            seq_len: self.seq_len,
+            past_lens: self.past_lens[rows.clone()].to_vec(),
+            rope_deltas: self.rope_deltas[rows].to_vec(),
+            axis_positions: self
+                .axis_positions
+                .as_ref()
+                .map(|axes| axes.clone().map(|axis| axis[tokens.clone()].to_vec())),
+            images: None,
+        })
+    }
+
     pub(crate) fn input_ids(&self) -> Vec<i64> {
         self.tokens.iter().map(|&t| t as i64).collect()
     }
@@ -187,6 +210,24 @@ mod tests {
         let chunk = StepInputs::uniform(vec![1, 2, 3], 1, 4).unwrap();
         assert_eq!(chunk.position_ids(), vec![4, 5, 6]);
         assert_eq!(chunk.attention_mask(chunk.total_len()), vec![1; 7]);
+    }
+
+    #[test]
+    fn selected_rows_keep_their_tokens_pasts_deltas_and_positions() {
+        let step = StepInputs::new(vec![1, 2, 3, 4, 5, 6], vec![3, 0, 7])
+            .unwrap()
+            .with_rope_deltas(vec![0, -1, 2])
+            .unwrap()
+            .with_axis_positions([vec![0, 1, 2, 3, 4, 5], vec![6, 7, 8, 9, 10, 11], vec![0; 6]])
+            .unwrap();
+        let tail = step.select_rows(1..3).unwrap();
+        assert_eq!(
+            (tail.tokens(), tail.past_lens(), tail.rope_deltas()),
+            (&[3, 4, 5, 6][..], &[0, 7][..], &[-1, 2][..])
+        );
+        assert_eq!(tail.axis_position_ids(), vec![2, 3, 4, 5, 8, 9, 10, 11, 0, 0, 0, 0]);
+        assert!(step.select_rows(2..4).is_err());
+        assert!(step.select_rows(1..1).is_err());
     }
 
     #[test]

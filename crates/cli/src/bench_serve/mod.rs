@@ -215,6 +215,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             prefill_chunk: None,
             check_chunked_prefill: false,
             seed: args.seed,
+            stages: args.model.stages.options(),
         };
         tracing::info!("offline reference: pio bench's decode at batch {}", args.offline_batch);
         let run = bench::bench_one(&args.model.graphs, "offline", &ep, &plan);

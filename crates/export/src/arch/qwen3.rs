@@ -9,21 +9,30 @@ use crate::decoder::DecoderBuilder;
 use crate::error::BuildResult as Result;
 
 pub fn build_decoder(b: &mut DecoderBuilder) -> Result<()> {
-    let (x, table) = b.embed("model.embed_tokens.weight")?;
-    let h = dense_stack(b, "model", &x, &mut |_, _| Ok(None))?;
-    let lm_head = if b.text.tie_word_embeddings { None } else { Some("lm_head.weight") };
-    b.logits(&h, lm_head, &table)
+    let x = b.embed_in_first_stage("model.embed_tokens.weight")?;
+    let h = dense_stack(b, "model", x.as_deref(), &mut |_, _| Ok(None))?;
+    b.logits_in_last_stage(h, lm_head_weight(b.text), "model.embed_tokens.weight")
 }
 
-/// The dense layers under `root` (`{root}.layers.N`, SwiGLU MLPs) and the final norm
-/// `{root}.norm`, from the embeddings `x`; `addend` as in
-/// [`DecoderBuilder::decoder_stack_with_addends`]. Returns the normed hidden states.
+/// The lm_head's weight, None when it is tied to the embeddings.
+pub fn lm_head_weight(t: &TextConfig) -> Option<&'static str> {
+    if t.tie_word_embeddings {
+        None
+    } else {
+        Some("lm_head.weight")
+    }
+}
+
+/// The dense layers under `root` (`{root}.layers.N`, SwiGLU MLPs) of the builder's scope and
+/// the final norm `{root}.norm`, from the embeddings `x` (None: a later stage's hidden-state
+/// inputs); `addend` as in [`DecoderBuilder::decoder_stack_with_addends`]. Returns the normed
+/// hidden states in the last stage.
 pub fn dense_stack(
     b: &mut DecoderBuilder,
     root: &str,
-    x: &str,
+    x: Option<&str>,
     addend: &mut dyn FnMut(&mut DecoderBuilder, usize) -> Result<Option<String>>,
-) -> Result<String> {
+) -> Result<Option<String>> {
     let intermediate = b.text.intermediate_size;
     let layer_prefix = |i: usize| format!("{root}.layers.{i}");
     b.decoder_stack_with_addends(

@@ -32,6 +32,12 @@ pub fn deepstack_decoder_layers(config: &ModelConfig) -> Vec<usize> {
     (0..n.min(config.text.num_hidden_layers)).collect()
 }
 
+/// The decoder input of a later stage carrying deepstack feature `layer` spread over the
+/// step's tokens, (batch, sequence, hidden): output by the first stage, which has the image rows.
+pub fn deepstack_carried(layer: usize) -> String {
+    format!("deepstack_features.{layer}")
+}
+
 /// The vision encoder's config and the image token ids of a Qwen3-VL config (a parsed config.json has both).
 pub fn vision_parts(config: &ModelConfig) -> std::result::Result<(&VisionConfig, &VisionTokens), CheckpointError> {
     match (&config.vision, &config.vision_tokens) {
@@ -42,14 +48,33 @@ pub fn vision_parts(config: &ModelConfig) -> std::result::Result<(&VisionConfig,
 
 pub fn build_decoder(b: &mut DecoderBuilder, config: &ModelConfig) -> Result<()> {
     let (vision, tokens) = vision_parts(config)?;
-    let (token_embeds, table) = b.embed(&format!("{TEXT_ROOT}.embed_tokens.weight"))?;
-    let images = ImageRows::new(b, tokens.image_token_id, vision.deepstack_visual_indexes.len(), &token_embeds)?;
+    let embed_name = format!("{TEXT_ROOT}.embed_tokens.weight");
     let layers = deepstack_decoder_layers(config);
-    let h = dense_stack(b, TEXT_ROOT, &images.embeddings, &mut |_, layer| {
-        Ok(layers.contains(&layer).then(|| images.deepstack[layer].clone()))
+    // The image rows live in the first stage: the token embeddings with image rows merged in,
+    // and the deepstack features spread over the tokens, handed on to the stages that hold
+    // their layers.
+    let images = match b.embed_in_first_stage(&embed_name)? {
+        None => None,
+        Some(token_embeds) => {
+            let images =
+                ImageRows::new(b, tokens.image_token_id, vision.deepstack_visual_indexes.len(), &token_embeds)?;
+            let own = b.scope.layers.clone();
+            for &layer in layers.iter().filter(|l| !own.contains(l)) {
+                b.carried_output(&images.deepstack[layer], &deepstack_carried(layer));
+            }
+            Some(images)
+        }
+    };
+    let h = dense_stack(b, TEXT_ROOT, images.as_ref().map(|i| i.embeddings.as_str()), &mut |b, layer| {
+        if !layers.contains(&layer) {
+            return Ok(None);
+        }
+        Ok(Some(match &images {
+            Some(images) => images.deepstack[layer].clone(),
+            None => b.carried_input(&deepstack_carried(layer)),
+        }))
     })?;
-    let lm_head = if b.text.tie_word_embeddings { None } else { Some("lm_head.weight") };
-    b.logits(&h, lm_head, &table)
+    b.logits_in_last_stage(h, super::qwen3::lm_head_weight(b.text), &embed_name)
 }
 
 /// The image inputs spread over the step's token positions.

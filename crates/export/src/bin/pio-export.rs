@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use pio_export::synthetic::{self, ShapeOverrides};
+use pio_export::stages::StageSplit;
+use pio_export::synthetic::{self, CheckpointContents, ShapeOverrides};
 use pio_export::{export, ExportRequest, ExportSettings};
 use pio_models::cli_args::NumberRange;
 use pio_models::presets::{find_preset, Preset, TokenizerFamily};
@@ -142,6 +143,38 @@ struct Args {
     /// Replace the output folder if it exists.
     #[arg(long)]
     force: bool,
+    /// Write the decoder as N stage graphs over contiguous layer ranges, balanced by the bytes
+    /// of their weights (MoE layers weigh more), for running over several GPUs (`pio --devices`).
+    #[arg(long, conflicts_with_all = ["stage_memory_gb", "stage_boundaries"])]
+    stages: Option<usize>,
+    /// Stages sized by a per-device budget: as few as keep each stage's weights within this many
+    /// GiB (leave room for the KV cache and activations), balanced.
+    #[arg(long, conflicts_with = "stage_boundaries")]
+    stage_memory_gb: Option<f64>,
+    /// Stages cut where you say: the first layer of each stage after the first, comma-separated
+    /// (e.g. 3,47 for layers 0-2, 3-46 and 47 to the last).
+    #[arg(long, value_delimiter = ',')]
+    stage_boundaries: Vec<usize>,
+    /// With --synthetic --precision int4: draw the quantized weights (the decoder's projections
+    /// and experts) as random int4 codes and scales while exporting, instead of writing them in
+    /// bf16 and quantizing; the synthetic checkpoint then holds only the weights that stay 16-bit.
+    #[arg(long, requires = "synthetic")]
+    direct_int4: bool,
+}
+
+/// The stage split the flags ask for.
+fn stage_split(args: &Args) -> Result<StageSplit> {
+    Ok(match (args.stages, args.stage_memory_gb, args.stage_boundaries.as_slice()) {
+        (Some(n), ..) => StageSplit::Count(n),
+        (None, Some(gb), _) => {
+            if !(gb.is_finite() && gb > 0.0) {
+                bail!("--stage-memory-gb {gb}: must be a positive number of GiB");
+            }
+            StageSplit::MemoryBudget((gb * (1u64 << 30) as f64) as u64)
+        }
+        (None, None, []) => StageSplit::Single,
+        (None, None, boundaries) => StageSplit::Boundaries(boundaries.to_vec()),
+    })
 }
 
 /// `--int4-block-size`: MatMulNBits takes power-of-two blocks of 16 or more.
@@ -194,7 +227,11 @@ fn preset_checkpoint(preset: &Preset) -> Result<PathBuf> {
 fn synthetic_checkpoint(args: &Args, preset: &Preset) -> Result<PathBuf> {
     let overrides = args.overrides();
     let dir = args.checkpoint_out.clone().unwrap_or_else(|| {
-        let tag = overrides.tag();
+        let mut tag = overrides.tag();
+        if args.direct_int4 {
+            // Not a full checkpoint: kept apart from one.
+            tag = if tag.is_empty() { "direct-int4".into() } else { format!("{tag}-direct-int4") };
+        }
         let name = if tag.is_empty() {
             format!("{}-synthetic", preset.name)
         } else {
@@ -215,7 +252,8 @@ fn synthetic_checkpoint(args: &Args, preset: &Preset) -> Result<PathBuf> {
         None => None,
     };
     tracing::info!("writing synthetic checkpoint {} (seed {})", dir.display(), args.seed);
-    Ok(synthetic::write_checkpoint(preset, &overrides, args.seed, tokenizer.as_deref(), &dir)?)
+    let contents = if args.direct_int4 { CheckpointContents::WithoutQuantized } else { CheckpointContents::All };
+    Ok(synthetic::write_checkpoint_with(preset, &overrides, args.seed, tokenizer.as_deref(), &dir, contents)?)
 }
 
 fn run(args: Args) -> Result<()> {
@@ -288,6 +326,8 @@ fn run(args: Args) -> Result<()> {
             sliding_window: !args.no_sliding_window,
             fused_attention: !args.no_fused_attention,
             pio_kernels,
+            stages: stage_split(&args)?,
+            random_int4: args.direct_int4.then_some(args.seed),
             ..defaults
         },
         overwrite: args.force,

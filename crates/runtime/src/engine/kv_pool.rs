@@ -149,9 +149,10 @@ pub(crate) enum KvMemory {
 }
 
 impl KvMemory {
-    /// The copier for a pool's memory; None on a GPU without the CUDA runtime in the process.
-    pub(crate) fn of(layout: &SharedLayout) -> Option<KvMemory> {
-        Self::on(layout.device)
+    /// Whether KV can be copied where every layer of `layout` lives (a GPU needs the CUDA
+    /// runtime in the process).
+    pub(crate) fn available(layout: &SharedLayout) -> bool {
+        layout.devices.iter().all(|&d| Self::on(d).is_some())
     }
 
     /// The copier for memory of CUDA device `device` (None: host memory).
@@ -160,6 +161,24 @@ impl KvMemory {
             None => Some(KvMemory::Host),
             Some(device) => CudaRuntime::get().map(|runtime| KvMemory::Cuda { device, runtime }),
         }
+    }
+
+    /// Runs each copy on its memory (the device of the layer it moves: a staged model's layers
+    /// live on their stages' devices), and waits for them.
+    ///
+    /// # Safety
+    /// As [`copy`](Self::copy), for each copy on its device.
+    pub(crate) unsafe fn copy_on_devices(copies: &[(Option<i32>, Copy2d)]) -> Result<()> {
+        let mut devices: Vec<Option<i32>> = copies.iter().map(|(d, _)| *d).collect();
+        devices.sort();
+        devices.dedup();
+        for device in devices {
+            let memory = Self::on(device)
+                .ok_or_else(|| anyhow::anyhow!("the CUDA runtime is not loaded: cannot copy KV on GPU {device:?}"))?;
+            let group: Vec<Copy2d> = copies.iter().filter(|(d, _)| *d == device).map(|(_, c)| *c).collect();
+            memory.copy(&group)?;
+        }
+        Ok(())
     }
 
     /// Runs `copies` and waits for them.

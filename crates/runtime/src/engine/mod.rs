@@ -51,6 +51,7 @@ use crate::ep::ExecutionProvider;
 use crate::generate::GenerationOutput;
 use crate::model::DecoderModel;
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
+use crate::stages::StageOptions;
 use crate::tokenizer::Tokenizer;
 use crate::vision::{ImageSettings, LocalImageFiles, RemoteImages, VisionEncoder};
 
@@ -107,6 +108,7 @@ pub struct EngineConfig {
     prefix_cache_bytes: Option<u64>,
     max_waiting: usize,
     images: ImageSettings,
+    stages: StageOptions,
 }
 
 impl EngineConfig {
@@ -125,6 +127,7 @@ impl EngineConfig {
                 prefix_cache_bytes: None,
                 max_waiting: DEFAULT_MAX_WAITING,
                 images: ImageSettings::default(),
+                stages: StageOptions::default(),
             },
         }
     }
@@ -149,6 +152,9 @@ impl EngineConfig {
     }
     pub fn images(&self) -> &ImageSettings {
         &self.images
+    }
+    pub fn stages(&self) -> &StageOptions {
+        &self.stages
     }
 }
 
@@ -237,6 +243,13 @@ impl EngineConfigBuilder {
         self
     }
 
+    /// Where a staged export's stages run and how they overlap (default: every stage on the
+    /// execution provider's device; see [`StageOptions`]).
+    pub fn stages(mut self, stages: StageOptions) -> Self {
+        self.config.stages = stages;
+        self
+    }
+
     pub fn build(self) -> Result<EngineConfig, EngineError> {
         let c = self.config;
         if c.prefill_budget == 0 {
@@ -250,6 +263,9 @@ impl EngineConfigBuilder {
         }
         if c.pool.max_seqs == Some(0) {
             return Err(EngineError::config("max_seqs", "must be at least 1"));
+        }
+        if c.stages.micro_batches() == Some(0) {
+            return Err(EngineError::config("micro_batches", "must be at least 1"));
         }
         if c.pool.kv_cache_bytes == Some(0) {
             return Err(EngineError::config("kv_cache_bytes", "must be more than 0"));
@@ -602,7 +618,7 @@ fn load_tokenizer(dir: &Path) -> Result<(Option<Tokenizer>, Option<ChatTemplate>
 /// Loads the model (and a vision-language model's encoder, with `processor` its image processor)
 /// on the worker thread and sizes the pool.
 fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Result<Runner, EngineError> {
-    let mut model = DecoderModel::load(&config.graphs, &config.ep)
+    let mut model = DecoderModel::load_with(&config.graphs, &config.ep, &config.stages)
         .map_err(|e| EngineError::model(format!("cannot load the model in {}", config.graphs.display()), e))?;
     let on_gpu = model.device_id().is_some();
     let measured = if on_gpu && config.pool.kv_cache_bytes.is_none() {
@@ -627,7 +643,8 @@ fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Res
     let vision = match model.manifest.vision {
         None => None,
         Some(_) => {
-            let loaded = VisionEncoder::load_with(&config.graphs, &model.manifest, &config.ep)
+            // The encoder runs where the decoder takes the image rows (its first stage).
+            let loaded = VisionEncoder::load_with(&config.graphs, &model.manifest, model.image_ep())
                 .map_err(|e| EngineError::model("cannot load the vision encoder", e.into()))?;
             let processor = processor.ok_or_else(|| {
                 EngineError::model(

@@ -30,10 +30,9 @@ pub(crate) fn graph_batch_sizes(max_seqs: usize) -> Vec<usize> {
     sizes
 }
 
-/// The prefix cache's index and where its extents' bytes live.
+/// The prefix cache's index; its extents' bytes live where the pool's layers do.
 struct PrefixStore {
     cache: PrefixCache<KvBuffer>,
-    memory: KvMemory,
 }
 
 pub(crate) struct Runner {
@@ -56,21 +55,19 @@ impl Runner {
         vision: Option<VisionRuntime>,
     ) -> Result<Self> {
         let pool = KvPool::new(&model, plan)?;
-        let memory = pool.layout().and_then(KvMemory::of);
-        let prefix = match (prefix_cache_bytes.filter(|&b| b > 0), memory, pool.layout()) {
-            (Some(bytes), Some(memory), Some(layout)) => Some(PrefixStore {
-                cache: PrefixCache::new(bytes, (BLOCK_TOKENS * layout.bytes_per_token()) as u64),
-                memory,
-            }),
-            (Some(_), _, None) => {
+        let prefix = match (prefix_cache_bytes.filter(|&b| b > 0), pool.layout()) {
+            (Some(bytes), Some(layout)) if KvMemory::available(layout) => {
+                Some(PrefixStore { cache: PrefixCache::new(bytes, (BLOCK_TOKENS * layout.bytes_per_token()) as u64) })
+            }
+            (Some(_), None) => {
                 tracing::warn!("prefix caching is off: this graph's KV cache grows step by step (no shared buffer)");
                 None
             }
-            (Some(_), None, Some(_)) => {
+            (Some(_), Some(_)) => {
                 tracing::warn!("prefix caching is off: the CUDA runtime is not loaded in this process");
                 None
             }
-            (None, ..) => None,
+            (None, _) => None,
         };
         let graph_sizes = if model.can_replay_graphs() { graph_batch_sizes(plan.slots) } else { Vec::new() };
         Ok(Runner { model, pool, prefix, graph_sizes, vision })
@@ -193,11 +190,12 @@ impl Runner {
         let mut copies = Vec::with_capacity(pieces.len() * 2 * layout.layers.len());
         for piece in &pieces {
             let extent = store.cache.extent(piece.extent).context("a prefix-cache extent vanished")?;
-            copies.extend(hit_copies(layout, slot, piece, extent.blocks, extent.storage.addr()));
+            copies.extend(hit_copies(layout, slot, piece, extent.blocks, &extent.storage));
         }
         // SAFETY: each copy reads an extent's buffer and writes positions of `slot` of the pool,
-        // both live and of the sizes computed from their layouts; they do not overlap.
-        unsafe { store.memory.copy(&copies) }.context("copying cached KV into a slot")?;
+        // both live and of the sizes computed from their layouts, on the layer's device; they do
+        // not overlap.
+        unsafe { KvMemory::copy_on_devices(&copies) }.context("copying cached KV into a slot")?;
         Ok(want)
     }
 
@@ -209,24 +207,29 @@ impl Runner {
         let Some(reservation) = store.cache.reserve(tokens, keys) else { return Ok(()) };
         let bytes = reservation.blocks * BLOCK_TOKENS * layout.bytes_per_token();
         let buffer = self.model.new_kv_buffer(bytes)?;
-        let copies = store_copies(layout, slot, &reservation, buffer.addr());
+        let copies = store_copies(layout, slot, &reservation, &buffer);
         // SAFETY: each copy reads positions of `slot` of the pool and writes the new buffer,
-        // both live and of the sizes computed from their layouts; they do not overlap.
-        unsafe { store.memory.copy(&copies) }.context("copying KV from a slot into the prefix cache")?;
+        // both live and of the sizes computed from their layouts, on the layer's device; they do
+        // not overlap.
+        unsafe { KvMemory::copy_on_devices(&copies) }.context("copying KV from a slot into the prefix cache")?;
         store.cache.commit(reservation, tokens, keys, buffer);
         Ok(())
     }
 
-    /// Bytes free for the KV pool on the session's GPU: free memory less the share
+    /// Bytes free for the KV pool on the sessions' GPUs: free memory less the share
     /// `1 - utilization` of the total kept back for activations and everything else. Measured
     /// after one prefill of `prefill_tokens` tokens, so that the largest activations of a step
-    /// are already allocated (ONNX Runtime's arena keeps them). None on the CPU.
+    /// are already allocated (ONNX Runtime's arena keeps them). A staged model's GPUs each hold
+    /// their stages' layers' share of every token's KV; the pool is what the tightest of them
+    /// allows, in bytes of the whole model's KV. None on the CPU.
     pub(crate) fn measure_free_kv_bytes(
         model: &mut DecoderModel,
         prefill_tokens: usize,
         utilization: f64,
     ) -> Result<Option<u64>> {
-        let Some(device) = model.device_id() else { return Ok(None) };
+        if model.device_id().is_none() {
+            return Ok(None);
+        }
         let runtime = CudaRuntime::get().context(
             "cannot measure the GPU's free memory (the CUDA runtime is not loaded): set --max-seqs or --kv-cache-gb",
         )?;
@@ -235,15 +238,28 @@ impl Runner {
         let profile = StepInputs::new(vec![0; tokens], vec![0])?;
         model.run_rows(&profile, &mut cache, 0, Fetch::Logits).context("the profiling prefill failed")?;
         drop(cache);
-        let (free, total) = runtime.memory_info(device)?;
-        let keep = ((1.0 - utilization) * total as f64) as u64;
-        let budget = (free as u64).saturating_sub(keep);
-        tracing::info!(
-            "GPU {device}: {} free of {} after a {tokens}-token profiling prefill; {} for the KV cache (utilization {utilization})",
-            pio_models::size::format_bytes(free as u64),
-            pio_models::size::format_bytes(total as u64),
-            pio_models::size::format_bytes(budget)
-        );
+        let layers = model.manifest.dims.num_layers.max(1) as u64;
+        let mut per_device: Vec<(i32, u64)> = Vec::new();
+        for (device, range) in model.stage_devices().into_iter().zip(model.stage_layers()) {
+            let Some(device) = device else { continue };
+            match per_device.iter_mut().find(|(d, _)| *d == device) {
+                Some((_, n)) => *n += range.len() as u64,
+                None => per_device.push((device, range.len() as u64)),
+            }
+        }
+        let mut budget = u64::MAX;
+        for (device, device_layers) in per_device {
+            let (free, total) = runtime.memory_info(device)?;
+            let keep = ((1.0 - utilization) * total as f64) as u64;
+            let available = (free as u64).saturating_sub(keep);
+            tracing::info!(
+                "GPU {device}: {} free of {} after a {tokens}-token profiling prefill; {} for the KV cache of its {device_layers} of {layers} layers (utilization {utilization})",
+                pio_models::size::format_bytes(free as u64),
+                pio_models::size::format_bytes(total as u64),
+                pio_models::size::format_bytes(available)
+            );
+            budget = budget.min(available / device_layers.max(1) * layers);
+        }
         Ok(Some(budget))
     }
 }
@@ -284,44 +300,50 @@ fn pool_buffer(layout: &SharedLayout, layer: usize, direction: usize) -> usize {
     }
 }
 
-/// Copies of a hit piece from its extent (`extent_blocks` long, at `extent_addr`) into `slot`:
-/// one strided copy per layer and direction, a run of the piece's tokens per head.
+/// Copies of a hit piece from its extent (`extent_blocks` long, in `extent`) into `slot`:
+/// one strided copy per layer and direction, a run of the piece's tokens per head, each on
+/// its layer's device.
 fn hit_copies(
     layout: &SharedLayout,
     slot: usize,
     piece: &HitPiece,
     extent_blocks: usize,
-    extent_addr: usize,
-) -> Vec<Copy2d> {
+    extent: &KvBuffer,
+) -> Vec<(Option<i32>, Copy2d)> {
     let extent_tokens = extent_blocks * BLOCK_TOKENS;
     let pb = layout.position_bytes();
     let mut copies = Vec::with_capacity(2 * layout.layers.len());
     for layer in 0..layout.layers.len() {
         for direction in 0..2 {
-            copies.push(Copy2d {
+            let copy = Copy2d {
                 dst: layout.address(pool_buffer(layout, layer, direction), slot, piece.to * BLOCK_TOKENS),
                 dst_pitch: layout.head_pitch(),
-                src: extent_addr
-                    + extent_region(layout, extent_tokens, layer, direction)
-                    + piece.first * BLOCK_TOKENS * pb,
+                src: extent
+                    .address(extent_region(layout, extent_tokens, layer, direction) + piece.first * BLOCK_TOKENS * pb),
                 src_pitch: extent_tokens * pb,
                 width: piece.blocks * BLOCK_TOKENS * pb,
                 height: layout.kv_heads,
-            });
+            };
+            copies.push((layout.devices[layer], copy));
         }
     }
     copies
 }
 
-/// Copies of a reservation's blocks from `slot` into a new extent at `extent_addr`.
-fn store_copies(layout: &SharedLayout, slot: usize, reservation: &Reservation, extent_addr: usize) -> Vec<Copy2d> {
+/// Copies of a reservation's blocks from `slot` into a new extent `extent`.
+fn store_copies(
+    layout: &SharedLayout,
+    slot: usize,
+    reservation: &Reservation,
+    extent: &KvBuffer,
+) -> Vec<(Option<i32>, Copy2d)> {
     let tokens = reservation.blocks * BLOCK_TOKENS;
     let pb = layout.position_bytes();
     let mut copies = Vec::with_capacity(2 * layout.layers.len());
     for layer in 0..layout.layers.len() {
         for direction in 0..2 {
-            copies.push(Copy2d {
-                dst: extent_addr + extent_region(layout, tokens, layer, direction),
+            let copy = Copy2d {
+                dst: extent.address(extent_region(layout, tokens, layer, direction)),
                 dst_pitch: tokens * pb,
                 src: layout.address(
                     pool_buffer(layout, layer, direction),
@@ -331,7 +353,8 @@ fn store_copies(layout: &SharedLayout, slot: usize, reservation: &Reservation, e
                 src_pitch: layout.head_pitch(),
                 width: tokens * pb,
                 height: layout.kv_heads,
-            });
+            };
+            copies.push((layout.devices[layer], copy));
         }
     }
     copies
@@ -349,11 +372,12 @@ mod tests {
         assert_eq!(graph_batch_sizes(33), [1, 2, 4, 8, 16, 24, 32, 33]);
     }
 
-    /// A host "pool" of 3 slots and an extent, filled with recognizable bytes: a slot's blocks
-    /// stored and copied back into another slot land at the same positions, every layer, key
-    /// and value.
+    /// A host "pool" of 3 slots and an extent (in two parts, as a model of two stages has it),
+    /// filled with recognizable bytes: a slot's blocks stored and copied back into another slot
+    /// land at the same positions, every layer, key and value.
     #[test]
     fn store_and_hit_copies_round_trip_between_slots() {
+        crate::ort_lib::environment().unwrap(); // the extent is an ONNX Runtime allocation
         let (layers, kv_heads, capacity, head_dim, rows) = (2, 3, 64, 4, 3);
         let per_buffer = rows * kv_heads * capacity * head_dim;
         let mut buffers: Vec<Vec<u8>> =
@@ -367,18 +391,23 @@ mod tests {
             capacity,
             head_dim,
             element_bytes: 1,
-            device: None,
+            devices: vec![None; layers],
         };
         let reservation = Reservation { first_block: 1, blocks: 2, parent: None };
-        let mut extent = vec![0u8; 2 * BLOCK_TOKENS * layout.bytes_per_token()];
-        let stored = store_copies(&layout, 1, &reservation, extent.as_mut_ptr() as usize);
+        let host = ort::memory::Allocator::default();
+        let bytes = 2 * BLOCK_TOKENS * layout.bytes_per_token();
+        let extent = KvBuffer::allocate(bytes, layers, &[(0..1, &host), (1..2, &host)]).unwrap();
+        assert_eq!(extent.parts().iter().map(|p| p.1).collect::<Vec<_>>(), [bytes / 2, bytes / 2]);
+        let stored = store_copies(&layout, 1, &reservation, &extent);
         assert_eq!(stored.len(), 2 * layers, "one copy per layer and direction");
+        let (second, _) = extent.parts()[1];
+        assert_eq!(stored[2].1.dst, second, "layer 1's keys start the second part");
         // SAFETY: the regions are inside `buffers` and `extent`, computed from their shapes.
-        unsafe { KvMemory::Host.copy(&stored) }.unwrap();
+        unsafe { KvMemory::copy_on_devices(&stored) }.unwrap();
         let piece = HitPiece { extent: 0, first: 0, blocks: 2, to: 1 };
-        let hit = hit_copies(&layout, 2, &piece, 2, extent.as_ptr() as usize);
+        let hit = hit_copies(&layout, 2, &piece, 2, &extent);
         // SAFETY: as above.
-        unsafe { KvMemory::Host.copy(&hit) }.unwrap();
+        unsafe { KvMemory::copy_on_devices(&hit) }.unwrap();
         for buffer in &buffers {
             for h in 0..kv_heads {
                 let at = |slot: usize| ((slot * kv_heads + h) * capacity + BLOCK_TOKENS) * head_dim;
