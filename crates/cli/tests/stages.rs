@@ -54,7 +54,17 @@ fn run_on_stages_gives_the_unstaged_greedy_tokens() {
         }
     }
     let graphs = export(tmp.path(), 2);
-    let out = pio(&["run", "--graphs", graphs.to_str().unwrap(), "--prompt-ids", "1,2", "--devices", "0,1"]);
+    let out = pio(&[
+        "run",
+        "--graphs",
+        graphs.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--max-tokens",
+        "4",
+        "--devices",
+        "0,1",
+    ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--devices") && stderr.contains("--ep cuda"), "{stderr}");
