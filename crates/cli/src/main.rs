@@ -602,7 +602,8 @@ fn models() -> Result<()> {
         } else if int4 < 70_000_000_000 {
             "int4 only".to_string()
         } else {
-            format!("no: needs {}+ GPUs of 80 GB even in int4", (int4 as f64 / 70e9).ceil() as u64)
+            let gpus = (int4 as f64 / 70e9).ceil() as u64;
+            format!("no: int4 in {gpus}+ stages on GPUs of 80 GB (pio-export --stages {gpus}, pio --devices)")
         };
         println!(
             "{:<24} {:<36} {:>9} {:>9} {:>10} {:>10} {:>10}  {}",
