@@ -144,16 +144,17 @@ struct Args {
     #[arg(long)]
     force: bool,
     /// Write the decoder as N stage graphs over contiguous layer ranges, balanced by the bytes
-    /// of their weights (MoE layers weigh more), for running over several GPUs (`pio --devices`).
-    #[arg(long, conflicts_with_all = ["stage_memory_gb", "stage_boundaries"])]
+    /// of their weights (MoE layers weigh more), for running over several GPUs (`pio --devices`);
+    /// N >= 1.
+    #[arg(long, conflicts_with_all = ["stage_memory_gb", "stage_boundaries"], value_parser = NumberRange::at_least(1usize))]
     stages: Option<usize>,
     /// Stages sized by a per-device budget: as few as keep each stage's weights within this many
-    /// GiB (leave room for the KV cache and activations), balanced.
-    #[arg(long, conflicts_with = "stage_boundaries")]
+    /// GiB, > 0 (leave room for the KV cache and activations), balanced.
+    #[arg(long, conflicts_with = "stage_boundaries", value_parser = NumberRange::above(0.0f64))]
     stage_memory_gb: Option<f64>,
     /// Stages cut where you say: the first layer of each stage after the first, comma-separated
-    /// (e.g. 3,47 for layers 0-2, 3-46 and 47 to the last).
-    #[arg(long, value_delimiter = ',')]
+    /// layer numbers >= 1 (e.g. 3,47 for layers 0-2, 3-46 and 47 to the last).
+    #[arg(long, value_delimiter = ',', value_parser = NumberRange::at_least(1usize))]
     stage_boundaries: Vec<usize>,
     /// With --synthetic --precision int4: draw the quantized weights (the decoder's projections
     /// and experts) as random int4 codes and scales while exporting, instead of writing them in
@@ -162,19 +163,14 @@ struct Args {
     direct_int4: bool,
 }
 
-/// The stage split the flags ask for.
-fn stage_split(args: &Args) -> Result<StageSplit> {
-    Ok(match (args.stages, args.stage_memory_gb, args.stage_boundaries.as_slice()) {
+/// The stage split the flags ask for (their parsers keep the values in range).
+fn stage_split(args: &Args) -> StageSplit {
+    match (args.stages, args.stage_memory_gb, args.stage_boundaries.as_slice()) {
         (Some(n), ..) => StageSplit::Count(n),
-        (None, Some(gb), _) => {
-            if !(gb.is_finite() && gb > 0.0) {
-                bail!("--stage-memory-gb {gb}: must be a positive number of GiB");
-            }
-            StageSplit::MemoryBudget((gb * (1u64 << 30) as f64) as u64)
-        }
+        (None, Some(gb), _) => StageSplit::MemoryBudget((gb * (1u64 << 30) as f64) as u64),
         (None, None, []) => StageSplit::Single,
         (None, None, boundaries) => StageSplit::Boundaries(boundaries.to_vec()),
-    })
+    }
 }
 
 /// `--int4-block-size`: MatMulNBits takes power-of-two blocks of 16 or more.
@@ -326,7 +322,7 @@ fn run(args: Args) -> Result<()> {
             sliding_window: !args.no_sliding_window,
             fused_attention: !args.no_fused_attention,
             pio_kernels,
-            stages: stage_split(&args)?,
+            stages: stage_split(&args),
             random_int4: args.direct_int4.then_some(args.seed),
             ..defaults
         },
