@@ -199,3 +199,31 @@ fn manifests_without_the_attention_options_still_load() {
     assert!(manifest.options.fused_attention && manifest.options.layer_windows.is_empty());
     assert!(manifest.config.text.layer_types.is_empty() && !manifest.config.text.has_sliding_layers());
 }
+
+/// A manifest's graph and tokenizer files are plain names in its folder: an edited `pio.json`
+/// that points elsewhere is refused naming the field and the value, before anything is opened.
+#[test]
+fn manifest_file_names_that_leave_the_folder_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let graphs = tmp.path().join("g");
+    export_to(&fixtures_dir().join("qwen3-tied-hub"), &graphs, cpu_settings(true));
+    let path = graphs.join("pio.json");
+    let original = std::fs::read_to_string(&path).unwrap();
+    pio_models::Manifest::load(&graphs).unwrap();
+    let cases: [(&str, &dyn Fn(&mut serde_json::Value)); 4] = [
+        ("decoder", &|v| v["decoder"] = "../model.onnx".into()),
+        ("decoder", &|v| v["decoder"] = "/etc/passwd".into()),
+        ("decoder", &|v| v["decoder"] = "..".into()),
+        ("tokenizer.files[0]", &|v| {
+            v["tokenizer"] = serde_json::json!({"files": ["sub/tokenizer.json"], "chat_template_source": null})
+        }),
+    ];
+    for (field, edit) in cases {
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        edit(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+        let err = pio_models::Manifest::load(&graphs).unwrap_err();
+        assert!(matches!(&err, pio_models::ManifestError::FileName { field: f, .. } if f == field), "{field}: {err:?}");
+        assert!(err.to_string().contains(&format!("`{field}`")), "{err}");
+    }
+}

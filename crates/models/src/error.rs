@@ -123,6 +123,9 @@ pub enum ManifestError {
     },
     #[error("{}: format_version {found} is not supported (this build reads {supported}); export again", file.display())]
     UnsupportedVersion { file: PathBuf, found: u64, supported: u32 },
+    /// A graph or tokenizer file that is not a plain file name in the manifest's folder.
+    #[error("{}: `{field}` is {name:?}, which is not a plain file name in the manifest's folder; export again", file.display())]
+    FileName { file: PathBuf, field: String, name: String },
     #[error("cannot write {}", file.display())]
     Write {
         file: PathBuf,

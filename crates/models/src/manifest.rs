@@ -327,7 +327,30 @@ impl Manifest {
                 supported: MANIFEST_FORMAT_VERSION,
             });
         }
-        serde_json::from_str(&text).map_err(parse_error)
+        let manifest: Manifest = serde_json::from_str(&text).map_err(parse_error)?;
+        manifest.check_file_names(&file)?;
+        Ok(manifest)
+    }
+
+    /// The graph and tokenizer files a manifest names are read from its folder: each must be a
+    /// plain file name there, so that an edited or hostile `pio.json` cannot point the runtime at
+    /// `../../elsewhere` or an absolute path.
+    fn check_file_names(&self, file: &Path) -> Result<(), ManifestError> {
+        let mut names: Vec<(String, &str)> = vec![("decoder".into(), self.decoder.as_str())];
+        names.extend(self.stages.iter().enumerate().map(|(i, s)| (format!("stages[{i}].file"), s.file.as_str())));
+        if let Some(vision) = &self.vision {
+            names.push(("vision.encoder".into(), vision.encoder.as_str()));
+        }
+        if let Some(tokenizer) = &self.tokenizer {
+            names
+                .extend(tokenizer.files.iter().enumerate().map(|(i, f)| (format!("tokenizer.files[{i}]"), f.as_str())));
+        }
+        match names.into_iter().find(|(_, name)| !is_plain_file_name(name)) {
+            Some((field, name)) => {
+                Err(ManifestError::FileName { file: file.to_path_buf(), field, name: name.to_string() })
+            }
+            None => Ok(()),
+        }
     }
 
     pub fn save(&self, dir: &Path) -> Result<(), ManifestError> {
@@ -336,6 +359,12 @@ impl Manifest {
             .map_err(|source| ManifestError::Serialize { file: file.clone(), source })?;
         std::fs::write(&file, text).map_err(|source| ManifestError::Write { file, source })
     }
+}
+
+/// A name of a file in the manifest's own folder: not empty, no path separator, not `.` or `..`,
+/// no NUL.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
 }
 
 /// The one field every manifest format has.
