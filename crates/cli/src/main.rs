@@ -705,6 +705,11 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let mut graphs: Vec<(String, PathBuf, Option<String>)> = Vec::new();
     let mut checkpoint = None;
     if let Some(model) = &args.model {
+        // Its checkpoint and exports are written in hidden scratch folders: Ctrl-C or SIGTERM must
+        // remove them, as pio-export's own handler does.
+        if let Err(e) = pio_export::scratch::clean_up_on_signals() {
+            tracing::warn!("{e:#}: an interrupted export may leave a hidden .pio-export-* folder behind");
+        }
         // clap requires --synthetic with --model (a real checkpoint is exported with pio-export).
         let preset = pio_models::find_preset(model)?;
         let overrides = pio_export::synthetic::ShapeOverrides { layers: args.layers, ..Default::default() };
