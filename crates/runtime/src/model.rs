@@ -40,6 +40,7 @@ use crate::ep::ExecutionProvider;
 use crate::kv_cache::KvStore;
 pub use crate::kv_cache::{bind_input_in_place, KvBuffer, KvCache, SharedLayout};
 pub(crate) use crate::kv_cache::{bind_rows, device_tensor, empty_host_tensor};
+use crate::model_error::ModelError;
 use crate::stages::{execute, lanes, stage_eps, MicroStep, PipelineMode, StageOptions, StageSession, StageTimings};
 use crate::step_inputs::StepInputs;
 
@@ -140,23 +141,21 @@ pub struct DecoderModel {
     timings: StageTimings,
 }
 
-/// An ONNX Runtime error, kept as the source of an anyhow chain.
-pub(crate) fn ort_err(e: ort::Error) -> anyhow::Error {
-    anyhow::Error::new(e)
+/// An ONNX Runtime error as the model layer's.
+pub(crate) fn ort_err(e: ort::Error) -> ModelError {
+    ModelError::Ort(e)
 }
 
 /// A session builder's error without the builder it carries back (which is not `Send`): the
 /// same ONNX Runtime code and message.
-pub(crate) fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
+pub(crate) fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> ModelError {
     ort_err(ort::Error::new_with_code(e.code(), e.message()))
 }
 
 /// Where outputs that stay with a session are kept: on its device (None: host memory).
 pub(crate) fn cache_memory(device_id: Option<i32>) -> Result<MemoryInfo<'static>> {
     match device_id {
-        Some(id) => {
-            MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err)
-        }
+        Some(id) => Ok(MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)?),
         None => Ok(MemoryInfo::default()),
     }
 }
@@ -196,7 +195,7 @@ pub(crate) fn copy_to_host<T: ort::value::PrimitiveTensorElementType + Copy + st
 ) -> Result<()> {
     if let Some(rt) = CudaRuntime::get() {
         // SAFETY: `src` is a device tensor of dst.len() elements.
-        return unsafe { rt.device_to_host(device, dst, src.data_ptr()) };
+        return Ok(unsafe { rt.device_to_host(device, dst, src.data_ptr()) }?);
     }
     let shape: Vec<usize> = src.shape().iter().map(|&d| d as usize).collect();
     let mut host = Tensor::<T>::new(&Allocator::default(), shape).map_err(ort_err)?;
@@ -508,7 +507,7 @@ impl DecoderModel {
         let host = Allocator::default();
         let stages: Vec<(Range<usize>, &Allocator)> =
             self.stages.iter().map(|s| (s.layers.clone(), s.allocator().unwrap_or(&host))).collect();
-        KvBuffer::allocate(bytes, self.manifest.dims.num_layers, &stages)
+        Ok(KvBuffer::allocate(bytes, self.manifest.dims.num_layers, &stages)?)
     }
 
     /// The shared buffer of every layer on its stage's device (`host`: all in host memory).
@@ -775,8 +774,8 @@ impl DecoderModel {
     pub fn new_tensor(&self, dtype: TensorDtype, shape: &[usize]) -> Result<(DynValue, usize)> {
         let stage = self.stages.iter().find(|s| s.takes_images()).unwrap_or(&self.stages[0]);
         match stage.allocator() {
-            Some(alloc) => device_tensor(alloc, dtype, shape),
-            None => device_tensor(&Allocator::default(), dtype, shape),
+            Some(alloc) => Ok(device_tensor(alloc, dtype, shape)?),
+            None => Ok(device_tensor(&Allocator::default(), dtype, shape)?),
         }
     }
 

@@ -195,7 +195,7 @@ impl KvMemory {
             }
             KvMemory::Cuda { device, runtime } => {
                 runtime.device_copies_2d(*device, copies)?;
-                runtime.synchronize(*device)
+                Ok(runtime.synchronize(*device)?)
             }
         }
     }

@@ -124,6 +124,6 @@ impl Carried {
         }
         let src_device = v.device.with_context(|| format!("`{name}` is in host memory, not on a GPU"))?;
         // SAFETY: both regions are live device buffers of `bytes` (checked above) on their devices.
-        unsafe { runtime()?.device_to_device(device, dst as *mut _, src_device, src as *const _, bytes) }
+        Ok(unsafe { runtime()?.device_to_device(device, dst as *mut _, src_device, src as *const _, bytes) }?)
     }
 }
