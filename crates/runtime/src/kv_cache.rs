@@ -191,7 +191,7 @@ pub fn bind_input_in_place(
         (api.ReleaseStatus)(status.0);
         text
     };
-    Err(ModelError::ort(format!("cannot bind the cache view {name}"), ort::Error::new(message)))
+    Err(ModelError::Bind { name: name.to_string(), source: ort::Error::new(message) })
 }
 
 /// A (rows, kv_heads, capacity, head_dim) view of rows `first..first + rows` of the shared buffer
@@ -246,8 +246,10 @@ pub(crate) fn bind_rows<'a>(
             bind_input_in_place(binding, &KvCacheSpec::name(name, layer), &input)?;
             held.push(input);
         }
-        binding.bind_output(KvCacheSpec::name(&kv.present_key, layer), view(k_addr)?).map_err(ort_err)?;
-        binding.bind_output(KvCacheSpec::name(&kv.present_value, layer), view(v_addr)?).map_err(ort_err)?;
+        for (name, addr) in [(&kv.present_key, k_addr), (&kv.present_value, v_addr)] {
+            let name = KvCacheSpec::name(name, layer);
+            binding.bind_output(&name, view(addr)?).map_err(ModelError::bind(&name))?;
+        }
     }
     Ok(held)
 }

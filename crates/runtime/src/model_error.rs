@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use pio_models::ManifestError;
 
 use crate::ep::EpError;
+use crate::ort_lib::OrtLibError;
 
 /// The model layer's result.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
@@ -17,14 +18,35 @@ pub enum ModelError {
     /// `pio.json` could not be read or does not describe a graph this build can run.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// ONNX Runtime's library could not be loaded or initialized.
+    #[error(transparent)]
+    OrtLib(#[from] OrtLibError),
     /// The execution provider could not be set up for a session.
     #[error(transparent)]
     Ep(#[from] EpError),
+    /// A graph file the manifest lists is not there.
+    #[error("{} is missing (listed in {})", file.display(), manifest.display())]
+    MissingFile { file: PathBuf, manifest: PathBuf },
     /// ONNX Runtime could not load a graph file (missing, corrupt, or with operators its
     /// execution provider lacks).
     #[error("cannot load {}", file.display())]
     Load {
         file: PathBuf,
+        #[source]
+        source: ort::Error,
+    },
+    /// ONNX Runtime could not bind a step's input or output `name`.
+    #[error("cannot bind `{name}`")]
+    Bind {
+        name: String,
+        #[source]
+        source: ort::Error,
+    },
+    /// ONNX Runtime failed to run a step (`what`) of the graph file `graph`.
+    #[error("{what} failed ({})", graph.display())]
+    Run {
+        graph: PathBuf,
+        what: &'static str,
         #[source]
         source: ort::Error,
     },
@@ -38,6 +60,13 @@ pub enum ModelError {
     /// message names the folder and what is wrong.
     #[error("{0}")]
     Graph(String),
+    /// The stages cannot be placed on the devices asked for (`--devices`).
+    #[error("{0}")]
+    Placement(String),
+    /// The pipeline of stages stopped before every micro-step was run (a thread panicked or a
+    /// stage gave nothing).
+    #[error("{0}")]
+    Pipeline(String),
     /// A step the model cannot take: its tokens, rows, positions or image rows, named with
     /// their values.
     #[error("{0}")]
@@ -68,6 +97,11 @@ impl ModelError {
     pub(crate) fn ort(context: impl Into<String>, source: ort::Error) -> Self {
         ModelError::Ort(source).context(context)
     }
+
+    /// A failure to bind `name`, for `map_err`.
+    pub(crate) fn bind(name: &str) -> impl FnOnce(ort::Error) -> Self + '_ {
+        move |source| ModelError::Bind { name: name.to_string(), source }
+    }
 }
 
 /// A CUDA runtime call that failed, or a runtime that cannot be used.
@@ -79,10 +113,10 @@ pub enum CudaError {
     /// A 2D copy whose rows are wider than its pitches.
     #[error("a 2D copy of {width} bytes per row with pitches {dst_pitch} and {src_pitch}")]
     Pitch { width: usize, dst_pitch: usize, src_pitch: usize },
-    /// No CUDA runtime is loaded in the process (ONNX Runtime's CUDA provider loads it); `what`
-    /// needed it.
-    #[error("the CUDA runtime is not loaded: {what}")]
-    NotLoaded { what: String },
+    /// No CUDA runtime is loaded in the process (ONNX Runtime's CUDA provider loads it), and
+    /// `needed_for` needs it.
+    #[error("the CUDA runtime is not loaded: {needed_for} needs it (ONNX Runtime's CUDA provider loads it)")]
+    NotLoaded { needed_for: String },
     /// The CUDA runtime library could not be opened or lacks a symbol.
     #[error("{library}: cannot use the CUDA runtime")]
     Library {

@@ -90,12 +90,6 @@ impl EngineError {
         }
     }
 
-    /// A failure of the model layer, which still reports `anyhow` errors (`crate::model`, the runner, the KV pool);
-    /// the chain of `source` is kept.
-    pub(crate) fn model(context: impl Into<String>, source: anyhow::Error) -> Self {
-        Self::model_failed(context, source)
-    }
-
     /// A failure underneath the engine (a tokenizer, ONNX Runtime, the model layer) with `source` as its cause.
     pub(crate) fn model_failed(
         context: impl Into<String>,
@@ -147,9 +141,15 @@ mod tests {
 
     #[test]
     fn a_model_failure_keeps_its_cause_chain() {
-        let io = std::io::Error::other("the disk is gone");
-        let err = EngineError::model("the decode step failed", anyhow::Error::new(io).context("reading logits"));
-        assert_eq!(chain(&err), ["the decode step failed", "reading logits", "the disk is gone"]);
+        let cuda = crate::model_error::CudaError::Call { call: "cudaMemcpy to the host", code: 700 };
+        let err = EngineError::model_failed(
+            "the decode step failed",
+            crate::model_error::ModelError::from(cuda).context("reading logits"),
+        );
+        assert_eq!(
+            chain(&err),
+            ["the decode step failed", "reading logits", "cudaMemcpy to the host failed (cudaError 700)"]
+        );
     }
 
     #[test]

@@ -216,9 +216,9 @@ impl KvPool {
 
     fn new_cache(model: &DecoderModel, plan: PoolPlan) -> Result<KvCache> {
         if model.has_shared_buffer() {
-            model.new_shared_cache(plan.slots, plan.capacity)
+            Ok(model.new_shared_cache(plan.slots, plan.capacity)?)
         } else {
-            model.new_batch_cache(1, plan.capacity)
+            Ok(model.new_batch_cache(1, plan.capacity)?)
         }
     }
 

@@ -155,7 +155,7 @@ impl Runner {
                 inputs = inputs.with_images(rows);
             }
         }
-        self.model.run_rows(&inputs, self.pool.cache(), slot, fetch)
+        Ok(self.model.run_rows(&inputs, self.pool.cache(), slot, fetch)?)
     }
 
     /// The image rows of prompt tokens `range`, encoding their images first if need be.
