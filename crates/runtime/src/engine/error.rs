@@ -103,6 +103,30 @@ impl EngineError {
     }
 }
 
+/// A failure of the worker's model runner (`runner.rs`, `images.rs`): of the model layer, a
+/// KV or image-row copy, an image's encoding, or the runner's own bookkeeping. The worker
+/// reports it to the requests as [`EngineError::Model`] with this as the cause.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RunnerError {
+    #[error(transparent)]
+    Model(#[from] crate::model_error::ModelError),
+    /// A copy of KV or image rows (`what`) failed or could not run.
+    #[error("{what}")]
+    Copy {
+        what: &'static str,
+        #[source]
+        source: crate::cuda_rt::CudaError,
+    },
+    #[error(transparent)]
+    Image(#[from] super::images::ImageEncodeError),
+    /// A prompt with images reached a model that has no vision encoder.
+    #[error("a prompt with images on a model without a vision encoder")]
+    NoVisionEncoder,
+    /// The runner's own bookkeeping (the prefix cache, rows run apart) disagrees with itself.
+    #[error("{0}")]
+    Bookkeeping(String),
+}
+
 /// A failure reported by the model layer (`crate::model`, ONNX Runtime, the tokenizer): its
 /// message, with the causes underneath as the [`source`](StdError::source) chain.
 pub struct ModelFailure(Box<dyn StdError + Send + Sync + 'static>);

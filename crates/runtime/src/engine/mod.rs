@@ -341,7 +341,7 @@ impl Engine {
                     worker::run(runner, receiver, worker_shared, worker_config.prefill_budget);
                 }
             })
-            .map_err(|e| EngineError::model_failed("cannot start the engine's thread", anyhow::Error::new(e)))?;
+            .map_err(|e| EngineError::model_failed("cannot start the engine's thread", e))?;
         let started = match ready_rx.recv() {
             Ok(Ok(started)) => started,
             Ok(Err(e)) => {
@@ -352,7 +352,7 @@ impl Engine {
                 let _ = worker.join();
                 return Err(EngineError::model_failed(
                     "the engine's thread stopped while loading the model",
-                    anyhow::anyhow!("it panicked (see the log)"),
+                    "it panicked (see the log)",
                 ));
             }
         };
@@ -603,7 +603,9 @@ fn load_tokenizer(dir: &Path) -> Result<(Option<Tokenizer>, Option<ChatTemplate>
     if !dir.join("tokenizer.json").is_file() {
         return Ok((None, None));
     }
-    let failed = |what: &str, e: anyhow::Error| EngineError::model_failed(format!("{what} in {}", dir.display()), e);
+    let failed = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
+        EngineError::model_failed(format!("{what} in {}", dir.display()), e)
+    };
     let tokenizer = Tokenizer::from_dir(dir).map_err(|e| failed("cannot load the tokenizer", e.into()))?;
     let template = match tokenizer.chat_template_source() {
         Some(_) => Some(
@@ -647,10 +649,7 @@ fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Res
             let loaded = VisionEncoder::load_with(&config.graphs, &model.manifest, model.image_ep())
                 .map_err(|e| EngineError::model_failed("cannot load the vision encoder", e))?;
             let processor = processor.ok_or_else(|| {
-                EngineError::model_failed(
-                    "a vision-language model without an image processor",
-                    anyhow::anyhow!("none was read"),
-                )
+                EngineError::model_failed("a vision-language model without an image processor", "none was read")
             })?;
             let cache_bytes = config.images.encoder_cache_bytes.unwrap_or(DEFAULT_ENCODER_CACHE_BYTES);
             Some(VisionRuntime::new(loaded, processor, cache_bytes))

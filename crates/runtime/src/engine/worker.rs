@@ -301,10 +301,9 @@ impl Worker {
         };
         let result = match choice {
             Some(choice) => seq.accept(choice, metrics).map(|_| ()),
-            None => Err(EngineError::model_failed(
-                "reading a step's output",
-                anyhow::anyhow!("the step returned no row {row}"),
-            )),
+            None => {
+                Err(EngineError::model_failed("reading a step's output", format!("the step returned no row {row}")))
+            }
         };
         if let Err(e) = result {
             seq.fail(e, metrics);
