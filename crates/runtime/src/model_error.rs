@@ -115,7 +115,7 @@ pub enum CudaError {
     Pitch { width: usize, dst_pitch: usize, src_pitch: usize },
     /// No CUDA runtime is loaded in the process (ONNX Runtime's CUDA provider loads it), and
     /// `needed_for` needs it.
-    #[error("the CUDA runtime is not loaded: {needed_for} needs it (ONNX Runtime's CUDA provider loads it)")]
+    #[error("{needed_for} needs the CUDA runtime, which is not loaded (ONNX Runtime's CUDA provider loads it)")]
     NotLoaded { needed_for: String },
     /// The CUDA runtime library could not be opened or lacks a symbol.
     #[error("{library}: cannot use the CUDA runtime")]

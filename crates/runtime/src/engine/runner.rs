@@ -242,9 +242,8 @@ impl Runner {
         if model.device_id().is_none() {
             return Ok(None);
         }
-        let runtime = CudaRuntime::get().ok_or_else(|| CudaError::NotLoaded {
-            needed_for: "measuring the GPU's free memory (or set --max-seqs or --kv-cache-gb)".into(),
-        })?;
+        let runtime = CudaRuntime::get()
+            .ok_or_else(|| CudaError::NotLoaded { needed_for: "measuring the GPU's free memory".into() })?;
         let tokens = prefill_tokens.clamp(1, model.context_length() - 1);
         let mut cache = model.new_batch_cache(1, tokens)?;
         let profile = StepInputs::new(vec![0; tokens], vec![0])?;

@@ -429,7 +429,7 @@ impl StageSession {
             }
             None if !state.carried_in.is_empty() => {
                 return Err(CudaError::NotLoaded {
-                    needed_for: "a staged CUDA-graph step, to hand hidden states on".into(),
+                    needed_for: "handing hidden states on in a staged CUDA-graph step".into(),
                 }
                 .into())
             }
