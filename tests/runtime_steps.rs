@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 use pio_runtime::ep::ExecutionProvider;
-use pio_runtime::model::{DecoderModel, Fetch, StepOutput};
+use pio_runtime::model::{DecoderModel, Fetch, ModelError, StepOutput};
+use pio_runtime::step_inputs::StepInputs;
 
 /// One dense, one Qwen3-MoE and one GLM-4-MoE fixture.
 const FIXTURES: [&str; 3] = ["qwen3-tied-hub", "qwen3moe-a", "glm4moe-a"];
@@ -189,8 +190,6 @@ fn a_batch_prompt_longer_than_a_chunk_runs_each_sequence_through_the_shared_buff
 /// nothing: every row's logits equal the same sequence run alone.
 #[test]
 fn rows_of_different_lengths_decode_together_and_idle_rows_corrupt_nothing() {
-    use pio_runtime::step_inputs::StepInputs;
-
     let tmp = tempfile::tempdir().unwrap();
     let (mut model, reference) = load("qwen3-tied-hub", true, &tmp);
     let decoding: Vec<u32> = reference.prompt_ids.clone(); // 8 tokens
@@ -230,4 +229,57 @@ fn rows_of_different_lengths_decode_together_and_idle_rows_corrupt_nothing() {
     let out = run(&mut model, &mut cache, vec![7, 9], vec![9, 12], 0).into_logits().unwrap();
     assert!(max_abs_diff(out.last_of(0), &want_decoding[2]) <= LOGIT_TOLERANCE);
     assert!(max_abs_diff(out.last_of(1), &want_prefilling[1]) <= LOGIT_TOLERANCE);
+}
+
+/// A graph folder whose decoder file is gone, or is not an ONNX model: a typed error that names
+/// the file, with ONNX Runtime's own error as the cause of the second.
+#[test]
+fn a_missing_or_corrupt_decoder_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let graphs = tmp.path().join("graphs");
+    export_to(&fixtures_dir().join("qwen3-tied-hub"), &graphs, cpu_settings(true));
+    let decoder = graphs.join(pio_models::Manifest::load(&graphs).unwrap().decoder);
+    let ep = ExecutionProvider::default();
+
+    std::fs::write(&decoder, b"not an ONNX model").unwrap();
+    let Err(err) = DecoderModel::load(&graphs, &ep) else { panic!("a corrupt decoder loaded") };
+    let ModelError::Load { file, .. } = &err else { panic!("{err:?}") };
+    assert_eq!(file, &decoder);
+    assert!(err.to_string().contains(&decoder.display().to_string()), "{err}");
+    let source = std::error::Error::source(&err).expect("ONNX Runtime's error as the source");
+    assert!(source.downcast_ref::<ort::Error>().is_some(), "{source:?}");
+
+    std::fs::remove_file(&decoder).unwrap();
+    let Err(err) = DecoderModel::load(&graphs, &ep) else { panic!("a missing decoder loaded") };
+    let ModelError::MissingFile { file, manifest } = &err else { panic!("{err:?}") };
+    assert_eq!((file, manifest), (&decoder, &graphs.join("pio.json")));
+    assert!(err.to_string().contains(&decoder.display().to_string()), "{err}");
+}
+
+/// Steps the model cannot take are refused before they run, naming the value at fault.
+#[test]
+fn a_step_the_model_cannot_take_names_the_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut model, _) = load("qwen3-tied-hub", true, &tmp);
+    let vocab = model.vocab_size() as u32;
+    let step_error = |err: ModelError, wanted: &str| match err {
+        ModelError::Step(message) => assert!(message.contains(wanted), "{message:?} should name {wanted:?}"),
+        other => panic!("{other:?}"),
+    };
+
+    let mut cache = model.new_shared_host_cache(1, 64).unwrap();
+    step_error(model.forward(&[1, vocab + 5], &mut cache).err().unwrap(), &format!("token id {}", vocab + 5));
+    let two_rows = StepInputs::new(vec![1, 2], vec![0, 0]).unwrap();
+    step_error(model.run_rows(&two_rows, &mut cache, 0, Fetch::Logits).err().unwrap(), "rows 0..2");
+    step_error(StepInputs::new(vec![1, 2, 3], vec![0, 0]).err().unwrap(), "each of the 2 sequences");
+    step_error(
+        StepInputs::uniform(vec![1, 2], 2, 0).unwrap().with_rope_deltas(vec![0]).err().unwrap(),
+        "1 rope deltas",
+    );
+    assert_eq!(cache.len, 0, "refused steps leave the cache alone");
+
+    match cache.truncate(3) {
+        Err(ModelError::Cache(message)) => assert!(message.contains("0 tokens to 3"), "{message}"),
+        other => panic!("{other:?}"),
+    }
 }

@@ -14,7 +14,9 @@
 use std::ffi::c_void;
 use std::sync::OnceLock;
 
-use anyhow::{bail, Result};
+pub use crate::model_error::CudaError;
+
+type Result<T> = std::result::Result<T, CudaError>;
 
 const CUDA_MEMCPY_HOST_TO_DEVICE: i32 = 1;
 const CUDA_MEMCPY_DEVICE_TO_HOST: i32 = 2;
@@ -101,29 +103,31 @@ impl CudaRuntime {
 
     #[cfg(unix)]
     fn open(name: &str) -> Result<CudaRuntime> {
+        let library = |e: libloading::Error| CudaError::Library { library: name.to_string(), source: Box::new(e) };
         use libloading::os::unix::{Library, RTLD_NOW};
         // Succeed only if the library is already loaded (Linux's and macOS's RTLD_NOLOAD).
         const RTLD_NOLOAD: i32 = if cfg!(target_os = "macos") { 0x10 } else { 0x4 };
         // SAFETY: with RTLD_NOLOAD nothing new is loaded and no initializer runs: this only adds
         // a reference to the CUDA runtime that ONNX Runtime's provider loaded.
-        let lib: libloading::Library = unsafe { Library::open(Some(name), RTLD_NOW | RTLD_NOLOAD)? }.into();
+        let lib: libloading::Library =
+            unsafe { Library::open(Some(name), RTLD_NOW | RTLD_NOLOAD).map_err(library)? }.into();
         // SAFETY: the signatures are the CUDA runtime API's (cudaError_t is a C enum, i32).
         let (memcpy, memcpy_2d_async, mem_get_info, set_device, synchronize, device_count) = unsafe {
             (
-                *lib.get::<MemcpyFn>(b"cudaMemcpy\0")?,
-                *lib.get::<Memcpy2dAsyncFn>(b"cudaMemcpy2DAsync\0")?,
-                *lib.get::<MemGetInfoFn>(b"cudaMemGetInfo\0")?,
-                *lib.get::<SetDeviceFn>(b"cudaSetDevice\0")?,
-                *lib.get::<SynchronizeFn>(b"cudaDeviceSynchronize\0")?,
-                *lib.get::<DeviceCountFn>(b"cudaGetDeviceCount\0")?,
+                *lib.get::<MemcpyFn>(b"cudaMemcpy\0").map_err(library)?,
+                *lib.get::<Memcpy2dAsyncFn>(b"cudaMemcpy2DAsync\0").map_err(library)?,
+                *lib.get::<MemGetInfoFn>(b"cudaMemGetInfo\0").map_err(library)?,
+                *lib.get::<SetDeviceFn>(b"cudaSetDevice\0").map_err(library)?,
+                *lib.get::<SynchronizeFn>(b"cudaDeviceSynchronize\0").map_err(library)?,
+                *lib.get::<DeviceCountFn>(b"cudaGetDeviceCount\0").map_err(library)?,
             )
         };
         // SAFETY: as above.
         let (memcpy_peer_async, can_access_peer, enable_peer_access) = unsafe {
             (
-                *lib.get::<MemcpyPeerAsyncFn>(b"cudaMemcpyPeerAsync\0")?,
-                *lib.get::<CanAccessPeerFn>(b"cudaDeviceCanAccessPeer\0")?,
-                *lib.get::<EnablePeerAccessFn>(b"cudaDeviceEnablePeerAccess\0")?,
+                *lib.get::<MemcpyPeerAsyncFn>(b"cudaMemcpyPeerAsync\0").map_err(library)?,
+                *lib.get::<CanAccessPeerFn>(b"cudaDeviceCanAccessPeer\0").map_err(library)?,
+                *lib.get::<EnablePeerAccessFn>(b"cudaDeviceEnablePeerAccess\0").map_err(library)?,
             )
         };
         let mut devices = 0;
@@ -144,12 +148,15 @@ impl CudaRuntime {
 
     #[cfg(not(unix))]
     fn open(name: &str) -> Result<CudaRuntime> {
-        bail!("{name}: copies through the CUDA runtime are implemented on Unix only")
+        Err(CudaError::Library {
+            library: name.to_string(),
+            source: "copies through the CUDA runtime are implemented on Unix only".into(),
+        })
     }
 
-    fn check(code: i32, what: &str) -> Result<()> {
+    fn check(code: i32, call: &'static str) -> Result<()> {
         if code != 0 {
-            bail!("{what} failed (cudaError {code})");
+            return Err(CudaError::Call { call, code });
         }
         Ok(())
     }
@@ -200,7 +207,7 @@ impl CudaRuntime {
         Self::check((self.set_device)(device), "cudaSetDevice")?;
         for c in copies {
             if c.width > c.dst_pitch || c.width > c.src_pitch {
-                bail!("a 2D copy of {} bytes per row with pitches {} and {}", c.width, c.dst_pitch, c.src_pitch);
+                return Err(CudaError::Pitch { width: c.width, dst_pitch: c.dst_pitch, src_pitch: c.src_pitch });
             }
             Self::check(
                 (self.memcpy_2d_async)(

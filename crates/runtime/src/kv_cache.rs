@@ -5,13 +5,13 @@
 
 use std::ops::Range;
 
-use anyhow::{anyhow, bail, Result};
 use half::{bf16, f16};
 use ort::memory::{Allocator, MemoryInfo};
 use ort::value::{DynValue, Tensor};
 use pio_models::manifest::{KvCacheSpec, TensorDtype};
 
 use crate::model::ort_err;
+use crate::model_error::{ModelError, Result};
 use crate::stages::StageKv;
 
 pub(crate) enum KvStore {
@@ -100,10 +100,12 @@ impl KvCache {
     /// growing cache's tensors are exactly as long as what they hold.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         if len > self.len {
-            bail!("cannot truncate a cache of {} tokens to {len}", self.len);
+            return Err(ModelError::Cache(format!("cannot truncate a cache of {} tokens to {len}", self.len)));
         }
         if len < self.len && !self.is_shared_buffer() {
-            bail!("a growing cache cannot drop tokens (only GroupQueryAttention's shared buffer can)");
+            return Err(ModelError::Cache(
+                "a growing cache cannot drop tokens (only GroupQueryAttention's shared buffer can)".into(),
+            ));
         }
         self.len = len;
         Ok(())
@@ -152,7 +154,7 @@ macro_rules! with_kv_element {
                 type $t = i8;
                 $body
             }
-            other => bail!("no KV cache tensors of {other:?}"),
+            other => return Err(ModelError::Graph(format!("no KV cache tensors of {other:?}"))),
         }
     };
 }
@@ -175,7 +177,8 @@ pub fn bind_input_in_place(
     value: &ort::value::DynValueRefMut<'_>,
 ) -> Result<()> {
     use ort::AsPointer;
-    let c_name = std::ffi::CString::new(name).map_err(|_| anyhow!("input name {name:?} has a NUL byte"))?;
+    let c_name =
+        std::ffi::CString::new(name).map_err(|_| ModelError::Step(format!("input name {name:?} has a NUL byte")))?;
     let api = ort::api();
     // SAFETY: both pointers are live ONNX Runtime objects; ONNX Runtime copies the name.
     let status = unsafe { (api.BindInput)(binding.ptr_mut(), c_name.as_ptr(), value.ptr()) };
@@ -188,7 +191,7 @@ pub fn bind_input_in_place(
         (api.ReleaseStatus)(status.0);
         text
     };
-    bail!("cannot bind the cache view {name}: {message}")
+    Err(ModelError::Bind { name: name.to_string(), source: ort::Error::new(message) })
 }
 
 /// A (rows, kv_heads, capacity, head_dim) view of rows `first..first + rows` of the shared buffer
@@ -226,7 +229,11 @@ pub(crate) fn bind_rows<'a>(
     rows: usize,
 ) -> Result<Vec<ort::value::DynValueRefMut<'a>>> {
     if first + rows > layout.rows {
-        bail!("rows {first}..{} of a cache of {} sequences", first + rows, layout.rows);
+        return Err(ModelError::Cache(format!(
+            "rows {first}..{} of a cache of {} sequences",
+            first + rows,
+            layout.rows
+        )));
     }
     let mut held = Vec::with_capacity(2 * layers.len());
     for layer in layers {
@@ -239,8 +246,10 @@ pub(crate) fn bind_rows<'a>(
             bind_input_in_place(binding, &KvCacheSpec::name(name, layer), &input)?;
             held.push(input);
         }
-        binding.bind_output(KvCacheSpec::name(&kv.present_key, layer), view(k_addr)?).map_err(ort_err)?;
-        binding.bind_output(KvCacheSpec::name(&kv.present_value, layer), view(v_addr)?).map_err(ort_err)?;
+        for (name, addr) in [(&kv.present_key, k_addr), (&kv.present_value, v_addr)] {
+            let name = KvCacheSpec::name(name, layer);
+            binding.bind_output(&name, view(addr)?).map_err(ModelError::bind(&name))?;
+        }
     }
     Ok(held)
 }
@@ -275,8 +284,7 @@ impl KvBuffer {
         for (range, alloc) in stages {
             let (start, end) = (bytes * range.start / layers.max(1), bytes * range.end / layers.max(1));
             let mut value = Tensor::<u8>::new(alloc, [(end - start).max(1)])
-                .map_err(ort_err)
-                .map_err(|e| e.context(format!("cannot allocate {} bytes for the KV cache", end - start)))?;
+                .map_err(|e| ModelError::ort(format!("cannot allocate {} bytes for the KV cache", end - start), e))?;
             let addr = value.data_ptr_mut() as usize;
             parts.push(KvBufferPart { _value: value, addr, start, len: end - start });
         }

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod gpu_monitor;
 pub mod kv_cache;
 pub mod model;
+pub mod model_error;
 pub mod ort_lib;
 pub mod plugin;
 pub mod sampling;

@@ -29,7 +29,6 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::RunOptions;
 use ort::value::{DynValue, Tensor};
@@ -40,6 +39,8 @@ use crate::ep::ExecutionProvider;
 use crate::kv_cache::KvStore;
 pub use crate::kv_cache::{bind_input_in_place, KvBuffer, KvCache, SharedLayout};
 pub(crate) use crate::kv_cache::{bind_rows, device_tensor, empty_host_tensor};
+pub use crate::model_error::ModelError;
+use crate::model_error::Result;
 use crate::stages::{execute, lanes, stage_eps, MicroStep, PipelineMode, StageOptions, StageSession, StageTimings};
 use crate::step_inputs::StepInputs;
 
@@ -98,7 +99,7 @@ impl StepOutput {
     pub fn into_logits(self) -> Result<Logits> {
         match self {
             StepOutput::Logits(l) => Ok(l),
-            StepOutput::Greedy(_) => bail!("this step fetched greedy tokens, not logits"),
+            StepOutput::Greedy(_) => Err(ModelError::Output("this step fetched greedy tokens, not logits".into())),
         }
     }
 }
@@ -140,23 +141,21 @@ pub struct DecoderModel {
     timings: StageTimings,
 }
 
-/// An ONNX Runtime error, kept as the source of an anyhow chain.
-pub(crate) fn ort_err(e: ort::Error) -> anyhow::Error {
-    anyhow::Error::new(e)
+/// An ONNX Runtime error as the model layer's.
+pub(crate) fn ort_err(e: ort::Error) -> ModelError {
+    ModelError::Ort(e)
 }
 
 /// A session builder's error without the builder it carries back (which is not `Send`): the
 /// same ONNX Runtime code and message.
-pub(crate) fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> anyhow::Error {
+pub(crate) fn builder_err(e: ort::Error<ort::session::builder::SessionBuilder>) -> ModelError {
     ort_err(ort::Error::new_with_code(e.code(), e.message()))
 }
 
 /// Where outputs that stay with a session are kept: on its device (None: host memory).
 pub(crate) fn cache_memory(device_id: Option<i32>) -> Result<MemoryInfo<'static>> {
     match device_id {
-        Some(id) => {
-            MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default).map_err(ort_err)
-        }
+        Some(id) => Ok(MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)?),
         None => Ok(MemoryInfo::default()),
     }
 }
@@ -169,20 +168,21 @@ pub(crate) fn no_graph_options() -> Result<RunOptions> {
 }
 
 pub(crate) fn read_logits(value: Option<DynValue>, vocab: usize) -> Result<Logits> {
-    let value = value.context("the graph has no `logits` output")?;
+    let value = value.ok_or_else(|| ModelError::Output("the graph has no `logits` output".into()))?;
     let (shape, data) = value.try_extract_tensor::<f32>().map_err(ort_err)?;
     let batch = shape.first().copied().unwrap_or(1).max(1) as usize;
     let rows = shape.get(1).copied().unwrap_or(1).max(1) as usize;
     if data.len() != batch * rows * vocab {
-        bail!("logits of shape {shape:?} do not match vocabulary {vocab}");
+        return Err(ModelError::Output(format!("logits of shape {shape:?} do not match vocabulary {vocab}")));
     }
     Ok(Logits { data: data.to_vec(), batch, rows, vocab })
 }
 
 /// The last position's token of each sequence from a (batch, rows) `greedy_tokens` output.
 pub(crate) fn read_greedy(value: Option<DynValue>) -> Result<Vec<u32>> {
-    let value =
-        value.with_context(|| format!("the graph has no `{}` output", pio_models::manifest::GREEDY_TOKENS_OUTPUT))?;
+    let value = value.ok_or_else(|| {
+        ModelError::Output(format!("the graph has no `{}` output", pio_models::manifest::GREEDY_TOKENS_OUTPUT))
+    })?;
     let (shape, data) = value.try_extract_tensor::<i64>().map_err(ort_err)?;
     let rows = shape.get(1).copied().unwrap_or(1).max(1) as usize;
     Ok(data.chunks(rows).filter_map(|row| row.last()).map(|&t| t as u32).collect())
@@ -196,7 +196,7 @@ pub(crate) fn copy_to_host<T: ort::value::PrimitiveTensorElementType + Copy + st
 ) -> Result<()> {
     if let Some(rt) = CudaRuntime::get() {
         // SAFETY: `src` is a device tensor of dst.len() elements.
-        return unsafe { rt.device_to_host(device, dst, src.data_ptr()) };
+        return Ok(unsafe { rt.device_to_host(device, dst, src.data_ptr()) }?);
     }
     let shape: Vec<usize> = src.shape().iter().map(|&d| d as usize).collect();
     let mut host = Tensor::<T>::new(&Allocator::default(), shape).map_err(ort_err)?;
@@ -209,7 +209,7 @@ pub(crate) fn copy_to_host<T: ort::value::PrimitiveTensorElementType + Copy + st
 /// Joins the outputs of a step's row groups (in row order) into the step's.
 fn join_rows(parts: Vec<StepOutput>) -> Result<StepOutput> {
     if parts.len() == 1 {
-        return parts.into_iter().next().ok_or_else(|| anyhow!("a step without output"));
+        return parts.into_iter().next().ok_or_else(|| ModelError::Output("a step without output".into()));
     }
     if parts.iter().all(|o| matches!(o, StepOutput::Greedy(_))) {
         return Ok(StepOutput::Greedy(parts.iter().flat_map(StepOutput::greedy).collect()));
@@ -217,7 +217,7 @@ fn join_rows(parts: Vec<StepOutput>) -> Result<StepOutput> {
     let parts = parts.into_iter().map(StepOutput::into_logits).collect::<Result<Vec<_>>>()?;
     let (rows, vocab) = (parts[0].rows, parts[0].vocab);
     if parts.iter().any(|p| p.rows != rows || p.vocab != vocab) {
-        bail!("row groups of a step brought back logits of different shapes");
+        return Err(ModelError::Output("row groups of a step brought back logits of different shapes".into()));
     }
     let batch = parts.iter().map(|p| p.batch).sum();
     let data = parts.into_iter().flat_map(|p| p.data).collect();
@@ -251,17 +251,20 @@ fn stage_plans(manifest: &Manifest, dir: &Path) -> Result<Vec<StagePlan>> {
     let mut next = 0;
     for s in &manifest.stages {
         if s.layers.start != next || s.layers.end <= s.layers.start {
-            bail!(
+            return Err(ModelError::Graph(format!(
                 "{}: stage {} holds layers {:?}, but the stages must cover the decoder's layers in order from {next}",
                 dir.join("pio.json").display(),
                 s.file,
                 s.layers
-            );
+            )));
         }
         next = s.layers.end;
     }
     if next != layers {
-        bail!("{}: the stages end at layer {next}, the decoder has {layers}", dir.join("pio.json").display());
+        return Err(ModelError::Graph(format!(
+            "{}: the stages end at layer {next}, the decoder has {layers}",
+            dir.join("pio.json").display()
+        )));
     }
     Ok(manifest
         .stages
@@ -287,12 +290,12 @@ impl DecoderModel {
         let manifest = Manifest::load(dir)?;
         let on_cpu = matches!(ep, ExecutionProvider::Cpu { .. });
         if matches!(manifest.precision, pio_models::Precision::Fp16 | pio_models::Precision::Bf16) && on_cpu {
-            bail!(
+            return Err(ModelError::Graph(format!(
                 "{} is a {} graph built for {}; on the CPU use an fp32 export (pio-export --precision fp32 --ep cpu)",
                 dir.display(),
                 manifest.precision.as_str(),
                 manifest.target_ep.as_str()
-            );
+            )));
         }
         let plans = stage_plans(&manifest, dir)?;
         let eps = stage_eps(ep, options.devices(), plans.len())?;
@@ -334,12 +337,12 @@ impl DecoderModel {
         for (i, stage) in stages.iter().enumerate() {
             for io in &stage.carried_in {
                 if !stages[..i].iter().any(|s| s.carried_out.iter().any(|o| o.name == io.name)) {
-                    bail!(
+                    return Err(ModelError::Graph(format!(
                         "{}: the stage over layers {:?} takes `{}`, which no earlier stage outputs",
                         dir.display(),
                         stage.layers,
                         io.name
-                    );
+                    )));
                 }
             }
         }
@@ -494,10 +497,10 @@ impl DecoderModel {
 
     fn require_shared_buffer(&self) -> Result<()> {
         if !self.has_shared_buffer() {
-            bail!(
+            return Err(ModelError::Graph(format!(
                 "{} has no GroupQueryAttention (exported with --no-fused-attention): its cache grows",
                 self.dir.display()
-            );
+            )));
         }
         Ok(())
     }
@@ -597,10 +600,10 @@ impl DecoderModel {
         let start = cache.len;
         if gqa_needs_one_sequence && !cache.is_shared_buffer() {
             if cache.len > 0 {
-                bail!(
+                return Err(ModelError::Step(format!(
                     "GroupQueryAttention takes {s} new tokens for each of {batch} sequences only into an empty cache; \
                      step the sequences one token at a time, or one sequence at a time"
-                );
+                )));
             }
             // A growing (host) cache has no per-sequence views: the prompt runs whole.
             let out = self.run_steps(vec![MicroStep { inputs: whole, first: 0, fetch }], cache, false)?;
@@ -642,7 +645,7 @@ impl DecoderModel {
     /// side by side per sequence when all rows were asked for.
     fn join_chunks(&self, mut chunks: Vec<StepOutput>, rows: usize, s: usize, all_rows: bool) -> Result<StepOutput> {
         if !all_rows || chunks.len() == 1 {
-            return chunks.pop().ok_or_else(|| anyhow!("a prefill of {s} tokens ran no chunk"));
+            return chunks.pop().ok_or_else(|| ModelError::Output(format!("a prefill of {s} tokens ran no chunk")));
         }
         let chunks = chunks.into_iter().map(StepOutput::into_logits).collect::<Result<Vec<_>>>()?;
         let vocab = self.vocab_size();
@@ -688,52 +691,68 @@ impl DecoderModel {
         let rows = inputs.rows();
         match cache.shared_layout() {
             Some(layout) if first + rows > layout.rows => {
-                bail!("rows {first}..{} of a cache of {} sequences", first + rows, layout.rows)
+                return Err(ModelError::Step(format!(
+                    "rows {first}..{} of a cache of {} sequences",
+                    first + rows,
+                    layout.rows
+                )))
             }
             None if first != 0 || rows != cache.batch => {
-                bail!("the cache holds {} sequences, the step has {rows} (from row {first})", cache.batch)
+                return Err(ModelError::Step(format!(
+                    "the cache holds {} sequences, the step has {rows} (from row {first})",
+                    cache.batch
+                )))
             }
             None if inputs.past_lens().iter().any(|&p| p != cache.len) => {
-                bail!(
+                return Err(ModelError::Step(format!(
                     "a growing cache holds {} tokens for every sequence; the step says {:?}",
                     cache.len,
                     inputs.past_lens()
-                )
+                )))
             }
             _ => {}
         }
         let total = inputs.total_len();
         let limit = cache.capacity().unwrap_or(usize::MAX).min(self.context_length());
         if total > limit {
-            bail!(
+            return Err(ModelError::Step(format!(
                 "sequence of {total} tokens exceeds the context length {limit} (graph context {}; export with a larger --context-length)",
                 self.context_length()
-            );
+            )));
         }
         let vocab = self.vocab_size();
         if let Some(&bad) = inputs.tokens().iter().find(|&&t| t as usize >= vocab) {
-            bail!("token id {bad} is outside the vocabulary (size {vocab})");
+            return Err(ModelError::Step(format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
         let multimodal = self.manifest.position_axes() == 3;
         if !multimodal && !inputs.has_plain_positions() {
-            bail!("{} has a one-axis rotary: its steps take no rope deltas or (t, h, w) positions", self.dir.display());
+            return Err(ModelError::Step(format!(
+                "{} has a one-axis rotary: its steps take no rope deltas or (t, h, w) positions",
+                self.dir.display()
+            )));
         }
         if let Some(images) = inputs.images() {
             let Some(vision) = self.manifest.vision.as_ref().filter(|_| self.takes_images()) else {
-                bail!("{} takes no image rows (it is not a vision-language decoder)", self.dir.display());
+                return Err(ModelError::Step(format!(
+                    "{} takes no image rows (it is not a vision-language decoder)",
+                    self.dir.display()
+                )));
             };
             let pads = inputs.tokens().iter().filter(|&&t| t == vision.image_token_id).count();
             if pads != images.tokens() {
-                bail!("the step has {pads} image tokens but {} image rows", images.tokens());
+                return Err(ModelError::Step(format!(
+                    "the step has {pads} image tokens but {} image rows",
+                    images.tokens()
+                )));
             }
         }
         // The fused attention's rotary table is indexed by cache slot (see the export's rotary.rs).
         if multimodal && self.has_shared_buffer() {
             if let Some((a, b, slot)) = inputs.slot_conflict() {
-                bail!(
+                return Err(ModelError::Step(format!(
                     "rows {a} and {b} of the step put different (t, h, w) positions at cache slot {slot}; \
                      the rotary table holds one per slot: run them in separate steps"
-                );
+                )));
             }
         }
         Ok(())
@@ -800,7 +819,11 @@ impl DecoderModel {
     /// CUDA graph; see [`run_rows_graph`](Self::run_rows_graph).
     pub fn decode_step_graph(&mut self, tokens: &[u32], cache: &mut KvCache, fetch: Fetch) -> Result<StepOutput> {
         if tokens.len() != cache.batch {
-            bail!("a decode step takes one token per sequence ({}), got {}", cache.batch, tokens.len());
+            return Err(ModelError::Step(format!(
+                "a decode step takes one token per sequence ({}), got {}",
+                cache.batch,
+                tokens.len()
+            )));
         }
         let past = cache.len;
         let inputs = StepInputs::uniform(tokens.to_vec(), cache.batch, past)?;
@@ -817,20 +840,25 @@ impl DecoderModel {
     /// `cache.len` alone.
     pub fn run_rows_graph(&mut self, inputs: &StepInputs, cache: &mut KvCache, fetch: Fetch) -> Result<StepOutput> {
         if inputs.seq_len() != 1 {
-            bail!("a CUDA-graph step decodes one token per sequence, got {}", inputs.seq_len());
+            return Err(ModelError::Step(format!(
+                "a CUDA-graph step decodes one token per sequence, got {}",
+                inputs.seq_len()
+            )));
         }
         if inputs.images().is_some() {
-            bail!("a CUDA-graph decode step takes no image rows");
+            return Err(ModelError::Step("a CUDA-graph decode step takes no image rows".into()));
         }
         self.check_rows(inputs, cache, 0)?;
         if !self.can_replay_graphs() {
-            bail!("CUDA-graph decode needs the CUDA execution provider with cuda_graph=1 on every stage");
+            return Err(ModelError::Graph(
+                "CUDA-graph decode needs the CUDA execution provider with cuda_graph=1 on every stage".into(),
+            ));
         }
         if !cache.is_shared_buffer() {
-            bail!(
+            return Err(ModelError::Graph(format!(
                 "CUDA-graph decode needs GroupQueryAttention's fixed-size cache; {} was exported without fused attention",
                 self.dir.display()
-            );
+            )));
         }
         let out = self.run_steps(vec![MicroStep { inputs: inputs.clone(), first: 0, fetch }], cache, true)?;
         join_rows(out)

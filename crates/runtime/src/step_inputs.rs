@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use crate::model_error::{ModelError, Result};
 
 use crate::vision::ImageFeatures;
 
@@ -39,7 +39,9 @@ impl StepInputs {
     pub fn new(tokens: Vec<u32>, past_lens: Vec<usize>) -> Result<Self> {
         let rows = past_lens.len();
         if rows == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(rows) {
-            bail!("a step needs the same positive number of tokens for each of the {rows} sequences");
+            return Err(ModelError::Step(format!(
+                "a step needs the same positive number of tokens for each of the {rows} sequences"
+            )));
         }
         Ok(StepInputs {
             seq_len: tokens.len() / rows,
@@ -60,7 +62,7 @@ impl StepInputs {
     /// (the decode steps of a prompt that had images). Text graphs take only zeros.
     pub fn with_rope_deltas(mut self, deltas: Vec<i64>) -> Result<Self> {
         if deltas.len() != self.rows() {
-            bail!("{} rope deltas for a step of {} rows", deltas.len(), self.rows());
+            return Err(ModelError::Step(format!("{} rope deltas for a step of {} rows", deltas.len(), self.rows())));
         }
         self.rope_deltas = deltas;
         Ok(self)
@@ -70,7 +72,10 @@ impl StepInputs {
     /// with images (transformers' rope index).
     pub fn with_axis_positions(mut self, positions: [Vec<i64>; 3]) -> Result<Self> {
         if positions.iter().any(|axis| axis.len() != self.tokens.len()) {
-            bail!("each position axis needs {} entries (one per token of the step)", self.tokens.len());
+            return Err(ModelError::Step(format!(
+                "each position axis needs {} entries (one per token of the step)",
+                self.tokens.len()
+            )));
         }
         self.axis_positions = Some(positions);
         Ok(self)
@@ -122,10 +127,10 @@ impl StepInputs {
     /// step with image rows is not split (its image rows follow its tokens across rows).
     pub(crate) fn select_rows(&self, rows: std::ops::Range<usize>) -> Result<StepInputs> {
         if self.images.is_some() {
-            bail!("a step with image rows runs whole");
+            return Err(ModelError::Step("a step with image rows runs whole".into()));
         }
         if rows.is_empty() || rows.end > self.rows() {
-            bail!("rows {rows:?} of a step of {} rows", self.rows());
+            return Err(ModelError::Step(format!("rows {rows:?} of a step of {} rows", self.rows())));
         }
         let tokens = rows.start * self.seq_len..rows.end * self.seq_len;
         Ok(StepInputs {

@@ -90,12 +90,6 @@ impl EngineError {
         }
     }
 
-    /// A failure of the model layer, which still reports `anyhow` errors (`crate::model`, the runner, the KV pool);
-    /// the chain of `source` is kept.
-    pub(crate) fn model(context: impl Into<String>, source: anyhow::Error) -> Self {
-        Self::model_failed(context, source)
-    }
-
     /// A failure underneath the engine (a tokenizer, ONNX Runtime, the model layer) with `source` as its cause.
     pub(crate) fn model_failed(
         context: impl Into<String>,
@@ -107,6 +101,30 @@ impl EngineError {
     pub(crate) fn config(setting: &'static str, message: impl Into<String>) -> Self {
         EngineError::Config { setting, message: message.into() }
     }
+}
+
+/// A failure of the worker's model runner (`runner.rs`, `images.rs`): of the model layer, a
+/// KV or image-row copy, an image's encoding, or the runner's own bookkeeping. The worker
+/// reports it to the requests as [`EngineError::Model`] with this as the cause.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RunnerError {
+    #[error(transparent)]
+    Model(#[from] crate::model_error::ModelError),
+    /// A copy of KV or image rows (`what`) failed or could not run.
+    #[error("{what}")]
+    Copy {
+        what: &'static str,
+        #[source]
+        source: crate::cuda_rt::CudaError,
+    },
+    #[error(transparent)]
+    Image(#[from] super::images::ImageEncodeError),
+    /// A prompt with images reached a model that has no vision encoder.
+    #[error("a prompt with images on a model without a vision encoder")]
+    NoVisionEncoder,
+    /// The runner's own bookkeeping (the prefix cache, rows run apart) disagrees with itself.
+    #[error("{0}")]
+    Bookkeeping(String),
 }
 
 /// A failure reported by the model layer (`crate::model`, ONNX Runtime, the tokenizer): its
@@ -147,9 +165,15 @@ mod tests {
 
     #[test]
     fn a_model_failure_keeps_its_cause_chain() {
-        let io = std::io::Error::other("the disk is gone");
-        let err = EngineError::model("the decode step failed", anyhow::Error::new(io).context("reading logits"));
-        assert_eq!(chain(&err), ["the decode step failed", "reading logits", "the disk is gone"]);
+        let cuda = crate::model_error::CudaError::Call { call: "cudaMemcpy to the host", code: 700 };
+        let err = EngineError::model_failed(
+            "the decode step failed",
+            crate::model_error::ModelError::from(cuda).context("reading logits"),
+        );
+        assert_eq!(
+            chain(&err),
+            ["the decode step failed", "reading logits", "cudaMemcpy to the host failed (cudaError 700)"]
+        );
     }
 
     #[test]

@@ -11,15 +11,15 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
 use ort::value::DynTensorValueType;
 use pio_image::{ImageError, ImageProcessor, PixelBatch, RgbImage};
 
-use crate::cuda_rt::Copy2d;
+use crate::cuda_rt::{Copy2d, CudaError};
 use crate::generate::ImageTimings;
-use crate::model::DecoderModel;
+use crate::model::{DecoderModel, ModelError};
 use crate::vision::{EncoderCache, ImageFeatures, LoadedImage, MultimodalPrompt, VisionEncoder, VisionError};
 
+use super::error::RunnerError;
 use super::kv_pool::KvMemory;
 use super::metrics::MetricsSnapshot;
 use super::prefix_cache::ExtraKey;
@@ -110,16 +110,14 @@ impl VisionRuntime {
     }
 
     /// The image rows of prompt tokens `range` of a request (None when the range holds no image
-    /// token), encoding the images they come from first if need be. An `anyhow` error still: the
-    /// row gathering's tensors and copies come from the model layer and the KV pool, which report
-    /// `anyhow` errors, and the runner returns this as its own.
+    /// token), encoding the images they come from first if need be.
     pub(crate) fn chunk_rows(
         &mut self,
         model: &DecoderModel,
         images: &mut SequenceImages,
         range: Range<usize>,
         metrics: &mut MetricsSnapshot,
-    ) -> Result<Option<Arc<ImageFeatures>>> {
+    ) -> Result<Option<Arc<ImageFeatures>>, RunnerError> {
         let pieces = images.prompt.rows_in(range);
         for &(index, _) in &pieces {
             if images.features[index].is_none() {
@@ -177,7 +175,10 @@ impl VisionRuntime {
 
 /// Rows `rows` of each image's features, one after the other, in a new tensor where the model
 /// runs (strided copies: the deepstack features are (layers, tokens, hidden)).
-fn gather_rows(model: &DecoderModel, parts: &[(Arc<ImageFeatures>, Range<usize>)]) -> Result<ImageFeatures> {
+fn gather_rows(
+    model: &DecoderModel,
+    parts: &[(Arc<ImageFeatures>, Range<usize>)],
+) -> Result<ImageFeatures, RunnerError> {
     let first = &parts[0].0;
     let (hidden, layers, dtype, row_bytes) =
         (first.hidden(), first.deepstack_layers(), first.dtype(), first.row_bytes());
@@ -208,12 +209,15 @@ fn gather_rows(model: &DecoderModel, parts: &[(Arc<ImageFeatures>, Range<usize>)
         }
         at += rows.len();
     }
-    let memory = KvMemory::on(model.device_id()).context("the CUDA runtime is not loaded: cannot copy image rows")?;
+    let memory = KvMemory::on(model.device_id()).ok_or_else(|| RunnerError::Copy {
+        what: "copying image rows",
+        source: CudaError::NotLoaded { needed_for: "copying image rows on the GPU".into() },
+    })?;
     // SAFETY: every source lies inside a live features tensor (rows within its tokens, its
     // layers), every destination inside the tensors just allocated for `total` rows; the two
     // never overlap, and all live in the memory `memory` copies in (where the model runs).
-    unsafe { memory.copy(&copies) }.context("copying image rows")?;
-    let embeds = embeds.downcast::<DynTensorValueType>().map_err(anyhow::Error::new)?;
-    let deepstack = deepstack.downcast::<DynTensorValueType>().map_err(anyhow::Error::new)?;
+    unsafe { memory.copy(&copies) }.map_err(|source| RunnerError::Copy { what: "copying image rows", source })?;
+    let embeds = embeds.downcast::<DynTensorValueType>().map_err(ModelError::from)?;
+    let deepstack = deepstack.downcast::<DynTensorValueType>().map_err(ModelError::from)?;
     Ok(ImageFeatures::gathered(embeds, deepstack, hidden, layers, dtype))
 }

@@ -10,10 +10,8 @@
 
 use std::collections::BTreeSet;
 
-use anyhow::Result;
-
-use crate::cuda_rt::{Copy2d, CudaRuntime};
-use crate::model::{DecoderModel, KvCache, SharedLayout};
+use crate::cuda_rt::{Copy2d, CudaError, CudaRuntime};
+use crate::model::{DecoderModel, KvCache, ModelError, SharedLayout};
 
 use super::error::EngineError;
 
@@ -168,13 +166,13 @@ impl KvMemory {
     ///
     /// # Safety
     /// As [`copy`](Self::copy), for each copy on its device.
-    pub(crate) unsafe fn copy_on_devices(copies: &[(Option<i32>, Copy2d)]) -> Result<()> {
+    pub(crate) unsafe fn copy_on_devices(copies: &[(Option<i32>, Copy2d)]) -> Result<(), CudaError> {
         let mut devices: Vec<Option<i32>> = copies.iter().map(|(d, _)| *d).collect();
         devices.sort();
         devices.dedup();
         for device in devices {
             let memory = Self::on(device)
-                .ok_or_else(|| anyhow::anyhow!("the CUDA runtime is not loaded: cannot copy KV on GPU {device:?}"))?;
+                .ok_or_else(|| CudaError::NotLoaded { needed_for: format!("copying KV on GPU {device:?}") })?;
             let group: Vec<Copy2d> = copies.iter().filter(|(d, _)| *d == device).map(|(_, c)| *c).collect();
             memory.copy(&group)?;
         }
@@ -185,7 +183,7 @@ impl KvMemory {
     ///
     /// # Safety
     /// Every copy's regions must be live memory of this kind of that extent, not overlapping.
-    pub(crate) unsafe fn copy(&self, copies: &[Copy2d]) -> Result<()> {
+    pub(crate) unsafe fn copy(&self, copies: &[Copy2d]) -> Result<(), CudaError> {
         match self {
             KvMemory::Host => {
                 for c in copies {
@@ -209,12 +207,12 @@ pub(crate) struct KvPool {
 }
 
 impl KvPool {
-    pub(crate) fn new(model: &DecoderModel, plan: PoolPlan) -> Result<Self> {
+    pub(crate) fn new(model: &DecoderModel, plan: PoolPlan) -> Result<Self, ModelError> {
         let cache = Self::new_cache(model, plan)?;
         Ok(KvPool { cache, plan, free: (0..plan.slots).collect() })
     }
 
-    fn new_cache(model: &DecoderModel, plan: PoolPlan) -> Result<KvCache> {
+    fn new_cache(model: &DecoderModel, plan: PoolPlan) -> Result<KvCache, ModelError> {
         if model.has_shared_buffer() {
             model.new_shared_cache(plan.slots, plan.capacity)
         } else {
@@ -240,7 +238,7 @@ impl KvPool {
     }
 
     /// Gives `slot` back. A growing cache starts over empty.
-    pub(crate) fn release(&mut self, model: &DecoderModel, slot: usize) -> Result<()> {
+    pub(crate) fn release(&mut self, model: &DecoderModel, slot: usize) -> Result<(), ModelError> {
         if !self.cache.is_shared_buffer() {
             self.cache = Self::new_cache(model, self.plan)?;
         }

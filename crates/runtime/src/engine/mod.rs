@@ -311,7 +311,7 @@ impl Engine {
     pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
         let dir = config.graphs.clone();
         let manifest = Manifest::load(&dir)
-            .map_err(|e| EngineError::model(format!("cannot load the graphs in {}", dir.display()), e.into()))?;
+            .map_err(|e| EngineError::model_failed(format!("cannot load the graphs in {}", dir.display()), e))?;
         let (tokenizer, chat_template) = load_tokenizer(&dir)?;
         let preparer = Preparer::new(dir.clone(), &manifest, tokenizer, chat_template, config.images.clone())?;
         let shared = Arc::new(Shared::new());
@@ -341,7 +341,7 @@ impl Engine {
                     worker::run(runner, receiver, worker_shared, worker_config.prefill_budget);
                 }
             })
-            .map_err(|e| EngineError::model("cannot start the engine's thread", anyhow::Error::new(e)))?;
+            .map_err(|e| EngineError::model_failed("cannot start the engine's thread", e))?;
         let started = match ready_rx.recv() {
             Ok(Ok(started)) => started,
             Ok(Err(e)) => {
@@ -350,9 +350,9 @@ impl Engine {
             }
             Err(_) => {
                 let _ = worker.join();
-                return Err(EngineError::model(
+                return Err(EngineError::model_failed(
                     "the engine's thread stopped while loading the model",
-                    anyhow::anyhow!("it panicked (see the log)"),
+                    "it panicked (see the log)",
                 ));
             }
         };
@@ -603,7 +603,9 @@ fn load_tokenizer(dir: &Path) -> Result<(Option<Tokenizer>, Option<ChatTemplate>
     if !dir.join("tokenizer.json").is_file() {
         return Ok((None, None));
     }
-    let failed = |what: &str, e: anyhow::Error| EngineError::model(format!("{what} in {}", dir.display()), e);
+    let failed = |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
+        EngineError::model_failed(format!("{what} in {}", dir.display()), e)
+    };
     let tokenizer = Tokenizer::from_dir(dir).map_err(|e| failed("cannot load the tokenizer", e.into()))?;
     let template = match tokenizer.chat_template_source() {
         Some(_) => Some(
@@ -619,11 +621,17 @@ fn load_tokenizer(dir: &Path) -> Result<(Option<Tokenizer>, Option<ChatTemplate>
 /// on the worker thread and sizes the pool.
 fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Result<Runner, EngineError> {
     let mut model = DecoderModel::load_with(&config.graphs, &config.ep, &config.stages)
-        .map_err(|e| EngineError::model(format!("cannot load the model in {}", config.graphs.display()), e))?;
+        .map_err(|e| EngineError::model_failed(format!("cannot load the model in {}", config.graphs.display()), e))?;
     let on_gpu = model.device_id().is_some();
     let measured = if on_gpu && config.pool.kv_cache_bytes.is_none() {
-        Runner::measure_free_kv_bytes(&mut model, config.prefill_budget, config.gpu_memory_utilization)
-            .map_err(|e| EngineError::model("cannot measure the GPU memory for the KV cache", e))?
+        Runner::measure_free_kv_bytes(&mut model, config.prefill_budget, config.gpu_memory_utilization).map_err(
+            |e| {
+                EngineError::model_failed(
+                    "cannot measure the GPU memory for the KV cache (set --max-seqs or --kv-cache-gb)",
+                    e,
+                )
+            },
+        )?
     } else {
         None
     };
@@ -645,12 +653,9 @@ fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Res
         Some(_) => {
             // The encoder runs where the decoder takes the image rows (its first stage).
             let loaded = VisionEncoder::load_with(&config.graphs, &model.manifest, model.image_ep())
-                .map_err(|e| EngineError::model("cannot load the vision encoder", e.into()))?;
+                .map_err(|e| EngineError::model_failed("cannot load the vision encoder", e))?;
             let processor = processor.ok_or_else(|| {
-                EngineError::model(
-                    "a vision-language model without an image processor",
-                    anyhow::anyhow!("none was read"),
-                )
+                EngineError::model_failed("a vision-language model without an image processor", "none was read")
             })?;
             let cache_bytes = config.images.encoder_cache_bytes.unwrap_or(DEFAULT_ENCODER_CACHE_BYTES);
             Some(VisionRuntime::new(loaded, processor, cache_bytes))
@@ -678,7 +683,7 @@ fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Res
         }
     );
     Runner::new(model, plan, prefix_bytes, vision).map_err(|e| {
-        EngineError::model(
+        EngineError::model_failed(
             format!("cannot allocate the KV pool ({} sequences of {} tokens)", plan.slots, plan.capacity),
             e,
         )

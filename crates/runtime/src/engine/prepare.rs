@@ -56,9 +56,9 @@ impl Preparer {
             None => None,
             Some(vision) => {
                 let config = ImageProcessorConfig::from_checkpoint_dir(&graphs).map_err(|e| {
-                    EngineError::model(
+                    EngineError::model_failed(
                         format!("cannot read the image processor's config in {}", graphs.display()),
-                        e.into(),
+                        e,
                     )
                 })?;
                 Some(ImageIntake {

@@ -9,14 +9,13 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
-
-use crate::cuda_rt::{Copy2d, CudaRuntime};
-use crate::model::{DecoderModel, Fetch, KvBuffer, SharedLayout, StepOutput};
+use crate::cuda_rt::{Copy2d, CudaError, CudaRuntime};
+use crate::model::{DecoderModel, Fetch, KvBuffer, ModelError, SharedLayout, StepOutput};
 use crate::step_inputs::StepInputs;
 use crate::vision::ImageFeatures;
 
 use super::decode_rows::{separate_clashes, DecodeRow};
+use super::error::RunnerError;
 use super::images::{SequenceImages, VisionRuntime};
 use super::kv_pool::{KvMemory, KvPool, PoolPlan};
 use super::metrics::MetricsSnapshot;
@@ -53,7 +52,7 @@ impl Runner {
         plan: PoolPlan,
         prefix_cache_bytes: Option<u64>,
         vision: Option<VisionRuntime>,
-    ) -> Result<Self> {
+    ) -> Result<Self, ModelError> {
         let pool = KvPool::new(&model, plan)?;
         let prefix = match (prefix_cache_bytes.filter(|&b| b > 0), pool.layout()) {
             (Some(bytes), Some(layout)) if KvMemory::available(layout) => {
@@ -103,7 +102,7 @@ impl Runner {
     }
 
     /// Gives `slot` back to the pool.
-    pub(crate) fn release(&mut self, slot: usize) -> Result<()> {
+    pub(crate) fn release(&mut self, slot: usize) -> Result<(), ModelError> {
         self.pool.release(&self.model, slot)
     }
 
@@ -118,7 +117,7 @@ impl Runner {
     /// A decoding row whose position clashes with another's at the same cache slot (see
     /// `decode_rows`) runs alone right after; its output takes its row's place.
     /// Returns the output and how many rows ran apart.
-    pub(crate) fn decode(&mut self, rows: &[DecodeRow], fetch: Fetch) -> Result<(StepOutput, usize)> {
+    pub(crate) fn decode(&mut self, rows: &[DecodeRow], fetch: Fetch) -> Result<(StepOutput, usize), RunnerError> {
         let mut rows = rows.to_vec();
         let apart = if self.model.manifest.position_axes() == 3 { separate_clashes(&mut rows) } else { Vec::new() };
         let inputs = StepInputs::new(rows.iter().map(|r| r.token).collect(), rows.iter().map(|r| r.past).collect())?
@@ -146,7 +145,7 @@ impl Runner {
         past: usize,
         fetch: Fetch,
         images: Option<(&mut SequenceImages, &mut MetricsSnapshot)>,
-    ) -> Result<StepOutput> {
+    ) -> Result<StepOutput, RunnerError> {
         let mut inputs = StepInputs::new(tokens.to_vec(), vec![past])?;
         if let Some((images, metrics)) = images {
             let range = past..past + tokens.len();
@@ -155,7 +154,7 @@ impl Runner {
                 inputs = inputs.with_images(rows);
             }
         }
-        self.model.run_rows(&inputs, self.pool.cache(), slot, fetch)
+        Ok(self.model.run_rows(&inputs, self.pool.cache(), slot, fetch)?)
     }
 
     /// The image rows of prompt tokens `range`, encoding their images first if need be.
@@ -164,8 +163,8 @@ impl Runner {
         images: &mut SequenceImages,
         range: Range<usize>,
         metrics: &mut MetricsSnapshot,
-    ) -> Result<Option<Arc<ImageFeatures>>> {
-        let vision = self.vision.as_mut().context("a prompt with images on a model without a vision encoder")?;
+    ) -> Result<Option<Arc<ImageFeatures>>, RunnerError> {
+        let vision = self.vision.as_mut().ok_or(RunnerError::NoVisionEncoder)?;
         vision.chunk_rows(&self.model, images, range, metrics)
     }
 
@@ -176,7 +175,13 @@ impl Runner {
 
     /// Copies the cached KV of the first `want` tokens of `tokens` into `slot`; returns how many
     /// tokens it provided (`want`, which a [`lookup`](Self::lookup) in the same step found).
-    pub(crate) fn load_prefix(&mut self, slot: usize, tokens: &[u32], keys: &[BlockKey], want: usize) -> Result<usize> {
+    pub(crate) fn load_prefix(
+        &mut self,
+        slot: usize,
+        tokens: &[u32],
+        keys: &[BlockKey],
+        want: usize,
+    ) -> Result<usize, RunnerError> {
         let (Some(store), Some(layout)) = (self.prefix.as_mut(), self.pool.layout()) else { return Ok(0) };
         if want == 0 {
             return Ok(0);
@@ -185,23 +190,29 @@ impl Runner {
         let pieces = store.cache.acquire(tokens, keys, blocks);
         let got: usize = pieces.iter().map(|p| p.blocks).sum();
         if got < blocks {
-            return Err(anyhow!("the prefix cache holds {got} blocks of {blocks} looked up in this step"));
+            return Err(RunnerError::Bookkeeping(format!(
+                "the prefix cache holds {got} blocks of {blocks} looked up in this step"
+            )));
         }
         let mut copies = Vec::with_capacity(pieces.len() * 2 * layout.layers.len());
         for piece in &pieces {
-            let extent = store.cache.extent(piece.extent).context("a prefix-cache extent vanished")?;
+            let extent = store
+                .cache
+                .extent(piece.extent)
+                .ok_or_else(|| RunnerError::Bookkeeping("a prefix-cache extent vanished".into()))?;
             copies.extend(hit_copies(layout, slot, piece, extent.blocks, &extent.storage));
         }
         // SAFETY: each copy reads an extent's buffer and writes positions of `slot` of the pool,
         // both live and of the sizes computed from their layouts, on the layer's device; they do
         // not overlap.
-        unsafe { KvMemory::copy_on_devices(&copies) }.context("copying cached KV into a slot")?;
+        unsafe { KvMemory::copy_on_devices(&copies) }
+            .map_err(|source| RunnerError::Copy { what: "copying cached KV into a slot", source })?;
         Ok(want)
     }
 
     /// Offers the KV of `tokens` (what `slot` holds; `keys` their block keys) to the prefix
     /// cache: the full blocks it does not hold yet are copied out of the slot into a new extent.
-    pub(crate) fn store_prefix(&mut self, slot: usize, tokens: &[u32], keys: &[BlockKey]) -> Result<()> {
+    pub(crate) fn store_prefix(&mut self, slot: usize, tokens: &[u32], keys: &[BlockKey]) -> Result<(), RunnerError> {
         let Some(store) = self.prefix.as_mut() else { return Ok(()) };
         let Some(layout) = self.pool.layout() else { return Ok(()) };
         let Some(reservation) = store.cache.reserve(tokens, keys) else { return Ok(()) };
@@ -211,7 +222,8 @@ impl Runner {
         // SAFETY: each copy reads positions of `slot` of the pool and writes the new buffer,
         // both live and of the sizes computed from their layouts, on the layer's device; they do
         // not overlap.
-        unsafe { KvMemory::copy_on_devices(&copies) }.context("copying KV from a slot into the prefix cache")?;
+        unsafe { KvMemory::copy_on_devices(&copies) }
+            .map_err(|source| RunnerError::Copy { what: "copying KV from a slot into the prefix cache", source })?;
         store.cache.commit(reservation, tokens, keys, buffer);
         Ok(())
     }
@@ -226,17 +238,18 @@ impl Runner {
         model: &mut DecoderModel,
         prefill_tokens: usize,
         utilization: f64,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<u64>, ModelError> {
         if model.device_id().is_none() {
             return Ok(None);
         }
-        let runtime = CudaRuntime::get().context(
-            "cannot measure the GPU's free memory (the CUDA runtime is not loaded): set --max-seqs or --kv-cache-gb",
-        )?;
+        let runtime = CudaRuntime::get()
+            .ok_or_else(|| CudaError::NotLoaded { needed_for: "measuring the GPU's free memory".into() })?;
         let tokens = prefill_tokens.clamp(1, model.context_length() - 1);
         let mut cache = model.new_batch_cache(1, tokens)?;
         let profile = StepInputs::new(vec![0; tokens], vec![0])?;
-        model.run_rows(&profile, &mut cache, 0, Fetch::Logits).context("the profiling prefill failed")?;
+        model
+            .run_rows(&profile, &mut cache, 0, Fetch::Logits)
+            .map_err(|e| e.context("the profiling prefill failed"))?;
         drop(cache);
         let layers = model.manifest.dims.num_layers.max(1) as u64;
         let mut per_device: Vec<(i32, u64)> = Vec::new();
@@ -265,21 +278,21 @@ impl Runner {
 }
 
 /// Puts row 0 of `own` (a step of one row) in row `row` of `output` (a batched step's).
-fn replace_row(output: &mut StepOutput, row: usize, own: StepOutput) -> Result<()> {
+fn replace_row(output: &mut StepOutput, row: usize, own: StepOutput) -> Result<(), RunnerError> {
     match (output, own) {
         (StepOutput::Greedy(tokens), StepOutput::Greedy(mine)) => {
             let (slot, mine) = (tokens.get_mut(row), mine.first());
-            *slot.context("a decode step without the row run apart")? =
-                *mine.context("a step of one row gave no token")?;
+            *slot.ok_or_else(|| RunnerError::Bookkeeping("a decode step without the row run apart".into()))? =
+                *mine.ok_or_else(|| RunnerError::Bookkeeping("a step of one row gave no token".into()))?;
         }
         (StepOutput::Logits(all), StepOutput::Logits(mine)) => {
             let width = all.rows * all.vocab;
             if row >= all.batch || mine.data.len() != width {
-                return Err(anyhow!("a row run apart does not fit the batch's logits"));
+                return Err(RunnerError::Bookkeeping("a row run apart does not fit the batch's logits".into()));
             }
             all.data[row * width..(row + 1) * width].copy_from_slice(&mine.data);
         }
-        _ => return Err(anyhow!("a row run apart brought back other outputs than the batch")),
+        _ => return Err(RunnerError::Bookkeeping("a row run apart brought back other outputs than the batch".into())),
     }
     Ok(())
 }

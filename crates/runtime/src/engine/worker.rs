@@ -184,7 +184,10 @@ impl Worker {
                 Ok(n) => n,
                 Err(e) => {
                     seq.admit(admission.slot, 0);
-                    seq.fail(EngineError::model("copying cached KV into the request's slot", e), &mut self.metrics);
+                    seq.fail(
+                        EngineError::model_failed("copying cached KV into the request's slot", e),
+                        &mut self.metrics,
+                    );
                     self.running.push(seq);
                     continue;
                 }
@@ -222,7 +225,7 @@ impl Worker {
                 Self::choose_all(&mut decoded, &output, &mut self.metrics);
             }
             Err(e) => {
-                let error = EngineError::model("the batched decode step failed", e);
+                let error = EngineError::model_failed("the batched decode step failed", e);
                 for seq in self.running.iter_mut().filter(|s| decoding(s)) {
                     seq.fail(error.clone(), &mut self.metrics);
                 }
@@ -248,7 +251,7 @@ impl Worker {
                     seq.phase = Phase::Prefill { done: start + len, prompt_len };
                 }
             }
-            Err(e) => seq.fail(EngineError::model("a prefill chunk failed", e), &mut self.metrics),
+            Err(e) => seq.fail(EngineError::model_failed("a prefill chunk failed", e), &mut self.metrics),
         }
     }
 
@@ -299,7 +302,7 @@ impl Worker {
         let result = match choice {
             Some(choice) => seq.accept(choice, metrics).map(|_| ()),
             None => {
-                Err(EngineError::model("reading a step's output", anyhow::anyhow!("the step returned no row {row}")))
+                Err(EngineError::model_failed("reading a step's output", format!("the step returned no row {row}")))
             }
         };
         if let Err(e) = result {

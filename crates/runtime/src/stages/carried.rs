@@ -4,7 +4,7 @@
 //! the CUDA runtime and waited for before its run); one on the same device binds the value
 //! itself. Nothing passes through the host.
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::model_error::{CudaError, ModelError, Result};
 use ort::memory::Allocator;
 use ort::value::{DynTensorValueType, DynValue, TensorElementType};
 use pio_models::manifest::TensorDtype;
@@ -56,19 +56,22 @@ fn element_dtype(ty: TensorElementType) -> Result<TensorDtype> {
         TensorElementType::Float16 => TensorDtype::Float16,
         TensorElementType::Bfloat16 => TensorDtype::Bfloat16,
         TensorElementType::Int8 => TensorDtype::Int8,
-        other => bail!("no carried stage values of {other:?}"),
+        other => return Err(ModelError::Pipeline(format!("no carried stage values of {other:?}"))),
     })
 }
 
 /// A tensor value's data address and size in bytes.
 fn data_of(value: &DynValue) -> Result<(usize, usize)> {
     let tensor = value.view().downcast::<DynTensorValueType>().map_err(ort_err)?;
-    Ok((tensor.data_ptr() as usize, tensor.size().context("the size of a carried tensor")?))
+    Ok((
+        tensor.data_ptr() as usize,
+        tensor.size().ok_or_else(|| ModelError::Output("a carried tensor of unknown size".into()))?,
+    ))
 }
 
 fn runtime() -> Result<&'static CudaRuntime> {
     CudaRuntime::get()
-        .context("copying hidden states between GPUs needs the CUDA runtime loaded (ONNX Runtime's CUDA provider)")
+        .ok_or_else(|| CudaError::NotLoaded { needed_for: "copying hidden states between GPUs".into() }.into())
 }
 
 impl Carried {
@@ -84,22 +87,27 @@ impl Carried {
     }
 
     fn get(&self, name: &str) -> Result<&CarriedValue> {
-        self.values.iter().find(|v| v.name == name).ok_or_else(|| anyhow!("no earlier stage output `{name}`"))
+        self.values
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| ModelError::Output(format!("no earlier stage output `{name}`")))
     }
 
     /// Input `name` for a stage on `device` (`alloc` its allocator): the value itself when it
     /// lives there, else a peer copy on `device`, complete on return.
     pub(crate) fn bound_on(&self, name: &str, device: Option<i32>, alloc: Option<&Allocator>) -> Result<Bound<'_>> {
         let v = self.get(name)?;
-        let Held::Value(value) = &v.held else { bail!("`{name}` is a CUDA-graph buffer, not a value to bind") };
+        let Held::Value(value) = &v.held else {
+            return Err(ModelError::Pipeline(format!("`{name}` is a CUDA-graph buffer, not a value to bind")));
+        };
         if v.device == device {
             return Ok(Bound::Same(value));
         }
         let (Some(src), Some(dst), Some(alloc)) = (v.device, device, alloc) else {
-            bail!(
+            return Err(ModelError::Pipeline(format!(
                 "`{name}` is on {:?} and its stage on {device:?}: stages share the host or are all on GPUs",
                 v.device
-            );
+            )));
         };
         let shape: Vec<usize> = value.shape().iter().map(|&d| d as usize).collect();
         let (copy, addr) = device_tensor(alloc, element_dtype(*value.data_type())?, &shape)?;
@@ -120,10 +128,11 @@ impl Carried {
             Held::Value(value) => data_of(value)?,
         };
         if size != bytes {
-            bail!("`{name}` holds {size} bytes, its input {bytes}");
+            return Err(ModelError::Pipeline(format!("`{name}` holds {size} bytes, its input {bytes}")));
         }
-        let src_device = v.device.with_context(|| format!("`{name}` is in host memory, not on a GPU"))?;
+        let src_device =
+            v.device.ok_or_else(|| ModelError::Pipeline(format!("`{name}` is in host memory, not on a GPU")))?;
         // SAFETY: both regions are live device buffers of `bytes` (checked above) on their devices.
-        unsafe { runtime()?.device_to_device(device, dst as *mut _, src_device, src as *const _, bytes) }
+        Ok(unsafe { runtime()?.device_to_device(device, dst as *mut _, src_device, src as *const _, bytes) }?)
     }
 }

@@ -7,12 +7,12 @@ use std::ops::Range;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
 use super::carried::Carried;
 use super::session::{StageKv, StageSession};
 use crate::model::{Fetch, StepOutput};
+use crate::model_error::{ModelError, Result};
 use crate::step_inputs::StepInputs;
 
 /// How stages overlap.
@@ -91,7 +91,7 @@ fn run_stage(
 ) -> Result<Option<StepOutput>> {
     let out = if graph {
         let StageKv::Shared { layout, memories } = kv else {
-            bail!("CUDA-graph decode needs GroupQueryAttention's fixed-size cache")
+            return Err(ModelError::Graph("CUDA-graph decode needs GroupQueryAttention's fixed-size cache".into()));
         };
         stage.run_graph(step, layout, memories, carried)?
     } else {
@@ -103,7 +103,7 @@ fn run_stage(
 
 /// Why a lane stopped early.
 enum LaneError {
-    Failed(anyhow::Error),
+    Failed(ModelError),
     /// A later lane stopped taking micro-steps (it failed).
     Stopped,
 }
@@ -138,7 +138,9 @@ fn run_lane(
         }
         match &output {
             Some(tx) => tx.send((k, carried)).map_err(|_| LaneError::Stopped)?,
-            None => outputs.push(last.ok_or_else(|| LaneError::Failed(anyhow!("the last stage gave no output")))?),
+            None => outputs.push(
+                last.ok_or_else(|| LaneError::Failed(ModelError::Pipeline("the last stage gave no output".into())))?,
+            ),
         }
     }
     Ok((busy, outputs))
@@ -158,7 +160,7 @@ pub(crate) fn execute(
     let result = if lanes.len() <= 1 {
         run_lane(stages, &mut kv, steps, None, None, graph).map_err(|e| match e {
             LaneError::Failed(e) => e,
-            LaneError::Stopped => anyhow!("the pipeline stopped"),
+            LaneError::Stopped => ModelError::Pipeline("the pipeline stopped".into()),
         })
     } else {
         run_threaded(stages, lanes, kv, steps, graph)
@@ -170,7 +172,11 @@ pub(crate) fn execute(
     timings.wall += start.elapsed();
     timings.micro_steps += steps.len();
     if outputs.len() != steps.len() {
-        bail!("the pipeline gave {} outputs for {} micro-steps", outputs.len(), steps.len());
+        return Err(ModelError::Pipeline(format!(
+            "the pipeline gave {} outputs for {} micro-steps",
+            outputs.len(),
+            steps.len()
+        )));
     }
     Ok(outputs)
 }
@@ -204,7 +210,11 @@ fn run_threaded(
         }
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(LaneError::Failed(anyhow!("a pipeline thread panicked")))))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(LaneError::Failed(ModelError::Pipeline("a pipeline thread panicked".into())))
+                })
+            })
             .collect()
     });
     let mut busy = Vec::new();
@@ -221,7 +231,7 @@ fn run_threaded(
         }
     }
     if stopped && outputs.len() != steps.len() {
-        return Err(anyhow!("the pipeline stopped")).context("a stage stopped taking micro-steps");
+        return Err(ModelError::Pipeline("the pipeline stopped".into()).context("a stage stopped taking micro-steps"));
     }
     Ok((busy, outputs))
 }

@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use anyhow::{bail, Result};
+use crate::model_error::{ModelError, Result};
 
 use super::PipelineMode;
 use crate::ep::ExecutionProvider;
@@ -29,10 +29,12 @@ pub(crate) fn stage_eps(ep: &ExecutionProvider, devices: &[i32], stages: usize) 
         return Ok(vec![ep.clone(); stages]);
     }
     if ep.device_id().is_none() {
-        bail!("--devices places stages on GPUs: it needs --ep cuda (on the CPU every stage runs on the CPU)");
+        return Err(ModelError::Placement(
+            "--devices places stages on GPUs: it needs --ep cuda (on the CPU every stage runs on the CPU)".into(),
+        ));
     }
     if let Some(bad) = devices.iter().find(|&&d| d < 0) {
-        bail!("--devices: device id {bad} is negative");
+        return Err(ModelError::Placement(format!("--devices: device id {bad} is negative")));
     }
     if devices.len() > stages {
         let hint = if stages == 1 {
@@ -40,7 +42,10 @@ pub(crate) fn stage_eps(ep: &ExecutionProvider, devices: &[i32], stages: usize) 
         } else {
             format!("give at most {stages} devices")
         };
-        bail!("--devices lists {} devices, but the graph has {stages} stage(s): {hint}", devices.len());
+        return Err(ModelError::Placement(format!(
+            "--devices lists {} devices, but the graph has {stages} stage(s): {hint}",
+            devices.len()
+        )));
     }
     Ok((0..stages).map(|i| on_device(ep, devices[i * devices.len() / stages])).collect())
 }

@@ -4,7 +4,6 @@
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, Tensor};
@@ -12,13 +11,14 @@ use pio_models::manifest::{IoSpec, KvCacheSpec, Manifest, GREEDY_TOKENS_OUTPUT};
 
 use super::carried::{Carried, Held};
 use super::pipeline::MicroStep;
-use crate::cuda_rt::CudaRuntime;
+use crate::cuda_rt::{CudaError, CudaRuntime};
 use crate::ep::ExecutionProvider;
 use crate::model::Fetch;
 use crate::model::{
     bind_rows, builder_err, cache_memory, copy_to_host, device_tensor, empty_host_tensor, no_graph_options, ort_err,
     read_greedy, read_logits, Logits, SharedLayout, StepOutput, DEEPSTACK_EMBEDS_INPUT, IMAGE_EMBEDS_INPUT,
 };
+use crate::model_error::{ModelError, Result};
 
 /// A stage's part of the KV cache for one micro-step.
 pub(crate) enum StageKv<'a> {
@@ -47,6 +47,8 @@ struct GraphState {
 }
 
 pub(crate) struct StageSession {
+    /// The stage's graph file (named in errors of its runs).
+    file: std::path::PathBuf,
     /// The decoder layers this stage holds.
     pub(crate) layers: Range<usize>,
     pub(crate) ep: ExecutionProvider,
@@ -83,7 +85,7 @@ impl StageSession {
     ) -> Result<Self> {
         let path = dir.join(file);
         if !path.is_file() {
-            bail!("{} is missing (listed in {})", path.display(), dir.join("pio.json").display());
+            return Err(ModelError::MissingFile { file: path, manifest: dir.join("pio.json") });
         }
         let env = crate::ort_lib::environment()?;
         let builder = Session::builder(env).map_err(ort_err)?;
@@ -94,10 +96,8 @@ impl StageSession {
             let domain = pio_kernels::ops::operator_domain().map_err(ort_err)?;
             builder = builder.with_operators(domain).map_err(builder_err)?;
         }
-        let session = builder
-            .commit_from_file(&path)
-            .map_err(ort_err)
-            .with_context(|| format!("cannot load {}", path.display()))?;
+        let session =
+            builder.commit_from_file(&path).map_err(|source| ModelError::Load { file: path.clone(), source })?;
         let allocator = match ep.device_id() {
             Some(id) => Some(
                 Allocator::new(
@@ -105,8 +105,7 @@ impl StageSession {
                     MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)
                         .map_err(ort_err)?,
                 )
-                .map_err(ort_err)
-                .with_context(|| format!("cannot allocate on CUDA device {id}"))?,
+                .map_err(|e| ModelError::ort(format!("cannot allocate on CUDA device {id}"), e))?,
             ),
             None => None,
         };
@@ -124,6 +123,7 @@ impl StageSession {
         let is_image = |name: &str| name == IMAGE_EMBEDS_INPUT || name == DEEPSTACK_EMBEDS_INPUT;
         let ends = outputs.iter().any(|o| o.name == "logits");
         Ok(StageSession {
+            file: path,
             ep: ep.clone(),
             session,
             allocator,
@@ -236,21 +236,23 @@ impl StageSession {
             .collect::<Result<Vec<_>>>()?;
         let mut binding = self.session.create_binding().map_err(ort_err)?;
         if let Some(ids) = &input_ids {
-            binding.bind_input("input_ids", ids).map_err(ort_err)?;
+            binding.bind_input("input_ids", ids).map_err(ModelError::bind("input_ids"))?;
         }
-        binding.bind_input("attention_mask", &attention_mask).map_err(ort_err)?;
-        binding.bind_input("position_ids", &position_ids).map_err(ort_err)?;
+        binding.bind_input("attention_mask", &attention_mask).map_err(ModelError::bind("attention_mask"))?;
+        binding.bind_input("position_ids", &position_ids).map_err(ModelError::bind("position_ids"))?;
         for (name, value) in &empty_images {
-            binding.bind_input(name, value).map_err(ort_err)?;
+            binding.bind_input(name, value).map_err(ModelError::bind(name))?;
         }
         if let (true, Some(images)) = (self.takes_images(), inputs.images()) {
-            binding.bind_input(IMAGE_EMBEDS_INPUT, images.embeds()).map_err(ort_err)?;
+            binding.bind_input(IMAGE_EMBEDS_INPUT, images.embeds()).map_err(ModelError::bind(IMAGE_EMBEDS_INPUT))?;
             if self.image_inputs.iter().any(|i| i.name == DEEPSTACK_EMBEDS_INPUT) {
-                binding.bind_input(DEEPSTACK_EMBEDS_INPUT, images.deepstack()).map_err(ort_err)?;
+                binding
+                    .bind_input(DEEPSTACK_EMBEDS_INPUT, images.deepstack())
+                    .map_err(ModelError::bind(DEEPSTACK_EMBEDS_INPUT))?;
             }
         }
         for (io, value) in self.carried_in.iter().zip(&bound) {
-            binding.bind_input(&io.name, value.value()).map_err(ort_err)?;
+            binding.bind_input(&io.name, value.value()).map_err(ModelError::bind(&io.name))?;
         }
         // Cache views bound as inputs: they must outlive the run.
         let mut held_views = Vec::new();
@@ -269,27 +271,29 @@ impl StageSession {
             StageKv::Growing { keys, values } => {
                 for (i, (k, v)) in keys.iter().zip(values.iter()).enumerate() {
                     let layer = self.layers.start + i;
-                    binding.bind_input(KvCacheSpec::name(&self.kv.past_key, layer), k).map_err(ort_err)?;
-                    binding.bind_input(KvCacheSpec::name(&self.kv.past_value, layer), v).map_err(ort_err)?;
-                    binding
-                        .bind_output_to_device(KvCacheSpec::name(&self.kv.present_key, layer), &memory)
-                        .map_err(ort_err)?;
-                    binding
-                        .bind_output_to_device(KvCacheSpec::name(&self.kv.present_value, layer), &memory)
-                        .map_err(ort_err)?;
+                    for (past, value) in [(&self.kv.past_key, k), (&self.kv.past_value, v)] {
+                        let name = KvCacheSpec::name(past, layer);
+                        binding.bind_input(&name, value).map_err(ModelError::bind(&name))?;
+                    }
+                    for present in [&self.kv.present_key, &self.kv.present_value] {
+                        let name = KvCacheSpec::name(present, layer);
+                        binding.bind_output_to_device(&name, &memory).map_err(ModelError::bind(&name))?;
+                    }
                 }
             }
         }
         for io in &self.carried_out {
-            binding.bind_output_to_device(&io.name, &memory).map_err(ort_err)?;
+            binding.bind_output_to_device(&io.name, &memory).map_err(ModelError::bind(&io.name))?;
         }
         if self.ends {
             if greedy_output {
                 // The logits stay where they were computed; rows x positions token ids come back.
-                binding.bind_output_to_device("logits", &memory).map_err(ort_err)?;
-                binding.bind_output_to_device(GREEDY_TOKENS_OUTPUT, &host).map_err(ort_err)?;
+                binding.bind_output_to_device("logits", &memory).map_err(ModelError::bind("logits"))?;
+                binding
+                    .bind_output_to_device(GREEDY_TOKENS_OUTPUT, &host)
+                    .map_err(ModelError::bind(GREEDY_TOKENS_OUTPUT))?;
             } else {
-                binding.bind_output_to_device("logits", &host).map_err(ort_err)?;
+                binding.bind_output_to_device("logits", &host).map_err(ModelError::bind("logits"))?;
             }
         }
         let mut options = no_graph_options()?;
@@ -301,12 +305,12 @@ impl StageSession {
         let mut outputs = self
             .session
             .run_binding_with_options(&binding, &options)
-            .map_err(ort_err)
-            .context("decoder step failed")?;
+            .map_err(|source| ModelError::Run { graph: self.file.clone(), what: "decoder step", source })?;
         drop(held_views);
         drop(bound);
         for io in &self.carried_out {
-            let value = outputs.remove(&io.name).with_context(|| format!("missing output {}", io.name))?;
+            let value =
+                outputs.remove(&io.name).ok_or_else(|| ModelError::Output(format!("missing output {}", io.name)))?;
             carried.put(&io.name, Held::Value(value), device);
         }
         if let StageKv::Growing { keys, values } = kv {
@@ -314,8 +318,10 @@ impl StageSession {
                 let layer = self.layers.start + i;
                 let name_k = KvCacheSpec::name(&self.kv.present_key, layer);
                 let name_v = KvCacheSpec::name(&self.kv.present_value, layer);
-                keys[i] = outputs.remove(&name_k).with_context(|| format!("missing output {name_k}"))?;
-                values[i] = outputs.remove(&name_v).with_context(|| format!("missing output {name_v}"))?;
+                keys[i] =
+                    outputs.remove(&name_k).ok_or_else(|| ModelError::Output(format!("missing output {name_k}")))?;
+                values[i] =
+                    outputs.remove(&name_v).ok_or_else(|| ModelError::Output(format!("missing output {name_v}")))?;
             }
         }
         if !self.ends {
@@ -337,7 +343,10 @@ impl StageSession {
                 (Some(n), _) => Ok(n as usize),
                 (None, Some("batch_size")) => Ok(rows),
                 (None, Some("sequence_length")) => Ok(1),
-                _ => Err(anyhow!("carried value {} has a dimension {d} a decode step cannot size", io.name)),
+                _ => Err(ModelError::Graph(format!(
+                    "carried value {} has a dimension {d} a decode step cannot size",
+                    io.name
+                ))),
             })
             .collect::<Result<Vec<usize>>>()?;
         let bytes = shape.iter().product::<usize>() * io.dtype.size_bytes();
@@ -352,7 +361,10 @@ impl StageSession {
         if let Some(i) = self.graph_states.iter().position(|g| g.key == key) {
             return Ok(i);
         }
-        let alloc = self.allocator.as_ref().ok_or_else(|| anyhow!("CUDA-graph decode needs a CUDA session"))?;
+        let alloc = self
+            .allocator
+            .as_ref()
+            .ok_or_else(|| ModelError::Graph("CUDA-graph decode needs a CUDA session".into()))?;
         // New rows or a new cache: new fixed inputs and a new capture. Graph ids start at 1.
         let graph_id = 1 + self.graph_states.iter().map(|g| g.graph_id).max().unwrap_or(0);
         let tensor = |shape: Vec<usize>| Tensor::<i64>::new(alloc, shape).map_err(ort_err);
@@ -416,7 +428,10 @@ impl StageSession {
                 rt.synchronize(device)?;
             }
             None if !state.carried_in.is_empty() => {
-                bail!("a staged CUDA-graph step needs the CUDA runtime loaded to hand hidden states on")
+                return Err(CudaError::NotLoaded {
+                    needed_for: "handing hidden states on in a staged CUDA-graph step".into(),
+                }
+                .into())
             }
             None => {
                 let host = |shape: Vec<i64>, data: Vec<i64>| Tensor::from_array((shape, data)).map_err(ort_err);
@@ -432,32 +447,33 @@ impl StageSession {
         let state = &mut self.graph_states[index];
         let mut binding = self.session.create_binding().map_err(ort_err)?;
         if let Some(t) = &state.input_ids {
-            binding.bind_input("input_ids", t).map_err(ort_err)?;
+            binding.bind_input("input_ids", t).map_err(ModelError::bind("input_ids"))?;
         }
-        binding.bind_input("position_ids", &state.position_ids).map_err(ort_err)?;
-        binding.bind_input("attention_mask", &state.attention_mask).map_err(ort_err)?;
+        binding.bind_input("position_ids", &state.position_ids).map_err(ModelError::bind("position_ids"))?;
+        binding.bind_input("attention_mask", &state.attention_mask).map_err(ModelError::bind("attention_mask"))?;
         for (name, value) in &state.images {
-            binding.bind_input(name, value).map_err(ort_err)?;
+            binding.bind_input(name, value).map_err(ModelError::bind(name))?;
         }
         for (name, value, _, _) in &state.carried_in {
-            binding.bind_input(name, value).map_err(ort_err)?;
+            binding.bind_input(name, value).map_err(ModelError::bind(name))?;
         }
         let held_views = bind_rows(&mut binding, &self.kv, layout, memories, self.layers.clone(), step.first, rows)?;
         for (name, value, _, _) in state.carried_out.iter_mut() {
-            binding.bind_output(name.as_str(), value).map_err(ort_err)?;
+            binding.bind_output(name.as_str(), value).map_err(ModelError::bind(name))?;
         }
         if let Some(logits) = state.logits.as_mut() {
-            binding.bind_output("logits", logits).map_err(ort_err)?;
+            binding.bind_output("logits", logits).map_err(ModelError::bind("logits"))?;
         }
         if let Some(greedy) = state.greedy.as_mut() {
-            binding.bind_output(GREEDY_TOKENS_OUTPUT, greedy).map_err(ort_err)?;
+            binding.bind_output(GREEDY_TOKENS_OUTPUT, greedy).map_err(ModelError::bind(GREEDY_TOKENS_OUTPUT))?;
         }
         let mut options = RunOptions::new().map_err(ort_err)?;
         options.set("gpu_graph_id", state.graph_id.to_string()).map_err(ort_err)?;
-        self.session
-            .run_binding_with_options(&binding, &options)
-            .map_err(ort_err)
-            .context("decode step (CUDA graph) failed")?;
+        self.session.run_binding_with_options(&binding, &options).map_err(|source| ModelError::Run {
+            graph: self.file.clone(),
+            what: "decode step (CUDA graph)",
+            source,
+        })?;
         drop(held_views);
         for (name, _, addr, bytes) in &state.carried_out {
             carried.put(name, Held::Fixed { addr: *addr, bytes: *bytes }, Some(device));
