@@ -210,7 +210,8 @@ fn manifest_file_names_that_leave_the_folder_are_refused() {
     let path = graphs.join("pio.json");
     let original = std::fs::read_to_string(&path).unwrap();
     pio_models::Manifest::load(&graphs).unwrap();
-    let cases: [(&str, &dyn Fn(&mut serde_json::Value)); 4] = [
+    type Edit = dyn Fn(&mut serde_json::Value);
+    let cases: [(&str, &Edit); 4] = [
         ("decoder", &|v| v["decoder"] = "../model.onnx".into()),
         ("decoder", &|v| v["decoder"] = "/etc/passwd".into()),
         ("decoder", &|v| v["decoder"] = "..".into()),
