@@ -418,3 +418,40 @@ impl ExportSettingsBuilder {
         Ok(s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builder_starts_from_the_target_defaults() {
+        let cpu = ExportSettings::builder(Precision::Fp32, TargetEp::Cpu, 256, true).build().unwrap();
+        assert!(cpu.last_token_logits() && cpu.fused_norms() && cpu.fused_attention() && cpu.sliding_window());
+        assert!(!cpu.fused_qkv() && !cpu.fused_gate_up() && !cpu.fused_qk_norm(), "{cpu:?}");
+        let gpu = ExportSettings::builder(Precision::Bf16, TargetEp::Cuda, 256, true).build().unwrap();
+        assert!(gpu.fused_qkv() && gpu.fused_gate_up() && gpu.fused_qk_norm(), "{gpu:?}");
+        let no_qk_norm = ExportSettings::builder(Precision::Bf16, TargetEp::Cuda, 256, false).build().unwrap();
+        assert!(!no_qk_norm.fused_qk_norm());
+        assert_eq!((gpu.int4_block_size(), gpu.int4_accuracy_level(), gpu.random_int4()), (32, 0, None));
+        assert!(!gpu.int4_lm_head() && !gpu.int4_embeddings() && !gpu.kv_cache_int8() && !gpu.pio_kernels().any());
+        assert_eq!(gpu.stages(), &crate::stages::StageSplit::Single);
+    }
+
+    #[test]
+    fn build_refuses_combinations_no_target_runs_naming_the_flag() {
+        use SettingsError as E;
+        let cpu = ExportSettings::builder(Precision::Fp32, TargetEp::Cpu, 256, false);
+        let refused = |b: ExportSettingsBuilder| b.build().err();
+        assert_eq!(
+            refused(cpu.clone().precision(Precision::Fp16)),
+            Some(E::PrecisionNeedsGpu { precision: Precision::Fp16 })
+        );
+        assert_eq!(refused(cpu.clone().int4_lm_head(true)), Some(E::NeedsInt4 { flag: "--int4-lm-head" }));
+        assert_eq!(refused(cpu.clone().int4_embeddings(true)), Some(E::NeedsInt4 { flag: "--int4-embeddings" }));
+        assert_eq!(refused(cpu.clone().fused_qk_norm(true)), Some(E::FusedQkNormOnCpu));
+        assert_eq!(refused(cpu.clone().context_length(0)), Some(E::ZeroContextLength));
+        let unfused_int8 = cpu.clone().fused_attention(false).kv_cache_int8(true);
+        assert!(matches!(refused(unfused_int8), Some(E::NeedsFusedAttention { flag: "--kv-cache-int8", .. })));
+        assert!(matches!(refused(cpu.random_int4(Some(1))), Some(E::DirectInt4Precision { .. })));
+    }
+}
