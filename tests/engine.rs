@@ -35,8 +35,7 @@ fn graphs() -> &'static Path {
     static GRAPHS: OnceLock<PathBuf> = OnceLock::new();
     GRAPHS.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("engine-qwen3-tied-hub");
-        let mut settings = cpu_settings(true);
-        settings.context_length = 4096;
+        let settings = cpu_settings(true).context_length(4096);
         export_to(&fixtures_dir().join(FIXTURE), &out, settings);
         out
     })
@@ -359,8 +358,7 @@ fn shutdown_ends_requests_in_flight_and_refuses_new_ones() {
 fn a_graph_without_group_query_attention_serves_one_sequence_at_a_time() {
     let tmp = tempfile::tempdir().unwrap();
     let graphs = tmp.path().join("unfused");
-    let mut settings = cpu_settings(true);
-    unfused_attention(&mut settings);
+    let settings = unfused_attention(cpu_settings(true));
     export_to(&fixtures_dir().join(FIXTURE), &graphs, settings);
     let engine = Engine::start(EngineConfig::builder(&graphs).build().unwrap()).unwrap();
     let info = engine.model_info();

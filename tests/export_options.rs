@@ -17,9 +17,7 @@ fn fused_qkv_and_gate_up_keep_transformers_logits() {
         let fixture = fixtures_dir().join(name);
         let reference = load_reference(&fixture);
         let tmp = tempfile::tempdir().unwrap();
-        let mut settings = cpu_settings(true);
-        settings.fused_qkv = true;
-        settings.fused_gate_up = true;
+        let settings = cpu_settings(true).fused_qkv(true).fused_gate_up(true);
         export_to(&fixture, &tmp.path().join("g"), settings);
         let graph = std::fs::read(tmp.path().join("g/model.onnx")).unwrap();
         let text = String::from_utf8_lossy(&graph);
@@ -41,10 +39,7 @@ fn int4_graph_computes_the_dequantized_model() {
     let tmp = tempfile::tempdir().unwrap();
     let block = 32;
 
-    let mut int4 = cpu_settings(true);
-    int4.precision = Precision::Int4;
-    int4.int4_block_size = block;
-    int4.fused_qkv = true;
+    let int4 = cpu_settings(true).precision(Precision::Int4).int4_block_size(block).fused_qkv(true);
     export_to(&fixture, &tmp.path().join("int4"), int4);
     let manifest = pio_models::Manifest::load(&tmp.path().join("int4")).unwrap();
     assert_eq!(manifest.precision, Precision::Int4);
@@ -67,12 +62,10 @@ fn int4_graph_computes_the_dequantized_model() {
 fn switches_that_cannot_apply_are_refused_with_the_reason() {
     let fixture = fixtures_dir().join("qwen3-tied-hub");
     let tmp = tempfile::tempdir().unwrap();
-    let mut settings = cpu_settings(true);
-    settings.fused_qk_norm = true;
+    let settings = cpu_settings(true).fused_qk_norm(true);
     let err = export_error(&fixture, &tmp.path().join("g"), settings);
     assert!(err.contains("CPU"), "{err}");
-    let mut settings = cpu_settings(true);
-    settings.int4_lm_head = true;
+    let settings = cpu_settings(true).int4_lm_head(true);
     let err = export_error(&fixture, &tmp.path().join("g"), settings);
     assert!(err.contains("int4"), "{err}");
     assert!(!tmp.path().join("g").exists());
@@ -87,8 +80,7 @@ fn int8_kv_cache_stays_close_to_transformers() {
         let fixture = fixtures_dir().join(name);
         let reference = load_reference(&fixture);
         let tmp = tempfile::tempdir().unwrap();
-        let mut settings = cpu_settings(true);
-        settings.kv_cache_int8 = true;
+        let settings = cpu_settings(true).kv_cache_int8(true);
         export_to(&fixture, &tmp.path().join("g"), settings);
         let manifest = pio_models::Manifest::load(&tmp.path().join("g")).unwrap();
         assert_eq!(manifest.kv_cache.dtype, pio_models::manifest::TensorDtype::Int8);
@@ -124,11 +116,8 @@ fn int4_embeddings_share_one_table_with_a_tied_lm_head() {
     let reference = load_reference(&fixture);
     let tmp = tempfile::tempdir().unwrap();
     let block = 32;
-    let mut int4 = cpu_settings(true);
-    int4.precision = Precision::Int4;
-    int4.int4_block_size = block;
-    int4.int4_lm_head = true;
-    int4.int4_embeddings = true;
+    let int4 =
+        cpu_settings(true).precision(Precision::Int4).int4_block_size(block).int4_lm_head(true).int4_embeddings(true);
     export_to(&fixture, &tmp.path().join("int4"), int4.clone());
     let graph = std::fs::read(tmp.path().join("int4/model.onnx")).unwrap();
     let text = String::from_utf8_lossy(&graph);
@@ -147,8 +136,7 @@ fn int4_embeddings_share_one_table_with_a_tied_lm_head() {
     assert!(diff <= 1e-3, "int4 graph (embeddings + lm_head) vs dequantized fp32 graph: max |diff| {diff}");
 
     // Tied embeddings in int4 without an int4 lm_head would need a second table: refused.
-    int4.int4_lm_head = false;
-    let err = export_error(&fixture, &tmp.path().join("refused"), int4);
+    let err = export_error(&fixture, &tmp.path().join("refused"), int4.int4_lm_head(false));
     assert!(err.contains("--int4-lm-head"), "{err}");
 }
 
@@ -164,8 +152,7 @@ fn no_sliding_window_gives_full_attention_and_needs_a_window() {
     let manifest = pio_models::Manifest::load(&tmp.path().join("sliding")).unwrap();
     assert_eq!(manifest.options.layer_windows, [None, Some(8), Some(8)]);
 
-    let mut settings = cpu_settings(false);
-    settings.sliding_window = false;
+    let settings = cpu_settings(false).sliding_window(false);
     export_to(&fixture, &tmp.path().join("full"), settings);
     let manifest = pio_models::Manifest::load(&tmp.path().join("full")).unwrap();
     assert_eq!(manifest.options.layer_windows, [None, None, None]);
@@ -174,8 +161,7 @@ fn no_sliding_window_gives_full_attention_and_needs_a_window() {
     assert!(diffs[..8].iter().all(|&d| d <= LOGIT_TOLERANCE), "inside the window: {diffs:?}");
     assert!(diffs[8..].iter().any(|&d| d > 0.1), "full attention past the window changed nothing: {diffs:?}");
 
-    let mut settings = cpu_settings(true);
-    settings.sliding_window = false;
+    let settings = cpu_settings(true).sliding_window(false);
     let err = export_error(&fixtures_dir().join("qwen3-tied-hub"), &tmp.path().join("refused"), settings);
     let why = "qwen3-tied-hub (Qwen3ForCausalLM) has no sliding-window layers (use_sliding_window is false)";
     assert!(err.contains("--no-sliding-window") && err.contains(why), "{err}");

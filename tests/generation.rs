@@ -45,8 +45,7 @@ fn load_fixture(name: &str, tmp: &Path, context_length: usize) -> (Engine, Refer
     let fixture = fixtures_dir().join(name);
     let reference = load_reference(&fixture);
     let graphs = tmp.join(name);
-    let mut settings = cpu_settings(true);
-    settings.context_length = context_length;
+    let settings = cpu_settings(true).context_length(context_length);
     export_to(&fixture, &graphs, settings);
     (start_engine(&graphs, 2, None, true), reference)
 }

@@ -80,10 +80,7 @@ fn export_switches_keep_moe_logits() {
         let fixture = fixtures_dir().join(name);
         let reference = load_reference(&fixture);
         let tmp = tempfile::tempdir().unwrap();
-        let mut settings = cpu_settings(true);
-        settings.fused_qkv = true;
-        settings.fused_gate_up = true;
-        settings.fused_norms = false;
+        let settings = cpu_settings(true).fused_qkv(true).fused_gate_up(true).fused_norms(false);
         export_to(&fixture, &tmp.path().join("g"), settings);
         let logits = prefill(&tmp.path().join("g"), &reference.prompt_ids);
         let diff = max_abs_diff(logits.last(), reference.prefill_logits.last().unwrap());
@@ -157,9 +154,7 @@ fn int4_qmoe_graph_computes_the_dequantized_model() {
         let fixture = fixtures_dir().join(name);
         let reference = load_reference(&fixture);
         let tmp = tempfile::tempdir().unwrap();
-        let mut int4 = cpu_settings(false);
-        int4.precision = Precision::Int4;
-        int4.int4_block_size = block;
+        let int4 = cpu_settings(false).precision(Precision::Int4).int4_block_size(block);
         export_to(&fixture, &tmp.path().join("int4"), int4);
         let graph = std::fs::read(tmp.path().join("int4/model.onnx")).unwrap();
         assert!(String::from_utf8_lossy(&graph).contains("QMoE"), "{name}: no QMoE node");
@@ -186,8 +181,7 @@ fn synthetic_preset_runs(preset: &str, layers: usize) {
     assert!((0..layers).any(|i| config.text.is_moe_layer(i)), "{preset}: no sparse layer at {layers} layers");
     let prompt = [5u32, 17, 42, 99, 3, 250];
     for precision in [Precision::Fp32, Precision::Int4] {
-        let mut settings = cpu_settings(true);
-        settings.precision = precision;
+        let settings = cpu_settings(true).precision(precision);
         let out = tmp.path().join(precision.as_str());
         export_to(&ck, &out, settings);
         let mut model = DecoderModel::load(&out, &ExecutionProvider::default()).unwrap();

@@ -63,9 +63,7 @@ fn unfused_norms_give_the_same_logits() {
     let fixture = fixtures_dir().join(name);
     let reference = load_reference(&fixture);
     let tmp = tempfile::tempdir().unwrap();
-    let mut settings = cpu_settings(true);
-    settings.fused_norms = false;
-    settings.fused_gate_up = true;
+    let settings = cpu_settings(true).fused_norms(false).fused_gate_up(true);
     export_to(&fixture, &tmp.path().join("g"), settings);
     let logits = prefill(&tmp.path().join("g"), &reference.prompt_ids);
     assert_eq!(logits.rows, 1);

@@ -23,7 +23,7 @@ use std::path::Path;
 use common::*;
 use inference_pio::vl::{Cache, CacheKind, MultimodalDecoder};
 use ort::session::Session;
-use pio_export::ExportSettings;
+use pio_export::ExportSettingsBuilder;
 use pio_models::manifest::Manifest;
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::vision::{rope_index, VisionEncoder};
@@ -99,7 +99,7 @@ impl Fixture {
         self.floats.get(&format!("{case}.deepstack_embeds.0")).map_or(0, |(shape, _)| shape[0])
     }
 
-    fn export(&self, out: &Path, settings: ExportSettings) {
+    fn export(&self, out: &Path, settings: ExportSettingsBuilder) {
         export_to(&self.dir, out, settings);
     }
 }
@@ -257,7 +257,7 @@ fn vision_embeddings_match_transformers() {
 }
 
 /// Every position's logits of a whole-prompt prefill fed transformers' image features.
-fn check_prefill_logits(name: &str, settings: ExportSettings) {
+fn check_prefill_logits(name: &str, settings: ExportSettingsBuilder) {
     let fixture = Fixture::load(name);
     let tmp = tempfile::tempdir().unwrap();
     fixture.export(tmp.path(), settings);
@@ -292,8 +292,7 @@ fn decoder_prefill_logits_match_transformers() {
 #[test]
 fn unfused_attention_decoder_matches_transformers() {
     for name in FIXTURES {
-        let mut settings = cpu_settings(false);
-        unfused_attention(&mut settings);
+        let settings = unfused_attention(cpu_settings(false));
         check_prefill_logits(name, settings);
     }
 }
@@ -359,8 +358,7 @@ fn decoder_layers_cost_what_text_layers_cost() {
     use prost::Message;
     let tmp = tempfile::tempdir().unwrap();
     let fixture = Fixture::load("qwen3vl-a");
-    let gpu =
-        pio_export::ExportSettings::for_target(pio_models::Precision::Bf16, pio_models::TargetEp::Cuda, 256, true);
+    let gpu = pio_export::ExportSettings::builder(pio_models::Precision::Bf16, pio_models::TargetEp::Cuda, 256, true);
     fixture.export(&tmp.path().join("vl"), gpu.clone());
     export_to(&fixtures_dir().join("qwen3-tied-hub"), &tmp.path().join("text"), gpu);
     let ops = |dir: &Path, prefix: &str| -> Vec<String> {
@@ -424,9 +422,7 @@ fn int4_export_quantizes_the_decoder_only() {
     let fixture = Fixture::load("qwen3vl-a");
     let tmp = tempfile::tempdir().unwrap();
     let block = 32;
-    let mut int4 = cpu_settings(false);
-    int4.precision = pio_models::Precision::Int4;
-    int4.int4_block_size = block;
+    let int4 = cpu_settings(false).precision(pio_models::Precision::Int4).int4_block_size(block);
     fixture.export(&tmp.path().join("int4"), int4);
     let quantized = |name: &str| name.starts_with("model.language_model.layers.") && name.contains("_proj");
     int4_round_trip_checkpoint_where(&fixture.dir, &tmp.path().join("dq"), block, quantized);
@@ -459,7 +455,7 @@ fn sixteen_bit_exports_type_check() {
     let tmp = tempfile::tempdir().unwrap();
     let env = pio_runtime::ort_lib::environment().unwrap();
     for precision in [pio_models::Precision::Bf16, pio_models::Precision::Fp16, pio_models::Precision::Int4] {
-        let settings = pio_export::ExportSettings::for_target(precision, pio_models::TargetEp::Cuda, 256, true);
+        let settings = pio_export::ExportSettings::builder(precision, pio_models::TargetEp::Cuda, 256, true);
         let dir = tmp.path().join(precision.as_str());
         fixture.export(&dir, settings);
         let manifest = Manifest::load(&dir).unwrap();
@@ -512,8 +508,7 @@ fn synthetic_qwen3_vl_preset_exports_and_runs() {
     let grid = [1, 4, 6];
     let pixels: Vec<f32> = (0..24 * vision.patch_dim()).map(|i| ((i % 97) as f32 / 48.0) - 1.0).collect();
     for precision in [pio_models::Precision::Fp32, pio_models::Precision::Int4] {
-        let mut settings = cpu_settings(true);
-        settings.precision = precision;
+        let settings = cpu_settings(true).precision(precision);
         let out = tmp.path().join(precision.as_str());
         export_to(&ck, &out, settings);
         let manifest = Manifest::load(&out).unwrap();

@@ -15,14 +15,15 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use pio_export::{ExportSettings, PioKernels};
+use pio_export::{ExportSettingsBuilder, PioKernels};
 use pio_models::manifest::Manifest;
 use pio_models::size::Precision;
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::model::DecoderModel;
 
-fn with_pio(settings: &mut ExportSettings) {
-    settings.pio_kernels = PioKernels::all_for(settings.precision);
+/// A settings knob: every pio kernel family that `precision` (the settings' precision) takes.
+fn with_pio(precision: Precision) -> impl Fn(ExportSettingsBuilder) -> ExportSettingsBuilder {
+    move |settings| settings.pio_kernels(PioKernels::all_for(precision))
 }
 
 fn families(graphs: &Path) -> Vec<String> {
@@ -32,21 +33,20 @@ fn families(graphs: &Path) -> Vec<String> {
 #[test]
 fn fp32_graphs_with_pio_kernels_match_transformers() {
     for name in ["qwen3-tied-hub", "qwen3-untied-rp", "qwen3moe-a", "glm4moe-a"] {
-        check_logit_parity_with(name, with_pio);
+        check_logit_parity_with(name, with_pio(Precision::Fp32));
     }
     for name in ["qwen3-tied-hub", "glm4moe-b"] {
-        check_greedy_parity_with(name, with_pio);
+        check_greedy_parity_with(name, with_pio(Precision::Fp32));
     }
 }
 
-fn int4_settings(pio: bool) -> ExportSettings {
-    let mut s = cpu_settings(false);
-    s.precision = Precision::Int4;
-    s.int4_block_size = 32;
+fn int4_settings(pio: bool) -> ExportSettingsBuilder {
+    let s = cpu_settings(false).precision(Precision::Int4).int4_block_size(32);
     if pio {
-        with_pio(&mut s);
+        with_pio(Precision::Int4)(s)
+    } else {
+        s
     }
-    s
 }
 
 /// Greedy tokens of a graph folder from one prefill.
@@ -104,12 +104,10 @@ fn a_session_without_the_domain_refuses_the_graph_naming_the_operator() {
 fn pio_kernels_are_refused_where_they_cannot_run() {
     let fixture = fixtures_dir().join("qwen3-tied-hub");
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = int4_settings(true);
-    s.int4_block_size = 16;
+    let s = int4_settings(true).int4_block_size(16);
     let e = export_error(&fixture, &tmp.path().join("a"), s);
     assert!(e.contains("--int4-block-size 32, 64 or 128"), "{e}");
-    let mut s = cpu_settings(true);
-    s.pio_kernels = PioKernels { moe: true, ..PioKernels::none() };
+    let s = cpu_settings(true).pio_kernels(PioKernels { moe: true, ..PioKernels::none() });
     let e = export_error(&fixture, &tmp.path().join("b"), s);
     assert!(e.contains("moe needs --precision int4"), "{e}");
 }

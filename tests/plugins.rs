@@ -159,14 +159,11 @@ fn synthetic_export(preset_name: &str, root: &Path) -> anyhow::Result<PathBuf> {
     }
     let checkpoint = write_checkpoint(preset, &shape, 7, tokenizer.as_deref(), &root.join("checkpoint"))?;
     let graphs = root.join("graphs");
-    pio_export::export(&pio_export::ExportRequest {
-        checkpoint,
-        out_dir: graphs.clone(),
-        settings: cpu_settings(true),
-        overwrite: true,
-        source: format!("plugins test, synthetic {preset_name}"),
-        progress: false,
-    })?;
+    let request = pio_export::ExportRequest::builder(checkpoint, &graphs, cpu_settings(true).build()?)
+        .overwrite(true)
+        .source(format!("plugins test, synthetic {preset_name}"))
+        .build();
+    pio_export::export(&request)?;
     Ok(graphs)
 }
 

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use pio_export::stages::StageSplit;
 use pio_export::synthetic::{write_checkpoint_with, CheckpointContents};
-use pio_export::ExportSettings;
+use pio_export::ExportSettingsBuilder;
 use pio_models::find_preset;
 use pio_runtime::engine::{Engine, EngineConfig};
 use pio_runtime::ep::ExecutionProvider;
@@ -44,8 +44,8 @@ const TEXT_FIXTURES: [&str; 8] = [
     "glm4moe-b",
 ];
 
-fn staged(settings: ExportSettings, split: StageSplit) -> ExportSettings {
-    ExportSettings { stages: split, ..settings }
+fn staged(settings: ExportSettingsBuilder, split: StageSplit) -> ExportSettingsBuilder {
+    settings.stages(split)
 }
 
 fn load(graphs: &Path, options: StageOptions) -> DecoderModel {
@@ -103,11 +103,11 @@ fn assert_same(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
 /// together, which changes the last bits of kernels that depend on the batch (MoE experts, int4
 /// MatMulNBits) for any graph: a micro-batched staged model is compared with the single graph cut
 /// into the same micro-batches.
-fn check_stages(name: &str, checkpoint: &Path, settings: ExportSettings, splits: &[StageSplit]) {
+fn check_stages(name: &str, checkpoint: &Path, settings: ExportSettingsBuilder, splits: &[StageSplit]) {
     let tmp = tempfile::tempdir().unwrap();
     let single = tmp.path().join("single");
     export_to(checkpoint, &single, settings.clone());
-    let shared = settings.fused_attention;
+    let shared = settings.clone().build().unwrap().fused_attention();
     let mut model = load(&single, StageOptions::new());
     let vocab = model.vocab_size() as u32;
     let prompt: Vec<u32> = (0..11).map(|i| (i * 53 + 7) % vocab).collect();
@@ -172,9 +172,8 @@ fn glm_boundaries_inside_the_dense_layers_and_at_the_moe_transition() {
     check_stages("glm", &ck, cpu_settings(false), &splits);
     // The unfused norms hand on the residual stream alone; the standard-op attention takes the
     // step's length from the hidden states.
-    check_stages("glm unfused norms", &ck, ExportSettings { fused_norms: false, ..cpu_settings(false) }, &splits[..1]);
-    let mut unfused = cpu_settings(false);
-    unfused_attention(&mut unfused);
+    check_stages("glm unfused norms", &ck, cpu_settings(false).fused_norms(false), &splits[..1]);
+    let unfused = unfused_attention(cpu_settings(false));
     check_stages("glm unfused attention", &ck, unfused, &splits[..1]);
 }
 
@@ -186,7 +185,7 @@ fn direct_int4_weights_in_stages_equal_them_in_one_graph() {
         pio_export::checkpoint::Checkpoint::open(&ck).unwrap().tensor_names().map(String::from).collect();
     assert!(names.iter().all(|n| !n.ends_with("_proj.weight")), "the projections are not in the checkpoint");
     assert!(names.iter().any(|n| n.ends_with("mlp.gate.weight")), "the routers are");
-    let int4 = ExportSettings { precision: pio_models::Precision::Int4, random_int4: Some(5), ..cpu_settings(false) };
+    let int4 = cpu_settings(false).precision(pio_models::Precision::Int4).random_int4(Some(5));
     check_stages("glm direct int4", &ck, int4.clone(), &[StageSplit::Count(2)]);
     // Its logits are those of a working model: finite, not flat.
     let out = tmp.path().join("g");
@@ -196,11 +195,8 @@ fn direct_int4_weights_in_stages_equal_them_in_one_graph() {
     let spread = logits.iter().fold(f32::MIN, |m, &v| m.max(v)) - logits.iter().fold(f32::MAX, |m, &v| m.min(v));
     assert!(spread > 1e-3, "flat logits: spread {spread}");
     // Without --direct-int4 the checkpoint is refused, naming the reason.
-    let err = export_error(
-        &ck,
-        &tmp.path().join("refused"),
-        ExportSettings { precision: pio_models::Precision::Int4, ..cpu_settings(false) },
-    );
+    let err =
+        export_error(&ck, &tmp.path().join("refused"), cpu_settings(false).precision(pio_models::Precision::Int4));
     assert!(err.contains("--direct-int4"), "{err}");
 }
 
@@ -290,7 +286,7 @@ fn bad_stage_settings_are_refused_by_name() {
     assert!(refused(StageSplit::Boundaries(vec![2, 1])).contains("--stage-boundaries"));
     assert!(refused(StageSplit::Boundaries(vec![3])).contains("--stage-boundaries"));
     assert!(refused(StageSplit::MemoryBudget(1000)).contains("--stage-memory-gb"));
-    let direct = ExportSettings { random_int4: Some(1), ..cpu_settings(true) };
+    let direct = cpu_settings(true).random_int4(Some(1));
     assert!(export_error(&fixture, &tmp.path().join("out"), direct).contains("--direct-int4"));
     assert!(!tmp.path().join("out").exists(), "a refused export leaves nothing");
     // The runtime: GPUs for a CPU run, more devices than stages.

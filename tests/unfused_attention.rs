@@ -26,10 +26,8 @@ fn op_types(graphs: &Path) -> Vec<String> {
     model.graph.unwrap().node.into_iter().map(|n| n.op_type).collect()
 }
 
-fn unfused_settings(last_token_logits: bool) -> pio_export::ExportSettings {
-    let mut settings = cpu_settings(last_token_logits);
-    unfused_attention(&mut settings);
-    settings
+fn unfused_settings(last_token_logits: bool) -> pio_export::ExportSettingsBuilder {
+    unfused_attention(cpu_settings(last_token_logits))
 }
 
 #[test]
@@ -166,8 +164,7 @@ fn sixteen_bit_graphs_type_check_and_fp16_runs() {
     let reference = load_reference(&fixture);
     let tmp = tempfile::tempdir().unwrap();
     let export_16 = |precision: Precision, fused: bool| {
-        let mut settings = cpu_settings(false);
-        (settings.precision, settings.target_ep, settings.fused_attention) = (precision, TargetEp::Cuda, fused);
+        let settings = cpu_settings(false).precision(precision).target_ep(TargetEp::Cuda).fused_attention(fused);
         let graphs = tmp.path().join(format!("{}-{fused}", precision.as_str()));
         export_to(&fixture, &graphs, settings);
         graphs
@@ -211,14 +208,10 @@ fn sixteen_bit_graphs_type_check_and_fp16_runs() {
 fn switches_that_need_group_query_attention_are_refused() {
     let fixture = fixtures_dir().join("qwen3-tied-hub");
     let tmp = tempfile::tempdir().unwrap();
-    let mut settings = unfused_settings(true);
-    settings.kv_cache_int8 = true;
+    let settings = unfused_settings(true).kv_cache_int8(true);
     let err = export_error(&fixture, &tmp.path().join("g"), settings);
     assert!(err.contains("--kv-cache-int8") && err.contains("--no-fused-attention"), "{err}");
-    let mut settings = unfused_settings(true);
-    settings.target_ep = TargetEp::Cuda;
-    settings.precision = Precision::Bf16;
-    settings.fused_qk_norm = true;
+    let settings = unfused_settings(true).target_ep(TargetEp::Cuda).precision(Precision::Bf16).fused_qk_norm(true);
     let err = export_error(&fixture, &tmp.path().join("g"), settings);
     assert!(err.contains("--fused-qk-norm") && err.contains("--no-fused-attention"), "{err}");
     assert!(!tmp.path().join("g").exists());
@@ -233,8 +226,7 @@ fn other_switches_combine_with_unfused_attention() {
         let fixture = fixtures_dir().join(name);
         let reference = load_reference(&fixture);
         let tmp = tempfile::tempdir().unwrap();
-        let mut settings = unfused_settings(true);
-        (settings.fused_qkv, settings.fused_gate_up, settings.fused_norms) = (true, true, false);
+        let settings = unfused_settings(true).fused_qkv(true).fused_gate_up(true).fused_norms(false);
         export_to(&fixture, &tmp.path().join("switches"), settings);
         assert!(op_types(&tmp.path().join("switches")).contains(&"Split".to_string()));
         let prompt = &reference.prompt_ids;
@@ -243,8 +235,7 @@ fn other_switches_combine_with_unfused_attention() {
         assert!(diff <= LOGIT_TOLERANCE, "{name}: fused q/k/v and gate/up, unfused norms: max |diff| {diff}");
 
         for fused in [true, false] {
-            let mut settings = cpu_settings(true);
-            (settings.precision, settings.fused_attention) = (Precision::Int4, fused);
+            let settings = cpu_settings(true).precision(Precision::Int4).fused_attention(fused);
             export_to(&fixture, &tmp.path().join(format!("int4-{fused}")), settings);
         }
         let diff = max_abs_diff(

@@ -58,8 +58,10 @@ pub fn model_config(data: &[u8]) {
     let context = text.max_position_embeddings.min(32768);
     pio_models::manifest::Dimensions::of(text, context);
     for (precision, ep) in [(Precision::Fp32, TargetEp::Cpu), (Precision::Bf16, TargetEp::Cuda)] {
-        let settings = pio_export::ExportSettings::for_target(precision, ep, context, text.qk_norm);
-        let _ = settings.validate("fuzz", text);
+        let Ok(settings) = pio_export::ExportSettings::builder(precision, ep, context, text.qk_norm).build() else {
+            continue;
+        };
+        let _ = settings.check_model("fuzz", text);
         settings.layer_windows(text);
     }
     // The tensor list grows with layers x experts (GLM-4.7: 44k names): built for small ones,

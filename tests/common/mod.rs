@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pio_export::{export, ExportRequest, ExportSettings};
+use pio_export::{export, ExportRequest, ExportSettings, ExportSettingsBuilder};
 use pio_models::size::Precision;
 use pio_models::TargetEp;
 use serde::Deserialize;
@@ -50,40 +50,35 @@ pub fn load_reference(fixture: &Path) -> Reference {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-pub fn cpu_settings(last_token_logits: bool) -> ExportSettings {
+pub fn cpu_settings(last_token_logits: bool) -> ExportSettingsBuilder {
     // The CPU takes no q/k norm inside attention, so whether the model has one does not matter.
-    ExportSettings { last_token_logits, ..ExportSettings::for_target(Precision::Fp32, TargetEp::Cpu, 256, false) }
+    ExportSettings::builder(Precision::Fp32, TargetEp::Cpu, 256, false).last_token_logits(last_token_logits)
 }
 
 /// A settings knob for the parity checks: attention from standard ONNX ops instead of
 /// GroupQueryAttention (`--no-fused-attention`).
-pub fn unfused_attention(settings: &mut ExportSettings) {
-    settings.fused_attention = false;
+pub fn unfused_attention(settings: ExportSettingsBuilder) -> ExportSettingsBuilder {
+    settings.fused_attention(false)
 }
 
 /// Exports `checkpoint` into `out` with the given settings.
-pub fn export_to(checkpoint: &Path, out: &Path, settings: ExportSettings) {
-    export(&ExportRequest {
-        checkpoint: checkpoint.to_path_buf(),
-        out_dir: out.to_path_buf(),
-        settings,
-        overwrite: true,
-        source: format!("test {}", checkpoint.display()),
-        progress: false,
-    })
-    .unwrap_or_else(|e| panic!("export of {} failed: {e:#}", checkpoint.display()));
+pub fn export_to(checkpoint: &Path, out: &Path, settings: ExportSettingsBuilder) {
+    let settings = settings.build().unwrap_or_else(|e| panic!("export settings for {}: {e:#}", checkpoint.display()));
+    let request = ExportRequest::builder(checkpoint, out, settings)
+        .overwrite(true)
+        .source(format!("test {}", checkpoint.display()))
+        .build();
+    export(&request).unwrap_or_else(|e| panic!("export of {} failed: {e:#}", checkpoint.display()));
 }
 
-/// Exports `checkpoint` into `out` with settings that must be refused; returns the error text.
-pub fn export_error(checkpoint: &Path, out: &Path, settings: ExportSettings) -> String {
-    match export(&ExportRequest {
-        checkpoint: checkpoint.to_path_buf(),
-        out_dir: out.to_path_buf(),
-        settings,
-        overwrite: false,
-        source: "test".into(),
-        progress: false,
-    }) {
+/// Exports `checkpoint` into `out` with settings that must be refused (when they are built, or checked against
+/// the model by the export); returns the error text.
+pub fn export_error(checkpoint: &Path, out: &Path, settings: ExportSettingsBuilder) -> String {
+    let settings = match settings.build() {
+        Ok(settings) => settings,
+        Err(e) => return format!("{e:#}"),
+    };
+    match export(&ExportRequest::builder(checkpoint, out, settings).source("test").build()) {
         Ok(_) => panic!("export of {} should have been refused", checkpoint.display()),
         Err(e) => format!("{e:#}"),
     }
@@ -120,7 +115,7 @@ pub fn export_real_tokenizer_qwen3_with_context(root: &Path, seed: u64, context_
         pio_export::synthetic::write_checkpoint(preset, &shape, seed, Some(&tokenizer), &root.join("checkpoint"))
             .unwrap_or_else(|e| panic!("synthetic checkpoint: {e:#}"));
     let graphs = root.join("graphs");
-    export_to(&checkpoint, &graphs, ExportSettings { context_length, ..cpu_settings(true) });
+    export_to(&checkpoint, &graphs, cpu_settings(true).context_length(context_length));
     graphs
 }
 
@@ -183,11 +178,14 @@ pub struct ParityDiffs {
 /// at every prompt position and each single-token step through the KV cache against the
 /// reference: max |diff| <= [`LOGIT_TOLERANCE`] and the same argmax everywhere.
 pub fn check_logit_parity(name: &str) -> ParityDiffs {
-    check_logit_parity_with(name, |_| {})
+    check_logit_parity_with(name, |s| s)
 }
 
 /// [`check_logit_parity`] with the export settings changed by `knob`.
-pub fn check_logit_parity_with(name: &str, knob: impl Fn(&mut ExportSettings)) -> ParityDiffs {
+pub fn check_logit_parity_with(
+    name: &str,
+    knob: impl Fn(ExportSettingsBuilder) -> ExportSettingsBuilder,
+) -> ParityDiffs {
     use pio_runtime::ep::ExecutionProvider;
     use pio_runtime::model::DecoderModel;
 
@@ -195,9 +193,7 @@ pub fn check_logit_parity_with(name: &str, knob: impl Fn(&mut ExportSettings)) -
     let reference = load_reference(&fixture);
     let tmp = tempfile::tempdir().unwrap();
     let graphs = tmp.path().join(name);
-    let mut settings = cpu_settings(false);
-    knob(&mut settings);
-    export_to(&fixture, &graphs, settings);
+    export_to(&fixture, &graphs, knob(cpu_settings(false)));
     let mut model = DecoderModel::load(&graphs, &ExecutionProvider::default()).unwrap();
 
     let mut diffs = ParityDiffs { prefill: 0.0, steps: 0.0 };
@@ -251,11 +247,11 @@ pub fn greedy(
 /// Exports fixture `name` the default way (last-position logits) and checks greedy decoding
 /// against transformers' `generate`, from one prefill and token by token.
 pub fn check_greedy_parity(name: &str) {
-    check_greedy_parity_with(name, |_| {})
+    check_greedy_parity_with(name, |s| s)
 }
 
 /// [`check_greedy_parity`] with the export settings changed by `knob`.
-pub fn check_greedy_parity_with(name: &str, knob: impl Fn(&mut ExportSettings)) {
+pub fn check_greedy_parity_with(name: &str, knob: impl Fn(ExportSettingsBuilder) -> ExportSettingsBuilder) {
     use pio_runtime::ep::ExecutionProvider;
     use pio_runtime::model::DecoderModel;
 
@@ -263,9 +259,7 @@ pub fn check_greedy_parity_with(name: &str, knob: impl Fn(&mut ExportSettings)) 
     let reference = load_reference(&fixture);
     let tmp = tempfile::tempdir().unwrap();
     let graphs = tmp.path().join(name);
-    let mut settings = cpu_settings(true);
-    knob(&mut settings);
-    export_to(&fixture, &graphs, settings);
+    export_to(&fixture, &graphs, knob(cpu_settings(true)));
     let mut model = DecoderModel::load(&graphs, &ExecutionProvider::default()).unwrap();
     let g = &reference.greedy;
     let prefilled = greedy(&mut model, &g.prompt_ids, g.max_new_tokens, false);

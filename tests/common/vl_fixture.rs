@@ -55,7 +55,7 @@ impl VlExport {
     }
 
     /// The fixture exported with `settings` (CPU ones) and its permuted tokenizer.
-    pub fn with_settings(name: &str, settings: pio_export::ExportSettings) -> Self {
+    pub fn with_settings(name: &str, settings: pio_export::ExportSettingsBuilder) -> Self {
         let fixture = fixtures_dir().join(name);
         let text = std::fs::read_to_string(fixture.join("reference.json")).unwrap();
         let reference: VlReference = serde_json::from_str(&text).unwrap();

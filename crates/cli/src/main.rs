@@ -635,32 +635,23 @@ fn export_for_bench(
     let config = pio_models::ModelConfig::from_file(&checkpoint.join("config.json"))?;
     // pio-export's defaults for the target, with room for the longest TTFT prompt (8192).
     let context_length = config.text.max_position_embeddings.min(8192 + 512);
-    let mut settings = pio_export::ExportSettings::for_target(precision, ep, context_length, config.text.qk_norm);
-    match variant {
-        "default" => {}
-        "no-fused-norms" => settings.fused_norms = false,
-        "unfused-projections" => {
-            settings.fused_qkv = false;
-            settings.fused_gate_up = false;
-            settings.fused_qk_norm = false;
-        }
-        "all-logits" => settings.last_token_logits = false,
-        "kv-int8" => settings.kv_cache_int8 = true,
+    let settings = pio_export::ExportSettings::builder(precision, ep, context_length, config.text.qk_norm);
+    let settings = match variant {
+        "default" => settings,
+        "no-fused-norms" => settings.fused_norms(false),
+        "unfused-projections" => settings.fused_qkv(false).fused_gate_up(false).fused_qk_norm(false),
+        "all-logits" => settings.last_token_logits(false),
+        "kv-int8" => settings.kv_cache_int8(true),
         // Attention from standard ops; its q/k norm cannot go into GroupQueryAttention.
-        "unfused-attention" => {
-            settings.fused_attention = false;
-            settings.fused_qk_norm = false;
-        }
+        "unfused-attention" => settings.fused_attention(false).fused_qk_norm(false),
         other => bail!("unknown graph variant {other}"),
-    }
-    pio_export::export(&pio_export::ExportRequest {
-        checkpoint: checkpoint.to_path_buf(),
-        out_dir: out.clone(),
-        settings,
-        overwrite: true,
-        source: format!("pio bench ({variant})"),
-        progress: true,
-    })?;
+    };
+    let request = pio_export::ExportRequest::builder(checkpoint, &out, settings.build()?)
+        .overwrite(true)
+        .source(format!("pio bench ({variant})"))
+        .progress(true)
+        .build();
+    pio_export::export(&request)?;
     Ok(out)
 }
 

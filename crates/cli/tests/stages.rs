@@ -19,7 +19,7 @@ fn export(root: &Path, stages: usize) -> PathBuf {
         0 => pio_export::stages::StageSplit::Single,
         n => pio_export::stages::StageSplit::Count(n),
     };
-    let settings = pio_export::ExportSettings { stages: split, ..common::cpu_settings(true) };
+    let settings = common::cpu_settings(true).stages(split);
     common::export_to(&common::fixtures_dir().join(FIXTURE), &out, settings);
     out
 }

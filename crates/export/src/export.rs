@@ -24,16 +24,86 @@ type Result<T> = std::result::Result<T, ExportError>;
 pub const MODEL_FILE: &str = "model.onnx";
 pub const WEIGHTS_FILE: &str = "model.onnx.data";
 
+/// What [`export()`] writes: a checkpoint, the output folder and the settings. Build it with
+/// [`ExportRequest::builder`].
+#[derive(Clone, Debug)]
 pub struct ExportRequest {
-    pub checkpoint: PathBuf,
-    pub out_dir: PathBuf,
-    pub settings: ExportSettings,
-    /// Replace an existing output folder, if it is an earlier export (it has `pio.json`).
-    pub overwrite: bool,
+    checkpoint: PathBuf,
+    out_dir: PathBuf,
+    settings: ExportSettings,
+    overwrite: bool,
+    source: String,
+    progress: bool,
+}
+
+impl ExportRequest {
+    /// Export `checkpoint` to `out_dir` with `settings`; by default an existing output folder is refused, the
+    /// manifest names the source `checkpoint DIR`, and no progress bar is shown.
+    pub fn builder(
+        checkpoint: impl Into<PathBuf>,
+        out_dir: impl Into<PathBuf>,
+        settings: ExportSettings,
+    ) -> ExportRequestBuilder {
+        let checkpoint = checkpoint.into();
+        let source = format!("checkpoint {}", checkpoint.display());
+        ExportRequestBuilder {
+            request: ExportRequest {
+                checkpoint,
+                out_dir: out_dir.into(),
+                settings,
+                overwrite: false,
+                source,
+                progress: false,
+            },
+        }
+    }
+
+    pub fn checkpoint(&self) -> &Path {
+        &self.checkpoint
+    }
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+    pub fn settings(&self) -> &ExportSettings {
+        &self.settings
+    }
+    pub fn overwrite(&self) -> bool {
+        self.overwrite
+    }
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+    pub fn progress(&self) -> bool {
+        self.progress
+    }
+}
+
+/// Builds an [`ExportRequest`]. Its settings were checked when they were built and the checkpoint is checked
+/// by [`export()`], so [`build`](Self::build) has nothing left to refuse.
+#[derive(Clone, Debug)]
+pub struct ExportRequestBuilder {
+    request: ExportRequest,
+}
+
+impl ExportRequestBuilder {
+    /// Replace an existing output folder, if it is an earlier export (it has `pio.json`) (`--force`).
+    pub fn overwrite(mut self, on: bool) -> Self {
+        self.request.overwrite = on;
+        self
+    }
     /// Where the checkpoint came from, for the manifest (`checkpoint DIR`, `preset X (synthetic)`).
-    pub source: String,
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.request.source = source.into();
+        self
+    }
     /// Show a progress bar (on a terminal).
-    pub progress: bool,
+    pub fn progress(mut self, on: bool) -> Self {
+        self.request.progress = on;
+        self
+    }
+    pub fn build(self) -> ExportRequest {
+        self.request
+    }
 }
 
 #[derive(Debug)]
@@ -86,14 +156,16 @@ fn model_name(checkpoint: &Path, config: &ModelConfig) -> String {
 /// use pio_export::{export, CheckpointError, ExportError, ExportRequest, ExportSettings};
 /// use pio_models::{size::Precision, TargetEp};
 ///
-/// let request = ExportRequest {
-///     checkpoint: "checkpoints/my-model".into(),
-///     out_dir: "graphs/my-model-fp32".into(),
-///     settings: ExportSettings::for_target(Precision::Fp32, TargetEp::Cpu, 4096, true),
-///     overwrite: false,
-///     source: "checkpoint checkpoints/my-model".into(),
-///     progress: false,
+/// // The target's defaults, changed by one method per pio-export flag; build() refuses combinations no target runs
+/// // (fp16 on the CPU, --int4-lm-head without int4, ...), naming the flag.
+/// let settings = match ExportSettings::builder(Precision::Fp32, TargetEp::Cpu, 4096, true).fused_norms(false).build() {
+///     Ok(settings) => settings,
+///     Err(e) => {
+///         eprintln!("{e}");
+///         return;
+///     }
 /// };
+/// let request = ExportRequest::builder("checkpoints/my-model", "graphs/my-model-fp32", settings).build();
 /// match export(&request) {
 ///     Ok(summary) => println!("{}", summary.out_dir.display()),
 ///     Err(ExportError::Checkpoint(CheckpointError::MissingTensor { tensor, dir })) => {
@@ -109,7 +181,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportSummary> {
     let ck = Checkpoint::open(&req.checkpoint)?;
     crate::random_int4::check_checkpoint(&req.checkpoint, &req.settings)?;
     let config = ck.config.clone();
-    req.settings.validate(&model_name(&req.checkpoint, &config), &config.text)?;
+    req.settings.check_model(&model_name(&req.checkpoint, &config), &config.text)?;
     let (needed, read_tensors) = crate::random_int4::read_tensors(&config, &req.settings);
     ck.check_tensors(needed, read_tensors)?;
     if let (false, Some(w)) = (req.settings.sliding_window, config.text.sliding_window) {

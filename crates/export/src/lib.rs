@@ -23,6 +23,6 @@ pub mod vision_export;
 pub mod weights;
 
 pub use error::{BuildError, CheckpointError, ExportError, FsError, OutputError, QuantError, SettingsError};
-pub use export::{export, ExportRequest, ExportSummary};
+pub use export::{export, ExportRequest, ExportRequestBuilder, ExportSummary};
 pub use pio_ops::PioKernels;
-pub use settings::ExportSettings;
+pub use settings::{ExportSettings, ExportSettingsBuilder};

@@ -19,15 +19,9 @@ use pio_models::find_preset;
 use pio_models::size::Precision;
 use pio_models::TargetEp;
 
-fn request(checkpoint: &Path, out_dir: PathBuf, precision: Precision) -> ExportRequest {
-    ExportRequest {
-        checkpoint: checkpoint.to_path_buf(),
-        out_dir,
-        settings: ExportSettings::for_target(precision, TargetEp::Cpu, 64, true),
-        overwrite: false,
-        source: "test".into(),
-        progress: false,
-    }
+fn request(checkpoint: &Path, out_dir: PathBuf, precision: Precision) -> Result<ExportRequest, SettingsError> {
+    let settings = ExportSettings::builder(precision, TargetEp::Cpu, 64, true).build()?;
+    Ok(ExportRequest::builder(checkpoint, out_dir, settings).source("test").build())
 }
 
 /// The messages of `error` and of its sources, outermost first.
@@ -68,11 +62,12 @@ fn export_errors_say_which_input_is_wrong() {
     let ck = copy_fixture("qwen3-tied-hub", tmp.path());
     let out = tmp.path().join("out");
 
-    let err = export(&request(&ck, out.clone(), Precision::Fp16)).unwrap_err();
-    assert!(matches!(err, ExportError::Settings(SettingsError::PrecisionNeedsGpu { .. })), "{err:?}");
+    // Settings that no target runs are refused when they are built, before any export.
+    let err = request(&ck, out.clone(), Precision::Fp16).unwrap_err();
+    assert!(matches!(err, SettingsError::PrecisionNeedsGpu { .. }), "{err:?}");
 
     edit_json(&ck.join("config.json"), |v| v["tie_word_embeddings"] = serde_json::json!(false));
-    let err = export(&request(&ck, out.clone(), Precision::Fp32)).unwrap_err();
+    let err = export(&request(&ck, out.clone(), Precision::Fp32).unwrap()).unwrap_err();
     assert!(
         matches!(&err, ExportError::Checkpoint(CheckpointError::MissingTensor { tensor, dir }) if tensor == "lm_head.weight" && *dir == ck),
         "{err:?}"
@@ -80,7 +75,7 @@ fn export_errors_say_which_input_is_wrong() {
     edit_json(&ck.join("config.json"), |v| v["tie_word_embeddings"] = serde_json::json!(true));
 
     poison_weight(&ck.join("model.safetensors"), "model.layers.0.mlp.down_proj.weight", 7, 2);
-    let err = export(&request(&ck, out.clone(), Precision::Int4)).unwrap_err();
+    let err = export(&request(&ck, out.clone(), Precision::Int4).unwrap()).unwrap_err();
     let ExportError::Build { graph, source } = &err else { panic!("a build error: {err:?}") };
     let BuildError::Quantize { weight, source } = source.as_ref() else { panic!("a quantization error: {err:?}") };
     assert_eq!((graph, weight.as_str()), (&out.join("model.onnx"), "model.layers.0.mlp.down_proj"));
@@ -90,7 +85,7 @@ fn export_errors_say_which_input_is_wrong() {
 
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("mine.txt"), "keep").unwrap();
-    let err = export(&request(&ck, out.clone(), Precision::Fp32)).unwrap_err();
+    let err = export(&request(&ck, out.clone(), Precision::Fp32).unwrap()).unwrap_err();
     assert!(matches!(&err, ExportError::Output(OutputError::Exists { dest }) if *dest == out), "{err:?}");
 }
 
@@ -112,16 +107,15 @@ fn synthetic_checkpoint_errors_name_the_shape_problem() {
 #[test]
 fn settings_errors_name_the_flag() {
     let config = find_preset("qwen3-4b-instruct-2507").unwrap().config().unwrap();
-    let mut settings = ExportSettings::for_target(Precision::Int4, TargetEp::Cpu, 4096, true);
-    settings.int4_block_size = 48;
-    assert_eq!(settings.validate("m", &config.text), Err(SettingsError::Int4BlockSize { block_size: 48 }));
-    settings.int4_block_size = 32;
+    let settings = ExportSettings::builder(Precision::Int4, TargetEp::Cpu, 4096, true);
+    let block_48 = settings.clone().int4_block_size(48).build();
+    assert_eq!(block_48.err(), Some(SettingsError::Int4BlockSize { block_size: 48 }));
     // The library's own check, for callers other than pio-export (whose flag clap limits to 0..=4).
-    settings.int4_accuracy_level = 7;
-    assert_eq!(settings.validate("m", &config.text), Err(SettingsError::Int4AccuracyLevel { level: 7 }));
-    settings.int4_accuracy_level = 0;
-    settings.context_length = usize::MAX;
-    let err = settings.validate("m", &config.text).unwrap_err();
+    let level_7 = settings.clone().int4_accuracy_level(7).build();
+    assert_eq!(level_7.err(), Some(SettingsError::Int4AccuracyLevel { level: 7 }));
+    // The rotary table's size depends on the model: checked against it by the export.
+    let longest = settings.context_length(usize::MAX).build().unwrap();
+    let err = longest.check_model("m", &config.text).unwrap_err();
     assert!(matches!(err, SettingsError::ContextTooLong { .. }), "{err:?}");
     let err = pio_export::PioKernels::parse("linear,fastest", Precision::Int4).unwrap_err();
     assert_eq!(err, SettingsError::UnknownPioKernel { family: "fastest".into() });

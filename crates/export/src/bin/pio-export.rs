@@ -291,45 +291,42 @@ fn run(args: Args) -> Result<()> {
     };
     let config = pio_models::ModelConfig::from_file(&checkpoint.join("config.json"))?;
     let context_length = args.context_length.unwrap_or(config.text.max_position_embeddings.min(32768));
-    // Flags override the target's defaults; the q/k norm cannot go into attention that is not
-    // GroupQueryAttention.
-    let defaults = ExportSettings::for_target(
-        precision,
-        target_ep,
-        context_length,
-        config.text.qk_norm && !args.no_fused_attention,
-    );
     let pio_kernels = match &args.pio_kernels {
         Some(list) => pio_export::PioKernels::parse(list, precision)?,
         None => pio_export::PioKernels::none(),
     };
+    // Flags override the target's defaults; the q/k norm cannot go into attention that is not
+    // GroupQueryAttention.
+    let mut settings =
+        ExportSettings::builder(precision, target_ep, context_length, config.text.qk_norm && !args.no_fused_attention)
+            .last_token_logits(!args.all_logits)
+            .fused_norms(!args.no_fused_norms)
+            .int4_block_size(args.int4_block_size)
+            .int4_lm_head(args.int4_lm_head)
+            .int4_accuracy_level(args.int4_accuracy_level)
+            .kv_cache_int8(args.kv_cache_int8)
+            .int4_embeddings(args.int4_embeddings)
+            .sliding_window(!args.no_sliding_window)
+            .fused_attention(!args.no_fused_attention)
+            .pio_kernels(pio_kernels)
+            .stages(stage_split(&args))
+            .random_int4(args.direct_int4.then_some(args.seed));
+    if let Some(on) = args.fused_qk_norm {
+        settings = settings.fused_qk_norm(on);
+    }
+    if let Some(on) = args.fused_qkv {
+        settings = settings.fused_qkv(on);
+    }
+    if let Some(on) = args.fused_gate_up {
+        settings = settings.fused_gate_up(on);
+    }
     let out_dir =
         args.out.clone().unwrap_or_else(|| Path::new("graphs").join(format!("{base_name}-{}", precision.as_str())));
-    let request = ExportRequest {
-        checkpoint,
-        out_dir,
-        settings: ExportSettings {
-            last_token_logits: !args.all_logits,
-            fused_norms: !args.no_fused_norms,
-            fused_qk_norm: args.fused_qk_norm.unwrap_or(defaults.fused_qk_norm),
-            fused_qkv: args.fused_qkv.unwrap_or(defaults.fused_qkv),
-            fused_gate_up: args.fused_gate_up.unwrap_or(defaults.fused_gate_up),
-            int4_block_size: args.int4_block_size,
-            int4_lm_head: args.int4_lm_head,
-            int4_accuracy_level: args.int4_accuracy_level,
-            kv_cache_int8: args.kv_cache_int8,
-            int4_embeddings: args.int4_embeddings,
-            sliding_window: !args.no_sliding_window,
-            fused_attention: !args.no_fused_attention,
-            pio_kernels,
-            stages: stage_split(&args),
-            random_int4: args.direct_int4.then_some(args.seed),
-            ..defaults
-        },
-        overwrite: args.force,
-        source,
-        progress: true,
-    };
+    let request = ExportRequest::builder(checkpoint, out_dir, settings.build()?)
+        .overwrite(args.force)
+        .source(source)
+        .progress(true)
+        .build();
     let summary = export(&request)?;
     tracing::info!(
         "wrote {} ({:.1} MB graph, {:.1} MB weights) in {:.1}s",
