@@ -9,9 +9,10 @@
 #   scripts/gpu_session.sh kernels   scripts/kernels_gpu_check.sh: read bandwidth, the kernels on every projection
 #                                    shape, synthetic Qwen3-4B bf16/int4 stock vs --pio-kernels (pio bench at batch
 #                                    1/8/32, greedy equality); keeps the checkpoint and graphs for the parts below
-#   scripts/gpu_session.sh serve     pio bench serve on the stock bf16 graph of `kernels` (offline batch 32, streams
-#                                    at concurrency 1/8/32/64, shared-prefix TTFT, ITL during a 4,096-token
-#                                    prefill, Poisson arrivals)
+#   scripts/gpu_session.sh serve     pio bench serve on a synthetic Qwen3-4B bf16 (offline batch 32, streams at
+#                                    concurrency 1/8/32/64, shared-prefix TTFT, ITL during a 4,096-token prefill,
+#                                    Poisson arrivals), once per prefill-pacing factor in ITL_FACTORS (default
+#                                    "2 0": the engine's default, then pacing off)
 #   scripts/gpu_session.sh engine    scripts/engine_gpu_check.sh at 12 layers: batched vs alone, prefix hit vs cold
 #   scripts/gpu_session.sh vl        scripts/vl_gpu_bench.sh full (Qwen3-VL-2B bf16 + its text twin + transformers)
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the `kernels` checkpoint (bf16, int4;
@@ -67,16 +68,34 @@ case $part in
     pack kernels "$k"
     ;;
   serve)
+    # The full synthetic Qwen3-4B bf16 (exported here, reused while the machine stays warm), then `pio bench serve`
+    # once per prefill-pacing factor in ITL_FACTORS (default "2 0": the engine's default, and pacing off); runs
+    # after the first skip the prefix section and sweep fewer rates. Steps over 100 ms are logged (debug).
     mkdir -p /dev/shm/pio "$out/serve"
-    g=$work/q4b-bf16-stock
-    .gpu/pio bench serve --graphs "$g" --ep cuda --ep-option cuda_graph=1 --max-seqs 64 --max-model-len 4352 \
-      --concurrency 1,8,32,64 --prompt-len 128 --max-tokens 256 --offline-batch 32 --prefix-len 2048 \
-      --prefix-suffix 64 --prefix-requests 5 --long-prompt 4096 --long-streams 31 --long-stream-tokens 256 \
-      --rates ${RATES:-1,4,16,64} --sweep-duration ${SWEEP_SECONDS:-5} --sweep-prompt-lens 64..4096 \
-      --sweep-max-tokens 128 --max-duration ${SERVE_SECONDS:-220} --out "$out/serve-bench.json" \
-      > "$out/serve/serve-bench.log" 2>&1
-    echo "pio bench serve: rc=$?"
-    tail -n 40 "$out/serve/serve-bench.log"
+    bin=.gpu shm=/dev/shm/pio
+    source scripts/synthetic_qwen3.sh
+    export_synthetic_qwen3 cuda qwen3-4b-graphs "$out/serve/export.log" || { tail "$out/serve/export.log"; exit 1; }
+    g=$graphs
+    first=1
+    for f in ${ITL_FACTORS:-2 0}; do
+      if [[ $first == 1 ]]; then
+        sections=offline,concurrency,sweep,prefix,long-prefill rates=${RATES:-1,2,4,8,16,32,64} conc=1,8,32,64
+      else
+        sections=offline,concurrency,sweep,long-prefill rates=${RATES_AFTER:-4,16,64} conc=32
+      fi
+      first=0
+      RUST_LOG=info,ort=warn,pio_runtime::engine::worker=debug .gpu/pio bench serve --graphs "$g" --ep cuda \
+        --ep-option cuda_graph=1 --itl-factor "$f" --max-seqs 64 --max-model-len 4352 --sections $sections \
+        --concurrency $conc --prompt-len 128 --max-tokens 256 --offline-batch 32 --prefix-len 2048 \
+        --prefix-suffix 64 --prefix-requests 5 --long-prompt 4096 --long-streams 31 --long-stream-tokens 256 \
+        --rates $rates --sweep-duration ${SWEEP_SECONDS:-4} --sweep-prompt-lens 64..4096 \
+        --sweep-max-tokens 128 --max-duration ${SERVE_SECONDS:-150} --out "$out/serve-bench-f$f.json" \
+        > "$out/serve/serve-bench-f$f.log" 2>&1
+      echo "pio bench serve --itl-factor $f: rc=$?"
+      grep -v "slow engine step\|DEBUG" "$out/serve/serve-bench-f$f.log" | tail -n 16
+      echo "steps over 100 ms: $(grep -c "slow engine step" "$out/serve/serve-bench-f$f.log")"
+      grep "slow engine step" "$out/serve/serve-bench-f$f.log" | sed -n '1,3p;$p' | cut -c1-420
+    done
     pack serve "$out/serve"
     ;;
   engine)

@@ -337,6 +337,8 @@ fn requests_are_checked_when_submitted() {
     };
     assert_eq!(refused(EngineConfig::builder(graphs()).max_model_len(5000)), "max_model_len");
     assert_eq!(refused(EngineConfig::builder(graphs()).prefill_budget(0)), "prefill_budget");
+    assert_eq!(refused(EngineConfig::builder(graphs()).itl_factor(Some(1.0))), "itl_factor");
+    assert_eq!(refused(EngineConfig::builder(graphs()).itl_factor(Some(f64::NAN))), "itl_factor");
     assert_eq!(refused(EngineConfig::builder(graphs()).max_seqs(0)), "max_seqs");
 }
 

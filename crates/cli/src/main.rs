@@ -193,6 +193,17 @@ pub struct ModelArgs {
         value_parser = NumberRange::at_least(1usize)
     )]
     prefill_budget: usize,
+    /// Prefill pacing: while streams decode, keep each engine step (their inter-token latency)
+    /// within F times a decode-only step by prefilling fewer prompt tokens per step, from times
+    /// measured as it runs (at least 16 tokens a step); > 1, or 0 to turn it off (then only
+    /// --prefill-budget limits a step).
+    #[arg(
+        long,
+        value_name = "F",
+        default_value_t = pio_runtime::engine::DEFAULT_ITL_FACTOR,
+        value_parser = parse_itl_factor
+    )]
+    itl_factor: f64,
     /// Sequences the KV pool holds at once, >= 1 (default: what the GPU's free memory holds, at
     /// most 256; 4 on the CPU).
     #[arg(long, value_parser = NumberRange::at_least(1usize))]
@@ -265,6 +276,14 @@ impl StageArgs {
     }
 }
 
+/// `--itl-factor`: 0 (prefill pacing off) or a finite number > 1.
+fn parse_itl_factor(value: &str) -> std::result::Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(f) if f == 0.0 || (f > 1.0 && f.is_finite()) => Ok(f),
+        _ => Err("must be 0 (off) or a finite number > 1".into()),
+    }
+}
+
 /// GiB as bytes (the flags' parsers keep the values finite and >= 0).
 fn gib(value: f64) -> u64 {
     (value * (1u64 << 30) as f64) as u64
@@ -293,9 +312,12 @@ impl ModelArgs {
 
     /// Every engine setting but where local image files may be read from.
     fn base_config(&self) -> Result<EngineConfigBuilder> {
+        // The parser lets through 0 (off) and factors > 1 only.
+        let itl_factor = Some(self.itl_factor).filter(|&f| f != 0.0);
         let mut config = EngineConfig::builder(&self.graphs)
             .ep(self.ep()?)
             .prefill_budget(self.prefill_budget)
+            .itl_factor(itl_factor)
             .gpu_memory_utilization(self.gpu_memory_utilization)
             .prefix_caching(!self.no_prefix_cache)
             .stages(self.stages.options());

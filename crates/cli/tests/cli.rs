@@ -229,6 +229,8 @@ fn numeric_flags_out_of_range_name_the_flag_and_the_range() {
         (run("--max-seqs", "-3"), "--max-seqs", "must be a whole number >= 1"),
         (run("--max-model-len", "0"), "--max-model-len", "must be a whole number >= 1"),
         (run("--prefill-budget", "0"), "--prefill-budget", "must be a whole number >= 1"),
+        (run("--itl-factor", "0.5"), "--itl-factor", "must be 0 (off) or a finite number > 1"),
+        (run("--itl-factor", "1"), "--itl-factor", "must be 0 (off) or a finite number > 1"),
         (run("--kv-cache-gb", "0"), "--kv-cache-gb", "must be a number > 0"),
         (run("--prefix-cache-gb", "-1"), "--prefix-cache-gb", "must be a number > 0"),
         (run("--encoder-cache-gb", "-0.5"), "--encoder-cache-gb", "must be a number >= 0"),

@@ -27,6 +27,7 @@ mod handle;
 mod images;
 mod kv_pool;
 mod metrics;
+mod pacing;
 mod prefix_cache;
 mod prepare;
 mod request;
@@ -65,6 +66,7 @@ pub use prefix_cache::BLOCK_TOKENS as PREFIX_BLOCK_TOKENS;
 pub use request::{Event, ModelInfo, Prompt, Request};
 
 use images::{SequenceImages, VisionRuntime};
+use pacing::PrefillPacer;
 use prepare::Preparer;
 use runner::Runner;
 use sequence::{Admitted, Sequence};
@@ -74,6 +76,9 @@ use worker::{Command, Shared};
 /// plus at most this much prefill, which bounds what a long prompt adds to running streams'
 /// inter-token latency (on an H100, about 9 ms for Qwen3-4B bf16).
 pub const DEFAULT_PREFILL_BUDGET: usize = 512;
+/// While sequences decode, a step that also prefills takes at most this times a decode-only step
+/// unless configured (see [`EngineConfigBuilder::itl_factor`]).
+pub const DEFAULT_ITL_FACTOR: f64 = 2.0;
 /// Requests that may wait for a slot before `submit` answers `Overloaded`, unless configured.
 pub const DEFAULT_MAX_WAITING: usize = 1024;
 /// The share of the GPU's memory the engine may fill (weights, activations and KV), as vLLM's
@@ -104,6 +109,7 @@ pub struct EngineConfig {
     pool: PoolSettings,
     gpu_memory_utilization: f64,
     prefill_budget: usize,
+    itl_factor: Option<f64>,
     prefix_caching: bool,
     prefix_cache_bytes: Option<u64>,
     max_waiting: usize,
@@ -123,6 +129,7 @@ impl EngineConfig {
                 pool: PoolSettings::default(),
                 gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
                 prefill_budget: DEFAULT_PREFILL_BUDGET,
+                itl_factor: Some(DEFAULT_ITL_FACTOR),
                 prefix_caching: true,
                 prefix_cache_bytes: None,
                 max_waiting: DEFAULT_MAX_WAITING,
@@ -143,6 +150,9 @@ impl EngineConfig {
     }
     pub fn prefill_budget(&self) -> usize {
         self.prefill_budget
+    }
+    pub fn itl_factor(&self) -> Option<f64> {
+        self.itl_factor
     }
     pub fn prefix_caching(&self) -> bool {
         self.prefix_caching
@@ -202,6 +212,16 @@ impl EngineConfigBuilder {
         self.config.prefill_budget = tokens;
         self
     }
+    /// Prefill pacing: while sequences decode, a step that also prefills takes at most `factor`
+    /// times a decode-only step, both measured as the engine runs (default
+    /// [`DEFAULT_ITL_FACTOR`]): prompt chunks get smaller, and a long prompt's time to first
+    /// token longer, so that running streams' inter-token latency stays within `factor` of
+    /// plain decoding. At least 16 prompt tokens run per step. `None`: only `prefill_budget`
+    /// limits a step. `factor` must be more than 1.
+    pub fn itl_factor(mut self, factor: Option<f64>) -> Self {
+        self.config.itl_factor = factor;
+        self
+    }
     /// Reuse KV across requests (default on).
     pub fn prefix_caching(mut self, on: bool) -> Self {
         self.config.prefix_caching = on;
@@ -254,6 +274,11 @@ impl EngineConfigBuilder {
         let c = self.config;
         if c.prefill_budget == 0 {
             return Err(EngineError::config("prefill_budget", "must be at least 1 token"));
+        }
+        if let Some(factor) = c.itl_factor {
+            if !(factor > 1.0 && factor.is_finite()) {
+                return Err(EngineError::config("itl_factor", format!("{factor} is not more than 1")));
+            }
         }
         if !(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0) {
             return Err(EngineError::config(
@@ -323,13 +348,29 @@ impl Engine {
         let worker = std::thread::Builder::new()
             .name("pio-engine".into())
             .spawn(move || {
-                let runner = match start_runner(&worker_config, processor) {
+                let mut runner = match start_runner(&worker_config, processor) {
                     Ok(runner) => runner,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
+                if !runner.graph_sizes().is_empty() {
+                    match runner.capture_decode_graphs() {
+                        Ok(took) => tracing::info!(
+                            "captured the decode step's CUDA graphs for batches {:?} in {:.2} s",
+                            runner.graph_sizes(),
+                            took.as_secs_f64()
+                        ),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(EngineError::model_failed(
+                                "cannot capture the decode step's CUDA graphs",
+                                e,
+                            )));
+                            return;
+                        }
+                    }
+                }
                 let plan = runner.pool().plan();
                 let started = Started {
                     plan,
@@ -338,7 +379,8 @@ impl Engine {
                     prefix_caching: runner.prefix_caching(),
                 };
                 if ready_tx.send(Ok(started)).is_ok() {
-                    worker::run(runner, receiver, worker_shared, worker_config.prefill_budget);
+                    let pacer = PrefillPacer::new(worker_config.prefill_budget, worker_config.itl_factor);
+                    worker::run(runner, receiver, worker_shared, pacer);
                 }
             })
             .map_err(|e| EngineError::model_failed("cannot start the engine's thread", e))?;
@@ -367,6 +409,7 @@ impl Engine {
             max_seqs: started.plan.slots,
             kv_cache_bytes: started.kv_cache_bytes,
             prefill_budget: config.prefill_budget,
+            itl_factor: config.itl_factor,
             prefix_caching: started.prefix_caching,
             cuda_graph_batch_sizes: started.graph_sizes,
             vocab_size: manifest.dims.vocab_size,
@@ -377,13 +420,17 @@ impl Engine {
             takes_images: manifest.vision.is_some(),
         };
         tracing::info!(
-            "engine ready: {} on {}, {} sequences of {} tokens ({} of KV), prefill budget {} tokens/step, prefix caching {}{}",
+            "engine ready: {} on {}, {} sequences of {} tokens ({} of KV), prefill budget {} tokens/step{}, prefix caching {}{}",
             info.served_name,
             info.execution_provider,
             info.max_seqs,
             info.max_model_len,
             pio_models::size::format_bytes(info.kv_cache_bytes),
             info.prefill_budget,
+            match info.itl_factor {
+                Some(f) => format!(" paced to {f}x a decode step while streams decode"),
+                None => String::new(),
+            },
             if info.prefix_caching { "on" } else { "off" },
             if info.cuda_graph_batch_sizes.is_empty() {
                 String::new()

@@ -86,6 +86,9 @@ pub struct ModelInfo {
     pub kv_cache_bytes: u64,
     /// Prompt tokens prefilled per engine step at most.
     pub prefill_budget: usize,
+    /// Prefill pacing's factor: while sequences decode, a step takes at most this times a
+    /// decode-only step (None: off).
+    pub itl_factor: Option<f64>,
     /// Whether KV is reused across requests.
     pub prefix_caching: bool,
     /// Decode batch sizes with a captured CUDA graph (empty: no CUDA graphs).

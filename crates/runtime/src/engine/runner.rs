@@ -112,6 +112,24 @@ impl Runner {
         self.graph_sizes.iter().copied().find(|&s| s >= n).unwrap_or(n)
     }
 
+    /// Captures the decode step's CUDA graph at every batch size before the first request, on
+    /// this (the worker's) thread, where ONNX Runtime keeps them: as vLLM does, so that no
+    /// running stream waits for a capture the first time the batch grows to a new size. ONNX
+    /// Runtime captures on a graph's third run (two plain runs first, to settle its memory), so
+    /// each size runs three times, every row idle (a dummy token at position 0 of each free
+    /// slot, which whoever takes the slot overwrites first). Returns how long it took.
+    pub(crate) fn capture_decode_graphs(&mut self) -> Result<std::time::Duration, RunnerError> {
+        const RUNS_TO_CAPTURE: usize = 3;
+        let start = std::time::Instant::now();
+        for rows in self.graph_sizes.clone() {
+            let idle = vec![DecodeRow::idle(0); rows];
+            for _ in 0..RUNS_TO_CAPTURE {
+                self.decode(&idle, Fetch::Greedy)?;
+            }
+        }
+        Ok(start.elapsed())
+    }
+
     /// One batched decode step over slots 0..rows.len() (a row per slot, `rows.len()` from
     /// [`decode_rows`](Self::decode_rows)), each row after its own past at its own rope delta.
     /// A decoding row whose position clashes with another's at the same cache slot (see

@@ -7,9 +7,11 @@
 //!    request takes them in the same step.
 //! 2. Every sequence in its decode phase decodes one token: all of them, in one batched run,
 //!    whatever else the step does (a long prompt never starves running streams).
-//! 3. Prefill gets at most `prefill_tokens` prompt tokens per step. Sequences already
-//!    prefilling continue first, in admission order, each with a chunk as large as the budget
-//!    left allows.
+//! 3. Prefill gets at most the [`PrefillBudget`]'s prompt tokens per step, and each chunk also
+//!    costs its fixed overhead against the budget's cost (a chunk is a run of its own: with
+//!    pacing, the measured time of a run that does not depend on its length, in tokens).
+//!    Sequences already prefilling continue first, in admission order, each with a chunk as
+//!    large as the budget left allows.
 //! 4. Waiting requests are admitted in FIFO order while a slot is free and budget is left, each
 //!    to the lowest free slot (which keeps the decode batch, slots 0..n, small), starting its
 //!    prefill after the prefix its cache lookup found. The first one that cannot be admitted
@@ -89,11 +91,51 @@ impl StepPlan {
     }
 }
 
-/// Plans one step (see the module docs). `free_slots` in any order; `prefill_tokens` >= 1.
-pub fn plan_step(waiting: &[Waiting], running: &[Running], free_slots: &[usize], prefill_tokens: usize) -> StepPlan {
+/// What one step may prefill: at most `tokens` prompt tokens, and chunks whose costs
+/// (`chunk_overhead + len` each) add up to at most `cost`. Both are in tokens; the overhead
+/// stands for what a prefill run costs whatever its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillBudget {
+    pub tokens: usize,
+    pub cost: usize,
+    pub chunk_overhead: usize,
+}
+
+impl PrefillBudget {
+    /// Only a token count: `tokens` prompt tokens, however many chunks.
+    pub fn tokens(tokens: usize) -> Self {
+        PrefillBudget { tokens, cost: tokens, chunk_overhead: 0 }
+    }
+}
+
+/// What is left of a [`PrefillBudget`] while a step is planned.
+struct BudgetLeft {
+    tokens: usize,
+    cost: usize,
+    chunk_overhead: usize,
+}
+
+impl BudgetLeft {
+    /// The longest chunk (of at most `want` tokens) that still fits; 0 when none does.
+    fn chunk(&self, want: usize) -> usize {
+        want.min(self.tokens).min(self.cost.saturating_sub(self.chunk_overhead))
+    }
+
+    fn take(&mut self, len: usize) {
+        self.tokens -= len;
+        self.cost = self.cost.saturating_sub(self.chunk_overhead + len);
+    }
+
+    fn is_spent(&self) -> bool {
+        self.chunk(1) == 0
+    }
+}
+
+/// Plans one step (see the module docs). `free_slots` in any order; `budget.tokens` >= 1.
+pub fn plan_step(waiting: &[Waiting], running: &[Running], free_slots: &[usize], budget: PrefillBudget) -> StepPlan {
     let mut plan = StepPlan::default();
     let mut free: BTreeSet<usize> = free_slots.iter().copied().collect();
-    let mut budget = prefill_tokens;
+    let mut budget = BudgetLeft { tokens: budget.tokens, cost: budget.cost, chunk_overhead: budget.chunk_overhead };
     for seq in running {
         match seq.phase {
             Phase::Finished => {
@@ -102,24 +144,24 @@ pub fn plan_step(waiting: &[Waiting], running: &[Running], free_slots: &[usize],
             }
             Phase::Decode => plan.decode.push(seq.id),
             Phase::Prefill { done, prompt_len } => {
-                let len = (prompt_len - done).min(budget);
+                let len = budget.chunk(prompt_len - done);
                 if len > 0 {
                     plan.prefill.push(PrefillChunk { id: seq.id, slot: seq.slot, start: done, len });
-                    budget -= len;
+                    budget.take(len);
                 }
             }
         }
     }
     for request in waiting {
-        if budget == 0 {
+        if budget.is_spent() {
             break;
         }
         let Some(slot) = free.pop_first() else { break };
         let cached = request.cached.min(request.prompt_len.saturating_sub(1));
         plan.admitted.push(Admission { id: request.id, slot, cached });
-        let len = (request.prompt_len - cached).min(budget);
+        let len = budget.chunk(request.prompt_len - cached);
         plan.prefill.push(PrefillChunk { id: request.id, slot, start: cached, len });
-        budget -= len;
+        budget.take(len);
     }
     plan
 }
@@ -138,12 +180,13 @@ mod tests {
 
     #[test]
     fn admission_is_fifo_into_the_lowest_free_slots() {
-        let plan = plan_step(&[waiting(1, 4), waiting(2, 4), waiting(3, 4)], &[], &[5, 2, 7], 100);
+        let plan =
+            plan_step(&[waiting(1, 4), waiting(2, 4), waiting(3, 4)], &[], &[5, 2, 7], PrefillBudget::tokens(100));
         let admitted: Vec<(SeqId, usize)> = plan.admitted.iter().map(|a| (a.id, a.slot)).collect();
         assert_eq!(admitted, [(1, 2), (2, 5), (3, 7)]);
         assert_eq!(plan.prefill_tokens(), 12);
         // Two slots for three requests: the third waits.
-        let plan = plan_step(&[waiting(1, 4), waiting(2, 4), waiting(3, 4)], &[], &[0, 1], 100);
+        let plan = plan_step(&[waiting(1, 4), waiting(2, 4), waiting(3, 4)], &[], &[0, 1], PrefillBudget::tokens(100));
         assert_eq!(plan.admitted.iter().map(|a| a.id).collect::<Vec<_>>(), [1, 2]);
     }
 
@@ -151,13 +194,13 @@ mod tests {
     fn a_request_that_cannot_start_is_not_overtaken() {
         // No free slot: nothing is admitted, however short.
         let running = [decoding(10, 0), decoding(11, 1)];
-        let plan = plan_step(&[waiting(1, 500), waiting(2, 1)], &running, &[], 64);
+        let plan = plan_step(&[waiting(1, 500), waiting(2, 1)], &running, &[], PrefillBudget::tokens(64));
         assert!(plan.admitted.is_empty());
         assert_eq!(plan.decode, [10, 11]);
         // A running prefill takes the whole budget: the head waits, and the short request
         // behind it does not go first although a slot is free.
         let prefilling = Running { id: 12, slot: 2, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
-        let plan = plan_step(&[waiting(1, 500), waiting(2, 1)], &[prefilling], &[0, 1], 64);
+        let plan = plan_step(&[waiting(1, 500), waiting(2, 1)], &[prefilling], &[0, 1], PrefillBudget::tokens(64));
         assert!(plan.admitted.is_empty(), "{plan:?}");
         assert_eq!(plan.prefill, [PrefillChunk { id: 12, slot: 2, start: 0, len: 64 }]);
     }
@@ -166,7 +209,7 @@ mod tests {
     fn the_prefill_budget_is_shared_in_order_and_never_exceeded() {
         let a = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 10, prompt_len: 30 } };
         let b = Running { id: 2, slot: 1, phase: Phase::Prefill { done: 0, prompt_len: 100 } };
-        let plan = plan_step(&[waiting(3, 50)], &[a, b], &[2], 64);
+        let plan = plan_step(&[waiting(3, 50)], &[a, b], &[2], PrefillBudget::tokens(64));
         assert_eq!(
             plan.prefill,
             [PrefillChunk { id: 1, slot: 0, start: 10, len: 20 }, PrefillChunk { id: 2, slot: 1, start: 0, len: 44 }]
@@ -174,7 +217,7 @@ mod tests {
         assert_eq!(plan.prefill_tokens(), 64);
         assert!(plan.admitted.is_empty());
         // Budget left after the running ones: the next request starts with a partial chunk.
-        let plan = plan_step(&[waiting(3, 50), waiting(4, 50)], &[a], &[2, 3], 64);
+        let plan = plan_step(&[waiting(3, 50), waiting(4, 50)], &[a], &[2, 3], PrefillBudget::tokens(64));
         assert_eq!(plan.admitted, [Admission { id: 3, slot: 2, cached: 0 }]);
         assert_eq!(plan.prefill[1], PrefillChunk { id: 3, slot: 2, start: 0, len: 44 });
         assert!(plan.prefill_tokens() <= 64);
@@ -186,7 +229,7 @@ mod tests {
         let mut running = vec![decoding(1, 0), decoding(2, 1), long, decoding(4, 2)];
         let mut chunks = 0;
         loop {
-            let plan = plan_step(&[], &running, &[], 512);
+            let plan = plan_step(&[], &running, &[], PrefillBudget::tokens(512));
             let decoding: Vec<SeqId> = running.iter().filter(|r| r.phase == Phase::Decode).map(|r| r.id).collect();
             assert_eq!(plan.decode, decoding, "every decoding sequence runs in every step");
             assert!([1, 2, 4].iter().all(|id| plan.decode.contains(id)));
@@ -201,9 +244,29 @@ mod tests {
     }
 
     #[test]
+    fn each_chunk_pays_its_overhead_against_the_cost() {
+        // Room for 300 token-equivalents, 100 of them per run: one chunk of 200.
+        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 100 };
+        let a = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
+        let b = Running { id: 2, slot: 1, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
+        let plan = plan_step(&[waiting(3, 8)], &[a, b], &[2], budget);
+        assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 0, len: 200 }]);
+        assert!(plan.admitted.is_empty(), "no cost left for another run: {plan:?}");
+        // Short prompts: each run costs 50 + 30; the fourth gets what is left (10 tokens).
+        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 50 };
+        let plan =
+            plan_step(&[waiting(1, 30), waiting(2, 30), waiting(3, 30), waiting(4, 30)], &[], &[0, 1, 2, 3], budget);
+        assert_eq!(plan.prefill.iter().map(|c| c.len).collect::<Vec<_>>(), [30, 30, 30, 10]);
+        // The token cap still holds when the cost would allow more.
+        let budget = PrefillBudget { tokens: 40, cost: 10_000, chunk_overhead: 10 };
+        let plan = plan_step(&[waiting(1, 30), waiting(2, 30)], &[], &[0, 1], budget);
+        assert_eq!(plan.prefill_tokens(), 40);
+    }
+
+    #[test]
     fn finished_slots_are_reused_in_the_same_step() {
         let running = [Running { id: 1, slot: 0, phase: Phase::Finished }, decoding(2, 1)];
-        let plan = plan_step(&[waiting(3, 8)], &running, &[], 100);
+        let plan = plan_step(&[waiting(3, 8)], &running, &[], PrefillBudget::tokens(100));
         assert_eq!(plan.released, [(1, 0)]);
         assert_eq!(plan.admitted, [Admission { id: 3, slot: 0, cached: 0 }]);
         assert_eq!(plan.decode, [2]);
@@ -212,11 +275,11 @@ mod tests {
     #[test]
     fn a_prefix_hit_starts_the_prefill_after_it_and_keeps_the_last_prompt_token() {
         let hit = Waiting { id: 1, prompt_len: 40, cached: 32 };
-        let plan = plan_step(&[hit], &[], &[0], 100);
+        let plan = plan_step(&[hit], &[], &[0], PrefillBudget::tokens(100));
         assert_eq!(plan.admitted, [Admission { id: 1, slot: 0, cached: 32 }]);
         assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 32, len: 8 }]);
         let whole = Waiting { id: 2, prompt_len: 32, cached: 32 };
-        let plan = plan_step(&[whole], &[], &[0], 100);
+        let plan = plan_step(&[whole], &[], &[0], PrefillBudget::tokens(100));
         assert_eq!(plan.prefill, [PrefillChunk { id: 2, slot: 0, start: 31, len: 1 }]);
     }
 }

@@ -11,11 +11,15 @@
 //! 4. one batched decode over slots 0..n for every decoding sequence, each choosing its token
 //!    with its own sampler;
 //! 5. the planned prefill chunks, batch 1 each; a chunk that ends a prompt gives its first token.
+//!
+//! The decode run and every chunk are timed: the [`PrefillPacer`] sizes the next steps' prefill
+//! from them, and a step far slower than decoding is logged with where its time went.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::generate::FinishReason;
 use crate::model::{Fetch, StepOutput};
@@ -23,6 +27,7 @@ use crate::model::{Fetch, StepOutput};
 use super::decode_rows::DecodeRow;
 use super::error::EngineError;
 use super::metrics::MetricsSnapshot;
+use super::pacing::PrefillPacer;
 use super::runner::Runner;
 use super::scheduler::{plan_step, Phase, Running, StepPlan, Waiting};
 use super::sequence::{Choice, Sequence};
@@ -30,6 +35,21 @@ use super::sequence::{Choice, Sequence};
 /// Sampling threads take at least this many sequences each (a thread costs more to start than
 /// a few samples take).
 const SEQUENCES_PER_SAMPLING_THREAD: usize = 4;
+/// A step is logged as slow when it takes this many times the decode run's average, and at
+/// least [`SLOW_STEP_MIN`]: a stall (an allocation, a copy, a capture) shows with its cause.
+const SLOW_STEP_FACTOR: f64 = 8.0;
+const SLOW_STEP_MIN: Duration = Duration::from_millis(100);
+
+/// `tracing`'s macros take a constant level; this picks one at run time.
+macro_rules! log_at {
+    ($level:expr, $($arg:tt)+) => {
+        if $level == tracing::Level::INFO {
+            tracing::info!($($arg)+)
+        } else {
+            tracing::debug!($($arg)+)
+        }
+    };
+}
 
 pub(crate) enum Command {
     /// Requests queued together (in order).
@@ -68,7 +88,7 @@ impl Shared {
 struct Worker {
     runner: Runner,
     shared: Arc<Shared>,
-    prefill_budget: usize,
+    pacer: PrefillPacer,
     waiting: VecDeque<Sequence>,
     /// Sequences holding a slot, in admission order.
     running: Vec<Sequence>,
@@ -76,9 +96,9 @@ struct Worker {
 }
 
 /// Runs steps until shut down (a `Shutdown` command, or every engine handle gone).
-pub(crate) fn run(runner: Runner, commands: Receiver<Command>, shared: Arc<Shared>, prefill_budget: usize) {
+pub(crate) fn run(runner: Runner, commands: Receiver<Command>, shared: Arc<Shared>, pacer: PrefillPacer) {
     let metrics = shared.snapshot();
-    let mut worker = Worker { runner, shared, prefill_budget, waiting: VecDeque::new(), running: Vec::new(), metrics };
+    let mut worker = Worker { runner, shared, pacer, waiting: VecDeque::new(), running: Vec::new(), metrics };
     loop {
         if worker.waiting.is_empty() && worker.running.is_empty() {
             match commands.recv() {
@@ -104,17 +124,49 @@ pub(crate) fn run(runner: Runner, commands: Receiver<Command>, shared: Arc<Share
 
 impl Worker {
     fn step(&mut self) {
+        let start = Instant::now();
         self.drop_cancelled();
         self.store_finished_prefixes();
+        let stored = start.elapsed();
         let plan = self.plan();
         self.apply(&plan);
+        let admitted = start.elapsed();
+        let mut decode_time = Duration::ZERO;
         if !plan.decode.is_empty() {
+            let t = Instant::now();
             self.decode(&plan);
+            decode_time = t.elapsed();
+            self.pacer.decode_ran(decode_time);
         }
+        let t = Instant::now();
         for chunk in &plan.prefill {
+            let chunk_start = Instant::now();
             self.prefill(chunk.id, chunk.start, chunk.len);
+            self.pacer.chunk_ran(chunk.len, chunk_start.elapsed());
         }
+        let prefill_time = t.elapsed();
         self.metrics.steps += 1;
+        let total = start.elapsed();
+        let typical = self.pacer.decode_ms().map_or(Duration::ZERO, |ms| Duration::from_secs_f64(ms * 1e-3));
+        let stalled = !plan.decode.is_empty() && total.as_secs_f64() >= SLOW_STEP_FACTOR * typical.as_secs_f64();
+        if total >= SLOW_STEP_MIN {
+            let level = if stalled { tracing::Level::INFO } else { tracing::Level::DEBUG };
+            log_at!(
+                level,
+                "slow engine step {}: {:.1} ms (prefix-cache stores {:.1} ms, admission {:.1} ms for {} requests, decode {:.1} ms for {} sequences, prefill {:.1} ms for {} tokens in {} chunks; decode runs average {:.1} ms)",
+                self.metrics.steps,
+                ms(total),
+                ms(stored),
+                ms(admitted - stored),
+                plan.admitted.len(),
+                ms(decode_time),
+                plan.decode.len(),
+                ms(prefill_time),
+                plan.prefill_tokens(),
+                plan.prefill.len(),
+                ms(typical),
+            );
+        }
     }
 
     fn drop_cancelled(&mut self) {
@@ -160,7 +212,8 @@ impl Worker {
             .collect();
         let running: Vec<Running> =
             self.running.iter().map(|s| Running { id: s.id, slot: s.slot, phase: s.phase }).collect();
-        plan_step(&waiting, &running, &free, self.prefill_budget)
+        let decoding = self.running.iter().any(|s| s.phase == Phase::Decode);
+        plan_step(&waiting, &running, &free, self.pacer.budget(decoding))
     }
 
     /// Releases and admissions.
@@ -339,4 +392,8 @@ impl Worker {
         self.publish();
         self.shared.active.store(0, Ordering::Release);
     }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
