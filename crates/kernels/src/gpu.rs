@@ -139,7 +139,8 @@ impl LinearKernels {
         launch(self.tiles[tiles - 1], config, stream, &args)
     }
 
-    /// The int4 weight dequantized into `out` (N, K) of the dtype (the cuBLAS path).
+    /// The int4 weight dequantized into `out` (N, K) of the dtype (the cuBLAS path): one thread
+    /// per 16 packed bytes, each of its 4 words written as one 16-byte store (`out` 16-byte aligned).
     ///
     /// # Safety
     /// As [`Self::launch_tiles`].
