@@ -42,6 +42,19 @@ def main():
         s["dequant_bit_exact"] = all(r.get("bit_exact") for r in exact)
         print(f"int4 dequantization bit-exact: {s['dequant_bit_exact']} ({len(exact)} cases)")
 
+    deq = probe.get("dequant_timing")
+    if isinstance(deq, list):
+        print("\nint4 dequantization (the prefill path's first step): case | us | TB/s (read + written) | of bw")
+        for r in deq:
+            if "error" in r:
+                print(f"  {r.get('case')}: ERROR {r['error']}")
+                continue
+            frac = r["tb_per_s"] / bw if bw else None
+            print(f"  {r['case']:<44} {r['us']:8.2f} {r['tb_per_s']:5.2f} {frac if frac is None else round(frac, 3)!s:>6}")
+        s["dequant_timing"] = deq
+    elif isinstance(deq, dict) and "error" in deq:
+        print(f"\nint4 dequantization timing: ERROR {deq['error']}")
+
     tiles = probe.get("tile_kernels")
     if isinstance(tiles, list):
         print("\ntile kernels (direct, CUDA-graph replay): case | max rel err vs CPU | best us | TB/s | of bw | warps")

@@ -1,7 +1,7 @@
 //! `pio-kernels-check`: the GPU check of Inference-PIO's kernels (scripts/kernels_gpu_check.sh
 //! runs it on the GPU host). Each subcommand writes one JSON report, saved after every section.
 //!
-//! * `probe`: the device, its read bandwidth, int4 dequantization bit for bit, and the tile
+//! * `probe`: the device, its read bandwidth, int4 dequantization bit for bit and timed, and the tile
 //!   kernels timed directly on every projection shape of the presets (warps per CTA swept),
 //!   checked against the CPU reference;
 //! * `ops`: each operator against its ONNX Runtime counterpart inside ONNX Runtime (CUDA graphs):
@@ -31,7 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Device, bandwidth, dequantization exactness, direct kernel timings.
+    /// Device, bandwidth, dequantization exactness and speed, direct kernel timings.
     Probe {
         #[arg(long)]
         out: PathBuf,

@@ -1,5 +1,5 @@
-//! `pio-kernels-check probe`: the device, its read bandwidth, the exactness of the int4
-//! dequantization, and the tile kernels timed directly (CUDA-graph replays of back-to-back
+//! `pio-kernels-check probe`: the device, its read bandwidth, the exactness and the speed of the
+//! int4 dequantization, and the tile kernels timed directly (CUDA-graph replays of back-to-back
 //! launches over weight copies larger than the L2 cache, for several warps per CTA), each checked
 //! against the CPU reference.
 
@@ -40,6 +40,7 @@ pub fn run(out: &Path, tokens: &[usize], presets: &[String]) -> Result<()> {
     let bw = report.section("bandwidth", || bandwidth(device));
     let tbps = bw.as_ref().and_then(|v| v["best_tb_per_s"].as_f64());
     report.section("dequant_exact", || dequant_exact(device));
+    report.section("dequant_timing", || dequant_timing(device, tbps));
     report.section("tile_kernels", || tile_kernels(device, tokens, presets, tbps));
     report.save()
 }
@@ -104,6 +105,40 @@ fn dequant_exact(device: &Device) -> Result<Value> {
                 "bit_exact": mismatch32 == 0 && mismatch16 == 0,
             }));
         }
+    }
+    Ok(Value::Array(rows))
+}
+
+/// The 16-bit int4 dequantization (the first step of the int4 prefill path, before cuBLAS) on
+/// each int4 projection of the first preset (Qwen3-4B, block 32, f16): µs per call over rotating
+/// weight copies past the L2 cache, and TB/s counting the packed weight and scales read and the
+/// N x K x 2 bytes written.
+fn dequant_timing(device: &Device, tbps: Option<f64>) -> Result<Value> {
+    let (dtype, block_size) = (ActDtype::F16, 32);
+    let kernels = LinearKernels::new(device, WeightFormat::Int4 { block_size }, dtype)?;
+    // The values do not change the time: zeros.
+    let pool = DeviceBuffer::new(ROTATION_BYTES)?;
+    pool.zero()?;
+    let mut rows = Vec::new();
+    for proj in projections(PRESETS[0].0)?.into_iter().filter(|p| p.name != "lm_head") {
+        let shape = Int4Shape::new(proj.n, proj.k, block_size)?;
+        let (wbytes, sbytes) = (shape.packed_len(), shape.scales_len() * 2);
+        let per_copy = (wbytes + sbytes).div_ceil(256) * 256;
+        let copies = (ROTATION_BYTES / per_copy).clamp(1, 256);
+        let out = DeviceBuffer::new(shape.n * shape.k * 2)?;
+        let us = driver::graph_time_us(copies.max(16), 10, |stream, i| {
+            let base = pool.ptr + ((i % copies) * per_copy) as u64;
+            // SAFETY: the copy lies inside the pool; `out` holds N x K halves.
+            unsafe { kernels.launch_dequant(stream, (base, base + wbytes as u64, out.ptr), (shape.n, shape.k)) }
+        })
+        .with_context(|| format!("dequantizing {} ({} x {})", proj.name, proj.n, proj.k))?;
+        let bytes = (wbytes + sbytes + shape.n * shape.k * 2) as f64;
+        let tb = bytes / (us * 1e-6) / 1e12;
+        rows.push(json!({
+            "case": format!("{} {} dequant int4-f16", proj.preset, proj.name), "n": proj.n, "k": proj.k,
+            "block_size": block_size, "bytes_moved": bytes, "us": us, "tb_per_s": tb,
+            "floor_us": tbps.map(|b| bytes / (b * 1e12) * 1e6), "fraction_of_bandwidth": tbps.map(|b| tb / b),
+        }));
     }
     Ok(Value::Array(rows))
 }

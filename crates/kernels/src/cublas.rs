@@ -1,7 +1,8 @@
-//! cuBLAS for the prefill path (more than 32 tokens, where a tensor-core GEMM beats reading the
-//! weights once per 32 tokens): the library ONNX Runtime's CUDA provider already loaded (found
-//! with `RTLD_NOLOAD`, never loaded anew, so it is the same cuBLAS as the handle's), called with
-//! ONNX Runtime's own per-stream handle.
+//! cuBLAS for projections above the tile kernels' token limit (more than 32 tokens for int4
+//! weights, where a tensor-core GEMM beats reading the weights once per 32 tokens; more than one
+//! for 16-bit weights, where cuBLAS was measured faster): the library ONNX Runtime's CUDA
+//! provider already loaded (found with `RTLD_NOLOAD`, never loaded anew, so it is the same cuBLAS
+//! as the handle's), called with ONNX Runtime's own per-stream handle.
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
@@ -77,6 +78,21 @@ impl Cublas {
         Ok(Cublas { gemm_ex, get_stream, _lib: lib })
     }
 
+    /// Whether `handle` issues its work on `stream` (checked before anything is enqueued).
+    ///
+    /// # Safety
+    /// `handle` must be a live cuBLAS handle of this library.
+    pub unsafe fn check_stream(&self, handle: *mut c_void, stream: *mut c_void) -> Result<()> {
+        let mut bound = std::ptr::null_mut();
+        let r = (self.get_stream)(handle, &mut bound);
+        if r != 0 || bound != stream {
+            return Err(KernelError::Cublas(format!(
+                "ONNX Runtime's cuBLAS handle is not bound to the kernel's stream (status {r})"
+            )));
+        }
+        Ok(())
+    }
+
     /// y (M, N) = x (M, K) W^T with W (N, K) row-major, all in `dtype`, f32 accumulation, on the
     /// handle's stream, which must be `stream` (checked).
     ///
@@ -94,13 +110,7 @@ impl Cublas {
         y: *mut c_void,
         (m, n, k): (usize, usize, usize),
     ) -> Result<()> {
-        let mut bound = std::ptr::null_mut();
-        let r = (self.get_stream)(handle, &mut bound);
-        if r != 0 || bound != stream {
-            return Err(KernelError::Cublas(format!(
-                "ONNX Runtime's cuBLAS handle is not bound to the kernel's stream (status {r})"
-            )));
-        }
+        self.check_stream(handle, stream)?;
         let ty = match dtype {
             ActDtype::F16 => CUDA_R_16F,
             ActDtype::Bf16 => CUDA_R_16BF,

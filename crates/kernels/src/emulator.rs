@@ -111,15 +111,20 @@ fn load_scales(scales: &[u16], row: usize, chunk: usize, block_size: usize) -> (
     }
 }
 
-/// `scale_of<DT, BS>`: the scale of sub-block j from the loaded words.
-fn scale_of(dt: Dt, (lo, hi): (u32, u32), j: usize, block_size: usize) -> f32 {
+/// `scale_bits<BS>`: the bits of sub-block j's scale from the loaded words.
+fn scale_bits((lo, hi): (u32, u32), j: usize, block_size: usize) -> u16 {
     let half = match block_size {
         32 => j,
         64 => j >> 1,
         _ => 0,
     };
     let word = if half < 2 { lo } else { hi };
-    dt.to_f32((word >> (16 * (half & 1))) as u16)
+    (word >> (16 * (half & 1))) as u16
+}
+
+/// `scale_of<DT, BS>`: the scale of sub-block j from the loaded words.
+fn scale_of(dt: Dt, words: (u32, u32), j: usize, block_size: usize) -> f32 {
+    dt.to_f32(scale_bits(words, j, block_size))
 }
 
 /// The weight side of a tile: int4 (packed rows of `row_bytes`, scales as u16 rows) or dense.
@@ -269,27 +274,108 @@ pub fn linear(
     y
 }
 
-/// `dequant_body` with F32: the exact (q - 8) * scale of every element, (N, K).
-pub fn dequant_f32(dt: Dt, packed: &[u8], scales: &[u16], n: usize, k: usize, block_size: usize) -> Vec<f32> {
+/// `mul2<DT>`: a pair times a scale pair as `fma.rn.{f16,bf16}x2 d, p, s, -0`.
+fn mul2(dt: Dt, p: u32, s: u32) -> u32 {
+    dt.fma2(p, s, 0x8000_8000)
+}
+
+/// What thread `i` of `dequant_body` touches for a weight with `k` columns: the byte offset of
+/// its 16-byte load in the packed weight, and for each of its 4 words the element offset in the
+/// output (N, K) of its 8 consecutive outputs (`None`: padding, not written). The kernel stores
+/// each word's outputs with one 16-byte store (16-bit) or two (f32).
+pub fn dequant_piece(i: usize, k: usize) -> (usize, [Option<usize>; 4]) {
     let kp = k.div_ceil(CHUNK_K) * CHUNK_K;
-    let mut out = vec![f32::NAN; n * k];
-    for i in 0..n * (kp / 32) {
-        let (row, piece) = (i / (kp / 32), i % (kp / 32));
-        let (c, t) = (piece / 4, piece % 4);
-        let q = uint4_at(packed, row * (kp / 2) + c * 64 + t * 16);
-        for (j, &word) in q.iter().enumerate() {
-            let k0 = c * CHUNK_K + j * 32 + 8 * t;
-            if k0 >= k {
-                break;
-            }
-            let p = dequant_word(dt, word);
-            let s = dt.to_f32(scales[row * (kp / block_size) + (c * CHUNK_K + j * 32) / block_size]);
-            for e in 0..8 {
-                out[row * k + k0 + e] = dt.to_f32((p[e / 2] >> (16 * (e % 2))) as u16) * s;
+    let per_row = kp / 32;
+    let (row, piece) = (i / per_row, i % per_row);
+    let (c, t) = (piece / 4, piece % 4);
+    let stores = [0, 1, 2, 3].map(|j| {
+        let k0 = c * CHUNK_K + j * 32 + 8 * t;
+        (k0 < k).then_some(row * k + k0)
+    });
+    (16 * i, stores)
+}
+
+/// Device memory written by vector stores: the bytes, and which were written (a byte written
+/// twice is a bug of the kernel's mapping, so it panics).
+struct Stores {
+    bytes: Vec<u8>,
+    written: Vec<bool>,
+}
+
+impl Stores {
+    fn new(len: usize) -> Self {
+        Stores { bytes: vec![0; len], written: vec![false; len] }
+    }
+    /// `st.global.v4.u32 [at], {w0, w1, w2, w3}` (little-endian).
+    fn st_v4(&mut self, at: usize, words: [u32; 4]) {
+        assert_eq!(at % 16, 0, "a 16-byte store at {at} is misaligned");
+        for (b, w) in words.iter().enumerate() {
+            for (e, byte) in w.to_le_bytes().into_iter().enumerate() {
+                let a = at + 4 * b + e;
+                assert!(!self.written[a], "byte {a} written twice");
+                self.written[a] = true;
+                self.bytes[a] = byte;
             }
         }
     }
-    out
+    fn finish(self) -> Vec<u8> {
+        if let Some(a) = self.written.iter().position(|&w| !w) {
+            panic!("byte {a} of the output never written");
+        }
+        self.bytes
+    }
+}
+
+/// `dequant_body`: every thread's load, dequantization and vector stores; `F32` gives the exact
+/// (q - 8) * scale as f32 bits, otherwise the dtype's bits. Returns the output (N, K) bytes.
+fn dequant_bytes(
+    dt: Dt,
+    packed: &[u8],
+    scales: &[u16],
+    (n, k, block_size): (usize, usize, usize),
+    f32_out: bool,
+) -> Vec<u8> {
+    let kp = k.div_ceil(CHUNK_K) * CHUNK_K;
+    let elem = if f32_out { 4 } else { 2 };
+    let mut out = Stores::new(n * k * elem);
+    for i in 0..n * (kp / 32) {
+        let (load_at, stores) = dequant_piece(i, k);
+        let q = uint4_at(packed, load_at);
+        let (row, c) = (i / (kp / 32), i % (kp / 32) / 4);
+        let cs = load_scales(scales, row * (kp / block_size), c, block_size);
+        for (j, at) in stores.iter().enumerate() {
+            let Some(at) = *at else { break };
+            let p = dequant_word(dt, q[j]);
+            let s = scale_bits(cs, j, block_size);
+            if f32_out {
+                let sf = dt.to_f32(s);
+                let v: Vec<u32> =
+                    (0..8).map(|e| (dt.to_f32((p[e / 2] >> (16 * (e % 2))) as u16) * sf).to_bits()).collect();
+                out.st_v4(at * 4, [v[0], v[1], v[2], v[3]]);
+                out.st_v4(at * 4 + 16, [v[4], v[5], v[6], v[7]]);
+            } else {
+                let ss = s as u32 * 0x1_0001;
+                out.st_v4(at * 2, p.map(|pair| mul2(dt, pair, ss)));
+            }
+        }
+    }
+    out.finish()
+}
+
+/// `dequant_body` with F32: the exact (q - 8) * scale of every element, (N, K).
+pub fn dequant_f32(dt: Dt, packed: &[u8], scales: &[u16], n: usize, k: usize, block_size: usize) -> Vec<f32> {
+    dequant_bytes(dt, packed, scales, (n, k, block_size), true)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// `dequant_body` in the dtype (the cuBLAS path's weight): (N, K) bits.
+pub fn dequant(dt: Dt, packed: &[u8], scales: &[u16], n: usize, k: usize, block_size: usize) -> Vec<u16> {
+    dequant_bytes(dt, packed, scales, (n, k, block_size), false)
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect()
 }
 
 /// `moe_topk_body` for one token: the k rounds of the warp arg-max (ties to the lower expert).
@@ -577,14 +663,44 @@ mod tests {
     fn dequantization_is_bit_exact() {
         let mut rng = ChaCha8Rng::seed_from_u64(13);
         for dt in [Dt::F16, Dt::Bf16] {
-            for &(n, k, bs) in &[(16, 96, 32), (32, 256, 64), (16, 384, 128)] {
+            // K = 96, 160 and 416 end in a partial chunk (padding words are skipped, not written).
+            for &(n, k, bs) in &[(16, 96, 32), (32, 256, 64), (16, 384, 128), (48, 160, 32), (16, 416, 64)] {
                 let w = int4(&mut rng, dt, n, k, bs);
-                let got = dequant_f32(dt, &w.packed, &w.scale_bits, n, k, bs);
+                let what = format!("{dt:?} N={n} K={k} bs={bs}");
                 let expected = reference::dequantize(&w.shape, &w.packed, &w.scales);
-                assert!(
-                    got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{dt:?} N={n} K={k} bs={bs}"
-                );
+                let got = dequant_f32(dt, &w.packed, &w.scale_bits, n, k, bs);
+                assert!(got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: f32");
+                // The 16-bit output (the cuBLAS path's weight) is the exact value rounded once.
+                let got = dequant(dt, &w.packed, &w.scale_bits, n, k, bs);
+                assert_eq!(got.len(), expected.len(), "{what}");
+                for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
+                    assert_eq!(g, dt.bits_of(e), "{what}: element {i} = {} vs {e}", dt.to_f32(g));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dequantization_accesses_are_wide_and_coalesced() {
+        // Per warp (32 consecutive threads): the loads are one contiguous run of 16-byte pieces,
+        // and each of the 4 store instructions writes whole aligned 32-byte sectors of the
+        // output (16-bit), so no sector is written partly by one instruction.
+        for &(n, k) in &[(16usize, 96usize), (32, 256), (16, 160), (48, 2560 + 96)] {
+            let pieces = n * k.div_ceil(CHUNK_K) * 4;
+            for warp in 0..pieces.div_ceil(32) {
+                let lanes = warp * 32..(warp * 32 + 32).min(pieces);
+                let loads: Vec<usize> = lanes.clone().map(|i| dequant_piece(i, k).0).collect();
+                assert!(loads.windows(2).all(|w| w[1] == w[0] + 16), "N={n} K={k} warp {warp}: loads");
+                for j in 0..4 {
+                    let mut bytes: Vec<usize> = lanes
+                        .clone()
+                        .filter_map(|i| dequant_piece(i, k).1[j])
+                        .flat_map(|at| 2 * at..2 * at + 16)
+                        .collect();
+                    bytes.sort_unstable();
+                    let sectors: std::collections::BTreeSet<usize> = bytes.iter().map(|b| b / 32).collect();
+                    assert_eq!(bytes.len(), sectors.len() * 32, "N={n} K={k} warp {warp} word {j}: partial sectors");
+                }
             }
         }
     }

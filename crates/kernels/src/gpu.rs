@@ -20,6 +20,31 @@ pub enum WeightFormat {
 /// Tokens one launch of the tile kernels takes.
 pub const MAX_TOKENS: usize = 8 * MAX_TILES;
 
+/// int4 projections run on the tile kernels up to this many tokens per call, cuBLAS above
+/// (after dequantizing the weight). Measured on an H100 (2026-12-06, synthetic Qwen3-4B, `pio
+/// bench`, CUDA graphs): the tiles give 303.6 / 2,305 / 6,279 tok/s at batch 1 / 8 / 32 against
+/// MatMulNBits' 287.8 / 1,469 / 3,776, since they read 4-bit weights where a GEMM would read a
+/// dequantized 16-bit copy: every launch size (32 tokens) is worth it.
+pub const INT4_MAX_TILE_TOKENS: usize = MAX_TOKENS;
+
+/// 16-bit projections run on the tile kernels up to this many tokens per call, cuBLAS above. In
+/// the same run the bf16 tiles gave 218.4 / 1,605 / 3,858 tok/s at batch 1 / 8 / 32 against
+/// cuBLAS' (stock MatMul) 215.3 / 1,716 / 6,199: +1.4% at one token, -6% at 8 and -38% at 32. Both
+/// read the same 16-bit weight once, so the tiles have no bytes to save, and cuBLAS' tensor-core
+/// tiles keep up better as tokens grow. 2 to 7 tokens were not measured, so they go to cuBLAS.
+pub const DENSE_MAX_TILE_TOKENS: usize = 1;
+
+impl WeightFormat {
+    /// The most tokens per call the tile kernels serve for this format (cuBLAS above, when ONNX
+    /// Runtime's is reachable).
+    pub fn max_tile_tokens(self) -> usize {
+        match self {
+            WeightFormat::Int4 { .. } => INT4_MAX_TILE_TOKENS,
+            WeightFormat::Dense => DENSE_MAX_TILE_TOKENS,
+        }
+    }
+}
+
 /// Warps per CTA (they split K): enough chunks per warp to keep 4 loads in flight (int4) or one
 /// 4-KB chunk (dense) without leaving warps idle; at most 8 (256 threads).
 pub fn default_warps(format: WeightFormat, k: usize) -> u32 {
@@ -139,7 +164,8 @@ impl LinearKernels {
         launch(self.tiles[tiles - 1], config, stream, &args)
     }
 
-    /// The int4 weight dequantized into `out` (N, K) of the dtype (the cuBLAS path).
+    /// The int4 weight dequantized into `out` (N, K) of the dtype (the cuBLAS path): one thread
+    /// per 16 packed bytes, each of its 4 words written as one 16-byte store (`out` 16-byte aligned).
     ///
     /// # Safety
     /// As [`Self::launch_tiles`].

@@ -152,11 +152,14 @@ template <int BS> __device__ __forceinline__ ChunkScales<BS> load_scales(const u
   return s;
 }
 
-template <int DT, int BS> __device__ __forceinline__ float scale_of(const ChunkScales<BS>& s, int j) {
-  // The scale of sub-block j (0..3) of the chunk.
+// The scale of sub-block j (0..3) of the chunk: its bits, and its value.
+template <int BS> __device__ __forceinline__ u16 scale_bits(const ChunkScales<BS>& s, int j) {
   const int half = BS == 32 ? j : BS == 64 ? j >> 1 : 0;
   const u32 word = half < 2 ? s.lo : s.hi;
-  return to_f32<DT>((u16)(word >> (16 * (half & 1))));
+  return (u16)(word >> (16 * (half & 1)));
+}
+template <int DT, int BS> __device__ __forceinline__ float scale_of(const ChunkScales<BS>& s, int j) {
+  return to_f32<DT>(scale_bits<BS>(s, j));
 }
 
 // Per-warp sums of a 16-row tile for up to 8*TILES tokens, then the CTA's fixed-order sum into
@@ -320,7 +323,13 @@ template <int DT, int FMT, int TILES, int BS> __device__ __forceinline__ void li
 
 // ---------------------------------------------------------------------------------------------
 // int4 dequantization (the prefill path hands the result to cuBLAS; the f32 form is the
-// bit-exactness check): out (N, K), one thread per 16 packed bytes.
+// bit-exactness check): out (N, K). It is bandwidth-bound (reads N*Kp/2 bytes and the scales,
+// writes N*K*2), so every access is a wide one: thread i loads the 16 bytes at 16*i of the
+// packed weight (rows are contiguous, so a warp loads 512 contiguous bytes), which hold one
+// thread slot t of one chunk c of row n: the 8 codes of each of the chunk's 4 sub-blocks j,
+// k = 128c + 32j + 8t + 0..7. Each such word becomes 8 consecutive outputs: one 16-byte store
+// (two for f32). For one j the 4 thread slots of a chunk write 64 contiguous bytes (aligned:
+// K is a multiple of 32), so each warp-wide store fills whole 32-byte sectors.
 // ---------------------------------------------------------------------------------------------
 
 struct DequantArgs {
@@ -330,6 +339,23 @@ struct DequantArgs {
   int N, K;
 };
 
+__device__ __forceinline__ void st_v4(void* p, u32 a, u32 b, u32 c, u32 d) {
+  asm volatile("st.global.v4.u32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+
+// Both halves of a pair times the scale pair, rounded once: fma(p, s, -0) is p * s exactly
+// rounded (the -0 addend keeps the sign of a zero product), the same bits as rounding the exact
+// f32 product, which is what the f32 path and the CPU reference compute.
+template <int DT> __device__ __forceinline__ u32 mul2(u32 p, u32 s) {
+  u32 d;
+  if (DT == DT_F16) {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(p), "r"(s), "r"(0x80008000u));
+  } else {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(p), "r"(s), "r"(0x80008000u));
+  }
+  return d;
+}
+
 template <int DT, int BS, bool F32> __device__ __forceinline__ void dequant_body(const DequantArgs& a) {
   const int kp = (a.K + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
   const long long per_row = kp / 32;  // 16-byte pieces per row
@@ -337,22 +363,27 @@ template <int DT, int BS, bool F32> __device__ __forceinline__ void dequant_body
   if (i >= per_row * a.N) return;
   const long long n = i / per_row;
   const int piece = (int)(i % per_row), c = piece / 4, t = piece % 4;
-  const uint4 q = ld_weights(a.w + n * (kp / 2) + c * 64 + t * 16);
-  const u16* srow = a.scales + n * (kp / BS);
+  const uint4 q = ld_weights(a.w + 16 * i);  // = row n, byte 64c + 16t
+  const ChunkScales<BS> cs = load_scales<BS>(a.scales + n * (kp / BS), c);
 #pragma unroll
   for (int j = 0; j < 4; j++) {
     const int k0 = c * CHUNK_K + j * 32 + 8 * t;
-    if (k0 >= a.K) break;
+    if (k0 >= a.K) break;  // the padding of the last chunk (K is a multiple of 32: all 8 or none)
     u32 p[4];
-    dequant_word<DT>(word_of(q, j), p);
-    const float s = to_f32<DT>(ld_u16(srow + (c * CHUNK_K + j * 32) / BS));
+    dequant_word<DT>(word_of(q, j), p);  // p[e] = elements 2e (low half), 2e + 1 (high half)
+    const u16 s = scale_bits<BS>(cs, j);
+    if (F32) {
+      const float sf = to_f32<DT>(s);
+      u32 v[8];
 #pragma unroll
-    for (int e = 0; e < 8; e++) {
-      const float v = to_f32<DT>((u16)(p[e / 2] >> (16 * (e % 2)))) * s;
-      if (F32)
-        ((float*)a.out)[n * a.K + k0 + e] = v;
-      else
-        ((u16*)a.out)[n * a.K + k0 + e] = from_f32<DT>(v);
+      for (int e = 0; e < 8; e++) v[e] = __float_as_uint(to_f32<DT>((u16)(p[e / 2] >> (16 * (e % 2)))) * sf);
+      u32* dst = (u32*)a.out + n * a.K + k0;
+      st_v4(dst, v[0], v[1], v[2], v[3]);
+      st_v4(dst + 4, v[4], v[5], v[6], v[7]);
+    } else {
+      const u32 ss = (u32)s * 0x10001u;
+      st_v4((u16*)a.out + n * a.K + k0, mul2<DT>(p[0], ss), mul2<DT>(p[1], ss), mul2<DT>(p[2], ss),
+            mul2<DT>(p[3], ss));
     }
   }
 }

@@ -1,8 +1,9 @@
 //! `LinearInt4` and `Linear`: y = x W^T, optionally with the SwiGLU of grouped gate/up rows.
-//! On CUDA, up to 32 tokens go through the tile kernels (one read of W); more (a prefill) through
-//! cuBLAS (int4 weights dequantized into a scratch buffer first, as ONNX Runtime's MatMulNBits
-//! does), or, when ONNX Runtime's cuBLAS is not reachable, through the tile kernels 32 tokens at a
-//! time.
+//! On CUDA the token count of a call picks the path (see `CudaLinear::run`): up to
+//! [`WeightFormat::max_tile_tokens`] (32 for int4, 1 for 16-bit weights) the tile kernels (one
+//! read of W); more through cuBLAS (int4 weights dequantized into a scratch buffer first, as ONNX
+//! Runtime's MatMulNBits does), or, when ONNX Runtime's cuBLAS is not reachable, through the tile
+//! kernels 32 tokens at a time.
 
 use std::sync::Mutex;
 
@@ -221,21 +222,55 @@ impl Kernel for CpuLinear {
     }
 }
 
+/// How a CUDA call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// One launch of the tile kernels.
+    Tiles,
+    /// cuBLAS (int4: after dequantizing the weight).
+    Cublas,
+    /// The tile kernels 32 tokens at a time (no cuBLAS).
+    TileGroups,
+}
+
+/// The path of a call of `m` tokens: the tile kernels up to the format's limit (int4 32, 16-bit
+/// 1: [`WeightFormat::max_tile_tokens`] says why), cuBLAS above, or the tile kernels in groups
+/// when cuBLAS is unavailable (16-bit weights included: they run at every token count).
+fn path(format: WeightFormat, m: usize, cublas_unavailable: bool) -> Path {
+    if m <= format.max_tile_tokens() {
+        Path::Tiles
+    } else if cublas_unavailable {
+        Path::TileGroups
+    } else {
+        Path::Cublas
+    }
+}
+
 /// The CUDA implementation.
 struct CudaLinear {
     spec: Spec,
     device: &'static Device,
     kernels: LinearKernels,
     warps: u32,
-    /// Set once the cuBLAS path failed and the tile kernels took over (logged once).
+    /// Set once cuBLAS itself failed (not loaded, no handle, another stream, a GEMM error): from
+    /// then on the tile kernels take every call (logged once).
     cublas_unavailable: bool,
+    /// Whether a call that fell back to the tile kernels for another reason was logged.
+    fallback_logged: bool,
 }
 
 impl CudaLinear {
     fn new(spec: Spec, dtype: ActDtype, ordinal: i32) -> Result<Self> {
         let device = Device::get(ordinal)?;
         let kernels = LinearKernels::new(device, spec.format, dtype)?;
-        Ok(CudaLinear { spec, device, kernels, warps: default_warps(spec.format, spec.k), cublas_unavailable: false })
+        Ok(CudaLinear {
+            spec,
+            device,
+            kernels,
+            warps: default_warps(spec.format, spec.k),
+            cublas_unavailable: false,
+            fallback_logged: false,
+        })
     }
 
     fn run(&mut self, ctx: &ComputeContext) -> Result<()> {
@@ -260,7 +295,9 @@ impl CudaLinear {
         );
         let stream = stream_of(ctx, s.op)?;
         self.device.make_current()?;
-        if m <= MAX_TOKENS {
+        // Both paths are CUDA-graph safe: the launches and the GEMM are enqueued on ONNX Runtime's
+        // stream with its handle, and the scratch comes from its allocator (see `run_cublas`).
+        if path(s.format, m, self.cublas_unavailable) == Path::Tiles {
             // SAFETY: the pointers are ONNX Runtime's tensors of the checked sizes, alive for the call;
             // the launch is ordered on the provider's stream.
             return unsafe { self.kernels.launch_tiles(stream, ptrs, (m, s.n, s.k), s.swiglu, self.warps) };
@@ -268,16 +305,33 @@ impl CudaLinear {
         if !self.cublas_unavailable {
             match self.run_cublas(ctx, stream, ptrs, m) {
                 Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!("{}: {e}; more than {MAX_TOKENS} tokens go through the tile kernels instead", s.op);
+                Err(e @ KernelError::Cublas(_)) => {
+                    tracing::warn!(
+                        "{}: {e}; more than {} tokens go through the tile kernels ({MAX_TOKENS} at a time) instead",
+                        s.op,
+                        s.format.max_tile_tokens()
+                    );
                     self.cublas_unavailable = true;
+                }
+                // Anything else (say, no memory for the scratch): this call only.
+                Err(e) => {
+                    if !self.fallback_logged {
+                        tracing::warn!(
+                            "{}: the cuBLAS path failed at {m} tokens ({e}); the tile kernels take the call",
+                            s.op
+                        );
+                        self.fallback_logged = true;
+                    } else {
+                        tracing::debug!("{}: the cuBLAS path failed at {m} tokens ({e})", s.op);
+                    }
                 }
             }
         }
         self.run_tiles_in_groups(stream, ptrs, m)
     }
 
-    /// More than 32 tokens without cuBLAS: the tile kernels on 32 tokens at a time.
+    /// Without cuBLAS: the tile kernels on 32 tokens at a time (one launch up to 32 tokens: dense
+    /// weights still run everywhere).
     fn run_tiles_in_groups(&self, stream: Stream, (x, w, scales, y): (u64, u64, u64, u64), m: usize) -> Result<()> {
         let s = self.spec;
         let bytes = 2u64;
@@ -291,8 +345,26 @@ impl CudaLinear {
         Ok(())
     }
 
-    /// cuBLAS with ONNX Runtime's handle; scratch from the provider's allocator (freed when the
-    /// call returns: later users of that memory are ordered after this work on the same stream).
+    /// cuBLAS with ONNX Runtime's handle on its stream. Scratch (int4: the dequantized weight,
+    /// N x K; SwiGLU: the gate/up product, M x N; dense without SwiGLU: none) comes from the
+    /// provider's allocator for this call and goes back when it returns: later users of that
+    /// memory are ordered after this work on the same stream.
+    ///
+    /// Under CUDA-graph capture (ONNX Runtime captures the decode step, where 16-bit weights now
+    /// take this path from 2 tokens) this is what ONNX Runtime's own kernels do: its MatMulNBits
+    /// takes its N x K_padded dequantization buffer with `GetScratchBuffer` inside `ComputeInternal`
+    /// (contrib_ops/cuda/quantization/matmul_nbits.cc), from the same arena. No device memory
+    /// may be allocated while a stream is captured, so the provider captures only after regular
+    /// runs, "required min regular runs before graph capture for the necessary memory
+    /// allocations" (cuda_execution_provider.h, `min_num_runs_before_cuda_graph_capture_`): the
+    /// arena then serves the captured run's requests from memory it holds. Our sizes depend only
+    /// on M, N and K, the same in the warm-up and captured runs, and the replay writes the
+    /// addresses the capture recorded, which the arena keeps (it does not hand device memory
+    /// back). A scratch of our own kept across calls would be worse: a dequantized copy per node
+    /// is N x K x 2 bytes (the whole model again in 16 bits), growing it would free memory an
+    /// earlier captured graph still writes, and one kernel instance serves concurrent runs of a
+    /// session. (One difference: ONNX Runtime's kernels ask the arena with their stream, this
+    /// custom-op allocator without one; the requests are still the same in every run.)
     fn run_cublas(
         &self,
         ctx: &ComputeContext,
@@ -306,16 +378,23 @@ impl CudaLinear {
         if handle.is_null() {
             return Err(KernelError::Cublas("ONNX Runtime gave no cuBLAS handle".into()));
         }
+        // SAFETY: ONNX Runtime's live handle of this cuBLAS (checked before anything is enqueued).
+        unsafe { cublas.check_stream(handle as *mut _, stream.cast())? };
         let dequant_bytes = if s.int4_shape().is_some() { s.n * s.k * 2 } else { 0 };
+        let gu_offset = dequant_bytes.div_ceil(256) * 256;
         let gu_bytes = if s.swiglu { m * s.n * 2 } else { 0 };
-        let info =
-            MemoryInfo::new(AllocationDevice::CUDA, self.device.ordinal, AllocatorType::Device, MemoryType::Default)?;
-        let allocator = ctx.allocator(&info)?;
-        let scratch = if dequant_bytes + gu_bytes > 0 {
-            Some(allocator.alloc::<u8>(dequant_bytes.div_ceil(256) * 256 + gu_bytes)?)
+        let allocator = if gu_offset + gu_bytes > 0 {
+            let info = MemoryInfo::new(
+                AllocationDevice::CUDA,
+                self.device.ordinal,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )?;
+            Some(ctx.allocator(&info)?)
         } else {
             None
         };
+        let scratch = allocator.as_ref().map(|a| a.alloc::<u8>(gu_offset + gu_bytes)).transpose()?;
         let base = scratch.as_ref().map(|b| b.as_ptr() as u64).unwrap_or(0);
         let weight = if dequant_bytes > 0 {
             // SAFETY: `base` holds N x K elements of the dtype.
@@ -324,7 +403,7 @@ impl CudaLinear {
         } else {
             w
         };
-        let gemm_out = if s.swiglu { base + (dequant_bytes.div_ceil(256) * 256) as u64 } else { y };
+        let gemm_out = if s.swiglu { base + gu_offset as u64 } else { y };
         // SAFETY: the handle is ONNX Runtime's live per-stream handle of this cuBLAS; sizes as checked.
         unsafe {
             cublas.linear(
@@ -348,5 +427,27 @@ impl CudaLinear {
 impl Kernel for CudaLinear {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         self.run(ctx).map_err(ort::Error::wrap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int4_keeps_the_tiles_to_32_tokens_and_16_bit_weights_to_one() {
+        let int4 = WeightFormat::Int4 { block_size: 32 };
+        for (m, expected) in [(1, Path::Tiles), (8, Path::Tiles), (32, Path::Tiles), (33, Path::Cublas)] {
+            assert_eq!(path(int4, m, false), expected, "int4, {m} tokens");
+        }
+        for (m, expected) in [(1, Path::Tiles), (2, Path::Cublas), (8, Path::Cublas), (32, Path::Cublas)] {
+            assert_eq!(path(WeightFormat::Dense, m, false), expected, "16-bit, {m} tokens");
+        }
+        assert_eq!(path(WeightFormat::Dense, 128, false), Path::Cublas);
+        // Without cuBLAS every token count still runs, on the tile kernels.
+        assert_eq!(path(WeightFormat::Dense, 1, true), Path::Tiles);
+        assert_eq!(path(WeightFormat::Dense, 8, true), Path::TileGroups);
+        assert_eq!(path(int4, 32, true), Path::Tiles);
+        assert_eq!(path(int4, 128, true), Path::TileGroups);
     }
 }
