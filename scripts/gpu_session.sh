@@ -3,6 +3,8 @@
 # each call within the device tool's 10 minutes and its 8 returned files (each part tars its results).
 #
 #   scripts/gpu_session.sh torch     PyTorch baseline: Qwen3-4B decode, static cache, whole step in one CUDA graph
+#   scripts/gpu_session.sh prep      the exports of `serve` and `vl` (pio-export needs no ONNX Runtime), in the first
+#                                    call, which carries .gpu-a and .gpu-c (pio-export, the tokenizer)
 #   scripts/gpu_session.sh setup     ONNX Runtime's CUDA build (from the two halves .gpu-a/ort.part00 and
 #                                    .gpu-b/ort.part01, since the whole archive and the tree exceed one call's
 #                                    64 MiB), the binaries (.gpu-b/*.xz into .gpu/) and the Qwen3 tokenizer
@@ -18,13 +20,14 @@
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the `kernels` checkpoint (bf16, int4;
 #                                    batch 1 and 32; .gpu-genai holds its wheels)
 #
-# Results go to $OUT (one tar.gz per part plus its summary JSON). Between calls the device removes every ignored
+# Results go to $OUT (one tar.gz per part plus its summary JSON). The engine and vl parts stop after PART_SECONDS
+# (default 540) and still pack what they wrote. Between calls the device removes every ignored
 # folder of the tree that the next call does not carry (.gpu-a, .gpu-b, .gpu), but keeps /dev/shm and /opt while it
 # stays warm: so the first call (carrying .gpu-a) stashes its half of ONNX Runtime in /dev/shm/pio-gpu-a, and every
 # later part (carrying .gpu-b) unpacks the binaries again if .gpu is gone (a few seconds). What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|setup|kernels|serve|engine|vl|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|genai}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
@@ -38,13 +41,29 @@ pack() { # pack NAME DIR: DIR as $out/NAME.tar.gz
 }
 
 # Parts that run our binaries unpack them again when an earlier call's .gpu was removed.
-if [[ $part != torch && $part != setup && ! -x .gpu/pio ]]; then bash "$0" setup >/dev/null || exit 1; fi
+if [[ $part != torch && $part != setup && $part != prep && ! -x .gpu/pio ]]; then bash "$0" setup >/dev/null || exit 1; fi
 
 case $part in
   torch)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.csv"
     python3 scripts/torch_cudagraph_baseline.py --config "$stash/qwen3-4b-config.json" --batches 1,32 \
       --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/torch.json"
+    ;;
+  prep)
+    # The first call of a lease (carrying .gpu-a and .gpu-c: pio-export and the tokenizer): while ONNX Runtime's
+    # second half is still to come, export what later parts run (pio-export needs no ONNX Runtime): the synthetic
+    # Qwen3-4B bf16 of `serve` into /dev/shm/pio and the Qwen3-VL-2B graphs of `vl` into /dev/shm/pio-vl.
+    mkdir -p .gpu .cache/pio/tokenizers/qwen3 "$out/prep"
+    xz -dc .gpu-c/pio-export.xz > .gpu/pio-export && chmod +x .gpu/pio-export
+    xz -dc .gpu-c/tokenizer.json.xz > .cache/pio/tokenizers/qwen3/tokenizer.json
+    cp .gpu-c/tokenizer_config.json .cache/pio/tokenizers/qwen3/
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.csv"
+    (bin=.gpu shm=/dev/shm/pio && mkdir -p $shm && source scripts/synthetic_qwen3.sh \
+      && export_synthetic_qwen3 cuda qwen3-4b-graphs "$out/prep/export-qwen3.log"; echo "qwen3 export rc=$?") &
+    OUT=$out/prep PIO_BIN_DIR=.gpu bash scripts/vl_gpu_bench.sh full export; echo "vl export rc=$?"
+    wait
+    ls /dev/shm/pio /dev/shm/pio-vl/graphs
+    tail -n 3 "$out/prep/steps.log"
     ;;
   setup)
     cat "$stash/ort.part00" .gpu-b/ort.part01 > .gpu-b/ort-cuda-sm90.tar.xz && source .gpu-b/ort-env.sh
@@ -70,7 +89,7 @@ case $part in
   serve)
     # The full synthetic Qwen3-4B bf16 (exported here, reused while the machine stays warm), then `pio bench serve`
     # once per prefill-pacing factor in ITL_FACTORS (default "2 0": the engine's default, and pacing off); runs
-    # after the first skip the prefix section and sweep fewer rates. Steps over 100 ms are logged (debug).
+    # after the first skip the prefix section, run 32 streams only and sweep fewer rates (RATES_AFTER). Steps over 100 ms are logged (debug).
     mkdir -p /dev/shm/pio "$out/serve"
     bin=.gpu shm=/dev/shm/pio
     source scripts/synthetic_qwen3.sh
@@ -80,8 +99,9 @@ case $part in
     for f in ${ITL_FACTORS:-2 0}; do
       if [[ $first == 1 ]]; then
         sections=offline,concurrency,sweep,prefix,long-prefill rates=${RATES:-1,2,4,8,16,32,64} conc=1,8,32,64
+        cap=${SERVE_SECONDS:-150}
       else
-        sections=offline,concurrency,sweep,long-prefill rates=${RATES_AFTER:-4,16,64} conc=32
+        sections=offline,concurrency,sweep,long-prefill rates=${RATES_AFTER:-4,16} conc=32 cap=${SERVE_SECONDS_AFTER:-90}
       fi
       first=0
       RUST_LOG=info,ort=warn,pio_runtime::engine::worker=debug .gpu/pio bench serve --graphs "$g" --ep cuda \
@@ -89,7 +109,7 @@ case $part in
         --concurrency $conc --prompt-len 128 --max-tokens 256 --offline-batch 32 --prefix-len 2048 \
         --prefix-suffix 64 --prefix-requests 5 --long-prompt 4096 --long-streams 31 --long-stream-tokens 256 \
         --rates $rates --sweep-duration ${SWEEP_SECONDS:-4} --sweep-prompt-lens 64..4096 \
-        --sweep-max-tokens 128 --max-duration ${SERVE_SECONDS:-150} --out "$out/serve-bench-f$f.json" \
+        --sweep-max-tokens 128 --max-duration $cap --out "$out/serve-bench-f$f.json" \
         > "$out/serve/serve-bench-f$f.log" 2>&1
       echo "pio bench serve --itl-factor $f: rc=$?"
       grep -v "slow engine step\|DEBUG" "$out/serve/serve-bench-f$f.log" | tail -n 16
@@ -99,12 +119,12 @@ case $part in
     pack serve "$out/serve"
     ;;
   engine)
-    OUT=$out/engine PIO_BIN_DIR=.gpu LAYERS=${LAYERS:-12} bash scripts/engine_gpu_check.sh
+    OUT=$out/engine PIO_BIN_DIR=.gpu LAYERS=${LAYERS:-12} timeout ${PART_SECONDS:-540} bash scripts/engine_gpu_check.sh
     cp "$out/engine/engine-check.json" "$out/engine-check.json" 2>/dev/null
     pack engine "$out/engine"
     ;;
   vl)
-    OUT=$out/vl PIO_BIN_DIR=.gpu bash scripts/vl_gpu_bench.sh full
+    OUT=$out/vl PIO_BIN_DIR=.gpu timeout ${PART_SECONDS:-540} bash scripts/vl_gpu_bench.sh full
     cp "$out/vl/summary.json" "$out/vl-summary.json" 2>/dev/null
     pack vl "$out/vl"
     ;;
