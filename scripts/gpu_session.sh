@@ -41,7 +41,10 @@ pack() { # pack NAME DIR: DIR as $out/NAME.tar.gz
 }
 
 # Parts that run our binaries unpack them again when an earlier call's .gpu was removed.
-if [[ $part != torch && $part != setup && $part != prep && ! -x .gpu/pio ]]; then bash "$0" setup >/dev/null || exit 1; fi
+if [[ $part != torch && $part != setup && $part != prep && ! -x .gpu/pio ]]; then
+  bash "$0" setup >/dev/null || exit 1
+  source .gpu-b/ort-env.sh
+fi
 
 case $part in
   torch)

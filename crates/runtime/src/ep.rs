@@ -121,9 +121,22 @@ pub struct CudaOptions {
     /// chunk; run option `memory.enable_memory_arena_shrinkage`), so a long prompt's activations
     /// do not stay held. Not with `cuda_graph`: a captured graph keeps using its memory.
     pub shrink_arena: bool,
+    /// Let ONNX Runtime pick cuDNN's fused attention (SDPA) for GroupQueryAttention's prefill.
+    /// ONNX Runtime 1.31 prefers it on SM >= 90 unless the kernels are pinned, and cuDNN builds
+    /// an execution plan for every new query length: 0.4 to 0.6 s each on an H100 (measured
+    /// through the engine's slow-step log), so a server, whose prompts and prefill chunks come
+    /// in every length, stalls on most new requests. Off (the default), the `sdpa_kernel`
+    /// provider option pins flash, memory-efficient and unfused attention
+    /// ([`SDPA_WITHOUT_CUDNN`]), which take any length at no setup cost; decode keeps its XQA
+    /// kernel either way. An `sdpa_kernel` in `extra` overrides both.
+    pub cudnn_attention: bool,
     /// Further provider options passed through as given; a key here replaces a typed option's.
     pub extra: Vec<(String, String)>,
 }
+
+/// ONNX Runtime's `sdpa_kernel` bits (`AttentionBackend`): flash (1), memory-efficient (2) and
+/// the unfused kernel (16), without cuDNN's (8).
+pub const SDPA_WITHOUT_CUDNN: u32 = 1 | 2 | 16;
 
 impl Default for CudaOptions {
     fn default() -> Self {
@@ -139,6 +152,7 @@ impl Default for CudaOptions {
             fpa_intb_gemm: None,
             memory_pattern: true,
             shrink_arena: false,
+            cudnn_attention: false,
             extra: Vec::new(),
         }
     }
@@ -165,6 +179,9 @@ impl CudaOptions {
         push(&mut o, "prefer_nhwc", flag(self.prefer_nhwc));
         push(&mut o, "use_tf32", flag(self.use_tf32));
         push(&mut o, "do_copy_in_default_stream", flag(self.copy_in_default_stream));
+        if !self.cudnn_attention {
+            push(&mut o, "sdpa_kernel", SDPA_WITHOUT_CUDNN);
+        }
         merge_extra(o, &self.extra)
     }
 
@@ -192,6 +209,7 @@ impl CudaOptions {
             "fpa_intb_gemm" | "int4_cutlass" => self.fpa_intb_gemm = Some(parse_bool(key, value)?),
             "memory_pattern" | "mem_pattern" => self.memory_pattern = parse_bool(key, value)?,
             "shrink_arena" | "arena_shrinkage" => self.shrink_arena = parse_bool(key, value)?,
+            "cudnn_attention" | "cudnn_sdpa" => self.cudnn_attention = parse_bool(key, value)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -607,7 +625,8 @@ impl ExecutionProvider {
     ///
     /// Well-known keys set typed options, under ONNX Runtime's names or short ones: for `cuda`, `cuda_graph`
     /// (`enable_cuda_graph`), `gpu_mem_limit` (bytes; `8G`, `512MiB` accepted), `arena_extend_strategy`,
-    /// `tunable_op`, `prefer_nhwc`, `use_tf32`, `do_copy_in_default_stream`, `device_id`; for `tensorrt`, `trt_fp16`,
+    /// `tunable_op`, `prefer_nhwc`, `use_tf32`, `do_copy_in_default_stream`, `cudnn_attention`, `device_id`; for
+    /// `tensorrt`, `trt_fp16`,
     /// `trt_bf16`, `trt_int8`, `trt_cuda_graph_enable` (`cuda_graph`), `trt_engine_cache_path=DIR`,
     /// `trt_timing_cache_path=DIR`, `trt_ep_context_file_path=FILE` (implies `trt_dump_ep_context_model=1`),
     /// `trt_max_workspace_size`, `trt_builder_optimization_level`, `trt_profile_{min,opt,max}_shapes`,
@@ -1154,6 +1173,7 @@ mod tests {
                 ("prefer_nhwc", "0"),
                 ("use_tf32", "1"),
                 ("do_copy_in_default_stream", "1"),
+                ("sdpa_kernel", "19"),
             ])
         );
         let o = CudaOptions {
@@ -1168,6 +1188,7 @@ mod tests {
             fpa_intb_gemm: Some(false),
             memory_pattern: false,
             shrink_arena: true,
+            cudnn_attention: true,
             extra: kv(&[("cudnn_conv_algo_search", "HEURISTIC"), ("use_tf32", "1")]),
         }
         .provider_options();
@@ -1186,6 +1207,22 @@ mod tests {
                 ("cudnn_conv_algo_search", "HEURISTIC"),
             ])
         );
+    }
+
+    #[test]
+    fn cudnn_attention_is_pinned_off_unless_asked_for() {
+        let ep = |opts: &[&str]| {
+            let opts: Vec<String> = opts.iter().map(|s| s.to_string()).collect();
+            ExecutionProvider::from_cli("cuda", 0, &opts).unwrap().provider_options()
+        };
+        assert_eq!(get(&ep(&[]), "sdpa_kernel"), Some("19"));
+        assert_eq!(get(&ep(&["cudnn_attention=1"]), "sdpa_kernel"), None, "ONNX Runtime's own choice");
+        // A raw sdpa_kernel wins over the default.
+        let raw = ep(&["sdpa_kernel=1"]);
+        assert_eq!(raw.iter().filter(|(k, _)| k == "sdpa_kernel").count(), 1);
+        assert_eq!(get(&raw, "sdpa_kernel"), Some("1"));
+        let err = ExecutionProvider::from_cli("cuda", 0, &["cudnn_attention=maybe".to_string()]).unwrap_err();
+        assert!(err.to_string().contains("cudnn_attention"), "{err}");
     }
 
     #[test]
