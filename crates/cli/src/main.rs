@@ -193,16 +193,11 @@ pub struct ModelArgs {
         value_parser = NumberRange::at_least(1usize)
     )]
     prefill_budget: usize,
-    /// Prefill pacing: while streams decode, keep each engine step (their inter-token latency)
-    /// within F times a decode-only step by prefilling fewer prompt tokens per step, from times
-    /// measured as it runs (at least 16 tokens a step); > 1, or 0 to turn it off (then only
-    /// --prefill-budget limits a step).
-    #[arg(
-        long,
-        value_name = "F",
-        default_value_t = pio_runtime::engine::DEFAULT_ITL_FACTOR,
-        value_parser = parse_itl_factor
-    )]
+    /// Prefill pacing, off by default (0): while streams decode, keep each engine step (their
+    /// inter-token latency) within F times a decode-only step by prefilling fewer prompt tokens
+    /// per step, from times measured as it runs (at least 16 tokens a step). Smoother streams,
+    /// much later first tokens; > 1, or 0 for off (only --prefill-budget limits a step).
+    #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_itl_factor)]
     itl_factor: f64,
     /// Sequences the KV pool holds at once, >= 1 (default: what the GPU's free memory holds, at
     /// most 256; 4 on the CPU).
