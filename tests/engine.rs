@@ -132,6 +132,35 @@ fn concurrent_requests_give_exactly_what_each_gives_alone() {
 }
 
 #[test]
+fn prefill_pacing_changes_when_prompts_run_not_what_they_answer() {
+    // Pacing sizes chunks from measured times, so its steps differ run to run; each request's
+    // greedy tokens must not (on the CPU in fp32 other chunk sizes leave the logits within
+    // float rounding, far below this random model's top-2 gaps at these prompts).
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let requests: Vec<Request> =
+        (0..12).map(|i| ids_request(&random_prompt(&mut rng, 40 + 23 * i), greedy_options(6 + i % 5))).collect();
+    let config = EngineConfig::builder(graphs())
+        .max_seqs(4)
+        .max_model_len(2304)
+        .prefill_budget(128)
+        .itl_factor(Some(1.5))
+        .prefix_caching(false)
+        .build()
+        .unwrap();
+    assert_eq!(config.itl_factor(), Some(1.5));
+    let paced = Engine::start(config).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(paced.model_info().itl_factor, Some(1.5));
+    let handles: Vec<_> = requests.iter().map(|r| paced.submit(r.clone()).unwrap()).collect();
+    let alone_engine = engine(1, 128, false);
+    assert_eq!(alone_engine.model_info().itl_factor, None, "pacing is off by default");
+    for (i, (request, handle)) in requests.iter().zip(handles).enumerate() {
+        let got = handle.wait().unwrap();
+        let alone = alone_engine.generate(request.clone()).unwrap();
+        assert_eq!(got.generated_ids, alone.generated_ids, "request {i}");
+    }
+}
+
+#[test]
 fn dropped_handles_cancel_their_requests_and_free_their_slots() {
     let engine = engine(4, 512, true);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
