@@ -112,6 +112,13 @@ impl ImageRows {
         // the rows.
         let image_shape = g.node("Shape", "image.rows_shape").inputs(&[&image]).out();
         let given = g.node("Gather", "image.rows_given").inputs(&[&image_shape, &axis0]).attr("axis", 0i64).out();
+        // M read off a shape is a host value under CUDA, and the ranks are device data: compared
+        // as it is, ONNX Runtime would copy M to the device with a Memcpy node, and a session
+        // with one cannot capture CUDA graphs ([`crate::onnx::cuda_placement`]). Range reads its
+        // bounds on the host and writes [M] on the device.
+        let one = g.scalar_i64("image.one", 1)?;
+        let given_end = g.node("Add", "image.rows_given_end").inputs(&[&given, &one]).out();
+        let given = g.node("Range", "image.rows_given_on_device").inputs(&[given.as_str(), &given_end, &one]).out();
         let within = g.node("LessOrEqual", "image.rank_within_rows").inputs(&[&rank, &given]).out();
         let fed = g.node("And", "image.is_fed_pad").inputs(&[&flat_pad, &within]).out();
         let no_row = g.scalar_i64("image.no_row", 0)?;

@@ -370,6 +370,12 @@ impl Graph {
         self.initializer(name, TensorDtype::Float32, dims, bytemuck::cast_slice(values))
     }
 
+    /// The host-to-device copies ONNX Runtime's CUDA execution provider would add to this graph
+    /// ([`super::cuda_placement`]): none, or the session cannot capture CUDA graphs.
+    pub fn cuda_host_to_device_copies(&self) -> Vec<super::cuda_placement::HostToDeviceCopy> {
+        super::cuda_placement::host_to_device_copies(&self.nodes, &self.initializers, &self.inputs)
+    }
+
     pub fn mark_ms_domain(&mut self) {
         self.uses_ms_domain = true;
     }

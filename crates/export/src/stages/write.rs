@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use indicatif::ProgressBar;
-use pio_models::manifest::{IoSpec, StageSpec};
+use pio_models::manifest::{IoSpec, StageSpec, TargetEp};
 use pio_models::ModelConfig;
 
 use super::plan::{decoder_bytes, StageScope};
@@ -163,6 +163,16 @@ fn write_graph(
     let graph = Graph::new(&graph_name, &dir.join(format!("{file}.data")))?;
     let mut builder = DecoderBuilder::new(graph, ck, &config.text, settings, progress, scope.clone())?;
     arch::build_decoder(config, &mut builder)?;
+    if settings.target_ep() == TargetEp::Cuda {
+        // A graph that still runs, only slower: said, not refused (the tests hold every decoder
+        // the exporter writes to none).
+        for copy in builder.g.cuda_host_to_device_copies() {
+            tracing::warn!(
+                "{file}: {copy}: ONNX Runtime's CUDA execution provider copies it with a Memcpy node, \
+                 and the session cannot capture CUDA graphs"
+            );
+        }
+    }
     let (inputs, outputs) = {
         let (i, o) = builder.g.io();
         (i.to_vec(), o.to_vec())
