@@ -6,7 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use pio_models::config::{GenerationDefaults, ModelConfig};
+use pio_models::config::{GenerationDefaults, ModelConfig, TextConfig};
 use pio_models::files::{CONFIG_FILE, GENERATION_CONFIG_FILE};
 use safetensors::{Dtype, SafeTensors};
 
@@ -247,4 +247,30 @@ impl Checkpoint {
     fn present(&self, files: &[&str]) -> Vec<PathBuf> {
         files.iter().map(|f| self.dir.join(f)).filter(|p| p.is_file()).collect()
     }
+}
+
+/// One layer's attention tensors in the Hugging Face layout (Qwen3, Qwen3-MoE, Qwen3-VL and GLM
+/// share it), with their shapes. Here, below both `arch` and `moe`, so that neither imports the other.
+pub fn attention_tensors(t: &TextConfig, prefix: &str, out: &mut TensorList) {
+    let (h, q, kv) = (t.hidden_size, t.q_width(), t.kv_width());
+    for (name, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+        out.push((format!("{prefix}.self_attn.{name}.weight"), vec![rows, h]));
+        if t.attention_bias {
+            out.push((format!("{prefix}.self_attn.{name}.bias"), vec![rows]));
+        }
+    }
+    out.push((format!("{prefix}.self_attn.o_proj.weight"), vec![h, q]));
+    if t.qk_norm {
+        out.push((format!("{prefix}.self_attn.q_norm.weight"), vec![t.head_dim]));
+        out.push((format!("{prefix}.self_attn.k_norm.weight"), vec![t.head_dim]));
+    }
+    out.push((format!("{prefix}.input_layernorm.weight"), vec![h]));
+    out.push((format!("{prefix}.post_attention_layernorm.weight"), vec![h]));
+}
+
+/// SwiGLU MLP tensors under `prefix` (e.g. `model.layers.0.mlp`).
+pub fn mlp_tensors(hidden: usize, intermediate: usize, prefix: &str, out: &mut TensorList) {
+    out.push((format!("{prefix}.gate_proj.weight"), vec![intermediate, hidden]));
+    out.push((format!("{prefix}.up_proj.weight"), vec![intermediate, hidden]));
+    out.push((format!("{prefix}.down_proj.weight"), vec![hidden, intermediate]));
 }

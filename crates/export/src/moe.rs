@@ -21,8 +21,7 @@ use pio_models::config::{MoeConfig, TextConfig};
 use pio_models::manifest::TensorDtype;
 use pio_models::size::Precision;
 
-use crate::arch::qwen3::{attention_tensors, mlp_tensors};
-use crate::checkpoint::{TensorList, TensorRef};
+use crate::checkpoint::{attention_tensors, mlp_tensors, TensorList, TensorRef};
 use crate::convert::{push_f32, write_transposed};
 use crate::decoder::DecoderBuilder;
 use crate::error::{BuildError, BuildResult as Result};

@@ -14,7 +14,7 @@
 use pio_models::config::TextConfig;
 use pio_models::manifest::TensorDtype;
 
-use super::qwen3::mlp_tensors;
+use crate::checkpoint::mlp_tensors;
 use crate::checkpoint::TensorList;
 use crate::decoder::DecoderBuilder;
 use crate::error::BuildResult as Result;

@@ -4,7 +4,7 @@
 
 use pio_models::config::TextConfig;
 
-use crate::checkpoint::TensorList;
+use crate::checkpoint::{attention_tensors, mlp_tensors, TensorList};
 use crate::decoder::DecoderBuilder;
 use crate::error::BuildResult as Result;
 
@@ -42,31 +42,6 @@ pub fn dense_stack(
         &mut |b, i, h| b.swiglu_mlp(&format!("{}.mlp", layer_prefix(i)), h, intermediate),
         addend,
     )
-}
-
-/// Attention tensors of one layer (shared with the other Qwen3-family and GLM files).
-pub fn attention_tensors(t: &TextConfig, prefix: &str, out: &mut TensorList) {
-    let (h, q, kv) = (t.hidden_size, t.q_width(), t.kv_width());
-    for (name, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-        out.push((format!("{prefix}.self_attn.{name}.weight"), vec![rows, h]));
-        if t.attention_bias {
-            out.push((format!("{prefix}.self_attn.{name}.bias"), vec![rows]));
-        }
-    }
-    out.push((format!("{prefix}.self_attn.o_proj.weight"), vec![h, q]));
-    if t.qk_norm {
-        out.push((format!("{prefix}.self_attn.q_norm.weight"), vec![t.head_dim]));
-        out.push((format!("{prefix}.self_attn.k_norm.weight"), vec![t.head_dim]));
-    }
-    out.push((format!("{prefix}.input_layernorm.weight"), vec![h]));
-    out.push((format!("{prefix}.post_attention_layernorm.weight"), vec![h]));
-}
-
-/// SwiGLU MLP tensors under `prefix` (e.g. `model.layers.0.mlp`).
-pub fn mlp_tensors(hidden: usize, intermediate: usize, prefix: &str, out: &mut TensorList) {
-    out.push((format!("{prefix}.gate_proj.weight"), vec![intermediate, hidden]));
-    out.push((format!("{prefix}.up_proj.weight"), vec![intermediate, hidden]));
-    out.push((format!("{prefix}.down_proj.weight"), vec![hidden, intermediate]));
 }
 
 /// The dense Qwen3 decoder's tensors under `root` (`model`; Qwen3-VL's `model.language_model`):
