@@ -39,6 +39,34 @@ const SEQUENCES_PER_SAMPLING_THREAD: usize = 4;
 /// least [`SLOW_STEP_MIN`]: a stall (an allocation, a copy, a capture) shows with its cause.
 const SLOW_STEP_FACTOR: f64 = 8.0;
 const SLOW_STEP_MIN: Duration = Duration::from_millis(100);
+/// Stalls logged at `info` at most once per this interval (the others at `debug`, and counted in
+/// the next `info` line): a CPU serving a large model stalls on every long prefill.
+const SLOW_STEP_INFO_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate-limits the `info` lines of stalled steps.
+#[derive(Debug, Default)]
+struct StallLog {
+    last_info: Option<Instant>,
+    /// Stalls since the last `info` line that went to `debug`.
+    quiet: u64,
+}
+
+impl StallLog {
+    /// For a stall at `now`: Some(stalls not shown at `info` since the last one) when this one
+    /// goes to `info`, None when it goes to `debug`.
+    fn info_now(&mut self, now: Instant) -> Option<u64> {
+        match self.last_info {
+            Some(last) if now.duration_since(last) < SLOW_STEP_INFO_EVERY => {
+                self.quiet += 1;
+                None
+            }
+            _ => {
+                self.last_info = Some(now);
+                Some(std::mem::take(&mut self.quiet))
+            }
+        }
+    }
+}
 
 /// `tracing`'s macros take a constant level; this picks one at run time.
 macro_rules! log_at {
@@ -89,6 +117,7 @@ struct Worker {
     runner: Runner,
     shared: Arc<Shared>,
     pacer: PrefillPacer,
+    stalls: StallLog,
     waiting: VecDeque<Sequence>,
     /// Sequences holding a slot, in admission order.
     running: Vec<Sequence>,
@@ -98,7 +127,15 @@ struct Worker {
 /// Runs steps until shut down (a `Shutdown` command, or every engine handle gone).
 pub(crate) fn run(runner: Runner, commands: Receiver<Command>, shared: Arc<Shared>, pacer: PrefillPacer) {
     let metrics = shared.snapshot();
-    let mut worker = Worker { runner, shared, pacer, waiting: VecDeque::new(), running: Vec::new(), metrics };
+    let mut worker = Worker {
+        runner,
+        shared,
+        pacer,
+        stalls: StallLog::default(),
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        metrics,
+    };
     loop {
         if worker.waiting.is_empty() && worker.running.is_empty() {
             match commands.recv() {
@@ -150,10 +187,15 @@ impl Worker {
         let typical = self.pacer.decode_ms().map_or(Duration::ZERO, |ms| Duration::from_secs_f64(ms * 1e-3));
         let stalled = !plan.decode.is_empty() && total.as_secs_f64() >= SLOW_STEP_FACTOR * typical.as_secs_f64();
         if total >= SLOW_STEP_MIN {
-            let level = if stalled { tracing::Level::INFO } else { tracing::Level::DEBUG };
+            let shown = if stalled { self.stalls.info_now(Instant::now()) } else { None };
+            let level = if shown.is_some() { tracing::Level::INFO } else { tracing::Level::DEBUG };
+            let quiet = match shown {
+                Some(n) if n > 0 => format!("; {n} more stalls since the last one shown"),
+                _ => String::new(),
+            };
             log_at!(
                 level,
-                "slow engine step {}: {:.1} ms (prefix-cache stores {:.1} ms, admission {:.1} ms for {} requests, decode {:.1} ms for {} sequences, prefill {:.1} ms for {} tokens in {} chunks; decode runs average {:.1} ms)",
+                "slow engine step {}: {:.1} ms (prefix-cache stores {:.1} ms, admission {:.1} ms for {} requests, decode {:.1} ms for {} sequences, prefill {:.1} ms for {} tokens in {} chunks; decode runs average {:.1} ms{})",
                 self.metrics.steps,
                 ms(total),
                 ms(stored),
@@ -165,6 +207,7 @@ impl Worker {
                 plan.prefill_tokens(),
                 plan.prefill.len(),
                 ms(typical),
+                quiet,
             );
         }
     }
@@ -396,4 +439,20 @@ impl Worker {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stalls_reach_info_once_per_interval_and_count_the_rest() {
+        let mut log = StallLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.info_now(t0), Some(0));
+        assert_eq!(log.info_now(t0 + Duration::from_secs(1)), None);
+        assert_eq!(log.info_now(t0 + Duration::from_secs(9)), None);
+        assert_eq!(log.info_now(t0 + SLOW_STEP_INFO_EVERY), Some(2));
+        assert_eq!(log.info_now(t0 + 3 * SLOW_STEP_INFO_EVERY), Some(0));
+    }
 }
