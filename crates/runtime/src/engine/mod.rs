@@ -278,7 +278,7 @@ impl EngineConfigBuilder {
         }
         if let Some(factor) = c.itl_factor {
             if !(factor > 1.0 && factor.is_finite()) {
-                return Err(EngineError::config("itl_factor", format!("{factor} is not more than 1")));
+                return Err(EngineError::config("itl_factor", format!("{factor} is not a finite number more than 1")));
             }
         }
         if !(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0) {

@@ -170,7 +170,7 @@ mod tests {
         let mut k = 0;
         for _ in 0..6 {
             let b = pacer.budget(true);
-            k = b.tokens.min(b.cost - b.chunk_overhead);
+            k = b.chunk(usize::MAX);
             pacer.chunk_ran(k, ms(chunk_ms(k)));
         }
         assert!((99..=101).contains(&k), "{k}");

@@ -106,18 +106,9 @@ impl PrefillBudget {
     pub fn tokens(tokens: usize) -> Self {
         PrefillBudget { tokens, cost: tokens, chunk_overhead: 0 }
     }
-}
 
-/// What is left of a [`PrefillBudget`] while a step is planned.
-struct BudgetLeft {
-    tokens: usize,
-    cost: usize,
-    chunk_overhead: usize,
-}
-
-impl BudgetLeft {
     /// The longest chunk (of at most `want` tokens) that still fits; 0 when none does.
-    fn chunk(&self, want: usize) -> usize {
+    pub(crate) fn chunk(&self, want: usize) -> usize {
         want.min(self.tokens).min(self.cost.saturating_sub(self.chunk_overhead))
     }
 
@@ -131,11 +122,16 @@ impl BudgetLeft {
     }
 }
 
-/// Plans one step (see the module docs). `free_slots` in any order; `budget.tokens` >= 1.
-pub fn plan_step(waiting: &[Waiting], running: &[Running], free_slots: &[usize], budget: PrefillBudget) -> StepPlan {
+/// Plans one step (see the module docs). `free_slots` in any order; `budget.tokens` >= 1; the
+/// budget is spent as chunks are planned.
+pub fn plan_step(
+    waiting: &[Waiting],
+    running: &[Running],
+    free_slots: &[usize],
+    mut budget: PrefillBudget,
+) -> StepPlan {
     let mut plan = StepPlan::default();
     let mut free: BTreeSet<usize> = free_slots.iter().copied().collect();
-    let mut budget = BudgetLeft { tokens: budget.tokens, cost: budget.cost, chunk_overhead: budget.chunk_overhead };
     for seq in running {
         match seq.phase {
             Phase::Finished => {

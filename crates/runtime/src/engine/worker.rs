@@ -68,17 +68,6 @@ impl StallLog {
     }
 }
 
-/// `tracing`'s macros take a constant level; this picks one at run time.
-macro_rules! log_at {
-    ($level:expr, $($arg:tt)+) => {
-        if $level == tracing::Level::INFO {
-            tracing::info!($($arg)+)
-        } else {
-            tracing::debug!($($arg)+)
-        }
-    };
-}
-
 pub(crate) enum Command {
     /// Requests queued together (in order).
     Submit(Vec<Sequence>),
@@ -184,31 +173,30 @@ impl Worker {
         let prefill_time = t.elapsed();
         self.metrics.steps += 1;
         let total = start.elapsed();
-        let typical = self.pacer.decode_ms().map_or(Duration::ZERO, |ms| Duration::from_secs_f64(ms * 1e-3));
-        let stalled = !plan.decode.is_empty() && total.as_secs_f64() >= SLOW_STEP_FACTOR * typical.as_secs_f64();
-        if total >= SLOW_STEP_MIN {
-            let shown = if stalled { self.stalls.info_now(Instant::now()) } else { None };
-            let level = if shown.is_some() { tracing::Level::INFO } else { tracing::Level::DEBUG };
-            let quiet = match shown {
-                Some(n) if n > 0 => format!("; {n} more stalls since the last one shown"),
-                _ => String::new(),
-            };
-            log_at!(
-                level,
-                "slow engine step {}: {:.1} ms (prefix-cache stores {:.1} ms, admission {:.1} ms for {} requests, decode {:.1} ms for {} sequences, prefill {:.1} ms for {} tokens in {} chunks; decode runs average {:.1} ms{})",
-                self.metrics.steps,
-                ms(total),
-                ms(stored),
-                ms(admitted - stored),
-                plan.admitted.len(),
-                ms(decode_time),
-                plan.decode.len(),
-                ms(prefill_time),
-                plan.prefill_tokens(),
-                plan.prefill.len(),
-                ms(typical),
-                quiet,
-            );
+        if total < SLOW_STEP_MIN {
+            return;
+        }
+        let typical_ms = self.pacer.decode_ms().unwrap_or(0.0);
+        let stalled = !plan.decode.is_empty() && ms(total) >= SLOW_STEP_FACTOR * typical_ms;
+        let shown = if stalled { self.stalls.info_now(Instant::now()) } else { None };
+        let line = format!(
+            "slow engine step {}: {:.1} ms (prefix-cache stores {:.1} ms, admission {:.1} ms for {} requests, decode {:.1} ms for {} sequences, prefill {:.1} ms for {} tokens in {} chunks; decode runs average {:.1} ms)",
+            self.metrics.steps,
+            ms(total),
+            ms(stored),
+            ms(admitted - stored),
+            plan.admitted.len(),
+            ms(decode_time),
+            plan.decode.len(),
+            ms(prefill_time),
+            plan.prefill_tokens(),
+            plan.prefill.len(),
+            typical_ms,
+        );
+        match shown {
+            Some(0) => tracing::info!("{line}"),
+            Some(quiet) => tracing::info!("{line}; {quiet} more stalls since the last one shown"),
+            None => tracing::debug!("{line}"),
         }
     }
 
