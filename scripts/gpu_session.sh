@@ -36,6 +36,12 @@ stash=/dev/shm/pio-gpu-a
 if [[ -d .gpu-a ]]; then mkdir -p "$stash" && cp -u .gpu-a/* "$stash/"; fi
 [[ -f .gpu-b/ort-env.sh && -f /opt/pio-ort/libonnxruntime.so.1.31.1 ]] && source .gpu-b/ort-env.sh
 
+unpack_tokenizer() { # unpack_tokenizer DIR: the Qwen3 tokenizer a carried folder holds, into .cache/pio
+  mkdir -p .cache/pio/tokenizers/qwen3
+  xz -dc "$1/tokenizer.json.xz" > .cache/pio/tokenizers/qwen3/tokenizer.json
+  cp "$1/tokenizer_config.json" .cache/pio/tokenizers/qwen3/
+}
+
 pack() { # pack NAME DIR: DIR as $out/NAME.tar.gz
   tar -C "$(dirname "$2")" -czf "$out/$1.tar.gz" "$(basename "$2")" && rm -rf "$2"
 }
@@ -56,10 +62,9 @@ case $part in
     # The first call of a lease (carrying .gpu-a and .gpu-c: pio-export and the tokenizer): while ONNX Runtime's
     # second half is still to come, export what later parts run (pio-export needs no ONNX Runtime): the synthetic
     # Qwen3-4B bf16 of `serve` into /dev/shm/pio and the Qwen3-VL-2B graphs of `vl` into /dev/shm/pio-vl.
-    mkdir -p .gpu .cache/pio/tokenizers/qwen3 "$out/prep"
+    mkdir -p .gpu "$out/prep"
     xz -dc .gpu-c/pio-export.xz > .gpu/pio-export && chmod +x .gpu/pio-export
-    xz -dc .gpu-c/tokenizer.json.xz > .cache/pio/tokenizers/qwen3/tokenizer.json
-    cp .gpu-c/tokenizer_config.json .cache/pio/tokenizers/qwen3/
+    unpack_tokenizer .gpu-c
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.csv"
     (bin=.gpu shm=/dev/shm/pio && mkdir -p $shm && source scripts/synthetic_qwen3.sh \
       && export_synthetic_qwen3 cuda qwen3-4b-graphs "$out/prep/export-qwen3.log"; echo "qwen3 export rc=$?") &
@@ -70,7 +75,7 @@ case $part in
     ;;
   setup)
     cat "$stash/ort.part00" .gpu-b/ort.part01 > .gpu-b/ort-cuda-sm90.tar.xz && source .gpu-b/ort-env.sh
-    mkdir -p .gpu .gpu/examples .cache/pio/tokenizers/qwen3
+    mkdir -p .gpu .gpu/examples
     for f in .gpu-b/*.xz; do
       name=$(basename "$f" .xz)
       [[ $name == tokenizer.json ]] && continue
@@ -78,8 +83,7 @@ case $part in
       [[ $name == vl_bench ]] && dest=.gpu/examples/vl_bench
       xz -dc "$f" > "$dest" && chmod +x "$dest"
     done
-    xz -dc .gpu-b/tokenizer.json.xz > .cache/pio/tokenizers/qwen3/tokenizer.json
-    cp .gpu-b/tokenizer_config.json .cache/pio/tokenizers/qwen3/
+    unpack_tokenizer .gpu-b
     ls -la .gpu .gpu/examples /opt/pio-ort | tee "$out/setup.txt"
     ;;
   kernels)
