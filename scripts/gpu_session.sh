@@ -13,10 +13,13 @@
 #                                    1/8/32, greedy equality); keeps the checkpoint and graphs for the parts below
 #   scripts/gpu_session.sh serve     pio bench serve on a synthetic Qwen3-4B bf16 (offline batch 32, streams at
 #                                    concurrency 1/8/32/64, shared-prefix TTFT, ITL during a 4,096-token prefill,
-#                                    Poisson arrivals), once per prefill-pacing factor in ITL_FACTORS (default
-#                                    "2 0": the engine's default, then pacing off)
+#                                    Poisson arrivals), once per BUDGET:FACTOR in SERVE_CONFIGS (default
+#                                    "512:0 256:0 512:3": --prefill-budget and --itl-factor; the first is the
+#                                    engine's default)
 #   scripts/gpu_session.sh engine    scripts/engine_gpu_check.sh at 12 layers: batched vs alone, prefix hit vs cold
 #   scripts/gpu_session.sh vl        scripts/vl_gpu_bench.sh full (Qwen3-VL-2B bf16 + its text twin + transformers)
+#   scripts/gpu_session.sh ncu-vl    every GPU kernel's time (Nsight Compute) of one vl_bench run: one 1024x1024
+#                                    image encoded and prefilled (after `prep`; CUDA graphs off); kernels.csv
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the `kernels` checkpoint (bf16, int4;
 #                                    batch 1 and 32; .gpu-genai holds its wheels)
 #
@@ -27,7 +30,7 @@
 # later part (carrying .gpu-b) unpacks the binaries again if .gpu is gone (a few seconds). What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|genai}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
@@ -95,15 +98,17 @@ case $part in
     ;;
   serve)
     # The full synthetic Qwen3-4B bf16 (exported here, reused while the machine stays warm), then `pio bench serve`
-    # once per prefill-pacing factor in ITL_FACTORS (default "2 0": the engine's default, and pacing off); runs
-    # after the first skip the prefix section, run 32 streams only and sweep fewer rates (RATES_AFTER). Steps over 100 ms are logged (debug).
+    # once per BUDGET:FACTOR in SERVE_CONFIGS (--prefill-budget, --itl-factor; 0 is pacing off); runs after the
+    # first skip the prefix section, run 32 streams only and sweep fewer rates (RATES_AFTER). Steps over 100 ms
+    # are logged (debug).
     mkdir -p /dev/shm/pio "$out/serve"
     bin=.gpu shm=/dev/shm/pio
     source scripts/synthetic_qwen3.sh
     export_synthetic_qwen3 cuda qwen3-4b-graphs "$out/serve/export.log" || { tail "$out/serve/export.log"; exit 1; }
     g=$graphs
     first=1
-    for f in ${ITL_FACTORS:-2 0}; do
+    for config in ${SERVE_CONFIGS:-512:0 256:0 512:3}; do
+      budget=${config%%:*} f=${config#*:} name=b$budget-f$f
       if [[ $first == 1 ]]; then
         sections=offline,concurrency,sweep,prefix,long-prefill rates=${RATES:-1,2,4,8,16,32,64} conc=1,8,32,64
         cap=${SERVE_SECONDS:-150}
@@ -112,16 +117,16 @@ case $part in
       fi
       first=0
       RUST_LOG=info,ort=warn,pio_runtime::engine::worker=debug .gpu/pio bench serve --graphs "$g" --ep cuda \
-        --ep-option cuda_graph=1 --itl-factor "$f" --max-seqs 64 --max-model-len 4352 --sections $sections \
+        --ep-option cuda_graph=1 --prefill-budget "$budget" --itl-factor "$f" --max-seqs 64 --max-model-len 4352 --sections $sections \
         --concurrency $conc --prompt-len 128 --max-tokens 256 --offline-batch 32 --prefix-len 2048 \
         --prefix-suffix 64 --prefix-requests 5 --long-prompt 4096 --long-streams 31 --long-stream-tokens 256 \
         --rates $rates --sweep-duration ${SWEEP_SECONDS:-4} --sweep-prompt-lens 64..4096 \
-        --sweep-max-tokens 128 --max-duration $cap --out "$out/serve-bench-f$f.json" \
-        > "$out/serve/serve-bench-f$f.log" 2>&1
-      echo "pio bench serve --itl-factor $f: rc=$?"
-      grep -v "slow engine step\|DEBUG" "$out/serve/serve-bench-f$f.log" | tail -n 16
-      echo "steps over 100 ms: $(grep -c "slow engine step" "$out/serve/serve-bench-f$f.log")"
-      grep "slow engine step" "$out/serve/serve-bench-f$f.log" | sed -n '1,3p;$p' | cut -c1-420
+        --sweep-max-tokens 128 --max-duration $cap --out "$out/serve-bench-$name.json" \
+        > "$out/serve/serve-bench-$name.log" 2>&1
+      echo "pio bench serve --prefill-budget $budget --itl-factor $f: rc=$?"
+      grep -v "slow engine step\|DEBUG" "$out/serve/serve-bench-$name.log" | tail -n 16
+      echo "steps over 100 ms: $(grep -c "slow engine step" "$out/serve/serve-bench-$name.log")"
+      grep "slow engine step" "$out/serve/serve-bench-$name.log" | sed -n '1,3p;$p' | cut -c1-420
     done
     pack serve "$out/serve"
     ;;
@@ -134,6 +139,20 @@ case $part in
     OUT=$out/vl PIO_BIN_DIR=.gpu timeout ${PART_SECONDS:-540} bash scripts/vl_gpu_bench.sh full
     cp "$out/vl/summary.json" "$out/vl-summary.json" 2>/dev/null
     pack vl "$out/vl"
+    ;;
+  ncu-vl)
+    # Nsight Compute times every kernel (one metric, no clock control) of a vl_bench run reduced to one image: its
+    # warm-up and measured requests (encode + prefill of 1,090 tokens + 2 decode steps each), then the TTFT pair.
+    n=$out/ncu-vl
+    mkdir -p "$n"
+    vg=/dev/shm/pio-vl/graphs/vl-bf16 img=/dev/shm/pio-vl/images/1024x1024.jpg
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    timeout ${PART_SECONDS:-300} "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+      --log-file "$n/ncu.log" .gpu/examples/vl_bench --graphs "$vg" --ep cuda --images "$img" --ttft-image "$img" \
+      --question-tokens 64 --decode-tokens 2 --repeats 1 --out "$n/vl-bench.json" > "$n/kernels.csv" 2> "$n/stderr.log"
+    echo "ncu rc=$? kernels=$(grep -c gpu__time_duration "$n/kernels.csv")"
+    tail -n 3 "$n/stderr.log" "$n/ncu.log"
+    pack ncu-vl "$n"
     ;;
   genai)
     ck=$work/qwen3-4b-ck

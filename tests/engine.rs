@@ -4,6 +4,8 @@
 //! - isolation: 32 concurrent requests (different prompts, lengths, seeds, sampling settings,
 //!   logprobs) give exactly the tokens and logprobs each gives alone, and the batched greedy
 //!   reference prompt gives transformers' tokens;
+//! - batched prefill: prompts of one length submitted together prefill in shared runs (all in
+//!   the first step with the idle budget) and answer exactly as alone;
 //! - cancellation: dropped handles (streaming or not, running or waiting, blocking or async) end
 //!   their requests, and the slots go back to the pool and serve new requests;
 //! - prefix reuse across requests: A, an unrelated B, then C sharing A's 2,000-token prefix: C
@@ -129,6 +131,47 @@ fn concurrent_requests_give_exactly_what_each_gives_alone() {
     assert_eq!(metrics.time_to_first_token.count, 32);
     assert_eq!(metrics.inter_token_latency.count, generated - 32);
     assert_eq!(metrics.requests_running + metrics.requests_waiting, 0);
+}
+
+#[test]
+fn prompts_of_one_length_prefill_in_shared_runs_and_answer_as_alone() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    // Eight prompts of 40 tokens, queued together. Most requests sample, some ask for logprobs:
+    // runs that fetch logits.
+    let requests: Vec<Request> = (0..8).map(|i| ids_request(&random_prompt(&mut rng, 40), options_for(i, 6))).collect();
+    let run_together = |engine: &Engine| {
+        let handles = engine.submit_batch(requests.clone()).unwrap();
+        let outputs: Vec<GenerationOutput> = handles.into_iter().map(|h| h.wait().unwrap()).collect();
+        wait_idle(engine);
+        (outputs, engine.metrics())
+    };
+    // Nothing decodes yet: the idle budget (2048 by default) takes all eight in the first step,
+    // in one run.
+    let (idle_budget, metrics) = run_together(&engine(8, 100, false));
+    assert_eq!((metrics.prefill_chunks, metrics.prefill_runs), (8, 1));
+    // An idle budget of 100 too: the first step runs two chunks of 40 (one run) and one of 20
+    // (another length: a run of its own), the next the rest of that prompt (alone: it does not
+    // start its prompt) and two more of 40 together, and so on.
+    let config = EngineConfig::builder(graphs()).max_seqs(8).max_model_len(2304).prefill_budget(100);
+    let small = Engine::start(config.idle_prefill_budget(100).prefix_caching(false).build().unwrap()).unwrap();
+    let (small_budget, metrics) = run_together(&small);
+    assert!(metrics.prefill_chunks > 8, "{} chunks: no prompt was split", metrics.prefill_chunks);
+    assert!(
+        metrics.prefill_runs < metrics.prefill_chunks,
+        "{} chunks in {} runs: none shared a run",
+        metrics.prefill_chunks,
+        metrics.prefill_runs
+    );
+    let alone_engine = engine(1, 100, false);
+    for (i, request) in requests.iter().enumerate() {
+        let alone = alone_engine.generate(request.clone()).unwrap();
+        for (what, got) in [("idle budget", &idle_budget[i]), ("small budget", &small_budget[i])] {
+            assert_eq!(got.generated_ids, alone.generated_ids, "request {i} ({what}): batched prefill tokens differ");
+            assert_eq!(got.logprobs, alone.logprobs, "request {i} ({what}): batched prefill logprobs differ");
+        }
+    }
+    let alone_metrics = alone_engine.metrics();
+    assert_eq!(alone_metrics.prefill_runs, alone_metrics.prefill_chunks, "one slot: every chunk runs alone");
 }
 
 #[test]
@@ -366,6 +409,10 @@ fn requests_are_checked_when_submitted() {
     };
     assert_eq!(refused(EngineConfig::builder(graphs()).max_model_len(5000)), "max_model_len");
     assert_eq!(refused(EngineConfig::builder(graphs()).prefill_budget(0)), "prefill_budget");
+    assert_eq!(
+        refused(EngineConfig::builder(graphs()).prefill_budget(64).idle_prefill_budget(63)),
+        "idle_prefill_budget"
+    );
     assert_eq!(refused(EngineConfig::builder(graphs()).itl_factor(Some(1.0))), "itl_factor");
     assert_eq!(refused(EngineConfig::builder(graphs()).itl_factor(Some(f64::NAN))), "itl_factor");
     assert_eq!(refused(EngineConfig::builder(graphs()).max_seqs(0)), "max_seqs");

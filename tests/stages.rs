@@ -210,6 +210,7 @@ fn qwen3_vl_with_a_boundary_among_the_deepstack_layers_gives_transformers_tokens
         let config = EngineConfig::builder(&fx.graphs)
             .max_seqs(4)
             .prefill_budget(7)
+            .idle_prefill_budget(7)
             .stages(StageOptions::new().with_pipeline(PipelineMode::PerStage).with_micro_batches(2));
         let engine = Engine::start(config.build().unwrap()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let handles: Vec<_> = fx

@@ -85,7 +85,7 @@ fn image_files_to_tokens_equal_transformers_alone_together_and_in_chunks() {
         }
         // Every case at once (images and text in the same decode steps), prefill chunks of 7
         // tokens cut through the images, and no prefix cache: nothing comes from the first engine.
-        let together = engine(fx, |c| c.prefill_budget(7).prefix_caching(false));
+        let together = engine(fx, |c| c.prefill_budget(7).idle_prefill_budget(7).prefix_caching(false));
         let handles: Vec<_> =
             fx.reference.cases.values().map(|case| together.submit(chat_request(fx, case)).unwrap()).collect();
         for ((case_name, case), handle) in fx.reference.cases.iter().zip(handles) {

@@ -184,8 +184,8 @@ pub struct ModelArgs {
     /// trt_fp16=1, trt_engine_cache_path=DIR, fallback=cuda, or any ONNX Runtime provider option.
     #[arg(long = "ep-option")]
     ep_options: Vec<String>,
-    /// Prompt tokens prefilled per engine step at most (>= 1); longer prompts run in chunks,
-    /// between the decode steps of running sequences.
+    /// Prompt tokens prefilled per engine step at most while streams decode (>= 1); longer
+    /// prompts run in chunks, between the decode steps of running sequences.
     #[arg(
         long,
         alias = "prefill-chunk",
@@ -193,6 +193,11 @@ pub struct ModelArgs {
         value_parser = NumberRange::at_least(1usize)
     )]
     prefill_budget: usize,
+    /// Prompt tokens prefilled per engine step at most when no stream decodes (at least
+    /// --prefill-budget; default 2048, or --prefill-budget when larger): prompts arriving
+    /// together prefill in few batched runs before their streams start.
+    #[arg(long, value_name = "TOKENS", value_parser = NumberRange::at_least(1usize))]
+    idle_prefill_budget: Option<usize>,
     /// Prefill pacing, off by default (0): while streams decode, keep each engine step (their
     /// inter-token latency) within F times a decode-only step by prefilling fewer prompt tokens
     /// per step, from times measured as it runs (at least 16 tokens a step). Smoother streams,
@@ -316,6 +321,9 @@ impl ModelArgs {
             .gpu_memory_utilization(self.gpu_memory_utilization)
             .prefix_caching(!self.no_prefix_cache)
             .stages(self.stages.options());
+        if let Some(n) = self.idle_prefill_budget {
+            config = config.idle_prefill_budget(n);
+        }
         if let Some(n) = self.max_seqs {
             config = config.max_seqs(n);
         }

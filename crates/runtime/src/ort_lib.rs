@@ -59,6 +59,8 @@ pub const ENV_PIO_PYTHON: &str = "PIO_PYTHON";
 
 /// Cache folder, relative to a project root, that `scripts/setup.sh` fills.
 pub const PROJECT_CACHE_DIR: &str = ".cache/pio";
+/// A folder: ONNX Runtime profiles every session the runtime loads into it (see [`profiled`]).
+pub const ENV_PIO_ORT_PROFILE: &str = "PIO_ORT_PROFILE";
 
 const PYTHON_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -373,6 +375,39 @@ pub fn init_environment(opts: &SearchOptions) -> Result<&'static Environment, Or
 }
 
 /// The library the environment was created from, once [`environment`] succeeded.
+/// With [`ENV_PIO_ORT_PROFILE`] set to a folder, turns on ONNX Runtime's profiler for the session
+/// of `graph`: when the session is dropped it writes a Chrome trace of every run (each node's
+/// time, provider and shapes) to `<folder>/<graph's file stem>_<timestamp>.json`.
+/// `scripts/ort_profile_summary.py` totals one per operator. A diagnostic: a folder that cannot
+/// be made is reported and the session loads unprofiled.
+pub fn profiled(
+    builder: ort::session::builder::SessionBuilder,
+    graph: &Path,
+) -> Result<ort::session::builder::SessionBuilder, ort::Error> {
+    match std::env::var_os(ENV_PIO_ORT_PROFILE) {
+        Some(dir) if !dir.is_empty() => profile_into(builder, graph, Path::new(&dir)),
+        _ => Ok(builder),
+    }
+}
+
+fn profile_into(
+    builder: ort::session::builder::SessionBuilder,
+    graph: &Path,
+    dir: &Path,
+) -> Result<ort::session::builder::SessionBuilder, ort::Error> {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        tracing::warn!(
+            "{ENV_PIO_ORT_PROFILE}: cannot make {} ({e}); {} runs unprofiled",
+            dir.display(),
+            graph.display()
+        );
+        return Ok(builder);
+    }
+    let stem = graph.file_stem().map_or_else(|| "session".into(), |s| s.to_string_lossy().into_owned());
+    tracing::info!("profiling {} into {}", graph.display(), dir.join(format!("{stem}_*.json")).display());
+    builder.with_profiling(dir.join(stem)).map_err(ort::Error::from)
+}
+
 pub fn loaded_library_path() -> Option<&'static Path> {
     GLOBAL.get().map(|g| g.path.as_path())
 }
@@ -786,6 +821,35 @@ mod tests {
         let (shape, c) = outputs["c"].try_extract_tensor::<f32>()?;
         assert_eq!(shape.to_vec(), vec![3_i64]);
         assert_eq!(c, [11.0, 22.0, 33.0]);
+        Ok(())
+    }
+
+    /// A profiled session writes its trace, named for the graph, when dropped: the node events
+    /// of its run are there.
+    #[test]
+    fn a_profiled_session_writes_its_trace_when_dropped() -> anyhow::Result<()> {
+        const TINY_ADD: &[u8] =
+            include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny_add.onnx"));
+        if find_onnxruntime_library().is_err() {
+            eprintln!("skipping a_profiled_session_writes_its_trace_when_dropped: no ONNX Runtime library");
+            return Ok(());
+        }
+        let env = environment()?;
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("profiles");
+        let builder = ort::session::Session::builder(env)?;
+        let mut session =
+            profile_into(builder, Path::new("graphs/tiny_add.onnx"), &dir)?.commit_from_memory(TINY_ADD)?;
+        let a = ort::value::Tensor::from_array((vec![2_i64], vec![1.0_f32, 2.0]))?;
+        let b = ort::value::Tensor::from_array((vec![2_i64], vec![3.0_f32, 4.0]))?;
+        session.run(ort::inputs!["a" => a, "b" => b])?;
+        drop(session);
+        let traces: Vec<PathBuf> = std::fs::read_dir(&dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        assert_eq!(traces.len(), 1, "{traces:?}");
+        let name = traces[0].file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("tiny_add_") && name.ends_with(".json"), "{name}");
+        let trace = std::fs::read_to_string(&traces[0])?;
+        assert!(trace.contains("\"op_name\" : \"Add\"") || trace.contains("\"op_name\":\"Add\""), "{trace}");
         Ok(())
     }
 

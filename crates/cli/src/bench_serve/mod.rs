@@ -197,6 +197,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             "offline_batch": args.offline_batch, "seed": args.seed,
             "ep": args.model.ep, "ep_options": args.model.ep_options, "max_seqs": args.model.max_seqs,
             "prefill_budget": args.model.prefill_budget,
+            "idle_prefill_budget": args.model.idle_prefill_budget,
             "itl_factor": args.model.itl_factor,
         },
     });

@@ -123,6 +123,10 @@ pub struct MetricsSnapshot {
     /// another row's at the same cache slot (rope deltas of prompts with images; see the engine's
     /// `decode_rows`).
     pub decode_rows_run_apart: u64,
+    /// Prompt chunks prefilled, and the batched runs they took (chunks of one length in
+    /// consecutive slots share a run).
+    pub prefill_chunks: u64,
+    pub prefill_runs: u64,
     pub finished: FinishedRequests,
     /// Engine steps run (each: one batched decode and up to the prefill budget of prompt tokens).
     pub steps: u64,
@@ -147,6 +151,8 @@ impl MetricsSnapshot {
             images_encoded: 0,
             encoder_cache_hits: 0,
             decode_rows_run_apart: 0,
+            prefill_chunks: 0,
+            prefill_runs: 0,
             finished: FinishedRequests::default(),
             steps: 0,
             time_to_first_token: Histogram::new(TIME_TO_FIRST_TOKEN_BUCKETS),
@@ -163,6 +169,8 @@ impl MetricsSnapshot {
         self.images_encoded += other.images_encoded;
         self.encoder_cache_hits += other.encoder_cache_hits;
         self.decode_rows_run_apart += other.decode_rows_run_apart;
+        self.prefill_chunks += other.prefill_chunks;
+        self.prefill_runs += other.prefill_runs;
         self.finished.absorb(&other.finished);
         self.time_to_first_token.absorb(&other.time_to_first_token);
         self.inter_token_latency.absorb(&other.inter_token_latency);

@@ -65,11 +65,13 @@ impl LineFit {
     }
 }
 
-/// Measures decode runs and prefill chunks and turns a latency factor into a step's budget.
+/// Measures decode runs and prefill runs and turns a latency factor into a step's budget.
 #[derive(Clone, Debug)]
 pub(crate) struct PrefillPacer {
-    /// Prompt tokens per step at most (`--prefill-budget`).
+    /// Prompt tokens per step at most while sequences decode (`--prefill-budget`).
     cap: usize,
+    /// Prompt tokens per step at most when none decodes (`--idle-prefill-budget`).
+    idle_cap: usize,
     /// A step that prefills while sequences decode takes at most this times a decode-only step;
     /// None: only `cap` counts.
     factor: Option<f64>,
@@ -78,8 +80,8 @@ pub(crate) struct PrefillPacer {
 }
 
 impl PrefillPacer {
-    pub(crate) fn new(cap: usize, factor: Option<f64>) -> Self {
-        PrefillPacer { cap, factor, decode_ms: None, chunks: LineFit::default() }
+    pub(crate) fn new(cap: usize, idle_cap: usize, factor: Option<f64>) -> Self {
+        PrefillPacer { cap, idle_cap, factor, decode_ms: None, chunks: LineFit::default() }
     }
 
     /// A batched decode run took `elapsed`.
@@ -91,7 +93,7 @@ impl PrefillPacer {
         });
     }
 
-    /// A prefill chunk of `tokens` tokens took `elapsed`.
+    /// A prefill run of `tokens` tokens (one chunk, or several batched) took `elapsed`.
     pub(crate) fn chunk_ran(&mut self, tokens: usize, elapsed: Duration) {
         if tokens > 0 {
             self.chunks.add(tokens as f64, elapsed.as_secs_f64() * 1e3);
@@ -105,8 +107,11 @@ impl PrefillPacer {
 
     /// What the next step may prefill; `decoding`: whether sequences decode in it.
     pub(crate) fn budget(&self, decoding: bool) -> PrefillBudget {
+        if !decoding {
+            return PrefillBudget::tokens(self.idle_cap);
+        }
         let full = PrefillBudget::tokens(self.cap);
-        let (Some(factor), true) = (self.factor, decoding) else { return full };
+        let Some(factor) = self.factor else { return full };
         let (Some(step_ms), Some((fixed_ms, per_token_ms))) = (self.decode_ms, self.chunks.line()) else {
             return full;
         };
@@ -146,11 +151,12 @@ mod tests {
 
     #[test]
     fn without_decoding_or_a_factor_the_budget_is_the_cap() {
-        let mut off = PrefillPacer::new(512, None);
+        let mut off = PrefillPacer::new(512, 2048, None);
         off.decode_ran(ms(5.0));
         off.chunk_ran(512, ms(15.0));
         assert_eq!(off.budget(true), PrefillBudget::tokens(512));
-        let mut on = PrefillPacer::new(512, Some(2.0));
+        assert_eq!(off.budget(false), PrefillBudget::tokens(2048), "no stream decodes: the idle cap");
+        let mut on = PrefillPacer::new(512, 512, Some(2.0));
         assert_eq!(on.budget(true), PrefillBudget::tokens(512), "nothing measured yet");
         on.decode_ran(ms(5.0));
         on.chunk_ran(512, ms(15.0));
@@ -164,7 +170,7 @@ mod tests {
         // chunk that fits is (5 - 2.5) / 0.025 = 100 tokens. The pacer starts from a full
         // 512-token chunk and chunks of what it allows.
         let chunk_ms = |k: usize| 2.5 + 0.025 * k as f64;
-        let mut pacer = PrefillPacer::new(512, Some(2.0));
+        let mut pacer = PrefillPacer::new(512, 512, Some(2.0));
         pacer.decode_ran(ms(5.0));
         pacer.chunk_ran(512, ms(chunk_ms(512)));
         let mut k = 0;
@@ -183,14 +189,14 @@ mod tests {
     #[test]
     fn slow_chunks_still_get_the_minimum() {
         // A chunk's fixed part alone is over the room: the minimum chunk still runs.
-        let mut pacer = PrefillPacer::new(512, Some(1.5));
+        let mut pacer = PrefillPacer::new(512, 512, Some(1.5));
         pacer.decode_ran(ms(5.0));
         pacer.chunk_ran(100, ms(10.0));
         pacer.chunk_ran(400, ms(13.0));
         let b = pacer.budget(true);
         assert_eq!(b.cost - b.chunk_overhead, MIN_PACED_CHUNK);
         // A cap under the minimum wins.
-        let mut tiny = PrefillPacer::new(7, Some(1.5));
+        let mut tiny = PrefillPacer::new(7, 7, Some(1.5));
         tiny.decode_ran(ms(5.0));
         tiny.chunk_ran(7, ms(10.0));
         let b = tiny.budget(true);

@@ -84,8 +84,10 @@ pub struct ModelInfo {
     pub max_seqs: usize,
     /// Bytes of the KV pool (every slot).
     pub kv_cache_bytes: u64,
-    /// Prompt tokens prefilled per engine step at most.
+    /// Prompt tokens prefilled per engine step at most while sequences decode.
     pub prefill_budget: usize,
+    /// Prompt tokens prefilled per engine step at most when no sequence decodes.
+    pub idle_prefill_budget: usize,
     /// Prefill pacing's factor: while sequences decode, a step takes at most this times a
     /// decode-only step (None: off).
     pub itl_factor: Option<f64>,

@@ -1,6 +1,6 @@
 //! The model runner: owns the model, the KV pool and the prefix cache's storage, and runs what a
-//! step plan says: one batched decode over the first slots, prefill chunks batch-1 into their
-//! slots, and prefix copies into and out of slots.
+//! step plan says: one batched decode over the first slots, prefill chunks (batch 1, or several
+//! of one length batched over consecutive slots), and prefix copies into and out of slots.
 //!
 //! Every step's inputs are built through [`StepInputs`] (the decode batch in [`Runner::decode`],
 //! a prefill chunk in [`Runner::prefill`]): rope deltas of rows whose prompt had images, and a
@@ -173,6 +173,20 @@ impl Runner {
             }
         }
         Ok(self.model.run_rows(&inputs, self.pool.cache(), slot, fetch)?)
+    }
+
+    /// Prefill chunks of one length, batched: row r takes `tokens[r * len..(r + 1) * len]` into
+    /// slot `first + r` after the `pasts[r]` tokens it holds. Text only (a chunk with images
+    /// runs alone, through [`prefill`](Self::prefill)).
+    pub(crate) fn prefill_rows(
+        &mut self,
+        first: usize,
+        tokens: Vec<u32>,
+        pasts: Vec<usize>,
+        fetch: Fetch,
+    ) -> Result<StepOutput, RunnerError> {
+        let inputs = StepInputs::new(tokens, pasts)?;
+        Ok(self.model.run_rows(&inputs, self.pool.cache(), first, fetch)?)
     }
 
     /// The image rows of prompt tokens `range`, encoding their images first if need be.

@@ -7,11 +7,12 @@
 //!    request takes them in the same step.
 //! 2. Every sequence in its decode phase decodes one token: all of them, in one batched run,
 //!    whatever else the step does (a long prompt never starves running streams).
-//! 3. Prefill gets at most the [`PrefillBudget`]'s prompt tokens per step, and each chunk also
-//!    costs its fixed overhead against the budget's cost (a chunk is a run of its own: with
-//!    pacing, the measured time of a run that does not depend on its length, in tokens).
-//!    Sequences already prefilling continue first, in admission order, each with a chunk as
-//!    large as the budget left allows.
+//! 3. Prefill gets at most the [`PrefillBudget`]'s prompt tokens per step, and each prefill run
+//!    also costs its fixed overhead against the budget's cost (with pacing, the measured time of
+//!    a run that does not depend on its length, in tokens). Prompts' first chunks of one length
+//!    in consecutive slots, planned one after the other, share a run ([`prefill_runs`]): a chunk
+//!    that joins the run before it pays no overhead. Sequences already prefilling continue first, in admission
+//!    order, each with a chunk as large as the budget left allows.
 //! 4. Waiting requests are admitted in FIFO order while a slot is free and budget is left, each
 //!    to the lowest free slot (which keeps the decode batch, slots 0..n, small), starting its
 //!    prefill after the prefix its cache lookup found. The first one that cannot be admitted
@@ -77,7 +78,8 @@ pub struct StepPlan {
     pub admitted: Vec<Admission>,
     /// Sequences that decode one token in this step's batched run.
     pub decode: Vec<SeqId>,
-    /// Prompt chunks to run, in order (each one sequence, batch 1).
+    /// Prompt chunks to run, in order (one sequence each; [`prefill_runs`] groups them into
+    /// batched runs).
     pub prefill: Vec<PrefillChunk>,
 }
 
@@ -107,14 +109,22 @@ impl PrefillBudget {
         PrefillBudget { tokens, cost: tokens, chunk_overhead: 0 }
     }
 
-    /// The longest chunk (of at most `want` tokens) that still fits; 0 when none does.
+    /// The longest chunk (of at most `want` tokens) that still fits in a run of its own; 0 when
+    /// none does.
     pub(crate) fn chunk(&self, want: usize) -> usize {
         want.min(self.tokens).min(self.cost.saturating_sub(self.chunk_overhead))
     }
 
-    fn take(&mut self, len: usize) {
+    /// Plans the chunk of `want` tokens from prompt position `start` into `slot` after the
+    /// chunks of `plan` and spends its cost: no overhead when it joins the run of the chunk
+    /// before it (see [`prefill_runs`]). Its length, 0 when nothing fits.
+    fn spend(&mut self, plan: &[PrefillChunk], slot: usize, start: usize, want: usize) -> usize {
+        let joining = want.min(self.tokens).min(self.cost);
+        let joins = plan.last().is_some_and(|last| joins_run(last, slot, start, joining));
+        let (len, overhead) = if joins { (joining, 0) } else { (self.chunk(want), self.chunk_overhead) };
         self.tokens -= len;
-        self.cost = self.cost.saturating_sub(self.chunk_overhead + len);
+        self.cost = self.cost.saturating_sub(overhead + len);
+        len
     }
 
     fn is_spent(&self) -> bool {
@@ -140,10 +150,9 @@ pub fn plan_step(
             }
             Phase::Decode => plan.decode.push(seq.id),
             Phase::Prefill { done, prompt_len } => {
-                let len = budget.chunk(prompt_len - done);
+                let len = budget.spend(&plan.prefill, seq.slot, done, prompt_len - done);
                 if len > 0 {
                     plan.prefill.push(PrefillChunk { id: seq.id, slot: seq.slot, start: done, len });
-                    budget.take(len);
                 }
             }
         }
@@ -155,11 +164,36 @@ pub fn plan_step(
         let Some(slot) = free.pop_first() else { break };
         let cached = request.cached.min(request.prompt_len.saturating_sub(1));
         plan.admitted.push(Admission { id: request.id, slot, cached });
-        let len = budget.chunk(request.prompt_len - cached);
+        let len = budget.spend(&plan.prefill, slot, cached, request.prompt_len - cached);
         plan.prefill.push(PrefillChunk { id: request.id, slot, start: cached, len });
-        budget.take(len);
     }
     plan
+}
+
+/// Whether a chunk of `len` tokens from prompt position `start` into `slot` runs with `last`
+/// (the chunk planned before it): rows of one batched run take the same number of new tokens,
+/// into consecutive slots of the pool (a run binds one contiguous view of it), and all start
+/// their prompts (GroupQueryAttention takes several rows of more than one new token only as
+/// first prompts: "batch_size must be 1 when sequence_length > 1 and past context is given").
+fn joins_run(last: &PrefillChunk, slot: usize, start: usize, len: usize) -> bool {
+    len > 0 && len == last.len && slot == last.slot + 1 && start == 0 && last.start == 0
+}
+
+/// The plan's prefill chunks grouped into batched runs, in order: each run a stretch of chunks
+/// planned one after the other, first chunks of their prompts, of one length, in consecutive
+/// slots. Grouping several short
+/// prompts into one run pays a run's fixed cost (every weight read, every kernel launched) once:
+/// 32 prompts of 128 tokens arriving together take 8 runs at a 512-token budget, not 32.
+pub fn prefill_runs(chunks: &[PrefillChunk]) -> Vec<&[PrefillChunk]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=chunks.len() {
+        if i == chunks.len() || !joins_run(&chunks[i - 1], chunks[i].slot, chunks[i].start, chunks[i].len) {
+            runs.push(&chunks[start..i]);
+            start = i;
+        }
+    }
+    runs
 }
 
 #[cfg(test)]
@@ -248,15 +282,51 @@ mod tests {
         let plan = plan_step(&[waiting(3, 8)], &[a, b], &[2], budget);
         assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 0, len: 200 }]);
         assert!(plan.admitted.is_empty(), "no cost left for another run: {plan:?}");
-        // Short prompts: each run costs 50 + 30; the fourth gets what is left (10 tokens).
+        // Short prompts in slots apart (each a run of its own): each run costs 50 + 30; the
+        // fourth gets what is left (10 tokens).
         let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 50 };
         let plan =
-            plan_step(&[waiting(1, 30), waiting(2, 30), waiting(3, 30), waiting(4, 30)], &[], &[0, 1, 2, 3], budget);
+            plan_step(&[waiting(1, 30), waiting(2, 30), waiting(3, 30), waiting(4, 30)], &[], &[0, 2, 4, 6], budget);
         assert_eq!(plan.prefill.iter().map(|c| c.len).collect::<Vec<_>>(), [30, 30, 30, 10]);
         // The token cap still holds when the cost would allow more.
         let budget = PrefillBudget { tokens: 40, cost: 10_000, chunk_overhead: 10 };
         let plan = plan_step(&[waiting(1, 30), waiting(2, 30)], &[], &[0, 1], budget);
         assert_eq!(plan.prefill_tokens(), 40);
+    }
+
+    #[test]
+    fn chunks_of_one_length_in_consecutive_slots_share_a_run() {
+        let chunk = |id: SeqId, slot: usize, len: usize| PrefillChunk { id, slot, start: 0, len };
+        let chunks = [chunk(1, 0, 128), chunk(2, 1, 128), chunk(3, 2, 128), chunk(4, 4, 128), chunk(5, 5, 64)];
+        let runs: Vec<Vec<SeqId>> = prefill_runs(&chunks).iter().map(|r| r.iter().map(|c| c.id).collect()).collect();
+        // Slot 3 is missing (a gap ends the run); 5 has another length.
+        assert_eq!(runs, [vec![1, 2, 3], vec![4], vec![5]]);
+        assert!(prefill_runs(&[]).is_empty());
+        // Consecutive slots in the other order do not join (a run's rows go up the pool).
+        assert_eq!(prefill_runs(&[chunk(1, 1, 8), chunk(2, 0, 8)]).len(), 2);
+        // A chunk after a prompt's start (a later chunk, a prefix hit) runs alone.
+        let later = PrefillChunk { id: 2, slot: 1, start: 16, len: 8 };
+        assert_eq!(prefill_runs(&[chunk(1, 0, 8), later]).len(), 2);
+        assert_eq!(prefill_runs(&[later, chunk(3, 2, 8)]).len(), 2);
+    }
+
+    #[test]
+    fn a_chunk_that_joins_the_run_before_it_pays_no_overhead() {
+        // Requests arriving together get consecutive slots: four chunks of 30 cost one run's
+        // overhead (50) and their tokens, 170 of the 300.
+        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 50 };
+        let plan =
+            plan_step(&[waiting(1, 30), waiting(2, 30), waiting(3, 30), waiting(4, 30)], &[], &[0, 1, 2, 3], budget);
+        assert_eq!(plan.prefill.iter().map(|c| c.len).collect::<Vec<_>>(), [30, 30, 30, 30]);
+        assert_eq!(prefill_runs(&plan.prefill).len(), 1);
+        // Lengths that differ start runs of their own, each paying the overhead: 50 + 30, then
+        // 50 + 40, then 50 + 80 leave nothing for the fourth.
+        let plan =
+            plan_step(&[waiting(1, 30), waiting(2, 40), waiting(3, 80), waiting(4, 30)], &[], &[0, 1, 2, 3], budget);
+        assert_eq!(plan.prefill.iter().map(|c| c.len).collect::<Vec<_>>(), [30, 40, 80]);
+        // A free slot out of line (3, then 7) starts a new run too.
+        let plan = plan_step(&[waiting(1, 30), waiting(2, 30)], &[], &[3, 7], budget);
+        assert_eq!(prefill_runs(&plan.prefill).len(), 2);
     }
 
     #[test]

@@ -10,9 +10,10 @@
 //!    cached prefix into the slot);
 //! 4. one batched decode over slots 0..n for every decoding sequence, each choosing its token
 //!    with its own sampler;
-//! 5. the planned prefill chunks, batch 1 each; a chunk that ends a prompt gives its first token.
+//! 5. the planned prefill chunks, in runs ([`prefill_runs`]: chunks of one length in consecutive
+//!    slots run batched, others batch 1); a chunk that ends a prompt gives its first token.
 //!
-//! The decode run and every chunk are timed: the [`PrefillPacer`] sizes the next steps' prefill
+//! The decode run and every prefill run are timed: the [`PrefillPacer`] sizes the next steps' prefill
 //! from them, and a step far slower than decoding is logged with where its time went.
 
 use std::collections::VecDeque;
@@ -29,7 +30,7 @@ use super::error::EngineError;
 use super::metrics::MetricsSnapshot;
 use super::pacing::PrefillPacer;
 use super::runner::Runner;
-use super::scheduler::{plan_step, Phase, Running, StepPlan, Waiting};
+use super::scheduler::{plan_step, prefill_runs, Phase, PrefillChunk, Running, StepPlan, Waiting};
 use super::sequence::{Choice, Sequence};
 
 /// Sampling threads take at least this many sequences each (a thread costs more to start than
@@ -165,11 +166,14 @@ impl Worker {
             self.pacer.decode_ran(decode_time);
         }
         let t = Instant::now();
-        for chunk in &plan.prefill {
-            let chunk_start = Instant::now();
-            self.prefill(chunk.id, chunk.start, chunk.len);
-            self.pacer.chunk_ran(chunk.len, chunk_start.elapsed());
+        let runs = prefill_runs(&plan.prefill);
+        for run in &runs {
+            let run_start = Instant::now();
+            self.prefill_run(run);
+            self.pacer.chunk_ran(run.iter().map(|c| c.len).sum(), run_start.elapsed());
         }
+        self.metrics.prefill_chunks += plan.prefill.len() as u64;
+        self.metrics.prefill_runs += runs.len() as u64;
         let prefill_time = t.elapsed();
         self.metrics.steps += 1;
         let total = start.elapsed();
@@ -180,7 +184,7 @@ impl Worker {
         let stalled = !plan.decode.is_empty() && ms(total) >= SLOW_STEP_FACTOR * typical_ms;
         let shown = if stalled { self.stalls.info_now(Instant::now()) } else { None };
         let line = format!(
-            "slow engine step {}: {:.1} ms (prefix-cache stores {:.1} ms, admission {:.1} ms for {} requests, decode {:.1} ms for {} sequences, prefill {:.1} ms for {} tokens in {} chunks; decode runs average {:.1} ms)",
+            "slow engine step {}: {:.1} ms (prefix-cache stores {:.1} ms, admission {:.1} ms for {} requests, decode {:.1} ms for {} sequences, prefill {:.1} ms for {} tokens in {} chunks, {} runs; decode runs average {:.1} ms)",
             self.metrics.steps,
             ms(total),
             ms(stored),
@@ -191,6 +195,7 @@ impl Worker {
             ms(prefill_time),
             plan.prefill_tokens(),
             plan.prefill.len(),
+            runs.len(),
             typical_ms,
         );
         match shown {
@@ -317,6 +322,58 @@ impl Worker {
         }
     }
 
+    /// One run of [`prefill_runs`]: a lone chunk, or chunks batched into one graph run. A run
+    /// with a chunk that cannot batch (a prompt with images; a sequence that failed at
+    /// admission) runs chunk by chunk.
+    fn prefill_run(&mut self, run: &[PrefillChunk]) {
+        let rows: Option<Vec<usize>> = run
+            .iter()
+            .map(|c| self.running.iter().position(|s| s.id == c.id && s.phase != Phase::Finished && s.images.is_none()))
+            .collect();
+        let Some(rows) = rows.filter(|rows| rows.len() > 1) else {
+            for chunk in run {
+                self.prefill(chunk.id, chunk.start, chunk.len);
+            }
+            return;
+        };
+        let mut tokens = Vec::with_capacity(run.iter().map(|c| c.len).sum());
+        let mut pasts = Vec::with_capacity(run.len());
+        let mut fetch = Fetch::Greedy;
+        for (chunk, &i) in run.iter().zip(&rows) {
+            let seq = &self.running[i];
+            debug_assert_eq!(chunk.start, seq.filled);
+            tokens.extend_from_slice(&seq.prompt()[chunk.start..chunk.start + chunk.len]);
+            pasts.push(chunk.start);
+            if chunk.start + chunk.len == seq.prompt().len() && seq.fetch == Fetch::Logits {
+                fetch = Fetch::Logits;
+            }
+        }
+        let result = self
+            .runner
+            .prefill_rows(run[0].slot, tokens, pasts, fetch)
+            .map_err(|e| EngineError::model_failed("a batched prefill run failed", e));
+        for (row, (chunk, &i)) in run.iter().zip(&rows).enumerate() {
+            let seq = &mut self.running[i];
+            match &result {
+                Ok(output) => Self::prefilled(seq, chunk.start + chunk.len, output, row, &mut self.metrics),
+                Err(error) => seq.fail(error.clone(), &mut self.metrics),
+            }
+        }
+    }
+
+    /// `seq`'s prompt is in its slot up to `filled`; when that is all of it, it chooses its first
+    /// token from row `row` of the run's output.
+    fn prefilled(seq: &mut Sequence, filled: usize, output: &StepOutput, row: usize, metrics: &mut MetricsSnapshot) {
+        let prompt_len = seq.prompt().len();
+        seq.filled = filled;
+        if filled == prompt_len {
+            seq.phase = Phase::Decode;
+            Self::choose(seq, output, row, metrics);
+        } else {
+            seq.phase = Phase::Prefill { done: filled, prompt_len };
+        }
+    }
+
     fn prefill(&mut self, id: u64, start: usize, len: usize) {
         let Some(seq) = self.running.iter_mut().find(|s| s.id == id && s.phase != Phase::Finished) else { return };
         let prompt_len = seq.prompt().len();
@@ -326,15 +383,7 @@ impl Worker {
         let tokens = seq.prompt()[start..start + len].to_vec();
         let images = seq.images.as_mut().map(|images| (images, &mut self.metrics));
         match self.runner.prefill(seq.slot, &tokens, start, fetch, images) {
-            Ok(output) => {
-                seq.filled = start + len;
-                if last {
-                    seq.phase = Phase::Decode;
-                    Self::choose(seq, &output, 0, &mut self.metrics);
-                } else {
-                    seq.phase = Phase::Prefill { done: start + len, prompt_len };
-                }
-            }
+            Ok(output) => Self::prefilled(seq, start + len, &output, 0, &mut self.metrics),
             Err(e) => seq.fail(EngineError::model_failed("a prefill chunk failed", e), &mut self.metrics),
         }
     }

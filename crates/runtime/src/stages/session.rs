@@ -89,7 +89,7 @@ impl StageSession {
         }
         let env = crate::ort_lib::environment()?;
         let builder = Session::builder(env).map_err(ort_err)?;
-        let mut builder = ep.configure(builder)?;
+        let mut builder = crate::ort_lib::profiled(ep.configure(builder)?, &path).map_err(ort_err)?;
         if !manifest.options.pio_kernels.is_empty() {
             // The graph uses Inference-PIO's own operators (pio-export --pio-kernels): CUDA kernels
             // compiled now for this GPU, or their CPU references.

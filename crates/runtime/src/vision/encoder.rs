@@ -143,7 +143,8 @@ impl VisionEncoder {
         ep.set_cuda_graph(false);
         let env = crate::ort_lib::environment().map_err(|e| load_error(e.into()))?;
         let builder = Session::builder(env).map_err(|e| load_error(e.into()))?;
-        let mut builder = ep.configure(builder).map_err(|e| load_error(e.into()))?;
+        let builder = ep.configure(builder).map_err(|e| load_error(e.into()))?;
+        let mut builder = crate::ort_lib::profiled(builder, &path).map_err(|e| load_error(e.into()))?;
         let session = builder.commit_from_file(&path).map_err(|e| load_error(e.into()))?;
         let memory = match ep.device_id() {
             Some(id) => MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)
