@@ -145,7 +145,7 @@ fn prompts_of_one_length_prefill_in_shared_runs_and_answer_as_alone() {
         wait_idle(engine);
         (outputs, engine.metrics())
     };
-    // Nothing decodes yet: the idle budget (2048 by default) takes all eight in the first step,
+    // Nothing decodes yet: the idle budget (4096 by default) takes all eight in the first step,
     // in one run.
     let (idle_budget, metrics) = run_together(&engine(8, 100, false));
     assert_eq!((metrics.prefill_chunks, metrics.prefill_runs), (8, 1));

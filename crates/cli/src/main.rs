@@ -194,7 +194,7 @@ pub struct ModelArgs {
     )]
     prefill_budget: usize,
     /// Prompt tokens prefilled per engine step at most when no stream decodes (at least
-    /// --prefill-budget; default 2048, or --prefill-budget when larger): prompts arriving
+    /// --prefill-budget; default 4096, or --prefill-budget when larger): prompts arriving
     /// together prefill in few batched runs before their streams start.
     #[arg(long, value_name = "TOKENS", value_parser = NumberRange::at_least(1usize))]
     idle_prefill_budget: Option<usize>,

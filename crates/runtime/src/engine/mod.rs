@@ -79,8 +79,9 @@ pub const DEFAULT_PREFILL_BUDGET: usize = 512;
 /// Prompt tokens a step may prefill when no sequence decodes, unless configured (and at least
 /// the prefill budget): no stream's inter-token latency is at stake then, and prompts that
 /// arrive together prefill in fewer, batched runs, so their streams start together instead of
-/// stalling one another (32 prompts of 128 tokens: two steps instead of eight).
-pub const DEFAULT_IDLE_PREFILL_BUDGET: usize = 2048;
+/// stalling one another (32 prompts of 128 tokens queued at an idle engine: one step and one
+/// batched run, instead of eight steps beside the first ones' decodes).
+pub const DEFAULT_IDLE_PREFILL_BUDGET: usize = 4096;
 /// Requests that may wait for a slot before `submit` answers `Overloaded`, unless configured.
 pub const DEFAULT_MAX_WAITING: usize = 1024;
 /// The share of the GPU's memory the engine may fill (weights, activations and KV), as vLLM's
