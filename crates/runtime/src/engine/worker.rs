@@ -177,14 +177,15 @@ impl Worker {
         let prefill_time = t.elapsed();
         self.metrics.steps += 1;
         let total = start.elapsed();
-        if total < SLOW_STEP_MIN {
+        // Every step's breakdown at `trace` (where a prefix hit's or a first token's time goes);
+        // slow ones as below.
+        let slow = total >= SLOW_STEP_MIN;
+        if !slow && !tracing::enabled!(tracing::Level::TRACE) {
             return;
         }
         let typical_ms = self.pacer.decode_ms().unwrap_or(0.0);
-        let stalled = !plan.decode.is_empty() && ms(total) >= SLOW_STEP_FACTOR * typical_ms;
-        let shown = if stalled { self.stalls.info_now(Instant::now()) } else { None };
         let line = format!(
-            "slow engine step {}: {:.1} ms (prefix-cache stores {:.1} ms, admission {:.1} ms for {} requests, decode {:.1} ms for {} sequences, prefill {:.1} ms for {} tokens in {} chunks, {} runs; decode runs average {:.1} ms)",
+            "engine step {}: {:.1} ms (prefix-cache stores {:.1} ms, admission {:.1} ms for {} requests, decode {:.1} ms for {} sequences, prefill {:.1} ms for {} tokens in {} chunks, {} runs; decode runs average {:.1} ms)",
             self.metrics.steps,
             ms(total),
             ms(stored),
@@ -198,10 +199,15 @@ impl Worker {
             runs.len(),
             typical_ms,
         );
-        match shown {
-            Some(0) => tracing::info!("{line}"),
-            Some(quiet) => tracing::info!("{line}; {quiet} more stalls since the last one shown"),
-            None => tracing::debug!("{line}"),
+        if !slow {
+            tracing::trace!("{line}");
+            return;
+        }
+        let stalled = !plan.decode.is_empty() && ms(total) >= SLOW_STEP_FACTOR * typical_ms;
+        match if stalled { self.stalls.info_now(Instant::now()) } else { None } {
+            Some(0) => tracing::info!("slow {line}"),
+            Some(quiet) => tracing::info!("slow {line}; {quiet} more stalls since the last one shown"),
+            None => tracing::debug!("slow {line}"),
         }
     }
 
