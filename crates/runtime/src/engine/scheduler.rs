@@ -93,9 +93,10 @@ impl StepPlan {
     }
 }
 
-/// What one step may prefill: at most `tokens` prompt tokens, and chunks whose costs
-/// (`chunk_overhead + len` each) add up to at most `cost`. Both are in tokens; the overhead
-/// stands for what a prefill run costs whatever its length.
+/// What one step may prefill: at most `tokens` prompt tokens, and chunks whose costs add up to
+/// at most `cost`: `len` each, plus `chunk_overhead` for each chunk that starts a run (see
+/// [`prefill_runs`]). Both are in tokens; the overhead stands for what a prefill run costs
+/// whatever its length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillBudget {
     pub tokens: usize,
@@ -181,9 +182,9 @@ fn joins_run(last: &PrefillChunk, slot: usize, start: usize, len: usize) -> bool
 
 /// The plan's prefill chunks grouped into batched runs, in order: each run a stretch of chunks
 /// planned one after the other, first chunks of their prompts, of one length, in consecutive
-/// slots. Grouping several short
-/// prompts into one run pays a run's fixed cost (every weight read, every kernel launched) once:
-/// 32 prompts of 128 tokens arriving together take 8 runs at a 512-token budget, not 32.
+/// slots. Grouping several short prompts into one run pays a run's fixed cost (every weight
+/// read, every kernel launched) once: 32 prompts of 128 tokens take 8 runs at a 512-token
+/// budget, not 32.
 pub fn prefill_runs(chunks: &[PrefillChunk]) -> Vec<&[PrefillChunk]> {
     let mut runs = Vec::new();
     let mut start = 0;
