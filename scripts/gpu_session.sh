@@ -20,6 +20,8 @@
 #   scripts/gpu_session.sh vl        scripts/vl_gpu_bench.sh full (Qwen3-VL-2B bf16 + its text twin + transformers)
 #   scripts/gpu_session.sh ncu-vl    every GPU kernel's time (Nsight Compute) of one vl_bench run: one 1024x1024
 #                                    image encoded and prefilled (after `prep`; CUDA graphs off); kernels.csv
+#   scripts/gpu_session.sh probe     pio-kernels-check probe: read bandwidth and every projection shape of the presets
+#                                    through the tile kernels (1/8/32 tokens, warps per CTA swept), no model
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the `kernels` checkpoint (bf16, int4;
 #                                    batch 1 and 32; .gpu-genai holds its wheels)
 #
@@ -30,7 +32,7 @@
 # later part (carrying .gpu-b) unpacks the binaries again if .gpu is gone (a few seconds). What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|probe|genai}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
@@ -110,13 +112,14 @@ case $part in
     for config in ${SERVE_CONFIGS:-512:0 256:0 512:3}; do
       budget=${config%%:*} f=${config#*:} name=b$budget-f$f
       if [[ $first == 1 ]]; then
-        sections=offline,concurrency,sweep,prefix,long-prefill rates=${RATES:-1,2,4,8,16,32,64} conc=1,8,32,64
+        sections=${SERVE_SECTIONS:-offline,concurrency,sweep,prefix,long-prefill} rates=${RATES:-1,2,4,8,16,32,64}
+        conc=${CONCURRENCY:-1,8,32,64}
         cap=${SERVE_SECONDS:-150}
       else
         sections=offline,concurrency,sweep,long-prefill rates=${RATES_AFTER:-4,16} conc=32 cap=${SERVE_SECONDS_AFTER:-90}
       fi
       first=0
-      RUST_LOG=info,ort=warn,pio_runtime::engine::worker=debug .gpu/pio bench serve --graphs "$g" --ep cuda \
+      RUST_LOG=${SERVE_LOG:-info,ort=warn,pio_runtime::engine::worker=debug} .gpu/pio bench serve --graphs "$g" --ep cuda \
         --ep-option cuda_graph=1 --prefill-budget "$budget" --itl-factor "$f" --max-seqs 64 --max-model-len 4352 --sections $sections \
         --concurrency $conc --prompt-len 128 --max-tokens 256 --offline-batch 32 --prefix-len 2048 \
         --prefix-suffix 64 --prefix-requests 5 --long-prompt 4096 --long-streams 31 --long-stream-tokens 256 \
@@ -136,7 +139,7 @@ case $part in
     pack engine "$out/engine"
     ;;
   vl)
-    OUT=$out/vl PIO_BIN_DIR=.gpu timeout ${PART_SECONDS:-540} bash scripts/vl_gpu_bench.sh full
+    OUT=$out/vl PIO_BIN_DIR=.gpu timeout ${PART_SECONDS:-540} bash scripts/vl_gpu_bench.sh full ${VL_STAGES:-}
     cp "$out/vl/summary.json" "$out/vl-summary.json" 2>/dev/null
     pack vl "$out/vl"
     ;;
@@ -153,6 +156,16 @@ case $part in
     echo "ncu rc=$? kernels=$(grep -c gpu__time_duration "$n/kernels.csv")"
     tail -n 3 "$n/stderr.log" "$n/ncu.log"
     pack ncu-vl "$n"
+    ;;
+  probe)
+    # The kernels alone (no model): read bandwidth, exact int4 dequantization, every projection shape of the four
+    # presets through the tile kernels at 1/8/32 tokens with warps per CTA swept (pio-kernels-check probe).
+    mkdir -p "$out/probe"
+    timeout ${PART_SECONDS:-150} .gpu/pio-kernels-check probe --out "$out/probe.json" --tokens ${PROBE_TOKENS:-1,8,32} \
+      > "$out/probe/probe.log" 2>&1
+    echo "probe rc=$?"
+    tail -n 40 "$out/probe/probe.log"
+    pack probe "$out/probe"
     ;;
   genai)
     ck=$work/qwen3-4b-ck
