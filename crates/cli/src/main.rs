@@ -234,6 +234,10 @@ pub struct ModelArgs {
     /// default 0.5).
     #[arg(long, value_parser = NumberRange::at_least(0.0))]
     encoder_cache_gb: Option<f64>,
+    /// Vision-language models: threads that preprocess one image (resampling, normalization,
+    /// patches), >= 1 (default: the machine's cores, at most 8).
+    #[arg(long, value_name = "N", value_parser = NumberRange::at_least(1usize))]
+    image_threads: Option<usize>,
     /// Vision-language models: where local image paths in messages may point: `any`, `none`, or a
     /// folder they must be under (default: `any`; for `pio serve`, `none`, since its clients
     /// must not read the server's files).
@@ -338,6 +342,9 @@ impl ModelArgs {
         }
         if let Some(gb) = self.encoder_cache_gb {
             config = config.encoder_cache_bytes(gib(gb));
+        }
+        if let Some(threads) = self.image_threads.and_then(std::num::NonZeroUsize::new) {
+            config = config.image_threads(threads);
         }
         Ok(config)
     }

@@ -1,6 +1,9 @@
 //! The Qwen-VL image processor: smart resize, bicubic resampling, rescale and normalize, frames repeated to the
 //! temporal patch size, and patches flattened in transformers' order.
 
+use std::mem::MaybeUninit;
+use std::num::NonZeroUsize;
+
 use image::RgbImage;
 
 use crate::config::ImageProcessorConfig;
@@ -8,7 +11,7 @@ use crate::error::ImageError;
 use crate::normalize::Normalization;
 use crate::resample::Resampled;
 use crate::smart_resize::{smart_resize, SmartResizeError, MAX_ASPECT_RATIO};
-use crate::stream::{self, append_copies};
+use crate::stream::{self, SliceWriter};
 
 /// An image's size in patches: `t` frames (1 for an image) x `h` x `w` patches; `image_grid_thw` in
 /// transformers.
@@ -71,12 +74,25 @@ impl PixelBatch {
 pub struct ImageProcessor {
     config: ImageProcessorConfig,
     normalization: Normalization,
+    threads: NonZeroUsize,
 }
 
 impl ImageProcessor {
+    /// A processor that works on the calling thread alone (see [`ImageProcessor::with_threads`]).
     pub fn new(config: ImageProcessorConfig) -> ImageProcessor {
         let normalization = Normalization::from_config(&config);
-        ImageProcessor { config, normalization }
+        ImageProcessor { config, normalization, threads: NonZeroUsize::MIN }
+    }
+
+    /// Spreads each image's resampling, normalization and patch cutting over up to `threads` threads (bands of
+    /// rows each, scoped threads started per call). The output is the same, bit for bit, whatever the count:
+    /// every value is computed by the same code, only elsewhere.
+    pub fn with_threads(self, threads: NonZeroUsize) -> ImageProcessor {
+        ImageProcessor { threads, ..self }
+    }
+
+    pub fn threads(&self) -> NonZeroUsize {
+        self.threads
     }
 
     pub fn config(&self) -> &ImageProcessorConfig {
@@ -131,11 +147,18 @@ impl ImageProcessor {
             .pixel_values
             .try_reserve_exact(len)
             .map_err(|_| ImageError::BatchTooLarge { bytes: (len as u64).saturating_mul(4) })?;
+        let mut at = 0;
+        let spare = &mut batch.pixel_values.spare_capacity_mut()[..len];
         for ((image, &(width, height)), grid) in images.iter().zip(&targets).zip(&grids) {
-            let resampled = Resampled::new(image, width, height);
-            self.append_patches(&resampled, *grid, &mut batch.pixel_values, warm_until);
+            let resampled = Resampled::new(image, width, height, self.threads);
+            let image_len = grid.num_patches() * batch.cols;
+            self.write_patches(&resampled, *grid, &mut spare[at..at + image_len], at + image_len <= warm_until);
+            at += image_len;
         }
         stream::finish();
+        // SAFETY: the reservation holds `len` values, and the loop above wrote all of them: the images' slices
+        // tile 0..len, and write_patches fills its slice whole (it asserts so).
+        unsafe { batch.pixel_values.set_len(len) };
         batch.rows = rows;
         batch.grids = grids;
         Ok(())
@@ -184,11 +207,41 @@ impl ImageProcessor {
         GridThw { t: 1, h: height / patch, w: width / patch }
     }
 
-    /// transformers' `patchify`, appending to `out`: rows in merge-block order (block row, block column, row in
-    /// block, column in block), each row laid out as (channel, frame, y, x) with the image repeated in every
-    /// frame. Works one block row (merge_size x patch_size image rows) at a time: resampled, normalized into
-    /// channel planes, then cut into patches, while it is in cache; writes in output order, each value once.
-    fn append_patches(&self, image: &Resampled<'_>, grid: GridThw, out: &mut Vec<f32>, warm_until: usize) {
+    /// transformers' `patchify` into `out` (exactly this image's values): rows in merge-block order (block row,
+    /// block column, row in block, column in block), each row laid out as (channel, frame, y, x) with the image
+    /// repeated in every frame. A block row (merge_size x patch_size image rows) is one band: resampled,
+    /// normalized into channel planes and cut into patches while it is in cache, its values written in output
+    /// order, each once. Bands are independent, so consecutive runs of them go to up to `threads` threads.
+    fn write_patches(&self, image: &Resampled<'_>, grid: GridThw, out: &mut [MaybeUninit<f32>], streaming: bool) {
+        let merge = self.config.merge_size() as usize;
+        let bands = grid.h as usize / merge;
+        if bands == 0 {
+            return;
+        }
+        let band_len = out.len() / bands;
+        let threads = self.threads.get().min(bands);
+        let per_thread = bands.div_ceil(threads);
+        if threads == 1 {
+            self.write_bands(image, grid, 0, out, band_len, streaming);
+            return;
+        }
+        std::thread::scope(|scope| {
+            for (index, part) in out.chunks_mut(per_thread * band_len).enumerate() {
+                scope.spawn(move || self.write_bands(image, grid, index * per_thread, part, band_len, streaming));
+            }
+        });
+    }
+
+    /// Bands `first..` of an image into `out`, `band_len` values each, until `out` is full.
+    fn write_bands(
+        &self,
+        image: &Resampled<'_>,
+        grid: GridThw,
+        first: usize,
+        out: &mut [MaybeUninit<f32>],
+        band_len: usize,
+        streaming: bool,
+    ) {
         let patch = self.config.patch_size() as usize;
         let merge = self.config.merge_size() as usize;
         let frames = self.config.temporal_patch_size() as usize;
@@ -198,7 +251,8 @@ impl ImageProcessor {
         let mut scratch = Vec::new();
         let mut planes = vec![0.0f32; 3 * channel_len];
         let mut patch_plane = vec![0.0f32; patch * patch];
-        for block_y in 0..grid.h as usize / merge {
+        for (block_y, out) in (first..).zip(out.chunks_mut(band_len)) {
+            let mut writer = SliceWriter::new(out, streaming);
             let band = image.band(block_y * band_rows..(block_y + 1) * band_rows, &mut scratch);
             let (red, rest) = planes.split_at_mut(channel_len);
             let (green, blue) = rest.split_at_mut(channel_len);
@@ -215,11 +269,13 @@ impl ImageProcessor {
                                 let start = (in_y * patch + py) * width + x0;
                                 line.copy_from_slice(&channel[start..start + patch]);
                             }
-                            append_copies(out, &patch_plane, frames, warm_until);
+                            writer.push_copies(&patch_plane, frames);
                         }
                     }
                 }
             }
+            // preprocess_into's set_len relies on this.
+            assert!(writer.is_full(), "a band of patches must fill its share of pixel_values");
         }
     }
 }

@@ -3,6 +3,7 @@
 //! `scripts/make_image_fixtures.py` writes under tests/fixtures/images/.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use pio_image::{decode, DecodeLimits, GridThw, ImageInput, ImageProcessor, ImageProcessorConfig, PixelBatch};
@@ -160,15 +161,17 @@ fn pixel_values_match_transformers() {
             "{config_name}: config read differently from transformers"
         );
         let processor = ImageProcessor::new(config);
+        // Three threads (bands of rows each, on fixtures of a few bands) must give the one thread's values.
+        let threaded = processor.clone().with_threads(NonZeroUsize::new(3).unwrap());
         // One batch reused across the images (and each image done twice), as a runtime would: the second pass
         // writes into memory written before, which takes the streaming-store path.
         let mut batch = PixelBatch::default();
         for (name, expected) in &reference.images {
             let image = decode(&source(name), &DecodeLimits::default()).expect("fixture decodes");
             let fresh = processor.preprocess(std::slice::from_ref(&image)).expect("fixture preprocesses");
-            processor.preprocess_into(std::slice::from_ref(&image), &mut batch).expect("fixture preprocesses");
-            processor.preprocess_into(std::slice::from_ref(&image), &mut batch).expect("fixture preprocesses");
-            assert_eq!(batch, fresh, "{config_name}/{name}: a reused batch differs from a fresh one");
+            threaded.preprocess_into(std::slice::from_ref(&image), &mut batch).expect("fixture preprocesses");
+            threaded.preprocess_into(std::slice::from_ref(&image), &mut batch).expect("fixture preprocesses");
+            assert_eq!(batch, fresh, "{config_name}/{name}: three threads and a reused batch differ from one thread");
             let grid = batch.grids()[0];
             if grid.as_array() != expected.grid_thw || (batch.rows(), batch.cols()) != (expected.rows, expected.cols) {
                 failures.push(format!(
@@ -209,7 +212,8 @@ fn batch_is_the_concatenation_with_one_grid_per_image() {
     let (config_name, reference) =
         summary.configs.iter().find(|(_, c)| !c.batch.images.is_empty()).expect("a config with a batch reference");
     let config = ImageProcessorConfig::from_checkpoint_dir(fixtures().join("configs").join(config_name)).unwrap();
-    let processor = ImageProcessor::new(config);
+    // More threads than most images have bands: each image of the batch is split its own way.
+    let processor = ImageProcessor::new(config).with_threads(NonZeroUsize::new(8).unwrap());
     let images: Vec<_> = reference
         .batch
         .images

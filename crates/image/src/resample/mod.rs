@@ -15,6 +15,7 @@
 mod x86;
 
 use std::borrow::Cow;
+use std::num::NonZeroUsize;
 use std::ops::Range;
 
 use image::RgbImage;
@@ -131,10 +132,13 @@ pub(crate) struct Resampled<'a> {
 }
 
 impl<'a> Resampled<'a> {
-    /// `width` and `height` must be non-zero.
-    pub(crate) fn new(image: &'a RgbImage, width: u32, height: u32) -> Resampled<'a> {
-        let columns =
-            if width != image.width() { Cow::Owned(resize_horizontal(image, width)) } else { Cow::Borrowed(image) };
+    /// `width` and `height` must be non-zero. The horizontal pass spreads its rows over up to `threads` threads.
+    pub(crate) fn new(image: &'a RgbImage, width: u32, height: u32, threads: NonZeroUsize) -> Resampled<'a> {
+        let columns = if width != image.width() {
+            Cow::Owned(resize_horizontal(image, width, threads))
+        } else {
+            Cow::Borrowed(image)
+        };
         let vertical = (height != image.height()).then(|| AxisFilter::new(image.height() as usize, height as usize));
         Resampled { columns, vertical }
     }
@@ -158,16 +162,31 @@ impl<'a> Resampled<'a> {
     }
 }
 
-fn resize_horizontal(image: &RgbImage, width: u32) -> RgbImage {
+fn resize_horizontal(image: &RgbImage, width: u32, threads: NonZeroUsize) -> RgbImage {
     let filter = AxisFilter::new(image.width() as usize, width as usize);
     let in_row = image.width() as usize * CHANNELS;
     let out_row = width as usize * CHANNELS;
-    let mut out = vec![0u8; out_row * image.height() as usize];
+    let height = image.height() as usize;
+    let mut out = vec![0u8; out_row * height];
     // Each row is copied with padding: the SIMD kernels read past a pixel's three bytes.
-    let mut padded = vec![0u8; in_row + ROW_PADDING];
-    for (src, dst) in image.as_raw().chunks_exact(in_row).zip(out.chunks_exact_mut(out_row)) {
-        padded[..in_row].copy_from_slice(src);
-        horizontal_row(&padded, &filter, dst);
+    let rows = |src: &[u8], dst: &mut [u8]| {
+        let mut padded = vec![0u8; in_row + ROW_PADDING];
+        for (src, dst) in src.chunks_exact(in_row).zip(dst.chunks_exact_mut(out_row)) {
+            padded[..in_row].copy_from_slice(src);
+            horizontal_row(&padded, &filter, dst);
+        }
+    };
+    let threads = threads.get().min(height.max(1));
+    if threads == 1 {
+        rows(image.as_raw(), &mut out);
+    } else {
+        let per_thread = height.div_ceil(threads);
+        std::thread::scope(|scope| {
+            let parts = image.as_raw().chunks(per_thread * in_row).zip(out.chunks_mut(per_thread * out_row));
+            for (src, dst) in parts {
+                scope.spawn(move || rows(src, dst));
+            }
+        });
     }
     RgbImage::from_raw(width, image.height(), out).expect("buffer sized for the output")
 }

@@ -102,6 +102,9 @@ const CPU_PREFIX_CACHE_CAP: u64 = 2 << 30;
 /// Bytes of vision encodings kept unless configured: 32 images of 1024x1024 for Qwen3-VL-2B in
 /// bf16 (1024 tokens of 4 x 2048 features each).
 pub const DEFAULT_ENCODER_CACHE_BYTES: u64 = 512 << 20;
+/// The most threads that preprocess an image by default (the machine's cores when fewer): past
+/// that, writing `pixel_values` is bound by memory, not by the cores.
+pub const DEFAULT_MAX_IMAGE_THREADS: usize = 8;
 
 /// How to start an [`Engine`]. Build it with [`EngineConfig::builder`].
 #[derive(Clone, Debug)]
@@ -282,6 +285,13 @@ impl EngineConfigBuilder {
     /// 0: every image is encoded each time).
     pub fn encoder_cache_bytes(mut self, bytes: u64) -> Self {
         self.config.images.encoder_cache_bytes = Some(bytes);
+        self
+    }
+    /// Threads that preprocess one image: resampling, normalization and patches, in bands of rows
+    /// (default: the machine's cores, at most [`DEFAULT_MAX_IMAGE_THREADS`]). The pixels are the
+    /// same whatever the count; it only sets how soon an image reaches the encoder.
+    pub fn image_threads(mut self, threads: std::num::NonZeroUsize) -> Self {
+        self.config.images.preprocess_threads = Some(threads);
         self
     }
 

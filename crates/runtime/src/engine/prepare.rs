@@ -61,8 +61,9 @@ impl Preparer {
                         e,
                     )
                 })?;
+                let threads = settings.preprocess_threads.unwrap_or_else(default_image_threads);
                 Some(ImageIntake {
-                    processor: ImageProcessor::new(config),
+                    processor: ImageProcessor::new(config).with_threads(threads),
                     settings,
                     image_token: vision.image_token_id,
                     merge: vision.spatial_merge_size,
@@ -150,4 +151,10 @@ impl Preparer {
         let images = (!loaded.is_empty()).then(|| SequenceImages::new(prompt, loaded, decode_ms));
         Ok(Prepared { ids, images })
     }
+}
+
+/// The machine's cores, at most [`super::DEFAULT_MAX_IMAGE_THREADS`] (1 when unknown).
+fn default_image_threads() -> std::num::NonZeroUsize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    std::num::NonZeroUsize::new(cores.min(super::DEFAULT_MAX_IMAGE_THREADS)).unwrap_or(std::num::NonZeroUsize::MIN)
 }

@@ -45,8 +45,8 @@ pub enum RemoteImages {
     Fetch { timeout: Duration },
 }
 
-/// How the engine takes images: decode limits, where paths and URLs may lead, and the encoder
-/// cache's size.
+/// How the engine takes images: decode limits, where paths and URLs may lead, the encoder
+/// cache's size and the threads that preprocess an image.
 #[derive(Clone, Debug, Default)]
 pub struct ImageSettings {
     pub limits: DecodeLimits,
@@ -54,6 +54,9 @@ pub struct ImageSettings {
     pub remote: RemoteImages,
     /// Bytes of vision encodings kept across requests (None: the engine's default).
     pub encoder_cache_bytes: Option<u64>,
+    /// Threads that resample, normalize and cut one image into patches (None: the engine's
+    /// default, the machine's cores up to 8).
+    pub preprocess_threads: Option<std::num::NonZeroUsize>,
 }
 
 /// A content part the engine cannot take: which part (`messages[1].content[0].image_url`), why,
