@@ -20,6 +20,8 @@
 #   scripts/gpu_session.sh vl        scripts/vl_gpu_bench.sh full (Qwen3-VL-2B bf16 + its text twin + transformers)
 #   scripts/gpu_session.sh ncu-vl    every GPU kernel's time (Nsight Compute) of one vl_bench run: one 1024x1024
 #                                    image encoded and prefilled (after `prep`; CUDA graphs off); kernels.csv
+#   scripts/gpu_session.sh vl-profile ONNX Runtime's profile of one Qwen3-VL request: each node's provider (CPU
+#                                    fallbacks) and host time, per operator (after `prep`)
 #   scripts/gpu_session.sh probe     pio-kernels-check probe: read bandwidth and every projection shape of the presets
 #                                    through the tile kernels (1/8/32 tokens, warps per CTA swept), no model
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the `kernels` checkpoint (bf16, int4;
@@ -32,7 +34,7 @@
 # later part (carrying .gpu-b) unpacks the binaries again if .gpu is gone (a few seconds). What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|probe|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|vl-profile|probe|genai}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
@@ -156,6 +158,21 @@ case $part in
     echo "ncu rc=$? kernels=$(grep -c gpu__time_duration "$n/kernels.csv")"
     tail -n 3 "$n/stderr.log" "$n/ncu.log"
     pack ncu-vl "$n"
+    ;;
+  vl-profile)
+    # ONNX Runtime's profile of one vl_bench request (one 1024x1024 image, after `prep`): which provider ran each
+    # node of the vision encoder and the decoder (a CPUExecutionProvider row is a fallback with copies around it).
+    p=$out/vl-profile
+    mkdir -p "$p/traces"
+    vg=/dev/shm/pio-vl/graphs/vl-${VL_PRECISION:-bf16} img=/dev/shm/pio-vl/images/1024x1024.jpg
+    PIO_ORT_PROFILE=$p/traces timeout ${PART_SECONDS:-120} .gpu/examples/vl_bench --graphs "$vg" --ep cuda \
+      --images "$img" --ttft-image "$img" --question-tokens 64 --decode-tokens 2 --repeats 1 --out "$p/vl-bench.json" \
+      > "$p/vl-bench.log" 2>&1
+    echo "vl_bench (profiled) rc=$?"
+    python3 scripts/ort_profile_summary.py "$p"/traces/*.json --top 30 --json "$p/summary.json" > "$p/summary.txt" 2>&1
+    head -n 80 "$p/summary.txt"
+    rm -rf "$p/traces"
+    pack vl-profile "$p"
     ;;
   probe)
     # The kernels alone (no model): read bandwidth, exact int4 dequantization, every projection shape of the four
