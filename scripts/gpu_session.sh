@@ -162,16 +162,23 @@ case $part in
   vl-profile)
     # ONNX Runtime's profile of one vl_bench request (one 1024x1024 image, after `prep`): which provider ran each
     # node of the vision encoder and the decoder (a CPUExecutionProvider row is a fallback with copies around it).
+    # ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO makes each attention node print the kernel it chose.
     p=$out/vl-profile
-    mkdir -p "$p/traces"
-    vg=/dev/shm/pio-vl/graphs/vl-${VL_PRECISION:-bf16} img=/dev/shm/pio-vl/images/1024x1024.jpg
-    PIO_ORT_PROFILE=$p/traces timeout ${PART_SECONDS:-120} .gpu/examples/vl_bench --graphs "$vg" --ep cuda \
-      --images "$img" --ttft-image "$img" --question-tokens 64 --decode-tokens 2 --repeats 1 --out "$p/vl-bench.json" \
-      > "$p/vl-bench.log" 2>&1
-    echo "vl_bench (profiled) rc=$?"
-    python3 scripts/ort_profile_summary.py "$p"/traces/*.json --top 30 --json "$p/summary.json" > "$p/summary.txt" 2>&1
-    head -n 80 "$p/summary.txt"
-    rm -rf "$p/traces"
+    img=/dev/shm/pio-vl/images/1024x1024.jpg
+    for precision in ${VL_PRECISIONS:-bf16}; do
+      vg=/dev/shm/pio-vl/graphs/vl-$precision
+      [[ -f $vg/pio.json ]] || { echo "no $vg"; continue; }
+      mkdir -p "$p/traces-$precision"
+      ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 PIO_ORT_PROFILE=$p/traces-$precision timeout ${PART_SECONDS:-120} \
+        .gpu/examples/vl_bench --graphs "$vg" --ep cuda --images "$img" --ttft-image "$img" --question-tokens 64 \
+        --decode-tokens 2 --repeats 1 --out "$p/vl-bench-$precision.json" > "$p/vl-bench-$precision.log" 2>&1
+      echo "vl_bench $precision (profiled) rc=$?"
+      grep -m 3 -i "MultiHeadAttention" "$p/vl-bench-$precision.log" | cut -c1-300
+      python3 scripts/ort_profile_summary.py "$p"/traces-$precision/*.json --top 30 \
+        --json "$p/summary-$precision.json" > "$p/summary-$precision.txt" 2>&1
+      grep -A 32 -i vision "$p/summary-$precision.txt" | head -n 34
+      rm -rf "$p/traces-$precision"
+    done
     pack vl-profile "$p"
     ;;
   probe)
