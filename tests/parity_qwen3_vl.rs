@@ -416,6 +416,44 @@ fn cuda_decoders_need_no_host_to_device_copy() {
     }
 }
 
+/// A bf16 vision encoder runs its attention in float16 (ONNX Runtime's bf16 MultiHeadAttention
+/// was the slow part of a bf16 encode on an H100): each MultiHeadAttention reads q, k and v
+/// through a Cast to float16 and its output is cast back to bfloat16. Graphs in float16 or
+/// float32 have no such casts.
+#[test]
+fn bf16_vision_attention_runs_in_float16() {
+    use pio_export::onnx::proto::{ModelProto, NodeProto};
+    use pio_models::{Precision, TargetEp};
+    use prost::Message;
+    const FLOAT16: i64 = 10;
+    const BFLOAT16: i64 = 16;
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::load("qwen3vl-a");
+    for (precision, casts) in [(Precision::Bf16, true), (Precision::Fp16, false)] {
+        let dir = tmp.path().join(format!("{precision:?}"));
+        fixture.export(&dir, pio_export::ExportSettings::builder(precision, TargetEp::Cuda, 256, true));
+        let bytes = std::fs::read(dir.join("vision.onnx")).unwrap();
+        let nodes = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap().node;
+        let producer = |name: &str| nodes.iter().find(|n| n.output.iter().any(|o| o == name));
+        let cast_to = |node: Option<&NodeProto>| {
+            node.filter(|n| n.op_type == "Cast").and_then(|n| n.attribute.iter().find(|a| a.name == "to")).map(|a| a.i)
+        };
+        let attentions: Vec<&NodeProto> = nodes.iter().filter(|n| n.op_type == "MultiHeadAttention").collect();
+        assert!(!attentions.is_empty(), "{precision:?}: no MultiHeadAttention in vision.onnx");
+        for attention in attentions {
+            let inputs: Vec<Option<i64>> = attention.input.iter().map(|i| cast_to(producer(i))).collect();
+            let output = &attention.output[0];
+            let consumer = nodes.iter().find(|n| n.input.iter().any(|i| i == output));
+            if casts {
+                assert_eq!(inputs, vec![Some(FLOAT16); 3], "{}: q, k, v not cast to float16", attention.name);
+                assert_eq!(cast_to(consumer), Some(BFLOAT16), "{}: output not cast back", attention.name);
+            } else {
+                assert_eq!(inputs, vec![None; 3], "{precision:?} {}: casts around the attention", attention.name);
+            }
+        }
+    }
+}
+
 /// The runtime's decoder runs the text steps of a multimodal export (positions on all three
 /// axes, no image rows): a text-only prompt's greedy tokens equal transformers', through the
 /// growing cache and the shared buffer.
