@@ -22,6 +22,8 @@
 #                                    image encoded and prefilled (after `prep`; CUDA graphs off); kernels.csv
 #   scripts/gpu_session.sh vl-profile ONNX Runtime's profile of one Qwen3-VL request: each node's provider (CPU
 #                                    fallbacks) and host time, per operator (after `prep`)
+#   scripts/gpu_session.sh bench4    pio bench of Qwen3-4B bf16/int4, stock and --pio-kernels (exported by `prep` with
+#                                    PREP_KERNELS=1), batch 1/8/32, CUDA graphs on
 #   scripts/gpu_session.sh probe     pio-kernels-check probe: read bandwidth and every projection shape of the presets
 #                                    through the tile kernels (1/8/32 tokens, warps per CTA swept), no model
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the `kernels` checkpoint (bf16, int4;
@@ -34,7 +36,7 @@
 # later part (carrying .gpu-b) unpacks the binaries again if .gpu is gone (a few seconds). What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|vl-profile|probe|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|vl-profile|bench4|probe|genai}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
@@ -74,11 +76,23 @@ case $part in
     unpack_tokenizer .gpu-c
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.csv"
     (bin=.gpu shm=/dev/shm/pio && mkdir -p $shm && source scripts/synthetic_qwen3.sh \
-      && export_synthetic_qwen3 cuda qwen3-4b-graphs "$out/prep/export-qwen3.log"; echo "qwen3 export rc=$?") &
-    OUT=$out/prep PIO_BIN_DIR=.gpu bash scripts/vl_gpu_bench.sh full export; echo "vl export rc=$?"
+      && export_synthetic_qwen3 cuda qwen3-4b-graphs "$out/prep/export-qwen3.log"; echo "qwen3 export rc=$?"
+      # PREP_KERNELS=1: that checkpoint also as the `bench4` part's four graphs (bf16/int4, stock/--pio-kernels).
+      if [[ ${PREP_KERNELS:-0} == 1 ]]; then
+        mkdir -p $work
+        for p in bf16 int4; do
+          for kind in stock pio; do
+            flags=(); [[ $kind == pio ]] && flags=(--pio-kernels)
+            .gpu/pio-export --checkpoint $shm/qwen3-4b-synthetic-full --ep cuda --precision $p --context-length 8192 \
+              --force "${flags[@]}" --out $work/q4b-$p-$kind >> "$out/prep/export-kernels.log" 2>&1 &
+          done
+        done
+        wait; echo "kernel graphs: $(ls $work)"
+      fi) &
+    [[ ${PREP_VL:-1} == 1 ]] && { OUT=$out/prep PIO_BIN_DIR=.gpu bash scripts/vl_gpu_bench.sh full export; echo "vl export rc=$?"; }
     wait
-    ls /dev/shm/pio /dev/shm/pio-vl/graphs
-    tail -n 3 "$out/prep/steps.log"
+    ls /dev/shm/pio /dev/shm/pio-vl/graphs 2>/dev/null
+    tail -n 3 "$out/prep/steps.log" 2>/dev/null
     ;;
   setup)
     cat "$stash/ort.part00" .gpu-b/ort.part01 > .gpu-b/ort-cuda-sm90.tar.xz && source .gpu-b/ort-env.sh
@@ -180,6 +194,19 @@ case $part in
       rm -rf "$p/traces-$precision"
     done
     pack vl-profile "$p"
+    ;;
+  bench4)
+    # pio bench of the four graphs `prep` exported with PREP_KERNELS=1: Qwen3-4B bf16 and int4, stock and
+    # --pio-kernels, CUDA graphs on, batch 1/8/32 (as scripts/kernels_gpu_check.sh's bench step).
+    graphs=()
+    for g in q4b-bf16-stock q4b-bf16-pio q4b-int4-stock q4b-int4-pio; do
+      [[ -f $work/$g/pio.json ]] && graphs+=(--graphs "$work/$g")
+    done
+    timeout ${PART_SECONDS:-240} .gpu/pio bench "${graphs[@]}" --ep cuda --cuda-graph on --batches ${BATCHES:-1,8,32} \
+      --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 128 --repeats 1 --out "$out/bench4.json" \
+      > "$out/bench4.log" 2>&1
+    echo "pio bench rc=$?"
+    grep -v "INFO\|WARN" "$out/bench4.log" | tail -n 30
     ;;
   probe)
     # The kernels alone (no model): read bandwidth, exact int4 dequantization, every projection shape of the four

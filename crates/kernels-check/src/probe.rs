@@ -224,7 +224,7 @@ fn tile_case(
     let expected = if proj.swiglu { reference::swiglu_grouped(&expected, m, check_n) } else { expected };
     let check_out = if proj.swiglu { check_n / 2 } else { check_n };
     let dcheck = DeviceBuffer::new(m * check_out * 2)?;
-    let warps = default_warps(format, k);
+    let warps = default_warps(format, proj.n, k, m);
     // SAFETY: buffers of the sizes the shapes imply; synchronized before reading.
     unsafe {
         kernels.launch_tiles(

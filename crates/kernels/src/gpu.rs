@@ -45,11 +45,23 @@ impl WeightFormat {
     }
 }
 
-/// Warps per CTA (they split K): enough chunks per warp to keep 4 loads in flight (int4) or one
-/// 4-KB chunk (dense) without leaving warps idle; at most 8 (256 threads).
-pub fn default_warps(format: WeightFormat, k: usize) -> u32 {
+/// CTAs (16 rows of N each) up to which an int4 projection of at most
+/// [`FEW_TOKENS`] tokens takes 8 warps per CTA.
+const FEW_CTAS: usize = 640;
+/// Token counts that [`FEW_CTAS`] applies to.
+const FEW_TOKENS: usize = 8;
+
+/// Warps per CTA (they split K) for `m` tokens of an (N, K) projection: enough chunks per warp to
+/// keep 4 loads in flight (int4) or one 4-KB chunk (dense) without leaving warps idle; at most 8
+/// (256 threads). An int4 projection of a few tokens with few CTAs takes 8 warps whatever K: the
+/// probe on an H200 (Run 6, every projection of the four presets) found 8 warps the fastest for
+/// all of those at 1 and 8 tokens (Qwen3-4B's qkv 1.24 against 1.11 TB/s, Qwen3-VL's o 0.50
+/// against 0.37), while wider ones (gate/up with more than 640 CTAs, the lm_head) read fastest
+/// with the count below.
+pub fn default_warps(format: WeightFormat, n: usize, k: usize, m: usize) -> u32 {
     let chunks = k.div_ceil(CHUNK_K);
     let per_warp = match format {
+        WeightFormat::Int4 { .. } if m <= FEW_TOKENS && n / TILE_ROWS <= FEW_CTAS => return 8,
         WeightFormat::Int4 { .. } => 4,
         WeightFormat::Dense => 2,
     };
@@ -472,7 +484,9 @@ impl MoeKernels {
                 rows: dim(rows, "rows")?,
                 k: dim(k, "K")?,
             };
-            let warps = default_warps(WeightFormat::Int4 { block_size: s.block_size }, k);
+            // Every expert slot is a CTA column of its own (max_slots of them), so the few-CTA
+            // rule of a lone projection does not apply: counted as full tiles.
+            let warps = default_warps(WeightFormat::Int4 { block_size: s.block_size }, rows, k, MAX_TOKENS);
             let config = LaunchConfig {
                 grid: ((rows / TILE_ROWS) as u32, max_slots as u32),
                 block: 32 * warps,
@@ -550,5 +564,26 @@ impl ProbeKernels {
             stream,
             &mut params,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warps_follow_the_probe() {
+        let int4 = WeightFormat::Int4 { block_size: 32 };
+        // Qwen3-4B at one token: qkv (384 CTAs) and o take 8 warps, gate/up (1,216) and the
+        // lm_head (9,496) keep the count their K gives.
+        assert_eq!(default_warps(int4, 6144, 2560, 1), 8);
+        assert_eq!(default_warps(int4, 2560, 4096, 8), 8);
+        assert_eq!(default_warps(int4, 19456, 2560, 1), 5);
+        assert_eq!(default_warps(int4, 151936, 2560, 1), 5);
+        // More tokens: as before the probe.
+        assert_eq!(default_warps(int4, 6144, 2560, 32), 5);
+        assert_eq!(default_warps(int4, 2048, 1536, 9), 3);
+        // 16-bit weights: by K alone.
+        assert_eq!(default_warps(WeightFormat::Dense, 6144, 2560, 1), 8);
     }
 }

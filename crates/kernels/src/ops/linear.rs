@@ -251,7 +251,6 @@ struct CudaLinear {
     spec: Spec,
     device: &'static Device,
     kernels: LinearKernels,
-    warps: u32,
     /// Set once cuBLAS itself failed (not loaded, no handle, another stream, a GEMM error): from
     /// then on the tile kernels take every call (logged once).
     cublas_unavailable: bool,
@@ -263,14 +262,7 @@ impl CudaLinear {
     fn new(spec: Spec, dtype: ActDtype, ordinal: i32) -> Result<Self> {
         let device = Device::get(ordinal)?;
         let kernels = LinearKernels::new(device, spec.format, dtype)?;
-        Ok(CudaLinear {
-            spec,
-            device,
-            kernels,
-            warps: default_warps(spec.format, spec.k),
-            cublas_unavailable: false,
-            fallback_logged: false,
-        })
+        Ok(CudaLinear { spec, device, kernels, cublas_unavailable: false, fallback_logged: false })
     }
 
     fn run(&mut self, ctx: &ComputeContext) -> Result<()> {
@@ -300,7 +292,8 @@ impl CudaLinear {
         if path(s.format, m, self.cublas_unavailable) == Path::Tiles {
             // SAFETY: the pointers are ONNX Runtime's tensors of the checked sizes, alive for the call;
             // the launch is ordered on the provider's stream.
-            return unsafe { self.kernels.launch_tiles(stream, ptrs, (m, s.n, s.k), s.swiglu, self.warps) };
+            let warps = default_warps(s.format, s.n, s.k, m);
+            return unsafe { self.kernels.launch_tiles(stream, ptrs, (m, s.n, s.k), s.swiglu, warps) };
         }
         if !self.cublas_unavailable {
             match self.run_cublas(ctx, stream, ptrs, m) {
@@ -340,7 +333,8 @@ impl CudaLinear {
             let xs = x + (start * s.k) as u64 * bytes;
             let ys = y + (start * s.out_features()) as u64 * bytes;
             // SAFETY: as in `run`, offset within the same tensors.
-            unsafe { self.kernels.launch_tiles(stream, (xs, w, scales, ys), (rows, s.n, s.k), s.swiglu, self.warps)? };
+            let warps = default_warps(s.format, s.n, s.k, rows);
+            unsafe { self.kernels.launch_tiles(stream, (xs, w, scales, ys), (rows, s.n, s.k), s.swiglu, warps)? };
         }
         Ok(())
     }

@@ -715,14 +715,18 @@ fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Res
         .map_err(|e| EngineError::model_failed(format!("cannot load the model in {}", config.graphs.display()), e))?;
     let on_gpu = model.device_id().is_some();
     let measured = if on_gpu && config.pool.kv_cache_bytes.is_none() {
-        Runner::measure_free_kv_bytes(&mut model, config.idle_prefill_budget(), config.gpu_memory_utilization).map_err(
-            |e| {
-                EngineError::model_failed(
-                    "cannot measure the GPU memory for the KV cache (set --max-seqs or --kv-cache-gb)",
-                    e,
-                )
-            },
-        )?
+        Runner::measure_free_kv_bytes(
+            &mut model,
+            config.idle_prefill_budget(),
+            config.prefill_budget,
+            config.gpu_memory_utilization,
+        )
+        .map_err(|e| {
+            EngineError::model_failed(
+                "cannot measure the GPU memory for the KV cache (set --max-seqs or --kv-cache-gb)",
+                e,
+            )
+        })?
     } else {
         None
     };

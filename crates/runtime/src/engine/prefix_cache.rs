@@ -138,6 +138,10 @@ impl<S> PrefixCache<S> {
         self.used_bytes
     }
 
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit_bytes
+    }
+
     pub fn extent(&self, id: ExtentId) -> Option<&Extent<S>> {
         self.extents.get(&id)
     }
