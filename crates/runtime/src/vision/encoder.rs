@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor, TensorRef};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor};
 use pio_image::GridThw;
 use pio_models::manifest::{Manifest, TensorDtype, VisionSpec};
 
@@ -186,9 +186,9 @@ impl VisionEncoder {
         let merge = self.spec.spatial_merge_size;
         let tokens = rows / (merge * merge);
         let run_error = |source: ort::Error| VisionError::Encode { grid, source };
-        // A view of the caller's rows, not a copy: a copy of a 1024x1024 image's 25 MB into fresh
-        // memory costs milliseconds of page faults before ONNX Runtime's own upload.
-        let pixel_values = TensorRef::from_array_view(([rows, self.spec.patch_dim], pixels)).map_err(run_error)?;
+        // An owned copy: `IoBinding::bind_input` copies a borrowed `TensorRef` itself, through a
+        // session of ort's that can deadlock on its own lock (ort 2.0.0-rc.15, seen in the tests).
+        let pixel_values = Tensor::from_array((vec![rows, self.spec.patch_dim], pixels.to_vec())).map_err(run_error)?;
         let grid_thw = [grid.t, grid.h, grid.w].map(i64::from).to_vec();
         let grid_thw = Tensor::from_array((vec![1usize, 3], grid_thw)).map_err(run_error)?;
         let mut binding = self.session.create_binding().map_err(run_error)?;
