@@ -105,6 +105,9 @@ pub const DEFAULT_ENCODER_CACHE_BYTES: u64 = 512 << 20;
 /// The most threads that preprocess an image by default (the machine's cores when fewer): past
 /// that, writing `pixel_values` is bound by memory, not by the cores.
 pub const DEFAULT_MAX_IMAGE_THREADS: usize = 8;
+/// The past the memory profiling runs a late prefill chunk after when `max_model_len` is not set
+/// (the graph's context when shorter): longer would hold gigabytes of KV for a warm-up.
+const LATE_CHUNK_DEFAULT_CAPACITY: usize = 32768;
 
 /// How to start an [`Engine`]. Build it with [`EngineConfig::builder`].
 #[derive(Clone, Debug)]
@@ -719,6 +722,8 @@ fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Res
             &mut model,
             config.idle_prefill_budget(),
             config.prefill_budget,
+            // The longest sequence the engine will serve, when it is known before the pool is sized.
+            config.pool.max_model_len.unwrap_or(LATE_CHUNK_DEFAULT_CAPACITY),
             config.gpu_memory_utilization,
         )
         .map_err(|e| {

@@ -267,14 +267,16 @@ impl Runner {
     /// Bytes free for the KV pool on the sessions' GPUs: free memory less the share
     /// `1 - utilization` of the total kept back for activations and everything else. Measured
     /// after one prefill of `prefill_tokens` tokens and one chunk of `chunk_tokens` at the end of
-    /// the context, so that the largest activations and attention scratch of a step are already
-    /// allocated (ONNX Runtime's arena keeps them). A staged model's GPUs each hold
+    /// a sequence of `late_chunk_capacity` tokens (the longest the engine serves), so that the
+    /// largest activations and attention scratch of a step are already allocated (ONNX Runtime's
+    /// arena keeps them). A staged model's GPUs each hold
     /// their stages' layers' share of every token's KV; the pool is what the tightest of them
     /// allows, in bytes of the whole model's KV. None on the CPU.
     pub(crate) fn measure_free_kv_bytes(
         model: &mut DecoderModel,
         prefill_tokens: usize,
         chunk_tokens: usize,
+        late_chunk_capacity: usize,
         utilization: f64,
     ) -> Result<Option<u64>, ModelError> {
         if model.device_id().is_none() {
@@ -294,14 +296,18 @@ impl Runner {
         // scratch that grows with the past, and the arena grew for it on the serving path (an H200,
         // Run 6: a 4,096-token prompt's last 512-token chunk took 30.5 ms against 15.3 ms for the
         // one before; the first prefix hit's 64 tokens 13.3 ms against 6.5 ms for the next).
-        // (A cache that grows step by step holds no past to run after.)
+        // Best effort: a failure here costs only the warm-up. (A cache that grows step by step holds
+        // no past to run after.)
+        let capacity = late_chunk_capacity.clamp(2, context);
         if model.has_shared_buffer() {
-            let chunk = chunk_tokens.clamp(1, context - 1);
-            let mut cache = model.new_batch_cache(1, context)?;
-            let late_chunk = StepInputs::new(vec![0; chunk], vec![context - chunk])?;
-            model
-                .run_rows(&late_chunk, &mut cache, 0, Fetch::Logits)
-                .map_err(|e| e.context("the profiling chunk at the end of the context failed"))?;
+            let chunk = chunk_tokens.clamp(1, capacity - 1);
+            let warmed = model.new_batch_cache(1, capacity).and_then(|mut cache| {
+                let late_chunk = StepInputs::new(vec![0; chunk], vec![capacity - chunk])?;
+                model.run_rows(&late_chunk, &mut cache, 0, Fetch::Logits)
+            });
+            if let Err(e) = warmed {
+                tracing::warn!("the profiling chunk after a past of {} tokens failed: {e:#}", capacity - chunk);
+            }
         }
         let layers = model.manifest.dims.num_layers.max(1) as u64;
         let mut per_device: Vec<(i32, u64)> = Vec::new();
