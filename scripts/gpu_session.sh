@@ -167,10 +167,11 @@ case $part in
     vg=/dev/shm/pio-vl/graphs/vl-bf16 img=/dev/shm/pio-vl/images/1024x1024.jpg
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
     timeout ${PART_SECONDS:-300} "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-      --log-file "$n/ncu.log" .gpu/examples/vl_bench --graphs "$vg" --ep cuda --images "$img" --ttft-image "$img" \
-      --question-tokens 64 --decode-tokens 2 --repeats 1 --out "$n/vl-bench.json" > "$n/kernels.csv" 2> "$n/stderr.log"
+      --log-file "$n/kernels.csv" .gpu/examples/vl_bench --graphs "$vg" --ep cuda --images "$img" --ttft-image "$img" \
+      --question-tokens 64 --decode-tokens 2 --repeats 1 --out "$n/vl-bench.json" > "$n/vl-bench.log" 2> "$n/stderr.log"
     echo "ncu rc=$? kernels=$(grep -c gpu__time_duration "$n/kernels.csv")"
-    tail -n 3 "$n/stderr.log" "$n/ncu.log"
+    tail -n 3 "$n/stderr.log"
+    python3 scripts/ncu_summary.py "$n/kernels.csv" --top 20
     pack ncu-vl "$n"
     ;;
   vl-profile)
