@@ -216,6 +216,9 @@ impl ImageProcessor {
         let merge = self.config.merge_size() as usize;
         let bands = grid.h as usize / merge;
         if bands == 0 {
+            // target_size makes every side a positive multiple of merge x patch; preprocess_into's
+            // set_len relies on this image having no values either.
+            assert!(out.is_empty(), "an image without a band of patches must have no pixel values");
             return;
         }
         let band_len = out.len() / bands;
@@ -277,5 +280,7 @@ impl ImageProcessor {
             // preprocess_into's set_len relies on this.
             assert!(writer.is_full(), "a band of patches must fill its share of pixel_values");
         }
+        // Streaming stores are ordered by a fence on the thread that made them.
+        stream::finish();
     }
 }

@@ -105,9 +105,6 @@ pub const DEFAULT_ENCODER_CACHE_BYTES: u64 = 512 << 20;
 /// The most threads that preprocess an image by default (the machine's cores when fewer): past
 /// that, writing `pixel_values` is bound by memory, not by the cores.
 pub const DEFAULT_MAX_IMAGE_THREADS: usize = 8;
-/// The past the memory profiling runs a late prefill chunk after when `max_model_len` is not set
-/// (the graph's context when shorter): longer would hold gigabytes of KV for a warm-up.
-const LATE_CHUNK_DEFAULT_CAPACITY: usize = 32768;
 
 /// How to start an [`Engine`]. Build it with [`EngineConfig::builder`].
 #[derive(Clone, Debug)]
@@ -718,20 +715,14 @@ fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Res
         .map_err(|e| EngineError::model_failed(format!("cannot load the model in {}", config.graphs.display()), e))?;
     let on_gpu = model.device_id().is_some();
     let measured = if on_gpu && config.pool.kv_cache_bytes.is_none() {
-        Runner::measure_free_kv_bytes(
-            &mut model,
-            config.idle_prefill_budget(),
-            config.prefill_budget,
-            // The longest sequence the engine will serve, when it is known before the pool is sized.
-            config.pool.max_model_len.unwrap_or(LATE_CHUNK_DEFAULT_CAPACITY),
-            config.gpu_memory_utilization,
-        )
-        .map_err(|e| {
-            EngineError::model_failed(
-                "cannot measure the GPU memory for the KV cache (set --max-seqs or --kv-cache-gb)",
-                e,
-            )
-        })?
+        Runner::measure_free_kv_bytes(&mut model, config.idle_prefill_budget(), config.gpu_memory_utilization).map_err(
+            |e| {
+                EngineError::model_failed(
+                    "cannot measure the GPU memory for the KV cache (set --max-seqs or --kv-cache-gb)",
+                    e,
+                )
+            },
+        )?
     } else {
         None
     };
@@ -782,7 +773,7 @@ fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Res
             None => String::new(),
         }
     );
-    Runner::new(model, plan, prefix_bytes, vision).map_err(|e| {
+    Runner::new(model, plan, prefix_bytes, vision, config.prefill_budget).map_err(|e| {
         EngineError::model_failed(
             format!("cannot allocate the KV pool ({} sequences of {} tokens)", plan.slots, plan.capacity),
             e,

@@ -53,6 +53,7 @@ impl Runner {
         plan: PoolPlan,
         prefix_cache_bytes: Option<u64>,
         vision: Option<VisionRuntime>,
+        chunk_tokens: usize,
     ) -> Result<Self, ModelError> {
         let pool = KvPool::new(&model, plan)?;
         let prefix = match (prefix_cache_bytes.filter(|&b| b > 0), pool.layout()) {
@@ -69,11 +70,38 @@ impl Runner {
             }
             (None, _) => None,
         };
-        if let (Some(store), Some(_)) = (&prefix, model.device_id()) {
-            reserve_device_memory(&model, store.cache.limit_bytes());
-        }
         let graph_sizes = if model.can_replay_graphs() { graph_batch_sizes(plan.slots) } else { Vec::new() };
-        Ok(Runner { model, pool, prefix, graph_sizes, vision })
+        let mut runner = Runner { model, pool, prefix, graph_sizes, vision };
+        if runner.model.device_id().is_some() {
+            runner.warm_up_late_chunk(chunk_tokens);
+            if let Some(store) = &runner.prefix {
+                reserve_device_memory(&runner.model, store.cache.limit_bytes());
+            }
+        }
+        Ok(runner)
+    }
+
+    /// Runs one chunk of `chunk_tokens` (the prefill budget) in slot 0 after a past that fills the
+    /// slot, before any request: the attention kernels of a late chunk take scratch that grows with
+    /// the past, and ONNX Runtime's arena grew for it on the serving path (an H200, Run 6: a
+    /// 4,096-token prompt's last 512-token chunk took 30.5 ms against 15.3 ms for the one before;
+    /// the first prefix hit's 64 tokens 13.3 ms against 6.5 ms for later ones). The slot is free
+    /// and its contents are overwritten by whoever takes it. Best effort: a failure only warns.
+    fn warm_up_late_chunk(&mut self, chunk_tokens: usize) {
+        let capacity = self.pool.plan().capacity;
+        if self.pool.layout().is_none() || capacity < 2 {
+            return;
+        }
+        let chunk = chunk_tokens.clamp(1, capacity - 1);
+        let start = Instant::now();
+        match self.prefill(0, &vec![0; chunk], capacity - chunk, Fetch::Logits, None) {
+            Ok(_) => tracing::debug!(
+                "a {chunk}-token chunk after {} tokens ran in {:.1} ms at start",
+                capacity - chunk,
+                start.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(e) => tracing::warn!("the warm-up chunk after {} tokens failed: {e:#}", capacity - chunk),
+        }
     }
 
     pub(crate) fn model(&self) -> &DecoderModel {
@@ -266,17 +294,13 @@ impl Runner {
 
     /// Bytes free for the KV pool on the sessions' GPUs: free memory less the share
     /// `1 - utilization` of the total kept back for activations and everything else. Measured
-    /// after one prefill of `prefill_tokens` tokens and one chunk of `chunk_tokens` at the end of
-    /// a sequence of `late_chunk_capacity` tokens (the longest the engine serves), so that the
-    /// largest activations and attention scratch of a step are already allocated (ONNX Runtime's
-    /// arena keeps them). A staged model's GPUs each hold
+    /// after one prefill of `prefill_tokens` tokens, so that the largest activations of a step
+    /// are already allocated (ONNX Runtime's arena keeps them). A staged model's GPUs each hold
     /// their stages' layers' share of every token's KV; the pool is what the tightest of them
     /// allows, in bytes of the whole model's KV. None on the CPU.
     pub(crate) fn measure_free_kv_bytes(
         model: &mut DecoderModel,
         prefill_tokens: usize,
-        chunk_tokens: usize,
-        late_chunk_capacity: usize,
         utilization: f64,
     ) -> Result<Option<u64>, ModelError> {
         if model.device_id().is_none() {
@@ -284,31 +308,13 @@ impl Runner {
         }
         let runtime = CudaRuntime::get()
             .ok_or_else(|| CudaError::NotLoaded { needed_for: "measuring the GPU's free memory".into() })?;
-        let context = model.context_length();
-        let tokens = prefill_tokens.clamp(1, context - 1);
+        let tokens = prefill_tokens.clamp(1, model.context_length() - 1);
         let mut cache = model.new_batch_cache(1, tokens)?;
         let profile = StepInputs::new(vec![0; tokens], vec![0])?;
         model
             .run_rows(&profile, &mut cache, 0, Fetch::Logits)
             .map_err(|e| e.context("the profiling prefill failed"))?;
         drop(cache);
-        // A chunk after a past that fills the context: the attention kernels of a later chunk take
-        // scratch that grows with the past, and the arena grew for it on the serving path (an H200,
-        // Run 6: a 4,096-token prompt's last 512-token chunk took 30.5 ms against 15.3 ms for the
-        // one before; the first prefix hit's 64 tokens 13.3 ms against 6.5 ms for the next).
-        // Best effort: a failure here costs only the warm-up. (A cache that grows step by step holds
-        // no past to run after.)
-        let capacity = late_chunk_capacity.clamp(2, context);
-        if model.has_shared_buffer() {
-            let chunk = chunk_tokens.clamp(1, capacity - 1);
-            let warmed = model.new_batch_cache(1, capacity).and_then(|mut cache| {
-                let late_chunk = StepInputs::new(vec![0; chunk], vec![capacity - chunk])?;
-                model.run_rows(&late_chunk, &mut cache, 0, Fetch::Logits)
-            });
-            if let Err(e) = warmed {
-                tracing::warn!("the profiling chunk after a past of {} tokens failed: {e:#}", capacity - chunk);
-            }
-        }
         let layers = model.manifest.dims.num_layers.max(1) as u64;
         let mut per_device: Vec<(i32, u64)> = Vec::new();
         for (device, range) in model.stage_devices().into_iter().zip(model.stage_layers()) {
