@@ -175,6 +175,47 @@ fn prompts_of_one_length_prefill_in_shared_runs_and_answer_as_alone() {
 }
 
 #[test]
+fn a_burst_of_prompts_beside_a_decoding_stream_catches_up_in_one_step() {
+    // One stream decodes; four prompts of 40 tokens arrive together. With catch-up (TGI's
+    // waiting_served_ratio, 1.2 by default: 4 prompts >= 1.2 x 1 stream) the next step prefills
+    // them whole at the idle budget: 4 chunks. Without it the 16-token budget cuts each in 3.
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let long = ids_request(&random_prompt(&mut rng, 10), greedy_options(200));
+    let burst: Vec<Request> = (0..4).map(|_| ids_request(&random_prompt(&mut rng, 40), greedy_options(4))).collect();
+    let chunks_of_the_burst = |ratio: Option<f64>| {
+        let config = EngineConfig::builder(graphs())
+            .max_seqs(5)
+            .max_model_len(2304)
+            .prefill_budget(16)
+            .waiting_served_ratio(ratio)
+            .prefix_caching(false)
+            .build()
+            .unwrap();
+        let engine = Engine::start(config).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(engine.model_info().waiting_served_ratio, ratio);
+        let mut decoding = engine.submit(long.clone()).unwrap();
+        // Two tokens: the metrics are published after each step, so the second token's step
+        // comes after the one that counted the stream's own prefill chunk was published.
+        for _ in 0..2 {
+            assert!(matches!(decoding.blocking_next(), Some(Ok(Event::Token(_)))));
+        }
+        let before = engine.metrics().prefill_chunks;
+        let outputs: Vec<GenerationOutput> =
+            engine.submit_batch(burst.clone()).unwrap().into_iter().map(|h| h.wait().unwrap()).collect();
+        let chunks = engine.metrics().prefill_chunks - before;
+        drop(decoding);
+        (chunks, outputs)
+    };
+    let (caught_up, with) = chunks_of_the_burst(Some(1.2));
+    let (chunked, without) = chunks_of_the_burst(None);
+    assert_eq!(caught_up, 4, "the burst was not prefilled in one step at the idle budget");
+    assert_eq!(chunked, 12, "the burst was not chunked at the prefill budget");
+    for (i, (a, b)) in with.iter().zip(&without).enumerate() {
+        assert_eq!(a.generated_ids, b.generated_ids, "request {i}: catch-up changed what it answers");
+    }
+}
+
+#[test]
 fn prefill_pacing_changes_when_prompts_run_not_what_they_answer() {
     // Pacing sizes chunks from measured times, so its steps differ run to run; each request's
     // greedy tokens must not (on the CPU in fp32 other chunk sizes leave the logits within
@@ -415,6 +456,11 @@ fn requests_are_checked_when_submitted() {
     );
     assert_eq!(refused(EngineConfig::builder(graphs()).itl_factor(Some(1.0))), "itl_factor");
     assert_eq!(refused(EngineConfig::builder(graphs()).itl_factor(Some(f64::NAN))), "itl_factor");
+    assert_eq!(refused(EngineConfig::builder(graphs()).waiting_served_ratio(Some(0.0))), "waiting_served_ratio");
+    assert_eq!(
+        refused(EngineConfig::builder(graphs()).waiting_served_ratio(Some(f64::INFINITY))),
+        "waiting_served_ratio"
+    );
     assert_eq!(refused(EngineConfig::builder(graphs()).max_seqs(0)), "max_seqs");
 }
 

@@ -204,6 +204,12 @@ pub struct ModelArgs {
     /// much later first tokens; > 1, or 0 for off (only --prefill-budget limits a step).
     #[arg(long, value_name = "F", default_value_t = 0.0, value_parser = parse_itl_factor)]
     itl_factor: f64,
+    /// Catch-up prefill (TGI's): when the prompts still to prefill are at least F times the
+    /// streams decoding, an engine step prefills up to --idle-prefill-budget, so a burst of
+    /// requests interrupts running streams once (not with --itl-factor); > 0, or 0 for off
+    /// (default 1.2).
+    #[arg(long, value_name = "F", default_value_t = pio_runtime::engine::DEFAULT_WAITING_SERVED_RATIO, value_parser = NumberRange::at_least(0.0))]
+    waiting_served_ratio: f64,
     /// Sequences the KV pool holds at once, >= 1 (default: what the GPU's free memory holds, at
     /// most 256; 4 on the CPU).
     #[arg(long, value_parser = NumberRange::at_least(1usize))]
@@ -322,6 +328,7 @@ impl ModelArgs {
             .ep(self.ep()?)
             .prefill_budget(self.prefill_budget)
             .itl_factor(itl_factor)
+            .waiting_served_ratio(Some(self.waiting_served_ratio).filter(|&r| r > 0.0))
             .gpu_memory_utilization(self.gpu_memory_utilization)
             .prefix_caching(!self.no_prefix_cache)
             .stages(self.stages.options());

@@ -82,6 +82,9 @@ pub const DEFAULT_PREFILL_BUDGET: usize = 512;
 /// stalling one another (32 prompts of 128 tokens queued at an idle engine: one step and one
 /// batched run, instead of eight steps beside the first ones' decodes).
 pub const DEFAULT_IDLE_PREFILL_BUDGET: usize = 4096;
+/// Prompts to prefill, at or above this times the sequences decoding, make a step prefill up to
+/// the idle budget: TGI's `waiting_served_ratio` and its default.
+pub const DEFAULT_WAITING_SERVED_RATIO: f64 = 1.2;
 /// Requests that may wait for a slot before `submit` answers `Overloaded`, unless configured.
 pub const DEFAULT_MAX_WAITING: usize = 1024;
 /// The share of the GPU's memory the engine may fill (weights, activations and KV), as vLLM's
@@ -117,6 +120,7 @@ pub struct EngineConfig {
     prefill_budget: usize,
     idle_prefill_budget: Option<usize>,
     itl_factor: Option<f64>,
+    waiting_served_ratio: Option<f64>,
     prefix_caching: bool,
     prefix_cache_bytes: Option<u64>,
     max_waiting: usize,
@@ -138,6 +142,7 @@ impl EngineConfig {
                 prefill_budget: DEFAULT_PREFILL_BUDGET,
                 idle_prefill_budget: None,
                 itl_factor: None,
+                waiting_served_ratio: Some(DEFAULT_WAITING_SERVED_RATIO),
                 prefix_caching: true,
                 prefix_cache_bytes: None,
                 max_waiting: DEFAULT_MAX_WAITING,
@@ -166,6 +171,9 @@ impl EngineConfig {
     }
     pub fn itl_factor(&self) -> Option<f64> {
         self.itl_factor
+    }
+    pub fn waiting_served_ratio(&self) -> Option<f64> {
+        self.waiting_served_ratio
     }
     pub fn prefix_caching(&self) -> bool {
         self.prefix_caching
@@ -247,6 +255,17 @@ impl EngineConfigBuilder {
         self.config.itl_factor = factor;
         self
     }
+    /// Catch-up prefill (default [`DEFAULT_WAITING_SERVED_RATIO`], as TGI): when the prompts still
+    /// to prefill are at least `ratio` times the sequences decoding, a step prefills up to the
+    /// idle budget instead of the prefill budget. A burst of requests arriving while a few streams
+    /// decode then costs those streams one long step instead of a slow step in every few for as
+    /// long as the burst takes, and the burst's first tokens come sooner. A long prompt arriving
+    /// alone among many streams stays chunked. Inactive while prefill pacing is on (pacing bounds
+    /// every step). `None` turns it off; `ratio` must be more than 0.
+    pub fn waiting_served_ratio(mut self, ratio: Option<f64>) -> Self {
+        self.config.waiting_served_ratio = ratio;
+        self
+    }
     /// Reuse KV across requests (default on).
     pub fn prefix_caching(mut self, on: bool) -> Self {
         self.config.prefix_caching = on;
@@ -316,6 +335,14 @@ impl EngineConfigBuilder {
         if let Some(factor) = c.itl_factor {
             if !(factor > 1.0 && factor.is_finite()) {
                 return Err(EngineError::config("itl_factor", format!("{factor} is not a finite number more than 1")));
+            }
+        }
+        if let Some(ratio) = c.waiting_served_ratio {
+            if !(ratio > 0.0 && ratio.is_finite()) {
+                return Err(EngineError::config(
+                    "waiting_served_ratio",
+                    format!("{ratio} is not a finite number more than 0"),
+                ));
             }
         }
         if !(c.gpu_memory_utilization > 0.0 && c.gpu_memory_utilization <= 1.0) {
@@ -421,6 +448,7 @@ impl Engine {
                         worker_config.prefill_budget,
                         worker_config.idle_prefill_budget(),
                         worker_config.itl_factor,
+                        worker_config.waiting_served_ratio,
                     );
                     worker::run(runner, receiver, worker_shared, pacer);
                 }
@@ -453,6 +481,7 @@ impl Engine {
             prefill_budget: config.prefill_budget,
             idle_prefill_budget: config.idle_prefill_budget(),
             itl_factor: config.itl_factor,
+            waiting_served_ratio: config.waiting_served_ratio,
             prefix_caching: started.prefix_caching,
             cuda_graph_batch_sizes: started.graph_sizes,
             vocab_size: manifest.dims.vocab_size,
@@ -471,10 +500,14 @@ impl Engine {
             pio_models::size::format_bytes(info.kv_cache_bytes),
             info.prefill_budget,
             info.idle_prefill_budget,
-            match info.itl_factor {
-                Some(f) => format!(" paced to {f}x a decode step while streams decode"),
-                None => String::new(),
-            },
+            [
+                info.itl_factor.map(|f| format!(" paced to {f}x a decode step while streams decode")),
+                info.waiting_served_ratio
+                    .map(|r| format!(", the idle budget when prompts to prefill reach {r}x the decoding streams")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<String>(),
             if info.prefix_caching { "on" } else { "off" },
             if info.cuda_graph_batch_sizes.is_empty() {
                 String::new()

@@ -75,13 +75,30 @@ pub(crate) struct PrefillPacer {
     /// A step that prefills while sequences decode takes at most this times a decode-only step;
     /// None: only `cap` counts.
     factor: Option<f64>,
+    /// Prompts to prefill at or above this times the decoding sequences get the idle cap in one
+    /// step (TGI's `waiting_served_ratio`); None: never while sequences decode.
+    catch_up: Option<f64>,
     decode_ms: Option<f64>,
     chunks: LineFit,
 }
 
 impl PrefillPacer {
-    pub(crate) fn new(cap: usize, idle_cap: usize, factor: Option<f64>) -> Self {
-        PrefillPacer { cap, idle_cap, factor, decode_ms: None, chunks: LineFit::default() }
+    pub(crate) fn new(cap: usize, idle_cap: usize, factor: Option<f64>, catch_up: Option<f64>) -> Self {
+        PrefillPacer { cap, idle_cap, factor, catch_up, decode_ms: None, chunks: LineFit::default() }
+    }
+
+    /// Whether a step with `decoding` sequences decoding and `prompts` prompts still to prefill
+    /// (waiting, or admitted and not done) prefills up to the idle cap, as if none decoded. A
+    /// burst of requests then interrupts the running streams once, with one long step, instead
+    /// of one step in every few for as long as the burst takes at `cap` tokens a step: an ITL
+    /// percentile counts the slow steps a stream sees, not how slow the slowest was. A long
+    /// prompt arriving alone among many streams does not qualify, and is chunked at `cap`. Never
+    /// with pacing on: pacing bounds every step, which one long step would break.
+    pub(crate) fn catches_up(&self, decoding: usize, prompts: usize) -> bool {
+        self.factor.is_none()
+            && decoding > 0
+            && prompts > 0
+            && self.catch_up.is_some_and(|ratio| prompts as f64 >= ratio * decoding as f64)
     }
 
     /// A batched decode run took `elapsed`.
@@ -151,12 +168,12 @@ mod tests {
 
     #[test]
     fn without_decoding_or_a_factor_the_budget_is_the_cap() {
-        let mut off = PrefillPacer::new(512, 2048, None);
+        let mut off = PrefillPacer::new(512, 2048, None, None);
         off.decode_ran(ms(5.0));
         off.chunk_ran(512, ms(15.0));
         assert_eq!(off.budget(true), PrefillBudget::tokens(512));
         assert_eq!(off.budget(false), PrefillBudget::tokens(2048), "no stream decodes: the idle cap");
-        let mut on = PrefillPacer::new(512, 512, Some(2.0));
+        let mut on = PrefillPacer::new(512, 512, Some(2.0), None);
         assert_eq!(on.budget(true), PrefillBudget::tokens(512), "nothing measured yet");
         on.decode_ran(ms(5.0));
         on.chunk_ran(512, ms(15.0));
@@ -170,7 +187,7 @@ mod tests {
         // chunk that fits is (5 - 2.5) / 0.025 = 100 tokens. The pacer starts from a full
         // 512-token chunk and chunks of what it allows.
         let chunk_ms = |k: usize| 2.5 + 0.025 * k as f64;
-        let mut pacer = PrefillPacer::new(512, 512, Some(2.0));
+        let mut pacer = PrefillPacer::new(512, 512, Some(2.0), None);
         pacer.decode_ran(ms(5.0));
         pacer.chunk_ran(512, ms(chunk_ms(512)));
         let mut k = 0;
@@ -189,18 +206,34 @@ mod tests {
     #[test]
     fn slow_chunks_still_get_the_minimum() {
         // A chunk's fixed part alone is over the room: the minimum chunk still runs.
-        let mut pacer = PrefillPacer::new(512, 512, Some(1.5));
+        let mut pacer = PrefillPacer::new(512, 512, Some(1.5), None);
         pacer.decode_ran(ms(5.0));
         pacer.chunk_ran(100, ms(10.0));
         pacer.chunk_ran(400, ms(13.0));
         let b = pacer.budget(true);
         assert_eq!(b.cost - b.chunk_overhead, MIN_PACED_CHUNK);
         // A cap under the minimum wins.
-        let mut tiny = PrefillPacer::new(7, 7, Some(1.5));
+        let mut tiny = PrefillPacer::new(7, 7, Some(1.5), None);
         tiny.decode_ran(ms(5.0));
         tiny.chunk_ran(7, ms(10.0));
         let b = tiny.budget(true);
         assert_eq!(b.tokens, 7);
         assert!(b.cost >= b.chunk_overhead + 7);
+    }
+
+    #[test]
+    fn a_burst_of_prompts_catches_up_a_lone_long_prompt_does_not() {
+        let pacer = PrefillPacer::new(512, 4096, None, Some(1.2));
+        // 22 prompts arrived while the first 10 streams decode: one step at the idle cap.
+        assert!(pacer.catches_up(10, 22));
+        assert!(pacer.catches_up(10, 12), "exactly at the ratio");
+        // One 4,096-token prompt among 31 streams: chunked at the budget.
+        assert!(!pacer.catches_up(31, 1));
+        assert!(!pacer.catches_up(10, 11));
+        // Nothing decodes or nothing waits: not a catch-up (the idle cap applies anyway).
+        assert!(!pacer.catches_up(0, 5));
+        assert!(!pacer.catches_up(5, 0));
+        assert!(!PrefillPacer::new(512, 4096, None, None).catches_up(1, 100), "off");
+        assert!(!PrefillPacer::new(512, 4096, Some(2.0), Some(1.2)).catches_up(1, 100), "pacing on");
     }
 }

@@ -91,6 +91,9 @@ pub struct ModelInfo {
     /// Prefill pacing's factor: while sequences decode, a step takes at most this times a
     /// decode-only step (None: off).
     pub itl_factor: Option<f64>,
+    /// Catch-up prefill: prompts to prefill at or above this times the decoding sequences get the
+    /// idle budget in one step (None: off).
+    pub waiting_served_ratio: Option<f64>,
     /// Whether KV is reused across requests.
     pub prefix_caching: bool,
     /// Decode batch sizes with a captured CUDA graph (empty: no CUDA graphs).

@@ -254,8 +254,10 @@ impl Worker {
             .collect();
         let running: Vec<Running> =
             self.running.iter().map(|s| Running { id: s.id, slot: s.slot, phase: s.phase }).collect();
-        let decoding = self.running.iter().any(|s| s.phase == Phase::Decode);
-        plan_step(&waiting, &running, &free, self.pacer.budget(decoding))
+        let decoding = self.running.iter().filter(|s| s.phase == Phase::Decode).count();
+        let prefilling = self.running.iter().filter(|s| matches!(s.phase, Phase::Prefill { .. })).count();
+        let catch_up = self.pacer.catches_up(decoding, waiting.len() + prefilling);
+        plan_step(&waiting, &running, &free, self.pacer.budget(decoding > 0 && !catch_up))
     }
 
     /// Releases and admissions.
