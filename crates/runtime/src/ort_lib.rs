@@ -374,7 +374,6 @@ pub fn init_environment(opts: &SearchOptions) -> Result<&'static Environment, Or
     Ok(&g.env)
 }
 
-/// The library the environment was created from, once [`environment`] succeeded.
 /// With [`ENV_PIO_ORT_PROFILE`] set to a folder, turns on ONNX Runtime's profiler for the session
 /// of `graph`: when the session is dropped it writes a Chrome trace of every run (each node's
 /// time, provider and shapes) to `<folder>/<graph's file stem>_<timestamp>.json`.
@@ -408,6 +407,7 @@ fn profile_into(
     builder.with_profiling(dir.join(stem)).map_err(ort::Error::from)
 }
 
+/// The library the environment was created from, once [`environment`] succeeded.
 pub fn loaded_library_path() -> Option<&'static Path> {
     GLOBAL.get().map(|g| g.path.as_path())
 }
