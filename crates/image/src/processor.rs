@@ -155,7 +155,7 @@ impl ImageProcessor {
             self.write_patches(&resampled, *grid, &mut spare[at..at + image_len], at + image_len <= warm_until);
             at += image_len;
         }
-        stream::finish();
+        // (Every thread that wrote fenced its own streaming stores: `write_bands`.)
         // SAFETY: the reservation holds `len` values, and the loop above wrote all of them: the images' slices
         // tile 0..len, and write_patches fills its slice whole (it asserts so).
         unsafe { batch.pixel_values.set_len(len) };
