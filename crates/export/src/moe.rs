@@ -237,45 +237,51 @@ impl DecoderBuilder<'_> {
         Ok((choice, scores))
     }
 
-    /// The routed experts of `{mlp}` on token rows (T, H): one `MoE` (float) or `QMoE` (int4)
-    /// node. Returns (T, H) in the graph dtype.
+    /// The routed experts of `{mlp}` on token rows (T, H): one `MoE` (float), `QMoE` (int4) or
+    /// `ai.pio.MoEInt4` (int4 with `--pio-kernels moe`) node. Returns (T, H) in the graph dtype.
     pub fn routed_experts(&mut self, tokens: &str, mlp: &str, routing: Routing) -> Result<String> {
         let m = moe_config(self.text)?;
-        let quantized = self.settings.precision == Precision::Int4;
         let name = format!("{mlp}.experts");
-        let r = self.op_routing(routing, &name, m.num_experts_per_tok, quantized)?;
-        if let Some(y) =
+        let op = match self.settings.precision {
+            Precision::Int4 if self.pio_moe_applies(&name)? => ExpertOp::PioMoe,
+            Precision::Int4 => ExpertOp::QMoe,
+            _ => ExpertOp::Moe,
+        };
+        let r = self.op_routing(routing, &name, m.num_experts_per_tok, op)?;
+        let y = if op == ExpertOp::PioMoe {
             self.pio_routed_experts(tokens, mlp, &name, (&r.probs, r.router_weights.as_deref(), r.normalize))?
-        {
-            return Ok(y); // quantized routing never rescales (QMoE takes the weights directly)
-        }
-        let weights = self.expert_weights(mlp, &name, &m, quantized)?;
-
-        let mut inputs = vec![tokens.to_string(), r.probs];
-        inputs.extend(weights);
-        if let Some(w) = r.router_weights {
-            // QMoE inputs 7..13 (fc2 bias, fc3, zero points) unused; 14 = router_weights.
-            inputs.extend(std::iter::repeat_n(String::new(), 7));
-            inputs.push(w);
-        }
-        let mut node = self
-            .g
-            .node(if quantized { "QMoE" } else { "MoE" }, &name)
-            .ms()
-            .inputs(&inputs)
-            .attr("k", m.num_experts_per_tok)
-            .attr("activation_type", "swiglu")
-            .attr("activation_alpha", 1.0f32)
-            .attr("activation_beta", 0.0f32)
-            .attr("swiglu_fusion", 1i64)
-            .attr("normalize_routing_weights", r.normalize as i64);
-        if quantized {
-            node = node.attr("expert_weight_bits", quant::BITS).attr("block_size", self.settings.int4_block_size);
-            if self.settings.int4_accuracy_level != 0 {
-                node = node.attr("accuracy_level", self.settings.int4_accuracy_level);
+        } else {
+            let quantized = op == ExpertOp::QMoe;
+            let weights = self.expert_weights(mlp, &name, &m, quantized)?;
+            let mut inputs = vec![tokens.to_string(), r.probs];
+            inputs.extend(weights);
+            let mut node = self
+                .g
+                .node(if quantized { "QMoE" } else { "MoE" }, &name)
+                .ms()
+                .inputs(&inputs)
+                .attr("k", m.num_experts_per_tok)
+                .attr("activation_type", "swiglu")
+                .attr("activation_alpha", 1.0f32)
+                .attr("activation_beta", 0.0f32)
+                .attr("swiglu_fusion", 1i64)
+                .attr("normalize_routing_weights", r.normalize as i64);
+            if quantized {
+                // weights_prepacked = 0: the int4 initializers are raw (E, N, K/2) MatMulNBits rows.
+                // ONNX Runtime 1.31's CUDA QMoE otherwise (the default, -1) takes them as already
+                // rearranged for its CUTLASS kernel and computes garbage without an error; with 0
+                // it rearranges them itself when the session loads (prepacking, which needs them
+                // as initializers, as they are). The CPU kernel reads raw rows either way.
+                node = node
+                    .attr("expert_weight_bits", quant::BITS)
+                    .attr("block_size", self.settings.int4_block_size)
+                    .attr("weights_prepacked", 0i64);
+                if self.settings.int4_accuracy_level != 0 {
+                    node = node.attr("accuracy_level", self.settings.int4_accuracy_level);
+                }
             }
-        }
-        let y = node.out();
+            node.out()
+        };
         Ok(match r.rescale {
             Some(s) => self.g.node("Mul", &format!("{name}.times_weight_sum")).inputs(&[&y, &s]).out(),
             None => y,
@@ -283,22 +289,37 @@ impl DecoderBuilder<'_> {
     }
 
     /// Turns a [`Routing`] into the expert op's inputs and attribute.
-    fn op_routing(&mut self, routing: Routing, name: &str, k: usize, quantized: bool) -> Result<OpRouting> {
+    ///
+    /// QMoE's input 14 (`router_weights`, the mixing weights) is never used: ONNX Runtime 1.31's
+    /// CUDA kernel ignores it (and mixes with the softmax of `router_probs`), and its CPU kernel
+    /// renormalizes the k weights whenever it is absent (normalize_routing_weights = 0 is ignored
+    /// there, measured). So QMoE, like MoE, gets routing the op's own softmax reproduces: the
+    /// log-weight trick for chosen experts, and a rescale by the k weights' sum where transformers
+    /// does not renormalize. Only our MoEInt4 takes the weights directly.
+    fn op_routing(&mut self, routing: Routing, name: &str, k: usize, op: ExpertOp) -> Result<OpRouting> {
         let (dtype, f32) = (self.dtype, TensorDtype::Float32);
         Ok(match routing {
-            Routing::Softmax { logits, normalize: false } if quantized => {
-                // QMoE on the CPU renormalizes the k weights whenever `router_weights` is absent
-                // (normalize_routing_weights = 0 is ignored there, measured), so unnormalized
-                // routing hands it the softmax (float32, as transformers) to mix with.
+            Routing::Softmax { logits, normalize: false } if op == ExpertOp::PioMoe => {
+                // The softmax (float32, as transformers) to mix with.
                 let l = self.cast(&logits, dtype, f32, &format!("{name}.logits_cast"));
                 let p = self.g.node("Softmax", &format!("{name}.softmax")).inputs(&[&l]).attr("axis", -1i64).out();
                 let w = self.cast(&p, f32, dtype, &format!("{name}.softmax_cast"));
                 OpRouting { probs: logits, router_weights: Some(w), normalize: false, rescale: None }
             }
+            Routing::Softmax { logits, normalize: false } if op == ExpertOp::QMoe => {
+                // The op mixes with the k softmax weights renormalized; their sum (float32, as
+                // transformers) goes back in.
+                let l = self.cast(&logits, dtype, f32, &format!("{name}.logits_cast"));
+                let p = self.g.node("Softmax", &format!("{name}.softmax")).inputs(&[&l]).attr("axis", -1i64).out();
+                let kk = self.g.const_i64(&format!("{name}.topk_k"), &[k as i64])?;
+                let top = self.g.node("TopK", &format!("{name}.topk")).inputs(&[&p, &kk]).attr("axis", -1i64).outs(2);
+                let rescale = self.weight_sum(&top[0], name)?;
+                OpRouting { probs: logits, router_weights: None, normalize: true, rescale: Some(rescale) }
+            }
             Routing::Softmax { logits, normalize } => {
                 OpRouting { probs: logits, router_weights: None, normalize, rescale: None }
             }
-            Routing::Chosen { choice, weights, normalize } if quantized => OpRouting {
+            Routing::Chosen { choice, weights, normalize } if op == ExpertOp::PioMoe => OpRouting {
                 probs: self.cast(&choice, f32, dtype, &format!("{name}.choice_cast")),
                 router_weights: Some(self.cast(&weights, f32, dtype, &format!("{name}.weights_cast"))),
                 normalize,
@@ -331,22 +352,19 @@ impl DecoderBuilder<'_> {
                     .attr("axis", 1i64)
                     .out();
                 // The op always mixes with w / sum(w): without normalization, sum(w) goes back in.
-                let rescale = if normalize {
-                    None
-                } else {
-                    let axes = self.g.const_i64(&format!("{name}.weight_sum_axes"), &[1])?;
-                    let sum = self
-                        .g
-                        .node("ReduceSum", &format!("{name}.weight_sum"))
-                        .inputs(&[&w, &axes])
-                        .attr("keepdims", 1i64)
-                        .out();
-                    Some(self.cast(&sum, f32, dtype, &format!("{name}.weight_sum_cast")))
-                };
+                let rescale = if normalize { None } else { Some(self.weight_sum(&w, name)?) };
                 let probs = self.cast(&probs, f32, dtype, &format!("{name}.log_probs_cast"));
                 OpRouting { probs, router_weights: None, normalize: true, rescale }
             }
         })
+    }
+
+    /// The sum of each token's k mixing weights `w` (T, k, float32) as (T, 1) in the graph dtype.
+    fn weight_sum(&mut self, w: &str, name: &str) -> Result<String> {
+        let axes = self.g.const_i64(&format!("{name}.weight_sum_axes"), &[1])?;
+        let sum =
+            self.g.node("ReduceSum", &format!("{name}.weight_sum")).inputs(&[w, &axes]).attr("keepdims", 1i64).out();
+        Ok(self.cast(&sum, TensorDtype::Float32, self.dtype, &format!("{name}.weight_sum_cast")))
     }
 
     /// The expert weights as the op's inputs 2.. : `fc1, "", fc2` (MoE) or
@@ -458,10 +476,21 @@ impl DecoderBuilder<'_> {
 }
 
 /// What the expert op is handed for one [`Routing`].
+/// Which operator computes the routed experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExpertOp {
+    /// com.microsoft `MoE` (16-bit or float32 experts).
+    Moe,
+    /// com.microsoft `QMoE` (int4 experts).
+    QMoe,
+    /// `ai.pio.MoEInt4` (`--pio-kernels moe`).
+    PioMoe,
+}
+
 struct OpRouting {
     /// Input 1, `router_probs` (T, E), graph dtype.
     probs: String,
-    /// QMoE input 14: the mixing weights at the chosen experts.
+    /// MoEInt4's mixing weights at the chosen experts (QMoE's input 14, which QMoE is never given).
     router_weights: Option<String>,
     normalize: bool,
     /// A per-token factor (T, 1) for the op's output.

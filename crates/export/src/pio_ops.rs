@@ -352,17 +352,11 @@ impl crate::decoder::DecoderBuilder<'_> {
         Some(linear_node(&mut self.g, h, "lm_head", table, (vocab, hidden), false))
     }
 
-    /// The routed int4 experts of `{mlp}` as `ai.pio.MoEInt4` when `--pio-kernels moe` applies.
-    /// `probs`, `router_weights` and `normalize` are what QMoE would be given.
-    pub(crate) fn pio_routed_experts(
-        &mut self,
-        tokens: &str,
-        mlp: &str,
-        name: &str,
-        (probs, router_weights, normalize): (&str, Option<&str>, bool),
-    ) -> Result<Option<String>> {
+    /// Whether `--pio-kernels moe` applies to the int4 experts `name` (a shape the kernel cannot
+    /// take keeps QMoE, with a warning).
+    pub(crate) fn pio_moe_applies(&self, name: &str) -> Result<bool> {
         if !self.settings.pio_kernels.moe || self.settings.precision != Precision::Int4 {
-            return Ok(None);
+            return Ok(false);
         }
         let m = crate::moe::moe_config(self.text)?;
         let (e, hidden, inter, bs) =
@@ -370,8 +364,22 @@ impl crate::decoder::DecoderBuilder<'_> {
         let shape = pio_kernels::gpu::MoeShape { experts: e, k: m.num_experts_per_tok, hidden, inter, block_size: bs };
         if let Err(why) = shape.validate() {
             tracing::warn!("--pio-kernels moe: {name}: {why}; it keeps QMoE");
-            return Ok(None);
+            return Ok(false);
         }
+        Ok(true)
+    }
+
+    /// The routed int4 experts of `{mlp}` as `ai.pio.MoEInt4` (where [`Self::pio_moe_applies`]).
+    pub(crate) fn pio_routed_experts(
+        &mut self,
+        tokens: &str,
+        mlp: &str,
+        name: &str,
+        (probs, router_weights, normalize): (&str, Option<&str>, bool),
+    ) -> Result<String> {
+        let m = crate::moe::moe_config(self.text)?;
+        let (e, hidden, inter, bs) =
+            (m.num_experts, self.text.hidden_size, m.moe_intermediate_size, self.settings.int4_block_size);
         let names = |proj: &str| (0..e).map(|i| format!("{mlp}.experts.{i}.{proj}.weight")).collect::<Vec<_>>();
         let (gate_names, up_names, down_names) = (names("gate_proj"), names("up_proj"), names("down_proj"));
         let ck = self.ck;
@@ -407,7 +415,7 @@ impl crate::decoder::DecoderBuilder<'_> {
             (m.num_experts_per_tok, normalize, bs),
         );
         self.pio_usage.used(MOE);
-        Ok(Some(y))
+        Ok(y)
     }
 }
 
