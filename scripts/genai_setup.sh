@@ -27,4 +27,23 @@ cp -r "$ort_py" "$work/ortpy/onnxruntime"
 rm -f "$work/ortpy/onnxruntime/capi/"libonnxruntime.so*
 cp "$ort_libs"/*.so* "$work/ortpy/onnxruntime/capi/"
 export PYTHONPATH="$work/site:$work/ortpy${PYTHONPATH:+:$PYTHONPATH}"
+# libonnxruntime-genai-cuda.so (dlopened when a model asks for the cuda provider) needs these CUDA 13 libraries;
+# where the loader finds one not, /usr/local/cuda/lib64 and then the pip nvidia packages beside torch
+# (site-packages/nvidia/cu13/lib) are appended to LD_LIBRARY_PATH, until it finds them all.
+genai_missing_cuda_libs() {
+  python3 -c 'import ctypes, sys
+for n in sys.argv[1:]:
+    try: ctypes.CDLL(n)
+    except OSError: print(n)' libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcufft.so.12
+}
+nv_lib=$(python3 -c "import importlib.util as u; s = u.find_spec('nvidia'); print(list(s.submodule_search_locations)[0] + '/cu13/lib' if s else '')" 2>/dev/null || true)
+for d in /usr/local/cuda/lib64 $nv_lib; do
+  [[ -z $(genai_missing_cuda_libs) ]] && break
+  [[ -d $d ]] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+done
+missing=$(genai_missing_cuda_libs)
+[[ -z $missing ]] || echo "genai_setup: not found by the loader (the cuda provider will fail to load): $missing" >&2
+# The builder's imports (onnx_ir needs onnx; the int4 quantizer is the onnxruntime Python package's).
+python3 -c "import torch, transformers, onnx, onnx_ir, onnxruntime.quantization.matmul_nbits_quantizer" ||
+  { echo "genai_setup: the builder's Python packages are not all importable" >&2; return 1 2>/dev/null || exit 1; }
 python3 -c "import onnxruntime_genai as og; print('onnxruntime-genai', og.__version__)"

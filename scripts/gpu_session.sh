@@ -22,28 +22,38 @@
 #                                    image encoded and prefilled (after `prep`; CUDA graphs off); kernels.csv
 #   scripts/gpu_session.sh vl-profile ONNX Runtime's profile of one Qwen3-VL request: each node's provider (CPU
 #                                    fallbacks) and host time, per operator (after `prep`)
-#   scripts/gpu_session.sh bench4    pio bench of Qwen3-4B bf16/int4, stock and --pio-kernels (exported by `prep` with
-#                                    PREP_KERNELS=1), batch 1/8/32, CUDA graphs on
+#   scripts/gpu_session.sh bench4    pio bench of Qwen3-4B bf16/int4, stock and --pio-kernels (and int4 --pio-kernels
+#                                    --int4-lm-head; exported by `prep` with PREP_KERNELS=1), batch 1/8/32, CUDA graphs
+#                                    on; then bf16 stock prefill alone at prompt lengths PREFILL_LENS
 #   scripts/gpu_session.sh probe     pio-kernels-check probe: read bandwidth and every projection shape of the presets
 #                                    through the tile kernels (1/8/32 tokens, warps per CTA swept), no model
-#   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the `kernels` checkpoint (bf16, int4;
-#                                    batch 1 and 32; .gpu-genai holds its wheels)
+#   scripts/gpu_session.sh moe-check greedy tokens and logits of the stock int4 MoE graphs (QMoE) against --pio-kernels
+#                                    (MoEInt4) and pio bench of both: Qwen3-Coder-30B and GLM-4.7 cut to 4 layers
+#                                    (exported by `prep` with PREP_MOE=1)
+#   scripts/gpu_session.sh ops-moe   pio-kernels-check ops on the MoE presets: our int4 MoE kernel (MoEInt4) against
+#                                    ONNX Runtime's QMoE inside ONNX Runtime, every MoE layer shape at 1/8/32 tokens
+#   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the synthetic Qwen3-4B checkpoint of `kernels`
+#                                    or `prep` (bf16, int4; batch 1 and 32; .gpu-genai holds its wheels; needs only
+#                                    ONNX Runtime unpacked by an earlier call of the lease, no binaries)
 #
 # Results go to $OUT (one tar.gz per part plus its summary JSON). The engine and vl parts stop after PART_SECONDS
 # (default 540) and still pack what they wrote. Between calls the device removes every ignored
 # folder of the tree that the next call does not carry (.gpu-a, .gpu-b, .gpu), but keeps /dev/shm and /opt while it
 # stays warm: so the first call (carrying .gpu-a) stashes its half of ONNX Runtime in /dev/shm/pio-gpu-a, and every
-# later part (carrying .gpu-b) unpacks the binaries again if .gpu is gone (a few seconds). What ran on 2026-12-06:
+# later part (carrying .gpu-b) unpacks the binaries again if .gpu is gone (a few seconds). PIO_BINS names another
+# carried folder with the binaries' .xz and ort-env.sh (no ort.part01) for a call that must leave room in its 64 MiB
+# for something else (.gpu-genai): ONNX Runtime is then the one an earlier call of the lease unpacked in /opt. What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|vl-profile|bench4|probe|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|vl-profile|bench4|probe|moe-check|ops-moe|genai}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
 export RUST_LOG=${RUST_LOG:-info,ort=warn} NO_COLOR=1 PYTHONUNBUFFERED=1
 stash=/dev/shm/pio-gpu-a
+bins=${PIO_BINS:-.gpu-b}
 if [[ -d .gpu-a ]]; then mkdir -p "$stash" && cp -u .gpu-a/* "$stash/"; fi
-[[ -f .gpu-b/ort-env.sh && -f /opt/pio-ort/libonnxruntime.so.1.31.1 ]] && source .gpu-b/ort-env.sh
+[[ -f $bins/ort-env.sh && -f /opt/pio-ort/libonnxruntime.so.1.31.1 ]] && source $bins/ort-env.sh
 
 unpack_tokenizer() { # unpack_tokenizer DIR: the Qwen3 tokenizer a carried folder holds, into .cache/pio
   mkdir -p .cache/pio/tokenizers/qwen3
@@ -56,9 +66,9 @@ pack() { # pack NAME DIR: DIR as $out/NAME.tar.gz
 }
 
 # Parts that run our binaries unpack them again when an earlier call's .gpu was removed.
-if [[ $part != torch && $part != setup && $part != prep && ! -x .gpu/pio ]]; then
+if [[ $part != torch && $part != setup && $part != prep && $part != genai && ! -x .gpu/pio ]]; then
   bash "$0" setup >/dev/null || exit 1
-  source .gpu-b/ort-env.sh
+  source $bins/ort-env.sh
 fi
 
 case $part in
@@ -75,36 +85,60 @@ case $part in
     xz -dc .gpu-c/pio-export.xz > .gpu/pio-export && chmod +x .gpu/pio-export
     unpack_tokenizer .gpu-c
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.csv"
-    (bin=.gpu shm=/dev/shm/pio && mkdir -p $shm && source scripts/synthetic_qwen3.sh \
+    # PREP_QWEN3=0 skips the Qwen3-4B export (and with it PREP_KERNELS's graphs).
+    [[ ${PREP_QWEN3:-1} == 1 ]] && (bin=.gpu shm=/dev/shm/pio && mkdir -p $shm && source scripts/synthetic_qwen3.sh \
       && export_synthetic_qwen3 cuda qwen3-4b-graphs "$out/prep/export-qwen3.log"; echo "qwen3 export rc=$?"
-      # PREP_KERNELS=1: that checkpoint also as the `bench4` part's four graphs (bf16/int4, stock/--pio-kernels).
+      # PREP_KERNELS=1: that checkpoint also as the `bench4` part's graphs (bf16/int4, stock/--pio-kernels, and int4
+      # --pio-kernels with the lm_head in int4 too, as onnxruntime-genai's int4 graph has it).
       if [[ ${PREP_KERNELS:-0} == 1 ]]; then
         mkdir -p $work
         for p in bf16 int4; do
-          for kind in stock pio; do
-            flags=(); [[ $kind == pio ]] && flags=(--pio-kernels)
+          for kind in stock pio pio-lm4; do
+            flags=()
+            case $kind in pio) flags=(--pio-kernels) ;; pio-lm4) flags=(--pio-kernels --int4-lm-head) ;; esac
+            [[ $kind == pio-lm4 && $p != int4 ]] && continue
             .gpu/pio-export --checkpoint $shm/qwen3-4b-synthetic-full --ep cuda --precision $p --context-length 8192 \
               --force "${flags[@]}" --out $work/q4b-$p-$kind >> "$out/prep/export-kernels.log" 2>&1 &
           done
         done
         wait; echo "kernel graphs: $(ls $work)"
       fi) &
+    # PREP_MOE=1: the two MoE presets cut to 4 layers at their real width (Qwen3-Coder-30B-A3B: 4 MoE layers; GLM-4.7:
+    # its 3 dense layers and 1 MoE layer), int4, stock (QMoE) and --pio-kernels, for the `moe-check` part.
+    if [[ ${PREP_MOE:-0} == 1 ]]; then
+      (mkdir -p $work
+       for preset in qwen3-coder-30b glm-4-7; do
+         ck=$work/$preset-l4-ck
+         .gpu/pio-export --model $preset --synthetic --layers 4 --checkpoint-only --checkpoint-out $ck \
+           >> "$out/prep/export-moe.log" 2>&1
+         for kind in stock pio; do
+           flags=(); [[ $kind == pio ]] && flags=(--pio-kernels)
+           .gpu/pio-export --checkpoint $ck --ep cuda --precision int4 --context-length 4096 --force "${flags[@]}" \
+             --out $work/$preset-l4-int4-$kind >> "$out/prep/export-moe.log" 2>&1 &
+         done
+         wait; rm -rf $ck
+       done
+       echo "moe graphs: $(ls -d $work/*-l4-int4-* 2>/dev/null | xargs -n1 basename | tr '\n' ' ')") &
+    fi
     [[ ${PREP_VL:-1} == 1 ]] && { OUT=$out/prep PIO_BIN_DIR=.gpu bash scripts/vl_gpu_bench.sh full export; echo "vl export rc=$?"; }
     wait
     ls /dev/shm/pio /dev/shm/pio-vl/graphs 2>/dev/null
     tail -n 3 "$out/prep/steps.log" 2>/dev/null
     ;;
   setup)
-    cat "$stash/ort.part00" .gpu-b/ort.part01 > .gpu-b/ort-cuda-sm90.tar.xz && source .gpu-b/ort-env.sh
+    if [[ ! -f /opt/pio-ort/libonnxruntime.so.1.31.1 ]]; then
+      cat "$stash/ort.part00" $bins/ort.part01 > $bins/ort-cuda-sm90.tar.xz || exit 1
+    fi
+    source $bins/ort-env.sh
     mkdir -p .gpu .gpu/examples
-    for f in .gpu-b/*.xz; do
+    for f in $bins/*.xz; do
       name=$(basename "$f" .xz)
       [[ $name == tokenizer.json ]] && continue
       dest=.gpu/$name
       [[ $name == vl_bench ]] && dest=.gpu/examples/vl_bench
       xz -dc "$f" > "$dest" && chmod +x "$dest"
     done
-    unpack_tokenizer .gpu-b
+    [[ -f $bins/tokenizer.json.xz ]] && unpack_tokenizer $bins
     ls -la .gpu .gpu/examples /opt/pio-ort | tee "$out/setup.txt"
     ;;
   kernels)
@@ -199,8 +233,10 @@ case $part in
   bench4)
     # pio bench of the four graphs `prep` exported with PREP_KERNELS=1: Qwen3-4B bf16 and int4, stock and
     # --pio-kernels, CUDA graphs on, batch 1/8/32 (as scripts/kernels_gpu_check.sh's bench step).
+    # Then the bf16 stock graph's prefill alone over prompt lengths: a prefill run's fixed part and its cost per
+    # token (what a chunk beside running streams costs).
     graphs=()
-    for g in q4b-bf16-stock q4b-bf16-pio q4b-int4-stock q4b-int4-pio; do
+    for g in q4b-bf16-stock q4b-bf16-pio q4b-int4-stock q4b-int4-pio q4b-int4-pio-lm4; do
       [[ -f $work/$g/pio.json ]] && graphs+=(--graphs "$work/$g")
     done
     timeout ${PART_SECONDS:-240} .gpu/pio bench "${graphs[@]}" --ep cuda --cuda-graph on --batches ${BATCHES:-1,8,32} \
@@ -208,6 +244,13 @@ case $part in
       > "$out/bench4.log" 2>&1
     echo "pio bench rc=$?"
     grep -v "INFO\|WARN" "$out/bench4.log" | tail -n 30
+    if [[ -f $work/q4b-bf16-stock/pio.json && -n ${PREFILL_LENS:-16,64,128,256,512,1024,2048} ]]; then
+      timeout 120 .gpu/pio bench --graphs $work/q4b-bf16-stock --ep cuda --cuda-graph on --batches 1 \
+        --prompt-lens ${PREFILL_LENS:-16,64,128,256,512,1024,2048} --decode-tokens 1 --repeats 3 \
+        --out "$out/prefill-curve.json" > "$out/prefill-curve.log" 2>&1
+      echo "prefill curve rc=$?"
+      grep -v "INFO\|WARN" "$out/prefill-curve.log" | tail -n 12
+    fi
     ;;
   probe)
     # The kernels alone (no model): read bandwidth, exact int4 dequantization, every projection shape of the four
@@ -219,8 +262,41 @@ case $part in
     tail -n 40 "$out/probe/probe.log"
     pack probe "$out/probe"
     ;;
+  moe-check)
+    # The MoE presets of `prep` with PREP_MOE=1: greedy tokens and teacher-forced logits of the stock int4 graph
+    # (QMoE) against the --pio-kernels one (MoEInt4, which matches the CPU reference), then both under pio bench.
+    m=$out/moe-check
+    mkdir -p "$m"
+    for preset in qwen3-coder-30b glm-4-7; do
+      g=$work/$preset-l4-int4
+      [[ -f $g-stock/pio.json && -f $g-pio/pio.json ]] || { echo "no $g-stock / $g-pio"; continue; }
+      timeout 120 .gpu/pio-kernels-check greedy --stock $g-stock --pio $g-pio --tokens 64 --out "$m/greedy-$preset.json" \
+        > "$m/greedy-$preset.log" 2>&1
+      echo "greedy $preset rc=$?"
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: v for k, v in d.items() if not isinstance(v, (list, dict))})" \
+        "$m/greedy-$preset.json" 2>&1 | cut -c1-600
+      timeout 150 .gpu/pio bench --graphs $g-stock --graphs $g-pio --ep cuda --cuda-graph on --batches 1,8 --prompt-lens 128 \
+        --decode-prompt-len 128 --decode-tokens 64 --repeats 3 --out "$m/bench-$preset.json" > "$m/bench-$preset.log" 2>&1
+      echo "bench $preset rc=$?"
+      grep -v "INFO\|WARN" "$m/bench-$preset.log" | tail -n 6
+    done
+    pack moe-check "$m"
+    ;;
+  ops-moe)
+    mkdir -p "$out/ops-moe"
+    timeout ${PART_SECONDS:-200} .gpu/pio-kernels-check ops --out "$out/ops-moe.json" \
+      --presets ${OPS_PRESETS:-qwen3-coder-30b,glm-4-7} --tokens ${OPS_TOKENS:-1,8,32} --other-tokens 1 \
+      > "$out/ops-moe/ops.log" 2>&1
+    echo "ops rc=$?"
+    grep -i "moe\|qmoe" "$out/ops-moe/ops.log" | tail -n 20
+    pack ops-moe "$out/ops-moe"
+    ;;
   genai)
+    # The checkpoint of `kernels` (its folder) or of `prep` (export_synthetic_qwen3's, which pio-export wrote with the
+    # Qwen3 tokenizer in it).
     ck=$work/qwen3-4b-ck
+    [[ -f $ck/config.json ]] || ck=/dev/shm/pio/qwen3-4b-synthetic-full
+    [[ -f /opt/pio-ort/libonnxruntime.so.1.31.1 ]] || { echo "ONNX Runtime is not unpacked in /opt/pio-ort"; exit 1; }
     cp .cache/pio/tokenizers/qwen3/tokenizer.json .cache/pio/tokenizers/qwen3/tokenizer_config.json "$ck/" 2>/dev/null
     source scripts/genai_setup.sh .gpu-genai /tmp/genai-env || exit 1
     set +e

@@ -5,7 +5,8 @@
 #   scripts/vl_gpu_bench.sh [full|cpu-smoke] [STAGES]   (results in $OUT, default bench-out/vl; checkpoints, graphs
 #                                                        and logs in $PIO_SHM, default /dev/shm/pio-vl)
 #
-# Measured (bf16; PRECISIONS="bf16 int4" adds int4):
+# Measured (bf16; PRECISIONS="bf16 int4" adds int4; VL_EXPORT_FLAGS adds export flags to both graphs, e.g.
+# "--pio-kernels"):
 #   1. vl_bench (examples/vl_bench.rs) on the engine, image FILES in chat messages as `pio run --image` and a server
 #      take them: per image (448x448, 1024x1024, 1920x1080 JPEGs) reading and decoding, the image processor and the
 #      vision encoder; the time to first token with the 1024x1024 image and a 64-token question, and decode
@@ -70,8 +71,9 @@ if stage export; then
   [[ -f $ck/tokenizer.json ]] || log "FAILED: $ck has no tokenizer.json (carry .cache/pio/tokenizers; scripts/setup.sh)"
   run text-checkpoint python3 scripts/vl_bench_inputs.py text-checkpoint --checkpoint "$ck" --out "$text_ck"
   for p in "${precisions[@]}"; do
-    run export-vl-$p "$bin/pio-export" --checkpoint "$ck" --ep $ep --precision $p --out "$g/vl-$p" --force
-    run export-text-$p "$bin/pio-export" --checkpoint "$text_ck" --ep $ep --precision $p --out "$g/text-$p" --force
+    run export-vl-$p "$bin/pio-export" --checkpoint "$ck" --ep $ep --precision $p --out "$g/vl-$p" --force ${VL_EXPORT_FLAGS:-}
+    run export-text-$p "$bin/pio-export" --checkpoint "$text_ck" --ep $ep --precision $p --out "$g/text-$p" --force \
+      ${VL_EXPORT_FLAGS:-}
   done
   run images python3 scripts/vl_bench_inputs.py images --sizes 448x448,1024x1024,1920x1080 --out "$images"
 fi
