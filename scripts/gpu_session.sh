@@ -103,11 +103,11 @@ case $part in
         done
         wait; echo "kernel graphs: $(ls $work)"
       fi) &
-    # PREP_MOE=1: the two MoE presets cut to 4 layers at their real width (Qwen3-Coder-30B-A3B: 4 MoE layers; GLM-4.7:
+    # PREP_MOE=1: the two MoE presets (MOE_PRESETS) cut to 4 layers at their real width (Qwen3-Coder-30B-A3B: 4 MoE layers; GLM-4.7:
     # its 3 dense layers and 1 MoE layer), int4, stock (QMoE) and --pio-kernels, for the `moe-check` part.
     if [[ ${PREP_MOE:-0} == 1 ]]; then
       (mkdir -p $work
-       for preset in qwen3-coder-30b glm-4-7; do
+       for preset in ${MOE_PRESETS:-qwen3-coder-30b glm-4-7}; do
          ck=$work/$preset-l4-ck
          .gpu/pio-export --model $preset --synthetic --layers 4 --checkpoint-only --checkpoint-out $ck \
            >> "$out/prep/export-moe.log" 2>&1
@@ -267,7 +267,7 @@ case $part in
     # (QMoE) against the --pio-kernels one (MoEInt4, which matches the CPU reference), then both under pio bench.
     m=$out/moe-check
     mkdir -p "$m"
-    for preset in qwen3-coder-30b glm-4-7; do
+    for preset in ${MOE_PRESETS:-qwen3-coder-30b glm-4-7}; do
       g=$work/$preset-l4-int4
       [[ -f $g-stock/pio.json && -f $g-pio/pio.json ]] || { echo "no $g-stock / $g-pio"; continue; }
       timeout 120 .gpu/pio-kernels-check greedy --stock $g-stock --pio $g-pio --tokens 64 --out "$m/greedy-$preset.json" \
@@ -275,8 +275,9 @@ case $part in
       echo "greedy $preset rc=$?"
       python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: v for k, v in d.items() if not isinstance(v, (list, dict))})" \
         "$m/greedy-$preset.json" 2>&1 | cut -c1-600
-      timeout 150 .gpu/pio bench --graphs $g-stock --graphs $g-pio --ep cuda --cuda-graph on --batches 1,8 --prompt-lens 128 \
-        --decode-prompt-len 128 --decode-tokens 64 --repeats 3 --out "$m/bench-$preset.json" > "$m/bench-$preset.log" 2>&1
+      timeout 150 .gpu/pio bench --graphs $g-stock --graphs $g-pio --ep cuda --cuda-graph on --batches ${MOE_BATCHES:-1,8} \
+        --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 64 --repeats ${MOE_REPEATS:-3} --out "$m/bench-$preset.json" \
+        > "$m/bench-$preset.log" 2>&1
       echo "bench $preset rc=$?"
       grep -v "INFO\|WARN" "$m/bench-$preset.log" | tail -n 6
     done
