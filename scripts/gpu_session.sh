@@ -30,6 +30,8 @@
 #   scripts/gpu_session.sh moe-check greedy tokens and logits of the stock int4 MoE graphs (QMoE) against --pio-kernels
 #                                    (MoEInt4) and pio bench of both: Qwen3-Coder-30B and GLM-4.7 cut to 4 layers
 #                                    (exported by `prep` with PREP_MOE=1)
+#   scripts/gpu_session.sh nsys-genai Nsight Systems kernel summaries of pio's and onnxruntime-genai's Qwen3-4B bf16
+#                                    batch-1 step, and the decode with a 512-token against an 8,192-token KV buffer
 #   scripts/gpu_session.sh ops-moe   pio-kernels-check ops on the MoE presets: our int4 MoE kernel (MoEInt4) against
 #                                    ONNX Runtime's QMoE inside ONNX Runtime, every MoE layer shape at 1/8/32 tokens
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the synthetic Qwen3-4B checkpoint of `kernels`
@@ -45,7 +47,7 @@
 # for something else (.gpu-genai): ONNX Runtime is then the one an earlier call of the lease unpacked in /opt. What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|vl-profile|bench4|probe|moe-check|ops-moe|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|vl-profile|bench4|probe|moe-check|nsys-genai|ops-moe|genai}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
@@ -53,6 +55,8 @@ export RUST_LOG=${RUST_LOG:-info,ort=warn} NO_COLOR=1 PYTHONUNBUFFERED=1
 stash=/dev/shm/pio-gpu-a
 bins=${PIO_BINS:-.gpu-b}
 if [[ -d .gpu-a ]]; then mkdir -p "$stash" && cp -u .gpu-a/* "$stash/"; fi
+# onnxruntime-genai's wheels, kept for a later call of the lease that cannot carry them (genai, nsys-genai).
+if [[ -d .gpu-genai ]]; then mkdir -p /dev/shm/genai-wheels && cp -u .gpu-genai/* /dev/shm/genai-wheels/; fi
 [[ -f $bins/ort-env.sh && -f /opt/pio-ort/libonnxruntime.so.1.31.1 ]] && source $bins/ort-env.sh
 
 unpack_tokenizer() { # unpack_tokenizer DIR: the Qwen3 tokenizer a carried folder holds, into .cache/pio
@@ -283,6 +287,51 @@ case $part in
     done
     pack moe-check "$m"
     ;;
+  nsys-genai)
+    # Where onnxruntime-genai's batch-1 step is shorter than ours (Run 7: bf16 268.3 against 261.8 tokens/s): Nsight
+    # Systems' kernel summary of pio bench (Qwen3-4B bf16 of `prep`, batch 1, CUDA graphs, graph nodes traced) and of
+    # genai's own bf16 graph of the same checkpoint generating 128 tokens; and the same graph exported with a
+    # 512-token context, to see whether the KV buffer's length costs anything per step. Needs the genai wheels in
+    # /dev/shm/genai-wheels (every call carrying .gpu-genai copies them there) and ONNX Runtime in /opt/pio-ort.
+    n=$out/nsys-genai
+    mkdir -p "$n"
+    nsys=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -n 1)
+    g=/dev/shm/pio/qwen3-4b-graphs-full-bf16 ck=/dev/shm/pio/qwen3-4b-synthetic-full
+    .gpu/pio-export --checkpoint $ck --ep cuda --precision bf16 --context-length 512 --force --out /dev/shm/q4b-bf16-ctx512 \
+      > "$n/export512.log" 2>&1 &
+    source scripts/genai_setup.sh /dev/shm/genai-wheels /tmp/genai-env > "$n/genai-setup.log" 2>&1 || { echo "genai setup failed"; }
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 timeout 150 python3 -m onnxruntime_genai.models.builder -i $ck -o /tmp/genai-bf16 \
+      -p bf16 -e cuda -c /tmp/genai-hf > "$n/genai-build.log" 2>&1
+    echo "genai build rc=$?"
+    wait
+    cat > /tmp/genai_decode.py <<'PY'
+import sys, time, numpy as np, onnxruntime_genai as og
+cfg = og.Config(sys.argv[1]); cfg.clear_providers(); cfg.append_provider("cuda"); model = og.Model(cfg)
+ids = np.random.default_rng(0).integers(0, 151000, size=(1, 128), dtype=np.int32)
+for n in (8, 128):
+    p = og.GeneratorParams(model); p.set_search_options(max_length=128 + n, min_length=128 + n, do_sample=False, batch_size=1)
+    gen = og.Generator(model, p); gen.append_tokens(ids); gen.generate_next_token(); t = time.perf_counter(); steps = 0
+    while not gen.is_done():
+        gen.generate_next_token(); steps += 1
+    print(n, "tokens/s", steps / (time.perf_counter() - t))
+PY
+    if [[ -n $nsys ]]; then
+      timeout 120 "$nsys" profile --cuda-graph-trace=node -t cuda -o /tmp/pio-b1 --force-overwrite true .gpu/pio bench \
+        --graphs $g --ep cuda --cuda-graph on --batches 1 --prompt-lens 128 --decode-tokens 64 --repeats 1 --out /tmp/b.json \
+        > "$n/pio.log" 2>&1
+      "$nsys" stats -r cuda_gpu_kern_sum --format csv -o "$n/pio" /tmp/pio-b1.nsys-rep > /dev/null 2>&1
+      timeout 120 "$nsys" profile --cuda-graph-trace=node -t cuda -o /tmp/genai-b1 --force-overwrite true \
+        python3 /tmp/genai_decode.py /tmp/genai-bf16 > "$n/genai.log" 2>&1
+      "$nsys" stats -r cuda_gpu_kern_sum --format csv -o "$n/genai" /tmp/genai-b1.nsys-rep > /dev/null 2>&1
+      for f in "$n"/*.csv; do echo "== $f"; head -n 16 "$f" | cut -c1-200; done
+    else
+      echo "no nsys on this host"
+    fi
+    timeout 120 .gpu/pio bench --graphs $g --graphs /dev/shm/q4b-bf16-ctx512 --ep cuda --cuda-graph on --batches 1,8 \
+      --prompt-lens 128 --decode-tokens 128 --repeats 1 --out "$n/context-length.json" > "$n/context-length.log" 2>&1
+    grep -v "INFO\|WARN" "$n/context-length.log" | tail -n 6
+    pack nsys-genai "$n"
+    ;;
   ops-moe)
     mkdir -p "$out/ops-moe"
     timeout ${PART_SECONDS:-200} .gpu/pio-kernels-check ops --out "$out/ops-moe.json" \
@@ -299,7 +348,7 @@ case $part in
     [[ -f $ck/config.json ]] || ck=/dev/shm/pio/qwen3-4b-synthetic-full
     [[ -f /opt/pio-ort/libonnxruntime.so.1.31.1 ]] || { echo "ONNX Runtime is not unpacked in /opt/pio-ort"; exit 1; }
     cp .cache/pio/tokenizers/qwen3/tokenizer.json .cache/pio/tokenizers/qwen3/tokenizer_config.json "$ck/" 2>/dev/null
-    source scripts/genai_setup.sh .gpu-genai /tmp/genai-env || exit 1
+    source scripts/genai_setup.sh /dev/shm/genai-wheels /tmp/genai-env || exit 1
     set +e
     python3 scripts/genai_baseline.py --checkpoint "$ck" --work /tmp/genai-work --precisions ${GENAI_PRECISIONS:-bf16,int4} \
       --batches 1,32 --prompt-len 128 --new-tokens 128 --repeats 3 --out "$out/genai.json" 2>&1 \
