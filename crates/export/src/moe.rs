@@ -243,13 +243,12 @@ impl DecoderBuilder<'_> {
         let m = moe_config(self.text)?;
         let name = format!("{mlp}.experts");
         let op = match self.settings.precision {
-            Precision::Int4 if self.pio_moe_applies(&name)? => ExpertOp::PioMoe,
-            Precision::Int4 => ExpertOp::QMoe,
+            Precision::Int4 => self.pio_moe_shape(&name)?.map_or(ExpertOp::QMoe, ExpertOp::PioMoe),
             _ => ExpertOp::Moe,
         };
         let r = self.op_routing(routing, &name, m.num_experts_per_tok, op)?;
-        let y = if op == ExpertOp::PioMoe {
-            self.pio_routed_experts(tokens, mlp, &name, (&r.probs, r.router_weights.as_deref(), r.normalize))?
+        let y = if let ExpertOp::PioMoe(shape) = op {
+            self.pio_routed_experts(tokens, mlp, &name, shape, (&r.probs, r.router_weights.as_deref(), r.normalize))?
         } else {
             let quantized = op == ExpertOp::QMoe;
             let weights = self.expert_weights(mlp, &name, &m, quantized)?;
@@ -299,18 +298,15 @@ impl DecoderBuilder<'_> {
     fn op_routing(&mut self, routing: Routing, name: &str, k: usize, op: ExpertOp) -> Result<OpRouting> {
         let (dtype, f32) = (self.dtype, TensorDtype::Float32);
         Ok(match routing {
-            Routing::Softmax { logits, normalize: false } if op == ExpertOp::PioMoe => {
-                // The softmax (float32, as transformers) to mix with.
-                let l = self.cast(&logits, dtype, f32, &format!("{name}.logits_cast"));
-                let p = self.g.node("Softmax", &format!("{name}.softmax")).inputs(&[&l]).attr("axis", -1i64).out();
+            Routing::Softmax { logits, normalize: false } if matches!(op, ExpertOp::PioMoe(_)) => {
+                // The softmax to mix with.
+                let p = self.routing_softmax(&logits, name);
                 let w = self.cast(&p, f32, dtype, &format!("{name}.softmax_cast"));
                 OpRouting { probs: logits, router_weights: Some(w), normalize: false, rescale: None }
             }
             Routing::Softmax { logits, normalize: false } if op == ExpertOp::QMoe => {
-                // The op mixes with the k softmax weights renormalized; their sum (float32, as
-                // transformers) goes back in.
-                let l = self.cast(&logits, dtype, f32, &format!("{name}.logits_cast"));
-                let p = self.g.node("Softmax", &format!("{name}.softmax")).inputs(&[&l]).attr("axis", -1i64).out();
+                // The op mixes with the k softmax weights renormalized; their sum goes back in.
+                let p = self.routing_softmax(&logits, name);
                 let kk = self.g.const_i64(&format!("{name}.topk_k"), &[k as i64])?;
                 let top = self.g.node("TopK", &format!("{name}.topk")).inputs(&[&p, &kk]).attr("axis", -1i64).outs(2);
                 let rescale = self.weight_sum(&top[0], name)?;
@@ -319,7 +315,7 @@ impl DecoderBuilder<'_> {
             Routing::Softmax { logits, normalize } => {
                 OpRouting { probs: logits, router_weights: None, normalize, rescale: None }
             }
-            Routing::Chosen { choice, weights, normalize } if op == ExpertOp::PioMoe => OpRouting {
+            Routing::Chosen { choice, weights, normalize } if matches!(op, ExpertOp::PioMoe(_)) => OpRouting {
                 probs: self.cast(&choice, f32, dtype, &format!("{name}.choice_cast")),
                 router_weights: Some(self.cast(&weights, f32, dtype, &format!("{name}.weights_cast"))),
                 normalize,
@@ -357,6 +353,13 @@ impl DecoderBuilder<'_> {
                 OpRouting { probs, router_weights: None, normalize: true, rescale }
             }
         })
+    }
+
+    /// The softmax over the experts of the router's `logits` (graph dtype), in float32 as
+    /// transformers computes it.
+    fn routing_softmax(&mut self, logits: &str, name: &str) -> String {
+        let l = self.cast(logits, self.dtype, TensorDtype::Float32, &format!("{name}.logits_cast"));
+        self.g.node("Softmax", &format!("{name}.softmax")).inputs(&[&l]).attr("axis", -1i64).out()
     }
 
     /// The sum of each token's k mixing weights `w` (T, k, float32) as (T, 1) in the graph dtype.
@@ -483,8 +486,8 @@ enum ExpertOp {
     Moe,
     /// com.microsoft `QMoE` (int4 experts).
     QMoe,
-    /// `ai.pio.MoEInt4` (`--pio-kernels moe`).
-    PioMoe,
+    /// `ai.pio.MoEInt4` (`--pio-kernels moe`) at this shape.
+    PioMoe(pio_kernels::gpu::MoeShape),
 }
 
 struct OpRouting {

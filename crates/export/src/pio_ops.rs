@@ -17,6 +17,7 @@
 
 use std::collections::BTreeSet;
 
+use pio_kernels::gpu::MoeShape;
 use pio_kernels::layout::{self, swiglu_row_source, GateUp, Int4Shape};
 use pio_kernels::ops;
 use pio_models::manifest::{TargetEp, TensorDtype};
@@ -352,34 +353,38 @@ impl crate::decoder::DecoderBuilder<'_> {
         Some(linear_node(&mut self.g, h, "lm_head", table, (vocab, hidden), false))
     }
 
-    /// Whether `--pio-kernels moe` applies to the int4 experts `name` (a shape the kernel cannot
-    /// take keeps QMoE, with a warning).
-    pub(crate) fn pio_moe_applies(&self, name: &str) -> Result<bool> {
+    /// The shape `ai.pio.MoEInt4` runs the int4 experts `name` at, where `--pio-kernels moe`
+    /// applies (None: QMoE; a shape the kernel cannot take keeps QMoE, with a warning).
+    pub(crate) fn pio_moe_shape(&self, name: &str) -> Result<Option<MoeShape>> {
         if !self.settings.pio_kernels.moe || self.settings.precision != Precision::Int4 {
-            return Ok(false);
+            return Ok(None);
         }
         let m = crate::moe::moe_config(self.text)?;
-        let (e, hidden, inter, bs) =
-            (m.num_experts, self.text.hidden_size, m.moe_intermediate_size, self.settings.int4_block_size);
-        let shape = pio_kernels::gpu::MoeShape { experts: e, k: m.num_experts_per_tok, hidden, inter, block_size: bs };
+        let shape = MoeShape {
+            experts: m.num_experts,
+            k: m.num_experts_per_tok,
+            hidden: self.text.hidden_size,
+            inter: m.moe_intermediate_size,
+            block_size: self.settings.int4_block_size,
+        };
         if let Err(why) = shape.validate() {
             tracing::warn!("--pio-kernels moe: {name}: {why}; it keeps QMoE");
-            return Ok(false);
+            return Ok(None);
         }
-        Ok(true)
+        Ok(Some(shape))
     }
 
-    /// The routed int4 experts of `{mlp}` as `ai.pio.MoEInt4` (where [`Self::pio_moe_applies`]).
+    /// The routed int4 experts of `{mlp}` as `ai.pio.MoEInt4` at `shape` (from
+    /// [`Self::pio_moe_shape`]).
     pub(crate) fn pio_routed_experts(
         &mut self,
         tokens: &str,
         mlp: &str,
         name: &str,
+        shape: MoeShape,
         (probs, router_weights, normalize): (&str, Option<&str>, bool),
     ) -> Result<String> {
-        let m = crate::moe::moe_config(self.text)?;
-        let (e, hidden, inter, bs) =
-            (m.num_experts, self.text.hidden_size, m.moe_intermediate_size, self.settings.int4_block_size);
+        let MoeShape { experts: e, k, hidden, inter, block_size: bs } = shape;
         let names = |proj: &str| (0..e).map(|i| format!("{mlp}.experts.{i}.{proj}.weight")).collect::<Vec<_>>();
         let (gate_names, up_names, down_names) = (names("gate_proj"), names("up_proj"), names("down_proj"));
         let ck = self.ck;
@@ -412,7 +417,7 @@ impl crate::decoder::DecoderBuilder<'_> {
             probs,
             (&fc1.0, &fc1.1, &fc2.0, &fc2.1),
             router_weights,
-            (m.num_experts_per_tok, normalize, bs),
+            (k, normalize, bs),
         );
         self.pio_usage.used(MOE);
         Ok(y)

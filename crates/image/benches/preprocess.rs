@@ -2,9 +2,10 @@
 //!
 //! The JPEG is generated here: a photo-like 1080p frame (smooth gradients, texture, hard edges, sensor-like
 //! noise) encoded baseline 4:2:0 at quality 90 by libjpeg-turbo, which comes out at a typical photo's size.
-//! Everything runs on one thread, but for one case that spreads preprocessing over the machine's cores (at most 8). Each pipeline benchmark runs twice: with wall time, and with the thread's CPU
-//! time, which is the number to read on a machine shared with other jobs. JPEG decoding uses libjpeg-turbo's SIMD code only if `nasm` was installed at
-//! build time (see crates/image/Cargo.toml).
+//! Everything runs on one thread, but for one case that spreads preprocessing over the machine's cores (at most
+//! 8). Each pipeline benchmark runs twice: with wall time, and with the thread's CPU time, which is the number to
+//! read on a machine shared with other jobs. JPEG decoding uses libjpeg-turbo's SIMD code only if `nasm` was
+//! installed at build time (see crates/image/Cargo.toml).
 //!
 //! ```sh
 //! cargo bench -p pio-image --bench preprocess
