@@ -32,6 +32,8 @@
 #                                    (exported by `prep` with PREP_MOE=1)
 #   scripts/gpu_session.sh nsys-genai Nsight Systems kernel summaries of pio's and onnxruntime-genai's Qwen3-4B bf16
 #                                    batch-1 step, and the decode with a 512-token against an 8,192-token KV buffer
+#   scripts/gpu_session.sh nsys-vl   Nsight Systems over vl_bench's time to first token (1024x1024 image; `prep`'s
+#                                    Qwen3-VL graphs, VL_PRECISION): kernels, CUDA API calls, GPU and API traces
 #   scripts/gpu_session.sh ops-moe   pio-kernels-check ops on the MoE presets: our int4 MoE kernel (MoEInt4) against
 #                                    ONNX Runtime's QMoE inside ONNX Runtime, every MoE layer shape at 1/8/32 tokens
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the synthetic Qwen3-4B checkpoint of `kernels`
@@ -47,7 +49,7 @@
 # for something else (.gpu-genai): ONNX Runtime is then the one an earlier call of the lease unpacked in /opt. What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|vl-profile|bench4|probe|moe-check|nsys-genai|ops-moe|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|vl-profile|bench4|probe|moe-check|nsys-genai|nsys-vl|ops-moe|genai}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
@@ -107,22 +109,27 @@ case $part in
         done
         wait; echo "kernel graphs: $(ls $work)"
       fi) &
-    # PREP_MOE=1: the two MoE presets (MOE_PRESETS) cut to 4 layers at their real width (Qwen3-Coder-30B-A3B: 4 MoE layers; GLM-4.7:
-    # its 3 dense layers and 1 MoE layer), int4, stock (QMoE) and --pio-kernels, for the `moe-check` part.
+    # PREP_MOE=1: the two MoE presets (MOE_PRESETS) cut to MOE_LAYERS layers (default 4) at their real width
+    # (Qwen3-Coder-30B-A3B: every layer MoE; GLM-4.7: 3 dense layers first), int4, in MOE_KINDS (default "stock
+    # pio"): stock (QMoE), pio (--pio-kernels, every family) and pio-moe (--pio-kernels moe: only the MoE op
+    # differs from stock), for the `moe-check` part.
     if [[ ${PREP_MOE:-0} == 1 ]]; then
       (mkdir -p $work
        for preset in ${MOE_PRESETS:-qwen3-coder-30b glm-4-7}; do
-         ck=$work/$preset-l4-ck
-         .gpu/pio-export --model $preset --synthetic --layers 4 --checkpoint-only --checkpoint-out $ck \
-           >> "$out/prep/export-moe.log" 2>&1
-         for kind in stock pio; do
-           flags=(); [[ $kind == pio ]] && flags=(--pio-kernels)
-           .gpu/pio-export --checkpoint $ck --ep cuda --precision int4 --context-length 4096 --force "${flags[@]}" \
-             --out $work/$preset-l4-int4-$kind >> "$out/prep/export-moe.log" 2>&1 &
+         for layers in ${MOE_LAYERS:-4}; do
+           ck=$work/$preset-l$layers-ck
+           .gpu/pio-export --model $preset --synthetic --layers $layers --checkpoint-only --checkpoint-out $ck \
+             >> "$out/prep/export-moe.log" 2>&1
+           for kind in ${MOE_KINDS:-stock pio}; do
+             flags=()
+             case $kind in pio) flags=(--pio-kernels) ;; pio-moe) flags=(--pio-kernels moe) ;; esac
+             .gpu/pio-export --checkpoint $ck --ep cuda --precision int4 --context-length 4096 --force "${flags[@]}" \
+               --out $work/$preset-l$layers-int4-$kind >> "$out/prep/export-moe.log" 2>&1 &
+           done
+           wait; rm -rf $ck
          done
-         wait; rm -rf $ck
        done
-       echo "moe graphs: $(ls -d $work/*-l4-int4-* 2>/dev/null | xargs -n1 basename | tr '\n' ' ')") &
+       echo "moe graphs: $(ls -d $work/*-int4-* 2>/dev/null | xargs -n1 basename | tr '\n' ' ')") &
     fi
     [[ ${PREP_VL:-1} == 1 ]] && { OUT=$out/prep PIO_BIN_DIR=.gpu bash scripts/vl_gpu_bench.sh full export; echo "vl export rc=$?"; }
     wait
@@ -269,21 +276,29 @@ case $part in
   moe-check)
     # The MoE presets of `prep` with PREP_MOE=1: greedy tokens and teacher-forced logits of the stock int4 graph
     # (QMoE) against the --pio-kernels one (MoEInt4, which matches the CPU reference), then both under pio bench.
+    # With MOE_LAYERS of two depths, the difference of their steps over the difference of their layers is one
+    # layer's time, free of the lm_head and embedding (what a 48-layer model adds per layer).
     m=$out/moe-check
     mkdir -p "$m"
     for preset in ${MOE_PRESETS:-qwen3-coder-30b glm-4-7}; do
-      g=$work/$preset-l4-int4
-      [[ -f $g-stock/pio.json && -f $g-pio/pio.json ]] || { echo "no $g-stock / $g-pio"; continue; }
-      timeout 120 .gpu/pio-kernels-check greedy --stock $g-stock --pio $g-pio --tokens 64 --out "$m/greedy-$preset.json" \
-        > "$m/greedy-$preset.log" 2>&1
-      echo "greedy $preset rc=$?"
-      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: v for k, v in d.items() if not isinstance(v, (list, dict))})" \
-        "$m/greedy-$preset.json" 2>&1 | cut -c1-600
-      timeout 150 .gpu/pio bench --graphs $g-stock --graphs $g-pio --ep cuda --cuda-graph on --batches ${MOE_BATCHES:-1,8} \
-        --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 64 --repeats ${MOE_REPEATS:-3} --out "$m/bench-$preset.json" \
-        > "$m/bench-$preset.log" 2>&1
-      echo "bench $preset rc=$?"
-      grep -v "INFO\|WARN" "$m/bench-$preset.log" | tail -n 6
+      for layers in ${MOE_LAYERS:-4}; do
+        g=$work/$preset-l$layers-int4
+        [[ -f $g-stock/pio.json ]] || { echo "no $g-stock"; continue; }
+        if [[ -f $g-pio/pio.json && ${MOE_GREEDY:-1} == 1 ]]; then
+          timeout 120 .gpu/pio-kernels-check greedy --stock $g-stock --pio $g-pio --tokens 64 \
+            --out "$m/greedy-$preset-l$layers.json" > "$m/greedy-$preset-l$layers.log" 2>&1
+          echo "greedy $preset l$layers rc=$?"
+          python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['greedy']; print({k: v for k, v in d.items() if not isinstance(v, list)})" \
+            "$m/greedy-$preset-l$layers.json" 2>&1 | cut -c1-400
+        fi
+        graphs=()
+        for kind in ${MOE_KINDS:-stock pio}; do [[ -f $g-$kind/pio.json ]] && graphs+=(--graphs $g-$kind); done
+        timeout 200 .gpu/pio bench "${graphs[@]}" --ep cuda --cuda-graph on --batches ${MOE_BATCHES:-1,8} \
+          --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 64 --repeats ${MOE_REPEATS:-3} \
+          --out "$m/bench-$preset-l$layers.json" > "$m/bench-$preset-l$layers.log" 2>&1
+        echo "bench $preset l$layers rc=$?"
+        grep -v "INFO\|WARN\|CUDA graph replay" "$m/bench-$preset-l$layers.log" | tail -n 5
+      done
     done
     pack moe-check "$m"
     ;;
@@ -323,6 +338,9 @@ PY
       timeout 120 "$nsys" profile --cuda-graph-trace=node -t cuda -o /tmp/genai-b1 --force-overwrite true \
         python3 /tmp/genai_decode.py /tmp/genai-bf16 > "$n/genai.log" 2>&1
       "$nsys" stats -r cuda_gpu_kern_sum --format csv -o "$n/genai" /tmp/genai-b1.nsys-rep > /dev/null 2>&1
+      for who in pio genai; do
+        "$nsys" stats -r cuda_api_sum --format csv -o "$n/$who" /tmp/$who-b1.nsys-rep > /dev/null 2>&1
+      done
       for f in "$n"/*.csv; do echo "== $f"; head -n 16 "$f" | cut -c1-200; done
     else
       echo "no nsys on this host"
@@ -331,6 +349,26 @@ PY
       --prompt-lens 128 --decode-tokens 128 --repeats 1 --out "$n/context-length.json" > "$n/context-length.log" 2>&1
     grep -v "INFO\|WARN" "$n/context-length.log" | tail -n 6
     pack nsys-genai "$n"
+    ;;
+  nsys-vl)
+    # Where Qwen3-VL's time to first token goes (Run 7, int4: 41.4 ms, of which decode 6.1, preprocess 1.1, encode
+    # 21.0, prefill about 13): Nsight Systems over vl_bench with the 1024x1024 image only (the graphs of `prep`,
+    # VL_PRECISION, default int4): GPU kernels by name, CUDA API calls (a long cudaStreamSynchronize, cudaMemcpy or
+    # cudaMalloc is the host waiting), and the GPU trace with timestamps (idle gaps between kernels are host time).
+    n=$out/nsys-vl
+    mkdir -p "$n"
+    nsys=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -n 1)
+    vg=/dev/shm/pio-vl/graphs/vl-${VL_PRECISION:-int4} img=/dev/shm/pio-vl/images/1024x1024.jpg
+    [[ -n $nsys && -f $vg/pio.json ]] || { echo "no nsys ($nsys) or no $vg"; exit 1; }
+    timeout ${PART_SECONDS:-150} "$nsys" profile -t cuda --cuda-graph-trace=node -o /tmp/vl-ttft --force-overwrite true \
+      .gpu/examples/vl_bench --graphs "$vg" --ep cuda --ep-option cuda_graph=1 --images "$img" --ttft-image "$img" \
+      --question-tokens 64 --decode-tokens 2 --repeats 3 --out "$n/vl-bench.json" > "$n/vl-bench.log" 2>&1
+    echo "nsys vl rc=$?"
+    for report in cuda_gpu_kern_sum cuda_api_sum cuda_gpu_trace cuda_api_trace; do
+      "$nsys" stats -r $report --format csv -o "$n/vl" /tmp/vl-ttft.nsys-rep > /dev/null 2>&1
+    done
+    for f in "$n"/vl_cuda_gpu_kern_sum.csv "$n"/vl_cuda_api_sum.csv; do echo "== $f"; head -n 14 "$f" | cut -c1-160; done
+    pack nsys-vl "$n"
     ;;
   ops-moe)
     mkdir -p "$out/ops-moe"
