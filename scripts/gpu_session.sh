@@ -28,8 +28,8 @@
 #   scripts/gpu_session.sh probe     pio-kernels-check probe: read bandwidth and every projection shape of the presets
 #                                    through the tile kernels (1/8/32 tokens, warps per CTA swept), no model
 #   scripts/gpu_session.sh moe-check greedy tokens and logits of the stock int4 MoE graphs (QMoE) against --pio-kernels
-#                                    (MoEInt4) and pio bench of both: Qwen3-Coder-30B and GLM-4.7 cut to 4 layers
-#                                    (exported by `prep` with PREP_MOE=1)
+#                                    (MoEInt4) and pio bench of every MOE_KINDS graph: Qwen3-Coder-30B and GLM-4.7 cut
+#                                    to MOE_LAYERS layers (exported by `prep` with PREP_MOE=1)
 #   scripts/gpu_session.sh nsys-genai Nsight Systems kernel summaries of pio's and onnxruntime-genai's Qwen3-4B bf16
 #                                    batch-1 step, and the decode with a 512-token against an 8,192-token KV buffer
 #   scripts/gpu_session.sh nsys-vl   Nsight Systems over vl_bench's time to first token (1024x1024 image; `prep`'s
@@ -67,6 +67,18 @@ unpack_tokenizer() { # unpack_tokenizer DIR: the Qwen3 tokenizer a carried folde
   cp "$1/tokenizer_config.json" .cache/pio/tokenizers/qwen3/
 }
 
+export_flags() { # export_flags KIND: pio-export's flags for a graph kind of `prep` (stock, pio, pio-lm4, pio-moe)
+  case $1 in
+    pio) echo --pio-kernels ;;
+    pio-lm4) echo --pio-kernels --int4-lm-head ;;
+    pio-moe) echo --pio-kernels moe ;;
+  esac
+}
+
+find_nsys() { # find_nsys: Nsight Systems' nsys on this host, or nothing
+  command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -n 1
+}
+
 pack() { # pack NAME DIR: DIR as $out/NAME.tar.gz
   tar -C "$(dirname "$2")" -czf "$out/$1.tar.gz" "$(basename "$2")" && rm -rf "$2"
 }
@@ -100,11 +112,9 @@ case $part in
         mkdir -p $work
         for p in bf16 int4; do
           for kind in stock pio pio-lm4; do
-            flags=()
-            case $kind in pio) flags=(--pio-kernels) ;; pio-lm4) flags=(--pio-kernels --int4-lm-head) ;; esac
             [[ $kind == pio-lm4 && $p != int4 ]] && continue
             .gpu/pio-export --checkpoint $shm/qwen3-4b-synthetic-full --ep cuda --precision $p --context-length 8192 \
-              --force "${flags[@]}" --out $work/q4b-$p-$kind >> "$out/prep/export-kernels.log" 2>&1 &
+              --force $(export_flags $kind) --out $work/q4b-$p-$kind >> "$out/prep/export-kernels.log" 2>&1 &
           done
         done
         wait; echo "kernel graphs: $(ls $work)"
@@ -121,10 +131,8 @@ case $part in
            .gpu/pio-export --model $preset --synthetic --layers $layers --checkpoint-only --checkpoint-out $ck \
              >> "$out/prep/export-moe.log" 2>&1
            for kind in ${MOE_KINDS:-stock pio}; do
-             flags=()
-             case $kind in pio) flags=(--pio-kernels) ;; pio-moe) flags=(--pio-kernels moe) ;; esac
-             .gpu/pio-export --checkpoint $ck --ep cuda --precision int4 --context-length 4096 --force "${flags[@]}" \
-               --out $work/$preset-l$layers-int4-$kind >> "$out/prep/export-moe.log" 2>&1 &
+             .gpu/pio-export --checkpoint $ck --ep cuda --precision int4 --context-length 4096 --force \
+               $(export_flags $kind) --out $work/$preset-l$layers-int4-$kind >> "$out/prep/export-moe.log" 2>&1 &
            done
            wait; rm -rf $ck
          done
@@ -310,7 +318,7 @@ case $part in
     # /dev/shm/genai-wheels (every call carrying .gpu-genai copies them there) and ONNX Runtime in /opt/pio-ort.
     n=$out/nsys-genai
     mkdir -p "$n"
-    nsys=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -n 1)
+    nsys=$(find_nsys)
     g=/dev/shm/pio/qwen3-4b-graphs-full-bf16 ck=/dev/shm/pio/qwen3-4b-synthetic-full
     .gpu/pio-export --checkpoint $ck --ep cuda --precision bf16 --context-length 512 --force --out /dev/shm/q4b-bf16-ctx512 \
       > "$n/export512.log" 2>&1 &
@@ -357,7 +365,7 @@ PY
     # cudaMalloc is the host waiting), and the GPU trace with timestamps (idle gaps between kernels are host time).
     n=$out/nsys-vl
     mkdir -p "$n"
-    nsys=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -n 1)
+    nsys=$(find_nsys)
     vg=/dev/shm/pio-vl/graphs/vl-${VL_PRECISION:-int4} img=/dev/shm/pio-vl/images/1024x1024.jpg
     [[ -n $nsys && -f $vg/pio.json ]] || { echo "no nsys ($nsys) or no $vg"; exit 1; }
     timeout ${PART_SECONDS:-150} "$nsys" profile -t cuda --cuda-graph-trace=node -o /tmp/vl-ttft --force-overwrite true \

@@ -478,7 +478,6 @@ impl DecoderBuilder<'_> {
     }
 }
 
-/// What the expert op is handed for one [`Routing`].
 /// Which operator computes the routed experts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ExpertOp {
@@ -490,6 +489,7 @@ enum ExpertOp {
     PioMoe(pio_kernels::gpu::MoeShape),
 }
 
+/// What the expert op is handed for one [`Routing`].
 struct OpRouting {
     /// Input 1, `router_probs` (T, E), graph dtype.
     probs: String,
