@@ -263,6 +263,17 @@ case $part in
       > "$out/bench4.log" 2>&1
     echo "pio bench rc=$?"
     grep -v "INFO\|WARN" "$out/bench4.log" | tail -n 30
+    # A baseline build carried as .gpu-b/pio-base.xz (BASE: which commit): its kernels on the same --pio-kernels
+    # graphs, in the same call (the graph format is the same; only the kernels' code differs).
+    pio_graphs=()
+    for g in q4b-bf16-pio q4b-int4-pio; do [[ -f $work/$g/pio.json ]] && pio_graphs+=(--graphs "$work/$g"); done
+    if [[ -x .gpu/pio-base && ${#pio_graphs[@]} -gt 0 ]]; then
+      timeout ${PART_SECONDS:-240} .gpu/pio-base bench "${pio_graphs[@]}" --ep cuda --cuda-graph on \
+        --batches ${BATCHES:-1,8,32} --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 128 --repeats 1 \
+        --out "$out/bench4-base.json" > "$out/bench4-base.log" 2>&1
+      echo "pio bench (base build ${BASE:-?}) rc=$?"
+      grep -v "INFO\|WARN" "$out/bench4-base.log" | tail -n 12
+    fi
     if [[ -f $work/q4b-bf16-stock/pio.json && -n ${PREFILL_LENS:-16,64,128,256,512,1024,2048} ]]; then
       timeout 120 .gpu/pio bench --graphs $work/q4b-bf16-stock --ep cuda --cuda-graph on --batches 1 \
         --prompt-lens ${PREFILL_LENS:-16,64,128,256,512,1024,2048} --decode-tokens 1 --repeats 3 \
@@ -276,8 +287,14 @@ case $part in
     # presets through the tile kernels at 1/8/32 tokens with warps per CTA swept (pio-kernels-check probe).
     mkdir -p "$out/probe"
     timeout ${PART_SECONDS:-150} .gpu/pio-kernels-check probe --out "$out/probe.json" --tokens ${PROBE_TOKENS:-1,8,32} \
-      > "$out/probe/probe.log" 2>&1
+      --presets ${PROBE_PRESETS:-all} > "$out/probe/probe.log" 2>&1
     echo "probe rc=$?"
+    # The baseline build's kernels (.gpu-b/pio-kernels-check-base.xz) on Qwen3-4B's shapes, in the same call.
+    if [[ -x .gpu/pio-kernels-check-base ]]; then
+      timeout 90 .gpu/pio-kernels-check-base probe --out "$out/probe/probe-base.json" --tokens ${PROBE_BASE_TOKENS:-1,8} \
+        --presets qwen3-4b-instruct-2507 > "$out/probe/probe-base.log" 2>&1
+      echo "probe (base build ${BASE:-?}) rc=$?"
+    fi
     tail -n 40 "$out/probe/probe.log"
     pack probe "$out/probe"
     ;;
