@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use pio_kernels::driver::{self, Device, DeviceBuffer};
-use pio_kernels::gpu::{default_warps, max_warps, LinearKernels, ProbeKernels, WeightFormat};
+use pio_kernels::gpu::{default_warps, LinearKernels, ProbeKernels, WeightFormat};
 use pio_kernels::layout::Int4Shape;
 use pio_kernels::nvrtc::Nvrtc;
 use pio_kernels::reference;
@@ -245,7 +245,8 @@ fn tile_case(
     let copies = (ROTATION_BYTES / per_copy).clamp(1, 256);
     let calls = copies.max(32);
     let mut timings = Vec::new();
-    let mut candidates: Vec<u32> = [warps, 2, 4, 8, 16].into_iter().filter(|&w| w <= max_warps(m)).collect();
+    let mut candidates = vec![warps, 2, 4, 8];
+    candidates.dedup();
     candidates.sort();
     candidates.dedup();
     for w in candidates {

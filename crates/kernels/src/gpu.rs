@@ -45,39 +45,23 @@ impl WeightFormat {
     }
 }
 
-/// CTAs (16 rows of N each) up to which a projection of a few tokens takes
-/// [`FEW_CTA_WARPS`] warps per CTA: int4 at up to [`FEW_TOKENS`] tokens, 16-bit at one.
+/// CTAs (16 rows of N each) up to which an int4 projection of at most
+/// [`FEW_TOKENS`] tokens takes 8 warps per CTA.
 const FEW_CTAS: usize = 640;
-/// Token counts that [`FEW_CTAS`] applies to (one token tile).
+/// Token counts that [`FEW_CTAS`] applies to.
 const FEW_TOKENS: usize = 8;
-/// Warps per CTA of a few-CTA projection: each warp then has one round of loads or two.
-const FEW_CTA_WARPS: u32 = 16;
-/// The most warps per CTA: 16 for a single token tile (its kernels are built for 512 threads),
-/// 8 above.
-pub fn max_warps(tokens: usize) -> u32 {
-    if tokens <= 8 {
-        16
-    } else {
-        8
-    }
-}
-/// Shared memory a launch may use without opting in (48 KB on every architecture).
-const SHARED_BYTES_LIMIT: usize = 48 << 10;
 
 /// Warps per CTA (they split K) for `m` tokens of an (N, K) projection: enough chunks per warp to
-/// keep 4 loads in flight (int4) or one round of two 4-KB chunks (dense) without leaving warps idle; at most 8
-/// (256 threads). A projection of a few tokens with few CTAs (int4 at up to 8 tokens, 16-bit at
-/// one) takes 16 warps whatever K: such a CTA's time is its warps' rounds of loads, one after the
-/// other (the probe on an H200, Run 6: Qwen3-4B's int4 down took 44.4 / 24.4 / 15.8 µs with 2 /
-/// 4 / 8 warps, and every few-CTA projection of the four presets read fastest with the most
-/// warps tried), while wider ones (gate/up with more than 640 CTAs, the lm_head) read fastest
+/// keep 4 loads in flight (int4) or one 4-KB chunk (dense) without leaving warps idle; at most 8
+/// (256 threads). An int4 projection of a few tokens with few CTAs takes 8 warps whatever K: the
+/// probe on an H200 (Run 6, every projection of the four presets) found 8 warps the fastest for
+/// all of those at 1 and 8 tokens (Qwen3-4B's qkv 1.24 against 1.11 TB/s, Qwen3-VL's o 0.50
+/// against 0.37), while wider ones (gate/up with more than 640 CTAs, the lm_head) read fastest
 /// with the count below.
 pub fn default_warps(format: WeightFormat, n: usize, k: usize, m: usize) -> u32 {
     let chunks = k.div_ceil(CHUNK_K);
-    let few_ctas = n / TILE_ROWS <= FEW_CTAS;
     let per_warp = match format {
-        WeightFormat::Int4 { .. } if m <= FEW_TOKENS && few_ctas => return FEW_CTA_WARPS,
-        WeightFormat::Dense if m == 1 && few_ctas => return FEW_CTA_WARPS,
+        WeightFormat::Int4 { .. } if m <= FEW_TOKENS && n / TILE_ROWS <= FEW_CTAS => return 8,
         WeightFormat::Int4 { .. } => 4,
         WeightFormat::Dense => 2,
     };
@@ -87,20 +71,6 @@ pub fn default_warps(format: WeightFormat, n: usize, k: usize, m: usize) -> u32 
 /// Shared memory of a tile kernel: a [16][8 * tiles] f32 block per warp plus the final sums.
 fn tile_shared_bytes(warps: u32, tiles: usize) -> u32 {
     ((warps as usize + 1) * TILE_ROWS * 8 * tiles * 4) as u32
-}
-
-/// Shared memory of a tile launch: the reduction blocks, then, for a single token tile whose
-/// `rows` activation rows of K fit under the 48-KB limit, room for the kernel to copy them in
-/// (`stage_activations` in the CUDA source: read from shared memory, a round's 16 activation
-/// loads no longer wait on L2 one after the other).
-fn tile_launch_shared_bytes(warps: u32, tiles: usize, rows: usize, k: usize) -> u32 {
-    let reduction = tile_shared_bytes(warps, tiles) as usize;
-    let staged = rows * k * 2;
-    if tiles == 1 && reduction + staged <= SHARED_BYTES_LIMIT {
-        (reduction + staged) as u32
-    } else {
-        reduction as u32
-    }
 }
 
 #[repr(C)]
@@ -196,18 +166,12 @@ impl LinearKernels {
             ));
         }
         let tiles = m.div_ceil(8);
-        if warps == 0 || warps > max_warps(m) {
-            return Err(KernelError::bad_input(
-                "linear",
-                format!("{warps} warps per CTA for {m} tokens (1 to {})", max_warps(m)),
-            ));
-        }
         let args =
             LinearArgs { x, w, scales, y, m: dim(m, "M")?, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
         let config = LaunchConfig {
             grid: ((n / TILE_ROWS) as u32, 1),
             block: 32 * warps,
-            shared_bytes: tile_launch_shared_bytes(warps, tiles, m, k),
+            shared_bytes: tile_shared_bytes(warps, tiles),
         };
         launch(self.tiles[tiles - 1], config, stream, &args)
     }
@@ -526,7 +490,7 @@ impl MoeKernels {
             let config = LaunchConfig {
                 grid: ((rows / TILE_ROWS) as u32, max_slots as u32),
                 block: 32 * warps,
-                shared_bytes: tile_launch_shared_bytes(warps, tiles, tokens.min(8), k),
+                shared_bytes: tile_shared_bytes(warps, tiles),
             };
             let f = if fc1 { self.fc1[tiles - 1] } else { self.fc2[tiles - 1] };
             launch(f, config, stream, &args)
@@ -610,32 +574,16 @@ mod tests {
     #[test]
     fn warps_follow_the_probe() {
         let int4 = WeightFormat::Int4 { block_size: 32 };
-        // Qwen3-4B at one token: qkv (384 CTAs) and o take 16 warps, gate/up (1,216) and the
+        // Qwen3-4B at one token: qkv (384 CTAs) and o take 8 warps, gate/up (1,216) and the
         // lm_head (9,496) keep the count their K gives.
-        assert_eq!(default_warps(int4, 6144, 2560, 1), 16);
-        assert_eq!(default_warps(int4, 2560, 4096, 8), 16);
+        assert_eq!(default_warps(int4, 6144, 2560, 1), 8);
+        assert_eq!(default_warps(int4, 2560, 4096, 8), 8);
         assert_eq!(default_warps(int4, 19456, 2560, 1), 5);
         assert_eq!(default_warps(int4, 151936, 2560, 1), 5);
         // More tokens: as before the probe.
         assert_eq!(default_warps(int4, 6144, 2560, 32), 5);
         assert_eq!(default_warps(int4, 2048, 1536, 9), 3);
-        // 16-bit weights: few CTAs at one token take 16, otherwise by K alone.
-        assert_eq!(default_warps(WeightFormat::Dense, 6144, 2560, 1), 16);
-        assert_eq!(default_warps(WeightFormat::Dense, 19456, 2560, 1), 8);
-        // No count exceeds what the kernels are built for.
-        for (n, k, m) in [(6144, 2560, 1), (2560, 9728, 8), (2560, 9728, 9), (151936, 2560, 32)] {
-            assert!(default_warps(int4, n, k, m) <= max_warps(m));
-            assert!(default_warps(WeightFormat::Dense, n, k, m) <= max_warps(m));
-        }
-    }
-
-    #[test]
-    fn activations_are_staged_for_one_tile_under_the_shared_limit() {
-        // One token of K = 9,728 (Qwen3-4B's down) with 16 warps: reduction + 19,456 bytes.
-        assert_eq!(tile_launch_shared_bytes(16, 1, 1, 9728), 17 * 512 + 9728 * 2);
-        // Eight tokens of K = 9,728 do not fit: the reduction alone.
-        assert_eq!(tile_launch_shared_bytes(16, 1, 8, 9728), 17 * 512);
-        // Larger tiles never stage.
-        assert_eq!(tile_launch_shared_bytes(8, 2, 16, 256), 9 * 1024);
+        // 16-bit weights: by K alone.
+        assert_eq!(default_warps(WeightFormat::Dense, 6144, 2560, 1), 8);
     }
 }

@@ -35,9 +35,6 @@ typedef unsigned long long u64;
 #define MAX_TILES 4
 #define TILE_ROWS 16
 #define CHUNK_K 128
-// Threads a tile kernel may launch with: 16 warps for a single token tile (few-CTA projections
-// at one to 8 tokens split K over more warps; its registers fit 128 a thread), 8 for larger tiles.
-#define TILE_THREADS(TILES) ((TILES) == 1 ? 512 : 256)
 
 // ---------------------------------------------------------------------------------------------
 // Element conversions and packed math (inline PTX, sm_80+).
@@ -130,63 +127,6 @@ __device__ __forceinline__ u32 word_of(const uint4& v, int j) { return j == 0 ? 
 
 __device__ __forceinline__ float silu_mul(float gate, float up) { return gate / (1.0f + __expf(-gate)) * up; }
 
-// Eight activations of a token row at element k: from the row's copy in shared memory (a
-// generic load, which the compiler may issue early) or from global memory; zeros for a padding
-// token (null row).
-__device__ __forceinline__ uint4 load_act(const u16* row, bool x_shared, int k) {
-  if (!row) return make_uint4(0, 0, 0, 0);
-  return x_shared ? *(const uint4*)(row + k) : ld_act(row + k);
-}
-
-__device__ __forceinline__ u32 dynamic_smem_bytes() {
-  u32 r;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-  return r;
-}
-
-// Bytes of a tile kernel's reduction blocks in shared memory: one [16][8*TILES] f32 block per
-// warp plus the final sums (gpu.rs' tile_shared_bytes). The staged activations follow them.
-template <int TILES> __device__ __forceinline__ u32 tile_reduction_bytes() {
-  return ((blockDim.x >> 5) + 1) * TILE_ROWS * 8 * TILES * 4;
-}
-
-// A single token tile's activation rows (xrow[0..8), filled and synchronized by the caller)
-// copied into shared memory past the reduction blocks, and xrow pointed at the copies, when the
-// launch gave room for them (the host decides: LinearKernels::launch_tiles). Why: the warps of a
-// CTA split K, so each reads its own part of x, which this SM's L1 has not seen; read from global
-// memory inside the product, each of a round's 16 activation loads waits on L2 before its mma
-// (Run 6's probe on an H200: one token's time grew by about 4 us per round of 4 chunks). One
-// cooperative copy costs a single L2 round trip. Returns whether the rows are in shared memory.
-template <int TILES> __device__ __forceinline__ bool stage_activations(const u16** xrow, int K, float* smem) {
-  if (TILES != 1) return false;
-  int rows = 0;
-  for (int i = 0; i < 8; i++) rows = xrow[i] ? i + 1 : rows;
-  const u32 red = tile_reduction_bytes<TILES>();
-  if (dynamic_smem_bytes() < red + (u32)rows * (u32)K * 2u) return false;
-  u16* xs = (u16*)((char*)smem + red);
-  const int per_row = K / 8, total = rows * per_row;
-  for (int i0 = threadIdx.x; i0 < total; i0 += 4 * blockDim.x) {
-    uint4 v[4];
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      const int i = i0 + u * blockDim.x;
-      if (i < total) {
-        const u16* row = xrow[i / per_row];
-        v[u] = row ? ld_act(row + 8 * (i % per_row)) : make_uint4(0, 0, 0, 0);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      const int i = i0 + u * blockDim.x;
-      if (i < total) ((uint4*)xs)[i] = v[u];
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < 8 && xrow[threadIdx.x]) xrow[threadIdx.x] = xs + threadIdx.x * K;
-  __syncthreads();
-  return true;
-}
-
 // ---------------------------------------------------------------------------------------------
 // The tile routine.
 // ---------------------------------------------------------------------------------------------
@@ -228,9 +168,8 @@ template <int DT, int BS> __device__ __forceinline__ float scale_of(const ChunkS
 // the packed row length, `s`/`s_row` the scales of row 0 and the scale row length. dense: `w` is
 // row 0 of an (N, K) matrix of the dtype, `w_row_bytes` = 2K.
 template <int DT, int FMT, int TILES, int BS>
-__device__ __forceinline__ void tile_gemm(const u16* const* xrow, bool x_shared, const unsigned char* w,
-                                          long long w_row_bytes, const u16* s, long long s_row, int K, float* smem,
-                                          float* fin) {
+__device__ __forceinline__ void tile_gemm(const u16* const* xrow, const unsigned char* w, long long w_row_bytes,
+                                          const u16* s, long long s_row, int K, float* smem, float* fin) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int chunks = (K + CHUNK_K - 1) / CHUNK_K;
@@ -276,7 +215,7 @@ __device__ __forceinline__ void tile_gemm(const u16* const* xrow, bool x_shared,
           const float scale_a = scale_of<DT, BS>(ca[u], j), scale_b = scale_of<DT, BS>(cb[u], j);
 #pragma unroll
           for (int i = 0; i < TILES; i++) {
-            const uint4 xv = load_act(xa[i], x_shared, kb + 8 * t);
+            const uint4 xv = xa[i] ? ld_act(xa[i] + kb + 8 * t) : make_uint4(0, 0, 0, 0);
             float d[4] = {0.f, 0.f, 0.f, 0.f};
             mma16816<DT>(d, pa[0], pb[0], pa[1], pb[1], xv.x, xv.y);
             mma16816<DT>(d, pa[2], pb[2], pa[3], pb[3], xv.z, xv.w);
@@ -289,37 +228,25 @@ __device__ __forceinline__ void tile_gemm(const u16* const* xrow, bool x_shared,
       }
     }
   } else {
-    // Two chunks (8 KB of 16-bit weights a warp) in flight before any is used; the chunk order,
-    // and so the sum, is that of one chunk at a time.
-    const int UNROLL = 2;
-    for (int c0 = warp; c0 < chunks; c0 += UNROLL * warps) {
-      uint4 va[UNROLL][4], vb[UNROLL][4];
+    for (int c = warp; c < chunks; c += warps) {
+      uint4 va[4], vb[4];
 #pragma unroll
-      for (int u = 0; u < UNROLL; u++) {
-        const int c = c0 + u * warps;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-          const int kb = c * CHUNK_K + j * 32;
-          if (c < chunks && kb < K) {
-            va[u][j] = ld_weights(wa + (long long)(kb + 8 * t) * 2);
-            vb[u][j] = ld_weights(wb + (long long)(kb + 8 * t) * 2);
-          }
+      for (int j = 0; j < 4; j++) {
+        const int kb = c * CHUNK_K + j * 32;
+        if (kb < K) {
+          va[j] = ld_weights(wa + (long long)(kb + 8 * t) * 2);
+          vb[j] = ld_weights(wb + (long long)(kb + 8 * t) * 2);
         }
       }
 #pragma unroll
-      for (int u = 0; u < UNROLL; u++) {
-        const int c = c0 + u * warps;
-        if (c >= chunks) break;
+      for (int j = 0; j < 4; j++) {
+        const int kb = c * CHUNK_K + j * 32;
+        if (kb >= K) break;
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-          const int kb = c * CHUNK_K + j * 32;
-          if (kb >= K) break;
-#pragma unroll
-          for (int i = 0; i < TILES; i++) {
-            const uint4 xv = load_act(xa[i], x_shared, kb + 8 * t);
-            mma16816<DT>(acc[i], va[u][j].x, vb[u][j].x, va[u][j].y, vb[u][j].y, xv.x, xv.y);
-            mma16816<DT>(acc[i], va[u][j].z, vb[u][j].z, va[u][j].w, vb[u][j].w, xv.z, xv.w);
-          }
+        for (int i = 0; i < TILES; i++) {
+          const uint4 xv = xa[i] ? ld_act(xa[i] + kb + 8 * t) : make_uint4(0, 0, 0, 0);
+          mma16816<DT>(acc[i], va[j].x, vb[j].x, va[j].y, vb[j].y, xv.x, xv.y);
+          mma16816<DT>(acc[i], va[j].z, vb[j].z, va[j].w, vb[j].w, xv.z, xv.w);
         }
       }
     }
@@ -368,13 +295,12 @@ template <int DT, int FMT, int TILES, int BS> __device__ __forceinline__ void li
   __shared__ const u16* xrow[8 * MAX_TILES];
   if (threadIdx.x < 8 * TILES) xrow[threadIdx.x] = (int)threadIdx.x < a.M ? a.x + (long long)threadIdx.x * a.K : 0;
   __syncthreads();
-  const bool x_shared = stage_activations<TILES>(xrow, a.K, smem);
   const int n0 = blockIdx.x * TILE_ROWS;
   const int kp = (a.K + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
   const long long row_bytes = FMT == FMT_INT4 ? kp / 2 : 2LL * a.K;
   const long long s_row = kp / BS;
   float* fin = tile_final<TILES>(smem);
-  tile_gemm<DT, FMT, TILES, BS>(xrow, x_shared, a.w + n0 * row_bytes, row_bytes, FMT == FMT_INT4 ? a.scales + n0 * s_row : 0,
+  tile_gemm<DT, FMT, TILES, BS>(xrow, a.w + n0 * row_bytes, row_bytes, FMT == FMT_INT4 ? a.scales + n0 * s_row : 0,
                                 s_row, a.K, smem, fin);
   const int cols = 8 * TILES;
   if (a.act == 0) {
@@ -393,7 +319,7 @@ template <int DT, int FMT, int TILES, int BS> __device__ __forceinline__ void li
 }
 
 #define PIO_LINEAR(NAME, DT, FMT, TILES, BS) \
-  extern "C" __global__ void __launch_bounds__(TILE_THREADS(TILES)) NAME(LinearArgs a) { linear_body<DT, FMT, TILES, BS>(a); }
+  extern "C" __global__ void __launch_bounds__(256) NAME(LinearArgs a) { linear_body<DT, FMT, TILES, BS>(a); }
 
 // ---------------------------------------------------------------------------------------------
 // int4 dequantization (the prefill path hands the result to cuBLAS; the f32 form is the
@@ -635,12 +561,11 @@ template <int DT, int TILES, int BS, bool FC1> __device__ __forceinline__ void m
     xrow[i] = i < n ? a.x + row * a.K : 0;
   }
   __syncthreads();
-  const bool x_shared = stage_activations<TILES>(xrow, a.K, smem);
   const int kp = (a.K + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
   const long long row_bytes = kp / 2, s_row = kp / BS;
   const long long r0 = (long long)e * a.rows + blockIdx.x * TILE_ROWS;
   float* fin = tile_final<TILES>(smem);
-  tile_gemm<DT, FMT_INT4, TILES, BS>(xrow, x_shared, a.w + r0 * row_bytes, row_bytes, a.scales + r0 * s_row, s_row, a.K, smem,
+  tile_gemm<DT, FMT_INT4, TILES, BS>(xrow, a.w + r0 * row_bytes, row_bytes, a.scales + r0 * s_row, s_row, a.K, smem,
                                      fin);
   const int cols = 8 * TILES;
   const int n0 = blockIdx.x * TILE_ROWS;
@@ -661,13 +586,9 @@ template <int DT, int TILES, int BS, bool FC1> __device__ __forceinline__ void m
 }
 
 #define PIO_MOE_FC1(NAME, DT, TILES, BS) \
-  extern "C" __global__ void __launch_bounds__(TILE_THREADS(TILES)) NAME(MoeExpertArgs a) { \
-    moe_expert_body<DT, TILES, BS, true>(a);                                                 \
-  }
+  extern "C" __global__ void __launch_bounds__(256) NAME(MoeExpertArgs a) { moe_expert_body<DT, TILES, BS, true>(a); }
 #define PIO_MOE_FC2(NAME, DT, TILES, BS) \
-  extern "C" __global__ void __launch_bounds__(TILE_THREADS(TILES)) NAME(MoeExpertArgs a) { \
-    moe_expert_body<DT, TILES, BS, false>(a);                                                \
-  }
+  extern "C" __global__ void __launch_bounds__(256) NAME(MoeExpertArgs a) { moe_expert_body<DT, TILES, BS, false>(a); }
 
 struct MoeCombineArgs {
   const float* pair_out;     // (P, H)
