@@ -34,6 +34,8 @@
 #                                    batch-1 step, and the decode with a 512-token against an 8,192-token KV buffer
 #   scripts/gpu_session.sh nsys-vl   Nsight Systems over vl_bench's time to first token (1024x1024 image; `prep`'s
 #                                    Qwen3-VL graphs, VL_PRECISION): kernels, CUDA API calls, GPU and API traces
+#   scripts/gpu_session.sh ncu-tiles Nsight Compute's full set on one int4 tile-kernel launch per Qwen3-4B projection at
+#                                    one token (why a few-MB projection takes microseconds more than its bytes need)
 #   scripts/gpu_session.sh ops-moe   pio-kernels-check ops on the MoE presets: our int4 MoE kernel (MoEInt4) against
 #                                    ONNX Runtime's QMoE inside ONNX Runtime, every MoE layer shape at 1/8/32 tokens
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the synthetic Qwen3-4B checkpoint of `kernels`
@@ -49,7 +51,7 @@
 # for something else (.gpu-genai): ONNX Runtime is then the one an earlier call of the lease unpacked in /opt. What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|vl-profile|bench4|probe|moe-check|nsys-genai|nsys-vl|ops-moe|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|ncu-tiles|vl-profile|bench4|probe|moe-check|nsys-genai|nsys-vl|ops-moe|genai}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
@@ -394,6 +396,30 @@ PY
     done
     for f in "$n"/vl_cuda_gpu_kern_sum.csv "$n"/vl_cuda_api_sum.csv; do echo "== $f"; head -n 14 "$f" | cut -c1-160; done
     pack nsys-vl "$n"
+    ;;
+  ncu-tiles)
+    # Nsight Compute's full set on one launch of the int4 tile kernel per Qwen3-4B projection at one token (the
+    # default warps, a launch inside the probe's timing graph, weights past the L2): why a projection of a few MB
+    # takes several microseconds more than its bytes need (Run 6's probe). Details (speed of light, memory, occupancy,
+    # warp stall reasons) as text per projection, NCU_PROJECTIONS / NCU_FORMATS to change the cases.
+    n=$out/ncu-tiles
+    mkdir -p "$n"
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    [[ -n $ncu ]] || { echo "no ncu on this host"; exit 1; }
+    for fmt in ${NCU_FORMATS:-int4}; do
+      kernel=pio_linear_int4
+      [[ $fmt == dense ]] && kernel=pio_linear_dense
+      for proj in ${NCU_PROJECTIONS:-qkv o gate_up down}; do
+        timeout 120 "$ncu" --set full -k regex:$kernel --launch-skip 1 --launch-count 1 -f -o "$n/$fmt-$proj" \
+          .gpu/pio-kernels-check probe --out "$n/probe-$fmt-$proj.json" --presets qwen3-4b-instruct-2507 --tokens 1 \
+          --projections $proj --formats $fmt --default-warps > "$n/$fmt-$proj.log" 2>&1
+        echo "ncu $fmt $proj rc=$?"
+        "$ncu" --import "$n/$fmt-$proj.ncu-rep" --page details --print-units base > "$n/$fmt-$proj-details.txt" 2>&1
+        grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" \
+          "$n/$fmt-$proj-details.txt" | head -n 12
+      done
+    done
+    pack ncu-tiles "$n"
     ;;
   ops-moe)
     mkdir -p "$out/ops-moe"

@@ -41,6 +41,15 @@ enum Command {
         /// Presets whose projections are timed (`all` or preset names).
         #[arg(long, value_delimiter = ',', default_value = "all")]
         presets: Vec<String>,
+        /// Projections timed (`all` or names: qkv, o, gate_up, down, lm_head, ...).
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        projections: Vec<String>,
+        /// Weight formats timed: int4, dense or both.
+        #[arg(long, value_delimiter = ',', default_value = "int4,dense")]
+        formats: Vec<String>,
+        /// Time only the default warps per CTA (no sweep): one kernel per case, as a profiler wants.
+        #[arg(long)]
+        default_warps: bool,
     },
     /// Each operator against ONNX Runtime's counterpart.
     Ops {
@@ -76,7 +85,10 @@ enum Command {
 fn main() -> ExitCode {
     pio_models::logging::init();
     let result: Result<()> = match Cli::parse().command {
-        Command::Probe { out, tokens, presets } => probe::run(&out, &tokens, &presets),
+        Command::Probe { out, tokens, presets, projections, formats, default_warps } => {
+            let select = probe::Selection { presets, projections, formats, default_warps_only: default_warps };
+            probe::run(&out, &tokens, &select)
+        }
         Command::Ops { out, presets, tokens, other_tokens, pool_gib } => {
             ortbench::run(&out, &presets, &tokens, &other_tokens, pool_gib)
         }

@@ -21,7 +21,23 @@ use crate::shapes::{projections, Projection, PRESETS};
 /// Bytes of weight copies the timing loops rotate through (well past the 50 MB L2 cache).
 const ROTATION_BYTES: usize = 1 << 30;
 
-pub fn run(out: &Path, tokens: &[usize], presets: &[String]) -> Result<()> {
+/// Which tile-kernel cases the probe times.
+pub struct Selection {
+    /// Preset names, or `all`.
+    pub presets: Vec<String>,
+    /// Projection names, or `all`.
+    pub projections: Vec<String>,
+    /// `int4` and/or `dense`.
+    pub formats: Vec<String>,
+    /// Only the default warps per CTA (one timed kernel a case, for a profiler to pick).
+    pub default_warps_only: bool,
+}
+
+fn listed(list: &[String], name: &str) -> bool {
+    list.iter().any(|s| s == name || s == "all")
+}
+
+pub fn run(out: &Path, tokens: &[usize], select: &Selection) -> Result<()> {
     let mut report = Report::new(out);
     let device = Device::get(0)?;
     device.make_current()?;
@@ -41,7 +57,7 @@ pub fn run(out: &Path, tokens: &[usize], presets: &[String]) -> Result<()> {
     let tbps = bw.as_ref().and_then(|v| v["best_tb_per_s"].as_f64());
     report.section("dequant_exact", || dequant_exact(device));
     report.section("dequant_timing", || dequant_timing(device, tbps));
-    report.section("tile_kernels", || tile_kernels(device, tokens, presets, tbps));
+    report.section("tile_kernels", || tile_kernels(device, tokens, select, tbps));
     report.save()
 }
 
@@ -144,14 +160,21 @@ fn dequant_timing(device: &Device, tbps: Option<f64>) -> Result<Value> {
 }
 
 /// One projection at one token count, both formats, several warp counts.
-fn tile_kernels(device: &Device, tokens: &[usize], presets: &[String], tbps: Option<f64>) -> Result<Value> {
+fn tile_kernels(device: &Device, tokens: &[usize], select: &Selection, tbps: Option<f64>) -> Result<Value> {
     let mut rows = Vec::new();
     let mut rng = Rng::new(5);
     // One rotation pool for every case: random bytes (weights of the timing copies).
     let pool = DeviceBuffer::from_host(&rng.bytes(ROTATION_BYTES + (256 << 20)))?;
-    for (preset, _) in PRESETS.iter().filter(|(p, _)| presets.iter().any(|s| s == p || s == "all")) {
-        for proj in projections(preset)? {
+    for (preset, _) in PRESETS.iter().filter(|(p, _)| listed(&select.presets, p)) {
+        for proj in projections(preset)?.into_iter().filter(|p| listed(&select.projections, &p.name)) {
             for format in [WeightFormat::Int4 { block_size: 32 }, WeightFormat::Dense] {
+                let format_name = match format {
+                    WeightFormat::Int4 { .. } => "int4",
+                    WeightFormat::Dense => "dense",
+                };
+                if !select.formats.iter().any(|f| f == format_name) {
+                    continue;
+                }
                 let dtype = match format {
                     WeightFormat::Int4 { .. } => ActDtype::F16,
                     WeightFormat::Dense => ActDtype::Bf16,
@@ -159,7 +182,7 @@ fn tile_kernels(device: &Device, tokens: &[usize], presets: &[String], tbps: Opt
                 let kernels = LinearKernels::new(device, format, dtype)?;
                 for &m in tokens {
                     let label = format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format));
-                    match tile_case(&kernels, &proj, m, &pool, &mut rng, tbps) {
+                    match tile_case(&kernels, &proj, m, &pool, &mut rng, tbps, select.default_warps_only) {
                         Ok(v) => rows.push(v),
                         Err(e) => rows.push(json!({ "case": label, "error": format!("{e:#}") })),
                     }
@@ -195,6 +218,7 @@ fn tile_case(
     pool: &DeviceBuffer,
     rng: &mut Rng,
     tbps: Option<f64>,
+    default_warps_only: bool,
 ) -> Result<Value> {
     let (format, dtype) = (kernels.format, kernels.dtype);
     let (n, k) = (proj.n, proj.k);
@@ -245,7 +269,7 @@ fn tile_case(
     let copies = (ROTATION_BYTES / per_copy).clamp(1, 256);
     let calls = copies.max(32);
     let mut timings = Vec::new();
-    let mut candidates = vec![warps, 2, 4, 8];
+    let mut candidates = if default_warps_only { vec![warps] } else { vec![warps, 2, 4, 8] };
     candidates.dedup();
     candidates.sort();
     candidates.dedup();
