@@ -193,6 +193,46 @@ fn tile_kernels(device: &Device, tokens: &[usize], select: &Selection, tbps: Opt
     Ok(Value::Array(rows))
 }
 
+/// A kernel the probe times: the tile kernels with a warp count, or the one-token GEMV.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Tiles(u32),
+    Gemv,
+}
+
+impl Kernel {
+    fn applies(self, m: usize) -> bool {
+        matches!(self, Kernel::Tiles(_)) || m == 1
+    }
+    fn warps(self) -> u32 {
+        match self {
+            Kernel::Tiles(w) => w,
+            Kernel::Gemv => 8,
+        }
+    }
+    fn label(self) -> String {
+        match self {
+            Kernel::Tiles(w) => format!("tiles/{w}w"),
+            Kernel::Gemv => "gemv".into(),
+        }
+    }
+    /// # Safety
+    /// As [`LinearKernels::launch_tiles`].
+    unsafe fn launch(
+        self,
+        kernels: &LinearKernels,
+        stream: driver::Stream,
+        ptrs: (u64, u64, u64, u64),
+        (m, n, k): (usize, usize, usize),
+        swiglu: bool,
+    ) -> pio_kernels::error::Result<()> {
+        match self {
+            Kernel::Tiles(w) => kernels.launch_tiles(stream, ptrs, (m, n, k), swiglu, w),
+            Kernel::Gemv => kernels.launch_gemv(stream, ptrs, (n, k), swiglu),
+        }
+    }
+}
+
 fn kernel_label(format: WeightFormat) -> &'static str {
     match format {
         WeightFormat::Int4 { .. } => "int4-f16",
@@ -249,19 +289,25 @@ fn tile_case(
     let check_out = if proj.swiglu { check_n / 2 } else { check_n };
     let dcheck = DeviceBuffer::new(m * check_out * 2)?;
     let warps = default_warps(format, proj.n, k, m);
-    // SAFETY: buffers of the sizes the shapes imply; synchronized before reading.
-    unsafe {
-        kernels.launch_tiles(
-            std::ptr::null_mut(),
-            (dx.ptr, dw.ptr, ds.ptr, dcheck.ptr),
-            (m, check_n, k),
-            proj.swiglu,
-            warps,
-        )?;
+    // Each kernel that may take this case, against the reference: the tiles with the default
+    // warps, and at one token the GEMV (which the operators use there).
+    let mut kernel_checks = Vec::new();
+    for kernel in [Kernel::Tiles(warps), Kernel::Gemv].into_iter().filter(|kn| kn.applies(m)) {
+        // SAFETY: buffers of the sizes the shapes imply; synchronized before reading.
+        unsafe {
+            kernel.launch(
+                kernels,
+                std::ptr::null_mut(),
+                (dx.ptr, dw.ptr, ds.ptr, dcheck.ptr),
+                (m, check_n, k),
+                proj.swiglu,
+            )?
+        };
+        driver::synchronize()?;
+        let got: Vec<f32> = dcheck.to_host::<u16>()?.iter().map(|&h| to_f32(dtype, h)).collect();
+        kernel_checks.push((kernel, diff(&got, &expected)));
     }
-    driver::synchronize()?;
-    let got: Vec<f32> = dcheck.to_host::<u16>()?.iter().map(|&h| to_f32(dtype, h)).collect();
-    let correctness = diff(&got, &expected);
+    let max_rel_error = kernel_checks.iter().map(|(_, c)| c.max_rel_error).fold(0f32, f32::max);
 
     // Timing over rotating copies of the full weight.
     let (wbytes, sbytes) = weight_bytes(format, n, k);
@@ -270,30 +316,36 @@ fn tile_case(
     let calls = copies.max(32);
     let mut timings = Vec::new();
     let mut candidates = if default_warps_only { vec![warps] } else { vec![warps, 2, 4, 8] };
-    candidates.dedup();
     candidates.sort();
     candidates.dedup();
-    for w in candidates {
+    let mut kernels_timed: Vec<Kernel> = candidates.into_iter().map(Kernel::Tiles).collect();
+    if Kernel::Gemv.applies(m) {
+        kernels_timed.push(Kernel::Gemv);
+    }
+    let operators_use = if Kernel::Gemv.applies(m) { Kernel::Gemv } else { Kernel::Tiles(warps) };
+    for kernel in kernels_timed {
         let us = driver::graph_time_us(calls, 10, |stream, i| {
             let base = pool.ptr + ((i % copies) * per_copy) as u64;
             // SAFETY: the copy lies inside the pool (copies * per_copy <= ROTATION_BYTES + slack).
             unsafe {
-                kernels.launch_tiles(stream, (dx.ptr, base, base + wbytes as u64, dy.ptr), (m, n, k), proj.swiglu, w)
+                kernel.launch(kernels, stream, (dx.ptr, base, base + wbytes as u64, dy.ptr), (m, n, k), proj.swiglu)
             }
         })
-        .with_context(|| format!("timing with {w} warps"))?;
+        .with_context(|| format!("timing {}", kernel.label()))?;
         let bytes = (wbytes + sbytes + m * k * 2 + m * out_n * 2) as f64;
         let tb = bytes / (us * 1e-6) / 1e12;
         timings.push(json!({
-            "warps": w, "default": w == warps, "us": us, "tb_per_s": tb,
-            "fraction_of_bandwidth": tbps.map(|b| tb / b),
+            "kernel": kernel.label(), "warps": kernel.warps(), "default": kernel == operators_use, "us": us,
+            "tb_per_s": tb, "fraction_of_bandwidth": tbps.map(|b| tb / b),
         }));
     }
+    let correctness: Vec<Value> =
+        kernel_checks.iter().map(|(kn, c)| json!({ "kernel": kn.label(), "check": c })).collect();
     Ok(json!({
         "case": format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format)),
         "preset": proj.preset, "projection": proj.name, "format": kernel_label(format), "n": n, "k": k, "m": m,
         "swiglu": proj.swiglu, "weight_bytes": wbytes + sbytes, "copies_rotated": copies,
-        "max_rel_error_vs_cpu_reference": correctness.max_rel_error, "correctness": correctness,
+        "max_rel_error_vs_cpu_reference": max_rel_error, "correctness": correctness,
         "timings": timings,
     }))
 }

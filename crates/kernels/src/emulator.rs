@@ -274,6 +274,82 @@ pub fn linear(
     y
 }
 
+/// `dot8<DT>`: 8 exact products (register pairs as f32) summed in order by f32 FMAs.
+fn dot8(dt: Dt, w: [u32; 4], x: [u32; 4]) -> f32 {
+    let mut s = 0f32;
+    for i in 0..4 {
+        for half in 0..2 {
+            let wv = dt.to_f32((w[i] >> (16 * half)) as u16);
+            let xv = dt.to_f32((x[i] >> (16 * half)) as u16);
+            s = wv.mul_add(xv, s);
+        }
+    }
+    s
+}
+
+/// `gemv_body`: one token, a warp per row pair (16q + r, 16q + r + 8), lanes striding over the
+/// rows' 16-byte pieces in rounds of U, each lane's sum in piece order, then the butterfly
+/// (xor 16, 8, 4, 2, 1) the shuffles compute. y (N) or its SwiGLU (N/2) in the dtype's bits.
+pub fn gemv(dt: Dt, weights: &Weights, x: &[u16], n: usize, k: usize, swiglu: bool) -> Vec<u16> {
+    let xb = activation_row_bytes(x);
+    let kp = k.div_ceil(CHUNK_K) * CHUNK_K;
+    let pieces = match weights {
+        Weights::Int4 { .. } => kp / 32,
+        Weights::Dense { .. } => k / 8,
+    };
+    let out_n = if swiglu { n / 2 } else { n };
+    let mut y = vec![0u16; out_n];
+    for pair in 0..n / 2 {
+        let na = 16 * (pair / 8) + pair % 8;
+        let nb = na + 8;
+        let mut lanes = [[0f32; 2]; 32];
+        for (lane, acc) in lanes.iter_mut().enumerate() {
+            // The kernel's rounds of U pieces visit p = lane, lane + 32, ... in this order too.
+            for p in (lane..pieces).step_by(32) {
+                for (r, row) in [na, nb].into_iter().enumerate() {
+                    match weights {
+                        Weights::Int4 { packed, row_bytes, scales, scale_row, block_size } => {
+                            let q = uint4_at(packed, row * row_bytes + 16 * p);
+                            let (c, t) = (p / 4, p % 4);
+                            let sc = load_scales(scales, row * scale_row, c, *block_size);
+                            for j in 0..4 {
+                                let kb = c * CHUNK_K + j * 32;
+                                if kb >= k {
+                                    break;
+                                }
+                                let xv = uint4_at(&xb, (kb + 8 * t) * 2);
+                                let d = dot8(dt, dequant_word(dt, q[j]), xv);
+                                acc[r] = scale_of(dt, sc, j, *block_size).mul_add(d, acc[r]);
+                            }
+                        }
+                        Weights::Dense { w, k } => {
+                            let at = row * k + 8 * p;
+                            let h = &w[at..at + 8];
+                            let wv = [0, 1, 2, 3].map(|i| h[2 * i] as u32 | ((h[2 * i + 1] as u32) << 16));
+                            acc[r] += dot8(dt, wv, uint4_at(&xb, 16 * p));
+                        }
+                    }
+                }
+            }
+        }
+        for o in [16, 8, 4, 2, 1] {
+            let before = lanes;
+            for (lane, acc) in lanes.iter_mut().enumerate() {
+                acc[0] += before[lane ^ o][0];
+                acc[1] += before[lane ^ o][1];
+            }
+        }
+        let [a, b] = lanes[0];
+        if swiglu {
+            y[8 * (pair / 8) + pair % 8] = dt.bits_of(crate::reference::silu_mul(a, b));
+        } else {
+            y[na] = dt.bits_of(a);
+            y[nb] = dt.bits_of(b);
+        }
+    }
+    y
+}
+
 /// `mul2<DT>`: a pair times a scale pair as `fma.rn.{f16,bf16}x2 d, p, s, -0`.
 fn mul2(dt: Dt, p: u32, s: u32) -> u32 {
     dt.fma2(p, s, 0x8000_8000)
@@ -655,6 +731,40 @@ mod tests {
                 assert_close(dt, &linear(dt, &weights, &xb, m, n, k, false, warps), &expected, &what);
                 let y = linear(dt, &weights, &xb, m, n, k, true, warps);
                 assert_close(dt, &y, &reference::swiglu_grouped(&expected, m, n), &format!("{what} SwiGLU"));
+            }
+        }
+    }
+
+    #[test]
+    fn one_token_gemv_matches_the_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        for dt in [Dt::F16, Dt::Bf16] {
+            // K with a partial last chunk, several rounds of a lane, and each block size.
+            for &(n, k, bs) in &[(16, 32, 32), (32, 2560 + 96, 32), (48, 4224, 64), (16, 9728, 128)] {
+                let w = int4(&mut rng, dt, n, k, bs);
+                let (xb, xf) = values(&mut rng, dt, k, 1.0);
+                let weights = Weights::Int4 {
+                    packed: &w.packed,
+                    row_bytes: w.shape.row_bytes(),
+                    scales: &w.scale_bits,
+                    scale_row: w.shape.scale_cols(),
+                    block_size: bs,
+                };
+                let what = format!("{dt:?} int4 GEMV N={n} K={k} bs={bs}");
+                let expected = reference::linear_int4(&xf, 1, &w.shape, &w.packed, &w.scales);
+                assert_close(dt, &gemv(dt, &weights, &xb, n, k, false), &expected, &what);
+                let y = gemv(dt, &weights, &xb, n, k, true);
+                assert_close(dt, &y, &reference::swiglu_grouped(&expected, 1, n), &format!("{what} SwiGLU"));
+            }
+            for &(n, k) in &[(16, 32), (32, 2560), (48, 9728 + 32)] {
+                let (wb, wf) = values(&mut rng, dt, n * k, 0.2);
+                let (xb, xf) = values(&mut rng, dt, k, 1.0);
+                let weights = Weights::Dense { w: &wb, k };
+                let what = format!("{dt:?} dense GEMV N={n} K={k}");
+                let expected = reference::linear_dense(&xf, 1, n, k, &wf);
+                assert_close(dt, &gemv(dt, &weights, &xb, n, k, false), &expected, &what);
+                let y = gemv(dt, &weights, &xb, n, k, true);
+                assert_close(dt, &y, &reference::swiglu_grouped(&expected, 1, n), &format!("{what} SwiGLU"));
             }
         }
     }

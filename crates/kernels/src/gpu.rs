@@ -112,6 +112,7 @@ pub struct LinearKernels {
     pub dtype: ActDtype,
     _module: Arc<Module>,
     tiles: [Function; MAX_TILES],
+    gemv: Function,
     dequant: Option<Function>,
     swiglu_rows: Function,
 }
@@ -133,6 +134,10 @@ impl LinearKernels {
             module.function(&name(3))?,
             module.function(&name(4))?,
         ];
+        let gemv = module.function(&match format {
+            WeightFormat::Int4 { block_size } => source::gemv_int4_name(dtype, block_size),
+            WeightFormat::Dense => source::gemv_dense_name(dtype),
+        })?;
         let dequant = match format {
             WeightFormat::Int4 { block_size } => {
                 Some(module.function(&source::dequant_name(dtype, block_size, false))?)
@@ -140,7 +145,43 @@ impl LinearKernels {
             WeightFormat::Dense => None,
         };
         let swiglu_rows = module.function(&source::swiglu_rows_name(dtype))?;
-        Ok(LinearKernels { format, dtype, _module: module, tiles, dequant, swiglu_rows })
+        Ok(LinearKernels { format, dtype, _module: module, tiles, gemv, dequant, swiglu_rows })
+    }
+
+    /// y = x W^T (or its SwiGLU) for `m` <= 32 tokens by the kernel the operators use: the
+    /// one-token GEMV at one token, the tile kernels with [`default_warps`] above.
+    ///
+    /// # Safety
+    /// As [`Self::launch_tiles`].
+    pub unsafe fn launch(
+        &self,
+        stream: Stream,
+        ptrs: (u64, u64, u64, u64),
+        (m, n, k): (usize, usize, usize),
+        swiglu: bool,
+    ) -> Result<()> {
+        if m == 1 {
+            self.launch_gemv(stream, ptrs, (n, k), swiglu)
+        } else {
+            self.launch_tiles(stream, ptrs, (m, n, k), swiglu, default_warps(self.format, n, k, m))
+        }
+    }
+
+    /// y = x W^T (or its SwiGLU) for one token on the CUDA cores: a warp per two rows (16q + r,
+    /// 16q + r + 8), 8 warps a CTA.
+    ///
+    /// # Safety
+    /// As [`Self::launch_tiles`].
+    pub unsafe fn launch_gemv(
+        &self,
+        stream: Stream,
+        (x, w, scales, y): (u64, u64, u64, u64),
+        (n, k): (usize, usize),
+        swiglu: bool,
+    ) -> Result<()> {
+        let args = LinearArgs { x, w, scales, y, m: 1, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
+        let config = LaunchConfig { grid: ((n / TILE_ROWS) as u32, 1), block: 256, shared_bytes: 0 };
+        launch(self.gemv, config, stream, &args)
     }
 
     /// y = x W^T (or its SwiGLU with `swiglu`) for `m` <= 32 tokens: one CTA per 16 rows of W.

@@ -62,6 +62,12 @@ pub fn linear_int4_name(dtype: ActDtype, tiles: usize, block_size: usize) -> Str
 pub fn linear_dense_name(dtype: ActDtype, tiles: usize) -> String {
     format!("pio_linear_dense_{}_t{tiles}", dtype.tag())
 }
+pub fn gemv_int4_name(dtype: ActDtype, block_size: usize) -> String {
+    format!("pio_gemv_int4_{}_b{block_size}", dtype.tag())
+}
+pub fn gemv_dense_name(dtype: ActDtype) -> String {
+    format!("pio_gemv_dense_{}", dtype.tag())
+}
 pub fn dequant_name(dtype: ActDtype, block_size: usize, to_f32: bool) -> String {
     let f32_tag = if to_f32 { "f32_" } else { "" };
     format!("pio_dequant_{f32_tag}{}_b{block_size}", dtype.tag())
@@ -104,6 +110,8 @@ impl KernelSet {
                     let n = linear_int4_name(dt, t, bs);
                     out.push((n.clone(), format!("PIO_LINEAR({n}, {dtm}, FMT_INT4, {t}, {bs})")));
                 }
+                let n = gemv_int4_name(dt, bs);
+                out.push((n.clone(), format!("PIO_GEMV({n}, {dtm}, FMT_INT4, {bs})")));
                 let n = dequant_name(dt, bs, false);
                 out.push((n.clone(), format!("PIO_DEQUANT({n}, {dtm}, {bs}, false)")));
                 let n = swiglu_rows_name(dt);
@@ -115,6 +123,8 @@ impl KernelSet {
                     // The block size is unused by the dense format.
                     out.push((n.clone(), format!("PIO_LINEAR({n}, {dtm}, FMT_DENSE, {t}, 32)")));
                 }
+                let n = gemv_dense_name(dt);
+                out.push((n.clone(), format!("PIO_GEMV({n}, {dtm}, FMT_DENSE, 32)")));
                 let n = swiglu_rows_name(dt);
                 out.push((n.clone(), format!("PIO_SWIGLU_ROWS({n}, {dtm})")));
             }

@@ -322,6 +322,125 @@ template <int DT, int FMT, int TILES, int BS> __device__ __forceinline__ void li
   extern "C" __global__ void __launch_bounds__(256) NAME(LinearArgs a) { linear_body<DT, FMT, TILES, BS>(a); }
 
 // ---------------------------------------------------------------------------------------------
+// One token (M = 1): y = x W^T on the CUDA cores, a warp per two rows. The tile kernels above
+// give each CTA 16 rows and split K over its warps, so a few-MB projection has few warps, each
+// with several rounds of loads one after the other (Run 6's probe: a round of the int4 down cost
+// about 3.7 us on an H100). Here a warp takes rows (16q + r, 16q + r + 8), the pair a SwiGLU
+// epilogue needs, and its lanes stride over the rows' 16-byte pieces (a warp load reads 512
+// contiguous bytes of each row), so a projection of N rows runs N/2 warps with one round or a
+// few. Weights are dequantized exactly (q - 8 in the 16-bit type, converted to f32), each
+// 8-element piece is a sum of exact f32 products, and the scale is applied per piece; each
+// lane sums its pieces in order and the warp reduces them in a fixed butterfly (deterministic).
+// ---------------------------------------------------------------------------------------------
+
+// A register pair of the 16-bit type as two f32 (element 2i in the low half).
+template <int DT> __device__ __forceinline__ void pair_to_f32(u32 v, float& lo, float& hi) {
+  if (DT == DT_BF16) {
+    lo = __uint_as_float(v << 16);
+    hi = __uint_as_float(v & 0xffff0000u);
+  } else {
+    lo = to_f32<DT_F16>((u16)(v & 0xffffu));
+    hi = to_f32<DT_F16>((u16)(v >> 16));
+  }
+}
+
+// The sum of 8 products: weights as 4 register pairs, activations as one 16-byte load.
+template <int DT> __device__ __forceinline__ float dot8(const u32 (&w)[4], const uint4& x) {
+  const u32 xs[4] = {x.x, x.y, x.z, x.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    float w0, w1, x0, x1;
+    pair_to_f32<DT>(w[i], w0, w1);
+    pair_to_f32<DT>(xs[i], x0, x1);
+    s = fmaf(w0, x0, s);
+    s = fmaf(w1, x1, s);
+  }
+  return s;
+}
+
+template <int DT, int FMT, int BS> __device__ __forceinline__ void gemv_body(const LinearArgs& a) {
+  // Pieces per lane loaded before any is used: int4 4 (two rows: 128 bytes of weights a lane in
+  // flight, their scales, and each piece's 64 bytes of activations), 16-bit 8 (256 bytes).
+  const int U = FMT == FMT_INT4 ? 4 : 8;
+  const int lane = threadIdx.x & 31;
+  const int pair = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int na = 16 * (pair >> 3) + (pair & 7), nb = na + 8;
+  if (nb >= a.N) return;  // warp-uniform; no barrier follows
+  const int kp = (a.K + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
+  const long long row_bytes = FMT == FMT_INT4 ? kp / 2 : 2LL * a.K;
+  const int pieces = FMT == FMT_INT4 ? kp / 32 : a.K / 8;
+  const unsigned char* wa = a.w + (long long)na * row_bytes;
+  const unsigned char* wb = wa + 8 * row_bytes;
+  const long long s_row = kp / BS;
+  const u16* sa = FMT == FMT_INT4 ? a.scales + (long long)na * s_row : 0;
+  const u16* sb = FMT == FMT_INT4 ? sa + 8 * s_row : 0;
+  float acc_a = 0.f, acc_b = 0.f;
+  for (int p0 = lane; p0 < pieces; p0 += 32 * U) {
+    uint4 qa[U], qb[U];
+    ChunkScales<BS> ca[U], cb[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int p = p0 + 32 * u;
+      if (p < pieces) {
+        qa[u] = ld_weights(wa + 16LL * p);
+        qb[u] = ld_weights(wb + 16LL * p);
+        if (FMT == FMT_INT4) {
+          ca[u] = load_scales<BS>(sa, p >> 2);
+          cb[u] = load_scales<BS>(sb, p >> 2);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int p = p0 + 32 * u;
+      if (p >= pieces) break;
+      if (FMT == FMT_INT4) {
+        // Piece p: chunk c, thread slot t; word j holds k = 128c + 32j + 8t + 0..7.
+        const int c = p >> 2, t = p & 3;
+        uint4 xv[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const int kb = c * CHUNK_K + j * 32;
+          xv[j] = kb < a.K ? ld_act(a.x + kb + 8 * t) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          if (c * CHUNK_K + j * 32 >= a.K) break;  // the padding of the last chunk
+          u32 pa[4], pb[4];
+          dequant_word<DT>(word_of(qa[u], j), pa);
+          dequant_word<DT>(word_of(qb[u], j), pb);
+          acc_a = fmaf(scale_of<DT, BS>(ca[u], j), dot8<DT>(pa, xv[j]), acc_a);
+          acc_b = fmaf(scale_of<DT, BS>(cb[u], j), dot8<DT>(pb, xv[j]), acc_b);
+        }
+      } else {
+        const uint4 xv = ld_act(a.x + 8 * p);
+        const u32 pa[4] = {qa[u].x, qa[u].y, qa[u].z, qa[u].w};
+        const u32 pb[4] = {qb[u].x, qb[u].y, qb[u].z, qb[u].w};
+        acc_a += dot8<DT>(pa, xv);
+        acc_b += dot8<DT>(pb, xv);
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, o);
+    acc_b += __shfl_xor_sync(0xffffffffu, acc_b, o);
+  }
+  if (lane == 0) {
+    if (a.act) {
+      a.y[8 * (pair >> 3) + (pair & 7)] = from_f32<DT>(silu_mul(acc_a, acc_b));
+    } else {
+      a.y[na] = from_f32<DT>(acc_a);
+      a.y[nb] = from_f32<DT>(acc_b);
+    }
+  }
+}
+
+#define PIO_GEMV(NAME, DT, FMT, BS) \
+  extern "C" __global__ void __launch_bounds__(256) NAME(LinearArgs a) { gemv_body<DT, FMT, BS>(a); }
+
+// ---------------------------------------------------------------------------------------------
 // int4 dequantization (the prefill path hands the result to cuBLAS; the f32 form is the
 // bit-exactness check): out (N, K). It is bandwidth-bound (reads N*Kp/2 bytes and the scales,
 // writes N*K*2), so every access is a wide one: thread i loads the 16 bytes at 16*i of the

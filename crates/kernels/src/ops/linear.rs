@@ -18,7 +18,7 @@ use super::{
 use crate::cublas::Cublas;
 use crate::driver::{Device, Stream};
 use crate::error::{KernelError, Result};
-use crate::gpu::{default_warps, LinearKernels, WeightFormat, MAX_TOKENS};
+use crate::gpu::{LinearKernels, WeightFormat, MAX_TOKENS};
 use crate::layout::{unsupported_reason, Int4Shape};
 use crate::reference;
 use crate::source::ActDtype;
@@ -292,8 +292,7 @@ impl CudaLinear {
         if path(s.format, m, self.cublas_unavailable) == Path::Tiles {
             // SAFETY: the pointers are ONNX Runtime's tensors of the checked sizes, alive for the call;
             // the launch is ordered on the provider's stream.
-            let warps = default_warps(s.format, s.n, s.k, m);
-            return unsafe { self.kernels.launch_tiles(stream, ptrs, (m, s.n, s.k), s.swiglu, warps) };
+            return unsafe { self.kernels.launch(stream, ptrs, (m, s.n, s.k), s.swiglu) };
         }
         if !self.cublas_unavailable {
             match self.run_cublas(ctx, stream, ptrs, m) {
@@ -333,8 +332,7 @@ impl CudaLinear {
             let xs = x + (start * s.k) as u64 * bytes;
             let ys = y + (start * s.out_features()) as u64 * bytes;
             // SAFETY: as in `run`, offset within the same tensors.
-            let warps = default_warps(s.format, s.n, s.k, rows);
-            unsafe { self.kernels.launch_tiles(stream, (xs, w, scales, ys), (rows, s.n, s.k), s.swiglu, warps)? };
+            unsafe { self.kernels.launch(stream, (xs, w, scales, ys), (rows, s.n, s.k), s.swiglu)? };
         }
         Ok(())
     }
