@@ -45,6 +45,14 @@ impl WeightFormat {
     }
 }
 
+/// Whether the operators run the one-token GEMV (`gemv_body` in the CUDA source) at one token
+/// rather than the tile kernels. Off until a GPU has timed it: it is checked against the
+/// reference on the CPU (`emulator::gemv`) and compiled by NVRTC in the tests, and `pio-kernels-check
+/// probe` times it beside the tiles on every projection shape, but no GPU could be had after it was
+/// written (2026-12-07). The last change to the one-token path that was not measured first
+/// (activations staged in shared memory, 16 warps) made every projection slower on an H100.
+pub const GEMV_AT_ONE_TOKEN: bool = false;
+
 /// CTAs (16 rows of N each) up to which an int4 projection of at most
 /// [`FEW_TOKENS`] tokens takes 8 warps per CTA.
 const FEW_CTAS: usize = 640;
@@ -148,8 +156,9 @@ impl LinearKernels {
         Ok(LinearKernels { format, dtype, _module: module, tiles, gemv, dequant, swiglu_rows })
     }
 
-    /// y = x W^T (or its SwiGLU) for `m` <= 32 tokens by the kernel the operators use: the
-    /// one-token GEMV at one token, the tile kernels with [`default_warps`] above.
+    /// y = x W^T (or its SwiGLU) for `m` <= 32 tokens by the kernel the operators use: the tile
+    /// kernels with [`default_warps`], or the one-token GEMV at one token when
+    /// [`GEMV_AT_ONE_TOKEN`] says so.
     ///
     /// # Safety
     /// As [`Self::launch_tiles`].
@@ -160,7 +169,7 @@ impl LinearKernels {
         (m, n, k): (usize, usize, usize),
         swiglu: bool,
     ) -> Result<()> {
-        if m == 1 {
+        if GEMV_AT_ONE_TOKEN && m == 1 {
             self.launch_gemv(stream, ptrs, (n, k), swiglu)
         } else {
             self.launch_tiles(stream, ptrs, (m, n, k), swiglu, default_warps(self.format, n, k, m))
