@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use pio_kernels::driver::{self, Device, DeviceBuffer};
-use pio_kernels::gpu::{default_warps, LinearKernels, ProbeKernels, WeightFormat, GEMV_AT_ONE_TOKEN};
+use pio_kernels::gpu::{default_warps, LinearKernels, OneTokenKernel, ProbeKernels, WeightFormat};
 use pio_kernels::layout::Int4Shape;
 use pio_kernels::nvrtc::Nvrtc;
 use pio_kernels::reference;
@@ -322,7 +322,8 @@ fn tile_case(
     if Kernel::Gemv.applies(m) {
         kernels_timed.push(Kernel::Gemv);
     }
-    let operators_use = if GEMV_AT_ONE_TOKEN && m == 1 { Kernel::Gemv } else { Kernel::Tiles(warps) };
+    let operators_use =
+        if m == 1 && kernels.one_token_kernel() == OneTokenKernel::Gemv { Kernel::Gemv } else { Kernel::Tiles(warps) };
     for kernel in kernels_timed {
         let us = driver::graph_time_us(calls, 10, |stream, i| {
             let base = pool.ptr + ((i % copies) * per_copy) as u64;

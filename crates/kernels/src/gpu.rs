@@ -45,13 +45,41 @@ impl WeightFormat {
     }
 }
 
-/// Whether the operators run the one-token GEMV (`gemv_body` in the CUDA source) at one token
-/// rather than the tile kernels. Off until a GPU has timed it: it is checked against the
-/// reference on the CPU (`emulator::gemv`) and compiled by NVRTC in the tests, and `pio-kernels-check
-/// probe` times it beside the tiles on every projection shape, but no GPU could be had after it was
-/// written (2026-12-07). The last change to the one-token path that was not measured first
-/// (activations staged in shared memory, 16 warps) made every projection slower on an H100.
-pub const GEMV_AT_ONE_TOKEN: bool = false;
+/// The kernel the operators run a one-token projection on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OneTokenKernel {
+    /// The tile kernels (tensor cores, 16 rows a CTA, warps splitting K): the default.
+    Tiles,
+    /// The one-token GEMV (`gemv_body` in the CUDA source: CUDA cores, a warp per row pair).
+    Gemv,
+}
+
+/// The variable that picks [`OneTokenKernel`]: `tiles` (the default) or `gemv`.
+pub const ONE_TOKEN_KERNEL_VAR: &str = "PIO_ONE_TOKEN_KERNEL";
+
+impl OneTokenKernel {
+    /// From [`ONE_TOKEN_KERNEL_VAR`]. The GEMV is not the default because no GPU has timed it yet:
+    /// it is checked against the reference on the CPU (`emulator::gemv`), compiled by NVRTC in the
+    /// tests, and `pio-kernels-check probe` times it beside the tiles on every projection shape,
+    /// but no machine could be had after it was written (2026-12-07); the last change to the
+    /// one-token path made without a measurement first (activations staged in shared memory, 16
+    /// warps) made every projection slower on an H100. The variable lets one build be measured
+    /// both ways in one GPU session.
+    pub fn from_env() -> Result<Self> {
+        Self::parse(std::env::var(ONE_TOKEN_KERNEL_VAR).ok().as_deref())
+    }
+
+    fn parse(value: Option<&str>) -> Result<Self> {
+        match value.map(str::trim) {
+            None | Some("") | Some("tiles") => Ok(OneTokenKernel::Tiles),
+            Some("gemv") => Ok(OneTokenKernel::Gemv),
+            Some(other) => Err(KernelError::bad_input(
+                ONE_TOKEN_KERNEL_VAR,
+                format!("{other:?} is not a one-token kernel (tiles or gemv)"),
+            )),
+        }
+    }
+}
 
 /// CTAs (16 rows of N each) up to which an int4 projection of at most
 /// [`FEW_TOKENS`] tokens takes 8 warps per CTA.
@@ -121,6 +149,7 @@ pub struct LinearKernels {
     _module: Arc<Module>,
     tiles: [Function; MAX_TILES],
     gemv: Function,
+    one_token: OneTokenKernel,
     dequant: Option<Function>,
     swiglu_rows: Function,
 }
@@ -153,12 +182,13 @@ impl LinearKernels {
             WeightFormat::Dense => None,
         };
         let swiglu_rows = module.function(&source::swiglu_rows_name(dtype))?;
-        Ok(LinearKernels { format, dtype, _module: module, tiles, gemv, dequant, swiglu_rows })
+        let one_token = OneTokenKernel::from_env()?;
+        Ok(LinearKernels { format, dtype, _module: module, tiles, gemv, one_token, dequant, swiglu_rows })
     }
 
     /// y = x W^T (or its SwiGLU) for `m` <= 32 tokens by the kernel the operators use: the tile
-    /// kernels with [`default_warps`], or the one-token GEMV at one token when
-    /// [`GEMV_AT_ONE_TOKEN`] says so.
+    /// kernels with [`default_warps`], or at one token the [`OneTokenKernel`] chosen when these
+    /// kernels were loaded.
     ///
     /// # Safety
     /// As [`Self::launch_tiles`].
@@ -169,11 +199,16 @@ impl LinearKernels {
         (m, n, k): (usize, usize, usize),
         swiglu: bool,
     ) -> Result<()> {
-        if GEMV_AT_ONE_TOKEN && m == 1 {
+        if m == 1 && self.one_token == OneTokenKernel::Gemv {
             self.launch_gemv(stream, ptrs, (n, k), swiglu)
         } else {
             self.launch_tiles(stream, ptrs, (m, n, k), swiglu, default_warps(self.format, n, k, m))
         }
+    }
+
+    /// The kernel [`Self::launch`] runs a one-token call on.
+    pub fn one_token_kernel(&self) -> OneTokenKernel {
+        self.one_token
     }
 
     /// y = x W^T (or its SwiGLU) for one token on the CUDA cores: a warp per two rows (16q + r,
@@ -620,6 +655,15 @@ impl ProbeKernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_one_token_kernel_is_tiles_unless_gemv_is_named() {
+        assert_eq!(OneTokenKernel::parse(None).unwrap(), OneTokenKernel::Tiles);
+        assert_eq!(OneTokenKernel::parse(Some("tiles")).unwrap(), OneTokenKernel::Tiles);
+        assert_eq!(OneTokenKernel::parse(Some(" gemv ")).unwrap(), OneTokenKernel::Gemv);
+        let e = OneTokenKernel::parse(Some("fast")).unwrap_err().to_string();
+        assert!(e.contains(ONE_TOKEN_KERNEL_VAR) && e.contains("\"fast\""), "{e}");
+    }
 
     #[test]
     fn warps_follow_the_probe() {
