@@ -171,7 +171,8 @@ case $part in
     ;;
   serve)
     # The full synthetic Qwen3-4B bf16 (exported here, reused while the machine stays warm), then `pio bench serve`
-    # once per BUDGET:FACTOR in SERVE_CONFIGS (--prefill-budget, --itl-factor; 0 is pacing off); runs after the
+    # once per BUDGET:FACTOR[:THRESHOLD] in SERVE_CONFIGS (--prefill-budget, --itl-factor, 0 is pacing off;
+    # --long-prefill-token-threshold, 0 or absent is off: e.g. 512:0:128); runs after the
     # first skip the prefix section, run 32 streams only and sweep fewer rates (RATES_AFTER). Steps over 100 ms
     # are logged (debug).
     mkdir -p /dev/shm/pio "$out/serve"
@@ -181,7 +182,9 @@ case $part in
     g=$graphs
     first=1
     for config in ${SERVE_CONFIGS:-512:0 256:0 512:3}; do
-      budget=${config%%:*} f=${config#*:} name=b$budget-f$f
+      IFS=: read -r budget f threshold <<< "$config"
+      threshold=${threshold:-0} name=b$budget-f$f
+      [[ $threshold != 0 ]] && name=$name-t$threshold
       if [[ $first == 1 ]]; then
         sections=${SERVE_SECTIONS:-offline,concurrency,sweep,prefix,long-prefill} rates=${RATES:-1,2,4,8,16,32,64}
         conc=${CONCURRENCY:-1,8,32,64}
@@ -191,13 +194,14 @@ case $part in
       fi
       first=0
       RUST_LOG=${SERVE_LOG:-info,ort=warn,pio_runtime::engine::worker=debug} .gpu/pio bench serve --graphs "$g" --ep cuda \
-        --ep-option cuda_graph=1 --prefill-budget "$budget" --itl-factor "$f" --max-seqs 64 --max-model-len 4352 --sections $sections \
+        --ep-option cuda_graph=1 --prefill-budget "$budget" --itl-factor "$f" \
+        --long-prefill-token-threshold "$threshold" --max-seqs 64 --max-model-len 4352 --sections $sections \
         --concurrency $conc --prompt-len 128 --max-tokens 256 --offline-batch 32 --prefix-len 2048 \
         --prefix-suffix 64 --prefix-requests 5 --long-prompt 4096 --long-streams 31 --long-stream-tokens 256 \
         --rates $rates --sweep-duration ${SWEEP_SECONDS:-4} --sweep-prompt-lens 64..4096 \
         --sweep-max-tokens 128 --max-duration $cap --out "$out/serve-bench-$name.json" \
         > "$out/serve/serve-bench-$name.log" 2>&1
-      echo "pio bench serve --prefill-budget $budget --itl-factor $f: rc=$?"
+      echo "pio bench serve --prefill-budget $budget --itl-factor $f --long-prefill-token-threshold $threshold: rc=$?"
       grep -v "slow engine step\|DEBUG" "$out/serve/serve-bench-$name.log" | tail -n 16
       echo "steps over 100 ms: $(grep -c "slow engine step" "$out/serve/serve-bench-$name.log")"
       grep "slow engine step" "$out/serve/serve-bench-$name.log" | sed -n '1,3p;$p' | cut -c1-420

@@ -216,6 +216,43 @@ fn a_burst_of_prompts_beside_a_decoding_stream_catches_up_in_one_step() {
 }
 
 #[test]
+fn a_long_prompt_beside_a_decoding_stream_advances_by_the_per_request_threshold() {
+    // One stream decodes; a 200-token prompt arrives. With a 64-token budget it takes 4 chunks;
+    // with long_prefill_token_threshold 16 it advances 16 tokens a step: 13 chunks, and the same
+    // tokens. Catch-up is off so that the lone prompt is chunked either way.
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let stream = ids_request(&random_prompt(&mut rng, 10), greedy_options(400));
+    let long = ids_request(&random_prompt(&mut rng, 200), greedy_options(5));
+    let chunks_of_the_long_prompt = |threshold: Option<usize>| {
+        let config = EngineConfig::builder(graphs())
+            .max_seqs(2)
+            .max_model_len(2304)
+            .prefill_budget(64)
+            .long_prefill_token_threshold(threshold)
+            .waiting_served_ratio(None)
+            .prefix_caching(false)
+            .build()
+            .unwrap();
+        assert_eq!(config.long_prefill_token_threshold(), threshold);
+        let engine = Engine::start(config).unwrap_or_else(|e| panic!("{e:#}"));
+        let mut decoding = engine.submit(stream.clone()).unwrap();
+        for _ in 0..2 {
+            assert!(matches!(decoding.blocking_next(), Some(Ok(Event::Token(_)))));
+        }
+        let before = engine.metrics().prefill_chunks;
+        let output = engine.submit(long.clone()).unwrap().wait().unwrap();
+        let chunks = engine.metrics().prefill_chunks - before;
+        drop(decoding);
+        (chunks, output)
+    };
+    let (capped, with) = chunks_of_the_long_prompt(Some(16));
+    let (budgeted, without) = chunks_of_the_long_prompt(None);
+    assert_eq!(capped, 13, "the long prompt did not advance 16 tokens a step");
+    assert_eq!(budgeted, 4, "the long prompt was not chunked at the prefill budget");
+    assert_eq!(with.generated_ids, without.generated_ids, "the threshold changed what the prompt answers");
+}
+
+#[test]
 fn prefill_pacing_changes_when_prompts_run_not_what_they_answer() {
     // Pacing sizes chunks from measured times, so its steps differ run to run; each request's
     // greedy tokens must not (on the CPU in fp32 other chunk sizes leave the logits within
@@ -453,6 +490,10 @@ fn requests_are_checked_when_submitted() {
     assert_eq!(
         refused(EngineConfig::builder(graphs()).prefill_budget(64).idle_prefill_budget(63)),
         "idle_prefill_budget"
+    );
+    assert_eq!(
+        refused(EngineConfig::builder(graphs()).long_prefill_token_threshold(Some(0))),
+        "long_prefill_token_threshold"
     );
     assert_eq!(refused(EngineConfig::builder(graphs()).itl_factor(Some(1.0))), "itl_factor");
     assert_eq!(refused(EngineConfig::builder(graphs()).itl_factor(Some(f64::NAN))), "itl_factor");

@@ -198,6 +198,12 @@ pub struct ModelArgs {
     /// together prefill in few batched runs before their streams start.
     #[arg(long, value_name = "TOKENS", value_parser = NumberRange::at_least(1usize))]
     idle_prefill_budget: Option<usize>,
+    /// Prompt tokens of one request prefilled per engine step at most while streams decode
+    /// (vLLM's option; 0, the default: only --prefill-budget): a long prompt advances this much
+    /// a step, so running streams see the latency of a small chunk, while shorter prompts share
+    /// the rest of --prefill-budget in the same step.
+    #[arg(long, value_name = "TOKENS", default_value_t = 0)]
+    long_prefill_token_threshold: usize,
     /// Prefill pacing, off by default (0): while streams decode, keep each engine step (their
     /// inter-token latency) within F times a decode-only step by prefilling fewer prompt tokens
     /// per step, from times measured as it runs (at least 16 tokens a step). Smoother streams,
@@ -327,6 +333,7 @@ impl ModelArgs {
         let mut config = EngineConfig::builder(&self.graphs)
             .ep(self.ep()?)
             .prefill_budget(self.prefill_budget)
+            .long_prefill_token_threshold(Some(self.long_prefill_token_threshold).filter(|&n| n > 0))
             .itl_factor(itl_factor)
             .waiting_served_ratio(Some(self.waiting_served_ratio).filter(|&r| r > 0.0))
             .gpu_memory_utilization(self.gpu_memory_utilization)

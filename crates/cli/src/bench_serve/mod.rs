@@ -198,6 +198,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             "ep": args.model.ep, "ep_options": args.model.ep_options, "max_seqs": args.model.max_seqs,
             "prefill_budget": args.model.prefill_budget,
             "idle_prefill_budget": args.model.idle_prefill_budget,
+            "long_prefill_token_threshold": args.model.long_prefill_token_threshold,
             "itl_factor": args.model.itl_factor,
         },
     });

@@ -119,6 +119,7 @@ pub struct EngineConfig {
     gpu_memory_utilization: f64,
     prefill_budget: usize,
     idle_prefill_budget: Option<usize>,
+    long_prefill_token_threshold: Option<usize>,
     itl_factor: Option<f64>,
     waiting_served_ratio: Option<f64>,
     prefix_caching: bool,
@@ -141,6 +142,7 @@ impl EngineConfig {
                 gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
                 prefill_budget: DEFAULT_PREFILL_BUDGET,
                 idle_prefill_budget: None,
+                long_prefill_token_threshold: None,
                 itl_factor: None,
                 waiting_served_ratio: Some(DEFAULT_WAITING_SERVED_RATIO),
                 prefix_caching: true,
@@ -168,6 +170,11 @@ impl EngineConfig {
     /// [`DEFAULT_IDLE_PREFILL_BUDGET`] or the prefill budget, whichever is larger.
     pub fn idle_prefill_budget(&self) -> usize {
         self.idle_prefill_budget.unwrap_or(DEFAULT_IDLE_PREFILL_BUDGET.max(self.prefill_budget))
+    }
+    /// Prompt tokens of one sequence prefilled per step at most while sequences decode (None: only
+    /// the prefill budget).
+    pub fn long_prefill_token_threshold(&self) -> Option<usize> {
+        self.long_prefill_token_threshold
     }
     pub fn itl_factor(&self) -> Option<f64> {
         self.itl_factor
@@ -239,6 +246,17 @@ impl EngineConfigBuilder {
     /// prefill budget. The GPU's free memory is measured after a prefill of this many tokens.
     pub fn idle_prefill_budget(mut self, tokens: usize) -> Self {
         self.config.idle_prefill_budget = Some(tokens);
+        self
+    }
+    /// At most `tokens` prompt tokens of one sequence per step while sequences decode (default
+    /// `None`: only the prefill budget), as vLLM's `long_prefill_token_threshold`. A long prompt
+    /// then advances `tokens` a step, so a step beside running streams costs what a chunk of that
+    /// size costs, while shorter prompts share the rest of the prefill budget in the same step:
+    /// streams keep the inter-token latency of a small budget, short prompts the time to first
+    /// token of the large one. The long prompt's own first token comes later (it needs
+    /// `len / tokens` steps). Not applied when no sequence decodes. At least 1.
+    pub fn long_prefill_token_threshold(mut self, tokens: Option<usize>) -> Self {
+        self.config.long_prefill_token_threshold = tokens;
         self
     }
     /// Prefill pacing (default off): while sequences decode, a step that also prefills takes at
@@ -331,6 +349,9 @@ impl EngineConfigBuilder {
                 "idle_prefill_budget",
                 format!("{idle} tokens is less than the prefill budget ({})", c.prefill_budget),
             ));
+        }
+        if c.long_prefill_token_threshold == Some(0) {
+            return Err(EngineError::config("long_prefill_token_threshold", "must be at least 1 token"));
         }
         if let Some(factor) = c.itl_factor {
             if !(factor > 1.0 && factor.is_finite()) {
@@ -449,7 +470,8 @@ impl Engine {
                         worker_config.idle_prefill_budget(),
                         worker_config.itl_factor,
                         worker_config.waiting_served_ratio,
-                    );
+                    )
+                    .with_per_sequence(worker_config.long_prefill_token_threshold);
                     worker::run(runner, receiver, worker_shared, pacer);
                 }
             })

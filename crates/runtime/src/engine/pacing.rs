@@ -72,6 +72,10 @@ pub(crate) struct PrefillPacer {
     cap: usize,
     /// Prompt tokens per step at most when none decodes (`--idle-prefill-budget`).
     idle_cap: usize,
+    /// Prompt tokens of one sequence per step at most while sequences decode
+    /// (`--long-prefill-token-threshold`; `usize::MAX`: no cap beyond `cap`). Not when none
+    /// decodes: no stream's latency is at stake then, and a lone prompt should finish soonest.
+    per_sequence: usize,
     /// A step that prefills while sequences decode takes at most this times a decode-only step;
     /// None: only `cap` counts.
     factor: Option<f64>,
@@ -84,7 +88,22 @@ pub(crate) struct PrefillPacer {
 
 impl PrefillPacer {
     pub(crate) fn new(cap: usize, idle_cap: usize, factor: Option<f64>, catch_up: Option<f64>) -> Self {
-        PrefillPacer { cap, idle_cap, factor, catch_up, decode_ms: None, chunks: LineFit::default() }
+        PrefillPacer {
+            cap,
+            idle_cap,
+            per_sequence: usize::MAX,
+            factor,
+            catch_up,
+            decode_ms: None,
+            chunks: LineFit::default(),
+        }
+    }
+
+    /// At most `tokens` prompt tokens of one sequence per step while sequences decode (None: no
+    /// cap beyond the prefill budget).
+    pub(crate) fn with_per_sequence(mut self, tokens: Option<usize>) -> Self {
+        self.per_sequence = tokens.unwrap_or(usize::MAX);
+        self
     }
 
     /// Whether a step with `decoding` sequences decoding and `prompts` prompts still to prefill
@@ -127,7 +146,7 @@ impl PrefillPacer {
         if !decoding {
             return PrefillBudget::tokens(self.idle_cap);
         }
-        let full = PrefillBudget::tokens(self.cap);
+        let full = PrefillBudget::tokens(self.cap).per_sequence(self.per_sequence);
         let Some(factor) = self.factor else { return full };
         let (Some(step_ms), Some((fixed_ms, per_token_ms))) = (self.decode_ms, self.chunks.line()) else {
             return full;
@@ -137,7 +156,8 @@ impl PrefillPacer {
         let tokens = |ms: f64| (ms / per_token_ms).clamp(0.0, 1e9) as usize;
         let chunk_overhead = tokens(fixed_ms).min(self.cap);
         let cost = tokens(room_ms).max(chunk_overhead + MIN_PACED_CHUNK.min(self.cap));
-        PrefillBudget { tokens: self.cap, cost, chunk_overhead }
+        PrefillBudget { tokens: self.cap, cost, chunk_overhead, per_sequence: usize::MAX }
+            .per_sequence(self.per_sequence)
     }
 }
 
@@ -164,6 +184,21 @@ mod tests {
         same.add(100.0, 5.0);
         same.add(100.0, 5.0);
         assert_eq!(same.line(), Some((0.0, 0.05)));
+    }
+
+    #[test]
+    fn the_per_sequence_cap_applies_only_while_sequences_decode() {
+        let capped = PrefillPacer::new(512, 2048, None, None).with_per_sequence(Some(128));
+        assert_eq!(capped.budget(true), PrefillBudget::tokens(512).per_sequence(128));
+        assert_eq!(capped.budget(false), PrefillBudget::tokens(2048), "nothing decodes: no cap");
+        let mut paced = PrefillPacer::new(512, 2048, Some(3.0), None).with_per_sequence(Some(128));
+        paced.decode_ran(ms(4.0));
+        for k in [64.0, 128.0, 256.0] {
+            paced.chunk_ran(k as usize, ms(2.0 + 0.02 * k));
+        }
+        assert_eq!(paced.budget(true).per_sequence, 128);
+        let uncapped = PrefillPacer::new(512, 2048, None, None).with_per_sequence(None);
+        assert_eq!(uncapped.budget(true), PrefillBudget::tokens(512));
     }
 
     #[test]

@@ -93,21 +93,29 @@ impl StepPlan {
     }
 }
 
-/// What one step may prefill: at most `tokens` prompt tokens, and chunks whose costs add up to
-/// at most `cost`: `len` each, plus `chunk_overhead` for each chunk that starts a run (see
-/// [`prefill_runs`]). Both are in tokens; the overhead stands for what a prefill run costs
-/// whatever its length.
+/// What one step may prefill: at most `tokens` prompt tokens, at most `per_sequence` of them
+/// from one sequence, and chunks whose costs add up to at most `cost`: `len` each, plus
+/// `chunk_overhead` for each chunk that starts a run (see [`prefill_runs`]). All are in tokens;
+/// the overhead stands for what a prefill run costs whatever its length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillBudget {
     pub tokens: usize,
     pub cost: usize,
     pub chunk_overhead: usize,
+    pub per_sequence: usize,
 }
 
 impl PrefillBudget {
     /// Only a token count: `tokens` prompt tokens, however many chunks.
     pub fn tokens(tokens: usize) -> Self {
-        PrefillBudget { tokens, cost: tokens, chunk_overhead: 0 }
+        PrefillBudget { tokens, cost: tokens, chunk_overhead: 0, per_sequence: usize::MAX }
+    }
+
+    /// The same budget with at most `tokens` prompt tokens of any one sequence (vLLM's
+    /// `long_prefill_token_threshold`): a long prompt advances that much a step while shorter
+    /// ones still fill the rest of the budget.
+    pub fn per_sequence(self, tokens: usize) -> Self {
+        PrefillBudget { per_sequence: tokens.max(1), ..self }
     }
 
     /// The longest chunk (of at most `want` tokens) that still fits in a run of its own; 0 when
@@ -120,6 +128,7 @@ impl PrefillBudget {
     /// chunks of `plan` and spends its cost: no overhead when it joins the run of the chunk
     /// before it (see [`prefill_runs`]). Its length, 0 when nothing fits.
     fn spend(&mut self, plan: &[PrefillChunk], slot: usize, start: usize, want: usize) -> usize {
+        let want = want.min(self.per_sequence);
         let joining = want.min(self.tokens).min(self.cost);
         let joins = plan.last().is_some_and(|last| joins_run(last, slot, start, joining));
         let (len, overhead) = if joins { (joining, 0) } else { (self.chunk(want), self.chunk_overhead) };
@@ -237,6 +246,29 @@ mod tests {
     }
 
     #[test]
+    fn a_per_sequence_cap_chunks_long_prompts_and_leaves_the_rest_to_others() {
+        // A 4,096-token prompt prefilling while streams decode: 128 tokens a step, not 512.
+        let long = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 256, prompt_len: 4096 } };
+        let budget = PrefillBudget::tokens(512).per_sequence(128);
+        let plan = plan_step(&[waiting(2, 100), waiting(3, 300)], &[long, decoding(9, 1)], &[2, 3], budget);
+        assert_eq!(plan.decode, [9]);
+        // The short prompt runs whole; the longer one gets the cap, then the budget is at 284 of 512.
+        assert_eq!(
+            plan.prefill,
+            [
+                PrefillChunk { id: 1, slot: 0, start: 256, len: 128 },
+                PrefillChunk { id: 2, slot: 2, start: 0, len: 100 },
+                PrefillChunk { id: 3, slot: 3, start: 0, len: 128 },
+            ]
+        );
+        assert!(plan.prefill.iter().all(|c| c.len <= 128));
+        // Without the cap the long prompt takes the whole budget and nothing is admitted.
+        let plan = plan_step(&[waiting(2, 100)], &[long], &[2], PrefillBudget::tokens(512));
+        assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 256, len: 512 }]);
+        assert!(plan.admitted.is_empty());
+    }
+
+    #[test]
     fn the_prefill_budget_is_shared_in_order_and_never_exceeded() {
         let a = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 10, prompt_len: 30 } };
         let b = Running { id: 2, slot: 1, phase: Phase::Prefill { done: 0, prompt_len: 100 } };
@@ -277,7 +309,7 @@ mod tests {
     #[test]
     fn each_chunk_pays_its_overhead_against_the_cost() {
         // Room for 300 token-equivalents, 100 of them per run: one chunk of 200.
-        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 100 };
+        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 100, per_sequence: usize::MAX };
         let a = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
         let b = Running { id: 2, slot: 1, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
         let plan = plan_step(&[waiting(3, 8)], &[a, b], &[2], budget);
@@ -285,12 +317,12 @@ mod tests {
         assert!(plan.admitted.is_empty(), "no cost left for another run: {plan:?}");
         // Short prompts in slots apart (each a run of its own): each run costs 50 + 30; the
         // fourth gets what is left (10 tokens).
-        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 50 };
+        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 50, per_sequence: usize::MAX };
         let plan =
             plan_step(&[waiting(1, 30), waiting(2, 30), waiting(3, 30), waiting(4, 30)], &[], &[0, 2, 4, 6], budget);
         assert_eq!(plan.prefill.iter().map(|c| c.len).collect::<Vec<_>>(), [30, 30, 30, 10]);
         // The token cap still holds when the cost would allow more.
-        let budget = PrefillBudget { tokens: 40, cost: 10_000, chunk_overhead: 10 };
+        let budget = PrefillBudget { tokens: 40, cost: 10_000, chunk_overhead: 10, per_sequence: usize::MAX };
         let plan = plan_step(&[waiting(1, 30), waiting(2, 30)], &[], &[0, 1], budget);
         assert_eq!(plan.prefill_tokens(), 40);
     }
@@ -315,7 +347,7 @@ mod tests {
     fn a_chunk_that_joins_the_run_before_it_pays_no_overhead() {
         // Requests arriving together get consecutive slots: four chunks of 30 cost one run's
         // overhead (50) and their tokens, 170 of the 300.
-        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 50 };
+        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 50, per_sequence: usize::MAX };
         let plan =
             plan_step(&[waiting(1, 30), waiting(2, 30), waiting(3, 30), waiting(4, 30)], &[], &[0, 1, 2, 3], budget);
         assert_eq!(plan.prefill.iter().map(|c| c.len).collect::<Vec<_>>(), [30, 30, 30, 30]);
