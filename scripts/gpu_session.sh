@@ -273,14 +273,18 @@ case $part in
     # graphs, in the same call (the graph format is the same; only the kernels' code differs).
     pio_graphs=()
     for g in q4b-bf16-pio q4b-int4-pio; do [[ -f $work/$g/pio.json ]] && pio_graphs+=(--graphs "$work/$g"); done
-    # The same --pio-kernels graphs with the one-token GEMV instead of the tile kernels at batch 1
-    # (PIO_ONE_TOKEN_KERNEL=gemv; the tiles are the default until this has been measured).
-    if [[ ${#pio_graphs[@]} -gt 0 && ${BENCH_GEMV:-1} == 1 ]]; then
-      PIO_ONE_TOKEN_KERNEL=gemv timeout ${PART_SECONDS:-240} .gpu/pio bench "${pio_graphs[@]}" --ep cuda --cuda-graph on \
-        --batches 1 --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 128 --repeats 1 \
-        --out "$out/bench4-gemv.json" > "$out/bench4-gemv.log" 2>&1
-      echo "pio bench (one-token GEMV) rc=$?"
-      grep -v "INFO\|WARN" "$out/bench4-gemv.log" | tail -n 8
+    # The same --pio-kernels graphs with a one-token GEMV instead of the tile kernels at batch 1, once per
+    # PIO_ONE_TOKEN_KERNEL value in BENCH_ONE_TOKEN (default "gemv", its first variant; e.g. "gemv gemv:u8p1
+    # gemv:u4p2"; empty: none). The tiles stay the default until this has been measured.
+    if [[ ${#pio_graphs[@]} -gt 0 ]]; then
+      for kernel in ${BENCH_ONE_TOKEN-gemv}; do
+        tag=${kernel//:/-}
+        PIO_ONE_TOKEN_KERNEL=$kernel timeout ${PART_SECONDS:-240} .gpu/pio bench "${pio_graphs[@]}" --ep cuda \
+          --cuda-graph on --batches 1 --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 128 --repeats 1 \
+          --out "$out/bench4-$tag.json" > "$out/bench4-$tag.log" 2>&1
+        echo "pio bench (PIO_ONE_TOKEN_KERNEL=$kernel) rc=$?"
+        grep -v "INFO\|WARN" "$out/bench4-$tag.log" | tail -n 8
+      done
     fi
     if [[ -x .gpu/pio-base && ${#pio_graphs[@]} -gt 0 ]]; then
       timeout ${PART_SECONDS:-240} .gpu/pio-base bench "${pio_graphs[@]}" --ep cuda --cuda-graph on \

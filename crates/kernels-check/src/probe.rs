@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use pio_kernels::driver::{self, Device, DeviceBuffer};
-use pio_kernels::gpu::{default_warps, LinearKernels, OneTokenKernel, ProbeKernels, WeightFormat};
+use pio_kernels::gpu::{default_warps, gemv_variants, LinearKernels, OneTokenKernel, ProbeKernels, WeightFormat};
 use pio_kernels::layout::Int4Shape;
 use pio_kernels::nvrtc::Nvrtc;
 use pio_kernels::reference;
@@ -193,11 +193,12 @@ fn tile_kernels(device: &Device, tokens: &[usize], select: &Selection, tbps: Opt
     Ok(Value::Array(rows))
 }
 
-/// A kernel the probe times: the tile kernels with a warp count, or the one-token GEMV.
+/// A kernel the probe times: the tile kernels with a warp count, or a one-token GEMV variant
+/// (pieces in flight per lane, row pairs per warp).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Tiles(u32),
-    Gemv,
+    Gemv((usize, usize)),
 }
 
 impl Kernel {
@@ -207,13 +208,13 @@ impl Kernel {
     fn warps(self) -> u32 {
         match self {
             Kernel::Tiles(w) => w,
-            Kernel::Gemv => 8,
+            Kernel::Gemv(_) => 8,
         }
     }
     fn label(self) -> String {
         match self {
             Kernel::Tiles(w) => format!("tiles/{w}w"),
-            Kernel::Gemv => "gemv".into(),
+            Kernel::Gemv((u, p)) => format!("gemv:u{u}p{p}"),
         }
     }
     /// # Safety
@@ -228,7 +229,7 @@ impl Kernel {
     ) -> pio_kernels::error::Result<()> {
         match self {
             Kernel::Tiles(w) => kernels.launch_tiles(stream, ptrs, (m, n, k), swiglu, w),
-            Kernel::Gemv => kernels.launch_gemv(stream, ptrs, (n, k), swiglu),
+            Kernel::Gemv(v) => kernels.launch_gemv(stream, ptrs, (n, k), swiglu, Some(v)),
         }
     }
 }
@@ -292,7 +293,9 @@ fn tile_case(
     // Each kernel that may take this case, against the reference: the tiles with the default
     // warps, and at one token the GEMV (which the operators use there).
     let mut kernel_checks = Vec::new();
-    for kernel in [Kernel::Tiles(warps), Kernel::Gemv].into_iter().filter(|kn| kn.applies(m)) {
+    let gemvs: Vec<Kernel> = gemv_variants(format).iter().map(|&v| Kernel::Gemv(v)).collect();
+    let checked = std::iter::once(Kernel::Tiles(warps)).chain(gemvs.iter().copied());
+    for kernel in checked.filter(|kn| kn.applies(m)) {
         // SAFETY: buffers of the sizes the shapes imply; synchronized before reading.
         unsafe {
             kernel.launch(
@@ -319,11 +322,11 @@ fn tile_case(
     candidates.sort();
     candidates.dedup();
     let mut kernels_timed: Vec<Kernel> = candidates.into_iter().map(Kernel::Tiles).collect();
-    if Kernel::Gemv.applies(m) {
-        kernels_timed.push(Kernel::Gemv);
-    }
-    let operators_use =
-        if m == 1 && kernels.one_token_kernel() == OneTokenKernel::Gemv { Kernel::Gemv } else { Kernel::Tiles(warps) };
+    kernels_timed.extend(gemvs.iter().copied().filter(|kn| kn.applies(m)));
+    let operators_use = match (m, kernels.one_token_kernel()) {
+        (1, OneTokenKernel::Gemv(v)) => Kernel::Gemv(v.unwrap_or(gemv_variants(format)[0])),
+        _ => Kernel::Tiles(warps),
+    };
     for kernel in kernels_timed {
         let us = driver::graph_time_us(calls, 10, |stream, i| {
             let base = pool.ptr + ((i % copies) * per_copy) as u64;

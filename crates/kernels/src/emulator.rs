@@ -287,10 +287,21 @@ fn dot8(dt: Dt, w: [u32; 4], x: [u32; 4]) -> f32 {
     s
 }
 
-/// `gemv_body`: one token, a warp per row pair (16q + r, 16q + r + 8), lanes striding over the
-/// rows' 16-byte pieces in rounds of U, each lane's sum in piece order, then the butterfly
-/// (xor 16, 8, 4, 2, 1) the shuffles compute. y (N) or its SwiGLU (N/2) in the dtype's bits.
-pub fn gemv(dt: Dt, weights: &Weights, x: &[u16], n: usize, k: usize, swiglu: bool) -> Vec<u16> {
+/// `gemv_body` with `pairs` row pairs per warp, launched as `launch_gemv` does (8 warps a CTA,
+/// N / (16 pairs) CTAs rounded up): warp w takes pairs (pairs w ..), each pair rows (16q + r,
+/// 16q + r + 8); lanes stride over the rows' 16-byte pieces (rounds of U pieces visit them in
+/// the same order whatever U, so U does not change a bit), each lane's sum in piece order, then
+/// the butterfly (xor 16, 8, 4, 2, 1) the shuffles compute. y (N) or its SwiGLU (N/2) in the
+/// dtype's bits, and how many times each output was written.
+pub fn gemv(
+    dt: Dt,
+    weights: &Weights,
+    x: &[u16],
+    n: usize,
+    k: usize,
+    swiglu: bool,
+    pairs: usize,
+) -> (Vec<u16>, Vec<usize>) {
     let xb = activation_row_bytes(x);
     let kp = k.div_ceil(CHUNK_K) * CHUNK_K;
     let pieces = match weights {
@@ -299,7 +310,14 @@ pub fn gemv(dt: Dt, weights: &Weights, x: &[u16], n: usize, k: usize, swiglu: bo
     };
     let out_n = if swiglu { n / 2 } else { n };
     let mut y = vec![0u16; out_n];
-    for pair in 0..n / 2 {
+    let mut writes = vec![0usize; out_n];
+    let warps = 8 * n.div_ceil(TILE_ROWS * pairs);
+    let warp_pairs = (0..warps).flat_map(|w| {
+        let first = pairs * w;
+        // Warps whose block lies past N return at once.
+        (0..pairs).map(move |i| first + i).filter(move |_| 16 * (first / 8) < n)
+    });
+    for pair in warp_pairs {
         let na = 16 * (pair / 8) + pair % 8;
         let nb = na + 8;
         let mut lanes = [[0f32; 2]; 32];
@@ -341,13 +359,17 @@ pub fn gemv(dt: Dt, weights: &Weights, x: &[u16], n: usize, k: usize, swiglu: bo
         }
         let [a, b] = lanes[0];
         if swiglu {
-            y[8 * (pair / 8) + pair % 8] = dt.bits_of(crate::reference::silu_mul(a, b));
+            let at = 8 * (pair / 8) + pair % 8;
+            y[at] = dt.bits_of(crate::reference::silu_mul(a, b));
+            writes[at] += 1;
         } else {
             y[na] = dt.bits_of(a);
             y[nb] = dt.bits_of(b);
+            writes[na] += 1;
+            writes[nb] += 1;
         }
     }
-    y
+    (y, writes)
 }
 
 /// `mul2<DT>`: a pair times a scale pair as `fma.rn.{f16,bf16}x2 d, p, s, -0`.
@@ -735,6 +757,12 @@ mod tests {
         }
     }
 
+    /// Every output written exactly once, and each close to the reference.
+    fn check_gemv(dt: Dt, (y, writes): &(Vec<u16>, Vec<usize>), expected: &[f32], what: &str) {
+        assert!(writes.iter().all(|&w| w == 1), "{what}: outputs written {writes:?} times");
+        assert_close(dt, y, expected, what);
+    }
+
     #[test]
     fn one_token_gemv_matches_the_reference() {
         let mut rng = ChaCha8Rng::seed_from_u64(13);
@@ -750,21 +778,25 @@ mod tests {
                     scale_row: w.shape.scale_cols(),
                     block_size: bs,
                 };
-                let what = format!("{dt:?} int4 GEMV N={n} K={k} bs={bs}");
                 let expected = reference::linear_int4(&xf, 1, &w.shape, &w.packed, &w.scales);
-                assert_close(dt, &gemv(dt, &weights, &xb, n, k, false), &expected, &what);
-                let y = gemv(dt, &weights, &xb, n, k, true);
-                assert_close(dt, &y, &reference::swiglu_grouped(&expected, 1, n), &format!("{what} SwiGLU"));
+                for (_, pairs) in crate::source::GEMV_INT4_VARIANTS {
+                    let what = format!("{dt:?} int4 GEMV N={n} K={k} bs={bs} pairs={pairs}");
+                    check_gemv(dt, &gemv(dt, &weights, &xb, n, k, false, pairs), &expected, &what);
+                    let swiglu = reference::swiglu_grouped(&expected, 1, n);
+                    check_gemv(dt, &gemv(dt, &weights, &xb, n, k, true, pairs), &swiglu, &format!("{what} SwiGLU"));
+                }
             }
             for &(n, k) in &[(16, 32), (32, 2560), (48, 9728 + 32)] {
                 let (wb, wf) = values(&mut rng, dt, n * k, 0.2);
                 let (xb, xf) = values(&mut rng, dt, k, 1.0);
                 let weights = Weights::Dense { w: &wb, k };
-                let what = format!("{dt:?} dense GEMV N={n} K={k}");
                 let expected = reference::linear_dense(&xf, 1, n, k, &wf);
-                assert_close(dt, &gemv(dt, &weights, &xb, n, k, false), &expected, &what);
-                let y = gemv(dt, &weights, &xb, n, k, true);
-                assert_close(dt, &y, &reference::swiglu_grouped(&expected, 1, n), &format!("{what} SwiGLU"));
+                for (_, pairs) in crate::source::GEMV_DENSE_VARIANTS {
+                    let what = format!("{dt:?} dense GEMV N={n} K={k} pairs={pairs}");
+                    check_gemv(dt, &gemv(dt, &weights, &xb, n, k, false, pairs), &expected, &what);
+                    let swiglu = reference::swiglu_grouped(&expected, 1, n);
+                    check_gemv(dt, &gemv(dt, &weights, &xb, n, k, true, pairs), &swiglu, &format!("{what} SwiGLU"));
+                }
             }
         }
     }

@@ -50,34 +50,54 @@ impl WeightFormat {
 pub enum OneTokenKernel {
     /// The tile kernels (tensor cores, 16 rows a CTA, warps splitting K): the default.
     Tiles,
-    /// The one-token GEMV (`gemv_body` in the CUDA source: CUDA cores, a warp per row pair).
-    Gemv,
+    /// The one-token GEMV (`gemv_body` in the CUDA source: CUDA cores, a warp per row pair or
+    /// pairs): `(pieces in flight per lane, row pairs per warp)`, None for the format's first
+    /// variant ([`source::GEMV_INT4_VARIANTS`], [`source::GEMV_DENSE_VARIANTS`]).
+    Gemv(Option<(usize, usize)>),
 }
 
-/// The variable that picks [`OneTokenKernel`]: `tiles` (the default) or `gemv`.
+/// The variable that picks [`OneTokenKernel`]: `tiles` (the default), `gemv`, or `gemv:uUpP`
+/// for a compiled variant (e.g. `gemv:u8p1`).
 pub const ONE_TOKEN_KERNEL_VAR: &str = "PIO_ONE_TOKEN_KERNEL";
 
 impl OneTokenKernel {
     /// From [`ONE_TOKEN_KERNEL_VAR`]. The GEMV is not the default because no GPU has timed it yet:
     /// it is checked against the reference on the CPU (`emulator::gemv`), compiled by NVRTC in the
-    /// tests, and `pio-kernels-check probe` times it beside the tiles on every projection shape,
-    /// but no machine could be had after it was written (2026-12-07); the last change to the
-    /// one-token path made without a measurement first (activations staged in shared memory, 16
-    /// warps) made every projection slower on an H100. The variable lets one build be measured
-    /// both ways in one GPU session.
+    /// tests, and `pio-kernels-check probe` times each variant beside the tiles on every projection
+    /// shape, but no machine could be had after it was written (2026-12-07); the last change to
+    /// the one-token path made without a measurement first (activations staged in shared memory,
+    /// 16 warps) made every projection slower on an H100. The variable lets one build be measured
+    /// every way in one GPU session.
     pub fn from_env() -> Result<Self> {
         Self::parse(std::env::var(ONE_TOKEN_KERNEL_VAR).ok().as_deref())
     }
 
     fn parse(value: Option<&str>) -> Result<Self> {
+        let bad = |v: &str| {
+            KernelError::bad_input(
+                ONE_TOKEN_KERNEL_VAR,
+                format!("{v:?} is not a one-token kernel (tiles, gemv, or gemv:uUpP such as gemv:u8p1)"),
+            )
+        };
         match value.map(str::trim) {
             None | Some("") | Some("tiles") => Ok(OneTokenKernel::Tiles),
-            Some("gemv") => Ok(OneTokenKernel::Gemv),
-            Some(other) => Err(KernelError::bad_input(
-                ONE_TOKEN_KERNEL_VAR,
-                format!("{other:?} is not a one-token kernel (tiles or gemv)"),
-            )),
+            Some("gemv") => Ok(OneTokenKernel::Gemv(None)),
+            Some(v) => {
+                let spec = v.strip_prefix("gemv:u").ok_or_else(|| bad(v))?;
+                let (u, p) = spec.split_once('p').ok_or_else(|| bad(v))?;
+                let unroll = u.parse().map_err(|_| bad(v))?;
+                let pairs = p.parse().map_err(|_| bad(v))?;
+                Ok(OneTokenKernel::Gemv(Some((unroll, pairs))))
+            }
         }
+    }
+}
+
+/// The GEMV variants compiled for a weight format.
+pub fn gemv_variants(format: WeightFormat) -> &'static [(usize, usize)] {
+    match format {
+        WeightFormat::Int4 { .. } => &source::GEMV_INT4_VARIANTS,
+        WeightFormat::Dense => &source::GEMV_DENSE_VARIANTS,
     }
 }
 
@@ -148,7 +168,8 @@ pub struct LinearKernels {
     pub dtype: ActDtype,
     _module: Arc<Module>,
     tiles: [Function; MAX_TILES],
-    gemv: Function,
+    /// One per [`gemv_variants`] of the format, in that order.
+    gemv: Vec<((usize, usize), Function)>,
     one_token: OneTokenKernel,
     dequant: Option<Function>,
     swiglu_rows: Function,
@@ -171,10 +192,16 @@ impl LinearKernels {
             module.function(&name(3))?,
             module.function(&name(4))?,
         ];
-        let gemv = module.function(&match format {
-            WeightFormat::Int4 { block_size } => source::gemv_int4_name(dtype, block_size),
-            WeightFormat::Dense => source::gemv_dense_name(dtype),
-        })?;
+        let gemv = gemv_variants(format)
+            .iter()
+            .map(|&v| {
+                let name = match format {
+                    WeightFormat::Int4 { block_size } => source::gemv_int4_name(dtype, block_size, v),
+                    WeightFormat::Dense => source::gemv_dense_name(dtype, v),
+                };
+                Ok((v, module.function(&name)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let dequant = match format {
             WeightFormat::Int4 { block_size } => {
                 Some(module.function(&source::dequant_name(dtype, block_size, false))?)
@@ -182,7 +209,20 @@ impl LinearKernels {
             WeightFormat::Dense => None,
         };
         let swiglu_rows = module.function(&source::swiglu_rows_name(dtype))?;
-        let one_token = OneTokenKernel::from_env()?;
+        let one_token = match OneTokenKernel::from_env()? {
+            OneTokenKernel::Gemv(Some(v)) if !gemv_variants(format).contains(&v) => {
+                return Err(KernelError::bad_input(
+                    ONE_TOKEN_KERNEL_VAR,
+                    format!(
+                        "gemv:u{}p{} is not compiled for {format:?} weights (variants: {:?})",
+                        v.0,
+                        v.1,
+                        gemv_variants(format)
+                    ),
+                ))
+            }
+            choice => choice,
+        };
         Ok(LinearKernels { format, dtype, _module: module, tiles, gemv, one_token, dequant, swiglu_rows })
     }
 
@@ -199,8 +239,8 @@ impl LinearKernels {
         (m, n, k): (usize, usize, usize),
         swiglu: bool,
     ) -> Result<()> {
-        if m == 1 && self.one_token == OneTokenKernel::Gemv {
-            self.launch_gemv(stream, ptrs, (n, k), swiglu)
+        if let (1, OneTokenKernel::Gemv(variant)) = (m, self.one_token) {
+            self.launch_gemv(stream, ptrs, (n, k), swiglu, variant)
         } else {
             self.launch_tiles(stream, ptrs, (m, n, k), swiglu, default_warps(self.format, n, k, m))
         }
@@ -211,8 +251,9 @@ impl LinearKernels {
         self.one_token
     }
 
-    /// y = x W^T (or its SwiGLU) for one token on the CUDA cores: a warp per two rows (16q + r,
-    /// 16q + r + 8), 8 warps a CTA.
+    /// y = x W^T (or its SwiGLU) for one token on the CUDA cores: a warp per row pair (16q + r,
+    /// 16q + r + 8), or per `pairs` of them, 8 warps a CTA; `variant` (pieces in flight per lane,
+    /// pairs per warp) one of [`gemv_variants`], None for the first.
     ///
     /// # Safety
     /// As [`Self::launch_tiles`].
@@ -222,10 +263,23 @@ impl LinearKernels {
         (x, w, scales, y): (u64, u64, u64, u64),
         (n, k): (usize, usize),
         swiglu: bool,
+        variant: Option<(usize, usize)>,
     ) -> Result<()> {
+        let (v, f) = match variant {
+            None => self.gemv[0],
+            Some(v) => *self.gemv.iter().find(|(have, _)| *have == v).ok_or_else(|| {
+                KernelError::bad_input(
+                    "linear",
+                    format!("no GEMV variant u{}p{} for {:?} weights", v.0, v.1, self.format),
+                )
+            })?,
+        };
         let args = LinearArgs { x, w, scales, y, m: 1, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
-        let config = LaunchConfig { grid: ((n / TILE_ROWS) as u32, 1), block: 256, shared_bytes: 0 };
-        launch(self.gemv, config, stream, &args)
+        // 8 warps of `pairs` row pairs each: 16 * pairs rows a CTA (the last may run past N; its
+        // warps beyond N return).
+        let grid = n.div_ceil(TILE_ROWS * v.1) as u32;
+        let config = LaunchConfig { grid: (grid, 1), block: 256, shared_bytes: 0 };
+        launch(f, config, stream, &args)
     }
 
     /// y = x W^T (or its SwiGLU with `swiglu`) for `m` <= 32 tokens: one CTA per 16 rows of W.
@@ -660,9 +714,16 @@ mod tests {
     fn the_one_token_kernel_is_tiles_unless_gemv_is_named() {
         assert_eq!(OneTokenKernel::parse(None).unwrap(), OneTokenKernel::Tiles);
         assert_eq!(OneTokenKernel::parse(Some("tiles")).unwrap(), OneTokenKernel::Tiles);
-        assert_eq!(OneTokenKernel::parse(Some(" gemv ")).unwrap(), OneTokenKernel::Gemv);
-        let e = OneTokenKernel::parse(Some("fast")).unwrap_err().to_string();
-        assert!(e.contains(ONE_TOKEN_KERNEL_VAR) && e.contains("\"fast\""), "{e}");
+        assert_eq!(OneTokenKernel::parse(Some(" gemv ")).unwrap(), OneTokenKernel::Gemv(None));
+        assert_eq!(OneTokenKernel::parse(Some("gemv:u8p1")).unwrap(), OneTokenKernel::Gemv(Some((8, 1))));
+        for bad in ["fast", "gemv:", "gemv:u8", "gemv:uxp1", "gemv:u8p"] {
+            let e = OneTokenKernel::parse(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains(ONE_TOKEN_KERNEL_VAR) && e.contains(&format!("{bad:?}")), "{e}");
+        }
+        // Every default variant is the first compiled one, and every variant's pairs divide 8.
+        for format in [WeightFormat::Int4 { block_size: 32 }, WeightFormat::Dense] {
+            assert!(gemv_variants(format).iter().all(|&(u, p)| u >= 1 && 8 % p == 0), "{format:?}");
+        }
     }
 
     #[test]

@@ -62,11 +62,15 @@ pub fn linear_int4_name(dtype: ActDtype, tiles: usize, block_size: usize) -> Str
 pub fn linear_dense_name(dtype: ActDtype, tiles: usize) -> String {
     format!("pio_linear_dense_{}_t{tiles}", dtype.tag())
 }
-pub fn gemv_int4_name(dtype: ActDtype, block_size: usize) -> String {
-    format!("pio_gemv_int4_{}_b{block_size}", dtype.tag())
+/// The one-token GEMV's compiled variants: (pieces in flight per lane, row pairs per warp), the
+/// first the default. int4 pieces hold 32 weights, 16-bit ones 8, so 16-bit variants load more.
+pub const GEMV_INT4_VARIANTS: [(usize, usize); 3] = [(4, 1), (8, 1), (4, 2)];
+pub const GEMV_DENSE_VARIANTS: [(usize, usize); 3] = [(8, 1), (16, 1), (8, 2)];
+pub fn gemv_int4_name(dtype: ActDtype, block_size: usize, (unroll, pairs): (usize, usize)) -> String {
+    format!("pio_gemv_int4_{}_b{block_size}_u{unroll}p{pairs}", dtype.tag())
 }
-pub fn gemv_dense_name(dtype: ActDtype) -> String {
-    format!("pio_gemv_dense_{}", dtype.tag())
+pub fn gemv_dense_name(dtype: ActDtype, (unroll, pairs): (usize, usize)) -> String {
+    format!("pio_gemv_dense_{}_u{unroll}p{pairs}", dtype.tag())
 }
 pub fn dequant_name(dtype: ActDtype, block_size: usize, to_f32: bool) -> String {
     let f32_tag = if to_f32 { "f32_" } else { "" };
@@ -110,8 +114,10 @@ impl KernelSet {
                     let n = linear_int4_name(dt, t, bs);
                     out.push((n.clone(), format!("PIO_LINEAR({n}, {dtm}, FMT_INT4, {t}, {bs})")));
                 }
-                let n = gemv_int4_name(dt, bs);
-                out.push((n.clone(), format!("PIO_GEMV({n}, {dtm}, FMT_INT4, {bs})")));
+                for v @ (u, p) in GEMV_INT4_VARIANTS {
+                    let n = gemv_int4_name(dt, bs, v);
+                    out.push((n.clone(), format!("PIO_GEMV({n}, {dtm}, FMT_INT4, {bs}, {u}, {p})")));
+                }
                 let n = dequant_name(dt, bs, false);
                 out.push((n.clone(), format!("PIO_DEQUANT({n}, {dtm}, {bs}, false)")));
                 let n = swiglu_rows_name(dt);
@@ -123,8 +129,10 @@ impl KernelSet {
                     // The block size is unused by the dense format.
                     out.push((n.clone(), format!("PIO_LINEAR({n}, {dtm}, FMT_DENSE, {t}, 32)")));
                 }
-                let n = gemv_dense_name(dt);
-                out.push((n.clone(), format!("PIO_GEMV({n}, {dtm}, FMT_DENSE, 32)")));
+                for v @ (u, p) in GEMV_DENSE_VARIANTS {
+                    let n = gemv_dense_name(dt, v);
+                    out.push((n.clone(), format!("PIO_GEMV({n}, {dtm}, FMT_DENSE, 32, {u}, {p})")));
+                }
                 let n = swiglu_rows_name(dt);
                 out.push((n.clone(), format!("PIO_SWIGLU_ROWS({n}, {dtm})")));
             }

@@ -359,35 +359,43 @@ template <int DT> __device__ __forceinline__ float dot8(const u32 (&w)[4], const
   return s;
 }
 
-template <int DT, int FMT, int BS> __device__ __forceinline__ void gemv_body(const LinearArgs& a) {
-  // Pieces per lane loaded before any is used: int4 4 (two rows: 128 bytes of weights a lane in
-  // flight, their scales, and each piece's 64 bytes of activations), 16-bit 8 (256 bytes).
-  const int U = FMT == FMT_INT4 ? 4 : 8;
+// U pieces per lane are loaded before any is used (int4: 16 bytes of each of the warp's rows, with
+// their scales; each piece's activations are loaded together before its products); a warp takes
+// P row pairs: pairs P*w .. P*w + P - 1 of the 8 pairs of a 16-row block (P divides 8). Variants
+// of U and P are compiled side by side for the probe to time (`gemv_variants` in gpu.rs).
+template <int DT, int FMT, int BS, int U, int P> __device__ __forceinline__ void gemv_body(const LinearArgs& a) {
   const int lane = threadIdx.x & 31;
-  const int pair = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int na = 16 * (pair >> 3) + (pair & 7), nb = na + 8;
-  if (nb >= a.N) return;  // warp-uniform; no barrier follows
+  const int first_pair = P * (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
   const int kp = (a.K + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
   const long long row_bytes = FMT == FMT_INT4 ? kp / 2 : 2LL * a.K;
   const int pieces = FMT == FMT_INT4 ? kp / 32 : a.K / 8;
-  const unsigned char* wa = a.w + (long long)na * row_bytes;
-  const unsigned char* wb = wa + 8 * row_bytes;
   const long long s_row = kp / BS;
-  const u16* sa = FMT == FMT_INT4 ? a.scales + (long long)na * s_row : 0;
-  const u16* sb = FMT == FMT_INT4 ? sa + 8 * s_row : 0;
-  float acc_a = 0.f, acc_b = 0.f;
+  if (16 * (first_pair >> 3) >= a.N) return;  // warp-uniform; no barrier follows
+  // Row pair i of this warp: rows (16q + r, 16q + r + 8), r = pair % 8 (all P pairs in one block).
+  const unsigned char* wr[2 * P];
+  const u16* sr[2 * P];
+  float acc[2 * P];
+#pragma unroll
+  for (int i = 0; i < P; i++) {
+    const int pair = first_pair + i;
+    const long long na = 16 * (pair >> 3) + (pair & 7);
+    wr[2 * i] = a.w + na * row_bytes;
+    wr[2 * i + 1] = wr[2 * i] + 8 * row_bytes;
+    sr[2 * i] = FMT == FMT_INT4 ? a.scales + na * s_row : 0;
+    sr[2 * i + 1] = FMT == FMT_INT4 ? sr[2 * i] + 8 * s_row : 0;
+    acc[2 * i] = acc[2 * i + 1] = 0.f;
+  }
   for (int p0 = lane; p0 < pieces; p0 += 32 * U) {
-    uint4 qa[U], qb[U];
-    ChunkScales<BS> ca[U], cb[U];
+    uint4 q[U][2 * P];
+    ChunkScales<BS> cs[U][2 * P];
 #pragma unroll
     for (int u = 0; u < U; u++) {
       const int p = p0 + 32 * u;
       if (p < pieces) {
-        qa[u] = ld_weights(wa + 16LL * p);
-        qb[u] = ld_weights(wb + 16LL * p);
-        if (FMT == FMT_INT4) {
-          ca[u] = load_scales<BS>(sa, p >> 2);
-          cb[u] = load_scales<BS>(sb, p >> 2);
+#pragma unroll
+        for (int r = 0; r < 2 * P; r++) {
+          q[u][r] = ld_weights(wr[r] + 16LL * p);
+          if (FMT == FMT_INT4) cs[u][r] = load_scales<BS>(sr[r], p >> 2);
         }
       }
     }
@@ -407,38 +415,45 @@ template <int DT, int FMT, int BS> __device__ __forceinline__ void gemv_body(con
 #pragma unroll
         for (int j = 0; j < 4; j++) {
           if (c * CHUNK_K + j * 32 >= a.K) break;  // the padding of the last chunk
-          u32 pa[4], pb[4];
-          dequant_word<DT>(word_of(qa[u], j), pa);
-          dequant_word<DT>(word_of(qb[u], j), pb);
-          acc_a = fmaf(scale_of<DT, BS>(ca[u], j), dot8<DT>(pa, xv[j]), acc_a);
-          acc_b = fmaf(scale_of<DT, BS>(cb[u], j), dot8<DT>(pb, xv[j]), acc_b);
+#pragma unroll
+          for (int r = 0; r < 2 * P; r++) {
+            u32 pw[4];
+            dequant_word<DT>(word_of(q[u][r], j), pw);
+            acc[r] = fmaf(scale_of<DT, BS>(cs[u][r], j), dot8<DT>(pw, xv[j]), acc[r]);
+          }
         }
       } else {
         const uint4 xv = ld_act(a.x + 8 * p);
-        const u32 pa[4] = {qa[u].x, qa[u].y, qa[u].z, qa[u].w};
-        const u32 pb[4] = {qb[u].x, qb[u].y, qb[u].z, qb[u].w};
-        acc_a += dot8<DT>(pa, xv);
-        acc_b += dot8<DT>(pb, xv);
+#pragma unroll
+        for (int r = 0; r < 2 * P; r++) {
+          const u32 pw[4] = {q[u][r].x, q[u][r].y, q[u][r].z, q[u][r].w};
+          acc[r] += dot8<DT>(pw, xv);
+        }
       }
     }
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, o);
-    acc_b += __shfl_xor_sync(0xffffffffu, acc_b, o);
+  for (int r = 0; r < 2 * P; r++) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
   }
   if (lane == 0) {
-    if (a.act) {
-      a.y[8 * (pair >> 3) + (pair & 7)] = from_f32<DT>(silu_mul(acc_a, acc_b));
-    } else {
-      a.y[na] = from_f32<DT>(acc_a);
-      a.y[nb] = from_f32<DT>(acc_b);
+#pragma unroll
+    for (int i = 0; i < P; i++) {
+      const int pair = first_pair + i;
+      const long long na = 16 * (pair >> 3) + (pair & 7);
+      if (a.act) {
+        a.y[8 * (pair >> 3) + (pair & 7)] = from_f32<DT>(silu_mul(acc[2 * i], acc[2 * i + 1]));
+      } else {
+        a.y[na] = from_f32<DT>(acc[2 * i]);
+        a.y[na + 8] = from_f32<DT>(acc[2 * i + 1]);
+      }
     }
   }
 }
 
-#define PIO_GEMV(NAME, DT, FMT, BS) \
-  extern "C" __global__ void __launch_bounds__(256) NAME(LinearArgs a) { gemv_body<DT, FMT, BS>(a); }
+#define PIO_GEMV(NAME, DT, FMT, BS, U, P) \
+  extern "C" __global__ void __launch_bounds__(256) NAME(LinearArgs a) { gemv_body<DT, FMT, BS, U, P>(a); }
 
 // ---------------------------------------------------------------------------------------------
 // int4 dequantization (the prefill path hands the result to cuBLAS; the f32 form is the
