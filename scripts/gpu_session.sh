@@ -183,7 +183,8 @@ case $part in
     first=1
     for config in ${SERVE_CONFIGS:-512:0 256:0 512:3}; do
       IFS=: read -r budget f threshold <<< "$config"
-      threshold=${threshold:-0} name=b$budget-f$f
+      f=${f:-0} threshold=${threshold:-0}
+      name=b$budget-f$f
       [[ $threshold != 0 ]] && name=$name-t$threshold
       if [[ $first == 1 ]]; then
         sections=${SERVE_SECTIONS:-offline,concurrency,sweep,prefix,long-prefill} rates=${RATES:-1,2,4,8,16,32,64}
@@ -274,8 +275,8 @@ case $part in
     pio_graphs=()
     for g in q4b-bf16-pio q4b-int4-pio; do [[ -f $work/$g/pio.json ]] && pio_graphs+=(--graphs "$work/$g"); done
     # The same --pio-kernels graphs with a one-token GEMV instead of the tile kernels at batch 1, once per
-    # PIO_ONE_TOKEN_KERNEL value in BENCH_ONE_TOKEN (default "gemv", its first variant; e.g. "gemv gemv:u8p1
-    # gemv:u4p2"; empty: none). The tiles stay the default until this has been measured.
+    # PIO_ONE_TOKEN_KERNEL value in BENCH_ONE_TOKEN (default "gemv"; all variants: "gemv gemv:wide gemv:pairs";
+    # empty: none). The tiles stay the default until this has been measured.
     if [[ ${#pio_graphs[@]} -gt 0 ]]; then
       for kernel in ${BENCH_ONE_TOKEN-gemv}; do
         tag=${kernel//:/-}

@@ -44,7 +44,7 @@ enum Command {
         /// Projections timed (`all` or names: qkv, o, gate_up, down, lm_head, ...).
         #[arg(long, value_delimiter = ',', default_value = "all")]
         projections: Vec<String>,
-        /// Weight formats timed: int4, dense or both.
+        /// Weight formats timed: int4, dense, or all.
         #[arg(long, value_delimiter = ',', default_value = "int4,dense")]
         formats: Vec<String>,
         /// Time only the default warps per CTA (no sweep): one kernel per case, as a profiler wants.

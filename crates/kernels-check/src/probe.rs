@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use pio_kernels::driver::{self, Device, DeviceBuffer};
-use pio_kernels::gpu::{default_warps, gemv_variants, LinearKernels, OneTokenKernel, ProbeKernels, WeightFormat};
+use pio_kernels::gpu::{default_warps, GemvVariant, LinearKernels, OneTokenKernel, ProbeKernels, WeightFormat};
 use pio_kernels::layout::Int4Shape;
 use pio_kernels::nvrtc::Nvrtc;
 use pio_kernels::reference;
@@ -38,6 +38,9 @@ fn listed(list: &[String], name: &str) -> bool {
 }
 
 pub fn run(out: &Path, tokens: &[usize], select: &Selection) -> Result<()> {
+    if let Some(bad) = select.formats.iter().find(|f| !["int4", "dense", "all"].contains(&f.as_str())) {
+        anyhow::bail!("--formats: {bad:?} is not a weight format (int4, dense or all)");
+    }
     let mut report = Report::new(out);
     let device = Device::get(0)?;
     device.make_current()?;
@@ -172,7 +175,7 @@ fn tile_kernels(device: &Device, tokens: &[usize], select: &Selection, tbps: Opt
                     WeightFormat::Int4 { .. } => "int4",
                     WeightFormat::Dense => "dense",
                 };
-                if !select.formats.iter().any(|f| f == format_name) {
+                if !listed(&select.formats, format_name) {
                     continue;
                 }
                 let dtype = match format {
@@ -193,12 +196,11 @@ fn tile_kernels(device: &Device, tokens: &[usize], select: &Selection, tbps: Opt
     Ok(Value::Array(rows))
 }
 
-/// A kernel the probe times: the tile kernels with a warp count, or a one-token GEMV variant
-/// (pieces in flight per lane, row pairs per warp).
+/// A kernel the probe times: the tile kernels with a warp count, or a one-token GEMV variant.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Tiles(u32),
-    Gemv((usize, usize)),
+    Gemv(GemvVariant),
 }
 
 impl Kernel {
@@ -214,7 +216,7 @@ impl Kernel {
     fn label(self) -> String {
         match self {
             Kernel::Tiles(w) => format!("tiles/{w}w"),
-            Kernel::Gemv((u, p)) => format!("gemv:u{u}p{p}"),
+            Kernel::Gemv(v) => v.label().to_string(),
         }
     }
     /// # Safety
@@ -229,7 +231,7 @@ impl Kernel {
     ) -> pio_kernels::error::Result<()> {
         match self {
             Kernel::Tiles(w) => kernels.launch_tiles(stream, ptrs, (m, n, k), swiglu, w),
-            Kernel::Gemv(v) => kernels.launch_gemv(stream, ptrs, (n, k), swiglu, Some(v)),
+            Kernel::Gemv(v) => kernels.launch_gemv(stream, ptrs, (n, k), swiglu, v),
         }
     }
 }
@@ -288,14 +290,16 @@ fn tile_case(
     };
     let expected = if proj.swiglu { reference::swiglu_grouped(&expected, m, check_n) } else { expected };
     let check_out = if proj.swiglu { check_n / 2 } else { check_n };
-    let dcheck = DeviceBuffer::new(m * check_out * 2)?;
     let warps = default_warps(format, proj.n, k, m);
     // Each kernel that may take this case, against the reference: the tiles with the default
     // warps, and at one token the GEMV (which the operators use there).
     let mut kernel_checks = Vec::new();
-    let gemvs: Vec<Kernel> = gemv_variants(format).iter().map(|&v| Kernel::Gemv(v)).collect();
+    let gemvs: Vec<Kernel> = GemvVariant::ALL.into_iter().map(Kernel::Gemv).collect();
     let checked = std::iter::once(Kernel::Tiles(warps)).chain(gemvs.iter().copied());
     for kernel in checked.filter(|kn| kn.applies(m)) {
+        // NaN in every output first (0xFFFF in f16 and bf16), so an output a kernel fails to write
+        // counts as non-finite rather than keeping the previous kernel's value.
+        let dcheck = DeviceBuffer::from_host(&vec![0xFFFFu16; m * check_out])?;
         // SAFETY: buffers of the sizes the shapes imply; synchronized before reading.
         unsafe {
             kernel.launch(
@@ -311,6 +315,7 @@ fn tile_case(
         kernel_checks.push((kernel, diff(&got, &expected)));
     }
     let max_rel_error = kernel_checks.iter().map(|(_, c)| c.max_rel_error).fold(0f32, f32::max);
+    let non_finite: usize = kernel_checks.iter().map(|(_, c)| c.non_finite).sum();
 
     // Timing over rotating copies of the full weight.
     let (wbytes, sbytes) = weight_bytes(format, n, k);
@@ -324,7 +329,7 @@ fn tile_case(
     let mut kernels_timed: Vec<Kernel> = candidates.into_iter().map(Kernel::Tiles).collect();
     kernels_timed.extend(gemvs.iter().copied().filter(|kn| kn.applies(m)));
     let operators_use = match (m, kernels.one_token_kernel()) {
-        (1, OneTokenKernel::Gemv(v)) => Kernel::Gemv(v.unwrap_or(gemv_variants(format)[0])),
+        (1, OneTokenKernel::Gemv(v)) => Kernel::Gemv(v),
         _ => Kernel::Tiles(warps),
     };
     for kernel in kernels_timed {
@@ -349,7 +354,8 @@ fn tile_case(
         "case": format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format)),
         "preset": proj.preset, "projection": proj.name, "format": kernel_label(format), "n": n, "k": k, "m": m,
         "swiglu": proj.swiglu, "weight_bytes": wbytes + sbytes, "copies_rotated": copies,
-        "max_rel_error_vs_cpu_reference": max_rel_error, "correctness": correctness,
+        "max_rel_error_vs_cpu_reference": max_rel_error, "non_finite_or_unwritten": non_finite,
+        "correctness": correctness,
         "timings": timings,
     }))
 }

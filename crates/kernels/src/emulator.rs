@@ -768,7 +768,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(13);
         for dt in [Dt::F16, Dt::Bf16] {
             // K with a partial last chunk, several rounds of a lane, and each block size.
-            for &(n, k, bs) in &[(16, 32, 32), (32, 2560 + 96, 32), (48, 4224, 64), (16, 9728, 128)] {
+            for &(n, k, bs) in &[(16, 32, 32), (32, 2560 + 96, 32), (48, 4224 + 32, 64), (16, 9728 + 64, 128)] {
                 let w = int4(&mut rng, dt, n, k, bs);
                 let (xb, xf) = values(&mut rng, dt, k, 1.0);
                 let weights = Weights::Int4 {

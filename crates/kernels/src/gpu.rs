@@ -50,14 +50,41 @@ impl WeightFormat {
 pub enum OneTokenKernel {
     /// The tile kernels (tensor cores, 16 rows a CTA, warps splitting K): the default.
     Tiles,
-    /// The one-token GEMV (`gemv_body` in the CUDA source: CUDA cores, a warp per row pair or
-    /// pairs): `(pieces in flight per lane, row pairs per warp)`, None for the format's first
-    /// variant ([`source::GEMV_INT4_VARIANTS`], [`source::GEMV_DENSE_VARIANTS`]).
-    Gemv(Option<(usize, usize)>),
+    /// The one-token GEMV (`gemv_body` in the CUDA source: CUDA cores, a warp per row pair).
+    Gemv(GemvVariant),
 }
 
-/// The variable that picks [`OneTokenKernel`]: `tiles` (the default), `gemv`, or `gemv:uUpP`
-/// for a compiled variant (e.g. `gemv:u8p1`).
+/// A compiled variant of the one-token GEMV; the same name means the same shape of work for int4
+/// and 16-bit weights ([`gemv_variants`] gives each format's parameters). All give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvVariant {
+    /// 4 int4 pieces (8 16-bit ones) in flight per lane, one row pair a warp.
+    Base,
+    /// Twice the pieces in flight per lane.
+    Wide,
+    /// Two row pairs a warp.
+    Pairs,
+}
+
+impl GemvVariant {
+    pub const ALL: [GemvVariant; 3] = [GemvVariant::Base, GemvVariant::Wide, GemvVariant::Pairs];
+
+    /// `gemv`, `gemv:wide`, `gemv:pairs`: the value of [`ONE_TOKEN_KERNEL_VAR`] that picks it.
+    pub fn label(self) -> &'static str {
+        match self {
+            GemvVariant::Base => "gemv",
+            GemvVariant::Wide => "gemv:wide",
+            GemvVariant::Pairs => "gemv:pairs",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The variable that picks [`OneTokenKernel`]: `tiles` (the default), `gemv`, `gemv:wide` or
+/// `gemv:pairs`.
 pub const ONE_TOKEN_KERNEL_VAR: &str = "PIO_ONE_TOKEN_KERNEL";
 
 impl OneTokenKernel {
@@ -73,28 +100,23 @@ impl OneTokenKernel {
     }
 
     fn parse(value: Option<&str>) -> Result<Self> {
-        let bad = |v: &str| {
-            KernelError::bad_input(
-                ONE_TOKEN_KERNEL_VAR,
-                format!("{v:?} is not a one-token kernel (tiles, gemv, or gemv:uUpP such as gemv:u8p1)"),
-            )
-        };
         match value.map(str::trim) {
             None | Some("") | Some("tiles") => Ok(OneTokenKernel::Tiles),
-            Some("gemv") => Ok(OneTokenKernel::Gemv(None)),
             Some(v) => {
-                let spec = v.strip_prefix("gemv:u").ok_or_else(|| bad(v))?;
-                let (u, p) = spec.split_once('p').ok_or_else(|| bad(v))?;
-                let unroll = u.parse().map_err(|_| bad(v))?;
-                let pairs = p.parse().map_err(|_| bad(v))?;
-                Ok(OneTokenKernel::Gemv(Some((unroll, pairs))))
+                GemvVariant::ALL.into_iter().find(|g| g.label() == v).map(OneTokenKernel::Gemv).ok_or_else(|| {
+                    KernelError::bad_input(
+                        ONE_TOKEN_KERNEL_VAR,
+                        format!("{v:?} is not a one-token kernel (tiles, gemv, gemv:wide or gemv:pairs)"),
+                    )
+                })
             }
         }
     }
 }
 
-/// The GEMV variants compiled for a weight format.
-pub fn gemv_variants(format: WeightFormat) -> &'static [(usize, usize)] {
+/// Each [`GemvVariant`]'s (pieces in flight per lane, row pairs per warp) for a weight format, in
+/// the order of [`GemvVariant::ALL`].
+pub fn gemv_variants(format: WeightFormat) -> &'static [(usize, usize); 3] {
     match format {
         WeightFormat::Int4 { .. } => &source::GEMV_INT4_VARIANTS,
         WeightFormat::Dense => &source::GEMV_DENSE_VARIANTS,
@@ -168,8 +190,8 @@ pub struct LinearKernels {
     pub dtype: ActDtype,
     _module: Arc<Module>,
     tiles: [Function; MAX_TILES],
-    /// One per [`gemv_variants`] of the format, in that order.
-    gemv: Vec<((usize, usize), Function)>,
+    /// One per [`GemvVariant`], in the order of [`GemvVariant::ALL`].
+    gemv: Vec<Function>,
     one_token: OneTokenKernel,
     dequant: Option<Function>,
     swiglu_rows: Function,
@@ -199,7 +221,7 @@ impl LinearKernels {
                     WeightFormat::Int4 { block_size } => source::gemv_int4_name(dtype, block_size, v),
                     WeightFormat::Dense => source::gemv_dense_name(dtype, v),
                 };
-                Ok((v, module.function(&name)?))
+                module.function(&name)
             })
             .collect::<Result<Vec<_>>>()?;
         let dequant = match format {
@@ -209,20 +231,7 @@ impl LinearKernels {
             WeightFormat::Dense => None,
         };
         let swiglu_rows = module.function(&source::swiglu_rows_name(dtype))?;
-        let one_token = match OneTokenKernel::from_env()? {
-            OneTokenKernel::Gemv(Some(v)) if !gemv_variants(format).contains(&v) => {
-                return Err(KernelError::bad_input(
-                    ONE_TOKEN_KERNEL_VAR,
-                    format!(
-                        "gemv:u{}p{} is not compiled for {format:?} weights (variants: {:?})",
-                        v.0,
-                        v.1,
-                        gemv_variants(format)
-                    ),
-                ))
-            }
-            choice => choice,
-        };
+        let one_token = OneTokenKernel::from_env()?;
         Ok(LinearKernels { format, dtype, _module: module, tiles, gemv, one_token, dequant, swiglu_rows })
     }
 
@@ -252,8 +261,7 @@ impl LinearKernels {
     }
 
     /// y = x W^T (or its SwiGLU) for one token on the CUDA cores: a warp per row pair (16q + r,
-    /// 16q + r + 8), or per `pairs` of them, 8 warps a CTA; `variant` (pieces in flight per lane,
-    /// pairs per warp) one of [`gemv_variants`], None for the first.
+    /// 16q + r + 8), or per two with [`GemvVariant::Pairs`], 8 warps a CTA.
     ///
     /// # Safety
     /// As [`Self::launch_tiles`].
@@ -263,21 +271,14 @@ impl LinearKernels {
         (x, w, scales, y): (u64, u64, u64, u64),
         (n, k): (usize, usize),
         swiglu: bool,
-        variant: Option<(usize, usize)>,
+        variant: GemvVariant,
     ) -> Result<()> {
-        let (v, f) = match variant {
-            None => self.gemv[0],
-            Some(v) => *self.gemv.iter().find(|(have, _)| *have == v).ok_or_else(|| {
-                KernelError::bad_input(
-                    "linear",
-                    format!("no GEMV variant u{}p{} for {:?} weights", v.0, v.1, self.format),
-                )
-            })?,
-        };
+        let f = self.gemv[variant.index()];
+        let pairs = gemv_variants(self.format)[variant.index()].1;
         let args = LinearArgs { x, w, scales, y, m: 1, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
         // 8 warps of `pairs` row pairs each: 16 * pairs rows a CTA (the last may run past N; its
         // warps beyond N return).
-        let grid = n.div_ceil(TILE_ROWS * v.1) as u32;
+        let grid = n.div_ceil(TILE_ROWS * pairs) as u32;
         let config = LaunchConfig { grid: (grid, 1), block: 256, shared_bytes: 0 };
         launch(f, config, stream, &args)
     }
@@ -714,14 +715,19 @@ mod tests {
     fn the_one_token_kernel_is_tiles_unless_gemv_is_named() {
         assert_eq!(OneTokenKernel::parse(None).unwrap(), OneTokenKernel::Tiles);
         assert_eq!(OneTokenKernel::parse(Some("tiles")).unwrap(), OneTokenKernel::Tiles);
-        assert_eq!(OneTokenKernel::parse(Some(" gemv ")).unwrap(), OneTokenKernel::Gemv(None));
-        assert_eq!(OneTokenKernel::parse(Some("gemv:u8p1")).unwrap(), OneTokenKernel::Gemv(Some((8, 1))));
-        for bad in ["fast", "gemv:", "gemv:u8", "gemv:uxp1", "gemv:u8p"] {
+        assert_eq!(OneTokenKernel::parse(Some(" gemv ")).unwrap(), OneTokenKernel::Gemv(GemvVariant::Base));
+        for v in GemvVariant::ALL {
+            assert_eq!(OneTokenKernel::parse(Some(v.label())).unwrap(), OneTokenKernel::Gemv(v));
+        }
+        for bad in ["fast", "gemv:", "gemv:u8p1", "gemv:Wide"] {
             let e = OneTokenKernel::parse(Some(bad)).unwrap_err().to_string();
             assert!(e.contains(ONE_TOKEN_KERNEL_VAR) && e.contains(&format!("{bad:?}")), "{e}");
         }
-        // Every default variant is the first compiled one, and every variant's pairs divide 8.
+        // Each name means the same shape of work in both formats, and every variant's pairs divide 8.
         for format in [WeightFormat::Int4 { block_size: 32 }, WeightFormat::Dense] {
+            let [(base_u, base_p), (wide_u, wide_p), (pairs_u, pairs_p)] = *gemv_variants(format);
+            assert_eq!((wide_u, wide_p), (2 * base_u, base_p), "{format:?}");
+            assert_eq!((pairs_u, pairs_p), (base_u, 2 * base_p), "{format:?}");
             assert!(gemv_variants(format).iter().all(|&(u, p)| u >= 1 && 8 % p == 0), "{format:?}");
         }
     }

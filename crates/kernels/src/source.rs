@@ -62,8 +62,10 @@ pub fn linear_int4_name(dtype: ActDtype, tiles: usize, block_size: usize) -> Str
 pub fn linear_dense_name(dtype: ActDtype, tiles: usize) -> String {
     format!("pio_linear_dense_{}_t{tiles}", dtype.tag())
 }
-/// The one-token GEMV's compiled variants: (pieces in flight per lane, row pairs per warp), the
-/// first the default. int4 pieces hold 32 weights, 16-bit ones 8, so 16-bit variants load more.
+/// The one-token GEMV's compiled variants, as (pieces in flight per lane, row pairs per warp), in
+/// the order of [`crate::gpu::GemvVariant`]: the base, `wide` (twice the pieces in flight) and
+/// `pairs` (two row pairs a warp). int4 pieces hold 32 weights, 16-bit ones 8, so the 16-bit
+/// variants load more pieces.
 pub const GEMV_INT4_VARIANTS: [(usize, usize); 3] = [(4, 1), (8, 1), (4, 2)];
 pub const GEMV_DENSE_VARIANTS: [(usize, usize); 3] = [(8, 1), (16, 1), (8, 2)];
 pub fn gemv_int4_name(dtype: ActDtype, block_size: usize, (unroll, pairs): (usize, usize)) -> String {

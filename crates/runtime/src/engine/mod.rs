@@ -254,7 +254,10 @@ impl EngineConfigBuilder {
     /// size costs, while shorter prompts share the rest of the prefill budget in the same step:
     /// streams keep the inter-token latency of a small budget, short prompts the time to first
     /// token of the large one. The long prompt's own first token comes later (it needs
-    /// `len / tokens` steps). Not applied when no sequence decodes. At least 1.
+    /// `len / tokens` steps), and one prompt longer than `tokens` prefills per step (vLLM's
+    /// `max_long_partial_prefills` = 1). Not applied when no sequence decodes, nor in a catch-up
+    /// step (see [`Self::waiting_served_ratio`]: a burst then prefills at the idle budget). At
+    /// least 1.
     pub fn long_prefill_token_threshold(mut self, tokens: Option<usize>) -> Self {
         self.config.long_prefill_token_threshold = tokens;
         self
@@ -502,6 +505,7 @@ impl Engine {
             kv_cache_bytes: started.kv_cache_bytes,
             prefill_budget: config.prefill_budget,
             idle_prefill_budget: config.idle_prefill_budget(),
+            long_prefill_token_threshold: config.long_prefill_token_threshold,
             itl_factor: config.itl_factor,
             waiting_served_ratio: config.waiting_served_ratio,
             prefix_caching: started.prefix_caching,

@@ -88,6 +88,9 @@ pub struct ModelInfo {
     pub prefill_budget: usize,
     /// Prompt tokens prefilled per engine step at most when no sequence decodes.
     pub idle_prefill_budget: usize,
+    /// Prompt tokens of one sequence prefilled per engine step at most while sequences decode,
+    /// outside catch-up steps (None: only the prefill budget).
+    pub long_prefill_token_threshold: Option<usize>,
     /// Prefill pacing's factor: while sequences decode, a step takes at most this times a
     /// decode-only step (None: off).
     pub itl_factor: Option<f64>,

@@ -12,7 +12,10 @@
 //!    a run that does not depend on its length, in tokens). Prompts' first chunks of one length
 //!    in consecutive slots, planned one after the other, share a run ([`prefill_runs`]): a chunk
 //!    that joins the run before it pays no overhead. Sequences already prefilling continue first, in admission
-//!    order, each with a chunk as large as the budget left allows.
+//!    order, each with a chunk as large as the budget left allows. With a per-sequence cap (vLLM's
+//!    `long_prefill_token_threshold`), no chunk is longer than the cap, and one prompt with more
+//!    left than the cap prefills per step (vLLM's `max_long_partial_prefills` = 1): other long
+//!    ones wait for the next step, while shorter prompts share the rest of the budget.
 //! 4. Waiting requests are admitted in FIFO order while a slot is free and budget is left, each
 //!    to the lowest free slot (which keeps the decode batch, slots 0..n, small), starting its
 //!    prefill after the prefix its cache lookup found. The first one that cannot be admitted
@@ -152,6 +155,11 @@ pub fn plan_step(
 ) -> StepPlan {
     let mut plan = StepPlan::default();
     let mut free: BTreeSet<usize> = free_slots.iter().copied().collect();
+    // Prompts with more left than the per-sequence cap: one of them prefills a step (vLLM's
+    // max_long_partial_prefills = 1), so that the cap bounds what long prompts add to a step.
+    let cap = budget.per_sequence;
+    let is_long = |left: usize| left > cap;
+    let mut long_planned = false;
     for seq in running {
         match seq.phase {
             Phase::Finished => {
@@ -160,6 +168,12 @@ pub fn plan_step(
             }
             Phase::Decode => plan.decode.push(seq.id),
             Phase::Prefill { done, prompt_len } => {
+                if is_long(prompt_len - done) {
+                    if long_planned {
+                        continue;
+                    }
+                    long_planned = true;
+                }
                 let len = budget.spend(&plan.prefill, seq.slot, done, prompt_len - done);
                 if len > 0 {
                     plan.prefill.push(PrefillChunk { id: seq.id, slot: seq.slot, start: done, len });
@@ -171,8 +185,14 @@ pub fn plan_step(
         if budget.is_spent() {
             break;
         }
-        let Some(slot) = free.pop_first() else { break };
         let cached = request.cached.min(request.prompt_len.saturating_sub(1));
+        if is_long(request.prompt_len - cached) {
+            if long_planned {
+                break; // waits for the long prompt before it; FIFO: nothing behind overtakes it
+            }
+            long_planned = true;
+        }
+        let Some(slot) = free.pop_first() else { break };
         plan.admitted.push(Admission { id: request.id, slot, cached });
         let len = budget.spend(&plan.prefill, slot, cached, request.prompt_len - cached);
         plan.prefill.push(PrefillChunk { id: request.id, slot, start: cached, len });
@@ -252,16 +272,31 @@ mod tests {
         let budget = PrefillBudget::tokens(512).per_sequence(128);
         let plan = plan_step(&[waiting(2, 100), waiting(3, 300)], &[long, decoding(9, 1)], &[2, 3], budget);
         assert_eq!(plan.decode, [9]);
-        // The short prompt runs whole; the longer one gets the cap, then the budget is at 284 of 512.
+        // The short prompt runs whole beside it; the 300-token one is long too, and one long prompt
+        // prefills a step: it waits (and, FIFO, so would anything behind it).
         assert_eq!(
             plan.prefill,
             [
                 PrefillChunk { id: 1, slot: 0, start: 256, len: 128 },
-                PrefillChunk { id: 2, slot: 2, start: 0, len: 100 },
-                PrefillChunk { id: 3, slot: 3, start: 0, len: 128 },
+                PrefillChunk { id: 2, slot: 2, start: 0, len: 100 }
             ]
         );
-        assert!(plan.prefill.iter().all(|c| c.len <= 128));
+        assert_eq!(plan.admitted.iter().map(|a| a.id).collect::<Vec<_>>(), [2]);
+        // A second long prompt already prefilling also waits its turn; a short one still runs.
+        let other = Running { id: 4, slot: 3, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
+        let short = Running { id: 5, slot: 4, phase: Phase::Prefill { done: 90, prompt_len: 100 } };
+        let plan = plan_step(&[], &[long, other, short], &[], budget);
+        assert_eq!(
+            plan.prefill,
+            [
+                PrefillChunk { id: 1, slot: 0, start: 256, len: 128 },
+                PrefillChunk { id: 5, slot: 4, start: 90, len: 10 }
+            ]
+        );
+        // The last 128 tokens of a prompt are not long: it finishes beside another long one.
+        let ending = Running { id: 6, slot: 5, phase: Phase::Prefill { done: 872, prompt_len: 1000 } };
+        let plan = plan_step(&[], &[long, ending], &[], budget);
+        assert_eq!(plan.prefill_tokens(), 256);
         // Without the cap the long prompt takes the whole budget and nothing is admitted.
         let plan = plan_step(&[waiting(2, 100)], &[long], &[2], PrefillBudget::tokens(512));
         assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 256, len: 512 }]);
