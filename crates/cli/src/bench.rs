@@ -72,6 +72,10 @@ pub struct BenchRun {
     pub cuda_graph: bool,
     pub host_argmax: bool,
     pub prefill_chunk: Option<usize>,
+    /// The one-token kernel a `--pio-kernels` graph ran on: the value of `PIO_ONE_TOKEN_KERNEL`
+    /// (None: unset, the tile kernels), so that runs of one build with different values can be told
+    /// apart in their results.
+    pub pio_one_token_kernel: Option<String>,
     /// None when the run worked; otherwise why it could not start or stopped.
     pub error: Option<String>,
     pub load_s: f64,
@@ -348,6 +352,7 @@ pub fn bench_one(graphs: &Path, label: &str, ep: &ExecutionProvider, plan: &Benc
         cuda_graph: plan.cuda_graph,
         host_argmax: plan.host_argmax,
         prefill_chunk: plan.prefill_chunk,
+        pio_one_token_kernel: std::env::var(pio_kernels::gpu::ONE_TOKEN_KERNEL_VAR).ok(),
         error: None,
         load_s: 0.0,
         ttft: vec![],
