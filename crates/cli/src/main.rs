@@ -202,7 +202,7 @@ pub struct ModelArgs {
     /// (vLLM's option; 0, the default: only --prefill-budget): a long prompt advances this much
     /// a step, so running streams see the latency of a small chunk, while shorter prompts share
     /// the rest of --prefill-budget in the same step.
-    #[arg(long, value_name = "TOKENS", default_value_t = 0)]
+    #[arg(long, value_name = "TOKENS", default_value_t = 0, value_parser = NumberRange::at_least(0usize))]
     long_prefill_token_threshold: usize,
     /// Prefill pacing, off by default (0): while streams decode, keep each engine step (their
     /// inter-token latency) within F times a decode-only step by prefilling fewer prompt tokens
