@@ -81,6 +81,16 @@ find_nsys() { # find_nsys: Nsight Systems' nsys on this host, or nothing
   command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/bin/nsys 2>/dev/null | head -n 1
 }
 
+decode_bench() { # decode_bench BIN NAME BATCHES LINES GRAPH_ARGS...: BIN's pio bench (prompt 128, 128 new tokens,
+  # CUDA graphs) into $out/NAME.json and .log, its last LINES lines shown
+  local bin=$1 name=$2 batches=$3 lines=$4
+  shift 4
+  timeout ${PART_SECONDS:-240} "$bin" bench "$@" --ep cuda --cuda-graph on --batches "$batches" --prompt-lens 128 \
+    --decode-prompt-len 128 --decode-tokens 128 --repeats 1 --out "$out/$name.json" > "$out/$name.log" 2>&1
+  echo "$name: pio bench rc=$?"
+  grep -v "INFO\|WARN" "$out/$name.log" | tail -n "$lines"
+}
+
 pack() { # pack NAME DIR: DIR as $out/NAME.tar.gz
   tar -C "$(dirname "$2")" -czf "$out/$1.tar.gz" "$(basename "$2")" && rm -rf "$2"
 }
@@ -265,34 +275,22 @@ case $part in
     for g in q4b-bf16-stock q4b-bf16-pio q4b-int4-stock q4b-int4-pio q4b-int4-pio-lm4; do
       [[ -f $work/$g/pio.json ]] && graphs+=(--graphs "$work/$g")
     done
-    timeout ${PART_SECONDS:-240} .gpu/pio bench "${graphs[@]}" --ep cuda --cuda-graph on --batches ${BATCHES:-1,8,32} \
-      --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 128 --repeats 1 --out "$out/bench4.json" \
-      > "$out/bench4.log" 2>&1
-    echo "pio bench rc=$?"
-    grep -v "INFO\|WARN" "$out/bench4.log" | tail -n 30
-    # A baseline build carried as .gpu-b/pio-base.xz (BASE: which commit): its kernels on the same --pio-kernels
-    # graphs, in the same call (the graph format is the same; only the kernels' code differs).
+    decode_bench .gpu/pio bench4 ${BATCHES:-1,8,32} 30 "${graphs[@]}"
     pio_graphs=()
     for g in q4b-bf16-pio q4b-int4-pio; do [[ -f $work/$g/pio.json ]] && pio_graphs+=(--graphs "$work/$g"); done
-    # The same --pio-kernels graphs with a one-token GEMV instead of the tile kernels at batch 1, once per
-    # PIO_ONE_TOKEN_KERNEL value in BENCH_ONE_TOKEN (default "gemv"; all variants: "gemv gemv:wide gemv:pairs";
-    # empty: none). The tiles stay the default until this has been measured.
     if [[ ${#pio_graphs[@]} -gt 0 ]]; then
+      # The same --pio-kernels graphs with a one-token GEMV instead of the tile kernels at batch 1, once per
+      # PIO_ONE_TOKEN_KERNEL value in BENCH_ONE_TOKEN (default "gemv"; all variants: "gemv gemv:wide gemv:pairs";
+      # empty: none). The tiles stay the default until this has been measured.
       for kernel in ${BENCH_ONE_TOKEN-gemv}; do
-        tag=${kernel//:/-}
-        PIO_ONE_TOKEN_KERNEL=$kernel timeout ${PART_SECONDS:-240} .gpu/pio bench "${pio_graphs[@]}" --ep cuda \
-          --cuda-graph on --batches 1 --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 128 --repeats 1 \
-          --out "$out/bench4-$tag.json" > "$out/bench4-$tag.log" 2>&1
-        echo "pio bench (PIO_ONE_TOKEN_KERNEL=$kernel) rc=$?"
-        grep -v "INFO\|WARN" "$out/bench4-$tag.log" | tail -n 8
+        PIO_ONE_TOKEN_KERNEL=$kernel decode_bench .gpu/pio "bench4-${kernel//:/-}" 1 8 "${pio_graphs[@]}"
       done
-    fi
-    if [[ -x .gpu/pio-base && ${#pio_graphs[@]} -gt 0 ]]; then
-      timeout ${PART_SECONDS:-240} .gpu/pio-base bench "${pio_graphs[@]}" --ep cuda --cuda-graph on \
-        --batches ${BATCHES:-1,8,32} --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 128 --repeats 1 \
-        --out "$out/bench4-base.json" > "$out/bench4-base.log" 2>&1
-      echo "pio bench (base build ${BASE:-?}) rc=$?"
-      grep -v "INFO\|WARN" "$out/bench4-base.log" | tail -n 12
+      # A baseline build carried as .gpu-b/pio-base.xz (BASE: which commit): its kernels on the same graphs, in the
+      # same call (the graph format is the same; only the kernels' code differs).
+      if [[ -x .gpu/pio-base ]]; then
+        echo "base build: ${BASE:-?}"
+        decode_bench .gpu/pio-base bench4-base ${BATCHES:-1,8,32} 12 "${pio_graphs[@]}"
+      fi
     fi
     if [[ -f $work/q4b-bf16-stock/pio.json && -n ${PREFILL_LENS:-16,64,128,256,512,1024,2048} ]]; then
       timeout 120 .gpu/pio bench --graphs $work/q4b-bf16-stock --ep cuda --cuda-graph on --batches 1 \

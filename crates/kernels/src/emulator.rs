@@ -654,6 +654,19 @@ mod tests {
         scales: Vec<f32>,
     }
 
+    impl Int4 {
+        /// The weight side the kernels' emulations take.
+        fn weights(&self) -> Weights<'_> {
+            Weights::Int4 {
+                packed: &self.packed,
+                row_bytes: self.shape.row_bytes(),
+                scales: &self.scale_bits,
+                scale_row: self.shape.scale_cols(),
+                block_size: self.shape.block_size,
+            }
+        }
+    }
+
     fn int4(rng: &mut ChaCha8Rng, dt: Dt, n: usize, k: usize, block_size: usize) -> Int4 {
         let shape = Int4Shape::new(n, k, block_size).unwrap();
         let codes: Vec<u8> = (0..n * k).map(|_| rng.random_range(0..16u8)).collect();
@@ -723,13 +736,7 @@ mod tests {
             for &(n, k, bs, m, warps) in &cases {
                 let w = int4(&mut rng, dt, n, k, bs);
                 let (xb, xf) = values(&mut rng, dt, m * k, 1.0);
-                let weights = Weights::Int4 {
-                    packed: &w.packed,
-                    row_bytes: w.shape.row_bytes(),
-                    scales: &w.scale_bits,
-                    scale_row: w.shape.scale_cols(),
-                    block_size: bs,
-                };
+                let weights = w.weights();
                 let what = format!("{dt:?} int4 N={n} K={k} bs={bs} M={m} warps={warps}");
                 let y = linear(dt, &weights, &xb, m, n, k, false, warps);
                 let expected = reference::linear_int4(&xf, m, &w.shape, &w.packed, &w.scales);
@@ -771,13 +778,7 @@ mod tests {
             for &(n, k, bs) in &[(16, 32, 32), (32, 2560 + 96, 32), (48, 4224 + 32, 64), (16, 9728 + 64, 128)] {
                 let w = int4(&mut rng, dt, n, k, bs);
                 let (xb, xf) = values(&mut rng, dt, k, 1.0);
-                let weights = Weights::Int4 {
-                    packed: &w.packed,
-                    row_bytes: w.shape.row_bytes(),
-                    scales: &w.scale_bits,
-                    scale_row: w.shape.scale_cols(),
-                    block_size: bs,
-                };
+                let weights = w.weights();
                 let expected = reference::linear_int4(&xf, 1, &w.shape, &w.packed, &w.scales);
                 for (_, pairs) in crate::source::GEMV_INT4_VARIANTS {
                     let what = format!("{dt:?} int4 GEMV N={n} K={k} bs={bs} pairs={pairs}");

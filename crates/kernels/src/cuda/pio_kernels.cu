@@ -323,12 +323,13 @@ template <int DT, int FMT, int TILES, int BS> __device__ __forceinline__ void li
 
 // ---------------------------------------------------------------------------------------------
 // One token (M = 1): y = x W^T on the CUDA cores, a warp per two rows. The tile kernels above
-// give each CTA 16 rows and split K over its warps, so a few-MB projection has few warps, each
-// with several rounds of loads one after the other (Run 6's probe: a round of the int4 down cost
-// about 3.7 us on an H100). Here a warp takes rows (16q + r, 16q + r + 8), the pair a SwiGLU
-// epilogue needs, and its lanes stride over the rows' 16-byte pieces (a warp load reads 512
-// contiguous bytes of each row), so a projection of N rows runs N/2 warps with one round or a
-// few. Weights are dequantized exactly (q - 8 in the 16-bit type, converted to f32), each
+// give each CTA 16 rows and split K over its warps; at one token each warp's rounds of loads run
+// one after the other, each round's 16 activation loads waiting on L2 before their mma, and the
+// warps meet in a shared-memory reduction (Run 9's probe on an H100: about 3.7 us a round of the
+// int4 down, plus about 5 us a call). Here a warp takes rows (16q + r, 16q + r + 8), the pair a
+// SwiGLU epilogue needs, and its lanes stride over the rows' 16-byte pieces (a warp load reads
+// 512 contiguous bytes of each row): as many warps as 8-warp tiles, with each piece's
+// activations loaded together and a shuffle reduction. Weights are dequantized exactly (q - 8 in the 16-bit type, converted to f32), each
 // 8-element piece is a sum of exact f32 products, and the scale is applied per piece; each
 // lane sums its pieces in order and the warp reduces them in a fixed butterfly (deterministic).
 // ---------------------------------------------------------------------------------------------

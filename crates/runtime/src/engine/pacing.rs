@@ -156,8 +156,7 @@ impl PrefillPacer {
         let tokens = |ms: f64| (ms / per_token_ms).clamp(0.0, 1e9) as usize;
         let chunk_overhead = tokens(fixed_ms).min(self.cap);
         let cost = tokens(room_ms).max(chunk_overhead + MIN_PACED_CHUNK.min(self.cap));
-        PrefillBudget { tokens: self.cap, cost, chunk_overhead, per_sequence: usize::MAX }
-            .per_sequence(self.per_sequence)
+        PrefillBudget { cost, chunk_overhead, ..full }
     }
 }
 
