@@ -279,10 +279,11 @@ case $part in
     pio_graphs=()
     for g in q4b-bf16-pio q4b-int4-pio; do [[ -f $work/$g/pio.json ]] && pio_graphs+=(--graphs "$work/$g"); done
     if [[ ${#pio_graphs[@]} -gt 0 ]]; then
-      # The same --pio-kernels graphs with a one-token GEMV instead of the tile kernels at batch 1, once per
-      # PIO_ONE_TOKEN_KERNEL value in BENCH_ONE_TOKEN (default "gemv"; all variants: "gemv gemv:wide gemv:pairs";
-      # empty: none). The tiles stay the default until this has been measured.
-      for kernel in ${BENCH_ONE_TOKEN-gemv}; do
+      # The same --pio-kernels graphs at batch 1 with every format's one-token projections on one kernel, once per
+      # PIO_ONE_TOKEN_KERNEL value in BENCH_ONE_TOKEN (default "tiles gemv": each format on the kernel it does not
+      # take by default, int4 on the GEMV and 16-bit on the tiles; all variants: "tiles gemv gemv:wide gemv:pairs";
+      # empty: none).
+      for kernel in ${BENCH_ONE_TOKEN-tiles gemv}; do
         PIO_ONE_TOKEN_KERNEL=$kernel decode_bench .gpu/pio "bench4-${kernel//:/-}" 1 8 "${pio_graphs[@]}"
       done
       # A baseline build carried as .gpu-b/pio-base.xz (BASE: which commit): its kernels on the same graphs, in the

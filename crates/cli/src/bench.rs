@@ -73,8 +73,8 @@ pub struct BenchRun {
     pub host_argmax: bool,
     pub prefill_chunk: Option<usize>,
     /// The one-token kernel a `--pio-kernels` graph ran on: the value of `PIO_ONE_TOKEN_KERNEL`
-    /// (None: unset, the tile kernels), so that runs of one build with different values can be told
-    /// apart in their results.
+    /// (None: unset, each weight format's default: the GEMV for 16-bit weights, the tiles for
+    /// int4), so that runs of one build with different values can be told apart in their results.
     pub pio_one_token_kernel: Option<String>,
     /// None when the run worked; otherwise why it could not start or stopped.
     pub error: Option<String>,

@@ -48,9 +48,10 @@ impl WeightFormat {
 /// The kernel the operators run a one-token projection on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OneTokenKernel {
-    /// The tile kernels (tensor cores, 16 rows a CTA, warps splitting K): the default.
+    /// The tile kernels (tensor cores, 16 rows a CTA, warps splitting K): int4's default.
     Tiles,
-    /// The one-token GEMV (`gemv_body` in the CUDA source: CUDA cores, a warp per row pair).
+    /// The one-token GEMV (`gemv_body` in the CUDA source: CUDA cores, a warp per row pair):
+    /// 16-bit weights' default.
     Gemv(GemvVariant),
 }
 
@@ -83,30 +84,40 @@ impl GemvVariant {
     }
 }
 
-/// The variable that picks [`OneTokenKernel`]: `tiles` (the default), `gemv`, `gemv:wide` or
-/// `gemv:pairs`.
+/// The variable that picks [`OneTokenKernel`] for every format: `tiles`, `gemv`, `gemv:wide`,
+/// `gemv:pairs`, or `auto` (the same as unset: [`OneTokenKernel::default_for`]).
 pub const ONE_TOKEN_KERNEL_VAR: &str = "PIO_ONE_TOKEN_KERNEL";
 
 impl OneTokenKernel {
-    /// From [`ONE_TOKEN_KERNEL_VAR`]. The GEMV is not the default because no GPU has timed it yet:
-    /// it is checked against the reference on the CPU (`emulator::gemv`), compiled by NVRTC in the
-    /// tests, and `pio-kernels-check probe` times each variant beside the tiles on every projection
-    /// shape, but no machine could be had after it was written (2026-12-07); the last change to
-    /// the one-token path made without a measurement first (activations staged in shared memory,
-    /// 16 warps) made every projection slower on an H100. The variable lets one build be measured
-    /// every way in one GPU session.
-    pub fn from_env() -> Result<Self> {
-        Self::parse(std::env::var(ONE_TOKEN_KERNEL_VAR).ok().as_deref())
+    /// What a format's one-token projections run on unless [`ONE_TOKEN_KERNEL_VAR`] says
+    /// otherwise, from Run 10 (H100, 2026-12-07, `pio bench` of one synthetic Qwen3-4B at batch 1,
+    /// CUDA graphs, one call): with 16-bit weights the GEMV gave 231.4 tok/s against the tiles'
+    /// 224.3 (and 219.4 for the tile-only build of a0dfbce in the same call), and the probe timed
+    /// it faster on 4 of Qwen3-4B's 5 projections (all but qkv); with int4 weights it gave 304.1
+    /// against 311.8 and 312.9, though the probe timed it faster on o, gate_up and down in
+    /// isolation (slower on qkv by 1.5 us and on an int4 lm_head by 27 us). The variants `wide` and
+    /// `pairs` were slower than `gemv` on most shapes of that probe.
+    pub fn default_for(format: WeightFormat) -> Self {
+        match format {
+            WeightFormat::Int4 { .. } => OneTokenKernel::Tiles,
+            WeightFormat::Dense => OneTokenKernel::Gemv(GemvVariant::Base),
+        }
     }
 
-    fn parse(value: Option<&str>) -> Result<Self> {
+    /// From [`ONE_TOKEN_KERNEL_VAR`], for kernels of `format`.
+    pub fn from_env(format: WeightFormat) -> Result<Self> {
+        Self::parse(std::env::var(ONE_TOKEN_KERNEL_VAR).ok().as_deref(), format)
+    }
+
+    fn parse(value: Option<&str>, format: WeightFormat) -> Result<Self> {
         match value.map(str::trim) {
-            None | Some("") | Some("tiles") => Ok(OneTokenKernel::Tiles),
+            None | Some("") | Some("auto") => Ok(Self::default_for(format)),
+            Some("tiles") => Ok(OneTokenKernel::Tiles),
             Some(v) => {
                 GemvVariant::ALL.into_iter().find(|g| g.label() == v).map(OneTokenKernel::Gemv).ok_or_else(|| {
                     KernelError::bad_input(
                         ONE_TOKEN_KERNEL_VAR,
-                        format!("{v:?} is not a one-token kernel (tiles, gemv, gemv:wide or gemv:pairs)"),
+                        format!("{v:?} is not a one-token kernel (auto, tiles, gemv, gemv:wide or gemv:pairs)"),
                     )
                 })
             }
@@ -231,7 +242,7 @@ impl LinearKernels {
             WeightFormat::Dense => None,
         };
         let swiglu_rows = module.function(&source::swiglu_rows_name(dtype))?;
-        let one_token = OneTokenKernel::from_env()?;
+        let one_token = OneTokenKernel::from_env(format)?;
         Ok(LinearKernels { format, dtype, _module: module, tiles, gemv, one_token, dequant, swiglu_rows })
     }
 
@@ -712,16 +723,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_one_token_kernel_is_tiles_unless_gemv_is_named() {
-        assert_eq!(OneTokenKernel::parse(None).unwrap(), OneTokenKernel::Tiles);
-        assert_eq!(OneTokenKernel::parse(Some("tiles")).unwrap(), OneTokenKernel::Tiles);
-        assert_eq!(OneTokenKernel::parse(Some(" gemv ")).unwrap(), OneTokenKernel::Gemv(GemvVariant::Base));
-        for v in GemvVariant::ALL {
-            assert_eq!(OneTokenKernel::parse(Some(v.label())).unwrap(), OneTokenKernel::Gemv(v));
+    fn the_one_token_kernel_is_the_formats_default_unless_one_is_named() {
+        let (int4, dense) = (WeightFormat::Int4 { block_size: 32 }, WeightFormat::Dense);
+        for auto in [None, Some(""), Some("auto")] {
+            assert_eq!(OneTokenKernel::parse(auto, int4).unwrap(), OneTokenKernel::Tiles);
+            assert_eq!(OneTokenKernel::parse(auto, dense).unwrap(), OneTokenKernel::Gemv(GemvVariant::Base));
         }
-        for bad in ["fast", "gemv:", "gemv:u8p1", "gemv:Wide"] {
-            let e = OneTokenKernel::parse(Some(bad)).unwrap_err().to_string();
-            assert!(e.contains(ONE_TOKEN_KERNEL_VAR) && e.contains(&format!("{bad:?}")), "{e}");
+        for format in [int4, dense] {
+            assert_eq!(OneTokenKernel::parse(Some("tiles"), format).unwrap(), OneTokenKernel::Tiles);
+            assert_eq!(OneTokenKernel::parse(Some(" gemv "), format).unwrap(), OneTokenKernel::Gemv(GemvVariant::Base));
+            for v in GemvVariant::ALL {
+                assert_eq!(OneTokenKernel::parse(Some(v.label()), format).unwrap(), OneTokenKernel::Gemv(v));
+            }
+            for bad in ["fast", "gemv:", "gemv:u8p1", "gemv:Wide", "Auto"] {
+                let e = OneTokenKernel::parse(Some(bad), format).unwrap_err().to_string();
+                assert!(e.contains(ONE_TOKEN_KERNEL_VAR) && e.contains(&format!("{bad:?}")), "{e}");
+            }
         }
         // Each name means the same shape of work in both formats, and every variant's pairs divide 8.
         for format in [WeightFormat::Int4 { block_size: 32 }, WeightFormat::Dense] {

@@ -477,8 +477,25 @@ async fn long_prefill(args: &BenchServeArgs, load: &Load, random: &mut impl FnMu
             }
         }
     }
+    // Every stream sees the same engine steps: one stream's slowest gaps in the window, each with
+    // when it ended after the long prompt was sent, tell a step that stands out (the first chunk, the
+    // last, one run of a new shape) from a uniformly slower stretch.
+    let slowest: Vec<Value> = match (window, background.iter().find(|t| t.error.is_none())) {
+        (Some((from, to)), Some(stream)) => {
+            let mut gaps: Vec<(f64, f64)> = stream
+                .tokens
+                .windows(2)
+                .filter(|w| w[1] > from && w[0] < to)
+                .map(|w| ((w[1] - w[0]).as_secs_f64() * 1e3, w[1].saturating_duration_since(from).as_secs_f64() * 1e3))
+                .collect();
+            gaps.sort_by(|a, b| b.0.total_cmp(&a.0));
+            gaps.iter().take(5).map(|&(gap, at)| json!({"gap_ms": gap, "ended_ms_after_sent": at})).collect()
+        }
+        _ => Vec::new(),
+    };
     let errors: Vec<&String> = background.iter().chain([&long]).filter_map(|t| t.error.as_ref()).collect();
     json!({
+        "one_streams_slowest_gaps_during_prefill": slowest,
         "long_prompt_tokens": args.long_prompt,
         "streams": args.long_streams,
         "long_ttft_ms": long.ttft_s().map(|s| s * 1e3),
@@ -582,6 +599,13 @@ fn print_report(report: &Value) {
             ms(&l["itl_outside_p99_ms"]),
             ms(&l["long_ttft_ms"])
         );
+        if let Some(gaps) = l["one_streams_slowest_gaps_during_prefill"].as_array().filter(|g| !g.is_empty()) {
+            let list: Vec<String> = gaps
+                .iter()
+                .map(|g| format!("{} ms at +{} ms", ms(&g["gap_ms"]), ms(&g["ended_ms_after_sent"])))
+                .collect();
+            println!("  one stream's slowest gaps during it: {}", list.join(", "));
+        }
     }
     println!("checks: {}", report["checks"]);
 }

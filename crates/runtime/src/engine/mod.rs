@@ -832,7 +832,10 @@ fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Res
             None => String::new(),
         }
     );
-    Runner::new(model, plan, prefix_bytes, vision, config.prefill_budget).map_err(|e| {
+    // The chunk lengths a step plans while streams decode, each warmed up once at start.
+    let mut chunk_lengths = vec![config.prefill_budget];
+    chunk_lengths.extend(config.long_prefill_token_threshold.filter(|&t| t < config.prefill_budget));
+    Runner::new(model, plan, prefix_bytes, vision, &chunk_lengths).map_err(|e| {
         EngineError::model_failed(
             format!("cannot allocate the KV pool ({} sequences of {} tokens)", plan.slots, plan.capacity),
             e,

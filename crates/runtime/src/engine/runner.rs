@@ -53,7 +53,7 @@ impl Runner {
         plan: PoolPlan,
         prefix_cache_bytes: Option<u64>,
         vision: Option<VisionRuntime>,
-        chunk_tokens: usize,
+        chunk_lengths: &[usize],
     ) -> Result<Self, ModelError> {
         let pool = KvPool::new(&model, plan)?;
         let prefix = match (prefix_cache_bytes.filter(|&b| b > 0), pool.layout()) {
@@ -73,7 +73,9 @@ impl Runner {
         let graph_sizes = if model.can_replay_graphs() { graph_batch_sizes(plan.slots) } else { Vec::new() };
         let mut runner = Runner { model, pool, prefix, graph_sizes, vision };
         if runner.model.device_id().is_some() {
-            runner.warm_up_late_chunk(chunk_tokens);
+            for &chunk in chunk_lengths {
+                runner.warm_up_late_chunk(chunk);
+            }
             if let Some(store) = &runner.prefix {
                 reserve_device_memory(&runner.model, store.cache.limit_bytes());
             }
@@ -81,12 +83,13 @@ impl Runner {
         Ok(runner)
     }
 
-    /// Runs one chunk of `chunk_tokens` (the prefill budget) in slot 0 after a past that fills the
-    /// slot, before any request: the attention kernels of a late chunk take scratch that grows with
-    /// the past, and ONNX Runtime's arena grew for it on the serving path (an H200, Run 6: a
-    /// 4,096-token prompt's last 512-token chunk took 30.5 ms against 15.3 ms for the one before;
-    /// the first prefix hit's 64 tokens 13.3 ms against 6.5 ms for later ones). The slot is free
-    /// and its contents are overwritten by whoever takes it. Best effort: a failure only warns.
+    /// Runs one chunk of `chunk_tokens` (a length the scheduler plans while streams decode: the
+    /// prefill budget, the per-sequence cap) in slot 0 after a past that fills the slot, before any
+    /// request: the attention kernels of a late chunk take scratch that grows with the past, and
+    /// ONNX Runtime's arena grew for it on the serving path (an H200, Run 6: a 4,096-token prompt's
+    /// last 512-token chunk took 30.5 ms against 15.3 ms for the one before; the first prefix
+    /// hit's 64 tokens 13.3 ms against 6.5 ms for later ones). The slot is free and its contents
+    /// are overwritten by whoever takes it. Best effort: a failure only warns.
     fn warm_up_late_chunk(&mut self, chunk_tokens: usize) {
         let capacity = self.pool.plan().capacity;
         if self.pool.layout().is_none() || capacity < 2 {
