@@ -183,9 +183,27 @@ fn tile_kernels(device: &Device, tokens: &[usize], select: &Selection, tbps: Opt
                     WeightFormat::Dense => ActDtype::Bf16,
                 };
                 let kernels = LinearKernels::new(device, format, dtype)?;
+                // On sm_90 and newer, the operators' kernel is also checked and timed with
+                // programmatic dependent launch the other way from PIO_PDL's.
+                let other_launch = match device.arch >= 90 {
+                    true => {
+                        let on = !kernels.programmatic_launch();
+                        Some(LinearKernels::new(device, format, dtype)?.with_programmatic_launch(device, on)?)
+                    }
+                    false => None,
+                };
                 for &m in tokens {
                     let label = format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format));
-                    match tile_case(&kernels, &proj, m, &pool, &mut rng, tbps, select.default_warps_only) {
+                    let case = tile_case(
+                        (&kernels, other_launch.as_ref()),
+                        &proj,
+                        m,
+                        &pool,
+                        &mut rng,
+                        tbps,
+                        select.default_warps_only,
+                    );
+                    match case {
                         Ok(v) => rows.push(v),
                         Err(e) => rows.push(json!({ "case": label, "error": format!("{e:#}") })),
                     }
@@ -236,6 +254,13 @@ impl Kernel {
     }
 }
 
+/// A kernel with the kernels that launch it, labelled `+pdl` when they launch it with
+/// programmatic dependent launch.
+fn launched(kernels: &LinearKernels, kernel: Kernel) -> (&LinearKernels, Kernel, String) {
+    let pdl = if kernels.programmatic_launch() { "+pdl" } else { "" };
+    (kernels, kernel, format!("{}{pdl}", kernel.label()))
+}
+
 fn kernel_label(format: WeightFormat) -> &'static str {
     match format {
         WeightFormat::Int4 { .. } => "int4-f16",
@@ -255,7 +280,7 @@ fn weight_bytes(format: WeightFormat, n: usize, k: usize) -> (usize, usize) {
 }
 
 fn tile_case(
-    kernels: &LinearKernels,
+    (kernels, other_launch): (&LinearKernels, Option<&LinearKernels>),
     proj: &Projection,
     m: usize,
     pool: &DeviceBuffer,
@@ -295,8 +320,19 @@ fn tile_case(
     // warps, and at one token the GEMV (which the operators use there).
     let mut kernel_checks = Vec::new();
     let gemvs: Vec<Kernel> = GemvVariant::ALL.into_iter().map(Kernel::Gemv).collect();
-    let checked = std::iter::once(Kernel::Tiles(warps)).chain(gemvs.iter().copied());
-    for kernel in checked.filter(|kn| kn.applies(m)) {
+    let operators_use = match (m, kernels.one_token_kernel()) {
+        (1, OneTokenKernel::Gemv(v)) => Kernel::Gemv(v),
+        _ => Kernel::Tiles(warps),
+    };
+    // (kernels, kernel, label): the operators' kernel launched the other way too, last.
+    let mut checked: Vec<(&LinearKernels, Kernel, String)> = std::iter::once(Kernel::Tiles(warps))
+        .chain(gemvs.iter().copied())
+        .filter(|kn| kn.applies(m))
+        .map(|kn| launched(kernels, kn))
+        .collect();
+    checked.extend(other_launch.map(|other| launched(other, operators_use)));
+    for (kernels, kernel, label) in &checked {
+        let (kernels, kernel) = (*kernels, *kernel);
         // NaN in every output first (0xFFFF in f16 and bf16), so an output a kernel fails to write
         // counts as non-finite rather than keeping the previous kernel's value.
         let dcheck = DeviceBuffer::from_host(&vec![0xFFFFu16; m * check_out])?;
@@ -312,7 +348,7 @@ fn tile_case(
         };
         driver::synchronize()?;
         let got: Vec<f32> = dcheck.to_host::<u16>()?.iter().map(|&h| to_f32(dtype, h)).collect();
-        kernel_checks.push((kernel, diff(&got, &expected)));
+        kernel_checks.push((label.clone(), diff(&got, &expected)));
     }
     let max_rel_error = kernel_checks.iter().map(|(_, c)| c.max_rel_error).fold(0f32, f32::max);
     let non_finite: usize = kernel_checks.iter().map(|(_, c)| c.non_finite).sum();
@@ -326,30 +362,38 @@ fn tile_case(
     let mut candidates = if default_warps_only { vec![warps] } else { vec![warps, 2, 4, 8] };
     candidates.sort();
     candidates.dedup();
-    let mut kernels_timed: Vec<Kernel> = candidates.into_iter().map(Kernel::Tiles).collect();
-    kernels_timed.extend(gemvs.iter().copied().filter(|kn| kn.applies(m)));
-    let operators_use = match (m, kernels.one_token_kernel()) {
-        (1, OneTokenKernel::Gemv(v)) => Kernel::Gemv(v),
-        _ => Kernel::Tiles(warps),
-    };
-    for kernel in kernels_timed {
+    let mut kernels_timed: Vec<(&LinearKernels, Kernel, String)> = candidates
+        .into_iter()
+        .map(Kernel::Tiles)
+        .chain(gemvs.iter().copied().filter(|kn| kn.applies(m)))
+        .map(|kn| launched(kernels, kn))
+        .collect();
+    kernels_timed.extend(other_launch.map(|other| launched(other, operators_use)));
+    for (timed_kernels, kernel, label) in kernels_timed {
+        let operators = std::ptr::eq(timed_kernels, kernels) && kernel == operators_use;
         let us = driver::graph_time_us(calls, 10, |stream, i| {
             let base = pool.ptr + ((i % copies) * per_copy) as u64;
             // SAFETY: the copy lies inside the pool (copies * per_copy <= ROTATION_BYTES + slack).
             unsafe {
-                kernel.launch(kernels, stream, (dx.ptr, base, base + wbytes as u64, dy.ptr), (m, n, k), proj.swiglu)
+                kernel.launch(
+                    timed_kernels,
+                    stream,
+                    (dx.ptr, base, base + wbytes as u64, dy.ptr),
+                    (m, n, k),
+                    proj.swiglu,
+                )
             }
         })
-        .with_context(|| format!("timing {}", kernel.label()))?;
+        .with_context(|| format!("timing {label}"))?;
         let bytes = (wbytes + sbytes + m * k * 2 + m * out_n * 2) as f64;
         let tb = bytes / (us * 1e-6) / 1e12;
         timings.push(json!({
-            "kernel": kernel.label(), "warps": kernel.warps(), "default": kernel == operators_use, "us": us,
+            "kernel": label, "warps": kernel.warps(), "default": operators, "us": us,
             "tb_per_s": tb, "fraction_of_bandwidth": tbps.map(|b| tb / b),
         }));
     }
     let correctness: Vec<Value> =
-        kernel_checks.iter().map(|(kn, c)| json!({ "kernel": kn.label(), "check": c })).collect();
+        kernel_checks.iter().map(|(label, c)| json!({ "kernel": label, "check": c })).collect();
     Ok(json!({
         "case": format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format)),
         "preset": proj.preset, "projection": proj.name, "format": kernel_label(format), "n": n, "k": k, "m": m,
