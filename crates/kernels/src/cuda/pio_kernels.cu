@@ -304,8 +304,9 @@ struct LinearArgs {
 // each of its `rows` rows (one 128-byte line a thread); then griddepcontrol.wait returns once the
 // kernel before has completed and its writes are visible, and only after it are x read and y
 // written. Without the launch attribute (pdl = 0) nothing is prefetched and the wait would
-// return at once. sm_90 and newer (griddepcontrol); the host only sets pdl there.
-__device__ __forceinline__ void pdl_enter(int pdl, const unsigned char* w, long long row_bytes, int rows,
+// return at once. sm_90 and newer (griddepcontrol); the host only sets pdl there. Out of line:
+// inlined, its loop made ptxas spill 12 bytes in the int4 one-token tile kernel (none this way).
+__device__ __noinline__ void pdl_enter(int pdl, const unsigned char* w, long long row_bytes, int rows,
                                           const u16* scales, long long s_row) {
 #if __CUDA_ARCH__ >= 900
   if (pdl) {
