@@ -303,24 +303,23 @@ struct LinearArgs {
 // weights and scales are constants of the session, so the CTA first asks the L2 for the start of
 // each of its `rows` rows (one 128-byte line a thread); then griddepcontrol.wait returns once the
 // kernel before has completed and its writes are visible, and only after it are x read and y
-// written. Without the launch attribute (pdl = 0) nothing is prefetched and the wait would
-// return at once. sm_90 and newer (griddepcontrol); the host only sets pdl there. Out of line:
-// inlined, its loop made ptxas spill 12 bytes in the int4 one-token tile kernel (none this way).
-__device__ __noinline__ void pdl_enter(int pdl, const unsigned char* w, long long row_bytes, int rows,
-                                          const u16* scales, long long s_row) {
+// written. Called only when the launch had the attribute (LinearArgs::pdl), so a kernel without
+// it runs no more than a uniform branch. sm_90 and newer (griddepcontrol); the host only sets
+// pdl there. Out of line: inlined, its loop made ptxas spill 12 bytes in the int4 one-token tile
+// kernel (none this way).
+__device__ __noinline__ void pdl_enter(const unsigned char* w, long long row_bytes, int rows, const u16* scales,
+                                       long long s_row) {
 #if __CUDA_ARCH__ >= 900
-  if (pdl) {
-    const long long head = row_bytes < PDL_PREFETCH_ROW_BYTES ? row_bytes : PDL_PREFETCH_ROW_BYTES;
-    const int lines = (int)((head + 127) / 128);
-    for (int i = threadIdx.x; i < rows * lines; i += blockDim.x) {
-      const unsigned char* p = w + (long long)(i / lines) * row_bytes + 128LL * (i % lines);
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-    }
-    if (scales) {
-      for (int r = threadIdx.x; r < rows; r += blockDim.x) asm volatile("prefetch.global.L2 [%0];" ::"l"(scales + r * s_row));
-    }
-    asm volatile("griddepcontrol.wait;" ::: "memory");
+  const long long head = row_bytes < PDL_PREFETCH_ROW_BYTES ? row_bytes : PDL_PREFETCH_ROW_BYTES;
+  const int lines = (int)((head + 127) / 128);
+  for (int i = threadIdx.x; i < rows * lines; i += blockDim.x) {
+    const unsigned char* p = w + (long long)(i / lines) * row_bytes + 128LL * (i % lines);
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
   }
+  if (scales) {
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) asm volatile("prefetch.global.L2 [%0];" ::"l"(scales + r * s_row));
+  }
+  asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
 
@@ -343,7 +342,7 @@ template <int DT, int FMT, int TILES, int BS> __device__ __forceinline__ void li
   const long long row_bytes = FMT == FMT_INT4 ? kp / 2 : 2LL * a.K;
   const long long s_row = kp / BS;
   const u16* scales = FMT == FMT_INT4 ? a.scales + n0 * s_row : 0;
-  pdl_enter(a.pdl, a.w + n0 * row_bytes, row_bytes, TILE_ROWS, scales, s_row);
+  if (a.pdl) pdl_enter(a.w + n0 * row_bytes, row_bytes, TILE_ROWS, scales, s_row);
   __syncthreads();
   float* fin = tile_final<TILES>(smem);
   tile_gemm<DT, FMT, TILES, BS>(xrow, a.w + n0 * row_bytes, row_bytes, scales, s_row, a.K, smem, fin);
@@ -420,7 +419,7 @@ template <int DT, int FMT, int BS, int U, int P> __device__ __forceinline__ void
   {
     // The CTA's rows: 16 * P consecutive ones from 16 * P * blockIdx.x (the last CTA's cut at N).
     const int row0 = 16 * P * blockIdx.x, rows = min(16 * P, a.N - row0);
-    pdl_enter(a.pdl, a.w + row0 * row_bytes, row_bytes, rows, FMT == FMT_INT4 ? a.scales + row0 * s_row : 0, s_row);
+    if (a.pdl) pdl_enter(a.w + row0 * row_bytes, row_bytes, rows, FMT == FMT_INT4 ? a.scales + row0 * s_row : 0, s_row);
   }
   if (16 * (first_pair >> 3) >= a.N) return;  // warp-uniform; no barrier follows
   // Row pair i of this warp: rows (16q + r, 16q + r + 8), r = pair % 8 (all P pairs in one block).
