@@ -183,6 +183,8 @@ fn tile_kernels(device: &Device, tokens: &[usize], select: &Selection, tbps: Opt
                     WeightFormat::Dense => ActDtype::Bf16,
                 };
                 let kernels = LinearKernels::new(device, format, dtype)?;
+                // Writes the activations of a check launched with programmatic dependent launch.
+                let producer = LinearKernels::new(device, WeightFormat::Int4 { block_size: 32 }, dtype)?;
                 // On sm_90 and newer, the operators' kernel is also checked and timed with
                 // programmatic dependent launch the other way from PIO_PDL's.
                 let other_launch = match device.arch >= 90 {
@@ -195,7 +197,7 @@ fn tile_kernels(device: &Device, tokens: &[usize], select: &Selection, tbps: Opt
                 for &m in tokens {
                     let label = format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format));
                     let case = tile_case(
-                        (&kernels, other_launch.as_ref()),
+                        CaseKernels { kernels: &kernels, other_launch: other_launch.as_ref(), producer: &producer },
                         &proj,
                         m,
                         &pool,
@@ -279,8 +281,19 @@ fn weight_bytes(format: WeightFormat, n: usize, k: usize) -> (usize, usize) {
     }
 }
 
+/// The kernels of one format a case checks and times.
+struct CaseKernels<'a> {
+    /// The operators' kernels (their launch as PIO_PDL says).
+    kernels: &'a LinearKernels,
+    /// The same kernels launched the other way (sm_90 and newer).
+    other_launch: Option<&'a LinearKernels>,
+    /// int4 kernels of the same dtype, whose dequantization writes the activations just before a
+    /// checked launch with programmatic dependent launch.
+    producer: &'a LinearKernels,
+}
+
 fn tile_case(
-    (kernels, other_launch): (&LinearKernels, Option<&LinearKernels>),
+    CaseKernels { kernels, other_launch, producer }: CaseKernels,
     proj: &Projection,
     m: usize,
     pool: &DeviceBuffer,
@@ -290,9 +303,16 @@ fn tile_case(
 ) -> Result<Value> {
     let (format, dtype) = (kernels.format, kernels.dtype);
     let (n, k) = (proj.n, proj.k);
-    let x = values(rng, dtype, m * k, 1.0);
-    let xf: Vec<f32> = x.iter().map(|&h| to_f32(dtype, h)).collect();
+    // The activations are the first m rows of an int4 matrix dequantized (exact in the dtype), so
+    // that a launch with programmatic dependent launch can take them from the kernel that writes
+    // them just before it on the stream, and must wait for it to read them.
+    let x_shape = Int4Shape::new(m.div_ceil(16) * 16, k, 32)?;
+    let (x_packed, x_scales) = Int4Weight::random(rng, dtype, x_shape).to_pio(|r| r);
+    let x_scales_f32: Vec<f32> = x_scales.iter().map(|&h| to_f32(dtype, h)).collect();
+    let xf: Vec<f32> = reference::dequantize(&x_shape, &x_packed, &x_scales_f32)[..m * k].to_vec();
+    let x: Vec<u16> = xf.iter().map(|&v| crate::data::to_bits(dtype, v)).collect();
     let dx = DeviceBuffer::from_host(&x)?;
+    let (dx_packed, dx_scales) = (DeviceBuffer::from_host(&x_packed)?, DeviceBuffer::from_host(&x_scales)?);
     let out_n = if proj.swiglu { n / 2 } else { n };
     let dy = DeviceBuffer::new(m * out_n * 2)?;
 
@@ -331,20 +351,31 @@ fn tile_case(
         .map(|kn| launched(kernels, kn))
         .collect();
     checked.extend(other_launch.map(|other| launched(other, operators_use)));
+    let stream = driver::OwnedStream::new()?;
     for (kernels, kernel, label) in &checked {
         let (kernels, kernel) = (*kernels, *kernel);
         // NaN in every output first (0xFFFF in f16 and bf16), so an output a kernel fails to write
         // counts as non-finite rather than keeping the previous kernel's value.
         let dcheck = DeviceBuffer::from_host(&vec![0xFFFFu16; m * check_out])?;
+        // A programmatic launch reads activations that the dequantization writes into a zeroed
+        // buffer just before it: one read before its wait sees zeros, or a half-written row.
+        let produced = match kernels.programmatic_launch() {
+            true => {
+                let buffer = DeviceBuffer::new(x_shape.n * k * 2)?;
+                buffer.zero()?;
+                driver::synchronize()?;
+                Some(buffer)
+            }
+            false => None,
+        };
         // SAFETY: buffers of the sizes the shapes imply; synchronized before reading.
         unsafe {
-            kernel.launch(
-                kernels,
-                std::ptr::null_mut(),
-                (dx.ptr, dw.ptr, ds.ptr, dcheck.ptr),
-                (m, check_n, k),
-                proj.swiglu,
-            )?
+            if let Some(buffer) = &produced {
+                let ptrs = (dx_packed.ptr, dx_scales.ptr, buffer.ptr);
+                producer.launch_dequant(stream.0, ptrs, (x_shape.n, x_shape.k))?;
+            }
+            let x_ptr = produced.as_ref().map_or(dx.ptr, |b| b.ptr);
+            kernel.launch(kernels, stream.0, (x_ptr, dw.ptr, ds.ptr, dcheck.ptr), (m, check_n, k), proj.swiglu)?
         };
         driver::synchronize()?;
         let got: Vec<f32> = dcheck.to_host::<u16>()?.iter().map(|&h| to_f32(dtype, h)).collect();
