@@ -299,7 +299,23 @@ fn bench_serve_loads_a_server_it_starts_and_stops_by_itself() {
     // The prefix hits reuse the whole shared prefix (96 tokens: 6 blocks of 16); cold ones nothing.
     assert_eq!(r["shared_prefix"]["hit_cached_tokens"], json!([96, 96]));
     assert_eq!(r["shared_prefix"]["cold_cached_tokens"], json!([0, 0]));
-    assert!(r["long_prefill"]["long_ttft_ms"].as_f64().unwrap() > 0.0, "{}", r["long_prefill"]);
+    let long = &r["long_prefill"];
+    assert!(long["long_ttft_ms"].as_f64().unwrap() > 0.0, "{long}");
+    // One stream's slowest gaps in the window: at most five, longest first, each ending after the
+    // long prompt was sent.
+    if long["gaps_during_prefill"].as_u64().unwrap() > 0 {
+        let slowest: Vec<f64> = long["one_streams_slowest_gaps_during_prefill"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| {
+                assert!(g["ended_ms_after_sent"].as_f64().unwrap() >= 0.0, "{g}");
+                g["gap_ms"].as_f64().unwrap()
+            })
+            .collect();
+        assert!((1..=5).contains(&slowest.len()) && slowest.windows(2).all(|w| w[0] >= w[1]), "{long}");
+        assert!(slowest[0] > 0.0, "{long}");
+    }
     assert!(r["checks"]["decode_over_offline"].as_f64().is_some(), "{}", r["checks"]);
 
     // Only this machine is a target.
