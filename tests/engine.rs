@@ -174,6 +174,27 @@ fn prompts_of_one_length_prefill_in_shared_runs_and_answer_as_alone() {
     assert_eq!(alone_metrics.prefill_runs, alone_metrics.prefill_chunks, "one slot: every chunk runs alone");
 }
 
+/// Starts an engine with `config`, lets `stream` decode, then runs `work` beside it: the prefill
+/// chunks the engine ran meanwhile, and what `work` returned. The stream decodes two tokens first:
+/// the metrics are published after each step, so the second token's step comes after the one that
+/// counted the stream's own prefill chunk was published.
+fn prefill_chunks_beside_a_stream<T>(
+    config: EngineConfig,
+    stream: &Request,
+    work: impl FnOnce(&Engine) -> T,
+) -> (u64, T) {
+    let engine = Engine::start(config).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut decoding = engine.submit(stream.clone()).unwrap();
+    for _ in 0..2 {
+        assert!(matches!(decoding.blocking_next(), Some(Ok(Event::Token(_)))));
+    }
+    let before = engine.metrics().prefill_chunks;
+    let done = work(&engine);
+    let chunks = engine.metrics().prefill_chunks - before;
+    drop(decoding);
+    (chunks, done)
+}
+
 #[test]
 fn a_burst_of_prompts_beside_a_decoding_stream_catches_up_in_one_step() {
     // One stream decodes; four prompts of 40 tokens arrive together. With catch-up (TGI's
@@ -191,20 +212,12 @@ fn a_burst_of_prompts_beside_a_decoding_stream_catches_up_in_one_step() {
             .prefix_caching(false)
             .build()
             .unwrap();
-        let engine = Engine::start(config).unwrap_or_else(|e| panic!("{e:#}"));
-        assert_eq!(engine.model_info().waiting_served_ratio, ratio);
-        let mut decoding = engine.submit(long.clone()).unwrap();
-        // Two tokens: the metrics are published after each step, so the second token's step
-        // comes after the one that counted the stream's own prefill chunk was published.
-        for _ in 0..2 {
-            assert!(matches!(decoding.blocking_next(), Some(Ok(Event::Token(_)))));
-        }
-        let before = engine.metrics().prefill_chunks;
-        let outputs: Vec<GenerationOutput> =
-            engine.submit_batch(burst.clone()).unwrap().into_iter().map(|h| h.wait().unwrap()).collect();
-        let chunks = engine.metrics().prefill_chunks - before;
-        drop(decoding);
-        (chunks, outputs)
+        prefill_chunks_beside_a_stream(config, &long, |engine| {
+            assert_eq!(engine.model_info().waiting_served_ratio, ratio);
+            let outputs: Vec<GenerationOutput> =
+                engine.submit_batch(burst.clone()).unwrap().into_iter().map(|h| h.wait().unwrap()).collect();
+            outputs
+        })
     };
     let (caught_up, with) = chunks_of_the_burst(Some(1.2));
     let (chunked, without) = chunks_of_the_burst(None);
@@ -234,16 +247,7 @@ fn a_long_prompt_beside_a_decoding_stream_advances_by_the_per_request_threshold(
             .build()
             .unwrap();
         assert_eq!(config.long_prefill_token_threshold(), threshold);
-        let engine = Engine::start(config).unwrap_or_else(|e| panic!("{e:#}"));
-        let mut decoding = engine.submit(stream.clone()).unwrap();
-        for _ in 0..2 {
-            assert!(matches!(decoding.blocking_next(), Some(Ok(Event::Token(_)))));
-        }
-        let before = engine.metrics().prefill_chunks;
-        let output = engine.submit(long.clone()).unwrap().wait().unwrap();
-        let chunks = engine.metrics().prefill_chunks - before;
-        drop(decoding);
-        (chunks, output)
+        prefill_chunks_beside_a_stream(config, &stream, |engine| engine.submit(long.clone()).unwrap().wait().unwrap())
     };
     let (capped, with) = chunks_of_the_long_prompt(Some(16));
     let (budgeted, without) = chunks_of_the_long_prompt(None);

@@ -47,7 +47,8 @@ enum Command {
         /// Weight formats timed: int4, dense, or all.
         #[arg(long, value_delimiter = ',', default_value = "int4,dense")]
         formats: Vec<String>,
-        /// Time only the default warps per CTA (no sweep): one kernel per case, as a profiler wants.
+        /// Time the tiles at the default warps per CTA only (no sweep): one tile kernel per case, as a
+        /// profiler wants (the GEMVs at one token and the other-way launch are still timed).
         #[arg(long)]
         default_warps: bool,
     },

@@ -29,7 +29,8 @@ pub struct Selection {
     pub projections: Vec<String>,
     /// `int4` and/or `dense`.
     pub formats: Vec<String>,
-    /// Only the default warps per CTA (one timed kernel a case, for a profiler to pick).
+    /// The tiles at the default warps per CTA only (one timed tile kernel a case, for a profiler
+    /// to pick; the GEMVs and the other-way launch are still timed).
     pub default_warps_only: bool,
 }
 
@@ -168,44 +169,18 @@ fn tile_kernels(device: &Device, tokens: &[usize], select: &Selection, tbps: Opt
     let mut rng = Rng::new(5);
     // One rotation pool for every case: random bytes (weights of the timing copies).
     let pool = DeviceBuffer::from_host(&rng.bytes(ROTATION_BYTES + (256 << 20)))?;
+    let formats = [WeightFormat::Int4 { block_size: 32 }, WeightFormat::Dense]
+        .into_iter()
+        .filter(|&format| listed(&select.formats, format_name(format)))
+        .map(|format| FormatKernels::new(device, format))
+        .collect::<Result<Vec<_>>>()?;
     for (preset, _) in PRESETS.iter().filter(|(p, _)| listed(&select.presets, p)) {
         for proj in projections(preset)?.into_iter().filter(|p| listed(&select.projections, &p.name)) {
-            for format in [WeightFormat::Int4 { block_size: 32 }, WeightFormat::Dense] {
-                let format_name = match format {
-                    WeightFormat::Int4 { .. } => "int4",
-                    WeightFormat::Dense => "dense",
-                };
-                if !listed(&select.formats, format_name) {
-                    continue;
-                }
-                let dtype = match format {
-                    WeightFormat::Int4 { .. } => ActDtype::F16,
-                    WeightFormat::Dense => ActDtype::Bf16,
-                };
-                let kernels = LinearKernels::new(device, format, dtype)?;
-                // Writes the activations of a check launched with programmatic dependent launch.
-                let producer = LinearKernels::new(device, WeightFormat::Int4 { block_size: 32 }, dtype)?;
-                // On sm_90 and newer, the operators' kernel is also checked and timed with
-                // programmatic dependent launch the other way from PIO_PDL's.
-                let other_launch = match device.arch >= 90 {
-                    true => {
-                        let on = !kernels.programmatic_launch();
-                        Some(LinearKernels::new(device, format, dtype)?.with_programmatic_launch(device, on)?)
-                    }
-                    false => None,
-                };
+            for format_kernels in &formats {
                 for &m in tokens {
+                    let format = format_kernels.kernels.format;
                     let label = format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format));
-                    let case = tile_case(
-                        CaseKernels { kernels: &kernels, other_launch: other_launch.as_ref(), producer: &producer },
-                        &proj,
-                        m,
-                        &pool,
-                        &mut rng,
-                        tbps,
-                        select.default_warps_only,
-                    );
-                    match case {
+                    match tile_case(format_kernels, &proj, m, &pool, &mut rng, tbps, select.default_warps_only) {
                         Ok(v) => rows.push(v),
                         Err(e) => rows.push(json!({ "case": label, "error": format!("{e:#}") })),
                     }
@@ -263,6 +238,13 @@ fn launched(kernels: &LinearKernels, kernel: Kernel) -> (&LinearKernels, Kernel,
     (kernels, kernel, format!("{}{pdl}", kernel.label()))
 }
 
+fn format_name(format: WeightFormat) -> &'static str {
+    match format {
+        WeightFormat::Int4 { .. } => "int4",
+        WeightFormat::Dense => "dense",
+    }
+}
+
 fn kernel_label(format: WeightFormat) -> &'static str {
     match format {
         WeightFormat::Int4 { .. } => "int4-f16",
@@ -281,19 +263,40 @@ fn weight_bytes(format: WeightFormat, n: usize, k: usize) -> (usize, usize) {
     }
 }
 
-/// The kernels of one format a case checks and times.
-struct CaseKernels<'a> {
+/// The kernels of one format the cases check and time, loaded once for all of them.
+struct FormatKernels {
     /// The operators' kernels (their launch as PIO_PDL says).
-    kernels: &'a LinearKernels,
+    kernels: LinearKernels,
     /// The same kernels launched the other way (sm_90 and newer).
-    other_launch: Option<&'a LinearKernels>,
+    other_launch: Option<LinearKernels>,
     /// int4 kernels of the same dtype, whose dequantization writes the activations just before a
     /// checked launch with programmatic dependent launch.
-    producer: &'a LinearKernels,
+    producer: LinearKernels,
+}
+
+impl FormatKernels {
+    fn new(device: &Device, format: WeightFormat) -> Result<Self> {
+        let dtype = match format {
+            WeightFormat::Int4 { .. } => ActDtype::F16,
+            WeightFormat::Dense => ActDtype::Bf16,
+        };
+        let kernels = LinearKernels::new(device, format, dtype)?;
+        // On sm_90 and newer, the operators' kernel is also checked and timed with programmatic
+        // dependent launch the other way from PIO_PDL's.
+        let other_launch = match device.arch >= 90 {
+            true => {
+                let on = !kernels.programmatic_launch();
+                Some(LinearKernels::new(device, format, dtype)?.with_programmatic_launch(device, on)?)
+            }
+            false => None,
+        };
+        let producer = LinearKernels::new(device, WeightFormat::Int4 { block_size: 32 }, dtype)?;
+        Ok(FormatKernels { kernels, other_launch, producer })
+    }
 }
 
 fn tile_case(
-    CaseKernels { kernels, other_launch, producer }: CaseKernels,
+    FormatKernels { kernels, other_launch, producer }: &FormatKernels,
     proj: &Projection,
     m: usize,
     pool: &DeviceBuffer,
@@ -344,13 +347,20 @@ fn tile_case(
         (1, OneTokenKernel::Gemv(v)) => Kernel::Gemv(v),
         _ => Kernel::Tiles(warps),
     };
-    // (kernels, kernel, label): the operators' kernel launched the other way too, last.
-    let mut checked: Vec<(&LinearKernels, Kernel, String)> = std::iter::once(Kernel::Tiles(warps))
-        .chain(gemvs.iter().copied())
-        .filter(|kn| kn.applies(m))
-        .map(|kn| launched(kernels, kn))
-        .collect();
-    checked.extend(other_launch.map(|other| launched(other, operators_use)));
+    // (kernels, kernel, label): the tiles at `tile_warps`, the GEMVs at one token, and the
+    // operators' kernel launched the other way, last.
+    let kernel_list = |tile_warps: Vec<u32>| -> Vec<(&LinearKernels, Kernel, String)> {
+        let mut list: Vec<_> = tile_warps
+            .into_iter()
+            .map(Kernel::Tiles)
+            .chain(gemvs.iter().copied())
+            .filter(|kn| kn.applies(m))
+            .map(|kn| launched(kernels, kn))
+            .collect();
+        list.extend(other_launch.as_ref().map(|other| launched(other, operators_use)));
+        list
+    };
+    let checked = kernel_list(vec![warps]);
     let stream = driver::OwnedStream::new()?;
     for (kernels, kernel, label) in &checked {
         let (kernels, kernel) = (*kernels, *kernel);
@@ -393,14 +403,7 @@ fn tile_case(
     let mut candidates = if default_warps_only { vec![warps] } else { vec![warps, 2, 4, 8] };
     candidates.sort();
     candidates.dedup();
-    let mut kernels_timed: Vec<(&LinearKernels, Kernel, String)> = candidates
-        .into_iter()
-        .map(Kernel::Tiles)
-        .chain(gemvs.iter().copied().filter(|kn| kn.applies(m)))
-        .map(|kn| launched(kernels, kn))
-        .collect();
-    kernels_timed.extend(other_launch.map(|other| launched(other, operators_use)));
-    for (timed_kernels, kernel, label) in kernels_timed {
+    for (timed_kernels, kernel, label) in kernel_list(candidates) {
         let operators = std::ptr::eq(timed_kernels, kernels) && kernel == operators_use;
         let us = driver::graph_time_us(calls, 10, |stream, i| {
             let base = pool.ptr + ((i % copies) * per_copy) as u64;

@@ -782,7 +782,7 @@ mod tests {
             }
         }
         // Each name means the same shape of work in both formats, and every variant's pairs divide 8.
-        for format in [WeightFormat::Int4 { block_size: 32 }, WeightFormat::Dense] {
+        for format in [int4, dense] {
             let [(base_u, base_p), (wide_u, wide_p), (pairs_u, pairs_p)] = *gemv_variants(format);
             assert_eq!((wide_u, wide_p), (2 * base_u, base_p), "{format:?}");
             assert_eq!((pairs_u, pairs_p), (base_u, 2 * base_p), "{format:?}");

@@ -344,7 +344,7 @@ mod tests {
     #[test]
     fn each_chunk_pays_its_overhead_against_the_cost() {
         // Room for 300 token-equivalents, 100 of them per run: one chunk of 200.
-        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 100, per_sequence: usize::MAX };
+        let budget = PrefillBudget { cost: 300, chunk_overhead: 100, ..PrefillBudget::tokens(512) };
         let a = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
         let b = Running { id: 2, slot: 1, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
         let plan = plan_step(&[waiting(3, 8)], &[a, b], &[2], budget);
@@ -352,12 +352,12 @@ mod tests {
         assert!(plan.admitted.is_empty(), "no cost left for another run: {plan:?}");
         // Short prompts in slots apart (each a run of its own): each run costs 50 + 30; the
         // fourth gets what is left (10 tokens).
-        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 50, per_sequence: usize::MAX };
+        let budget = PrefillBudget { cost: 300, chunk_overhead: 50, ..PrefillBudget::tokens(512) };
         let plan =
             plan_step(&[waiting(1, 30), waiting(2, 30), waiting(3, 30), waiting(4, 30)], &[], &[0, 2, 4, 6], budget);
         assert_eq!(plan.prefill.iter().map(|c| c.len).collect::<Vec<_>>(), [30, 30, 30, 10]);
         // The token cap still holds when the cost would allow more.
-        let budget = PrefillBudget { tokens: 40, cost: 10_000, chunk_overhead: 10, per_sequence: usize::MAX };
+        let budget = PrefillBudget { cost: 10_000, chunk_overhead: 10, ..PrefillBudget::tokens(40) };
         let plan = plan_step(&[waiting(1, 30), waiting(2, 30)], &[], &[0, 1], budget);
         assert_eq!(plan.prefill_tokens(), 40);
     }
@@ -382,7 +382,7 @@ mod tests {
     fn a_chunk_that_joins_the_run_before_it_pays_no_overhead() {
         // Requests arriving together get consecutive slots: four chunks of 30 cost one run's
         // overhead (50) and their tokens, 170 of the 300.
-        let budget = PrefillBudget { tokens: 512, cost: 300, chunk_overhead: 50, per_sequence: usize::MAX };
+        let budget = PrefillBudget { cost: 300, chunk_overhead: 50, ..PrefillBudget::tokens(512) };
         let plan =
             plan_step(&[waiting(1, 30), waiting(2, 30), waiting(3, 30), waiting(4, 30)], &[], &[0, 1, 2, 3], budget);
         assert_eq!(plan.prefill.iter().map(|c| c.len).collect::<Vec<_>>(), [30, 30, 30, 30]);
