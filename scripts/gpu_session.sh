@@ -24,9 +24,8 @@
 #                                    fallbacks) and host time, per operator (after `prep`)
 #   scripts/gpu_session.sh bench4    pio bench of Qwen3-4B bf16/int4, stock and --pio-kernels (and int4 --pio-kernels
 #                                    --int4-lm-head; exported by `prep` with PREP_KERNELS=1), batch 1/8/32, CUDA graphs
-#                                    on; the --pio-kernels graphs again with each BENCH_ONE_TOKEN kernel (batch 1) and,
-#                                    with BENCH_PDL=1, with PIO_PDL=1; then bf16 stock prefill alone at prompt lengths
-#                                    PREFILL_LENS
+#                                    on; the --pio-kernels graphs again with each BENCH_ONE_TOKEN kernel (batch 1); then
+#                                    bf16 stock prefill alone at prompt lengths PREFILL_LENS
 #   scripts/gpu_session.sh probe     pio-kernels-check probe: read bandwidth and every projection shape of the presets
 #                                    through the tile kernels (1/8/32 tokens, warps per CTA swept), no model
 #   scripts/gpu_session.sh moe-check greedy tokens and logits of the stock int4 MoE graphs (QMoE) against --pio-kernels
@@ -288,11 +287,6 @@ case $part in
       for kernel in ${BENCH_ONE_TOKEN-tiles gemv}; do
         PIO_ONE_TOKEN_KERNEL=$kernel decode_bench .gpu/pio "bench4-${kernel//:/-}" 1 8 "${pio_graphs[@]}"
       done
-      # BENCH_PDL=1: the same graphs with programmatic dependent launch of the projection kernels (PIO_PDL=1),
-      # batch 1/8/32, against bench4.json's --pio-kernels rows.
-      if [[ ${BENCH_PDL:-0} == 1 ]]; then
-        PIO_PDL=1 decode_bench .gpu/pio bench4-pdl ${BATCHES:-1,8,32} 12 "${pio_graphs[@]}"
-      fi
       # A baseline build carried as .gpu-b/pio-base.xz (BASE: which commit): its kernels on the same graphs, in the
       # same call (the graph format is the same; only the kernels' code differs).
       if [[ -x .gpu/pio-base ]]; then

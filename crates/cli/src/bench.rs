@@ -76,9 +76,6 @@ pub struct BenchRun {
     /// (None: unset, each weight format's default: the GEMV for 16-bit weights, the tiles for
     /// int4), so that runs of one build with different values can be told apart in their results.
     pub pio_one_token_kernel: Option<String>,
-    /// The value of `PIO_PDL` (programmatic dependent launch of the projection kernels; None:
-    /// unset, off).
-    pub pio_pdl: Option<String>,
     /// None when the run worked; otherwise why it could not start or stopped.
     pub error: Option<String>,
     pub load_s: f64,
@@ -356,7 +353,6 @@ pub fn bench_one(graphs: &Path, label: &str, ep: &ExecutionProvider, plan: &Benc
         host_argmax: plan.host_argmax,
         prefill_chunk: plan.prefill_chunk,
         pio_one_token_kernel: std::env::var(pio_kernels::gpu::ONE_TOKEN_KERNEL_VAR).ok(),
-        pio_pdl: std::env::var(pio_kernels::gpu::PDL_VAR).ok(),
         error: None,
         load_s: 0.0,
         ttft: vec![],

@@ -48,7 +48,7 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "int4,dense")]
         formats: Vec<String>,
         /// Time the tiles at the default warps per CTA only (no sweep): one tile kernel per case, as a
-        /// profiler wants (the GEMVs at one token and the other-way launch are still timed).
+        /// profiler wants (the GEMVs at one token are still timed).
         #[arg(long)]
         default_warps: bool,
     },

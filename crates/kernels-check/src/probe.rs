@@ -30,7 +30,7 @@ pub struct Selection {
     /// `int4` and/or `dense`.
     pub formats: Vec<String>,
     /// The tiles at the default warps per CTA only (one timed tile kernel a case, for a profiler
-    /// to pick; the GEMVs and the other-way launch are still timed).
+    /// to pick; the GEMVs at one token are still timed).
     pub default_warps_only: bool,
 }
 
@@ -172,15 +172,14 @@ fn tile_kernels(device: &Device, tokens: &[usize], select: &Selection, tbps: Opt
     let formats = [WeightFormat::Int4 { block_size: 32 }, WeightFormat::Dense]
         .into_iter()
         .filter(|&format| listed(&select.formats, format_name(format)))
-        .map(|format| FormatKernels::new(device, format))
+        .map(|format| format_kernels(device, format))
         .collect::<Result<Vec<_>>>()?;
     for (preset, _) in PRESETS.iter().filter(|(p, _)| listed(&select.presets, p)) {
         for proj in projections(preset)?.into_iter().filter(|p| listed(&select.projections, &p.name)) {
-            for format_kernels in &formats {
+            for kernels in &formats {
                 for &m in tokens {
-                    let format = format_kernels.kernels.format;
-                    let label = format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format));
-                    match tile_case(format_kernels, &proj, m, &pool, &mut rng, tbps, select.default_warps_only) {
+                    let label = format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(kernels.format));
+                    match tile_case(kernels, &proj, m, &pool, &mut rng, tbps, select.default_warps_only) {
                         Ok(v) => rows.push(v),
                         Err(e) => rows.push(json!({ "case": label, "error": format!("{e:#}") })),
                     }
@@ -231,13 +230,6 @@ impl Kernel {
     }
 }
 
-/// A kernel with the kernels that launch it, labelled `+pdl` when they launch it with
-/// programmatic dependent launch.
-fn launched(kernels: &LinearKernels, kernel: Kernel) -> (&LinearKernels, Kernel, String) {
-    let pdl = if kernels.programmatic_launch() { "+pdl" } else { "" };
-    (kernels, kernel, format!("{}{pdl}", kernel.label()))
-}
-
 fn format_name(format: WeightFormat) -> &'static str {
     match format {
         WeightFormat::Int4 { .. } => "int4",
@@ -263,40 +255,18 @@ fn weight_bytes(format: WeightFormat, n: usize, k: usize) -> (usize, usize) {
     }
 }
 
-/// The kernels of one format the cases check and time, loaded once for all of them.
-struct FormatKernels {
-    /// The operators' kernels (their launch as PIO_PDL says).
-    kernels: LinearKernels,
-    /// The same kernels launched the other way (sm_90 and newer).
-    other_launch: Option<LinearKernels>,
-    /// int4 kernels of the same dtype, whose dequantization writes the activations just before a
-    /// checked launch with programmatic dependent launch.
-    producer: LinearKernels,
-}
-
-impl FormatKernels {
-    fn new(device: &Device, format: WeightFormat) -> Result<Self> {
-        let dtype = match format {
-            WeightFormat::Int4 { .. } => ActDtype::F16,
-            WeightFormat::Dense => ActDtype::Bf16,
-        };
-        let kernels = LinearKernels::new(device, format, dtype)?;
-        // On sm_90 and newer, the operators' kernel is also checked and timed with programmatic
-        // dependent launch the other way from PIO_PDL's.
-        let other_launch = match device.arch >= 90 {
-            true => {
-                let on = !kernels.programmatic_launch();
-                Some(LinearKernels::new(device, format, dtype)?.with_programmatic_launch(device, on)?)
-            }
-            false => None,
-        };
-        let producer = LinearKernels::new(device, WeightFormat::Int4 { block_size: 32 }, dtype)?;
-        Ok(FormatKernels { kernels, other_launch, producer })
-    }
+/// The kernels of one format the cases check and time (f16 activations for int4 weights, bf16
+/// for dense), loaded once for all of them.
+fn format_kernels(device: &Device, format: WeightFormat) -> Result<LinearKernels> {
+    let dtype = match format {
+        WeightFormat::Int4 { .. } => ActDtype::F16,
+        WeightFormat::Dense => ActDtype::Bf16,
+    };
+    Ok(LinearKernels::new(device, format, dtype)?)
 }
 
 fn tile_case(
-    FormatKernels { kernels, other_launch, producer }: &FormatKernels,
+    kernels: &LinearKernels,
     proj: &Projection,
     m: usize,
     pool: &DeviceBuffer,
@@ -306,16 +276,9 @@ fn tile_case(
 ) -> Result<Value> {
     let (format, dtype) = (kernels.format, kernels.dtype);
     let (n, k) = (proj.n, proj.k);
-    // The activations are the first m rows of an int4 matrix dequantized (exact in the dtype), so
-    // that a launch with programmatic dependent launch can take them from the kernel that writes
-    // them just before it on the stream, and must wait for it to read them.
-    let x_shape = Int4Shape::new(m.div_ceil(16) * 16, k, 32)?;
-    let (x_packed, x_scales) = Int4Weight::random(rng, dtype, x_shape).to_pio(|r| r);
-    let x_scales_f32: Vec<f32> = x_scales.iter().map(|&h| to_f32(dtype, h)).collect();
-    let xf: Vec<f32> = reference::dequantize(&x_shape, &x_packed, &x_scales_f32)[..m * k].to_vec();
-    let x: Vec<u16> = xf.iter().map(|&v| crate::data::to_bits(dtype, v)).collect();
+    let x = values(rng, dtype, m * k, 1.0);
+    let xf: Vec<f32> = x.iter().map(|&h| to_f32(dtype, h)).collect();
     let dx = DeviceBuffer::from_host(&x)?;
-    let (dx_packed, dx_scales) = (DeviceBuffer::from_host(&x_packed)?, DeviceBuffer::from_host(&x_scales)?);
     let out_n = if proj.swiglu { n / 2 } else { n };
     let dy = DeviceBuffer::new(m * out_n * 2)?;
 
@@ -343,53 +306,27 @@ fn tile_case(
     // warps, and at one token the GEMV (which the operators use there).
     let mut kernel_checks = Vec::new();
     let gemvs: Vec<Kernel> = GemvVariant::ALL.into_iter().map(Kernel::Gemv).collect();
-    let operators_use = match (m, kernels.one_token_kernel()) {
-        (1, OneTokenKernel::Gemv(v)) => Kernel::Gemv(v),
-        _ => Kernel::Tiles(warps),
+    // The tiles at `tile_warps`, then the GEMVs at one token.
+    let kernel_list = |tile_warps: Vec<u32>| -> Vec<Kernel> {
+        tile_warps.into_iter().map(Kernel::Tiles).chain(gemvs.iter().copied()).filter(|kn| kn.applies(m)).collect()
     };
-    // (kernels, kernel, label): the tiles at `tile_warps`, the GEMVs at one token, and the
-    // operators' kernel launched the other way, last.
-    let kernel_list = |tile_warps: Vec<u32>| -> Vec<(&LinearKernels, Kernel, String)> {
-        let mut list: Vec<_> = tile_warps
-            .into_iter()
-            .map(Kernel::Tiles)
-            .chain(gemvs.iter().copied())
-            .filter(|kn| kn.applies(m))
-            .map(|kn| launched(kernels, kn))
-            .collect();
-        list.extend(other_launch.as_ref().map(|other| launched(other, operators_use)));
-        list
-    };
-    let checked = kernel_list(vec![warps]);
-    let stream = driver::OwnedStream::new()?;
-    for (kernels, kernel, label) in &checked {
-        let (kernels, kernel) = (*kernels, *kernel);
+    for kernel in kernel_list(vec![warps]) {
         // NaN in every output first (0xFFFF in f16 and bf16), so an output a kernel fails to write
         // counts as non-finite rather than keeping the previous kernel's value.
         let dcheck = DeviceBuffer::from_host(&vec![0xFFFFu16; m * check_out])?;
-        // A programmatic launch reads activations that the dequantization writes into a zeroed
-        // buffer just before it: one read before its wait sees zeros, or a half-written row.
-        let produced = match kernels.programmatic_launch() {
-            true => {
-                let buffer = DeviceBuffer::new(x_shape.n * k * 2)?;
-                buffer.zero()?;
-                driver::synchronize()?;
-                Some(buffer)
-            }
-            false => None,
-        };
         // SAFETY: buffers of the sizes the shapes imply; synchronized before reading.
         unsafe {
-            if let Some(buffer) = &produced {
-                let ptrs = (dx_packed.ptr, dx_scales.ptr, buffer.ptr);
-                producer.launch_dequant(stream.0, ptrs, (x_shape.n, x_shape.k))?;
-            }
-            let x_ptr = produced.as_ref().map_or(dx.ptr, |b| b.ptr);
-            kernel.launch(kernels, stream.0, (x_ptr, dw.ptr, ds.ptr, dcheck.ptr), (m, check_n, k), proj.swiglu)?
+            kernel.launch(
+                kernels,
+                std::ptr::null_mut(),
+                (dx.ptr, dw.ptr, ds.ptr, dcheck.ptr),
+                (m, check_n, k),
+                proj.swiglu,
+            )?
         };
         driver::synchronize()?;
         let got: Vec<f32> = dcheck.to_host::<u16>()?.iter().map(|&h| to_f32(dtype, h)).collect();
-        kernel_checks.push((label.clone(), diff(&got, &expected)));
+        kernel_checks.push((kernel, diff(&got, &expected)));
     }
     let max_rel_error = kernel_checks.iter().map(|(_, c)| c.max_rel_error).fold(0f32, f32::max);
     let non_finite: usize = kernel_checks.iter().map(|(_, c)| c.non_finite).sum();
@@ -403,31 +340,28 @@ fn tile_case(
     let mut candidates = if default_warps_only { vec![warps] } else { vec![warps, 2, 4, 8] };
     candidates.sort();
     candidates.dedup();
-    for (timed_kernels, kernel, label) in kernel_list(candidates) {
-        let operators = std::ptr::eq(timed_kernels, kernels) && kernel == operators_use;
+    let operators_use = match (m, kernels.one_token_kernel()) {
+        (1, OneTokenKernel::Gemv(v)) => Kernel::Gemv(v),
+        _ => Kernel::Tiles(warps),
+    };
+    for kernel in kernel_list(candidates) {
         let us = driver::graph_time_us(calls, 10, |stream, i| {
             let base = pool.ptr + ((i % copies) * per_copy) as u64;
             // SAFETY: the copy lies inside the pool (copies * per_copy <= ROTATION_BYTES + slack).
             unsafe {
-                kernel.launch(
-                    timed_kernels,
-                    stream,
-                    (dx.ptr, base, base + wbytes as u64, dy.ptr),
-                    (m, n, k),
-                    proj.swiglu,
-                )
+                kernel.launch(kernels, stream, (dx.ptr, base, base + wbytes as u64, dy.ptr), (m, n, k), proj.swiglu)
             }
         })
-        .with_context(|| format!("timing {label}"))?;
+        .with_context(|| format!("timing {}", kernel.label()))?;
         let bytes = (wbytes + sbytes + m * k * 2 + m * out_n * 2) as f64;
         let tb = bytes / (us * 1e-6) / 1e12;
         timings.push(json!({
-            "kernel": label, "warps": kernel.warps(), "default": operators, "us": us,
+            "kernel": kernel.label(), "warps": kernel.warps(), "default": kernel == operators_use, "us": us,
             "tb_per_s": tb, "fraction_of_bandwidth": tbps.map(|b| tb / b),
         }));
     }
     let correctness: Vec<Value> =
-        kernel_checks.iter().map(|(label, c)| json!({ "kernel": label, "check": c })).collect();
+        kernel_checks.iter().map(|(kn, c)| json!({ "kernel": kn.label(), "check": c })).collect();
     Ok(json!({
         "case": format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format)),
         "preset": proj.preset, "projection": proj.name, "format": kernel_label(format), "n": n, "k": k, "m": m,

@@ -184,18 +184,6 @@ pub struct LaunchConfig {
     pub grid: (u32, u32),
     pub block: u32,
     pub shared_bytes: u32,
-    /// Programmatic stream serialization (programmatic dependent launch, sm_90+): the kernel may
-    /// start before the one before it in the stream has finished, and must itself wait for it
-    /// (`griddepcontrol.wait`) before touching anything that kernel writes or reads.
-    pub programmatic: bool,
-}
-
-impl LaunchConfig {
-    /// `grid` CTAs of `block` threads, `shared_bytes` of dynamic shared memory, launched after the
-    /// kernel before it in the stream has finished.
-    pub fn new(grid: (u32, u32), block: u32, shared_bytes: u32) -> Self {
-        LaunchConfig { grid, block, shared_bytes, programmatic: false }
-    }
 }
 
 /// Launches `f` on `stream` with one by-value argument struct (`#[repr(C)]`, the kernel's
@@ -215,41 +203,22 @@ pub unsafe fn launch<A>(f: Function, config: LaunchConfig, stream: Stream, args:
 /// As [`launch`].
 pub unsafe fn launch_raw(f: Function, config: LaunchConfig, stream: Stream, params: &mut [*mut c_void]) -> Result<()> {
     let (gx, gy) = config.grid;
-    if !config.programmatic {
-        return check(
-            "cuLaunchKernel",
-            sys::cuLaunchKernel(
-                f.0,
-                gx,
-                gy,
-                1,
-                config.block,
-                1,
-                1,
-                config.shared_bytes,
-                stream,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            ),
-        );
-    }
-    // SAFETY: a plain C struct; every field that matters is set below, the rest is zero.
-    let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
-    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attribute.value.programmaticStreamSerializationAllowed = 1;
-    let launch_config = sys::CUlaunchConfig {
-        gridDimX: gx,
-        gridDimY: gy,
-        gridDimZ: 1,
-        blockDimX: config.block,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: config.shared_bytes,
-        hStream: stream,
-        attrs: &mut attribute,
-        numAttrs: 1,
-    };
-    check("cuLaunchKernelEx", sys::cuLaunchKernelEx(&launch_config, f.0, params.as_mut_ptr(), std::ptr::null_mut()))
+    check(
+        "cuLaunchKernel",
+        sys::cuLaunchKernel(
+            f.0,
+            gx,
+            gy,
+            1,
+            config.block,
+            1,
+            1,
+            config.shared_bytes,
+            stream,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        ),
+    )
 }
 
 /// A device allocation of the GPU check (freed on drop; the context must be current).

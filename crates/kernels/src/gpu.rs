@@ -125,41 +125,6 @@ impl OneTokenKernel {
     }
 }
 
-/// The variable that turns on programmatic dependent launch for the projection kernels: `1` or
-/// `on`; `0`, `off` or unset: off. With it, each tile or GEMV launch may start while the kernel
-/// before it in the stream finishes, prefetches the start of its weight rows into the L2, and
-/// waits for that kernel before reading its activations (`pdl_enter` in the CUDA source). Off by
-/// default until a GPU has measured it: a projection's fixed few microseconds per call (Run 9)
-/// are what it could hide.
-pub const PDL_VAR: &str = "PIO_PDL";
-
-fn programmatic_launch_from_env(device: &Device) -> Result<bool> {
-    let on = parse_switch(PDL_VAR, std::env::var(PDL_VAR).ok().as_deref())?;
-    if on {
-        require_programmatic_launch(device)?;
-    }
-    Ok(on)
-}
-
-fn require_programmatic_launch(device: &Device) -> Result<()> {
-    if device.arch < 90 {
-        return Err(KernelError::bad_input(
-            PDL_VAR,
-            format!("programmatic dependent launch needs sm_90 or newer; {} is sm_{}", device.name, device.arch),
-        ));
-    }
-    Ok(())
-}
-
-/// An on/off variable's value: `1`/`on` or `0`/`off` (unset or empty: off).
-fn parse_switch(var: &'static str, value: Option<&str>) -> Result<bool> {
-    match value.map(str::trim) {
-        None | Some("") | Some("0") | Some("off") => Ok(false),
-        Some("1") | Some("on") => Ok(true),
-        Some(v) => Err(KernelError::bad_input(var, format!("{v:?} is neither on (1, on) nor off (0, off)"))),
-    }
-}
-
 /// Each [`GemvVariant`]'s (pieces in flight per lane, row pairs per warp) for a weight format, in
 /// the order of [`GemvVariant::ALL`].
 pub fn gemv_variants(format: WeightFormat) -> &'static [(usize, usize); 3] {
@@ -207,8 +172,6 @@ struct LinearArgs {
     n: i32,
     k: i32,
     act: i32,
-    /// 1: launched with programmatic stream serialization (`pdl_enter` in the CUDA source).
-    pdl: i32,
 }
 
 #[repr(C)]
@@ -241,8 +204,6 @@ pub struct LinearKernels {
     /// One per [`GemvVariant`], in the order of [`GemvVariant::ALL`].
     gemv: Vec<Function>,
     one_token: OneTokenKernel,
-    /// Projections launched with programmatic dependent launch ([`PDL_VAR`]).
-    programmatic: bool,
     dequant: Option<Function>,
     swiglu_rows: Function,
 }
@@ -282,23 +243,7 @@ impl LinearKernels {
         };
         let swiglu_rows = module.function(&source::swiglu_rows_name(dtype))?;
         let one_token = OneTokenKernel::from_env(format)?;
-        let programmatic = programmatic_launch_from_env(device)?;
-        Ok(LinearKernels { format, dtype, _module: module, tiles, gemv, one_token, programmatic, dequant, swiglu_rows })
-    }
-
-    /// The same kernels with programmatic dependent launch on or off, whatever [`PDL_VAR`] says
-    /// (the probe times both in one process). Refused before sm_90.
-    pub fn with_programmatic_launch(mut self, device: &Device, on: bool) -> Result<Self> {
-        if on {
-            require_programmatic_launch(device)?;
-        }
-        self.programmatic = on;
-        Ok(self)
-    }
-
-    /// Whether projections are launched with programmatic dependent launch.
-    pub fn programmatic_launch(&self) -> bool {
-        self.programmatic
+        Ok(LinearKernels { format, dtype, _module: module, tiles, gemv, one_token, dequant, swiglu_rows })
     }
 
     /// y = x W^T (or its SwiGLU) for `m` <= 32 tokens by the kernel the operators use: the tile
@@ -341,12 +286,11 @@ impl LinearKernels {
     ) -> Result<()> {
         let f = self.gemv[variant.index()];
         let pairs = gemv_variants(self.format)[variant.index()].1;
-        let pdl = self.programmatic as i32;
-        let args = LinearArgs { x, w, scales, y, m: 1, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32, pdl };
+        let args = LinearArgs { x, w, scales, y, m: 1, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
         // 8 warps of `pairs` row pairs each: 16 * pairs rows a CTA (the last may run past N; its
         // warps beyond N return).
         let grid = n.div_ceil(TILE_ROWS * pairs) as u32;
-        let config = LaunchConfig { programmatic: self.programmatic, ..LaunchConfig::new((grid, 1), 256, 0) };
+        let config = LaunchConfig { grid: (grid, 1), block: 256, shared_bytes: 0 };
         launch(f, config, stream, &args)
     }
 
@@ -373,12 +317,12 @@ impl LinearKernels {
             ));
         }
         let tiles = m.div_ceil(8);
-        let pdl = self.programmatic as i32;
-        let (m, n, k) = (dim(m, "M")?, dim(n, "N")?, dim(k, "K")?);
-        let args = LinearArgs { x, w, scales, y, m, n, k, act: swiglu as i32, pdl };
+        let args =
+            LinearArgs { x, w, scales, y, m: dim(m, "M")?, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
         let config = LaunchConfig {
-            programmatic: self.programmatic,
-            ..LaunchConfig::new(((n as usize / TILE_ROWS) as u32, 1), 32 * warps, tile_shared_bytes(warps, tiles))
+            grid: ((n / TILE_ROWS) as u32, 1),
+            block: 32 * warps,
+            shared_bytes: tile_shared_bytes(warps, tiles),
         };
         launch(self.tiles[tiles - 1], config, stream, &args)
     }
@@ -397,7 +341,7 @@ impl LinearKernels {
         let f = self.dequant.ok_or_else(|| KernelError::bad_input("linear", "dense weights have no dequantization"))?;
         let pieces = n * k.div_ceil(CHUNK_K) * 4;
         let args = DequantArgs { w, scales, out, n: dim(n, "N")?, k: dim(k, "K")? };
-        let config = LaunchConfig::new((pieces.div_ceil(256) as u32, 1), 256, 0);
+        let config = LaunchConfig { grid: (pieces.div_ceil(256) as u32, 1), block: 256, shared_bytes: 0 };
         launch(f, config, stream, &args)
     }
 
@@ -408,7 +352,7 @@ impl LinearKernels {
     pub unsafe fn launch_swiglu_rows(&self, stream: Stream, (gu, y): (u64, u64), (m, n): (usize, usize)) -> Result<()> {
         let args = SwigluArgs { gu, y, m: dim(m, "M")?, n: dim(n, "N")? };
         let total = m * n / 2;
-        let config = LaunchConfig::new((total.div_ceil(256) as u32, 1), 256, 0);
+        let config = LaunchConfig { grid: (total.div_ceil(256) as u32, 1), block: 256, shared_bytes: 0 };
         launch(self.swiglu_rows, config, stream, &args)
     }
 }
@@ -655,7 +599,12 @@ impl MoeKernels {
             k: dim(s.k, "k")?,
             normalize: normalize as i32,
         };
-        launch(self.topk, LaunchConfig::new((tokens.div_ceil(8) as u32, 1), 256, 0), stream, &topk)?;
+        launch(
+            self.topk,
+            LaunchConfig { grid: (tokens.div_ceil(8) as u32, 1), block: 256, shared_bytes: 0 },
+            stream,
+            &topk,
+        )?;
         let plan = MoePlanArgs {
             topk_expert: scratch.topk_expert,
             pair_token: scratch.pair_token,
@@ -669,7 +618,7 @@ impl MoeKernels {
             e: dim(s.experts, "experts")?,
             max_slots: dim(max_slots, "slots")?,
         };
-        launch(self.plan, LaunchConfig::new((1, 1), 1024, 0), stream, &plan)?;
+        launch(self.plan, LaunchConfig { grid: (1, 1), block: 1024, shared_bytes: 0 }, stream, &plan)?;
         // A slot holds at most one pair per token, so at most min(tokens, 32) pairs.
         let tiles = tokens.min(MAX_TOKENS).div_ceil(8);
         let fc = |fc1: bool, x: u64, w: u64, scales: u64, out: u64, rows: usize, k: usize| -> Result<()> {
@@ -689,11 +638,11 @@ impl MoeKernels {
             // Every expert slot is a CTA column of its own (max_slots of them), so the few-CTA
             // rule of a lone projection does not apply: counted as full tiles.
             let warps = default_warps(WeightFormat::Int4 { block_size: s.block_size }, rows, k, MAX_TOKENS);
-            let config = LaunchConfig::new(
-                ((rows / TILE_ROWS) as u32, max_slots as u32),
-                32 * warps,
-                tile_shared_bytes(warps, tiles),
-            );
+            let config = LaunchConfig {
+                grid: ((rows / TILE_ROWS) as u32, max_slots as u32),
+                block: 32 * warps,
+                shared_bytes: tile_shared_bytes(warps, tiles),
+            };
             let f = if fc1 { self.fc1[tiles - 1] } else { self.fc2[tiles - 1] };
             launch(f, config, stream, &args)
         };
@@ -709,7 +658,7 @@ impl MoeKernels {
             h: dim(s.hidden, "hidden")?,
         };
         let grid = (s.hidden.div_ceil(256) as u32, tokens as u32);
-        launch(self.combine, LaunchConfig::new(grid, 256, 0), stream, &combine)
+        launch(self.combine, LaunchConfig { grid, block: 256, shared_bytes: 0 }, stream, &combine)
     }
 }
 
@@ -744,7 +693,12 @@ impl ProbeKernels {
     ) -> Result<()> {
         let pieces = n * k.div_ceil(CHUNK_K) * 4;
         let args = DequantArgs { w, scales, out, n: dim(n, "N")?, k: dim(k, "K")? };
-        launch(self.dequant_f32, LaunchConfig::new((pieces.div_ceil(256) as u32, 1), 256, 0), stream, &args)
+        launch(
+            self.dequant_f32,
+            LaunchConfig { grid: (pieces.div_ceil(256) as u32, 1), block: 256, shared_bytes: 0 },
+            stream,
+            &args,
+        )
     }
 
     /// Reads `bytes` (a multiple of 16) at `buf` once.
@@ -755,7 +709,12 @@ impl ProbeKernels {
         let (mut p, mut n, mut s) = (buf, (bytes / 16) as i64, sink);
         let mut params = [(&mut p as *mut u64).cast(), (&mut n as *mut i64).cast(), (&mut s as *mut u64).cast()];
         let grid = (self.sm_count.max(1) as u32) * 8;
-        launch_raw(self.read_bandwidth, LaunchConfig::new((grid, 1), 256, 0), stream, &mut params)
+        launch_raw(
+            self.read_bandwidth,
+            LaunchConfig { grid: (grid, 1), block: 256, shared_bytes: 0 },
+            stream,
+            &mut params,
+        )
     }
 }
 
@@ -787,20 +746,6 @@ mod tests {
             assert_eq!((wide_u, wide_p), (2 * base_u, base_p), "{format:?}");
             assert_eq!((pairs_u, pairs_p), (base_u, 2 * base_p), "{format:?}");
             assert!(gemv_variants(format).iter().all(|&(u, p)| u >= 1 && 8 % p == 0), "{format:?}");
-        }
-    }
-
-    #[test]
-    fn programmatic_launch_is_off_unless_switched_on() {
-        for off in [None, Some(""), Some("0"), Some("off"), Some(" off ")] {
-            assert!(!parse_switch(PDL_VAR, off).unwrap(), "{off:?}");
-        }
-        for on in [Some("1"), Some("on"), Some(" 1")] {
-            assert!(parse_switch(PDL_VAR, on).unwrap(), "{on:?}");
-        }
-        for bad in ["yes", "true", "2", "ON"] {
-            let e = parse_switch(PDL_VAR, Some(bad)).unwrap_err().to_string();
-            assert!(e.contains(PDL_VAR) && e.contains(&format!("{bad:?}")), "{e}");
         }
     }
 

@@ -288,65 +288,20 @@ struct LinearArgs {
   const u16* scales;
   u16* y;
   int M, N, K, act;
-  // 1: launched with programmatic stream serialization (PIO_PDL): see pdl_enter.
-  int pdl;
 };
-
-// Bytes of each weight row a CTA asks of the L2 before it waits for the kernel before it: what
-// its warps load first (8 warps x 4 int4 chunks of 64 bytes in the tiles; 32 lanes x 4 pieces of
-// 16 bytes in the int4 GEMV; the first half of the 16-bit GEMV's first round).
-#define PDL_PREFETCH_ROW_BYTES 2048
-
-// Programmatic dependent launch. A kernel launched with programmatic stream serialization may
-// start while the kernel before it in the stream is still running (its CTAs finishing, its
-// memory flushing): the launch and this prologue overlap that tail instead of following it. The
-// weights and scales are constants of the session, so the CTA first asks the L2 for the start of
-// each of its `rows` rows (one 128-byte line a thread); then griddepcontrol.wait returns once the
-// kernel before has completed and its writes are visible, and only after it are x read and y
-// written. Called only when the launch had the attribute (LinearArgs::pdl), so a kernel without
-// it runs no more than a uniform branch. sm_90 and newer (griddepcontrol); the host only sets
-// pdl there. Out of line: inlined, its loop made ptxas spill 12 bytes in the int4 one-token tile
-// kernel (none this way).
-__device__ __noinline__ void pdl_enter(const unsigned char* w, long long row_bytes, int rows, const u16* scales,
-                                       long long s_row) {
-#if __CUDA_ARCH__ >= 900
-  const long long head = row_bytes < PDL_PREFETCH_ROW_BYTES ? row_bytes : PDL_PREFETCH_ROW_BYTES;
-  const int lines = (int)((head + 127) / 128);
-  for (int i = threadIdx.x; i < rows * lines; i += blockDim.x) {
-    const unsigned char* p = w + (long long)(i / lines) * row_bytes + 128LL * (i % lines);
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-  }
-  if (scales) {
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) asm volatile("prefetch.global.L2 [%0];" ::"l"(scales + r * s_row));
-  }
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Lets the kernel after this one (when it was launched with programmatic stream serialization)
-// start its launch and prologue: called once this CTA's weight stream is done, so its CTAs,
-// which wait for this kernel's completion before reading anything it writes, do not take SM
-// slots from this kernel's own CTAs earlier.
-__device__ __forceinline__ void pdl_release(int pdl) {
-#if __CUDA_ARCH__ >= 900
-  if (pdl) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 template <int DT, int FMT, int TILES, int BS> __device__ __forceinline__ void linear_body(const LinearArgs& a) {
   extern __shared__ float smem[];
   __shared__ const u16* xrow[8 * MAX_TILES];
   if (threadIdx.x < 8 * TILES) xrow[threadIdx.x] = (int)threadIdx.x < a.M ? a.x + (long long)threadIdx.x * a.K : 0;
+  __syncthreads();
   const int n0 = blockIdx.x * TILE_ROWS;
   const int kp = (a.K + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
   const long long row_bytes = FMT == FMT_INT4 ? kp / 2 : 2LL * a.K;
   const long long s_row = kp / BS;
-  const u16* scales = FMT == FMT_INT4 ? a.scales + n0 * s_row : 0;
-  if (a.pdl) pdl_enter(a.w + n0 * row_bytes, row_bytes, TILE_ROWS, scales, s_row);
-  __syncthreads();
   float* fin = tile_final<TILES>(smem);
-  tile_gemm<DT, FMT, TILES, BS>(xrow, a.w + n0 * row_bytes, row_bytes, scales, s_row, a.K, smem, fin);
-  pdl_release(a.pdl);
+  tile_gemm<DT, FMT, TILES, BS>(xrow, a.w + n0 * row_bytes, row_bytes, FMT == FMT_INT4 ? a.scales + n0 * s_row : 0,
+                                s_row, a.K, smem, fin);
   const int cols = 8 * TILES;
   if (a.act == 0) {
     for (int idx = threadIdx.x; idx < TILE_ROWS * cols; idx += blockDim.x) {
@@ -416,11 +371,6 @@ template <int DT, int FMT, int BS, int U, int P> __device__ __forceinline__ void
   const long long row_bytes = FMT == FMT_INT4 ? kp / 2 : 2LL * a.K;
   const int pieces = FMT == FMT_INT4 ? kp / 32 : a.K / 8;
   const long long s_row = kp / BS;
-  {
-    // The CTA's rows: 16 * P consecutive ones from 16 * P * blockIdx.x (the last CTA's cut at N).
-    const int row0 = 16 * P * blockIdx.x, rows = min(16 * P, a.N - row0);
-    if (a.pdl) pdl_enter(a.w + row0 * row_bytes, row_bytes, rows, FMT == FMT_INT4 ? a.scales + row0 * s_row : 0, s_row);
-  }
   if (16 * (first_pair >> 3) >= a.N) return;  // warp-uniform; no barrier follows
   // Row pair i of this warp: rows (16q + r, 16q + r + 8), r = pair % 8 (all P pairs in one block).
   const unsigned char* wr[2 * P];
@@ -483,7 +433,6 @@ template <int DT, int FMT, int BS, int U, int P> __device__ __forceinline__ void
       }
     }
   }
-  pdl_release(a.pdl);
 #pragma unroll
   for (int r = 0; r < 2 * P; r++) {
 #pragma unroll
