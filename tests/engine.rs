@@ -228,6 +228,20 @@ fn a_burst_of_prompts_beside_a_decoding_stream_catches_up_in_one_step() {
     }
 }
 
+/// `max_seqs` slots, a 64-token prefill budget, the long-prompt `threshold`, no catch-up (so
+/// that a lone prompt is chunked either way) and no prefix cache.
+fn budget_64_with_threshold(max_seqs: usize, threshold: Option<usize>) -> EngineConfig {
+    EngineConfig::builder(graphs())
+        .max_seqs(max_seqs)
+        .max_model_len(2304)
+        .prefill_budget(64)
+        .long_prefill_token_threshold(threshold)
+        .waiting_served_ratio(None)
+        .prefix_caching(false)
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn a_long_prompt_beside_a_decoding_stream_advances_by_the_per_request_threshold() {
     // One stream decodes; a 200-token prompt arrives. With a 64-token budget it takes 4 chunks;
@@ -237,15 +251,7 @@ fn a_long_prompt_beside_a_decoding_stream_advances_by_the_per_request_threshold(
     let stream = ids_request(&random_prompt(&mut rng, 10), greedy_options(400));
     let long = ids_request(&random_prompt(&mut rng, 200), greedy_options(5));
     let chunks_of_the_long_prompt = |threshold: Option<usize>| {
-        let config = EngineConfig::builder(graphs())
-            .max_seqs(2)
-            .max_model_len(2304)
-            .prefill_budget(64)
-            .long_prefill_token_threshold(threshold)
-            .waiting_served_ratio(None)
-            .prefix_caching(false)
-            .build()
-            .unwrap();
+        let config = budget_64_with_threshold(2, threshold);
         assert_eq!(config.long_prefill_token_threshold(), threshold);
         prefill_chunks_beside_a_stream(config, &stream, |engine| engine.submit(long.clone()).unwrap().wait().unwrap())
     };
@@ -254,6 +260,24 @@ fn a_long_prompt_beside_a_decoding_stream_advances_by_the_per_request_threshold(
     assert_eq!(capped, 13, "the long prompt did not advance 16 tokens a step");
     assert_eq!(budgeted, 4, "the long prompt was not chunked at the prefill budget");
     assert_eq!(with.generated_ids, without.generated_ids, "the threshold changed what the prompt answers");
+}
+
+#[test]
+fn the_per_request_threshold_holds_only_while_one_prompt_is_to_prefill() {
+    // One stream decodes; two 200-token prompts arrive together (64-token budget, threshold 16).
+    // While both are to prefill the first gets the whole budget: 64, 64, 64, then its last 8
+    // tokens with the second's first 56 in one step (4 chunks and 1). Alone after that, the
+    // second advances 16 a step: 144 tokens in 9 chunks. 14 in all, where a threshold for every
+    // step would take 13 + 13 and the budget alone 4 + 4.
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let stream = ids_request(&random_prompt(&mut rng, 10), greedy_options(400));
+    let pair: Vec<Request> = (0..2).map(|_| ids_request(&random_prompt(&mut rng, 200), greedy_options(3))).collect();
+    let (chunks, outputs) = prefill_chunks_beside_a_stream(budget_64_with_threshold(3, Some(16)), &stream, |engine| {
+        let handles = engine.submit_batch(pair.clone()).unwrap();
+        handles.into_iter().map(|h| h.wait().unwrap()).collect::<Vec<GenerationOutput>>()
+    });
+    assert_eq!(chunks, 14, "the threshold was not lifted while two prompts were to prefill");
+    assert!(outputs.iter().all(|o| o.generated_ids.len() == 3));
 }
 
 #[test]

@@ -255,9 +255,11 @@ impl EngineConfigBuilder {
     /// streams keep the inter-token latency of a small budget, short prompts the time to first
     /// token of the large one. The long prompt's own first token comes later (it needs
     /// `len / tokens` steps), and one prompt longer than `tokens` prefills per step (vLLM's
-    /// `max_long_partial_prefills` = 1). Not applied when no sequence decodes, nor in a catch-up
-    /// step (see [`Self::waiting_served_ratio`]: a burst then prefills at the idle budget). At
-    /// least 1.
+    /// `max_long_partial_prefills` = 1). Applied only to a lone prompt: while another prompt
+    /// waits beside it, every prompt gets the full prefill budget again (a chunk of `tokens`
+    /// prefills fewer tokens a millisecond than a budget-sized one, so a queue would wait
+    /// longer), and not when no sequence decodes, nor in a catch-up step (see
+    /// [`Self::waiting_served_ratio`]: a burst then prefills at the idle budget). At least 1.
     pub fn long_prefill_token_threshold(mut self, tokens: Option<usize>) -> Self {
         self.config.long_prefill_token_threshold = tokens;
         self
