@@ -200,9 +200,8 @@ pub struct ModelArgs {
     idle_prefill_budget: Option<usize>,
     /// Prompt tokens of one request prefilled per engine step at most while streams decode
     /// (vLLM's option; 0, the default: only --prefill-budget): a long prompt arriving alone
-    /// advances this much a step, so running streams see the latency of a small chunk, while
-    /// shorter prompts share the rest of --prefill-budget in the same step; once other prompts
-    /// wait beside it, every prompt gets the whole --prefill-budget again.
+    /// advances this much a step, so running streams see the latency of a small chunk; once
+    /// another prompt waits beside it, every prompt gets the whole --prefill-budget again.
     #[arg(long, value_name = "TOKENS", default_value_t = 0, value_parser = NumberRange::at_least(0usize))]
     long_prefill_token_threshold: usize,
     /// Prefill pacing, off by default (0): while streams decode, keep each engine step (their

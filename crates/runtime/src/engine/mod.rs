@@ -248,17 +248,14 @@ impl EngineConfigBuilder {
         self.config.idle_prefill_budget = Some(tokens);
         self
     }
-    /// At most `tokens` prompt tokens of one sequence per step while sequences decode (default
-    /// `None`: only the prefill budget), as vLLM's `long_prefill_token_threshold`. A long prompt
-    /// then advances `tokens` a step, so a step beside running streams costs what a chunk of that
-    /// size costs, while shorter prompts share the rest of the prefill budget in the same step:
-    /// streams keep the inter-token latency of a small budget, short prompts the time to first
-    /// token of the large one. The long prompt's own first token comes later (it needs
-    /// `len / tokens` steps), and one prompt longer than `tokens` prefills per step (vLLM's
-    /// `max_long_partial_prefills` = 1). Applied only to a lone prompt: while another prompt
-    /// waits beside it, every prompt gets the full prefill budget again (a chunk of `tokens`
-    /// prefills fewer tokens a millisecond than a budget-sized one, so a queue would wait
-    /// longer), and not when no sequence decodes, nor in a catch-up step (see
+    /// At most `tokens` prompt tokens of one sequence per step while sequences decode and it is
+    /// the only prompt to prefill (default `None`: only the prefill budget), as vLLM's
+    /// `long_prefill_token_threshold` for a lone prompt. A long prompt arriving among running
+    /// streams then advances `tokens` a step, so a step beside them costs what a chunk of that
+    /// size costs; its own first token comes later (it needs `len / tokens` steps). Once another
+    /// prompt waits beside it every prompt gets the full prefill budget again: a chunk of
+    /// `tokens` prefills fewer tokens a millisecond than a budget-sized one, and a queue would
+    /// wait that much longer. Not applied when no sequence decodes, nor in a catch-up step (see
     /// [`Self::waiting_served_ratio`]: a burst then prefills at the idle budget). At least 1.
     pub fn long_prefill_token_threshold(mut self, tokens: Option<usize>) -> Self {
         self.config.long_prefill_token_threshold = tokens;
