@@ -197,6 +197,9 @@ case $part in
       f=${f:-0} threshold=${threshold:-0}
       name=b$budget-f$f
       [[ $threshold != 0 ]] && name=$name-t$threshold
+      # A setting repeated in SERVE_CONFIGS gets its own files (-2, -3, ...).
+      n=1 base=$name
+      while [[ -e $out/serve-bench-$name.json || -e $out/serve/serve-bench-$name.log ]]; do n=$((n + 1)) name=$base-$n; done
       if [[ $first == 1 ]]; then
         sections=${SERVE_SECTIONS:-offline,concurrency,sweep,prefix,long-prefill} rates=${RATES:-1,2,4,8,16,32,64}
         conc=${CONCURRENCY:-1,8,32,64}
