@@ -25,7 +25,7 @@
 #   scripts/gpu_session.sh bench4    pio bench of Qwen3-4B bf16/int4, stock and --pio-kernels (and int4 --pio-kernels
 #                                    --int4-lm-head; exported by `prep` with PREP_KERNELS=1), batch 1/8/32, CUDA graphs
 #                                    on; the --pio-kernels graphs again with each BENCH_ONE_TOKEN kernel (batch 1); then
-#                                    bf16 stock prefill alone at prompt lengths PREFILL_LENS
+#                                    bf16 stock prefill alone at prompt lengths PREFILL_LENS (unset: 16 to 2,048; empty: none)
 #   scripts/gpu_session.sh probe     pio-kernels-check probe: read bandwidth and every projection shape of the presets
 #                                    through the tile kernels (1/8/32 tokens, warps per CTA swept), no model
 #   scripts/gpu_session.sh moe-check greedy tokens and logits of the stock int4 MoE graphs (QMoE) against --pio-kernels
@@ -297,9 +297,9 @@ case $part in
         decode_bench .gpu/pio-base bench4-base ${BATCHES:-1,8,32} 12 "${pio_graphs[@]}"
       fi
     fi
-    if [[ -f $work/q4b-bf16-stock/pio.json && -n ${PREFILL_LENS:-16,64,128,256,512,1024,2048} ]]; then
+    if [[ -f $work/q4b-bf16-stock/pio.json && -n ${PREFILL_LENS-16,64,128,256,512,1024,2048} ]]; then
       timeout 120 .gpu/pio bench --graphs $work/q4b-bf16-stock --ep cuda --cuda-graph on --batches 1 \
-        --prompt-lens ${PREFILL_LENS:-16,64,128,256,512,1024,2048} --decode-tokens 1 --repeats 3 \
+        --prompt-lens ${PREFILL_LENS-16,64,128,256,512,1024,2048} --decode-tokens 1 --repeats 3 \
         --out "$out/prefill-curve.json" > "$out/prefill-curve.log" 2>&1
       echo "prefill curve rc=$?"
       grep -v "INFO\|WARN" "$out/prefill-curve.log" | tail -n 12
