@@ -263,21 +263,29 @@ fn a_long_prompt_beside_a_decoding_stream_advances_by_the_per_request_threshold(
 }
 
 #[test]
-fn the_per_request_threshold_holds_only_while_one_prompt_is_to_prefill() {
-    // One stream decodes; two 200-token prompts arrive together (64-token budget, threshold 16).
-    // While both are to prefill the first gets the whole budget: 64, 64, 64, then its last 8
-    // tokens with the second's first 56 in one step (4 chunks and 1). Alone after that, the
-    // second advances 16 a step: 144 tokens in 9 chunks. 14 in all, where a threshold for every
-    // step would take 13 + 13 and the budget alone 4 + 4.
+fn the_per_request_threshold_is_lifted_while_two_long_prompts_could_prefill() {
+    // One stream decodes (budget 64, threshold 16). Two 200-token prompts arrive together: while
+    // both are long the first gets the whole budget (64, 64, 64: 3 chunks); with 8 tokens left
+    // it is not long, so the cap holds again: its last 8 beside the second's first 16, then the
+    // second alone at 16 a step (184 tokens, 12 chunks). 17 in all, where the cap on every step
+    // would take 13 + 13. A 200-token prompt with a 10-token one keeps the cap, and the short one
+    // shares the first step: 13 + 1. (Each prompt generates 3 tokens, so that its last prefill
+    // step is counted before it finishes.)
     let mut rng = ChaCha8Rng::seed_from_u64(10);
     let stream = ids_request(&random_prompt(&mut rng, 10), greedy_options(400));
-    let pair: Vec<Request> = (0..2).map(|_| ids_request(&random_prompt(&mut rng, 200), greedy_options(3))).collect();
-    let (chunks, outputs) = prefill_chunks_beside_a_stream(budget_64_with_threshold(3, Some(16)), &stream, |engine| {
-        let handles = engine.submit_batch(pair.clone()).unwrap();
-        handles.into_iter().map(|h| h.wait().unwrap()).collect::<Vec<GenerationOutput>>()
-    });
-    assert_eq!(chunks, 14, "the threshold was not lifted while two prompts were to prefill");
-    assert!(outputs.iter().all(|o| o.generated_ids.len() == 3));
+    let long = || ids_request(&random_prompt(&mut ChaCha8Rng::seed_from_u64(11), 200), greedy_options(3));
+    let short = ids_request(&random_prompt(&mut rng, 10), greedy_options(3));
+    let chunks_of = |requests: Vec<Request>| {
+        prefill_chunks_beside_a_stream(budget_64_with_threshold(3, Some(16)), &stream, |engine| {
+            let handles = engine.submit_batch(requests).unwrap();
+            handles.into_iter().map(|h| h.wait().unwrap()).collect::<Vec<GenerationOutput>>()
+        })
+    };
+    let (two_long, outputs) = chunks_of(vec![long(), long()]);
+    assert_eq!(two_long, 17, "the threshold was not lifted while two long prompts could prefill");
+    assert_eq!(outputs[0].generated_ids, outputs[1].generated_ids, "the same prompt answered differently");
+    let (long_and_short, _) = chunks_of(vec![long(), short]);
+    assert_eq!(long_and_short, 14, "a short prompt lifted the threshold");
 }
 
 #[test]

@@ -199,9 +199,10 @@ pub struct ModelArgs {
     #[arg(long, value_name = "TOKENS", value_parser = NumberRange::at_least(1usize))]
     idle_prefill_budget: Option<usize>,
     /// Prompt tokens of one request prefilled per engine step at most while streams decode
-    /// (vLLM's option; 0, the default: only --prefill-budget): a long prompt arriving alone
-    /// advances this much a step, so running streams see the latency of a small chunk; once
-    /// another prompt waits beside it, every prompt gets the whole --prefill-budget again.
+    /// (vLLM's option; 0, the default: only --prefill-budget): a long prompt advances this much
+    /// a step, so running streams see the latency of a small chunk, while shorter prompts share
+    /// the rest of --prefill-budget; while two or more long prompts could prefill, a step gives
+    /// the whole --prefill-budget.
     #[arg(long, value_name = "TOKENS", default_value_t = 0, value_parser = NumberRange::at_least(0usize))]
     long_prefill_token_threshold: usize,
     /// Prefill pacing, off by default (0): while streams decode, keep each engine step (their

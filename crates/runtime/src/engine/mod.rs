@@ -248,13 +248,14 @@ impl EngineConfigBuilder {
         self.config.idle_prefill_budget = Some(tokens);
         self
     }
-    /// At most `tokens` prompt tokens of one sequence per step while sequences decode and it is
-    /// the only prompt to prefill (default `None`: only the prefill budget), as vLLM's
-    /// `long_prefill_token_threshold` for a lone prompt. A long prompt arriving among running
-    /// streams then advances `tokens` a step, so a step beside them costs what a chunk of that
-    /// size costs; its own first token comes later (it needs `len / tokens` steps). Once another
-    /// prompt waits beside it every prompt gets the full prefill budget again: a chunk of
-    /// `tokens` prefills fewer tokens a millisecond than a budget-sized one, and a queue would
+    /// At most `tokens` prompt tokens of one sequence per step while sequences decode (default
+    /// `None`: only the prefill budget), as vLLM's `long_prefill_token_threshold`. A long prompt
+    /// (more than `tokens` left) among running streams then advances `tokens` a step, so a step
+    /// beside them costs what a chunk of that size costs, while shorter prompts share the rest of
+    /// the budget; its own first token comes later (it needs `len / tokens` steps). While two or
+    /// more long prompts could prefill (prefilling, or waiting with a slot free for them) a step
+    /// gives the whole budget instead: capped, they would advance one at a time in small runs,
+    /// each prefilling fewer tokens a millisecond than a budget-sized one, and the queue would
     /// wait that much longer. Not applied when no sequence decodes, nor in a catch-up step (see
     /// [`Self::waiting_served_ratio`]: a burst then prefills at the idle budget). At least 1.
     pub fn long_prefill_token_threshold(mut self, tokens: Option<usize>) -> Self {

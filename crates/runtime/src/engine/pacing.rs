@@ -72,12 +72,10 @@ pub(crate) struct PrefillPacer {
     cap: usize,
     /// Prompt tokens per step at most when none decodes (`--idle-prefill-budget`).
     idle_cap: usize,
-    /// Prompt tokens of one sequence per step at most while sequences decode and at most one
-    /// prompt is to prefill (`--long-prefill-token-threshold`; `usize::MAX`: no cap beyond
-    /// `cap`). Not when none decodes: no stream's latency is at stake then, and a lone prompt
-    /// should finish soonest. Not when prompts queue: chunks of the cap's size prefill fewer
-    /// tokens a millisecond than the budget's (each is a run of its own with a fixed cost), so
-    /// under load the cap halved goodput (Run 11, H100: 3.3 against 6.9 requests/s at 8 req/s).
+    /// Prompt tokens of one sequence per step at most while sequences decode
+    /// (`--long-prefill-token-threshold`; `usize::MAX`: no cap beyond `cap`). Not when none
+    /// decodes: no stream's latency is at stake then, and a lone prompt should finish soonest.
+    /// The scheduler lifts it when several long prompts could run (see `plan_step`).
     per_sequence: usize,
     /// A step that prefills while sequences decode takes at most this times a decode-only step;
     /// None: only `cap` counts.
@@ -114,7 +112,8 @@ impl PrefillPacer {
     /// burst of requests then interrupts the running streams once, with one long step, instead
     /// of one step in every few for as long as the burst takes at `cap` tokens a step: an ITL
     /// percentile counts the slow steps a stream sees, not how slow the slowest was. A long
-    /// prompt arriving alone among many streams does not qualify, and is chunked at `cap`. Never
+    /// prompt arriving alone among many streams does not qualify, and is chunked at `cap` (or at
+    /// the per-sequence cap). Never
     /// with pacing on: pacing bounds every step, which one long step would break.
     pub(crate) fn catches_up(&self, decoding: usize, prompts: usize) -> bool {
         self.factor.is_none()
@@ -144,16 +143,12 @@ impl PrefillPacer {
         self.decode_ms
     }
 
-    /// What the next step may prefill; `decoding`: whether sequences decode in it; `prompts`:
-    /// prompts still to prefill (waiting, or admitted and not done). The per-sequence cap holds
-    /// only for a lone prompt: a long prompt arriving among running streams advances by the
-    /// cap, and once another prompt waits beside it every prompt gets the full budget again.
-    pub(crate) fn budget(&self, decoding: bool, prompts: usize) -> PrefillBudget {
+    /// What the next step may prefill; `decoding`: whether sequences decode in it.
+    pub(crate) fn budget(&self, decoding: bool) -> PrefillBudget {
         if !decoding {
             return PrefillBudget::tokens(self.idle_cap);
         }
-        let per_sequence = if prompts <= 1 { self.per_sequence } else { usize::MAX };
-        let full = PrefillBudget::tokens(self.cap).per_sequence(per_sequence);
+        let full = PrefillBudget::tokens(self.cap).per_sequence(self.per_sequence);
         let Some(factor) = self.factor else { return full };
         let (Some(step_ms), Some((fixed_ms, per_token_ms))) = (self.decode_ms, self.chunks.line()) else {
             return full;
@@ -193,21 +188,18 @@ mod tests {
     }
 
     #[test]
-    fn the_per_sequence_cap_applies_only_to_a_lone_prompt_while_sequences_decode() {
+    fn the_per_sequence_cap_applies_only_while_sequences_decode() {
         let capped = PrefillPacer::new(512, 2048, None, None).with_per_sequence(Some(128));
-        assert_eq!(capped.budget(true, 1), PrefillBudget::tokens(512).per_sequence(128));
-        assert_eq!(capped.budget(true, 0), PrefillBudget::tokens(512).per_sequence(128));
-        assert_eq!(capped.budget(true, 2), PrefillBudget::tokens(512), "prompts queue: the full budget");
-        assert_eq!(capped.budget(false, 1), PrefillBudget::tokens(2048), "nothing decodes: no cap");
+        assert_eq!(capped.budget(true), PrefillBudget::tokens(512).per_sequence(128));
+        assert_eq!(capped.budget(false), PrefillBudget::tokens(2048), "nothing decodes: no cap");
         let mut paced = PrefillPacer::new(512, 2048, Some(3.0), None).with_per_sequence(Some(128));
         paced.decode_ran(ms(4.0));
         for k in [64.0, 128.0, 256.0] {
             paced.chunk_ran(k as usize, ms(2.0 + 0.02 * k));
         }
-        assert_eq!(paced.budget(true, 1).per_sequence, 128);
-        assert_eq!(paced.budget(true, 3).per_sequence, usize::MAX);
+        assert_eq!(paced.budget(true).per_sequence, 128);
         let uncapped = PrefillPacer::new(512, 2048, None, None).with_per_sequence(None);
-        assert_eq!(uncapped.budget(true, 1), PrefillBudget::tokens(512));
+        assert_eq!(uncapped.budget(true), PrefillBudget::tokens(512));
     }
 
     #[test]
@@ -215,14 +207,14 @@ mod tests {
         let mut off = PrefillPacer::new(512, 2048, None, None);
         off.decode_ran(ms(5.0));
         off.chunk_ran(512, ms(15.0));
-        assert_eq!(off.budget(true, 1), PrefillBudget::tokens(512));
-        assert_eq!(off.budget(false, 1), PrefillBudget::tokens(2048), "no stream decodes: the idle cap");
+        assert_eq!(off.budget(true), PrefillBudget::tokens(512));
+        assert_eq!(off.budget(false), PrefillBudget::tokens(2048), "no stream decodes: the idle cap");
         let mut on = PrefillPacer::new(512, 512, Some(2.0), None);
-        assert_eq!(on.budget(true, 1), PrefillBudget::tokens(512), "nothing measured yet");
+        assert_eq!(on.budget(true), PrefillBudget::tokens(512), "nothing measured yet");
         on.decode_ran(ms(5.0));
         on.chunk_ran(512, ms(15.0));
-        assert_eq!(on.budget(false, 1), PrefillBudget::tokens(512));
-        assert_ne!(on.budget(true, 1), PrefillBudget::tokens(512));
+        assert_eq!(on.budget(false), PrefillBudget::tokens(512));
+        assert_ne!(on.budget(true), PrefillBudget::tokens(512));
     }
 
     #[test]
@@ -236,12 +228,12 @@ mod tests {
         pacer.chunk_ran(512, ms(chunk_ms(512)));
         let mut k = 0;
         for _ in 0..6 {
-            let b = pacer.budget(true, 1);
+            let b = pacer.budget(true);
             k = b.chunk(usize::MAX);
             pacer.chunk_ran(k, ms(chunk_ms(k)));
         }
         assert!((99..=101).contains(&k), "{k}");
-        let b = pacer.budget(true, 1);
+        let b = pacer.budget(true);
         assert!((99..=100).contains(&b.chunk_overhead), "2.5 ms at 0.025 ms a token: {b:?}");
         // Two chunks of 50 cost more than one of 100: the overhead counts twice.
         assert!(2 * (b.chunk_overhead + 50) > b.cost);
@@ -254,13 +246,13 @@ mod tests {
         pacer.decode_ran(ms(5.0));
         pacer.chunk_ran(100, ms(10.0));
         pacer.chunk_ran(400, ms(13.0));
-        let b = pacer.budget(true, 1);
+        let b = pacer.budget(true);
         assert_eq!(b.cost - b.chunk_overhead, MIN_PACED_CHUNK);
         // A cap under the minimum wins.
         let mut tiny = PrefillPacer::new(7, 7, Some(1.5), None);
         tiny.decode_ran(ms(5.0));
         tiny.chunk_ran(7, ms(10.0));
-        let b = tiny.budget(true, 1);
+        let b = tiny.budget(true);
         assert_eq!(b.tokens, 7);
         assert!(b.cost >= b.chunk_overhead + 7);
     }

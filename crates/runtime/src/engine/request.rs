@@ -89,7 +89,8 @@ pub struct ModelInfo {
     /// Prompt tokens prefilled per engine step at most when no sequence decodes.
     pub idle_prefill_budget: usize,
     /// Prompt tokens of one sequence prefilled per engine step at most while sequences decode,
-    /// outside catch-up steps (None: only the prefill budget).
+    /// outside catch-up steps and steps where two or more long prompts could prefill (None: only
+    /// the prefill budget).
     pub long_prefill_token_threshold: Option<usize>,
     /// Prefill pacing's factor: while sequences decode, a step takes at most this times a
     /// decode-only step (None: off).

@@ -13,9 +13,10 @@
 //!    in consecutive slots, planned one after the other, share a run ([`prefill_runs`]): a chunk
 //!    that joins the run before it pays no overhead. Sequences already prefilling continue first, in admission
 //!    order, each with a chunk as large as the budget left allows. With a per-sequence cap (vLLM's
-//!    `long_prefill_token_threshold`), no chunk is longer than the cap, and one prompt with more
-//!    left than the cap prefills per step (vLLM's `max_long_partial_prefills` = 1): other long
-//!    ones wait for the next step, while shorter prompts share the rest of the budget.
+//!    `long_prefill_token_threshold`) and one long prompt (more left than the cap) to prefill, its
+//!    chunk is at most the cap and shorter prompts share the rest of the budget; with two or more
+//!    long prompts that could run (prefilling, or waiting with a slot for them) the cap is lifted
+//!    for the step, since capped they would advance one at a time in small runs.
 //! 4. Waiting requests are admitted in FIFO order while a slot is free and budget is left, each
 //!    to the lowest free slot (which keeps the decode batch, slots 0..n, small), starting its
 //!    prefill after the prefix its cache lookup found. The first one that cannot be admitted
@@ -31,9 +32,16 @@ pub type SeqId = u64;
 pub struct Waiting {
     pub id: SeqId,
     pub prompt_len: usize,
-    /// Prompt tokens the prefix cache can provide (at most `prompt_len - 1`: the last prompt
+    /// Prompt tokens the prefix cache can provide (used up to `prompt_len - 1`: the last prompt
     /// token always runs, to give the first token's logits).
     pub cached: usize,
+}
+
+impl Waiting {
+    /// The prompt position its prefill starts at: after the cached tokens it can use.
+    fn start(&self) -> usize {
+        self.cached.min(self.prompt_len.saturating_sub(1))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,7 +124,8 @@ impl PrefillBudget {
 
     /// The same budget with at most `tokens` prompt tokens of any one sequence (vLLM's
     /// `long_prefill_token_threshold`): a long prompt advances that much a step while shorter
-    /// ones still fill the rest of the budget.
+    /// ones still fill the rest of the budget. [`plan_step`] lifts it when two or more long
+    /// prompts could run.
     pub fn per_sequence(self, tokens: usize) -> Self {
         PrefillBudget { per_sequence: tokens.max(1), ..self }
     }
@@ -155,11 +164,11 @@ pub fn plan_step(
 ) -> StepPlan {
     let mut plan = StepPlan::default();
     let mut free: BTreeSet<usize> = free_slots.iter().copied().collect();
-    // Prompts with more left than the per-sequence cap: one of them prefills a step (vLLM's
-    // max_long_partial_prefills = 1), so that the cap bounds what long prompts add to a step.
-    let cap = budget.per_sequence;
-    let is_long = |left: usize| left > cap;
-    let mut long_planned = false;
+    if long_prompts(waiting, running, free_slots.len(), budget.per_sequence) >= 2 {
+        // Several long prompts queue: capped, they would prefill one after the other in small
+        // runs (each with a run's fixed cost), and those behind would wait for all of it.
+        budget.per_sequence = usize::MAX;
+    }
     for seq in running {
         match seq.phase {
             Phase::Finished => {
@@ -168,12 +177,6 @@ pub fn plan_step(
             }
             Phase::Decode => plan.decode.push(seq.id),
             Phase::Prefill { done, prompt_len } => {
-                if is_long(prompt_len - done) {
-                    if long_planned {
-                        continue;
-                    }
-                    long_planned = true;
-                }
                 let len = budget.spend(&plan.prefill, seq.slot, done, prompt_len - done);
                 if len > 0 {
                     plan.prefill.push(PrefillChunk { id: seq.id, slot: seq.slot, start: done, len });
@@ -185,19 +188,26 @@ pub fn plan_step(
         if budget.is_spent() {
             break;
         }
-        let cached = request.cached.min(request.prompt_len.saturating_sub(1));
-        if is_long(request.prompt_len - cached) {
-            if long_planned {
-                break; // waits for the long prompt before it; FIFO: nothing behind overtakes it
-            }
-            long_planned = true;
-        }
+        let cached = request.start();
         let Some(slot) = free.pop_first() else { break };
         plan.admitted.push(Admission { id: request.id, slot, cached });
         let len = budget.spend(&plan.prefill, slot, cached, request.prompt_len - cached);
         plan.prefill.push(PrefillChunk { id: request.id, slot, start: cached, len });
     }
     plan
+}
+
+/// Prompts with more than `cap` tokens left to prefill: those prefilling, and those waiting that
+/// could get a slot this step (`free_slots` plus the slots finished sequences give back), after
+/// the prefix their cache lookup found. A waiting request without a slot does not count: however
+/// fast the others prefill, it waits for a sequence to finish.
+fn long_prompts(waiting: &[Waiting], running: &[Running], free_slots: usize, cap: usize) -> usize {
+    let slots = free_slots + running.iter().filter(|s| s.phase == Phase::Finished).count();
+    let prefilling = running
+        .iter()
+        .filter(|s| matches!(s.phase, Phase::Prefill { done, prompt_len } if prompt_len - done > cap))
+        .count();
+    prefilling + waiting.iter().take(slots).filter(|w| w.prompt_len - w.start() > cap).count()
 }
 
 /// Whether a chunk of `len` tokens from prompt position `start` into `slot` runs with `last`
@@ -266,34 +276,29 @@ mod tests {
     }
 
     #[test]
-    fn a_per_sequence_cap_chunks_long_prompts_and_leaves_the_rest_to_others() {
+    fn a_per_sequence_cap_chunks_a_long_prompt_and_leaves_the_rest_to_shorter_ones() {
         // A 4,096-token prompt prefilling while streams decode: 128 tokens a step, not 512.
         let long = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 256, prompt_len: 4096 } };
+        let capped = PrefillChunk { id: 1, slot: 0, start: 256, len: 128 };
         let budget = PrefillBudget::tokens(512).per_sequence(128);
-        let plan = plan_step(&[waiting(2, 100), waiting(3, 300)], &[long, decoding(9, 1)], &[2, 3], budget);
+        let plan = plan_step(&[waiting(2, 100)], &[long, decoding(9, 1)], &[2, 3], budget);
         assert_eq!(plan.decode, [9]);
-        // The short prompt runs whole beside it; the 300-token one is long too, and one long prompt
-        // prefills a step: it waits (and, FIFO, so would anything behind it).
-        assert_eq!(
-            plan.prefill,
-            [
-                PrefillChunk { id: 1, slot: 0, start: 256, len: 128 },
-                PrefillChunk { id: 2, slot: 2, start: 0, len: 100 }
-            ]
-        );
+        // The short prompt runs whole beside it.
+        assert_eq!(plan.prefill, [capped, PrefillChunk { id: 2, slot: 2, start: 0, len: 100 }]);
         assert_eq!(plan.admitted.iter().map(|a| a.id).collect::<Vec<_>>(), [2]);
-        // A second long prompt already prefilling also waits its turn; a short one still runs.
-        let other = Running { id: 4, slot: 3, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
+        // A short prompt already prefilling, and one whose cached prefix leaves it short, too.
         let short = Running { id: 5, slot: 4, phase: Phase::Prefill { done: 90, prompt_len: 100 } };
-        let plan = plan_step(&[], &[long, other, short], &[], budget);
+        let mostly_cached = Waiting { id: 3, prompt_len: 300, cached: 200 };
+        let plan = plan_step(&[mostly_cached], &[long, short], &[2], budget);
         assert_eq!(
             plan.prefill,
             [
-                PrefillChunk { id: 1, slot: 0, start: 256, len: 128 },
-                PrefillChunk { id: 5, slot: 4, start: 90, len: 10 }
+                capped,
+                PrefillChunk { id: 5, slot: 4, start: 90, len: 10 },
+                PrefillChunk { id: 3, slot: 2, start: 200, len: 100 }
             ]
         );
-        // The last 128 tokens of a prompt are not long: it finishes beside another long one.
+        // The last 128 tokens of a prompt are not long: the cap holds beside it.
         let ending = Running { id: 6, slot: 5, phase: Phase::Prefill { done: 872, prompt_len: 1000 } };
         let plan = plan_step(&[], &[long, ending], &[], budget);
         assert_eq!(plan.prefill_tokens(), 256);
@@ -301,6 +306,33 @@ mod tests {
         let plan = plan_step(&[waiting(2, 100)], &[long], &[2], PrefillBudget::tokens(512));
         assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 256, len: 512 }]);
         assert!(plan.admitted.is_empty());
+    }
+
+    #[test]
+    fn two_long_prompts_that_could_run_lift_the_cap() {
+        let long = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 256, prompt_len: 4096 } };
+        let budget = PrefillBudget::tokens(512).per_sequence(128);
+        let whole_budget = [PrefillChunk { id: 1, slot: 0, start: 256, len: 512 }];
+        // A second long prompt waiting with a slot for it: capped, the two would advance one at a
+        // time in 128-token runs; the first takes the whole budget, the second waits for it.
+        let plan = plan_step(&[waiting(2, 300)], &[long, decoding(9, 1)], &[2], budget);
+        assert_eq!(plan.prefill, whole_budget);
+        assert!(plan.admitted.is_empty());
+        // ... or already prefilling.
+        let other = Running { id: 4, slot: 3, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
+        let plan = plan_step(&[], &[long, other], &[], budget);
+        assert_eq!(plan.prefill, whole_budget);
+        // Both waiting: the first starts with the whole budget.
+        let plan = plan_step(&[waiting(2, 1000), waiting(3, 1000)], &[decoding(9, 0)], &[1, 2], budget);
+        assert_eq!(plan.prefill, [PrefillChunk { id: 2, slot: 1, start: 0, len: 512 }]);
+        // A long prompt waiting without a slot does not count: it waits for a sequence to finish,
+        // however fast the other prefills.
+        let plan = plan_step(&[waiting(2, 300)], &[long, decoding(9, 1)], &[], budget);
+        assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 256, len: 128 }]);
+        // A slot that a finished sequence gives back in this step counts.
+        let finished = Running { id: 7, slot: 1, phase: Phase::Finished };
+        let plan = plan_step(&[waiting(2, 300)], &[long, finished], &[], budget);
+        assert_eq!(plan.prefill, whole_budget);
     }
 
     #[test]

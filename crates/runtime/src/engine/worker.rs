@@ -257,10 +257,7 @@ impl Worker {
         let decoding = self.running.iter().filter(|s| s.phase == Phase::Decode).count();
         let prefilling = self.running.iter().filter(|s| matches!(s.phase, Phase::Prefill { .. })).count();
         let catch_up = self.pacer.catches_up(decoding, waiting.len() + prefilling);
-        // Every waiting prompt counts for the long-prompt cap, admissible this step or not: a
-        // queue behind the long prompt is what its cap would make wait.
-        let prompts = self.waiting.len() + prefilling;
-        plan_step(&waiting, &running, &free, self.pacer.budget(decoding > 0 && !catch_up, prompts))
+        plan_step(&waiting, &running, &free, self.pacer.budget(decoding > 0 && !catch_up))
     }
 
     /// Releases and admissions.
