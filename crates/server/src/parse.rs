@@ -4,11 +4,8 @@
 //! [`crate::convert`]), so these functions are what a fuzzer drives: the `openai_request` target
 //! of `fuzz/`, which CI runs bounded in `tests/fuzz_inputs.rs`.
 
-use std::collections::HashSet;
-
 use pio_runtime::engine::MAX_TOP_LOGPROBS;
 use pio_runtime::sampling::{SamplingError, SamplingParams};
-use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value as Json;
 
 use crate::error::ApiError;
@@ -100,9 +97,9 @@ fn wire_request(body: &[u8]) -> Result<WireRequest, ApiError> {
         // "." is the body itself, "?" a position serde cannot name (a malformed key), and a
         // path from a list at the top is no field either.
         let named = !matches!(path.as_str(), "" | "." | "?") && !path.starts_with('[');
-        // A key given twice is refused by the request object itself, whose path is "."; the
+        // A known key given twice is refused by the request object itself, whose path is "."; the
         // key is the field at fault.
-        let path = if named { Some(path) } else { repeated_top_level_key(text) };
+        let path = if named { Some(path) } else { duplicate_field(e.inner()) };
         ApiError::Json { path, source: e.into_inner() }
     })?;
     json.end().map_err(|source| ApiError::Json { path: None, source })?;
@@ -112,30 +109,15 @@ fn wire_request(body: &[u8]) -> Result<WireRequest, ApiError> {
     Ok(wire)
 }
 
-/// The first key that `text`, a JSON object, gives twice (None for anything else).
-fn repeated_top_level_key(text: &str) -> Option<String> {
-    struct FirstRepeatedKey;
-    impl<'de> Visitor<'de> for FirstRepeatedKey {
-        type Value = Option<String>;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
-            let mut seen = HashSet::new();
-            let mut repeated = None;
-            // Read to the end: the object must be well-formed for the key to be the fault.
-            while let Some(key) = map.next_key::<String>()? {
-                map.next_value::<IgnoredAny>()?;
-                if !seen.insert(key.clone()) && repeated.is_none() {
-                    repeated = Some(key);
-                }
-            }
-            Ok(repeated)
-        }
-    }
-    serde_json::Deserializer::from_str(text).deserialize_map(FirstRepeatedKey).ok().flatten()
+/// The field of serde's "duplicate field `name`" error (`serde::de::Error::duplicate_field`, which
+/// gives no structured kind), None for any other error. The key serde refused, not the first key
+/// the body repeats: a repeated unknown key (`""` included) is skipped like any unknown key, so
+/// only the known one is at fault (found by the `openai_request` fuzz target).
+fn duplicate_field(e: &serde_json::Error) -> Option<String> {
+    let message = e.to_string();
+    let rest = message.strip_prefix("duplicate field `")?;
+    let name = &rest[..rest.find('`')?];
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// A chat body with completion fields, or the other way round, is refused by name (answering
@@ -456,6 +438,9 @@ mod tests {
         // serde refuses a repeated key at the object's level; the key is still named.
         let twice = chat(r#", "logprobs": true, "logprobs": true"#);
         assert_eq!(param(parse_chat_completion(twice.as_bytes())).as_deref(), Some("logprobs"));
+        // A repeated unknown key before it (the empty key here) is not the one at fault.
+        let unknown_first = chat(r#", "": 1, "": 2, "stop": "a", "stop": "b""#);
+        assert_eq!(param(parse_chat_completion(unknown_first.as_bytes())).as_deref(), Some("stop"));
         let twice_inside = br#"{"messages": [{"role": "user", "role": "user", "content": "x"}]}"#;
         assert_eq!(param(parse_chat_completion(twice_inside)).as_deref(), Some("messages[0]"));
         let tail = format!("{} trailing", chat(""));
