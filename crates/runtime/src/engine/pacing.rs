@@ -113,8 +113,8 @@ impl PrefillPacer {
     /// of one step in every few for as long as the burst takes at `cap` tokens a step: an ITL
     /// percentile counts the slow steps a stream sees, not how slow the slowest was. A long
     /// prompt arriving alone among many streams does not qualify, and is chunked at `cap` (or at
-    /// the per-sequence cap). Never
-    /// with pacing on: pacing bounds every step, which one long step would break.
+    /// the per-sequence cap). Never with pacing on: pacing bounds every step, which one long step
+    /// would break.
     pub(crate) fn catches_up(&self, decoding: usize, prompts: usize) -> bool {
         self.factor.is_none()
             && decoding > 0
