@@ -135,8 +135,10 @@ pub fn gemv_variants(format: WeightFormat) -> &'static [(usize, usize); 3] {
 }
 
 /// CTAs (16 rows of N each) up to which an int4 projection of at most
-/// [`FEW_TOKENS`] tokens takes 8 warps per CTA.
-const FEW_CTAS: usize = 640;
+/// [`FEW_TOKENS`] tokens takes 8 warps per CTA. 2048 takes in Qwen3-4B's fused gate/up (1,216
+/// CTAs): on an H100 (2026-12-07, `pio bench`, three runs alternating with the 640 of Run 6's
+/// probe) int4 decode went from 324.6 to 329.0 tokens/s at batch 1 and 2,480 to 2,522 at batch 8.
+const FEW_CTAS: usize = 2048;
 /// Token counts that [`FEW_CTAS`] applies to.
 const FEW_TOKENS: usize = 8;
 
@@ -462,6 +464,12 @@ struct MoePlanArgs {
 }
 
 #[repr(C)]
+struct MoeRouteArgs {
+    topk: MoeTopkArgs,
+    plan: MoePlanArgs,
+}
+
+#[repr(C)]
 struct MoeExpertArgs {
     x: u64,
     w: u64,
@@ -492,6 +500,8 @@ pub const MOE_MAX_EXPERTS: usize = 256;
 pub const MOE_MAX_TOP_K: usize = 8;
 /// Tokens per launch group (bounds the scratch: per-pair outputs are f32).
 pub const MOE_TOKENS_PER_GROUP: usize = 256;
+/// Tokens up to which routing and planning run as one launch (a warp a token in one CTA).
+pub const MOE_ROUTE_ONE_CTA_TOKENS: usize = 32;
 
 /// The MoE kernels of one dtype and block size.
 pub struct MoeKernels {
@@ -500,6 +510,7 @@ pub struct MoeKernels {
     _module: Arc<Module>,
     topk: Function,
     plan: Function,
+    route: Function,
     fc1: [Function; MAX_TILES],
     fc2: [Function; MAX_TILES],
     combine: Function,
@@ -558,6 +569,7 @@ impl MoeKernels {
             block_size,
             topk: module.function(&source::moe_topk_name(dtype))?,
             plan: module.function(source::MOE_PLAN)?,
+            route: module.function(&source::moe_route_name(dtype))?,
             fc1: fc(true)?,
             fc2: fc(false)?,
             combine: module.function(&source::moe_combine_name(dtype))?,
@@ -565,7 +577,8 @@ impl MoeKernels {
         })
     }
 
-    /// The routed experts of `tokens` (<= [`MOE_TOKENS_PER_GROUP`]) rows: five launches.
+    /// The routed experts of `tokens` (<= [`MOE_TOKENS_PER_GROUP`]) rows: five launches, four up to
+    /// [`MOE_ROUTE_ONE_CTA_TOKENS`] tokens (routing and planning in one).
     /// `t` holds this group's rows (x, probs, router weights and y already offset).
     ///
     /// # Safety
@@ -599,12 +612,6 @@ impl MoeKernels {
             k: dim(s.k, "k")?,
             normalize: normalize as i32,
         };
-        launch(
-            self.topk,
-            LaunchConfig { grid: (tokens.div_ceil(8) as u32, 1), block: 256, shared_bytes: 0 },
-            stream,
-            &topk,
-        )?;
         let plan = MoePlanArgs {
             topk_expert: scratch.topk_expert,
             pair_token: scratch.pair_token,
@@ -618,7 +625,14 @@ impl MoeKernels {
             e: dim(s.experts, "experts")?,
             max_slots: dim(max_slots, "slots")?,
         };
-        launch(self.plan, LaunchConfig { grid: (1, 1), block: 1024, shared_bytes: 0 }, stream, &plan)?;
+        let one_cta = LaunchConfig { grid: (1, 1), block: 1024, shared_bytes: 0 };
+        if tokens <= MOE_ROUTE_ONE_CTA_TOKENS {
+            launch(self.route, one_cta, stream, &MoeRouteArgs { topk, plan })?;
+        } else {
+            let per_warp = LaunchConfig { grid: (tokens.div_ceil(8) as u32, 1), block: 256, shared_bytes: 0 };
+            launch(self.topk, per_warp, stream, &topk)?;
+            launch(self.plan, one_cta, stream, &plan)?;
+        }
         // A slot holds at most one pair per token, so at most min(tokens, 32) pairs.
         let tiles = tokens.min(MAX_TOKENS).div_ceil(8);
         let fc = |fc1: bool, x: u64, w: u64, scales: u64, out: u64, rows: usize, k: usize| -> Result<()> {
@@ -636,7 +650,9 @@ impl MoeKernels {
                 k: dim(k, "K")?,
             };
             // Every expert slot is a CTA column of its own (max_slots of them), so the few-CTA
-            // rule of a lone projection does not apply: counted as full tiles.
+            // rule of a lone projection does not apply: counted as full tiles. (Counting the CTAs
+            // of all columns gave Qwen3-Coder-30B's fc1 and fc2 8 warps at one token, and the
+            // layer took 36.7 against 34.1 us on an H100, 2026-12-07.)
             let warps = default_warps(WeightFormat::Int4 { block_size: s.block_size }, rows, k, MAX_TOKENS);
             let config = LaunchConfig {
                 grid: ((rows / TILE_ROWS) as u32, max_slots as u32),
@@ -752,11 +768,11 @@ mod tests {
     #[test]
     fn warps_follow_the_probe() {
         let int4 = WeightFormat::Int4 { block_size: 32 };
-        // Qwen3-4B at one token: qkv (384 CTAs) and o take 8 warps, gate/up (1,216) and the
-        // lm_head (9,496) keep the count their K gives.
+        // Qwen3-4B at one token: qkv (384 CTAs), o and gate/up (1,216) take 8 warps, the
+        // lm_head (9,496) keeps the count its K gives.
         assert_eq!(default_warps(int4, 6144, 2560, 1), 8);
         assert_eq!(default_warps(int4, 2560, 4096, 8), 8);
-        assert_eq!(default_warps(int4, 19456, 2560, 1), 5);
+        assert_eq!(default_warps(int4, 19456, 2560, 1), 8);
         assert_eq!(default_warps(int4, 151936, 2560, 1), 5);
         // More tokens: as before the probe.
         assert_eq!(default_warps(int4, 6144, 2560, 32), 5);

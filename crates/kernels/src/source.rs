@@ -85,6 +85,9 @@ pub fn moe_topk_name(dtype: ActDtype) -> String {
     format!("pio_moe_topk_{}", dtype.tag())
 }
 pub const MOE_PLAN: &str = "pio_moe_plan";
+pub fn moe_route_name(dtype: ActDtype) -> String {
+    format!("pio_moe_route_{}", dtype.tag())
+}
 pub fn moe_fc_name(fc1: bool, dtype: ActDtype, tiles: usize, block_size: usize) -> String {
     format!("pio_moe_fc{}_{}_t{tiles}_b{block_size}", if fc1 { 1 } else { 2 }, dtype.tag())
 }
@@ -142,6 +145,8 @@ impl KernelSet {
                 let n = moe_topk_name(dt);
                 out.push((n.clone(), format!("PIO_MOE_TOPK({n}, {dtm})")));
                 out.push((MOE_PLAN.to_string(), String::new()));
+                let n = moe_route_name(dt);
+                out.push((n.clone(), format!("PIO_MOE_ROUTE({n}, {dtm})")));
                 for t in tiles {
                     for fc1 in [true, false] {
                         let n = moe_fc_name(fc1, dt, t, bs);
