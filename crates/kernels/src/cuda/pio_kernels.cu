@@ -643,6 +643,9 @@ struct MoePlanArgs {
 
 // One CTA: count per expert, scan, slots of <= 32 pairs, scatter. The order of pairs within an
 // expert depends on atomics, which changes nothing: every token column is computed on its own.
+// The scan is a warp's: each lane takes (E / 32) consecutive experts, so the slots come out in
+// expert order as a serial loop would give them, without its chain of E dependent steps (about
+// 3 us of a layer's 34 at one token on an H100).
 __device__ __forceinline__ void moe_plan_body(const MoePlanArgs& a) {
   __shared__ int count[256];
   __shared__ int cursor[256];
@@ -650,9 +653,31 @@ __device__ __forceinline__ void moe_plan_body(const MoePlanArgs& a) {
   __syncthreads();
   for (int p = threadIdx.x; p < a.P; p += blockDim.x) atomicAdd(&count[a.topk_expert[p]], 1);
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int offset = 0, slots = 0;
-    for (int e = 0; e < a.E; e++) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const int per_lane = (a.E + 31) / 32;  // <= 8 (E <= 256)
+    const int e0 = lane * per_lane;
+    int pairs = 0, slots_needed = 0;
+    for (int i = 0; i < per_lane; i++) {
+      const int e = e0 + i;
+      if (e < a.E) {
+        pairs += count[e];
+        slots_needed += (count[e] + 31) / 32;
+      }
+    }
+    int pairs_incl = pairs, slots_incl = slots_needed;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int p = __shfl_up_sync(0xffffffffu, pairs_incl, o);
+      const int q = __shfl_up_sync(0xffffffffu, slots_incl, o);
+      if (lane >= o) {
+        pairs_incl += p;
+        slots_incl += q;
+      }
+    }
+    int offset = pairs_incl - pairs, slots = slots_incl - slots_needed;
+    for (int i = 0; i < per_lane; i++) {
+      const int e = e0 + i;
+      if (e >= a.E) break;
       cursor[e] = offset;
       for (int b = 0; b < count[e] && slots < a.max_slots; b += 32) {
         a.slot_expert[slots] = e;
@@ -662,7 +687,7 @@ __device__ __forceinline__ void moe_plan_body(const MoePlanArgs& a) {
       }
       offset += count[e];
     }
-    *a.num_slots = slots;
+    if (lane == 31) *a.num_slots = min(slots_incl, a.max_slots);
   }
   __syncthreads();
   for (int p = threadIdx.x; p < a.P; p += blockDim.x) {
