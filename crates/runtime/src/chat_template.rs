@@ -225,7 +225,8 @@ fn add_template(env: &mut Environment<'static>, name: &str, source: &str) -> Res
 // ---------------------------------------------------------------------------------------------
 // Inputs
 
-const RESERVED: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
+/// Template variables that `apply_chat_template` sets itself, so an extra kwarg may not name them.
+pub const RESERVED_KWARGS: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
 const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
 
 fn normalize_message(i: usize, message: &Json) -> Result<serde_json::Map<String, Json>> {
@@ -270,7 +271,7 @@ fn build_context(messages: &[Json], opts: &RenderOptions, special: &SpecialToken
         ctx.insert("enable_thinking".into(), Value::from(enable_thinking));
     }
     for (k, v) in &opts.extra {
-        if RESERVED.contains(&k.as_str()) {
+        if RESERVED_KWARGS.contains(&k.as_str()) {
             return Err(ChatTemplateError::InvalidInput(format!(
                 "`{k}` cannot be an extra template kwarg (apply_chat_template sets it)"
             )));

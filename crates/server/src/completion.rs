@@ -16,6 +16,7 @@ use crate::app::{unix_seconds, App};
 use crate::convert::{chat_job, completion_job, Job};
 use crate::error::{ApiError, RequestError};
 use crate::layers::{read_body, BodyLimit, Deadline};
+use crate::logprobs::offset_step;
 use crate::parse::{parse_chat_completion, parse_completion, Endpoint};
 use crate::protocol::response::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, CompletionLogprobs, TextChoice, TextCompletion, Usage,
@@ -168,7 +169,7 @@ async fn complete(app: &App, job: &Job, mut handle: RequestHandle) -> Result<Res
                 let mut offset = 0;
                 for e in &events {
                     l.push(e, offset, &app.token_text);
-                    offset += e.text.chars().count();
+                    offset += offset_step(e, &app.token_text);
                 }
                 l
             });

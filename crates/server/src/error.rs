@@ -141,7 +141,18 @@ impl ApiError {
             (ApiError::Engine(EngineError::ContextLength { max_tokens: None, .. }), Some(f)) => Some(f.prompt.into()),
             _ => None,
         });
-        ErrorBody { error: ErrorDetail { message: self.to_string(), kind: self.kind(), param, code: self.code() } }
+        let mut message = self.to_string();
+        // What made a request invalid is the client's input too (a template's raise_exception, an
+        // image that does not decode): the client is told the whole chain, as vLLM does.
+        if let ApiError::Engine(invalid @ EngineError::InvalidRequest { .. }) = self {
+            let mut source = invalid.source();
+            while let Some(cause) = source {
+                message.push_str(": ");
+                message.push_str(&cause.to_string());
+                source = cause.source();
+            }
+        }
+        ErrorBody { error: ErrorDetail { message, kind: self.kind(), param, code: self.code() } }
     }
 
     /// Logs what the client is not told: a server-side failure with its whole cause chain.
@@ -255,6 +266,16 @@ mod tests {
             source: None,
         });
         assert_eq!((invalid.status(), invalid.param().as_deref()), (StatusCode::BAD_REQUEST, Some("top_p")));
+        // The cause of an invalid request is the client's to read (a template's raise_exception).
+        let cause = std::io::Error::other("Conversation roles must alternate user/assistant");
+        let unrendered = ApiError::from(EngineError::InvalidRequest {
+            field: "messages",
+            part: None,
+            message: "cannot render them".into(),
+            source: Some(std::sync::Arc::new(cause)),
+        });
+        let message = unrendered.body(None).error.message;
+        assert!(message.ends_with("cannot render them: Conversation roles must alternate user/assistant"), "{message}");
         let long = ApiError::from(EngineError::ContextLength { prompt_tokens: 300, max_tokens: None, limit: 256 });
         let chat = PromptFields { prompt: "messages", max_tokens: "max_completion_tokens" };
         let body = long.body(Some(chat));

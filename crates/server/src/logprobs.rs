@@ -25,6 +25,17 @@ impl ChatLogprobs {
     }
 }
 
+/// Characters from `event`'s token to the next one's `text_offset`: the token's own text, as
+/// vLLM counts it. Counting the text the engine released instead would give a token whose text
+/// was held back (the start of a possible stop string, part of a UTF-8 character) the offset of
+/// the token after it.
+pub(crate) fn offset_step(event: &TokenEvent, text: &TokenText) -> usize {
+    match event.logprob {
+        Some(_) => text.token(event.token_id).0.chars().count(),
+        None => 0,
+    }
+}
+
 impl CompletionLogprobs {
     /// Adds `event`'s token, which starts at character `offset` of the completion's text.
     pub(crate) fn push(&mut self, event: &TokenEvent, offset: usize, text: &TokenText) {

@@ -4,6 +4,7 @@
 //! [`crate::convert`]), so these functions are what a fuzzer drives: the `openai_request` target
 //! of `fuzz/`, which CI runs bounded in `tests/fuzz_inputs.rs`.
 
+use pio_runtime::chat_template::RESERVED_KWARGS;
 use pio_runtime::engine::MAX_TOP_LOGPROBS;
 use pio_runtime::sampling::{SamplingError, SamplingParams};
 use serde_json::Value as Json;
@@ -45,6 +46,12 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<ChatCompletionRequest, ApiEr
         return Err(ApiError::field("continue_final_message", "is not supported"));
     }
     let mut extra = wire.chat_template_kwargs.take().unwrap_or_default();
+    if let Some(k) = extra.keys().find(|k| RESERVED_KWARGS.contains(&k.as_str())) {
+        return Err(ApiError::field(
+            format!("chat_template_kwargs.{k}"),
+            "is set by the server from the request, not a template kwarg",
+        ));
+    }
     let kwargs_thinking = match extra.remove("enable_thinking") {
         None | Some(Json::Null) => None,
         Some(Json::Bool(b)) => Some(b),
@@ -443,6 +450,12 @@ mod tests {
         assert_eq!(param(parse_chat_completion(unknown_first.as_bytes())).as_deref(), Some("stop"));
         let twice_inside = br#"{"messages": [{"role": "user", "role": "user", "content": "x"}]}"#;
         assert_eq!(param(parse_chat_completion(twice_inside)).as_deref(), Some("messages[0]"));
+        // A template kwarg the server sets itself is named as the kwarg, not as the messages.
+        for key in RESERVED_KWARGS {
+            let kwarg = chat(&format!(r#", "chat_template_kwargs": {{"{key}": 1}}"#));
+            let expected = format!("chat_template_kwargs.{key}");
+            assert_eq!(param(parse_chat_completion(kwarg.as_bytes())).as_deref(), Some(expected.as_str()));
+        }
         let tail = format!("{} trailing", chat(""));
         assert!(matches!(parse_chat_completion(tail.as_bytes()), Err(ApiError::Json { path: None, .. })));
     }

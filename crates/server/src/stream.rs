@@ -18,6 +18,7 @@ use crate::completion::{finish_reason, log_finished, response_id};
 use crate::convert::Job;
 use crate::error::{ApiError, PromptFields};
 use crate::layers::Deadline;
+use crate::logprobs::offset_step;
 use crate::parse::Endpoint;
 use crate::protocol::request::StreamSettings;
 use crate::protocol::response::{
@@ -103,6 +104,9 @@ impl ChunkStream {
                 continue;
             }
             let received = match self.deadline {
+                // timeout_at polls the receive first, so with events always queued (a client that
+                // reads slower than the engine writes) it would never see the deadline: check it.
+                Some(d) if tokio::time::Instant::now() >= d.at => Err(d.limit),
                 Some(d) => tokio::time::timeout_at(d.at, handle.next_event()).await.map_err(|_| d.limit),
                 None => Ok(handle.next_event().await),
             };
@@ -134,7 +138,9 @@ impl ChunkStream {
         if !token.text.is_empty() || (has_token && (self.logprobs || self.token_ids)) {
             self.push_chunk(Piece::Token(token));
         }
-        self.text_offset += token.text.chars().count();
+        if self.logprobs {
+            self.text_offset += offset_step(token, &self.app.token_text);
+        }
     }
 
     fn push_usage(&mut self, usage: Usage) {

@@ -799,3 +799,41 @@ fn logprobs_have_each_endpoints_shape_and_metrics_the_protocols() {
         "{metrics}"
     );
 }
+
+/// `tokens`, `text_offset` and `text` of a completion with logprobs.
+fn completion_logprobs(answer: &Value) -> (Vec<String>, Vec<u64>, String) {
+    let lp = &answer["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    let offsets = lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    (tokens, offsets, answer["choices"][0]["text"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn text_offsets_count_each_tokens_own_text() {
+    // A stop string that starts with a generated token but never matches holds that token's
+    // text back until the next token: the offsets must not shift with it, streamed or not.
+    let server = serve(Settings::default());
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "logprobs": 0, "ignore_eos": true});
+    let (tokens, offsets, text) = completion_logprobs(&server.answer("/v1/completions", &body));
+    let mut expected = vec![0u64];
+    for t in &tokens[..tokens.len() - 1] {
+        expected.push(expected.last().unwrap() + t.chars().count() as u64);
+    }
+    assert_eq!(offsets, expected, "{tokens:?}");
+    let held = (0..tokens.len() - 1)
+        .find(|&i| !tokens[i].is_empty() && !tokens[i].contains('\u{fffd}'))
+        .expect("a token with whole characters");
+    let mut with_stop = body.clone();
+    with_stop["stop"] = json!([format!("{}\u{1}\u{1}", tokens[held])]);
+    let (tokens_stop, offsets_stop, text_stop) = completion_logprobs(&server.answer("/v1/completions", &with_stop));
+    assert_eq!((&tokens_stop, &text_stop), (&tokens, &text));
+    assert_eq!(offsets_stop, offsets, "non-streamed, with the stop string");
+    with_stop["stream"] = json!(true);
+    let streamed: Vec<u64> = chunks(&server.stream("/v1/completions", &with_stop))
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["text_offset"].as_array().cloned())
+        .flatten()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(streamed, offsets, "streamed, with the stop string");
+}
