@@ -813,7 +813,8 @@ fn text_offsets_count_each_tokens_own_text() {
     // A stop string that starts with a generated token but never matches holds that token's
     // text back until the next token: the offsets must not shift with it, streamed or not.
     let server = serve(Settings::default());
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "logprobs": 0, "ignore_eos": true});
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "logprobs": 0, "ignore_eos": true});
     let (tokens, offsets, text) = completion_logprobs(&server.answer("/v1/completions", &body));
     let mut expected = vec![0u64];
     for t in &tokens[..tokens.len() - 1] {

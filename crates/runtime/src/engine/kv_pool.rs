@@ -204,12 +204,15 @@ pub(crate) struct KvPool {
     cache: KvCache,
     plan: PoolPlan,
     free: BTreeSet<usize>,
+    /// A growing cache still holds a finished sequence's KV: starting it over failed when the
+    /// slot was given back, so taking the slot tries again.
+    stale: bool,
 }
 
 impl KvPool {
     pub(crate) fn new(model: &DecoderModel, plan: PoolPlan) -> Result<Self, ModelError> {
         let cache = Self::new_cache(model, plan)?;
-        Ok(KvPool { cache, plan, free: (0..plan.slots).collect() })
+        Ok(KvPool { cache, plan, free: (0..plan.slots).collect(), stale: false })
     }
 
     fn new_cache(model: &DecoderModel, plan: PoolPlan) -> Result<KvCache, ModelError> {
@@ -232,17 +235,27 @@ impl KvPool {
         self.plan.slots - self.free.len()
     }
 
-    /// Marks `slot` taken (the scheduler chose it among the free ones).
-    pub(crate) fn take(&mut self, slot: usize) {
+    /// Marks `slot` taken (the scheduler chose it among the free ones). Fails only when a
+    /// growing cache could not start over, then or now: the slot is taken all the same, and the
+    /// request that took it fails, which gives it back.
+    pub(crate) fn take(&mut self, model: &DecoderModel, slot: usize) -> Result<(), ModelError> {
         self.free.remove(&slot);
+        if self.stale {
+            self.cache = Self::new_cache(model, self.plan)?;
+            self.stale = false;
+        }
+        Ok(())
     }
 
-    /// Gives `slot` back. A growing cache starts over empty.
+    /// Gives `slot` back, free whatever happens next. A growing cache starts over empty; when
+    /// that fails, the next [`take`](Self::take) tries again.
     pub(crate) fn release(&mut self, model: &DecoderModel, slot: usize) -> Result<(), ModelError> {
-        if !self.cache.is_shared_buffer() {
-            self.cache = Self::new_cache(model, self.plan)?;
-        }
         self.free.insert(slot);
+        if !self.cache.is_shared_buffer() {
+            self.stale = true;
+            self.cache = Self::new_cache(model, self.plan)?;
+            self.stale = false;
+        }
         Ok(())
     }
 

@@ -115,10 +115,6 @@ impl Runner {
         &self.pool
     }
 
-    pub(crate) fn pool_mut(&mut self) -> &mut KvPool {
-        &mut self.pool
-    }
-
     pub(crate) fn graph_sizes(&self) -> &[usize] {
         &self.graph_sizes
     }
@@ -139,6 +135,11 @@ impl Runner {
     /// Gives `slot` back to the pool.
     pub(crate) fn release(&mut self, slot: usize) -> Result<(), ModelError> {
         self.pool.release(&self.model, slot)
+    }
+
+    /// Takes `slot` from the pool for an admitted request (see [`KvPool::take`]).
+    pub(crate) fn take(&mut self, slot: usize) -> Result<(), ModelError> {
+        self.pool.take(&self.model, slot)
     }
 
     /// How many rows a decode over slots 0..n runs: n, or the smallest CUDA-graph batch size

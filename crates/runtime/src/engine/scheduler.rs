@@ -35,6 +35,9 @@ pub struct Waiting {
     /// Prompt tokens the prefix cache can provide (used up to `prompt_len - 1`: the last prompt
     /// token always runs, to give the first token's logits).
     pub cached: usize,
+    /// The prompt has images: its first chunk runs alone (the encoder's output goes into it),
+    /// so it shares no run with the chunks beside it, and pays a run's overhead of its own.
+    pub images: bool,
 }
 
 impl Waiting {
@@ -139,18 +142,18 @@ impl PrefillBudget {
     /// Plans the chunk of `want` tokens from prompt position `start` into `slot` after the
     /// chunks of `plan` and spends its cost: no overhead when it joins the run of the chunk
     /// before it (see [`prefill_runs`]). Its length, 0 when nothing fits.
-    fn spend(&mut self, plan: &[PrefillChunk], slot: usize, start: usize, want: usize) -> usize {
+    /// `after` is the chunk planned before it, None when either runs alone.
+    fn spend(&mut self, after: Option<&PrefillChunk>, slot: usize, start: usize, want: usize) -> usize {
         let want = want.min(self.per_sequence);
         let joining = want.min(self.tokens).min(self.cost);
-        let joins = plan.last().is_some_and(|last| joins_run(last, slot, start, joining));
+        let joins = after.is_some_and(|last| joins_run(last, slot, start, joining));
         let (len, overhead) = if joins { (joining, 0) } else { (self.chunk(want), self.chunk_overhead) };
+        if len == 0 {
+            return 0;
+        }
         self.tokens -= len;
         self.cost = self.cost.saturating_sub(overhead + len);
         len
-    }
-
-    fn is_spent(&self) -> bool {
-        self.chunk(1) == 0
     }
 }
 
@@ -177,21 +180,27 @@ pub fn plan_step(
             }
             Phase::Decode => plan.decode.push(seq.id),
             Phase::Prefill { done, prompt_len } => {
-                let len = budget.spend(&plan.prefill, seq.slot, done, prompt_len - done);
+                let len = budget.spend(plan.prefill.last(), seq.slot, done, prompt_len - done);
                 if len > 0 {
                     plan.prefill.push(PrefillChunk { id: seq.id, slot: seq.slot, start: done, len });
                 }
             }
         }
     }
+    // In FIFO order, while a chunk fits: one that joins the run before it costs no run overhead,
+    // so it can fit where a chunk of its own would not.
+    let mut last_alone = false;
     for request in waiting {
-        if budget.is_spent() {
+        let Some(&slot) = free.first() else { break };
+        let cached = request.start();
+        let after = plan.prefill.last().filter(|_| !last_alone && !request.images);
+        let len = budget.spend(after, slot, cached, request.prompt_len - cached);
+        if len == 0 {
             break;
         }
-        let cached = request.start();
-        let Some(slot) = free.pop_first() else { break };
+        last_alone = request.images;
+        free.remove(&slot);
         plan.admitted.push(Admission { id: request.id, slot, cached });
-        let len = budget.spend(&plan.prefill, slot, cached, request.prompt_len - cached);
         plan.prefill.push(PrefillChunk { id: request.id, slot, start: cached, len });
     }
     plan
@@ -241,7 +250,7 @@ mod tests {
     use super::*;
 
     fn waiting(id: SeqId, prompt_len: usize) -> Waiting {
-        Waiting { id, prompt_len, cached: 0 }
+        Waiting { id, prompt_len, cached: 0, images: false }
     }
 
     fn decoding(id: SeqId, slot: usize) -> Running {
@@ -258,6 +267,33 @@ mod tests {
         // Two slots for three requests: the third waits.
         let plan = plan_step(&[waiting(1, 4), waiting(2, 4), waiting(3, 4)], &[], &[0, 1], PrefillBudget::tokens(100));
         assert_eq!(plan.admitted.iter().map(|a| a.id).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn a_chunk_that_joins_the_run_before_it_is_admitted_for_its_tokens_alone() {
+        // Overhead 100, cost 200: the first 30-token prompt costs 130, leaving 70; the second
+        // (next slot, same length, from 0) joins its run, so it costs 30, not 130.
+        let budget = PrefillBudget { cost: 200, chunk_overhead: 100, ..PrefillBudget::tokens(512) };
+        let plan = plan_step(&[waiting(1, 30), waiting(2, 30)], &[], &[0, 1], budget);
+        assert_eq!(plan.prefill.len(), 2, "{plan:?}");
+        assert_eq!(plan.prefill_tokens(), 60);
+        // One that would start a run of its own (another length) does not fit, and the one
+        // behind it does not go first.
+        let plan = plan_step(&[waiting(1, 30), waiting(2, 31), waiting(3, 30)], &[], &[0, 1, 2], budget);
+        assert_eq!(plan.admitted.iter().map(|a| a.id).collect::<Vec<_>>(), [1], "{plan:?}");
+    }
+
+    #[test]
+    fn a_prompt_with_images_runs_alone_and_pays_its_own_overhead() {
+        // Overhead 10, cost 100: three 20-token prompts share one run (10 + 60); with the middle
+        // one carrying images, each is a run of its own (3 x 30 = 90).
+        let budget = PrefillBudget { cost: 100, chunk_overhead: 10, ..PrefillBudget::tokens(512) };
+        let text = |id| waiting(id, 20);
+        let image = |id| Waiting { images: true, ..waiting(id, 20) };
+        let plan = plan_step(&[text(1), text(2), text(3)], &[], &[0, 1, 2], budget);
+        assert_eq!(plan.prefill_tokens(), 60);
+        let plan = plan_step(&[text(1), image(2), text(3), text(4)], &[], &[0, 1, 2, 3], budget);
+        assert_eq!(plan.admitted.iter().map(|a| a.id).collect::<Vec<_>>(), [1, 2, 3], "{plan:?}");
     }
 
     #[test]
@@ -288,7 +324,7 @@ mod tests {
         assert_eq!(plan.admitted.iter().map(|a| a.id).collect::<Vec<_>>(), [2]);
         // A short prompt already prefilling, and one whose cached prefix leaves it short, too.
         let short = Running { id: 5, slot: 4, phase: Phase::Prefill { done: 90, prompt_len: 100 } };
-        let mostly_cached = Waiting { id: 3, prompt_len: 300, cached: 200 };
+        let mostly_cached = Waiting { id: 3, prompt_len: 300, cached: 200, images: false };
         let plan = plan_step(&[mostly_cached], &[long, short], &[2], budget);
         assert_eq!(
             plan.prefill,
@@ -440,11 +476,11 @@ mod tests {
 
     #[test]
     fn a_prefix_hit_starts_the_prefill_after_it_and_keeps_the_last_prompt_token() {
-        let hit = Waiting { id: 1, prompt_len: 40, cached: 32 };
+        let hit = Waiting { id: 1, prompt_len: 40, cached: 32, images: false };
         let plan = plan_step(&[hit], &[], &[0], PrefillBudget::tokens(100));
         assert_eq!(plan.admitted, [Admission { id: 1, slot: 0, cached: 32 }]);
         assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 32, len: 8 }]);
-        let whole = Waiting { id: 2, prompt_len: 32, cached: 32 };
+        let whole = Waiting { id: 2, prompt_len: 32, cached: 32, images: false };
         let plan = plan_step(&[whole], &[], &[0], PrefillBudget::tokens(100));
         assert_eq!(plan.prefill, [PrefillChunk { id: 2, slot: 0, start: 31, len: 1 }]);
     }

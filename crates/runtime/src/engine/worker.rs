@@ -146,6 +146,14 @@ pub(crate) fn run(runner: Runner, commands: Receiver<Command>, shared: Arc<Share
         worker.step();
         worker.publish();
     }
+    // Requests submitted before the engine closed but not yet read are failed with the rest.
+    loop {
+        match commands.try_recv() {
+            Ok(Command::Submit(seqs)) => worker.waiting.extend(seqs),
+            Ok(Command::Shutdown) => {}
+            Err(_) => break,
+        }
+    }
     worker.shut_down();
 }
 
@@ -250,6 +258,7 @@ impl Worker {
                 id: s.id,
                 prompt_len: s.prompt().len(),
                 cached: self.runner.lookup(s.prompt(), &s.prompt_keys),
+                images: s.images.is_some(),
             })
             .collect();
         let running: Vec<Running> =
@@ -273,7 +282,12 @@ impl Worker {
             let Some(mut seq) = self.waiting.pop_front() else { break };
             debug_assert_eq!(seq.id, admission.id);
             self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
-            self.runner.pool_mut().take(admission.slot);
+            if let Err(e) = self.runner.take(admission.slot) {
+                seq.admit(admission.slot, 0);
+                seq.fail(EngineError::model_failed("starting the KV cache over for the request", e), &mut self.metrics);
+                self.running.push(seq);
+                continue;
+            }
             self.metrics.prompt_tokens += seq.prompt().len() as u64;
             self.metrics.prefix_cache_queried_tokens += seq.prompt().len() as u64;
             let cached = match self.runner.load_prefix(admission.slot, seq.prompt(), &seq.prompt_keys, admission.cached)
@@ -330,24 +344,35 @@ impl Worker {
         }
     }
 
-    /// One run of [`prefill_runs`]: a lone chunk, or chunks batched into one graph run. A run
-    /// with a chunk that cannot batch (a prompt with images; a sequence that failed at
-    /// admission) runs chunk by chunk.
+    /// One run of [`prefill_runs`]: a lone chunk, or chunks batched into one graph run. A chunk
+    /// that cannot batch (a prompt with images; a sequence that failed at admission) runs alone,
+    /// and the chunks on either side of it as runs of their own, as the scheduler's budget
+    /// counted them.
     fn prefill_run(&mut self, run: &[PrefillChunk]) {
-        let rows: Option<Vec<usize>> = run
-            .iter()
-            .map(|c| self.running.iter().position(|s| s.id == c.id && s.phase != Phase::Finished && s.images.is_none()))
-            .collect();
-        let Some(rows) = rows.filter(|rows| rows.len() > 1) else {
-            for chunk in run {
-                self.prefill(chunk.id, chunk.start, chunk.len);
-            }
-            return;
+        let batchable = |w: &Self, c: &PrefillChunk| {
+            w.running.iter().position(|s| s.id == c.id && s.phase != Phase::Finished && s.images.is_none())
         };
+        let mut rest = run;
+        while let Some(first) = rest.first() {
+            let rows: Vec<usize> = rest.iter().map_while(|c| batchable(self, c)).collect();
+            if rows.len() > 1 {
+                let (stretch, after) = rest.split_at(rows.len());
+                self.prefill_batched(stretch, &rows);
+                rest = after;
+            } else {
+                self.prefill(first.id, first.start, first.len);
+                rest = &rest[1..];
+            }
+        }
+    }
+
+    /// Chunks of one run (first chunks of their prompts, one length, consecutive slots) of the
+    /// sequences at `rows` of `running`, as one graph run.
+    fn prefill_batched(&mut self, run: &[PrefillChunk], rows: &[usize]) {
         let mut tokens = Vec::with_capacity(run.iter().map(|c| c.len).sum());
         let mut pasts = Vec::with_capacity(run.len());
         let mut fetch = Fetch::Greedy;
-        for (chunk, &i) in run.iter().zip(&rows) {
+        for (chunk, &i) in run.iter().zip(rows) {
             let seq = &self.running[i];
             debug_assert_eq!(chunk.start, seq.filled);
             tokens.extend_from_slice(&seq.prompt()[chunk.start..chunk.start + chunk.len]);
@@ -360,7 +385,7 @@ impl Worker {
             .runner
             .prefill_rows(run[0].slot, tokens, pasts, fetch)
             .map_err(|e| EngineError::model_failed("a batched prefill run failed", e));
-        for (row, (chunk, &i)) in run.iter().zip(&rows).enumerate() {
+        for (row, (chunk, &i)) in run.iter().zip(rows).enumerate() {
             let seq = &mut self.running[i];
             match &result {
                 Ok(output) => Self::prefilled(seq, chunk.start + chunk.len, output, row, &mut self.metrics),
