@@ -10,6 +10,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hf_hub::{Cache, Repo, RepoType};
 use pio_models::files::{shard_files, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
@@ -59,19 +60,25 @@ impl RepoCache {
     }
 
     /// Points `snapshots/<commit>/<file>` at `blobs/<etag>` (a relative symlink, as
-    /// `huggingface_hub` makes them, so the cache can be moved).
+    /// `huggingface_hub` makes them, so the cache can be moved). The link is made under a name of
+    /// its own and renamed over the pointer, so that two downloads of the same repository (two
+    /// `pio download`s, or one beside `pio-export --model`) linking the same file both succeed.
     pub(crate) fn link(&self, commit: &str, file: &str, etag: &str) -> Result<PathBuf, HubError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         let dir = self.snapshot_dir(commit);
         std::fs::create_dir_all(&dir).map_err(HubError::io("create", &dir))?;
         let pointer = dir.join(file);
-        if pointer.symlink_metadata().is_ok() {
-            std::fs::remove_file(&pointer).map_err(HubError::io("replace", &pointer))?;
-        }
+        let unique = NEXT.fetch_add(1, Ordering::Relaxed);
+        let staged = dir.join(format!(".{file}.{}.{unique}.link", std::process::id()));
         #[cfg(unix)]
-        std::os::unix::fs::symlink(Path::new("../../blobs").join(etag), &pointer)
-            .map_err(HubError::io("link", &pointer))?;
+        std::os::unix::fs::symlink(Path::new("../../blobs").join(etag), &staged)
+            .map_err(HubError::io("link", &staged))?;
         #[cfg(not(unix))]
-        std::fs::copy(self.blob(etag), &pointer).map_err(HubError::io("copy into", &pointer))?;
+        std::fs::copy(self.blob(etag), &staged).map_err(HubError::io("copy into", &staged))?;
+        if let Err(e) = std::fs::rename(&staged, &pointer) {
+            let _ = std::fs::remove_file(&staged);
+            return Err(HubError::io("link", &pointer)(e));
+        }
         Ok(pointer)
     }
 }

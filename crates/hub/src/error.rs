@@ -36,7 +36,13 @@ pub enum HubError {
     #[error("{url} refused the request (HTTP {status}): {}", token_advice(has_token))]
     Unauthorized { url: String, status: u16, has_token: bool },
     #[error("{url} answered HTTP {status}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
-    Status { url: String, status: u16, message: String },
+    Status {
+        url: String,
+        status: u16,
+        message: String,
+        /// The server's `Retry-After`, in seconds.
+        retry_after: Option<std::time::Duration>,
+    },
     #[error(
         "cannot reach {} (no network? set HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=1 to use the cache only)",
         crate::http::origin(url)
@@ -104,6 +110,25 @@ pub enum HubError {
 }
 
 impl HubError {
+    /// A failure that may pass by itself: the connection, or an answer that says so (429, 5xx).
+    /// Transfers retry these, and a listing that fails so falls back to a complete cached
+    /// snapshot, as `huggingface_hub` does.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HubError::Connection { .. } => true,
+            HubError::Status { status, .. } => *status == 429 || (500..600).contains(status),
+            _ => false,
+        }
+    }
+
+    /// How long the server asked to wait before trying again, if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            HubError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> HubError {
         let path = path.into();
         move |source| HubError::Io { action, path, source }

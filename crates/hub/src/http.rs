@@ -46,6 +46,12 @@ pub(crate) fn origin(url: &str) -> &str {
     }
 }
 
+/// A URL as errors and logs show it: without its query, which for a storage host is a signature
+/// that grants access to the file.
+pub(crate) fn shown(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(path, _)| path)
+}
+
 /// `location` resolved against `base` (absolute, scheme-relative or path forms).
 fn resolve_location(base: &str, location: &str) -> String {
     if location.starts_with("http://") || location.starts_with("https://") {
@@ -136,7 +142,10 @@ impl Http {
                 .and_then(|s| s.trim().parse().ok());
             return Ok(FileMeta { etag, size, url: redirect_to.unwrap_or(url) });
         }
-        Err(HubError::Protocol { url, problem: format!("more than {MAX_REDIRECTS} redirects") })
+        Err(HubError::Protocol {
+            url: shown(&url).to_string(),
+            problem: format!("more than {MAX_REDIRECTS} redirects"),
+        })
     }
 
     /// GET from `from` on (a Range request when `from` > 0), following redirects.
@@ -153,12 +162,15 @@ impl Http {
                 return Ok(response);
             }
             let location = response.header("Location").ok_or_else(|| HubError::Protocol {
-                url: url.clone(),
+                url: shown(&url).to_string(),
                 problem: format!("HTTP {} without a Location header", response.status()),
             })?;
             url = resolve_location(&url, location);
         }
-        Err(HubError::Protocol { url, problem: format!("more than {MAX_REDIRECTS} redirects") })
+        Err(HubError::Protocol {
+            url: shown(&url).to_string(),
+            problem: format!("more than {MAX_REDIRECTS} redirects"),
+        })
     }
 
     fn status_error(&self, status: u16, response: ureq::Response, url: &str, target: Target) -> HubError {
@@ -166,7 +178,10 @@ impl Http {
         let header_message = response.header("X-Error-Message").map(str::to_string);
         let repo = target.repo.to_string();
         let endpoint = self.endpoint.clone();
-        let has_token = self.has_token();
+        let at_endpoint = origin(url) == origin(&self.endpoint);
+        // The token goes to the endpoint only: a refusal elsewhere is not about it.
+        let has_token = self.has_token() && at_endpoint;
+        let url = shown(url);
         // The hub's error code first (it answers 401 for a missing repository, not to tell
         // private ones apart), then the status.
         match (code.as_str(), status, target.file) {
@@ -178,14 +193,23 @@ impl Http {
             ("EntryNotFound", _, Some(file)) | ("", 404, Some(file)) => {
                 HubError::FileNotFound { repo, file: file.to_string(), url: url.to_string() }
             }
-            (_, 401 | 403, _) => HubError::Unauthorized { url: url.to_string(), status, has_token },
+            (_, 401 | 403, _) if at_endpoint => HubError::Unauthorized { url: url.to_string(), status, has_token },
+            (_, 401 | 403, _) => HubError::Status {
+                url: url.to_string(),
+                status,
+                message: "the storage host refused the download (its signed link may have expired); run again".into(),
+                retry_after: None,
+            },
             _ => {
+                // Seconds only (an HTTP date is rare from the hub and its CDN).
+                let retry_after =
+                    response.header("Retry-After").and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
                 let message = header_message.unwrap_or_else(|| {
                     let mut body = String::new();
                     let _ = response.into_reader().take(MESSAGE_LIMIT).read_to_string(&mut body);
                     body.trim().to_string()
                 });
-                HubError::Status { url: url.to_string(), status, message }
+                HubError::Status { url: url.to_string(), status, message, retry_after }
             }
         }
     }

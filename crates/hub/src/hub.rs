@@ -113,7 +113,7 @@ impl Hub {
         }
         let repo = model_repo(repo_id, revision)?;
         let info = match self.repo_info(repo_id, &repo) {
-            Err(e @ HubError::Connection { .. }) => {
+            Err(e) if e.is_transient() => {
                 return match self.cached(repo_id, revision) {
                     Ok(snapshot) => {
                         tracing::warn!("{e}; using the cached snapshot {}", snapshot.dir.display());
@@ -193,13 +193,14 @@ impl Hub {
         let mut total = 0u64;
         for s in todo {
             let size = s.size().unwrap_or(0);
-            total += size;
+            // Sizes come from the server: a sum past u64 is no smaller than any disk.
+            total = total.saturating_add(size);
             let have = match s.expected_etag() {
                 Some(etag) if cache.blob(etag).is_file() => size,
                 Some(etag) => std::fs::metadata(cache.incomplete(etag)).map(|m| m.len().min(size)).unwrap_or(0),
                 None => 0,
             };
-            needed += size - have;
+            needed = needed.saturating_add(size - have);
         }
         if todo.iter().any(|s| s.size().is_none()) {
             tracing::warn!("the hub listed no size for some files of {repo_id}: the disk check counts them as empty");
@@ -216,7 +217,7 @@ impl Hub {
     /// Transfers `todo` with up to `parallel` files at a time; the first failure stops the
     /// others (each keeps what it got, for the next run) and is returned.
     fn fetch_all(&self, repo_id: &str, commit: &str, cache: &RepoCache, todo: &[&Sibling]) -> Result<(), HubError> {
-        let total: u64 = todo.iter().map(|s| s.size().unwrap_or(0)).sum();
+        let total = todo.iter().fold(0u64, |sum, s| sum.saturating_add(s.size().unwrap_or(0)));
         let bars = Bars::new(self.config.progress, total, todo.len());
         let cancel = AtomicBool::new(false);
         let resolve = |file: &str| self.resolve_url(repo_id, commit, file);

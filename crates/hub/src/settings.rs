@@ -1,5 +1,5 @@
 //! How a [`Hub`] is set up: explicit builder calls, with defaults from the environment variables
-//! `huggingface_hub` reads (`HF_HOME`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`).
+//! `huggingface_hub` reads (`HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,8 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 #[derive(Clone, Debug)]
 pub struct HubBuilder {
     hf_home: PathBuf,
+    /// The cache folder when not `hf_home/hub` (`HF_HUB_CACHE`).
+    hub_cache: Option<PathBuf>,
     endpoint: String,
     token: Option<String>,
     offline: bool,
@@ -37,6 +39,7 @@ impl HubBuilder {
         let token = hf_hub::Cache::new(hf_home.join("hub")).token();
         HubBuilder {
             hf_home,
+            hub_cache: None,
             endpoint: DEFAULT_ENDPOINT.to_string(),
             token,
             offline: false,
@@ -66,6 +69,10 @@ impl HubBuilder {
                 .join("huggingface"),
         };
         let mut builder = HubBuilder::new(hf_home);
+        // `huggingface_hub` reads HF_HUB_CACHE, then the older HUGGINGFACE_HUB_CACHE.
+        if let Some(cache) = non_empty("HF_HUB_CACHE").or_else(|| non_empty("HUGGINGFACE_HUB_CACHE")) {
+            builder = builder.hub_cache(cache);
+        }
         if let Some(endpoint) = non_empty("HF_ENDPOINT") {
             builder = builder.endpoint(endpoint.to_string_lossy());
         }
@@ -87,6 +94,13 @@ impl HubBuilder {
     /// The token sent to the endpoint (never to the storage hosts it redirects to).
     pub fn token(mut self, token: Option<String>) -> Self {
         self.token = token.filter(|t| !t.is_empty());
+        self
+    }
+
+    /// The cache folder (snapshots, blobs, refs), instead of `hf_home/hub`; the token file stays
+    /// under `hf_home`.
+    pub fn hub_cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.hub_cache = Some(dir.into());
         self
     }
 
@@ -126,7 +140,7 @@ impl HubBuilder {
             return Err(HubError::InvalidEndpoint(self.endpoint));
         }
         Hub::new(crate::hub::HubConfig {
-            cache: hf_hub::Cache::new(self.hf_home.join("hub")),
+            cache: hf_hub::Cache::new(self.hub_cache.unwrap_or_else(|| self.hf_home.join("hub"))),
             endpoint: self.endpoint,
             token: self.token,
             offline: self.offline,
@@ -174,6 +188,16 @@ mod tests {
         assert!(!b.offline);
         let b = HubBuilder::from_vars(vars(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "/x")])).unwrap();
         assert_eq!(b.hf_home, Path::new("/x/huggingface"));
+        assert_eq!(b.hub_cache, None);
+        // The cache folder of its own, as huggingface_hub reads it (the newer name first).
+        let b = HubBuilder::from_vars(vars(&[("HOME", "/home/u"), ("HF_HUB_CACHE", "/data/hub")])).unwrap();
+        assert_eq!(b.hub_cache.as_deref(), Some(Path::new("/data/hub")));
+        let b =
+            HubBuilder::from_vars(vars(&[("HOME", "/h"), ("HUGGINGFACE_HUB_CACHE", "/old"), ("HF_HUB_CACHE", "/new")]))
+                .unwrap();
+        assert_eq!(b.hub_cache.as_deref(), Some(Path::new("/new")));
+        let b = HubBuilder::from_vars(vars(&[("HOME", "/h"), ("HUGGINGFACE_HUB_CACHE", "/old")])).unwrap();
+        assert_eq!(b.hub_cache.as_deref(), Some(Path::new("/old")));
 
         assert!(matches!(HubBuilder::from_vars(vars(&[])), Err(HubError::NoCacheDir)));
         let bad = HubBuilder::from_vars(vars(&[("HOME", "/h"), ("HF_ENDPOINT", "huggingface.co")])).unwrap().build();

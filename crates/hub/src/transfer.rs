@@ -17,9 +17,12 @@ use hf_hub::api::Progress;
 use crate::cache::{is_safe_etag, RepoCache};
 use crate::digest::FileDigest;
 use crate::error::HubError;
-use crate::http::{Http, Target};
+use crate::http::{shown, Http, Target};
 
 const CHUNK: usize = 1 << 20;
+/// The longest wait a `Retry-After` gets (a server asking for hours is retried sooner; the
+/// retries then run out and the download stops, to be resumed by the next run).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// One file to fetch, as the repository listing describes it.
 pub(crate) struct Job<'a> {
@@ -92,7 +95,7 @@ impl Transfers<'_> {
 
     pub(crate) fn fetch(&self, job: &Job, progress: &mut impl Progress) -> Result<Fetched, HubError> {
         let url = (self.resolve_url)(job.file);
-        let meta = self.http.metadata(&url, self.target(job.file))?;
+        let meta = self.retrying(job.file, || self.http.metadata(&url, self.target(job.file)))?;
         if !is_safe_etag(&meta.etag) {
             return Err(HubError::Protocol { url, problem: format!("ETag {:?} is not a hash", meta.etag) });
         }
@@ -141,8 +144,12 @@ impl Transfers<'_> {
         }
         let mut failures = 0u32;
         while partial.have < size {
+            let mut retry_after = None;
             let stopped = match self.http.get(url, partial.have, self.target(file)) {
-                Err(HubError::Connection { source, .. }) => std::io::Error::other(source),
+                Err(e) if e.is_transient() => {
+                    retry_after = e.retry_after();
+                    std::io::Error::other(e)
+                }
                 Err(e) => return Err(e),
                 Ok(response) => {
                     match response.status() {
@@ -154,7 +161,7 @@ impl Transfers<'_> {
                                 .and_then(|s| s.parse::<u64>().ok());
                             if start != Some(partial.have) {
                                 return Err(HubError::Protocol {
-                                    url: url.to_string(),
+                                    url: shown(url).to_string(),
                                     problem: format!(
                                         "asked for bytes from {}, got Content-Range {start:?}",
                                         partial.have
@@ -170,7 +177,7 @@ impl Transfers<'_> {
                         200 => {}
                         other => {
                             return Err(HubError::Protocol {
-                                url: url.to_string(),
+                                url: shown(url).to_string(),
                                 problem: format!("HTTP {other} to a download request"),
                             })
                         }
@@ -187,7 +194,7 @@ impl Transfers<'_> {
                 return Err(HubError::Interrupted { repo: self.repo.into(), file: file.into(), got, size, source });
             }
             failures += 1;
-            let wait = self.retry_wait.saturating_mul(1 << (failures - 1).min(6));
+            let wait = self.wait(failures, retry_after);
             tracing::warn!(
                 "{file}: transfer stopped at {} of {size} bytes ({stopped}); resuming in {wait:?} (retry {failures} of {})",
                 partial.have,
@@ -197,6 +204,30 @@ impl Transfers<'_> {
         }
         partial.finish(self.repo, file, &self.cache.blob(etag))?;
         Ok(Fetched::Done)
+    }
+
+    /// `attempt`, again after a transient failure ([`HubError::is_transient`]) up to `retries`
+    /// times, waiting as a transfer does between tries.
+    fn retrying<T>(&self, file: &str, mut attempt: impl FnMut() -> Result<T, HubError>) -> Result<T, HubError> {
+        let mut failures = 0u32;
+        loop {
+            match attempt() {
+                Err(e) if e.is_transient() && failures < self.retries => {
+                    failures += 1;
+                    let wait = self.wait(failures, e.retry_after());
+                    tracing::warn!("{file}: {e}; retrying in {wait:?} (retry {failures} of {})", self.retries);
+                    std::thread::sleep(wait);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The wait before retry number `failures` (from 1): `retry_wait`, doubling with each retry,
+    /// or longer when the server asked for it (at most [`MAX_RETRY_AFTER`]).
+    fn wait(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+        let backoff = self.retry_wait.saturating_mul(1 << (failures.max(1) - 1).min(6));
+        retry_after.map_or(backoff, |after| backoff.max(after.min(MAX_RETRY_AFTER)))
     }
 
     /// Appends a response body to the partial file until the file is complete, the body ends

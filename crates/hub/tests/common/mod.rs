@@ -83,6 +83,8 @@ pub struct Logged {
 #[derive(Default)]
 struct Faults {
     cut_once: HashSet<String>,
+    /// (file, status): the next storage/content request of `file` answers this status.
+    fail_once: Vec<(String, u16)>,
     corrupt: HashSet<String>,
 }
 
@@ -125,6 +127,11 @@ impl StandInHub {
     /// The next transfer of `file` stops halfway (the connection is closed).
     pub fn cut_once(&self, file: &str) {
         self.state.faults.lock().unwrap().cut_once.insert(file.into());
+    }
+
+    /// The next content request of `file` answers `status` (no body).
+    pub fn fail_once(&self, file: &str, status: u16) {
+        self.state.faults.lock().unwrap().fail_once.push((file.into(), status));
     }
 
     /// `file` is served with one byte changed (its listed sha256 stays the real one's).
@@ -286,6 +293,10 @@ fn listing(repo: &HubRepo, blobs: bool) -> Response {
 fn content(state: &State, f: &HubFile, range: Option<&str>) -> Response {
     let mut bytes = f.bytes.clone();
     let mut faults = state.faults.lock().unwrap();
+    if let Some(i) = faults.fail_once.iter().position(|(n, _)| *n == f.name) {
+        let (_, status) = faults.fail_once.remove(i);
+        return Response::new(status).header("Retry-After", "0");
+    }
     if faults.corrupt.contains(&f.name) {
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
