@@ -56,6 +56,22 @@ fn same_type(src: Dtype, dst: TensorDtype) -> bool {
     )
 }
 
+/// Element `index` of `t` read as f32, refused when it is finite but `dst` is float16 and it is
+/// past float16's range (the conversion would make it infinite and the graph compute inf/NaN).
+#[inline]
+fn element(t: &TensorRef, dst: TensorDtype, index: usize) -> Result<f32> {
+    let x = read_f32(t.dtype, t.data, index);
+    if dst == TensorDtype::Float16 && x.is_finite() && x.abs() > f16::MAX.to_f32() {
+        return Err(BuildError::Float16Overflow {
+            tensor: t.name.to_string(),
+            file: t.file.to_path_buf(),
+            index,
+            value: x,
+        });
+    }
+    Ok(x)
+}
+
 /// Tensors are converted to the graph's floating dtype only; anything else is a caller's bug.
 fn not_a_float(t: &TensorRef, dst: TensorDtype) -> BuildError {
     BuildError::Internal(format!("cannot convert tensor {} to {dst:?}", t.name))
@@ -76,7 +92,7 @@ pub fn write_converted(t: &TensorRef, dst: TensorDtype, sink: &mut WeightSink) -
         let end = (i + CHUNK).min(n);
         buf.clear();
         for j in i..end {
-            push_f32(dst, read_f32(t.dtype, t.data, j), &mut buf);
+            push_f32(dst, element(t, dst, j)?, &mut buf);
         }
         sink.write(&buf)?;
         i = end;
@@ -106,7 +122,7 @@ pub fn write_transposed(t: &TensorRef, dst: TensorDtype, sink: &mut WeightSink) 
         // Source rows are read contiguously; the block buffer takes the scattered writes.
         for r in 0..rows {
             for c in c0..c1 {
-                put_f32(dst, read_f32(t.dtype, t.data, r * cols + c), &mut buf, (c - c0) * rows + r);
+                put_f32(dst, element(t, dst, r * cols + c)?, &mut buf, (c - c0) * rows + r);
             }
         }
         sink.write(&buf[..(c1 - c0) * rows * dst.size_bytes()])?;

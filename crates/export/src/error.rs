@@ -254,6 +254,11 @@ pub enum OutputError {
         dest.display(), crate::scratch::SYNTHETIC_MARKER
     )]
     NotASyntheticCheckpoint { dest: PathBuf },
+    #[error(
+        "{} is a mount point (another filesystem than its parent): the output is written beside it and renamed into          place, which cannot replace a mount point; pass a folder inside it, such as {}",
+        dest.display(), dest.join("model").display()
+    )]
+    MountPoint { dest: PathBuf },
     #[error(transparent)]
     Io(#[from] FsError),
     #[error("cannot move {} to {}", from.display(), to.display())]
@@ -286,6 +291,12 @@ pub enum BuildError {
         #[source]
         source: QuantError,
     },
+    /// A finite weight beyond float16's range (65504), which would be stored as infinity.
+    #[error(
+        "tensor {tensor} in {}: element {index} is {value}, beyond float16's range (±65504); export with --precision bf16 or fp32",
+        file.display()
+    )]
+    Float16Overflow { tensor: String, file: PathBuf, index: usize, value: f32 },
     /// A broken invariant of the graph builder itself: a bug, not a problem of the input.
     #[error("graph builder bug: {0}")]
     Internal(String),

@@ -58,6 +58,10 @@ impl OutputKind {
         // A folder made empty for the output (`mkdir out`, a temporary folder) holds nothing to lose.
         let empty_dir = dest.symlink_metadata().is_ok_and(|m| m.is_dir())
             && std::fs::read_dir(dest).is_ok_and(|mut entries| entries.next().is_none());
+        if empty_dir && is_mount_point(dest) {
+            // Checked before any work: the rename at the end would fail after all of it.
+            return Err(OutputError::MountPoint { dest: dest.to_path_buf() });
+        }
         if dest.symlink_metadata().is_err() || empty_dir {
             return Ok(());
         }
@@ -71,10 +75,36 @@ impl OutputKind {
     }
 }
 
+/// Whether the folder `dir` is on another filesystem than its parent (a mount point, such as a
+/// container's volume).
+fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (std::fs::metadata(dir), std::fs::metadata(parent)) {
+        (Ok(d), Ok(p)) => d.dev() != p.dev(),
+        _ => false,
+    }
+}
+
 /// A scratch folder of this process, removed on drop and on a signal.
 pub struct ScratchDir {
     dir: TempDir,
     kind: OutputKind,
+    /// The folder opened with an exclusive `flock` for as long as this process writes it: a
+    /// process id alone does not tell a gone process from one in another PID namespace (another
+    /// container on a shared volume), and [`remove_stale`] leaves a locked folder alone.
+    _lock: Option<std::fs::File>,
+}
+
+/// The folder at `path` opened and locked (exclusive, without waiting); None when it cannot be
+/// opened or locked (held elsewhere, or a filesystem without locks).
+fn lock_folder(path: &Path) -> Option<std::fs::File> {
+    let folder = std::fs::File::open(path).ok()?;
+    rustix::fs::flock(&folder, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
+    Some(folder)
 }
 
 impl ScratchDir {
@@ -88,7 +118,8 @@ impl ScratchDir {
             .tempdir_in(parent)
             .map_err(fs_error("write to folder", parent))?;
         live.push(dir.path().to_path_buf());
-        Ok(ScratchDir { dir, kind })
+        let lock = lock_folder(dir.path());
+        Ok(ScratchDir { dir, kind, _lock: lock })
     }
 
     pub fn path(&self) -> &Path {
@@ -147,8 +178,9 @@ fn process_exists(pid: i32) -> bool {
     }
 }
 
-/// Removes scratch folders in `parent` whose process is gone. Folders of running processes,
-/// and names without a process id, are left alone.
+/// Removes scratch folders in `parent` whose process is gone and that no process holds locked
+/// (see [`ScratchDir`]). Folders of running processes, and names without a process id, are
+/// left alone.
 pub fn remove_stale(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for entry in entries.flatten() {
@@ -160,10 +192,13 @@ pub fn remove_stale(parent: &Path) {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
-        if pid as u32 != std::process::id() && !process_exists(pid) {
-            tracing::info!("removing {} left by an interrupted pio-export (process {pid})", entry.path().display());
-            remove_tree(&entry.path());
+        if pid as u32 == std::process::id() || process_exists(pid) {
+            continue;
         }
+        // Held while removing, so that it is this run's to remove.
+        let Some(_held) = lock_folder(&entry.path()) else { continue };
+        tracing::info!("removing {} left by an interrupted pio-export (process {pid})", entry.path().display());
+        remove_tree(&entry.path());
     }
 }
 
@@ -211,13 +246,31 @@ mod tests {
         for n in &names {
             std::fs::create_dir(parent.path().join(n)).unwrap();
         }
+        // A folder whose process id is gone here but which a process elsewhere (another PID
+        // namespace) holds locked is left alone.
+        let elsewhere = parent.path().join(format!(".pio-export-{gone}-held"));
+        std::fs::create_dir(&elsewhere).unwrap();
+        let held = lock_folder(&elsewhere).unwrap();
         remove_stale(parent.path());
+        assert!(elsewhere.is_dir(), "a locked scratch folder was removed");
+        drop(held);
+        std::fs::remove_dir(&elsewhere).unwrap();
         let mut left: Vec<String> =
             std::fs::read_dir(parent.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
         let mut expected = names[2..].to_vec();
         expected.sort();
         assert_eq!(left, expected);
+    }
+
+    #[test]
+    fn a_mount_point_is_told_apart_from_a_folder() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(!is_mount_point(root.path()));
+        // /proc is a filesystem of its own wherever Linux mounts it.
+        if Path::new("/proc/self").exists() {
+            assert!(is_mount_point(Path::new("/proc")));
+        }
     }
 
     #[test]

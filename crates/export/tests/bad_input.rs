@@ -419,3 +419,68 @@ fn piped_logs_carry_no_colour_codes() {
     assert!(stderr.contains("ERROR") && stderr.contains("config.json"), "{stderr}");
     assert!(!out.stderr.contains(&0x1b), "colour codes in piped logs: {stderr:?}");
 }
+
+#[test]
+fn rope_and_norm_values_that_break_the_graph_are_named() {
+    // Each exported before: NaN rotary tables (`pio run --greedy` gave token 0 forever), or an
+    // ONNX Runtime error at load that did not name config.json.
+    let cases = [
+        ("rope_theta", serde_json::json!(0)),
+        ("rope_theta", serde_json::json!(-10000)),
+        ("rms_norm_eps", serde_json::json!(-1e-6)),
+        ("rope_scaling", serde_json::json!({"rope_type": "linear", "factor": 0.0})),
+        ("max_position_embeddings", serde_json::json!(0)),
+    ];
+    for (field, value) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+        edit_json(&ck.join("config.json"), |v| v[field] = value.clone());
+        expect_failure(&ck, tmp.path(), &["config.json", field, "must be positive"]);
+    }
+}
+
+#[test]
+fn zero_vision_position_embeddings_is_named_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3vl-a", tmp.path());
+    edit_json(&ck.join("config.json"), |v| v["vision_config"]["num_position_embeddings"] = 0.into());
+    expect_failure(&ck, tmp.path(), &["config.json", "num_position_embeddings", "must be positive"]);
+}
+
+#[test]
+fn generation_config_sampling_out_of_range_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path());
+    edit_json(&ck.join("generation_config.json"), |v| v["top_p"] = 1.5.into());
+    expect_failure(&ck, tmp.path(), &["generation_config.json", "top_p", "(0, 1]"]);
+}
+
+#[test]
+fn a_weight_beyond_float16_is_named_not_made_infinite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = copy_fixture("qwen3-tied-hub", tmp.path()); // bf16 weights
+    let path = ck.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let name = "model.layers.0.mlp.down_proj.weight";
+    let entry = pio_export::checkpoint::read_tensor_entries(&bytes, &path)
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name == name)
+        .unwrap();
+    bytes[entry.range.start..entry.range.start + 2].copy_from_slice(&half::bf16::from_f32(1e5).to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let out_parent = tmp.path().join("out");
+    std::fs::create_dir_all(&out_parent).unwrap();
+    let out = out_parent.join("model");
+    let args =
+        ["--checkpoint", ck.to_str().unwrap(), "--out", out.to_str().unwrap(), "--precision", "fp16", "--ep", "cuda"];
+    let o = run_export(&args, tmp.path());
+    assert_ne!(o.code, Some(0), "exported an infinite float16 weight: {}", o.stderr);
+    assert!(o.stderr.contains(name) && o.stderr.contains("float16"), "{}", o.stderr);
+    assert_eq!(std::fs::read_dir(&out_parent).unwrap().count(), 0, "nothing left behind");
+    // bf16 holds it.
+    let args =
+        ["--checkpoint", ck.to_str().unwrap(), "--out", out.to_str().unwrap(), "--precision", "bf16", "--ep", "cuda"];
+    let o = run_export(&args, tmp.path());
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+}

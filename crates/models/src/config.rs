@@ -252,7 +252,14 @@ fn parse_rope(f: &Fields, default_theta: f64, default_partial_rotary_factor: f64
         }
         Ok(f.opt_f64(key)?.map(|v| (v, f)))
     };
-    let theta = pick_f64("rope_theta")?.map_or(default_theta, |(v, _)| v);
+    // A theta or factor of 0, below 0 or not finite fills the rotary tables with NaN.
+    let theta = match pick_f64("rope_theta")? {
+        Some((v, from)) if !(v.is_finite() && v > 0.0) => {
+            return Err(from.invalid("rope_theta", v, "must be positive"))
+        }
+        Some((v, _)) => v,
+        None => default_theta,
+    };
     let partial_rotary_factor = match pick_f64("partial_rotary_factor")? {
         Some((v, _)) if v > 0.0 && v <= 1.0 => v,
         Some((v, from)) => return Err(from.invalid("partial_rotary_factor", v, "must be in (0, 1]")),
@@ -267,6 +274,16 @@ fn parse_rope(f: &Fields, default_theta: f64, default_partial_rotary_factor: f64
         ),
         None => ("default".to_string(), None, None, false),
     };
+    if let (Some(factor), Some(n)) = (factor, &nested) {
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err(n.invalid("factor", factor, "must be positive"));
+        }
+    }
+    if let (None, Some(n)) = (factor, &nested) {
+        if rope_type == "linear" {
+            return Err(n.missing("factor"));
+        }
+    }
     if let (Some(section), Some(n)) = (&mrope_section, &nested) {
         if section.len() != 3 {
             return Err(n.invalid("mrope_section", format!("{section:?}"), "must hold 3 numbers (t, h, w)"));
@@ -425,8 +442,11 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
         num_attention_heads,
         num_key_value_heads,
         head_dim,
-        rms_norm_eps: f.f64("rms_norm_eps")?,
-        max_position_embeddings: f.usize("max_position_embeddings")?,
+        rms_norm_eps: match f.f64("rms_norm_eps")? {
+            eps if eps.is_finite() && eps > 0.0 => eps,
+            eps => return Err(f.invalid("rms_norm_eps", eps, "must be positive")),
+        },
+        max_position_embeddings: positive("max_position_embeddings")?,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         attention_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
         qk_norm: match arch {
@@ -467,7 +487,7 @@ fn parse_vision(f: &Fields) -> Result<VisionConfig> {
         temporal_patch_size: positive("temporal_patch_size", Some(2))?,
         spatial_merge_size: positive("spatial_merge_size", Some(2))?,
         out_hidden_size: f.usize("out_hidden_size")?,
-        num_position_embeddings: f.usize("num_position_embeddings")?,
+        num_position_embeddings: positive("num_position_embeddings", None)?,
         deepstack_visual_indexes: f.opt_usize_list("deepstack_visual_indexes")?.unwrap_or_default(),
         hidden_act: f.opt_str("hidden_act")?.unwrap_or_else(|| "gelu_pytorch_tanh".into()),
         rope_theta: match rope_theta {
@@ -475,6 +495,9 @@ fn parse_vision(f: &Fields) -> Result<VisionConfig> {
             None => f.opt_f64("rope_theta")?.unwrap_or_else(default_vision_rope_theta),
         },
     };
+    if !(v.rope_theta.is_finite() && v.rope_theta > 0.0) {
+        return Err(f.invalid("rope_theta", v.rope_theta, "must be positive"));
+    }
     if !VISION_ACTIVATIONS.contains(&v.hidden_act.as_str()) {
         return Err(f.unsupported("hidden_act", &v.hidden_act, "gelu_pytorch_tanh, gelu_new, gelu"));
     }
@@ -625,17 +648,29 @@ pub struct GenerationDefaults {
 }
 
 impl GenerationDefaults {
-    /// Reads `generation_config.json`; errors name the file and the field.
+    /// Reads `generation_config.json`; errors name the file and the field. The sampling values
+    /// must be in the ranges the runtime's sampler takes (`SamplingParams::validate`): they become
+    /// every request's defaults, so one out of range would fail requests that never set it.
     pub fn from_file(path: &Path) -> Result<Self> {
         let value = read_json(path)?;
         let f = Fields::root(&value, path)?;
+        let in_range = |key: &str, ok: fn(f64) -> bool, requirement: &str| -> Result<Option<f64>> {
+            match f.opt_f64(key)? {
+                Some(v) if !ok(v) => Err(f.invalid(key, v, requirement)),
+                v => Ok(v),
+            }
+        };
         Ok(GenerationDefaults {
             do_sample: f.opt_bool("do_sample")?,
-            temperature: f.opt_f64("temperature")?,
-            top_p: f.opt_f64("top_p")?,
+            temperature: in_range("temperature", |t| t.is_finite() && t >= 0.0, "must be a finite number >= 0")?,
+            top_p: in_range("top_p", |p| p > 0.0 && p <= 1.0, "must be in (0, 1]")?,
             top_k: f.opt_usize("top_k")?,
-            min_p: f.opt_f64("min_p")?,
-            repetition_penalty: f.opt_f64("repetition_penalty")?,
+            min_p: in_range("min_p", |m| (0.0..=1.0).contains(&m), "must be in [0, 1]")?,
+            repetition_penalty: in_range(
+                "repetition_penalty",
+                |r| r.is_finite() && r > 0.0,
+                "must be a finite number > 0",
+            )?,
             eos_token_ids: f.ids("eos_token_id")?,
             bos_token_id: f.first_id("bos_token_id")?,
             pad_token_id: f.first_id("pad_token_id")?,

@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{Architecture, GenerationDefaults, ModelConfig};
 use crate::error::{ConfigError, PresetError};
 use crate::presets::{find_preset, PRESETS};
 use crate::size::{ParameterCount, Precision};
@@ -73,6 +73,31 @@ fn missing_and_mistyped_fields_are_named() {
         err.to_string(),
         "config.json: field `num_key_value_heads` is 3, but it must divide `num_attention_heads` (4)"
     );
+}
+
+#[test]
+fn values_that_would_break_the_rotary_tables_or_norms_are_refused() {
+    // Each of these exported before and gave NaN cos/sin tables (or an ONNX Runtime error at load
+    // that did not name config.json).
+    let error = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = qwen3_hub_style();
+        edit(&mut v);
+        ModelConfig::from_value(&v).unwrap_err().to_string()
+    };
+    for theta in [json!(0), json!(-10000.0)] {
+        let e = error(&|v| v["rope_theta"] = theta.clone());
+        assert!(e.contains("`rope_theta`") && e.contains("must be positive"), "{e}");
+    }
+    let e = error(&|v| v["rope_scaling"] = json!({"rope_type": "linear", "factor": 0.0}));
+    assert!(e.contains("`rope_scaling.factor`") && e.contains("must be positive"), "{e}");
+    let e = error(&|v| v["rope_scaling"] = json!({"rope_type": "linear", "factor": -2.0}));
+    assert!(e.contains("`rope_scaling.factor`"), "{e}");
+    let e = error(&|v| v["rope_scaling"] = json!({"type": "linear"}));
+    assert!(e.contains("missing field `rope_scaling.factor`"), "{e}");
+    let e = error(&|v| v["rms_norm_eps"] = json!(-1.0));
+    assert!(e.contains("`rms_norm_eps`") && e.contains("must be positive"), "{e}");
+    let e = error(&|v| v["max_position_embeddings"] = json!(0));
+    assert!(e.contains("`max_position_embeddings`") && e.contains("must be positive"), "{e}");
 }
 
 #[test]
@@ -254,6 +279,10 @@ fn qwen3_vl_defaults_and_bad_fields_are_named() {
     assert!(e.contains("out_hidden_size") && e.contains("hidden_size"), "{e}");
     let e = error(&|v| v["vision_config"]["num_position_embeddings"] = json!(2300));
     assert!(e.contains("num_position_embeddings") && e.contains("square"), "{e}");
+    let e = error(&|v| v["vision_config"]["num_position_embeddings"] = json!(0));
+    assert!(e.contains("vision_config.num_position_embeddings") && e.contains("positive"), "{e}");
+    let e = error(&|v| v["vision_config"]["rope_theta"] = json!(-1.0));
+    assert!(e.contains("rope_theta") && e.contains("positive"), "{e}");
     let e = error(&|v| v["vision_config"]["deepstack_visual_indexes"] = json!([5, 24]));
     assert!(e.contains("deepstack_visual_indexes") && e.contains("24"), "{e}");
     let e = error(&|v| v["vision_config"]["num_heads"] = json!(12));
@@ -281,5 +310,23 @@ fn manifest_errors_name_the_file_and_what_to_do() {
     std::fs::write(&file, r#"{"format_version": 1, "name": 3}"#).unwrap();
     let err = Manifest::load(&dir).unwrap_err();
     assert!(matches!(err, ManifestError::Parse { .. }), "{err:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn generation_defaults_out_of_the_samplers_ranges_are_named() {
+    let dir = std::env::temp_dir().join(format!("pio-models-generation-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("generation_config.json");
+    for (field, value) in
+        [("top_p", json!(1.5)), ("temperature", json!(-1)), ("min_p", json!(2)), ("repetition_penalty", json!(0))]
+    {
+        std::fs::write(&path, json!({"eos_token_id": 2, field: value}).to_string()).unwrap();
+        let e = GenerationDefaults::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("generation_config.json") && e.contains(&format!("`{field}`")), "{e}");
+    }
+    std::fs::write(&path, json!({"eos_token_id": [1, 2], "top_p": 0.8, "temperature": 0.7}).to_string()).unwrap();
+    let d = GenerationDefaults::from_file(&path).unwrap();
+    assert_eq!((d.top_p, d.temperature, d.eos_token_ids), (Some(0.8), Some(0.7), vec![1, 2]));
     std::fs::remove_dir_all(&dir).unwrap();
 }
