@@ -24,9 +24,10 @@ pub fn run(args: DownloadArgs) -> Result<()> {
     };
     let hub = pio_hub::HubBuilder::from_env()?.progress(true).build()?;
     let snapshot = hub.download(repo, &args.revision)?;
+    // `--model` exports the preset's main branch: another revision is exported from its folder.
     let export = match preset {
-        Some(name) => format!("pio-export --model {name}"),
-        None => format!("pio-export --checkpoint {}", snapshot.dir.display()),
+        Some(name) if args.revision == "main" => format!("pio-export --model {name}"),
+        _ => format!("pio-export --checkpoint {}", snapshot.dir.display()),
     };
     tracing::info!("{repo} at commit {} is in the cache; export it with `{export}`", snapshot.commit);
     println!("{}", snapshot.dir.display());

@@ -923,7 +923,10 @@ fn chrono_like_now() -> String {
 /// 2 for what the user can fix in the command (an argument refused before the model loads, a
 /// request or setting the engine refuses), 1 for everything else.
 fn exit_code(error: &anyhow::Error) -> ExitCode {
-    if error.downcast_ref::<Refused>().is_some() {
+    if error.downcast_ref::<Refused>().is_some()
+        || error.downcast_ref::<pio_models::error::PresetError>().is_some()
+        || error.downcast_ref::<pio_hub::HubError>().is_some_and(pio_hub::HubError::is_usage)
+    {
         return ExitCode::from(2);
     }
     match error.downcast_ref::<EngineError>() {

@@ -59,14 +59,31 @@ fn download_prints_the_snapshot_folder_last() {
 fn download_errors_name_what_is_wrong() {
     let server = StandInHub::start(vec![]);
     let home = tempfile::tempdir().unwrap();
-    for (args, needle) in [
-        (&["org/missing"][..], "repository org/missing was not found"),
-        (&["llama"][..], "unknown preset `llama`"),
-        (&["org/x y"][..], "is not a Hugging Face repository id"),
+    // Exit code 2 for what the command got wrong, 1 for what the hub answered.
+    for (args, needle, code) in [
+        (&["org/missing"][..], "repository org/missing was not found", 1),
+        (&["llama"][..], "unknown preset `llama`", 2),
+        (&["org/x y"][..], "is not a Hugging Face repository id", 2),
     ] {
         let out = pio_download(args, home.path(), &server.url);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
     }
+    let out = pio_download(&["org/model"], home.path(), "huggingface.co");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_preset_at_another_revision_is_exported_from_its_folder() {
+    // `pio-export --model` reads the preset's main branch: the suggestion names the folder.
+    let preset = fixture_repo("Qwen/Qwen3-4B-Instruct-2507");
+    let commit = preset.commit.clone();
+    let server = StandInHub::start(vec![preset]);
+    let home = tempfile::tempdir().unwrap();
+    let out = pio_download(&["qwen3-4b-instruct-2507", "--revision", &commit], home.path(), &server.url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("pio-export --checkpoint") && !stderr.contains("pio-export --model"), "{stderr}");
 }

@@ -28,7 +28,8 @@ fn expect_failure(checkpoint: &Path, tmp: &Path, needles: &[&str]) {
         &["--checkpoint", checkpoint.to_str().unwrap(), "--out", out_dir.to_str().unwrap(), "--context-length", "64"],
         tmp,
     );
-    assert_ne!(o.code, Some(0), "export should fail; stderr: {}", o.stderr);
+    // A checkpoint that cannot be exported is not a usage error.
+    assert_eq!(o.code, Some(1), "export should fail with 1; stderr: {}", o.stderr);
     for n in needles {
         assert!(o.stderr.contains(n), "error should mention `{n}`; stderr: {}", o.stderr);
     }
@@ -102,7 +103,7 @@ fn missing_tensor_is_named() {
 fn unknown_preset_lists_the_known_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let o = run_export(&["--model", "llama-9000"], tmp.path());
-    assert_ne!(o.code, Some(0));
+    assert_eq!(o.code, Some(2), "a usage error: {}", o.stderr);
     assert!(o.stderr.contains("llama-9000") && o.stderr.contains("qwen3-4b-instruct-2507"), "{}", o.stderr);
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing should be written");
 }

@@ -121,6 +121,18 @@ impl HubError {
         }
     }
 
+    /// Whether the command as written is at fault (a repository id, revision or endpoint that
+    /// cannot be used, no folder for the cache), as opposed to the hub, the network or the disk.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            HubError::InvalidRepoId(_)
+                | HubError::InvalidRevision(_)
+                | HubError::InvalidEndpoint(_)
+                | HubError::NoCacheDir
+        )
+    }
+
     /// How long the server asked to wait before trying again, if it did.
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use pio_export::stages::StageSplit;
 use pio_export::synthetic::{self, CheckpointContents, ShapeOverrides};
@@ -260,7 +260,7 @@ fn run(args: Args) -> Result<()> {
         None => Precision::Bf16,
     };
     if !args.synthetic && !args.overrides().is_empty() {
-        bail!("--layers, --hidden-size and the other shape flags only apply with --synthetic");
+        return Err(Usage("--layers, --hidden-size and the other shape flags only apply with --synthetic").into());
     }
     let (checkpoint, base_name, source) = match (&args.checkpoint, &args.model) {
         (Some(dir), None) => {
@@ -287,7 +287,7 @@ fn run(args: Args) -> Result<()> {
                 (dir, preset.name.to_string(), format!("preset {} ({})", preset.name, preset.hf_repo))
             }
         }
-        _ => bail!("pass --checkpoint DIR or --model PRESET"),
+        _ => return Err(Usage("pass --checkpoint DIR or --model PRESET").into()),
     };
     let config = pio_models::ModelConfig::from_file(&checkpoint.join("config.json"))?;
     let context_length = args.context_length.unwrap_or(config.text.max_position_embeddings.min(32768));
@@ -339,6 +339,41 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// A command line that cannot work as written (exit code 2, as clap's own errors).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(&'static str);
+
+/// 2 for what the command line got wrong (a flag, a preset, an output folder in the way), 1 for
+/// the rest (a checkpoint that is not usable, a failed write).
+fn exit_code(error: &anyhow::Error) -> ExitCode {
+    use pio_export::error::{ExportError, OutputError, SettingsError};
+    let output_in_the_way = |e: &OutputError| {
+        matches!(
+            e,
+            OutputError::Exists { .. }
+                | OutputError::NotAnExport { .. }
+                | OutputError::NotASyntheticCheckpoint { .. }
+                | OutputError::MountPoint { .. }
+        )
+    };
+    let usage = error.downcast_ref::<Usage>().is_some()
+        || error.downcast_ref::<pio_models::PresetError>().is_some()
+        || error.downcast_ref::<pio_models::UnknownNameError>().is_some()
+        || error.downcast_ref::<SettingsError>().is_some()
+        || error.downcast_ref::<OutputError>().is_some_and(output_in_the_way)
+        || match error.downcast_ref::<ExportError>() {
+            Some(ExportError::Settings(_) | ExportError::Preset(_)) => true,
+            Some(ExportError::Output(e)) => output_in_the_way(e),
+            _ => false,
+        };
+    if usage {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn main() -> ExitCode {
     pio_models::logging::init();
     if let Err(e) = pio_export::scratch::clean_up_on_signals() {
@@ -348,7 +383,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::FAILURE
+            exit_code(&e)
         }
     }
 }
