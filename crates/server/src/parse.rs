@@ -288,6 +288,16 @@ fn refuse_unsupported(wire: &WireRequest) -> Result<(), ApiError> {
     if !absent(&wire.prompt_logprobs) {
         return Err(ApiError::field("prompt_logprobs", "is not supported"));
     }
+    // vLLM's extensions that change the answer: their off values pass.
+    match &wire.min_tokens {
+        None | Some(Json::Null) => {}
+        Some(n) if n.as_u64() == Some(0) => {}
+        Some(_) => return Err(ApiError::field("min_tokens", "is not supported (only 0)")),
+    }
+    match &wire.include_stop_str_in_output {
+        None | Some(Json::Null | Json::Bool(false)) => {}
+        Some(_) => return Err(ApiError::field("include_stop_str_in_output", "is not supported (only false)")),
+    }
     Ok(())
 }
 
@@ -455,6 +465,12 @@ mod tests {
             let kwarg = chat(&format!(r#", "chat_template_kwargs": {{"{key}": 1}}"#));
             let expected = format!("chat_template_kwargs.{key}");
             assert_eq!(param(parse_chat_completion(kwarg.as_bytes())).as_deref(), Some(expected.as_str()));
+        }
+        for (field, value) in [("min_tokens", "4"), ("include_stop_str_in_output", "true")] {
+            let extension = chat(&format!(r#", "{field}": {value}"#));
+            assert_eq!(param(parse_chat_completion(extension.as_bytes())).as_deref(), Some(field));
+            let off = chat(&format!(r#", "{field}": {}"#, if field == "min_tokens" { "0" } else { "false" }));
+            assert!(parse_chat_completion(off.as_bytes()).is_ok(), "{off}");
         }
         let tail = format!("{} trailing", chat(""));
         assert!(matches!(parse_chat_completion(tail.as_bytes()), Err(ApiError::Json { path: None, .. })));

@@ -215,21 +215,29 @@ impl Sequence {
         metrics: &mut MetricsSnapshot,
     ) -> Result<(), EngineError> {
         self.phase = Phase::Finished;
-        metrics.finished.count(reason);
         if reason == FinishReason::Cancelled {
+            metrics.finished.count(reason);
             return Ok(());
         }
+        let mut reason = reason;
         if flush {
             let mut tail = String::new();
             if let Some(d) = self.decoder.as_mut() {
                 let rest = d.flush().map_err(|e| EngineError::model_failed("detokenizing the last tokens", e))?;
-                tail.push_str(&self.stops.push(&rest).0);
+                let (text, hit) = self.stops.push(&rest);
+                tail.push_str(&text);
+                // Text held back (a token ending mid-character) can complete a stop string only
+                // now: the answer is cut there, so it stopped, whatever ended the generation.
+                if hit {
+                    reason = FinishReason::Stop;
+                }
             }
             tail.push_str(&self.stops.flush());
             if !tail.is_empty() {
                 self.emit(TokenEvent { token_id: TEXT_TAIL_TOKEN, text: tail, logprob: None, top_logprobs: vec![] });
             }
         }
+        metrics.finished.count(reason);
         let mut output =
             std::mem::take(&mut self.output).finish(self.prompt().to_vec(), self.cached, reason, self.clock);
         output.timings.images = self.images.as_ref().map(|i| i.timings.clone());
@@ -245,5 +253,47 @@ impl Sequence {
         self.phase = Phase::Finished;
         self.stored = true;
         let _ = self.events.send(Err(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::SamplingParams;
+
+    /// A stop string completed only by the text the detokenizer held back (the last token ends
+    /// mid-character) cuts the answer at the final flush: the reason is `Stop`, not `Length`.
+    #[test]
+    fn a_stop_string_completed_at_the_final_flush_finishes_with_stop() {
+        let tok = crate::tokenizer::tests::qwen3();
+        let x = tok.encode("x", false).unwrap();
+        // A token that is a space and the first bytes of a multi-byte character.
+        let partial = (0..tok.vocab_size() as u32)
+            .find(|&id| tok.decode(&[id], false).is_ok_and(|t| t == " \u{FFFD}"))
+            .expect("a token ending mid-character");
+        let options = GenerateOptions { max_tokens: Some(2), stop: vec!["x ".into()], ..Default::default() };
+        let admitted = Admitted {
+            prompt: vec![1, 2, 3],
+            sampler: Sampler::new(SamplingParams::greedy()).unwrap(),
+            options,
+            max_tokens: 2,
+            stop_ids: vec![],
+            tokenizer: Some(tok.clone()),
+            images: None,
+        };
+        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let mut seq = Sequence::new(0, admitted, events, Instant::now());
+        let mut metrics = MetricsSnapshot::new();
+        assert!(!seq.accept(Choice::Token(x[0]), &mut metrics).unwrap());
+        assert!(seq.accept(Choice::Token(partial), &mut metrics).unwrap());
+        let mut finished = None;
+        while let Ok(event) = received.try_recv() {
+            if let Ok(Event::Finished(output)) = event {
+                finished = Some(output);
+            }
+        }
+        let output = finished.expect("a Finished event");
+        assert_eq!(output.text, "", "cut at the stop string");
+        assert_eq!(output.finish_reason, FinishReason::Stop);
     }
 }
