@@ -5,14 +5,14 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use pio_runtime::chat_template::RenderOptions;
 use pio_runtime::engine::{Engine, Prompt, Request};
 use pio_runtime::generate::GenerateOptions;
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 
-use crate::preflight::GraphFolder;
+use crate::preflight::{refused, GraphFolder};
 
 /// One line of a batch file.
 #[derive(Deserialize)]
@@ -38,11 +38,12 @@ pub struct BatchRequest {
 
 /// Reads `path` (blank lines skipped). `prompt` is a user message (after `system`) unless `raw`.
 pub fn read(path: &Path, raw: bool, system: Option<&str>) -> Result<Vec<BatchRequest>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).context(refused(format!("--batch {}", path.display()), "cannot be read"))?;
     let mut requests = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = || format!("{} line {}", path.display(), i + 1);
-        let line: Line = serde_json::from_str(line).with_context(at)?;
+        let line: Line = serde_json::from_str(line).with_context(|| refused(at(), "is not a request line"))?;
         let (field, prompt) = match (line.prompt_ids, line.prompt, line.messages) {
             (Some(ids), None, None) => ("prompt_ids", Prompt::Ids(ids)),
             (None, Some(text), None) if raw => ("prompt", Prompt::Text(text)),
@@ -53,13 +54,13 @@ pub fn read(path: &Path, raw: bool, system: Option<&str>) -> Result<Vec<BatchReq
                 ("prompt", Prompt::Chat(messages))
             }
             (None, None, Some(messages)) => ("messages", Prompt::Chat(messages)),
-            _ => bail!("{}: give exactly one of prompt_ids, prompt and messages", at()),
+            _ => return Err(refused(at(), "give exactly one of prompt_ids, prompt and messages").into()),
         };
         let (max_tokens, seed) = (line.max_tokens, line.seed);
         requests.push(BatchRequest { line: i + 1, field, prompt, max_tokens, seed });
     }
     if requests.is_empty() {
-        bail!("{} has no prompts", path.display());
+        return Err(refused(format!("--batch {}", path.display()), "has no prompts").into());
     }
     Ok(requests)
 }

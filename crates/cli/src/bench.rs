@@ -415,7 +415,19 @@ fn bench_into(
         tracing::info!("{} {}: ttft {len} tokens: {:.1} ms", run.label, run.ep, row.ms);
         run.ttft.push(row);
     }
+    let decode_len = plan.decode_prompt_len + plan.decode_tokens + 1;
     for &batch in &plan.batches {
+        // Checked before the prompts are made: batch x prompt tokens can be more than memory holds.
+        if decode_len > context {
+            run.skipped.push(SkipRow {
+                what: format!("decode batch {batch}"),
+                reason: format!(
+                    "a {}-token prompt and {} steps are over the graph's context length {context}",
+                    plan.decode_prompt_len, plan.decode_tokens
+                ),
+            });
+            continue;
+        }
         match runner.decode(batch) {
             Ok(row) => {
                 tracing::info!("{} {}: decode batch {batch}: {:.1} tokens/s", run.label, run.ep, row.tokens_per_s);

@@ -20,7 +20,7 @@ use pio_models::presets::PRESETS;
 use pio_models::size::{format_bytes, format_params, Precision};
 use pio_runtime::chat_template::RenderOptions;
 use pio_runtime::engine::{Engine, EngineConfig, EngineConfigBuilder, EngineError, Event, ModelInfo, Prompt, Request};
-use pio_runtime::ep::ExecutionProvider;
+use pio_runtime::ep::{EpError, ExecutionProvider};
 use pio_runtime::generate::{GenerateOptions, GenerationOutput};
 use pio_runtime::plugin::PluginMetadata;
 use pio_runtime::sampling::{SamplingError, SamplingParams};
@@ -135,8 +135,9 @@ struct BenchArgs {
     /// Greedy decode steps timed per batch size (>= 1).
     #[arg(long, default_value_t = 128, value_parser = NumberRange::at_least(1usize))]
     decode_tokens: usize,
-    /// Decode batch sizes, comma-separated (each >= 1).
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = NumberRange::at_least(1usize))]
+    /// Decode batch sizes, comma-separated (1 to 4096; a batch that does not fit the device is a
+    /// skipped row).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = NumberRange::between(1usize, 4096))]
     batches: Vec<usize>,
     /// Timed repetitions of each time-to-first-token measurement, after a warm-up (>= 1; the
     /// median is reported).
@@ -387,8 +388,9 @@ impl ModelArgs {
 
 #[derive(ClapArgs, Clone)]
 struct SamplingArgs {
-    /// Greedy decoding (argmax); overrides temperature, top-k, top-p and min-p.
-    #[arg(long)]
+    /// Greedy decoding (argmax); refused with temperature, top-k, top-p and min-p, which it
+    /// would override.
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p", "min_p"])]
     greedy: bool,
     /// Logits / T, >= 0 (0: greedy). Each sampling option defaults to the checkpoint's
     /// generation_config.json.
@@ -582,6 +584,9 @@ fn output_json(output: &GenerationOutput) -> serde_json::Value {
 
 fn run(args: RunArgs) -> Result<()> {
     // Everything the command line gets wrong is refused before the model loads.
+    if args.sampling.logprobs.is_some() && !args.json && args.batch.is_none() {
+        return Err(preflight::refused("--logprobs", "logprobs are printed in the --json output: add --json").into());
+    }
     let graphs = GraphFolder::inspect(&args.model.graphs)?;
     graphs.check_stop(&args.sampling.stop)?;
     let (max_tokens, max_model_len) = (args.sampling.max_tokens, args.model.max_model_len);
@@ -923,10 +928,18 @@ fn chrono_like_now() -> String {
 /// 2 for what the user can fix in the command (an argument refused before the model loads, a
 /// request or setting the engine refuses), 1 for everything else.
 fn exit_code(error: &anyhow::Error) -> ExitCode {
-    if error.downcast_ref::<Refused>().is_some()
-        || error.downcast_ref::<pio_models::error::PresetError>().is_some()
-        || error.downcast_ref::<pio_hub::HubError>().is_some_and(pio_hub::HubError::is_usage)
-    {
+    // Anywhere in the chain: a batch line's parse error carries a `Refused` context, a graph
+    // folder's error is the --graphs flag's.
+    let usage = error.downcast_ref::<Refused>().is_some()
+        || error.chain().any(|cause| {
+            cause.is::<Refused>()
+                || cause.is::<pio_models::error::PresetError>()
+                || cause.is::<pio_models::ManifestError>()
+                || cause.downcast_ref::<pio_hub::HubError>().is_some_and(pio_hub::HubError::is_usage)
+                || cause.downcast_ref::<EpError>().is_some_and(|e| !matches!(e, EpError::CreateFolder { .. }))
+                || matches!(cause.downcast_ref::<pio_server::ServerError>(), Some(pio_server::ServerError::Bind { .. }))
+        });
+    if usage {
         return ExitCode::from(2);
     }
     match error.downcast_ref::<EngineError>() {
@@ -953,11 +966,19 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout went away (`pio run ... | head`): stop quietly, as Unix tools do.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             exit_code(&e)
         }
     }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 #[cfg(test)]

@@ -28,6 +28,11 @@ impl Refused {
     }
 }
 
+/// A [`Refused`] for `what` (a flag, or a file and line).
+pub(crate) fn refused(what: impl Into<String>, message: impl Into<String>) -> Refused {
+    Refused::new(what, message)
+}
+
 /// What a graph folder offers, read without loading the model.
 pub(crate) struct GraphFolder {
     dir: PathBuf,

@@ -38,7 +38,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         default_value_t = pio_server::DEFAULT_REQUEST_TIMEOUT.as_secs_f64(),
-        value_parser = NumberRange::at_least(0.0)
+        value_parser = NumberRange::between(0.0, 1e9)
     )]
     pub request_timeout: f64,
     /// Requests that may wait for a sequence slot, >= 1; more are answered 429.
@@ -78,7 +78,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if config.api_key().is_none() && !server.local_addr().ip().is_loopback() {
             tracing::warn!("listening beyond this machine without --api-key: anyone who can reach it can use it");
         }
-        server.run(pio_server::shutdown_signal()).await?;
+        // A second Ctrl-C or SIGTERM while draining stops at once, as in vLLM and llama.cpp.
+        let second_signal = async {
+            pio_server::shutdown_signal().await;
+            pio_server::shutdown_signal().await;
+        };
+        tokio::select! {
+            served = server.run(pio_server::shutdown_signal()) => served?,
+            _ = second_signal => tracing::warn!("a second signal: stopping without waiting for open connections"),
+        }
         Ok(())
     })
 }

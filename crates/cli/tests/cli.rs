@@ -244,10 +244,20 @@ fn numeric_flags_out_of_range_name_the_flag_and_the_range() {
         (vec!["serve", "--graphs", graphs, "--port", "70000"], "--port", "must be a whole number in [0, 65535]"),
         (vec!["serve", "--graphs", graphs, "--port", "-1"], "--port", "must be a whole number in [0, 65535]"),
         (vec!["serve", "--graphs", graphs, "--body-limit-mb", "0"], "--body-limit-mb", "must be a number > 0"),
-        (vec!["serve", "--graphs", graphs, "--request-timeout", "-1"], "--request-timeout", "must be a number >= 0"),
+        (
+            vec!["serve", "--graphs", graphs, "--request-timeout", "-1"],
+            "--request-timeout",
+            "must be a number in [0, 1000000000]",
+        ),
+        // Past what a Duration holds: refused, not a panic.
+        (
+            vec!["serve", "--graphs", graphs, "--request-timeout", "1e20"],
+            "--request-timeout",
+            "must be a number in [0, 1000000000]",
+        ),
         (vec!["serve", "--graphs", graphs, "--max-waiting", "0"], "--max-waiting", "must be a whole number >= 1"),
         (vec!["chat", "--graphs", graphs, "--max-tokens", "-5"], "--max-tokens", "must be a whole number >= 1"),
-        (vec!["bench", "--graphs", graphs, "--batches", "1,-8"], "--batches", "must be a whole number >= 1"),
+        (vec!["bench", "--graphs", graphs, "--batches", "1,-8"], "--batches", "must be a whole number in [1, 4096]"),
         (vec!["bench", "--graphs", graphs, "--repeats", "0"], "--repeats", "must be a whole number >= 1"),
         (
             vec!["bench", "serve", "--graphs", graphs, "--concurrency", "0"],
@@ -255,6 +265,11 @@ fn numeric_flags_out_of_range_name_the_flag_and_the_range() {
             "must be a whole number >= 1",
         ),
         (vec!["bench", "serve", "--graphs", graphs, "--rates", "-2"], "--rates", "must be a number > 0"),
+        (
+            vec!["bench", "serve", "--graphs", graphs, "--max-duration", "1e20"],
+            "--max-duration",
+            "must be a number in (0, 1000000000]",
+        ),
     ];
     for (args, flag, range) in cases {
         let out = pio(&args);
@@ -287,6 +302,8 @@ fn usage_errors_and_conflicting_flags_are_refused_by_clap() {
     );
     refused(&["bench", "--model", "qwen3-4b-instruct-2507"], "--synthetic");
     refused(&["bench", "--graphs", graphs, "--cuda-graph", "maybe"], "--cuda-graph");
+    refused(&["run", "--graphs", graphs, "--prompt-ids", "1", "--greedy", "--temperature", "1.5"], "--temperature");
+    refused(&["run", "--graphs", "/no/such/graphs", "--prompt-ids", "1"], "/no/such/graphs");
 }
 
 /// Mistakes the graph folder can reveal are refused before the model loads: with a valid graph
@@ -319,7 +336,17 @@ fn arguments_and_prompts_are_checked_before_the_model_loads() {
             vec!["line 2".into(), "tokenizer.json".into()],
             Some(2),
         ),
-        (vec!["--batch", missing_batch.to_str().unwrap()], vec!["missing.jsonl".into()], None),
+        (vec!["--batch", missing_batch.to_str().unwrap()], vec!["missing.jsonl".into()], Some(2)),
+        (
+            vec!["--prompt-ids", "1", "--max-tokens", "2", "--logprobs", "2"],
+            vec!["--logprobs".into(), "--json".into()],
+            Some(2),
+        ),
+        (
+            vec!["--prompt-ids", "1", "--max-tokens", "2", "--ep", "gpu"],
+            vec!["unknown execution provider".into()],
+            Some(2),
+        ),
         (
             vec!["--prompt-ids", "1", "--max-tokens", "2", "--local-images", "/no/such/folder"],
             vec!["--local-images".into()],

@@ -485,3 +485,23 @@ fn a_weight_beyond_float16_is_named_not_made_infinite() {
     let o = run_export(&args, tmp.path());
     assert_eq!(o.code, Some(0), "{}", o.stderr);
 }
+
+#[test]
+fn flags_that_would_change_nothing_are_refused() {
+    let ck = fixture("qwen3-tied-hub");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let (ck, out) = (ck.to_str().unwrap(), out.to_str().unwrap());
+    for (extra, needle) in [
+        (&["--seed", "7"][..], "--synthetic"),
+        (&["--checkpoint-out", "/tmp/never"][..], "--synthetic"),
+        (&["--tokenizer", "/tmp/never"][..], "--synthetic"),
+        (&["--int4-block-size", "64"][..], "--int4-block-size only applies with --precision int4"),
+        (&["--int4-accuracy-level", "4"][..], "--int4-accuracy-level only applies with --precision int4"),
+    ] {
+        let o = run_export(&[&["--checkpoint", ck, "--out", out][..], extra].concat(), tmp.path());
+        assert_eq!(o.code, Some(2), "{extra:?}: {}", o.stderr);
+        assert!(o.stderr.contains(needle), "{extra:?}: {}", o.stderr);
+        assert!(!tmp.path().join("out").exists(), "{extra:?} wrote an output");
+    }
+}

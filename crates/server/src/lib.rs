@@ -72,9 +72,12 @@ impl Server {
     /// open connections are done.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
         let engine = self.engine.clone();
+        let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+        let stopped = stopping.clone();
         let stop = async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections; requests in flight end");
+            stopped.notify_one();
             // The engine joins its worker thread: not on the async threads.
             let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         };
@@ -84,12 +87,27 @@ impl Server {
             info.served_name,
             self.address
         );
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(stop)
-            .await
-            .map_err(|source| ServerError::Serve { source })
+        let serving = axum::serve(self.listener, self.router).with_graceful_shutdown(stop);
+        // Requests end as soon as the engine stops, but a connection still sending its body (a
+        // stalled or slow client) would hold the shutdown for as long as it likes: it gets
+        // DRAIN_LIMIT, then is dropped.
+        let drain_limit = async move {
+            stopping.notified().await;
+            tokio::time::sleep(DRAIN_LIMIT).await;
+        };
+        tokio::select! {
+            served = serving => served.map_err(|source| ServerError::Serve { source }),
+            _ = drain_limit => {
+                tracing::warn!("connections still open {} s after the shutdown began: closed", DRAIN_LIMIT.as_secs());
+                Ok(())
+            }
+        }
     }
 }
+
+/// How long a shutdown waits for open connections (below Kubernetes' default grace period of
+/// 30 s, which ends in SIGKILL).
+pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Completes on Ctrl-C or, on Unix, SIGTERM (what Kubernetes sends a pod it stops).
 pub async fn shutdown_signal() {

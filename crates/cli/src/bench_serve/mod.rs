@@ -40,6 +40,8 @@ use crate::ModelArgs;
 use client::{stream_completion, Ask, Target, Trace};
 use stats::{percentile, summarize, Slo};
 
+/// Requests one arrival rate of the sweep sends at most (each holds its prompt until sent).
+const MAX_ARRIVALS: usize = 20_000;
 #[derive(ClapArgs)]
 pub struct BenchServeArgs {
     /// The graph folder (served unless --url is given, and the offline reference either way),
@@ -104,7 +106,7 @@ pub struct BenchServeArgs {
     #[arg(long, default_value_t = 32, value_parser = NumberRange::at_least(1usize))]
     offline_batch: usize,
     /// The whole run stops after this many seconds (> 0), reporting what finished.
-    #[arg(long, default_value_t = 900.0, value_parser = NumberRange::above(0.0))]
+    #[arg(long, default_value_t = 900.0, value_parser = NumberRange::above_up_to(0.0, 1e9))]
     max_duration: f64,
     /// Seed of the random prompts.
     #[arg(long, default_value_t = 0, value_parser = NumberRange::<u64>::any())]
@@ -341,6 +343,11 @@ impl Load {
     fn past_deadline(&self) -> bool {
         Instant::now() >= self.deadline
     }
+
+    /// The time --max-duration leaves.
+    fn time_left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
 }
 
 type Sections = Vec<(&'static str, Value)>;
@@ -379,10 +386,17 @@ async fn run_sections(args: &BenchServeArgs, load: &Load, random: &mut impl FnMu
             }
             let mut asks = Vec::new();
             let mut at = 0.0;
+            // Arrivals past --max-duration would never be sent: they are not made either (a high
+            // rate over a long sweep is more requests than memory holds).
+            let horizon = args.sweep_duration.min(load.time_left().as_secs_f64());
             loop {
                 // Exponential gaps between arrivals: a Poisson process of `rate` per second.
                 at += -(1.0 - rng.random::<f64>()).ln() / rate;
-                if at >= args.sweep_duration {
+                if at >= horizon {
+                    break;
+                }
+                if asks.len() == MAX_ARRIVALS {
+                    tracing::warn!("arrival rate {rate}/s: only the first {MAX_ARRIVALS} requests are sent");
                     break;
                 }
                 let len = rng.random_range(args.sweep_prompt_lens.min..=args.sweep_prompt_lens.max);

@@ -30,14 +30,14 @@ struct Args {
     #[arg(long, requires = "synthetic")]
     checkpoint_only: bool,
     /// Seed of the synthetic weights.
-    #[arg(long, default_value_t = 0, value_parser = NumberRange::<u64>::any())]
+    #[arg(long, default_value_t = 0, value_parser = NumberRange::<u64>::any(), requires = "synthetic")]
     seed: u64,
     /// Where the synthetic checkpoint goes (default: checkpoints/<preset>-synthetic[-shape]).
-    #[arg(long)]
+    #[arg(long, requires = "synthetic")]
     checkpoint_out: Option<PathBuf>,
     /// Tokenizer folder copied into a synthetic checkpoint (default: the Qwen3 tokenizer fetched
     /// by scripts/setup.sh, for Qwen3-family presets at their real vocabulary).
-    #[arg(long)]
+    #[arg(long, requires = "synthetic")]
     tokenizer: Option<PathBuf>,
     /// Shrink a synthetic checkpoint: number of decoder layers (>= 1, as every shape flag).
     #[arg(long, value_parser = NumberRange::at_least(1usize))]
@@ -109,15 +109,16 @@ struct Args {
     /// Gate and up projections as one MatMul. Default: on for cuda/tensorrt.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     fused_gate_up: Option<bool>,
-    /// int4 quantization block size (power of two >= 16).
-    #[arg(long, default_value_t = 32, value_parser = int4_block_size)]
-    int4_block_size: usize,
+    /// int4 quantization block size (power of two >= 16; default 32), with --precision int4.
+    #[arg(long, value_parser = int4_block_size)]
+    int4_block_size: Option<usize>,
     /// With --precision int4: quantize the lm_head too (embeddings stay 16-bit).
     #[arg(long)]
     int4_lm_head: bool,
-    /// MatMulNBits accuracy_level, 0 to 4 (4 = int8 activations on CPU, faster, less exact).
-    #[arg(long, default_value_t = 0, value_parser = NumberRange::between(0i64, 4))]
-    int4_accuracy_level: i64,
+    /// MatMulNBits accuracy_level, 0 to 4 (4 = int8 activations on CPU, faster, less exact;
+    /// default 0), with --precision int4.
+    #[arg(long, value_parser = NumberRange::between(0i64, 4))]
+    int4_accuracy_level: Option<i64>,
     /// Store the KV cache as int8 with per-channel scales (GroupQueryAttention's quantized
     /// cache): half the cache memory of bf16; scales estimated from the weights.
     #[arg(long)]
@@ -289,6 +290,16 @@ fn run(args: Args) -> Result<()> {
         }
         _ => return Err(Usage("pass --checkpoint DIR or --model PRESET").into()),
     };
+    // The int4 settings only mean something for int4 weights: given for another precision they
+    // would be recorded nowhere and change nothing.
+    for (flag, given) in [
+        ("--int4-block-size", args.int4_block_size.is_some()),
+        ("--int4-accuracy-level", args.int4_accuracy_level.is_some()),
+    ] {
+        if given && precision != Precision::Int4 {
+            return Err(pio_export::SettingsError::NeedsInt4 { flag }.into());
+        }
+    }
     let config = pio_models::ModelConfig::from_file(&checkpoint.join("config.json"))?;
     let context_length = args.context_length.unwrap_or(config.text.max_position_embeddings.min(32768));
     let pio_kernels = match &args.pio_kernels {
@@ -301,9 +312,9 @@ fn run(args: Args) -> Result<()> {
         ExportSettings::builder(precision, target_ep, context_length, config.text.qk_norm && !args.no_fused_attention)
             .last_token_logits(!args.all_logits)
             .fused_norms(!args.no_fused_norms)
-            .int4_block_size(args.int4_block_size)
+            .int4_block_size(args.int4_block_size.unwrap_or(32))
             .int4_lm_head(args.int4_lm_head)
-            .int4_accuracy_level(args.int4_accuracy_level)
+            .int4_accuracy_level(args.int4_accuracy_level.unwrap_or(0))
             .kv_cache_int8(args.kv_cache_int8)
             .int4_embeddings(args.int4_embeddings)
             .sliding_window(!args.no_sliding_window)
