@@ -71,11 +71,16 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
     loop {
         write!(stdout, "> ")?;
         stdout.flush()?;
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        let mut bytes = Vec::new();
+        if stdin.lock().read_until(b'\n', &mut bytes)? == 0 {
             writeln!(stdout)?;
             return Ok(());
         }
+        // A line that is not UTF-8 (a terminal in another encoding) is refused, not the chat ended.
+        let Ok(line) = String::from_utf8(bytes) else {
+            eprintln!("that line is not UTF-8 text; set your terminal to UTF-8");
+            continue;
+        };
         let text = match parse(&line) {
             Line::Skip => continue,
             Line::Exit => return Ok(()),

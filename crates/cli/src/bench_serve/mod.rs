@@ -197,13 +197,21 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             "sweep_max_tokens": args.sweep_max_tokens, "slo": slo, "prefix_len": args.prefix_len,
             "prefix_suffix": args.prefix_suffix, "long_prompt": args.long_prompt, "long_streams": args.long_streams,
             "offline_batch": args.offline_batch, "seed": args.seed,
-            "ep": args.model.ep, "ep_options": args.model.ep_options, "max_seqs": args.model.max_seqs,
+            "ep": args.model.ep, "ep_options": args.model.ep_options,
+        },
+    });
+    // The engine's settings are this command's only when it starts the server: a server at --url
+    // has its own, which the report does not claim to know.
+    report["settings"]["engine"] = match &args.url {
+        Some(url) => json!({"remote": url}),
+        None => json!({
+            "max_seqs": args.model.max_seqs,
             "prefill_budget": args.model.prefill_budget,
             "idle_prefill_budget": args.model.idle_prefill_budget,
             "long_prefill_token_threshold": args.model.long_prefill_token_threshold,
             "itl_factor": args.model.itl_factor,
-        },
-    });
+        }),
+    };
 
     // First, alone on the device: the offline reference of the same graph.
     let mut offline_step = None;
