@@ -52,6 +52,11 @@ fn pio(args: &[&str]) -> Output {
 }
 
 fn pio_with_stdin(args: &[&str], stdin: Option<&str>) -> Output {
+    pio_with_stdin_bytes(args, stdin.map(str::as_bytes))
+}
+
+/// [`pio_with_stdin`] with any bytes on stdin (not only UTF-8).
+fn pio_with_stdin_bytes(args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pio"))
         .args(args)
         .env("NO_COLOR", "1")
@@ -62,7 +67,7 @@ fn pio_with_stdin(args: &[&str], stdin: Option<&str>) -> Output {
         .spawn()
         .expect("cannot start pio");
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
     }
     child.wait_with_output().unwrap()
 }
@@ -450,6 +455,14 @@ fn chat_over_piped_stdin_streams_a_reply_and_exits_cleanly() {
         .and_then(|s| s.strip_suffix("> "))
         .unwrap_or_else(|| panic!("unexpected chat output: {stdout:?}"));
     assert!(reply.ends_with('\n') && !reply.trim().is_empty(), "no reply streamed: {stdout:?}");
+
+    // A line that is not UTF-8 is refused and the chat goes on to the next one.
+    let out =
+        pio_with_stdin_bytes(&["chat", "--graphs", graphs, "--max-tokens", "4", "--seed", "2"], Some(b"caf\xe9\nhi\n"));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("not UTF-8"), "{stderr}");
+    assert!(stdout.matches("> ").count() >= 3, "the chat went on after the line: {stdout:?}");
 
     // End of input (Ctrl-D) also ends the chat cleanly; /reset is accepted.
     let out =
