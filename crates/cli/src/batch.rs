@@ -12,7 +12,7 @@ use pio_runtime::generate::GenerateOptions;
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 
-use crate::preflight::{refused, GraphFolder};
+use crate::preflight::{GraphFolder, Refused};
 
 /// One line of a batch file.
 #[derive(Deserialize)]
@@ -39,11 +39,11 @@ pub struct BatchRequest {
 /// Reads `path` (blank lines skipped). `prompt` is a user message (after `system`) unless `raw`.
 pub fn read(path: &Path, raw: bool, system: Option<&str>) -> Result<Vec<BatchRequest>> {
     let text =
-        std::fs::read_to_string(path).context(refused(format!("--batch {}", path.display()), "cannot be read"))?;
+        std::fs::read_to_string(path).context(Refused::new(format!("--batch {}", path.display()), "cannot be read"))?;
     let mut requests = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = || format!("{} line {}", path.display(), i + 1);
-        let line: Line = serde_json::from_str(line).with_context(|| refused(at(), "is not a request line"))?;
+        let line: Line = serde_json::from_str(line).with_context(|| Refused::new(at(), "is not a request line"))?;
         let (field, prompt) = match (line.prompt_ids, line.prompt, line.messages) {
             (Some(ids), None, None) => ("prompt_ids", Prompt::Ids(ids)),
             (None, Some(text), None) if raw => ("prompt", Prompt::Text(text)),
@@ -54,13 +54,13 @@ pub fn read(path: &Path, raw: bool, system: Option<&str>) -> Result<Vec<BatchReq
                 ("prompt", Prompt::Chat(messages))
             }
             (None, None, Some(messages)) => ("messages", Prompt::Chat(messages)),
-            _ => return Err(refused(at(), "give exactly one of prompt_ids, prompt and messages").into()),
+            _ => return Err(Refused::new(at(), "give exactly one of prompt_ids, prompt and messages").into()),
         };
         let (max_tokens, seed) = (line.max_tokens, line.seed);
         requests.push(BatchRequest { line: i + 1, field, prompt, max_tokens, seed });
     }
     if requests.is_empty() {
-        return Err(refused(format!("--batch {}", path.display()), "has no prompts").into());
+        return Err(Refused::new(format!("--batch {}", path.display()), "has no prompts").into());
     }
     Ok(requests)
 }

@@ -47,7 +47,9 @@ fn is_request_error(error: &anyhow::Error) -> bool {
 
 pub(crate) fn run(args: ChatArgs) -> Result<()> {
     if args.sampling.logprobs.is_some() {
-        return Err(crate::preflight::refused("--logprobs", "the chat prints text only: use pio run --json").into());
+        return Err(
+            crate::preflight::Refused::new("--logprobs", "the chat prints text only: use pio run --json").into()
+        );
     }
     let graphs = GraphFolder::inspect(&args.model.graphs)?;
     graphs.check_chat()?;

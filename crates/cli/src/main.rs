@@ -585,7 +585,7 @@ fn output_json(output: &GenerationOutput) -> serde_json::Value {
 fn run(args: RunArgs) -> Result<()> {
     // Everything the command line gets wrong is refused before the model loads.
     if args.sampling.logprobs.is_some() && !args.json && args.batch.is_none() {
-        return Err(preflight::refused("--logprobs", "logprobs are printed in the --json output: add --json").into());
+        return Err(Refused::new("--logprobs", "logprobs are printed in the --json output: add --json").into());
     }
     let graphs = GraphFolder::inspect(&args.model.graphs)?;
     graphs.check_stop(&args.sampling.stop)?;

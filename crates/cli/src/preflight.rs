@@ -23,14 +23,10 @@ pub(crate) struct Refused {
 }
 
 impl Refused {
-    fn new(what: impl Into<String>, message: impl Into<String>) -> Self {
+    /// `what`: a flag, or a file and line.
+    pub(crate) fn new(what: impl Into<String>, message: impl Into<String>) -> Self {
         Refused { what: what.into(), message: message.into() }
     }
-}
-
-/// A [`Refused`] for `what` (a flag, or a file and line).
-pub(crate) fn refused(what: impl Into<String>, message: impl Into<String>) -> Refused {
-    Refused::new(what, message)
 }
 
 /// What a graph folder offers, read without loading the model.

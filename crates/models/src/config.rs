@@ -254,10 +254,7 @@ fn parse_rope(f: &Fields, default_theta: f64, default_partial_rotary_factor: f64
     };
     // A theta or factor of 0, below 0 or not finite fills the rotary tables with NaN.
     let theta = match pick_f64("rope_theta")? {
-        Some((v, from)) if !(v.is_finite() && v > 0.0) => {
-            return Err(from.invalid("rope_theta", v, "must be positive"))
-        }
-        Some((v, _)) => v,
+        Some((v, from)) => from.positive_f64("rope_theta", v)?,
         None => default_theta,
     };
     let partial_rotary_factor = match pick_f64("partial_rotary_factor")? {
@@ -274,14 +271,13 @@ fn parse_rope(f: &Fields, default_theta: f64, default_partial_rotary_factor: f64
         ),
         None => ("default".to_string(), None, None, false),
     };
-    if let (Some(factor), Some(n)) = (factor, &nested) {
-        if !(factor.is_finite() && factor > 0.0) {
-            return Err(n.invalid("factor", factor, "must be positive"));
-        }
-    }
-    if let (None, Some(n)) = (factor, &nested) {
-        if rope_type == "linear" {
-            return Err(n.missing("factor"));
+    if let Some(n) = &nested {
+        match factor {
+            Some(factor) => {
+                n.positive_f64("factor", factor)?;
+            }
+            None if rope_type == "linear" => return Err(n.missing("factor")),
+            None => {}
         }
     }
     if let (Some(section), Some(n)) = (&mrope_section, &nested) {
@@ -442,10 +438,7 @@ fn parse_text(f: &Fields, arch: Architecture) -> Result<TextConfig> {
         num_attention_heads,
         num_key_value_heads,
         head_dim,
-        rms_norm_eps: match f.f64("rms_norm_eps")? {
-            eps if eps.is_finite() && eps > 0.0 => eps,
-            eps => return Err(f.invalid("rms_norm_eps", eps, "must be positive")),
-        },
+        rms_norm_eps: f.positive_f64("rms_norm_eps", f.f64("rms_norm_eps")?)?,
         max_position_embeddings: positive("max_position_embeddings")?,
         tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
         attention_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
@@ -495,9 +488,7 @@ fn parse_vision(f: &Fields) -> Result<VisionConfig> {
             None => f.opt_f64("rope_theta")?.unwrap_or_else(default_vision_rope_theta),
         },
     };
-    if !(v.rope_theta.is_finite() && v.rope_theta > 0.0) {
-        return Err(f.invalid("rope_theta", v.rope_theta, "must be positive"));
-    }
+    f.positive_f64("rope_theta", v.rope_theta)?;
     if !VISION_ACTIVATIONS.contains(&v.hidden_act.as_str()) {
         return Err(f.unsupported("hidden_act", &v.hidden_act, "gelu_pytorch_tanh, gelu_new, gelu"));
     }

@@ -94,6 +94,16 @@ impl<'a> Fields<'a> {
         self.opt_usize(key)?.ok_or_else(|| self.missing(key))
     }
 
+    /// `value`, read from `key`, if it is a finite number above 0 (a rotary base or scale, an
+    /// epsilon: 0, below or not finite, they make NaN or refused graphs).
+    pub(crate) fn positive_f64(&self, key: &str, value: f64) -> Result<f64> {
+        if value.is_finite() && value > 0.0 {
+            Ok(value)
+        } else {
+            Err(self.invalid(key, value, "must be positive"))
+        }
+    }
+
     /// A positive integer; `default` when the field is absent (None: the field is required).
     pub(crate) fn positive(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match self.opt_usize(key)?.or(default) {

@@ -133,28 +133,29 @@ pub(crate) fn run(runner: Runner, commands: Receiver<Command>, shared: Arc<Share
                 Ok(Command::Shutdown) | Err(_) => break,
             }
         }
-        let shutdown = loop {
-            match commands.try_recv() {
-                Ok(Command::Submit(seqs)) => worker.waiting.extend(seqs),
-                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => break true,
-                Err(TryRecvError::Empty) => break false,
-            }
-        };
-        if shutdown {
+        if read_queued(&commands, &mut worker.waiting) {
             break;
         }
         worker.step();
         worker.publish();
     }
     // Requests submitted before the engine closed but not yet read are failed with the rest.
+    read_queued(&commands, &mut worker.waiting);
+    worker.shut_down();
+}
+
+/// Reads every command already queued, submitted requests into `waiting`; whether one said to
+/// stop (or every handle is gone).
+fn read_queued(commands: &Receiver<Command>, waiting: &mut VecDeque<Sequence>) -> bool {
+    let mut stop = false;
     loop {
         match commands.try_recv() {
-            Ok(Command::Submit(seqs)) => worker.waiting.extend(seqs),
-            Ok(Command::Shutdown) => {}
-            Err(_) => break,
+            Ok(Command::Submit(seqs)) => waiting.extend(seqs),
+            Ok(Command::Shutdown) => stop = true,
+            Err(TryRecvError::Disconnected) => return true,
+            Err(TryRecvError::Empty) => return stop,
         }
     }
-    worker.shut_down();
 }
 
 impl Worker {
