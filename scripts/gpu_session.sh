@@ -28,6 +28,8 @@
 #                                    bf16 stock prefill alone at prompt lengths PREFILL_LENS (unset: 16 to 2,048; empty: none)
 #   scripts/gpu_session.sh probe     pio-kernels-check probe: read bandwidth and every projection shape of the presets
 #                                    through the tile kernels (1/8/32 tokens, warps per CTA swept), no model
+#   scripts/gpu_session.sh probe-variants  pio-kernels-check builds of different kernel sources (VARIANTS/pkc-NAME.xz),
+#                                    probed in turn ROUNDS times, and Nsight Compute on NCU_VARIANTS (no ONNX Runtime)
 #   scripts/gpu_session.sh moe-check greedy tokens and logits of the stock int4 MoE graphs (QMoE) against --pio-kernels
 #                                    (MoEInt4) and pio bench of every MOE_KINDS graph: Qwen3-Coder-30B and GLM-4.7 cut
 #                                    to MOE_LAYERS layers (exported by `prep` with PREP_MOE=1)
@@ -52,7 +54,7 @@
 # for something else (.gpu-genai): ONNX Runtime is then the one an earlier call of the lease unpacked in /opt. What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|ncu-tiles|vl-profile|bench4|probe|moe-check|nsys-genai|nsys-vl|ops-moe|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|ncu-tiles|vl-profile|bench4|probe|probe-variants|moe-check|nsys-genai|nsys-vl|ops-moe|genai}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
@@ -97,7 +99,7 @@ pack() { # pack NAME DIR: DIR as $out/NAME.tar.gz
 }
 
 # Parts that run our binaries unpack them again when an earlier call's .gpu was removed.
-if [[ $part != torch && $part != setup && $part != prep && $part != genai && ! -x .gpu/pio ]]; then
+if [[ $part != torch && $part != setup && $part != prep && $part != genai && $part != probe-variants && ! -x .gpu/pio ]]; then
   bash "$0" setup >/dev/null || exit 1
   source $bins/ort-env.sh
 fi
@@ -441,6 +443,49 @@ PY
       done
     done
     pack ncu-tiles "$n"
+    ;;
+  probe-variants)
+    # Builds of different kernel sources side by side, no model and no ONNX Runtime: each pkc-NAME.xz in VARIANTS
+    # (default .gpu-v; pio-kernels-check built from one kernel source, NAME its label, A the baseline by convention)
+    # and each NAME.cu there (a kernel source run through the build SOURCE_BUILD with PIO_KERNEL_SOURCE)
+    # probes PROBE_PRESETS' shapes at PROBE_TOKENS, ROUNDS times in turn (one lease's runs spread by a few percent),
+    # then Nsight Compute's details of one launch of each NCU_VARIANTS build's int4 kernel at one token per
+    # NCU_PROJECTIONS. summary.txt (scripts/probe_variants_summary.py): each case's median microseconds per build.
+    v=$out/probe-variants
+    mkdir -p "$v" .gpu
+    for f in ${VARIANTS:-.gpu-v}/pkc-*.xz; do
+      n=$(basename "$f" .xz)
+      xz -dc "$f" > ".gpu/$n" && chmod +x ".gpu/$n"
+    done
+    # Sources: each NAME.cu in VARIANTS runs through the build SOURCE_BUILD (PIO_KERNEL_SOURCE replaces its source).
+    variants=()
+    for b in .gpu/pkc-*; do variants+=("${b#.gpu/pkc-}"); done
+    for f in "${VARIANTS:-.gpu-v}"/*.cu; do [[ -f $f ]] && variants+=("$(basename "$f" .cu)"); done
+    for r in $(seq 1 "${ROUNDS:-3}"); do
+      for n in "${variants[@]}"; do
+        bin=.gpu/pkc-$n src=
+        [[ -x $bin ]] || { bin=.gpu/pkc-${SOURCE_BUILD:-E}; src=$(realpath "${VARIANTS:-.gpu-v}/$n.cu"); }
+        PIO_KERNEL_SOURCE=$src timeout 120 "$bin" probe --kernels-only --out "$v/$n-$r.json" \
+          --tokens "${PROBE_TOKENS:-1,8,32}" --presets "${PROBE_PRESETS:-qwen3-4b-instruct-2507}" > "$v/$n-$r.log" 2>&1
+        echo "probe $n round $r rc=$?"
+      done
+    done
+    python3 scripts/probe_variants_summary.py "$v" > "$v/summary.txt" 2>&1
+    cat "$v/summary.txt"
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    for n in ${NCU_VARIANTS:-}; do
+      [[ -n $ncu ]] || { echo "no ncu on this host"; break; }
+      for proj in ${NCU_PROJECTIONS:-o down}; do
+        timeout 120 "$ncu" --set full -k regex:pio_linear_int4 --launch-skip 1 --launch-count 1 -f -o "$v/ncu-$n-$proj" \
+          ".gpu/pkc-$n" probe --kernels-only --out "$v/ncu-probe-$n-$proj.json" --presets qwen3-4b-instruct-2507 \
+          --tokens 1 --projections "$proj" --formats int4 --default-warps > "$v/ncu-$n-$proj.log" 2>&1
+        echo "ncu $n $proj rc=$?"
+        "$ncu" --import "$v/ncu-$n-$proj.ncu-rep" --page details --print-units base > "$v/ncu-$n-$proj.txt" 2>&1
+        grep -E "Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Theoretical Occupancy|Warp Cycles Per Issued" \
+          "$v/ncu-$n-$proj.txt" | head -n 8
+      done
+    done
+    pack probe-variants "$v"
     ;;
   ops-moe)
     mkdir -p "$out/ops-moe"

@@ -4,7 +4,8 @@
 # The ops harness on Qwen3-Coder-30B's expert shapes at 1/8/32 tokens, twice, alternating builds; pio bench of the
 # 4-layer graphs (`PREP_QWEN3=0 PREP_MOE=1 MOE_PRESETS=qwen3-coder-30b MOE_KINDS="stock pio-moe"
 # scripts/gpu_session.sh prep`) three times, alternating, with the stock graph twice; then greedy tokens of the
-# current build's pio-moe graph against stock. Everything goes to $OUT/ab-moe.tar.gz.
+# current build's pio-moe graph against stock. AB_KIND=pio benches the every-family graph (MOE_KINDS with pio)
+# instead of pio-moe; OPS_ROUNDS (2) and BENCH_ROUNDS (3) set the rounds. Everything goes to $OUT/ab-moe.tar.gz.
 #
 #   bash scripts/gpu_session.sh setup >/dev/null; bash scripts/moe_ab_gpu.sh
 set -u
@@ -22,7 +23,7 @@ for preset, rows in d.items():
                   {k: v for k, v in r.items() if 'reference' in k or k.startswith('max_rel')})
 PY
 }
-for i in 1 2; do
+for i in $(seq 1 "${OPS_ROUNDS:-2}"); do
   for v in base full; do
     s=-$v; [[ $v == full ]] && s=
     timeout ${OPS_SECONDS:-100} .gpu/pio-kernels-check$s ops --out $OUT/ops-$v-$i.json --presets qwen3-coder-30b \
@@ -32,10 +33,10 @@ for i in 1 2; do
   done
 done
 G=$W/qwen3-coder-30b-l4-int4
-for i in 1 2 3; do
+for i in $(seq 1 "${BENCH_ROUNDS:-3}"); do
   for v in base full; do
     s=-$v; [[ $v == full ]] && s=
-    timeout 100 .gpu/pio$s bench --graphs $G-pio-moe --ep cuda --cuda-graph on --batches 1,8 \
+    timeout 100 .gpu/pio$s bench --graphs $G-${AB_KIND:-pio-moe} --ep cuda --cuda-graph on --batches 1,8 \
       --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 64 --repeats 3 --out $OUT/bench-$v-$i.json \
       > $OUT/bench-$v-$i.log 2>&1
     grep -E "int4" $OUT/bench-$v-$i.log | grep -v INFO | sed "s/^/$v $i /"
@@ -44,7 +45,7 @@ for i in 1 2 3; do
       --prompt-lens 128 --decode-prompt-len 128 --decode-tokens 64 --repeats 3 --out $OUT/bench-stock-$i.json \
       2>&1 | grep -E "int4" | grep -v INFO | sed "s/^/stock $i /"
 done
-timeout 120 .gpu/pio-kernels-check greedy --stock $G-stock --pio $G-pio-moe --tokens 64 --out $OUT/greedy.json > $OUT/greedy.log 2>&1
+timeout 120 .gpu/pio-kernels-check greedy --stock $G-stock --pio $G-${AB_KIND:-pio-moe} --tokens 64 --out $OUT/greedy.json > $OUT/greedy.log 2>&1
 echo "greedy rc=$?"
 python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['greedy']; print({k: v for k, v in d.items() if not isinstance(v, list)})" $OUT/greedy.json 2>&1 | cut -c1-400
 cd $OUT && tar czf ab-moe.tar.gz ops-* bench-* greedy.* && rm -f ops-* bench-* greedy.*

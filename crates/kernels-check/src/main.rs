@@ -51,6 +51,10 @@ enum Command {
         /// profiler wants (the GEMVs at one token are still timed).
         #[arg(long)]
         default_warps: bool,
+        /// Skip the int4 dequantization's checks and timing (the bandwidth and the kernel timings
+        /// only): for builds of different kernel sources timed in turn.
+        #[arg(long)]
+        kernels_only: bool,
     },
     /// Each operator against ONNX Runtime's counterpart.
     Ops {
@@ -86,8 +90,14 @@ enum Command {
 fn main() -> ExitCode {
     pio_models::logging::init();
     let result: Result<()> = match Cli::parse().command {
-        Command::Probe { out, tokens, presets, projections, formats, default_warps } => {
-            let select = probe::Selection { presets, projections, formats, default_warps_only: default_warps };
+        Command::Probe { out, tokens, presets, projections, formats, default_warps, kernels_only } => {
+            let select = probe::Selection {
+                presets,
+                projections,
+                formats,
+                default_warps_only: default_warps,
+                with_dequant: !kernels_only,
+            };
             probe::run(&out, &tokens, &select)
         }
         Command::Ops { out, presets, tokens, other_tokens, pool_gib } => {

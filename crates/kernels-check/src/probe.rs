@@ -32,6 +32,8 @@ pub struct Selection {
     /// The tiles at the default warps per CTA only (one timed tile kernel a case, for a profiler
     /// to pick; the GEMVs at one token are still timed).
     pub default_warps_only: bool,
+    /// The int4 dequantization's exactness and timing too.
+    pub with_dequant: bool,
 }
 
 fn listed(list: &[String], name: &str) -> bool {
@@ -59,8 +61,10 @@ pub fn run(out: &Path, tokens: &[usize], select: &Selection) -> Result<()> {
     )?;
     let bw = report.section("bandwidth", || bandwidth(device));
     let tbps = bw.as_ref().and_then(|v| v["best_tb_per_s"].as_f64());
-    report.section("dequant_exact", || dequant_exact(device));
-    report.section("dequant_timing", || dequant_timing(device, tbps));
+    if select.with_dequant {
+        report.section("dequant_exact", || dequant_exact(device));
+        report.section("dequant_timing", || dequant_timing(device, tbps));
+    }
     report.section("tile_kernels", || tile_kernels(device, tokens, select, tbps));
     report.save()
 }

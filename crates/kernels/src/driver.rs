@@ -130,7 +130,7 @@ impl Device {
         if let Some(m) = modules.get(&set) {
             return Ok(m.clone());
         }
-        let cubin = Nvrtc::get()?.cubin(&set.name(), &set.source(), self.arch)?;
+        let cubin = Nvrtc::get()?.cubin(&set.name(), &set.source_to_compile()?, self.arch)?;
         let module = Arc::new(self.with_context(|| Module::load(&cubin, &set.kernel_names()))?);
         modules.insert(set, module.clone());
         Ok(module)

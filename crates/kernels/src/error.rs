@@ -44,6 +44,13 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read the CUDA source {path} that {var} names: {source}")]
+    KernelSource {
+        path: PathBuf,
+        var: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Ort(#[from] ort::Error),
 }

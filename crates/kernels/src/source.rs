@@ -1,8 +1,17 @@
 //! The CUDA source and which of its templates a module instantiates. One module per kernel set
 //! (a family for one activation dtype and int4 block size), compiled on first use.
 
+use std::path::PathBuf;
+
+use crate::error::{KernelError, Result};
+
 /// The CUDA source of every kernel (templates; `KernelSet::source` adds the instantiations).
 pub const KERNELS_CU: &str = include_str!("cuda/pio_kernels.cu");
+
+/// Names a file compiled instead of the built-in [`KERNELS_CU`]: a variant of the kernels measured
+/// on a GPU host with the same binary (such hosts have no Rust toolchain to rebuild it). The file
+/// must define the built-in's templates, macros and argument structs; only their bodies may differ.
+pub const KERNEL_SOURCE_VAR: &str = "PIO_KERNEL_SOURCE";
 
 /// Token tiles of 8 a kernel handles in one pass: M <= 32 tokens.
 pub const MAX_TILES: usize = 4;
@@ -171,10 +180,29 @@ impl KernelSet {
         self.instances().into_iter().map(|(n, _)| n).collect()
     }
 
-    /// The full source: the templates and this set's `extern "C"` instantiations.
+    /// The full built-in source: the templates and this set's `extern "C"` instantiations.
     pub fn source(&self) -> String {
-        let mut s = String::with_capacity(KERNELS_CU.len() + 1024);
-        s.push_str(KERNELS_CU);
+        self.source_from(KERNELS_CU)
+    }
+
+    /// The source to compile: the built-in one, or the templates of the file [`KERNEL_SOURCE_VAR`]
+    /// names (unset or empty: built-in).
+    pub fn source_to_compile(&self) -> Result<String> {
+        let Some(path) = std::env::var_os(KERNEL_SOURCE_VAR).filter(|p| !p.is_empty()).map(PathBuf::from) else {
+            return Ok(self.source());
+        };
+        let templates = std::fs::read_to_string(&path).map_err(|source| KernelError::KernelSource {
+            path: path.clone(),
+            var: KERNEL_SOURCE_VAR,
+            source,
+        })?;
+        tracing::info!("kernels {}: CUDA source from {} ({KERNEL_SOURCE_VAR})", self.name(), path.display());
+        Ok(self.source_from(&templates))
+    }
+
+    fn source_from(&self, templates: &str) -> String {
+        let mut s = String::with_capacity(templates.len() + 1024);
+        s.push_str(templates);
         s.push_str("\n// Instantiations of this module.\n");
         for (_, line) in self.instances() {
             if !line.is_empty() {
@@ -203,6 +231,28 @@ impl KernelSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_source_variable_replaces_the_templates_and_names_a_missing_file() {
+        let set = KernelSet { family: Family::LinearDense, dtype: ActDtype::Bf16 };
+        let dir = tempfile::tempdir().unwrap();
+        let variant = dir.path().join("variant.cu");
+        std::fs::write(&variant, "// a variant\n").unwrap();
+        std::env::set_var(KERNEL_SOURCE_VAR, &variant);
+        let replaced = set.source_to_compile();
+        let missing = dir.path().join("missing.cu");
+        std::env::set_var(KERNEL_SOURCE_VAR, &missing);
+        let err = set.source_to_compile().unwrap_err();
+        std::env::set_var(KERNEL_SOURCE_VAR, "");
+        let empty = set.source_to_compile();
+        std::env::remove_var(KERNEL_SOURCE_VAR);
+        let replaced = replaced.unwrap();
+        assert!(replaced.starts_with("// a variant\n") && !replaced.contains("mma16816"), "{replaced:.200}");
+        assert!(replaced.contains("PIO_GEMV(pio_gemv_dense_bf16_u8p1"), "the instantiations follow");
+        assert!(err.to_string().contains("missing.cu") && err.to_string().contains(KERNEL_SOURCE_VAR), "{err}");
+        assert!(matches!(err, KernelError::KernelSource { .. }));
+        assert_eq!(empty.unwrap(), set.source());
+    }
 
     #[test]
     fn every_set_instantiates_distinct_named_kernels() {
