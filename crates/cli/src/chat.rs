@@ -108,11 +108,14 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
         };
         messages.push(user_message(text, &std::mem::take(&mut images)));
         let prompt = Prompt::Chat(messages.clone());
-        // The reply gets what the sequence has room for, up to --max-tokens.
+        // The reply gets what the sequence has room for, up to --max-tokens; a conversation that
+        // leaves no room for one token is refused here, in the chat's terms.
         let reply = engine.tokenize(&prompt, &render).map_err(anyhow::Error::from).and_then(|ids| {
             let room = info.max_model_len.saturating_sub(ids.len());
-            let options =
-                GenerateOptions { max_tokens: options.max_tokens.map(|n| n.min(room.max(1))), ..options.clone() };
+            if room == 0 {
+                return Err(anyhow::Error::from(ConversationTooLong { tokens: ids.len(), max: info.max_model_len }));
+            }
+            let options = GenerateOptions { max_tokens: options.max_tokens.map(|n| n.min(room)), ..options.clone() };
             generate_streaming(&engine, Request::new(prompt).with_options(options).with_render(render.clone()), true)
         });
         match reply {
@@ -121,7 +124,7 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
                 tracing::debug!("{:.1} tokens/s", output.timings.decode_tokens_per_s);
                 messages.push(json!({"role": "assistant", "content": output.text}));
             }
-            Err(e) if is_request_error(&e) => {
+            Err(e) if is_request_error(&e) || e.is::<ConversationTooLong>() => {
                 // That message (and its images) never happened.
                 messages.pop();
                 eprintln!("{e:#}");
@@ -129,6 +132,17 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The conversation with the new message leaves no room for a reply in one sequence.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this message makes the conversation {tokens} tokens, and a sequence holds at most {max} with the reply: \
+     it was not sent; /reset clears the history"
+)]
+struct ConversationTooLong {
+    tokens: usize,
+    max: usize,
 }
 
 #[cfg(test)]

@@ -464,6 +464,16 @@ fn chat_over_piped_stdin_streams_a_reply_and_exits_cleanly() {
     assert!(stderr.contains("not UTF-8"), "{stderr}");
     assert!(stdout.matches("> ").count() >= 3, "the chat went on after the line: {stdout:?}");
 
+    // A message that leaves the conversation no room for a reply (this graph holds 256 tokens) is
+    // refused in the chat's terms, and the chat goes on.
+    let long = format!("{}\nhi\n", "word ".repeat(400));
+    let out = pio_with_stdin(&["chat", "--graphs", graphs, "--max-tokens", "4", "--seed", "2"], Some(&long));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("holds at most 256") && stderr.contains("was not sent"), "{stderr}");
+    assert!(!stderr.contains("max_tokens"), "{stderr}");
+    assert!(stdout.matches("> ").count() >= 3, "the chat went on after the message: {stdout:?}");
+
     // End of input (Ctrl-D) also ends the chat cleanly; /reset is accepted.
     let out =
         pio_with_stdin(&["chat", "--graphs", graphs, "--max-tokens", "4", "--seed", "2"], Some("hi\n/reset\nagain\n"));
