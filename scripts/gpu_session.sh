@@ -122,11 +122,11 @@ case $part in
     [[ ${PREP_QWEN3:-1} == 1 ]] && (bin=.gpu shm=/dev/shm/pio && mkdir -p $shm && source scripts/synthetic_qwen3.sh \
       && export_synthetic_qwen3 cuda qwen3-4b-graphs "$out/prep/export-qwen3.log"; echo "qwen3 export rc=$?"
       # PREP_KERNELS=1: that checkpoint also as the `bench4` part's graphs (bf16/int4, stock/--pio-kernels, and int4
-      # --pio-kernels with the lm_head in int4 too, as onnxruntime-genai's int4 graph has it).
+      # --pio-kernels with the lm_head in int4 too, as onnxruntime-genai's int4 graph has it; KERNEL_KINDS to choose).
       if [[ ${PREP_KERNELS:-0} == 1 ]]; then
         mkdir -p $work
         for p in bf16 int4; do
-          for kind in stock pio pio-lm4; do
+          for kind in ${KERNEL_KINDS:-stock pio pio-lm4}; do
             [[ $kind == pio-lm4 && $p != int4 ]] && continue
             .gpu/pio-export --checkpoint $shm/qwen3-4b-synthetic-full --ep cuda --precision $p --context-length 8192 \
               --force $(export_flags $kind) --out $work/q4b-$p-$kind >> "$out/prep/export-kernels.log" 2>&1 &

@@ -134,25 +134,33 @@ pub fn gemv_variants(format: WeightFormat) -> &'static [(usize, usize); 3] {
     }
 }
 
-/// CTAs (16 rows of N each) up to which an int4 projection of at most
-/// [`FEW_TOKENS`] tokens takes 8 warps per CTA. 2048 takes in Qwen3-4B's fused gate/up (1,216
-/// CTAs): on an H100 (2026-12-07, `pio bench`, three runs alternating with the 640 of Run 6's
-/// probe) int4 decode went from 324.6 to 329.0 tokens/s at batch 1 and 2,480 to 2,522 at batch 8.
-const FEW_CTAS: usize = 2048;
-/// Token counts that [`FEW_CTAS`] applies to.
+/// Token counts of one tile (the int4 kernels' decode shape: 2 chunks a round, activations
+/// loaded before the mma chain), for which the warps follow the CTA count.
 const FEW_TOKENS: usize = 8;
+/// CTAs (16 rows of N each) up to which an int4 projection of at most [`FEW_TOKENS`] tokens takes
+/// 8 warps per CTA, and then 4; more take 2. From the probe of kernel builds on an H100
+/// (2026-12-07, one token, µs): Qwen3-4B's o and down (160 CTAs) 6.3 and 10.5 at 8 warps against
+/// 7.1 and 14.0 at 4; qkv (384) 6.9 at 4 against 8.6 at 8; gate/up (1,216) 13.4 at 2 against
+/// 14.8 at 4 and 20.6 at 8; the lm_head (9,496) 80 at 2 against 86 at 4.
+const FEW_CTAS_8_WARPS: usize = 256;
+const FEW_CTAS_4_WARPS: usize = 640;
 
-/// Warps per CTA (they split K) for `m` tokens of an (N, K) projection: enough chunks per warp to
-/// keep 4 loads in flight (int4) or one 4-KB chunk (dense) without leaving warps idle; at most 8
-/// (256 threads). An int4 projection of a few tokens with few CTAs takes 8 warps whatever K: the
-/// probe on an H200 (Run 6, every projection of the four presets) found 8 warps the fastest for
-/// all of those at 1 and 8 tokens (Qwen3-4B's qkv 1.24 against 1.11 TB/s, Qwen3-VL's o 0.50
-/// against 0.37), while wider ones (gate/up with more than 640 CTAs, the lm_head) read fastest
-/// with the count below.
+/// Warps per CTA (they split K) for `m` tokens of an (N, K) projection. An int4 projection of a
+/// few tokens: by its CTA count (above). Otherwise enough chunks per warp to keep 4 loads in
+/// flight (int4) or one 4-KB chunk (dense) without leaving warps idle; at most 8 (256 threads).
 pub fn default_warps(format: WeightFormat, n: usize, k: usize, m: usize) -> u32 {
     let chunks = k.div_ceil(CHUNK_K);
     let per_warp = match format {
-        WeightFormat::Int4 { .. } if m <= FEW_TOKENS && n / TILE_ROWS <= FEW_CTAS => return 8,
+        WeightFormat::Int4 { .. } if m <= FEW_TOKENS => {
+            let ctas = n.div_ceil(TILE_ROWS);
+            return if ctas <= FEW_CTAS_8_WARPS {
+                8
+            } else if ctas <= FEW_CTAS_4_WARPS {
+                4
+            } else {
+                2
+            };
+        }
         WeightFormat::Int4 { .. } => 4,
         WeightFormat::Dense => 2,
     };
@@ -768,13 +776,14 @@ mod tests {
     #[test]
     fn warps_follow_the_probe() {
         let int4 = WeightFormat::Int4 { block_size: 32 };
-        // Qwen3-4B at one token: qkv (384 CTAs), o and gate/up (1,216) take 8 warps, the
-        // lm_head (9,496) keeps the count its K gives.
-        assert_eq!(default_warps(int4, 6144, 2560, 1), 8);
-        assert_eq!(default_warps(int4, 2560, 4096, 8), 8);
-        assert_eq!(default_warps(int4, 19456, 2560, 1), 8);
-        assert_eq!(default_warps(int4, 151936, 2560, 1), 5);
-        // More tokens: as before the probe.
+        // Qwen3-4B at one and eight tokens: o (160 CTAs) 8 warps, qkv (384) 4, gate/up (1,216)
+        // and the lm_head (9,496) 2.
+        assert_eq!(default_warps(int4, 2560, 4096, 1), 8);
+        assert_eq!(default_warps(int4, 2560, 9728, 8), 8);
+        assert_eq!(default_warps(int4, 6144, 2560, 1), 4);
+        assert_eq!(default_warps(int4, 19456, 2560, 8), 2);
+        assert_eq!(default_warps(int4, 151936, 2560, 1), 2);
+        // More tokens: by K.
         assert_eq!(default_warps(int4, 6144, 2560, 32), 5);
         assert_eq!(default_warps(int4, 2048, 1536, 9), 3);
         // 16-bit weights: by K alone.

@@ -79,19 +79,21 @@ template <int DT> __device__ __forceinline__ void dequant_word(u32 w, u32 (&p)[4
   }
 }
 
-// d += A * B for one m16n8k16 tile, f32 accumulate.
-template <int DT>
+// d += A * B for one m16n8k16 tile, f32 accumulate. Not volatile unless ORDERED: a pure function
+// of its registers, so the compiler may issue the (volatile, in-order) loads around it early.
+// ORDERED keeps it in program order with the loads: where hoisting every load of a round would
+// cost more registers than it saves latency (the int4 tiles of more than 8 tokens).
+#define PIO_MMA16816(QUAL, TYPE)                                                                           \
+  asm QUAL("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                          \
+           ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                                     \
+           : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
+           : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+template <int DT, bool ORDERED = false>
 __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-  if (DT == DT_F16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  if (ORDERED) {
+    if (DT == DT_F16) PIO_MMA16816(volatile, "f16"); else PIO_MMA16816(volatile, "bf16");
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    if (DT == DT_F16) PIO_MMA16816(, "f16"); else PIO_MMA16816(, "bf16");
   }
 }
 
@@ -162,6 +164,83 @@ template <int DT, int BS> __device__ __forceinline__ float scale_of(const ChunkS
   return to_f32<DT>(scale_bits<BS>(s, j));
 }
 
+// The int4 tile routine's shape per token tile count (probe of kernel builds on an H100,
+// 2026-12-07, Qwen3-4B's projections). One tile (up to 8 tokens, decode): 2 chunks a round with
+// the activations of each chunk loaded before its mma chain, and registers capped for 2 CTAs an
+// SM: the int4 down at one token 16.4 -> 10.5 us, o 8.2 -> 6.3, gate/up (2 warps) 13.4. More tiles:
+// 4 chunks a round and each sub-block's activations loaded beside its mma, in program order, as
+// before, since hoisting 16 x TILES registers of activations cost occupancy (32 tokens: the down
+// 22 -> 28 us).
+#define TILE_MIN_CTAS(TILES) ((TILES) == 1 ? 2 : 1)
+template <int TILES> struct Int4Round {
+  static constexpr int CHUNKS = TILES == 1 ? 2 : 4;
+  static constexpr bool HOIST = TILES == 1;
+};
+
+// One round of the int4 tile routine: chunks c0, c0 + step, ... (Int4Round<TILES>::CHUNKS of them)
+// of the warp's rows (g, g + 8), all loaded before any is used. FULL: every chunk of the round
+// lies inside K (no checks: one basic block, so the compiler interleaves the independent mma
+// chains).
+template <int DT, int TILES, int BS, bool FULL>
+__device__ __forceinline__ void int4_round(float (&acc)[TILES][4], const u16* const (&xa)[TILES],
+                                           const unsigned char* wa, const unsigned char* wb, const u16* sa,
+                                           const u16* sb, int c0, int step, int chunks, int K, int t) {
+  constexpr int R = Int4Round<TILES>::CHUNKS;
+  uint4 qa[R], qb[R];
+  ChunkScales<BS> ca[R], cb[R];
+#pragma unroll
+  for (int u = 0; u < R; u++) {
+    const int c = c0 + u * step;
+    if (FULL || c < chunks) {
+      qa[u] = ld_weights(wa + c * 64 + t * 16);
+      qb[u] = ld_weights(wb + c * 64 + t * 16);
+      ca[u] = load_scales<BS>(sa, c);
+      cb[u] = load_scales<BS>(sb, c);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < R; u++) {
+    const int c = c0 + u * step;
+    if (!FULL && c >= chunks) break;
+    // HOIST: the chunk's activations are loaded together, before its first mma (loaded beside
+    // each mma, every one waited on the L1 in turn: Run 9's 3.7 us a round of the int4 down).
+    constexpr int HX = Int4Round<TILES>::HOIST ? 4 : 1;
+    uint4 xv[HX][TILES];
+    if (Int4Round<TILES>::HOIST) {
+#pragma unroll
+      for (int j = 0; j < HX; j++) {
+        const int kb = c * CHUNK_K + j * 32;
+#pragma unroll
+        for (int i = 0; i < TILES; i++)
+          xv[j][i] = xa[i] && (FULL || kb < K) ? ld_act(xa[i] + kb + 8 * t) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const int kb = c * CHUNK_K + j * 32;
+      if (!FULL && kb >= K) break;  // the padding of the last chunk (warp-uniform)
+      u32 pa[4], pb[4];
+      dequant_word<DT>(word_of(qa[u], j), pa);
+      dequant_word<DT>(word_of(qb[u], j), pb);
+      const float scale_a = scale_of<DT, BS>(ca[u], j), scale_b = scale_of<DT, BS>(cb[u], j);
+#pragma unroll
+      for (int i = 0; i < TILES; i++) {
+        const uint4 x = Int4Round<TILES>::HOIST ? xv[j % HX][i]
+                        : xa[i]                 ? ld_act(xa[i] + kb + 8 * t)
+                                                : make_uint4(0, 0, 0, 0);
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        constexpr bool ORDERED = !Int4Round<TILES>::HOIST;
+        mma16816<DT, ORDERED>(d, pa[0], pb[0], pa[1], pb[1], x.x, x.y);
+        mma16816<DT, ORDERED>(d, pa[2], pb[2], pa[3], pb[3], x.z, x.w);
+        acc[i][0] += scale_a * d[0];
+        acc[i][1] += scale_a * d[1];
+        acc[i][2] += scale_b * d[2];
+        acc[i][3] += scale_b * d[3];
+      }
+    }
+  }
+}
+
 // Per-warp sums of a 16-row tile for up to 8*TILES tokens, then the CTA's fixed-order sum into
 // `fin` (shared, [16][8*TILES] f32). `xrow` (shared) holds each token slot's activation row or
 // null (a padding token). int4: `w` is row 0 of the tile in the packed layout, `w_row_bytes`
@@ -185,47 +264,17 @@ __device__ __forceinline__ void tile_gemm(const u16* const* xrow, const unsigned
   if (FMT == FMT_INT4) {
     const u16* sa = s + (long long)g * s_row;
     const u16* sb = sa + 8 * s_row;
-    // UNROLL chunks per warp are loaded before any is used: 4 x 32 bytes of weights per thread
-    // in flight, enough to cover the memory latency at a few warps per SM.
-    const int UNROLL = 4;
-    for (int c0 = warp; c0 < chunks; c0 += UNROLL * warps) {
-      uint4 qa[UNROLL], qb[UNROLL];
-      ChunkScales<BS> ca[UNROLL], cb[UNROLL];
-#pragma unroll
-      for (int u = 0; u < UNROLL; u++) {
-        const int c = c0 + u * warps;
-        if (c < chunks) {
-          qa[u] = ld_weights(wa + c * 64 + t * 16);
-          qb[u] = ld_weights(wb + c * 64 + t * 16);
-          ca[u] = load_scales<BS>(sa, c);
-          cb[u] = load_scales<BS>(sb, c);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < UNROLL; u++) {
-        const int c = c0 + u * warps;
-        if (c >= chunks) break;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-          const int kb = c * CHUNK_K + j * 32;
-          if (kb >= K) break;  // the padding of the last chunk (warp-uniform)
-          u32 pa[4], pb[4];
-          dequant_word<DT>(word_of(qa[u], j), pa);
-          dequant_word<DT>(word_of(qb[u], j), pb);
-          const float scale_a = scale_of<DT, BS>(ca[u], j), scale_b = scale_of<DT, BS>(cb[u], j);
-#pragma unroll
-          for (int i = 0; i < TILES; i++) {
-            const uint4 xv = xa[i] ? ld_act(xa[i] + kb + 8 * t) : make_uint4(0, 0, 0, 0);
-            float d[4] = {0.f, 0.f, 0.f, 0.f};
-            mma16816<DT>(d, pa[0], pb[0], pa[1], pb[1], xv.x, xv.y);
-            mma16816<DT>(d, pa[2], pb[2], pa[3], pb[3], xv.z, xv.w);
-            acc[i][0] += scale_a * d[0];
-            acc[i][1] += scale_a * d[1];
-            acc[i][2] += scale_b * d[2];
-            acc[i][3] += scale_b * d[3];
-          }
-        }
-      }
+    // A round whose chunks all lie inside K (every round but a tail) is compiled without a
+    // bounds check: one basic block, so the compiler interleaves its independent mma chains.
+    const int full_chunks = K / CHUNK_K;
+    constexpr int R = Int4Round<TILES>::CHUNKS;
+    for (int c0 = warp; c0 < chunks; c0 += R * warps) {
+      // More tiles keep the checks: a round without them lets ptxas hoist all its activation
+      // loads (255 registers at 4 tiles).
+      if (Int4Round<TILES>::HOIST && c0 + (R - 1) * warps < full_chunks)
+        int4_round<DT, TILES, BS, true>(acc, xa, wa, wb, sa, sb, c0, warps, chunks, K, t);
+      else
+        int4_round<DT, TILES, BS, false>(acc, xa, wa, wb, sa, sb, c0, warps, chunks, K, t);
     }
   } else {
     for (int c = warp; c < chunks; c += warps) {
@@ -319,7 +368,7 @@ template <int DT, int FMT, int TILES, int BS> __device__ __forceinline__ void li
 }
 
 #define PIO_LINEAR(NAME, DT, FMT, TILES, BS) \
-  extern "C" __global__ void __launch_bounds__(256) NAME(LinearArgs a) { linear_body<DT, FMT, TILES, BS>(a); }
+  extern "C" __global__ void __launch_bounds__(256, TILE_MIN_CTAS(TILES)) NAME(LinearArgs a) { linear_body<DT, FMT, TILES, BS>(a); }
 
 // ---------------------------------------------------------------------------------------------
 // One token (M = 1): y = x W^T on the CUDA cores, a warp per two rows. The tile kernels above
@@ -360,6 +409,60 @@ template <int DT> __device__ __forceinline__ float dot8(const u32 (&w)[4], const
   return s;
 }
 
+// One round of `gemv_body`: pieces p0, p0 + 32, ... (U of them) of the warp's 2P rows. FULL: all
+// of them lie in whole chunks inside K (no checks, so one basic block the compiler can schedule
+// as a whole).
+template <int DT, int FMT, int BS, int U, int P, bool FULL>
+__device__ __forceinline__ void gemv_round(float (&acc)[2 * P], const unsigned char* const (&wr)[2 * P],
+                                           const u16* const (&sr)[2 * P], const u16* x, int K, int p0,
+                                           int pieces) {
+  uint4 q[U][2 * P];
+  ChunkScales<BS> cs[U][2 * P];
+#pragma unroll
+  for (int u = 0; u < U; u++) {
+    const int p = p0 + 32 * u;
+    if (FULL || p < pieces) {
+#pragma unroll
+      for (int r = 0; r < 2 * P; r++) {
+        q[u][r] = ld_weights(wr[r] + 16LL * p);
+        if (FMT == FMT_INT4) cs[u][r] = load_scales<BS>(sr[r], p >> 2);
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < U; u++) {
+    const int p = p0 + 32 * u;
+    if (!FULL && p >= pieces) break;
+    if (FMT == FMT_INT4) {
+      // Piece p: chunk c, thread slot t; word j holds k = 128c + 32j + 8t + 0..7.
+      const int c = p >> 2, t = p & 3;
+      uint4 xv[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const int kb = c * CHUNK_K + j * 32;
+        xv[j] = FULL || kb < K ? ld_act(x + kb + 8 * t) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        if (!FULL && c * CHUNK_K + j * 32 >= K) break;  // the padding of the last chunk
+#pragma unroll
+        for (int r = 0; r < 2 * P; r++) {
+          u32 pw[4];
+          dequant_word<DT>(word_of(q[u][r], j), pw);
+          acc[r] = fmaf(scale_of<DT, BS>(cs[u][r], j), dot8<DT>(pw, xv[j]), acc[r]);
+        }
+      }
+    } else {
+      const uint4 xv = ld_act(x + 8 * p);
+#pragma unroll
+      for (int r = 0; r < 2 * P; r++) {
+        const u32 pw[4] = {q[u][r].x, q[u][r].y, q[u][r].z, q[u][r].w};
+        acc[r] += dot8<DT>(pw, xv);
+      }
+    }
+  }
+}
+
 // U pieces per lane are loaded before any is used (int4: 16 bytes of each of the warp's rows, with
 // their scales; each piece's activations are loaded together before its products); a warp takes
 // P row pairs: pairs P*w .. P*w + P - 1 of the 8 pairs of a 16-row block (P divides 8). Variants
@@ -386,52 +489,13 @@ template <int DT, int FMT, int BS, int U, int P> __device__ __forceinline__ void
     sr[2 * i + 1] = FMT == FMT_INT4 ? sr[2 * i] + 8 * s_row : 0;
     acc[2 * i] = acc[2 * i + 1] = 0.f;
   }
+  // Pieces of whole chunks: every piece of a 16-bit row; int4 rows but a padded last chunk.
+  const int full_pieces = FMT == FMT_INT4 ? a.K / CHUNK_K * 4 : pieces;
   for (int p0 = lane; p0 < pieces; p0 += 32 * U) {
-    uint4 q[U][2 * P];
-    ChunkScales<BS> cs[U][2 * P];
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-      const int p = p0 + 32 * u;
-      if (p < pieces) {
-#pragma unroll
-        for (int r = 0; r < 2 * P; r++) {
-          q[u][r] = ld_weights(wr[r] + 16LL * p);
-          if (FMT == FMT_INT4) cs[u][r] = load_scales<BS>(sr[r], p >> 2);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-      const int p = p0 + 32 * u;
-      if (p >= pieces) break;
-      if (FMT == FMT_INT4) {
-        // Piece p: chunk c, thread slot t; word j holds k = 128c + 32j + 8t + 0..7.
-        const int c = p >> 2, t = p & 3;
-        uint4 xv[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-          const int kb = c * CHUNK_K + j * 32;
-          xv[j] = kb < a.K ? ld_act(a.x + kb + 8 * t) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-          if (c * CHUNK_K + j * 32 >= a.K) break;  // the padding of the last chunk
-#pragma unroll
-          for (int r = 0; r < 2 * P; r++) {
-            u32 pw[4];
-            dequant_word<DT>(word_of(q[u][r], j), pw);
-            acc[r] = fmaf(scale_of<DT, BS>(cs[u][r], j), dot8<DT>(pw, xv[j]), acc[r]);
-          }
-        }
-      } else {
-        const uint4 xv = ld_act(a.x + 8 * p);
-#pragma unroll
-        for (int r = 0; r < 2 * P; r++) {
-          const u32 pw[4] = {q[u][r].x, q[u][r].y, q[u][r].z, q[u][r].w};
-          acc[r] += dot8<DT>(pw, xv);
-        }
-      }
-    }
+    if (p0 + 32 * (U - 1) < full_pieces)
+      gemv_round<DT, FMT, BS, U, P, true>(acc, wr, sr, a.x, a.K, p0, pieces);
+    else
+      gemv_round<DT, FMT, BS, U, P, false>(acc, wr, sr, a.x, a.K, p0, pieces);
   }
 #pragma unroll
   for (int r = 0; r < 2 * P; r++) {
@@ -770,9 +834,9 @@ template <int DT, int TILES, int BS, bool FC1> __device__ __forceinline__ void m
 }
 
 #define PIO_MOE_FC1(NAME, DT, TILES, BS) \
-  extern "C" __global__ void __launch_bounds__(256) NAME(MoeExpertArgs a) { moe_expert_body<DT, TILES, BS, true>(a); }
+  extern "C" __global__ void __launch_bounds__(256, TILE_MIN_CTAS(TILES)) NAME(MoeExpertArgs a) { moe_expert_body<DT, TILES, BS, true>(a); }
 #define PIO_MOE_FC2(NAME, DT, TILES, BS) \
-  extern "C" __global__ void __launch_bounds__(256) NAME(MoeExpertArgs a) { moe_expert_body<DT, TILES, BS, false>(a); }
+  extern "C" __global__ void __launch_bounds__(256, TILE_MIN_CTAS(TILES)) NAME(MoeExpertArgs a) { moe_expert_body<DT, TILES, BS, false>(a); }
 
 struct MoeCombineArgs {
   const float* pair_out;     // (P, H)
