@@ -52,6 +52,7 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
         );
     }
     let graphs = GraphFolder::inspect(&args.model.graphs)?;
+    args.model.check_applies_to(&graphs)?;
     graphs.check_chat()?;
     graphs.check_stop(&args.sampling.stop)?;
     let engine = args.model.start()?;

@@ -175,9 +175,9 @@ pub struct ModelArgs {
     /// Execution provider: cpu, cuda, tensorrt.
     #[arg(long, default_value = "cpu")]
     ep: String,
-    /// The GPU to run on with cuda and tensorrt (>= 0).
-    #[arg(long, default_value_t = 0, value_parser = NumberRange::at_least(0i32))]
-    device_id: i32,
+    /// The GPU to run on with cuda and tensorrt (>= 0; default 0).
+    #[arg(long, value_parser = NumberRange::at_least(0i32))]
+    device_id: Option<i32>,
     /// CPU intra-op threads, >= 1 (default: ONNX Runtime's choice).
     #[arg(long, value_parser = NumberRange::at_least(1usize))]
     threads: Option<usize>,
@@ -230,13 +230,9 @@ pub struct ModelArgs {
     /// length, capped on a GPU so that at least 32 sequences fit).
     #[arg(long, value_parser = NumberRange::at_least(1usize))]
     max_model_len: Option<usize>,
-    /// The share of the GPU's memory the engine may fill, in (0, 1].
-    #[arg(
-        long,
-        default_value_t = pio_runtime::engine::DEFAULT_GPU_MEMORY_UTILIZATION,
-        value_parser = NumberRange::above_up_to(0.0, 1.0)
-    )]
-    gpu_memory_utilization: f64,
+    /// The share of the GPU's memory the engine may fill, in (0, 1] (default 0.9).
+    #[arg(long, value_parser = NumberRange::above_up_to(0.0, 1.0))]
+    gpu_memory_utilization: Option<f64>,
     /// Do not reuse KV across requests (prefix caching).
     #[arg(long)]
     no_prefix_cache: bool,
@@ -261,12 +257,14 @@ pub struct ModelArgs {
     /// within this many seconds (>= 1).
     #[arg(long, value_name = "SECONDS", value_parser = NumberRange::at_least(1u64))]
     fetch_remote_images: Option<u64>,
-    /// Vision-language models: the most encoded bytes an image file or URL may have (>= 1).
-    #[arg(long, default_value_t = pio_image::DEFAULT_MAX_INPUT_BYTES, value_parser = NumberRange::at_least(1u64))]
-    max_image_bytes: u64,
-    /// Vision-language models: the most pixels a decoded image may have (>= 1).
-    #[arg(long, default_value_t = pio_image::DEFAULT_MAX_PIXELS, value_parser = NumberRange::at_least(1u64))]
-    max_image_pixels: u64,
+    /// Vision-language models: the most encoded bytes an image file or URL may have (>= 1;
+    /// default 64 MiB).
+    #[arg(long, value_parser = NumberRange::at_least(1u64))]
+    max_image_bytes: Option<u64>,
+    /// Vision-language models: the most pixels a decoded image may have (>= 1; default 89,478,485,
+    /// Pillow's `MAX_IMAGE_PIXELS`).
+    #[arg(long, value_parser = NumberRange::at_least(1u64))]
+    max_image_pixels: Option<u64>,
     #[command(flatten)]
     stages: StageArgs,
 }
@@ -313,9 +311,50 @@ impl ModelArgs {
         Ok(Engine::start(self.config()?.build()?)?)
     }
 
+    /// Refuses a flag that would do nothing with this graph folder and execution provider: a
+    /// GPU's flags on the CPU, a staged export's without stages, images' for a model that
+    /// takes none.
+    pub(crate) fn check_applies_to(&self, graphs: &GraphFolder) -> Result<()> {
+        if matches!(self.ep()?, ExecutionProvider::Cpu { .. }) {
+            let gpu_flags = [
+                ("--device-id", self.device_id.is_some()),
+                ("--gpu-memory-utilization", self.gpu_memory_utilization.is_some()),
+            ];
+            if let Some((flag, _)) = gpu_flags.iter().find(|(_, given)| *given) {
+                return Err(
+                    Refused::new(*flag, "applies to a GPU (--ep cuda or tensorrt); this runs on the CPU").into()
+                );
+            }
+        }
+        if !graphs.is_staged() {
+            let stage_flags = [
+                ("--devices", !self.stages.devices.is_empty()),
+                ("--micro-batches", self.stages.micro_batches.is_some()),
+            ];
+            if let Some((flag, _)) = stage_flags.iter().find(|(_, given)| *given) {
+                let message = format!("{} is not a staged export (pio-export --stages N)", graphs.dir().display());
+                return Err(Refused::new(*flag, message).into());
+            }
+        }
+        if !graphs.takes_images() {
+            let image_flags = [
+                ("--encoder-cache-gb", self.encoder_cache_gb.is_some()),
+                ("--image-threads", self.image_threads.is_some()),
+                ("--local-images", self.local_images.is_some()),
+                ("--fetch-remote-images", self.fetch_remote_images.is_some()),
+                ("--max-image-bytes", self.max_image_bytes.is_some()),
+                ("--max-image-pixels", self.max_image_pixels.is_some()),
+            ];
+            if let Some((flag, _)) = image_flags.iter().find(|(_, given)| *given) {
+                return Err(Refused::new(*flag, graphs.takes_no_images()).into());
+            }
+        }
+        Ok(())
+    }
+
     /// The execution provider these options give.
     pub fn ep(&self) -> Result<ExecutionProvider> {
-        let mut ep = ExecutionProvider::from_cli(&self.ep, self.device_id, &self.ep_options)?;
+        let mut ep = ExecutionProvider::from_cli(&self.ep, self.device_id.unwrap_or(0), &self.ep_options)?;
         if let (ExecutionProvider::Cpu { threads }, Some(n)) = (&mut ep, self.threads) {
             *threads = Some(n);
         }
@@ -338,7 +377,9 @@ impl ModelArgs {
             .long_prefill_token_threshold(Some(self.long_prefill_token_threshold).filter(|&n| n > 0))
             .itl_factor(itl_factor)
             .waiting_served_ratio(Some(self.waiting_served_ratio).filter(|&r| r > 0.0))
-            .gpu_memory_utilization(self.gpu_memory_utilization)
+            .gpu_memory_utilization(
+                self.gpu_memory_utilization.unwrap_or(pio_runtime::engine::DEFAULT_GPU_MEMORY_UTILIZATION),
+            )
             .prefix_caching(!self.no_prefix_cache)
             .stages(self.stages.options());
         if let Some(n) = self.idle_prefill_budget {
@@ -376,8 +417,8 @@ impl ModelArgs {
         };
         config = config.local_image_files(local).image_limits(
             pio_image::DecodeLimits::default()
-                .with_max_input_bytes(self.max_image_bytes)
-                .with_max_pixels(self.max_image_pixels),
+                .with_max_input_bytes(self.max_image_bytes.unwrap_or(pio_image::DEFAULT_MAX_INPUT_BYTES))
+                .with_max_pixels(self.max_image_pixels.unwrap_or(pio_image::DEFAULT_MAX_PIXELS)),
         );
         if let Some(secs) = self.fetch_remote_images {
             config = config.remote_images(RemoteImages::Fetch { timeout: std::time::Duration::from_secs(secs) });
@@ -588,6 +629,7 @@ fn run(args: RunArgs) -> Result<()> {
         return Err(Refused::new("--logprobs", "logprobs are printed in the --json output: add --json").into());
     }
     let graphs = GraphFolder::inspect(&args.model.graphs)?;
+    args.model.check_applies_to(&graphs)?;
     graphs.check_stop(&args.sampling.stop)?;
     let (max_tokens, max_model_len) = (args.sampling.max_tokens, args.model.max_model_len);
     if let Some(file) = &args.batch {

@@ -102,11 +102,29 @@ impl GraphFolder {
         if images.is_empty() {
             return Ok(());
         }
-        if self.manifest.vision.is_none() {
-            let message = format!("{} takes no images (it has no vision encoder)", self.dir.display());
-            return Err(Refused::new("--image", message).into());
+        if !self.takes_images() {
+            return Err(Refused::new("--image", self.takes_no_images()).into());
         }
         images.iter().try_for_each(|image| check_file("--image", image))
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The model has a vision encoder.
+    pub(crate) fn takes_images(&self) -> bool {
+        self.manifest.vision.is_some()
+    }
+
+    /// Why an image, or an image's setting, is refused for a model without a vision encoder.
+    pub(crate) fn takes_no_images(&self) -> String {
+        format!("{} takes no images (it has no vision encoder)", self.dir.display())
+    }
+
+    /// The folder is a staged export (pio-export --stages N).
+    pub(crate) fn is_staged(&self) -> bool {
+        !self.manifest.stages.is_empty()
     }
 
     fn context_length(&self) -> usize {

@@ -63,7 +63,8 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = args.server_config()?;
     // A busy port or a mistyped host is refused before the model loads.
-    crate::preflight::GraphFolder::inspect(&args.model.graphs)?;
+    let graphs = crate::preflight::GraphFolder::inspect(&args.model.graphs)?;
+    args.model.check_applies_to(&graphs)?;
     crate::preflight::check_address(config.host(), config.port())?;
     // Clients must not read the server's files: local image paths only where --local-images says.
     let mut engine_config = args.model.config_with_local_images("none")?.max_waiting(args.max_waiting);

@@ -357,6 +357,22 @@ fn arguments_and_prompts_are_checked_before_the_model_loads() {
             vec!["--local-images".into()],
             None,
         ),
+        // Flags that would do nothing here: a GPU's on the CPU, a staged export's and images' on
+        // a single-stage text model.
+        (vec!["--prompt-ids", "1", "--device-id", "1"], vec!["--device-id".into(), "the CPU".into()], Some(2)),
+        (
+            vec!["--prompt-ids", "1", "--gpu-memory-utilization", "0.5"],
+            vec!["--gpu-memory-utilization".into(), "the CPU".into()],
+            Some(2),
+        ),
+        (vec!["--prompt-ids", "1", "--micro-batches", "2"], vec!["not a staged export".into()], Some(2)),
+        (vec!["--prompt-ids", "1", "--devices", "0,1"], vec!["--devices".into()], Some(2)),
+        (
+            vec!["--prompt-ids", "1", "--image-threads", "2"],
+            vec!["--image-threads".into(), "takes no images".into()],
+            Some(2),
+        ),
+        (vec!["--prompt-ids", "1", "--max-image-pixels", "100"], vec!["--max-image-pixels".into()], Some(2)),
     ];
     // The same through `pio chat` (a chat template is needed).
     let mut all: Vec<(Vec<&str>, Vec<String>, Option<i32>)> = cases
