@@ -82,6 +82,22 @@ pub fn check(
     Ok(())
 }
 
+/// Refuses `--system` when no line is a `prompt` rendered through the chat template (the only
+/// lines it joins), and `--thinking` when no line is a chat at all: they would do nothing.
+pub fn check_chat_flags(path: &Path, requests: &[BatchRequest], system: bool, thinking: bool) -> Result<()> {
+    let is_chat = |r: &&BatchRequest| matches!(r.prompt, Prompt::Chat(_));
+    if system && !requests.iter().filter(is_chat).any(|r| r.field == "prompt") {
+        let message =
+            format!("no line of {} is a `prompt` through the chat template (it joins only those)", path.display());
+        return Err(Refused::new("--system", message).into());
+    }
+    if thinking && !requests.iter().any(|r| is_chat(&r)) {
+        let message = format!("no line of {} goes through the chat template", path.display());
+        return Err(Refused::new("--thinking", message).into());
+    }
+    Ok(())
+}
+
 /// Submits every request, then prints each output as one JSON line, in order, and a summary on
 /// stderr.
 pub fn run(

@@ -634,6 +634,7 @@ fn run(args: RunArgs) -> Result<()> {
     let (max_tokens, max_model_len) = (args.sampling.max_tokens, args.model.max_model_len);
     if let Some(file) = &args.batch {
         let lines = batch::read(file, args.raw, args.system.as_deref())?;
+        batch::check_chat_flags(file, &lines, args.system.is_some(), args.thinking.is_some())?;
         batch::check(file, &lines, &graphs, max_tokens, max_model_len)?;
         // Every line is queued at once.
         let engine = Engine::start(args.model.config()?.max_waiting(lines.len().max(1)).build()?)?;

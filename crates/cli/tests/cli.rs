@@ -165,6 +165,16 @@ fn run_batch_prints_one_line_per_prompt_in_order() {
     let alone: Value = serde_json::from_slice(&alone.stdout).unwrap();
     assert_eq!(alone["generated_ids"], outputs[2]["generated_ids"]);
 
+    // --system and --thinking join only lines that go through the chat template: with token ids
+    // alone they would do nothing, and are refused before the model loads.
+    for flag in [["--system", "be brief"], ["--thinking", "false"]] {
+        let out = pio(&[&["run", "--graphs", graphs, "--batch", file.to_str().unwrap()][..], &flag[..]].concat());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag:?}: {stderr}");
+        assert!(stderr.contains(flag[0]) && stderr.contains("chat template"), "{stderr}");
+        assert!(!stderr.contains(LOAD_STARTED), "{stderr}");
+    }
+
     std::fs::write(&file, "{\"prompt_ids\": [1]}\n{\"prompt_ids\": [1], \"prompt\": \"x\"}\n").unwrap();
     let out = pio(&batch);
     assert!(!out.status.success());
