@@ -164,28 +164,24 @@ template <int DT, int BS> __device__ __forceinline__ float scale_of(const ChunkS
   return to_f32<DT>(scale_bits<BS>(s, j));
 }
 
-// The int4 tile routine's shape per token tile count (probe of kernel builds on an H100,
-// 2026-12-07, Qwen3-4B's projections). One tile (up to 8 tokens, decode): 2 chunks a round with
-// the activations of each chunk loaded before its mma chain, and registers capped for 2 CTAs an
-// SM: the int4 down at one token 16.4 -> 10.5 us, o 8.2 -> 6.3, gate/up (2 warps) 13.4. More tiles:
-// 4 chunks a round and each sub-block's activations loaded beside its mma, in program order, as
-// before, since hoisting 16 x TILES registers of activations cost occupancy (32 tokens: the down
-// 22 -> 28 us).
+// The int4 tile routine at one token tile (up to 8 tokens: decode), from a probe of kernel builds
+// on an H100 (2026-12-07, Qwen3-4B's projections): 2 chunks a round, the activations of each
+// chunk loaded before its mma chain, rounds inside K without bounds checks, and registers capped
+// for 2 CTAs an SM; the int4 down at one token 16.4 -> 10.5 us, o 8.2 -> 6.3, gate/up (2 warps)
+// 13.4. More tiles keep the routine before it (`int4_rounds_in_order`): the same changes there
+// took occupancy (registers 121 -> 134 to 216, one CTA an SM) and lost (32 tokens: the down
+// 22 -> 28 to 34 us).
 #define TILE_MIN_CTAS(TILES) ((TILES) == 1 ? 2 : 1)
-template <int TILES> struct Int4Round {
-  static constexpr int CHUNKS = TILES == 1 ? 2 : 4;
-  static constexpr bool HOIST = TILES == 1;
-};
+constexpr int ONE_TILE_ROUND = 2;
 
-// One round of the int4 tile routine: chunks c0, c0 + step, ... (Int4Round<TILES>::CHUNKS of them)
-// of the warp's rows (g, g + 8), all loaded before any is used. FULL: every chunk of the round
-// lies inside K (no checks: one basic block, so the compiler interleaves the independent mma
-// chains).
-template <int DT, int TILES, int BS, bool FULL>
-__device__ __forceinline__ void int4_round(float (&acc)[TILES][4], const u16* const (&xa)[TILES],
-                                           const unsigned char* wa, const unsigned char* wb, const u16* sa,
-                                           const u16* sb, int c0, int step, int chunks, int K, int t) {
-  constexpr int R = Int4Round<TILES>::CHUNKS;
+// One round of the one-tile routine: chunks c0, c0 + step (ONE_TILE_ROUND of them) of the warp's
+// rows (g, g + 8), all loaded before any is used. FULL: every chunk of the round lies inside K
+// (no checks: one basic block, so the compiler interleaves the independent mma chains).
+template <int DT, int BS, bool FULL>
+__device__ __forceinline__ void one_tile_round(float (&acc)[1][4], const u16* xa, const unsigned char* wa,
+                                               const unsigned char* wb, const u16* sa, const u16* sb, int c0,
+                                               int step, int chunks, int K, int t) {
+  constexpr int R = ONE_TILE_ROUND;
   uint4 qa[R], qb[R];
   ChunkScales<BS> ca[R], cb[R];
 #pragma unroll
@@ -202,40 +198,77 @@ __device__ __forceinline__ void int4_round(float (&acc)[TILES][4], const u16* co
   for (int u = 0; u < R; u++) {
     const int c = c0 + u * step;
     if (!FULL && c >= chunks) break;
-    // HOIST: the chunk's activations are loaded together, before its first mma (loaded beside
-    // each mma, every one waited on the L1 in turn: Run 9's 3.7 us a round of the int4 down).
-    constexpr int HX = Int4Round<TILES>::HOIST ? 4 : 1;
-    uint4 xv[HX][TILES];
-    if (Int4Round<TILES>::HOIST) {
-#pragma unroll
-      for (int j = 0; j < HX; j++) {
-        const int kb = c * CHUNK_K + j * 32;
-#pragma unroll
-        for (int i = 0; i < TILES; i++)
-          xv[j][i] = xa[i] && (FULL || kb < K) ? ld_act(xa[i] + kb + 8 * t) : make_uint4(0, 0, 0, 0);
-      }
-    }
+    // The chunk's activations are loaded together, before its first mma (loaded beside each
+    // mma, every one waited on the L1 in turn: Run 9's 3.7 us a round of the int4 down).
+    uint4 xv[4];
 #pragma unroll
     for (int j = 0; j < 4; j++) {
       const int kb = c * CHUNK_K + j * 32;
-      if (!FULL && kb >= K) break;  // the padding of the last chunk (warp-uniform)
+      xv[j] = xa && (FULL || kb < K) ? ld_act(xa + kb + 8 * t) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      if (!FULL && c * CHUNK_K + j * 32 >= K) break;  // the padding of the last chunk (warp-uniform)
       u32 pa[4], pb[4];
       dequant_word<DT>(word_of(qa[u], j), pa);
       dequant_word<DT>(word_of(qb[u], j), pb);
       const float scale_a = scale_of<DT, BS>(ca[u], j), scale_b = scale_of<DT, BS>(cb[u], j);
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      mma16816<DT>(d, pa[0], pb[0], pa[1], pb[1], xv[j].x, xv[j].y);
+      mma16816<DT>(d, pa[2], pb[2], pa[3], pb[3], xv[j].z, xv[j].w);
+      acc[0][0] += scale_a * d[0];
+      acc[0][1] += scale_a * d[1];
+      acc[0][2] += scale_b * d[2];
+      acc[0][3] += scale_b * d[3];
+    }
+  }
+}
+
+// The int4 tile routine of more than one token tile: UNROLL chunks per warp loaded before any is
+// used (4 x 32 bytes of weights per thread in flight, enough to cover the memory latency at a few
+// warps per SM), each sub-block's activations loaded beside its mma, all in program order.
+template <int DT, int TILES, int BS>
+__device__ __forceinline__ void int4_rounds_in_order(float (&acc)[TILES][4], const u16* const (&xa)[TILES],
+                                                     const unsigned char* wa, const unsigned char* wb,
+                                                     const u16* sa, const u16* sb, int warp, int warps,
+                                                     int chunks, int K, int t) {
+  const int UNROLL = 4;
+  for (int c0 = warp; c0 < chunks; c0 += UNROLL * warps) {
+    uint4 qa[UNROLL], qb[UNROLL];
+    ChunkScales<BS> ca[UNROLL], cb[UNROLL];
 #pragma unroll
-      for (int i = 0; i < TILES; i++) {
-        const uint4 x = Int4Round<TILES>::HOIST ? xv[j % HX][i]
-                        : xa[i]                 ? ld_act(xa[i] + kb + 8 * t)
-                                                : make_uint4(0, 0, 0, 0);
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-        constexpr bool ORDERED = !Int4Round<TILES>::HOIST;
-        mma16816<DT, ORDERED>(d, pa[0], pb[0], pa[1], pb[1], x.x, x.y);
-        mma16816<DT, ORDERED>(d, pa[2], pb[2], pa[3], pb[3], x.z, x.w);
-        acc[i][0] += scale_a * d[0];
-        acc[i][1] += scale_a * d[1];
-        acc[i][2] += scale_b * d[2];
-        acc[i][3] += scale_b * d[3];
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * warps;
+      if (c < chunks) {
+        qa[u] = ld_weights(wa + c * 64 + t * 16);
+        qb[u] = ld_weights(wb + c * 64 + t * 16);
+        ca[u] = load_scales<BS>(sa, c);
+        cb[u] = load_scales<BS>(sb, c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++) {
+      const int c = c0 + u * warps;
+      if (c >= chunks) break;
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const int kb = c * CHUNK_K + j * 32;
+        if (kb >= K) break;  // the padding of the last chunk (warp-uniform)
+        u32 pa[4], pb[4];
+        dequant_word<DT>(word_of(qa[u], j), pa);
+        dequant_word<DT>(word_of(qb[u], j), pb);
+        const float scale_a = scale_of<DT, BS>(ca[u], j), scale_b = scale_of<DT, BS>(cb[u], j);
+#pragma unroll
+        for (int i = 0; i < TILES; i++) {
+          const uint4 xv = xa[i] ? ld_act(xa[i] + kb + 8 * t) : make_uint4(0, 0, 0, 0);
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+          mma16816<DT, true>(d, pa[0], pb[0], pa[1], pb[1], xv.x, xv.y);
+          mma16816<DT, true>(d, pa[2], pb[2], pa[3], pb[3], xv.z, xv.w);
+          acc[i][0] += scale_a * d[0];
+          acc[i][1] += scale_a * d[1];
+          acc[i][2] += scale_b * d[2];
+          acc[i][3] += scale_b * d[3];
+        }
       }
     }
   }
@@ -264,17 +297,18 @@ __device__ __forceinline__ void tile_gemm(const u16* const* xrow, const unsigned
   if (FMT == FMT_INT4) {
     const u16* sa = s + (long long)g * s_row;
     const u16* sb = sa + 8 * s_row;
-    // A round whose chunks all lie inside K (every round but a tail) is compiled without a
-    // bounds check: one basic block, so the compiler interleaves its independent mma chains.
-    const int full_chunks = K / CHUNK_K;
-    constexpr int R = Int4Round<TILES>::CHUNKS;
-    for (int c0 = warp; c0 < chunks; c0 += R * warps) {
-      // More tiles keep the checks: a round without them lets ptxas hoist all its activation
-      // loads (255 registers at 4 tiles).
-      if (Int4Round<TILES>::HOIST && c0 + (R - 1) * warps < full_chunks)
-        int4_round<DT, TILES, BS, true>(acc, xa, wa, wb, sa, sb, c0, warps, chunks, K, t);
-      else
-        int4_round<DT, TILES, BS, false>(acc, xa, wa, wb, sa, sb, c0, warps, chunks, K, t);
+    if constexpr (TILES == 1) {
+      // A round whose chunks all lie inside K (every round but a tail) is compiled without a
+      // bounds check.
+      const int full_chunks = K / CHUNK_K;
+      for (int c0 = warp; c0 < chunks; c0 += ONE_TILE_ROUND * warps) {
+        if (c0 + (ONE_TILE_ROUND - 1) * warps < full_chunks)
+          one_tile_round<DT, BS, true>(acc, xa[0], wa, wb, sa, sb, c0, warps, chunks, K, t);
+        else
+          one_tile_round<DT, BS, false>(acc, xa[0], wa, wb, sa, sb, c0, warps, chunks, K, t);
+      }
+    } else {
+      int4_rounds_in_order<DT, TILES, BS>(acc, xa, wa, wb, sa, sb, warp, warps, chunks, K, t);
     }
   } else {
     for (int c = warp; c < chunks; c += warps) {
