@@ -131,6 +131,9 @@ impl ScratchDir {
     /// the swap leaves either the old or the new output in place, never neither.
     pub fn persist(self, dest: &Path, replace: bool) -> Result<()> {
         self.kind.check_destination(dest, replace)?;
+        // The contents reach the disk before the rename that publishes them: after a power cut
+        // the output is then the old one or a complete new one, never an empty pio.json.
+        sync_tree(self.path())?;
         let parent = self.dir.path().parent().unwrap_or(Path::new("."));
         let previous = if dest.symlink_metadata().is_ok() {
             let holder = ScratchDir::new_in(parent, self.kind)?;
@@ -149,7 +152,34 @@ impl ScratchDir {
             }
             return Err(OutputError::Rename { from: self.path().to_path_buf(), to: dest.to_path_buf(), source });
         }
+        sync_folder(parent)?;
         Ok(())
+    }
+}
+
+/// Flushes every file under `dir`, and the folders themselves, to disk.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(fs_error("read folder", dir))? {
+        let entry = entry.map_err(fs_error("read folder", dir))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(fs_error("read folder", dir))?;
+        if kind.is_dir() {
+            sync_tree(&path)?;
+        } else if kind.is_file() {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(fs_error("flush to disk", &path))?;
+        }
+    }
+    sync_folder(dir)
+}
+
+/// Flushes a folder's entries to disk. Filesystems that cannot fsync a folder (some network and
+/// FUSE ones answer EINVAL) are taken at their word: there is nothing more to flush there.
+fn sync_folder(dir: &Path) -> Result<()> {
+    match std::fs::File::open(dir).and_then(|f| f.sync_all()) {
+        Err(e) if !matches!(e.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported) => {
+            Err(fs_error("flush to disk", dir)(e).into())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -227,6 +257,18 @@ pub fn clean_up_on_signals() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tree_is_flushed_and_a_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("stage-1")).unwrap();
+        std::fs::write(dir.path().join("pio.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("stage-1").join("model.onnx"), "x").unwrap();
+        sync_tree(dir.path()).unwrap();
+        let missing = dir.path().join("gone");
+        let err = sync_tree(&missing).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
+    }
 
     #[test]
     fn only_scratch_folders_of_gone_processes_are_removed() {
