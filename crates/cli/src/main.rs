@@ -352,6 +352,13 @@ impl ModelArgs {
         Ok(())
     }
 
+    /// What an image may be: `--max-image-bytes`, `--max-image-pixels`.
+    fn image_limits(&self) -> pio_image::DecodeLimits {
+        pio_image::DecodeLimits::default()
+            .with_max_input_bytes(self.max_image_bytes.unwrap_or(pio_image::DEFAULT_MAX_INPUT_BYTES))
+            .with_max_pixels(self.max_image_pixels.unwrap_or(pio_image::DEFAULT_MAX_PIXELS))
+    }
+
     /// The execution provider these options give.
     pub fn ep(&self) -> Result<ExecutionProvider> {
         let mut ep = ExecutionProvider::from_cli(&self.ep, self.device_id.unwrap_or(0), &self.ep_options)?;
@@ -415,11 +422,7 @@ impl ModelArgs {
             dir if std::path::Path::new(dir).is_dir() => LocalImageFiles::Under(dir.into()),
             other => bail!("--local-images {other}: not `any`, `none` or a folder"),
         };
-        config = config.local_image_files(local).image_limits(
-            pio_image::DecodeLimits::default()
-                .with_max_input_bytes(self.max_image_bytes.unwrap_or(pio_image::DEFAULT_MAX_INPUT_BYTES))
-                .with_max_pixels(self.max_image_pixels.unwrap_or(pio_image::DEFAULT_MAX_PIXELS)),
-        );
+        config = config.local_image_files(local).image_limits(self.image_limits());
         if let Some(secs) = self.fetch_remote_images {
             config = config.remote_images(RemoteImages::Fetch { timeout: std::time::Duration::from_secs(secs) });
         }
@@ -656,7 +659,7 @@ fn run(args: RunArgs) -> Result<()> {
         (None, None) => bail!("pass --prompt TEXT or --prompt-ids 1,2,3"),
     };
     graphs.check_prompt(&prompt, flag, max_tokens, max_model_len)?;
-    graphs.check_images(&args.images)?;
+    graphs.check_images(&args.images, &args.model.image_limits())?;
     let engine = args.model.start()?;
     let options = args.sampling.options(engine.model_info())?;
     let request = Request::new(prompt).with_options(options).with_render(render_options(args.thinking));

@@ -7,7 +7,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use pio_models::Manifest;
 use pio_runtime::engine::{EngineError, Prompt};
 use pio_runtime::tokenizer::{TokenizerConfig, TOKENIZER_FILE};
@@ -97,15 +97,21 @@ impl GraphFolder {
         self.require_chat_template("pio chat", "use `pio run --raw` for text as it is")
     }
 
-    /// `--image` files: the model must take images, and each file must be there.
-    pub(crate) fn check_images(&self, images: &[PathBuf]) -> Result<()> {
+    /// `--image` files: the model must take images, and each file must be there and decode within
+    /// `limits` (a few milliseconds an image, against the model's load).
+    pub(crate) fn check_images(&self, images: &[PathBuf], limits: &pio_image::DecodeLimits) -> Result<()> {
         if images.is_empty() {
             return Ok(());
         }
         if !self.takes_images() {
             return Err(Refused::new("--image", self.takes_no_images()).into());
         }
-        images.iter().try_for_each(|image| check_file("--image", image))
+        images.iter().try_for_each(|image| {
+            check_file("--image", image)?;
+            pio_image::decode(&pio_image::ImageInput::Path(image.clone()), limits)
+                .map(drop)
+                .context(Refused::new(format!("--image {}", image.display()), "is not an image the model can take"))
+        })
     }
 
     pub(crate) fn dir(&self) -> &Path {

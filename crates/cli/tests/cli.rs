@@ -548,6 +548,21 @@ fn run_with_images_matches_transformers_greedy() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--image") && stderr.contains("missing.png"), "{stderr}");
     assert!(!stderr.contains(LOAD_STARTED), "{stderr}");
+    // So is a file that is not an image (decoded before the model loads, within --max-image-*).
+    let tmp = tempfile::tempdir().unwrap();
+    let not_image = tmp.path().join("notes.png");
+    std::fs::write(&not_image, "not a picture").unwrap();
+    let not_image = not_image.display().to_string();
+    let too_big = ["--max-image-pixels", "100"];
+    for (file, extra) in [(&not_image, &[][..]), (&image, &too_big[..])] {
+        let args =
+            [&["run", "--graphs", vl.graphs.to_str().unwrap(), "--prompt", "hi", "--image", file][..], extra].concat();
+        let out = pio(&args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(file.as_str()) && stderr.contains("not an image the model can take"), "{stderr}");
+        assert!(!stderr.contains(LOAD_STARTED), "{stderr}");
+    }
     let out = pio(&["run", "--graphs", real_tokenizer_graphs().to_str().unwrap(), "--prompt", "hi", "--image", &image]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
