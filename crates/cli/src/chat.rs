@@ -58,6 +58,7 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
     let engine = args.model.start()?;
     let options = args.sampling.options(engine.model_info())?;
     let render = render_options(args.thinking);
+    let image_limits = args.model.image_limits();
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
         messages.push(json!({"role": "system", "content": s}));
@@ -101,8 +102,16 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
                 continue;
             }
             Line::Image(path) => {
-                images.push(PathBuf::from(path));
-                eprintln!("{} image(s) attached to your next message", images.len());
+                // Decoded now (a few milliseconds) so that a bad file is named here, not with the
+                // message it would have joined.
+                let image = PathBuf::from(path);
+                match pio_image::decode(&pio_image::ImageInput::Path(image.clone()), &image_limits) {
+                    Ok(_) => {
+                        images.push(image);
+                        eprintln!("{} image(s) attached to your next message", images.len());
+                    }
+                    Err(e) => eprintln!("/image: not attached: {e}"),
+                }
                 continue;
             }
             Line::Message(text) => text,

@@ -588,7 +588,9 @@ fn chat_attaches_images_to_the_next_message() {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("/image PATH"), "the banner tells about /image: {stderr}");
-    assert!(stderr.contains("messages[0].content[0].path") && stderr.contains("missing.png"), "{stderr}");
+    // A bad image is named when it is attached, not with the message it would have joined.
+    assert!(stderr.contains("/image: not attached") && stderr.contains("missing.png"), "{stderr}");
+    assert!(!stderr.contains("messages[0]"), "{stderr}");
     assert!(stdout.contains(&expected), "the reply to the image is transformers' answer {expected:?}: {stdout:?}");
 }
 
