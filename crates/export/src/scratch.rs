@@ -166,20 +166,24 @@ fn sync_tree(dir: &Path) -> Result<()> {
         if kind.is_dir() {
             sync_tree(&path)?;
         } else if kind.is_file() {
-            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(fs_error("flush to disk", &path))?;
+            std::fs::File::open(&path).and_then(|f| sync_if_supported(&f)).map_err(fs_error("flush to disk", &path))?;
         }
     }
     sync_folder(dir)
 }
 
-/// Flushes a folder's entries to disk. Filesystems that cannot fsync a folder (some network and
-/// FUSE ones answer EINVAL) are taken at their word: there is nothing more to flush there.
+/// Flushes a folder's entries to disk.
 fn sync_folder(dir: &Path) -> Result<()> {
-    match std::fs::File::open(dir).and_then(|f| f.sync_all()) {
-        Err(e) if !matches!(e.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported) => {
-            Err(fs_error("flush to disk", dir)(e).into())
-        }
-        _ => Ok(()),
+    Ok(std::fs::File::open(dir).and_then(|f| sync_if_supported(&f)).map_err(fs_error("flush to disk", dir))?)
+}
+
+/// `sync_all`, with a filesystem that cannot sync at all (some network and FUSE ones answer
+/// EINVAL or ENOTSUP) taken at its word: there is nothing more to flush there. Any other error
+/// (EIO, a full disk or quota showing late) is one.
+pub(crate) fn sync_if_supported(file: &std::fs::File) -> std::io::Result<()> {
+    match file.sync_all() {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::Unsupported | std::io::ErrorKind::InvalidInput) => Ok(()),
+        result => result,
     }
 }
 

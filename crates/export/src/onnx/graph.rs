@@ -168,14 +168,9 @@ impl WeightSink {
         let finishing = fs_error("finish", &self.path);
         let mut file = self.writer.into_inner().map_err(|e| finishing(e.into_error()))?;
         let end = file.stream_position().map_err(fs_error("finish", &self.path))?;
-        // The last place a delayed write error shows (a full disk or quota on NFS, EIO); only a
-        // filesystem that cannot sync at all is let through.
-        match file.sync_all() {
-            Err(e) if !matches!(e.kind(), std::io::ErrorKind::Unsupported | std::io::ErrorKind::InvalidInput) => {
-                return Err(fs_error("finish", &self.path)(e).into())
-            }
-            _ => {}
-        }
+        // The first place a delayed write error shows (a full disk or quota on NFS, EIO), here
+        // with the weight file's name.
+        crate::scratch::sync_if_supported(&file).map_err(fs_error("finish", &self.path))?;
         Ok(end)
     }
 }
