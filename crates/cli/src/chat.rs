@@ -105,12 +105,12 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
                 // Decoded now (a few milliseconds) so that a bad file is named here, not with the
                 // message it would have joined.
                 let image = PathBuf::from(path);
-                match pio_image::decode(&pio_image::ImageInput::Path(image.clone()), &image_limits) {
-                    Ok(_) => {
+                match crate::preflight::check_image("/image", &image, &image_limits) {
+                    Ok(()) => {
                         images.push(image);
                         eprintln!("{} image(s) attached to your next message", images.len());
                     }
-                    Err(e) => eprintln!("/image: not attached: {e}"),
+                    Err(e) => eprintln!("not attached: {e:#}"),
                 }
                 continue;
             }

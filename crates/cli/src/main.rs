@@ -315,26 +315,26 @@ impl ModelArgs {
     /// GPU's flags on the CPU, a staged export's without stages, images' for a model that
     /// takes none.
     pub(crate) fn check_applies_to(&self, graphs: &GraphFolder) -> Result<()> {
+        // The first flag of a group that was given, refused with the group's reason.
+        let refuse_given = |flags: &[(&str, bool)], why: &dyn Fn() -> String| match flags.iter().find(|f| f.1) {
+            Some((flag, _)) => Err(anyhow::Error::from(Refused::new(*flag, why()))),
+            None => Ok(()),
+        };
         if matches!(self.ep()?, ExecutionProvider::Cpu { .. }) {
             let gpu_flags = [
                 ("--device-id", self.device_id.is_some()),
                 ("--gpu-memory-utilization", self.gpu_memory_utilization.is_some()),
             ];
-            if let Some((flag, _)) = gpu_flags.iter().find(|(_, given)| *given) {
-                return Err(
-                    Refused::new(*flag, "applies to a GPU (--ep cuda or tensorrt); this runs on the CPU").into()
-                );
-            }
+            refuse_given(&gpu_flags, &|| "applies to a GPU (--ep cuda or tensorrt); this runs on the CPU".into())?;
         }
         if !graphs.is_staged() {
             let stage_flags = [
                 ("--devices", !self.stages.devices.is_empty()),
                 ("--micro-batches", self.stages.micro_batches.is_some()),
             ];
-            if let Some((flag, _)) = stage_flags.iter().find(|(_, given)| *given) {
-                let message = format!("{} is not a staged export (pio-export --stages N)", graphs.dir().display());
-                return Err(Refused::new(*flag, message).into());
-            }
+            refuse_given(&stage_flags, &|| {
+                format!("{} is not a staged export (pio-export --stages N)", graphs.dir().display())
+            })?;
         }
         if !graphs.takes_images() {
             let image_flags = [
@@ -345,9 +345,7 @@ impl ModelArgs {
                 ("--max-image-bytes", self.max_image_bytes.is_some()),
                 ("--max-image-pixels", self.max_image_pixels.is_some()),
             ];
-            if let Some((flag, _)) = image_flags.iter().find(|(_, given)| *given) {
-                return Err(Refused::new(*flag, graphs.takes_no_images()).into());
-            }
+            refuse_given(&image_flags, &|| graphs.takes_no_images())?;
         }
         Ok(())
     }

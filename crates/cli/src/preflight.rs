@@ -108,9 +108,7 @@ impl GraphFolder {
         }
         images.iter().try_for_each(|image| {
             check_file("--image", image)?;
-            pio_image::decode(&pio_image::ImageInput::Path(image.clone()), limits)
-                .map(drop)
-                .context(Refused::new(format!("--image {}", image.display()), "is not an image the model can take"))
+            check_image("--image", image, limits)
         })
     }
 
@@ -171,6 +169,13 @@ pub(crate) fn check_address(host: &str, port: u16) -> Result<()> {
 }
 
 /// Refuses `flag` when `path`, a file it needs, is not there.
+/// The image at `path` decodes within `limits` (`what`: the flag or command that named it).
+pub(crate) fn check_image(what: &str, path: &Path, limits: &pio_image::DecodeLimits) -> Result<()> {
+    pio_image::decode(&pio_image::ImageInput::Path(path.to_path_buf()), limits)
+        .map(drop)
+        .context(Refused::new(format!("{what} {}", path.display()), "is not an image the model can take"))
+}
+
 pub(crate) fn check_file(flag: &str, path: &Path) -> Result<()> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),

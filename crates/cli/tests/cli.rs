@@ -589,7 +589,7 @@ fn chat_attaches_images_to_the_next_message() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("/image PATH"), "the banner tells about /image: {stderr}");
     // A bad image is named when it is attached, not with the message it would have joined.
-    assert!(stderr.contains("/image: not attached") && stderr.contains("missing.png"), "{stderr}");
+    assert!(stderr.contains("not attached: /image") && stderr.contains("missing.png"), "{stderr}");
     assert!(!stderr.contains("messages[0]"), "{stderr}");
     assert!(stdout.contains(&expected), "the reply to the image is transformers' answer {expected:?}: {stdout:?}");
 }
