@@ -72,11 +72,9 @@ unpack_tokenizer() { # unpack_tokenizer DIR: the Qwen3 tokenizer a carried folde
   cp "$1/tokenizer_config.json" .cache/pio/tokenizers/qwen3/
 }
 
-export_flags() { # export_flags KIND: pio-export's flags for a graph kind of `prep` (stock, pio, pio-nonorm, pio-lm4,
-  # pio-moe; pio-nonorm: every family of a dense model but norm, the baseline of the norm fusion)
+export_flags() { # export_flags KIND: pio-export's flags for a graph kind of `prep` (stock, pio, pio-lm4, pio-moe)
   case $1 in
     pio) echo --pio-kernels ;;
-    pio-nonorm) echo --pio-kernels linear,lm_head,swiglu ;;
     pio-lm4) echo --pio-kernels --int4-lm-head ;;
     pio-moe) echo --pio-kernels moe ;;
   esac

@@ -7,17 +7,13 @@
 # then each --pio-kernels graph's greedy 64 tokens and teacher-forced logits against its stock graph with the
 # current build. Results in $OUT/ab-q4b.tar.gz; the tokens/s table printed.
 #
-# BASE_KIND=KIND compares graphs instead of builds: the current build on the q4b-*-KIND graphs (say pio-nonorm, from
-# `KERNEL_KINDS="stock pio pio-nonorm"`) is the baseline, and no pio-base.xz is needed.
-#
 #   bash scripts/gpu_session.sh setup >/dev/null; BASE=a060e88 bash scripts/kernels_ab_gpu.sh
-#   bash scripts/gpu_session.sh setup >/dev/null; BASE_KIND=pio-nonorm bash scripts/kernels_ab_gpu.sh
 set -u
 source .gpu-b/ort-env.sh
 W=/dev/shm/pio-kernels-check
 A=$OUT/ab-q4b
 mkdir -p "$A"
-echo "base: ${BASE_KIND:+the q4b-*-$BASE_KIND graphs}${BASE_KIND:-build ${BASE:-?}}"
+echo "base build: ${BASE:-?}"
 bench() { # bench BIN NAME GRAPH...: pio bench of the graphs into $A/NAME.json
   local bin=$1 name=$2
   shift 2
@@ -31,12 +27,8 @@ for r in $(seq 1 "${ROUNDS:-3}"); do
   order="base new"
   (( r % 2 == 0 )) && order="new base"
   for v in $order; do
-    if [[ $v == base && -n ${BASE_KIND:-} ]]; then
-      bench .gpu/pio "$v-$r" q4b-bf16-$BASE_KIND q4b-int4-$BASE_KIND
-    else
-      s=; [[ $v == base ]] && s=-base
-      bench .gpu/pio$s "$v-$r" q4b-bf16-pio q4b-int4-pio
-    fi
+    s=; [[ $v == base ]] && s=-base
+    bench .gpu/pio$s "$v-$r" q4b-bf16-pio q4b-int4-pio
   done
   bench .gpu/pio "stock-$r" q4b-bf16-stock q4b-int4-stock
 done
@@ -58,7 +50,7 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*-[0-9].json")):
         print(f, e)
         continue
     for run in runs:
-        graph = run["label"].split("-stock")[0].split("-pio")[0]
+        graph = run["label"].replace("-stock", "").replace("-pio", "")
         for d in run.get("decode") or []:
             rows.setdefault((graph, d["batch"]), {}).setdefault(build, []).append(d["tokens_per_s"])
 for (graph, batch), by in sorted(rows.items()):

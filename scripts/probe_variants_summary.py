@@ -35,11 +35,6 @@ def main(folder):
                     times[(case["case"], t["kernel"])][build].append(t["us"])
                     if t.get("default"):
                         default_of[(case["case"], build)] = t["kernel"]
-                # The residual add + RMSNorm fused into the projection, and the two launches it replaces.
-                norm = case.get("norm_fused")
-                if isinstance(norm, dict):
-                    times[(case["case"], "norm:fused")][build].append(norm["fused_us"])
-                    times[(case["case"], "norm:apart")][build].append(norm["separate_us"])
     bw = {b: [r["bandwidth"]["best_tb_per_s"] for r in runs[b] if isinstance(r.get("bandwidth"), dict)] for b in builds}
     print("read bandwidth (TB/s, best of each run): " + "; ".join(f"{b} {', '.join(f'{x:.2f}' for x in bw[b])}" for b in builds))
     print(f"{'case':<34} {'kernel':<14} " + " ".join(f"{b:>9}" for b in builds) + "  (median us; * default)")

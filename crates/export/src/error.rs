@@ -196,7 +196,7 @@ pub enum SettingsError {
          supported yet (supported: default, linear)"
     )]
     UnsupportedRope { rope_type: String },
-    #[error("unknown --pio-kernels family `{family}`; known: all, linear, lm_head, swiglu, moe, norm")]
+    #[error("unknown --pio-kernels family `{family}`; known: all, linear, lm_head, swiglu, moe")]
     UnknownPioKernel { family: String },
     #[error("--pio-kernels needs --ep cuda (or cpu): TensorRT does not run ONNX Runtime custom operators")]
     PioKernelsOnTensorrt,
@@ -204,11 +204,6 @@ pub enum SettingsError {
     PioKernelsNeedHalf,
     #[error("--pio-kernels moe needs --precision int4 (MoEInt4 runs int4 experts)")]
     PioMoeNeedsInt4,
-    #[error(
-        "--pio-kernels norm fuses the residual add + RMSNorm into the projection after it, so it needs one of \
-         linear, lm_head or swiglu too"
-    )]
-    PioNormNeedsProjection,
     #[error(
         "--pio-kernels with int4 needs --int4-block-size 32, 64 or 128 (got {block_size}); the kernels read one \
          scale per 32-wide sub-block"

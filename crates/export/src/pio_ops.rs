@@ -8,10 +8,7 @@
 //!   embedding table itself);
 //! * `swiglu`: gate and up as one such node whose epilogue is `silu(gate) * up` (rows grouped by
 //!   16), replacing MatMul + Split + Sigmoid + Mul + Mul;
-//! * `moe`: the routed int4 experts as `ai.pio.MoEInt4` instead of com.microsoft QMoE;
-//! * `norm`: a SkipSimplifiedLayerNormalization (residual add + RMSNorm) whose result feeds only
-//!   one of the nodes above becomes part of it (`norm` = 1: skip and the norm weight as inputs,
-//!   the sum as a second output), one launch instead of two (`fuse_norms`).
+//! * `moe`: the routed int4 experts as `ai.pio.MoEInt4` instead of com.microsoft QMoE.
 //!
 //! int4 weights are quantized exactly as for MatMulNBits (the same codes and scales) and then
 //! reordered, so the two graphs hold the same dequantized weights. A projection whose shape the
@@ -30,7 +27,6 @@ use crate::checkpoint::TensorRef;
 use crate::convert::push_f32;
 use crate::error::{BuildError, BuildResult as Result, SettingsError};
 use crate::onnx::graph::Graph;
-use crate::onnx::proto::NodeProto;
 use crate::quant::{self, Int4Layout};
 
 /// Which families of Inference-PIO kernels a graph uses.
@@ -40,14 +36,12 @@ pub struct PioKernels {
     pub lm_head: bool,
     pub swiglu: bool,
     pub moe: bool,
-    pub norm: bool,
 }
 
 pub const LINEAR: &str = "linear";
 pub const LM_HEAD: &str = "lm_head";
 pub const SWIGLU: &str = "swiglu";
 pub const MOE: &str = "moe";
-pub const NORM: &str = "norm";
 
 impl PioKernels {
     pub fn none() -> Self {
@@ -56,10 +50,10 @@ impl PioKernels {
 
     /// Every family that applies to `precision` (MoEInt4 is int4 only).
     pub fn all_for(precision: Precision) -> Self {
-        PioKernels { linear: true, lm_head: true, swiglu: true, moe: precision == Precision::Int4, norm: true }
+        PioKernels { linear: true, lm_head: true, swiglu: true, moe: precision == Precision::Int4 }
     }
 
-    /// `all`, or a comma-separated list of `linear`, `lm_head`, `swiglu`, `moe`, `norm`.
+    /// `all`, or a comma-separated list of `linear`, `lm_head`, `swiglu`, `moe`.
     pub fn parse(list: &str, precision: Precision) -> std::result::Result<Self, SettingsError> {
         let mut k = PioKernels::none();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -69,7 +63,6 @@ impl PioKernels {
                 LM_HEAD => k.lm_head = true,
                 SWIGLU => k.swiglu = true,
                 MOE => k.moe = true,
-                NORM => k.norm = true,
                 other => return Err(SettingsError::UnknownPioKernel { family: other.to_string() }),
             }
         }
@@ -77,7 +70,7 @@ impl PioKernels {
     }
 
     pub fn any(&self) -> bool {
-        self.linear || self.lm_head || self.swiglu || self.moe || self.norm
+        self.linear || self.lm_head || self.swiglu || self.moe
     }
 
     /// Refuses what the kernels cannot serve.
@@ -98,9 +91,6 @@ impl PioKernels {
         }
         if self.moe && precision != Precision::Int4 {
             return Err(SettingsError::PioMoeNeedsInt4);
-        }
-        if self.norm && !(self.linear || self.lm_head || self.swiglu) {
-            return Err(SettingsError::PioNormNeedsProjection);
         }
         if precision == Precision::Int4 && !pio_kernels::source::INT4_BLOCK_SIZES.contains(&block_size) {
             return Err(SettingsError::PioKernelsBlockSize { block_size });
@@ -317,62 +307,6 @@ pub(crate) fn projection(
     Ok(Some(y))
 }
 
-/// `--pio-kernels norm`: folds each SkipSimplifiedLayerNormalization (residual add + RMSNorm,
-/// without bias) whose normalized output feeds nothing but input A of one `ai.pio` projection into
-/// that node: its x and skip become the node's input A and `skip`, its weight the node's norm
-/// weight, its sum output (the residual stream) the node's second output. The merged node takes
-/// the norm's place in the node list (its inputs are the norm's and initializers, and whatever
-/// read the sum came after the norm), so the order stays topological. Returns how many it fused.
-pub fn fuse_norms(g: &mut Graph, usage: &mut PioUsage) -> usize {
-    let (nodes, graph_outputs) = g.nodes_for_rewrite();
-    let mut readers: std::collections::HashMap<&str, Vec<(usize, usize)>> = std::collections::HashMap::new();
-    for (i, n) in nodes.iter().enumerate() {
-        for (slot, input) in n.input.iter().enumerate() {
-            readers.entry(input.as_str()).or_default().push((i, slot));
-        }
-    }
-    let is_projection =
-        |n: &NodeProto| n.domain == ops::DOMAIN && (n.op_type == ops::LINEAR || n.op_type == ops::LINEAR_INT4);
-    // (norm node, projection node) pairs.
-    let mut pairs = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        let plain_norm = n.op_type == "SkipSimplifiedLayerNormalization" && n.input.len() == 3;
-        let Some((normed, sum)) = n.output.first().zip(n.output.get(3)) else { continue };
-        if !plain_norm || sum.is_empty() || graph_outputs.contains(normed) {
-            continue;
-        }
-        if let Some(&[(j, 0)]) = readers.get(normed.as_str()).map(Vec::as_slice) {
-            let already = nodes[j].attribute.iter().any(|a| a.name == "norm");
-            if is_projection(&nodes[j]) && !already {
-                pairs.push((i, j));
-            }
-        }
-    }
-    let mut remove = vec![false; nodes.len()];
-    for &(i, j) in &pairs {
-        let norm = nodes[i].clone();
-        let eps = norm.attribute.iter().find(|a| a.name == "epsilon").map(|a| a.f).unwrap_or(1e-5);
-        let mut fused = std::mem::take(&mut nodes[j]);
-        fused.input[0] = norm.input[0].clone();
-        fused.input.extend([norm.input[1].clone(), norm.input[2].clone()]);
-        fused.output.truncate(1);
-        fused.output.push(norm.output[3].clone());
-        fused.attribute.push(crate::onnx::graph::attribute("norm", 1i64.into()));
-        fused.attribute.push(crate::onnx::graph::attribute("epsilon", eps.into()));
-        nodes[i] = fused;
-        remove[j] = true;
-    }
-    let mut index = 0;
-    nodes.retain(|_| {
-        index += 1;
-        !remove[index - 1]
-    });
-    if !pairs.is_empty() {
-        usage.used(NORM);
-    }
-    pairs.len()
-}
-
 impl crate::decoder::DecoderBuilder<'_> {
     /// `silu(gate(h)) * up(h)` as one `ai.pio` node when `--pio-kernels swiglu` applies (None:
     /// the caller builds it from MatMul, Split, Sigmoid and Mul).
@@ -497,19 +431,12 @@ mod tests {
     #[test]
     fn families_parse_and_validate() {
         let all = PioKernels::parse("all", Precision::Int4).unwrap();
-        assert_eq!(all, PioKernels { linear: true, lm_head: true, swiglu: true, moe: true, norm: true });
+        assert_eq!(all, PioKernels { linear: true, lm_head: true, swiglu: true, moe: true });
         assert!(!PioKernels::parse("all", Precision::Bf16).unwrap().moe, "MoEInt4 is int4 only");
         assert_eq!(
             PioKernels::parse("linear, moe", Precision::Int4).unwrap(),
-            PioKernels { linear: true, lm_head: false, swiglu: false, moe: true, norm: false }
+            PioKernels { linear: true, lm_head: false, swiglu: false, moe: true }
         );
-        let norm_alone = PioKernels::parse("norm", Precision::Bf16).unwrap();
-        let e = norm_alone.validate(Precision::Bf16, TargetEp::Cuda, 32).unwrap_err().to_string();
-        assert!(e.contains("norm") && e.contains("linear"), "{e}");
-        assert!(PioKernels::parse("swiglu,norm", Precision::Bf16)
-            .unwrap()
-            .validate(Precision::Bf16, TargetEp::Cuda, 32)
-            .is_ok());
         let e = PioKernels::parse("linear,gemm", Precision::Int4).unwrap_err().to_string();
         assert!(e.contains("`gemm`"), "{e}");
         let moe = PioKernels { moe: true, ..PioKernels::none() };

@@ -7,16 +7,14 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use pio_kernels::driver::{self, Device, DeviceBuffer};
-use pio_kernels::gpu::{
-    default_warps, GemvVariant, LinearKernels, NormPtrs, OneTokenKernel, ProbeKernels, WeightFormat,
-};
+use pio_kernels::gpu::{default_warps, GemvVariant, LinearKernels, OneTokenKernel, ProbeKernels, WeightFormat};
 use pio_kernels::layout::Int4Shape;
 use pio_kernels::nvrtc::Nvrtc;
 use pio_kernels::reference;
 use pio_kernels::source::{ActDtype, INT4_BLOCK_SIZES};
 use serde_json::{json, Value};
 
-use crate::data::{diff, to_bits, to_f32, values, Int4Weight, Rng};
+use crate::data::{diff, to_f32, values, Int4Weight, Rng};
 use crate::report::Report;
 use crate::shapes::{projections, Projection, PRESETS};
 
@@ -290,22 +288,21 @@ fn tile_case(
 
     // Correctness on the first rows (the same kernel on a smaller N), against the reference.
     let check_n = n.min(512);
-    let (host_weight, (dw, ds)) = match format {
+    let (expected, (dw, ds)) = match format {
         WeightFormat::Int4 { block_size } => {
             let shape = Int4Shape::new(check_n, k, block_size)?;
             let w = Int4Weight::random(rng, dtype, shape);
             let (packed, scales) = w.to_pio(|r| r);
             let sf: Vec<f32> = scales.iter().map(|&h| to_f32(dtype, h)).collect();
-            let device = (DeviceBuffer::from_host(&packed)?, DeviceBuffer::from_host(&scales)?);
-            (HostWeight::Int4 { shape, packed, scales: sf }, device)
+            let y = reference::linear_int4(&xf, m, &shape, &packed, &sf);
+            (y, (DeviceBuffer::from_host(&packed)?, DeviceBuffer::from_host(&scales)?))
         }
         WeightFormat::Dense => {
             let w = values(rng, dtype, check_n * k, 1.0 / (k as f32).sqrt());
             let wf: Vec<f32> = w.iter().map(|&h| to_f32(dtype, h)).collect();
-            (HostWeight::Dense(wf), (DeviceBuffer::from_host(&w)?, DeviceBuffer::new(16)?))
+            (reference::linear_dense(&xf, m, check_n, k, &wf), (DeviceBuffer::from_host(&w)?, DeviceBuffer::new(16)?))
         }
     };
-    let expected = host_weight.reference(&xf, m, check_n, k, false);
     let expected = if proj.swiglu { reference::swiglu_grouped(&expected, m, check_n) } else { expected };
     let check_out = if proj.swiglu { check_n / 2 } else { check_n };
     let warps = default_warps(format, proj.n, k, m);
@@ -369,12 +366,6 @@ fn tile_case(
     }
     let correctness: Vec<Value> =
         kernel_checks.iter().map(|(kn, c)| json!({ "kernel": kn.label(), "check": c })).collect();
-    let norm = if proj.norm && kernels.fuses_norm(m, n, k) {
-        let weights = RotatedWeights { pool, copies, per_copy, wbytes, calls };
-        norm_case(kernels, proj, m, &host_weight, (&dw, &ds), check_n, weights, rng)?
-    } else {
-        Value::Null
-    };
     Ok(json!({
         "case": format!("{} {} {} M={m}", proj.preset, proj.name, kernel_label(format)),
         "preset": proj.preset, "projection": proj.name, "format": kernel_label(format), "n": n, "k": k, "m": m,
@@ -382,105 +373,5 @@ fn tile_case(
         "max_rel_error_vs_cpu_reference": max_rel_error, "non_finite_or_unwritten": non_finite,
         "correctness": correctness,
         "timings": timings,
-        "norm_fused": norm,
-    }))
-}
-
-/// A probe case's weight on the host, for the reference.
-enum HostWeight {
-    Int4 { shape: Int4Shape, packed: Vec<u8>, scales: Vec<f32> },
-    Dense(Vec<f32>),
-}
-
-impl HostWeight {
-    /// The reference output of `m` rows of `x` through the first `n` rows (their SwiGLU with `swiglu`).
-    fn reference(&self, x: &[f32], m: usize, n: usize, k: usize, swiglu: bool) -> Vec<f32> {
-        let y = match self {
-            HostWeight::Int4 { shape, packed, scales } => reference::linear_int4(x, m, shape, packed, scales),
-            HostWeight::Dense(w) => reference::linear_dense(x, m, n, k, w),
-        };
-        if swiglu {
-            reference::swiglu_grouped(&y, m, n)
-        } else {
-            y
-        }
-    }
-}
-
-/// Where the timing loop finds its weight copies.
-struct RotatedWeights<'p> {
-    pool: &'p DeviceBuffer,
-    copies: usize,
-    per_copy: usize,
-    wbytes: usize,
-    calls: usize,
-}
-
-/// The norm-fused kernel of a projection (`launch_norm`, the kernel the operators fuse with):
-/// its output and the sum it writes against the reference (the normalized rows rounded to the
-/// dtype as the kernel rounds them), then timed beside the two launches it replaces (the
-/// residual add + RMSNorm alone, then the projection).
-#[allow(clippy::too_many_arguments)]
-fn norm_case(
-    kernels: &LinearKernels,
-    proj: &Projection,
-    m: usize,
-    weight: &HostWeight,
-    (dw, ds): (&DeviceBuffer, &DeviceBuffer),
-    check_n: usize,
-    rotated: RotatedWeights<'_>,
-    rng: &mut Rng,
-) -> Result<Value> {
-    let (dtype, n, k) = (kernels.dtype, proj.n, proj.k);
-    let eps = 1e-6f32;
-    let (x, skip, gamma) = (values(rng, dtype, m * k, 1.0), values(rng, dtype, m * k, 1.0), values(rng, dtype, k, 1.0));
-    let host = |v: &[u16]| v.iter().map(|&h| to_f32(dtype, h)).collect::<Vec<f32>>();
-    let round = |v: f32| to_f32(dtype, to_bits(dtype, v));
-    let (h, sum) = reference::skip_rms_norm(&host(&x), &host(&skip), &host(&gamma), k, eps, round);
-    let expected = weight.reference(&h, m, check_n, k, proj.swiglu);
-    let (dx, dskip, dgamma) =
-        (DeviceBuffer::from_host(&x)?, DeviceBuffer::from_host(&skip)?, DeviceBuffer::from_host(&gamma)?);
-    let dsum = DeviceBuffer::from_host(&vec![0xFFFFu16; m * k])?;
-    let out_n = if proj.swiglu { n / 2 } else { n };
-    let dcheck = DeviceBuffer::from_host(&vec![0xFFFFu16; m * if proj.swiglu { check_n / 2 } else { check_n }])?;
-    let norm = NormPtrs { skip: dskip.ptr, gamma: dgamma.ptr, sum: dsum.ptr, eps };
-    // SAFETY: buffers of the sizes the shapes imply; synchronized before reading.
-    unsafe {
-        kernels.launch_norm(
-            std::ptr::null_mut(),
-            (dx.ptr, dw.ptr, ds.ptr, dcheck.ptr),
-            norm,
-            (m, check_n, k),
-            proj.swiglu,
-        )?
-    };
-    driver::synchronize()?;
-    let got = host(&dcheck.to_host::<u16>()?);
-    let got_sum = host(&dsum.to_host::<u16>()?);
-    let (output_check, sum_check) = (diff(&got, &expected), diff(&got_sum, &sum));
-
-    let dy = DeviceBuffer::new(m * out_n * 2)?;
-    let dh = DeviceBuffer::new(m * k * 2)?;
-    let RotatedWeights { pool, copies, per_copy, wbytes, calls } = rotated;
-    let fused_us = driver::graph_time_us(calls, 10, |stream, i| {
-        let base = pool.ptr + ((i % copies) * per_copy) as u64;
-        // SAFETY: the copy lies inside the pool; the other buffers as above.
-        unsafe {
-            kernels.launch_norm(stream, (dx.ptr, base, base + wbytes as u64, dy.ptr), norm, (m, n, k), proj.swiglu)
-        }
-    })
-    .context("timing the norm-fused kernel")?;
-    let separate_us = driver::graph_time_us(calls, 10, |stream, i| {
-        let base = pool.ptr + ((i % copies) * per_copy) as u64;
-        // SAFETY: as above; the projection reads the normalized rows the first launch wrote.
-        unsafe {
-            kernels.launch_skip_norm(stream, dx.ptr, norm, dh.ptr, (m, k))?;
-            kernels.launch(stream, (dh.ptr, base, base + wbytes as u64, dy.ptr), (m, n, k), proj.swiglu)
-        }
-    })
-    .context("timing the norm and the projection apart")?;
-    Ok(json!({
-        "output_check": output_check, "sum_check": sum_check,
-        "fused_us": fused_us, "separate_us": separate_us,
     }))
 }

@@ -20,8 +20,6 @@ pub struct Projection {
     pub n: usize,
     pub k: usize,
     pub swiglu: bool,
-    /// Whether the projection reads a residual add + RMSNorm (the norm-fused kernels apply).
-    pub norm: bool,
 }
 
 /// One MoE layer's routed experts.
@@ -40,15 +38,12 @@ pub fn projections(preset: &str) -> Result<Vec<Projection>> {
     let label = label(preset);
     let t = find_preset(preset)?.config()?.text;
     let (h, q, kv) = (t.hidden_size, t.q_width(), t.kv_width());
-    // qkv, gate/up and the lm_head read a residual add + RMSNorm, which `--pio-kernels norm` fuses
-    // into them (the MoE norm also feeds the router, and stays).
     let p = |name: &str, n: usize, k: usize, swiglu: bool| Projection {
         preset: label,
         name: name.to_string(),
         n,
         k,
         swiglu,
-        norm: matches!(name, "qkv" | "gate_up" | "lm_head"),
     };
     let mut out = vec![p("qkv", q + 2 * kv, h, false), p("o", h, q, false)];
     if (0..t.num_hidden_layers).any(|i| !t.is_moe_layer(i)) {

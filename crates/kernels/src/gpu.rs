@@ -184,46 +184,6 @@ struct LinearArgs {
     act: i32,
 }
 
-/// The residual add + RMSNorm a norm-fused call computes first: `skip` (M, K) the residual
-/// stream, `gamma` (K) the norm's weight, `sum` (M, K) where x + skip goes (the next residual).
-#[derive(Clone, Copy, Debug)]
-pub struct NormPtrs {
-    pub skip: u64,
-    pub gamma: u64,
-    pub sum: u64,
-    pub eps: f32,
-}
-
-#[repr(C)]
-struct NormArgs {
-    skip: u64,
-    gamma: u64,
-    sum: u64,
-    eps: f32,
-}
-
-impl From<NormPtrs> for NormArgs {
-    fn from(p: NormPtrs) -> Self {
-        NormArgs { skip: p.skip, gamma: p.gamma, sum: p.sum, eps: p.eps }
-    }
-}
-
-#[repr(C)]
-struct LinearNormArgs {
-    l: LinearArgs,
-    n: NormArgs,
-}
-
-#[repr(C)]
-struct SkipNormArgs {
-    a: LinearNormArgs,
-    out: u64,
-}
-
-/// Shared memory a kernel may take without opting in to more (static and dynamic together),
-/// less what the norm-fused kernels declare statically (row pointers and the block sum).
-const SHARED_LIMIT: usize = 48 * 1024 - 512;
-
 #[repr(C)]
 struct DequantArgs {
     w: u64,
@@ -256,10 +216,6 @@ pub struct LinearKernels {
     one_token: OneTokenKernel,
     dequant: Option<Function>,
     swiglu_rows: Function,
-    /// The norm-fused kernels: one token tile, and each GEMV variant (as `gemv`).
-    tiles_norm: Function,
-    gemv_norm: Vec<Function>,
-    skip_norm: Function,
 }
 
 impl LinearKernels {
@@ -279,26 +235,16 @@ impl LinearKernels {
             module.function(&name(3))?,
             module.function(&name(4))?,
         ];
-        let gemv_functions = |norm: bool| {
-            gemv_variants(format)
-                .iter()
-                .map(|&v| {
-                    let name = match (format, norm) {
-                        (WeightFormat::Int4 { block_size }, false) => source::gemv_int4_name(dtype, block_size, v),
-                        (WeightFormat::Int4 { block_size }, true) => source::gemv_int4_norm_name(dtype, block_size, v),
-                        (WeightFormat::Dense, false) => source::gemv_dense_name(dtype, v),
-                        (WeightFormat::Dense, true) => source::gemv_dense_norm_name(dtype, v),
-                    };
-                    module.function(&name)
-                })
-                .collect::<Result<Vec<_>>>()
-        };
-        let (gemv, gemv_norm) = (gemv_functions(false)?, gemv_functions(true)?);
-        let tiles_norm = module.function(&match format {
-            WeightFormat::Int4 { block_size } => source::linear_int4_norm_name(dtype, block_size),
-            WeightFormat::Dense => source::linear_dense_norm_name(dtype),
-        })?;
-        let skip_norm = module.function(&source::skip_norm_name(dtype))?;
+        let gemv = gemv_variants(format)
+            .iter()
+            .map(|&v| {
+                let name = match format {
+                    WeightFormat::Int4 { block_size } => source::gemv_int4_name(dtype, block_size, v),
+                    WeightFormat::Dense => source::gemv_dense_name(dtype, v),
+                };
+                module.function(&name)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let dequant = match format {
             WeightFormat::Int4 { block_size } => {
                 Some(module.function(&source::dequant_name(dtype, block_size, false))?)
@@ -307,19 +253,7 @@ impl LinearKernels {
         };
         let swiglu_rows = module.function(&source::swiglu_rows_name(dtype))?;
         let one_token = OneTokenKernel::from_env(format)?;
-        Ok(LinearKernels {
-            format,
-            dtype,
-            _module: module,
-            tiles,
-            gemv,
-            one_token,
-            dequant,
-            swiglu_rows,
-            tiles_norm,
-            gemv_norm,
-            skip_norm,
-        })
+        Ok(LinearKernels { format, dtype, _module: module, tiles, gemv, one_token, dequant, swiglu_rows })
     }
 
     /// y = x W^T (or its SwiGLU) for `m` <= 32 tokens by the kernel the operators use: the tile
@@ -360,88 +294,14 @@ impl LinearKernels {
         swiglu: bool,
         variant: GemvVariant,
     ) -> Result<()> {
-        let args = LinearArgs { x, w, scales, y, m: 1, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
-        launch(self.gemv[variant.index()], self.gemv_config(n, variant, 0), stream, &args)
-    }
-
-    /// 8 warps of the variant's row pairs each: 16 * pairs rows a CTA (the last may run past N;
-    /// its warps beyond N return).
-    fn gemv_config(&self, n: usize, variant: GemvVariant, shared_bytes: u32) -> LaunchConfig {
+        let f = self.gemv[variant.index()];
         let pairs = gemv_variants(self.format)[variant.index()].1;
-        LaunchConfig { grid: (n.div_ceil(TILE_ROWS * pairs) as u32, 1), block: 256, shared_bytes }
-    }
-
-    /// Whether [`Self::launch_norm`] takes a call of `m` tokens of an (N, K) projection in one
-    /// launch: one token tile on the path [`Self::launch`] takes, with its normalized rows in
-    /// shared memory. Others run [`Self::launch_skip_norm`] first.
-    pub fn fuses_norm(&self, m: usize, n: usize, k: usize) -> bool {
-        if m == 0 || m > FEW_TOKENS.min(self.format.max_tile_tokens()) {
-            return false;
-        }
-        let shared = match (m, self.one_token) {
-            (1, OneTokenKernel::Gemv(_)) => k * 2,
-            _ => tile_shared_bytes(default_warps(self.format, n, k, m), 1) as usize + m * k * 2,
-        };
-        shared <= SHARED_LIMIT
-    }
-
-    /// y = RMSNorm(x + skip) W^T (or its SwiGLU), and `norm.sum` = x + skip, in one launch: the
-    /// kernel [`Self::launch`] would run, each CTA normalizing the rows itself first.
-    ///
-    /// # Safety
-    /// As [`Self::launch_tiles`], with `norm`'s pointers of (M, K), (K) and (M, K) elements.
-    pub unsafe fn launch_norm(
-        &self,
-        stream: Stream,
-        (x, w, scales, y): (u64, u64, u64, u64),
-        norm: NormPtrs,
-        (m, n, k): (usize, usize, usize),
-        swiglu: bool,
-    ) -> Result<()> {
-        if !self.fuses_norm(m, n, k) {
-            return Err(KernelError::bad_input(
-                "linear",
-                format!("{m} tokens of K = {k} are not one fused-norm launch (run the norm first)"),
-            ));
-        }
-        let l = LinearArgs { x, w, scales, y, m: dim(m, "M")?, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
-        let args = LinearNormArgs { l, n: norm.into() };
-        let row_bytes = (m * k * 2) as u32;
-        match (m, self.one_token) {
-            (1, OneTokenKernel::Gemv(variant)) => {
-                launch(self.gemv_norm[variant.index()], self.gemv_config(n, variant, row_bytes), stream, &args)
-            }
-            _ => {
-                let warps = default_warps(self.format, n, k, m);
-                let config = LaunchConfig {
-                    grid: ((n / TILE_ROWS) as u32, 1),
-                    block: 32 * warps,
-                    shared_bytes: tile_shared_bytes(warps, 1) + row_bytes,
-                };
-                launch(self.tiles_norm, config, stream, &args)
-            }
-        }
-    }
-
-    /// `out` = RMSNorm(x + skip) and `norm.sum` = x + skip for `m` rows of `k`: a CTA a row.
-    ///
-    /// # Safety
-    /// Device pointers of (M, K) elements (`norm.gamma`: K), live until the launch has run.
-    pub unsafe fn launch_skip_norm(
-        &self,
-        stream: Stream,
-        x: u64,
-        norm: NormPtrs,
-        out: u64,
-        (m, k): (usize, usize),
-    ) -> Result<()> {
-        if m == 0 {
-            return Ok(());
-        }
-        let l = LinearArgs { x, w: 0, scales: 0, y: 0, m: dim(m, "M")?, n: 0, k: dim(k, "K")?, act: 0 };
-        let a = LinearNormArgs { l, n: norm.into() };
-        let config = LaunchConfig { grid: (dim(m, "M")? as u32, 1), block: 256, shared_bytes: 0 };
-        launch(self.skip_norm, config, stream, &SkipNormArgs { a, out })
+        let args = LinearArgs { x, w, scales, y, m: 1, n: dim(n, "N")?, k: dim(k, "K")?, act: swiglu as i32 };
+        // 8 warps of `pairs` row pairs each: 16 * pairs rows a CTA (the last may run past N; its
+        // warps beyond N return).
+        let grid = n.div_ceil(TILE_ROWS * pairs) as u32;
+        let config = LaunchConfig { grid: (grid, 1), block: 256, shared_bytes: 0 };
+        launch(f, config, stream, &args)
     }
 
     /// y = x W^T (or its SwiGLU with `swiglu`) for `m` <= 32 tokens: one CTA per 16 rows of W.

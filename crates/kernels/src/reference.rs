@@ -59,30 +59,6 @@ pub fn linear_dense(x: &[f32], m: usize, n: usize, k: usize, w: &[f32]) -> Vec<f
     y
 }
 
-/// The residual add + RMSNorm of rows of `k` (what SkipSimplifiedLayerNormalization computes, and
-/// the norm-fused projections first): sum = x + skip, then h = sum * (mean(sum^2) + eps)^-1/2 *
-/// gamma, in f32 with `round` applied where the kernels round to their dtype (to the sum, and to
-/// h; the identity for f32). Returns (h, sum).
-pub fn skip_rms_norm(
-    x: &[f32],
-    skip: &[f32],
-    gamma: &[f32],
-    k: usize,
-    eps: f32,
-    round: impl Fn(f32) -> f32,
-) -> (Vec<f32>, Vec<f32>) {
-    assert_eq!(x.len(), skip.len(), "x and skip differ in size");
-    assert_eq!(gamma.len(), k, "gamma is not (K)");
-    let sum: Vec<f32> = x.iter().zip(skip).map(|(a, b)| round(a + b)).collect();
-    let mut h = Vec::with_capacity(sum.len());
-    for row in sum.chunks_exact(k) {
-        let mean = row.iter().map(|v| v * v).sum::<f32>() / k as f32;
-        let inv = 1.0 / (mean + eps).sqrt();
-        h.extend(row.iter().zip(gamma).map(|(v, g)| round(v * inv * g)));
-    }
-    (h, sum)
-}
-
 /// `silu(gate) * up` in f32.
 pub fn silu_mul(gate: f32, up: f32) -> f32 {
     gate / (1.0 + (-gate).exp()) * up

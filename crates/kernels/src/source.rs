@@ -83,24 +83,6 @@ pub fn gemv_int4_name(dtype: ActDtype, block_size: usize, (unroll, pairs): (usiz
 pub fn gemv_dense_name(dtype: ActDtype, (unroll, pairs): (usize, usize)) -> String {
     format!("pio_gemv_dense_{}_u{unroll}p{pairs}", dtype.tag())
 }
-/// The norm-fused kernels (residual add + RMSNorm computed by each CTA before its projection):
-/// one token tile of the tile kernels, and each GEMV variant.
-pub fn linear_int4_norm_name(dtype: ActDtype, block_size: usize) -> String {
-    format!("pio_linear_int4_{}_norm_b{block_size}", dtype.tag())
-}
-pub fn linear_dense_norm_name(dtype: ActDtype) -> String {
-    format!("pio_linear_dense_{}_norm", dtype.tag())
-}
-pub fn gemv_int4_norm_name(dtype: ActDtype, block_size: usize, (unroll, pairs): (usize, usize)) -> String {
-    format!("pio_gemv_int4_{}_norm_b{block_size}_u{unroll}p{pairs}", dtype.tag())
-}
-pub fn gemv_dense_norm_name(dtype: ActDtype, (unroll, pairs): (usize, usize)) -> String {
-    format!("pio_gemv_dense_{}_norm_u{unroll}p{pairs}", dtype.tag())
-}
-/// The residual add + RMSNorm alone (calls the fused kernels do not take).
-pub fn skip_norm_name(dtype: ActDtype) -> String {
-    format!("pio_skip_norm_{}", dtype.tag())
-}
 pub fn dequant_name(dtype: ActDtype, block_size: usize, to_f32: bool) -> String {
     let f32_tag = if to_f32 { "f32_" } else { "" };
     format!("pio_dequant_{f32_tag}{}_b{block_size}", dtype.tag())
@@ -149,13 +131,7 @@ impl KernelSet {
                 for v @ (u, p) in GEMV_INT4_VARIANTS {
                     let n = gemv_int4_name(dt, bs, v);
                     out.push((n.clone(), format!("PIO_GEMV({n}, {dtm}, FMT_INT4, {bs}, {u}, {p})")));
-                    let n = gemv_int4_norm_name(dt, bs, v);
-                    out.push((n.clone(), format!("PIO_GEMV_NORM({n}, {dtm}, FMT_INT4, {bs}, {u}, {p})")));
                 }
-                let n = linear_int4_norm_name(dt, bs);
-                out.push((n.clone(), format!("PIO_LINEAR_NORM({n}, {dtm}, FMT_INT4, {bs})")));
-                let n = skip_norm_name(dt);
-                out.push((n.clone(), format!("PIO_SKIP_NORM({n}, {dtm})")));
                 let n = dequant_name(dt, bs, false);
                 out.push((n.clone(), format!("PIO_DEQUANT({n}, {dtm}, {bs}, false)")));
                 let n = swiglu_rows_name(dt);
@@ -170,13 +146,7 @@ impl KernelSet {
                 for v @ (u, p) in GEMV_DENSE_VARIANTS {
                     let n = gemv_dense_name(dt, v);
                     out.push((n.clone(), format!("PIO_GEMV({n}, {dtm}, FMT_DENSE, 32, {u}, {p})")));
-                    let n = gemv_dense_norm_name(dt, v);
-                    out.push((n.clone(), format!("PIO_GEMV_NORM({n}, {dtm}, FMT_DENSE, 32, {u}, {p})")));
                 }
-                let n = linear_dense_norm_name(dt);
-                out.push((n.clone(), format!("PIO_LINEAR_NORM({n}, {dtm}, FMT_DENSE, 32)")));
-                let n = skip_norm_name(dt);
-                out.push((n.clone(), format!("PIO_SKIP_NORM({n}, {dtm})")));
                 let n = swiglu_rows_name(dt);
                 out.push((n.clone(), format!("PIO_SWIGLU_ROWS({n}, {dtm})")));
             }

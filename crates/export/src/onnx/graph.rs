@@ -95,7 +95,7 @@ impl From<&str> for Attr {
     }
 }
 
-pub(crate) fn attribute(name: &str, value: Attr) -> AttributeProto {
+fn attribute(name: &str, value: Attr) -> AttributeProto {
     let mut a = AttributeProto { name: name.to_string(), ..Default::default() };
     match value {
         Attr::Int(i) => {
@@ -279,13 +279,6 @@ impl Graph {
 
     pub fn io(&self) -> (&[IoSpec], &[IoSpec]) {
         (&self.io_inputs, &self.io_outputs)
-    }
-
-    /// The nodes built so far, in order, and the graph outputs' names: for a pass that rewrites
-    /// the finished graph (`pio_ops::fuse_norms`), which must keep the order topological.
-    pub(crate) fn nodes_for_rewrite(&mut self) -> (&mut Vec<NodeProto>, HashSet<String>) {
-        let outputs = self.outputs.iter().map(|o| o.name.clone()).collect();
-        (&mut self.nodes, outputs)
     }
 
     /// Starts a node; `name` says what it computes (`layers.3.attn.q_proj`), made unique if needed.

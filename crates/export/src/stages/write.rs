@@ -163,10 +163,6 @@ fn write_graph(
     let graph = Graph::new(&graph_name, &dir.join(format!("{file}.data")))?;
     let mut builder = DecoderBuilder::new(graph, ck, &config.text, settings, progress, scope.clone())?;
     arch::build_decoder(config, &mut builder)?;
-    if settings.pio_kernels().norm {
-        let fused = crate::pio_ops::fuse_norms(&mut builder.g, &mut builder.pio_usage);
-        tracing::debug!("{file}: {fused} residual add + RMSNorm nodes fused into the projections after them");
-    }
     if settings.target_ep() == TargetEp::Cuda {
         // A graph that still runs, only slower: said, not refused (the tests hold every decoder
         // the exporter writes to none).

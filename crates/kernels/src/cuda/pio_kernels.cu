@@ -114,13 +114,6 @@ __device__ __forceinline__ uint4 ld_act(const void* p) {
   return v;
 }
 
-// The activations of a norm-fused projection sit in shared memory (a generic load; the
-// template keeps the global path's non-coherent load everywhere else).
-template <bool SMEM_X> __device__ __forceinline__ uint4 ld_x(const u16* p) {
-  if (SMEM_X) return *(const uint4*)p;
-  return ld_act(p);
-}
-
 __device__ __forceinline__ u32 ld_u32(const void* p) {
   u32 v;
   asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
@@ -184,7 +177,7 @@ constexpr int ONE_TILE_ROUND = 2;
 // One round of the one-tile routine: chunks c0, c0 + step (ONE_TILE_ROUND of them) of the warp's
 // rows (g, g + 8), all loaded before any is used. FULL: every chunk of the round lies inside K
 // (no checks: one basic block, so the compiler interleaves the independent mma chains).
-template <int DT, int BS, bool FULL, bool SMEM_X>
+template <int DT, int BS, bool FULL>
 __device__ __forceinline__ void one_tile_round(float (&acc)[1][4], const u16* xa, const unsigned char* wa,
                                                const unsigned char* wb, const u16* sa, const u16* sb, int c0,
                                                int step, int chunks, int K, int t) {
@@ -211,7 +204,7 @@ __device__ __forceinline__ void one_tile_round(float (&acc)[1][4], const u16* xa
 #pragma unroll
     for (int j = 0; j < 4; j++) {
       const int kb = c * CHUNK_K + j * 32;
-      xv[j] = xa && (FULL || kb < K) ? ld_x<SMEM_X>(xa + kb + 8 * t) : make_uint4(0, 0, 0, 0);
+      xv[j] = xa && (FULL || kb < K) ? ld_act(xa + kb + 8 * t) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int j = 0; j < 4; j++) {
@@ -286,7 +279,7 @@ __device__ __forceinline__ void int4_rounds_in_order(float (&acc)[TILES][4], con
 // null (a padding token). int4: `w` is row 0 of the tile in the packed layout, `w_row_bytes`
 // the packed row length, `s`/`s_row` the scales of row 0 and the scale row length. dense: `w` is
 // row 0 of an (N, K) matrix of the dtype, `w_row_bytes` = 2K.
-template <int DT, int FMT, int TILES, int BS, bool SMEM_X>
+template <int DT, int FMT, int TILES, int BS>
 __device__ __forceinline__ void tile_gemm(const u16* const* xrow, const unsigned char* w, long long w_row_bytes,
                                           const u16* s, long long s_row, int K, float* smem, float* fin) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -310,9 +303,9 @@ __device__ __forceinline__ void tile_gemm(const u16* const* xrow, const unsigned
       const int full_chunks = K / CHUNK_K;
       for (int c0 = warp; c0 < chunks; c0 += ONE_TILE_ROUND * warps) {
         if (c0 + (ONE_TILE_ROUND - 1) * warps < full_chunks)
-          one_tile_round<DT, BS, true, SMEM_X>(acc, xa[0], wa, wb, sa, sb, c0, warps, chunks, K, t);
+          one_tile_round<DT, BS, true>(acc, xa[0], wa, wb, sa, sb, c0, warps, chunks, K, t);
         else
-          one_tile_round<DT, BS, false, SMEM_X>(acc, xa[0], wa, wb, sa, sb, c0, warps, chunks, K, t);
+          one_tile_round<DT, BS, false>(acc, xa[0], wa, wb, sa, sb, c0, warps, chunks, K, t);
       }
     } else {
       int4_rounds_in_order<DT, TILES, BS>(acc, xa, wa, wb, sa, sb, warp, warps, chunks, K, t);
@@ -334,7 +327,7 @@ __device__ __forceinline__ void tile_gemm(const u16* const* xrow, const unsigned
         if (kb >= K) break;
 #pragma unroll
         for (int i = 0; i < TILES; i++) {
-          const uint4 xv = xa[i] ? ld_x<SMEM_X>(xa[i] + kb + 8 * t) : make_uint4(0, 0, 0, 0);
+          const uint4 xv = xa[i] ? ld_act(xa[i] + kb + 8 * t) : make_uint4(0, 0, 0, 0);
           mma16816<DT>(acc[i], va[j].x, vb[j].x, va[j].y, vb[j].y, xv.x, xv.y);
           mma16816<DT>(acc[i], va[j].z, vb[j].z, va[j].w, vb[j].w, xv.z, xv.w);
         }
@@ -380,17 +373,18 @@ struct LinearArgs {
   int M, N, K, act;
 };
 
-// The tile and its epilogue, given each token slot's activation row (`xrow`, shared; null for
-// a padding token), global or (SMEM_X) shared.
-template <int DT, int FMT, int TILES, int BS, bool SMEM_X>
-__device__ __forceinline__ void linear_tile(const LinearArgs& a, const u16* const* xrow, float* smem) {
+template <int DT, int FMT, int TILES, int BS> __device__ __forceinline__ void linear_body(const LinearArgs& a) {
+  extern __shared__ float smem[];
+  __shared__ const u16* xrow[8 * MAX_TILES];
+  if (threadIdx.x < 8 * TILES) xrow[threadIdx.x] = (int)threadIdx.x < a.M ? a.x + (long long)threadIdx.x * a.K : 0;
+  __syncthreads();
   const int n0 = blockIdx.x * TILE_ROWS;
   const int kp = (a.K + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
   const long long row_bytes = FMT == FMT_INT4 ? kp / 2 : 2LL * a.K;
   const long long s_row = kp / BS;
   float* fin = tile_final<TILES>(smem);
-  tile_gemm<DT, FMT, TILES, BS, SMEM_X>(xrow, a.w + n0 * row_bytes, row_bytes,
-                                        FMT == FMT_INT4 ? a.scales + n0 * s_row : 0, s_row, a.K, smem, fin);
+  tile_gemm<DT, FMT, TILES, BS>(xrow, a.w + n0 * row_bytes, row_bytes, FMT == FMT_INT4 ? a.scales + n0 * s_row : 0,
+                                s_row, a.K, smem, fin);
   const int cols = 8 * TILES;
   if (a.act == 0) {
     for (int idx = threadIdx.x; idx < TILE_ROWS * cols; idx += blockDim.x) {
@@ -405,14 +399,6 @@ __device__ __forceinline__ void linear_tile(const LinearArgs& a, const u16* cons
         a.y[(long long)m * half_n + n0 / 2 + r] = from_f32<DT>(silu_mul(fin[r * cols + m], fin[(r + 8) * cols + m]));
     }
   }
-}
-
-template <int DT, int FMT, int TILES, int BS> __device__ __forceinline__ void linear_body(const LinearArgs& a) {
-  extern __shared__ float smem[];
-  __shared__ const u16* xrow[8 * MAX_TILES];
-  if (threadIdx.x < 8 * TILES) xrow[threadIdx.x] = (int)threadIdx.x < a.M ? a.x + (long long)threadIdx.x * a.K : 0;
-  __syncthreads();
-  linear_tile<DT, FMT, TILES, BS, false>(a, xrow, smem);
 }
 
 #define PIO_LINEAR(NAME, DT, FMT, TILES, BS) \
@@ -460,7 +446,7 @@ template <int DT> __device__ __forceinline__ float dot8(const u32 (&w)[4], const
 // One round of `gemv_body`: pieces p0, p0 + 32, ... (U of them) of the warp's 2P rows. FULL: all
 // of them lie in whole chunks inside K (no checks, so one basic block the compiler can schedule
 // as a whole).
-template <int DT, int FMT, int BS, int U, int P, bool FULL, bool SMEM_X>
+template <int DT, int FMT, int BS, int U, int P, bool FULL>
 __device__ __forceinline__ void gemv_round(float (&acc)[2 * P], const unsigned char* const (&wr)[2 * P],
                                            const u16* const (&sr)[2 * P], const u16* x, int K, int p0,
                                            int pieces) {
@@ -488,7 +474,7 @@ __device__ __forceinline__ void gemv_round(float (&acc)[2 * P], const unsigned c
 #pragma unroll
       for (int j = 0; j < 4; j++) {
         const int kb = c * CHUNK_K + j * 32;
-        xv[j] = FULL || kb < K ? ld_x<SMEM_X>(x + kb + 8 * t) : make_uint4(0, 0, 0, 0);
+        xv[j] = FULL || kb < K ? ld_act(x + kb + 8 * t) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int j = 0; j < 4; j++) {
@@ -501,7 +487,7 @@ __device__ __forceinline__ void gemv_round(float (&acc)[2 * P], const unsigned c
         }
       }
     } else {
-      const uint4 xv = ld_x<SMEM_X>(x + 8 * p);
+      const uint4 xv = ld_act(x + 8 * p);
 #pragma unroll
       for (int r = 0; r < 2 * P; r++) {
         const u32 pw[4] = {q[u][r].x, q[u][r].y, q[u][r].z, q[u][r].w};
@@ -515,9 +501,7 @@ __device__ __forceinline__ void gemv_round(float (&acc)[2 * P], const unsigned c
 // their scales; each piece's activations are loaded together before its products); a warp takes
 // P row pairs: pairs P*w .. P*w + P - 1 of the 8 pairs of a 16-row block (P divides 8). Variants
 // of U and P are compiled side by side for the probe to time (`gemv_variants` in gpu.rs).
-// `x`: the token's activations, global or (SMEM_X) shared.
-template <int DT, int FMT, int BS, int U, int P, bool SMEM_X>
-__device__ __forceinline__ void gemv_core(const LinearArgs& a, const u16* x) {
+template <int DT, int FMT, int BS, int U, int P> __device__ __forceinline__ void gemv_body(const LinearArgs& a) {
   const int lane = threadIdx.x & 31;
   const int first_pair = P * (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5));
   const int kp = (a.K + CHUNK_K - 1) / CHUNK_K * CHUNK_K;
@@ -543,9 +527,9 @@ __device__ __forceinline__ void gemv_core(const LinearArgs& a, const u16* x) {
   const int full_pieces = FMT == FMT_INT4 ? a.K / CHUNK_K * 4 : pieces;
   for (int p0 = lane; p0 < pieces; p0 += 32 * U) {
     if (p0 + 32 * (U - 1) < full_pieces)
-      gemv_round<DT, FMT, BS, U, P, true, SMEM_X>(acc, wr, sr, x, a.K, p0, pieces);
+      gemv_round<DT, FMT, BS, U, P, true>(acc, wr, sr, a.x, a.K, p0, pieces);
     else
-      gemv_round<DT, FMT, BS, U, P, false, SMEM_X>(acc, wr, sr, x, a.K, p0, pieces);
+      gemv_round<DT, FMT, BS, U, P, false>(acc, wr, sr, a.x, a.K, p0, pieces);
   }
 #pragma unroll
   for (int r = 0; r < 2 * P; r++) {
@@ -567,142 +551,8 @@ __device__ __forceinline__ void gemv_core(const LinearArgs& a, const u16* x) {
   }
 }
 
-template <int DT, int FMT, int BS, int U, int P> __device__ __forceinline__ void gemv_body(const LinearArgs& a) {
-  gemv_core<DT, FMT, BS, U, P, false>(a, a.x);
-}
-
 #define PIO_GEMV(NAME, DT, FMT, BS, U, P) \
   extern "C" __global__ void __launch_bounds__(256) NAME(LinearArgs a) { gemv_body<DT, FMT, BS, U, P>(a); }
-
-// ---------------------------------------------------------------------------------------------
-// Residual add + RMSNorm fused into the projection that reads its result (what ONNX Runtime's
-// SkipSimplifiedLayerNormalization followed by the projection compute, in one launch instead of
-// two). Every CTA of the projection needs the whole normalized row, so each computes it itself
-// into shared memory (the inputs are a few KB per token, read from the L2 by every CTA) before
-// its tile; CTA 0 also writes the sum, the residual stream the next layer adds to. Rounding as
-// the unfused pair does: s = x + skip rounded to the dtype (the sum output), the mean of squares
-// of the rounded s in f32, out = s * rsqrt(mean + eps) * gamma rounded to the dtype. Threads
-// stride over 8-element pieces (K is a multiple of 32); the block sum is in a fixed order.
-// ---------------------------------------------------------------------------------------------
-
-struct NormArgs {
-  const u16* skip;   // (M, K) the residual stream
-  const u16* gamma;  // (K)
-  u16* sum;          // (M, K) x + skip; null: not written (every CTA but one)
-  float eps;
-};
-
-struct LinearNormArgs {
-  LinearArgs l;
-  NormArgs n;
-};
-
-// The sum of `v` over the CTA, in every thread; `red` is 32 floats of shared memory.
-__device__ __forceinline__ float block_sum(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();  // an earlier call's readers are done with `red`
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < (int)(blockDim.x >> 5); w++) total += red[w];
-  return total;
-}
-
-// One token's row: out = RMSNorm(x + skip) * gamma, sum = x + skip (when not null). `out` is
-// shared or global memory; it holds s between the two passes (each thread rereads its own pieces).
-template <int DT>
-__device__ __forceinline__ void skip_norm_row(const u16* x, const u16* skip, const u16* gamma, int K, float eps,
-                                              u16* out, u16* sum, float* red) {
-  float squares = 0.f;
-  for (int p = threadIdx.x; p < K / 8; p += blockDim.x) {
-    const uint4 xv = ld_act(x + 8 * p), sv = ld_act(skip + 8 * p);
-    const u32 xs[4] = {xv.x, xv.y, xv.z, xv.w}, ss[4] = {sv.x, sv.y, sv.z, sv.w};
-    u32 r[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      float x0, x1, s0, s1;
-      pair_to_f32<DT>(xs[i], x0, x1);
-      pair_to_f32<DT>(ss[i], s0, s1);
-      const u16 lo = from_f32<DT>(x0 + s0), hi = from_f32<DT>(x1 + s1);
-      const float l = to_f32<DT>(lo), h = to_f32<DT>(hi);
-      squares = fmaf(l, l, squares);
-      squares = fmaf(h, h, squares);
-      r[i] = (u32)lo | ((u32)hi << 16);
-    }
-    const uint4 rv = make_uint4(r[0], r[1], r[2], r[3]);
-    *(uint4*)(out + 8 * p) = rv;
-    if (sum) *(uint4*)(sum + 8 * p) = rv;
-  }
-  const float inv = rsqrtf(block_sum(squares, red) / (float)K + eps);
-  for (int p = threadIdx.x; p < K / 8; p += blockDim.x) {
-    const uint4 sv = *(const uint4*)(out + 8 * p), gv = ld_act(gamma + 8 * p);
-    const u32 ss[4] = {sv.x, sv.y, sv.z, sv.w}, gs[4] = {gv.x, gv.y, gv.z, gv.w};
-    u32 r[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      float s0, s1, g0, g1;
-      pair_to_f32<DT>(ss[i], s0, s1);
-      pair_to_f32<DT>(gs[i], g0, g1);
-      r[i] = (u32)from_f32<DT>(s0 * inv * g0) | ((u32)from_f32<DT>(s1 * inv * g1) << 16);
-    }
-    *(uint4*)(out + 8 * p) = make_uint4(r[0], r[1], r[2], r[3]);
-  }
-}
-
-// The normalized rows of a CTA's tokens into shared memory at `xs` (M rows of K), the sum from
-// CTA 0 only, then a barrier.
-template <int DT> __device__ __forceinline__ void norm_prologue(const LinearNormArgs& a, u16* xs) {
-  __shared__ float red[32];
-  const LinearArgs& l = a.l;
-  for (int m = 0; m < l.M; m++) {
-    const long long row = (long long)m * l.K;
-    skip_norm_row<DT>(l.x + row, a.n.skip + row, a.n.gamma, l.K, a.n.eps, xs + row,
-                      blockIdx.x == 0 ? a.n.sum + row : 0, red);
-  }
-  __syncthreads();
-}
-
-// One token tile (up to 8 tokens) of a norm-fused projection; shared memory: the tile's
-// reduction blocks and final sums, then the normalized rows.
-template <int DT, int FMT, int BS> __device__ __forceinline__ void linear_norm_body(const LinearNormArgs& a) {
-  extern __shared__ float smem[];
-  __shared__ const u16* xrow[8];
-  u16* xs = (u16*)(tile_final<1>(smem) + TILE_ROWS * 8);
-  norm_prologue<DT>(a, xs);
-  if (threadIdx.x < 8) xrow[threadIdx.x] = (int)threadIdx.x < a.l.M ? xs + (long long)threadIdx.x * a.l.K : 0;
-  __syncthreads();
-  linear_tile<DT, FMT, 1, BS, true>(a.l, xrow, smem);
-}
-
-// The one-token GEMV of a norm-fused projection; shared memory: the normalized row.
-template <int DT, int FMT, int BS, int U, int P> __device__ __forceinline__ void gemv_norm_body(const LinearNormArgs& a) {
-  extern __shared__ float smem[];
-  u16* xs = (u16*)smem;
-  norm_prologue<DT>(a, xs);
-  gemv_core<DT, FMT, BS, U, P, true>(a.l, xs);
-}
-
-// The residual add + RMSNorm alone, a CTA per token (the projection then runs on `out`): for
-// calls the fused kernels do not take (more tokens than a tile, or rows too long for shared memory).
-struct SkipNormArgs {
-  LinearNormArgs a;  // l.x, l.K, l.M and n; l.y unused
-  u16* out;          // (M, K)
-};
-
-template <int DT> __device__ __forceinline__ void skip_norm_body(const SkipNormArgs& s) {
-  __shared__ float red[32];
-  const LinearArgs& l = s.a.l;
-  const long long row = (long long)blockIdx.x * l.K;
-  skip_norm_row<DT>(l.x + row, s.a.n.skip + row, s.a.n.gamma, l.K, s.a.n.eps, s.out + row, s.a.n.sum + row, red);
-}
-
-#define PIO_LINEAR_NORM(NAME, DT, FMT, BS) \
-  extern "C" __global__ void __launch_bounds__(256, 2) NAME(LinearNormArgs a) { linear_norm_body<DT, FMT, BS>(a); }
-#define PIO_GEMV_NORM(NAME, DT, FMT, BS, U, P) \
-  extern "C" __global__ void __launch_bounds__(256) NAME(LinearNormArgs a) { gemv_norm_body<DT, FMT, BS, U, P>(a); }
-#define PIO_SKIP_NORM(NAME, DT) \
-  extern "C" __global__ void __launch_bounds__(256) NAME(SkipNormArgs s) { skip_norm_body<DT>(s); }
 
 // ---------------------------------------------------------------------------------------------
 // int4 dequantization (the prefill path hands the result to cuBLAS; the f32 form is the
@@ -997,7 +847,7 @@ template <int DT, int TILES, int BS, bool FC1> __device__ __forceinline__ void m
   const long long row_bytes = kp / 2, s_row = kp / BS;
   const long long r0 = (long long)e * a.rows + blockIdx.x * TILE_ROWS;
   float* fin = tile_final<TILES>(smem);
-  tile_gemm<DT, FMT_INT4, TILES, BS, false>(xrow, a.w + r0 * row_bytes, row_bytes, a.scales + r0 * s_row, s_row, a.K, smem,
+  tile_gemm<DT, FMT_INT4, TILES, BS>(xrow, a.w + r0 * row_bytes, row_bytes, a.scales + r0 * s_row, s_row, a.K, smem,
                                      fin);
   const int cols = 8 * TILES;
   const int n0 = blockIdx.x * TILE_ROWS;

@@ -1,6 +1,4 @@
-//! `LinearInt4` and `Linear`: y = x W^T, optionally with the SwiGLU of grouped gate/up rows, and
-//! optionally (`norm` = 1) on RMSNorm(x + skip) * gamma, with x + skip as a second output: what
-//! SkipSimplifiedLayerNormalization feeding the projection computes, in one node.
+//! `LinearInt4` and `Linear`: y = x W^T, optionally with the SwiGLU of grouped gate/up rows.
 //! On CUDA the token count of a call picks the path (see `CudaLinear::run`): up to
 //! [`WeightFormat::max_tile_tokens`] (32 for int4, 1 for 16-bit weights) the tile kernels (one
 //! read of W); more through cuBLAS (int4 weights dequantized into a scratch buffer first, as ONNX
@@ -20,7 +18,7 @@ use super::{
 use crate::cublas::Cublas;
 use crate::driver::{Device, Stream};
 use crate::error::{KernelError, Result};
-use crate::gpu::{LinearKernels, NormPtrs, WeightFormat, MAX_TOKENS};
+use crate::gpu::{LinearKernels, WeightFormat, MAX_TOKENS};
 use crate::layout::{unsupported_reason, Int4Shape};
 use crate::reference;
 use crate::source::ActDtype;
@@ -38,8 +36,6 @@ struct Spec {
     n: usize,
     k: usize,
     swiglu: bool,
-    /// The fused residual add + RMSNorm's epsilon (`norm` = 1), or None.
-    norm_eps: Option<f32>,
 }
 
 impl Spec {
@@ -65,45 +61,7 @@ impl Spec {
         if swiglu && !n.is_multiple_of(16) {
             return Err(KernelError::bad_input(op, format!("SwiGLU needs N ({n}) in groups of 16 rows")));
         }
-        let norm_eps = match kctx.get::<i64>("norm").unwrap_or(0) {
-            0 => None,
-            1 => {
-                let eps = kctx.get::<f32>("epsilon").ok_or_else(|| {
-                    KernelError::bad_input(op, "attribute `epsilon` is missing (needed with norm = 1)")
-                })?;
-                if !(eps.is_finite() && eps >= 0.0) {
-                    return Err(KernelError::bad_input(op, format!("epsilon {eps} is not a finite value >= 0")));
-                }
-                Some(eps)
-            }
-            other => return Err(KernelError::bad_input(op, format!("norm {other} is not 0 or 1"))),
-        };
-        Ok(Spec { op, format, n, k, swiglu, norm_eps })
-    }
-
-    /// Index of the norm's first input (skip, then gamma): after the weight (and int4 scales).
-    fn norm_input(&self) -> usize {
-        match self.format {
-            WeightFormat::Int4 { .. } => 3,
-            WeightFormat::Dense => 2,
-        }
-    }
-
-    /// Checks the norm inputs' sizes for `m` tokens.
-    fn check_norm(&self, skip: &[i64], gamma: &[i64], m: usize) -> Result<()> {
-        if numel(skip) != m * self.k {
-            return Err(KernelError::bad_input(
-                self.op,
-                format!("skip has shape {skip:?}, {} elements expected (as input A)", m * self.k),
-            ));
-        }
-        if numel(gamma) != self.k {
-            return Err(KernelError::bad_input(
-                self.op,
-                format!("the norm weight has shape {gamma:?}, {} elements expected", self.k),
-            ));
-        }
-        Ok(())
+        Ok(Spec { op, format, n, k, swiglu })
     }
 
     fn out_features(&self) -> usize {
@@ -157,14 +115,11 @@ impl Spec {
 
 fn inputs(p: Placement, int4: bool) -> Vec<OperatorInput> {
     let t = p.element_type();
-    let mut inputs = if int4 {
+    if int4 {
         vec![OperatorInput::required(t), OperatorInput::required(TensorElementType::Uint8), OperatorInput::required(t)]
     } else {
         vec![OperatorInput::required(t), OperatorInput::required(t)]
-    };
-    // With `norm` = 1: skip (the residual stream) and the norm's weight.
-    inputs.extend([OperatorInput::optional(t), OperatorInput::optional(t)]);
-    inputs
+    }
 }
 
 macro_rules! linear_operator {
@@ -182,8 +137,7 @@ macro_rules! linear_operator {
                 inputs(self.0, $int4)
             }
             fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
-                // y, and with `norm` = 1 the sum x + skip.
-                [OperatorOutput::required(self.0.element_type()), OperatorOutput::optional(self.0.element_type())]
+                [OperatorOutput::required(self.0.element_type())]
             }
             fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
                 let spec = Spec::read(kctx, $name, $int4).map_err(ort::Error::wrap)?;
@@ -213,24 +167,8 @@ impl CpuLinear {
             |i: usize| ctx.input(i)?.ok_or_else(|| KernelError::bad_input(s.op, format!("input {i} is missing")));
         let x = input(0)?;
         let w = input(1)?;
-        let x_shape = shape_of(&x, s.op, "input A")?;
-        let (out_shape, m) = s.output_shape(&x_shape)?;
+        let (out_shape, m) = s.output_shape(&shape_of(&x, s.op, "input A")?)?;
         let (_, xv) = x.try_extract_tensor::<f32>()?;
-        let normed;
-        let xv = match s.norm_eps {
-            None => xv,
-            Some(eps) => {
-                let (skip, gamma) = (input(s.norm_input())?, input(s.norm_input() + 1)?);
-                s.check_norm(&shape_of(&skip, s.op, "skip")?, &shape_of(&gamma, s.op, "the norm weight")?, m)?;
-                let (_, sv) = skip.try_extract_tensor::<f32>()?;
-                let (_, gv) = gamma.try_extract_tensor::<f32>()?;
-                let (h, sum) = reference::skip_rms_norm(xv, sv, gv, s.k, eps, |v| v);
-                let mut out = ctx.output(1, x_shape)?.ok_or_else(|| KernelError::bad_input(s.op, "no sum output"))?;
-                out.try_extract_tensor_mut::<f32>()?.1.copy_from_slice(&sum);
-                normed = h;
-                &normed[..]
-            }
-        };
         let gu = Mutex::new(vec![0f32; m * s.n]);
         match s.int4_shape() {
             Some(shape) => {
@@ -336,27 +274,12 @@ impl CudaLinear {
         let scales = if s.int4_shape().is_some() { Some(input(2)?) } else { None };
         let scale_shape = scales.as_ref().map(|v| shape_of(v, s.op, "scales")).transpose()?;
         s.check_weights(&shape_of(&w, s.op, "weight")?, scale_shape.as_deref())?;
-        let x_shape = shape_of(&x, s.op, "input A")?;
-        let (out_shape, m) = s.output_shape(&x_shape)?;
+        let (out_shape, m) = s.output_shape(&shape_of(&x, s.op, "input A")?)?;
         let out = ctx.output(0, out_shape)?.ok_or_else(|| KernelError::bad_input(s.op, "no output"))?;
-        let norm = match s.norm_eps {
-            None => None,
-            Some(eps) => {
-                let (skip, gamma) = (input(s.norm_input())?, input(s.norm_input() + 1)?);
-                s.check_norm(&shape_of(&skip, s.op, "skip")?, &shape_of(&gamma, s.op, "the norm weight")?, m)?;
-                let sum = ctx.output(1, x_shape)?.ok_or_else(|| KernelError::bad_input(s.op, "no sum output"))?;
-                Some(NormPtrs {
-                    skip: data_address(&skip)?,
-                    gamma: data_address(&gamma)?,
-                    sum: data_address(&sum)?,
-                    eps,
-                })
-            }
-        };
         if m == 0 {
             return Ok(());
         }
-        let mut ptrs = (
+        let ptrs = (
             data_address(&x)?,
             data_address(&w)?,
             scales.as_ref().map(|v| data_address(v)).transpose()?.unwrap_or(0),
@@ -364,26 +287,9 @@ impl CudaLinear {
         );
         let stream = stream_of(ctx, s.op)?;
         self.device.make_current()?;
-        // Every path is CUDA-graph safe: the launches and the GEMM are enqueued on ONNX Runtime's
-        // stream with its handle, and scratch comes from its allocator (see `run_cublas`).
-        let on_tiles = path(s.format, m, self.cublas_unavailable) == Path::Tiles;
-        let allocator;
-        let _normed_rows;
-        if let Some(norm) = norm {
-            if on_tiles && self.kernels.fuses_norm(m, s.n, s.k) {
-                // SAFETY: as below, with the norm's tensors of the checked sizes.
-                return unsafe { self.kernels.launch_norm(stream, ptrs, norm, (m, s.n, s.k), s.swiglu) };
-            }
-            // The norm alone into scratch, which the projection then reads (ordered on the stream;
-            // the block goes back to the arena after both are enqueued, as in `run_cublas`).
-            allocator = self.device_allocator(ctx)?;
-            let block = allocator.alloc::<u8>(m * s.k * 2)?;
-            // SAFETY: `block` holds M x K elements of the dtype; the rest as checked above.
-            unsafe { self.kernels.launch_skip_norm(stream, ptrs.0, norm, block.as_ptr() as u64, (m, s.k))? };
-            ptrs.0 = block.as_ptr() as u64;
-            _normed_rows = block;
-        }
-        if on_tiles {
+        // Both paths are CUDA-graph safe: the launches and the GEMM are enqueued on ONNX Runtime's
+        // stream with its handle, and the scratch comes from its allocator (see `run_cublas`).
+        if path(s.format, m, self.cublas_unavailable) == Path::Tiles {
             // SAFETY: the pointers are ONNX Runtime's tensors of the checked sizes, alive for the call;
             // the launch is ordered on the provider's stream.
             return unsafe { self.kernels.launch(stream, ptrs, (m, s.n, s.k), s.swiglu) };
@@ -431,13 +337,6 @@ impl CudaLinear {
         Ok(())
     }
 
-    /// The provider's device allocator, for a call's scratch.
-    fn device_allocator(&self, ctx: &ComputeContext) -> Result<ort::memory::Allocator> {
-        let info =
-            MemoryInfo::new(AllocationDevice::CUDA, self.device.ordinal, AllocatorType::Device, MemoryType::Default)?;
-        Ok(ctx.allocator(&info)?)
-    }
-
     /// cuBLAS with ONNX Runtime's handle on its stream. Scratch (int4: the dequantized weight,
     /// N x K; SwiGLU: the gate/up product, M x N; dense without SwiGLU: none) comes from the
     /// provider's allocator for this call and goes back when it returns: later users of that
@@ -476,7 +375,17 @@ impl CudaLinear {
         let dequant_bytes = if s.int4_shape().is_some() { s.n * s.k * 2 } else { 0 };
         let gu_offset = dequant_bytes.div_ceil(256) * 256;
         let gu_bytes = if s.swiglu { m * s.n * 2 } else { 0 };
-        let allocator = if gu_offset + gu_bytes > 0 { Some(self.device_allocator(ctx)?) } else { None };
+        let allocator = if gu_offset + gu_bytes > 0 {
+            let info = MemoryInfo::new(
+                AllocationDevice::CUDA,
+                self.device.ordinal,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )?;
+            Some(ctx.allocator(&info)?)
+        } else {
+            None
+        };
         let scratch = allocator.as_ref().map(|a| a.alloc::<u8>(gu_offset + gu_bytes)).transpose()?;
         let base = scratch.as_ref().map(|b| b.as_ptr() as u64).unwrap_or(0);
         let weight = if dequant_bytes > 0 {
