@@ -146,6 +146,38 @@ fn stop_token_ids_and_eos_ids_stop_right_there() {
     assert_eq!(out.generated_ids, g.generated_ids);
 }
 
+/// vLLM's `min_tokens`: the stop ids are masked until that many tokens are out (greedy then
+/// takes the next-best token there), and a `min_tokens` over `max_tokens` is refused naming it.
+#[test]
+fn min_tokens_keeps_stop_ids_from_ending_generation_early() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (engine, reference) = load_fixture("qwen3-tied-hub", tmp.path(), 256);
+    let g = &reference.greedy;
+    let stop_at = first_new_token_at_or_after(&g.generated_ids, 4);
+    let stop_id = g.generated_ids[stop_at];
+    let min_tokens = stop_at + 3;
+    let opts = GenerateOptions { stop_token_ids: vec![stop_id], min_tokens, ..greedy_options(32) };
+    let (out, events) = run(&engine, &g.prompt_ids, &opts);
+    assert!(out.generated_ids.len() >= min_tokens, "ended after {} tokens", out.generated_ids.len());
+    assert_eq!(out.generated_ids[..stop_at], g.generated_ids[..stop_at], "the tokens before the stop id changed");
+    assert!(
+        !out.generated_ids[..min_tokens].contains(&stop_id),
+        "a stop id inside min_tokens: {:?}",
+        out.generated_ids
+    );
+    // After min_tokens the stop id ends it as before (or max_tokens does).
+    match out.finish_reason {
+        FinishReason::Stop => assert_eq!(*out.generated_ids.last().unwrap(), stop_id),
+        FinishReason::Length => assert_eq!(out.generated_ids.len(), 32),
+        other => panic!("finished with {other:?}"),
+    }
+    assert_eq!(events.len(), out.generated_ids.len());
+
+    let too_many = GenerateOptions { min_tokens: 9, ..greedy_options(8) };
+    let err = engine.submit(ids_request(&g.prompt_ids, too_many)).expect_err("min_tokens over max_tokens");
+    assert!(matches!(&err, EngineError::InvalidRequest { field: "min_tokens", .. }), "{err:?}");
+}
+
 /// (c) `max_tokens` ends generation with `Length`, after exactly that many tokens.
 #[test]
 fn max_tokens_finishes_with_length() {
@@ -380,6 +412,19 @@ fn stop_strings_cut_the_text_right_before_them() {
     let before_last = tokenizer.decode(&out.generated_ids[..out.generated_ids.len() - 1], true).unwrap();
     let with_last = tokenizer.decode(&out.generated_ids, true).unwrap();
     assert!(!before_last.contains(&stop) && with_last.contains(&stop), "stopped on the wrong token");
+
+    // vLLM's include_stop_str_in_output: the same stop, with the stop string kept.
+    let include = GenerateOptions { include_stop_str_in_output: true, ..opts.clone() };
+    let (kept, events) = run(&engine, &prompt, &include);
+    assert_eq!(kept.finish_reason, FinishReason::Stop);
+    assert_eq!(kept.text, &text[..cut + stop.len()], "stop string {stop:?} not kept at the end");
+    assert_eq!(events.iter().map(|e| e.text.as_str()).collect::<String>(), kept.text);
+    assert_eq!(kept.generated_ids, out.generated_ids);
+    // vLLM's min_tokens: stop strings are not looked for before then, so this one passes.
+    let late = GenerateOptions { min_tokens: out.generated_ids.len() + 1, ..opts.clone() };
+    let (past, _) = run(&engine, &prompt, &late);
+    assert!(past.generated_ids.len() > out.generated_ids.len(), "stopped inside min_tokens");
+    assert!(text.starts_with(&past.text) && past.text.len() >= cut + stop.len(), "{:?}", past.text);
 
     // A stop string that never occurs changes nothing.
     let opts = GenerateOptions { stop: vec!["\u{1F980}never\u{1F980}".into()], ..learn.clone() };

@@ -16,8 +16,17 @@ pub struct GenerateOptions {
     /// refused when submitted.
     pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
-    /// Stop when the generated text contains one of these (the stop string is not returned).
+    /// Stop when the generated text contains one of these (the stop string is not returned,
+    /// unless `include_stop_str_in_output`).
     pub stop: Vec<String>,
+    /// vLLM's option: end the text with the stop string that ended it instead of cutting it off.
+    #[serde(default)]
+    pub include_stop_str_in_output: bool,
+    /// vLLM's option: the first `min_tokens` tokens are never an eos or stop token id (those ids are
+    /// masked before sampling) and stop strings are not looked for before then. At most the
+    /// resolved `max_tokens`.
+    #[serde(default)]
+    pub min_tokens: usize,
     /// Extra stop token ids besides the model's eos ids.
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past eos ids (benchmarks).
@@ -34,6 +43,8 @@ impl Default for GenerateOptions {
             max_tokens: Some(256),
             sampling: SamplingParams::default(),
             stop: vec![],
+            include_stop_str_in_output: false,
+            min_tokens: 0,
             stop_token_ids: vec![],
             ignore_eos: false,
             logprobs: None,

@@ -78,6 +78,8 @@ fn options(params: &GenerationParams, info: &ModelInfo) -> Result<GenerateOption
         max_tokens: params.max_tokens,
         sampling: params.sampling.apply(info.default_sampling.clone()),
         stop: params.stop.clone(),
+        include_stop_str_in_output: params.include_stop_str_in_output,
+        min_tokens: params.min_tokens,
         stop_token_ids: params.stop_token_ids.clone(),
         ignore_eos: params.ignore_eos,
         logprobs: params.logprobs,

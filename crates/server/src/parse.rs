@@ -244,8 +244,25 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         }
         (_, Some(WireLogprobs::Flag(false)) | None, _) => None,
     };
+    // vLLM's extensions.
+    let min_tokens = match wire.min_tokens.take() {
+        None | Some(Json::Null) => 0,
+        Some(n) => n
+            .as_u64()
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| ApiError::field("min_tokens", format!("must be a non-negative integer, not {n}")))?,
+    };
+    let include_stop_str_in_output = match wire.include_stop_str_in_output.take() {
+        None | Some(Json::Null) => false,
+        Some(Json::Bool(b)) => b,
+        Some(v) => {
+            return Err(ApiError::field("include_stop_str_in_output", format!("must be true or false, not {v}")))
+        }
+    };
     Ok(GenerationParams {
         model: wire.model.take(),
+        min_tokens,
+        include_stop_str_in_output,
         max_tokens,
         max_tokens_field,
         sampling,
@@ -287,16 +304,6 @@ fn refuse_unsupported(wire: &WireRequest) -> Result<(), ApiError> {
     }
     if !absent(&wire.prompt_logprobs) {
         return Err(ApiError::field("prompt_logprobs", "is not supported"));
-    }
-    // vLLM's extensions that change the answer: their off values pass.
-    match &wire.min_tokens {
-        None | Some(Json::Null) => {}
-        Some(n) if n.as_u64() == Some(0) => {}
-        Some(_) => return Err(ApiError::field("min_tokens", "is not supported (only 0)")),
-    }
-    match &wire.include_stop_str_in_output {
-        None | Some(Json::Null | Json::Bool(false)) => {}
-        Some(_) => return Err(ApiError::field("include_stop_str_in_output", "is not supported (only false)")),
     }
     Ok(())
 }
@@ -466,11 +473,15 @@ mod tests {
             let expected = format!("chat_template_kwargs.{key}");
             assert_eq!(param(parse_chat_completion(kwarg.as_bytes())).as_deref(), Some(expected.as_str()));
         }
-        for (field, value) in [("min_tokens", "4"), ("include_stop_str_in_output", "true")] {
-            let extension = chat(&format!(r#", "{field}": {value}"#));
-            assert_eq!(param(parse_chat_completion(extension.as_bytes())).as_deref(), Some(field));
-            let off = chat(&format!(r#", "{field}": {}"#, if field == "min_tokens" { "0" } else { "false" }));
-            assert!(parse_chat_completion(off.as_bytes()).is_ok(), "{off}");
+        // vLLM's min_tokens and include_stop_str_in_output are taken; values of the wrong kind are named.
+        let on = chat(r#", "min_tokens": 4, "include_stop_str_in_output": true"#);
+        let p = parse_chat_completion(on.as_bytes()).unwrap().params;
+        assert_eq!((p.min_tokens, p.include_stop_str_in_output), (4, true));
+        let off = parse_chat_completion(chat("").as_bytes()).unwrap().params;
+        assert_eq!((off.min_tokens, off.include_stop_str_in_output), (0, false));
+        for (field, value) in [("min_tokens", "-1"), ("min_tokens", "2.5"), ("include_stop_str_in_output", "1")] {
+            let bad = chat(&format!(r#", "{field}": {value}"#));
+            assert_eq!(param(parse_chat_completion(bad.as_bytes())).as_deref(), Some(field), "{bad}");
         }
         let tail = format!("{} trailing", chat(""));
         assert!(matches!(parse_chat_completion(tail.as_bytes()), Err(ApiError::Json { path: None, .. })));

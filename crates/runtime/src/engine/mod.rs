@@ -694,6 +694,13 @@ impl Engine {
                 return Err(EngineError::ContextLength { prompt_tokens: prompt.len(), max_tokens, limit });
             }
         };
+        if options.min_tokens > max_tokens {
+            let what = if options.max_tokens.is_some() { "max_tokens" } else { "the room the prompt leaves" };
+            return Err(EngineError::invalid(
+                "min_tokens",
+                format!("{} is over {what} ({max_tokens})", options.min_tokens),
+            ));
+        }
         let sampler = Sampler::new(options.sampling.clone()).map_err(|e| {
             let SamplingError::InvalidParam { field, .. } = &e;
             let field = *field;

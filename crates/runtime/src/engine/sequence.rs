@@ -56,6 +56,10 @@ pub(crate) struct Sequence {
     decoder: Option<IncrementalDecoder>,
     stops: StopMatcher,
     stop_ids: Vec<u32>,
+    /// Tokens before which no stop id may be sampled and no stop string is looked for.
+    min_tokens: usize,
+    /// Whether the sampled choice suits device argmax once `min_tokens` are out (no masking).
+    plain_greedy: bool,
     max_tokens: usize,
     /// Why it ends when `max_tokens` is reached: `Length`, or `ContextLength` when the request
     /// set no maximum.
@@ -88,8 +92,10 @@ impl Sequence {
             images: a.images,
             prompt_len: a.prompt.len(),
             decoder: a.tokenizer.as_ref().map(|t| t.incremental_decoder(a.options.skip_special_tokens)),
-            stops: StopMatcher::new(&a.options.stop),
+            stops: StopMatcher::new(&a.options.stop, a.options.include_stop_str_in_output),
             stop_ids: a.stop_ids,
+            min_tokens: a.options.min_tokens,
+            plain_greedy,
             max_tokens: a.max_tokens,
             full_reason: if a.options.max_tokens.is_some() {
                 FinishReason::Length
@@ -97,7 +103,8 @@ impl Sequence {
                 FinishReason::ContextLength
             },
             logprobs: a.options.logprobs,
-            fetch: if plain_greedy { Fetch::Greedy } else { Fetch::Logits },
+            // Until `min_tokens` are out the stop ids are masked on the host, so the logits come back.
+            fetch: if plain_greedy && a.options.min_tokens == 0 { Fetch::Greedy } else { Fetch::Logits },
             history: a.prompt,
             sampler,
             output: OutputBuilder::default(),
@@ -154,6 +161,26 @@ impl Sequence {
 
     /// Chooses the next token from `choice`, streams it, and says whether the sequence is done.
     pub(crate) fn accept(&mut self, choice: Choice<'_>, metrics: &mut MetricsSnapshot) -> Result<bool, EngineError> {
+        let below_min = self.output.generated() < self.min_tokens;
+        let masked;
+        let choice = match choice {
+            // vLLM's min_tokens: the stop ids cannot be chosen yet.
+            Choice::Logits(row) if below_min && !self.stop_ids.is_empty() => {
+                let mut row = row.to_vec();
+                for &id in &self.stop_ids {
+                    if let Some(v) = row.get_mut(id as usize) {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+                masked = row;
+                Choice::Logits(&masked)
+            }
+            other => other,
+        };
+        if self.output.generated() + 1 == self.min_tokens && self.plain_greedy {
+            // The masked tokens are out: plain greedy goes back to the device's argmax.
+            self.fetch = Fetch::Greedy;
+        }
         let (token, logprob, top_logprobs) = match (choice, self.logprobs) {
             (Choice::Token(t), _) => (t, None, vec![]),
             (Choice::Logits(row), Some(n)) => {
@@ -183,12 +210,14 @@ impl Sequence {
                     .push(token)
                     .map_err(|e| EngineError::model_failed("detokenizing a generated token", e))?
                     .unwrap_or_default();
-                let (emit, hit) = self.stops.push(&piece);
+                let (emit, hit) = self.stops.push(&piece, self.output.generated() + 1 >= self.min_tokens);
                 text = emit;
                 hit_stop_string = hit;
             }
         }
         self.emit(TokenEvent { token_id: token, text, logprob, top_logprobs });
+        // (Below `min_tokens` a stop id can only come from device argmax, which such a sequence
+        // does not ask for; it still ends it rather than emit a stop token as text.)
         if is_stop_id || hit_stop_string {
             self.finish(FinishReason::Stop, !hit_stop_string, metrics)?;
             return Ok(true);
@@ -224,7 +253,7 @@ impl Sequence {
             let mut tail = String::new();
             if let Some(d) = self.decoder.as_mut() {
                 let rest = d.flush().map_err(|e| EngineError::model_failed("detokenizing the last tokens", e))?;
-                let (text, hit) = self.stops.push(&rest);
+                let (text, hit) = self.stops.push(&rest, self.output.generated() >= self.min_tokens);
                 tail.push_str(&text);
                 // Text held back (a token ending mid-character) can complete a stop string only
                 // now: the answer is cut there, so it stopped, whatever ended the generation.

@@ -99,6 +99,10 @@ pub struct GenerationParams {
     pub sampling: SamplingOverrides,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
+    /// vLLM's: no stop before this many tokens.
+    pub min_tokens: usize,
+    /// vLLM's: the text ends with the stop string that ended it.
+    pub include_stop_str_in_output: bool,
     /// None: one JSON answer.
     pub stream: Option<StreamSettings>,
     /// Each token's logprob with this many alternatives (None: no logprobs).
