@@ -11,7 +11,10 @@
 //! - prefix reuse across requests: A, an unrelated B, then C sharing A's 2,000-token prefix: C
 //!   reuses it and answers as a cold engine does;
 //! - admission: FIFO while the pool is full, `Overloaded` when the queue is, refusals at submit;
-//! - a graph without GroupQueryAttention (growing cache) serves one sequence at a time.
+//! - a graph without GroupQueryAttention (growing cache) serves one sequence at a time;
+//! - failed model runs (injected after the run, the `fault-injection` feature): a failed prefill or
+//!   decode step ends only the requests in it, with the model's error; their slots go back, the
+//!   prefix cache keeps nothing of a failed prefill, and later requests answer as a fresh engine's.
 //!
 //! The fp32 CPU kernels give the same numbers for a sequence whatever else is in the batch (the
 //! tests compare exactly); see the README's "The engine" for what holds on a GPU.
@@ -23,6 +26,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pio_runtime::engine::faults::FaultPlan;
 use pio_runtime::engine::{Engine, EngineConfig, EngineError, Event, Request};
 use pio_runtime::generate::{FinishReason, GenerateOptions, GenerationOutput};
 use pio_runtime::sampling::SamplingParams;
@@ -351,17 +355,18 @@ fn dropped_handles_cancel_their_requests_and_free_their_slots() {
     assert_eq!(metrics.finished.cancelled, 5, "{:?}", metrics.finished);
     assert_eq!(metrics.kv_cache_usage, 0.0);
 
-    // Every slot serves again, and answers as a fresh engine does.
-    let fresh = self::engine(4, 512, false);
-    let prompts: Vec<Vec<u32>> = (0..4).map(|_| random_prompt(&mut rng, 12)).collect();
+    serves_every_slot_as_fresh(&engine, &self::engine(4, 512, false), &mut rng);
+    wait_idle(&engine);
+}
+
+/// Four requests at once (every slot of a 4-slot engine) answer as on `fresh`.
+fn serves_every_slot_as_fresh(engine: &Engine, fresh: &Engine, rng: &mut ChaCha8Rng) {
+    let prompts: Vec<Vec<u32>> = (0..4).map(|_| random_prompt(rng, 12)).collect();
     let handles: Vec<_> = prompts.iter().map(|p| engine.submit(ids_request(p, greedy_options(16))).unwrap()).collect();
     for (p, h) in prompts.iter().zip(handles) {
-        assert_eq!(
-            h.wait().unwrap().generated_ids,
-            fresh.generate(ids_request(p, greedy_options(16))).unwrap().generated_ids
-        );
+        let want = fresh.generate(ids_request(p, greedy_options(16))).unwrap();
+        assert_eq!(h.wait().unwrap().generated_ids, want.generated_ids, "a slot answers otherwise than a fresh engine");
     }
-    wait_idle(&engine);
 }
 
 #[test]
@@ -445,6 +450,93 @@ fn a_prefix_from_an_earlier_request_is_reused_and_answers_as_a_cold_run() {
     assert!(m.prefix_cache_hit_tokens >= 2000 + 2016 && m.prefix_cache_hit_tokens < m.prefix_cache_queried_tokens);
     assert!(m.prefix_cache_bytes > 0);
     assert_eq!(cold.metrics().prefix_cache_hit_tokens, 0);
+}
+
+/// An engine on the fixture whose model runs fail as `plan` says.
+fn engine_with_faults(plan: FaultPlan) -> Engine {
+    let config = EngineConfig::builder(graphs())
+        .max_seqs(4)
+        .max_model_len(2304)
+        .prefix_cache_bytes(64 << 20)
+        .fault_plan(plan)
+        .build()
+        .unwrap();
+    Engine::start(config).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// The error and its sources, as one line.
+fn error_chain(e: &EngineError) -> String {
+    std::iter::successors(Some(e as &dyn std::error::Error), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+#[test]
+fn a_failed_prefill_fails_its_request_alone_and_leaves_nothing_in_the_cache() {
+    const POISON: u32 = 7;
+    let engine = engine_with_faults(FaultPlan::default().fail_prefill_with_token(POISON));
+    let fresh = self::engine(4, 512, false);
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let mut clean =
+        |len: usize| -> Vec<u32> { random_prompt(&mut rng, len).into_iter().filter(|&t| t != POISON).collect() };
+    // A decodes while B's prefill (64 shared tokens, the poisoned one, 3 more) fails.
+    let a = clean(12);
+    let mut a_handle = engine.submit(ids_request(&a, greedy_options(48))).unwrap();
+    assert!(matches!(a_handle.blocking_next(), Some(Ok(Event::Token(_)))));
+    let shared = clean(80)[..64].to_vec();
+    let mut b = shared.clone();
+    b.push(POISON);
+    b.extend(clean(3));
+    let err = engine.generate(ids_request(&b, greedy_options(8))).expect_err("the poisoned prefill must fail");
+    assert!(matches!(err, EngineError::Model { .. }), "{err:?}");
+    assert!(error_chain(&err).contains("injected fault"), "the model's error is lost: {}", error_chain(&err));
+    // A goes on as if nothing happened.
+    let want = fresh.generate(ids_request(&a, greedy_options(48))).unwrap();
+    assert_eq!(a_handle.wait().unwrap().generated_ids, want.generated_ids);
+    // C shares B's first 64 tokens: nothing of the failed run was cached, and C answers as fresh.
+    let mut c = shared.clone();
+    c.extend(clean(24)[..20].to_vec());
+    let got = engine.generate(ids_request(&c, greedy_options(8))).unwrap();
+    assert_eq!(got.timings.cached_prompt_tokens, 0, "the failed prefill's KV was offered to the prefix cache");
+    assert_eq!(got.generated_ids, fresh.generate(ids_request(&c, greedy_options(8))).unwrap().generated_ids);
+    // The cache itself still works: C again reuses its own blocks.
+    let again = engine.generate(ids_request(&c, greedy_options(8))).unwrap();
+    assert_eq!(again.timings.cached_prompt_tokens, c.len() - c.len() % 16);
+    assert_eq!(again.generated_ids, got.generated_ids);
+    wait_idle(&engine);
+    assert_eq!(engine.metrics().kv_cache_usage, 0.0);
+}
+
+#[test]
+fn a_failed_decode_step_fails_the_sequences_in_it_and_the_engine_serves_on() {
+    let engine = engine_with_faults(FaultPlan::default().fail_decode_step(3));
+    let fresh = self::engine(4, 512, false);
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let prompts: Vec<Vec<u32>> = (0..2).map(|_| random_prompt(&mut rng, 10)).collect();
+    let handles: Vec<_> = prompts.iter().map(|p| engine.submit(ids_request(p, greedy_options(40))).unwrap()).collect();
+    // Whichever sequences were in decode step 3 fail (the second may have joined after it).
+    let mut failed = 0;
+    for (p, h) in prompts.iter().zip(handles) {
+        let events: Vec<_> = h.into_iter().collect();
+        match events.last() {
+            Some(Err(e)) => {
+                assert!(matches!(e, EngineError::Model { .. }) && error_chain(e).contains("decode step 3"), "{e:?}");
+                // The tokens before the failed step were streamed.
+                assert!(events[..events.len() - 1].iter().all(|e| matches!(e, Ok(Event::Token(_)))));
+                failed += 1;
+            }
+            Some(Ok(Event::Finished(out))) => {
+                let want = fresh.generate(ids_request(p, greedy_options(40))).unwrap();
+                assert_eq!(out.generated_ids, want.generated_ids, "a sequence outside the failed step changed");
+            }
+            other => panic!("ended with {other:?}"),
+        }
+    }
+    assert!(failed >= 1, "decode step 3 failed no sequence");
+    wait_idle(&engine);
+    assert_eq!(engine.metrics().kv_cache_usage, 0.0);
+    serves_every_slot_as_fresh(&engine, &fresh, &mut rng);
 }
 
 #[test]

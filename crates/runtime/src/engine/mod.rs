@@ -23,6 +23,8 @@
 
 mod decode_rows;
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 mod handle;
 mod images;
 mod kv_pool;
@@ -127,6 +129,8 @@ pub struct EngineConfig {
     max_waiting: usize,
     images: ImageSettings,
     stages: StageOptions,
+    #[cfg(feature = "fault-injection")]
+    faults: faults::FaultPlan,
 }
 
 impl EngineConfig {
@@ -150,6 +154,8 @@ impl EngineConfig {
                 max_waiting: DEFAULT_MAX_WAITING,
                 images: ImageSettings::default(),
                 stages: StageOptions::default(),
+                #[cfg(feature = "fault-injection")]
+                faults: faults::FaultPlan::default(),
             },
         }
     }
@@ -297,6 +303,12 @@ impl EngineConfigBuilder {
     /// `kv_cache_bytes` on top of it; on the CPU as much as the pool, at most 2 GiB).
     pub fn prefix_cache_bytes(mut self, bytes: u64) -> Self {
         self.config.prefix_cache_bytes = Some(bytes);
+        self
+    }
+    /// Model runs that fail on purpose (tests of the engine's failure paths).
+    #[cfg(feature = "fault-injection")]
+    pub fn fault_plan(mut self, plan: faults::FaultPlan) -> Self {
+        self.config.faults = plan;
         self
     }
     /// Requests that may wait for a slot before `submit` answers `Overloaded` (default 1024).
@@ -842,7 +854,10 @@ fn start_runner(config: &EngineConfig, processor: Option<ImageProcessor>) -> Res
     // The chunk lengths a step plans while streams decode, each warmed up once at start.
     let mut chunk_lengths = vec![config.prefill_budget];
     chunk_lengths.extend(config.long_prefill_token_threshold.filter(|&t| t < config.prefill_budget));
-    Runner::new(model, plan, prefix_bytes, vision, &chunk_lengths).map_err(|e| {
+    let runner = Runner::new(model, plan, prefix_bytes, vision, &chunk_lengths);
+    #[cfg(feature = "fault-injection")]
+    let runner = runner.map(|r| r.with_faults(config.faults.clone()));
+    runner.map_err(|e| {
         EngineError::model_failed(
             format!("cannot allocate the KV pool ({} sequences of {} tokens)", plan.slots, plan.capacity),
             e,

@@ -43,6 +43,9 @@ pub(crate) struct Runner {
     graph_sizes: Vec<usize>,
     /// A vision-language model's encoder side.
     vision: Option<VisionRuntime>,
+    /// Runs that fail on purpose, and the batched decode runs so far.
+    #[cfg(feature = "fault-injection")]
+    faults: (super::faults::FaultPlan, u64),
 }
 
 impl Runner {
@@ -71,7 +74,15 @@ impl Runner {
             (None, _) => None,
         };
         let graph_sizes = if model.can_replay_graphs() { graph_batch_sizes(plan.slots) } else { Vec::new() };
-        let mut runner = Runner { model, pool, prefix, graph_sizes, vision };
+        let mut runner = Runner {
+            model,
+            pool,
+            prefix,
+            graph_sizes,
+            vision,
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
+        };
         if runner.model.device_id().is_some() {
             for &chunk in chunk_lengths {
                 runner.warm_up_late_chunk(chunk);
@@ -171,6 +182,13 @@ impl Runner {
     /// A decoding row whose position clashes with another's at the same cache slot (see
     /// `decode_rows`) runs alone right after; its output takes its row's place.
     /// Returns the output and how many rows ran apart.
+    /// Fails the runs `plan` names (after running them).
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn with_faults(mut self, plan: super::faults::FaultPlan) -> Self {
+        self.faults = (plan, 0);
+        self
+    }
+
     pub(crate) fn decode(&mut self, rows: &[DecodeRow], fetch: Fetch) -> Result<(StepOutput, usize), RunnerError> {
         let mut rows = rows.to_vec();
         let apart = if self.model.manifest.position_axes() == 3 { separate_clashes(&mut rows) } else { Vec::new() };
@@ -186,6 +204,12 @@ impl Runner {
             let alone = StepInputs::new(vec![row.token], vec![row.past])?.with_rope_deltas(vec![row.delta])?;
             let own = self.model.run_rows(&alone, self.pool.cache(), slot, fetch)?;
             replace_row(&mut output, slot, own)?;
+        }
+        #[cfg(feature = "fault-injection")]
+        {
+            let step = self.faults.1;
+            self.faults.1 += 1;
+            self.faults.0.check_decode(step)?;
         }
         Ok((output, apart.len()))
     }
@@ -208,7 +232,10 @@ impl Runner {
                 inputs = inputs.with_images(rows);
             }
         }
-        Ok(self.model.run_rows(&inputs, self.pool.cache(), slot, fetch)?)
+        let output = self.model.run_rows(&inputs, self.pool.cache(), slot, fetch)?;
+        #[cfg(feature = "fault-injection")]
+        self.faults.0.check_prefill(tokens)?;
+        Ok(output)
     }
 
     /// Prefill chunks of one length, batched: row r takes `tokens[r * len..(r + 1) * len]` into
@@ -222,7 +249,10 @@ impl Runner {
         fetch: Fetch,
     ) -> Result<StepOutput, RunnerError> {
         let inputs = StepInputs::new(tokens, pasts)?;
-        Ok(self.model.run_rows(&inputs, self.pool.cache(), first, fetch)?)
+        let output = self.model.run_rows(&inputs, self.pool.cache(), first, fetch)?;
+        #[cfg(feature = "fault-injection")]
+        self.faults.0.check_prefill(inputs.tokens())?;
+        Ok(output)
     }
 
     /// The image rows of prompt tokens `range`, encoding their images first if need be.
