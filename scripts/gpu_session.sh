@@ -157,7 +157,8 @@ case $part in
     [[ ${PREP_VL:-1} == 1 ]] && { OUT=$out/prep PIO_BIN_DIR=.gpu bash scripts/vl_gpu_bench.sh full export; echo "vl export rc=$?"; }
     wait
     ls /dev/shm/pio /dev/shm/pio-vl/graphs 2>/dev/null
-    tail -n 3 "$out/prep/steps.log" 2>/dev/null
+    # The Qwen3-VL export's last steps, when it ran (PREP_VL=0: none; not a failure of the part).
+    if [[ -f $out/prep/steps.log ]]; then tail -n 3 "$out/prep/steps.log"; fi
     ;;
   setup)
     if [[ ! -f /opt/pio-ort/libonnxruntime.so.1.31.1 ]]; then
