@@ -174,6 +174,41 @@ template <int DT, int BS> __device__ __forceinline__ float scale_of(const ChunkS
 #define TILE_MIN_CTAS(TILES) ((TILES) == 1 ? 2 : 1)
 constexpr int ONE_TILE_ROUND = 2;
 
+// The weights and scales of chunk c for a thread's rows g (a) and g + 8 (b) of a tile.
+template <int BS>
+__device__ __forceinline__ void load_chunk(const unsigned char* wa, const unsigned char* wb, const u16* sa,
+                                           const u16* sb, int c, int t, uint4& qa, uint4& qb, ChunkScales<BS>& ca,
+                                           ChunkScales<BS>& cb) {
+  qa = ld_weights(wa + c * 64 + t * 16);
+  qb = ld_weights(wb + c * 64 + t * 16);
+  ca = load_scales<BS>(sa, c);
+  cb = load_scales<BS>(sb, c);
+}
+
+// Sub-block j of a loaded chunk: both rows' weights dequantized into mma register pairs, and their scales.
+template <int DT, int BS>
+__device__ __forceinline__ void dequant_sub_block(const uint4& qa, const uint4& qb, const ChunkScales<BS>& ca,
+                                                  const ChunkScales<BS>& cb, int j, u32 (&pa)[4], u32 (&pb)[4],
+                                                  float& scale_a, float& scale_b) {
+  dequant_word<DT>(word_of(qa, j), pa);
+  dequant_word<DT>(word_of(qb, j), pb);
+  scale_a = scale_of<DT, BS>(ca, j);
+  scale_b = scale_of<DT, BS>(cb, j);
+}
+
+// One sub-block's two mma steps against one token tile's activations, added to `acc` scaled.
+template <int DT, bool ORDERED>
+__device__ __forceinline__ void scaled_mma(float (&acc)[4], const u32 (&pa)[4], const u32 (&pb)[4], float scale_a,
+                                           float scale_b, const uint4& xv) {
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  mma16816<DT, ORDERED>(d, pa[0], pb[0], pa[1], pb[1], xv.x, xv.y);
+  mma16816<DT, ORDERED>(d, pa[2], pb[2], pa[3], pb[3], xv.z, xv.w);
+  acc[0] += scale_a * d[0];
+  acc[1] += scale_a * d[1];
+  acc[2] += scale_b * d[2];
+  acc[3] += scale_b * d[3];
+}
+
 // One round of the one-tile routine: chunks c0, c0 + step (ONE_TILE_ROUND of them) of the warp's
 // rows (g, g + 8), all loaded before any is used. FULL: every chunk of the round lies inside K
 // (no checks: one basic block, so the compiler interleaves the independent mma chains).
@@ -187,12 +222,7 @@ __device__ __forceinline__ void one_tile_round(float (&acc)[1][4], const u16* xa
 #pragma unroll
   for (int u = 0; u < R; u++) {
     const int c = c0 + u * step;
-    if (FULL || c < chunks) {
-      qa[u] = ld_weights(wa + c * 64 + t * 16);
-      qb[u] = ld_weights(wb + c * 64 + t * 16);
-      ca[u] = load_scales<BS>(sa, c);
-      cb[u] = load_scales<BS>(sb, c);
-    }
+    if (FULL || c < chunks) load_chunk<BS>(wa, wb, sa, sb, c, t, qa[u], qb[u], ca[u], cb[u]);
   }
 #pragma unroll
   for (int u = 0; u < R; u++) {
@@ -210,16 +240,9 @@ __device__ __forceinline__ void one_tile_round(float (&acc)[1][4], const u16* xa
     for (int j = 0; j < 4; j++) {
       if (!FULL && c * CHUNK_K + j * 32 >= K) break;  // the padding of the last chunk (warp-uniform)
       u32 pa[4], pb[4];
-      dequant_word<DT>(word_of(qa[u], j), pa);
-      dequant_word<DT>(word_of(qb[u], j), pb);
-      const float scale_a = scale_of<DT, BS>(ca[u], j), scale_b = scale_of<DT, BS>(cb[u], j);
-      float d[4] = {0.f, 0.f, 0.f, 0.f};
-      mma16816<DT>(d, pa[0], pb[0], pa[1], pb[1], xv[j].x, xv[j].y);
-      mma16816<DT>(d, pa[2], pb[2], pa[3], pb[3], xv[j].z, xv[j].w);
-      acc[0][0] += scale_a * d[0];
-      acc[0][1] += scale_a * d[1];
-      acc[0][2] += scale_b * d[2];
-      acc[0][3] += scale_b * d[3];
+      float scale_a, scale_b;
+      dequant_sub_block<DT, BS>(qa[u], qb[u], ca[u], cb[u], j, pa, pb, scale_a, scale_b);
+      scaled_mma<DT, false>(acc[0], pa, pb, scale_a, scale_b, xv[j]);
     }
   }
 }
@@ -239,12 +262,7 @@ __device__ __forceinline__ void int4_rounds_in_order(float (&acc)[TILES][4], con
 #pragma unroll
     for (int u = 0; u < UNROLL; u++) {
       const int c = c0 + u * warps;
-      if (c < chunks) {
-        qa[u] = ld_weights(wa + c * 64 + t * 16);
-        qb[u] = ld_weights(wb + c * 64 + t * 16);
-        ca[u] = load_scales<BS>(sa, c);
-        cb[u] = load_scales<BS>(sb, c);
-      }
+      if (c < chunks) load_chunk<BS>(wa, wb, sa, sb, c, t, qa[u], qb[u], ca[u], cb[u]);
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; u++) {
@@ -255,19 +273,12 @@ __device__ __forceinline__ void int4_rounds_in_order(float (&acc)[TILES][4], con
         const int kb = c * CHUNK_K + j * 32;
         if (kb >= K) break;  // the padding of the last chunk (warp-uniform)
         u32 pa[4], pb[4];
-        dequant_word<DT>(word_of(qa[u], j), pa);
-        dequant_word<DT>(word_of(qb[u], j), pb);
-        const float scale_a = scale_of<DT, BS>(ca[u], j), scale_b = scale_of<DT, BS>(cb[u], j);
+        float scale_a, scale_b;
+        dequant_sub_block<DT, BS>(qa[u], qb[u], ca[u], cb[u], j, pa, pb, scale_a, scale_b);
 #pragma unroll
         for (int i = 0; i < TILES; i++) {
           const uint4 xv = xa[i] ? ld_act(xa[i] + kb + 8 * t) : make_uint4(0, 0, 0, 0);
-          float d[4] = {0.f, 0.f, 0.f, 0.f};
-          mma16816<DT, true>(d, pa[0], pb[0], pa[1], pb[1], xv.x, xv.y);
-          mma16816<DT, true>(d, pa[2], pb[2], pa[3], pb[3], xv.z, xv.w);
-          acc[i][0] += scale_a * d[0];
-          acc[i][1] += scale_a * d[1];
-          acc[i][2] += scale_b * d[2];
-          acc[i][3] += scale_b * d[3];
+          scaled_mma<DT, true>(acc[i], pa, pb, scale_a, scale_b, xv);
         }
       }
     }
