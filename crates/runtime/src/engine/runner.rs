@@ -177,11 +177,6 @@ impl Runner {
         Ok(start.elapsed())
     }
 
-    /// One batched decode step over slots 0..rows.len() (a row per slot, `rows.len()` from
-    /// [`decode_rows`](Self::decode_rows)), each row after its own past at its own rope delta.
-    /// A decoding row whose position clashes with another's at the same cache slot (see
-    /// `decode_rows`) runs alone right after; its output takes its row's place.
-    /// Returns the output and how many rows ran apart.
     /// Fails the runs `plan` names (after running them).
     #[cfg(feature = "fault-injection")]
     pub(crate) fn with_faults(mut self, plan: super::faults::FaultPlan) -> Self {
@@ -189,6 +184,11 @@ impl Runner {
         self
     }
 
+    /// One batched decode step over slots 0..rows.len() (a row per slot, `rows.len()` from
+    /// [`decode_rows`](Self::decode_rows)), each row after its own past at its own rope delta.
+    /// A decoding row whose position clashes with another's at the same cache slot (see
+    /// `decode_rows`) runs alone right after; its output takes its row's place.
+    /// Returns the output and how many rows ran apart.
     pub(crate) fn decode(&mut self, rows: &[DecodeRow], fetch: Fetch) -> Result<(StepOutput, usize), RunnerError> {
         let mut rows = rows.to_vec();
         let apart = if self.model.manifest.position_axes() == 3 { separate_clashes(&mut rows) } else { Vec::new() };

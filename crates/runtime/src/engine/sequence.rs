@@ -58,14 +58,13 @@ pub(crate) struct Sequence {
     stop_ids: Vec<u32>,
     /// Tokens before which no stop id may be sampled and no stop string is looked for.
     min_tokens: usize,
-    /// Whether the sampled choice suits device argmax once `min_tokens` are out (no masking).
+    /// Plain greedy without logprobs: the graph's argmax serves it once `min_tokens` are out.
     plain_greedy: bool,
     max_tokens: usize,
     /// Why it ends when `max_tokens` is reached: `Length`, or `ContextLength` when the request
     /// set no maximum.
     full_reason: FinishReason,
     logprobs: Option<usize>,
-    pub fetch: Fetch,
     output: OutputBuilder,
     clock: Clock,
     last_token_at: Option<Instant>,
@@ -103,8 +102,6 @@ impl Sequence {
                 FinishReason::ContextLength
             },
             logprobs: a.options.logprobs,
-            // Until `min_tokens` are out the stop ids are masked on the host, so the logits come back.
-            fetch: if plain_greedy && a.options.min_tokens == 0 { Fetch::Greedy } else { Fetch::Logits },
             history: a.prompt,
             sampler,
             output: OutputBuilder::default(),
@@ -115,6 +112,16 @@ impl Sequence {
             filled: 0,
             phase: Phase::Prefill { done: 0, prompt_len: 0 },
             stored: false,
+        }
+    }
+
+    /// What its next step must return: the graph's argmax for plain greedy, else the logits (also
+    /// for plain greedy until `min_tokens` are out: the stop ids are masked on the host).
+    pub(crate) fn fetch(&self) -> Fetch {
+        if self.plain_greedy && self.output.generated() >= self.min_tokens {
+            Fetch::Greedy
+        } else {
+            Fetch::Logits
         }
     }
 
@@ -161,11 +168,12 @@ impl Sequence {
 
     /// Chooses the next token from `choice`, streams it, and says whether the sequence is done.
     pub(crate) fn accept(&mut self, choice: Choice<'_>, metrics: &mut MetricsSnapshot) -> Result<bool, EngineError> {
-        let below_min = self.output.generated() < self.min_tokens;
+        // The tokens out before this one; stops count from `min_tokens` on.
+        let generated = self.output.generated();
         let masked;
         let choice = match choice {
             // vLLM's min_tokens: the stop ids cannot be chosen yet.
-            Choice::Logits(row) if below_min && !self.stop_ids.is_empty() => {
+            Choice::Logits(row) if generated < self.min_tokens && !self.stop_ids.is_empty() => {
                 let mut row = row.to_vec();
                 for &id in &self.stop_ids {
                     if let Some(v) = row.get_mut(id as usize) {
@@ -177,10 +185,6 @@ impl Sequence {
             }
             other => other,
         };
-        if self.output.generated() + 1 == self.min_tokens && self.plain_greedy {
-            // The masked tokens are out: plain greedy goes back to the device's argmax.
-            self.fetch = Fetch::Greedy;
-        }
         let (token, logprob, top_logprobs) = match (choice, self.logprobs) {
             (Choice::Token(t), _) => (t, None, vec![]),
             (Choice::Logits(row), Some(n)) => {
@@ -210,7 +214,7 @@ impl Sequence {
                     .push(token)
                     .map_err(|e| EngineError::model_failed("detokenizing a generated token", e))?
                     .unwrap_or_default();
-                let (emit, hit) = self.stops.push(&piece, self.output.generated() + 1 >= self.min_tokens);
+                let (emit, hit) = self.stops.push(&piece, generated + 1 >= self.min_tokens);
                 text = emit;
                 hit_stop_string = hit;
             }

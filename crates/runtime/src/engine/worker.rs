@@ -325,7 +325,7 @@ impl Worker {
                 DecodeRow::idle(seq.filled)
             };
         }
-        let all_greedy = self.running.iter().filter(|s| decoding(s)).all(|s| s.fetch == Fetch::Greedy);
+        let all_greedy = self.running.iter().filter(|s| decoding(s)).all(|s| s.fetch() == Fetch::Greedy);
         let fetch = if all_greedy { Fetch::Greedy } else { Fetch::Logits };
         match self.runner.decode(&rows, fetch) {
             Ok((output, apart)) => {
@@ -378,7 +378,7 @@ impl Worker {
             debug_assert_eq!(chunk.start, seq.filled);
             tokens.extend_from_slice(&seq.prompt()[chunk.start..chunk.start + chunk.len]);
             pasts.push(chunk.start);
-            if chunk.start + chunk.len == seq.prompt().len() && seq.fetch == Fetch::Logits {
+            if chunk.start + chunk.len == seq.prompt().len() && seq.fetch() == Fetch::Logits {
                 fetch = Fetch::Logits;
             }
         }
@@ -413,7 +413,7 @@ impl Worker {
         let prompt_len = seq.prompt().len();
         debug_assert_eq!(start, seq.filled);
         let last = start + len == prompt_len;
-        let fetch = if last { seq.fetch } else { Fetch::Greedy };
+        let fetch = if last { seq.fetch() } else { Fetch::Greedy };
         let tokens = seq.prompt()[start..start + len].to_vec();
         let images = seq.images.as_mut().map(|images| (images, &mut self.metrics));
         match self.runner.prefill(seq.slot, &tokens, start, fetch, images) {
