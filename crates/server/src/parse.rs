@@ -244,25 +244,10 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         }
         (_, Some(WireLogprobs::Flag(false)) | None, _) => None,
     };
-    // vLLM's extensions.
-    let min_tokens = match wire.min_tokens.take() {
-        None | Some(Json::Null) => 0,
-        Some(n) => n
-            .as_u64()
-            .and_then(|v| usize::try_from(v).ok())
-            .ok_or_else(|| ApiError::field("min_tokens", format!("must be a non-negative integer, not {n}")))?,
-    };
-    let include_stop_str_in_output = match wire.include_stop_str_in_output.take() {
-        None | Some(Json::Null) => false,
-        Some(Json::Bool(b)) => b,
-        Some(v) => {
-            return Err(ApiError::field("include_stop_str_in_output", format!("must be true or false, not {v}")))
-        }
-    };
     Ok(GenerationParams {
         model: wire.model.take(),
-        min_tokens,
-        include_stop_str_in_output,
+        min_tokens: wire.min_tokens.unwrap_or(0),
+        include_stop_str_in_output: wire.include_stop_str_in_output.unwrap_or(false),
         max_tokens,
         max_tokens_field,
         sampling,

@@ -39,6 +39,10 @@ pub(crate) struct WireRequest {
     pub ignore_eos: Option<bool>,
     pub skip_special_tokens: Option<bool>,
     pub return_token_ids: Option<bool>,
+    /// vLLM's: at least this many tokens before a stop (0 = off), and the stop string kept in
+    /// the text.
+    pub min_tokens: Option<usize>,
+    pub include_stop_str_in_output: Option<bool>,
     /// Qwen3 templates' switch, at the top level (as `pio serve` took it before `chat_template_kwargs`).
     pub enable_thinking: Option<bool>,
     pub chat_template_kwargs: Option<Map<String, Json>>,
@@ -56,10 +60,6 @@ pub(crate) struct WireRequest {
     pub response_format: Option<Json>,
     pub logit_bias: Option<Map<String, Json>>,
     pub prompt_logprobs: Option<Json>,
-    /// vLLM's: at least this many tokens before a stop (0 = off), and the stop string kept in
-    /// the text.
-    pub min_tokens: Option<Json>,
-    pub include_stop_str_in_output: Option<Json>,
     /// Accepted and not used: they change nothing in the answer (and are not logged as unknown).
     #[serde(rename = "user")]
     _user: Option<IgnoredAny>,
