@@ -602,6 +602,9 @@ fn requests_are_checked_when_submitted() {
     assert_eq!(field(GenerateOptions { max_tokens: Some(0), ..greedy_options(1) }, &short), "max_tokens");
     assert_eq!(field(GenerateOptions { logprobs: Some(21), ..greedy_options(4) }, &short), "top_logprobs");
     assert_eq!(field(GenerateOptions { stop_token_ids: vec![VOCAB], ..greedy_options(4) }, &short), "stop_token_ids");
+    let bias = |id: u32, b: f32| with(SamplingParams { logit_bias: [(id, b)].into(), ..SamplingParams::greedy() });
+    assert_eq!(field(bias(VOCAB, 1.0), &short), "logit_bias");
+    assert_eq!(field(bias(1, 101.0), &short), "logit_bias");
     assert_eq!(field(greedy_options(4), &[1, VOCAB]), "prompt");
     assert_eq!(field(greedy_options(4), &[]), "prompt");
     // Nothing was queued by the refusals.

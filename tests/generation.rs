@@ -178,6 +178,29 @@ fn min_tokens_keeps_stop_ids_from_ending_generation_early() {
     assert!(matches!(&err, EngineError::InvalidRequest { field: "min_tokens", .. }), "{err:?}");
 }
 
+/// OpenAI's `logit_bias` through the engine: greedy then samples on the host, a bias of -100
+/// keeps a token out of the output and +100 makes it every token.
+#[test]
+fn logit_bias_bans_and_forces_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (engine, reference) = load_fixture("qwen3-tied-hub", tmp.path(), 256);
+    let g = &reference.greedy;
+    let biased = |pairs: &[(u32, f32)]| GenerateOptions {
+        sampling: SamplingParams { logit_bias: pairs.iter().copied().collect(), ..SamplingParams::greedy() },
+        ..greedy_options(12)
+    };
+    let banned = g.generated_ids[0];
+    let (out, _) = run(&engine, &g.prompt_ids, &biased(&[(banned, -100.0)]));
+    assert_eq!(out.generated_ids.len(), 12);
+    assert!(!out.generated_ids.contains(&banned), "a banned token came out: {:?}", out.generated_ids);
+    // A bias of 0 changes nothing (and still runs on the host's argmax).
+    let (out, _) = run(&engine, &g.prompt_ids, &biased(&[(banned, 0.0)]));
+    assert_eq!(out.generated_ids, g.generated_ids[..12]);
+    let forced = (0..13).find(|t| !g.generated_ids[..12].contains(t)).unwrap();
+    let (out, _) = run(&engine, &g.prompt_ids, &biased(&[(forced, 100.0), (banned, -100.0)]));
+    assert_eq!(out.generated_ids, vec![forced; 12]);
+}
+
 /// (c) `max_tokens` ends generation with `Length`, after exactly that many tokens.
 #[test]
 fn max_tokens_finishes_with_length() {

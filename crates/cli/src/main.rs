@@ -459,6 +459,10 @@ struct SamplingArgs {
     /// Seed for reproducible sampling (a whole number >= 0; default: from the OS).
     #[arg(long, value_parser = NumberRange::<u64>::any())]
     seed: Option<u64>,
+    /// Add BIAS, in [-100, 100], to token ID's logit before sampling, as OpenAI's `logit_bias`
+    /// (repeatable; -100 bans a token, greedy included): `--logit-bias 151645=-100`.
+    #[arg(long, value_name = "ID=BIAS", value_parser = parse_logit_bias)]
+    logit_bias: Vec<(u32, f32)>,
     /// Maximum tokens to generate (>= 1).
     #[arg(long, default_value_t = 256, value_parser = NumberRange::at_least(1usize))]
     max_tokens: usize,
@@ -472,6 +476,18 @@ struct SamplingArgs {
     /// this many alternatives (0 to 20).
     #[arg(long, value_parser = NumberRange::between(0, pio_runtime::engine::MAX_TOP_LOGPROBS))]
     logprobs: Option<usize>,
+}
+
+/// `--logit-bias ID=BIAS`, the bias checked by the runtime's own rule.
+fn parse_logit_bias(text: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = text.split_once('=').ok_or("must be ID=BIAS, e.g. 151645=-100")?;
+    let id: u32 = id.trim().parse().map_err(|_| format!("the token id `{id}` is not a whole number >= 0"))?;
+    let bias: f32 = bias.trim().parse().map_err(|_| format!("the bias `{bias}` is not a number"))?;
+    let params = SamplingParams { logit_bias: [(id, bias)].into(), ..SamplingParams::default() };
+    match params.validate() {
+        Ok(()) => Ok((id, bias)),
+        Err(SamplingError::InvalidParam { expected, .. }) => Err(expected.to_string()),
+    }
 }
 
 /// A sampling flag's value, checked by the runtime's own rule for it: the message gives the
@@ -515,6 +531,7 @@ impl SamplingArgs {
             p.frequency_penalty = v;
         }
         p.seed = self.seed;
+        p.logit_bias = self.logit_bias.iter().copied().collect();
         p.validate()?;
         Ok(GenerateOptions {
             max_tokens: Some(self.max_tokens),

@@ -119,6 +119,36 @@ fn run_json_prints_one_object_matching_transformers_greedy() {
     let out = pio(&["run", "--graphs", graphs, "--prompt-ids", &prompt_arg, "--max-tokens", "7", "--greedy"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), join_ids(&expected[..7]));
+    // --logit-bias ID=-100 keeps greedy's first token out; an id past the vocabulary is refused by name.
+    let ban = format!("{}=-100", expected[0]);
+    let out = pio(&[
+        "run",
+        "--graphs",
+        graphs,
+        "--prompt-ids",
+        &prompt_arg,
+        "--max-tokens",
+        "3",
+        "--greedy",
+        "--logit-bias",
+        &ban,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let banned = text(&out.stdout).trim().to_string();
+    assert!(!banned.split(',').any(|id| id == expected[0].to_string()), "{banned}");
+    let out = pio(&[
+        "run",
+        "--graphs",
+        graphs,
+        "--prompt-ids",
+        &prompt_arg,
+        "--max-tokens",
+        "2",
+        "--logit-bias",
+        "99999999=1",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("logit_bias"), "{}", text(&out.stderr));
 }
 
 /// `pio run --batch`: the lines run together on the engine and come out in order, each as
@@ -240,6 +270,9 @@ fn numeric_flags_out_of_range_name_the_flag_and_the_range() {
         (run("--top-k", "-1"), "--top-k", "must be a whole number >= 0"),
         (run("--logprobs", "21"), "--logprobs", "must be a whole number in [0, 20]"),
         (run("--seed", "-1"), "--seed", "must be a whole number in [0, 18446744073709551615]"),
+        (run("--logit-bias", "5"), "--logit-bias", "must be ID=BIAS"),
+        (run("--logit-bias", "x=1"), "--logit-bias", "the token id `x` is not a whole number"),
+        (run("--logit-bias", "5=-150"), "--logit-bias", "each bias must be a number in [-100, 100]"),
         (run("--threads", "0"), "--threads", "must be a whole number >= 1"),
         (run("--max-seqs", "-3"), "--max-seqs", "must be a whole number >= 1"),
         (run("--max-model-len", "0"), "--max-model-len", "must be a whole number >= 1"),

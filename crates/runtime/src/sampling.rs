@@ -4,6 +4,9 @@
 //!
 //! # Order of operations (one call = one token)
 //!
+//! 0. **Logit bias** (OpenAI's `logit_bias`): `logit += bias` for the listed ids, before anything
+//!    else, as vLLM applies it (so the penalties below act on the biased logit). A bias of -100
+//!    bans a token in practice, +100 all but forces it.
 //! 1. **Repetition penalty** (HF `RepetitionPenaltyLogitsProcessor`): for every *distinct* token
 //!    id in `previous_tokens` (prompt + generated), `logit = if logit < 0 { logit * penalty }
 //!    else { logit / penalty }`. Applied once per distinct id, however often it occurs.
@@ -44,8 +47,8 @@
 //!
 //! # Log-probabilities
 //!
-//! [`Sampler::sample_with_logprobs`] returns `log_softmax` of the **penalized,
-//! temperature-scaled, unfiltered** logits (steps 1, 2 and 4 applied; top-k / top-p / min-p not
+//! [`Sampler::sample_with_logprobs`] returns `log_softmax` of the **biased, penalized,
+//! temperature-scaled, unfiltered** logits (steps 0, 1, 2 and 4 applied; top-k / top-p / min-p not
 //! applied). This sits between vLLM's `raw_logprobs` (nothing applied) and `processed_logprobs`
 //! (filters applied, so filtered tokens get `-inf`). In greedy mode there is no temperature, so
 //! the log-softmax of the penalized logits is returned.
@@ -62,6 +65,7 @@
 //! on x86-64 they are compiled twice and the AVX2 copy is picked at run time when available.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 use std::fmt;
 
 use rand::{Rng, SeedableRng};
@@ -120,7 +124,14 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// RNG seed; `None` seeds from OS entropy.
     pub seed: Option<u64>,
+    /// OpenAI's `logit_bias`: added to these token ids' logits before everything else, each in
+    /// [-100, 100]. Empty = off. (In JSON a map from the id, as a string, to the bias.)
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub logit_bias: BTreeMap<u32, f32>,
 }
+
+/// The largest `|bias|` [`SamplingParams::logit_bias`] takes (OpenAI's range).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -133,6 +144,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: BTreeMap::new(),
         }
     }
 }
@@ -174,13 +186,14 @@ impl SamplingParams {
         self.temperature < GREEDY_TEMPERATURE_EPS
     }
 
-    /// Greedy with no penalty either: the choice is the plain argmax of the logits, which the
-    /// graph can make itself (see [`crate::model::Fetch::Greedy`]).
+    /// Greedy with no penalty or bias either: the choice is the plain argmax of the logits, which
+    /// the graph can make itself (see [`crate::model::Fetch::Greedy`]).
     pub fn is_plain_argmax(&self) -> bool {
         self.is_greedy()
             && self.repetition_penalty == 1.0
             && self.presence_penalty == 0.0
             && self.frequency_penalty == 0.0
+            && self.logit_bias.is_empty()
     }
 
     /// Checks every field's range; the error names the field and the offending value.
@@ -210,6 +223,15 @@ impl SamplingParams {
                 self.frequency_penalty,
                 "must be finite (0 = off)",
             ));
+        }
+        if let Some((&id, &bias)) =
+            self.logit_bias.iter().find(|(_, b)| !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(*b))
+        {
+            return Err(SamplingError::InvalidParam {
+                field: "logit_bias",
+                value: format!("{bias} for token {id}"),
+                expected: "each bias must be a number in [-100, 100]",
+            });
         }
         Ok(())
     }
@@ -396,8 +418,8 @@ impl Sampler {
         (token, logprob)
     }
 
-    /// Fills `self.s` with the penalized, temperature-scaled (unless greedy), sanitized logits and
-    /// returns their maximum.
+    /// Fills `self.s` with the biased, penalized, temperature-scaled (unless greedy), sanitized
+    /// logits and returns their maximum.
     fn prepare(&mut self, logits: &[f32], previous: &[u32], greedy: bool) -> f32 {
         let vocab = logits.len();
         self.s.resize(vocab, 0.0);
@@ -407,55 +429,75 @@ impl Sampler {
         }
         let temp = if greedy { 1.0 } else { self.params.temperature };
         let divide = temp != 1.0;
-        let mut max = if divide { scale_max(logits, &mut self.s, temp) } else { copy_max(logits, &mut self.s) };
+        let max = if divide { scale_max(logits, &mut self.s, temp) } else { copy_max(logits, &mut self.s) };
 
         let rep = self.params.repetition_penalty;
         let presence = self.params.presence_penalty;
         let frequency = self.params.frequency_penalty;
-        if (rep == 1.0 && presence == 0.0 && frequency == 0.0) || previous.is_empty() {
+        let penalize = (rep != 1.0 || presence != 0.0 || frequency != 0.0) && !previous.is_empty();
+        let bias = &self.params.logit_bias;
+        if !penalize && bias.is_empty() {
             return max;
         }
 
         // Count distinct history ids (and generated occurrences) in the reusable table.
-        let (prompt, generated) = previous.split_at(self.prompt_len.min(previous.len()));
         self.touched.clear();
-        let mut out_of_range = 0usize;
-        if rep != 1.0 {
-            for &t in prompt {
-                match self.marks.get_mut(t as usize) {
-                    Some(m) if *m == 0 => {
-                        *m = 1;
-                        self.touched.push(t);
+        if penalize {
+            let (prompt, generated) = previous.split_at(self.prompt_len.min(previous.len()));
+            let mut out_of_range = 0usize;
+            if rep != 1.0 {
+                for &t in prompt {
+                    match self.marks.get_mut(t as usize) {
+                        Some(m) if *m == 0 => {
+                            *m = 1;
+                            self.touched.push(t);
+                        }
+                        Some(_) => {}
+                        None => out_of_range += 1,
                     }
-                    Some(_) => {}
+                }
+            }
+            for &t in generated {
+                match self.marks.get_mut(t as usize) {
+                    Some(m) => {
+                        if *m == 0 {
+                            self.touched.push(t);
+                            *m = 1;
+                        }
+                        *m += 1;
+                    }
                     None => out_of_range += 1,
                 }
             }
-        }
-        for &t in generated {
-            match self.marks.get_mut(t as usize) {
-                Some(m) => {
-                    if *m == 0 {
-                        self.touched.push(t);
-                        *m = 1;
-                    }
-                    *m += 1;
-                }
-                None => out_of_range += 1,
+            if out_of_range > 0 {
+                tracing::warn!(
+                    out_of_range,
+                    vocab,
+                    "previous token ids outside the vocabulary were ignored by penalties"
+                );
             }
         }
-        if out_of_range > 0 {
-            tracing::warn!(out_of_range, vocab, "previous token ids outside the vocabulary were ignored by penalties");
-        }
 
-        // Apply penalties on the raw logit (HF order), then temperature, and reset the table.
-        let mut recompute = false;
-        let mut new_max = f32::NEG_INFINITY;
+        // Each changed logit: bias on the raw logit, then the penalties (HF order), then
+        // temperature. The history's ids reset the table as they go.
+        let mut rewrite = MaxTracker::new(max);
+        for (&t, &b) in bias {
+            let i = t as usize;
+            match self.marks.get(i) {
+                // In the history: biased in the pass below, with its penalties.
+                Some(&m) if m != 0 => {}
+                Some(_) => {
+                    let y = sanitize(if divide { (logits[i] + b) / temp } else { logits[i] + b });
+                    rewrite.set(&mut self.s[i], y);
+                }
+                None => tracing::warn!(token = t, vocab, "a logit_bias id outside the vocabulary was ignored"),
+            }
+        }
         for &t in &self.touched {
             let i = t as usize;
             let count = self.marks[i] - 1;
             self.marks[i] = 0;
-            let mut x = logits[i];
+            let mut x = logits[i] + bias.get(&t).copied().unwrap_or(0.0);
             if rep != 1.0 {
                 x = if x < 0.0 { x * rep } else { x / rep };
             }
@@ -464,15 +506,9 @@ impl Sampler {
                 x -= presence;
             }
             let y = sanitize(if divide { x / temp } else { x });
-            let old = self.s[i];
-            self.s[i] = y;
-            recompute |= old == max && y < max;
-            if y > new_max {
-                new_max = y;
-            }
+            rewrite.set(&mut self.s[i], y);
         }
-        max = if recompute { max_of(&self.s) } else { max.max(new_max) };
-        max
+        rewrite.max(&self.s)
     }
 
     /// Non-greedy path on the processed logits in `self.s`. Returns the token and, when a
@@ -701,6 +737,34 @@ fn draw_full(e: &[f32], block_sums: &[f64], u: f64) -> Option<u32> {
         acc += bs;
     }
     None
+}
+
+/// The maximum of a buffer while some of its entries are rewritten: kept up to date from the
+/// new values, and recomputed only when an entry holding the old maximum went down.
+struct MaxTracker {
+    old: f32,
+    new: f32,
+    recompute: bool,
+}
+
+impl MaxTracker {
+    fn new(max: f32) -> Self {
+        MaxTracker { old: max, new: f32::NEG_INFINITY, recompute: false }
+    }
+
+    fn set(&mut self, slot: &mut f32, y: f32) {
+        self.recompute |= *slot == self.old && y < self.old;
+        *slot = y;
+        self.new = self.new.max(y);
+    }
+
+    fn max(self, s: &[f32]) -> f32 {
+        if self.recompute {
+            max_of(s)
+        } else {
+            self.old.max(self.new)
+        }
+    }
 }
 
 /// NaN -> -inf, +inf -> f32::MAX (branch-free: `max`/`min` ignore a NaN operand).
@@ -1221,6 +1285,66 @@ mod tests {
         s.set_prompt_len(1);
         s.sample(&[3.0, -3.0, 1.0], &[2, 0, 1, 1]);
         assert_eq!(s.processed(), &[(1.5 - 0.25 - 0.5) / 0.5, (-6.0 - 0.5 - 0.5) / 0.5, 0.5 / 0.5]);
+    }
+
+    #[test]
+    fn logit_bias_comes_before_penalties_and_temperature() {
+        let bias = |pairs: &[(u32, f32)]| pairs.iter().copied().collect::<BTreeMap<u32, f32>>();
+        // Greedy: +100 forces a token, -100 bans the argmax; a bias makes the choice the host's.
+        let p = SamplingParams { logit_bias: bias(&[(4, 100.0), (9, -3.0)]), ..SamplingParams::greedy() };
+        assert!(!p.is_plain_argmax());
+        let mut s = Sampler::new(p).unwrap();
+        let logits = [0.5f32, 3.0, 1.0, -2.0, -1.0];
+        assert_eq!(s.sample(&logits, &[]), 4);
+        // An id past the vocabulary (9 here; the engine refuses those at submission) changes nothing.
+        assert_eq!(s.processed(), &[0.5, 3.0, 1.0, -2.0, 99.0]);
+        let mut s =
+            Sampler::new(SamplingParams { logit_bias: bias(&[(1, -100.0)]), ..SamplingParams::greedy() }).unwrap();
+        assert_eq!(s.sample(&logits, &[]), 2);
+        // vLLM's order: bias on the raw logit, then the repetition penalty (on the biased sign),
+        // presence and frequency, then temperature; ids outside the history only biased.
+        let p = SamplingParams {
+            temperature: 0.5,
+            repetition_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            logit_bias: bias(&[(0, -4.0), (1, 1.0), (3, 2.0)]),
+            ..Default::default()
+        };
+        let mut s = Sampler::new(p).unwrap();
+        s.set_prompt_len(1);
+        s.sample(&[3.0, -3.0, 1.0, 0.25], &[2, 0, 1, 1]);
+        let want = [
+            ((3.0 - 4.0) * 2.0 - 0.25 - 0.5) / 0.5,
+            ((-3.0 + 1.0) * 2.0 - 0.5 - 0.5) / 0.5,
+            0.5 / 0.5,
+            (0.25 + 2.0) / 0.5,
+        ];
+        assert_eq!(s.processed(), &want);
+        // The logprobs are those of the biased distribution, and the table is clean afterwards.
+        let mut s = Sampler::new(SamplingParams { logit_bias: bias(&[(0, 2.0)]), ..SamplingParams::greedy() }).unwrap();
+        let got = s.sample_with_logprobs(&[0.0, 1.0], &[], 2);
+        assert_eq!(got.token, 0);
+        let want = -(1.0f64 + (-1.0f64).exp()).ln();
+        assert!((got.logprob as f64 - want).abs() < 1e-6, "{} vs {want}", got.logprob);
+        assert_eq!(s.sample(&[0.0, 3.0], &[]), 1);
+        assert_eq!(s.processed(), &[2.0, 3.0]);
+    }
+
+    #[test]
+    fn logit_bias_outside_its_range_is_refused() {
+        for bad in [100.5f32, -101.0, f32::NAN, f32::INFINITY] {
+            let p = SamplingParams { logit_bias: [(7, bad)].into_iter().collect(), ..Default::default() };
+            let err = p.validate().expect_err("out of range");
+            let SamplingError::InvalidParam { field, value, .. } = &err;
+            assert_eq!(*field, "logit_bias");
+            assert!(value.contains("token 7"), "{err}");
+        }
+        let p = SamplingParams { logit_bias: [(7, -100.0), (8, 100.0)].into_iter().collect(), ..Default::default() };
+        assert!(p.validate().is_ok());
+        // In JSON a map from the id (a string) to the bias, as OpenAI sends it.
+        let parsed: SamplingParams = serde_json::from_str(r#"{"logit_bias": {"7": -100, "12": 2.5}}"#).unwrap();
+        assert_eq!(parsed.logit_bias, [(7, -100.0), (12, 2.5)].into_iter().collect());
     }
 
     fn total_variation(counts: &[u64], kept: &[(u32, f64)], draws: u64) -> f64 {

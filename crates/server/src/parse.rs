@@ -4,10 +4,12 @@
 //! [`crate::convert`]), so these functions are what a fuzzer drives: the `openai_request` target
 //! of `fuzz/`, which CI runs bounded in `tests/fuzz_inputs.rs`.
 
+use std::collections::BTreeMap;
+
 use pio_runtime::chat_template::RESERVED_KWARGS;
 use pio_runtime::engine::MAX_TOP_LOGPROBS;
 use pio_runtime::sampling::{SamplingError, SamplingParams};
-use serde_json::Value as Json;
+use serde_json::{Map, Value as Json};
 
 use crate::error::ApiError;
 use crate::protocol::request::{
@@ -195,6 +197,7 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         repetition_penalty: wire.repetition_penalty,
         // OpenAI's seed is any 64-bit integer; negative ones are taken modulo 2^64.
         seed: wire.seed.map(|s| s as u64),
+        logit_bias: logit_bias(wire.logit_bias.take())?,
     };
     // Out-of-range values are refused whatever the model's defaults are.
     sampling.apply(SamplingParams::default()).validate().map_err(|e| {
@@ -261,6 +264,25 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
     })
 }
 
+/// OpenAI's `logit_bias`: a map from token ids, as strings, to a bias (the range is the sampler's
+/// check, the ids the engine's).
+fn logit_bias(wire: Option<Map<String, Json>>) -> Result<BTreeMap<u32, f32>, ApiError> {
+    wire.unwrap_or_default()
+        .into_iter()
+        .map(|(key, value)| {
+            let id = key.trim().parse::<u32>().map_err(|_| {
+                ApiError::field("logit_bias", format!("keys are token ids (whole numbers as strings), not {key:?}"))
+            })?;
+            match value.as_f64() {
+                Some(bias) => Ok((id, bias as f32)),
+                None => {
+                    Err(ApiError::field("logit_bias", format!("the bias of token {id} must be a number, not {value}")))
+                }
+            }
+        })
+        .collect()
+}
+
 /// Fields the server knows and cannot honour, unless they are set to what they do by default.
 fn refuse_unsupported(wire: &WireRequest) -> Result<(), ApiError> {
     let absent = |v: &Option<Json>| match v {
@@ -283,9 +305,6 @@ fn refuse_unsupported(wire: &WireRequest) -> Result<(), ApiError> {
         None | Some(Json::Null) => {}
         Some(f) if f.get("type").and_then(Json::as_str) == Some("text") => {}
         Some(_) => return Err(ApiError::field("response_format", "only {\"type\": \"text\"} is supported")),
-    }
-    if wire.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(ApiError::field("logit_bias", "is not supported"));
     }
     if !absent(&wire.prompt_logprobs) {
         return Err(ApiError::field("prompt_logprobs", "is not supported"));
@@ -391,6 +410,7 @@ impl SamplingOverrides {
             base.repetition_penalty = v;
         }
         base.seed = s.seed;
+        base.logit_bias = s.logit_bias.clone();
         base
     }
 }
@@ -467,6 +487,14 @@ mod tests {
         for (field, value) in [("min_tokens", "-1"), ("min_tokens", "2.5"), ("include_stop_str_in_output", "1")] {
             let bad = chat(&format!(r#", "{field}": {value}"#));
             assert_eq!(param(parse_chat_completion(bad.as_bytes())).as_deref(), Some(field), "{bad}");
+        }
+        // OpenAI's logit_bias: ids as strings to numbers in [-100, 100].
+        let bias = chat(r#", "logit_bias": {"5": -100, " 7": 2.5}"#);
+        let p = parse_chat_completion(bias.as_bytes()).unwrap().params;
+        assert_eq!(p.sampling.logit_bias, [(5, -100.0), (7, 2.5)].into());
+        for value in [r#"{"x": 1}"#, r#"{"-1": 1}"#, r#"{"5": "a"}"#, r#"{"5": 101}"#, r#"{"5": -100.5}"#] {
+            let bad = chat(&format!(r#", "logit_bias": {value}"#));
+            assert_eq!(param(parse_chat_completion(bad.as_bytes())).as_deref(), Some("logit_bias"), "{bad}");
         }
         let tail = format!("{} trailing", chat(""));
         assert!(matches!(parse_chat_completion(tail.as_bytes()), Err(ApiError::Json { path: None, .. })));

@@ -506,6 +506,21 @@ fn bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on() {
         ("/v1/completions", br#"{"prompt": "x", "logprobs": 21}"#.to_vec(), 400, Some("logprobs"), "20"),
         (
             "/v1/completions",
+            br#"{"prompt": "x", "logit_bias": {"a": 1}}"#.to_vec(),
+            400,
+            Some("logit_bias"),
+            "token ids",
+        ),
+        ("/v1/completions", br#"{"prompt": "x", "logit_bias": {"1": 300}}"#.to_vec(), 400, Some("logit_bias"), "100]"),
+        (
+            "/v1/completions",
+            br#"{"prompt": "x", "logit_bias": {"99999999": 1}}"#.to_vec(),
+            400,
+            Some("logit_bias"),
+            "outside the vocabulary",
+        ),
+        (
+            "/v1/completions",
             br#"{"messages": [{"role": "user", "content": "x"}]}"#.to_vec(),
             400,
             Some("messages"),
@@ -539,6 +554,19 @@ fn bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on() {
     let from_text = greedy(json!("Hello\nthere"));
     assert_eq!(from_parts["choices"][0]["message"], from_text["choices"][0]["message"]);
     assert_eq!(from_parts["usage"], from_text["usage"]);
+    // logit_bias: -100 keeps greedy's first token out, +100 makes another every token.
+    let ids = |bias: Value| {
+        let body = json!({"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "return_token_ids": true,
+            "ignore_eos": true, "logit_bias": bias});
+        let answer = server.answer("/v1/completions", &body);
+        serde_json::from_value::<Vec<u32>>(answer["choices"][0]["token_ids"].clone()).unwrap()
+    };
+    let plain = ids(json!({}));
+    let banned = ids(json!({plain[0].to_string(): -100}));
+    assert_eq!(banned.len(), 4);
+    assert!(!banned.contains(&plain[0]), "{plain:?} then {banned:?}");
+    let other = (0..5).find(|t| !plain.contains(t)).unwrap();
+    assert_eq!(ids(json!({other.to_string(): 100})), vec![other; 4]);
     // An unknown role was silently dropped before; `developer` is a system message.
     let developer = json!({"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0});
     let system = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0});

@@ -724,6 +724,12 @@ impl Engine {
         if let Some(n) = options.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
             return Err(EngineError::invalid("top_logprobs", format!("{n} is over the limit of {MAX_TOP_LOGPROBS}")));
         }
+        if let Some(&bad) = options.sampling.logit_bias.keys().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(EngineError::invalid(
+                "logit_bias",
+                format!("token id {bad} is outside the vocabulary (size {})", info.vocab_size),
+            ));
+        }
         if let Some(&bad) = options.stop_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
             return Err(EngineError::invalid(
                 "stop_token_ids",

@@ -2,6 +2,8 @@
 //! consulted (the served name, the sampling defaults and the context are applied by
 //! [`crate::convert`]).
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
@@ -77,6 +79,8 @@ pub struct SamplingOverrides {
     pub frequency_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub seed: Option<u64>,
+    /// OpenAI's `logit_bias` (empty: none).
+    pub logit_bias: BTreeMap<u32, f32>,
 }
 
 /// How a streamed answer is sent.
