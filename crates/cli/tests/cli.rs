@@ -120,33 +120,15 @@ fn run_json_prints_one_object_matching_transformers_greedy() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), join_ids(&expected[..7]));
     // --logit-bias ID=-100 keeps greedy's first token out; an id past the vocabulary is refused by name.
-    let ban = format!("{}=-100", expected[0]);
-    let out = pio(&[
-        "run",
-        "--graphs",
-        graphs,
-        "--prompt-ids",
-        &prompt_arg,
-        "--max-tokens",
-        "3",
-        "--greedy",
-        "--logit-bias",
-        &ban,
-    ]);
+    let biased = |bias: &str| {
+        let args = ["run", "--graphs", graphs, "--prompt-ids", &prompt_arg, "--max-tokens", "3", "--greedy"];
+        pio(&[&args[..], &["--logit-bias", bias]].concat())
+    };
+    let out = biased(&format!("{}=-100", expected[0]));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let banned = text(&out.stdout).trim().to_string();
     assert!(!banned.split(',').any(|id| id == expected[0].to_string()), "{banned}");
-    let out = pio(&[
-        "run",
-        "--graphs",
-        graphs,
-        "--prompt-ids",
-        &prompt_arg,
-        "--max-tokens",
-        "2",
-        "--logit-bias",
-        "99999999=1",
-    ]);
+    let out = biased("99999999=1");
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("logit_bias"), "{}", text(&out.stderr));
 }
