@@ -249,6 +249,16 @@ impl Checkpoint {
     }
 }
 
+/// The lm_head's weight in the Hugging Face layout, None when it is tied to the embeddings. Here,
+/// below both `arch` and `moe`, as the tensor lists are.
+pub fn lm_head_weight(t: &TextConfig) -> Option<&'static str> {
+    if t.tie_word_embeddings {
+        None
+    } else {
+        Some("lm_head.weight")
+    }
+}
+
 /// One layer's attention tensors in the Hugging Face layout (Qwen3, Qwen3-MoE, Qwen3-VL and GLM
 /// share it), with their shapes. Here, below both `arch` and `moe`, so that neither imports the other.
 pub fn attention_tensors(t: &TextConfig, prefix: &str, out: &mut TensorList) {

@@ -21,7 +21,7 @@ use pio_models::config::{MoeConfig, TextConfig};
 use pio_models::manifest::TensorDtype;
 use pio_models::size::Precision;
 
-use crate::checkpoint::{attention_tensors, mlp_tensors, TensorList, TensorRef};
+use crate::checkpoint::{attention_tensors, lm_head_weight, mlp_tensors, TensorList, TensorRef};
 use crate::convert::{push_f32, write_transposed};
 use crate::decoder::DecoderBuilder;
 use crate::error::{BuildError, BuildResult as Result};
@@ -67,7 +67,7 @@ pub fn build_decoder(
             b.swiglu_mlp(&mlp, h, intermediate)
         }
     })?;
-    b.logits_in_last_stage(h, crate::arch::qwen3::lm_head_weight(b.text), "model.embed_tokens.weight")
+    b.logits_in_last_stage(h, lm_head_weight(b.text), "model.embed_tokens.weight")
 }
 
 /// The tensors [`build_decoder`] reads; `sparse_tensors(text, mlp_prefix, out)` lists a sparse

@@ -4,7 +4,7 @@
 
 use pio_models::config::TextConfig;
 
-use crate::checkpoint::{attention_tensors, mlp_tensors, TensorList};
+use crate::checkpoint::{attention_tensors, lm_head_weight, mlp_tensors, TensorList};
 use crate::decoder::DecoderBuilder;
 use crate::error::BuildResult as Result;
 
@@ -12,15 +12,6 @@ pub fn build_decoder(b: &mut DecoderBuilder) -> Result<()> {
     let x = b.embed_in_first_stage("model.embed_tokens.weight")?;
     let h = dense_stack(b, "model", x.as_deref(), &mut |_, _| Ok(None))?;
     b.logits_in_last_stage(h, lm_head_weight(b.text), "model.embed_tokens.weight")
-}
-
-/// The lm_head's weight, None when it is tied to the embeddings.
-pub fn lm_head_weight(t: &TextConfig) -> Option<&'static str> {
-    if t.tie_word_embeddings {
-        None
-    } else {
-        Some("lm_head.weight")
-    }
 }
 
 /// The dense layers under `root` (`{root}.layers.N`, SwiGLU MLPs) of the builder's scope and

@@ -74,7 +74,7 @@ pub fn build_decoder(b: &mut DecoderBuilder, config: &ModelConfig) -> Result<()>
             None => b.carried_input(&deepstack_carried(layer)),
         }))
     })?;
-    b.logits_in_last_stage(h, super::qwen3::lm_head_weight(b.text), &embed_name)
+    b.logits_in_last_stage(h, crate::checkpoint::lm_head_weight(b.text), &embed_name)
 }
 
 /// The image inputs spread over the step's token positions.
