@@ -13,6 +13,7 @@ use pio_runtime::engine::Engine;
 
 use crate::completion::{chat_completions, completions};
 use crate::config::ServerConfig;
+use crate::convert::ToolSupport;
 use crate::error::ApiError;
 use crate::layers::{limit_body, require_api_key, time_limit, ApiKey, BodyLimit};
 use crate::protocol::response::{ModelCard, ModelList};
@@ -26,6 +27,8 @@ pub(crate) struct AppState {
     /// Part of every response id, so ids differ across restarts.
     pub instance: u64,
     pub token_text: TokenText,
+    /// How the model writes tool calls.
+    pub tools: ToolSupport,
 }
 
 pub(crate) type App = Arc<AppState>;
@@ -44,6 +47,7 @@ pub fn router(engine: Engine, config: &ServerConfig) -> Router {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let state = Arc::new(AppState {
         token_text: TokenText::new(engine.tokenizer()),
+        tools: ToolSupport::of(&engine),
         engine,
         created: unix_seconds(),
         instance: nanos,

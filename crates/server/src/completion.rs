@@ -13,7 +13,7 @@ use pio_runtime::engine::{Event, RequestHandle};
 use pio_runtime::generate::{FinishReason, GenerationOutput, TokenEvent};
 
 use crate::app::{unix_seconds, App};
-use crate::convert::{chat_job, completion_job, Job};
+use crate::convert::{chat_job, completion_job, Job, ToolParsing};
 use crate::error::{ApiError, RequestError};
 use crate::layers::{read_body, BodyLimit, Deadline};
 use crate::logprobs::offset_step;
@@ -22,6 +22,7 @@ use crate::protocol::response::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, CompletionLogprobs, TextChoice, TextCompletion, Usage,
     UsageField,
 };
+use crate::tool_calls;
 
 pub(crate) async fn chat_completions(
     State(app): State<App>,
@@ -52,7 +53,7 @@ async fn generation(
         let bytes = read_body(body, limit).await?;
         let info = app.engine.model_info();
         match endpoint {
-            Endpoint::ChatCompletions => chat_job(parse_chat_completion(&bytes)?, info),
+            Endpoint::ChatCompletions => chat_job(parse_chat_completion(&bytes)?, info, app.tools),
             Endpoint::Completions => completion_job(parse_completion(&bytes)?, info),
         }
     }
@@ -107,6 +108,37 @@ pub(crate) fn finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
+/// Chat's finish reason: `tool_calls` when the answer called tools and ended on its own (an
+/// answer cut by `max_tokens` says `length` whatever it holds, as the client must know it is cut).
+pub(crate) fn chat_finish_reason(reason: FinishReason, called: bool) -> &'static str {
+    match reason {
+        FinishReason::Stop if called => "tool_calls",
+        reason => finish_reason(reason),
+    }
+}
+
+/// A whole chat answer as the assistant's message and its finish reason: with tool parsing, the
+/// calls in the text become `tool_calls` and the rest is the content (`null` when nothing but
+/// whitespace is left besides calls).
+pub(crate) fn chat_message(
+    text: String,
+    reason: FinishReason,
+    tools: Option<&ToolParsing>,
+) -> (AssistantMessage, &'static str) {
+    let Some(parsing) = tools else {
+        return (
+            AssistantMessage { role: "assistant", content: Some(text), tool_calls: vec![] },
+            finish_reason(reason),
+        );
+    };
+    let parsed = tool_calls::parse(&text, parsing.format, &parsing.tools);
+    let called = !parsed.calls.is_empty();
+    let content = (!called || !parsed.content.trim().is_empty()).then_some(parsed.content);
+    let message =
+        AssistantMessage { role: "assistant", content, tool_calls: parsed.calls.into_iter().map(Into::into).collect() };
+    (message, chat_finish_reason(reason, called))
+}
+
 pub(crate) fn log_finished(output: &GenerationOutput) {
     let t = &output.timings;
     tracing::info!(
@@ -146,6 +178,7 @@ async fn complete(app: &App, job: &Job, mut handle: RequestHandle) -> Result<Res
                 events.iter().for_each(|e| l.push(e, &app.token_text));
                 l
             });
+            let (message, reason) = chat_message(output.text, output.finish_reason, job.tools.as_ref());
             Json(ChatCompletion {
                 id,
                 object: "chat.completion",
@@ -153,7 +186,7 @@ async fn complete(app: &App, job: &Job, mut handle: RequestHandle) -> Result<Res
                 model,
                 choices: vec![ChatChoice {
                     index: 0,
-                    message: AssistantMessage { role: "assistant", content: output.text },
+                    message,
                     logprobs,
                     finish_reason: reason,
                     token_ids: ids.then_some(output.generated_ids),
@@ -192,4 +225,47 @@ async fn complete(app: &App, job: &Job, mut handle: RequestHandle) -> Result<Res
         }
     };
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::tool_calls::ToolCallFormat;
+
+    #[test]
+    fn a_chat_answer_with_calls_becomes_tool_calls() {
+        let tools = ToolParsing {
+            format: ToolCallFormat::Hermes,
+            tools: vec![json!({"type": "function", "function": {"name": "get_weather"}})],
+        };
+        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let (message, reason) = chat_message(format!("\n\n{call}\n{call}"), FinishReason::Stop, Some(&tools));
+        assert_eq!(reason, "tool_calls");
+        let body = serde_json::to_value(&message).unwrap();
+        assert!(body["content"].is_null(), "{body}");
+        assert_eq!(body["tool_calls"].as_array().unwrap().len(), 2);
+        for call in body["tool_calls"].as_array().unwrap() {
+            assert_eq!(call["type"], "function");
+            assert_eq!(call["function"], json!({"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}));
+            assert!(call["id"].as_str().unwrap().starts_with("call_"));
+        }
+        assert_ne!(body["tool_calls"][0]["id"], body["tool_calls"][1]["id"]);
+
+        // Text before the calls is the content; an answer cut by max_tokens says so.
+        let (message, reason) =
+            chat_message(format!("Checking.\n{call}<tool_call>"), FinishReason::Length, Some(&tools));
+        assert_eq!(
+            (message.content.as_deref(), message.tool_calls.len(), reason),
+            (Some("Checking.\n<tool_call>"), 1, "length")
+        );
+        // No calls: the text as it is, and no `tool_calls` key.
+        let (message, reason) = chat_message(" ".into(), FinishReason::Stop, Some(&tools));
+        assert_eq!((message.content.as_deref(), reason), (Some(" "), "stop"));
+        assert!(serde_json::to_value(&message).unwrap().get("tool_calls").is_none());
+        // Without tool parsing (no tools, or tool_choice "none") the calls are text.
+        let (message, reason) = chat_message(call.into(), FinishReason::Stop, None);
+        assert_eq!((message.content.as_deref(), message.tool_calls.len(), reason), (Some(call), 0, "stop"));
+    }
 }

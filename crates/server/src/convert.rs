@@ -2,16 +2,54 @@
 //! what it takes (text, and images for a vision-language model), and its sampling defaults.
 
 use pio_runtime::chat_template::RenderOptions;
-use pio_runtime::engine::{ModelInfo, Prompt, Request};
+use pio_runtime::engine::{Engine, ModelInfo, Prompt, Request};
 use pio_runtime::generate::GenerateOptions;
+use pio_runtime::tokenizer::ChatTemplateSource;
 use serde_json::{json, Map, Value as Json};
 
 use crate::error::{ApiError, PromptFields};
 use crate::parse::Endpoint;
 use crate::protocol::request::{
     ChatCompletionRequest, ChatMessage, CompletionPrompt, CompletionRequest, ContentPart, GenerationParams,
-    MessageContent,
+    MessageContent, ToolChoice,
 };
+use crate::tool_calls::{ToolCallFormat, START};
+
+/// What the served model's chat template and tokenizer say about its tool calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ToolSupport {
+    /// The format its template renders calls in (None: no format the server reads).
+    pub format: Option<ToolCallFormat>,
+    /// Whether `<tool_call>` is a special token, which the default `skip_special_tokens` would
+    /// take out of the text (as in Hermes-2-Pro's tokenizer; Qwen3's is not special).
+    pub tag_is_special: bool,
+}
+
+impl ToolSupport {
+    pub fn of(engine: &Engine) -> Self {
+        let Some(tokenizer) = engine.tokenizer() else { return ToolSupport::default() };
+        // Any of several named templates may be the one a request renders (`tool_use` with tools).
+        let format = match tokenizer.chat_template_source() {
+            None => None,
+            Some(ChatTemplateSource::Single(source)) => ToolCallFormat::detect(source),
+            Some(ChatTemplateSource::Named(named)) => named.values().find_map(|source| ToolCallFormat::detect(source)),
+        };
+        let tag_is_special =
+            tokenizer.inner().get_added_tokens_decoder().values().any(|t| t.special && t.content == START);
+        if let Some(format) = format {
+            tracing::info!("tool calls: the {} format (from the chat template)", format.name());
+        }
+        ToolSupport { format, tag_is_special }
+    }
+}
+
+/// How the calls in a chat answer are read: the model's format and the request's tools (whose
+/// schemas type the parameters).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ToolParsing {
+    pub format: ToolCallFormat,
+    pub tools: Vec<Json>,
+}
 
 /// A request ready for the engine, with what the response needs to know about it.
 #[derive(Debug)]
@@ -20,10 +58,12 @@ pub(crate) struct Job {
     pub request: Request,
     pub params: GenerationParams,
     pub fields: PromptFields,
+    /// Chat with tools and `tool_choice: "auto"`: how to find the calls in the answer.
+    pub tools: Option<ToolParsing>,
 }
 
-pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo) -> Result<Job, ApiError> {
-    let options = options(&chat.params, info)?;
+pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: ToolSupport) -> Result<Job, ApiError> {
+    let mut options = options(&chat.params, info)?;
     if !info.has_chat_template {
         return Err(ApiError::field(
             "messages",
@@ -36,8 +76,26 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo) -> Result<
         .enumerate()
         .map(|(i, m)| template_message(i, m, info.takes_images))
         .collect::<Result<_, _>>()?;
+    let tools = match (chat.tools.is_empty(), chat.tool_choice, support.format) {
+        (true, _, _) | (false, ToolChoice::None, _) => None,
+        (false, ToolChoice::Auto, Some(format)) => Some(ToolParsing { format, tools: chat.tools.clone() }),
+        (false, ToolChoice::Auto, None) => {
+            return Err(ApiError::field(
+                "tools",
+                "this model's chat template writes tool calls in no format the server reads (hermes \
+                 `<tool_call>` JSON, qwen3_coder `<function=`, glm45 `<arg_key>`), so no call could be returned; \
+                 `tool_choice: \"none\"` renders the tools anyway",
+            ))
+        }
+    };
+    if tools.is_some() && support.tag_is_special {
+        // The calls are read from the text: their tags must stay in it (vLLM's hermes parser does the same).
+        options.skip_special_tokens = false;
+    }
     let render = RenderOptions {
         add_generation_prompt: chat.template.add_generation_prompt,
+        // An empty list is no tools (`if tools` in the templates), as it was before tools were taken.
+        tools: (!chat.tools.is_empty()).then_some(chat.tools),
         enable_thinking: chat.template.enable_thinking,
         extra: chat.template.extra,
         ..RenderOptions::default()
@@ -48,6 +106,7 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo) -> Result<
         request: Request::new(Prompt::Chat(messages)).with_options(options).with_render(render),
         params: chat.params,
         fields,
+        tools,
     })
 }
 
@@ -63,6 +122,7 @@ pub(crate) fn completion_job(completion: CompletionRequest, info: &ModelInfo) ->
         request: Request::new(prompt).with_options(options),
         params: completion.params,
         fields,
+        tools: None,
     })
 }
 
@@ -97,7 +157,10 @@ fn template_message(i: usize, m: &ChatMessage, takes_images: bool) -> Result<Jso
     let has_images = matches!(&m.content, Some(MessageContent::Parts(parts))
         if parts.iter().any(|p| matches!(p, ContentPart::ImageUrl { .. })));
     let content = match &m.content {
-        None => Json::Null,
+        // An assistant message of tool calls only: vLLM renders its missing content as the empty
+        // text, and templates rely on it (Qwen3's tests `'</think>' in message.content` and adds
+        // the content to strings, which fails on none).
+        None => json!(""),
         Some(MessageContent::Text(t)) => json!(t),
         Some(MessageContent::Parts(parts)) if has_images && takes_images => Json::Array(
             parts
@@ -129,7 +192,7 @@ fn template_message(i: usize, m: &ChatMessage, takes_images: bool) -> Result<Jso
         out.insert("name".into(), json!(name));
     }
     if let Some(calls) = &m.tool_calls {
-        out.insert("tool_calls".into(), json!(calls));
+        out.insert("tool_calls".into(), Json::Array(calls.iter().map(template_tool_call).collect()));
     }
     if let Some(id) = &m.tool_call_id {
         out.insert("tool_call_id".into(), json!(id));
@@ -138,4 +201,35 @@ fn template_message(i: usize, m: &ChatMessage, takes_images: bool) -> Result<Jso
         out.insert("reasoning_content".into(), json!(r));
     }
     Ok(Json::Object(out))
+}
+
+/// A past tool call as the chat template reads it: OpenAI's `arguments` are a JSON string, and
+/// templates that list the arguments (Qwen3-Coder's `arguments|items`, GLM's) need the object, so
+/// a string holding an object becomes that object, as vLLM does before rendering (templates that
+/// print the arguments, like Qwen3's, print the object as JSON). Anything else passes as it came.
+fn template_tool_call(call: &Json) -> Json {
+    let mut call = call.clone();
+    if let Some(arguments) = call.pointer_mut("/function/arguments") {
+        if let Some(object @ Json::Object(_)) = arguments.as_str().and_then(|s| serde_json::from_str(s).ok()) {
+            *arguments = object;
+        }
+    }
+    call
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_calls_reach_the_template_with_their_arguments_as_objects() {
+        let call =
+            |arguments: Json| json!({"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}});
+        assert_eq!(template_tool_call(&call(json!("{\"a\": [1]}"))), call(json!({"a": [1]})));
+        assert_eq!(template_tool_call(&call(json!({"a": 1}))), call(json!({"a": 1})));
+        // Not an object: as it came (the template shows what the client sent).
+        assert_eq!(template_tool_call(&call(json!("[1]"))), call(json!("[1]")));
+        assert_eq!(template_tool_call(&call(json!("not json"))), call(json!("not json")));
+        assert_eq!(template_tool_call(&json!({"id": "c"})), json!({"id": "c"}));
+    }
 }

@@ -31,6 +31,7 @@ pub mod parse;
 pub mod protocol;
 mod stream;
 mod token_text;
+pub mod tool_calls;
 
 use std::future::Future;
 use std::net::SocketAddr;

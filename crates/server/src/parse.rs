@@ -14,7 +14,7 @@ use serde_json::{Map, Value as Json};
 use crate::error::ApiError;
 use crate::protocol::request::{
     ChatCompletionRequest, ChatMessage, CompletionPrompt, CompletionRequest, ContentPart, GenerationParams,
-    MessageContent, Role, SamplingOverrides, StreamSettings, TemplateArgs,
+    MessageContent, Role, SamplingOverrides, StreamSettings, TemplateArgs, ToolChoice,
 };
 use crate::protocol::wire::{WireContent, WireLogprobs, WireMessage, WireRequest};
 
@@ -69,7 +69,9 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<ChatCompletionRequest, ApiEr
         enable_thinking: wire.enable_thinking.or(kwargs_thinking),
         extra,
     };
-    Ok(ChatCompletionRequest { messages, template, params })
+    let tools = tools(wire.tools.take())?;
+    let tool_choice = tool_choice(wire.tool_choice.take())?;
+    Ok(ChatCompletionRequest { messages, tools, tool_choice, template, params })
 }
 
 /// A `/v1/completions` body, checked.
@@ -290,16 +292,14 @@ fn refuse_unsupported(wire: &WireRequest) -> Result<(), ApiError> {
         Some(Json::Array(a)) => a.is_empty(),
         _ => false,
     };
-    if !absent(&wire.tools) || !absent(&wire.functions) {
-        let field = if absent(&wire.tools) { "functions" } else { "tools" };
-        return Err(ApiError::field(field, "tool calling is not supported yet"));
+    // OpenAI's deprecated function calling; `tools` and `tool_choice` say the same.
+    if !absent(&wire.functions) {
+        return Err(ApiError::field("functions", "is not supported: use `tools`"));
     }
-    for (field, value) in [("tool_choice", &wire.tool_choice), ("function_call", &wire.function_call)] {
-        match value {
-            None | Some(Json::Null) => {}
-            Some(Json::String(s)) if s == "none" => {}
-            Some(_) => return Err(ApiError::field(field, "tool calling is not supported yet (only \"none\")")),
-        }
+    match &wire.function_call {
+        None | Some(Json::Null) => {}
+        Some(Json::String(s)) if s == "none" => {}
+        Some(_) => return Err(ApiError::field("function_call", "is not supported: use `tool_choice`")),
     }
     match &wire.response_format {
         None | Some(Json::Null) => {}
@@ -310,6 +310,75 @@ fn refuse_unsupported(wire: &WireRequest) -> Result<(), ApiError> {
         return Err(ApiError::field("prompt_logprobs", "is not supported"));
     }
     Ok(())
+}
+
+/// `tools`: a list of `{"type": "function", "function": {"name", "description", "parameters"}}`,
+/// kept as sent (the chat template reads them as transformers passes them); an empty list is no
+/// tools.
+fn tools(wire: Option<Json>) -> Result<Vec<Json>, ApiError> {
+    let tools = match wire {
+        None | Some(Json::Null) => return Ok(vec![]),
+        Some(Json::Array(tools)) => tools,
+        Some(other) => return Err(ApiError::field("tools", format!("must be a list of tools, not {other}"))),
+    };
+    for (i, tool) in tools.iter().enumerate() {
+        let at = |field: &str| format!("tools[{i}]{field}");
+        let Json::Object(tool) = tool else {
+            return Err(ApiError::field(at(""), format!("must be an object, not {tool}")));
+        };
+        match tool.get("type") {
+            Some(Json::String(t)) if t == "function" => {}
+            None => return Err(ApiError::field(at(".type"), "is required: \"function\"")),
+            Some(other) => return Err(ApiError::field(at(".type"), format!("must be \"function\", not {other}"))),
+        }
+        let Some(Json::Object(function)) = tool.get("function") else {
+            return Err(ApiError::field(at(".function"), "is required: an object with the function's name"));
+        };
+        match function.get("name") {
+            Some(Json::String(name)) if !name.trim().is_empty() => {}
+            None | Some(Json::Null) => return Err(ApiError::field(at(".function.name"), "is required")),
+            Some(other) => {
+                return Err(ApiError::field(at(".function.name"), format!("must be a non-empty string, not {other}")))
+            }
+        }
+        match function.get("description") {
+            None | Some(Json::Null | Json::String(_)) => {}
+            Some(other) => {
+                return Err(ApiError::field(at(".function.description"), format!("must be a string, not {other}")))
+            }
+        }
+        match function.get("parameters") {
+            None | Some(Json::Null | Json::Object(_)) => {}
+            Some(other) => {
+                return Err(ApiError::field(
+                    at(".function.parameters"),
+                    format!("must be a JSON schema object, not {other}"),
+                ))
+            }
+        }
+    }
+    Ok(tools)
+}
+
+/// `tool_choice`: `auto` (the default) or `none`. `required` and a named function would have to
+/// force a call in the model's format, which takes constrained decoding: refused rather than
+/// answered with text the client did not ask for.
+fn tool_choice(wire: Option<Json>) -> Result<ToolChoice, ApiError> {
+    let forced = "needs constrained decoding (forcing a call), which this server does not do: use \"auto\"";
+    match wire {
+        None | Some(Json::Null) => Ok(ToolChoice::Auto),
+        Some(Json::String(s)) => match s.as_str() {
+            "auto" => Ok(ToolChoice::Auto),
+            "none" => Ok(ToolChoice::None),
+            "required" => Err(ApiError::field("tool_choice", format!("\"required\" {forced}"))),
+            other => Err(ApiError::field(
+                "tool_choice",
+                format!("must be \"auto\", \"none\", \"required\" or a function, not {other:?}"),
+            )),
+        },
+        Some(Json::Object(_)) => Err(ApiError::field("tool_choice", format!("a named function {forced}"))),
+        Some(other) => Err(ApiError::field("tool_choice", format!("must be \"auto\" or \"none\", not {other}"))),
+    }
 }
 
 fn message(i: usize, m: WireMessage) -> Result<ChatMessage, ApiError> {
@@ -498,5 +567,51 @@ mod tests {
         }
         let tail = format!("{} trailing", chat(""));
         assert!(matches!(parse_chat_completion(tail.as_bytes()), Err(ApiError::Json { path: None, .. })));
+    }
+
+    #[test]
+    fn tools_are_kept_as_sent_and_checked_by_path() {
+        let chat = |extra: &str| format!(r#"{{"messages": [{{"role": "user", "content": "x"}}]{extra}}}"#);
+        let tool = r#"{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}}"#;
+        let parsed = parse_chat_completion(chat(&format!(r#", "tools": [{tool}]"#)).as_bytes()).unwrap();
+        assert_eq!(parsed.tools, vec![serde_json::from_str::<Json>(tool).unwrap()]);
+        assert_eq!(parsed.tool_choice, ToolChoice::Auto);
+        for (choice, expected) in
+            [("null", ToolChoice::Auto), (r#""auto""#, ToolChoice::Auto), (r#""none""#, ToolChoice::None)]
+        {
+            let body = chat(&format!(r#", "tools": [{tool}], "tool_choice": {choice}"#));
+            assert_eq!(parse_chat_completion(body.as_bytes()).unwrap().tool_choice, expected, "{choice}");
+        }
+        for (extra, field) in [
+            (r#", "tools": {}"#, "tools"),
+            (r#", "tools": [1]"#, "tools[0]"),
+            (r#", "tools": [{"function": {"name": "f"}}]"#, "tools[0].type"),
+            (r#", "tools": [{"type": "retrieval", "function": {"name": "f"}}]"#, "tools[0].type"),
+            (r#", "tools": [{"type": "function"}]"#, "tools[0].function"),
+            (r#", "tools": [{"type": "function", "function": {"name": ""}}]"#, "tools[0].function.name"),
+            (r#", "tools": [{"type": "function", "function": {"name": 1}}]"#, "tools[0].function.name"),
+            (
+                r#", "tools": [{"type": "function", "function": {"name": "f", "description": 1}}]"#,
+                "tools[0].function.description",
+            ),
+            (
+                r#", "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]"#,
+                "tools[0].function.parameters",
+            ),
+            (r#", "tool_choice": "required""#, "tool_choice"),
+            (r#", "tool_choice": "any""#, "tool_choice"),
+            (r#", "tool_choice": {"type": "function", "function": {"name": "f"}}"#, "tool_choice"),
+            (r#", "tool_choice": 1"#, "tool_choice"),
+            (r#", "functions": [{"name": "f"}]"#, "functions"),
+            (r#", "function_call": "auto""#, "function_call"),
+        ] {
+            let body = chat(extra);
+            let param = parse_chat_completion(body.as_bytes()).unwrap_err().param();
+            assert_eq!(param.as_deref(), Some(field), "{body}");
+        }
+        let refused = parse_chat_completion(chat(r#", "tool_choice": "required""#).as_bytes()).unwrap_err();
+        assert!(refused.to_string().contains("constrained decoding"), "{refused}");
+        let completion = parse_completion(br#"{"prompt": "x", "tools": []}"#).unwrap_err();
+        assert_eq!(completion.param().as_deref(), Some("tools"));
     }
 }

@@ -10,11 +10,11 @@ use std::convert::Infallible;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use pio_runtime::engine::{EngineError, Event, RequestHandle};
-use pio_runtime::generate::{GenerationOutput, TokenEvent, TEXT_TAIL_TOKEN};
+use pio_runtime::generate::{TokenEvent, TEXT_TAIL_TOKEN};
 use serde::Serialize;
 
 use crate::app::{unix_seconds, App};
-use crate::completion::{finish_reason, log_finished, response_id};
+use crate::completion::{chat_finish_reason, finish_reason, log_finished, response_id};
 use crate::convert::Job;
 use crate::error::{ApiError, PromptFields};
 use crate::layers::Deadline;
@@ -22,9 +22,10 @@ use crate::logprobs::offset_step;
 use crate::parse::Endpoint;
 use crate::protocol::request::StreamSettings;
 use crate::protocol::response::{
-    ChatChunkChoice, ChatCompletionChunk, ChatLogprobs, CompletionLogprobs, Delta, TextChoice, TextCompletion, Usage,
-    UsageField,
+    ChatChunkChoice, ChatCompletionChunk, ChatLogprobs, CompletionLogprobs, Delta, DeltaToolCall, TextChoice,
+    TextCompletion, Usage, UsageField,
 };
+use crate::tool_calls::{Streamed, ToolCall, ToolCallStream};
 
 pub(crate) fn response(
     app: App,
@@ -45,6 +46,8 @@ pub(crate) fn response(
         prompt_ids: job.params.return_token_ids.then(|| handle.prompt_ids().to_vec()),
         text_offset: 0,
         role_sent: false,
+        tool_calls: job.tools.map(|t| ToolCallStream::new(t.format, t.tools)),
+        calls_sent: 0,
         pending: VecDeque::new(),
         handle: Some(handle),
         deadline,
@@ -74,6 +77,10 @@ struct ChunkStream {
     text_offset: usize,
     /// Whether chat's first chunk (the assistant's role) went out.
     role_sent: bool,
+    /// Chat with tool parsing: what finds the calls in the text as it comes.
+    tool_calls: Option<ToolCallStream>,
+    /// Tool calls sent (the next one's index).
+    calls_sent: usize,
     /// Events ready to send.
     pending: VecDeque<SseEvent>,
     /// None once the answer has ended.
@@ -85,8 +92,13 @@ struct ChunkStream {
 enum Piece<'a> {
     /// Chat's first chunk: the assistant's role.
     Role,
-    Token(&'a TokenEvent),
-    Finish(&'a GenerationOutput),
+    /// Text to send, with the token it came with (for its logprob and id; None for text let out
+    /// at the end).
+    Text(Option<&'a TokenEvent>, String),
+    /// The answer's `index`-th tool call, whole.
+    ToolCall(usize, ToolCall),
+    /// The finish reason.
+    Finish(&'static str),
 }
 
 impl ChunkStream {
@@ -117,7 +129,14 @@ impl ChunkStream {
                 }
                 Ok(Some(Ok(Event::Finished(output)))) => {
                     log_finished(&output);
-                    self.push_chunk(Piece::Finish(&output));
+                    let reason = match self.tool_calls.as_mut().map(|parser| parser.finish()) {
+                        Some(rest) => {
+                            self.push_streamed(rest, None);
+                            chat_finish_reason(output.finish_reason, self.calls_sent > 0)
+                        }
+                        None => finish_reason(output.finish_reason),
+                    };
+                    self.push_chunk(Piece::Finish(reason));
                     if self.include_usage {
                         self.push_usage(Usage::from(output.usage()));
                     }
@@ -132,14 +151,39 @@ impl ChunkStream {
     }
 
     fn push_token(&mut self, token: &TokenEvent) {
-        let has_token = token.token_id != TEXT_TAIL_TOKEN;
-        // Held-back text makes tokens without text; they get a chunk of their own only when the
-        // client wants each token's logprob or id.
-        if !token.text.is_empty() || (has_token && (self.logprobs || self.token_ids)) {
-            self.push_chunk(Piece::Token(token));
+        match self.tool_calls.as_mut().map(|parser| parser.push(&token.text)) {
+            Some(out) => self.push_streamed(out, Some(token)),
+            None if !token.text.is_empty() || self.wants_token_chunk(token) => {
+                self.push_chunk(Piece::Text(Some(token), token.text.clone()))
+            }
+            None => {}
         }
         if self.logprobs {
             self.text_offset += offset_step(token, &self.app.token_text);
+        }
+    }
+
+    /// Held-back text makes tokens without text; they get a chunk of their own only when the
+    /// client wants each token's logprob or id.
+    fn wants_token_chunk(&self, token: &TokenEvent) -> bool {
+        token.token_id != TEXT_TAIL_TOKEN && (self.logprobs || self.token_ids)
+    }
+
+    /// What the tool-call parser let out, in order; `token` (the one whose text was pushed) goes
+    /// with the first text, or in a chunk of its own when there is none and the client wants it.
+    fn push_streamed(&mut self, out: Vec<Streamed>, mut token: Option<&TokenEvent>) {
+        for item in out {
+            match item {
+                Streamed::Content(text) => self.push_chunk(Piece::Text(token.take(), text)),
+                Streamed::Call(call) => {
+                    let index = self.calls_sent;
+                    self.calls_sent += 1;
+                    self.push_chunk(Piece::ToolCall(index, call));
+                }
+            }
+        }
+        if let Some(token) = token.filter(|t| self.wants_token_chunk(t)) {
+            self.push_chunk(Piece::Text(Some(token), String::new()));
         }
     }
 
@@ -174,26 +218,27 @@ impl ChunkStream {
 
     fn push_chunk(&mut self, piece: Piece<'_>) {
         let usage = if self.include_usage { UsageField::Null } else { UsageField::Absent };
-        let (text, finish, ids) = match piece {
-            Piece::Role => (Some(String::new()), None, self.token_ids.then(Vec::new)),
-            Piece::Token(t) => (
-                Some(t.text.clone()),
-                None,
-                self.token_ids.then(|| if t.token_id == TEXT_TAIL_TOKEN { vec![] } else { vec![t.token_id] }),
-            ),
-            Piece::Finish(o) => (None, Some(finish_reason(o.finish_reason)), self.token_ids.then(Vec::new)),
-        };
-        let token = match piece {
-            Piece::Token(t) if self.logprobs && t.logprob.is_some() => Some(t),
+        let token = match &piece {
+            Piece::Text(t, _) => *t,
             _ => None,
+        };
+        let ids = self.token_ids.then(|| match token {
+            Some(t) if t.token_id != TEXT_TAIL_TOKEN => vec![t.token_id],
+            _ => vec![],
+        });
+        let token = token.filter(|t| self.logprobs && t.logprob.is_some());
+        let role_chunk = matches!(piece, Piece::Role);
+        let (text, finish, call) = match piece {
+            Piece::Role => (Some(String::new()), None, None),
+            Piece::Text(_, text) => (Some(text), None, None),
+            Piece::ToolCall(index, call) => (None, None, Some(DeltaToolCall { index, call: call.into() })),
+            Piece::Finish(reason) => (None, Some(reason), None),
         };
         let prompt_token_ids = self.prompt_ids.take();
         let event = match self.endpoint {
             Endpoint::ChatCompletions => {
-                let delta = match piece {
-                    Piece::Role => Delta { role: Some("assistant"), content: text },
-                    _ => Delta { role: None, content: text },
-                };
+                let delta =
+                    Delta { role: role_chunk.then_some("assistant"), content: text, tool_calls: call.map(|c| vec![c]) };
                 let logprobs = token.map(|t| {
                     let mut l = ChatLogprobs::default();
                     l.push(t, &self.app.token_text);

@@ -482,11 +482,28 @@ fn bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on() {
         ("/v1/chat/completions", chat(json!({"n": 2})), 400, Some("n"), "n = 1"),
         (
             "/v1/chat/completions",
-            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"})),
             400,
-            Some("tools"),
-            "not supported",
+            Some("tool_choice"),
+            "constrained decoding",
         ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}}})),
+            400,
+            Some("tool_choice"),
+            "constrained decoding",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}},
+                {"type": "function", "function": {"description": "no name"}}]})),
+            400,
+            Some("tools[1].function.name"),
+            "required",
+        ),
+        ("/v1/chat/completions", chat(json!({"functions": [{"name": "f"}]})), 400, Some("functions"), "tools"),
         (
             "/v1/chat/completions",
             chat(json!({"stream_options": {"include_usage": true}})),
@@ -576,6 +593,59 @@ fn bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on() {
     assert_eq!(developer["choices"][0]["message"], system["choices"][0]["message"]);
     // The second found the first's prompt in the prefix cache: the same tokens.
     assert!(system["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+}
+
+/// Tools reach the chat template (the prompt grows by their rendering), past calls and tool
+/// results render, and an answer made of tool-call tags (forced with `logit_bias`; a random model
+/// cannot be made to write a whole call) is content, the same streamed as not: the open blocks are
+/// held while streaming and let out at the end.
+#[test]
+fn tools_are_rendered_and_tool_call_tags_stream_as_content() {
+    let server = serve(Settings::default());
+    let weather = json!([{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let user = json!({"role": "user", "content": "Weather in Paris?"});
+    let prompt_tokens = |extra: Value| {
+        let mut body = json!({"messages": [user], "max_tokens": 1, "temperature": 0});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        server.answer("/v1/chat/completions", &body)["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let plain = prompt_tokens(json!({}));
+    let with_tools = prompt_tokens(json!({"tools": weather}));
+    assert!(with_tools > plain + 20, "{with_tools} vs {plain}");
+    // `none` renders them too (as vLLM does) and only leaves the answer unparsed.
+    assert_eq!(prompt_tokens(json!({"tools": weather, "tool_choice": "none"})), with_tools);
+    assert_eq!(prompt_tokens(json!({"tools": weather, "tool_choice": "auto"})), with_tools);
+    assert_eq!(prompt_tokens(json!({"tools": []})), plain);
+
+    // A past call (OpenAI's arguments: a JSON string) and its result.
+    let history = json!([
+        user,
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]);
+    let body = json!({"messages": history, "tools": weather, "max_tokens": 1, "temperature": 0});
+    let answer = server.answer("/v1/chat/completions", &body);
+    assert!(answer["usage"]["prompt_tokens"].as_u64().unwrap() > with_tools + 15, "{answer}");
+
+    // <tool_call> and </tool_call> (151657, 151658) only: empty blocks are no calls.
+    let body = json!({"messages": [user], "tools": weather, "max_tokens": 6, "temperature": 0, "ignore_eos": true,
+        "logit_bias": {"151657": 100, "151658": 100}});
+    let whole = server.answer("/v1/chat/completions", &body);
+    let choice = &whole["choices"][0];
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(!content.is_empty(), "{whole}");
+    assert!(content.replace("<tool_call>", "").replace("</tool_call>", "").is_empty(), "{whole}");
+    assert!(choice["message"].get("tool_calls").is_none(), "{whole}");
+    assert_eq!(choice["finish_reason"], "length");
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let chunks = chunks(&server.stream("/v1/chat/completions", &streaming));
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(streamed, content);
+    assert!(chunks.iter().all(|c| c["choices"][0]["delta"].get("tool_calls").is_none()));
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
 }
 
 /// Sends a `total`-byte body on another thread (announced or chunked) and reads the answer

@@ -126,11 +126,27 @@ pub struct TemplateArgs {
     pub extra: Map<String, Json>,
 }
 
+/// `tool_choice`, of the values the server honours (`required` and a named function need
+/// constrained decoding and are refused).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model may call the tools; calls in its answer are parsed.
+    #[default]
+    Auto,
+    /// The tools are shown to the model (the template renders them, as vLLM does), and its
+    /// answer is text.
+    None,
+}
+
 /// A checked `/v1/chat/completions` body.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChatCompletionRequest {
     /// Not empty.
     pub messages: Vec<ChatMessage>,
+    /// `{"type": "function", "function": {"name", ...}}` each, as the client sent them (the
+    /// chat template's `tools`); empty when none.
+    pub tools: Vec<Json>,
+    pub tool_choice: ToolChoice,
     pub template: TemplateArgs,
     pub params: GenerationParams,
 }

@@ -105,7 +105,46 @@ impl Serialize for TopLogprobMap {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// None (`null`) only when the answer is tool calls and no text.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// The function a tool call calls: its name and its arguments, a JSON object serialized.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// One of an answer's `tool_calls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ToolCall {
+    /// `call_` and 24 random letters and digits.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+impl From<crate::tool_calls::ToolCall> for ToolCall {
+    fn from(call: crate::tool_calls::ToolCall) -> Self {
+        ToolCall {
+            id: crate::tool_calls::call_id(),
+            kind: "function",
+            function: FunctionCall { name: call.name, arguments: call.arguments },
+        }
+    }
+}
+
+/// A streamed tool call: sent whole, in one chunk, once its block is complete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeltaToolCall {
+    /// Which of the answer's calls (0, 1, ...).
+    pub index: usize,
+    #[serde(flatten)]
+    pub call: ToolCall,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -137,6 +176,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<DeltaToolCall>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
