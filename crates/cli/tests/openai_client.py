@@ -63,7 +63,35 @@ out["completion"] = {
 streamed = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True)
 out["completion_stream_text"] = "".join(c.choices[0].text for c in streamed if c.choices)
 
+# Tools reach the chat template (the prompt grows); a past call and its result render. The
+# random model writes no call, so the answer is text either way.
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+with_tools = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="auto",
+                                            max_tokens=4, temperature=0)
+history = messages + [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
+after_call = client.chat.completions.create(model=model, messages=history, tools=tools, max_tokens=4, temperature=0)
+tool_stream = client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=4,
+                                             temperature=0, stream=True)
+tool_stream_content = "".join(c.choices[0].delta.content or "" for c in tool_stream if c.choices)
+out["tools"] = {
+    "prompt_tokens": with_tools.usage.prompt_tokens,
+    "after_call_prompt_tokens": after_call.usage.prompt_tokens,
+    "content": with_tools.choices[0].message.content,
+    "tool_calls": [c.model_dump() for c in with_tools.choices[0].message.tool_calls or []],
+    "stream_content": tool_stream_content,
+}
+
 errors = {}
+try:
+    client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="required", max_tokens=2)
+except openai.BadRequestError as e:
+    errors["tool_choice_required"] = {"status": e.status_code, "param": e.body.get("param")}
 try:
     client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)
 except openai.NotFoundError as e:

@@ -258,7 +258,12 @@ fn the_openai_python_sdk_talks_to_pio_serve() {
     assert_eq!(completion["object"], "text_completion");
     assert_eq!(completion["tokens"].as_array().unwrap().len(), 6);
     assert_eq!(seen["completion_stream_text"], completion["text"]);
+    let tools = &seen["tools"];
+    assert!(tools["prompt_tokens"].as_u64() > chat["usage"]["prompt_tokens"].as_u64(), "{tools}");
+    assert!(tools["after_call_prompt_tokens"].as_u64() > tools["prompt_tokens"].as_u64(), "{tools}");
+    assert_eq!(tools["stream_content"], tools["content"]);
     let errors = &seen["errors"];
+    assert_eq!(errors["tool_choice_required"], json!({"status": 400, "param": "tool_choice"}));
     assert_eq!(errors["unknown_model"], json!({"status": 404, "param": "model", "code": "model_not_found"}));
     assert_eq!(errors["max_tokens_0"], json!({"status": 400, "param": "max_tokens"}));
     assert_eq!(errors["wrong_key"], json!({"status": 401, "code": "invalid_api_key"}));
