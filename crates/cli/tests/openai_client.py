@@ -1,7 +1,7 @@
 """The official `openai` Python package against a running `pio serve` (run by
-crates/cli/tests/serve.rs in a venv under .cache/): models, chat, streaming, completions,
-logprobs and errors, as an application would call them. Prints one JSON object with what it saw;
-exits non-zero (with the traceback) when the SDK raises where it should not.
+crates/cli/tests/serve.rs in a venv under .cache/): models, chat, streaming, several choices (n),
+completions, logprobs and errors, as an application would call them. Prints one JSON object with
+what it saw; exits non-zero (with the traceback) when the SDK raises where it should not.
 
     python openai_client.py BASE_URL API_KEY
 """
@@ -50,6 +50,15 @@ with_logprobs = client.chat.completions.create(model=model, messages=messages, m
 content = with_logprobs.choices[0].logprobs.content
 out["chat_logprobs"] = [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes,
                          "top": [a.token for a in t.top_logprobs]} for t in content]
+
+# Several choices: n=2 sampled with a seed (the second choice is seeded one higher).
+several = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=1.0, seed=7, n=2,
+                                         extra_body={"ignore_eos": True})
+out["chat_n"] = {
+    "indexes": [c.index for c in several.choices],
+    "finish_reasons": [c.finish_reason for c in several.choices],
+    "usage": several.usage.model_dump(),
+}
 
 completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0,
                                        logprobs=2)

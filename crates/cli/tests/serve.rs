@@ -254,6 +254,11 @@ fn the_openai_python_sdk_talks_to_pio_serve() {
     let logprobs = seen["chat_logprobs"].as_array().unwrap();
     assert_eq!(logprobs.len(), 4);
     assert!(logprobs.iter().all(|t| t["token"].is_string() && t["top"].as_array().unwrap().len() == 2));
+    let several = &seen["chat_n"];
+    assert_eq!((&several["indexes"], &several["finish_reasons"]), (&json!([0, 1]), &json!(["length", "length"])));
+    // The prompt counted once, both choices' tokens summed.
+    assert_eq!(several["usage"]["prompt_tokens"], chat["usage"]["prompt_tokens"]);
+    assert_eq!(several["usage"]["completion_tokens"], 8);
     let completion = &seen["completion"];
     assert_eq!(completion["object"], "text_completion");
     assert_eq!(completion["tokens"].as_array().unwrap().len(), 6);

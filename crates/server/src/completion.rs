@@ -1,15 +1,17 @@
-//! The generation routes: read and check the body, submit it to the engine, and answer with
-//! one JSON response or a stream ([`crate::stream`]).
+//! The generation routes: read and check the body, submit it to the engine (one engine request
+//! per choice of `n`, as vLLM's parallel sampling does), and answer with one JSON response or a
+//! stream ([`crate::stream`]).
 //!
 //! A client that disconnects drops the handler's future (or, streaming, the response body),
-//! and with it the engine's handle, which cancels the sequence; the engine frees its slot in
-//! its next step.
+//! and with it the engine's handles, which cancels the sequences; the engine frees their slots
+//! in its next step.
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use pio_runtime::engine::{Event, RequestHandle};
+use futures_util::future::try_join_all;
+use pio_runtime::engine::{EngineError, Event, RequestHandle};
 use pio_runtime::generate::{FinishReason, GenerationOutput, TokenEvent};
 
 use crate::app::{unix_seconds, App};
@@ -67,37 +69,48 @@ async fn respond(app: App, job: Result<Job, ApiError>, deadline: Option<Deadline
         Err(e) => return RequestError::from(e).into_response(),
     };
     let fields = Some(job.fields);
-    let handle = match submit(&app, &job).await {
-        Ok(handle) => handle,
+    let handles = match submit(&app, &job).await {
+        Ok(handles) => handles,
         Err(error) => return RequestError { error, fields }.into_response(),
     };
     match job.params.stream {
-        Some(settings) => crate::stream::response(app, job, handle, settings, deadline),
-        None => match complete(&app, &job, handle).await {
+        Some(settings) => crate::stream::response(app, job, handles, settings, deadline),
+        None => match complete(&app, &job, handles).await {
             Ok(response) => response,
             Err(error) => RequestError { error, fields }.into_response(),
         },
     }
 }
 
-/// Submits the job on a blocking thread: the engine renders the chat template and tokenizes
-/// there, which a long prompt makes slow.
-async fn submit(app: &App, job: &Job) -> Result<RequestHandle, ApiError> {
+/// Submits the job's choices on a blocking thread: the engine renders the chat template and
+/// tokenizes there (once per choice), which a long prompt makes slow. All or none: the engine
+/// queues the choices together or refuses them all, so a full queue (a 429) leaves no choice
+/// running. One handle per choice, in index order.
+async fn submit(app: &App, job: &Job) -> Result<Vec<RequestHandle>, ApiError> {
     let engine = app.engine.clone();
-    let request = job.request.clone();
-    let handle = tokio::task::spawn_blocking(move || engine.submit(request))
+    let requests = job.choice_requests();
+    let n = requests.len();
+    let submitted = tokio::task::spawn_blocking(move || engine.submit_batch(requests))
         .await
-        .map_err(|source| ApiError::Submit { source })??;
-    Ok(handle)
+        .map_err(|source| ApiError::Submit { source })?;
+    match submitted {
+        // More choices than the queue ever holds: no retry would help, so not a 429.
+        Err(EngineError::Overloaded { limit, .. }) if n > limit => Err(ApiError::field(
+            "n",
+            format!("{n} choices are more than this server queues at once ({limit}, its --max-waiting)"),
+        )),
+        submitted => Ok(submitted?),
+    }
 }
 
-/// A response id: chat's `chatcmpl-...`, completions' `cmpl-...`.
-pub(crate) fn response_id(app: &App, endpoint: Endpoint, handle: &RequestHandle) -> String {
+/// A response id: chat's `chatcmpl-...`, completions' `cmpl-...`, from the first choice's
+/// engine id.
+pub(crate) fn response_id(app: &App, endpoint: Endpoint, handles: &[RequestHandle]) -> String {
     let prefix = match endpoint {
         Endpoint::ChatCompletions => "chatcmpl",
         Endpoint::Completions => "cmpl",
     };
-    format!("{prefix}-{:x}{:06x}", app.instance, handle.id())
+    format!("{prefix}-{:x}{:06x}", app.instance, handles.first().map_or(0, RequestHandle::id))
 }
 
 pub(crate) fn finish_reason(reason: FinishReason) -> &'static str {
@@ -152,73 +165,103 @@ pub(crate) fn log_finished(output: &GenerationOutput) {
     );
 }
 
-/// Waits for the whole answer and sends it as one JSON object.
-async fn complete(app: &App, job: &Job, mut handle: RequestHandle) -> Result<Response, ApiError> {
-    let id = response_id(app, job.endpoint, &handle);
-    let want_logprobs = job.params.logprobs.is_some();
-    let mut events: Vec<TokenEvent> = Vec::new();
-    let output = loop {
+/// One choice's whole answer, with its token events when the client wants logprobs.
+struct Finished {
+    output: GenerationOutput,
+    events: Vec<TokenEvent>,
+}
+
+/// Reads one choice's events to its end.
+async fn finish(mut handle: RequestHandle, want_logprobs: bool) -> Result<Finished, ApiError> {
+    let mut events = Vec::new();
+    loop {
         match handle.next_event().await {
             Some(Ok(Event::Token(token))) if want_logprobs => events.push(token),
             Some(Ok(Event::Token(_))) => {}
-            Some(Ok(Event::Finished(output))) => break output,
+            Some(Ok(Event::Finished(output))) => {
+                log_finished(&output);
+                return Ok(Finished { output, events });
+            }
             Some(Err(e)) => return Err(e.into()),
-            None => return Err(pio_runtime::engine::EngineError::Shutdown.into()),
+            None => return Err(EngineError::Shutdown.into()),
         }
-    };
-    log_finished(&output);
+    }
+}
+
+/// Waits for every choice's whole answer and sends them as one JSON object.
+async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<Response, ApiError> {
+    let id = response_id(app, job.endpoint, &handles);
+    let want_logprobs = job.params.logprobs.is_some();
+    // The choices run together; the first to fail drops the others' futures, and with them
+    // their handles, which cancels them.
+    let finished = try_join_all(handles.into_iter().map(|handle| finish(handle, want_logprobs))).await?;
     let ids = job.params.return_token_ids;
     let model = app.engine.model_info().served_name.clone();
-    let usage = Usage::from(output.usage());
-    let reason = finish_reason(output.finish_reason);
+    let usage = Usage::of_choices(finished.iter().map(|f| f.output.usage()));
+    let choices = finished.into_iter().enumerate();
     let response = match job.endpoint {
         Endpoint::ChatCompletions => {
-            let logprobs = want_logprobs.then(|| {
-                let mut l = ChatLogprobs::default();
-                events.iter().for_each(|e| l.push(e, &app.token_text));
-                l
-            });
-            let (message, reason) = chat_message(output.text, output.finish_reason, job.tools.as_ref());
+            // Chat gives the prompt's ids once, beside the choices.
+            let mut prompt_token_ids = None;
+            let choices = choices
+                .map(|(index, Finished { output, events })| {
+                    let logprobs = want_logprobs.then(|| {
+                        let mut l = ChatLogprobs::default();
+                        events.iter().for_each(|e| l.push(e, &app.token_text));
+                        l
+                    });
+                    if ids && index == 0 {
+                        prompt_token_ids = Some(output.prompt_ids);
+                    }
+                    let (message, reason) = chat_message(output.text, output.finish_reason, job.tools.as_ref());
+                    ChatChoice {
+                        index,
+                        message,
+                        logprobs,
+                        finish_reason: reason,
+                        token_ids: ids.then_some(output.generated_ids),
+                    }
+                })
+                .collect();
             Json(ChatCompletion {
                 id,
                 object: "chat.completion",
                 created: unix_seconds(),
                 model,
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message,
-                    logprobs,
-                    finish_reason: reason,
-                    token_ids: ids.then_some(output.generated_ids),
-                }],
+                choices,
                 usage,
-                prompt_token_ids: ids.then_some(output.prompt_ids),
+                prompt_token_ids,
             })
             .into_response()
         }
         Endpoint::Completions => {
-            let logprobs = want_logprobs.then(|| {
-                let mut l = CompletionLogprobs::default();
-                let mut offset = 0;
-                for e in &events {
-                    l.push(e, offset, &app.token_text);
-                    offset += offset_step(e, &app.token_text);
-                }
-                l
-            });
+            let choices = choices
+                .map(|(index, Finished { output, events })| {
+                    let logprobs = want_logprobs.then(|| {
+                        let mut l = CompletionLogprobs::default();
+                        let mut offset = 0;
+                        for e in &events {
+                            l.push(e, offset, &app.token_text);
+                            offset += offset_step(e, &app.token_text);
+                        }
+                        l
+                    });
+                    TextChoice {
+                        index,
+                        text: output.text,
+                        logprobs,
+                        finish_reason: Some(finish_reason(output.finish_reason)),
+                        prompt_token_ids: ids.then_some(output.prompt_ids),
+                        token_ids: ids.then_some(output.generated_ids),
+                    }
+                })
+                .collect();
             Json(TextCompletion {
                 id,
                 object: "text_completion",
                 created: unix_seconds(),
                 model,
-                choices: vec![TextChoice {
-                    index: 0,
-                    text: output.text,
-                    logprobs,
-                    finish_reason: Some(reason),
-                    prompt_token_ids: ids.then_some(output.prompt_ids),
-                    token_ids: ids.then_some(output.generated_ids),
-                }],
+                choices,
                 usage: UsageField::Usage(usage),
             })
             .into_response()

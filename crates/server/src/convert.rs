@@ -62,6 +62,23 @@ pub(crate) struct Job {
     pub tools: Option<ToolParsing>,
 }
 
+impl Job {
+    /// The engine requests of the job's `n` choices: the same prompt and options each. With a
+    /// seed, choice `i` is seeded `seed + i` (wrapping), as vLLM's parallel sampling does
+    /// (`get_child_sampling_params`), so that it answers as a lone request with that seed would
+    /// and the choices differ; without one, each draws its own.
+    pub fn choice_requests(&self) -> Vec<Request> {
+        (0..self.params.n)
+            .map(|i| {
+                let mut request = self.request.clone();
+                let sampling = &mut request.options.sampling;
+                sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(i as u64));
+                request
+            })
+            .collect()
+    }
+}
+
 pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: ToolSupport) -> Result<Job, ApiError> {
     let mut options = options(&chat.params, info)?;
     if !info.has_chat_template {

@@ -18,6 +18,10 @@ use crate::protocol::request::{
 };
 use crate::protocol::wire::{WireContent, WireLogprobs, WireMessage, WireRequest};
 
+/// The most choices (`n`) one request may ask for. vLLM sets none; each choice is a sequence of
+/// its own (a KV slot, a place in the queue), so one request could otherwise fill the queue.
+pub const MAX_CHOICES: usize = 16;
+
 /// Which endpoint a body was sent to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -168,9 +172,16 @@ fn refuse_fields_of_the_other_endpoint(wire: &WireRequest, endpoint: Endpoint) -
 /// What both endpoints ask of a generation, checked.
 fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<GenerationParams, ApiError> {
     refuse_unsupported(wire)?;
-    if let Some(n) = wire.n.filter(|&n| n != 1) {
-        return Err(ApiError::field("n", format!("only one choice per request is supported (n = 1), not {n}")));
-    }
+    let n = match wire.n {
+        None => 1,
+        Some(n) if n < 1 => return Err(ApiError::field("n", format!("must be at least 1, not {n}"))),
+        Some(n) => match usize::try_from(n) {
+            Ok(n) if n <= MAX_CHOICES => n,
+            _ => {
+                return Err(ApiError::field("n", format!("{n} is over the limit of {MAX_CHOICES} choices per request")))
+            }
+        },
+    };
     let (max_tokens_field, max_tokens) = match (wire.max_completion_tokens, wire.max_tokens) {
         (Some(n), _) => ("max_completion_tokens", Some(n)),
         (None, n) => ("max_tokens", n),
@@ -263,6 +274,7 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         ignore_eos: wire.ignore_eos.unwrap_or(false),
         skip_special_tokens: wire.skip_special_tokens.unwrap_or(true),
         return_token_ids: wire.return_token_ids.unwrap_or(false),
+        n,
     })
 }
 
@@ -565,6 +577,19 @@ mod tests {
             let bad = chat(&format!(r#", "logit_bias": {value}"#));
             assert_eq!(param(parse_chat_completion(bad.as_bytes())).as_deref(), Some("logit_bias"), "{bad}");
         }
+        // `n`: 1 to MAX_CHOICES choices, 1 when absent.
+        assert_eq!(parse_chat_completion(chat("").as_bytes()).unwrap().params.n, 1);
+        let most = chat(&format!(r#", "n": {MAX_CHOICES}"#));
+        assert_eq!(parse_chat_completion(most.as_bytes()).unwrap().params.n, MAX_CHOICES);
+        assert_eq!(parse_completion(br#"{"prompt": "x", "n": 3}"#).unwrap().params.n, 3);
+        for n in ["0".to_string(), "-1".into(), (MAX_CHOICES + 1).to_string(), i64::MAX.to_string(), "1.5".into()] {
+            let bad = chat(&format!(r#", "n": {n}"#));
+            assert_eq!(param(parse_chat_completion(bad.as_bytes())).as_deref(), Some("n"), "{bad}");
+            let completion = format!(r#"{{"prompt": "x", "n": {n}}}"#);
+            assert_eq!(parse_completion(completion.as_bytes()).unwrap_err().param().as_deref(), Some("n"), "{n}");
+        }
+        let over = parse_chat_completion(chat(r#", "n": 17"#).as_bytes()).unwrap_err().to_string();
+        assert!(over.contains(&format!("limit of {MAX_CHOICES}")), "{over}");
         let tail = format!("{} trailing", chat(""));
         assert!(matches!(parse_chat_completion(tail.as_bytes()), Err(ApiError::Json { path: None, .. })));
     }

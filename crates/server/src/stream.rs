@@ -1,16 +1,20 @@
-//! Streamed answers: server-sent events, one `data:` chunk per token (or per piece of text),
-//! then the finish chunk, the usage chunk when `stream_options.include_usage` asks for it, and
-//! `data: [DONE]`. An error (the engine's, or the request timeout) is sent as an event with
-//! OpenAI's error body, then `[DONE]`. The response body owns the engine's handle: a client
-//! that disconnects drops it, which cancels the sequence.
+//! Streamed answers: server-sent events, one `data:` chunk per token (or per piece of text) of
+//! any of the request's choices (`n`), interleaved as they come, each naming its choice's
+//! `index`; each choice's finish chunk as it ends; once all have ended, the usage chunk when
+//! `stream_options.include_usage` asks for it, and `data: [DONE]`. An error (the engine's, or
+//! the request timeout) is sent as an event with OpenAI's error body, then `[DONE]`. The
+//! response body owns the engine's handles: a client that disconnects drops them, which cancels
+//! every choice's sequence.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use pio_runtime::engine::{EngineError, Event, RequestHandle};
-use pio_runtime::generate::{TokenEvent, TEXT_TAIL_TOKEN};
+use futures_util::stream::{repeat, select_all, Repeat, SelectAll, Zip};
+use futures_util::StreamExt;
+use pio_runtime::engine::{Event, RequestHandle};
+use pio_runtime::generate::{GenerationOutput, TokenEvent, TEXT_TAIL_TOKEN};
 use serde::Serialize;
 
 use crate::app::{unix_seconds, App};
@@ -27,15 +31,29 @@ use crate::protocol::response::{
 };
 use crate::tool_calls::{Streamed, ToolCall, ToolCallStream};
 
+/// `handles`: one per choice, in index order.
 pub(crate) fn response(
     app: App,
     job: Job,
-    handle: RequestHandle,
+    handles: Vec<RequestHandle>,
     settings: StreamSettings,
     deadline: Option<Deadline>,
 ) -> Response {
-    let stream = ChunkStream {
-        id: response_id(&app, job.endpoint, &handle),
+    let chat = job.endpoint == Endpoint::ChatCompletions;
+    let choices = handles
+        .iter()
+        .enumerate()
+        .map(|(index, handle)| ChoiceState {
+            // Completions give the prompt's ids in each choice, chat once per response.
+            prompt_ids: (job.params.return_token_ids && (index == 0 || !chat)).then(|| handle.prompt_ids().to_vec()),
+            text_offset: 0,
+            tool_calls: job.tools.as_ref().map(|t| ToolCallStream::new(t.format, t.tools.clone())),
+            calls_sent: 0,
+            usage: None,
+        })
+        .collect();
+    let mut stream = ChunkStream {
+        id: response_id(&app, job.endpoint, &handles),
         created: unix_seconds(),
         model: app.engine.model_info().served_name.clone(),
         endpoint: job.endpoint,
@@ -43,22 +61,28 @@ pub(crate) fn response(
         include_usage: settings.include_usage,
         logprobs: job.params.logprobs.is_some(),
         token_ids: job.params.return_token_ids,
-        prompt_ids: job.params.return_token_ids.then(|| handle.prompt_ids().to_vec()),
-        text_offset: 0,
-        role_sent: false,
-        tool_calls: job.tools.map(|t| ToolCallStream::new(t.format, t.tools)),
-        calls_sent: 0,
+        choices,
         pending: VecDeque::new(),
-        handle: Some(handle),
+        events: Some(select_all(handles.into_iter().enumerate().map(|(index, handle)| repeat(index).zip(handle)))),
         deadline,
         app,
     };
+    // Chat's first chunk of each choice is the assistant's role, all before any text (as vLLM
+    // sends them).
+    if chat {
+        for index in 0..stream.choices.len() {
+            stream.push_chunk(index, Piece::Role);
+        }
+    }
     let events = futures_util::stream::unfold(stream, |mut s| async move {
         let event = s.next().await?;
         Some((Ok::<_, Infallible>(event), s))
     });
     Sse::new(events).into_response()
 }
+
+/// One choice's events, each with the choice's index.
+type ChoiceEvents = Zip<Repeat<usize>, RequestHandle>;
 
 /// The state of one streamed answer.
 struct ChunkStream {
@@ -71,21 +95,28 @@ struct ChunkStream {
     include_usage: bool,
     logprobs: bool,
     token_ids: bool,
-    /// The prompt's ids, until the first chunk carries them.
+    /// Each choice's state, by index.
+    choices: Vec<ChoiceState>,
+    /// Events ready to send.
+    pending: VecDeque<SseEvent>,
+    /// Every running choice's events, as they come; None once the answer has ended. Dropping it
+    /// drops the handles, which cancels the choices still running.
+    events: Option<SelectAll<ChoiceEvents>>,
+    deadline: Option<Deadline>,
+}
+
+/// What one choice's stream has sent.
+struct ChoiceState {
+    /// The prompt's ids, until the choice's first chunk carries them.
     prompt_ids: Option<Vec<u32>>,
     /// Characters of text sent so far (completions' `text_offset`).
     text_offset: usize,
-    /// Whether chat's first chunk (the assistant's role) went out.
-    role_sent: bool,
     /// Chat with tool parsing: what finds the calls in the text as it comes.
     tool_calls: Option<ToolCallStream>,
     /// Tool calls sent (the next one's index).
     calls_sent: usize,
-    /// Events ready to send.
-    pending: VecDeque<SseEvent>,
-    /// None once the answer has ended.
-    handle: Option<RequestHandle>,
-    deadline: Option<Deadline>,
+    /// The choice's usage, once it has finished.
+    usage: Option<pio_runtime::generate::Usage>,
 }
 
 /// A chunk's content: a piece of the answer, or its end.
@@ -108,59 +139,66 @@ impl ChunkStream {
             if let Some(event) = self.pending.pop_front() {
                 return Some(event);
             }
-            let mut handle = self.handle.take()?;
-            if self.endpoint == Endpoint::ChatCompletions && !self.role_sent {
-                self.role_sent = true;
-                self.push_chunk(Piece::Role);
-                self.handle = Some(handle);
-                continue;
-            }
+            let mut events = self.events.take()?;
             let received = match self.deadline {
                 // timeout_at polls the receive first, so with events always queued (a client that
                 // reads slower than the engine writes) it would never see the deadline: check it.
                 Some(d) if tokio::time::Instant::now() >= d.at => Err(d.limit),
-                Some(d) => tokio::time::timeout_at(d.at, handle.next_event()).await.map_err(|_| d.limit),
-                None => Ok(handle.next_event().await),
+                Some(d) => tokio::time::timeout_at(d.at, events.next()).await.map_err(|_| d.limit),
+                None => Ok(events.next().await),
             };
             match received {
-                Ok(Some(Ok(Event::Token(token)))) => {
-                    self.push_token(&token);
-                    self.handle = Some(handle);
+                Ok(Some((index, Ok(Event::Token(token))))) => {
+                    self.push_token(index, &token);
+                    self.events = Some(events);
                 }
-                Ok(Some(Ok(Event::Finished(output)))) => {
-                    log_finished(&output);
-                    let reason = match self.tool_calls.as_mut().map(|parser| parser.finish()) {
-                        Some(rest) => {
-                            self.push_streamed(rest, None);
-                            chat_finish_reason(output.finish_reason, self.calls_sent > 0)
-                        }
-                        None => finish_reason(output.finish_reason),
-                    };
-                    self.push_chunk(Piece::Finish(reason));
+                Ok(Some((index, Ok(Event::Finished(output))))) => {
+                    self.push_finish(index, output);
+                    self.events = Some(events);
+                }
+                // Every choice has finished (a handle ends its events after `Finished` or an
+                // error, and an error ends the answer).
+                Ok(None) => {
                     if self.include_usage {
-                        self.push_usage(Usage::from(output.usage()));
+                        let usage = Usage::of_choices(self.choices.iter().filter_map(|c| c.usage));
+                        self.push_usage(usage);
                     }
                     self.pending.push_back(SseEvent::default().data("[DONE]"));
                 }
-                Ok(Some(Err(e))) => self.push_error(e.into()),
-                Ok(None) => self.push_error(EngineError::Shutdown.into()),
-                // Dropping the handle (here) cancels the sequence.
+                // Dropping the events (here) cancels the other choices.
+                Ok(Some((_, Err(e)))) => self.push_error(e.into()),
                 Err(limit) => self.push_error(ApiError::Timeout { limit }),
             }
         }
     }
 
-    fn push_token(&mut self, token: &TokenEvent) {
-        match self.tool_calls.as_mut().map(|parser| parser.push(&token.text)) {
-            Some(out) => self.push_streamed(out, Some(token)),
+    fn push_token(&mut self, index: usize, token: &TokenEvent) {
+        let streamed = self.choices[index].tool_calls.as_mut().map(|parser| parser.push(&token.text));
+        match streamed {
+            Some(out) => self.push_streamed(index, out, Some(token)),
             None if !token.text.is_empty() || self.wants_token_chunk(token) => {
-                self.push_chunk(Piece::Text(Some(token), token.text.clone()))
+                self.push_chunk(index, Piece::Text(Some(token), token.text.clone()))
             }
             None => {}
         }
         if self.logprobs {
-            self.text_offset += offset_step(token, &self.app.token_text);
+            self.choices[index].text_offset += offset_step(token, &self.app.token_text);
         }
+    }
+
+    /// A choice's end: the text its tool-call parser still held, and its finish chunk.
+    fn push_finish(&mut self, index: usize, output: GenerationOutput) {
+        log_finished(&output);
+        let choice = &mut self.choices[index];
+        choice.usage = Some(output.usage());
+        let reason = match choice.tool_calls.as_mut().map(|parser| parser.finish()) {
+            Some(rest) => {
+                self.push_streamed(index, rest, None);
+                chat_finish_reason(output.finish_reason, self.choices[index].calls_sent > 0)
+            }
+            None => finish_reason(output.finish_reason),
+        };
+        self.push_chunk(index, Piece::Finish(reason));
     }
 
     /// Held-back text makes tokens without text; they get a chunk of their own only when the
@@ -171,19 +209,20 @@ impl ChunkStream {
 
     /// What the tool-call parser let out, in order; `token` (the one whose text was pushed) goes
     /// with the first text, or in a chunk of its own when there is none and the client wants it.
-    fn push_streamed(&mut self, out: Vec<Streamed>, mut token: Option<&TokenEvent>) {
+    fn push_streamed(&mut self, index: usize, out: Vec<Streamed>, mut token: Option<&TokenEvent>) {
         for item in out {
             match item {
-                Streamed::Content(text) => self.push_chunk(Piece::Text(token.take(), text)),
+                Streamed::Content(text) => self.push_chunk(index, Piece::Text(token.take(), text)),
                 Streamed::Call(call) => {
-                    let index = self.calls_sent;
-                    self.calls_sent += 1;
-                    self.push_chunk(Piece::ToolCall(index, call));
+                    let choice = &mut self.choices[index];
+                    let call_index = choice.calls_sent;
+                    choice.calls_sent += 1;
+                    self.push_chunk(index, Piece::ToolCall(call_index, call));
                 }
             }
         }
         if let Some(token) = token.filter(|t| self.wants_token_chunk(t)) {
-            self.push_chunk(Piece::Text(Some(token), String::new()));
+            self.push_chunk(index, Piece::Text(Some(token), String::new()));
         }
     }
 
@@ -216,7 +255,8 @@ impl ChunkStream {
         self.pending.push_back(SseEvent::default().data("[DONE]"));
     }
 
-    fn push_chunk(&mut self, piece: Piece<'_>) {
+    /// A chunk of choice `index`.
+    fn push_chunk(&mut self, index: usize, piece: Piece<'_>) {
         let usage = if self.include_usage { UsageField::Null } else { UsageField::Absent };
         let token = match &piece {
             Piece::Text(t, _) => *t,
@@ -234,7 +274,9 @@ impl ChunkStream {
             Piece::ToolCall(index, call) => (None, None, Some(DeltaToolCall { index, call: call.into() })),
             Piece::Finish(reason) => (None, Some(reason), None),
         };
-        let prompt_token_ids = self.prompt_ids.take();
+        let choice = &mut self.choices[index];
+        let prompt_token_ids = choice.prompt_ids.take();
+        let text_offset = choice.text_offset;
         let event = match self.endpoint {
             Endpoint::ChatCompletions => {
                 let delta =
@@ -249,7 +291,7 @@ impl ChunkStream {
                     object: "chat.completion.chunk",
                     created: self.created,
                     model: self.model.clone(),
-                    choices: vec![ChatChunkChoice { index: 0, delta, logprobs, finish_reason: finish, token_ids: ids }],
+                    choices: vec![ChatChunkChoice { index, delta, logprobs, finish_reason: finish, token_ids: ids }],
                     usage,
                     prompt_token_ids,
                 })
@@ -257,7 +299,7 @@ impl ChunkStream {
             Endpoint::Completions => {
                 let logprobs = token.map(|t| {
                     let mut l = CompletionLogprobs::default();
-                    l.push(t, self.text_offset, &self.app.token_text);
+                    l.push(t, text_offset, &self.app.token_text);
                     l
                 });
                 json_event(&TextCompletion {
@@ -266,7 +308,7 @@ impl ChunkStream {
                     created: self.created,
                     model: self.model.clone(),
                     choices: vec![TextChoice {
-                        index: 0,
+                        index,
                         text: text.unwrap_or_default(),
                         logprobs,
                         finish_reason: finish,

@@ -10,7 +10,9 @@
 //! - bad input: each case gets its 4xx naming the field, and the next request succeeds; a
 //!   50 MB body is refused before it is sent; 401 without the key; 429 with a full queue;
 //!   `include_usage` on and off; HTTP/1.0 and keep-alive; both endpoints' logprobs shapes;
-//!   the metrics the model-server protocol reads.
+//!   the metrics the model-server protocol reads;
+//! - `n`: each of n choices answers as a lone request seeded `seed + i`, streamed or not, with
+//!   the usage summed.
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
@@ -342,6 +344,16 @@ fn concurrent_streams_answer_as_each_alone() {
     assert_ne!(other.ids, streamed_answer(&chunks(&streamed[1]), false).ids);
 }
 
+/// Reads a stream until `n` of its `data:` lines have come.
+fn read_data_lines(reader: &mut BufReader<TcpStream>, n: usize) {
+    let mut data_lines = 0;
+    while data_lines < n {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        data_lines += usize::from(line.starts_with("data: "));
+    }
+}
+
 #[test]
 fn disconnects_and_timeouts_cancel_their_sequences() {
     let server = serve(Settings { max_seqs: 1, ..Default::default() });
@@ -352,16 +364,21 @@ fn disconnects_and_timeouts_cancel_their_sequences() {
     streaming["stream"] = json!(true);
     let socket = server.send_raw("/v1/completions", &streaming);
     let mut reader = BufReader::new(socket);
-    let mut data_lines = 0;
-    while data_lines < 3 {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        data_lines += usize::from(line.starts_with("data: "));
-    }
+    read_data_lines(&mut reader, 3);
     assert_eq!(server.metric("pio_num_requests_running"), 1.0);
     drop(reader);
     server.wait_idle();
     assert_eq!(server.cancelled(), 1.0);
+
+    // Streaming two choices, one running and one waiting for the slot: hanging up cancels both.
+    let mut two = streaming.clone();
+    two["n"] = json!(2);
+    let mut reader = BufReader::new(server.send_raw("/v1/completions", &two));
+    read_data_lines(&mut reader, 3);
+    assert_eq!((server.metric("pio_num_requests_running"), server.metric("pio_num_requests_waiting")), (1.0, 1.0));
+    drop(reader);
+    server.wait_idle();
+    assert_eq!(server.cancelled(), 3.0);
 
     // Not streaming: one running, one waiting for the slot; both hang up.
     let running = server.send_raw("/v1/completions", &long);
@@ -373,7 +390,7 @@ fn disconnects_and_timeouts_cancel_their_sequences() {
     assert_eq!(server.metric("pio_num_requests_running"), 1.0);
     drop(running);
     server.wait_idle();
-    assert_eq!(server.cancelled(), 3.0);
+    assert_eq!(server.cancelled(), 5.0);
     // The slot serves the next request.
     let next = server.answer("/v1/completions", &json!({"prompt": [5, 6], "max_tokens": 2}));
     assert_eq!(next["usage"]["completion_tokens"], 2);
@@ -479,7 +496,8 @@ fn bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on() {
             "at least 1",
         ),
         ("/v1/chat/completions", chat(json!({"max_tokens": 100000})), 400, Some("max_tokens"), "4096"),
-        ("/v1/chat/completions", chat(json!({"n": 2})), 400, Some("n"), "n = 1"),
+        ("/v1/chat/completions", chat(json!({"n": 17})), 400, Some("n"), "over the limit of 16"),
+        ("/v1/completions", br#"{"prompt": "x", "n": 0}"#.to_vec(), 400, Some("n"), "at least 1"),
         (
             "/v1/chat/completions",
             chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"})),
@@ -738,18 +756,30 @@ fn the_api_key_guards_v1_and_leaves_health_and_metrics_open() {
 
 #[test]
 fn a_full_queue_answers_429() {
-    let server = serve(Settings { max_seqs: 1, max_waiting: 1, ..Default::default() });
+    let server = serve(Settings { max_seqs: 1, max_waiting: 2, ..Default::default() });
     let long = json!({"prompt": [1, 2, 3], "max_tokens": 4000, "ignore_eos": true});
     let running = server.send_raw("/v1/completions", &long);
     server.wait_until("one runs", |s| s.metric("pio_num_requests_running") == 1.0);
     let waiting = server.send_raw("/v1/completions", &long);
     server.wait_until("one waits", |s| s.metric("pio_num_requests_waiting") == 1.0);
+    // Two choices with room for one: the request is refused whole, and neither choice is left
+    // in the queue. More choices than the queue holds is a 400 naming `n` (no retry would help).
+    let mut two = long.clone();
+    two["n"] = json!(2);
+    let (status, error) = server.post("/v1/completions", &two);
+    assert_eq!((status, &error["error"]["code"]), (429, &json!("overloaded")), "{error}");
+    assert_eq!(server.metric("pio_num_requests_waiting"), 1.0);
+    two["n"] = json!(3);
+    let (status, error) = server.post("/v1/completions", &two);
+    assert_eq!((status, &error["error"]["param"]), (400, &json!("n")), "{error}");
+    let waiting_too = server.send_raw("/v1/completions", &long);
+    server.wait_until("two wait", |s| s.metric("pio_num_requests_waiting") == 2.0);
     let response = ureq::post(&format!("{}/v1/completions", server.base)).send_string(&long.to_string());
     let Err(ureq::Error::Status(429, response)) = response else { panic!("expected a 429: {response:?}") };
     assert_eq!(response.header("retry-after"), Some("1"));
     let error: Value = serde_json::from_str(&response.into_string().unwrap()).unwrap();
     assert_eq!((&error["error"]["type"], &error["error"]["code"]), (&json!("rate_limit_error"), &json!("overloaded")));
-    drop((running, waiting));
+    drop((running, waiting, waiting_too));
     server.wait_idle();
 }
 
@@ -935,4 +965,74 @@ fn text_offsets_count_each_tokens_own_text() {
         .map(|o| o.as_u64().unwrap())
         .collect();
     assert_eq!(streamed, offsets, "streamed, with the stop string");
+}
+
+#[test]
+fn n_choices_answer_as_lone_requests_seeded_one_apart() {
+    // No prefix cache: the lone requests would hit the prompt the choices cached, which moves
+    // logprobs in their last bits (see `concurrent_streams_answer_as_each_alone`).
+    let server = serve(Settings { prefix_caching: false, ..Default::default() });
+    for (path, mut body) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "logprobs": true, "top_logprobs": 2}),
+        ),
+        ("/v1/completions", json!({"prompt": "Once upon", "logprobs": 2})),
+    ] {
+        let chat = path.contains("chat");
+        for (key, value) in [
+            ("max_tokens", json!(6)),
+            ("temperature", json!(1.0)),
+            ("seed", json!(41)),
+            ("ignore_eos", json!(true)),
+            ("return_token_ids", json!(true)),
+            ("n", json!(3)),
+        ] {
+            body[key] = value;
+        }
+        let whole = server.answer(path, &body);
+        let choices = whole["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 3, "{path}: {whole}");
+        let mut alone_usage = None;
+        for (i, choice) in choices.iter().enumerate() {
+            assert_eq!(choice["index"], i, "{path}");
+            let mut alone = body.clone();
+            alone["n"] = json!(1);
+            alone["seed"] = json!(41 + i);
+            let lone = server.answer(path, &alone);
+            answer_of(choice, chat)
+                .assert_same_as(&answer_of(&lone["choices"][0], chat), &format!("{path}: choice {i}"));
+            alone_usage = Some(lone["usage"].clone());
+        }
+        assert_ne!(choices[0]["token_ids"], choices[1]["token_ids"], "{path}: the seeds differ");
+        // The prompt counted once, the completions summed.
+        let prompt_tokens = alone_usage.unwrap()["prompt_tokens"].as_u64().unwrap();
+        assert_eq!(
+            whole["usage"],
+            json!({"prompt_tokens": prompt_tokens, "completion_tokens": 18, "total_tokens": prompt_tokens + 18,
+                   "prompt_tokens_details": {"cached_tokens": 0}}),
+            "{path}"
+        );
+
+        // Streamed: each choice's chunks make the same answer, with one finish reason each, then
+        // the same usage and one [DONE].
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let events = server.stream(path, &body);
+        assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1, "{path}");
+        let chunks = chunks(&events);
+        for (i, choice) in choices.iter().enumerate() {
+            let of_choice: Vec<Value> = chunks.iter().filter(|c| c["choices"][0]["index"] == i).cloned().collect();
+            assert!(of_choice.iter().all(|c| c["choices"].as_array().unwrap().len() == 1));
+            streamed_answer(&of_choice, chat)
+                .assert_same_as(&answer_of(choice, chat), &format!("{path}: streamed choice {i}"));
+            let reasons = of_choice.iter().filter(|c| c["choices"][0]["finish_reason"].is_string()).count();
+            assert_eq!(reasons, 1, "{path}: choice {i}");
+            if chat {
+                assert_eq!(of_choice[0]["choices"][0]["delta"]["role"], "assistant", "{path}: choice {i}");
+            }
+        }
+        let (last, _) = chunks.split_last().unwrap();
+        assert_eq!((&last["choices"], &last["usage"]), (&json!([]), &whole["usage"]), "{path}");
+    }
 }

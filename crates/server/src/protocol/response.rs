@@ -30,6 +30,23 @@ impl From<pio_runtime::generate::Usage> for Usage {
     }
 }
 
+impl Usage {
+    /// The usage of a request's choices (`n` of them), from each one's in index order, as vLLM
+    /// counts it: the prompt once, the completions summed. The cached prompt tokens are the first
+    /// choice's: the choices share the prompt, and what later ones find cached may be the KV the
+    /// first one just computed, which saved the client nothing.
+    pub fn of_choices(choices: impl IntoIterator<Item = pio_runtime::generate::Usage>) -> Self {
+        let mut choices = choices.into_iter();
+        let Some(first) = choices.next() else { return Usage::default() };
+        let mut usage = Usage::from(first);
+        for choice in choices {
+            usage.completion_tokens += choice.completion_tokens;
+            usage.total_tokens += choice.completion_tokens;
+        }
+        usage
+    }
+}
+
 /// `usage` of a response or chunk: absent (a stream without `include_usage`), `null` (the
 /// other chunks of a stream with it), or the numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,7 +166,8 @@ pub struct DeltaToolCall {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ChatChoice {
-    pub index: u32,
+    /// Which of the request's `n` choices (0, 1, ...).
+    pub index: usize,
     pub message: AssistantMessage,
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: &'static str,
@@ -182,7 +200,8 @@ pub struct Delta {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ChatChunkChoice {
-    pub index: u32,
+    /// Which of the request's `n` choices (0, 1, ...).
+    pub index: usize,
     pub delta: Delta,
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
@@ -206,7 +225,8 @@ pub struct ChatCompletionChunk {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TextChoice {
-    pub index: u32,
+    /// Which of the request's `n` choices (0, 1, ...).
+    pub index: usize,
     pub text: String,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
