@@ -18,6 +18,7 @@ use pio_runtime::chat_template::RenderOptions;
 use pio_runtime::engine::{Engine, EngineError, Prompt, Request};
 use pio_runtime::generate::{FinishReason, GenerateOptions, GenerationOutput, TokenEvent};
 use pio_runtime::sampling::SamplingParams;
+use pio_runtime::structured::StructuredOutput;
 use serde_json::json;
 
 /// The fixtures with a transformers reference whose name passes `keep`, sorted.
@@ -470,4 +471,151 @@ fn stop_strings_and_text_prompts_need_a_tokenizer() {
     assert!(matches!(&err, EngineError::InvalidRequest { field: "prompt", .. }), "{err:?}");
     let err = engine.submit(Request::new(Prompt::Chat(vec![json!({"role": "user", "content": "hi"})]))).unwrap_err();
     assert!(matches!(&err, EngineError::InvalidRequest { field: "messages", .. }), "{err:?}");
+    let opts = GenerateOptions { structured_output: Some(StructuredOutput::JsonObject), ..greedy_options(4) };
+    let err = engine.submit(ids_request(&g.prompt_ids, opts)).unwrap_err();
+    assert!(matches!(&err, EngineError::InvalidRequest { field: "structured_output", .. }), "{err:?}");
+}
+
+/// Structured outputs on the random-weight model with the real tokenizer: its unconstrained text
+/// is noise, so whatever shape the text has comes from the constraint.
+fn constrained(
+    engine: &Engine,
+    prompt: &[u32],
+    output: StructuredOutput,
+    seed: u64,
+    max_tokens: usize,
+) -> GenerationOutput {
+    let opts = GenerateOptions {
+        max_tokens: Some(max_tokens),
+        sampling: SamplingParams { seed: Some(seed), ..hot() },
+        structured_output: Some(output),
+        ..Default::default()
+    };
+    let (out, events) = run(engine, prompt, &opts);
+    assert_eq!(events.iter().map(|e| e.text.as_str()).collect::<String>(), out.text);
+    out
+}
+
+#[test]
+fn a_regex_or_a_choice_gives_exactly_one_of_its_texts_and_stops() {
+    let engine = load_real_tokenizer_model();
+    let prompt = chat_ids(&engine, "Is the sea blue?");
+    for seed in 0..3 {
+        let out = constrained(&engine, &prompt, StructuredOutput::Regex("(yes|no)".into()), seed, 16);
+        assert!(out.text == "yes" || out.text == "no", "seed {seed}: {:?}", out.text);
+        assert_eq!(out.finish_reason, FinishReason::Stop, "seed {seed}");
+        let choices = vec!["red".to_string(), "dark green".into(), "日本".into()];
+        let out = constrained(&engine, &prompt, StructuredOutput::Choice(choices.clone()), seed, 16);
+        assert!(choices.contains(&out.text), "seed {seed}: {:?}", out.text);
+        assert_eq!(out.finish_reason, FinishReason::Stop, "seed {seed}");
+    }
+    // Greedy: the argmax over the allowed tokens (the graph's own argmax is not asked for).
+    let opts =
+        GenerateOptions { structured_output: Some(StructuredOutput::Regex("[0-9]{3}".into())), ..greedy_options(16) };
+    let (out, _) = run(&engine, &prompt, &opts);
+    assert!(out.text.len() == 3 && out.text.bytes().all(|b| b.is_ascii_digit()), "{:?}", out.text);
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+}
+
+#[test]
+fn a_json_schema_gives_json_that_validates() {
+    let engine = load_real_tokenizer_model();
+    let prompt = chat_ids(&engine, "Describe a ball as JSON.");
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "color": {"enum": ["red", "green", "blue"]},
+            "size": {"type": "integer", "minimum": 1, "maximum": 12},
+            "round": {"type": "boolean"}
+        },
+        "required": ["color", "size", "round"],
+        "additionalProperties": false
+    });
+    for seed in 0..3 {
+        let out = constrained(&engine, &prompt, StructuredOutput::Json(schema.clone()), seed, 200);
+        assert_eq!(out.finish_reason, FinishReason::Stop, "seed {seed}: {:?}", out.text);
+        let value: serde_json::Value =
+            serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {:?}", out.text));
+        let object = value.as_object().unwrap_or_else(|| panic!("seed {seed}: not an object: {value}"));
+        let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["color", "round", "size"], "seed {seed}: {value}");
+        assert!(["red", "green", "blue"].contains(&object["color"].as_str().unwrap_or("")), "seed {seed}: {value}");
+        let size = object["size"].as_i64().unwrap_or_else(|| panic!("seed {seed}: size {value}"));
+        assert!((1..=12).contains(&size), "seed {seed}: {value}");
+        assert!(object["round"].is_boolean(), "seed {seed}: {value}");
+    }
+}
+
+/// Any JSON object. An object's strings are unbounded, and hot sampling from random weights
+/// fills them until `max_tokens`; greedy and these seeds close the object (deterministically:
+/// the same seed makes the same choices).
+#[test]
+fn json_object_gives_an_object() {
+    let engine = load_real_tokenizer_model();
+    let prompt = chat_ids(&engine, "Answer in JSON.");
+    for (temperature, seed) in [(0.0, 0), (0.6, 2), (1.0, 2)] {
+        let opts = GenerateOptions {
+            max_tokens: Some(64),
+            sampling: SamplingParams { seed: Some(seed), temperature, ..Default::default() },
+            structured_output: Some(StructuredOutput::JsonObject),
+            ..Default::default()
+        };
+        let (out, _) = run(&engine, &prompt, &opts);
+        assert_eq!(out.finish_reason, FinishReason::Stop, "T {temperature} seed {seed}: {:?}", out.text);
+        let value: serde_json::Value =
+            serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{e}: {:?}", out.text));
+        assert!(value.is_object(), "{value}");
+    }
+}
+
+#[test]
+fn a_constraint_that_does_not_compile_is_refused_by_name() {
+    let engine = load_real_tokenizer_model();
+    let prompt = chat_ids(&engine, "hi");
+    for output in [
+        StructuredOutput::Regex("(unclosed".into()),
+        StructuredOutput::Json(json!({"type": "integer", "minimum": 5, "maximum": 1})),
+        StructuredOutput::Choice(vec![]),
+        StructuredOutput::Grammar("start: undefined_rule".into()),
+    ] {
+        let opts = GenerateOptions { structured_output: Some(output.clone()), ..greedy_options(4) };
+        let err = engine.submit(ids_request(&prompt, opts)).unwrap_err();
+        assert!(matches!(&err, EngineError::InvalidRequest { field: "structured_output", .. }), "{output:?}: {err:?}");
+        let chain = error_chain(&err);
+        assert!(chain.contains("does not compile") || chain.contains("empty"), "{output:?}: {chain}");
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// A constrained and an unconstrained request in the same batch: each answers as it does alone.
+#[test]
+fn a_constrained_request_leaves_its_batch_neighbours_alone() {
+    let engine = load_real_tokenizer_model();
+    let prompt = chat_ids(&engine, "Pick one.");
+    let free = GenerateOptions {
+        max_tokens: Some(12),
+        sampling: SamplingParams { seed: Some(5), ..hot() },
+        ..Default::default()
+    };
+    let choice = StructuredOutput::Choice(vec!["alpha".into(), "beta".into()]);
+    let bound = GenerateOptions { structured_output: Some(choice), ..free.clone() };
+    let (alone, _) = run(&engine, &prompt, &free);
+    let (bound_alone, _) = run(&engine, &prompt, &bound);
+    let handles =
+        engine.submit_batch(vec![ids_request(&prompt, bound.clone()), ids_request(&prompt, free.clone())]).unwrap();
+    let outputs: Vec<GenerationOutput> = handles.into_iter().map(|h| h.wait().unwrap()).collect();
+    assert_eq!(outputs[1].generated_ids, alone.generated_ids, "the unconstrained request changed");
+    assert_eq!(outputs[0].generated_ids, bound_alone.generated_ids, "the constrained request changed");
+    assert!(outputs[0].text == "alpha" || outputs[0].text == "beta", "{:?}", outputs[0].text);
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::sampling::{SamplingParams, TokenLogprob};
+use crate::structured::StructuredOutput;
 
 /// What to generate and when to stop.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -35,6 +36,10 @@ pub struct GenerateOptions {
     pub logprobs: Option<usize>,
     /// Drop special tokens (eos, <|im_end|>) from the returned text.
     pub skip_special_tokens: bool,
+    /// What the text must be (a JSON schema, a regex, ...): tokens outside it are masked before
+    /// sampling, and the generation stops once the text is complete. Needs a tokenizer.
+    #[serde(default)]
+    pub structured_output: Option<StructuredOutput>,
 }
 
 impl Default for GenerateOptions {
@@ -49,6 +54,7 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             logprobs: None,
             skip_special_tokens: true,
+            structured_output: None,
         }
     }
 }

@@ -17,5 +17,6 @@ pub mod plugin;
 pub mod sampling;
 pub mod stages;
 pub mod step_inputs;
+pub mod structured;
 pub mod tokenizer;
 pub mod vision;

@@ -99,6 +99,16 @@ async fn submit(app: &App, job: &Job) -> Result<Vec<RequestHandle>, ApiError> {
             "n",
             format!("{n} choices are more than this server queues at once ({limit}, its --max-waiting)"),
         )),
+        // The engine names the constraint `structured_output`; the client sent it in its own field.
+        Err(EngineError::InvalidRequest { field: "structured_output", part: None, message, source }) => {
+            Err(EngineError::InvalidRequest {
+                field: "structured_output",
+                part: job.params.structured.as_ref().map(|s| s.param.to_string()),
+                message,
+                source,
+            }
+            .into())
+        }
         submitted => Ok(submitted?),
     }
 }

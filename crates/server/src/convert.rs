@@ -161,6 +161,7 @@ fn options(params: &GenerationParams, info: &ModelInfo) -> Result<GenerateOption
         ignore_eos: params.ignore_eos,
         logprobs: params.logprobs,
         skip_special_tokens: params.skip_special_tokens,
+        structured_output: params.structured.as_ref().map(|s| s.output.clone()),
     })
 }
 

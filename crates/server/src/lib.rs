@@ -30,6 +30,7 @@ mod metrics;
 pub mod parse;
 pub mod protocol;
 mod stream;
+pub mod structured;
 mod token_text;
 pub mod tool_calls;
 

@@ -275,6 +275,7 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         skip_special_tokens: wire.skip_special_tokens.unwrap_or(true),
         return_token_ids: wire.return_token_ids.unwrap_or(false),
         n,
+        structured: crate::structured::structured(wire)?,
     })
 }
 
@@ -312,11 +313,6 @@ fn refuse_unsupported(wire: &WireRequest) -> Result<(), ApiError> {
         None | Some(Json::Null) => {}
         Some(Json::String(s)) if s == "none" => {}
         Some(_) => return Err(ApiError::field("function_call", "is not supported: use `tool_choice`")),
-    }
-    match &wire.response_format {
-        None | Some(Json::Null) => {}
-        Some(f) if f.get("type").and_then(Json::as_str) == Some("text") => {}
-        Some(_) => return Err(ApiError::field("response_format", "only {\"type\": \"text\"} is supported")),
     }
     if !absent(&wire.prompt_logprobs) {
         return Err(ApiError::field("prompt_logprobs", "is not supported"));
@@ -373,10 +369,12 @@ fn tools(wire: Option<Json>) -> Result<Vec<Json>, ApiError> {
 }
 
 /// `tool_choice`: `auto` (the default) or `none`. `required` and a named function would have to
-/// force a call in the model's format, which takes constrained decoding: refused rather than
+/// force a call in the model's tool-call format (constrained decoding, which the server does for
+/// `response_format` and `structured_outputs` but not yet for tools): refused rather than
 /// answered with text the client did not ask for.
 fn tool_choice(wire: Option<Json>) -> Result<ToolChoice, ApiError> {
-    let forced = "needs constrained decoding (forcing a call), which this server does not do: use \"auto\"";
+    let forced = "needs a call forced in the model's tool-call format (constrained decoding), which this server \
+                  does not do for tools yet: use \"auto\"";
     match wire {
         None | Some(Json::Null) => Ok(ToolChoice::Auto),
         Some(Json::String(s)) => match s.as_str() {

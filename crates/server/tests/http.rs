@@ -498,6 +498,36 @@ fn bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on() {
         ("/v1/chat/completions", chat(json!({"max_tokens": 100000})), 400, Some("max_tokens"), "4096"),
         ("/v1/chat/completions", chat(json!({"n": 17})), 400, Some("n"), "over the limit of 16"),
         ("/v1/completions", br#"{"prompt": "x", "n": 0}"#.to_vec(), 400, Some("n"), "at least 1"),
+        // A constraint the engine cannot compile is named by the field it came in.
+        (
+            "/v1/chat/completions",
+            chat(json!({"response_format": {"type": "json_schema",
+                "json_schema": {"name": "n", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}})),
+            400,
+            Some("response_format.json_schema.schema"),
+            "minimum (5) is greater than maximum (1)",
+        ),
+        (
+            "/v1/completions",
+            br#"{"prompt": "x", "structured_outputs": {"regex": "(unclosed"}}"#.to_vec(),
+            400,
+            Some("structured_outputs.regex"),
+            "does not compile",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"guided_grammar": "start: nowhere"})),
+            400,
+            Some("guided_grammar"),
+            "nowhere",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"response_format": {"type": "xml"}})),
+            400,
+            Some("response_format.type"),
+            "xml",
+        ),
         (
             "/v1/chat/completions",
             chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"})),
@@ -1035,4 +1065,34 @@ fn n_choices_answer_as_lone_requests_seeded_one_apart() {
         let (last, _) = chunks.split_last().unwrap();
         assert_eq!((&last["choices"], &last["usage"]), (&json!([]), &whole["usage"]), "{path}");
     }
+}
+
+/// Structured outputs over HTTP: the random-weight model's answer takes the shape of the
+/// constraint, on both endpoints, and ends with `stop` when the constraint is complete.
+#[test]
+fn structured_outputs_shape_the_answer_on_both_endpoints() {
+    let server = serve(Settings::default());
+    let message = json!([{"role": "user", "content": "Yes or no?"}]);
+    let answer = server.answer(
+        "/v1/chat/completions",
+        &json!({"messages": message, "max_tokens": 16, "structured_outputs": {"choice": ["yes", "no"]}}),
+    );
+    let choice = &answer["choices"][0];
+    assert!(["yes", "no"].contains(&choice["message"]["content"].as_str().unwrap()), "{answer}");
+    assert_eq!(choice["finish_reason"], "stop", "{answer}");
+    let schema = json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"], "additionalProperties": false});
+    let answer = server.answer(
+        "/v1/chat/completions",
+        &json!({"messages": message, "max_tokens": 64, "seed": 1,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "digit", "schema": schema, "strict": true}}}),
+    );
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    let value: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert!(value["n"].as_u64().is_some_and(|n| n <= 9) && value.as_object().unwrap().len() == 1, "{answer}");
+    let answer =
+        server.answer("/v1/completions", &json!({"prompt": "Digits:", "max_tokens": 16, "guided_regex": "[0-9]{4}"}));
+    let text = answer["choices"][0]["text"].as_str().unwrap();
+    assert!(text.len() == 4 && text.bytes().all(|b| b.is_ascii_digit()), "{answer}");
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
 }

@@ -55,6 +55,7 @@ use crate::generate::GenerationOutput;
 use crate::model::DecoderModel;
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::stages::StageOptions;
+use crate::structured::{Constraint, Guidance, SharedGuidance, StructuredOutput};
 use crate::tokenizer::Tokenizer;
 use crate::vision::{ImageSettings, LocalImageFiles, RemoteImages, VisionEncoder};
 
@@ -421,6 +422,9 @@ struct Inner {
     max_waiting: usize,
     next_id: AtomicU64,
     closed: AtomicBool,
+    /// The token trie structured outputs are compiled against: built on the first request that
+    /// asks for one (seconds for a 150k vocabulary), then shared.
+    guidance: SharedGuidance,
 }
 
 /// What the worker reports once the model is loaded and the pool allocated.
@@ -563,6 +567,7 @@ impl Engine {
                 max_waiting: config.max_waiting,
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
+                guidance: SharedGuidance::new(),
             }),
         })
     }
@@ -736,9 +741,59 @@ impl Engine {
                 format!("token id {bad} is outside the vocabulary (size {})", info.vocab_size),
             ));
         }
+        let constraint = match &options.structured_output {
+            Some(output) => Some(self.constraint(output)?),
+            None => None,
+        };
         let mut stop_ids = if options.ignore_eos { vec![] } else { info.eos_token_ids.clone() };
         stop_ids.extend(&options.stop_token_ids);
-        Ok(Admitted { prompt, options, sampler, max_tokens, stop_ids, tokenizer: self.tokenizer().cloned(), images })
+        Ok(Admitted {
+            prompt,
+            options,
+            sampler,
+            max_tokens,
+            stop_ids,
+            tokenizer: self.tokenizer().cloned(),
+            images,
+            constraint,
+        })
+    }
+
+    /// Compiles `output` as a request's `structured_output` is compiled (the first call builds
+    /// the token trie): a caller can refuse a constraint before it submits anything.
+    pub fn check_structured_output(&self, output: &StructuredOutput) -> Result<(), EngineError> {
+        self.constraint(output).map(|_| ())
+    }
+
+    /// `output` compiled against the model's token trie (built on the first call).
+    fn constraint(&self, output: &StructuredOutput) -> Result<Constraint, EngineError> {
+        const FIELD: &str = "structured_output";
+        let Some(tokenizer) = self.tokenizer() else {
+            return Err(EngineError::invalid(FIELD, "structured outputs need a tokenizer, and this model has none"));
+        };
+        let info = &self.inner.info;
+        let guidance = self
+            .inner
+            .guidance
+            .get_or_init(|| {
+                let started = Instant::now();
+                let built = Guidance::new(tokenizer, info.vocab_size, &info.eos_token_ids);
+                tracing::info!(
+                    "built the token trie for structured outputs in {:.2} s",
+                    started.elapsed().as_secs_f64()
+                );
+                built.map(Arc::new).map_err(Arc::new)
+            })
+            .as_ref()
+            .map_err(|e| {
+                EngineError::invalid_because(
+                    FIELD,
+                    "structured outputs are not available for this model",
+                    Arc::clone(e),
+                )
+            })?;
+        // The caller's constraint is at fault: what llguidance says is wrong with it is the cause.
+        guidance.compile(output).map_err(|e| EngineError::invalid_because(FIELD, "cannot constrain the output", e))
     }
 
     /// Stops taking requests, ends those in flight with [`EngineError::Shutdown`], and blocks

@@ -9,6 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::generate::{Clock, FinishReason, GenerateOptions, OutputBuilder, TokenEvent, TEXT_TAIL_TOKEN};
 use crate::model::Fetch;
 use crate::sampling::Sampler;
+use crate::structured::{Constraint, StructuredError};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 use super::error::EngineError;
@@ -40,6 +41,8 @@ pub(crate) struct Admitted {
     pub tokenizer: Option<Tokenizer>,
     /// The prompt's images (None: a text prompt).
     pub images: Option<SequenceImages>,
+    /// The compiled structured output (None: unconstrained).
+    pub constraint: Option<Constraint>,
 }
 
 pub(crate) struct Sequence {
@@ -58,8 +61,11 @@ pub(crate) struct Sequence {
     stop_ids: Vec<u32>,
     /// Tokens before which no stop id may be sampled and no stop string is looked for.
     min_tokens: usize,
-    /// Plain greedy without logprobs: the graph's argmax serves it once `min_tokens` are out.
+    /// Plain greedy without logprobs nor constraint: the graph's argmax serves it once
+    /// `min_tokens` are out.
     plain_greedy: bool,
+    /// The structured output's matcher: masks the logits before each token, is fed each token.
+    constraint: Option<Constraint>,
     max_tokens: usize,
     /// Why it ends when `max_tokens` is reached: `Length`, or `ContextLength` when the request
     /// set no maximum.
@@ -81,7 +87,9 @@ pub(crate) struct Sequence {
 
 impl Sequence {
     pub(crate) fn new(id: SeqId, a: Admitted, events: EventSender, submitted: Instant) -> Self {
-        let plain_greedy = a.options.sampling.is_plain_argmax() && a.options.logprobs.is_none();
+        // A constrained sequence needs the logits: the graph's argmax may be a masked token.
+        let plain_greedy =
+            a.options.sampling.is_plain_argmax() && a.options.logprobs.is_none() && a.constraint.is_none();
         let mut sampler = a.sampler;
         sampler.set_prompt_len(a.prompt.len());
         Sequence {
@@ -95,6 +103,7 @@ impl Sequence {
             stop_ids: a.stop_ids,
             min_tokens: a.options.min_tokens,
             plain_greedy,
+            constraint: a.constraint,
             max_tokens: a.max_tokens,
             full_reason: if a.options.max_tokens.is_some() {
                 FinishReason::Length
@@ -170,18 +179,32 @@ impl Sequence {
     pub(crate) fn accept(&mut self, choice: Choice<'_>, metrics: &mut MetricsSnapshot) -> Result<bool, EngineError> {
         // The tokens out before this one; stops count from `min_tokens` on.
         let generated = self.output.generated();
+        let mask_stops = generated < self.min_tokens && !self.stop_ids.is_empty();
         let masked;
         let choice = match choice {
-            // vLLM's min_tokens: the stop ids cannot be chosen yet.
-            Choice::Logits(row) if generated < self.min_tokens && !self.stop_ids.is_empty() => {
+            Choice::Logits(row) if mask_stops || self.constraint.is_some() => {
                 let mut row = row.to_vec();
-                for &id in &self.stop_ids {
-                    if let Some(v) = row.get_mut(id as usize) {
-                        *v = f32::NEG_INFINITY;
+                if let Some(constraint) = self.constraint.as_mut() {
+                    let allowed = constraint.mask().map_err(constraint_failed)?;
+                    Constraint::apply(&allowed, &mut row);
+                }
+                // vLLM's min_tokens: the stop ids cannot be chosen yet, unless a constraint
+                // allows nothing else (its text is complete): the constraint wins.
+                if mask_stops && (self.constraint.is_none() || self.allows_other_than_stops(&row)) {
+                    for &id in &self.stop_ids {
+                        if let Some(v) = row.get_mut(id as usize) {
+                            *v = f32::NEG_INFINITY;
+                        }
                     }
                 }
                 masked = row;
                 Choice::Logits(&masked)
+            }
+            // Constrained sequences fetch logits (see `fetch`); an argmax would be unchecked.
+            Choice::Token(t) if self.constraint.is_some() => {
+                return Err(constraint_failed(StructuredError::Matcher(format!(
+                    "the step gave the argmax {t} of a constrained sequence instead of its logits"
+                ))));
             }
             other => other,
         };
@@ -205,6 +228,10 @@ impl Sequence {
         metrics.generation_tokens += 1;
         self.history.push(token);
         let is_stop_id = self.stop_ids.contains(&token);
+        // A stop id ends the sequence anyway; the matcher needs only the text's tokens.
+        if let Some(constraint) = self.constraint.as_mut().filter(|_| !is_stop_id) {
+            constraint.consume(token).map_err(constraint_failed)?;
+        }
         let mut text = String::new();
         let mut hit_stop_string = false;
         if let Some(d) = self.decoder.as_mut() {
@@ -226,11 +253,21 @@ impl Sequence {
             self.finish(FinishReason::Stop, !hit_stop_string, metrics)?;
             return Ok(true);
         }
+        // The constrained text is complete (only an end may follow): stop, as vLLM does.
+        if self.constraint.as_ref().is_some_and(Constraint::is_finished) {
+            self.finish(FinishReason::Stop, true, metrics)?;
+            return Ok(true);
+        }
         if self.output.generated() == self.max_tokens {
             self.finish(self.full_reason, true, metrics)?;
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Whether a masked logits row still allows a token that is not a stop id.
+    fn allows_other_than_stops(&self, row: &[f32]) -> bool {
+        row.iter().enumerate().any(|(id, v)| *v != f32::NEG_INFINITY && !self.stop_ids.contains(&(id as u32)))
     }
 
     fn emit(&mut self, event: TokenEvent) {
@@ -289,6 +326,11 @@ impl Sequence {
     }
 }
 
+/// A constraint that failed mid-generation ends its own request only.
+fn constraint_failed(e: StructuredError) -> EngineError {
+    EngineError::model_failed("the structured-output constraint failed", e)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +355,7 @@ mod tests {
             stop_ids: vec![],
             tokenizer: Some(tok.clone()),
             images: None,
+            constraint: None,
         };
         let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
         let mut seq = Sequence::new(0, admitted, events, Instant::now());

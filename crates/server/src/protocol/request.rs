@@ -118,6 +118,8 @@ pub struct GenerationParams {
     /// OpenAI's `n`: choices to generate, each from the same prompt (1 to
     /// [`MAX_CHOICES`](crate::parse::MAX_CHOICES)).
     pub n: usize,
+    /// The answer's constraint (a JSON schema, a regex, ...) and the field it came in.
+    pub structured: Option<crate::structured::Structured>,
 }
 
 /// Chat-template arguments a chat request may set.

@@ -57,7 +57,14 @@ pub(crate) struct WireRequest {
     pub tool_choice: Option<Json>,
     pub functions: Option<Json>,
     pub function_call: Option<Json>,
+    /// OpenAI's answer format (`text`, `json_object`, `json_schema`), vLLM's
+    /// `structured_outputs` and its older `guided_*` fields: see [`crate::structured`].
     pub response_format: Option<Json>,
+    pub structured_outputs: Option<Json>,
+    pub guided_json: Option<Json>,
+    pub guided_regex: Option<Json>,
+    pub guided_choice: Option<Json>,
+    pub guided_grammar: Option<Json>,
     pub logit_bias: Option<Map<String, Json>>,
     pub prompt_logprobs: Option<Json>,
     /// Accepted and not used: they change nothing in the answer (and are not logged as unknown).
