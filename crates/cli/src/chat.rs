@@ -56,7 +56,7 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
     graphs.check_chat()?;
     graphs.check_stop(&args.sampling.stop)?;
     let engine = args.model.start()?;
-    let options = args.sampling.options(engine.model_info())?;
+    let options = args.sampling.engine_options(&engine)?;
     let render = render_options(args.thinking);
     let image_limits = args.model.image_limits();
     let mut messages = Vec::new();

@@ -25,6 +25,7 @@ use pio_runtime::generate::{GenerateOptions, GenerationOutput};
 use pio_runtime::plugin::PluginMetadata;
 use pio_runtime::sampling::{SamplingError, SamplingParams};
 use pio_runtime::stages::StageOptions;
+use pio_runtime::structured::StructuredOutput;
 use pio_runtime::vision::{LocalImageFiles, RemoteImages};
 use serde_json::json;
 
@@ -476,6 +477,18 @@ struct SamplingArgs {
     /// this many alternatives (0 to 20).
     #[arg(long, value_parser = NumberRange::between(0, pio_runtime::engine::MAX_TOP_LOGPROBS))]
     logprobs: Option<usize>,
+    /// Constrain the output to JSON valid against the JSON schema in FILE (needs a tokenizer).
+    #[arg(long, value_name = "FILE", group = "structured")]
+    json_schema: Option<PathBuf>,
+    /// Constrain the output to a JSON object, any (`--json` is the output format).
+    #[arg(long, group = "structured")]
+    json_object: bool,
+    /// Constrain the output to text the whole of which matches RE (Rust regex syntax).
+    #[arg(long, value_name = "RE", group = "structured")]
+    regex: Option<String>,
+    /// Constrain the output to one of these texts (repeatable: `--choice yes --choice no`).
+    #[arg(long, value_name = "TEXT", group = "structured")]
+    choice: Vec<String>,
 }
 
 /// `--logit-bias ID=BIAS`, the bias checked by the runtime's own rule.
@@ -539,8 +552,43 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
+            structured_output: self.structured_output()?.map(|(output, _)| output),
             ..Default::default()
         })
+    }
+
+    /// The constraint of --json-schema, --json-object, --regex or --choice (clap lets at most one
+    /// through), and its flag.
+    fn structured_output(&self) -> Result<Option<(StructuredOutput, &'static str)>> {
+        if let Some(file) = &self.json_schema {
+            let refused = |why: &str| Refused::new("--json-schema", format!("{}: {why}", file.display()));
+            let text =
+                std::fs::read_to_string(file).map_err(|e| anyhow::Error::from(e).context(refused("cannot read it")))?;
+            let schema: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| anyhow::Error::from(e).context(refused("is not JSON")))?;
+            return Ok(Some((StructuredOutput::Json(schema), "--json-schema")));
+        }
+        Ok(if self.json_object {
+            Some((StructuredOutput::JsonObject, "--json-object"))
+        } else if let Some(rx) = &self.regex {
+            Some((StructuredOutput::Regex(rx.clone()), "--regex"))
+        } else if !self.choice.is_empty() {
+            Some((StructuredOutput::Choice(self.choice.clone()), "--choice"))
+        } else {
+            None
+        })
+    }
+
+    /// [`options`](Self::options) for `engine`, whose compiler checks the constraint once, before
+    /// anything is generated; a constraint it refuses is its flag's error.
+    fn engine_options(&self, engine: &Engine) -> Result<GenerateOptions> {
+        let options = self.options(engine.model_info())?;
+        if let (Some(output), Some((_, flag))) = (&options.structured_output, self.structured_output()?) {
+            engine
+                .check_structured_output(output)
+                .map_err(|e| anyhow::Error::from(e).context(Refused::new(flag, "the engine cannot follow it")))?;
+        }
+        Ok(options)
     }
 }
 
@@ -656,7 +704,7 @@ fn run(args: RunArgs) -> Result<()> {
         batch::check(file, &lines, &graphs, max_tokens, max_model_len)?;
         // Every line is queued at once.
         let engine = Engine::start(args.model.config()?.max_waiting(lines.len().max(1)).build()?)?;
-        let options = args.sampling.options(engine.model_info())?;
+        let options = args.sampling.engine_options(&engine)?;
         return batch::run(&engine, lines, &options, &render_options(args.thinking));
     }
     let (prompt, flag) = match (&args.prompt, &args.prompt_ids) {
@@ -676,7 +724,7 @@ fn run(args: RunArgs) -> Result<()> {
     graphs.check_prompt(&prompt, flag, max_tokens, max_model_len)?;
     graphs.check_images(&args.images, &args.model.image_limits())?;
     let engine = args.model.start()?;
-    let options = args.sampling.options(engine.model_info())?;
+    let options = args.sampling.engine_options(&engine)?;
     let request = Request::new(prompt).with_options(options).with_render(render_options(args.thinking));
     let streaming = !args.json && engine.tokenizer().is_some();
     let output = generate_streaming(&engine, request, streaming)?;

@@ -658,3 +658,38 @@ fn bench_writes_a_report_with_a_row_per_provider() {
     assert!(why.contains("TensorRT"), "the TensorRT row should say why it did not run: {trt}");
     assert!(text(&o.stdout).contains("not run"), "{}", text(&o.stdout));
 }
+
+/// --choice, --regex and --json-schema shape the output; two at once are refused by clap, and a
+/// constraint that does not compile is its flag's usage error (exit code 2).
+#[test]
+fn run_constrains_its_output_and_names_the_flag_of_a_bad_constraint() {
+    let graphs = real_tokenizer_graphs().to_str().unwrap();
+    let base = ["run", "--graphs", graphs, "--prompt", "Yes or no?", "--max-tokens", "16", "--seed", "3", "--json"];
+    let answer = |extra: &[&str]| -> Value {
+        let out = pio(&[&base[..], extra].concat());
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = answer(&["--choice", "yes", "--choice", "no"]);
+    assert!(v["text"] == "yes" || v["text"] == "no", "{v}");
+    assert_eq!(v["finish_reason"], "stop", "{v}");
+    let v = answer(&["--regex", "[a-c]{3}"]);
+    let t = v["text"].as_str().unwrap();
+    assert!(t.len() == 3 && t.bytes().all(|b| (b'a'..=b'c').contains(&b)), "{v}");
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(&schema, r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}"#).unwrap();
+    let v = answer(&["--json-schema", schema.to_str().unwrap()]);
+    let parsed: Value = serde_json::from_str(v["text"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {v}"));
+    assert!(parsed["ok"].is_boolean(), "{v}");
+
+    let refused = |extra: &[&str], needle: &str| {
+        let out = pio(&[&base[..], extra].concat());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "{extra:?} should mention {needle}: {stderr}");
+    };
+    refused(&["--regex", "(unclosed"], "--regex");
+    refused(&["--regex", "a", "--choice", "b"], "--choice");
+    refused(&["--json-schema", "/nonexistent/schema.json"], "--json-schema");
+}
