@@ -96,11 +96,41 @@ out["tools"] = {
     "stream_content": tool_stream_content,
 }
 
+# A forced call: the answer is constrained to the call's JSON, which the random model can only
+# follow; the SDK reads the calls, and their arguments parse. The city is one of a list: a free
+# string would rarely end in a random model's answer (its closing quote is one token of many).
+forced_tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo"]}},
+                   "required": ["city"], "additionalProperties": False}}}]
+
+
+def forced(tool_choice, seed=3):
+    answer = client.chat.completions.create(model=model, messages=messages, tools=forced_tools,
+                                            tool_choice=tool_choice,
+                                            max_tokens=80, seed=seed)
+    choice = answer.choices[0]
+    return {
+        "finish_reason": choice.finish_reason,
+        "content": choice.message.content,
+        "calls": [{"name": c.function.name, "arguments": json.loads(c.function.arguments)}
+                  for c in choice.message.tool_calls or []],
+    }
+out["forced"] = {
+    "named": forced({"type": "function", "function": {"name": "get_weather"}}),
+    # The constraint lets JSON have whitespace, which a random model writes plenty of, and a list
+    # of calls may go on: the first of a few seeds whose list ends within the 256-token context.
+    "required": next((r for r in (forced("required", seed) for seed in range(8)) if r["finish_reason"] != "length"),
+                     None),
+}
+
 errors = {}
 try:
-    client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="required", max_tokens=2)
+    client.chat.completions.create(model=model, messages=messages, tools=tools,
+                                   tool_choice={"type": "function", "function": {"name": "no_such_tool"}},
+                                   max_tokens=2)
 except openai.BadRequestError as e:
-    errors["tool_choice_required"] = {"status": e.status_code, "param": e.body.get("param")}
+    errors["tool_choice_unknown"] = {"status": e.status_code, "param": e.body.get("param")}
 try:
     client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)
 except openai.NotFoundError as e:

@@ -267,8 +267,20 @@ fn the_openai_python_sdk_talks_to_pio_serve() {
     assert!(tools["prompt_tokens"].as_u64() > chat["usage"]["prompt_tokens"].as_u64(), "{tools}");
     assert!(tools["after_call_prompt_tokens"].as_u64() > tools["prompt_tokens"].as_u64(), "{tools}");
     assert_eq!(tools["stream_content"], tools["content"]);
+    // Forced calls: one of get_weather for the named function (`stop`, as OpenAI answers it), one
+    // or more for `required` (`tool_calls`); each with one of the schema's cities.
+    for (choice, reason) in [("named", "stop"), ("required", "tool_calls")] {
+        let forced = &seen["forced"][choice];
+        assert_eq!((&forced["finish_reason"], &forced["content"]), (&json!(reason), &Value::Null), "{forced}");
+        let calls = forced["calls"].as_array().unwrap();
+        assert!(!calls.is_empty() && (choice == "required" || calls.len() == 1), "{forced}");
+        for call in calls {
+            assert_eq!(call["name"], "get_weather", "{forced}");
+            assert!(["Paris", "Tokyo"].contains(&call["arguments"]["city"].as_str().unwrap_or_default()), "{forced}");
+        }
+    }
     let errors = &seen["errors"];
-    assert_eq!(errors["tool_choice_required"], json!({"status": 400, "param": "tool_choice"}));
+    assert_eq!(errors["tool_choice_unknown"], json!({"status": 400, "param": "tool_choice.function.name"}));
     assert_eq!(errors["unknown_model"], json!({"status": 404, "param": "model", "code": "model_not_found"}));
     assert_eq!(errors["max_tokens_0"], json!({"status": 400, "param": "max_tokens"}));
     assert_eq!(errors["wrong_key"], json!({"status": 401, "code": "invalid_api_key"}));

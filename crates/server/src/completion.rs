@@ -17,6 +17,7 @@ use pio_runtime::generate::{FinishReason, GenerationOutput, TokenEvent};
 use crate::app::{unix_seconds, App};
 use crate::convert::{chat_job, completion_job, Job, ToolParsing};
 use crate::error::{ApiError, RequestError};
+use crate::forced_calls::ForcedCall;
 use crate::layers::{read_body, BodyLimit, Deadline};
 use crate::logprobs::offset_step;
 use crate::parse::{parse_chat_completion, parse_completion, Endpoint};
@@ -99,11 +100,13 @@ async fn submit(app: &App, job: &Job) -> Result<Vec<RequestHandle>, ApiError> {
             "n",
             format!("{n} choices are more than this server queues at once ({limit}, its --max-waiting)"),
         )),
-        // The engine names the constraint `structured_output`; the client sent it in its own field.
+        // The engine names the constraint `structured_output`; the client sent it in its own field
+        // (a forced call's, in its tools).
         Err(EngineError::InvalidRequest { field: "structured_output", part: None, message, source }) => {
             Err(EngineError::InvalidRequest {
                 field: "structured_output",
-                part: job.params.structured.as_ref().map(|s| s.param.to_string()),
+                part: (job.params.structured.as_ref().map(|s| s.param.to_string()))
+                    .or_else(|| job.forced.as_ref().map(|f| f.param.clone())),
                 message,
                 source,
             }
@@ -160,6 +163,17 @@ pub(crate) fn chat_message(
     let message =
         AssistantMessage { role: "assistant", content, tool_calls: parsed.calls.into_iter().map(Into::into).collect() };
     (message, chat_finish_reason(reason, called))
+}
+
+/// A whole answer to a forced call: its calls, with no content; or, when it is not the JSON the
+/// constraint asks for (cut short), its text as content and no call.
+fn forced_message(text: String, reason: FinishReason, forced: &ForcedCall) -> (AssistantMessage, &'static str) {
+    let (content, calls) = match forced.calls(&text) {
+        Some(calls) => (None, calls),
+        None => (Some(text), vec![]),
+    };
+    let reason = forced.finish_reason(reason, !calls.is_empty());
+    (AssistantMessage { role: "assistant", content, tool_calls: calls.into_iter().map(Into::into).collect() }, reason)
 }
 
 pub(crate) fn log_finished(output: &GenerationOutput) {
@@ -223,7 +237,10 @@ async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<R
                     if ids && index == 0 {
                         prompt_token_ids = Some(output.prompt_ids);
                     }
-                    let (message, reason) = chat_message(output.text, output.finish_reason, job.tools.as_ref());
+                    let (message, reason) = match &job.forced {
+                        Some(forced) => forced_message(output.text, output.finish_reason, forced),
+                        None => chat_message(output.text, output.finish_reason, job.tools.as_ref()),
+                    };
                     ChatChoice {
                         index,
                         message,

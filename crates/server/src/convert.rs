@@ -8,6 +8,7 @@ use pio_runtime::tokenizer::ChatTemplateSource;
 use serde_json::{json, Map, Value as Json};
 
 use crate::error::{ApiError, PromptFields};
+use crate::forced_calls::ForcedCall;
 use crate::parse::Endpoint;
 use crate::protocol::request::{
     ChatCompletionRequest, ChatMessage, CompletionPrompt, CompletionRequest, ContentPart, GenerationParams,
@@ -60,6 +61,8 @@ pub(crate) struct Job {
     pub fields: PromptFields,
     /// Chat with tools and `tool_choice: "auto"`: how to find the calls in the answer.
     pub tools: Option<ToolParsing>,
+    /// Chat with `tool_choice` `"required"` or a named function: the call forced on the answer.
+    pub forced: Option<ForcedCall>,
 }
 
 impl Job {
@@ -93,8 +96,9 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
         .enumerate()
         .map(|(i, m)| template_message(i, m, info.takes_images))
         .collect::<Result<_, _>>()?;
-    let tools = match (chat.tools.is_empty(), chat.tool_choice, support.format) {
-        (true, _, _) | (false, ToolChoice::None, _) => None,
+    let tools = match (chat.tools.is_empty(), &chat.tool_choice, support.format) {
+        // A forced call is read from its constrained JSON, whatever the model's own format.
+        (true, _, _) | (false, ToolChoice::None | ToolChoice::Required | ToolChoice::Function(_), _) => None,
         (false, ToolChoice::Auto, Some(format)) => Some(ToolParsing { format, tools: chat.tools.clone() }),
         (false, ToolChoice::Auto, None) => {
             return Err(ApiError::field(
@@ -105,6 +109,10 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
             ))
         }
     };
+    let forced = ForcedCall::of(&chat.tools, &chat.tool_choice)?;
+    if let Some(forced) = &forced {
+        options.structured_output = Some(forced.output.clone());
+    }
     if tools.is_some() && support.tag_is_special {
         // The calls are read from the text: their tags must stay in it (vLLM's hermes parser does the same).
         options.skip_special_tokens = false;
@@ -124,6 +132,7 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
         params: chat.params,
         fields,
         tools,
+        forced,
     })
 }
 
@@ -140,6 +149,7 @@ pub(crate) fn completion_job(completion: CompletionRequest, info: &ModelInfo) ->
         params: completion.params,
         fields,
         tools: None,
+        forced: None,
     })
 }
 

@@ -24,6 +24,7 @@ mod completion;
 mod config;
 mod convert;
 mod error;
+mod forced_calls;
 mod layers;
 mod logprobs;
 mod metrics;

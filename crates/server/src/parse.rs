@@ -75,6 +75,7 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<ChatCompletionRequest, ApiEr
     };
     let tools = tools(wire.tools.take())?;
     let tool_choice = tool_choice(wire.tool_choice.take())?;
+    check_forced_call(&tools, &tool_choice, params.structured.as_ref())?;
     Ok(ChatCompletionRequest { messages, tools, tool_choice, template, params })
 }
 
@@ -368,26 +369,79 @@ fn tools(wire: Option<Json>) -> Result<Vec<Json>, ApiError> {
     Ok(tools)
 }
 
-/// `tool_choice`: `auto` (the default) or `none`. `required` and a named function would have to
-/// force a call in the model's tool-call format (constrained decoding, which the server does for
-/// `response_format` and `structured_outputs` but not yet for tools): refused rather than
-/// answered with text the client did not ask for.
+/// `tool_choice`: `"auto"` (the default), `"none"`, `"required"`, or a named function
+/// (`{"type": "function", "function": {"name": ...}}`).
 fn tool_choice(wire: Option<Json>) -> Result<ToolChoice, ApiError> {
-    let forced = "needs a call forced in the model's tool-call format (constrained decoding), which this server \
-                  does not do for tools yet: use \"auto\"";
-    match wire {
-        None | Some(Json::Null) => Ok(ToolChoice::Auto),
-        Some(Json::String(s)) => match s.as_str() {
-            "auto" => Ok(ToolChoice::Auto),
-            "none" => Ok(ToolChoice::None),
-            "required" => Err(ApiError::field("tool_choice", format!("\"required\" {forced}"))),
-            other => Err(ApiError::field(
+    let choice = match wire {
+        None | Some(Json::Null) => return Ok(ToolChoice::Auto),
+        Some(Json::String(s)) => s,
+        Some(Json::Object(choice)) => return named_tool_choice(&choice),
+        Some(other) => {
+            return Err(ApiError::field(
                 "tool_choice",
-                format!("must be \"auto\", \"none\", \"required\" or a function, not {other:?}"),
-            )),
-        },
-        Some(Json::Object(_)) => Err(ApiError::field("tool_choice", format!("a named function {forced}"))),
-        Some(other) => Err(ApiError::field("tool_choice", format!("must be \"auto\" or \"none\", not {other}"))),
+                format!("must be \"auto\", \"none\", \"required\" or a function, not {other}"),
+            ))
+        }
+    };
+    match choice.as_str() {
+        "auto" => Ok(ToolChoice::Auto),
+        "none" => Ok(ToolChoice::None),
+        "required" => Ok(ToolChoice::Required),
+        other => Err(ApiError::field(
+            "tool_choice",
+            format!("must be \"auto\", \"none\", \"required\" or a function, not {other:?}"),
+        )),
+    }
+}
+
+/// OpenAI's named function: `{"type": "function", "function": {"name": "f"}}`.
+fn named_tool_choice(choice: &Map<String, Json>) -> Result<ToolChoice, ApiError> {
+    match choice.get("type") {
+        Some(Json::String(t)) if t == "function" => {}
+        None => return Err(ApiError::field("tool_choice.type", "is required: \"function\"")),
+        // OpenAI's `allowed_tools` and `custom` would need more than one function's schema or
+        // free text: refused rather than read as something else.
+        Some(other) => return Err(ApiError::field("tool_choice.type", format!("must be \"function\", not {other}"))),
+    }
+    match choice.get("function").and_then(|f| f.get("name")) {
+        Some(Json::String(name)) => Ok(ToolChoice::Function(name.clone())),
+        None | Some(Json::Null) => Err(ApiError::field("tool_choice.function.name", "is required")),
+        Some(other) => Err(ApiError::field("tool_choice.function.name", format!("must be a string, not {other}"))),
+    }
+}
+
+/// A forced call (`required`, a named function) needs a tool to call, and takes the answer's
+/// constraint for itself, so no other constraint may be given (vLLM refuses them together too).
+fn check_forced_call(
+    tools: &[Json],
+    choice: &ToolChoice,
+    structured: Option<&crate::structured::Structured>,
+) -> Result<(), ApiError> {
+    match choice {
+        ToolChoice::Auto | ToolChoice::None => return Ok(()),
+        ToolChoice::Required if tools.is_empty() => {
+            return Err(ApiError::field("tool_choice", "\"required\" needs `tools` to call, and the request has none"))
+        }
+        ToolChoice::Required => {}
+        ToolChoice::Function(name) => {
+            let named = |tool: &Json| tool.pointer("/function/name").and_then(Json::as_str) == Some(name.as_str());
+            if !tools.iter().any(named) {
+                return Err(ApiError::field(
+                    "tool_choice.function.name",
+                    format!("{name:?} is not the name of one of the request's `tools`"),
+                ));
+            }
+        }
+    }
+    match structured {
+        Some(s) => Err(ApiError::field(
+            "tool_choice",
+            format!(
+                "forces a tool call, whose arguments are the constrained answer, so `{}` cannot be given too",
+                s.param
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -599,9 +653,13 @@ mod tests {
         let parsed = parse_chat_completion(chat(&format!(r#", "tools": [{tool}]"#)).as_bytes()).unwrap();
         assert_eq!(parsed.tools, vec![serde_json::from_str::<Json>(tool).unwrap()]);
         assert_eq!(parsed.tool_choice, ToolChoice::Auto);
-        for (choice, expected) in
-            [("null", ToolChoice::Auto), (r#""auto""#, ToolChoice::Auto), (r#""none""#, ToolChoice::None)]
-        {
+        for (choice, expected) in [
+            ("null", ToolChoice::Auto),
+            (r#""auto""#, ToolChoice::Auto),
+            (r#""none""#, ToolChoice::None),
+            (r#""required""#, ToolChoice::Required),
+            (r#"{"type": "function", "function": {"name": "f"}}"#, ToolChoice::Function("f".into())),
+        ] {
             let body = chat(&format!(r#", "tools": [{tool}], "tool_choice": {choice}"#));
             assert_eq!(parse_chat_completion(body.as_bytes()).unwrap().tool_choice, expected, "{choice}");
         }
@@ -621,9 +679,31 @@ mod tests {
                 r#", "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]"#,
                 "tools[0].function.parameters",
             ),
+            // `required` with no tools to call; a function that is not one of the tools.
             (r#", "tool_choice": "required""#, "tool_choice"),
+            (r#", "tools": [], "tool_choice": "required""#, "tool_choice"),
+            (r#", "tool_choice": {"type": "function", "function": {"name": "f"}}"#, "tool_choice.function.name"),
+            (
+                &format!(r#", "tools": [{tool}], "tool_choice": {{"type": "function", "function": {{"name": "g"}}}}"#),
+                "tool_choice.function.name",
+            ),
+            (r#", "tool_choice": {"type": "function", "function": {}}"#, "tool_choice.function.name"),
+            (r#", "tool_choice": {"type": "allowed_tools"}"#, "tool_choice.type"),
+            (r#", "tool_choice": {"function": {"name": "f"}}"#, "tool_choice.type"),
+            // A forced call is the answer's constraint: no other may be given.
+            (
+                &format!(
+                    r#", "tools": [{tool}], "tool_choice": "required", "response_format": {{"type": "json_object"}}"#
+                ),
+                "tool_choice",
+            ),
+            (
+                &format!(
+                    r#", "tools": [{tool}], "tool_choice": {{"type": "function", "function": {{"name": "f"}}}}, "structured_outputs": {{"regex": "a"}}"#
+                ),
+                "tool_choice",
+            ),
             (r#", "tool_choice": "any""#, "tool_choice"),
-            (r#", "tool_choice": {"type": "function", "function": {"name": "f"}}"#, "tool_choice"),
             (r#", "tool_choice": 1"#, "tool_choice"),
             (r#", "functions": [{"name": "f"}]"#, "functions"),
             (r#", "function_call": "auto""#, "function_call"),
@@ -632,8 +712,6 @@ mod tests {
             let param = parse_chat_completion(body.as_bytes()).unwrap_err().param();
             assert_eq!(param.as_deref(), Some(field), "{body}");
         }
-        let refused = parse_chat_completion(chat(r#", "tool_choice": "required""#).as_bytes()).unwrap_err();
-        assert!(refused.to_string().contains("constrained decoding"), "{refused}");
         let completion = parse_completion(br#"{"prompt": "x", "tools": []}"#).unwrap_err();
         assert_eq!(completion.param().as_deref(), Some("tools"));
     }

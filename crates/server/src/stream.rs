@@ -21,6 +21,7 @@ use crate::app::{unix_seconds, App};
 use crate::completion::{chat_finish_reason, finish_reason, log_finished, response_id};
 use crate::convert::Job;
 use crate::error::{ApiError, PromptFields};
+use crate::forced_calls::ForcedCall;
 use crate::layers::Deadline;
 use crate::logprobs::offset_step;
 use crate::parse::Endpoint;
@@ -49,6 +50,7 @@ pub(crate) fn response(
             text_offset: 0,
             tool_calls: job.tools.as_ref().map(|t| ToolCallStream::new(t.format, t.tools.clone())),
             calls_sent: 0,
+            forced_text: job.forced.as_ref().map(|_| String::new()),
             usage: None,
         })
         .collect();
@@ -62,6 +64,7 @@ pub(crate) fn response(
         logprobs: job.params.logprobs.is_some(),
         token_ids: job.params.return_token_ids,
         choices,
+        forced: job.forced,
         pending: VecDeque::new(),
         events: Some(select_all(handles.into_iter().enumerate().map(|(index, handle)| repeat(index).zip(handle)))),
         deadline,
@@ -97,6 +100,8 @@ struct ChunkStream {
     token_ids: bool,
     /// Each choice's state, by index.
     choices: Vec<ChoiceState>,
+    /// Chat with `tool_choice` `"required"` or a named function: the call forced on each choice.
+    forced: Option<ForcedCall>,
     /// Events ready to send.
     pending: VecDeque<SseEvent>,
     /// Every running choice's events, as they come; None once the answer has ended. Dropping it
@@ -115,6 +120,9 @@ struct ChoiceState {
     tool_calls: Option<ToolCallStream>,
     /// Tool calls sent (the next one's index).
     calls_sent: usize,
+    /// A forced call: the answer so far. Its JSON is the call's (or the calls') and not content,
+    /// and it is only known to be whole at the end, so the calls are sent then.
+    forced_text: Option<String>,
     /// The choice's usage, once it has finished.
     usage: Option<pio_runtime::generate::Usage>,
 }
@@ -173,7 +181,15 @@ impl ChunkStream {
     }
 
     fn push_token(&mut self, index: usize, token: &TokenEvent) {
-        let streamed = self.choices[index].tool_calls.as_mut().map(|parser| parser.push(&token.text));
+        let choice = &mut self.choices[index];
+        let streamed = match (choice.forced_text.as_mut(), choice.tool_calls.as_mut()) {
+            // Nothing to let out (the token's logprob and id still go out, with no text).
+            (Some(forced), _) => {
+                forced.push_str(&token.text);
+                Some(vec![])
+            }
+            (None, parser) => parser.map(|parser| parser.push(&token.text)),
+        };
         match streamed {
             Some(out) => self.push_streamed(index, out, Some(token)),
             None if !token.text.is_empty() || self.wants_token_chunk(token) => {
@@ -186,11 +202,27 @@ impl ChunkStream {
         }
     }
 
-    /// A choice's end: the text its tool-call parser still held, and its finish chunk.
+    /// A choice's end: a forced call's calls (or its text, when it is not their whole JSON), or
+    /// the text its tool-call parser still held; and its finish chunk.
     fn push_finish(&mut self, index: usize, output: GenerationOutput) {
         log_finished(&output);
         let choice = &mut self.choices[index];
         choice.usage = Some(output.usage());
+        if let (Some(forced), Some(text)) = (&self.forced, choice.forced_text.take()) {
+            let (reason, out) = match forced.calls(&text) {
+                Some(calls) => {
+                    (forced.finish_reason(output.finish_reason, true), calls.into_iter().map(Streamed::Call).collect())
+                }
+                // Not the whole JSON (cut short): the text, as the whole answer gives it.
+                None => {
+                    let content = (!text.is_empty()).then_some(Streamed::Content(text));
+                    (forced.finish_reason(output.finish_reason, false), content.into_iter().collect())
+                }
+            };
+            self.push_streamed(index, out, None);
+            self.push_chunk(index, Piece::Finish(reason));
+            return;
+        }
         let reason = match choice.tool_calls.as_mut().map(|parser| parser.finish()) {
             Some(rest) => {
                 self.push_streamed(index, rest, None);

@@ -528,20 +528,33 @@ fn bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on() {
             Some("response_format.type"),
             "xml",
         ),
-        (
-            "/v1/chat/completions",
-            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"})),
-            400,
-            Some("tool_choice"),
-            "constrained decoding",
-        ),
+        // A forced call: tools to call, one of them named, and no other constraint; a schema the
+        // engine cannot compile is named by the tool it came in.
+        ("/v1/chat/completions", chat(json!({"tool_choice": "required"})), 400, Some("tool_choice"), "no"),
         (
             "/v1/chat/completions",
             chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}],
-                "tool_choice": {"type": "function", "function": {"name": "f"}}})),
+                "tool_choice": {"type": "function", "function": {"name": "g"}}})),
+            400,
+            Some("tool_choice.function.name"),
+            "\"g\"",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+                "response_format": {"type": "json_object"}})),
             400,
             Some("tool_choice"),
-            "constrained decoding",
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                    "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["n"]}}}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}}})),
+            400,
+            Some("tools[0].function.parameters"),
+            "minimum (5) is greater than maximum (1)",
         ),
         (
             "/v1/chat/completions",
@@ -1095,4 +1108,97 @@ fn structured_outputs_shape_the_answer_on_both_endpoints() {
     let text = answer["choices"][0]["text"].as_str().unwrap();
     assert!(text.len() == 4 && text.bytes().all(|b| b.is_ascii_digit()), "{answer}");
     assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+}
+
+/// The calls of a chat choice, whole or streamed: (name, arguments) each, with its checks: the
+/// whole answer's calls have ids and no content beside them, the streamed ones come one per
+/// delta, in order, and no content delta carries text.
+fn forced_calls(choice: &Value) -> Vec<(String, String)> {
+    assert!(choice["message"]["content"].is_null(), "{choice}");
+    let calls = choice["message"]["tool_calls"].as_array().unwrap_or_else(|| panic!("no calls: {choice}"));
+    calls
+        .iter()
+        .map(|c| {
+            assert!(c["id"].as_str().unwrap().starts_with("call_") && c["type"] == "function", "{c}");
+            (c["function"]["name"].as_str().unwrap().into(), c["function"]["arguments"].as_str().unwrap().into())
+        })
+        .collect()
+}
+
+fn streamed_forced_calls(chunks: &[Value], index: usize) -> (Vec<(String, String)>, String) {
+    let mut calls = Vec::new();
+    let mut finish = String::new();
+    for choice in chunks.iter().map(|c| &c["choices"][0]).filter(|c| c["index"] == index) {
+        assert!(choice["delta"]["content"].as_str().is_none_or(str::is_empty), "{choice}");
+        for call in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            assert_eq!(call["index"], calls.len(), "{choice}");
+            let function = &call["function"];
+            calls.push((function["name"].as_str().unwrap().into(), function["arguments"].as_str().unwrap().into()));
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finish = reason.into();
+        }
+    }
+    (calls, finish)
+}
+
+/// `tool_choice` `"required"` and a named function: the random-weight model's answer is
+/// constrained to the calls' JSON, and the calls are read from it: arguments valid against the
+/// tool's schema, the same streamed as whole for one seed, for each of `n` choices; an answer
+/// cut short is no call.
+#[test]
+fn forced_tool_calls_are_constrained_json_read_as_calls() {
+    let server = serve(Settings::default());
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "The weather",
+            "parameters": {"type": "object", "properties": {
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["unit", "days"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time",
+            "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+            "required": ["zone"], "additionalProperties": false}}},
+    ]);
+    // Checked by hand against the schemas above.
+    let valid = |(name, arguments): &(String, String)| {
+        let value: Value = serde_json::from_str(arguments).unwrap_or_else(|e| panic!("{e}: {arguments}"));
+        let args = value.as_object().unwrap();
+        match name.as_str() {
+            "get_weather" => {
+                args.len() == 2
+                    && ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap_or_default())
+                    && args["days"].as_u64().is_some_and(|d| (1..=7).contains(&d))
+            }
+            "get_time" => args.len() == 1 && ["UTC", "CET"].contains(&args["zone"].as_str().unwrap_or_default()),
+            _ => false,
+        }
+    };
+    let messages = json!([{"role": "user", "content": "Weather for the next days?"}]);
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let cases = [(named.clone(), 1, "stop"), (json!("required"), 2, "tool_calls")];
+    for (tool_choice, n, reason) in cases {
+        let mut body = json!({"messages": messages, "tools": tools, "tool_choice": tool_choice, "n": n,
+            "max_tokens": 400, "seed": 7});
+        let whole = server.answer("/v1/chat/completions", &body);
+        body["stream"] = json!(true);
+        let chunks = chunks(&server.stream("/v1/chat/completions", &body));
+        for (index, choice) in whole["choices"].as_array().unwrap().iter().enumerate() {
+            let calls = forced_calls(choice);
+            assert!(!calls.is_empty() && calls.iter().all(valid), "{tool_choice}: {whole}");
+            if tool_choice == named {
+                assert_eq!(calls.len(), 1, "{whole}");
+                assert_eq!(calls[0].0, "get_weather");
+            }
+            assert_eq!(choice["finish_reason"], reason, "{tool_choice}: {whole}");
+            assert_eq!(streamed_forced_calls(&chunks, index), (calls, reason.to_string()), "{tool_choice}");
+        }
+    }
+
+    // Cut short: no call from JSON that does not parse, the text as content, and `length`.
+    let body = json!({"messages": messages, "tools": tools, "tool_choice": named, "max_tokens": 3, "seed": 7});
+    let whole = server.answer("/v1/chat/completions", &body);
+    let choice = &whole["choices"][0];
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(serde_json::from_str::<Value>(content).is_err() && choice["message"].get("tool_calls").is_none());
+    assert_eq!(choice["finish_reason"], "length", "{whole}");
 }

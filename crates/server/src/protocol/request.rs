@@ -131,9 +131,8 @@ pub struct TemplateArgs {
     pub extra: Map<String, Json>,
 }
 
-/// `tool_choice`, of the values the server honours (`required` and a named function need
-/// constrained decoding and are refused).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// `tool_choice`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum ToolChoice {
     /// The model may call the tools; calls in its answer are parsed.
     #[default]
@@ -141,6 +140,11 @@ pub enum ToolChoice {
     /// The tools are shown to the model (the template renders them, as vLLM does), and its
     /// answer is text.
     None,
+    /// One call or more, of any of the tools, forced by constrained decoding
+    /// ([`crate::forced_calls`]).
+    Required,
+    /// One call of this function (one of the request's tools), forced by constrained decoding.
+    Function(String),
 }
 
 /// A checked `/v1/chat/completions` body.
