@@ -85,11 +85,13 @@ find_nsys() { # find_nsys: Nsight Systems' nsys on this host, or nothing
 }
 
 decode_bench() { # decode_bench BIN NAME BATCHES LINES GRAPH_ARGS...: BIN's pio bench (prompt 128, 128 new tokens,
-  # CUDA graphs) into $out/NAME.json and .log, its last LINES lines shown
+  # CUDA graphs) into $out/NAME.json and .log, its last LINES lines shown. TTFT is the median of TTFT_REPEATS (default
+  # 5) prefills: one sample (Run 15's --repeats 1) spread 7.4 to 9.2 ms across rounds, too wide to compare with
+  # onnxruntime-genai's median of three.
   local bin=$1 name=$2 batches=$3 lines=$4
   shift 4
   timeout ${PART_SECONDS:-240} "$bin" bench "$@" --ep cuda --cuda-graph on --batches "$batches" --prompt-lens 128 \
-    --decode-prompt-len 128 --decode-tokens 128 --repeats 1 --out "$out/$name.json" > "$out/$name.log" 2>&1
+    --decode-prompt-len 128 --decode-tokens 128 --repeats ${TTFT_REPEATS:-5} --out "$out/$name.json" > "$out/$name.log" 2>&1
   echo "$name: pio bench rc=$?"
   grep -v "INFO\|WARN" "$out/$name.log" | tail -n "$lines"
 }

@@ -20,7 +20,7 @@ bench() { # bench BIN NAME GRAPH...: pio bench of the graphs into $A/NAME.json
   local args=()
   for g in "$@"; do args+=(--graphs "$W/$g"); done
   timeout 150 "$bin" bench "${args[@]}" --ep cuda --cuda-graph on --batches "${AB_BATCHES:-1,8,32}" --prompt-lens 128 \
-    --decode-prompt-len 128 --decode-tokens 128 --repeats 1 --out "$A/$name.json" > "$A/$name.log" 2>&1
+    --decode-prompt-len 128 --decode-tokens 128 --repeats ${TTFT_REPEATS:-5} --out "$A/$name.json" > "$A/$name.log" 2>&1
   echo "$name rc=$?"
 }
 for r in $(seq 1 "${ROUNDS:-3}"); do
