@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokenizers::DecoderWrapper;
 
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{byte_level_bytes, Tokenizer};
 
 /// What the generated text must be. `Json` and `JsonObject` text is JSON with at most
 /// [`JSON_WHITESPACE`] between its tokens unless the schema's own `x-guidance` options say
@@ -248,31 +248,6 @@ impl TrieEnv {
 // https://github.com/guidance-ai/llguidance, MIT licensed, Copyright (c) Microsoft Corporation),
 // ported to tokenizers 0.22 and without its panics.
 
-/// GPT-2's byte-level alphabet: the bytes that stand for themselves.
-fn is_self_mapped(c: char) -> bool {
-    matches!(c, '!'..='~' | '\u{00A1}'..='\u{00AC}' | '\u{00AE}'..='\u{00FF}')
-}
-
-/// GPT-2's byte-to-unicode table, inverted: each character of a byte-level token to its byte
-/// (the others are shifted to U+0100 and up, in byte order).
-fn byte_level_chars() -> std::collections::HashMap<char, u8> {
-    let mut map = std::collections::HashMap::with_capacity(256);
-    let mut shifted = 0x100u32;
-    for byte in 0..=255u8 {
-        let c = byte as char;
-        if is_self_mapped(c) {
-            map.insert(c, byte);
-        } else {
-            // 0x100..0x144: all valid chars.
-            if let Some(c) = char::from_u32(shifted) {
-                map.insert(c, byte);
-            }
-            shifted += 1;
-        }
-    }
-    map
-}
-
 #[derive(Default)]
 struct DecoderKind {
     byte_level: bool,
@@ -333,7 +308,6 @@ fn token_bytes(hft: &tokenizers::Tokenizer) -> Result<(Vec<Vec<u8>>, Option<u32>
             *word = token.content.clone().into_bytes();
         }
     }
-    let chars = byte_level_chars();
     for id in 0..vocab_size as u32 {
         let Some(name) = hft.id_to_token(id) else { continue };
         let bytes = if specials.contains(&id) {
@@ -358,7 +332,7 @@ fn token_bytes(hft: &tokenizers::Tokenizer) -> Result<(Vec<Vec<u8>>, Option<u32>
         } else {
             // Byte-level: a token whose characters are not all of the alphabet (an added
             // non-special token's raw text, kept above) stays as it was.
-            match name.chars().map(|c| chars.get(&c).copied()).collect::<Option<Vec<u8>>>() {
+            match byte_level_bytes(&name) {
                 Some(bytes) => bytes,
                 None => continue,
             }

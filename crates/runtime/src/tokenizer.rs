@@ -583,6 +583,24 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
     n
 }
 
+/// The bytes a byte-level BPE piece spells (GPT-2's `bytes_to_unicode`, inverted): printable
+/// bytes stand for themselves, the others were moved to U+0100 and up in order. None when a
+/// character is not such a byte. (Qwen3's and GLM's vocabularies spell tokens this way.)
+pub fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
+    piece.chars().map(byte_of_char).collect()
+}
+
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let code = c as u32;
+    if code < 0x100 {
+        return printable(code).then_some(code as u8);
+    }
+    // The n-th byte that is not printable is spelled as U+0100 + n.
+    let n = code - 0x100;
+    (0u32..0x100).filter(|&b| !printable(b)).nth(n as usize).map(|b| b as u8)
+}
+
 /// Folder holding the real Qwen3 tokenizer that `scripts/setup.sh` fetches, for tests and benches.
 /// `$PIO_CACHE_DIR/tokenizers/qwen3`, default `<repo>/.cache/pio/tokenizers/qwen3`.
 #[doc(hidden)]
@@ -606,6 +624,23 @@ pub fn qwen3_test_tokenizer_dir() -> std::result::Result<PathBuf, String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn byte_level_pieces_give_their_bytes() {
+        // "Ġ" is the space (0x20, the 33rd non-printable byte), "Ċ" the newline.
+        assert_eq!(byte_level_bytes("Ġhello").unwrap(), b" hello");
+        assert_eq!(byte_level_bytes("Ċ").unwrap(), b"\n");
+        // "é" in UTF-8 is c3 a9; byte-level spells it "Ã©".
+        assert_eq!(byte_level_bytes("Ã©").unwrap(), "é".as_bytes());
+        // Half a character: one byte, not valid UTF-8 alone.
+        assert_eq!(byte_level_bytes("Ã").unwrap(), [0xc3]);
+        assert_eq!(byte_level_bytes("中"), None);
+        for b in 0u8..=255 {
+            let spelled: Vec<char> =
+                (0u32..0x200).filter_map(char::from_u32).filter(|&c| byte_of_char(c) == Some(b)).collect();
+            assert_eq!(spelled.len(), 1, "byte {b:#x} is spelled {spelled:?}");
+        }
+    }
 
     pub(crate) fn qwen3() -> Tokenizer {
         let dir = match qwen3_test_tokenizer_dir() {
