@@ -693,12 +693,7 @@ impl Engine {
         if prompt.is_empty() {
             return Err(EngineError::invalid(field, "the prompt is empty"));
         }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= info.vocab_size) {
-            return Err(EngineError::invalid(
-                field,
-                format!("token id {bad} is outside the vocabulary (size {})", info.vocab_size),
-            ));
-        }
+        in_vocabulary(field, &prompt, info.vocab_size)?;
         if options.max_tokens == Some(0) {
             return Err(EngineError::invalid("max_tokens", "must be at least 1"));
         }
@@ -729,18 +724,8 @@ impl Engine {
         if let Some(n) = options.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
             return Err(EngineError::invalid("top_logprobs", format!("{n} is over the limit of {MAX_TOP_LOGPROBS}")));
         }
-        if let Some(&bad) = options.sampling.logit_bias.keys().find(|&&t| t as usize >= info.vocab_size) {
-            return Err(EngineError::invalid(
-                "logit_bias",
-                format!("token id {bad} is outside the vocabulary (size {})", info.vocab_size),
-            ));
-        }
-        if let Some(&bad) = options.stop_token_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
-            return Err(EngineError::invalid(
-                "stop_token_ids",
-                format!("token id {bad} is outside the vocabulary (size {})", info.vocab_size),
-            ));
-        }
+        in_vocabulary("logit_bias", options.sampling.logit_bias.keys(), info.vocab_size)?;
+        in_vocabulary("stop_token_ids", &options.stop_token_ids, info.vocab_size)?;
         let constraint = match &options.structured_output {
             Some(output) => Some(self.constraint(output)?),
             None => None,
@@ -801,6 +786,20 @@ impl Engine {
     /// calls do nothing.
     pub fn shutdown(&self) {
         self.inner.shutdown();
+    }
+}
+
+/// Refuses a request whose `field` holds a token id outside the model's vocabulary.
+fn in_vocabulary<'a>(
+    field: &'static str,
+    ids: impl IntoIterator<Item = &'a u32>,
+    vocab_size: usize,
+) -> Result<(), EngineError> {
+    match ids.into_iter().find(|&&t| t as usize >= vocab_size) {
+        Some(bad) => {
+            Err(EngineError::invalid(field, format!("token id {bad} is outside the vocabulary (size {vocab_size})")))
+        }
+        None => Ok(()),
     }
 }
 
