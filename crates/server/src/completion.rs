@@ -168,11 +168,7 @@ pub(crate) fn chat_message(
 /// A whole answer to a forced call: its calls, with no content; or, when it is not the JSON the
 /// constraint asks for (cut short), its text as content and no call.
 fn forced_message(text: String, reason: FinishReason, forced: &ForcedCall) -> (AssistantMessage, &'static str) {
-    let (content, calls) = match forced.calls(&text) {
-        Some(calls) => (None, calls),
-        None => (Some(text), vec![]),
-    };
-    let reason = forced.finish_reason(reason, !calls.is_empty());
+    let (content, calls, reason) = forced.answer(text, reason);
     (AssistantMessage { role: "assistant", content, tool_calls: calls.into_iter().map(Into::into).collect() }, reason)
 }
 

@@ -95,6 +95,17 @@ impl ForcedCall {
         }
     }
 
+    /// A whole answer as the response gives it: its calls and no content, or, when it is not the
+    /// complete JSON (cut short), its text as the content and no call; and its finish reason.
+    pub fn answer(&self, text: String, reason: FinishReason) -> (Option<String>, Vec<ToolCall>, &'static str) {
+        let (content, calls) = match self.calls(&text) {
+            Some(calls) => (None, calls),
+            None => (Some(text), vec![]),
+        };
+        let reason = self.finish_reason(reason, !calls.is_empty());
+        (content, calls, reason)
+    }
+
     /// The finish reason of an answer that ended on its own: `tool_calls` for `required`, `stop`
     /// for a named function (OpenAI answers a named `tool_choice` with `stop`; vLLM does both so).
     /// An answer cut short says `length`, as any other.

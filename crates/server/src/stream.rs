@@ -209,16 +209,10 @@ impl ChunkStream {
         let choice = &mut self.choices[index];
         choice.usage = Some(output.usage());
         if let (Some(forced), Some(text)) = (&self.forced, choice.forced_text.take()) {
-            let (reason, out) = match forced.calls(&text) {
-                Some(calls) => {
-                    (forced.finish_reason(output.finish_reason, true), calls.into_iter().map(Streamed::Call).collect())
-                }
-                // Not the whole JSON (cut short): the text, as the whole answer gives it.
-                None => {
-                    let content = (!text.is_empty()).then_some(Streamed::Content(text));
-                    (forced.finish_reason(output.finish_reason, false), content.into_iter().collect())
-                }
-            };
+            // Not the whole JSON (cut short): the text, as the whole answer gives it.
+            let (content, calls, reason) = forced.answer(text, output.finish_reason);
+            let content = content.filter(|text| !text.is_empty()).map(Streamed::Content);
+            let out = content.into_iter().chain(calls.into_iter().map(Streamed::Call)).collect();
             self.push_streamed(index, out, None);
             self.push_chunk(index, Piece::Finish(reason));
             return;
