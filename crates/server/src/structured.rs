@@ -28,18 +28,16 @@ pub(crate) fn structured(wire: &mut WireRequest) -> Result<Option<Structured>, A
     if let Some(s) = structured_outputs(wire.structured_outputs.take())? {
         found.push(s);
     }
-    if let Some(json) = wire.guided_json.take().filter(|v| !v.is_null()) {
-        found.push(Structured { output: StructuredOutput::Json(schema("guided_json", json)?), param: "guided_json" });
-    }
-    if let Some(rx) = wire.guided_regex.take().filter(|v| !v.is_null()) {
-        found.push(Structured { output: StructuredOutput::Regex(text("guided_regex", rx)?), param: "guided_regex" });
-    }
-    if let Some(choices) = wire.guided_choice.take().filter(|v| !v.is_null()) {
-        found.push(Structured { output: choice("guided_choice", choices)?, param: "guided_choice" });
-    }
-    if let Some(lark) = wire.guided_grammar.take().filter(|v| !v.is_null()) {
-        let output = StructuredOutput::Grammar(text("guided_grammar", lark)?);
-        found.push(Structured { output, param: "guided_grammar" });
+    let guided = [
+        ("guided_json", Kind::Json, wire.guided_json.take()),
+        ("guided_regex", Kind::Regex, wire.guided_regex.take()),
+        ("guided_choice", Kind::Choice, wire.guided_choice.take()),
+        ("guided_grammar", Kind::Grammar, wire.guided_grammar.take()),
+    ];
+    for (param, kind, value) in guided {
+        if let Some(value) = value.filter(|v| !v.is_null()) {
+            found.push(kind.parse(param, value)?);
+        }
     }
     if found.len() > 1 {
         let names: Vec<&str> = found.iter().map(|s| s.param).collect();
@@ -75,7 +73,7 @@ fn response_format(wire: Option<Json>) -> Result<Option<Structured>, ApiError> {
             let param = "response_format.json_schema.schema";
             match spec.get("schema") {
                 None | Some(Json::Null) => Err(ApiError::field(param, "is required: the JSON schema of the answer")),
-                Some(s) => Ok(Some(Structured { output: StructuredOutput::Json(schema(param, s.clone())?), param })),
+                Some(s) => Kind::Json.parse(param, s.clone()).map(Some),
             }
         }
         Some(other) => Err(ApiError::field(
@@ -101,15 +99,15 @@ fn structured_outputs(wire: Option<Json>) -> Result<Option<Structured>, ApiError
         if value.is_null() {
             continue;
         }
-        let (param, output) = match key.as_str() {
-            "json" => ("structured_outputs.json", StructuredOutput::Json(schema("structured_outputs.json", value)?)),
-            "regex" => ("structured_outputs.regex", StructuredOutput::Regex(text("structured_outputs.regex", value)?)),
-            "choice" => ("structured_outputs.choice", choice("structured_outputs.choice", value)?),
-            "grammar" => {
-                ("structured_outputs.grammar", StructuredOutput::Grammar(text("structured_outputs.grammar", value)?))
-            }
+        let this = match key.as_str() {
+            "json" => Kind::Json.parse("structured_outputs.json", value)?,
+            "regex" => Kind::Regex.parse("structured_outputs.regex", value)?,
+            "choice" => Kind::Choice.parse("structured_outputs.choice", value)?,
+            "grammar" => Kind::Grammar.parse("structured_outputs.grammar", value)?,
             "json_object" => match value {
-                Json::Bool(true) => ("structured_outputs.json_object", StructuredOutput::JsonObject),
+                Json::Bool(true) => {
+                    Structured { output: StructuredOutput::JsonObject, param: "structured_outputs.json_object" }
+                }
                 Json::Bool(false) => continue,
                 other => {
                     return Err(ApiError::field(
@@ -128,9 +126,12 @@ fn structured_outputs(wire: Option<Json>) -> Result<Option<Structured>, ApiError
             }
         };
         if let Some(Structured { param: first, .. }) = found {
-            return Err(ApiError::field(param, format!("only one constraint may be given, and `{first}` is set too")));
+            return Err(ApiError::field(
+                this.param,
+                format!("only one constraint may be given, and `{first}` is set too"),
+            ));
         }
-        found = Some(Structured { output, param });
+        found = Some(this);
     }
     match found {
         Some(s) => Ok(Some(s)),
@@ -138,6 +139,28 @@ fn structured_outputs(wire: Option<Json>) -> Result<Option<Structured>, ApiError
             "structured_outputs",
             "needs one of `json`, `regex`, `choice`, `grammar`, `json_object`",
         )),
+    }
+}
+
+/// The kinds of constraint vLLM names both in `structured_outputs` and in its `guided_*` fields.
+#[derive(Clone, Copy)]
+enum Kind {
+    Json,
+    Regex,
+    Choice,
+    Grammar,
+}
+
+impl Kind {
+    /// The constraint `param`'s value gives.
+    fn parse(self, param: &'static str, value: Json) -> Result<Structured, ApiError> {
+        let output = match self {
+            Kind::Json => StructuredOutput::Json(schema(param, value)?),
+            Kind::Regex => StructuredOutput::Regex(text(param, value)?),
+            Kind::Choice => choice(param, value)?,
+            Kind::Grammar => StructuredOutput::Grammar(text(param, value)?),
+        };
+        Ok(Structured { output, param })
     }
 }
 
