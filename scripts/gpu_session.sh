@@ -41,6 +41,12 @@
 #                                    one token (why a few-MB projection takes microseconds more than its bytes need)
 #   scripts/gpu_session.sh ops-moe   pio-kernels-check ops on the MoE presets: our int4 MoE kernel (MoEInt4) against
 #                                    ONNX Runtime's QMoE inside ONNX Runtime, every MoE layer shape at 1/8/32 tokens
+#   scripts/gpu_session.sh attention pio-kernels-check attention: the one-token decode-attention kernel against its
+#                                    CPU reference (batch sizes, lengths, query groups, a window) and timed (no ONNX
+#                                    Runtime: runs in the first call)
+#   scripts/gpu_session.sh attn-ab   pio bench of Qwen3-4B bf16/int4 stock, --pio-kernels without attention and with
+#                                    it (prep's KERNEL_KINDS="stock pio-noattn pio"), batch 1/8/32 (AB_BATCHES), then
+#                                    greedy 64 tokens of the pio graphs against stock after 32- and 300-token prompts
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the synthetic Qwen3-4B checkpoint of `kernels`
 #                                    or `prep` (bf16, int4; batch 1 and 32; .gpu-genai holds its wheels; needs only
 #                                    ONNX Runtime unpacked by an earlier call of the lease, no binaries)
@@ -54,7 +60,7 @@
 # for something else (.gpu-genai): ONNX Runtime is then the one an earlier call of the lease unpacked in /opt. What ran on 2026-12-06:
 # benches/results/2026-12-06-h100/README.md.
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|ncu-tiles|vl-profile|bench4|probe|probe-variants|moe-check|nsys-genai|nsys-vl|ops-moe|genai}
+part=${1:?usage: scripts/gpu_session.sh torch|prep|setup|kernels|serve|engine|vl|ncu-vl|ncu-tiles|vl-profile|bench4|probe|probe-variants|moe-check|nsys-genai|nsys-vl|ops-moe|genai|attention|attn-ab}
 out=${OUT:?OUT must be set}
 work=/dev/shm/pio-kernels-check
 mkdir -p "$out"
@@ -72,9 +78,12 @@ unpack_tokenizer() { # unpack_tokenizer DIR: the Qwen3 tokenizer a carried folde
   cp "$1/tokenizer_config.json" .cache/pio/tokenizers/qwen3/
 }
 
-export_flags() { # export_flags KIND: pio-export's flags for a graph kind of `prep` (stock, pio, pio-lm4, pio-moe)
+export_flags() { # export_flags KIND: pio-export's flags for a graph kind of `prep` (stock, pio, pio-lm4, pio-moe,
+  # pio-noattn: every family but attention, attn: only attention)
   case $1 in
     pio) echo --pio-kernels ;;
+    pio-noattn) echo --pio-kernels linear,lm_head,swiglu ;;
+    attn) echo --pio-kernels attention ;;
     pio-lm4) echo --pio-kernels --int4-lm-head ;;
     pio-moe) echo --pio-kernels moe ;;
   esac
@@ -101,7 +110,7 @@ pack() { # pack NAME DIR: DIR as $out/NAME.tar.gz
 }
 
 # Parts that run our binaries unpack them again when an earlier call's .gpu was removed.
-if [[ $part != torch && $part != setup && $part != prep && $part != genai && $part != probe-variants && ! -x .gpu/pio ]]; then
+if [[ $part != torch && $part != setup && $part != prep && $part != genai && $part != probe-variants && $part != attention && ! -x .gpu/pio ]]; then
   bash "$0" setup >/dev/null || exit 1
   source $bins/ort-env.sh
 fi
@@ -178,6 +187,31 @@ case $part in
     [[ -f $bins/tokenizer.json.xz ]] && unpack_tokenizer $bins
     ls -la .gpu .gpu/examples /opt/pio-ort | tee "$out/setup.txt"
     ;;
+  attention)
+    pkc=${PKC:-.gpu-e/pkc-H.xz}
+    mkdir -p .gpu && xz -dc "$pkc" > .gpu/pio-kernels-check-attn && chmod +x .gpu/pio-kernels-check-attn
+    timeout ${PART_SECONDS:-240} .gpu/pio-kernels-check-attn attention --out "$out/attention.json" > "$out/attention.log" 2>&1
+    echo "attention check rc=$?"
+    grep -v "INFO\|WARN" "$out/attention.log" | tail -n 24
+    ;;
+  attn-ab)
+    graphs=()
+    for p in bf16 int4; do for kind in stock pio-noattn pio; do graphs+=(--graphs $work/q4b-$p-$kind); done; done
+    decode_bench .gpu/pio attn-ab-${AB_ROUND:-1} ${AB_BATCHES:-1,8,32} 14 "${graphs[@]}"
+    # XQA_AB=1: the stock bf16 graph with ONNX Runtime's XQA decode kernel forced on and off (ORT_ENABLE_XQA), batch 1.
+    if [[ ${XQA_AB:-0} == 1 ]]; then
+      for x in 1 0; do
+        ORT_ENABLE_XQA=$x decode_bench .gpu/pio xqa-$x 1 2 --graphs $work/q4b-bf16-stock
+      done
+    fi
+    for p in ${GREEDY_PRECISIONS:-bf16 int4}; do
+      for prompt in ${GREEDY_PROMPTS:-32 300}; do
+        timeout 120 .gpu/pio-kernels-check greedy --stock $work/q4b-$p-stock --pio $work/q4b-$p-pio --tokens 64 \
+          --prompt-tokens $prompt --out "$out/greedy-$p-p$prompt.json" > "$out/greedy-$p-p$prompt.log" 2>&1
+        echo "greedy $p prompt $prompt rc=$?: $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); g=d.get('greedy',{}); t=d.get('teacher_forced',{}); print('equal', g.get('tokens_equal'), 'first', g.get('first_mismatch'), 'maxdiff', t.get('max_abs_logit_diff'), 'top1', t.get('top1_agreement'))" "$out/greedy-$p-p$prompt.json" 2>&1 | tail -c 400)"
+      done
+    done
+    ;;
   kernels)
     k=$out/kernels
     OUT=$k PIO_CHECK_BUDGET=${PIO_CHECK_BUDGET:-320} PIO_CHECK_SKIP=${PIO_CHECK_SKIP:-ops,moe_model,greedy_int4} \
@@ -195,7 +229,7 @@ case $part in
     bin=.gpu shm=/dev/shm/pio
     source scripts/synthetic_qwen3.sh
     export_synthetic_qwen3 cuda qwen3-4b-graphs "$out/serve/export.log" || { tail "$out/serve/export.log"; exit 1; }
-    g=$graphs
+    g=${SERVE_GRAPHS:-$graphs}
     first=1
     for config in ${SERVE_CONFIGS:-512:0 256:0 512:3}; do
       IFS=: read -r budget f threshold <<< "$config"

@@ -65,8 +65,11 @@ fn int4_graphs_with_pio_kernels_match_onnx_runtime_int4() {
         export_to(&fixture, &stock, int4_settings(false));
         export_to(&fixture, &pio, int4_settings(true));
         let moe = name.contains("moe");
-        let expected_families =
-            if moe { vec!["linear", "lm_head", "moe", "swiglu"] } else { vec!["linear", "lm_head", "swiglu"] };
+        let expected_families = if moe {
+            vec!["attention", "linear", "lm_head", "moe", "swiglu"]
+        } else {
+            vec!["attention", "linear", "lm_head", "swiglu"]
+        };
         assert_eq!(families(&pio), expected_families, "{name}: families in the manifest");
         assert!(families(&stock).is_empty(), "{name}: the stock graph uses no pio kernels");
         let graph = String::from_utf8_lossy(&std::fs::read(pio.join("model.onnx")).unwrap()).into_owned();
@@ -110,4 +113,49 @@ fn pio_kernels_are_refused_where_they_cannot_run() {
     let s = cpu_settings(true).pio_kernels(PioKernels { moe: true, ..PioKernels::none() });
     let e = export_error(&fixture, &tmp.path().join("b"), s);
     assert!(e.contains("moe needs --precision int4"), "{e}");
+}
+
+/// Logits of a prefill and then `steps` one-token steps of `batch` copies of the prompt (each
+/// copy's steps shifted by its row, so the rows differ), on GroupQueryAttention's shared buffer
+/// in host memory: the cache the engine and the GPU use, on which `ai.pio.GroupQueryAttention`
+/// runs one-token steps itself (its f32 reference on the CPU) and hands prompts to ONNX Runtime's.
+fn shared_buffer_logits(graphs: &Path, prompt: &[u32], steps: &[u32], batch: usize) -> Vec<Vec<f32>> {
+    let mut model = DecoderModel::load(graphs, &ExecutionProvider::default()).unwrap();
+    let mut cache = model.new_shared_host_cache(batch, prompt.len() + steps.len() + 1).unwrap();
+    let tokens: Vec<u32> = (0..batch).flat_map(|_| prompt.iter().copied()).collect();
+    let prefill = model.forward_batch(&tokens, batch, &mut cache).unwrap();
+    let mut rows: Vec<Vec<f32>> = (0..batch).map(|b| prefill.last_of(b).to_vec()).collect();
+    let vocab = model.vocab_size() as u32;
+    for (i, &t) in steps.iter().enumerate() {
+        let step: Vec<u32> = (0..batch).map(|b| (t + (b * i) as u32) % vocab).collect();
+        let out = model.forward_batch(&step, batch, &mut cache).unwrap();
+        rows.extend((0..batch).map(|b| out.last_of(b).to_vec()));
+    }
+    rows
+}
+
+#[test]
+fn one_token_attention_steps_on_the_shared_buffer_match_onnx_runtime() {
+    // Query groups of 2 and 4, a sliding window of 8 crossed by the steps, a partial rotary
+    // (GLM), heads of 32 and 64.
+    for name in ["qwen3-tied-hub", "qwen3-sliding", "qwen3-untied-rp", "glm4moe-a", "qwen3moe-a"] {
+        let fixture = fixtures_dir().join(name);
+        let reference = load_reference(&fixture);
+        let tmp = tempfile::tempdir().unwrap();
+        let (stock, pio) = (tmp.path().join("stock"), tmp.path().join("pio"));
+        export_to(&fixture, &stock, cpu_settings(true));
+        export_to(&fixture, &pio, cpu_settings(true).pio_kernels(PioKernels { attention: true, ..PioKernels::none() }));
+        assert_eq!(families(&pio), vec!["attention"], "{name}: families in the manifest");
+        let graph = String::from_utf8_lossy(&std::fs::read(pio.join("model.onnx")).unwrap()).into_owned();
+        assert!(graph.contains("ai.pio"), "{name}: no ai.pio node");
+        let steps: Vec<u32> =
+            (0..20).map(|i| reference.prompt_ids[i % reference.prompt_ids.len()] + i as u32).collect();
+        for batch in [1, 3] {
+            let got = shared_buffer_logits(&pio, &reference.prompt_ids, &steps, batch);
+            let expected = shared_buffer_logits(&stock, &reference.prompt_ids, &steps, batch);
+            let diff = got.iter().zip(&expected).map(|(a, b)| max_abs_diff(a, b)).fold(0f32, f32::max);
+            eprintln!("{name} batch {batch}: ai.pio attention vs ONNX Runtime's: max |logit diff| {diff:.2e}");
+            assert!(diff <= 1e-4, "{name} batch {batch}: max |logit diff| {diff}");
+        }
+    }
 }

@@ -56,6 +56,8 @@ pub struct DecoderBuilder<'a> {
     int4_embedding: Option<(String, String)>,
     /// The `--pio-kernels` families that produced nodes (for the manifest).
     pub pio_usage: crate::pio_ops::PioUsage,
+    /// `--pio-kernels attention` was refused for this model (warned once).
+    pub(crate) pio_attention_warned: bool,
     /// The layers this graph holds, and whether it starts from the embeddings and ends with
     /// the logits.
     pub scope: StageScope,
@@ -161,6 +163,7 @@ impl<'a> DecoderBuilder<'a> {
             attention_inputs,
             int4_embedding: None,
             pio_usage: Default::default(),
+            pio_attention_warned: false,
             scope,
             embed_table: None,
         })
@@ -458,10 +461,13 @@ impl<'a> DecoderBuilder<'a> {
         while inputs.last().is_some_and(String::is_empty) {
             inputs.pop();
         }
-        let mut node = self
-            .g
-            .node("GroupQueryAttention", &format!("{prefix}.gqa"))
-            .ms()
+        let name = format!("{prefix}.gqa");
+        let node = if self.pio_attention() {
+            self.g.node("GroupQueryAttention", &name).domain(pio_kernels::ops::DOMAIN)
+        } else {
+            self.g.node("GroupQueryAttention", &name).ms()
+        };
+        let mut node = node
             .inputs(&inputs)
             .attr("num_heads", t.num_attention_heads)
             .attr("kv_num_heads", t.num_key_value_heads)

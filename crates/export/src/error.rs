@@ -196,7 +196,7 @@ pub enum SettingsError {
          supported yet (supported: default, linear)"
     )]
     UnsupportedRope { rope_type: String },
-    #[error("unknown --pio-kernels family `{family}`; known: all, linear, lm_head, swiglu, moe")]
+    #[error("unknown --pio-kernels family `{family}`; known: all, linear, lm_head, swiglu, moe, attention")]
     UnknownPioKernel { family: String },
     #[error("--pio-kernels needs --ep cuda (or cpu): TensorRT does not run ONNX Runtime custom operators")]
     PioKernelsOnTensorrt,

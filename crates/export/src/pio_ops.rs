@@ -8,7 +8,10 @@
 //!   embedding table itself);
 //! * `swiglu`: gate and up as one such node whose epilogue is `silu(gate) * up` (rows grouped by
 //!   16), replacing MatMul + Split + Sigmoid + Mul + Mul;
-//! * `moe`: the routed int4 experts as `ai.pio.MoEInt4` instead of com.microsoft QMoE.
+//! * `moe`: the routed int4 experts as `ai.pio.MoEInt4` instead of com.microsoft QMoE;
+//! * `attention`: GroupQueryAttention as `ai.pio.GroupQueryAttention` (the same inputs and
+//!   attributes): one-token steps run Inference-PIO's decode kernel (q/k norm, rotary, cache
+//!   append and attention in one launch), everything else ONNX Runtime's own operator.
 //!
 //! int4 weights are quantized exactly as for MatMulNBits (the same codes and scales) and then
 //! reordered, so the two graphs hold the same dequantized weights. A projection whose shape the
@@ -36,12 +39,14 @@ pub struct PioKernels {
     pub lm_head: bool,
     pub swiglu: bool,
     pub moe: bool,
+    pub attention: bool,
 }
 
 pub const LINEAR: &str = "linear";
 pub const LM_HEAD: &str = "lm_head";
 pub const SWIGLU: &str = "swiglu";
 pub const MOE: &str = "moe";
+pub const ATTENTION: &str = "attention";
 
 impl PioKernels {
     pub fn none() -> Self {
@@ -50,10 +55,10 @@ impl PioKernels {
 
     /// Every family that applies to `precision` (MoEInt4 is int4 only).
     pub fn all_for(precision: Precision) -> Self {
-        PioKernels { linear: true, lm_head: true, swiglu: true, moe: precision == Precision::Int4 }
+        PioKernels { linear: true, lm_head: true, swiglu: true, moe: precision == Precision::Int4, attention: true }
     }
 
-    /// `all`, or a comma-separated list of `linear`, `lm_head`, `swiglu`, `moe`.
+    /// `all`, or a comma-separated list of `linear`, `lm_head`, `swiglu`, `moe`, `attention`.
     pub fn parse(list: &str, precision: Precision) -> std::result::Result<Self, SettingsError> {
         let mut k = PioKernels::none();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -63,6 +68,7 @@ impl PioKernels {
                 LM_HEAD => k.lm_head = true,
                 SWIGLU => k.swiglu = true,
                 MOE => k.moe = true,
+                ATTENTION => k.attention = true,
                 other => return Err(SettingsError::UnknownPioKernel { family: other.to_string() }),
             }
         }
@@ -70,7 +76,7 @@ impl PioKernels {
     }
 
     pub fn any(&self) -> bool {
-        self.linear || self.lm_head || self.swiglu || self.moe
+        self.linear || self.lm_head || self.swiglu || self.moe || self.attention
     }
 
     /// Refuses what the kernels cannot serve.
@@ -308,6 +314,43 @@ pub(crate) fn projection(
 }
 
 impl crate::decoder::DecoderBuilder<'_> {
+    /// Whether layer attention is `ai.pio.GroupQueryAttention` (`--pio-kernels attention`, where
+    /// the decode kernel takes the shape; otherwise com.microsoft's, with a warning).
+    pub(crate) fn pio_attention(&mut self) -> bool {
+        if !self.settings.pio_kernels.attention {
+            return false;
+        }
+        let t = self.text;
+        let shape = pio_kernels::gpu::DecodeAttentionShape {
+            batch: 1,
+            head_dim: t.head_dim,
+            heads: t.num_attention_heads,
+            kv_heads: t.num_key_value_heads,
+            capacity: self.settings.context_length(),
+            rot_half: 0,
+            cos_rows: 0,
+            window: 0,
+            scale: 1.0,
+            eps: 0.0,
+        };
+        // The CPU runs one-token steps on the f32 reference, which takes any head size.
+        let why = if self.settings.kv_cache_int8 {
+            Some("the int8 KV cache".to_string())
+        } else if self.settings.target_ep() == TargetEp::Cpu {
+            None
+        } else {
+            shape.unsupported_reason()
+        };
+        if let Some(why) = why {
+            if !std::mem::replace(&mut self.pio_attention_warned, true) {
+                tracing::warn!("--pio-kernels attention: {why}; GroupQueryAttention stays ONNX Runtime's");
+            }
+            return false;
+        }
+        self.pio_usage.used(ATTENTION);
+        true
+    }
+
     /// `silu(gate(h)) * up(h)` as one `ai.pio` node when `--pio-kernels swiglu` applies (None:
     /// the caller builds it from MatMul, Split, Sigmoid and Mul).
     pub(crate) fn pio_swiglu(&mut self, prefix: &str, h: &str, intermediate: usize) -> Result<Option<String>> {
@@ -431,11 +474,11 @@ mod tests {
     #[test]
     fn families_parse_and_validate() {
         let all = PioKernels::parse("all", Precision::Int4).unwrap();
-        assert_eq!(all, PioKernels { linear: true, lm_head: true, swiglu: true, moe: true });
+        assert_eq!(all, PioKernels { linear: true, lm_head: true, swiglu: true, moe: true, attention: true });
         assert!(!PioKernels::parse("all", Precision::Bf16).unwrap().moe, "MoEInt4 is int4 only");
         assert_eq!(
-            PioKernels::parse("linear, moe", Precision::Int4).unwrap(),
-            PioKernels { linear: true, lm_head: false, swiglu: false, moe: true }
+            PioKernels::parse("linear, moe, attention", Precision::Int4).unwrap(),
+            PioKernels { linear: true, lm_head: false, swiglu: false, moe: true, attention: true }
         );
         let e = PioKernels::parse("linear,gemm", Precision::Int4).unwrap_err().to_string();
         assert!(e.contains("`gemm`"), "{e}");

@@ -6,9 +6,11 @@
 //!   checked against the CPU reference;
 //! * `ops`: each operator against its ONNX Runtime counterpart inside ONNX Runtime (CUDA graphs):
 //!   max relative error, µs per op, TB/s, speed-up;
+//! * `attention`: the one-token decode-attention kernel against its f32 reference, and timed;
 //! * `greedy`: a `--pio-kernels` graph against the stock graph of the same checkpoint: greedy
 //!   tokens and teacher-forced logits.
 
+mod attention;
 mod data;
 mod greedy;
 mod ortbench;
@@ -72,6 +74,11 @@ enum Command {
         #[arg(long, default_value_t = 4.5)]
         pool_gib: f64,
     },
+    /// The decode-attention kernel against its CPU reference on random inputs, and timed.
+    Attention {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Greedy tokens and teacher-forced logits of a --pio-kernels graph against the stock one.
     Greedy {
         #[arg(long)]
@@ -103,6 +110,7 @@ fn main() -> ExitCode {
         Command::Ops { out, presets, tokens, other_tokens, pool_gib } => {
             ortbench::run(&out, &presets, &tokens, &other_tokens, pool_gib)
         }
+        Command::Attention { out } => attention::run(&out),
         Command::Greedy { out, stock, pio, tokens, prompt_tokens } => {
             greedy::run(&out, &stock, &pio, tokens, prompt_tokens)
         }

@@ -480,7 +480,7 @@ fn measure_with(
     let ep = ExecutionProvider::from_cli("cuda", 0, &options)?;
     let builder = ep.configure(Session::builder(env)?)?;
     let mut builder =
-        builder.with_operators(ops::operator_domain()?).map_err(|e| anyhow!("registering ai.pio: {e}"))?;
+        builder.with_operators(ops::operator_domain(env)?).map_err(|e| anyhow!("registering ai.pio: {e}"))?;
     let mut session = builder.commit_from_file(path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
     let memory = MemoryInfo::new(AllocationDevice::CUDA, 0, AllocatorType::Device, MemoryType::Default)?;
     let allocator = Allocator::new(&session, memory.clone())?;

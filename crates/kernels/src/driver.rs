@@ -370,3 +370,34 @@ pub fn graph_time_us(calls: usize, replays: usize, launch: impl Fn(Stream, usize
         Ok(ms? as f64 * 1000.0 / (calls * replays) as f64)
     }
 }
+
+/// Runs `f`, which queues work on `other`, ordered after what `caller` has queued and before
+/// what `caller` queues next (an event recorded on each stream and waited on by the other).
+/// Asynchronous: the host does not wait. Not for use while `caller` is being captured into a
+/// CUDA graph.
+///
+/// # Safety
+/// `caller` and `other` must be live streams of the current context.
+pub unsafe fn fence_streams<T>(caller: Stream, other: Stream, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+    let (mut before, mut after): (sys::CUevent, sys::CUevent) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: events created, recorded and waited on in order on the caller's live streams,
+    // destroyed once (CUDA keeps a recorded event alive until its waits have resolved).
+    unsafe {
+        check("cuEventCreate", sys::cuEventCreate(&mut before, flags))?;
+        let fenced = (|| {
+            check("cuEventRecord", sys::cuEventRecord(before, caller))?;
+            check("cuStreamWaitEvent", sys::cuStreamWaitEvent(other, before, 0))?;
+            let out = f()?;
+            check("cuEventCreate", sys::cuEventCreate(&mut after, flags))?;
+            check("cuEventRecord", sys::cuEventRecord(after, other))?;
+            check("cuStreamWaitEvent", sys::cuStreamWaitEvent(caller, after, 0))?;
+            Ok(out)
+        })();
+        let _ = sys::cuEventDestroy_v2(before);
+        if !after.is_null() {
+            let _ = sys::cuEventDestroy_v2(after);
+        }
+        fenced
+    }
+}

@@ -51,6 +51,8 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("ONNX Runtime's {call} for {op} failed: {message}")]
+    NativeOp { call: &'static str, op: String, message: String },
     #[error(transparent)]
     Ort(#[from] ort::Error),
 }

@@ -790,3 +790,188 @@ mod tests {
         assert_eq!(default_warps(WeightFormat::Dense, 6144, 2560, 1), 8);
     }
 }
+
+/// The kernel parameter of `decode_attention_body` (field order and types as in the CUDA struct).
+#[repr(C)]
+struct DecodeAttentionArgs {
+    q: u64,
+    k: u64,
+    v: u64,
+    q_row: i64,
+    kv_row: i64,
+    kcache: u64,
+    vcache: u64,
+    seqlens: u64,
+    position_ids: u64,
+    cos: u64,
+    sin: u64,
+    q_norm: u64,
+    k_norm: u64,
+    out: u64,
+    partial: u64,
+    counters: u64,
+    scale: f32,
+    eps: f32,
+    hkv: i32,
+    cap: i32,
+    rot_half: i32,
+    cos_rows: i32,
+    window: i32,
+    max_splits: i32,
+}
+
+/// The shape of one decode-attention call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeAttentionShape {
+    pub batch: usize,
+    pub head_dim: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// Slots per (sequence, KV head) of the shared buffer.
+    pub capacity: usize,
+    /// Half the rotary width (0: no rotary).
+    pub rot_half: usize,
+    /// Rows of the cos/sin caches.
+    pub cos_rows: usize,
+    /// Keys a query sees at most (0: all).
+    pub window: usize,
+    pub scale: f32,
+    pub eps: f32,
+}
+
+/// Device pointers of one decode-attention call (0 for an absent optional one).
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeAttentionTensors {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    /// Elements between consecutive sequences' rows of q, and of k and v.
+    pub q_row: usize,
+    pub kv_row: usize,
+    pub kcache: u64,
+    pub vcache: u64,
+    pub seqlens: u64,
+    pub position_ids: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub q_norm: u64,
+    pub k_norm: u64,
+    pub out: u64,
+}
+
+impl DecodeAttentionShape {
+    /// Why the kernels cannot take this shape, or None.
+    pub fn unsupported_reason(&self) -> Option<String> {
+        let d = source::ATTENTION_HEAD_DIM;
+        if self.head_dim != d {
+            return Some(format!("heads of {} (the kernel takes {d})", self.head_dim));
+        }
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return Some(format!("{} query heads over {} KV heads", self.heads, self.kv_heads));
+        }
+        let group = self.heads / self.kv_heads;
+        if !source::ATTENTION_GROUPS.contains(&group) {
+            return Some(format!("{group} query heads per KV head (compiled: {:?})", source::ATTENTION_GROUPS));
+        }
+        if 2 * self.rot_half > d {
+            return Some(format!("a rotary width of {} over heads of {d}", 2 * self.rot_half));
+        }
+        None
+    }
+
+    /// Key splits per (sequence, KV head): enough CTAs for about two per SM, at most
+    /// [`source::ATTENTION_MAX_SPLITS`], and no more than the buffer's keys fill at 128 a split.
+    pub fn max_splits(&self, sm_count: usize) -> usize {
+        let rows = (self.batch * self.kv_heads).max(1);
+        let keys = if self.window > 0 { self.window.min(self.capacity) } else { self.capacity };
+        (2 * sm_count).div_ceil(rows).min(keys.div_ceil(128)).clamp(1, source::ATTENTION_MAX_SPLITS)
+    }
+
+    /// f32 elements of the split partials.
+    pub fn partial_len(&self, sm_count: usize) -> usize {
+        let group = self.heads / self.kv_heads.max(1);
+        self.batch * self.kv_heads * self.max_splits(sm_count) * group * (2 + source::ATTENTION_HEAD_DIM)
+    }
+}
+
+/// The decode-attention kernels of one dtype (one per query-group size).
+pub struct DecodeAttentionKernels {
+    pub dtype: ActDtype,
+    sm_count: usize,
+    _module: Arc<Module>,
+    by_group: Vec<(usize, Function)>,
+}
+
+impl DecodeAttentionKernels {
+    pub fn new(device: &Device, dtype: ActDtype) -> Result<Self> {
+        let module = device.module(KernelSet { family: Family::DecodeAttention, dtype })?;
+        let by_group = source::ATTENTION_GROUPS
+            .iter()
+            .map(|&g| Ok((g, module.function(&source::decode_attention_name(dtype, g))?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecodeAttentionKernels { dtype, sm_count: device.sm_count.max(1) as usize, _module: module, by_group })
+    }
+
+    /// f32 elements of scratch a call of `shape` needs for its split partials.
+    pub fn partial_len(&self, shape: &DecodeAttentionShape) -> usize {
+        shape.partial_len(self.sm_count)
+    }
+
+    /// One token per sequence: writes its k and v to slot `seqlens[b]` of the buffer and its
+    /// attention output to `t.out`.
+    ///
+    /// # Safety
+    /// Device pointers of the sizes the shape implies; `partial` holds [`Self::partial_len`]
+    /// f32s; `counters` holds `batch * kv_heads` u32s that are zero (the kernel leaves them so);
+    /// all live until the launch has run.
+    pub unsafe fn launch(
+        &self,
+        stream: Stream,
+        s: &DecodeAttentionShape,
+        t: &DecodeAttentionTensors,
+        partial: u64,
+        counters: u64,
+    ) -> Result<()> {
+        if let Some(why) = s.unsupported_reason() {
+            return Err(KernelError::bad_input("GroupQueryAttention", why));
+        }
+        if s.batch == 0 {
+            return Ok(());
+        }
+        let group = s.heads / s.kv_heads;
+        let Some(&(_, f)) = self.by_group.iter().find(|(g, _)| *g == group) else {
+            return Err(KernelError::bad_input("GroupQueryAttention", format!("no kernel for groups of {group}")));
+        };
+        let max_splits = s.max_splits(self.sm_count);
+        let args = DecodeAttentionArgs {
+            q: t.q,
+            k: t.k,
+            v: t.v,
+            q_row: t.q_row as i64,
+            kv_row: t.kv_row as i64,
+            kcache: t.kcache,
+            vcache: t.vcache,
+            seqlens: t.seqlens,
+            position_ids: t.position_ids,
+            cos: t.cos,
+            sin: t.sin,
+            q_norm: t.q_norm,
+            k_norm: t.k_norm,
+            out: t.out,
+            partial,
+            counters,
+            scale: s.scale,
+            eps: s.eps,
+            hkv: dim(s.kv_heads, "kv heads")?,
+            cap: dim(s.capacity, "capacity")?,
+            rot_half: dim(s.rot_half, "rotary half width")?,
+            cos_rows: dim(s.cos_rows, "rotary rows")?,
+            window: dim(s.window, "window")?,
+            max_splits: dim(max_splits, "splits")?,
+        };
+        let rows = u32::try_from(s.batch * s.kv_heads)
+            .map_err(|_| KernelError::bad_input("GroupQueryAttention", "too many sequences x KV heads"))?;
+        let config = LaunchConfig { grid: (max_splits as u32, rows), block: 128, shared_bytes: 0 };
+        launch(f, config, stream, &args)
+    }
+}

@@ -163,6 +163,103 @@ pub fn moe_int4(
     y
 }
 
+/// The new token's rows and the tables of one decode-attention call on the CPU (f32), as the
+/// decode kernel reads them.
+pub struct DecodeAttentionInputs<'a> {
+    /// Row b's query heads start at `q[b * q_row]`.
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub q_row: usize,
+    pub kv_row: usize,
+    /// The new token's slot per sequence.
+    pub seqlens: &'a [i32],
+    pub position_ids: Option<&'a [i64]>,
+    /// (cos, sin), each (cos_rows, rot_half).
+    pub rotary: Option<(&'a [f32], &'a [f32])>,
+    /// (q_norm, k_norm), each (head_dim).
+    pub norms: Option<(&'a [f32], &'a [f32])>,
+}
+
+/// RMSNorm of one head row by `w`.
+fn rms_norm_row(row: &mut [f32], w: &[f32], eps: f32) {
+    let ss: f32 = row.iter().map(|x| x * x).sum();
+    let inv = 1.0 / (ss / row.len() as f32 + eps).sqrt();
+    for (x, wi) in row.iter_mut().zip(w) {
+        *x *= inv * wi;
+    }
+}
+
+/// Non-interleaved rotary of one head row at table row `pos`.
+fn rotate_row(row: &mut [f32], cos: &[f32], sin: &[f32], rot_half: usize, pos: usize) {
+    for j in 0..rot_half {
+        let (c, s) = (cos[pos * rot_half + j], sin[pos * rot_half + j]);
+        let (x1, x2) = (row[j], row[j + rot_half]);
+        row[j] = x1 * c - x2 * s;
+        row[j + rot_half] = x2 * c + x1 * s;
+    }
+}
+
+/// One new token per sequence on the shared KV buffer (`kcache`, `vcache`: (B, Hkv, capacity,
+/// D)), what the decode kernel computes: each head's q and k RMS-normalized (with `norms`) and
+/// rotated (with `rotary`) at `position_ids[b]` (else the slot), k and v written to slot
+/// `seqlens[b]`, then each query head's softmax attention over the slots up to it (the last
+/// `window` with a window). Returns (B, H * D).
+pub fn decode_attention(
+    x: &DecodeAttentionInputs<'_>,
+    s: &crate::gpu::DecodeAttentionShape,
+    kcache: &mut [f32],
+    vcache: &mut [f32],
+) -> Vec<f32> {
+    let d = s.head_dim;
+    let group = s.heads / s.kv_heads;
+    let mut out = vec![0f32; s.batch * s.heads * d];
+    for b in 0..s.batch {
+        let last = x.seqlens[b];
+        if last < 0 || last as usize >= s.capacity {
+            continue;
+        }
+        let last = last as usize;
+        let pos = x.position_ids.map_or(last as i64, |p| p[b]).clamp(0, s.cos_rows.max(1) as i64 - 1) as usize;
+        let total = last + 1;
+        let start = if s.window > 0 && total > s.window { total - s.window } else { 0 };
+        for g in 0..s.kv_heads {
+            let head = (b * s.kv_heads + g) * s.capacity * d;
+            let mut k: Vec<f32> = x.k[b * x.kv_row + g * d..][..d].to_vec();
+            if let Some((_, kn)) = x.norms {
+                rms_norm_row(&mut k, kn, s.eps);
+            }
+            if let Some((cos, sin)) = x.rotary {
+                rotate_row(&mut k, cos, sin, s.rot_half, pos);
+            }
+            kcache[head + last * d..][..d].copy_from_slice(&k);
+            vcache[head + last * d..][..d].copy_from_slice(&x.v[b * x.kv_row + g * d..][..d]);
+            for h in g * group..(g + 1) * group {
+                let mut q: Vec<f32> = x.q[b * x.q_row + h * d..][..d].to_vec();
+                if let Some((qn, _)) = x.norms {
+                    rms_norm_row(&mut q, qn, s.eps);
+                }
+                if let Some((cos, sin)) = x.rotary {
+                    rotate_row(&mut q, cos, sin, s.rot_half, pos);
+                }
+                let scores: Vec<f32> = (start..total)
+                    .map(|j| s.scale * q.iter().zip(&kcache[head + j * d..][..d]).map(|(a, b)| a * b).sum::<f32>())
+                    .collect();
+                let mx = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let p: Vec<f32> = scores.iter().map(|v| (v - mx).exp()).collect();
+                let sum: f32 = p.iter().sum();
+                let o = &mut out[(b * s.heads + h) * d..][..d];
+                for (pj, j) in p.iter().zip(start..total) {
+                    for (oi, vi) in o.iter_mut().zip(&vcache[head + j * d..][..d]) {
+                        *oi += pj / sum * vi;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

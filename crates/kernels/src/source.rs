@@ -54,6 +54,9 @@ pub enum Family {
     LinearDense,
     /// int4 experts: routing, planning, fc1 + SwiGLU, fc2, the weighted sum.
     Moe { block_size: usize },
+    /// One-token attention on GroupQueryAttention's shared KV buffer (q/k norm, rotary, cache
+    /// append, attention), one kernel per query-group size.
+    DecodeAttention,
     /// The GPU check's probes: the exact (f32) dequantization and the read-bandwidth kernel.
     Probe { block_size: usize },
 }
@@ -103,6 +106,15 @@ pub fn moe_fc_name(fc1: bool, dtype: ActDtype, tiles: usize, block_size: usize) 
 pub fn moe_combine_name(dtype: ActDtype) -> String {
     format!("pio_moe_combine_{}", dtype.tag())
 }
+/// Query heads per KV head that the decode attention kernels are compiled for.
+pub const ATTENTION_GROUPS: [usize; 7] = [1, 2, 4, 6, 8, 12, 16];
+/// The head size they take.
+pub const ATTENTION_HEAD_DIM: usize = 128;
+/// Most key splits of one (sequence, KV head).
+pub const ATTENTION_MAX_SPLITS: usize = 32;
+pub fn decode_attention_name(dtype: ActDtype, group: usize) -> String {
+    format!("pio_decode_attention_{}_g{group}", dtype.tag())
+}
 pub const READ_BANDWIDTH: &str = "pio_read_bandwidth";
 
 impl KernelSet {
@@ -113,6 +125,7 @@ impl KernelSet {
             Family::LinearInt4 { block_size } => format!("linear-int4-{dt}-b{block_size}"),
             Family::LinearDense => format!("linear-dense-{dt}"),
             Family::Moe { block_size } => format!("moe-int4-{dt}-b{block_size}"),
+            Family::DecodeAttention => format!("decode-attention-{dt}"),
             Family::Probe { block_size } => format!("probe-{dt}-b{block_size}"),
         }
     }
@@ -166,6 +179,12 @@ impl KernelSet {
                 let n = moe_combine_name(dt);
                 out.push((n.clone(), format!("PIO_MOE_COMBINE({n}, {dtm})")));
             }
+            Family::DecodeAttention => {
+                for g in ATTENTION_GROUPS {
+                    let n = decode_attention_name(dt, g);
+                    out.push((n.clone(), format!("PIO_DECODE_ATTENTION({n}, {dtm}, {g})")));
+                }
+            }
             Family::Probe { block_size: bs } => {
                 let n = dequant_name(dt, bs, true);
                 out.push((n.clone(), format!("PIO_DEQUANT({n}, {dtm}, {bs}, true)")));
@@ -218,6 +237,7 @@ impl KernelSet {
         let mut out = Vec::new();
         for dtype in [ActDtype::F16, ActDtype::Bf16] {
             out.push(KernelSet { family: Family::LinearDense, dtype });
+            out.push(KernelSet { family: Family::DecodeAttention, dtype });
             for bs in INT4_BLOCK_SIZES {
                 out.push(KernelSet { family: Family::LinearInt4 { block_size: bs }, dtype });
                 out.push(KernelSet { family: Family::Moe { block_size: bs }, dtype });

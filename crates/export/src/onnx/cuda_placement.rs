@@ -56,7 +56,8 @@ fn reads_on_host(node: &NodeProto, input: usize) -> bool {
         ("" | "ai.onnx", "Range") => &[0, 1, 2],
         ("" | "ai.onnx", "Slice") => &[1, 2, 3, 4],
         ("" | "ai.onnx", "Pad") => &[1, 2, 3],
-        (MS_DOMAIN, "GroupQueryAttention") => &[6],
+        // ai.pio's GroupQueryAttention declares the same host input (it hands prompts to ONNX Runtime's).
+        (MS_DOMAIN | pio_kernels::ops::DOMAIN, "GroupQueryAttention") => &[6],
         _ => &[],
     };
     host_inputs.contains(&input)

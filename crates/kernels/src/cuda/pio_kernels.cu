@@ -927,3 +927,297 @@ extern "C" __global__ void __launch_bounds__(256) pio_read_bandwidth(const uint4
   }
   if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the loads; practically never taken
 }
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention (one new token per sequence) on GroupQueryAttention's shared KV buffer: the
+// q/k RMSNorm, the rotary, the cache append and the attention of a layer in one launch, where
+// ONNX Runtime's GroupQueryAttention runs three kernels (sequence lengths, unpack + rotary +
+// append, then its decode attention). A CTA takes one sequence b, one KV head g with its G query
+// heads, and one split of the keys; every CTA recomputes the new token's normalized, rotated q
+// and k from the projection (G + 1 rows of 128: cheaper than a launch), split 0 writes k and v
+// to slot seqlens[b], and the key at that slot is read from shared memory by every split (it may
+// not be in the cache yet). Splits write their (max, sum, output) partials; the last CTA of a
+// (b, g) to finish (a counter it resets, so CUDA-graph replays work) merges them in split
+// order (deterministic). Head size 128.
+// ---------------------------------------------------------------------------------------------
+
+#define ATTN_D 128
+#define ATTN_WARPS 4
+#define ATTN_MAX_SPLITS 32
+#define ATTN_KEYS_PER_SPLIT_MIN 128
+
+struct DecodeAttentionArgs {
+  const u16* q;               // row b's G * Hkv query heads at q + b * q_row
+  const u16* k;               // row b's new key heads at k + b * kv_row
+  const u16* v;               // row b's new value heads at v + b * kv_row
+  long long q_row, kv_row;    // elements between batch rows
+  u16* kcache;                // (B, Hkv, cap, D)
+  u16* vcache;
+  const int* seqlens;         // (B): the new token's slot (total length - 1)
+  const long long* position_ids;  // (B) or null: the rotary position (else the slot)
+  const u16* cos;             // (cos_rows, rot_half) or null: no rotary
+  const u16* sin;
+  const u16* q_norm;          // (D) or null: no q/k norm
+  const u16* k_norm;
+  u16* out;                   // (B, H * D)
+  float* partial;             // (B * Hkv, max_splits, G, 2 + D)
+  u32* counters;              // (B * Hkv), zero between launches
+  float scale, eps;
+  int Hkv, cap, rot_half, cos_rows, window, max_splits;
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float ld_cg_f32(const float* p) {
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+
+// The 8 elements of a 16-byte load as floats.
+template <int DT> __device__ __forceinline__ void unpack8(const uint4& w, float (&f)[8]) {
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const u32 x = word_of(w, j);
+    f[2 * j] = to_f32<DT>((u16)(x & 0xffffu));
+    f[2 * j + 1] = to_f32<DT>((u16)(x >> 16));
+  }
+}
+
+template <int DT> __device__ __forceinline__ float round_dt(float f) { return to_f32<DT>(from_f32<DT>(f)); }
+
+template <int DT, int G> __device__ __forceinline__ void decode_attention_body(const DecodeAttentionArgs& a) {
+  constexpr int D = ATTN_D;
+  __shared__ __align__(16) float sq[G][D];  // the new token's query heads, then scaled
+  __shared__ __align__(16) float sk[D];
+  __shared__ __align__(16) float sv[D];
+  __shared__ float wm[ATTN_WARPS][G], wl[ATTN_WARPS][G];
+  __shared__ float wo[ATTN_WARPS][G][D];
+  __shared__ int is_last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int bg = blockIdx.y, split = blockIdx.x;
+  const int b = bg / a.Hkv, g = bg % a.Hkv;
+  const int H = G * a.Hkv;
+  const int last = a.seqlens[b];
+  if (last < 0 || last >= a.cap) return;  // outside the buffer: the host checks lengths
+  const int L = last + 1;
+  const int start = (a.window > 0 && L > a.window) ? L - a.window : 0;
+  const int nkeys = L - start;
+  int per = (nkeys + a.max_splits - 1) / a.max_splits;
+  per = max(ATTN_KEYS_PER_SPLIT_MIN, (per + 31) & ~31);
+  const int nsplit = (nkeys + per - 1) / per;
+  if (split >= nsplit) return;
+  const int k0 = start + split * per, k1 = min(L, k0 + per);
+
+  const long long head_base = (long long)bg * a.cap * D;
+  // This warp's first block of 32 keys (lane = key): its rows start loading now, under the
+  // prologue below (16 loads of 16 bytes a lane in flight), as every later block's do at the
+  // top of its iteration. The new token's own key (slot `last`) comes from shared memory.
+  const int first_kb = k0 + 32 * warp;
+  uint4 kw[D / 8];
+  auto load_keys = [&](int kb) {
+    const int j = kb + lane;
+    const bool from_cache = j < k1 && j != last;
+    const u16* krow = a.kcache + head_base + (long long)j * D;
+#pragma unroll
+    for (int c = 0; c < D / 8; c++) kw[c] = from_cache ? ld_act(krow + 8 * c) : make_uint4(0, 0, 0, 0);
+  };
+  if (first_kb < k1) load_keys(first_kb);
+
+  // The new token's rows (G query heads, k, v) and its rotary row, in one round of loads.
+  __shared__ float scos[ATTN_D / 2], ssin[ATTN_D / 2];
+  long long pos = 0;
+  if (a.cos) {
+    pos = a.position_ids ? a.position_ids[b] : (long long)last;
+    pos = pos < 0 ? 0 : (pos >= a.cos_rows ? a.cos_rows - 1 : pos);
+    if (tid < a.rot_half) {
+      scos[tid] = to_f32<DT>(a.cos[pos * a.rot_half + tid]);
+      ssin[tid] = to_f32<DT>(a.sin[pos * a.rot_half + tid]);
+    }
+  }
+  const u16* qrow = a.q + (long long)b * a.q_row + (long long)g * G * D;
+  for (int i = tid; i < G * D; i += blockDim.x) sq[i / D][i % D] = to_f32<DT>(qrow[i]);
+  sk[tid] = to_f32<DT>(a.k[(long long)b * a.kv_row + (long long)g * D + tid]);
+  sv[tid] = to_f32<DT>(a.v[(long long)b * a.kv_row + (long long)g * D + tid]);
+  __syncthreads();
+  if (a.q_norm) {  // RMSNorm over each head (rows 0..G-1 the queries, row G the key), rounded as a node's output
+    for (int r = warp; r <= G; r += ATTN_WARPS) {
+      float* row = r < G ? sq[r] : sk;
+      float ss = 0.f;
+#pragma unroll
+      for (int d = lane; d < D; d += 32) ss += row[d] * row[d];
+      const float inv = rsqrtf(warp_sum(ss) / D + a.eps);
+      const u16* w = r < G ? a.q_norm : a.k_norm;
+#pragma unroll
+      for (int d = lane; d < D; d += 32) row[d] = round_dt<DT>(row[d] * inv * to_f32<DT>(w[d]));
+    }
+    __syncthreads();
+  }
+  if (a.cos) {  // non-interleaved rotary over the first 2 * rot_half dims
+    for (int i = tid; i < (G + 1) * a.rot_half; i += blockDim.x) {
+      const int r = i / a.rot_half, j = i % a.rot_half;
+      float* row = r < G ? sq[r] : sk;
+      const float c = scos[j], sn = ssin[j];
+      const float x1 = row[j], x2 = row[j + a.rot_half];
+      row[j] = round_dt<DT>(x1 * c - x2 * sn);
+      row[j + a.rot_half] = round_dt<DT>(x2 * c + x1 * sn);
+    }
+    __syncthreads();
+  }
+  if (split == 0) {
+    a.kcache[head_base + (long long)last * D + tid] = from_f32<DT>(sk[tid]);
+    a.vcache[head_base + (long long)last * D + tid] = from_f32<DT>(sv[tid]);
+  }
+
+  // Online softmax per head over the warp's blocks.
+  const float NEG_INF = __int_as_float(0xff800000);
+  float m[G], l[G], o[G][4];
+#pragma unroll
+  for (int h = 0; h < G; h++) {
+    m[h] = NEG_INF;
+    l[h] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) o[h][i] = 0.f;
+  }
+  // Values: lane = 4 dims; 16 keys' pieces loaded at a time, before they are needed.
+  uint2 vw[2][16];
+  auto load_values = [&](int kb, int half) {
+#pragma unroll
+    for (int u = 0; u < 16; u++) {
+      const int jk = kb + 16 * half + u;
+      vw[half][u] = (jk < k1 && jk != last)
+                        ? *reinterpret_cast<const uint2*>(a.vcache + head_base + (long long)jk * D + 4 * lane)
+                        : make_uint2(0, 0);
+    }
+  };
+  for (int kb = first_kb; kb < k1; kb += 32 * ATTN_WARPS) {
+    if (kb != first_kb) load_keys(kb);
+    const int j = kb + lane;
+    const bool valid = j < k1;
+    float s[G];
+#pragma unroll
+    for (int h = 0; h < G; h++) s[h] = 0.f;
+#pragma unroll
+    for (int c = 0; c < D / 8; c++) {
+      float kv[8];
+      if (j == last) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) kv[i] = sk[8 * c + i];
+      } else {
+        unpack8<DT>(kw[c], kv);
+      }
+#pragma unroll
+      for (int h = 0; h < G; h++) {
+        const float4 qa = *reinterpret_cast<const float4*>(&sq[h][8 * c]);
+        const float4 qb = *reinterpret_cast<const float4*>(&sq[h][8 * c + 4]);
+        s[h] += qa.x * kv[0] + qa.y * kv[1] + qa.z * kv[2] + qa.w * kv[3] + qb.x * kv[4] + qb.y * kv[5] +
+                qb.z * kv[6] + qb.w * kv[7];
+      }
+    }
+    load_values(kb, 0);
+    float p[G];
+#pragma unroll
+    for (int h = 0; h < G; h++) {
+      const float sc = valid ? s[h] * a.scale : NEG_INF;
+      const float mnew = fmaxf(m[h], warp_max(sc));  // lane 0's key is always valid
+      const float corr = __expf(m[h] - mnew);
+      p[h] = valid ? __expf(sc - mnew) : 0.f;
+      l[h] = l[h] * corr + p[h];
+      m[h] = mnew;
+#pragma unroll
+      for (int i = 0; i < 4; i++) o[h][i] *= corr;
+    }
+    const bool second = kb + 16 < k1;
+    if (second) load_values(kb, 1);
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+      if (half == 1 && !second) break;
+#pragma unroll
+      for (int u = 0; u < 16; u++) {
+        const int jj = 16 * half + u;
+        float vv[4];
+        if (kb + jj == last) {
+#pragma unroll
+          for (int i = 0; i < 4; i++) vv[i] = sv[4 * lane + i];
+        } else {
+          const uint2 w = vw[half][u];
+          vv[0] = to_f32<DT>((u16)(w.x & 0xffffu));
+          vv[1] = to_f32<DT>((u16)(w.x >> 16));
+          vv[2] = to_f32<DT>((u16)(w.y & 0xffffu));
+          vv[3] = to_f32<DT>((u16)(w.y >> 16));
+        }
+        // Keys past k1 have p = 0 (and zero values): no guard needed.
+#pragma unroll
+        for (int h = 0; h < G; h++) {
+          const float pj = __shfl_sync(0xffffffffu, p[h], jj);
+#pragma unroll
+          for (int i = 0; i < 4; i++) o[h][i] += pj * vv[i];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < G; h++) {
+    const float lw = warp_sum(l[h]);
+    if (lane == 0) {
+      wm[warp][h] = m[h];
+      wl[warp][h] = lw;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) wo[warp][h][4 * lane + i] = o[h][i];
+  }
+  __syncthreads();
+  // The CTA's result: warps merged in order; thread tid holds dim tid of every head.
+  float* part = a.partial + ((long long)bg * a.max_splits + split) * G * (2 + D);
+  for (int h = 0; h < G; h++) {
+    float mx = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, wm[w][h]);
+    float ls = 0.f, os = 0.f;
+#pragma unroll
+    for (int w = 0; w < ATTN_WARPS; w++) {
+      const float f = wm[w][h] == NEG_INF ? 0.f : __expf(wm[w][h] - mx);
+      ls += wl[w][h] * f;
+      os += wo[w][h][tid] * f;
+    }
+    if (nsplit == 1) {
+      a.out[(long long)b * H * D + (long long)(g * G + h) * D + tid] = from_f32<DT>(os / ls);
+    } else {
+      part[h * (2 + D) + 2 + tid] = os;
+      if (tid == 0) {
+        part[h * (2 + D)] = mx;
+        part[h * (2 + D) + 1] = ls;
+      }
+    }
+  }
+  if (nsplit == 1) return;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) is_last = atomicAdd(&a.counters[bg], 1u) == (u32)(nsplit - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const float* base = a.partial + (long long)bg * a.max_splits * G * (2 + D);
+  for (int h = 0; h < G; h++) {
+    float mx = NEG_INF;
+    for (int sp = 0; sp < nsplit; sp++) mx = fmaxf(mx, ld_cg_f32(base + (sp * G + h) * (2 + D)));
+    float ls = 0.f, os = 0.f;
+    for (int sp = 0; sp < nsplit; sp++) {
+      const float* ps = base + (sp * G + h) * (2 + D);
+      const float f = __expf(ld_cg_f32(ps) - mx);
+      ls += ld_cg_f32(ps + 1) * f;
+      os += ld_cg_f32(ps + 2 + tid) * f;
+    }
+    a.out[(long long)b * H * D + (long long)(g * G + h) * D + tid] = from_f32<DT>(os / ls);
+  }
+  if (tid == 0) a.counters[bg] = 0;
+}
+
+#define PIO_DECODE_ATTENTION(NAME, DT, G) \
+  extern "C" __global__ void __launch_bounds__(128) NAME(DecodeAttentionArgs a) { decode_attention_body<DT, G>(a); }

@@ -11,12 +11,20 @@
 //! | `Linear` | A (…, K), W (N, K) | `K`, `N`, `activation` | (…, N) or (…, N/2) |
 //! | `MoEInt4` | input (…, H), router_probs (…, E), fc1 uint8 (E, 2I, Hp/2), fc1_scales, fc2 uint8 (E, H, Ip/2), fc2_scales, router_weights (…, E, optional) | `k`, `normalize_routing_weights`, `block_size` | (…, H) |
 //!
+//! | `GroupQueryAttention` | com.microsoft GroupQueryAttention's 16 | its attributes | its 3 |
+//!
+//! `GroupQueryAttention` runs one-token steps on the shared KV buffer with the decode kernel (on
+//! the CPU the f32 reference) and hands every other call to ONNX Runtime's own
+//! GroupQueryAttention in a session of one node ([`nested`]).
+//!
 //! `MoEInt4` computes what com.microsoft QMoE does with SwiGLU experts (`swiglu_fusion`, top-k
 //! routing by `router_probs`, mixing by its softmax or by `router_weights`), with fc1's rows
 //! grouped as for `LinearInt4`'s SwiGLU.
 
+mod attention;
 mod linear;
 mod moe;
+pub mod nested;
 
 use std::ffi::c_void;
 
@@ -27,6 +35,7 @@ use ort::AsPointer;
 use crate::error::{KernelError, Result};
 use crate::source::ActDtype;
 
+pub use attention::{GroupQueryAttentionOp, NATIVE_ONLY_VAR};
 pub use linear::{LinearInt4Op, LinearOp};
 pub use moe::MoeInt4Op;
 
@@ -36,6 +45,7 @@ pub const DOMAIN: &str = "ai.pio";
 pub const LINEAR_INT4: &str = "LinearInt4";
 pub const LINEAR: &str = "Linear";
 pub const MOE_INT4: &str = "MoEInt4";
+pub const GROUP_QUERY_ATTENTION: &str = "GroupQueryAttention";
 /// `activation` attribute values.
 pub const ACTIVATION_NONE: i64 = 0;
 pub const ACTIVATION_SWIGLU: i64 = 1;
@@ -68,11 +78,13 @@ impl Placement {
     const ALL: [Placement; 3] = [Placement::Cpu, Placement::Cuda(ActDtype::F16), Placement::Cuda(ActDtype::Bf16)];
 }
 
-/// Every operator in every placement, ready for `SessionBuilder::with_operators`.
-pub fn operator_domain() -> ort::Result<OperatorDomain> {
+/// Every operator in every placement, ready for `SessionBuilder::with_operators`; `env` (the
+/// session's environment) builds the sessions `GroupQueryAttention` hands prompts to.
+pub fn operator_domain(env: &'static ort::environment::Environment) -> ort::Result<OperatorDomain> {
     let mut domain = OperatorDomain::new(DOMAIN)?;
     for p in Placement::ALL {
-        domain = domain.add(LinearInt4Op(p))?.add(LinearOp(p))?.add(MoeInt4Op(p))?;
+        domain =
+            domain.add(LinearInt4Op(p))?.add(LinearOp(p))?.add(MoeInt4Op(p))?.add(GroupQueryAttentionOp(p, env))?;
     }
     Ok(domain)
 }

@@ -93,7 +93,7 @@ impl StageSession {
         if !manifest.options.pio_kernels.is_empty() {
             // The graph uses Inference-PIO's own operators (pio-export --pio-kernels): CUDA kernels
             // compiled now for this GPU, or their CPU references.
-            let domain = pio_kernels::ops::operator_domain().map_err(ort_err)?;
+            let domain = pio_kernels::ops::operator_domain(env).map_err(ort_err)?;
             builder = builder.with_operators(domain).map_err(builder_err)?;
         }
         let session =
