@@ -44,9 +44,10 @@
 #   scripts/gpu_session.sh attention pio-kernels-check attention: the one-token decode-attention kernel against its
 #                                    CPU reference (batch sizes, lengths, query groups, a window) and timed (no ONNX
 #                                    Runtime: runs in the first call)
-#   scripts/gpu_session.sh attn-ab   pio bench of Qwen3-4B bf16/int4 stock, --pio-kernels without attention and with
-#                                    it (prep's KERNEL_KINDS="stock pio-noattn pio"), batch 1/8/32 (AB_BATCHES), then
-#                                    greedy 64 tokens of the pio graphs against stock after 32- and 300-token prompts
+#   scripts/gpu_session.sh attn-ab   pio bench of Qwen3-4B bf16/int4 stock, --pio-kernels (all) and --pio-kernels
+#                                    all,attention (prep's KERNEL_KINDS="stock pio pio-attn"), batch 1/8/32 (AB_BATCHES),
+#                                    then greedy 64 tokens of the pio-attn graphs against stock after 32- and 300-token
+#                                    prompts (GREEDY_PROMPTS)
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the synthetic Qwen3-4B checkpoint of `kernels`
 #                                    or `prep` (bf16, int4; batch 1 and 32; .gpu-genai holds its wheels; needs only
 #                                    ONNX Runtime unpacked by an earlier call of the lease, no binaries)
@@ -79,10 +80,10 @@ unpack_tokenizer() { # unpack_tokenizer DIR: the Qwen3 tokenizer a carried folde
 }
 
 export_flags() { # export_flags KIND: pio-export's flags for a graph kind of `prep` (stock, pio, pio-lm4, pio-moe,
-  # pio-noattn: every family but attention, attn: only attention)
+  # pio-attn: every family and attention, which `all` leaves out, attn: only attention)
   case $1 in
     pio) echo --pio-kernels ;;
-    pio-noattn) echo --pio-kernels linear,lm_head,swiglu ;;
+    pio-attn) echo --pio-kernels all,attention ;;
     attn) echo --pio-kernels attention ;;
     pio-lm4) echo --pio-kernels --int4-lm-head ;;
     pio-moe) echo --pio-kernels moe ;;
@@ -196,7 +197,7 @@ case $part in
     ;;
   attn-ab)
     graphs=()
-    for p in bf16 int4; do for kind in stock pio-noattn pio; do graphs+=(--graphs $work/q4b-$p-$kind); done; done
+    for p in bf16 int4; do for kind in stock pio pio-attn; do graphs+=(--graphs $work/q4b-$p-$kind); done; done
     decode_bench .gpu/pio attn-ab-${AB_ROUND:-1} ${AB_BATCHES:-1,8,32} 14 "${graphs[@]}"
     # XQA_AB=1: the stock bf16 graph with ONNX Runtime's XQA decode kernel forced on and off (ORT_ENABLE_XQA), batch 1.
     if [[ ${XQA_AB:-0} == 1 ]]; then
@@ -206,7 +207,7 @@ case $part in
     fi
     for p in ${GREEDY_PRECISIONS:-bf16 int4}; do
       for prompt in ${GREEDY_PROMPTS:-32 300}; do
-        timeout 120 .gpu/pio-kernels-check greedy --stock $work/q4b-$p-stock --pio $work/q4b-$p-pio --tokens 64 \
+        timeout 120 .gpu/pio-kernels-check greedy --stock $work/q4b-$p-stock --pio $work/q4b-$p-pio-attn --tokens 64 \
           --prompt-tokens $prompt --out "$out/greedy-$p-p$prompt.json" > "$out/greedy-$p-p$prompt.log" 2>&1
         echo "greedy $p prompt $prompt rc=$?: $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); g=d.get('greedy',{}); t=d.get('teacher_forced',{}); print('equal', g.get('tokens_equal'), 'first', g.get('first_mismatch'), 'maxdiff', t.get('max_abs_logit_diff'), 'top1', t.get('top1_agreement'))" "$out/greedy-$p-p$prompt.json" 2>&1 | tail -c 400)"
       done

@@ -21,9 +21,10 @@ use pio_models::size::Precision;
 use pio_runtime::ep::ExecutionProvider;
 use pio_runtime::model::DecoderModel;
 
-/// A settings knob: every pio kernel family that `precision` (the settings' precision) takes.
+/// A settings knob: every pio kernel family that `precision` (the settings' precision) takes,
+/// `attention` included (it is not in `all` yet).
 fn with_pio(precision: Precision) -> impl Fn(ExportSettingsBuilder) -> ExportSettingsBuilder {
-    move |settings| settings.pio_kernels(PioKernels::all_for(precision))
+    move |settings| settings.pio_kernels(PioKernels { attention: true, ..PioKernels::all_for(precision) })
 }
 
 fn families(graphs: &Path) -> Vec<String> {

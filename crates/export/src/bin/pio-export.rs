@@ -138,8 +138,8 @@ struct Args {
     /// Inference-PIO's own kernels (custom operators of domain ai.pio, compiled for the GPU when
     /// the graph loads): `all` (the default when the flag has no value) or a comma-separated list
     /// of linear (the layers' projections), lm_head, swiglu (gate/up with the SwiGLU in the kernel's
-    /// epilogue), moe (int4 experts), attention (one-token GroupQueryAttention steps in one kernel).
-    /// The graph then needs pio to run.
+    /// epilogue), moe (int4 experts), attention (one-token GroupQueryAttention steps in one kernel;
+    /// not part of `all` yet: `all,attention`). The graph then needs pio to run.
     #[arg(long, num_args = 0..=1, default_missing_value = "all")]
     pio_kernels: Option<String>,
     /// Replace the output folder if it exists.
