@@ -15,7 +15,7 @@
 #                                    concurrency 1/8/32/64, shared-prefix TTFT, ITL during a 4,096-token prefill,
 #                                    Poisson arrivals), once per BUDGET:FACTOR in SERVE_CONFIGS (default
 #                                    "512:0 256:0 512:3": --prefill-budget and --itl-factor; the first is the
-#                                    engine's default)
+#                                    engine's default); SERVE_GRAPHS serves another graph folder (e.g. prep's)
 #   scripts/gpu_session.sh engine    scripts/engine_gpu_check.sh at 12 layers: batched vs alone, prefix hit vs cold
 #   scripts/gpu_session.sh vl        scripts/vl_gpu_bench.sh full (Qwen3-VL-2B bf16 + its text twin + transformers)
 #   scripts/gpu_session.sh ncu-vl    every GPU kernel's time (Nsight Compute) of one vl_bench run: one 1024x1024
