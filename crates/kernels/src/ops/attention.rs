@@ -11,11 +11,11 @@ use ort::environment::Environment;
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::sys::OrtValue;
-use ort::value::{DynValue, TensorElementType, ValueRef, ValueRefMut};
+use ort::value::{TensorElementType, ValueRef, ValueRefMut};
 use ort::AsPointer;
 
 use super::nested::{AttrValue, NestedGqa, NestedSpec};
-use super::{attr, data_address, device_ordinal, shape_of, stream_of, Placement, GROUP_QUERY_ATTENTION};
+use super::{attr, data_address, device_ordinal, f32s, shape_of, stream_of, Placement, GROUP_QUERY_ATTENTION};
 use crate::driver::{Device, DeviceBuffer, Stream};
 use crate::error::{KernelError, Result};
 use crate::gpu::{DecodeAttentionKernels, DecodeAttentionShape, DecodeAttentionTensors};
@@ -108,7 +108,9 @@ struct Call<'a> {
     /// The query input holds q, k and v packed.
     packed: bool,
     out_shape: Vec<i64>,
-    present_shape: Option<Vec<i64>>,
+    /// present_key's and present_value's: past's with room for the total length, or (B,
+    /// kv_heads, total, D) without a past (GroupQueryAttention's rule).
+    present_shape: Vec<i64>,
 }
 
 impl<'a> Call<'a> {
@@ -139,9 +141,9 @@ impl<'a> Call<'a> {
                 if ps.len() != 4 {
                     return Err(bad(format!("past_key has shape {ps:?}, expected (B, kv_heads, S, D)")));
                 }
-                Some(vec![ps[0], ps[1], ps[2].max(total as i64), ps[3]])
+                vec![ps[0], ps[1], ps[2].max(total as i64), ps[3]]
             }
-            None => Some(vec![b, a.kv_heads as i64, total as i64, head_dim as i64]),
+            None => vec![b, a.kv_heads as i64, total as i64, head_dim as i64],
         };
         Ok(Call {
             inputs,
@@ -173,11 +175,10 @@ struct Outputs<'a> {
 impl<'a> Outputs<'a> {
     fn get(ctx: &'a ComputeContext, call: &Call<'_>) -> Result<Outputs<'a>> {
         let missing = |i: usize| KernelError::bad_input(OP, format!("output {i} is missing"));
-        let present = call.present_shape.clone().unwrap_or_default();
         Ok(Outputs {
             out: ctx.output(0, call.out_shape.clone())?.ok_or_else(|| missing(0))?,
-            present_k: ctx.output(1, present.clone())?.ok_or_else(|| missing(1))?,
-            present_v: ctx.output(2, present)?.ok_or_else(|| missing(2))?,
+            present_k: ctx.output(1, call.present_shape.clone())?.ok_or_else(|| missing(1))?,
+            present_v: ctx.output(2, call.present_shape.clone())?.ok_or_else(|| missing(2))?,
         })
     }
 
@@ -202,8 +203,8 @@ fn one_token_step(a: &Attrs, call: &Call<'_>, outs: &Outputs<'_>, any_head_dim: 
     Ok(shared)
 }
 
+/// The decode kernel's shape of a one-token step (whose present buffer is past's, shared).
 fn decode_shape(a: &Attrs, call: &Call<'_>) -> Result<DecodeAttentionShape> {
-    let past = call.present_shape.as_ref().ok_or_else(|| KernelError::bad_input(OP, "no past_key"))?;
     let (rot_half, cos_rows) = match call.value(7) {
         Some(cos) => {
             let cs = shape_of(cos, OP, "cos_cache")?;
@@ -216,7 +217,7 @@ fn decode_shape(a: &Attrs, call: &Call<'_>) -> Result<DecodeAttentionShape> {
         head_dim: call.head_dim,
         heads: a.heads,
         kv_heads: a.kv_heads,
-        capacity: past[2].max(0) as usize,
+        capacity: call.present_shape[2].max(0) as usize,
         rot_half,
         cos_rows,
         window: a.window,
@@ -283,8 +284,8 @@ impl Operator for GroupQueryAttentionOp {
                         Ok(c)
                     })
                     .map_err(ort::Error::wrap)?;
-                let native_only = std::env::var_os(NATIVE_ONLY_VAR).is_some();
-                Box::new(CudaAttention { attrs, native, device, kernels, counters: Some(counters), native_only })
+                let forced_native = std::env::var_os(NATIVE_ONLY_VAR).is_some();
+                Box::new(CudaAttention { attrs, native, device, kernels, counters: Some(counters), forced_native })
             }
         })
     }
@@ -337,10 +338,6 @@ struct CpuAttention {
     native: Native,
 }
 
-fn f32s<'v>(v: &'v DynValue, what: &str) -> Result<&'v [f32]> {
-    v.try_extract_tensor::<f32>().map(|(_, d)| d).map_err(|e| KernelError::bad_input(OP, format!("{what}: {e}")))
-}
-
 impl CpuAttention {
     fn run(&mut self, ctx: &ComputeContext) -> Result<()> {
         let a = &self.attrs;
@@ -352,24 +349,24 @@ impl CpuAttention {
         let shape = decode_shape(a, &call)?;
         let d = call.head_dim;
         let missing = |what: &str| KernelError::bad_input(OP, format!("{what} is missing"));
-        let q = f32s(call.value(0).ok_or_else(|| missing("query"))?, "query")?;
+        let q = f32s(call.value(0).ok_or_else(|| missing("query"))?, OP, "query")?;
         let (k, v, q_row, kv_row) = if call.packed {
             let row = (a.heads + 2 * a.kv_heads) * d;
             (&q[a.heads * d..], &q[(a.heads + a.kv_heads) * d..], row, row)
         } else {
-            let k = f32s(call.value(1).ok_or_else(|| missing("key"))?, "key")?;
-            let v = f32s(call.value(2).ok_or_else(|| missing("value"))?, "value")?;
+            let k = f32s(call.value(1).ok_or_else(|| missing("key"))?, OP, "key")?;
+            let v = f32s(call.value(2).ok_or_else(|| missing("value"))?, OP, "value")?;
             (k, v, a.heads * d, a.kv_heads * d)
         };
         let seqlens = call.value(5).ok_or_else(|| missing("seqlens_k"))?;
         let seqlens = seqlens.try_extract_tensor::<i32>()?.1;
         let position_ids = call.value(9).map(|p| p.try_extract_tensor::<i64>().map(|(_, d)| d)).transpose()?;
         let rotary = match (call.value(7), call.value(8)) {
-            (Some(c), Some(s)) => Some((f32s(c, "cos_cache")?, f32s(s, "sin_cache")?)),
+            (Some(c), Some(s)) => Some((f32s(c, OP, "cos_cache")?, f32s(s, OP, "sin_cache")?)),
             _ => None,
         };
         let norms = match (call.value(14), call.value(15)) {
-            (Some(qn), Some(kn)) => Some((f32s(qn, "q_norm")?, f32s(kn, "k_norm")?)),
+            (Some(qn), Some(kn)) => Some((f32s(qn, OP, "q_norm")?, f32s(kn, OP, "k_norm")?)),
             _ => None,
         };
         let inputs = DecodeAttentionInputs { q, k, v, q_row, kv_row, seqlens, position_ids, rotary, norms };
@@ -393,8 +390,8 @@ struct CudaAttention {
     device: &'static Device,
     kernels: DecodeAttentionKernels,
     counters: Option<DeviceBuffer>,
-    /// [`NATIVE_ONLY_VAR`] was set when the session loaded.
-    native_only: bool,
+    /// [`NATIVE_ONLY_VAR`] was set when the session loaded: every call on ONNX Runtime's operator.
+    forced_native: bool,
 }
 
 impl CudaAttention {
@@ -404,7 +401,7 @@ impl CudaAttention {
         let outs = Outputs::get(ctx, &call)?;
         let stream = stream_of(ctx, OP)?;
         self.device.make_current()?;
-        if self.native_only || !one_token_step(a, &call, &outs, false)? {
+        if self.forced_native || !one_token_step(a, &call, &outs, false)? {
             return self.native.run(a, &call, &outs, Some(stream));
         }
         let shape = decode_shape(a, &call)?;

@@ -118,6 +118,11 @@ fn rows_of(shape: &[i64], width: usize, op: &'static str, what: &str) -> Result<
     }
 }
 
+/// The f32 data of a CPU operator's tensor, an error naming the operator and the tensor otherwise.
+fn f32s<'v>(v: &'v ort::value::DynValue, op: &'static str, what: &str) -> Result<&'v [f32]> {
+    v.try_extract_tensor::<f32>().map(|(_, d)| d).map_err(|e| KernelError::bad_input(op, format!("{what}: {e}")))
+}
+
 /// The number of elements a shape holds.
 fn numel(shape: &[i64]) -> usize {
     shape.iter().map(|&d| d.max(0) as usize).product()

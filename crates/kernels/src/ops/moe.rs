@@ -4,9 +4,11 @@
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
-use ort::value::{DynValue, TensorElementType};
+use ort::value::TensorElementType;
 
-use super::{attr, attr_usize, data_address, device_ordinal, numel, rows_of, shape_of, stream_of, Placement, MOE_INT4};
+use super::{
+    attr, attr_usize, data_address, device_ordinal, f32s, numel, rows_of, shape_of, stream_of, Placement, MOE_INT4,
+};
 use crate::driver::Device;
 use crate::error::{KernelError, Result};
 use crate::gpu::{MoeKernels, MoeShape, MoeTensors, MOE_TOKENS_PER_GROUP};
@@ -141,21 +143,34 @@ struct CpuMoe {
     attrs: Attrs,
 }
 
-fn f32s(v: &DynValue) -> Result<&[f32]> {
-    Ok(v.try_extract_tensor::<f32>()?.1)
-}
-
 impl CpuMoe {
     fn run(&self, ctx: &ComputeContext) -> Result<()> {
         let call = Call::read(ctx, self.attrs)?;
         let v = &call.values;
         let s = call.shape;
-        let rw = call.router_weights.as_ref().map(|r| f32s(r)).transpose()?;
-        let routing = reference::route(f32s(&v[1])?, rw, call.tokens, s.experts, s.k, self.attrs.normalize);
+        let rw = call.router_weights.as_ref().map(|r| f32s(r, OP, "router_weights")).transpose()?;
+        let routing =
+            reference::route(f32s(&v[1], OP, "router_probs")?, rw, call.tokens, s.experts, s.k, self.attrs.normalize);
         let (s1, s2) = call.int4_shapes();
-        let fc1 = ExpertWeights { shape: s1, packed: v[2].try_extract_tensor::<u8>()?.1, scales: f32s(&v[3])? };
-        let fc2 = ExpertWeights { shape: s2, packed: v[4].try_extract_tensor::<u8>()?.1, scales: f32s(&v[5])? };
-        let y = reference::moe_int4(f32s(&v[0])?, call.tokens, &fc1, &fc2, (&routing.0, &routing.1), s.k, |x| x);
+        let fc1 = ExpertWeights {
+            shape: s1,
+            packed: v[2].try_extract_tensor::<u8>()?.1,
+            scales: f32s(&v[3], OP, "fc1_scales")?,
+        };
+        let fc2 = ExpertWeights {
+            shape: s2,
+            packed: v[4].try_extract_tensor::<u8>()?.1,
+            scales: f32s(&v[5], OP, "fc2_scales")?,
+        };
+        let y = reference::moe_int4(
+            f32s(&v[0], OP, "input")?,
+            call.tokens,
+            &fc1,
+            &fc2,
+            (&routing.0, &routing.1),
+            s.k,
+            |x| x,
+        );
         let mut out = ctx.output(0, call.out_shape)?.ok_or_else(|| KernelError::bad_input(OP, "no output"))?;
         out.try_extract_tensor_mut::<f32>()?.1.copy_from_slice(&y);
         Ok(())
