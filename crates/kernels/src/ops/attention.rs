@@ -378,12 +378,6 @@ impl CpuAttention {
     }
 }
 
-impl Kernel for CpuAttention {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        self.run(ctx).map_err(ort::Error::wrap)
-    }
-}
-
 struct CudaAttention {
     attrs: Attrs,
     native: Native,
@@ -459,12 +453,6 @@ impl CudaAttention {
 /// switch for the GPU check, not a setting.
 pub const NATIVE_ONLY_VAR: &str = "PIO_ATTENTION_NATIVE_ONLY";
 
-impl Kernel for CudaAttention {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        self.run(ctx).map_err(ort::Error::wrap)
-    }
-}
-
 impl Drop for CudaAttention {
     fn drop(&mut self) {
         // The counters are freed in the device's context, which this thread may not have current.
@@ -476,3 +464,5 @@ impl Drop for CudaAttention {
         }
     }
 }
+
+kernel_through_run!(CpuAttention, CudaAttention);

@@ -216,12 +216,6 @@ fn scatter_columns(out: &Mutex<Vec<f32>>, part: &[f32], m: usize, n: usize, rows
     }
 }
 
-impl Kernel for CpuLinear {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        self.run(ctx).map_err(ort::Error::wrap)
-    }
-}
-
 /// How a CUDA call runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
@@ -416,12 +410,6 @@ impl CudaLinear {
     }
 }
 
-impl Kernel for CudaLinear {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        self.run(ctx).map_err(ort::Error::wrap)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,3 +431,5 @@ mod tests {
         assert_eq!(path(int4, 128, true), Path::TileGroups);
     }
 }
+
+kernel_through_run!(CpuLinear, CudaLinear);

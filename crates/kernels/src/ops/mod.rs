@@ -21,6 +21,19 @@
 //! routing by `router_probs`, mixing by its softmax or by `router_weights`), with fc1's rows
 //! grouped as for `LinearInt4`'s SwiGLU.
 
+/// ONNX Runtime's [`ort::operator::Kernel`] for each kernel type through its own
+/// `run(&mut self, ctx) -> crate::error::Result<()>`: the [`KernelError`] reaches ONNX Runtime
+/// wrapped with its source chain, never as text.
+macro_rules! kernel_through_run {
+    ($($kernel:ty),+ $(,)?) => {$(
+        impl ort::operator::Kernel for $kernel {
+            fn compute(&mut self, ctx: &ort::operator::ComputeContext) -> ort::Result<()> {
+                self.run(ctx).map_err(ort::Error::wrap)
+            }
+        }
+    )+};
+}
+
 mod attention;
 mod linear;
 mod moe;

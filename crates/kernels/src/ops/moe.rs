@@ -177,12 +177,6 @@ impl CpuMoe {
     }
 }
 
-impl Kernel for CpuMoe {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        self.run(ctx).map_err(ort::Error::wrap)
-    }
-}
-
 struct CudaMoe {
     attrs: Attrs,
     device: &'static Device,
@@ -238,8 +232,4 @@ impl CudaMoe {
     }
 }
 
-impl Kernel for CudaMoe {
-    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        self.run(ctx).map_err(ort::Error::wrap)
-    }
-}
+kernel_through_run!(CpuMoe, CudaMoe);
