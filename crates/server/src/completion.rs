@@ -1,5 +1,5 @@
 //! The generation routes: read and check the body, submit it to the engine (one engine request
-//! per choice of `n`, as vLLM's parallel sampling does), and answer with one JSON response or a
+//! per choice of `n` of each prompt, as vLLM's parallel sampling does), and answer with one JSON response or a
 //! stream ([`crate::stream`]).
 //!
 //! A client that disconnects drops the handler's future (or, streaming, the response body),
@@ -96,10 +96,20 @@ async fn submit(app: &App, job: &Job) -> Result<Vec<RequestHandle>, ApiError> {
         .map_err(|source| ApiError::Submit { source })?;
     match submitted {
         // More choices than the queue ever holds: no retry would help, so not a 429.
-        Err(EngineError::Overloaded { limit, .. }) if n > limit => Err(ApiError::field(
-            "n",
-            format!("{n} choices are more than this server queues at once ({limit}, its --max-waiting)"),
-        )),
+        Err(EngineError::Overloaded { limit, .. }) if n > limit => Err(match job.prompts.len() {
+            1 => ApiError::field(
+                "n",
+                format!("{n} choices are more than this server queues at once ({limit}, its --max-waiting)"),
+            ),
+            prompts => ApiError::field(
+                "prompt",
+                format!(
+                    "{prompts} prompts of {} choices each are more than this server queues at once ({limit}, its \
+                     --max-waiting)",
+                    job.params.n
+                ),
+            ),
+        }),
         // The engine names the constraint `structured_output`; the client sent it in its own field
         // (a forced call's, in its tools).
         Err(EngineError::InvalidRequest { field: "structured_output", part: None, message, source }) => {
@@ -217,7 +227,7 @@ async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<R
     let finished = try_join_all(handles.into_iter().map(|handle| finish(handle, want_logprobs))).await?;
     let ids = job.params.return_token_ids;
     let model = app.engine.model_info().served_name.clone();
-    let usage = Usage::of_choices(finished.iter().map(|f| f.output.usage()));
+    let usage = Usage::of_choices(finished.iter().map(|f| f.output.usage()), job.params.n);
     let choices = finished.into_iter().enumerate();
     let response = match job.endpoint {
         Endpoint::ChatCompletions => {
@@ -333,5 +343,22 @@ mod tests {
         // Without tool parsing (no tools, or tool_choice "none") the calls are text.
         let (message, reason) = chat_message(call.into(), FinishReason::Stop, None);
         assert_eq!((message.content.as_deref(), message.tool_calls.len(), reason), (Some(call), 0, "stop"));
+    }
+
+    #[test]
+    fn usage_counts_each_prompt_once_and_every_completion() {
+        let usage = |prompt_tokens, completion_tokens, cached_tokens| pio_runtime::generate::Usage {
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+        };
+        // Two prompts (10 and 4 tokens) of two choices each; the second choice's cache hit on
+        // its own prompt's first choice is not counted.
+        let choices = [usage(10, 3, 2), usage(10, 5, 10), usage(4, 1, 0), usage(4, 2, 4)];
+        let total = Usage::of_choices(choices, 2);
+        assert_eq!((total.prompt_tokens, total.completion_tokens, total.total_tokens), (14, 11, 25));
+        assert_eq!(total.prompt_tokens_details.cached_tokens, 2);
+        let one = Usage::of_choices(choices, 4);
+        assert_eq!((one.prompt_tokens, one.completion_tokens, one.total_tokens), (10, 11, 21));
     }
 }

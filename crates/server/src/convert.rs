@@ -56,7 +56,9 @@ pub(crate) struct ToolParsing {
 #[derive(Debug)]
 pub(crate) struct Job {
     pub endpoint: Endpoint,
-    pub request: Request,
+    /// One engine request per prompt (chat: one; completions: one per prompt of the batch form),
+    /// each to be answered with `n` choices.
+    pub prompts: Vec<Request>,
     pub params: GenerationParams,
     pub fields: PromptFields,
     /// Chat with tools and `tool_choice: "auto"`: how to find the calls in the answer.
@@ -66,17 +68,21 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    /// The engine requests of the job's `n` choices: the same prompt and options each. With a
-    /// seed, choice `i` is seeded `seed + i` (wrapping), as vLLM's parallel sampling does
+    /// The engine requests of the job's choices: `n` of each prompt, prompt by prompt (choice
+    /// `p * n + i` is prompt `p`'s `i`-th, OpenAI's order for a batch of prompts). With a seed,
+    /// choice `i` of a prompt is seeded `seed + i` (wrapping), as vLLM's parallel sampling does
     /// (`get_child_sampling_params`), so that it answers as a lone request with that seed would
     /// and the choices differ; without one, each draws its own.
     pub fn choice_requests(&self) -> Vec<Request> {
-        (0..self.params.n)
-            .map(|i| {
-                let mut request = self.request.clone();
-                let sampling = &mut request.options.sampling;
-                sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(i as u64));
-                request
+        self.prompts
+            .iter()
+            .flat_map(|prompt| {
+                (0..self.params.n).map(move |i| {
+                    let mut request = prompt.clone();
+                    let sampling = &mut request.options.sampling;
+                    sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(i as u64));
+                    request
+                })
             })
             .collect()
     }
@@ -128,7 +134,7 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
     let fields = PromptFields { prompt: "messages", max_tokens: chat.params.max_tokens_field };
     Ok(Job {
         endpoint: Endpoint::ChatCompletions,
-        request: Request::new(Prompt::Chat(messages)).with_options(options).with_render(render),
+        prompts: vec![Request::new(Prompt::Chat(messages)).with_options(options).with_render(render)],
         params: chat.params,
         fields,
         tools,
@@ -138,19 +144,19 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
 
 pub(crate) fn completion_job(completion: CompletionRequest, info: &ModelInfo) -> Result<Job, ApiError> {
     let options = options(&completion.params, info)?;
-    let prompt = match completion.prompt {
-        CompletionPrompt::Text(t) => Prompt::Text(t),
-        CompletionPrompt::Ids(ids) => Prompt::Ids(ids),
-    };
+    let prompts = completion
+        .prompts
+        .into_iter()
+        .map(|prompt| {
+            let prompt = match prompt {
+                CompletionPrompt::Text(t) => Prompt::Text(t),
+                CompletionPrompt::Ids(ids) => Prompt::Ids(ids),
+            };
+            Request::new(prompt).with_options(options.clone())
+        })
+        .collect();
     let fields = PromptFields { prompt: "prompt", max_tokens: completion.params.max_tokens_field };
-    Ok(Job {
-        endpoint: Endpoint::Completions,
-        request: Request::new(prompt).with_options(options),
-        params: completion.params,
-        fields,
-        tools: None,
-        forced: None,
-    })
+    Ok(Job { endpoint: Endpoint::Completions, prompts, params: completion.params, fields, tools: None, forced: None })
 }
 
 /// The generation options: the request's values over the checkpoint's sampling defaults.

@@ -95,8 +95,8 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
         Some(Json::String(s)) if s.is_empty() => {}
         Some(_) => return Err(ApiError::field("suffix", "is not supported")),
     }
-    let prompt = completion_prompt(wire.prompt.take())?;
-    Ok(CompletionRequest { prompt, params })
+    let prompts = completion_prompts(wire.prompt.take())?;
+    Ok(CompletionRequest { prompts, params })
 }
 
 /// The body as JSON, with the path of a value of the wrong type; fields neither endpoint knows
@@ -491,9 +491,10 @@ fn message(i: usize, m: WireMessage) -> Result<ChatMessage, ApiError> {
     })
 }
 
-/// `prompt`: a string, token ids, or a list holding one of either (several prompts in one
-/// request are refused: send one request each).
-fn completion_prompt(prompt: Option<Json>) -> Result<CompletionPrompt, ApiError> {
+/// `prompt`: a string, token ids, or a list of either (several prompts in one request, as
+/// OpenAI's batch form: each answered as a request of its own). A list mixing strings and id
+/// lists, or holding an empty prompt, is refused naming the element.
+fn completion_prompts(prompt: Option<Json>) -> Result<Vec<CompletionPrompt>, ApiError> {
     let ids = |items: &[Json], field: &str| -> Result<Vec<u32>, ApiError> {
         items
             .iter()
@@ -503,15 +504,38 @@ fn completion_prompt(prompt: Option<Json>) -> Result<CompletionPrompt, ApiError>
     };
     match prompt {
         None | Some(Json::Null) => Err(ApiError::field("prompt", "is required: a string or a list of token ids")),
-        Some(Json::String(s)) => Ok(CompletionPrompt::Text(s)),
-        Some(Json::Array(items)) => match items.as_slice() {
-            [] => Err(ApiError::field("prompt", "is empty")),
-            [Json::String(s)] => Ok(CompletionPrompt::Text(s.clone())),
-            [Json::Array(inner)] => ids(inner, "prompt[0]").map(CompletionPrompt::Ids),
-            [Json::String(_) | Json::Array(_), ..] => {
-                Err(ApiError::field("prompt", "holds several prompts: send one request per prompt"))
+        Some(Json::String(s)) => Ok(vec![CompletionPrompt::Text(s)]),
+        Some(Json::Array(items)) => match items.first() {
+            None => Err(ApiError::field("prompt", "is empty")),
+            Some(Json::String(_) | Json::Array(_)) => {
+                let texts = items[0].is_string();
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| {
+                        let field = format!("prompt[{i}]");
+                        let prompt = match item {
+                            Json::String(s) if texts => CompletionPrompt::Text(s.clone()),
+                            Json::Array(inner) if !texts => CompletionPrompt::Ids(ids(inner, &field)?),
+                            other => {
+                                let kind = if texts {
+                                    "a string, as prompt[0] is"
+                                } else {
+                                    "a list of token ids, as prompt[0] is"
+                                };
+                                return Err(ApiError::field(field, format!("must be {kind}, not {other}")));
+                            }
+                        };
+                        // One prompt's emptiness is the engine's to refuse (it names `prompt`);
+                        // in a list, the element is named here.
+                        if items.len() > 1 && prompt.is_empty() {
+                            return Err(ApiError::field(field, "is empty"));
+                        }
+                        Ok(prompt)
+                    })
+                    .collect()
             }
-            items => ids(items, "prompt").map(CompletionPrompt::Ids),
+            Some(_) => ids(&items, "prompt").map(|ids| vec![CompletionPrompt::Ids(ids)]),
         },
         Some(other) => Err(ApiError::field("prompt", format!("must be a string or a list of token ids, not {other}"))),
     }
@@ -570,17 +594,29 @@ mod tests {
         assert!(chat.template.add_generation_prompt);
 
         let completion = parse_completion(COMPLETION.as_bytes()).unwrap();
-        assert_eq!(completion.prompt, CompletionPrompt::Ids(vec![1, 2, 3]));
+        assert_eq!(completion.prompts, [CompletionPrompt::Ids(vec![1, 2, 3])]);
         let p = &completion.params;
         assert_eq!((p.logprobs, p.sampling.top_k, p.stop.as_slice()), (Some(2), Some(0), ["x".to_string()].as_slice()));
         assert!(p.return_token_ids && p.ignore_eos && p.stream.is_none());
-        for (body, prompt) in [
-            (r#"{"prompt": "a"}"#, CompletionPrompt::Text("a".into())),
-            (r#"{"prompt": ["a"]}"#, CompletionPrompt::Text("a".into())),
-            (r#"{"prompt": [[4, 5]]}"#, CompletionPrompt::Ids(vec![4, 5])),
+        let text = |t: &str| CompletionPrompt::Text(t.into());
+        for (body, prompts) in [
+            (r#"{"prompt": "a"}"#, vec![text("a")]),
+            (r#"{"prompt": ["a"]}"#, vec![text("a")]),
+            (r#"{"prompt": [[4, 5]]}"#, vec![CompletionPrompt::Ids(vec![4, 5])]),
+            // OpenAI's batch form: several prompts of one kind.
+            (r#"{"prompt": ["a", "b c"]}"#, vec![text("a"), text("b c")]),
+            (r#"{"prompt": [[4, 5], [6]]}"#, vec![CompletionPrompt::Ids(vec![4, 5]), CompletionPrompt::Ids(vec![6])]),
         ] {
-            assert_eq!(parse_completion(body.as_bytes()).unwrap().prompt, prompt, "{body}");
+            assert_eq!(parse_completion(body.as_bytes()).unwrap().prompts, prompts, "{body}");
         }
+        // A batch names its bad element: a mix of kinds, an empty prompt, a bad id.
+        let param = |body: &str| parse_completion(body.as_bytes()).unwrap_err().param();
+        assert_eq!(param(r#"{"prompt": ["a", [1]]}"#).as_deref(), Some("prompt[1]"));
+        assert_eq!(param(r#"{"prompt": [[1], "a"]}"#).as_deref(), Some("prompt[1]"));
+        assert_eq!(param(r#"{"prompt": ["a", "b", ""]}"#).as_deref(), Some("prompt[2]"));
+        assert_eq!(param(r#"{"prompt": [[1], []]}"#).as_deref(), Some("prompt[1]"));
+        assert_eq!(param(r#"{"prompt": [[1], [2, -3]]}"#).as_deref(), Some("prompt[1]"));
+        assert_eq!(param(r#"{"prompt": []}"#).as_deref(), Some("prompt"));
     }
 
     #[test]

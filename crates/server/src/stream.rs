@@ -61,6 +61,7 @@ pub(crate) fn response(
         endpoint: job.endpoint,
         fields: job.fields,
         include_usage: settings.include_usage,
+        choices_per_prompt: job.params.n,
         logprobs: job.params.logprobs.is_some(),
         token_ids: job.params.return_token_ids,
         choices,
@@ -96,6 +97,8 @@ struct ChunkStream {
     endpoint: Endpoint,
     fields: PromptFields,
     include_usage: bool,
+    /// `n`: the choices of one prompt, which share its usage's prompt tokens.
+    choices_per_prompt: usize,
     logprobs: bool,
     token_ids: bool,
     /// Each choice's state, by index.
@@ -168,7 +171,8 @@ impl ChunkStream {
                 // error, and an error ends the answer).
                 Ok(None) => {
                     if self.include_usage {
-                        let usage = Usage::of_choices(self.choices.iter().filter_map(|c| c.usage));
+                        let usage =
+                            Usage::of_choices(self.choices.iter().filter_map(|c| c.usage), self.choices_per_prompt);
                         self.push_usage(usage);
                     }
                     self.pending.push_back(SseEvent::default().data("[DONE]"));

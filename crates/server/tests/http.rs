@@ -577,7 +577,8 @@ fn bad_input_gets_a_4xx_naming_the_field_and_the_server_goes_on() {
         ("/v1/completions", json!({"prompt": too_long}).to_string().into_bytes(), 400, Some("prompt"), "5000 tokens"),
         ("/v1/completions", br#"{"prompt": [1, -3]}"#.to_vec(), 400, Some("prompt"), "token ids"),
         ("/v1/completions", br#"{"prompt": [1, 99999999]}"#.to_vec(), 400, Some("prompt"), "outside the vocabulary"),
-        ("/v1/completions", br#"{"prompt": ["a", "b"]}"#.to_vec(), 400, Some("prompt"), "several prompts"),
+        ("/v1/completions", br#"{"prompt": ["a", [1]]}"#.to_vec(), 400, Some("prompt[1]"), "must be a string"),
+        ("/v1/completions", br#"{"prompt": ["a", ""]}"#.to_vec(), 400, Some("prompt[1]"), "empty"),
         ("/v1/completions", br#"{"max_tokens": 3}"#.to_vec(), 400, Some("prompt"), "required"),
         ("/v1/completions", br#"{"prompt": "x", "top_p": 2}"#.to_vec(), 400, Some("top_p"), "(0, 1]"),
         ("/v1/completions", br#"{"prompt": "x", "stop": 5}"#.to_vec(), 400, Some("stop"), "string"),
@@ -1078,6 +1079,65 @@ fn n_choices_answer_as_lone_requests_seeded_one_apart() {
         let (last, _) = chunks.split_last().unwrap();
         assert_eq!((&last["choices"], &last["usage"]), (&json!([]), &whole["usage"]), "{path}");
     }
+}
+
+#[test]
+fn a_batch_of_prompts_answers_each_as_a_lone_request() {
+    // As in `n_choices_answer_as_lone_requests_seeded_one_apart`: no prefix cache.
+    let server = serve(Settings { prefix_caching: false, ..Default::default() });
+    let path = "/v1/completions";
+    let prompts = ["Once upon", "The quick brown fox jumps", "A"];
+    let mut body = json!({"prompt": prompts, "n": 2, "max_tokens": 5, "temperature": 1.0, "seed": 11,
+                          "ignore_eos": true, "return_token_ids": true, "logprobs": 1});
+    let whole = server.answer(path, &body);
+    let choices = whole["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 6, "{whole}");
+    // Choice p * n + i is prompt p's i-th, answered as that prompt alone with seed + i.
+    let mut prompt_tokens = 0;
+    for (p, prompt) in prompts.iter().enumerate() {
+        for i in 0..2 {
+            let index = p * 2 + i;
+            let choice = &choices[index];
+            assert_eq!(choice["index"], index);
+            let alone = json!({"prompt": prompt, "max_tokens": 5, "temperature": 1.0, "seed": 11 + i,
+                               "ignore_eos": true, "return_token_ids": true, "logprobs": 1});
+            let lone = server.answer(path, &alone);
+            answer_of(choice, false).assert_same_as(&answer_of(&lone["choices"][0], false), &format!("choice {index}"));
+            assert_eq!(choice["prompt_token_ids"], lone["choices"][0]["prompt_token_ids"], "choice {index}");
+            if i == 0 {
+                prompt_tokens += lone["usage"]["prompt_tokens"].as_u64().unwrap();
+            }
+        }
+    }
+    // Each prompt counted once, every completion summed.
+    assert_eq!(
+        whole["usage"],
+        json!({"prompt_tokens": prompt_tokens, "completion_tokens": 30, "total_tokens": prompt_tokens + 30,
+               "prompt_tokens_details": {"cached_tokens": 0}})
+    );
+
+    // The same prompts as token ids answer the same.
+    let ids: Vec<Value> = choices.iter().step_by(2).map(|c| c["prompt_token_ids"].clone()).collect();
+    let mut by_ids = body.clone();
+    by_ids["prompt"] = json!(ids);
+    let answered = server.answer(path, &by_ids);
+    for (index, choice) in choices.iter().enumerate() {
+        answer_of(&answered["choices"][index], false)
+            .assert_same_as(&answer_of(choice, false), &format!("ids {index}"));
+    }
+
+    // Streamed: each choice's chunks make its answer, then the same usage and one [DONE].
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = server.stream(path, &body);
+    let chunks = chunks(&events);
+    for (index, choice) in choices.iter().enumerate() {
+        let of_choice: Vec<Value> = chunks.iter().filter(|c| c["choices"][0]["index"] == index).cloned().collect();
+        streamed_answer(&of_choice, false).assert_same_as(&answer_of(choice, false), &format!("streamed {index}"));
+    }
+    let (last, _) = chunks.split_last().unwrap();
+    assert_eq!((&last["choices"], &last["usage"]), (&json!([]), &whole["usage"]));
+    server.wait_idle();
 }
 
 /// Structured outputs over HTTP: the random-weight model's answer takes the shape of the

@@ -67,6 +67,15 @@ pub enum CompletionPrompt {
     Ids(Vec<u32>),
 }
 
+impl CompletionPrompt {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            CompletionPrompt::Text(t) => t.is_empty(),
+            CompletionPrompt::Ids(ids) => ids.is_empty(),
+        }
+    }
+}
+
 /// Sampling values the request sets; the rest come from the checkpoint's generation config.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SamplingOverrides {
@@ -163,6 +172,7 @@ pub struct ChatCompletionRequest {
 /// A checked `/v1/completions` body.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompletionRequest {
-    pub prompt: CompletionPrompt,
+    /// One or more (OpenAI's batch form), all of one kind; each is answered with `n` choices.
+    pub prompts: Vec<CompletionPrompt>,
     pub params: GenerationParams,
 }

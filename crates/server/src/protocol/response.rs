@@ -31,15 +31,19 @@ impl From<pio_runtime::generate::Usage> for Usage {
 }
 
 impl Usage {
-    /// The usage of a request's choices (`n` of them), from each one's in index order, as vLLM
-    /// counts it: the prompt once, the completions summed. The cached prompt tokens are the first
-    /// choice's: the choices share the prompt, and what later ones find cached may be the KV the
-    /// first one just computed, which saved the client nothing.
-    pub fn of_choices(choices: impl IntoIterator<Item = pio_runtime::generate::Usage>) -> Self {
-        let mut choices = choices.into_iter();
-        let Some(first) = choices.next() else { return Usage::default() };
-        let mut usage = Usage::from(first);
-        for choice in choices {
+    /// The usage of a request's choices, from each one's in index order, `per_prompt` (`n`) of
+    /// each prompt in turn, as vLLM counts it: each prompt once, the completions summed. A
+    /// prompt's cached tokens are its first choice's: its choices share the prompt, and what
+    /// later ones find cached may be the KV the first one just computed, which saved the client
+    /// nothing.
+    pub fn of_choices(choices: impl IntoIterator<Item = pio_runtime::generate::Usage>, per_prompt: usize) -> Self {
+        let mut usage = Usage::default();
+        for (i, choice) in choices.into_iter().enumerate() {
+            if i % per_prompt.max(1) == 0 {
+                usage.prompt_tokens += choice.prompt_tokens;
+                usage.total_tokens += choice.prompt_tokens;
+                usage.prompt_tokens_details.cached_tokens += choice.cached_tokens;
+            }
             usage.completion_tokens += choice.completion_tokens;
             usage.total_tokens += choice.completion_tokens;
         }
