@@ -18,6 +18,7 @@ use crate::error::ApiError;
 use crate::layers::{limit_body, require_api_key, time_limit, ApiKey, BodyLimit};
 use crate::protocol::response::{ModelCard, ModelList};
 use crate::token_text::TokenText;
+use crate::tokenize::{detokenize, tokenize};
 
 /// What every handler reads.
 pub(crate) struct AppState {
@@ -41,6 +42,8 @@ pub(crate) fn unix_seconds() -> u64 {
 ///
 /// - `POST /v1/chat/completions`, `POST /v1/completions`: generation, behind the API key (if
 ///   any), the request timeout and the body limit;
+/// - `POST /tokenize`, `POST /detokenize` (vLLM's): a prompt's token ids and ids' text, behind
+///   the same layers;
 /// - `GET /v1/models`: the served model, behind the API key;
 /// - `GET /health`, `GET /metrics`: open (probes and scrapers send no key).
 pub fn router(engine: Engine, config: &ServerConfig) -> Router {
@@ -55,6 +58,8 @@ pub fn router(engine: Engine, config: &ServerConfig) -> Router {
     let mut v1 = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route_layer(from_fn_with_state(BodyLimit(config.body_limit()), limit_body));
     if let Some(limit) = config.request_timeout() {
         v1 = v1.route_layer(from_fn_with_state(limit, time_limit));

@@ -33,6 +33,7 @@ pub mod protocol;
 mod stream;
 pub mod structured;
 mod token_text;
+mod tokenize;
 pub mod tool_calls;
 
 use std::future::Future;

@@ -796,6 +796,8 @@ fn the_api_key_guards_v1_and_leaves_health_and_metrics_open() {
     let body = br#"{"prompt": "Hi", "max_tokens": 1}"#;
     assert_eq!(server.post_bytes("/v1/completions", body, None).0, 401);
     assert_eq!(server.post_bytes("/v1/completions", body, Some("sekrit")).0, 200);
+    assert_eq!(server.post_bytes("/tokenize", body, None).0, 401);
+    assert_eq!(server.post_bytes("/tokenize", body, Some("sekrit")).0, 200);
 }
 
 #[test]
@@ -1138,6 +1140,55 @@ fn a_batch_of_prompts_answers_each_as_a_lone_request() {
     let (last, _) = chunks.split_last().unwrap();
     assert_eq!((&last["choices"], &last["usage"]), (&json!([]), &whole["usage"]));
     server.wait_idle();
+}
+
+#[test]
+fn tokenize_gives_the_ids_generation_gets_and_detokenize_the_text_back() {
+    let server = serve(Settings::default());
+    // A chat, through the template with the generation prompt: the ids a generation starts from.
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]);
+    let chat = server
+        .answer("/v1/chat/completions", &json!({"messages": messages, "max_tokens": 1, "return_token_ids": true}));
+    let tokenized = server.answer("/tokenize", &json!({"messages": messages, "return_token_strs": true}));
+    assert_eq!(tokenized["tokens"], chat["prompt_token_ids"], "{tokenized}");
+    let count = tokenized["tokens"].as_array().unwrap().len();
+    assert_eq!(tokenized["count"], count);
+    assert_eq!(tokenized["token_strs"].as_array().map(Vec::len), Some(count));
+    let (_, models) = server.get("/v1/models", None);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(tokenized["max_model_len"], models["data"][0]["max_model_len"]);
+    // Without the generation prompt, fewer tokens.
+    let bare = server.answer("/tokenize", &json!({"messages": messages, "add_generation_prompt": false}));
+    assert!(bare["count"].as_u64().unwrap() < count as u64, "{bare}");
+
+    // A prompt: its ids as /v1/completions gets them, and /detokenize gives the text back.
+    let text = "Once upon a time, in a land";
+    let completion =
+        server.answer("/v1/completions", &json!({"prompt": text, "max_tokens": 1, "return_token_ids": true}));
+    let tokenized = server.answer("/tokenize", &json!({"prompt": text}));
+    assert_eq!(tokenized["tokens"], completion["choices"][0]["prompt_token_ids"]);
+    assert!(tokenized.get("token_strs").is_none(), "{tokenized}");
+    let detokenized = server.answer("/detokenize", &json!({"tokens": tokenized["tokens"]}));
+    assert_eq!(detokenized["prompt"], text);
+
+    // Bad input: a 4xx naming the field, and the server goes on.
+    for (path, body, status, param) in [
+        ("/tokenize", json!({"prompt": ["a", "b"]}), 400, "prompt"),
+        ("/tokenize", json!({"prompt": [1, 99999999]}), 400, "prompt[1]"),
+        ("/tokenize", json!({"messages": messages, "add_special_tokens": true}), 400, "add_special_tokens"),
+        ("/tokenize", json!({"prompt": "a", "return_token_strs": 1}), 400, "return_token_strs"),
+        ("/tokenize", json!({"messages": [{"role": "robot", "content": "x"}]}), 400, "messages[0].role"),
+        ("/tokenize", json!({"prompt": "a", "model": "another"}), 404, "model"),
+        ("/tokenize", json!([1]), 400, "body"),
+        ("/detokenize", json!({"tokens": [1, -2]}), 400, "tokens[1]"),
+        ("/detokenize", json!({"tokens": [99999999]}), 400, "tokens[0]"),
+        ("/detokenize", json!({"tokens": "abc"}), 400, "tokens"),
+        ("/detokenize", json!({}), 400, "tokens"),
+    ] {
+        let (got, error) = server.post(path, &body);
+        assert_eq!((got, error["error"]["param"].as_str()), (status, Some(param)), "{path} {body}: {error}");
+    }
+    server.answer("/tokenize", &json!({"prompt": "still serving"}));
 }
 
 /// Structured outputs over HTTP: the random-weight model's answer takes the shape of the
