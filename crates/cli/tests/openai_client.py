@@ -71,6 +71,9 @@ out["completion"] = {
 }
 streamed = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True)
 out["completion_stream_text"] = "".join(c.choices[0].text for c in streamed if c.choices)
+# A batch of prompts (the SDK's list form): n choices of each, in prompt order.
+batch = client.completions.create(model=model, prompt=["Once upon a time", "Hello"], max_tokens=6, temperature=0)
+out["completion_batch"] = {"indexes": [c.index for c in batch.choices], "texts": [c.text for c in batch.choices]}
 
 # Tools reach the chat template (the prompt grows); a past call and its result render. The
 # random model writes no call, so the answer is text either way.

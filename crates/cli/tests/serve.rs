@@ -263,6 +263,10 @@ fn the_openai_python_sdk_talks_to_pio_serve() {
     assert_eq!(completion["object"], "text_completion");
     assert_eq!(completion["tokens"].as_array().unwrap().len(), 6);
     assert_eq!(seen["completion_stream_text"], completion["text"]);
+    // The batch's first prompt answers as the same prompt alone (greedy).
+    let batch = &seen["completion_batch"];
+    assert_eq!(batch["indexes"], json!([0, 1]), "{batch}");
+    assert_eq!(batch["texts"][0], completion["text"], "{batch}");
     let tools = &seen["tools"];
     assert!(tools["prompt_tokens"].as_u64() > chat["usage"]["prompt_tokens"].as_u64(), "{tools}");
     assert!(tools["after_call_prompt_tokens"].as_u64() > tools["prompt_tokens"].as_u64(), "{tools}");
