@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
@@ -44,7 +44,7 @@ pub(crate) fn unix_seconds() -> u64 {
 ///   any), the request timeout and the body limit;
 /// - `POST /tokenize`, `POST /detokenize` (vLLM's): a prompt's token ids and ids' text, behind
 ///   the same layers;
-/// - `GET /v1/models`: the served model, behind the API key;
+/// - `GET /v1/models`, `GET /v1/models/{model}`: the served model, behind the API key;
 /// - `GET /health`, `GET /metrics`: open (probes and scrapers send no key).
 pub fn router(engine: Engine, config: &ServerConfig) -> Router {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
@@ -64,7 +64,7 @@ pub fn router(engine: Engine, config: &ServerConfig) -> Router {
     if let Some(limit) = config.request_timeout() {
         v1 = v1.route_layer(from_fn_with_state(limit, time_limit));
     }
-    v1 = v1.route("/v1/models", get(models));
+    v1 = v1.route("/v1/models", get(models)).route("/v1/models/{*model}", get(model));
     if let Some(key) = config.api_key() {
         v1 = v1.route_layer(from_fn_with_state(ApiKey(key.into()), require_api_key));
     }
@@ -94,17 +94,29 @@ async fn metrics(State(app): State<App>) -> Response {
 }
 
 async fn models(State(app): State<App>) -> Json<ModelList> {
+    Json(ModelList { object: "list", data: vec![model_card(&app)] })
+}
+
+/// `GET /v1/models/{model}` (the SDKs' `models.retrieve`; the name may hold slashes, as hub ids
+/// do): the served model's card, or a 404 naming the model that is served.
+async fn model(State(app): State<App>, Path(requested): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+    let card = model_card(&app);
+    if requested == card.id {
+        Ok(Json(card))
+    } else {
+        Err(ApiError::ModelNotFound { requested, served: card.id })
+    }
+}
+
+fn model_card(app: &App) -> ModelCard {
     let info = app.engine.model_info();
-    Json(ModelList {
-        object: "list",
-        data: vec![ModelCard {
-            id: info.served_name.clone(),
-            object: "model",
-            created: app.created,
-            owned_by: "pio",
-            max_model_len: info.max_model_len,
-        }],
-    })
+    ModelCard {
+        id: info.served_name.clone(),
+        object: "model",
+        created: app.created,
+        owned_by: "pio",
+        max_model_len: info.max_model_len,
+    }
 }
 
 async fn no_route(request: Request) -> ApiError {

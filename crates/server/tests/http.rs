@@ -72,24 +72,36 @@ struct Settings {
     prefill_budget: usize,
     prefix_caching: bool,
     max_waiting: usize,
+    /// `--served-model-name` (None: the graph's name).
+    served_name: Option<&'static str>,
     server: ServerConfig,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         let server = ServerConfig::builder().port(0).build().unwrap();
-        Settings { graphs: graphs(), max_seqs: 4, prefill_budget: 512, prefix_caching: true, max_waiting: 64, server }
+        Settings {
+            graphs: graphs(),
+            max_seqs: 4,
+            prefill_budget: 512,
+            prefix_caching: true,
+            max_waiting: 64,
+            served_name: None,
+            server,
+        }
     }
 }
 
 fn serve(settings: Settings) -> Served {
-    let config = EngineConfig::builder(settings.graphs)
+    let mut config = EngineConfig::builder(settings.graphs)
         .max_seqs(settings.max_seqs)
         .prefill_budget(settings.prefill_budget)
         .prefix_caching(settings.prefix_caching)
-        .max_waiting(settings.max_waiting)
-        .build()
-        .unwrap();
+        .max_waiting(settings.max_waiting);
+    if let Some(name) = settings.served_name {
+        config = config.served_model_name(name);
+    }
+    let config = config.build().unwrap();
     let engine = Engine::start(config).unwrap_or_else(|e| panic!("{e:#}"));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let server = runtime.block_on(Server::bind(engine.clone(), &settings.server)).unwrap();
@@ -1140,6 +1152,27 @@ fn a_batch_of_prompts_answers_each_as_a_lone_request() {
     let (last, _) = chunks.split_last().unwrap();
     assert_eq!((&last["choices"], &last["usage"]), (&json!([]), &whole["usage"]));
     server.wait_idle();
+}
+
+#[test]
+fn models_are_listed_and_retrieved_by_a_name_with_slashes() {
+    let server = serve(Settings { served_name: Some("org/pio-test"), ..Default::default() });
+    let (status, list) = server.get("/v1/models", None);
+    assert_eq!(status, 200);
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["data"][0]["id"], "org/pio-test");
+    let (status, card) = server.get("/v1/models/org/pio-test", None);
+    assert_eq!(status, 200, "{card}");
+    assert_eq!(serde_json::from_str::<Value>(&card).unwrap(), list["data"][0]);
+    let (status, error) = server.get("/v1/models/org/other", None);
+    let error: Value = serde_json::from_str(&error).unwrap();
+    assert_eq!(
+        (status, &error["error"]["code"], &error["error"]["param"]),
+        (404, &json!("model_not_found"), &json!("model"))
+    );
+    assert!(error["error"]["message"].as_str().unwrap().contains("org/pio-test"), "{error}");
+    // Requests name it too.
+    server.answer("/v1/completions", &json!({"model": "org/pio-test", "prompt": "Hi", "max_tokens": 1}));
 }
 
 #[test]
