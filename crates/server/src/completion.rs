@@ -308,6 +308,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::protocol::response::PromptTokensDetails;
     use crate::tool_calls::ToolCallFormat;
 
     #[test]
@@ -357,7 +358,7 @@ mod tests {
         let choices = [usage(10, 3, 2), usage(10, 5, 10), usage(4, 1, 0), usage(4, 2, 4)];
         let total = Usage::of_choices(choices, 2);
         assert_eq!((total.prompt_tokens, total.completion_tokens, total.total_tokens), (14, 11, 25));
-        assert_eq!(total.prompt_tokens_details.cached_tokens, 2);
+        assert_eq!(total.prompt_tokens_details, Some(PromptTokensDetails { cached_tokens: 2 }));
         let one = Usage::of_choices(choices, 4);
         assert_eq!((one.prompt_tokens, one.completion_tokens, one.total_tokens), (10, 11, 21));
     }

@@ -237,7 +237,15 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         (false, Some(_)) => return Err(ApiError::field("stream_options", "is only allowed with `stream: true`")),
         (false, None) => None,
         (true, options) => {
-            Some(StreamSettings { include_usage: options.as_ref().and_then(|o| o.include_usage).unwrap_or(false) })
+            let include_usage = options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+            let continuous_usage = options.as_ref().and_then(|o| o.continuous_usage_stats).unwrap_or(false);
+            if continuous_usage && !include_usage {
+                return Err(ApiError::field(
+                    "stream_options.continuous_usage_stats",
+                    "needs `include_usage: true` (as vLLM reads it)",
+                ));
+            }
+            Some(StreamSettings { include_usage, continuous_usage })
         }
     };
     let top = |field: &'static str, n: i64| match usize::try_from(n) {
@@ -588,7 +596,7 @@ mod tests {
         assert_eq!(chat.messages[1].content, Some(MessageContent::Parts(parts)));
         let p = &chat.params;
         assert_eq!((p.max_tokens, p.max_tokens_field), (Some(16), "max_completion_tokens"));
-        assert_eq!(p.stream, Some(StreamSettings { include_usage: true }));
+        assert_eq!(p.stream, Some(StreamSettings { include_usage: true, continuous_usage: false }));
         assert_eq!((p.logprobs, p.sampling.seed), (Some(3), Some((-3i64) as u64)));
         assert_eq!(chat.template.enable_thinking, Some(false));
         assert!(chat.template.add_generation_prompt);

@@ -52,6 +52,8 @@ pub(crate) fn response(
             calls_sent: 0,
             forced_text: job.forced.as_ref().map(|_| String::new()),
             usage: None,
+            prompt_tokens: handle.prompt_ids().len(),
+            generated: 0,
         })
         .collect();
     let mut stream = ChunkStream {
@@ -62,6 +64,7 @@ pub(crate) fn response(
         fields: job.fields,
         include_usage: settings.include_usage,
         choices_per_prompt: job.params.n,
+        continuous_usage: settings.continuous_usage,
         logprobs: job.params.logprobs.is_some(),
         token_ids: job.params.return_token_ids,
         choices,
@@ -99,6 +102,8 @@ struct ChunkStream {
     include_usage: bool,
     /// `n`: the choices of one prompt, which share its usage's prompt tokens.
     choices_per_prompt: usize,
+    /// Every chunk carries its choice's usage so far.
+    continuous_usage: bool,
     logprobs: bool,
     token_ids: bool,
     /// Each choice's state, by index.
@@ -128,6 +133,9 @@ struct ChoiceState {
     forced_text: Option<String>,
     /// The choice's usage, once it has finished.
     usage: Option<pio_runtime::generate::Usage>,
+    /// Its prompt's tokens and the tokens generated so far (`continuous_usage_stats`).
+    prompt_tokens: usize,
+    generated: usize,
 }
 
 /// A chunk's content: a piece of the answer, or its end.
@@ -186,6 +194,9 @@ impl ChunkStream {
 
     fn push_token(&mut self, index: usize, token: &TokenEvent) {
         let choice = &mut self.choices[index];
+        if token.token_id != TEXT_TAIL_TOKEN {
+            choice.generated += 1;
+        }
         let streamed = match (choice.forced_text.as_mut(), choice.tool_calls.as_mut()) {
             // Nothing to let out (the token's logprob and id still go out, with no text).
             (Some(forced), _) => {
@@ -212,6 +223,8 @@ impl ChunkStream {
         log_finished(&output);
         let choice = &mut self.choices[index];
         choice.usage = Some(output.usage());
+        // The finish chunk's running usage is the exact count.
+        choice.generated = output.usage().completion_tokens;
         if let (Some(forced), Some(text)) = (&self.forced, choice.forced_text.take()) {
             // Not the whole JSON (cut short): the text, as the whole answer gives it.
             let (content, calls, reason) = forced.answer(text, output.finish_reason);
@@ -287,7 +300,19 @@ impl ChunkStream {
 
     /// A chunk of choice `index`.
     fn push_chunk(&mut self, index: usize, piece: Piece<'_>) {
-        let usage = if self.include_usage { UsageField::Null } else { UsageField::Absent };
+        let usage = match (self.include_usage, self.continuous_usage) {
+            (true, true) => {
+                let choice = &self.choices[index];
+                UsageField::Usage(Usage {
+                    prompt_tokens: choice.prompt_tokens,
+                    completion_tokens: choice.generated,
+                    total_tokens: choice.prompt_tokens + choice.generated,
+                    prompt_tokens_details: None,
+                })
+            }
+            (true, false) => UsageField::Null,
+            (false, _) => UsageField::Absent,
+        };
         let token = match &piece {
             Piece::Text(t, _) => *t,
             _ => None,

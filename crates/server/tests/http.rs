@@ -866,6 +866,32 @@ fn usage_is_streamed_only_when_asked_for() {
         if chat {
             assert_eq!(rest[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
         }
+
+        // vLLM's continuous_usage_stats: every chunk has the usage so far; the counts grow to the
+        // finish chunk's, which are the whole answer's (no cache detail until the last chunk).
+        body["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": true});
+        let running = chunks(&server.stream(path, &body));
+        let (last, rest) = running.split_last().unwrap();
+        assert_eq!(last["usage"], whole["usage"], "{path}");
+        let prompt_tokens = &whole["usage"]["prompt_tokens"];
+        let mut before = 0;
+        for c in rest {
+            let usage = &c["usage"];
+            assert_eq!(&usage["prompt_tokens"], prompt_tokens, "{path}: {c}");
+            let done = usage["completion_tokens"].as_u64().unwrap();
+            assert!(done >= before, "{path}: {c}");
+            assert_eq!(usage["total_tokens"], prompt_tokens.as_u64().unwrap() + done, "{path}: {c}");
+            assert!(usage.get("prompt_tokens_details").is_none(), "{path}: {c}");
+            before = done;
+        }
+        assert_eq!(
+            before,
+            whole["usage"]["completion_tokens"].as_u64().unwrap(),
+            "{path}: the finish chunk counts all"
+        );
+        body["stream_options"] = json!({"continuous_usage_stats": true});
+        let (status, error) = server.post(path, &body);
+        assert_eq!((status, &error["error"]["param"]), (400, &json!("stream_options.continuous_usage_stats")));
     }
 }
 

@@ -98,6 +98,9 @@ pub struct StreamSettings {
     /// `stream_options.include_usage`: a last chunk with the usage (and `"usage": null` in the
     /// others).
     pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats` (vLLM's, with `include_usage`): every chunk of a
+    /// choice carries that choice's usage so far (its prompt, its tokens until then).
+    pub continuous_usage: bool,
 }
 
 /// What both endpoints ask of a generation.

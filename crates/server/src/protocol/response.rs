@@ -16,7 +16,10 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
-    pub prompt_tokens_details: PromptTokensDetails,
+    /// Absent in a stream's running usage (`continuous_usage_stats`), where the cache hits are
+    /// not known yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
 }
 
 impl From<pio_runtime::generate::Usage> for Usage {
@@ -25,7 +28,7 @@ impl From<pio_runtime::generate::Usage> for Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
-            prompt_tokens_details: PromptTokensDetails { cached_tokens: u.cached_tokens },
+            prompt_tokens_details: Some(PromptTokensDetails { cached_tokens: u.cached_tokens }),
         }
     }
 }
@@ -38,15 +41,17 @@ impl Usage {
     /// nothing.
     pub fn of_choices(choices: impl IntoIterator<Item = pio_runtime::generate::Usage>, per_prompt: usize) -> Self {
         let mut usage = Usage::default();
+        let mut cached_tokens = 0;
         for (i, choice) in choices.into_iter().enumerate() {
             if i % per_prompt.max(1) == 0 {
                 usage.prompt_tokens += choice.prompt_tokens;
                 usage.total_tokens += choice.prompt_tokens;
-                usage.prompt_tokens_details.cached_tokens += choice.cached_tokens;
+                cached_tokens += choice.cached_tokens;
             }
             usage.completion_tokens += choice.completion_tokens;
             usage.total_tokens += choice.completion_tokens;
         }
+        usage.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens });
         usage
     }
 }

@@ -84,9 +84,9 @@ pub(crate) struct WireRequest {
 pub(crate) struct WireStreamOptions {
     #[serde(default, deserialize_with = "flag")]
     pub include_usage: Option<bool>,
-    /// vLLM's; accepted, and usage comes only at the end.
-    #[serde(rename = "continuous_usage_stats")]
-    _continuous_usage_stats: Option<IgnoredAny>,
+    /// vLLM's: the usage so far in every chunk too (with `include_usage`).
+    #[serde(default, deserialize_with = "flag")]
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// `logprobs`: a flag (chat) or a count (completions).
