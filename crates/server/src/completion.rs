@@ -167,7 +167,10 @@ pub(crate) fn chat_message(
             finish_reason(reason),
         );
     };
-    let parsed = tool_calls::parse(&text, parsing.format, &parsing.tools);
+    let mut parsed = tool_calls::parse(&text, parsing.format, &parsing.tools);
+    if !parsing.parallel {
+        parsed.calls.truncate(1);
+    }
     let called = !parsed.calls.is_empty();
     let content = (!called || !parsed.content.trim().is_empty()).then_some(parsed.content);
     let message =
@@ -316,6 +319,7 @@ mod tests {
         let tools = ToolParsing {
             format: ToolCallFormat::Hermes,
             tools: vec![json!({"type": "function", "function": {"name": "get_weather"}})],
+            parallel: true,
         };
         let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
         let (message, reason) = chat_message(format!("\n\n{call}\n{call}"), FinishReason::Stop, Some(&tools));
@@ -329,6 +333,10 @@ mod tests {
             assert!(call["id"].as_str().unwrap().starts_with("call_"));
         }
         assert_ne!(body["tool_calls"][0]["id"], body["tool_calls"][1]["id"]);
+        // parallel_tool_calls: false keeps the first call.
+        let one = ToolParsing { parallel: false, ..tools.clone() };
+        let (message, reason) = chat_message(format!("\n\n{call}\n{call}"), FinishReason::Stop, Some(&one));
+        assert_eq!((message.tool_calls.len(), reason), (1, "tool_calls"));
 
         // Text before the calls is the content; an answer cut by max_tokens says so.
         let (message, reason) =

@@ -50,6 +50,8 @@ impl ToolSupport {
 pub(crate) struct ToolParsing {
     pub format: ToolCallFormat,
     pub tools: Vec<Json>,
+    /// `parallel_tool_calls`: false keeps an answer's first call only.
+    pub parallel: bool,
 }
 
 /// A request ready for the engine, with what the response needs to know about it.
@@ -105,7 +107,9 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
     let tools = match (chat.tools.is_empty(), &chat.tool_choice, support.format) {
         // A forced call is read from its constrained JSON, whatever the model's own format.
         (true, _, _) | (false, ToolChoice::None | ToolChoice::Required | ToolChoice::Function(_), _) => None,
-        (false, ToolChoice::Auto, Some(format)) => Some(ToolParsing { format, tools: chat.tools.clone() }),
+        (false, ToolChoice::Auto, Some(format)) => {
+            Some(ToolParsing { format, tools: chat.tools.clone(), parallel: chat.parallel_tool_calls })
+        }
         (false, ToolChoice::Auto, None) => {
             return Err(ApiError::field(
                 "tools",
@@ -115,7 +119,7 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
             ))
         }
     };
-    let forced = ForcedCall::of(&chat.tools, &chat.tool_choice)?;
+    let forced = ForcedCall::of(&chat.tools, &chat.tool_choice, chat.parallel_tool_calls)?;
     if let Some(forced) = &forced {
         options.structured_output = Some(forced.output.clone());
     }

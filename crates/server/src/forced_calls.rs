@@ -42,7 +42,8 @@ pub(crate) struct ForcedCall {
 impl ForcedCall {
     /// The forced call of a request's `tool_choice`, None when it forces none. The request's
     /// parse has checked that a named function is one of `tools` and that `required` has tools.
-    pub fn of(tools: &[Json], choice: &ToolChoice) -> Result<Option<Self>, ApiError> {
+    /// `parallel` (`parallel_tool_calls`): false lets `required` make one call only.
+    pub fn of(tools: &[Json], choice: &ToolChoice, parallel: bool) -> Result<Option<Self>, ApiError> {
         match choice {
             ToolChoice::Auto | ToolChoice::None => Ok(None),
             ToolChoice::Function(name) => {
@@ -65,7 +66,7 @@ impl ForcedCall {
             }
             ToolChoice::Required => Ok(Some(ForcedCall {
                 forced: Forced::Required,
-                output: StructuredOutput::Json(required_schema(tools)?),
+                output: StructuredOutput::Json(required_schema(tools, parallel)?),
                 param: "tools".into(),
             })),
         }
@@ -126,7 +127,8 @@ fn functions(tools: &[Json]) -> impl Iterator<Item = (usize, &Map<String, Json>)
 /// one tool (vLLM's shape, with each tool's name tied to its own schema by `anyOf`). The tools'
 /// `$defs` move to the top, where their `#/$defs/...` references point once the schemas are
 /// nested; two tools defining one name differently cannot share it (vLLM refuses them too).
-fn required_schema(tools: &[Json]) -> Result<Json, ApiError> {
+/// Without `parallel`, the list holds one call.
+fn required_schema(tools: &[Json], parallel: bool) -> Result<Json, ApiError> {
     let mut defs = Map::new();
     let mut alternatives = Vec::new();
     for (i, function) in functions(tools) {
@@ -158,6 +160,9 @@ fn required_schema(tools: &[Json]) -> Result<Json, ApiError> {
         }));
     }
     let mut schema = json!({"type": "array", "minItems": 1, "items": {"anyOf": alternatives}});
+    if !parallel {
+        schema["maxItems"] = json!(1);
+    }
     if !defs.is_empty() {
         schema["$defs"] = Json::Object(defs);
     }
@@ -176,12 +181,12 @@ mod tests {
     fn a_named_function_is_constrained_to_its_schema_and_its_answer_is_the_arguments() {
         let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}});
         let tools = [tool("a", json!({})), tool("b", schema.clone())];
-        let forced = ForcedCall::of(&tools, &ToolChoice::Function("b".into())).unwrap().unwrap();
+        let forced = ForcedCall::of(&tools, &ToolChoice::Function("b".into()), true).unwrap().unwrap();
         assert_eq!(
             (&forced.output, forced.param.as_str()),
             (&StructuredOutput::Json(schema), "tools[1].function.parameters")
         );
-        let empty = ForcedCall::of(&tools, &ToolChoice::Function("a".into())).unwrap().unwrap();
+        let empty = ForcedCall::of(&tools, &ToolChoice::Function("a".into()), true).unwrap().unwrap();
         assert_eq!(empty.output, StructuredOutput::JsonObject);
         let calls = forced.calls(r#"{"city": "Paris"}"#).unwrap();
         assert_eq!(calls, vec![ToolCall { name: "b".into(), arguments: r#"{"city": "Paris"}"#.into() }]);
@@ -189,8 +194,8 @@ mod tests {
         // Cut short: no call, and `length`.
         assert_eq!(forced.calls(r#"{"city": "Par"#), None);
         assert_eq!(forced.finish_reason(FinishReason::Length, false), "length");
-        assert_eq!(ForcedCall::of(&tools, &ToolChoice::Auto).unwrap(), None);
-        let missing = ForcedCall::of(&tools, &ToolChoice::Function("c".into())).unwrap_err();
+        assert_eq!(ForcedCall::of(&tools, &ToolChoice::Auto, true).unwrap(), None);
+        let missing = ForcedCall::of(&tools, &ToolChoice::Function("c".into()), true).unwrap_err();
         assert_eq!(missing.param().as_deref(), Some("tool_choice.function.name"));
     }
 
@@ -199,10 +204,14 @@ mod tests {
         let with_defs = json!({"type": "object", "properties": {"u": {"$ref": "#/$defs/Unit"}},
             "$defs": {"Unit": {"enum": ["c", "f"]}}});
         let tools = [tool("a", with_defs), json!({"type": "function", "function": {"name": "b"}})];
-        let forced = ForcedCall::of(&tools, &ToolChoice::Required).unwrap().unwrap();
+        let forced = ForcedCall::of(&tools, &ToolChoice::Required, true).unwrap().unwrap();
         let StructuredOutput::Json(schema) = &forced.output else { panic!("{forced:?}") };
-        assert_eq!(schema["minItems"], 1);
+        assert_eq!((&schema["minItems"], schema.get("maxItems")), (&json!(1), None));
         assert_eq!(schema["$defs"], json!({"Unit": {"enum": ["c", "f"]}}));
+        // parallel_tool_calls: false: one call.
+        let one = ForcedCall::of(&tools, &ToolChoice::Required, false).unwrap().unwrap();
+        let StructuredOutput::Json(one) = &one.output else { panic!("{one:?}") };
+        assert_eq!((&one["minItems"], &one["maxItems"]), (&json!(1), &json!(1)));
         let alternatives = schema["items"]["anyOf"].as_array().unwrap();
         assert_eq!(alternatives[0]["properties"]["name"], json!({"const": "a"}));
         assert!(alternatives[0]["properties"]["parameters"].get("$defs").is_none());
@@ -220,7 +229,7 @@ mod tests {
         }
 
         let clash = [tool("a", json!({"$defs": {"X": {"type": "string"}}})), tool("b", json!({"$defs": {"X": {}}}))];
-        let err = ForcedCall::of(&clash, &ToolChoice::Required).unwrap_err();
+        let err = ForcedCall::of(&clash, &ToolChoice::Required, true).unwrap_err();
         assert_eq!(err.param().as_deref(), Some("tools[1].function.parameters.$defs.X"));
     }
 }

@@ -76,7 +76,8 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<ChatCompletionRequest, ApiEr
     let tools = tools(wire.tools.take())?;
     let tool_choice = tool_choice(wire.tool_choice.take())?;
     check_forced_call(&tools, &tool_choice, params.structured.as_ref())?;
-    Ok(ChatCompletionRequest { messages, tools, tool_choice, template, params })
+    let parallel_tool_calls = wire.parallel_tool_calls.unwrap_or(true);
+    Ok(ChatCompletionRequest { messages, tools, tool_choice, parallel_tool_calls, template, params })
 }
 
 /// A `/v1/completions` body, checked.

@@ -65,6 +65,7 @@ pub(crate) fn response(
         include_usage: settings.include_usage,
         choices_per_prompt: job.params.n,
         continuous_usage: settings.continuous_usage,
+        one_call: job.tools.as_ref().is_some_and(|t| !t.parallel),
         logprobs: job.params.logprobs.is_some(),
         token_ids: job.params.return_token_ids,
         choices,
@@ -104,6 +105,8 @@ struct ChunkStream {
     choices_per_prompt: usize,
     /// Every chunk carries its choice's usage so far.
     continuous_usage: bool,
+    /// `parallel_tool_calls: false` with tool parsing: one call an answer.
+    one_call: bool,
     logprobs: bool,
     token_ids: bool,
     /// Each choice's state, by index.
@@ -256,6 +259,8 @@ impl ChunkStream {
         for item in out {
             match item {
                 Streamed::Content(text) => self.push_chunk(index, Piece::Text(token.take(), text)),
+                // `parallel_tool_calls: false`: the answer's first call only.
+                Streamed::Call(_) if self.one_call && self.choices[index].calls_sent > 0 => {}
                 Streamed::Call(call) => {
                     let choice = &mut self.choices[index];
                     let call_index = choice.calls_sent;

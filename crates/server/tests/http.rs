@@ -1364,6 +1364,17 @@ fn forced_tool_calls_are_constrained_json_read_as_calls() {
         }
     }
 
+    // parallel_tool_calls: false: "required" makes exactly one call, in every choice.
+    let body = json!({"messages": messages, "tools": tools, "tool_choice": "required", "n": 4, "max_tokens": 400,
+        "seed": 7, "parallel_tool_calls": false});
+    let whole = server.answer("/v1/chat/completions", &body);
+    for choice in whole["choices"].as_array().unwrap() {
+        let calls = forced_calls(choice);
+        assert!(calls.len() == 1 && calls.iter().all(valid), "{whole}");
+    }
+    let (status, error) = server.post("/v1/chat/completions", &json!({"messages": messages, "parallel_tool_calls": 2}));
+    assert_eq!((status, &error["error"]["param"]), (400, &json!("parallel_tool_calls")), "{error}");
+
     // Cut short: no call from JSON that does not parse, the text as content, and `length`.
     let body = json!({"messages": messages, "tools": tools, "tool_choice": named, "max_tokens": 3, "seed": 7});
     let whole = server.answer("/v1/chat/completions", &body);

@@ -168,6 +168,8 @@ pub struct ChatCompletionRequest {
     /// chat template's `tools`); empty when none.
     pub tools: Vec<Json>,
     pub tool_choice: ToolChoice,
+    /// `parallel_tool_calls` (default true); false: at most one tool call in an answer.
+    pub parallel_tool_calls: bool,
     pub template: TemplateArgs,
     pub params: GenerationParams,
 }

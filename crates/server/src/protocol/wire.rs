@@ -67,11 +67,12 @@ pub(crate) struct WireRequest {
     pub guided_grammar: Option<Json>,
     pub logit_bias: Option<Map<String, Json>>,
     pub prompt_logprobs: Option<Json>,
+    /// OpenAI's: false allows one tool call an answer (chat).
+    #[serde(default, deserialize_with = "flag")]
+    pub parallel_tool_calls: Option<bool>,
     /// Accepted and not used: they change nothing in the answer (and are not logged as unknown).
     #[serde(rename = "user")]
     _user: Option<IgnoredAny>,
-    #[serde(rename = "parallel_tool_calls")]
-    _parallel_tool_calls: Option<IgnoredAny>,
     #[serde(rename = "metadata")]
     _metadata: Option<IgnoredAny>,
     #[serde(rename = "store")]
