@@ -44,7 +44,7 @@ enum Command {
     Run(RunArgs),
     /// Interactive multi-turn chat in the terminal, streaming tokens as they come.
     Chat(ChatArgs),
-    /// An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models.
+    /// An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize.
     Serve(serve::ServeArgs),
     /// The presets with their sizes computed from their configs.
     Models,

@@ -24,7 +24,7 @@ pub struct ServeArgs {
     /// The model name clients pass and /v1/models lists (default: the graph's name).
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// Requests to /v1/... must send `Authorization: Bearer KEY` (/health and /metrics stay open).
+    /// Requests to /v1/..., /tokenize and /detokenize must send `Authorization: Bearer KEY` (/health and /metrics stay open).
     #[arg(long, env = "PIO_API_KEY", hide_env_values = true, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub api_key: Option<String>,
     /// Largest request body in MiB, > 0; a larger one is refused with 413 while it is read.

@@ -86,7 +86,8 @@ impl ServerConfigBuilder {
         self.config.request_timeout = limit;
         self
     }
-    /// Requests to `/v1/...` must send `Authorization: Bearer <key>` (default: no key needed).
+    /// Requests to `/v1/...`, `/tokenize` and `/detokenize` must send `Authorization: Bearer <key>` (default: no key
+    /// needed).
     pub fn api_key(mut self, key: Option<String>) -> Self {
         self.config.api_key = key;
         self
