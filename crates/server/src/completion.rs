@@ -1,6 +1,6 @@
 //! The generation routes: read and check the body, submit it to the engine (one engine request
-//! per choice of `n` of each prompt, as vLLM's parallel sampling does), and answer with one JSON response or a
-//! stream ([`crate::stream`]).
+//! per choice of `n` of each prompt, as vLLM's parallel sampling does), and answer with one JSON
+//! response or a stream ([`crate::stream`]).
 //!
 //! A client that disconnects drops the handler's future (or, streaming, the response body),
 //! and with it the engine's handles, which cancels the sequences; the engine frees their slots

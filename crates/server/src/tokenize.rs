@@ -65,12 +65,7 @@ pub(crate) async fn detokenize(State(app): State<App>, limit: Option<Extension<B
             None => return Err(ApiError::field("tokens", "is required: a list of token ids")),
         };
         let tokenizer = tokenizer_of(&app, "tokens")?;
-        if let Some(i) = tokens.iter().position(|&t| t as usize >= tokenizer.vocab_size()) {
-            return Err(ApiError::field(
-                format!("tokens[{i}]"),
-                format!("{} is outside the vocabulary of {} tokens", tokens[i], tokenizer.vocab_size()),
-            ));
-        }
+        in_vocabulary(&tokens, tokenizer.vocab_size(), "tokens")?;
         let prompt = tokenizer
             .decode(&tokens, false)
             .map_err(|e| ApiError::field("tokens", format!("cannot be decoded: {e}")))?;
@@ -120,10 +115,7 @@ async fn tokenize_body(app: &App, limit: Option<BodyLimit>, body: Body) -> Resul
                 .encode(&text, add_special_tokens.unwrap_or(true))
                 .map_err(|e| ApiError::field("prompt", format!("cannot be tokenized: {e}")))?,
             Prompt::Ids(ids) => {
-                if let Some(i) = ids.iter().position(|&t| t as usize >= info.vocab_size) {
-                    let message = format!("{} is outside the vocabulary of {} tokens", ids[i], info.vocab_size);
-                    return Err(RequestError { error: ApiError::field(format!("prompt[{i}]"), message), fields });
-                }
+                in_vocabulary(&ids, info.vocab_size, "prompt").map_err(|error| RequestError { error, fields })?;
                 ids
             }
             Prompt::Chat(_) => return Err(ApiError::field("prompt", "must be text or token ids").into()),
@@ -146,6 +138,17 @@ async fn engine_tokenize(app: &App, request: Request) -> Result<Vec<u32>, ApiErr
         .await
         .map_err(|source| ApiError::Submit { source })?
         .map_err(ApiError::from)
+}
+
+/// An error naming `field[i]`, the first id at or past `vocab_size`.
+fn in_vocabulary(ids: &[u32], vocab_size: usize, field: &str) -> Result<(), ApiError> {
+    match ids.iter().position(|&t| t as usize >= vocab_size) {
+        Some(i) => Err(ApiError::field(
+            format!("{field}[{i}]"),
+            format!("{} is outside the vocabulary of {vocab_size} tokens", ids[i]),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The body as a JSON object (anything else: "not a request object", as the other routes say).
