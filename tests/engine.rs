@@ -701,6 +701,8 @@ mod readme_example {
                 match event? {
                     Event::Token(token) => print!("{} ", token.token_id),
                     Event::Finished(output) => println!("({:?})", output.finish_reason),
+                    // Only when asked for (`prompt_logprobs`).
+                    Event::PromptLogprobs(_) => {}
                 }
             }
         }

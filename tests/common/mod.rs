@@ -344,11 +344,19 @@ pub fn generate_collect(
 ) -> (pio_runtime::generate::GenerationOutput, Vec<pio_runtime::generate::TokenEvent>) {
     use pio_runtime::engine::Event;
     let mut events = Vec::new();
+    let mut prompt_logprobs = None;
     let handle = engine.submit(request).unwrap_or_else(|e| panic!("submit failed: {e:#}"));
     for event in handle {
         match event.unwrap_or_else(|e| panic!("generation failed: {e:#}")) {
+            Event::PromptLogprobs(scores) => {
+                assert!(events.is_empty(), "the prompt's logprobs came after {} tokens", events.len());
+                assert!(prompt_logprobs.replace(scores).is_none(), "the prompt's logprobs came twice");
+            }
             Event::Token(t) => events.push(t),
-            Event::Finished(output) => return (output, events),
+            Event::Finished(output) => {
+                assert_eq!(output.prompt_logprobs, prompt_logprobs, "the output's prompt logprobs are the event's");
+                return (output, events);
+            }
         }
     }
     panic!("the request ended without an output")

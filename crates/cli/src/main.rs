@@ -656,7 +656,7 @@ fn generate_streaming(engine: &Engine, request: Request, stream: bool) -> Result
                 stdout.write_all(token.text.as_bytes())?;
                 stdout.flush()?;
             }
-            Event::Token(_) => {}
+            Event::Token(_) | Event::PromptLogprobs(_) => {}
             Event::Finished(output) => return Ok(output),
         }
     }

@@ -74,6 +74,15 @@ out["completion_stream_text"] = "".join(c.choices[0].text for c in streamed if c
 # A batch of prompts (the SDK's list form): n choices of each, in prompt order.
 batch = client.completions.create(model=model, prompt=["Once upon a time", "Hello"], max_tokens=6, temperature=0)
 out["completion_batch"] = {"indexes": [c.index for c in batch.choices], "texts": [c.text for c in batch.choices]}
+# lm-evaluation-harness's loglikelihood request: the prompt alone, echoed with its logprobs.
+scored = client.completions.create(model=model, prompt="Once upon a time", max_tokens=0, echo=True, logprobs=1,
+                                   temperature=0)
+out["completion_echo"] = {
+    "text": scored.choices[0].text,
+    "tokens": scored.choices[0].logprobs.tokens,
+    "token_logprobs": scored.choices[0].logprobs.token_logprobs,
+    "completion_tokens": scored.usage.completion_tokens,
+}
 
 # Tools reach the chat template (the prompt grows); a past call and its result render. The
 # random model writes no call, so the answer is text either way.

@@ -267,6 +267,12 @@ fn the_openai_python_sdk_talks_to_pio_serve() {
     let batch = &seen["completion_batch"];
     assert_eq!(batch["indexes"], json!([0, 1]), "{batch}");
     assert_eq!(batch["texts"][0], completion["text"], "{batch}");
+    // Echo without generation: the prompt's text and tokens, the first without a logprob.
+    let echo = &seen["completion_echo"];
+    assert_eq!((&echo["text"], &echo["completion_tokens"]), (&json!("Once upon a time"), &json!(0)), "{echo}");
+    let scores = echo["token_logprobs"].as_array().unwrap();
+    assert_eq!(scores.len(), echo["tokens"].as_array().unwrap().len(), "{echo}");
+    assert!(scores[0].is_null() && scores[1..].iter().all(|l| l.as_f64().is_some_and(|l| l <= 0.0)), "{echo}");
     let tools = &seen["tools"];
     assert!(tools["prompt_tokens"].as_u64() > chat["usage"]["prompt_tokens"].as_u64(), "{tools}");
     assert!(tools["after_call_prompt_tokens"].as_u64() > tools["prompt_tokens"].as_u64(), "{tools}");

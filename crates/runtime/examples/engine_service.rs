@@ -67,6 +67,8 @@ async fn serve(engine: &Engine, socket: TcpStream) -> Result<(), BoxError> {
             match event? {
                 Event::Token(token) if info.has_tokenizer => writer.write_all(token.text.as_bytes()).await?,
                 Event::Token(token) => writer.write_all(format!("{} ", token.token_id).as_bytes()).await?,
+                // Not asked for here (`prompt_logprobs`).
+                Event::PromptLogprobs(_) => {}
                 Event::Finished(output) => {
                     let t = &output.timings;
                     let summary = format!(

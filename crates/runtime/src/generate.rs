@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::sampling::{SamplingParams, TokenLogprob};
+use crate::sampling::{PromptTokenLogprob, SamplingParams, TokenLogprob};
 use crate::structured::StructuredOutput;
 
 /// What to generate and when to stop.
@@ -34,6 +34,13 @@ pub struct GenerateOptions {
     pub ignore_eos: bool,
     /// Return the chosen token's logprob and this many alternatives per token (None: no logprobs).
     pub logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs`: each prompt token's logprob given the tokens before it (none
+    /// for the first), with this many alternatives per position, from the model's raw logits
+    /// (no temperature nor penalties). The prompt then skips the prefix cache (its positions'
+    /// logits must run), and on graphs exported with last-position logits only it prefills one
+    /// token per run (`pio-export --all-logits` computes them inside the prefill).
+    #[serde(default)]
+    pub prompt_logprobs: Option<usize>,
     /// Drop special tokens (eos, <|im_end|>) from the returned text.
     pub skip_special_tokens: bool,
     /// What the text must be (a JSON schema, a regex, ...): tokens outside it are masked before
@@ -53,6 +60,7 @@ impl Default for GenerateOptions {
             stop_token_ids: vec![],
             ignore_eos: false,
             logprobs: None,
+            prompt_logprobs: None,
             skip_special_tokens: true,
             structured_output: None,
         }
@@ -159,6 +167,9 @@ pub struct GenerationOutput {
     pub text: String,
     pub finish_reason: FinishReason,
     pub logprobs: Vec<Option<f32>>,
+    /// Each prompt position's logprob (None for the first), when the request asked for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<PromptTokenLogprob>>>,
     pub timings: Timings,
 }
 
@@ -243,6 +254,7 @@ impl OutputBuilder {
             text: self.text,
             finish_reason,
             logprobs: self.logprobs,
+            prompt_logprobs: None,
             timings,
         }
     }

@@ -266,6 +266,8 @@ impl ModelPlugin for DecoderPlugin {
                         return Ok(seen.finish(prompt, 0, FinishReason::Cancelled, clock));
                     }
                 }
+                // Also in the output, which is what this returns.
+                Event::PromptLogprobs(_) => {}
                 Event::Finished(output) => return Ok(output),
             }
         }

@@ -257,6 +257,55 @@ pub struct TokenLogprob {
     pub logprob: f32,
 }
 
+/// A prompt token's logprob given the tokens before it (vLLM's `prompt_logprobs`; see
+/// [`PromptScorer`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PromptTokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// vLLM's rank: how many tokens of the vocabulary have a logprob at least as high (1 for the
+    /// most likely token).
+    pub rank: usize,
+    /// The most likely tokens at this position, most likely first (ties by id).
+    pub top_logprobs: Vec<TokenLogprob>,
+}
+
+/// Scores prompt tokens against the raw logits of the positions before them: the model's own
+/// log-softmax, without temperature, penalties or bias (vLLM's default `raw_logprobs`), as
+/// lm-evaluation-harness reads them. Keeps its scratch between rows.
+#[derive(Debug, Default)]
+pub struct PromptScorer {
+    s: Vec<f32>,
+    idx: Vec<u32>,
+    vals: Vec<f32>,
+}
+
+impl PromptScorer {
+    /// `token`'s logprob under `logits` with the `top_n` most likely tokens. A token outside
+    /// the row has logprob -inf and the lowest rank.
+    pub fn score(&mut self, logits: &[f32], token: u32, top_n: usize) -> PromptTokenLogprob {
+        self.s.resize(logits.len(), 0.0);
+        let max = copy_max(logits, &mut self.s);
+        let Some(&own) = self.s.get(token as usize).filter(|_| max > f32::NEG_INFINITY) else {
+            return PromptTokenLogprob { token, logprob: f32::NEG_INFINITY, rank: logits.len(), top_logprobs: vec![] };
+        };
+        let log_z = exp_sum(&self.s, max).ln();
+        let lp = |x: f32| ((x - max) as f64 - log_z) as f32;
+        let rank = self.s.iter().filter(|&&x| x >= own).count();
+        let mut top_logprobs = Vec::new();
+        if top_n > 0 {
+            top_k_indices(&self.s, top_n, &mut self.idx, &mut self.vals);
+            let s = &self.s;
+            self.idx.sort_unstable_by(|&a, &b| {
+                s[b as usize].partial_cmp(&s[a as usize]).unwrap_or(Ordering::Equal).then(a.cmp(&b))
+            });
+            self.idx.truncate(top_n);
+            top_logprobs.extend(self.idx.iter().map(|&i| TokenLogprob { token: i, logprob: lp(s[i as usize]) }));
+        }
+        PromptTokenLogprob { token, logprob: lp(own), rank, top_logprobs }
+    }
+}
+
 /// Result of [`Sampler::sample_with_logprobs`]. `top_logprobs` borrows the sampler's scratch
 /// buffer (copy it out if it must outlive the next call); sorted by logprob descending, then id.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1703,5 +1752,28 @@ mod tests {
                 assert_eq!(out.token as usize, order[0]);
             }
         }
+    }
+
+    /// A prompt token's score is the raw log-softmax (f64 reference), its rank counts ties as
+    /// ahead (vLLM's), the alternatives come most likely first with ties by id, a NaN logit is
+    /// never likely, and a token outside the row gets -inf.
+    #[test]
+    fn prompt_scores_are_the_raw_log_softmax_with_vllm_ranks() {
+        let row = [1.0f32, 3.0, f32::NAN, 3.0, -2.0, 0.5];
+        let max = 3.0f64;
+        let z: f64 = row.iter().filter(|x| !x.is_nan()).map(|&x| (x as f64 - max).exp()).sum();
+        let lp = |x: f32| x as f64 - max - z.ln();
+        let mut scorer = PromptScorer::default();
+        let s = scorer.score(&row, 0, 3);
+        assert!((s.logprob as f64 - lp(1.0)).abs() < 1e-6, "{s:?}");
+        assert_eq!(s.rank, 3, "two tokens at 3.0 ahead of it");
+        let top: Vec<u32> = s.top_logprobs.iter().map(|t| t.token).collect();
+        assert_eq!(top, [1, 3, 0]);
+        assert!((s.top_logprobs[0].logprob as f64 - lp(3.0)).abs() < 1e-6);
+        assert_eq!(scorer.score(&row, 3, 0).rank, 2, "a tie counts as ahead");
+        assert!(scorer.score(&row, 3, 0).top_logprobs.is_empty());
+        assert_eq!(scorer.score(&row, 2, 1).logprob, f32::NEG_INFINITY, "NaN is never likely");
+        let outside = scorer.score(&row, 6, 2);
+        assert_eq!((outside.logprob, outside.rank), (f32::NEG_INFINITY, row.len()));
     }
 }

@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::future::try_join_all;
-use pio_runtime::engine::{EngineError, Event, RequestHandle};
+use pio_runtime::engine::{EngineError, Event, Prompt, RequestHandle};
 use pio_runtime::generate::{FinishReason, GenerationOutput, TokenEvent};
 
 use crate::app::{unix_seconds, App};
@@ -210,7 +210,8 @@ async fn finish(mut handle: RequestHandle, want_logprobs: bool) -> Result<Finish
     loop {
         match handle.next_event().await {
             Some(Ok(Event::Token(token))) if want_logprobs => events.push(token),
-            Some(Ok(Event::Token(_))) => {}
+            // The output holds them too.
+            Some(Ok(Event::Token(_) | Event::PromptLogprobs(_))) => {}
             Some(Ok(Event::Finished(output))) => {
                 log_finished(&output);
                 return Ok(Finished { output, events });
@@ -221,23 +222,58 @@ async fn finish(mut handle: RequestHandle, want_logprobs: bool) -> Result<Finish
     }
 }
 
+/// The text an echoed prompt adds before the answer: the prompt as the client wrote it, or its
+/// ids spelled out (special tokens too), as vLLM echoes them.
+pub(crate) fn echo_text(app: &App, prompt: &Prompt, ids: &[u32]) -> String {
+    match (prompt, app.engine.tokenizer()) {
+        (Prompt::Text(text), _) => text.clone(),
+        (_, Some(tokenizer)) => tokenizer.decode(ids, false).unwrap_or_else(|e| {
+            tracing::warn!("cannot spell the echoed prompt: {e}");
+            String::new()
+        }),
+        // Refused when the job was made (`completion_job`).
+        (_, None) => String::new(),
+    }
+}
+
 /// Waits for every choice's whole answer and sends them as one JSON object.
 async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<Response, ApiError> {
     let id = response_id(app, job.endpoint, &handles);
     let want_logprobs = job.params.logprobs.is_some();
     // The choices run together; the first to fail drops the others' futures, and with them
     // their handles, which cancels them.
-    let finished = try_join_all(handles.into_iter().map(|handle| finish(handle, want_logprobs))).await?;
+    let mut finished = try_join_all(handles.into_iter().map(|handle| finish(handle, want_logprobs))).await?;
+    if job.params.echo_only() {
+        // The prompt alone: the token generated to run it is not part of the answer.
+        for f in &mut finished {
+            f.output.generated_ids.clear();
+            f.output.text.clear();
+            f.output.logprobs.clear();
+            f.events.clear();
+        }
+    }
+    let prompt_logprobs = |output: &GenerationOutput| {
+        let top = job.params.prompt_logprobs?;
+        Some(crate::logprobs::prompt_logprobs(
+            output.prompt_logprobs.as_deref().unwrap_or_default(),
+            top,
+            &app.token_text,
+        ))
+    };
     let ids = job.params.return_token_ids;
     let model = app.engine.model_info().served_name.clone();
     let usage = Usage::of_choices(finished.iter().map(|f| f.output.usage()), job.params.n);
     let choices = finished.into_iter().enumerate();
     let response = match job.endpoint {
         Endpoint::ChatCompletions => {
-            // Chat gives the prompt's ids once, beside the choices.
+            // Chat gives the prompt's ids and logprobs once, beside the choices.
             let mut prompt_token_ids = None;
+            let mut prompt_scores = None;
             let choices = choices
                 .map(|(index, Finished { output, events })| {
+                    if index == 0 {
+                        prompt_scores = prompt_logprobs(&output);
+                    }
                     let logprobs = want_logprobs.then(|| {
                         let mut l = ChatLogprobs::default();
                         events.iter().for_each(|e| l.push(e, &app.token_text));
@@ -267,28 +303,43 @@ async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<R
                 choices,
                 usage,
                 prompt_token_ids,
+                prompt_logprobs: prompt_scores,
             })
             .into_response()
         }
         Endpoint::Completions => {
             let choices = choices
                 .map(|(index, Finished { output, events })| {
+                    let echoed = job.params.echo.then(|| {
+                        let prompt = &job.prompts[index / job.params.n.max(1)].prompt;
+                        echo_text(app, prompt, &output.prompt_ids)
+                    });
                     let logprobs = want_logprobs.then(|| {
                         let mut l = CompletionLogprobs::default();
                         let mut offset = 0;
+                        if let (Some(_), Some(top)) = (&echoed, job.params.logprobs) {
+                            let scores = output.prompt_logprobs.as_deref().unwrap_or_default();
+                            offset = l.push_prompt(&output.prompt_ids, scores, top, 0, &app.token_text);
+                        }
                         for e in &events {
                             l.push(e, offset, &app.token_text);
                             offset += offset_step(e, &app.token_text);
                         }
                         l
                     });
+                    let prompt_logprobs = prompt_logprobs(&output);
+                    let text = match echoed {
+                        Some(prompt) => prompt + &output.text,
+                        None => output.text,
+                    };
                     TextChoice {
                         index,
-                        text: output.text,
+                        text,
                         logprobs,
                         finish_reason: Some(finish_reason(output.finish_reason)),
                         prompt_token_ids: ids.then_some(output.prompt_ids),
                         token_ids: ids.then_some(output.generated_ids),
+                        prompt_logprobs,
                     }
                 })
                 .collect();

@@ -148,6 +148,13 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
 
 pub(crate) fn completion_job(completion: CompletionRequest, info: &ModelInfo) -> Result<Job, ApiError> {
     let options = options(&completion.params, info)?;
+    let ids = completion.prompts.iter().any(|p| matches!(p, CompletionPrompt::Ids(_)));
+    if completion.params.echo && ids && !info.has_tokenizer {
+        return Err(ApiError::field(
+            "echo",
+            "echoing token ids needs a tokenizer to spell them, and this model has none",
+        ));
+    }
     let prompts = completion
         .prompts
         .into_iter()
@@ -172,7 +179,8 @@ fn options(params: &GenerationParams, info: &ModelInfo) -> Result<GenerateOption
         return Err(ApiError::field("stop", "stop strings need a tokenizer, and this model has none"));
     }
     Ok(GenerateOptions {
-        max_tokens: params.max_tokens,
+        // The prompt alone (`echo` with `max_tokens: 0`): one token, not returned, as vLLM runs it.
+        max_tokens: if params.echo_only() { Some(1) } else { params.max_tokens },
         sampling: params.sampling.apply(info.default_sampling.clone()),
         stop: params.stop.clone(),
         include_stop_str_in_output: params.include_stop_str_in_output,
@@ -180,6 +188,7 @@ fn options(params: &GenerationParams, info: &ModelInfo) -> Result<GenerateOption
         stop_token_ids: params.stop_token_ids.clone(),
         ignore_eos: params.ignore_eos,
         logprobs: params.logprobs,
+        prompt_logprobs: params.prompt_scores(),
         skip_special_tokens: params.skip_special_tokens,
         structured_output: params.structured.as_ref().map(|s| s.output.clone()),
     })

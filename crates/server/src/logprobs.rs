@@ -1,10 +1,14 @@
 //! Generated tokens' logprobs in each endpoint's shape: chat's `{"content": [{"token",
 //! "logprob", "bytes", "top_logprobs"}]}` and completions' parallel lists (`tokens`,
-//! `token_logprobs`, `top_logprobs`, `text_offset`).
+//! `token_logprobs`, `top_logprobs`, `text_offset`), where an echoed prompt's tokens come
+//! first; and the prompt's in vLLM's `prompt_logprobs` shape.
 
 use pio_runtime::generate::TokenEvent;
+use pio_runtime::sampling::PromptTokenLogprob;
 
-use crate::protocol::response::{ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob, TopLogprobMap};
+use crate::protocol::response::{
+    ChatLogprobs, CompletionLogprobs, OrderedMap, PromptLogprob, PromptLogprobMap, TokenLogprob, TopLogprob,
+};
 use crate::token_text::TokenText;
 
 impl ChatLogprobs {
@@ -41,9 +45,56 @@ impl CompletionLogprobs {
     pub(crate) fn push(&mut self, event: &TokenEvent, offset: usize, text: &TokenText) {
         let Some(logprob) = event.logprob else { return };
         self.tokens.push(text.token(event.token_id).0);
-        self.token_logprobs.push(logprob);
+        self.token_logprobs.push(Some(logprob));
         self.top_logprobs
-            .push(TopLogprobMap(event.top_logprobs.iter().map(|t| (text.token(t.token).0, t.logprob)).collect()));
+            .push(Some(OrderedMap(event.top_logprobs.iter().map(|t| (text.token(t.token).0, t.logprob)).collect())));
         self.text_offset.push(offset);
     }
+
+    /// Adds an echoed prompt's tokens (`ids`, scored in `scores`, None for the first) with `top`
+    /// alternatives each, the first starting at character `offset`; returns the offset after
+    /// them.
+    pub(crate) fn push_prompt(
+        &mut self,
+        ids: &[u32],
+        scores: &[Option<PromptTokenLogprob>],
+        top: usize,
+        mut offset: usize,
+        text: &TokenText,
+    ) -> usize {
+        for (i, &id) in ids.iter().enumerate() {
+            let token = text.token(id).0;
+            let score = scores.get(i).and_then(Option::as_ref);
+            self.token_logprobs.push(score.map(|s| s.logprob));
+            self.top_logprobs.push(score.map(|s| {
+                OrderedMap(s.top_logprobs.iter().take(top).map(|t| (text.token(t.token).0, t.logprob)).collect())
+            }));
+            self.text_offset.push(offset);
+            offset += token.chars().count();
+            self.tokens.push(token);
+        }
+        offset
+    }
+}
+
+/// vLLM's `prompt_logprobs`: per prompt position (None for the first), the prompt's token and
+/// the `top` most likely ones, each with its logprob, rank and text.
+pub(crate) fn prompt_logprobs(
+    scores: &[Option<PromptTokenLogprob>],
+    top: usize,
+    text: &TokenText,
+) -> Vec<Option<PromptLogprobMap>> {
+    let entry = |token: u32, logprob: f32, rank: usize| {
+        (token, PromptLogprob { logprob, rank, decoded_token: text.token(token).0 })
+    };
+    scores
+        .iter()
+        .map(|score| {
+            score.as_ref().map(|s| {
+                let own = entry(s.token, s.logprob, s.rank);
+                let others = s.top_logprobs.iter().take(top).enumerate().filter(|(_, t)| t.token != s.token);
+                OrderedMap(std::iter::once(own).chain(others.map(|(i, t)| entry(t.token, t.logprob, i + 1))).collect())
+            })
+        })
+        .collect()
 }

@@ -85,9 +85,6 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     let mut wire = wire_request(body)?;
     refuse_fields_of_the_other_endpoint(&wire, Endpoint::Completions)?;
     let params = generation_params(&mut wire, Endpoint::Completions)?;
-    if wire.echo == Some(true) {
-        return Err(ApiError::field("echo", "is not supported (the prompt is not repeated in the answer)"));
-    }
     if let Some(n) = wire.best_of.filter(|&n| n != 1) {
         return Err(ApiError::field("best_of", format!("only 1 is supported, not {n}")));
     }
@@ -188,9 +185,15 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         (Some(n), _) => ("max_completion_tokens", Some(n)),
         (None, n) => ("max_tokens", n),
     };
+    let echo = endpoint == Endpoint::Completions && wire.echo == Some(true);
     let max_tokens = match max_tokens {
         None => None,
-        Some(n) if n < 1 => return Err(ApiError::field(max_tokens_field, format!("must be at least 1, not {n}"))),
+        // vLLM's echo without generation: the prompt alone.
+        Some(0) if echo => Some(0),
+        Some(n) if n < 1 => {
+            let hint = if endpoint == Endpoint::Completions { " (0 only with `echo: true`)" } else { "" };
+            return Err(ApiError::field(max_tokens_field, format!("must be at least 1, not {n}{hint}")));
+        }
         Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
     };
     let top_k = match wire.top_k {
@@ -270,6 +273,20 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         }
         (_, Some(WireLogprobs::Flag(false)) | None, _) => None,
     };
+    let prompt_logprobs = match wire.prompt_logprobs {
+        None => None,
+        Some(-1) => {
+            return Err(ApiError::field(
+                "prompt_logprobs",
+                format!("-1 (the whole vocabulary) is over the limit of {MAX_TOP_LOGPROBS} alternatives"),
+            ))
+        }
+        Some(n) => Some(top("prompt_logprobs", n)?),
+    };
+    if prompt_logprobs.is_some() && stream.is_some() {
+        // vLLM's rule too: they would all come in the first chunk, after the whole prefill.
+        return Err(ApiError::field("prompt_logprobs", "is not available with `stream: true`"));
+    }
     Ok(GenerationParams {
         model: wire.model.take(),
         min_tokens: wire.min_tokens.unwrap_or(0),
@@ -281,6 +298,8 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         stop_token_ids: wire.stop_token_ids.take().unwrap_or_default(),
         stream,
         logprobs,
+        prompt_logprobs,
+        echo,
         ignore_eos: wire.ignore_eos.unwrap_or(false),
         skip_special_tokens: wire.skip_special_tokens.unwrap_or(true),
         return_token_ids: wire.return_token_ids.unwrap_or(false),
@@ -323,9 +342,6 @@ fn refuse_unsupported(wire: &WireRequest) -> Result<(), ApiError> {
         None | Some(Json::Null) => {}
         Some(Json::String(s)) if s == "none" => {}
         Some(_) => return Err(ApiError::field("function_call", "is not supported: use `tool_choice`")),
-    }
-    if !absent(&wire.prompt_logprobs) {
-        return Err(ApiError::field("prompt_logprobs", "is not supported"));
     }
     Ok(())
 }

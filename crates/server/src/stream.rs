@@ -15,10 +15,11 @@ use futures_util::stream::{repeat, select_all, Repeat, SelectAll, Zip};
 use futures_util::StreamExt;
 use pio_runtime::engine::{Event, RequestHandle};
 use pio_runtime::generate::{GenerationOutput, TokenEvent, TEXT_TAIL_TOKEN};
+use pio_runtime::sampling::PromptTokenLogprob;
 use serde::Serialize;
 
 use crate::app::{unix_seconds, App};
-use crate::completion::{chat_finish_reason, finish_reason, log_finished, response_id};
+use crate::completion::{chat_finish_reason, echo_text, finish_reason, log_finished, response_id};
 use crate::convert::Job;
 use crate::error::{ApiError, PromptFields};
 use crate::forced_calls::ForcedCall;
@@ -41,10 +42,16 @@ pub(crate) fn response(
     deadline: Option<Deadline>,
 ) -> Response {
     let chat = job.endpoint == Endpoint::ChatCompletions;
+    let per_prompt = job.params.n.max(1);
     let choices = handles
         .iter()
         .enumerate()
         .map(|(index, handle)| ChoiceState {
+            echo: job.params.echo.then(|| Echo {
+                text: echo_text(&app, &job.prompts[index / per_prompt].prompt, handle.prompt_ids()),
+                ids: handle.prompt_ids().to_vec(),
+                scores: None,
+            }),
             // Completions give the prompt's ids in each choice, chat once per response.
             prompt_ids: (job.params.return_token_ids && (index == 0 || !chat)).then(|| handle.prompt_ids().to_vec()),
             text_offset: 0,
@@ -67,6 +74,8 @@ pub(crate) fn response(
         continuous_usage: settings.continuous_usage,
         one_call: job.tools.as_ref().is_some_and(|t| !t.parallel),
         logprobs: job.params.logprobs.is_some(),
+        echo_top: job.params.logprobs.unwrap_or(0),
+        echo_only: job.params.echo_only(),
         token_ids: job.params.return_token_ids,
         choices,
         forced: job.forced,
@@ -108,6 +117,10 @@ struct ChunkStream {
     /// `parallel_tool_calls: false` with tool parsing: one call an answer.
     one_call: bool,
     logprobs: bool,
+    /// An echoed prompt's alternatives per token (completions' `logprobs`).
+    echo_top: usize,
+    /// `echo` with `max_tokens: 0`: the prompt alone, without the token generated to run it.
+    echo_only: bool,
     token_ids: bool,
     /// Each choice's state, by index.
     choices: Vec<ChoiceState>,
@@ -121,8 +134,18 @@ struct ChunkStream {
     deadline: Option<Deadline>,
 }
 
+/// An echoed prompt, sent as a choice's first chunk of text (with its logprobs when asked for,
+/// which come before the first token).
+struct Echo {
+    text: String,
+    ids: Vec<u32>,
+    scores: Option<Vec<Option<PromptTokenLogprob>>>,
+}
+
 /// What one choice's stream has sent.
 struct ChoiceState {
+    /// Completions' `echo`: the prompt, until it is sent.
+    echo: Option<Echo>,
     /// The prompt's ids, until the choice's first chunk carries them.
     prompt_ids: Option<Vec<u32>>,
     /// Characters of text sent so far (completions' `text_offset`).
@@ -148,6 +171,8 @@ enum Piece<'a> {
     /// Text to send, with the token it came with (for its logprob and id; None for text let out
     /// at the end).
     Text(Option<&'a TokenEvent>, String),
+    /// An echoed prompt (completions).
+    Echo(Echo),
     /// The answer's `index`-th tool call, whole.
     ToolCall(usize, ToolCall),
     /// The finish reason.
@@ -170,11 +195,21 @@ impl ChunkStream {
                 None => Ok(events.next().await),
             };
             match received {
+                Ok(Some((index, Ok(Event::PromptLogprobs(scores))))) => {
+                    if let Some(echo) = self.choices[index].echo.as_mut() {
+                        echo.scores = Some(scores);
+                    }
+                    self.events = Some(events);
+                }
+                // The prompt alone: the token generated to run it is not sent.
+                Ok(Some((_, Ok(Event::Token(_))))) if self.echo_only => self.events = Some(events),
                 Ok(Some((index, Ok(Event::Token(token))))) => {
+                    self.push_echo(index);
                     self.push_token(index, &token);
                     self.events = Some(events);
                 }
                 Ok(Some((index, Ok(Event::Finished(output))))) => {
+                    self.push_echo(index);
                     self.push_finish(index, output);
                     self.events = Some(events);
                 }
@@ -220,14 +255,25 @@ impl ChunkStream {
         }
     }
 
+    /// The choice's echoed prompt, before its first token's chunk (or its finish).
+    fn push_echo(&mut self, index: usize) {
+        if let Some(echo) = self.choices[index].echo.take() {
+            self.push_chunk(index, Piece::Echo(echo));
+        }
+    }
+
     /// A choice's end: a forced call's calls (or its text, when it is not their whole JSON), or
     /// the text its tool-call parser still held; and its finish chunk.
     fn push_finish(&mut self, index: usize, output: GenerationOutput) {
         log_finished(&output);
         let choice = &mut self.choices[index];
-        choice.usage = Some(output.usage());
+        let mut usage = output.usage();
+        if self.echo_only {
+            usage.completion_tokens = 0;
+        }
+        choice.usage = Some(usage);
         // The finish chunk's running usage is the exact count.
-        choice.generated = output.usage().completion_tokens;
+        choice.generated = usage.completion_tokens;
         if let (Some(forced), Some(text)) = (&self.forced, choice.forced_text.take()) {
             // Not the whole JSON (cut short): the text, as the whole answer gives it.
             let (content, calls, reason) = forced.answer(text, output.finish_reason);
@@ -328,9 +374,21 @@ impl ChunkStream {
         });
         let token = token.filter(|t| self.logprobs && t.logprob.is_some());
         let role_chunk = matches!(piece, Piece::Role);
+        let mut echoed_logprobs = None;
         let (text, finish, call) = match piece {
             Piece::Role => (Some(String::new()), None, None),
             Piece::Text(_, text) => (Some(text), None, None),
+            Piece::Echo(echo) => {
+                if self.logprobs {
+                    let mut l = CompletionLogprobs::default();
+                    let scores = echo.scores.as_deref().unwrap_or_default();
+                    let offset = self.choices[index].text_offset;
+                    self.choices[index].text_offset =
+                        l.push_prompt(&echo.ids, scores, self.echo_top, offset, &self.app.token_text);
+                    echoed_logprobs = Some(l);
+                }
+                (Some(echo.text), None, None)
+            }
             Piece::ToolCall(index, call) => (None, None, Some(DeltaToolCall { index, call: call.into() })),
             Piece::Finish(reason) => (None, Some(reason), None),
         };
@@ -357,10 +415,12 @@ impl ChunkStream {
                 })
             }
             Endpoint::Completions => {
-                let logprobs = token.map(|t| {
-                    let mut l = CompletionLogprobs::default();
-                    l.push(t, text_offset, &self.app.token_text);
-                    l
+                let logprobs = echoed_logprobs.or_else(|| {
+                    token.map(|t| {
+                        let mut l = CompletionLogprobs::default();
+                        l.push(t, text_offset, &self.app.token_text);
+                        l
+                    })
                 });
                 json_event(&TextCompletion {
                     id: self.id.clone(),
@@ -374,6 +434,7 @@ impl ChunkStream {
                         finish_reason: finish,
                         prompt_token_ids,
                         token_ids: ids,
+                        prompt_logprobs: None,
                     }],
                     usage,
                 })

@@ -1385,3 +1385,117 @@ fn forced_tool_calls_are_constrained_json_read_as_calls() {
     assert!(serde_json::from_str::<Value>(content).is_err() && choice["message"].get("tool_calls").is_none());
     assert_eq!(choice["finish_reason"], "length", "{whole}");
 }
+
+/// The prompt's tokens as a completion's `echo` gives them: (tokens, token_logprobs,
+/// top_logprobs, text_offset) of its logprobs.
+fn echoed(choice: &Value) -> (Vec<String>, Vec<Option<f64>>, Vec<Value>, Vec<u64>) {
+    let lp = &choice["logprobs"];
+    let list = |key: &str| lp[key].as_array().unwrap_or_else(|| panic!("no {key}: {choice}")).clone();
+    (
+        list("tokens").iter().map(|t| t.as_str().unwrap().to_string()).collect(),
+        list("token_logprobs").iter().map(Value::as_f64).collect(),
+        list("top_logprobs"),
+        list("text_offset").iter().map(|o| o.as_u64().unwrap()).collect(),
+    )
+}
+
+/// lm-evaluation-harness scores text with `echo`, `logprobs` and `max_tokens: 0`: the prompt
+/// comes back as the text with each token's logprob (none for the first), and the logprob of a
+/// token scored in the prompt is the one it gets when generated after the same tokens. vLLM's
+/// `prompt_logprobs` gives the same numbers by token id in both endpoints; echo streams the
+/// prompt first. The graph returns last-position logits only, so the engine scores the prompt
+/// one token per run.
+#[test]
+fn echo_and_prompt_logprobs_score_the_prompt_as_generation_would() {
+    let server = serve(Settings::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let context = random_ids(&mut rng, 12);
+    let next = server.answer(
+        "/v1/completions",
+        &json!({"prompt": context, "max_tokens": 1, "temperature": 0, "logprobs": 0, "ignore_eos": true, "return_token_ids": true}),
+    );
+    let generated = next["choices"][0]["token_ids"][0].as_u64().unwrap() as u32;
+    let generated_logprob = next["choices"][0]["logprobs"]["token_logprobs"][0].as_f64().unwrap();
+    let mut scored = context.clone();
+    scored.push(generated);
+
+    let body = json!({"prompt": scored, "max_tokens": 0, "echo": true, "logprobs": 1, "temperature": 0});
+    let answer = server.answer("/v1/completions", &body);
+    let choice = &answer["choices"][0];
+    let (tokens, logprobs, tops, offsets) = echoed(choice);
+    assert_eq!(tokens.len(), scored.len(), "{choice}");
+    assert_eq!(tokens.concat(), choice["text"].as_str().unwrap(), "the text is the prompt");
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(answer["usage"]["completion_tokens"], 0, "{answer}");
+    assert_eq!((logprobs[0], &tops[0]), (None, &Value::Null), "nothing predicts the first token");
+    assert!(logprobs[1..].iter().all(|l| l.is_some_and(|l| l <= 0.0)), "{logprobs:?}");
+    assert!(tops[1..].iter().all(|t| t.as_object().is_some_and(|m| m.len() == 1)), "{tops:?}");
+    let last = logprobs[scored.len() - 1].unwrap();
+    assert!((last - generated_logprob).abs() < 1e-4, "scored {last}, generated {generated_logprob}");
+    // It was the greedy choice: it is the most likely token there.
+    assert_eq!(tops[scored.len() - 1].as_object().unwrap().values().next().unwrap().as_f64(), Some(last));
+    let mut expected = vec![0u64];
+    for t in &tokens[..tokens.len() - 1] {
+        expected.push(expected.last().unwrap() + t.chars().count() as u64);
+    }
+    assert_eq!(offsets, expected);
+
+    // vLLM's prompt_logprobs: by id, the prompt's token with its rank, then the alternatives.
+    let by_id = server.answer(
+        "/v1/completions",
+        &json!({"prompt": scored, "max_tokens": 2, "prompt_logprobs": 2, "temperature": 0, "ignore_eos": true}),
+    );
+    let positions = by_id["choices"][0]["prompt_logprobs"].as_array().unwrap().clone();
+    assert_eq!(positions.len(), scored.len());
+    assert!(positions[0].is_null());
+    for (p, entry) in positions.iter().enumerate().skip(1) {
+        let map = entry.as_object().unwrap();
+        let own = &map[&scored[p].to_string()];
+        assert!((own["logprob"].as_f64().unwrap() - logprobs[p].unwrap()).abs() < 1e-4, "{p}: {entry}");
+        assert!(own["rank"].as_u64().unwrap() >= 1 && own["decoded_token"].as_str() == Some(tokens[p].as_str()));
+        assert!((2..=3).contains(&map.len()), "{p}: {entry}");
+    }
+    assert_eq!(positions[scored.len() - 1][generated.to_string()]["rank"], 1);
+    let chat = server.answer(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "prompt_logprobs": 0, "return_token_ids": true}),
+    );
+    let prompt_ids = chat["prompt_token_ids"].as_array().unwrap();
+    let positions = chat["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(positions.len(), prompt_ids.len());
+    assert!(positions[1..]
+        .iter()
+        .zip(&prompt_ids[1..])
+        .all(|(p, id)| p.as_object().unwrap().contains_key(&id.to_string())));
+
+    // Streamed, echo sends the prompt (with its logprobs) before the answer's tokens.
+    let body =
+        json!({"prompt": scored, "max_tokens": 3, "echo": true, "logprobs": 1, "temperature": 0, "ignore_eos": true});
+    let whole = server.answer("/v1/completions", &body);
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let chunks = chunks(&server.stream("/v1/completions", &streaming));
+    assert_eq!(chunks[0]["choices"][0]["text"].as_str(), Some(tokens.concat().as_str()), "the prompt comes first");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["token_logprobs"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed.len(), scored.len() + 3);
+    assert_eq!(&Value::Array(streamed), &whole["choices"][0]["logprobs"]["token_logprobs"]);
+
+    for (body, field) in [
+        (json!({"prompt": "a", "prompt_logprobs": 1, "stream": true}), "prompt_logprobs"),
+        (json!({"prompt": "a", "prompt_logprobs": 21}), "prompt_logprobs"),
+        (json!({"prompt": "a", "prompt_logprobs": -1}), "prompt_logprobs"),
+        (json!({"prompt": "a", "max_tokens": 0}), "max_tokens"),
+        (json!({"messages": [{"role": "user", "content": "a"}], "echo": true}), "echo"),
+    ] {
+        let path = if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
+        let (status, answer) = server.post(path, &body);
+        assert_eq!((status, answer["error"]["param"].as_str()), (400, Some(field)), "{body}: {answer}");
+    }
+    server.wait_idle();
+}

@@ -724,6 +724,12 @@ impl Engine {
         if let Some(n) = options.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
             return Err(EngineError::invalid("top_logprobs", format!("{n} is over the limit of {MAX_TOP_LOGPROBS}")));
         }
+        if let Some(n) = options.prompt_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::invalid(
+                "prompt_logprobs",
+                format!("{n} is over the limit of {MAX_TOP_LOGPROBS}"),
+            ));
+        }
         in_vocabulary("logit_bias", options.sampling.logit_bias.keys(), info.vocab_size)?;
         in_vocabulary("stop_token_ids", &options.stop_token_ids, info.vocab_size)?;
         let constraint = match &options.structured_output {

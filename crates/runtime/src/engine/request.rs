@@ -8,7 +8,7 @@ use serde_json::Value as Json;
 
 use crate::chat_template::RenderOptions;
 use crate::generate::{GenerateOptions, GenerationOutput, TokenEvent};
-use crate::sampling::SamplingParams;
+use crate::sampling::{PromptTokenLogprob, SamplingParams};
 
 /// A prompt: plain text (tokenized as is, no template), chat messages (through the model's chat
 /// template; a message's `content` is a string or a list of OpenAI / transformers content parts,
@@ -58,11 +58,15 @@ impl Request {
     }
 }
 
-/// What a request's handle yields: one `Token` per generated token (and possibly one last
-/// `Token` with [`TEXT_TAIL_TOKEN`](crate::generate::TEXT_TAIL_TOKEN) for text held back until
-/// the end), then `Finished` with the whole output. Errors end the stream instead.
+/// What a request's handle yields: `PromptLogprobs` once its prompt is prefilled when the
+/// request asked for them ([`GenerateOptions::prompt_logprobs`]), one `Token` per generated
+/// token (and possibly one last `Token` with [`TEXT_TAIL_TOKEN`](crate::generate::TEXT_TAIL_TOKEN)
+/// for text held back until the end), then `Finished` with the whole output. Errors end the
+/// stream instead.
 #[derive(Clone, Debug)]
 pub enum Event {
+    /// Each prompt position's logprob (None for the first), before the first token.
+    PromptLogprobs(Vec<Option<PromptTokenLogprob>>),
     Token(TokenEvent),
     Finished(GenerationOutput),
 }

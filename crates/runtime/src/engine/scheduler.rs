@@ -17,6 +17,8 @@
 //!    chunk is at most the cap and shorter prompts share the rest of the budget; with two or more
 //!    long prompts that could run (prefilling, or waiting with a slot for them) the cap is lifted
 //!    for the step, since capped they would advance one at a time in small runs.
+//!    A sequence's own `max_chunk` caps its chunks whatever the budget (one token for a prompt
+//!    scored position by position on a graph that returns only the last position's logits).
 //! 4. Waiting requests are admitted in FIFO order while a slot is free and budget is left, each
 //!    to the lowest free slot (which keeps the decode batch, slots 0..n, small), starting its
 //!    prefill after the prefix its cache lookup found. The first one that cannot be admitted
@@ -38,6 +40,8 @@ pub struct Waiting {
     /// The prompt has images: its first chunk runs alone (the encoder's output goes into it),
     /// so it shares no run with the chunks beside it, and pays a run's overhead of its own.
     pub images: bool,
+    /// Its chunks' length at most, whatever the budget (None: only the budget's caps).
+    pub max_chunk: Option<usize>,
 }
 
 impl Waiting {
@@ -65,6 +69,9 @@ pub struct Running {
     pub id: SeqId,
     pub slot: usize,
     pub phase: Phase,
+    /// Its chunks' length at most, whatever the budget (None: only the budget's caps): 1 for a
+    /// prompt whose every position's logits are asked of a graph that returns the last one's.
+    pub max_chunk: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,7 +187,8 @@ pub fn plan_step(
             }
             Phase::Decode => plan.decode.push(seq.id),
             Phase::Prefill { done, prompt_len } => {
-                let len = budget.spend(plan.prefill.last(), seq.slot, done, prompt_len - done);
+                let want = (prompt_len - done).min(seq.max_chunk.unwrap_or(usize::MAX));
+                let len = budget.spend(plan.prefill.last(), seq.slot, done, want);
                 if len > 0 {
                     plan.prefill.push(PrefillChunk { id: seq.id, slot: seq.slot, start: done, len });
                 }
@@ -194,7 +202,8 @@ pub fn plan_step(
         let Some(&slot) = free.first() else { break };
         let cached = request.start();
         let after = plan.prefill.last().filter(|_| !last_alone && !request.images);
-        let len = budget.spend(after, slot, cached, request.prompt_len - cached);
+        let want = (request.prompt_len - cached).min(request.max_chunk.unwrap_or(usize::MAX));
+        let len = budget.spend(after, slot, cached, want);
         if len == 0 {
             break;
         }
@@ -250,11 +259,11 @@ mod tests {
     use super::*;
 
     fn waiting(id: SeqId, prompt_len: usize) -> Waiting {
-        Waiting { id, prompt_len, cached: 0, images: false }
+        Waiting { id, prompt_len, cached: 0, images: false, max_chunk: None }
     }
 
     fn decoding(id: SeqId, slot: usize) -> Running {
-        Running { id, slot, phase: Phase::Decode }
+        Running { id, slot, phase: Phase::Decode, max_chunk: None }
     }
 
     #[test]
@@ -305,7 +314,8 @@ mod tests {
         assert_eq!(plan.decode, [10, 11]);
         // A running prefill takes the whole budget: the head waits, and the short request
         // behind it does not go first although a slot is free.
-        let prefilling = Running { id: 12, slot: 2, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
+        let prefilling =
+            Running { id: 12, slot: 2, phase: Phase::Prefill { done: 0, prompt_len: 1000 }, max_chunk: None };
         let plan = plan_step(&[waiting(1, 500), waiting(2, 1)], &[prefilling], &[0, 1], PrefillBudget::tokens(64));
         assert!(plan.admitted.is_empty(), "{plan:?}");
         assert_eq!(plan.prefill, [PrefillChunk { id: 12, slot: 2, start: 0, len: 64 }]);
@@ -314,7 +324,7 @@ mod tests {
     #[test]
     fn a_per_sequence_cap_chunks_a_long_prompt_and_leaves_the_rest_to_shorter_ones() {
         // A 4,096-token prompt prefilling while streams decode: 128 tokens a step, not 512.
-        let long = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 256, prompt_len: 4096 } };
+        let long = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 256, prompt_len: 4096 }, max_chunk: None };
         let capped = PrefillChunk { id: 1, slot: 0, start: 256, len: 128 };
         let budget = PrefillBudget::tokens(512).per_sequence(128);
         let plan = plan_step(&[waiting(2, 100)], &[long, decoding(9, 1)], &[2, 3], budget);
@@ -323,8 +333,8 @@ mod tests {
         assert_eq!(plan.prefill, [capped, PrefillChunk { id: 2, slot: 2, start: 0, len: 100 }]);
         assert_eq!(plan.admitted.iter().map(|a| a.id).collect::<Vec<_>>(), [2]);
         // A short prompt already prefilling, and one whose cached prefix leaves it short, too.
-        let short = Running { id: 5, slot: 4, phase: Phase::Prefill { done: 90, prompt_len: 100 } };
-        let mostly_cached = Waiting { id: 3, prompt_len: 300, cached: 200, images: false };
+        let short = Running { id: 5, slot: 4, phase: Phase::Prefill { done: 90, prompt_len: 100 }, max_chunk: None };
+        let mostly_cached = Waiting { id: 3, prompt_len: 300, cached: 200, images: false, max_chunk: None };
         let plan = plan_step(&[mostly_cached], &[long, short], &[2], budget);
         assert_eq!(
             plan.prefill,
@@ -335,7 +345,7 @@ mod tests {
             ]
         );
         // The last 128 tokens of a prompt are not long: the cap holds beside it.
-        let ending = Running { id: 6, slot: 5, phase: Phase::Prefill { done: 872, prompt_len: 1000 } };
+        let ending = Running { id: 6, slot: 5, phase: Phase::Prefill { done: 872, prompt_len: 1000 }, max_chunk: None };
         let plan = plan_step(&[], &[long, ending], &[], budget);
         assert_eq!(plan.prefill_tokens(), 256);
         // Without the cap the long prompt takes the whole budget and nothing is admitted.
@@ -346,7 +356,7 @@ mod tests {
 
     #[test]
     fn two_long_prompts_that_could_run_lift_the_cap() {
-        let long = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 256, prompt_len: 4096 } };
+        let long = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 256, prompt_len: 4096 }, max_chunk: None };
         let budget = PrefillBudget::tokens(512).per_sequence(128);
         let whole_budget = [PrefillChunk { id: 1, slot: 0, start: 256, len: 512 }];
         // A second long prompt waiting with a slot for it: capped, the two would advance one at a
@@ -355,7 +365,7 @@ mod tests {
         assert_eq!(plan.prefill, whole_budget);
         assert!(plan.admitted.is_empty());
         // ... or already prefilling.
-        let other = Running { id: 4, slot: 3, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
+        let other = Running { id: 4, slot: 3, phase: Phase::Prefill { done: 0, prompt_len: 1000 }, max_chunk: None };
         let plan = plan_step(&[], &[long, other], &[], budget);
         assert_eq!(plan.prefill, whole_budget);
         // Both waiting: the first starts with the whole budget.
@@ -366,15 +376,15 @@ mod tests {
         let plan = plan_step(&[waiting(2, 300)], &[long, decoding(9, 1)], &[], budget);
         assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 256, len: 128 }]);
         // A slot that a finished sequence gives back in this step counts.
-        let finished = Running { id: 7, slot: 1, phase: Phase::Finished };
+        let finished = Running { id: 7, slot: 1, phase: Phase::Finished, max_chunk: None };
         let plan = plan_step(&[waiting(2, 300)], &[long, finished], &[], budget);
         assert_eq!(plan.prefill, whole_budget);
     }
 
     #[test]
     fn the_prefill_budget_is_shared_in_order_and_never_exceeded() {
-        let a = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 10, prompt_len: 30 } };
-        let b = Running { id: 2, slot: 1, phase: Phase::Prefill { done: 0, prompt_len: 100 } };
+        let a = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 10, prompt_len: 30 }, max_chunk: None };
+        let b = Running { id: 2, slot: 1, phase: Phase::Prefill { done: 0, prompt_len: 100 }, max_chunk: None };
         let plan = plan_step(&[waiting(3, 50)], &[a, b], &[2], PrefillBudget::tokens(64));
         assert_eq!(
             plan.prefill,
@@ -391,7 +401,7 @@ mod tests {
 
     #[test]
     fn decode_runs_every_step_beside_a_long_prefill() {
-        let long = Running { id: 9, slot: 3, phase: Phase::Prefill { done: 0, prompt_len: 4096 } };
+        let long = Running { id: 9, slot: 3, phase: Phase::Prefill { done: 0, prompt_len: 4096 }, max_chunk: None };
         let mut running = vec![decoding(1, 0), decoding(2, 1), long, decoding(4, 2)];
         let mut chunks = 0;
         loop {
@@ -413,8 +423,8 @@ mod tests {
     fn each_chunk_pays_its_overhead_against_the_cost() {
         // Room for 300 token-equivalents, 100 of them per run: one chunk of 200.
         let budget = PrefillBudget { cost: 300, chunk_overhead: 100, ..PrefillBudget::tokens(512) };
-        let a = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
-        let b = Running { id: 2, slot: 1, phase: Phase::Prefill { done: 0, prompt_len: 1000 } };
+        let a = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 0, prompt_len: 1000 }, max_chunk: None };
+        let b = Running { id: 2, slot: 1, phase: Phase::Prefill { done: 0, prompt_len: 1000 }, max_chunk: None };
         let plan = plan_step(&[waiting(3, 8)], &[a, b], &[2], budget);
         assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 0, len: 200 }]);
         assert!(plan.admitted.is_empty(), "no cost left for another run: {plan:?}");
@@ -467,7 +477,7 @@ mod tests {
 
     #[test]
     fn finished_slots_are_reused_in_the_same_step() {
-        let running = [Running { id: 1, slot: 0, phase: Phase::Finished }, decoding(2, 1)];
+        let running = [Running { id: 1, slot: 0, phase: Phase::Finished, max_chunk: None }, decoding(2, 1)];
         let plan = plan_step(&[waiting(3, 8)], &running, &[], PrefillBudget::tokens(100));
         assert_eq!(plan.released, [(1, 0)]);
         assert_eq!(plan.admitted, [Admission { id: 3, slot: 0, cached: 0 }]);
@@ -476,12 +486,29 @@ mod tests {
 
     #[test]
     fn a_prefix_hit_starts_the_prefill_after_it_and_keeps_the_last_prompt_token() {
-        let hit = Waiting { id: 1, prompt_len: 40, cached: 32, images: false };
+        let hit = Waiting { id: 1, prompt_len: 40, cached: 32, images: false, max_chunk: None };
         let plan = plan_step(&[hit], &[], &[0], PrefillBudget::tokens(100));
         assert_eq!(plan.admitted, [Admission { id: 1, slot: 0, cached: 32 }]);
         assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 32, len: 8 }]);
-        let whole = Waiting { id: 2, prompt_len: 32, cached: 32, images: false };
+        let whole = Waiting { id: 2, prompt_len: 32, cached: 32, images: false, max_chunk: None };
         let plan = plan_step(&[whole], &[], &[0], PrefillBudget::tokens(100));
         assert_eq!(plan.prefill, [PrefillChunk { id: 2, slot: 0, start: 31, len: 1 }]);
+    }
+
+    #[test]
+    fn a_sequence_with_its_own_chunk_cap_advances_by_it_and_leaves_the_budget_to_others() {
+        let scored = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 5, prompt_len: 40 }, max_chunk: Some(1) };
+        let other = Running { id: 2, slot: 1, phase: Phase::Prefill { done: 0, prompt_len: 30 }, max_chunk: None };
+        let queued = Waiting { max_chunk: Some(1), ..waiting(3, 50) };
+        let plan = plan_step(&[queued], &[scored, other], &[2], PrefillBudget::tokens(64));
+        assert_eq!(
+            plan.prefill,
+            [
+                PrefillChunk { id: 1, slot: 0, start: 5, len: 1 },
+                PrefillChunk { id: 2, slot: 1, start: 0, len: 30 },
+                PrefillChunk { id: 3, slot: 2, start: 0, len: 1 },
+            ]
+        );
+        assert_eq!(plan.admitted, [Admission { id: 3, slot: 2, cached: 0 }]);
     }
 }

@@ -7,8 +7,8 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::generate::{Clock, FinishReason, GenerateOptions, OutputBuilder, TokenEvent, TEXT_TAIL_TOKEN};
-use crate::model::Fetch;
-use crate::sampling::Sampler;
+use crate::model::{Fetch, Logits};
+use crate::sampling::{PromptScorer, PromptTokenLogprob, Sampler};
 use crate::structured::{Constraint, StructuredError};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -71,6 +71,8 @@ pub(crate) struct Sequence {
     /// set no maximum.
     full_reason: FinishReason,
     logprobs: Option<usize>,
+    /// Each prompt position's logprob as its prefill runs, when asked for.
+    prompt_logprobs: Option<PromptLogprobs>,
     output: OutputBuilder,
     clock: Clock,
     last_token_at: Option<Instant>,
@@ -111,6 +113,7 @@ impl Sequence {
                 FinishReason::ContextLength
             },
             logprobs: a.options.logprobs,
+            prompt_logprobs: a.options.prompt_logprobs.map(PromptLogprobs::new),
             history: a.prompt,
             sampler,
             output: OutputBuilder::default(),
@@ -136,6 +139,54 @@ impl Sequence {
 
     pub(crate) fn prompt(&self) -> &[u32] {
         &self.history[..self.prompt_len]
+    }
+
+    /// Whether its prompt positions' logprobs are asked for: every prefill chunk then fetches
+    /// the logits of each of its positions, and no prefix-cache hit may skip any.
+    pub(crate) fn wants_prompt_logprobs(&self) -> bool {
+        self.prompt_logprobs.is_some()
+    }
+
+    /// What a prefill chunk must return: the last chunk what [`fetch`](Self::fetch) says, an
+    /// earlier one nothing but its argmax (not read), unless the prompt's logprobs are asked for.
+    pub(crate) fn prefill_fetch(&self, last: bool) -> Fetch {
+        match (self.wants_prompt_logprobs(), last) {
+            (true, _) => Fetch::Logits,
+            (false, true) => self.fetch(),
+            (false, false) => Fetch::Greedy,
+        }
+    }
+
+    /// Scores the prompt tokens that the positions `start..start + len` predict, from row `row`
+    /// of a prefill run's `logits` (every position's logits, or one chunk of one token), and
+    /// sends them all once the last prompt token is scored. Does nothing unless asked for.
+    pub(crate) fn score_prompt(
+        &mut self,
+        logits: &Logits,
+        row: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<(), EngineError> {
+        let Some(scores) = self.prompt_logprobs.as_mut() else { return Ok(()) };
+        if logits.rows != len || row >= logits.batch {
+            return Err(EngineError::model_failed(
+                "scoring the prompt's tokens",
+                format!(
+                    "a prefill run of {len} tokens returned {} logits rows for each of {} sequences (row {row} wanted)",
+                    logits.rows, logits.batch
+                ),
+            ));
+        }
+        for i in 0..len {
+            // Position p's logits predict prompt token p + 1; the last position's predict the
+            // first generated token instead.
+            let Some(&next) = self.history[..self.prompt_len].get(start + i + 1) else { break };
+            scores.push(logits.row_of(row, i), next);
+        }
+        if start + len == self.prompt_len {
+            let _ = self.events.send(Ok(Event::PromptLogprobs(scores.positions.clone())));
+        }
+        Ok(())
     }
 
     /// The tokens whose KV the slot holds.
@@ -311,6 +362,7 @@ impl Sequence {
         let mut output =
             std::mem::take(&mut self.output).finish(self.prompt().to_vec(), self.cached, reason, self.clock);
         output.timings.images = self.images.as_ref().map(|i| i.timings.clone());
+        output.prompt_logprobs = self.prompt_logprobs.take().map(|p| p.positions);
         let _ = self.events.send(Ok(Event::Finished(output)));
         Ok(())
     }
@@ -323,6 +375,24 @@ impl Sequence {
         self.phase = Phase::Finished;
         self.stored = true;
         let _ = self.events.send(Err(error));
+    }
+}
+
+/// A prompt's logprobs, position by position, as its prefill chunks run.
+struct PromptLogprobs {
+    top_n: usize,
+    /// None for the first position (nothing predicts it).
+    positions: Vec<Option<PromptTokenLogprob>>,
+    scorer: PromptScorer,
+}
+
+impl PromptLogprobs {
+    fn new(top_n: usize) -> Self {
+        PromptLogprobs { top_n, positions: vec![None], scorer: PromptScorer::default() }
+    }
+
+    fn push(&mut self, logits: &[f32], token: u32) {
+        self.positions.push(Some(self.scorer.score(logits, token, self.top_n)));
     }
 }
 

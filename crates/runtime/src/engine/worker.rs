@@ -258,16 +258,28 @@ impl Worker {
             .map(|s| Waiting {
                 id: s.id,
                 prompt_len: s.prompt().len(),
-                cached: self.runner.lookup(s.prompt(), &s.prompt_keys),
+                // Every position of a scored prompt runs: a hit would skip their logits.
+                cached: if s.wants_prompt_logprobs() { 0 } else { self.runner.lookup(s.prompt(), &s.prompt_keys) },
                 images: s.images.is_some(),
+                max_chunk: self.max_chunk(s),
             })
             .collect();
-        let running: Vec<Running> =
-            self.running.iter().map(|s| Running { id: s.id, slot: s.slot, phase: s.phase }).collect();
+        let running: Vec<Running> = self
+            .running
+            .iter()
+            .map(|s| Running { id: s.id, slot: s.slot, phase: s.phase, max_chunk: self.max_chunk(s) })
+            .collect();
         let decoding = self.running.iter().filter(|s| s.phase == Phase::Decode).count();
         let prefilling = self.running.iter().filter(|s| matches!(s.phase, Phase::Prefill { .. })).count();
         let catch_up = self.pacer.catches_up(decoding, waiting.len() + prefilling);
         plan_step(&waiting, &running, &free, self.pacer.budget(decoding > 0 && !catch_up))
+    }
+
+    /// A sequence's own cap on its chunks: one token when its prompt is scored on a graph that
+    /// returns only the last position's logits (each run then scores one position).
+    fn max_chunk(&self, seq: &Sequence) -> Option<usize> {
+        let last_only = self.runner.model().manifest.options.last_token_logits;
+        (seq.wants_prompt_logprobs() && last_only).then_some(1)
     }
 
     /// Releases and admissions.
@@ -378,7 +390,7 @@ impl Worker {
             debug_assert_eq!(chunk.start, seq.filled);
             tokens.extend_from_slice(&seq.prompt()[chunk.start..chunk.start + chunk.len]);
             pasts.push(chunk.start);
-            if chunk.start + chunk.len == seq.prompt().len() && seq.fetch() == Fetch::Logits {
+            if seq.prefill_fetch(chunk.start + chunk.len == seq.prompt().len()) == Fetch::Logits {
                 fetch = Fetch::Logits;
             }
         }
@@ -389,17 +401,39 @@ impl Worker {
         for (row, (chunk, &i)) in run.iter().zip(rows).enumerate() {
             let seq = &mut self.running[i];
             match &result {
-                Ok(output) => Self::prefilled(seq, chunk.start + chunk.len, output, row, &mut self.metrics),
+                Ok(output) => Self::prefilled(seq, chunk.start, chunk.len, output, row, &mut self.metrics),
                 Err(error) => seq.fail(error.clone(), &mut self.metrics),
             }
         }
     }
 
-    /// `seq`'s prompt is in its slot up to `filled`; when that is all of it, it chooses its first
-    /// token from row `row` of the run's output.
-    fn prefilled(seq: &mut Sequence, filled: usize, output: &StepOutput, row: usize, metrics: &mut MetricsSnapshot) {
+    /// `seq`'s chunk of `len` tokens from `start` ran as row `row` of a run: its prompt is in its
+    /// slot up to `start + len`, its positions are scored when asked for, and once that is all of
+    /// the prompt it chooses its first token from the run's output.
+    fn prefilled(
+        seq: &mut Sequence,
+        start: usize,
+        len: usize,
+        output: &StepOutput,
+        row: usize,
+        metrics: &mut MetricsSnapshot,
+    ) {
         let prompt_len = seq.prompt().len();
+        let filled = start + len;
         seq.filled = filled;
+        if seq.wants_prompt_logprobs() {
+            let scored = match output {
+                StepOutput::Logits(logits) => seq.score_prompt(logits, row, start, len),
+                StepOutput::Greedy(_) => Err(EngineError::model_failed(
+                    "scoring the prompt's tokens",
+                    "a prefill run returned its argmax, not its logits",
+                )),
+            };
+            if let Err(e) = scored {
+                seq.fail(e, metrics);
+                return;
+            }
+        }
         if filled == prompt_len {
             seq.phase = Phase::Decode;
             Self::choose(seq, output, row, metrics);
@@ -413,11 +447,11 @@ impl Worker {
         let prompt_len = seq.prompt().len();
         debug_assert_eq!(start, seq.filled);
         let last = start + len == prompt_len;
-        let fetch = if last { seq.fetch() } else { Fetch::Greedy };
+        let fetch = seq.prefill_fetch(last);
         let tokens = seq.prompt()[start..start + len].to_vec();
         let images = seq.images.as_mut().map(|images| (images, &mut self.metrics));
         match self.runner.prefill(seq.slot, &tokens, start, fetch, images) {
-            Ok(output) => Self::prefilled(seq, start + len, &output, 0, &mut self.metrics),
+            Ok(output) => Self::prefilled(seq, start, len, &output, 0, &mut self.metrics),
             Err(e) => seq.fail(EngineError::model_failed("a prefill chunk failed", e), &mut self.metrics),
         }
     }

@@ -108,7 +108,8 @@ pub struct StreamSettings {
 pub struct GenerationParams {
     /// The model the client names (None: the served one).
     pub model: Option<String>,
-    /// At least 1; None: the rest of the sequence.
+    /// At least 1, or 0 with `echo` (the prompt alone, as vLLM answers it); None: the rest of
+    /// the sequence.
     pub max_tokens: Option<usize>,
     /// The field `max_tokens` came in (`max_tokens` or `max_completion_tokens`), for errors.
     pub max_tokens_field: &'static str,
@@ -123,6 +124,11 @@ pub struct GenerationParams {
     pub stream: Option<StreamSettings>,
     /// Each token's logprob with this many alternatives (None: no logprobs).
     pub logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs`: each prompt token's logprob with this many alternatives (not
+    /// while streaming, as in vLLM).
+    pub prompt_logprobs: Option<usize>,
+    /// Completions' `echo`: the answer's text (and logprobs) start with the prompt's.
+    pub echo: bool,
     pub ignore_eos: bool,
     pub skip_special_tokens: bool,
     /// vLLM's `return_token_ids`: the prompt's and the answer's token ids in the response.
@@ -132,6 +138,24 @@ pub struct GenerationParams {
     pub n: usize,
     /// The answer's constraint (a JSON schema, a regex, ...) and the field it came in.
     pub structured: Option<crate::structured::Structured>,
+}
+
+impl GenerationParams {
+    /// `echo` with `max_tokens: 0`: the answer is the prompt alone (the one token the engine
+    /// generates for it is not returned).
+    pub fn echo_only(&self) -> bool {
+        self.echo && self.max_tokens == Some(0)
+    }
+
+    /// The alternatives per prompt position the engine must score: `prompt_logprobs`, or
+    /// `logprobs` when the prompt is echoed with its logprobs (None: none).
+    pub fn prompt_scores(&self) -> Option<usize> {
+        let echoed = self.logprobs.filter(|_| self.echo);
+        match (self.prompt_logprobs, echoed) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// Chat-template arguments a chat request may set.

@@ -104,29 +104,48 @@ pub struct ChatLogprobs {
     pub content: Vec<TokenLogprob>,
 }
 
-/// Completions' `logprobs`: parallel lists, one entry per generated token.
+/// Completions' `logprobs`: parallel lists, one entry per token (with `echo`, the prompt's
+/// first: its first token has `null` for its logprob and alternatives).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<TopLogprobMap>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<TopLogprobMap>>,
     /// Where each token starts in the completion's text, in characters.
     pub text_offset: Vec<usize>,
 }
 
-/// The alternatives of one token as `{token: logprob}`, most likely first.
+/// A JSON object whose keys keep the order they were pushed in (serde_json's map sorts them):
+/// alternatives most likely first.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct TopLogprobMap(pub Vec<(String, f32)>);
+pub struct OrderedMap<K, V>(pub Vec<(K, V)>);
 
-impl Serialize for TopLogprobMap {
+impl<K: Serialize, V: Serialize> Serialize for OrderedMap<K, V> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.0.len()))?;
-        for (token, logprob) in &self.0 {
-            map.serialize_entry(token, logprob)?;
+        for (key, value) in &self.0 {
+            map.serialize_entry(key, value)?;
         }
         map.end()
     }
 }
+
+/// The alternatives of one token as `{token: logprob}`, most likely first.
+pub type TopLogprobMap = OrderedMap<String, f32>;
+
+/// One token of vLLM's `prompt_logprobs`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PromptLogprob {
+    pub logprob: f32,
+    /// 1 for the most likely token.
+    pub rank: usize,
+    pub decoded_token: String,
+}
+
+/// One prompt position of vLLM's `prompt_logprobs`: `{token id: {logprob, rank,
+/// decoded_token}}` for the prompt's token and the most likely ones, in that order (JSON keys
+/// are strings: serde writes the ids as such).
+pub type PromptLogprobMap = OrderedMap<u32, PromptLogprob>;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AssistantMessage {
@@ -195,6 +214,9 @@ pub struct ChatCompletion {
     pub usage: Usage,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// vLLM's `prompt_logprobs` of the rendered prompt (`null` for its first token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<PromptLogprobMap>>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -243,6 +265,9 @@ pub struct TextChoice {
     pub prompt_token_ids: Option<Vec<u32>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
+    /// vLLM's `prompt_logprobs` (`null` for the prompt's first token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<PromptLogprobMap>>>,
 }
 
 /// `text_completion`: a completions answer, or one event of a streamed one.

@@ -47,9 +47,11 @@ pub(crate) struct WireRequest {
     pub enable_thinking: Option<bool>,
     pub chat_template_kwargs: Option<Map<String, Json>>,
     pub add_generation_prompt: Option<bool>,
+    /// Completions: the prompt's text (and, with `logprobs`, its tokens' logprobs) before the
+    /// answer's.
+    pub echo: Option<bool>,
     /// Fields the server knows and cannot honour: a request that sets them is refused rather
     /// than answered as if they were not there.
-    pub echo: Option<bool>,
     pub best_of: Option<i64>,
     pub suffix: Option<Json>,
     pub continue_final_message: Option<bool>,
@@ -66,7 +68,8 @@ pub(crate) struct WireRequest {
     pub guided_choice: Option<Json>,
     pub guided_grammar: Option<Json>,
     pub logit_bias: Option<Map<String, Json>>,
-    pub prompt_logprobs: Option<Json>,
+    /// vLLM's: each prompt token's logprob with this many alternatives (null: none).
+    pub prompt_logprobs: Option<i64>,
     /// OpenAI's: false allows one tool call an answer (chat).
     #[serde(default, deserialize_with = "flag")]
     pub parallel_tool_calls: Option<bool>,
