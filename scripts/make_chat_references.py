@@ -12,9 +12,10 @@ same `apply_chat_template(..., chat_template=TEMPLATE)` path, with the Qwen3 tok
 pin down the Jinja2/Python behaviours the Rust renderer emulates: {name, template, messages, tools,
 documents, add_generation_prompt, kwargs, expected}.
 
-Each case is {name, messages, tools, add_generation_prompt, enable_thinking, expected, expected_ids}:
-`expected` is `tokenizer.apply_chat_template(messages, tools=..., add_generation_prompt=...,
-[enable_thinking=...], tokenize=False)` and `expected_ids` is `tokenizer.encode(expected,
+Each case is {name, messages, tools, add_generation_prompt, enable_thinking, expected, expected_ids}, and
+`continue_final_message: true` in the cases that pass it: `expected` is
+`tokenizer.apply_chat_template(messages, tools=..., add_generation_prompt=..., [enable_thinking=...],
+[continue_final_message=True], tokenize=False)` and `expected_ids` is `tokenizer.encode(expected,
 add_special_tokens=False)`. `enable_thinking` is null when the kwarg is not passed at all.
 """
 
@@ -339,6 +340,23 @@ QUIRK_KWARGS = {
 }
 
 
+def continue_cases():
+    """`continue_final_message`: the rendered prompt ends where the final message's text does."""
+    question = {"role": "user", "content": "List three primes."}
+    yield dict(name="continue_assistant", messages=[question, {"role": "assistant", "content": "Sure: 2, 3"}])
+    # Trailing whitespace that the template keeps: cut after it.
+    yield dict(name="continue_trailing_space", messages=[question, {"role": "assistant", "content": "The primes are "}])
+    # Leading whitespace: cut after the stripped text.
+    yield dict(name="continue_leading_newline", messages=[question, {"role": "assistant", "content": "\n\n{\"primes\": ["}])
+    yield dict(
+        name="continue_after_thinking_off",
+        messages=[question, {"role": "assistant", "content": "2, 3"}],
+        enable_thinking=False,
+    )
+    # The user's own text can be continued too.
+    yield dict(name="continue_user", messages=[{"role": "user", "content": "Complete this: once upon a"}])
+
+
 def quirk_cases():
     for name, template in QUIRK_TEMPLATES.items():
         for gen in (False, True):
@@ -365,8 +383,10 @@ def main():
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     results = []
-    for case in cases():
+    for case in list(cases()) + [dict(c, add_generation_prompt=False, continue_final_message=True) for c in continue_cases()]:
         kwargs = {}
+        if case.get("continue_final_message"):
+            kwargs["continue_final_message"] = True
         if "enable_thinking" in case:
             kwargs["enable_thinking"] = case["enable_thinking"]
         text = tok.apply_chat_template(
@@ -377,17 +397,18 @@ def main():
             **kwargs,
         )
         ids = tok.encode(text, add_special_tokens=False)
-        results.append(
-            {
-                "name": case["name"],
-                "messages": case["messages"],
-                "tools": case.get("tools"),
-                "add_generation_prompt": case["add_generation_prompt"],
-                "enable_thinking": case.get("enable_thinking"),
-                "expected": text,
-                "expected_ids": ids,
-            }
-        )
+        result = {
+            "name": case["name"],
+            "messages": case["messages"],
+            "tools": case.get("tools"),
+            "add_generation_prompt": case["add_generation_prompt"],
+            "enable_thinking": case.get("enable_thinking"),
+            "expected": text,
+            "expected_ids": ids,
+        }
+        if case.get("continue_final_message"):
+            result["continue_final_message"] = True
+        results.append(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(results, f, ensure_ascii=False, indent=1)

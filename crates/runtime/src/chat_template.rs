@@ -25,7 +25,10 @@
 //! * Several named templates: `options.template_name`, else `tool_use` when tools are given (even an
 //!   empty list) and it exists, else `default`.
 //!
-//! Not emulated: `continue_final_message`, assistant-token masks, `sanitize_control_tokens`,
+//! * `continue_final_message`: the rendered prompt ends where the final message's text does
+//!   (transformers' cut after rendering, including its handling of whitespace the template trims).
+//!
+//! Not emulated: assistant-token masks, `sanitize_control_tokens`,
 //! `strftime_now` uses UTC (Python uses the local time zone).
 
 use std::collections::BTreeMap;
@@ -73,6 +76,10 @@ pub struct RenderOptions {
     pub extra: serde_json::Map<String, Json>,
     /// Which of several named templates to use (see the module docs for the default choice).
     pub template_name: Option<String>,
+    /// transformers' `continue_final_message`: the prompt ends with the final message's text,
+    /// open (no end-of-turn after it), so that generation continues it: an assistant answer
+    /// begun by the caller. Not with `add_generation_prompt`.
+    pub continue_final_message: bool,
 }
 
 impl RenderOptions {
@@ -164,6 +171,26 @@ impl ChatTemplate {
     /// The prompt text for `messages` (JSON objects with `role`, `content`, and optionally
     /// `reasoning_content`, `tool_calls`, `tool_call_id`, `name`, ...).
     pub fn render(&self, messages: &[Json], opts: &RenderOptions) -> Result<String> {
+        if opts.continue_final_message && opts.add_generation_prompt {
+            return Err(ChatTemplateError::InvalidInput(
+                "continue_final_message and add_generation_prompt cannot both be set: one continues the final \
+                 message, the other starts a new assistant message"
+                    .into(),
+            ));
+        }
+        let rendered = self.render_whole(messages, opts)?;
+        if !opts.continue_final_message {
+            return Ok(rendered);
+        }
+        let text = messages.last().and_then(final_text).ok_or_else(|| {
+            ChatTemplateError::InvalidInput(
+                "continue_final_message is set and the final message has no text to continue".into(),
+            )
+        })?;
+        cut_after_final_message(rendered, &text)
+    }
+
+    fn render_whole(&self, messages: &[Json], opts: &RenderOptions) -> Result<String> {
         let name = self.select(opts)?;
         let template = self
             .env
@@ -205,6 +232,41 @@ impl ChatTemplate {
             Err(ChatTemplateError::NoDefault(names.clone()))
         }
     }
+}
+
+/// The text of `message` that `continue_final_message` continues: its `content` string, or the
+/// last part of a list that has a `text` (None: no text).
+fn final_text(message: &Json) -> Option<String> {
+    match message.get("content") {
+        Some(Json::String(text)) => Some(text.clone()),
+        Some(Json::Array(parts)) => {
+            parts.iter().rev().find_map(|p| p.get("text").and_then(Json::as_str)).map(str::to_string)
+        }
+        _ => None,
+    }
+}
+
+/// transformers' cut for `continue_final_message`: the prompt up to the last place the final
+/// message's stripped text appears, keeping its trailing whitespace where the template kept it.
+fn cut_after_final_message(rendered: String, text: &str) -> Result<String> {
+    let stripped = py_strip(text, None, true, true);
+    let Some(at) = rendered.rfind(stripped.as_str()) else {
+        return Err(ChatTemplateError::InvalidInput(
+            "continue_final_message is set and the final message does not appear in the rendered prompt (the \
+             chat template changes its text)"
+                .into(),
+        ));
+    };
+    let left_stripped = py_strip(text, None, true, false);
+    let end = if rendered.get(at..at + left_stripped.len()) == Some(text) {
+        // The template kept the text as it is, trailing whitespace and all.
+        at + left_stripped.len()
+    } else {
+        at + stripped.len()
+    };
+    let mut rendered = rendered;
+    rendered.truncate(end);
+    Ok(rendered)
 }
 
 fn error_message(e: &Error) -> String {
@@ -1313,6 +1375,7 @@ mod tests {
                 add_generation_prompt: case["add_generation_prompt"].as_bool().unwrap(),
                 tools: case["tools"].as_array().cloned(),
                 enable_thinking: case["enable_thinking"].as_bool(),
+                continue_final_message: case["continue_final_message"].as_bool().unwrap_or(false),
                 ..Default::default()
             };
             if let Some(Json::Object(extra)) = case.get("extra") {
@@ -1325,6 +1388,30 @@ mod tests {
             let expected_ids: Vec<u32> = serde_json::from_value(case["expected_ids"].clone()).unwrap();
             assert_eq!(ids, expected_ids, "case {name}: token ids differ from transformers");
         }
+    }
+
+    /// What `continue_final_message` refuses, as transformers does: with `add_generation_prompt`,
+    /// a final message without text, and one the template does not print as written.
+    #[test]
+    fn continue_final_message_refuses_what_it_cannot_continue() {
+        let template = ChatTemplate::new(
+            "{% for m in messages %}<{{ m.role }}>{{ m.content | upper }}</{{ m.role }}>{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let continued = RenderOptions { continue_final_message: true, ..Default::default() };
+        let upper = [json!({"role": "assistant", "content": "ABC "})];
+        assert_eq!(template.render(&upper, &continued).unwrap(), "<assistant>ABC ");
+        let parts = [json!({"role": "user", "content": [{"type": "image"}]})];
+        let err = template.render(&parts, &continued).unwrap_err().to_string();
+        assert!(err.contains("no text to continue"), "{err}");
+        let lower = [json!({"role": "assistant", "content": "abc"})];
+        let err = template.render(&lower, &continued).unwrap_err().to_string();
+        assert!(err.contains("does not appear in the rendered prompt"), "{err}");
+        let both = RenderOptions { add_generation_prompt: true, ..continued };
+        let err = template.render(&upper, &both).unwrap_err().to_string();
+        assert!(err.contains("cannot both be set"), "{err}");
     }
 
     #[test]

@@ -129,6 +129,7 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
     }
     let render = RenderOptions {
         add_generation_prompt: chat.template.add_generation_prompt,
+        continue_final_message: chat.template.continue_final_message,
         // An empty list is no tools (`if tools` in the templates), as it was before tools were taken.
         tools: (!chat.tools.is_empty()).then_some(chat.tools),
         enable_thinking: chat.template.enable_thinking,

@@ -48,8 +48,14 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<ChatCompletionRequest, ApiEr
         Some(m) if m.is_empty() => return Err(ApiError::field("messages", "is empty")),
         Some(m) => m.into_iter().enumerate().map(|(i, m)| message(i, m)).collect::<Result<Vec<_>, _>>()?,
     };
-    if wire.continue_final_message == Some(true) {
-        return Err(ApiError::field("continue_final_message", "is not supported"));
+    let add_generation_prompt = wire.add_generation_prompt.unwrap_or(true);
+    let continue_final_message = wire.continue_final_message.unwrap_or(false);
+    if continue_final_message && add_generation_prompt {
+        // vLLM's rule: the two ask for opposite prompts.
+        return Err(ApiError::field(
+            "continue_final_message",
+            "cannot be true with `add_generation_prompt: true` (its default): send `add_generation_prompt: false`",
+        ));
     }
     let mut extra = wire.chat_template_kwargs.take().unwrap_or_default();
     if let Some(k) = extra.keys().find(|k| RESERVED_KWARGS.contains(&k.as_str())) {
@@ -69,7 +75,8 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<ChatCompletionRequest, ApiEr
         }
     };
     let template = TemplateArgs {
-        add_generation_prompt: wire.add_generation_prompt.unwrap_or(true),
+        add_generation_prompt,
+        continue_final_message,
         enable_thinking: wire.enable_thinking.or(kwargs_thinking),
         extra,
     };

@@ -1499,3 +1499,32 @@ fn echo_and_prompt_logprobs_score_the_prompt_as_generation_would() {
     }
     server.wait_idle();
 }
+
+/// `continue_final_message` (vLLM's, transformers'): the prompt ends with the assistant text the
+/// client began, open, and the answer continues it; `/tokenize` gives the same prompt. With
+/// `add_generation_prompt` left at its default it is a 400, as in vLLM.
+#[test]
+fn continue_final_message_continues_the_assistant_text_the_client_began() {
+    let server = serve(Settings::default());
+    let messages =
+        json!([{"role": "user", "content": "List three primes."}, {"role": "assistant", "content": "Sure: 2, 3"}]);
+    let tokenized = server.answer(
+        "/tokenize",
+        &json!({"messages": messages, "continue_final_message": true, "add_generation_prompt": false}),
+    );
+    let ids = tokenized["tokens"].clone();
+    let text = server.answer("/detokenize", &json!({"tokens": ids}))["prompt"].as_str().unwrap().to_string();
+    assert!(text.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\nSure: 2, 3"), "{text:?}");
+    let chat = server.answer(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "continue_final_message": true, "add_generation_prompt": false, "max_tokens": 5,
+                "temperature": 0, "ignore_eos": true, "return_token_ids": true}),
+    );
+    assert_eq!(chat["prompt_token_ids"], ids);
+    let completion = server
+        .answer("/v1/completions", &json!({"prompt": ids, "max_tokens": 5, "temperature": 0, "ignore_eos": true}));
+    assert_eq!(chat["choices"][0]["message"]["content"], completion["choices"][0]["text"]);
+    let (status, answer) =
+        server.post("/v1/chat/completions", &json!({"messages": messages, "continue_final_message": true}));
+    assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("continue_final_message")), "{answer}");
+}

@@ -162,6 +162,9 @@ impl GenerationParams {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TemplateArgs {
     pub add_generation_prompt: bool,
+    /// vLLM's (transformers'): the prompt ends with the final message's text, left open, so the
+    /// answer continues it (an assistant reply the client began). Not with `add_generation_prompt`.
+    pub continue_final_message: bool,
     pub enable_thinking: Option<bool>,
     /// `chat_template_kwargs` besides `enable_thinking`.
     pub extra: Map<String, Json>,
