@@ -397,15 +397,8 @@ def main():
             **kwargs,
         )
         ids = tok.encode(text, add_special_tokens=False)
-        result = {
-            "name": case["name"],
-            "messages": case["messages"],
-            "tools": case.get("tools"),
-            "add_generation_prompt": case["add_generation_prompt"],
-            "enable_thinking": case.get("enable_thinking"),
-            "expected": text,
-            "expected_ids": ids,
-        }
+        keys = ("name", "messages", "tools", "add_generation_prompt", "enable_thinking")
+        result = {key: case.get(key) for key in keys} | {"expected": text, "expected_ids": ids}
         if case.get("continue_final_message"):
             result["continue_final_message"] = True
         results.append(result)
