@@ -16,7 +16,7 @@ use pio_runtime::generate::{FinishReason, GenerationOutput, TokenEvent};
 
 use crate::app::{unix_seconds, App};
 use crate::convert::{chat_job, completion_job, Job, ToolParsing};
-use crate::error::{ApiError, RequestError};
+use crate::error::{ApiError, PromptFields, RequestError};
 use crate::forced_calls::ForcedCall;
 use crate::layers::{read_body, BodyLimit, Deadline};
 use crate::logprobs::offset_step;
@@ -72,7 +72,7 @@ async fn respond(app: App, job: Result<Job, ApiError>, deadline: Option<Deadline
     let fields = Some(job.fields);
     let handles = match submit(&app, &job).await {
         Ok(handles) => handles,
-        Err(error) => return RequestError { error, fields }.into_response(),
+        Err(error) => return error.into_response(),
     };
     match job.params.stream {
         Some(settings) => crate::stream::response(app, job, handles, settings, deadline),
@@ -86,15 +86,48 @@ async fn respond(app: App, job: Result<Job, ApiError>, deadline: Option<Deadline
 /// Submits the job's choices on a blocking thread: the engine renders the chat template and
 /// tokenizes there (once per choice), which a long prompt makes slow. All or none: the engine
 /// queues the choices together or refuses them all, so a full queue (a 429) leaves no choice
-/// running. One handle per choice, in index order.
-async fn submit(app: &App, job: &Job) -> Result<Vec<RequestHandle>, ApiError> {
+/// running. One handle per choice, in index order. A refused batch of prompts names the prompt
+/// at fault (`prompt[2]`).
+async fn submit(app: &App, job: &Job) -> Result<Vec<RequestHandle>, RequestError> {
     let engine = app.engine.clone();
     let requests = job.choice_requests();
-    let n = requests.len();
-    let submitted = tokio::task::spawn_blocking(move || engine.submit_batch(requests))
-        .await
-        .map_err(|source| ApiError::Submit { source })?;
+    let prompts = (job.prompts.len() > 1).then(|| job.prompts.clone());
+    let submitted = tokio::task::spawn_blocking(move || {
+        let refused = engine.submit_batch(requests);
+        // Only a refusal of a prompt is looked for, and only then is each prompt checked again.
+        let culprit = match (&refused, &prompts) {
+            (Err(EngineError::InvalidRequest { field: "prompt", part: None, .. }), Some(prompts))
+            | (Err(EngineError::ContextLength { .. }), Some(prompts)) => {
+                prompts.iter().position(|p| engine.check_request(p).is_err())
+            }
+            _ => None,
+        };
+        (refused, culprit)
+    })
+    .await
+    .map_err(|source| ApiError::Submit { source })?;
+    let (submitted, culprit) = submitted;
+    let fields = PromptFields { element: culprit, ..job.fields };
+    refused_batch(job, submitted, culprit).map_err(|error| RequestError { error, fields: Some(fields) })
+}
+
+/// The engine's answer to a job's batch, its refusals named as the client sent the request.
+fn refused_batch(
+    job: &Job,
+    submitted: Result<Vec<RequestHandle>, EngineError>,
+    culprit: Option<usize>,
+) -> Result<Vec<RequestHandle>, ApiError> {
+    let n = job.prompts.len() * job.params.n;
     match submitted {
+        Err(EngineError::InvalidRequest { field: "prompt", part: None, message, source }) if culprit.is_some() => {
+            Err(EngineError::InvalidRequest {
+                field: "prompt",
+                part: culprit.map(|i| format!("prompt[{i}]")),
+                message,
+                source,
+            }
+            .into())
+        }
         // More choices than the queue ever holds: no retry would help, so not a 429.
         Err(EngineError::Overloaded { limit, .. }) if n > limit => Err(match job.prompts.len() {
             1 => ApiError::field(

@@ -136,7 +136,7 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
         extra: chat.template.extra,
         ..RenderOptions::default()
     };
-    let fields = PromptFields { prompt: "messages", max_tokens: chat.params.max_tokens_field };
+    let fields = PromptFields { prompt: "messages", max_tokens: chat.params.max_tokens_field, element: None };
     Ok(Job {
         endpoint: Endpoint::ChatCompletions,
         prompts: vec![Request::new(Prompt::Chat(messages)).with_options(options).with_render(render)],
@@ -167,7 +167,7 @@ pub(crate) fn completion_job(completion: CompletionRequest, info: &ModelInfo) ->
             Request::new(prompt).with_options(options.clone())
         })
         .collect();
-    let fields = PromptFields { prompt: "prompt", max_tokens: completion.params.max_tokens_field };
+    let fields = PromptFields { prompt: "prompt", max_tokens: completion.params.max_tokens_field, element: None };
     Ok(Job { endpoint: Endpoint::Completions, prompts, params: completion.params, fields, tools: None, forced: None })
 }
 

@@ -135,10 +135,13 @@ impl ApiError {
     /// prompt and maximum came in, which name the culprit of a request over the context.
     pub fn body(&self, fields: Option<PromptFields>) -> ErrorBody {
         let param = self.param().or_else(|| match (self, fields) {
-            (ApiError::Engine(EngineError::ContextLength { max_tokens: Some(_), .. }), Some(f)) => {
+            // The maximum is at fault only where the prompt alone fits.
+            (ApiError::Engine(EngineError::ContextLength { prompt_tokens, max_tokens: Some(_), limit }), Some(f))
+                if prompt_tokens < limit =>
+            {
                 Some(f.max_tokens.into())
             }
-            (ApiError::Engine(EngineError::ContextLength { max_tokens: None, .. }), Some(f)) => Some(f.prompt.into()),
+            (ApiError::Engine(EngineError::ContextLength { .. }), Some(f)) => Some(f.prompt_param()),
             _ => None,
         });
         let mut message = self.to_string();
@@ -193,6 +196,18 @@ pub struct ErrorDetail {
 pub struct PromptFields {
     pub prompt: &'static str,
     pub max_tokens: &'static str,
+    /// Which prompt of a batch (completions' list of prompts) is at fault, when one is.
+    pub element: Option<usize>,
+}
+
+impl PromptFields {
+    /// The prompt's field, with its element in a batch (`prompt[2]`).
+    pub fn prompt_param(&self) -> String {
+        match self.element {
+            Some(i) => format!("{}[{i}]", self.prompt),
+            None => self.prompt.to_string(),
+        }
+    }
 }
 
 /// An [`ApiError`] about a request whose fields are known.
@@ -277,13 +292,18 @@ mod tests {
         let message = unrendered.body(None).error.message;
         assert!(message.ends_with("cannot render them: Conversation roles must alternate user/assistant"), "{message}");
         let long = ApiError::from(EngineError::ContextLength { prompt_tokens: 300, max_tokens: None, limit: 256 });
-        let chat = PromptFields { prompt: "messages", max_tokens: "max_completion_tokens" };
+        let chat = PromptFields { prompt: "messages", max_tokens: "max_completion_tokens", element: None };
         let body = long.body(Some(chat));
         assert_eq!(long.status(), StatusCode::BAD_REQUEST);
         assert_eq!(body.error.param.as_deref(), Some("messages"));
         assert!(body.error.message.contains("300") && body.error.message.contains("256"), "{}", body.error.message);
         let over = ApiError::from(EngineError::ContextLength { prompt_tokens: 10, max_tokens: Some(300), limit: 256 });
         assert_eq!(over.body(Some(chat)).error.param.as_deref(), Some("max_completion_tokens"));
+        let batch = PromptFields { prompt: "prompt", max_tokens: "max_tokens", element: Some(2) };
+        assert_eq!(long.body(Some(batch)).error.param.as_deref(), Some("prompt[2]"));
+        // A prompt over the context alone is at fault whatever max_tokens says.
+        let alone = ApiError::from(EngineError::ContextLength { prompt_tokens: 300, max_tokens: Some(5), limit: 256 });
+        assert_eq!(alone.body(Some(batch)).error.param.as_deref(), Some("prompt[2]"));
         assert_eq!(ApiError::from(EngineError::Overloaded { waiting: 4, limit: 4 }).status(), 429);
         assert_eq!(ApiError::from(EngineError::Shutdown).status(), 503);
         let failed = ApiError::from(EngineError::Config { setting: "max_seqs", message: "too many".into() });

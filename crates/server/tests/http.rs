@@ -1177,6 +1177,16 @@ fn a_batch_of_prompts_answers_each_as_a_lone_request() {
     }
     let (last, _) = chunks.split_last().unwrap();
     assert_eq!((&last["choices"], &last["usage"]), (&json!([]), &whole["usage"]));
+
+    // A refused batch names the prompt at fault.
+    let long = "word ".repeat(5000);
+    for (prompt, code) in
+        [(json!(["Once upon", long, "A"]), Some("context_length_exceeded")), (json!([[1, 2], [3, 999_999_999]]), None)]
+    {
+        let (status, answer) = server.post(path, &json!({"prompt": prompt, "max_tokens": 2}));
+        assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("prompt[1]")), "{answer}");
+        assert_eq!(answer["error"]["code"].as_str(), code, "{answer}");
+    }
     server.wait_idle();
 }
 

@@ -675,6 +675,14 @@ impl Engine {
         Ok(handles)
     }
 
+    /// Checks `request` as [`submit`](Self::submit) does (tokenizing it, reading its images)
+    /// without queueing it: the refusal `submit` would give, if any. A caller whose batch was
+    /// refused finds the request at fault with it.
+    pub fn check_request(&self, request: &Request) -> Result<(), EngineError> {
+        let prepared = self.inner.preparer.prepare(&request.prompt, &request.render)?;
+        self.check(prepared.ids, prepared.images, request.clone()).map(|_| ())
+    }
+
     /// [`submit`](Self::submit), then blocks until the output is there.
     pub fn generate(&self, request: Request) -> Result<GenerationOutput, EngineError> {
         self.submit(request)?.wait()
