@@ -30,6 +30,17 @@ pub struct GenerateOptions {
     pub min_tokens: usize,
     /// Extra stop token ids besides the model's eos ids.
     pub stop_token_ids: Vec<u32>,
+    /// vLLM's: only these ids may be generated (None: any).
+    #[serde(default)]
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's: words never generated. Each is tokenized as written without its leading
+    /// whitespace and with one leading space; the last token of either is masked wherever the
+    /// generated tokens end with the ones before it. Needs a tokenizer.
+    #[serde(default)]
+    pub bad_words: Vec<String>,
+    /// vLLM's: only the prompt's last this many tokens are used (None: all).
+    #[serde(default)]
+    pub truncate_prompt_tokens: Option<usize>,
     /// Keep generating past eos ids (benchmarks).
     pub ignore_eos: bool,
     /// Return the chosen token's logprob and this many alternatives per token (None: no logprobs).
@@ -58,6 +69,9 @@ impl Default for GenerateOptions {
             include_stop_str_in_output: false,
             min_tokens: 0,
             stop_token_ids: vec![],
+            allowed_token_ids: None,
+            bad_words: vec![],
+            truncate_prompt_tokens: None,
             ignore_eos: false,
             logprobs: None,
             prompt_logprobs: None,

@@ -12,7 +12,7 @@ use crate::forced_calls::ForcedCall;
 use crate::parse::Endpoint;
 use crate::protocol::request::{
     ChatCompletionRequest, ChatMessage, CompletionPrompt, CompletionRequest, ContentPart, GenerationParams,
-    MessageContent, ToolChoice,
+    MessageContent, PromptTruncation, ToolChoice,
 };
 use crate::tool_calls::{ToolCallFormat, START};
 
@@ -187,6 +187,12 @@ fn options(params: &GenerationParams, info: &ModelInfo) -> Result<GenerateOption
         include_stop_str_in_output: params.include_stop_str_in_output,
         min_tokens: params.min_tokens,
         stop_token_ids: params.stop_token_ids.clone(),
+        allowed_token_ids: params.allowed_token_ids.clone(),
+        bad_words: params.bad_words.clone(),
+        truncate_prompt_tokens: params.truncate_prompt_tokens.map(|t| match t {
+            PromptTruncation::Last(n) => n,
+            PromptTruncation::ToContext => info.max_model_len,
+        }),
         ignore_eos: params.ignore_eos,
         logprobs: params.logprobs,
         prompt_logprobs: params.prompt_scores(),

@@ -14,7 +14,7 @@ use serde_json::{Map, Value as Json};
 use crate::error::ApiError;
 use crate::protocol::request::{
     ChatCompletionRequest, ChatMessage, CompletionPrompt, CompletionRequest, ContentPart, GenerationParams,
-    MessageContent, Role, SamplingOverrides, StreamSettings, TemplateArgs, ToolChoice,
+    MessageContent, PromptTruncation, Role, SamplingOverrides, StreamSettings, TemplateArgs, ToolChoice,
 };
 use crate::protocol::wire::{WireContent, WireLogprobs, WireMessage, WireRequest};
 
@@ -303,6 +303,16 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         sampling,
         stop,
         stop_token_ids: wire.stop_token_ids.take().unwrap_or_default(),
+        allowed_token_ids: wire.allowed_token_ids.take(),
+        bad_words: wire.bad_words.take().unwrap_or_default(),
+        truncate_prompt_tokens: match wire.truncate_prompt_tokens {
+            None => None,
+            Some(-1) => Some(PromptTruncation::ToContext),
+            Some(n) if n >= 1 => Some(PromptTruncation::Last(usize::try_from(n).unwrap_or(usize::MAX))),
+            Some(n) => {
+                return Err(ApiError::field("truncate_prompt_tokens", format!("must be -1 or at least 1, not {n}")))
+            }
+        },
         stream,
         logprobs,
         prompt_logprobs,

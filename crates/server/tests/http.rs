@@ -1538,3 +1538,75 @@ fn continue_final_message_continues_the_assistant_text_the_client_began() {
         server.post("/v1/chat/completions", &json!({"messages": messages, "continue_final_message": true}));
     assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("continue_final_message")), "{answer}");
 }
+
+/// vLLM's vocabulary rules and prompt truncation: `allowed_token_ids` keeps every generated id
+/// in the set (sampled or greedy); `bad_words` bans a word the greedy answer would write, and the
+/// answer is the same up to where it would have; `truncate_prompt_tokens` answers as the prompt's
+/// last tokens alone.
+#[test]
+fn allowed_ids_bad_words_and_prompt_truncation_shape_the_answer() {
+    let server = serve(Settings::default());
+    let path = "/v1/completions";
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let prompt = random_ids(&mut rng, 40);
+    let allowed = random_ids(&mut rng, 3);
+    for temperature in [0.0, 1.0] {
+        let answer = server.answer(
+            path,
+            &json!({"prompt": prompt, "max_tokens": 8, "temperature": temperature, "seed": 3, "ignore_eos": true,
+                    "allowed_token_ids": allowed, "return_token_ids": true}),
+        );
+        let ids = answer["choices"][0]["token_ids"].as_array().unwrap();
+        assert_eq!(ids.len(), 8);
+        assert!(ids.iter().all(|id| allowed.contains(&(id.as_u64().unwrap() as u32))), "{ids:?} outside {allowed:?}");
+    }
+
+    let greedy =
+        json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let ids_of = |answer: &Value| -> Vec<u32> {
+        answer["choices"][0]["token_ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect()
+    };
+    let before = ids_of(&server.answer(path, &greedy));
+    // A generated token that is a word on its own: it tokenizes back to itself, with a leading space or without.
+    let (at, word) = before
+        .iter()
+        .enumerate()
+        .find_map(|(at, &id)| {
+            let text = server.answer("/detokenize", &json!({"tokens": [id]}))["prompt"].as_str()?.to_string();
+            let word = text.trim_start().to_string();
+            let alone = |t: String| server.answer("/tokenize", &json!({"prompt": t}))["tokens"] == json!([id]);
+            (!word.is_empty() && !word.contains('\u{fffd}') && (alone(word.clone()) || alone(format!(" {word}"))))
+                .then_some((at, word))
+        })
+        .expect("a generated token that is a word");
+    let mut banned = greedy.clone();
+    banned["bad_words"] = json!([word]);
+    let after = ids_of(&server.answer(path, &banned));
+    assert_eq!(after[..at], before[..at], "the same answer up to the banned word");
+    assert!(!after.contains(&before[at]), "{word:?} ({}) was generated: {after:?}", before[at]);
+
+    let last = &prompt[30..];
+    let mut truncated = greedy.clone();
+    truncated["truncate_prompt_tokens"] = json!(10);
+    let cut = server.answer(path, &truncated);
+    assert_eq!(cut["usage"]["prompt_tokens"], 10);
+    assert_eq!(cut["choices"][0]["prompt_token_ids"], json!(last));
+    let mut alone = greedy.clone();
+    alone["prompt"] = json!(last);
+    assert_eq!(ids_of(&cut), ids_of(&server.answer(path, &alone)));
+
+    for (extra, field) in [
+        (json!({"allowed_token_ids": []}), "allowed_token_ids"),
+        (json!({"allowed_token_ids": [999_999_999]}), "allowed_token_ids"),
+        (json!({"allowed_token_ids": [-1]}), "allowed_token_ids[0]"),
+        (json!({"bad_words": [" "]}), "bad_words"),
+        (json!({"bad_words": "word"}), "bad_words"),
+        (json!({"truncate_prompt_tokens": 0}), "truncate_prompt_tokens"),
+    ] {
+        let mut body = json!({"prompt": "Once", "max_tokens": 2});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, answer) = server.post(path, &body);
+        assert_eq!((status, answer["error"]["param"].as_str()), (400, Some(field)), "{body}: {answer}");
+    }
+    server.wait_idle();
+}

@@ -37,7 +37,10 @@ mod runner;
 pub mod scheduler;
 mod sequence;
 mod stop_matcher;
+mod token_rules;
 mod worker;
+
+use token_rules::TokenRules;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -691,7 +694,7 @@ impl Engine {
     /// The request's options checked against the model and the pool.
     fn check(
         &self,
-        prompt: Vec<u32>,
+        mut prompt: Vec<u32>,
         images: Option<SequenceImages>,
         request: Request,
     ) -> Result<Admitted, EngineError> {
@@ -700,6 +703,20 @@ impl Engine {
         let options = request.options;
         if prompt.is_empty() {
             return Err(EngineError::invalid(field, "the prompt is empty"));
+        }
+        match options.truncate_prompt_tokens {
+            Some(0) => return Err(EngineError::invalid("truncate_prompt_tokens", "must be at least 1")),
+            // Cutting a prompt with images could split an image's tokens from its features.
+            Some(keep) if prompt.len() > keep && images.is_some() => {
+                return Err(EngineError::invalid(
+                    "truncate_prompt_tokens",
+                    format!("cannot cut a prompt with images ({} tokens) to its last {keep}", prompt.len()),
+                ))
+            }
+            Some(keep) if prompt.len() > keep => {
+                prompt.drain(..prompt.len() - keep);
+            }
+            _ => {}
         }
         in_vocabulary(field, &prompt, info.vocab_size)?;
         if options.max_tokens == Some(0) {
@@ -740,6 +757,8 @@ impl Engine {
         }
         in_vocabulary("logit_bias", options.sampling.logit_bias.keys(), info.vocab_size)?;
         in_vocabulary("stop_token_ids", &options.stop_token_ids, info.vocab_size)?;
+        in_vocabulary("allowed_token_ids", options.allowed_token_ids.iter().flatten(), info.vocab_size)?;
+        let rules = TokenRules::new(options.allowed_token_ids.as_deref(), &options.bad_words, self.tokenizer())?;
         let constraint = match &options.structured_output {
             Some(output) => Some(self.constraint(output)?),
             None => None,
@@ -755,6 +774,7 @@ impl Engine {
             tokenizer: self.tokenizer().cloned(),
             images,
             constraint,
+            rules,
         })
     }
 

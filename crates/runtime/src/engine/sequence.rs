@@ -19,6 +19,7 @@ use super::prefix_cache::{block_keys, BlockKey};
 use super::request::Event;
 use super::scheduler::{Phase, SeqId};
 use super::stop_matcher::StopMatcher;
+use super::token_rules::TokenRules;
 
 pub(crate) type EventSender = UnboundedSender<Result<Event, EngineError>>;
 
@@ -43,6 +44,8 @@ pub(crate) struct Admitted {
     pub images: Option<SequenceImages>,
     /// The compiled structured output (None: unconstrained).
     pub constraint: Option<Constraint>,
+    /// `allowed_token_ids` and `bad_words`.
+    pub rules: TokenRules,
 }
 
 pub(crate) struct Sequence {
@@ -66,6 +69,8 @@ pub(crate) struct Sequence {
     plain_greedy: bool,
     /// The structured output's matcher: masks the logits before each token, is fed each token.
     constraint: Option<Constraint>,
+    /// `allowed_token_ids` and `bad_words`: mask the logits before each token.
+    rules: TokenRules,
     max_tokens: usize,
     /// Why it ends when `max_tokens` is reached: `Length`, or `ContextLength` when the request
     /// set no maximum.
@@ -90,8 +95,10 @@ pub(crate) struct Sequence {
 impl Sequence {
     pub(crate) fn new(id: SeqId, a: Admitted, events: EventSender, submitted: Instant) -> Self {
         // A constrained sequence needs the logits: the graph's argmax may be a masked token.
-        let plain_greedy =
-            a.options.sampling.is_plain_argmax() && a.options.logprobs.is_none() && a.constraint.is_none();
+        let plain_greedy = a.options.sampling.is_plain_argmax()
+            && a.options.logprobs.is_none()
+            && a.constraint.is_none()
+            && a.rules.is_empty();
         let mut sampler = a.sampler;
         sampler.set_prompt_len(a.prompt.len());
         Sequence {
@@ -106,6 +113,7 @@ impl Sequence {
             min_tokens: a.options.min_tokens,
             plain_greedy,
             constraint: a.constraint,
+            rules: a.rules,
             max_tokens: a.max_tokens,
             full_reason: if a.options.max_tokens.is_some() {
                 FinishReason::Length
@@ -233,8 +241,9 @@ impl Sequence {
         let mask_stops = generated < self.min_tokens && !self.stop_ids.is_empty();
         let masked;
         let choice = match choice {
-            Choice::Logits(row) if mask_stops || self.constraint.is_some() => {
+            Choice::Logits(row) if mask_stops || self.constraint.is_some() || !self.rules.is_empty() => {
                 let mut row = row.to_vec();
+                self.rules.apply(&mut row, &self.history[self.prompt_len..]);
                 if let Some(constraint) = self.constraint.as_mut() {
                     let allowed = constraint.mask().map_err(constraint_failed)?;
                     Constraint::apply(&allowed, &mut row);
@@ -252,7 +261,7 @@ impl Sequence {
                 Choice::Logits(&masked)
             }
             // Constrained sequences fetch logits (see `fetch`); an argmax would be unchecked.
-            Choice::Token(t) if self.constraint.is_some() => {
+            Choice::Token(t) if self.constraint.is_some() || !self.rules.is_empty() => {
                 return Err(constraint_failed(StructuredError::Matcher(format!(
                     "the step gave the argmax {t} of a constrained sequence instead of its logits"
                 ))));
@@ -426,6 +435,7 @@ mod tests {
             tokenizer: Some(tok.clone()),
             images: None,
             constraint: None,
+            rules: TokenRules::default(),
         };
         let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
         let mut seq = Sequence::new(0, admitted, events, Instant::now());

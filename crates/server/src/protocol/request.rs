@@ -116,6 +116,12 @@ pub struct GenerationParams {
     pub sampling: SamplingOverrides,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
+    /// vLLM's: only these ids may be generated (None: any).
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's: words never generated.
+    pub bad_words: Vec<String>,
+    /// vLLM's: the prompt's last N tokens only (None: all of it).
+    pub truncate_prompt_tokens: Option<PromptTruncation>,
     /// vLLM's: no stop before this many tokens.
     pub min_tokens: usize,
     /// vLLM's: the text ends with the stop string that ended it.
@@ -156,6 +162,15 @@ impl GenerationParams {
             (a, b) => a.or(b),
         }
     }
+}
+
+/// vLLM's `truncate_prompt_tokens`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptTruncation {
+    /// The last N tokens (N >= 1).
+    Last(usize),
+    /// -1: as many as one sequence holds.
+    ToContext,
 }
 
 /// Chat-template arguments a chat request may set.

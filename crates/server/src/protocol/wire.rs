@@ -68,6 +68,12 @@ pub(crate) struct WireRequest {
     pub guided_choice: Option<Json>,
     pub guided_grammar: Option<Json>,
     pub logit_bias: Option<Map<String, Json>>,
+    /// vLLM's: only these ids may be generated.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's: words never generated.
+    pub bad_words: Option<Vec<String>>,
+    /// vLLM's: the prompt's last N tokens only (-1: as many as a sequence holds).
+    pub truncate_prompt_tokens: Option<i64>,
     /// vLLM's: each prompt token's logprob with this many alternatives (null: none).
     pub prompt_logprobs: Option<i64>,
     /// OpenAI's: false allows one tool call an answer (chat).
