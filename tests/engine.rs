@@ -452,6 +452,30 @@ fn a_prefix_from_an_earlier_request_is_reused_and_answers_as_a_cold_run() {
     assert_eq!(cold.metrics().prefix_cache_hit_tokens, 0);
 }
 
+/// vLLM's `cache_salt`: a prompt's cached KV is reused only by requests with the same salt
+/// (none with none), and what a salted request answers is what it answers cold.
+#[test]
+fn a_cache_salt_keeps_prefix_hits_among_requests_with_the_same_salt() {
+    let engine = engine(2, 512, true);
+    let prompt = random_prompt(&mut ChaCha8Rng::seed_from_u64(8), 100);
+    let run = |salt: Option<&str>| {
+        let mut request = ids_request(&prompt, greedy_options(6));
+        if let Some(salt) = salt {
+            request = request.with_cache_salt(salt);
+        }
+        engine.generate(request).unwrap()
+    };
+    let first = run(Some("tenant-a"));
+    for (salt, cached) in [(Some("tenant-b"), 0), (None, 0), (Some("tenant-a"), 96), (Some("tenant-b"), 96), (None, 96)]
+    {
+        let out = run(salt);
+        assert_eq!(out.timings.cached_prompt_tokens, cached, "salt {salt:?}");
+        assert_eq!(out.generated_ids, first.generated_ids, "salt {salt:?}");
+    }
+    let empty = engine.submit(ids_request(&prompt, greedy_options(1)).with_cache_salt("")).unwrap_err();
+    assert!(matches!(empty, EngineError::InvalidRequest { field: "cache_salt", .. }), "{empty:?}");
+}
+
 /// An engine on the fixture whose model runs fail as `plan` says.
 fn engine_with_faults(plan: FaultPlan) -> Engine {
     let config = EngineConfig::builder(graphs())

@@ -189,6 +189,7 @@ fn greedy_request(prompt: Prompt, max_tokens: usize) -> Request {
             ..Default::default()
         },
         render: RenderOptions::generation(),
+        cache_salt: None,
     }
 }
 
@@ -392,6 +393,7 @@ mod readme_example {
                 ..Default::default()
             },
             render: RenderOptions::generation(),
+            cache_salt: None,
         };
         let output = plugin.generate(&request, &mut |event| {
             print!("{}", event.text); // the text this token completed; return ControlFlow::Break(()) to cancel

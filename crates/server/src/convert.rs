@@ -139,7 +139,10 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
     let fields = PromptFields { prompt: "messages", max_tokens: chat.params.max_tokens_field, element: None };
     Ok(Job {
         endpoint: Endpoint::ChatCompletions,
-        prompts: vec![Request::new(Prompt::Chat(messages)).with_options(options).with_render(render)],
+        prompts: vec![salted(
+            Request::new(Prompt::Chat(messages)).with_options(options).with_render(render),
+            &chat.params,
+        )],
         params: chat.params,
         fields,
         tools,
@@ -164,11 +167,19 @@ pub(crate) fn completion_job(completion: CompletionRequest, info: &ModelInfo) ->
                 CompletionPrompt::Text(t) => Prompt::Text(t),
                 CompletionPrompt::Ids(ids) => Prompt::Ids(ids),
             };
-            Request::new(prompt).with_options(options.clone())
+            salted(Request::new(prompt).with_options(options.clone()), &completion.params)
         })
         .collect();
     let fields = PromptFields { prompt: "prompt", max_tokens: completion.params.max_tokens_field, element: None };
     Ok(Job { endpoint: Endpoint::Completions, prompts, params: completion.params, fields, tools: None, forced: None })
+}
+
+/// `request` with the client's `cache_salt`, if it sent one.
+fn salted(request: Request, params: &GenerationParams) -> Request {
+    match &params.cache_salt {
+        Some(salt) => request.with_cache_salt(salt.clone()),
+        None => request,
+    }
 }
 
 /// The generation options: the request's values over the checkpoint's sampling defaults.

@@ -304,6 +304,12 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         stop,
         stop_token_ids: wire.stop_token_ids.take().unwrap_or_default(),
         allowed_token_ids: wire.allowed_token_ids.take(),
+        cache_salt: match wire.cache_salt.take() {
+            Some(salt) if salt.is_empty() => {
+                return Err(ApiError::field("cache_salt", "is empty: a salt is a non-empty string"))
+            }
+            salt => salt,
+        },
         bad_words: wire.bad_words.take().unwrap_or_default(),
         truncate_prompt_tokens: match wire.truncate_prompt_tokens {
             None => None,

@@ -1610,3 +1610,25 @@ fn allowed_ids_bad_words_and_prompt_truncation_shape_the_answer() {
     }
     server.wait_idle();
 }
+
+/// vLLM's `cache_salt`: `cached_tokens` reports prefix hits only between requests with the same
+/// salt; an empty salt is a 400.
+#[test]
+fn a_cache_salt_keeps_prefix_hits_within_the_salt() {
+    let server = serve(Settings::default());
+    let prompt = random_ids(&mut ChaCha8Rng::seed_from_u64(12), 64);
+    let cached = |salt: Option<&str>| {
+        let mut body = json!({"prompt": prompt, "max_tokens": 2, "temperature": 0});
+        if let Some(salt) = salt {
+            body["cache_salt"] = json!(salt);
+        }
+        server.answer("/v1/completions", &body)["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap()
+    };
+    assert_eq!(cached(Some("a")), 0);
+    assert_eq!(cached(Some("b")), 0, "another salt");
+    assert_eq!(cached(None), 0, "no salt");
+    // The first request kept its prompt and answer: all but the last prompt token, which always runs.
+    assert_eq!(cached(Some("a")), 63, "the same salt");
+    let (status, answer) = server.post("/v1/completions", &json!({"prompt": "a", "cache_salt": ""}));
+    assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("cache_salt")), "{answer}");
+}

@@ -701,6 +701,9 @@ impl Engine {
         let info = &self.inner.info;
         let field = request.prompt.field();
         let options = request.options;
+        if request.cache_salt.as_deref() == Some("") {
+            return Err(EngineError::invalid("cache_salt", "is empty: a salt is a non-empty string"));
+        }
         if prompt.is_empty() {
             return Err(EngineError::invalid(field, "the prompt is empty"));
         }
@@ -775,6 +778,7 @@ impl Engine {
             images,
             constraint,
             rules,
+            cache_salt: request.cache_salt,
         })
     }
 

@@ -24,6 +24,8 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::ops::Range;
 
+use sha2::{Digest, Sha256};
+
 /// Tokens per block: the granularity of prefix matches (vLLM's default block size).
 pub const BLOCK_TOKENS: usize = 16;
 
@@ -64,6 +66,16 @@ pub fn block_keys(tokens: &[u32], extra: &[(Range<usize>, ExtraKey)]) -> Vec<Blo
             BlockKey { hash, extra }
         })
         .collect()
+}
+
+/// The extra key of a request's `cache_salt`, given to its first block: a salted prompt's blocks
+/// match only the blocks of prompts with the same salt (the first block's key holds it, and every
+/// later block's hash and parent chain start from that one).
+pub fn salt_key(salt: &str) -> (Range<usize>, ExtraKey) {
+    let mut h = Sha256::new();
+    h.update(b"pio cache_salt\0");
+    h.update(salt.as_bytes());
+    (0..1, h.finalize().into())
 }
 
 /// [`block_keys`] of tokens without images.

@@ -38,13 +38,17 @@ pub struct Request {
     pub options: GenerateOptions,
     /// Chat-template arguments (only read for [`Prompt::Chat`]).
     pub render: RenderOptions,
+    /// vLLM's `cache_salt`: the prefix cache shares KV only between requests with the same salt
+    /// (None: between requests without one), so that a tenant cannot tell from its time to first
+    /// token what another tenant's prompts hold. Not empty.
+    pub cache_salt: Option<String>,
 }
 
 impl Request {
     /// `prompt` with the default options (256 tokens at most, sampling at temperature 1) and a
     /// generation prompt after chat messages.
     pub fn new(prompt: Prompt) -> Self {
-        Request { prompt, options: GenerateOptions::default(), render: RenderOptions::generation() }
+        Request { prompt, options: GenerateOptions::default(), render: RenderOptions::generation(), cache_salt: None }
     }
 
     pub fn with_options(mut self, options: GenerateOptions) -> Self {
@@ -54,6 +58,11 @@ impl Request {
 
     pub fn with_render(mut self, render: RenderOptions) -> Self {
         self.render = render;
+        self
+    }
+
+    pub fn with_cache_salt(mut self, salt: impl Into<String>) -> Self {
+        self.cache_salt = Some(salt.into());
         self
     }
 }

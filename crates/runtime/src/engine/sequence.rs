@@ -2,6 +2,7 @@
 //! detokenizer and stop conditions that turn each chosen token into an event, and where its KV
 //! is (slot, tokens filled).
 
+use std::ops::Range;
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -15,7 +16,7 @@ use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use super::error::EngineError;
 use super::images::SequenceImages;
 use super::metrics::MetricsSnapshot;
-use super::prefix_cache::{block_keys, BlockKey};
+use super::prefix_cache::{block_keys, salt_key, BlockKey, ExtraKey};
 use super::request::Event;
 use super::scheduler::{Phase, SeqId};
 use super::stop_matcher::StopMatcher;
@@ -46,6 +47,8 @@ pub(crate) struct Admitted {
     pub constraint: Option<Constraint>,
     /// `allowed_token_ids` and `bad_words`.
     pub rules: TokenRules,
+    /// The request's `cache_salt`.
+    pub cache_salt: Option<String>,
 }
 
 pub(crate) struct Sequence {
@@ -53,6 +56,8 @@ pub(crate) struct Sequence {
     events: EventSender,
     /// Block keys of the prompt (prefix-cache lookups).
     pub prompt_keys: Vec<BlockKey>,
+    /// What the tokens do not show that its blocks' keys hold: its images' hashes, its cache salt.
+    extra_keys: Vec<(Range<usize>, ExtraKey)>,
     /// The prompt's images (None: a text prompt).
     pub images: Option<SequenceImages>,
     prompt_len: usize,
@@ -101,10 +106,13 @@ impl Sequence {
             && a.rules.is_empty();
         let mut sampler = a.sampler;
         sampler.set_prompt_len(a.prompt.len());
+        let mut extra_keys = a.images.as_ref().map(SequenceImages::extra_keys).unwrap_or_default();
+        extra_keys.extend(a.cache_salt.as_deref().map(salt_key));
         Sequence {
             id,
             events,
-            prompt_keys: block_keys(&a.prompt, &a.images.as_ref().map(SequenceImages::extra_keys).unwrap_or_default()),
+            prompt_keys: block_keys(&a.prompt, &extra_keys),
+            extra_keys,
             images: a.images,
             prompt_len: a.prompt.len(),
             decoder: a.tokenizer.as_ref().map(|t| t.incremental_decoder(a.options.skip_special_tokens)),
@@ -204,7 +212,7 @@ impl Sequence {
 
     /// The keys of the tokens whose KV the slot holds (offering them to the prefix cache).
     pub(crate) fn kv_keys(&self) -> Vec<BlockKey> {
-        block_keys(self.kv_tokens(), &self.images.as_ref().map(SequenceImages::extra_keys).unwrap_or_default())
+        block_keys(self.kv_tokens(), &self.extra_keys)
     }
 
     /// The token the next decode step runs (the last one chosen).
@@ -436,6 +444,7 @@ mod tests {
             images: None,
             constraint: None,
             rules: TokenRules::default(),
+            cache_salt: None,
         };
         let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
         let mut seq = Sequence::new(0, admitted, events, Instant::now());

@@ -118,6 +118,8 @@ pub struct GenerationParams {
     pub stop_token_ids: Vec<u32>,
     /// vLLM's: only these ids may be generated (None: any).
     pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's `cache_salt` (not empty): prefix-cache hits only between requests with the same salt.
+    pub cache_salt: Option<String>,
     /// vLLM's: words never generated.
     pub bad_words: Vec<String>,
     /// vLLM's: the prompt's last N tokens only (None: all of it).

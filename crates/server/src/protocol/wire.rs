@@ -68,6 +68,8 @@ pub(crate) struct WireRequest {
     pub guided_choice: Option<Json>,
     pub guided_grammar: Option<Json>,
     pub logit_bias: Option<Map<String, Json>>,
+    /// vLLM's: prefix-cache hits only between requests with the same salt.
+    pub cache_salt: Option<String>,
     /// vLLM's: only these ids may be generated.
     pub allowed_token_ids: Option<Vec<u32>>,
     /// vLLM's: words never generated.
