@@ -133,6 +133,7 @@ pub(crate) fn chat_job(chat: ChatCompletionRequest, info: &ModelInfo, support: T
         // An empty list is no tools (`if tools` in the templates), as it was before tools were taken.
         tools: (!chat.tools.is_empty()).then_some(chat.tools),
         enable_thinking: chat.template.enable_thinking,
+        documents: chat.template.documents,
         extra: chat.template.extra,
         ..RenderOptions::default()
     };

@@ -77,6 +77,7 @@ pub fn parse_chat_completion(body: &[u8]) -> Result<ChatCompletionRequest, ApiEr
     let template = TemplateArgs {
         add_generation_prompt,
         continue_final_message,
+        documents: documents(wire.documents.take())?,
         enable_thinking: wire.enable_thinking.or(kwargs_thinking),
         extra,
     };
@@ -159,6 +160,7 @@ fn refuse_fields_of_the_other_endpoint(wire: &WireRequest, endpoint: Endpoint) -
             ("enable_thinking", wire.enable_thinking.is_some()),
             ("add_generation_prompt", wire.add_generation_prompt.is_some()),
             ("continue_final_message", wire.continue_final_message.is_some()),
+            ("documents", wire.documents.is_some()),
             ("tools", wire.tools.is_some()),
             ("tool_choice", wire.tool_choice.is_some()),
         ],
@@ -415,6 +417,21 @@ fn tools(wire: Option<Json>) -> Result<Vec<Json>, ApiError> {
         }
     }
     Ok(tools)
+}
+
+/// vLLM's `documents`: a list of objects (each a document's fields, such as `title` and `text`),
+/// passed to the chat template as they came.
+fn documents(wire: Option<Json>) -> Result<Option<Vec<Json>>, ApiError> {
+    match wire {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Array(documents)) => {
+            if let Some(i) = documents.iter().position(|d| !d.is_object()) {
+                return Err(ApiError::field(format!("documents[{i}]"), "must be an object (a document's fields)"));
+            }
+            Ok(Some(documents))
+        }
+        Some(other) => Err(ApiError::field("documents", format!("must be a list of objects, not {other}"))),
+    }
 }
 
 /// `tool_choice`: `"auto"` (the default), `"none"`, `"required"`, or a named function
@@ -728,6 +745,22 @@ mod tests {
         assert!(over.contains(&format!("limit of {MAX_CHOICES}")), "{over}");
         let tail = format!("{} trailing", chat(""));
         assert!(matches!(parse_chat_completion(tail.as_bytes()), Err(ApiError::Json { path: None, .. })));
+    }
+
+    /// vLLM's `documents` reach the template as sent; anything but a list of objects is named.
+    #[test]
+    fn documents_are_a_list_of_objects_for_the_template() {
+        let chat = |extra: &str| format!(r#"{{"messages": [{{"role": "user", "content": "x"}}]{extra}}}"#);
+        let given = chat(r#", "documents": [{"title": "A", "text": "alpha"}]"#);
+        let documents = parse_chat_completion(given.as_bytes()).unwrap().template.documents;
+        assert_eq!(documents, Some(vec![serde_json::json!({"title": "A", "text": "alpha"})]));
+        assert_eq!(parse_chat_completion(chat("").as_bytes()).unwrap().template.documents, None);
+        for (value, field) in [(r#"[{"text": "a"}, "b"]"#, "documents[1]"), (r#""a""#, "documents")] {
+            let bad = chat(&format!(r#", "documents": {value}"#));
+            assert_eq!(parse_chat_completion(bad.as_bytes()).unwrap_err().param().as_deref(), Some(field), "{bad}");
+        }
+        let foreign = parse_completion(br#"{"prompt": "x", "documents": []}"#).unwrap_err();
+        assert_eq!(foreign.param().as_deref(), Some("documents"));
     }
 
     #[test]

@@ -183,6 +183,8 @@ pub struct TemplateArgs {
     /// answer continues it (an assistant reply the client began). Not with `add_generation_prompt`.
     pub continue_final_message: bool,
     pub enable_thinking: Option<bool>,
+    /// vLLM's `documents`: objects the template reads as `documents` (None: none given).
+    pub documents: Option<Vec<Json>>,
     /// `chat_template_kwargs` besides `enable_thinking`.
     pub extra: Map<String, Json>,
 }

@@ -47,6 +47,8 @@ pub(crate) struct WireRequest {
     pub enable_thinking: Option<bool>,
     pub chat_template_kwargs: Option<Map<String, Json>>,
     pub add_generation_prompt: Option<bool>,
+    /// vLLM's: documents for retrieval-augmented templates (their `documents` variable).
+    pub documents: Option<Json>,
     /// Completions: the prompt's text (and, with `logprobs`, its tokens' logprobs) before the
     /// answer's.
     pub echo: Option<bool>,
