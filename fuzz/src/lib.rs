@@ -101,8 +101,12 @@ pub fn openai_request(data: &[u8]) {
 }
 
 fn check_generation_params(p: &GenerationParams) {
-    assert!(p.max_tokens.is_none_or(|n| n >= 1), "max_tokens {:?}", p.max_tokens);
+    // 0 only for an echoed prompt alone (completions' `echo`).
+    assert!(p.max_tokens.is_none_or(|n| n >= 1 || p.echo), "max_tokens {:?} without echo", p.max_tokens);
     assert!(p.logprobs.is_none_or(|n| n <= MAX_TOP_LOGPROBS), "logprobs {:?}", p.logprobs);
+    assert!(p.prompt_logprobs.is_none_or(|n| n <= MAX_TOP_LOGPROBS), "prompt_logprobs {:?}", p.prompt_logprobs);
+    assert!(p.prompt_logprobs.is_none() || p.stream.is_none(), "prompt_logprobs while streaming");
+    assert!(p.cache_salt.as_ref().is_none_or(|s| !s.is_empty()), "an empty cache_salt");
     // The engine's sampler takes every accepted combination (whatever the model's defaults).
     let sampling = p.sampling.apply(SamplingParams::default());
     assert!(sampling.validate().is_ok(), "{sampling:?}");
