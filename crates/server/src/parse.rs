@@ -292,10 +292,15 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         }
         Some(n) => Some(top("prompt_logprobs", n)?),
     };
-    if prompt_logprobs.is_some() && stream.is_some() {
-        // vLLM's rule too: they would all come in the first chunk, after the whole prefill.
-        return Err(ApiError::field("prompt_logprobs", "is not available with `stream: true`"));
-    }
+    let prompt_logprobs = match (prompt_logprobs, stream) {
+        // vLLM's rule too: they would all come in the first chunk, after the whole prefill. It
+        // takes 0 while streaming and returns none.
+        (Some(0), Some(_)) => None,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field("prompt_logprobs", "is not available with `stream: true` (only 0 is)"))
+        }
+        (scored, _) => scored,
+    };
     Ok(GenerationParams {
         model: wire.model.take(),
         min_tokens: wire.min_tokens.unwrap_or(0),

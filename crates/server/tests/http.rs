@@ -1484,11 +1484,15 @@ fn echo_and_prompt_logprobs_score_the_prompt_as_generation_would() {
     let whole = server.answer("/v1/completions", &body);
     let mut streaming = body.clone();
     streaming["stream"] = json!(true);
-    let chunks = chunks(&server.stream("/v1/completions", &streaming));
-    assert_eq!(chunks[0]["choices"][0]["text"].as_str(), Some(tokens.concat().as_str()), "the prompt comes first");
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    let streamed_chunks = chunks(&server.stream("/v1/completions", &streaming));
+    assert_eq!(
+        streamed_chunks[0]["choices"][0]["text"].as_str(),
+        Some(tokens.concat().as_str()),
+        "the prompt comes first"
+    );
+    let text: String = streamed_chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
     assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
-    let streamed: Vec<Value> = chunks
+    let streamed: Vec<Value> = streamed_chunks
         .iter()
         .filter_map(|c| c["choices"][0]["logprobs"]["token_logprobs"].as_array().cloned())
         .flatten()
@@ -1496,9 +1500,15 @@ fn echo_and_prompt_logprobs_score_the_prompt_as_generation_would() {
     assert_eq!(streamed.len(), scored.len() + 3);
     assert_eq!(&Value::Array(streamed), &whole["choices"][0]["logprobs"]["token_logprobs"]);
 
+    // 0 while streaming is taken (vLLM's rule) and gives nothing.
+    let zero = json!({"prompt": "a", "max_tokens": 1, "prompt_logprobs": 0, "stream": true});
+    assert!(chunks(&server.stream("/v1/completions", &zero))
+        .iter()
+        .all(|c| c["choices"][0].get("prompt_logprobs").is_none()));
     for (body, field) in [
         (json!({"prompt": "a", "prompt_logprobs": 1, "stream": true}), "prompt_logprobs"),
         (json!({"prompt": "a", "prompt_logprobs": 21}), "prompt_logprobs"),
+        (json!({"prompt": "a", "allowed_token_ids": [151_645], "min_tokens": 1}), "allowed_token_ids"),
         (json!({"prompt": "a", "prompt_logprobs": -1}), "prompt_logprobs"),
         (json!({"prompt": "a", "max_tokens": 0}), "max_tokens"),
         (json!({"messages": [{"role": "user", "content": "a"}], "echo": true}), "echo"),

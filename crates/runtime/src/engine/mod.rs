@@ -768,6 +768,13 @@ impl Engine {
         };
         let mut stop_ids = if options.ignore_eos { vec![] } else { info.eos_token_ids.clone() };
         stop_ids.extend(&options.stop_token_ids);
+        let held_back = if options.min_tokens > 0 { stop_ids.as_slice() } else { &[] };
+        if !rules.leaves_a_first_token(held_back) {
+            return Err(EngineError::invalid(
+                "allowed_token_ids",
+                "leaves no token to generate: every allowed id is a bad word or, below min_tokens, a stop id",
+            ));
+        }
         Ok(Admitted {
             prompt,
             options,

@@ -37,9 +37,10 @@ pub struct Waiting {
     /// Prompt tokens the prefix cache can provide (used up to `prompt_len - 1`: the last prompt
     /// token always runs, to give the first token's logits).
     pub cached: usize,
-    /// The prompt has images: its first chunk runs alone (the encoder's output goes into it),
-    /// so it shares no run with the chunks beside it, and pays a run's overhead of its own.
-    pub images: bool,
+    /// Its first chunk runs alone, so it shares no run with the chunks beside it and pays a
+    /// run's overhead of its own: a prompt with images (the encoder's output goes into its run),
+    /// or one whose positions are scored (its run fetches every position's logits).
+    pub runs_alone: bool,
     /// Its chunks' length at most, whatever the budget (None: only the budget's caps).
     pub max_chunk: Option<usize>,
 }
@@ -201,13 +202,13 @@ pub fn plan_step(
     for request in waiting {
         let Some(&slot) = free.first() else { break };
         let cached = request.start();
-        let after = plan.prefill.last().filter(|_| !last_alone && !request.images);
+        let after = plan.prefill.last().filter(|_| !last_alone && !request.runs_alone);
         let want = (request.prompt_len - cached).min(request.max_chunk.unwrap_or(usize::MAX));
         let len = budget.spend(after, slot, cached, want);
         if len == 0 {
             break;
         }
-        last_alone = request.images;
+        last_alone = request.runs_alone;
         free.remove(&slot);
         plan.admitted.push(Admission { id: request.id, slot, cached });
         plan.prefill.push(PrefillChunk { id: request.id, slot, start: cached, len });
@@ -215,17 +216,21 @@ pub fn plan_step(
     plan
 }
 
-/// Prompts with more than `cap` tokens left to prefill: those prefilling, and those waiting that
-/// could get a slot this step (`free_slots` plus the slots finished sequences give back), after
+/// Prompts with more than `cap` tokens left to prefill, which the cap slows (not those whose own
+/// `max_chunk` is at most the cap): those prefilling, and those waiting that could get a slot this step (`free_slots` plus the slots finished sequences give back), after
 /// the prefix their cache lookup found. A waiting request without a slot does not count: however
 /// fast the others prefill, it waits for a sequence to finish.
 fn long_prompts(waiting: &[Waiting], running: &[Running], free_slots: usize, cap: usize) -> usize {
     let slots = free_slots + running.iter().filter(|s| s.phase == Phase::Finished).count();
+    // A prompt whose own chunks are no longer than the cap advances by them whatever the cap.
+    let capped = |max_chunk: Option<usize>| max_chunk.is_some_and(|m| m <= cap);
     let prefilling = running
         .iter()
+        .filter(|s| !capped(s.max_chunk))
         .filter(|s| matches!(s.phase, Phase::Prefill { done, prompt_len } if prompt_len - done > cap))
         .count();
-    prefilling + waiting.iter().take(slots).filter(|w| w.prompt_len - w.start() > cap).count()
+    let waiting = waiting.iter().take(slots).filter(|w| !capped(w.max_chunk) && w.prompt_len - w.start() > cap);
+    prefilling + waiting.count()
 }
 
 /// Whether a chunk of `len` tokens from prompt position `start` into `slot` runs with `last`
@@ -259,7 +264,7 @@ mod tests {
     use super::*;
 
     fn waiting(id: SeqId, prompt_len: usize) -> Waiting {
-        Waiting { id, prompt_len, cached: 0, images: false, max_chunk: None }
+        Waiting { id, prompt_len, cached: 0, runs_alone: false, max_chunk: None }
     }
 
     fn decoding(id: SeqId, slot: usize) -> Running {
@@ -298,7 +303,7 @@ mod tests {
         // one carrying images, each is a run of its own (3 x 30 = 90).
         let budget = PrefillBudget { cost: 100, chunk_overhead: 10, ..PrefillBudget::tokens(512) };
         let text = |id| waiting(id, 20);
-        let image = |id| Waiting { images: true, ..waiting(id, 20) };
+        let image = |id| Waiting { runs_alone: true, ..waiting(id, 20) };
         let plan = plan_step(&[text(1), text(2), text(3)], &[], &[0, 1, 2], budget);
         assert_eq!(plan.prefill_tokens(), 60);
         let plan = plan_step(&[text(1), image(2), text(3), text(4)], &[], &[0, 1, 2, 3], budget);
@@ -334,7 +339,7 @@ mod tests {
         assert_eq!(plan.admitted.iter().map(|a| a.id).collect::<Vec<_>>(), [2]);
         // A short prompt already prefilling, and one whose cached prefix leaves it short, too.
         let short = Running { id: 5, slot: 4, phase: Phase::Prefill { done: 90, prompt_len: 100 }, max_chunk: None };
-        let mostly_cached = Waiting { id: 3, prompt_len: 300, cached: 200, images: false, max_chunk: None };
+        let mostly_cached = Waiting { id: 3, prompt_len: 300, cached: 200, runs_alone: false, max_chunk: None };
         let plan = plan_step(&[mostly_cached], &[long, short], &[2], budget);
         assert_eq!(
             plan.prefill,
@@ -486,13 +491,27 @@ mod tests {
 
     #[test]
     fn a_prefix_hit_starts_the_prefill_after_it_and_keeps_the_last_prompt_token() {
-        let hit = Waiting { id: 1, prompt_len: 40, cached: 32, images: false, max_chunk: None };
+        let hit = Waiting { id: 1, prompt_len: 40, cached: 32, runs_alone: false, max_chunk: None };
         let plan = plan_step(&[hit], &[], &[0], PrefillBudget::tokens(100));
         assert_eq!(plan.admitted, [Admission { id: 1, slot: 0, cached: 32 }]);
         assert_eq!(plan.prefill, [PrefillChunk { id: 1, slot: 0, start: 32, len: 8 }]);
-        let whole = Waiting { id: 2, prompt_len: 32, cached: 32, images: false, max_chunk: None };
+        let whole = Waiting { id: 2, prompt_len: 32, cached: 32, runs_alone: false, max_chunk: None };
         let plan = plan_step(&[whole], &[], &[0], PrefillBudget::tokens(100));
         assert_eq!(plan.prefill, [PrefillChunk { id: 2, slot: 0, start: 31, len: 1 }]);
+    }
+
+    /// A long prompt capped by its own `max_chunk` (a scored one) is not one the per-sequence cap
+    /// slows: beside one ordinary long prompt, the cap stays.
+    #[test]
+    fn a_prompt_under_its_own_cap_does_not_lift_the_per_sequence_cap() {
+        let long = Running { id: 1, slot: 0, phase: Phase::Prefill { done: 0, prompt_len: 4096 }, max_chunk: None };
+        let scored =
+            Running { id: 2, slot: 1, phase: Phase::Prefill { done: 5, prompt_len: 4096 }, max_chunk: Some(1) };
+        let plan = plan_step(&[], &[long, scored, decoding(3, 2)], &[], PrefillBudget::tokens(512).per_sequence(64));
+        assert_eq!(
+            plan.prefill,
+            [PrefillChunk { id: 1, slot: 0, start: 0, len: 64 }, PrefillChunk { id: 2, slot: 1, start: 5, len: 1 }]
+        );
     }
 
     #[test]

@@ -193,12 +193,14 @@ impl Sequence {
                 ),
             ));
         }
-        for i in 0..len {
-            // Position p's logits predict prompt token p + 1; the last position's predict the
-            // first generated token instead.
-            let Some(&next) = self.history[..self.prompt_len].get(start + i + 1) else { break };
-            scores.push(logits.row_of(row, i), next);
-        }
+        // Position p's logits predict prompt token p + 1; the last position's predict the first
+        // generated token instead.
+        let rows: Vec<(&[f32], u32)> = (0..len)
+            .map_while(|i| {
+                self.history[..self.prompt_len].get(start + i + 1).map(|&next| (logits.row_of(row, i), next))
+            })
+            .collect();
+        scores.push_all(&rows);
         if start + len == self.prompt_len {
             let _ = self.events.send(Ok(Event::PromptLogprobs(scores.positions.clone())));
         }
@@ -264,6 +266,16 @@ impl Sequence {
                             *v = f32::NEG_INFINITY;
                         }
                     }
+                }
+                // The rules together (a bad word completing the only allowed tokens, say) can
+                // leave nothing: the request ends rather than emit a token they forbid.
+                if !self.rules.is_empty() && row.iter().all(|&v| v == f32::NEG_INFINITY) {
+                    return Err(EngineError::invalid(
+                        "allowed_token_ids",
+                        format!(
+                            "allowed_token_ids, bad_words and min_tokens leave no token to generate after {generated} tokens"
+                        ),
+                    ));
                 }
                 masked = row;
                 Choice::Logits(&masked)
@@ -400,16 +412,36 @@ struct PromptLogprobs {
     top_n: usize,
     /// None for the first position (nothing predicts it).
     positions: Vec<Option<PromptTokenLogprob>>,
-    scorer: PromptScorer,
 }
+
+/// Positions a scoring thread takes at least (a few full-vocabulary passes each).
+const POSITIONS_PER_SCORING_THREAD: usize = 16;
 
 impl PromptLogprobs {
     fn new(top_n: usize) -> Self {
-        PromptLogprobs { top_n, positions: vec![None], scorer: PromptScorer::default() }
+        PromptLogprobs { top_n, positions: vec![None] }
     }
 
-    fn push(&mut self, logits: &[f32], token: u32) {
-        self.positions.push(Some(self.scorer.score(logits, token, self.top_n)));
+    /// Scores each (logits row, the token it predicts) in order, on several threads for a long
+    /// chunk: the step waits for them, and so does every other stream.
+    fn push_all(&mut self, rows: &[(&[f32], u32)]) {
+        let top_n = self.top_n;
+        let score = |part: &[(&[f32], u32)]| {
+            let mut scorer = PromptScorer::default();
+            part.iter().map(|&(row, token)| Some(scorer.score(row, token, top_n))).collect::<Vec<_>>()
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = rows.len().div_ceil(POSITIONS_PER_SCORING_THREAD).clamp(1, cores);
+        if threads == 1 {
+            self.positions.extend(score(rows));
+            return;
+        }
+        let per_thread = rows.len().div_ceil(threads);
+        let parts: Vec<Vec<Option<PromptTokenLogprob>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = rows.chunks(per_thread).map(|part| scope.spawn(move || score(part))).collect();
+            workers.into_iter().map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        });
+        self.positions.extend(parts.into_iter().flatten());
     }
 }
 

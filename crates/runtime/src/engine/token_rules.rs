@@ -64,6 +64,14 @@ impl TokenRules {
         Ok(TokenRules { allowed, bad_words: sequences })
     }
 
+    /// Whether an allowed token is left at the first generated token: not a one-token bad word,
+    /// nor one of `also_masked` (the stop ids while `min_tokens` holds them back).
+    pub(crate) fn leaves_a_first_token(&self, also_masked: &[u32]) -> bool {
+        let Some(allowed) = &self.allowed else { return true };
+        let banned = |id: &u32| also_masked.contains(id) || self.bad_words.iter().any(|w| w.as_slice() == [*id]);
+        allowed.iter().any(|id| !banned(id))
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.allowed.is_none() && self.bad_words.is_empty()
     }
@@ -119,6 +127,11 @@ mod tests {
         assert_eq!(rules.bad_words, [plain, spaced]);
         let err = TokenRules::new(None, &["x".to_string()], None).unwrap_err().to_string();
         assert!(err.contains("bad_words"), "{err}");
+        let only_hello = TokenRules::new(Some(&tok.encode("hello", false).unwrap()), &[], Some(&tok)).unwrap();
+        assert!(only_hello.leaves_a_first_token(&[]));
+        assert!(!only_hello.leaves_a_first_token(&tok.encode("hello", false).unwrap()), "min_tokens masks it");
+        let banned = TokenRules::new(Some(&tok.encode("hello", false).unwrap()), &["hello".into()], Some(&tok));
+        assert!(!banned.unwrap().leaves_a_first_token(&[]), "its own bad word");
         let err = TokenRules::new(Some(&[]), &[], None).unwrap_err().to_string();
         assert!(err.contains("allowed_token_ids"), "{err}");
         assert!(TokenRules::new(None, &["  ".to_string()], Some(&tok)).is_err());

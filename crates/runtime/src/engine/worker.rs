@@ -36,6 +36,12 @@ use super::sequence::{Choice, Sequence};
 /// Sampling threads take at least this many sequences each (a thread costs more to start than
 /// a few samples take).
 const SEQUENCES_PER_SAMPLING_THREAD: usize = 4;
+
+/// The longest chunk of a scored prompt on a graph that returns every position's logits: each
+/// position's logits come to the host (Qwen3's 151,936 floats, 0.6 MB) and are scored within the
+/// step, so a chunk of the prefill budget's size would stall every stream for hundreds of
+/// milliseconds and hold gigabytes.
+const SCORED_CHUNK_TOKENS: usize = 128;
 /// A step is logged as slow when it takes this many times the decode run's average, and at
 /// least [`SLOW_STEP_MIN`]: a stall (an allocation, a copy, a capture) shows with its cause.
 const SLOW_STEP_FACTOR: f64 = 8.0;
@@ -260,7 +266,7 @@ impl Worker {
                 prompt_len: s.prompt().len(),
                 // Every position of a scored prompt runs: a hit would skip their logits.
                 cached: if s.wants_prompt_logprobs() { 0 } else { self.runner.lookup(s.prompt(), &s.prompt_keys) },
-                images: s.images.is_some(),
+                runs_alone: s.images.is_some() || s.wants_prompt_logprobs(),
                 max_chunk: self.max_chunk(s),
             })
             .collect();
@@ -275,11 +281,13 @@ impl Worker {
         plan_step(&waiting, &running, &free, self.pacer.budget(decoding > 0 && !catch_up))
     }
 
-    /// A sequence's own cap on its chunks: one token when its prompt is scored on a graph that
-    /// returns only the last position's logits (each run then scores one position).
+    /// A sequence's own cap on its chunks when its prompt is scored: one token on a graph that
+    /// returns only the last position's logits (each run then scores one position), else
+    /// [`SCORED_CHUNK_TOKENS`] (each position's logits come to the host and are scored before the
+    /// step ends).
     fn max_chunk(&self, seq: &Sequence) -> Option<usize> {
         let last_only = self.runner.model().manifest.options.last_token_logits;
-        (seq.wants_prompt_logprobs() && last_only).then_some(1)
+        seq.wants_prompt_logprobs().then_some(if last_only { 1 } else { SCORED_CHUNK_TOKENS })
     }
 
     /// Releases and admissions.
@@ -302,7 +310,10 @@ impl Worker {
                 continue;
             }
             self.metrics.prompt_tokens += seq.prompt().len() as u64;
-            self.metrics.prefix_cache_queried_tokens += seq.prompt().len() as u64;
+            // A scored prompt never looks the cache up.
+            if !seq.wants_prompt_logprobs() {
+                self.metrics.prefix_cache_queried_tokens += seq.prompt().len() as u64;
+            }
             let cached = match self.runner.load_prefix(admission.slot, seq.prompt(), &seq.prompt_keys, admission.cached)
             {
                 Ok(n) => n,
@@ -358,12 +369,15 @@ impl Worker {
     }
 
     /// One run of [`prefill_runs`]: a lone chunk, or chunks batched into one graph run. A chunk
-    /// that cannot batch (a prompt with images; a sequence that failed at admission) runs alone,
+    /// that cannot batch (a prompt with images; a scored prompt, whose run fetches every
+    /// position's logits; a sequence that failed at admission) runs alone,
     /// and the chunks on either side of it as runs of their own, as the scheduler's budget
     /// counted them.
     fn prefill_run(&mut self, run: &[PrefillChunk]) {
         let batchable = |w: &Self, c: &PrefillChunk| {
-            w.running.iter().position(|s| s.id == c.id && s.phase != Phase::Finished && s.images.is_none())
+            w.running.iter().position(|s| {
+                s.id == c.id && s.phase != Phase::Finished && s.images.is_none() && !s.wants_prompt_logprobs()
+            })
         };
         let mut rest = run;
         while let Some(first) = rest.first() {
