@@ -5,6 +5,7 @@ mod bench;
 mod bench_serve;
 mod chat;
 mod download;
+mod perplexity;
 mod preflight;
 mod serve;
 
@@ -46,6 +47,9 @@ enum Command {
     Chat(ChatArgs),
     /// An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize.
     Serve(serve::ServeArgs),
+    /// The model's perplexity on a text, as llama.cpp's llama-perplexity measures it: windows of
+    /// --ctx tokens, each scored on its second half.
+    Perplexity(perplexity::PerplexityArgs),
     /// The presets with their sizes computed from their configs.
     Models,
     /// Download a preset's (or any) checkpoint into the Hugging Face cache: only what pio-export reads.
@@ -1066,6 +1070,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Chat(a) => chat::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
         Command::Models => models(),
         Command::Download(a) => download::run(a),
         Command::Bench(bench) => match *bench {

@@ -73,7 +73,7 @@ impl GraphFolder {
                     let message = format!("token id {bad} is outside the vocabulary (size {vocab})");
                     return Err(Refused::new(what, message).into());
                 }
-                let limit = max_model_len.map_or(self.context_length(), |n| n.min(self.context_length()));
+                let limit = self.sequence_limit(max_model_len);
                 if ids.len() + max_tokens > limit {
                     let error =
                         EngineError::ContextLength { prompt_tokens: ids.len(), max_tokens: Some(max_tokens), limit };
@@ -90,6 +90,21 @@ impl GraphFolder {
             return Ok(());
         }
         self.require_tokenizer("--stop", "stop strings are matched on the text")
+    }
+
+    /// Text given as `what` is tokenized: it needs a tokenizer.
+    pub(crate) fn check_text(&self, what: &str) -> Result<()> {
+        self.require_tokenizer(what, "pass token ids instead of text")
+    }
+
+    /// Whether the graph returns the last position's logits only (no `--all-logits`).
+    pub(crate) fn last_position_logits(&self) -> bool {
+        self.manifest.options.last_token_logits
+    }
+
+    /// Tokens one sequence holds: the graph's context, or `max_model_len` when smaller.
+    pub(crate) fn sequence_limit(&self, max_model_len: Option<usize>) -> usize {
+        max_model_len.map_or(self.context_length(), |n| n.min(self.context_length()))
     }
 
     /// `pio chat` renders every turn with the chat template.

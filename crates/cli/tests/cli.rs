@@ -693,3 +693,55 @@ fn run_constrains_its_output_and_names_the_flag_of_a_bad_constraint() {
     refused(&["--regex", "a", "--choice", "b"], "--choice");
     refused(&["--json-schema", "/nonexistent/schema.json"], "--json-schema");
 }
+
+/// `pio perplexity` is `exp` of the mean negative log-likelihood of each window's second half,
+/// computed here from the model's every-position logits (whose parity with transformers
+/// tests/parity_qwen3.rs checks); the default export (one token per run) and an `--all-logits`
+/// one give it alike. Its inputs are refused before the model loads.
+#[test]
+fn perplexity_scores_each_windows_second_half() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all_logits = tmp.path().join("all-logits");
+    common::export_to(&fixture("qwen3-tied-hub"), &all_logits, common::cpu_settings(false));
+    let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 512).collect();
+    let mut nll = Vec::new();
+    for window in ids.chunks_exact(16) {
+        let logits = common::prefill(&all_logits, window);
+        for p in 8..16 {
+            let row = logits.row(p - 1);
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let log_z = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            nll.push(-(row[window[p] as usize] as f64 - max - log_z));
+        }
+    }
+    let expected = (nll.iter().sum::<f64>() / nll.len() as f64).exp();
+    let ids_arg = join_ids(&ids);
+    for graphs in [fixture_graphs(), all_logits.as_path()] {
+        let graphs = graphs.to_str().unwrap();
+        let out = pio(&["perplexity", "--graphs", graphs, "--ids", &ids_arg, "--ctx", "16", "--json"]);
+        assert!(out.status.success(), "{graphs}: {}", text(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let got = report["perplexity"].as_f64().unwrap();
+        assert!((got / expected - 1.0).abs() < 1e-4, "{graphs}: {got} against {expected}");
+        assert_eq!((&report["tokens_scored"], &report["windows"]), (&Value::from(16), &Value::from(2)), "{report}");
+        assert_eq!(report["window_perplexity"].as_array().map(Vec::len), Some(2));
+    }
+    let out = pio(&["perplexity", "--graphs", fixture_graphs().to_str().unwrap(), "--ids", &ids_arg, "--ctx", "16"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("[1]") && stdout.contains("Final estimate: PPL = "), "{stdout}");
+
+    let graphs = fixture_graphs().to_str().unwrap();
+    for (args, flag) in [
+        (vec!["--ids", "1,2,3", "--ctx", "4"], "--ctx"),
+        (vec!["--ids", "1,2,3,4,5", "--ctx", "100000"], "--ctx"),
+        (vec!["--ids", "1,99999"], "--ids"),
+        (vec!["--text", "hello"], "--text"),
+    ] {
+        let mut all = vec!["perplexity", "--graphs", graphs];
+        all.extend(&args);
+        let out = pio(&all);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+}
