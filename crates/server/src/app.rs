@@ -45,7 +45,9 @@ pub(crate) fn unix_seconds() -> u64 {
 /// - `POST /tokenize`, `POST /detokenize` (vLLM's): a prompt's token ids and ids' text, behind
 ///   the same layers;
 /// - `GET /v1/models`, `GET /v1/models/{model}`: the served model, behind the API key;
-/// - `GET /health`, `GET /metrics`: open (probes and scrapers send no key).
+/// - `GET /health`, `GET /metrics`: open (probes and scrapers send no key); `GET`/`POST
+///   /ping` (vLLM's, for SageMaker's probe) answers as `/health`, and `GET /version` (vLLM's)
+///   gives the server's version, open too.
 pub fn router(engine: Engine, config: &ServerConfig) -> Router {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let state = Arc::new(AppState {
@@ -70,6 +72,8 @@ pub fn router(engine: Engine, config: &ServerConfig) -> Router {
     }
     Router::new()
         .route("/health", get(health))
+        .route("/ping", get(health).post(health))
+        .route("/version", get(version))
         .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(no_route)
@@ -86,6 +90,11 @@ async fn health(State(app): State<App>) -> (StatusCode, &'static str) {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped")
     }
+}
+
+/// vLLM's `/version`: `{"version": ...}`, this server's.
+async fn version() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION")}))
 }
 
 async fn metrics(State(app): State<App>) -> Response {

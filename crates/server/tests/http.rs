@@ -797,6 +797,12 @@ fn the_api_key_guards_v1_and_leaves_health_and_metrics_open() {
     let server = serve(Settings { server: config, ..Default::default() });
     assert_eq!(server.get("/health", None), (200, "ok".to_string()));
     assert_eq!(server.get("/metrics", None).0, 200);
+    // vLLM's /ping (GET and POST, as SageMaker probes) and /version, open too.
+    assert_eq!(server.get("/ping", None), (200, "ok".to_string()));
+    assert_eq!(server.post_bytes("/ping", b"", None), (200, "ok".to_string()));
+    let (status, version) = server.get("/version", None);
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<Value>(&version).unwrap()["version"], env!("CARGO_PKG_VERSION"));
     let (status, text) = server.get("/v1/models", None);
     assert_eq!(status, 401, "{text}");
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["code"], "invalid_api_key");
