@@ -48,6 +48,9 @@
 #                                    all,attention (prep's KERNEL_KINDS="stock pio pio-attn"), batch 1/8/32 (AB_BATCHES),
 #                                    then greedy 64 tokens of the pio-attn graphs against stock after 32- and 300-token
 #                                    prompts (GREEDY_PROMPTS)
+#   scripts/gpu_session.sh score     pio perplexity (prompt logprobs through the engine) on SCORE_WINDOWS windows of 512
+#                                    random tokens, timed, on prep's q4b-bf16-stock (one token per run) and
+#                                    q4b-bf16-all-logits (scored inside the prefill; KERNEL_KINDS="stock all-logits")
 #   scripts/gpu_session.sh genai     onnxruntime-genai 0.18 built from the synthetic Qwen3-4B checkpoint of `kernels`
 #                                    or `prep` (bf16, int4; batch 1 and 32; .gpu-genai holds its wheels; needs only
 #                                    ONNX Runtime unpacked by an earlier call of the lease, no binaries)
@@ -80,8 +83,10 @@ unpack_tokenizer() { # unpack_tokenizer DIR: the Qwen3 tokenizer a carried folde
 }
 
 export_flags() { # export_flags KIND: pio-export's flags for a graph kind of `prep` (stock, pio, pio-lm4, pio-moe,
-  # pio-attn: every family and attention, which `all` leaves out, attn: only attention)
+  # pio-attn: every family and attention, which `all` leaves out, attn: only attention, all-logits: stock with every
+  # position's logits, for `score`)
   case $1 in
+    all-logits) echo --all-logits ;;
     pio) echo --pio-kernels ;;
     pio-attn) echo --pio-kernels all,attention ;;
     attn) echo --pio-kernels attention ;;
@@ -533,6 +538,20 @@ PY
     echo "ops rc=$?"
     grep -i "moe\|qmoe" "$out/ops-moe/ops.log" | tail -n 20
     pack ops-moe "$out/ops-moe"
+    ;;
+  score)
+    source $bins/ort-env.sh
+    ids=$(python3 -c "import random; random.seed(7); print(','.join(str(random.randrange(151643)) for _ in range(${SCORE_WINDOWS:-16} * 512)))")
+    for kind in all-logits stock; do
+      g=$work/q4b-bf16-$kind
+      [[ -d $g ]] || { echo "no $g"; continue; }
+      start=$(date +%s.%N)
+      timeout ${PART_SECONDS:-240} .gpu/pio perplexity --graphs $g --ep cuda --ids "$ids" --ctx 512 --json \
+        > "$out/score-$kind.json" 2> "$out/score-$kind.log"
+      rc=$?
+      echo "$kind: rc=$rc, $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f} s')") for ${SCORE_WINDOWS:-16} windows of 512"
+      tail -n 3 "$out/score-$kind.log"
+    done
     ;;
   genai)
     # The checkpoint of `kernels` (its folder) or of `prep` (export_synthetic_qwen3's, which pio-export wrote with the
