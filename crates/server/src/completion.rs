@@ -290,7 +290,7 @@ async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<R
         Some(crate::logprobs::prompt_logprobs(
             output.prompt_logprobs.as_deref().unwrap_or_default(),
             top,
-            &app.token_text,
+            app.token_text.spelling(job.params.return_tokens_as_token_ids),
         ))
     };
     let ids = job.params.return_token_ids;
@@ -309,7 +309,9 @@ async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<R
                     }
                     let logprobs = want_logprobs.then(|| {
                         let mut l = ChatLogprobs::default();
-                        events.iter().for_each(|e| l.push(e, &app.token_text));
+                        events
+                            .iter()
+                            .for_each(|e| l.push(e, app.token_text.spelling(job.params.return_tokens_as_token_ids)));
                         l
                     });
                     if ids && index == 0 {
@@ -352,11 +354,17 @@ async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<R
                         let mut offset = 0;
                         if let (Some(_), Some(top)) = (&echoed, job.params.logprobs) {
                             let scores = output.prompt_logprobs.as_deref().unwrap_or_default();
-                            offset = l.push_prompt(&output.prompt_ids, scores, top, 0, &app.token_text);
+                            offset = l.push_prompt(
+                                &output.prompt_ids,
+                                scores,
+                                top,
+                                0,
+                                app.token_text.spelling(job.params.return_tokens_as_token_ids),
+                            );
                         }
                         for e in &events {
-                            l.push(e, offset, &app.token_text);
-                            offset += offset_step(e, &app.token_text);
+                            l.push(e, offset, app.token_text.spelling(job.params.return_tokens_as_token_ids));
+                            offset += offset_step(e, app.token_text.spelling(job.params.return_tokens_as_token_ids));
                         }
                         l
                     });

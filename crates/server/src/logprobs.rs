@@ -9,12 +9,12 @@ use pio_runtime::sampling::PromptTokenLogprob;
 use crate::protocol::response::{
     ChatLogprobs, CompletionLogprobs, OrderedMap, PromptLogprob, PromptLogprobMap, TokenLogprob, TopLogprob,
 };
-use crate::token_text::TokenText;
+use crate::token_text::Spelling;
 
 impl ChatLogprobs {
     /// Adds `event`'s token (events without a logprob, such as the held-back text at the end,
     /// have no token of their own).
-    pub(crate) fn push(&mut self, event: &TokenEvent, text: &TokenText) {
+    pub(crate) fn push(&mut self, event: &TokenEvent, text: Spelling<'_>) {
         let Some(logprob) = event.logprob else { return };
         let (token, bytes) = text.token(event.token_id);
         let top_logprobs = event
@@ -33,7 +33,7 @@ impl ChatLogprobs {
 /// vLLM counts it. Counting the text the engine released instead would give a token whose text
 /// was held back (the start of a possible stop string, part of a UTF-8 character) the offset of
 /// the token after it.
-pub(crate) fn offset_step(event: &TokenEvent, text: &TokenText) -> usize {
+pub(crate) fn offset_step(event: &TokenEvent, text: Spelling<'_>) -> usize {
     match event.logprob {
         Some(_) => text.token(event.token_id).0.chars().count(),
         None => 0,
@@ -42,7 +42,7 @@ pub(crate) fn offset_step(event: &TokenEvent, text: &TokenText) -> usize {
 
 impl CompletionLogprobs {
     /// Adds `event`'s token, which starts at character `offset` of the completion's text.
-    pub(crate) fn push(&mut self, event: &TokenEvent, offset: usize, text: &TokenText) {
+    pub(crate) fn push(&mut self, event: &TokenEvent, offset: usize, text: Spelling<'_>) {
         let Some(logprob) = event.logprob else { return };
         self.tokens.push(text.token(event.token_id).0);
         self.token_logprobs.push(Some(logprob));
@@ -60,7 +60,7 @@ impl CompletionLogprobs {
         scores: &[Option<PromptTokenLogprob>],
         top: usize,
         mut offset: usize,
-        text: &TokenText,
+        text: Spelling<'_>,
     ) -> usize {
         for (i, &id) in ids.iter().enumerate() {
             let token = text.token(id).0;
@@ -82,7 +82,7 @@ impl CompletionLogprobs {
 pub(crate) fn prompt_logprobs(
     scores: &[Option<PromptTokenLogprob>],
     top: usize,
-    text: &TokenText,
+    text: Spelling<'_>,
 ) -> Vec<Option<PromptLogprobMap>> {
     let entry = |token: u32, logprob: f32, rank: usize| {
         (token, PromptLogprob { logprob, rank, decoded_token: text.token(token).0 })

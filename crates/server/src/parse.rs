@@ -333,6 +333,7 @@ fn generation_params(wire: &mut WireRequest, endpoint: Endpoint) -> Result<Gener
         ignore_eos: wire.ignore_eos.unwrap_or(false),
         skip_special_tokens: wire.skip_special_tokens.unwrap_or(true),
         return_token_ids: wire.return_token_ids.unwrap_or(false),
+        return_tokens_as_token_ids: wire.return_tokens_as_token_ids.unwrap_or(false),
         n,
         structured: crate::structured::structured(wire)?,
     })

@@ -77,6 +77,7 @@ pub(crate) fn response(
         echo_top: job.params.logprobs.unwrap_or(0),
         echo_only: job.params.echo_only(),
         token_ids: job.params.return_token_ids,
+        tokens_as_ids: job.params.return_tokens_as_token_ids,
         choices,
         forced: job.forced,
         pending: VecDeque::new(),
@@ -122,6 +123,8 @@ struct ChunkStream {
     /// `echo` with `max_tokens: 0`: the prompt alone, without the token generated to run it.
     echo_only: bool,
     token_ids: bool,
+    /// vLLM's `return_tokens_as_token_ids`: logprobs spell tokens `token_id:ID`.
+    tokens_as_ids: bool,
     /// Each choice's state, by index.
     choices: Vec<ChoiceState>,
     /// Chat with `tool_choice` `"required"` or a named function: the call forced on each choice.
@@ -251,7 +254,7 @@ impl ChunkStream {
             None => {}
         }
         if self.logprobs {
-            self.choices[index].text_offset += offset_step(token, &self.app.token_text);
+            self.choices[index].text_offset += offset_step(token, self.app.token_text.spelling(self.tokens_as_ids));
         }
     }
 
@@ -383,8 +386,13 @@ impl ChunkStream {
                     let mut l = CompletionLogprobs::default();
                     let scores = echo.scores.as_deref().unwrap_or_default();
                     let offset = self.choices[index].text_offset;
-                    self.choices[index].text_offset =
-                        l.push_prompt(&echo.ids, scores, self.echo_top, offset, &self.app.token_text);
+                    self.choices[index].text_offset = l.push_prompt(
+                        &echo.ids,
+                        scores,
+                        self.echo_top,
+                        offset,
+                        self.app.token_text.spelling(self.tokens_as_ids),
+                    );
                     echoed_logprobs = Some(l);
                 }
                 (Some(echo.text), None, None)
@@ -401,7 +409,7 @@ impl ChunkStream {
                     Delta { role: role_chunk.then_some("assistant"), content: text, tool_calls: call.map(|c| vec![c]) };
                 let logprobs = token.map(|t| {
                     let mut l = ChatLogprobs::default();
-                    l.push(t, &self.app.token_text);
+                    l.push(t, self.app.token_text.spelling(self.tokens_as_ids));
                     l
                 });
                 json_event(&ChatCompletionChunk {
@@ -418,7 +426,7 @@ impl ChunkStream {
                 let logprobs = echoed_logprobs.or_else(|| {
                     token.map(|t| {
                         let mut l = CompletionLogprobs::default();
-                        l.push(t, text_offset, &self.app.token_text);
+                        l.push(t, text_offset, self.app.token_text.spelling(self.tokens_as_ids));
                         l
                     })
                 });

@@ -46,4 +46,31 @@ impl TokenText {
         let bytes = self.bytes(id);
         (String::from_utf8_lossy(&bytes).into_owned(), bytes)
     }
+
+    /// How one request's logprobs spell tokens: as their text, or as `token_id:ID` (`as_ids`).
+    pub(crate) fn spelling(&self, as_ids: bool) -> Spelling<'_> {
+        Spelling { text: self, as_ids }
+    }
+}
+
+/// A request's way of spelling tokens in its logprobs: their text, or, with vLLM's
+/// `return_tokens_as_token_ids`, `token_id:ID` (which a client maps back to the id whatever the
+/// token's bytes).
+#[derive(Clone, Copy)]
+pub(crate) struct Spelling<'a> {
+    text: &'a TokenText,
+    as_ids: bool,
+}
+
+impl Spelling<'_> {
+    /// The token as the request spells it, and that string's bytes (the token's own bytes when
+    /// spelled as text).
+    pub(crate) fn token(&self, id: u32) -> (String, Vec<u8>) {
+        if self.as_ids {
+            let spelled = format!("token_id:{id}");
+            let bytes = spelled.clone().into_bytes();
+            return (spelled, bytes);
+        }
+        self.text.token(id)
+    }
 }

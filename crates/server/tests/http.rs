@@ -1648,3 +1648,53 @@ fn a_cache_salt_keeps_prefix_hits_within_the_salt() {
     let (status, answer) = server.post("/v1/completions", &json!({"prompt": "a", "cache_salt": ""}));
     assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("cache_salt")), "{answer}");
 }
+
+/// vLLM's `return_tokens_as_token_ids`: logprobs spell each token (and its alternatives)
+/// `token_id:ID`, in both endpoints, streamed or not, the echoed prompt's too.
+#[test]
+fn tokens_as_token_ids_spell_logprobs_by_id() {
+    let server = serve(Settings::default());
+    let spelled = |ids: &Value| -> Vec<String> {
+        ids.as_array().unwrap().iter().map(|id| format!("token_id:{}", id.as_u64().unwrap())).collect()
+    };
+    let body = json!({"prompt": "Once upon", "max_tokens": 4, "temperature": 0, "ignore_eos": true, "logprobs": 2,
+                      "echo": true, "return_token_ids": true, "return_tokens_as_token_ids": true});
+    let answer = server.answer("/v1/completions", &body);
+    let choice = &answer["choices"][0];
+    let mut expected = spelled(&choice["prompt_token_ids"]);
+    expected.extend(spelled(&choice["token_ids"]));
+    let lp = &choice["logprobs"];
+    assert_eq!(lp["tokens"], json!(expected), "{lp}");
+    assert!(lp["top_logprobs"].as_array().unwrap().iter().skip(1).all(|m| m
+        .as_object()
+        .unwrap()
+        .keys()
+        .all(|k| k.starts_with("token_id:"))));
+    let offsets: Vec<u64> = expected
+        .iter()
+        .scan(0, |at, t| {
+            let here = *at;
+            *at += t.len() as u64;
+            Some(here)
+        })
+        .collect();
+    assert_eq!(lp["text_offset"], json!(offsets));
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let streamed: Vec<Value> = chunks(&server.stream("/v1/completions", &streaming))
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["tokens"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(json!(streamed), json!(expected));
+
+    let chat = server.answer(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "logprobs": true, "top_logprobs": 1,
+                "return_token_ids": true, "return_tokens_as_token_ids": true, "ignore_eos": true}),
+    );
+    let content = chat["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let tokens: Vec<&str> = content.iter().map(|t| t["token"].as_str().unwrap()).collect();
+    assert_eq!(tokens, spelled(&chat["choices"][0]["token_ids"]));
+    assert!(content.iter().all(|t| t["bytes"] == json!(t["token"].as_str().unwrap().as_bytes())));
+}

@@ -141,6 +141,9 @@ pub struct GenerationParams {
     pub skip_special_tokens: bool,
     /// vLLM's `return_token_ids`: the prompt's and the answer's token ids in the response.
     pub return_token_ids: bool,
+    /// vLLM's `return_tokens_as_token_ids`: logprobs spell tokens `token_id:ID` instead of their
+    /// text.
+    pub return_tokens_as_token_ids: bool,
     /// OpenAI's `n`: choices to generate, each from the same prompt (1 to
     /// [`MAX_CHOICES`](crate::parse::MAX_CHOICES)).
     pub n: usize,

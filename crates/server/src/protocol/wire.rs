@@ -39,6 +39,8 @@ pub(crate) struct WireRequest {
     pub ignore_eos: Option<bool>,
     pub skip_special_tokens: Option<bool>,
     pub return_token_ids: Option<bool>,
+    /// vLLM's: logprobs spell tokens `token_id:ID`.
+    pub return_tokens_as_token_ids: Option<bool>,
     /// vLLM's: at least this many tokens before a stop (0 = off), and the stop string kept in
     /// the text.
     pub min_tokens: Option<usize>,
