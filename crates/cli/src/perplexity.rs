@@ -1,9 +1,11 @@
 //! `pio perplexity`: how well the model predicts a text, measured as llama.cpp's
 //! `llama-perplexity` does. The text's tokens are cut into windows of `--ctx` tokens (the tail
-//! that fills no window is left out); each window is evaluated on its own, and only its second
-//! half is scored, so that every scored token has at least half a window before it. The
-//! perplexity is `exp` of the mean negative log-likelihood of the scored tokens, with the
-//! standard error of that mean carried through `exp`.
+//! that fills no window is left out); each window is evaluated on its own, and only the tokens
+//! after its first `ctx / 2 + 1` are scored (`ctx - ctx / 2 - 1` a window, as llama.cpp counts
+//! them), so that every scored token has more than half a window before it. A tokenizer that
+//! adds a BOS token gets one at the start of each window, in place of the window's first token,
+//! as llama.cpp does. The perplexity is `exp` of the mean negative log-likelihood of the scored
+//! tokens, with the standard error of that mean carried through `exp`.
 //!
 //! The windows go through the engine as requests with `prompt_logprobs` (batched as it batches
 //! any prompts): on a graph exported with `--all-logits` each window is scored inside its
@@ -37,9 +39,9 @@ pub(crate) struct PerplexityArgs {
     /// Or comma-separated token ids to score (needs no tokenizer).
     #[arg(long, value_delimiter = ',', value_parser = NumberRange::<u32>::any())]
     ids: Option<Vec<u32>>,
-    /// Tokens per window (>= 2, and less than what one sequence holds): llama.cpp's --ctx-size.
+    /// Tokens per window (>= 4, and less than what one sequence holds): llama.cpp's --ctx-size.
     /// Default: 512 (llama.cpp's), or what one sequence holds less one when that is fewer.
-    #[arg(long, value_parser = NumberRange::at_least(2usize))]
+    #[arg(long, value_parser = NumberRange::at_least(4usize))]
     ctx: Option<usize>,
     /// Score at most this many windows, from the start (>= 1; default: every whole window).
     #[arg(long, value_parser = NumberRange::at_least(1usize))]
@@ -77,7 +79,7 @@ pub(crate) fn run(args: PerplexityArgs) -> Result<()> {
             return Err(Refused::new("--ctx", why).into());
         }
         Some(ctx) => ctx,
-        None => DEFAULT_CTX.min(limit.saturating_sub(1)).max(2),
+        None => DEFAULT_CTX.min(limit.saturating_sub(1)).max(4),
     };
     let input = match (&args.file, &args.text, &args.ids) {
         (Some(path), _, _) => {
@@ -90,7 +92,8 @@ pub(crate) fn run(args: PerplexityArgs) -> Result<()> {
             Input::Text("--text", text.clone())
         }
         (None, None, Some(ids)) => {
-            graphs.check_prompt(&Prompt::Ids(ids.clone()), "--ids", 1, None)?;
+            // Each window is a prompt of `ctx` tokens, which fits; the ids together need not.
+            graphs.check_ids("--ids", ids)?;
             Input::Ids(ids.clone())
         }
         // clap requires one of them.
@@ -103,13 +106,18 @@ pub(crate) fn run(args: PerplexityArgs) -> Result<()> {
         );
     }
     let engine = args.model.start()?;
-    let tokens = match input {
+    let (tokens, bos) = match input {
         Input::Text(flag, text) => {
             let tokenizer =
                 engine.tokenizer().ok_or_else(|| Refused::new(flag, "this graph folder has no tokenizer"))?;
-            tokenizer.encode(&text, false).with_context(|| format!("{flag}: cannot tokenize it"))?
+            let with_special = tokenizer.encode(&text, true).with_context(|| format!("{flag}: cannot tokenize it"))?;
+            let plain = tokenizer.encode(&text, false).with_context(|| format!("{flag}: cannot tokenize it"))?;
+            // A BOS the tokenizer puts first (Qwen3's and GLM's put none).
+            let bos =
+                (with_special.len() > plain.len() && with_special.first() != plain.first()).then(|| with_special[0]);
+            (with_special, bos)
         }
-        Input::Ids(ids) => ids,
+        Input::Ids(ids) => (ids, None),
     };
     let whole = tokens.len() / ctx;
     let windows = args.chunks.map_or(whole, |n| n.min(whole));
@@ -118,7 +126,7 @@ pub(crate) fn run(args: PerplexityArgs) -> Result<()> {
             format!("the text has {} tokens, less than one window of {}: pass a smaller --ctx", tokens.len(), ctx);
         return Err(Refused::new("--ctx", why).into());
     }
-    let outputs = score_windows(&engine, &tokens, ctx, windows)?;
+    let outputs = score_windows(&engine, &tokens, ctx, windows, bos)?;
     let report = report(&outputs, ctx)?;
     let mut stdout = std::io::stdout().lock();
     if args.json {
@@ -145,7 +153,13 @@ enum Input {
 
 /// Each window's output with its prompt's logprobs, in order: all windows are queued at once and
 /// the engine runs as many together as it holds.
-fn score_windows(engine: &Engine, tokens: &[u32], ctx: usize, windows: usize) -> Result<Vec<GenerationOutput>> {
+fn score_windows(
+    engine: &Engine,
+    tokens: &[u32],
+    ctx: usize,
+    windows: usize,
+    bos: Option<u32>,
+) -> Result<Vec<GenerationOutput>> {
     let options = GenerateOptions {
         max_tokens: Some(1),
         sampling: SamplingParams::greedy(),
@@ -156,16 +170,25 @@ fn score_windows(engine: &Engine, tokens: &[u32], ctx: usize, windows: usize) ->
     let requests: Vec<Request> = tokens
         .chunks_exact(ctx)
         .take(windows)
-        .map(|window| Request::new(Prompt::Ids(window.to_vec())).with_options(options.clone()))
+        .map(|window| {
+            let mut window = window.to_vec();
+            if let Some(bos) = bos {
+                window[0] = bos;
+            }
+            Request::new(Prompt::Ids(window)).with_options(options.clone())
+        })
         .collect();
     let handles = engine.submit_batch(requests)?;
     handles.into_iter().map(|h| h.wait().map_err(anyhow::Error::from)).collect()
 }
 
-/// The negative log-likelihoods of a window's scored tokens: its second half's.
+/// The negative log-likelihoods of a window's scored tokens: those after its first `ctx / 2 + 1`
+/// (predicted from positions `ctx / 2` to `ctx - 2`, as llama.cpp scores them).
 fn window_nll(output: &GenerationOutput, ctx: usize) -> Result<Vec<f64>> {
     let scores = output.prompt_logprobs.as_deref().context("the engine returned no prompt logprobs")?;
-    scores[ctx / 2..]
+    scores
+        .get(ctx / 2 + 1..)
+        .context("the engine returned fewer prompt logprobs than the window's tokens")?
         .iter()
         .map(|s| s.as_ref().map(|s| -f64::from(s.logprob)).context("a scored position has no logprob"))
         .collect()

@@ -65,14 +65,7 @@ impl GraphFolder {
             Prompt::Text(_) => self.require_tokenizer(what, "pass token ids instead of text")?,
             Prompt::Chat(_) => self.require_chat_template(what, "use --raw to send the text as it is")?,
             Prompt::Ids(ids) => {
-                if ids.is_empty() {
-                    return Err(Refused::new(what, "no token ids").into());
-                }
-                let vocab = self.manifest.dims.vocab_size;
-                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-                    let message = format!("token id {bad} is outside the vocabulary (size {vocab})");
-                    return Err(Refused::new(what, message).into());
-                }
+                self.check_ids(what, ids)?;
                 let limit = self.sequence_limit(max_model_len);
                 if ids.len() + max_tokens > limit {
                     let error =
@@ -90,6 +83,19 @@ impl GraphFolder {
             return Ok(());
         }
         self.require_tokenizer("--stop", "stop strings are matched on the text")
+    }
+
+    /// Token ids given as `what`: some, and all inside the vocabulary.
+    pub(crate) fn check_ids(&self, what: &str, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Refused::new(what, "no token ids").into());
+        }
+        let vocab = self.manifest.dims.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            let message = format!("token id {bad} is outside the vocabulary (size {vocab})");
+            return Err(Refused::new(what, message).into());
+        }
+        Ok(())
     }
 
     /// Text given as `what` is tokenized: it needs a tokenizer.

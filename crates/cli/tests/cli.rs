@@ -707,7 +707,8 @@ fn perplexity_scores_each_windows_second_half() {
     let mut nll = Vec::new();
     for window in ids.chunks_exact(16) {
         let logits = common::prefill(&all_logits, window);
-        for p in 8..16 {
+        // llama.cpp's count: the tokens after the first ctx / 2 + 1 of each window.
+        for p in 9..16 {
             let row = logits.row(p - 1);
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
             let log_z = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
@@ -723,9 +724,17 @@ fn perplexity_scores_each_windows_second_half() {
         let report: Value = serde_json::from_slice(&out.stdout).unwrap();
         let got = report["perplexity"].as_f64().unwrap();
         assert!((got / expected - 1.0).abs() < 1e-4, "{graphs}: {got} against {expected}");
-        assert_eq!((&report["tokens_scored"], &report["windows"]), (&Value::from(16), &Value::from(2)), "{report}");
+        assert_eq!((&report["tokens_scored"], &report["windows"]), (&Value::from(14), &Value::from(2)), "{report}");
         assert_eq!(report["window_perplexity"].as_array().map(Vec::len), Some(2));
     }
+    // Ids longer than a sequence holds (256) are fine: each window is a prompt; --chunks keeps the first windows.
+    let long: Vec<u32> = (0..300u32).map(|i| (i * 53 + 7) % 512).collect();
+    let graphs = fixture_graphs().to_str().unwrap();
+    let out =
+        pio(&["perplexity", "--graphs", graphs, "--ids", &join_ids(&long), "--ctx", "16", "--chunks", "3", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&report["windows"], &report["tokens_scored"]), (&Value::from(3), &Value::from(21)), "{report}");
     let out = pio(&["perplexity", "--graphs", fixture_graphs().to_str().unwrap(), "--ids", &ids_arg, "--ctx", "16"]);
     let stdout = text(&out.stdout);
     assert!(stdout.starts_with("[1]") && stdout.contains("Final estimate: PPL = "), "{stdout}");
@@ -733,6 +742,7 @@ fn perplexity_scores_each_windows_second_half() {
     let graphs = fixture_graphs().to_str().unwrap();
     for (args, flag) in [
         (vec!["--ids", "1,2,3", "--ctx", "4"], "--ctx"),
+        (vec!["--ids", "1,2,3", "--ctx", "3"], "--ctx"),
         (vec!["--ids", "1,2,3,4,5", "--ctx", "100000"], "--ctx"),
         (vec!["--ids", "1,99999"], "--ids"),
         (vec!["--text", "hello"], "--text"),
