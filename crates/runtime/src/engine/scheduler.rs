@@ -247,11 +247,17 @@ fn joins_run(last: &PrefillChunk, slot: usize, start: usize, len: usize) -> bool
 /// slots. Grouping several short prompts into one run pays a run's fixed cost (every weight
 /// read, every kernel launched) once: 32 prompts of 128 tokens take 8 runs at a 512-token
 /// budget, not 32.
-pub fn prefill_runs(chunks: &[PrefillChunk]) -> Vec<&[PrefillChunk]> {
+/// A chunk of a sequence that `runs_alone` says must run alone (a prompt with images, a scored
+/// prompt) is a run of its own whatever its shape.
+pub fn prefill_runs(chunks: &[PrefillChunk], runs_alone: impl Fn(SeqId) -> bool) -> Vec<&[PrefillChunk]> {
     let mut runs = Vec::new();
     let mut start = 0;
     for i in 1..=chunks.len() {
-        if i == chunks.len() || !joins_run(&chunks[i - 1], chunks[i].slot, chunks[i].start, chunks[i].len) {
+        let joins = i < chunks.len()
+            && joins_run(&chunks[i - 1], chunks[i].slot, chunks[i].start, chunks[i].len)
+            && !runs_alone(chunks[i - 1].id)
+            && !runs_alone(chunks[i].id);
+        if !joins {
             runs.push(&chunks[start..i]);
             start = i;
         }
@@ -449,16 +455,23 @@ mod tests {
     fn chunks_of_one_length_in_consecutive_slots_share_a_run() {
         let chunk = |id: SeqId, slot: usize, len: usize| PrefillChunk { id, slot, start: 0, len };
         let chunks = [chunk(1, 0, 128), chunk(2, 1, 128), chunk(3, 2, 128), chunk(4, 4, 128), chunk(5, 5, 64)];
-        let runs: Vec<Vec<SeqId>> = prefill_runs(&chunks).iter().map(|r| r.iter().map(|c| c.id).collect()).collect();
+        let runs: Vec<Vec<SeqId>> =
+            prefill_runs(&chunks, |_| false).iter().map(|r| r.iter().map(|c| c.id).collect()).collect();
         // Slot 3 is missing (a gap ends the run); 5 has another length.
         assert_eq!(runs, [vec![1, 2, 3], vec![4], vec![5]]);
-        assert!(prefill_runs(&[]).is_empty());
+        assert!(prefill_runs(&[], |_| false).is_empty());
         // Consecutive slots in the other order do not join (a run's rows go up the pool).
-        assert_eq!(prefill_runs(&[chunk(1, 1, 8), chunk(2, 0, 8)]).len(), 2);
+        assert_eq!(prefill_runs(&[chunk(1, 1, 8), chunk(2, 0, 8)], |_| false).len(), 2);
+        // A chunk that must run alone splits the run it would have joined.
+        let alone: Vec<Vec<SeqId>> = prefill_runs(&[chunk(1, 0, 8), chunk(2, 1, 8), chunk(3, 2, 8)], |id| id == 2)
+            .iter()
+            .map(|r| r.iter().map(|c| c.id).collect())
+            .collect();
+        assert_eq!(alone, [vec![1], vec![2], vec![3]]);
         // A chunk after a prompt's start (a later chunk, a prefix hit) runs alone.
         let later = PrefillChunk { id: 2, slot: 1, start: 16, len: 8 };
-        assert_eq!(prefill_runs(&[chunk(1, 0, 8), later]).len(), 2);
-        assert_eq!(prefill_runs(&[later, chunk(3, 2, 8)]).len(), 2);
+        assert_eq!(prefill_runs(&[chunk(1, 0, 8), later], |_| false).len(), 2);
+        assert_eq!(prefill_runs(&[later, chunk(3, 2, 8)], |_| false).len(), 2);
     }
 
     #[test]
@@ -469,7 +482,7 @@ mod tests {
         let plan =
             plan_step(&[waiting(1, 30), waiting(2, 30), waiting(3, 30), waiting(4, 30)], &[], &[0, 1, 2, 3], budget);
         assert_eq!(plan.prefill.iter().map(|c| c.len).collect::<Vec<_>>(), [30, 30, 30, 30]);
-        assert_eq!(prefill_runs(&plan.prefill).len(), 1);
+        assert_eq!(prefill_runs(&plan.prefill, |_| false).len(), 1);
         // Lengths that differ start runs of their own, each paying the overhead: 50 + 30, then
         // 50 + 40, then 50 + 80 leave nothing for the fourth.
         let plan =
@@ -477,7 +490,7 @@ mod tests {
         assert_eq!(plan.prefill.iter().map(|c| c.len).collect::<Vec<_>>(), [30, 40, 80]);
         // A free slot out of line (3, then 7) starts a new run too.
         let plan = plan_step(&[waiting(1, 30), waiting(2, 30)], &[], &[3, 7], budget);
-        assert_eq!(prefill_runs(&plan.prefill).len(), 2);
+        assert_eq!(prefill_runs(&plan.prefill, |_| false).len(), 2);
     }
 
     #[test]

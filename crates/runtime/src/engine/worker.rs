@@ -181,11 +181,18 @@ impl Worker {
             self.pacer.decode_ran(decode_time);
         }
         let t = Instant::now();
-        let runs = prefill_runs(&plan.prefill);
+        let runs_alone =
+            |id| self.running.iter().any(|s| s.id == id && (s.images.is_some() || s.wants_prompt_logprobs()));
+        let runs = prefill_runs(&plan.prefill, runs_alone);
         for run in &runs {
+            let scored = run.iter().any(|c| self.running.iter().any(|s| s.id == c.id && s.wants_prompt_logprobs()));
             let run_start = Instant::now();
             self.prefill_run(run);
-            self.pacer.chunk_ran(run.iter().map(|c| c.len).sum(), run_start.elapsed());
+            // A scored run's time holds its logits' transfer and scoring, which no other run pays:
+            // it would skew the pacer's cost of a run.
+            if !scored {
+                self.pacer.chunk_ran(run.iter().map(|c| c.len).sum(), run_start.elapsed());
+            }
         }
         self.metrics.prefill_chunks += plan.prefill.len() as u64;
         self.metrics.prefill_runs += runs.len() as u64;
