@@ -1000,11 +1000,24 @@ template <int DT, int G> __device__ __forceinline__ void decode_attention_body(c
   __shared__ float wm[ATTN_WARPS][G], wl[ATTN_WARPS][G];
   __shared__ float wo[ATTN_WARPS][G][D];
   __shared__ int is_last;
+  __shared__ __align__(16) float sqn[D], skn[D];  // the q/k RMSNorm weights
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bg = blockIdx.y, split = blockIdx.x;
   const int b = bg / a.Hkv, g = bg % a.Hkv;
   const int H = G * a.Hkv;
+  // The sequence's length and what does not depend on it load together (a warp stalls only at
+  // the first use of a load, so loads issued before that cost one round trip between them): the
+  // new token's G query heads, key and value rows (thread tid holds dim tid of each: blockDim is
+  // D), its rotary position and the norm weights, into shared memory.
   const int last = a.seqlens[b];
+  const long long position_id = a.position_ids ? a.position_ids[b] : 0;
+  const u16* qrow = a.q + (long long)b * a.q_row + (long long)g * G * D;
+#pragma unroll
+  for (int r = 0; r < G; r++) sq[r][tid] = to_f32<DT>(qrow[r * D + tid]);
+  sk[tid] = to_f32<DT>(a.k[(long long)b * a.kv_row + (long long)g * D + tid]);
+  sv[tid] = to_f32<DT>(a.v[(long long)b * a.kv_row + (long long)g * D + tid]);
+  if (a.q_norm) sqn[tid] = to_f32<DT>(a.q_norm[tid]);
+  if (a.k_norm) skn[tid] = to_f32<DT>(a.k_norm[tid]);
   if (last < 0 || last >= a.cap) return;  // outside the buffer: the host checks lengths
   const int L = last + 1;
   const int start = (a.window > 0 && L > a.window) ? L - a.window : 0;
@@ -1018,7 +1031,10 @@ template <int DT, int G> __device__ __forceinline__ void decode_attention_body(c
   const long long head_base = (long long)bg * a.cap * D;
   // This warp's first block of 32 keys (lane = key): its rows start loading now, under the
   // prologue below (16 loads of 16 bytes a lane in flight), as every later block's do at the
-  // top of its iteration. The new token's own key (slot `last`) comes from shared memory.
+  // top of its iteration, and with them (up to 6 query heads a KV head: beyond, the registers
+  // spill) the block's values. The new token's own key and value (slot `last`) come from shared
+  // memory.
+  constexpr bool VALUES_WITH_KEYS = G <= 6;
   const int first_kb = k0 + 32 * warp;
   uint4 kw[D / 8];
   auto load_keys = [&](int kb) {
@@ -1028,23 +1044,36 @@ template <int DT, int G> __device__ __forceinline__ void decode_attention_body(c
 #pragma unroll
     for (int c = 0; c < D / 8; c++) kw[c] = from_cache ? ld_act(krow + 8 * c) : make_uint4(0, 0, 0, 0);
   };
-  if (first_kb < k1) load_keys(first_kb);
+  // Values: lane = 4 dims; a block's 32 keys' pieces in two halves of 16.
+  uint2 vw[2][16];
+  auto load_values = [&](int kb, int half) {
+#pragma unroll
+    for (int u = 0; u < 16; u++) {
+      const int jk = kb + 16 * half + u;
+      vw[half][u] = (jk < k1 && jk != last)
+                        ? *reinterpret_cast<const uint2*>(a.vcache + head_base + (long long)jk * D + 4 * lane)
+                        : make_uint2(0, 0);
+    }
+  };
+  if (first_kb < k1) {
+    load_keys(first_kb);
+    if (VALUES_WITH_KEYS) {
+      load_values(first_kb, 0);
+      if (first_kb + 16 < k1) load_values(first_kb, 1);
+    }
+  }
 
-  // The new token's rows (G query heads, k, v) and its rotary row, in one round of loads.
+  // The rotary row of the token's position.
   __shared__ float scos[ATTN_D / 2], ssin[ATTN_D / 2];
   long long pos = 0;
   if (a.cos) {
-    pos = a.position_ids ? a.position_ids[b] : (long long)last;
+    pos = a.position_ids ? position_id : (long long)last;
     pos = pos < 0 ? 0 : (pos >= a.cos_rows ? a.cos_rows - 1 : pos);
     if (tid < a.rot_half) {
       scos[tid] = to_f32<DT>(a.cos[pos * a.rot_half + tid]);
       ssin[tid] = to_f32<DT>(a.sin[pos * a.rot_half + tid]);
     }
   }
-  const u16* qrow = a.q + (long long)b * a.q_row + (long long)g * G * D;
-  for (int i = tid; i < G * D; i += blockDim.x) sq[i / D][i % D] = to_f32<DT>(qrow[i]);
-  sk[tid] = to_f32<DT>(a.k[(long long)b * a.kv_row + (long long)g * D + tid]);
-  sv[tid] = to_f32<DT>(a.v[(long long)b * a.kv_row + (long long)g * D + tid]);
   __syncthreads();
   if (a.q_norm) {  // RMSNorm over each head (rows 0..G-1 the queries, row G the key), rounded as a node's output
     for (int r = warp; r <= G; r += ATTN_WARPS) {
@@ -1053,9 +1082,9 @@ template <int DT, int G> __device__ __forceinline__ void decode_attention_body(c
 #pragma unroll
       for (int d = lane; d < D; d += 32) ss += row[d] * row[d];
       const float inv = rsqrtf(warp_sum(ss) / D + a.eps);
-      const u16* w = r < G ? a.q_norm : a.k_norm;
+      const float* w = r < G ? sqn : skn;
 #pragma unroll
-      for (int d = lane; d < D; d += 32) row[d] = round_dt<DT>(row[d] * inv * to_f32<DT>(w[d]));
+      for (int d = lane; d < D; d += 32) row[d] = round_dt<DT>(row[d] * inv * w[d]);
     }
     __syncthreads();
   }
@@ -1085,19 +1114,14 @@ template <int DT, int G> __device__ __forceinline__ void decode_attention_body(c
 #pragma unroll
     for (int i = 0; i < 4; i++) o[h][i] = 0.f;
   }
-  // Values: lane = 4 dims; 16 keys' pieces loaded at a time, before they are needed.
-  uint2 vw[2][16];
-  auto load_values = [&](int kb, int half) {
-#pragma unroll
-    for (int u = 0; u < 16; u++) {
-      const int jk = kb + 16 * half + u;
-      vw[half][u] = (jk < k1 && jk != last)
-                        ? *reinterpret_cast<const uint2*>(a.vcache + head_base + (long long)jk * D + 4 * lane)
-                        : make_uint2(0, 0);
-    }
-  };
   for (int kb = first_kb; kb < k1; kb += 32 * ATTN_WARPS) {
-    if (kb != first_kb) load_keys(kb);
+    if (kb != first_kb) {
+      load_keys(kb);
+      if (VALUES_WITH_KEYS) {
+        load_values(kb, 0);
+        if (kb + 16 < k1) load_values(kb, 1);
+      }
+    }
     const int j = kb + lane;
     const bool valid = j < k1;
     float s[G];
@@ -1120,7 +1144,7 @@ template <int DT, int G> __device__ __forceinline__ void decode_attention_body(c
                 qb.z * kv[6] + qb.w * kv[7];
       }
     }
-    load_values(kb, 0);
+    if (!VALUES_WITH_KEYS) load_values(kb, 0);
     float p[G];
 #pragma unroll
     for (int h = 0; h < G; h++) {
@@ -1134,7 +1158,7 @@ template <int DT, int G> __device__ __forceinline__ void decode_attention_body(c
       for (int i = 0; i < 4; i++) o[h][i] *= corr;
     }
     const bool second = kb + 16 < k1;
-    if (second) load_values(kb, 1);
+    if (!VALUES_WITH_KEYS && second) load_values(kb, 1);
 #pragma unroll
     for (int half = 0; half < 2; half++) {
       if (half == 1 && !second) break;
@@ -1203,19 +1227,44 @@ template <int DT, int G> __device__ __forceinline__ void decode_attention_body(c
   __syncthreads();
   if (!is_last) return;
   __threadfence();
+  // The merge, in split order, with its loads issued in rounds rather than one by one: every
+  // split's (max, sum) of every head into shared memory (the warps' output no longer needed),
+  // then each split's weight per head, then the G output rows of each split together.
   const float* base = a.partial + (long long)bg * a.max_splits * G * (2 + D);
-  for (int h = 0; h < G; h++) {
-    float mx = NEG_INF;
-    for (int sp = 0; sp < nsplit; sp++) mx = fmaxf(mx, ld_cg_f32(base + (sp * G + h) * (2 + D)));
-    float ls = 0.f, os = 0.f;
-    for (int sp = 0; sp < nsplit; sp++) {
-      const float* ps = base + (sp * G + h) * (2 + D);
-      const float f = __expf(ld_cg_f32(ps) - mx);
-      ls += ld_cg_f32(ps + 1) * f;
-      os += ld_cg_f32(ps + 2 + tid) * f;
-    }
-    a.out[(long long)b * H * D + (long long)(g * G + h) * D + tid] = from_f32<DT>(os / ls);
+  float* ml = &wo[0][0][0];  // [nsplit][G][2]: (max, sum), then (weight, sum)
+  for (int i = tid; i < nsplit * G; i += blockDim.x) {
+    const float* ps = base + i * (2 + D);  // split i / G, head i % G
+    const float mi = ld_cg_f32(ps), li = ld_cg_f32(ps + 1);
+    ml[2 * i] = mi;
+    ml[2 * i + 1] = li;
   }
+  __syncthreads();
+  if (tid < G) {
+    const int h = tid;
+    float mx = NEG_INF;
+    for (int sp = 0; sp < nsplit; sp++) mx = fmaxf(mx, ml[2 * (sp * G + h)]);
+    float ls = 0.f;
+    for (int sp = 0; sp < nsplit; sp++) {
+      const float f = __expf(ml[2 * (sp * G + h)] - mx);
+      ml[2 * (sp * G + h)] = f;
+      ls += ml[2 * (sp * G + h) + 1] * f;
+    }
+    wl[0][h] = ls;
+  }
+  __syncthreads();
+  float acc[G];
+#pragma unroll
+  for (int h = 0; h < G; h++) acc[h] = 0.f;
+  for (int sp = 0; sp < nsplit; sp++) {
+    const float* ps = base + (long long)sp * G * (2 + D) + 2 + tid;
+    float pv[G];
+#pragma unroll
+    for (int h = 0; h < G; h++) pv[h] = ld_cg_f32(ps + h * (2 + D));
+#pragma unroll
+    for (int h = 0; h < G; h++) acc[h] += pv[h] * ml[2 * (sp * G + h)];
+  }
+#pragma unroll
+  for (int h = 0; h < G; h++) a.out[(long long)b * H * D + (long long)(g * G + h) * D + tid] = from_f32<DT>(acc[h] / wl[0][h]);
   if (tid == 0) a.counters[bg] = 0;
 }
 
