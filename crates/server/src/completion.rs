@@ -285,13 +285,10 @@ async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<R
             f.events.clear();
         }
     }
+    let spelling = app.token_text.spelling(job.params.return_tokens_as_token_ids);
     let prompt_logprobs = |output: &GenerationOutput| {
         let top = job.params.prompt_logprobs?;
-        Some(crate::logprobs::prompt_logprobs(
-            output.prompt_logprobs.as_deref().unwrap_or_default(),
-            top,
-            app.token_text.spelling(job.params.return_tokens_as_token_ids),
-        ))
+        Some(crate::logprobs::prompt_logprobs(output.prompt_logprobs.as_deref().unwrap_or_default(), top, spelling))
     };
     let ids = job.params.return_token_ids;
     let model = app.engine.model_info().served_name.clone();
@@ -309,9 +306,7 @@ async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<R
                     }
                     let logprobs = want_logprobs.then(|| {
                         let mut l = ChatLogprobs::default();
-                        events
-                            .iter()
-                            .for_each(|e| l.push(e, app.token_text.spelling(job.params.return_tokens_as_token_ids)));
+                        events.iter().for_each(|e| l.push(e, spelling));
                         l
                     });
                     if ids && index == 0 {
@@ -345,26 +340,18 @@ async fn complete(app: &App, job: &Job, handles: Vec<RequestHandle>) -> Result<R
         Endpoint::Completions => {
             let choices = choices
                 .map(|(index, Finished { output, events })| {
-                    let echoed = job.params.echo.then(|| {
-                        let prompt = &job.prompts[index / job.params.n.max(1)].prompt;
-                        echo_text(app, prompt, &output.prompt_ids)
-                    });
+                    let echoed =
+                        job.params.echo.then(|| echo_text(app, &job.prompt_of(index).prompt, &output.prompt_ids));
                     let logprobs = want_logprobs.then(|| {
                         let mut l = CompletionLogprobs::default();
                         let mut offset = 0;
                         if let (Some(_), Some(top)) = (&echoed, job.params.logprobs) {
                             let scores = output.prompt_logprobs.as_deref().unwrap_or_default();
-                            offset = l.push_prompt(
-                                &output.prompt_ids,
-                                scores,
-                                top,
-                                0,
-                                app.token_text.spelling(job.params.return_tokens_as_token_ids),
-                            );
+                            offset = l.push_prompt(&output.prompt_ids, scores, top, 0, spelling);
                         }
                         for e in &events {
-                            l.push(e, offset, app.token_text.spelling(job.params.return_tokens_as_token_ids));
-                            offset += offset_step(e, app.token_text.spelling(job.params.return_tokens_as_token_ids));
+                            l.push(e, offset, spelling);
+                            offset += offset_step(e, spelling);
                         }
                         l
                     });

@@ -75,6 +75,11 @@ impl Job {
     /// choice `i` of a prompt is seeded `seed + i` (wrapping), as vLLM's parallel sampling does
     /// (`get_child_sampling_params`), so that it answers as a lone request with that seed would
     /// and the choices differ; without one, each draws its own.
+    /// The engine request of choice `choice`'s prompt (see [`choice_requests`](Self::choice_requests)).
+    pub fn prompt_of(&self, choice: usize) -> &Request {
+        &self.prompts[choice / self.params.n.max(1)]
+    }
+
     pub fn choice_requests(&self) -> Vec<Request> {
         self.prompts
             .iter()

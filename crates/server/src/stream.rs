@@ -31,6 +31,7 @@ use crate::protocol::response::{
     ChatChunkChoice, ChatCompletionChunk, ChatLogprobs, CompletionLogprobs, Delta, DeltaToolCall, TextChoice,
     TextCompletion, Usage, UsageField,
 };
+use crate::token_text::Spelling;
 use crate::tool_calls::{Streamed, ToolCall, ToolCallStream};
 
 /// `handles`: one per choice, in index order.
@@ -42,13 +43,12 @@ pub(crate) fn response(
     deadline: Option<Deadline>,
 ) -> Response {
     let chat = job.endpoint == Endpoint::ChatCompletions;
-    let per_prompt = job.params.n.max(1);
     let choices = handles
         .iter()
         .enumerate()
         .map(|(index, handle)| ChoiceState {
             echo: job.params.echo.then(|| Echo {
-                text: echo_text(&app, &job.prompts[index / per_prompt].prompt, handle.prompt_ids()),
+                text: echo_text(&app, &job.prompt_of(index).prompt, handle.prompt_ids()),
                 ids: handle.prompt_ids().to_vec(),
                 scores: None,
             }),
@@ -254,8 +254,13 @@ impl ChunkStream {
             None => {}
         }
         if self.logprobs {
-            self.choices[index].text_offset += offset_step(token, self.app.token_text.spelling(self.tokens_as_ids));
+            self.choices[index].text_offset += offset_step(token, self.spelling());
         }
+    }
+
+    /// How the request's logprobs spell tokens.
+    fn spelling(&self) -> Spelling<'_> {
+        self.app.token_text.spelling(self.tokens_as_ids)
     }
 
     /// The choice's echoed prompt, before its first token's chunk (or its finish).
@@ -386,13 +391,8 @@ impl ChunkStream {
                     let mut l = CompletionLogprobs::default();
                     let scores = echo.scores.as_deref().unwrap_or_default();
                     let offset = self.choices[index].text_offset;
-                    self.choices[index].text_offset = l.push_prompt(
-                        &echo.ids,
-                        scores,
-                        self.echo_top,
-                        offset,
-                        self.app.token_text.spelling(self.tokens_as_ids),
-                    );
+                    self.choices[index].text_offset =
+                        l.push_prompt(&echo.ids, scores, self.echo_top, offset, self.spelling());
                     echoed_logprobs = Some(l);
                 }
                 (Some(echo.text), None, None)
@@ -409,7 +409,7 @@ impl ChunkStream {
                     Delta { role: role_chunk.then_some("assistant"), content: text, tool_calls: call.map(|c| vec![c]) };
                 let logprobs = token.map(|t| {
                     let mut l = ChatLogprobs::default();
-                    l.push(t, self.app.token_text.spelling(self.tokens_as_ids));
+                    l.push(t, self.spelling());
                     l
                 });
                 json_event(&ChatCompletionChunk {
@@ -426,7 +426,7 @@ impl ChunkStream {
                 let logprobs = echoed_logprobs.or_else(|| {
                     token.map(|t| {
                         let mut l = CompletionLogprobs::default();
-                        l.push(t, text_offset, self.app.token_text.spelling(self.tokens_as_ids));
+                        l.push(t, text_offset, self.spelling());
                         l
                     })
                 });

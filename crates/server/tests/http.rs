@@ -143,6 +143,12 @@ impl Served {
         (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}")))
     }
 
+    /// POSTs `body`, expecting a 400 that names `field`.
+    fn assert_refused(&self, path: &str, body: &Value, field: &str) {
+        let (status, answer) = self.post(path, body);
+        assert_eq!((status, answer["error"]["param"].as_str()), (400, Some(field)), "{path} {body}: {answer}");
+    }
+
     /// POSTs `body`, expecting 200.
     fn answer(&self, path: &str, body: &Value) -> Value {
         let (status, answer) = self.post(path, body);
@@ -1520,8 +1526,7 @@ fn echo_and_prompt_logprobs_score_the_prompt_as_generation_would() {
         (json!({"messages": [{"role": "user", "content": "a"}], "echo": true}), "echo"),
     ] {
         let path = if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
-        let (status, answer) = server.post(path, &body);
-        assert_eq!((status, answer["error"]["param"].as_str()), (400, Some(field)), "{body}: {answer}");
+        server.assert_refused(path, &body, field);
     }
     server.wait_idle();
 }
@@ -1550,9 +1555,8 @@ fn continue_final_message_continues_the_assistant_text_the_client_began() {
     let completion = server
         .answer("/v1/completions", &json!({"prompt": ids, "max_tokens": 5, "temperature": 0, "ignore_eos": true}));
     assert_eq!(chat["choices"][0]["message"]["content"], completion["choices"][0]["text"]);
-    let (status, answer) =
-        server.post("/v1/chat/completions", &json!({"messages": messages, "continue_final_message": true}));
-    assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("continue_final_message")), "{answer}");
+    let refused = json!({"messages": messages, "continue_final_message": true});
+    server.assert_refused("/v1/chat/completions", &refused, "continue_final_message");
 }
 
 /// vLLM's vocabulary rules and prompt truncation: `allowed_token_ids` keeps every generated id
@@ -1621,8 +1625,7 @@ fn allowed_ids_bad_words_and_prompt_truncation_shape_the_answer() {
     ] {
         let mut body = json!({"prompt": "Once", "max_tokens": 2});
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-        let (status, answer) = server.post(path, &body);
-        assert_eq!((status, answer["error"]["param"].as_str()), (400, Some(field)), "{body}: {answer}");
+        server.assert_refused(path, &body, field);
     }
     server.wait_idle();
 }
@@ -1645,8 +1648,7 @@ fn a_cache_salt_keeps_prefix_hits_within_the_salt() {
     assert_eq!(cached(None), 0, "no salt");
     // The first request kept its prompt and answer: all but the last prompt token, which always runs.
     assert_eq!(cached(Some("a")), 63, "the same salt");
-    let (status, answer) = server.post("/v1/completions", &json!({"prompt": "a", "cache_salt": ""}));
-    assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("cache_salt")), "{answer}");
+    server.assert_refused("/v1/completions", &json!({"prompt": "a", "cache_salt": ""}), "cache_salt");
 }
 
 /// vLLM's `return_tokens_as_token_ids`: logprobs spell each token (and its alternatives)

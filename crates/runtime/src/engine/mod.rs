@@ -749,14 +749,10 @@ impl Engine {
         if !options.stop.is_empty() && self.tokenizer().is_none() {
             return Err(EngineError::invalid("stop", "stop strings need a tokenizer, and this model has none"));
         }
-        if let Some(n) = options.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
-            return Err(EngineError::invalid("top_logprobs", format!("{n} is over the limit of {MAX_TOP_LOGPROBS}")));
-        }
-        if let Some(n) = options.prompt_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
-            return Err(EngineError::invalid(
-                "prompt_logprobs",
-                format!("{n} is over the limit of {MAX_TOP_LOGPROBS}"),
-            ));
+        for (field, top) in [("top_logprobs", options.logprobs), ("prompt_logprobs", options.prompt_logprobs)] {
+            if let Some(n) = top.filter(|&n| n > MAX_TOP_LOGPROBS) {
+                return Err(EngineError::invalid(field, format!("{n} is over the limit of {MAX_TOP_LOGPROBS}")));
+            }
         }
         in_vocabulary("logit_bias", options.sampling.logit_bias.keys(), info.vocab_size)?;
         in_vocabulary("stop_token_ids", &options.stop_token_ids, info.vocab_size)?;

@@ -163,6 +163,13 @@ impl Sequence {
         self.prompt_logprobs.is_some()
     }
 
+    /// Whether its prefill chunks run alone, never batched with other prompts': a prompt with
+    /// images (the encoder's output goes into its run) or a scored one (its run fetches every
+    /// position's logits).
+    pub(crate) fn runs_alone(&self) -> bool {
+        self.images.is_some() || self.wants_prompt_logprobs()
+    }
+
     /// What a prefill chunk must return: the last chunk what [`fetch`](Self::fetch) says, an
     /// earlier one nothing but its argmax (not read), unless the prompt's logprobs are asked for.
     pub(crate) fn prefill_fetch(&self, last: bool) -> Fetch {

@@ -181,8 +181,7 @@ impl Worker {
             self.pacer.decode_ran(decode_time);
         }
         let t = Instant::now();
-        let runs_alone =
-            |id| self.running.iter().any(|s| s.id == id && (s.images.is_some() || s.wants_prompt_logprobs()));
+        let runs_alone = |id| self.running.iter().any(|s| s.id == id && s.runs_alone());
         let runs = prefill_runs(&plan.prefill, runs_alone);
         for run in &runs {
             let scored = run.iter().any(|c| self.running.iter().any(|s| s.id == c.id && s.wants_prompt_logprobs()));
@@ -273,7 +272,7 @@ impl Worker {
                 prompt_len: s.prompt().len(),
                 // Every position of a scored prompt runs: a hit would skip their logits.
                 cached: if s.wants_prompt_logprobs() { 0 } else { self.runner.lookup(s.prompt(), &s.prompt_keys) },
-                runs_alone: s.images.is_some() || s.wants_prompt_logprobs(),
+                runs_alone: s.runs_alone(),
                 max_chunk: self.max_chunk(s),
             })
             .collect();
@@ -382,9 +381,7 @@ impl Worker {
     /// counted them.
     fn prefill_run(&mut self, run: &[PrefillChunk]) {
         let batchable = |w: &Self, c: &PrefillChunk| {
-            w.running.iter().position(|s| {
-                s.id == c.id && s.phase != Phase::Finished && s.images.is_none() && !s.wants_prompt_logprobs()
-            })
+            w.running.iter().position(|s| s.id == c.id && s.phase != Phase::Finished && !s.runs_alone())
         };
         let mut rest = run;
         while let Some(first) = rest.first() {
